@@ -1,0 +1,29 @@
+//! The protocol shared by the Cocoon host side (shim, `cocoon`) and the guest
+//! agent: generated protobuf messages and async ttrpc stubs, plus the few
+//! constants both ends must agree on.
+
+/// Generated protobuf messages.
+#[allow(clippy::all, unused, non_camel_case_types, non_snake_case)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// Generated async ttrpc clients and servers.
+#[allow(clippy::all, unused, non_camel_case_types, non_snake_case)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use ttrpc;
+
+/// vsock port the agent's ttrpc server listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// vsock port the agent accepts stdio streams on (see `StdioStreams`).
+pub const STDIO_PORT: u32 = 1025;
+
+/// Bumped on incompatible protocol changes; reported by `Health.Version`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The guest-assigned context id of every Cocoon VM (one VM per vsock device).
+pub const GUEST_CID: u64 = 3;
