@@ -1,0 +1,268 @@
+//! The vsock device as a vhost-user backend process, for QEMU's
+//! `vhost-user-vsock-device`. The frontend owns the virtqueues' memory and notifications;
+//! we run [`VsockDevice`] over them with the hybrid Unix-socket [`VsockMuxer`] as host side.
+//! The muxer's epoll fd is watched by the daemon's worker thread, so everything runs on
+//! that one thread.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use log::{error, info};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::vsock::defs::{EVENT_QUEUE, NUM_QUEUES, RX_QUEUE, TX_QUEUE, VSOCK_CONFIG_SIZE};
+use crate::vsock::muxer::remove_stale_socket;
+use crate::vsock::{
+    ConfigError, DeviceError, MuxerError, VsockBackend, VsockConfig, VsockDevice, VsockMuxer,
+};
+
+/// Largest virtqueue we accept from the frontend.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Epoll id of the muxer's fd in the daemon's event loop; ids up to `NUM_QUEUES` are the
+/// daemon's own (queues and exit event).
+pub const BACKEND_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// Errors of the vhost-user vsock backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserVsockError {
+    #[error("Invalid vsock configuration")]
+    Config(#[from] ConfigError),
+    #[error("Failed to set up the host side")]
+    Muxer(#[from] MuxerError),
+    #[error("Failed to create the exit event")]
+    ExitEvent(#[source] io::Error),
+    #[error("Failed to register the host side with the event loop")]
+    RegisterListener(#[source] io::Error),
+    #[error("Vhost-user daemon failed")]
+    Daemon(#[source] DaemonError),
+    #[error("Failed to process the {0} queue")]
+    Queue(&'static str, #[source] DeviceError),
+}
+
+/// `vhost_user_backend::Error` implements neither `std::error::Error` nor `Sync` (it can
+/// hold a thread's panic payload); this carries its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DaemonError(String);
+
+impl From<vhost_user_backend::Error> for DaemonError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+pub struct VhostUserVsockBackend {
+    device: VsockDevice<VsockMuxer>,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    event_idx: bool,
+    exit_consumer: EventConsumer,
+    exit_notifier: EventNotifier,
+}
+
+impl VhostUserVsockBackend {
+    /// Validates `config` and starts listening on its `uds_path`.
+    pub fn new(config: VsockConfig) -> Result<Self, VhostUserVsockError> {
+        config.validate()?;
+        let guest_cid = config.guest_cid;
+        let muxer = VsockMuxer::new(config)?;
+        let (exit_consumer, exit_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                .map_err(VhostUserVsockError::ExitEvent)?;
+        Ok(Self {
+            device: VsockDevice::new(guest_cid, muxer),
+            mem: None,
+            event_idx: false,
+            exit_consumer,
+            exit_notifier,
+        })
+    }
+
+    pub fn device(&self) -> &VsockDevice<VsockMuxer> {
+        &self.device
+    }
+
+    /// The fd to watch with id [`BACKEND_EVENT`].
+    pub fn backend_fd(&self) -> std::os::fd::RawFd {
+        self.device.backend().as_raw_fd()
+    }
+
+    /// Whether the frontend negotiated `VIRTIO_RING_F_EVENT_IDX`.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
+    fn process_queue(
+        &mut self,
+        vrings: &[VringRwLock],
+        index: u16,
+    ) -> Result<(), VhostUserVsockError> {
+        let Some(atomic) = &self.mem else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let Some(vring) = vrings.get(usize::from(index)) else {
+            return Ok(());
+        };
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(());
+        }
+        let notify = if index == TX_QUEUE {
+            self.device
+                .process_tx(state.get_queue_mut(), &mem)
+                .map_err(|e| VhostUserVsockError::Queue("tx", e))?
+        } else {
+            self.device
+                .process_rx(state.get_queue_mut(), &mem)
+                .map_err(|e| VhostUserVsockError::Queue("rx", e))?
+        };
+        if notify {
+            if let Err(e) = state.signal_used_queue() {
+                error!("vsock: cannot signal the guest: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackendMut for VhostUserVsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    /// `struct virtio_vsock_config` (§5.10.4): the little-endian guest CID. Bytes past it
+    /// read as zero.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.device.guest_cid().to_le_bytes();
+        let size = (size as usize).min(256);
+        (0..size)
+            .map(|i| {
+                let at = (offset as usize).saturating_add(i);
+                if at < VSOCK_CONFIG_SIZE {
+                    config[at]
+                } else {
+                    0
+                }
+            })
+            .collect()
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((
+            self.exit_consumer.try_clone().ok()?,
+            self.exit_notifier.try_clone().ok()?,
+        ))
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match device_event {
+            RX_QUEUE | EVENT_QUEUE => {}
+            TX_QUEUE => {
+                if let Err(e) = self.process_queue(vrings, TX_QUEUE) {
+                    error!("vsock: {e}: {:?}", std::error::Error::source(&e));
+                }
+            }
+            BACKEND_EVENT => self.device.backend_mut().process_host_events(),
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unknown vsock event id {other}"),
+                ))
+            }
+        }
+        // Whatever happened may have produced packets for the guest.
+        if let Err(e) = self.process_queue(vrings, RX_QUEUE) {
+            error!("vsock: {e}: {:?}", std::error::Error::source(&e));
+        }
+        Ok(())
+    }
+}
+
+/// Removes the sockets this process created when it is done with them.
+struct SocketCleanup(Vec<PathBuf>);
+
+impl Drop for SocketCleanup {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Serves one vhost-user frontend on `socket` until it disconnects, then removes
+/// `socket` and `config.uds_path`.
+///
+/// `socket` appears on disk once the backend is ready to accept the frontend, so a
+/// caller can wait for the file before starting QEMU.
+pub fn serve(socket: &Path, config: VsockConfig) -> Result<(), VhostUserVsockError> {
+    let uds_path = config.uds_path.clone();
+    let backend = VhostUserVsockBackend::new(config)?;
+    let _cleanup = SocketCleanup(vec![socket.to_path_buf(), uds_path]);
+    let backend_fd = backend.backend_fd();
+    let backend = Arc::new(RwLock::new(backend));
+    let mut daemon = VhostUserDaemon::new(
+        "cocoon-vsock".to_string(),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| VhostUserVsockError::Daemon(e.into()))?;
+    for handler in daemon.get_epoll_handlers() {
+        handler
+            .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
+            .map_err(VhostUserVsockError::RegisterListener)?;
+    }
+    remove_stale_socket(socket)?;
+    info!(
+        "vhost-user-vsock: waiting for the frontend on {}",
+        socket.display()
+    );
+    daemon
+        .serve(socket)
+        .map_err(|e| VhostUserVsockError::Daemon(e.into()))?;
+    info!("vhost-user-vsock: frontend disconnected");
+    Ok(())
+}

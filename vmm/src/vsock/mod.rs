@@ -1,0 +1,173 @@
+//! virtio-vsock (virtio spec v1.2 §5.10): the device model that moves packets between the
+//! guest's virtqueues and a [`VsockBackend`], and the hybrid Unix-socket backend
+//! ([`VsockMuxer`]) that bridges guest stream connections to host Unix sockets.
+//!
+//! The device is independent of the transport: the vhost-user backend
+//! (`crate::vhost_user_vsock`) drives it today, an in-process virtio-mmio device can later.
+//!
+//! Log levels: `error` the device cannot go on; `warn` a misbehaving guest or host client
+//! (rate-limited, as a guest can trigger it at will); `info` lifecycle; `debug` connection
+//! events; `trace` per packet.
+
+pub mod connection;
+pub mod defs;
+pub mod device;
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use device::{DeviceError, VsockDevice, VsockStats};
+pub use muxer::{MuxerError, VsockMuxer};
+pub use packet::{PacketError, VsockHeader};
+
+/// The host end of the device: consumes the guest's packets and produces packets for it.
+///
+/// The device has already checked what it can see in the header (addresses and length);
+/// the backend owns the connection semantics. `as_raw_fd` is polled for readability by
+/// whoever runs the device; when it fires, call [`VsockBackend::process_host_events`] and
+/// then fill the rx queue.
+pub trait VsockBackend: AsRawFd + Send {
+    /// Handles one packet from the guest; `payload` holds exactly `hdr.len` bytes.
+    fn send_pkt(&mut self, hdr: &VsockHeader, payload: &[u8]);
+    /// Produces the next packet for the guest with at most `payload.len()` payload bytes
+    /// written to `payload`; the returned header's `len` says how many.
+    fn recv_pkt(&mut self, payload: &mut [u8]) -> Option<VsockHeader>;
+    /// Whether `recv_pkt` may have something (it may still return `None`).
+    fn has_pending_rx(&self) -> bool;
+    /// Handles whatever is ready on the host side, without blocking.
+    fn process_host_events(&mut self);
+}
+
+/// Errors in a [`VsockConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Invalid guest_cid {0}: it must be between 3 and 4294967294")]
+    GuestCid(u64),
+    #[error("Invalid uds_path: it must not be empty")]
+    EmptyUdsPath,
+    #[error("Invalid max_connections: it must be at least 1")]
+    MaxConnections,
+    #[error("Invalid connect_timeout: it must be non-zero")]
+    ConnectTimeout,
+}
+
+/// What a vsock device needs to know about its host side.
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    /// The guest's CID, exposed in the device config space.
+    pub guest_cid: u64,
+    /// Host clients connect here; guest connections to port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+    /// How long the guest has to answer a host connection, a host client to send its
+    /// `CONNECT` line, and a closing connection to finish.
+    pub connect_timeout: Duration,
+    /// Live connections plus host clients still sending `CONNECT`.
+    pub max_connections: usize,
+}
+
+impl VsockConfig {
+    /// A configuration with the default CID, timeout and connection limit.
+    pub fn new(uds_path: impl Into<PathBuf>) -> Self {
+        Self {
+            guest_cid: defs::DEFAULT_GUEST_CID,
+            uds_path: uds_path.into(),
+            connect_timeout: defs::DEFAULT_CONNECT_TIMEOUT,
+            max_connections: defs::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(defs::MIN_GUEST_CID..=defs::MAX_GUEST_CID).contains(&self.guest_cid) {
+            return Err(ConfigError::GuestCid(self.guest_cid));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err(ConfigError::EmptyUdsPath);
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::MaxConnections);
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::ConnectTimeout);
+        }
+        Ok(())
+    }
+}
+
+/// Lets through a burst of log lines per second and counts the rest, so a guest cannot
+/// flood the log.
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    window_start: Instant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const BURST: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            in_window: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; reports what was suppressed when a new window opens.
+    pub(crate) fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= Self::WINDOW {
+            if self.suppressed > 0 {
+                log::warn!("vsock: {} similar messages suppressed", self.suppressed);
+            }
+            self.window_start = now;
+            self.in_window = 0;
+            self.suppressed = 0;
+        }
+        if self.in_window < Self::BURST {
+            self.in_window += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// `warn!` through a [`LogLimiter`].
+macro_rules! warn_limited {
+    ($limiter:expr, $($arg:tt)+) => {
+        if $limiter.allow() {
+            log::warn!($($arg)+);
+        }
+    };
+}
+pub(crate) use warn_limited;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_rejects_reserved_cids_and_empty_values() {
+        let mut cfg = VsockConfig::new("/tmp/x");
+        assert!(cfg.validate().is_ok());
+        cfg.guest_cid = 2;
+        assert!(matches!(cfg.validate(), Err(ConfigError::GuestCid(2))));
+        cfg.guest_cid = u64::from(u32::MAX);
+        assert!(cfg.validate().is_err());
+        cfg = VsockConfig::new("");
+        assert!(matches!(cfg.validate(), Err(ConfigError::EmptyUdsPath)));
+    }
+
+    #[test]
+    fn log_limiter_caps_a_burst() {
+        let mut l = LogLimiter::new();
+        let allowed = (0..100).filter(|_| l.allow()).count();
+        assert_eq!(allowed, LogLimiter::BURST as usize);
+    }
+}
