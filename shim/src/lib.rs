@@ -1,1 +1,14 @@
-//! placeholder
+//! The host side of Cocoon: configuration, host checks, launching pod VMs on a
+//! hypervisor backend, and talking to the guest agent over hybrid vsock.
+//!
+//! Log levels (tracing): `error` — an operation failed and a user sees it;
+//! `warn` — something degraded but went on (a fallback, a cleanup retry);
+//! `info` — one line per lifecycle step of a VM; `debug` — command lines,
+//! timings, protocol detail; `trace` — per-message noise.
+
+pub mod agent_client;
+pub mod bench;
+pub mod check;
+pub mod config;
+pub mod hypervisor;
+pub mod vsock;

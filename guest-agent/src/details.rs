@@ -1,0 +1,66 @@
+//! Facts about the guest for `GetGuestDetails`.
+
+use std::fs;
+
+use cocoon_protocol::agent::GuestDetailsResponse;
+use nix::time::{clock_gettime, ClockId};
+
+pub fn boottime_ns() -> i64 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+        .unwrap_or(0)
+}
+
+/// Value in bytes of a `Key:   N kB` line of /proc/meminfo.
+fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
+    let mut r = GuestDetailsResponse::new();
+    if let Ok(u) = nix::sys::utsname::uname() {
+        r.kernel_release = u.release().to_string_lossy().into_owned();
+    }
+    r.kernel_cmdline = state.cmdline.clone();
+    r.online_cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    r.mem_total_bytes = meminfo_bytes(&meminfo, "MemTotal");
+    r.mem_available_bytes = meminfo_bytes(&meminfo, "MemAvailable");
+    r.agent_version = env!("CARGO_PKG_VERSION").to_string();
+    r.agent_start_boottime_ns = state.start_boottime_ns;
+    r.boottime_ns = boottime_ns();
+    r.agent_init_ns = state.init_ns;
+    r.server_ready_boottime_ns = state
+        .server_ready_boottime_ns
+        .load(std::sync::atomic::Ordering::Relaxed);
+    r.loaded_modules = state.modules.clone();
+    r.confidential = std::path::Path::new("/sys/firmware/sev").exists()
+        || fs::read_to_string("/proc/cpuinfo")
+            .is_ok_and(|c| c.contains(" sev_snp") || c.contains(" tdx_guest"));
+    r.cgroup_version = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2".into()
+    } else {
+        String::new()
+    };
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_is_parsed_in_bytes() {
+        let m = "MemTotal:        2014124 kB\nMemFree:  10 kB\nMemAvailable:   1000 kB\n";
+        assert_eq!(meminfo_bytes(m, "MemTotal"), 2014124 * 1024);
+        assert_eq!(meminfo_bytes(m, "MemAvailable"), 1000 * 1024);
+        assert_eq!(meminfo_bytes(m, "Missing"), 0);
+    }
+}

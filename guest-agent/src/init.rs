@@ -1,0 +1,178 @@
+//! Early init: everything PID 1 must do before it can serve — the pseudo
+//! filesystems, a working console, and the kernel modules listed in the image.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use thiserror::Error;
+
+use crate::modules;
+
+/// Where the image builder lists the modules to load, in dependency order.
+pub const MODULES_LIST: &str = "/etc/cocoon/modules";
+
+#[derive(Debug, Error)]
+pub enum InitError {
+    #[error("cannot create mount point {0}")]
+    MountPoint(String, #[source] std::io::Error),
+    #[error("cannot mount {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot read the kernel command line")]
+    Cmdline(#[source] std::io::Error),
+    #[error(transparent)]
+    Modules(#[from] modules::ModuleError),
+}
+
+/// What early init learned, for the agent's later reports.
+#[derive(Debug, Default)]
+pub struct EarlyInit {
+    pub cmdline: String,
+    pub modules: Vec<String>,
+}
+
+struct Mnt {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// Mounted in this order; later entries live under earlier ones.
+const MOUNTS: &[Mnt] = &[
+    Mnt {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mnt {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mnt {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mnt {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    Mnt {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mnt {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("newinstance,ptmxmode=0666,mode=0620"),
+    },
+    Mnt {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("mode=1777"),
+    },
+    Mnt {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+];
+
+pub fn early_init() -> Result<EarlyInit, InitError> {
+    for m in MOUNTS {
+        fs::create_dir_all(m.target).map_err(|e| InitError::MountPoint(m.target.into(), e))?;
+        match mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
+            // Already mounted (e.g. devtmpfs auto-mounted by the kernel).
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(source) => {
+                return Err(InitError::Mount {
+                    fstype: m.fstype,
+                    target: m.target,
+                    source,
+                })
+            }
+        }
+        if m.target == "/dev" {
+            attach_console();
+        }
+    }
+    // Subreaper for any future sub-inits; as PID 1 we reap orphans anyway.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+
+    let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
+    let cmdline = cmdline.trim().to_string();
+    let modules = if Path::new(MODULES_LIST).exists() {
+        modules::load_listed(Path::new(MODULES_LIST), &cmdline)?
+    } else {
+        Vec::new()
+    };
+    Ok(EarlyInit { cmdline, modules })
+}
+
+/// Makes sure fds 0-2 are the console: the kernel only opens it for init when
+/// the initramfs has /dev/console, so do it here if it did not.
+fn attach_console() {
+    // SAFETY: fcntl(F_GETFD) on a plain integer fd only queries flags.
+    let stdout_ok = unsafe { libc::fcntl(1, libc::F_GETFD) } >= 0;
+    if stdout_ok {
+        return;
+    }
+    let Ok(console) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which are not open
+        // (stdout was checked above) and owned by no Rust object.
+        unsafe { libc::dup2(console.as_raw_fd(), fd) };
+    }
+}
+
+/// Logs go to the console (stderr). `cocoon.log=<level>` on the kernel
+/// command line sets the level: error, warn, info (default), debug, trace.
+/// Keep info quiet: every console byte is a VM exit under emulation.
+pub fn setup_logging(cmdline: &str) {
+    let level = crate::cmdline::value(cmdline, "cocoon.log").unwrap_or("info");
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
+}

@@ -1,0 +1,329 @@
+//! `cocoon bench boot`: how long a pod VM takes from launch to a ready agent,
+//! split into host launch, kernel boot (guest clock) and agent start, against
+//! a baseline measured in the same run: raw QEMU with the same kernel and
+//! machine options booting a trivial init that powers off at once. Runs of the
+//! two alternate so noise on a shared host hits both alike.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::agent_client::{AgentClient, AgentError};
+use crate::config::Config;
+use crate::hypervisor::{self, HypervisorError, VmSpec};
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("cannot read {0} for the baseline initramfs")]
+    Busybox(PathBuf, #[source] std::io::Error),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    #[error("the VM did not exit within {0:?} after Shutdown")]
+    NoExit(Duration),
+    #[error("the baseline QEMU run failed: {0}")]
+    Baseline(String),
+}
+
+/// One boot of a Cocoon VM, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootSample {
+    /// Launch to the first answered health check.
+    pub ready_ms: f64,
+    /// Host side: vsock backend up and QEMU spawned.
+    pub vmm_launch_ms: f64,
+    /// Guest clock (CLOCK_BOOTTIME) when the agent's main() began: kernel boot.
+    pub kernel_boot_ms: f64,
+    /// Guest clock from agent main() to its server listening (mounts, modules).
+    pub agent_start_ms: f64,
+    /// What neither side's clock covers: QEMU set-up, firmware, kernel
+    /// decompression before the guest clock starts, the first connection.
+    pub unaccounted_ms: f64,
+    /// Shutdown call to VMM exit.
+    pub shutdown_ms: f64,
+    /// Launch to VMM exit: the whole cycle, comparable to the baseline.
+    pub cycle_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub median: f64,
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Stats {
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            return Stats {
+                median: 0.0,
+                p90: 0.0,
+                min: 0.0,
+                max: 0.0,
+            };
+        }
+        let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+        Stats {
+            median: pick(0.5),
+            p90: pick(0.9),
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BootReport {
+    pub runs: usize,
+    pub accel: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub samples: Vec<BootSample>,
+    /// Raw QEMU, same kernel and options, trivial init that powers off:
+    /// process start to exit, in milliseconds.
+    pub baseline_cycle_ms: Vec<f64>,
+    pub summary: Vec<(String, Stats)>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Boots one VM, measures it, shuts it down.
+pub async fn boot_once(
+    hv: &dyn hypervisor::Hypervisor,
+    config: &Config,
+    id: &str,
+) -> Result<(BootSample, cocoon_protocol::agent::GuestDetailsResponse), BenchError> {
+    let spec = VmSpec::from_config(config, id);
+    let mut vm = hv.launch(&spec).await?;
+    let boot_timeout = Duration::from_millis(config.vm.boot_timeout_ms);
+    let call_timeout = Duration::from_millis(config.vm.call_timeout_ms);
+    let agent = AgentClient::wait_ready(&mut vm, boot_timeout, call_timeout).await?;
+    let ready = vm.times.started.elapsed();
+    let details = agent.guest_details().await?;
+    let t_shutdown = Instant::now();
+    agent.shutdown().await?;
+    let exit_deadline = Duration::from_secs(10);
+    if vm.wait_exit(exit_deadline).await.is_none() {
+        vm.stop(Duration::ZERO).await;
+        return Err(BenchError::NoExit(exit_deadline));
+    }
+    let shutdown = t_shutdown.elapsed();
+    let cycle = vm.times.started.elapsed();
+    let vmm_launch = vm.times.vmm_spawned - vm.times.started;
+    vm.stop(Duration::ZERO).await;
+    let kernel_boot = details.agent_start_boottime_ns as f64 / 1e6;
+    let agent_start =
+        (details.server_ready_boottime_ns - details.agent_start_boottime_ns) as f64 / 1e6;
+    let sample = BootSample {
+        ready_ms: ms(ready),
+        vmm_launch_ms: ms(vmm_launch),
+        kernel_boot_ms: kernel_boot,
+        agent_start_ms: agent_start,
+        unaccounted_ms: ms(ready) - ms(vmm_launch) - kernel_boot - agent_start,
+        shutdown_ms: ms(shutdown),
+        cycle_ms: ms(cycle),
+    };
+    Ok((sample, details))
+}
+
+/// A one-file initramfs whose /init (busybox sh) powers the VM off at once.
+pub fn baseline_initrd(busybox: &Path, out: &Path) -> Result<(), BenchError> {
+    let bb = std::fs::read(busybox).map_err(|e| BenchError::Busybox(busybox.into(), e))?;
+    let mut a = cocoon_rootfs::cpio::Archive::new();
+    let script = b"#!/bin/busybox sh\nexec /bin/busybox poweroff -f\n".to_vec();
+    let add = |a: &mut cocoon_rootfs::cpio::Archive| -> Result<(), cocoon_rootfs::cpio::CpioError> {
+        a.add_dir("bin", 0o755)?;
+        a.add_file("bin/busybox", 0o755, bb)?;
+        a.add_file("init", 0o755, script)
+    };
+    add(&mut a).map_err(|e| BenchError::Baseline(e.to_string()))?;
+    std::fs::write(out, a.to_bytes()).map_err(|e| BenchError::Write(out.into(), e))
+}
+
+/// Raw QEMU: same binary, machine, kernel and command line as Cocoon's, no
+/// devices, trivial init. Process start to exit.
+async fn baseline_once(config: &Config, accel: &str, initrd: &Path) -> Result<f64, BenchError> {
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+    if accel != "kvm" {
+        cmdline.push_str(" tsc_early_khz=2000000");
+    }
+    let machine = match config.qemu.machine {
+        crate::config::Machine::Microvm => format!("microvm,accel={accel},rtc=on"),
+        crate::config::Machine::Pc => format!("pc,accel={accel}"),
+    };
+    let mem = format!("{}M", config.vm.memory_mib);
+    let start = Instant::now();
+    let out = tokio::process::Command::new(&config.qemu.binary)
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-machine",
+            &machine,
+            "-cpu",
+            if accel == "kvm" { "host" } else { "max" },
+        ])
+        .args(["-smp", &config.vm.vcpus.to_string(), "-m", &mem])
+        .arg("-kernel")
+        .arg(config.kernel_path())
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &cmdline, "-serial", "null"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .map_err(|_| BenchError::Baseline("no exit within 120 s".into()))?
+        .map_err(|e| BenchError::Baseline(e.to_string()))?;
+    if !out.status.success() {
+        return Err(BenchError::Baseline(format!(
+            "exit {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(ms(start.elapsed()))
+}
+
+/// Runs the benchmark: `runs` Cocoon boots alternating with `runs` baselines.
+pub async fn boot_bench(
+    config: &Config,
+    runs: usize,
+    busybox: &Path,
+) -> Result<BootReport, BenchError> {
+    let hv = hypervisor::from_config(config)?;
+    let scratch = tempfile::tempdir().map_err(|e| BenchError::Write("temp dir".into(), e))?;
+    let initrd = scratch.path().join("baseline.cpio");
+    baseline_initrd(busybox, &initrd)?;
+    let mut samples = Vec::new();
+    let mut baseline = Vec::new();
+    let mut accel = String::new();
+    for i in 0..runs {
+        let id = format!("bench-{}-{i}", std::process::id());
+        let (s, _) = boot_once(hv.as_ref(), config, &id).await?;
+        if accel.is_empty() {
+            accel = hypervisor_accel(config);
+        }
+        samples.push(s);
+        baseline.push(baseline_once(config, &accel, &initrd).await?);
+    }
+    let col = |f: fn(&BootSample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
+    let summary = vec![
+        (
+            "cocoon: launch -> agent ready".to_string(),
+            Stats::of(&col(|s| s.ready_ms)),
+        ),
+        (
+            "  vmm launch (host)".to_string(),
+            Stats::of(&col(|s| s.vmm_launch_ms)),
+        ),
+        (
+            "  kernel boot (guest clock)".to_string(),
+            Stats::of(&col(|s| s.kernel_boot_ms)),
+        ),
+        (
+            "  agent start (guest clock)".to_string(),
+            Stats::of(&col(|s| s.agent_start_ms)),
+        ),
+        (
+            "  unaccounted (qemu init, fw, decompress)".to_string(),
+            Stats::of(&col(|s| s.unaccounted_ms)),
+        ),
+        (
+            "cocoon: shutdown -> exit".to_string(),
+            Stats::of(&col(|s| s.shutdown_ms)),
+        ),
+        (
+            "cocoon: full cycle launch -> exit".to_string(),
+            Stats::of(&col(|s| s.cycle_ms)),
+        ),
+        (
+            "baseline: raw qemu, trivial init, start -> exit".to_string(),
+            Stats::of(&baseline),
+        ),
+    ];
+    Ok(BootReport {
+        runs,
+        accel,
+        kernel: config.kernel_path(),
+        initrd: config.initrd_path(),
+        samples,
+        baseline_cycle_ms: baseline,
+        summary,
+    })
+}
+
+fn hypervisor_accel(config: &Config) -> String {
+    match hypervisor::resolve_accel(config.qemu.accel, crate::check::kvm_kind()) {
+        Ok((crate::config::Accel::Kvm, _)) => "kvm".into(),
+        _ => "tcg".into(),
+    }
+}
+
+impl BootReport {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "boot benchmark: {} runs, accel {}\n{:<48} {:>9} {:>9} {:>9} {:>9}\n",
+            self.runs, self.accel, "metric (ms)", "median", "p90", "min", "max"
+        );
+        for (name, st) in &self.summary {
+            s.push_str(&format!(
+                "{name:<48} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
+                st.median, st.p90, st.min, st.max
+            ));
+        }
+        let base = Stats::of(&self.baseline_cycle_ms).median;
+        let cycle = Stats::of(&self.samples.iter().map(|s| s.cycle_ms).collect::<Vec<_>>()).median;
+        if base > 0.0 {
+            s.push_str(&format!(
+                "ratio cocoon full cycle / raw qemu baseline (medians): {:.2}\n",
+                cycle / base
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_pick_quantiles() {
+        let s = Stats::of(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
+        assert_eq!(s.p90, 5.0);
+        assert_eq!(Stats::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn baseline_initrd_holds_busybox_and_init() {
+        let d = tempfile::tempdir().unwrap();
+        let bb = d.path().join("bb");
+        std::fs::write(&bb, b"\x7fELF fake").unwrap();
+        let out = d.path().join("i.cpio");
+        baseline_initrd(&bb, &out).unwrap();
+        let entries = cocoon_rootfs::cpio::parse(&std::fs::read(&out).unwrap()).unwrap();
+        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert!(
+            names.contains(&"init") && names.contains(&"bin/busybox"),
+            "{names:?}"
+        );
+        let err = baseline_initrd(Path::new("/nonexistent/busybox"), &out).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/busybox"), "{err}");
+    }
+}

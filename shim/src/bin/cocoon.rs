@@ -1,0 +1,257 @@
+//! `cocoon`: the operator's command. Checks the host, builds the guest image,
+//! boots a VM for debugging, and runs benchmarks.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use cocoon_shim::agent_client::AgentClient;
+use cocoon_shim::config::Config;
+use cocoon_shim::hypervisor::{self, VmSpec};
+use cocoon_shim::{bench, check};
+
+#[derive(Parser)]
+#[command(name = "cocoon", version, about = "Cocoon: containers in microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// What this host offers (KVM kind, vsock, SEV-SNP/TDX, tools) and which backend to use.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Guest image commands.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Debugging VMs by hand.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Benchmarks that write a JSON report and print a table.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Builds the guest kernel + initramfs into the content-addressed cache.
+    Build {
+        /// The statically linked agent binary (becomes /init).
+        #[arg(long)]
+        agent: PathBuf,
+        /// Use this linux-image .deb instead of resolving Debian's cloud kernel.
+        #[arg(long)]
+        kernel_deb: Option<PathBuf>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Also copy vmlinuz, initramfs.cpio and manifest.json here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boots a VM, calls the agent, prints guest details and timings, shuts it down.
+    Boot {
+        #[arg(long, default_value = "")]
+        id: String,
+        /// Extra kernel parameters (appended last).
+        #[arg(long)]
+        kernel_params: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Launch-to-agent-ready time against a raw QEMU boot baseline.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value = "cocoon-bench-boot.json")]
+        out: PathBuf,
+        /// Static busybox for the baseline's trivial init.
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COCOON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("cocoon: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Check { json } => {
+            let r = check::report();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        }
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    agent,
+                    kernel_deb,
+                    cache_dir,
+                    out,
+                },
+        } => {
+            let source = match kernel_deb {
+                Some(p) => cocoon_rootfs::KernelSource::DebFile(p),
+                None => cocoon_rootfs::KernelSource::DebianCloud,
+            };
+            let mut opts = cocoon_rootfs::BuildOptions::new(source, agent);
+            opts.cache_dir = cache_dir;
+            opts.out_dir = out;
+            let image = cocoon_rootfs::build(&opts).context("building the guest image")?;
+            println!("{}", serde_json::to_string_pretty(&image)?);
+            Ok(())
+        }
+        Cmd::Vm {
+            cmd:
+                VmCmd::Boot {
+                    id,
+                    kernel_params,
+                    json,
+                },
+        } => runtime()?.block_on(vm_boot(id, kernel_params, json)),
+        Cmd::Bench {
+            cmd: BenchCmd::Boot { runs, out, busybox },
+        } => {
+            if runs == 0 {
+                bail!("--runs must be at least 1");
+            }
+            let config = Config::load()?;
+            let report = runtime()?.block_on(bench::boot_bench(&config, runs, &busybox))?;
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            print!("{}", report.table());
+            println!("report written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn vm_boot(id: String, kernel_params: Option<String>, json: bool) -> Result<()> {
+    let mut config = Config::load()?;
+    if let Some(p) = kernel_params {
+        config.vm.kernel_params = p;
+    }
+    let id = if id.is_empty() {
+        format!("vm-{}", std::process::id())
+    } else {
+        id
+    };
+    let hv = hypervisor::from_config(&config)?;
+    let spec = VmSpec::from_config(&config, &id);
+    let mut vm = hv.launch(&spec).await?;
+    let boot_timeout = Duration::from_millis(config.vm.boot_timeout_ms);
+    let call_timeout = Duration::from_millis(config.vm.call_timeout_ms);
+    let agent = AgentClient::wait_ready(&mut vm, boot_timeout, call_timeout).await?;
+    let ready = vm.times.started.elapsed();
+    let version = agent.version().await?;
+    let d = agent.guest_details().await?;
+    let t = Instant::now();
+    agent.shutdown().await?;
+    let exited = vm.wait_exit(Duration::from_secs(10)).await;
+    let shutdown = t.elapsed();
+    let launch = vm.times.vmm_spawned - vm.times.started;
+    vm.stop(Duration::ZERO).await;
+    if exited.is_none() {
+        bail!("the VM did not power off within 10 s of Shutdown; it was killed");
+    }
+    let kernel_ms = d.agent_start_boottime_ns as f64 / 1e6;
+    let agent_ms = (d.server_ready_boottime_ns - d.agent_start_boottime_ns) as f64 / 1e6;
+    if json {
+        let v = serde_json::json!({
+            "id": id,
+            "agent_version": version.agent_version,
+            "protocol_version": version.protocol_version,
+            "kernel_release": d.kernel_release,
+            "kernel_cmdline": d.kernel_cmdline,
+            "online_cpus": d.online_cpus,
+            "mem_total_bytes": d.mem_total_bytes,
+            "loaded_modules": d.loaded_modules,
+            "cgroup_version": d.cgroup_version,
+            "timings_ms": {
+                "ready": ready.as_secs_f64() * 1e3,
+                "vmm_launch": launch.as_secs_f64() * 1e3,
+                "kernel_boot": kernel_ms,
+                "agent_start": agent_ms,
+                "shutdown": shutdown.as_secs_f64() * 1e3,
+            }
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("VM {id} ({} accel)", vm_accel(&config));
+    println!(
+        "  agent            {} (protocol {})",
+        version.agent_version, version.protocol_version
+    );
+    println!("  kernel           {}", d.kernel_release);
+    println!("  cmdline          {}", d.kernel_cmdline);
+    println!(
+        "  cpus / memory    {} / {} MiB",
+        d.online_cpus,
+        d.mem_total_bytes >> 20
+    );
+    println!("  cgroup           {}", d.cgroup_version);
+    println!("  modules          {}", d.loaded_modules.join(" "));
+    println!("timings (ms)");
+    println!(
+        "  launch -> agent ready   {:>8.1}",
+        ready.as_secs_f64() * 1e3
+    );
+    println!(
+        "    vmm launch (host)     {:>8.1}",
+        launch.as_secs_f64() * 1e3
+    );
+    println!("    kernel boot (guest)   {kernel_ms:>8.1}");
+    println!("    agent start (guest)   {agent_ms:>8.1}");
+    println!(
+        "  shutdown -> exit        {:>8.1}",
+        shutdown.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn vm_accel(config: &Config) -> &'static str {
+    match hypervisor::resolve_accel(config.qemu.accel, check::kvm_kind()) {
+        Ok((cocoon_shim::config::Accel::Kvm, _)) => "kvm",
+        _ => "tcg",
+    }
+}

@@ -1,0 +1,246 @@
+//! What this host offers Cocoon, and which backends can run here. Facts come
+//! from /proc, /sys and /dev, never from trying to boot something.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+/// What `/dev/kvm` is on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvmKind {
+    /// VT-x / AMD-V: boots any guest.
+    Hardware,
+    /// KVM served by `kvm_pvm` (a guest itself, shadow paging): runs only
+    /// simple guests; stock Linux hits emulation failures.
+    Pvm,
+    None,
+}
+
+/// Classifies KVM from the host's files (parameters so tests can fake them).
+pub fn classify_kvm(dev_kvm: bool, cpuinfo: &str, module_dir: &Path) -> KvmKind {
+    if !dev_kvm {
+        return KvmKind::None;
+    }
+    let has_flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let hw_module = module_dir.join("kvm_intel").exists() || module_dir.join("kvm_amd").exists();
+    if module_dir.join("kvm_pvm").exists() {
+        KvmKind::Pvm
+    } else if has_flag || hw_module {
+        KvmKind::Hardware
+    } else {
+        // /dev/kvm without VT-x/AMD-V: treat as the paravirtual kind.
+        KvmKind::Pvm
+    }
+}
+
+pub fn kvm_kind() -> KvmKind {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    classify_kvm(
+        Path::new("/dev/kvm").exists(),
+        &cpuinfo,
+        Path::new("/sys/module"),
+    )
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tool {
+    pub name: String,
+    pub path: Option<String>,
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub backend: &'static str,
+    pub usable: bool,
+    pub recommended: bool,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub kvm: KvmKind,
+    pub vhost_vsock: bool,
+    pub sev_snp: bool,
+    pub tdx: bool,
+    pub cgroup: &'static str,
+    pub tools: Vec<Tool>,
+    pub verdicts: Vec<Verdict>,
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn tool(name: &str, version_arg: &str) -> Tool {
+    let path = which(name);
+    let version = path.as_ref().and_then(|p| {
+        let out = std::process::Command::new(p)
+            .arg(version_arg)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().next().map(|l| l.trim().to_string())
+    });
+    Tool {
+        name: name.into(),
+        path: path.map(|p| p.display().to_string()),
+        version,
+    }
+}
+
+fn sev_snp() -> bool {
+    Path::new("/dev/sev").exists()
+        && std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev_snp")
+            .is_ok_and(|v| v.trim() == "Y" || v.trim() == "1")
+}
+
+fn tdx() -> bool {
+    std::fs::read_to_string("/sys/module/kvm_intel/parameters/tdx")
+        .is_ok_and(|v| v.trim() == "Y" || v.trim() == "1")
+}
+
+/// Verdicts per backend from the facts (pure, for tests).
+pub fn verdicts(kvm: KvmKind, qemu: bool, vmm: bool) -> Vec<Verdict> {
+    let mut v = Vec::new();
+    let (usable, why) = match (qemu, kvm) {
+        (false, _) => (false, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".to_string()),
+        (true, KvmKind::Hardware) => (true, "QEMU with KVM (hardware virtualization)".into()),
+        (true, KvmKind::Pvm) => (true, "QEMU with TCG: /dev/kvm is PVM, which cannot boot stock Linux; expect seconds per boot".into()),
+        (true, KvmKind::None) => (true, "QEMU with TCG: no /dev/kvm; expect seconds per boot".into()),
+    };
+    v.push(Verdict {
+        backend: "qemu",
+        usable,
+        recommended: usable && kvm != KvmKind::Hardware,
+        why,
+    });
+    let (usable, why) = match kvm {
+        KvmKind::Hardware if !vmm => (false, "cocoon-vmm is not installed (make install)".to_string()),
+        KvmKind::Hardware => (false, "hardware KVM is present, but cocoon-vmm cannot boot Linux guests yet; use qemu".into()),
+        KvmKind::Pvm => (false, "/dev/kvm is PVM, not hardware virtualization (no vmx/svm): stock Linux guests fail with emulation errors".into()),
+        KvmKind::None => (false, "no /dev/kvm".into()),
+    };
+    v.push(Verdict {
+        backend: "cocoon-vmm",
+        usable,
+        recommended: false,
+        why,
+    });
+    if kvm == KvmKind::Hardware && qemu {
+        v[0].recommended = true;
+    }
+    v
+}
+
+pub fn report() -> HostReport {
+    let kvm = kvm_kind();
+    let tools = vec![
+        tool("qemu-system-x86_64", "--version"),
+        tool("containerd", "--version"),
+        tool("ctr", "--version"),
+        tool("runc", "--version"),
+        tool("virtiofsd", "--version"),
+        tool("cocoon-vmm", "--version"),
+        tool("containerd-shim-cocoon-v2", "--version"),
+    ];
+    let has = |n: &str| tools.iter().any(|t| t.name == n && t.path.is_some());
+    let vmm_found = has("cocoon-vmm")
+        || std::env::current_exe()
+            .ok()
+            .is_some_and(|e| e.with_file_name("cocoon-vmm").is_file());
+    let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2"
+    } else if Path::new("/sys/fs/cgroup").exists() {
+        "v1/hybrid"
+    } else {
+        "none"
+    };
+    HostReport {
+        kvm,
+        vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
+        sev_snp: sev_snp(),
+        tdx: tdx(),
+        cgroup,
+        verdicts: verdicts(kvm, has("qemu-system-x86_64"), vmm_found),
+        tools,
+    }
+}
+
+impl std::fmt::Display for HostReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kvm = match self.kvm {
+            KvmKind::Hardware => "hardware (vmx/svm)",
+            KvmKind::Pvm => "PVM (paravirtual, no vmx/svm): cannot boot stock Linux",
+            KvmKind::None => "none",
+        };
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        writeln!(f, "KVM:            {kvm}")?;
+        writeln!(
+            f,
+            "vhost-vsock:    {} (Cocoon uses its own user-space vsock backend either way)",
+            yn(self.vhost_vsock)
+        )?;
+        writeln!(f, "SEV-SNP:        {}", yn(self.sev_snp))?;
+        writeln!(f, "TDX:            {}", yn(self.tdx))?;
+        writeln!(f, "host cgroups:   {}", self.cgroup)?;
+        for t in &self.tools {
+            match (&t.path, &t.version) {
+                (Some(p), Some(v)) => writeln!(f, "{:<15} {v} ({p})", format!("{}:", t.name))?,
+                (Some(p), None) => writeln!(f, "{:<15} {p}", format!("{}:", t.name))?,
+                (None, _) => writeln!(f, "{:<15} not found", format!("{}:", t.name))?,
+            }
+        }
+        writeln!(f)?;
+        for v in &self.verdicts {
+            let mark = match (v.usable, v.recommended) {
+                (true, true) => "RECOMMENDED",
+                (true, false) => "usable",
+                (false, _) => "unavailable",
+            };
+            writeln!(f, "backend {:<11} {mark}: {}", v.backend, v.why)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_is_classified() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path();
+        assert_eq!(classify_kvm(false, "flags : vmx", m), KvmKind::None);
+        assert_eq!(
+            classify_kvm(true, "flags\t\t: fpu vmx sse", m),
+            KvmKind::Hardware
+        );
+        assert_eq!(
+            classify_kvm(true, "flags\t\t: fpu svm", m),
+            KvmKind::Hardware
+        );
+        assert_eq!(classify_kvm(true, "flags\t\t: fpu sse", m), KvmKind::Pvm);
+        std::fs::create_dir(m.join("kvm_pvm")).unwrap();
+        assert_eq!(classify_kvm(true, "flags\t\t: fpu vmx", m), KvmKind::Pvm);
+    }
+
+    #[test]
+    fn verdicts_follow_the_host() {
+        let v = verdicts(KvmKind::Pvm, true, true);
+        assert!(v[0].usable && v[0].recommended && v[0].why.contains("TCG"));
+        assert!(!v[1].usable && v[1].why.contains("PVM"));
+        let v = verdicts(KvmKind::Hardware, true, true);
+        assert!(v[0].usable && v[0].why.contains("KVM"));
+        let v = verdicts(KvmKind::None, false, false);
+        assert!(!v[0].usable && v[0].why.contains("not installed"));
+    }
+}

@@ -1,0 +1,294 @@
+//! Cocoon's configuration: `/etc/cocoon/config.toml`, or the file named by
+//! `COCOON_CONFIG`. Parsed strictly (an unknown key is an error naming it),
+//! defaults filled in, then `validate()`d before anything is allocated.
+//! Every key is documented in `docs/config.md`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cocoon/config.toml";
+pub const CONFIG_ENV: &str = "COCOON_CONFIG";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("invalid config file {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    #[error("invalid config value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Which VMM runs the pod VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorKind {
+    #[default]
+    Qemu,
+    CocoonVmm,
+}
+
+/// How QEMU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when the host has hardware virtualization, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    #[default]
+    Microvm,
+    Pc,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorKind,
+    pub vm: VmConfig,
+    pub qemu: QemuConfig,
+    pub paths: PathsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Guest kernel; empty means `<image_dir>/vmlinuz`.
+    pub kernel: PathBuf,
+    /// Guest initramfs; empty means `<image_dir>/initramfs.cpio`.
+    pub initrd: PathBuf,
+    /// Appended to the kernel command line Cocoon builds.
+    pub kernel_params: String,
+    /// How long to wait for the agent to answer after launch.
+    pub boot_timeout_ms: u64,
+    /// Deadline for one agent call.
+    pub call_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub machine: Machine,
+    pub accel: Accel,
+    /// Extra arguments appended verbatim (for debugging).
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// Per-VM runtime state (sockets, console log); one subdirectory per VM.
+    pub run_dir: PathBuf,
+    /// Where `cocoon image build` / `make install` put the guest image.
+    pub image_dir: PathBuf,
+    /// The `cocoon-vmm` binary (also the vhost-user vsock backend); empty
+    /// means next to the running executable, then `$PATH`.
+    pub vmm_binary: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            hypervisor: HypervisorKind::Qemu,
+            vm: VmConfig::default(),
+            qemu: QemuConfig::default(),
+            paths: PathsConfig::default(),
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            kernel_params: String::new(),
+            boot_timeout_ms: 30_000,
+            call_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            machine: Machine::Microvm,
+            accel: Accel::Auto,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        Self {
+            run_dir: PathBuf::from("/run/cocoon"),
+            image_dir: default_image_dir(),
+            vmm_binary: PathBuf::new(),
+        }
+    }
+}
+
+/// `<prefix>/share/cocoon` for an executable installed as `<prefix>/bin/x`.
+fn default_image_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("share/cocoon")))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/share/cocoon"))
+}
+
+impl Config {
+    /// Loads the config named by `COCOON_CONFIG`, else the default path; a
+    /// missing default file means all defaults, a missing named file is an error.
+    pub fn load() -> Result<Self, ConfigError> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(p) => Self::from_file(Path::new(&p)),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            None => {
+                let c = Self::default();
+                c.validate()?;
+                Ok(c)
+            }
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse(_, src) => ConfigError::Parse(path.into(), src),
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let c: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(PathBuf::from("<string>"), e))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        };
+        if self.vm.vcpus == 0 || self.vm.vcpus > 64 {
+            return bad("vm.vcpus", "must be between 1 and 64");
+        }
+        if self.vm.memory_mib < 64 || self.vm.memory_mib > 1024 * 1024 {
+            return bad("vm.memory_mib", "must be between 64 and 1048576");
+        }
+        if self.vm.boot_timeout_ms == 0 {
+            return bad("vm.boot_timeout_ms", "must be greater than 0");
+        }
+        if self.vm.call_timeout_ms == 0 {
+            return bad("vm.call_timeout_ms", "must be greater than 0");
+        }
+        if self.vm.kernel_params.contains('\n') {
+            return bad("vm.kernel_params", "must be a single line");
+        }
+        if self.paths.run_dir.as_os_str().is_empty() || !self.paths.run_dir.is_absolute() {
+            return bad("paths.run_dir", "must be an absolute path");
+        }
+        Ok(())
+    }
+
+    pub fn kernel_path(&self) -> PathBuf {
+        if self.vm.kernel.as_os_str().is_empty() {
+            self.paths.image_dir.join("vmlinuz")
+        } else {
+            self.vm.kernel.clone()
+        }
+    }
+
+    pub fn initrd_path(&self) -> PathBuf {
+        if self.vm.initrd.as_os_str().is_empty() {
+            self.paths.image_dir.join("initramfs.cpio")
+        } else {
+            self.vm.initrd.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.hypervisor, HypervisorKind::Qemu);
+        assert_eq!(c.vm.vcpus, 1);
+        assert_eq!(c.qemu.accel, Accel::Auto);
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::parse(
+            "hypervisor = \"cocoon-vmm\"\n[vm]\nvcpus = 2\nmemory_mib = 512\n[qemu]\naccel = \"tcg\"\nmachine = \"pc\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.hypervisor, HypervisorKind::CocoonVmm);
+        assert_eq!(c.vm.vcpus, 2);
+        assert_eq!(c.vm.memory_mib, 512);
+        assert_eq!(c.qemu.accel, Accel::Tcg);
+        assert_eq!(c.qemu.machine, Machine::Pc);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[vm]\nvcpu = 2\n").unwrap_err();
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains("vcpu"), "{msg}");
+        let err = Config::parse("colour = 1\n").unwrap_err();
+        let msg = format!("{}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains("colour"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::parse("[vm]\nvcpus = 0\n").unwrap_err();
+        assert!(err.to_string().contains("vm.vcpus"), "{err}");
+        let err = Config::parse("[vm]\nmemory_mib = 1\n").unwrap_err();
+        assert!(err.to_string().contains("vm.memory_mib"), "{err}");
+        let err = Config::parse("[qemu]\naccel = \"hvf\"\n").unwrap_err();
+        let msg = format!("{}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains("hvf"), "{msg}");
+        let err = Config::parse("[paths]\nrun_dir = \"relative\"\n").unwrap_err();
+        assert!(err.to_string().contains("paths.run_dir"), "{err}");
+    }
+
+    #[test]
+    fn missing_named_file_is_an_error() {
+        let err = Config::from_file(Path::new("/nonexistent/cocoon.toml")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/cocoon.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn documented_default_file_parses() {
+        let text = include_str!("../../docs/config.toml");
+        Config::parse(text).unwrap();
+    }
+}

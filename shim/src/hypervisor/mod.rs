@@ -1,0 +1,298 @@
+//! The seam between Cocoon and the VMM that runs a pod VM. A `Hypervisor`
+//! turns a validated `VmSpec` into a running `Vm`: a set of host processes
+//! (the VMM and its device backends) plus a per-VM run directory. `Vm` owns
+//! them and takes them all down again, also on early return or drop.
+
+mod process;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+pub use process::{find_binary, VmProcesses};
+
+use crate::check::{self, KvmKind};
+use crate::config::{Accel, Config, HypervisorKind};
+
+#[derive(Debug, Error)]
+pub enum HypervisorError {
+    #[error("invalid VM id {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
+    BadId(String),
+    #[error("guest {what} {path} is not readable; build the image with `cocoon image build` or set vm.{what} in the config")]
+    MissingImage {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find the {name} executable (looked for {looked})")]
+    MissingBinary { name: String, looked: String },
+    #[error("cannot create the VM run directory {0}")]
+    RunDir(PathBuf, #[source] std::io::Error),
+    #[error(
+        "VM run directory {0} already exists: a VM with this id is running or was not cleaned up"
+    )]
+    RunDirExists(PathBuf),
+    #[error("cannot start {what}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the vsock backend did not come up within {after:?}: {detail}")]
+    BackendNotReady { after: Duration, detail: String },
+    #[error("the {0} backend cannot boot Linux guests yet; set hypervisor = \"qemu\"")]
+    Unsupported(&'static str),
+    #[error("accelerator kvm was asked for, but {0}")]
+    NoKvm(String),
+}
+
+/// Everything needed to launch one VM. Built from `Config` plus a VM id.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended after Cocoon's own kernel parameters (so it can override them).
+    pub extra_kernel_params: String,
+    /// Parent of the per-VM run directory `<run_root>/<id>`.
+    pub run_root: PathBuf,
+}
+
+impl VmSpec {
+    pub fn from_config(config: &Config, id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            kernel: config.kernel_path(),
+            initrd: config.initrd_path(),
+            vcpus: config.vm.vcpus,
+            memory_mib: config.vm.memory_mib,
+            extra_kernel_params: config.vm.kernel_params.clone(),
+            run_root: config.paths.run_dir.clone(),
+        }
+    }
+
+    /// Checks what can be checked before anything is created.
+    pub fn validate(&self) -> Result<(), HypervisorError> {
+        let ok_id = !self.id.is_empty()
+            && self.id.len() <= 64
+            && self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && !self.id.starts_with('.');
+        if !ok_id {
+            return Err(HypervisorError::BadId(self.id.clone()));
+        }
+        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            std::fs::File::open(path).map_err(|source| HypervisorError::MissingImage {
+                what,
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_root.join(&self.id)
+    }
+}
+
+/// Host-side timestamps of a launch, for the boot breakdown.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchTimes {
+    pub started: Instant,
+    /// The vsock backend is listening.
+    pub backend_ready: Instant,
+    /// The VMM process has been spawned.
+    pub vmm_spawned: Instant,
+}
+
+/// A running VM. Dropping it kills its processes and removes its run
+/// directory; `shutdown` does the same in order and reports what happened.
+#[derive(Debug)]
+pub struct Vm {
+    pub id: String,
+    pub run_dir: PathBuf,
+    /// The hybrid vsock socket (see `crate::vsock`).
+    pub vsock_uds: PathBuf,
+    pub console_log: PathBuf,
+    /// What runs guest code, for reports: "kvm", "tcg".
+    pub accel: &'static str,
+    pub times: LaunchTimes,
+    pub(crate) procs: VmProcesses,
+}
+
+impl Vm {
+    /// The VMM's exit status if it has exited (without blocking).
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.procs.try_vmm_exit()
+    }
+
+    /// Waits up to `deadline` for the VMM to exit by itself.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        self.procs.wait_vmm_exit(deadline).await
+    }
+
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.procs.vmm_pid()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.pids()
+    }
+
+    /// The last `max_lines` lines of the guest console, for error reports.
+    pub fn console_tail(&self, max_lines: usize) -> String {
+        tail_lines(&self.console_log, max_lines)
+    }
+
+    /// Stops the VM: waits up to `grace` for the VMM to exit by itself (after
+    /// an agent Shutdown), then kills every process, reaps them and removes
+    /// the run directory. Returns how the VMM ended.
+    pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
+        let status = self.procs.stop(grace).await;
+        remove_run_dir(&self.run_dir);
+        status
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.procs.kill_now();
+        remove_run_dir(&self.run_dir);
+    }
+}
+
+fn remove_run_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove VM run directory {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Reads at most the last 64 KiB of `path` and returns its last lines.
+pub fn tail_lines(path: &Path, max_lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.take(64 * 1024).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(max_lines)..].join("\n")
+}
+
+/// Launches VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Starts the VM; returns once its processes run (not when the guest is up).
+    async fn launch(&self, spec: &VmSpec) -> Result<Vm, HypervisorError>;
+}
+
+/// Which accelerator to use, and why (logged by the caller).
+pub fn resolve_accel(wanted: Accel, kvm: KvmKind) -> Result<(Accel, String), HypervisorError> {
+    match (wanted, kvm) {
+        (Accel::Tcg, _) => Ok((Accel::Tcg, "set in config (qemu.accel = \"tcg\")".into())),
+        (Accel::Kvm, KvmKind::Hardware) => Ok((Accel::Kvm, "set in config".into())),
+        (Accel::Kvm, KvmKind::Pvm) => Ok((
+            Accel::Kvm,
+            "set in config, but /dev/kvm is PVM, which cannot boot stock Linux guests".into(),
+        )),
+        (Accel::Kvm, KvmKind::None) => {
+            Err(HypervisorError::NoKvm("this host has no /dev/kvm".into()))
+        }
+        (Accel::Auto, KvmKind::Hardware) => {
+            Ok((Accel::Kvm, "host has hardware virtualization".into()))
+        }
+        (Accel::Auto, KvmKind::Pvm) => Ok((
+            Accel::Tcg,
+            "host /dev/kvm is PVM (no vmx/svm), which cannot boot stock Linux guests".into(),
+        )),
+        (Accel::Auto, KvmKind::None) => Ok((Accel::Tcg, "host has no /dev/kvm".into())),
+    }
+}
+
+/// The hypervisor the config asks for.
+pub fn from_config(config: &Config) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    match config.hypervisor {
+        HypervisorKind::Qemu => {
+            let (accel, why) = resolve_accel(config.qemu.accel, check::kvm_kind())?;
+            tracing::info!(accel = ?accel, "QEMU accelerator: {why}");
+            Ok(Box::new(qemu::Qemu::new(config, accel)?))
+        }
+        HypervisorKind::CocoonVmm => Err(HypervisorError::Unsupported("cocoon-vmm")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accel_follows_the_host() {
+        assert_eq!(
+            resolve_accel(Accel::Auto, KvmKind::Hardware).unwrap().0,
+            Accel::Kvm
+        );
+        assert_eq!(
+            resolve_accel(Accel::Auto, KvmKind::Pvm).unwrap().0,
+            Accel::Tcg
+        );
+        assert_eq!(
+            resolve_accel(Accel::Auto, KvmKind::None).unwrap().0,
+            Accel::Tcg
+        );
+        assert_eq!(
+            resolve_accel(Accel::Tcg, KvmKind::Hardware).unwrap().0,
+            Accel::Tcg
+        );
+        assert!(resolve_accel(Accel::Kvm, KvmKind::None).is_err());
+        let (a, why) = resolve_accel(Accel::Kvm, KvmKind::Pvm).unwrap();
+        assert_eq!(a, Accel::Kvm);
+        assert!(why.contains("PVM"));
+    }
+
+    #[test]
+    fn vm_ids_are_checked() {
+        let mut spec = VmSpec {
+            id: "ok-id_1.2".into(),
+            kernel: "/nonexistent/k".into(),
+            initrd: "/nonexistent/i".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            extra_kernel_params: String::new(),
+            run_root: "/tmp".into(),
+        };
+        let err = spec.validate().unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/k"), "{err}");
+        for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(65)] {
+            spec.id = bad.into();
+            assert!(
+                matches!(spec.validate(), Err(HypervisorError::BadId(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log");
+        std::fs::write(&p, "a\nb\nc\nd\n").unwrap();
+        assert_eq!(tail_lines(&p, 2), "c\nd");
+        assert_eq!(tail_lines(&d.path().join("none"), 2), "");
+    }
+}

@@ -1,0 +1,162 @@
+//! The host processes of one VM (the VMM and its device backends): spawning
+//! them so they cannot outlive us by accident, and taking them down.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::HypervisorError;
+
+/// Prepares `cmd` so the child dies with the thread that spawned it, gets no
+/// stdin, and sends its output to `log`.
+pub(crate) fn configure(cmd: &mut Command, log: &Path) -> std::io::Result<()> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true);
+    // SAFETY: the closure runs between fork and exec and only calls prctl,
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Finds an executable: `configured` if set, else next to the current
+/// executable, else on `$PATH`.
+pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorError> {
+    if !configured.as_os_str().is_empty() {
+        if configured.is_file() {
+            return Ok(configured.to_path_buf());
+        }
+        return Err(HypervisorError::MissingBinary {
+            name: name.into(),
+            looked: configured.display().to_string(),
+        });
+    }
+    let mut looked = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        // Test binaries live in target/<profile>/deps; the tools one level up.
+        for d in [dir.clone(), dir.join("..")] {
+            let p = d.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+            looked.push(p.display().to_string());
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        looked.push("$PATH".into());
+    }
+    Err(HypervisorError::MissingBinary {
+        name: name.into(),
+        looked: looked.join(", "),
+    })
+}
+
+/// The processes of one VM. The VMM is the one whose exit ends the VM; the
+/// backends exit when it disconnects, and are killed if they do not.
+#[derive(Debug, Default)]
+pub struct VmProcesses {
+    pub(crate) vmm: Option<Child>,
+    pub(crate) backends: Vec<Child>,
+    vmm_status: Option<ExitStatus>,
+}
+
+impl VmProcesses {
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().and_then(Child::id)
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.vmm
+            .iter()
+            .chain(self.backends.iter())
+            .filter_map(Child::id)
+            .collect()
+    }
+
+    pub fn try_vmm_exit(&mut self) -> Option<ExitStatus> {
+        if self.vmm_status.is_none() {
+            if let Some(c) = self.vmm.as_mut() {
+                self.vmm_status = c.try_wait().ok().flatten();
+            }
+        }
+        self.vmm_status
+    }
+
+    pub async fn wait_vmm_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.try_vmm_exit() {
+            return Some(s);
+        }
+        let c = self.vmm.as_mut()?;
+        let s = tokio::time::timeout(deadline, c.wait()).await.ok()?.ok();
+        self.vmm_status = s;
+        s
+    }
+
+    /// Gives the VMM `grace` to exit, then SIGKILLs everything and reaps it.
+    pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let mut status = self.wait_vmm_exit(grace).await;
+        if status.is_none() {
+            if let Some(c) = self.vmm.as_mut() {
+                let _ = c.start_kill();
+                status = c.wait().await.ok();
+            }
+        }
+        for b in &mut self.backends {
+            // A backend exits by itself once the VMM is gone; give it a moment.
+            if tokio::time::timeout(Duration::from_secs(2), b.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(pid = ?b.id(), "backend did not exit after the VMM; killing it");
+                let _ = b.start_kill();
+                let _ = b.wait().await;
+            }
+        }
+        self.vmm = None;
+        self.backends.clear();
+        status
+    }
+
+    /// Synchronous best effort for `Drop`: SIGKILL and reap what we can.
+    pub fn kill_now(&mut self) {
+        for c in self.vmm.iter_mut().chain(self.backends.iter_mut()) {
+            if let Some(pid) = c.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            // SIGKILL has been sent: reaping is quick, but bounded anyway.
+            for _ in 0..100 {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        self.vmm = None;
+        self.backends.clear();
+    }
+}

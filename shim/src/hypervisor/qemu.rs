@@ -1,0 +1,329 @@
+//! QEMU as the VMM: the general-purpose backend, and the only one that boots
+//! Linux on hosts without hardware virtualization (TCG). One QEMU process per
+//! VM, plus our vhost-user vsock backend (`cocoon-vmm vhost-user-vsock`),
+//! because in-kernel vhost-vsock is not available everywhere and the hybrid
+//! Unix-socket convention must be the same on every backend.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use super::process::{configure, find_binary, VmProcesses};
+use super::{tail_lines, HypervisorError, LaunchTimes, Vm, VmSpec};
+use crate::config::{Accel, Config, Machine};
+
+/// How long the vsock backend may take to listen on its socket.
+const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Qemu {
+    binary: PathBuf,
+    vmm_binary: PathBuf,
+    machine: Machine,
+    accel: Accel,
+    extra_args: Vec<String>,
+}
+
+/// Paths inside one VM's run directory.
+struct RunPaths {
+    vhost_socket: PathBuf,
+    vsock_uds: PathBuf,
+    console_log: PathBuf,
+    qemu_log: PathBuf,
+    backend_log: PathBuf,
+}
+
+impl RunPaths {
+    fn new(dir: &Path) -> Self {
+        Self {
+            vhost_socket: dir.join("vhost-vsock.sock"),
+            vsock_uds: dir.join("vsock.sock"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            backend_log: dir.join("vsock-backend.log"),
+        }
+    }
+}
+
+impl Qemu {
+    pub fn new(config: &Config, accel: Accel) -> Result<Self, HypervisorError> {
+        let binary = if config.qemu.binary.is_absolute() {
+            config.qemu.binary.clone()
+        } else {
+            find_binary(&config.qemu.binary.to_string_lossy(), Path::new(""))?
+        };
+        Ok(Self {
+            binary,
+            vmm_binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
+            machine: config.qemu.machine,
+            accel,
+            extra_args: config.qemu.extra_args.clone(),
+        })
+    }
+
+    fn accel_name(&self) -> &'static str {
+        match self.accel {
+            Accel::Kvm => "kvm",
+            _ => "tcg",
+        }
+    }
+
+    /// The kernel command line: ours first, the user's last so it can override.
+    fn kernel_cmdline(&self, spec: &VmSpec) -> String {
+        // panic=-1: a dead agent (PID 1) resets the VM at once, and QEMU runs
+        // with -no-reboot, so the VM ends instead of hanging.
+        let mut p = vec!["console=ttyS0", "quiet", "panic=-1", "reboot=t"];
+        if self.accel != Accel::Kvm {
+            // Under TCG the TSC calibration against the PIT hangs about half
+            // of the boots (seen on microvm); give the frequency outright.
+            p.push("tsc_early_khz=2000000");
+        }
+        if self.machine == Machine::Microvm {
+            p.push("pci=off");
+        }
+        let mut s = p.join(" ");
+        if !spec.extra_kernel_params.is_empty() {
+            s.push(' ');
+            s.push_str(&spec.extra_kernel_params);
+        }
+        s
+    }
+
+    fn args(&self, spec: &VmSpec, paths: &RunPaths) -> Vec<String> {
+        let mem = format!("{}M", spec.memory_mib);
+        let accel = self.accel_name();
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("cocoon-{}", spec.id)]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ]);
+        // Guest RAM is a shared memfd so vhost-user backends can map it.
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]);
+        match self.machine {
+            Machine::Microvm => push(&[
+                "-machine",
+                &format!("microvm,accel={accel},rtc=on,memory-backend=mem"),
+            ]),
+            Machine::Pc => {
+                push(&["-machine", &format!("pc,accel={accel}")]);
+                push(&["-numa", "node,memdev=mem"]);
+            }
+        }
+        push(&[
+            "-cpu",
+            if self.accel == Accel::Kvm {
+                "host"
+            } else {
+                "max"
+            },
+        ]);
+        push(&["-smp", &spec.vcpus.to_string(), "-m", &mem]);
+        push(&[
+            "-kernel",
+            &spec.kernel.to_string_lossy(),
+            "-initrd",
+            &spec.initrd.to_string_lossy(),
+        ]);
+        push(&["-append", &self.kernel_cmdline(spec)]);
+        push(&["-serial", &format!("file:{}", paths.console_log.display())]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock0,path={}", paths.vhost_socket.display()),
+        ]);
+        let dev = match self.machine {
+            Machine::Microvm => "vhost-user-vsock-device",
+            Machine::Pc => "vhost-user-vsock-pci",
+        };
+        push(&["-device", &format!("{dev},chardev=vsock0")]);
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+}
+
+#[async_trait]
+impl super::Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<Vm, HypervisorError> {
+        spec.validate()?;
+        let started = Instant::now();
+        let run_dir = spec.run_dir();
+        std::fs::create_dir_all(&spec.run_root)
+            .map_err(|e| HypervisorError::RunDir(spec.run_root.clone(), e))?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&run_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(HypervisorError::RunDirExists(run_dir))
+            }
+            Err(e) => return Err(HypervisorError::RunDir(run_dir, e)),
+        }
+        let paths = RunPaths::new(&run_dir);
+        // From here on, `vm` owns the run dir and every process: returning
+        // early drops it, which kills them and removes the directory.
+        let mut vm = Vm {
+            id: spec.id.clone(),
+            run_dir: run_dir.clone(),
+            vsock_uds: paths.vsock_uds.clone(),
+            console_log: paths.console_log.clone(),
+            accel: self.accel_name(),
+            times: LaunchTimes {
+                started,
+                backend_ready: started,
+                vmm_spawned: started,
+            },
+            procs: VmProcesses::default(),
+        };
+
+        let mut backend = Command::new(&self.vmm_binary);
+        backend
+            .args(["vhost-user-vsock", "--socket"])
+            .arg(&paths.vhost_socket);
+        backend.arg("--uds-path").arg(&paths.vsock_uds);
+        backend.args(["--guest-cid", &cocoon_protocol::GUEST_CID.to_string()]);
+        configure(&mut backend, &paths.backend_log).map_err(|source| HypervisorError::Spawn {
+            what: "the vsock backend",
+            source,
+        })?;
+        let child = backend.spawn().map_err(|source| HypervisorError::Spawn {
+            what: "the vsock backend",
+            source,
+        })?;
+        vm.procs.backends.push(child);
+        wait_for_socket(&mut vm.procs, &paths).await?;
+        vm.times.backend_ready = Instant::now();
+
+        let args = self.args(spec, &paths);
+        tracing::debug!(binary = %self.binary.display(), ?args, "starting QEMU");
+        let mut qemu = Command::new(&self.binary);
+        qemu.args(&args);
+        configure(&mut qemu, &paths.qemu_log).map_err(|source| HypervisorError::Spawn {
+            what: "QEMU",
+            source,
+        })?;
+        vm.procs.vmm = Some(qemu.spawn().map_err(|source| HypervisorError::Spawn {
+            what: "QEMU",
+            source,
+        })?);
+        vm.times.vmm_spawned = Instant::now();
+        tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
+        Ok(vm)
+    }
+}
+
+/// Waits for the backend's vhost-user socket: QEMU started before it exists
+/// fails, and one started against a socket nobody serves waits forever.
+async fn wait_for_socket(procs: &mut VmProcesses, paths: &RunPaths) -> Result<(), HypervisorError> {
+    let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
+    loop {
+        if paths.vhost_socket.exists() {
+            return Ok(());
+        }
+        let b = procs.backends.last_mut().expect("backend was spawned");
+        if let Ok(Some(status)) = b.try_wait() {
+            return Err(HypervisorError::BackendNotReady {
+                after: BACKEND_READY_TIMEOUT,
+                detail: format!(
+                    "it exited with {status}: {}",
+                    tail_lines(&paths.backend_log, 5)
+                ),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(HypervisorError::BackendNotReady {
+                after: BACKEND_READY_TIMEOUT,
+                detail: format!("no socket at {}", paths.vhost_socket.display()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qemu(machine: Machine, accel: Accel) -> Qemu {
+        Qemu {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            vmm_binary: "/usr/bin/cocoon-vmm".into(),
+            machine,
+            accel,
+            extra_args: vec![],
+        }
+    }
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "t1".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            vcpus: 2,
+            memory_mib: 300,
+            extra_kernel_params: "panic=0 cocoon.log=debug".into(),
+            run_root: "/run/cocoon".into(),
+        }
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn microvm_tcg_command_line() {
+        let q = qemu(Machine::Microvm, Accel::Tcg);
+        let paths = RunPaths::new(Path::new("/run/cocoon/t1"));
+        let a = q.args(&spec(), &paths);
+        assert!(a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-reboot".to_string()));
+        assert_eq!(
+            value_after(&a, "-machine"),
+            ["microvm,accel=tcg,rtc=on,memory-backend=mem"]
+        );
+        assert_eq!(
+            value_after(&a, "-object"),
+            ["memory-backend-memfd,id=mem,size=300M,share=on"]
+        );
+        assert_eq!(value_after(&a, "-smp"), ["2"]);
+        assert_eq!(value_after(&a, "-cpu"), ["max"]);
+        assert_eq!(
+            value_after(&a, "-serial"),
+            ["file:/run/cocoon/t1/console.log"]
+        );
+        assert_eq!(
+            value_after(&a, "-device"),
+            ["vhost-user-vsock-device,chardev=vsock0"]
+        );
+        let cmdline = value_after(&a, "-append")[0];
+        assert!(cmdline.contains("tsc_early_khz="), "{cmdline}");
+        // The user's parameters come last so they win.
+        assert!(cmdline.ends_with("panic=0 cocoon.log=debug"), "{cmdline}");
+    }
+
+    #[test]
+    fn pc_kvm_command_line() {
+        let q = qemu(Machine::Pc, Accel::Kvm);
+        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")));
+        assert_eq!(value_after(&a, "-machine"), ["pc,accel=kvm"]);
+        assert_eq!(value_after(&a, "-numa"), ["node,memdev=mem"]);
+        assert_eq!(value_after(&a, "-cpu"), ["host"]);
+        assert_eq!(
+            value_after(&a, "-device"),
+            ["vhost-user-vsock-pci,chardev=vsock0"]
+        );
+        assert!(!value_after(&a, "-append")[0].contains("tsc_early_khz"));
+    }
+}
