@@ -239,6 +239,8 @@ impl Drop for SocketCleanup {
 /// `socket` appears on disk once the backend is ready to accept the frontend, so a
 /// caller can wait for the file before starting QEMU.
 pub fn serve(socket: &Path, config: VsockConfig) -> Result<(), VhostUserVsockError> {
+    // Refuse to clobber anything but a stale socket before creating files of our own.
+    remove_stale_socket(socket)?;
     let uds_path = config.uds_path.clone();
     let backend = VhostUserVsockBackend::new(config)?;
     let _cleanup = SocketCleanup(vec![socket.to_path_buf(), uds_path]);
@@ -265,4 +267,52 @@ pub fn serve(socket: &Path, config: VsockConfig) -> Result<(), VhostUserVsockErr
         .map_err(|e| VhostUserVsockError::Daemon(e.into()))?;
     info!("vhost-user-vsock: frontend disconnected");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(dir: &Path) -> VhostUserVsockBackend {
+        let mut config = VsockConfig::new(dir.join("v.sock"));
+        config.guest_cid = 0x1234_5678;
+        VhostUserVsockBackend::new(config).unwrap()
+    }
+
+    #[test]
+    fn config_space_is_the_little_endian_guest_cid() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path());
+        assert_eq!(b.get_config(0, 8), 0x1234_5678u64.to_le_bytes());
+        assert_eq!(b.get_config(2, 2), [0x34, 0x12]);
+        assert_eq!(b.get_config(6, 4), [0, 0, 0, 0]);
+        assert_eq!(b.get_config(u32::MAX, 2), [0, 0]);
+    }
+
+    #[test]
+    fn advertises_the_features_qemu_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path());
+        assert_eq!(b.num_queues(), 3);
+        assert_ne!(b.features() & (1 << VIRTIO_F_VERSION_1), 0);
+        assert_ne!(
+            b.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG));
+    }
+
+    #[test]
+    fn invalid_config_is_rejected_before_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = VsockConfig::new(dir.path().join("v.sock"));
+        config.guest_cid = 1;
+        assert!(matches!(
+            VhostUserVsockBackend::new(config),
+            Err(VhostUserVsockError::Config(_))
+        ));
+        assert!(!dir.path().join("v.sock").exists());
+    }
 }

@@ -1,0 +1,128 @@
+//! The `cocoon-vmm vhost-user-vsock` process as the shim uses it: readiness by socket
+//! file, one frontend, clean exit and cleanup when it goes away.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cocoon-vmm");
+
+fn wait_for_file(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("backend exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("backend did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn serves_one_frontend_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let uds = dir.path().join("vsock.sock");
+    // A stale socket from an earlier run must not stop us.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut child = Command::new(BIN)
+        .args(["vhost-user-vsock", "--guest-cid", "7", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(&uds)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The stale file exists from the start; wait until the backend accepts on it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = loop {
+        wait_for_file(&socket, &mut child);
+        if uds.exists() {
+            if let Ok(c) = UnixStream::connect(&socket) {
+                break c;
+            }
+        }
+        assert!(Instant::now() < deadline, "backend never accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(uds.exists(), "hybrid socket missing");
+
+    // VHOST_USER_GET_FEATURES (1), protocol version 1.
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    conn.write_all(&msg).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = [0u8; 20];
+    conn.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 1);
+    let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+    assert_ne!(features & (1 << 30), 0, "VHOST_USER_F_PROTOCOL_FEATURES");
+
+    drop(conn);
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "vhost-user socket left behind");
+    assert!(!uds.exists(), "hybrid socket left behind");
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["vhost-user-vsock", "--guest-cid", "2", "--socket"])
+        .arg(dir.path().join("v.sock"))
+        .arg("--uds-path")
+        .arg(dir.path().join("u.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("guest_cid"), "stderr: {stderr}");
+
+    // The hybrid socket path is a regular file: refuse to clobber it.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let out = Command::new(BIN)
+        .args(["vhost-user-vsock", "--socket"])
+        .arg(dir.path().join("v.sock"))
+        .arg("--uds-path")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    // Same for the vhost-user socket path; the hybrid socket is not left behind.
+    let uds = dir.path().join("u.sock");
+    let out = Command::new(BIN)
+        .args(["vhost-user-vsock", "--socket"])
+        .arg(&file)
+        .arg("--uds-path")
+        .arg(&uds)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert!(!uds.exists());
+}
