@@ -1,1 +1,101 @@
-//! placeholder
+//! Shared helpers for the end-to-end tests: where the built guest image and
+//! tools are, a config that keeps every VM's state in a private temp dir, and
+//! checks that nothing a test started is left behind.
+//!
+//! The tests need the guest image (`make image` puts it in `target/image/`,
+//! or set COCOON_TEST_IMAGE_DIR) and the `cocoon-vmm` binary built next to
+//! the test binaries. A missing image is a test failure with instructions,
+//! never a silent skip.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cocoon_shim::config::Config;
+
+/// The workspace root (this crate lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn image_dir() -> PathBuf {
+    std::env::var_os("COCOON_TEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/image"))
+}
+
+/// A config for tests: the built image, a private run dir, TCG or KVM as the
+/// host allows (auto), and the given boot timeout.
+pub fn test_config(run_dir: &Path, boot_timeout: Duration) -> Config {
+    let dir = image_dir();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs.cpio");
+    assert!(
+        kernel.is_file() && initrd.is_file(),
+        "guest image not found in {}: run `make image` (or set COCOON_TEST_IMAGE_DIR)",
+        dir.display()
+    );
+    let mut c = Config::default();
+    c.vm.kernel = kernel;
+    c.vm.initrd = initrd;
+    c.vm.boot_timeout_ms = boot_timeout.as_millis() as u64;
+    c.vm.call_timeout_ms = 10_000;
+    c.paths.run_dir = run_dir.to_path_buf();
+    c.validate().expect("test config is valid");
+    c
+}
+
+/// Whether `pid` is still a live (non-zombie) process.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until none of `pids` is alive, up to `deadline`; returns the survivors.
+pub fn wait_gone(pids: &[u32], deadline: Duration) -> Vec<u32> {
+    let end = Instant::now() + deadline;
+    loop {
+        let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() || Instant::now() >= end {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Processes whose command line mentions `needle` (e.g. a test's run dir).
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && alive(pid) {
+                out.push((pid, cmd));
+            }
+        }
+    }
+    out
+}
+
+/// Entries left in a run root (each VM gets a subdirectory).
+pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(run_root)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}

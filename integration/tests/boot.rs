@@ -1,0 +1,336 @@
+//! Boots real Linux guests (the built image) and talks to the agent over our
+//! vsock backend. Under TCG each boot takes a few seconds, so the cases are
+//! few and each checks several things.
+
+use std::time::{Duration, Instant};
+
+use cocoon_integration::{alive, leftover_entries, processes_mentioning, test_config, wait_gone};
+use cocoon_shim::agent_client::{AgentClient, AgentError};
+use cocoon_shim::hypervisor::{self, VmSpec};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Asserts that nothing of the test's VMs is left: processes, sockets, dirs.
+fn assert_clean(run_root: &std::path::Path, pids: &[u32]) {
+    let survivors = wait_gone(pids, Duration::from_secs(5));
+    assert!(survivors.is_empty(), "processes still alive: {survivors:?}");
+    let procs = processes_mentioning(&run_root.to_string_lossy());
+    assert!(
+        procs.is_empty(),
+        "processes still using {}: {procs:?}",
+        run_root.display()
+    );
+    let left = leftover_entries(run_root);
+    assert!(left.is_empty(), "left in the run dir: {left:?}");
+}
+
+#[test]
+fn boot_roundtrip_health_version_details() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "rt"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        assert_eq!(pids.len(), 2, "QEMU and the vsock backend");
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+
+        let health = agent.check().await.unwrap();
+        assert_eq!(
+            health.status.enum_value_or_default(),
+            cocoon_protocol::agent::health_check_response::ServingStatus::SERVING
+        );
+        let v = agent.version().await.unwrap();
+        assert_eq!(v.protocol_version, cocoon_protocol::PROTOCOL_VERSION);
+        assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+
+        let d = agent.guest_details().await.unwrap();
+        assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
+        assert!(
+            d.kernel_cmdline.contains("console=ttyS0"),
+            "{}",
+            d.kernel_cmdline
+        );
+        assert_eq!(d.online_cpus, config.vm.vcpus);
+        // The kernel keeps some memory for itself; the rest must be there.
+        let mem = u64::from(config.vm.memory_mib) << 20;
+        assert!(
+            d.mem_total_bytes > mem / 2 && d.mem_total_bytes <= mem,
+            "{}",
+            d.mem_total_bytes
+        );
+        for m in ["virtio_mmio", "vsock", "vmw_vsock_virtio_transport"] {
+            assert!(
+                d.loaded_modules.iter().any(|l| l == m),
+                "{m} not in {:?}",
+                d.loaded_modules
+            );
+        }
+        assert_eq!(d.cgroup_version, "v2");
+        assert!(d.agent_start_boottime_ns > 0);
+        assert!(d.server_ready_boottime_ns >= d.agent_start_boottime_ns);
+        assert!(d.boottime_ns >= d.server_ready_boottime_ns);
+
+        // A second connection works alongside the first.
+        let second = AgentClient::connect(
+            &vm.vsock_uds,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        second.check().await.unwrap();
+
+        // Shutdown powers the guest off by itself: QEMU exits 0.
+        agent.shutdown().await.unwrap();
+        let status = vm
+            .wait_exit(Duration::from_secs(20))
+            .await
+            .expect("VM powered off");
+        assert!(status.success(), "QEMU exit: {status}");
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
+    });
+}
+
+#[test]
+fn four_vms_concurrently() {
+    let run = tempfile::tempdir().unwrap();
+    // Four TCG guests share two cores here: allow for the slowdown.
+    let config = test_config(run.path(), Duration::from_secs(120));
+    rt().block_on(async {
+        let hv: std::sync::Arc<dyn hypervisor::Hypervisor> =
+            hypervisor::from_config(&config).unwrap().into();
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let hv = hv.clone();
+            let config = config.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut vm = hv
+                    .launch(&VmSpec::from_config(&config, &format!("vm{i}")))
+                    .await
+                    .unwrap();
+                let pids = vm.pids();
+                let agent = AgentClient::wait_ready(
+                    &mut vm,
+                    Duration::from_secs(120),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("vm{i}: {e}"));
+                let d = agent.guest_details().await.unwrap();
+                agent.shutdown().await.unwrap();
+                let exited = vm.wait_exit(Duration::from_secs(30)).await;
+                vm.stop(Duration::ZERO).await;
+                assert!(exited.is_some(), "vm{i} did not power off");
+                (pids, d.boottime_ns)
+            }));
+        }
+        let mut all_pids = Vec::new();
+        for t in tasks {
+            let (pids, boottime) = t.await.unwrap();
+            assert!(boottime > 0);
+            all_pids.extend(pids);
+        }
+        assert_eq!(all_pids.len(), 8);
+        all_pids.sort_unstable();
+        all_pids.dedup();
+        assert_eq!(all_pids.len(), 8, "each VM has its own processes");
+        assert_clean(run.path(), &all_pids);
+    });
+}
+
+#[test]
+fn vm_killed_mid_call_fails_fast() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "killed"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+
+        // GetOomEvent is a long poll: it is in flight when the VM dies.
+        let pending = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.next_oom_event(Duration::from_secs(60)).await })
+        };
+        // The call must be in the agent's hands before the kill: it still
+        // pends after a later call on the same connection has completed.
+        agent.check().await.unwrap();
+        assert!(!pending.is_finished(), "the long poll returned early");
+
+        let killed_at = Instant::now();
+        kill(Pid::from_raw(vm.vmm_pid().unwrap() as i32), Signal::SIGKILL).unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), pending)
+            .await
+            .expect("the pending call must fail within 10 s of the VM's death")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Disconnected { .. }), "{err}");
+        assert!(err.to_string().contains("GetOomEvent"), "{err}");
+        assert!(killed_at.elapsed() < Duration::from_secs(10));
+
+        // New calls fail at once too, with a clear error, not a hang.
+        let err = tokio::time::timeout(Duration::from_secs(10), agent.check())
+            .await
+            .expect("a call after the VM died must not hang")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AgentError::Disconnected { .. } | AgentError::CallTimeout { .. }
+            ),
+            "{err}"
+        );
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
+    });
+}
+
+#[test]
+fn vsock_backend_killed_mid_call_fails_fast() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "backend"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let pending = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.next_oom_event(Duration::from_secs(60)).await })
+        };
+        agent.check().await.unwrap();
+        let backend = pids
+            .iter()
+            .copied()
+            .find(|p| Some(*p) != vm.vmm_pid())
+            .unwrap();
+        kill(Pid::from_raw(backend as i32), Signal::SIGKILL).unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), pending)
+            .await
+            .expect("the pending call must fail within 10 s")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Disconnected { .. }), "{err}");
+        vm.stop(Duration::from_secs(1)).await;
+        assert_clean(run.path(), &pids);
+    });
+}
+
+#[test]
+fn guest_that_never_answers_times_out_and_leaves_nothing() {
+    let run = tempfile::tempdir().unwrap();
+    let mut config = test_config(run.path(), Duration::from_secs(8));
+    // No init at all, and panic=0: the kernel panics and then sits there
+    // forever, the VM running but silent.
+    config.vm.kernel_params = "rdinit=/nonexistent panic=0".into();
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "silent"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let started = Instant::now();
+        let err =
+            match AgentClient::wait_ready(&mut vm, Duration::from_secs(8), Duration::from_secs(5))
+                .await
+            {
+                Ok(_) => panic!("a guest without init answered"),
+                Err(e) => e,
+            };
+        let took = started.elapsed();
+        assert!(matches!(err, AgentError::BootTimeout { .. }), "{err}");
+        assert!(
+            err.to_string().contains("did not answer within 8s"),
+            "{err}"
+        );
+        assert!(
+            took >= Duration::from_secs(8) && took < Duration::from_secs(20),
+            "{took:?}"
+        );
+        assert!(
+            vm.try_exit_status().is_none(),
+            "the silent VM should still be running"
+        );
+        assert!(pids.iter().all(|p| alive(*p)));
+        // Dropping the VM (as an error path does) kills and cleans up.
+        drop(vm);
+        assert_clean(run.path(), &pids);
+    });
+}
+
+#[test]
+fn guest_that_dies_is_reported_at_once() {
+    let run = tempfile::tempdir().unwrap();
+    let config = {
+        let mut c = test_config(run.path(), BOOT);
+        // No init, and panic=-1: the kernel resets, QEMU (-no-reboot) exits.
+        c.vm.kernel_params = "rdinit=/nonexistent".into();
+        c
+    };
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "dies"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let err = match AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(5)).await {
+            Ok(_) => panic!("a guest without init answered"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, AgentError::VmExited { .. }), "{err}");
+        // The console tail explains why.
+        assert!(err.to_string().contains("Kernel panic"), "{err}");
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
+    });
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error_and_creates_nothing() {
+    let run = tempfile::tempdir().unwrap();
+    let mut config = test_config(run.path(), BOOT);
+    config.vm.kernel = "/nonexistent/vmlinuz".into();
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let err = hv
+            .launch(&VmSpec::from_config(&config, "nokernel"))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/vmlinuz") && msg.contains("kernel"),
+            "{msg}"
+        );
+        assert!(leftover_entries(run.path()).is_empty());
+    });
+}
