@@ -1,0 +1,59 @@
+# Cocoon: the two entry points are `make demo` and `make test` (see README).
+# Everything is cached: the host packages (a stamp), cargo's target dir, the
+# kernel .deb and built images (/var/lib/cocoon or ~/.cache/cocoon).
+
+PREFIX ?= /usr/local
+CARGO ?= cargo
+GUEST_TARGET := x86_64-unknown-linux-gnu
+# The agent is PID 1 of the guest: static glibc, since no musl target exists
+# here. --target keeps these flags away from build scripts and proc macros.
+AGENT := target/$(GUEST_TARGET)/release/cocoon-agent
+IMAGE_DIR := target/image
+STAMP := target/.host-setup-done
+
+.PHONY: all setup build agent image demo test lint unit integration bench install clean
+
+all: build image
+
+setup: $(STAMP)
+$(STAMP): scripts/setup-host.sh
+	bash scripts/setup-host.sh
+	mkdir -p target && touch $@
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+agent: setup
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release -p cocoon-agent --target $(GUEST_TARGET)
+
+image: build agent
+	./target/debug/cocoon image build --agent $(AGENT) --out $(IMAGE_DIR)
+
+# The demo: boot a pod VM, talk to its agent over vsock, print the guest's
+# details and a timing breakdown, power it off.
+demo: image
+	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml sh -c '\
+		printf "[vm]\nkernel = \"$(CURDIR)/$(IMAGE_DIR)/vmlinuz\"\ninitrd = \"$(CURDIR)/$(IMAGE_DIR)/initramfs.cpio\"\n" > $$COCOON_CONFIG; \
+		./target/debug/cocoon check && echo && ./target/debug/cocoon vm boot'
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# All tests: unit tests, then end-to-end tests that boot real guests.
+test: lint image
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+bench: image
+	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 --out target/bench-boot.json
+
+install: image
+	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/cocoon
+	install -m 0755 target/release/cocoon target/release/cocoon-vmm $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initramfs.cpio $(IMAGE_DIR)/manifest.json \
+		$(DESTDIR)$(PREFIX)/share/cocoon/
+
+clean:
+	$(CARGO) clean
