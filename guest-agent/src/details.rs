@@ -40,7 +40,7 @@ pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
     r.server_ready_boottime_ns = state
         .server_ready_boottime_ns
         .load(std::sync::atomic::Ordering::Relaxed);
-    r.loaded_modules = state.modules.clone();
+    r.loaded_modules = state.modules.lock().map(|m| m.clone()).unwrap_or_default();
     r.confidential = std::path::Path::new("/sys/firmware/sev").exists()
         || fs::read_to_string("/proc/cpuinfo")
             .is_ok_and(|c| c.contains(" sev_snp") || c.contains(" tdx_guest"));

@@ -19,7 +19,10 @@ use crate::{details, power};
 pub struct AgentState {
     pub start_boottime_ns: i64,
     pub init_ns: i64,
-    pub modules: Vec<String>,
+    /// Modules loaded so far (boot-critical first, then the deferred ones).
+    pub modules: std::sync::Mutex<Vec<String>>,
+    /// Set once the deferred modules are in (or failed to load).
+    pub modules_done: tokio::sync::watch::Sender<Option<Result<(), String>>>,
     pub cmdline: String,
     /// Guest boot time when the server started listening (set once).
     pub server_ready_boottime_ns: std::sync::atomic::AtomicI64,

@@ -34,7 +34,10 @@ pub enum InitError {
 #[derive(Debug, Default)]
 pub struct EarlyInit {
     pub cmdline: String,
+    /// Modules loaded before the server starts.
     pub modules: Vec<String>,
+    /// Listed modules not needed to reach the agent, for `load_deferred`.
+    pub deferred: Vec<modules::ModuleEntry>,
 }
 
 struct Mnt {
@@ -132,12 +135,20 @@ pub fn early_init() -> Result<EarlyInit, InitError> {
 
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
     let cmdline = cmdline.trim().to_string();
-    let modules = if Path::new(MODULES_LIST).exists() {
-        modules::load_listed(Path::new(MODULES_LIST), &cmdline)?
+    let has_pci = modules::has_pci_devices();
+    let (critical, deferred) = if Path::new(MODULES_LIST).exists() {
+        modules::read_list(Path::new(MODULES_LIST))?
+            .into_iter()
+            .partition(|e| modules::is_boot_critical(&e.name, has_pci))
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
-    Ok(EarlyInit { cmdline, modules })
+    let modules = modules::load(critical, &cmdline)?;
+    Ok(EarlyInit {
+        cmdline,
+        modules,
+        deferred,
+    })
 }
 
 /// Makes sure fds 0-2 are the console: the kernel only opens it for init when

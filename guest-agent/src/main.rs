@@ -41,6 +41,10 @@ fn main() {
     };
     init::setup_logging(&early.cmdline);
     let init_ns = started.elapsed().as_nanos() as i64;
+    tracing::debug!(
+        boottime_ms = start_boottime_ns / 1_000_000,
+        "agent main() started"
+    );
     tracing::info!(
         init_ms = init_ns / 1_000_000,
         modules = early.modules.len(),
@@ -50,7 +54,8 @@ fn main() {
     let state = Arc::new(handlers::AgentState {
         start_boottime_ns,
         init_ns,
-        modules: early.modules,
+        modules: std::sync::Mutex::new(early.modules),
+        modules_done: tokio::sync::watch::channel(None).0,
         cmdline: early.cmdline,
         server_ready_boottime_ns: Default::default(),
         oom_events: tokio::sync::broadcast::channel(16).0,
@@ -66,7 +71,8 @@ fn main() {
             power::fatal("no runtime");
         }
     };
-    if let Err(e) = runtime.block_on(serve(state, is_init)) {
+    let deferred = early.deferred;
+    if let Err(e) = runtime.block_on(serve(state, is_init, deferred)) {
         eprintln!("cocoon-agent: {e:#}");
         if is_init {
             power::fatal("server failed");
@@ -75,7 +81,15 @@ fn main() {
     }
 }
 
-async fn serve(state: Arc<handlers::AgentState>, is_init: bool) -> anyhow::Result<()> {
+fn started_ms(state: &handlers::AgentState) -> i64 {
+    (details::boottime_ns() - state.start_boottime_ns) / 1_000_000
+}
+
+async fn serve(
+    state: Arc<handlers::AgentState>,
+    is_init: bool,
+    deferred: Vec<modules::ModuleEntry>,
+) -> anyhow::Result<()> {
     if is_init {
         tokio::spawn(reaper::run());
     }
@@ -91,9 +105,30 @@ async fn serve(state: Arc<handlers::AgentState>, is_init: bool) -> anyhow::Resul
         .start()
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the ttrpc server: {e}"))?;
+    tracing::debug!(since_main_ms = started_ms(&state), "server listening");
     state
         .server_ready_boottime_ns
         .store(details::boottime_ns(), std::sync::atomic::Ordering::Relaxed);
+    // Filesystem, block and net modules are not needed to answer the host;
+    // load them now, off the boot path. Calls that need them wait on
+    // `modules_done`.
+    let st = state.clone();
+    std::thread::spawn(move || {
+        let result = modules::load(deferred, &st.cmdline);
+        let outcome = match result {
+            Ok(names) => {
+                if let Ok(mut m) = st.modules.lock() {
+                    m.extend(names);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("cocoon-agent: loading modules failed: {e}");
+                Err(e.to_string())
+            }
+        };
+        st.modules_done.send_replace(Some(outcome));
+    });
     // This exact line is what boot benchmarks and humans look for on the console.
     println!("cocoon-agent: ready on vsock port {AGENT_PORT}");
     // The server runs on its own tasks; PID 1 lives until power-off.

@@ -62,17 +62,55 @@ pub fn parse_list(text: &str) -> Result<Vec<ModuleEntry>, ModuleError> {
     Ok(out)
 }
 
-/// Loads every listed module in order; returns the names loaded. A module that
-/// is already present (built in or loaded) is not an error.
-pub fn load_listed(list: &Path, cmdline: &str) -> Result<Vec<String>, ModuleError> {
+/// Modules on the path to a ready agent: the virtio transports and vsock.
+/// They load before the server starts; the rest (filesystems, block, net)
+/// load right after, off the boot path.
+pub const BOOT_CRITICAL: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+/// The virtio PCI transport: boot-critical only on machines with a PCI bus
+/// (QEMU `-M pc`), where the vsock device sits on it. microvm has none.
+pub const PCI_TRANSPORT: &[&str] = &[
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+];
+
+pub fn is_boot_critical(name: &str, has_pci: bool) -> bool {
+    BOOT_CRITICAL.contains(&name) || (has_pci && PCI_TRANSPORT.contains(&name))
+}
+
+/// Whether the guest has any PCI device (after sysfs is mounted).
+pub fn has_pci_devices() -> bool {
+    fs::read_dir("/sys/bus/pci/devices").is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Reads the module list.
+pub fn read_list(list: &Path) -> Result<Vec<ModuleEntry>, ModuleError> {
     let text = fs::read_to_string(list).map_err(|e| ModuleError::List(list.into(), e))?;
+    parse_list(&text)
+}
+
+/// Loads the given modules in order; returns the names loaded. A module that
+/// is already present (built in or loaded) is not an error.
+pub fn load(entries: Vec<ModuleEntry>, cmdline: &str) -> Result<Vec<String>, ModuleError> {
     let mut loaded = Vec::new();
-    for entry in parse_list(&text)? {
+    for entry in entries {
+        let t = std::time::Instant::now();
         let file = File::open(&entry.path).map_err(|e| ModuleError::Open(entry.path.clone(), e))?;
         let params = cmdline::module_params(cmdline, &entry.name);
         let params = CString::new(params).map_err(|_| ModuleError::Params(entry.name.clone()))?;
         match finit_module(&file, &params, ModuleInitFlags::empty()) {
-            Ok(()) | Err(nix::Error::EEXIST) => loaded.push(entry.name),
+            Ok(()) | Err(nix::Error::EEXIST) => {
+                tracing::debug!(module = %entry.name, us = t.elapsed().as_micros() as u64, "loaded");
+                loaded.push(entry.name)
+            }
             Err(source) => {
                 return Err(ModuleError::Load {
                     name: entry.name,
@@ -109,11 +147,19 @@ mod tests {
     }
 
     #[test]
+    fn pci_transport_is_critical_only_with_pci() {
+        assert!(is_boot_critical("vsock", false));
+        assert!(!is_boot_critical("virtio_pci", false));
+        assert!(is_boot_critical("virtio_pci", true));
+        assert!(!is_boot_critical("overlay", true));
+    }
+
+    #[test]
     fn missing_module_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let list = dir.path().join("modules");
         fs::write(&list, "nope /nonexistent/nope.ko\n").unwrap();
-        let err = load_listed(&list, "").unwrap_err();
+        let err = load(read_list(&list).unwrap(), "").unwrap_err();
         assert!(err.to_string().contains("/nonexistent/nope.ko"), "{err}");
     }
 }

@@ -82,6 +82,22 @@ fn boot_roundtrip_health_version_details() {
             );
         }
         assert_eq!(d.cgroup_version, "v2");
+        // The rest of the image's modules load after the agent is up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = agent.guest_details().await.unwrap().loaded_modules;
+            if ["overlay", "virtiofs", "virtio_blk", "virtio_net", "erofs"]
+                .iter()
+                .all(|want| m.iter().any(|l| l == want))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deferred modules not loaded: {m:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(d.agent_start_boottime_ns > 0);
         assert!(d.server_ready_boottime_ns >= d.agent_start_boottime_ns);
         assert!(d.boottime_ns >= d.server_ready_boottime_ns);

@@ -72,7 +72,12 @@ pub struct HostReport {
     pub verdicts: Vec<Verdict>,
 }
 
+/// Next to the running executable first (an install prefix), then `$PATH`.
 fn which(name: &str) -> Option<std::path::PathBuf> {
+    let sibling = std::env::current_exe().ok().map(|e| e.with_file_name(name));
+    if let Some(p) = sibling.filter(|p| p.is_file()) {
+        return Some(p);
+    }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))

@@ -71,6 +71,9 @@ enum VmCmd {
         kernel_params: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Print the guest console (serial) after the run.
+        #[arg(long)]
+        console: bool,
     },
 }
 
@@ -139,8 +142,9 @@ fn run(cli: Cli) -> Result<()> {
                     id,
                     kernel_params,
                     json,
+                    console,
                 },
-        } => runtime()?.block_on(vm_boot(id, kernel_params, json)),
+        } => runtime()?.block_on(vm_boot(id, kernel_params, json, console)),
         Cmd::Bench {
             cmd: BenchCmd::Boot { runs, out, busybox },
         } => {
@@ -165,7 +169,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn vm_boot(id: String, kernel_params: Option<String>, json: bool) -> Result<()> {
+async fn vm_boot(
+    id: String,
+    kernel_params: Option<String>,
+    json: bool,
+    console: bool,
+) -> Result<()> {
     let mut config = Config::load()?;
     if let Some(p) = kernel_params {
         config.vm.kernel_params = p;
@@ -189,7 +198,12 @@ async fn vm_boot(id: String, kernel_params: Option<String>, json: bool) -> Resul
     let exited = vm.wait_exit(Duration::from_secs(10)).await;
     let shutdown = t.elapsed();
     let launch = vm.times.vmm_spawned - vm.times.started;
+    let console_text =
+        console.then(|| std::fs::read_to_string(&vm.console_log).unwrap_or_default());
     vm.stop(Duration::ZERO).await;
+    if let Some(text) = console_text {
+        println!("--- guest console ---\n{text}\n--- end of guest console ---");
+    }
     if exited.is_none() {
         bail!("the VM did not power off within 10 s of Shutdown; it was killed");
     }
