@@ -1,5 +1,16 @@
-//! Cocoon's VMM-side devices. Today: virtio-vsock with a hybrid Unix-socket host side
-//! ([`vsock`]), served to QEMU as a vhost-user backend ([`vhost_user_vsock`]).
+//! Cocoon's VMM. `cocoon-vmm` runs one microVM per process on KVM: guest memory
+//! ([`vstate`]), x86_64 boot ([`arch`]), legacy and virtio-mmio devices ([`devices`]),
+//! built from a validated [`config`] by [`builder`] and driven by [`vmm`]. The
+//! virtio-vsock device model with its hybrid Unix-socket host side ([`vsock`]) is also
+//! served to QEMU as a vhost-user backend ([`vhost_user_vsock`]).
 
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod logging;
+pub mod seccomp;
 pub mod vhost_user_vsock;
+pub mod vmm;
 pub mod vsock;
+pub mod vstate;

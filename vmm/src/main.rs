@@ -1,23 +1,37 @@
-//! `cocoon-vmm`: Cocoon's VMM-side process. Subcommands select what it runs; today the
-//! vhost-user vsock backend QEMU uses for the guest agent channel.
+//! `cocoon-vmm`: Cocoon's VMM process. `run` (or plain top-level flags) boots one microVM
+//! from a config file and/or flags, optionally driven over an API socket;
+//! `vhost-user-vsock` serves the vsock device to QEMU instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use cocoon_vmm::config::{BlockDeviceConfig, VmConfig, VsockDeviceConfig};
+use cocoon_vmm::vmm::{error_chain, Vmm, VmmOptions};
 use cocoon_vmm::vsock::defs::{DEFAULT_GUEST_CID, DEFAULT_MAX_CONNECTIONS};
 use cocoon_vmm::vsock::VsockConfig;
 
 #[derive(Parser)]
-#[command(name = "cocoon-vmm", version, about = "Cocoon VMM-side devices")]
+#[command(
+    name = "cocoon-vmm",
+    version,
+    about = "Cocoon's microVM monitor",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Without a subcommand, the flags of `run`.
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Boot one microVM; exits 0 when the guest resets (i8042) or powers off, 3 on a
+    /// triple fault, 4 when KVM gives up, 1 on a VMM error.
+    Run(RunArgs),
     /// Serve a virtio-vsock device to one vhost-user frontend (QEMU), with host
     /// connections over Unix sockets (Firecracker's hybrid vsock convention).
     VhostUserVsock {
@@ -40,28 +54,140 @@ enum Command {
     },
 }
 
+#[derive(Args, Default)]
+struct RunArgs {
+    /// VM config file (JSON, or TOML if it ends in .toml); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: a PVH ELF or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (the VMM appends its virtio_mmio.device= entries).
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    mem_mib: Option<u64>,
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// File (or pipe) the serial console is appended to.
+    #[arg(long)]
+    serial_out: Option<PathBuf>,
+    /// Add a hybrid vsock device whose host side listens on this Unix socket.
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
+    vsock_cid: u64,
+    /// Add a virtio-blk disk: PATH or PATH,ro. Repeatable.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Serve the JSON-lines API on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// With --api-sock: wait for a `boot` request instead of booting right away.
+    #[arg(long)]
+    no_boot: bool,
+    /// Run without the seccomp filter and no_new_privs (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Print the wall-clock time of the guest's first exit to stderr (benchmarks).
+    #[arg(long, hide = true)]
+    print_first_exit: bool,
+}
+
+fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
+    let mut c = match (&a.config, &a.kernel) {
+        (Some(p), _) => VmConfig::from_file(p)?,
+        (None, Some(k)) => VmConfig::new(k),
+        (None, None) => return Ok(None),
+    };
+    if let Some(k) = &a.kernel {
+        c.kernel = k.clone();
+    }
+    if let Some(i) = &a.initrd {
+        c.initrd = Some(i.clone());
+    }
+    if let Some(s) = &a.cmdline {
+        c.cmdline = s.clone();
+    }
+    if let Some(m) = a.mem_mib {
+        c.mem_mib = m;
+    }
+    if let Some(n) = a.vcpus {
+        c.vcpus = n;
+    }
+    if let Some(s) = &a.serial_out {
+        c.serial_out = Some(s.clone());
+    }
+    if let Some(u) = &a.vsock_uds {
+        c.vsock = Some(VsockDeviceConfig {
+            guest_cid: a.vsock_cid,
+            uds_path: u.clone(),
+        });
+    }
+    for d in &a.disk {
+        let (path, read_only) = match d.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (d.as_str(), false),
+        };
+        c.block.push(BlockDeviceConfig {
+            path: path.into(),
+            read_only,
+            id: String::new(),
+        });
+    }
+    if a.no_seccomp {
+        c.seccomp = false;
+    }
+    Ok(Some(c))
+}
+
+fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
+    let config = vm_config(&a)?;
+    if config.is_none() && a.api_sock.is_none() {
+        anyhow::bail!("nothing to run: give --kernel, --config or --api-sock");
+    }
+    let boot_now = config.is_some() && !a.no_boot;
+    let vmm = Vmm::new(VmmOptions {
+        config,
+        api_sock: a.api_sock,
+        boot_now,
+        print_first_exit: a.print_first_exit,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {}", error_chain(&e)))?;
+    let reason = vmm
+        .run()
+        .map_err(|e| anyhow::anyhow!("{e}: {}", error_chain(&e)))?;
+    Ok(reason.exit_code())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::VhostUserVsock {
+        None => run_vm(cli.run),
+        Some(Command::Run(a)) => run_vm(a),
+        Some(Command::VhostUserVsock {
             socket,
             uds_path,
             guest_cid,
             connect_timeout_ms,
             max_connections,
-        } => {
+        }) => {
             let config = VsockConfig {
                 guest_cid,
                 uds_path,
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
                 max_connections,
             };
-            cocoon_vmm::vhost_user_vsock::serve(&socket, config).map_err(anyhow::Error::from)
+            cocoon_vmm::vhost_user_vsock::serve(&socket, config)
+                .map(|()| 0)
+                .map_err(anyhow::Error::from)
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("cocoon-vmm: {e:#}");
             ExitCode::FAILURE

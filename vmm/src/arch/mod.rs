@@ -1,0 +1,8 @@
+//! x86_64 specifics: the guest address map, boot protocols, CPUID, MP table and initial
+//! register state.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

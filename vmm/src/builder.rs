@@ -1,0 +1,230 @@
+//! Turns a validated [`VmConfig`] into a VM ready to run: guest memory, the KVM VM, the
+//! buses with legacy and virtio-mmio devices (announced on the command line), the loaded
+//! guest, the MP table and configured vCPUs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VcpuFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{boot, layout, mptable};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::{Block, FileBackend};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::vsock::{MuxerError, VsockMuxer};
+use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors while building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("Invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("Failed to create guest memory")]
+    Memory(#[from] MemoryError),
+    #[error("Failed to create the VM")]
+    Vm(#[from] VmError),
+    #[error("Failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("Failed to register an interrupt line")]
+    Irqfd(#[source] kvm_ioctls::Error),
+    #[error("Failed to open the serial output {0}")]
+    SerialOut(String, #[source] std::io::Error),
+    #[error("Failed to open disk image {0}")]
+    Disk(String, #[source] std::io::Error),
+    #[error("Failed to set up the vsock device")]
+    Vsock(#[from] MuxerError),
+    #[error("Failed to create a virtio-mmio transport")]
+    Mmio(#[from] MmioError),
+    #[error("Failed to place a device on a bus")]
+    Bus(#[from] BusError),
+    #[error("Failed to load the guest")]
+    Boot(#[from] boot::BootError),
+    #[error("Failed to write the MP table")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("Failed to create vCPU")]
+    Vcpu(#[from] VcpuError),
+}
+
+/// A device with a host-side descriptor the event loop polls.
+pub trait HostEvents: Send {
+    fn host_fd(&self) -> Option<RawFd>;
+    fn process_host(&mut self);
+}
+
+impl<D: VirtioDevice, I: Interrupt> HostEvents for MmioTransport<D, I> {
+    fn host_fd(&self) -> Option<RawFd> {
+        MmioTransport::host_fd(self)
+    }
+    fn process_host(&mut self) {
+        MmioTransport::process_host(self)
+    }
+}
+
+/// The i8042 reset line: ends the VM as a clean reset.
+pub struct ResetTrigger(pub Arc<ExitSink>);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        log::info!("i8042: guest requested a reset");
+        self.0.report(ExitReason::Reset);
+        Ok(())
+    }
+}
+
+/// A built VM, not yet running.
+pub struct BuiltVm {
+    pub vm: Vm,
+    pub mem: GuestMemory,
+    pub vcpus: Vec<VcpuFd>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
+}
+
+fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.fd.register_irqfd(&evt, gsi).map_err(BuildError::Irqfd)?;
+    Ok(evt)
+}
+
+/// Builds everything `config` describes. `exit` receives the i8042 reset.
+pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildError> {
+    config.validate()?;
+    let mem_size = config.mem_bytes();
+    let gm = memory::create(mem_size)?;
+    let vm = Vm::new(&gm.mem)?;
+
+    let mut pio = Bus::new();
+    let out: Box<dyn Write + Send> = match &config.serial_out {
+        Some(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| BuildError::SerialOut(p.display().to_string(), e))?,
+        ),
+        None => Box::new(std::io::sink()),
+    };
+    let serial = SerialDevice::new(EventFdTrigger(irqfd(&vm, layout::SERIAL_IRQ)?), out);
+    pio.insert(
+        Arc::new(Mutex::new(serial)),
+        u64::from(layout::SERIAL_PORT),
+        8,
+    )?;
+    let i8042 = I8042::new(ResetTrigger(exit.clone()));
+    pio.insert(
+        Arc::new(Mutex::new(i8042)),
+        u64::from(layout::I8042_PORT),
+        5,
+    )?;
+
+    let mut virtio = VirtioSet {
+        vm: &vm,
+        mem: &gm.mem,
+        mmio: Bus::new(),
+        host_devices: Vec::new(),
+        cmdline_extra: Vec::new(),
+    };
+    if let Some(v) = &config.vsock {
+        let muxer = VsockMuxer::new(v.to_vsock_config())?;
+        virtio.add(Vsock::new(v.guest_cid, muxer))?;
+    }
+    for b in &config.block {
+        let disk_err = |e| BuildError::Disk(b.path.display().to_string(), e);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!b.read_only)
+            .open(&b.path)
+            .map_err(disk_err)?;
+        let backend = FileBackend::new(file).map_err(disk_err)?;
+        virtio.add(Block::new(backend, b.read_only, &b.id))?;
+    }
+    let VirtioSet {
+        mmio,
+        host_devices,
+        cmdline_extra,
+        ..
+    } = virtio;
+
+    let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_extra)?;
+    let loaded = boot::load(
+        &gm.mem,
+        mem_size,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+    )?;
+    mptable::setup(&gm.mem, config.vcpus)?;
+    let vcpus = (0..config.vcpus)
+        .map(|i| {
+            vcpu::create(
+                &vm.kvm,
+                &vm.fd,
+                &gm.mem,
+                i,
+                config.vcpus,
+                loaded.entry,
+                loaded.boot_info,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    log::info!(
+        "built VM: {} MiB, {} vCPU(s), {} virtio device(s), entry {:?}",
+        config.mem_mib,
+        config.vcpus,
+        config.virtio_device_count(),
+        loaded.entry
+    );
+    Ok(BuiltVm {
+        vm,
+        mem: gm,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        host_devices,
+    })
+}
+
+/// Virtio devices being placed: each gets the next MMIO window and IRQ, and a
+/// `virtio_mmio.device=` entry on the command line.
+struct VirtioSet<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    mmio: Bus,
+    host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
+    cmdline_extra: Vec<String>,
+}
+
+impl VirtioSet<'_> {
+    fn add<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<(), BuildError> {
+        let index = self.host_devices.len();
+        let addr = layout::virtio_mmio_addr(index);
+        let irq = layout::virtio_mmio_irq(index);
+        let transport = MmioTransport::new(device, irqfd(self.vm, irq)?, self.mem.clone())?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE)?;
+        self.host_devices.push(transport);
+        self.cmdline_extra
+            .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        Ok(())
+    }
+}
+
+/// Memory for tests that need a `GuestMemoryMmap` without KVM.
+pub fn test_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    memory::create(size).map(|g| g.mem)
+}

@@ -1,0 +1,284 @@
+//! The VM configuration: parsed from JSON or TOML (or built from CLI flags), unknown keys
+//! refused, defaults filled, then [`VmConfig::validate`]d before anything is allocated.
+//! Every error names the key it is about.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{layout, mptable};
+use crate::vsock::VsockConfig;
+
+/// Errors in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Failed to read the config file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("Invalid JSON config")]
+    Json(#[source] serde_json::Error),
+    #[error("Invalid TOML config")]
+    Toml(#[source] toml::de::Error),
+    #[error("Invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Smallest and largest guest memory accepted.
+pub const MIN_MEM_MIB: u64 = 2;
+pub const MAX_MEM_MIB: u64 = 256 << 10;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+fn default_mem_mib() -> u64 {
+    128
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_cid() -> u64 {
+    crate::vsock::defs::DEFAULT_GUEST_CID
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// PVH ELF or bzImage.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM appends its `virtio_mmio.device=` entries.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Where the serial console goes; none means discarded.
+    #[serde(default)]
+    pub serial_out: Option<PathBuf>,
+    #[serde(default)]
+    pub vsock: Option<VsockDeviceConfig>,
+    #[serde(default)]
+    pub block: Vec<BlockDeviceConfig>,
+    /// Seccomp filter and no_new_privs for the VMM process.
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDeviceConfig {
+    #[serde(default = "default_cid")]
+    pub guest_cid: u64,
+    /// Hybrid vsock: host clients connect here, guest connections to port P go to
+    /// `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDeviceConfig {
+    /// A raw disk image.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial reported to GET_ID (at most 20 bytes).
+    #[serde(default)]
+    pub id: String,
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            mem_mib: default_mem_mib(),
+            vcpus: default_vcpus(),
+            serial_out: None,
+            vsock: None,
+            block: Vec::new(),
+            seccomp: true,
+        }
+    }
+
+    /// Parses a file, TOML if it ends in `.toml`, JSON otherwise.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        if path.extension().is_some_and(|e| e == "toml") {
+            Self::from_toml(&text)
+        } else {
+            Self::from_json(&text)
+        }
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(ConfigError::Json)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(ConfigError::Toml)
+    }
+
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+
+    /// Number of virtio-mmio devices this config asks for.
+    pub fn virtio_device_count(&self) -> usize {
+        self.block.len() + usize::from(self.vsock.is_some())
+    }
+
+    /// Checks everything that can be checked without creating the VM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let must_be_file = |key: &str, p: &Path| {
+            if p.is_file() {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!("{} is not a readable file", p.display()),
+                ))
+            }
+        };
+        must_be_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            must_be_file("initrd", initrd)?;
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(invalid(
+                "mem_mib",
+                format!("{} is outside {MIN_MEM_MIB}..={MAX_MEM_MIB}", self.mem_mib),
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > mptable::MAX_VCPUS {
+            return Err(invalid(
+                "vcpus",
+                format!("{} is outside 1..={}", self.vcpus, mptable::MAX_VCPUS),
+            ));
+        }
+        // The VMM adds one `virtio_mmio.device=4K@0x...:N` (~40 bytes) per device.
+        let budget = layout::CMDLINE_MAX_SIZE - 1 - 48 * self.virtio_device_count();
+        if self.cmdline.len() > budget {
+            return Err(invalid("cmdline", format!("longer than {budget} bytes")));
+        }
+        if self.cmdline.contains('\0') {
+            return Err(invalid("cmdline", "contains a NUL byte"));
+        }
+        if self.virtio_device_count() > layout::MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "block",
+                format!("at most {} virtio devices", layout::MAX_VIRTIO_DEVICES),
+            ));
+        }
+        for (i, b) in self.block.iter().enumerate() {
+            must_be_file(&format!("block[{i}].path"), &b.path)?;
+            if b.id.len() > crate::devices::virtio::block::ID_BYTES {
+                return Err(invalid(format!("block[{i}].id"), "longer than 20 bytes"));
+            }
+        }
+        if let Some(v) = &self.vsock {
+            v.to_vsock_config()
+                .validate()
+                .map_err(|e| invalid("vsock", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl VsockDeviceConfig {
+    pub fn to_vsock_config(&self) -> VsockConfig {
+        VsockConfig {
+            guest_cid: self.guest_cid,
+            uds_path: self.uds_path.clone(),
+            connect_timeout: Duration::from_secs(2),
+            max_connections: crate::vsock::defs::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().unwrap()
+    }
+
+    #[test]
+    fn json_and_toml_fill_defaults() {
+        let k = kernel();
+        let json = format!(r#"{{"kernel": "{}"}}"#, k.path().display());
+        let c = VmConfig::from_json(&json).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus, c.seccomp), (128, 1, true));
+        c.validate().unwrap();
+        let toml = format!(
+            "kernel = \"{}\"\nmem_mib = 64\n[vsock]\nuds_path = \"/tmp/v\"\n",
+            k.path().display()
+        );
+        let c = VmConfig::from_toml(&toml).unwrap();
+        assert_eq!(c.mem_mib, 64);
+        assert_eq!(c.vsock.as_ref().unwrap().guest_cid, 3);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = VmConfig::from_json(r#"{"kernel": "/k", "memory": 5}"#).unwrap_err();
+        assert!(format!("{:?}", e).contains("memory"), "{e:?}");
+        let e = VmConfig::from_toml("kernel = \"/k\"\n[vsock]\nuds = \"x\"\n").unwrap_err();
+        assert!(format!("{:?}", e).contains("uds"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let k = kernel();
+        let check = |f: &dyn Fn(&mut VmConfig), key: &str| {
+            let mut c = VmConfig::new(k.path());
+            f(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key),
+                other => panic!("expected error on {key}, got {other:?}"),
+            }
+        };
+        check(&|c| c.kernel = "/nonexistent".into(), "kernel");
+        check(&|c| c.initrd = Some("/nonexistent".into()), "initrd");
+        check(&|c| c.mem_mib = 0, "mem_mib");
+        check(&|c| c.vcpus = 0, "vcpus");
+        check(&|c| c.vcpus = 200, "vcpus");
+        check(&|c| c.cmdline = "x".repeat(4096), "cmdline");
+        check(
+            &|c| {
+                c.block.push(BlockDeviceConfig {
+                    path: "/nonexistent".into(),
+                    read_only: false,
+                    id: String::new(),
+                })
+            },
+            "block[0].path",
+        );
+        check(
+            &|c| {
+                c.vsock = Some(VsockDeviceConfig {
+                    guest_cid: 2,
+                    uds_path: "/tmp/x".into(),
+                })
+            },
+            "vsock",
+        );
+    }
+}

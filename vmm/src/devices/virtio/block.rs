@@ -1,0 +1,394 @@
+//! virtio-blk (virtio 1.2 §5.2): request parsing and execution against a
+//! [`BlockBackend`] (a raw file in production, memory in tests), optionally read-only.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::defs::TYPE_BLOCK;
+use super::VirtioDevice;
+use crate::logging::LogLimiter;
+
+/// §5.2.3 feature bits.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// §5.2.6 request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// §5.2.6 status values.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const SECTOR_SIZE: u64 = 512;
+/// §5.2.6: GET_ID answers with up to 20 bytes.
+pub const ID_BYTES: usize = 20;
+const QUEUE_SIZE: u16 = 256;
+/// Largest request accepted; a guest asking for more gets IOERR, not a huge allocation.
+pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+const BOUNCE: usize = 64 << 10;
+
+/// Where the bytes behind the disk live.
+pub trait BlockBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A raw image file.
+pub struct FileBackend {
+    file: File,
+    size: u64,
+}
+
+impl FileBackend {
+    pub fn new(file: File) -> io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(Self { file, size })
+    }
+}
+
+impl BlockBackend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// A disk in memory, for tests and fuzzing.
+pub struct MemBackend(pub Vec<u8>);
+
+impl BlockBackend for MemBackend {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let s = self
+            .0
+            .get(offset as usize..offset as usize + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(s);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let s = self
+            .0
+            .get_mut(offset as usize..offset as usize + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        s.copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlockError {
+    #[error("The request chain has no room for a header and a status byte")]
+    ShortChain,
+    #[error("The request header is not readable guest memory")]
+    Header,
+    #[error("The status byte is not a 1-byte device-writable descriptor")]
+    Status,
+    #[error("A {0} request has a data descriptor in the wrong direction")]
+    Direction(&'static str),
+    #[error("The request moves {0} bytes, over the limit")]
+    TooBig(u64),
+    #[error("The request length {0} is not a whole number of sectors")]
+    Unaligned(u64),
+    #[error("Sectors {sector}+{len} bytes lie beyond the end of the disk")]
+    OutOfRange { sector: u64, len: u64 },
+    #[error("Write to a read-only disk")]
+    ReadOnly,
+    #[error("Request type {0} is not supported")]
+    Unsupported(u32),
+    #[error("Guest memory at {0:#x} is not accessible")]
+    Memory(u64),
+    #[error("Backend I/O failed: {0}")]
+    Io(String),
+}
+
+/// One parsed request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub type_: u32,
+    pub sector: u64,
+    /// Data buffers (guest address, length) in chain order.
+    pub data: Vec<(u64, u32)>,
+    pub data_len: u64,
+    pub status_addr: u64,
+}
+
+/// Splits a descriptor chain into header, data and status (§5.2.6), checking directions
+/// and sizes but not the disk. The fuzz target drives this.
+pub fn parse_request(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Request, BlockError> {
+    let descs: Vec<_> = chain.collect();
+    let (first, rest) = descs.split_first().ok_or(BlockError::ShortChain)?;
+    let (last, middle) = rest.split_last().ok_or(BlockError::ShortChain)?;
+    if first.is_write_only() || first.len() < 16 {
+        return Err(BlockError::Header);
+    }
+    let type_: u32 = mem.read_obj(first.addr()).map_err(|_| BlockError::Header)?;
+    let sector: u64 = mem
+        .read_obj(first.addr().unchecked_add_u64(8))
+        .map_err(|_| BlockError::Header)?;
+    if !last.is_write_only() || last.len() < 1 {
+        return Err(BlockError::Status);
+    }
+    let data: Vec<(u64, u32)> = middle.iter().map(|d| (d.addr().0, d.len())).collect();
+    let data_len: u64 = middle.iter().map(|d| u64::from(d.len())).sum();
+    let want_write_only = match type_ {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => Some(true),
+        VIRTIO_BLK_T_OUT => Some(false),
+        _ => None,
+    };
+    if let Some(w) = want_write_only {
+        if middle.iter().any(|d| d.is_write_only() != w) {
+            return Err(BlockError::Direction(if w { "read" } else { "write" }));
+        }
+    }
+    if data_len > MAX_REQUEST_BYTES {
+        return Err(BlockError::TooBig(data_len));
+    }
+    Ok(Request {
+        type_,
+        sector,
+        data,
+        data_len,
+        status_addr: last.addr().0,
+    })
+}
+
+trait AddrExt {
+    fn unchecked_add_u64(self, n: u64) -> GuestAddress;
+}
+impl AddrExt for GuestAddress {
+    fn unchecked_add_u64(self, n: u64) -> GuestAddress {
+        GuestAddress(self.0.wrapping_add(n))
+    }
+}
+
+/// Counters for what the device did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub errors: u64,
+}
+
+pub struct Block<B: BlockBackend> {
+    backend: B,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    config: [u8; 8],
+    queue_sizes: [u16; 1],
+    stats: BlockStats,
+    log: LogLimiter,
+}
+
+impl<B: BlockBackend> Block<B> {
+    pub fn new(backend: B, read_only: bool, id: &str) -> Self {
+        let capacity = backend.size() / SECTOR_SIZE;
+        let mut id_bytes = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Self {
+            backend,
+            read_only,
+            id: id_bytes,
+            config: capacity.to_le_bytes(),
+            queue_sizes: [QUEUE_SIZE],
+            stats: BlockStats::default(),
+            log: LogLimiter::new("virtio-blk"),
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// Executes `req`; returns the status and how many bytes were written to the guest
+    /// before the status byte.
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Result<u32, BlockError> {
+        let in_range = |len: u64| {
+            if !len.is_multiple_of(SECTOR_SIZE) {
+                return Err(BlockError::Unaligned(len));
+            }
+            req.sector
+                .checked_mul(SECTOR_SIZE)
+                .and_then(|o| o.checked_add(len))
+                .filter(|end| *end <= self.backend.size())
+                .map(|_| req.sector * SECTOR_SIZE)
+                .ok_or(BlockError::OutOfRange {
+                    sector: req.sector,
+                    len,
+                })
+        };
+        let io = |e: io::Error| BlockError::Io(e.to_string());
+        let mut bounce = vec![0u8; BOUNCE.min(req.data_len as usize)];
+        match req.type_ {
+            VIRTIO_BLK_T_IN => {
+                let mut off = in_range(req.data_len)?;
+                for &(addr, len) in &req.data {
+                    let mut done = 0u64;
+                    while done < u64::from(len) {
+                        let n = (u64::from(len) - done).min(BOUNCE as u64) as usize;
+                        self.backend.read_at(&mut bounce[..n], off).map_err(io)?;
+                        mem.write_slice(&bounce[..n], GuestAddress(addr + done))
+                            .map_err(|_| BlockError::Memory(addr + done))?;
+                        done += n as u64;
+                        off += n as u64;
+                    }
+                }
+                self.stats.reads += 1;
+                Ok(req.data_len as u32)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Err(BlockError::ReadOnly);
+                }
+                let mut off = in_range(req.data_len)?;
+                for &(addr, len) in &req.data {
+                    let mut done = 0u64;
+                    while done < u64::from(len) {
+                        let n = (u64::from(len) - done).min(BOUNCE as u64) as usize;
+                        mem.read_slice(&mut bounce[..n], GuestAddress(addr + done))
+                            .map_err(|_| BlockError::Memory(addr + done))?;
+                        self.backend.write_at(&bounce[..n], off).map_err(io)?;
+                        done += n as u64;
+                        off += n as u64;
+                    }
+                }
+                self.stats.writes += 1;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                self.backend.flush().map_err(io)?;
+                self.stats.flushes += 1;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let mut written = 0usize;
+                for &(addr, len) in &req.data {
+                    let n = (len as usize).min(ID_BYTES - written);
+                    mem.write_slice(&self.id[written..written + n], GuestAddress(addr))
+                        .map_err(|_| BlockError::Memory(addr))?;
+                    written += n;
+                }
+                Ok(written as u32)
+            }
+            t => Err(BlockError::Unsupported(t)),
+        }
+    }
+
+    /// Handles one chain; returns the used length.
+    fn handle_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        let req = match parse_request(mem, chain) {
+            Ok(r) => r,
+            Err(e) => {
+                // No trustworthy status byte: complete the chain with nothing written.
+                self.stats.errors += 1;
+                if self.log.allow() {
+                    log::warn!("virtio-blk: malformed request: {e}");
+                }
+                return 0;
+            }
+        };
+        let (status, len) = match self.execute(mem, &req) {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(e) => {
+                self.stats.errors += 1;
+                if self.log.allow() {
+                    log::warn!("virtio-blk: request failed: {e}");
+                }
+                let s = if matches!(e, BlockError::Unsupported(_)) {
+                    VIRTIO_BLK_S_UNSUPP
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                (s, 0)
+            }
+        };
+        match mem.write_obj(status, GuestAddress(req.status_addr)) {
+            Ok(()) => len + 1,
+            Err(_) => len,
+        }
+    }
+}
+
+impl<B: BlockBackend> VirtioDevice for Block<B> {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = (offset as usize).min(self.config.len());
+        let end = (start + data.len()).min(self.config.len());
+        data[..end - start].copy_from_slice(&self.config[start..end]);
+    }
+
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else {
+            return false;
+        };
+        let mut used = false;
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    if self.log.allow() {
+                        log::warn!("virtio-blk: queue is corrupt: {e}");
+                    }
+                    None
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = self.handle_chain(mem, chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                if self.log.allow() {
+                    log::warn!("virtio-blk: cannot complete request: {e}");
+                }
+                break;
+            }
+            used = true;
+        }
+        used && queue.needs_notification(mem).unwrap_or(true)
+    }
+}

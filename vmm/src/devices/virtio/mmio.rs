@@ -1,0 +1,324 @@
+//! The virtio-mmio transport (virtio 1.2 §4.2, non-legacy): the register file, feature
+//! negotiation, queue configuration and notifications for one [`VirtioDevice`]. Anything
+//! a driver can get wrong is logged (rate-limited) and refused, never a VMM crash.
+
+use std::os::fd::RawFd;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::defs::{self, reg, status};
+use super::{Interrupt, VirtioDevice};
+use crate::devices::bus::BusDevice;
+use crate::logging::LogLimiter;
+
+/// Errors while creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("Queue size {0} is not a power of two up to 32768")]
+    QueueSize(u16, #[source] virtio_queue::Error),
+}
+
+pub struct MmioTransport<D: VirtioDevice, I: Interrupt> {
+    device: D,
+    interrupt: I,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    log: LogLimiter,
+}
+
+impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
+    pub fn new(device: D, interrupt: I, mem: GuestMemoryMmap) -> Result<Self, MmioError> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|s| Queue::new(*s).map_err(|e| MmioError::QueueSize(*s, e)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            device,
+            interrupt,
+            mem,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            log: LogLimiter::new("virtio-mmio"),
+        })
+    }
+
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.avail_features() | defs::VIRTIO_F_VERSION_1
+    }
+
+    fn activated(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// The selected queue, if the driver may still configure it.
+    fn configurable_queue(&mut self) -> Option<&mut Queue> {
+        let setting_up = self.status & status::FEATURES_OK != 0 && !self.activated();
+        let sel = self.queue_sel as usize;
+        let ok = setting_up && self.queues.get(sel).is_some_and(|q| !q.ready());
+        if !ok {
+            if self.log.allow() {
+                log::warn!(
+                    "virtio-mmio: driver configured queue {sel} in status {:#x}; ignored",
+                    self.status
+                );
+            }
+            return None;
+        }
+        self.queues.get_mut(sel)
+    }
+
+    fn needs_reset(&mut self, why: &str) {
+        if self.log.allow() {
+            log::warn!("virtio-mmio: device {}: {why}", self.device.device_type());
+        }
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.interrupt_status |= defs::INT_CONFIG;
+        self.interrupt.trigger();
+    }
+
+    fn signal_used(&mut self) {
+        self.interrupt_status |= defs::INT_USED_RING;
+        self.interrupt.trigger();
+    }
+
+    /// The driver kicked queue `index`.
+    pub fn notify(&mut self, index: u32) {
+        let i = index as usize;
+        if !self.activated() || !self.queues.get(i).is_some_and(|q| q.ready()) {
+            if self.log.allow() {
+                log::warn!("virtio-mmio: notify for queue {index} that is not live; ignored");
+            }
+            return;
+        }
+        if self.device.process_queue(i, &mut self.queues, &self.mem) {
+            self.signal_used();
+        }
+    }
+
+    /// The device's host fd is readable.
+    pub fn process_host(&mut self) {
+        if self.activated() && self.device.process_host(&mut self.queues, &self.mem) {
+            self.signal_used();
+        }
+    }
+
+    pub fn host_fd(&self) -> Option<RawFd> {
+        self.device.host_fd()
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device.reset();
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let new_bits = v & !self.status;
+        if v & self.status != self.status {
+            // §2.1.2: the driver must not clear bits; only a write of 0 resets.
+            if self.log.allow() {
+                log::warn!(
+                    "virtio-mmio: driver cleared status bits ({:#x} -> {v:#x})",
+                    self.status
+                );
+            }
+            return;
+        }
+        if new_bits & status::FEATURES_OK != 0 {
+            let acked = self.acked_features;
+            if acked & !self.offered_features() != 0 || acked & defs::VIRTIO_F_VERSION_1 == 0 {
+                if self.log.allow() {
+                    log::warn!("virtio-mmio: refusing features {acked:#x}");
+                }
+                // Leave FEATURES_OK clear: §3.1.1 says the driver re-reads and gives up.
+                self.status = v & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if new_bits & status::DRIVER_OK != 0 {
+            if self.status & status::FEATURES_OK == 0 {
+                self.needs_reset("DRIVER_OK before FEATURES_OK");
+                return;
+            }
+            self.status = v;
+            self.device.activate(self.acked_features);
+            return;
+        }
+        self.status = v;
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            reg::MAGIC => defs::MMIO_MAGIC,
+            reg::VERSION => defs::MMIO_VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => defs::VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt_status,
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
+            _ => {
+                if self.log.allow() {
+                    log::warn!("virtio-mmio: read of register {offset:#x}; returning 0");
+                }
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => {
+                if self.status & status::FEATURES_OK != 0 {
+                    if self.log.allow() {
+                        log::warn!("virtio-mmio: features written after FEATURES_OK; ignored");
+                    }
+                    return;
+                }
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                self.acked_features =
+                    (self.acked_features & !(0xffff_ffffu64 << shift)) | (u64::from(v) << shift);
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.configurable_queue() {
+                    // Queue::set_size refuses sizes that are zero, too big or not a power
+                    // of two, leaving the old one; is_valid() catches it at QUEUE_READY.
+                    q.set_size(v as u16);
+                }
+            }
+            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            reg::QUEUE_DRIVER_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            reg::QUEUE_DRIVER_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            reg::QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            reg::QUEUE_DEVICE_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::QUEUE_READY => {
+                let sel = self.queue_sel;
+                if v == 0 {
+                    if let Some(q) = self.queues.get_mut(sel as usize) {
+                        q.set_ready(false);
+                    }
+                    return;
+                }
+                let mem = self.mem.clone();
+                let Some(q) = self.configurable_queue() else {
+                    return;
+                };
+                if q.is_valid(&mem) {
+                    q.set_ready(true);
+                } else {
+                    self.needs_reset(&format!("queue {sel} is misprogrammed"));
+                }
+            }
+            reg::QUEUE_NOTIFY => self.notify(v),
+            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::STATUS => self.set_status(v),
+            _ => {
+                if self.log.allow() {
+                    log::warn!("virtio-mmio: write to register {offset:#x}; ignored");
+                }
+            }
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.configurable_queue() {
+            f(q);
+        }
+    }
+}
+
+impl<D: VirtioDevice, I: Interrupt> BusDevice for MmioTransport<D, I> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            data.fill(0);
+            self.device.read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            if self.log.allow() {
+                log::warn!("virtio-mmio: {}-byte read at {offset:#x}", data.len());
+            }
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= reg::CONFIG {
+            self.device.write_config(offset - reg::CONFIG, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            if self.log.allow() {
+                log::warn!("virtio-mmio: {}-byte write at {offset:#x}", data.len());
+            }
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}

@@ -1,0 +1,103 @@
+//! The in-process virtio-vsock device: the transport-independent [`VsockDevice`] (and
+//! whatever [`VsockBackend`] it holds, the hybrid muxer in production) behind the
+//! virtio-mmio transport.
+
+use std::os::fd::RawFd;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use super::defs::TYPE_VSOCK;
+use super::VirtioDevice;
+use crate::logging::LogLimiter;
+use crate::vsock::defs::{NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use crate::vsock::{VsockBackend, VsockDevice};
+
+/// §5.10.3: stream sockets, the only kind the muxer speaks.
+pub const VIRTIO_VSOCK_F_STREAM: u64 = 1;
+const QUEUE_SIZE: u16 = 256;
+
+pub struct Vsock<B: VsockBackend> {
+    device: VsockDevice<B>,
+    config: [u8; 8],
+    queue_sizes: [u16; NUM_QUEUES],
+    log: LogLimiter,
+}
+
+impl<B: VsockBackend> Vsock<B> {
+    pub fn new(guest_cid: u64, backend: B) -> Self {
+        Self {
+            device: VsockDevice::new(guest_cid, backend),
+            config: guest_cid.to_le_bytes(),
+            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
+            log: LogLimiter::new("virtio-vsock"),
+        }
+    }
+
+    pub fn device(&self) -> &VsockDevice<B> {
+        &self.device
+    }
+
+    fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(rxq) = queues.get_mut(usize::from(RX_QUEUE)) else {
+            return false;
+        };
+        match self.device.process_rx(rxq, mem) {
+            Ok(n) => n,
+            Err(e) => {
+                if self.log.allow() {
+                    log::warn!("virtio-vsock: {e}");
+                }
+                false
+            }
+        }
+    }
+}
+
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_VSOCK_F_STREAM
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = (offset as usize).min(self.config.len());
+        let end = (start + data.len()).min(self.config.len());
+        data[..end - start].copy_from_slice(&self.config[start..end]);
+    }
+
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let mut notify = false;
+        if index == usize::from(TX_QUEUE) {
+            if let Some(txq) = queues.get_mut(index) {
+                match self.device.process_tx(txq, mem) {
+                    Ok(n) => notify |= n,
+                    Err(e) => {
+                        if self.log.allow() {
+                            log::warn!("virtio-vsock: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        // Tx may have produced replies, and an rx kick means new buffers: fill rx either way.
+        // The event queue is never used (no transport reset events).
+        notify | self.fill_rx(queues, mem)
+    }
+
+    fn host_fd(&self) -> Option<RawFd> {
+        Some(self.device.backend().as_raw_fd())
+    }
+
+    fn process_host(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        self.device.backend_mut().process_host_events();
+        self.fill_rx(queues, mem)
+    }
+}

@@ -1,0 +1,370 @@
+//! The running VMM: one event loop on the main thread (the exit event, the API socket,
+//! each device's host descriptor) and one thread per vCPU. Owns the VM's lifecycle:
+//! not configured → configured → running ⇄ paused → ended.
+//!
+//! The API is newline-delimited JSON on a Unix socket. Requests:
+//! `{"action":"configure","config":{...VmConfig...}}`, `{"action":"boot"}`,
+//! `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"shutdown"}`,
+//! `{"action":"state"}`. Each gets one line back: `{"ok":true,"state":"running"}` or
+//! `{"ok":false,"state":...,"error":"..."}`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::{self, BuildError, HostEvents};
+use crate::config::VmConfig;
+use crate::devices::bus::lock;
+use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuControl, VcpuError, VcpuRunner, Vcpus};
+
+/// Errors that end the VMM (as opposed to the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("Failed to build the VM")]
+    Build(#[from] BuildError),
+    #[error("Failed to start vCPUs")]
+    Vcpu(#[from] VcpuError),
+    #[error("Event loop failure")]
+    Epoll(#[source] std::io::Error),
+    #[error("Failed to create the API socket {0}")]
+    Api(PathBuf, #[source] std::io::Error),
+    #[error("Failed to install the seccomp filter")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+}
+
+/// The VM's lifecycle state as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    NotConfigured,
+    Configured,
+    Running,
+    Paused,
+}
+
+/// One API request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "action", rename_all = "snake_case")]
+pub enum ApiRequest {
+    Configure { config: Box<VmConfig> },
+    Boot,
+    Pause,
+    Resume,
+    Shutdown,
+    State,
+}
+
+/// One API response.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ApiResponse {
+    pub ok: bool,
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How the VMM starts.
+#[derive(Default)]
+pub struct VmmOptions {
+    pub config: Option<VmConfig>,
+    pub api_sock: Option<PathBuf>,
+    /// Boot as soon as configured (the one-shot form); otherwise wait for `boot`.
+    pub boot_now: bool,
+    /// Print the wall-clock time of the guest's first exit to stderr (for benchmarks).
+    pub print_first_exit: bool,
+}
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_API: u64 = 1;
+const TOKEN_DEVICE_BASE: u64 = 1 << 32;
+const TOKEN_CLIENT_BASE: u64 = 2 << 32;
+
+struct Running {
+    vcpus: Vcpus,
+    host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
+    /// Keeps the VM, its memory and buses alive while vCPUs run.
+    _built: (crate::vstate::vm::Vm, crate::vstate::memory::GuestMemory),
+}
+
+pub struct Vmm {
+    opts: VmmOptions,
+    config: Option<VmConfig>,
+    running: Option<Running>,
+    paused: bool,
+    exit: Arc<ExitSink>,
+    epoll: Epoll,
+    api: Option<(UnixListener, PathBuf)>,
+    clients: HashMap<RawFd, BufReader<UnixStream>>,
+}
+
+impl Vmm {
+    pub fn new(mut opts: VmmOptions) -> Result<Self, VmmError> {
+        let epoll = Epoll::new().map_err(VmmError::Epoll)?;
+        let exit = ExitSink::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Epoll)?);
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                exit.event().as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_EXIT),
+            )
+            .map_err(VmmError::Epoll)?;
+        let api = match opts.api_sock.take() {
+            Some(path) => {
+                let _ = std::fs::remove_file(&path);
+                let l = UnixListener::bind(&path).map_err(|e| VmmError::Api(path.clone(), e))?;
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        l.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, TOKEN_API),
+                    )
+                    .map_err(VmmError::Epoll)?;
+                Some((l, path))
+            }
+            None => None,
+        };
+        if let Some(c) = &opts.config {
+            c.validate().map_err(|e| VmmError::Build(e.into()))?;
+        }
+        Ok(Self {
+            config: opts.config.take(),
+            opts,
+            running: None,
+            paused: false,
+            exit,
+            epoll,
+            api,
+            clients: HashMap::new(),
+        })
+    }
+
+    pub fn state(&self) -> VmState {
+        match (&self.config, &self.running, self.paused) {
+            (None, _, _) => VmState::NotConfigured,
+            (Some(_), None, _) => VmState::Configured,
+            (_, Some(_), false) => VmState::Running,
+            (_, Some(_), true) => VmState::Paused,
+        }
+    }
+
+    /// Builds the VM and starts its vCPUs.
+    fn boot(&mut self) -> Result<(), VmmError> {
+        let config = self
+            .config
+            .clone()
+            .ok_or(VmmError::Build(BuildError::Config(
+                crate::config::ConfigError::Invalid {
+                    key: "config".into(),
+                    reason: "no configuration given".into(),
+                },
+            )))?;
+        let built = builder::build(&config, &self.exit)?;
+        for (i, d) in built.host_devices.iter().enumerate() {
+            if let Some(fd) = lock(d).host_fd() {
+                self.epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, TOKEN_DEVICE_BASE + i as u64),
+                    )
+                    .map_err(VmmError::Epoll)?;
+            }
+        }
+        vcpu::install_kick_handler()?;
+        if config.seccomp {
+            // Everything the VM needs is open; from here on only the allowlist.
+            crate::seccomp::apply()?;
+            log::info!("seccomp filter and no_new_privs in place");
+        }
+        let control = VcpuControl::new();
+        let mut handles = Vec::new();
+        for (i, fd) in built.vcpus.into_iter().enumerate() {
+            let on_first_exit: Option<Box<dyn FnOnce() + Send>> =
+                (i == 0 && self.opts.print_first_exit).then(|| {
+                    Box::new(|| {
+                        let t = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default();
+                        eprintln!("cocoon-vmm: first-exit-unix-ns={}", t.as_nanos());
+                    }) as Box<dyn FnOnce() + Send>
+                });
+            let runner = VcpuRunner {
+                fd,
+                index: i as u8,
+                pio: built.pio.clone(),
+                mmio: built.mmio.clone(),
+                control: control.clone(),
+                exit: self.exit.clone(),
+                on_first_exit,
+            };
+            handles.push(runner.spawn()?);
+        }
+        self.running = Some(Running {
+            vcpus: Vcpus { handles, control },
+            host_devices: built.host_devices,
+            _built: (built.vm, built.mem),
+        });
+        Ok(())
+    }
+
+    /// Runs until the VM ends; returns why.
+    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+        if self.opts.boot_now {
+            self.boot()?;
+        }
+        let mut events = vec![EpollEvent::default(); 32];
+        let reason = loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmmError::Epoll(e)),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {}
+                    TOKEN_API => self.accept_client(),
+                    t if t >= TOKEN_CLIENT_BASE => {
+                        self.serve_client((t - TOKEN_CLIENT_BASE) as RawFd)
+                    }
+                    t => {
+                        let i = (t - TOKEN_DEVICE_BASE) as usize;
+                        if let Some(d) = self.running.as_ref().and_then(|r| r.host_devices.get(i)) {
+                            lock(d).process_host();
+                        }
+                    }
+                }
+            }
+            if let Some(r) = self.exit.reason() {
+                break r;
+            }
+        };
+        log::info!("VM ended: {reason:?}");
+        if let Some(r) = self.running.take() {
+            r.vcpus.stop();
+        }
+        if let Some((_, path)) = &self.api {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(reason)
+    }
+
+    fn accept_client(&mut self) {
+        let Some((l, _)) = &self.api else { return };
+        if let Ok((s, _)) = l.accept() {
+            let fd = s.as_raw_fd();
+            if self
+                .epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_CLIENT_BASE + fd as u64),
+                )
+                .is_ok()
+            {
+                self.clients.insert(fd, BufReader::new(s));
+            }
+        }
+    }
+
+    fn serve_client(&mut self, fd: RawFd) {
+        let Some(mut client) = self.clients.remove(&fd) else {
+            return;
+        };
+        let mut line = String::new();
+        match client.read_line(&mut line) {
+            Ok(0) | Err(_) => {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                return;
+            }
+            Ok(_) => {}
+        }
+        let resp = match serde_json::from_str::<ApiRequest>(&line) {
+            Ok(req) => self.handle(req),
+            Err(e) => self.respond(Err(format!("invalid request: {e}"))),
+        };
+        let mut text = serde_json::to_string(&resp).unwrap_or_default();
+        text.push('\n');
+        let _ = client.get_mut().write_all(text.as_bytes());
+        self.clients.insert(fd, client);
+    }
+
+    fn respond(&self, r: Result<(), String>) -> ApiResponse {
+        ApiResponse {
+            ok: r.is_ok(),
+            state: self.state(),
+            error: r.err(),
+        }
+    }
+
+    /// Applies one API request.
+    pub fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        let r = match (req, self.state()) {
+            (ApiRequest::State, _) => Ok(()),
+            (ApiRequest::Configure { config }, VmState::NotConfigured | VmState::Configured) => {
+                match config.validate() {
+                    Ok(()) => {
+                        self.config = Some(*config);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            (ApiRequest::Boot, VmState::Configured) => {
+                self.boot().map_err(|e| format!("{e}: {}", error_chain(&e)))
+            }
+            (ApiRequest::Pause, VmState::Running) => {
+                let ok = self.running.as_ref().is_some_and(|r| r.vcpus.pause());
+                self.paused = true;
+                if ok {
+                    Ok(())
+                } else {
+                    Err("vCPUs did not stop in time".into())
+                }
+            }
+            (ApiRequest::Resume, VmState::Paused) => {
+                if let Some(r) = &self.running {
+                    r.vcpus.resume();
+                }
+                self.paused = false;
+                Ok(())
+            }
+            (ApiRequest::Shutdown, _) => {
+                self.exit.report(ExitReason::Shutdown);
+                Ok(())
+            }
+            (req, state) => Err(format!("{req:?} is not allowed in state {state:?}")),
+        };
+        self.respond(r)
+    }
+}
+
+/// The causes of an error, joined, for API responses and the CLI.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push(c.to_string());
+        cur = c.source();
+    }
+    out.join(": ")
+}
+
+/// Sends one API request to a VMM and reads the response (a small client for tests and
+/// the shim).
+pub fn api_call(sock: &Path, request: &str) -> std::io::Result<ApiResponse> {
+    let mut s = UnixStream::connect(sock)?;
+    s.write_all(request.trim_end().as_bytes())?;
+    s.write_all(b"\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}

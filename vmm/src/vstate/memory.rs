@@ -1,0 +1,156 @@
+//! Guest RAM: one memfd (so a vhost-user backend can map the same pages), mapped into the
+//! VMM with a PROT_NONE guard page on each side of every region, so a device that walks
+//! off the end of guest memory faults instead of reading VMM heap.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::layout;
+
+/// Errors while creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("Failed to create the guest memory memfd")]
+    Memfd(#[source] std::io::Error),
+    #[error("Failed to size the guest memory memfd")]
+    Truncate(#[source] std::io::Error),
+    #[error("Failed to reserve address space for guest memory")]
+    Reserve(#[source] std::io::Error),
+    #[error("Failed to map guest memory")]
+    Map(#[source] std::io::Error),
+    #[error("Failed to describe a guest memory region")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("Guest memory regions overlap")]
+    Collection(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("Guest memory size {0} is not a multiple of 4 KiB")]
+    Unaligned(u64),
+}
+
+const PAGE_SIZE: usize = 4096;
+
+/// Guest memory plus the memfd behind it.
+pub struct GuestMemory {
+    pub mem: GuestMemoryMmap,
+    /// Shared with vhost-user backends; the offset of a region in this file is its offset
+    /// in the concatenation of [`layout::ram_ranges`].
+    pub memfd: File,
+}
+
+/// Creates `mem_size` bytes of guest RAM laid out by [`layout::ram_ranges`].
+///
+/// The mappings live until the process exits: guest memory is handed to vCPU and device
+/// threads by clone, and one VM is one process, so unmapping early could only turn a
+/// stale clone into a use-after-free.
+pub fn create(mem_size: u64) -> Result<GuestMemory, MemoryError> {
+    if !mem_size.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(MemoryError::Unaligned(mem_size));
+    }
+    // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the
+    // returned fd is checked and then owned by `File`.
+    let fd = unsafe { libc::memfd_create(c"cocoon-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let memfd = unsafe { File::from_raw_fd(fd) };
+    memfd.set_len(mem_size).map_err(MemoryError::Truncate)?;
+
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (start, size) in layout::ram_ranges(mem_size) {
+        let size = usize::try_from(size).map_err(|_| MemoryError::Unaligned(size))?;
+        let host = map_with_guards(&memfd, file_offset, size)?;
+        let fo = FileOffset::new(memfd.try_clone().map_err(MemoryError::Memfd)?, file_offset);
+        // SAFETY: `host` points at `size` bytes of a live MAP_SHARED mapping of the memfd
+        // at `file_offset` that is never unmapped (see the function docs).
+        let builder = unsafe {
+            MmapRegionBuilder::new(size)
+                .with_file_offset(fo)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .with_raw_mmap_pointer(host)
+        };
+        let region = builder.build().map_err(MemoryError::Region)?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or(MemoryError::Unaligned(start))?,
+        );
+        file_offset += size as u64;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
+    Ok(GuestMemory { mem, memfd })
+}
+
+/// Reserves `size` plus a guard page each side as PROT_NONE, then maps the memfd over the
+/// middle. Returns the start of the usable part.
+fn map_with_guards(memfd: &File, offset: u64, size: usize) -> Result<*mut u8, MemoryError> {
+    let total = size + 2 * PAGE_SIZE;
+    // SAFETY: an anonymous PROT_NONE reservation at an address the kernel picks; the
+    // result is checked before use.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(MemoryError::Reserve(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `base + PAGE_SIZE .. + size` lies inside the reservation we just made and
+    // own, so MAP_FIXED replaces only our own PROT_NONE pages.
+    let addr = unsafe {
+        libc::mmap(
+            base.cast::<u8>().add(PAGE_SIZE).cast(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            memfd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: unmapping the reservation made above, which nothing else references.
+        unsafe { libc::munmap(base, total) };
+        return Err(MemoryError::Map(err));
+    }
+    Ok(addr.cast())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestMemoryBackend as _};
+
+    #[test]
+    fn memory_is_the_memfd() {
+        let gm = create(16 << 20).unwrap();
+        gm.mem
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        gm.memfd.read_exact_at(&mut buf, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+        assert_eq!(gm.mem.last_addr(), GuestAddress((16 << 20) - 1));
+    }
+
+    #[test]
+    fn out_of_range_access_is_an_error_not_a_fault() {
+        let gm = create(1 << 20).unwrap();
+        assert!(gm.mem.write_obj(1u64, GuestAddress(1 << 20)).is_err());
+        assert!(gm.mem.read_obj::<u64>(GuestAddress((1 << 20) - 4)).is_err());
+    }
+
+    #[test]
+    fn rejects_unaligned_sizes() {
+        assert!(matches!(create(4097), Err(MemoryError::Unaligned(4097))));
+    }
+}

@@ -1,0 +1,355 @@
+//! vCPUs: creating and configuring them (CPUID template, MSRs, FPU, LAPIC, boot
+//! registers) and the per-vCPU thread that runs KVM_RUN and dispatches exits to the
+//! buses. A guest can make any exit happen: unknown ones are logged (rate-limited) and
+//! never end the VMM; the ones that end the VM are reported as an [`ExitReason`].
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::{cpuid, regs};
+use crate::devices::bus::Bus;
+use crate::logging::LogLimiter;
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("Failed to {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error("Failed to set up vCPU registers")]
+    Regs(#[source] regs::RegsError),
+    #[error("Failed to install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("Failed to start the vCPU thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset (i8042 0xfe or a KVM reset event): a clean end for a microVM.
+    Reset,
+    /// The guest or the API asked to power off.
+    Shutdown,
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.
+    TripleFault,
+    /// KVM could not go on (entry failure, internal error).
+    Crash(String),
+}
+
+impl ExitReason {
+    /// The process exit status for this reason.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ExitReason::Reset | ExitReason::Shutdown => 0,
+            ExitReason::TripleFault => 3,
+            ExitReason::Crash(_) => 4,
+        }
+    }
+}
+
+/// What the VMM wants the vCPUs to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+/// Shared between the VMM and its vCPU threads.
+pub struct VcpuControl {
+    state: Mutex<(RunState, usize)>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new((RunState::Running, 0)),
+            cv: Condvar::new(),
+        })
+    }
+
+    pub fn state(&self) -> RunState {
+        crate::devices::bus::lock(&self.state).0
+    }
+
+    pub fn set(&self, s: RunState) {
+        crate::devices::bus::lock(&self.state).0 = s;
+        self.cv.notify_all();
+    }
+
+    /// Parks the calling vCPU while paused; returns false when it must stop.
+    fn park(&self) -> bool {
+        let mut g = crate::devices::bus::lock(&self.state);
+        if g.0 == RunState::Paused {
+            g.1 += 1;
+            self.cv.notify_all();
+            while g.0 == RunState::Paused {
+                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.1 -= 1;
+        }
+        g.0 != RunState::Stopping
+    }
+
+    /// Waits until `n` vCPUs are parked (or the timeout passes).
+    fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let g = crate::devices::bus::lock(&self.state);
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |g| g.1 < n && g.0 == RunState::Paused)
+            .unwrap_or_else(|p| p.into_inner());
+        g.1 >= n
+    }
+}
+
+/// Where vCPU threads report the end of the VM: the first reason wins.
+pub struct ExitSink {
+    reason: Mutex<Option<ExitReason>>,
+    evt: vmm_sys_util::eventfd::EventFd,
+}
+
+impl ExitSink {
+    pub fn new(evt: vmm_sys_util::eventfd::EventFd) -> Arc<Self> {
+        Arc::new(Self {
+            reason: Mutex::new(None),
+            evt,
+        })
+    }
+
+    pub fn report(&self, r: ExitReason) {
+        let mut g = crate::devices::bus::lock(&self.reason);
+        if g.is_none() {
+            *g = Some(r);
+        }
+        let _ = self.evt.write(1);
+    }
+
+    pub fn reason(&self) -> Option<ExitReason> {
+        crate::devices::bus::lock(&self.reason).clone()
+    }
+
+    pub fn event(&self) -> &vmm_sys_util::eventfd::EventFd {
+        &self.evt
+    }
+}
+
+/// Creates and configures vCPU `index` of `count`.
+pub fn create(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    index: u8,
+    count: u8,
+    entry: regs::BootEntry,
+    boot_info: u64,
+) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .create_vcpu(u64::from(index))
+        .map_err(|e| VcpuError::Kvm("create a vCPU", e))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VcpuError::Kvm("get the supported CPUID", e))?;
+    cpuid::filter(&mut cpuid, index, count);
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| VcpuError::Kvm("set CPUID", e))?;
+    regs::setup_msrs(&fd).map_err(VcpuError::Regs)?;
+    regs::setup_fpu(&fd).map_err(VcpuError::Regs)?;
+    regs::setup_lapic(&fd).map_err(VcpuError::Regs)?;
+    // Only the boot vCPU starts at the entry point; the others wait in the
+    // wait-for-SIPI state the in-kernel LAPIC gives them until the guest wakes them.
+    if index == 0 {
+        regs::setup_sregs(&fd, mem, entry).map_err(VcpuError::Regs)?;
+        regs::setup_regs(&fd, entry, boot_info).map_err(VcpuError::Regs)?;
+    }
+    Ok(fd)
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the no-op handler for the kick signal, so it interrupts KVM_RUN with EINTR
+/// instead of killing the process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        let _ = self.thread.kill(kick_signal());
+    }
+
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts vCPU threads and pauses, resumes or stops them together.
+pub struct Vcpus {
+    pub handles: Vec<VcpuHandle>,
+    pub control: Arc<VcpuControl>,
+}
+
+impl Vcpus {
+    /// Asks every vCPU to pause and waits until they have left KVM_RUN.
+    pub fn pause(&self) -> bool {
+        self.control.set(RunState::Paused);
+        for _ in 0..1000 {
+            self.handles.iter().for_each(VcpuHandle::kick);
+            if self
+                .control
+                .wait_parked(self.handles.len(), Duration::from_millis(2))
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn resume(&self) {
+        self.control.set(RunState::Running);
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(self) {
+        self.control.set(RunState::Stopping);
+        for h in &self.handles {
+            h.kick();
+        }
+        // A vCPU may have been between its state check and KVM_RUN when kicked.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.handles.iter().any(|h| !h.thread.is_finished())
+            && std::time::Instant::now() < deadline
+        {
+            self.handles.iter().for_each(VcpuHandle::kick);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for h in self.handles {
+            if h.thread.is_finished() {
+                h.join();
+            }
+        }
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuRunner {
+    pub fd: VcpuFd,
+    pub index: u8,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<VcpuControl>,
+    pub exit: Arc<ExitSink>,
+    /// Called once, on the first exit of vCPU 0: the guest has run.
+    pub on_first_exit: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl VcpuRunner {
+    pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{}", self.index))
+            .spawn(move || self.run())
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run(mut self) {
+        let mut log = LogLimiter::new("vcpu");
+        while self.control.park() {
+            let exit = self.fd.run();
+            if let Some(f) = self.on_first_exit.take() {
+                f();
+            }
+            match exit {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                        if log.allow() {
+                            log::warn!("vcpu{}: read of unknown port {port:#x}", self.index);
+                        }
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.pio.write(u64::from(port), data) && log.allow() {
+                        log::warn!("vcpu{}: write to unknown port {port:#x}", self.index);
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                        if log.allow() {
+                            log::warn!("vcpu{}: read of unknown MMIO {addr:#x}", self.index);
+                        }
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.mmio.write(addr, data) && log.allow() {
+                        log::warn!("vcpu{}: write to unknown MMIO {addr:#x}", self.index);
+                    }
+                }
+                Ok(VcpuExit::Hlt) => {
+                    // The in-kernel irqchip handles HLT; seeing it here means interrupts
+                    // are off for good. Treat it as a power-off rather than spin.
+                    log::info!("vcpu{}: halted with interrupts disabled", self.index);
+                    self.exit.report(ExitReason::Shutdown);
+                    return;
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    log::error!("vcpu{}: triple fault (KVM_EXIT_SHUTDOWN)", self.index);
+                    self.exit.report(ExitReason::TripleFault);
+                    return;
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    let r = match kind {
+                        KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                        KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::Shutdown,
+                        k => ExitReason::Crash(format!("system event {k}")),
+                    };
+                    log::info!("vcpu{}: system event {r:?}", self.index);
+                    self.exit.report(r);
+                    return;
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    let why = format!("entry failed: reason {reason:#x} on cpu {cpu}");
+                    log::error!("vcpu{}: {why}", self.index);
+                    self.exit.report(ExitReason::Crash(why));
+                    return;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    log::error!("vcpu{}: KVM internal error", self.index);
+                    self.exit
+                        .report(ExitReason::Crash("KVM internal error".into()));
+                    return;
+                }
+                Ok(other) => {
+                    if log.allow() {
+                        log::warn!("vcpu{}: unhandled exit {other:?}", self.index);
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    log::error!("vcpu{}: KVM_RUN failed: {e}", self.index);
+                    self.exit.report(ExitReason::Crash(format!("KVM_RUN: {e}")));
+                    return;
+                }
+            }
+        }
+    }
+}

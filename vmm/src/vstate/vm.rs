@@ -1,0 +1,66 @@
+//! The KVM VM: memory slots over guest RAM, the in-kernel irqchip (PIC + IOAPIC +
+//! LAPICs) and PIT, so interrupts and the timer never exit to user space.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::layout;
+
+/// Errors while creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("Failed to open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not 12")]
+    ApiVersion(i32),
+    #[error("Failed to {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+}
+
+impl Vm {
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let v = kvm.get_api_version();
+        if v != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(VmError::ApiVersion(v));
+        }
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create the VM", e))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+        // Only VMX needs the identity map, and only for real mode; a refusal elsewhere
+        // (PVM, SVM) is harmless.
+        if let Err(e) = fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS) {
+            log::debug!("vm: identity map address not set: {e}");
+        }
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `len` bytes that is never unmapped
+            // (see vstate::memory), so KVM may access it for the VM's whole life.
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(|e| VmError::Kvm("register guest memory", e))?;
+        }
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+        Ok(Self { kvm, fd })
+    }
+}
