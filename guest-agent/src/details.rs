@@ -11,6 +11,13 @@ pub fn boottime_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// Wall-clock time, Unix nanoseconds (exit timestamps for the host).
+pub fn realtime_ns() -> i64 {
+    clock_gettime(ClockId::CLOCK_REALTIME)
+        .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+        .unwrap_or(0)
+}
+
 /// Value in bytes of a `Key:   N kB` line of /proc/meminfo.
 fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
     meminfo

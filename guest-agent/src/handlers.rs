@@ -1,18 +1,74 @@
-//! ttrpc service implementations. Calls not implemented yet fall through to
-//! the generated defaults, which answer "not implemented" with the method name.
+//! ttrpc service implementations: protobuf in, domain calls, protobuf out.
+//! Calls not implemented yet fall through to the generated defaults, which
+//! answer "not implemented" with the method name.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cocoon_protocol::agent::{
-    health_check_response::ServingStatus, CheckRequest, Empty, GuestDetailsRequest,
-    GuestDetailsResponse, HealthCheckResponse, OomEvent, ShutdownRequest, VersionCheckResponse,
+    health_check_response::ServingStatus, CheckRequest, ContainerRequest, CpuStats,
+    CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, DestroySandboxRequest,
+    Empty, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse,
+    HealthCheckResponse, IoStats, ListPidsResponse, MemoryStats, NetworkStats, OomEvent, PidsStats,
+    ProcessInfo, ProcessRequest, RemoveContainerRequest, ShutdownRequest, SignalProcessRequest,
+    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, VersionCheckResponse,
+    WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{Agent, Health};
 use cocoon_protocol::PROTOCOL_VERSION;
 use ttrpc::r#async::TtrpcContext;
 
-use crate::{details, power};
+use crate::cgroup::Limits;
+use crate::container::{ContainerError, Containers};
+use crate::{details, power, sandbox};
+
+fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+/// The whole error chain in one message: the host logs it as is.
+fn rpc_error(e: ContainerError) -> ttrpc::Error {
+    let msg = crate::runtime::error_chain(&e);
+    tracing::debug!("request failed: {msg}");
+    status(e.code(), msg)
+}
+
+/// Stats of the interfaces of a process's network namespace.
+fn net_stats(pid: i32) -> Vec<NetworkStats> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) else {
+        return Vec::new();
+    };
+    parse_net_dev(&text)
+}
+
+/// /proc/net/dev: two header lines, then `name: rx(8 fields) tx(8 fields)`.
+pub fn parse_net_dev(text: &str) -> Vec<NetworkStats> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            if v.len() < 16 {
+                return None;
+            }
+            let mut n = NetworkStats::new();
+            n.name = name.trim().to_string();
+            n.rx_bytes = v[0];
+            n.rx_packets = v[1];
+            n.rx_errors = v[2];
+            n.rx_dropped = v[3];
+            n.tx_bytes = v[8];
+            n.tx_packets = v[9];
+            n.tx_errors = v[10];
+            n.tx_dropped = v[11];
+            Some(n)
+        })
+        .collect()
+}
 
 /// Facts gathered at start-up, shared by the handlers.
 #[derive(Debug)]
@@ -28,6 +84,9 @@ pub struct AgentState {
     pub server_ready_boottime_ns: std::sync::atomic::AtomicI64,
     /// OOM kills in the guest, for the GetOomEvent long poll.
     pub oom_events: tokio::sync::broadcast::Sender<String>,
+    /// Whether the agent is the guest's PID 1 (not the dev mode).
+    pub is_init: bool,
+    pub containers: Arc<Containers>,
 }
 
 pub struct HealthService;
@@ -61,6 +120,10 @@ impl AgentService {
     pub fn new(state: Arc<AgentState>) -> Self {
         Self { state }
     }
+
+    fn containers(&self) -> &Containers {
+        &self.state.containers
+    }
 }
 
 #[async_trait]
@@ -71,6 +134,261 @@ impl Agent for AgentService {
         _: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetailsResponse> {
         Ok(details::collect(&self.state))
+    }
+
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        sandbox::create(&self.state, &req.hostname, &req.dns, &req.shared_fs_tag)
+            .await
+            .map_err(|e| {
+                status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    crate::runtime::error_chain(&e),
+                )
+            })?;
+        tracing::info!(sandbox = %req.sandbox_id, "sandbox created");
+        Ok(Empty::new())
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
+        sandbox::destroy(&self.state).await;
+        tracing::info!(sandbox = %req.sandbox_id, "sandbox destroyed");
+        Ok(Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let pid = self
+            .containers()
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                &req.storages,
+                req.stdio.get_or_default(),
+            )
+            .await
+            .map_err(rpc_error)?;
+        let mut r = CreateContainerResponse::new();
+        r.pid = pid as u32;
+        Ok(r)
+    }
+
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers()
+            .start(&req.container_id)
+            .await
+            .map_err(rpc_error)?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let timeout = match req.timeout_ms {
+            0 => Duration::from_secs(10),
+            ms => Duration::from_millis(ms.into()),
+        };
+        self.containers()
+            .remove(&req.container_id, timeout)
+            .await
+            .map_err(rpc_error)?;
+        Ok(Empty::new())
+    }
+
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers()
+            .pause(&req.container_id)
+            .await
+            .map_err(rpc_error)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers()
+            .resume(&req.container_id)
+            .await
+            .map_err(rpc_error)?;
+        Ok(Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let limits = Limits::from(req.resources.get_or_default());
+        self.containers()
+            .update(&req.container_id, &limits)
+            .map_err(rpc_error)?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        let c = self
+            .containers()
+            .get(&req.container_id)
+            .map_err(rpc_error)?;
+        let mut r = StatsContainerResponse::new();
+        if let Some(cg) = c.cgroup() {
+            let s = cg.stats();
+            let mut cpu = CpuStats::new();
+            cpu.usage_usec = s.cpu_usage_usec;
+            cpu.user_usec = s.cpu_user_usec;
+            cpu.system_usec = s.cpu_system_usec;
+            cpu.nr_periods = s.cpu_nr_periods;
+            cpu.nr_throttled = s.cpu_nr_throttled;
+            cpu.throttled_usec = s.cpu_throttled_usec;
+            let mut mem = MemoryStats::new();
+            mem.usage_bytes = s.memory_usage;
+            mem.limit_bytes = s.memory_limit;
+            mem.max_usage_bytes = s.memory_max_usage;
+            mem.anon_bytes = s.memory_anon;
+            mem.file_bytes = s.memory_file;
+            mem.oom_events = s.memory_oom;
+            mem.oom_kill_events = s.memory_oom_kill;
+            mem.stat = s.memory_stat;
+            let mut pids = PidsStats::new();
+            pids.current = s.pids_current;
+            pids.limit = s.pids_limit;
+            let mut io = IoStats::new();
+            io.read_bytes = s.io.read_bytes;
+            io.write_bytes = s.io.write_bytes;
+            io.read_ios = s.io.read_ios;
+            io.write_ios = s.io.write_ios;
+            r.cpu = Some(cpu).into();
+            r.memory = Some(mem).into();
+            r.pids = Some(pids).into();
+            r.io = Some(io).into();
+        }
+        if c.init.pid() > 0 && c.init.exited().is_none() {
+            r.network = net_stats(c.init.pid());
+        }
+        Ok(r)
+    }
+
+    async fn list_pids(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        let pids = self
+            .containers()
+            .list_pids(&req.container_id)
+            .map_err(rpc_error)?;
+        let mut r = ListPidsResponse::new();
+        r.processes = pids
+            .into_iter()
+            .map(|(pid, exec_id)| {
+                let mut p = ProcessInfo::new();
+                p.pid = pid as u32;
+                p.exec_id = exec_id;
+                p
+            })
+            .collect();
+        Ok(r)
+    }
+
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let pid = self
+            .containers()
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process_json,
+                req.stdio.get_or_default(),
+            )
+            .await
+            .map_err(rpc_error)?;
+        let mut r = ExecProcessResponse::new();
+        r.pid = pid as u32;
+        Ok(r)
+    }
+
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "signal out of range"))?;
+        self.containers()
+            .signal(&req.container_id, &req.exec_id, signal, req.all)
+            .map_err(rpc_error)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let exit = self
+            .containers()
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(rpc_error)?;
+        let mut r = WaitProcessResponse::new();
+        r.status = exit.status;
+        r.exited_at_ns = exit.at_ns;
+        Ok(r)
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        let p = self
+            .containers()
+            .get(&req.container_id)
+            .and_then(|c| c.process(&req.exec_id))
+            .map_err(rpc_error)?;
+        let clamp = |v: u32| v.min(u16::MAX.into()) as u16;
+        p.io.resize(clamp(req.rows), clamp(req.columns))
+            .map_err(|e| rpc_error(e.into()))?;
+        Ok(Empty::new())
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        let p = self
+            .containers()
+            .get(&req.container_id)
+            .and_then(|c| c.process(&req.exec_id))
+            .map_err(rpc_error)?;
+        p.io.close_stdin();
+        Ok(Empty::new())
     }
 
     async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<OomEvent> {
@@ -107,5 +425,25 @@ impl Agent for AgentService {
             power::power_off();
         });
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_dev_is_parsed() {
+        let t = "Inter-|   Receive                                                |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0\n  \
+eth0: 5000 40 1 2 0 0 0 0 7000 50 3 4 0 0 0 0\n";
+        let n = parse_net_dev(t);
+        assert_eq!(n.len(), 2);
+        assert_eq!(n[1].name, "eth0");
+        assert_eq!(n[1].rx_bytes, 5000);
+        assert_eq!(n[1].rx_dropped, 2);
+        assert_eq!(n[1].tx_bytes, 7000);
+        assert_eq!(n[1].tx_dropped, 4);
     }
 }

@@ -4,22 +4,57 @@
 //!
 //! Any failure before the server is up is printed on the console and powers
 //! the VM off: a guest that cannot serve must end, never hang.
+//!
+//! Other modes: `cocoon-agent --listen-unix <dir>` serves the same protocol on
+//! `<dir>/agent.sock` and `<dir>/stdio.sock` without early init (for tests on
+//! a host), and `cocoon-agent __cocoon-runtime` is the container runtime
+//! helper the agent starts itself (see `runtime`).
 
+mod cgroup;
 mod cmdline;
+mod container;
 mod details;
 mod handlers;
 mod init;
 mod modules;
 mod power;
 mod reaper;
+mod runtime;
+mod sandbox;
+mod stdio;
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cocoon_protocol::agent_ttrpc::{create_agent, create_health};
-use cocoon_protocol::AGENT_PORT;
+use cocoon_protocol::{AGENT_PORT, STDIO_PORT};
+
+/// Where the agent listens.
+enum Listen {
+    Vsock,
+    /// The dev mode: Unix sockets in this directory.
+    Unix(PathBuf),
+}
+
+fn usage() -> ! {
+    eprintln!("usage: cocoon-agent [--listen-unix <dir>]");
+    std::process::exit(2)
+}
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(runtime::HELPER_ARG) {
+        runtime::helper_main();
+    }
+    let listen = match args.get(1).map(String::as_str) {
+        None => Listen::Vsock,
+        Some("--listen-unix") => match args.get(2) {
+            Some(dir) if args.len() == 3 => Listen::Unix(PathBuf::from(dir)),
+            _ => usage(),
+        },
+        Some(_) => usage(),
+    };
     let started = Instant::now();
     let start_boottime_ns = details::boottime_ns();
     std::panic::set_hook(Box::new(|info| {
@@ -51,6 +86,7 @@ fn main() {
         "early init done"
     );
 
+    let reaper = Arc::new(reaper::Reaper::default());
     let state = Arc::new(handlers::AgentState {
         start_boottime_ns,
         init_ns,
@@ -59,6 +95,8 @@ fn main() {
         cmdline: early.cmdline,
         server_ready_boottime_ns: Default::default(),
         oom_events: tokio::sync::broadcast::channel(16).0,
+        is_init,
+        containers: Arc::new(container::Containers::new(reaper.clone())),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -72,7 +110,7 @@ fn main() {
         }
     };
     let deferred = early.deferred;
-    if let Err(e) = runtime.block_on(serve(state, is_init, deferred)) {
+    if let Err(e) = runtime.block_on(serve(state, reaper, listen, deferred)) {
         eprintln!("cocoon-agent: {e:#}");
         if is_init {
             power::fatal("server failed");
@@ -85,15 +123,83 @@ fn started_ms(state: &handlers::AgentState) -> i64 {
     (details::boottime_ns() - state.start_boottime_ns) / 1_000_000
 }
 
+/// Accepts stdio stream connections forever.
+async fn serve_stdio(listen: &Listen, state: &Arc<handlers::AgentState>) -> anyhow::Result<()> {
+    let lookup = state.containers.clone();
+    match listen {
+        Listen::Vsock => {
+            let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, STDIO_PORT);
+            let listener = tokio_vsock::VsockListener::bind(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen on vsock port {STDIO_PORT}: {e}"))?;
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((conn, _)) => {
+                            tokio::spawn(stdio::serve_connection(conn, lookup.clone()));
+                        }
+                        Err(e) => tracing::warn!("stdio accept failed: {e}"),
+                    }
+                }
+            });
+        }
+        Listen::Unix(dir) => {
+            let path = dir.join("stdio.sock");
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((conn, _)) => {
+                            tokio::spawn(stdio::serve_connection(conn, lookup.clone()));
+                        }
+                        Err(e) => tracing::warn!("stdio accept failed: {e}"),
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reports OOM kills: polls each container's memory.events (cheap, and
+/// inotify on cgroup files is not worth a dependency for 100 ms).
+async fn watch_oom(state: Arc<handlers::AgentState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        for c in state.containers.all() {
+            if c.new_oom_kill() {
+                tracing::info!(container = %c.id, "OOM kill");
+                let _ = state.oom_events.send(c.id.clone());
+            }
+        }
+    }
+}
+
 async fn serve(
     state: Arc<handlers::AgentState>,
-    is_init: bool,
+    reaper: Arc<reaper::Reaper>,
+    listen: Listen,
     deferred: Vec<modules::ModuleEntry>,
 ) -> anyhow::Result<()> {
-    if is_init {
-        tokio::spawn(reaper::run());
+    if !state.is_init {
+        // Container inits are re-parented to us when the runtime helper
+        // exits; PID 1 gets them anyway.
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| anyhow::anyhow!("cannot become a subreaper: {e}"))?;
     }
-    let addr = format!("vsock://-1:{AGENT_PORT}");
+    tokio::spawn(reaper.run());
+    tokio::spawn(watch_oom(state.clone()));
+    let addr = match &listen {
+        Listen::Vsock => format!("vsock://-1:{AGENT_PORT}"),
+        Listen::Unix(dir) => {
+            let path = dir.join("agent.sock");
+            let _ = std::fs::remove_file(&path);
+            format!("unix://{}", path.display())
+        }
+    };
+    serve_stdio(&listen, &state).await?;
     let mut server = ttrpc::r#async::Server::new()
         .bind(&addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?
@@ -130,7 +236,10 @@ async fn serve(
         st.modules_done.send_replace(Some(outcome));
     });
     // This exact line is what boot benchmarks and humans look for on the console.
-    println!("cocoon-agent: ready on vsock port {AGENT_PORT}");
+    match &listen {
+        Listen::Vsock => println!("cocoon-agent: ready on vsock port {AGENT_PORT}"),
+        Listen::Unix(dir) => println!("cocoon-agent: ready on {}", dir.display()),
+    }
     // The server runs on its own tasks; PID 1 lives until power-off.
     std::future::pending::<()>().await;
     Ok(())

@@ -1,0 +1,321 @@
+//! The container runtime proper: the agent re-executes itself as a short-lived
+//! single-threaded helper (`cocoon-agent __cocoon-runtime`) that creates the
+//! namespaces, forks the container's process, sets it up and execs it. Doing
+//! this in a fresh process keeps fork/setns away from the agent's threads.
+//!
+//! Protocol on the sync socket (fd 3, one JSON value per line): the agent
+//! sends a [`HelperRequest`]; the helper answers [`HelperMessage::Pid`] once
+//! the process exists. A container init then answers `Ready` (or `Error`) and
+//! waits for the line `start`; an exec starts at once. Either way the process
+//! reports `Error` if anything fails up to execve, and the socket (close-on-
+//! exec) reaches EOF when execve succeeded.
+
+mod creds;
+mod mounts;
+pub mod seccomp;
+mod syscalls_x86_64;
+
+pub use mounts::parse_options as mount_options;
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::unistd::{fork, ForkResult};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// argv[1] that turns the agent binary into the runtime helper.
+pub const HELPER_ARG: &str = "__cocoon-runtime";
+/// The sync socket's descriptor number in the helper.
+pub const SYNC_FD: RawFd = 3;
+/// What the agent writes to let a created container exec.
+pub const START_LINE: &str = "start";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HelperRequest {
+    /// The container's spec (for an exec: its namespaces and seccomp).
+    pub spec: Spec,
+    /// Present for ExecProcess: join the init's namespaces, run `process`.
+    pub exec: Option<ExecTarget>,
+    /// stdio 0-2 are a pty slave to make the controlling terminal.
+    pub terminal: bool,
+    /// The hierarchy at /sys/fs/cgroup is v2 (else cgroup mounts are skipped).
+    pub cgroup_v2: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExecTarget {
+    pub init_pid: i32,
+    pub process: Process,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelperMessage {
+    Pid(i32),
+    Ready,
+    Error(String),
+}
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("{0}")]
+    Sys(String, #[source] nix::Error),
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("cannot change capabilities")]
+    Caps(#[from] caps::errors::CapsError),
+}
+
+/// Adds what was being done to a syscall or I/O error.
+pub(crate) trait Context<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, RuntimeError>;
+}
+
+impl<T> Context<T> for nix::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, RuntimeError> {
+        self.map_err(|e| RuntimeError::Sys(what(), e))
+    }
+}
+
+impl<T> Context<T> for std::io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, RuntimeError> {
+        self.map_err(|e| RuntimeError::Io(what(), e))
+    }
+}
+
+/// "outer: inner: innermost", for the one-line error sent to the agent.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub fn send(sock: &UnixStream, msg: &HelperMessage) {
+    if let Ok(mut line) = serde_json::to_string(msg) {
+        line.push('\n');
+        let _ = (&*sock).write_all(line.as_bytes());
+    }
+}
+
+/// Reads one line (unbuffered, so nothing after it is consumed).
+fn read_line(sock: &UnixStream) -> std::io::Result<Option<String>> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match (&*sock).read(&mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) if b[0] == b'\n' => return Ok(Some(String::from_utf8_lossy(&out).into_owned())),
+            Ok(_) => out.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Entry point of the helper process. Never returns.
+pub fn helper_main() -> ! {
+    // SAFETY: the agent placed the sync socket at SYNC_FD before exec and
+    // nothing else in this fresh process owns that descriptor.
+    let sock = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
+    // Close-on-exec from here on: its EOF tells the agent that execve worked.
+    let _ = nix::fcntl::fcntl(
+        sock.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let req = match read_line(&sock) {
+        Ok(Some(line)) => serde_json::from_str::<HelperRequest>(&line)
+            .map_err(|e| RuntimeError::Invalid(format!("bad helper request: {e}"))),
+        Ok(None) => std::process::exit(1),
+        Err(e) => Err(RuntimeError::Io("cannot read the helper request".into(), e)),
+    };
+    let result = req.and_then(|req| match &req.exec {
+        None => create(&req, &sock),
+        Some(target) => exec(&req, target, &sock),
+    });
+    if let Err(e) = result {
+        send(&sock, &HelperMessage::Error(error_chain(&e)));
+        std::process::exit(1);
+    }
+    std::process::exit(0)
+}
+
+fn ns_flag(t: LinuxNamespaceType) -> Result<CloneFlags, RuntimeError> {
+    Ok(match t {
+        LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+        LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+        LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
+        LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+        LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+        LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+        other => {
+            return Err(RuntimeError::Invalid(format!(
+                "{other:?} namespaces are not supported"
+            )))
+        }
+    })
+}
+
+/// Parent side of the helper's fork: report the pid and leave, so the
+/// process is re-parented to the agent (PID 1 or subreaper).
+fn report_child_and_exit(sock: &UnixStream, child: nix::unistd::Pid) -> ! {
+    send(sock, &HelperMessage::Pid(child.as_raw()));
+    std::process::exit(0)
+}
+
+/// Runs `f` in the forked child; its error goes to the agent.
+fn in_child(sock: &UnixStream, f: impl FnOnce() -> Result<(), RuntimeError>) -> ! {
+    if let Err(e) = f() {
+        send(sock, &HelperMessage::Error(error_chain(&e)));
+    }
+    std::process::exit(1)
+}
+
+fn create(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
+    let spec = &req.spec;
+    let linux = spec.linux().clone().unwrap_or_default();
+    let mut flags = CloneFlags::empty();
+    for ns in linux.namespaces().iter().flatten() {
+        let flag = ns_flag(ns.typ())?;
+        match ns.path() {
+            Some(path) => {
+                let f = File::open(path).ctx(|| format!("cannot open namespace {path:?}"))?;
+                setns(f.as_fd(), flag).ctx(|| format!("cannot join namespace {path:?}"))?;
+            }
+            None => flags |= flag,
+        }
+    }
+    unshare(flags).ctx(|| "cannot create the container's namespaces".into())?;
+    // SAFETY: this helper process is single-threaded (no runtime, no
+    // threads started), so the child may run arbitrary code after fork.
+    match unsafe { fork() }.ctx(|| "cannot fork the container init".into())? {
+        ForkResult::Parent { child } => report_child_and_exit(sock, child),
+        ForkResult::Child => in_child(sock, || container_init(req, sock)),
+    }
+}
+
+fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
+    let spec = &req.spec;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| RuntimeError::Invalid("the spec has no process".into()))?;
+    nix::unistd::setsid().ctx(|| "setsid".into())?;
+    if req.terminal {
+        set_controlling_terminal()?;
+    }
+    mounts::setup_rootfs(spec, req.terminal, req.cgroup_v2)?;
+    let linux = spec.linux().clone().unwrap_or_default();
+    let has_uts = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == LinuxNamespaceType::Uts);
+    if has_uts {
+        if let Some(h) = spec.hostname() {
+            nix::unistd::sethostname(h).ctx(|| format!("cannot set hostname {h:?}"))?;
+        }
+        if let Some(d) = spec.domainname() {
+            let c = CString::new(d.as_str())
+                .map_err(|_| RuntimeError::Invalid("domainname has a NUL byte".into()))?;
+            // SAFETY: setdomainname reads `len` bytes from a valid C string.
+            let rc = unsafe { libc::setdomainname(c.as_ptr(), d.len()) };
+            nix::errno::Errno::result(rc).ctx(|| "cannot set domainname".into())?;
+        }
+    }
+    for (key, value) in linux.sysctl().iter().flatten() {
+        if key.contains("..") || key.starts_with('/') {
+            return Err(RuntimeError::Invalid(format!("bad sysctl name {key:?}")));
+        }
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).ctx(|| format!("cannot set sysctl {key}"))?;
+    }
+    creds::set_rlimits(process)?;
+    creds::set_oom_score_adj(process)?;
+    send(sock, &HelperMessage::Ready);
+    match read_line(sock) {
+        Ok(Some(line)) if line == START_LINE => {}
+        // The agent went away or gave up on this container.
+        _ => std::process::exit(1),
+    }
+    creds::finalize_and_exec(process, linux.seccomp().as_ref()).map(|never| match never {})
+}
+
+fn set_controlling_terminal() -> Result<(), RuntimeError> {
+    // SAFETY: TIOCSCTTY on fd 0 (the pty slave the agent gave us); the
+    // argument is an integer, not a pointer.
+    let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    nix::errno::Errno::result(rc).ctx(|| "cannot make the pty the controlling terminal".into())?;
+    Ok(())
+}
+
+fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(), RuntimeError> {
+    let pid = target.init_pid;
+    // Mount last: after it, /proc may be the container's.
+    const ORDER: &[(&str, CloneFlags)] = &[
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ];
+    let mut joins = Vec::new();
+    for (name, flag) in ORDER {
+        let theirs = format!("/proc/{pid}/ns/{name}");
+        let ours = format!("/proc/self/ns/{name}");
+        let same = match (std::fs::metadata(&theirs), std::fs::metadata(&ours)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            (Err(e), _) => {
+                return Err(RuntimeError::Io(
+                    format!("the container's init {pid} is gone"),
+                    e,
+                ))
+            }
+            _ => false,
+        };
+        if !same {
+            let f = File::open(&theirs).ctx(|| format!("cannot open {theirs}"))?;
+            joins.push((f, *flag, theirs));
+        }
+    }
+    for (f, flag, path) in &joins {
+        setns(f.as_fd(), *flag).ctx(|| format!("cannot join {path}"))?;
+    }
+    drop(joins);
+    // SAFETY: single-threaded helper, see `create`.
+    match unsafe { fork() }.ctx(|| "cannot fork the exec process".into())? {
+        ForkResult::Parent { child } => report_child_and_exit(sock, child),
+        ForkResult::Child => in_child(sock, || {
+            if req.terminal {
+                nix::unistd::setsid().ctx(|| "setsid".into())?;
+                set_controlling_terminal()?;
+            }
+            creds::set_rlimits(&target.process)?;
+            creds::set_oom_score_adj(&target.process)?;
+            let seccomp = req.spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+            creds::finalize_and_exec(&target.process, seccomp.as_ref()).map(|never| match never {})
+        }),
+    }
+}
+
+/// Whether a path exists without following a final symlink.
+pub(crate) fn lexists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}

@@ -1,0 +1,524 @@
+//! The container's filesystem view, built in its new mount namespace: the
+//! spec's mounts under the rootfs, device nodes, pivot_root, then masked and
+//! read-only paths and a read-only root.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
+
+use super::{lexists, Context, RuntimeError};
+
+/// Parsed mount options: flags for the mount itself, propagation changes
+/// applied afterwards, and filesystem-specific data.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    /// Flags the options clear (`rw`, `suid`, ...), for remounts.
+    pub cleared: MsFlags,
+    pub propagation: Vec<MsFlags>,
+    pub bind: bool,
+    pub data: Vec<String>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            flags: MsFlags::empty(),
+            cleared: MsFlags::empty(),
+            propagation: Vec::new(),
+            bind: false,
+            data: Vec::new(),
+        }
+    }
+}
+
+pub fn parse_options(opts: &[String]) -> MountOptions {
+    let mut o = MountOptions::default();
+    for opt in opts {
+        let (set, clear) = match opt.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
+            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
+            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            "bind" => {
+                o.bind = true;
+                (MsFlags::MS_BIND, MsFlags::empty())
+            }
+            "rbind" => {
+                o.bind = true;
+                (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty())
+            }
+            p @ ("private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
+            | "unbindable" | "runbindable") => {
+                o.propagation
+                    .push(propagation_flags(p).unwrap_or(MsFlags::MS_PRIVATE));
+                continue;
+            }
+            // Handled by higher-level tools, meaningless here.
+            "tmpcopyup" | "defaults" => continue,
+            data => {
+                o.data.push(data.to_string());
+                continue;
+            }
+        };
+        o.flags = (o.flags | set) & !clear;
+        o.cleared |= clear;
+    }
+    o
+}
+
+pub fn propagation_flags(p: &str) -> Option<MsFlags> {
+    Some(match p {
+        "private" => MsFlags::MS_PRIVATE,
+        "rprivate" => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        "shared" => MsFlags::MS_SHARED,
+        "rshared" => MsFlags::MS_SHARED | MsFlags::MS_REC,
+        "slave" => MsFlags::MS_SLAVE,
+        "rslave" => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        "runbindable" => MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+        _ => return None,
+    })
+}
+
+/// Joins `path` under `root`, resolving symlinks as if `root` were `/`, so
+/// that a symlink in the image cannot point a mount outside the rootfs.
+pub fn secure_join(root: &Path, path: &Path) -> Result<PathBuf, RuntimeError> {
+    let mut todo: VecDeque<OsString> = components(path);
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_bytes() {
+            b"" | b"." | b"/" => continue,
+            b".." => {
+                resolved.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let candidate = resolved.join(&c);
+        let full = root.join(&candidate);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(RuntimeError::Invalid(format!(
+                        "too many symlinks resolving {path:?}"
+                    )));
+                }
+                let target = fs::read_link(&full).ctx(|| format!("readlink {full:?}"))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                let mut rest = components(&target);
+                rest.extend(todo);
+                todo = rest;
+            }
+            _ => resolved = candidate,
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+fn components(p: &Path) -> VecDeque<OsString> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn do_mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), RuntimeError> {
+    mount(source, target, fstype, flags, data).ctx(|| {
+        format!(
+            "cannot mount {} on {target:?} (type {}, flags {flags:?})",
+            source.map(|s| s.display().to_string()).unwrap_or_default(),
+            fstype.unwrap_or("-"),
+        )
+    })
+}
+
+/// Creates the mount point: a directory, or an empty file when binding a file.
+fn make_mount_point(dest: &Path, is_file: bool) -> Result<(), RuntimeError> {
+    if is_file {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).ctx(|| format!("cannot create {parent:?}"))?;
+        }
+        if !lexists(dest) {
+            fs::File::create(dest).ctx(|| format!("cannot create {dest:?}"))?;
+        }
+        Ok(())
+    } else {
+        fs::create_dir_all(dest).ctx(|| format!("cannot create {dest:?}"))
+    }
+}
+
+const REMOUNT_FLAGS: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC)
+    .union(MsFlags::MS_NOATIME)
+    .union(MsFlags::MS_NODIRATIME)
+    .union(MsFlags::MS_RELATIME)
+    .union(MsFlags::MS_STRICTATIME);
+
+fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeError> {
+    let dest = secure_join(rootfs, m.destination())?;
+    let opts = parse_options(m.options().as_deref().unwrap_or_default());
+    let typ = m.typ().as_deref().unwrap_or("");
+    let data = (!opts.data.is_empty()).then(|| opts.data.join(","));
+    if typ == "bind" || opts.bind {
+        let src = m.source().as_ref().ok_or_else(|| {
+            RuntimeError::Invalid(format!("bind mount {:?} has no source", m.destination()))
+        })?;
+        let src_is_dir = fs::metadata(src)
+            .ctx(|| format!("bind mount source {src:?}"))?
+            .is_dir();
+        make_mount_point(&dest, !src_is_dir)?;
+        let bind = MsFlags::MS_BIND | (opts.flags & MsFlags::MS_REC);
+        do_mount(Some(src), &dest, None, bind, None)?;
+        // Bind mounts ignore most flags; they take effect on a remount.
+        let extra = opts.flags & REMOUNT_FLAGS;
+        if !extra.is_empty() {
+            do_mount(
+                None,
+                &dest,
+                None,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | extra,
+                None,
+            )?;
+        }
+    } else if typ == "cgroup" || typ == "cgroup2" {
+        if !cgroup_v2 {
+            // No v2 hierarchy to show (a v1 host in the dev mode).
+            return Ok(());
+        }
+        make_mount_point(&dest, false)?;
+        do_mount(
+            Some(Path::new("cgroup2")),
+            &dest,
+            Some("cgroup2"),
+            opts.flags,
+            None,
+        )?;
+    } else {
+        make_mount_point(&dest, false)?;
+        let src = m.source().clone().unwrap_or_else(|| PathBuf::from(typ));
+        let r = do_mount(Some(&src), &dest, Some(typ), opts.flags, data.as_deref());
+        match r {
+            // sysfs needs a network namespace of its own: fall back to the
+            // host's, read-only as runc does.
+            Err(RuntimeError::Sys(_, nix::Error::EPERM)) if typ == "sysfs" => {
+                do_mount(
+                    Some(Path::new("/sys")),
+                    &dest,
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None,
+                )?;
+                do_mount(
+                    None,
+                    &dest,
+                    None,
+                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | (opts.flags & REMOUNT_FLAGS),
+                    None,
+                )?;
+            }
+            r => r?,
+        }
+    }
+    for p in &opts.propagation {
+        do_mount(None, &dest, None, *p, None)?;
+    }
+    Ok(())
+}
+
+/// runc's default device nodes, created in a spec-mounted /dev.
+const DEFAULT_DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn make_device(
+    dest: &Path,
+    kind: SFlag,
+    major: u64,
+    minor: u64,
+    mode: u32,
+    host: &Path,
+) -> Result<(), RuntimeError> {
+    if lexists(dest) {
+        return Ok(());
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).ctx(|| format!("cannot create {parent:?}"))?;
+    }
+    match mknod(
+        dest,
+        kind,
+        Mode::from_bits_truncate(mode),
+        makedev(major, minor),
+    ) {
+        Ok(()) => Ok(()),
+        // Some filesystems refuse device nodes: bind the host's instead.
+        Err(_) => {
+            make_mount_point(dest, true)?;
+            do_mount(Some(host), dest, None, MsFlags::MS_BIND, None)
+        }
+    }
+}
+
+fn create_devices(
+    rootfs: &Path,
+    devices: &[LinuxDevice],
+    dev_mounted: bool,
+) -> Result<(), RuntimeError> {
+    let dev = rootfs.join("dev");
+    if dev_mounted {
+        for (name, major, minor) in DEFAULT_DEVICES {
+            let host = Path::new("/dev").join(name);
+            make_device(
+                &dev.join(name),
+                SFlag::S_IFCHR,
+                *major,
+                *minor,
+                0o666,
+                &host,
+            )?;
+        }
+        for (link, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+            ("ptmx", "pts/ptmx"),
+        ] {
+            let p = dev.join(link);
+            if !lexists(&p) {
+                std::os::unix::fs::symlink(target, &p).ctx(|| format!("cannot create {p:?}"))?;
+            }
+        }
+    }
+    for d in devices {
+        let kind = match d.typ() {
+            LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
+            LinuxDeviceType::B => SFlag::S_IFBLK,
+            LinuxDeviceType::P => SFlag::S_IFIFO,
+            LinuxDeviceType::A => continue,
+        };
+        let dest = secure_join(rootfs, d.path())?;
+        make_device(
+            &dest,
+            kind,
+            d.major() as u64,
+            d.minor() as u64,
+            d.file_mode().unwrap_or(0o666),
+            d.path(),
+        )?;
+        let uid = d.uid().map(nix::unistd::Uid::from_raw);
+        let gid = d.gid().map(nix::unistd::Gid::from_raw);
+        if uid.is_some() || gid.is_some() {
+            nix::unistd::chown(&dest, uid, gid).ctx(|| format!("cannot chown {dest:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything from the mount namespace's propagation to a read-only root.
+/// Runs in the container init, before it reports ready.
+pub fn setup_rootfs(spec: &Spec, terminal: bool, cgroup_v2: bool) -> Result<(), RuntimeError> {
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| RuntimeError::Invalid("the spec has no root".into()))?;
+    let rootfs = fs::canonicalize(root.path()).ctx(|| format!("rootfs {:?}", root.path()))?;
+    let linux = spec.linux().clone().unwrap_or_default();
+    // Nothing done here may propagate back to the agent's namespace.
+    do_mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )?;
+    // pivot_root needs the new root to be a mount point.
+    do_mount(
+        Some(&rootfs),
+        &rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    let mounts = spec.mounts().clone().unwrap_or_default();
+    for m in &mounts {
+        mount_one(m, &rootfs, cgroup_v2)?;
+    }
+    let dev_mounted = mounts.iter().any(|m| m.destination() == Path::new("/dev"));
+    create_devices(
+        &rootfs,
+        linux.devices().as_deref().unwrap_or_default(),
+        dev_mounted,
+    )?;
+    if terminal {
+        // The pty slave doubles as /dev/console, as with runc.
+        let console = rootfs.join("dev/console");
+        let slave = fs::read_link("/proc/self/fd/0").ctx(|| "cannot resolve the pty".into())?;
+        make_mount_point(&console, true)?;
+        do_mount(Some(&slave), &console, None, MsFlags::MS_BIND, None)?;
+    }
+
+    nix::unistd::chdir(&rootfs).ctx(|| format!("cannot enter {rootfs:?}"))?;
+    nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
+    // The old root is stacked under "."; detach it without propagating.
+    do_mount(
+        None,
+        Path::new("."),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )?;
+    umount2(".", MntFlags::MNT_DETACH).ctx(|| "cannot detach the old root".into())?;
+    nix::unistd::chdir("/").ctx(|| "chdir /".into())?;
+    if let Some(p) = linux.rootfs_propagation() {
+        let flags = propagation_flags(p)
+            .ok_or_else(|| RuntimeError::Invalid(format!("bad rootfsPropagation {p:?}")))?;
+        do_mount(None, Path::new("/"), None, flags, None)?;
+    }
+
+    for p in linux.readonly_paths().iter().flatten() {
+        let p = Path::new(p);
+        if !lexists(p) {
+            continue;
+        }
+        do_mount(Some(p), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        do_mount(
+            None,
+            p,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            None,
+        )?;
+    }
+    for p in linux.masked_paths().iter().flatten() {
+        let p = Path::new(p);
+        match fs::metadata(p) {
+            Err(_) => continue,
+            Ok(m) if m.is_dir() => do_mount(
+                Some(Path::new("tmpfs")),
+                p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None,
+            )?,
+            Ok(_) => do_mount(
+                Some(Path::new("/dev/null")),
+                p,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?,
+        }
+    }
+    if root.readonly().unwrap_or(false) {
+        do_mount(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(o: &[&str]) -> MountOptions {
+        parse_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data() {
+        let o = opts(&[
+            "nosuid",
+            "strictatime",
+            "mode=755",
+            "size=65536k",
+            "rprivate",
+        ]);
+        assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME);
+        assert_eq!(o.data, vec!["mode=755", "size=65536k"]);
+        assert_eq!(o.propagation, vec![MsFlags::MS_PRIVATE | MsFlags::MS_REC]);
+        assert!(!o.bind);
+
+        let b = opts(&["rbind", "ro"]);
+        assert!(b.bind);
+        assert_eq!(
+            b.flags,
+            MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY
+        );
+        // A later option wins.
+        assert_eq!(opts(&["ro", "rw"]).flags, MsFlags::empty());
+    }
+
+    #[test]
+    fn secure_join_stays_inside_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../../etc", root.join("rel")).unwrap();
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(
+            secure_join(root, Path::new("/abs/passwd")).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/rel/x")).unwrap(),
+            root.join("etc/x")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/../../x")).unwrap(),
+            root.join("x")
+        );
+        assert!(secure_join(root, Path::new("/loop")).is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! The pod as a whole: CreateSandbox prepares the guest for containers (the
+//! shared filesystem, hostname, DNS); DestroySandbox undoes it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use thiserror::Error;
+
+use crate::handlers::AgentState;
+
+/// Where the host's shared directory (container rootfs, bind sources) lives.
+pub const SHARED_DIR: &str = "/run/cocoon/shared";
+/// How long CreateSandbox waits for the deferred kernel modules.
+const MODULES_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error("kernel modules (virtiofs, overlay, ...) still loading after {0:?}")]
+    ModulesTimeout(Duration),
+    #[error("loading kernel modules failed: {0}")]
+    Modules(String),
+    #[error("cannot create {0}")]
+    MountPoint(&'static str, #[source] std::io::Error),
+    #[error("cannot mount virtio-fs tag {0:?} on {SHARED_DIR}")]
+    Mount(String, #[source] nix::Error),
+    #[error("cannot set the hostname")]
+    Hostname(#[source] nix::Error),
+    #[error("cannot write /etc/resolv.conf")]
+    Dns(#[source] std::io::Error),
+}
+
+/// resolv.conf text for the given nameservers.
+pub fn resolv_conf(nameservers: &[String]) -> String {
+    nameservers
+        .iter()
+        .map(|n| format!("nameserver {n}\n"))
+        .collect()
+}
+
+pub async fn create(
+    state: &AgentState,
+    hostname: &str,
+    dns: &[String],
+    shared_fs_tag: &str,
+) -> Result<(), SandboxError> {
+    let mut rx = state.modules_done.subscribe();
+    match tokio::time::timeout(MODULES_DEADLINE, rx.wait_for(|v| v.is_some())).await {
+        Err(_) | Ok(Err(_)) => return Err(SandboxError::ModulesTimeout(MODULES_DEADLINE)),
+        Ok(Ok(v)) => {
+            if let Some(Err(e)) = v.as_ref() {
+                return Err(SandboxError::Modules(e.clone()));
+            }
+        }
+    }
+    if !state.is_init {
+        // The dev mode shares the host's namespaces: leave them alone.
+        tracing::warn!("not PID 1: shared fs, hostname and DNS are not touched");
+        return Ok(());
+    }
+    if !shared_fs_tag.is_empty() {
+        std::fs::create_dir_all(SHARED_DIR).map_err(|e| SandboxError::MountPoint(SHARED_DIR, e))?;
+        match mount(
+            Some(shared_fs_tag),
+            SHARED_DIR,
+            Some("virtiofs"),
+            MsFlags::empty(),
+            None::<&str>,
+        ) {
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(e) => return Err(SandboxError::Mount(shared_fs_tag.into(), e)),
+        }
+    }
+    if !hostname.is_empty() {
+        nix::unistd::sethostname(hostname).map_err(SandboxError::Hostname)?;
+    }
+    if !dns.is_empty() {
+        std::fs::create_dir_all("/etc").map_err(|e| SandboxError::MountPoint("/etc", e))?;
+        std::fs::write("/etc/resolv.conf", resolv_conf(dns)).map_err(SandboxError::Dns)?;
+    }
+    Ok(())
+}
+
+pub async fn destroy(state: &AgentState) {
+    state.containers.remove_all(Duration::from_secs(10)).await;
+    if state.is_init && Path::new(SHARED_DIR).exists() {
+        match umount2(SHARED_DIR, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => tracing::warn!("cannot unmount {SHARED_DIR}: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_lists_nameservers() {
+        assert_eq!(
+            resolv_conf(&["10.0.0.1".into(), "1.1.1.1".into()]),
+            "nameserver 10.0.0.1\nnameserver 1.1.1.1\n"
+        );
+    }
+}
