@@ -51,7 +51,8 @@ bench: image
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/cocoon
-	install -m 0755 target/release/cocoon target/release/cocoon-vmm $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 target/release/cocoon target/release/cocoon-vmm target/release/containerd-shim-cocoon-v2 \
+		$(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initramfs.cpio $(IMAGE_DIR)/manifest.json \
 		$(DESTDIR)$(PREFIX)/share/cocoon/
 

@@ -4,7 +4,9 @@
 # benchmark's baseline, and dpkg tools for the guest image builder. Run as root.
 set -euo pipefail
 
-packages=(qemu-system-x86 containerd runc busybox-static dpkg)
+# libseccomp-dev, libcap-ng-dev, pkg-config: to build virtiofsd (below) and
+# the guest agent's seccomp support.
+packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +20,18 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# virtiofsd (crates.io; Debian 12 has no package): one per pod VM, it shares
+# container filesystems into the guest. Installed where containerd's shims
+# find it ($PATH).
+if ! command -v virtiofsd >/dev/null 2>&1; then
+    if [[ -x "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" ]]; then
+        install -m 0755 "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" /usr/local/bin/virtiofsd
+    else
+        echo "setup-host: installing virtiofsd (cargo install, a few minutes)"
+        cargo install --locked --root /usr/local virtiofsd
+    fi
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use cocoon_shim::config::Config;
 
+pub mod containerd;
+pub mod image;
+
 /// The workspace root (this crate lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -98,4 +101,25 @@ pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(run_root)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(PathBuf::from)
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
+/// Lazily unmounts everything below `dir` (after a failed test).
+pub fn unmount_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
 }

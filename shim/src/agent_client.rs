@@ -206,3 +206,228 @@ fn map_err(method: &'static str, t: Duration, e: ttrpc::Error) -> AgentError {
         },
     }
 }
+
+/// Container and process calls. Each is bounded by the call deadline except
+/// `wait_process`, which lasts as long as the process (and fails as soon as
+/// the connection to the agent is lost).
+impl AgentClient {
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    pub async fn create_sandbox(
+        &self,
+        req: cocoon_protocol::agent::CreateSandboxRequest,
+    ) -> Result<(), AgentError> {
+        // Mounting the share waits for the guest's deferred modules.
+        let t = self.call_timeout * 3;
+        self.call(
+            "Agent.CreateSandbox",
+            t,
+            self.agent.create_sandbox(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn create_container(
+        &self,
+        req: cocoon_protocol::agent::CreateContainerRequest,
+    ) -> Result<u32, AgentError> {
+        let t = self.call_timeout;
+        let r = self
+            .call(
+                "Agent.CreateContainer",
+                t,
+                self.agent.create_container(self.ctx(t), &req),
+            )
+            .await?;
+        Ok(r.pid)
+    }
+
+    pub async fn start_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let req = container_req(container_id);
+        self.call(
+            "Agent.StartContainer",
+            t,
+            self.agent.start_container(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let mut req = cocoon_protocol::agent::RemoveContainerRequest::new();
+        req.container_id = container_id.into();
+        req.timeout_ms = t.as_millis() as u32 / 2;
+        self.call(
+            "Agent.RemoveContainer",
+            t,
+            self.agent.remove_container(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let req = container_req(container_id);
+        self.call(
+            "Agent.PauseContainer",
+            t,
+            self.agent.pause_container(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let req = container_req(container_id);
+        self.call(
+            "Agent.ResumeContainer",
+            t,
+            self.agent.resume_container(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn update_container(
+        &self,
+        req: cocoon_protocol::agent::UpdateContainerRequest,
+    ) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        self.call(
+            "Agent.UpdateContainer",
+            t,
+            self.agent.update_container(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<cocoon_protocol::agent::StatsContainerResponse, AgentError> {
+        let t = self.call_timeout;
+        let req = container_req(container_id);
+        self.call(
+            "Agent.StatsContainer",
+            t,
+            self.agent.stats_container(self.ctx(t), &req),
+        )
+        .await
+    }
+
+    pub async fn list_pids(
+        &self,
+        container_id: &str,
+    ) -> Result<cocoon_protocol::agent::ListPidsResponse, AgentError> {
+        let t = self.call_timeout;
+        let req = container_req(container_id);
+        self.call("Agent.ListPids", t, self.agent.list_pids(self.ctx(t), &req))
+            .await
+    }
+
+    pub async fn exec_process(
+        &self,
+        req: cocoon_protocol::agent::ExecProcessRequest,
+    ) -> Result<u32, AgentError> {
+        let t = self.call_timeout;
+        let r = self
+            .call(
+                "Agent.ExecProcess",
+                t,
+                self.agent.exec_process(self.ctx(t), &req),
+            )
+            .await?;
+        Ok(r.pid)
+    }
+
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let mut req = cocoon_protocol::agent::SignalProcessRequest::new();
+        req.container_id = container_id.into();
+        req.exec_id = exec_id.into();
+        req.signal = signal;
+        req.all = all;
+        self.call(
+            "Agent.SignalProcess",
+            t,
+            self.agent.signal_process(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Waits for the process to exit and its output to drain in the guest.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<cocoon_protocol::agent::WaitProcessResponse, AgentError> {
+        let req = process_req(container_id, exec_id);
+        let ctx = ttrpc::context::Context::default();
+        self.agent
+            .wait_process(ctx, &req)
+            .await
+            .map_err(|e| map_err("Agent.WaitProcess", Duration::ZERO, e))
+    }
+
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let req = process_req(container_id, exec_id);
+        self.call(
+            "Agent.CloseStdin",
+            t,
+            self.agent.close_stdin(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn tty_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), AgentError> {
+        let t = self.call_timeout;
+        let mut req = cocoon_protocol::agent::TtyWinResizeRequest::new();
+        req.container_id = container_id.into();
+        req.exec_id = exec_id.into();
+        req.rows = rows;
+        req.columns = columns;
+        self.call(
+            "Agent.TtyWinResize",
+            t,
+            self.agent.tty_win_resize(self.ctx(t), &req),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+fn container_req(container_id: &str) -> cocoon_protocol::agent::ContainerRequest {
+    let mut r = cocoon_protocol::agent::ContainerRequest::new();
+    r.container_id = container_id.into();
+    r
+}
+
+fn process_req(container_id: &str, exec_id: &str) -> cocoon_protocol::agent::ProcessRequest {
+    let mut r = cocoon_protocol::agent::ProcessRequest::new();
+    r.container_id = container_id.into();
+    r.exec_id = exec_id.into();
+    r
+}

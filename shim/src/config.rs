@@ -96,6 +96,9 @@ pub struct PathsConfig {
     /// The `cocoon-vmm` binary (also the vhost-user vsock backend); empty
     /// means next to the running executable, then `$PATH`.
     pub vmm_binary: PathBuf,
+    /// virtiofsd, which shares container filesystems into the guest; empty
+    /// means next to the running executable, then `$PATH`.
+    pub virtiofsd: PathBuf,
 }
 
 impl Default for Config {
@@ -140,6 +143,7 @@ impl Default for PathsConfig {
             run_dir: PathBuf::from("/run/cocoon"),
             image_dir: default_image_dir(),
             vmm_binary: PathBuf::new(),
+            virtiofsd: PathBuf::new(),
         }
     }
 }

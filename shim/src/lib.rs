@@ -11,4 +11,5 @@ pub mod bench;
 pub mod check;
 pub mod config;
 pub mod hypervisor;
+pub mod shimv2;
 pub mod vsock;

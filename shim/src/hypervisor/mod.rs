@@ -63,6 +63,18 @@ pub struct VmSpec {
     pub extra_kernel_params: String,
     /// Parent of the per-VM run directory `<run_root>/<id>`.
     pub run_root: PathBuf,
+    /// A host directory shared into the guest with virtio-fs, if any.
+    pub shared_dir: Option<SharedDir>,
+}
+
+/// A directory exported to the guest by a per-VM virtiofsd.
+#[derive(Debug, Clone)]
+pub struct SharedDir {
+    pub path: PathBuf,
+    /// The virtio-fs tag the guest mounts (`mount -t virtiofs <tag> ...`).
+    pub tag: String,
+    /// The virtiofsd binary.
+    pub virtiofsd: PathBuf,
 }
 
 impl VmSpec {
@@ -75,6 +87,7 @@ impl VmSpec {
             memory_mib: config.vm.memory_mib,
             extra_kernel_params: config.vm.kernel_params.clone(),
             run_root: config.paths.run_dir.clone(),
+            shared_dir: None,
         }
     }
 
@@ -275,6 +288,7 @@ mod tests {
             memory_mib: 128,
             extra_kernel_params: String::new(),
             run_root: "/tmp".into(),
+            shared_dir: None,
         };
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/k"), "{err}");

@@ -33,6 +33,8 @@ struct RunPaths {
     console_log: PathBuf,
     qemu_log: PathBuf,
     backend_log: PathBuf,
+    virtiofs_socket: PathBuf,
+    virtiofsd_log: PathBuf,
 }
 
 impl RunPaths {
@@ -43,6 +45,8 @@ impl RunPaths {
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
             backend_log: dir.join("vsock-backend.log"),
+            virtiofs_socket: dir.join("virtiofs.sock"),
+            virtiofsd_log: dir.join("virtiofsd.log"),
         }
     }
 }
@@ -145,6 +149,17 @@ impl Qemu {
             Machine::Pc => "vhost-user-vsock-pci",
         };
         push(&["-device", &format!("{dev},chardev=vsock0")]);
+        if let Some(shared) = &spec.shared_dir {
+            push(&[
+                "-chardev",
+                &format!("socket,id=fs0,path={}", paths.virtiofs_socket.display()),
+            ]);
+            let dev = match self.machine {
+                Machine::Microvm => "vhost-user-fs-device",
+                Machine::Pc => "vhost-user-fs-pci",
+            };
+            push(&["-device", &format!("{dev},chardev=fs0,tag={}", shared.tag)]);
+        }
         a.extend(self.extra_args.iter().cloned());
         a
     }
@@ -201,7 +216,34 @@ impl super::Hypervisor for Qemu {
             source,
         })?;
         vm.procs.backends.push(child);
-        wait_for_socket(&mut vm.procs, &paths).await?;
+        wait_for_socket(&mut vm.procs, &paths.vhost_socket, &paths.backend_log).await?;
+        if let Some(shared) = &spec.shared_dir {
+            let mut fs = Command::new(&shared.virtiofsd);
+            fs.arg("--socket-path").arg(&paths.virtiofs_socket);
+            fs.arg("--shared-dir").arg(&shared.path);
+            // Own mount namespace, pivoted into the shared dir: the daemon
+            // cannot reach host paths outside the pod's share, whatever the
+            // guest asks. Submounts (each container's rootfs) are announced
+            // so the guest sees them as separate filesystems.
+            fs.args([
+                "--sandbox",
+                "namespace",
+                "--announce-submounts",
+                "--cache",
+                "auto",
+            ]);
+            fs.args(["--log-level", "warn"]);
+            configure(&mut fs, &paths.virtiofsd_log).map_err(|source| HypervisorError::Spawn {
+                what: "virtiofsd",
+                source,
+            })?;
+            let child = fs.spawn().map_err(|source| HypervisorError::Spawn {
+                what: "virtiofsd",
+                source,
+            })?;
+            vm.procs.backends.push(child);
+            wait_for_socket(&mut vm.procs, &paths.virtiofs_socket, &paths.virtiofsd_log).await?;
+        }
         vm.times.backend_ready = Instant::now();
 
         let args = self.args(spec, &paths);
@@ -224,26 +266,27 @@ impl super::Hypervisor for Qemu {
 
 /// Waits for the backend's vhost-user socket: QEMU started before it exists
 /// fails, and one started against a socket nobody serves waits forever.
-async fn wait_for_socket(procs: &mut VmProcesses, paths: &RunPaths) -> Result<(), HypervisorError> {
+async fn wait_for_socket(
+    procs: &mut VmProcesses,
+    socket: &Path,
+    log: &Path,
+) -> Result<(), HypervisorError> {
     let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
     loop {
-        if paths.vhost_socket.exists() {
+        if socket.exists() {
             return Ok(());
         }
         let b = procs.backends.last_mut().expect("backend was spawned");
         if let Ok(Some(status)) = b.try_wait() {
             return Err(HypervisorError::BackendNotReady {
                 after: BACKEND_READY_TIMEOUT,
-                detail: format!(
-                    "it exited with {status}: {}",
-                    tail_lines(&paths.backend_log, 5)
-                ),
+                detail: format!("it exited with {status}: {}", tail_lines(log, 5)),
             });
         }
         if Instant::now() >= deadline {
             return Err(HypervisorError::BackendNotReady {
                 after: BACKEND_READY_TIMEOUT,
-                detail: format!("no socket at {}", paths.vhost_socket.display()),
+                detail: format!("no socket at {}", socket.display()),
             });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -273,6 +316,7 @@ mod tests {
             memory_mib: 300,
             extra_kernel_params: "panic=0 cocoon.log=debug".into(),
             run_root: "/run/cocoon".into(),
+            shared_dir: None,
         }
     }
 

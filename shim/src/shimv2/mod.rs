@@ -1,0 +1,147 @@
+//! `containerd-shim-cocoon-v2`: the containerd runtime v2 shim. containerd
+//! runs it as `start` (find or launch the pod's shim, print its address),
+//! `delete` (clean up after a shim that died), or with no action (serve the
+//! Task API until Shutdown).
+//!
+//! The bootstrap is ours rather than the crate's `run()`: containerd 1.6 and
+//! 1.7 call `containerd.task.v2.Task`, 2.x calls `containerd.task.v3.Task`
+//! (the same messages), and `run()` registers only v3. We register both, and
+//! answer `start` with a plain address, which every containerd accepts.
+
+mod delete;
+mod metrics;
+pub mod mounts;
+mod persist;
+mod sandbox;
+mod service;
+mod start;
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::shim_async::{create_task, Task};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::Flags;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+
+pub const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
+/// The annotation that groups a Kubernetes pod's containers into one shim.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Entry point of the shim binary; returns the process exit code.
+pub async fn main() -> i32 {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let flags = match containerd_shim::parse(&args[1..]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: {e}");
+            return 1;
+        }
+    };
+    if flags.version {
+        println!("containerd-shim-cocoon-v2 {}", env!("CARGO_PKG_VERSION"));
+        return 0;
+    }
+    let result = match flags.action.as_str() {
+        "start" => start::run(&flags).await,
+        "delete" => delete::run(&flags).await,
+        "" => serve(&flags).await,
+        other => Err(anyhow::anyhow!("unknown action {other:?}")),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: {e:#}");
+            tracing::error!("{e:#}");
+            1
+        }
+    }
+}
+
+/// Logs go to the `log` fifo containerd made in the bundle (our cwd), which
+/// containerd copies into its own log; stderr if there is none.
+fn setup_logging(debug: bool) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let level = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COCOON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("log");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let _ = match fifo {
+        Ok(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        Err(_) => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+async fn serve(flags: &Flags) -> anyhow::Result<()> {
+    use anyhow::Context;
+    setup_logging(flags.debug);
+    if flags.socket.is_empty() {
+        anyhow::bail!("-socket is required to serve");
+    }
+    let config = Config::load().context("loading the cocoon config")?;
+    let socket = flags.socket.trim_start_matches("unix://").to_string();
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {socket}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
+    let publisher = RemotePublisher::new(&ttrpc_address)
+        .await
+        .with_context(|| format!("cannot reach containerd's event service at {ttrpc_address}"))?;
+    let exit = Arc::new(ExitSignal::default());
+    let group = std::env::var("COCOON_SHIM_GROUP").unwrap_or_else(|_| flags.id.clone());
+    let service = service::Service::new(&flags.namespace, &group, config, publisher, exit.clone());
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(service.clone());
+    let mut services = create_task(task.clone());
+    let v2: HashMap<_, _> = create_task(task)
+        .into_iter()
+        .map(|(name, s)| {
+            (
+                name.replace("containerd.task.v3.", "containerd.task.v2."),
+                s,
+            )
+        })
+        .collect();
+    services.extend(v2);
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener.into())
+        .register_service(services);
+    server
+        .start()
+        .await
+        .context("cannot start the task server")?;
+    // `start` waits for our stdout to close: we are ready.
+    signal_ready();
+    tracing::info!(id = %flags.id, group = %group, "shim serving on {socket}");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = exit.wait() => {}
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    service.stop_all().await;
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn signal_ready() {
+    // SAFETY: dup2 of stderr onto stdout; both are plain descriptors that no
+    // Rust object owns exclusively.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}

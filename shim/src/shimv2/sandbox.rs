@@ -1,0 +1,116 @@
+//! The pod sandbox: one VM per pod, its virtio-fs share, and the connection
+//! to its agent. Created by the first container of the pod, stopped when the
+//! shim shuts down with no container left.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cocoon_protocol::agent::CreateSandboxRequest;
+use thiserror::Error;
+use tokio::sync::Mutex;
+
+use super::mounts::{self, MountError};
+use crate::agent_client::{AgentClient, AgentError};
+use crate::config::Config;
+use crate::hypervisor::{self, find_binary, HypervisorError, SharedDir, Vm, VmSpec};
+
+/// The virtio-fs tag of the pod share.
+pub const SHARE_TAG: &str = "cocoon";
+
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub agent: AgentClient,
+    pub share: PathBuf,
+    pub run_dir: PathBuf,
+    vm: Mutex<Option<Vm>>,
+    /// Host pids of the VM's processes, for the on-disk state.
+    pub pids: Vec<u32>,
+}
+
+/// The VM id for a pod: short, path-safe, and unique per namespace+group.
+pub fn vm_id(namespace: &str, group: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("{namespace}/{group}").as_bytes());
+    format!("pod-{}", &hex::encode(h)[..24])
+}
+
+impl Sandbox {
+    pub async fn start(
+        config: &Config,
+        vm_id: &str,
+        sandbox_id: &str,
+    ) -> Result<Self, SandboxError> {
+        let share = config.paths.run_dir.join("shares").join(vm_id);
+        // A share left by a crashed shim must not be exported twice.
+        mounts::unmount_share(&share);
+        mounts::make_share(&share)?;
+        let result = Self::boot(config, vm_id, sandbox_id, &share).await;
+        if result.is_err() {
+            mounts::unmount_share(&share);
+        }
+        result
+    }
+
+    async fn boot(
+        config: &Config,
+        vm_id: &str,
+        sandbox_id: &str,
+        share: &std::path::Path,
+    ) -> Result<Self, SandboxError> {
+        let hv = hypervisor::from_config(config)?;
+        let mut spec = VmSpec::from_config(config, vm_id);
+        spec.shared_dir = Some(SharedDir {
+            path: share.to_path_buf(),
+            tag: SHARE_TAG.into(),
+            virtiofsd: find_binary("virtiofsd", &config.paths.virtiofsd)?,
+        });
+        let mut vm = hv.launch(&spec).await?;
+        let boot = Duration::from_millis(config.vm.boot_timeout_ms);
+        let call = Duration::from_millis(config.vm.call_timeout_ms);
+        let agent = AgentClient::wait_ready(&mut vm, boot, call).await?;
+        let mut req = CreateSandboxRequest::new();
+        req.sandbox_id = sandbox_id.into();
+        req.shared_fs_tag = SHARE_TAG.into();
+        agent.create_sandbox(req).await?;
+        tracing::info!(
+            vm = vm_id,
+            "sandbox ready in {:?}",
+            vm.times.started.elapsed()
+        );
+        Ok(Self {
+            id: vm_id.into(),
+            agent,
+            share: share.to_path_buf(),
+            run_dir: vm.run_dir.clone(),
+            pids: vm.pids(),
+            vm: Mutex::new(Some(vm)),
+        })
+    }
+
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+
+    /// Powers the guest off (killing it if it does not go in time), reaps
+    /// every process and removes the share.
+    pub async fn stop(&self) {
+        let Some(vm) = self.vm.lock().await.take() else {
+            return;
+        };
+        if let Err(e) = self.agent.shutdown().await {
+            tracing::warn!("agent shutdown: {e}");
+        }
+        vm.stop(Duration::from_secs(5)).await;
+        mounts::unmount_share(&self.share);
+    }
+}

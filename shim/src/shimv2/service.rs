@@ -1,0 +1,850 @@
+//! The containerd Task service: every task call from containerd, turned into
+//! calls to the agent in the pod VM. Containers of one pod share the VM; the
+//! VM boots with the first Create and stops at Shutdown once all are deleted.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cocoon_protocol::agent as pb;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::api;
+use containerd_shim::protos::events::task as ev;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn, MessageField};
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::topics;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{TtrpcContext, TtrpcResult};
+use tokio::sync::{watch, Mutex};
+
+use super::mounts::{self, ContainerMounts};
+use super::persist::ContainerState;
+use super::sandbox::{self, Sandbox};
+use super::stdio::{self, StdioCopies, StdioPaths};
+use crate::agent_client::AgentError;
+use crate::config::Config;
+
+/// How long a process's output may keep flowing after it exited.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// The exit status reported when the VM dies under a running process.
+const VM_LOST_STATUS: u32 = 137;
+
+type Exit = Option<(u32, Timestamp)>;
+
+struct Process {
+    pid: u32,
+    stdio: StdioPaths,
+    /// For exec processes: the OCI process (JSON) until it starts.
+    spec_json: Vec<u8>,
+    started: bool,
+    exit: watch::Sender<Exit>,
+    copies: Option<Arc<Mutex<StdioCopies>>>,
+}
+
+impl Process {
+    fn new(stdio: StdioPaths, spec_json: Vec<u8>) -> Self {
+        Self {
+            pid: 0,
+            stdio,
+            spec_json,
+            started: false,
+            exit: watch::channel(None).0,
+            copies: None,
+        }
+    }
+
+    fn status(&self, paused: bool) -> api::Status {
+        match (self.exit.borrow().is_some(), self.started, paused) {
+            (true, _, _) => api::Status::STOPPED,
+            (false, false, _) => api::Status::CREATED,
+            (false, true, true) => api::Status::PAUSED,
+            (false, true, false) => api::Status::RUNNING,
+        }
+    }
+}
+
+struct Container {
+    bundle: PathBuf,
+    mounts: ContainerMounts,
+    init: Process,
+    execs: HashMap<String, Process>,
+    paused: bool,
+}
+
+struct Inner {
+    namespace: String,
+    /// The grouping id: the pod's sandbox id, or the container id alone.
+    group: String,
+    config: Config,
+    publisher: RemotePublisher,
+    exit: Arc<ExitSignal>,
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+fn err(code: ttrpc::Code, msg: impl ToString) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn not_found(what: &str) -> ttrpc::Error {
+    err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
+}
+
+fn agent_err(e: AgentError) -> ttrpc::Error {
+    let code = match &e {
+        AgentError::Rpc { code, .. } if code == "NOT_FOUND" => ttrpc::Code::NOT_FOUND,
+        AgentError::Rpc { code, .. } if code == "INVALID_ARGUMENT" => ttrpc::Code::INVALID_ARGUMENT,
+        AgentError::Rpc { code, .. } if code == "FAILED_PRECONDITION" => {
+            ttrpc::Code::FAILED_PRECONDITION
+        }
+        AgentError::CallTimeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        AgentError::Disconnected { .. } => ttrpc::Code::UNAVAILABLE,
+        _ => ttrpc::Code::INTERNAL,
+    };
+    err(code, e)
+}
+
+fn now() -> Timestamp {
+    ts_from_ns(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
+    )
+}
+
+fn ts_from_ns(ns: i64) -> Timestamp {
+    let mut t = Timestamp::new();
+    t.seconds = ns.div_euclid(1_000_000_000);
+    t.nanos = ns.rem_euclid(1_000_000_000) as i32;
+    t
+}
+
+/// The OCI spec containerd wrote to the bundle, parsed strictly.
+fn read_spec(bundle: &std::path::Path) -> Result<oci_spec::runtime::Spec, ttrpc::Error> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| {
+        err(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    serde_json::from_slice(&text).map_err(|e| {
+        err(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("malformed OCI spec {}: {e}", path.display()),
+        )
+    })
+}
+
+impl Service {
+    pub fn new(
+        namespace: &str,
+        group: &str,
+        config: Config,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                namespace: namespace.into(),
+                group: group.into(),
+                config,
+                publisher,
+                exit,
+                sandbox: Mutex::new(None),
+                containers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let ctx = ttrpc::context::Context::default();
+        if let Err(e) = self
+            .inner
+            .publisher
+            .publish(ctx, topic, &self.inner.namespace, event)
+            .await
+        {
+            tracing::warn!("cannot publish {topic}: {e}");
+        }
+    }
+
+    /// The pod VM, booted on first use.
+    async fn sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
+        let mut slot = self.inner.sandbox.lock().await;
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
+        let sb = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group)
+            .await
+            .map_err(|e| {
+                err(
+                    ttrpc::Code::UNAVAILABLE,
+                    format!("cannot start the pod VM: {e}"),
+                )
+            })?;
+        let sb = Arc::new(sb);
+        *slot = Some(sb.clone());
+        let me = self.clone();
+        let watched = sb.clone();
+        tokio::spawn(async move { me.forward_oom_events(watched).await });
+        Ok(sb)
+    }
+
+    /// On SIGTERM: tear down every container's mounts and the VM.
+    pub async fn stop_all(&self) {
+        let mut containers = self.inner.containers.lock().await;
+        for (_, mut c) in containers.drain() {
+            c.mounts.cleanup();
+            ContainerState::remove(&c.bundle);
+        }
+        drop(containers);
+        if let Some(sb) = self.inner.sandbox.lock().await.take() {
+            sb.stop().await;
+        }
+    }
+
+    async fn existing_sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
+        self.inner
+            .sandbox
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| not_found("pod VM"))
+    }
+
+    /// Relays the guest's OOM kills as TaskOOM events until the VM goes away.
+    async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
+        loop {
+            match sb.agent.next_oom_event(Duration::from_secs(3600)).await {
+                Ok(e) => {
+                    let mut m = ev::TaskOOM::new();
+                    m.container_id = e.container_id;
+                    self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(m))
+                        .await;
+                }
+                Err(AgentError::CallTimeout { .. }) => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Waits for a started process in the guest, lets its output drain, then
+    /// records and publishes its exit.
+    fn watch_exit(
+        &self,
+        sb: Arc<Sandbox>,
+        cid: String,
+        exec_id: String,
+        pid: u32,
+        exit: watch::Sender<Exit>,
+        copies: Option<Arc<Mutex<StdioCopies>>>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (status, at) = match sb.agent.wait_process(&cid, &exec_id).await {
+                Ok(r) => (r.status as u32, ts_from_ns(r.exited_at_ns)),
+                Err(e) => {
+                    tracing::warn!(container = %cid, exec = %exec_id, "lost the process: {e}");
+                    (VM_LOST_STATUS, now())
+                }
+            };
+            if let Some(c) = copies {
+                c.lock().await.drained(DRAIN_GRACE).await;
+            }
+            exit.send_replace(Some((status, at.clone())));
+            let mut m = ev::TaskExit::new();
+            m.container_id = cid.clone();
+            m.id = if exec_id.is_empty() { cid } else { exec_id };
+            m.pid = pid;
+            m.exit_status = status;
+            m.exited_at = MessageField::some(at);
+            me.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(m)).await;
+        });
+    }
+
+    fn save_state(&self, cid: &str, c: &Container, sb: &Sandbox) {
+        let st = ContainerState {
+            container_id: cid.into(),
+            vm_id: sb.id.clone(),
+            vm_run_dir: sb.run_dir.clone(),
+            share: sb.share.clone(),
+            vm_pids: sb.pids.clone(),
+            mounts: c.mounts.clone(),
+        };
+        if let Err(e) = st.save(&c.bundle) {
+            tracing::warn!("cannot save state in {}: {e}", c.bundle.display());
+        }
+    }
+
+    async fn create_inner(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
+        if !req.checkpoint.is_empty() {
+            return Err(err(
+                ttrpc::Code::UNIMPLEMENTED,
+                "restoring from a checkpoint is not supported",
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let mut spec = read_spec(&bundle)?;
+        let sb = self.sandbox().await?;
+        let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let result = async {
+            let spec_json = serde_json::to_vec(&spec).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            let mut creq = pb::CreateContainerRequest::new();
+            creq.container_id = req.id.clone();
+            creq.oci_spec_json = spec_json;
+            creq.stdio = MessageField::some(stdio.streams());
+            creq.sandbox_id = self.inner.group.clone();
+            let pid = sb.agent.create_container(creq).await.map_err(agent_err)?;
+            // Streams attach before Start, so no early output waits anywhere.
+            let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
+                .await
+                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            Ok::<_, ttrpc::Error>((pid, copies))
+        }
+        .await;
+        let (pid, copies) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = sb.agent.remove_container(&req.id).await;
+                mounts.cleanup();
+                return Err(e);
+            }
+        };
+        let mut init = Process::new(stdio, Vec::new());
+        init.pid = pid;
+        init.copies = Some(Arc::new(Mutex::new(copies)));
+        let c = Container {
+            bundle,
+            mounts,
+            init,
+            execs: HashMap::new(),
+            paused: false,
+        };
+        self.save_state(&req.id, &c, &sb);
+        self.inner.containers.lock().await.insert(req.id.clone(), c);
+        Ok(pid)
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        if self.inner.containers.lock().await.contains_key(&req.id) {
+            return Err(err(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
+        }
+        let pid = self.create_inner(&req).await?;
+        let mut m = ev::TaskCreate::new();
+        m.container_id = req.id.clone();
+        m.bundle = req.bundle.clone();
+        m.rootfs = req.rootfs.clone();
+        m.io = MessageField::some(ev::TaskIO {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            ..Default::default()
+        });
+        m.pid = pid;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let sb = self.existing_sandbox().await?;
+        let mut containers = self.inner.containers.lock().await;
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        if req.exec_id.is_empty() {
+            if c.init.started {
+                return Err(err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    "container already started",
+                ));
+            }
+            sb.agent.start_container(&req.id).await.map_err(agent_err)?;
+            c.init.started = true;
+            let pid = c.init.pid;
+            self.watch_exit(
+                sb.clone(),
+                req.id.clone(),
+                String::new(),
+                pid,
+                c.init.exit.clone(),
+                c.init.copies.clone(),
+            );
+            drop(containers);
+            let mut m = ev::TaskStart::new();
+            m.container_id = req.id.clone();
+            m.pid = pid;
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(m))
+                .await;
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        let p = c
+            .execs
+            .get_mut(&req.exec_id)
+            .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+        if p.started {
+            return Err(err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "exec process already started",
+            ));
+        }
+        let mut ereq = pb::ExecProcessRequest::new();
+        ereq.container_id = req.id.clone();
+        ereq.exec_id = req.exec_id.clone();
+        ereq.process_json = std::mem::take(&mut p.spec_json);
+        ereq.stdio = MessageField::some(p.stdio.streams());
+        let pid = sb.agent.exec_process(ereq).await.map_err(agent_err)?;
+        let copies = stdio::attach(&sb.vsock_uds(), &req.id, &req.exec_id, &p.stdio)
+            .await
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        let copies = Arc::new(Mutex::new(copies));
+        p.pid = pid;
+        p.started = true;
+        p.copies = Some(copies.clone());
+        self.watch_exit(
+            sb.clone(),
+            req.id.clone(),
+            req.exec_id.clone(),
+            pid,
+            p.exit.clone(),
+            Some(copies),
+        );
+        drop(containers);
+        let mut m = ev::TaskExecStarted::new();
+        m.container_id = req.id.clone();
+        m.exec_id = req.exec_id.clone();
+        m.pid = pid;
+        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let mut containers = self.inner.containers.lock().await;
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        if !req.exec_id.is_empty() {
+            let p = c
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            if p.started && p.exit.borrow().is_none() {
+                return Err(err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    "cannot delete a running exec process",
+                ));
+            }
+            let p = c.execs.remove(&req.exec_id).expect("checked above");
+            let (status, at) = p.exit.borrow().clone().unwrap_or((0, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: status,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        if c.init.started && c.init.exit.borrow().is_none() {
+            return Err(err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("cannot delete running task {}", req.id),
+            ));
+        }
+        let mut c = containers.remove(&req.id).expect("checked above");
+        drop(containers);
+        if let Ok(sb) = self.existing_sandbox().await {
+            if let Err(e) = sb.agent.remove_container(&req.id).await {
+                tracing::warn!("agent remove {}: {e}", req.id);
+            }
+        }
+        c.mounts.cleanup();
+        ContainerState::remove(&c.bundle);
+        let (status, at) = c.init.exit.borrow().clone().unwrap_or((0, now()));
+        let pid = c.init.pid;
+        let mut m = ev::TaskDelete::new();
+        m.container_id = req.id.clone();
+        m.pid = pid;
+        m.exit_status = status;
+        m.exited_at = MessageField::some(at.clone());
+        m.id = req.id.clone();
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: status,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    async fn exec(
+        &self,
+        _: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let mut containers = self.inner.containers.lock().await;
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
+            return Err(err(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("exec id {:?} is taken or empty", req.exec_id),
+            ));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        // Validate now, so a bad process spec fails Exec, not Start.
+        serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
+            err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("malformed OCI process spec: {e}"),
+            )
+        })?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.execs
+            .insert(req.exec_id.clone(), Process::new(stdio, spec));
+        drop(containers);
+        let mut m = ev::TaskExecAdded::new();
+        m.container_id = req.id.clone();
+        m.exec_id = req.exec_id.clone();
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let sb = self.existing_sandbox().await?;
+        sb.agent
+            .tty_resize(&req.id, &req.exec_id, req.height, req.width)
+            .await
+            .map_err(agent_err)?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        _: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        if !req.stdin {
+            return Ok(api::Empty::new());
+        }
+        let copies = {
+            let containers = self.inner.containers.lock().await;
+            let c = containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                Some(&c.init)
+            } else {
+                c.execs.get(&req.exec_id)
+            };
+            p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+                .copies
+                .clone()
+        };
+        if let Some(c) = copies {
+            c.lock().await.close_stdin();
+        }
+        Ok(api::Empty::new())
+    }
+
+    async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.existing_sandbox().await?;
+        {
+            let containers = self.inner.containers.lock().await;
+            let c = containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                Some(&c.init)
+            } else {
+                c.execs.get(&req.exec_id)
+            };
+            let p = p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            if p.exit.borrow().is_some() {
+                return Err(not_found("process (already exited)"));
+            }
+        }
+        sb.agent
+            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(agent_err)?;
+        Ok(api::Empty::new())
+    }
+
+    async fn pids(
+        &self,
+        _: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let sb = self.existing_sandbox().await?;
+        let r = sb.agent.list_pids(&req.id).await.map_err(agent_err)?;
+        let processes = r
+            .processes
+            .into_iter()
+            .map(|p| api::ProcessInfo {
+                pid: p.pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.existing_sandbox().await?;
+        sb.agent.pause_container(&req.id).await.map_err(agent_err)?;
+        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
+            c.paused = true;
+        }
+        let mut m = ev::TaskPaused::new();
+        m.container_id = req.id.clone();
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.existing_sandbox().await?;
+        sb.agent
+            .resume_container(&req.id)
+            .await
+            .map_err(agent_err)?;
+        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
+            c.paused = false;
+        }
+        let mut m = ev::TaskResumed::new();
+        m.container_id = req.id.clone();
+        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn checkpoint(
+        &self,
+        _: &TtrpcContext,
+        _: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(err(
+            ttrpc::Code::UNIMPLEMENTED,
+            "checkpoint is not supported by cocoon",
+        ))
+    }
+
+    async fn update(
+        &self,
+        _: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let sb = self.existing_sandbox().await?;
+        let value = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(&value).map_err(|e| {
+            err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("malformed resources: {e}"),
+            )
+        })?;
+        let mut res = pb::LinuxResources::new();
+        if let Some(m) = r.memory() {
+            res.memory_limit_bytes = m.limit().unwrap_or(0);
+            res.memory_swap_bytes = m.swap().unwrap_or(0);
+        }
+        if let Some(c) = r.cpu() {
+            res.cpu_shares = c.shares().unwrap_or(0);
+            res.cpu_quota = c.quota().unwrap_or(0);
+            res.cpu_period = c.period().unwrap_or(0);
+            res.cpuset_cpus = c.cpus().clone().unwrap_or_default();
+            res.cpuset_mems = c.mems().clone().unwrap_or_default();
+        }
+        if let Some(p) = r.pids() {
+            res.pids_limit = p.limit();
+        }
+        let mut ureq = pb::UpdateContainerRequest::new();
+        ureq.container_id = req.id.clone();
+        ureq.resources = MessageField::some(res);
+        sb.agent.update_container(ureq).await.map_err(agent_err)?;
+        Ok(api::Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let mut rx = {
+            let containers = self.inner.containers.lock().await;
+            let c = containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                Some(&c.init)
+            } else {
+                c.execs.get(&req.exec_id)
+            };
+            p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+                .exit
+                .subscribe()
+        };
+        let exit = rx
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(|_| err(ttrpc::Code::UNAVAILABLE, "the process was removed"))?
+            .clone()
+            .expect("waited for Some");
+        Ok(api::WaitResponse {
+            exit_status: exit.0,
+            exited_at: MessageField::some(exit.1),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let sb = self.existing_sandbox().await?;
+        let s = sb.agent.stats_container(&req.id).await.map_err(agent_err)?;
+        let metrics = super::metrics::to_cgroups_v2(&s);
+        let mut any = Any::new();
+        any.type_url = "io.containerd.cgroups.v2.Metrics".into();
+        any.value = metrics
+            .write_to_bytes()
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let containers = self.inner.containers.lock().await;
+        let c = containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let p = if req.exec_id.is_empty() {
+            Some(&c.init)
+        } else {
+            c.execs.get(&req.exec_id)
+        };
+        let p = p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+        let exit = p.exit.borrow().clone();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.to_string_lossy().into_owned(),
+            pid: p.pid,
+            status: p.status(c.paused).into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.as_ref().map(|e| e.0).unwrap_or(0),
+            exited_at: MessageField::from_option(exit.map(|e| e.1)),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self
+            .inner
+            .containers
+            .lock()
+            .await
+            .get(&req.id)
+            .map(|c| c.init.pid)
+            .unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if !self.inner.containers.lock().await.is_empty() {
+            return Ok(api::Empty::new());
+        }
+        if let Some(sb) = self.inner.sandbox.lock().await.take() {
+            sb.stop().await;
+        }
+        self.inner.exit.signal();
+        Ok(api::Empty::new())
+    }
+}

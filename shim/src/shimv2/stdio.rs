@@ -1,0 +1,244 @@
+//! A process's stdio: containerd's fifos on the host, vsock streams to the
+//! agent (port `STDIO_PORT`, one header line, then raw bytes). Copies are
+//! plain `tokio::io::copy` loops, so a slow reader slows the writer down
+//! (back-pressure) and nothing is buffered without bound. The exit of a
+//! process is reported only after its output has fully reached the fifos.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cocoon_protocol::STDIO_PORT;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::vsock;
+
+/// How long one stdio stream may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum StdioError {
+    #[error("cannot open the {kind} fifo {path}")]
+    Fifo {
+        kind: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the {kind} stream to the guest")]
+    Stream {
+        kind: &'static str,
+        #[source]
+        source: vsock::VsockError,
+    },
+    #[error("cannot send the {kind} stream header")]
+    Header {
+        kind: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// containerd's view of a process's stdio.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+impl StdioPaths {
+    pub fn streams(&self) -> cocoon_protocol::agent::StdioStreams {
+        let mut s = cocoon_protocol::agent::StdioStreams::new();
+        s.terminal = self.terminal;
+        s.stdin = !self.stdin.is_empty();
+        s.stdout = !self.stdout.is_empty();
+        // With a terminal, stderr goes to the pty too.
+        s.stderr = !self.stderr.is_empty() && !self.terminal;
+        s.stream_port = STDIO_PORT;
+        s
+    }
+}
+
+/// The running copies for one process.
+#[derive(Debug)]
+pub struct StdioCopies {
+    output: Vec<JoinHandle<()>>,
+    close_stdin: Option<oneshot::Sender<()>>,
+}
+
+impl StdioCopies {
+    /// Waits for stdout and stderr to be fully copied (the agent closes its
+    /// end after the process's pipes reach EOF), up to `grace`.
+    pub async fn drained(&mut self, grace: Duration) {
+        for h in self.output.drain(..) {
+            let abort = h.abort_handle();
+            if tokio::time::timeout(grace, h).await.is_err() {
+                tracing::warn!("output still flowing {grace:?} after exit; stopping the copy");
+                abort.abort();
+            }
+        }
+    }
+
+    /// Closes the process's stdin (containerd's CloseIO).
+    pub fn close_stdin(&mut self) {
+        if let Some(tx) = self.close_stdin.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for StdioCopies {
+    fn drop(&mut self) {
+        for h in &self.output {
+            h.abort();
+        }
+    }
+}
+
+fn header(kind: &str, container_id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        format!("{kind} {container_id}\n")
+    } else {
+        format!("{kind} {container_id} {exec_id}\n")
+    }
+}
+
+async fn open_stream(
+    uds: &Path,
+    kind: &'static str,
+    container_id: &str,
+    exec_id: &str,
+) -> Result<tokio::net::UnixStream, StdioError> {
+    let mut s = vsock::connect(uds, STDIO_PORT, CONNECT_TIMEOUT)
+        .await
+        .map_err(|source| StdioError::Stream { kind, source })?;
+    s.write_all(header(kind, container_id, exec_id).as_bytes())
+        .await
+        .map_err(|source| StdioError::Header { kind, source })?;
+    Ok(s)
+}
+
+/// Opens a fifo blocking until containerd has the other end open (opening
+/// without a peer would read EOF at once, or fail for a writer), then hands
+/// it to the reactor.
+async fn open_fifo(
+    path: &str,
+    write: bool,
+    kind: &'static str,
+) -> Result<std::fs::File, StdioError> {
+    let p = PathBuf::from(path);
+    let err = |source| StdioError::Fifo {
+        kind,
+        path: p.clone(),
+        source,
+    };
+    let path2 = p.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open(path2)
+    })
+    .await
+    .map_err(|e| err(std::io::Error::other(e)))?
+    .map_err(err)
+}
+
+/// Connects the process's streams and starts copying. Call before the
+/// process starts, so no early output is waiting on the guest side.
+pub async fn attach(
+    uds: &Path,
+    container_id: &str,
+    exec_id: &str,
+    paths: &StdioPaths,
+) -> Result<StdioCopies, StdioError> {
+    let mut copies = StdioCopies {
+        output: Vec::new(),
+        close_stdin: None,
+    };
+    let wanted = paths.streams();
+    for (kind, path, on) in [
+        ("stdout", &paths.stdout, wanted.stdout),
+        ("stderr", &paths.stderr, wanted.stderr),
+    ] {
+        if !on {
+            continue;
+        }
+        let mut stream = open_stream(uds, kind, container_id, exec_id).await?;
+        let fifo = open_fifo(path, true, kind).await?;
+        let mut fifo = pipe::Sender::from_file(fifo).map_err(|source| StdioError::Fifo {
+            kind,
+            path: path.into(),
+            source,
+        })?;
+        copies.output.push(tokio::spawn(async move {
+            if let Err(e) = tokio::io::copy(&mut stream, &mut fifo).await {
+                tracing::debug!("{kind} copy ended: {e}");
+            }
+        }));
+    }
+    if wanted.stdin {
+        let stream = open_stream(uds, "stdin", container_id, exec_id).await?;
+        let path = paths.stdin.clone();
+        let (tx, rx) = oneshot::channel();
+        copies.close_stdin = Some(tx);
+        tokio::spawn(async move {
+            let (_, mut w) = stream.into_split();
+            let copy = async {
+                let fifo = open_fifo(&path, false, "stdin").await?;
+                let mut fifo =
+                    pipe::Receiver::from_file(fifo).map_err(|source| StdioError::Fifo {
+                        kind: "stdin",
+                        path: path.clone().into(),
+                        source,
+                    })?;
+                let _ = tokio::io::copy(&mut fifo, &mut w).await;
+                Ok::<_, StdioError>(())
+            };
+            tokio::select! {
+                r = copy => if let Err(e) = r { tracing::warn!("stdin: {e}") },
+                _ = rx => {}
+            }
+            // EOF for the process: the agent closes its stdin.
+            let _ = w.shutdown().await;
+        });
+    }
+    Ok(copies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_follow_the_contract() {
+        assert_eq!(header("stdout", "c1", ""), "stdout c1\n");
+        assert_eq!(header("stdin", "c1", "e2"), "stdin c1 e2\n");
+    }
+
+    #[test]
+    fn terminal_merges_stderr() {
+        let p = StdioPaths {
+            stdin: "i".into(),
+            stdout: "o".into(),
+            stderr: "e".into(),
+            terminal: true,
+        };
+        let s = p.streams();
+        assert!(s.terminal && s.stdin && s.stdout && !s.stderr);
+        let p = StdioPaths {
+            stdin: "".into(),
+            stdout: "o".into(),
+            stderr: "e".into(),
+            terminal: false,
+        };
+        let s = p.streams();
+        assert!(!s.stdin && s.stdout && s.stderr);
+        assert_eq!(s.stream_port, STDIO_PORT);
+    }
+}
