@@ -122,8 +122,14 @@ fn set_process_caps(c: &LinuxCapabilities) -> Result<(), RuntimeError> {
     caps::set(None, CapSet::Inheritable, &to_caps(c.inheritable()))?;
     caps::set(None, CapSet::Permitted, &to_caps(c.permitted()))?;
     caps::clear(None, CapSet::Ambient)?;
+    // The kernel allows only caps both permitted and inheritable; runc skips
+    // the others too (the default spec lists ambient caps, no inheritable).
+    let inheritable = to_caps(c.inheritable());
+    let permitted = to_caps(c.permitted());
     for cap in to_caps(c.ambient()) {
-        caps::raise(None, CapSet::Ambient, cap)?;
+        if inheritable.contains(&cap) && permitted.contains(&cap) {
+            caps::raise(None, CapSet::Ambient, cap)?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,473 @@
+//! End-to-end tests of the container RPCs and stdio streams against the
+//! agent binary in its dev mode, with a busybox rootfs. They need root (they
+//! create namespaces and mounts) and are skipped otherwise.
+//!
+//! This host has cgroup v1, so the agent runs containers without cgroups
+//! here: limits, pause/resume, stats and OOM events are covered by unit tests
+//! of `cgroup.rs` and in-guest by the shim's end-to-end tests.
+
+mod common;
+
+use std::time::Duration;
+
+use cocoon_protocol::agent::{ContainerRequest, ProcessRequest, TtyWinResizeRequest};
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["sh", "-c", script]
+}
+
+#[tokio::test]
+async fn exit_codes_and_separate_streams() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    for code in [0, 1, 42] {
+        let script = format!("echo out; echo err >&2; exit {code}");
+        let (status, out, err) = agent
+            .run(&format!("c{code}"), &spec(&rootfs, &sh(&script)))
+            .await;
+        assert_eq!(status, code);
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err\n");
+    }
+}
+
+#[tokio::test]
+async fn stdin_env_cwd_and_user() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+
+    // stdin is piped, and its EOF ends `cat`.
+    let s = spec(&rootfs, &["cat"]);
+    agent
+        .create("cat", &s, streams(true, true, false))
+        .await
+        .unwrap();
+    let mut input = agent.stream("stdin", "cat", "").await;
+    let mut out = agent.stream("stdout", "cat", "").await;
+    agent.start_container("cat").await.unwrap();
+    input.write_all(b"hello through stdin").await.unwrap();
+    input.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut out).await, b"hello through stdin");
+    assert_eq!(agent.wait("cat", "").await.unwrap().status, 0);
+    agent.remove("cat").await.unwrap();
+
+    let mut s = spec(
+        &rootfs,
+        &sh("echo $FOO; pwd; id -u; id -g; id -G; hostname"),
+    );
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+    s["process"]["cwd"] = json!("/tmp");
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20]});
+    let (status, out, err) = agent.run("who", &s).await;
+    assert_eq!(String::from_utf8_lossy(&err), "");
+    assert_eq!(status, 0);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "bar baz\n/tmp\n1000\n1000\n1000 10 20\ncocoon-test\n"
+    );
+}
+
+#[tokio::test]
+async fn capabilities_no_new_privs_and_masked_paths() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let s = spec(
+        &rootfs,
+        &sh("grep -E '^(Cap|NoNewPrivs)' /proc/self/status; \
+             wc -c < /proc/timer_list; \
+             echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-rw || echo sys-ro"),
+    );
+    let (status, out, _) = agent.run("caps", &s).await;
+    assert_eq!(status, 0);
+    let out = String::from_utf8(out).unwrap();
+    // CAP_KILL (5), CAP_NET_BIND_SERVICE (10), CAP_AUDIT_WRITE (29).
+    for set in ["CapPrm", "CapEff", "CapBnd"] {
+        assert!(
+            out.contains(&format!("{set}:\t0000000020000420")),
+            "{set} in {out}"
+        );
+    }
+    // Ambient needs inheritable, which the runc default spec leaves empty.
+    for set in ["CapInh", "CapAmb"] {
+        assert!(
+            out.contains(&format!("{set}:\t0000000000000000")),
+            "{set} in {out}"
+        );
+    }
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    // /proc/timer_list is /dev/null, /proc/sys is read-only.
+    assert!(out.contains("\n0\n"), "{out}");
+    assert!(out.contains("sys-ro"), "{out}");
+}
+
+#[tokio::test]
+async fn signals_exec_and_pids() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let init = agent
+        .create(
+            "sig",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("sig").await.unwrap();
+
+    // An exec shares the container's pid namespace and reports its output.
+    let p = process(&["sh", "-c", "echo from-exec; echo $$"]);
+    agent
+        .exec("sig", "e1", &p, streams(false, true, false))
+        .await
+        .unwrap();
+    let mut out = agent.stream("stdout", "sig", "e1").await;
+    assert_eq!(read_all(&mut out).await, b"from-exec\n2\n");
+    assert_eq!(agent.wait("sig", "e1").await.unwrap().status, 0);
+
+    // SIGTERM to a plain process: 128 + 15.
+    let sleeper = agent
+        .exec(
+            "sig",
+            "e2",
+            &process(&["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    let mut req = ContainerRequest::new();
+    req.container_id = "sig".into();
+    let pids = agent.client.list_pids(ctx(), &req).await.unwrap();
+    let listed: Vec<(u32, String)> = pids
+        .processes
+        .iter()
+        .map(|p| (p.pid, p.exec_id.clone()))
+        .collect();
+    assert!(listed.contains(&(init, String::new())), "{listed:?}");
+    assert!(listed.contains(&(sleeper, "e2".into())), "{listed:?}");
+    agent
+        .signal("sig", "e2", libc::SIGTERM, false)
+        .await
+        .unwrap();
+    assert_eq!(agent.wait("sig", "e2").await.unwrap().status, 143);
+    // Signalling it again: it is gone.
+    let err = agent
+        .signal("sig", "e2", libc::SIGTERM, false)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("NOT_FOUND"), "{err:?}");
+
+    // SIGKILL to the init: 128 + 9; the container is stopped.
+    agent.signal("sig", "", libc::SIGKILL, false).await.unwrap();
+    assert_eq!(agent.wait("sig", "").await.unwrap().status, 137);
+    let err = agent
+        .exec(
+            "sig",
+            "e3",
+            &process(&["true"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("FAILED_PRECONDITION"),
+        "{err:?}"
+    );
+    agent.remove("sig").await.unwrap();
+    assert!(!alive(init as i32));
+}
+
+#[tokio::test]
+async fn signal_all_and_remove_kill_everything() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    // The init ignores SIGTERM (pid 1 without a handler); its children do not.
+    let init = agent
+        .create(
+            "all",
+            &spec(&rootfs, &sh("sleep 1000 & sleep 1000 & wait")),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("all").await.unwrap();
+    let mut req = ContainerRequest::new();
+    req.container_id = "all".into();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pids = loop {
+        let r = agent.client.list_pids(ctx(), &req).await.unwrap();
+        if r.processes.len() == 3 {
+            break r.processes;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let children: Vec<i32> = pids
+        .iter()
+        .map(|p| p.pid as i32)
+        .filter(|p| *p != init as i32)
+        .collect();
+    agent.signal("all", "", libc::SIGTERM, true).await.unwrap();
+    // The children die; the init survives SIGTERM, and its `wait` returns.
+    assert_eq!(agent.wait("all", "").await.unwrap().status, 0);
+    for c in children {
+        assert!(!alive(c));
+    }
+    agent.remove("all").await.unwrap();
+
+    // Remove of a running container kills it.
+    let pid = agent
+        .create(
+            "rm",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("rm").await.unwrap();
+    agent.remove("rm").await.unwrap();
+    assert!(!alive(pid as i32));
+    // And of a created, never started one.
+    let pid = agent
+        .create(
+            "rm2",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.remove("rm2").await.unwrap();
+    assert!(!alive(pid as i32));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_output_is_byte_exact_with_back_pressure() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let n = 800_000;
+    let s = spec(&rootfs, &["seq", "1", &n.to_string()]);
+    agent
+        .create("big", &s, streams(false, true, false))
+        .await
+        .unwrap();
+    agent.start_container("big").await.unwrap();
+    // Nobody reads yet: the pipe fills and `seq` blocks instead of the
+    // agent buffering, so it cannot finish.
+    let waiting = tokio::time::timeout(Duration::from_millis(500), agent.wait("big", "")).await;
+    assert!(waiting.is_err(), "seq finished without a reader");
+    let mut out = agent.stream("stdout", "big", "").await;
+    let got = read_all(&mut out).await;
+    let want: String = (1..=n).map(|i| format!("{i}\n")).collect();
+    assert!(want.len() > 5 << 20);
+    assert_eq!(got.len(), want.len());
+    assert!(got == want.as_bytes());
+    assert_eq!(agent.wait("big", "").await.unwrap().status, 0);
+    agent.remove("big").await.unwrap();
+}
+
+#[tokio::test]
+async fn waiters_see_the_same_status_before_and_after_exit() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    agent
+        .create(
+            "w",
+            &spec(&rootfs, &sh("read x; exit 7")),
+            streams(true, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("w").await.unwrap();
+    let (a, b, close) = tokio::join!(agent.wait("w", ""), agent.wait("w", ""), async {
+        // stdin was requested but never connected: CloseStdin ends `read`.
+        let mut req = ProcessRequest::new();
+        req.container_id = "w".into();
+        agent.client.close_stdin(ctx(), &req).await
+    });
+    close.unwrap();
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.status, b.status), (7, 7));
+    assert_eq!(a.exited_at_ns, b.exited_at_ns);
+    let late = agent.wait("w", "").await.unwrap();
+    assert_eq!((late.status, late.exited_at_ns), (7, a.exited_at_ns));
+    assert!(a.exited_at_ns > 1_600_000_000_000_000_000);
+    agent.remove("w").await.unwrap();
+}
+
+#[tokio::test]
+async fn terminal_resize_reaches_the_process() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let mut stdio = streams(true, true, false);
+    stdio.terminal = true;
+    let mut s = spec(&rootfs, &sh("read x; stty size; tty"));
+    s["process"]["terminal"] = json!(true);
+    agent.create("tty", &s, stdio).await.unwrap();
+    let mut input = agent.stream("stdin", "tty", "").await;
+    let mut out = agent.stream("stdout", "tty", "").await;
+    agent.start_container("tty").await.unwrap();
+    let mut req = TtyWinResizeRequest::new();
+    req.container_id = "tty".into();
+    req.rows = 33;
+    req.columns = 101;
+    agent.client.tty_win_resize(ctx(), &req).await.unwrap();
+    input.write_all(b"go\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("/dev/") {
+        let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+            .await
+            .expect("terminal output")
+            .unwrap();
+        assert!(
+            n > 0,
+            "EOF before the output: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("33 101\r\n"), "{text:?}");
+    // The terminal is the controlling tty and /dev/console.
+    assert!(
+        text.contains("/dev/pts/") || text.contains("/dev/console"),
+        "{text:?}"
+    );
+    assert_eq!(agent.wait("tty", "").await.unwrap().status, 0);
+    agent.remove("tty").await.unwrap();
+}
+
+#[tokio::test]
+async fn readonly_root_and_bind_mounts() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let rw = agent.dir.path().join("rw");
+    let ro = agent.dir.path().join("ro");
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("given"), "from the host\n").unwrap();
+    let mut s = spec(
+        &rootfs,
+        &sh("touch /x 2>/dev/null && echo root-rw || echo root-ro; \
+             echo hi > /data-rw/f && echo rw-ok; \
+             cat /data-ro/given; \
+             touch /data-ro/f 2>/dev/null && echo ro-bad || echo ro-ok; \
+             touch /tmp/x && echo tmp-ok"),
+    );
+    s["root"]["readonly"] = json!(true);
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({"destination": "/data-rw", "type": "bind", "source": rw, "options": ["rbind", "rw"]}));
+    mounts.push(json!({"destination": "/data-ro", "type": "bind", "source": ro, "options": ["rbind", "ro"]}));
+    // The rootfs is read-only: mount points must already exist.
+    std::fs::create_dir_all(rootfs.join("data-rw")).unwrap();
+    std::fs::create_dir_all(rootfs.join("data-ro")).unwrap();
+    let (status, out, err) = agent.run("mnt", &s).await;
+    assert_eq!(String::from_utf8_lossy(&err), "");
+    assert_eq!(status, 0);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "root-ro\nrw-ok\nfrom the host\nro-ok\ntmp-ok\n"
+    );
+    assert_eq!(std::fs::read_to_string(rw.join("f")).unwrap(), "hi\n");
+    assert!(!ro.join("f").exists());
+    assert!(!rootfs.join("x").exists());
+}
+
+#[tokio::test]
+async fn seccomp_profile_is_enforced() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let mut s = spec(
+        &rootfs,
+        &sh("mkdir /tmp/d 2>/dev/null && echo mkdir-ok || echo mkdir-denied; touch /tmp/f && echo touch-ok"),
+    );
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let (status, out, _) = agent.run("sec", &s).await;
+    assert_eq!(status, 0);
+    assert_eq!(String::from_utf8(out).unwrap(), "mkdir-denied\ntouch-ok\n");
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let code = |e: ttrpc::Error| format!("{e:?}");
+
+    let err = agent.start_container("nope").await.unwrap_err();
+    assert!(code(err).contains("NOT_FOUND"));
+    let err = agent
+        .create(
+            "bad",
+            &json!({"ociVersion": "1.0.2"}),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap_err();
+    assert!(code(err).contains("INVALID_ARGUMENT"));
+    let err = agent
+        .create(
+            "../x",
+            &spec(&rootfs, &["true"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap_err();
+    assert!(code(err).contains("INVALID_ARGUMENT"));
+
+    // A missing executable fails at start, with the name in the message.
+    agent
+        .create(
+            "noexe",
+            &spec(&rootfs, &["/bin/does-not-exist"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    let err = agent.start_container("noexe").await.unwrap_err();
+    assert!(code(err).contains("does-not-exist"));
+    agent.remove("noexe").await.unwrap();
+
+    // A rootfs that does not exist fails at create.
+    let err = agent
+        .create(
+            "noroot",
+            &spec(&agent.dir.path().join("missing"), &["true"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap_err();
+    assert!(code(err).contains("rootfs"), "{}", "rootfs");
+
+    // A bad stream header is closed without a reply.
+    let mut s = tokio::net::UnixStream::connect(agent.stdio_path())
+        .await
+        .unwrap();
+    s.write_all(b"bogus header\n").await.unwrap();
+    assert!(read_all(&mut s).await.is_empty());
+}
