@@ -56,13 +56,23 @@ fn main() {
         Some(_) => usage(),
     };
     let started = Instant::now();
-    let start_boottime_ns = details::boottime_ns();
+    let is_init = std::process::id() == 1;
+    let start_boottime_ns = std::env::var(init::START_NS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(details::boottime_ns);
+    if is_init && matches!(listen, Listen::Vsock) {
+        // Returns only once `/` is a tmpfs (after the re-exec).
+        if let Err(e) = init::leave_initramfs(start_boottime_ns) {
+            eprintln!("cocoon-agent: {e:#}");
+            power::fatal("cannot leave the initramfs");
+        }
+    }
     std::panic::set_hook(Box::new(|info| {
         eprintln!("cocoon-agent: panic: {info}");
         power::fatal("panicked");
     }));
 
-    let is_init = std::process::id() == 1;
     let early = if is_init {
         match init::early_init() {
             Ok(early) => early,

@@ -131,13 +131,21 @@ async fn signals_exec_and_pids() {
     agent.start_container("sig").await.unwrap();
 
     // An exec shares the container's pid namespace and reports its output.
-    let p = process(&["sh", "-c", "echo from-exec; echo $$"]);
+    // It also sees the container's files, not the agent's.
+    let p = process(&[
+        "sh",
+        "-c",
+        "echo from-exec; echo $$; grep ^user: /etc/passwd",
+    ]);
     agent
         .exec("sig", "e1", &p, streams(false, true, false))
         .await
         .unwrap();
     let mut out = agent.stream("stdout", "sig", "e1").await;
-    assert_eq!(read_all(&mut out).await, b"from-exec\n2\n");
+    assert_eq!(
+        String::from_utf8(read_all(&mut out).await).unwrap(),
+        "from-exec\n2\nuser:x:1000:1000::/tmp:/bin/sh\n"
+    );
     assert_eq!(agent.wait("sig", "e1").await.unwrap().status, 0);
 
     // SIGTERM to a plain process: 128 + 15.
@@ -354,6 +362,40 @@ async fn terminal_resize_reaches_the_process() {
     );
     assert_eq!(agent.wait("tty", "").await.unwrap().status, 0);
     agent.remove("tty").await.unwrap();
+}
+
+#[tokio::test]
+async fn exec_with_a_terminal() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    agent
+        .create(
+            "et",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("et").await.unwrap();
+    let mut stdio = streams(true, true, false);
+    stdio.terminal = true;
+    let mut p = process(&["sh", "-c", "read x; echo got-$x; stty size"]);
+    p["terminal"] = json!(true);
+    agent.exec("et", "sh", &p, stdio).await.unwrap();
+    let mut req = TtyWinResizeRequest::new();
+    req.container_id = "et".into();
+    req.exec_id = "sh".into();
+    req.rows = 12;
+    req.columns = 34;
+    agent.client.tty_win_resize(ctx(), &req).await.unwrap();
+    let mut input = agent.stream("stdin", "et", "sh").await;
+    let mut out = agent.stream("stdout", "et", "sh").await;
+    input.write_all(b"abc\n").await.unwrap();
+    let text = String::from_utf8(read_all(&mut out).await).unwrap();
+    assert!(text.contains("got-abc\r\n12 34\r\n"), "{text:?}");
+    assert_eq!(agent.wait("et", "sh").await.unwrap().status, 0);
+    agent.remove("et").await.unwrap();
 }
 
 #[tokio::test]

@@ -54,9 +54,13 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_cocoon-agent"))
             .arg("--listen-unix")
             .arg(dir.path())
-            .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // The agent's log, when debugging a test.
+            .stderr(if std::env::var_os("COCOON_TEST_AGENT_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
         let sock = dir.path().join("agent.sock");
