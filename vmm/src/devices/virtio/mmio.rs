@@ -264,9 +264,11 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
                 let Some(q) = self.configurable_queue() else {
                     return;
                 };
-                if q.is_valid(&mem) {
-                    q.set_ready(true);
-                } else {
+                // is_valid() also requires the ready bit; take it back if the rings do
+                // not fit in guest memory.
+                q.set_ready(true);
+                if !q.is_valid(&mem) {
+                    q.set_ready(false);
                     self.needs_reset(&format!("queue {sel} is misprogrammed"));
                 }
             }

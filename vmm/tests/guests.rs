@@ -1,0 +1,469 @@
+//! End-to-end tests of `cocoon-vmm` on this host's /dev/kvm with synthetic PVH guests
+//! (see `guest/mod.rs`): serial, i8042 reset, triple fault, unknown I/O, virtio-mmio
+//! discovery and feature negotiation, block read/write, a vsock round trip, the API and
+//! the seccomp sandbox.
+
+mod guest;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
+use std::time::{Duration, Instant};
+
+use guest::{assemble, can_run};
+
+#[test]
+fn serial_output_and_i8042_reset_end_the_vm_cleanly() {
+    if !can_run("serial_output_and_i8042_reset_end_the_vm_cleanly") {
+        return;
+    }
+    let g = assemble(
+        r#"
+    PRINT "hello from the guest\n"
+    jmp reset
+"#,
+    );
+    let out = g.run(&[]);
+    assert!(out.status.success(), "{:?} {}", out.status, out.stderr);
+    assert_eq!(out.serial, "hello from the guest\n");
+    assert!(out
+        .stderr
+        .contains("seccomp filter and no_new_privs in place"));
+}
+
+#[test]
+fn top_level_one_shot_form_works_too() {
+    if !can_run("top_level_one_shot_form_works_too") {
+        return;
+    }
+    let g = assemble("    PRINT \"hi\"\n    jmp reset\n");
+    let status = std::process::Command::new(guest::BIN)
+        .arg("--kernel")
+        .arg(&g.elf)
+        .arg("--serial-out")
+        .arg(g.path("serial.log"))
+        .args(["--mem-mib", "8"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(g.serial(), "hi");
+}
+
+#[test]
+fn triple_fault_is_reported_not_a_crash() {
+    if !can_run("triple_fault_is_reported_not_a_crash") {
+        return;
+    }
+    // An empty IDT: the #UD cannot be delivered, nor the #DF, so the CPU shuts down.
+    let g = assemble(
+        r#"
+    PRINT "before\n"
+    lidt (zero_idt)
+    ud2
+zero_idt:
+    .word 0
+    .long 0
+"#,
+    );
+    let out = g.run(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
+    assert_eq!(out.serial, "before\n");
+    assert!(out.stderr.contains("triple fault"), "{}", out.stderr);
+}
+
+#[test]
+fn unknown_ports_and_mmio_are_logged_and_survived() {
+    if !can_run("unknown_ports_and_mmio_are_logged_and_survived") {
+        return;
+    }
+    // A burst of bad accesses: reads return all-ones, the log is rate-limited.
+    let g = assemble(
+        r#"
+    mov $100, %ebx
+1:  mov $0x1234, %dx
+    in %dx, %al
+    out %al, %dx
+    movl $1, 0xe0000000
+    mov 0xe0000000, %eax
+    dec %ebx
+    jnz 1b
+    EXPECT32 0xe0000010, 0xffffffff, unknown_mmio_reads_ones
+    mov $0x1234, %dx
+    in %dx, %al
+    cmp $0xff, %al
+    je 2f
+    PRINT "FAIL port\n"
+2:  PRINT "survived\n"
+    jmp reset
+"#,
+    );
+    let out = g.run(&[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "survived\n");
+    let warnings = out.stderr.matches("unknown").count();
+    assert!(
+        (1..=20).contains(&warnings),
+        "log not rate-limited: {warnings} lines"
+    );
+}
+
+fn disk(g: &guest::Guest, sectors: usize) -> std::path::PathBuf {
+    let path = g.path("disk.img");
+    let mut data = vec![0u8; 512 * sectors];
+    data[..16].copy_from_slice(b"SECTOR-ZERO-DATA");
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+#[test]
+fn virtio_mmio_discovery_and_feature_negotiation() {
+    if !can_run("virtio_mmio_discovery_and_feature_negotiation") {
+        return;
+    }
+    let g = assemble(
+        r#"
+    VIRTIO_INIT 0xd0000000, 2
+    /* A driver acking a feature the device did not offer must not get FEATURES_OK. */
+    MMIO_W 0xd0000000, 0x070, 0
+    MMIO_W 0xd0000000, 0x070, 3
+    MMIO_W 0xd0000000, 0x024, 0
+    MMIO_W 0xd0000000, 0x020, 0x80000000
+    MMIO_W 0xd0000000, 0x070, 11
+    EXPECT32 0xd0000070, 3, refused_features
+    /* Capacity (config space) is 8 sectors. */
+    EXPECT32 0xd0000100, 8, capacity
+    PRINT "virtio ok\n"
+    jmp reset
+"#,
+    );
+    let img = disk(&g, 8);
+    let out = g.run(&["--disk", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "virtio ok\n");
+}
+
+/// Reads sector 0 and prints it, then writes sector 1 from guest memory.
+const BLOCK_GUEST: &str = r#"
+    VIRTIO_INIT 0xd0000000, 2
+    QUEUE 0xd0000000, 0, 0x200000, 0x201000, 0x202000
+    MMIO_W 0xd0000000, 0x070, 15
+    /* Request 1: IN sector 0 into 0x204000. */
+    movl $0, 0x203000
+    movl $0, 0x203004
+    movl $0, 0x203008
+    movl $0, 0x20300c
+    movb $0xaa, 0x205000
+    DESC 0x200000, 0, 0x203000, 16, 1, 1
+    DESC 0x200000, 1, 0x204000, 512, 3, 2
+    DESC 0x200000, 2, 0x205000, 1, 2, 0
+    AVAIL 0x201000, 0, 0, 1
+    MMIO_W 0xd0000000, 0x050, 0
+    WAIT16 0x202002, 1, read
+    cmpb $0, 0x205000
+    je 1f
+    PRINT "FAIL read status\n"
+    jmp reset
+1:  mov $0x204000, %esi
+    mov $16, %ecx
+    call putn
+    PRINT "\n"
+    /* Request 2: OUT sector 1 from 0x206000. */
+    mov $0x206000, %edi
+    mov $128, %ecx
+    mov $0x54495257, %eax /* "WRIT" */
+    rep stosl
+    movl $1, 0x203100
+    movl $0, 0x203104
+    movl $1, 0x203108
+    movl $0, 0x20310c
+    DESC 0x200000, 3, 0x203100, 16, 1, 4
+    DESC 0x200000, 4, 0x206000, 512, 1, 5
+    DESC 0x200000, 5, 0x205000, 1, 2, 0
+    AVAIL 0x201000, 1, 3, 2
+    MMIO_W 0xd0000000, 0x050, 0
+    WAIT16 0x202002, 2, write
+    movzbl 0x205000, %eax
+    add $0x30, %al
+    mov %al, 0x207000
+    movb $0, 0x207001
+    PRINT "write status "
+    mov $0x207000, %esi
+    call puts
+    PRINT "\n"
+    jmp reset
+"#;
+
+#[test]
+fn block_read_and_write_reach_the_file() {
+    if !can_run("block_read_and_write_reach_the_file") {
+        return;
+    }
+    let g = assemble(BLOCK_GUEST);
+    let img = disk(&g, 8);
+    let out = g.run(&["--disk", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "SECTOR-ZERO-DATA\nwrite status 0\n");
+    let mut sector1 = [0u8; 512];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut sector1, 512)
+        .unwrap();
+    assert_eq!(&sector1[..8], b"WRITWRIT");
+    assert!(sector1.chunks(4).all(|c| c == b"WRIT"));
+}
+
+#[test]
+fn read_only_disk_refuses_the_write() {
+    if !can_run("read_only_disk_refuses_the_write") {
+        return;
+    }
+    let g = assemble(BLOCK_GUEST);
+    let img = disk(&g, 8);
+    let arg = format!("{},ro", img.display());
+    let out = g.run(&["--disk", &arg]);
+    assert!(out.status.success(), "{}", out.stderr);
+    // VIRTIO_BLK_S_IOERR, and the file is untouched.
+    assert_eq!(out.serial, "SECTOR-ZERO-DATA\nwrite status 1\n");
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[512..1024].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn misprogrammed_queue_sets_needs_reset_and_vmm_survives() {
+    if !can_run("misprogrammed_queue_sets_needs_reset_and_vmm_survives") {
+        return;
+    }
+    // Descriptor table outside guest memory (32 MiB): QUEUE_READY must not stick, the
+    // device must flag DEVICE_NEEDS_RESET, and a notify must be ignored.
+    let g = assemble(
+        r#"
+    VIRTIO_INIT 0xd0000000, 2
+    MMIO_W 0xd0000000, 0x030, 0
+    MMIO_W 0xd0000000, 0x038, 8
+    MMIO_W 0xd0000000, 0x080, 0x7f000000
+    MMIO_W 0xd0000000, 0x090, 0x201000
+    MMIO_W 0xd0000000, 0x0a0, 0x202000
+    MMIO_W 0xd0000000, 0x044, 1
+    EXPECT32 0xd0000044, 0, queue_not_ready
+    EXPECT32 0xd0000070, 0x4b, needs_reset
+    MMIO_W 0xd0000000, 0x050, 0
+    PRINT "ok\n"
+    jmp reset
+"#,
+    );
+    let img = disk(&g, 8);
+    let out = g.run(&["--disk", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "ok\n");
+    assert!(out.stderr.contains("misprogrammed"), "{}", out.stderr);
+}
+
+/// A guest that opens a stream to host port 5000, sends "ping\n", and prints the first
+/// data packet it gets back.
+const VSOCK_GUEST: &str = r#"
+    VIRTIO_INIT 0xd0000000, 19
+    QUEUE 0xd0000000, 0, 0x210000, 0x211000, 0x212000
+    QUEUE 0xd0000000, 1, 0x220000, 0x221000, 0x222000
+    MMIO_W 0xd0000000, 0x070, 15
+    /* Four 4 KiB rx buffers. */
+    DESC 0x210000, 0, 0x213000, 4096, 2, 0
+    DESC 0x210000, 1, 0x214000, 4096, 2, 0
+    DESC 0x210000, 2, 0x215000, 4096, 2, 0
+    DESC 0x210000, 3, 0x216000, 4096, 2, 0
+    movw $0, 0x211004
+    movw $1, 0x211006
+    movw $2, 0x211008
+    movw $3, 0x21100a
+    movw $4, 0x211002
+    MMIO_W 0xd0000000, 0x050, 0
+    /* REQUEST: cid 3 port 1234 -> cid 2 port 5000. */
+    mov $0x223000, %edi
+    call vsock_hdr
+    movw $1, 0x22301e
+    DESC 0x220000, 0, 0x223000, 44, 0, 0
+    AVAIL 0x221000, 0, 0, 1
+    MMIO_W 0xd0000000, 0x050, 1
+    WAIT16 0x212002, 1, response
+    cmpw $2, 0x21301e
+    je 1f
+    PRINT "FAIL no RESPONSE\n"
+    jmp reset
+    /* RW "ping\n", header and payload in one descriptor. */
+1:  mov $0x224000, %edi
+    call vsock_hdr
+    movw $5, 0x22401e
+    movl $5, 0x224018
+    movl $0x676e6970, 0x22402c
+    movb $0x0a, 0x224030
+    DESC 0x220000, 1, 0x224000, 49, 0, 0
+    AVAIL 0x221000, 1, 1, 2
+    MMIO_W 0xd0000000, 0x050, 1
+    /* Wait for rx packets until one is RW; print its payload. */
+    mov $2, %ebx
+2:  cmp $5, %ebx
+    jae 4f
+    mov $50000000, %ecx
+3:  movzwl 0x212002, %eax
+    cmp %ebx, %eax
+    jae 5f
+    loop 3b
+4:  PRINT "TIMEOUT data\n"
+    jmp reset
+5:  movl 0x212000 + 4 - 8(,%ebx,8), %eax /* used.ring[ebx-1].id */
+    shl $12, %eax
+    add $0x213000, %eax
+    inc %ebx
+    cmpw $5, 0x1e(%eax)
+    jne 2b
+    mov 0x18(%eax), %ecx
+    lea 44(%eax), %esi
+    call putn
+    jmp reset
+
+/* A stream header at EDI with op 0, len 0. */
+vsock_hdr:
+    push %edi
+    push %ecx
+    xor %eax, %eax
+    mov $11, %ecx
+    rep stosl
+    pop %ecx
+    pop %edi
+    movl $3, 0(%edi)
+    movl $2, 8(%edi)
+    movl $1234, 16(%edi)
+    movl $5000, 20(%edi)
+    movw $1, 28(%edi)
+    movl $65536, 36(%edi)
+    ret
+"#;
+
+#[test]
+fn vsock_round_trip_to_a_host_unix_socket() {
+    if !can_run("vsock_round_trip_to_a_host_unix_socket") {
+        return;
+    }
+    let g = assemble(VSOCK_GUEST);
+    let uds = g.path("vsock.sock");
+    let listener = UnixListener::bind(g.path("vsock.sock_5000")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let host = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("the guest never connected: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"pong\n").unwrap();
+        // Keep the stream open until the guest has had time to read.
+        std::thread::sleep(Duration::from_millis(500));
+        buf
+    });
+    let out = g.run(&["--vsock-uds", uds.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "pong\n", "{}", out.stderr);
+    assert_eq!(&host.join().unwrap(), b"ping\n");
+    assert_eq!(out.serial, "pong\n", "{}", out.stderr);
+}
+
+/// A guest that prints a dot every few million iterations forever.
+const SPINNER: &str = r#"
+1:  mov $2000000, %ecx
+2:  loop 2b
+    mov $0x2e, %al
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp 1b
+"#;
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
+    if !can_run("api_boots_pauses_resumes_and_shuts_down_under_seccomp") {
+        return;
+    }
+    use cocoon_vmm::vmm::{api_call, VmState};
+    let g = assemble(SPINNER);
+    let api = g.path("api.sock");
+    let child = g.spawn(&["--api-sock", api.to_str().unwrap(), "--no-boot"]);
+    wait_for("api socket", || api.exists());
+    let r = api_call(&api, r#"{"action":"state"}"#).unwrap();
+    assert_eq!(r.state, VmState::Configured);
+    let r = api_call(&api, r#"{"action":"pause"}"#).unwrap();
+    assert!(!r.ok, "pause before boot must be refused");
+    let r = api_call(&api, r#"{"action":"bogus"}"#).unwrap();
+    assert!(!r.ok && r.error.unwrap().contains("bogus"));
+    let r = api_call(&api, r#"{"action":"boot"}"#).unwrap();
+    assert!(r.ok && r.state == VmState::Running, "{r:?}");
+
+    // Sandboxed: seccomp in filter mode and no_new_privs, on every thread.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+
+    let len = || g.serial().len();
+    wait_for("guest output", || len() > 2);
+    let r = api_call(&api, r#"{"action":"pause"}"#).unwrap();
+    assert!(r.ok && r.state == VmState::Paused, "{r:?}");
+    let paused_at = len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(len() <= paused_at + 1, "guest ran while paused");
+    let r = api_call(&api, r#"{"action":"resume"}"#).unwrap();
+    assert!(r.ok && r.state == VmState::Running);
+    wait_for("output after resume", || len() > paused_at + 2);
+    let r = api_call(&api, r#"{"action":"shutdown"}"#).unwrap();
+    assert!(r.ok);
+    let out = g.finish(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!api.exists(), "api socket left behind");
+}
+
+#[test]
+fn api_configures_a_vm_from_json() {
+    if !can_run("api_configures_a_vm_from_json") {
+        return;
+    }
+    use cocoon_vmm::vmm::{api_call, VmState};
+    let g = assemble("    PRINT \"configured\\n\"\n    jmp reset\n");
+    let api = g.path("api.sock");
+    let child = std::process::Command::new(guest::BIN)
+        .args(["run", "--api-sock"])
+        .arg(&api)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("api socket", || api.exists());
+    let r = api_call(&api, r#"{"action":"state"}"#).unwrap();
+    assert_eq!(r.state, VmState::NotConfigured);
+    let bad = r#"{"action":"configure","config":{"kernel":"/nope","mem_mb":1}}"#;
+    let r = api_call(&api, bad).unwrap();
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("mem_mb"),
+        "{r:?}"
+    );
+    let cfg = serde_json::json!({
+        "action": "configure",
+        "config": {"kernel": g.elf, "mem_mib": 16, "serial_out": g.path("serial.log")},
+    });
+    let r = api_call(&api, &cfg.to_string()).unwrap();
+    assert!(r.ok && r.state == VmState::Configured, "{r:?}");
+    let r = api_call(&api, r#"{"action":"boot"}"#).unwrap();
+    assert!(r.ok, "{r:?}");
+    let out = g.finish(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "configured\n");
+}
