@@ -188,121 +188,43 @@ pub fn setup_logging(cmdline: &str) {
         .try_init();
 }
 
-/// Set in the environment of the re-executed agent once `/` is a tmpfs.
-const SWITCHED_ENV: &str = "COCOON_SWITCHED_ROOT";
-/// Carries the first start's boot time across the re-exec, for the reports.
-pub const START_NS_ENV: &str = "COCOON_AGENT_START_NS";
-
 #[derive(Debug, Error)]
-pub enum SwitchRootError {
-    #[error("cannot {what} while leaving the initramfs")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot {what} while leaving the initramfs")]
-    Sys {
-        what: &'static str,
-        #[source]
-        source: nix::Error,
-    },
+#[error("cannot {what} while leaving the initramfs root")]
+pub struct SwitchRootError {
+    what: &'static str,
+    #[source]
+    source: nix::Error,
 }
 
-/// The initramfs is the kernel's initial root mount, which `pivot_root`
-/// refuses (EINVAL): containers could only be entered by chroot, which a
-/// process with CAP_SYS_CHROOT can escape. So PID 1 moves the image onto a
-/// tmpfs first, as `switch_root` does: copy, free the old files, move the
-/// tmpfs over `/`, chroot into it, and re-execute itself from there.
-/// Returns only if already switched.
-pub fn leave_initramfs(start_boottime_ns: i64) -> Result<(), SwitchRootError> {
-    use nix::unistd::{chdir, chroot, execve};
-    if std::env::var_os(SWITCHED_ENV).is_some() {
-        return Ok(());
-    }
-    let io = |what: String| move |source| SwitchRootError::Io { what, source };
-    let sys = |what: &'static str| move |source| SwitchRootError::Sys { what, source };
+/// The initramfs is the kernel's initial root mount, which has no parent, and
+/// `pivot_root` refuses such a root (EINVAL): containers could then only be
+/// entered by chroot, which a process with CAP_SYS_CHROOT can escape. A bind
+/// mount of `/` moved over `/` is the same tree with a parent mount, which
+/// `pivot_root` accepts; nothing is copied. Run once, first thing, as PID 1.
+pub fn leave_initramfs() -> Result<(), SwitchRootError> {
+    use nix::unistd::{chdir, chroot};
+    let err = |what| move |source| SwitchRootError { what, source };
     let new_root = Path::new("/newroot");
-    fs::create_dir_all(new_root).map_err(io("create /newroot".into()))?;
-    mount(Some("tmpfs"), new_root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))
-        .map_err(sys("mount a tmpfs on /newroot"))?;
-    for entry in fs::read_dir("/").map_err(io("list /".into()))? {
-        let entry = entry.map_err(io("list /".into()))?;
-        if entry.file_name() == "newroot" {
-            continue;
+    if let Err(e) = fs::create_dir(new_root) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(SwitchRootError {
+                what: "create /newroot",
+                source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+            });
         }
-        let to = new_root.join(entry.file_name());
-        copy_tree(&entry.path(), &to)?;
-        // Free the initramfs copy as we go: it stays in RAM otherwise.
-        let _ = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            fs::remove_dir_all(entry.path())
-        } else {
-            fs::remove_file(entry.path())
-        };
     }
-    chdir(new_root).map_err(sys("enter /newroot"))?;
+    mount(
+        Some("/"),
+        new_root,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(err("bind / on /newroot"))?;
+    chdir(new_root).map_err(err("enter /newroot"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(sys("move /newroot over /"))?;
-    chroot(".").map_err(sys("chroot into the new root"))?;
-    chdir("/").map_err(sys("enter the new root"))?;
-    let prog = std::ffi::CString::new("/init").expect("no NUL");
-    let mut env: Vec<std::ffi::CString> = std::env::vars()
-        .filter_map(|(k, v)| std::ffi::CString::new(format!("{k}={v}")).ok())
-        .collect();
-    env.push(std::ffi::CString::new(format!("{SWITCHED_ENV}=1")).expect("no NUL"));
-    env.push(std::ffi::CString::new(format!("{START_NS_ENV}={start_boottime_ns}")).expect("no NUL"));
-    let err = execve(&prog, &[prog.clone()], &env).unwrap_err();
-    Err(SwitchRootError::Sys { what: "re-execute /init", source: err })
-}
-
-/// Copies a file tree, keeping modes, symlinks and device nodes.
-fn copy_tree(from: &Path, to: &Path) -> Result<(), SwitchRootError> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let io = |what: String| move |source| SwitchRootError::Io { what, source };
-    let meta = fs::symlink_metadata(from).map_err(io(format!("stat {}", from.display())))?;
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        fs::create_dir(to).map_err(io(format!("create {}", to.display())))?;
-        for e in fs::read_dir(from).map_err(io(format!("list {}", from.display())))? {
-            let e = e.map_err(io(format!("list {}", from.display())))?;
-            copy_tree(&e.path(), &to.join(e.file_name()))?;
-        }
-        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(io(format!("chmod {}", to.display())))?;
-    } else if ft.is_symlink() {
-        let target = fs::read_link(from).map_err(io(format!("read link {}", from.display())))?;
-        std::os::unix::fs::symlink(target, to).map_err(io(format!("link {}", to.display())))?;
-    } else if ft.is_file() {
-        fs::copy(from, to).map_err(io(format!("copy {}", from.display())))?;
-    } else {
-        // Device nodes (the image's /dev/console), fifos, sockets.
-        let kind = nix::sys::stat::SFlag::from_bits_truncate(meta.mode());
-        let perm = nix::sys::stat::Mode::from_bits_truncate(meta.mode());
-        nix::sys::stat::mknod(to, kind, perm, meta.rdev())
-            .map_err(|e| SwitchRootError::Io { what: format!("mknod {}", to.display()), source: e.into() })?;
-    }
+        .map_err(err("move /newroot over /"))?;
+    chroot(".").map_err(err("chroot into the new root"))?;
+    chdir("/").map_err(err("enter the new root"))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod switch_tests {
-    use super::*;
-
-    #[test]
-    fn copy_tree_keeps_modes_and_links() {
-        use std::os::unix::fs::PermissionsExt;
-        let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("src");
-        fs::create_dir_all(src.join("lib/modules")).unwrap();
-        fs::write(src.join("init"), b"agent").unwrap();
-        fs::set_permissions(src.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(src.join("lib/modules/a.ko"), b"ko").unwrap();
-        std::os::unix::fs::symlink("init", src.join("sbin-init")).unwrap();
-        copy_tree(&src, &d.path().join("dst")).unwrap();
-        let dst = d.path().join("dst");
-        assert_eq!(fs::read(dst.join("init")).unwrap(), b"agent");
-        assert_eq!(fs::metadata(dst.join("init")).unwrap().permissions().mode() & 0o777, 0o755);
-        assert_eq!(fs::read(dst.join("lib/modules/a.ko")).unwrap(), b"ko");
-        assert_eq!(fs::read_link(dst.join("sbin-init")).unwrap(), Path::new("init"));
-    }
 }

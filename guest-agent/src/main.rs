@@ -38,7 +38,7 @@ enum Listen {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cocoon-agent [--listen-unix <dir>]");
+    eprintln!("usage: cocoon-agent [--listen-unix <dir> [--no-pivot]]");
     std::process::exit(2)
 }
 
@@ -47,23 +47,23 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(runtime::HELPER_ARG) {
         runtime::helper_main();
     }
-    let listen = match args.get(1).map(String::as_str) {
-        None => Listen::Vsock,
-        Some("--listen-unix") => match args.get(2) {
-            Some(dir) if args.len() == 3 => Listen::Unix(PathBuf::from(dir)),
+    // `--no-pivot` makes the dev mode take the path an initramfs root takes.
+    let (listen, no_pivot) = match args.get(1).map(String::as_str) {
+        None => (Listen::Vsock, false),
+        Some("--listen-unix") => match (args.get(2), args.get(3).map(String::as_str)) {
+            (Some(dir), None) => (Listen::Unix(PathBuf::from(dir)), false),
+            (Some(dir), Some("--no-pivot")) if args.len() == 4 => {
+                (Listen::Unix(PathBuf::from(dir)), true)
+            }
             _ => usage(),
         },
         Some(_) => usage(),
     };
     let started = Instant::now();
     let is_init = std::process::id() == 1;
-    let start_boottime_ns = std::env::var(init::START_NS_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(details::boottime_ns);
+    let start_boottime_ns = details::boottime_ns();
     if is_init && matches!(listen, Listen::Vsock) {
-        // Returns only once `/` is a tmpfs (after the re-exec).
-        if let Err(e) = init::leave_initramfs(start_boottime_ns) {
+        if let Err(e) = init::leave_initramfs() {
             eprintln!("cocoon-agent: {e:#}");
             power::fatal("cannot leave the initramfs");
         }
@@ -106,7 +106,7 @@ fn main() {
         server_ready_boottime_ns: Default::default(),
         oom_events: tokio::sync::broadcast::channel(16).0,
         is_init,
-        containers: Arc::new(container::Containers::new(reaper.clone())),
+        containers: Arc::new(container::Containers::new(reaper.clone(), no_pivot)),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
