@@ -90,7 +90,8 @@ async fn capabilities_no_new_privs_and_masked_paths() {
         &rootfs,
         &sh("grep -E '^(Cap|NoNewPrivs)' /proc/self/status; \
              wc -c < /proc/timer_list; \
-             echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-rw || echo sys-ro"),
+             echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo sys-rw || echo sys-ro; \
+             echo fds $(ls /proc/self/fd)"),
     );
     let (status, out, _) = agent.run("caps", &s).await;
     assert_eq!(status, 0);
@@ -113,6 +114,20 @@ async fn capabilities_no_new_privs_and_masked_paths() {
     // /proc/timer_list is /dev/null, /proc/sys is read-only.
     assert!(out.contains("\n0\n"), "{out}");
     assert!(out.contains("sys-ro"), "{out}");
+    // Signals start at their defaults (Rust ignores SIGPIPE in the agent);
+    // asked of the init itself, as busybox sh changes its own.
+    let s = spec(
+        &rootfs,
+        &["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"],
+    );
+    let (status, sigs, _) = agent.run("sigs", &s).await;
+    assert_eq!(status, 0);
+    assert_eq!(
+        String::from_utf8(sigs).unwrap(),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
+    // Nothing of the agent's leaks in: stdio, plus the one `ls` opened.
+    assert!(out.contains("fds 0 1 2 3\n"), "{out}");
 }
 
 #[tokio::test]
@@ -512,4 +527,25 @@ async fn bad_requests_get_clear_errors() {
         .unwrap();
     s.write_all(b"bogus header\n").await.unwrap();
     assert!(read_all(&mut s).await.is_empty());
+}
+
+#[tokio::test]
+async fn no_pivot_root_switch_as_from_an_initramfs() {
+    require_root!();
+    // In the guest the agent's root is the initramfs, where pivot_root is
+    // refused; the agent then moves the rootfs over / and chroots.
+    let agent = Agent::start_with(&["--no-pivot"]).await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let mut s = spec(
+        &rootfs,
+        &sh("echo $(ls /); wc -c < /proc/timer_list; touch /x 2>/dev/null || echo root-ro"),
+    );
+    s["root"]["readonly"] = json!(true);
+    let (status, out, err) = agent.run("np", &s).await;
+    assert_eq!(String::from_utf8_lossy(&err), "");
+    assert_eq!(status, 0);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "bin dev etc proc root sys tmp\n0\nroot-ro\n"
+    );
 }

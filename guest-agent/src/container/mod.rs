@@ -226,6 +226,8 @@ pub struct Containers {
     reaper: Arc<Reaper>,
     /// The cgroup v2 root, when the guest has one.
     cgroup_root: Option<PathBuf>,
+    /// Always use the no-pivot root switch (a dev-mode option for tests).
+    no_pivot: bool,
 }
 
 impl ProcessLookup for Containers {
@@ -236,7 +238,7 @@ impl ProcessLookup for Containers {
 }
 
 impl Containers {
-    pub fn new(reaper: Arc<Reaper>) -> Self {
+    pub fn new(reaper: Arc<Reaper>, no_pivot: bool) -> Self {
         let root = Path::new(cgroup::CGROUP_ROOT);
         let cgroup_root = if cgroup::is_v2(root) {
             Some(root.to_path_buf())
@@ -252,6 +254,7 @@ impl Containers {
             map: Mutex::new(HashMap::new()),
             reaper,
             cgroup_root,
+            no_pivot,
         }
     }
 
@@ -334,6 +337,7 @@ impl Containers {
             exec: None,
             terminal: stdio.terminal,
             cgroup_v2: self.cgroup_root.is_some(),
+            no_pivot: self.no_pivot,
         };
         let result = async {
             let (pid, mut sync) =
@@ -446,6 +450,7 @@ impl Containers {
             }),
             terminal: stdio.terminal,
             cgroup_v2: self.cgroup_root.is_some(),
+            no_pivot: self.no_pivot,
         };
         let result = async {
             let (pid, mut sync) =

@@ -48,6 +48,9 @@ pub struct HelperRequest {
     pub terminal: bool,
     /// The hierarchy at /sys/fs/cgroup is v2 (else cgroup mounts are skipped).
     pub cgroup_v2: bool,
+    /// Move the rootfs over `/` instead of pivot_root.
+    #[serde(default)]
+    pub no_pivot: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -131,6 +134,13 @@ fn read_line(sock: &UnixStream) -> std::io::Result<Option<String>> {
 
 /// Entry point of the helper process. Never returns.
 pub fn helper_main() -> ! {
+    reset_signal_dispositions();
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
+    close_inherited_fds();
     // SAFETY: the agent placed the sync socket at SYNC_FD before exec and
     // nothing else in this fresh process owns that descriptor.
     let sock = unsafe { UnixStream::from_raw_fd(SYNC_FD) };
@@ -156,6 +166,67 @@ pub fn helper_main() -> ! {
     std::process::exit(0)
 }
 
+/// Ignored signals survive exec, and containers must start with defaults:
+/// Rust's runtime ignores SIGPIPE, and glibc's posix_spawn can leave its
+/// internal signals (32, 33) ignored in whatever the agent's parent was.
+/// glibc's sigaction() refuses those two, hence the raw syscall.
+fn reset_signal_dispositions() {
+    /// The kernel's `struct sigaction` for rt_sigaction on x86_64.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::c_ulong,
+        flags: libc::c_ulong,
+        restorer: libc::c_ulong,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL as libc::c_ulong,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installs the default disposition (no handler code) from a
+        // valid struct of the kernel's layout; the old action is not read.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
+
+/// Closes every descriptor above the sync socket: whatever the agent
+/// inherited without close-on-exec (a parent's jobserver pipes in the dev
+/// mode, say) must not reach the container.
+fn close_inherited_fds() {
+    let first = SYNC_FD as libc::c_uint + 1;
+    // SAFETY: close_range only closes descriptors; nothing in this fresh
+    // process owns any above SYNC_FD yet.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 0) };
+    if rc == 0 {
+        return;
+    }
+    // Kernels before 5.9: close them one by one.
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|fd| *fd > SYNC_FD) {
+        // SAFETY: as above; a stale number (the read_dir's own) fails harmlessly.
+        unsafe { libc::close(fd) };
+    }
+}
+
 fn ns_flag(t: LinuxNamespaceType) -> Result<CloneFlags, RuntimeError> {
     Ok(match t {
         LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
@@ -172,11 +243,30 @@ fn ns_flag(t: LinuxNamespaceType) -> Result<CloneFlags, RuntimeError> {
     })
 }
 
-/// Parent side of the helper's fork: report the pid and leave, so the
-/// process is re-parented to the agent (PID 1 or subreaper).
-fn report_child_and_exit(sock: &UnixStream, child: nix::unistd::Pid) -> ! {
-    send(sock, &HelperMessage::Pid(child.as_raw()));
-    std::process::exit(0)
+/// Forks the container's process. The helper (parent) reports the child's
+/// pid and leaves, so the child is re-parented to the agent (PID 1 or
+/// subreaper); the child returns only once that report is on the socket,
+/// so the agent always reads `Pid` before anything the child sends.
+fn fork_and_report(sock: &UnixStream, what: &str) -> Result<(), RuntimeError> {
+    let (reported_r, reported_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
+    // SAFETY: this helper process is single-threaded (no runtime, no
+    // threads started), so the child may run arbitrary code after fork.
+    match unsafe { fork() }.ctx(|| format!("cannot fork the {what}"))? {
+        ForkResult::Parent { child } => {
+            drop(reported_r);
+            send(sock, &HelperMessage::Pid(child.as_raw()));
+            let _ = nix::unistd::write(&reported_w, &[1]);
+            std::process::exit(0)
+        }
+        ForkResult::Child => {
+            drop(reported_w);
+            let mut b = [0u8; 1];
+            // One byte, or EOF if the parent died: either way it is done.
+            while let Err(nix::Error::EINTR) = nix::unistd::read(&reported_r, &mut b) {}
+            Ok(())
+        }
+    }
 }
 
 /// Runs `f` in the forked child; its error goes to the agent.
@@ -202,12 +292,8 @@ fn create(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
         }
     }
     unshare(flags).ctx(|| "cannot create the container's namespaces".into())?;
-    // SAFETY: this helper process is single-threaded (no runtime, no
-    // threads started), so the child may run arbitrary code after fork.
-    match unsafe { fork() }.ctx(|| "cannot fork the container init".into())? {
-        ForkResult::Parent { child } => report_child_and_exit(sock, child),
-        ForkResult::Child => in_child(sock, || container_init(req, sock)),
-    }
+    fork_and_report(sock, "container init")?;
+    in_child(sock, || container_init(req, sock))
 }
 
 fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
@@ -220,7 +306,7 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
     if req.terminal {
         set_controlling_terminal()?;
     }
-    mounts::setup_rootfs(spec, req.terminal, req.cgroup_v2)?;
+    mounts::setup_rootfs(spec, req.terminal, req.cgroup_v2, req.no_pivot)?;
     let linux = spec.linux().clone().unwrap_or_default();
     let has_uts = linux
         .namespaces()
@@ -299,20 +385,17 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
         setns(f.as_fd(), *flag).ctx(|| format!("cannot join {path}"))?;
     }
     drop(joins);
-    // SAFETY: single-threaded helper, see `create`.
-    match unsafe { fork() }.ctx(|| "cannot fork the exec process".into())? {
-        ForkResult::Parent { child } => report_child_and_exit(sock, child),
-        ForkResult::Child => in_child(sock, || {
-            if req.terminal {
-                nix::unistd::setsid().ctx(|| "setsid".into())?;
-                set_controlling_terminal()?;
-            }
-            creds::set_rlimits(&target.process)?;
-            creds::set_oom_score_adj(&target.process)?;
-            let seccomp = req.spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-            creds::finalize_and_exec(&target.process, seccomp.as_ref()).map(|never| match never {})
-        }),
-    }
+    fork_and_report(sock, "exec process")?;
+    in_child(sock, || {
+        if req.terminal {
+            nix::unistd::setsid().ctx(|| "setsid".into())?;
+            set_controlling_terminal()?;
+        }
+        creds::set_rlimits(&target.process)?;
+        creds::set_oom_score_adj(&target.process)?;
+        let seccomp = req.spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        creds::finalize_and_exec(&target.process, seccomp.as_ref()).map(|never| match never {})
+    })
 }
 
 /// Whether a path exists without following a final symlink.

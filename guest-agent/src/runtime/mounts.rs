@@ -360,9 +360,36 @@ fn create_devices(
     Ok(())
 }
 
+fn detach_old_root() -> Result<(), RuntimeError> {
+    // The old root is stacked under "."; detach it without propagating.
+    do_mount(
+        None,
+        Path::new("."),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )?;
+    umount2(".", MntFlags::MNT_DETACH).ctx(|| "cannot detach the old root".into())
+}
+
+/// runc's `--no-pivot`: move the rootfs mount over `/` and chroot into it.
+/// The old root stays underneath, covered, and unreachable by path.
+fn move_root(rootfs: &Path) -> Result<(), RuntimeError> {
+    do_mount(Some(rootfs), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+    nix::unistd::chroot(".").ctx(|| "chroot".into())?;
+    Ok(())
+}
+
 /// Everything from the mount namespace's propagation to a read-only root.
-/// Runs in the container init, before it reports ready.
-pub fn setup_rootfs(spec: &Spec, terminal: bool, cgroup_v2: bool) -> Result<(), RuntimeError> {
+/// Runs in the container init, before it reports ready. `no_pivot` moves
+/// the rootfs over `/` instead of pivot_root (also the fallback when
+/// pivot_root is refused, as from an initramfs).
+pub fn setup_rootfs(
+    spec: &Spec,
+    terminal: bool,
+    cgroup_v2: bool,
+    no_pivot: bool,
+) -> Result<(), RuntimeError> {
     let root = spec
         .root()
         .as_ref()
@@ -404,16 +431,16 @@ pub fn setup_rootfs(spec: &Spec, terminal: bool, cgroup_v2: bool) -> Result<(), 
     }
 
     nix::unistd::chdir(&rootfs).ctx(|| format!("cannot enter {rootfs:?}"))?;
-    nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
-    // The old root is stacked under "."; detach it without propagating.
-    do_mount(
-        None,
-        Path::new("."),
-        None,
-        MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        None,
-    )?;
-    umount2(".", MntFlags::MNT_DETACH).ctx(|| "cannot detach the old root".into())?;
+    match no_pivot {
+        false => match nix::unistd::pivot_root(".", ".") {
+            Ok(()) => detach_old_root()?,
+            // The agent's root is the initramfs, which pivot_root refuses
+            // to move (it has no parent mount).
+            Err(nix::Error::EINVAL) => move_root(&rootfs)?,
+            Err(e) => return Err(RuntimeError::Sys("pivot_root".into(), e)),
+        },
+        true => move_root(&rootfs)?,
+    }
     nix::unistd::chdir("/").ctx(|| "chdir /".into())?;
     if let Some(p) = linux.rootfs_propagation() {
         let flags = propagation_flags(p)

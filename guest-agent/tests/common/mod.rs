@@ -50,11 +50,17 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start() -> Agent {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts the agent with extra dev-mode flags after `--listen-unix <dir>`.
+    pub async fn start_with(extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cocoon-agent"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cocoon-agent"))
             .arg("--listen-unix")
             .arg(dir.path())
-            .stdout(Stdio::null())
+            .args(extra)
+            .stdout(Stdio::piped())
             // The agent's log, when debugging a test.
             .stderr(if std::env::var_os("COCOON_TEST_AGENT_LOG").is_some() {
                 Stdio::inherit()
@@ -63,15 +69,27 @@ impl Agent {
             })
             .spawn()
             .unwrap();
+        // Killed on drop from here on, even if it never gets ready.
+        let guard = KillOnDrop(Some(child.id() as i32));
+        // The agent prints its ready line once both servers listen.
+        let stdout = child.stdout.take().unwrap();
+        let ready = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.starts_with("cocoon-agent: ready"))
+        });
+        let ready = tokio::time::timeout(Duration::from_secs(20), ready)
+            .await
+            .expect("the agent did not get ready in time")
+            .unwrap();
+        assert!(ready, "the agent exited before it was ready");
         let sock = dir.path().join("agent.sock");
-        let stdio = dir.path().join("stdio.sock");
-        poll("the agent's sockets", Duration::from_secs(10), || {
-            (sock.exists() && stdio.exists()).then_some(())
-        })
-        .await;
         let c = ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
             .await
             .unwrap();
+        std::mem::forget(guard);
         Agent {
             dir,
             child,
@@ -163,6 +181,20 @@ impl Agent {
         let status = self.wait(cid, "").await.unwrap().status;
         self.remove(cid).await.unwrap();
         (status, o, e)
+    }
+}
+
+/// Kills a pid on drop (an agent that failed to start).
+struct KillOnDrop(Option<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
