@@ -38,7 +38,7 @@ enum Listen {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cocoon-agent [--listen-unix <dir> [--no-pivot]]");
+    eprintln!("usage: cocoon-agent [--listen-unix <dir> [--no-pivot] [--cgroup-root <dir>]]");
     std::process::exit(2)
 }
 
@@ -47,16 +47,27 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(runtime::HELPER_ARG) {
         runtime::helper_main();
     }
-    // `--no-pivot` makes the dev mode take the path an initramfs root takes.
-    let (listen, no_pivot) = match args.get(1).map(String::as_str) {
-        None => (Listen::Vsock, false),
-        Some("--listen-unix") => match (args.get(2), args.get(3).map(String::as_str)) {
-            (Some(dir), None) => (Listen::Unix(PathBuf::from(dir)), false),
-            (Some(dir), Some("--no-pivot")) if args.len() == 4 => {
-                (Listen::Unix(PathBuf::from(dir)), true)
+    // Dev-mode options: `--no-pivot` takes the path an initramfs root
+    // takes; `--cgroup-root` points at a cgroup v2 directory on a host
+    // whose /sys/fs/cgroup is v1.
+    let mut opts = container::Options::default();
+    let listen = match args.get(1).map(String::as_str) {
+        None => Listen::Vsock,
+        Some("--listen-unix") => {
+            let Some(dir) = args.get(2) else { usage() };
+            let mut rest = args[3..].iter();
+            while let Some(a) = rest.next() {
+                match a.as_str() {
+                    "--no-pivot" => opts.no_pivot = true,
+                    "--cgroup-root" => match rest.next() {
+                        Some(d) => opts.cgroup_root = Some(PathBuf::from(d)),
+                        None => usage(),
+                    },
+                    _ => usage(),
+                }
             }
-            _ => usage(),
-        },
+            Listen::Unix(PathBuf::from(dir))
+        }
         Some(_) => usage(),
     };
     let started = Instant::now();
@@ -106,7 +117,7 @@ fn main() {
         server_ready_boottime_ns: Default::default(),
         oom_events: tokio::sync::broadcast::channel(16).0,
         is_init,
-        containers: Arc::new(container::Containers::new(reaper.clone(), no_pivot)),
+        containers: Arc::new(container::Containers::new(reaper.clone(), opts)),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -6,7 +6,7 @@ mod process;
 mod spawn;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -219,6 +219,16 @@ fn validate_id(what: &str, id: &str, allow_empty: bool) -> Result<(), ContainerE
     }
 }
 
+/// How containers are set up; the defaults are the guest's.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Always use the no-pivot root switch.
+    pub no_pivot: bool,
+    /// The cgroup v2 directory to create container groups under
+    /// (default /sys/fs/cgroup).
+    pub cgroup_root: Option<PathBuf>,
+}
+
 /// All containers of the sandbox.
 #[derive(Debug)]
 pub struct Containers {
@@ -238,18 +248,21 @@ impl ProcessLookup for Containers {
 }
 
 impl Containers {
-    pub fn new(reaper: Arc<Reaper>, no_pivot: bool) -> Self {
-        let root = Path::new(cgroup::CGROUP_ROOT);
-        let cgroup_root = if cgroup::is_v2(root) {
-            Some(root.to_path_buf())
+    pub fn new(reaper: Arc<Reaper>, opts: Options) -> Self {
+        let root = opts
+            .cgroup_root
+            .unwrap_or_else(|| PathBuf::from(cgroup::CGROUP_ROOT));
+        let cgroup_root = if cgroup::is_v2(&root) {
+            Some(root)
         } else {
             tracing::warn!(
                 "no cgroup v2 at {}: containers run without resource limits, \
                  pause, stats or OOM events",
-                cgroup::CGROUP_ROOT
+                root.display()
             );
             None
         };
+        let no_pivot = opts.no_pivot;
         Containers {
             map: Mutex::new(HashMap::new()),
             reaper,
