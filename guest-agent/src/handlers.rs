@@ -168,6 +168,13 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
+        // Storages may need filesystem modules that load after boot.
+        sandbox::wait_modules(&self.state).await.map_err(|e| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                crate::runtime::error_chain(&e),
+            )
+        })?;
         let pid = self
             .containers()
             .create(

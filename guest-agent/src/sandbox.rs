@@ -38,21 +38,27 @@ pub fn resolv_conf(nameservers: &[String]) -> String {
         .collect()
 }
 
+/// Waits (bounded) for the deferred kernel modules: filesystems such as
+/// virtiofs and overlay are among them.
+pub async fn wait_modules(state: &AgentState) -> Result<(), SandboxError> {
+    let mut rx = state.modules_done.subscribe();
+    let outcome = match tokio::time::timeout(MODULES_DEADLINE, rx.wait_for(|v| v.is_some())).await {
+        Err(_) | Ok(Err(_)) => return Err(SandboxError::ModulesTimeout(MODULES_DEADLINE)),
+        Ok(Ok(v)) => v.clone(),
+    };
+    match outcome {
+        Some(Err(e)) => Err(SandboxError::Modules(e)),
+        _ => Ok(()),
+    }
+}
+
 pub async fn create(
     state: &AgentState,
     hostname: &str,
     dns: &[String],
     shared_fs_tag: &str,
 ) -> Result<(), SandboxError> {
-    let mut rx = state.modules_done.subscribe();
-    match tokio::time::timeout(MODULES_DEADLINE, rx.wait_for(|v| v.is_some())).await {
-        Err(_) | Ok(Err(_)) => return Err(SandboxError::ModulesTimeout(MODULES_DEADLINE)),
-        Ok(Ok(v)) => {
-            if let Some(Err(e)) = v.as_ref() {
-                return Err(SandboxError::Modules(e.clone()));
-            }
-        }
-    }
+    wait_modules(state).await?;
     if !state.is_init {
         // The dev mode shares the host's namespaces: leave them alone.
         tracing::warn!("not PID 1: shared fs, hostname and DNS are not touched");

@@ -335,6 +335,23 @@ async fn waiters_see_the_same_status_before_and_after_exit() {
     agent.remove("w").await.unwrap();
 }
 
+/// Reads from `out` into `got` until `got` contains `pat` (10 s deadline).
+async fn read_until(out: &mut tokio::net::UnixStream, got: &mut Vec<u8>, pat: &str) {
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(got).contains(pat) {
+        let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+            .await
+            .expect("terminal output")
+            .unwrap();
+        assert!(
+            n > 0,
+            "EOF before {pat:?}: {:?}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[tokio::test]
 async fn terminal_resize_reaches_the_process() {
     require_root!();
@@ -342,34 +359,26 @@ async fn terminal_resize_reaches_the_process() {
     let rootfs = busybox_rootfs(agent.dir.path());
     let mut stdio = streams(true, true, false);
     stdio.terminal = true;
-    let mut s = spec(&rootfs, &sh("read x; stty size; tty"));
+    let mut s = spec(&rootfs, &sh("stty size; read x; stty size; tty"));
     s["process"]["terminal"] = json!(true);
+    s["process"]["consoleSize"] = json!({"height": 20, "width": 70});
     agent.create("tty", &s, stdio).await.unwrap();
     let mut input = agent.stream("stdin", "tty", "").await;
     let mut out = agent.stream("stdout", "tty", "").await;
     agent.start_container("tty").await.unwrap();
+    let mut got = Vec::new();
+    // consoleSize applies from the start...
+    read_until(&mut out, &mut got, "20 70\r\n").await;
     let mut req = TtyWinResizeRequest::new();
     req.container_id = "tty".into();
     req.rows = 33;
     req.columns = 101;
     agent.client.tty_win_resize(ctx(), &req).await.unwrap();
     input.write_all(b"go\n").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&got).contains("/dev/") {
-        let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
-            .await
-            .expect("terminal output")
-            .unwrap();
-        assert!(
-            n > 0,
-            "EOF before the output: {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        got.extend_from_slice(&buf[..n]);
-    }
+    // ...and the resize once the process reads on.
+    read_until(&mut out, &mut got, "/dev/").await;
     let text = String::from_utf8_lossy(&got);
-    assert!(text.contains("33 101\r\n"), "{text:?}");
+    assert!(text.contains("go\r\n33 101\r\n"), "{text:?}");
     // The terminal is the controlling tty and /dev/console.
     assert!(
         text.contains("/dev/pts/") || text.contains("/dev/console"),

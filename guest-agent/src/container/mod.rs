@@ -366,6 +366,19 @@ impl Containers {
         .await;
         match result {
             Ok((pid, sync)) => {
+                if let Some(size) = container
+                    .spec
+                    .process()
+                    .as_ref()
+                    .and_then(|p| p.console_size())
+                {
+                    // Initial terminal size; the host resizes it later.
+                    let clamp = |v: u64| v.min(u16::MAX.into()) as u16;
+                    let _ = container
+                        .init
+                        .io
+                        .resize(clamp(size.height()), clamp(size.width()));
+                }
                 *container.sync.lock().await = Some(sync);
                 container.set_status(Status::Created);
                 tracing::info!(container = id, pid, "container created");
