@@ -15,10 +15,15 @@ use common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Root for namespaces and mounts; Debian's busybox-static for the rootfs.
 macro_rules! require_root {
     () => {
         if !is_root() {
             eprintln!("skipped: needs root");
+            return;
+        }
+        if !std::path::Path::new("/bin/busybox").exists() {
+            eprintln!("skipped: needs a static /bin/busybox (apt-get install busybox-static)");
             return;
         }
     };

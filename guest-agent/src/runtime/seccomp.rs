@@ -213,6 +213,32 @@ mod tests {
     }
 
     #[test]
+    fn a_docker_sized_profile_fits_the_bpf_limit() {
+        // Every known syscall allowed, a few with argument filters, as in
+        // the Docker/containerd default profiles (about 350 names).
+        let names: Vec<&str> = SYSCALLS.iter().map(|(n, _)| *n).collect();
+        let p = profile(&format!(
+            r#"{{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
+                {{"names":{names:?},"action":"SCMP_ACT_ALLOW"}},
+                {{"names":["personality"],"action":"SCMP_ACT_ALLOW",
+                  "args":[{{"index":0,"value":0,"op":"SCMP_CMP_EQ"}}]}},
+                {{"names":["personality"],"action":"SCMP_ACT_ALLOW",
+                  "args":[{{"index":0,"value":8,"op":"SCMP_CMP_EQ"}}]}},
+                {{"names":["socket"],"action":"SCMP_ACT_ERRNO","errnoRet":97,
+                  "args":[{{"index":0,"value":40,"op":"SCMP_CMP_EQ"}}]}}
+            ]}}"#
+        ));
+        let filters = compile(&p).unwrap();
+        assert_eq!(filters.len(), 2);
+        // BPF_MAXINSNS: the kernel refuses longer programs.
+        assert!(
+            filters.iter().all(|f| f.len() <= 4096),
+            "{:?}",
+            filters.iter().map(|f| f.len()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn deny_list_makes_one_filter() {
         let p = profile(
             r#"{"defaultAction":"SCMP_ACT_ALLOW",
