@@ -13,8 +13,6 @@ use oci_spec::runtime::{LinuxCapabilities, LinuxSeccomp, PosixRlimitType, Proces
 
 use super::{seccomp, Context, RuntimeError};
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 fn rlimit_resource(t: PosixRlimitType) -> libc::__rlimit_resource_t {
     match t {
         PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
@@ -65,13 +63,14 @@ pub fn set_oom_score_adj(process: &Process) -> Result<(), RuntimeError> {
     }
 }
 
-/// Finds `name` the way execvp would, in the container's PATH.
+/// Finds `name` in the container's PATH. Like runc, a process without PATH in
+/// its environment finds nothing by bare name (no default search path).
 pub fn find_executable(name: &str, path_var: Option<&str>) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name));
     }
     path_var
-        .unwrap_or(DEFAULT_PATH)
+        .unwrap_or("")
         .split(':')
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(name))
@@ -221,6 +220,8 @@ mod tests {
         let path = format!("/nonexistent:{}", d.path().display());
         assert_eq!(find_executable("tool", Some(&path)), Some(exe));
         assert_eq!(find_executable("data", Some(&path)), None);
+        // Like runc: no PATH, no search.
+        assert_eq!(find_executable("tool", None), None);
         assert_eq!(
             find_executable("/abs/x", Some(&path)),
             Some(PathBuf::from("/abs/x"))

@@ -11,6 +11,11 @@
 //! A syscall matched by an `SCMP_ACT_ERRNO(ENOSYS)` rule thus gets ENOSYS
 //! (base: allow, its filter: errno), an unnamed one the default action.
 //! Unknown syscall names are skipped, as libseccomp-based runtimes do.
+//!
+//! Architecture: seccompiler's filters kill any process making a syscall
+//! through another ABI (i386), and x32 syscalls (the x86_64 ABI with bit 30
+//! set in the number) would match no rule, so one more filter refuses them
+//! with ENOSYS; a deny-list profile cannot be bypassed through x32.
 
 use std::collections::BTreeMap;
 
@@ -138,7 +143,7 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> 
         add_rules(&mut by_action[idx].1, s)?;
     }
     let arch = TargetArch::x86_64;
-    let mut out = Vec::new();
+    let mut out = vec![refuse_x32()];
     if default != SeccompAction::Allow {
         let f = SeccompFilter::new(base, default, SeccompAction::Allow, arch)?;
         out.push(f.try_into()?);
@@ -151,6 +156,32 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> 
         out.push(f.try_into()?);
     }
     Ok(out)
+}
+
+/// `nr & __X32_SYSCALL_BIT` -> ENOSYS, else allow.
+fn refuse_x32() -> BpfProgram {
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let stmt = |code: u32, k: u32| seccompiler::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    vec![
+        // seccomp_data.nr is at offset 0.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        seccompiler::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 /// Installs the filters on the calling thread (no_new_privileges or
@@ -208,7 +239,8 @@ mod tests {
                 ]}"#,
         );
         let filters = compile(&p).unwrap();
-        assert_eq!(filters.len(), 2);
+        // x32 guard, base, errno(ENOSYS) for clone3.
+        assert_eq!(filters.len(), 3);
         assert!(filters.iter().all(|f| !f.is_empty()));
     }
 
@@ -229,7 +261,7 @@ mod tests {
             ]}}"#
         ));
         let filters = compile(&p).unwrap();
-        assert_eq!(filters.len(), 2);
+        assert_eq!(filters.len(), 3);
         // BPF_MAXINSNS: the kernel refuses longer programs.
         assert!(
             filters.iter().all(|f| f.len() <= 4096),
@@ -244,7 +276,7 @@ mod tests {
             r#"{"defaultAction":"SCMP_ACT_ALLOW",
                 "syscalls":[{"names":["mount","umount2"],"action":"SCMP_ACT_ERRNO"}]}"#,
         );
-        assert_eq!(compile(&p).unwrap().len(), 1);
+        assert_eq!(compile(&p).unwrap().len(), 2);
     }
 
     #[test]
