@@ -415,8 +415,8 @@ impl Agent for AgentService {
         }
     }
 
-    async fn shutdown(&self, _: &TtrpcContext, _: ShutdownRequest) -> ttrpc::Result<Empty> {
-        tracing::info!("shutdown requested by the host");
+    async fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        tracing::info!(grace_ms = req.timeout_ms, "shutdown requested by the host");
         if std::process::id() != 1 {
             return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
                 ttrpc::Code::FAILED_PRECONDITION,
@@ -427,9 +427,18 @@ impl Agent for AgentService {
         // from another thread a moment later so it has left the guest. The
         // host does not depend on it: it treats a closed connection after
         // Shutdown as success and waits for the VMM to exit.
-        std::thread::spawn(|| {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            power::power_off();
+        let state = self.state.clone();
+        let grace = Duration::from_millis(req.timeout_ms.into());
+        tokio::spawn(async move {
+            // Containers get SIGTERM and the grace period to exit cleanly
+            // (flushing their files) before the power goes.
+            if !grace.is_zero() {
+                state.containers.terminate_all(grace).await;
+            }
+            std::thread::spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                power::power_off();
+            });
         });
         Ok(Empty::new())
     }

@@ -607,7 +607,30 @@ impl Containers {
             .collect())
     }
 
-    /// Kills every container (DestroySandbox, Shutdown).
+    /// SIGTERMs every process of every container and waits, up to `grace`,
+    /// for the inits to exit (Shutdown).
+    pub async fn terminate_all(&self, grace: Duration) {
+        let all = self.all();
+        for c in &all {
+            for pid in c.pids() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let exits = all
+            .iter()
+            .filter(|c| c.init.pid() > 0)
+            .map(|c| c.init.exit());
+        let done = async {
+            for e in exits {
+                e.await;
+            }
+        };
+        if tokio::time::timeout(grace, done).await.is_err() {
+            tracing::warn!(?grace, "containers still running at power-off");
+        }
+    }
+
+    /// Kills every container (DestroySandbox).
     pub async fn remove_all(&self, timeout: Duration) {
         for c in self.all() {
             if let Err(e) = self.remove(&c.id, timeout).await {
