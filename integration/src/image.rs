@@ -67,6 +67,12 @@ fn layer(busybox: &Path) -> Vec<u8> {
     t.into_inner().unwrap()
 }
 
+/// Unpacks the same root filesystem into `dir` (for specs that name a rootfs).
+pub fn write_rootfs(busybox: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    tar::Archive::new(&layer(busybox)[..]).unpack(dir).unwrap();
+}
+
 /// Writes the image as an OCI archive to `out`.
 pub fn write_archive(busybox: &Path, out: &Path) {
     let layer = layer(busybox);

@@ -15,6 +15,17 @@ struct Env {
     _dir: tempfile::TempDir,
 }
 
+impl Env {
+    /// Our shims serving this test's containerd (tests run in parallel).
+    fn shims(&self) -> Vec<(u32, String)> {
+        let addr = self.containerd.address.to_string_lossy().into_owned();
+        processes_mentioning("containerd-shim-cocoon-v2")
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&addr))
+            .collect()
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         // Runs after a failed assertion too: stop containerd, kill its shims
@@ -60,12 +71,25 @@ fn ctr_run(env: &Env, runtime: &str, id: &str, flags: &[&str], cmd: &[&str]) -> 
     env.containerd.ctr(&args)
 }
 
+/// An output for messages: long streams are cut, with their length and hash.
 fn show(o: &Output) -> String {
+    fn cut(b: &[u8]) -> String {
+        use sha2::Digest;
+        if b.len() <= 2000 {
+            return format!("{:?}", String::from_utf8_lossy(b));
+        }
+        format!(
+            "{} bytes, sha256 {}, starting {:?}",
+            b.len(),
+            hex::encode(sha2::Sha256::digest(b)),
+            String::from_utf8_lossy(&b[..200])
+        )
+    }
     format!(
-        "exit {:?}\nstdout: {:?}\nstderr: {:?}",
+        "exit {:?}\nstdout: {}\nstderr: {}",
         o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        cut(&o.stdout),
+        cut(&o.stderr)
     )
 }
 
@@ -74,9 +98,9 @@ fn same(name: &str, flags: &[&str], cmd: &[&str]) -> Output {
     let env = env();
     let r = ctr_run(&env, RUNC, &format!("{name}-runc"), flags, cmd);
     let c = ctr_run(&env, COCOON, &format!("{name}-cocoon"), flags, cmd);
-    assert_eq!(
-        (r.status.code(), &r.stdout, &r.stderr),
-        (c.status.code(), &c.stdout, &c.stderr),
+    let same = r.status.code() == c.status.code() && r.stdout == c.stdout && r.stderr == c.stderr;
+    assert!(
+        same,
         "\nrunc:   {}\ncocoon: {}\ncontainerd log:\n{}",
         show(&r),
         show(&c),
@@ -92,7 +116,7 @@ fn assert_clean(env: &Env) {
     let pids: Vec<u32> = procs.iter().map(|p| p.0).collect();
     let left = wait_gone(&pids, Duration::from_secs(10));
     assert!(left.is_empty(), "processes left: {procs:?}");
-    let shims = processes_mentioning("containerd-shim-cocoon-v2");
+    let shims = env.shims();
     let shim_pids: Vec<u32> = shims.iter().map(|p| p.0).collect();
     assert!(
         wait_gone(&shim_pids, Duration::from_secs(10)).is_empty(),
@@ -161,7 +185,7 @@ fn twenty_megabytes_of_stdout_byte_exact() {
     let out = same(
         "bulk",
         &[],
-        &["sh", "-c", "seq 1 2600000 | head -c 20000000"],
+        &["sh", "-c", "seq 1 3000000 | head -c 20000000"],
     );
     assert_eq!(out.stdout.len(), 20_000_000);
 }
@@ -200,13 +224,26 @@ fn user_and_groups_from_the_spec() {
     let spec = env.containerd.ctr(&["oci", "spec"]);
     assert!(spec.status.success());
     let mut spec: serde_json::Value = serde_json::from_slice(&spec.stdout).unwrap();
+    // With --config, ctr takes the whole spec, rootfs included.
+    let rootfs = env.containerd.dir.join("user-rootfs");
+    cocoon_integration::image::write_rootfs(std::path::Path::new("/bin/busybox"), &rootfs);
+    spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+    spec["process"]["args"] = serde_json::json!(["id"]);
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    // This host's nested cgroup v1 devices controller rejects the default
+    // device rules runc would write; they are not what this test is about.
+    spec["linux"].as_object_mut().unwrap().remove("resources");
     spec["process"]["user"] =
         serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [2000, 3000]});
     let path = env.containerd.dir.join("user-spec.json");
     std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
     let p = path.to_string_lossy().into_owned();
-    let r = ctr_run(&env, RUNC, "user-runc", &["--config", &p], &["id"]);
-    let c = ctr_run(&env, COCOON, "user-cocoon", &["--config", &p], &["id"]);
+    let run = |runtime: &str, id: &str| {
+        env.containerd
+            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &p, id])
+    };
+    let r = run(RUNC, "user-runc");
+    let c = run(COCOON, "user-cocoon");
     assert_eq!(
         (r.status.code(), &r.stdout, &r.stderr),
         (c.status.code(), &c.stdout, &c.stderr),
@@ -232,7 +269,6 @@ fn stdin_is_piped_in() {
             .ctr_cmd(&[
                 "run",
                 "--rm",
-                "-i",
                 "--runtime",
                 runtime,
                 IMAGE_REF,
@@ -257,14 +293,11 @@ fn stdin_is_piped_in() {
     };
     let r = run(RUNC, "stdin-runc");
     let c = run(COCOON, "stdin-cocoon");
+    assert_eq!(show(&r), show(&c));
     assert_eq!(
-        (r.status.code(), &r.stdout),
-        (c.status.code(), &c.stdout),
-        "\nrunc: {}\ncocoon: {}",
-        show(&r),
-        show(&c)
+        String::from_utf8_lossy(&c.stdout),
+        "first line\nsecond line\n"
     );
-    assert_eq!(c.stdout, b"first line\nsecond line\n");
     assert_clean(&env);
 }
 
@@ -574,8 +607,9 @@ fn tty_and_resize() {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "resize never arrived: {}",
-                show(&o)
+                "resize never arrived: {}; tty so far: {:?}",
+                show(&o),
+                String::from_utf8_lossy(&acc)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -592,8 +626,13 @@ fn tty_and_resize() {
     };
     let r = run(RUNC, "tty-runc");
     let c = run(COCOON, "tty-cocoon");
-    assert_eq!(r, "30 100|40 120");
-    assert_eq!(c, r);
+    // After a resize both report the new size.
+    assert!(r.ends_with("40 120"), "runc: {r}");
+    assert!(c.ends_with("40 120"), "cocoon: {c}");
+    // The initial size: cocoon applies the spec's consoleSize before the
+    // process starts. runc 1.1 ignores it and races ctr's first resize, so
+    // its first `stty size` may fail; only cocoon's is checked.
+    assert_eq!(c, "30 100|40 120");
     assert_clean(&env);
 }
 
@@ -607,10 +646,12 @@ fn oom_kill_exits_137_with_an_oom_event() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // PID 1 itself grows without bound (awk doubling a string), so it is
+    // what the OOM killer takes, and the container exits 137.
     let hog = [
         "sh",
         "-c",
-        "echo start; head -c 200000000 /dev/zero | tail > /dev/null; echo survived",
+        "echo start; exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
     ];
     let flags = ["--memory-limit", "33554432"];
     let r = ctr_run(&env, RUNC, "oom-runc", &flags, &hog);
@@ -647,7 +688,7 @@ fn task_metrics() {
             let m = ctr_ok(e, &["task", "metrics", "--format", "json", id]);
             let v: serde_json::Value =
                 serde_json::from_str(&m).unwrap_or_else(|err| panic!("{err}: {m}"));
-            let data = &v["Data"];
+            let data = &v;
             assert!(data["memory"]["usage"].as_u64().unwrap_or(0) > 0, "{m}");
             assert_eq!(
                 data["memory"]["usage_limit"].as_u64(),
@@ -679,7 +720,7 @@ fn shim_killed_then_task_delete_cleans_up() {
         ],
     );
     assert_eq!(task_status(&env, "victim"), "RUNNING");
-    let shims = processes_mentioning("containerd-shim-cocoon-v2");
+    let shims = env.shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shims[0].0 as i32),
