@@ -142,6 +142,11 @@ fn echo() {
 }
 
 #[test]
+fn hostname_matches() {
+    same("hostname", &[], &["hostname"]);
+}
+
+#[test]
 fn exit_codes() {
     for code in [0, 1, 42] {
         let out = same(

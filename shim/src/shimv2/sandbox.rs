@@ -81,6 +81,12 @@ impl Sandbox {
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = sandbox_id.into();
         req.shared_fs_tag = SHARE_TAG.into();
+        // Under runc a container without a hostname of its own sees the
+        // host's (its new UTS namespace starts as a copy); give the guest
+        // the same, so the container cannot tell the difference.
+        req.hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
         agent.create_sandbox(req).await?;
         tracing::info!(
             vm = vm_id,
