@@ -270,7 +270,9 @@ impl VcpuRunner {
 
     fn run(mut self) {
         let mut log = LogLimiter::new("vcpu");
-        while self.control.park() {
+        // Stop as soon as the VM has ended (e.g. this vCPU just wrote the i8042 reset),
+        // without waiting for a kick.
+        while self.control.park() && self.exit.reason().is_none() {
             let exit = self.fd.run();
             if let Some(f) = self.on_first_exit.take() {
                 f();

@@ -12,15 +12,22 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_cocoon-vmm");
 /// The first virtio-mmio window and its registers.
 pub const MMIO0: u32 = 0xd000_0000;
 
+/// Prints a skip reason where `cargo test` shows it even for a passing test: straight to
+/// fd 2, not through `eprintln!`, which the harness captures.
+pub fn skip(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+}
+
 /// Whether /dev/kvm and binutils are here; prints why not.
 pub fn can_run(test: &str) -> bool {
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: {test}: /dev/kvm does not exist on this host");
+        skip(&format!("{test}: /dev/kvm does not exist on this host"));
         return false;
     }
     for tool in ["as", "ld"] {
         if Command::new(tool).arg("--version").output().is_err() {
-            eprintln!("SKIPPED: {test}: `{tool}` (binutils) is not installed");
+            skip(&format!("{test}: `{tool}` (binutils) is not installed"));
             return false;
         }
     }
