@@ -8,6 +8,8 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod logging;
 pub mod seccomp;
 pub mod vhost_user_vsock;
