@@ -179,8 +179,11 @@ pub fn mmio_registers(data: &[u8]) {
     }
 }
 
+/// One fuzz entry point.
+pub type Target = fn(&[u8]);
+
 /// All targets, by name, for the smoke test and the fuzz crate.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("block_request", block_request),
     ("vsock_tx", vsock_tx),
     ("mmio_registers", mmio_registers),
