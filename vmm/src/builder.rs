@@ -19,6 +19,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::{Block, FileBackend};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::net::{Net, NetError, Tap};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::vsock::{MuxerError, VsockMuxer};
@@ -45,6 +46,8 @@ pub enum BuildError {
     Disk(String, #[source] std::io::Error),
     #[error("Failed to set up the vsock device")]
     Vsock(#[from] MuxerError),
+    #[error("Failed to set up a network device")]
+    Net(#[from] NetError),
     #[error("Failed to create a virtio-mmio transport")]
     Mmio(#[from] MmioError),
     #[error("Failed to place a device on a bus")]
@@ -151,6 +154,10 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
             .map_err(disk_err)?;
         let backend = FileBackend::new(file).map_err(disk_err)?;
         virtio.add(Block::new(backend, b.read_only, &b.id))?;
+    }
+    for (i, n) in config.net.iter().enumerate() {
+        let tap = Tap::open(&n.tap)?;
+        virtio.add(Net::new(tap, n.mac_or_default(i)))?;
     }
     let VirtioSet {
         mmio,

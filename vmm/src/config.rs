@@ -72,6 +72,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockDeviceConfig>,
     #[serde(default)]
     pub block: Vec<BlockDeviceConfig>,
+    #[serde(default)]
+    pub net: Vec<NetDeviceConfig>,
     /// Seccomp filter and no_new_privs for the VMM process.
     #[serde(default = "default_true")]
     pub seccomp: bool,
@@ -99,6 +101,26 @@ pub struct BlockDeviceConfig {
     pub id: String,
 }
 
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetDeviceConfig {
+    /// Tap interface to attach to (created if missing; needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// Guest MAC, `aa:bb:cc:dd:ee:ff`; default 02:43:43:00:00:<index>.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl NetDeviceConfig {
+    /// The MAC to use for the `index`-th interface.
+    pub fn mac_or_default(&self, index: usize) -> [u8; 6] {
+        self.mac
+            .as_deref()
+            .and_then(crate::devices::virtio::net::parse_mac)
+            .unwrap_or([0x02, 0x43, 0x43, 0, 0, index as u8])
+    }
+}
+
 impl VmConfig {
     /// A config with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
@@ -111,6 +133,7 @@ impl VmConfig {
             serial_out: None,
             vsock: None,
             block: Vec::new(),
+            net: Vec::new(),
             seccomp: true,
         }
     }
@@ -140,7 +163,7 @@ impl VmConfig {
 
     /// Number of virtio-mmio devices this config asks for.
     pub fn virtio_device_count(&self) -> usize {
-        self.block.len() + usize::from(self.vsock.is_some())
+        self.block.len() + self.net.len() + usize::from(self.vsock.is_some())
     }
 
     /// Checks everything that can be checked without creating the VM.
@@ -189,6 +212,22 @@ impl VmConfig {
             must_be_file(&format!("block[{i}].path"), &b.path)?;
             if b.id.len() > crate::devices::virtio::block::ID_BYTES {
                 return Err(invalid(format!("block[{i}].id"), "longer than 20 bytes"));
+            }
+        }
+        for (i, n) in self.net.iter().enumerate() {
+            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['\0', '/']) {
+                return Err(invalid(
+                    format!("net[{i}].tap"),
+                    "must be 1-15 bytes, no '/'",
+                ));
+            }
+            if let Some(mac) = &n.mac {
+                if crate::devices::virtio::net::parse_mac(mac).is_none() {
+                    return Err(invalid(
+                        format!("net[{i}].mac"),
+                        format!("{mac:?} is not aa:bb:cc:dd:ee:ff"),
+                    ));
+                }
             }
         }
         if let Some(v) = &self.vsock {
@@ -279,6 +318,15 @@ mod tests {
                 })
             },
             "vsock",
+        );
+        check(
+            &|c| {
+                c.net.push(NetDeviceConfig {
+                    tap: "tap0".into(),
+                    mac: Some("nope".into()),
+                })
+            },
+            "net[0].mac",
         );
     }
 }

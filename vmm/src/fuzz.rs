@@ -1,5 +1,5 @@
 //! Fuzz entry points, one per parser a guest can reach: virtio-blk requests, vsock tx
-//! packets and the virtio-mmio register file. `vmm/fuzz` (cargo-fuzz, nightly) and the
+//! packets, virtio-net chains and the virtio-mmio register file. `vmm/fuzz` (cargo-fuzz, nightly) and the
 //! stable `tests/fuzz_smoke.rs` both drive these, so they stay built and exercised.
 //!
 //! Each input describes a descriptor table, an avail ring and raw guest memory bytes;
@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::block::{Block, MemBackend};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, NetBackend};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::vsock::{VsockBackend, VsockDevice, VsockHeader};
 
@@ -153,6 +154,40 @@ pub fn vsock_tx(data: &[u8]) {
     let _ = dev.process_rx(&mut q, &mem);
 }
 
+/// virtio-net: the input's chains as tx frames, then as rx buffers for a host frame.
+pub fn net_chains(data: &[u8]) {
+    let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    let mut dev = Net::new(DatagramBackend(a), [2, 0, 0, 0, 0, 1]);
+    let (mem, q) = queue_from(data);
+    let mut queues = vec![Queue::new(QSIZE).unwrap(), q];
+    dev.process_queue(1, &mut queues, &mem);
+    let (mem, q) = queue_from(data);
+    queues[0] = q;
+    let _ = b.send(&data[..data.len().min(1500)]);
+    dev.process_host(&mut queues, &mem);
+}
+
+struct DatagramBackend(std::os::unix::net::UnixDatagram);
+
+impl AsRawFd for DatagramBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl NetBackend for DatagramBackend {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        // A full socket buffer is the host dropping frames, which is allowed.
+        let _ = self.0.send(frame);
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Ok(self.0.recv(buf).ok())
+    }
+}
+
 struct NoIrq;
 impl Interrupt for NoIrq {
     fn trigger(&self) {}
@@ -187,4 +222,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("block_request", block_request),
     ("vsock_tx", vsock_tx),
     ("mmio_registers", mmio_registers),
+    ("net_chains", net_chains),
 ];

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use cocoon_vmm::config::{BlockDeviceConfig, VmConfig, VsockDeviceConfig};
+use cocoon_vmm::config::{BlockDeviceConfig, NetDeviceConfig, VmConfig, VsockDeviceConfig};
 use cocoon_vmm::vmm::{error_chain, Vmm, VmmOptions};
 use cocoon_vmm::vsock::defs::{DEFAULT_GUEST_CID, DEFAULT_MAX_CONNECTIONS};
 use cocoon_vmm::vsock::VsockConfig;
@@ -82,6 +82,9 @@ struct RunArgs {
     /// Add a virtio-blk disk: PATH or PATH,ro. Repeatable.
     #[arg(long)]
     disk: Vec<String>,
+    /// Add a virtio-net device on this tap interface. Repeatable.
+    #[arg(long)]
+    net_tap: Vec<String>,
     /// Serve the JSON-lines API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -135,6 +138,12 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
             path: path.into(),
             read_only,
             id: String::new(),
+        });
+    }
+    for t in &a.net_tap {
+        c.net.push(NetDeviceConfig {
+            tap: t.clone(),
+            mac: None,
         });
     }
     if a.no_seccomp {

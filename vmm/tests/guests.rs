@@ -517,3 +517,185 @@ fn kvmclock_is_advertised_and_published_on_pvm() {
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.serial, "kvmclock ok\n");
 }
+
+/// A guest that sends one Ethernet frame (ethertype 0x88b5) and prints the payload of
+/// the first 0x88b5 frame it receives.
+const NET_GUEST: &str = r#"
+    VIRTIO_INIT 0xd0000000, 1
+    QUEUE 0xd0000000, 0, 0x210000, 0x211000, 0x212000
+    QUEUE 0xd0000000, 1, 0x220000, 0x221000, 0x222000
+    MMIO_W 0xd0000000, 0x070, 15
+    DESC 0x210000, 0, 0x213000, 2048, 2, 0
+    DESC 0x210000, 1, 0x214000, 2048, 2, 0
+    DESC 0x210000, 2, 0x215000, 2048, 2, 0
+    DESC 0x210000, 3, 0x216000, 2048, 2, 0
+    movw $0, 0x211004
+    movw $1, 0x211006
+    movw $2, 0x211008
+    movw $3, 0x21100a
+    movw $4, 0x211002
+    MMIO_W 0xd0000000, 0x050, 0
+    /* virtio_net_hdr (12 zero bytes), broadcast dst, our src, 0x88b5, payload. */
+    mov $0x223000, %edi
+    xor %eax, %eax
+    mov $16, %ecx
+    rep stosl
+    movl $0xffffffff, 0x22300c
+    movw $0xffff, 0x223010
+    movl $0x00434302, 0x223012
+    movw $0x0000, 0x223016
+    movw $0xb588, 0x223018
+    movl $0x73657567, 0x22301a /* "gues" */
+    movl $0x72662d74, 0x22301e /* "t-fr" */
+    movl $0x00656d61, 0x223022 /* "ame" */
+    DESC 0x220000, 0, 0x223000, 64, 0, 0
+    AVAIL 0x221000, 0, 0, 1
+    MMIO_W 0xd0000000, 0x050, 1
+    WAIT16 0x222002, 1, tx
+    mov $1, %ebx
+2:  cmp $5, %ebx
+    jae 4f
+    mov $80000000, %ecx
+3:  movzwl 0x212002, %eax
+    cmp %ebx, %eax
+    jae 5f
+    loop 3b
+4:  PRINT "TIMEOUT rx\n"
+    jmp reset
+5:  mov 0x212000 + 4 - 8(,%ebx,8), %eax /* used.ring[ebx-1].id */
+    mov 0x212000 + 8 - 8(,%ebx,8), %ecx /* used.ring[ebx-1].len */
+    shl $12, %eax
+    add $0x213000, %eax
+    inc %ebx
+    cmpw $0xb588, 24(%eax)
+    jne 2b
+    lea 26(%eax), %esi
+    mov $10, %ecx /* the host pads its frame to 60 bytes: print just the payload */
+    call putn
+    PRINT "\n"
+    jmp reset
+"#;
+
+/// A raw AF_PACKET socket on one interface, for the host side of the tap test.
+struct PacketSocket(std::os::fd::OwnedFd);
+
+impl PacketSocket {
+    fn open(ifname: &str) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+        // SAFETY: plain socket(2) call; the result is checked and then owned.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        // SAFETY: sockaddr_ll is plain data; all-zero is valid before filling it in.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto as u16;
+        sll.sll_ifindex = ifindex;
+        // SAFETY: binding our socket to a correctly sized sockaddr_ll.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> isize {
+        // SAFETY: receiving into a live buffer of the given length.
+        unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        }
+    }
+
+    fn send(&self, frame: &[u8]) -> isize {
+        // SAFETY: sending from a live buffer of the given length.
+        unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        }
+    }
+}
+
+#[test]
+fn net_frames_cross_a_real_tap_both_ways() {
+    if !can_run("net_frames_cross_a_real_tap_both_ways") {
+        return;
+    }
+    let tap = format!("ccvm{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !std::path::Path::new("/dev/net/tun").exists()
+        || !ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])
+    {
+        guest::skip("net_frames_cross_a_real_tap_both_ways: cannot create a tap (needs root and /dev/net/tun)");
+        return;
+    }
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.0])
+                .status();
+        }
+    }
+    let _cleanup = Cleanup(tap.clone());
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    assert!(ip(&["link", "set", &tap, "up"]));
+    let sock = PacketSocket::open(&tap).unwrap();
+
+    let g = assemble(NET_GUEST);
+    let child = g.spawn(&["--net-tap", &tap]);
+    // Wait for the guest's frame, then answer with ours.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 2048];
+    let got = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no frame from the guest; serial {:?}",
+            g.serial()
+        );
+        let n = sock.recv(&mut buf);
+        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+            break buf[14..n as usize].to_vec();
+        }
+        if n < 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    assert!(got.starts_with(b"guest-frame"), "{got:?}");
+    assert_eq!(&buf[6..12], &[2, 0x43, 0x43, 0, 0, 0]);
+    let mut frame = vec![0xffu8; 6];
+    frame.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x88, 0xb5]);
+    frame.extend_from_slice(b"host-frame");
+    frame.resize(60, 0);
+    assert_eq!(sock.send(&frame), 60);
+    let out = g.finish(child, Duration::from_secs(15));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "host-frame\n");
+}

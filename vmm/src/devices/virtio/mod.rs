@@ -5,6 +5,7 @@
 pub mod block;
 pub mod defs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::os::fd::RawFd;
