@@ -49,8 +49,11 @@ lint: setup
 test: lint image
 	$(CARGO) nextest run --workspace --no-fail-fast
 
+# Benchmarks: boot (launch -> agent ready vs raw QEMU) and run (ctr run --rm
+# true, cocoon vs runc, breakdown and pod memory). JSON reports in target/.
 bench: image
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 --out target/bench-boot.json
+	bash scripts/bench-run.sh 10 $(CURDIR)/target/bench-run.json
 
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm

@@ -124,7 +124,7 @@ fn assert_clean(env: &Env) {
     );
     let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
         .into_iter()
-        .filter(|p| !p.ends_with("shares"))
+        .filter(|p| !p.ends_with("shares") && !p.ends_with("timings.jsonl"))
         .collect();
     assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");
     assert!(

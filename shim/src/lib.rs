@@ -8,6 +8,7 @@
 
 pub mod agent_client;
 pub mod bench;
+pub mod bench_run;
 pub mod check;
 pub mod config;
 pub mod hypervisor;

@@ -79,6 +79,19 @@ enum VmCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// `ctr run --rm <image> <id> true` with cocoon vs runc, breakdown and pod memory.
+    Run {
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        /// An image already in that containerd.
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value = "cocoon-bench-run.json")]
+        out: PathBuf,
+    },
     /// Launch-to-agent-ready time against a raw QEMU boot baseline.
     Boot {
         #[arg(long, default_value_t = 5)]
@@ -145,6 +158,27 @@ fn run(cli: Cli) -> Result<()> {
                     console,
                 },
         } => runtime()?.block_on(vm_boot(id, kernel_params, json, console)),
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Run {
+                    address,
+                    image,
+                    runs,
+                    out,
+                },
+        } => {
+            if runs == 0 {
+                bail!("--runs must be at least 1");
+            }
+            let config = Config::load()?;
+            let report =
+                cocoon_shim::bench_run::run_bench(&address, &image, runs, &config.paths.run_dir)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            print!("{}", report.table());
+            println!("report written to {}", out.display());
+            Ok(())
+        }
         Cmd::Bench {
             cmd: BenchCmd::Boot { runs, out, busybox },
         } => {

@@ -16,6 +16,7 @@ mod sandbox;
 mod service;
 mod start;
 pub mod stdio;
+pub mod timings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,7 +34,11 @@ pub const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// Entry point of the shim binary; returns the process exit code.
+/// When this shim process started (for the timing records).
+pub static SHIM_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 pub async fn main() -> i32 {
+    SHIM_STARTED.get_or_init(std::time::Instant::now);
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,

@@ -35,6 +35,15 @@ pub struct Sandbox {
     vm: Mutex<Option<Vm>>,
     /// Host pids of the VM's processes, for the on-disk state.
     pub pids: Vec<u32>,
+    /// How the boot went, for the timing records.
+    pub boot: BootTimes,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimes {
+    pub vm_launch: Duration,
+    pub agent_ready: Duration,
+    pub sandbox_setup: Duration,
 }
 
 /// The VM id for a pod: short, path-safe, and unique per namespace+group.
@@ -74,10 +83,13 @@ impl Sandbox {
             tag: SHARE_TAG.into(),
             virtiofsd: find_binary("virtiofsd", &config.paths.virtiofsd)?,
         });
+        let t0 = std::time::Instant::now();
         let mut vm = hv.launch(&spec).await?;
+        let t_launched = std::time::Instant::now();
         let boot = Duration::from_millis(config.vm.boot_timeout_ms);
         let call = Duration::from_millis(config.vm.call_timeout_ms);
         let agent = AgentClient::wait_ready(&mut vm, boot, call).await?;
+        let t_ready = std::time::Instant::now();
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = sandbox_id.into();
         req.shared_fs_tag = SHARE_TAG.into();
@@ -99,6 +111,11 @@ impl Sandbox {
             share: share.to_path_buf(),
             run_dir: vm.run_dir.clone(),
             pids: vm.pids(),
+            boot: BootTimes {
+                vm_launch: t_launched - t0,
+                agent_ready: t_ready - t_launched,
+                sandbox_setup: t_ready.elapsed(),
+            },
             vm: Mutex::new(Some(vm)),
         })
     }
@@ -110,6 +127,7 @@ impl Sandbox {
     /// Powers the guest off (killing it if it does not go in time), reaps
     /// every process and removes the share.
     pub async fn stop(&self) {
+        let t = std::time::Instant::now();
         let Some(vm) = self.vm.lock().await.take() else {
             return;
         };
@@ -118,5 +136,14 @@ impl Sandbox {
         }
         vm.stop(Duration::from_secs(5)).await;
         mounts::unmount_share(&self.share);
+        if let Some(run_root) = self.run_dir.parent() {
+            let rec = super::timings::Record {
+                kind: "vm-stop".into(),
+                vm_id: self.id.clone(),
+                vm_stop_ms: super::timings::ms(t.elapsed()),
+                ..Default::default()
+            };
+            super::timings::append(run_root, &rec);
+        }
     }
 }

@@ -25,6 +25,7 @@ use super::mounts::{self, ContainerMounts};
 use super::persist::ContainerState;
 use super::sandbox::{self, Sandbox};
 use super::stdio::{self, StdioCopies, StdioPaths};
+use super::timings;
 use crate::agent_client::AgentError;
 use crate::config::Config;
 
@@ -68,6 +69,8 @@ impl Process {
 }
 
 struct Container {
+    /// Where this container's time went (written at Delete).
+    timing: Arc<std::sync::Mutex<timings::Record>>,
     bundle: PathBuf,
     mounts: ContainerMounts,
     init: Process,
@@ -250,8 +253,10 @@ impl Service {
         pid: u32,
         exit: watch::Sender<Exit>,
         copies: Option<Arc<Mutex<StdioCopies>>>,
+        timing: Option<Arc<std::sync::Mutex<timings::Record>>>,
     ) {
         let me = self.clone();
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let (status, at) = match sb.agent.wait_process(&cid, &exec_id).await {
                 Ok(r) => (r.status as u32, ts_from_ns(r.exited_at_ns)),
@@ -262,6 +267,11 @@ impl Service {
             };
             if let Some(c) = copies {
                 c.lock().await.drained(DRAIN_GRACE).await;
+            }
+            if let Some(t) = timing {
+                if let Ok(mut t) = t.lock() {
+                    t.start_to_exit_ms = timings::ms(started.elapsed());
+                }
             }
             exit.send_replace(Some((status, at.clone())));
             let mut m = ev::TaskExit::new();
@@ -297,7 +307,10 @@ impl Service {
         }
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&bundle)?;
+        let t_call = std::time::Instant::now();
+        let booted_here = self.inner.sandbox.lock().await.is_none();
         let sb = self.sandbox().await?;
+        let t_sandbox = std::time::Instant::now();
         let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
             .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
         let stdio = StdioPaths {
@@ -332,7 +345,22 @@ impl Service {
         let mut init = Process::new(stdio, Vec::new());
         init.pid = pid;
         init.copies = Some(Arc::new(Mutex::new(copies)));
+        let mut rec = timings::Record {
+            kind: "container".into(),
+            container_id: req.id.clone(),
+            vm_id: sb.id.clone(),
+            container_create_ms: timings::ms(t_sandbox.elapsed()),
+            ..Default::default()
+        };
+        if booted_here {
+            let shim_start = super::SHIM_STARTED.get().copied().unwrap_or(t_call);
+            rec.shim_to_create_ms = timings::ms(t_call.saturating_duration_since(shim_start));
+            rec.vm_launch_ms = timings::ms(sb.boot.vm_launch);
+            rec.agent_ready_ms = timings::ms(sb.boot.agent_ready);
+            rec.sandbox_setup_ms = timings::ms(sb.boot.sandbox_setup);
+        }
         let c = Container {
+            timing: Arc::new(std::sync::Mutex::new(rec)),
             bundle,
             mounts,
             init,
@@ -406,6 +434,7 @@ impl Task for Service {
                 pid,
                 c.init.exit.clone(),
                 c.init.copies.clone(),
+                Some(c.timing.clone()),
             );
             drop(containers);
             let mut m = ev::TaskStart::new();
@@ -448,6 +477,7 @@ impl Task for Service {
             pid,
             p.exit.clone(),
             Some(copies),
+            None,
         );
         drop(containers);
         let mut m = ev::TaskExecStarted::new();
@@ -497,6 +527,7 @@ impl Task for Service {
                 format!("cannot delete running task {}", req.id),
             ));
         }
+        let t_delete = std::time::Instant::now();
         let mut c = containers.remove(&req.id).expect("checked above");
         drop(containers);
         if let Ok(sb) = self.existing_sandbox().await {
@@ -506,6 +537,10 @@ impl Task for Service {
         }
         c.mounts.cleanup();
         ContainerState::remove(&c.bundle);
+        if let Ok(mut t) = c.timing.lock() {
+            t.delete_ms = timings::ms(t_delete.elapsed());
+            timings::append(&self.inner.config.paths.run_dir, &t);
+        }
         let (status, at) = c.init.exit.borrow().clone().unwrap_or((0, now()));
         let pid = c.init.pid;
         let mut m = ev::TaskDelete::new();

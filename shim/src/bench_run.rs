@@ -1,0 +1,308 @@
+//! `cocoon bench run`: the latency of `ctr run --rm <image> <id> true` with
+//! cocoon and with runc, alternating in one run, cocoon's breakdown (from the
+//! shim's timing records), and the host memory one pod costs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::bench::Stats;
+use crate::shimv2::timings;
+
+#[derive(Debug, Error)]
+pub enum RunBenchError {
+    #[error("cannot run ctr")]
+    Ctr(#[source] std::io::Error),
+    #[error("ctr {args} failed: {stderr}")]
+    CtrFailed { args: String, stderr: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub process: String,
+    pub pid: u32,
+    /// Private memory: RssAnon + RssFile (kB).
+    pub rss_kb: u64,
+    /// Shared memory mapped (for QEMU and the backends: guest RAM touched) (kB).
+    pub shmem_kb: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub runs: usize,
+    pub image: String,
+    pub runc_ms: Vec<f64>,
+    pub cocoon_ms: Vec<f64>,
+    pub summary: Vec<(String, Stats)>,
+    pub breakdown: Vec<(String, Stats)>,
+    pub cocoon_memory: Vec<Memory>,
+    pub runc_memory: Vec<Memory>,
+}
+
+fn ctr(address: &Path, args: &[&str]) -> Result<std::process::Output, RunBenchError> {
+    Command::new("ctr")
+        .arg("--address")
+        .arg(address)
+        .args(args)
+        .output()
+        .map_err(RunBenchError::Ctr)
+}
+
+fn ctr_ok(address: &Path, args: &[&str]) -> Result<(), RunBenchError> {
+    let o = ctr(address, args)?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(RunBenchError::CtrFailed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        })
+    }
+}
+
+fn timed_run(address: &Path, runtime: &str, image: &str, id: &str) -> Result<f64, RunBenchError> {
+    let t = Instant::now();
+    ctr_ok(
+        address,
+        &["run", "--rm", "--runtime", runtime, image, id, "true"],
+    )?;
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// `(RssAnon + RssFile, RssShmem)` in kB.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:") + field("RssFile:"), field("RssShmem:"))
+}
+
+/// Processes whose command line contains every one of `needles`.
+fn find_processes(needles: &[&str]) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if needles.iter().all(|n| cmd.contains(n)) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+fn memory_of(procs: &[(u32, String)]) -> Vec<Memory> {
+    procs
+        .iter()
+        .map(|(pid, cmd)| {
+            let name = cmd
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let (rss_kb, shmem_kb) = rss(*pid);
+            Memory {
+                process: name,
+                pid: *pid,
+                rss_kb,
+                shmem_kb,
+            }
+        })
+        .collect()
+}
+
+/// Memory of one idle pod: a detached `sleep` under `runtime`.
+fn pod_memory(
+    address: &Path,
+    runtime: &str,
+    image: &str,
+    id: &str,
+    run_dir: &Path,
+) -> Result<Vec<Memory>, RunBenchError> {
+    ctr_ok(
+        address,
+        &["run", "-d", "--runtime", runtime, image, id, "sleep", "600"],
+    )?;
+    // The pod is up once its task runs (ctr run -d returns after Start).
+    let addr = address.to_string_lossy().into_owned();
+    let mut procs = find_processes(&["containerd-shim", &addr]);
+    if runtime.contains("cocoon") {
+        procs.extend(find_processes(&[&run_dir.to_string_lossy()]));
+    } else {
+        procs.extend(find_processes(&["sleep 600"]));
+    }
+    procs.sort();
+    procs.dedup_by_key(|p| p.0);
+    let mem = memory_of(&procs);
+    let _ = ctr(address, &["task", "kill", "-s", "SIGKILL", id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctr(address, &["task", "delete", id])
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ctr_ok(address, &["container", "delete", id])?;
+    Ok(mem)
+}
+
+pub fn run_bench(
+    address: &Path,
+    image: &str,
+    runs: usize,
+    run_dir: &Path,
+) -> Result<RunReport, RunBenchError> {
+    let tag = std::process::id();
+    let mut runc_ms = Vec::new();
+    let mut cocoon_ms = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..runs {
+        runc_ms.push(timed_run(
+            address,
+            "io.containerd.runc.v2",
+            image,
+            &format!("bench-runc-{tag}-{i}"),
+        )?);
+        let id = format!("bench-cocoon-{tag}-{i}");
+        cocoon_ms.push(timed_run(address, "io.containerd.cocoon.v2", image, &id)?);
+        ids.push(id);
+    }
+    let records = timings::read(run_dir);
+    let containers: Vec<&timings::Record> = records
+        .iter()
+        .filter(|r| r.kind == "container" && ids.contains(&r.container_id))
+        .collect();
+    let stops: Vec<f64> = records
+        .iter()
+        .filter(|r| r.kind == "vm-stop" && containers.iter().any(|c| c.vm_id == r.vm_id))
+        .map(|r| r.vm_stop_ms)
+        .collect();
+    let col = |f: fn(&timings::Record) -> f64| {
+        Stats::of(&containers.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let breakdown = vec![
+        (
+            "shim process start -> Create call".to_string(),
+            col(|r| r.shim_to_create_ms),
+        ),
+        (
+            "VM launch (backends + QEMU spawned)".to_string(),
+            col(|r| r.vm_launch_ms),
+        ),
+        (
+            "VM boot -> agent ready".to_string(),
+            col(|r| r.agent_ready_ms),
+        ),
+        (
+            "sandbox setup (virtio-fs mount)".to_string(),
+            col(|r| r.sandbox_setup_ms),
+        ),
+        (
+            "container create (mounts, agent, stdio)".to_string(),
+            col(|r| r.container_create_ms),
+        ),
+        (
+            "container start -> exit".to_string(),
+            col(|r| r.start_to_exit_ms),
+        ),
+        ("task delete".to_string(), col(|r| r.delete_ms)),
+        ("VM stop (teardown)".to_string(), Stats::of(&stops)),
+    ];
+    let summary = vec![
+        ("runc: ctr run --rm true".to_string(), Stats::of(&runc_ms)),
+        (
+            "cocoon: ctr run --rm true".to_string(),
+            Stats::of(&cocoon_ms),
+        ),
+    ];
+    let cocoon_memory = pod_memory(
+        address,
+        "io.containerd.cocoon.v2",
+        image,
+        &format!("bench-mem-cocoon-{tag}"),
+        run_dir,
+    )?;
+    let runc_memory = pod_memory(
+        address,
+        "io.containerd.runc.v2",
+        image,
+        &format!("bench-mem-runc-{tag}"),
+        run_dir,
+    )?;
+    Ok(RunReport {
+        runs,
+        image: image.into(),
+        runc_ms,
+        cocoon_ms,
+        summary,
+        breakdown,
+        cocoon_memory,
+        runc_memory,
+    })
+}
+
+impl RunReport {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "run benchmark: {} runs of `ctr run --rm {} <id> true`\n",
+            self.runs, self.image
+        );
+        s.push_str(&format!(
+            "{:<44} {:>9} {:>9} {:>9} {:>9}\n",
+            "latency (ms)", "median", "p90", "min", "max"
+        ));
+        for (name, st) in self.summary.iter().chain(self.breakdown.iter()) {
+            s.push_str(&format!(
+                "{name:<44} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
+                st.median, st.p90, st.min, st.max
+            ));
+        }
+        let r = Stats::of(&self.runc_ms);
+        let c = Stats::of(&self.cocoon_ms);
+        if r.median > 0.0 {
+            s.push_str(&format!(
+                "ratio cocoon / runc: median {:.1}x, p90 {:.1}x\n",
+                c.median / r.median,
+                c.p90 / r.p90.max(f64::MIN_POSITIVE)
+            ));
+        }
+        s.push_str(
+            "\nhost memory of one idle pod (kB; rss = anon + file, shmem = guest RAM mapped)\n",
+        );
+        for (label, mem) in [("cocoon", &self.cocoon_memory), ("runc", &self.runc_memory)] {
+            let total: u64 = mem.iter().map(|m| m.rss_kb).sum();
+            for m in mem {
+                s.push_str(&format!(
+                    "  {label:<7} {:<28} rss {:>8}  shmem {:>8}\n",
+                    m.process, m.rss_kb, m.shmem_kb
+                ));
+            }
+            s.push_str(&format!(
+                "  {label:<7} {:<28} rss {total:>8}\n",
+                "total (without guest RAM)"
+            ));
+        }
+        s
+    }
+}
