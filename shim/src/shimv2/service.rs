@@ -78,6 +78,16 @@ struct Container {
     paused: bool,
 }
 
+/// A started process whose exit `watch_exit` waits for.
+struct Watched {
+    cid: String,
+    exec_id: String,
+    pid: u32,
+    exit: watch::Sender<Exit>,
+    copies: Option<Arc<Mutex<StdioCopies>>>,
+    timing: Option<Arc<std::sync::Mutex<timings::Record>>>,
+}
+
 struct Inner {
     namespace: String,
     /// The grouping id: the pod's sandbox id, or the container id alone.
@@ -245,16 +255,15 @@ impl Service {
 
     /// Waits for a started process in the guest, lets its output drain, then
     /// records and publishes its exit.
-    fn watch_exit(
-        &self,
-        sb: Arc<Sandbox>,
-        cid: String,
-        exec_id: String,
-        pid: u32,
-        exit: watch::Sender<Exit>,
-        copies: Option<Arc<Mutex<StdioCopies>>>,
-        timing: Option<Arc<std::sync::Mutex<timings::Record>>>,
-    ) {
+    fn watch_exit(&self, sb: Arc<Sandbox>, w: Watched) {
+        let Watched {
+            cid,
+            exec_id,
+            pid,
+            exit,
+            copies,
+            timing,
+        } = w;
         let me = self.clone();
         let started = std::time::Instant::now();
         tokio::spawn(async move {
@@ -429,12 +438,14 @@ impl Task for Service {
             let pid = c.init.pid;
             self.watch_exit(
                 sb.clone(),
-                req.id.clone(),
-                String::new(),
-                pid,
-                c.init.exit.clone(),
-                c.init.copies.clone(),
-                Some(c.timing.clone()),
+                Watched {
+                    cid: req.id.clone(),
+                    exec_id: String::new(),
+                    pid,
+                    exit: c.init.exit.clone(),
+                    copies: c.init.copies.clone(),
+                    timing: Some(c.timing.clone()),
+                },
             );
             drop(containers);
             let mut m = ev::TaskStart::new();
@@ -472,12 +483,14 @@ impl Task for Service {
         p.copies = Some(copies.clone());
         self.watch_exit(
             sb.clone(),
-            req.id.clone(),
-            req.exec_id.clone(),
-            pid,
-            p.exit.clone(),
-            Some(copies),
-            None,
+            Watched {
+                cid: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                exit: p.exit.clone(),
+                copies: Some(copies),
+                timing: None,
+            },
         );
         drop(containers);
         let mut m = ev::TaskExecStarted::new();
