@@ -350,3 +350,53 @@ fn missing_kernel_is_a_clear_error_and_creates_nothing() {
         assert!(leftover_entries(run.path()).is_empty());
     });
 }
+
+/// The same boot-and-ping through the shim's seam on our own VMM. It needs
+/// hardware KVM; elsewhere the backend must refuse with the reason, and the
+/// boot is reported as skipped (visibly, in the test output).
+#[test]
+fn cocoon_vmm_backend_boots_or_says_why() {
+    use cocoon_shim::check::{kvm_kind, KvmKind};
+    use cocoon_shim::config::HypervisorKind;
+    let run = tempfile::tempdir().unwrap();
+    let mut config = test_config(run.path(), BOOT);
+    config.hypervisor = HypervisorKind::CocoonVmm;
+    let kvm = kvm_kind();
+    if kvm != KvmKind::Hardware {
+        let err = match hypervisor::from_config(&config) {
+            Ok(_) => panic!("cocoon-vmm was accepted on a host with {kvm:?} KVM"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("needs hardware virtualization"), "{err}");
+        assert!(
+            err.contains(if kvm == KvmKind::Pvm {
+                "PVM"
+            } else {
+                "no /dev/kvm"
+            }),
+            "{err}"
+        );
+        eprintln!("SKIPPED: booting Linux on cocoon-vmm needs hardware KVM; {err}");
+        return;
+    }
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "own-vmm"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let d = agent.guest_details().await.unwrap();
+        assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
+        agent.shutdown().await.unwrap();
+        assert!(
+            vm.wait_exit(Duration::from_secs(20)).await.is_some(),
+            "VM did not power off"
+        );
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
+    });
+}

@@ -124,22 +124,23 @@ pub fn verdicts(kvm: KvmKind, qemu: bool, vmm: bool) -> Vec<Verdict> {
     v.push(Verdict {
         backend: "qemu",
         usable,
-        recommended: usable && kvm != KvmKind::Hardware,
+        recommended: false,
         why,
     });
     let (usable, why) = match kvm {
         KvmKind::Hardware if !vmm => (false, "cocoon-vmm is not installed (make install)".to_string()),
-        KvmKind::Hardware => (false, "hardware KVM is present, but cocoon-vmm cannot boot Linux guests yet; use qemu".into()),
+        KvmKind::Hardware => (true, "hardware KVM: our own microVM monitor, the fastest and smallest path (set hypervisor = \"cocoon-vmm\")".into()),
         KvmKind::Pvm => (false, "/dev/kvm is PVM, not hardware virtualization (no vmx/svm): stock Linux guests fail with emulation errors".into()),
         KvmKind::None => (false, "no /dev/kvm".into()),
     };
     v.push(Verdict {
         backend: "cocoon-vmm",
         usable,
-        recommended: false,
+        recommended: usable,
         why,
     });
-    if kvm == KvmKind::Hardware && qemu {
+    // One recommendation: cocoon-vmm where it runs, QEMU otherwise.
+    if !usable && v[0].usable {
         v[0].recommended = true;
     }
     v
@@ -244,7 +245,10 @@ mod tests {
         assert!(v[0].usable && v[0].recommended && v[0].why.contains("TCG"));
         assert!(!v[1].usable && v[1].why.contains("PVM"));
         let v = verdicts(KvmKind::Hardware, true, true);
-        assert!(v[0].usable && v[0].why.contains("KVM"));
+        assert!(v[0].usable && v[0].why.contains("KVM") && !v[0].recommended);
+        assert!(v[1].usable && v[1].recommended);
+        let v = verdicts(KvmKind::Hardware, true, false);
+        assert!(v[0].recommended && !v[1].usable);
         let v = verdicts(KvmKind::None, false, false);
         assert!(!v[0].usable && v[0].why.contains("not installed"));
     }

@@ -3,6 +3,8 @@
 //! (the VMM and its device backends) plus a per-VM run directory. `Vm` owns
 //! them and takes them all down again, also on early return or drop.
 
+pub mod cocoon_vmm;
+mod launch;
 mod process;
 pub mod qemu;
 
@@ -45,8 +47,8 @@ pub enum HypervisorError {
     },
     #[error("the vsock backend did not come up within {after:?}: {detail}")]
     BackendNotReady { after: Duration, detail: String },
-    #[error("the {0} backend cannot boot Linux guests yet; set hypervisor = \"qemu\"")]
-    Unsupported(&'static str),
+    #[error("hypervisor cocoon-vmm needs hardware virtualization: {0}")]
+    NeedsHardwareKvm(&'static str),
     #[error("accelerator kvm was asked for, but {0}")]
     NoKvm(String),
 }
@@ -246,7 +248,15 @@ pub fn from_config(config: &Config) -> Result<Box<dyn Hypervisor>, HypervisorErr
             tracing::info!(accel = ?accel, "QEMU accelerator: {why}");
             Ok(Box::new(qemu::Qemu::new(config, accel)?))
         }
-        HypervisorKind::CocoonVmm => Err(HypervisorError::Unsupported("cocoon-vmm")),
+        HypervisorKind::CocoonVmm => match check::kvm_kind() {
+            KvmKind::Hardware => Ok(Box::new(cocoon_vmm::CocoonVmm::new(config)?)),
+            KvmKind::Pvm => Err(HypervisorError::NeedsHardwareKvm(
+                "this host's /dev/kvm is PVM (no vmx/svm), which cannot boot Linux guests; use hypervisor = \"qemu\"",
+            )),
+            KvmKind::None => Err(HypervisorError::NeedsHardwareKvm(
+                "this host has no /dev/kvm; use hypervisor = \"qemu\"",
+            )),
+        },
     }
 }
 

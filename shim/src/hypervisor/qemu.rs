@@ -4,19 +4,16 @@
 //! because in-kernel vhost-vsock is not available everywhere and the hybrid
 //! Unix-socket convention must be the same on every backend.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::process::{configure, find_binary, VmProcesses};
-use super::{tail_lines, HypervisorError, LaunchTimes, Vm, VmSpec};
+use super::launch;
+use super::process::{configure, find_binary};
+use super::{HypervisorError, Vm, VmSpec};
 use crate::config::{Accel, Config, Machine};
-
-/// How long the vsock backend may take to listen on its socket.
-const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Qemu {
     binary: PathBuf,
@@ -34,7 +31,6 @@ struct RunPaths {
     qemu_log: PathBuf,
     backend_log: PathBuf,
     virtiofs_socket: PathBuf,
-    virtiofsd_log: PathBuf,
 }
 
 impl RunPaths {
@@ -46,7 +42,6 @@ impl RunPaths {
             qemu_log: dir.join("qemu.log"),
             backend_log: dir.join("vsock-backend.log"),
             virtiofs_socket: dir.join("virtiofs.sock"),
-            virtiofsd_log: dir.join("virtiofsd.log"),
         }
     }
 }
@@ -181,32 +176,9 @@ impl super::Hypervisor for Qemu {
     async fn launch(&self, spec: &VmSpec) -> Result<Vm, HypervisorError> {
         spec.validate()?;
         let started = Instant::now();
-        let run_dir = spec.run_dir();
-        std::fs::create_dir_all(&spec.run_root)
-            .map_err(|e| HypervisorError::RunDir(spec.run_root.clone(), e))?;
-        match std::fs::DirBuilder::new().mode(0o700).create(&run_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(HypervisorError::RunDirExists(run_dir))
-            }
-            Err(e) => return Err(HypervisorError::RunDir(run_dir, e)),
-        }
+        let run_dir = launch::create_run_dir(spec)?;
         let paths = RunPaths::new(&run_dir);
-        // From here on, `vm` owns the run dir and every process: returning
-        // early drops it, which kills them and removes the directory.
-        let mut vm = Vm {
-            id: spec.id.clone(),
-            run_dir: run_dir.clone(),
-            vsock_uds: paths.vsock_uds.clone(),
-            console_log: paths.console_log.clone(),
-            accel: self.accel_name(),
-            times: LaunchTimes {
-                started,
-                backend_ready: started,
-                vmm_spawned: started,
-            },
-            procs: VmProcesses::default(),
-        };
+        let mut vm = launch::new_vm(spec, &run_dir, self.accel_name(), started);
 
         let mut backend = Command::new(&self.vmm_binary);
         backend
@@ -223,33 +195,9 @@ impl super::Hypervisor for Qemu {
             source,
         })?;
         vm.procs.backends.push(child);
-        wait_for_socket(&mut vm.procs, &paths.vhost_socket, &paths.backend_log).await?;
+        launch::wait_for_socket(&mut vm.procs, &paths.vhost_socket, &paths.backend_log).await?;
         if let Some(shared) = &spec.shared_dir {
-            let mut fs = Command::new(&shared.virtiofsd);
-            fs.arg("--socket-path").arg(&paths.virtiofs_socket);
-            fs.arg("--shared-dir").arg(&shared.path);
-            // Own mount namespace, pivoted into the shared dir: the daemon
-            // cannot reach host paths outside the pod's share, whatever the
-            // guest asks. Submounts (each container's rootfs) are announced
-            // so the guest sees them as separate filesystems.
-            fs.args([
-                "--sandbox",
-                "namespace",
-                "--announce-submounts",
-                "--cache",
-                "auto",
-            ]);
-            fs.args(["--log-level", "warn"]);
-            configure(&mut fs, &paths.virtiofsd_log).map_err(|source| HypervisorError::Spawn {
-                what: "virtiofsd",
-                source,
-            })?;
-            let child = fs.spawn().map_err(|source| HypervisorError::Spawn {
-                what: "virtiofsd",
-                source,
-            })?;
-            vm.procs.backends.push(child);
-            wait_for_socket(&mut vm.procs, &paths.virtiofs_socket, &paths.virtiofsd_log).await?;
+            launch::spawn_virtiofsd(&mut vm, shared, &paths.virtiofs_socket).await?;
         }
         vm.times.backend_ready = Instant::now();
 
@@ -268,35 +216,6 @@ impl super::Hypervisor for Qemu {
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
         Ok(vm)
-    }
-}
-
-/// Waits for the backend's vhost-user socket: QEMU started before it exists
-/// fails, and one started against a socket nobody serves waits forever.
-async fn wait_for_socket(
-    procs: &mut VmProcesses,
-    socket: &Path,
-    log: &Path,
-) -> Result<(), HypervisorError> {
-    let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
-    loop {
-        if socket.exists() {
-            return Ok(());
-        }
-        let b = procs.backends.last_mut().expect("backend was spawned");
-        if let Ok(Some(status)) = b.try_wait() {
-            return Err(HypervisorError::BackendNotReady {
-                after: BACKEND_READY_TIMEOUT,
-                detail: format!("it exited with {status}: {}", tail_lines(log, 5)),
-            });
-        }
-        if Instant::now() >= deadline {
-            return Err(HypervisorError::BackendNotReady {
-                after: BACKEND_READY_TIMEOUT,
-                detail: format!("no socket at {}", socket.display()),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

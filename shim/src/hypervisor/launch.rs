@@ -1,0 +1,108 @@
+//! Launch steps every backend shares: the per-VM run directory, the `Vm`
+//! that owns processes from the first spawn on, virtiofsd, and waiting for a
+//! backend's socket.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+use super::process::{configure, VmProcesses};
+use super::{tail_lines, HypervisorError, LaunchTimes, SharedDir, Vm, VmSpec};
+
+/// How long a device backend may take to listen on its socket.
+pub const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Creates `<run_root>/<id>` (0700); an existing one is an error, never reused.
+pub fn create_run_dir(spec: &VmSpec) -> Result<PathBuf, HypervisorError> {
+    let run_dir = spec.run_dir();
+    std::fs::create_dir_all(&spec.run_root)
+        .map_err(|e| HypervisorError::RunDir(spec.run_root.clone(), e))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(&run_dir) {
+        Ok(()) => Ok(run_dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(HypervisorError::RunDirExists(run_dir))
+        }
+        Err(e) => Err(HypervisorError::RunDir(run_dir, e)),
+    }
+}
+
+/// The `Vm` that owns the run dir from now on: dropping it (on any early
+/// return) kills what was spawned and removes the directory.
+pub fn new_vm(spec: &VmSpec, run_dir: &Path, accel: &'static str, started: Instant) -> Vm {
+    Vm {
+        id: spec.id.clone(),
+        run_dir: run_dir.to_path_buf(),
+        vsock_uds: run_dir.join("vsock.sock"),
+        console_log: run_dir.join("console.log"),
+        accel,
+        times: LaunchTimes {
+            started,
+            backend_ready: started,
+            vmm_spawned: started,
+        },
+        procs: VmProcesses::default(),
+    }
+}
+
+/// Starts virtiofsd for `shared` and waits until it listens on `socket`.
+pub async fn spawn_virtiofsd(
+    vm: &mut Vm,
+    shared: &SharedDir,
+    socket: &Path,
+) -> Result<(), HypervisorError> {
+    let log = vm.run_dir.join("virtiofsd.log");
+    let mut fs = Command::new(&shared.virtiofsd);
+    fs.arg("--socket-path").arg(socket);
+    fs.arg("--shared-dir").arg(&shared.path);
+    // Own mount namespace, pivoted into the shared dir: the daemon cannot
+    // reach host paths outside the pod's share, whatever the guest asks.
+    // Submounts (each container's rootfs) are announced so the guest sees
+    // them as separate filesystems.
+    fs.args([
+        "--sandbox",
+        "namespace",
+        "--announce-submounts",
+        "--cache",
+        "auto",
+    ]);
+    fs.args(["--log-level", "warn"]);
+    let spawn_err = |source| HypervisorError::Spawn {
+        what: "virtiofsd",
+        source,
+    };
+    configure(&mut fs, &log).map_err(spawn_err)?;
+    vm.procs.backends.push(fs.spawn().map_err(spawn_err)?);
+    wait_for_socket(&mut vm.procs, socket, &log).await
+}
+
+/// Waits for the last-spawned backend's socket: a VMM started before it
+/// exists fails, and one started against a socket nobody serves waits forever.
+pub async fn wait_for_socket(
+    procs: &mut VmProcesses,
+    socket: &Path,
+    log: &Path,
+) -> Result<(), HypervisorError> {
+    let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
+    loop {
+        if socket.exists() {
+            return Ok(());
+        }
+        if let Some(b) = procs.backends.last_mut() {
+            if let Ok(Some(status)) = b.try_wait() {
+                return Err(HypervisorError::BackendNotReady {
+                    after: BACKEND_READY_TIMEOUT,
+                    detail: format!("it exited with {status}: {}", tail_lines(log, 5)),
+                });
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(HypervisorError::BackendNotReady {
+                after: BACKEND_READY_TIMEOUT,
+                detail: format!("no socket at {}", socket.display()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
