@@ -12,7 +12,7 @@ pub struct Containerd {
     pub address: PathBuf,
     child: Option<Child>,
     env_path: String,
-    cocoon_config: PathBuf,
+    cocoon_config: Option<PathBuf>,
 }
 
 /// Directories with our binaries (target/debug), virtiofsd, and the system.
@@ -29,6 +29,11 @@ pub fn tool_path() -> String {
 impl Containerd {
     /// Starts containerd with `cocoon_config` as the shim's COCOON_CONFIG.
     pub fn start(dir: &Path, cocoon_config: &Path) -> Containerd {
+        Self::start_with(dir, Some(cocoon_config), tool_path())
+    }
+
+    /// Starts containerd with the given PATH and, if any, COCOON_CONFIG.
+    pub fn start_with(dir: &Path, cocoon_config: Option<&Path>, env_path: String) -> Containerd {
         std::fs::create_dir_all(dir).unwrap();
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
@@ -45,8 +50,8 @@ impl Containerd {
             dir: dir.to_path_buf(),
             address,
             child: None,
-            env_path: tool_path(),
-            cocoon_config: cocoon_config.to_path_buf(),
+            env_path,
+            cocoon_config: cocoon_config.map(Path::to_path_buf),
         };
         c.spawn();
         c
@@ -58,11 +63,16 @@ impl Containerd {
             .append(true)
             .open(self.dir.join("containerd.log"))
             .unwrap();
-        let child = Command::new("containerd")
+        let mut cmd = Command::new("containerd");
+        if let Some(c) = &self.cocoon_config {
+            cmd.env("COCOON_CONFIG", c);
+        } else {
+            cmd.env_remove("COCOON_CONFIG");
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.dir.join("containerd.toml"))
             .env("PATH", &self.env_path)
-            .env("COCOON_CONFIG", &self.cocoon_config)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -505,6 +505,13 @@ fn wait_status(env: &Env, id: &str, want: &str) {
 #[test]
 fn exec_pids_pause_resume() {
     let env = env();
+    let mut events = env
+        .containerd
+        .ctr_cmd(&["events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     for rt in [RUNC, COCOON] {
         let id = if rt == RUNC {
             "live-runc"
@@ -539,6 +546,27 @@ fn exec_pids_pause_resume() {
             ctr_ok(e, &["task", "resume", id]);
             assert_eq!(task_status(e, id), "RUNNING", "{rt}");
         });
+    }
+    // Every task event of the cocoon container reached containerd, like runc's.
+    let _ = events.kill();
+    let out = events.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for rt_id in ["live-runc", "live-cocoon"] {
+        for topic in [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/exit",
+            "/tasks/delete",
+        ] {
+            assert!(
+                text.lines().any(|l| l.contains(topic) && l.contains(rt_id)),
+                "no {topic} for {rt_id} in:\n{text}"
+            );
+        }
     }
     assert_clean(&env);
 }
@@ -789,4 +817,66 @@ fn containerd_restart_keeps_the_task_reachable() {
     ctr_ok(&env, &["task", "delete", "survivor"]);
     ctr_ok(&env, &["container", "delete", "survivor"]);
     assert_clean(&env);
+}
+
+/// The layout `make install PREFIX=<dir>` produces works with no config at
+/// all: containerd finds the shim on its PATH, the shim finds cocoon-vmm next
+/// to itself and the guest image in <prefix>/share/cocoon.
+#[test]
+fn installed_layout_needs_no_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("prefix");
+    let bin = prefix.join("bin");
+    let share = prefix.join("share/cocoon");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&share).unwrap();
+    let root = cocoon_integration::workspace_root();
+    for b in ["cocoon", "cocoon-vmm", "containerd-shim-cocoon-v2"] {
+        std::fs::copy(root.join("target/debug").join(b), bin.join(b)).unwrap();
+    }
+    let image = cocoon_integration::image_dir();
+    for f in ["vmlinuz", "initramfs.cpio"] {
+        std::fs::copy(image.join(f), share.join(f)).unwrap();
+    }
+    // Only the prefix, the system, and wherever virtiofsd was installed.
+    let virtiofsd = cocoon_integration::containerd::tool_path()
+        .split(':')
+        .find(|d| std::path::Path::new(d).join("virtiofsd").is_file())
+        .expect("virtiofsd installed (scripts/setup-host.sh)")
+        .to_string();
+    let path = format!(
+        "{}:{virtiofsd}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        bin.display()
+    );
+    let containerd = Containerd::start_with(&dir.path().join("containerd"), None, path);
+    containerd.import_busybox();
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        COCOON,
+        IMAGE_REF,
+        "installed",
+        "echo",
+        "installed ok",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "installed ok\n",
+        "{}\n{}",
+        show(&out),
+        containerd.log_tail()
+    );
+    // The default run dir (/run/cocoon) holds nothing of this pod afterwards.
+    let vm = cocoon_shim::shimv2::sandbox_vm_id("default", "installed");
+    let left = processes_mentioning(&vm);
+    let pids: Vec<u32> = left.iter().map(|p| p.0).collect();
+    assert!(
+        wait_gone(&pids, Duration::from_secs(10)).is_empty(),
+        "{left:?}"
+    );
+    assert!(!std::path::Path::new("/run/cocoon").join(&vm).exists());
+    assert!(!std::path::Path::new("/run/cocoon/shares")
+        .join(&vm)
+        .exists());
 }

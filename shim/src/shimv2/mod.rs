@@ -34,6 +34,11 @@ pub const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// Entry point of the shim binary; returns the process exit code.
+/// The VM id the shim uses for a pod (namespace + grouping id).
+pub fn sandbox_vm_id(namespace: &str, group: &str) -> String {
+    sandbox::vm_id(namespace, group)
+}
+
 /// When this shim process started (for the timing records).
 pub static SHIM_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
