@@ -18,8 +18,10 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::{Block, FileBackend};
+use crate::devices::virtio::defs::TYPE_VSOCK;
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::net::{Net, NetError, Tap};
+use crate::devices::virtio::vhost_user::{VhostUserDevice, VhostUserError};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::vsock::{MuxerError, VsockMuxer};
@@ -48,6 +50,8 @@ pub enum BuildError {
     Vsock(#[from] MuxerError),
     #[error("Failed to set up a network device")]
     Net(#[from] NetError),
+    #[error("Failed to set up a vhost-user device")]
+    VhostUser(#[from] VhostUserError),
     #[error("Failed to create a virtio-mmio transport")]
     Mmio(#[from] MmioError),
     #[error("Failed to place a device on a bus")]
@@ -158,6 +162,18 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
     for (i, n) in config.net.iter().enumerate() {
         let tap = Tap::open(&n.tap)?;
         virtio.add(Net::new(tap, n.mac_or_default(i)))?;
+    }
+    if let Some(v) = &config.vhost_user_vsock {
+        let dev = VhostUserDevice::connect(
+            &v.socket,
+            TYPE_VSOCK,
+            vec![256; 3],
+            v.guest_cid.to_le_bytes().to_vec(),
+        )?;
+        virtio.add(dev)?;
+    }
+    for f in &config.fs {
+        virtio.add(VhostUserDevice::fs(&f.socket, &f.tag, f.queue_size)?)?;
     }
     let VirtioSet {
         mmio,

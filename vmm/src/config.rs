@@ -74,6 +74,13 @@ pub struct VmConfig {
     pub block: Vec<BlockDeviceConfig>,
     #[serde(default)]
     pub net: Vec<NetDeviceConfig>,
+    /// virtio-fs devices served by virtiofsd over vhost-user.
+    #[serde(default)]
+    pub fs: Vec<FsDeviceConfig>,
+    /// A vsock device served by an external vhost-user backend (e.g.
+    /// `cocoon-vmm vhost-user-vsock`) instead of in-process.
+    #[serde(default)]
+    pub vhost_user_vsock: Option<VhostUserVsockConfig>,
     /// Seccomp filter and no_new_privs for the VMM process.
     #[serde(default = "default_true")]
     pub seccomp: bool,
@@ -111,6 +118,30 @@ pub struct NetDeviceConfig {
     pub mac: Option<String>,
 }
 
+fn default_fs_queue_size() -> u16 {
+    1024
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FsDeviceConfig {
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    /// Mount tag the guest uses (`mount -t virtiofs <tag> ...`), at most 36 bytes.
+    pub tag: String,
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserVsockConfig {
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+    #[serde(default = "default_cid")]
+    pub guest_cid: u64,
+}
+
 impl NetDeviceConfig {
     /// The MAC to use for the `index`-th interface.
     pub fn mac_or_default(&self, index: usize) -> [u8; 6] {
@@ -134,6 +165,8 @@ impl VmConfig {
             vsock: None,
             block: Vec::new(),
             net: Vec::new(),
+            fs: Vec::new(),
+            vhost_user_vsock: None,
             seccomp: true,
         }
     }
@@ -163,7 +196,11 @@ impl VmConfig {
 
     /// Number of virtio-mmio devices this config asks for.
     pub fn virtio_device_count(&self) -> usize {
-        self.block.len() + self.net.len() + usize::from(self.vsock.is_some())
+        self.block.len()
+            + self.net.len()
+            + self.fs.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.vhost_user_vsock.is_some())
     }
 
     /// Checks everything that can be checked without creating the VM.
@@ -228,6 +265,33 @@ impl VmConfig {
                         format!("{mac:?} is not aa:bb:cc:dd:ee:ff"),
                     ));
                 }
+            }
+        }
+        for (i, f) in self.fs.iter().enumerate() {
+            if f.tag.is_empty() || f.tag.len() > 36 {
+                return Err(invalid(format!("fs[{i}].tag"), "must be 1-36 bytes"));
+            }
+            if !f.queue_size.is_power_of_two() {
+                return Err(invalid(
+                    format!("fs[{i}].queue_size"),
+                    "must be a power of two",
+                ));
+            }
+        }
+        if self.vsock.is_some() && self.vhost_user_vsock.is_some() {
+            return Err(invalid(
+                "vhost_user_vsock",
+                "only one of vsock and vhost_user_vsock",
+            ));
+        }
+        if let Some(v) = &self.vhost_user_vsock {
+            if !(crate::vsock::defs::MIN_GUEST_CID..=crate::vsock::defs::MAX_GUEST_CID)
+                .contains(&v.guest_cid)
+            {
+                return Err(invalid(
+                    "vhost_user_vsock.guest_cid",
+                    format!("{} is reserved", v.guest_cid),
+                ));
             }
         }
         if let Some(v) = &self.vsock {

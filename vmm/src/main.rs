@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use cocoon_vmm::config::{BlockDeviceConfig, NetDeviceConfig, VmConfig, VsockDeviceConfig};
+use cocoon_vmm::config::{
+    BlockDeviceConfig, FsDeviceConfig, NetDeviceConfig, VhostUserVsockConfig, VmConfig,
+    VsockDeviceConfig,
+};
 use cocoon_vmm::vmm::{error_chain, Vmm, VmmOptions};
 use cocoon_vmm::vsock::defs::{DEFAULT_GUEST_CID, DEFAULT_MAX_CONNECTIONS};
 use cocoon_vmm::vsock::VsockConfig;
@@ -31,7 +34,7 @@ struct Cli {
 enum Command {
     /// Boot one microVM; exits 0 when the guest resets (i8042) or powers off, 3 on a
     /// triple fault, 4 when KVM gives up, 1 on a VMM error.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a virtio-vsock device to one vhost-user frontend (QEMU), with host
     /// connections over Unix sockets (Firecracker's hybrid vsock convention).
     VhostUserVsock {
@@ -85,6 +88,12 @@ struct RunArgs {
     /// Add a virtio-net device on this tap interface. Repeatable.
     #[arg(long)]
     net_tap: Vec<String>,
+    /// Add a virtio-fs device: SOCKET:TAG (virtiofsd's vhost-user socket). Repeatable.
+    #[arg(long)]
+    fs: Vec<String>,
+    /// Serve vsock through this vhost-user backend socket instead of in-process.
+    #[arg(long, conflicts_with = "vsock_uds")]
+    vsock_vhost_user: Option<PathBuf>,
     /// Serve the JSON-lines API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -146,6 +155,22 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
             mac: None,
         });
     }
+    for f in &a.fs {
+        let (socket, tag) = f
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--fs wants SOCKET:TAG, got {f:?}"))?;
+        c.fs.push(FsDeviceConfig {
+            socket: socket.into(),
+            tag: tag.into(),
+            queue_size: 1024,
+        });
+    }
+    if let Some(s) = &a.vsock_vhost_user {
+        c.vhost_user_vsock = Some(VhostUserVsockConfig {
+            socket: s.clone(),
+            guest_cid: a.vsock_cid,
+        });
+    }
     if a.no_seccomp {
         c.seccomp = false;
     }
@@ -176,7 +201,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_vm(cli.run),
-        Some(Command::Run(a)) => run_vm(a),
+        Some(Command::Run(a)) => run_vm(*a),
         Some(Command::VhostUserVsock {
             socket,
             uds_path,

@@ -117,8 +117,14 @@ impl Vmm {
             .map_err(VmmError::Epoll)?;
         let api = match opts.api_sock.take() {
             Some(path) => {
-                let _ = std::fs::remove_file(&path);
-                let l = UnixListener::bind(&path).map_err(|e| VmmError::Api(path.clone(), e))?;
+                // Bind under a temporary name and rename: the socket file appears only
+                // once it is listening, so a client that waits for the file never sees
+                // ECONNREFUSED.
+                let mut tmp = path.clone().into_os_string();
+                tmp.push(format!(".{}.tmp", std::process::id()));
+                let _ = std::fs::remove_file(&tmp);
+                let l = UnixListener::bind(&tmp).map_err(|e| VmmError::Api(path.clone(), e))?;
+                std::fs::rename(&tmp, &path).map_err(|e| VmmError::Api(path.clone(), e))?;
                 epoll
                     .ctl(
                         ControlOperation::Add,

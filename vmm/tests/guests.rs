@@ -446,6 +446,7 @@ fn api_configures_a_vm_from_json() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    g.track(&child);
     wait_for("api socket", || api.exists());
     let r = api_call(&api, r#"{"action":"state"}"#).unwrap();
     assert_eq!(r.state, VmState::NotConfigured);
@@ -698,4 +699,52 @@ fn net_frames_cross_a_real_tap_both_ways() {
     let out = g.finish(child, Duration::from_secs(15));
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.serial, "host-frame\n");
+}
+
+#[test]
+fn vsock_through_a_vhost_user_backend_process() {
+    if !can_run("vsock_through_a_vhost_user_backend_process") {
+        return;
+    }
+    // The same guest as the in-process vsock test, but the queues are served by a
+    // separate `cocoon-vmm vhost-user-vsock` process over the shared memfd: this drives
+    // the vhost-user frontend (memory table, vring handover, kick and call eventfds).
+    let g = assemble(VSOCK_GUEST);
+    let vhost = g.path("vhost.sock");
+    let uds = g.path("vsock.sock");
+    let mut backend = std::process::Command::new(guest::BIN)
+        .args(["vhost-user-vsock", "--guest-cid", "3", "--socket"])
+        .arg(&vhost)
+        .arg("--uds-path")
+        .arg(&uds)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    g.track(&backend);
+    wait_for("vhost-user socket", || vhost.exists());
+    let listener = UnixListener::bind(g.path("vsock.sock_5000")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let host = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("the guest never connected: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"pong\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        buf
+    });
+    let out = g.run(&["--vsock-vhost-user", vhost.to_str().unwrap()]);
+    let _ = backend.kill();
+    let _ = g.finish(backend, Duration::from_secs(5));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "pong\n", "{}", out.stderr);
+    assert_eq!(&host.join().unwrap(), b"ping\n");
 }

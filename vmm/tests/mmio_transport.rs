@@ -34,8 +34,9 @@ impl VirtioDevice for Fake {
             *b = (offset as u8).wrapping_add(i as u8);
         }
     }
-    fn activate(&mut self, acked: u64) {
+    fn activate(&mut self, acked: u64, _: &[Queue], _: &GuestMemoryMmap) -> Result<(), String> {
         self.activated = Some(acked);
+        Ok(())
     }
     fn process_queue(&mut self, index: usize, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
         self.notified.push(index);

@@ -181,10 +181,25 @@ SECTIONS {
 }
 "#;
 
-/// A temp dir holding an assembled guest.
+/// A temp dir holding an assembled guest, and the VMMs started on it (killed on drop,
+/// so a failing test leaves no process behind).
 pub struct Guest {
     pub dir: tempfile::TempDir,
     pub elf: PathBuf,
+    children: std::cell::RefCell<Vec<u32>>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        for pid in self.children.borrow().iter() {
+            // Only unreaped children are tracked (finish() forgets the ones it reaps), so
+            // the pid still names our child.
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                // SAFETY: kill(2) takes no pointers; the pid is a child we spawned.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
 /// Assembles `body` (AT&T syntax, 32-bit, after the prelude) into a PVH ELF64.
@@ -220,7 +235,11 @@ pub fn assemble(body: &str) -> Guest {
         "ld: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Guest { dir, elf }
+    Guest {
+        dir,
+        elf,
+        children: Default::default(),
+    }
 }
 
 /// What a VMM run produced.
@@ -241,8 +260,13 @@ impl Guest {
         self.finish(child, Duration::from_secs(20))
     }
 
+    /// Kills `child` when the guest is dropped, if it is still running.
+    pub fn track(&self, child: &Child) {
+        self.children.borrow_mut().push(child.id());
+    }
+
     pub fn spawn(&self, extra: &[&str]) -> Child {
-        Command::new(BIN)
+        let child = Command::new(BIN)
             .args(["run", "--mem-mib", "32", "--kernel"])
             .arg(&self.elf)
             .arg("--serial-out")
@@ -251,7 +275,9 @@ impl Guest {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
+            .unwrap();
+        self.track(&child);
+        child
     }
 
     pub fn serial(&self) -> String {
@@ -259,6 +285,8 @@ impl Guest {
     }
 
     pub fn finish(&self, mut child: Child, timeout: Duration) -> Outcome {
+        // Reaped below: stop tracking it so its pid is never signalled after reuse.
+        self.children.borrow_mut().retain(|p| *p != child.id());
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {

@@ -187,7 +187,12 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
                 return;
             }
             self.status = v;
-            self.device.activate(self.acked_features);
+            if let Err(e) = self
+                .device
+                .activate(self.acked_features, &self.queues, &self.mem)
+            {
+                self.needs_reset(&format!("activation failed: {e}"));
+            }
             return;
         }
         self.status = v;

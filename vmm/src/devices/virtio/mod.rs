@@ -6,6 +6,7 @@ pub mod block;
 pub mod defs;
 pub mod mmio;
 pub mod net;
+pub mod vhost_user;
 pub mod vsock;
 
 use std::os::fd::RawFd;
@@ -25,8 +26,17 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device config space; most devices ignore it.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// The driver set DRIVER_OK with these features acked.
-    fn activate(&mut self, _acked_features: u64) {}
+    /// The driver set DRIVER_OK with these features acked and these queues (the ready
+    /// ones live). Devices whose rings are served elsewhere (vhost-user) hand them over
+    /// here; an error leaves the device needing a reset.
+    fn activate(
+        &mut self,
+        _acked_features: u64,
+        _queues: &[Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        Ok(())
+    }
     /// The driver notified queue `index`. Returns whether to interrupt the driver.
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// A host-side descriptor the event loop should poll for this device.
