@@ -748,3 +748,68 @@ fn vsock_through_a_vhost_user_backend_process() {
     assert_eq!(out.serial, "pong\n", "{}", out.stderr);
     assert_eq!(&host.join().unwrap(), b"ping\n");
 }
+
+#[test]
+fn virtio_fs_fuse_init_through_virtiofsd() {
+    if !can_run("virtio_fs_fuse_init_through_virtiofsd") {
+        return;
+    }
+    if std::process::Command::new("virtiofsd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        guest::skip("virtio_fs_fuse_init_through_virtiofsd: virtiofsd is not installed (`cargo install virtiofsd`)");
+        return;
+    }
+    // FUSE_INIT (opcode 26) on the request queue: in_header + fuse_init_in readable,
+    // out_header + fuse_init_out writable. virtiofsd answers with major version 7.
+    let g = assemble(
+        r#"
+    VIRTIO_INIT 0xd0000000, 26
+    QUEUE 0xd0000000, 0, 0x200000, 0x201000, 0x202000
+    QUEUE 0xd0000000, 1, 0x220000, 0x221000, 0x222000
+    MMIO_W 0xd0000000, 0x070, 15
+    mov $0x223000, %edi
+    xor %eax, %eax
+    mov $64, %ecx
+    rep stosl
+    movl $104, 0x223000
+    movl $26, 0x223004
+    movl $1, 0x223008
+    movl $7, 0x223028
+    movl $31, 0x22302c
+    movl $0x20000, 0x223030
+    movl $0xffffffff, 0x224004
+    DESC 0x220000, 0, 0x223000, 104, 1, 1
+    DESC 0x220000, 1, 0x224000, 256, 2, 0
+    AVAIL 0x221000, 0, 0, 1
+    MMIO_W 0xd0000000, 0x050, 1
+    WAIT16 0x222002, 1, fuse_init
+    EXPECT32 0x224004, 0, fuse_error
+    EXPECT32 0x224010, 7, fuse_major
+    PRINT "fuse init ok\n"
+    jmp reset
+"#,
+    );
+    let shared = g.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let sock = g.path("fs.sock");
+    let fsd = std::process::Command::new("virtiofsd")
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .args(["--sandbox", "none", "--log-level", "error"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    g.track(&fsd);
+    wait_for("virtiofsd socket", || sock.exists());
+    let arg = format!("{}:shared", sock.display());
+    let out = g.run(&["--fs", &arg]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "fuse init ok\n", "{}", out.stderr);
+    // virtiofsd serves one frontend and exits when it goes away.
+    let _ = g.finish(fsd, Duration::from_secs(10));
+}
