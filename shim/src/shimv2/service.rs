@@ -126,6 +126,24 @@ fn agent_err(e: AgentError) -> ttrpc::Error {
     err(code, e)
 }
 
+/// Container `id` and its process `exec_id` ("" for the container's init).
+fn lookup<'a>(
+    containers: &'a HashMap<String, Container>,
+    id: &str,
+    exec_id: &str,
+) -> Result<(&'a Container, &'a Process), ttrpc::Error> {
+    let c = containers
+        .get(id)
+        .ok_or_else(|| not_found(&format!("container {id}")))?;
+    let p = if exec_id.is_empty() {
+        Some(&c.init)
+    } else {
+        c.execs.get(exec_id)
+    };
+    let p = p.ok_or_else(|| not_found(&format!("exec {exec_id}")))?;
+    Ok((c, p))
+}
+
 fn now() -> Timestamp {
     ts_from_ns(
         std::time::SystemTime::now()
@@ -639,17 +657,8 @@ impl Task for Service {
         }
         let copies = {
             let containers = self.inner.containers.lock().await;
-            let c = containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                Some(&c.init)
-            } else {
-                c.execs.get(&req.exec_id)
-            };
-            p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-                .copies
-                .clone()
+            let (_, p) = lookup(&containers, &req.id, &req.exec_id)?;
+            p.copies.clone()
         };
         if let Some(c) = copies {
             c.lock().await.close_stdin();
@@ -661,15 +670,7 @@ impl Task for Service {
         let sb = self.existing_sandbox().await?;
         {
             let containers = self.inner.containers.lock().await;
-            let c = containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                Some(&c.init)
-            } else {
-                c.execs.get(&req.exec_id)
-            };
-            let p = p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            let (_, p) = lookup(&containers, &req.id, &req.exec_id)?;
             if p.exit.borrow().is_some() {
                 return Err(not_found("process (already exited)"));
             }
@@ -788,17 +789,8 @@ impl Task for Service {
     ) -> TtrpcResult<api::WaitResponse> {
         let mut rx = {
             let containers = self.inner.containers.lock().await;
-            let c = containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                Some(&c.init)
-            } else {
-                c.execs.get(&req.exec_id)
-            };
-            p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-                .exit
-                .subscribe()
+            let (_, p) = lookup(&containers, &req.id, &req.exec_id)?;
+            p.exit.subscribe()
         };
         let exit = rx
             .wait_for(|e| e.is_some())
@@ -838,15 +830,7 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let containers = self.inner.containers.lock().await;
-        let c = containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        let p = if req.exec_id.is_empty() {
-            Some(&c.init)
-        } else {
-            c.execs.get(&req.exec_id)
-        };
-        let p = p.ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+        let (c, p) = lookup(&containers, &req.id, &req.exec_id)?;
         let exit = p.exit.borrow().clone();
         Ok(api::StateResponse {
             id: req.id.clone(),
