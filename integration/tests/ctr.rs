@@ -880,3 +880,26 @@ fn installed_layout_needs_no_config() {
         .join(&vm)
         .exists());
 }
+
+/// A create that fails halfway (the VM is up, the spec names a bind source
+/// that does not exist) fails like runc's, with the path named, and leaves
+/// no shim, VM, mount or run directory behind.
+#[test]
+fn failed_create_fails_cleanly() {
+    let env = env();
+    let m = "type=bind,src=/nonexistent/cocoon-src,dst=/data,options=rbind:ro";
+    let r = ctr_run(&env, RUNC, "badmount-runc", &["--mount", m], &["true"]);
+    let c = ctr_run(&env, COCOON, "badmount-cocoon", &["--mount", m], &["true"]);
+    assert!(!r.status.success(), "runc: {}", show(&r));
+    assert!(!c.status.success(), "cocoon: {}", show(&c));
+    assert!(
+        String::from_utf8_lossy(&c.stderr).contains("/nonexistent/cocoon-src"),
+        "the error should name the missing path: {}",
+        show(&c)
+    );
+    // ctr leaves the container record after a failed create under both runtimes.
+    for id in ["badmount-runc", "badmount-cocoon"] {
+        let _ = env.containerd.ctr(&["container", "delete", id]);
+    }
+    assert_clean(&env);
+}
