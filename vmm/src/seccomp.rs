@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// Errors while installing the filter.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +53,8 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
     libc::SYS_timerfd_create,
-    // Hybrid vsock and the API socket: Unix sockets only.
-    libc::SYS_socket,
+    // Hybrid vsock and the API socket: Unix sockets only (socket(2) is allowed for
+    // AF_UNIX alone, see `build_filter`).
     libc::SYS_connect,
     libc::SYS_accept4,
     libc::SYS_bind,
@@ -96,8 +99,18 @@ pub const ALLOWED: &[i64] = &[
 
 /// Builds the filter with `mismatch` as the action for anything not allowed.
 pub fn build_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
+    // The VMM only ever opens Unix sockets after boot (guest-initiated vsock connects).
+    let unix_only = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(SeccompError::Build)?;
+    rules.insert(libc::SYS_socket, vec![unix_only]);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(SeccompError::Build)?;
     filter.try_into().map_err(SeccompError::Compile)

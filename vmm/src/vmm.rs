@@ -15,6 +15,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -83,6 +85,7 @@ pub struct VmmOptions {
 
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_API: u64 = 1;
+const TOKEN_SIGNAL: u64 = 2;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 const TOKEN_CLIENT_BASE: u64 = 2 << 32;
 
@@ -102,6 +105,20 @@ pub struct Vmm {
     epoll: Epoll,
     api: Option<(UnixListener, PathBuf)>,
     clients: HashMap<RawFd, BufReader<UnixStream>>,
+    signals: SignalFd,
+}
+
+/// SIGTERM and SIGINT end the VM like a `shutdown` request, so sockets get cleaned up.
+/// They are blocked before any thread starts (threads inherit the mask) and read from
+/// a signalfd in the event loop.
+fn shutdown_signals() -> Result<SignalFd, VmmError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block()
+        .map_err(|e| VmmError::Epoll(std::io::Error::from(e)))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| VmmError::Epoll(std::io::Error::from(e)))
 }
 
 impl Vmm {
@@ -113,6 +130,14 @@ impl Vmm {
                 ControlOperation::Add,
                 exit.event().as_raw_fd(),
                 EpollEvent::new(EventSet::IN, TOKEN_EXIT),
+            )
+            .map_err(VmmError::Epoll)?;
+        let signals = shutdown_signals()?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                signals.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_SIGNAL),
             )
             .map_err(VmmError::Epoll)?;
         let api = match opts.api_sock.take() {
@@ -148,6 +173,7 @@ impl Vmm {
             epoll,
             api,
             clients: HashMap::new(),
+            signals,
         })
     }
 
@@ -235,6 +261,12 @@ impl Vmm {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_EXIT => {}
+                    TOKEN_SIGNAL => {
+                        if let Ok(Some(info)) = self.signals.read_signal() {
+                            log::info!("signal {} received: shutting down", info.ssi_signo);
+                            self.exit.report(ExitReason::Shutdown);
+                        }
+                    }
                     TOKEN_API => self.accept_client(),
                     t if t >= TOKEN_CLIENT_BASE => {
                         self.serve_client((t - TOKEN_CLIENT_BASE) as RawFd)

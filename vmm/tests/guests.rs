@@ -813,3 +813,28 @@ fn virtio_fs_fuse_init_through_virtiofsd() {
     // virtiofsd serves one frontend and exits when it goes away.
     let _ = g.finish(fsd, Duration::from_secs(10));
 }
+
+#[test]
+fn sigterm_shuts_down_and_cleans_up_sockets() {
+    if !can_run("sigterm_shuts_down_and_cleans_up_sockets") {
+        return;
+    }
+    let g = assemble(SPINNER);
+    let uds = g.path("vsock.sock");
+    let api = g.path("api.sock");
+    let child = g.spawn(&[
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--api-sock",
+        api.to_str().unwrap(),
+    ]);
+    wait_for("guest output", || g.serial().len() > 2);
+    assert!(uds.exists() && api.exists());
+    // SAFETY: kill(2) on the child we just spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = g.finish(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{:?} {}", out.status, out.stderr);
+    assert!(out.stderr.contains("shutting down"), "{}", out.stderr);
+    assert!(!uds.exists(), "vsock socket left behind");
+    assert!(!api.exists(), "api socket left behind");
+}
