@@ -838,3 +838,15 @@ fn sigterm_shuts_down_and_cleans_up_sockets() {
     assert!(!uds.exists(), "vsock socket left behind");
     assert!(!api.exists(), "api socket left behind");
 }
+
+#[test]
+fn smp_vm_with_waiting_aps_boots_and_exits() {
+    if !can_run("smp_vm_with_waiting_aps_boots_and_exits") {
+        return;
+    }
+    // vCPUs 1-3 sit in wait-for-SIPI inside KVM_RUN; the VMM must still stop them.
+    let g = assemble("    PRINT \"bsp\\n\"\n    jmp reset\n");
+    let out = g.run(&["--vcpus", "4", "--mem-mib", "64"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.serial, "bsp\n");
+}
