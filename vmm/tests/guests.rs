@@ -846,7 +846,7 @@ fn smp_vm_with_waiting_aps_boots_and_exits() {
     }
     // vCPUs 1-3 sit in wait-for-SIPI inside KVM_RUN; the VMM must still stop them.
     let g = assemble("    PRINT \"bsp\\n\"\n    jmp reset\n");
-    let out = g.run(&["--vcpus", "4", "--mem-mib", "64"]);
+    let out = g.run(&["--vcpus", "4"]);
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.serial, "bsp\n");
 }
