@@ -49,11 +49,13 @@ lint: setup
 test: lint image
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-# Benchmarks: boot (launch -> agent ready vs raw QEMU) and run (ctr run --rm
-# true, cocoon vs runc, breakdown and pod memory). JSON reports in target/.
+# Benchmarks: boot (launch -> agent ready vs raw QEMU), run (ctr run --rm
+# true, cocoon vs runc, breakdown and pod memory), and cocoon-vmm start/exit
+# vs QEMU microvm on a synthetic guest. JSON reports in target/.
 bench: image
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 --out target/bench-boot.json
 	bash scripts/bench-run.sh 10 $(CURDIR)/target/bench-run.json
+	$(CARGO) bench -p cocoon-vmm --bench boot
 
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm

@@ -3,10 +3,18 @@
 
 use nix::sys::reboot::{reboot, RebootMode};
 
-/// Syncs and powers the VM off. Falls back to a reset (the VMM runs with
-/// `-no-reboot`, so a reset also ends the VM) if power-off is refused.
+/// Syncs and powers the VM off. Without ACPI (cocoon-vmm has none) the
+/// kernel's power-off only halts the CPUs and the VM would linger, so there
+/// the VM is reset instead: every VMM we run treats a reset as the end
+/// (QEMU with `-no-reboot`, cocoon-vmm on the i8042 reset of `reboot=k`).
+/// A refused power-off falls back to a reset too.
 pub fn power_off() -> ! {
     nix::unistd::sync();
+    if !std::path::Path::new("/sys/firmware/acpi").exists() {
+        let err = reboot(RebootMode::RB_AUTOBOOT);
+        eprintln!("cocoon-agent: reset failed ({err:?})");
+        std::process::exit(1)
+    }
     let err = reboot(RebootMode::RB_POWER_OFF);
     eprintln!("cocoon-agent: power-off failed ({err:?}), resetting");
     let err = reboot(RebootMode::RB_AUTOBOOT);

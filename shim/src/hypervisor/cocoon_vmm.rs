@@ -27,7 +27,10 @@ impl CocoonVmm {
     /// The command line for `cocoon-vmm run` (the VMM adds its own
     /// `virtio_mmio.device=` entries).
     pub fn args(&self, spec: &VmSpec, run_dir: &std::path::Path) -> Vec<String> {
-        let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+        // No ACPI in cocoon-vmm: the agent ends the VM with a reset, and
+        // reboot=k makes that the i8042 reset the VMM treats as a clean end
+        // (reboot=t would triple-fault, which it reports as a crash).
+        let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=k");
         if !spec.extra_kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&spec.extra_kernel_params);
@@ -130,5 +133,6 @@ mod tests {
         assert_eq!(after("--vsock-uds"), "/run/cocoon/v1/vsock.sock");
         assert_eq!(after("--fs"), "/run/cocoon/v1/virtiofs.sock:cocoon");
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
+        assert!(after("--cmdline").contains("reboot=k"));
     }
 }
