@@ -23,11 +23,17 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
             }
         }
         st.mounts.cleanup();
-        // The VM is gone with its shim: its run dir and share go too.
-        if !st.vm_pids.iter().any(|p| is_vm_process(*p, &marks)) {
-            mounts::unmount_share(&st.share);
-            let _ = std::fs::remove_dir_all(&st.vm_run_dir);
+        // SIGKILL (ours, or PR_SET_PDEATHSIG's when the shim died) takes a
+        // moment; wait for the VM's processes, bounded, before removing what
+        // they used. The VM is gone with its shim: its run dir and share go.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while st.vm_pids.iter().any(|p| is_vm_process(*p, &marks))
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        mounts::unmount_share(&st.share);
+        let _ = std::fs::remove_dir_all(&st.vm_run_dir);
         ContainerState::remove(&bundle);
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
