@@ -126,6 +126,19 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    /// Publishes an OOM event for `container_id` if its cgroup counted a new
+    /// OOM kill (each kill is reported once, by whoever sees it first).
+    fn report_oom(&self, container_id: &str) {
+        if let Ok(c) = self.containers().get(container_id) {
+            if c.new_oom_kill() {
+                tracing::info!(container = %container_id, "OOM kill");
+                let _ = self.state.oom_events.send(container_id.to_string());
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Agent for AgentService {
     async fn get_guest_details(
@@ -211,6 +224,8 @@ impl Agent for AgentService {
             0 => Duration::from_secs(10),
             ms => Duration::from_millis(ms.into()),
         };
+        // Last look at memory.events before the cgroup goes.
+        self.report_oom(&req.container_id);
         self.containers()
             .remove(&req.container_id, timeout)
             .await
@@ -366,6 +381,10 @@ impl Agent for AgentService {
             .wait(&req.container_id, &req.exec_id)
             .await
             .map_err(rpc_error)?;
+        // The OOM poller may not have looked since the kill: report it now,
+        // before the exit, so the host never sees an OOM-killed exit without
+        // its OOM event.
+        self.report_oom(&req.container_id);
         let mut r = WaitProcessResponse::new();
         r.status = exit.status;
         r.exited_at_ns = exit.at_ns;
