@@ -46,7 +46,7 @@ impl<B: VsockBackend> VsockDevice<B> {
             backend,
             buf: vec![0u8; MAX_PKT_PAYLOAD].into_boxed_slice(),
             stats: VsockStats::default(),
-            log: LogLimiter::new(),
+            log: LogLimiter::new("vsock"),
         }
     }
 

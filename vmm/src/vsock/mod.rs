@@ -17,7 +17,7 @@ pub mod packet;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use device::{DeviceError, VsockDevice, VsockStats};
 pub use muxer::{MuxerError, VsockMuxer};
@@ -96,47 +96,7 @@ impl VsockConfig {
     }
 }
 
-/// Lets through a burst of log lines per second and counts the rest, so a guest cannot
-/// flood the log.
-#[derive(Debug)]
-pub(crate) struct LogLimiter {
-    window_start: Instant,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const BURST: u32 = 10;
-    const WINDOW: Duration = Duration::from_secs(1);
-
-    pub(crate) fn new() -> Self {
-        Self {
-            window_start: Instant::now(),
-            in_window: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether to log now; reports what was suppressed when a new window opens.
-    pub(crate) fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if now.duration_since(self.window_start) >= Self::WINDOW {
-            if self.suppressed > 0 {
-                log::warn!("vsock: {} similar messages suppressed", self.suppressed);
-            }
-            self.window_start = now;
-            self.in_window = 0;
-            self.suppressed = 0;
-        }
-        if self.in_window < Self::BURST {
-            self.in_window += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
+pub(crate) use crate::logging::LogLimiter;
 
 /// `warn!` through a [`LogLimiter`].
 macro_rules! warn_limited {
@@ -162,12 +122,5 @@ mod tests {
         assert!(cfg.validate().is_err());
         cfg = VsockConfig::new("");
         assert!(matches!(cfg.validate(), Err(ConfigError::EmptyUdsPath)));
-    }
-
-    #[test]
-    fn log_limiter_caps_a_burst() {
-        let mut l = LogLimiter::new();
-        let allowed = (0..100).filter(|_| l.allow()).count();
-        assert_eq!(allowed, LogLimiter::BURST as usize);
     }
 }

@@ -122,7 +122,7 @@ impl VsockMuxer {
             rxq: VecDeque::new(),
             pending_rsts: 0,
             next_host_port: FIRST_EPHEMERAL_HOST_PORT,
-            log: LogLimiter::new(),
+            log: LogLimiter::new("vsock"),
         })
     }
 
