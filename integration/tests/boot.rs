@@ -171,38 +171,47 @@ fn four_vms_concurrently() {
     });
 }
 
+/// Puts a long poll (GetOomEvent) in flight, SIGKILLs `victim` (a process of
+/// the VM), and returns how the pending call failed, within 10 s.
+async fn kill_during_long_poll(agent: &AgentClient, victim: u32) -> AgentError {
+    let pending = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.next_oom_event(Duration::from_secs(60)).await })
+    };
+    // The call must be in the agent's hands before the kill: it still
+    // pends after a later call on the same connection has completed.
+    agent.check().await.unwrap();
+    assert!(!pending.is_finished(), "the long poll returned early");
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the pending call must fail within 10 s of the kill")
+        .unwrap()
+        .unwrap_err()
+}
+
+/// A booted VM and its agent, for the kill tests.
+async fn booted(
+    config: &cocoon_shim::config::Config,
+    id: &str,
+) -> (cocoon_shim::hypervisor::Vm, AgentClient) {
+    let hv = hypervisor::from_config(config).unwrap();
+    let mut vm = hv.launch(&VmSpec::from_config(config, id)).await.unwrap();
+    let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+        .await
+        .unwrap();
+    (vm, agent)
+}
+
 #[test]
 fn vm_killed_mid_call_fails_fast() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
     rt().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "killed"))
-            .await
-            .unwrap();
+        let (vm, agent) = booted(&config, "killed").await;
         let pids = vm.pids();
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
-
-        // GetOomEvent is a long poll: it is in flight when the VM dies.
-        let pending = {
-            let agent = agent.clone();
-            tokio::spawn(async move { agent.next_oom_event(Duration::from_secs(60)).await })
-        };
-        // The call must be in the agent's hands before the kill: it still
-        // pends after a later call on the same connection has completed.
-        agent.check().await.unwrap();
-        assert!(!pending.is_finished(), "the long poll returned early");
-
         let killed_at = Instant::now();
-        kill(Pid::from_raw(vm.vmm_pid().unwrap() as i32), Signal::SIGKILL).unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(10), pending)
-            .await
-            .expect("the pending call must fail within 10 s of the VM's death")
-            .unwrap()
-            .unwrap_err();
+        let err = kill_during_long_poll(&agent, vm.vmm_pid().unwrap()).await;
         assert!(matches!(err, AgentError::Disconnected { .. }), "{err}");
         assert!(err.to_string().contains("GetOomEvent"), "{err}");
         assert!(killed_at.elapsed() < Duration::from_secs(10));
@@ -229,31 +238,14 @@ fn vsock_backend_killed_mid_call_fails_fast() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
     rt().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "backend"))
-            .await
-            .unwrap();
+        let (vm, agent) = booted(&config, "backend").await;
         let pids = vm.pids();
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
-        let pending = {
-            let agent = agent.clone();
-            tokio::spawn(async move { agent.next_oom_event(Duration::from_secs(60)).await })
-        };
-        agent.check().await.unwrap();
         let backend = pids
             .iter()
             .copied()
             .find(|p| Some(*p) != vm.vmm_pid())
             .unwrap();
-        kill(Pid::from_raw(backend as i32), Signal::SIGKILL).unwrap();
-        let err = tokio::time::timeout(Duration::from_secs(10), pending)
-            .await
-            .expect("the pending call must fail within 10 s")
-            .unwrap()
-            .unwrap_err();
+        let err = kill_during_long_poll(&agent, backend).await;
         assert!(matches!(err, AgentError::Disconnected { .. }), "{err}");
         vm.stop(Duration::from_secs(1)).await;
         assert_clean(run.path(), &pids);
