@@ -392,3 +392,57 @@ fn cocoon_vmm_backend_boots_or_says_why() {
         assert_clean(run.path(), &pids);
     });
 }
+
+/// `cocoon vm boot` stopped by SIGTERM mid-boot kills its VM and removes its
+/// run directory instead of leaving them to the next reboot.
+#[test]
+fn cli_vm_boot_cleans_up_on_sigterm() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    let cfg = run.path().join("cocoon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[vm]\nkernel = {:?}\ninitrd = {:?}\n[paths]\nrun_dir = {:?}\n",
+            config.vm.kernel,
+            config.vm.initrd,
+            run.path().join("vms")
+        ),
+    )
+    .unwrap();
+    let cli = cocoon_integration::workspace_root().join("target/debug/cocoon");
+    let child = std::process::Command::new(cli)
+        .args([
+            "vm",
+            "boot",
+            "--id",
+            "sig",
+            "--kernel-params",
+            "rdinit=/nonexistent panic=0",
+        ])
+        .env("COCOON_CONFIG", &cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vm_dir = run.path().join("vms/sig");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vm_dir.join("console.log").exists() {
+        assert!(Instant::now() < deadline, "the VM never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vm_procs: Vec<u32> = processes_mentioning(&vm_dir.to_string_lossy())
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert!(!vm_procs.is_empty());
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("terminated"),
+        "{out:?}"
+    );
+    assert!(wait_gone(&vm_procs, Duration::from_secs(5)).is_empty());
+    assert!(!vm_dir.exists(), "run dir left behind");
+}

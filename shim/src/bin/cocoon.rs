@@ -157,7 +157,7 @@ fn run(cli: Cli) -> Result<()> {
                     json,
                     console,
                 },
-        } => runtime()?.block_on(vm_boot(id, kernel_params, json, console)),
+        } => runtime()?.block_on(until_signalled(vm_boot(id, kernel_params, json, console))),
         Cmd::Bench {
             cmd:
                 BenchCmd::Run {
@@ -193,6 +193,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("report written to {}", out.display());
             Ok(())
         }
+    }
+}
+
+/// Runs `f` unless SIGINT or SIGTERM comes first; then `f` is dropped, and
+/// with it any VM it owns (which kills its processes and removes its run dir).
+async fn until_signalled(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        r = f => r,
+        _ = term.recv() => bail!("terminated; the VM was stopped and cleaned up"),
+        _ = int.recv() => bail!("interrupted; the VM was stopped and cleaned up"),
     }
 }
 
