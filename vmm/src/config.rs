@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{layout, mptable};
+use crate::jail::JailMode;
 use crate::vsock::VsockConfig;
 
 /// Errors in a configuration.
@@ -84,6 +85,10 @@ pub struct VmConfig {
     /// Seccomp filter and no_new_privs for the VMM process.
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// Own namespaces and an empty read-only root for the VMM process (`auto`, `on`,
+    /// `off`); see [`crate::jail`].
+    #[serde(default)]
+    pub jail: JailMode,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -168,6 +173,7 @@ impl VmConfig {
             fs: Vec::new(),
             vhost_user_vsock: None,
             seccomp: true,
+            jail: JailMode::Auto,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod jail;
 pub mod logging;
 pub mod seccomp;
 pub mod vhost_user_vsock;

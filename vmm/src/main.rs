@@ -103,6 +103,10 @@ struct RunArgs {
     /// Run without the seccomp filter and no_new_privs (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Own mount/network/IPC/UTS namespaces and an empty read-only root before the
+    /// guest runs: auto (when root), on (required), off.
+    #[arg(long)]
+    jail: Option<cocoon_vmm::jail::JailMode>,
     /// Print the wall-clock time of the guest's first exit to stderr (benchmarks).
     #[arg(long, hide = true)]
     print_first_exit: bool,
@@ -173,6 +177,9 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
     }
     if a.no_seccomp {
         c.seccomp = false;
+    }
+    if let Some(j) = a.jail {
+        c.jail = j;
     }
     Ok(Some(c))
 }

@@ -39,6 +39,8 @@ pub enum VmmError {
     Api(PathBuf, #[source] std::io::Error),
     #[error("Failed to install the seccomp filter")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("Failed to jail the VMM (set jail = \"off\" to run without)")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// The VM's lifecycle state as the API reports it.
@@ -142,6 +144,10 @@ impl Vmm {
             .map_err(VmmError::Epoll)?;
         let api = match opts.api_sock.take() {
             Some(path) => {
+                // Absolute and symlink-free, so the jail can keep its directory.
+                let path = crate::jail::resolve_socket_dir(&path)
+                    .map(|(_, p)| p)
+                    .unwrap_or(path);
                 // Bind under a temporary name and rename: the socket file appears only
                 // once it is listening, so a client that waits for the file never sees
                 // ECONNREFUSED.
@@ -188,7 +194,7 @@ impl Vmm {
 
     /// Builds the VM and starts its vCPUs.
     fn boot(&mut self) -> Result<(), VmmError> {
-        let config = self
+        let mut config = self
             .config
             .clone()
             .ok_or(VmmError::Build(BuildError::Config(
@@ -197,6 +203,23 @@ impl Vmm {
                     reason: "no configuration given".into(),
                 },
             )))?;
+        let jail = crate::jail::wanted(config.jail);
+        let mut keep = Vec::new();
+        if jail {
+            // The jail keeps only directories, by their resolved absolute paths.
+            if let Some(v) = &mut config.vsock {
+                let (dir, path) = crate::jail::resolve_socket_dir(&v.uds_path)?;
+                v.uds_path = path;
+                keep.push(dir);
+            }
+            if let Some((_, api)) = &self.api {
+                if let Some(dir) = api.parent() {
+                    keep.push(dir.to_owned());
+                }
+            }
+            keep.sort();
+            keep.dedup();
+        }
         let built = builder::build(&config, &self.exit)?;
         for (i, d) in built.host_devices.iter().enumerate() {
             if let Some(fd) = lock(d).host_fd() {
@@ -210,6 +233,11 @@ impl Vmm {
             }
         }
         vcpu::install_kick_handler()?;
+        if jail {
+            // Everything is open; before any other thread exists (namespaces are per
+            // thread) and before the guest runs.
+            crate::jail::enter(&keep)?;
+        }
         if config.seccomp {
             // Everything the VM needs is open; from here on only the allowlist.
             crate::seccomp::apply()?;

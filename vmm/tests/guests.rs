@@ -432,6 +432,142 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
     assert!(!api.exists(), "api socket left behind");
 }
 
+/// The namespace a process is in, e.g. `mnt:[4026531841]`.
+fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+/// Every path under `root`, relative to it, sorted.
+fn tree(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn jail_gives_the_vmm_its_own_namespaces_and_an_empty_root() {
+    if !can_run("jail_gives_the_vmm_its_own_namespaces_and_an_empty_root") {
+        return;
+    }
+    // SAFETY: geteuid(2) takes no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        guest::skip("jail_gives_the_vmm_its_own_namespaces_and_an_empty_root: needs root");
+        return;
+    }
+    use cocoon_vmm::vmm::api_call;
+    let g = assemble(SPINNER);
+    let dir = std::fs::canonicalize(g.dir.path()).unwrap();
+    let api = dir.join("api.sock");
+    let uds = dir.join("vsock.sock");
+    let child = g.spawn(&[
+        "--jail",
+        "on",
+        "--api-sock",
+        api.to_str().unwrap(),
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    wait_for("guest output", || g.serial().len() > 2);
+    let pid = child.id().to_string();
+    for kind in ["mnt", "net", "ipc", "uts"] {
+        assert_ne!(ns(&pid, kind), ns("self", kind), "{kind} namespace shared");
+    }
+    // Its root holds only the directory of its sockets, at the same path.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let outside: Vec<String> = tree(&root)
+        .into_iter()
+        .filter(|p| !std::path::Path::new("/").join(p).starts_with(&dir))
+        .collect();
+    let mut ancestors: Vec<String> = dir
+        .ancestors()
+        .skip(1)
+        .filter_map(|a| a.strip_prefix("/").ok())
+        .filter(|a| !a.as_os_str().is_empty())
+        .map(|a| a.display().to_string())
+        .collect();
+    ancestors.sort();
+    assert_eq!(
+        outside, ancestors,
+        "the jail root holds more than the kept directory"
+    );
+    assert!(root.join(uds.strip_prefix("/").unwrap()).exists());
+    // The root is read-only; the kept directory is not.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_opts = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f[4] == "/")
+        .map(|f| f[5].to_string())
+        .unwrap_or_default();
+    assert!(
+        root_opts.starts_with("ro,"),
+        "root mount: {root_opts}\n{mountinfo}"
+    );
+    let kept_opts = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| std::path::Path::new(f[4]) == dir)
+        .map(|f| f[5].to_string())
+        .unwrap_or_default();
+    assert!(
+        kept_opts.starts_with("rw,nosuid,nodev,noexec"),
+        "kept dir mount: {kept_opts}\n{mountinfo}"
+    );
+    // Its network namespace has nothing but a loopback device.
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    assert_eq!(ifaces.iter().map(|s| s.trim()).collect::<Vec<_>>(), ["lo"]);
+
+    // Sockets in the kept directory still work and are removed at exit from inside.
+    let r = api_call(&api, r#"{"action":"shutdown"}"#).unwrap();
+    assert!(r.ok, "{r:?}");
+    let out = g.finish(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("jail: own mount"), "{}", out.stderr);
+    assert!(!api.exists() && !uds.exists(), "sockets left behind");
+}
+
+#[test]
+fn jail_off_leaves_the_namespaces_alone() {
+    if !can_run("jail_off_leaves_the_namespaces_alone") {
+        return;
+    }
+    use cocoon_vmm::vmm::api_call;
+    let g = assemble(SPINNER);
+    let api = g.path("api.sock");
+    let child = g.spawn(&["--jail", "off", "--api-sock", api.to_str().unwrap()]);
+    wait_for("guest output", || g.serial().len() > 2);
+    let pid = child.id().to_string();
+    for kind in ["mnt", "net"] {
+        assert_eq!(ns(&pid, kind), ns("self", kind), "{kind} namespace");
+    }
+    api_call(&api, r#"{"action":"shutdown"}"#).unwrap();
+    let out = g.finish(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("jail: off by configuration"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn api_configures_a_vm_from_json() {
     if !can_run("api_configures_a_vm_from_json") {
