@@ -129,7 +129,7 @@ pub fn verdicts(kvm: KvmKind, qemu: bool, vmm: bool) -> Vec<Verdict> {
     });
     let (usable, why) = match kvm {
         KvmKind::Hardware if !vmm => (false, "cocoon-vmm is not installed (make install)".to_string()),
-        KvmKind::Hardware => (true, "hardware KVM: our own microVM monitor, the fastest and smallest path (set hypervisor = \"cocoon-vmm\")".into()),
+        KvmKind::Hardware => (true, "hardware KVM: our own microVM monitor, the fastest and smallest path (the default hypervisor = \"auto\" picks it)".into()),
         KvmKind::Pvm => (false, "/dev/kvm is PVM, not hardware virtualization (no vmx/svm): stock Linux guests fail with emulation errors".into()),
         KvmKind::None => (false, "no /dev/kvm".into()),
     };

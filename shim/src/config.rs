@@ -25,7 +25,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum HypervisorKind {
+    /// cocoon-vmm when the host has hardware virtualization, QEMU otherwise; the choice
+    /// and its reason are logged.
     #[default]
+    Auto,
     Qemu,
     CocoonVmm,
 }
@@ -104,7 +107,7 @@ pub struct PathsConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            hypervisor: HypervisorKind::Qemu,
+            hypervisor: HypervisorKind::Auto,
             vm: VmConfig::default(),
             qemu: QemuConfig::default(),
             paths: PathsConfig::default(),
@@ -240,7 +243,7 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         let c = Config::parse("").unwrap();
-        assert_eq!(c.hypervisor, HypervisorKind::Qemu);
+        assert_eq!(c.hypervisor, HypervisorKind::Auto);
         assert_eq!(c.vm.vcpus, 1);
         assert_eq!(c.qemu.accel, Accel::Auto);
     }

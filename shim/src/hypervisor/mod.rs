@@ -240,10 +240,30 @@ pub fn resolve_accel(wanted: Accel, kvm: KvmKind) -> Result<(Accel, String), Hyp
     }
 }
 
+/// The backend `kind` means on a host with `kvm`, and why.
+pub fn resolve_hypervisor(kind: HypervisorKind, kvm: KvmKind) -> (HypervisorKind, &'static str) {
+    match (kind, kvm) {
+        (HypervisorKind::Auto, KvmKind::Hardware) => (
+            HypervisorKind::CocoonVmm,
+            "auto: host has hardware virtualization",
+        ),
+        (HypervisorKind::Auto, KvmKind::Pvm) => (
+            HypervisorKind::Qemu,
+            "auto: /dev/kvm is PVM (no vmx/svm), which cocoon-vmm cannot boot Linux on",
+        ),
+        (HypervisorKind::Auto, KvmKind::None) => {
+            (HypervisorKind::Qemu, "auto: this host has no /dev/kvm")
+        }
+        (k, _) => (k, "set in config"),
+    }
+}
+
 /// The hypervisor the config asks for.
 pub fn from_config(config: &Config) -> Result<Box<dyn Hypervisor>, HypervisorError> {
-    match config.hypervisor {
-        HypervisorKind::Qemu => {
+    let (kind, why) = resolve_hypervisor(config.hypervisor, check::kvm_kind());
+    tracing::info!(hypervisor = ?kind, "hypervisor: {why}");
+    match kind {
+        HypervisorKind::Qemu | HypervisorKind::Auto => {
             let (accel, why) = resolve_accel(config.qemu.accel, check::kvm_kind())?;
             tracing::info!(accel = ?accel, "QEMU accelerator: {why}");
             Ok(Box::new(qemu::Qemu::new(config, accel)?))
@@ -263,6 +283,18 @@ pub fn from_config(config: &Config) -> Result<Box<dyn Hypervisor>, HypervisorErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_picks_cocoon_vmm_only_on_hardware_kvm() {
+        use HypervisorKind::*;
+        assert_eq!(resolve_hypervisor(Auto, KvmKind::Hardware).0, CocoonVmm);
+        assert_eq!(resolve_hypervisor(Auto, KvmKind::Pvm).0, Qemu);
+        assert!(resolve_hypervisor(Auto, KvmKind::Pvm).1.contains("PVM"));
+        assert_eq!(resolve_hypervisor(Auto, KvmKind::None).0, Qemu);
+        // An explicit choice is kept, whatever the host (and refused later if need be).
+        assert_eq!(resolve_hypervisor(CocoonVmm, KvmKind::Pvm).0, CocoonVmm);
+        assert_eq!(resolve_hypervisor(Qemu, KvmKind::Hardware).0, Qemu);
+    }
 
     #[test]
     fn accel_follows_the_host() {
