@@ -6,8 +6,9 @@ set -euo pipefail
 
 # libseccomp-dev, libcap-ng-dev, pkg-config: to build virtiofsd (below) and
 # the guest agent's seccomp support; binutils (as, ld) to assemble the VMM's
-# synthetic test guests; iproute2 for tap tests.
-packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2)
+# synthetic test guests; iproute2 for tap tests; acpica-tools (iasl) to check
+# the VMM's ACPI tables.
+packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

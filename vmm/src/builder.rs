@@ -11,9 +11,10 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{boot, layout, mptable};
+use crate::arch::{acpi, boot, layout, mptable};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::acpi_pm::AcpiPm;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
@@ -60,6 +61,8 @@ pub enum BuildError {
     Boot(#[from] boot::BootError),
     #[error("Failed to write the MP table")]
     MpTable(#[from] mptable::MpTableError),
+    #[error("Failed to write the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
     #[error("Failed to create vCPU")]
     Vcpu(#[from] VcpuError),
 }
@@ -138,12 +141,25 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         5,
     )?;
 
+    if config.acpi {
+        let exit = exit.clone();
+        let pm = AcpiPm::new(move || {
+            log::info!("ACPI: guest powered off");
+            exit.report(ExitReason::Shutdown);
+        });
+        pio.insert(
+            Arc::new(Mutex::new(pm)),
+            u64::from(acpi::SLEEP_CONTROL_PORT),
+            2,
+        )?;
+    }
+
     let mut virtio = VirtioSet {
         vm: &vm,
         mem: &gm.mem,
         mmio: Bus::new(),
         host_devices: Vec::new(),
-        cmdline_extra: Vec::new(),
+        windows: Vec::new(),
     };
     if let Some(v) = &config.vsock {
         let muxer = VsockMuxer::new(v.to_vsock_config())?;
@@ -178,10 +194,28 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
     let VirtioSet {
         mmio,
         host_devices,
-        cmdline_extra,
+        windows,
         ..
     } = virtio;
 
+    // With ACPI the DSDT describes the virtio-mmio windows; without it, the command line
+    // does. (A kernel with ACPI would see both and probe every device twice.)
+    let (cmdline_extra, rsdp) = if config.acpi {
+        let tables = acpi::AcpiConfig {
+            vcpus: config.vcpus,
+            ioapic_addr: layout::IOAPIC_START as u32,
+            lapic_addr: layout::LAPIC_START as u32,
+            devices: windows,
+            overrides: Vec::new(),
+        };
+        (Vec::new(), Some(acpi::setup(&gm.mem, &tables)?))
+    } else {
+        let extra = windows
+            .iter()
+            .map(|w| format!("virtio_mmio.device=4K@{:#x}:{}", w.base, w.gsi))
+            .collect();
+        (extra, None)
+    };
     let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_extra)?;
     let loaded = boot::load(
         &gm.mem,
@@ -189,7 +223,9 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         &config.kernel,
         config.initrd.as_deref(),
         &cmdline,
+        rsdp,
     )?;
+    // Kernels without ACPI (or without MADT support) find the vCPUs here instead.
     mptable::setup(&gm.mem, config.vcpus)?;
     let vcpus = (0..config.vcpus)
         .map(|i| {
@@ -228,7 +264,7 @@ struct VirtioSet<'a> {
     mem: &'a GuestMemoryMmap,
     mmio: Bus,
     host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
-    cmdline_extra: Vec<String>,
+    windows: Vec<acpi::MmioDevice>,
 }
 
 impl VirtioSet<'_> {
@@ -241,8 +277,11 @@ impl VirtioSet<'_> {
         self.mmio
             .insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE)?;
         self.host_devices.push(transport);
-        self.cmdline_extra
-            .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        self.windows.push(acpi::MmioDevice {
+            base: addr,
+            size: layout::VIRTIO_MMIO_SIZE as u32,
+            gsi: irq,
+        });
         Ok(())
     }
 }

@@ -89,6 +89,10 @@ pub struct VmConfig {
     /// `off`); see [`crate::jail`].
     #[serde(default)]
     pub jail: JailMode,
+    /// ACPI tables (MADT for SMP, DSDT for the virtio devices, S5 power-off). Off: the
+    /// MP table and `virtio_mmio.device=` on the command line only.
+    #[serde(default = "default_true")]
+    pub acpi: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -174,6 +178,7 @@ impl VmConfig {
             vhost_user_vsock: None,
             seccomp: true,
             jail: JailMode::Auto,
+            acpi: true,
         }
     }
 

@@ -103,6 +103,9 @@ struct RunArgs {
     /// Run without the seccomp filter and no_new_privs (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// No ACPI tables: the MP table, and virtio devices on the kernel command line.
+    #[arg(long)]
+    no_acpi: bool,
     /// Own mount/network/IPC/UTS namespaces and an empty read-only root before the
     /// guest runs: auto (when root), on (required), off.
     #[arg(long)]
@@ -177,6 +180,9 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
     }
     if a.no_seccomp {
         c.seccomp = false;
+    }
+    if a.no_acpi {
+        c.acpi = false;
     }
     if let Some(j) = a.jail {
         c.jail = j;

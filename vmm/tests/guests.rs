@@ -31,6 +31,48 @@ fn serial_output_and_i8042_reset_end_the_vm_cleanly() {
         .contains("seccomp filter and no_new_privs in place"));
 }
 
+/// The guest finds the RSDP where the PVH start info says (and where Linux scans), then
+/// powers off the hardware-reduced ACPI way: `SLP_EN | SLP_TYP=5` to the FADT's sleep
+/// control port. That ends the VM with status 0; with `--no-acpi` the port is unknown.
+const ACPI_POWER_OFF: &str = r#"
+    EXPECT32 32(%ebx), 0xe0000, rsdp_paddr
+    EXPECT32 0xe0000, 0x20445352, rsdp_signature
+    EXPECT32 0xe0004, 0x20525450, rsdp_signature
+    PRINT "rsdp ok\n"
+    mov $0x34, %al
+    mov $0x600, %dx
+    out %al, %dx
+    PRINT "still running\n"
+    jmp reset
+"#;
+
+#[test]
+fn acpi_rsdp_is_found_and_s5_powers_off() {
+    if !can_run("acpi_rsdp_is_found_and_s5_powers_off") {
+        return;
+    }
+    let g = assemble(ACPI_POWER_OFF);
+    let out = g.run(&[]);
+    assert!(out.status.success(), "{:?} {}", out.status, out.stderr);
+    assert_eq!(out.serial, "rsdp ok\n", "{}", out.stderr);
+    assert!(
+        out.stderr.contains("ACPI: guest powered off"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn no_acpi_means_no_rsdp() {
+    if !can_run("no_acpi_means_no_rsdp") {
+        return;
+    }
+    let g = assemble(ACPI_POWER_OFF);
+    let out = g.run(&["--no-acpi"]);
+    assert!(out.status.success(), "{:?} {}", out.status, out.stderr);
+    assert_eq!(out.serial, "FAIL rsdp_paddr\n", "{}", out.stderr);
+}
+
 #[test]
 fn top_level_one_shot_form_works_too() {
     if !can_run("top_level_one_shot_form_works_too") {

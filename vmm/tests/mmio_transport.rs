@@ -118,6 +118,19 @@ fn identification_registers() {
     assert_eq!(cfg, [4, 5]);
 }
 
+/// Linux's `vm_get_shm_region` takes a length of all ones as "no such region"; anything
+/// else (0 included) is a region it then tries to reserve.
+#[test]
+fn shared_memory_regions_read_as_absent() {
+    let (mut t, _) = transport();
+    for id in [0, 1, 255] {
+        w(&mut t, reg::SHM_SEL, id);
+        let len =
+            u64::from(r(&mut t, reg::SHM_LEN_LOW)) | u64::from(r(&mut t, reg::SHM_LEN_HIGH)) << 32;
+        assert_eq!(len, u64::MAX, "region {id}");
+    }
+}
+
 #[test]
 fn full_bring_up_then_notify_interrupts() {
     let (mut t, irq) = transport();

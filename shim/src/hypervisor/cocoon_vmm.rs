@@ -24,12 +24,12 @@ impl CocoonVmm {
         })
     }
 
-    /// The command line for `cocoon-vmm run` (the VMM adds its own
-    /// `virtio_mmio.device=` entries).
+    /// The command line for `cocoon-vmm run` (the VMM describes its devices in
+    /// ACPI).
     pub fn args(&self, spec: &VmSpec, run_dir: &std::path::Path) -> Vec<String> {
-        // No ACPI in cocoon-vmm: the agent ends the VM with a reset, and
-        // reboot=k makes that the i8042 reset the VMM treats as a clean end
-        // (reboot=t would triple-fault, which it reports as a crash).
+        // The agent powers off through ACPI S5. A reboot (a kernel panic with
+        // panic=-1) is the i8042 reset with reboot=k, which the VMM also treats
+        // as a clean end; reboot=t would triple-fault and read as a crash.
         let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=k");
         if !spec.extra_kernel_params.is_empty() {
             cmdline.push(' ');

@@ -32,7 +32,10 @@ pub enum BootError {
     },
     #[error("The ELF kernel has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)")]
     NoPvhEntry,
-    #[error("The initramfs ({0} bytes) does not fit in guest memory below the kernel's limit")]
+    #[error(
+        "The initramfs ({0} bytes) does not fit in guest memory above the kernel's \
+         decompression area; give the VM more memory"
+    )]
     InitrdTooBig(u64),
     #[error("Failed to read the initramfs into guest memory")]
     InitrdLoad(#[source] vm_memory::GuestMemoryError),
@@ -52,14 +55,16 @@ pub struct LoadedGuest {
     pub boot_info: u64,
 }
 
-/// Builds the command line: the user's, then the devices the VMM announces.
+/// Builds the command line: the devices the VMM announces, then the user's. In that
+/// order because everything after a ` -- ` in the user's line goes to init, not the
+/// kernel.
 pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    if !base.is_empty() {
-        cmdline.insert_str(base).map_err(BootError::Cmdline)?;
-    }
     for e in extra {
         cmdline.insert_str(e).map_err(BootError::Cmdline)?;
+    }
+    if !base.is_empty() {
+        cmdline.insert_str(base).map_err(BootError::Cmdline)?;
     }
     Ok(cmdline)
 }
@@ -71,6 +76,7 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &Cmdline,
+    rsdp: Option<u64>,
 ) -> Result<LoadedGuest, BootError> {
     let open = |p: &Path| File::open(p).map_err(|e| BootError::Open(p.display().to_string(), e));
     let mut image = open(kernel)?;
@@ -106,23 +112,35 @@ pub fn load(
         .map(|c| c.as_bytes_with_nul().len())
         .unwrap_or(1);
 
+    let floor = setup_header.map_or(kernel_end, |h| kernel_end.max(decompress_end(&h)));
     let initrd_range = match initrd {
-        Some(p) => Some(load_initrd(mem, mem_size, &mut open(p)?, kernel_end)?),
+        Some(p) => Some(load_initrd(mem, mem_size, &mut open(p)?, floor)?),
         None => None,
     };
 
     let e820 = layout::e820_map(mem_size);
     let boot_info = match entry {
-        BootEntry::Pvh { .. } => write_pvh_info(mem, &e820, initrd_range)?,
+        BootEntry::Pvh { .. } => write_pvh_info(mem, &e820, initrd_range, rsdp)?,
         BootEntry::Linux64 { .. } => write_zero_page(
             mem,
             &e820,
             setup_header.unwrap_or_default(),
             cmdline_size,
             initrd_range,
+            rsdp,
         )?,
     };
     Ok(LoadedGuest { entry, boot_info })
+}
+
+/// Where a bzImage's decompressor stops writing: it copies itself to the end of, then
+/// decompresses into, `init_size` bytes from its aligned load address (at least
+/// `pref_address`), before KASLR knows where the initramfs is. Anything below this is
+/// overwritten during boot.
+fn decompress_end(h: &linux_loader::loader::bootparam::setup_header) -> u64 {
+    let align = u64::from(h.kernel_alignment).max(1);
+    let load = u64::from(h.code32_start).div_ceil(align) * align;
+    load.max(h.pref_address) + u64::from(h.init_size)
 }
 
 /// Puts the initramfs page-aligned at the top of low RAM (below the MMIO gap and 4 GiB,
@@ -131,7 +149,7 @@ fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     file: &mut File,
-    kernel_end: u64,
+    floor: u64,
 ) -> Result<(u64, u64), BootError> {
     let size = file
         .metadata()
@@ -141,7 +159,7 @@ fn load_initrd(
     let addr = top
         .checked_sub(size)
         .map(|a| a & !0xfff)
-        .filter(|a| *a >= kernel_end.max(layout::HIMEM_START))
+        .filter(|a| *a >= floor.max(layout::HIMEM_START))
         .ok_or(BootError::InitrdTooBig(size))?;
     mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize)
         .map_err(BootError::InitrdLoad)?;
@@ -152,6 +170,7 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     e820: &[layout::E820Entry],
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<u64, BootError> {
     const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
     let modlist_addr = layout::PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64;
@@ -164,6 +183,7 @@ fn write_pvh_info(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: memmap_addr,
         memmap_entries: e820.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820
@@ -195,6 +215,7 @@ fn write_zero_page(
     hdr: linux_loader::loader::bootparam::setup_header,
     cmdline_size: usize,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<u64, BootError> {
     const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
     const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -202,6 +223,8 @@ fn write_zero_page(
     const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
     let mut params = boot_params {
         hdr,
+        // Boot protocol 2.14+; older kernels scan for the RSDP, which is also there.
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
@@ -224,4 +247,30 @@ fn write_zero_page(
     LinuxBootConfigurator::write_bootparams(&bp, mem).map_err(BootError::BootInfo)?;
     debug_assert!(mem.address_in_range(GuestAddress(layout::ZERO_PAGE_START)));
     Ok(layout::ZERO_PAGE_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use linux_loader::loader::bootparam::setup_header;
+
+    #[test]
+    fn initramfs_stays_above_the_decompression_area() {
+        // Debian 6.1 cloud kernel: loaded at 1 MiB, 2 MiB alignment, runs from 16 MiB,
+        // needs 51.5 MiB there.
+        let h = setup_header {
+            code32_start: 0x10_0000,
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            init_size: 0x337_8000,
+            ..Default::default()
+        };
+        assert_eq!(decompress_end(&h), 0x437_8000);
+        // A kernel loaded above its preferred address decompresses from there.
+        let high = setup_header {
+            code32_start: 0x210_0001,
+            ..h
+        };
+        assert_eq!(decompress_end(&high), 0x220_0000 + 0x337_8000);
+    }
 }

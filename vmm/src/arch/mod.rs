@@ -1,6 +1,7 @@
-//! x86_64 specifics: the guest address map, boot protocols, CPUID, MP table and initial
-//! register state.
+//! x86_64 specifics: the guest address map, boot protocols, CPUID, ACPI tables, MP table
+//! and initial register state.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;

@@ -305,8 +305,10 @@ impl VcpuRunner {
                     }
                 }
                 Ok(VcpuExit::Hlt) => {
-                    // The in-kernel irqchip handles HLT; seeing it here means interrupts
-                    // are off for good. Treat it as a power-off rather than spin.
+                    // With the in-kernel irqchip KVM keeps a halted vCPU asleep inside
+                    // KVM_RUN and never returns this exit (a guest halting for good just
+                    // sleeps: Linux powers off through ACPI S5, see `arch::acpi`). Other
+                    // setups may return it; end the VM rather than spin.
                     log::info!("vcpu{}: halted with interrupts disabled", self.index);
                     self.exit.report(ExitReason::Shutdown);
                     return;

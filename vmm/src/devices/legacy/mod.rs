@@ -1,6 +1,7 @@
 //! The legacy PC devices a microVM keeps: a 16550 UART for the console and the i8042,
 //! whose only job is the reset line that ends the VM.
 
+pub mod acpi_pm;
 pub mod i8042;
 pub mod serial;
 

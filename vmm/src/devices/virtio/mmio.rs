@@ -215,6 +215,12 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: a length of all ones means "absent" (§4.2.2.1).
+            // Linux reads 0 as a region of length 0 at address 0, and virtio-fs with
+            // CONFIG_FUSE_DAX then fails to probe (it cannot reserve that range).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => {
                 if self.log.allow() {
                     log::warn!("virtio-mmio: read of register {offset:#x}; returning 0");
@@ -279,6 +285,7 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
             }
             reg::QUEUE_NOTIFY => self.notify(v),
             reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::SHM_SEL => {}
             reg::STATUS => self.set_status(v),
             _ => {
                 if self.log.allow() {
