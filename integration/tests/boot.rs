@@ -353,6 +353,8 @@ fn cocoon_vmm_backend_boots_or_says_why() {
     let run = tempfile::tempdir().unwrap();
     let mut config = test_config(run.path(), BOOT);
     config.hypervisor = HypervisorKind::CocoonVmm;
+    // Two vCPUs: the guest kernel finds the second only through our ACPI MADT.
+    config.vm.vcpus = 2;
     let kvm = kvm_kind();
     if kvm != KvmKind::Hardware {
         let err = match hypervisor::from_config(&config) {
@@ -383,7 +385,9 @@ fn cocoon_vmm_backend_boots_or_says_why() {
             .unwrap();
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
+        assert_eq!(d.online_cpus, 2, "the guest saw {} vCPUs", d.online_cpus);
         agent.shutdown().await.unwrap();
+        // ACPI S5 through the FADT's sleep control port ends the VMM.
         assert!(
             vm.wait_exit(Duration::from_secs(20)).await.is_some(),
             "VM did not power off"
