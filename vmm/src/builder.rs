@@ -277,11 +277,7 @@ impl VirtioSet<'_> {
         self.mmio
             .insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE)?;
         self.host_devices.push(transport);
-        self.windows.push(acpi::MmioDevice {
-            base: addr,
-            size: layout::VIRTIO_MMIO_SIZE as u32,
-            gsi: irq,
-        });
+        self.windows.push(acpi::MmioDevice::virtio(index));
         Ok(())
     }
 }

@@ -90,13 +90,7 @@ fn linux_reads_our_acpi_tables() {
         ioapic_addr: 0xfec0_0000,
         lapic_addr: 0xfee0_0000,
         // Windows no device answers at: Linux still creates their platform devices.
-        devices: (0..2)
-            .map(|i| MmioDevice {
-                base: 0xd000_0000 + 0x1000 * i,
-                size: 0x1000,
-                gsi: 5 + i as u32,
-            })
-            .collect(),
+        devices: (0..2).map(MmioDevice::virtio).collect(),
         overrides: vec![(0, 2)],
     };
     let blob = dir.path().join("acpi.bin");

@@ -69,13 +69,7 @@ fn acpica_accepts_every_table() {
         vcpus: 4,
         ioapic_addr: 0xfec0_0000,
         lapic_addr: 0xfee0_0000,
-        devices: (0..3)
-            .map(|i| MmioDevice {
-                base: 0xd000_0000 + 0x1000 * i,
-                size: 0x1000,
-                gsi: 5 + i as u32,
-            })
-            .collect(),
+        devices: (0..3).map(MmioDevice::virtio).collect(),
         overrides: vec![(0, 2)],
     };
     let blob = acpi::build(acpi::ACPI_START, &config).unwrap();

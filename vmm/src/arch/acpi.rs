@@ -59,6 +59,17 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
+impl MmioDevice {
+    /// The `index`-th virtio-mmio window of the address map.
+    pub fn virtio(index: usize) -> Self {
+        Self {
+            base: super::layout::virtio_mmio_addr(index),
+            size: super::layout::VIRTIO_MMIO_SIZE as u32,
+            gsi: super::layout::virtio_mmio_irq(index),
+        }
+    }
+}
+
 /// What the tables describe.
 #[derive(Clone, Debug, Default)]
 pub struct AcpiConfig {
@@ -344,13 +355,7 @@ mod tests {
             vcpus,
             ioapic_addr: 0xfec0_0000,
             lapic_addr: 0xfee0_0000,
-            devices: (0..devices)
-                .map(|i| MmioDevice {
-                    base: 0xd000_0000 + 0x1000 * i as u64,
-                    size: 0x1000,
-                    gsi: 5 + i as u32,
-                })
-                .collect(),
+            devices: (0..devices).map(MmioDevice::virtio).collect(),
             overrides: Vec::new(),
         }
     }
