@@ -73,6 +73,34 @@ fn no_acpi_means_no_rsdp() {
     assert_eq!(out.serial, "FAIL rsdp_paddr\n", "{}", out.stderr);
 }
 
+/// The 8259 pair starts masked with its vectors out of the exception range, as firmware
+/// leaves it: the guest reads the masks (port 0x21/0xa1, served by KVM's in-kernel PIC).
+#[test]
+fn legacy_pic_starts_masked() {
+    if !can_run("legacy_pic_starts_masked") {
+        return;
+    }
+    let g = assemble(
+        r#"
+    inb $0x21, %al
+    cmp $0xff, %al
+    je 1f
+    PRINT "FAIL master imr\n"
+    jmp reset
+1:  inb $0xa1, %al
+    cmp $0xff, %al
+    je 2f
+    PRINT "FAIL slave imr\n"
+    jmp reset
+2:  PRINT "masked\n"
+    jmp reset
+"#,
+    );
+    let out = g.run(&[]);
+    assert!(out.status.success(), "{:?} {}", out.status, out.stderr);
+    assert_eq!(out.serial, "masked\n", "{}", out.stderr);
+}
+
 #[test]
 fn top_level_one_shot_form_works_too() {
     if !can_run("top_level_one_shot_form_works_too") {

@@ -1,7 +1,10 @@
 //! The KVM VM: memory slots over guest RAM, the in-kernel irqchip (PIC + IOAPIC +
 //! LAPICs) and PIT, so interrupts and the timer never exit to user space.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -55,6 +58,7 @@ impl Vm {
         }
         fd.create_irq_chip()
             .map_err(|e| VmError::Kvm("create the in-kernel irqchip", e))?;
+        mask_legacy_pic(&fd)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -63,4 +67,33 @@ impl Vm {
             .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
         Ok(Self { kvm, fd })
     }
+}
+
+/// Leaves the 8259 pair the way firmware does: initialized, vectors at 0x20/0x28 and
+/// every line masked. KVM creates it uninitialized (vector base 0, nothing masked), and
+/// a guest that never touches it (Linux with hardware-reduced ACPI drops the legacy PIC,
+/// yet keeps the boot CPU's LINT0 in ExtINT mode) would take a virtio interrupt on GSI
+/// 5..15 a second time through it as vector 5..15: CPU exceptions (#BR for 5). A guest
+/// that does use the PIC programs it anew.
+fn mask_legacy_pic(fd: &VmFd) -> Result<(), VmError> {
+    for (chip_id, vector_base) in [
+        (KVM_IRQCHIP_PIC_MASTER, 0x20),
+        (KVM_IRQCHIP_PIC_SLAVE, 0x28),
+    ] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        fd.get_irqchip(&mut chip)
+            .map_err(|e| VmError::Kvm("read the PIC state", e))?;
+        // SAFETY: for the two PIC chip ids KVM fills (and reads) the `pic` member of the
+        // union; every bit pattern is a valid kvm_pic_state.
+        let pic = unsafe { &mut chip.chip.pic };
+        pic.imr = 0xff;
+        pic.irq_base = vector_base;
+        pic.init4 = 1;
+        fd.set_irqchip(&chip)
+            .map_err(|e| VmError::Kvm("mask the PIC", e))?;
+    }
+    Ok(())
 }
