@@ -200,7 +200,9 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
 
     // With ACPI the DSDT describes the virtio-mmio windows; without it, the command line
     // does. (A kernel with ACPI would see both and probe every device twice.)
-    let (cmdline_extra, rsdp) = if config.acpi {
+    // A guest told `acpi=off` would find no devices in the DSDT.
+    let acpi = config.acpi && !config.cmdline.split_whitespace().any(|w| w == "acpi=off");
+    let (cmdline_extra, rsdp) = if acpi {
         let tables = acpi::AcpiConfig {
             vcpus: config.vcpus,
             ioapic_addr: layout::IOAPIC_START as u32,

@@ -4,28 +4,41 @@
 //!
 //! Once the VM is built (kernel loaded, files, tap and vhost-user sockets open) and before
 //! the guest runs a single instruction, the VMM moves into its own mount, network, IPC
-//! and UTS namespaces and pivots into an empty, read-only tmpfs. The only host paths left
-//! are the directories it still needs by name, bind-mounted at their own paths: the hybrid
-//! vsock socket's directory (guest connections to host port P dial `<uds>_P`) and the API
-//! socket's directory (to remove the socket at exit). The new network namespace has only
-//! a loopback device that is down; the tap already open keeps working because a tap file
-//! descriptor is bound to its device, not to a namespace. The seccomp filter goes on
-//! after this, so a compromised VMM can neither mount nor reach the host's network.
+//! and UTS namespaces, pivots into an empty, read-only tmpfs and drops every capability.
+//! The only host path left is the directory it still needs by name, bind-mounted at its
+//! own path: the hybrid vsock socket's (guest connections to host port P dial `<uds>_P`).
+//! (The API socket is removed at exit through a directory fd held from before.) The new
+//! network namespace has only a loopback device that is down; the tap already open keeps
+//! working because a tap file descriptor is bound to its device, not to a namespace. The
+//! seccomp filter goes on after this, so a compromised VMM can neither mount nor reach
+//! the host's network.
 //!
-//! The steps, all on the main thread while it is the only thread (namespaces are
-//! per thread; the vCPU threads started later inherit them):
-//! 1. `unshare(NEWNS | NEWNET | NEWIPC | NEWUTS)`, then every mount becomes a slave so
-//!    nothing done here propagates back to the host.
+//! A kept directory must be one of its own: not `/`, not world-writable (a socket put
+//! straight into `/tmp` would otherwise hand the jail every other socket there). It is
+//! opened (`O_PATH`) when resolved and bound from that descriptor, so swapping a symlink
+//! in afterwards changes nothing.
+//!
+//! The steps, all on the main thread while it is the only thread (namespaces are per
+//! thread; the vCPU threads started later inherit them; checked):
+//! 1. `unshare(NEWNS | NEWNET | NEWIPC | NEWUTS)`: if this fails nothing has changed, and
+//!    `auto` carries on without a jail. Then every mount becomes private, so nothing done
+//!    here propagates either way.
 //! 2. A tmpfs on `/tmp` becomes the root (`pivot_root`), the old root staying reachable
 //!    at `/oldroot`; the kept directories are bind-mounted from there into `/newroot`.
 //!    (`/tmp` is only the place to stand while doing this: once the tmpfs is root,
 //!    `/oldroot/tmp` is the host's own `/tmp` again, so kept directories may live there.)
 //! 3. The old root is detached, `/newroot` becomes the root, and is remounted read-only.
+//!    A failure from step 2 on leaves the process half-jailed: the caller must end it.
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
+use nix::sys::stat::Mode;
+use nix::sys::statvfs::{statvfs, FsFlags};
 use serde::{Deserialize, Serialize};
 
 /// Whether the VMM jails itself.
@@ -56,6 +69,11 @@ impl std::str::FromStr for JailMode {
 /// Errors while entering the jail; each names the step.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
+    /// Before anything changed: the process is as it was.
+    #[error("Failed to unshare the mount, network, IPC and UTS namespaces (no CAP_SYS_ADMIN?)")]
+    Unshare(#[source] nix::Error),
+    #[error("The process has {0} threads; namespaces are per thread, so it must have one")]
+    Threads(usize),
     #[error("Failed to {step}")]
     Step {
         step: String,
@@ -64,8 +82,51 @@ pub enum JailError {
     },
     #[error("Failed to resolve the kept directory {0}")]
     Resolve(PathBuf, #[source] std::io::Error),
+    #[error("Refusing to keep {0} in the jail: {1}; put the sockets in a directory of their own")]
+    Unsafe(PathBuf, &'static str),
     #[error("Failed to create {0} in the jail")]
     Mkdir(PathBuf, #[source] std::io::Error),
+}
+
+impl JailError {
+    /// Whether the process is unchanged (the jail was not begun).
+    pub fn nothing_changed(&self) -> bool {
+        matches!(
+            self,
+            Self::Unshare(_) | Self::Threads(_) | Self::Resolve(..) | Self::Unsafe(..)
+        )
+    }
+}
+
+/// A directory the jail keeps: its resolved path and an `O_PATH` descriptor to it.
+#[derive(Debug)]
+pub struct KeptDir {
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl KeptDir {
+    /// Opens `dir` (resolved, absolute) after checking it is safe to keep.
+    pub fn open(dir: &Path) -> Result<Self, JailError> {
+        if dir == Path::new("/") {
+            return Err(JailError::Unsafe(dir.into(), "it is the root"));
+        }
+        let fd = open(
+            dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| JailError::Resolve(dir.into(), e.into()))?;
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| JailError::Resolve(dir.into(), e))?;
+        if meta.mode() & 0o002 != 0 {
+            return Err(JailError::Unsafe(dir.into(), "it is world-writable"));
+        }
+        Ok(Self {
+            path: dir.into(),
+            fd,
+        })
+    }
 }
 
 fn step(what: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
@@ -109,19 +170,68 @@ pub fn resolve_socket_dir(socket: &Path) -> Result<(PathBuf, PathBuf), JailError
     Ok((dir, path))
 }
 
-/// Enters the jail, keeping `keep` (absolute, resolved directories) at their own paths.
-/// Must run while the calling thread is the process's only thread.
-pub fn enter(keep: &[PathBuf]) -> Result<(), JailError> {
+/// The mount flags a remount must repeat so as not to clear them.
+fn kept_flags(path: &Path) -> MsFlags {
+    let Ok(st) = statvfs(path) else {
+        return MsFlags::empty();
+    };
+    let f = st.flags();
+    let mut m = MsFlags::empty();
+    for (fs, ms) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(fs) {
+            m |= ms;
+        }
+    }
+    m
+}
+
+/// Enters the jail, keeping `keep` at their own paths, and drops every capability. Must
+/// run while the calling thread is the process's only thread.
+pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+    if threads != 1 {
+        return Err(JailError::Threads(threads));
+    }
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS,
     )
-    .map_err(step("unshare the mount, network, IPC and UTS namespaces"))?;
+    .map_err(JailError::Unshare)?;
     let none: Option<&str> = None;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)
-        .map_err(step("make the mounts slaves"))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(step("make the mounts private"))?;
+    // A bind source must be a mount of this namespace, which the descriptors opened
+    // before `unshare` are not: open each directory again here and check it is the very
+    // one checked then (same device and inode), so no swap in between goes unnoticed.
+    let mut reopened = Vec::with_capacity(keep.len());
+    for dir in keep {
+        let fd = open(
+            &dir.path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(step(format!("reopen {}", dir.path.display())))?;
+        let id = |fd: &OwnedFd| nix::sys::stat::fstat(fd).map(|st| (st.st_dev, st.st_ino));
+        if id(&fd).map_err(step("stat a kept directory"))?
+            != id(&dir.fd).map_err(step("stat a kept directory"))?
+        {
+            return Err(JailError::Step {
+                step: format!(
+                    "keep {}: it changed since it was checked",
+                    dir.path.display()
+                ),
+                source: nix::Error::ESTALE,
+            });
+        }
+        reopened.push(fd);
+    }
     let hardening = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(
         Some("tmpfs"),
@@ -145,28 +255,25 @@ pub fn enter(keep: &[PathBuf]) -> Result<(), JailError> {
         none,
     )
     .map_err(step("make /newroot a mount point"))?;
-    for dir in keep {
-        let rel = dir.strip_prefix("/").unwrap_or(dir);
-        let src = Path::new("/oldroot").join(rel);
+    for (dir, fd) in keep.iter().zip(&reopened) {
+        let rel = dir.path.strip_prefix("/").unwrap_or(&dir.path);
+        // Through the old root's /proc: the very directory checked, whatever its path
+        // points at by now.
+        let src = format!("/oldroot/proc/self/fd/{}", fd.as_raw_fd());
         let dst = Path::new("/newroot").join(rel);
-        std::fs::create_dir_all(&dst).map_err(|e| JailError::Mkdir(dir.clone(), e))?;
-        mount(
-            Some(&src),
-            &dst,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        )
-        .map_err(step(format!("bind {} into the jail", dir.display())))?;
-        // Writable (sockets come and go) but nothing in it runs or opens a device.
+        std::fs::create_dir_all(&dst).map_err(|e| JailError::Mkdir(dir.path.clone(), e))?;
+        mount(Some(src.as_str()), &dst, none, MsFlags::MS_BIND, none)
+            .map_err(step(format!("bind {} into the jail", dir.path.display())))?;
+        // Writable (sockets come and go) but nothing in it runs or opens a device; the
+        // flags it already had (read-only, atime) are repeated, or the remount clears them.
         mount(
             none,
             &dst,
             none,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardening,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardening | kept_flags(&dst),
             none,
         )
-        .map_err(step(format!("harden {} in the jail", dir.display())))?;
+        .map_err(step(format!("harden {} in the jail", dir.path.display())))?;
     }
     umount2("/oldroot", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
     std::fs::remove_dir("/oldroot").map_err(|e| JailError::Mkdir("/oldroot".into(), e))?;
@@ -183,11 +290,28 @@ pub fn enter(keep: &[PathBuf]) -> Result<(), JailError> {
         none,
     )
     .map_err(step("make the jail root read-only"))?;
-    let kept: Vec<_> = keep.iter().map(|d| d.display().to_string()).collect();
+    drop_capabilities()?;
+    let kept: Vec<_> = keep.iter().map(|d| d.path.display().to_string()).collect();
     log::info!(
-        "jail: own mount, network, IPC and UTS namespaces; read-only empty root with [{}]",
+        "jail: own mount, network, IPC and UTS namespaces; read-only empty root with [{}]; \
+         no capabilities",
         kept.join(", ")
     );
+    Ok(())
+}
+
+/// Empties the bounding, ambient, inheritable, permitted and effective sets. Nothing the
+/// running VMM does needs one: KVM, tap and socket descriptors are open, and the files it
+/// still touches (sockets in its own directory) are its own.
+fn drop_capabilities() -> Result<(), JailError> {
+    use caps::CapSet::*;
+    // The bounding set first: dropping from it needs CAP_SETPCAP, still effective here.
+    for set in [Bounding, Ambient, Inheritable, Effective, Permitted] {
+        caps::clear(None, set).map_err(|e| JailError::Step {
+            step: format!("drop the {set:?} capabilities ({e})"),
+            source: nix::Error::EPERM,
+        })?;
+    }
     Ok(())
 }
 
@@ -213,5 +337,23 @@ mod tests {
         assert_eq!(path, real.join("api.sock"));
         let err = resolve_socket_dir(&real.join("missing/api.sock")).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn only_directories_of_their_own_are_kept() {
+        let err = KeptDir::open(Path::new("/")).unwrap_err();
+        assert!(matches!(err, JailError::Unsafe(..)) && err.nothing_changed());
+        let d = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(d.path()).unwrap();
+        let kept = KeptDir::open(&dir).unwrap();
+        assert_eq!(kept.path, dir);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = KeptDir::open(&dir).unwrap_err();
+        assert!(err.to_string().contains("world-writable"), "{err}");
+        // A symlink as the last component is not followed.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink("/etc", dir.join("link")).unwrap();
+        assert!(KeptDir::open(&dir.join("link")).is_err());
     }
 }

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
+use crate::jail::JailMode;
 use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuControl, VcpuError, VcpuRunner, Vcpus};
 
 /// Errors that end the VMM (as opposed to the guest).
@@ -98,6 +99,13 @@ struct Running {
     _built: (crate::vstate::vm::Vm, crate::vstate::memory::GuestMemory),
 }
 
+/// The API listener, and how to remove its socket file at exit.
+struct ApiSocket {
+    listener: UnixListener,
+    dir_fd: std::os::fd::OwnedFd,
+    name: std::ffi::OsString,
+}
+
 pub struct Vmm {
     opts: VmmOptions,
     config: Option<VmConfig>,
@@ -105,7 +113,7 @@ pub struct Vmm {
     paused: bool,
     exit: Arc<ExitSink>,
     epoll: Epoll,
-    api: Option<(UnixListener, PathBuf)>,
+    api: Option<ApiSocket>,
     clients: HashMap<RawFd, BufReader<UnixStream>>,
     signals: SignalFd,
 }
@@ -144,10 +152,6 @@ impl Vmm {
             .map_err(VmmError::Epoll)?;
         let api = match opts.api_sock.take() {
             Some(path) => {
-                // Absolute and symlink-free, so the jail can keep its directory.
-                let path = crate::jail::resolve_socket_dir(&path)
-                    .map(|(_, p)| p)
-                    .unwrap_or(path);
                 // Bind under a temporary name and rename: the socket file appears only
                 // once it is listening, so a client that waits for the file never sees
                 // ECONNREFUSED.
@@ -163,7 +167,25 @@ impl Vmm {
                         EpollEvent::new(EventSet::IN, TOKEN_API),
                     )
                     .map_err(VmmError::Epoll)?;
-                Some((l, path))
+                // The socket is removed at exit through its directory's descriptor,
+                // which works from inside the jail too.
+                let dir = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                let dir_fd = nix::fcntl::open(
+                    dir,
+                    nix::fcntl::OFlag::O_PATH
+                        | nix::fcntl::OFlag::O_DIRECTORY
+                        | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(|e| VmmError::Api(path.clone(), e.into()))?;
+                Some(ApiSocket {
+                    listener: l,
+                    dir_fd,
+                    name: path.file_name().unwrap_or_default().to_owned(),
+                })
             }
             None => None,
         };
@@ -203,22 +225,26 @@ impl Vmm {
                     reason: "no configuration given".into(),
                 },
             )))?;
-        let jail = crate::jail::wanted(config.jail);
+        let mut jail = crate::jail::wanted(config.jail);
         let mut keep = Vec::new();
         if jail {
-            // The jail keeps only directories, by their resolved absolute paths.
+            // The jail keeps the vsock socket's directory (guest connections dial
+            // `<uds>_<port>` there), by its resolved path and an fd opened now.
             if let Some(v) = &mut config.vsock {
-                let (dir, path) = crate::jail::resolve_socket_dir(&v.uds_path)?;
-                v.uds_path = path;
-                keep.push(dir);
-            }
-            if let Some((_, api)) = &self.api {
-                if let Some(dir) = api.parent() {
-                    keep.push(dir.to_owned());
+                let kept = crate::jail::resolve_socket_dir(&v.uds_path)
+                    .and_then(|(dir, path)| Ok((crate::jail::KeptDir::open(&dir)?, path)));
+                match kept {
+                    Ok((dir, path)) => {
+                        v.uds_path = path;
+                        keep.push(dir);
+                    }
+                    Err(e) if config.jail == JailMode::Auto => {
+                        log::warn!("jail: off: {e}");
+                        jail = false;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
-            keep.sort();
-            keep.dedup();
         }
         let built = builder::build(&config, &self.exit)?;
         for (i, d) in built.host_devices.iter().enumerate() {
@@ -236,7 +262,20 @@ impl Vmm {
         if jail {
             // Everything is open; before any other thread exists (namespaces are per
             // thread) and before the guest runs.
-            crate::jail::enter(&keep)?;
+            match crate::jail::enter(&keep) {
+                Ok(()) => {}
+                Err(e) if e.nothing_changed() && config.jail == JailMode::Auto => {
+                    log::warn!("jail: off: {e}: {}", error_chain(&e));
+                }
+                Err(e) if e.nothing_changed() => return Err(e.into()),
+                Err(e) => {
+                    // Half-jailed: this process cannot run a VM any more; end it.
+                    let why = format!("jail setup failed halfway: {e}: {}", error_chain(&e));
+                    log::error!("{why}");
+                    self.exit.report(ExitReason::Crash(why));
+                    return Err(e.into());
+                }
+            }
         }
         if config.seccomp {
             // Everything the VM needs is open; from here on only the allowlist.
@@ -315,14 +354,20 @@ impl Vmm {
         if let Some(r) = self.running.take() {
             r.vcpus.stop();
         }
-        if let Some((_, path)) = &self.api {
-            let _ = std::fs::remove_file(path);
+        if let Some(api) = &self.api {
+            let _ = nix::unistd::unlinkat(
+                &api.dir_fd,
+                api.name.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
         }
         Ok(reason)
     }
 
     fn accept_client(&mut self) {
-        let Some((l, _)) = &self.api else { return };
+        let Some(ApiSocket { listener: l, .. }) = &self.api else {
+            return;
+        };
         if let Ok((s, _)) = l.accept() {
             let fd = s.as_raw_fd();
             if self

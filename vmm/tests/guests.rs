@@ -596,6 +596,14 @@ fn jail_gives_the_vmm_its_own_namespaces_and_an_empty_root() {
         kept_opts.starts_with("rw,nosuid,nodev,noexec"),
         "kept dir mount: {kept_opts}\n{mountinfo}"
     );
+    // No capabilities left, none to regain.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert!(
+            status.contains(&format!("{set}:\t0000000000000000")),
+            "{set} not empty:\n{status}"
+        );
+    }
     // Its network namespace has nothing but a loopback device.
     let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
     let ifaces: Vec<&str> = dev
@@ -612,6 +620,33 @@ fn jail_gives_the_vmm_its_own_namespaces_and_an_empty_root() {
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stderr.contains("jail: own mount"), "{}", out.stderr);
     assert!(!api.exists() && !uds.exists(), "sockets left behind");
+}
+
+/// A vsock socket in a world-writable directory cannot be kept: `auto` runs without the
+/// jail and says so, `on` refuses to boot and says why.
+#[test]
+fn jail_refuses_shared_socket_directories() {
+    if !can_run("jail_refuses_shared_socket_directories") {
+        return;
+    }
+    // SAFETY: geteuid(2) takes no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        guest::skip("jail_refuses_shared_socket_directories: needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let g = assemble("    PRINT \"up\\n\"\n    jmp reset\n");
+    let shared = g.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let uds = shared.join("vsock.sock");
+    let uds = uds.to_str().unwrap();
+    let out = g.run(&["--vsock-uds", uds]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("jail: off") && out.stderr.contains("world-writable"));
+    let out = g.run(&["--jail", "on", "--vsock-uds", uds]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("world-writable"), "{}", out.stderr);
 }
 
 #[test]

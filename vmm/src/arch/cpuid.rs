@@ -109,6 +109,10 @@ pub const TEMPLATE: &[Rule] = &[
     rule(1, None, Edx, Mask(1 << 29)), // TM: no thermal monitor
     // Leaf 6: thermal and power management describe the host; the guest has none.
     rule(6, None, Eax, Zero),
+    // ...except ARAT: KVM's LAPIC timer (an hrtimer) never stops in idle. Without the bit
+    // Linux wants a broadcast timer, and with hardware-reduced ACPI there is none (no PIT,
+    // no HPET): it would stay on a periodic tick with jiffy-resolution timers.
+    rule(6, None, Eax, Set(1 << 2)),
     rule(6, None, Ebx, Zero),
     rule(6, None, Ecx, Zero),
     rule(6, None, Edx, Zero),
@@ -290,9 +294,17 @@ mod tests {
         assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit set");
         assert_eq!(e[0].ebx >> 24, 2, "APIC id");
         assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical count");
-        assert_eq!((e[1].eax, e[1].edx), (0, 0), "leaf 6 zeroed");
+        assert_eq!((e[1].eax, e[1].edx), (1 << 2, 0), "leaf 6 zeroed but ARAT");
         assert_eq!(e[2].ebx & (1 << 11), 0, "RTM masked on 7.0");
         assert_eq!(e[3].ebx, !0, "7.1 untouched");
+    }
+
+    #[test]
+    fn leaf_6_keeps_only_arat() {
+        let mut cpuid = CpuId::from_entries(&[entry(6, 0)]).unwrap();
+        filter(&mut cpuid, 0, 1);
+        let e = find(&cpuid, 6, 0).unwrap();
+        assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (1 << 2, 0, 0, 0));
     }
 
     #[test]
