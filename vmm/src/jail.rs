@@ -170,6 +170,54 @@ pub fn resolve_socket_dir(socket: &Path) -> Result<(PathBuf, PathBuf), JailError
     Ok((dir, path))
 }
 
+/// Checks and opens the directories of `sockets` for a jail in `mode`, rewriting each
+/// path to its resolved form. `None`: no jail (off, not root, or `auto` and a directory
+/// that cannot be kept, with a warning).
+pub fn prepare(
+    mode: JailMode,
+    sockets: &mut [&mut PathBuf],
+) -> Result<Option<Vec<KeptDir>>, JailError> {
+    if !wanted(mode) {
+        return Ok(None);
+    }
+    let mut keep: Vec<KeptDir> = Vec::new();
+    for socket in sockets.iter_mut() {
+        let kept = resolve_socket_dir(socket).and_then(|(dir, path)| {
+            let known = keep.iter().any(|k| k.path == dir);
+            Ok(((!known).then(|| KeptDir::open(&dir)).transpose()?, path))
+        });
+        match kept {
+            Ok((dir, path)) => {
+                **socket = path;
+                keep.extend(dir);
+            }
+            Err(e) if mode == JailMode::Auto => {
+                log::warn!("jail: off: {e}");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(keep))
+}
+
+/// [`enter`] for a jail in `mode`: `auto` goes on unjailed (with a warning) where the
+/// jail could not begin. Returns whether the process is jailed. An error from a failure
+/// halfway (`!nothing_changed()`) leaves the process unfit to go on.
+pub fn enter_as(mode: JailMode, keep: &[KeptDir]) -> Result<bool, JailError> {
+    match enter(keep) {
+        Ok(()) => Ok(true),
+        Err(e) if e.nothing_changed() && mode == JailMode::Auto => {
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            log::warn!("jail: off: {e}{cause}");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The mount flags a remount must repeat so as not to clear them.
 fn kept_flags(path: &Path) -> MsFlags {
     let Ok(st) = statvfs(path) else {

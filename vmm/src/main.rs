@@ -54,6 +54,10 @@ enum Command {
         /// Most simultaneous connections.
         #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
+        /// Own namespaces, an empty read-only root and no capabilities before serving:
+        /// auto (when root), on (required), off.
+        #[arg(long, default_value = "auto")]
+        jail: cocoon_vmm::jail::JailMode,
     },
 }
 
@@ -221,6 +225,7 @@ fn main() -> ExitCode {
             guest_cid,
             connect_timeout_ms,
             max_connections,
+            jail,
         }) => {
             let config = VsockConfig {
                 guest_cid,
@@ -228,7 +233,7 @@ fn main() -> ExitCode {
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
                 max_connections,
             };
-            cocoon_vmm::vhost_user_vsock::serve(&socket, config)
+            cocoon_vmm::vhost_user_vsock::serve(&socket, config, jail)
                 .map(|()| 0)
                 .map_err(anyhow::Error::from)
         }

@@ -49,6 +49,8 @@ pub enum VhostUserVsockError {
     Daemon(#[source] DaemonError),
     #[error("Failed to process the {0} queue")]
     Queue(&'static str, #[source] DeviceError),
+    #[error("Failed to jail the backend (--jail off to run without)")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// `vhost_user_backend::Error` implements neither `std::error::Error` nor `Sync` (it can
@@ -238,7 +240,22 @@ impl Drop for SocketCleanup {
 ///
 /// `socket` appears on disk once the backend is ready to accept the frontend, so a
 /// caller can wait for the file before starting QEMU.
-pub fn serve(socket: &Path, config: VsockConfig) -> Result<(), VhostUserVsockError> {
+///
+/// This process parses guest-controlled data, so before anything else (and before any
+/// thread exists) it jails itself like the VMM does ([`crate::jail`]): own namespaces,
+/// an empty read-only root keeping only the directories of its two sockets, and no
+/// capabilities. The frontend hands guest memory over as file descriptors, and host
+/// clients arrive on the Unix socket, so nothing else is needed.
+pub fn serve(
+    socket: &Path,
+    mut config: VsockConfig,
+    jail: crate::jail::JailMode,
+) -> Result<(), VhostUserVsockError> {
+    let mut socket = socket.to_path_buf();
+    if let Some(keep) = crate::jail::prepare(jail, &mut [&mut socket, &mut config.uds_path])? {
+        crate::jail::enter_as(jail, &keep)?;
+    }
+    let socket = socket.as_path();
     // Refuse to clobber anything but a stale socket before creating files of our own.
     remove_stale_socket(socket)?;
     let uds_path = config.uds_path.clone();

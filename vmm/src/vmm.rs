@@ -24,7 +24,6 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
-use crate::jail::JailMode;
 use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuControl, VcpuError, VcpuRunner, Vcpus};
 
 /// Errors that end the VMM (as opposed to the guest).
@@ -225,27 +224,11 @@ impl Vmm {
                     reason: "no configuration given".into(),
                 },
             )))?;
-        let mut jail = crate::jail::wanted(config.jail);
-        let mut keep = Vec::new();
-        if jail {
-            // The jail keeps the vsock socket's directory (guest connections dial
-            // `<uds>_<port>` there), by its resolved path and an fd opened now.
-            if let Some(v) = &mut config.vsock {
-                let kept = crate::jail::resolve_socket_dir(&v.uds_path)
-                    .and_then(|(dir, path)| Ok((crate::jail::KeptDir::open(&dir)?, path)));
-                match kept {
-                    Ok((dir, path)) => {
-                        v.uds_path = path;
-                        keep.push(dir);
-                    }
-                    Err(e) if config.jail == JailMode::Auto => {
-                        log::warn!("jail: off: {e}");
-                        jail = false;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        // The jail keeps the vsock socket's directory (guest connections dial
+        // `<uds>_<port>` there), checked and opened now.
+        let mut sockets: Vec<&mut std::path::PathBuf> =
+            config.vsock.iter_mut().map(|v| &mut v.uds_path).collect();
+        let keep = crate::jail::prepare(config.jail, &mut sockets)?;
         let built = builder::build(&config, &self.exit)?;
         for (i, d) in built.host_devices.iter().enumerate() {
             if let Some(fd) = lock(d).host_fd() {
@@ -259,22 +242,17 @@ impl Vmm {
             }
         }
         vcpu::install_kick_handler()?;
-        if jail {
+        if let Some(keep) = &keep {
             // Everything is open; before any other thread exists (namespaces are per
             // thread) and before the guest runs.
-            match crate::jail::enter(&keep) {
-                Ok(()) => {}
-                Err(e) if e.nothing_changed() && config.jail == JailMode::Auto => {
-                    log::warn!("jail: off: {e}: {}", error_chain(&e));
-                }
-                Err(e) if e.nothing_changed() => return Err(e.into()),
-                Err(e) => {
+            if let Err(e) = crate::jail::enter_as(config.jail, keep) {
+                if !e.nothing_changed() {
                     // Half-jailed: this process cannot run a VM any more; end it.
                     let why = format!("jail setup failed halfway: {e}: {}", error_chain(&e));
                     log::error!("{why}");
                     self.exit.report(ExitReason::Crash(why));
-                    return Err(e.into());
                 }
+                return Err(e.into());
             }
         }
         if config.seccomp {

@@ -963,6 +963,15 @@ fn vsock_through_a_vhost_user_backend_process() {
         .unwrap();
     g.track(&backend);
     wait_for("vhost-user socket", || vhost.exists());
+    // It parses guest data, so it runs jailed like the VMM (as root, where it can).
+    // SAFETY: geteuid(2) takes no arguments.
+    if unsafe { libc::geteuid() } == 0 {
+        let pid = backend.id().to_string();
+        assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"), "backend not jailed");
+        assert_ne!(ns(&pid, "net"), ns("self", "net"), "backend not jailed");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    }
     let listener = UnixListener::bind(g.path("vsock.sock_5000")).unwrap();
     listener.set_nonblocking(true).unwrap();
     let host = std::thread::spawn(move || {
