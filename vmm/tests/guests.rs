@@ -409,16 +409,12 @@ vsock_hdr:
     ret
 "#;
 
-#[test]
-fn vsock_round_trip_to_a_host_unix_socket() {
-    if !can_run("vsock_round_trip_to_a_host_unix_socket") {
-        return;
-    }
-    let g = assemble(VSOCK_GUEST);
-    let uds = g.path("vsock.sock");
+/// The host side of `VSOCK_GUEST`: listens on `<dir>/vsock.sock_5000` (where the guest's
+/// connection to host port 5000 lands), reads the guest's 5 bytes and answers "pong\n".
+fn pong_on_host_port_5000(g: &guest::Guest) -> std::thread::JoinHandle<[u8; 5]> {
     let listener = UnixListener::bind(g.path("vsock.sock_5000")).unwrap();
     listener.set_nonblocking(true).unwrap();
-    let host = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut s = loop {
             match listener.accept() {
@@ -435,12 +431,21 @@ fn vsock_round_trip_to_a_host_unix_socket() {
         // Keep the stream open until the guest has had time to read.
         std::thread::sleep(Duration::from_millis(500));
         buf
-    });
+    })
+}
+
+#[test]
+fn vsock_round_trip_to_a_host_unix_socket() {
+    if !can_run("vsock_round_trip_to_a_host_unix_socket") {
+        return;
+    }
+    let g = assemble(VSOCK_GUEST);
+    let uds = g.path("vsock.sock");
+    let host = pong_on_host_port_5000(&g);
     let out = g.run(&["--vsock-uds", uds.to_str().unwrap()]);
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(out.serial, "pong\n", "{}", out.stderr);
     assert_eq!(&host.join().unwrap(), b"ping\n");
-    assert_eq!(out.serial, "pong\n", "{}", out.stderr);
 }
 
 /// A guest that prints a dot every few million iterations forever.
@@ -502,6 +507,15 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
     assert!(!api.exists(), "api socket left behind");
 }
 
+/// Whether the test runs as root (the jail needs it); prints why not.
+fn is_root(test: &str) -> bool {
+    let root = guest::euid_is_root();
+    if !root {
+        guest::skip(&format!("{test}: needs root"));
+    }
+    root
+}
+
 /// The namespace a process is in, e.g. `mnt:[4026531841]`.
 fn ns(pid: &str, kind: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
@@ -532,9 +546,7 @@ fn jail_gives_the_vmm_its_own_namespaces_and_an_empty_root() {
     if !can_run("jail_gives_the_vmm_its_own_namespaces_and_an_empty_root") {
         return;
     }
-    // SAFETY: geteuid(2) takes no arguments.
-    if unsafe { libc::geteuid() } != 0 {
-        guest::skip("jail_gives_the_vmm_its_own_namespaces_and_an_empty_root: needs root");
+    if !is_root("jail_gives_the_vmm_its_own_namespaces_and_an_empty_root") {
         return;
     }
     use cocoon_vmm::vmm::api_call;
@@ -576,22 +588,21 @@ fn jail_gives_the_vmm_its_own_namespaces_and_an_empty_root() {
     assert!(root.join(uds.strip_prefix("/").unwrap()).exists());
     // The root is read-only; the kept directory is not.
     let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let root_opts = mountinfo
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|f| f[4] == "/")
-        .map(|f| f[5].to_string())
-        .unwrap_or_default();
+    // Field 5 of a mountinfo line is the mount point, field 6 its options.
+    let opts_at = |point: &std::path::Path| {
+        mountinfo
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| std::path::Path::new(f[4]) == point)
+            .map(|f| f[5].to_string())
+            .unwrap_or_default()
+    };
+    let root_opts = opts_at(std::path::Path::new("/"));
     assert!(
         root_opts.starts_with("ro,"),
         "root mount: {root_opts}\n{mountinfo}"
     );
-    let kept_opts = mountinfo
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|f| std::path::Path::new(f[4]) == dir)
-        .map(|f| f[5].to_string())
-        .unwrap_or_default();
+    let kept_opts = opts_at(&dir);
     assert!(
         kept_opts.starts_with("rw,nosuid,nodev,noexec"),
         "kept dir mount: {kept_opts}\n{mountinfo}"
@@ -629,9 +640,7 @@ fn jail_refuses_shared_socket_directories() {
     if !can_run("jail_refuses_shared_socket_directories") {
         return;
     }
-    // SAFETY: geteuid(2) takes no arguments.
-    if unsafe { libc::geteuid() } != 0 {
-        guest::skip("jail_refuses_shared_socket_directories: needs root");
+    if !is_root("jail_refuses_shared_socket_directories") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
@@ -964,33 +973,14 @@ fn vsock_through_a_vhost_user_backend_process() {
     g.track(&backend);
     wait_for("vhost-user socket", || vhost.exists());
     // It parses guest data, so it runs jailed like the VMM (as root, where it can).
-    // SAFETY: geteuid(2) takes no arguments.
-    if unsafe { libc::geteuid() } == 0 {
+    if guest::euid_is_root() {
         let pid = backend.id().to_string();
         assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"), "backend not jailed");
         assert_ne!(ns(&pid, "net"), ns("self", "net"), "backend not jailed");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
     }
-    let listener = UnixListener::bind(g.path("vsock.sock_5000")).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let host = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => panic!("the guest never connected: {e}"),
-            }
-        };
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).unwrap();
-        s.write_all(b"pong\n").unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        buf
-    });
+    let host = pong_on_host_port_5000(&g);
     let out = g.run(&["--vsock-vhost-user", vhost.to_str().unwrap()]);
     let _ = backend.kill();
     let _ = g.finish(backend, Duration::from_secs(5));

@@ -19,6 +19,11 @@ pub fn skip(msg: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
 }
 
+pub fn euid_is_root() -> bool {
+    // SAFETY: geteuid(2) takes no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Whether /dev/kvm and binutils are here; prints why not.
 pub fn can_run(test: &str) -> bool {
     if !Path::new("/dev/kvm").exists() {
