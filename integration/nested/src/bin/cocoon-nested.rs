@@ -1,0 +1,82 @@
+//! `cocoon-nested run -- CMD...`: runs a command inside an L1 guest with hardware-style
+//! KVM (QEMU/TCG with emulated SVM) that sees this host's root read-only, and exits with
+//! the command's status. `make test-nested` uses it; so can a developer chasing a
+//! cocoon-vmm bug on a host without VT-x/AMD-V.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cocoon_nested::{L1Image, L1};
+
+#[derive(Parser)]
+#[command(
+    name = "cocoon-nested",
+    about = "Run a command inside an L1 guest with KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot L1, run CMD there (in the current directory), print its output, exit with its status.
+    Run {
+        /// The guest image whose kernel package L1 uses.
+        #[arg(long, default_value = "target/image")]
+        image_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        #[arg(long, default_value_t = 3072)]
+        mem_mib: u32,
+        /// Seconds before L1 is killed.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Variables to pass into L1 (NAME or NAME=VALUE).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cmd::Run {
+        image_dir,
+        cpus,
+        mem_mib,
+        timeout,
+        env,
+        cmd,
+    } = Cli::parse().command;
+    let image = L1Image::build(&image_dir, None).context("L1 image")?;
+    let l1 = L1 {
+        cpus,
+        mem_mib,
+        timeout: Duration::from_secs(timeout),
+        ..L1::new(image)
+    };
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (e.clone(), std::env::var(e).unwrap_or_default()),
+        })
+        .collect();
+    let script = cmd
+        .iter()
+        .map(|w| cocoon_nested::run::quote(w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = l1.run(&script, &std::env::current_dir()?, &env)?;
+    use std::io::Write;
+    std::io::stdout().write_all(&out.output)?;
+    eprintln!(
+        "cocoon-nested: exit {} after {:.1} s in L1",
+        out.status,
+        out.wall.as_secs_f64()
+    );
+    std::process::exit(out.status);
+}

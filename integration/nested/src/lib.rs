@@ -1,0 +1,85 @@
+//! The nested harness: boots an "L1" Linux guest under QEMU/TCG with emulated AMD SVM
+//! and nested paging, so that L1 has a real hardware-style `/dev/kvm` (`kvm_amd`) even on
+//! hosts without VT-x/AMD-V (or with PVM), and runs a command inside it. L1 sees the host's
+//! own root read-only through virtio-fs under a tmpfs overlay (as `virtme-ng` does), so the
+//! host's binaries, test executables and guest images are all there at the same paths.
+//!
+//! This is how cocoon-vmm's Linux path (boot, ACPI, SMP, interrupts, virtio-mmio under the
+//! real drivers, vsock, virtio-fs, the shim on cocoon-vmm) is tested in CI. It is for
+//! correctness, not for absolute timing: every L2 exit is handled by L1's KVM under TCG.
+//! Ratios between two VMMs run in the same L1 are still meaningful.
+
+pub mod image;
+pub mod run;
+pub mod testing;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use image::L1Image;
+pub use run::{L1Output, L1};
+
+#[derive(Debug, Error)]
+pub enum NestedError {
+    #[error("{what} is needed for the nested harness but was not found ({hint})")]
+    Missing { what: String, hint: &'static str },
+    #[error("QEMU cannot give L1 a hardware-style /dev/kvm: {0}")]
+    NoSvm(String),
+    #[error("L1 has SVM but KVM did not come up: {0}")]
+    NoKvm(String),
+    #[error("L1 setup failed: {message}\nL1 console (end):\n{console}")]
+    Setup { message: String, console: String },
+    #[error(
+        "L1 did not finish within {seconds} s\ncommand output so far (end):\n{output}\nL1 console (end):\n{console}"
+    )]
+    Timeout {
+        seconds: u64,
+        output: String,
+        console: String,
+    },
+    #[error("L1 ended without reporting the command's exit status\ncommand output (end):\n{output}\nL1 console (end):\n{console}")]
+    NoStatus { output: String, console: String },
+    #[error("Failed to build the L1 image")]
+    Image(#[from] cocoon_rootfs::RootfsError),
+    #[error("Failed to read the guest image manifest {}", path.display())]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The guest image manifest {} is not valid", path.display())]
+    ManifestFormat {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Failed to {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NestedError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NestedError {
+        let what = what.into();
+        move |source| NestedError::Io { what, source }
+    }
+
+    /// Whether this host simply cannot run the harness (a prerequisite is missing), as
+    /// opposed to the harness or the command failing.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            NestedError::Missing { .. } | NestedError::NoSvm(_) | NestedError::NoKvm(_)
+        )
+    }
+}
+
+/// The last `n` lines of `text`.
+pub(crate) fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,297 @@
+//! Boots L1 and runs one command in it. The host side is two processes: virtiofsd
+//! exporting the host's `/` read-only (L1's lower layer) and QEMU with TCG, emulated SVM
+//! and nested paging. L1's kernel console goes to `console.log`; the command's output
+//! and its exit status come back on a second serial port, so neither depends on a
+//! writable share.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::image::{command_archive, L1Image};
+use crate::{tail, NestedError};
+
+const STATUS_MARK: &str = "COCOON-L1-STATUS ";
+const ERROR_MARK: &str = "COCOON-L1-ERROR ";
+/// The virtio-fs tag L1's first stage mounts as its lower layer.
+const ROOT_TAG: &str = "hostroot";
+/// Lines of console and output kept in error messages.
+const TAIL_LINES: usize = 40;
+
+/// How to boot L1.
+#[derive(Debug, Clone)]
+pub struct L1 {
+    pub image: L1Image,
+    pub cpus: u32,
+    pub mem_mib: u32,
+    /// From QEMU's start to L1's power-off; QEMU is killed after it.
+    pub timeout: Duration,
+    /// Extra kernel command-line words for L1.
+    pub cmdline: String,
+}
+
+/// What a command printed inside L1 (stdout and stderr together) and how it ended.
+#[derive(Debug, Clone)]
+pub struct L1Output {
+    pub status: i32,
+    pub output: Vec<u8>,
+    /// L1's kernel console, for diagnosis.
+    pub console: String,
+    /// QEMU start to exit.
+    pub wall: Duration,
+}
+
+impl L1Output {
+    pub fn output_text(&self) -> String {
+        String::from_utf8_lossy(&self.output).into_owned()
+    }
+}
+
+/// Kills and reaps a child when dropped: no VM outlives its run, whatever failed.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl L1 {
+    /// Two vCPUs and 3 GiB: room for L2 guests, virtiofsd and containerd inside.
+    pub fn new(image: L1Image) -> L1 {
+        L1 {
+            image,
+            cpus: 2,
+            mem_mib: 3072,
+            timeout: Duration::from_secs(300),
+            cmdline: String::new(),
+        }
+    }
+
+    /// Runs `script` with `/bin/sh` inside L1, in `cwd`, with `env` exported, and returns
+    /// its output and exit status. An error means L1 itself failed (or this host cannot
+    /// run it); a failing command is an `Ok` with a non-zero status.
+    pub fn run(
+        &self,
+        script: &str,
+        cwd: &Path,
+        env: &[(String, String)],
+    ) -> Result<L1Output, NestedError> {
+        let qemu = which("qemu-system-x86_64", "apt-get install qemu-system-x86")?;
+        let virtiofsd = which("virtiofsd", "cargo install virtiofsd")?;
+        let dir = tempfile::Builder::new()
+            .prefix("cocoon-l1-")
+            .tempdir()
+            .map_err(NestedError::io("create the L1 run directory"))?;
+        let initrd = dir.path().join("initrd.cpio");
+        let mut bytes = std::fs::read(&self.image.initrd).map_err(NestedError::io(format!(
+            "read {}",
+            self.image.initrd.display()
+        )))?;
+        bytes.extend_from_slice(&command_archive(&wrap(script, cwd, env))?);
+        std::fs::write(&initrd, bytes).map_err(NestedError::io("write the L1 initramfs"))?;
+
+        let sock = dir.path().join("root.sock");
+        let fs_log = file(&dir.path().join("virtiofsd.log"))?;
+        let _fsd = Reaped(
+            Command::new(&virtiofsd)
+                .arg("--shared-dir=/")
+                .arg(format!("--socket-path={}", sock.display()))
+                // The host's own root, read-only: nothing in L1 can change the host.
+                .args([
+                    "--readonly",
+                    "--sandbox=none",
+                    "--cache=auto",
+                    "--no-announce-submounts",
+                ])
+                .stdin(Stdio::null())
+                .stdout(
+                    fs_log
+                        .try_clone()
+                        .map_err(NestedError::io("dup a log fd"))?,
+                )
+                .stderr(fs_log)
+                .spawn()
+                .map_err(NestedError::io("start virtiofsd"))?,
+        );
+        wait_for(&sock, Duration::from_secs(10))?;
+
+        let console = dir.path().join("console.log");
+        let out = dir.path().join("out.log");
+        let qemu_log = dir.path().join("qemu.log");
+        let started = Instant::now();
+        let mut vm = Reaped(
+            Command::new(qemu)
+                .args(["-M", "q35", "-accel", "tcg"])
+                // EPYC, so L1's kvm_amd finds SVM with nested paging.
+                .args(["-cpu", "EPYC,+svm,+npt"])
+                .args(["-smp", &self.cpus.to_string()])
+                .args(["-m", &format!("{}M", self.mem_mib)])
+                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .arg("-no-reboot")
+                .arg("-kernel")
+                .arg(&self.image.kernel)
+                .arg("-initrd")
+                .arg(&initrd)
+                .arg("-append")
+                .arg(format!(
+                    // TCG cannot calibrate the TSC reliably; say its rate.
+                    "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet {}",
+                    self.cmdline
+                ))
+                .arg("-serial")
+                .arg(format!("file:{}", console.display()))
+                .arg("-serial")
+                .arg(format!("file:{}", out.display()))
+                // vhost-user needs the guest's RAM shared with virtiofsd.
+                .args([
+                    "-object",
+                    &format!(
+                        "memory-backend-memfd,id=mem,size={}M,share=on",
+                        self.mem_mib
+                    ),
+                    "-numa",
+                    "node,memdev=mem",
+                ])
+                .args([
+                    "-chardev",
+                    &format!("socket,id=root,path={}", sock.display()),
+                ])
+                .args([
+                    "-device",
+                    &format!("vhost-user-fs-pci,chardev=root,tag={ROOT_TAG}"),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(file(&qemu_log)?)
+                .spawn()
+                .map_err(NestedError::io("start QEMU for L1"))?,
+        );
+        let deadline = started + self.timeout;
+        let exited = loop {
+            match vm.0.try_wait() {
+                Ok(Some(_)) => break true,
+                Ok(None) if Instant::now() >= deadline => break false,
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(NestedError::io("wait for QEMU")(e)),
+            }
+        };
+        let wall = started.elapsed();
+        let console_text = read_lossy(&console) + &qemu_stderr(&qemu_log);
+        let output = std::fs::read(&out).unwrap_or_default();
+        let text = String::from_utf8_lossy(&output);
+        if !exited {
+            return Err(NestedError::Timeout {
+                seconds: self.timeout.as_secs(),
+                output: tail(&text, TAIL_LINES),
+                console: tail(&console_text, TAIL_LINES),
+            });
+        }
+        if let Some(err) = text.lines().find_map(|l| l.strip_prefix(ERROR_MARK)) {
+            let (kind, why) = err.split_once(": ").unwrap_or(("setup", err));
+            return Err(match kind {
+                "no-svm" => NestedError::NoSvm(why.to_owned()),
+                "no-kvm" => NestedError::NoKvm(why.to_owned()),
+                _ => NestedError::Setup {
+                    message: why.to_owned(),
+                    console: tail(&console_text, TAIL_LINES),
+                },
+            });
+        }
+        // The status line is the last thing stage 2 writes; the command's own output
+        // cannot forge it because it comes after the command has ended.
+        let no_status = || NestedError::NoStatus {
+            output: tail(&text, TAIL_LINES),
+            console: tail(&console_text, TAIL_LINES),
+        };
+        let mark = STATUS_MARK.as_bytes();
+        let pos = output
+            .windows(mark.len())
+            .rposition(|w| w == mark)
+            .ok_or_else(no_status)?;
+        let status = std::str::from_utf8(&output[pos + mark.len()..])
+            .ok()
+            .and_then(|s| s.lines().next())
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(no_status)?;
+        Ok(L1Output {
+            status,
+            output: output[..pos].to_vec(),
+            console: console_text,
+            wall,
+        })
+    }
+}
+
+/// The command script: the caller's environment and directory, then the script.
+fn wrap(script: &str, cwd: &Path, env: &[(String, String)]) -> String {
+    let mut s = String::from("# Written by the cocoon-nested harness.\n");
+    for (k, v) in env {
+        s.push_str(&format!("export {k}={}\n", quote(v)));
+    }
+    s.push_str(&format!(
+        "cd {} || exit 125\n",
+        quote(&cwd.to_string_lossy())
+    ));
+    s.push_str(script);
+    s.push('\n');
+    s
+}
+
+/// Single-quotes a word for `sh`.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn which(name: &str, hint: &'static str) -> Result<PathBuf, NestedError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(NestedError::Missing {
+            what: format!("`{name}`"),
+            hint,
+        })
+}
+
+fn file(path: &Path) -> Result<std::fs::File, NestedError> {
+    std::fs::File::create(path).map_err(NestedError::io(format!("create {}", path.display())))
+}
+
+fn wait_for(sock: &Path, limit: Duration) -> Result<(), NestedError> {
+    let end = Instant::now() + limit;
+    while !sock.exists() {
+        if Instant::now() >= end {
+            return Err(NestedError::Io {
+                what: format!("wait for virtiofsd's socket {}", sock.display()),
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn read_lossy(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// QEMU's own messages, without TCG's warnings about EPYC features it does not emulate.
+fn qemu_stderr(path: &Path) -> String {
+    let text = read_lossy(path);
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("TCG doesn't support requested feature"))
+        .collect();
+    if kept.is_empty() {
+        return String::new();
+    }
+    format!("\nQEMU: {}", kept.join("\nQEMU: "))
+}
+
+/// Writes `text` to stderr unbuffered, past any test harness's capture.
+pub fn say(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}

@@ -1,0 +1,131 @@
+//! For tests: where a test that needs hardware KVM runs, and what a test does when its
+//! host lacks a prerequisite. On a host with hardware KVM (or inside L1) such a test runs
+//! in place; elsewhere it reruns itself inside L1 and passes or fails with what it did
+//! there. A prerequisite that is missing fails the test under `CI=true` and prints
+//! `SKIPPED: <why>` otherwise: a skip is never a silent pass in CI.
+
+use std::path::Path;
+
+use crate::run::say;
+use crate::{L1Image, L1};
+
+/// Set inside L1 for reruns, so a test there can never recurse into another L1.
+pub const IN_L1_ENV: &str = "COCOON_IN_L1";
+
+/// Whether this run is CI's (`CI` set to anything but `false` or `0`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// A prerequisite of `test` is missing: under CI that fails the test; elsewhere the test
+/// says SKIPPED with the reason and the caller returns.
+#[track_caller]
+pub fn missing(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test}: cannot run here, and CI=true does not allow skipping: {why}");
+    }
+    say(&format!("SKIPPED: {test}: {why}"));
+}
+
+/// Why this host cannot run a stock Linux guest under its own KVM, if it cannot.
+pub fn hardware_kvm_missing() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm does not exist".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Some("/dev/kvm is PVM (kvm_pvm), where a stock Linux guest cannot boot".into());
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    (!hw).then(|| "no vmx/svm in /proc/cpuinfo".into())
+}
+
+/// Where a test that needs hardware KVM should run its body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Place {
+    /// This host has hardware KVM: run the body now.
+    Here,
+    /// The test already ran inside L1 and passed there, or was skipped (outside CI only)
+    /// with a printed reason: return.
+    Done,
+}
+
+/// The guest image the tests use (`make image`), for finding the kernel package.
+fn guest_image_dir() -> std::path::PathBuf {
+    std::env::var_os("COCOON_TEST_IMAGE_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/image"))
+}
+
+/// For a test that needs hardware KVM. `test` is its full name as the test harness knows
+/// it (for `--exact`). Where this host lacks hardware KVM, boots L1, reruns this same
+/// test binary there with only that test, and panics with its output unless exactly that
+/// one test passed.
+#[track_caller]
+pub fn hardware_kvm(test: &str) -> Place {
+    let Some(why) = hardware_kvm_missing() else {
+        return Place::Here;
+    };
+    if std::env::var_os(IN_L1_ENV).is_some() {
+        panic!("{test}: inside L1 but without hardware-style KVM: {why}");
+    }
+    let l1 = match L1Image::build(&guest_image_dir(), None) {
+        Ok(image) => L1::new(image),
+        Err(e) if e.is_unavailable() => {
+            missing(
+                test,
+                &format!("{why}, and the nested harness cannot run: {e}"),
+            );
+            return Place::Done;
+        }
+        Err(e) => panic!("{test}: cannot build the L1 image: {e}"),
+    };
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let cwd = std::env::current_dir().expect("the test's directory");
+    let script = format!(
+        "exec {} --exact {} --nocapture --test-threads=1",
+        crate::run::quote(&exe.to_string_lossy()),
+        crate::run::quote(test)
+    );
+    let out = match l1.run(&script, &cwd, &forwarded_env()) {
+        Ok(out) => out,
+        Err(e) if e.is_unavailable() => {
+            missing(
+                test,
+                &format!("{why}, and the nested harness cannot run: {e}"),
+            );
+            return Place::Done;
+        }
+        Err(e) => panic!("{test}: L1 failed: {e}"),
+    };
+    let text = out.output_text();
+    // libtest's summary: anything but exactly one pass (a renamed test matching nothing
+    // passes zero tests with status 0) is a failure.
+    let passed = text.contains("test result: ok. 1 passed;");
+    if out.status != 0 || !passed {
+        panic!(
+            "{test} failed inside L1 (exit {}), output:\n{text}\nL1 console (end):\n{}",
+            out.status,
+            crate::tail(&out.console, 30)
+        );
+    }
+    say(&format!(
+        "{test}: ran inside an L1 guest (QEMU/TCG with emulated SVM: {why} here); L1 run {:.1} s",
+        out.wall.as_secs_f64()
+    ));
+    Place::Done
+}
+
+/// The variables a rerun inside L1 keeps: CI's, logging, and the project's own.
+fn forwarded_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            k == "CI" || k == "RUST_BACKTRACE" || k == "RUST_LOG" || k.starts_with("COCOON_")
+        })
+        .collect();
+    env.push((IN_L1_ENV.into(), "1".into()));
+    env
+}
