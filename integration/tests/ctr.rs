@@ -8,6 +8,7 @@ use std::time::Duration;
 use cocoon_integration::containerd::Containerd;
 use cocoon_integration::image::IMAGE_REF;
 use cocoon_integration::{leftover_entries, processes_mentioning, test_config, wait_gone};
+use cocoon_nested::testing::{hardware_kvm, Place};
 
 struct Env {
     containerd: Containerd,
@@ -38,11 +39,20 @@ impl Drop for Env {
 /// A private containerd with the test image, for one test (nextest runs
 /// each test in its own process).
 fn env() -> Env {
+    env_on(None)
+}
+
+/// The same, with the shim's `hypervisor` set (None: the default, auto).
+fn env_on(hypervisor: Option<&str>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let config = test_config(&run_dir, Duration::from_secs(90));
     let config_path = dir.path().join("cocoon.toml");
-    std::fs::write(&config_path, toml_of(&config)).unwrap();
+    let mut toml = toml_of(&config);
+    if let Some(h) = hypervisor {
+        toml = format!("hypervisor = {h:?}\n{toml}");
+    }
+    std::fs::write(&config_path, toml).unwrap();
     let containerd = Containerd::start(&dir.path().join("containerd"), &config_path);
     containerd.import_busybox();
     Env {
@@ -96,8 +106,15 @@ fn show(o: &Output) -> String {
 /// Runs `cmd` under runc and cocoon and asserts identical stdout, stderr and exit code.
 fn same(name: &str, flags: &[&str], cmd: &[&str]) -> Output {
     let env = env();
-    let r = ctr_run(&env, RUNC, &format!("{name}-runc"), flags, cmd);
-    let c = ctr_run(&env, COCOON, &format!("{name}-cocoon"), flags, cmd);
+    let out = same_in(&env, name, flags, cmd);
+    assert_clean(&env);
+    out
+}
+
+/// `same` on a given containerd.
+fn same_in(env: &Env, name: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    let r = ctr_run(env, RUNC, &format!("{name}-runc"), flags, cmd);
+    let c = ctr_run(env, COCOON, &format!("{name}-cocoon"), flags, cmd);
     let same = r.status.code() == c.status.code() && r.stdout == c.stdout && r.stderr == c.stderr;
     assert!(
         same,
@@ -106,8 +123,46 @@ fn same(name: &str, flags: &[&str], cmd: &[&str]) -> Output {
         show(&c),
         env.containerd.log_tail()
     );
-    assert_clean(&env);
     c
+}
+
+/// `ctr run` on cocoon-vmm, our own VMM, against runc. It needs hardware KVM, so
+/// on these hosts it reruns inside an L1 guest (the nested harness), where runc
+/// also has a cgroup v2 host like the guest's.
+#[test]
+fn cocoon_vmm_runs_containers_like_runc() {
+    if hardware_kvm("cocoon_vmm_runs_containers_like_runc") == Place::Done {
+        return;
+    }
+    let env = env_on(Some("cocoon-vmm"));
+    let out = same_in(
+        &env,
+        "vmm-split",
+        &["--env", "FOO=bar", "--cwd", "/tmp"],
+        &["sh", "-c", "echo \"$FOO\"; pwd; echo err >&2; exit 3"],
+    );
+    assert_eq!(out.stdout, b"bar\n/tmp\n");
+    assert_eq!(out.status.code(), Some(3));
+    same_in(&env, "vmm-host", &[], &["hostname"]);
+    same_in(
+        &env,
+        "vmm-caps",
+        &["--cap-drop", "CAP_CHOWN"],
+        &["sh", "-c", "grep -E '^(Cap|NoNewPrivs)' /proc/self/status"],
+    );
+    // The pod's VM really is a cocoon-vmm process, not QEMU.
+    with_detached(&env, COCOON, "vmm-d", &[], |env, _| {
+        let procs = processes_mentioning(&env.run_dir.to_string_lossy());
+        assert!(
+            procs.iter().any(|(_, c)| c.contains("cocoon-vmm run")),
+            "{procs:?}"
+        );
+        assert!(
+            !procs.iter().any(|(_, c)| c.contains("qemu-system")),
+            "{procs:?}"
+        );
+    });
+    assert_clean(&env);
 }
 
 /// Nothing of ours is left once the tasks are gone.
