@@ -396,6 +396,27 @@ fn cocoon_vmm_backend_boots_or_says_why() {
         );
         vm.stop(Duration::ZERO).await;
         assert_clean(run.path(), &pids);
+
+        // A VMM that exits before the agent answers: the error shows the end of
+        // the VMM's own log (why it exited), not only an empty guest console.
+        let mut bad = config.clone();
+        bad.vm.kernel = bad.vm.initrd.clone();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&bad, "bad-kernel"))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let err = match AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(5)).await {
+            Ok(_) => panic!("a VM with an initramfs for a kernel booted"),
+            Err(e) => e,
+        };
+        let AgentError::VmExited { vmm_log, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(vmm_log.to_lowercase().contains("kernel"), "{err}");
+        assert!(err.to_string().contains("the VMM's log ends with"), "{err}");
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
     });
 }
 

@@ -29,9 +29,13 @@ pub enum AgentError {
         console: String,
     },
     #[error(
-        "the VM exited ({status}) before its agent answered; guest console ends with:\n{console}"
+        "the VM exited ({status}) before its agent answered; the VMM's log ends with:\n{vmm_log}\nguest console ends with:\n{console}"
     )]
-    VmExited { status: String, console: String },
+    VmExited {
+        status: String,
+        vmm_log: String,
+        console: String,
+    },
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error("agent call {method} got no answer within {after:?}")]
@@ -89,6 +93,7 @@ impl AgentClient {
             if let Some(status) = vm.try_exit_status() {
                 return Err(AgentError::VmExited {
                     status: status.to_string(),
+                    vmm_log: vm.vmm_log_tail(20),
                     console: vm.console_tail(20),
                 });
             }

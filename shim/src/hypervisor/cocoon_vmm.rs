@@ -13,6 +13,9 @@ use super::process::{configure, find_binary};
 use super::{launch, HypervisorError, Vm, VmSpec};
 use crate::config::Config;
 
+/// The VMM's stderr, in the VM's run dir.
+const VMM_LOG: &str = "vmm.log";
+
 pub struct CocoonVmm {
     binary: PathBuf,
 }
@@ -76,7 +79,7 @@ impl super::Hypervisor for CocoonVmm {
         spec.validate()?;
         let started = Instant::now();
         let run_dir = launch::create_run_dir(spec)?;
-        let mut vm = launch::new_vm(spec, &run_dir, "kvm", started);
+        let mut vm = launch::new_vm(spec, &run_dir, VMM_LOG, "kvm", started);
         if let Some(shared) = &spec.shared_dir {
             launch::spawn_virtiofsd(&mut vm, shared, &run_dir.join("virtiofs.sock")).await?;
         }
@@ -87,7 +90,7 @@ impl super::Hypervisor for CocoonVmm {
             what: "cocoon-vmm",
             source,
         };
-        configure(&mut cmd, &run_dir.join("vmm.log")).map_err(spawn_err)?;
+        configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?;
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), "VM launched on cocoon-vmm");

@@ -29,13 +29,21 @@ pub fn create_run_dir(spec: &VmSpec) -> Result<PathBuf, HypervisorError> {
 }
 
 /// The `Vm` that owns the run dir from now on: dropping it (on any early
-/// return) kills what was spawned and removes the directory.
-pub fn new_vm(spec: &VmSpec, run_dir: &Path, accel: &'static str, started: Instant) -> Vm {
+/// return) kills what was spawned and removes the directory. `vmm_log` is the
+/// file (in the run dir) the VMM's own stderr goes to.
+pub fn new_vm(
+    spec: &VmSpec,
+    run_dir: &Path,
+    vmm_log: &str,
+    accel: &'static str,
+    started: Instant,
+) -> Vm {
     Vm {
         id: spec.id.clone(),
         run_dir: run_dir.to_path_buf(),
         vsock_uds: run_dir.join("vsock.sock"),
         console_log: run_dir.join("console.log"),
+        vmm_log: run_dir.join(vmm_log),
         accel,
         times: LaunchTimes {
             started,

@@ -139,6 +139,8 @@ pub struct Vm {
     /// The hybrid vsock socket (see `crate::vsock`).
     pub vsock_uds: PathBuf,
     pub console_log: PathBuf,
+    /// The VMM's own messages (its stderr): why it exited, when it did.
+    pub vmm_log: PathBuf,
     /// What runs guest code, for reports: "kvm", "tcg".
     pub accel: &'static str,
     pub times: LaunchTimes,
@@ -167,6 +169,11 @@ impl Vm {
     /// The last `max_lines` lines of the guest console, for error reports.
     pub fn console_tail(&self, max_lines: usize) -> String {
         tail_lines(&self.console_log, max_lines)
+    }
+
+    /// The last `max_lines` lines of the VMM's own log, for error reports.
+    pub fn vmm_log_tail(&self, max_lines: usize) -> String {
+        tail_lines(&self.vmm_log, max_lines)
     }
 
     /// Stops the VM: waits up to `grace` for the VMM to exit by itself (after

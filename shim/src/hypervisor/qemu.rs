@@ -15,6 +15,9 @@ use super::process::{configure, find_binary};
 use super::{HypervisorError, Vm, VmSpec};
 use crate::config::{Accel, Config, Machine};
 
+/// QEMU's stderr, in the VM's run dir.
+const QEMU_LOG: &str = "qemu.log";
+
 pub struct Qemu {
     binary: PathBuf,
     vmm_binary: PathBuf,
@@ -39,7 +42,7 @@ impl RunPaths {
             vhost_socket: dir.join("vhost-vsock.sock"),
             vsock_uds: dir.join("vsock.sock"),
             console_log: dir.join("console.log"),
-            qemu_log: dir.join("qemu.log"),
+            qemu_log: dir.join(QEMU_LOG),
             backend_log: dir.join("vsock-backend.log"),
             virtiofs_socket: dir.join("virtiofs.sock"),
         }
@@ -178,7 +181,7 @@ impl super::Hypervisor for Qemu {
         let started = Instant::now();
         let run_dir = launch::create_run_dir(spec)?;
         let paths = RunPaths::new(&run_dir);
-        let mut vm = launch::new_vm(spec, &run_dir, self.accel_name(), started);
+        let mut vm = launch::new_vm(spec, &run_dir, QEMU_LOG, self.accel_name(), started);
 
         let mut backend = Command::new(&self.vmm_binary);
         backend

@@ -254,7 +254,7 @@ mod tests {
     #[test]
     fn rootfs_and_binds_are_mounted_and_rewritten() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: mounting needs root");
+            cocoon_nested::testing::missing("mounts", "mounting needs root");
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn missing_bind_source_is_named_and_undone() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: mounting needs root");
+            cocoon_nested::testing::missing("mounts", "mounting needs root");
             return;
         }
         let t = tempfile::tempdir().unwrap();
