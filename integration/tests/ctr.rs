@@ -293,6 +293,13 @@ fn user_and_groups_from_the_spec() {
     // This host's nested cgroup v1 devices controller rejects the default
     // device rules runc would write; they are not what this test is about.
     spec["linux"].as_object_mut().unwrap().remove("resources");
+    // `ctr oci spec` puts every container in the cgroup `/default` itself, the
+    // parent of every other test's `/default/<id>`. On this host's cgroup v1,
+    // runc then rewrites the devices list of a cgroup that has children, which
+    // the kernel refuses (EINVAL), and narrows what the siblings may allow:
+    // tests running in parallel failed each other. A cgroup of its own.
+    spec["linux"]["cgroupsPath"] =
+        serde_json::json!(format!("/cocoon-test-user-{}", std::process::id()));
     spec["process"]["user"] =
         serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [2000, 3000]});
     let path = env.containerd.dir.join("user-spec.json");

@@ -1,6 +1,7 @@
 //! Builds real images from Debian's cloud kernel. The `.deb` is fetched with apt once into
 //! a download cache under the target dir and reused offline afterwards; where `dpkg-deb`
-//! is missing (not a Debian host) these tests say so and pass without checking anything.
+//! is missing (not a Debian host) these tests say so and pass without checking anything,
+//! except under `CI=true`, where a missing prerequisite is a failure.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,12 @@ use cocoon_rootfs::{build, cpio, hash, modinfo, BuildOptions, Image, KernelSourc
 
 fn have_dpkg() -> bool {
     let found = Command::new("dpkg-deb").arg("--version").output().is_ok();
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    if !found && ci {
+        panic!("dpkg-deb is not installed, so no Debian kernel package can be read (CI=true)");
+    }
     if !found {
-        eprintln!("skipping: dpkg-deb is not installed, so no Debian kernel package can be read");
+        eprintln!("SKIPPED: dpkg-deb is not installed, so no Debian kernel package can be read");
     }
     found
 }

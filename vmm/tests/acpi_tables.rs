@@ -7,9 +7,11 @@ use std::process::Command;
 
 use cocoon_vmm::arch::acpi::{self, AcpiConfig, MmioDevice};
 
+/// A prerequisite is missing: a failure under `CI=true`, else `SKIPPED: <msg>`.
+#[track_caller]
 fn skip(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+    let (test, why) = msg.split_once(": ").unwrap_or(("test", msg));
+    cocoon_nested::testing::missing(test, why);
 }
 
 /// Each table in the blob by signature, following the RSDP → XSDT → FADT → DSDT chain.

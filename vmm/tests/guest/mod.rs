@@ -12,11 +12,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_cocoon-vmm");
 /// The first virtio-mmio window and its registers.
 pub const MMIO0: u32 = 0xd000_0000;
 
-/// Prints a skip reason where `cargo test` shows it even for a passing test: straight to
-/// fd 2, not through `eprintln!`, which the harness captures.
+/// A prerequisite is missing: fails the test under `CI=true`, else prints
+/// `SKIPPED: <msg>` (straight to fd 2, past the harness's capture).
+#[track_caller]
 pub fn skip(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+    let (test, why) = msg.split_once(": ").unwrap_or(("test", msg));
+    cocoon_nested::testing::missing(test, why);
 }
 
 pub fn euid_is_root() -> bool {
