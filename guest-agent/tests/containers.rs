@@ -666,3 +666,108 @@ async fn cgroup_v2_pause_resume_pids_and_cleanup() {
     drop(tree);
     assert!(!root.exists());
 }
+
+/// A cgroup v2 directory the tests may create groups in: the hybrid
+/// hierarchy's `unified`, or the root of a pure v2 host.
+fn cgroup2_parent() -> Option<std::path::PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+}
+
+#[tokio::test]
+async fn cgroup_namespace_shows_the_containers_own_group() {
+    require_root!();
+    let Some(parent) = cgroup2_parent() else {
+        eprintln!("skipped: no cgroup v2 hierarchy");
+        return;
+    };
+    let root = parent.join(format!("cocoon-ns-test-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let _tree = CgroupTree(root.clone());
+    let agent = Agent::start_with(&["--cgroup-root", root.to_str().unwrap()]).await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let mut s = spec(
+        &rootfs,
+        &sh(
+            "cat /proc/self/cgroup; echo procs $(cat /sys/fs/cgroup/cgroup.procs); \
+             mkdir /sys/fs/cgroup/x 2>/dev/null && echo cgroupfs-rw || echo cgroupfs-ro; \
+             grep ' /sys/fs/cgroup ' /proc/self/mountinfo; \
+             cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max 2>/dev/null; \
+             echo done; exec sleep 1000",
+        ),
+    );
+    // containerd on a cgroup v1 host writes no cgroup namespace; the guest
+    // is v2, where runc would have one.
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|n| n["type"] != "cgroup");
+    // Limits need the memory and cpu controllers, which a hybrid host keeps
+    // in v1: only a host that delegates them to v2 can check those here.
+    let delegated =
+        std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    let limits = ["memory", "cpu"]
+        .iter()
+        .all(|c| delegated.split_whitespace().any(|d| d == *c));
+    if limits {
+        s["linux"]["resources"]["memory"] = json!({"limit": 67108864});
+        s["linux"]["resources"]["cpu"] = json!({"quota": 50000, "period": 100000});
+    } else {
+        eprintln!("memory.max and cpu.max unchecked: no memory and cpu controllers in v2");
+    }
+    agent
+        .create("cgns", &s, streams(false, true, false))
+        .await
+        .unwrap();
+    let mut out = agent.stream("stdout", "cgns", "").await;
+    agent.start_container("cgns").await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut out, &mut got, "done\n").await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    // The namespace's root is the container's group...
+    assert!(lines.contains(&"0::/"), "{text}");
+    // ...which is what /sys/fs/cgroup shows: only the container's
+    // processes, by their pids in its pid namespace.
+    let procs: Vec<u32> = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("procs "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(
+        procs.contains(&1) && procs.iter().all(|p| *p < 100),
+        "{text}"
+    );
+    assert!(lines.contains(&"cgroupfs-ro"), "{text}");
+    let mount = lines
+        .iter()
+        .find(|l| l.contains(" /sys/fs/cgroup "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let fields: Vec<&str> = mount.split(' ').collect();
+    assert_eq!(fields[3], "/", "{mount}");
+    assert!(fields[5].starts_with("ro,nosuid,nodev,noexec"), "{mount}");
+    assert!(mount.contains(" - cgroup2 "), "{mount}");
+    if limits {
+        assert!(text.contains("\n67108864\n50000 100000\n"), "{text}");
+    }
+
+    // An exec joins the same namespace.
+    agent
+        .exec(
+            "cgns",
+            "e",
+            &process(&["cat", "/proc/self/cgroup"]),
+            streams(false, true, false),
+        )
+        .await
+        .unwrap();
+    let mut exec_out = agent.stream("stdout", "cgns", "e").await;
+    let exec_text = String::from_utf8(read_all(&mut exec_out).await).unwrap();
+    assert!(exec_text.lines().any(|l| l == "0::/"), "{exec_text}");
+    assert_eq!(agent.wait("cgns", "e").await.unwrap().status, 0);
+    agent.remove("cgns").await.unwrap();
+}

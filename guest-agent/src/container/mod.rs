@@ -14,7 +14,7 @@ use cocoon_protocol::agent::{StdioStreams, Storage};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
 use thiserror::Error;
 
 pub use process::Process;
@@ -298,8 +298,11 @@ impl Containers {
         stdio: &StdioStreams,
     ) -> Result<i32, ContainerError> {
         validate_id("container id", id, false)?;
-        let spec: Spec = serde_json::from_slice(spec_json)
+        let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
+        if self.cgroup_root.is_some() {
+            add_cgroup_namespace(&mut spec);
+        }
         if spec.process().is_none() || spec.root().is_none() {
             return Err(ContainerError::Invalid(
                 "the OCI spec needs process and root".into(),
@@ -637,6 +640,24 @@ impl Containers {
                 tracing::warn!(container = %c.id, "remove failed: {e}");
             }
         }
+    }
+}
+
+/// Gives the container a cgroup namespace if the spec has none, as runc does
+/// on a cgroup v2 host. containerd leaves it out when its own host is v1, but
+/// the guest is v2: the runtime helper unshares it after joining the
+/// container's group, so that group is the namespace's root, and the cgroup2
+/// mount at /sys/fs/cgroup shows the container's own files and limits.
+fn add_cgroup_namespace(spec: &mut Spec) {
+    let linux = spec.linux_mut().get_or_insert_with(Default::default);
+    let namespaces = linux.namespaces_mut().get_or_insert_with(Vec::new);
+    if !namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+    {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(LinuxNamespaceType::Cgroup);
+        namespaces.push(ns);
     }
 }
 

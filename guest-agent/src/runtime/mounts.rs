@@ -226,11 +226,13 @@ fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeErr
             return Ok(());
         }
         make_mount_point(&dest, false)?;
+        // Mounted from inside the container's cgroup namespace, whose root
+        // is the container's own group: the files show its limits.
         do_mount(
             Some(Path::new("cgroup2")),
             &dest,
             Some("cgroup2"),
-            opts.flags,
+            cgroup_mount_flags(&opts),
             None,
         )?;
     } else {
@@ -263,6 +265,16 @@ fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeErr
         do_mount(None, &dest, None, *p, None)?;
     }
     Ok(())
+}
+
+/// A cgroup mount is nosuid, nodev and noexec, and read-only unless the spec
+/// asks for `rw` (containerd does for privileged containers), as with runc.
+fn cgroup_mount_flags(opts: &MountOptions) -> MsFlags {
+    let mut flags = opts.flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if !opts.cleared.contains(MsFlags::MS_RDONLY) {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    flags
 }
 
 /// runc's default device nodes, created in a spec-mounted /dev.
@@ -524,6 +536,19 @@ mod tests {
         );
         // A later option wins.
         assert_eq!(opts(&["ro", "rw"]).flags, MsFlags::empty());
+    }
+
+    #[test]
+    fn cgroup_mounts_are_read_only_unless_rw() {
+        let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        let ro = safe | MsFlags::MS_RDONLY;
+        assert_eq!(cgroup_mount_flags(&opts(&[])), ro);
+        assert_eq!(
+            cgroup_mount_flags(&opts(&["nosuid", "noexec", "nodev", "relatime", "ro"])),
+            ro | MsFlags::MS_RELATIME
+        );
+        assert_eq!(cgroup_mount_flags(&opts(&["rw"])), safe);
+        assert_eq!(cgroup_mount_flags(&opts(&["rw", "ro"])), ro);
     }
 
     #[test]
