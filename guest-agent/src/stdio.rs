@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cocoon_protocol::agent::StdioStreams;
@@ -35,6 +35,8 @@ pub enum StdioError {
     DevNull(#[source] io::Error),
     #[error("the process has no terminal")]
     NoTerminal,
+    #[error("the process's terminal is not set up yet")]
+    TerminalPending,
     #[error("cannot resize the terminal")]
     Resize(#[source] nix::Error),
 }
@@ -88,11 +90,19 @@ pub struct ChildStdio {
 #[derive(Debug)]
 pub struct ProcessIo {
     terminal: bool,
+    /// Streams the host asked for, filled in when a terminal's master
+    /// arrives.
+    want_stdin: bool,
+    want_stdout: bool,
     stdin: Mutex<Option<OwnedFd>>,
     stdout: Mutex<Option<OwnedFd>>,
     stderr: Mutex<Option<OwnedFd>>,
-    /// The pty master, for resizing.
-    master: Option<OwnedFd>,
+    /// The pty master, for resizing. The container allocates the pty from
+    /// its own devpts, so this is set after the process exists.
+    master: OnceLock<OwnedFd>,
+    /// For a terminal: false until the master arrived or its setup failed.
+    /// Streams that connect earlier wait for it.
+    settled: watch::Sender<bool>,
     /// Output streams requested by the host and not yet copied to EOF.
     pending: watch::Sender<usize>,
     close_stdin: watch::Sender<bool>,
@@ -116,51 +126,31 @@ fn dup(fd: &OwnedFd) -> Result<OwnedFd, StdioError> {
         .map_err(|e| StdioError::Create(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))
 }
 
-/// A pty pair, both close-on-exec so no other process inherits them.
-fn open_pty() -> Result<(OwnedFd, OwnedFd), StdioError> {
-    use nix::pty::{grantpt, posix_openpt, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
-        .map_err(StdioError::Create)?;
-    grantpt(&master).map_err(StdioError::Create)?;
-    unlockpt(&master).map_err(StdioError::Create)?;
-    let name = nix::pty::ptsname_r(&master).map_err(StdioError::Create)?;
-    let slave = nix::fcntl::open(
-        name.as_str(),
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(StdioError::Create)?;
-    Ok((OwnedFd::from(master), slave))
-}
-
 impl ProcessIo {
-    /// Creates the pipes (or pty) the host asked for; the rest is /dev/null.
+    /// Creates the pipes the host asked for; the rest is /dev/null. A
+    /// terminal's pty comes later, from the container
+    /// ([`Self::attach_terminal`]); until then its stdio is /dev/null.
     pub fn new(req: &StdioStreams) -> Result<(Arc<ProcessIo>, ChildStdio), StdioError> {
         let (close_stdin, _) = watch::channel(false);
         if req.terminal {
-            let (master, slave) = open_pty()?;
             let io = ProcessIo {
                 terminal: true,
-                stdin: Mutex::new(req.stdin.then(|| dup(&master)).transpose()?),
-                stdout: Mutex::new(Some(dup(&master)?)),
+                want_stdin: req.stdin,
+                want_stdout: req.stdout,
+                stdin: Mutex::new(None),
+                stdout: Mutex::new(None),
                 stderr: Mutex::new(None),
+                master: OnceLock::new(),
+                settled: watch::channel(false).0,
                 pending: watch::channel(usize::from(req.stdout)).0,
-                master: Some(master),
                 close_stdin,
             };
             let child = ChildStdio {
-                stdin: dup(&slave)?,
-                stdout: dup(&slave)?,
-                stderr: slave,
+                stdin: dev_null()?,
+                stdout: dev_null()?,
+                stderr: dev_null()?,
             };
-            let io = Arc::new(io);
-            if !req.stdout {
-                // Nobody reads the terminal: drain it so the process never blocks.
-                if let Some(fd) = io.take(StreamKind::Stdout) {
-                    tokio::spawn(copy_out(fd, tokio::io::sink()));
-                }
-            }
-            return Ok((io, child));
+            return Ok((Arc::new(io), child));
         }
         let (child_in, our_in) = if req.stdin {
             let (r, w) = pipe()?;
@@ -180,10 +170,13 @@ impl ProcessIo {
         let (child_err, our_err) = out(req.stderr)?;
         let io = ProcessIo {
             terminal: false,
+            want_stdin: req.stdin,
+            want_stdout: req.stdout,
             stdin: Mutex::new(our_in),
             stdout: Mutex::new(our_out),
             stderr: Mutex::new(our_err),
-            master: None,
+            master: OnceLock::new(),
+            settled: watch::channel(true).0,
             pending: watch::channel(usize::from(req.stdout) + usize::from(req.stderr)).0,
             close_stdin,
         };
@@ -197,6 +190,49 @@ impl ProcessIo {
         ))
     }
 
+    /// Takes the pty master the container allocated: the streams the host
+    /// asked for read and write it from now on.
+    pub fn attach_terminal(&self, master: OwnedFd) -> Result<(), StdioError> {
+        if !self.terminal || self.master.get().is_some() {
+            return Err(StdioError::NoTerminal);
+        }
+        let stdout = dup(&master)?;
+        {
+            // Under the lock close_stdin takes too, so that a CloseStdin
+            // which came first is not lost.
+            let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+            if self.want_stdin {
+                if *self.close_stdin.borrow() {
+                    send_veof(&master);
+                } else {
+                    *stdin = Some(dup(&master)?);
+                }
+            }
+        }
+        if self.want_stdout {
+            *self.stdout.lock().unwrap_or_else(|e| e.into_inner()) = Some(stdout);
+        } else {
+            // Nobody reads the terminal: drain it so the process never blocks.
+            tokio::spawn(copy_out(stdout, tokio::io::sink()));
+        }
+        let _ = self.master.set(master);
+        self.settled.send_replace(true);
+        Ok(())
+    }
+
+    /// The process's setup failed: streams waiting for its terminal give up.
+    pub fn abandon(&self) {
+        self.settled.send_replace(true);
+    }
+
+    /// Claims a stream like [`Self::take`], first waiting for a terminal's
+    /// master to arrive.
+    pub async fn claim(&self, kind: StreamKind) -> Option<OwnedFd> {
+        let mut rx = self.settled.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+        self.take(kind)
+    }
+
     /// Claims the agent's end of a stream; only the first claim gets it.
     pub fn take(&self, kind: StreamKind) -> Option<OwnedFd> {
         let slot = match kind {
@@ -208,7 +244,10 @@ impl ProcessIo {
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), StdioError> {
-        let master = self.master.as_ref().ok_or(StdioError::NoTerminal)?;
+        if !self.terminal {
+            return Err(StdioError::NoTerminal);
+        }
+        let master = self.master.get().ok_or(StdioError::TerminalPending)?;
         let ws = libc::winsize {
             ws_row: rows,
             ws_col: cols,
@@ -222,9 +261,11 @@ impl ProcessIo {
     }
 
     /// Closes the process's stdin: now if no stream carries it, else once
-    /// the stream's copy notices.
+    /// the stream's copy notices. A terminal not attached yet gets VEOF
+    /// when it is.
     pub fn close_stdin(&self) {
-        if let Some(fd) = self.take(StreamKind::Stdin) {
+        let mut slot = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = slot.take() {
             if self.terminal {
                 send_veof(&fd);
             }
@@ -381,7 +422,7 @@ where
         tracing::debug!(container = %header.container_id, exec = %header.exec_id, "stream for an unknown process");
         return;
     };
-    let Some(fd) = io.take(header.kind) else {
+    let Some(fd) = io.claim(header.kind).await else {
         tracing::debug!(container = %header.container_id, exec = %header.exec_id, kind = ?header.kind, "stream not requested or already connected");
         return;
     };
@@ -466,6 +507,67 @@ mod tests {
             assert!(rest.is_empty());
             t.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn terminal_streams_wait_for_the_master_from_the_container() {
+        let mut req = streams(true, true, false);
+        req.terminal = true;
+        let (io, _child) = ProcessIo::new(&req).unwrap();
+        let lookup = Arc::new(One(io.clone()));
+        // The host connects before the container sent its pty master.
+        let (mut host, agent) = tokio::net::UnixStream::pair().unwrap();
+        let task = tokio::spawn(serve_connection(agent, lookup));
+        host.write_all(b"stdout c\n").await.unwrap();
+        // Let the connection get as far as waiting for the master.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(io.resize(1, 1), Err(StdioError::TerminalPending)));
+        // A CloseStdin before the master arrives is not lost: VEOF follows.
+        io.close_stdin();
+
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let mut tio = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+        nix::sys::termios::cfmakeraw(&mut tio);
+        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &tio).unwrap();
+        io.attach_terminal(pty.master).unwrap();
+        io.resize(12, 34).unwrap();
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes one winsize struct to a valid pointer.
+        let rc = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!((rc, ws.ws_row, ws.ws_col), (0, 12, 34));
+        let mut veof = [0u8; 1];
+        assert_eq!(nix::unistd::read(&pty.slave, &mut veof).unwrap(), 1);
+        assert_eq!(veof[0], 4);
+
+        nix::unistd::write(&pty.slave, b"hi").unwrap();
+        let mut got = [0u8; 2];
+        host.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hi");
+        drop(pty.slave);
+        task.await.unwrap();
+        // Stdin was closed, so nobody may claim it any more.
+        assert!(io.take(StreamKind::Stdin).is_none());
+    }
+
+    #[tokio::test]
+    async fn terminal_streams_give_up_when_the_setup_fails() {
+        let mut req = streams(false, true, false);
+        req.terminal = true;
+        let (io, _child) = ProcessIo::new(&req).unwrap();
+        let lookup = Arc::new(One(io.clone()));
+        let (mut host, agent) = tokio::net::UnixStream::pair().unwrap();
+        let task = tokio::spawn(serve_connection(agent, lookup));
+        host.write_all(b"stdout c\n").await.unwrap();
+        io.abandon();
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        task.await.unwrap();
     }
 
     #[tokio::test]

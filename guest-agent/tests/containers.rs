@@ -384,11 +384,8 @@ async fn terminal_resize_reaches_the_process() {
     read_until(&mut out, &mut got, "/dev/").await;
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("go\r\n33 101\r\n"), "{text:?}");
-    // The terminal is the controlling tty and /dev/console.
-    assert!(
-        text.contains("/dev/pts/") || text.contains("/dev/console"),
-        "{text:?}"
-    );
+    // The terminal is the controlling tty, from the container's devpts.
+    assert!(text.contains("/dev/pts/0"), "{text:?}");
     assert_eq!(agent.wait("tty", "").await.unwrap().status, 0);
     agent.remove("tty").await.unwrap();
 }
@@ -425,6 +422,54 @@ async fn exec_with_a_terminal() {
     assert!(text.contains("got-abc\r\n12 34\r\n"), "{text:?}");
     assert_eq!(agent.wait("et", "sh").await.unwrap().status, 0);
     agent.remove("et").await.unwrap();
+}
+
+#[tokio::test]
+async fn terminal_comes_from_the_containers_own_devpts() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let mut stdio = streams(true, true, false);
+    stdio.terminal = true;
+    // As with runc: the init's terminal is /dev/pts/0 of the container's own
+    // devpts instance (the only pty in it), bound over /dev/console, and
+    // owned by the process's user.
+    let mut s = spec(
+        &rootfs,
+        &sh("tty; echo pts: /dev/pts/*; \
+             stat -c 'owner %u dev %t:%T' $(tty) /dev/console; echo ready; read x"),
+    );
+    s["process"]["terminal"] = json!(true);
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    agent.create("pts", &s, stdio).await.unwrap();
+    let mut input = agent.stream("stdin", "pts", "").await;
+    let mut out = agent.stream("stdout", "pts", "").await;
+    agent.start_container("pts").await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut out, &mut got, "ready").await;
+    let text = String::from_utf8_lossy(&got).replace('\r', "");
+    assert_eq!(
+        text,
+        "/dev/pts/0\npts: /dev/pts/0 /dev/pts/ptmx\n\
+         owner 1000 dev 88:0\nowner 1000 dev 88:0\nready\n"
+    );
+
+    // An exec with a terminal gets the next pty of the same instance.
+    let mut stdio = streams(false, true, false);
+    stdio.terminal = true;
+    let mut p = process(&["tty"]);
+    p["terminal"] = json!(true);
+    agent.exec("pts", "t", &p, stdio).await.unwrap();
+    let mut exec_out = agent.stream("stdout", "pts", "t").await;
+    assert_eq!(
+        String::from_utf8(read_all(&mut exec_out).await).unwrap(),
+        "/dev/pts/1\r\n"
+    );
+    assert_eq!(agent.wait("pts", "t").await.unwrap().status, 0);
+
+    input.write_all(b"\n").await.unwrap();
+    assert_eq!(agent.wait("pts", "").await.unwrap().status, 0);
+    agent.remove("pts").await.unwrap();
 }
 
 #[tokio::test]

@@ -359,42 +359,35 @@ impl Containers {
             let (pid, mut sync) =
                 spawn::spawn(&req, child_stdio, cgroup.as_ref(), &self.reaper).await?;
             container.init.set_pid(pid, &self.reaper);
+            if req.terminal {
+                // Sized to the spec's consoleSize by the runtime already.
+                let master = sync.expect_console().await?;
+                container.init.io.attach_terminal(master)?;
+            }
             match sync.recv().await? {
                 Some(HelperMessage::Ready) => Ok((pid, sync)),
-                Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e)),
-                Some(other) => Err(SpawnError::Unexpected(other)),
-                None => Err(SpawnError::Ended),
+                Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e).into()),
+                Some(other) => Err(SpawnError::Unexpected(other).into()),
+                None => Err(SpawnError::Ended.into()),
             }
         }
         .await;
         match result {
             Ok((pid, sync)) => {
-                if let Some(size) = container
-                    .spec
-                    .process()
-                    .as_ref()
-                    .and_then(|p| p.console_size())
-                {
-                    // Initial terminal size; the host resizes it later.
-                    let clamp = |v: u64| v.min(u16::MAX.into()) as u16;
-                    let _ = container
-                        .init
-                        .io
-                        .resize(clamp(size.height()), clamp(size.width()));
-                }
                 *container.sync.lock().await = Some(sync);
                 container.set_status(Status::Created);
                 tracing::info!(container = id, pid, "container created");
                 Ok(pid)
             }
             Err(e) => {
+                container.init.io.abandon();
                 self.map
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(id);
                 self.undo_create(Some(&container), cgroup.as_ref(), &mounted)
                     .await;
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -485,8 +478,11 @@ impl Containers {
             let (pid, mut sync) =
                 spawn::spawn(&req, child_stdio, c.cgroup.as_ref(), &self.reaper).await?;
             p.set_pid(pid, &self.reaper);
+            if req.terminal {
+                p.io.attach_terminal(sync.expect_console().await?)?;
+            }
             sync.expect_exec().await?;
-            Ok::<_, SpawnError>(pid)
+            Ok::<_, ContainerError>(pid)
         }
         .await;
         match result {
@@ -495,11 +491,12 @@ impl Containers {
                 Ok(pid)
             }
             Err(e) => {
+                p.io.abandon();
                 c.execs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(exec_id);
-                Err(e.into())
+                Err(e)
             }
         }
     }

@@ -1,13 +1,14 @@
 //! Agent side of the runtime helper: starts `cocoon-agent __cocoon-runtime`
 //! with the process's stdio and a sync socket, and talks to it.
 
-use std::os::fd::AsRawFd;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::cgroup::{Cgroup, CgroupError};
@@ -33,21 +34,39 @@ pub enum SpawnError {
     Runtime(String),
     #[error("the runtime helper ended without a reply")]
     Ended,
+    #[error("the runtime helper sent no pty master with its console message")]
+    NoConsoleFd,
     #[error("the runtime helper sent an unexpected message {0:?}")]
     Unexpected(HelperMessage),
     #[error("the runtime helper did not answer within {0:?}")]
     Timeout(Duration),
 }
 
-/// The agent's end of a sync socket.
+/// The agent's end of a sync socket. Read with recvmsg, not a buffered
+/// reader: a `Console` line carries the pty master (SCM_RIGHTS), and a plain
+/// read would close a descriptor that arrives with the bytes it takes.
 #[derive(Debug)]
 pub struct SyncChannel {
-    stream: BufReader<UnixStream>,
+    stream: UnixStream,
+    /// Bytes received and not yet returned as lines.
+    buf: Vec<u8>,
+    /// Descriptors received, in order, not yet claimed.
+    fds: VecDeque<OwnedFd>,
+    eof: bool,
 }
 
 impl SyncChannel {
+    fn new(stream: UnixStream) -> Self {
+        SyncChannel {
+            stream,
+            buf: Vec::new(),
+            fds: VecDeque::new(),
+            eof: false,
+        }
+    }
+
     pub async fn send_line(&mut self, line: &str) -> Result<(), SpawnError> {
-        let s = self.stream.get_mut();
+        let s = &mut self.stream;
         s.write_all(line.as_bytes())
             .await
             .map_err(SpawnError::Sync)?;
@@ -56,13 +75,13 @@ impl SyncChannel {
 
     /// The next message, or `None` at EOF (the process exec'd or died).
     pub async fn recv(&mut self) -> Result<Option<HelperMessage>, SpawnError> {
-        let mut line = String::new();
-        let read = self.stream.read_line(&mut line);
-        match tokio::time::timeout(STEP_TIMEOUT, read).await {
-            Err(_) => Err(SpawnError::Timeout(STEP_TIMEOUT)),
-            Ok(Err(e)) => Err(SpawnError::Sync(e)),
-            Ok(Ok(0)) => Ok(None),
-            Ok(Ok(_)) => serde_json::from_str(line.trim_end())
+        let line = match tokio::time::timeout(STEP_TIMEOUT, self.read_line()).await {
+            Err(_) => return Err(SpawnError::Timeout(STEP_TIMEOUT)),
+            Ok(r) => r.map_err(SpawnError::Sync)?,
+        };
+        match line {
+            None => Ok(None),
+            Some(l) => serde_json::from_str(l.trim_end())
                 .map(Some)
                 .map_err(|e| SpawnError::Sync(e.into())),
         }
@@ -76,6 +95,62 @@ impl SyncChannel {
             Some(other) => Err(SpawnError::Unexpected(other)),
         }
     }
+
+    /// Waits for the process's pty master (a terminal process sends it
+    /// once it opened the pty in the container).
+    pub async fn expect_console(&mut self) -> Result<OwnedFd, SpawnError> {
+        match self.recv().await? {
+            Some(HelperMessage::Console) => self.fds.pop_front().ok_or(SpawnError::NoConsoleFd),
+            Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e)),
+            Some(other) => Err(SpawnError::Unexpected(other)),
+            None => Err(SpawnError::Ended),
+        }
+    }
+
+    /// One line without its newline; a partial last line counts at EOF.
+    async fn read_line(&mut self) -> std::io::Result<Option<String>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).take(i).collect();
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            if self.eof {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let rest = std::mem::take(&mut self.buf);
+                return Ok(Some(String::from_utf8_lossy(&rest).into_owned()));
+            }
+            let mut chunk = [0u8; 4096];
+            let fd = self.stream.as_raw_fd();
+            let (n, fds) = self
+                .stream
+                .async_io(Interest::READABLE, || recv_with_fds(fd, &mut chunk))
+                .await?;
+            self.fds.extend(fds);
+            self.buf.extend_from_slice(&chunk[..n]);
+            self.eof = n == 0;
+        }
+    }
+}
+
+/// One recvmsg: the bytes read and any descriptors that came with them
+/// (close-on-exec, so no other child inherits a pty master).
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    // ENOBUFS when the control data was truncated: a descriptor was lost.
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: SCM_RIGHTS just installed these descriptors in this
+            // process; nothing else knows or owns them.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 /// Starts the helper; returns the pid of the process it forked (the
@@ -117,9 +192,7 @@ pub async fn spawn(
     drop(theirs);
     ours.set_nonblocking(true).map_err(SpawnError::Socket)?;
     let stream = UnixStream::from_std(ours).map_err(SpawnError::Socket)?;
-    let mut sync = SyncChannel {
-        stream: BufReader::new(stream),
-    };
+    let mut sync = SyncChannel::new(stream);
     if let Some(cg) = cgroup {
         // Before the helper forks or unshares the cgroup namespace.
         if let Err(e) = cg.add_pid(helper_pid) {
@@ -137,5 +210,48 @@ pub async fn spawn(
         Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e)),
         Some(other) => Err(SpawnError::Unexpected(other)),
         None => Err(SpawnError::Ended),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+    use crate::runtime::{send, send_with_fd};
+
+    #[tokio::test]
+    async fn the_console_line_brings_its_descriptor() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut sync = SyncChannel::new(UnixStream::from_std(ours).unwrap());
+        let (r, w) = nix::unistd::pipe().unwrap();
+        // All sent before the first read, so one recvmsg may take the plain
+        // line and the one with the descriptor together.
+        send(&theirs, &HelperMessage::Pid(7));
+        send_with_fd(&theirs, &HelperMessage::Console, w.as_fd()).unwrap();
+        drop(w);
+        send(&theirs, &HelperMessage::Console);
+        drop(theirs);
+
+        assert_eq!(sync.recv().await.unwrap(), Some(HelperMessage::Pid(7)));
+        let fd = sync.expect_console().await.unwrap();
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "received without close-on-exec"
+        );
+        nix::unistd::write(&fd, b"x").unwrap();
+        drop(fd);
+        let mut b = [0u8; 2];
+        assert_eq!(nix::unistd::read(&r, &mut b).unwrap(), 1);
+        assert_eq!(b[0], b'x');
+        // A console line without a descriptor is an error, not a hang.
+        assert!(matches!(
+            sync.expect_console().await,
+            Err(SpawnError::NoConsoleFd)
+        ));
+        assert_eq!(sync.recv().await.unwrap(), None);
     }
 }

@@ -5,11 +5,13 @@
 //!
 //! Protocol on the sync socket (fd 3, one JSON value per line): the agent
 //! sends a [`HelperRequest`]; the helper answers [`HelperMessage::Pid`] once
-//! the process exists. A container init then answers `Ready` (or `Error`) and
-//! waits for the line `start`; an exec starts at once. Either way the process
-//! reports `Error` if anything fails up to execve, and the socket (close-on-
-//! exec) reaches EOF when execve succeeded.
+//! the process exists. A process with a terminal then sends `Console` with
+//! the pty master attached. A container init then answers `Ready` (or
+//! `Error`) and waits for the line `start`; an exec starts at once. Either
+//! way the process reports `Error` if anything fails up to execve, and the
+//! socket (close-on-exec) reaches EOF when execve succeeded.
 
+mod console;
 mod creds;
 mod mounts;
 pub mod seccomp;
@@ -20,7 +22,7 @@ pub use mounts::parse_options as mount_options;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -44,7 +46,8 @@ pub struct HelperRequest {
     pub spec: Spec,
     /// Present for ExecProcess: join the init's namespaces, run `process`.
     pub exec: Option<ExecTarget>,
-    /// stdio 0-2 are a pty slave to make the controlling terminal.
+    /// The process gets a terminal: a pty from the container's devpts, its
+    /// master sent back as `Console` (stdio 0-2 are /dev/null until then).
     pub terminal: bool,
     /// The hierarchy at /sys/fs/cgroup is v2 (else cgroup mounts are skipped).
     pub cgroup_v2: bool,
@@ -63,6 +66,8 @@ pub struct ExecTarget {
 #[serde(rename_all = "snake_case")]
 pub enum HelperMessage {
     Pid(i32),
+    /// The pty master comes with this line (SCM_RIGHTS).
+    Console,
     Ready,
     Error(String),
 }
@@ -115,6 +120,41 @@ pub fn send(sock: &UnixStream, msg: &HelperMessage) {
         line.push('\n');
         let _ = (&*sock).write_all(line.as_bytes());
     }
+}
+
+/// Sends one message line with `fd` attached (SCM_RIGHTS). The agent reads
+/// the sync socket with recvmsg, so the descriptor arrives with the line.
+pub fn send_with_fd(
+    sock: &UnixStream,
+    msg: &HelperMessage,
+    fd: BorrowedFd<'_>,
+) -> Result<(), RuntimeError> {
+    let mut line = serde_json::to_string(msg)
+        .map_err(|e| RuntimeError::Invalid(format!("cannot encode {msg:?}: {e}")))?;
+    line.push('\n');
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let iov = [std::io::IoSlice::new(line.as_bytes())];
+    let sent = loop {
+        match nix::sys::socket::sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            r => break r.ctx(|| format!("cannot send {msg:?} with a descriptor"))?,
+        }
+    };
+    // The descriptor went with the first byte; the rest is plain data.
+    if sent < line.len() {
+        use std::io::Write;
+        (&*sock)
+            .write_all(&line.as_bytes()[sent..])
+            .ctx(|| format!("cannot send {msg:?} with a descriptor"))?;
+    }
+    Ok(())
 }
 
 /// Reads one line (unbuffered, so nothing after it is consumed).
@@ -303,10 +343,13 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
         .as_ref()
         .ok_or_else(|| RuntimeError::Invalid("the spec has no process".into()))?;
     nix::unistd::setsid().ctx(|| "setsid".into())?;
+    // runc's order: mounts and pivot_root, then the console (it needs the
+    // container's devpts), then the read-only and masked paths.
+    mounts::prepare_rootfs(spec, req.cgroup_v2, req.no_pivot)?;
     if req.terminal {
-        set_controlling_terminal()?;
+        console::setup(sock, process, true)?;
     }
-    mounts::setup_rootfs(spec, req.terminal, req.cgroup_v2, req.no_pivot)?;
+    mounts::finalize_rootfs(spec)?;
     let linux = spec.linux().clone().unwrap_or_default();
     let has_uts = linux
         .namespaces()
@@ -341,14 +384,6 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
         _ => std::process::exit(1),
     }
     creds::finalize_and_exec(process, linux.seccomp().as_ref()).map(|never| match never {})
-}
-
-fn set_controlling_terminal() -> Result<(), RuntimeError> {
-    // SAFETY: TIOCSCTTY on fd 0 (the pty slave the agent gave us); the
-    // argument is an integer, not a pointer.
-    let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
-    nix::errno::Errno::result(rc).ctx(|| "cannot make the pty the controlling terminal".into())?;
-    Ok(())
 }
 
 fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(), RuntimeError> {
@@ -388,8 +423,10 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
     fork_and_report(sock, "exec process")?;
     in_child(sock, || {
         if req.terminal {
+            // From the container's devpts (setns put us in its mount
+            // namespace), as runc does: the process sees /dev/pts/N.
             nix::unistd::setsid().ctx(|| "setsid".into())?;
-            set_controlling_terminal()?;
+            console::setup(sock, &target.process, false)?;
         }
         creds::set_rlimits(&target.process)?;
         creds::set_oom_score_adj(&target.process)?;

@@ -154,7 +154,7 @@ fn components(p: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
-fn do_mount(
+pub(super) fn do_mount(
     source: Option<&Path>,
     target: &Path,
     fstype: Option<&str>,
@@ -171,7 +171,7 @@ fn do_mount(
 }
 
 /// Creates the mount point: a directory, or an empty file when binding a file.
-fn make_mount_point(dest: &Path, is_file: bool) -> Result<(), RuntimeError> {
+pub(super) fn make_mount_point(dest: &Path, is_file: bool) -> Result<(), RuntimeError> {
     if is_file {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).ctx(|| format!("cannot create {parent:?}"))?;
@@ -392,16 +392,11 @@ fn move_root(rootfs: &Path) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Everything from the mount namespace's propagation to a read-only root.
+/// Everything from the mount namespace's propagation to the root switch.
 /// Runs in the container init, before it reports ready. `no_pivot` moves
 /// the rootfs over `/` instead of pivot_root (also the fallback when
 /// pivot_root is refused, as from an initramfs).
-pub fn setup_rootfs(
-    spec: &Spec,
-    terminal: bool,
-    cgroup_v2: bool,
-    no_pivot: bool,
-) -> Result<(), RuntimeError> {
+pub fn prepare_rootfs(spec: &Spec, cgroup_v2: bool, no_pivot: bool) -> Result<(), RuntimeError> {
     let root = spec
         .root()
         .as_ref()
@@ -434,13 +429,6 @@ pub fn setup_rootfs(
         linux.devices().as_deref().unwrap_or_default(),
         dev_mounted,
     )?;
-    if terminal {
-        // The pty slave doubles as /dev/console, as with runc.
-        let console = rootfs.join("dev/console");
-        let slave = fs::read_link("/proc/self/fd/0").ctx(|| "cannot resolve the pty".into())?;
-        make_mount_point(&console, true)?;
-        do_mount(Some(&slave), &console, None, MsFlags::MS_BIND, None)?;
-    }
 
     nix::unistd::chdir(&rootfs).ctx(|| format!("cannot enter {rootfs:?}"))?;
     match no_pivot {
@@ -459,7 +447,12 @@ pub fn setup_rootfs(
             .ok_or_else(|| RuntimeError::Invalid(format!("bad rootfsPropagation {p:?}")))?;
         do_mount(None, Path::new("/"), None, flags, None)?;
     }
+    Ok(())
+}
 
+/// Read-only and masked paths and a read-only root, inside the new root.
+pub fn finalize_rootfs(spec: &Spec) -> Result<(), RuntimeError> {
+    let linux = spec.linux().clone().unwrap_or_default();
     for p in linux.readonly_paths().iter().flatten() {
         let p = Path::new(p);
         if !lexists(p) {
@@ -494,7 +487,12 @@ pub fn setup_rootfs(
             )?,
         }
     }
-    if root.readonly().unwrap_or(false) {
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
         do_mount(
             None,
             Path::new("/"),

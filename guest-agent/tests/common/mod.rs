@@ -231,7 +231,7 @@ pub fn streams(stdin: bool, stdout: bool, stderr: bool) -> StdioStreams {
 /// Applets the tests use, as symlinks to a static busybox.
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "sleep", "id", "grep", "touch", "mkdir", "pwd", "env", "seq", "stty",
-    "head", "wc", "ls", "true", "false", "kill", "tr", "hostname", "tty",
+    "head", "wc", "ls", "true", "false", "kill", "tr", "hostname", "tty", "stat",
 ];
 
 /// A minimal rootfs: static busybox and the usual top-level directories.
