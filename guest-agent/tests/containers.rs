@@ -510,6 +510,23 @@ async fn readonly_root_and_bind_mounts() {
 }
 
 #[tokio::test]
+async fn sysctls_are_set_before_proc_sys_turns_read_only() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    // containerd's CRI sets this one for every pod; /proc/sys is among the
+    // spec's read-only paths, so runc writes sysctls before applying those.
+    let mut s = spec(
+        &rootfs,
+        &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+    );
+    s["linux"]["sysctl"] = json!({"net.ipv4.ip_unprivileged_port_start": "0"});
+    let (status, out, err) = agent.run("sysctl", &s).await;
+    assert_eq!(String::from_utf8_lossy(&err), "");
+    assert_eq!((status, String::from_utf8(out).unwrap()), (0, "0\n".into()));
+}
+
+#[tokio::test]
 async fn seccomp_profile_is_enforced() {
     require_root!();
     let agent = Agent::start().await;

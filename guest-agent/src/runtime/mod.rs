@@ -343,13 +343,13 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
         .as_ref()
         .ok_or_else(|| RuntimeError::Invalid("the spec has no process".into()))?;
     nix::unistd::setsid().ctx(|| "setsid".into())?;
-    // runc's order: mounts and pivot_root, then the console (it needs the
-    // container's devpts), then the read-only and masked paths.
+    // runc's order: mounts and pivot_root, the console (it needs the
+    // container's devpts), hostname and sysctls, then the read-only and
+    // masked paths (which include /proc/sys).
     mounts::prepare_rootfs(spec, req.cgroup_v2, req.no_pivot)?;
     if req.terminal {
         console::setup(sock, process, true)?;
     }
-    mounts::finalize_rootfs(spec)?;
     let linux = spec.linux().clone().unwrap_or_default();
     let has_uts = linux
         .namespaces()
@@ -375,6 +375,7 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         std::fs::write(&path, value).ctx(|| format!("cannot set sysctl {key}"))?;
     }
+    mounts::finalize_rootfs(spec)?;
     creds::set_rlimits(process)?;
     creds::set_oom_score_adj(process)?;
     send(sock, &HelperMessage::Ready);
