@@ -48,6 +48,9 @@ pub struct BootSample {
     pub shutdown_ms: f64,
     /// Launch to VMM exit: the whole cycle, comparable to the baseline.
     pub cycle_ms: f64,
+    /// Resident memory of the VM's host processes (VMM, backends) when the
+    /// agent first answered, in KiB; guest RAM the guest touched included.
+    pub host_rss_kib: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +112,7 @@ pub async fn boot_once(
     let call_timeout = Duration::from_millis(config.vm.call_timeout_ms);
     let agent = AgentClient::wait_ready(&mut vm, boot_timeout, call_timeout).await?;
     let ready = vm.times.started.elapsed();
+    let host_rss_kib = vm.pids().iter().map(|p| rss_kib(*p)).sum();
     let details = agent.guest_details().await?;
     let t_shutdown = Instant::now();
     agent.shutdown().await?;
@@ -132,8 +136,19 @@ pub async fn boot_once(
         unaccounted_ms: ms(ready) - ms(vmm_launch) - kernel_boot - agent_start,
         shutdown_ms: ms(shutdown),
         cycle_ms: ms(cycle),
+        host_rss_kib,
     };
     Ok((sample, details))
+}
+
+/// VmRSS of a process in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A one-file initramfs whose /init (busybox sh) powers the VM off at once.

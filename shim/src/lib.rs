@@ -9,6 +9,7 @@
 pub mod agent_client;
 pub mod bench;
 pub mod bench_run;
+pub mod bench_vmm;
 pub mod check;
 pub mod config;
 pub mod hypervisor;
