@@ -112,18 +112,32 @@ fn same(name: &str, flags: &[&str], cmd: &[&str]) -> Output {
 }
 
 /// `same` on a given containerd.
+///
+/// containerd 1.6's runc shim sometimes drops the last bytes of a container
+/// that exits at once (seen on fresh machines: runc's `echo $?` line missing
+/// while cocoon's was there). The baseline is then run again, up to twice;
+/// cocoon gets one run and must equal a runc run exactly.
 fn same_in(env: &Env, name: &str, flags: &[&str], cmd: &[&str]) -> Output {
-    let r = ctr_run(env, RUNC, &format!("{name}-runc"), flags, cmd);
     let c = ctr_run(env, COCOON, &format!("{name}-cocoon"), flags, cmd);
-    let same = r.status.code() == c.status.code() && r.stdout == c.stdout && r.stderr == c.stderr;
-    assert!(
-        same,
-        "\nrunc:   {}\ncocoon: {}\ncontainerd log:\n{}",
-        show(&r),
+    let matches = |r: &Output| {
+        r.status.code() == c.status.code() && r.stdout == c.stdout && r.stderr == c.stderr
+    };
+    let mut runs = Vec::new();
+    for attempt in 0..3 {
+        let r = ctr_run(env, RUNC, &format!("{name}-runc{attempt}"), flags, cmd);
+        let ok = matches(&r);
+        runs.push(r);
+        if ok {
+            return c;
+        }
+    }
+    let runc: Vec<String> = runs.iter().map(show).collect();
+    panic!(
+        "\nrunc (3 runs):\n{}\ncocoon: {}\ncontainerd log:\n{}",
+        runc.join("\n"),
         show(&c),
         env.containerd.log_tail()
     );
-    c
 }
 
 /// `ctr run` on cocoon-vmm, our own VMM, against runc. It needs hardware KVM, so
@@ -714,6 +728,7 @@ fn tty_and_resize() {
         });
         let _ = child.wait();
         let text = String::from_utf8_lossy(&acc).replace('\r', "");
+        eprintln!("RAW {id}: {:?}", String::from_utf8_lossy(&acc));
         text.lines()
             .filter(|l| l.contains(' ') && l.chars().all(|c| c.is_ascii_digit() || c == ' '))
             .collect::<Vec<_>>()
@@ -963,5 +978,110 @@ fn failed_create_fails_cleanly() {
     for id in ["badmount-runc", "badmount-cocoon"] {
         let _ = env.containerd.ctr(&["container", "delete", id]);
     }
+    assert_clean(&env);
+}
+
+/// Starts `ctr <args>` on a fresh pty, as a terminal user would, and hands
+/// back the child and the pty's master. `ctr run -t` and `ctr task exec -t`
+/// need a terminal on their stdin.
+fn ctr_on_a_pty(env: &Env, args: &[&str]) -> (std::process::Child, std::fs::File) {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave: std::fs::File = pty.slave.into();
+    let child = env
+        .containerd
+        .ctr_cmd(args)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    (child, pty.master.into())
+}
+
+/// runc allocates the terminal inside the container, from its own devpts:
+/// `tty` names /dev/pts/0 for the init and the next one for an exec.
+/// Cocoon's agent did it outside and printed /dev/console.
+#[test]
+fn tty_is_a_pts_like_runc() {
+    use std::io::Write;
+    let env = env();
+    let run = |runtime: &str, id: &str| -> String {
+        let (mut init, mut master) = ctr_on_a_pty(
+            &env,
+            &[
+                "run",
+                "--rm",
+                "-t",
+                "--runtime",
+                runtime,
+                IMAGE_REF,
+                id,
+                "sh",
+                "-c",
+                "tty; echo ready; read x",
+            ],
+        );
+        let mut acc = Vec::new();
+        read_until(&mut master, &mut acc, |s| s.contains("ready"));
+        let (mut exec, mut exec_master) =
+            ctr_on_a_pty(&env, &["task", "exec", "-t", "--exec-id", "tty", id, "tty"]);
+        let mut exec_acc = Vec::new();
+        read_until(&mut exec_master, &mut exec_acc, |s| {
+            s.split_once("/dev/")
+                .is_some_and(|(_, rest)| rest.contains('\n'))
+        });
+        let _ = exec.wait();
+        master.write_all(b"\n").unwrap();
+        let _ = init.wait();
+        let lines = |b: &[u8]| -> Vec<String> {
+            String::from_utf8_lossy(b)
+                .lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| l.starts_with('/'))
+                .collect()
+        };
+        format!("init {:?} exec {:?}", lines(&acc), lines(&exec_acc))
+    };
+    let r = run(RUNC, "pts-runc");
+    let c = run(COCOON, "pts-cocoon");
+    assert_eq!(r, c, "runc vs cocoon");
+    assert_eq!(c, r#"init ["/dev/pts/0"] exec ["/dev/pts/1"]"#);
+    assert_clean(&env);
+}
+
+/// A container reads its own limits: the guest is cgroup v2, so the agent
+/// gives it a cgroup namespace rooted at its group, as runc does on a v2
+/// host. runc on this cgroup v1 host cannot be compared: there the files are
+/// per-controller v1 ones (memory.limit_in_bytes, cpu.cfs_quota_us).
+/// `ctr run`'s default spec has no cgroup mount (under runc too, /sys/fs/cgroup
+/// is then an empty directory of the fresh sysfs); the one CRI and Docker
+/// put in every spec is given here.
+#[test]
+fn container_reads_its_own_cgroup_limits() {
+    let env = env();
+    let c = ctr_run(
+        &env,
+        COCOON,
+        "cglimits-cocoon",
+        &[
+            "--memory-limit",
+            "67108864",
+            "--cpus",
+            "0.5",
+            "--mount",
+            "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=nosuid:noexec:nodev:relatime:ro",
+        ],
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; cat /proc/self/cgroup",
+        ],
+    );
+    assert_eq!(
+        (c.status.code(), String::from_utf8_lossy(&c.stdout).as_ref()),
+        (Some(0), "67108864\n50000 100000\n0::/\n"),
+        "{}",
+        show(&c)
+    );
     assert_clean(&env);
 }
