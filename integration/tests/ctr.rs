@@ -728,7 +728,6 @@ fn tty_and_resize() {
         });
         let _ = child.wait();
         let text = String::from_utf8_lossy(&acc).replace('\r', "");
-        eprintln!("RAW {id}: {:?}", String::from_utf8_lossy(&acc));
         text.lines()
             .filter(|l| l.contains(' ') && l.chars().all(|c| c.is_ascii_digit() || c == ' '))
             .collect::<Vec<_>>()
