@@ -624,6 +624,29 @@ async fn no_pivot_root_switch_as_from_an_initramfs() {
         String::from_utf8(out).unwrap(),
         "bin dev etc proc root sys tmp\n0\nroot-ro\n"
     );
+
+    // An exec's terminal comes from the container's devpts here too: setns
+    // into the mount namespace lands on the rootfs moved over /.
+    agent
+        .create(
+            "npx",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("npx").await.unwrap();
+    let mut stdio = streams(false, true, false);
+    stdio.terminal = true;
+    let mut p = process(&["sh", "-c", "tty; echo $(ls /)"]);
+    p["terminal"] = json!(true);
+    agent.exec("npx", "t", &p, stdio).await.unwrap();
+    let mut out = agent.stream("stdout", "npx", "t").await;
+    assert_eq!(
+        String::from_utf8(read_all(&mut out).await).unwrap(),
+        "/dev/pts/0\r\nbin dev etc proc root sys tmp\r\n"
+    );
+    agent.remove("npx").await.unwrap();
 }
 
 /// Removes a test's cgroup tree (leaves first), even after a failed assert.
