@@ -28,6 +28,43 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Skips the test (returns) without root, which namespaces and mounts need,
+/// or without Debian's busybox-static for the rootfs.
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        if !std::path::Path::new("/bin/busybox").exists() {
+            eprintln!("skipped: needs a static /bin/busybox (apt-get install busybox-static)");
+            return;
+        }
+    };
+}
+pub(crate) use require_root;
+
+pub fn sh(script: &str) -> Vec<&str> {
+    vec!["sh", "-c", script]
+}
+
+/// Reads from `out` into `got` until `got` contains `pat` (10 s deadline).
+pub async fn read_until(out: &mut UnixStream, got: &mut Vec<u8>, pat: &str) {
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(got).contains(pat) {
+        let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+            .await
+            .expect("terminal output")
+            .unwrap();
+        assert!(
+            n > 0,
+            "EOF before {pat:?}: {:?}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub async fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let until = Instant::now() + deadline;
