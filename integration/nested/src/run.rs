@@ -23,6 +23,8 @@ const TAIL_LINES: usize = 40;
 #[derive(Debug, Clone)]
 pub struct L1 {
     pub image: L1Image,
+    /// QEMU's `-cpu`: a model with SVM and nested paging, or L1 has no KVM.
+    pub cpu: String,
     pub cpus: u32,
     pub mem_mib: u32,
     /// From QEMU's start to L1's power-off; QEMU is killed after it.
@@ -63,6 +65,7 @@ impl L1 {
     pub fn new(image: L1Image) -> L1 {
         L1 {
             image,
+            cpu: "EPYC,+svm,+npt".into(),
             cpus: 2,
             mem_mib: 3072,
             timeout: Duration::from_secs(300),
@@ -125,8 +128,7 @@ impl L1 {
         let mut vm = Reaped(
             Command::new(qemu)
                 .args(["-M", "q35", "-accel", "tcg"])
-                // EPYC, so L1's kvm_amd finds SVM with nested paging.
-                .args(["-cpu", "EPYC,+svm,+npt"])
+                .args(["-cpu", &self.cpu])
                 .args(["-smp", &self.cpus.to_string()])
                 .args(["-m", &format!("{}M", self.mem_mib)])
                 .args(["-nodefaults", "-no-user-config", "-display", "none"])

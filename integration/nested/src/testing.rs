@@ -54,7 +54,7 @@ pub enum Place {
 }
 
 /// The guest image the tests use (`make image`), for finding the kernel package.
-fn guest_image_dir() -> std::path::PathBuf {
+pub fn guest_image_dir() -> std::path::PathBuf {
     std::env::var_os("COCOON_TEST_IMAGE_DIR")
         .map(Into::into)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/image"))
