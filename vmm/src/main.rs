@@ -117,6 +117,10 @@ struct RunArgs {
     /// Print the wall-clock time of the guest's first exit to stderr (benchmarks).
     #[arg(long, hide = true)]
     print_first_exit: bool,
+    /// At exit, print the VM exits by kind (port, MMIO address, halt, ...) with the time
+    /// spent handling each, as a table and as one `cocoon-vmm: exit-stats {json}` line.
+    #[arg(long)]
+    stats: bool,
 }
 
 fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
@@ -205,6 +209,7 @@ fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
         api_sock: a.api_sock,
         boot_now,
         print_first_exit: a.print_first_exit,
+        print_stats: a.stats,
     })
     .map_err(|e| anyhow::anyhow!("{e}: {}", error_chain(&e)))?;
     let reason = vmm

@@ -5,8 +5,9 @@
 //! The API is newline-delimited JSON on a Unix socket. Requests:
 //! `{"action":"configure","config":{...VmConfig...}}`, `{"action":"boot"}`,
 //! `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"shutdown"}`,
-//! `{"action":"state"}`. Each gets one line back: `{"ok":true,"state":"running"}` or
-//! `{"ok":false,"state":...,"error":"..."}`.
+//! `{"action":"state"}`, `{"action":"stats"}`. Each gets one line back:
+//! `{"ok":true,"state":"running"}` or `{"ok":false,"state":...,"error":"..."}`; `stats`
+//! adds `"stats":{...}`, the VM exits by kind (`vstate::exit_stats`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -24,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
+use crate::vstate::exit_stats::ExitStats;
 use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuControl, VcpuError, VcpuRunner, Vcpus};
 
 /// Errors that end the VMM (as opposed to the guest).
@@ -63,6 +65,7 @@ pub enum ApiRequest {
     Resume,
     Shutdown,
     State,
+    Stats,
 }
 
 /// One API response.
@@ -72,6 +75,8 @@ pub struct ApiResponse {
     pub state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
 }
 
 /// How the VMM starts.
@@ -83,6 +88,8 @@ pub struct VmmOptions {
     pub boot_now: bool,
     /// Print the wall-clock time of the guest's first exit to stderr (for benchmarks).
     pub print_first_exit: bool,
+    /// Print the VM exits by kind to stderr when the VM ends.
+    pub print_stats: bool,
 }
 
 const TOKEN_EXIT: u64 = 0;
@@ -115,6 +122,7 @@ pub struct Vmm {
     api: Option<ApiSocket>,
     clients: HashMap<RawFd, BufReader<UnixStream>>,
     signals: SignalFd,
+    stats: Arc<ExitStats>,
 }
 
 /// SIGTERM and SIGINT end the VM like a `shutdown` request, so sockets get cleaned up.
@@ -201,6 +209,7 @@ impl Vmm {
             api,
             clients: HashMap::new(),
             signals,
+            stats: Arc::default(),
         })
     }
 
@@ -280,6 +289,7 @@ impl Vmm {
                 control: control.clone(),
                 exit: self.exit.clone(),
                 on_first_exit,
+                stats: self.stats.clone(),
             };
             handles.push(runner.spawn()?);
         }
@@ -331,6 +341,14 @@ impl Vmm {
         log::info!("VM ended: {reason:?}");
         if let Some(r) = self.running.take() {
             r.vcpus.stop();
+        }
+        if self.opts.print_stats {
+            let report = self.stats.report();
+            eprint!("{}", report.table());
+            eprintln!(
+                "cocoon-vmm: exit-stats {}",
+                serde_json::to_string(&report).unwrap_or_default()
+            );
         }
         if let Some(api) = &self.api {
             let _ = nix::unistd::unlinkat(
@@ -391,6 +409,7 @@ impl Vmm {
             ok: r.is_ok(),
             state: self.state(),
             error: r.err(),
+            stats: None,
         }
     }
 
@@ -398,6 +417,11 @@ impl Vmm {
     pub fn handle(&mut self, req: ApiRequest) -> ApiResponse {
         let r = match (req, self.state()) {
             (ApiRequest::State, _) => Ok(()),
+            (ApiRequest::Stats, _) => {
+                let mut resp = self.respond(Ok(()));
+                resp.stats = serde_json::to_value(self.stats.report()).ok();
+                return resp;
+            }
             (ApiRequest::Configure { config }, VmState::NotConfigured | VmState::Configured) => {
                 match config.validate() {
                     Ok(()) => {

@@ -31,6 +31,44 @@ fn serial_output_and_i8042_reset_end_the_vm_cleanly() {
         .contains("seccomp filter and no_new_privs in place"));
 }
 
+/// `--stats` counts every exit by kind: one port write per serial byte, the i8042 reset,
+/// and time inside KVM_RUN.
+#[test]
+fn stats_count_exits_by_kind() {
+    if !can_run("stats_count_exits_by_kind") {
+        return;
+    }
+    let g = assemble(
+        r#"
+    PRINT "0123456789"
+    jmp reset
+"#,
+    );
+    let out = g.run(&["--stats"]);
+    assert!(out.status.success(), "{:?} {}", out.status, out.stderr);
+    let json = out
+        .stderr
+        .lines()
+        .find_map(|l| l.split_once("cocoon-vmm: exit-stats ").map(|(_, j)| j))
+        .unwrap_or_else(|| panic!("no exit-stats line in:\n{}", out.stderr));
+    let stats: serde_json::Value = serde_json::from_str(json).unwrap();
+    let count = |kind: &str| {
+        stats["by_kind"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kind"] == kind)
+            .map(|k| k["count"].as_u64().unwrap())
+            .unwrap_or(0)
+    };
+    // PRINT writes each byte to the UART's data port; `reset` writes the i8042.
+    assert_eq!(count("io_out 0x3f8"), 10, "{stats}");
+    assert_eq!(count("io_out 0x64"), 1, "{stats}");
+    assert!(stats["exits"].as_u64().unwrap() >= 11, "{stats}");
+    assert!(stats["in_kvm_run_ns"].as_u64().unwrap() > 0, "{stats}");
+    assert!(out.stderr.contains("VM exits:"), "{}", out.stderr);
+}
+
 /// The guest finds the RSDP where the PVH start info says (and where Linux scans), then
 /// powers off the hardware-reduced ACPI way: `SLP_EN | SLP_TYP=5` to the FADT's sleep
 /// control port. That ends the VM with status 0; with `--no-acpi` the port is unknown.
@@ -500,6 +538,17 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
     let r = api_call(&api, r#"{"action":"resume"}"#).unwrap();
     assert!(r.ok && r.state == VmState::Running);
     wait_for("output after resume", || len() > paused_at + 2);
+    // Exit accounting over the API, under seccomp: the guest's serial writes.
+    let r = api_call(&api, r#"{"action":"stats"}"#).unwrap();
+    let stats = r.stats.expect("stats in the response");
+    let serial_writes = stats["by_kind"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "io_out 0x3f8")
+        .map(|k| k["count"].as_u64().unwrap())
+        .unwrap_or(0);
+    assert!(serial_writes as usize >= paused_at, "{stats}");
     let r = api_call(&api, r#"{"action":"shutdown"}"#).unwrap();
     assert!(r.ok);
     let out = g.finish(child, Duration::from_secs(10));

@@ -5,13 +5,14 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::exit_stats::{ExitKind, ExitStats};
 use crate::arch::{cpuid, regs};
 use crate::devices::bus::Bus;
 use crate::logging::LogLimiter;
@@ -257,6 +258,21 @@ pub struct VcpuRunner {
     pub exit: Arc<ExitSink>,
     /// Called once, on the first exit of vCPU 0: the guest has run.
     pub on_first_exit: Option<Box<dyn FnOnce() + Send>>,
+    /// Shared by all vCPUs of the VM.
+    pub stats: Arc<ExitStats>,
+}
+
+/// Records one exit's handling time when dropped.
+struct Tally<'a> {
+    stats: &'a ExitStats,
+    kind: ExitKind,
+    since: Instant,
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        self.stats.record(self.kind, self.since.elapsed());
+    }
 }
 
 impl VcpuRunner {
@@ -273,10 +289,32 @@ impl VcpuRunner {
         // Stop as soon as the VM has ended (e.g. this vCPU just wrote the i8042 reset),
         // without waiting for a kick.
         while self.control.park() && self.exit.reason().is_none() {
+            let entered = Instant::now();
             let exit = self.fd.run();
+            let returned = Instant::now();
+            self.stats.add_run_time(returned - entered);
             if let Some(f) = self.on_first_exit.take() {
                 f();
             }
+            let kind = match &exit {
+                Ok(VcpuExit::IoIn(port, _)) => ExitKind::IoIn(*port),
+                Ok(VcpuExit::IoOut(port, _)) => ExitKind::IoOut(*port),
+                Ok(VcpuExit::MmioRead(addr, _)) => ExitKind::MmioRead(*addr),
+                Ok(VcpuExit::MmioWrite(addr, _)) => ExitKind::MmioWrite(*addr),
+                Ok(VcpuExit::Hlt) => ExitKind::Hlt,
+                Ok(VcpuExit::Shutdown) => ExitKind::Shutdown,
+                Ok(VcpuExit::SystemEvent(..)) => ExitKind::SystemEvent,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    ExitKind::Interrupted
+                }
+                _ => ExitKind::Other,
+            };
+            // Recorded when this iteration ends, however it ends (`continue` or `return`).
+            let _tally = Tally {
+                stats: &self.stats,
+                kind,
+                since: returned,
+            };
             match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
