@@ -84,10 +84,17 @@ pub fn create(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     Ok(GuestMemory { mem, memfd })
 }
 
-/// Reserves `size` plus a guard page each side as PROT_NONE, then maps the memfd over the
-/// middle. Returns the start of the usable part.
+/// Guest RAM is placed at 2 MiB-aligned host addresses, so that where the host backs it
+/// with transparent huge pages (shmem THP: `shmem_enabled` = `advise` or better) KVM can
+/// map the guest with 2 MiB pages: far fewer nested page faults and TLB misses, which
+/// under nested virtualization dominate a boot.
+const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Reserves `size` plus a 2 MiB margin each side as PROT_NONE, then maps the memfd over
+/// a 2 MiB-aligned part of the middle; what is left each side (at least one page) stays
+/// PROT_NONE as a guard. Returns the start of the usable part.
 fn map_with_guards(memfd: &File, offset: u64, size: usize) -> Result<*mut u8, MemoryError> {
-    let total = size + 2 * PAGE_SIZE;
+    let total = size + 2 * HUGE_PAGE_SIZE;
     // SAFETY: an anonymous PROT_NONE reservation at an address the kernel picks; the
     // result is checked before use.
     let base = unsafe {
@@ -103,11 +110,15 @@ fn map_with_guards(memfd: &File, offset: u64, size: usize) -> Result<*mut u8, Me
     if base == libc::MAP_FAILED {
         return Err(MemoryError::Reserve(std::io::Error::last_os_error()));
     }
-    // SAFETY: `base + PAGE_SIZE .. + size` lies inside the reservation we just made and
-    // own, so MAP_FIXED replaces only our own PROT_NONE pages.
+    // The first 2 MiB boundary at least one page into the reservation: it leaves a guard
+    // below, and since the margin is 2 MiB each side, at least 2 MiB above `size`.
+    let start = (base as usize + PAGE_SIZE).next_multiple_of(HUGE_PAGE_SIZE);
+    // SAFETY: `start .. start + size` lies inside the reservation we just made and own
+    // (start - base <= 2 MiB, and the reservation is size + 4 MiB), so MAP_FIXED replaces
+    // only our own PROT_NONE pages.
     let addr = unsafe {
         libc::mmap(
-            base.cast::<u8>().add(PAGE_SIZE).cast(),
+            start as *mut libc::c_void,
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
@@ -121,6 +132,10 @@ fn map_with_guards(memfd: &File, offset: u64, size: usize) -> Result<*mut u8, Me
         unsafe { libc::munmap(base, total) };
         return Err(MemoryError::Map(err));
     }
+    // A hint: it takes effect only where the host allows shmem THP (`cocoon check` says),
+    // and failing it changes nothing else, so its result is ignored.
+    // SAFETY: madvise on the mapping made just above, which we own.
+    let _ = unsafe { libc::madvise(addr, size, libc::MADV_HUGEPAGE) };
     Ok(addr.cast())
 }
 
@@ -147,6 +162,35 @@ mod tests {
         let gm = create(1 << 20).unwrap();
         assert!(gm.mem.write_obj(1u64, GuestAddress(1 << 20)).is_err());
         assert!(gm.mem.read_obj::<u64>(GuestAddress((1 << 20) - 4)).is_err());
+    }
+
+    /// Each region starts at a 2 MiB-aligned host address (huge pages possible) with an
+    /// inaccessible page right below and right above it (the guards).
+    #[test]
+    fn regions_are_huge_page_aligned_between_guards() {
+        let gm = create(6 << 20).unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for region in gm.mem.iter() {
+            let start = region.as_ptr() as usize;
+            let end = start + vm_memory::GuestMemoryRegion::len(region) as usize;
+            assert_eq!(start % HUGE_PAGE_SIZE, 0, "{start:#x}");
+            let prot_at = |addr: usize| {
+                maps.lines()
+                    .find_map(|l| {
+                        let (range, rest) = l.split_once(' ')?;
+                        let (a, b) = range.split_once('-')?;
+                        let (a, b) = (
+                            usize::from_str_radix(a, 16).ok()?,
+                            usize::from_str_radix(b, 16).ok()?,
+                        );
+                        (a <= addr && addr < b).then(|| rest[..4].to_owned())
+                    })
+                    .unwrap_or_else(|| "none".into())
+            };
+            assert_eq!(prot_at(start - 1), "---p", "guard below");
+            assert_eq!(prot_at(end), "---p", "guard above");
+            assert_eq!(prot_at(start), "rw-s");
+        }
     }
 
     #[test]
