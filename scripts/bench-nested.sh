@@ -2,6 +2,9 @@
 # cocoon-vmm against QEMU with KVM, inside the nested harness's L1 guest (a
 # hardware-style /dev/kvm under QEMU/TCG with emulated SVM). Ratios between
 # the two VMMs in the same L1 are meaningful; absolute times are TCG's.
+# Run twice: with shmem THP on `advise` (L1's setting, what `cocoon check`
+# recommends), then on `never` (many hosts' default), where cocoon-vmm's
+# shared guest RAM stays in 4 KiB pages.
 # Usage: bench-nested.sh RUNS OUT_JSON
 set -euo pipefail
 runs=${1:-3}
@@ -12,9 +15,15 @@ raw=$(mktemp)
 trap 'rm -f "$raw"' EXIT
 "$root/target/debug/cocoon-nested" run --image-dir "$image" -- sh -c "
     printf '[vm]\nkernel = \"$image/vmlinuz\"\ninitrd = \"$image/initramfs.cpio\"\n' > /tmp/bench.toml
-    COCOON_CONFIG=/tmp/bench.toml $root/target/debug/cocoon bench vmm --runs $runs --out /tmp/bench-vmm.json
+    T=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+    for thp in advise never; do
+        echo \$thp > \$T
+        echo \"== shmem THP: \$(cat \$T)\"
+        COCOON_CONFIG=/tmp/bench.toml $root/target/debug/cocoon bench vmm --runs $runs --out /tmp/bench-vmm-\$thp.json
+    done
     echo '== report json'
-    cat /tmp/bench-vmm.json" > "$raw"
+    printf '{\"shmem_thp_advise\":'; cat /tmp/bench-vmm-advise.json
+    printf ',\"shmem_thp_never\":'; cat /tmp/bench-vmm-never.json; echo '}'" > "$raw"
 sed '/^== report json$/,$d' "$raw" | grep -v '^report written to'
 sed '1,/^== report json$/d' "$raw" > "$out"
 echo "report written to $out"
