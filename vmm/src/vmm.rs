@@ -239,6 +239,12 @@ impl Vmm {
             config.vsock.iter_mut().map(|v| &mut v.uds_path).collect();
         let keep = crate::jail::prepare(config.jail, &mut sockets)?;
         let built = builder::build(&config, &self.exit)?;
+        for fd in &built.vcpus {
+            // Opened before the jail and seccomp, which may refuse new descriptors.
+            if let Some(s) = crate::vstate::kvm_stats::KvmStatsFd::open(fd) {
+                self.stats.add_kvm_stats(s);
+            }
+        }
         for (i, d) in built.host_devices.iter().enumerate() {
             if let Some(fd) = lock(d).host_fd() {
                 self.epoll

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::kvm_stats::KvmStatsFd;
+
 /// Distinct kinds kept apart before new ones are lumped under `other`.
 pub const MAX_KEYS: usize = 256;
 
@@ -69,12 +71,16 @@ pub struct ExitReport {
     /// Wall time the vCPUs spent inside KVM_RUN (guest code and in-kernel exits).
     pub in_kvm_run_ns: u64,
     pub by_kind: Vec<ExitRow>,
+    /// KVM's own counters summed over the vCPUs (`exits`, `irq_window_exits`,
+    /// `insn_emulation`, ...), where the kernel has them; the non-zero ones.
+    pub kvm: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
 pub struct ExitStats {
     by_kind: Mutex<BTreeMap<ExitKind, Tally>>,
     in_kvm_run_ns: AtomicU64,
+    kvm: Mutex<Vec<KvmStatsFd>>,
 }
 
 impl ExitStats {
@@ -88,6 +94,11 @@ impl ExitStats {
         let t = map.entry(key).or_default();
         t.count += 1;
         t.handling_ns += handling.as_nanos() as u64;
+    }
+
+    /// Adds a vCPU's KVM statistics to the report.
+    pub fn add_kvm_stats(&self, fd: KvmStatsFd) {
+        self.kvm.lock().unwrap_or_else(|e| e.into_inner()).push(fd);
     }
 
     pub fn add_run_time(&self, d: Duration) {
@@ -106,11 +117,19 @@ impl ExitStats {
             })
             .collect();
         by_kind.sort_by(|a, b| b.count.cmp(&a.count).then(a.kind.cmp(&b.kind)));
+        let mut kvm = BTreeMap::new();
+        for fd in self.kvm.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for (name, v) in fd.read() {
+                *kvm.entry(name).or_insert(0) += v;
+            }
+        }
+        kvm.retain(|_, v| *v > 0);
         ExitReport {
             exits: map.values().map(|t| t.count).sum(),
             handling_ns: map.values().map(|t| t.handling_ns).sum(),
             in_kvm_run_ns: self.in_kvm_run_ns.load(Ordering::Relaxed),
             by_kind,
+            kvm,
         }
     }
 }
@@ -134,6 +153,12 @@ impl ExitReport {
                 r.count,
                 r.handling_ns as f64 / 1e6
             ));
+        }
+        if !self.kvm.is_empty() {
+            s.push_str("KVM's own counters (all vCPUs, exits handled in the kernel included)\n");
+            for (name, v) in &self.kvm {
+                s.push_str(&format!("{name:<28} {v:>10}\n"));
+            }
         }
         s
     }

@@ -3,6 +3,7 @@
 //! those loops count ([`exit_stats`]).
 
 pub mod exit_stats;
+pub mod kvm_stats;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
