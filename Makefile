@@ -64,6 +64,7 @@ bench: image
 	bash scripts/bench-run.sh 10 $(CURDIR)/target/bench-run.json
 	$(CARGO) bench -p cocoon-vmm --bench boot
 	bash scripts/bench-nested.sh 3 $(CURDIR)/target/bench-vmm.json
+	bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot.json
 
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm

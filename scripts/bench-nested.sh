@@ -2,8 +2,8 @@
 # cocoon-vmm against QEMU with KVM, inside the nested harness's L1 guest (a
 # hardware-style /dev/kvm under QEMU/TCG with emulated SVM). Ratios between
 # the two VMMs in the same L1 are meaningful; absolute times are TCG's.
-# Run twice: with shmem THP on `advise` (L1's setting, what `cocoon check`
-# recommends), then on `never` (many hosts' default), where cocoon-vmm's
+# Run twice: with shmem THP on `advise` (what `cocoon check` recommends),
+# then on `never` (the kernel's default and L1's), where cocoon-vmm's
 # shared guest RAM stays in 4 KiB pages.
 # Usage: bench-nested.sh RUNS OUT_JSON
 set -euo pipefail
