@@ -9,6 +9,7 @@
 //! answer `start` with a plain address, which every containerd accepts.
 
 mod delete;
+mod guest_events;
 mod metrics;
 pub mod mounts;
 mod persist;

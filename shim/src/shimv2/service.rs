@@ -255,11 +255,33 @@ impl Service {
             .ok_or_else(|| not_found("pod VM"))
     }
 
-    /// Relays the guest's OOM kills as TaskOOM events until the VM goes away.
+    /// Relays the guest's OOM kills as TaskOOM events until the VM goes away: only
+    /// for this shim's live containers, and rate-limited (`guest_events`).
     async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
+        let mut filter = super::guest_events::OomFilter::default();
+        let mut dropped = 0u64;
         loop {
             match sb.agent.next_oom_event(Duration::from_secs(3600)).await {
                 Ok(e) => {
+                    let verdict = {
+                        let containers = self.inner.containers.lock().await;
+                        filter.admit(
+                            &e.container_id,
+                            containers.keys(),
+                            std::time::Instant::now(),
+                        )
+                    };
+                    if let Err(why) = verdict {
+                        dropped += 1;
+                        // Power-of-two counts: a flood cannot flood the log either.
+                        if dropped.is_power_of_two() {
+                            tracing::warn!(
+                                container = %e.container_id.escape_debug(),
+                                "dropped a guest OOM event ({why:?}); {dropped} so far"
+                            );
+                        }
+                        continue;
+                    }
                     let mut m = ev::TaskOOM::new();
                     m.container_id = e.container_id;
                     self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(m))
