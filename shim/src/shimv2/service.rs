@@ -97,6 +97,8 @@ struct Inner {
     exit: Arc<ExitSignal>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Which guest OOM events reach containerd (`guest_events`).
+    oom_filter: std::sync::Mutex<super::guest_events::OomFilter>,
 }
 
 #[derive(Clone)]
@@ -194,6 +196,7 @@ impl Service {
                 exit,
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
+                oom_filter: Default::default(),
             }),
         }
     }
@@ -258,13 +261,17 @@ impl Service {
     /// Relays the guest's OOM kills as TaskOOM events until the VM goes away: only
     /// for this shim's live containers, and rate-limited (`guest_events`).
     async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
-        let mut filter = super::guest_events::OomFilter::default();
         let mut dropped = 0u64;
         loop {
             match sb.agent.next_oom_event(Duration::from_secs(3600)).await {
                 Ok(e) => {
                     let verdict = {
                         let containers = self.inner.containers.lock().await;
+                        let mut filter = self
+                            .inner
+                            .oom_filter
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
                         filter.admit(
                             &e.container_id,
                             containers.keys(),
@@ -582,6 +589,11 @@ impl Task for Service {
         }
         let t_delete = std::time::Instant::now();
         let mut c = containers.remove(&req.id).expect("checked above");
+        self.inner
+            .oom_filter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .deleted(&req.id, std::time::Instant::now());
         drop(containers);
         if let Ok(sb) = self.existing_sandbox().await {
             if let Err(e) = sb.agent.remove_container(&req.id).await {
