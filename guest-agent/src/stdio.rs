@@ -9,7 +9,7 @@
 //! closes the process's stdin (or sends VEOF on a terminal).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -248,16 +248,8 @@ impl ProcessIo {
             return Err(StdioError::NoTerminal);
         }
         let master = self.master.get().ok_or(StdioError::TerminalPending)?;
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one winsize struct from a valid pointer.
-        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-        nix::errno::Errno::result(rc).map_err(StdioError::Resize)?;
-        Ok(())
+        crate::runtime::console::set_window_size(master.as_fd(), rows, cols)
+            .map_err(StdioError::Resize)
     }
 
     /// Closes the process's stdin: now if no stream carries it, else once
@@ -440,6 +432,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn headers_parse_and_garbage_is_refused() {

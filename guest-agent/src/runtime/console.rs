@@ -74,6 +74,12 @@ fn set_controlling_terminal() -> Result<(), RuntimeError> {
 }
 
 fn resize(master: BorrowedFd<'_>, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+    set_window_size(master, rows, cols).ctx(|| "cannot set the terminal size".into())
+}
+
+/// TIOCSWINSZ on a pty master: the one place the agent sizes a terminal (the initial
+/// consoleSize here, later resizes from the host in `stdio`).
+pub(crate) fn set_window_size(master: BorrowedFd<'_>, rows: u16, cols: u16) -> nix::Result<()> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -82,8 +88,7 @@ fn resize(master: BorrowedFd<'_>, rows: u16, cols: u16) -> Result<(), RuntimeErr
     };
     // SAFETY: TIOCSWINSZ reads one winsize struct from a valid pointer.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-    nix::errno::Errno::result(rc).ctx(|| "cannot set the terminal size".into())?;
-    Ok(())
+    nix::errno::Errno::result(rc).map(drop)
 }
 
 /// The process's user owns its terminal, as with runc, so that a non-root

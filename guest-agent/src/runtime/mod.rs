@@ -11,7 +11,7 @@
 //! way the process reports `Error` if anything fails up to execve, and the
 //! socket (close-on-exec) reaches EOF when execve succeeded.
 
-mod console;
+pub(crate) mod console;
 mod creds;
 mod mounts;
 pub mod seccomp;
