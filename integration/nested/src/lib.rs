@@ -40,6 +40,15 @@ pub enum NestedError {
     },
     #[error("L1 ended without reporting the command's exit status\ncommand output (end):\n{output}\nL1 console (end):\n{console}")]
     NoStatus { output: String, console: String },
+    /// L1's own kernel panicked (its console says so) before the command ended. Under
+    /// TCG's emulated SVM this is the emulation's fault, not the command's: see
+    /// docs/notes.md, "L1 kernel panics".
+    #[error("L1's kernel panicked ({panic}) before the command ended\ncommand output (end):\n{output}\nL1 console (end):\n{console}")]
+    L1Panic {
+        panic: String,
+        output: String,
+        console: String,
+    },
     #[error("Failed to build the L1 image")]
     Image(#[from] cocoon_rootfs::RootfsError),
     #[error("Failed to read the guest image manifest {}", path.display())]

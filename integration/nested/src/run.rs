@@ -204,9 +204,16 @@ impl L1 {
         }
         // The status line is the last thing stage 2 writes; the command's own output
         // cannot forge it because it comes after the command has ended.
-        let no_status = || NestedError::NoStatus {
-            output: tail(&text, TAIL_LINES),
-            console: tail(&console_text, TAIL_LINES),
+        let no_status = || match l1_panic(&console_text) {
+            Some(panic) => NestedError::L1Panic {
+                panic,
+                output: tail(&text, TAIL_LINES),
+                console: tail(&console_text, TAIL_LINES),
+            },
+            None => NestedError::NoStatus {
+                output: tail(&text, TAIL_LINES),
+                console: tail(&console_text, TAIL_LINES),
+            },
         };
         let mark = STATUS_MARK.as_bytes();
         let pos = output
@@ -225,6 +232,14 @@ impl L1 {
             wall,
         })
     }
+}
+
+/// The reason L1's kernel gave for panicking, if its console shows a panic.
+fn l1_panic(console: &str) -> Option<String> {
+    console.lines().find_map(|l| {
+        l.split_once("Kernel panic - not syncing: ")
+            .map(|(_, why)| why.trim().to_owned())
+    })
 }
 
 /// The command script: the caller's environment and directory, then the script.
@@ -296,4 +311,21 @@ fn qemu_stderr(path: &Path) -> String {
 /// Writes `text` to stderr unbuffered, past any test harness's capture.
 pub fn say(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::l1_panic;
+
+    #[test]
+    fn a_kernel_panic_on_the_console_is_named() {
+        let console = "[   27.5] BUG: TASK stack guard page was hit\n\
+                       [   28.5] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n\
+                       [   28.5] Kernel Offset: 0x1600000";
+        assert_eq!(
+            l1_panic(console).as_deref(),
+            Some("corrupted stack end detected inside scheduler")
+        );
+        assert_eq!(l1_panic("[ 1.0] reboot: Power down\n"), None);
+    }
 }
