@@ -7,8 +7,11 @@ set -euo pipefail
 # libseccomp-dev, libcap-ng-dev, pkg-config: to build virtiofsd (below) and
 # the guest agent's seccomp support; binutils (as, ld) to assemble the VMM's
 # synthetic test guests; iproute2 for tap tests; acpica-tools (iasl) to check
-# the VMM's ACPI tables.
-packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools)
+# the VMM's ACPI tables; containernetworking-plugins (bridge, host-local,
+# loopback) for the CRI tests' pod networks; protobuf-compiler because k8s-cri (the
+# CRI v1 API the tests drive containerd with) generates its code with protoc.
+packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
+          containernetworking-plugins protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,9 +10,10 @@ use cocoon_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CpuStats,
     CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, DestroySandboxRequest,
     Empty, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse,
-    HealthCheckResponse, IoStats, ListPidsResponse, MemoryStats, NetworkStats, OomEvent, PidsStats,
-    ProcessInfo, ProcessRequest, RemoveContainerRequest, ShutdownRequest, SignalProcessRequest,
-    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, VersionCheckResponse,
+    HealthCheckResponse, Interface, Interfaces, IoStats, ListPidsResponse, MemoryStats,
+    NetworkStats, OomEvent, PidsStats, ProcessInfo, ProcessRequest, RemoveContainerRequest, Routes,
+    ShutdownRequest, SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest,
+    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VersionCheckResponse,
     WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{Agent, Health};
@@ -21,13 +22,19 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroup::Limits;
 use crate::container::{ContainerError, Containers};
-use crate::{details, power, sandbox};
+use crate::{details, network, power, sandbox};
 
 fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
 /// The whole error chain in one message: the host logs it as is.
+fn net_error(e: network::NetError) -> ttrpc::Error {
+    let msg = crate::runtime::error_chain(&e);
+    tracing::warn!("network request failed: {msg}");
+    status(e.code(), msg)
+}
+
 fn rpc_error(e: ContainerError) -> ttrpc::Error {
     let msg = crate::runtime::error_chain(&e);
     tracing::debug!("request failed: {msg}");
@@ -432,6 +439,36 @@ impl Agent for AgentService {
                 format!("OOM event stream ended: {e}"),
             ))),
         }
+    }
+
+    async fn update_interface(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        let want = req.interface.into_option().unwrap_or_default();
+        let got = network::update_interface(&want).await.map_err(net_error)?;
+        tracing::info!(name = %got.name, mac = %got.hw_addr, "interface configured");
+        Ok(got)
+    }
+
+    async fn update_routes(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<Routes> {
+        let routes = req.routes.into_option().unwrap_or_default();
+        network::update_routes(&routes).await.map_err(net_error)
+    }
+
+    async fn list_interfaces(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Interfaces> {
+        let mut out = Interfaces::new();
+        out.interfaces = network::list_interfaces().await.map_err(net_error)?;
+        Ok(out)
+    }
+
+    async fn list_routes(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Routes> {
+        network::list_routes().await.map_err(net_error)
     }
 
     async fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {

@@ -17,6 +17,7 @@ mod details;
 mod handlers;
 mod init;
 mod modules;
+mod network;
 mod power;
 mod reaper;
 mod runtime;

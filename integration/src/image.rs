@@ -8,6 +8,10 @@ use sha2::{Digest, Sha256};
 
 pub const IMAGE_REF: &str = "docker.io/cocoon/busybox:test";
 
+/// A pause image for CRI sandboxes: the same busybox root, sleeping forever.
+pub const PAUSE_REF: &str = "docker.io/cocoon/pause:test";
+pub const PAUSE_ENTRYPOINT: &[&str] = &["/bin/sleep", "infinity"];
+
 fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
@@ -75,16 +79,27 @@ pub fn write_rootfs(busybox: &Path, dir: &Path) {
 
 /// Writes the image as an OCI archive to `out`.
 pub fn write_archive(busybox: &Path, out: &Path) {
+    write_image(busybox, out, IMAGE_REF, &[]);
+}
+
+/// Writes an OCI archive of the busybox root named `image_ref`, whose config
+/// runs `entrypoint` (none: the image's `Cmd`, `sh`).
+pub fn write_image(busybox: &Path, out: &Path, image_ref: &str, entrypoint: &[&str]) {
     let layer = layer(busybox);
     let layer_sha = sha(&layer);
+    let mut image_config = serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["sh"],
+        "WorkingDir": "/"
+    });
+    if !entrypoint.is_empty() {
+        image_config["Entrypoint"] = serde_json::json!(entrypoint);
+        image_config.as_object_mut().unwrap().remove("Cmd");
+    }
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
-            "WorkingDir": "/"
-        },
+        "config": image_config,
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_sha}")]}
     }))
     .unwrap();
@@ -104,7 +119,7 @@ pub fn write_archive(busybox: &Path, out: &Path) {
             "digest": format!("sha256:{manifest_sha}"),
             "size": manifest.len(),
             "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"io.containerd.image.name": IMAGE_REF, "org.opencontainers.image.ref.name": "test"}
+            "annotations": {"io.containerd.image.name": image_ref, "org.opencontainers.image.ref.name": "test"}
         }]
     }))
     .unwrap();

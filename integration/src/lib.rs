@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use cocoon_shim::config::Config;
 
 pub mod containerd;
+pub mod cri;
 pub mod image;
 
 /// The workspace root (this crate lives one level below it).

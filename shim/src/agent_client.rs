@@ -235,6 +235,54 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Gives the guest interface with `interface.hw_addr` the pod's name, MTU and
+    /// addresses; answers with what the guest then has.
+    pub async fn update_interface(
+        &self,
+        interface: cocoon_protocol::agent::Interface,
+    ) -> Result<cocoon_protocol::agent::Interface, AgentError> {
+        let t = self.call_timeout;
+        let mut req = cocoon_protocol::agent::UpdateInterfaceRequest::new();
+        req.interface = protobuf::MessageField::some(interface);
+        self.call(
+            "Agent.UpdateInterface",
+            t,
+            self.agent.update_interface(self.ctx(t), &req),
+        )
+        .await
+    }
+
+    pub async fn update_routes(
+        &self,
+        routes: Vec<cocoon_protocol::agent::Route>,
+    ) -> Result<cocoon_protocol::agent::Routes, AgentError> {
+        let t = self.call_timeout;
+        let mut req = cocoon_protocol::agent::UpdateRoutesRequest::new();
+        let mut r = cocoon_protocol::agent::Routes::new();
+        r.routes = routes;
+        req.routes = protobuf::MessageField::some(r);
+        self.call(
+            "Agent.UpdateRoutes",
+            t,
+            self.agent.update_routes(self.ctx(t), &req),
+        )
+        .await
+    }
+
+    pub async fn list_interfaces(
+        &self,
+    ) -> Result<Vec<cocoon_protocol::agent::Interface>, AgentError> {
+        let t = self.call_timeout;
+        self.call(
+            "Agent.ListInterfaces",
+            t,
+            self.agent
+                .list_interfaces(self.ctx(t), &cocoon_protocol::agent::Empty::new()),
+        )
+        .await
+        .map(|r| r.interfaces)
+    }
+
     pub async fn create_container(
         &self,
         req: cocoon_protocol::agent::CreateContainerRequest,

@@ -13,5 +13,6 @@ pub mod bench_vmm;
 pub mod check;
 pub mod config;
 pub mod hypervisor;
+pub mod podnet;
 pub mod shimv2;
 pub mod vsock;

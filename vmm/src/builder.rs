@@ -176,7 +176,10 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         virtio.add(Block::new(backend, b.read_only, &b.id))?;
     }
     for (i, n) in config.net.iter().enumerate() {
-        let tap = Tap::open(&n.tap)?;
+        let tap = match n.tap_fd {
+            Some(fd) => Tap::inherited(fd)?,
+            None => Tap::open(&n.tap)?,
+        };
         virtio.add(Net::new(tap, n.mac_or_default(i)))?;
     }
     if let Some(v) = &config.vhost_user_vsock {

@@ -120,8 +120,14 @@ pub struct BlockDeviceConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetDeviceConfig {
-    /// Tap interface to attach to (created if missing; needs CAP_NET_ADMIN).
+    /// Tap interface to attach to (created if missing; needs CAP_NET_ADMIN). Empty when
+    /// `tap_fd` is given.
+    #[serde(default)]
     pub tap: String,
+    /// An open tap fd inherited from the caller (e.g. a tap in a pod's network namespace,
+    /// which this process cannot reach by name), instead of `tap`.
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
     /// Guest MAC, `aa:bb:cc:dd:ee:ff`; default 02:43:43:00:00:<index>.
     #[serde(default)]
     pub mac: Option<String>,
@@ -263,7 +269,14 @@ impl VmConfig {
             }
         }
         for (i, n) in self.net.iter().enumerate() {
-            if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['\0', '/']) {
+            if let Some(fd) = n.tap_fd {
+                if !n.tap.is_empty() || fd < 3 {
+                    return Err(invalid(
+                        format!("net[{i}].tap_fd"),
+                        "needs an fd above 2 and no tap name",
+                    ));
+                }
+            } else if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['\0', '/']) {
                 return Err(invalid(
                     format!("net[{i}].tap"),
                     "must be 1-15 bytes, no '/'",
@@ -398,10 +411,21 @@ mod tests {
             &|c| {
                 c.net.push(NetDeviceConfig {
                     tap: "tap0".into(),
+                    tap_fd: None,
                     mac: Some("nope".into()),
                 })
             },
             "net[0].mac",
+        );
+        check(
+            &|c| {
+                c.net.push(NetDeviceConfig {
+                    tap: "tap0".into(),
+                    tap_fd: Some(5),
+                    mac: None,
+                })
+            },
+            "net[0].tap_fd",
         );
     }
 }

@@ -92,6 +92,9 @@ struct RunArgs {
     /// Add a virtio-net device on this tap interface. Repeatable.
     #[arg(long)]
     net_tap: Vec<String>,
+    /// Add a virtio-net device on an inherited tap fd: FD or FD,mac=MAC. Repeatable.
+    #[arg(long)]
+    net_fd: Vec<String>,
     /// Add a virtio-fs device: SOCKET:TAG (virtiofsd's vhost-user socket). Repeatable.
     #[arg(long)]
     fs: Vec<String>,
@@ -167,7 +170,22 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
     for t in &a.net_tap {
         c.net.push(NetDeviceConfig {
             tap: t.clone(),
+            tap_fd: None,
             mac: None,
+        });
+    }
+    for f in &a.net_fd {
+        let (fd, mac) = match f.split_once(",mac=") {
+            Some((fd, mac)) => (fd, Some(mac.to_string())),
+            None => (f.as_str(), None),
+        };
+        let fd = fd
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--net-fd wants FD or FD,mac=MAC, got {f:?}"))?;
+        c.net.push(NetDeviceConfig {
+            tap: String::new(),
+            tap_fd: Some(fd),
+            mac,
         });
     }
     for f in &a.fs {

@@ -65,6 +65,10 @@ impl CocoonVmm {
                 shared.tag
             ));
         }
+        if let Some(net) = &spec.net {
+            a.push("--net-fd".into());
+            a.push(format!("{},mac={}", net.tap_fd, net.mac));
+        }
         a
     }
 }
@@ -91,6 +95,9 @@ impl super::Hypervisor for CocoonVmm {
             source,
         };
         configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?;
+        if let Some(net) = &spec.net {
+            net.inherit(&mut cmd);
+        }
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), "VM launched on cocoon-vmm");
@@ -121,6 +128,10 @@ mod tests {
                 tag: "cocoon".into(),
                 virtiofsd: "/v".into(),
             }),
+            net: Some(crate::hypervisor::NetAttach {
+                tap_fd: 7,
+                mac: "02:00:00:00:00:01".into(),
+            }),
         };
         let a = v.args(&spec, std::path::Path::new("/run/cocoon/v1"));
         let after = |f: &str| {
@@ -137,5 +148,6 @@ mod tests {
         assert_eq!(after("--fs"), "/run/cocoon/v1/virtiofs.sock:cocoon");
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
         assert!(after("--cmdline").contains("reboot=k"));
+        assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");
     }
 }

@@ -67,6 +67,34 @@ pub struct VmSpec {
     pub run_root: PathBuf,
     /// A host directory shared into the guest with virtio-fs, if any.
     pub shared_dir: Option<SharedDir>,
+    /// The pod's network interface, if any: a tap the VMM inherits.
+    pub net: Option<NetAttach>,
+}
+
+/// A tap (already open, in the pod's network namespace) for the guest's one virtio-net
+/// interface. The fd stays the caller's; the VMM gets a copy across exec.
+#[derive(Debug, Clone)]
+pub struct NetAttach {
+    pub tap_fd: std::os::fd::RawFd,
+    /// The guest interface's MAC (the CNI interface's).
+    pub mac: String,
+}
+
+impl NetAttach {
+    /// Lets `cmd`'s process inherit the tap fd (at the same number).
+    pub(crate) fn inherit(&self, cmd: &mut tokio::process::Command) {
+        let fd = self.tap_fd;
+        // SAFETY: between fork and exec, only fcntl on an fd number, which is
+        // async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
 }
 
 /// A directory exported to the guest by a per-VM virtiofsd.
@@ -90,6 +118,7 @@ impl VmSpec {
             extra_kernel_params: config.vm.kernel_params.clone(),
             run_root: config.paths.run_dir.clone(),
             shared_dir: None,
+            net: None,
         }
     }
 
@@ -338,6 +367,7 @@ mod tests {
             extra_kernel_params: String::new(),
             run_root: "/tmp".into(),
             shared_dir: None,
+            net: None,
         };
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/k"), "{err}");

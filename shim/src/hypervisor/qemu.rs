@@ -165,6 +165,19 @@ impl Qemu {
             };
             push(&["-device", &format!("{dev},chardev=fs0,tag={}", shared.tag)]);
         }
+        if let Some(net) = &spec.net {
+            // vhost=off: the frames go through QEMU, which the tap fd is handed to; no
+            // /dev/vhost-net needed.
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,fd={},vhost=off", net.tap_fd),
+            ]);
+            let dev = match self.machine {
+                Machine::Microvm => "virtio-net-device",
+                Machine::Pc => "virtio-net-pci",
+            };
+            push(&["-device", &format!("{dev},netdev=net0,mac={}", net.mac)]);
+        }
         a.extend(self.extra_args.iter().cloned());
         a
     }
@@ -212,6 +225,9 @@ impl super::Hypervisor for Qemu {
             what: "QEMU",
             source,
         })?;
+        if let Some(net) = &spec.net {
+            net.inherit(&mut qemu);
+        }
         vm.procs.vmm = Some(qemu.spawn().map_err(|source| HypervisorError::Spawn {
             what: "QEMU",
             source,
@@ -246,6 +262,7 @@ mod tests {
             extra_kernel_params: "panic=0 cocoon.log=debug".into(),
             run_root: "/run/cocoon".into(),
             shared_dir: None,
+            net: None,
         }
     }
 
@@ -254,6 +271,20 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn a_pod_tap_becomes_a_virtio_net_device() {
+        let q = qemu(Machine::Microvm, Accel::Tcg);
+        let mut s = spec();
+        s.net = Some(crate::hypervisor::NetAttach {
+            tap_fd: 9,
+            mac: "c2:11:22:33:44:55".into(),
+        });
+        let a = q.args(&s, &RunPaths::new(Path::new("/run/cocoon/t1")));
+        assert_eq!(value_after(&a, "-netdev"), ["tap,id=net0,fd=9,vhost=off"]);
+        assert!(value_after(&a, "-device")
+            .contains(&"virtio-net-device,netdev=net0,mac=c2:11:22:33:44:55"));
     }
 
     #[test]

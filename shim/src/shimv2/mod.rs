@@ -13,6 +13,7 @@ mod guest_events;
 mod metrics;
 pub mod mounts;
 mod persist;
+pub mod pod;
 mod sandbox;
 mod service;
 mod start;

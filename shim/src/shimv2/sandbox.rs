@@ -12,7 +12,8 @@ use tokio::sync::Mutex;
 use super::mounts::{self, MountError};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
-use crate::hypervisor::{self, find_binary, HypervisorError, SharedDir, Vm, VmSpec};
+use crate::hypervisor::{self, find_binary, HypervisorError, NetAttach, SharedDir, Vm, VmSpec};
+use crate::podnet::{PodNetError, PodNetwork};
 
 /// The virtio-fs tag of the pod share.
 pub const SHARE_TAG: &str = "cocoon";
@@ -25,6 +26,14 @@ pub enum SandboxError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Mount(#[from] MountError),
+    #[error("cannot carry the pod network into the VM")]
+    Network(#[from] PodNetError),
+    #[error("the guest refused the pod network ({what})")]
+    GuestNetwork {
+        what: &'static str,
+        #[source]
+        source: AgentError,
+    },
 }
 
 pub struct Sandbox {
@@ -37,6 +46,8 @@ pub struct Sandbox {
     pub pids: Vec<u32>,
     /// How the boot went, for the timing records.
     pub boot: BootTimes,
+    /// The pod's network (CRI pods), undone when the VM stops.
+    net: Option<PodNetwork>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,16 +65,32 @@ pub fn vm_id(namespace: &str, group: &str) -> String {
 }
 
 impl Sandbox {
+    /// Boots the pod VM. `netns` is the host network namespace CNI prepared for a
+    /// Kubernetes pod, carried into the guest (see `crate::podnet`).
     pub async fn start(
         config: &Config,
         vm_id: &str,
         sandbox_id: &str,
+        netns: Option<PathBuf>,
     ) -> Result<Self, SandboxError> {
         let share = config.paths.run_dir.join("shares").join(vm_id);
         // A share left by a crashed shim must not be exported twice.
         mounts::unmount_share(&share);
         mounts::make_share(&share)?;
-        let result = Self::boot(config, vm_id, sandbox_id, &share).await;
+        let net = match netns {
+            Some(path) => {
+                let attached = tokio::task::spawn_blocking(move || PodNetwork::attach(&path)).await;
+                match attached.unwrap_or(Err(PodNetError::Thread)) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        mounts::unmount_share(&share);
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
+        let result = Self::boot(config, vm_id, sandbox_id, &share, net).await;
         if result.is_err() {
             mounts::unmount_share(&share);
         }
@@ -75,6 +102,29 @@ impl Sandbox {
         vm_id: &str,
         sandbox_id: &str,
         share: &std::path::Path,
+        mut net: Option<PodNetwork>,
+    ) -> Result<Self, SandboxError> {
+        let result = Self::boot_with(config, vm_id, sandbox_id, share, &mut net).await;
+        match result {
+            Ok(mut sb) => {
+                sb.net = net;
+                Ok(sb)
+            }
+            Err(e) => {
+                if let Some(n) = &net {
+                    n.detach();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot_with(
+        config: &Config,
+        vm_id: &str,
+        sandbox_id: &str,
+        share: &std::path::Path,
+        net: &mut Option<PodNetwork>,
     ) -> Result<Self, SandboxError> {
         let hv = hypervisor::from_config(config)?;
         let mut spec = VmSpec::from_config(config, vm_id);
@@ -83,8 +133,20 @@ impl Sandbox {
             tag: SHARE_TAG.into(),
             virtiofsd: find_binary("virtiofsd", &config.paths.virtiofsd)?,
         });
+        spec.net = net.as_ref().and_then(|n| {
+            n.tap.as_ref().map(|fd| NetAttach {
+                tap_fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                mac: n.interface.hw_addr.clone(),
+            })
+        });
         let t0 = std::time::Instant::now();
-        let mut vm = hv.launch(&spec).await?;
+        let launched = hv.launch(&spec).await;
+        // The VMM holds the tap now (or failed to start): with the shim's copy closed,
+        // the tap goes away with the VMM.
+        if let Some(n) = net.as_mut() {
+            n.tap = None;
+        }
+        let mut vm = launched?;
         let t_launched = std::time::Instant::now();
         let boot = Duration::from_millis(config.vm.boot_timeout_ms);
         let call = Duration::from_millis(config.vm.call_timeout_ms);
@@ -100,6 +162,28 @@ impl Sandbox {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
         agent.create_sandbox(req).await?;
+        if let Some(n) = net.as_ref() {
+            let got = agent
+                .update_interface(n.interface.clone())
+                .await
+                .map_err(|source| SandboxError::GuestNetwork {
+                    what: "interface",
+                    source,
+                })?;
+            agent
+                .update_routes(n.routes.clone())
+                .await
+                .map_err(|source| SandboxError::GuestNetwork {
+                    what: "routes",
+                    source,
+                })?;
+            tracing::info!(
+                vm = vm_id,
+                interface = %got.name,
+                mac = %got.hw_addr,
+                "pod network carried into the guest"
+            );
+        }
         tracing::info!(
             vm = vm_id,
             "sandbox ready in {:?}",
@@ -117,6 +201,7 @@ impl Sandbox {
                 sandbox_setup: t_ready.elapsed(),
             },
             vm: Mutex::new(Some(vm)),
+            net: None,
         })
     }
 
@@ -136,6 +221,10 @@ impl Sandbox {
         }
         vm.stop(Duration::from_secs(5)).await;
         mounts::unmount_share(&self.share);
+        if let Some(n) = &self.net {
+            let (netns, dev) = (n.netns.clone(), n.interface.name.clone());
+            let _ = tokio::task::spawn_blocking(move || crate::podnet::detach(&netns, &dev)).await;
+        }
         if let Some(run_root) = self.run_dir.parent() {
             let rec = super::timings::Record {
                 kind: "vm-stop".into(),

@@ -23,6 +23,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::mounts::{self, ContainerMounts};
 use super::persist::ContainerState;
+use super::pod;
 use super::sandbox::{self, Sandbox};
 use super::stdio::{self, StdioCopies, StdioPaths};
 use super::timings;
@@ -213,14 +214,14 @@ impl Service {
         }
     }
 
-    /// The pod VM, booted on first use.
-    async fn sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
+    /// The pod VM, booted on first use (with the pod's network, for a CRI sandbox).
+    async fn sandbox(&self, netns: Option<PathBuf>) -> Result<Arc<Sandbox>, ttrpc::Error> {
         let mut slot = self.inner.sandbox.lock().await;
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
         let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
-        let sb = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group)
+        let sb = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group, netns)
             .await
             .map_err(|e| {
                 err(
@@ -364,8 +365,10 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&bundle)?;
         let t_call = std::time::Instant::now();
+        let netns = pod::pod_netns(&spec).map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
+        pod::adapt_spec(&mut spec);
         let booted_here = self.inner.sandbox.lock().await.is_none();
-        let sb = self.sandbox().await?;
+        let sb = self.sandbox(netns).await?;
         let t_sandbox = std::time::Instant::now();
         let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
             .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;

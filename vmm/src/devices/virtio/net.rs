@@ -44,6 +44,8 @@ pub enum NetError {
     Name(String),
     #[error("Failed to attach to tap {0}")]
     SetIff(String, #[source] io::Error),
+    #[error("Inherited fd {0} is not an open tap device")]
+    NotATap(RawFd, #[source] io::Error),
 }
 
 /// A tap device (IFF_TAP | IFF_NO_PI), non-blocking.
@@ -53,6 +55,7 @@ pub struct Tap {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
@@ -90,6 +93,43 @@ impl Tap {
         Ok(Self {
             file,
             name: name.into(),
+        })
+    }
+
+    /// Takes over a tap fd inherited from the parent (open on /dev/net/tun and attached):
+    /// it is checked to be a tap, then made non-blocking and close-on-exec.
+    pub fn inherited(fd: RawFd) -> Result<Self, NetError> {
+        let not_tap = |e| NetError::NotATap(fd, e);
+        // SAFETY: F_GETFD only asks whether `fd` is open; nothing is touched.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(not_tap(io::Error::from_raw_os_error(libc::EBADF)));
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF fills an `ifreq`, which `IfReq` lays out; on anything but an
+        // attached tun/tap fd it fails (EBADFD/ENOTTY) without writing.
+        if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
+            return Err(not_tap(io::Error::last_os_error()));
+        }
+        if req.flags & IFF_TAP == 0 || req.flags & IFF_NO_PI == 0 {
+            return Err(not_tap(io::Error::other("not a tap with IFF_NO_PI")));
+        }
+        // SAFETY: `fd` is open (checked above), was handed to this process to own, and
+        // nothing else here holds it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: plain fcntl flag changes on the fd we now own.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        let len = req.name.iter().position(|&b| b == 0).unwrap_or(16);
+        Ok(Self {
+            file,
+            name: String::from_utf8_lossy(&req.name[..len]).into_owned(),
         })
     }
 
@@ -396,6 +436,11 @@ mod tests {
     #[test]
     fn tap_names_are_checked_before_opening() {
         assert!(matches!(Tap::open(""), Err(NetError::Name(_))));
+        // An fd that is open but no tap (a pipe) is refused with its number.
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(r);
+        assert!(matches!(Tap::inherited(raw), Err(NetError::NotATap(fd, _)) if fd == raw));
+        assert!(matches!(Tap::inherited(1), Err(NetError::NotATap(1, _))));
         assert!(matches!(
             Tap::open("a-name-that-is-too-long"),
             Err(NetError::Name(_))

@@ -1,0 +1,466 @@
+//! Pods through containerd's CRI plugin, driven over its gRPC socket as kubelet drives
+//! it, on a CNI bridge network. Each case is a function of the runtime handler, so the
+//! same case runs on `runc` (the baseline) and on `cocoon`.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cocoon_integration::cri::{self, CriNode, COCOON, RUNC};
+use cocoon_integration::image::{IMAGE_REF, PAUSE_REF};
+use cocoon_integration::{image_dir, processes_mentioning, test_config};
+use cocoon_nested::testing::missing;
+use k8s_cri::v1::{
+    ContainerFilter, ContainerState, ListContainersRequest, ListImagesRequest,
+    ListPodSandboxRequest, PodSandboxState,
+};
+
+/// Each test's pod network, `198.18.<n>.0/24`: distinct, as tests run in parallel.
+const RUNC_LIFECYCLE_NET: u8 = 11;
+const RUNC_BY_IP_NET: u8 = 12;
+const RUNC_LOCALHOST_NET: u8 = 13;
+const COCOON_LIFECYCLE_NET: u8 = 21;
+const COCOON_BY_IP_NET: u8 = 22;
+const COCOON_LOCALHOST_NET: u8 = 23;
+const COCOON_HOST_NETWORK_NET: u8 = 24;
+
+struct Env {
+    node: CriNode,
+    dir: tempfile::TempDir,
+}
+
+/// Why `handler`'s pods cannot run here, if they cannot.
+fn prerequisites_missing(handler: &str) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (network namespaces, CNI, runc)".into());
+    }
+    let path = cocoon_integration::containerd::tool_path();
+    let on_path = |bin: &str| path.split(':').any(|d| Path::new(d).join(bin).is_file());
+    for (bin, package) in [
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("runc", "runc"),
+    ] {
+        if !on_path(bin) {
+            return Some(format!("{bin} not on PATH (apt-get install {package})"));
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("no /bin/busybox for the test images (apt-get install busybox-static)".into());
+    }
+    if let Some(why) = cri::cni_missing() {
+        return Some(why);
+    }
+    if handler == cri::COCOON && !image_dir().join("vmlinuz").is_file() {
+        return Some(format!(
+            "guest image not found in {}: run `make image`",
+            image_dir().display()
+        ));
+    }
+    None
+}
+
+/// A CRI node for `test` on pod network `net`, or None (after `missing`) when this host
+/// cannot run `handler`'s pods: under CI=true that fails the test.
+async fn env(test: &str, handler: &str, net: u8) -> Option<Env> {
+    if let Some(why) = prerequisites_missing(handler) {
+        missing(test, &why);
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = cocoon_config(dir.path(), handler);
+    let node = CriNode::start(&dir.path().join("containerd"), &config_path, net).await;
+    Some(Env { node, dir })
+}
+
+/// The shim's COCOON_CONFIG, as ctr.rs writes it. runc pods never read it, so they do
+/// not need the guest image it names.
+fn cocoon_config(dir: &Path, handler: &str) -> PathBuf {
+    let run_dir = dir.join("run");
+    let c = if handler == cri::COCOON {
+        test_config(&run_dir, Duration::from_secs(90))
+    } else {
+        let mut c = cocoon_shim::config::Config::default();
+        c.paths.run_dir = run_dir;
+        c
+    };
+    let path = dir.join("cocoon.toml");
+    let toml = format!(
+        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
+        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
+    );
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Polls `check` until it holds or `limit` passes; returns whether it held.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    pid != 0 && cocoon_integration::alive(pid)
+}
+
+#[tokio::test]
+async fn runc_pod_lifecycle() {
+    pod_lifecycle("runc_pod_lifecycle", RUNC, RUNC_LIFECYCLE_NET).await;
+}
+
+#[tokio::test]
+async fn runc_pod_reached_by_ip() {
+    pod_reached_by_ip("runc_pod_reached_by_ip", RUNC, RUNC_BY_IP_NET).await;
+}
+
+#[tokio::test]
+async fn runc_containers_of_a_pod_share_localhost() {
+    containers_share_localhost(
+        "runc_containers_of_a_pod_share_localhost",
+        RUNC,
+        RUNC_LOCALHOST_NET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_lifecycle() {
+    pod_lifecycle("cocoon_pod_lifecycle", COCOON, COCOON_LIFECYCLE_NET).await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_reached_by_ip() {
+    pod_reached_by_ip("cocoon_pod_reached_by_ip", COCOON, COCOON_BY_IP_NET).await;
+}
+
+#[tokio::test]
+async fn cocoon_containers_of_a_pod_share_localhost() {
+    containers_share_localhost(
+        "cocoon_containers_of_a_pod_share_localhost",
+        COCOON,
+        COCOON_LOCALHOST_NET,
+    )
+    .await;
+}
+
+/// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.
+#[tokio::test]
+async fn cocoon_refuses_host_network_pods() {
+    let test = "cocoon_refuses_host_network_pods";
+    let Some(env) = env(test, COCOON, COCOON_HOST_NETWORK_NET).await else {
+        return;
+    };
+    let node = &env.node;
+    let mut pconfig = node.pod_config("hostnet", "uid-hostnet", "default");
+    let opts = pconfig
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+        .expect("pod_config sets namespace options");
+    opts.network = k8s_cri::v1::NamespaceMode::Node as i32;
+    let e = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .expect_err("a hostNetwork pod must not start on cocoon");
+    assert!(
+        e.message().contains("hostNetwork"),
+        "the error must say why: {e}"
+    );
+    let run_dir = env.dir.path().join("run");
+    let gone = eventually(Duration::from_secs(10), || {
+        processes_mentioning(&run_dir.to_string_lossy()).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "left running: {:?}",
+        processes_mentioning(&run_dir.to_string_lossy())
+    );
+}
+
+/// A pod's whole life as kubelet drives it, and nothing of it left afterwards.
+async fn pod_lifecycle(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+
+    // Both images came in through `ctr import` into k8s.io; CRI must list them.
+    let images = node
+        .images()
+        .list_images(ListImagesRequest { filter: None })
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images;
+    for image in [IMAGE_REF, PAUSE_REF] {
+        assert!(
+            images
+                .iter()
+                .any(|i| i.repo_tags.iter().any(|t| t == image)),
+            "ListImages lacks {image}: {images:?}"
+        );
+    }
+
+    let pconfig = node.pod_config("lifecycle", "uid-lifecycle", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\ncontainerd log:\n{}", node.log_tail()));
+    let status = node.pod_status(&pod).await.expect("PodSandboxStatus");
+    let sandbox = status.status.expect("a status");
+    assert_eq!(sandbox.state, PodSandboxState::SandboxReady as i32);
+    assert_eq!(sandbox.runtime_handler, handler);
+    let ip: Ipv4Addr = sandbox
+        .network
+        .expect("a network status")
+        .ip
+        .parse()
+        .expect("an IPv4 pod IP");
+    assert_eq!(ip.octets()[..3], [198, 18, net], "pod IP {ip}");
+    let info = node.pod_info(&pod).await.expect("verbose PodSandboxStatus");
+    let netns = info.netns.clone().expect("the pod's network namespace");
+    assert!(
+        netns.exists(),
+        "{} missing while the pod runs",
+        netns.display()
+    );
+    // Under runc the pids CRI reports are host processes; under cocoon they are the
+    // guest's, and the host side of the pod is the shim and the VM's processes.
+    let host_pids = handler == RUNC;
+    let run_dir = env.dir.path().join("run").to_string_lossy().into_owned();
+    if host_pids {
+        assert!(alive(info.pid), "sandbox process {} not running", info.pid);
+    } else {
+        assert!(
+            !processes_mentioning(&run_dir).is_empty(),
+            "no VM process of the pod runs"
+        );
+    }
+
+    let cconfig = CriNode::container_config("sleeper", IMAGE_REF, &["sleep", "3600"], &[]);
+    let ctr = node
+        .create_and_start(&pod, &cconfig, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start: {e}\ncontainerd log:\n{}", node.log_tail()));
+    let ctr_pid = node.container_pid(&ctr).await.expect("ContainerStatus");
+    assert!(
+        !host_pids || alive(ctr_pid),
+        "container process {ctr_pid} not running"
+    );
+
+    let (code, stdout, stderr) = node
+        .exec_sync(
+            &ctr,
+            &["sh", "-c", "echo hi; echo err >&2; exit 3"],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("ExecSync");
+    assert_eq!(
+        (code, stdout.as_str(), stderr.as_str()),
+        (3, "hi\n", "err\n")
+    );
+
+    let state_of = |containers: &[k8s_cri::v1::Container]| {
+        containers
+            .iter()
+            .find(|c| c.id == ctr)
+            .map(|c| ContainerState::try_from(c.state).unwrap())
+    };
+    let list = |pod: String| {
+        let mut runtime = node.runtime();
+        async move {
+            runtime
+                .list_containers(ListContainersRequest {
+                    filter: Some(ContainerFilter {
+                        pod_sandbox_id: pod,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("ListContainers")
+                .into_inner()
+                .containers
+        }
+    };
+    assert_eq!(
+        state_of(&list(pod.clone()).await),
+        Some(ContainerState::ContainerRunning)
+    );
+
+    node.stop_pod(&pod).await.expect("StopPodSandbox");
+    assert_eq!(
+        state_of(&list(pod.clone()).await),
+        Some(ContainerState::ContainerExited)
+    );
+    node.remove_pod(&pod).await.expect("RemovePodSandbox");
+    let pods = node
+        .runtime()
+        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    assert!(
+        pods.iter().all(|p| p.id != pod),
+        "pod still listed: {pods:?}"
+    );
+    assert!(
+        !netns.exists(),
+        "{} left after RemovePodSandbox",
+        netns.display()
+    );
+    // The sandbox, the container, and the shim serving them (its command line names the
+    // pod) are gone: the shim exits just after answering the last delete.
+    let gone = eventually(Duration::from_secs(10), || {
+        let pids_gone = !host_pids || (!alive(info.pid) && !alive(ctr_pid));
+        pids_gone
+            && processes_mentioning(&pod).is_empty()
+            && processes_mentioning(&run_dir).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "left running: sandbox {} ({}), container {ctr_pid} ({}), {:?} {:?}",
+        info.pid,
+        host_pids && alive(info.pid),
+        host_pids && alive(ctr_pid),
+        processes_mentioning(&pod),
+        processes_mentioning(&run_dir)
+    );
+}
+
+/// The host reaches a server in a pod at the pod's IP, over the CNI bridge.
+async fn pod_reached_by_ip(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("by-ip", "uid-by-ip", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\ncontainerd log:\n{}", node.log_tail()));
+    // busybox 1.35's nc: `-ll` keeps listening after each connection (it has no `-k`).
+    let cconfig = CriNode::container_config(
+        "server",
+        IMAGE_REF,
+        &["nc", "-ll", "-p", "8080", "-e", "echo", "hello"],
+        &[],
+    );
+    node.create_and_start(&pod, &cconfig, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start: {e}\ncontainerd log:\n{}", node.log_tail()));
+    let ip: Ipv4Addr = node.pod_ip(&pod).await.expect("pod IP").parse().unwrap();
+    let addr = SocketAddr::from((ip, 8080));
+
+    // The server listens a moment after StartContainer returns: retry until it answers.
+    let reply = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut reply = String::new();
+                    s.read_to_string(&mut reply)?;
+                    Ok(reply)
+                });
+            // An empty reply: connected before nc had its `-e` program running.
+            let attempt = attempt.and_then(|r| match r.is_empty() {
+                true => Err(std::io::Error::other("empty reply")),
+                false => Ok(r),
+            });
+            if attempt.is_ok() || Instant::now() >= deadline {
+                return attempt;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    match reply {
+        Ok(reply) => assert_eq!(reply, "hello\n", "reply from {addr}"),
+        Err(e) => panic!(
+            "cannot reach {addr}: {e}\ncontainerd log:\n{}",
+            node.log_tail()
+        ),
+    }
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
+}
+
+/// Two containers of one pod reach each other over localhost (one network namespace,
+/// as Kubernetes promises), and both see the pod's IP.
+async fn containers_share_localhost(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("localhost", "uid-localhost", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\ncontainerd log:\n{}", node.log_tail()));
+    let server = CriNode::container_config(
+        "server",
+        IMAGE_REF,
+        &["nc", "-ll", "-p", "9090", "-e", "echo", "from-server"],
+        &[],
+    );
+    node.create_and_start(&pod, &server, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start server: {e}\n{}", node.log_tail()));
+    let client = CriNode::container_config("client", IMAGE_REF, &["sleep", "3600"], &[]);
+    let client = node
+        .create_and_start(&pod, &client, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start client: {e}\n{}", node.log_tail()));
+    let ip = node.pod_ip(&pod).await.expect("pod IP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let (code, out, err) = node
+            .exec_sync(
+                &client,
+                &["sh", "-c", "nc 127.0.0.1 9090 </dev/null"],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("ExecSync nc");
+        if code == 0 && out == "from-server\n" {
+            break Ok(out);
+        }
+        if Instant::now() >= deadline {
+            break Err(format!("exit {code}, stdout {out:?}, stderr {err:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    reply.unwrap_or_else(|e| panic!("client could not reach the server over localhost: {e}"));
+    let (code, out, _) = node
+        .exec_sync(
+            &client,
+            &["ip", "-o", "-4", "addr", "show"],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("ExecSync ip");
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("inet {ip}/24")),
+        "the pod IP {ip}/24 is not on an interface the container sees:\n{out}"
+    );
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
+}

@@ -1,0 +1,171 @@
+//! What a Kubernetes pod (through containerd's CRI plugin) asks of the shim beyond a
+//! plain container: which container is the sandbox (pause), which host network namespace
+//! CNI prepared for the pod, and the namespace paths in each spec that mean something on
+//! the host but not in the guest.
+
+use std::path::PathBuf;
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use thiserror::Error;
+
+use super::SANDBOX_ID_ANNOTATION;
+
+/// CRI's annotation saying whether a container is the pod's sandbox or a workload.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PodSpecError {
+    #[error(
+        "pods with hostNetwork: true cannot run on Cocoon: a VM cannot share the host's \
+         network namespace (run this pod with another RuntimeClass)"
+    )]
+    HostNetwork,
+}
+
+fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// Whether CRI made this spec (it groups containers into pods).
+pub fn is_cri(spec: &Spec) -> bool {
+    annotation(spec, SANDBOX_ID_ANNOTATION).is_some_and(|s| !s.is_empty())
+}
+
+/// Whether this is a pod's sandbox (pause) container.
+pub fn is_sandbox(spec: &Spec) -> bool {
+    annotation(spec, CONTAINER_TYPE_ANNOTATION) == Some("sandbox")
+}
+
+/// The host network namespace CNI prepared, for a CRI sandbox container. A sandbox with
+/// no network namespace of its own is a hostNetwork pod, which a VM cannot be.
+pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodSpecError> {
+    if !is_cri(spec) || !is_sandbox(spec) {
+        return Ok(None);
+    }
+    let net = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+    match net {
+        None => Err(PodSpecError::HostNetwork),
+        Some(n) => Ok(n.path().clone()),
+    }
+}
+
+/// Rewrites a CRI container's spec for the guest: its network namespace path names the
+/// host's pod namespace, which does not exist in the guest. The pod's network is the
+/// guest's own (the agent configured its interface there), so the entry is dropped and
+/// the container stays in it, with every other container of the pod.
+pub fn adapt_spec(spec: &mut Spec) {
+    if !is_cri(spec) {
+        return;
+    }
+    if let Some(ns) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+    {
+        ns.retain(|n| !(n.typ() == LinuxNamespaceType::Network && n.path().is_some()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotations: serde_json::Value, namespaces: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "annotations": annotations,
+            "linux": {"namespaces": namespaces},
+        }))
+        .unwrap()
+    }
+
+    fn pause(namespaces: serde_json::Value) -> Spec {
+        spec(
+            serde_json::json!({
+                "io.kubernetes.cri.sandbox-id": "abc",
+                "io.kubernetes.cri.container-type": "sandbox",
+            }),
+            namespaces,
+        )
+    }
+
+    #[test]
+    fn the_sandbox_names_its_cni_namespace() {
+        let s = pause(serde_json::json!([
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]));
+        assert_eq!(
+            pod_netns(&s).unwrap(),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+    }
+
+    #[test]
+    fn a_host_network_pod_is_refused() {
+        let s = pause(serde_json::json!([{"type": "pid"}, {"type": "ipc"}]));
+        assert_eq!(pod_netns(&s), Err(PodSpecError::HostNetwork));
+        assert!(PodSpecError::HostNetwork
+            .to_string()
+            .contains("hostNetwork"));
+    }
+
+    #[test]
+    fn plain_containers_and_workloads_bring_no_namespace() {
+        let ctr = spec(serde_json::json!({}), serde_json::json!([{"type": "pid"}]));
+        assert_eq!(pod_netns(&ctr), Ok(None));
+        let workload = spec(
+            serde_json::json!({
+                "io.kubernetes.cri.sandbox-id": "abc",
+                "io.kubernetes.cri.container-type": "container",
+            }),
+            serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-1234"}]),
+        );
+        assert_eq!(pod_netns(&workload), Ok(None));
+    }
+
+    #[test]
+    fn only_cri_host_namespace_paths_are_dropped() {
+        let mut s = pause(serde_json::json!([
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+            {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            {"type": "mount"},
+        ]));
+        adapt_spec(&mut s);
+        let kinds: Vec<_> = s
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert_eq!(kinds, [LinuxNamespaceType::Ipc, LinuxNamespaceType::Mount]);
+        // ctr's own containers keep whatever they asked for.
+        let mut c = spec(
+            serde_json::json!({}),
+            serde_json::json!([{"type": "network", "path": "/run/netns/x"}]),
+        );
+        adapt_spec(&mut c);
+        assert_eq!(
+            c.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}
