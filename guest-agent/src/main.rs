@@ -18,6 +18,7 @@ mod handlers;
 mod init;
 mod modules;
 mod network;
+mod portfwd;
 mod power;
 mod reaper;
 mod runtime;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cocoon_protocol::agent_ttrpc::{create_agent, create_health};
-use cocoon_protocol::{AGENT_PORT, STDIO_PORT};
+use cocoon_protocol::{AGENT_PORT, FORWARD_PORT, STDIO_PORT};
 
 /// Where the agent listens.
 enum Listen {
@@ -184,6 +185,29 @@ async fn serve_stdio(listen: &Listen, state: &Arc<handlers::AgentState>) -> anyh
     Ok(())
 }
 
+/// Accepts port-forward connections forever (vsock only: the dev mode shares the host's
+/// network, where nothing needs forwarding).
+fn serve_forwards(listen: &Listen) -> anyhow::Result<()> {
+    if !matches!(listen, Listen::Vsock) {
+        return Ok(());
+    }
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, FORWARD_PORT);
+    let listener = tokio_vsock::VsockListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on vsock port {FORWARD_PORT}: {e}"))?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(portfwd::MAX_FORWARDS));
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    tokio::spawn(portfwd::serve_connection(conn, limit.clone()));
+                }
+                Err(e) => tracing::warn!("port-forward accept failed: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Reports OOM kills: polls each container's memory.events (cheap, and
 /// inotify on cgroup files is not worth a dependency for 100 ms).
 async fn watch_oom(state: Arc<handlers::AgentState>) {
@@ -222,6 +246,7 @@ async fn serve(
         }
     };
     serve_stdio(&listen, &state).await?;
+    serve_forwards(&listen)?;
     let mut server = ttrpc::r#async::Server::new()
         .bind(&addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?

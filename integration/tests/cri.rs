@@ -24,6 +24,8 @@ const COCOON_LIFECYCLE_NET: u8 = 21;
 const COCOON_BY_IP_NET: u8 = 22;
 const COCOON_LOCALHOST_NET: u8 = 23;
 const COCOON_HOST_NETWORK_NET: u8 = 24;
+const RUNC_PORT_FORWARD_NET: u8 = 14;
+const COCOON_PORT_FORWARD_NET: u8 = 25;
 
 struct Env {
     node: CriNode,
@@ -148,6 +150,26 @@ async fn cocoon_containers_of_a_pod_share_localhost() {
         "cocoon_containers_of_a_pod_share_localhost",
         COCOON,
         COCOON_LOCALHOST_NET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn runc_port_forward_reaches_pod_localhost() {
+    port_forward_reaches_pod_localhost(
+        "runc_port_forward_reaches_pod_localhost",
+        RUNC,
+        RUNC_PORT_FORWARD_NET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_port_forward_reaches_pod_localhost() {
+    port_forward_reaches_pod_localhost(
+        "cocoon_port_forward_reaches_pod_localhost",
+        COCOON,
+        COCOON_PORT_FORWARD_NET,
     )
     .await;
 }
@@ -460,6 +482,106 @@ async fn containers_share_localhost(test: &str, handler: &str, net: u8) {
         out.contains(&format!("inet {ip}/24")),
         "the pod IP {ip}/24 is not on an interface the container sees:\n{out}"
     );
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
+}
+
+/// `PortForward` (what `kubectl port-forward` uses) reaches a server listening only on the
+/// pod's 127.0.0.1, through CRI's streaming server; a port nothing listens on comes back
+/// as an error on the error channel, not as data.
+async fn port_forward_reaches_pod_localhost(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("forward", "uid-forward", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\ncontainerd log:\n{}", node.log_tail()));
+    let server = CriNode::container_config(
+        "server",
+        IMAGE_REF,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/www && echo forwarded > /tmp/www/index.html && \
+             exec httpd -f -p 127.0.0.1:8081 -h /tmp/www",
+        ],
+        &[],
+    );
+    let server = node
+        .create_and_start(&pod, &server, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start server: {e}\n{}", node.log_tail()));
+    let url_for = |port: u16| {
+        let mut runtime = node.runtime();
+        let pod = pod.clone();
+        async move {
+            runtime
+                .port_forward(k8s_cri::v1::PortForwardRequest {
+                    pod_sandbox_id: pod,
+                    port: vec![port.into()],
+                })
+                .await
+                .expect("PortForward")
+                .into_inner()
+                .url
+        }
+    };
+    // The server listens a moment after StartContainer: retry until it answers. Each
+    // streaming URL serves one session, so each try asks for a new one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let url = url_for(8081).await;
+        let r = tokio::task::spawn_blocking(move || {
+            cocoon_integration::streaming::port_forward(
+                &url,
+                8081,
+                b"GET / HTTP/1.0\r\n\r\n",
+                Duration::from_secs(20),
+            )
+        })
+        .await
+        .unwrap();
+        match r {
+            Ok(f) if f.data.starts_with(b"HTTP/1.") && f.data.ends_with(b"\r\n\r\nforwarded\n") => {
+                break Ok(f)
+            }
+            other if Instant::now() >= deadline => break Err(other),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    if let Err(last) = got {
+        let seen = node
+            .exec_sync(
+                &server,
+                &["sh", "-c", "ps; netstat -ltn"],
+                Duration::from_secs(10),
+            )
+            .await;
+        let log = std::fs::read_to_string(Path::new(&pconfig.log_directory).join("server/0.log"));
+        panic!(
+            "port-forward to the pod's 127.0.0.1:8081 did not answer: {last:?}\n\
+             in the pod: {seen:?}\nserver log: {log:?}\ncontainerd log:\n{}",
+            node.log_tail()
+        );
+    }
+    // Nothing listens on 8082: containerd says so on the error channel.
+    let url = url_for(8082).await;
+    let closed = tokio::task::spawn_blocking(move || {
+        cocoon_integration::streaming::port_forward(&url, 8082, b"", Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    match closed {
+        Ok(f) => assert!(
+            f.data.is_empty() && !f.error.is_empty(),
+            "a closed port must come back as an error: {f:?}"
+        ),
+        Err(e) => panic!("port-forward to a closed port: {e}"),
+    }
     node.stop_and_remove_pod(&pod)
         .await
         .expect("stop/remove pod");

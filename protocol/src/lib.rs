@@ -34,6 +34,11 @@ pub const AGENT_PORT: u32 = 1024;
 /// vsock port the agent accepts stdio streams on (see `StdioStreams`).
 pub const STDIO_PORT: u32 = 1025;
 
+/// vsock port the agent accepts port-forward connections on: the host writes
+/// `TCP <port>\n`, the agent connects to `127.0.0.1:<port>` in the pod's network and
+/// answers `OK\n` (then bytes flow both ways) or `ERR <why>\n`.
+pub const FORWARD_PORT: u32 = 1026;
+
 /// Bumped on incompatible protocol changes; reported by `Health.Version`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -14,5 +14,6 @@ pub mod check;
 pub mod config;
 pub mod hypervisor;
 pub mod podnet;
+pub mod portfwd;
 pub mod shimv2;
 pub mod vsock;

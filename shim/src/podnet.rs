@@ -47,6 +47,8 @@ pub enum PodNetError {
     Tap(#[source] std::io::Error),
     #[error("the pod network thread panicked")]
     Thread,
+    #[error("cannot listen for port forwards in the pod network namespace")]
+    Forward(#[source] std::io::Error),
 }
 
 /// The pod's network as the VM needs it.
@@ -59,6 +61,9 @@ pub struct PodNetwork {
     pub interface: Interface,
     /// Its routes, less those the guest kernel makes itself for each address.
     pub routes: Vec<Route>,
+    /// The loopback listener `PortForward` connections are redirected to (see
+    /// `crate::portfwd`); None where nftables could not install the redirect.
+    pub forward: Option<std::net::TcpListener>,
 }
 
 impl PodNetwork {
@@ -80,11 +85,19 @@ impl PodNetwork {
                     remove_redirect(&interface.name);
                     return Err(e);
                 }
+                let forward = match crate::portfwd::install() {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!("PortForward will not reach this pod: {e}");
+                        None
+                    }
+                };
                 Ok(PodNetwork {
                     netns,
                     tap: Some(tap),
                     interface,
                     routes,
+                    forward,
                 })
             }
         })
@@ -127,7 +140,7 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| PodNetError::Thread)?
 }
 
-fn tool(name: &str) -> String {
+pub(crate) fn tool(name: &str) -> String {
     for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
         let p = Path::new(dir).join(name);
         if p.exists() {
@@ -293,6 +306,7 @@ fn remove_redirect(dev: &str) {
     for d in [dev, TAP_NAME] {
         let _ = run("tc", &["qdisc", "del", "dev", d, "ingress"]);
     }
+    crate::portfwd::uninstall();
 }
 
 #[cfg(test)]

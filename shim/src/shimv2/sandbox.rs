@@ -48,6 +48,8 @@ pub struct Sandbox {
     pub boot: BootTimes,
     /// The pod's network (CRI pods), undone when the VM stops.
     net: Option<PodNetwork>,
+    /// Serves `PortForward` into the guest while the VM runs.
+    forwarder: Option<tokio::task::JoinHandle<()>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -162,6 +164,7 @@ impl Sandbox {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
         agent.create_sandbox(req).await?;
+        let mut forwarder = None;
         if let Some(n) = net.as_ref() {
             let got = agent
                 .update_interface(n.interface.clone())
@@ -177,6 +180,8 @@ impl Sandbox {
                     what: "routes",
                     source,
                 })?;
+            let listener = n.forward.as_ref().and_then(|l| l.try_clone().ok());
+            forwarder = listener.map(|l| crate::portfwd::spawn(l, vm.vsock_uds.clone()));
             tracing::info!(
                 vm = vm_id,
                 interface = %got.name,
@@ -202,6 +207,7 @@ impl Sandbox {
             },
             vm: Mutex::new(Some(vm)),
             net: None,
+            forwarder,
         })
     }
 
@@ -218,6 +224,9 @@ impl Sandbox {
         };
         if let Err(e) = self.agent.shutdown().await {
             tracing::warn!("agent shutdown: {e}");
+        }
+        if let Some(f) = &self.forwarder {
+            f.abort();
         }
         vm.stop(Duration::from_secs(5)).await;
         mounts::unmount_share(&self.share);
