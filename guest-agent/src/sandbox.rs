@@ -77,6 +77,7 @@ pub async fn create(
             Err(e) => return Err(SandboxError::Mount(shared_fs_tag.into(), e)),
         }
     }
+    mount_pod_shm()?;
     if !hostname.is_empty() {
         nix::unistd::sethostname(hostname).map_err(SandboxError::Hostname)?;
     }
@@ -85,6 +86,23 @@ pub async fn create(
         std::fs::write("/etc/resolv.conf", resolv_conf(dns)).map_err(SandboxError::Dns)?;
     }
     Ok(())
+}
+
+/// The tmpfs a pod's containers share as `/dev/shm` (see `GUEST_POD_SHM`).
+fn mount_pod_shm() -> Result<(), SandboxError> {
+    use cocoon_protocol::{GUEST_POD_SHM, GUEST_POD_SHM_SIZE};
+    std::fs::create_dir_all(GUEST_POD_SHM)
+        .map_err(|e| SandboxError::MountPoint(GUEST_POD_SHM, e))?;
+    match mount(
+        Some("shm"),
+        GUEST_POD_SHM,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("mode=1777,size={GUEST_POD_SHM_SIZE}").as_str()),
+    ) {
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(e) => Err(SandboxError::Mount("pod shm".into(), e)),
+    }
 }
 
 pub async fn destroy(state: &AgentState) {

@@ -39,6 +39,13 @@ pub const STDIO_PORT: u32 = 1025;
 /// answers `OK\n` (then bytes flow both ways) or `ERR <why>\n`.
 pub const FORWARD_PORT: u32 = 1026;
 
+/// The pod's shared memory in the guest: a tmpfs the agent mounts at CreateSandbox.
+/// Kubernetes containers of one pod share `/dev/shm`; their specs name a host tmpfs
+/// (containerd's per-sandbox `shm`), which the shim replaces with this.
+pub const GUEST_POD_SHM: &str = "/run/cocoon/pod-shm";
+/// Its size, as containerd's default for a pod's `/dev/shm`.
+pub const GUEST_POD_SHM_SIZE: &str = "64m";
+
 /// Bumped on incompatible protocol changes; reported by `Health.Version`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -307,7 +307,13 @@ fn make_device(
         Mode::from_bits_truncate(mode),
         makedev(major, minor),
     ) {
-        Ok(()) => Ok(()),
+        // mknod's mode passes through the umask (0644 for a 0666 /dev/null, which a
+        // non-root container could then not write): set it exactly, as runc does.
+        Ok(()) => {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dest, fs::Permissions::from_mode(mode & 0o7777))
+                .ctx(|| format!("cannot set the mode of {dest:?}"))
+        }
         // Some filesystems refuse device nodes: bind the host's instead.
         Err(_) => {
             make_mount_point(dest, true)?;

@@ -3,9 +3,9 @@
 //! CNI prepared for the pod, and the namespace paths in each spec that mean something on
 //! the host but not in the guest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 use thiserror::Error;
 
 use super::SANDBOX_ID_ANNOTATION;
@@ -71,6 +71,30 @@ pub fn adapt_spec(spec: &mut Spec) {
     {
         ns.retain(|n| !(n.typ() == LinuxNamespaceType::Network && n.path().is_some()));
     }
+}
+
+/// A CRI container's `/dev/shm` bind (of containerd's per-sandbox tmpfs on the host),
+/// taken out of the spec so that it is not shared from the host, with its position.
+pub fn take_pod_shm(spec: &mut Spec) -> Option<(usize, Mount)> {
+    if !is_cri(spec) {
+        return None;
+    }
+    let mounts = spec.mounts_mut().as_mut()?;
+    let i = mounts.iter().position(|m| {
+        m.destination() == Path::new("/dev/shm") && m.typ().as_deref() == Some("bind")
+    })?;
+    Some((i, mounts.remove(i)))
+}
+
+/// Puts the `/dev/shm` mount back, now a bind of the pod's tmpfs in the guest: the
+/// pod's containers share it, and it is memory of the VM, not a file share.
+pub fn restore_pod_shm(spec: &mut Spec, taken: Option<(usize, Mount)>) {
+    let Some((i, mut m)) = taken else {
+        return;
+    };
+    m.set_source(Some(PathBuf::from(cocoon_protocol::GUEST_POD_SHM)));
+    let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
+    mounts.insert(i.min(mounts.len()), m);
 }
 
 #[cfg(test)]
@@ -166,6 +190,37 @@ mod tests {
                 .unwrap()
                 .len(),
             1
+        );
+    }
+
+    #[test]
+    fn the_pod_shm_becomes_the_guest_tmpfs_in_place() {
+        let mut s: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "annotations": {"io.kubernetes.cri.sandbox-id": "abc"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev/shm", "type": "bind",
+                 "source": "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/abc/shm",
+                 "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/x/hosts"},
+            ],
+        }))
+        .unwrap();
+        let taken = take_pod_shm(&mut s);
+        assert_eq!(taken.as_ref().map(|t| t.0), Some(1));
+        assert_eq!(s.mounts().as_ref().unwrap().len(), 2);
+        restore_pod_shm(&mut s, taken);
+        let m = &s.mounts().as_ref().unwrap()[1];
+        assert_eq!(m.destination(), Path::new("/dev/shm"));
+        assert_eq!(
+            m.source().as_deref(),
+            Some(Path::new(cocoon_protocol::GUEST_POD_SHM))
+        );
+        assert_eq!(
+            m.options().as_deref(),
+            Some(&["rbind".to_string(), "ro".to_string()][..])
         );
     }
 }

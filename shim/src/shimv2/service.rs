@@ -370,8 +370,10 @@ impl Service {
         let booted_here = self.inner.sandbox.lock().await.is_none();
         let sb = self.sandbox(netns).await?;
         let t_sandbox = std::time::Instant::now();
+        let shm = pod::take_pod_shm(&mut spec);
         let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
             .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        pod::restore_pod_shm(&mut spec, shm);
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

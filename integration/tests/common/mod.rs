@@ -1,0 +1,97 @@
+//! What the CRI test files share: a node per test on its own pod network, the
+//! prerequisites of each runtime handler, and waiting on a condition with a deadline.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cocoon_integration::cri::{self, CriNode};
+use cocoon_integration::{image_dir, test_config};
+use cocoon_nested::testing::missing;
+
+pub struct Env {
+    pub node: CriNode,
+    pub dir: tempfile::TempDir,
+}
+
+/// Why `handler`'s pods cannot run here, if they cannot.
+pub fn prerequisites_missing(handler: &str) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (network namespaces, CNI, runc)".into());
+    }
+    let path = cocoon_integration::containerd::tool_path();
+    let on_path = |bin: &str| path.split(':').any(|d| Path::new(d).join(bin).is_file());
+    for (bin, package) in [
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        ("runc", "runc"),
+    ] {
+        if !on_path(bin) {
+            return Some(format!("{bin} not on PATH (apt-get install {package})"));
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("no /bin/busybox for the test images (apt-get install busybox-static)".into());
+    }
+    if let Some(why) = cri::cni_missing() {
+        return Some(why);
+    }
+    if handler == cri::COCOON && !image_dir().join("vmlinuz").is_file() {
+        return Some(format!(
+            "guest image not found in {}: run `make image`",
+            image_dir().display()
+        ));
+    }
+    None
+}
+
+/// A CRI node for `test` on pod network `net`, or None (after `missing`) when this host
+/// cannot run `handler`'s pods: under CI=true that fails the test.
+pub async fn env(test: &str, handler: &str, net: u8) -> Option<Env> {
+    if let Some(why) = prerequisites_missing(handler) {
+        missing(test, &why);
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = cocoon_config(dir.path(), handler);
+    let node = CriNode::start(&dir.path().join("containerd"), &config_path, net).await;
+    Some(Env { node, dir })
+}
+
+/// The shim's COCOON_CONFIG, as ctr.rs writes it. runc pods never read it, so they do
+/// not need the guest image it names.
+fn cocoon_config(dir: &Path, handler: &str) -> PathBuf {
+    let run_dir = dir.join("run");
+    let c = if handler == cri::COCOON {
+        test_config(&run_dir, Duration::from_secs(90))
+    } else {
+        let mut c = cocoon_shim::config::Config::default();
+        c.paths.run_dir = run_dir;
+        c
+    };
+    let path = dir.join("cocoon.toml");
+    let toml = format!(
+        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
+        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
+    );
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Polls `check` until it holds or `limit` passes; returns whether it held.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    pid != 0 && cocoon_integration::alive(pid)
+}

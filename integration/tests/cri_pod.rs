@@ -1,0 +1,173 @@
+//! What a pod's container sees of what kubelet asked for (hostname, DNS, /etc/hosts,
+//! hostPath volumes, /dev/shm, sysctls, securityContext), under runc and under cocoon:
+//! the two reports must be the same.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cocoon_integration::cri::{CriNode, COCOON, RUNC};
+use cocoon_integration::image::IMAGE_REF;
+use common::env;
+use k8s_cri::v1::{security_profile::ProfileType, Capability, Int64Value, Mount, SecurityProfile};
+
+const RUNC_NET: u8 = 15;
+const COCOON_NET: u8 = 26;
+
+/// Printed by the container: one item per line, nothing that differs between two
+/// correct runs (no IPs, pids or times).
+const REPORT: &str = r#"
+echo "hostname: $(hostname)"
+echo "etc-hostname: $(cat /etc/hostname)"
+echo "resolv.conf:"; cat /etc/resolv.conf
+echo "hosts:"; cat /etc/hosts
+echo "id: $(id)"
+grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status
+touch /rootfs-probe 2>/dev/null && echo "rootfs: writable" || echo "rootfs: read-only"
+echo hello > /data-rw/out 2>/dev/null && echo "rw volume: writable" || echo "rw volume: refused"
+echo hello > /data-ro/out 2>/dev/null && echo "ro volume: writable" || echo "ro volume: refused"
+echo "ro volume holds: $(cat /data-ro/in)"
+echo "file volume holds: $(cat /config.txt)"
+echo "shm: $(awk '$2 == "/dev/shm" {print $3}' /proc/mounts)"
+echo shared > /dev/shm/probe 2>/dev/null && echo "shm: writable" || echo "shm: refused"
+echo "sysctl shm_rmid_forced: $(cat /proc/sys/kernel/shm_rmid_forced)"
+echo "sysctl unprivileged ports from: $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
+echo "termination-log: $(test -f /dev/termination-log && echo present || echo absent)"
+"#;
+
+/// Runs the report in a pod on `handler` and returns it, with the host side of the
+/// rw volume.
+async fn observe(test: &str, handler: &str, net: u8) -> Option<(String, String)> {
+    let env = env(test, handler, net).await?;
+    let node = &env.node;
+    let vols = env.dir.path().join("volumes");
+    for d in ["rw", "ro"] {
+        std::fs::create_dir_all(vols.join(d)).unwrap();
+    }
+    // The container runs as uid 1000: the rw volume is open to it, as an emptyDir is.
+    std::fs::set_permissions(
+        vols.join("rw"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::write(vols.join("ro/in"), "from the host\n").unwrap();
+    std::fs::write(vols.join("config.txt"), "a config file\n").unwrap();
+
+    let mut pconfig = node.pod_config("web-0", "uid-web-0", "default");
+    if let Some(linux) = pconfig.linux.as_mut() {
+        linux
+            .sysctls
+            .insert("kernel.shm_rmid_forced".into(), "1".into());
+        linux
+            .sysctls
+            .insert("net.ipv4.ip_unprivileged_port_start".into(), "80".into());
+    }
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    let mount = |host: &Path, container: &str, readonly: bool| Mount {
+        host_path: host.to_string_lossy().into_owned(),
+        container_path: container.into(),
+        readonly,
+        ..Default::default()
+    };
+    c.mounts = vec![
+        mount(&vols.join("rw"), "/data-rw", false),
+        mount(&vols.join("ro"), "/data-ro", true),
+        mount(&vols.join("config.txt"), "/config.txt", true),
+    ];
+    let sc = c
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .expect("container_config sets a security context");
+    sc.run_as_user = Some(Int64Value { value: 1000 });
+    sc.run_as_group = Some(Int64Value { value: 2000 });
+    sc.supplemental_groups = vec![3000];
+    sc.readonly_rootfs = true;
+    sc.no_new_privs = true;
+    sc.capabilities = Some(Capability {
+        add_capabilities: vec!["NET_BIND_SERVICE".into()],
+        drop_capabilities: vec!["ALL".into()],
+        ..Default::default()
+    });
+    sc.seccomp = Some(SecurityProfile {
+        profile_type: ProfileType::RuntimeDefault as i32,
+        localhost_ref: String::new(),
+    });
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(&ctr, &["sh", "-c", REPORT], Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{test}: ExecSync: {e}"));
+    assert_eq!(code, 0, "{test}: the report failed: {err}\n{out}");
+    let written = std::fs::read_to_string(vols.join("rw/out")).unwrap_or_default();
+    node.stop_and_remove_pod(&pod)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: stop/remove: {e}"));
+    Some((out, written))
+}
+
+#[tokio::test]
+async fn pod_environment_matches_runc() {
+    let test = "pod_environment_matches_runc";
+    let (runc, cocoon) = tokio::join!(
+        observe(test, RUNC, RUNC_NET),
+        observe(test, COCOON, COCOON_NET)
+    );
+    let (Some((runc, runc_written)), Some((cocoon, cocoon_written))) = (runc, cocoon) else {
+        return;
+    };
+    // The baseline itself must show what was asked for, or the comparison means little.
+    for expected in [
+        "hostname: web-0",
+        "nameserver 198.18.",
+        "search default.svc.cluster.local",
+        "options ndots:5",
+        "id: uid=1000(user) gid=2000(extra) groups=2000(extra),3000",
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+        "rootfs: read-only",
+        "rw volume: writable",
+        "ro volume: refused",
+        "ro volume holds: from the host",
+        "file volume holds: a config file",
+        "shm: tmpfs",
+        "sysctl shm_rmid_forced: 1",
+        "sysctl unprivileged ports from: 80",
+    ] {
+        assert!(
+            runc.contains(expected),
+            "runc's report lacks {expected:?}:\n{runc}"
+        );
+    }
+    assert_eq!(
+        runc_written, "hello\n",
+        "runc: the rw volume's write reached the host"
+    );
+    // The nameserver is each node's own bridge; everything else must match exactly.
+    let normalize = |s: &str| {
+        s.lines()
+            .map(|l| match l.strip_prefix("nameserver 198.18.") {
+                Some(_) => "nameserver <bridge>".to_string(),
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        normalize(&cocoon),
+        normalize(&runc),
+        "cocoon's pod differs from runc's (left: cocoon, right: runc)"
+    );
+    assert_eq!(
+        cocoon_written, "hello\n",
+        "cocoon: the rw volume's write reached the host"
+    );
+}
