@@ -28,6 +28,7 @@ const COCOON_LOCALHOST_NET: u8 = 23;
 const COCOON_HOST_NETWORK_NET: u8 = 24;
 const RUNC_PORT_FORWARD_NET: u8 = 14;
 const COCOON_PORT_FORWARD_NET: u8 = 25;
+const COCOON_VM_KILLED_NET: u8 = 27;
 
 #[tokio::test]
 async fn runc_pod_lifecycle() {
@@ -87,6 +88,106 @@ async fn cocoon_port_forward_reaches_pod_localhost() {
         COCOON_PORT_FORWARD_NET,
     )
     .await;
+}
+
+/// The VMM of a running pod is SIGKILLed: every container of the pod is reported exited
+/// (137, as runc reports a killed process) at once, the pod can be stopped and removed,
+/// and nothing of it remains.
+#[tokio::test]
+async fn cocoon_pod_whose_vm_is_killed_exits_and_cleans_up() {
+    let test = "cocoon_pod_whose_vm_is_killed_exits_and_cleans_up";
+    let Some(env) = env(test, COCOON, COCOON_VM_KILLED_NET).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("doomed", "uid-doomed", "default");
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.log_tail()));
+    let c = CriNode::container_config("sleeper", IMAGE_REF, &["sleep", "3600"], &[]);
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start: {e}\n{}", node.log_tail()));
+    let run_dir = env.dir.path().join("run").to_string_lossy().into_owned();
+    let vmm: Vec<_> = processes_mentioning(&run_dir)
+        .into_iter()
+        // QEMU here; cocoon-vmm's VM process where the host has hardware KVM.
+        .filter(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("cocoon-vmm run "))
+        .collect();
+    assert_eq!(vmm.len(), 1, "one VMM per pod: {vmm:?}");
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vmm[0].0 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let status = |id: String| {
+        let mut runtime = node.runtime();
+        async move {
+            runtime
+                .container_status(k8s_cri::v1::ContainerStatusRequest {
+                    container_id: id,
+                    verbose: false,
+                })
+                .await
+                .map(|r| r.into_inner().status.unwrap_or_default())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        let s = status(ctr.clone()).await.expect("ContainerStatus");
+        if s.state == ContainerState::ContainerExited as i32 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container still runs 20 s after its VM died: {s:?}\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        exited.exit_code, 137,
+        "a container whose VM died exits as killed"
+    );
+    let noticed = t.elapsed();
+    let sandbox_state = loop {
+        let s = node.pod_status(&pod).await.expect("PodSandboxStatus");
+        let state = s.status.unwrap_or_default().state;
+        if state == PodSandboxState::SandboxNotready as i32 || Instant::now() >= deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        sandbox_state,
+        PodSandboxState::SandboxNotready as i32,
+        "the pod must be NotReady once its VM is gone"
+    );
+    eprintln!("{test}: container reported exited {noticed:?} after the VMM was killed");
+
+    node.stop_pod(&pod)
+        .await
+        .expect("StopPodSandbox after the VM died");
+    node.remove_pod(&pod)
+        .await
+        .expect("RemovePodSandbox after the VM died");
+    let gone = eventually(Duration::from_secs(10), || {
+        processes_mentioning(&pod).is_empty() && processes_mentioning(&run_dir).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "left running: {:?} {:?}",
+        processes_mentioning(&pod),
+        processes_mentioning(&run_dir)
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<_> = mounts.lines().filter(|l| l.contains(&run_dir)).collect();
+    assert!(left.is_empty(), "mounts left: {left:?}");
 }
 
 /// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.
