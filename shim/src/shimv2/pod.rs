@@ -10,6 +10,14 @@ use thiserror::Error;
 
 use super::SANDBOX_ID_ANNOTATION;
 
+/// Per-pod VM size, set on the pod (`metadata.annotations`) and passed to the runtime by
+/// containerd's `pod_annotations = ["io.cocoon.*"]` for the handler.
+pub const VCPUS_ANNOTATION: &str = "io.cocoon.vm.vcpus";
+pub const MEMORY_ANNOTATION: &str = "io.cocoon.vm.memory_mib";
+/// Every annotation the runtime reads from a pod starts with this (containerd's
+/// `pod_annotations` pattern `io.cocoon.*`).
+pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
+
 /// CRI's annotation saying whether a container is the pod's sandbox or a workload.
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 
