@@ -171,3 +171,66 @@ async fn pod_environment_matches_runc() {
         "cocoon: the rw volume's write reached the host"
     );
 }
+
+const COCOON_SIZED_NET: u8 = 28;
+
+/// A pod's annotations size its VM (containerd passes `io.cocoon.*` to the runtime);
+/// a bad value is refused with the annotation's name.
+#[tokio::test]
+async fn cocoon_pod_vm_is_sized_by_its_annotations() {
+    let test = "cocoon_pod_vm_is_sized_by_its_annotations";
+    let Some(env) = env(test, COCOON, COCOON_SIZED_NET).await else {
+        return;
+    };
+    let node = &env.node;
+    let mut pconfig = node.pod_config("sized", "uid-sized", "default");
+    pconfig
+        .annotations
+        .insert("io.cocoon.vm.vcpus".into(), "2".into());
+    pconfig
+        .annotations
+        .insert("io.cocoon.vm.memory_mib".into(), "384".into());
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.log_tail()));
+    let c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(
+            &ctr,
+            &[
+                "sh",
+                "-c",
+                "nproc; awk '/^MemTotal:/ {print $2}' /proc/meminfo",
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("ExecSync");
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("2"), "vCPUs seen in the pod: {out}");
+    let mem_kib: u64 = lines.next().and_then(|l| l.parse().ok()).expect("MemTotal");
+    // The guest kernel keeps some of the 384 MiB for itself.
+    assert!(
+        (300 * 1024..=384 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB for a 384 MiB VM"
+    );
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+
+    let mut bad = node.pod_config("badly-sized", "uid-badly-sized", "default");
+    bad.annotations
+        .insert("io.cocoon.vm.vcpus".into(), "lots".into());
+    let e = node
+        .run_pod(&bad, COCOON)
+        .await
+        .expect_err("a pod with a bad size annotation must not start");
+    assert!(
+        e.message().contains("io.cocoon.vm.vcpus") && e.message().contains("1 to 64"),
+        "the error must name the annotation and the range: {e}"
+    );
+}

@@ -23,6 +23,12 @@ pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PodSpecError {
+    #[error("pod annotation {key}={value:?}: {why}")]
+    BadAnnotation {
+        key: String,
+        value: String,
+        why: String,
+    },
     #[error(
         "pods with hostNetwork: true cannot run on Cocoon: a VM cannot share the host's \
          network namespace (run this pod with another RuntimeClass)"
@@ -45,6 +51,57 @@ pub fn is_cri(spec: &Spec) -> bool {
 /// Whether this is a pod's sandbox (pause) container.
 pub fn is_sandbox(spec: &Spec) -> bool {
     annotation(spec, CONTAINER_TYPE_ANNOTATION) == Some("sandbox")
+}
+
+/// What a pod asks of its VM: the network CNI prepared and, from its annotations, a
+/// size other than the config's.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PodVm {
+    pub netns: Option<PathBuf>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+}
+
+/// Reads what the first container of a pod asks of its VM. An `io.cocoon.*`
+/// annotation that is not ours, or a value out of range, is an error naming it: a typo
+/// must not silently give a pod the default size.
+pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
+    let mut vm = PodVm {
+        netns: pod_netns(spec)?,
+        ..Default::default()
+    };
+    let Some(annotations) = spec.annotations().as_ref() else {
+        return Ok(vm);
+    };
+    let mut keys: Vec<_> = annotations
+        .keys()
+        .filter(|k| k.starts_with(ANNOTATION_PREFIX))
+        .collect();
+    keys.sort();
+    for key in keys {
+        let value = &annotations[key];
+        let bad = |why: &str| PodSpecError::BadAnnotation {
+            key: key.clone(),
+            value: value.clone(),
+            why: why.into(),
+        };
+        match key.as_str() {
+            VCPUS_ANNOTATION => match value.trim().parse::<u32>() {
+                Ok(n @ 1..=64) => vm.vcpus = Some(n),
+                _ => return Err(bad("must be a whole number from 1 to 64")),
+            },
+            MEMORY_ANNOTATION => match value.trim().parse::<u32>() {
+                Ok(n @ 64..=1_048_576) => vm.memory_mib = Some(n),
+                _ => return Err(bad("must be a whole number of MiB from 64 to 1048576")),
+            },
+            _ => {
+                return Err(bad(&format!(
+                    "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION})"
+                )))
+            }
+        }
+    }
+    Ok(vm)
 }
 
 /// The host network namespace CNI prepared, for a CRI sandbox container. A sandbox with
@@ -230,5 +287,31 @@ mod tests {
             m.options().as_deref(),
             Some(&["rbind".to_string(), "ro".to_string()][..])
         );
+    }
+
+    #[test]
+    fn pod_annotations_size_the_vm_or_are_refused_by_name() {
+        let mut s = pause(serde_json::json!([
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+        ]));
+        let a = s.annotations_mut().get_or_insert_with(Default::default);
+        a.insert(VCPUS_ANNOTATION.into(), "2".into());
+        a.insert(MEMORY_ANNOTATION.into(), "384".into());
+        let vm = pod_vm(&s).unwrap();
+        assert_eq!((vm.vcpus, vm.memory_mib), (Some(2), Some(384)));
+        assert_eq!(vm.netns, Some(PathBuf::from("/var/run/netns/cni-1")));
+        for (key, value, says) in [
+            (VCPUS_ANNOTATION, "0", "1 to 64"),
+            (VCPUS_ANNOTATION, "lots", "1 to 64"),
+            (MEMORY_ANNOTATION, "32", "64 to 1048576"),
+            ("io.cocoon.vm.vcpu", "2", "not a Cocoon annotation"),
+        ] {
+            let mut bad = s.clone();
+            bad.annotations_mut()
+                .get_or_insert_with(Default::default)
+                .insert(key.into(), value.into());
+            let e = pod_vm(&bad).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{e}");
+        }
     }
 }

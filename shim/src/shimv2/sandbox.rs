@@ -10,6 +10,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 
 use super::mounts::{self, MountError};
+use super::pod::PodVm;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
 use crate::hypervisor::{self, find_binary, HypervisorError, NetAttach, SharedDir, Vm, VmSpec};
@@ -67,14 +68,24 @@ pub fn vm_id(namespace: &str, group: &str) -> String {
 }
 
 impl Sandbox {
-    /// Boots the pod VM. `netns` is the host network namespace CNI prepared for a
-    /// Kubernetes pod, carried into the guest (see `crate::podnet`).
+    /// Boots the pod VM, sized as the pod asks. Its `netns` is the host network
+    /// namespace CNI prepared for a Kubernetes pod, carried into the guest (see
+    /// `crate::podnet`).
     pub async fn start(
         config: &Config,
         vm_id: &str,
         sandbox_id: &str,
-        netns: Option<PathBuf>,
+        pod_vm: PodVm,
     ) -> Result<Self, SandboxError> {
+        let mut config = config.clone();
+        if let Some(n) = pod_vm.vcpus {
+            config.vm.vcpus = n;
+        }
+        if let Some(m) = pod_vm.memory_mib {
+            config.vm.memory_mib = m;
+        }
+        let config = &config;
+        let netns = pod_vm.netns;
         let share = config.paths.run_dir.join("shares").join(vm_id);
         // A share left by a crashed shim must not be exported twice.
         mounts::unmount_share(&share);

@@ -215,13 +215,13 @@ impl Service {
     }
 
     /// The pod VM, booted on first use (with the pod's network, for a CRI sandbox).
-    async fn sandbox(&self, netns: Option<PathBuf>) -> Result<Arc<Sandbox>, ttrpc::Error> {
+    async fn sandbox(&self, pod_vm: pod::PodVm) -> Result<Arc<Sandbox>, ttrpc::Error> {
         let mut slot = self.inner.sandbox.lock().await;
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
         let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
-        let sb = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group, netns)
+        let sb = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group, pod_vm)
             .await
             .map_err(|e| {
                 err(
@@ -365,10 +365,16 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&bundle)?;
         let t_call = std::time::Instant::now();
-        let netns = pod::pod_netns(&spec).map_err(|e| err(ttrpc::Code::FAILED_PRECONDITION, e))?;
+        let pod_vm = pod::pod_vm(&spec).map_err(|e| {
+            let code = match e {
+                pod::PodSpecError::HostNetwork => ttrpc::Code::FAILED_PRECONDITION,
+                pod::PodSpecError::BadAnnotation { .. } => ttrpc::Code::INVALID_ARGUMENT,
+            };
+            err(code, e)
+        })?;
         pod::adapt_spec(&mut spec);
         let booted_here = self.inner.sandbox.lock().await.is_none();
-        let sb = self.sandbox(netns).await?;
+        let sb = self.sandbox(pod_vm).await?;
         let t_sandbox = std::time::Instant::now();
         let shm = pod::take_pod_shm(&mut spec);
         let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
