@@ -250,7 +250,8 @@ impl CriNode {
             }),
             labels,
             linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: String::new(),
+                // As kubelet: the pod's own cgroup, below one per node here.
+                cgroup_parent: format!("/{}/pod{uid}", self.cgroup_parent_root()),
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(namespaces()),
                     ..Default::default()
@@ -462,6 +463,42 @@ impl Drop for CriNode {
             .stderr(Stdio::null())
             .status();
         crate::unmount_under(&self.dir);
+        self.remove_pod_cgroups();
+    }
+}
+
+impl CriNode {
+    /// The cgroup under which this node's pods get theirs (kubelet's `kubepods`).
+    pub fn cgroup_parent_root(&self) -> String {
+        format!("cocoon-cri-test-{}", self.subnet_index)
+    }
+
+    /// Removes the pod cgroups kubelet would have (this node's whole subtree), deepest
+    /// first, in every hierarchy; by now nothing runs in them.
+    fn remove_pod_cgroups(&self) {
+        fn rmdir_tree(dir: &Path) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rmdir_tree(&e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        let root = self.cgroup_parent_root();
+        let hierarchies = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten();
+        for h in hierarchies {
+            let mine = h.path().join(&root);
+            if mine.is_dir() {
+                rmdir_tree(&mine);
+            }
+        }
+        let unified = Path::new("/sys/fs/cgroup").join(&root);
+        if unified.is_dir() {
+            rmdir_tree(&unified);
+        }
     }
 }
 

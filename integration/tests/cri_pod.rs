@@ -234,3 +234,166 @@ async fn cocoon_pod_vm_is_sized_by_its_annotations() {
         "the error must name the annotation and the range: {e}"
     );
 }
+
+const RUNC_STATS_NET: u8 = 16;
+const COCOON_STATS_NET: u8 = 29;
+
+#[tokio::test]
+async fn runc_pod_and_container_stats() {
+    pod_and_container_stats("runc_pod_and_container_stats", RUNC, RUNC_STATS_NET).await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_and_container_stats() {
+    pod_and_container_stats("cocoon_pod_and_container_stats", COCOON, COCOON_STATS_NET).await;
+}
+
+/// The pod's cgroup directories below kubelet's pod cgroup, in every hierarchy.
+fn pod_cgroup_children(node: &CriNode, uid: &str) -> Vec<std::path::PathBuf> {
+    let rel = format!("{}/pod{uid}", node.cgroup_parent_root());
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|h| h.path().join(&rel))
+        .chain([Path::new("/sys/fs/cgroup").join(&rel)])
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// ContainerStats and PodSandboxStats report CPU, memory and the pod's network as
+/// kubelet reads them; under cocoon the pod's cgroup holds the VM's host processes, so
+/// the node accounts what the pod really costs. Nothing of the pod's cgroups is left.
+async fn pod_and_container_stats(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let uid = "uid-stats";
+    let pconfig = node.pod_config("stats", uid, "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.log_tail()));
+    let gateway = node.gateway().to_string();
+    let c = CriNode::container_config(
+        "busy",
+        IMAGE_REF,
+        &[
+            "sh",
+            "-c",
+            "ping -c 3 -W 2 \"$GW\"; dd if=/dev/zero of=/dev/null bs=1M count=300; sleep 3600",
+        ],
+        &[],
+    );
+    let mut c = c;
+    c.envs = vec![k8s_cri::v1::KeyValue {
+        key: "GW".into(),
+        value: gateway,
+    }];
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start: {e}\n{}", node.log_tail()));
+
+    let mut runtime = node.runtime();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (cstats, pstats) = loop {
+        let cs = runtime
+            .container_stats(k8s_cri::v1::ContainerStatsRequest {
+                container_id: ctr.clone(),
+            })
+            .await
+            .expect("ContainerStats")
+            .into_inner()
+            .stats
+            .expect("container stats");
+        let ps = runtime
+            .pod_sandbox_stats(k8s_cri::v1::PodSandboxStatsRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PodSandboxStats: {e}"))
+            .into_inner()
+            .stats
+            .expect("pod stats");
+        let rx = ps
+            .linux
+            .as_ref()
+            .and_then(|l| l.network.as_ref())
+            .and_then(|n| n.default_interface.as_ref())
+            .and_then(|i| i.rx_bytes.as_ref())
+            .map_or(0, |v| v.value);
+        let cpu = cs
+            .cpu
+            .as_ref()
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value);
+        if (rx > 0 && cpu > 0) || std::time::Instant::now() >= deadline {
+            break (cs, ps);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let v = |x: Option<&k8s_cri::v1::UInt64Value>| x.map_or(0, |v| v.value);
+    let ccpu = v(cstats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref()));
+    let cmem = v(cstats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref()));
+    assert!(
+        ccpu > 0 && cmem > 0,
+        "{test}: container stats empty: {cstats:?}"
+    );
+    let linux = pstats.linux.as_ref().expect("linux pod stats");
+    let pcpu = v(linux
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref()));
+    let pmem = v(linux
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref()));
+    let iface = linux
+        .network
+        .as_ref()
+        .and_then(|n| n.default_interface.as_ref())
+        .expect("the pod's network interface");
+    assert_eq!(iface.name, "eth0");
+    assert!(
+        v(iface.rx_bytes.as_ref()) > 0 && v(iface.tx_bytes.as_ref()) > 0,
+        "{iface:?}"
+    );
+    assert!(pcpu > 0 && pmem > 0, "{test}: pod stats empty: {pstats:?}");
+    eprintln!(
+        "{test}: container cpu {ccpu} ns, working set {cmem} B; pod cpu {pcpu} ns, \
+         working set {pmem} B"
+    );
+    if handler == COCOON {
+        // The pod's cost is its VM: the VMM is in the pod's cgroup, and the pod's memory
+        // is at least what the guest has touched, far above one container's.
+        let children = pod_cgroup_children(node, uid);
+        let run_dir = env.dir.path().join("run").to_string_lossy().into_owned();
+        let vmm = cocoon_integration::processes_mentioning(&run_dir)
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("cocoon-vmm run "))
+            .expect("the pod's VMM");
+        let joined = children.iter().any(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .is_ok_and(|p| p.lines().any(|l| l == vmm.0.to_string()))
+        });
+        assert!(
+            joined,
+            "VMM {} not in the pod's cgroups {children:?}",
+            vmm.0
+        );
+        assert!(pmem > 20 << 20, "pod working set {pmem} B is not the VM's");
+    }
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+    let left = pod_cgroup_children(node, uid);
+    assert!(left.is_empty(), "{test}: pod cgroups left: {left:?}");
+}

@@ -58,6 +58,9 @@ pub fn is_sandbox(spec: &Spec) -> bool {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PodVm {
     pub netns: Option<PathBuf>,
+    /// The sandbox container's host cgroup (`cgroupsPath`), which the VM's host
+    /// processes join (see `crate::hostcgroup`).
+    pub host_cgroup: Option<String>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
 }
@@ -70,6 +73,14 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
         netns: pod_netns(spec)?,
         ..Default::default()
     };
+    if is_cri(spec) && is_sandbox(spec) {
+        vm.host_cgroup = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty());
+    }
     let Some(annotations) = spec.annotations().as_ref() else {
         return Ok(vm);
     };

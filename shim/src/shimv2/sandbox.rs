@@ -13,6 +13,7 @@ use super::mounts::{self, MountError};
 use super::pod::PodVm;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
+use crate::hostcgroup::{HostCgroup, CGROUP_ROOT};
 use crate::hypervisor::{self, find_binary, HypervisorError, NetAttach, SharedDir, Vm, VmSpec};
 use crate::podnet::{PodNetError, PodNetwork};
 
@@ -51,6 +52,8 @@ pub struct Sandbox {
     net: Option<PodNetwork>,
     /// Serves `PortForward` into the guest while the VM runs.
     forwarder: Option<tokio::task::JoinHandle<()>>,
+    /// The pod's host cgroup, which the VM's processes joined; removed after them.
+    host_cgroup: std::sync::Mutex<Option<HostCgroup>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -86,6 +89,7 @@ impl Sandbox {
         }
         let config = &config;
         let netns = pod_vm.netns;
+        let host_cgroup = pod_vm.host_cgroup;
         let share = config.paths.run_dir.join("shares").join(vm_id);
         // A share left by a crashed shim must not be exported twice.
         mounts::unmount_share(&share);
@@ -103,7 +107,7 @@ impl Sandbox {
             }
             None => None,
         };
-        let result = Self::boot(config, vm_id, sandbox_id, &share, net).await;
+        let result = Self::boot(config, vm_id, sandbox_id, &share, net, host_cgroup).await;
         if result.is_err() {
             mounts::unmount_share(&share);
         }
@@ -116,8 +120,9 @@ impl Sandbox {
         sandbox_id: &str,
         share: &std::path::Path,
         mut net: Option<PodNetwork>,
+        host_cgroup: Option<String>,
     ) -> Result<Self, SandboxError> {
-        let result = Self::boot_with(config, vm_id, sandbox_id, share, &mut net).await;
+        let result = Self::boot_with(config, vm_id, sandbox_id, share, &mut net, host_cgroup).await;
         match result {
             Ok(mut sb) => {
                 sb.net = net;
@@ -138,6 +143,7 @@ impl Sandbox {
         sandbox_id: &str,
         share: &std::path::Path,
         net: &mut Option<PodNetwork>,
+        host_cgroup: Option<String>,
     ) -> Result<Self, SandboxError> {
         let hv = hypervisor::from_config(config)?;
         let mut spec = VmSpec::from_config(config, vm_id);
@@ -160,6 +166,8 @@ impl Sandbox {
             n.tap = None;
         }
         let mut vm = launched?;
+        // At once, so that the guest's memory, touched as it boots, is charged to the pod.
+        let host_cgroup = host_cgroup.and_then(|path| join_host_cgroup(vm_id, &path, &vm.pids()));
         let t_launched = std::time::Instant::now();
         let boot = Duration::from_millis(config.vm.boot_timeout_ms);
         let call = Duration::from_millis(config.vm.call_timeout_ms);
@@ -219,6 +227,7 @@ impl Sandbox {
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,
+            host_cgroup: std::sync::Mutex::new(host_cgroup),
         })
     }
 
@@ -241,6 +250,10 @@ impl Sandbox {
         }
         vm.stop(Duration::from_secs(5)).await;
         mounts::unmount_share(&self.share);
+        let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());
+        if let Some(mut cg) = cg {
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
         if let Some(n) = &self.net {
             let (netns, dev) = (n.netns.clone(), n.interface.name.clone());
             let _ = tokio::task::spawn_blocking(move || crate::podnet::detach(&netns, &dev)).await;
@@ -253,6 +266,30 @@ impl Sandbox {
                 ..Default::default()
             };
             super::timings::append(run_root, &rec);
+        }
+    }
+}
+
+/// Moves the VM's host processes into the pod's cgroup. A host where that fails (no
+/// writable cgroupfs) still runs the pod, unaccounted, and says why.
+fn join_host_cgroup(vm_id: &str, cgroups_path: &str, pids: &[u32]) -> Option<HostCgroup> {
+    match HostCgroup::join(std::path::Path::new(CGROUP_ROOT), cgroups_path, pids) {
+        Ok(cg) => {
+            tracing::info!(
+                vm = vm_id,
+                cgroup = cgroups_path,
+                "VM processes in the pod cgroup"
+            );
+            Some(cg)
+        }
+        Err(e) => {
+            tracing::warn!(
+                vm = vm_id,
+                "the VM's host processes stay outside the pod cgroup (the node will not \
+                 account them): {:#}",
+                anyhow::Error::new(e)
+            );
+            None
         }
     }
 }
