@@ -1,0 +1,356 @@
+//! What kubelet does with a running pod, through CRI: streaming exec and attach (with and
+//! without a terminal, with a resize), container logs in CRI's format, a container that
+//! exits and is created again in the same pod, and UpdateContainerResources. Each case
+//! runs under runc and under cocoon.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cocoon_integration::cri::{CriNode, COCOON, RUNC};
+use cocoon_integration::image::IMAGE_REF;
+use cocoon_integration::streaming::command_session;
+use common::env;
+use k8s_cri::v1::{
+    AttachRequest, ContainerState, ContainerStatusRequest, ExecRequest, LinuxContainerResources,
+    RemoveContainerRequest, UpdateContainerResourcesRequest,
+};
+
+macro_rules! both {
+    ($case:ident, $runc:ident = $rn:expr, $cocoon:ident = $cn:expr) => {
+        #[tokio::test]
+        async fn $runc() {
+            $case(stringify!($runc), RUNC, $rn).await;
+        }
+        #[tokio::test]
+        async fn $cocoon() {
+            $case(stringify!($cocoon), COCOON, $cn).await;
+        }
+    };
+}
+
+both!(
+    exec_streams,
+    runc_exec_streams = 41,
+    cocoon_exec_streams = 51
+);
+both!(
+    attach_to_a_terminal,
+    runc_attach_to_a_terminal = 42,
+    cocoon_attach_to_a_terminal = 52
+);
+both!(
+    logs_in_cri_format,
+    runc_logs_in_cri_format = 43,
+    cocoon_logs_in_cri_format = 53
+);
+both!(
+    container_restarts_in_its_pod,
+    runc_container_restarts_in_its_pod = 44,
+    cocoon_container_restarts_in_its_pod = 54
+);
+both!(
+    update_resources_take_effect,
+    runc_update_resources_take_effect = 45,
+    cocoon_update_resources_take_effect = 55
+);
+
+/// A pod with one container running `command` (`tty`: with a terminal and stdin).
+async fn pod_with(
+    test: &str,
+    handler: &str,
+    net: u8,
+    command: &[&str],
+    tty: bool,
+) -> Option<(common::Env, k8s_cri::v1::PodSandboxConfig, String, String)> {
+    let env = env(test, handler, net).await?;
+    let node = &env.node;
+    let pconfig = node.pod_config("kubelet", "uid-kubelet", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("main", IMAGE_REF, command, &[]);
+    c.tty = tty;
+    c.stdin = tty;
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    Some((env, pconfig, pod, ctr))
+}
+
+async fn session(
+    url: String,
+    size: Option<(u16, u16)>,
+    stdin: &'static [u8],
+    until: Option<&'static [u8]>,
+) -> cocoon_integration::streaming::Session {
+    tokio::task::spawn_blocking(move || {
+        command_session(&url, size, stdin, until, Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("streaming session: {e}"))
+}
+
+/// `kubectl exec`: both streams apart and the exit code without a terminal; with one,
+/// a pts that takes the client's size.
+async fn exec_streams(test: &str, handler: &str, net: u8) {
+    let Some((env, _, pod, ctr)) = pod_with(test, handler, net, &["sleep", "3600"], false).await
+    else {
+        return;
+    };
+    let node = &env.node;
+    let mut runtime = node.runtime();
+    let url = runtime
+        .exec(ExecRequest {
+            container_id: ctr.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; exit 7".into(),
+            ],
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let s = session(url, None, b"", None).await;
+    assert_eq!(
+        (s.stdout.as_slice(), s.stderr.as_slice(), s.exit_code()),
+        (&b"out\n"[..], &b"err\n"[..], Some(7)),
+        "{test}: {s:?}"
+    );
+
+    // With a terminal: the size the client sends arrives (the shell polls for it, with a
+    // deadline, since the resize races the command's start).
+    let script = "i=0; while [ \"$(stty size)\" != '40 120' ] && [ $i -lt 100 ]; do \
+                  i=$((i+1)); sleep 0.05; done; echo \"size $(stty size)\"; tty";
+    let url = runtime
+        .exec(ExecRequest {
+            container_id: ctr.clone(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            tty: true,
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Exec with a tty")
+        .into_inner()
+        .url;
+    let s = session(url, Some((120, 40)), b"", None).await;
+    let text = String::from_utf8_lossy(&s.stdout);
+    assert!(text.contains("size 40 120\r\n"), "{test}: {text:?}");
+    assert!(
+        text.contains("/dev/pts/"),
+        "{test}: not a terminal: {text:?}"
+    );
+    assert_eq!(s.exit_code(), Some(0), "{test}: {s:?}");
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// `kubectl attach -it`: typing into a container's interactive shell on its terminal.
+async fn attach_to_a_terminal(test: &str, handler: &str, net: u8) {
+    let Some((env, _, pod, ctr)) = pod_with(test, handler, net, &["sh"], true).await else {
+        return;
+    };
+    let node = &env.node;
+    let url = node
+        .runtime()
+        .attach(AttachRequest {
+            container_id: ctr.clone(),
+            stdin: true,
+            tty: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let s = session(
+        url,
+        Some((100, 30)),
+        b"echo attached-$((20+22))\n",
+        Some(b"attached-42"),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&s.stdout);
+    assert!(text.contains("attached-42"), "{test}: {text:?}");
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// Waits for `ctr` to exit; returns its exit code.
+async fn exited(node: &CriNode, ctr: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = node
+            .runtime()
+            .container_status(ContainerStatusRequest {
+                container_id: ctr.into(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if s.state == ContainerState::ContainerExited as i32 {
+            return s.exit_code;
+        }
+        assert!(Instant::now() < deadline, "{ctr} did not exit: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The log file kubelet reads: one line per line written, `<RFC3339Nano> <stream> F <text>`.
+async fn logs_in_cri_format(test: &str, handler: &str, net: u8) {
+    let script = "echo to-out; echo to-err >&2; printf 'partial'";
+    let Some((env, pconfig, pod, ctr)) =
+        pod_with(test, handler, net, &["sh", "-c", script], false).await
+    else {
+        return;
+    };
+    let node = &env.node;
+    assert_eq!(exited(node, &ctr).await, 0);
+    let log = std::path::Path::new(&pconfig.log_directory).join("main/0.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let mut lines: Vec<(String, String, String)> = text
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(4, ' ');
+            let ts = f.next().unwrap_or_default();
+            assert!(
+                ts.len() >= 20 && ts.ends_with('Z') && ts.contains('T'),
+                "{test}: timestamp {ts:?} in {l:?}"
+            );
+            (
+                f.next().unwrap_or_default().to_string(),
+                f.next().unwrap_or_default().to_string(),
+                f.next().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    // stdout and stderr are copied apart, so only each stream's own order is fixed.
+    lines.sort();
+    let expected = [
+        ("stderr", "F", "to-err"),
+        ("stdout", "F", "to-out"),
+        ("stdout", "P", "partial"),
+    ];
+    let got: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(got, expected, "{test}: {text:?}");
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// kubelet restarting a container: the old one exits and is removed, a new one with the
+/// same name and the next attempt runs in the same pod (and, under cocoon, the same VM).
+async fn container_restarts_in_its_pod(test: &str, handler: &str, net: u8) {
+    let Some((env, pconfig, pod, first)) =
+        pod_with(test, handler, net, &["sh", "-c", "exit 3"], false).await
+    else {
+        return;
+    };
+    let node = &env.node;
+    assert_eq!(
+        exited(node, &first).await,
+        3,
+        "{test}: first attempt's exit code"
+    );
+    node.runtime()
+        .remove_container(RemoveContainerRequest {
+            container_id: first.clone(),
+        })
+        .await
+        .expect("RemoveContainer");
+    let mut c = CriNode::container_config("main", IMAGE_REF, &["sleep", "3600"], &[]);
+    c.metadata.as_mut().unwrap().attempt = 1;
+    c.log_path = "main/1.log".into();
+    let second = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: second attempt: {e}\n{}", node.log_tail()));
+    assert_ne!(first, second);
+    let (code, out, _) = node
+        .exec_sync(&second, &["echo", "again"], Duration::from_secs(10))
+        .await
+        .expect("ExecSync in the second attempt");
+    assert_eq!((code, out.as_str()), (0, "again\n"));
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// UpdateContainerResources reaches the container's cgroup: under cocoon the guest's
+/// (cgroup v2, read from inside), under runc the host's (v1 here, from outside: a runc
+/// container on this host sees no cgroupfs).
+async fn update_resources_take_effect(test: &str, handler: &str, net: u8) {
+    let Some((env, _, pod, ctr)) = pod_with(test, handler, net, &["sleep", "3600"], false).await
+    else {
+        return;
+    };
+    let node = &env.node;
+    let limit = 200 * 1024 * 1024;
+    node.runtime()
+        .update_container_resources(UpdateContainerResourcesRequest {
+            container_id: ctr.clone(),
+            linux: Some(LinuxContainerResources {
+                memory_limit_in_bytes: limit,
+                cpu_period: 100_000,
+                cpu_quota: 50_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{test}: UpdateContainerResources: {e}"));
+    if handler == COCOON {
+        let (code, out, err) = node
+            .exec_sync(
+                &ctr,
+                &[
+                    "sh",
+                    "-c",
+                    "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max",
+                ],
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("ExecSync");
+        assert_eq!(code, 0, "{test}: {err}");
+        assert_eq!(out, format!("{limit}\n50000 100000\n"), "{test}");
+    } else {
+        let status = node
+            .runtime()
+            .container_status(ContainerStatusRequest {
+                container_id: ctr.clone(),
+                verbose: true,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner();
+        let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+        let path = info["runtimeSpec"]["linux"]["cgroupsPath"]
+            .as_str()
+            .expect("cgroupsPath")
+            .trim_start_matches('/')
+            .to_string();
+        let read = |f: &str| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|e| panic!("{test}: {f}: {e}"))
+        };
+        assert_eq!(
+            read(&format!("memory/{path}/memory.limit_in_bytes")),
+            limit.to_string()
+        );
+        assert_eq!(read(&format!("cpu/{path}/cpu.cfs_quota_us")), "50000");
+    }
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
