@@ -62,6 +62,7 @@ test-nested: image
 bench: image
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 --out target/bench-boot.json
 	bash scripts/bench-run.sh 10 $(CURDIR)/target/bench-run.json
+	./target/debug/cocoon bench pods --runs 10 --concurrent 10 --out target/bench-pods.json
 	$(CARGO) bench -p cocoon-vmm --bench boot
 	bash scripts/bench-nested.sh 3 $(CURDIR)/target/bench-vmm.json
 	bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot.json

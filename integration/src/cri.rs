@@ -696,3 +696,16 @@ fn cni_conflist(dir: &Path, subnet_index: u8) -> String {
     }))
     .unwrap()
 }
+
+/// Writes the shim's COCOON_CONFIG for a CRI node under `dir` (the built guest image, a
+/// private run dir `dir/run`) and returns its path. runc pods never read it.
+pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
+    let c = crate::test_config(&dir.join("run"), boot_timeout);
+    let path = dir.join("cocoon.toml");
+    let toml = format!(
+        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
+        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
+    );
+    std::fs::write(&path, toml).unwrap();
+    path
+}

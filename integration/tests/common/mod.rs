@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cocoon_integration::cri::{self, CriNode};
-use cocoon_integration::{image_dir, test_config};
+use cocoon_integration::image_dir;
 use cocoon_nested::testing::missing;
 
 pub struct Env {
@@ -58,22 +58,14 @@ pub async fn env(test: &str, handler: &str, net: u8) -> Option<Env> {
     Some(Env { node, dir })
 }
 
-/// The shim's COCOON_CONFIG, as ctr.rs writes it. runc pods never read it, so they do
-/// not need the guest image it names.
+/// The shim's COCOON_CONFIG. runc pods never read it, so for them it need not name a
+/// guest image that exists.
 fn cocoon_config(dir: &Path, handler: &str) -> PathBuf {
-    let run_dir = dir.join("run");
-    let c = if handler == cri::COCOON {
-        test_config(&run_dir, Duration::from_secs(90))
-    } else {
-        let mut c = cocoon_shim::config::Config::default();
-        c.paths.run_dir = run_dir;
-        c
-    };
+    if handler == cri::COCOON {
+        return cri::write_shim_config(dir, Duration::from_secs(90));
+    }
     let path = dir.join("cocoon.toml");
-    let toml = format!(
-        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
-        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
-    );
+    let toml = format!("[paths]\nrun_dir = {:?}\n", dir.join("run"));
     std::fs::write(&path, toml).unwrap();
     path
 }

@@ -1,7 +1,7 @@
 //! `cocoon`: the operator's command. Checks the host, builds the guest image,
 //! boots a VM for debugging, and runs benchmarks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -102,6 +102,18 @@ enum BenchCmd {
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
     },
+    /// Kubernetes pods through containerd's CRI plugin: RunPodSandbox -> container
+    /// running, cocoon vs runc, and N pods at once (time, host memory per pod). Runs
+    /// `cocoon-bench-pods` (built with the integration tests: it carries the CRI
+    /// client, which the runtime itself does not need).
+    Pods {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 10)]
+        concurrent: usize,
+        #[arg(long, default_value = "cocoon-bench-pods.json")]
+        out: PathBuf,
+    },
     /// cocoon-vmm against QEMU with KVM on the same guest image (needs hardware KVM;
     /// `make bench` runs it inside the nested harness where there is none).
     Vmm {
@@ -199,6 +211,32 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             print!("{}", report.table());
             println!("report written to {}", out.display());
+            Ok(())
+        }
+        Cmd::Bench {
+            cmd:
+                BenchCmd::Pods {
+                    runs,
+                    concurrent,
+                    out,
+                },
+        } => {
+            let tool = cocoon_shim::hypervisor::find_binary("cocoon-bench-pods", Path::new(""))
+                .context("`cocoon bench pods` needs cocoon-bench-pods (cargo build -p cocoon-integration --bins)")?;
+            let status = std::process::Command::new(&tool)
+                .args([
+                    "--runs",
+                    &runs.to_string(),
+                    "--concurrent",
+                    &concurrent.to_string(),
+                ])
+                .arg("--out")
+                .arg(&out)
+                .status()
+                .with_context(|| format!("running {}", tool.display()))?;
+            if !status.success() {
+                bail!("{} failed ({status})", tool.display());
+            }
             Ok(())
         }
         Cmd::Bench {
