@@ -397,3 +397,99 @@ async fn pod_and_container_stats(test: &str, handler: &str, net: u8) {
     let left = pod_cgroup_children(node, uid);
     assert!(left.is_empty(), "{test}: pod cgroups left: {left:?}");
 }
+
+const RUNC_PRIVILEGED_NET: u8 = 17;
+const COCOON_PRIVILEGED_NET: u8 = 30;
+
+/// What a privileged container sees and may do. Under cocoon "privileged" means the
+/// guest's capabilities, devices and kernel interfaces, never the host's
+/// (`privileged_without_host_devices` for the handler).
+const PRIVILEGED_REPORT: &str = r#"
+grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status
+awk '$2 == "/sys" {split($4, o, ","); print "sys:", o[1]}' /proc/mounts
+ip link add cocoon-probe type dummy && echo "net admin: yes" || echo "net admin: no"
+ip link del cocoon-probe 2>/dev/null
+mount -t tmpfs probe /mnt && echo "mount: yes" && umount /mnt || echo "mount: no"
+"#;
+
+async fn privileged_report(test: &str, handler: &str, net: u8) -> Option<(String, Vec<String>)> {
+    let env = env(test, handler, net).await?;
+    let node = &env.node;
+    let mut pconfig = node.pod_config("priv", "uid-priv", "default");
+    if let Some(sc) = pconfig
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.privileged = true;
+    }
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    if let Some(sc) = c.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
+        sc.privileged = true;
+    }
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(
+            &ctr,
+            &["sh", "-c", PRIVILEGED_REPORT],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{test}: ExecSync: {e}"));
+    assert_eq!(code, 0, "{test}: {err}\n{out}");
+    let (_, devs, _) = node
+        .exec_sync(&ctr, &["ls", "/dev"], Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{test}: ExecSync: {e}"));
+    node.stop_and_remove_pod(&pod)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: stop/remove: {e}"));
+    Some((out, devs.lines().map(str::to_string).collect()))
+}
+
+#[tokio::test]
+async fn privileged_pod_matches_runc() {
+    let test = "privileged_pod_matches_runc";
+    let (runc, cocoon) = tokio::join!(
+        privileged_report(test, RUNC, RUNC_PRIVILEGED_NET),
+        privileged_report(test, COCOON, COCOON_PRIVILEGED_NET)
+    );
+    let (Some((runc, runc_devs)), Some((cocoon, cocoon_devs))) = (runc, cocoon) else {
+        return;
+    };
+    for expected in [
+        "Seccomp:\t0",
+        "NoNewPrivs:\t0",
+        "sys: rw",
+        "net admin: yes",
+        "mount: yes",
+    ] {
+        assert!(
+            runc.contains(expected),
+            "runc's report lacks {expected:?}:\n{runc}"
+        );
+    }
+    // The full capability set is the kernel's: compare cocoon's against runc's only if
+    // the guest kernel knows as many capabilities as the host's.
+    assert_eq!(
+        cocoon, runc,
+        "privileged under cocoon differs from runc (left: cocoon)"
+    );
+    // No host device reaches the VM: the guest's /dev has only what a container gets by
+    // default, as runc's has with privileged_without_host_devices.
+    let host_only: Vec<_> = cocoon_devs
+        .iter()
+        .filter(|d| !runc_devs.contains(d))
+        .collect();
+    assert!(
+        host_only.is_empty(),
+        "devices in cocoon's privileged container that runc's lacks: {host_only:?}"
+    );
+}

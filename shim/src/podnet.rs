@@ -76,9 +76,9 @@ impl PodNetwork {
                 let links = ip_json(&["-j", "addr", "show"])?;
                 let interface = pick_interface(&links).ok_or(PodNetError::NoInterface)?;
                 let mut routes = Vec::new();
-                for family in ["-4", "-6"] {
+                for (family, v6) in [("-4", false), ("-6", true)] {
                     let v = ip_json(&[family, "-j", "route", "show", "dev", &interface.name])?;
-                    routes.extend(parse_routes(&v, &interface.name));
+                    routes.extend(parse_routes(&v, &interface.name, v6));
                 }
                 let tap = open_tap(TAP_NAME).map_err(PodNetError::Tap)?;
                 if let Err(e) = redirect(&interface.name, interface.mtu) {
@@ -208,8 +208,9 @@ pub fn pick_interface(links: &Value) -> Option<Interface> {
 }
 
 /// Routes through `dev`, less the kernel's own (a subnet route per address) and IPv6
-/// link-local and multicast ones, which the guest kernel makes itself.
-pub fn parse_routes(v: &Value, dev: &str) -> Vec<Route> {
+/// link-local and multicast ones, which the guest kernel makes itself. `ip` calls both
+/// families' default route `default`; an IPv6 one becomes `::/0`.
+pub fn parse_routes(v: &Value, dev: &str, v6: bool) -> Vec<Route> {
     let Some(list) = v.as_array() else {
         return Vec::new();
     };
@@ -227,7 +228,11 @@ pub fn parse_routes(v: &Value, dev: &str) -> Vec<Route> {
                 return None;
             }
             let mut route = Route::new();
-            route.dest = dst.into();
+            route.dest = match dst {
+                "default" if v6 => "::/0".into(),
+                "default" => "0.0.0.0/0".into(),
+                other => other.into(),
+            };
             route.gateway = r
                 .get("gateway")
                 .and_then(Value::as_str)
@@ -352,7 +357,7 @@ mod tests {
                 {"dst":"169.254.1.1","scope":"link","flags":[]}]"#,
         )
         .unwrap();
-        let r = parse_routes(&v, "eth0");
+        let r = parse_routes(&v, "eth0", false);
         let got: Vec<_> = r
             .iter()
             .map(|r| format!("{} via {} scope {}", r.dest, r.gateway, r.scope))
@@ -361,10 +366,13 @@ mod tests {
             got,
             [
                 "169.254.1.1 via  scope 253",
-                "default via 198.18.0.1 scope 0",
+                "0.0.0.0/0 via 198.18.0.1 scope 0",
                 "10.96.0.0/12 via 198.18.0.1 scope 0",
             ]
         );
         assert!(r.iter().all(|r| r.device == "eth0"));
+        let v6: Value =
+            serde_json::from_str(r#"[{"dst":"default","gateway":"fd00::1","flags":[]}]"#).unwrap();
+        assert_eq!(parse_routes(&v6, "eth0", true)[0].dest, "::/0");
     }
 }

@@ -480,6 +480,10 @@ impl Task for Service {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         let sb = self.existing_sandbox().await?;
+        // The containers lock is never held across a guest call: a slow or dead guest
+        // must not stall every other task call (kubelet's probes exec all the time).
+        // `started` is claimed first, so a second Start is refused meanwhile, and given
+        // back if the guest refuses.
         let mut containers = self.inner.containers.lock().await;
         let c = containers
             .get_mut(&req.id)
@@ -491,21 +495,24 @@ impl Task for Service {
                     "container already started",
                 ));
             }
-            sb.agent.start_container(&req.id).await.map_err(agent_err)?;
             c.init.started = true;
             let pid = c.init.pid;
-            self.watch_exit(
-                sb.clone(),
-                Watched {
-                    cid: req.id.clone(),
-                    exec_id: String::new(),
-                    pid,
-                    exit: c.init.exit.clone(),
-                    copies: c.init.copies.clone(),
-                    timing: Some(c.timing.clone()),
-                },
-            );
+            let watched = Watched {
+                cid: req.id.clone(),
+                exec_id: String::new(),
+                pid,
+                exit: c.init.exit.clone(),
+                copies: c.init.copies.clone(),
+                timing: Some(c.timing.clone()),
+            };
             drop(containers);
+            if let Err(e) = sb.agent.start_container(&req.id).await {
+                if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
+                    c.init.started = false;
+                }
+                return Err(agent_err(e));
+            }
+            self.watch_exit(sb.clone(), watched);
             let mut m = ev::TaskStart::new();
             m.container_id = req.id.clone();
             m.pid = pid;
@@ -526,31 +533,55 @@ impl Task for Service {
                 "exec process already started",
             ));
         }
+        p.started = true;
+        let process_json = std::mem::take(&mut p.spec_json);
+        let stdio_paths = p.stdio.clone();
+        let exit = p.exit.clone();
+        drop(containers);
         let mut ereq = pb::ExecProcessRequest::new();
         ereq.container_id = req.id.clone();
         ereq.exec_id = req.exec_id.clone();
-        ereq.process_json = std::mem::take(&mut p.spec_json);
-        ereq.stdio = MessageField::some(p.stdio.streams());
-        let pid = sb.agent.exec_process(ereq).await.map_err(agent_err)?;
-        let copies = stdio::attach(&sb.vsock_uds(), &req.id, &req.exec_id, &p.stdio)
-            .await
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
-        let copies = Arc::new(Mutex::new(copies));
-        p.pid = pid;
-        p.started = true;
-        p.copies = Some(copies.clone());
+        ereq.process_json = process_json.clone();
+        ereq.stdio = MessageField::some(stdio_paths.streams());
+        let started = async {
+            let pid = sb.agent.exec_process(ereq).await.map_err(agent_err)?;
+            let copies = stdio::attach(&sb.vsock_uds(), &req.id, &req.exec_id, &stdio_paths)
+                .await
+                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            Ok::<_, ttrpc::Error>((pid, Arc::new(Mutex::new(copies))))
+        }
+        .await;
+        let mut containers = self.inner.containers.lock().await;
+        let p = containers
+            .get_mut(&req.id)
+            .and_then(|c| c.execs.get_mut(&req.exec_id));
+        let (pid, copies) = match (started, p) {
+            (Ok(v), Some(p)) => {
+                p.pid = v.0;
+                p.copies = Some(v.1.clone());
+                v
+            }
+            (Err(e), Some(p)) => {
+                p.started = false;
+                p.spec_json = process_json;
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+            // Deleted while it started: nothing will wait for it here.
+            (Ok(_), None) => return Err(not_found(&format!("exec {}", req.exec_id))),
+        };
+        drop(containers);
         self.watch_exit(
             sb.clone(),
             Watched {
                 cid: req.id.clone(),
                 exec_id: req.exec_id.clone(),
                 pid,
-                exit: p.exit.clone(),
+                exit,
                 copies: Some(copies),
                 timing: None,
             },
         );
-        drop(containers);
         let mut m = ev::TaskExecStarted::new();
         m.container_id = req.id.clone();
         m.exec_id = req.exec_id.clone();
