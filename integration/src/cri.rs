@@ -79,6 +79,17 @@ impl CriNode {
     /// need distinct indices) and the pause and busybox images; returns once CRI reports
     /// the runtime and the network ready and sees both images.
     pub async fn start(dir: &Path, cocoon_config: &Path, subnet_index: u8) -> CriNode {
+        Self::start_with(dir, cocoon_config, subnet_index, false).await
+    }
+
+    /// As `start`; with `ipv6`, pods also get an address in `fd00:cc:<subnet_index>::/64`
+    /// (a dual-stack CNI configuration).
+    pub async fn start_with(
+        dir: &Path,
+        cocoon_config: &Path,
+        subnet_index: u8,
+        ipv6: bool,
+    ) -> CriNode {
         if let Some(why) = cni_missing() {
             panic!("{why}");
         }
@@ -88,7 +99,7 @@ impl CriNode {
         std::fs::create_dir_all(dir.join("cni")).unwrap();
         std::fs::write(
             dir.join("cni/10-cocoon-test.conflist"),
-            cni_conflist(dir, subnet_index),
+            cni_conflist(dir, subnet_index, ipv6),
         )
         .unwrap();
         let log = std::fs::OpenOptions::new()
@@ -673,8 +684,23 @@ state = "{r}/state"
     )
 }
 
-fn cni_conflist(dir: &Path, subnet_index: u8) -> String {
+/// The IPv6 pod network of a dual-stack node (a unique local range).
+pub fn subnet_v6(subnet_index: u8) -> (std::net::Ipv6Addr, u8) {
+    (
+        std::net::Ipv6Addr::new(0xfd00, 0xcc, subnet_index.into(), 0, 0, 0, 0, 0),
+        64,
+    )
+}
+
+fn cni_conflist(dir: &Path, subnet_index: u8, ipv6: bool) -> String {
     let (net, len) = subnet(subnet_index);
+    let (net6, len6) = subnet_v6(subnet_index);
+    let mut ranges = vec![serde_json::json!([{ "subnet": format!("{net}/{len}") }])];
+    let mut routes = vec![serde_json::json!({ "dst": "0.0.0.0/0" })];
+    if ipv6 {
+        ranges.push(serde_json::json!([{ "subnet": format!("{net6}/{len6}") }]));
+        routes.push(serde_json::json!({ "dst": "::/0" }));
+    }
     serde_json::to_string_pretty(&serde_json::json!({
         "cniVersion": "0.4.0",
         "name": format!("cocoon-test-{subnet_index}"),
@@ -686,8 +712,8 @@ fn cni_conflist(dir: &Path, subnet_index: u8) -> String {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "subnet": format!("{net}/{len}"),
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": dir.join("ipam"),
                 }
             },

@@ -29,6 +29,8 @@ const COCOON_HOST_NETWORK_NET: u8 = 24;
 const RUNC_PORT_FORWARD_NET: u8 = 14;
 const COCOON_PORT_FORWARD_NET: u8 = 25;
 const COCOON_VM_KILLED_NET: u8 = 27;
+const RUNC_IPV6_NET: u8 = 18;
+const COCOON_IPV6_NET: u8 = 33;
 
 #[tokio::test]
 async fn runc_pod_lifecycle() {
@@ -188,6 +190,102 @@ async fn cocoon_pod_whose_vm_is_killed_exits_and_cleans_up() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<_> = mounts.lines().filter(|l| l.contains(&run_dir)).collect();
     assert!(left.is_empty(), "mounts left: {left:?}");
+}
+
+#[tokio::test]
+async fn runc_pod_has_its_ipv6_address_too() {
+    pod_has_its_ipv6_address_too("runc_pod_has_its_ipv6_address_too", RUNC, RUNC_IPV6_NET).await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_has_its_ipv6_address_too() {
+    pod_has_its_ipv6_address_too(
+        "cocoon_pod_has_its_ipv6_address_too",
+        COCOON,
+        COCOON_IPV6_NET,
+    )
+    .await;
+}
+
+/// On a dual-stack network the pod has CNI's IPv6 address and default route too, and
+/// the host reaches a server in the pod over IPv6.
+async fn pod_has_its_ipv6_address_too(test: &str, handler: &str, net: u8) {
+    let Some(env) = common::env_with(test, handler, net, true).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("v6", "uid-v6", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.log_tail()));
+    let status = node.pod_status(&pod).await.expect("PodSandboxStatus");
+    let network = status
+        .status
+        .unwrap_or_default()
+        .network
+        .unwrap_or_default();
+    let v6: std::net::Ipv6Addr = network
+        .additional_ips
+        .iter()
+        .find_map(|ip| ip.ip.parse().ok())
+        .unwrap_or_else(|| panic!("{test}: no IPv6 pod address in {network:?}"));
+    let (prefix, _) = cocoon_integration::cri::subnet_v6(net);
+    assert_eq!(v6.segments()[..4], prefix.segments()[..4], "{test}: {v6}");
+    let c = CriNode::container_config(
+        "server",
+        IMAGE_REF,
+        &["nc", "-ll", "-p", "8080", "-e", "echo", "hello6"],
+        &[],
+    );
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(
+            &ctr,
+            &[
+                "sh",
+                "-c",
+                "ip -6 addr show dev eth0 scope global; ip -6 route show default",
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("ExecSync");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("inet6 {v6}/64")), "{test}: {out}");
+    assert!(
+        out.contains("default via fd00:cc:"),
+        "{test}: no IPv6 default route: {out}"
+    );
+    // The guest's address goes through duplicate address detection first: retry.
+    let addr = SocketAddr::from((v6, 8080));
+    let reply = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut reply = String::new();
+                    s.read_to_string(&mut reply)?;
+                    Ok(reply)
+                });
+            match attempt {
+                Ok(r) if !r.is_empty() => return Ok(r),
+                other if Instant::now() >= deadline => return other,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    match reply {
+        Ok(r) => assert_eq!(r, "hello6\n"),
+        Err(e) => panic!("{test}: cannot reach [{v6}]:8080: {e}"),
+    }
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
 
 /// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.

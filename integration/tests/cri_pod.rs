@@ -407,9 +407,9 @@ const COCOON_PRIVILEGED_NET: u8 = 30;
 const PRIVILEGED_REPORT: &str = r#"
 grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status
 awk '$2 == "/sys" {split($4, o, ","); print "sys:", o[1]}' /proc/mounts
-ip link add cocoon-probe type dummy && echo "net admin: yes" || echo "net admin: no"
-ip link del cocoon-probe 2>/dev/null
-mount -t tmpfs probe /mnt && echo "mount: yes" && umount /mnt || echo "mount: no"
+ip addr add 10.255.255.1/32 dev lo && echo "net admin: yes" || echo "net admin: no"
+ip addr del 10.255.255.1/32 dev lo 2>/dev/null
+mkdir -p /tmp/m && mount -t tmpfs probe /tmp/m && echo "mount: yes" && umount /tmp/m || echo "mount: no"
 "#;
 
 async fn privileged_report(test: &str, handler: &str, net: u8) -> Option<(String, Vec<String>)> {
@@ -467,7 +467,6 @@ async fn privileged_pod_matches_runc() {
     for expected in [
         "Seccomp:\t0",
         "NoNewPrivs:\t0",
-        "sys: rw",
         "net admin: yes",
         "mount: yes",
     ] {
@@ -476,10 +475,41 @@ async fn privileged_pod_matches_runc() {
             "runc's report lacks {expected:?}:\n{runc}"
         );
     }
-    // The full capability set is the kernel's: compare cocoon's against runc's only if
-    // the guest kernel knows as many capabilities as the host's.
+    // Capabilities: everything runc grants, at least. A sandboxed host may withhold some
+    // from runc (this one lacks CAP_SYS_RESOURCE) that the guest kernel grants.
+    let caps = |report: &str, which: &str| -> u64 {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{which}:\t")))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {which} in {report}"))
+    };
+    for which in ["CapEff", "CapBnd"] {
+        let (r, c) = (caps(&runc, which), caps(&cocoon, which));
+        assert_eq!(
+            r & !c,
+            0,
+            "{which}: cocoon {c:016x} lacks some of runc's {r:016x}"
+        );
+    }
+    // CRI's spec asks for a writable /sys for a privileged container (`rw` in its
+    // config.json, checked by hand). runc on this host still shows it read-only, which we
+    // have not explained (the host is itself sandboxed); in the VM the spec is followed
+    // as written.
+    assert!(
+        cocoon.contains("sys: rw"),
+        "cocoon: /sys not writable:\n{cocoon}"
+    );
+    let rest = |report: &str| -> Vec<String> {
+        report
+            .lines()
+            .filter(|l| !l.starts_with("Cap") && !l.starts_with("sys:"))
+            .map(str::to_string)
+            .collect()
+    };
     assert_eq!(
-        cocoon, runc,
+        rest(&cocoon),
+        rest(&runc),
         "privileged under cocoon differs from runc (left: cocoon)"
     );
     // No host device reaches the VM: the guest's /dev has only what a container gets by

@@ -48,13 +48,18 @@ pub fn prerequisites_missing(handler: &str) -> Option<String> {
 /// A CRI node for `test` on pod network `net`, or None (after `missing`) when this host
 /// cannot run `handler`'s pods: under CI=true that fails the test.
 pub async fn env(test: &str, handler: &str, net: u8) -> Option<Env> {
+    env_with(test, handler, net, false).await
+}
+
+/// As `env`; with `ipv6`, a dual-stack pod network.
+pub async fn env_with(test: &str, handler: &str, net: u8, ipv6: bool) -> Option<Env> {
     if let Some(why) = prerequisites_missing(handler) {
         missing(test, &why);
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let config_path = cocoon_config(dir.path(), handler);
-    let node = CriNode::start(&dir.path().join("containerd"), &config_path, net).await;
+    let node = CriNode::start_with(&dir.path().join("containerd"), &config_path, net, ipv6).await;
     Some(Env { node, dir })
 }
 
