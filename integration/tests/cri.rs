@@ -475,6 +475,21 @@ async fn pod_lifecycle(test: &str, handler: &str, net: u8) {
         processes_mentioning(&pod),
         processes_mentioning(&run_dir)
     );
+    // No mount, socket or file of the VM's (its run dir and the pod's share), and no
+    // host network namespace of ours (the tap and tc state lived in CNI's).
+    let run_root = Path::new(&run_dir);
+    let mounts = cocoon_integration::mounts_under(run_root);
+    assert!(mounts.is_empty(), "{test}: mounts left: {mounts:?}");
+    let left: Vec<_> = cocoon_integration::leftover_entries(run_root)
+        .into_iter()
+        .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
+            // The shares directory itself stays; what was in it must not.
+            Some("shares") => cocoon_integration::leftover_entries(&e),
+            _ => vec![e],
+        })
+        .filter(|e| !e.ends_with("timings.jsonl"))
+        .collect();
+    assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
 }
 
 /// The host reaches a server in a pod at the pod's IP, over the CNI bridge.
@@ -532,9 +547,33 @@ async fn pod_reached_by_ip(test: &str, handler: &str, net: u8) {
             node.log_tail()
         ),
     }
-    node.stop_and_remove_pod(&pod)
+    // Another pod (another VM under cocoon) reaches it by pod IP too.
+    let client_pod = node.pod_config("client", "uid-client", "default");
+    let other = node
+        .run_pod(&client_pod, handler)
         .await
-        .expect("stop/remove pod");
+        .unwrap_or_else(|e| panic!("RunPodSandbox (client): {e}\n{}", node.log_tail()));
+    let c = CriNode::container_config("client", IMAGE_REF, &["sleep", "3600"], &[]);
+    let client = node
+        .create_and_start(&other, &c, &client_pod)
+        .await
+        .unwrap_or_else(|e| panic!("create/start client: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(
+            &client,
+            &["sh", "-c", &format!("nc {ip} 8080 </dev/null")],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("ExecSync nc");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "hello\n"),
+        "{test}: pod to pod over {ip}:8080: {err}"
+    );
+    for p in [&pod, &other] {
+        node.stop_and_remove_pod(p).await.expect("stop/remove pod");
+    }
 }
 
 /// Two containers of one pod reach each other over localhost (one network namespace,

@@ -349,6 +349,29 @@ async fn pod_and_container_stats(test: &str, handler: &str, net: u8) {
         ccpu > 0 && cmem > 0,
         "{test}: container stats empty: {cstats:?}"
     );
+    let listed = runtime
+        .list_container_stats(k8s_cri::v1::ListContainerStatsRequest {
+            filter: Some(k8s_cri::v1::ContainerStatsFilter {
+                pod_sandbox_id: pod.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    let mine = listed
+        .iter()
+        .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == ctr))
+        .unwrap_or_else(|| panic!("{test}: ListContainerStats lacks {ctr}: {listed:?}"));
+    assert!(
+        v(mine
+            .cpu
+            .as_ref()
+            .and_then(|c| c.usage_core_nano_seconds.as_ref()))
+            > 0,
+        "{test}: listed stats empty: {mine:?}"
+    );
     let linux = pstats.linux.as_ref().expect("linux pod stats");
     let pcpu = v(linux
         .cpu
