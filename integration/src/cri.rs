@@ -728,8 +728,12 @@ fn cni_conflist(dir: &Path, subnet_index: u8, ipv6: bool) -> String {
 pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
     let c = crate::test_config(&dir.join("run"), boot_timeout);
     let path = dir.join("cocoon.toml");
+    // COCOON_TEST_HYPERVISOR names the VMM outright (a test of cocoon-vmm must not pass
+    // on QEMU); otherwise the host decides ("auto").
+    let hypervisor = std::env::var("COCOON_TEST_HYPERVISOR").unwrap_or_else(|_| "auto".into());
     let toml = format!(
-        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
+        "hypervisor = {hypervisor:?}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n\
+         [paths]\nrun_dir = {:?}\n",
         c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
     );
     std::fs::write(&path, toml).unwrap();

@@ -30,6 +30,8 @@ const RUNC_PORT_FORWARD_NET: u8 = 14;
 const COCOON_PORT_FORWARD_NET: u8 = 25;
 const COCOON_VM_KILLED_NET: u8 = 27;
 const RUNC_IPV6_NET: u8 = 18;
+const COCOON_VMM_BY_IP_NET: u8 = 34;
+const COCOON_VMM_PORT_FORWARD_NET: u8 = 35;
 const COCOON_IPV6_NET: u8 = 33;
 
 #[tokio::test]
@@ -286,6 +288,29 @@ async fn pod_has_its_ipv6_address_too(test: &str, handler: &str, net: u8) {
         Err(e) => panic!("{test}: cannot reach [{v6}]:8080: {e}"),
     }
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// The production VMM: where the host has hardware KVM pods run on cocoon-vmm, with the
+/// pod's tap handed over as an fd (`--net-fd`). Here that runs inside an L1 guest with
+/// emulated SVM (the nested harness): the host and another pod reach a pod by IP, and
+/// PortForward reaches its loopback.
+#[test]
+fn cocoon_vmm_runs_cri_pods() {
+    use cocoon_nested::testing::{hardware_kvm, Place};
+    let test = "cocoon_vmm_runs_cri_pods";
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    // SAFETY: set before any thread of this test starts; the test runs alone in its
+    // process (libtest's --exact inside L1, or nextest's process per test).
+    unsafe { std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm") };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(pod_reached_by_ip(test, COCOON, COCOON_VMM_BY_IP_NET));
+    rt.block_on(port_forward_reaches_pod_localhost(
+        test,
+        COCOON,
+        COCOON_VMM_PORT_FORWARD_NET,
+    ));
 }
 
 /// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.

@@ -1,6 +1,6 @@
 //! The L1 image: the Debian kernel the guest image was built from, an initramfs holding a
 //! static busybox, the modules L1 needs (KVM for AMD, virtio-pci and virtio-fs for the
-//! shared root, overlayfs, tun/veth/bridge for the network tests) and the two init
+//! shared root, overlayfs, tun/veth/bridge, tc and nftables for the network tests) and the two init
 //! stages. Content-addressed in the same cache as the guest image, keyed by its inputs,
 //! so a second build costs one hash of its inputs.
 
@@ -25,6 +25,13 @@ pub const L1_MODULES: &[&str] = &[
     "tun",
     "veth",
     "bridge",
+    // A pod's network carried into its VM (tc ingress + mirred redirect) and PortForward
+    // (an nftables NAT redirect), for the CRI tests on cocoon-vmm.
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
+    "nft_chain_nat",
+    "nft_redir",
 ];
 
 const INIT: &str = include_str!("../l1/init");
