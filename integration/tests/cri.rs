@@ -29,6 +29,8 @@ const COCOON_HOST_NETWORK_NET: u8 = 24;
 const RUNC_PORT_FORWARD_NET: u8 = 14;
 const COCOON_PORT_FORWARD_NET: u8 = 25;
 const COCOON_VM_KILLED_NET: u8 = 27;
+const COCOON_VIRTIOFSD_KILLED_NET: u8 = 36;
+const COCOON_VSOCK_KILLED_NET: u8 = 37;
 const RUNC_IPV6_NET: u8 = 18;
 const COCOON_VMM_BY_IP_NET: u8 = 34;
 const COCOON_VMM_PORT_FORWARD_NET: u8 = 35;
@@ -94,13 +96,44 @@ async fn cocoon_port_forward_reaches_pod_localhost() {
     .await;
 }
 
-/// The VMM of a running pod is SIGKILLed: every container of the pod is reported exited
-/// (137, as runc reports a killed process) at once, the pod can be stopped and removed,
-/// and nothing of it remains.
 #[tokio::test]
 async fn cocoon_pod_whose_vm_is_killed_exits_and_cleans_up() {
-    let test = "cocoon_pod_whose_vm_is_killed_exits_and_cleans_up";
-    let Some(env) = env(test, COCOON, COCOON_VM_KILLED_NET).await else {
+    pod_losing_a_host_process(
+        "cocoon_pod_whose_vm_is_killed_exits_and_cleans_up",
+        COCOON_VM_KILLED_NET,
+        // QEMU here; cocoon-vmm's VM process where the host has hardware KVM.
+        &["qemu-system", "cocoon-vmm run "],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_whose_virtiofsd_is_killed_exits_and_cleans_up() {
+    pod_losing_a_host_process(
+        "cocoon_pod_whose_virtiofsd_is_killed_exits_and_cleans_up",
+        COCOON_VIRTIOFSD_KILLED_NET,
+        &["virtiofsd"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_whose_vsock_backend_is_killed_exits_and_cleans_up() {
+    pod_losing_a_host_process(
+        "cocoon_pod_whose_vsock_backend_is_killed_exits_and_cleans_up",
+        COCOON_VSOCK_KILLED_NET,
+        // QEMU's vhost-user vsock backend (cocoon-vmm serves vsock itself).
+        &["cocoon-vmm vhost-user-vsock"],
+    )
+    .await;
+}
+
+/// One of a running pod's host processes (the VMM, virtiofsd, the vsock backend) is
+/// SIGKILLed: the pod cannot go on without it, so every container of the pod is reported
+/// exited (137, as runc reports a killed process) at once, the pod goes NotReady, it can
+/// be stopped and removed, and nothing of it remains.
+async fn pod_losing_a_host_process(test: &str, net: u8, victim: &[&str]) {
+    let Some(env) = env(test, COCOON, net).await else {
         return;
     };
     let node = &env.node;
@@ -117,16 +150,17 @@ async fn cocoon_pod_whose_vm_is_killed_exits_and_cleans_up() {
     let run_dir = env.dir.path().join("run").to_string_lossy().into_owned();
     let vmm: Vec<_> = processes_mentioning(&run_dir)
         .into_iter()
-        // QEMU here; cocoon-vmm's VM process where the host has hardware KVM.
-        .filter(|(_, cmd)| cmd.contains("qemu-system") || cmd.contains("cocoon-vmm run "))
+        .filter(|(_, cmd)| victim.iter().any(|v| cmd.contains(v)))
         .collect();
-    assert_eq!(vmm.len(), 1, "one VMM per pod: {vmm:?}");
+    // virtiofsd is two processes (its sandbox runs in a child): all of them go.
+    assert!(!vmm.is_empty(), "{test}: no {victim:?} of the pod runs");
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(vmm[0].0 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    for (pid, _) in &vmm {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 
     let status = |id: String| {
         let mut runtime = node.runtime();
@@ -171,7 +205,15 @@ async fn cocoon_pod_whose_vm_is_killed_exits_and_cleans_up() {
         PodSandboxState::SandboxNotready as i32,
         "the pod must be NotReady once its VM is gone"
     );
-    eprintln!("{test}: container reported exited {noticed:?} after the VMM was killed");
+    eprintln!("{test}: container reported exited {noticed:?} after {victim:?} was killed");
+    // A later container cannot start there: containerd already refuses (its sandbox
+    // task is gone), before the shim's own "the pod VM is gone" (ctr.rs checks that one).
+    let again = CriNode::container_config("again", IMAGE_REF, &["true"], &[]);
+    let e = node
+        .create_and_start(&pod, &again, &pconfig)
+        .await
+        .expect_err("a container cannot start in a pod whose VM is gone");
+    assert!(!e.message().is_empty(), "{test}: {e}");
 
     node.stop_pod(&pod)
         .await

@@ -2,143 +2,15 @@
 //! same observable result: stdout, stderr, exit code. Real containerd, real
 //! guest (QEMU; TCG here), real virtiofsd.
 
-use std::process::Output;
+mod ctr_common;
+
 use std::time::Duration;
 
 use cocoon_integration::containerd::Containerd;
 use cocoon_integration::image::IMAGE_REF;
-use cocoon_integration::{leftover_entries, processes_mentioning, test_config, wait_gone};
+use cocoon_integration::{processes_mentioning, wait_gone};
 use cocoon_nested::testing::{hardware_kvm, Place};
-
-struct Env {
-    containerd: Containerd,
-    run_dir: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    /// Our shims serving this test's containerd (tests run in parallel).
-    fn shims(&self) -> Vec<(u32, String)> {
-        let addr = self.containerd.address.to_string_lossy().into_owned();
-        processes_mentioning("containerd-shim-cocoon-v2")
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains(&addr))
-            .collect()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Runs after a failed assertion too: stop containerd, kill its shims
-        // (their VMs die with them), undo what they mounted.
-        self.containerd.stop_and_kill_shims();
-        cocoon_integration::unmount_under(self._dir.path());
-    }
-}
-
-/// A private containerd with the test image, for one test (nextest runs
-/// each test in its own process).
-fn env() -> Env {
-    env_on(None)
-}
-
-/// The same, with the shim's `hypervisor` set (None: the default, auto).
-fn env_on(hypervisor: Option<&str>) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let run_dir = dir.path().join("run");
-    let config = test_config(&run_dir, Duration::from_secs(90));
-    let config_path = dir.path().join("cocoon.toml");
-    let mut toml = toml_of(&config);
-    if let Some(h) = hypervisor {
-        toml = format!("hypervisor = {h:?}\n{toml}");
-    }
-    std::fs::write(&config_path, toml).unwrap();
-    let containerd = Containerd::start(&dir.path().join("containerd"), &config_path);
-    containerd.import_busybox();
-    Env {
-        containerd,
-        run_dir,
-        _dir: dir,
-    }
-}
-
-fn toml_of(c: &cocoon_shim::config::Config) -> String {
-    format!(
-        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
-        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
-    )
-}
-
-const COCOON: &str = "io.containerd.cocoon.v2";
-const RUNC: &str = "io.containerd.runc.v2";
-
-fn ctr_run(env: &Env, runtime: &str, id: &str, flags: &[&str], cmd: &[&str]) -> Output {
-    let mut args = vec!["run", "--rm", "--runtime", runtime];
-    args.extend_from_slice(flags);
-    args.push(IMAGE_REF);
-    args.push(id);
-    args.extend_from_slice(cmd);
-    env.containerd.ctr(&args)
-}
-
-/// An output for messages: long streams are cut, with their length and hash.
-fn show(o: &Output) -> String {
-    fn cut(b: &[u8]) -> String {
-        use sha2::Digest;
-        if b.len() <= 2000 {
-            return format!("{:?}", String::from_utf8_lossy(b));
-        }
-        format!(
-            "{} bytes, sha256 {}, starting {:?}",
-            b.len(),
-            hex::encode(sha2::Sha256::digest(b)),
-            String::from_utf8_lossy(&b[..200])
-        )
-    }
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        cut(&o.stdout),
-        cut(&o.stderr)
-    )
-}
-
-/// Runs `cmd` under runc and cocoon and asserts identical stdout, stderr and exit code.
-fn same(name: &str, flags: &[&str], cmd: &[&str]) -> Output {
-    let env = env();
-    let out = same_in(&env, name, flags, cmd);
-    assert_clean(&env);
-    out
-}
-
-/// `same` on a given containerd.
-///
-/// containerd 1.6's runc shim sometimes drops the last bytes of a container
-/// that exits at once (seen on fresh machines: runc's `echo $?` line missing
-/// while cocoon's was there). The baseline is then run again, up to twice;
-/// cocoon gets one run and must equal a runc run exactly.
-fn same_in(env: &Env, name: &str, flags: &[&str], cmd: &[&str]) -> Output {
-    let c = ctr_run(env, COCOON, &format!("{name}-cocoon"), flags, cmd);
-    let matches = |r: &Output| {
-        r.status.code() == c.status.code() && r.stdout == c.stdout && r.stderr == c.stderr
-    };
-    let mut runs = Vec::new();
-    for attempt in 0..3 {
-        let r = ctr_run(env, RUNC, &format!("{name}-runc{attempt}"), flags, cmd);
-        let ok = matches(&r);
-        runs.push(r);
-        if ok {
-            return c;
-        }
-    }
-    let runc: Vec<String> = runs.iter().map(show).collect();
-    panic!(
-        "\nrunc (3 runs):\n{}\ncocoon: {}\ncontainerd log:\n{}",
-        runc.join("\n"),
-        show(&c),
-        env.containerd.log_tail()
-    );
-}
+use ctr_common::*;
 
 /// `ctr run` on cocoon-vmm, our own VMM, against runc. It needs hardware KVM, so
 /// on these hosts it reruns inside an L1 guest (the nested harness), where runc
@@ -244,31 +116,6 @@ fn cocoon_vmm_runs_containers_like_runc() {
     assert_clean(&env);
 }
 
-/// Nothing of ours is left once the tasks are gone.
-fn assert_clean(env: &Env) {
-    let procs = processes_mentioning(&env.run_dir.to_string_lossy());
-    let pids: Vec<u32> = procs.iter().map(|p| p.0).collect();
-    let left = wait_gone(&pids, Duration::from_secs(10));
-    assert!(left.is_empty(), "processes left: {procs:?}");
-    let shims = env.shims();
-    let shim_pids: Vec<u32> = shims.iter().map(|p| p.0).collect();
-    assert!(
-        wait_gone(&shim_pids, Duration::from_secs(10)).is_empty(),
-        "shims left: {shims:?}"
-    );
-    let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
-        .into_iter()
-        .filter(|p| !p.ends_with("shares") && !p.ends_with("timings.jsonl"))
-        .collect();
-    assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");
-    assert!(
-        leftover_entries(&env.run_dir.join("shares")).is_empty(),
-        "shares left"
-    );
-    let mounts = cocoon_integration::mounts_under(&env.run_dir);
-    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
-}
-
 #[test]
 fn echo() {
     let out = same("echo", &[], &["echo", "hello from a cocoon"]);
@@ -355,30 +202,6 @@ fn capabilities_and_no_new_privs() {
         ],
     );
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("1\n"));
-}
-
-/// A full spec for `ctr run --config` (which takes the rootfs from the spec
-/// too): `ctr oci spec` with a busybox rootfs of its own, `PATH=/bin`, a cgroup
-/// of its own, then `edit`. Returns the file's path.
-fn spec_file(env: &Env, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
-    let spec = env.containerd.ctr(&["oci", "spec"]);
-    assert!(spec.status.success(), "{}", show(&spec));
-    let mut spec: serde_json::Value = serde_json::from_slice(&spec.stdout).unwrap();
-    let rootfs = env.containerd.dir.join(format!("{name}-rootfs"));
-    cocoon_integration::image::write_rootfs(std::path::Path::new("/bin/busybox"), &rootfs);
-    spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
-    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
-    // `ctr oci spec` puts every container in the cgroup `/default` itself, the
-    // parent of every other test's `/default/<id>`. On this host's cgroup v1,
-    // runc then rewrites the devices list of a cgroup that has children, which
-    // the kernel refuses (EINVAL), and narrows what the siblings may allow:
-    // tests running in parallel failed each other. A cgroup of its own.
-    spec["linux"]["cgroupsPath"] =
-        serde_json::json!(format!("/cocoon-test-{name}-{}", std::process::id()));
-    edit(&mut spec);
-    let path = env.containerd.dir.join(format!("{name}-spec.json"));
-    std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
-    path.to_string_lossy().into_owned()
 }
 
 #[test]
@@ -568,12 +391,6 @@ fn interactive(
     (status.code(), String::from_utf8_lossy(&acc).into_owned())
 }
 
-fn ctr_ok(env: &Env, args: &[&str]) -> String {
-    let o = env.containerd.ctr(args);
-    assert!(o.status.success(), "ctr {args:?}: {}", show(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// A signal case: name, command, and what to do once it is ready.
 type SignalCase<'a> = (&'a str, &'a [&'a str], &'a dyn Fn(&Env, &str));
 
@@ -616,39 +433,6 @@ fn signals_match_runc() {
         assert_eq!(r, c, "{name}: runc vs cocoon");
     }
     assert_clean(&env);
-}
-
-/// Runs a detached task, runs `f`, then kills and deletes it.
-fn with_detached(env: &Env, runtime: &str, id: &str, flags: &[&str], f: impl FnOnce(&Env, &str)) {
-    let mut args = vec!["run", "-d", "--runtime", runtime];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&[IMAGE_REF, id, "sh", "-c", "while true; do sleep 0.1; done"]);
-    ctr_ok(env, &args);
-    f(env, id);
-    let _ = env.containerd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    wait_status(env, id, "STOPPED");
-    ctr_ok(env, &["task", "delete", id]);
-    ctr_ok(env, &["container", "delete", id]);
-}
-
-fn task_status(env: &Env, id: &str) -> String {
-    let ls = ctr_ok(env, &["task", "ls"]);
-    ls.lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("")
-        .to_string()
-}
-
-fn wait_status(env: &Env, id: &str, want: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while task_status(env, id) != want {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{id} never became {want}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -885,90 +669,6 @@ fn task_metrics() {
     assert_clean(&env);
 }
 
-#[test]
-fn shim_killed_then_task_delete_cleans_up() {
-    let env = env();
-    ctr_ok(
-        &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            IMAGE_REF,
-            "victim",
-            "sh",
-            "-c",
-            "while true; do sleep 0.1; done",
-        ],
-    );
-    assert_eq!(task_status(&env, "victim"), "RUNNING");
-    let shims = env.shims();
-    assert_eq!(shims.len(), 1, "{shims:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0].0 as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // containerd notices the dead shim and runs `shim delete` on its own, or
-    // when asked to delete the task.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let o = env.containerd.ctr(&["task", "delete", "--force", "victim"]);
-        let gone = !ctr_ok(&env, &["task", "ls"]).contains("victim");
-        if gone {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "task never deleted: {}",
-            show(&o)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ctr_ok(&env, &["container", "delete", "victim"]);
-    assert_clean(&env);
-}
-
-#[test]
-fn containerd_restart_keeps_the_task_reachable() {
-    let mut env = env();
-    ctr_ok(
-        &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            IMAGE_REF,
-            "survivor",
-            "sh",
-            "-c",
-            "while true; do sleep 0.1; done",
-        ],
-    );
-    env.containerd.restart();
-    assert_eq!(task_status(&env, "survivor"), "RUNNING");
-    let out = ctr_ok(
-        &env,
-        &[
-            "task",
-            "exec",
-            "--exec-id",
-            "after",
-            "survivor",
-            "echo",
-            "still here",
-        ],
-    );
-    assert_eq!(out, "still here\n");
-    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "survivor"]);
-    wait_status(&env, "survivor", "STOPPED");
-    ctr_ok(&env, &["task", "delete", "survivor"]);
-    ctr_ok(&env, &["container", "delete", "survivor"]);
-    assert_clean(&env);
-}
-
 /// The layout `make install PREFIX=<dir>` produces works with no config at
 /// all: containerd finds the shim on its PATH, the shim finds cocoon-vmm next
 /// to itself and the guest image in <prefix>/share/cocoon.
@@ -1029,29 +729,6 @@ fn installed_layout_needs_no_config() {
     assert!(!std::path::Path::new("/run/cocoon/shares")
         .join(&vm)
         .exists());
-}
-
-/// A create that fails halfway (the VM is up, the spec names a bind source
-/// that does not exist) fails like runc's, with the path named, and leaves
-/// no shim, VM, mount or run directory behind.
-#[test]
-fn failed_create_fails_cleanly() {
-    let env = env();
-    let m = "type=bind,src=/nonexistent/cocoon-src,dst=/data,options=rbind:ro";
-    let r = ctr_run(&env, RUNC, "badmount-runc", &["--mount", m], &["true"]);
-    let c = ctr_run(&env, COCOON, "badmount-cocoon", &["--mount", m], &["true"]);
-    assert!(!r.status.success(), "runc: {}", show(&r));
-    assert!(!c.status.success(), "cocoon: {}", show(&c));
-    assert!(
-        String::from_utf8_lossy(&c.stderr).contains("/nonexistent/cocoon-src"),
-        "the error should name the missing path: {}",
-        show(&c)
-    );
-    // ctr leaves the container record after a failed create under both runtimes.
-    for id in ["badmount-runc", "badmount-cocoon"] {
-        let _ = env.containerd.ctr(&["container", "delete", id]);
-    }
-    assert_clean(&env);
 }
 
 /// Starts `ctr <args>` on a fresh pty, as a terminal user would, and hands

@@ -7,6 +7,7 @@ pub mod cocoon_vmm;
 mod launch;
 mod process;
 pub mod qemu;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;

@@ -3,6 +3,7 @@
 //! shim shuts down with no container left.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_protocol::agent::CreateSandboxRequest;
@@ -14,6 +15,7 @@ use super::pod::PodVm;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
 use crate::hostcgroup::{HostCgroup, CGROUP_ROOT};
+use crate::hypervisor::watch::VmWatch;
 use crate::hypervisor::{self, find_binary, HypervisorError, NetAttach, SharedDir, Vm, VmSpec};
 use crate::podnet::{PodNetError, PodNetwork};
 
@@ -54,6 +56,10 @@ pub struct Sandbox {
     forwarder: Option<tokio::task::JoinHandle<()>>,
     /// The pod's host cgroup, which the VM's processes joined; removed after them.
     host_cgroup: std::sync::Mutex<Option<HostCgroup>>,
+    /// Ends the VM when any of its host processes exits (see `hypervisor::watch`).
+    watcher: tokio::task::JoinHandle<()>,
+    /// Why the VM is gone, once it is.
+    lost: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -173,6 +179,7 @@ impl Sandbox {
         let call = Duration::from_millis(config.vm.call_timeout_ms);
         let agent = AgentClient::wait_ready(&mut vm, boot, call).await?;
         let t_ready = std::time::Instant::now();
+        let lost = Arc::new(std::sync::Mutex::new(None));
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = sandbox_id.into();
         req.shared_fs_tag = SHARE_TAG.into();
@@ -224,11 +231,18 @@ impl Sandbox {
                 agent_ready: t_ready - t_launched,
                 sandbox_setup: t_ready.elapsed(),
             },
+            watcher: watch_vm(vm_id, VmWatch::new(&vm.pids()), lost.clone()),
+            lost,
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,
             host_cgroup: std::sync::Mutex::new(host_cgroup),
         })
+    }
+
+    /// Why the pod's VM is gone, if it is (one of its host processes exited).
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
     }
 
     pub fn vsock_uds(&self) -> PathBuf {
@@ -242,6 +256,8 @@ impl Sandbox {
         let Some(vm) = self.vm.lock().await.take() else {
             return;
         };
+        // A stop ends the processes on purpose: not a loss to report.
+        self.watcher.abort();
         if let Err(e) = self.agent.shutdown().await {
             tracing::warn!("agent shutdown: {e}");
         }
@@ -292,4 +308,23 @@ fn join_host_cgroup(vm_id: &str, cgroups_path: &str, pids: &[u32]) -> Option<Hos
             None
         }
     }
+}
+
+/// Ends the VM as soon as one of its host processes exits: the rest are killed, so every
+/// guest call fails at once and every task of the pod is reported exited.
+fn watch_vm(
+    vm_id: &str,
+    watch: VmWatch,
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    let vm_id = vm_id.to_string();
+    tokio::spawn(async move {
+        let (name, pid) = watch.first_exit().await;
+        let why = format!("{name} (pid {pid}) exited");
+        tracing::error!(vm = %vm_id, "pod VM lost: {why}; stopping the rest of it");
+        if let Ok(mut l) = lost.lock() {
+            *l = Some(why);
+        }
+        watch.kill_all();
+    })
 }

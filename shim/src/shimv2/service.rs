@@ -250,6 +250,19 @@ impl Service {
         }
     }
 
+    /// The pod VM, for a call that needs it alive: once one of its host processes died,
+    /// such calls fail at once with why, instead of waiting on a guest that is gone.
+    async fn live_sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
+        let sb = self.existing_sandbox().await?;
+        match sb.lost() {
+            Some(why) => Err(err(
+                ttrpc::Code::UNAVAILABLE,
+                format!("the pod VM is gone: {why}"),
+            )),
+            None => Ok(sb),
+        }
+    }
+
     async fn existing_sandbox(&self) -> Result<Arc<Sandbox>, ttrpc::Error> {
         self.inner
             .sandbox
@@ -375,6 +388,12 @@ impl Service {
         pod::adapt_spec(&mut spec);
         let booted_here = self.inner.sandbox.lock().await.is_none();
         let sb = self.sandbox(pod_vm).await?;
+        if let Some(why) = sb.lost() {
+            return Err(err(
+                ttrpc::Code::UNAVAILABLE,
+                format!("the pod VM is gone: {why}"),
+            ));
+        }
         let t_sandbox = std::time::Instant::now();
         let shm = pod::take_pod_shm(&mut spec);
         let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
@@ -479,7 +498,7 @@ impl Task for Service {
         _: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let sb = self.existing_sandbox().await?;
+        let sb = self.live_sandbox().await?;
         // The containers lock is never held across a guest call: a slow or dead guest
         // must not stall every other task call (kubelet's probes exec all the time).
         // `started` is claimed first, so a second Start is refused meanwhile, and given
@@ -671,6 +690,7 @@ impl Task for Service {
         _: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
+        self.live_sandbox().await?;
         let mut containers = self.inner.containers.lock().await;
         let c = containers
             .get_mut(&req.id)

@@ -1,0 +1,234 @@
+//! What the ctr test files share: a private containerd per test with the busybox image,
+//! running a case under runc and cocoon, and checking that nothing was left behind.
+#![allow(dead_code)]
+
+use std::process::Output;
+use std::time::Duration;
+
+use cocoon_integration::containerd::Containerd;
+use cocoon_integration::image::IMAGE_REF;
+use cocoon_integration::{leftover_entries, processes_mentioning, test_config, wait_gone};
+
+pub struct Env {
+    pub containerd: Containerd,
+    pub run_dir: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// Our shims serving this test's containerd (tests run in parallel).
+    pub fn shims(&self) -> Vec<(u32, String)> {
+        let addr = self.containerd.address.to_string_lossy().into_owned();
+        processes_mentioning("containerd-shim-cocoon-v2")
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&addr))
+            .collect()
+    }
+}
+
+/// A private containerd with the test image, for one test (nextest runs
+/// each test in its own process).
+pub fn env() -> Env {
+    env_on(None)
+}
+
+/// The same, with the shim's `hypervisor` set (None: the default, auto).
+pub fn env_on(hypervisor: Option<&str>) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let config = test_config(&run_dir, Duration::from_secs(90));
+    let config_path = dir.path().join("cocoon.toml");
+    let mut toml = toml_of(&config);
+    if let Some(h) = hypervisor {
+        toml = format!("hypervisor = {h:?}\n{toml}");
+    }
+    std::fs::write(&config_path, toml).unwrap();
+    let containerd = Containerd::start(&dir.path().join("containerd"), &config_path);
+    containerd.import_busybox();
+    Env {
+        containerd,
+        run_dir,
+        _dir: dir,
+    }
+}
+
+pub fn toml_of(c: &cocoon_shim::config::Config) -> String {
+    format!(
+        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
+        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
+    )
+}
+
+pub const COCOON: &str = "io.containerd.cocoon.v2";
+pub const RUNC: &str = "io.containerd.runc.v2";
+
+pub fn ctr_run(env: &Env, runtime: &str, id: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend_from_slice(flags);
+    args.push(IMAGE_REF);
+    args.push(id);
+    args.extend_from_slice(cmd);
+    env.containerd.ctr(&args)
+}
+
+/// An output for messages: long streams are cut, with their length and hash.
+pub fn show(o: &Output) -> String {
+    fn cut(b: &[u8]) -> String {
+        use sha2::Digest;
+        if b.len() <= 2000 {
+            return format!("{:?}", String::from_utf8_lossy(b));
+        }
+        format!(
+            "{} bytes, sha256 {}, starting {:?}",
+            b.len(),
+            hex::encode(sha2::Sha256::digest(b)),
+            String::from_utf8_lossy(&b[..200])
+        )
+    }
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        cut(&o.stdout),
+        cut(&o.stderr)
+    )
+}
+
+/// Runs `cmd` under runc and cocoon and asserts identical stdout, stderr and exit code.
+pub fn same(name: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    let env = env();
+    let out = same_in(&env, name, flags, cmd);
+    assert_clean(&env);
+    out
+}
+
+/// `same` on a given containerd.
+///
+/// containerd 1.6's runc shim sometimes drops the last bytes of a container
+/// that exits at once (seen on fresh machines: runc's `echo $?` line missing
+/// while cocoon's was there). The baseline is then run again, up to twice;
+/// cocoon gets one run and must equal a runc run exactly.
+pub fn same_in(env: &Env, name: &str, flags: &[&str], cmd: &[&str]) -> Output {
+    let c = ctr_run(env, COCOON, &format!("{name}-cocoon"), flags, cmd);
+    let matches = |r: &Output| {
+        r.status.code() == c.status.code() && r.stdout == c.stdout && r.stderr == c.stderr
+    };
+    let mut runs = Vec::new();
+    for attempt in 0..3 {
+        let r = ctr_run(env, RUNC, &format!("{name}-runc{attempt}"), flags, cmd);
+        let ok = matches(&r);
+        runs.push(r);
+        if ok {
+            return c;
+        }
+    }
+    let runc: Vec<String> = runs.iter().map(show).collect();
+    panic!(
+        "\nrunc (3 runs):\n{}\ncocoon: {}\ncontainerd log:\n{}",
+        runc.join("\n"),
+        show(&c),
+        env.containerd.log_tail()
+    );
+}
+
+/// Nothing of ours is left once the tasks are gone.
+pub fn assert_clean(env: &Env) {
+    let procs = processes_mentioning(&env.run_dir.to_string_lossy());
+    let pids: Vec<u32> = procs.iter().map(|p| p.0).collect();
+    let left = wait_gone(&pids, Duration::from_secs(10));
+    assert!(left.is_empty(), "processes left: {procs:?}");
+    let shims = env.shims();
+    let shim_pids: Vec<u32> = shims.iter().map(|p| p.0).collect();
+    assert!(
+        wait_gone(&shim_pids, Duration::from_secs(10)).is_empty(),
+        "shims left: {shims:?}"
+    );
+    let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
+        .into_iter()
+        .filter(|p| !p.ends_with("shares") && !p.ends_with("timings.jsonl"))
+        .collect();
+    assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");
+    assert!(
+        leftover_entries(&env.run_dir.join("shares")).is_empty(),
+        "shares left"
+    );
+    let mounts = cocoon_integration::mounts_under(&env.run_dir);
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+}
+
+/// A full spec for `ctr run --config` (which takes the rootfs from the spec
+/// too): `ctr oci spec` with a busybox rootfs of its own, `PATH=/bin`, a cgroup
+/// of its own, then `edit`. Returns the file's path.
+pub fn spec_file(env: &Env, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let spec = env.containerd.ctr(&["oci", "spec"]);
+    assert!(spec.status.success(), "{}", show(&spec));
+    let mut spec: serde_json::Value = serde_json::from_slice(&spec.stdout).unwrap();
+    let rootfs = env.containerd.dir.join(format!("{name}-rootfs"));
+    cocoon_integration::image::write_rootfs(std::path::Path::new("/bin/busybox"), &rootfs);
+    spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    // `ctr oci spec` puts every container in the cgroup `/default` itself, the
+    // parent of every other test's `/default/<id>`. On this host's cgroup v1,
+    // runc then rewrites the devices list of a cgroup that has children, which
+    // the kernel refuses (EINVAL), and narrows what the siblings may allow:
+    // tests running in parallel failed each other. A cgroup of its own.
+    spec["linux"]["cgroupsPath"] =
+        serde_json::json!(format!("/cocoon-test-{name}-{}", std::process::id()));
+    edit(&mut spec);
+    let path = env.containerd.dir.join(format!("{name}-spec.json"));
+    std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+pub fn ctr_ok(env: &Env, args: &[&str]) -> String {
+    let o = env.containerd.ctr(args);
+    assert!(o.status.success(), "ctr {args:?}: {}", show(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a detached task, runs `f`, then kills and deletes it.
+pub fn with_detached(
+    env: &Env,
+    runtime: &str,
+    id: &str,
+    flags: &[&str],
+    f: impl FnOnce(&Env, &str),
+) {
+    let mut args = vec!["run", "-d", "--runtime", runtime];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[IMAGE_REF, id, "sh", "-c", "while true; do sleep 0.1; done"]);
+    ctr_ok(env, &args);
+    f(env, id);
+    let _ = env.containerd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_status(env, id, "STOPPED");
+    ctr_ok(env, &["task", "delete", id]);
+    ctr_ok(env, &["container", "delete", id]);
+}
+
+pub fn task_status(env: &Env, id: &str) -> String {
+    let ls = ctr_ok(env, &["task", "ls"]);
+    ls.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("")
+        .to_string()
+}
+
+pub fn wait_status(env: &Env, id: &str, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while task_status(env, id) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never became {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Runs after a failed assertion too: stop containerd, kill its shims
+        // (their VMs die with them), undo what they mounted.
+        self.containerd.stop_and_kill_shims();
+        cocoon_integration::unmount_under(self._dir.path());
+    }
+}

@@ -1,0 +1,178 @@
+//! Faults through `ctr`: a shim or a per-pod host process killed, containerd restarted,
+//! a create that fails; each must end cleanly, with nothing left behind.
+
+mod ctr_common;
+
+use std::time::Duration;
+
+use cocoon_integration::image::IMAGE_REF;
+use ctr_common::*;
+
+#[test]
+fn shim_killed_then_task_delete_cleans_up() {
+    let env = env();
+    ctr_ok(
+        &env,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            COCOON,
+            IMAGE_REF,
+            "victim",
+            "sh",
+            "-c",
+            "while true; do sleep 0.1; done",
+        ],
+    );
+    assert_eq!(task_status(&env, "victim"), "RUNNING");
+    let shims = env.shims();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0].0 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // containerd notices the dead shim and runs `shim delete` on its own, or
+    // when asked to delete the task.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = env.containerd.ctr(&["task", "delete", "--force", "victim"]);
+        let gone = !ctr_ok(&env, &["task", "ls"]).contains("victim");
+        if gone {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task never deleted: {}",
+            show(&o)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ctr_ok(&env, &["container", "delete", "victim"]);
+    assert_clean(&env);
+}
+
+#[test]
+fn containerd_restart_keeps_the_task_reachable() {
+    let mut env = env();
+    ctr_ok(
+        &env,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            COCOON,
+            IMAGE_REF,
+            "survivor",
+            "sh",
+            "-c",
+            "while true; do sleep 0.1; done",
+        ],
+    );
+    env.containerd.restart();
+    assert_eq!(task_status(&env, "survivor"), "RUNNING");
+    let out = ctr_ok(
+        &env,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            "survivor",
+            "echo",
+            "still here",
+        ],
+    );
+    assert_eq!(out, "still here\n");
+    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "survivor"]);
+    wait_status(&env, "survivor", "STOPPED");
+    ctr_ok(&env, &["task", "delete", "survivor"]);
+    ctr_ok(&env, &["container", "delete", "survivor"]);
+    assert_clean(&env);
+}
+
+/// A create that fails halfway (the VM is up, the spec names a bind source
+/// that does not exist) fails like runc's, with the path named, and leaves
+/// no shim, VM, mount or run directory behind.
+#[test]
+fn failed_create_fails_cleanly() {
+    let env = env();
+    let m = "type=bind,src=/nonexistent/cocoon-src,dst=/data,options=rbind:ro";
+    let r = ctr_run(&env, RUNC, "badmount-runc", &["--mount", m], &["true"]);
+    let c = ctr_run(&env, COCOON, "badmount-cocoon", &["--mount", m], &["true"]);
+    assert!(!r.status.success(), "runc: {}", show(&r));
+    assert!(!c.status.success(), "cocoon: {}", show(&c));
+    assert!(
+        String::from_utf8_lossy(&c.stderr).contains("/nonexistent/cocoon-src"),
+        "the error should name the missing path: {}",
+        show(&c)
+    );
+    // ctr leaves the container record after a failed create under both runtimes.
+    for id in ["badmount-runc", "badmount-cocoon"] {
+        let _ = env.containerd.ctr(&["container", "delete", id]);
+    }
+    assert_clean(&env);
+}
+
+/// What a user saw: after virtiofsd was killed, `ctr task delete -f` hung for good (the
+/// shim, QEMU and the share stayed). Now the pod's VM ends with it: the task stops (as a
+/// killed process, 137), calls that need the VM say why they cannot, and a forced delete
+/// leaves nothing.
+#[test]
+fn virtiofsd_killed_then_delete_force_cleans_up() {
+    let env = env();
+    ctr_ok(
+        &env,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            COCOON,
+            IMAGE_REF,
+            "fsvictim",
+            "sh",
+            "-c",
+            "while true; do sleep 0.1; done",
+        ],
+    );
+    assert_eq!(task_status(&env, "fsvictim"), "RUNNING");
+    let fsd = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("virtiofsd"))
+        .collect::<Vec<_>>();
+    assert!(!fsd.is_empty(), "no virtiofsd for the pod");
+    for (pid, _) in &fsd {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_status(&env, "fsvictim", "STOPPED");
+    let exec = env
+        .containerd
+        .ctr(&["task", "exec", "--exec-id", "late", "fsvictim", "true"]);
+    let err = String::from_utf8_lossy(&exec.stderr);
+    assert!(
+        !exec.status.success() && err.contains("pod VM is gone") && err.contains("virtiofsd"),
+        "an exec into a pod whose virtiofsd died must say so: {}",
+        show(&exec)
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let address = env.containerd.address.clone();
+    std::thread::spawn(move || {
+        let o = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args(["task", "delete", "--force", "fsvictim"])
+            .output();
+        let _ = tx.send(o);
+    });
+    let deleted = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("ctr task delete --force hung")
+        .expect("ctr");
+    assert!(deleted.status.success(), "delete: {}", show(&deleted));
+    ctr_ok(&env, &["container", "delete", "fsvictim"]);
+    assert_clean(&env);
+}
