@@ -354,3 +354,50 @@ async fn update_resources_take_effect(test: &str, handler: &str, net: u8) {
     }
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
+
+both!(
+    created_container_is_removed_unstarted,
+    runc_created_container_is_removed_unstarted = 46,
+    cocoon_created_container_is_removed_unstarted = 56
+);
+
+/// kubelet may remove a container it created but never started (the pod was deleted in
+/// between): that must not wait forever on an exit that never comes.
+async fn created_container_is_removed_unstarted(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("unstarted", "uid-unstarted", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let c = CriNode::container_config("never", IMAGE_REF, &["sleep", "3600"], &[]);
+    let log = std::path::Path::new(&pconfig.log_directory).join(&c.log_path);
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let ctr = node
+        .runtime()
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(c),
+            sandbox_config: Some(pconfig.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{test}: CreateContainer: {e}"))
+        .into_inner()
+        .container_id;
+    let removed = tokio::time::timeout(
+        Duration::from_secs(30),
+        node.runtime().remove_container(RemoveContainerRequest {
+            container_id: ctr.clone(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{test}: RemoveContainer of a created container hung"));
+    removed.unwrap_or_else(|e| panic!("{test}: RemoveContainer: {e}"));
+    let stopped = tokio::time::timeout(Duration::from_secs(30), node.stop_and_remove_pod(&pod))
+        .await
+        .unwrap_or_else(|_| panic!("{test}: stop/remove of the pod hung"));
+    stopped.unwrap_or_else(|e| panic!("{test}: stop/remove: {e}"));
+}
