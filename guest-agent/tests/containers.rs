@@ -389,6 +389,55 @@ async fn exec_with_a_terminal() {
     agent.remove("et").await.unwrap();
 }
 
+/// kubelet's exec probes run every few seconds for the life of a pod: once its exit is
+/// collected, an exec (its process record, its terminal) must be forgotten, or the guest
+/// runs out of fds and memory. A second wait still gets the status.
+#[tokio::test]
+async fn exec_processes_are_forgotten_once_waited() {
+    require_root!();
+    let agent = Agent::start().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    agent
+        .create(
+            "probe",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("probe").await.unwrap();
+    let mut fds = Vec::new();
+    for i in 0..40 {
+        let id = format!("probe-{i}");
+        let mut stdio = streams(false, true, false);
+        stdio.terminal = true;
+        let mut p = process(&["true"]);
+        p["terminal"] = json!(true);
+        agent.exec("probe", &id, &p, stdio).await.unwrap();
+        let mut out = agent.stream("stdout", "probe", &id).await;
+        read_all(&mut out).await;
+        assert_eq!(agent.wait("probe", &id).await.unwrap().status, 0);
+        assert_eq!(
+            agent.wait("probe", &id).await.unwrap().status,
+            0,
+            "a second wait"
+        );
+        fds.push(agent.open_fds());
+    }
+    // The first few execs may grow lazily made state (a thread, a cached fd); after that
+    // the count must stay flat.
+    assert!(
+        fds[39] <= fds[9] + 2,
+        "the agent's fds grow with each exec: {fds:?}"
+    );
+    let e = agent
+        .signal("probe", "probe-0", 15, false)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("NOT_FOUND"), "{e:?}");
+    agent.remove("probe").await.unwrap();
+}
+
 #[tokio::test]
 async fn terminal_comes_from_the_containers_own_devpts() {
     require_root!();

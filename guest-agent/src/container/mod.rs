@@ -81,6 +81,9 @@ pub enum Status {
     Stopped,
 }
 
+/// How many waited-for execs a container remembers the exit of.
+const REAPED_EXECS_KEPT: usize = 32;
+
 #[derive(Debug)]
 pub struct Container {
     pub id: String,
@@ -88,6 +91,9 @@ pub struct Container {
     cgroup: Option<Cgroup>,
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Execs already waited for and forgotten, with their exits, newest last (bounded:
+    /// only for a repeated wait).
+    reaped_execs: Mutex<std::collections::VecDeque<(String, Exit)>>,
     /// The init's sync socket, held until StartContainer.
     sync: tokio::sync::Mutex<Option<spawn::SyncChannel>>,
     status: Mutex<Status>,
@@ -332,6 +338,7 @@ impl Containers {
             cgroup: cgroup.clone(),
             init: Process::new("", io),
             execs: Mutex::new(HashMap::new()),
+            reaped_execs: Mutex::new(std::collections::VecDeque::new()),
             sync: tokio::sync::Mutex::new(None),
             status: Mutex::new(Status::Creating),
             storages: mounted.clone(),
@@ -530,10 +537,35 @@ impl Containers {
         }
     }
 
-    /// WaitProcess: the exit status once output is drained.
+    /// WaitProcess: the exit status once output is drained. An exec is forgotten once
+    /// its exit has been collected (its record, its terminal): exec probes would
+    /// otherwise exhaust the guest's fds. A repeated wait still gets the status from a
+    /// short, bounded list.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exit, ContainerError> {
-        let p = self.get(id)?.process(exec_id)?;
-        Ok(p.wait().await)
+        let c = self.get(id)?;
+        if !exec_id.is_empty() {
+            let reaped = c.reaped_execs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, exit)) = reaped.iter().rev().find(|(e, _)| e == exec_id) {
+                return Ok(*exit);
+            }
+        }
+        let p = c.process(exec_id)?;
+        let exit = p.wait().await;
+        if !exec_id.is_empty() {
+            let forgotten = c
+                .execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(exec_id);
+            if forgotten.is_some() {
+                let mut reaped = c.reaped_execs.lock().unwrap_or_else(|e| e.into_inner());
+                reaped.push_back((exec_id.to_string(), exit));
+                while reaped.len() > REAPED_EXECS_KEPT {
+                    reaped.pop_front();
+                }
+            }
+        }
+        Ok(exit)
     }
 
     /// RemoveContainer: kills what is left, then forgets the container.

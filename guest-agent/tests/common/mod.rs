@@ -135,6 +135,13 @@ impl Agent {
         }
     }
 
+    /// How many fds the agent holds now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     pub fn stdio_path(&self) -> PathBuf {
         self.dir.path().join("stdio.sock")
     }
