@@ -234,6 +234,20 @@ async fn pod_losing_a_host_process(test: &str, net: u8, victim: &[&str]) {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<_> = mounts.lines().filter(|l| l.contains(&run_dir)).collect();
     assert!(left.is_empty(), "mounts left: {left:?}");
+    // The failed pod's console stays readable (`cocoon logs`) after it is removed.
+    let logs = std::process::Command::new(
+        cocoon_integration::workspace_root().join("target/debug/cocoon"),
+    )
+    .args(["logs", &pod])
+    .env("COCOON_CONFIG", env.dir.path().join("cocoon.toml"))
+    .output()
+    .expect("cocoon logs");
+    let console = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        logs.status.success() && console.contains("cocoon-agent"),
+        "{test}: cocoon logs {pod}: {}\n{console}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
 }
 
 #[tokio::test]

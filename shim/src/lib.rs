@@ -12,6 +12,7 @@ pub mod bench_run;
 pub mod bench_vmm;
 pub mod check;
 pub mod config;
+pub mod consolelog;
 pub mod hostcgroup;
 pub mod hypervisor;
 pub mod podnet;

@@ -35,6 +35,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// The guest console of a pod: live while it runs, kept after its VM failed.
+    Logs {
+        /// The pod's sandbox id (or a container id, or the VM id `pod-…`).
+        id: String,
+        /// Its containerd namespace (default: k8s.io, default and moby are tried).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
     /// Benchmarks that write a JSON report and print a table.
     Bench {
         #[command(subcommand)]
@@ -140,6 +148,25 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Logs { id, namespace } => {
+            let config = Config::load()?;
+            let namespaces: Vec<&str> = match &namespace {
+                Some(ns) => vec![ns.as_str()],
+                None => cocoon_shim::consolelog::NAMESPACES.to_vec(),
+            };
+            let path = cocoon_shim::consolelog::find(&config.paths.run_dir, &id, &namespaces)
+                .with_context(|| {
+                    format!(
+                        "no console for pod {id} under {} (namespaces {namespaces:?}): not \
+                         running here, and no failure of it kept",
+                        config.paths.run_dir.display()
+                    )
+                })?;
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            std::io::Write::write_all(&mut std::io::stdout(), &text)?;
+            Ok(())
+        }
         Cmd::Check { json } => {
             let r = check::report();
             if json {

@@ -177,7 +177,13 @@ impl Sandbox {
         let t_launched = std::time::Instant::now();
         let boot = Duration::from_millis(config.vm.boot_timeout_ms);
         let call = Duration::from_millis(config.vm.call_timeout_ms);
-        let agent = AgentClient::wait_ready(&mut vm, boot, call).await?;
+        let agent = match AgentClient::wait_ready(&mut vm, boot, call).await {
+            Ok(a) => a,
+            Err(e) => {
+                keep_console(&config.paths.run_dir, vm_id, &vm.console_log);
+                return Err(e.into());
+            }
+        };
         let t_ready = std::time::Instant::now();
         let lost = Arc::new(std::sync::Mutex::new(None));
         let mut req = CreateSandboxRequest::new();
@@ -258,6 +264,11 @@ impl Sandbox {
         };
         // A stop ends the processes on purpose: not a loss to report.
         self.watcher.abort();
+        if self.lost().is_some() {
+            if let Some(run_root) = self.run_dir.parent() {
+                keep_console(run_root, &self.id, &self.run_dir.join("console.log"));
+            }
+        }
         if let Err(e) = self.agent.shutdown().await {
             tracing::warn!("agent shutdown: {e}");
         }
@@ -327,4 +338,12 @@ fn watch_vm(
         }
         watch.kill_all();
     })
+}
+
+/// Keeps a failed VM's console for `cocoon logs` after its run directory is gone.
+fn keep_console(run_root: &std::path::Path, vm_id: &str, console: &std::path::Path) {
+    match crate::consolelog::keep_failed(run_root, vm_id, console) {
+        Ok(kept) => tracing::info!(vm = vm_id, "console kept in {}", kept.display()),
+        Err(e) => tracing::warn!(vm = vm_id, "cannot keep the console: {e}"),
+    }
 }
