@@ -11,7 +11,7 @@ AGENT := target/$(GUEST_TARGET)/release/cocoon-agent
 IMAGE_DIR := target/image
 STAMP := target/.host-setup-done
 
-.PHONY: all setup build agent image demo test test-nested lint unit integration bench install clean
+.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak install clean
 
 all: build image
 
@@ -66,6 +66,11 @@ bench: image
 	$(CARGO) bench -p cocoon-vmm --bench boot
 	bash scripts/bench-nested.sh 3 $(CURDIR)/target/bench-vmm.json
 	bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot.json
+
+# The long soak (issue #11): pod lifecycles through CRI with faults injected; the
+# report goes to target/soak.json. `make test` runs a short one.
+soak: image
+	./target/debug/cocoon soak --cycles $${CYCLES:-500} --out target/soak.json
 
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm

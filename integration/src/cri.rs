@@ -67,6 +67,7 @@ pub struct PodInfo {
 
 pub struct CriNode {
     pub dir: PathBuf,
+    cocoon_config: PathBuf,
     pub address: PathBuf,
     pub subnet_index: u8,
     child: Option<Child>,
@@ -102,23 +103,10 @@ impl CriNode {
             cni_conflist(dir, subnet_index, ipv6),
         )
         .unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("containerd.log"))
-            .unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("containerd.toml"))
-            .env("PATH", tool_path())
-            .env("COCOON_CONFIG", cocoon_config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd (apt-get install containerd)");
+        let child = spawn_containerd(dir, cocoon_config);
         let mut node = CriNode {
             dir: dir.to_path_buf(),
+            cocoon_config: cocoon_config.to_path_buf(),
             channel: unix_channel(&address),
             address,
             subnet_index,
@@ -128,6 +116,16 @@ impl CriNode {
         node.import(IMAGE_REF, &[]).await;
         node.import(PAUSE_REF, PAUSE_ENTRYPOINT).await;
         node
+    }
+
+    /// Restarts containerd (SIGTERM, then a new one on the same state), as a node's
+    /// containerd upgrade or crash does; shims and pods live on. Returns once CRI is
+    /// ready again.
+    pub async fn restart_containerd(&mut self) {
+        self.stop();
+        self.child = Some(spawn_containerd(&self.dir, &self.cocoon_config));
+        self.channel = unix_channel(&self.address);
+        self.wait_ready().await;
     }
 
     /// The bridge CNI creates on the host for this node's pods.
@@ -738,4 +736,22 @@ pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
     );
     std::fs::write(&path, toml).unwrap();
     path
+}
+
+fn spawn_containerd(dir: &Path, cocoon_config: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("containerd.toml"))
+        .env("PATH", tool_path())
+        .env("COCOON_CONFIG", cocoon_config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt-get install containerd)")
 }

@@ -153,6 +153,11 @@ impl HostCgroup {
         }
     }
 
+    /// The leaf directories this created.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.created.iter().map(|(_, d)| d.clone()).collect()
+    }
+
     /// Removes the leaves this created. Processes still in one (a VM being torn down
     /// after a failed start) go back to the hierarchy's root first; the kernel may take
     /// a moment to release a cgroup whose last task just exited, so a busy one is
@@ -175,6 +180,25 @@ impl HostCgroup {
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
                 }
             }
+        }
+    }
+}
+
+/// For cleanup after a dead shim: removes leaf cgroup directories it had created, once
+/// their processes are gone. Only directories under `CGROUP_ROOT` are touched.
+pub fn remove_dirs(dirs: &[PathBuf]) {
+    for dir in dirs {
+        let ours = dir.starts_with(CGROUP_ROOT)
+            && dir.components().all(|c| !matches!(c, Component::ParentDir));
+        if !ours {
+            tracing::warn!("not a cgroup directory: {}", dir.display());
+            continue;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::fs::remove_dir(dir).is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }

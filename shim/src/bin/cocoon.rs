@@ -35,6 +35,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
+    /// Pod lifecycles through CRI with faults injected (VMM, virtiofsd, vsock backend or
+    /// shim killed, containerd restarted); fails if anything leaked or hung. Runs
+    /// `cocoon-soak` (built with the integration tests).
+    Soak {
+        #[arg(long, default_value_t = 50)]
+        cycles: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value = "cocoon-soak.json")]
+        out: PathBuf,
+    },
     /// The guest console of a pod: live while it runs, kept after its VM failed.
     Logs {
         /// The pod's sandbox id (or a container id, or the VM id `pod-…`).
@@ -148,6 +159,24 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Soak { cycles, seed, out } => {
+            let tool = cocoon_shim::hypervisor::find_binary("cocoon-soak", Path::new("")).context(
+                "`cocoon soak` needs cocoon-soak (cargo build -p cocoon-integration --bins)",
+            )?;
+            let status = std::process::Command::new(&tool)
+                .args(["--cycles", &cycles.to_string(), "--seed", &seed.to_string()])
+                .arg("--out")
+                .arg(&out)
+                .status()
+                .with_context(|| format!("running {}", tool.display()))?;
+            if !status.success() {
+                bail!(
+                    "the soak found leaks or unclean failures (report: {})",
+                    out.display()
+                );
+            }
+            Ok(())
+        }
         Cmd::Logs { id, namespace } => {
             let config = Config::load()?;
             let namespaces: Vec<&str> = match &namespace {

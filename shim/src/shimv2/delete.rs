@@ -34,6 +34,7 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
         }
         mounts::unmount_share(&st.share);
         let _ = std::fs::remove_dir_all(&st.vm_run_dir);
+        crate::hostcgroup::remove_dirs(&st.host_cgroup);
         ContainerState::remove(&bundle);
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;

@@ -18,6 +18,9 @@ pub struct ContainerState {
     /// Host pids of the VM's processes (QEMU, vsock backend, virtiofsd).
     pub vm_pids: Vec<u32>,
     pub mounts: ContainerMounts,
+    /// The pod cgroup directories the shim created for the VM's processes.
+    #[serde(default)]
+    pub host_cgroup: Vec<PathBuf>,
 }
 
 impl ContainerState {

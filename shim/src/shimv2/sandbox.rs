@@ -246,6 +246,15 @@ impl Sandbox {
         })
     }
 
+    /// The pod cgroup directories created for the VM's processes (for the state file).
+    pub fn host_cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.host_cgroup
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(HostCgroup::dirs))
+            .unwrap_or_default()
+    }
+
     /// Why the pod's VM is gone, if it is (one of its host processes exited).
     pub fn lost(&self) -> Option<String> {
         self.lost.lock().ok().and_then(|l| l.clone())

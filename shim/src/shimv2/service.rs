@@ -362,6 +362,7 @@ impl Service {
             share: sb.share.clone(),
             vm_pids: sb.pids.clone(),
             mounts: c.mounts.clone(),
+            host_cgroup: sb.host_cgroup_dirs(),
         };
         if let Err(e) = st.save(&c.bundle) {
             tracing::warn!("cannot save state in {}: {e}", c.bundle.display());

@@ -1,0 +1,313 @@
+//! The soak: pod lifecycles through containerd's CRI plugin, as kubelet drives them, with
+//! a fault injected in most cycles: the VMM, virtiofsd, the vsock backend or the shim
+//! SIGKILLed, or containerd restarted, while the pod runs. Every cycle must end with the
+//! pod removed and nothing of it left (no process, mount, run directory, share, network
+//! namespace or cgroup), and every call must end within its deadline: a call that fails
+//! after a fault is fine, one that hangs is not. At the end a fresh pod must still work.
+//! `cocoon soak` runs it (through `cocoon-soak`); CI runs a short one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cri::{CriNode, COCOON};
+use crate::image::IMAGE_REF;
+
+/// Deadline for one CRI call; longer means a hang.
+const CALL_DEADLINE: Duration = Duration::from_secs(120);
+/// How long what a removed pod leaves may take to go.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A fault injected into a running pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    None,
+    KillVmm,
+    KillVirtiofsd,
+    KillVsockBackend,
+    KillShim,
+    RestartContainerd,
+}
+
+pub const FAULTS: &[Fault] = &[
+    Fault::None,
+    Fault::KillVmm,
+    Fault::KillVirtiofsd,
+    Fault::KillVsockBackend,
+    Fault::KillShim,
+    Fault::RestartContainerd,
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakReport {
+    pub cycles: usize,
+    pub seconds: f64,
+    pub cycles_per_minute: f64,
+    pub faults: BTreeMap<String, usize>,
+    /// Faults that found nothing to act on (e.g. no vsock backend under cocoon-vmm).
+    pub faults_not_applicable: usize,
+    /// What a cycle left behind: must be empty.
+    pub leaks: Vec<String>,
+    /// Calls that hung past their deadline or a pod that could not be removed: must be
+    /// empty.
+    pub unclean: Vec<String>,
+    /// The shim's RSS (KiB) with its pod running, per cycle without a shim fault: a
+    /// flat line, or the shim leaks per pod.
+    pub shim_rss_kib: Vec<u64>,
+    pub fresh_pod_after: bool,
+}
+
+impl SoakReport {
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "soak: {} cycles in {:.0} s ({:.1}/min), leaks {}, unclean failures {}, fresh pod \
+             after: {}\n",
+            self.cycles,
+            self.seconds,
+            self.cycles_per_minute,
+            self.leaks.len(),
+            self.unclean.len(),
+            if self.fresh_pod_after { "ok" } else { "FAILED" }
+        );
+        for (k, n) in &self.faults {
+            t.push_str(&format!("  {k:<20} {n}\n"));
+        }
+        if let (Some(first), Some(last)) = (self.shim_rss_kib.first(), self.shim_rss_kib.last()) {
+            t.push_str(&format!("  shim RSS first/last: {first} / {last} KiB\n"));
+        }
+        for l in self.leaks.iter().chain(self.unclean.iter()) {
+            t.push_str(&format!("  ! {l}\n"));
+        }
+        t
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a soak can be replayed by seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(CALL_DEADLINE, f)
+        .await
+        .map_err(|_| format!("{what} hung past {CALL_DEADLINE:?}"))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn kill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// The node's own processes: our shims and whatever mentions its run directory.
+fn shims(node: &CriNode) -> Vec<(u32, String)> {
+    crate::processes_mentioning(&node.address.to_string_lossy())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-cocoon"))
+        .collect()
+}
+
+/// Injects `fault` into the running pod; false when there was nothing to act on.
+async fn inject(node: &mut CriNode, run_dir: &Path, fault: Fault) -> bool {
+    let vm_procs = crate::processes_mentioning(&run_dir.to_string_lossy());
+    let matching = |pat: &[&str]| -> Vec<u32> {
+        vm_procs
+            .iter()
+            .filter(|(_, c)| pat.iter().any(|p| c.contains(p)))
+            .map(|(p, _)| *p)
+            .collect()
+    };
+    let victims = match fault {
+        Fault::None => return true,
+        Fault::RestartContainerd => {
+            node.restart_containerd().await;
+            return true;
+        }
+        Fault::KillVmm => matching(&["qemu-system", "cocoon-vmm run "]),
+        Fault::KillVirtiofsd => matching(&["virtiofsd"]),
+        Fault::KillVsockBackend => matching(&["cocoon-vmm vhost-user-vsock"]),
+        Fault::KillShim => shims(node).into_iter().map(|(p, _)| p).collect(),
+    };
+    for &p in &victims {
+        kill(p);
+    }
+    !victims.is_empty()
+}
+
+/// What of the pod is still there, after a deadline for it to go.
+async fn leftovers(
+    node: &CriNode,
+    run_dir: &Path,
+    netns: Option<&PathBuf>,
+    uid: &str,
+) -> Vec<String> {
+    let deadline = Instant::now() + CLEANUP_DEADLINE;
+    loop {
+        let mut left = Vec::new();
+        for (pid, cmd) in crate::processes_mentioning(&run_dir.to_string_lossy()) {
+            left.push(format!("process {pid}: {cmd}"));
+        }
+        for (pid, cmd) in shims(node) {
+            left.push(format!("shim {pid}: {cmd}"));
+        }
+        for m in crate::mounts_under(run_dir) {
+            left.push(format!("mount {}", m.display()));
+        }
+        for e in crate::leftover_entries(run_dir) {
+            let name = e.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            match name {
+                "shares" => {
+                    for s in crate::leftover_entries(&e) {
+                        left.push(format!("share {}", s.display()));
+                    }
+                }
+                "timings.jsonl" | "failed-consoles" => {}
+                _ => left.push(format!("run dir entry {}", e.display())),
+            }
+        }
+        if let Some(ns) = netns.filter(|n| n.exists()) {
+            left.push(format!("network namespace {}", ns.display()));
+        }
+        let pod_cg = format!("{}/pod{uid}", node.cgroup_parent_root());
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for e in std::fs::read_dir(h.path().join(&pod_cg))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts a pod with one container and checks it answers an exec.
+async fn start_pod(node: &CriNode, name: &str) -> Result<(String, Option<PathBuf>), String> {
+    let pconfig = node.pod_config(name, &format!("uid-{name}"), "soak");
+    let pod = within("RunPodSandbox", node.run_pod(&pconfig, COCOON))
+        .await?
+        .map_err(|e| format!("RunPodSandbox: {e}"))?;
+    let netns = node.pod_info(&pod).await.ok().and_then(|i| i.netns);
+    let c = CriNode::container_config("main", IMAGE_REF, &["sleep", "3600"], &[]);
+    let ctr = within("create/start", node.create_and_start(&pod, &c, &pconfig))
+        .await?
+        .map_err(|e| format!("create/start: {e}"))?;
+    let (code, out, _) = within(
+        "ExecSync",
+        node.exec_sync(&ctr, &["echo", "ok"], Duration::from_secs(30)),
+    )
+    .await?
+    .map_err(|e| format!("ExecSync: {e}"))?;
+    if (code, out.as_str()) != (0, "ok\n") {
+        return Err(format!("ExecSync gave {code} {out:?}"));
+    }
+    Ok((pod, netns))
+}
+
+/// Removes a pod, retrying while containerd catches up with a fault (a dead shim is
+/// noticed asynchronously), within the cleanup deadline.
+async fn remove_pod(node: &CriNode, pod: &str) -> Result<(), String> {
+    let deadline = Instant::now() + CLEANUP_DEADLINE * 2;
+    loop {
+        let r = within("stop/remove", node.stop_and_remove_pod(pod)).await?;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(format!("cannot remove: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Runs `cycles` cycles on `node` (whose shim config keeps VMs under `run_dir`).
+pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) -> SoakReport {
+    let started = Instant::now();
+    let mut rng = Rng(seed | 1);
+    let mut report = SoakReport {
+        cycles,
+        seconds: 0.0,
+        cycles_per_minute: 0.0,
+        faults: BTreeMap::new(),
+        faults_not_applicable: 0,
+        leaks: Vec::new(),
+        unclean: Vec::new(),
+        shim_rss_kib: Vec::new(),
+        fresh_pod_after: false,
+    };
+    for i in 0..cycles {
+        // Every kind once first, then at random.
+        let fault = match FAULTS.get(i) {
+            Some(f) => *f,
+            None => FAULTS[(rng.next() % FAULTS.len() as u64) as usize],
+        };
+        let name = format!("soak-{i}");
+        let (pod, netns) = match start_pod(node, &name).await {
+            Ok(p) => p,
+            Err(e) => {
+                report
+                    .unclean
+                    .push(format!("cycle {i}: a healthy pod failed: {e}"));
+                continue;
+            }
+        };
+        if let Some((pid, _)) = shims(node).first() {
+            if fault != Fault::KillShim {
+                report.shim_rss_kib.push(rss_kib(*pid));
+            }
+        }
+        if inject(node, run_dir, fault).await {
+            *report.faults.entry(format!("{fault:?}")).or_default() += 1;
+        } else {
+            report.faults_not_applicable += 1;
+        }
+        // After the fault a call may fail; it must not hang.
+        if let Err(e) = within("PodSandboxStatus after the fault", node.pod_status(&pod)).await {
+            report.unclean.push(format!("cycle {i} ({fault:?}): {e}"));
+        }
+        if let Err(e) = remove_pod(node, &pod).await {
+            report.unclean.push(format!("cycle {i} ({fault:?}): {e}"));
+        }
+        for l in leftovers(node, run_dir, netns.as_ref(), &format!("uid-{name}")).await {
+            report.leaks.push(format!("cycle {i} ({fault:?}): {l}"));
+        }
+    }
+    match start_pod(node, "soak-fresh").await {
+        Ok((pod, _)) => report.fresh_pod_after = remove_pod(node, &pod).await.is_ok(),
+        Err(e) => report
+            .unclean
+            .push(format!("fresh pod after the soak: {e}")),
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.cycles_per_minute = cycles as f64 * 60.0 / report.seconds.max(1e-9);
+    report
+}

@@ -1,0 +1,40 @@
+//! A short soak in CI: each fault once (and a few more at random), through CRI; nothing
+//! may leak and nothing may hang. `cocoon soak --cycles 500` is the long one.
+
+mod common;
+
+use cocoon_integration::cri::COCOON;
+use common::env;
+
+const SOAK_NET: u8 = 62;
+
+#[tokio::test]
+async fn a_short_soak_leaks_nothing_and_never_hangs() {
+    let test = "a_short_soak_leaks_nothing_and_never_hangs";
+    let Some(mut env) = env(test, COCOON, SOAK_NET).await else {
+        return;
+    };
+    let run_dir = env.dir.path().join("run");
+    let cycles = cocoon_integration::soak::FAULTS.len() + 2;
+    let report = cocoon_integration::soak::soak(&mut env.node, &run_dir, cycles, 7).await;
+    eprint!("{}", report.table());
+    assert!(
+        report.leaks.is_empty(),
+        "{test}: leaks: {:#?}",
+        report.leaks
+    );
+    assert!(
+        report.unclean.is_empty(),
+        "{test}: unclean: {:#?}",
+        report.unclean
+    );
+    assert!(
+        report.fresh_pod_after,
+        "{test}: no fresh pod after the soak"
+    );
+    // Each kind of fault acted at least once (the vsock backend exists under QEMU only).
+    assert!(
+        report.faults.len() >= cocoon_integration::soak::FAULTS.len() - 1,
+        "{report:?}"
+    );
+}
