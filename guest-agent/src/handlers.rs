@@ -21,6 +21,7 @@ use cocoon_protocol::PROTOCOL_VERSION;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::cgroup::Limits;
+use crate::container::CALL_DEADLINE;
 use crate::container::{ContainerError, Containers};
 use crate::{details, network, power, sandbox};
 
@@ -29,6 +30,21 @@ fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
 }
 
 /// The whole error chain in one message: the host logs it as is.
+/// When this call must have its answer: the host's ttrpc timeout less a margin for the
+/// reply's way back (a tenth, between 200 ms and 1 s), or no bound of its own.
+pub fn call_deadline(ctx: &TtrpcContext) -> tokio::time::Instant {
+    deadline_for(tokio::time::Instant::now(), ctx.timeout_nano)
+}
+
+fn deadline_for(now: tokio::time::Instant, timeout_nano: i64) -> tokio::time::Instant {
+    if timeout_nano <= 0 {
+        return now + Duration::from_secs(24 * 3600);
+    }
+    let t = Duration::from_nanos(timeout_nano as u64);
+    let margin = (t / 10).clamp(Duration::from_millis(200), Duration::from_secs(1));
+    now + t.saturating_sub(margin)
+}
+
 fn net_error(e: network::NetError) -> ttrpc::Error {
     let msg = crate::runtime::error_chain(&e);
     tracing::warn!("network request failed: {msg}");
@@ -146,6 +162,53 @@ impl AgentService {
     }
 }
 
+impl AgentService {
+    async fn create_container_inner(
+        &self,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        // Storages may need filesystem modules that load after boot.
+        sandbox::wait_modules(&self.state).await.map_err(|e| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                crate::runtime::error_chain(&e),
+            )
+        })?;
+        let pid = self
+            .containers()
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                &req.storages,
+                req.stdio.get_or_default(),
+            )
+            .await
+            .map_err(rpc_error)?;
+        let mut r = CreateContainerResponse::new();
+        r.pid = pid as u32;
+        Ok(r)
+    }
+
+    async fn exec_process_inner(
+        &self,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let pid = self
+            .containers()
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process_json,
+                req.stdio.get_or_default(),
+            )
+            .await
+            .map_err(rpc_error)?;
+        let mut r = ExecProcessResponse::new();
+        r.pid = pid as u32;
+        Ok(r)
+    }
+}
+
 #[async_trait]
 impl Agent for AgentService {
     async fn get_guest_details(
@@ -185,41 +248,38 @@ impl Agent for AgentService {
 
     async fn create_container(
         &self,
-        _: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        // Storages may need filesystem modules that load after boot.
-        sandbox::wait_modules(&self.state).await.map_err(|e| {
-            status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                crate::runtime::error_chain(&e),
-            )
-        })?;
-        let pid = self
-            .containers()
-            .create(
-                &req.container_id,
-                &req.oci_spec_json,
-                &req.storages,
-                req.stdio.get_or_default(),
-            )
+        CALL_DEADLINE
+            .scope(call_deadline(ctx), self.create_container_inner(req))
             .await
-            .map_err(rpc_error)?;
-        let mut r = CreateContainerResponse::new();
-        r.pid = pid as u32;
-        Ok(r)
     }
 
     async fn start_container(
         &self,
-        _: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
-        self.containers()
-            .start(&req.container_id)
-            .await
-            .map_err(rpc_error)?;
+        CALL_DEADLINE
+            .scope(call_deadline(ctx), async {
+                self.containers()
+                    .start(&req.container_id)
+                    .await
+                    .map_err(rpc_error)
+            })
+            .await?;
         Ok(Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        CALL_DEADLINE
+            .scope(call_deadline(ctx), self.exec_process_inner(req))
+            .await
     }
 
     async fn remove_container(
@@ -342,26 +402,6 @@ impl Agent for AgentService {
                 p
             })
             .collect();
-        Ok(r)
-    }
-
-    async fn exec_process(
-        &self,
-        _: &TtrpcContext,
-        req: ExecProcessRequest,
-    ) -> ttrpc::Result<ExecProcessResponse> {
-        let pid = self
-            .containers()
-            .exec(
-                &req.container_id,
-                &req.exec_id,
-                &req.process_json,
-                req.stdio.get_or_default(),
-            )
-            .await
-            .map_err(rpc_error)?;
-        let mut r = ExecProcessResponse::new();
-        r.pid = pid as u32;
         Ok(r)
     }
 
@@ -503,6 +543,19 @@ impl Agent for AgentService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_answers_before_the_host_gives_up() {
+        let now = tokio::time::Instant::now();
+        let secs = |s: u64| Duration::from_secs(s).as_nanos() as i64;
+        // The host's 10 s call: the guest stops at 9 s (a tenth kept for the reply).
+        assert_eq!(deadline_for(now, secs(10)) - now, Duration::from_secs(9));
+        // The margin is at least 200 ms and at most 1 s.
+        assert_eq!(deadline_for(now, secs(1)) - now, Duration::from_millis(800));
+        assert_eq!(deadline_for(now, secs(60)) - now, Duration::from_secs(59));
+        // No host timeout: no bound of the call's own (each step keeps its own).
+        assert!(deadline_for(now, 0) - now > Duration::from_secs(3600));
+    }
 
     #[test]
     fn net_dev_is_parsed() {

@@ -42,7 +42,11 @@ pub fn resolv_conf(nameservers: &[String]) -> String {
 /// virtiofs and overlay are among them.
 pub async fn wait_modules(state: &AgentState) -> Result<(), SandboxError> {
     let mut rx = state.modules_done.subscribe();
-    let outcome = match tokio::time::timeout(MODULES_DEADLINE, rx.wait_for(|v| v.is_some())).await {
+    let own = tokio::time::Instant::now() + MODULES_DEADLINE;
+    let deadline = crate::container::CALL_DEADLINE
+        .try_with(|d| (*d).min(own))
+        .unwrap_or(own);
+    let outcome = match tokio::time::timeout_at(deadline, rx.wait_for(|v| v.is_some())).await {
         Err(_) | Ok(Err(_)) => return Err(SandboxError::ModulesTimeout(MODULES_DEADLINE)),
         Ok(Ok(v)) => v.clone(),
     };

@@ -5,6 +5,8 @@
 mod process;
 mod spawn;
 
+pub use spawn::CALL_DEADLINE;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -20,6 +20,20 @@ use crate::stdio::ChildStdio;
 /// hang the host's call forever.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+tokio::task_local! {
+    /// When the host gives up on the call being served (its ttrpc timeout, less a
+    /// margin; see `handlers`). Every helper step ends by then, so the guest answers,
+    /// with an error at worst, before the host stops listening, and its normal error
+    /// path undoes what the call had done: nothing is left half-made in the guest.
+    pub static CALL_DEADLINE: tokio::time::Instant;
+}
+
+/// When the current step must end: its own bound, or the call's deadline if sooner.
+pub fn step_deadline() -> tokio::time::Instant {
+    let own = tokio::time::Instant::now() + STEP_TIMEOUT;
+    CALL_DEADLINE.try_with(|d| (*d).min(own)).unwrap_or(own)
+}
+
 #[derive(Debug, Error)]
 pub enum SpawnError {
     #[error("cannot create the sync socket")]
@@ -75,8 +89,10 @@ impl SyncChannel {
 
     /// The next message, or `None` at EOF (the process exec'd or died).
     pub async fn recv(&mut self) -> Result<Option<HelperMessage>, SpawnError> {
-        let line = match tokio::time::timeout(STEP_TIMEOUT, self.read_line()).await {
-            Err(_) => return Err(SpawnError::Timeout(STEP_TIMEOUT)),
+        let deadline = step_deadline();
+        let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let line = match tokio::time::timeout_at(deadline, self.read_line()).await {
+            Err(_) => return Err(SpawnError::Timeout(allowed)),
             Ok(r) => r.map_err(SpawnError::Sync)?,
         };
         match line {
@@ -219,6 +235,27 @@ mod tests {
 
     use super::*;
     use crate::runtime::{send, send_with_fd};
+
+    /// A helper that never answers: the step ends at the host call's deadline (here
+    /// 150 ms), not after its own 30 s, so the error reaches the host in time.
+    #[tokio::test]
+    async fn a_silent_helper_times_out_at_the_call_deadline() {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut sync = SyncChannel::new(UnixStream::from_std(ours).unwrap());
+        let t = tokio::time::Instant::now();
+        let deadline = t + Duration::from_millis(150);
+        let r = CALL_DEADLINE.scope(deadline, sync.recv()).await;
+        assert!(matches!(r, Err(SpawnError::Timeout(_))), "{r:?}");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(140) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        // Outside a call, the step's own bound applies.
+        let own = step_deadline() - tokio::time::Instant::now();
+        assert!(own > Duration::from_secs(29), "{own:?}");
+    }
 
     #[tokio::test]
     async fn the_console_line_brings_its_descriptor() {
