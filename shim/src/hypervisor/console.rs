@@ -1,0 +1,109 @@
+//! The guest's serial console, bounded. The guest is untrusted: with the VMM writing the
+//! console straight to a file, a guest could fill the host's disk. So the VMM writes it
+//! to a pipe (QEMU `-serial stdio`, cocoon-vmm `--serial-out /dev/stdout`) and the shim
+//! copies it to `console.log`, rotated at `CONSOLE_LIMIT`: the current file and one older
+//! (`console.log.1`), never more than twice the limit in all. A guest that writes faster
+//! than this copies is slowed down by the pipe, not buffered in the host.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncReadExt;
+
+/// The most one console file holds before it is rotated.
+pub const CONSOLE_LIMIT: u64 = 2 * 1024 * 1024;
+
+/// A file that rotates to `<path>.1` when it would grow past its limit.
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    limit: u64,
+}
+
+impl RotatingFile {
+    pub fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            size: 0,
+            limit,
+        })
+    }
+
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            if self.size >= self.limit {
+                self.rotate()?;
+            }
+            let room = (self.limit - self.size).min(data.len() as u64) as usize;
+            self.file.write_all(&data[..room])?;
+            self.size += room as u64;
+            data = &data[room..];
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        *self = Self::create(&self.path, self.limit)?;
+        Ok(())
+    }
+}
+
+/// Copies the VMM's console pipe into `path` until the VMM closes it.
+pub fn spawn_copier(mut pipe: tokio::process::ChildStdout, path: PathBuf) {
+    tokio::spawn(async move {
+        let mut out = match RotatingFile::create(&path, CONSOLE_LIMIT) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot write the console to {}: {e}", path.display());
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if let Err(e) = out.write(&buf[..n]) {
+                        tracing::warn!("console {}: {e}", path.display());
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_bounded_and_the_newest_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut f = RotatingFile::create(&path, 1000).unwrap();
+        for i in 0..1000 {
+            f.write(format!("line {i:05}\n").as_bytes()).unwrap();
+        }
+        let current = std::fs::read_to_string(&path).unwrap();
+        let older = std::fs::read_to_string(dir.path().join("console.log.1")).unwrap();
+        assert!(current.len() <= 1000 && older.len() == 1000);
+        assert!(current.ends_with("line 00999\n"), "{current}");
+        // Nothing else was written: two files, whatever the flood.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        // The older file ends where the current one begins.
+        let joined = older + &current;
+        assert!(joined.contains("line 00998\nline 00999\n"));
+    }
+}
