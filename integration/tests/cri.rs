@@ -31,6 +31,7 @@ const COCOON_PORT_FORWARD_NET: u8 = 25;
 const COCOON_VM_KILLED_NET: u8 = 27;
 const COCOON_VIRTIOFSD_KILLED_NET: u8 = 36;
 const COCOON_VSOCK_KILLED_NET: u8 = 37;
+const COCOON_ABANDONED_NET: u8 = 38;
 const RUNC_IPV6_NET: u8 = 18;
 const COCOON_VMM_BY_IP_NET: u8 = 34;
 const COCOON_VMM_PORT_FORWARD_NET: u8 = 35;
@@ -367,6 +368,85 @@ fn cocoon_vmm_runs_cri_pods() {
         COCOON,
         COCOON_VMM_PORT_FORWARD_NET,
     ));
+}
+
+/// kubelet gives up on a RunPodSandbox that takes too long (its CRI deadline) and
+/// containerd then cancels the Create and shuts the shim down while the VM still boots:
+/// the boot must be abandoned and undone, with no shim, VM, mount or cgroup left.
+#[tokio::test]
+async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
+    let test = "cocoon_pod_abandoned_while_booting_leaves_nothing";
+    if let Some(why) = common::prerequisites_missing(COCOON) {
+        cocoon_nested::testing::missing(test, &why);
+        return;
+    }
+    // A guest that never answers: QEMU starts with its CPUs stopped (-S), and the boot
+    // deadline is far away, so only the abandonment can end this boot.
+    let dir = tempfile::tempdir().unwrap();
+    let config = cocoon_integration::cri::write_shim_config(dir.path(), Duration::from_secs(600));
+    let toml = std::fs::read_to_string(&config).unwrap() + "[qemu]\nextra_args = [\"-S\"]\n";
+    std::fs::write(&config, toml).unwrap();
+    let node = CriNode::start(
+        &dir.path().join("containerd"),
+        &config,
+        COCOON_ABANDONED_NET,
+    )
+    .await;
+    let env = common::Env { node, dir };
+    let node = &env.node;
+    let pconfig = node.pod_config("abandoned", "uid-abandoned", "default");
+    std::fs::create_dir_all(&pconfig.log_directory).unwrap();
+    let mut req = tonic::Request::new(k8s_cri::v1::RunPodSandboxRequest {
+        config: Some(pconfig.clone()),
+        runtime_handler: COCOON.into(),
+    });
+    req.set_timeout(Duration::from_secs(3));
+    let r = node.runtime().run_pod_sandbox(req).await;
+    assert!(
+        r.is_err(),
+        "{test}: a guest that never runs answered: {r:?}"
+    );
+    let run_dir = env.dir.path().join("run");
+    let address = node.address.to_string_lossy().into_owned();
+    let gone = eventually(Duration::from_secs(30), || {
+        processes_mentioning(&run_dir.to_string_lossy()).is_empty()
+            && processes_mentioning(&address)
+                .iter()
+                .all(|(_, cmd)| !cmd.contains("containerd-shim-cocoon"))
+            && cocoon_integration::mounts_under(&run_dir).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "{test}: left after the abandoned boot: {:?} {:?} {:?}",
+        processes_mentioning(&run_dir.to_string_lossy()),
+        processes_mentioning(&address),
+        cocoon_integration::mounts_under(&run_dir)
+    );
+    let left: Vec<_> = cocoon_integration::leftover_entries(&run_dir)
+        .into_iter()
+        .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
+            Some("shares") => cocoon_integration::leftover_entries(&e),
+            Some("timings.jsonl") | Some("failed-consoles") => vec![],
+            _ => vec![e],
+        })
+        .collect();
+    assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
+    let cg = format!("{}/poduid-abandoned", node.cgroup_parent_root());
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|h| {
+            std::fs::read_dir(h.path().join(&cg))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    assert!(cgroups.is_empty(), "{test}: cgroups left: {cgroups:?}");
 }
 
 /// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.

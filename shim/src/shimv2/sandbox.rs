@@ -100,22 +100,21 @@ impl Sandbox {
         // A share left by a crashed shim must not be exported twice.
         mounts::unmount_share(&share);
         mounts::make_share(&share)?;
+        // Undone on every way out but success, a dropped (abandoned) boot included.
+        let mut share_guard = ShareGuard(Some(share.clone()));
         let net = match netns {
             Some(path) => {
                 let attached = tokio::task::spawn_blocking(move || PodNetwork::attach(&path)).await;
                 match attached.unwrap_or(Err(PodNetError::Thread)) {
                     Ok(n) => Some(n),
-                    Err(e) => {
-                        mounts::unmount_share(&share);
-                        return Err(e.into());
-                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
             None => None,
         };
         let result = Self::boot(config, vm_id, sandbox_id, &share, net, host_cgroup).await;
-        if result.is_err() {
-            mounts::unmount_share(&share);
+        if result.is_ok() {
+            share_guard.0 = None;
         }
         result
     }
@@ -354,5 +353,16 @@ fn keep_console(run_root: &std::path::Path, vm_id: &str, console: &std::path::Pa
     match crate::consolelog::keep_failed(run_root, vm_id, console) {
         Ok(kept) => tracing::info!(vm = vm_id, "console kept in {}", kept.display()),
         Err(e) => tracing::warn!(vm = vm_id, "cannot keep the console: {e}"),
+    }
+}
+
+/// Unmounts a pod share when dropped while still holding it.
+struct ShareGuard(Option<PathBuf>);
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        if let Some(share) = self.0.take() {
+            mounts::unmount_share(&share);
+        }
     }
 }

@@ -100,6 +100,9 @@ struct Inner {
     containers: Mutex<HashMap<String, Container>>,
     /// Which guest OOM events reach containerd (`guest_events`).
     oom_filter: std::sync::Mutex<super::guest_events::OomFilter>,
+    /// Set by Shutdown: a boot still in progress is abandoned (containerd gave up on
+    /// the Create that started it, e.g. kubelet's RunPodSandbox deadline passed).
+    cancel_boot: watch::Sender<bool>,
 }
 
 #[derive(Clone)]
@@ -198,6 +201,7 @@ impl Service {
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 oom_filter: Default::default(),
+                cancel_boot: watch::channel(false).0,
             }),
         }
     }
@@ -221,14 +225,24 @@ impl Service {
             return Ok(s.clone());
         }
         let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
-        let sb = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group, pod_vm)
-            .await
-            .map_err(|e| {
-                err(
-                    ttrpc::Code::UNAVAILABLE,
-                    format!("cannot start the pod VM: {e}"),
-                )
-            })?;
+        let mut cancelled = self.inner.cancel_boot.subscribe();
+        // Dropping the boot undoes it (the VM's processes, run dir, share, cgroup).
+        let sb = tokio::select! {
+            r = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group, pod_vm) => {
+                r.map_err(|e| {
+                    err(
+                        ttrpc::Code::UNAVAILABLE,
+                        format!("cannot start the pod VM: {e}"),
+                    )
+                })?
+            }
+            _ = cancelled.wait_for(|c| *c) => {
+                return Err(err(
+                    ttrpc::Code::CANCELLED,
+                    "the pod VM's boot was abandoned: the shim is shutting down",
+                ));
+            }
+        };
         let sb = Arc::new(sb);
         *slot = Some(sb.clone());
         let me = self.clone();
@@ -970,6 +984,8 @@ impl Task for Service {
         if !self.inner.containers.lock().await.is_empty() {
             return Ok(api::Empty::new());
         }
+        // A boot in progress holds the sandbox slot: abandon it rather than wait for it.
+        self.inner.cancel_boot.send_replace(true);
         if let Some(sb) = self.inner.sandbox.lock().await.take() {
             sb.stop().await;
         }
