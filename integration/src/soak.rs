@@ -300,6 +300,15 @@ pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) 
         for l in leftovers(node, run_dir, netns.as_ref(), &format!("uid-{name}")).await {
             report.leaks.push(format!("cycle {i} ({fault:?}): {l}"));
         }
+        if (i + 1) % 25 == 0 {
+            eprintln!(
+                "soak: {} cycles in {:.0} s, leaks {}, unclean {}",
+                i + 1,
+                started.elapsed().as_secs_f64(),
+                report.leaks.len(),
+                report.unclean.len()
+            );
+        }
     }
     match start_pod(node, "soak-fresh").await {
         Ok((pod, _)) => report.fresh_pod_after = remove_pod(node, &pod).await.is_ok(),
