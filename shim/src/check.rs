@@ -172,6 +172,11 @@ pub fn report() -> HostReport {
         tool("virtiofsd", "--version"),
         tool("cocoon-vmm", "--version"),
         tool("containerd-shim-cocoon-v2", "--version"),
+        // Kubernetes pods: the pod network is carried into the VM with ip and tc, and
+        // PortForward reaches the guest through an nftables redirect.
+        tool("ip", "-V"),
+        tool("tc", "-V"),
+        tool("nft", "--version"),
     ];
     let has = |n: &str| tools.iter().any(|t| t.name == n && t.path.is_some());
     let vmm_found = has("cocoon-vmm")
