@@ -63,5 +63,8 @@ async fn main() {
     print!("{}", report.table());
     println!("report written to {}", out.display());
     let clean = report.leaks.is_empty() && report.unclean.is_empty() && report.fresh_pod_after;
+    // exit() runs no destructors: tear the node down first.
+    drop(node);
+    drop(dir);
     std::process::exit(if clean { 0 } else { 1 });
 }
