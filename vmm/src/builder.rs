@@ -119,13 +119,14 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
 
     let mut pio = Bus::new();
     let out: Box<dyn Write + Send> = match &config.serial_out {
-        Some(p) => Box::new(
+        Some(p) => Box::new(crate::devices::legacy::capped::CappedWriter::new(
             OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
                 .map_err(|e| BuildError::SerialOut(p.display().to_string(), e))?,
-        ),
+            crate::devices::legacy::capped::SERIAL_OUT_LIMIT,
+        )),
         None => Box::new(std::io::sink()),
     };
     let serial = SerialDevice::new(EventFdTrigger(irqfd(&vm, layout::SERIAL_IRQ)?), out);

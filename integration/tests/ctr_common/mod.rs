@@ -144,7 +144,12 @@ pub fn assert_clean(env: &Env) {
     );
     let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
         .into_iter()
-        .filter(|p| !p.ends_with("shares") && !p.ends_with("timings.jsonl"))
+        // The kept consoles of failed pods (`cocoon logs`) stay on purpose, bounded.
+        .filter(|p| {
+            !p.ends_with("shares")
+                && !p.ends_with("timings.jsonl")
+                && !p.ends_with("failed-consoles")
+        })
         .collect();
     assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");
     assert!(

@@ -1,7 +1,7 @@
 //! The guest's serial console, bounded. The guest is untrusted: with the VMM writing the
-//! console straight to a file, a guest could fill the host's disk. So the VMM writes it
-//! to a pipe (QEMU `-serial stdio`, cocoon-vmm `--serial-out /dev/stdout`) and the shim
-//! copies it to `console.log`, rotated at `CONSOLE_LIMIT`: the current file and one older
+//! console straight to a file, a guest could fill the host's disk. So QEMU writes it to a
+//! pipe (`-serial stdio`) and the shim copies it to `console.log`, rotated at
+//! `CONSOLE_LIMIT` (cocoon-vmm bounds its own `--serial-out` file instead): the current file and one older
 //! (`console.log.1`), never more than twice the limit in all. A guest that writes faster
 //! than this copies is slowed down by the pipe, not buffered in the host.
 

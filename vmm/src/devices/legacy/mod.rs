@@ -2,6 +2,7 @@
 //! whose only job is the reset line that ends the VM.
 
 pub mod acpi_pm;
+pub mod capped;
 pub mod i8042;
 pub mod serial;
 
