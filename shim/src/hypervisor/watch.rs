@@ -116,10 +116,11 @@ mod tests {
         assert!(waiting.is_err(), "nothing has exited yet");
         b.kill().unwrap();
         b.wait().unwrap();
-        let (name, pid) = tokio::time::timeout(Duration::from_secs(5), watch.first_exit())
+        let (_, pid) = tokio::time::timeout(Duration::from_secs(5), watch.first_exit())
             .await
             .expect("b's exit is seen");
-        assert_eq!((name.as_str(), pid), ("sleep", b.id()));
+        // (The name is read at watch time: a child just spawned may not have exec'd yet.)
+        assert_eq!(pid, b.id());
         watch.kill_all();
         let status = a.wait().unwrap();
         assert_eq!(

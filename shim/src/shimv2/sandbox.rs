@@ -277,8 +277,11 @@ impl Sandbox {
                 keep_console(run_root, &self.id, &self.run_dir.join("console.log"));
             }
         }
-        if let Err(e) = self.agent.shutdown().await {
-            tracing::warn!("agent shutdown: {e}");
+        // A lost VM has no agent to ask (its processes are already being killed).
+        if self.lost().is_none() {
+            if let Err(e) = self.agent.shutdown().await {
+                tracing::warn!("agent shutdown: {e}");
+            }
         }
         if let Some(f) = &self.forwarder {
             f.abort();

@@ -671,7 +671,9 @@ impl Task for Service {
             .unwrap_or_else(|e| e.into_inner())
             .deleted(&req.id, std::time::Instant::now());
         drop(containers);
-        if let Ok(sb) = self.existing_sandbox().await {
+        // Once the VM is lost there is no guest to ask: that would only wait out the
+        // call's deadline.
+        if let Ok(sb) = self.live_sandbox().await {
             if let Err(e) = sb.agent.remove_container(&req.id).await {
                 tracing::warn!("agent remove {}: {e}", req.id);
             }
