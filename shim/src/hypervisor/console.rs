@@ -1,7 +1,9 @@
-//! The guest's serial console, bounded. The guest is untrusted: with the VMM writing the
-//! console straight to a file, a guest could fill the host's disk. So QEMU writes it to a
-//! pipe (`-serial stdio`) and the shim copies it to `console.log`, rotated at
-//! `CONSOLE_LIMIT` (cocoon-vmm bounds its own `--serial-out` file instead): the current file and one older
+//! The guest's serial console, bounded: a rotating copy of a VMM's console pipe. Not in
+//! use yet: with the console through a pipe, nested cocoon-vmm runs hung, and one QEMU
+//! boot under CI load did not come up (docs/notes.md); cocoon-vmm bounds its own
+//! `--serial-out` file instead, QEMU writes a plain file. The design: the VMM writes
+//! the console to a pipe and the shim copies it to `console.log`, rotated at
+//! `CONSOLE_LIMIT`: the current file and one older
 //! (`console.log.1`), never more than twice the limit in all. A guest that writes faster
 //! than this copies is slowed down by the pipe, not buffered in the host.
 
@@ -60,6 +62,7 @@ impl RotatingFile {
 }
 
 /// Copies the VMM's console pipe into `path` until the VMM closes it.
+#[allow(dead_code)]
 pub fn spawn_copier(mut pipe: tokio::process::ChildStdout, path: PathBuf) {
     tokio::spawn(async move {
         let mut out = match RotatingFile::create(&path, CONSOLE_LIMIT) {

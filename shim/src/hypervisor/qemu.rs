@@ -144,9 +144,9 @@ impl Qemu {
             &spec.initrd.to_string_lossy(),
         ]);
         push(&["-append", &self.kernel_cmdline(spec)]);
-        // The console goes to QEMU's stdout, a pipe the shim copies into console.log
-        // with a bound (see `console`): a guest must not fill the host's disk.
-        push(&["-serial", "stdio"]);
+        // A file, for now: the bounded pipe (`console`) is suspected in rare boot hangs
+        // under load (docs/notes.md); QEMU's console is unbounded until that is settled.
+        push(&["-serial", &format!("file:{}", paths.console_log.display())]);
         push(&[
             "-chardev",
             &format!("socket,id=vsock0,path={}", paths.vhost_socket.display()),
@@ -230,15 +230,11 @@ impl super::Hypervisor for Qemu {
         if let Some(net) = &spec.net {
             net.inherit(&mut qemu);
         }
-        qemu.stdout(std::process::Stdio::piped());
-        let mut child = qemu.spawn().map_err(|source| HypervisorError::Spawn {
+
+        vm.procs.vmm = Some(qemu.spawn().map_err(|source| HypervisorError::Spawn {
             what: "QEMU",
             source,
-        })?;
-        if let Some(out) = child.stdout.take() {
-            super::console::spawn_copier(out, paths.console_log.clone());
-        }
-        vm.procs.vmm = Some(child);
+        })?);
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
         Ok(vm)
@@ -311,7 +307,10 @@ mod tests {
         );
         assert_eq!(value_after(&a, "-smp"), ["2"]);
         assert_eq!(value_after(&a, "-cpu"), ["max"]);
-        assert_eq!(value_after(&a, "-serial"), ["stdio"]);
+        assert_eq!(
+            value_after(&a, "-serial"),
+            ["file:/run/cocoon/t1/console.log"]
+        );
         assert_eq!(
             value_after(&a, "-device"),
             ["vhost-user-vsock-device,chardev=vsock0"]
