@@ -73,7 +73,14 @@ pub fn hardware_kvm(test: &str) -> Place {
         panic!("{test}: inside L1 but without hardware-style KVM: {why}");
     }
     let l1 = match L1Image::build(&guest_image_dir(), None) {
-        Ok(image) => L1::new(image),
+        Ok(image) => {
+            let mut l1 = L1::new(image);
+            // Two such tests may share the 2 cores (nextest runs two at a time): the
+            // ctr comparison on cocoon-vmm took 120 s alone and over 300 s beside the
+            // CRI one in CI.
+            l1.timeout = std::time::Duration::from_secs(720);
+            l1
+        }
         Err(e) if e.is_unavailable() => {
             missing(
                 test,
