@@ -238,6 +238,13 @@ fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // A panic in any thread (a vCPU, a device) ends the whole VMM: a VM with a dead
+    // device thread would hang its guest instead of failing where the shim can see it.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_vm(cli.run),

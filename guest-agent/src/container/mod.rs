@@ -585,10 +585,12 @@ impl Containers {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        // Unmount even when the cgroup will not go: a failed removal must not leave
+        // the container's mounts behind for the pod's life.
+        unmount_all(&c.storages);
         if let Some(cg) = &c.cgroup {
             cg.remove().await?;
         }
-        unmount_all(&c.storages);
         tracing::info!(container = id, "container removed");
         Ok(())
     }

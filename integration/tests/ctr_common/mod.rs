@@ -12,6 +12,8 @@ use cocoon_integration::{leftover_entries, processes_mentioning, test_config, wa
 pub struct Env {
     pub containerd: Containerd,
     pub run_dir: std::path::PathBuf,
+    /// The shim's config (COCOON_CONFIG).
+    pub config: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -48,6 +50,7 @@ pub fn env_on(hypervisor: Option<&str>) -> Env {
     Env {
         containerd,
         run_dir,
+        config: config_path,
         _dir: dir,
     }
 }

@@ -142,19 +142,15 @@ impl VmProcesses {
         status
     }
 
-    /// Synchronous best effort for `Drop`: SIGKILL and reap what we can.
+    /// For `Drop`, which may run on an async worker: SIGKILL everything and never
+    /// sleep. A child not yet reaped goes to tokio's orphan queue, which reaps it on a
+    /// later SIGCHLD, so no zombie stays behind.
     pub fn kill_now(&mut self) {
         for c in self.vmm.iter_mut().chain(self.backends.iter_mut()) {
             if let Some(pid) = c.id() {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
-            // SIGKILL has been sent: reaping is quick, but bounded anyway.
-            for _ in 0..100 {
-                if !matches!(c.try_wait(), Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            let _ = c.try_wait();
         }
         self.vmm = None;
         self.backends.clear();

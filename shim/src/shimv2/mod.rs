@@ -92,6 +92,11 @@ fn setup_logging(debug: bool) {
         Ok(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
         Err(_) => builder.with_writer(std::io::stderr).try_init(),
     };
+    // Panics unwind (see the workspace's release profile): one failed request task
+    // must not take the pod's VM down with the shim. Say so in containerd's log.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("shim panic (the call fails, the pod stays): {info}");
+    }));
 }
 
 async fn serve(flags: &Flags) -> anyhow::Result<()> {

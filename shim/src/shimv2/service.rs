@@ -79,6 +79,22 @@ struct Container {
     paused: bool,
 }
 
+/// An id claimed by a Create in progress; given back when the Create ends, either way.
+struct CreateClaim<'a> {
+    inner: &'a Inner,
+    id: &'a str,
+}
+
+impl Drop for CreateClaim<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.id);
+    }
+}
+
 /// A started process whose exit `watch_exit` waits for.
 struct Watched {
     cid: String,
@@ -98,6 +114,9 @@ struct Inner {
     exit: Arc<ExitSignal>,
     sandbox: Mutex<Option<Arc<Sandbox>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Ids whose Create is in progress: claimed with the duplicate check, under the
+    /// containers lock, so two Creates of one id cannot both go ahead.
+    creating: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Which guest OOM events reach containerd (`guest_events`).
     oom_filter: std::sync::Mutex<super::guest_events::OomFilter>,
     /// Set by Shutdown: a boot still in progress is abandoned (containerd gave up on
@@ -200,6 +219,7 @@ impl Service {
                 exit,
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
+                creating: Default::default(),
                 oom_filter: Default::default(),
                 cancel_boot: watch::channel(false).0,
             }),
@@ -286,6 +306,12 @@ impl Service {
             .ok_or_else(|| not_found("pod VM"))
     }
 
+    /// Whether `sb` is still this shim's pod VM (Shutdown takes it away).
+    async fn serves(&self, sb: &Arc<Sandbox>) -> bool {
+        let current = self.inner.sandbox.lock().await;
+        current.as_ref().is_some_and(|c| Arc::ptr_eq(c, sb))
+    }
+
     /// Relays the guest's OOM kills as TaskOOM events until the VM goes away: only
     /// for this shim's live containers, and rate-limited (`guest_events`).
     async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
@@ -323,7 +349,14 @@ impl Service {
                         .await;
                 }
                 Err(AgentError::CallTimeout { .. }) => continue,
-                Err(_) => return,
+                // The VM is gone, or the shim is going: nothing more will come.
+                Err(_) if sb.lost().is_some() || !self.serves(&sb).await => return,
+                Err(e) => {
+                    // One bad call (a malformed reply, a dropped connection) must not
+                    // end OOM reporting for the pod's life: try again, not in a spin.
+                    tracing::warn!("OOM event poll failed: {e}; polling again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     }
@@ -366,6 +399,45 @@ impl Service {
             m.exited_at = MessageField::some(at);
             me.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(m)).await;
         });
+    }
+
+    /// Kills an exec whose Start failed after the guest started it, and waits (within
+    /// the call's deadline) for the agent to collect it.
+    async fn end_orphan_exec(&self, sb: &Sandbox, id: &str, exec_id: &str) {
+        const SIGKILL: u32 = libc::SIGKILL as u32;
+        if let Err(e) = sb.agent.signal_process(id, exec_id, SIGKILL, false).await {
+            tracing::warn!(container = %id, exec = %exec_id, "cannot kill a failed exec: {e}");
+            return;
+        }
+        let waited =
+            tokio::time::timeout(Duration::from_secs(10), sb.agent.wait_process(id, exec_id));
+        if !matches!(waited.await, Ok(Ok(_))) {
+            tracing::warn!(container = %id, exec = %exec_id, "a failed exec was not collected");
+        }
+    }
+
+    /// A container signalled before Start has no exit watcher yet, and a killed one
+    /// will never be started: watch it now, so Wait returns and TaskExit is sent (as
+    /// runc's shim does). A signal it survives leaves it running, and Start refused.
+    async fn watch_unstarted(&self, sb: &Arc<Sandbox>, id: &str) {
+        let mut containers = self.inner.containers.lock().await;
+        let Some(c) = containers.get_mut(id) else {
+            return;
+        };
+        if c.init.started || c.init.exit.borrow().is_some() {
+            return;
+        }
+        c.init.started = true;
+        let watched = Watched {
+            cid: id.to_owned(),
+            exec_id: String::new(),
+            pid: c.init.pid,
+            exit: c.init.exit.clone(),
+            copies: c.init.copies.clone(),
+            timing: None,
+        };
+        drop(containers);
+        self.watch_exit(sb.clone(), watched);
     }
 
     fn save_state(&self, cid: &str, c: &Container, sb: &Sandbox) {
@@ -481,12 +553,24 @@ impl Task for Service {
         _: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if self.inner.containers.lock().await.contains_key(&req.id) {
-            return Err(err(
-                ttrpc::Code::ALREADY_EXISTS,
-                format!("container {} already exists", req.id),
-            ));
-        }
+        let _claim = {
+            let containers = self.inner.containers.lock().await;
+            let mut creating = self
+                .inner
+                .creating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if containers.contains_key(&req.id) || !creating.insert(req.id.clone()) {
+                return Err(err(
+                    ttrpc::Code::ALREADY_EXISTS,
+                    format!("container {} already exists", req.id),
+                ));
+            }
+            CreateClaim {
+                inner: &self.inner,
+                id: &req.id,
+            }
+        };
         let pid = self.create_inner(&req).await?;
         let mut m = ev::TaskCreate::new();
         m.container_id = req.id.clone();
@@ -579,10 +663,15 @@ impl Task for Service {
         ereq.stdio = MessageField::some(stdio_paths.streams());
         let started = async {
             let pid = sb.agent.exec_process(ereq).await.map_err(agent_err)?;
-            let copies = stdio::attach(&sb.vsock_uds(), &req.id, &req.exec_id, &stdio_paths)
-                .await
-                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
-            Ok::<_, ttrpc::Error>((pid, Arc::new(Mutex::new(copies))))
+            match stdio::attach(&sb.vsock_uds(), &req.id, &req.exec_id, &stdio_paths).await {
+                Ok(copies) => Ok((pid, Arc::new(Mutex::new(copies)))),
+                Err(e) => {
+                    // The process runs in the guest but nothing can reach its stdio:
+                    // end it there, and collect its exit so the agent forgets it.
+                    self.end_orphan_exec(&sb, &req.id, &req.exec_id).await;
+                    Err(err(ttrpc::Code::INTERNAL, e))
+                }
+            }
         }
         .await;
         let mut containers = self.inner.containers.lock().await;
@@ -792,6 +881,9 @@ impl Task for Service {
             .signal_process(&req.id, &req.exec_id, req.signal, req.all)
             .await
             .map_err(agent_err)?;
+        if req.exec_id.is_empty() {
+            self.watch_unstarted(&sb, &req.id).await;
+        }
         Ok(api::Empty::new())
     }
 

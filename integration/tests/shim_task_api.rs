@@ -1,0 +1,248 @@
+//! The shim's task API driven directly, as containerd's Go client may drive it but
+//! neither `ctr` nor CRI does: a task killed before it was started, two Creates of one
+//! id at once, an exec whose stdio cannot be attached. Each case hung, broke the pod or
+//! leaked a guest process before its fix.
+
+mod ctr_common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use containerd_shim::protos::api;
+use containerd_shim::protos::shim_async::TaskClient;
+use ctr_common::*;
+
+const NAMESPACE: &str = "cocoon-direct";
+/// Covers a cold VM boot under TCG on a loaded machine.
+const CALL: Duration = Duration::from_secs(120);
+
+/// A shim started the way containerd starts one, with a bundle of our own.
+struct DirectShim {
+    client: TaskClient,
+    bundle: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// An OCI bundle running `args` from a busybox rootfs in the bundle.
+fn write_bundle(dir: &Path, args: &[&str]) -> PathBuf {
+    let bundle = dir.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    cocoon_integration::image::write_rootfs(Path::new("/bin/busybox"), &rootfs);
+    let out = Command::new("ctr").args(["oci", "spec"]).output().unwrap();
+    assert!(out.status.success(), "ctr oci spec failed");
+    let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    spec["root"] = serde_json::json!({ "path": rootfs, "readonly": false });
+    spec["process"]["args"] = serde_json::json!(args);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
+    bundle
+}
+
+/// Runs `containerd-shim-cocoon-v2 start` in the bundle and connects to the address
+/// it prints.
+async fn start_shim(env: &Env, id: &str, args: &[&str]) -> DirectShim {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = write_bundle(dir.path(), args);
+    let sock = env.containerd.address.to_string_lossy().into_owned();
+    let out = Command::new("containerd-shim-cocoon-v2")
+        .args(["-namespace", NAMESPACE, "-id", id, "-address", &sock])
+        .args(["-publish-binary", "containerd", "start"])
+        .current_dir(&bundle)
+        .env("TTRPC_ADDRESS", format!("{sock}.ttrpc"))
+        .env("COCOON_CONFIG", &env.config)
+        .env("PATH", cocoon_integration::containerd::tool_path())
+        .output()
+        .expect("containerd-shim-cocoon-v2 (cargo build first)");
+    assert!(
+        out.status.success(),
+        "shim start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let address = String::from_utf8(out.stdout).unwrap();
+    let client = ttrpc::asynchronous::Client::connect(address.trim())
+        .await
+        .unwrap();
+    DirectShim {
+        client: TaskClient::new(client),
+        bundle,
+        _dir: dir,
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(CALL.as_nanos() as i64)
+}
+
+impl DirectShim {
+    async fn create(&self, id: &str) -> ttrpc::Result<api::CreateTaskResponse> {
+        let req = api::CreateTaskRequest {
+            id: id.into(),
+            bundle: self.bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        self.client.create(ctx(), &req).await
+    }
+
+    async fn kill(&self, id: &str, exec_id: &str, signal: u32) -> ttrpc::Result<api::Empty> {
+        let req = api::KillRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            ..Default::default()
+        };
+        self.client.kill(ctx(), &req).await
+    }
+
+    /// Wait, with a deadline of our own: the bug this catches is a Wait that never
+    /// returns.
+    async fn wait(&self, id: &str) -> api::WaitResponse {
+        let req = api::WaitRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        tokio::time::timeout(Duration::from_secs(30), self.client.wait(ctx(), &req))
+            .await
+            .unwrap_or_else(|_| panic!("Wait for {id} did not return within 30 s"))
+            .unwrap()
+    }
+
+    async fn state(&self, id: &str) -> api::StateResponse {
+        let req = api::StateRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        self.client.state(ctx(), &req).await.unwrap()
+    }
+
+    async fn start(&self, id: &str, exec_id: &str) -> ttrpc::Result<api::StartResponse> {
+        let req = api::StartRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client.start(ctx(), &req).await
+    }
+
+    async fn pids(&self, id: &str) -> Vec<u32> {
+        let req = api::PidsRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        let r = self.client.pids(ctx(), &req).await.unwrap();
+        r.processes.iter().map(|p| p.pid).collect()
+    }
+
+    /// Kill (if running), Wait, Delete, Shutdown: the pod must then go entirely.
+    async fn finish(self, env: &Env, id: &str) {
+        let _ = self.kill(id, "", libc::SIGKILL as u32).await;
+        self.wait(id).await;
+        let req = api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        self.client.delete(ctx(), &req).await.unwrap();
+        let req = api::ShutdownRequest {
+            id: id.into(),
+            now: true,
+            ..Default::default()
+        };
+        // The shim exits while answering: the reply may be lost.
+        let _ = self.client.shutdown(ctx(), &req).await;
+        assert_clean(env);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_task_killed_before_start_exits_and_deletes() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "never-started", &["sleep", "1000"]).await;
+        shim.create("never-started").await.unwrap();
+        assert_eq!(
+            shim.state("never-started").await.status,
+            api::Status::CREATED.into()
+        );
+        shim.kill("never-started", "", libc::SIGKILL as u32)
+            .await
+            .unwrap();
+        let exit = shim.wait("never-started").await;
+        assert_eq!(exit.exit_status, 137, "{exit:?}");
+        assert_eq!(
+            shim.state("never-started").await.status,
+            api::Status::STOPPED.into()
+        );
+        assert!(
+            shim.start("never-started", "").await.is_err(),
+            "a killed task started"
+        );
+        shim.finish(&env, "never-started").await;
+    });
+}
+
+#[test]
+fn two_creates_of_one_id_make_one_working_container() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "twin", &["sh", "-c", "exit 7"]).await;
+        let (a, b) = tokio::join!(shim.create("twin"), shim.create("twin"));
+        let refused: Vec<String> = [&a, &b]
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| format!("{e:?}")))
+            .collect();
+        assert_eq!(refused.len(), 1, "{a:?} / {b:?}");
+        assert!(refused[0].contains("already exists"), "{refused:?}");
+        // The refused Create must not have undone the other one in the guest.
+        shim.start("twin", "").await.unwrap();
+        assert_eq!(shim.wait("twin").await.exit_status, 7);
+        shim.finish(&env, "twin").await;
+    });
+}
+
+#[test]
+fn an_exec_whose_stdio_cannot_attach_leaves_no_guest_process() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "host", &["sleep", "1000"]).await;
+        shim.create("host").await.unwrap();
+        shim.start("host", "").await.unwrap();
+        let before = shim.pids("host").await;
+        assert_eq!(before.len(), 1, "{before:?}");
+        let process = serde_json::json!({
+            "args": ["sleep", "999"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/bin"],
+        });
+        let req = api::ExecProcessRequest {
+            id: "host".into(),
+            exec_id: "orphan".into(),
+            stdout: "/nonexistent/cocoon-test/stdout".into(),
+            spec: containerd_shim::protos::protobuf::MessageField::some(
+                containerd_shim::protos::protobuf::well_known_types::any::Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                    value: serde_json::to_vec(&process).unwrap(),
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        };
+        shim.client.exec(ctx(), &req).await.unwrap();
+        let started = shim.start("host", "orphan").await;
+        assert!(started.is_err(), "an exec without its stdout started");
+        let after = shim.pids("host").await;
+        assert_eq!(after, before, "the failed exec still runs in the guest");
+        shim.finish(&env, "host").await;
+    });
+}
