@@ -28,7 +28,7 @@ agent: setup
 		$(CARGO) build --release -p cocoon-agent --target $(GUEST_TARGET)
 
 image: build agent
-	./target/debug/cocoon image build --agent $(AGENT) --out $(IMAGE_DIR)
+	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out $(IMAGE_DIR)
 
 # The demo: a container in a microVM through containerd (ctr run with
 # io.containerd.cocoon.v2), then the same with runc; then a bare VM boot with

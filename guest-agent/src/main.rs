@@ -13,6 +13,7 @@
 mod cgroup;
 mod cmdline;
 mod container;
+mod debug;
 mod details;
 mod handlers;
 mod init;
@@ -247,6 +248,9 @@ async fn serve(
     };
     serve_stdio(&listen, &state).await?;
     serve_forwards(&listen)?;
+    if matches!(listen, Listen::Vsock) {
+        debug::serve(&state.cmdline)?;
+    }
     let mut server = ttrpc::r#async::Server::new()
         .bind(&addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?

@@ -395,6 +395,15 @@ impl CriNode {
         self.remove_pod(pod_id).await
     }
 
+    /// The ids of every pod sandbox containerd knows.
+    pub async fn pod_ids(&self) -> Result<Vec<String>, Status> {
+        let r = self
+            .runtime()
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await?;
+        Ok(r.into_inner().items.into_iter().map(|p| p.id).collect())
+    }
+
     /// PodSandboxStatus, verbose (its `info` has containerd's view of the sandbox).
     pub async fn pod_status(&self, pod_id: &str) -> Result<PodSandboxStatusResponse, Status> {
         let r = self
@@ -724,6 +733,11 @@ fn cni_conflist(dir: &Path, subnet_index: u8, ipv6: bool) -> String {
 /// Writes the shim's COCOON_CONFIG for a CRI node under `dir` (the built guest image, a
 /// private run dir `dir/run`) and returns its path. runc pods never read it.
 pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
+    write_shim_config_with(dir, boot_timeout, "")
+}
+
+/// As `write_shim_config`, with `tables` (TOML tables) added.
+pub fn write_shim_config_with(dir: &Path, boot_timeout: Duration, tables: &str) -> PathBuf {
     let c = crate::test_config(&dir.join("run"), boot_timeout);
     let path = dir.join("cocoon.toml");
     // COCOON_TEST_HYPERVISOR names the VMM outright (a test of cocoon-vmm must not pass
@@ -731,7 +745,7 @@ pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
     let hypervisor = std::env::var("COCOON_TEST_HYPERVISOR").unwrap_or_else(|_| "auto".into());
     let toml = format!(
         "hypervisor = {hypervisor:?}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n\
-         [paths]\nrun_dir = {:?}\n",
+         [paths]\nrun_dir = {:?}\n{tables}",
         c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
     );
     std::fs::write(&path, toml).unwrap();

@@ -30,6 +30,9 @@ pub enum Fault {
     KillVsockBackend,
     KillShim,
     RestartContainerd,
+    /// The agent exits as a crash would (its fault hook, armed by the debug console):
+    /// the guest kernel panics and the VM resets.
+    CrashAgent,
 }
 
 pub const FAULTS: &[Fault] = &[
@@ -39,7 +42,21 @@ pub const FAULTS: &[Fault] = &[
     Fault::KillVsockBackend,
     Fault::KillShim,
     Fault::RestartContainerd,
+    Fault::CrashAgent,
 ];
+
+/// What the shim config of a soak needs beyond the tests' usual one: the debug console,
+/// which arms the agent's crash hook.
+pub const SHIM_CONFIG_TABLES: &str = "[debug]\nconsole = true\n";
+
+/// When in a cycle the fault strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// While the pod runs and has answered an exec.
+    Running,
+    /// At a random point while the pod and its container are being started.
+    Starting(Duration),
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakReport {
@@ -47,6 +64,10 @@ pub struct SoakReport {
     pub seconds: f64,
     pub cycles_per_minute: f64,
     pub faults: BTreeMap<String, usize>,
+    /// Of those, faults that struck while the pod was being started.
+    pub faults_while_starting: usize,
+    /// Starts that failed with an error because of a fault (clean: an error in time).
+    pub starts_failed_cleanly: usize,
     /// Faults that found nothing to act on (e.g. no vsock backend under cocoon-vmm).
     pub faults_not_applicable: usize,
     /// What a cycle left behind: must be empty.
@@ -75,6 +96,10 @@ impl SoakReport {
         for (k, n) in &self.faults {
             t.push_str(&format!("  {k:<20} {n}\n"));
         }
+        t.push_str(&format!(
+            "  of which while starting: {} ({} starts failed cleanly)\n",
+            self.faults_while_starting, self.starts_failed_cleanly
+        ));
         if let (Some(first), Some(last)) = (self.shim_rss_kib.first(), self.shim_rss_kib.last()) {
             t.push_str(&format!("  shim RSS first/last: {first} / {last} KiB\n"));
         }
@@ -128,8 +153,17 @@ fn shims(node: &CriNode) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Injects `fault` into the running pod; false when there was nothing to act on.
+/// Injects `fault` into the pod; false when there was nothing to act on.
 async fn inject(node: &mut CriNode, run_dir: &Path, fault: Fault) -> bool {
+    if fault == Fault::RestartContainerd {
+        node.restart_containerd().await;
+        return true;
+    }
+    inject_kill(node, run_dir, fault).await
+}
+
+/// The faults that need no hold of containerd itself (so they can strike mid-start).
+async fn inject_kill(node: &CriNode, run_dir: &Path, fault: Fault) -> bool {
     let vm_procs = crate::processes_mentioning(&run_dir.to_string_lossy());
     let matching = |pat: &[&str]| -> Vec<u32> {
         vm_procs
@@ -140,10 +174,8 @@ async fn inject(node: &mut CriNode, run_dir: &Path, fault: Fault) -> bool {
     };
     let victims = match fault {
         Fault::None => return true,
-        Fault::RestartContainerd => {
-            node.restart_containerd().await;
-            return true;
-        }
+        Fault::RestartContainerd => return false,
+        Fault::CrashAgent => return crash_agent(run_dir).await,
         Fault::KillVmm => matching(&["qemu-system", "cocoon-vmm run "]),
         Fault::KillVirtiofsd => matching(&["virtiofsd"]),
         Fault::KillVsockBackend => matching(&["cocoon-vmm vhost-user-vsock"]),
@@ -153,6 +185,31 @@ async fn inject(node: &mut CriNode, run_dir: &Path, fault: Fault) -> bool {
         kill(p);
     }
     !victims.is_empty()
+}
+
+/// Fires the agent's crash hook through the debug console of the VM under `run_dir`.
+async fn crash_agent(run_dir: &Path) -> bool {
+    let Some(uds) = crate::leftover_entries(run_dir)
+        .into_iter()
+        .map(|d| d.join("vsock.sock"))
+        .find(|p| p.exists())
+    else {
+        return false;
+    };
+    let command = ["kill -USR2 1".to_string()];
+    match tokio::time::timeout(
+        CLEANUP_DEADLINE,
+        cocoon_shim::debugconsole::open(&uds, &command),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => {
+            // The console answers nothing; the VM going away ends the stream.
+            drop(stream);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// What of the pod is still there, after a deadline for it to go.
@@ -212,13 +269,31 @@ async fn leftovers(
     }
 }
 
+/// A pod being started: what exists of it so far, and how its start ended.
+struct Started {
+    pod: Option<String>,
+    netns: Option<PathBuf>,
+    result: Result<(), String>,
+}
+
 /// Starts a pod with one container and checks it answers an exec.
-async fn start_pod(node: &CriNode, name: &str) -> Result<(String, Option<PathBuf>), String> {
+async fn start_pod(node: &CriNode, name: &str) -> Started {
+    let mut s = Started {
+        pod: None,
+        netns: None,
+        result: Ok(()),
+    };
+    s.result = start_pod_into(node, name, &mut s).await;
+    s
+}
+
+async fn start_pod_into(node: &CriNode, name: &str, s: &mut Started) -> Result<(), String> {
     let pconfig = node.pod_config(name, &format!("uid-{name}"), "soak");
     let pod = within("RunPodSandbox", node.run_pod(&pconfig, COCOON))
         .await?
         .map_err(|e| format!("RunPodSandbox: {e}"))?;
-    let netns = node.pod_info(&pod).await.ok().and_then(|i| i.netns);
+    s.pod = Some(pod.clone());
+    s.netns = node.pod_info(&pod).await.ok().and_then(|i| i.netns);
     let c = CriNode::container_config("main", IMAGE_REF, &["sleep", "3600"], &[]);
     let ctr = within("create/start", node.create_and_start(&pod, &c, &pconfig))
         .await?
@@ -232,7 +307,7 @@ async fn start_pod(node: &CriNode, name: &str) -> Result<(String, Option<PathBuf
     if (code, out.as_str()) != (0, "ok\n") {
         return Err(format!("ExecSync gave {code} {out:?}"));
     }
-    Ok((pod, netns))
+    Ok(())
 }
 
 /// Removes a pod, retrying while containerd catches up with a fault (a dead shim is
@@ -243,6 +318,8 @@ async fn remove_pod(node: &CriNode, pod: &str) -> Result<(), String> {
         let r = within("stop/remove", node.stop_and_remove_pod(pod)).await?;
         match r {
             Ok(()) => return Ok(()),
+            // Already gone: containerd undid a failed start itself.
+            Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
             Err(e) if Instant::now() >= deadline => return Err(format!("cannot remove: {e}")),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
@@ -251,13 +328,15 @@ async fn remove_pod(node: &CriNode, pod: &str) -> Result<(), String> {
 
 /// Runs `cycles` cycles on `node` (whose shim config keeps VMs under `run_dir`).
 pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) -> SoakReport {
-    let started = Instant::now();
+    let started_at = Instant::now();
     let mut rng = Rng(seed | 1);
     let mut report = SoakReport {
         cycles,
         seconds: 0.0,
         cycles_per_minute: 0.0,
         faults: BTreeMap::new(),
+        faults_while_starting: 0,
+        starts_failed_cleanly: 0,
         faults_not_applicable: 0,
         leaks: Vec::new(),
         unclean: Vec::new(),
@@ -265,58 +344,101 @@ pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) 
         fresh_pod_after: false,
     };
     for i in 0..cycles {
-        // Every kind once first, then at random.
+        // Every kind once first, then at random; every other one then strikes at a random
+        // point of the start (a containerd restart always waits for a running pod: it
+        // needs the node to itself).
         let fault = match FAULTS.get(i) {
             Some(f) => *f,
             None => FAULTS[(rng.next() % FAULTS.len() as u64) as usize],
         };
+        let mid_start = i >= FAULTS.len() && (i - FAULTS.len()).is_multiple_of(2);
+        let moment = if mid_start && fault != Fault::RestartContainerd {
+            Moment::Starting(Duration::from_millis(rng.next() % 3000))
+        } else {
+            Moment::Running
+        };
         let name = format!("soak-{i}");
-        let (pod, netns) = match start_pod(node, &name).await {
-            Ok(p) => p,
-            Err(e) => {
-                report
-                    .unclean
-                    .push(format!("cycle {i}: a healthy pod failed: {e}"));
-                continue;
+        let tag = format!("cycle {i} ({fault:?}, {moment:?})");
+        let started = match moment {
+            Moment::Running => start_pod(node, &name).await,
+            Moment::Starting(after) => {
+                let strike = async {
+                    tokio::time::sleep(after).await;
+                    inject_kill(node, run_dir, fault).await
+                };
+                let (started, acted) = tokio::join!(start_pod(node, &name), strike);
+                count(&mut report, fault, acted);
+                if acted {
+                    report.faults_while_starting += 1;
+                }
+                started
             }
         };
-        if let Some((pid, _)) = shims(node).first() {
-            if fault != Fault::KillShim {
-                report.shim_rss_kib.push(rss_kib(*pid));
+        if let Err(e) = &started.result {
+            if e.contains("hung past") || moment == Moment::Running {
+                report.unclean.push(format!("{tag}: the start failed: {e}"));
+            } else {
+                report.starts_failed_cleanly += 1;
             }
         }
-        if inject(node, run_dir, fault).await {
-            *report.faults.entry(format!("{fault:?}")).or_default() += 1;
-        } else {
-            report.faults_not_applicable += 1;
+        if moment == Moment::Running && started.result.is_ok() {
+            if let Some((pid, _)) = shims(node).first() {
+                if fault != Fault::KillShim {
+                    report.shim_rss_kib.push(rss_kib(*pid));
+                }
+            }
+            let acted = inject(node, run_dir, fault).await;
+            count(&mut report, fault, acted);
         }
         // After the fault a call may fail; it must not hang.
-        if let Err(e) = within("PodSandboxStatus after the fault", node.pod_status(&pod)).await {
-            report.unclean.push(format!("cycle {i} ({fault:?}): {e}"));
+        let pods = match &started.pod {
+            Some(p) => vec![p.clone()],
+            // The start failed before the sandbox had an id: whatever containerd kept.
+            None => node.pod_ids().await.unwrap_or_default(),
+        };
+        for pod in &pods {
+            if let Err(e) = within("PodSandboxStatus after the fault", node.pod_status(pod)).await {
+                report.unclean.push(format!("{tag}: {e}"));
+            }
+            if let Err(e) = remove_pod(node, pod).await {
+                report.unclean.push(format!("{tag}: {e}"));
+            }
         }
-        if let Err(e) = remove_pod(node, &pod).await {
-            report.unclean.push(format!("cycle {i} ({fault:?}): {e}"));
-        }
-        for l in leftovers(node, run_dir, netns.as_ref(), &format!("uid-{name}")).await {
-            report.leaks.push(format!("cycle {i} ({fault:?}): {l}"));
+        let netns = started.netns.as_ref();
+        for l in leftovers(node, run_dir, netns, &format!("uid-{name}")).await {
+            report.leaks.push(format!("{tag}: {l}"));
         }
         if (i + 1) % 25 == 0 {
             eprintln!(
                 "soak: {} cycles in {:.0} s, leaks {}, unclean {}",
                 i + 1,
-                started.elapsed().as_secs_f64(),
+                started_at.elapsed().as_secs_f64(),
                 report.leaks.len(),
                 report.unclean.len()
             );
         }
     }
-    match start_pod(node, "soak-fresh").await {
-        Ok((pod, _)) => report.fresh_pod_after = remove_pod(node, &pod).await.is_ok(),
-        Err(e) => report
-            .unclean
-            .push(format!("fresh pod after the soak: {e}")),
+    let fresh = start_pod(node, "soak-fresh").await;
+    match (fresh.result, fresh.pod) {
+        (Ok(()), Some(pod)) => report.fresh_pod_after = remove_pod(node, &pod).await.is_ok(),
+        (r, pod) => {
+            if let Some(pod) = pod {
+                let _ = remove_pod(node, &pod).await;
+            }
+            report
+                .unclean
+                .push(format!("fresh pod after the soak: {:?}", r.err()));
+        }
     }
-    report.seconds = started.elapsed().as_secs_f64();
+    report.seconds = started_at.elapsed().as_secs_f64();
     report.cycles_per_minute = cycles as f64 * 60.0 / report.seconds.max(1e-9);
     report
+}
+
+fn count(report: &mut SoakReport, fault: Fault, acted: bool) {
+    if acted {
+        *report.faults.entry(format!("{fault:?}")).or_default() += 1;
+    } else {
+        report.faults_not_applicable += 1;
+    }
 }

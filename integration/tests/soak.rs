@@ -4,18 +4,19 @@
 mod common;
 
 use cocoon_integration::cri::COCOON;
-use common::env;
+use common::env_full;
 
 const SOAK_NET: u8 = 62;
 
 #[tokio::test]
 async fn a_short_soak_leaks_nothing_and_never_hangs() {
     let test = "a_short_soak_leaks_nothing_and_never_hangs";
-    let Some(mut env) = env(test, COCOON, SOAK_NET).await else {
+    let tables = cocoon_integration::soak::SHIM_CONFIG_TABLES;
+    let Some(mut env) = env_full(test, COCOON, SOAK_NET, false, tables).await else {
         return;
     };
     let run_dir = env.dir.path().join("run");
-    let cycles = cocoon_integration::soak::FAULTS.len() + 2;
+    let cycles = cocoon_integration::soak::FAULTS.len() + 4;
     let report = cocoon_integration::soak::soak(&mut env.node, &run_dir, cycles, 7).await;
     eprint!("{}", report.table());
     assert!(
@@ -32,6 +33,7 @@ async fn a_short_soak_leaks_nothing_and_never_hangs() {
         report.fresh_pod_after,
         "{test}: no fresh pod after the soak"
     );
+    assert!(report.faults_while_starting >= 1, "{report:?}");
     // Each kind of fault acted at least once (the vsock backend exists under QEMU only).
     assert!(
         report.faults.len() >= cocoon_integration::soak::FAULTS.len() - 1,

@@ -39,6 +39,12 @@ pub const STDIO_PORT: u32 = 1025;
 /// answers `OK\n` (then bytes flow both ways) or `ERR <why>\n`.
 pub const FORWARD_PORT: u32 = 1026;
 
+/// vsock port of the debug console (only with `cocoon.debug=1` on the guest's command
+/// line): the host writes one line, empty for an interactive shell on a pty, or a
+/// command for `sh -c` whose stdio is the connection; the connection closes when the
+/// shell ends.
+pub const DEBUG_PORT: u32 = 1027;
+
 /// The pod's shared memory in the guest: a tmpfs the agent mounts at CreateSandbox.
 /// Kubernetes containers of one pod share `/dev/shm`; their specs name a host tmpfs
 /// (containerd's per-sandbox `shm`), which the shim replaces with this.

@@ -33,6 +33,14 @@ pub enum InitramfsError {
         #[source]
         source: io::Error,
     },
+    #[error("{} is not a statically linked executable: the guest has no loader for it", .0.display())]
+    NotStatic(PathBuf),
+    #[error("Failed to read {}", path.display())]
+    ReadBinary {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("Failed to lay out the initramfs")]
     Archive(#[from] CpioError),
     #[error("Failed to compress the initramfs")]
@@ -93,6 +101,26 @@ pub fn read_agent(path: &Path) -> Result<Vec<u8>, InitramfsError> {
         Err(_) => log::warn!("agent {} is not a 64-bit ELF executable", path.display()),
     }
     Ok(bytes)
+}
+
+/// Reads a tool for the guest (busybox), which must be a static ELF: unlike the agent,
+/// a dynamic one is refused, since nothing in the image could ever run it.
+pub fn read_static_binary(path: &Path) -> Result<Vec<u8>, InitramfsError> {
+    let bytes = fs::read(path).map_err(|source| InitramfsError::ReadBinary {
+        path: path.to_owned(),
+        source,
+    })?;
+    match Elf::parse(&bytes).and_then(|elf| elf.has_interpreter()) {
+        Ok(false) => Ok(bytes),
+        _ => Err(InitramfsError::NotStatic(path.to_owned())),
+    }
+}
+
+/// Adds busybox at `/bin/busybox` (the debug console makes its applet links at run time).
+pub fn add_busybox(archive: &mut Archive, bytes: Vec<u8>) -> Result<(), InitramfsError> {
+    archive.add_dir("bin", 0o755)?;
+    archive.add_file("bin/busybox", 0o755, bytes)?;
+    Ok(())
 }
 
 /// The text of `/etc/cocoon/modules`: `<name> <path>` per line, in load order.

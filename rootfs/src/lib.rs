@@ -61,6 +61,9 @@ pub struct BuildOptions {
     /// Modules to include with their dependencies; `DEFAULT_MODULES` by default.
     pub modules: Vec<String>,
     pub compression: Compression,
+    /// A statically linked busybox, put at `/bin/busybox` for the debug console
+    /// (`cocoon debug`); the agent never runs it otherwise.
+    pub busybox: Option<PathBuf>,
 }
 
 impl BuildOptions {
@@ -72,6 +75,7 @@ impl BuildOptions {
             out_dir: None,
             modules: DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
             compression: Compression::None,
+            busybox: None,
         }
     }
 }
@@ -119,7 +123,16 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
 
     let kernel_bytes = read(&kernel.vmlinuz)?;
     let agent_sha256 = hash::sha256_hex(&agent);
-    let archive = initramfs::layout(agent, &kernel.release, module_files)?;
+    let mut archive = initramfs::layout(agent, &kernel.release, module_files)?;
+    let busybox_sha256 = match &opts.busybox {
+        Some(path) => {
+            let bytes = initramfs::read_static_binary(path)?;
+            let sha = hash::sha256_hex(&bytes);
+            initramfs::add_busybox(&mut archive, bytes)?;
+            Some(sha)
+        }
+        None => None,
+    };
     let initrd_bytes = initramfs::encode(&archive, opts.compression)?;
     let id = hash::image_id(&kernel_bytes, &initrd_bytes);
     let initrd_name = opts.compression.file_name();
@@ -140,6 +153,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
             agent_sha256,
             modules: module_manifest,
             builtin_modules: selection.builtin.clone(),
+            busybox_sha256,
         },
     };
     let manifest_bytes = manifest.to_json();

@@ -38,6 +38,9 @@ pub struct InitramfsManifest {
     pub modules: Vec<ModuleManifest>,
     /// Requested modules that the kernel has built in.
     pub builtin_modules: Vec<String>,
+    /// The static busybox at `/bin/busybox` for the debug console, if the image has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busybox_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

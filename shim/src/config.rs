@@ -60,6 +60,18 @@ pub struct Config {
     pub vm: VmConfig,
     pub qemu: QemuConfig,
     pub paths: PathsConfig,
+    pub debug: DebugConfig,
+}
+
+/// Operator aids, all off by default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// A shell in each pod's guest, outside its containers, for `cocoon debug <pod>`
+    /// (`cocoon.debug=1` on the guest's command line; it also arms the agent's
+    /// fault-injection hook). Anyone who can reach the pod's vsock socket on the host
+    /// (root) gets root in the guest. Confidential pods never get it.
+    pub console: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +123,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             qemu: QemuConfig::default(),
             paths: PathsConfig::default(),
+            debug: DebugConfig::default(),
         }
     }
 }

@@ -43,10 +43,7 @@ pub fn keep_failed(run_root: &Path, vm_id: &str, console: &Path) -> std::io::Res
 /// The console of the pod `id` (a sandbox id, a container id of a pod of its own, or a
 /// VM id `pod-…`): the live one if the pod runs, else the one kept after a failure.
 pub fn find(run_root: &Path, id: &str, namespaces: &[&str]) -> Option<PathBuf> {
-    let mut vm_ids: Vec<String> = namespaces.iter().map(|ns| sandbox_vm_id(ns, id)).collect();
-    if id.starts_with("pod-") && !id.contains('/') {
-        vm_ids.insert(0, id.to_string());
-    }
+    let vm_ids = vm_ids(id, namespaces);
     vm_ids
         .iter()
         .map(|vm| run_root.join(vm).join("console.log"))
@@ -56,6 +53,16 @@ pub fn find(run_root: &Path, id: &str, namespaces: &[&str]) -> Option<PathBuf> {
                 .map(|vm| run_root.join(FAILED_DIR).join(format!("{vm}.console.log"))),
         )
         .find(|p| p.is_file())
+}
+
+/// The VM ids pod `id` may have: its own if it is one (`pod-…`, never a path), then the
+/// one it has in each of `namespaces`.
+pub fn vm_ids(id: &str, namespaces: &[&str]) -> Vec<String> {
+    let mut vm_ids: Vec<String> = namespaces.iter().map(|ns| sandbox_vm_id(ns, id)).collect();
+    if id.starts_with("pod-") && !id.contains('/') && id != "pod-.." {
+        vm_ids.insert(0, id.to_string());
+    }
+    vm_ids
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod bench_vmm;
 pub mod check;
 pub mod config;
 pub mod consolelog;
+pub mod debugconsole;
 pub mod hostcgroup;
 pub mod hypervisor;
 pub mod podnet;

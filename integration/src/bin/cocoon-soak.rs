@@ -51,7 +51,11 @@ async fn main() {
         std::process::exit(2);
     }
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let config = cri::write_shim_config(dir.path(), Duration::from_secs(300));
+    let config = cri::write_shim_config_with(
+        dir.path(),
+        Duration::from_secs(300),
+        cocoon_integration::soak::SHIM_CONFIG_TABLES,
+    );
     let mut node = CriNode::start(&dir.path().join("containerd"), &config, NET).await;
     let report =
         cocoon_integration::soak::soak(&mut node, &dir.path().join("run"), cycles, seed).await;

@@ -53,21 +53,26 @@ pub async fn env(test: &str, handler: &str, net: u8) -> Option<Env> {
 
 /// As `env`; with `ipv6`, a dual-stack pod network.
 pub async fn env_with(test: &str, handler: &str, net: u8, ipv6: bool) -> Option<Env> {
+    env_full(test, handler, net, ipv6, "").await
+}
+
+/// As `env_with`; `tables` are added to the cocoon shim's config.
+pub async fn env_full(test: &str, handler: &str, net: u8, ipv6: bool, tables: &str) -> Option<Env> {
     if let Some(why) = prerequisites_missing(handler) {
         missing(test, &why);
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let config_path = cocoon_config(dir.path(), handler);
+    let config_path = cocoon_config(dir.path(), handler, tables);
     let node = CriNode::start_with(&dir.path().join("containerd"), &config_path, net, ipv6).await;
     Some(Env { node, dir })
 }
 
 /// The shim's COCOON_CONFIG. runc pods never read it, so for them it need not name a
 /// guest image that exists.
-fn cocoon_config(dir: &Path, handler: &str) -> PathBuf {
+fn cocoon_config(dir: &Path, handler: &str, tables: &str) -> PathBuf {
     if handler == cri::COCOON {
-        return cri::write_shim_config(dir, Duration::from_secs(90));
+        return cri::write_shim_config_with(dir, Duration::from_secs(90), tables);
     }
     let path = dir.join("cocoon.toml");
     let toml = format!("[paths]\nrun_dir = {:?}\n", dir.join("run"));

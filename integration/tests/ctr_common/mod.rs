@@ -36,14 +36,17 @@ pub fn env() -> Env {
 
 /// The same, with the shim's `hypervisor` set (None: the default, auto).
 pub fn env_on(hypervisor: Option<&str>) -> Env {
+    let top = hypervisor.map(|h| format!("hypervisor = {h:?}\n"));
+    env_with(top.as_deref().unwrap_or(""), "")
+}
+
+/// The same, with `top` before the shim config's tables and `tables` after them.
+pub fn env_with(top: &str, tables: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let config = test_config(&run_dir, Duration::from_secs(90));
     let config_path = dir.path().join("cocoon.toml");
-    let mut toml = toml_of(&config);
-    if let Some(h) = hypervisor {
-        toml = format!("hypervisor = {h:?}\n{toml}");
-    }
+    let toml = format!("{top}{}{tables}", toml_of(&config));
     std::fs::write(&config_path, toml).unwrap();
     let containerd = Containerd::start(&dir.path().join("containerd"), &config_path);
     containerd.import_busybox();

@@ -54,6 +54,18 @@ enum Cmd {
         #[arg(long)]
         namespace: Option<String>,
     },
+    /// A root shell in a running pod's guest, outside its containers (pods started
+    /// with `[debug] console = true` only). With a command after `--`, runs it there.
+    Debug {
+        /// The pod's sandbox id (or a container id, or the VM id `pod-…`).
+        id: String,
+        /// Its containerd namespace (default: k8s.io, default and moby are tried).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Run this (by `sh -c`) instead of an interactive shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Benchmarks that write a JSON report and print a table.
     Bench {
         #[command(subcommand)]
@@ -76,6 +88,9 @@ enum ImageCmd {
         /// Also copy vmlinuz, initramfs.cpio and manifest.json here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A static busybox for the debug console (`cocoon debug`), at /bin/busybox.
+        #[arg(long)]
+        busybox: Option<PathBuf>,
     },
 }
 
@@ -196,6 +211,27 @@ fn run(cli: Cli) -> Result<()> {
             std::io::Write::write_all(&mut std::io::stdout(), &text)?;
             Ok(())
         }
+        Cmd::Debug {
+            id,
+            namespace,
+            command,
+        } => {
+            use cocoon_shim::debugconsole;
+            let config = Config::load()?;
+            let namespaces: Vec<&str> = match &namespace {
+                Some(ns) => vec![ns.as_str()],
+                None => cocoon_shim::consolelog::NAMESPACES.to_vec(),
+            };
+            let uds = debugconsole::find_vsock(&config.paths.run_dir, &id, &namespaces)
+                .with_context(|| {
+                    format!(
+                        "no running pod {id} under {} (namespaces {namespaces:?})",
+                        config.paths.run_dir.display()
+                    )
+                })?;
+            let stream = runtime()?.block_on(debugconsole::open(&uds, &command))?;
+            debugconsole::join_terminal(stream, command.is_empty())
+        }
         Cmd::Check { json } => {
             let r = check::report();
             if json {
@@ -212,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
                     kernel_deb,
                     cache_dir,
                     out,
+                    busybox,
                 },
         } => {
             let source = match kernel_deb {
@@ -221,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut opts = cocoon_rootfs::BuildOptions::new(source, agent);
             opts.cache_dir = cache_dir;
             opts.out_dir = out;
+            opts.busybox = busybox;
             let image = cocoon_rootfs::build(&opts).context("building the guest image")?;
             println!("{}", serde_json::to_string_pretty(&image)?);
             Ok(())

@@ -109,6 +109,19 @@ pub struct SharedDir {
     pub virtiofsd: PathBuf,
 }
 
+/// The operator's kernel parameters, after Cocoon's own switches (so an operator's
+/// `cocoon.debug=0` still wins: the kernel's last word counts).
+fn kernel_params(config: &Config) -> String {
+    let mut p = Vec::new();
+    if config.debug.console {
+        p.push("cocoon.debug=1");
+    }
+    if !config.vm.kernel_params.is_empty() {
+        p.push(&config.vm.kernel_params);
+    }
+    p.join(" ")
+}
+
 impl VmSpec {
     pub fn from_config(config: &Config, id: &str) -> Self {
         Self {
@@ -117,7 +130,7 @@ impl VmSpec {
             initrd: config.initrd_path(),
             vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
-            extra_kernel_params: config.vm.kernel_params.clone(),
+            extra_kernel_params: kernel_params(config),
             run_root: config.paths.run_dir.clone(),
             shared_dir: None,
             net: None,

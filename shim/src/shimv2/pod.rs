@@ -14,6 +14,8 @@ use super::SANDBOX_ID_ANNOTATION;
 /// containerd's `pod_annotations = ["io.cocoon.*"]` for the handler.
 pub const VCPUS_ANNOTATION: &str = "io.cocoon.vm.vcpus";
 pub const MEMORY_ANNOTATION: &str = "io.cocoon.vm.memory_mib";
+/// `sev-snp` or `tdx`: the pod asks for a memory-encrypted, measured VM.
+pub const CONFIDENTIAL_ANNOTATION: &str = "io.cocoon.confidential";
 /// Every annotation the runtime reads from a pod starts with this (containerd's
 /// `pod_annotations` pattern `io.cocoon.*`).
 pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
@@ -34,6 +36,12 @@ pub enum PodSpecError {
          network namespace (run this pod with another RuntimeClass)"
     )]
     HostNetwork,
+    /// Never started without the protection asked for (nor with the debug console).
+    #[error(
+        "the pod asks for a confidential VM ({0}), which this Cocoon cannot launch yet; it \
+         is refused rather than started unprotected"
+    )]
+    Confidential(String),
 }
 
 fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
@@ -105,9 +113,16 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
                 Ok(n @ 64..=1_048_576) => vm.memory_mib = Some(n),
                 _ => return Err(bad("must be a whole number of MiB from 64 to 1048576")),
             },
+            CONFIDENTIAL_ANNOTATION => match value.trim() {
+                kind @ ("sev-snp" | "tdx") => {
+                    return Err(PodSpecError::Confidential(kind.to_owned()))
+                }
+                _ => return Err(bad("must be sev-snp or tdx")),
+            },
             _ => {
                 return Err(bad(&format!(
-                    "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION})"
+                    "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}, \
+                     {CONFIDENTIAL_ANNOTATION})"
                 )))
             }
         }
@@ -324,5 +339,32 @@ mod tests {
             let e = pod_vm(&bad).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn a_confidential_pod_is_refused_never_started_unprotected() {
+        for kind in ["sev-snp", "tdx"] {
+            let s = pause_with(serde_json::json!({ CONFIDENTIAL_ANNOTATION: kind }));
+            let e = pod_vm(&s).unwrap_err();
+            assert_eq!(e, PodSpecError::Confidential(kind.into()));
+            assert!(e.to_string().contains("refused"), "{e}");
+        }
+        let s = pause_with(serde_json::json!({ CONFIDENTIAL_ANNOTATION: "sgx" }));
+        let e = pod_vm(&s).unwrap_err().to_string();
+        assert!(e.contains("sev-snp or tdx"), "{e}");
+    }
+
+    fn pause_with(extra: serde_json::Value) -> Spec {
+        let mut annotations = serde_json::json!({
+            "io.kubernetes.cri.sandbox-id": "abc",
+            "io.kubernetes.cri.container-type": "sandbox",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            annotations[k] = v.clone();
+        }
+        spec(
+            annotations,
+            serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-1"}]),
+        )
     }
 }

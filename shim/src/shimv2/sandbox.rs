@@ -11,6 +11,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 
 use super::mounts::{self, MountError};
+use super::persist::ContainerState;
 use super::pod::PodVm;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
@@ -305,6 +306,27 @@ impl Sandbox {
             };
             super::timings::append(run_root, &rec);
         }
+    }
+}
+
+/// What a boot of `vm_id` may leave on the host before it has pids to record: its run
+/// directory, its share, its pod cgroup. Saved in the bundle before the boot, so that
+/// containerd's `shim delete` after a shim killed mid-boot still finds them.
+pub fn pending_state(config: &Config, vm_id: &str, pod_vm: &PodVm) -> ContainerState {
+    let host_cgroup = pod_vm
+        .host_cgroup
+        .as_deref()
+        .and_then(|p| crate::hostcgroup::relative_path(p).ok())
+        .and_then(|rel| {
+            crate::hostcgroup::hierarchy_dirs(std::path::Path::new(CGROUP_ROOT), &rel).ok()
+        })
+        .unwrap_or_default();
+    ContainerState {
+        vm_id: vm_id.into(),
+        vm_run_dir: config.paths.run_dir.join(vm_id),
+        share: config.paths.run_dir.join("shares").join(vm_id),
+        host_cgroup,
+        ..Default::default()
     }
 }
 

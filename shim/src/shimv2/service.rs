@@ -467,13 +467,23 @@ impl Service {
         let t_call = std::time::Instant::now();
         let pod_vm = pod::pod_vm(&spec).map_err(|e| {
             let code = match e {
-                pod::PodSpecError::HostNetwork => ttrpc::Code::FAILED_PRECONDITION,
+                pod::PodSpecError::HostNetwork | pod::PodSpecError::Confidential(_) => {
+                    ttrpc::Code::FAILED_PRECONDITION
+                }
                 pod::PodSpecError::BadAnnotation { .. } => ttrpc::Code::INVALID_ARGUMENT,
             };
             err(code, e)
         })?;
         pod::adapt_spec(&mut spec);
         let booted_here = self.inner.sandbox.lock().await.is_none();
+        if booted_here {
+            let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
+            let mut pending = sandbox::pending_state(&self.inner.config, &vm_id, &pod_vm);
+            pending.container_id = req.id.clone();
+            if let Err(e) = pending.save(&bundle) {
+                tracing::warn!("cannot save state in {}: {e}", bundle.display());
+            }
+        }
         let sb = self.sandbox(pod_vm).await?;
         if let Some(why) = sb.lost() {
             return Err(err(
