@@ -62,6 +62,8 @@ pub struct AgentClient {
     health: HealthClient,
     agent: AgentRpc,
     call_timeout: Duration,
+    /// Where call latencies and failures are counted (`cocoon metrics`), if anywhere.
+    stats: Option<std::sync::Arc<crate::telemetry::PodStats>>,
 }
 
 impl AgentClient {
@@ -77,6 +79,7 @@ impl AgentClient {
             health: HealthClient::new(client.clone()),
             agent: AgentRpc::new(client),
             call_timeout,
+            stats: None,
         })
     }
 
@@ -119,6 +122,14 @@ impl AgentClient {
         }
     }
 
+    /// Counts this client's calls in `stats`.
+    pub fn with_stats(self, stats: std::sync::Arc<crate::telemetry::PodStats>) -> Self {
+        Self {
+            stats: Some(stats),
+            ..self
+        }
+    }
+
     fn ctx(&self, t: Duration) -> ttrpc::context::Context {
         ttrpc::context::with_timeout(t.as_nanos() as i64)
     }
@@ -127,11 +138,22 @@ impl AgentClient {
     where
         F: std::future::Future<Output = ttrpc::Result<T>>,
     {
-        match tokio::time::timeout(t, f).await {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(t, f).await {
             Err(_) => Err(AgentError::CallTimeout { method, after: t }),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_err(method, t, e)),
+        };
+        if let Some(stats) = &self.stats {
+            let kind = r.as_ref().err().map(|e| match e {
+                AgentError::CallTimeout { .. } => "timeout",
+                AgentError::Disconnected { .. } => "disconnected",
+                AgentError::Rpc { .. } => "rpc",
+                _ => "other",
+            });
+            stats.record_call(method, started.elapsed(), kind);
         }
+        r
     }
 
     async fn check_within(&self, t: Duration) -> Result<HealthCheckResponse, AgentError> {

@@ -66,6 +66,13 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Metrics of this node and its pods in Prometheus' text format: printed once, or
+    /// served at http://<listen>/metrics.
+    Metrics {
+        /// Serve over HTTP here (e.g. 127.0.0.1:9420) instead of printing once.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Benchmarks that write a JSON report and print a table.
     Bench {
         #[command(subcommand)]
@@ -231,6 +238,19 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
             let stream = runtime()?.block_on(debugconsole::open(&uds, &command))?;
             debugconsole::join_terminal(stream, command.is_empty())
+        }
+        Cmd::Metrics { listen } => {
+            let config = Config::load()?;
+            let root = config.paths.run_dir;
+            runtime()?.block_on(async {
+                match listen {
+                    Some(addr) => cocoon_shim::nodemetrics::serve(&addr, &root).await,
+                    None => {
+                        print!("{}", cocoon_shim::nodemetrics::collect(&root).await);
+                        Ok(())
+                    }
+                }
+            })
         }
         Cmd::Check { json } => {
             let r = check::report();

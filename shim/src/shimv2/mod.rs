@@ -14,6 +14,7 @@ mod metrics;
 pub mod mounts;
 mod persist;
 pub mod pod;
+pub mod podmetrics;
 mod sandbox;
 mod service;
 mod start;

@@ -22,6 +22,8 @@ pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
 
 /// CRI's annotation saying whether a container is the pod's sandbox or a workload.
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// The container's name in its pod (kubelet re-creates a restarted one under it).
+pub const CONTAINER_NAME_ANNOTATION: &str = "io.kubernetes.cri.container-name";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PodSpecError {

@@ -61,6 +61,11 @@ pub struct Sandbox {
     watcher: tokio::task::JoinHandle<()>,
     /// Why the VM is gone, once it is.
     lost: Arc<std::sync::Mutex<Option<String>>>,
+    /// What the shim counts for `cocoon metrics` (agent calls, containers, OOMs).
+    pub stats: Arc<crate::telemetry::PodStats>,
+    /// The guest's size, as launched.
+    pub vcpus: u32,
+    pub memory_mib: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -185,6 +190,8 @@ impl Sandbox {
             }
         };
         let t_ready = std::time::Instant::now();
+        let stats = Arc::new(crate::telemetry::PodStats::default());
+        let agent = agent.with_stats(stats.clone());
         let lost = Arc::new(std::sync::Mutex::new(None));
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = sandbox_id.into();
@@ -239,6 +246,9 @@ impl Sandbox {
             },
             watcher: watch_vm(vm_id, VmWatch::new(&vm.pids()), lost.clone()),
             lost,
+            stats,
+            vcpus: config.vm.vcpus,
+            memory_mib: config.vm.memory_mib,
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,

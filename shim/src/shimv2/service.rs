@@ -265,6 +265,7 @@ impl Service {
         };
         let sb = Arc::new(sb);
         *slot = Some(sb.clone());
+        super::podmetrics::spawn(&sb, &self.inner.namespace, &self.inner.group);
         let me = self.clone();
         let watched = sb.clone();
         tokio::spawn(async move { me.forward_oom_events(watched).await });
@@ -333,6 +334,7 @@ impl Service {
                         )
                     };
                     if let Err(why) = verdict {
+                        sb.stats.count("oom_events_dropped");
                         dropped += 1;
                         // Power-of-two counts: a flood cannot flood the log either.
                         if dropped.is_power_of_two() {
@@ -343,6 +345,7 @@ impl Service {
                         }
                         continue;
                     }
+                    sb.stats.count("oom_events");
                     let mut m = ev::TaskOOM::new();
                     m.container_id = e.container_id;
                     self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(m))
@@ -475,6 +478,10 @@ impl Service {
             err(code, e)
         })?;
         pod::adapt_spec(&mut spec);
+        let cri_name = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(pod::CONTAINER_NAME_ANNOTATION).cloned());
         let booted_here = self.inner.sandbox.lock().await.is_none();
         if booted_here {
             let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
@@ -551,6 +558,7 @@ impl Service {
             paused: false,
         };
         self.save_state(&req.id, &c, &sb);
+        sb.stats.container_created(cri_name.as_deref());
         self.inner.containers.lock().await.insert(req.id.clone(), c);
         Ok(pid)
     }
