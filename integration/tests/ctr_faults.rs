@@ -176,3 +176,61 @@ fn virtiofsd_killed_then_delete_force_cleans_up() {
     ctr_ok(&env, &["container", "delete", "fsvictim"]);
     assert_clean(&env);
 }
+
+/// Found by the soak: the vsock backend killed while the guest booted left the start
+/// waiting out the whole boot timeout (90 s here, 300 s in the soak), since only the
+/// VMM's exit was watched before the agent answered. Now any dead host process of the
+/// VM fails the boot at once, saying which.
+#[test]
+fn a_backend_killed_during_boot_fails_the_start_at_once() {
+    let env = env();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let address = env.containerd.address.clone();
+    std::thread::spawn(move || {
+        let o = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args(["run", "-d", "--runtime", COCOON, IMAGE_REF, "early", "true"])
+            .output();
+        let _ = tx.send(o);
+    });
+    let started = std::time::Instant::now();
+    // Once the guest's driver has started the device (the guest kernel is booting), not
+    // before: a backend that dies while the VMM sets it up takes the VMM with it, which
+    // was always caught. A started vhost-user device has the guest's memory mapped.
+    let backend = loop {
+        let procs = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy());
+        let found = procs.iter().find(|(pid, c)| {
+            c.contains("cocoon-vmm vhost-user-vsock")
+                && std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                    .is_ok_and(|m| m.contains("memfd:"))
+        });
+        if let Some((pid, _)) = found {
+            break *pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the vsock backend never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(backend as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let run = rx
+        .recv_timeout(Duration::from_secs(45))
+        .expect("ctr run still waiting 45 s after the vsock backend died")
+        .expect("ctr");
+    assert!(!run.status.success(), "{}", show(&run));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("a host process of the VM exited before its agent answered"),
+        "the error should say a VM process died: {}",
+        show(&run)
+    );
+    let _ = env.containerd.ctr(&["task", "delete", "--force", "early"]);
+    let _ = env.containerd.ctr(&["container", "delete", "early"]);
+    assert_clean(&env);
+}

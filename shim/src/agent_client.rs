@@ -36,6 +36,10 @@ pub enum AgentError {
         vmm_log: String,
         console: String,
     },
+    #[error(
+        "a host process of the VM exited before its agent answered ({what}); guest console ends with:\n{console}"
+    )]
+    BackendExited { what: String, console: String },
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error("agent call {method} got no answer within {after:?}")]
@@ -97,6 +101,13 @@ impl AgentClient {
                 return Err(AgentError::VmExited {
                     status: status.to_string(),
                     vmm_log: vm.vmm_log_tail(20),
+                    console: vm.console_tail(20),
+                });
+            }
+            // A dead virtiofsd or vsock backend: the agent may never be reachable.
+            if let Some(what) = vm.try_backend_exit() {
+                return Err(AgentError::BackendExited {
+                    what,
                     console: vm.console_tail(20),
                 });
             }

@@ -197,6 +197,13 @@ impl Vm {
         self.procs.try_vmm_exit()
     }
 
+    /// A device backend that has exited (`pid N: status`), if one has.
+    pub fn try_backend_exit(&mut self) -> Option<String> {
+        self.procs
+            .try_backend_exit()
+            .map(|(pid, status)| format!("device backend pid {pid}: {status}"))
+    }
+
     /// Waits up to `deadline` for the VMM to exit by itself.
     pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
         self.procs.wait_vmm_exit(deadline).await

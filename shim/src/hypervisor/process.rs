@@ -107,6 +107,16 @@ impl VmProcesses {
         self.vmm_status
     }
 
+    /// A device backend (virtiofsd, the vsock backend) that has exited: its pid and
+    /// status. The VM cannot work without it.
+    pub fn try_backend_exit(&mut self) -> Option<(u32, ExitStatus)> {
+        self.backends.iter_mut().find_map(|b| {
+            let pid = b.id()?;
+            let status = b.try_wait().ok().flatten()?;
+            Some((pid, status))
+        })
+    }
+
     pub async fn wait_vmm_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
         if let Some(s) = self.try_vmm_exit() {
             return Some(s);
