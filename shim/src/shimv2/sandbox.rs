@@ -61,6 +61,8 @@ pub struct Sandbox {
     watcher: tokio::task::JoinHandle<()>,
     /// Why the VM is gone, once it is.
     lost: Arc<std::sync::Mutex<Option<String>>>,
+    /// Turns true when `lost` is set, for those waiting on the guest.
+    lost_tx: tokio::sync::watch::Sender<bool>,
     /// What the shim counts for `cocoon metrics` (agent calls, containers, OOMs).
     pub stats: Arc<crate::telemetry::PodStats>,
     /// The guest's size, as launched.
@@ -193,6 +195,7 @@ impl Sandbox {
         let stats = Arc::new(crate::telemetry::PodStats::default());
         let agent = agent.with_stats(stats.clone());
         let lost = Arc::new(std::sync::Mutex::new(None));
+        let lost_tx = tokio::sync::watch::channel(false).0;
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = sandbox_id.into();
         req.shared_fs_tag = SHARE_TAG.into();
@@ -244,8 +247,14 @@ impl Sandbox {
                 agent_ready: t_ready - t_launched,
                 sandbox_setup: t_ready.elapsed(),
             },
-            watcher: watch_vm(vm_id, VmWatch::new(&vm.pids()), lost.clone()),
+            watcher: watch_vm(
+                vm_id,
+                VmWatch::new(&vm.pids()),
+                lost.clone(),
+                lost_tx.clone(),
+            ),
             lost,
+            lost_tx,
             stats,
             vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
@@ -266,6 +275,14 @@ impl Sandbox {
     }
 
     /// Why the pod's VM is gone, if it is (one of its host processes exited).
+    /// Returns once the VM is lost (at once if it already is). A call waiting on the
+    /// guest must not rely on the connection failing: one made after the vsock backend
+    /// died can wait on a dead connection for good.
+    pub async fn until_lost(&self) {
+        let mut rx = self.lost_tx.subscribe();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
     pub fn lost(&self) -> Option<String> {
         self.lost.lock().ok().and_then(|l| l.clone())
     }
@@ -370,6 +387,7 @@ fn watch_vm(
     vm_id: &str,
     watch: VmWatch,
     lost: Arc<std::sync::Mutex<Option<String>>>,
+    lost_tx: tokio::sync::watch::Sender<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let vm_id = vm_id.to_string();
     tokio::spawn(async move {
@@ -379,6 +397,7 @@ fn watch_vm(
         if let Ok(mut l) = lost.lock() {
             *l = Some(why);
         }
+        lost_tx.send_replace(true);
         watch.kill_all();
     })
 }

@@ -318,7 +318,11 @@ impl Service {
     async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
         let mut dropped = 0u64;
         loop {
-            match sb.agent.next_oom_event(Duration::from_secs(3600)).await {
+            let next = tokio::select! {
+                r = sb.agent.next_oom_event(Duration::from_secs(3600)) => r,
+                _ = sb.until_lost() => return,
+            };
+            match next {
                 Ok(e) => {
                     let verdict = {
                         let containers = self.inner.containers.lock().await;
@@ -378,7 +382,14 @@ impl Service {
         let me = self.clone();
         let started = std::time::Instant::now();
         tokio::spawn(async move {
-            let (status, at) = match sb.agent.wait_process(&cid, &exec_id).await {
+            let waited = tokio::select! {
+                r = sb.agent.wait_process(&cid, &exec_id) => r.map_err(|e| e.to_string()),
+                _ = sb.until_lost() => Err(format!(
+                    "the pod VM is gone: {}",
+                    sb.lost().unwrap_or_default()
+                )),
+            };
+            let (status, at) = match waited {
                 Ok(r) => (r.status as u32, ts_from_ns(r.exited_at_ns)),
                 Err(e) => {
                     tracing::warn!(container = %cid, exec = %exec_id, "lost the process: {e}");
