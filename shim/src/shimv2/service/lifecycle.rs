@@ -1,0 +1,295 @@
+//! What the task service does beyond answering a call: creating a container (and the
+//! pod VM with the first), watching processes for their exits, relaying the guest's
+//! OOM kills, and cleaning up a process the guest started but the host cannot use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_protocol::agent as pb;
+use containerd_shim::protos::api;
+use containerd_shim::protos::events::task as ev;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::topics;
+use containerd_shim::TtrpcResult;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tokio::sync::Mutex;
+
+use super::util::{agent_err, err, now, read_spec, ts_from_ns};
+use super::{Container, Process, Service, Watched, DRAIN_GRACE, VM_LOST_STATUS};
+use crate::agent_client::AgentError;
+use crate::shimv2::mounts;
+use crate::shimv2::persist::ContainerState;
+use crate::shimv2::pod;
+use crate::shimv2::sandbox::{self, Sandbox};
+use crate::shimv2::stdio::{self, StdioPaths};
+use crate::shimv2::timings;
+
+impl Service {
+    /// Whether `sb` is still this shim's pod VM (Shutdown takes it away).
+    pub(super) async fn serves(&self, sb: &Arc<Sandbox>) -> bool {
+        let current = self.inner.sandbox.lock().await;
+        current.as_ref().is_some_and(|c| Arc::ptr_eq(c, sb))
+    }
+
+    /// Relays the guest's OOM kills as TaskOOM events until the VM goes away: only
+    /// for this shim's live containers, and rate-limited (`guest_events`).
+    pub(super) async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
+        let mut dropped = 0u64;
+        loop {
+            let next = tokio::select! {
+                r = sb.agent.next_oom_event(Duration::from_secs(3600)) => r,
+                _ = sb.until_lost() => return,
+            };
+            match next {
+                Ok(e) => {
+                    let verdict = {
+                        let containers = self.inner.containers.lock().await;
+                        let mut filter = self
+                            .inner
+                            .oom_filter
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        filter.admit(
+                            &e.container_id,
+                            containers.keys(),
+                            std::time::Instant::now(),
+                        )
+                    };
+                    if let Err(why) = verdict {
+                        sb.stats.count("oom_events_dropped");
+                        dropped += 1;
+                        // Power-of-two counts: a flood cannot flood the log either.
+                        if dropped.is_power_of_two() {
+                            tracing::warn!(
+                                container = %e.container_id.escape_debug(),
+                                "dropped a guest OOM event ({why:?}); {dropped} so far"
+                            );
+                        }
+                        continue;
+                    }
+                    sb.stats.count("oom_events");
+                    let mut m = ev::TaskOOM::new();
+                    m.container_id = e.container_id;
+                    self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(m))
+                        .await;
+                }
+                Err(AgentError::CallTimeout { .. }) => continue,
+                // The VM is gone, or the shim is going: nothing more will come.
+                Err(_) if sb.lost().is_some() || !self.serves(&sb).await => return,
+                Err(e) => {
+                    // One bad call (a malformed reply, a dropped connection) must not
+                    // end OOM reporting for the pod's life: try again, not in a spin.
+                    tracing::warn!("OOM event poll failed: {e}; polling again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits for a started process in the guest, lets its output drain, then
+    /// records and publishes its exit.
+    pub(super) fn watch_exit(&self, sb: Arc<Sandbox>, w: Watched) {
+        let Watched {
+            cid,
+            exec_id,
+            pid,
+            exit,
+            copies,
+            timing,
+        } = w;
+        let me = self.clone();
+        let started = std::time::Instant::now();
+        tokio::spawn(async move {
+            let waited = tokio::select! {
+                r = sb.agent.wait_process(&cid, &exec_id) => r.map_err(|e| e.to_string()),
+                _ = sb.until_lost() => Err(format!(
+                    "the pod VM is gone: {}",
+                    sb.lost().unwrap_or_default()
+                )),
+            };
+            let (status, at) = match waited {
+                Ok(r) => (r.status as u32, ts_from_ns(r.exited_at_ns)),
+                Err(e) => {
+                    tracing::warn!(container = %cid, exec = %exec_id, "lost the process: {e}");
+                    (VM_LOST_STATUS, now())
+                }
+            };
+            if let Some(c) = copies {
+                c.lock().await.drained(DRAIN_GRACE).await;
+            }
+            if let Some(t) = timing {
+                if let Ok(mut t) = t.lock() {
+                    t.start_to_exit_ms = timings::ms(started.elapsed());
+                }
+            }
+            exit.send_replace(Some((status, at.clone())));
+            let mut m = ev::TaskExit::new();
+            m.container_id = cid.clone();
+            m.id = if exec_id.is_empty() { cid } else { exec_id };
+            m.pid = pid;
+            m.exit_status = status;
+            m.exited_at = MessageField::some(at);
+            me.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(m)).await;
+        });
+    }
+
+    /// Kills an exec whose Start failed after the guest started it, and waits (within
+    /// the call's deadline) for the agent to collect it.
+    pub(super) async fn end_orphan_exec(&self, sb: &Sandbox, id: &str, exec_id: &str) {
+        const SIGKILL: u32 = libc::SIGKILL as u32;
+        if let Err(e) = sb.agent.signal_process(id, exec_id, SIGKILL, false).await {
+            tracing::warn!(container = %id, exec = %exec_id, "cannot kill a failed exec: {e}");
+            return;
+        }
+        let waited =
+            tokio::time::timeout(Duration::from_secs(10), sb.agent.wait_process(id, exec_id));
+        if !matches!(waited.await, Ok(Ok(_))) {
+            tracing::warn!(container = %id, exec = %exec_id, "a failed exec was not collected");
+        }
+    }
+
+    /// A container signalled before Start has no exit watcher yet, and a killed one
+    /// will never be started: watch it now, so Wait returns and TaskExit is sent (as
+    /// runc's shim does). A signal it survives leaves it running, and Start refused.
+    pub(super) async fn watch_unstarted(&self, sb: &Arc<Sandbox>, id: &str) {
+        let mut containers = self.inner.containers.lock().await;
+        let Some(c) = containers.get_mut(id) else {
+            return;
+        };
+        if c.init.started || c.init.exit.borrow().is_some() {
+            return;
+        }
+        c.init.started = true;
+        let watched = Watched {
+            cid: id.to_owned(),
+            exec_id: String::new(),
+            pid: c.init.pid,
+            exit: c.init.exit.clone(),
+            copies: c.init.copies.clone(),
+            timing: None,
+        };
+        drop(containers);
+        self.watch_exit(sb.clone(), watched);
+    }
+
+    pub(super) fn save_state(&self, cid: &str, c: &Container, sb: &Sandbox) {
+        let st = ContainerState {
+            container_id: cid.into(),
+            vm_id: sb.id.clone(),
+            vm_run_dir: sb.run_dir.clone(),
+            share: sb.share.clone(),
+            vm_pids: sb.pids.clone(),
+            mounts: c.mounts.clone(),
+            host_cgroup: sb.host_cgroup_dirs(),
+        };
+        if let Err(e) = st.save(&c.bundle) {
+            tracing::warn!("cannot save state in {}: {e}", c.bundle.display());
+        }
+    }
+
+    pub(super) async fn create_inner(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
+        if !req.checkpoint.is_empty() {
+            return Err(err(
+                ttrpc::Code::UNIMPLEMENTED,
+                "restoring from a checkpoint is not supported",
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let mut spec = read_spec(&bundle)?;
+        let t_call = std::time::Instant::now();
+        let pod_vm = pod::pod_vm(&spec).map_err(|e| {
+            let code = match e {
+                pod::PodSpecError::HostNetwork | pod::PodSpecError::Confidential(_) => {
+                    ttrpc::Code::FAILED_PRECONDITION
+                }
+                pod::PodSpecError::BadAnnotation { .. } => ttrpc::Code::INVALID_ARGUMENT,
+            };
+            err(code, e)
+        })?;
+        pod::adapt_spec(&mut spec);
+        let cri_name = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(pod::CONTAINER_NAME_ANNOTATION).cloned());
+        let booted_here = self.inner.sandbox.lock().await.is_none();
+        if booted_here {
+            let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
+            let mut pending = sandbox::pending_state(&self.inner.config, &vm_id, &pod_vm);
+            pending.container_id = req.id.clone();
+            if let Err(e) = pending.save(&bundle) {
+                tracing::warn!("cannot save state in {}: {e}", bundle.display());
+            }
+        }
+        let sb = self.sandbox(pod_vm).await?;
+        if let Some(why) = sb.lost() {
+            return Err(err(
+                ttrpc::Code::UNAVAILABLE,
+                format!("the pod VM is gone: {why}"),
+            ));
+        }
+        let t_sandbox = std::time::Instant::now();
+        let shm = pod::take_pod_shm(&mut spec);
+        let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
+            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        pod::restore_pod_shm(&mut spec, shm);
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let result = async {
+            let spec_json = serde_json::to_vec(&spec).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            let mut creq = pb::CreateContainerRequest::new();
+            creq.container_id = req.id.clone();
+            creq.oci_spec_json = spec_json;
+            creq.stdio = MessageField::some(stdio.streams());
+            creq.sandbox_id = self.inner.group.clone();
+            let pid = sb.agent.create_container(creq).await.map_err(agent_err)?;
+            // Streams attach before Start, so no early output waits anywhere.
+            let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
+                .await
+                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+            Ok::<_, ttrpc::Error>((pid, copies))
+        }
+        .await;
+        let (pid, copies) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = sb.agent.remove_container(&req.id).await;
+                mounts.cleanup();
+                return Err(e);
+            }
+        };
+        let mut init = Process::new(stdio, Vec::new());
+        init.pid = pid;
+        init.copies = Some(Arc::new(Mutex::new(copies)));
+        let mut rec = timings::Record {
+            kind: "container".into(),
+            container_id: req.id.clone(),
+            vm_id: sb.id.clone(),
+            container_create_ms: timings::ms(t_sandbox.elapsed()),
+            ..Default::default()
+        };
+        if booted_here {
+            let shim_start = crate::shimv2::SHIM_STARTED.get().copied().unwrap_or(t_call);
+            rec.shim_to_create_ms = timings::ms(t_call.saturating_duration_since(shim_start));
+            rec.vm_launch_ms = timings::ms(sb.boot.vm_launch);
+            rec.agent_ready_ms = timings::ms(sb.boot.agent_ready);
+            rec.sandbox_setup_ms = timings::ms(sb.boot.sandbox_setup);
+        }
+        let c = Container {
+            timing: Arc::new(std::sync::Mutex::new(rec)),
+            bundle,
+            mounts,
+            init,
+            execs: HashMap::new(),
+            paused: false,
+        };
+        self.save_state(&req.id, &c, &sb);
+        sb.stats.container_created(cri_name.as_deref());
+        self.inner.containers.lock().await.insert(req.id.clone(), c);
+        Ok(pid)
+    }
+}

@@ -1,0 +1,82 @@
+//! Small helpers of the task service: ttrpc errors, process lookup, timestamps, the
+//! bundle's spec.
+
+use std::collections::HashMap;
+
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+
+use super::{Container, Process};
+use crate::agent_client::AgentError;
+
+pub(super) fn err(code: ttrpc::Code, msg: impl ToString) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+pub(super) fn not_found(what: &str) -> ttrpc::Error {
+    err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
+}
+
+pub(super) fn agent_err(e: AgentError) -> ttrpc::Error {
+    let code = match &e {
+        AgentError::Rpc { code, .. } if code == "NOT_FOUND" => ttrpc::Code::NOT_FOUND,
+        AgentError::Rpc { code, .. } if code == "INVALID_ARGUMENT" => ttrpc::Code::INVALID_ARGUMENT,
+        AgentError::Rpc { code, .. } if code == "FAILED_PRECONDITION" => {
+            ttrpc::Code::FAILED_PRECONDITION
+        }
+        AgentError::CallTimeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+        AgentError::Disconnected { .. } => ttrpc::Code::UNAVAILABLE,
+        _ => ttrpc::Code::INTERNAL,
+    };
+    err(code, e)
+}
+
+/// Container `id` and its process `exec_id` ("" for the container's init).
+pub(super) fn lookup<'a>(
+    containers: &'a HashMap<String, Container>,
+    id: &str,
+    exec_id: &str,
+) -> Result<(&'a Container, &'a Process), ttrpc::Error> {
+    let c = containers
+        .get(id)
+        .ok_or_else(|| not_found(&format!("container {id}")))?;
+    let p = if exec_id.is_empty() {
+        Some(&c.init)
+    } else {
+        c.execs.get(exec_id)
+    };
+    let p = p.ok_or_else(|| not_found(&format!("exec {exec_id}")))?;
+    Ok((c, p))
+}
+
+pub(super) fn now() -> Timestamp {
+    ts_from_ns(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
+    )
+}
+
+pub(super) fn ts_from_ns(ns: i64) -> Timestamp {
+    let mut t = Timestamp::new();
+    t.seconds = ns.div_euclid(1_000_000_000);
+    t.nanos = ns.rem_euclid(1_000_000_000) as i32;
+    t
+}
+
+/// The OCI spec containerd wrote to the bundle, parsed strictly.
+pub(super) fn read_spec(bundle: &std::path::Path) -> Result<oci_spec::runtime::Spec, ttrpc::Error> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| {
+        err(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    serde_json::from_slice(&text).map_err(|e| {
+        err(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("malformed OCI spec {}: {e}", path.display()),
+        )
+    })
+}
