@@ -10,7 +10,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 
-use super::mounts;
 use super::persist::{is_vm_process, ContainerState};
 
 pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
@@ -32,7 +31,7 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        mounts::unmount_share(&st.share);
+        super::share::remove(&st.share);
         let _ = std::fs::remove_dir_all(&st.vm_run_dir);
         crate::hostcgroup::remove_dirs(&st.host_cgroup);
         ContainerState::remove(&bundle);

@@ -17,6 +17,7 @@ pub mod pod;
 pub mod podmetrics;
 mod sandbox;
 mod service;
+pub mod share;
 mod start;
 pub mod stdio;
 pub mod timings;

@@ -1,16 +1,19 @@
 //! What a container's filesystem looks like from the host: its rootfs (the
 //! snapshot containerd prepared) and the sources of its bind mounts, mounted
-//! under the pod's share directory, which virtiofsd exports to the guest.
-//! The OCI spec is rewritten to the guest's view of those paths. Read-only
-//! mounts are read-only on the host side too, so a hostile guest cannot write
-//! through virtio-fs what the spec made read-only.
+//! in the pod's host directory, whose read-only view virtiofsd exports to the
+//! guest (see `share`). The OCI spec is rewritten to the guest's view of those
+//! paths. Read-only mounts are read-only on the host side too, all the way down
+//! (nested mounts included), so a hostile guest cannot write through virtio-fs
+//! what the spec made read-only.
 
 use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::api::Mount as RootfsMount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use oci_spec::runtime::{Mount, Spec};
 use thiserror::Error;
+
+use super::share::Beneath;
 
 /// Where the guest agent mounts the pod's virtio-fs share.
 pub const GUEST_SHARE: &str = "/run/cocoon/shared";
@@ -28,8 +31,10 @@ pub enum MountError {
         source_path: PathBuf,
         target: PathBuf,
         #[source]
-        source: nix::Error,
+        source: std::io::Error,
     },
+    #[error("container id {0:?} cannot name a directory")]
+    BadId(String),
     #[error("cannot make the share directory {0} a shared mount")]
     Share(PathBuf, #[source] nix::Error),
     #[error("the OCI spec has no root")]
@@ -48,49 +53,21 @@ impl ContainerMounts {
     /// and removes the container's directory in the share.
     pub fn cleanup(&mut self) {
         while let Some(m) = self.mounted.pop() {
-            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
+            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
                     tracing::warn!("cannot unmount {}: {e}", m.display());
                 }
             }
         }
         if !self.dir.as_os_str().is_empty() {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            // Never a recursive delete into a mount that is still there.
+            if let Err(e) = super::share::remove_tree_same_fs(&self.dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!("cannot remove {}: {e}", self.dir.display());
                 }
             }
         }
     }
-}
-
-/// Makes `share` a mount point with shared propagation, so mounts made under
-/// it after virtiofsd started (in its own mount namespace, as a slave) still
-/// reach virtiofsd.
-pub fn make_share(share: &Path) -> Result<(), MountError> {
-    std::fs::create_dir_all(share).map_err(|e| MountError::Mkdir(share.into(), e))?;
-    mount(
-        Some(share),
-        share,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| MountError::Share(share.into(), e))?;
-    mount(
-        None::<&str>,
-        share,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(|e| MountError::Share(share.into(), e))?;
-    Ok(())
-}
-
-pub fn unmount_share(share: &Path) {
-    let _ = umount2(share, MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir_all(share);
 }
 
 fn is_bind(m: &Mount) -> bool {
@@ -106,8 +83,9 @@ fn has_opt(m: &Mount, opt: &str) -> bool {
         .is_some_and(|o| o.iter().any(|x| x == opt))
 }
 
-/// Mounts the container's rootfs and bind sources under `<share>/<id>/` and
-/// rewrites `spec` to the guest paths. On error, what was mounted is undone.
+/// Mounts the container's rootfs and bind sources under `<host dir>/<id>/` (the
+/// export of `share` shows them to the guest) and rewrites `spec` to the guest paths.
+/// On error, what was mounted is undone.
 pub fn prepare(
     share: &Path,
     id: &str,
@@ -115,11 +93,15 @@ pub fn prepare(
     rootfs: &[RootfsMount],
     spec: &mut Spec,
 ) -> Result<ContainerMounts, MountError> {
+    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        return Err(MountError::BadId(id.into()));
+    }
+    let host = super::share::host_dir(share);
     let mut done = ContainerMounts {
-        dir: share.join(id),
+        dir: host.join(id),
         mounted: Vec::new(),
     };
-    match prepare_inner(&mut done, id, bundle, rootfs, spec) {
+    match prepare_inner(&mut done, &host, id, bundle, rootfs, spec) {
         Ok(()) => Ok(done),
         Err(e) => {
             done.cleanup();
@@ -130,14 +112,21 @@ pub fn prepare(
 
 fn prepare_inner(
     done: &mut ContainerMounts,
+    host: &Path,
     id: &str,
     bundle: &Path,
     rootfs: &[RootfsMount],
     spec: &mut Spec,
 ) -> Result<(), MountError> {
-    let dir = done.dir.clone();
-    let target = dir.join("rootfs");
-    std::fs::create_dir_all(&target).map_err(|e| MountError::Mkdir(target.clone(), e))?;
+    let pod = Beneath::open(host).map_err(|e| MountError::Mkdir(host.into(), e))?;
+    let rel = |p: &str| PathBuf::from(id).join(p);
+    let mkdir = |r: &Path| {
+        pod.mkdir_all(r)
+            .map_err(|e| MountError::Mkdir(pod.path_of(r), e))
+    };
+    let root_rel = rel("rootfs");
+    mkdir(&root_rel)?;
+    let target = pod.path_of(&root_rel);
     let readonly = spec
         .root()
         .as_ref()
@@ -151,20 +140,25 @@ fn prepare_inner(
         } else {
             bundle.join(root.path())
         };
-        bind(&src, &target, true, readonly)?;
+        bind(&pod, &src, &root_rel, true, readonly)?;
     } else {
+        // containerd's own mount code takes a path: the host directory is private
+        // to the host, so no guest can have changed what it leads to.
         for m in rootfs {
             let fstype = Some(m.type_.as_str()).filter(|s| !s.is_empty());
             let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
-            containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target).map_err(
+            // Read-only from the start: a flag set later would not reach the copies
+            // that propagation makes (the export's, virtiofsd's).
+            let mut options = m.options.clone();
+            if readonly {
+                options.push("ro".into());
+            }
+            containerd_shim::mount::mount_rootfs(fstype, source, &options, &target).map_err(
                 |e| MountError::Rootfs {
                     target: target.clone(),
                     detail: e.to_string(),
                 },
             )?;
-        }
-        if readonly {
-            remount_ro(&target)?;
         }
     }
     done.mounted.push(target);
@@ -184,16 +178,16 @@ fn prepare_inner(
         if !src.exists() {
             return Err(MountError::MissingSource(src));
         }
-        let target = dir.join("mounts").join(i.to_string());
-        let parent = target.parent().expect("has a parent");
-        std::fs::create_dir_all(parent).map_err(|e| MountError::Mkdir(parent.into(), e))?;
+        let r = rel("mounts").join(i.to_string());
+        mkdir(&rel("mounts"))?;
         if src.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| MountError::Mkdir(target.clone(), e))?;
+            mkdir(&r)?;
         } else {
-            std::fs::write(&target, b"").map_err(|e| MountError::Mkdir(target.clone(), e))?;
+            pod.create_file(&r)
+                .map_err(|e| MountError::Mkdir(pod.path_of(&r), e))?;
         }
-        bind(&src, &target, has_opt(m, "rbind"), has_opt(m, "ro"))?;
-        done.mounted.push(target);
+        bind(&pod, &src, &r, has_opt(m, "rbind"), has_opt(m, "ro"))?;
+        done.mounted.push(pod.path_of(&r));
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{i}"))));
         m.set_typ(Some("bind".into()));
     }
@@ -207,33 +201,19 @@ fn prepare_inner(
     Ok(())
 }
 
-fn bind(src: &Path, target: &Path, recursive: bool, readonly: bool) -> Result<(), MountError> {
-    let mut flags = MsFlags::MS_BIND;
-    if recursive {
-        flags |= MsFlags::MS_REC;
-    }
-    mount(Some(src), target, None::<&str>, flags, None::<&str>).map_err(|source| {
-        MountError::Bind {
+fn bind(
+    pod: &Beneath,
+    src: &Path,
+    rel: &Path,
+    recursive: bool,
+    readonly: bool,
+) -> Result<(), MountError> {
+    pod.bind(src, rel, recursive, readonly)
+        .map_err(|source| MountError::Bind {
             source_path: src.into(),
-            target: target.into(),
+            target: pod.path_of(rel),
             source,
-        }
-    })?;
-    if readonly {
-        remount_ro(target)?;
-    }
-    Ok(())
-}
-
-fn remount_ro(target: &Path) -> Result<(), MountError> {
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|source| {
-        MountError::Bind {
-            source_path: target.into(),
-            target: target.into(),
-            source,
-        }
-    })
+        })
 }
 
 #[cfg(test)]
@@ -265,6 +245,7 @@ mod tests {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("f"), "hello").unwrap();
         let share = t.path().join("share");
+        crate::shimv2::share::create(&share).unwrap();
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]},
@@ -297,9 +278,14 @@ mod tests {
         assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "changed");
         assert!(spec.hooks().is_none());
         assert!(spec.linux().as_ref().unwrap().cgroups_path().is_none());
+        // The guest's view takes no new names in the container's directory.
+        let planted = std::os::unix::fs::symlink("/", share.join("c1/mounts/evil")).unwrap_err();
+        assert_eq!(planted.raw_os_error(), Some(libc::EROFS));
         m.cleanup();
         assert!(!share.join("c1").exists());
         assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "changed");
+        crate::shimv2::share::remove(&share);
+        assert!(!share.exists());
     }
 
     #[test]
@@ -312,6 +298,7 @@ mod tests {
         let bundle = t.path().join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
         let share = t.path().join("share");
+        crate::shimv2::share::create(&share).unwrap();
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/x", "type": "bind", "source": "/nonexistent/src", "options": ["rbind"]}
         ]));
@@ -321,5 +308,6 @@ mod tests {
             !share.join("c2").exists(),
             "a failed prepare leaves nothing"
         );
+        crate::shimv2::share::remove(&share);
     }
 }

@@ -10,7 +10,7 @@ use cocoon_protocol::agent::CreateSandboxRequest;
 use thiserror::Error;
 use tokio::sync::Mutex;
 
-use super::mounts::{self, MountError};
+use super::mounts::MountError;
 use super::persist::ContainerState;
 use super::pod::PodVm;
 use crate::agent_client::{AgentClient, AgentError};
@@ -106,8 +106,8 @@ impl Sandbox {
         let host_cgroup = pod_vm.host_cgroup;
         let share = config.paths.run_dir.join("shares").join(vm_id);
         // A share left by a crashed shim must not be exported twice.
-        mounts::unmount_share(&share);
-        mounts::make_share(&share)?;
+        super::share::remove(&share);
+        super::share::create(&share)?;
         // Undone on every way out but success, a dropped (abandoned) boot included.
         let mut share_guard = ShareGuard(Some(share.clone()));
         let net = match netns {
@@ -315,7 +315,7 @@ impl Sandbox {
             f.abort();
         }
         vm.stop(Duration::from_secs(5)).await;
-        mounts::unmount_share(&self.share);
+        super::share::remove(&self.share);
         let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());
         if let Some(mut cg) = cg {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
@@ -416,7 +416,7 @@ struct ShareGuard(Option<PathBuf>);
 impl Drop for ShareGuard {
     fn drop(&mut self) {
         if let Some(share) = self.0.take() {
-            mounts::unmount_share(&share);
+            super::share::remove(&share);
         }
     }
 }

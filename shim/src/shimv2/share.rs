@@ -1,0 +1,504 @@
+//! The pod share: what virtiofsd exports to the guest, laid out so that the host never
+//! works on a path the guest could have touched.
+//!
+//! Two directories per pod, both 0700:
+//! - `<run>/shares/<vm>.host`, host-private. The shim creates every mount point and
+//!   mounts every container rootfs and volume here. virtiofsd never exports it.
+//! - `<run>/shares/<vm>`, what virtiofsd exports: a recursive bind of the host
+//!   directory whose own mount is read-only. The guest sees the structure but cannot
+//!   create, rename, remove or plant a symlink in it; only the mounts inside that were
+//!   made writable (a container's rootfs, an rw volume) take writes, each through its
+//!   own bind. The two are shared-propagation peers, so a mount made under the host
+//!   directory appears in the export, and in virtiofsd's namespace (a slave of it).
+//!
+//! This is the remedy Kata Containers adopted for CVE-2020-2026 (a guest swapping a
+//! share path for a symlink while the host mounted on it). On top, mount points are
+//! created and mounted on through file descriptors resolved beneath the host directory
+//! without following any link (`openat2`), and removal never crosses into a mount, so
+//! a mount that did not go away cannot lose its data to a recursive delete.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+
+use super::mounts::MountError;
+
+/// The host-private directory behind the exported `share`.
+pub fn host_dir(share: &Path) -> PathBuf {
+    let mut name = share.file_name().unwrap_or_default().to_os_string();
+    name.push(".host");
+    share.with_file_name(name)
+}
+
+fn mkdir_0700(dir: &Path) -> Result<(), MountError> {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => Ok(()),
+        Err(e) => Err(MountError::Mkdir(dir.into(), e)),
+    }
+}
+
+/// Creates the host directory and its read-only export at `share`.
+pub fn create(share: &Path) -> Result<(), MountError> {
+    let host = host_dir(share);
+    mkdir_0700(&host)?;
+    mkdir_0700(share)?;
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| MountError::Share(path, e)
+    };
+    // The host directory becomes a mount of its own, with shared propagation ...
+    mount(
+        Some(&host),
+        &host,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(fail(&host))?;
+    mount(
+        None::<&str>,
+        &host,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(fail(&host))?;
+    // ... and the export its peer, read-only at its own level only: the mounts that
+    // arrive in it keep their own flags.
+    mount(
+        Some(&host),
+        share,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(fail(share))?;
+    mount(
+        None::<&str>,
+        share,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(fail(share))?;
+    Ok(())
+}
+
+/// Detaches the export and the host directory with everything mounted in them, then
+/// removes both (never crossing into a mount that is still there).
+pub fn remove(share: &Path) {
+    let host = host_dir(share);
+    for dir in [share, host.as_path()] {
+        let _ = umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+        if let Err(e) = remove_tree_same_fs(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// The id of the mount `path` is on (not following a last link). A bind mount of a
+/// directory of the same filesystem has the same device number, so only this tells it.
+fn mount_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: zeroed statx is a valid value for the kernel to fill.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statx buffer that outlive the call.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(std::io::Error::other(
+            "the kernel gives no mount id (Linux < 5.8)",
+        ));
+    }
+    Ok(stx.stx_mnt_id)
+}
+
+/// Removes `dir` and what is under it on `dir`'s own mount, without following links
+/// or descending into another mount: what is mounted below stays, and so does `dir`
+/// (the removal then fails with the reason). For the share's mount points, which must
+/// never be the way to a recursive delete of a volume's data.
+pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return std::fs::remove_file(dir);
+    }
+    let mnt = mount_id(dir)?;
+    let mut busy = None;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let m = std::fs::symlink_metadata(&path)?;
+        if mount_id(&path)? != mnt {
+            busy = Some(path);
+            continue;
+        }
+        if m.is_dir() {
+            if let Err(e) = remove_tree_same_fs(&path) {
+                busy.get_or_insert(path);
+                tracing::debug!("kept: {e}");
+            }
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    if let Some(p) = busy {
+        return Err(std::io::Error::other(format!(
+            "{} is still mounted; it and its parents are kept",
+            p.display()
+        )));
+    }
+    std::fs::remove_dir(dir)
+}
+
+/// A directory the host trusts (a pod's host directory), and paths beneath it opened
+/// without following any link and without leaving it.
+pub struct Beneath {
+    root: OwnedFd,
+    path: PathBuf,
+}
+
+fn how(flags: OFlag) -> OpenHow {
+    OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS)
+}
+
+/// `rel` as a relative path of plain names (no `..`, no root), or an error naming it.
+fn plain(rel: &Path) -> std::io::Result<&Path> {
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a plain relative path", rel.display()),
+        ));
+    }
+    Ok(rel)
+}
+
+impl Beneath {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let root = nix::fcntl::open(
+            path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self {
+            root,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The host path of `rel` (for messages and for what is recorded).
+    pub fn path_of(&self, rel: &Path) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    fn open_at(&self, rel: &Path, flags: OFlag) -> std::io::Result<OwnedFd> {
+        Ok(openat2(&self.root, plain(rel)?, how(flags))?)
+    }
+
+    /// The parent directory of `rel` (opened beneath) and `rel`'s last name.
+    fn parent_of<'a>(&self, rel: &'a Path) -> std::io::Result<(OwnedFd, &'a OsStr)> {
+        let rel = plain(rel)?;
+        let name = rel.file_name().expect("a plain path has a last name");
+        let parent = match rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) => self.open_at(p, OFlag::O_PATH | OFlag::O_DIRECTORY)?,
+            None => self.root.try_clone()?,
+        };
+        Ok((parent, name))
+    }
+
+    /// Creates directory `rel` (0700) and its missing parents, beneath the root.
+    pub fn mkdir_all(&self, rel: &Path) -> std::io::Result<()> {
+        let rel = plain(rel)?;
+        let mut sofar = PathBuf::new();
+        for c in rel.components() {
+            sofar.push(c);
+            let (parent, name) = self.parent_of(&sofar)?;
+            match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(nix::Error::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // What exists must be a directory reached without links.
+        self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)
+            .map(drop)
+    }
+
+    /// Creates an empty regular file `rel` (0600), failing if anything is there.
+    pub fn create_file(&self, rel: &Path) -> std::io::Result<()> {
+        let (parent, name) = self.parent_of(rel)?;
+        let fd = nix::fcntl::openat(
+            &parent,
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        drop(fd);
+        Ok(())
+    }
+
+    /// Bind-mounts `src` (a host path from the trusted spec) on `rel`, with what is
+    /// mounted below it when `recursive`, read-only all the way down when `readonly`.
+    ///
+    /// With the new mount API: the tree is cloned detached (`open_tree`), made
+    /// read-only there (`mount_setattr`, recursively), then attached through an fd of
+    /// the mount point (`move_mount`). So it is read-only before any copy of it exists:
+    /// the export and virtiofsd's namespace get their copies by propagation when it is
+    /// attached, and a read-only flag set afterwards would not reach those copies.
+    pub fn bind(
+        &self,
+        src: &Path,
+        rel: &Path,
+        recursive: bool,
+        readonly: bool,
+    ) -> std::io::Result<()> {
+        let target = self.open_at(rel, OFlag::O_PATH)?;
+        let tree = open_tree(src, recursive)?;
+        if readonly {
+            set_readonly(&tree, recursive)?;
+        }
+        move_mount(&tree, &target)
+    }
+}
+
+/// From `<linux/mount.h>` (not all in the libc crate).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+fn cpath(p: &Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// A detached clone of the mount (tree) at `src`.
+fn open_tree(src: &Path, recursive: bool) -> std::io::Result<OwnedFd> {
+    let c = cpath(src)?;
+    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
+    // SAFETY: a valid C string that outlives the call; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Sets MOUNT_ATTR_RDONLY on the mount at `fd`, and below it when `recursive`.
+fn set_readonly(fd: &OwnedFd, recursive: bool) -> std::io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: mount_setattr reads `attr` (of the size passed) and the empty path; both
+    // outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches the detached mount `tree` on the mount point `target`.
+fn move_mount(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: two fds we hold and empty C strings, all outliving the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root_or_skip(what: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        cocoon_nested::testing::missing(what, "mounting needs root");
+        false
+    }
+
+    #[test]
+    fn the_export_is_read_only_and_follows_the_host_directory() {
+        if !root_or_skip("share") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let share = t.path().join("pod-x");
+        create(&share).unwrap();
+        let host = host_dir(&share);
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&share, &host] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        // The guest's view takes no new names ...
+        let planted = std::os::unix::fs::symlink("/etc", share.join("evil")).unwrap_err();
+        assert_eq!(planted.raw_os_error(), Some(libc::EROFS));
+        assert_eq!(
+            std::fs::create_dir(share.join("d"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EROFS)
+        );
+        // ... but sees what the host makes, and a writable mount made there is writable.
+        let b = Beneath::open(&host).unwrap();
+        b.mkdir_all(Path::new("c1/mounts/0")).unwrap();
+        let vol = t.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        b.bind(&vol, Path::new("c1/mounts/0"), false, false)
+            .unwrap();
+        std::fs::write(share.join("c1/mounts/0/f"), "through the export").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(vol.join("f")).unwrap(),
+            "through the export"
+        );
+        remove(&share);
+        assert!(!share.exists() && !host.exists());
+        // The volume's data outlives the pod.
+        assert!(vol.join("f").exists());
+    }
+
+    #[test]
+    fn nothing_beneath_follows_a_link_or_leaves_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let b = Beneath::open(&root).unwrap();
+        assert!(b.mkdir_all(Path::new("link/x")).is_err());
+        assert!(b.create_file(Path::new("link/f")).is_err());
+        assert!(b.mkdir_all(Path::new("../escape")).is_err());
+        assert!(b.mkdir_all(Path::new("/abs")).is_err());
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        b.mkdir_all(Path::new("a/b")).unwrap();
+        b.create_file(Path::new("a/b/f")).unwrap();
+        assert!(b.create_file(Path::new("a/b/f")).is_err(), "not twice");
+        assert!(root.join("a/b/f").is_file());
+    }
+
+    #[test]
+    fn removal_never_crosses_into_a_mount() {
+        if !root_or_skip("share") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("c1");
+        std::fs::create_dir_all(dir.join("mounts/0")).unwrap();
+        std::fs::write(dir.join("plain"), "").unwrap();
+        let vol = t.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::write(vol.join("data"), "precious").unwrap();
+        mount(
+            Some(&vol),
+            &dir.join("mounts/0"),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert!(remove_tree_same_fs(&dir).is_err());
+        assert_eq!(
+            std::fs::read_to_string(vol.join("data")).unwrap(),
+            "precious"
+        );
+        umount2(&dir.join("mounts/0"), MntFlags::MNT_DETACH).unwrap();
+        remove_tree_same_fs(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn read_only_reaches_nested_mounts() {
+        if !root_or_skip("share") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("nested")).unwrap();
+        mount(
+            Some("tmpfs"),
+            &src.join("nested"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        // In a pod's host directory, so the export's copy is checked too.
+        let share = t.path().join("pod-ro");
+        create(&share).unwrap();
+        let b = Beneath::open(&host_dir(&share)).unwrap();
+        b.mkdir_all(Path::new("v")).unwrap();
+        b.bind(&src, Path::new("v"), true, true).unwrap();
+        for dir in [host_dir(&share), share.clone()] {
+            for p in ["v/top", "v/nested/deep"] {
+                let e = std::fs::write(dir.join(p), "x").unwrap_err();
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::EROFS),
+                    "{}",
+                    dir.join(p).display()
+                );
+            }
+        }
+        // The source stays writable.
+        std::fs::write(src.join("nested/ok"), "x").unwrap();
+        remove(&share);
+        umount2(&src.join("nested"), MntFlags::MNT_DETACH).unwrap();
+    }
+}
