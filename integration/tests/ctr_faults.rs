@@ -121,6 +121,16 @@ fn failed_create_fails_cleanly() {
 /// leaves nothing.
 #[test]
 fn virtiofsd_killed_then_delete_force_cleans_up() {
+    host_process_killed_then_delete_force_cleans_up("virtiofsd", "virtiofsd");
+}
+
+/// The same for the vsock backend: the agent's connection goes with it.
+#[test]
+fn vsock_backend_killed_then_delete_force_cleans_up() {
+    host_process_killed_then_delete_force_cleans_up("cocoon-vmm vhost-user-vsock", "cocoon-vmm");
+}
+
+fn host_process_killed_then_delete_force_cleans_up(pattern: &str, named: &str) {
     let env = env();
     ctr_ok(
         &env,
@@ -139,9 +149,9 @@ fn virtiofsd_killed_then_delete_force_cleans_up() {
     assert_eq!(task_status(&env, "fsvictim"), "RUNNING");
     let fsd = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
         .into_iter()
-        .filter(|(_, cmd)| cmd.contains("virtiofsd"))
+        .filter(|(_, cmd)| cmd.contains(pattern))
         .collect::<Vec<_>>();
-    assert!(!fsd.is_empty(), "no virtiofsd for the pod");
+    assert!(!fsd.is_empty(), "no {pattern} for the pod");
     for (pid, _) in &fsd {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(*pid as i32),
@@ -154,8 +164,8 @@ fn virtiofsd_killed_then_delete_force_cleans_up() {
         .ctr(&["task", "exec", "--exec-id", "late", "fsvictim", "true"]);
     let err = String::from_utf8_lossy(&exec.stderr);
     assert!(
-        !exec.status.success() && err.contains("pod VM is gone") && err.contains("virtiofsd"),
-        "an exec into a pod whose virtiofsd died must say so: {}",
+        !exec.status.success() && err.contains("pod VM is gone") && err.contains(named),
+        "an exec into a pod whose {pattern} died must say so: {}",
         show(&exec)
     );
     let (tx, rx) = std::sync::mpsc::channel();
