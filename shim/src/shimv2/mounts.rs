@@ -2,9 +2,9 @@
 //! snapshot containerd prepared) and the sources of its bind mounts, mounted
 //! in the pod's host directory, whose read-only view virtiofsd exports to the
 //! guest (see `share`). The OCI spec is rewritten to the guest's view of those
-//! paths. Read-only mounts are read-only on the host side too, all the way down
+//! paths. Read-only volumes are read-only on the host side too, all the way down
 //! (nested mounts included), so a hostile guest cannot write through virtio-fs
-//! what the spec made read-only.
+//! host data the spec made read-only.
 
 use std::path::{Path, PathBuf};
 
@@ -127,11 +127,11 @@ fn prepare_inner(
     let root_rel = rel("rootfs");
     mkdir(&root_rel)?;
     let target = pod.path_of(&root_rel);
-    let readonly = spec
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(false);
+    // A read-only root is the container's own property, enforced in the guest as runc
+    // enforces it: the agent first makes the spec's mount points in it (resolv.conf,
+    // hosts), then remounts it read-only in the container. The rootfs is the
+    // container's own snapshot (its writes reach only its upper layer), so the host
+    // leaves it writable; what the host keeps read-only is host data, the volumes.
     if rootfs.is_empty() {
         // No snapshot mounts: the bundle's rootfs directory is the rootfs.
         let root = spec.root().as_ref().ok_or(MountError::NoRoot)?;
@@ -140,20 +140,14 @@ fn prepare_inner(
         } else {
             bundle.join(root.path())
         };
-        bind(&pod, &src, &root_rel, true, readonly)?;
+        bind(&pod, &src, &root_rel, true, false)?;
     } else {
         // containerd's own mount code takes a path: the host directory is private
         // to the host, so no guest can have changed what it leads to.
         for m in rootfs {
             let fstype = Some(m.type_.as_str()).filter(|s| !s.is_empty());
             let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
-            // Read-only from the start: a flag set later would not reach the copies
-            // that propagation makes (the export's, virtiofsd's).
-            let mut options = m.options.clone();
-            if readonly {
-                options.push("ro".into());
-            }
-            containerd_shim::mount::mount_rootfs(fstype, source, &options, &target).map_err(
+            containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target).map_err(
                 |e| MountError::Rootfs {
                     target: target.clone(),
                     detail: e.to_string(),
