@@ -1,0 +1,159 @@
+//! The pod share against a hostile guest: root in the guest (the debug console plays
+//! the attacker, outside every container) tries to plant links and names in the share
+//! and to write through read-only volumes, including a mount nested in one. Nothing
+//! may reach the host beyond the rw volume, and the pod must still go away cleanly,
+//! leaving the volumes' data.
+
+mod ctr_common;
+
+use std::path::Path;
+use std::process::Command;
+
+use cocoon_integration::image::IMAGE_REF;
+use ctr_common::*;
+
+const ATTACK: &str = r#"
+S=/run/cocoon/shared/victim
+for d in $S/mounts/*; do
+  [ -f $d/marker-ro ] && RO=$d
+  [ -f $d/marker-rw ] && RW=$d
+done
+[ -n "$RO" ] && [ -n "$RW" ] || { echo "volumes not found"; exit 1; }
+try() { if "$@" 2>/dev/null; then echo "ALLOWED: $*"; else echo "refused: $*"; fi; }
+try ln -s / /run/cocoon/shared/planted
+try ln -s /etc $S/mounts/evil
+try mkdir $S/newdir
+try mv $S/mounts $S/mounts-moved
+try touch $S/rootfs-sibling
+try touch $RO/x
+try touch $RO/nested/x
+try rm $RO/marker-ro
+try touch $RW/written-by-guest
+"#;
+
+#[test]
+fn a_hostile_guest_cannot_reach_past_its_share() {
+    let env = env_with("", "[debug]\nconsole = true\n");
+    let t = tempfile::tempdir().unwrap();
+    let (rw, ro) = (t.path().join("rw"), t.path().join("ro"));
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(ro.join("nested")).unwrap();
+    std::fs::write(rw.join("marker-rw"), "").unwrap();
+    std::fs::write(ro.join("marker-ro"), "").unwrap();
+    // A mount inside the read-only volume: read-only must reach it too.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &ro.join("nested"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _nested = Unmount(&ro.join("nested"));
+    std::fs::write(ro.join("nested/marker-nested"), "").unwrap();
+
+    let rw_mount = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    ctr_ok(
+        &env,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            COCOON,
+            "--mount",
+            &rw_mount,
+            "--mount",
+            &ro_mount,
+            IMAGE_REF,
+            "victim",
+            "sleep",
+            "1000",
+        ],
+    );
+    // The script goes to the guest's shell on its stdin.
+    let mut debug = Command::new(cocoon_integration::workspace_root().join("target/debug/cocoon"))
+        .args(["debug", "victim", "--namespace", "default", "--", "sh"])
+        .env("COCOON_CONFIG", &env.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(debug.stdin.as_mut().unwrap(), ATTACK.as_bytes()).unwrap();
+    let o = debug.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let allowed: Vec<&str> = out.lines().filter(|l| l.starts_with("ALLOWED")).collect();
+    assert_eq!(
+        allowed.len(),
+        1,
+        "only the rw volume takes writes:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(allowed[0].contains("written-by-guest"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("refused")).count(),
+        8,
+        "{out}"
+    );
+
+    // On the host: the rw volume got its file, nothing else moved.
+    assert!(rw.join("written-by-guest").exists());
+    assert!(ro.join("marker-ro").exists());
+    assert!(!ro.join("x").exists() && !ro.join("nested/x").exists());
+    let planted = cocoon_integration::processes_mentioning("planted");
+    assert!(planted.is_empty(), "{planted:?}");
+    for entry in walk(&env.run_dir) {
+        let name = entry.file_name().unwrap_or_default().to_string_lossy();
+        assert!(
+            ![
+                "planted",
+                "evil",
+                "newdir",
+                "mounts-moved",
+                "rootfs-sibling"
+            ]
+            .contains(&name.as_ref()),
+            "the guest made {} on the host",
+            entry.display()
+        );
+    }
+
+    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "victim"]);
+    wait_status(&env, "victim", "STOPPED");
+    ctr_ok(&env, &["task", "delete", "victim"]);
+    ctr_ok(&env, &["container", "delete", "victim"]);
+    assert_clean(&env);
+    // The pod's removal left the volumes' data alone.
+    for f in [
+        rw.join("marker-rw"),
+        rw.join("written-by-guest"),
+        ro.join("marker-ro"),
+        ro.join("nested/marker-nested"),
+    ] {
+        assert!(f.exists(), "{} is gone", f.display());
+    }
+}
+
+/// Every path under `dir`, not following links (nor into the volumes' mounts: they
+/// are checked on their own).
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        out.push(p.clone());
+        if e.file_type().is_ok_and(|t| t.is_dir()) && !p.ends_with("rootfs") {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
