@@ -99,6 +99,10 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// Extra arguments appended verbatim (for debugging).
     pub extra_args: Vec<String>,
+    /// Confine QEMU: its own seccomp filter (`-sandbox on` with every deny group),
+    /// no capabilities (bounding set emptied), no_new_privs. A QEMU without seccomp
+    /// support then fails to start, with its reason in the pod's error.
+    pub confine: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +153,7 @@ impl Default for QemuConfig {
             machine: Machine::Microvm,
             accel: Accel::Auto,
             extra_args: Vec::new(),
+            confine: true,
         }
     }
 }

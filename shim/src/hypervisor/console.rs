@@ -1,17 +1,18 @@
-//! The guest's serial console, bounded: a rotating copy of a VMM's console pipe. Not in
-//! use yet: with the console through a pipe, nested cocoon-vmm runs hung, and one QEMU
-//! boot under CI load did not come up (docs/notes.md); cocoon-vmm bounds its own
-//! `--serial-out` file instead, QEMU writes a plain file. The design: the VMM writes
-//! the console to a pipe and the shim copies it to `console.log`, rotated at
-//! `CONSOLE_LIMIT`: the current file and one older
-//! (`console.log.1`), never more than twice the limit in all. A guest that writes faster
-//! than this copies is slowed down by the pipe, not buffered in the host.
+//! The guest's serial console, bounded: a rotating copy of QEMU's console pipe
+//! (cocoon-vmm bounds its own `--serial-out` file). QEMU writes the console to its
+//! stdout, a pipe; the shim copies it to `console.log`, rotated at `CONSOLE_LIMIT`: the
+//! current file and one older (`console.log.1`), never more than twice the limit in
+//! all. A guest that writes faster than this copies is slowed down by the pipe, not
+//! buffered in the host.
+//!
+//! The copy runs on a thread of its own, blocking on the pipe. As a task on the shim's
+//! async runtime it could wait behind other work, and a guest's console write waits on
+//! a full pipe: that is the likeliest cause of the boot hangs seen when the pipe was
+//! first tried (docs/notes.md).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-use tokio::io::AsyncReadExt;
 
 /// The most one console file holds before it is rotated.
 pub const CONSOLE_LIMIT: u64 = 2 * 1024 * 1024;
@@ -61,30 +62,59 @@ impl RotatingFile {
     }
 }
 
-/// Copies the VMM's console pipe into `path` until the VMM closes it.
-#[allow(dead_code)]
-pub fn spawn_copier(mut pipe: tokio::process::ChildStdout, path: PathBuf) {
-    tokio::spawn(async move {
-        let mut out = match RotatingFile::create(&path, CONSOLE_LIMIT) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("cannot write the console to {}: {e}", path.display());
-                return;
-            }
-        };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match pipe.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if let Err(e) = out.write(&buf[..n]) {
-                        tracing::warn!("console {}: {e}", path.display());
-                        return;
-                    }
+/// Copies the VMM's console pipe into `path` until the VMM closes it, on a thread.
+pub fn spawn_copier(pipe: tokio::process::ChildStdout, path: PathBuf) {
+    let fd = match pipe.into_owned_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("no console copy to {}: {e}", path.display());
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("console-copy".into())
+        .spawn(move || copy_blocking(fd, &path));
+    if let Err(e) = spawned {
+        tracing::warn!("no console copy thread: {e}");
+    }
+}
+
+fn copy_blocking(fd: std::os::fd::OwnedFd, path: &Path) {
+    use std::io::Read;
+    let mut pipe = File::from(fd);
+    // tokio left the pipe non-blocking; this thread blocks on it.
+    if let Err(e) = set_blocking(&pipe) {
+        tracing::warn!("console pipe: {e}");
+        return;
+    }
+    let mut out = match RotatingFile::create(path, CONSOLE_LIMIT) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!("cannot write the console to {}: {e}", path.display());
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if let Err(e) = out.write(&buf[..n]) {
+                    tracing::warn!("console {}: {e}", path.display());
+                    return;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
-    });
+    }
+}
+
+fn set_blocking(f: &File) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(f, FcntlArg::F_GETFL)?);
+    fcntl(f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
 }
 
 #[cfg(test)]

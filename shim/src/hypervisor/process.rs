@@ -35,6 +35,42 @@ pub(crate) fn configure(cmd: &mut Command, log: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes `cmd` start with no capabilities it could ever regain: its bounding and
+/// ambient sets emptied and no_new_privs set, before exec. As root, exec then grants
+/// nothing (root's file capabilities are masked by the empty bounding set). The
+/// parent-death signal set by `configure` survives: losing capabilities is no
+/// credential change that clears it.
+pub(crate) fn drop_capabilities(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    // Past the last capability this kernel knows.
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        break;
+                    }
+                    return Err(e);
+                }
+            }
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Finds an executable: `configured` if set, else next to the current
 /// executable, else on `$PATH`.
 pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorError> {

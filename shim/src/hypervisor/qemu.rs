@@ -24,7 +24,12 @@ pub struct Qemu {
     machine: Machine,
     accel: Accel,
     extra_args: Vec<String>,
+    confine: bool,
 }
+
+/// QEMU's own seccomp filter with every group of syscalls it can deny: obsolete ones,
+/// privilege changes, fork/exec, and scheduling/resource controls.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Paths inside one VM's run directory.
 struct RunPaths {
@@ -62,6 +67,7 @@ impl Qemu {
             machine: config.qemu.machine,
             accel,
             extra_args: config.qemu.extra_args.clone(),
+            confine: config.qemu.confine,
         })
     }
 
@@ -144,9 +150,12 @@ impl Qemu {
             &spec.initrd.to_string_lossy(),
         ]);
         push(&["-append", &self.kernel_cmdline(spec)]);
-        // A file, for now: the bounded pipe (`console`) is suspected in rare boot hangs
-        // under load (docs/notes.md); QEMU's console is unbounded until that is settled.
-        push(&["-serial", &format!("file:{}", paths.console_log.display())]);
+        // QEMU's stdout, a pipe the shim copies into a rotated console.log on a thread
+        // of its own (`console`): a guest must not fill the host's disk.
+        push(&["-serial", "stdio"]);
+        if self.confine {
+            push(&["-sandbox", SANDBOX]);
+        }
         push(&[
             "-chardev",
             &format!("socket,id=vsock0,path={}", paths.vhost_socket.display()),
@@ -230,11 +239,18 @@ impl super::Hypervisor for Qemu {
         if let Some(net) = &spec.net {
             net.inherit(&mut qemu);
         }
-
-        vm.procs.vmm = Some(qemu.spawn().map_err(|source| HypervisorError::Spawn {
+        if self.confine {
+            super::process::drop_capabilities(&mut qemu);
+        }
+        qemu.stdout(std::process::Stdio::piped());
+        let mut child = qemu.spawn().map_err(|source| HypervisorError::Spawn {
             what: "QEMU",
             source,
-        })?);
+        })?;
+        if let Some(out) = child.stdout.take() {
+            super::console::spawn_copier(out, paths.console_log.clone());
+        }
+        vm.procs.vmm = Some(child);
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
         Ok(vm)
@@ -252,6 +268,7 @@ mod tests {
             machine,
             accel,
             extra_args: vec![],
+            confine: true,
         }
     }
 
@@ -307,10 +324,8 @@ mod tests {
         );
         assert_eq!(value_after(&a, "-smp"), ["2"]);
         assert_eq!(value_after(&a, "-cpu"), ["max"]);
-        assert_eq!(
-            value_after(&a, "-serial"),
-            ["file:/run/cocoon/t1/console.log"]
-        );
+        assert_eq!(value_after(&a, "-serial"), ["stdio"]);
+        assert_eq!(value_after(&a, "-sandbox"), [SANDBOX]);
         assert_eq!(
             value_after(&a, "-device"),
             ["vhost-user-vsock-device,chardev=vsock0"]
