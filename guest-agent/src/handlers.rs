@@ -106,7 +106,7 @@ pub struct AgentState {
     /// Guest boot time when the server started listening (set once).
     pub server_ready_boottime_ns: std::sync::atomic::AtomicI64,
     /// OOM kills in the guest, for the GetOomEvent long poll.
-    pub oom_events: tokio::sync::broadcast::Sender<String>,
+    pub oom_events: crate::oomqueue::OomQueue,
     /// Whether the agent is the guest's PID 1 (not the dev mode).
     pub is_init: bool,
     pub containers: Arc<Containers>,
@@ -156,7 +156,7 @@ impl AgentService {
         if let Ok(c) = self.containers().get(container_id) {
             if c.new_oom_kill() {
                 tracing::info!(container = %container_id, "OOM kill");
-                let _ = self.state.oom_events.send(container_id.to_string());
+                self.state.oom_events.push(container_id.to_string());
             }
         }
     }
@@ -467,18 +467,9 @@ impl Agent for AgentService {
     async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<OomEvent> {
         // Long poll: answers when a container is OOM-killed. The caller's
         // deadline bounds the wait.
-        let mut rx = self.state.oom_events.subscribe();
-        match rx.recv().await {
-            Ok(container_id) => {
-                let mut ev = OomEvent::new();
-                ev.container_id = container_id;
-                Ok(ev)
-            }
-            Err(e) => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-                ttrpc::Code::UNAVAILABLE,
-                format!("OOM event stream ended: {e}"),
-            ))),
-        }
+        let mut ev = OomEvent::new();
+        ev.container_id = self.state.oom_events.pop().await;
+        Ok(ev)
     }
 
     async fn update_interface(

@@ -19,6 +19,7 @@ mod handlers;
 mod init;
 mod modules;
 mod network;
+mod oomqueue;
 mod portfwd;
 mod power;
 mod reaper;
@@ -118,7 +119,7 @@ fn main() {
         modules_done: tokio::sync::watch::channel(None).0,
         cmdline: early.cmdline,
         server_ready_boottime_ns: Default::default(),
-        oom_events: tokio::sync::broadcast::channel(16).0,
+        oom_events: Default::default(),
         is_init,
         containers: Arc::new(container::Containers::new(reaper.clone(), opts)),
     });
@@ -218,7 +219,7 @@ async fn watch_oom(state: Arc<handlers::AgentState>) {
         for c in state.containers.all() {
             if c.new_oom_kill() {
                 tracing::info!(container = %c.id, "OOM kill");
-                let _ = state.oom_events.send(c.id.clone());
+                state.oom_events.push(c.id.clone());
             }
         }
     }
