@@ -11,7 +11,7 @@ AGENT := target/$(GUEST_TARGET)/release/cocoon-agent
 IMAGE_DIR := target/image
 STAMP := target/.host-setup-done
 
-.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak install clean
+.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak fuzz install clean
 
 all: build image
 
@@ -71,6 +71,16 @@ bench: image
 # report goes to target/soak.json. `make test` runs a short one.
 soak: image
 	./target/debug/cocoon soak --cycles $${CYCLES:-500} --out target/soak.json
+
+# Fuzzing on stable (issue #10): every fuzz entry point of the agent (what the host
+# sends), the shim (what the guest sends) and cocoon-vmm (guest-facing devices), a
+# million inputs each by default; one JSON line per target in target/fuzz-report.jsonl.
+# `cargo +nightly fuzz run <target>` in guest-agent/, shim/ or vmm/ for guided fuzzing.
+fuzz: setup
+	rm -f $(CURDIR)/target/fuzz-report.jsonl
+	COCOON_FUZZ_ITERS=$${ITERS:-1000000} COCOON_FUZZ_REPORT=$(CURDIR)/target/fuzz-report.jsonl \
+		$(CARGO) test --release -p cocoon-agent -p cocoon-shim -p cocoon-vmm --test fuzz_smoke
+	cat $(CURDIR)/target/fuzz-report.jsonl
 
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm

@@ -10,23 +10,9 @@
 //! a host), and `cocoon-agent __cocoon-runtime` is the container runtime
 //! helper the agent starts itself (see `runtime`).
 
-mod cgroup;
-mod cmdline;
-mod container;
-mod debug;
-mod details;
-mod handlers;
-mod init;
-mod modules;
-mod network;
-mod oomqueue;
-mod portfwd;
-mod power;
-mod reaper;
-mod runtime;
-mod sandbox;
-mod stdio;
-
+use cocoon_agent::{
+    container, debug, details, handlers, init, modules, portfwd, power, reaper, runtime, stdio,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

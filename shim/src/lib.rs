@@ -14,6 +14,7 @@ pub mod check;
 pub mod config;
 pub mod consolelog;
 pub mod debugconsole;
+pub mod fuzz;
 pub mod hostcgroup;
 pub mod hypervisor;
 pub mod nodemetrics;

@@ -72,9 +72,14 @@ async fn connect_inner(uds: &Path, port: u32) -> Result<UnixStream, VsockError> 
             });
         }
     }
-    let text = String::from_utf8_lossy(&line);
+    parse_reply(&line, port).map(|_| s)
+}
+
+/// The backend's answer to `CONNECT <port>`, less its newline: `OK <host port>`.
+pub fn parse_reply(line: &[u8], port: u32) -> Result<u32, VsockError> {
+    let text = String::from_utf8_lossy(line);
     match text.strip_prefix("OK ").map(|p| p.trim().parse::<u32>()) {
-        Some(Ok(_)) => Ok(s),
+        Some(Ok(host_port)) => Ok(host_port),
         _ => Err(VsockError::BadReply {
             port,
             reply: text.into(),

@@ -13,7 +13,7 @@
 
 pub(crate) mod console;
 mod creds;
-mod mounts;
+pub mod mounts;
 pub mod seccomp;
 mod syscalls_x86_64;
 

@@ -9,6 +9,7 @@
 //! correctness, not for absolute timing: every L2 exit is handled by L1's KVM under TCG.
 //! Ratios between two VMMs run in the same L1 are still meaningful.
 
+pub mod fuzzing;
 pub mod image;
 pub mod run;
 pub mod testing;

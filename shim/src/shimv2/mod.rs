@@ -9,8 +9,8 @@
 //! answer `start` with a plain address, which every containerd accepts.
 
 mod delete;
-mod guest_events;
-mod metrics;
+pub(crate) mod guest_events;
+pub(crate) mod metrics;
 pub mod mounts;
 mod persist;
 pub mod pod;

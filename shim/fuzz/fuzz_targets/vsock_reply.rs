@@ -1,0 +1,6 @@
+#![no_main]
+//! cargo-fuzz target: `cocoon_shim::fuzz::vsock_reply`.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    cocoon_shim::fuzz::vsock_reply(data);
+});
