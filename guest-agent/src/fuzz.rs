@@ -13,8 +13,11 @@ use std::path::Path;
 use cocoon_protocol::agent as pb;
 use protobuf::Message;
 
+/// A fuzz entry point: any bytes, never a panic.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("request_messages", request_messages),
     ("oci_spec", oci_spec),
     ("oci_process", oci_process),

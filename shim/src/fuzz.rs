@@ -9,8 +9,11 @@
 use cocoon_protocol::agent as pb;
 use protobuf::Message;
 
+/// A fuzz entry point: any bytes, never a panic.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("agent_replies", agent_replies),
     ("vsock_reply", vsock_reply),
     ("config", config),
