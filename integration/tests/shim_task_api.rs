@@ -246,3 +246,50 @@ fn an_exec_whose_stdio_cannot_attach_leaves_no_guest_process() {
         shim.finish(&env, "host").await;
     });
 }
+
+#[test]
+fn an_exec_whose_output_nobody_reads_fails_without_stalling_the_pod() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "busy", &["sleep", "1000"]).await;
+        shim.create("busy").await.unwrap();
+        shim.start("busy", "").await.unwrap();
+        let fifo = shim.bundle.join("stuck-stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let process = serde_json::json!({
+            "args": ["sleep", "999"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/bin"],
+        });
+        let req = api::ExecProcessRequest {
+            id: "busy".into(),
+            exec_id: "stuck".into(),
+            stdout: fifo.to_string_lossy().into_owned(),
+            spec: containerd_shim::protos::protobuf::MessageField::some(
+                containerd_shim::protos::protobuf::well_known_types::any::Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
+                        .into(),
+                    value: serde_json::to_vec(&process).unwrap(),
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        };
+        shim.client.exec(ctx(), &req).await.unwrap();
+        // The Start waits for a reader of its stdout fifo, which never comes; the pod's
+        // other calls must not wait with it.
+        let probe = async {
+            tokio::time::timeout(Duration::from_secs(3), shim.state("busy"))
+                .await
+                .expect("State waited behind a Start")
+        };
+        let started = tokio::time::timeout(Duration::from_secs(30), shim.start("busy", "stuck"));
+        let (started, state) = tokio::join!(started, probe);
+        assert_eq!(state.status, api::Status::RUNNING.into());
+        let err = started
+            .expect("a Start whose stdout nobody reads never returned")
+            .expect_err("started without a reader");
+        assert!(format!("{err:?}").contains("nobody opened it"), "{err:?}");
+        assert_eq!(shim.pids("busy").await.len(), 1, "the exec still runs");
+        shim.finish(&env, "busy").await;
+    });
+}

@@ -100,6 +100,9 @@ impl Drop for StdioCopies {
     }
 }
 
+/// How long containerd may take to open the reading end of an output fifo.
+const FIFO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn header(kind: &str, container_id: &str, exec_id: &str) -> String {
     if exec_id.is_empty() {
         format!("{kind} {container_id}\n")
@@ -123,9 +126,13 @@ async fn open_stream(
     Ok(s)
 }
 
-/// Opens a fifo blocking until containerd has the other end open (opening
-/// without a peer would read EOF at once, or fail for a writer), then hands
-/// it to the reactor.
+/// Opens a fifo once containerd has the other end open (opening without a peer
+/// would read EOF at once, or fail for a writer), then hands it to the reactor.
+///
+/// An output fifo is opened without blocking, again every 20 ms until `FIFO_DEADLINE`:
+/// containerd opens its end before it calls Start, so this is normally at once, and a
+/// fifo nobody reads fails the call instead of holding a thread for good. An input
+/// fifo is opened blocking, on a task of its own that nothing waits on.
 async fn open_fifo(
     path: &str,
     write: bool,
@@ -137,6 +144,29 @@ async fn open_fifo(
         path: p.clone(),
         source,
     };
+    if write {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = tokio::time::Instant::now() + FIFO_DEADLINE;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&p)
+            {
+                Ok(f) => return Ok(f),
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("nobody opened it for reading within {FIFO_DEADLINE:?}"),
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+    }
     let path2 = p.clone();
     tokio::task::spawn_blocking(move || {
         std::fs::OpenOptions::new()
