@@ -110,17 +110,6 @@ impl SoakReport {
     }
 }
 
-/// A small deterministic generator (xorshift64*), so a soak can be replayed by seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, String> {
     tokio::time::timeout(CALL_DEADLINE, f)
         .await
@@ -329,7 +318,7 @@ async fn remove_pod(node: &CriNode, pod: &str) -> Result<(), String> {
 /// Runs `cycles` cycles on `node` (whose shim config keeps VMs under `run_dir`).
 pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) -> SoakReport {
     let started_at = Instant::now();
-    let mut rng = Rng(seed | 1);
+    let mut rng = cocoon_nested::fuzzing::Rng::new(seed);
     let mut report = SoakReport {
         cycles,
         seconds: 0.0,

@@ -4,10 +4,8 @@
 
 mod ctr_common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use cocoon_integration::image::IMAGE_REF;
 use ctr_common::*;
 
 fn status_field(pid: u32, field: &str) -> String {
@@ -23,19 +21,7 @@ fn status_field(pid: u32, field: &str) -> String {
 #[test]
 fn qemu_runs_confined_and_its_console_is_bounded() {
     let env = env_with("hypervisor = \"qemu\"\n", "[debug]\nconsole = true\n");
-    ctr_ok(
-        &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            IMAGE_REF,
-            "confined",
-            "sleep",
-            "1000",
-        ],
-    );
+    run_detached(&env, "confined", &[], &["sleep", "1000"]);
     let qemu = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
         .into_iter()
         .find(|(_, c)| c.contains("qemu-system"))
@@ -59,13 +45,8 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
         .find(|p| p.join("console.log").exists())
         .expect("no console.log");
     let console = vm_dir.join("console.log");
-    let o = Command::new(cocoon_integration::workspace_root().join("target/debug/cocoon"))
-        .args(["debug", "confined", "--namespace", "default", "--"])
-        .arg("head -c 5000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded")
-        .env("COCOON_CONFIG", &env.config)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let flood = ["head -c 5000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded"];
+    let o = cocoon_debug(&env, "confined", &flood, b"");
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("flooded"),
         "{}",
@@ -84,9 +65,5 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     // The pod is still alive after the flood.
     assert_eq!(task_status(&env, "confined"), "RUNNING");
 
-    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "confined"]);
-    wait_status(&env, "confined", "STOPPED");
-    ctr_ok(&env, &["task", "delete", "confined"]);
-    ctr_ok(&env, &["container", "delete", "confined"]);
-    assert_clean(&env);
+    kill_delete_clean(&env, "confined");
 }

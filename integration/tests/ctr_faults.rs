@@ -11,21 +11,12 @@ use ctr_common::*;
 #[test]
 fn shim_killed_then_task_delete_cleans_up() {
     let env = env();
-    ctr_ok(
+    run_detached(
         &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            IMAGE_REF,
-            "victim",
-            "sh",
-            "-c",
-            "while true; do sleep 0.1; done",
-        ],
+        "victim",
+        &[],
+        &["sh", "-c", "while true; do sleep 0.1; done"],
     );
-    assert_eq!(task_status(&env, "victim"), "RUNNING");
     let shims = env.shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
     nix::sys::signal::kill(
@@ -56,19 +47,11 @@ fn shim_killed_then_task_delete_cleans_up() {
 #[test]
 fn containerd_restart_keeps_the_task_reachable() {
     let mut env = env();
-    ctr_ok(
+    run_detached(
         &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            IMAGE_REF,
-            "survivor",
-            "sh",
-            "-c",
-            "while true; do sleep 0.1; done",
-        ],
+        "survivor",
+        &[],
+        &["sh", "-c", "while true; do sleep 0.1; done"],
     );
     env.containerd.restart();
     assert_eq!(task_status(&env, "survivor"), "RUNNING");
@@ -132,21 +115,12 @@ fn vsock_backend_killed_then_delete_force_cleans_up() {
 
 fn host_process_killed_then_delete_force_cleans_up(pattern: &str, named: &str) {
     let env = env();
-    ctr_ok(
+    run_detached(
         &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            IMAGE_REF,
-            "fsvictim",
-            "sh",
-            "-c",
-            "while true; do sleep 0.1; done",
-        ],
+        "fsvictim",
+        &[],
+        &["sh", "-c", "while true; do sleep 0.1; done"],
     );
-    assert_eq!(task_status(&env, "fsvictim"), "RUNNING");
     let fsd = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
         .into_iter()
         .filter(|(_, cmd)| cmd.contains(pattern))
@@ -168,16 +142,7 @@ fn host_process_killed_then_delete_force_cleans_up(pattern: &str, named: &str) {
         "an exec into a pod whose {pattern} died must say so: {}",
         show(&exec)
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let address = env.containerd.address.clone();
-    std::thread::spawn(move || {
-        let o = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&address)
-            .args(["task", "delete", "--force", "fsvictim"])
-            .output();
-        let _ = tx.send(o);
-    });
+    let rx = ctr_in_background(&env, &["task", "delete", "--force", "fsvictim"]);
     let deleted = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("ctr task delete --force hung")
@@ -194,16 +159,10 @@ fn host_process_killed_then_delete_force_cleans_up(pattern: &str, named: &str) {
 #[test]
 fn a_backend_killed_during_boot_fails_the_start_at_once() {
     let env = env();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let address = env.containerd.address.clone();
-    std::thread::spawn(move || {
-        let o = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&address)
-            .args(["run", "-d", "--runtime", COCOON, IMAGE_REF, "early", "true"])
-            .output();
-        let _ = tx.send(o);
-    });
+    let rx = ctr_in_background(
+        &env,
+        &["run", "-d", "--runtime", COCOON, IMAGE_REF, "early", "true"],
+    );
     let started = std::time::Instant::now();
     // Once the guest's driver has started the device (the guest kernel is booting), not
     // before: a backend that dies while the VMM sets it up takes the VMM with it, which

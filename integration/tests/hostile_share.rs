@@ -6,11 +6,8 @@
 
 mod ctr_common;
 
-use std::path::Path;
-use std::process::Command;
-
-use cocoon_integration::image::IMAGE_REF;
 use ctr_common::*;
+use std::path::Path;
 
 const ATTACK: &str = r#"
 S=/run/cocoon/shared/victim
@@ -60,34 +57,10 @@ fn a_hostile_guest_cannot_reach_past_its_share() {
 
     let rw_mount = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
     let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
-    ctr_ok(
-        &env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            COCOON,
-            "--mount",
-            &rw_mount,
-            "--mount",
-            &ro_mount,
-            IMAGE_REF,
-            "victim",
-            "sleep",
-            "1000",
-        ],
-    );
+    let mounts = ["--mount", &rw_mount, "--mount", &ro_mount];
+    run_detached(&env, "victim", &mounts, &["sleep", "1000"]);
     // The script goes to the guest's shell on its stdin.
-    let mut debug = Command::new(cocoon_integration::workspace_root().join("target/debug/cocoon"))
-        .args(["debug", "victim", "--namespace", "default", "--", "sh"])
-        .env("COCOON_CONFIG", &env.config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(debug.stdin.as_mut().unwrap(), ATTACK.as_bytes()).unwrap();
-    let o = debug.wait_with_output().unwrap();
+    let o = cocoon_debug(&env, "victim", &["sh"], ATTACK.as_bytes());
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let allowed: Vec<&str> = out.lines().filter(|l| l.starts_with("ALLOWED")).collect();
     assert_eq!(
@@ -125,11 +98,7 @@ fn a_hostile_guest_cannot_reach_past_its_share() {
         );
     }
 
-    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "victim"]);
-    wait_status(&env, "victim", "STOPPED");
-    ctr_ok(&env, &["task", "delete", "victim"]);
-    ctr_ok(&env, &["container", "delete", "victim"]);
-    assert_clean(&env);
+    kill_delete_clean(&env, "victim");
     // The pod's removal left the volumes' data alone.
     for f in [
         rw.join("marker-rw"),

@@ -76,6 +76,25 @@ async fn start_shim(env: &Env, id: &str, args: &[&str]) -> DirectShim {
     }
 }
 
+/// An Exec of `args` in container `id` as `exec_id`, its stdout to `stdout`.
+fn exec_request(id: &str, exec_id: &str, args: &[&str], stdout: &str) -> api::ExecProcessRequest {
+    let process = serde_json::json!({
+        "args": args, "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin"],
+    });
+    let spec = containerd_shim::protos::protobuf::well_known_types::any::Any {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+        value: serde_json::to_vec(&process).unwrap(),
+        ..Default::default()
+    };
+    api::ExecProcessRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        stdout: stdout.into(),
+        spec: containerd_shim::protos::protobuf::MessageField::some(spec),
+        ..Default::default()
+    }
+}
+
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(CALL.as_nanos() as i64)
 }
@@ -221,23 +240,12 @@ fn an_exec_whose_stdio_cannot_attach_leaves_no_guest_process() {
         shim.start("host", "").await.unwrap();
         let before = shim.pids("host").await;
         assert_eq!(before.len(), 1, "{before:?}");
-        let process = serde_json::json!({
-            "args": ["sleep", "999"], "cwd": "/", "user": {"uid": 0, "gid": 0},
-            "env": ["PATH=/bin"],
-        });
-        let req = api::ExecProcessRequest {
-            id: "host".into(),
-            exec_id: "orphan".into(),
-            stdout: "/nonexistent/cocoon-test/stdout".into(),
-            spec: containerd_shim::protos::protobuf::MessageField::some(
-                containerd_shim::protos::protobuf::well_known_types::any::Any {
-                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-                    value: serde_json::to_vec(&process).unwrap(),
-                    ..Default::default()
-                },
-            ),
-            ..Default::default()
-        };
+        let req = exec_request(
+            "host",
+            "orphan",
+            &["sleep", "999"],
+            "/nonexistent/cocoon-test/stdout",
+        );
         shim.client.exec(ctx(), &req).await.unwrap();
         let started = shim.start("host", "orphan").await;
         assert!(started.is_err(), "an exec without its stdout started");
@@ -256,24 +264,7 @@ fn an_exec_whose_output_nobody_reads_fails_without_stalling_the_pod() {
         shim.start("busy", "").await.unwrap();
         let fifo = shim.bundle.join("stuck-stdout");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let process = serde_json::json!({
-            "args": ["sleep", "999"], "cwd": "/", "user": {"uid": 0, "gid": 0},
-            "env": ["PATH=/bin"],
-        });
-        let req = api::ExecProcessRequest {
-            id: "busy".into(),
-            exec_id: "stuck".into(),
-            stdout: fifo.to_string_lossy().into_owned(),
-            spec: containerd_shim::protos::protobuf::MessageField::some(
-                containerd_shim::protos::protobuf::well_known_types::any::Any {
-                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
-                        .into(),
-                    value: serde_json::to_vec(&process).unwrap(),
-                    ..Default::default()
-                },
-            ),
-            ..Default::default()
-        };
+        let req = exec_request("busy", "stuck", &["sleep", "999"], &fifo.to_string_lossy());
         shim.client.exec(ctx(), &req).await.unwrap();
         // The Start waits for a reader of its stdout fifo, which never comes; the pod's
         // other calls must not wait with it.

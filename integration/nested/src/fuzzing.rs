@@ -11,10 +11,17 @@
 use std::io::Write;
 use std::time::Instant;
 
-/// xorshift64*.
-struct Rng(u64);
+/// xorshift64*: small, deterministic, so a run can be replayed from its seed (the
+/// fuzz driver's, and the soak's fault choices).
+pub struct Rng(u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// A generator from `seed` (any value; zero is made odd).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -33,7 +40,7 @@ pub fn iterations() -> usize {
 /// Runs `target` on `iters` inputs seeded from `seeds` (valid examples to mutate).
 /// Panics, naming the target, the iteration and the input, if the target panics.
 pub fn run(name: &str, target: fn(&[u8]), seeds: &[&[u8]], iters: usize) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut corpus: Vec<Vec<u8>> = vec![Vec::new()];
     corpus.extend(seeds.iter().map(|s| s.to_vec()));
     let started = Instant::now();

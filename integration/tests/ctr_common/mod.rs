@@ -243,3 +243,61 @@ impl Drop for Env {
         cocoon_integration::unmount_under(self._dir.path());
     }
 }
+
+/// `ctr run -d` of a cocoon task `id` running `cmd`, with extra `flags`; checks it runs.
+pub fn run_detached(env: &Env, id: &str, flags: &[&str], cmd: &[&str]) {
+    let mut args = vec!["run", "-d", "--runtime", COCOON];
+    args.extend_from_slice(flags);
+    args.push(IMAGE_REF);
+    args.push(id);
+    args.extend_from_slice(cmd);
+    ctr_ok(env, &args);
+    assert_eq!(task_status(env, id), "RUNNING");
+}
+
+/// SIGKILLs task `id`, waits for it to stop, deletes it and its container, and checks
+/// that nothing of the pod is left.
+pub fn kill_delete_clean(env: &Env, id: &str) {
+    ctr_ok(env, &["task", "kill", "-s", "SIGKILL", id]);
+    wait_status(env, id, "STOPPED");
+    ctr_ok(env, &["task", "delete", id]);
+    ctr_ok(env, &["container", "delete", id]);
+    assert_clean(env);
+}
+
+/// `cocoon debug <id>` in the default namespace with this env's config: `command` after
+/// `--` (none: the interactive shell), `stdin` fed to it.
+pub fn cocoon_debug(env: &Env, id: &str, command: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(cocoon_integration::workspace_root().join("target/debug/cocoon"));
+    cmd.args(["debug", id, "--namespace", "default"]);
+    if !command.is_empty() {
+        cmd.arg("--").args(command);
+    }
+    let mut child = cmd
+        .env("COCOON_CONFIG", &env.config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("target/debug/cocoon (cargo build first)");
+    let mut input = child.stdin.take().expect("piped");
+    input.write_all(stdin).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+/// Runs `ctr args` on a thread; its output arrives on the channel (for calls that must
+/// not hang: the caller waits with a deadline).
+pub fn ctr_in_background(
+    env: &Env,
+    args: &[&str],
+) -> std::sync::mpsc::Receiver<std::io::Result<Output>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut cmd = env.containerd.ctr_cmd(args);
+    std::thread::spawn(move || {
+        let _ = tx.send(cmd.output());
+    });
+    rx
+}
