@@ -1,5 +1,5 @@
-//! What a pod's host processes may do, checked while a pod runs: QEMU confined
-//! (seccomp, no capabilities, no_new_privs), and a guest that floods its console
+//! What a pod's host processes may do, checked while a pod runs: QEMU and the vsock
+//! backend confined (seccomp, no capabilities, no_new_privs), and a guest that floods its console
 //! cannot grow the host's copy past its bound.
 
 mod ctr_common;
@@ -35,6 +35,19 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
     assert_eq!(status_field(qemu, "CapEff"), "0000000000000000");
     assert_eq!(status_field(qemu, "CapBnd"), "0000000000000000");
+    // The vsock backend parses guest data too: jailed, and its own seccomp filter.
+    let backend = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .find(|(_, c)| c.contains("cocoon-vmm vhost-user-vsock"))
+        .expect("no vsock backend for the pod")
+        .0;
+    assert_eq!(
+        status_field(backend, "Seccomp"),
+        "2",
+        "the backend has no filter"
+    );
+    assert_eq!(status_field(backend, "NoNewPrivs"), "1");
+    assert_eq!(status_field(backend, "CapEff"), "0000000000000000");
 
     // The console copy works, and a guest writing 5 MB to it leaves at most two
     // rotated files of the limit on the host.

@@ -51,6 +51,8 @@ pub enum VhostUserVsockError {
     Queue(&'static str, #[source] DeviceError),
     #[error("Failed to jail the backend (--jail off to run without)")]
     Jail(#[from] crate::jail::JailError),
+    #[error("Failed to install the backend's seccomp filter")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// `vhost_user_backend::Error` implements neither `std::error::Error` nor `Sync` (it can
@@ -275,6 +277,8 @@ pub fn serve(
             .map_err(VhostUserVsockError::RegisterListener)?;
     }
     remove_stale_socket(socket)?;
+    // Guest data is parsed from here on: only the syscalls the backend needs.
+    crate::seccomp::apply_backend()?;
     info!(
         "vhost-user-vsock: waiting for the frontend on {}",
         socket.display()
