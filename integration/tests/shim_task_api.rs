@@ -284,3 +284,40 @@ fn an_exec_whose_output_nobody_reads_fails_without_stalling_the_pod() {
         shim.finish(&env, "busy").await;
     });
 }
+
+/// Found by the soak: a pod whose VM died during RunPodSandbox stayed behind, because
+/// containerd's cleanup of the failed sandbox could not Kill its task ("the connection
+/// to the agent was lost") and CRI marked it UNKNOWN. A kill after the VM is lost has
+/// nothing left to do and succeeds; the task then reports its exit.
+#[test]
+fn a_task_is_killed_after_its_vm_is_lost() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "orphaned", &["sleep", "1000"]).await;
+        shim.create("orphaned").await.unwrap();
+        let fsd = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+            .into_iter()
+            .find(|(_, c)| c.contains("virtiofsd"))
+            .expect("no virtiofsd")
+            .0;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(fsd as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // The kill must succeed once the shim has noticed the loss (within a second).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match shim.kill("orphaned", "", libc::SIGKILL as u32).await {
+                Ok(_) => break,
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "Kill after the VM was lost: {e:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(shim.wait("orphaned").await.exit_status, 137);
+        shim.finish(&env, "orphaned").await;
+    });
+}

@@ -250,7 +250,12 @@ impl Service {
             // Streams attach before Start, so no early output waits anywhere.
             let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
                 .await
-                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+                .map_err(|e| {
+                    err(
+                        ttrpc::Code::INTERNAL,
+                        format!("{:#}", anyhow::Error::new(e)),
+                    )
+                })?;
             Ok::<_, ttrpc::Error>((pid, copies))
         }
         .await;

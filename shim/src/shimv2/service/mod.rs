@@ -362,7 +362,10 @@ impl Task for Service {
                     // The process runs in the guest but nothing can reach its stdio:
                     // end it there, and collect its exit so the agent forgets it.
                     self.end_orphan_exec(&sb, &req.id, &req.exec_id).await;
-                    Err(err(ttrpc::Code::INTERNAL, e))
+                    Err(err(
+                        ttrpc::Code::INTERNAL,
+                        format!("{:#}", anyhow::Error::new(e)),
+                    ))
                 }
             }
         }
@@ -570,10 +573,15 @@ impl Task for Service {
                 return Err(not_found("process (already exited)"));
             }
         }
-        sb.agent
-            .signal_process(&req.id, &req.exec_id, req.signal, req.all)
-            .await
-            .map_err(agent_err)?;
+        // A lost VM has killed every process of the pod already: the kill has happened,
+        // and refusing it would leave containerd's cleanup of a failed pod stuck (CRI
+        // marks such a sandbox UNKNOWN and keeps it).
+        if sb.lost().is_none() {
+            sb.agent
+                .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+                .await
+                .map_err(agent_err)?;
+        }
         if req.exec_id.is_empty() {
             self.watch_unstarted(&sb, &req.id).await;
         }
