@@ -104,8 +104,21 @@ impl AgentClient {
                     console: vm.console_tail(20),
                 });
             }
-            // A dead virtiofsd or vsock backend: the agent may never be reachable.
+            // A dead virtiofsd or vsock backend: the agent may never be reachable. A
+            // backend also exits when the VM itself does (its frontend went away): if
+            // the VMM follows within a moment, the VM's exit is the cause to report.
             if let Some(what) = vm.try_backend_exit() {
+                let grace = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < grace {
+                    if let Some(status) = vm.try_exit_status() {
+                        return Err(AgentError::VmExited {
+                            status: status.to_string(),
+                            vmm_log: vm.vmm_log_tail(20),
+                            console: vm.console_tail(20),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 return Err(AgentError::BackendExited {
                     what,
                     console: vm.console_tail(20),
