@@ -305,16 +305,26 @@ impl Sandbox {
                 keep_console(run_root, &self.id, &self.run_dir.join("console.log"));
             }
         }
-        // A lost VM has no agent to ask (its processes are already being killed).
+        // A lost VM has no agent to ask (its processes are already being killed). Only
+        // a guest that took the shutdown gets a grace to power off: without one, the
+        // wait would only push Shutdown past containerd's deadline, and a shim killed
+        // for that mid-teardown leaves the share and the pod cgroup behind.
+        let mut graceful = false;
         if self.lost().is_none() {
-            if let Err(e) = self.agent.shutdown().await {
-                tracing::warn!("agent shutdown: {e}");
+            match self.agent.shutdown().await {
+                Ok(_) => graceful = true,
+                Err(e) => tracing::warn!("agent shutdown: {e}"),
             }
         }
         if let Some(f) = &self.forwarder {
             f.abort();
         }
-        vm.stop(Duration::from_secs(5)).await;
+        let grace = if graceful {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        vm.stop(grace).await;
         super::share::remove(&self.share);
         let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());
         if let Some(mut cg) = cg {
