@@ -35,6 +35,89 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
     assert_eq!(status_field(qemu, "CapEff"), "0000000000000000");
     assert_eq!(status_field(qemu, "CapBnd"), "0000000000000000");
+    // Jailed: a uid and gid of its own, no other group, its own namespaces, a root
+    // holding only what it needs, resource limits.
+    let uid = status_field(qemu, "Uid");
+    let ids: Vec<u32> = uid.split_whitespace().map(|u| u.parse().unwrap()).collect();
+    assert!(
+        ids.len() == 4 && ids.iter().all(|&u| u == ids[0]) && ids[0] >= 2_000_000_000,
+        "QEMU's uids: {uid}"
+    );
+    let gids = status_field(qemu, "Gid");
+    assert!(
+        gids.split_whitespace().all(|g| g == ids[0].to_string()),
+        "gids {gids}"
+    );
+    assert_eq!(status_field(qemu, "Groups"), "");
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let link = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(
+            link(&qemu.to_string()),
+            link("self"),
+            "QEMU shares the host's {ns} namespace"
+        );
+    }
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{qemu}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    for host_only in ["home", "root", "proc", "sys", "var", "run"] {
+        assert!(
+            !root.contains(&host_only.to_string()),
+            "QEMU sees /{host_only}: {root:?}"
+        );
+    }
+    assert!(root.contains(&"usr".to_string()), "{root:?}");
+    let in_jail = |p: &std::path::Path| {
+        let p = format!("/proc/{qemu}/root{}", p.display());
+        let mut names: Vec<String> = std::fs::read_dir(&p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(in_jail("/etc".as_ref()), ["ld.so.cache"]);
+    // Of the pod's run directory, only the directory of the sockets it connects to.
+    let vm_run_dir = std::fs::read_dir(&env.run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("vhost").is_dir())
+        .expect("no VM run directory");
+    assert_eq!(in_jail(&vm_run_dir), ["vhost"]);
+    let limits = std::fs::read_to_string(format!("/proc/{qemu}/limits")).unwrap();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {limits}"))
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(limit("Max open files"), "4096", "{limits}");
+    assert_eq!(limit("Max processes"), "512", "{limits}");
+    // Another pod's QEMU gets another uid.
+    run_detached(&env, "confined2", &[], &["sleep", "1000"]);
+    let qemus: Vec<u32> = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .filter(|(_, c)| c.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(qemus.len(), 2, "{qemus:?}");
+    assert_ne!(
+        status_field(qemus[0], "Uid"),
+        status_field(qemus[1], "Uid"),
+        "two pods' QEMUs share a uid"
+    );
+    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "confined2"]);
+    wait_status(&env, "confined2", "STOPPED");
+    ctr_ok(&env, &["task", "delete", "confined2"]);
+    ctr_ok(&env, &["container", "delete", "confined2"]);
     // The vsock backend parses guest data too: jailed, and its own seccomp filter.
     let backend = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
         .into_iter()

@@ -72,6 +72,42 @@ pub struct HostReport {
     pub shmem_thp: Option<String>,
     pub tools: Vec<Tool>,
     pub verdicts: Vec<Verdict>,
+    /// What this host allows of the per-pod confinement (docs/security.md), one line each.
+    pub confinement: Vec<String>,
+}
+
+/// What of the per-pod confinement this host allows (pure, for tests): whether we run
+/// as root (namespaces, a uid per pod), whether the kernel has seccomp, and who may open
+/// `/dev/kvm` (`(mode, gid)`), which a jailed QEMU under KVM needs through a group.
+pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Vec<String> {
+    let mut v = Vec::new();
+    v.push(if root {
+        "jails: yes: QEMU runs as a uid of its own ([jail] range) in its own mount, network, \
+         IPC and UTS namespaces with a read-only root; cocoon-vmm and the vsock backend in \
+         their own namespaces without capabilities"
+            .to_string()
+    } else {
+        "jails: no: not root, so no namespaces and no uid per pod; pods with [qemu] jail = true \
+         (the default) will not start"
+            .to_string()
+    });
+    v.push(if seccomp {
+        "seccomp: yes: QEMU's -sandbox, cocoon-vmm's and the vsock backend's own filters".into()
+    } else {
+        "seccomp: no: this kernel has no seccomp filter mode; confined pods will not start".into()
+    });
+    match dev_kvm {
+        Some((mode, gid)) if mode & 0o060 == 0o060 && gid != 0 => v.push(format!(
+            "/dev/kvm: group {gid} may open it: a jailed QEMU under KVM gets that group"
+        )),
+        Some((mode, gid)) => v.push(format!(
+            "/dev/kvm: mode {:o} group {gid}: a jailed QEMU under KVM could not open it; \
+             give it a kvm group with read-write access (or set [qemu] jail = false)",
+            mode & 0o7777
+        )),
+        None => {}
+    }
+    v
 }
 
 /// Next to the running executable first (an install prefix), then `$PATH`.
@@ -201,6 +237,15 @@ pub fn report() -> HostReport {
             .and_then(|s| selected(&s)),
         verdicts: verdicts(kvm, has("qemu-system-x86_64"), vmm_found),
         tools,
+        confinement: confinement(
+            nix::unistd::geteuid().is_root(),
+            std::fs::read_to_string("/proc/self/status")
+                .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:"))),
+            std::fs::metadata("/dev/kvm").ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.mode(), m.gid())
+            }),
+        ),
     }
 }
 
@@ -240,6 +285,9 @@ impl std::fmt::Display for HostReport {
                 (Some(p), None) => writeln!(f, "{:<15} {p}", format!("{}:", t.name))?,
                 (None, _) => writeln!(f, "{:<15} not found", format!("{}:", t.name))?,
             }
+        }
+        for c in &self.confinement {
+            writeln!(f, "{c}")?;
         }
         writeln!(f)?;
         for v in &self.verdicts {
@@ -284,6 +332,20 @@ mod tests {
         let m = selected("always within_size advise [never] deny force").unwrap();
         assert!(!shmem_thp_ok(&m));
         assert_eq!(selected("garbage"), None);
+    }
+
+    #[test]
+    fn confinement_follows_the_host() {
+        let c = confinement(true, true, Some((0o20660, 108)));
+        assert!(c[0].starts_with("jails: yes") && c[1].starts_with("seccomp: yes"));
+        assert!(c[2].contains("group 108 may open"), "{c:?}");
+        let c = confinement(false, false, Some((0o20600, 0)));
+        assert!(c[0].starts_with("jails: no") && c[1].starts_with("seccomp: no"));
+        assert!(
+            c[2].contains("could not open") && c[2].contains("600"),
+            "{c:?}"
+        );
+        assert_eq!(confinement(true, true, None).len(), 2);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Cocoon's configuration: `/etc/cocoon/config.toml`, or the file named by
 //! `COCOON_CONFIG`. Parsed strictly (an unknown key is an error naming it),
 //! defaults filled in, then `validate()`d before anything is allocated.
-//! Every key is documented in `docs/config.md`.
+//! Every key is documented in `docs/config.toml`.
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +61,29 @@ pub struct Config {
     pub qemu: QemuConfig,
     pub paths: PathsConfig,
     pub debug: DebugConfig,
+    pub jail: JailConfig,
+}
+
+/// Who a jailed VMM runs as (`[qemu] jail`): each live pod gets a uid of its own from
+/// this range, the gid of the same number, and no other group (but the owner group of
+/// `/dev/kvm` under KVM). Nothing in the range may be a real user's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// One byte per uid, locked by the pod holding it (see `hypervisor::identity`).
+    pub lock_file: PathBuf,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            uid_base: 2_000_000_000,
+            uid_count: 65_536,
+            lock_file: PathBuf::from("/run/cocoon/uids.lock"),
+        }
+    }
 }
 
 /// Operator aids, all off by default.
@@ -103,6 +126,11 @@ pub struct QemuConfig {
     /// no capabilities (bounding set emptied), no_new_privs. A QEMU without seccomp
     /// support then fails to start, with its reason in the pod's error.
     pub confine: bool,
+    /// Jail QEMU (`cocoon-vmm jail-exec`): own mount, network, IPC and UTS namespaces, a
+    /// read-only root holding only QEMU, its libraries, the guest kernel and initrd and
+    /// its sockets; the pod's own unprivileged uid from `[jail]`; resource limits. A
+    /// jail that cannot be set up fails the pod.
+    pub jail: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,6 +156,7 @@ impl Default for Config {
             qemu: QemuConfig::default(),
             paths: PathsConfig::default(),
             debug: DebugConfig::default(),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -154,6 +183,7 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             extra_args: Vec::new(),
             confine: true,
+            jail: true,
         }
     }
 }
@@ -233,6 +263,16 @@ impl Config {
         }
         if self.paths.run_dir.as_os_str().is_empty() || !self.paths.run_dir.is_absolute() {
             return bad("paths.run_dir", "must be an absolute path");
+        }
+        let (base, count) = (self.jail.uid_base, self.jail.uid_count);
+        if base == 0 || count == 0 || base.checked_add(count).is_none_or(|e| e == u32::MAX) {
+            return bad(
+                "jail.uid_base",
+                "with jail.uid_count must be a non-empty range of non-root uids",
+            );
+        }
+        if !self.jail.lock_file.is_absolute() {
+            return bad("jail.lock_file", "must be an absolute path");
         }
         Ok(())
     }

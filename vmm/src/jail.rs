@@ -98,33 +98,90 @@ impl JailError {
     }
 }
 
-/// A directory the jail keeps: its resolved path and an `O_PATH` descriptor to it.
+/// How a kept path appears in the jail. The default (a socket directory) is writable,
+/// with nothing in it that runs or opens a device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepAs {
+    pub read_only: bool,
+    /// Programs and libraries in it may run (`/usr` for a program exec'd in the jail).
+    pub exec: bool,
+    /// Device nodes in it open (a bound `/dev/kvm`).
+    pub devices: bool,
+}
+
+impl KeepAs {
+    pub const SOCKETS: Self = Self {
+        read_only: false,
+        exec: false,
+        devices: false,
+    };
+    pub const READ_ONLY: Self = Self {
+        read_only: true,
+        exec: false,
+        devices: false,
+    };
+    pub const PROGRAMS: Self = Self {
+        read_only: true,
+        exec: true,
+        devices: false,
+    };
+    pub const DEVICE: Self = Self {
+        read_only: false,
+        exec: false,
+        devices: true,
+    };
+}
+
+/// A directory (or a single file) the jail keeps: its resolved path and an `O_PATH`
+/// descriptor to it.
 #[derive(Debug)]
 pub struct KeptDir {
     pub path: PathBuf,
     fd: OwnedFd,
+    how: KeepAs,
+    is_dir: bool,
 }
 
 impl KeptDir {
-    /// Opens `dir` (resolved, absolute) after checking it is safe to keep.
+    /// Opens `dir` (resolved, absolute) after checking it is safe to keep writable.
     pub fn open(dir: &Path) -> Result<Self, JailError> {
-        if dir == Path::new("/") {
-            return Err(JailError::Unsafe(dir.into(), "it is the root"));
+        Self::open_as(dir, KeepAs::SOCKETS)
+    }
+
+    /// Opens `path` (resolved, absolute: a directory, a file or a device node) to keep
+    /// it in the jail `how`. A writable directory must not be the root or
+    /// world-writable; a path that is a symbolic link is refused (give its target).
+    pub fn open_as(path: &Path, how: KeepAs) -> Result<Self, JailError> {
+        if path == Path::new("/") {
+            return Err(JailError::Unsafe(path.into(), "it is the root"));
+        }
+        if !path.is_absolute() {
+            return Err(JailError::Unsafe(path.into(), "it is not an absolute path"));
         }
         let fd = open(
-            dir,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            path,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| JailError::Resolve(dir.into(), e.into()))?;
+        .map_err(|e| JailError::Resolve(path.into(), e.into()))?;
         let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map_err(|e| JailError::Resolve(dir.into(), e))?;
-        if meta.mode() & 0o002 != 0 {
-            return Err(JailError::Unsafe(dir.into(), "it is world-writable"));
+            .map_err(|e| JailError::Resolve(path.into(), e))?;
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            return Err(JailError::Unsafe(path.into(), "it is a symbolic link"));
+        }
+        if (kind.is_char_device() || kind.is_block_device()) && !how.devices {
+            return Err(JailError::Unsafe(path.into(), "it is a device node"));
+        }
+        if meta.is_dir() && !how.read_only && meta.mode() & 0o002 != 0 {
+            return Err(JailError::Unsafe(path.into(), "it is world-writable"));
         }
         Ok(Self {
-            path: dir.into(),
+            path: path.into(),
             fd,
+            how,
+            is_dir: meta.is_dir(),
         })
     }
 }
@@ -241,6 +298,21 @@ fn kept_flags(path: &Path) -> MsFlags {
 /// Enters the jail, keeping `keep` at their own paths, and drops every capability. Must
 /// run while the calling thread is the process's only thread.
 pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
+    enter_root(keep, &[])?;
+    drop_capabilities()?;
+    let kept: Vec<_> = keep.iter().map(|d| d.path.display().to_string()).collect();
+    log::info!(
+        "jail: own mount, network, IPC and UTS namespaces; read-only empty root with [{}]; \
+         no capabilities",
+        kept.join(", ")
+    );
+    Ok(())
+}
+
+/// The namespaces and the root of [`enter`], without touching capabilities: `keep` bound
+/// at their own paths, each `links` entry (`link`, `target`) a symbolic link in the new
+/// root. Must run while the calling thread is the process's only thread.
+pub fn enter_root(keep: &[KeptDir], links: &[(PathBuf, PathBuf)]) -> Result<(), JailError> {
     let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
     if threads != 1 {
         return Err(JailError::Threads(threads));
@@ -256,13 +328,13 @@ pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(step("make the mounts private"))?;
     // A bind source must be a mount of this namespace, which the descriptors opened
-    // before `unshare` are not: open each directory again here and check it is the very
+    // before `unshare` are not: open each path again here and check it is the very
     // one checked then (same device and inode), so no swap in between goes unnoticed.
     let mut reopened = Vec::with_capacity(keep.len());
     for dir in keep {
         let fd = open(
             &dir.path,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(step(format!("reopen {}", dir.path.display())))?;
@@ -305,23 +377,48 @@ pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
     .map_err(step("make /newroot a mount point"))?;
     for (dir, fd) in keep.iter().zip(&reopened) {
         let rel = dir.path.strip_prefix("/").unwrap_or(&dir.path);
-        // Through the old root's /proc: the very directory checked, whatever its path
+        // Through the old root's /proc: the very path checked, whatever its name
         // points at by now.
         let src = format!("/oldroot/proc/self/fd/{}", fd.as_raw_fd());
         let dst = Path::new("/newroot").join(rel);
-        std::fs::create_dir_all(&dst).map_err(|e| JailError::Mkdir(dir.path.clone(), e))?;
+        let made = if dir.is_dir {
+            std::fs::create_dir_all(&dst)
+        } else {
+            dst.parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::File::create(&dst).map(drop))
+        };
+        made.map_err(|e| JailError::Mkdir(dir.path.clone(), e))?;
         mount(Some(src.as_str()), &dst, none, MsFlags::MS_BIND, none)
             .map_err(step(format!("bind {} into the jail", dir.path.display())))?;
-        // Writable (sockets come and go) but nothing in it runs or opens a device; the
-        // flags it already had (read-only, atime) are repeated, or the remount clears them.
+        // The flags it already had (read-only, atime) are repeated, or the remount
+        // clears them.
+        let mut flags = MsFlags::MS_NOSUID | kept_flags(&dst);
+        if !dir.how.exec {
+            flags |= MsFlags::MS_NOEXEC;
+        }
+        if !dir.how.devices {
+            flags |= MsFlags::MS_NODEV;
+        }
+        if dir.how.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
         mount(
             none,
             &dst,
             none,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardening | kept_flags(&dst),
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags,
             none,
         )
         .map_err(step(format!("harden {} in the jail", dir.path.display())))?;
+    }
+    for (link, target) in links {
+        let rel = link.strip_prefix("/").unwrap_or(link);
+        let dst = Path::new("/newroot").join(rel);
+        dst.parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::os::unix::fs::symlink(target, &dst))
+            .map_err(|e| JailError::Mkdir(link.clone(), e))?;
     }
     umount2("/oldroot", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
     std::fs::remove_dir("/oldroot").map_err(|e| JailError::Mkdir("/oldroot".into(), e))?;
@@ -338,20 +435,13 @@ pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
         none,
     )
     .map_err(step("make the jail root read-only"))?;
-    drop_capabilities()?;
-    let kept: Vec<_> = keep.iter().map(|d| d.path.display().to_string()).collect();
-    log::info!(
-        "jail: own mount, network, IPC and UTS namespaces; read-only empty root with [{}]; \
-         no capabilities",
-        kept.join(", ")
-    );
     Ok(())
 }
 
 /// Empties the bounding, ambient, inheritable, permitted and effective sets. Nothing the
 /// running VMM does needs one: KVM, tap and socket descriptors are open, and the files it
 /// still touches (sockets in its own directory) are its own.
-fn drop_capabilities() -> Result<(), JailError> {
+pub fn drop_capabilities() -> Result<(), JailError> {
     use caps::CapSet::*;
     // The bounding set first: dropping from it needs CAP_SETPCAP, still effective here.
     for set in [Bounding, Ambient, Inheritable, Effective, Permitted] {

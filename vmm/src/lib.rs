@@ -11,6 +11,7 @@ pub mod devices;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod jail;
+pub mod jail_exec;
 pub mod logging;
 pub mod seccomp;
 pub mod vhost_user_vsock;

@@ -59,6 +59,73 @@ enum Command {
         #[arg(long, default_value = "auto")]
         jail: cocoon_vmm::jail::JailMode,
     },
+    /// Run PROGRAM (QEMU) jailed: own mount, network, IPC and UTS namespaces, a
+    /// read-only root holding only the kept paths, an unprivileged uid, no capabilities,
+    /// no_new_privs, resource limits, and killed with its parent. Must start as root.
+    JailExec(Box<JailExecArgs>),
+}
+
+#[derive(Args)]
+struct JailExecArgs {
+    /// Keep a path read-only, nothing in it runs.
+    #[arg(long)]
+    keep_ro: Vec<PathBuf>,
+    /// Keep a path read-only; programs and libraries in it run.
+    #[arg(long)]
+    keep_exec: Vec<PathBuf>,
+    /// Keep a directory writable (sockets), nothing in it runs.
+    #[arg(long)]
+    keep_rw: Vec<PathBuf>,
+    /// Keep a device node.
+    #[arg(long)]
+    keep_dev: Vec<PathBuf>,
+    /// A symbolic link LINK=TARGET in the jail's root.
+    #[arg(long, value_parser = cocoon_vmm::jail_exec::parse_link)]
+    link: Vec<(PathBuf, PathBuf)>,
+    #[arg(long, default_value_t = 0)]
+    uid: u32,
+    #[arg(long, default_value_t = 0)]
+    gid: u32,
+    /// Supplementary groups (only these).
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<u32>,
+    /// A resource limit NAME=VALUE (nofile, nproc, fsize, core, memlock), soft and hard.
+    #[arg(long, value_parser = cocoon_vmm::jail_exec::parse_limit)]
+    limit: Vec<(nix::sys::resource::Resource, u64)>,
+    /// The program and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<std::ffi::OsString>,
+}
+
+fn jail_exec(a: JailExecArgs) -> anyhow::Result<u8> {
+    use cocoon_vmm::jail::{KeepAs, KeptDir};
+    let mut keep = Vec::new();
+    for (paths, how) in [
+        (&a.keep_exec, KeepAs::PROGRAMS),
+        (&a.keep_ro, KeepAs::READ_ONLY),
+        (&a.keep_rw, KeepAs::SOCKETS),
+        (&a.keep_dev, KeepAs::DEVICE),
+    ] {
+        for p in paths {
+            keep.push(KeptDir::open_as(p, how)?);
+        }
+    }
+    let mut command = a.command.into_iter();
+    let program = PathBuf::from(command.next().unwrap_or_default());
+    let err = cocoon_vmm::jail_exec::exec(cocoon_vmm::jail_exec::ExecJail {
+        keep,
+        links: a.link,
+        uid: a.uid,
+        gid: a.gid,
+        groups: a.groups,
+        limits: a.limit,
+        program,
+        args: command.collect(),
+    });
+    let cause = std::error::Error::source(&err)
+        .map(|c| format!(": {c}"))
+        .unwrap_or_default();
+    anyhow::bail!("jail-exec: {err}{cause}")
 }
 
 #[derive(Args, Default)]
@@ -249,6 +316,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run_vm(cli.run),
         Some(Command::Run(a)) => run_vm(*a),
+        Some(Command::JailExec(a)) => jail_exec(*a),
         Some(Command::VhostUserVsock {
             socket,
             uds_path,

@@ -62,24 +62,29 @@ impl RotatingFile {
     }
 }
 
-/// Copies the VMM's console pipe into `path` until the VMM closes it, on a thread.
-pub fn spawn_copier(pipe: tokio::process::ChildStdout, path: PathBuf) {
-    let fd = match pipe.into_owned_fd() {
+/// The most one file of QEMU's own messages (`qemu.log`, its stderr, copied the same
+/// way) holds before it is rotated.
+pub const VMM_LOG_LIMIT: u64 = 1024 * 1024;
+
+/// Copies a pipe of the VMM (its console, its stderr) into `path`, rotated at `limit`,
+/// until the VMM closes it, on a thread.
+pub fn spawn_copier(pipe: std::io::Result<std::os::fd::OwnedFd>, path: PathBuf, limit: u64) {
+    let fd = match pipe {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!("no console copy to {}: {e}", path.display());
+            tracing::warn!("no copy to {}: {e}", path.display());
             return;
         }
     };
     let spawned = std::thread::Builder::new()
         .name("console-copy".into())
-        .spawn(move || copy_blocking(fd, &path));
+        .spawn(move || copy_blocking(fd, &path, limit));
     if let Err(e) = spawned {
         tracing::warn!("no console copy thread: {e}");
     }
 }
 
-fn copy_blocking(fd: std::os::fd::OwnedFd, path: &Path) {
+fn copy_blocking(fd: std::os::fd::OwnedFd, path: &Path, limit: u64) {
     use std::io::Read;
     let mut pipe = File::from(fd);
     // tokio left the pipe non-blocking; this thread blocks on it.
@@ -87,7 +92,7 @@ fn copy_blocking(fd: std::os::fd::OwnedFd, path: &Path) {
         tracing::warn!("console pipe: {e}");
         return;
     }
-    let mut out = match RotatingFile::create(path, CONSOLE_LIMIT) {
+    let mut out = match RotatingFile::create(path, limit) {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!("cannot write the console to {}: {e}", path.display());

@@ -51,6 +51,7 @@ pub fn new_vm(
             vmm_spawned: started,
         },
         procs: VmProcesses::default(),
+        identity: None,
     }
 }
 

@@ -5,9 +5,11 @@
 
 pub mod cocoon_vmm;
 pub mod console;
+pub mod identity;
 mod launch;
 mod process;
 pub mod qemu;
+mod qemu_jail;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -53,6 +55,10 @@ pub enum HypervisorError {
     NeedsHardwareKvm(&'static str),
     #[error("accelerator kvm was asked for, but {0}")]
     NoKvm(String),
+    #[error("cannot jail the VMM: {0}")]
+    Jail(String),
+    #[error("cannot give the pod a uid of its own")]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// Everything needed to launch one VM. Built from `Config` plus a VM id.
@@ -189,6 +195,8 @@ pub struct Vm {
     pub accel: &'static str,
     pub times: LaunchTimes,
     pub(crate) procs: VmProcesses,
+    /// The uid a jailed VMM runs as, held until the VM is gone.
+    pub(crate) identity: Option<identity::PodIdentity>,
 }
 
 impl Vm {

@@ -10,8 +10,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::launch;
 use super::process::{configure, find_binary};
+use super::{identity, launch, qemu_jail};
 use super::{HypervisorError, Vm, VmSpec};
 use crate::config::{Accel, Config, Machine};
 
@@ -25,14 +25,18 @@ pub struct Qemu {
     accel: Accel,
     extra_args: Vec<String>,
     confine: bool,
+    /// `Some`: QEMU runs jailed, as a uid of its own from this range.
+    jail: Option<crate::config::JailConfig>,
 }
 
 /// QEMU's own seccomp filter with every group of syscalls it can deny: obsolete ones,
 /// privilege changes, fork/exec, and scheduling/resource controls.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-/// Paths inside one VM's run directory.
+/// Paths inside one VM's run directory. The vhost-user sockets QEMU connects to have a
+/// directory of their own, the only one of the run directory a jailed QEMU sees.
 struct RunPaths {
+    socket_dir: PathBuf,
     vhost_socket: PathBuf,
     vsock_uds: PathBuf,
     console_log: PathBuf,
@@ -43,13 +47,15 @@ struct RunPaths {
 
 impl RunPaths {
     fn new(dir: &Path) -> Self {
+        let socket_dir = dir.join("vhost");
         Self {
-            vhost_socket: dir.join("vhost-vsock.sock"),
+            vhost_socket: socket_dir.join("vhost-vsock.sock"),
+            virtiofs_socket: socket_dir.join("virtiofs.sock"),
+            socket_dir,
             vsock_uds: dir.join("vsock.sock"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join(QEMU_LOG),
             backend_log: dir.join("vsock-backend.log"),
-            virtiofs_socket: dir.join("virtiofs.sock"),
         }
     }
 }
@@ -68,6 +74,7 @@ impl Qemu {
             accel,
             extra_args: config.qemu.extra_args.clone(),
             confine: config.qemu.confine,
+            jail: config.qemu.jail.then(|| config.jail.clone()),
         })
     }
 
@@ -206,6 +213,19 @@ impl super::Hypervisor for Qemu {
         let run_dir = launch::create_run_dir(spec)?;
         let paths = RunPaths::new(&run_dir);
         let mut vm = launch::new_vm(spec, &run_dir, QEMU_LOG, self.accel_name(), started);
+        // The jail binds the kernel and initrd themselves: no link left in their names.
+        let mut spec = spec.clone();
+        if let Some(j) = &self.jail {
+            spec.kernel = qemu_jail::canonical("kernel", &spec.kernel)?;
+            spec.initrd = qemu_jail::canonical("initrd", &spec.initrd)?;
+            let identity = identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
+            qemu_jail::make_socket_dir(&paths.socket_dir, &identity)?;
+            vm.identity = Some(identity);
+        } else {
+            std::fs::create_dir(&paths.socket_dir)
+                .map_err(|e| HypervisorError::RunDir(paths.socket_dir.clone(), e))?;
+        }
+        let spec = &spec;
 
         let mut backend = Command::new(&self.vmm_binary);
         backend
@@ -229,8 +249,27 @@ impl super::Hypervisor for Qemu {
         vm.times.backend_ready = Instant::now();
 
         let args = self.args(spec, &paths);
-        tracing::debug!(binary = %self.binary.display(), ?args, "starting QEMU");
-        let mut qemu = Command::new(&self.binary);
+        tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
+        let mut qemu = match &vm.identity {
+            Some(identity) => {
+                qemu_jail::give_socket(&paths.vhost_socket, identity)?;
+                if spec.shared_dir.is_some() {
+                    qemu_jail::give_socket(&paths.virtiofs_socket, identity)?;
+                }
+                let jail = qemu_jail::QemuJail {
+                    qemu: &self.binary,
+                    kernel: &spec.kernel,
+                    initrd: &spec.initrd,
+                    socket_dir: &paths.socket_dir,
+                    identity,
+                    kvm: self.accel == Accel::Kvm,
+                };
+                let mut c = Command::new(&self.vmm_binary);
+                c.args(jail.command_prefix()?);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         qemu.args(&args);
         configure(&mut qemu, &paths.qemu_log).map_err(|source| HypervisorError::Spawn {
             what: "QEMU",
@@ -239,16 +278,27 @@ impl super::Hypervisor for Qemu {
         if let Some(net) = &spec.net {
             net.inherit(&mut qemu);
         }
-        if self.confine {
+        // In a jail, `jail-exec` drops them itself after it is done with them.
+        if self.confine && vm.identity.is_none() {
             super::process::drop_capabilities(&mut qemu);
         }
+        // Its stderr too: a guest can make QEMU complain without end.
         qemu.stdout(std::process::Stdio::piped());
+        qemu.stderr(std::process::Stdio::piped());
         let mut child = qemu.spawn().map_err(|source| HypervisorError::Spawn {
             what: "QEMU",
             source,
         })?;
+        use super::console::{spawn_copier, CONSOLE_LIMIT, VMM_LOG_LIMIT};
         if let Some(out) = child.stdout.take() {
-            super::console::spawn_copier(out, paths.console_log.clone());
+            spawn_copier(
+                out.into_owned_fd(),
+                paths.console_log.clone(),
+                CONSOLE_LIMIT,
+            );
+        }
+        if let Some(err) = child.stderr.take() {
+            spawn_copier(err.into_owned_fd(), paths.qemu_log.clone(), VMM_LOG_LIMIT);
         }
         vm.procs.vmm = Some(child);
         vm.times.vmm_spawned = Instant::now();
@@ -269,6 +319,7 @@ mod tests {
             accel,
             extra_args: vec![],
             confine: true,
+            jail: None,
         }
     }
 
