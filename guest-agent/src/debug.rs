@@ -62,6 +62,22 @@ pub fn serve(cmdline: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where root in a debug-armed guest asks the agent to play a compromised agent's part
+/// for the hostile-guest tests: while this file exists, every OOM poll is answered at
+/// once with the next of the container ids it lists, forged or not, and as fast as the
+/// host asks. The host must relay only its own live containers', at a bounded rate.
+pub const FORGE_OOM: &str = "/run/cocoon-forge-oom";
+
+/// With `cocoon.debug=1`, the next forged OOM event, if the hostile-guest switch is on.
+pub fn forged_oom(cmdline: &str, turn: usize) -> Option<String> {
+    if !enabled(cmdline) {
+        return None;
+    }
+    let ids = std::fs::read_to_string(FORGE_OOM).ok()?;
+    let ids: Vec<&str> = ids.lines().filter(|l| !l.is_empty()).collect();
+    (!ids.is_empty()).then(|| ids[turn % ids.len()].to_string())
+}
+
 /// SIGUSR2: exit as a crashed agent would.
 fn arm_crash_hook() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};

@@ -107,6 +107,8 @@ pub struct AgentState {
     pub server_ready_boottime_ns: std::sync::atomic::AtomicI64,
     /// OOM kills in the guest, for the GetOomEvent long poll.
     pub oom_events: crate::oomqueue::OomQueue,
+    /// Forged OOM events answered (debug-armed hostile-guest tests only).
+    pub forged_ooms: std::sync::atomic::AtomicUsize,
     /// Whether the agent is the guest's PID 1 (not the dev mode).
     pub is_init: bool,
     pub containers: Arc<Containers>,
@@ -468,8 +470,33 @@ impl Agent for AgentService {
         // Long poll: answers when a container is OOM-killed. The caller's
         // deadline bounds the wait.
         let mut ev = OomEvent::new();
-        ev.container_id = self.state.oom_events.pop().await;
-        Ok(ev)
+        let turn = self
+            .state
+            .forged_ooms
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(id) = crate::debug::forged_oom(&self.state.cmdline, turn) {
+            ev.container_id = id;
+            return Ok(ev);
+        }
+        if !crate::debug::enabled(&self.state.cmdline) {
+            ev.container_id = self.state.oom_events.pop().await;
+            return Ok(ev);
+        }
+        // Debug-armed: a poll already waiting must also notice the forging switch.
+        loop {
+            tokio::select! {
+                id = self.state.oom_events.pop() => {
+                    ev.container_id = id;
+                    return Ok(ev);
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                    if let Some(id) = crate::debug::forged_oom(&self.state.cmdline, turn) {
+                        ev.container_id = id;
+                        return Ok(ev);
+                    }
+                }
+            }
+        }
     }
 
     async fn update_interface(

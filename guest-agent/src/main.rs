@@ -106,6 +106,7 @@ fn main() {
         cmdline: early.cmdline,
         server_ready_boottime_ns: Default::default(),
         oom_events: Default::default(),
+        forged_ooms: Default::default(),
         is_init,
         containers: Arc::new(container::Containers::new(reaper.clone(), opts)),
     });

@@ -26,7 +26,7 @@ pub enum SeccompError {
 /// Syscalls the VMM makes once the VM is built. Grouped by who needs them.
 pub const ALLOWED: &[i64] = &[
     // vCPUs and the event loop.
-    libc::SYS_ioctl, // KVM_RUN and friends on the vCPU and VM fds
+    libc::SYS_ioctl, // KVM_RUN and the socket flags only (`VMM_IOCTLS`)
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
@@ -68,9 +68,9 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_getsockname,
     // Threads, memory, signals, time: the Rust runtime.
     libc::SYS_futex,
-    libc::SYS_mmap,
+    libc::SYS_mmap, // never executable (see `build_filter`)
     libc::SYS_munmap,
-    libc::SYS_mprotect,
+    libc::SYS_mprotect, // never executable
     libc::SYS_mremap,
     libc::SYS_madvise,
     libc::SYS_brk,
@@ -79,7 +79,7 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
-    libc::SYS_prctl, // thread names
+    libc::SYS_prctl, // thread names only (`PRCTL_OPS`)
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
     libc::SYS_sigaltstack,
@@ -95,6 +95,49 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
+
+/// `_IO(KVMIO, 0x80)`: the one KVM ioctl the running VMM makes. Everything else (vCPU
+/// registers, memory slots, irqfds, the stats fd) is set up before the filter goes on,
+/// and interrupts are eventfd writes.
+pub const KVM_RUN: u64 = 0xAE80;
+
+/// The ioctls the running VMM makes: KVM_RUN on its vCPUs, and what the standard library
+/// does to the sockets it accepts or connects (non-blocking, close-on-exec).
+pub const VMM_IOCTLS: &[u64] = &[KVM_RUN, libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX];
+
+/// The prctl operations the running VMM makes: naming threads (and reading a name or
+/// no_new_privs back). Not dumpable, not PR_SET_MM, not seccomp changes.
+const PRCTL_OPS: &[i32] = &[
+    libc::PR_SET_NAME,
+    libc::PR_GET_NAME,
+    libc::PR_GET_NO_NEW_PRIVS,
+];
+
+/// A rule per value of argument `index` (compared as 32 bits: ioctl's request and
+/// prctl's option are ints to the kernel).
+fn one_of(
+    index: u8,
+    values: impl IntoIterator<Item = u64>,
+) -> Result<Vec<SeccompRule>, SeccompError> {
+    values
+        .into_iter()
+        .map(|v| {
+            SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+                .and_then(|c| SeccompRule::new(vec![c]))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SeccompError::Build)
+}
+
+/// Memory protections without PROT_EXEC (argument 2 of mmap and mprotect): a VMM
+/// that runs guest-fed code paths never needs to make memory executable after start,
+/// so an exploit cannot map its own code.
+fn never_executable() -> Result<SeccompRule, SeccompError> {
+    let exec = libc::PROT_EXEC as u64;
+    SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(SeccompError::Build)
+}
 
 /// Builds the filter with `mismatch` as the action for anything not allowed.
 pub fn build_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
@@ -112,6 +155,13 @@ pub fn build_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError>
     rules.insert(libc::SYS_socket, vec![unix_only]);
     rules.insert(libc::SYS_clone, vec![threads_only()?]);
     rules.insert(libc::SYS_tgkill, own_signals()?);
+    rules.insert(libc::SYS_ioctl, one_of(1, VMM_IOCTLS.iter().copied())?);
+    rules.insert(
+        libc::SYS_prctl,
+        one_of(0, PRCTL_OPS.iter().map(|&o| o as u64))?,
+    );
+    rules.insert(libc::SYS_mmap, vec![never_executable()?]);
+    rules.insert(libc::SYS_mprotect, vec![never_executable()?]);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(SeccompError::Build)?;
     filter.try_into().map_err(SeccompError::Compile)
@@ -147,26 +197,64 @@ fn own_signals() -> Result<Vec<SeccompRule>, SeccompError> {
         .map_err(SeccompError::Build)
 }
 
-extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only async-signal-safe calls here: format the number by hand, write, _exit.
+/// Appends `v` to `buf` at `*at` in decimal (`radix` 10) or hex; no allocation.
+fn put_num(buf: &mut [u8], at: &mut usize, mut v: u64, radix: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        let d = (v % radix) as u8;
+        digits[n] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        n += 1;
+        v /= radix;
+        if v == 0 {
+            break;
+        }
+    }
+    while n > 0 && *at < buf.len() {
+        n -= 1;
+        buf[*at] = digits[n];
+        *at += 1;
+    }
+}
+
+fn put(buf: &mut [u8], at: &mut usize, s: &[u8]) {
+    for &c in s {
+        if *at < buf.len() {
+            buf[*at] = c;
+            *at += 1;
+        }
+    }
+}
+
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // Only async-signal-safe calls here: format by hand into the stack, write, _exit.
     // SAFETY: the kernel passes a valid siginfo for SIGSYS; for SECCOMP traps the syscall
     // number is the i32 right after the pointer-sized si_call_addr in the union, at the
     // fixed offset 24 on x86_64 (siginfo header 16 bytes + 8-byte address).
     let nr = unsafe { *(info.cast::<u8>().add(24).cast::<i32>()) };
-    let mut buf = *b"cocoon-vmm: seccomp blocked syscall           \n";
-    let mut n = nr.unsigned_abs();
-    let mut i = 45;
-    loop {
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 || i == 36 {
-            break;
-        }
-        i -= 1;
+    // SAFETY: an SA_SIGINFO handler's third argument is the interrupted ucontext; the
+    // syscall's arguments are in its saved registers (rdi, rsi, rdx).
+    let args = unsafe {
+        let g = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+        [
+            g[libc::REG_RDI as usize],
+            g[libc::REG_RSI as usize],
+            g[libc::REG_RDX as usize],
+        ]
+    };
+    let mut buf = [0u8; 128];
+    let mut at = 0;
+    put(&mut buf, &mut at, b"cocoon-vmm: seccomp blocked syscall ");
+    put_num(&mut buf, &mut at, u64::from(nr.unsigned_abs()), 10);
+    put(&mut buf, &mut at, b" (args");
+    for a in args {
+        put(&mut buf, &mut at, b" 0x");
+        put_num(&mut buf, &mut at, a as u64, 16);
     }
+    put(&mut buf, &mut at, b")\n");
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is valid.
     unsafe {
-        libc::write(2, buf.as_ptr().cast(), buf.len());
+        libc::write(2, buf.as_ptr().cast(), at);
         libc::_exit(31);
     }
 }
@@ -203,11 +291,7 @@ pub fn build_backend_filter(mismatch: SeccompAction) -> Result<BpfProgram, Secco
             .and_then(|c| SeccompRule::new(vec![c]))
             .map_err(SeccompError::Build)
     };
-    let ioctls = BACKEND_IOCTLS
-        .iter()
-        .map(|req| arg_is(1, SeccompCmpArgLen::Dword, *req))
-        .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_ioctl, ioctls);
+    rules.insert(libc::SYS_ioctl, one_of(1, BACKEND_IOCTLS.iter().copied())?);
     rules.insert(
         libc::SYS_socket,
         vec![arg_is(0, SeccompCmpArgLen::Dword, libc::AF_UNIX as u64)?],
@@ -226,6 +310,21 @@ pub fn apply_backend() -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn numbers_are_written_without_allocating() {
+        let mut buf = [0u8; 16];
+        let mut at = 0;
+        put_num(&mut buf, &mut at, 16, 10);
+        put(&mut buf, &mut at, b" ");
+        put_num(&mut buf, &mut at, 0xae80, 16);
+        put_num(&mut buf, &mut at, u64::MAX, 16);
+        assert_eq!(&buf[..at], b"16 ae80fffffffff");
+    }
 
     #[test]
     fn the_backend_filter_allows_only_its_ioctls_and_no_signals_to_threads() {
@@ -270,6 +369,7 @@ mod tests {
     #[test]
     fn filter_allows_listed_and_refuses_others() {
         let bpf = build_filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         // Install on a scratch thread only (no TSYNC), so the test process is unaffected.
         std::thread::spawn(move || {
             seccompiler::apply_filter(&bpf).unwrap();
@@ -314,8 +414,58 @@ mod tests {
                 std::io::Error::last_os_error().raw_os_error(),
                 Some(libc::EPERM)
             );
-            // Threads can still be made.
-            std::thread::spawn(|| ()).join().unwrap();
+            // ioctl: KVM_RUN and the socket flags, nothing else.
+            sock.set_nonblocking(true).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+            // SAFETY: ioctl with a valid fd and no pointer it writes through (FIONREAD
+            // would write an int, but is refused before the kernel sees it).
+            let r = unsafe { libc::ioctl(fd, libc::FIONREAD, std::ptr::null_mut::<i32>()) };
+            assert_eq!((r, errno()), (-1, libc::EPERM), "FIONREAD passed");
+            // No executable memory, new or changed.
+            // SAFETY: an anonymous private mapping, unmapped below; no pointers read.
+            let m = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(m, libc::MAP_FAILED, "an executable mapping was made");
+            // SAFETY: as above, readable and writable this time.
+            let m = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(m, libc::MAP_FAILED);
+            // SAFETY: m is the page just mapped.
+            let r = unsafe { libc::mprotect(m, 4096, libc::PROT_READ | libc::PROT_EXEC) };
+            assert_eq!(
+                (r, errno()),
+                (-1, libc::EPERM),
+                "mprotect made it executable"
+            );
+            // SAFETY: m is ours, mapped above.
+            assert_eq!(unsafe { libc::munmap(m, 4096) }, 0);
+            // prctl: thread names, not dumpability.
+            // SAFETY: prctl with integer arguments.
+            let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+            assert_eq!((r, errno()), (-1, libc::EPERM), "PR_SET_DUMPABLE passed");
+            // Threads can still be made (and named).
+            std::thread::Builder::new()
+                .name("after".into())
+                .spawn(|| ())
+                .unwrap()
+                .join()
+                .unwrap();
         })
         .join()
         .unwrap();

@@ -14,6 +14,9 @@ pub const BURST: f64 = 5.0;
 pub const PER_SECOND: f64 = 1.0;
 /// How long a deleted container's events are still relayed.
 pub const GRACE: Duration = Duration::from_secs(10);
+/// The shortest time between two OOM polls: a guest that answers every poll at once
+/// (a real one waits for a kill) costs the host at most this many calls a second.
+pub const POLL_PACE: Duration = Duration::from_millis(20);
 /// Deleted containers remembered at most (oldest forgotten first).
 pub const MAX_RECENT: usize = 64;
 

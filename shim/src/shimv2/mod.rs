@@ -9,7 +9,7 @@
 //! answer `start` with a plain address, which every containerd accepts.
 
 mod delete;
-pub(crate) mod guest_events;
+pub mod guest_events;
 pub(crate) mod metrics;
 pub mod mounts;
 mod persist;

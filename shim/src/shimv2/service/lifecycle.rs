@@ -36,7 +36,14 @@ impl Service {
     /// for this shim's live containers, and rate-limited (`guest_events`).
     pub(super) async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
         let mut dropped = 0u64;
+        let mut last_poll = std::time::Instant::now() - crate::shimv2::guest_events::POLL_PACE;
         loop {
+            // Paced: a guest that answers at once cannot make this loop spin.
+            let since = last_poll.elapsed();
+            if let Some(wait) = crate::shimv2::guest_events::POLL_PACE.checked_sub(since) {
+                tokio::time::sleep(wait).await;
+            }
+            last_poll = std::time::Instant::now();
             let next = tokio::select! {
                 r = sb.agent.next_oom_event(Duration::from_secs(3600)) => r,
                 _ = sb.until_lost() => return,

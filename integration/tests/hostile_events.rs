@@ -1,0 +1,94 @@
+//! Guest events against a hostile guest: root in a debug-armed guest makes its agent
+//! answer every OOM poll at once with forged container ids (`cocoon_agent::debug`'s
+//! `FORGE_OOM`), naming another pod's container, a container that never existed and its
+//! own. containerd must see no event for the first two, a bounded number for the third,
+//! and both pods must go on working and go away cleanly.
+
+mod ctr_common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use ctr_common::*;
+
+/// How long the guest forges events.
+const FORGE_SECONDS: u64 = 4;
+
+#[test]
+fn forged_oom_events_reach_no_one_else_and_are_rate_limited() {
+    let env = env_with("", "[debug]\nconsole = true\n");
+    run_detached(&env, "bystander", &[], &["sleep", "1000"]);
+    run_detached(&env, "forger", &[], &["sleep", "1000"]);
+    let mut events = env
+        .containerd
+        .ctr_cmd(&["events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let forge = format!(
+        "printf 'bystander\\nnever-existed\\nforger\\n' > /run/cocoon-forge-oom; \
+         sleep {FORGE_SECONDS}; rm /run/cocoon-forge-oom; echo forged"
+    );
+    let o = cocoon_debug(&env, "forger", &[forge.as_str()], b"");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("forged"),
+        "{}",
+        show(&o)
+    );
+    // Both pods still answer.
+    for id in ["forger", "bystander"] {
+        let out = ctr_ok(&env, &["task", "exec", "--exec-id", "alive", id, "echo", "ok"]);
+        assert_eq!(out, "ok\n", "{id}");
+    }
+    // A marker event after the forging: everything published before it is in.
+    ctr_ok(&env, &["task", "pause", "bystander"]);
+    ctr_ok(&env, &["task", "resume", "bystander"]);
+    let mut out = events.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+            if seen.contains("/tasks/resumed") {
+                break;
+            }
+        }
+        seen
+    });
+    let seen = reader.join().unwrap();
+    let _ = events.kill();
+    let _ = events.wait();
+    assert!(seen.contains("/tasks/resumed"), "no marker event: {seen}");
+    let ooms: Vec<&str> = seen.lines().filter(|l| l.contains("/tasks/oom")).collect();
+    for other in ["bystander", "never-existed"] {
+        assert!(
+            !ooms.iter().any(|l| l.contains(&format!("\"{other}\""))),
+            "a forged OOM event for {other} was published: {ooms:?}"
+        );
+    }
+    // Its own container: the burst, then the sustained rate (slack for timing).
+    let own = ooms.iter().filter(|l| l.contains("\"forger\"")).count();
+    let most = cocoon_shim::shimv2::guest_events::BURST as usize
+        + (cocoon_shim::shimv2::guest_events::PER_SECOND * FORGE_SECONDS as f64) as usize
+        + 3;
+    assert!(
+        own >= 1 && own <= most,
+        "{own} OOM events for the forger's own container (at most {most}): {ooms:?}"
+    );
+
+    kill_delete(&env, "forger");
+    kill_delete_clean(&env, "bystander");
+}
+
+fn kill_delete(env: &Env, id: &str) {
+    ctr_ok(env, &["task", "kill", "-s", "SIGKILL", id]);
+    wait_status(env, id, "STOPPED");
+    ctr_ok(env, &["task", "delete", id]);
+    ctr_ok(env, &["container", "delete", id]);
+}
