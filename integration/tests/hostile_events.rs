@@ -39,7 +39,10 @@ fn forged_oom_events_reach_no_one_else_and_are_rate_limited() {
     );
     // Both pods still answer.
     for id in ["forger", "bystander"] {
-        let out = ctr_ok(&env, &["task", "exec", "--exec-id", "alive", id, "echo", "ok"]);
+        let out = ctr_ok(
+            &env,
+            &["task", "exec", "--exec-id", "alive", id, "echo", "ok"],
+        );
         assert_eq!(out, "ok\n", "{id}");
     }
     // A marker event after the forging: everything published before it is in.

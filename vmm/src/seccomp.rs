@@ -101,9 +101,16 @@ pub const ALLOWED: &[i64] = &[
 /// and interrupts are eventfd writes.
 pub const KVM_RUN: u64 = 0xAE80;
 
-/// The ioctls the running VMM makes: KVM_RUN on its vCPUs, and what the standard library
-/// does to the sockets it accepts or connects (non-blocking, close-on-exec).
-pub const VMM_IOCTLS: &[u64] = &[KVM_RUN, libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX];
+/// The ioctls the running VMM makes: KVM_RUN on its vCPUs, what the standard library
+/// does to the sockets it accepts or connects (non-blocking, close-on-exec), and the
+/// logger's "is stderr a terminal" (TCGETS, which only reads).
+pub const VMM_IOCTLS: &[u64] = &[
+    KVM_RUN,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+    libc::TCGETS,
+];
 
 /// The prctl operations the running VMM makes: naming threads (and reading a name or
 /// no_new_privs back). Not dumpable, not PR_SET_MM, not seccomp changes.
@@ -273,7 +280,9 @@ fn install(bpf: &BpfProgram) -> Result<(), SeccompError> {
 
 /// The ioctls the vsock backend makes: setting a socket (non-)blocking and
 /// close-on-exec. It has no KVM or vhost-kernel fd; the vhost-user protocol is messages.
-const BACKEND_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX];
+/// TCGETS: the logger asks whether stderr is a terminal when it first writes, which
+/// the backend may do only after the filter is on (a warning about a connection).
+const BACKEND_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, libc::TCGETS];
 
 /// The vhost-user vsock backend's filter: the VMM's list less what only vCPUs need
 /// (no `tgkill` at all), `ioctl` only for `BACKEND_IOCTLS`, plus `bind` and `listen` for
