@@ -131,6 +131,16 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     );
     assert_eq!(status_field(backend, "NoNewPrivs"), "1");
     assert_eq!(status_field(backend, "CapEff"), "0000000000000000");
+    // Jailed like QEMU, as the same pod uid (they serve the same guest), never root.
+    assert_eq!(status_field(backend, "Uid"), uid, "the backend's uids");
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let link = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(
+            link(&backend.to_string()),
+            link("self"),
+            "the backend shares the host's {ns} namespace"
+        );
+    }
 
     // The console copy works, and a guest writing 5 MB to it leaves at most two
     // rotated files of the limit on the host.

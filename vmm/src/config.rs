@@ -334,6 +334,7 @@ impl VsockDeviceConfig {
             uds_path: self.uds_path.clone(),
             connect_timeout: Duration::from_secs(2),
             max_connections: crate::vsock::defs::DEFAULT_MAX_CONNECTIONS,
+            listener_fd: None,
         }
     }
 }

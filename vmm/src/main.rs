@@ -58,6 +58,10 @@ enum Command {
         /// auto (when root), on (required), off.
         #[arg(long, default_value = "auto")]
         jail: cocoon_vmm::jail::JailMode,
+        /// An inherited descriptor of a socket already listening at --uds-path (made by
+        /// the caller), accepted on instead of binding one; left in place at exit.
+        #[arg(long)]
+        uds_fd: Option<i32>,
     },
     /// Run PROGRAM (QEMU) jailed: own mount, network, IPC and UTS namespaces, a
     /// read-only root holding only the kept paths, an unprivileged uid, no capabilities,
@@ -324,12 +328,14 @@ fn main() -> ExitCode {
             connect_timeout_ms,
             max_connections,
             jail,
+            uds_fd,
         }) => {
             let config = VsockConfig {
                 guest_cid,
                 uds_path,
                 connect_timeout: Duration::from_millis(connect_timeout_ms),
                 max_connections,
+                listener_fd: uds_fd,
             };
             cocoon_vmm::vhost_user_vsock::serve(&socket, config, jail)
                 .map(|()| 0)

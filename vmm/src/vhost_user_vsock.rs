@@ -260,9 +260,13 @@ pub fn serve(
     let socket = socket.as_path();
     // Refuse to clobber anything but a stale socket before creating files of our own.
     remove_stale_socket(socket)?;
-    let uds_path = config.uds_path.clone();
+    // An inherited listener's socket is its maker's to remove.
+    let mut ours = vec![socket.to_path_buf()];
+    if config.listener_fd.is_none() {
+        ours.push(config.uds_path.clone());
+    }
     let backend = VhostUserVsockBackend::new(config)?;
-    let _cleanup = SocketCleanup(vec![socket.to_path_buf(), uds_path]);
+    let _cleanup = SocketCleanup(ours);
     let backend_fd = backend.backend_fd();
     let backend = Arc::new(RwLock::new(backend));
     let mut daemon = VhostUserDaemon::new(

@@ -91,17 +91,21 @@ pub struct NetAttach {
 impl NetAttach {
     /// Lets `cmd`'s process inherit the tap fd (at the same number).
     pub(crate) fn inherit(&self, cmd: &mut tokio::process::Command) {
-        let fd = self.tap_fd;
-        // SAFETY: between fork and exec, only fcntl on an fd number, which is
-        // async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        inherit_fd(cmd, self.tap_fd);
+    }
+}
+
+/// Lets the child started by `cmd` inherit descriptor `fd` (at the same number).
+pub(crate) fn inherit_fd(cmd: &mut tokio::process::Command, fd: std::os::fd::RawFd) {
+    // SAFETY: between fork and exec, only fcntl on an fd number, which is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

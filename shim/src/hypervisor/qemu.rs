@@ -201,6 +201,53 @@ impl Qemu {
     }
 }
 
+impl Qemu {
+    /// Starts the vsock backend (`cocoon-vmm vhost-user-vsock`) for `vm`. Jailed, it runs
+    /// as the pod's uid (`jail-exec`): it makes its vhost-user socket in the socket
+    /// directory, and accepts the shim's connections on a listener the shim made at
+    /// `vsock.sock` in the root-owned run directory and hands it, so the shim never
+    /// connects through a path the pod's processes can change. Unjailed, it jails
+    /// itself as root (namespaces, no capabilities) and binds its own listener.
+    fn spawn_backend(&self, vm: &mut Vm, paths: &RunPaths) -> Result<(), HypervisorError> {
+        let spawn_err = |source| HypervisorError::Spawn {
+            what: "the vsock backend",
+            source,
+        };
+        let mut backend = Command::new(&self.vmm_binary);
+        let mut listener = None;
+        if let Some(identity) = &vm.identity {
+            let jail = qemu_jail::PodJail {
+                program: &self.vmm_binary,
+                read_only: vec![],
+                writable: vec![&paths.socket_dir],
+                identity,
+                kvm: false,
+            };
+            // Ends with the program: its arguments follow.
+            backend.args(jail.command_prefix()?);
+            let l = std::os::unix::net::UnixListener::bind(&paths.vsock_uds)
+                .map_err(|e| HypervisorError::RunDir(paths.vsock_uds.clone(), e))?;
+            listener = Some(l);
+        }
+        backend
+            .args(["vhost-user-vsock", "--socket"])
+            .arg(&paths.vhost_socket);
+        if let Some(l) = &listener {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(l);
+            backend.args(["--uds-fd", &fd.to_string(), "--jail", "off"]);
+            super::inherit_fd(&mut backend, fd);
+        }
+        backend.arg("--uds-path").arg(&paths.vsock_uds);
+        backend.args(["--guest-cid", &cocoon_protocol::GUEST_CID.to_string()]);
+        configure(&mut backend, &paths.backend_log).map_err(spawn_err)?;
+        let child = backend.spawn().map_err(spawn_err)?;
+        // The backend holds the listener now.
+        drop(listener);
+        vm.procs.backends.push(child);
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl super::Hypervisor for Qemu {
     fn name(&self) -> &'static str {
@@ -227,21 +274,7 @@ impl super::Hypervisor for Qemu {
         }
         let spec = &spec;
 
-        let mut backend = Command::new(&self.vmm_binary);
-        backend
-            .args(["vhost-user-vsock", "--socket"])
-            .arg(&paths.vhost_socket);
-        backend.arg("--uds-path").arg(&paths.vsock_uds);
-        backend.args(["--guest-cid", &cocoon_protocol::GUEST_CID.to_string()]);
-        configure(&mut backend, &paths.backend_log).map_err(|source| HypervisorError::Spawn {
-            what: "the vsock backend",
-            source,
-        })?;
-        let child = backend.spawn().map_err(|source| HypervisorError::Spawn {
-            what: "the vsock backend",
-            source,
-        })?;
-        vm.procs.backends.push(child);
+        self.spawn_backend(&mut vm, &paths)?;
         launch::wait_for_socket(&mut vm.procs, &paths.vhost_socket, &paths.backend_log).await?;
         if let Some(shared) = &spec.shared_dir {
             launch::spawn_virtiofsd(&mut vm, shared, &paths.virtiofs_socket).await?;
@@ -252,15 +285,15 @@ impl super::Hypervisor for Qemu {
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
         let mut qemu = match &vm.identity {
             Some(identity) => {
-                qemu_jail::give_socket(&paths.vhost_socket, identity)?;
                 if spec.shared_dir.is_some() {
                     qemu_jail::give_socket(&paths.virtiofs_socket, identity)?;
                 }
-                let jail = qemu_jail::QemuJail {
-                    qemu: &self.binary,
-                    kernel: &spec.kernel,
-                    initrd: &spec.initrd,
-                    socket_dir: &paths.socket_dir,
+                qemu_jail::readable_by_others("kernel", &spec.kernel, identity.uid)?;
+                qemu_jail::readable_by_others("initrd", &spec.initrd, identity.uid)?;
+                let jail = qemu_jail::PodJail {
+                    program: &self.binary,
+                    read_only: vec![&spec.kernel, &spec.initrd, &paths.socket_dir],
+                    writable: vec![],
                     identity,
                     kvm: self.accel == Accel::Kvm,
                 };

@@ -1,5 +1,6 @@
-//! The jail QEMU runs in (`[qemu] jail`): the `cocoon-vmm jail-exec` command line that
-//! starts it, and the files and sockets its pod uid must reach.
+//! The jail QEMU and its vsock backend run in (`[qemu] jail`): the `cocoon-vmm
+//! jail-exec` command line that starts each, and the files and sockets the pod's uid
+//! must reach.
 //!
 //! What QEMU keeps, all at their own paths: `/usr` read-only (QEMU, its libraries,
 //! firmware and option ROMs), the links of a merged-/usr host (`/lib` → `usr/lib`),
@@ -26,14 +27,16 @@ const SYSTEM_DIRS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/li
 /// opens `/dev/null` in places).
 const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom"];
 
-/// What the jailed QEMU needs from the host.
+/// What a jailed pod process (QEMU, the vsock backend) needs from the host.
 #[derive(Debug)]
-pub struct QemuJail<'a> {
-    pub qemu: &'a Path,
-    pub kernel: &'a Path,
-    pub initrd: &'a Path,
-    /// The directory of its vhost-user sockets.
-    pub socket_dir: &'a Path,
+pub struct PodJail<'a> {
+    /// The program, at its own path in the jail.
+    pub program: &'a Path,
+    /// Files and directories it reads (the guest kernel and initrd, socket directories
+    /// it connects in).
+    pub read_only: Vec<&'a Path>,
+    /// Directories it makes sockets in.
+    pub writable: Vec<&'a Path>,
     pub identity: &'a PodIdentity,
     pub kvm: bool,
 }
@@ -49,7 +52,11 @@ pub fn canonical(what: &'static str, path: &Path) -> Result<PathBuf, HypervisorE
 }
 
 /// A file the pod uid reads must be readable by others: it owns nothing on the host.
-fn readable_by_others(what: &'static str, path: &Path, uid: u32) -> Result<(), HypervisorError> {
+pub fn readable_by_others(
+    what: &'static str,
+    path: &Path,
+    uid: u32,
+) -> Result<(), HypervisorError> {
     let meta = std::fs::metadata(path).map_err(|source| HypervisorError::MissingImage {
         what,
         path: path.into(),
@@ -81,15 +88,20 @@ fn kvm_group(uid: u32) -> Result<u32, HypervisorError> {
     )))
 }
 
-/// Makes the socket directory (`root:<pod gid>`, 0750) the backends create their
-/// sockets in.
+/// Makes the socket directory (`root:<pod gid>`, 0770) the backends create their
+/// sockets in: virtiofsd as root, the vsock backend as the pod's uid. Only this pod's
+/// processes can change it; the shim never connects through it (its own socket to the
+/// vsock backend is a listener it made in the root-owned run directory).
 pub fn make_socket_dir(dir: &Path, identity: &PodIdentity) -> Result<(), HypervisorError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
-        .mode(0o750)
+        .mode(0o770)
         .create(dir)
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))?;
     std::os::unix::fs::lchown(dir, None, Some(identity.uid))
+        .map_err(|e| HypervisorError::RunDir(dir.into(), e))?;
+    // The mode again: mkdir applied the umask.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))
 }
 
@@ -101,20 +113,18 @@ pub fn give_socket(socket: &Path, identity: &PodIdentity) -> Result<(), Hypervis
         .map_err(|e| HypervisorError::RunDir(socket.into(), e))
 }
 
-impl QemuJail<'_> {
-    /// `cocoon-vmm jail-exec …  -- <qemu>`: the QEMU arguments follow.
+impl PodJail<'_> {
+    /// `cocoon-vmm jail-exec …  -- <program>`: the program's arguments follow.
     pub fn command_prefix(&self) -> Result<Vec<std::ffi::OsString>, HypervisorError> {
         let uid = self.identity.uid;
-        readable_by_others("kernel", self.kernel, uid)?;
-        readable_by_others("initrd", self.initrd, uid)?;
         let mut a: Vec<std::ffi::OsString> = vec!["jail-exec".into()];
         let mut keep = |flag: &str, p: &Path| {
             a.push(flag.into());
             a.push(p.into());
         };
         keep("--keep-exec", Path::new("/usr"));
-        if !self.qemu.starts_with("/usr/") {
-            keep("--keep-exec", self.qemu);
+        if !self.program.starts_with("/usr/") {
+            keep("--keep-exec", self.program);
         }
         for d in SYSTEM_DIRS {
             let d = Path::new(d);
@@ -134,8 +144,11 @@ impl QemuJail<'_> {
         if ld_cache.is_file() {
             a.extend(["--keep-ro".into(), ld_cache.into()]);
         }
-        for p in [self.kernel, self.initrd, self.socket_dir] {
-            a.extend(["--keep-ro".into(), p.into()]);
+        for p in &self.read_only {
+            a.extend(["--keep-ro".into(), (*p).into()]);
+        }
+        for p in &self.writable {
+            a.extend(["--keep-rw".into(), (*p).into()]);
         }
         for d in DEVICES {
             a.extend(["--keep-dev".into(), (*d).into()]);
@@ -151,7 +164,7 @@ impl QemuJail<'_> {
             a.extend(["--limit".into(), (*l).into()]);
         }
         a.push("--".into());
-        a.push(self.qemu.into());
+        a.push(self.program.into());
         Ok(a)
     }
 }
@@ -168,11 +181,10 @@ mod tests {
         std::fs::write(&kernel, b"k").unwrap();
         std::fs::write(&initrd, b"i").unwrap();
         let identity = super::super::identity::allocate(&d.path().join("l"), 7000, 4, "p").unwrap();
-        let j = QemuJail {
-            qemu: Path::new("/usr/bin/qemu-system-x86_64"),
-            kernel: &kernel,
-            initrd: &initrd,
-            socket_dir: d.path(),
+        let j = PodJail {
+            program: Path::new("/usr/bin/qemu-system-x86_64"),
+            read_only: vec![&kernel, &initrd],
+            writable: vec![d.path()],
             identity: &identity,
             kvm: false,
         };
@@ -199,9 +211,14 @@ mod tests {
         assert!(after("--groups").is_empty() && !a.iter().any(|s| s == "/dev/kvm"));
         assert_eq!(&a[a.len() - 2..], ["--", "/usr/bin/qemu-system-x86_64"]);
 
+        assert_eq!(after("--keep-rw"), [d.path().to_str().unwrap()]);
+
         // A kernel only root can read is a clear error, before anything starts.
+        readable_by_others("kernel", &kernel, identity.uid).unwrap();
         std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let err = j.command_prefix().unwrap_err().to_string();
+        let err = readable_by_others("kernel", &kernel, identity.uid)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kernel") && err.contains("600"), "{err}");
     }
 }

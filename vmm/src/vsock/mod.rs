@@ -66,6 +66,10 @@ pub struct VsockConfig {
     pub connect_timeout: Duration,
     /// Live connections plus host clients still sending `CONNECT`.
     pub max_connections: usize,
+    /// An inherited socket already listening at `uds_path`, to accept host clients on
+    /// instead of binding one: a backend jailed as an unprivileged uid cannot create
+    /// sockets in the root-owned directory its clients trust.
+    pub listener_fd: Option<std::os::fd::RawFd>,
 }
 
 impl VsockConfig {
@@ -76,6 +80,7 @@ impl VsockConfig {
             uds_path: uds_path.into(),
             connect_timeout: defs::DEFAULT_CONNECT_TIMEOUT,
             max_connections: defs::DEFAULT_MAX_CONNECTIONS,
+            listener_fd: None,
         }
     }
 

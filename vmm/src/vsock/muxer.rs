@@ -79,14 +79,49 @@ pub struct VsockMuxer {
     log: LogLimiter,
 }
 
+/// Takes over an inherited descriptor, after checking it is a listening Unix socket.
+fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<UnixListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::FileTypeExt;
+    // SAFETY: fcntl on a number only checks whether it is an open descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is open (checked above) and handed to us by our parent for this use;
+    // nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let file = std::fs::File::from(owned);
+    let kind = file.metadata()?.file_type();
+    if !kind.is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
+    }
+    let listening = nix::sys::socket::getsockopt(&file, nix::sys::socket::sockopt::AcceptConn)
+        .map_err(std::io::Error::from)?;
+    if !listening {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a listening socket"),
+        ));
+    }
+    Ok(UnixListener::from(std::os::fd::OwnedFd::from(file)))
+}
+
 impl VsockMuxer {
     /// Listens on `config.uds_path` (replacing a stale socket there). The configuration
     /// must have been validated.
     pub fn new(config: VsockConfig) -> Result<Self, MuxerError> {
-        remove_stale_socket(&config.uds_path)?;
-        let listener = UnixListener::bind(&config.uds_path)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| MuxerError::Bind(config.uds_path.clone(), e))?;
+        let listener = match config.listener_fd {
+            Some(fd) => inherited_listener(fd),
+            None => {
+                remove_stale_socket(&config.uds_path)?;
+                UnixListener::bind(&config.uds_path)
+            }
+        }
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| MuxerError::Bind(config.uds_path.clone(), e))?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
