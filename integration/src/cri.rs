@@ -159,8 +159,13 @@ impl CriNode {
             .expect("ctr")
     }
 
+    /// containerd's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -606,6 +611,32 @@ fn verbose_info(info: &HashMap<String, String>) -> Result<serde_json::Value, Sta
 }
 
 /// The network namespace an OCI runtime spec joins (a sandbox's: CNI's bind mount).
+/// The network namespaces CNI pods have now (`/var/run/netns/cni-*`).
+pub fn cni_netns() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("cni-"))
+        .collect()
+}
+
+/// Whether network namespace `name` has no interface but loopback: a pod's whose CNI
+/// teardown ran but whose namespace was not removed (or one CNI has not set up yet).
+pub fn netns_is_bare(name: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", name, "-o", "link", "show"])
+        .env("PATH", tool_path())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .all(|l| l.contains(": lo:")),
+        _ => false,
+    }
+}
+
 fn spec_netns(spec: &serde_json::Value) -> Option<PathBuf> {
     spec["linux"]["namespaces"]
         .as_array()?

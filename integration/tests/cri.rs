@@ -396,6 +396,7 @@ async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
     let node = &env.node;
     let pconfig = node.pod_config("abandoned", "uid-abandoned", "default");
     std::fs::create_dir_all(&pconfig.log_directory).unwrap();
+    let netns_before = cocoon_integration::cri::cni_netns();
     let mut req = tonic::Request::new(k8s_cri::v1::RunPodSandboxRequest {
         config: Some(pconfig.clone()),
         runtime_handler: COCOON.into(),
@@ -447,6 +448,33 @@ async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
         .map(|e| e.path())
         .collect();
     assert!(cgroups.is_empty(), "{test}: cgroups left: {cgroups:?}");
+    // containerd goes on with the abandoned RunPodSandbox until the shim's Create fails,
+    // then tears the pod's network down: wait for that, or the node's teardown would
+    // kill containerd halfway and leave the pod's network namespace behind (seen).
+    let failed = eventually(Duration::from_secs(60), || {
+        node.log().lines().any(|l| {
+            l.contains("RunPodSandbox for") && l.contains("abandoned") && l.contains("failed")
+        })
+    })
+    .await;
+    assert!(
+        failed,
+        "{test}: containerd never finished the abandoned RunPodSandbox:\n{}",
+        node.log_tail()
+    );
+    // No new network namespace left bare (other tests' pods have their interfaces; a
+    // namespace still bare seconds later is a leftover).
+    let bare = || -> Vec<String> {
+        cocoon_integration::cri::cni_netns()
+            .difference(&netns_before)
+            .filter(|n| cocoon_integration::cri::netns_is_bare(n))
+            .cloned()
+            .collect()
+    };
+    let first = bare();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left: Vec<String> = bare().into_iter().filter(|n| first.contains(n)).collect();
+    assert!(left.is_empty(), "{test}: network namespaces left: {left:?}");
 }
 
 /// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.
