@@ -87,7 +87,7 @@ pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Ve
          their own namespaces without capabilities"
             .to_string()
     } else {
-        "jails: no: not root, so no namespaces and no uid per pod; pods with [qemu] jail = true \
+        "jails: no: not root, so no namespaces and no uid per pod; pods with [jail] enabled = true \
          (the default) will not start"
             .to_string()
     });
@@ -102,7 +102,7 @@ pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Ve
         )),
         Some((mode, gid)) => v.push(format!(
             "/dev/kvm: mode {:o} group {gid}: a jailed QEMU under KVM could not open it; \
-             give it a kvm group with read-write access (or set [qemu] jail = false)",
+             give it a kvm group with read-write access (or set [jail] enabled = false)",
             mode & 0o7777
         )),
         None => {}

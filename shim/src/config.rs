@@ -64,12 +64,16 @@ pub struct Config {
     pub jail: JailConfig,
 }
 
-/// Who a jailed VMM runs as (`[qemu] jail`): each live pod gets a uid of its own from
-/// this range, the gid of the same number, and no other group (but the owner group of
-/// `/dev/kvm` under KVM). Nothing in the range may be a real user's.
+/// Jails for a pod's host processes. QEMU and its vsock backend run through
+/// `cocoon-vmm jail-exec`: own mount, network, IPC and UTS namespaces, a read-only root
+/// holding only what they need, resource limits, and a uid of the pod's own from this
+/// range (the gid of the same number, no other group but the owner group of `/dev/kvm`
+/// under KVM). cocoon-vmm jails itself (`--jail on`). A jail that cannot be set up fails
+/// the pod. Nothing in the range may be a real user's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JailConfig {
+    pub enabled: bool,
     pub uid_base: u32,
     pub uid_count: u32,
     /// One byte per uid, locked by the pod holding it (see `hypervisor::identity`).
@@ -79,6 +83,7 @@ pub struct JailConfig {
 impl Default for JailConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             uid_base: 2_000_000_000,
             uid_count: 65_536,
             lock_file: PathBuf::from("/run/cocoon/uids.lock"),
@@ -126,11 +131,6 @@ pub struct QemuConfig {
     /// no capabilities (bounding set emptied), no_new_privs. A QEMU without seccomp
     /// support then fails to start, with its reason in the pod's error.
     pub confine: bool,
-    /// Jail QEMU (`cocoon-vmm jail-exec`): own mount, network, IPC and UTS namespaces, a
-    /// read-only root holding only QEMU, its libraries, the guest kernel and initrd and
-    /// its sockets; the pod's own unprivileged uid from `[jail]`; resource limits. A
-    /// jail that cannot be set up fails the pod.
-    pub jail: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,7 +183,6 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             extra_args: Vec::new(),
             confine: true,
-            jail: true,
         }
     }
 }

@@ -18,12 +18,15 @@ const VMM_LOG: &str = "vmm.log";
 
 pub struct CocoonVmm {
     binary: PathBuf,
+    /// `[jail] enabled`: the VMM must jail itself.
+    jail: bool,
 }
 
 impl CocoonVmm {
     pub fn new(config: &Config) -> Result<Self, HypervisorError> {
         Ok(Self {
             binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
+            jail: config.jail.enabled,
         })
     }
 
@@ -59,6 +62,10 @@ impl CocoonVmm {
             run_dir.join("vsock.sock").display().to_string(),
             "--vsock-cid".into(),
             cocoon_protocol::GUEST_CID.to_string(),
+            // Required, never the silent fallback of `auto`: a pod whose VMM cannot
+            // jail itself does not start.
+            "--jail".into(),
+            if self.jail { "on" } else { "off" }.into(),
         ];
         if let Some(shared) = &spec.shared_dir {
             a.push("--fs".into());
@@ -117,6 +124,7 @@ mod tests {
     fn command_line_carries_the_spec() {
         let v = CocoonVmm {
             binary: "/usr/bin/cocoon-vmm".into(),
+            jail: true,
         };
         let spec = VmSpec {
             id: "v1".into(),
@@ -149,6 +157,7 @@ mod tests {
         assert_eq!(after("--vcpus"), "2");
         assert_eq!(after("--vsock-uds"), "/run/cocoon/v1/vsock.sock");
         assert_eq!(after("--fs"), "/run/cocoon/v1/virtiofs.sock:cocoon");
+        assert_eq!(after("--jail"), "on", "never auto's silent fallback");
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");

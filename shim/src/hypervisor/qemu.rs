@@ -74,7 +74,7 @@ impl Qemu {
             accel,
             extra_args: config.qemu.extra_args.clone(),
             confine: config.qemu.confine,
-            jail: config.qemu.jail.then(|| config.jail.clone()),
+            jail: config.jail.enabled.then(|| config.jail.clone()),
         })
     }
 

@@ -1,4 +1,4 @@
-//! The jail QEMU and its vsock backend run in (`[qemu] jail`): the `cocoon-vmm
+//! The jail QEMU and its vsock backend run in (`[jail] enabled`): the `cocoon-vmm
 //! jail-exec` command line that starts each, and the files and sockets the pod's uid
 //! must reach.
 //!
@@ -65,7 +65,7 @@ pub fn readable_by_others(
     if meta.permissions().mode() & 0o004 == 0 {
         return Err(HypervisorError::Jail(format!(
             "the jailed QEMU runs as uid {uid} and cannot read the guest {what} {} (mode {:o}); \
-             make it world-readable or set [qemu] jail = false",
+             make it world-readable or set [jail] enabled = false",
             path.display(),
             meta.permissions().mode() & 0o7777
         )));
@@ -82,7 +82,7 @@ fn kvm_group(uid: u32) -> Result<u32, HypervisorError> {
     }
     Err(HypervisorError::Jail(format!(
         "/dev/kvm is mode {:o} group {}: the jailed QEMU (uid {uid}) could not open it; give \
-         it a kvm group with read-write access or set [qemu] jail = false",
+         it a kvm group with read-write access or set [jail] enabled = false",
         meta.mode() & 0o7777,
         meta.gid()
     )))
