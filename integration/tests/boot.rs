@@ -60,6 +60,22 @@ fn boot_roundtrip_health_version_details() {
         assert_eq!(v.protocol_version, cocoon_protocol::PROTOCOL_VERSION);
         assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
 
+        // Jailed as a uid of the pod's own (jail-exec), never root (read once the guest
+        // answers: jail-exec is root until it has set everything up).
+        let vmm = vm.vmm_pid().expect("a VMM pid");
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .expect("Uid in status")
+            .split_whitespace()
+            .map(|u| u.parse::<u32>().unwrap())
+            .collect::<Vec<_>>();
+        let range = config.jail.uid_base..config.jail.uid_base + config.jail.uid_count;
+        assert!(
+            uid.iter().all(|&u| u == uid[0]) && range.contains(&uid[0]),
+            "cocoon-vmm's uids: {uid:?}"
+        );
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
         assert!(

@@ -115,7 +115,7 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
     config.validate()?;
     let mem_size = config.mem_bytes();
     let gm = memory::create(mem_size)?;
-    let vm = Vm::new(&gm.mem)?;
+    let vm = Vm::new(&gm.mem, config.kvm_fd)?;
 
     let mut pio = Bus::new();
     let out: Box<dyn Write + Send> = match &config.serial_out {

@@ -89,6 +89,10 @@ pub struct VmConfig {
     /// `off`); see [`crate::jail`].
     #[serde(default)]
     pub jail: JailMode,
+    /// An inherited, open `/dev/kvm` to use instead of opening it: a VMM started as an
+    /// unprivileged uid in a jail that holds no `/dev` (`cocoon-vmm jail-exec`).
+    #[serde(default)]
+    pub kvm_fd: Option<i32>,
     /// ACPI tables (MADT for SMP, DSDT for the virtio devices, S5 power-off). Off: the
     /// MP table and `virtio_mmio.device=` on the command line only.
     #[serde(default = "default_true")]
@@ -103,6 +107,9 @@ pub struct VsockDeviceConfig {
     /// Hybrid vsock: host clients connect here, guest connections to port P go to
     /// `<uds_path>_P`.
     pub uds_path: PathBuf,
+    /// An inherited socket already listening at `uds_path` (see `VsockConfig`).
+    #[serde(default)]
+    pub listener_fd: Option<i32>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -184,6 +191,7 @@ impl VmConfig {
             vhost_user_vsock: None,
             seccomp: true,
             jail: JailMode::Auto,
+            kvm_fd: None,
             acpi: true,
         }
     }
@@ -268,6 +276,17 @@ impl VmConfig {
                 return Err(invalid(format!("block[{i}].id"), "longer than 20 bytes"));
             }
         }
+        if self.kvm_fd.is_some_and(|fd| fd < 3) {
+            return Err(invalid("kvm_fd", "needs an fd above 2"));
+        }
+        if self
+            .vsock
+            .as_ref()
+            .and_then(|v| v.listener_fd)
+            .is_some_and(|fd| fd < 3)
+        {
+            return Err(invalid("vsock.listener_fd", "needs an fd above 2"));
+        }
         for (i, n) in self.net.iter().enumerate() {
             if let Some(fd) = n.tap_fd {
                 if !n.tap.is_empty() || fd < 3 {
@@ -334,7 +353,7 @@ impl VsockDeviceConfig {
             uds_path: self.uds_path.clone(),
             connect_timeout: Duration::from_secs(2),
             max_connections: crate::vsock::defs::DEFAULT_MAX_CONNECTIONS,
-            listener_fd: None,
+            listener_fd: self.listener_fd,
         }
     }
 }
@@ -404,6 +423,7 @@ mod tests {
                 c.vsock = Some(VsockDeviceConfig {
                     guest_cid: 2,
                     uds_path: "/tmp/x".into(),
+                    listener_fd: None,
                 })
             },
             "vsock",

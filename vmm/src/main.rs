@@ -111,7 +111,10 @@ fn jail_exec(a: JailExecArgs) -> anyhow::Result<u8> {
         (&a.keep_dev, KeepAs::DEVICE),
     ] {
         for p in paths {
-            keep.push(KeptDir::open_as(p, how)?);
+            // A path named twice (a kernel that is also the initrd) is kept once.
+            if !keep.iter().any(|k: &KeptDir| &k.path == p) {
+                keep.push(KeptDir::open_as(p, how)?);
+            }
         }
     }
     let mut command = a.command.into_iter();
@@ -157,6 +160,13 @@ struct RunArgs {
     vsock_uds: Option<PathBuf>,
     #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
     vsock_cid: u64,
+    /// With --vsock-uds: an inherited socket already listening there, accepted on
+    /// instead of binding one (its maker removes it).
+    #[arg(long, requires = "vsock_uds")]
+    vsock_uds_fd: Option<i32>,
+    /// An inherited, open /dev/kvm, for a VMM that cannot open it itself (jail-exec).
+    #[arg(long)]
+    kvm_fd: Option<i32>,
     /// Add a virtio-blk disk: PATH or PATH,ro. Repeatable.
     #[arg(long)]
     disk: Vec<String>,
@@ -225,7 +235,11 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
         c.vsock = Some(VsockDeviceConfig {
             guest_cid: a.vsock_cid,
             uds_path: u.clone(),
+            listener_fd: a.vsock_uds_fd,
         });
+    }
+    if a.kvm_fd.is_some() {
+        c.kvm_fd = a.kvm_fd;
     }
     for d in &a.disk {
         let (path, read_only) = match d.strip_suffix(",ro") {

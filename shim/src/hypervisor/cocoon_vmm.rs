@@ -10,29 +10,45 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::process::{configure, find_binary};
-use super::{launch, HypervisorError, Vm, VmSpec};
+use super::{identity, launch, pod_jail, HypervisorError, Vm, VmSpec};
 use crate::config::Config;
 
 /// The VMM's stderr, in the VM's run dir.
 const VMM_LOG: &str = "vmm.log";
+/// The directory of virtiofsd's socket in the run dir, the only part of it a jailed
+/// VMM sees (besides its console file).
+const SOCKET_DIR: &str = "vhost";
 
 pub struct CocoonVmm {
     binary: PathBuf,
-    /// `[jail] enabled`: the VMM must jail itself.
-    jail: bool,
+    /// `Some` (`[jail] enabled`): the VMM runs through `jail-exec` as a uid of the pod's
+    /// own from this range.
+    jail: Option<crate::config::JailConfig>,
+}
+
+/// Descriptors a jailed cocoon-vmm inherits instead of opening: `/dev/kvm` (which its
+/// jail does not hold, and its uid could not open) and the listener of `vsock.sock`.
+struct Inherited {
+    kvm: std::os::fd::RawFd,
+    vsock_listener: std::os::fd::RawFd,
 }
 
 impl CocoonVmm {
     pub fn new(config: &Config) -> Result<Self, HypervisorError> {
         Ok(Self {
             binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
-            jail: config.jail.enabled,
+            jail: config.jail.enabled.then(|| config.jail.clone()),
         })
     }
 
     /// The command line for `cocoon-vmm run` (the VMM describes its devices in
     /// ACPI).
-    pub fn args(&self, spec: &VmSpec, run_dir: &std::path::Path) -> Vec<String> {
+    fn args(
+        &self,
+        spec: &VmSpec,
+        run_dir: &std::path::Path,
+        inherited: Option<&Inherited>,
+    ) -> Vec<String> {
         // The agent powers off through ACPI S5. A reboot (a kernel panic with
         // panic=-1) is the i8042 reset with reboot=k, which the VMM also treats
         // as a clean end; reboot=t would triple-fault and read as a crash.
@@ -62,16 +78,22 @@ impl CocoonVmm {
             run_dir.join("vsock.sock").display().to_string(),
             "--vsock-cid".into(),
             cocoon_protocol::GUEST_CID.to_string(),
-            // Required, never the silent fallback of `auto`: a pod whose VMM cannot
-            // jail itself does not start.
+            // Jailed by `jail-exec` when `[jail] enabled`, never by the silent fallback
+            // of `auto`.
             "--jail".into(),
-            if self.jail { "on" } else { "off" }.into(),
+            "off".into(),
         ];
+        if let Some(i) = inherited {
+            a.push("--kvm-fd".into());
+            a.push(i.kvm.to_string());
+            a.push("--vsock-uds-fd".into());
+            a.push(i.vsock_listener.to_string());
+        }
         if let Some(shared) = &spec.shared_dir {
             a.push("--fs".into());
             a.push(format!(
                 "{}:{}",
-                run_dir.join("virtiofs.sock").display(),
+                run_dir.join(SOCKET_DIR).join("virtiofs.sock").display(),
                 shared.tag
             ));
         }
@@ -94,21 +116,73 @@ impl super::Hypervisor for CocoonVmm {
         let started = Instant::now();
         let run_dir = launch::create_run_dir(spec)?;
         let mut vm = launch::new_vm(spec, &run_dir, VMM_LOG, "kvm", started);
+        let socket_dir = run_dir.join(SOCKET_DIR);
+        let virtiofs_socket = socket_dir.join("virtiofs.sock");
+        // The jail binds the kernel and initrd themselves: no link left in their names.
+        let mut spec = spec.clone();
+        if let Some(j) = &self.jail {
+            spec.kernel = pod_jail::canonical("kernel", &spec.kernel)?;
+            spec.initrd = pod_jail::canonical("initrd", &spec.initrd)?;
+            let identity = identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
+            pod_jail::make_socket_dir(&socket_dir, &identity)?;
+            pod_jail::file_for_pod(&vm.console_log, &identity)?;
+            vm.identity = Some(identity);
+        } else {
+            std::fs::create_dir(&socket_dir)
+                .map_err(|e| HypervisorError::RunDir(socket_dir.clone(), e))?;
+        }
+        let spec = &spec;
         if let Some(shared) = &spec.shared_dir {
-            launch::spawn_virtiofsd(&mut vm, shared, &run_dir.join("virtiofs.sock")).await?;
+            launch::spawn_virtiofsd(&mut vm, shared, &virtiofs_socket).await?;
         }
         vm.times.backend_ready = Instant::now();
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args(spec, &run_dir));
         let spawn_err = |source| HypervisorError::Spawn {
             what: "cocoon-vmm",
             source,
         };
+        let mut cmd = Command::new(&self.binary);
+        // Held until the VMM has its copies.
+        let mut held = None;
+        match &vm.identity {
+            Some(identity) => {
+                if spec.shared_dir.is_some() {
+                    pod_jail::give_socket(&virtiofs_socket, identity)?;
+                }
+                pod_jail::readable_by_others("kernel", &spec.kernel, identity.uid)?;
+                pod_jail::readable_by_others("initrd", &spec.initrd, identity.uid)?;
+                let jail = pod_jail::PodJail {
+                    program: &self.binary,
+                    read_only: vec![&spec.kernel, &spec.initrd, &socket_dir],
+                    writable: vec![&vm.console_log],
+                    identity,
+                    kvm: false,
+                };
+                let kvm = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .map_err(|e| HypervisorError::NoKvm(format!("/dev/kvm: {e}")))?;
+                let listener = pod_jail::vsock_listener(&vm.vsock_uds)?;
+                let inherited = Inherited {
+                    kvm: std::os::fd::AsRawFd::as_raw_fd(&kvm),
+                    vsock_listener: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                };
+                cmd.args(jail.command_prefix()?);
+                cmd.args(self.args(spec, &run_dir, Some(&inherited)));
+                super::inherit_fd(&mut cmd, inherited.kvm);
+                super::inherit_fd(&mut cmd, inherited.vsock_listener);
+                held = Some((kvm, listener));
+            }
+            None => {
+                cmd.args(self.args(spec, &run_dir, None));
+            }
+        }
         configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?;
         if let Some(net) = &spec.net {
             net.inherit(&mut cmd);
         }
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
+        drop(held);
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), "VM launched on cocoon-vmm");
         Ok(vm)
@@ -124,7 +198,7 @@ mod tests {
     fn command_line_carries_the_spec() {
         let v = CocoonVmm {
             binary: "/usr/bin/cocoon-vmm".into(),
-            jail: true,
+            jail: Some(Default::default()),
         };
         let spec = VmSpec {
             id: "v1".into(),
@@ -144,7 +218,15 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
             }),
         };
-        let a = v.args(&spec, std::path::Path::new("/run/cocoon/v1"));
+        let inherited = Inherited {
+            kvm: 11,
+            vsock_listener: 12,
+        };
+        let a = v.args(
+            &spec,
+            std::path::Path::new("/run/cocoon/v1"),
+            Some(&inherited),
+        );
         let after = |f: &str| {
             a.windows(2)
                 .find(|w| w[0] == f)
@@ -156,8 +238,11 @@ mod tests {
         assert_eq!(after("--mem-mib"), "300");
         assert_eq!(after("--vcpus"), "2");
         assert_eq!(after("--vsock-uds"), "/run/cocoon/v1/vsock.sock");
-        assert_eq!(after("--fs"), "/run/cocoon/v1/virtiofs.sock:cocoon");
-        assert_eq!(after("--jail"), "on", "never auto's silent fallback");
+        assert_eq!(after("--fs"), "/run/cocoon/v1/vhost/virtiofs.sock:cocoon");
+        // Jailed by jail-exec, never by auto's silent fallback.
+        assert_eq!(after("--jail"), "off");
+        assert_eq!(after("--kvm-fd"), "11");
+        assert_eq!(after("--vsock-uds-fd"), "12");
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");

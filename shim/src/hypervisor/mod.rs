@@ -7,9 +7,9 @@ pub mod cocoon_vmm;
 pub mod console;
 pub mod identity;
 mod launch;
+mod pod_jail;
 mod process;
 pub mod qemu;
-mod qemu_jail;
 pub mod watch;
 
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::process::{configure, find_binary};
-use super::{identity, launch, qemu_jail};
+use super::{identity, launch, pod_jail};
 use super::{HypervisorError, Vm, VmSpec};
 use crate::config::{Accel, Config, Machine};
 
@@ -216,7 +216,7 @@ impl Qemu {
         let mut backend = Command::new(&self.vmm_binary);
         let mut listener = None;
         if let Some(identity) = &vm.identity {
-            let jail = qemu_jail::PodJail {
+            let jail = pod_jail::PodJail {
                 program: &self.vmm_binary,
                 read_only: vec![],
                 writable: vec![&paths.socket_dir],
@@ -225,9 +225,7 @@ impl Qemu {
             };
             // Ends with the program: its arguments follow.
             backend.args(jail.command_prefix()?);
-            let l = std::os::unix::net::UnixListener::bind(&paths.vsock_uds)
-                .map_err(|e| HypervisorError::RunDir(paths.vsock_uds.clone(), e))?;
-            listener = Some(l);
+            listener = Some(pod_jail::vsock_listener(&paths.vsock_uds)?);
         }
         backend
             .args(["vhost-user-vsock", "--socket"])
@@ -263,10 +261,10 @@ impl super::Hypervisor for Qemu {
         // The jail binds the kernel and initrd themselves: no link left in their names.
         let mut spec = spec.clone();
         if let Some(j) = &self.jail {
-            spec.kernel = qemu_jail::canonical("kernel", &spec.kernel)?;
-            spec.initrd = qemu_jail::canonical("initrd", &spec.initrd)?;
+            spec.kernel = pod_jail::canonical("kernel", &spec.kernel)?;
+            spec.initrd = pod_jail::canonical("initrd", &spec.initrd)?;
             let identity = identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
-            qemu_jail::make_socket_dir(&paths.socket_dir, &identity)?;
+            pod_jail::make_socket_dir(&paths.socket_dir, &identity)?;
             vm.identity = Some(identity);
         } else {
             std::fs::create_dir(&paths.socket_dir)
@@ -286,11 +284,11 @@ impl super::Hypervisor for Qemu {
         let mut qemu = match &vm.identity {
             Some(identity) => {
                 if spec.shared_dir.is_some() {
-                    qemu_jail::give_socket(&paths.virtiofs_socket, identity)?;
+                    pod_jail::give_socket(&paths.virtiofs_socket, identity)?;
                 }
-                qemu_jail::readable_by_others("kernel", &spec.kernel, identity.uid)?;
-                qemu_jail::readable_by_others("initrd", &spec.initrd, identity.uid)?;
-                let jail = qemu_jail::PodJail {
+                pod_jail::readable_by_others("kernel", &spec.kernel, identity.uid)?;
+                pod_jail::readable_by_others("initrd", &spec.initrd, identity.uid)?;
+                let jail = pod_jail::PodJail {
                     program: &self.binary,
                     read_only: vec![&spec.kernel, &spec.initrd, &paths.socket_dir],
                     writable: vec![],

@@ -27,8 +27,14 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    /// A VM on `/dev/kvm`, or on the inherited descriptor `kvm_fd` of it.
+    pub fn new(mem: &GuestMemoryMmap, kvm_fd: Option<i32>) -> Result<Self, VmError> {
+        let kvm = match kvm_fd {
+            // SAFETY: the config's validation checked it is an open descriptor above
+            // stdio, handed to us for this use; nothing else here owns it.
+            Some(fd) => unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            None => Kvm::new().map_err(VmError::OpenKvm)?,
+        };
         let v = kvm.get_api_version();
         if v != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(VmError::ApiVersion(v));

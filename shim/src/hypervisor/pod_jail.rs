@@ -1,6 +1,6 @@
-//! The jail QEMU and its vsock backend run in (`[jail] enabled`): the `cocoon-vmm
-//! jail-exec` command line that starts each, and the files and sockets the pod's uid
-//! must reach.
+//! The jail a pod's VMM (QEMU and its vsock backend, or cocoon-vmm) runs in (`[jail]
+//! enabled`): the `cocoon-vmm jail-exec` command line that starts each, and the files
+//! and sockets the pod's uid must reach.
 //!
 //! What QEMU keeps, all at their own paths: `/usr` read-only (QEMU, its libraries,
 //! firmware and option ROMs), the links of a merged-/usr host (`/lib` → `usr/lib`),
@@ -103,6 +103,27 @@ pub fn make_socket_dir(dir: &Path, identity: &PodIdentity) -> Result<(), Hypervi
     // The mode again: mkdir applied the umask.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))
+}
+
+/// A socket listening at `path` (in the root-owned run directory) for a jailed VMM or
+/// backend to accept the shim's vsock connections on: it inherits the descriptor, so
+/// the shim never connects through a path the pod's processes can change.
+pub fn vsock_listener(path: &Path) -> Result<std::os::unix::net::UnixListener, HypervisorError> {
+    std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| HypervisorError::RunDir(path.into(), e))
+}
+
+/// Creates `path` (0600, new) for the pod uid to write: cocoon-vmm's capped console
+/// file. The run directory stays root's, so the file cannot be swapped for a link.
+pub fn file_for_pod(path: &Path, identity: &PodIdentity) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|_| std::os::unix::fs::lchown(path, Some(identity.uid), Some(identity.uid)))
+        .map_err(|e| HypervisorError::RunDir(path.into(), e))
 }
 
 /// Hands a backend's socket to the pod uid, which connects to it (connecting needs
