@@ -85,6 +85,34 @@ pub fn resolve_cloud_kernel() -> Result<AptPackage, DebianError> {
     }
 }
 
+/// Resolves a package by name to the version apt would install, refreshing apt's lists
+/// once if they do not know it yet.
+pub fn resolve_package(name: &str) -> Result<AptPackage, DebianError> {
+    let show = |name: &str| -> Result<AptPackage, DebianError> {
+        let stanza = run("apt-cache", &["show", "--no-all-versions", name], None)?;
+        let get = |f: &'static str| {
+            field(&stanza, f).ok_or_else(|| DebianError::MissingField {
+                package: name.to_owned(),
+                field: f,
+            })
+        };
+        Ok(AptPackage {
+            name: name.to_owned(),
+            version: get("Version")?,
+            architecture: get("Architecture")?,
+            sha256: field(&stanza, "SHA256"),
+        })
+    };
+    match show(name) {
+        Ok(pkg) => Ok(pkg),
+        Err(first) => {
+            log::info!("resolving {name} failed ({first}); running apt-get update");
+            run("apt-get", &["update", "-q"], None)?;
+            show(name)
+        }
+    }
+}
+
 fn resolve_kernel_of(meta: &str) -> Result<AptPackage, DebianError> {
     let stanza = run("apt-cache", &["show", "--no-all-versions", meta], None)?;
     let depends = field(&stanza, "Depends").ok_or_else(|| DebianError::MissingField {

@@ -35,6 +35,8 @@ pub enum KernelError {
     SeveralKernels { deb: PathBuf, releases: Vec<String> },
     #[error("Kernel package {} has no lib/modules/{release}", deb.display())]
     NoModules { deb: PathBuf, release: String },
+    #[error("Failed to build the guest kernel")]
+    Build(#[from] crate::kbuild::KbuildError),
 }
 
 /// Where to take the kernel and its modules from.
@@ -44,6 +46,10 @@ pub enum KernelSource {
     DebianCloud,
     /// A `linux-image-*` `.deb` already on disk; used offline.
     DebFile(PathBuf),
+    /// Cocoon's own kernel, built from Debian's `linux-source-6.12` with
+    /// `rootfs/kernel/cocoon.config` (`kbuild`), everything built in; cached per source,
+    /// fragment and recipe.
+    Built,
 }
 
 /// Which package the kernel came from, as recorded in the manifest.
@@ -73,6 +79,7 @@ pub fn prepare(
     scratch: &Path,
 ) -> Result<PreparedKernel, KernelError> {
     let (deb, deb_sha256, name, version) = match source {
+        KernelSource::Built => return prepare_built(downloads, scratch),
         KernelSource::DebianCloud => {
             let pkg = debian::resolve_cloud_kernel()?;
             let (deb, sha256) = debian::fetch(&pkg, downloads)?;
@@ -121,6 +128,45 @@ pub fn prepare(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             deb_sha256,
+        },
+    })
+}
+
+/// Builds (or reuses) Cocoon's own kernel; its module tree is only `modules.builtin`.
+fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, KernelError> {
+    let kernels = scratch
+        .parent()
+        .map_or_else(|| scratch.join("kernels"), |p| p.join("kernels"));
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let k = crate::kbuild::build(downloads, &kernels, scratch, jobs)?;
+    let tree = tempfile::Builder::new()
+        .prefix("kernel-")
+        .tempdir_in(scratch)
+        .map_err(|source| KernelError::Scratch {
+            path: scratch.to_owned(),
+            source,
+        })?;
+    let modules_dir = tree.path().join("lib/modules").join(&k.release);
+    fs::create_dir_all(&modules_dir)
+        .and_then(|()| fs::copy(&k.modules_builtin, modules_dir.join("modules.builtin")))
+        .map_err(|source| KernelError::Scratch {
+            path: modules_dir.clone(),
+            source,
+        })?;
+    Ok(PreparedKernel {
+        _tree: tree,
+        release: k.release,
+        vmlinuz: k.vmlinuz,
+        modules_dir,
+        package: KernelPackage {
+            package: format!("{} (built, cocoon.config {})", k.source.name, k.key),
+            version: k.source.version,
+            deb_file: k
+                .source_deb
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            deb_sha256: k.source_sha256,
         },
     })
 }

@@ -8,6 +8,7 @@ pub mod debian;
 pub mod elf;
 pub mod hash;
 pub mod initramfs;
+pub mod kbuild;
 pub mod kernel;
 pub mod manifest;
 pub mod modinfo;

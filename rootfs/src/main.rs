@@ -29,8 +29,11 @@ struct BuildArgs {
     #[arg(long)]
     agent: PathBuf,
     /// Use this linux-image .deb instead of resolving linux-image-cloud-amd64 with apt.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "built_kernel")]
     kernel_deb: Option<PathBuf>,
+    /// Build Cocoon's own kernel from linux-source-6.12 (cached) instead.
+    #[arg(long)]
+    built_kernel: bool,
     /// Cache root [default: $COCOON_CACHE_DIR, /var/lib/cocoon as root, else ~/.cache/cocoon].
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -48,9 +51,10 @@ struct BuildArgs {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let Command::Build(args) = Cli::parse().command;
-    let kernel = match args.kernel_deb {
-        Some(deb) => KernelSource::DebFile(deb),
-        None => KernelSource::DebianCloud,
+    let kernel = match (args.kernel_deb, args.built_kernel) {
+        (Some(deb), _) => KernelSource::DebFile(deb),
+        (None, true) => KernelSource::Built,
+        (None, false) => KernelSource::DebianCloud,
     };
     let mut opts = BuildOptions::new(kernel, args.agent);
     opts.cache_dir = args.cache_dir;

@@ -167,6 +167,12 @@ pub fn build_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError>
         libc::SYS_prctl,
         one_of(0, PRCTL_OPS.iter().map(|&o| o as u64))?,
     );
+    // Only to add a filter (which can only take away): the event loop's, once the
+    // vCPUs run.
+    rules.insert(
+        libc::SYS_seccomp,
+        one_of(0, [u64::from(libc::SECCOMP_SET_MODE_FILTER)])?,
+    );
     rules.insert(libc::SYS_mmap, vec![never_executable()?]);
     rules.insert(libc::SYS_mprotect, vec![never_executable()?]);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
@@ -268,7 +274,41 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *m
 
 /// Sets no_new_privs and installs the filter on every thread of the process.
 pub fn apply() -> Result<(), SeccompError> {
+    // Stacked under the allowlist: clone3 answers ENOSYS, so the C library makes
+    // threads with clone(2), whose flags the allowlist checks (clone3's are in memory,
+    // out of a filter's reach).
+    seccompiler::apply_filter_all_threads(&build_no_clone3_filter()?)
+        .map_err(SeccompError::Apply)?;
     install(&build_filter(SeccompAction::Trap)?)
+}
+
+/// A filter that only answers `clone3` with ENOSYS and allows everything else (it goes
+/// on top of the allowlist, which decides the rest).
+pub fn build_no_clone3_filter() -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Compile)
+}
+
+/// Stacked on the event-loop thread once the vCPUs run: it serves devices and the API
+/// and never runs a vCPU, so KVM_RUN from it traps (`mismatch` for tests).
+pub fn build_event_loop_filter(matched: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_ioctl, one_of(1, [KVM_RUN])?)].into();
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
+        .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Compile)
+}
+
+/// Installs [`build_event_loop_filter`] on the calling thread only.
+pub fn apply_event_loop() -> Result<(), SeccompError> {
+    seccompiler::apply_filter(&build_event_loop_filter(SeccompAction::Trap)?)
+        .map_err(SeccompError::Apply)
 }
 
 fn install(bpf: &BpfProgram) -> Result<(), SeccompError> {
@@ -313,6 +353,8 @@ pub fn build_backend_filter(mismatch: SeccompAction) -> Result<BpfProgram, Secco
 
 /// Installs the backend's filter on every thread of the process.
 pub fn apply_backend() -> Result<(), SeccompError> {
+    seccompiler::apply_filter_all_threads(&build_no_clone3_filter()?)
+        .map_err(SeccompError::Apply)?;
     install(&build_backend_filter(SeccompAction::Trap)?)
 }
 
@@ -322,6 +364,37 @@ mod tests {
 
     fn errno() -> i32 {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn clone3_is_answered_enosys_and_threads_still_start() {
+        let bpf = build_no_clone3_filter().unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&bpf).unwrap();
+            // SAFETY: clone3 with a null argument; refused before the kernel reads it.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
+            assert_eq!((r, errno()), (-1, libc::ENOSYS));
+            // The C library falls back to clone(2).
+            std::thread::spawn(|| ()).join().unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_event_loop_cannot_run_a_vcpu() {
+        let bpf = build_event_loop_filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&bpf).unwrap();
+            sock.set_nonblocking(true).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+            // SAFETY: KVM_RUN takes no pointer; refused before the kernel sees it.
+            let r = unsafe { libc::ioctl(fd, KVM_RUN as _, 0) };
+            assert_eq!((r, errno()), (-1, libc::EPERM));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

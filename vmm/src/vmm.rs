@@ -299,6 +299,10 @@ impl Vmm {
             };
             handles.push(runner.spawn()?);
         }
+        if config.seccomp {
+            // This thread goes on as the event loop: it never runs a vCPU.
+            crate::seccomp::apply_event_loop()?;
+        }
         self.running = Some(Running {
             vcpus: Vcpus { handles, control },
             host_devices: built.host_devices,

@@ -88,8 +88,13 @@ enum ImageCmd {
         #[arg(long)]
         agent: PathBuf,
         /// Use this linux-image .deb instead of resolving Debian's cloud kernel.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "built_kernel")]
         kernel_deb: Option<PathBuf>,
+        /// Build Cocoon's own kernel (Debian's linux-source-6.12 with
+        /// rootfs/kernel/cocoon.config, everything built in; cached) instead of
+        /// Debian's cloud kernel.
+        #[arg(long)]
+        built_kernel: bool,
         #[arg(long)]
         cache_dir: Option<PathBuf>,
         /// Also copy vmlinuz, initramfs.cpio and manifest.json here.
@@ -266,14 +271,16 @@ fn run(cli: Cli) -> Result<()> {
                 ImageCmd::Build {
                     agent,
                     kernel_deb,
+                    built_kernel,
                     cache_dir,
                     out,
                     busybox,
                 },
         } => {
-            let source = match kernel_deb {
-                Some(p) => cocoon_rootfs::KernelSource::DebFile(p),
-                None => cocoon_rootfs::KernelSource::DebianCloud,
+            let source = match (kernel_deb, built_kernel) {
+                (Some(p), _) => cocoon_rootfs::KernelSource::DebFile(p),
+                (None, true) => cocoon_rootfs::KernelSource::Built,
+                (None, false) => cocoon_rootfs::KernelSource::DebianCloud,
             };
             let mut opts = cocoon_rootfs::BuildOptions::new(source, agent);
             opts.cache_dir = cache_dir;
