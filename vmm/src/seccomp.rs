@@ -113,11 +113,14 @@ pub const VMM_IOCTLS: &[u64] = &[
 ];
 
 /// The prctl operations the running VMM makes: naming threads (and reading a name or
-/// no_new_privs back). Not dumpable, not PR_SET_MM, not seccomp changes.
+/// no_new_privs back, or setting it before a stacked filter). Not dumpable, not
+/// PR_SET_MM, not PR_SET_SECCOMP.
 const PRCTL_OPS: &[i32] = &[
     libc::PR_SET_NAME,
     libc::PR_GET_NAME,
     libc::PR_GET_NO_NEW_PRIVS,
+    // Setting it again (seccompiler does before each filter it adds) only restricts.
+    libc::PR_SET_NO_NEW_PRIVS,
 ];
 
 /// A rule per value of argument `index` (compared as 32 bits: ioctl's request and
