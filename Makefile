@@ -27,8 +27,13 @@ agent: setup
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
 		$(CARGO) build --release -p cocoon-agent --target $(GUEST_TARGET)
 
+# The guest image: Cocoon's own kernel (built once per change of
+# rootfs/kernel/cocoon.config, then cached) and the agent's initramfs. KERNEL=debian
+# takes Debian's cloud kernel instead.
+KERNEL ?= built
 image: build agent
-	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out $(IMAGE_DIR)
+	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out $(IMAGE_DIR) \
+		$(if $(filter built,$(KERNEL)),--built-kernel,)
 
 # The demo: a container in a microVM through containerd (ctr run with
 # io.containerd.cocoon.v2), then the same with runc; then a bare VM boot with

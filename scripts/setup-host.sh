@@ -9,9 +9,11 @@ set -euo pipefail
 # synthetic test guests; iproute2 for tap tests; acpica-tools (iasl) to check
 # the VMM's ACPI tables; containernetworking-plugins (bridge, host-local,
 # loopback) for the CRI tests' pod networks; protobuf-compiler because k8s-cri (the
-# CRI v1 API the tests drive containerd with) generates its code with protoc.
+# CRI v1 API the tests drive containerd with) generates its code with protoc; make,
+# gcc, flex, bison, bc, libelf-dev, libssl-dev, xz-utils to build Cocoon's own guest
+# kernel from linux-source-6.12 (`cocoon image build --built-kernel`).
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
-          containernetworking-plugins protobuf-compiler)
+          containernetworking-plugins protobuf-compiler make gcc flex bison bc libelf-dev libssl-dev xz-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -74,21 +74,33 @@ impl L1Image {
             })?;
         let cache =
             Cache::new(cocoon_rootfs::resolve_cache_dir(cache_dir).map_err(RootfsError::from)?);
-        let deb = cache
-            .downloads_dir()
-            .join(&manifest.kernel.package.deb_file);
-        if !deb.is_file() {
-            return Err(NestedError::Missing {
-                what: deb.display().to_string(),
-                hint: "the guest image's kernel package; run `make image`",
-            });
-        }
+        // L1 needs KVM's modules: a guest image with Cocoon's own kernel (built from
+        // linux-source, everything built in and no KVM host support) gets Debian's
+        // cloud kernel for L1 instead; its pods (L2) still boot the image's kernel.
+        let (deb, deb_sha256) = if manifest.kernel.package.deb_file.starts_with("linux-image") {
+            let deb = cache
+                .downloads_dir()
+                .join(&manifest.kernel.package.deb_file);
+            if !deb.is_file() {
+                return Err(NestedError::Missing {
+                    what: deb.display().to_string(),
+                    hint: "the guest image's kernel package; run `make image`",
+                });
+            }
+            (deb, manifest.kernel.package.deb_sha256.clone())
+        } else {
+            let fetched = cocoon_rootfs::debian::resolve_cloud_kernel()
+                .and_then(|pkg| cocoon_rootfs::debian::fetch(&pkg, &cache.downloads_dir()));
+            fetched
+                .map_err(cocoon_rootfs::kernel::KernelError::from)
+                .map_err(RootfsError::from)?
+        };
         let busybox = static_busybox()?;
 
         let key = hash::sha256_hex(
             format!(
                 "{FORMAT}\n{}\n{}\n{}\n{INIT}\n{STAGE2}\n",
-                manifest.kernel.package.deb_sha256,
+                deb_sha256,
                 hash::sha256_hex(&busybox),
                 L1_MODULES.join(" ")
             )
