@@ -65,7 +65,9 @@ test-nested: image
 # vs QEMU microvm on a synthetic guest, and cocoon-vmm vs QEMU with KVM on
 # the real guest image inside the nested harness's L1. JSON reports in target/.
 bench: image
-	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 --out target/bench-boot.json
+	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out target/image-debian
+	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 \
+		--compare-image target/image-debian --out target/bench-boot.json
 	bash scripts/bench-run.sh 10 $(CURDIR)/target/bench-run.json
 	./target/debug/cocoon bench pods --runs 10 --concurrent 10 --out target/bench-pods.json
 	$(CARGO) bench -p cocoon-vmm --bench boot

@@ -93,6 +93,10 @@ pub struct BootReport {
     /// Raw QEMU, same kernel and options, trivial init that powers off:
     /// process start to exit, in milliseconds.
     pub baseline_cycle_ms: Vec<f64>,
+    /// Another guest image booted by Cocoon in the same run, alternating (Debian's cloud
+    /// kernel against our own), if asked for.
+    pub compare_kernel: Option<PathBuf>,
+    pub compare_samples: Vec<BootSample>,
     pub summary: Vec<(String, Stats)>,
 }
 
@@ -219,12 +223,14 @@ pub async fn boot_bench(
     config: &Config,
     runs: usize,
     busybox: &Path,
+    compare: Option<&Config>,
 ) -> Result<BootReport, BenchError> {
     let hv = hypervisor::from_config(config)?;
     let scratch = tempfile::tempdir().map_err(|e| BenchError::Write("temp dir".into(), e))?;
     let initrd = scratch.path().join("baseline.cpio");
     baseline_initrd(busybox, &initrd)?;
     let mut samples = Vec::new();
+    let mut compare_samples = Vec::new();
     let mut baseline = Vec::new();
     let mut accel = String::new();
     for i in 0..runs {
@@ -235,9 +241,13 @@ pub async fn boot_bench(
         }
         samples.push(s);
         baseline.push(baseline_once(config, &accel, &initrd).await?);
+        if let Some(other) = compare {
+            let id = format!("bench-{}-{i}-cmp", std::process::id());
+            compare_samples.push(boot_once(hv.as_ref(), other, &id).await?.0);
+        }
     }
     let col = |f: fn(&BootSample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
-    let summary = vec![
+    let mut summary = vec![
         (
             "cocoon: launch -> agent ready".to_string(),
             Stats::of(&col(|s| s.ready_ms)),
@@ -271,6 +281,27 @@ pub async fn boot_bench(
             Stats::of(&baseline),
         ),
     ];
+    if !compare_samples.is_empty() {
+        let of = |f: fn(&BootSample) -> f64| {
+            Stats::of(&compare_samples.iter().map(f).collect::<Vec<_>>())
+        };
+        summary.push((
+            "compared image: launch -> agent ready".into(),
+            of(|s| s.ready_ms),
+        ));
+        summary.push((
+            "  kernel boot (guest clock)".into(),
+            of(|s| s.kernel_boot_ms),
+        ));
+        summary.push((
+            "  agent start (guest clock)".into(),
+            of(|s| s.agent_start_ms),
+        ));
+        summary.push((
+            "  unaccounted (qemu init, fw, decompress)".into(),
+            of(|s| s.unaccounted_ms),
+        ));
+    }
     Ok(BootReport {
         runs,
         accel,
@@ -278,6 +309,8 @@ pub async fn boot_bench(
         initrd: config.initrd_path(),
         samples,
         baseline_cycle_ms: baseline,
+        compare_kernel: compare.map(Config::kernel_path),
+        compare_samples,
         summary,
     })
 }
@@ -308,6 +341,18 @@ impl BootReport {
                 "ratio cocoon full cycle / raw qemu baseline (medians): {:.2}\n",
                 cycle / base
             ));
+        }
+        let ready =
+            |v: &[BootSample]| Stats::of(&v.iter().map(|s| s.ready_ms).collect::<Vec<_>>()).median;
+        if let Some(k) = &self.compare_kernel {
+            let other = ready(&self.compare_samples);
+            if other > 0.0 {
+                s.push_str(&format!(
+                    "ratio launch -> agent ready, this image / compared image ({}) (medians): {:.2}\n",
+                    k.display(),
+                    ready(&self.samples) / other
+                ));
+            }
         }
         s
     }

@@ -147,6 +147,11 @@ enum BenchCmd {
         /// Static busybox for the baseline's trivial init.
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
+        /// Also boot the guest image in this directory (vmlinuz, initramfs.cpio),
+        /// alternating with the configured one: e.g. Debian's cloud kernel against
+        /// Cocoon's own.
+        #[arg(long)]
+        compare_image: Option<PathBuf>,
     },
     /// Kubernetes pods through containerd's CRI plugin: RunPodSandbox -> container
     /// running, cocoon vs runc, and N pods at once (time, host memory per pod). Runs
@@ -361,13 +366,30 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            cmd: BenchCmd::Boot { runs, out, busybox },
+            cmd:
+                BenchCmd::Boot {
+                    runs,
+                    out,
+                    busybox,
+                    compare_image,
+                },
         } => {
             if runs == 0 {
                 bail!("--runs must be at least 1");
             }
             let config = Config::load()?;
-            let report = runtime()?.block_on(bench::boot_bench(&config, runs, &busybox))?;
+            let compare = compare_image.map(|dir| {
+                let mut c = config.clone();
+                c.vm.kernel = dir.join("vmlinuz");
+                c.vm.initrd = dir.join("initramfs.cpio");
+                c
+            });
+            let report = runtime()?.block_on(bench::boot_bench(
+                &config,
+                runs,
+                &busybox,
+                compare.as_ref(),
+            ))?;
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             print!("{}", report.table());
