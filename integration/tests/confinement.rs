@@ -18,6 +18,18 @@ fn status_field(pid: u32, field: &str) -> String {
         .to_string()
 }
 
+/// `pid` has mount, network, IPC and UTS namespaces of its own, not the host's.
+fn assert_own_namespaces(pid: u32, what: &str) {
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let link = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(
+            link(&pid.to_string()),
+            link("self"),
+            "{what} shares the host's {ns} namespace"
+        );
+    }
+}
+
 #[test]
 fn qemu_runs_confined_and_its_console_is_bounded() {
     let env = env_with("hypervisor = \"qemu\"\n", "[debug]\nconsole = true\n");
@@ -49,14 +61,7 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
         "gids {gids}"
     );
     assert_eq!(status_field(qemu, "Groups"), "");
-    for ns in ["mnt", "net", "ipc", "uts"] {
-        let link = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        assert_ne!(
-            link(&qemu.to_string()),
-            link("self"),
-            "QEMU shares the host's {ns} namespace"
-        );
-    }
+    assert_own_namespaces(qemu, "QEMU");
     let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{qemu}/root"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -133,14 +138,7 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     assert_eq!(status_field(backend, "CapEff"), "0000000000000000");
     // Jailed like QEMU, as the same pod uid (they serve the same guest), never root.
     assert_eq!(status_field(backend, "Uid"), uid, "the backend's uids");
-    for ns in ["mnt", "net", "ipc", "uts"] {
-        let link = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        assert_ne!(
-            link(&backend.to_string()),
-            link("self"),
-            "the backend shares the host's {ns} namespace"
-        );
-    }
+    assert_own_namespaces(backend, "the backend");
 
     // The console copy works, and a guest writing 5 MB to it leaves at most two
     // rotated files of the limit on the host.

@@ -75,12 +75,20 @@ impl AptPackage {
 /// Resolves the cloud metapackage to its concrete kernel package, refreshing apt's lists
 /// once if they do not know it yet.
 pub fn resolve_cloud_kernel() -> Result<AptPackage, DebianError> {
-    match resolve_kernel_of(CLOUD_METAPACKAGE) {
+    with_fresh_lists(CLOUD_METAPACKAGE, resolve_kernel_of)
+}
+
+/// `resolve(name)`, and once more after `apt-get update` if apt did not know it.
+fn with_fresh_lists(
+    name: &str,
+    resolve: impl Fn(&str) -> Result<AptPackage, DebianError>,
+) -> Result<AptPackage, DebianError> {
+    match resolve(name) {
         Ok(pkg) => Ok(pkg),
         Err(first) => {
-            log::info!("resolving {CLOUD_METAPACKAGE} failed ({first}); running apt-get update");
+            log::info!("resolving {name} failed ({first}); running apt-get update");
             run("apt-get", &["update", "-q"], None)?;
-            resolve_kernel_of(CLOUD_METAPACKAGE)
+            resolve(name)
         }
     }
 }
@@ -103,14 +111,7 @@ pub fn resolve_package(name: &str) -> Result<AptPackage, DebianError> {
             sha256: field(&stanza, "SHA256"),
         })
     };
-    match show(name) {
-        Ok(pkg) => Ok(pkg),
-        Err(first) => {
-            log::info!("resolving {name} failed ({first}); running apt-get update");
-            run("apt-get", &["update", "-q"], None)?;
-            show(name)
-        }
-    }
+    with_fresh_lists(name, show)
 }
 
 fn resolve_kernel_of(meta: &str) -> Result<AptPackage, DebianError> {

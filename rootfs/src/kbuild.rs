@@ -142,10 +142,11 @@ pub fn build(
         .prefix("kbuild-")
         .tempdir_in(scratch)
         .map_err(io_err("create a directory in", scratch))?;
-    log::info!(
-        "building the guest kernel from {} {}",
-        pkg.name,
-        pkg.version
+    // Said whatever the log level: minutes with no output would look like a hang.
+    eprintln!(
+        "building the guest kernel from {} {} (once per change of rootfs/kernel/cocoon.config; \
+         about 6 minutes on 2 cores)",
+        pkg.name, pkg.version
     );
     debian::unpack(&deb, work.path())?;
     let tarball = work.path().join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
