@@ -637,6 +637,18 @@ pub fn netns_is_bare(name: &str) -> bool {
     }
 }
 
+/// Whether network namespace `name` has an address in the `subnet_index` test network:
+/// on a node whose pods are all gone, one left behind without its CNI teardown.
+pub fn netns_in_subnet(name: &str, subnet_index: u8) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", name, "-4", "-o", "addr", "show"])
+        .env("PATH", tool_path())
+        .output();
+    let prefix = format!(" 198.18.{subnet_index}.");
+    matches!(out, Ok(o) if o.status.success()
+        && String::from_utf8_lossy(&o.stdout).contains(&prefix))
+}
+
 fn spec_netns(spec: &serde_json::Value) -> Option<PathBuf> {
     spec["linux"]["namespaces"]
         .as_array()?

@@ -462,8 +462,18 @@ async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
         "{test}: containerd never finished the abandoned RunPodSandbox:\n{}",
         node.log_tail()
     );
-    // No new network namespace left bare (other tests' pods have their interfaces; a
-    // namespace still bare seconds later is a leftover).
+    // No network namespace of this node left: none with an address in its subnet (a
+    // teardown that never ran, as a CI run once left), and no new one left bare (a
+    // teardown that did not remove it; other tests' pods have their interfaces, and one
+    // still bare seconds later is a leftover).
+    let ours: Vec<String> = cocoon_integration::cri::cni_netns()
+        .into_iter()
+        .filter(|n| cocoon_integration::cri::netns_in_subnet(n, COCOON_ABANDONED_NET))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "{test}: network namespaces of the pod left: {ours:?}"
+    );
     let bare = || -> Vec<String> {
         cocoon_integration::cri::cni_netns()
             .difference(&netns_before)
