@@ -171,3 +171,25 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
 
     kill_delete_clean(&env, "confined");
 }
+
+/// `[jail] enabled = false` is a first-class choice, not a broken path: pods run, QEMU
+/// keeps its seccomp filter and empty capability sets, and nothing is left.
+#[test]
+fn without_the_jail_pods_still_run_confined_by_seccomp() {
+    let env = env_with("hypervisor = \"qemu\"\n", "[jail]\nenabled = false\n");
+    let out = ctr_run(&env, COCOON, "unjailed", &[], &["echo", "ok"]);
+    assert_eq!(out.stdout, b"ok\n", "{}", show(&out));
+    run_detached(&env, "unjailed-d", &[], &["sleep", "1000"]);
+    let qemu = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .expect("no QEMU for the pod")
+        .0;
+    assert_eq!(
+        status_field(qemu, "Uid").split_whitespace().next(),
+        Some("0")
+    );
+    assert_eq!(status_field(qemu, "Seccomp"), "2");
+    assert_eq!(status_field(qemu, "CapEff"), "0000000000000000");
+    kill_delete_clean(&env, "unjailed-d");
+}
