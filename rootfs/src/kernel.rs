@@ -95,7 +95,17 @@ pub fn prepare(
         }
     };
 
-    let tree = scratch_tree(scratch)?;
+    fs::create_dir_all(scratch).map_err(|source| KernelError::Scratch {
+        path: scratch.to_owned(),
+        source,
+    })?;
+    let tree = tempfile::Builder::new()
+        .prefix("kernel-")
+        .tempdir_in(scratch)
+        .map_err(|source| KernelError::Scratch {
+            path: scratch.to_owned(),
+            source,
+        })?;
     log::info!("unpacking {}", deb.display());
     debian::unpack(&deb, tree.path())?;
 
@@ -122,19 +132,6 @@ pub fn prepare(
     })
 }
 
-/// A fresh directory for an unpacked kernel tree under `scratch`, deleted when dropped.
-fn scratch_tree(scratch: &Path) -> Result<TempDir, KernelError> {
-    let err = |source| KernelError::Scratch {
-        path: scratch.to_owned(),
-        source,
-    };
-    fs::create_dir_all(scratch).map_err(err)?;
-    tempfile::Builder::new()
-        .prefix("kernel-")
-        .tempdir_in(scratch)
-        .map_err(err)
-}
-
 /// Builds (or reuses) Cocoon's own kernel; its module tree is only `modules.builtin`.
 fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, KernelError> {
     let kernels = scratch
@@ -142,7 +139,13 @@ fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, Ker
         .map_or_else(|| scratch.join("kernels"), |p| p.join("kernels"));
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let k = crate::kbuild::build(downloads, &kernels, scratch, jobs)?;
-    let tree = scratch_tree(scratch)?;
+    let tree = tempfile::Builder::new()
+        .prefix("kernel-")
+        .tempdir_in(scratch)
+        .map_err(|source| KernelError::Scratch {
+            path: scratch.to_owned(),
+            source,
+        })?;
     let modules_dir = tree.path().join("lib/modules").join(&k.release);
     fs::create_dir_all(&modules_dir)
         .and_then(|()| fs::copy(&k.modules_builtin, modules_dir.join("modules.builtin")))

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::process::{configure, find_binary};
-use super::{launch, pod_jail, HypervisorError, Vm, VmSpec};
+use super::{identity, launch, pod_jail, HypervisorError, Vm, VmSpec};
 use crate::config::Config;
 
 /// The VMM's stderr, in the VM's run dir.
@@ -120,9 +120,16 @@ impl super::Hypervisor for CocoonVmm {
         let virtiofs_socket = socket_dir.join("virtiofs.sock");
         // The jail binds the kernel and initrd themselves: no link left in their names.
         let mut spec = spec.clone();
-        vm.identity = pod_jail::prepare(self.jail.as_ref(), &mut spec, &socket_dir)?;
-        if let Some(identity) = &vm.identity {
-            pod_jail::file_for_pod(&vm.console_log, identity)?;
+        if let Some(j) = &self.jail {
+            spec.kernel = pod_jail::canonical("kernel", &spec.kernel)?;
+            spec.initrd = pod_jail::canonical("initrd", &spec.initrd)?;
+            let identity = identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
+            pod_jail::make_socket_dir(&socket_dir, &identity)?;
+            pod_jail::file_for_pod(&vm.console_log, &identity)?;
+            vm.identity = Some(identity);
+        } else {
+            std::fs::create_dir(&socket_dir)
+                .map_err(|e| HypervisorError::RunDir(socket_dir.clone(), e))?;
         }
         let spec = &spec;
         if let Some(shared) = &spec.shared_dir {

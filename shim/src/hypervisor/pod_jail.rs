@@ -105,26 +105,6 @@ pub fn make_socket_dir(dir: &Path, identity: &PodIdentity) -> Result<(), Hypervi
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))
 }
 
-/// What every jailed VMM needs before it starts: the kernel and initrd named without
-/// links (the jail binds the files themselves), a uid held for the pod, and the socket
-/// directory for it (`None`: no jail; the directory is made plain).
-pub fn prepare(
-    jail: Option<&crate::config::JailConfig>,
-    spec: &mut super::VmSpec,
-    socket_dir: &Path,
-) -> Result<Option<PodIdentity>, HypervisorError> {
-    let Some(j) = jail else {
-        std::fs::create_dir(socket_dir)
-            .map_err(|e| HypervisorError::RunDir(socket_dir.into(), e))?;
-        return Ok(None);
-    };
-    spec.kernel = canonical("kernel", &spec.kernel)?;
-    spec.initrd = canonical("initrd", &spec.initrd)?;
-    let identity = super::identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
-    make_socket_dir(socket_dir, &identity)?;
-    Ok(Some(identity))
-}
-
 /// A socket listening at `path` (in the root-owned run directory) for a jailed VMM or
 /// backend to accept the shim's vsock connections on: it inherits the descriptor, so
 /// the shim never connects through a path the pod's processes can change.

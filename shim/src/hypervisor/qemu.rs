@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::process::{configure, find_binary};
-use super::{launch, pod_jail};
+use super::{identity, launch, pod_jail};
 use super::{HypervisorError, Vm, VmSpec};
 use crate::config::{Accel, Config, Machine};
 
@@ -260,7 +260,16 @@ impl super::Hypervisor for Qemu {
         let mut vm = launch::new_vm(spec, &run_dir, QEMU_LOG, self.accel_name(), started);
         // The jail binds the kernel and initrd themselves: no link left in their names.
         let mut spec = spec.clone();
-        vm.identity = pod_jail::prepare(self.jail.as_ref(), &mut spec, &paths.socket_dir)?;
+        if let Some(j) = &self.jail {
+            spec.kernel = pod_jail::canonical("kernel", &spec.kernel)?;
+            spec.initrd = pod_jail::canonical("initrd", &spec.initrd)?;
+            let identity = identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
+            pod_jail::make_socket_dir(&paths.socket_dir, &identity)?;
+            vm.identity = Some(identity);
+        } else {
+            std::fs::create_dir(&paths.socket_dir)
+                .map_err(|e| HypervisorError::RunDir(paths.socket_dir.clone(), e))?;
+        }
         let spec = &spec;
 
         self.spawn_backend(&mut vm, &paths)?;
