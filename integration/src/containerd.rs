@@ -119,8 +119,7 @@ impl Containerd {
 
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        crate::tail_lines(&text, 30)
     }
 
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
@@ -132,11 +131,23 @@ impl Containerd {
         c
     }
 
+    /// Runs `ctr args` to completion; a call still running after
+    /// [`crate::stuck::CTR_DEADLINE`] fails the test with what is stuck where.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_cmd(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("ctr")
+        crate::stuck::output_within(self.ctr_cmd(args), crate::stuck::CTR_DEADLINE, || {
+            self.stuck_report()
+        })
+    }
+
+    /// containerd's log and, from the test's directory (the one above containerd's),
+    /// the VMs' logs and our processes' wait channels.
+    pub fn stuck_report(&self) -> String {
+        let root = self.dir.parent().unwrap_or(&self.dir);
+        format!(
+            "--- containerd log (end):\n{}\n{}",
+            self.log_tail(),
+            crate::stuck::report(root)
+        )
     }
 
     /// Imports the test busybox image (built once per containerd).

@@ -17,6 +17,7 @@ pub mod cri;
 pub mod image;
 pub mod soak;
 pub mod streaming;
+pub mod stuck;
 
 /// The workspace root (this crate lives one level below it).
 pub fn workspace_root() -> PathBuf {
@@ -125,4 +126,10 @@ pub fn unmount_under(dir: &Path) {
     for m in mounts_under(dir) {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

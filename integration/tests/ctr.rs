@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cocoon_integration::containerd::Containerd;
 use cocoon_integration::image::IMAGE_REF;
-use cocoon_integration::{processes_mentioning, wait_gone};
+use cocoon_integration::{processes_mentioning, stuck, wait_gone};
 use cocoon_nested::testing::{hardware_kvm, Place};
 use ctr_common::*;
 
@@ -21,6 +21,8 @@ fn cocoon_vmm_runs_containers_like_runc() {
         return;
     }
     let env = env_on(Some("cocoon-vmm"));
+    // Each step says so: inside L1 the output is all a stuck run leaves.
+    eprintln!("step: split streams, env and cwd");
     let out = same_in(
         &env,
         "vmm-split",
@@ -29,7 +31,9 @@ fn cocoon_vmm_runs_containers_like_runc() {
     );
     assert_eq!(out.stdout, b"bar\n/tmp\n");
     assert_eq!(out.status.code(), Some(3));
+    eprintln!("step: hostname");
     same_in(&env, "vmm-host", &[], &["hostname"]);
+    eprintln!("step: cgroup limits");
     // L1 is a cgroup v2 host like the guest: runc can be compared for what a
     // container sees of its own cgroup (namespace root, limits). ctr 1.6 asks
     // for no cgroup namespace (CRI and Docker do on v2), so the spec does.
@@ -72,6 +76,7 @@ fn cocoon_vmm_runs_containers_like_runc() {
     let out = c;
     assert_eq!(out.stdout, b"67108864\n50000 100000\n0::/\n");
     // And the terminal's name.
+    eprintln!("step: tty");
     let tty = |runtime: &str, id: &str| {
         let (mut child, mut master) = ctr_on_a_pty(
             &env,
@@ -91,16 +96,18 @@ fn cocoon_vmm_runs_containers_like_runc() {
             s.split_once("/dev/")
                 .is_some_and(|(_, rest)| rest.contains('\n'))
         });
-        let _ = child.wait();
+        reap(&env, &mut child);
         String::from_utf8_lossy(&acc).replace('\r', "")
     };
     assert_eq!(tty(RUNC, "vmm-tty-runc"), tty(COCOON, "vmm-tty-cocoon"));
+    eprintln!("step: capabilities");
     same_in(
         &env,
         "vmm-caps",
         &["--cap-drop", "CAP_CHOWN"],
         &["sh", "-c", "grep -E '^(Cap|NoNewPrivs)' /proc/self/status"],
     );
+    eprintln!("step: the VMM process");
     // The pod's VM really is a cocoon-vmm process, not QEMU.
     with_detached(&env, COCOON, "vmm-d", &[], |env, _| {
         let procs = processes_mentioning(&env.run_dir.to_string_lossy());
@@ -346,20 +353,24 @@ fn bind_mounts_ro_and_rw() {
     assert_clean(&env);
 }
 
-/// Waits until `pred` holds for the output read so far from `r`, with a deadline.
-fn read_until(r: &mut impl std::io::Read, acc: &mut Vec<u8>, pred: impl Fn(&str) -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let mut buf = [0u8; 4096];
-    while !pred(&String::from_utf8_lossy(acc)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out; got {:?}",
-            String::from_utf8_lossy(acc)
-        );
-        let n = r.read(&mut buf).unwrap();
-        assert!(n > 0, "EOF; got {:?}", String::from_utf8_lossy(acc));
-        acc.extend_from_slice(&buf[..n]);
+/// Waits until `pred` holds for the output read so far from `r`, with a deadline
+/// that a silent peer cannot outlast.
+fn read_until(r: &mut impl std::os::fd::AsFd, acc: &mut Vec<u8>, pred: impl Fn(&str) -> bool) {
+    if let Err(e) = stuck::read_until(r, acc, Duration::from_secs(120), pred) {
+        panic!("{e}");
     }
+}
+
+/// Waits for a `ctr` started in the background to exit, with a deadline.
+fn reap(env: &Env, child: &mut std::process::Child) -> std::process::ExitStatus {
+    stuck::wait_within(child, stuck::CTR_DEADLINE).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!(
+            "stuck: ctr did not exit within {} s\n{}",
+            stuck::CTR_DEADLINE.as_secs(),
+            env.containerd.stuck_report()
+        )
+    })
 }
 
 /// Starts `ctr run` in the foreground, waits for "ready", runs `act`, and
@@ -386,8 +397,8 @@ fn interactive(
     let mut acc = Vec::new();
     read_until(&mut out, &mut acc, |s| s.contains("ready\n"));
     act(env, id);
+    let status = reap(env, &mut child);
     out.read_to_end(&mut acc).unwrap();
-    let status = child.wait().unwrap();
     (status.code(), String::from_utf8_lossy(&acc).into_owned())
 }
 
@@ -553,15 +564,18 @@ fn tty_and_resize() {
         };
         // SAFETY: TIOCSWINSZ on a pty master we own, with a valid Winsize.
         unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &bigger) };
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGWINCH,
-        )
-        .unwrap();
         // ctr forwards the resize asynchronously; give the guest the newline
-        // once the size is visible to a second process in the container.
+        // once the size is visible to a second process in the container. ctr
+        // sends its first resize before it starts listening for SIGWINCH, so
+        // a signal sent then is lost (the container can already print "ready"):
+        // each round signals again, as a terminal would on every change.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGWINCH,
+            )
+            .unwrap();
             let o = env.containerd.ctr(&[
                 "task",
                 "exec",
@@ -587,7 +601,7 @@ fn tty_and_resize() {
         read_until(&mut master, &mut acc, |s| {
             s.matches(" ").count() >= 2 && s.contains("40 120")
         });
-        let _ = child.wait();
+        reap(&env, &mut child);
         let text = String::from_utf8_lossy(&acc).replace('\r', "");
         text.lines()
             .filter(|l| l.contains(' ') && l.chars().all(|c| c.is_ascii_digit() || c == ' '))
@@ -780,9 +794,9 @@ fn tty_is_a_pts_like_runc() {
             s.split_once("/dev/")
                 .is_some_and(|(_, rest)| rest.contains('\n'))
         });
-        let _ = exec.wait();
+        reap(&env, &mut exec);
         master.write_all(b"\n").unwrap();
-        let _ = init.wait();
+        reap(&env, &mut init);
         let lines = |b: &[u8]| -> Vec<String> {
             String::from_utf8_lossy(b)
                 .lines()

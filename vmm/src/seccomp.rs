@@ -101,11 +101,20 @@ pub const ALLOWED: &[i64] = &[
 /// and interrupts are eventfd writes.
 pub const KVM_RUN: u64 = 0xAE80;
 
-/// The ioctls the running VMM makes: KVM_RUN on its vCPUs, what the standard library
-/// does to the sockets it accepts or connects (non-blocking, close-on-exec), and the
-/// logger's "is stderr a terminal" (TCGETS, which only reads).
+/// `_IOR(KVMIO, 0x81, struct kvm_regs)` and `_IOR(KVMIO, 0x83, struct kvm_sregs)`: a vCPU
+/// thread reads its own registers for the log line when the guest triple-faults. They
+/// only read state the VMM set up itself.
+pub const KVM_GET_REGS: u64 = 0x8090_AE81;
+pub const KVM_GET_SREGS: u64 = 0x8138_AE83;
+
+/// The ioctls the running VMM makes: KVM_RUN on its vCPUs (and reading their registers
+/// when the VM ends badly), what the standard library does to the sockets it accepts or
+/// connects (non-blocking, close-on-exec), and the logger's "is stderr a terminal"
+/// (TCGETS, which only reads).
 pub const VMM_IOCTLS: &[u64] = &[
     KVM_RUN,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
     libc::FIONBIO,
     libc::FIOCLEX,
     libc::FIONCLEX,
@@ -367,6 +376,21 @@ mod tests {
 
     fn errno() -> i32 {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    /// The register ioctls' numbers carry the structs' sizes (`_IOR`): a wrong size
+    /// would allow some other ioctl and refuse the real one.
+    #[test]
+    fn register_ioctl_numbers_match_the_structs() {
+        let ior = |nr: u64, size: usize| (2 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr;
+        assert_eq!(
+            KVM_GET_REGS,
+            ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>())
+        );
+        assert_eq!(
+            KVM_GET_SREGS,
+            ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
+        );
     }
 
     #[test]

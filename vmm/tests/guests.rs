@@ -183,6 +183,9 @@ zero_idt:
     assert_eq!(out.status.code(), Some(3), "{}", out.stderr);
     assert_eq!(out.serial, "before\n");
     assert!(out.stderr.contains("triple fault"), "{}", out.stderr);
+    // With where the vCPU stood, read under the running VMM's seccomp filter: the
+    // empty IDT the guest loaded.
+    assert!(out.stderr.contains("idt=0x0+0x0"), "{}", out.stderr);
 }
 
 #[test]

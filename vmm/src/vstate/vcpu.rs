@@ -352,7 +352,11 @@ impl VcpuRunner {
                     return;
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    log::error!("vcpu{}: triple fault (KVM_EXIT_SHUTDOWN)", self.index);
+                    log::error!(
+                        "vcpu{}: triple fault (KVM_EXIT_SHUTDOWN); {}",
+                        self.index,
+                        cpu_state(&self.fd)
+                    );
                     self.exit.report(ExitReason::TripleFault);
                     return;
                 }
@@ -394,4 +398,34 @@ impl VcpuRunner {
             }
         }
     }
+}
+
+/// Where a vCPU stood, for the log line of a VM that ended badly: the instruction
+/// pointer, stack, control registers and descriptor tables say whether the guest was
+/// still in early boot, in its own kernel, or lost (a zero IDT, a wild RIP).
+fn cpu_state(fd: &VcpuFd) -> String {
+    let regs = match fd.get_regs() {
+        Ok(r) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax
+        ),
+        Err(e) => format!("registers unreadable: {e}"),
+    };
+    let sregs = match fd.get_sregs() {
+        Ok(s) => format!(
+            "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x}",
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.gdt.limit
+        ),
+        Err(e) => format!("system registers unreadable: {e}"),
+    };
+    format!("{regs} {sregs}")
 }
