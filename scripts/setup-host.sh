@@ -11,9 +11,12 @@ set -euo pipefail
 # loopback) for the CRI tests' pod networks; protobuf-compiler because k8s-cri (the
 # CRI v1 API the tests drive containerd with) generates its code with protoc; make,
 # gcc, flex, bison, bc, libelf-dev, libssl-dev, xz-utils to build Cocoon's own guest
-# kernel from linux-source-6.12 (`cocoon image build --built-kernel`).
+# kernel from linux-source-6.12 (`cocoon image build --built-kernel`); ovmf (SEV
+# firmware images) and python3-venv for the reference `cocoon measure` is tested
+# against (below).
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
-          containernetworking-plugins protobuf-compiler make gcc flex bison bc libelf-dev libssl-dev xz-utils)
+          containernetworking-plugins protobuf-compiler make gcc flex bison bc libelf-dev libssl-dev xz-utils
+          ovmf python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,4 +47,20 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup-host: installing cargo-nextest"
     cargo install --locked cargo-nextest
+fi
+
+# sev-snp-measure (PyPI), the reference tool relying parties use for SEV-SNP launch
+# digests: `cocoon measure snp` is tested against it, byte for byte. Pinned, in a venv
+# in Cocoon's cache (where the tests look for it).
+SNP_MEASURE_VERSION=0.0.13
+cache=${COCOON_CACHE_DIR:-}
+if [[ -z $cache ]]; then
+    if [[ $(id -u) -eq 0 ]]; then cache=/var/lib/cocoon; else cache=${XDG_CACHE_HOME:-$HOME/.cache}/cocoon; fi
+fi
+venv=$cache/venv/sev-snp-measure-$SNP_MEASURE_VERSION
+if [[ ! -x $venv/bin/sev-snp-measure ]]; then
+    echo "setup-host: installing sev-snp-measure $SNP_MEASURE_VERSION into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "sev-snp-measure==$SNP_MEASURE_VERSION"
 fi

@@ -73,6 +73,12 @@ enum Cmd {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// The launch measurement a confidential pod's VM will report, computed in advance
+    /// (SEV-SNP: the same inputs and digest as `sev-snp-measure --mode snp`).
+    Measure {
+        #[command(subcommand)]
+        cmd: cocoon_confidential::measure::MeasureCmd,
+    },
     /// Benchmarks that write a JSON report and print a table.
     Bench {
         #[command(subcommand)]
@@ -191,6 +197,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Measure { cmd } => {
+            println!("{}", cocoon_confidential::measure::run(&cmd)?);
+            Ok(())
+        }
         Cmd::Soak { cycles, seed, out } => {
             let tool = cocoon_shim::hypervisor::find_binary("cocoon-soak", Path::new("")).context(
                 "`cocoon soak` needs cocoon-soak (cargo build -p cocoon-integration --bins)",

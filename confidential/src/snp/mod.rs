@@ -1,0 +1,11 @@
+//! AMD SEV-SNP: the guest context's launch digest, OVMF's SEV metadata, the kernel
+//! hashes table, the initial VMSA, and the launch plan built from them.
+
+pub mod gctx;
+pub mod hashes;
+pub mod launch;
+pub mod ovmf;
+pub mod vmsa;
+
+/// The size of a page the firmware measures.
+pub const PAGE_SIZE: usize = 4096;
