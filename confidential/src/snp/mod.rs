@@ -5,6 +5,7 @@ pub mod gctx;
 pub mod hashes;
 pub mod launch;
 pub mod ovmf;
+pub mod verify;
 pub mod vmsa;
 
 /// The size of a page the firmware measures.
