@@ -10,3 +10,4 @@
 
 pub mod measure;
 pub mod snp;
+pub mod tdx;
