@@ -8,6 +8,9 @@
 //! reference tool (`sev-snp-measure`) in EC2's initial registers. The reference is what
 //! relying parties run, so ours is tested against it, byte for byte.
 
+pub mod initdata;
+#[cfg(feature = "cli")]
 pub mod measure;
 pub mod snp;
+#[cfg(feature = "verify")]
 pub mod tdx;

@@ -21,6 +21,14 @@ pub enum MeasureCmd {
         #[arg(long)]
         ovmf: PathBuf,
     },
+    /// What an init-data document binds into the evidence: HOST_DATA (SEV-SNP, 32
+    /// bytes) or MRCONFIGID (TDX, 48 bytes), hex.
+    InitData {
+        /// The init-data TOML (what `io.cocoon.init-data` carries, decoded).
+        file: PathBuf,
+        #[arg(long = "for", value_parser = ["snp", "tdx"])]
+        tee: String,
+    },
 }
 
 #[derive(Args)]
@@ -78,6 +86,8 @@ pub enum MeasureError {
     Launch(#[from] LaunchError),
     #[error("the vCPU signature is missing: give --vcpu-type, --vcpu-sig or --vcpu-family/--vcpu-model/--vcpu-stepping")]
     NoSignature,
+    #[error("{0}")]
+    InitData(PathBuf, #[source] crate::initdata::InitDataError),
     #[error("--snp-ovmf-hash must be 96 hex digits (a SHA-384)")]
     Seed,
 }
@@ -87,6 +97,14 @@ pub fn run(cmd: &MeasureCmd) -> Result<String, MeasureError> {
     match cmd {
         MeasureCmd::Snp(args) => snp(args),
         MeasureCmd::SnpOvmfHash { ovmf } => Ok(hex::encode(firmware_digest(&firmware(ovmf)?))),
+        MeasureCmd::InitData { file, tee } => {
+            let d = crate::initdata::InitData::parse(&read(file)?)
+                .map_err(|e| MeasureError::InitData(file.clone(), e))?;
+            Ok(match tee.as_str() {
+                "snp" => hex::encode(d.host_data()),
+                _ => hex::encode(d.mr_config_id()),
+            })
+        }
     }
 }
 

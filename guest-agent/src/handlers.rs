@@ -12,9 +12,9 @@ use cocoon_protocol::agent::{
     Empty, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse,
     HealthCheckResponse, Interface, Interfaces, IoStats, ListPidsResponse, MemoryStats,
     NetworkStats, OomEvent, PidsStats, ProcessInfo, ProcessRequest, RemoveContainerRequest, Routes,
-    ShutdownRequest, SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest,
-    UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest, VersionCheckResponse,
-    WaitProcessResponse,
+    SetInitDataRequest, SetInitDataResponse, ShutdownRequest, SignalProcessRequest,
+    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest,
+    UpdateRoutesRequest, VersionCheckResponse, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{Agent, Health};
 use cocoon_protocol::PROTOCOL_VERSION;
@@ -112,6 +112,8 @@ pub struct AgentState {
     /// Whether the agent is the guest's PID 1 (not the dev mode).
     pub is_init: bool,
     pub containers: Arc<Containers>,
+    /// The pod's init-data and agent policy (see `crate::policy`).
+    pub policy: Arc<crate::policy::Gate>,
 }
 
 pub struct HealthService;
@@ -148,6 +150,17 @@ impl AgentService {
 
     fn containers(&self) -> &Containers {
         &self.state.containers
+    }
+
+    /// Asks the pod's policy about `call` with `req` as its input.
+    fn allow<M: protobuf::MessageFull>(&self, call: &str, req: &M) -> ttrpc::Result<()> {
+        self.state
+            .policy
+            .check(call, || crate::policy::input_of(req))
+            .map_err(|denied| {
+                tracing::warn!(call, "refused: {denied}");
+                status(ttrpc::Code::PERMISSION_DENIED, denied.to_string())
+            })
     }
 }
 
@@ -213,11 +226,33 @@ impl AgentService {
 
 #[async_trait]
 impl Agent for AgentService {
+    async fn set_init_data(
+        &self,
+        _: &TtrpcContext,
+        req: SetInitDataRequest,
+    ) -> ttrpc::Result<SetInitDataResponse> {
+        let data = self
+            .state
+            .policy
+            .set_init_data(&req.toml)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        tracing::info!(
+            digest = %hex_string(&data.digest),
+            policy = data.policy().is_some(),
+            "init-data set"
+        );
+        let mut r = SetInitDataResponse::new();
+        r.digest = data.digest.clone();
+        r.policy = data.policy().is_some();
+        Ok(r)
+    }
+
     async fn get_guest_details(
         &self,
         _: &TtrpcContext,
-        _: GuestDetailsRequest,
+        req: GuestDetailsRequest,
     ) -> ttrpc::Result<GuestDetailsResponse> {
+        self.allow("GetGuestDetails", &req)?;
         Ok(details::collect(&self.state))
     }
 
@@ -226,6 +261,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("CreateSandbox", &req)?;
         sandbox::create(&self.state, &req.hostname, &req.dns, &req.shared_fs_tag)
             .await
             .map_err(|e| {
@@ -243,6 +279,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("DestroySandbox", &req)?;
         sandbox::destroy(&self.state).await;
         tracing::info!(sandbox = %req.sandbox_id, "sandbox destroyed");
         Ok(Empty::new())
@@ -253,6 +290,7 @@ impl Agent for AgentService {
         ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
+        self.allow("CreateContainer", &req)?;
         CALL_DEADLINE
             .scope(call_deadline(ctx), self.create_container_inner(req))
             .await
@@ -263,6 +301,7 @@ impl Agent for AgentService {
         ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("StartContainer", &req)?;
         CALL_DEADLINE
             .scope(call_deadline(ctx), async {
                 self.containers()
@@ -279,6 +318,7 @@ impl Agent for AgentService {
         ctx: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
+        self.allow("ExecProcess", &req)?;
         CALL_DEADLINE
             .scope(call_deadline(ctx), self.exec_process_inner(req))
             .await
@@ -289,6 +329,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("RemoveContainer", &req)?;
         let timeout = match req.timeout_ms {
             0 => Duration::from_secs(10),
             ms => Duration::from_millis(ms.into()),
@@ -307,6 +348,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("PauseContainer", &req)?;
         self.containers()
             .pause(&req.container_id)
             .await
@@ -319,6 +361,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("ResumeContainer", &req)?;
         self.containers()
             .resume(&req.container_id)
             .await
@@ -331,6 +374,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: UpdateContainerRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("UpdateContainer", &req)?;
         let limits = Limits::from(req.resources.get_or_default());
         self.containers()
             .update(&req.container_id, &limits)
@@ -343,6 +387,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StatsContainerResponse> {
+        self.allow("StatsContainer", &req)?;
         let c = self
             .containers()
             .get(&req.container_id)
@@ -390,6 +435,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<ListPidsResponse> {
+        self.allow("ListPids", &req)?;
         let pids = self
             .containers()
             .list_pids(&req.container_id)
@@ -412,6 +458,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("SignalProcess", &req)?;
         let signal = i32::try_from(req.signal)
             .map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "signal out of range"))?;
         self.containers()
@@ -425,6 +472,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
+        self.allow("WaitProcess", &req)?;
         let exit = self
             .containers()
             .wait(&req.container_id, &req.exec_id)
@@ -445,6 +493,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: TtyWinResizeRequest,
     ) -> ttrpc::Result<Empty> {
+        self.allow("TtyWinResize", &req)?;
         let p = self
             .containers()
             .get(&req.container_id)
@@ -457,6 +506,7 @@ impl Agent for AgentService {
     }
 
     async fn close_stdin(&self, _: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.allow("CloseStdin", &req)?;
         let p = self
             .containers()
             .get(&req.container_id)
@@ -466,7 +516,8 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<OomEvent> {
+    async fn get_oom_event(&self, _: &TtrpcContext, req: Empty) -> ttrpc::Result<OomEvent> {
+        self.allow("GetOomEvent", &req)?;
         // Long poll: answers when a container is OOM-killed. The caller's
         // deadline bounds the wait.
         let mut ev = OomEvent::new();
@@ -504,6 +555,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: UpdateInterfaceRequest,
     ) -> ttrpc::Result<Interface> {
+        self.allow("UpdateInterface", &req)?;
         let want = req.interface.into_option().unwrap_or_default();
         let got = network::update_interface(&want).await.map_err(net_error)?;
         tracing::info!(name = %got.name, mac = %got.hw_addr, "interface configured");
@@ -515,21 +567,25 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: UpdateRoutesRequest,
     ) -> ttrpc::Result<Routes> {
+        self.allow("UpdateRoutes", &req)?;
         let routes = req.routes.into_option().unwrap_or_default();
         network::update_routes(&routes).await.map_err(net_error)
     }
 
-    async fn list_interfaces(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Interfaces> {
+    async fn list_interfaces(&self, _: &TtrpcContext, req: Empty) -> ttrpc::Result<Interfaces> {
+        self.allow("ListInterfaces", &req)?;
         let mut out = Interfaces::new();
         out.interfaces = network::list_interfaces().await.map_err(net_error)?;
         Ok(out)
     }
 
-    async fn list_routes(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Routes> {
+    async fn list_routes(&self, _: &TtrpcContext, req: Empty) -> ttrpc::Result<Routes> {
+        self.allow("ListRoutes", &req)?;
         network::list_routes().await.map_err(net_error)
     }
 
     async fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        self.allow("Shutdown", &req)?;
         tracing::info!(grace_ms = req.timeout_ms, "shutdown requested by the host");
         if std::process::id() != 1 {
             return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
@@ -556,6 +612,10 @@ impl Agent for AgentService {
         });
         Ok(Empty::new())
     }
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod init;
 pub mod modules;
 pub mod network;
 pub mod oomqueue;
+pub mod policy;
 pub mod portfwd;
 pub mod power;
 pub mod reaper;

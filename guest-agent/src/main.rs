@@ -98,6 +98,12 @@ fn main() {
     );
 
     let reaper = Arc::new(reaper::Reaper::default());
+    // `cocoon.confidential` on the (measured) command line: nothing is served before the
+    // pod's init-data.
+    let confidential = cocoon_agent::cmdline::words(&early.cmdline)
+        .iter()
+        .any(|w| w == "cocoon.confidential" || w == "cocoon.confidential=1");
+    let policy = Arc::new(cocoon_agent::policy::Gate::new(confidential));
     let state = Arc::new(handlers::AgentState {
         start_boottime_ns,
         init_ns,
@@ -109,6 +115,7 @@ fn main() {
         forged_ooms: Default::default(),
         is_init,
         containers: Arc::new(container::Containers::new(reaper.clone(), opts)),
+        policy,
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -137,7 +144,10 @@ fn started_ms(state: &handlers::AgentState) -> i64 {
 
 /// Accepts stdio stream connections forever.
 async fn serve_stdio(listen: &Listen, state: &Arc<handlers::AgentState>) -> anyhow::Result<()> {
-    let lookup = state.containers.clone();
+    let lookup = Arc::new(cocoon_agent::policy::PolicedStreams {
+        containers: state.containers.clone(),
+        gate: state.policy.clone(),
+    });
     match listen {
         Listen::Vsock => {
             let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, STDIO_PORT);

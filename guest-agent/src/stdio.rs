@@ -383,6 +383,13 @@ async fn copy_in<R: AsyncRead + Unpin>(
 /// Finds the stdio of a process by its ids (the container registry).
 pub trait ProcessLookup: Send + Sync + 'static {
     fn process_io(&self, container_id: &str, exec_id: &str) -> Option<Arc<ProcessIo>>;
+
+    /// Whether the host may have this stream (the pod's policy: `ReadStream` for output,
+    /// `WriteStream` for input). A refused output is still drained in the guest, so the
+    /// process never blocks on a pipe nobody reads.
+    fn allow_stream(&self, _header: &StreamHeader) -> bool {
+        true
+    }
 }
 
 /// Serves one stream connection: header, then the copy in its direction.
@@ -418,6 +425,13 @@ where
         tracing::debug!(container = %header.container_id, exec = %header.exec_id, kind = ?header.kind, "stream not requested or already connected");
         return;
     };
+    if !lookup.allow_stream(&header) {
+        if header.kind != StreamKind::Stdin {
+            copy_out(fd, tokio::io::sink()).await;
+            io.output_done();
+        }
+        return;
+    }
     match header.kind {
         StreamKind::Stdin => {
             copy_in(reader, fd, io.terminal, io.close_stdin.subscribe()).await;

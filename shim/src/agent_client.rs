@@ -266,6 +266,22 @@ impl AgentClient {
         self.call_timeout
     }
 
+    /// Hands the guest the pod's init-data (once, before the sandbox).
+    pub async fn set_init_data(
+        &self,
+        toml: Vec<u8>,
+    ) -> Result<cocoon_protocol::agent::SetInitDataResponse, AgentError> {
+        let mut req = cocoon_protocol::agent::SetInitDataRequest::new();
+        req.toml = toml;
+        let t = self.call_timeout;
+        self.call(
+            "Agent.SetInitData",
+            t,
+            self.agent.set_init_data(self.ctx(t), &req),
+        )
+        .await
+    }
+
     pub async fn create_sandbox(
         &self,
         req: cocoon_protocol::agent::CreateSandboxRequest,

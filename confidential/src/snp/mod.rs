@@ -5,6 +5,7 @@ pub mod gctx;
 pub mod hashes;
 pub mod launch;
 pub mod ovmf;
+#[cfg(feature = "verify")]
 pub mod verify;
 pub mod vmsa;
 

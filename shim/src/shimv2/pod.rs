@@ -16,6 +16,9 @@ pub const VCPUS_ANNOTATION: &str = "io.cocoon.vm.vcpus";
 pub const MEMORY_ANNOTATION: &str = "io.cocoon.vm.memory_mib";
 /// `sev-snp` or `tdx`: the pod asks for a memory-encrypted, measured VM.
 pub const CONFIDENTIAL_ANNOTATION: &str = "io.cocoon.confidential";
+/// The pod's init-data (Confidential Containers' TOML, standard base64): the agent policy
+/// in Rego and other settings the guest enforces, whoever asks.
+pub const INIT_DATA_ANNOTATION: &str = "io.cocoon.init-data";
 /// Every annotation the runtime reads from a pod starts with this (containerd's
 /// `pod_annotations` pattern `io.cocoon.*`).
 pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
@@ -73,6 +76,8 @@ pub struct PodVm {
     pub host_cgroup: Option<String>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// The init-data document, checked to parse (the guest parses it again).
+    pub init_data: Option<Vec<u8>>,
 }
 
 /// Reads what the first container of a pod asks of its VM. An `io.cocoon.*`
@@ -115,6 +120,11 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
                 Ok(n @ 64..=1_048_576) => vm.memory_mib = Some(n),
                 _ => return Err(bad("must be a whole number of MiB from 64 to 1048576")),
             },
+            INIT_DATA_ANNOTATION => {
+                vm.init_data = Some(
+                    cocoon_confidential::initdata::from_annotation(value).map_err(|e| bad(&e))?,
+                );
+            }
             CONFIDENTIAL_ANNOTATION => match value.trim() {
                 kind @ ("sev-snp" | "tdx") => {
                     return Err(PodSpecError::Confidential(kind.to_owned()))
@@ -124,7 +134,7 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
             _ => {
                 return Err(bad(&format!(
                     "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}, \
-                     {CONFIDENTIAL_ANNOTATION})"
+                     {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION})"
                 )))
             }
         }
@@ -325,14 +335,28 @@ mod tests {
         let a = s.annotations_mut().get_or_insert_with(Default::default);
         a.insert(VCPUS_ANNOTATION.into(), "2".into());
         a.insert(MEMORY_ANNOTATION.into(), "384".into());
+        // `version = "0.1.0"` and `algorithm = "sha256"`.
+        let doc = "dmVyc2lvbiA9ICIwLjEuMCIKYWxnb3JpdGhtID0gInNoYTI1NiIK";
+        a.insert(INIT_DATA_ANNOTATION.into(), doc.into());
         let vm = pod_vm(&s).unwrap();
         assert_eq!((vm.vcpus, vm.memory_mib), (Some(2), Some(384)));
+        assert_eq!(
+            vm.init_data.as_deref(),
+            Some(&b"version = \"0.1.0\"\nalgorithm = \"sha256\"\n"[..])
+        );
         assert_eq!(vm.netns, Some(PathBuf::from("/var/run/netns/cni-1")));
         for (key, value, says) in [
             (VCPUS_ANNOTATION, "0", "1 to 64"),
             (VCPUS_ANNOTATION, "lots", "1 to 64"),
             (MEMORY_ANNOTATION, "32", "64 to 1048576"),
             ("io.cocoon.vm.vcpu", "2", "not a Cocoon annotation"),
+            (INIT_DATA_ANNOTATION, "%%%", "not base64"),
+            // `version = "0.1.0"` with no algorithm.
+            (
+                INIT_DATA_ANNOTATION,
+                "dmVyc2lvbiA9ICIwLjEuMCIK",
+                "algorithm",
+            ),
         ] {
             let mut bad = s.clone();
             bad.annotations_mut()

@@ -104,6 +104,7 @@ impl Sandbox {
         let config = &config;
         let netns = pod_vm.netns;
         let host_cgroup = pod_vm.host_cgroup;
+        let init_data = pod_vm.init_data;
         let share = config.paths.run_dir.join("shares").join(vm_id);
         // A share left by a crashed shim must not be exported twice.
         super::share::remove(&share);
@@ -120,7 +121,16 @@ impl Sandbox {
             }
             None => None,
         };
-        let result = Self::boot(config, vm_id, sandbox_id, &share, net, host_cgroup).await;
+        let result = Self::boot(
+            config,
+            vm_id,
+            sandbox_id,
+            &share,
+            net,
+            host_cgroup,
+            init_data,
+        )
+        .await;
         if result.is_ok() {
             share_guard.0 = None;
         }
@@ -134,8 +144,18 @@ impl Sandbox {
         share: &std::path::Path,
         mut net: Option<PodNetwork>,
         host_cgroup: Option<String>,
+        init_data: Option<Vec<u8>>,
     ) -> Result<Self, SandboxError> {
-        let result = Self::boot_with(config, vm_id, sandbox_id, share, &mut net, host_cgroup).await;
+        let result = Self::boot_with(
+            config,
+            vm_id,
+            sandbox_id,
+            share,
+            &mut net,
+            host_cgroup,
+            init_data,
+        )
+        .await;
         match result {
             Ok(mut sb) => {
                 sb.net = net;
@@ -157,6 +177,7 @@ impl Sandbox {
         share: &std::path::Path,
         net: &mut Option<PodNetwork>,
         host_cgroup: Option<String>,
+        init_data: Option<Vec<u8>>,
     ) -> Result<Self, SandboxError> {
         let hv = hypervisor::from_config(config)?;
         let mut spec = VmSpec::from_config(config, vm_id);
@@ -196,6 +217,17 @@ impl Sandbox {
         let agent = agent.with_stats(stats.clone());
         let lost = Arc::new(std::sync::Mutex::new(None));
         let lost_tx = tokio::sync::watch::channel(false).0;
+        // The pod's init-data first: from then on the agent enforces its policy on
+        // every call, this shim's included.
+        if let Some(toml) = init_data {
+            let r = agent.set_init_data(toml).await?;
+            tracing::info!(
+                vm = vm_id,
+                digest = %hex::encode(&r.digest),
+                policy = r.policy,
+                "init-data handed to the guest"
+            );
+        }
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = sandbox_id.into();
         req.shared_fs_tag = SHARE_TAG.into();

@@ -1,0 +1,181 @@
+//! Init-data: the settings a pod owner gives the guest (Confidential Containers' TOML
+//! format), above all the agent policy in Rego. The document's digest, by the algorithm
+//! it names, is what a confidential launch binds into the hardware evidence (HOST_DATA on
+//! SEV-SNP, MRCONFIGID on TDX), so the guest can check that what the host handed it is
+//! what the owner measured.
+//!
+//! ```toml
+//! version = "0.1.0"
+//! algorithm = "sha384"          # sha256, sha384 or sha512
+//! [data]
+//! "policy.rego" = '''
+//! package agent_policy
+//! default ExecProcessRequest := false
+//! '''
+//! ```
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256, Sha384, Sha512};
+
+/// The key of `[data]` that holds the agent policy.
+pub const POLICY_KEY: &str = "policy.rego";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InitDataError {
+    #[error("init-data is not valid TOML: {0}")]
+    Toml(String),
+    #[error("init-data version {0:?} is not 0.1.0")]
+    Version(String),
+    #[error("init-data algorithm {0:?} is not sha256, sha384 or sha512")]
+    Algorithm(String),
+    #[error("init-data has an unknown key {0:?} (known: version, algorithm, data)")]
+    UnknownKey(String),
+    #[error("init-data's [data] entry {0:?} is not a string")]
+    NotAString(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+/// A parsed init-data document and its digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitData {
+    pub algorithm: Algorithm,
+    pub data: BTreeMap<String, String>,
+    /// The digest of the document's bytes as given.
+    pub digest: Vec<u8>,
+}
+
+impl InitData {
+    pub fn parse(bytes: &[u8]) -> Result<InitData, InitDataError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| InitDataError::Toml(format!("not UTF-8: {e}")))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| InitDataError::Toml(e.message().to_owned()))?;
+        let mut version = None;
+        let mut algorithm = None;
+        let mut data = BTreeMap::new();
+        for (key, value) in table {
+            match key.as_str() {
+                "version" => version = value.as_str().map(str::to_owned),
+                "algorithm" => algorithm = value.as_str().map(str::to_owned),
+                "data" => {
+                    let t = value
+                        .as_table()
+                        .ok_or(InitDataError::NotAString(key.clone()))?;
+                    for (k, v) in t {
+                        let s = v
+                            .as_str()
+                            .ok_or_else(|| InitDataError::NotAString(k.clone()))?;
+                        data.insert(k.clone(), s.to_owned());
+                    }
+                }
+                _ => return Err(InitDataError::UnknownKey(key)),
+            }
+        }
+        let version = version.unwrap_or_default();
+        if version != "0.1.0" {
+            return Err(InitDataError::Version(version));
+        }
+        let algorithm = match algorithm.as_deref() {
+            Some("sha256") => Algorithm::Sha256,
+            Some("sha384") => Algorithm::Sha384,
+            Some("sha512") => Algorithm::Sha512,
+            other => return Err(InitDataError::Algorithm(other.unwrap_or("").to_owned())),
+        };
+        let digest = match algorithm {
+            Algorithm::Sha256 => Sha256::digest(bytes).to_vec(),
+            Algorithm::Sha384 => Sha384::digest(bytes).to_vec(),
+            Algorithm::Sha512 => Sha512::digest(bytes).to_vec(),
+        };
+        Ok(InitData {
+            algorithm,
+            data,
+            digest,
+        })
+    }
+
+    /// The agent policy, if the document carries one.
+    pub fn policy(&self) -> Option<&str> {
+        self.data.get(POLICY_KEY).map(String::as_str)
+    }
+
+    /// SEV-SNP's HOST_DATA (32 bytes): the digest, truncated or zero-padded.
+    pub fn host_data(&self) -> [u8; 32] {
+        fit(&self.digest)
+    }
+
+    /// TDX's MRCONFIGID (48 bytes): the digest, truncated or zero-padded.
+    pub fn mr_config_id(&self) -> [u8; 48] {
+        fit(&self.digest)
+    }
+}
+
+/// An init-data document as a pod annotation carries it (standard base64), decoded and
+/// checked to parse.
+pub fn from_annotation(value: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|e| format!("not base64: {e}"))?;
+    InitData::parse(&bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+fn fit<const N: usize>(digest: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let n = digest.len().min(N);
+    out[..n].copy_from_slice(&digest[..n]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = '''\npackage agent_policy\ndefault ExecProcessRequest := false\n'''\n";
+
+    #[test]
+    fn parses_and_digests_the_bytes_as_given() {
+        let d = InitData::parse(DOC.as_bytes()).unwrap();
+        assert_eq!(d.algorithm, Algorithm::Sha256);
+        assert!(d.policy().unwrap().contains("package agent_policy"));
+        assert_eq!(d.digest, Sha256::digest(DOC.as_bytes()).to_vec());
+        // sha256 fills HOST_DATA exactly and is zero-padded into MRCONFIGID.
+        assert_eq!(d.host_data().to_vec(), d.digest);
+        assert_eq!(&d.mr_config_id()[..32], &d.digest[..]);
+        assert_eq!(&d.mr_config_id()[32..], &[0u8; 16]);
+        let d384 = InitData::parse(DOC.replace("sha256", "sha384").as_bytes()).unwrap();
+        assert_eq!(d384.digest.len(), 48);
+        assert_eq!(d384.mr_config_id().to_vec(), d384.digest);
+        assert_eq!(d384.host_data(), d384.digest[..32]);
+    }
+
+    #[test]
+    fn bad_documents_are_named() {
+        let e = |s: &str| InitData::parse(s.as_bytes()).unwrap_err();
+        assert_eq!(
+            e("version = \"0.2.0\"\nalgorithm = \"sha256\"\n"),
+            InitDataError::Version("0.2.0".into())
+        );
+        assert_eq!(
+            e("version = \"0.1.0\"\nalgorithm = \"md5\"\n"),
+            InitDataError::Algorithm("md5".into())
+        );
+        assert_eq!(
+            e("version = \"0.1.0\"\nalgorithm = \"sha256\"\npolicy = 1\n"),
+            InitDataError::UnknownKey("policy".into())
+        );
+        assert_eq!(
+            e("version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = 3\n"),
+            InitDataError::NotAString("policy.rego".into())
+        );
+        assert!(matches!(e("version = "), InitDataError::Toml(_)));
+    }
+}

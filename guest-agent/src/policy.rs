@@ -1,0 +1,286 @@
+//! The pod's agent policy (Kata's agent-policy model): a Rego document from the pod's
+//! init-data decides every call the host makes, with the request as `input`. The rule
+//! `data.agent_policy.<Call>Request` must evaluate to `true` (`ExecProcessRequest`,
+//! `CreateContainerRequest`, `ReadStreamRequest`...); anything else, undefined
+//! included, refuses the call with PERMISSION_DENIED, here in the guest, whatever the
+//! host does.
+//!
+//! Without init-data every call is allowed (the host is trusted, as with runc). In
+//! confidential mode (`cocoon.confidential` on the kernel command line, which the launch
+//! measures) nothing but `SetInitData` is served until init-data has arrived.
+
+use std::sync::{Mutex, OnceLock};
+
+use cocoon_confidential::initdata::InitData;
+
+/// The agent's policy state: unset until `SetInitData`, then fixed for the VM's life.
+#[derive(Default)]
+pub struct Gate {
+    set: OnceLock<Option<Mutex<regorus::Engine>>>,
+    /// Confidential mode: refuse everything until init-data is set.
+    confidential: bool,
+}
+
+/// Why a call was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// Confidential mode and no init-data yet.
+    NoInitData,
+    /// The policy's rule for the call was not true.
+    Policy(String),
+    /// The policy could not be evaluated for this call (an error in the Rego).
+    Error(String),
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denied::NoInitData => write!(
+                f,
+                "refused by the agent: a confidential pod serves no call before its init-data"
+            ),
+            Denied::Policy(call) => write!(f, "{call} is blocked by the pod's agent policy"),
+            Denied::Error(e) => write!(f, "the pod's agent policy failed: {e}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("confidential", &self.confidential)
+            .field(
+                "policy",
+                &match self.set.get() {
+                    None => "no init-data yet",
+                    Some(None) => "none",
+                    Some(Some(_)) => "set",
+                },
+            )
+            .finish()
+    }
+}
+
+impl Gate {
+    pub fn new(confidential: bool) -> Gate {
+        Gate {
+            set: OnceLock::new(),
+            confidential,
+        }
+    }
+
+    /// Takes the pod's init-data: once. Returns it parsed; the policy it carries, if
+    /// any, is compiled and enforced from now on.
+    pub fn set_init_data(&self, bytes: &[u8]) -> Result<InitData, String> {
+        if self.set.get().is_some() {
+            return Err("init-data was already set; it cannot change for a VM's life".into());
+        }
+        let data = InitData::parse(bytes).map_err(|e| e.to_string())?;
+        let engine = match data.policy() {
+            Some(rego) => Some(Mutex::new(compile(rego)?)),
+            None => None,
+        };
+        self.set
+            .set(engine)
+            .map_err(|_| "init-data was already set; it cannot change for a VM's life")?;
+        Ok(data)
+    }
+
+    /// Decides `call` (the RPC's name, e.g. `ExecProcess`) with `input` (the request as
+    /// JSON, built only when a policy is there to read it).
+    pub fn check(
+        &self,
+        call: &str,
+        input: impl FnOnce() -> serde_json::Value,
+    ) -> Result<(), Denied> {
+        let engine = match self.set.get() {
+            None if self.confidential => return Err(Denied::NoInitData),
+            None | Some(None) => return Ok(()),
+            Some(Some(engine)) => engine,
+        };
+        let rule = format!("{call}Request");
+        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+        let input = regorus::Value::from_json_str(&input().to_string())
+            .map_err(|e| Denied::Error(format!("input for {rule}: {e}")))?;
+        engine.set_input(input);
+        // A query, not `eval_rule`: a rule the policy does not define is undefined (no
+        // result), which refuses, rather than an error.
+        let results = engine
+            .eval_query(format!("data.agent_policy.{rule}"), false)
+            .map_err(|e| Denied::Error(format!("{rule}: {e}")))?;
+        let allowed = match results.result.as_slice() {
+            [one] => {
+                matches!(one.expressions.as_slice(), [e] if e.value == regorus::Value::from(true))
+            }
+            _ => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(Denied::Policy(rule))
+        }
+    }
+}
+
+/// A request as the policy's `input`: its fields by their proto names (defaults
+/// included, so a rule can rely on them), and the JSON documents some requests carry as
+/// strings parsed beside them (`oci` for a container's spec, `process` for an exec's).
+pub fn input_of<M: protobuf::MessageFull>(req: &M) -> serde_json::Value {
+    let options = protobuf_json_mapping::PrintOptions {
+        proto_field_name: true,
+        always_output_default_values: true,
+        ..Default::default()
+    };
+    let text = protobuf_json_mapping::print_to_string_with_options(req, &options)
+        .unwrap_or_else(|_| "{}".into());
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let descriptor = M::descriptor();
+    for (field, key) in [("oci_spec_json", "oci"), ("process_json", "process")] {
+        let Some(f) = descriptor.field_by_name(field) else {
+            continue;
+        };
+        let parsed = match f.get_singular_field_or_default(req) {
+            protobuf::reflect::ReflectValueRef::Bytes(b) => {
+                serde_json::from_slice::<serde_json::Value>(b).ok()
+            }
+            _ => None,
+        };
+        if let Some(p) = parsed {
+            v[key] = p;
+        }
+    }
+    v
+}
+
+/// The stdio lookup the stream server uses, asking the policy about each stream.
+pub struct PolicedStreams {
+    pub containers: std::sync::Arc<crate::container::Containers>,
+    pub gate: std::sync::Arc<Gate>,
+}
+
+impl crate::stdio::ProcessLookup for PolicedStreams {
+    fn process_io(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Option<std::sync::Arc<crate::stdio::ProcessIo>> {
+        self.containers.process_io(container_id, exec_id)
+    }
+
+    fn allow_stream(&self, h: &crate::stdio::StreamHeader) -> bool {
+        use crate::stdio::StreamKind;
+        let (call, stream) = match h.kind {
+            StreamKind::Stdin => ("WriteStream", "stdin"),
+            StreamKind::Stdout => ("ReadStream", "stdout"),
+            StreamKind::Stderr => ("ReadStream", "stderr"),
+        };
+        let input = || {
+            serde_json::json!({
+                "container_id": h.container_id,
+                "exec_id": h.exec_id,
+                "stream": stream,
+            })
+        };
+        match self.gate.check(call, input) {
+            Ok(()) => true,
+            Err(denied) => {
+                tracing::warn!(container = %h.container_id, stream, "refused: {denied}");
+                false
+            }
+        }
+    }
+}
+
+/// Compiles the policy; it must be `package agent_policy`.
+fn compile(rego: &str) -> Result<regorus::Engine, String> {
+    let mut engine = regorus::Engine::new();
+    let package = engine
+        .add_policy("policy.rego".into(), rego.into())
+        .map_err(|e| format!("the agent policy does not compile: {e}"))?;
+    if package != "data.agent_policy" {
+        return Err(format!(
+            "the agent policy is {package}, not package agent_policy"
+        ));
+    }
+    Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn requests_become_inputs_with_their_json_documents_parsed() {
+        let mut req = cocoon_protocol::agent::ExecProcessRequest::new();
+        req.container_id = "c1".into();
+        req.process_json = br#"{"args": ["true"], "cwd": "/"}"#.to_vec();
+        let v = input_of(&req);
+        assert_eq!(v["container_id"], "c1");
+        assert_eq!(v["process"]["args"], json!(["true"]));
+        assert_eq!(v["exec_id"], "", "defaults are there for rules to rely on");
+    }
+
+    fn init_data(rego: &str) -> String {
+        format!(
+            "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = '''\n{rego}\n'''\n"
+        )
+    }
+
+    const POLICY: &str = r#"package agent_policy
+default CreateContainerRequest := true
+default ExecProcessRequest := false
+ExecProcessRequest if { input.process.args[0] == "/bin/true" }
+"#;
+
+    #[test]
+    fn rules_decide_and_undefined_ones_refuse() {
+        let g = Gate::new(false);
+        assert_eq!(
+            g.check("ExecProcess", || json!({})),
+            Ok(()),
+            "no init-data: allowed"
+        );
+        g.set_init_data(init_data(POLICY).as_bytes()).unwrap();
+        assert_eq!(g.check("CreateContainer", || json!({})), Ok(()));
+        assert_eq!(
+            g.check("ExecProcess", || json!({"process": {"args": ["sh"]}})),
+            Err(Denied::Policy("ExecProcessRequest".into()))
+        );
+        assert_eq!(
+            g.check(
+                "ExecProcess",
+                || json!({"process": {"args": ["/bin/true"]}})
+            ),
+            Ok(())
+        );
+        // No rule at all for this call: refused.
+        assert_eq!(
+            g.check("PauseContainer", || json!({})),
+            Err(Denied::Policy("PauseContainerRequest".into()))
+        );
+        // Set once.
+        assert!(g.set_init_data(init_data(POLICY).as_bytes()).is_err());
+    }
+
+    #[test]
+    fn confidential_mode_waits_for_init_data_and_bad_policies_are_refused() {
+        let g = Gate::new(true);
+        assert_eq!(
+            g.check("CreateSandbox", || json!({})),
+            Err(Denied::NoInitData)
+        );
+        let e = g
+            .set_init_data(init_data("package other\nx := 1").as_bytes())
+            .unwrap_err();
+        assert!(e.contains("not package agent_policy"), "{e}");
+        let e = g
+            .set_init_data(init_data("package agent_policy\nx := ").as_bytes())
+            .unwrap_err();
+        assert!(e.contains("does not compile"), "{e}");
+        // Init-data without a policy: everything allowed from then on.
+        g.set_init_data(b"version = \"0.1.0\"\nalgorithm = \"sha256\"\n")
+            .unwrap();
+        assert_eq!(g.check("CreateSandbox", || json!({})), Ok(()));
+    }
+}

@@ -1,0 +1,149 @@
+//! The pod's agent policy (init-data with Rego, `io.cocoon.init-data`), enforced by the
+//! agent in a real guest: a call the policy denies is refused there, with the agent's
+//! reason, whatever the host (here: containerd and the shim, through `ctr`) asks.
+
+mod ctr_common;
+
+use base64::Engine;
+use cocoon_integration::image::IMAGE_REF;
+use ctr_common::*;
+
+/// Every call the agent polices, allowed: a test policy states what it denies.
+const CALLS: &[&str] = &[
+    "GetGuestDetails",
+    "CreateSandbox",
+    "DestroySandbox",
+    "Shutdown",
+    "UpdateInterface",
+    "UpdateRoutes",
+    "ListInterfaces",
+    "ListRoutes",
+    "CreateContainer",
+    "StartContainer",
+    "RemoveContainer",
+    "PauseContainer",
+    "ResumeContainer",
+    "UpdateContainer",
+    "StatsContainer",
+    "ListPids",
+    "SignalProcess",
+    "WaitProcess",
+    "TtyWinResize",
+    "CloseStdin",
+    "GetOomEvent",
+    "WriteStream",
+];
+
+/// The `io.cocoon.init-data` annotation for a policy of `rules` on top of `CALLS`.
+fn annotation(rules: &str) -> String {
+    let mut rego = String::from("package agent_policy\n");
+    for c in CALLS {
+        rego.push_str(&format!("default {c}Request := true\n"));
+    }
+    rego.push_str(rules);
+    let toml = format!(
+        "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = '''\n{rego}'''\n"
+    );
+    format!(
+        "io.cocoon.init-data={}",
+        base64::engine::general_purpose::STANDARD.encode(toml)
+    )
+}
+
+/// Exec is allowed for `true` only; the agent, not the shim, refuses the rest.
+#[test]
+fn the_agent_refuses_an_exec_its_policy_denies() {
+    let env = env();
+    let ann = annotation(
+        "default ReadStreamRequest := true\n\
+         default ExecProcessRequest := false\n\
+         ExecProcessRequest if { input.process.args == [\"true\"] }\n",
+    );
+    run_detached(
+        &env,
+        "pol-exec",
+        &["--annotation", &ann],
+        &["sh", "-c", "while true; do sleep 0.1; done"],
+    );
+    ctr_ok(
+        &env,
+        &["task", "exec", "--exec-id", "allowed", "pol-exec", "true"],
+    );
+    let denied = env.containerd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "denied",
+        "pol-exec",
+        "sh",
+        "-c",
+        "echo hi",
+    ]);
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !denied.status.success()
+            && err.contains("ExecProcessRequest is blocked by the pod's agent policy"),
+        "{}",
+        show(&denied)
+    );
+    assert!(!String::from_utf8_lossy(&denied.stdout).contains("hi"));
+    kill_delete_clean(&env, "pol-exec");
+}
+
+/// With `ReadStream` denied the host never sees the container's output; the container
+/// still runs to its end (the guest drains what nobody may read).
+#[test]
+fn a_policy_can_keep_container_output_from_the_host() {
+    let env = env();
+    let ann =
+        annotation("default ExecProcessRequest := true\ndefault ReadStreamRequest := false\n");
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        COCOON,
+        "--annotation",
+        &ann,
+        IMAGE_REF,
+        "pol-out",
+        "sh",
+        "-c",
+        "seq 1 20000; echo secret; echo secret >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", show(&out));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        show(&out)
+    );
+    assert_clean(&env);
+}
+
+/// A malformed init-data is refused before any VM starts, naming the annotation.
+#[test]
+fn malformed_init_data_is_refused_naming_it() {
+    let env = env();
+    let bad = format!(
+        "io.cocoon.init-data={}",
+        base64::engine::general_purpose::STANDARD
+            .encode("version = \"9\"\nalgorithm = \"sha384\"\n")
+    );
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        COCOON,
+        "--annotation",
+        &bad,
+        IMAGE_REF,
+        "pol-bad",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("io.cocoon.init-data") && err.contains("version"),
+        "{}",
+        show(&out)
+    );
+    assert_clean(&env);
+}
