@@ -35,8 +35,9 @@ pub fn enabled(cmdline: &str) -> bool {
     crate::cmdline::value(cmdline, "cocoon.debug") == Some("1")
 }
 
-/// Listens on `DEBUG_PORT` and arms the crash hook, if enabled.
-pub fn serve(cmdline: &str) -> anyhow::Result<()> {
+/// Listens on `DEBUG_PORT` and arms the crash hook, if enabled. Each session needs the
+/// pod's policy to allow `DebugConsoleRequest` (a confidential pod's default does not).
+pub fn serve(cmdline: &str, gate: std::sync::Arc<crate::policy::Gate>) -> anyhow::Result<()> {
     if !enabled(cmdline) {
         return Ok(());
     }
@@ -48,6 +49,14 @@ pub fn serve(cmdline: &str) -> anyhow::Result<()> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
+                Ok((conn, _))
+                    if gate
+                        .check("DebugConsole", || serde_json::json!({}))
+                        .is_err() =>
+                {
+                    tracing::warn!("debug console session refused by the pod's policy");
+                    drop(conn);
+                }
                 Ok((conn, _)) => match blocking_fd(&conn) {
                     Ok(fd) => {
                         drop(conn);

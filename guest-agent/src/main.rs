@@ -247,7 +247,7 @@ async fn serve(
     serve_stdio(&listen, &state).await?;
     serve_forwards(&listen)?;
     if matches!(listen, Listen::Vsock) {
-        debug::serve(&state.cmdline)?;
+        debug::serve(&state.cmdline, state.policy.clone())?;
     }
     let mut server = ttrpc::r#async::Server::new()
         .bind(&addr)

@@ -13,6 +13,10 @@ use std::sync::{Mutex, OnceLock};
 
 use cocoon_confidential::initdata::InitData;
 
+/// The policy a confidential pod gets when its init-data carries none: lifecycle yes;
+/// exec, attach, output, host-path volumes and the debug console no.
+pub const CONFIDENTIAL_DEFAULT: &str = include_str!("../policy/confidential-default.rego");
+
 /// The agent's policy state: unset until `SetInitData`, then fixed for the VM's life.
 #[derive(Default)]
 pub struct Gate {
@@ -78,6 +82,9 @@ impl Gate {
         let data = InitData::parse(bytes).map_err(|e| e.to_string())?;
         let engine = match data.policy() {
             Some(rego) => Some(Mutex::new(compile(rego)?)),
+            None if self.confidential => Some(Mutex::new(
+                compile(CONFIDENTIAL_DEFAULT).expect("the built-in policy compiles"),
+            )),
             None => None,
         };
         self.set
@@ -278,9 +285,48 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
             .set_init_data(init_data("package agent_policy\nx := ").as_bytes())
             .unwrap_err();
         assert!(e.contains("does not compile"), "{e}");
-        // Init-data without a policy: everything allowed from then on.
+        // Init-data without a policy: the confidential default from then on.
         g.set_init_data(b"version = \"0.1.0\"\nalgorithm = \"sha256\"\n")
             .unwrap();
         assert_eq!(g.check("CreateSandbox", || json!({})), Ok(()));
+        assert!(g.check("ExecProcess", || json!({})).is_err());
+        // Outside confidential mode, none: everything allowed.
+        let g = Gate::new(false);
+        g.set_init_data(b"version = \"0.1.0\"\nalgorithm = \"sha256\"\n")
+            .unwrap();
+        assert_eq!(g.check("ExecProcess", || json!({})), Ok(()));
+    }
+
+    /// The built-in confidential policy: the lifecycle goes through, looking inside
+    /// does not, and neither do host-path volumes.
+    #[test]
+    fn the_confidential_default_denies_what_it_says() {
+        let g = Gate::new(true);
+        g.set_init_data(b"version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
+            .unwrap();
+        let plain = json!({"oci": {"mounts": [
+            {"destination": "/proc", "source": "proc", "type": "proc"},
+            {"destination": "/etc/hosts", "source": "/run/cocoon/shared/c1/etc-hosts"}
+        ]}});
+        assert_eq!(g.check("CreateContainer", || plain), Ok(()));
+        let volume = json!({"oci": {"mounts": [
+            {"destination": "/data", "source": "/run/cocoon/shared/c1/mounts/1", "type": "bind"}
+        ]}});
+        assert!(g.check("CreateContainer", || volume).is_err());
+        for allowed in [
+            "StartContainer",
+            "WaitProcess",
+            "SignalProcess",
+            "RemoveContainer",
+        ] {
+            assert_eq!(g.check(allowed, || json!({})), Ok(()), "{allowed}");
+        }
+        for denied in ["ExecProcess", "ReadStream", "WriteStream", "DebugConsole"] {
+            assert_eq!(
+                g.check(denied, || json!({})),
+                Err(Denied::Policy(format!("{denied}Request"))),
+                "{denied}"
+            );
+        }
     }
 }

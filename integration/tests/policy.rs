@@ -147,3 +147,75 @@ fn malformed_init_data_is_refused_naming_it() {
     );
     assert_clean(&env);
 }
+
+/// An agent in confidential mode (`cocoon.confidential` on the guest's command line; here
+/// without hardware, which only changes the agent) serves nothing before init-data, and
+/// with init-data that carries no policy it enforces the built-in confidential one: the
+/// containers run, but exec, their output and host-path volumes are refused.
+#[test]
+fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
+    let env = env_edited("", "", |c| {
+        c.vm.kernel_params = "cocoon.confidential".into()
+    });
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        COCOON,
+        IMAGE_REF,
+        "conf-none",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("serves no call before its init-data"),
+        "{}",
+        show(&out)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", "conf-none"]);
+
+    let bare = format!(
+        "io.cocoon.init-data={}",
+        base64::engine::general_purpose::STANDARD
+            .encode("version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
+    );
+    run_detached(
+        &env,
+        "conf-default",
+        &["--annotation", &bare],
+        &["sh", "-c", "echo secret; while true; do sleep 0.1; done"],
+    );
+    let exec = env
+        .containerd
+        .ctr(&["task", "exec", "--exec-id", "e", "conf-default", "true"]);
+    assert!(
+        String::from_utf8_lossy(&exec.stderr).contains("ExecProcessRequest is blocked"),
+        "{}",
+        show(&exec)
+    );
+    kill_delete_clean(&env, "conf-default");
+
+    let dir = env.containerd.dir.join("volume");
+    std::fs::create_dir_all(&dir).unwrap();
+    let volume = format!("type=bind,src={},dst=/data,options=rbind:ro", dir.display());
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        COCOON,
+        "--annotation",
+        &bare,
+        "--mount",
+        &volume,
+        IMAGE_REF,
+        "conf-volume",
+        "true",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CreateContainerRequest is blocked"),
+        "{}",
+        show(&out)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", "conf-volume"]);
+    assert_clean(&env);
+}

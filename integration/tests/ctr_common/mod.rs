@@ -42,9 +42,19 @@ pub fn env_on(hypervisor: Option<&str>) -> Env {
 
 /// The same, with `top` before the shim config's tables and `tables` after them.
 pub fn env_with(top: &str, tables: &str) -> Env {
+    env_edited(top, tables, |_| {})
+}
+
+/// The same, with the shim's config edited first.
+pub fn env_edited(
+    top: &str,
+    tables: &str,
+    edit: impl FnOnce(&mut cocoon_shim::config::Config),
+) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    let config = test_config(&run_dir, Duration::from_secs(90));
+    let mut config = test_config(&run_dir, Duration::from_secs(90));
+    edit(&mut config);
     let config_path = dir.path().join("cocoon.toml");
     let toml = format!("{top}{}{tables}", toml_of(&config));
     std::fs::write(&config_path, toml).unwrap();
@@ -60,8 +70,8 @@ pub fn env_with(top: &str, tables: &str) -> Env {
 
 pub fn toml_of(c: &cocoon_shim::config::Config) -> String {
     format!(
-        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n[paths]\nrun_dir = {:?}\n",
-        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
+        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\nkernel_params = {:?}\n[paths]\nrun_dir = {:?}\n",
+        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.vm.kernel_params, c.paths.run_dir
     )
 }
 

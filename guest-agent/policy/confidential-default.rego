@@ -1,0 +1,45 @@
+# Cocoon's agent policy for a confidential pod whose init-data carries none: the host
+# runs the pod's containers and manages their lifecycle, but cannot look inside them.
+package agent_policy
+
+default GetGuestDetailsRequest := true
+default CreateSandboxRequest := true
+default DestroySandboxRequest := true
+default ShutdownRequest := true
+default UpdateInterfaceRequest := true
+default UpdateRoutesRequest := true
+default ListInterfacesRequest := true
+default ListRoutesRequest := true
+default StartContainerRequest := true
+default RemoveContainerRequest := true
+default PauseContainerRequest := true
+default ResumeContainerRequest := true
+default UpdateContainerRequest := true
+default StatsContainerRequest := true
+default ListPidsRequest := true
+default SignalProcessRequest := true
+default WaitProcessRequest := true
+default TtyWinResizeRequest := true
+default CloseStdinRequest := true
+default GetOomEventRequest := true
+
+# No exec into a container, no attach (its stdin), no reading its output from the host,
+# no debug console.
+default ExecProcessRequest := false
+default WriteStreamRequest := false
+default ReadStreamRequest := false
+default DebugConsoleRequest := false
+
+# Containers, but no host-path volumes: a mount whose source is a host directory the
+# shim shared into the guest (/run/cocoon/shared/<container>/mounts/<n>).
+default CreateContainerRequest := false
+
+CreateContainerRequest if {
+	not host_path_mount
+}
+
+host_path_mount if {
+	some m in input.oci.mounts
+	startswith(m.source, "/run/cocoon/shared/")
+	contains(m.source, "/mounts/")
+}
