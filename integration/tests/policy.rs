@@ -219,3 +219,34 @@ fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
     let _ = env.containerd.ctr(&["container", "delete", "conf-volume"]);
     assert_clean(&env);
 }
+
+/// A pod asking for a confidential VM is refused, never started unprotected, and the
+/// refusal names what this host lacks (here: SEV firmware, and a QEMU with the object).
+#[test]
+fn a_confidential_pod_is_refused_with_what_the_host_lacks() {
+    let env = env();
+    for (kind, object) in [("sev-snp", "sev-snp-guest"), ("tdx", "tdx-guest")] {
+        let id = format!("conf-{kind}");
+        let out = env.containerd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            COCOON,
+            "--annotation",
+            &format!("io.cocoon.confidential={kind}"),
+            IMAGE_REF,
+            &id,
+            "true",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("refused rather than started unprotected")
+                && err.contains(&format!("has no {object} object")),
+            "{}",
+            show(&out)
+        );
+        let _ = env.containerd.ctr(&["container", "delete", &id]);
+    }
+    assert_clean(&env);
+}

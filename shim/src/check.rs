@@ -67,6 +67,10 @@ pub struct HostReport {
     pub vhost_vsock: bool,
     pub sev_snp: bool,
     pub tdx: bool,
+    /// What stands in the way of a confidential launch, per TEE (empty: nothing found;
+    /// Cocoon still refuses confidential pods until its launch flow lands).
+    pub sev_snp_obstacles: Vec<String>,
+    pub tdx_obstacles: Vec<String>,
     pub cgroup: &'static str,
     /// `/sys/kernel/mm/transparent_hugepage/shmem_enabled`'s selected value, if any.
     pub shmem_thp: Option<String>,
@@ -231,6 +235,14 @@ pub fn report() -> HostReport {
         vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
         sev_snp: sev_snp(),
         tdx: tdx(),
+        sev_snp_obstacles: crate::hypervisor::confidential::obstacles(
+            crate::hypervisor::confidential::Tee::SevSnp,
+            Path::new("qemu-system-x86_64"),
+        ),
+        tdx_obstacles: crate::hypervisor::confidential::obstacles(
+            crate::hypervisor::confidential::Tee::Tdx,
+            Path::new("qemu-system-x86_64"),
+        ),
         cgroup,
         shmem_thp: std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .ok()
@@ -263,8 +275,19 @@ impl std::fmt::Display for HostReport {
             "vhost-vsock:    {} (Cocoon uses its own user-space vsock backend either way)",
             yn(self.vhost_vsock)
         )?;
-        writeln!(f, "SEV-SNP:        {}", yn(self.sev_snp))?;
-        writeln!(f, "TDX:            {}", yn(self.tdx))?;
+        let tee = |ok: bool, why: &[String]| {
+            if why.is_empty() {
+                format!("{} (launch flow not in Cocoon yet)", yn(ok))
+            } else {
+                format!("{}: {}", yn(ok), why.join("; "))
+            }
+        };
+        writeln!(
+            f,
+            "SEV-SNP:        {}",
+            tee(self.sev_snp, &self.sev_snp_obstacles)
+        )?;
+        writeln!(f, "TDX:            {}", tee(self.tdx, &self.tdx_obstacles))?;
         writeln!(f, "host cgroups:   {}", self.cgroup)?;
         match self.shmem_thp.as_deref() {
             Some(m) if shmem_thp_ok(m) => writeln!(

@@ -4,6 +4,7 @@
 //! them and takes them all down again, also on early return or drop.
 
 pub mod cocoon_vmm;
+pub mod confidential;
 pub mod console;
 pub mod identity;
 mod launch;

@@ -205,14 +205,27 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&bundle)?;
         let t_call = std::time::Instant::now();
-        let pod_vm = pod::pod_vm(&spec).map_err(|e| {
-            let code = match e {
-                pod::PodSpecError::HostNetwork | pod::PodSpecError::Confidential(_) => {
-                    ttrpc::Code::FAILED_PRECONDITION
+        let pod_vm = pod::pod_vm(&spec).map_err(|e| match &e {
+            pod::PodSpecError::Confidential(kind) => {
+                // Say everything on this host that stands in the way, not only that
+                // the launch flow is missing.
+                let tee = crate::hypervisor::confidential::Tee::parse(kind);
+                let why = tee
+                    .map(|t| {
+                        crate::hypervisor::confidential::obstacles(
+                            t,
+                            &self.inner.config.qemu.binary,
+                        )
+                    })
+                    .unwrap_or_default();
+                let mut msg = e.to_string();
+                if !why.is_empty() {
+                    msg.push_str(&format!("; this host also lacks: {}", why.join("; ")));
                 }
-                pod::PodSpecError::BadAnnotation { .. } => ttrpc::Code::INVALID_ARGUMENT,
-            };
-            err(code, e)
+                err(ttrpc::Code::FAILED_PRECONDITION, msg)
+            }
+            pod::PodSpecError::HostNetwork => err(ttrpc::Code::FAILED_PRECONDITION, e),
+            pod::PodSpecError::BadAnnotation { .. } => err(ttrpc::Code::INVALID_ARGUMENT, e),
         })?;
         pod::adapt_spec(&mut spec);
         let cri_name = spec
