@@ -30,24 +30,38 @@ pub fn output_within(
         .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
     let out = drain(child.stdout.take());
     let err = drain(child.stderr.take());
-    match wait_within(&mut child, deadline) {
-        Some(status) => Output {
+    let end = Instant::now() + deadline;
+    // Neither waiting for the process nor reading its pipes may outlast the deadline
+    // (a process stuck in the kernel does not die of SIGKILL; a pipe another process
+    // inherited never ends).
+    let status = wait_within(&mut child, deadline);
+    let grace = Duration::from_secs(5);
+    let rest = |end: Instant| end.saturating_duration_since(Instant::now()).max(grace);
+    let (stdout, stderr) = (out.recv_timeout(rest(end)), err.recv_timeout(grace));
+    match (status, stdout, stderr) {
+        (Some(status), Ok(stdout), Ok(stderr)) => Output {
             status,
-            stdout: out.join().unwrap_or_default(),
-            stderr: err.join().unwrap_or_default(),
+            stdout,
+            stderr,
         },
-        None => {
+        (status, stdout, stderr) => {
             let _ = child.kill();
-            let _ = child.wait();
-            let (out, err) = (
-                out.join().unwrap_or_default(),
-                err.join().unwrap_or_default(),
-            );
+            let dead = wait_within(&mut child, grace).is_some();
             panic!(
-                "stuck: {what} did not finish within {} s\nstdout: {:?}\nstderr: {:?}\n{}",
+                "stuck: {what} {} within {} s{}\nstdout: {:?}\nstderr: {:?}\n{}",
+                if status.is_some() {
+                    "exited but its output did not end"
+                } else {
+                    "did not finish"
+                },
                 deadline.as_secs(),
-                String::from_utf8_lossy(&out),
-                String::from_utf8_lossy(&err),
+                if dead {
+                    ""
+                } else {
+                    " (and did not die of SIGKILL)"
+                },
+                String::from_utf8_lossy(&stdout.unwrap_or_default()),
+                String::from_utf8_lossy(&stderr.unwrap_or_default()),
                 report()
             )
         }
@@ -68,14 +82,17 @@ pub fn wait_within(child: &mut Child, deadline: Duration) -> Option<std::process
     }
 }
 
-fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+/// Reads `pipe` to its end on a thread; the bytes arrive on the channel.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = Vec::new();
         if let Some(mut p) = pipe {
             let _ = p.read_to_end(&mut buf);
         }
-        buf
-    })
+        let _ = tx.send(buf);
+    });
+    rx
 }
 
 /// Reads from `fd` (a pty master, a pipe) into `acc` until `pred` holds for what was
@@ -122,8 +139,23 @@ pub fn read_until(
 }
 
 /// What a stuck test prints: the tail of every VM log below `root` (a test's temp dir)
-/// and, for each of our processes, its state and where each thread sleeps.
+/// and, for each of our processes, its state and where each thread sleeps. Built on a
+/// thread of its own and given 10 s: reading `/proc` of a process stuck in the kernel
+/// can block, and the report must not hang the test it explains.
 pub fn report(root: &Path) -> String {
+    let root = root.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(report_now(&root));
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| {
+            "(the report itself got stuck reading /proc: some process is stuck in the kernel)"
+                .into()
+        })
+}
+
+fn report_now(root: &Path) -> String {
     let mut out = String::new();
     for log in logs_below(root, 6) {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod run;
 pub mod testing;
+pub mod watchdog;
 
 use std::path::PathBuf;
 

@@ -12,6 +12,12 @@ use crate::{L1Image, NestedError, L1};
 /// Set inside L1 for reruns, so a test there can never recurse into another L1.
 pub const IN_L1_ENV: &str = "COCOON_IN_L1";
 
+/// How long L1 may run one test (the harness's limit, under nextest's 600 s).
+const L1_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(540);
+/// When a test inside L1 prints what every process of ours is doing: well before the
+/// harness gives up on L1, so the report makes it out.
+const L1_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(420);
+
 /// Whether this run is CI's (`CI` set to anything but `false` or `0`).
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -67,6 +73,9 @@ pub fn guest_image_dir() -> std::path::PathBuf {
 #[track_caller]
 pub fn hardware_kvm(test: &str) -> Place {
     let Some(why) = hardware_kvm_missing() else {
+        if std::env::var_os(IN_L1_ENV).is_some() {
+            crate::watchdog::arm(test, L1_WATCHDOG);
+        }
         return Place::Here;
     };
     if std::env::var_os(IN_L1_ENV).is_some() {
@@ -78,7 +87,7 @@ pub fn hardware_kvm(test: &str) -> Place {
             // Two such tests may share the 2 cores (nextest runs two at a time): the
             // ctr comparison on cocoon-vmm took 120 s alone and over 300 s beside the
             // CRI one in CI. Under nextest's own 600 s limit, so the reason is ours.
-            l1.timeout = std::time::Duration::from_secs(540);
+            l1.timeout = L1_TIMEOUT;
             l1
         }
         Err(e) if e.is_unavailable() => {
