@@ -163,13 +163,16 @@ impl VmProcesses {
         s
     }
 
-    /// Gives the VMM `grace` to exit, then SIGKILLs everything and reaps it.
+    /// Gives the VMM `grace` to exit, then SIGKILLs everything and reaps it. Reaping is
+    /// bounded too: a process stuck in the kernel (uninterruptible, e.g. inside KVM) does
+    /// not die of SIGKILL, and the pod's teardown must not hang on it. Such a process
+    /// is logged and left to tokio's orphan reaping.
     pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         let mut status = self.wait_vmm_exit(grace).await;
         if status.is_none() {
             if let Some(c) = self.vmm.as_mut() {
                 let _ = c.start_kill();
-                status = c.wait().await.ok();
+                status = reap(c, "the VMM").await;
             }
         }
         for b in &mut self.backends {
@@ -180,7 +183,7 @@ impl VmProcesses {
             {
                 tracing::warn!(pid = ?b.id(), "backend did not exit after the VMM; killing it");
                 let _ = b.start_kill();
-                let _ = b.wait().await;
+                let _ = reap(b, "a backend").await;
             }
         }
         self.vmm = None;
@@ -200,5 +203,35 @@ impl VmProcesses {
         }
         self.vmm = None;
         self.backends.clear();
+    }
+}
+
+/// How long a SIGKILLed child may take to be reaped.
+const REAP_AFTER_KILL: Duration = Duration::from_secs(10);
+
+/// Waits for a SIGKILLed `child` up to `REAP_AFTER_KILL`; says so if it is still there,
+/// with its kernel state.
+async fn reap(child: &mut tokio::process::Child, what: &str) -> Option<ExitStatus> {
+    match tokio::time::timeout(REAP_AFTER_KILL, child.wait()).await {
+        Ok(r) => r.ok(),
+        Err(_) => {
+            let pid = child.id().unwrap_or(0);
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(") ")
+                        .map(|(_, r)| r.chars().take(1).collect())
+                })
+                .unwrap_or_else(|| "?".to_string());
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            tracing::error!(
+                pid,
+                state,
+                wchan,
+                "{what} did not die of SIGKILL within {} s (stuck in the kernel); leaving it",
+                REAP_AFTER_KILL.as_secs()
+            );
+            None
+        }
     }
 }
