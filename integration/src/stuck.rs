@@ -157,7 +157,7 @@ pub fn report(root: &Path) -> String {
 
 fn report_now(root: &Path) -> String {
     let mut out = String::new();
-    for log in logs_below(root, 6) {
+    for log in cocoon_nested::watchdog::logs_below(root, 6, &LOG_NAMES) {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         out.push_str(&format!(
             "--- {} (end):\n{}\n",
@@ -209,20 +209,3 @@ const LOG_NAMES: [&str; 4] = [
     "vsock-backend.log",
     "virtiofsd.log",
 ];
-
-fn logs_below(dir: &Path, depth: u32) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for e in rd.flatten() {
-        let Ok(kind) = e.file_type() else { continue };
-        let path = e.path();
-        if kind.is_dir() && depth > 0 {
-            found.extend(logs_below(&path, depth - 1));
-        } else if kind.is_file() && LOG_NAMES.iter().any(|n| e.file_name().to_str() == Some(*n)) {
-            found.push(path);
-        }
-    }
-    found
-}

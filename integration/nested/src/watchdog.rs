@@ -94,7 +94,7 @@ pub fn report() -> String {
             ));
         }
     }
-    for log in logs_below(Path::new("/tmp"), 8) {
+    for log in logs_below(Path::new("/tmp"), 8, LOGS) {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         out.push_str(&format!(
@@ -106,7 +106,8 @@ pub fn report() -> String {
     out
 }
 
-fn logs_below(dir: &Path, depth: u32) -> Vec<std::path::PathBuf> {
+/// Files named one of `names` at most `depth` directories below `dir`.
+pub fn logs_below(dir: &Path, depth: u32, names: &[&str]) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return found;
@@ -115,8 +116,8 @@ fn logs_below(dir: &Path, depth: u32) -> Vec<std::path::PathBuf> {
         let Ok(kind) = e.file_type() else { continue };
         let path = e.path();
         if kind.is_dir() && depth > 0 {
-            found.extend(logs_below(&path, depth - 1));
-        } else if kind.is_file() && LOGS.iter().any(|n| e.file_name().to_str() == Some(*n)) {
+            found.extend(logs_below(&path, depth - 1, names));
+        } else if kind.is_file() && names.iter().any(|n| e.file_name().to_str() == Some(*n)) {
             found.push(path);
         }
     }
