@@ -35,6 +35,9 @@ pub fn enabled(cmdline: &str) -> bool {
     crate::cmdline::value(cmdline, "cocoon.debug") == Some("1")
 }
 
+/// What a session the pod's policy refuses reads before the connection closes.
+const REFUSED: &[u8] = b"cocoon: the debug console is refused by the pod's agent policy\n";
+
 /// Listens on `DEBUG_PORT` and arms the crash hook, if enabled. Each session needs the
 /// pod's policy to allow `DebugConsoleRequest` (a confidential pod's default does not).
 pub fn serve(cmdline: &str, gate: std::sync::Arc<crate::policy::Gate>) -> anyhow::Result<()> {
@@ -49,13 +52,15 @@ pub fn serve(cmdline: &str, gate: std::sync::Arc<crate::policy::Gate>) -> anyhow
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((conn, _))
+                Ok((mut conn, _))
                     if gate
                         .check("DebugConsole", || serde_json::json!({}))
                         .is_err() =>
                 {
                     tracing::warn!("debug console session refused by the pod's policy");
-                    drop(conn);
+                    tokio::spawn(async move {
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, REFUSED).await;
+                    });
                 }
                 Ok((conn, _)) => match blocking_fd(&conn) {
                     Ok(fd) => {

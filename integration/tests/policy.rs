@@ -154,7 +154,9 @@ fn malformed_init_data_is_refused_naming_it() {
 /// containers run, but exec, their output and host-path volumes are refused.
 #[test]
 fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
-    let env = env_edited("", "", |c| {
+    // The debug console is on for this pod ([debug] console): the policy must still
+    // refuse its sessions.
+    let env = env_edited("", "[debug]\nconsole = true\n", |c| {
         c.vm.kernel_params = "cocoon.confidential".into()
     });
     let out = env.containerd.ctr(&[
@@ -192,6 +194,14 @@ fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
         String::from_utf8_lossy(&exec.stderr).contains("ExecProcessRequest is blocked"),
         "{}",
         show(&exec)
+    );
+    let debug = cocoon_debug(&env, "conf-default", &["echo", "inside-the-guest"], b"");
+    let said = String::from_utf8_lossy(&debug.stdout);
+    assert!(
+        !said.contains("inside-the-guest")
+            && said.contains("debug console is refused by the pod's agent policy"),
+        "the debug console served a session, or did not say why not: {}",
+        show(&debug)
     );
     kill_delete_clean(&env, "conf-default");
 

@@ -51,6 +51,16 @@ pub enum NestedError {
         output: String,
         console: String,
     },
+    /// A CPU of L1's kernel stopped scheduling for a minute or more (its watchdog says
+    /// "soft lockup"), inside KVM running an L2 guest: seen only under TCG's emulated
+    /// SVM, where an L1 CPU executing L2 code can miss L1's own interrupts for good. The
+    /// run cannot finish; it is ended at once instead of at the timeout.
+    #[error("L1's kernel stalled ({stall}) before the command ended\ncommand output (end):\n{output}\nL1 console (end):\n{console}")]
+    L1Stall {
+        stall: String,
+        output: String,
+        console: String,
+    },
     #[error("Failed to build the L1 image")]
     Image(#[from] cocoon_rootfs::RootfsError),
     #[error("Failed to read the guest image manifest {}", path.display())]

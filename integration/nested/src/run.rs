@@ -172,12 +172,26 @@ impl L1 {
                 .map_err(NestedError::io("start QEMU for L1"))?,
         );
         let deadline = started + self.timeout;
+        let mut next_look = Instant::now();
         let exited = loop {
             match vm.0.try_wait() {
                 Ok(Some(_)) => break true,
                 Ok(None) if Instant::now() >= deadline => break false,
                 Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => return Err(NestedError::io("wait for QEMU")(e)),
+            }
+            // Every few seconds, L1's console: a CPU stalled for good ends the run now.
+            if Instant::now() >= next_look {
+                next_look = Instant::now() + Duration::from_secs(3);
+                let console_text = read_lossy(&console);
+                if let Some(stall) = l1_stall(&console_text) {
+                    let output = std::fs::read(&out).unwrap_or_default();
+                    return Err(NestedError::L1Stall {
+                        stall,
+                        output: tail(&String::from_utf8_lossy(&output), TAIL_LINES),
+                        console: tail(&console_text, TAIL_LINES),
+                    });
+                }
             }
         };
         let wall = started.elapsed();
@@ -232,6 +246,23 @@ impl L1 {
             wall,
         })
     }
+}
+
+/// A soft lockup of `STALL_SECS` or more on L1's console: the kernel's watchdog line,
+/// e.g. `watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [cocoon-vmm:479]`.
+fn l1_stall(console: &str) -> Option<String> {
+    const STALL_SECS: u64 = 60;
+    console.lines().find_map(|l| {
+        let (_, rest) = l.split_once("soft lockup - ")?;
+        let secs: u64 = rest
+            .split_once("stuck for ")?
+            .1
+            .split_once('s')?
+            .0
+            .parse()
+            .ok()?;
+        (secs >= STALL_SECS).then(|| rest.trim().to_owned())
+    })
 }
 
 /// The reason L1's kernel gave for panicking, if its console shows a panic.
@@ -315,7 +346,7 @@ pub fn say(text: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::l1_panic;
+    use super::{l1_panic, l1_stall};
 
     #[test]
     fn a_kernel_panic_on_the_console_is_named() {
@@ -327,5 +358,20 @@ mod tests {
             Some("corrupted stack end detected inside scheduler")
         );
         assert_eq!(l1_panic("[ 1.0] reboot: Power down\n"), None);
+    }
+
+    /// A lockup of a minute or more is a stall; a shorter one (TCG is slow) is not.
+    #[test]
+    fn a_lasting_soft_lockup_is_a_stall() {
+        let short = "[  47.1] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [cocoon-vmm:479]\n";
+        assert_eq!(l1_stall(short), None);
+        let long = format!(
+            "{short}[ 225.0] watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [cocoon-vmm:479]\n"
+        );
+        assert_eq!(
+            l1_stall(&long).as_deref(),
+            Some("CPU#1 stuck for 130s! [cocoon-vmm:479]")
+        );
+        assert_eq!(l1_stall("[ 1.0] reboot: Power down\n"), None);
     }
 }

@@ -81,7 +81,7 @@ pub fn hardware_kvm(test: &str) -> Place {
     if std::env::var_os(IN_L1_ENV).is_some() {
         panic!("{test}: inside L1 but without hardware-style KVM: {why}");
     }
-    let l1 = match L1Image::build(&guest_image_dir(), None) {
+    let mut l1 = match L1Image::build(&guest_image_dir(), None) {
         Ok(image) => {
             let mut l1 = L1::new(image);
             // Two such tests may share the 2 cores (nextest runs two at a time): the
@@ -106,14 +106,20 @@ pub fn hardware_kvm(test: &str) -> Place {
         crate::run::quote(&exe.to_string_lossy()),
         crate::run::quote(test)
     );
+    let started = std::time::Instant::now();
     let mut run = l1.run(&script, &cwd, &forwarded_env());
-    if let Err(NestedError::L1Panic { panic, .. }) = &run {
-        // L1's own kernel died under TCG's SVM emulation (seen once in ten full CI runs:
-        // a stack-guard hit in KVM's vCPU thread). That says nothing about the test, so
-        // it gets one more L1; a second panic fails it with both consoles' reason.
-        say(&format!(
-            "{test}: L1's kernel panicked ({panic}); rerunning once in a fresh L1"
-        ));
+    let broken = match &run {
+        Err(NestedError::L1Panic { panic, .. }) => Some(format!("L1's kernel panicked ({panic})")),
+        Err(NestedError::L1Stall { stall, .. }) => Some(format!("L1's kernel stalled ({stall})")),
+        _ => None,
+    };
+    if let Some(why) = broken {
+        // L1's own kernel died or locked up under TCG's SVM emulation (seen in CI: a
+        // stack-guard hit in KVM's vCPU thread; a CPU stuck in KVM running an L2 guest
+        // for minutes). That says nothing about the test, so it gets one more L1, within
+        // what is left of nextest's limit; a second failure fails it with its reason.
+        say(&format!("{test}: {why}; rerunning once in a fresh L1"));
+        l1.timeout = L1_TIMEOUT.saturating_sub(started.elapsed());
         run = l1.run(&script, &cwd, &forwarded_env());
     }
     let out = match run {
