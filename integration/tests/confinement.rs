@@ -34,11 +34,7 @@ fn assert_own_namespaces(pid: u32, what: &str) {
 fn qemu_runs_confined_and_its_console_is_bounded() {
     let env = env_with("hypervisor = \"qemu\"\n", "[debug]\nconsole = true\n");
     run_detached(&env, "confined", &[], &["sleep", "1000"]);
-    let qemu = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
-        .into_iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .expect("no QEMU for the pod")
-        .0;
+    let qemu = pod_qemu(&env);
     assert_eq!(
         status_field(qemu, "Seccomp"),
         "2",
@@ -180,11 +176,7 @@ fn without_the_jail_pods_still_run_confined_by_seccomp() {
     let out = ctr_run(&env, COCOON, "unjailed", &[], &["echo", "ok"]);
     assert_eq!(out.stdout, b"ok\n", "{}", show(&out));
     run_detached(&env, "unjailed-d", &[], &["sleep", "1000"]);
-    let qemu = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
-        .into_iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .expect("no QEMU for the pod")
-        .0;
+    let qemu = pod_qemu(&env);
     assert_eq!(
         status_field(qemu, "Uid").split_whitespace().next(),
         Some("0")
@@ -192,4 +184,13 @@ fn without_the_jail_pods_still_run_confined_by_seccomp() {
     assert_eq!(status_field(qemu, "Seccomp"), "2");
     assert_eq!(status_field(qemu, "CapEff"), "0000000000000000");
     kill_delete_clean(&env, "unjailed-d");
+}
+
+/// The pid of the QEMU serving this env's pod.
+fn pod_qemu(env: &Env) -> u32 {
+    cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .expect("no QEMU for the pod")
+        .0
 }

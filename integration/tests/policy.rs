@@ -5,7 +5,6 @@
 mod ctr_common;
 
 use base64::Engine;
-use cocoon_integration::image::IMAGE_REF;
 use ctr_common::*;
 
 /// Every call the agent polices, allowed: a test policy states what it denies.
@@ -97,19 +96,17 @@ fn a_policy_can_keep_container_output_from_the_host() {
     let env = env();
     let ann =
         annotation("default ExecProcessRequest := true\ndefault ReadStreamRequest := false\n");
-    let out = env.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
+    let out = ctr_run(
+        &env,
         COCOON,
-        "--annotation",
-        &ann,
-        IMAGE_REF,
         "pol-out",
-        "sh",
-        "-c",
-        "seq 1 20000; echo secret; echo secret >&2; exit 7",
-    ]);
+        &["--annotation", &ann],
+        &[
+            "sh",
+            "-c",
+            "seq 1 20000; echo secret; echo secret >&2; exit 7",
+        ],
+    );
     assert_eq!(out.status.code(), Some(7), "{}", show(&out));
     assert!(
         out.stdout.is_empty() && out.stderr.is_empty(),
@@ -128,17 +125,7 @@ fn malformed_init_data_is_refused_naming_it() {
         base64::engine::general_purpose::STANDARD
             .encode("version = \"9\"\nalgorithm = \"sha384\"\n")
     );
-    let out = env.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        COCOON,
-        "--annotation",
-        &bad,
-        IMAGE_REF,
-        "pol-bad",
-        "true",
-    ]);
+    let out = ctr_run(&env, COCOON, "pol-bad", &["--annotation", &bad], &["true"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("io.cocoon.init-data") && err.contains("version"),
@@ -159,15 +146,7 @@ fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
     let env = env_edited("", "[debug]\nconsole = true\n", |c| {
         c.vm.kernel_params = "cocoon.confidential".into()
     });
-    let out = env.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        COCOON,
-        IMAGE_REF,
-        "conf-none",
-        "true",
-    ]);
+    let out = ctr_run(&env, COCOON, "conf-none", &[], &["true"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("serves no call before its init-data"),
@@ -208,19 +187,13 @@ fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
     let dir = env.containerd.dir.join("volume");
     std::fs::create_dir_all(&dir).unwrap();
     let volume = format!("type=bind,src={},dst=/data,options=rbind:ro", dir.display());
-    let out = env.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
+    let out = ctr_run(
+        &env,
         COCOON,
-        "--annotation",
-        &bare,
-        "--mount",
-        &volume,
-        IMAGE_REF,
         "conf-volume",
-        "true",
-    ]);
+        &["--annotation", &bare, "--mount", &volume],
+        &["true"],
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("CreateContainerRequest is blocked"),
         "{}",
@@ -237,17 +210,13 @@ fn a_confidential_pod_is_refused_with_what_the_host_lacks() {
     let env = env();
     for (kind, object) in [("sev-snp", "sev-snp-guest"), ("tdx", "tdx-guest")] {
         let id = format!("conf-{kind}");
-        let out = env.containerd.ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
+        let out = ctr_run(
+            &env,
             COCOON,
-            "--annotation",
-            &format!("io.cocoon.confidential={kind}"),
-            IMAGE_REF,
             &id,
-            "true",
-        ]);
+            &["--annotation", &format!("io.cocoon.confidential={kind}")],
+            &["true"],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success()
