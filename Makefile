@@ -73,6 +73,8 @@ bench: image
 	$(CARGO) bench -p cocoon-vmm --bench boot
 	bash scripts/bench-nested.sh 3 $(CURDIR)/target/bench-vmm.json
 	bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot.json
+	KERNEL=$(CURDIR)/target/image-debian/vmlinuz \
+		bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot-debian.json
 
 # The long soak (issue #11): pod lifecycles through CRI with faults injected; the
 # report goes to target/soak.json. `make test` runs a short one.

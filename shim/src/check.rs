@@ -74,6 +74,9 @@ pub struct HostReport {
     pub cgroup: &'static str,
     /// `/sys/kernel/mm/transparent_hugepage/shmem_enabled`'s selected value, if any.
     pub shmem_thp: Option<String>,
+    /// Whether guest RAM's own huge-page tmpfs can be made here (`vm.huge_pages`), or
+    /// why not.
+    pub huge_tmpfs: Result<(), String>,
     pub tools: Vec<Tool>,
     pub verdicts: Vec<Verdict>,
     /// What this host allows of the per-pod confinement (docs/security.md), one line each.
@@ -247,6 +250,9 @@ pub fn report() -> HostReport {
         shmem_thp: std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .ok()
             .and_then(|s| selected(&s)),
+        huge_tmpfs: cocoon_vmm::vstate::ram_file::huge_tmpfs_file(2 << 20)
+            .map(drop)
+            .map_err(|e| format!("{e}: {}", e.source)),
         verdicts: verdicts(kvm, has("qemu-system-x86_64"), vmm_found),
         tools,
         confinement: confinement(
@@ -289,6 +295,15 @@ impl std::fmt::Display for HostReport {
         )?;
         writeln!(f, "TDX:            {}", tee(self.tdx, &self.tdx_obstacles))?;
         writeln!(f, "host cgroups:   {}", self.cgroup)?;
+        match (&self.huge_tmpfs, self.shmem_thp.as_deref()) {
+            (Ok(()), Some(m)) if m != "deny" => writeln!(
+                f,
+                "guest RAM:      2 MiB pages (cocoon-vmm: a huge=always tmpfs of its own, \
+                 which shmem THP {m} does not restrict)"
+            )?,
+            (Err(e), _) => writeln!(f, "guest RAM:      no huge-page tmpfs of its own: {e}")?,
+            _ => {}
+        }
         match self.shmem_thp.as_deref() {
             Some(m) if shmem_thp_ok(m) => writeln!(
                 f,
@@ -296,9 +311,10 @@ impl std::fmt::Display for HostReport {
             )?,
             Some(m) => writeln!(
                 f,
-                "shmem THP:      {m}: cocoon-vmm guest RAM stays in 4 KiB pages, which slows \
-                 boots (1.9x under nesting); set \
-                 /sys/kernel/mm/transparent_hugepage/shmem_enabled to advise"
+                "shmem THP:      {m}: a memfd (QEMU's guest RAM, or cocoon-vmm's with \
+                 vm.huge_pages = off) stays in 4 KiB pages, which slows boots (1.9x under \
+                 nesting); /sys/kernel/mm/transparent_hugepage/shmem_enabled = advise \
+                 allows them"
             )?,
             None => writeln!(f, "shmem THP:      not available")?,
         }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use cocoon_vmm::vstate::ram_file::HugePages;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -117,6 +118,10 @@ pub struct VmConfig {
     pub boot_timeout_ms: u64,
     /// Deadline for one agent call.
     pub call_timeout_ms: u64,
+    /// cocoon-vmm: guest RAM on a huge-page tmpfs of its own, so the guest gets 2 MiB
+    /// pages whatever the node's shmem THP policy (`auto`: where it can be made, logged;
+    /// `on`: required; `off`). QEMU keeps its memfd.
+    pub huge_pages: HugePages,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,6 +176,7 @@ impl Default for VmConfig {
             kernel_params: String::new(),
             boot_timeout_ms: 30_000,
             call_timeout_ms: 10_000,
+            huge_pages: HugePages::Auto,
         }
     }
 }

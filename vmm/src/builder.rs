@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VcpuFd;
@@ -114,7 +114,13 @@ fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
 pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildError> {
     config.validate()?;
     let mem_size = config.mem_bytes();
-    let gm = memory::create(mem_size)?;
+    let source = match config.mem_fd {
+        // SAFETY: the config's validation checked it is a descriptor above stdio, handed
+        // to us for this use; nothing else here owns it.
+        Some(fd) => memory::RamSource::Inherited(unsafe { std::fs::File::from_raw_fd(fd) }),
+        None => memory::RamSource::Make(config.huge_pages),
+    };
+    let gm = memory::create_from(mem_size, source)?;
     let vm = Vm::new(&gm.mem, config.kvm_fd)?;
 
     let mut pio = Bus::new();

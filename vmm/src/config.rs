@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::{layout, mptable};
 use crate::jail::JailMode;
 use crate::vsock::VsockConfig;
+use crate::vstate::ram_file::HugePages;
 
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,14 @@ pub struct VmConfig {
     /// unprivileged uid in a jail that holds no `/dev` (`cocoon-vmm jail-exec`).
     #[serde(default)]
     pub kvm_fd: Option<i32>,
+    /// Guest RAM on a huge-page tmpfs of its own (`auto`, `on`, `off`); see
+    /// [`crate::vstate::ram_file`].
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// An inherited file to use as guest RAM instead of making one (a jailed VMM cannot
+    /// mount the huge-page tmpfs; the shim makes it). `huge_pages` then has no say.
+    #[serde(default)]
+    pub mem_fd: Option<i32>,
     /// ACPI tables (MADT for SMP, DSDT for the virtio devices, S5 power-off). Off: the
     /// MP table and `virtio_mmio.device=` on the command line only.
     #[serde(default = "default_true")]
@@ -192,6 +201,8 @@ impl VmConfig {
             seccomp: true,
             jail: JailMode::Auto,
             kvm_fd: None,
+            huge_pages: HugePages::Auto,
+            mem_fd: None,
             acpi: true,
         }
     }
@@ -278,6 +289,9 @@ impl VmConfig {
         }
         if self.kvm_fd.is_some_and(|fd| fd < 3) {
             return Err(invalid("kvm_fd", "needs an fd above 2"));
+        }
+        if self.mem_fd.is_some_and(|fd| fd < 3) {
+            return Err(invalid("mem_fd", "needs an fd above 2"));
         }
         if self
             .vsock

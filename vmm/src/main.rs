@@ -167,6 +167,13 @@ struct RunArgs {
     /// An inherited, open /dev/kvm, for a VMM that cannot open it itself (jail-exec).
     #[arg(long)]
     kvm_fd: Option<i32>,
+    /// Guest RAM on a huge-page tmpfs of its own: auto (where this process may mount
+    /// one), on (required), off.
+    #[arg(long)]
+    huge_pages: Option<cocoon_vmm::vstate::ram_file::HugePages>,
+    /// An inherited file to use as guest RAM (its maker chose its huge pages).
+    #[arg(long, conflicts_with = "huge_pages")]
+    mem_fd: Option<i32>,
     /// Add a virtio-blk disk: PATH or PATH,ro. Repeatable.
     #[arg(long)]
     disk: Vec<String>,
@@ -240,6 +247,12 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
     }
     if a.kvm_fd.is_some() {
         c.kvm_fd = a.kvm_fd;
+    }
+    if let Some(h) = a.huge_pages {
+        c.huge_pages = h;
+    }
+    if a.mem_fd.is_some() {
+        c.mem_fd = a.mem_fd;
     }
     for d in &a.disk {
         let (path, read_only) = match d.strip_suffix(",ro") {

@@ -66,6 +66,16 @@ impl Vmm {
     }
 }
 
+/// The process's shared memory mapped with 2 MiB pages (kB), over all its mappings.
+fn shmem_pmd_mapped_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn cocoon_vmm(kernel: &Path, initrd: &Path, serial: &Path, extra: &[&str]) -> Vmm {
     Vmm(Command::new(env!("CARGO_BIN_EXE_cocoon-vmm"))
         .arg("run")
@@ -102,6 +112,9 @@ fn linux_boots_and_the_agent_answers_over_vsock() {
             "2",
             "--vsock-uds",
             &uds.to_string_lossy(),
+            // As shipped: here (root) that is guest RAM on a huge-page tmpfs.
+            "--huge-pages",
+            "auto",
         ],
     );
     let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
@@ -139,6 +152,11 @@ fn linux_boots_and_the_agent_answers_over_vsock() {
             d.mem_total_bytes
         );
         assert!(d.kernel_cmdline.contains("pci=off"), "{}", d.kernel_cmdline);
+        // The booted guest's RAM is in 2 MiB pages, though L1 leaves shmem THP at its
+        // default `never` (where a memfd gets none): every 4 KiB first touch would
+        // otherwise be a nested page fault.
+        let huge = shmem_pmd_mapped_kb(vmm.0.id());
+        assert!(huge >= 2048, "guest RAM has {huge} kB in huge pages");
         agent.shutdown().await.unwrap();
     });
     // The agent powers off through ACPI S5; the VMM exits 0.
@@ -260,6 +278,9 @@ fn virtio_blk_net_and_fs_under_the_linux_drivers() {
             &tap.0,
             "--fs",
             &format!("{}:share", fs_sock.display()),
+            // virtiofsd maps the huge-page tmpfs file as guest RAM.
+            "--huge-pages",
+            "on",
         ],
     );
     let st = vmm.wait_exit(Duration::from_secs(180));

@@ -11,7 +11,8 @@ use tokio::process::Command;
 
 use super::process::{configure, find_binary};
 use super::{identity, launch, pod_jail, HypervisorError, Vm, VmSpec};
-use crate::config::Config;
+use crate::config::{Config, HugePages};
+use cocoon_vmm::vstate::ram_file::huge_tmpfs_file;
 
 /// The VMM's stderr, in the VM's run dir.
 const VMM_LOG: &str = "vmm.log";
@@ -24,13 +25,16 @@ pub struct CocoonVmm {
     /// `Some` (`[jail] enabled`): the VMM runs through `jail-exec` as a uid of the pod's
     /// own from this range.
     jail: Option<crate::config::JailConfig>,
+    huge_pages: HugePages,
 }
 
 /// Descriptors a jailed cocoon-vmm inherits instead of opening: `/dev/kvm` (which its
-/// jail does not hold, and its uid could not open) and the listener of `vsock.sock`.
+/// jail does not hold, and its uid could not open), the listener of `vsock.sock`, and
+/// the guest RAM file where the VMM could not make it (it cannot mount; we can).
 struct Inherited {
     kvm: std::os::fd::RawFd,
     vsock_listener: std::os::fd::RawFd,
+    mem: Option<std::os::fd::RawFd>,
 }
 
 impl CocoonVmm {
@@ -38,6 +42,7 @@ impl CocoonVmm {
         Ok(Self {
             binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
             jail: config.jail.enabled.then(|| config.jail.clone()),
+            huge_pages: config.vm.huge_pages,
         })
     }
 
@@ -89,6 +94,10 @@ impl CocoonVmm {
             a.push("--vsock-uds-fd".into());
             a.push(i.vsock_listener.to_string());
         }
+        match inherited.and_then(|i| i.mem) {
+            Some(fd) => a.extend(["--mem-fd".into(), fd.to_string()]),
+            None => a.extend(["--huge-pages".into(), self.huge_pages.to_string()]),
+        }
         if let Some(shared) = &spec.shared_dir {
             a.push("--fs".into());
             a.push(format!(
@@ -102,6 +111,28 @@ impl CocoonVmm {
             a.push(format!("{},mac={}", net.tap_fd, net.mac));
         }
         a
+    }
+}
+
+impl CocoonVmm {
+    /// For a jailed VMM (which cannot mount): guest RAM on a huge-page tmpfs of its own,
+    /// as `vm.huge_pages` asks. `None`: the VMM makes a memfd itself.
+    fn guest_ram(&self, spec: &VmSpec) -> Result<Option<std::fs::File>, HypervisorError> {
+        if self.huge_pages == HugePages::Off {
+            return Ok(None);
+        }
+        match huge_tmpfs_file(u64::from(spec.memory_mib) << 20) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => {
+                let why = format!("{e}: {}", e.source);
+                if self.huge_pages == HugePages::On {
+                    return Err(HypervisorError::HugePages(why));
+                }
+                tracing::warn!(id = %spec.id, "guest RAM: a memfd, huge pages only as the \
+                    host's shmem THP allows ({why})");
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -163,15 +194,20 @@ impl super::Hypervisor for CocoonVmm {
                     .open("/dev/kvm")
                     .map_err(|e| HypervisorError::NoKvm(format!("/dev/kvm: {e}")))?;
                 let listener = pod_jail::vsock_listener(&vm.vsock_uds)?;
+                let mem = self.guest_ram(spec)?;
                 let inherited = Inherited {
                     kvm: std::os::fd::AsRawFd::as_raw_fd(&kvm),
                     vsock_listener: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                    mem: mem.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
                 };
                 cmd.args(jail.command_prefix()?);
                 cmd.args(self.args(spec, &run_dir, Some(&inherited)));
                 super::inherit_fd(&mut cmd, inherited.kvm);
                 super::inherit_fd(&mut cmd, inherited.vsock_listener);
-                held = Some((kvm, listener));
+                if let Some(fd) = inherited.mem {
+                    super::inherit_fd(&mut cmd, fd);
+                }
+                held = Some((kvm, listener, mem));
             }
             None => {
                 cmd.args(self.args(spec, &run_dir, None));
@@ -199,6 +235,7 @@ mod tests {
         let v = CocoonVmm {
             binary: "/usr/bin/cocoon-vmm".into(),
             jail: Some(Default::default()),
+            huge_pages: HugePages::Auto,
         };
         let spec = VmSpec {
             id: "v1".into(),
@@ -221,6 +258,7 @@ mod tests {
         let inherited = Inherited {
             kvm: 11,
             vsock_listener: 12,
+            mem: Some(13),
         };
         let a = v.args(
             &spec,
@@ -243,6 +281,8 @@ mod tests {
         assert_eq!(after("--jail"), "off");
         assert_eq!(after("--kvm-fd"), "11");
         assert_eq!(after("--vsock-uds-fd"), "12");
+        assert_eq!(after("--mem-fd"), "13");
+        assert!(!a.iter().any(|x| x == "--huge-pages"), "{a:?}");
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");

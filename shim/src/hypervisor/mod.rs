@@ -58,6 +58,8 @@ pub enum HypervisorError {
     NoKvm(String),
     #[error("cannot jail the VMM: {0}")]
     Jail(String),
+    #[error("vm.huge_pages = \"on\", but guest RAM's huge-page tmpfs cannot be made: {0}")]
+    HugePages(String),
     #[error("cannot give the pod a uid of its own")]
     Identity(#[from] identity::IdentityError),
 }

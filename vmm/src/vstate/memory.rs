@@ -1,6 +1,7 @@
-//! Guest RAM: one memfd (so a vhost-user backend can map the same pages), mapped into the
-//! VMM with a PROT_NONE guard page on each side of every region, so a device that walks
-//! off the end of guest memory faults instead of reading VMM heap.
+//! Guest RAM: one shared file (so a vhost-user backend can map the same pages; see
+//! [`ram_file`] for which file), mapped into the VMM with a PROT_NONE guard page on each
+//! side of every region, so a device that walks off the end of guest memory faults
+//! instead of reading VMM heap.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -8,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+use super::ram_file::{self, HugePages};
 use crate::arch::layout;
 
 /// Errors while creating guest memory.
@@ -27,11 +29,25 @@ pub enum MemoryError {
     Collection(#[source] vm_memory::GuestRegionCollectionError),
     #[error("Guest memory size {0} is not a multiple of 4 KiB")]
     Unaligned(u64),
+    #[error(transparent)]
+    HugeTmpfs(#[from] ram_file::HugeTmpfsError),
+    #[error("The inherited guest RAM descriptor {0} is not a regular file")]
+    NotAFile(i32),
+}
+
+/// Where guest RAM comes from.
+#[derive(Debug)]
+pub enum RamSource {
+    /// Made here, with huge pages as asked.
+    Make(HugePages),
+    /// A file handed over by whoever started us (the shim, which can mount where a
+    /// jailed VMM cannot); it is sized here.
+    Inherited(File),
 }
 
 const PAGE_SIZE: usize = 4096;
 
-/// Guest memory plus the memfd behind it.
+/// Guest memory plus the file behind it.
 pub struct GuestMemory {
     pub mem: GuestMemoryMmap,
     /// Shared with vhost-user backends; the offset of a region in this file is its offset
@@ -39,15 +55,13 @@ pub struct GuestMemory {
     pub memfd: File,
 }
 
-/// Creates `mem_size` bytes of guest RAM laid out by [`layout::ram_ranges`].
-///
-/// The mappings live until the process exits: guest memory is handed to vCPU and device
-/// threads by clone, and one VM is one process, so unmapping early could only turn a
-/// stale clone into a use-after-free.
+/// Creates `mem_size` bytes of guest RAM on a memfd (tests, and tools that need memory
+/// without a VM).
 pub fn create(mem_size: u64) -> Result<GuestMemory, MemoryError> {
-    if !mem_size.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(MemoryError::Unaligned(mem_size));
-    }
+    create_from(mem_size, RamSource::Make(HugePages::Off))
+}
+
+fn memfd() -> Result<File, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the
     // returned fd is checked and then owned by `File`.
     let fd = unsafe { libc::memfd_create(c"cocoon-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
@@ -55,14 +69,63 @@ pub fn create(mem_size: u64) -> Result<GuestMemory, MemoryError> {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let memfd = unsafe { File::from_raw_fd(fd) };
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The file for `source`, and whether to ask for huge pages on it; logs the choice.
+fn ram_file(mem_size: u64, source: RamSource) -> Result<(File, bool), MemoryError> {
+    let mib = mem_size >> 20;
+    match source {
+        RamSource::Inherited(file) => {
+            let meta = file.metadata().map_err(MemoryError::Memfd)?;
+            if !meta.file_type().is_file() {
+                return Err(MemoryError::NotAFile(file.as_raw_fd()));
+            }
+            log::info!("guest RAM: {mib} MiB on the inherited file");
+            Ok((file, true))
+        }
+        RamSource::Make(HugePages::Off) => {
+            log::info!("guest RAM: {mib} MiB on a memfd, huge pages off");
+            Ok((memfd()?, false))
+        }
+        RamSource::Make(mode) => match ram_file::huge_tmpfs_file(mem_size) {
+            Ok(file) => {
+                log::info!("guest RAM: {mib} MiB on a huge-page tmpfs of its own");
+                Ok((file, true))
+            }
+            Err(e) if mode == HugePages::Auto => {
+                let cause = std::error::Error::source(&e)
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default();
+                log::info!(
+                    "guest RAM: {mib} MiB on a memfd, huge pages only as the host's shmem \
+                     THP allows ({e}{cause})"
+                );
+                Ok((memfd()?, true))
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// Creates `mem_size` bytes of guest RAM laid out by [`layout::ram_ranges`], on the file
+/// `source` says.
+///
+/// The mappings live until the process exits: guest memory is handed to vCPU and device
+/// threads by clone, and one VM is one process, so unmapping early could only turn a
+/// stale clone into a use-after-free.
+pub fn create_from(mem_size: u64, source: RamSource) -> Result<GuestMemory, MemoryError> {
+    if !mem_size.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(MemoryError::Unaligned(mem_size));
+    }
+    let (memfd, huge) = ram_file(mem_size, source)?;
     memfd.set_len(mem_size).map_err(MemoryError::Truncate)?;
 
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (start, size) in layout::ram_ranges(mem_size) {
         let size = usize::try_from(size).map_err(|_| MemoryError::Unaligned(size))?;
-        let host = map_with_guards(&memfd, file_offset, size)?;
+        let host = map_with_guards(&memfd, file_offset, size, huge)?;
         let fo = FileOffset::new(memfd.try_clone().map_err(MemoryError::Memfd)?, file_offset);
         // SAFETY: `host` points at `size` bytes of a live MAP_SHARED mapping of the memfd
         // at `file_offset` that is never unmapped (see the function docs).
@@ -93,7 +156,12 @@ const HUGE_PAGE_SIZE: usize = 2 << 20;
 /// Reserves `size` plus a 2 MiB margin each side as PROT_NONE, then maps the memfd over
 /// a 2 MiB-aligned part of the middle; what is left each side (at least one page) stays
 /// PROT_NONE as a guard. Returns the start of the usable part.
-fn map_with_guards(memfd: &File, offset: u64, size: usize) -> Result<*mut u8, MemoryError> {
+fn map_with_guards(
+    memfd: &File,
+    offset: u64,
+    size: usize,
+    huge: bool,
+) -> Result<*mut u8, MemoryError> {
     let total = size + 2 * HUGE_PAGE_SIZE;
     // SAFETY: an anonymous PROT_NONE reservation at an address the kernel picks; the
     // result is checked before use.
@@ -132,10 +200,12 @@ fn map_with_guards(memfd: &File, offset: u64, size: usize) -> Result<*mut u8, Me
         unsafe { libc::munmap(base, total) };
         return Err(MemoryError::Map(err));
     }
-    // A hint: it takes effect only where the host allows shmem THP (`cocoon check` says),
-    // and failing it changes nothing else, so its result is ignored.
-    // SAFETY: madvise on the mapping made just above, which we own.
-    let _ = unsafe { libc::madvise(addr, size, libc::MADV_HUGEPAGE) };
+    // A hint: on a memfd it takes effect only where the host allows shmem THP (`cocoon
+    // check` says), and failing it changes nothing else, so its result is ignored.
+    if huge {
+        // SAFETY: madvise on the mapping made just above, which we own.
+        let _ = unsafe { libc::madvise(addr, size, libc::MADV_HUGEPAGE) };
+    }
     Ok(addr.cast())
 }
 

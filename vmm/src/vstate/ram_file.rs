@@ -1,0 +1,191 @@
+//! The file behind guest RAM, and how it gets huge pages.
+//!
+//! Guest RAM must be a shared file (vhost-user backends such as virtiofsd map the same
+//! pages), and shared memory gets transparent huge pages only where the host's shmem
+//! policy allows it: a memfd lives on the kernel's internal tmpfs, governed by
+//! `/sys/kernel/mm/transparent_hugepage/shmem_enabled`, which distributions leave at
+//! `never`. Without huge pages every first touch of a 4 KiB guest page is a (nested) page
+//! fault; under nested virtualization that made a Linux boot 1.7× slower (docs/notes.md).
+//!
+//! A tmpfs mounted with `huge=always` gets huge pages whatever `shmem_enabled` says (only
+//! its `deny` overrides a mount). So where the process may mount (CAP_SYS_ADMIN), guest
+//! RAM is an unlinked file on a tmpfs of its own: made with the new mount API
+//! (`fsopen`/`fsmount`) as a *detached* mount, never attached to any directory, so no
+//! mount namespace changes, nothing is left to unmount, and the filesystem goes away with
+//! the last descriptor of its one file. Its size limit is the guest's RAM.
+//!
+//! Why not hugetlbfs (Firecracker's and Kata's option): it needs huge pages reserved on
+//! the node ahead of time, which a runtime cannot assume; THP on a tmpfs needs nothing and
+//! falls back to 4 KiB pages where memory is fragmented.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+/// Whether guest RAM is put on a huge-page tmpfs of its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePages {
+    /// The huge-page tmpfs where this process may make one, a memfd otherwise; the
+    /// choice is logged either way.
+    #[default]
+    Auto,
+    /// Required: failing to make the huge-page tmpfs fails the boot.
+    On,
+    /// A memfd, without asking for huge pages at all.
+    Off,
+}
+
+impl std::str::FromStr for HugePages {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("huge pages: want auto, on or off, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for HugePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// A failed step of making the huge-page tmpfs file.
+#[derive(Debug, thiserror::Error)]
+#[error("Failed to make guest RAM's huge-page tmpfs: {step}")]
+pub struct HugeTmpfsError {
+    pub step: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+const HUGE_PAGE: u64 = 2 << 20;
+
+// The new mount API's constants (linux/mount.h); the libc crate has the syscall numbers.
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+fn owned(ret: libc::c_long, step: &'static str) -> Result<OwnedFd, HugeTmpfsError> {
+    if ret < 0 {
+        return Err(HugeTmpfsError {
+            step,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a descriptor the kernel just returned to us, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
+}
+
+/// An unlinked, `size`-byte file on a detached tmpfs of its own mounted `huge=always`
+/// (see the module docs). Needs CAP_SYS_ADMIN.
+pub fn huge_tmpfs_file(size: u64) -> Result<File, HugeTmpfsError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fsopen with a NUL-terminated name and valid flags; checked by `owned`.
+    let fs = owned(
+        unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) },
+        "fsopen(tmpfs)",
+    )?;
+    // Whole huge pages: a 2 MiB folio is only allocated if all of it fits the limit.
+    let limit = size.next_multiple_of(HUGE_PAGE).to_string();
+    let limit = std::ffi::CString::new(limit).expect("digits have no NUL");
+    for (key, value, step) in [
+        (c"huge", c"always", "set huge=always"),
+        (c"size", limit.as_c_str(), "set its size"),
+        // The root and the one file.
+        (c"nr_inodes", c"2", "set nr_inodes"),
+        (c"mode", c"0700", "set its mode"),
+    ] {
+        // SAFETY: fsconfig on our fs context with NUL-terminated key and value.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        owned_status(r, step)?;
+    }
+    // SAFETY: as above, with no key or value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    owned_status(r, "create the tmpfs")?;
+    // SAFETY: fsmount of our configured context; checked by `owned`.
+    let mnt = owned(
+        unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                fs.as_raw_fd(),
+                FSMOUNT_CLOEXEC,
+                MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            )
+        },
+        "fsmount",
+    )?;
+    // SAFETY: openat relative to the detached mount's root, with a NUL-terminated path.
+    let file = owned(
+        unsafe {
+            libc::openat(
+                mnt.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+            )
+        }
+        .into(),
+        "open an unlinked file on it",
+    )?;
+    let file = File::from(file);
+    file.set_len(size).map_err(|source| HugeTmpfsError {
+        step: "size the file",
+        source,
+    })?;
+    Ok(file)
+}
+
+fn owned_status(ret: libc::c_long, step: &'static str) -> Result<(), HugeTmpfsError> {
+    if ret < 0 {
+        return Err(HugeTmpfsError {
+            step,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [HugePages::Auto, HugePages::On, HugePages::Off] {
+            assert_eq!(m.to_string().parse::<HugePages>(), Ok(m));
+        }
+        assert!("yes".parse::<HugePages>().unwrap_err().contains("\"yes\""));
+    }
+}
