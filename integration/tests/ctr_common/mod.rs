@@ -87,7 +87,9 @@ pub fn ctr_run(env: &Env, runtime: &str, id: &str, flags: &[&str], cmd: &[&str])
     env.containerd.ctr(&args)
 }
 
-/// An output for messages: long streams are cut, with their length and hash.
+/// An output for messages: long streams are cut, with their length and hash. The end of
+/// a long stream is kept (that is where an error says why: the VMM's last log lines, a
+/// register dump), with its start.
 pub fn show(o: &Output) -> String {
     fn cut(b: &[u8]) -> String {
         use sha2::Digest;
@@ -95,10 +97,11 @@ pub fn show(o: &Output) -> String {
             return format!("{:?}", String::from_utf8_lossy(b));
         }
         format!(
-            "{} bytes, sha256 {}, starting {:?}",
+            "{} bytes, sha256 {}, starting {:?}, ending {:?}",
             b.len(),
             hex::encode(sha2::Sha256::digest(b)),
-            String::from_utf8_lossy(&b[..200])
+            String::from_utf8_lossy(&b[..200]),
+            String::from_utf8_lossy(&b[b.len() - 1500..])
         )
     }
     format!(
