@@ -425,6 +425,12 @@ fn cocoon_vmm_backend_boots_or_says_why() {
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
         assert_eq!(d.online_cpus, 2, "the guest saw {} vCPUs", d.online_cpus);
+        // The jailed VMM cannot mount: its guest RAM is the huge-page tmpfs file the
+        // shim made and handed over (vm.huge_pages = auto), in 2 MiB pages though L1
+        // leaves shmem THP at `never`.
+        let vmm = vm.vmm_pid().expect("a VMM pid");
+        let huge = cocoon_nested::testing::shmem_huge_kb(vmm);
+        assert!(huge >= 2048, "guest RAM has {huge} kB in huge pages");
         agent.shutdown().await.unwrap();
         // ACPI S5 through the FADT's sleep control port ends the VMM.
         assert!(

@@ -66,16 +66,6 @@ impl Vmm {
     }
 }
 
-/// The process's shared memory mapped with 2 MiB pages (kB), over all its mappings.
-fn shmem_pmd_mapped_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 fn cocoon_vmm(kernel: &Path, initrd: &Path, serial: &Path, extra: &[&str]) -> Vmm {
     Vmm(Command::new(env!("CARGO_BIN_EXE_cocoon-vmm"))
         .arg("run")
@@ -155,7 +145,7 @@ fn linux_boots_and_the_agent_answers_over_vsock() {
         // The booted guest's RAM is in 2 MiB pages, though L1 leaves shmem THP at its
         // default `never` (where a memfd gets none): every 4 KiB first touch would
         // otherwise be a nested page fault.
-        let huge = shmem_pmd_mapped_kb(vmm.0.id());
+        let huge = cocoon_nested::testing::shmem_huge_kb(vmm.0.id());
         assert!(huge >= 2048, "guest RAM has {huge} kB in huge pages");
         agent.shutdown().await.unwrap();
     });

@@ -53,6 +53,23 @@ impl L1Output {
 /// Kills and reaps a child when dropped: no VM outlives its run, whatever failed.
 struct Reaped(Child);
 
+/// Has `cmd`'s child SIGKILLed when the thread that started it ends, so that a harness
+/// killed outright (a test runner's timeout, ^C) leaves no L1 QEMU or virtiofsd
+/// running on: `Reaped`'s drop never runs then.
+fn dies_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec, only prctl(2), which is async-signal-safe and
+    // touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -99,7 +116,7 @@ impl L1 {
         let sock = dir.path().join("root.sock");
         let fs_log = file(&dir.path().join("virtiofsd.log"))?;
         let _fsd = Reaped(
-            Command::new(&virtiofsd)
+            dies_with_parent(&mut Command::new(&virtiofsd))
                 .arg("--shared-dir=/")
                 .arg(format!("--socket-path={}", sock.display()))
                 // The host's own root, read-only: nothing in L1 can change the host.
@@ -126,7 +143,7 @@ impl L1 {
         let qemu_log = dir.path().join("qemu.log");
         let started = Instant::now();
         let mut vm = Reaped(
-            Command::new(qemu)
+            dies_with_parent(&mut Command::new(qemu))
                 .args(["-M", "q35", "-accel", "tcg"])
                 .args(["-cpu", &self.cpu])
                 .args(["-smp", &self.cpus.to_string()])

@@ -161,3 +161,14 @@ fn forwarded_env() -> Vec<(String, String)> {
     env.push((IN_L1_ENV.into(), "1".into()));
     env
 }
+
+/// How much of process `pid`'s shared memory is mapped with 2 MiB pages (kB, over all
+/// its mappings): a running VMM's guest RAM where it got huge pages.
+pub fn shmem_huge_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
