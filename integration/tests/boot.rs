@@ -45,11 +45,32 @@ fn boot_roundtrip_health_version_details() {
             .launch(&VmSpec::from_config(&config, "rt"))
             .await
             .unwrap();
-        let pids = vm.pids();
-        assert_eq!(pids.len(), 2, "QEMU and the vsock backend");
         let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
             .await
             .unwrap();
+        // QEMU and the vsock backend, each PID 1 of its own PID namespace under the
+        // waiter the shim started (`jail-exec --pid-ns`).
+        let pids = vm.pids();
+        let mut names: Vec<String> = pids
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "cocoon-pid-ns",
+                "cocoon-pid-ns",
+                "cocoon-vmm",
+                "qemu-system-x86"
+            ],
+            "{pids:?}"
+        );
 
         let health = agent.check().await.unwrap();
         assert_eq!(
@@ -179,7 +200,6 @@ fn four_vms_concurrently() {
                     .launch(&VmSpec::from_config(&config, &format!("vm{i}")))
                     .await
                     .unwrap();
-                let pids = vm.pids();
                 let agent = AgentClient::wait_ready(
                     &mut vm,
                     Duration::from_secs(120),
@@ -187,6 +207,8 @@ fn four_vms_concurrently() {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("vm{i}: {e}"));
+                // Once it answers: each jailed program has been forked by its waiter.
+                let pids = vm.pids();
                 let d = agent.guest_details().await.unwrap();
                 agent.shutdown().await.unwrap();
                 let exited = vm.wait_exit(Duration::from_secs(30)).await;
@@ -201,10 +223,11 @@ fn four_vms_concurrently() {
             assert!(boottime > 0);
             all_pids.extend(pids);
         }
-        assert_eq!(all_pids.len(), 8);
+        // Per VM: QEMU and the vsock backend, each with its PID-namespace waiter.
+        assert_eq!(all_pids.len(), 16);
         all_pids.sort_unstable();
         all_pids.dedup();
-        assert_eq!(all_pids.len(), 8, "each VM has its own processes");
+        assert_eq!(all_pids.len(), 16, "each VM has its own processes");
         assert_clean(run.path(), &all_pids);
     });
 }
@@ -228,6 +251,16 @@ async fn kill_during_long_poll(agent: &AgentClient, victim: u32) -> AgentError {
         .unwrap_err()
 }
 
+/// The one of `pids` whose command name is `comm`.
+fn named(pids: &[u32], comm: &str) -> u32 {
+    pids.iter()
+        .copied()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .unwrap_or_else(|| panic!("no {comm} among {pids:?}"))
+}
+
 /// A booted VM and its agent, for the kill tests.
 async fn booted(
     config: &cocoon_shim::config::Config,
@@ -249,7 +282,8 @@ fn vm_killed_mid_call_fails_fast() {
         let (vm, agent) = booted(&config, "killed").await;
         let pids = vm.pids();
         let killed_at = Instant::now();
-        let err = kill_during_long_poll(&agent, vm.vmm_pid().unwrap()).await;
+        // QEMU itself, not the waiter the shim started it under.
+        let err = kill_during_long_poll(&agent, named(&pids, "qemu-system-x86")).await;
         assert!(matches!(err, AgentError::Disconnected { .. }), "{err}");
         assert!(err.to_string().contains("GetOomEvent"), "{err}");
         assert!(killed_at.elapsed() < Duration::from_secs(10));
@@ -278,11 +312,7 @@ fn vsock_backend_killed_mid_call_fails_fast() {
     rt().block_on(async {
         let (vm, agent) = booted(&config, "backend").await;
         let pids = vm.pids();
-        let backend = pids
-            .iter()
-            .copied()
-            .find(|p| Some(*p) != vm.vmm_pid())
-            .unwrap();
+        let backend = named(&pids, "cocoon-vmm");
         let err = kill_during_long_poll(&agent, backend).await;
         assert!(matches!(err, AgentError::Disconnected { .. }), "{err}");
         vm.stop(Duration::from_secs(1)).await;
@@ -418,18 +448,21 @@ fn cocoon_vmm_backend_boots_or_says_why() {
             .launch(&VmSpec::from_config(&config, "own-vmm"))
             .await
             .unwrap();
-        let pids = vm.pids();
         let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
             .await
             .unwrap();
+        let pids = vm.pids();
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
         assert_eq!(d.online_cpus, 2, "the guest saw {} vCPUs", d.online_cpus);
         // The jailed VMM cannot mount: its guest RAM is the huge-page tmpfs file the
         // shim made and handed over (vm.huge_pages = auto), in 2 MiB pages though L1
         // leaves shmem THP at `never`.
-        let vmm = vm.vmm_pid().expect("a VMM pid");
-        let huge = cocoon_nested::testing::shmem_huge_kb(vmm);
+        let huge: u64 = vm
+            .pids()
+            .into_iter()
+            .map(cocoon_nested::testing::shmem_huge_kb)
+            .sum();
         assert!(huge >= 2048, "guest RAM has {huge} kB in huge pages");
         agent.shutdown().await.unwrap();
         // ACPI S5 through the FADT's sleep control port ends the VMM.

@@ -18,9 +18,16 @@ fn status_field(pid: u32, field: &str) -> String {
         .to_string()
 }
 
-/// `pid` has mount, network, IPC and UTS namespaces of its own, not the host's.
+/// `pid` has mount, network, IPC, UTS and PID namespaces of its own, not the host's,
+/// and is PID 1 in the last.
 fn assert_own_namespaces(pid: u32, what: &str) {
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    let nspid = status_field(pid, "NSpid");
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "{what}'s NSpid"
+    );
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
         let link = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
         assert_ne!(
             link(&pid.to_string()),

@@ -140,6 +140,12 @@ impl HostCgroup {
                             source,
                         },
                     )?;
+                    // Then its children (a jailed VMM's waiter forks the VMM just after
+                    // it starts): one forked from here on is born in the cgroup, one
+                    // forked before is listed now. One that has already gone is no loss.
+                    for child in crate::hypervisor::process::children_of(pid) {
+                        let _ = std::fs::write(dir.join("cgroup.procs"), child.to_string());
+                    }
                 }
             }
             Ok(())

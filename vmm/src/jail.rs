@@ -298,7 +298,7 @@ fn kept_flags(path: &Path) -> MsFlags {
 /// Enters the jail, keeping `keep` at their own paths, and drops every capability. Must
 /// run while the calling thread is the process's only thread.
 pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
-    enter_root(keep, &[])?;
+    enter_root(keep, &[], CloneFlags::empty())?;
     drop_capabilities()?;
     let kept: Vec<_> = keep.iter().map(|d| d.path.display().to_string()).collect();
     log::info!(
@@ -311,8 +311,13 @@ pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
 
 /// The namespaces and the root of [`enter`], without touching capabilities: `keep` bound
 /// at their own paths, each `links` entry (`link`, `target`) a symbolic link in the new
-/// root. Must run while the calling thread is the process's only thread.
-pub fn enter_root(keep: &[KeptDir], links: &[(PathBuf, PathBuf)]) -> Result<(), JailError> {
+/// root; `extra` namespaces unshared too (`CLONE_NEWPID`: for the children to come).
+/// Must run while the calling thread is the process's only thread.
+pub fn enter_root(
+    keep: &[KeptDir],
+    links: &[(PathBuf, PathBuf)],
+    extra: CloneFlags,
+) -> Result<(), JailError> {
     let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
     if threads != 1 {
         return Err(JailError::Threads(threads));
@@ -321,7 +326,8 @@ pub fn enter_root(keep: &[KeptDir], links: &[(PathBuf, PathBuf)]) -> Result<(), 
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            | extra,
     )
     .map_err(JailError::Unshare)?;
     let none: Option<&str> = None;

@@ -39,6 +39,9 @@ pub struct ExecJail {
     pub limits: Vec<(Resource, u64)>,
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// The program runs as PID 1 of a PID namespace of its own, this process staying
+    /// behind as its waiter ([`crate::pid_ns`]).
+    pub pid_ns: bool,
 }
 
 fn step(what: &str) -> impl FnOnce(nix::Error) -> JailError + '_ {
@@ -64,7 +67,13 @@ pub fn exec(j: ExecJail) -> JailError {
 
 fn confine(j: &ExecJail) -> Result<(), JailError> {
     let parent = nix::unistd::getppid();
-    crate::jail::enter_root(&j.keep, &j.links)?;
+    let args = j.pid_ns.then(crate::pid_ns::args_area).flatten();
+    let extra = if j.pid_ns {
+        nix::sched::CloneFlags::CLONE_NEWPID
+    } else {
+        nix::sched::CloneFlags::empty()
+    };
+    crate::jail::enter_root(&j.keep, &j.links, extra)?;
     caps::clear(None, caps::CapSet::Bounding).map_err(|e| JailError::Step {
         step: format!("empty the capability bounding set ({e})"),
         source: nix::Error::EPERM,
@@ -100,6 +109,10 @@ fn confine(j: &ExecJail) -> Result<(), JailError> {
     // Had the parent died before the signal was armed, nobody would send it.
     if nix::unistd::getppid() != parent {
         return Err(step("outlive the parent")(nix::Error::ESRCH));
+    }
+    if j.pid_ns {
+        // Returns only in the child, which goes on to exec.
+        crate::pid_ns::fork_and_wait(args)?;
     }
     Ok(())
 }

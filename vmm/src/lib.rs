@@ -13,6 +13,7 @@ pub mod fuzz;
 pub mod jail;
 pub mod jail_exec;
 pub mod logging;
+pub mod pid_ns;
 pub mod seccomp;
 pub mod vhost_user_vsock;
 pub mod vmm;

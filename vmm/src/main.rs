@@ -96,6 +96,10 @@ struct JailExecArgs {
     /// A resource limit NAME=VALUE (nofile, nproc, fsize, core, memlock), soft and hard.
     #[arg(long, value_parser = cocoon_vmm::jail_exec::parse_limit)]
     limit: Vec<(nix::sys::resource::Resource, u64)>,
+    /// Run the program as PID 1 of a PID namespace of its own; this process stays as
+    /// its waiter (forwards signals, ends as it ends).
+    #[arg(long)]
+    pid_ns: bool,
     /// The program and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<std::ffi::OsString>,
@@ -128,6 +132,7 @@ fn jail_exec(a: JailExecArgs) -> anyhow::Result<u8> {
         limits: a.limit,
         program,
         args: command.collect(),
+        pid_ns: a.pid_ns,
     });
     let cause = std::error::Error::source(&err)
         .map(|c| format!(": {c}"))

@@ -9,7 +9,7 @@ pub mod console;
 pub mod identity;
 mod launch;
 mod pod_jail;
-mod process;
+pub(crate) mod process;
 pub mod qemu;
 pub mod watch;
 

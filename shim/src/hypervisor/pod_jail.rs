@@ -184,6 +184,8 @@ impl PodJail<'_> {
         for l in LIMITS {
             a.extend(["--limit".into(), (*l).into()]);
         }
+        // PID 1 of a PID namespace of its own: no host process to signal or look at.
+        a.push("--pid-ns".into());
         a.push("--".into());
         a.push(self.program.into());
         Ok(a)
@@ -230,7 +232,10 @@ mod tests {
         assert_eq!(after("--uid"), [identity.uid.to_string()]);
         assert_eq!(after("--gid"), [identity.uid.to_string()]);
         assert!(after("--groups").is_empty() && !a.iter().any(|s| s == "/dev/kvm"));
-        assert_eq!(&a[a.len() - 2..], ["--", "/usr/bin/qemu-system-x86_64"]);
+        assert_eq!(
+            &a[a.len() - 3..],
+            ["--pid-ns", "--", "/usr/bin/qemu-system-x86_64"]
+        );
 
         assert_eq!(after("--keep-rw"), [d.path().to_str().unwrap()]);
 

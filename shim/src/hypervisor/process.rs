@@ -126,11 +126,14 @@ impl VmProcesses {
         self.vmm.as_ref().and_then(Child::id)
     }
 
+    /// The VM's host processes: each we started and, for a jailed one, the program its
+    /// waiter runs in a PID namespace of its own (`jail-exec --pid-ns`).
     pub fn pids(&self) -> Vec<u32> {
         self.vmm
             .iter()
             .chain(self.backends.iter())
             .filter_map(Child::id)
+            .flat_map(|pid| std::iter::once(pid).chain(children_of(pid)))
             .collect()
     }
 
@@ -163,16 +166,15 @@ impl VmProcesses {
         s
     }
 
-    /// Gives the VMM `grace` to exit, then SIGKILLs everything and reaps it. Reaping is
-    /// bounded too: a process stuck in the kernel (uninterruptible, e.g. inside KVM) does
-    /// not die of SIGKILL, and the pod's teardown must not hang on it. Such a process
-    /// is logged and left to tokio's orphan reaping.
+    /// Gives the VMM `grace` to exit, then ends everything ([`terminate`]) and reaps it.
+    /// Reaping is bounded too: a process stuck in the kernel (uninterruptible, e.g.
+    /// inside KVM) does not die of SIGKILL, and the pod's teardown must not hang on it.
+    /// Such a process is logged and left to tokio's orphan reaping.
     pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         let mut status = self.wait_vmm_exit(grace).await;
         if status.is_none() {
             if let Some(c) = self.vmm.as_mut() {
-                let _ = c.start_kill();
-                status = reap(c, "the VMM").await;
+                status = terminate(c, "the VMM").await;
             }
         }
         for b in &mut self.backends {
@@ -182,8 +184,7 @@ impl VmProcesses {
                 .is_err()
             {
                 tracing::warn!(pid = ?b.id(), "backend did not exit after the VMM; killing it");
-                let _ = b.start_kill();
-                let _ = reap(b, "a backend").await;
+                let _ = terminate(b, "a backend").await;
             }
         }
         self.vmm = None;
@@ -204,6 +205,35 @@ impl VmProcesses {
         self.vmm = None;
         self.backends.clear();
     }
+}
+
+/// The children of `pid` (none if it has gone, or the kernel lacks
+/// `CONFIG_PROC_CHILDREN`).
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// How long a SIGTERMed child may take before it gets SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// Ends `child`: SIGTERM first, then SIGKILL after `TERM_GRACE`. A jailed VMM runs as
+/// PID 1 of its own PID namespace under a waiter (`cocoon-vmm jail-exec --pid-ns`):
+/// SIGTERM makes the waiter SIGKILL the VMM and reap it before it exits, so once the
+/// waiter is reaped here nothing of the VM is left. A SIGKILLed waiter would leave the
+/// VMM to die of its parent-death signal a moment later, after we had moved on.
+async fn terminate(child: &mut tokio::process::Child, what: &str) -> Option<ExitStatus> {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        if let Ok(r) = tokio::time::timeout(TERM_GRACE, child.wait()).await {
+            return r.ok();
+        }
+    }
+    let _ = child.start_kill();
+    reap(child, what).await
 }
 
 /// How long a SIGKILLed child may take to be reaped.
