@@ -89,9 +89,9 @@ pub struct HostReport {
 pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Vec<String> {
     let mut v = Vec::new();
     v.push(if root {
-        "jails: yes: QEMU runs as a uid of its own ([jail] range) in its own mount, network, \
-         IPC and UTS namespaces with a read-only root; cocoon-vmm and the vsock backend in \
-         their own namespaces without capabilities"
+        "jails: yes: QEMU, cocoon-vmm and the vsock backend run as a uid of the pod's own \
+         ([jail] range), without capabilities, as PID 1 of their own PID namespace, in their \
+         own mount, network, IPC and UTS namespaces with a read-only root"
             .to_string()
     } else {
         "jails: no: not root, so no namespaces and no uid per pod; pods with [jail] enabled = true \
