@@ -59,7 +59,26 @@ pub fn serve(cmdline: &str, gate: std::sync::Arc<crate::policy::Gate>) -> anyhow
                 {
                     tracing::warn!("debug console session refused by the pod's policy");
                     tokio::spawn(async move {
+                        // The request line first (bounded, with a deadline): closing
+                        // with it unread would reset the connection, and the host could
+                        // lose the answer below.
+                        let read_line = async {
+                            let mut line = [0u8; 4096];
+                            let mut got = 0;
+                            while got < line.len() {
+                                match tokio::io::AsyncReadExt::read(&mut conn, &mut line[got..])
+                                    .await
+                                {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) if line[got..got + n].contains(&b'\n') => break,
+                                    Ok(n) => got += n,
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read_line)
+                            .await;
                         let _ = tokio::io::AsyncWriteExt::write_all(&mut conn, REFUSED).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut conn).await;
                     });
                 }
                 Ok((conn, _)) => match blocking_fd(&conn) {

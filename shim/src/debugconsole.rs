@@ -49,7 +49,17 @@ pub async fn open(uds: &Path, command: &[String]) -> Result<std::os::unix::net::
             ),
             e => anyhow::Error::new(e).context("reaching the guest's debug console"),
         })?;
-    tokio::io::AsyncWriteExt::write_all(&mut stream, line.as_bytes()).await?;
+    // A guest that refuses the session (its agent policy) says why and closes at once,
+    // maybe before our request arrives: the write then fails, but what the guest said
+    // is still there to be read, and is the answer.
+    match tokio::io::AsyncWriteExt::write_all(&mut stream, line.as_bytes()).await {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) => {}
+        r => r?,
+    }
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
     Ok(stream)
