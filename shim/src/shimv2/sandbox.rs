@@ -332,7 +332,11 @@ impl Sandbox {
         };
         // A stop ends the processes on purpose: not a loss to report.
         self.watcher.abort();
-        if self.lost().is_some() {
+        // A VM whose processes died before this stop failed, whether or not the
+        // watcher got to say so before it was aborted (containerd may ask for the stop
+        // as soon as the agent's connection drops).
+        let died = self.lost().is_some() || self.pids.iter().any(|&p| !running(p));
+        if died {
             if let Some(run_root) = self.run_dir.parent() {
                 keep_console(run_root, &self.id, &self.run_dir.join("console.log"));
             }
@@ -342,7 +346,7 @@ impl Sandbox {
         // wait would only push Shutdown past containerd's deadline, and a shim killed
         // for that mid-teardown leaves the share and the pod cgroup behind.
         let mut graceful = false;
-        if self.lost().is_none() {
+        if !died {
             match self.agent.shutdown().await {
                 Ok(_) => graceful = true,
                 Err(e) => tracing::warn!("agent shutdown: {e}"),
@@ -441,6 +445,14 @@ fn watch_vm(
         }
         lost_tx.send_replace(true);
         watch.kill_all();
+    })
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
     })
 }
 
