@@ -43,7 +43,7 @@ demo: image
 	@echo
 	@echo "== cocoon vm boot (a bare pod VM and its agent)"
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml sh -c '\
-		printf "[vm]\nkernel = \"$(CURDIR)/$(IMAGE_DIR)/vmlinuz\"\ninitrd = \"$(CURDIR)/$(IMAGE_DIR)/initramfs.cpio\"\n" > $$COCOON_CONFIG; \
+		printf "[paths]\nimage_dir = \"$(CURDIR)/$(IMAGE_DIR)\"\n" > $$COCOON_CONFIG; \
 		./target/debug/cocoon vm boot'
 
 lint: setup
@@ -98,6 +98,8 @@ install: image
 		$(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initramfs.cpio $(IMAGE_DIR)/manifest.json \
 		$(DESTDIR)$(PREFIX)/share/cocoon/
+	if [ -f $(IMAGE_DIR)/vmlinux ]; then install -m 0644 $(IMAGE_DIR)/vmlinux $(DESTDIR)$(PREFIX)/share/cocoon/; \
+		else rm -f $(DESTDIR)$(PREFIX)/share/cocoon/vmlinux; fi
 
 clean:
 	$(CARGO) clean

@@ -38,6 +38,8 @@ BINARIES=(containerd-shim-cocoon-v2 cocoon cocoon-vmm)
 # Installed when the payload has it; otherwise the node's PATH must.
 OPTIONAL_BINARIES=(virtiofsd)
 IMAGE_FILES=(vmlinuz initramfs.cpio manifest.json)
+# The PVH ELF of Cocoon's own kernel, which the image's manifest names when it has one.
+OPTIONAL_IMAGE_FILES=(vmlinux)
 BEGIN_MARK="# BEGIN cocoon"
 END_MARK="# END cocoon"
 NODE_LABEL=cocoon.io/runtime
@@ -146,6 +148,13 @@ install_files() {
     for f in "${IMAGE_FILES[@]}"; do
         install_file "$PAYLOAD/share/cocoon/$f" "$(host "$IMAGE_DIR/$f")" 0644
     done
+    for f in "${OPTIONAL_IMAGE_FILES[@]}"; do
+        if [[ -f $PAYLOAD/share/cocoon/$f ]]; then
+            install_file "$PAYLOAD/share/cocoon/$f" "$(host "$IMAGE_DIR/$f")" 0644
+        else
+            rm -f "$(host "$IMAGE_DIR/$f")" || die "cannot remove $(host "$IMAGE_DIR/$f")"
+        fi
+    done
     log "installed the binaries in $BIN_DIR and the guest image in $IMAGE_DIR"
 
     # containerd looks the shim up on its PATH.
@@ -176,10 +185,8 @@ write_cocoon_config() {
     cat >"$TMP" <<EOF
 # Written by Cocoon's install.sh; \`install.sh uninstall\` removes it unless it was edited.
 # Every key, its default and its meaning: docs/config.toml in the Cocoon repository.
-[vm]
-kernel = "$IMAGE_DIR/vmlinuz"
-initrd = "$IMAGE_DIR/initramfs.cpio"
-
+# The kernel and initramfs are the image's (vm.kernel and vm.initrd unset): its PVH
+# ELF where its manifest names one, else its bzImage.
 [paths]
 image_dir = "$IMAGE_DIR"
 EOF
@@ -289,7 +296,7 @@ do_uninstall() {
     for f in "${BINARIES[@]}" "${OPTIONAL_BINARIES[@]}"; do
         rm -f "$(host "$BIN_DIR/$f")" || die "cannot remove $(host "$BIN_DIR/$f")"
     done
-    for f in "${IMAGE_FILES[@]}"; do
+    for f in "${IMAGE_FILES[@]}" "${OPTIONAL_IMAGE_FILES[@]}"; do
         rm -f "$(host "$IMAGE_DIR/$f")" || die "cannot remove $(host "$IMAGE_DIR/$f")"
     done
     local d

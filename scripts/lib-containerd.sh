@@ -15,8 +15,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-printf '[vm]\nkernel = "%s"\ninitrd = "%s"\n[paths]\nrun_dir = "%s"\n' \
-    "$root/target/image/vmlinuz" "$root/target/image/initramfs.cpio" "$dir/run" > "$COCOON_CONFIG"
+# The image's own kernel and initramfs (its PVH ELF where it has one).
+printf '[paths]\nimage_dir = "%s"\nrun_dir = "%s"\n' \
+    "$root/target/image" "$dir/run" > "$COCOON_CONFIG"
 printf 'version = 2\nroot = "%s/root"\nstate = "%s/state"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "%s"\n[ttrpc]\n  address = "%s.ttrpc"\n' \
     "$dir" "$dir" "$sock" "$sock" > "$dir/containerd.toml"
 containerd --config "$dir/containerd.toml" >"$dir/containerd.log" 2>&1 &

@@ -37,14 +37,16 @@ pub fn image_dir() -> PathBuf {
 /// host allows (auto), and the given boot timeout.
 pub fn test_config(run_dir: &Path, boot_timeout: Duration) -> Config {
     let dir = image_dir();
-    let kernel = dir.join("vmlinuz");
-    let initrd = dir.join("initramfs.cpio");
+    let mut c = Config::default();
+    c.paths.image_dir = dir.clone();
+    // The image's own choice, pinned so that every config derived from this one (TOML
+    // for containerd's shims, the CLI) boots the same: its PVH ELF where it has one.
+    let (kernel, initrd) = (c.kernel_path(), c.initrd_path());
     assert!(
         kernel.is_file() && initrd.is_file(),
         "guest image not found in {}: run `make image` (or set COCOON_TEST_IMAGE_DIR)",
         dir.display()
     );
-    let mut c = Config::default();
     c.vm.kernel = kernel;
     c.vm.initrd = initrd;
     c.vm.boot_timeout_ms = boot_timeout.as_millis() as u64;

@@ -3,7 +3,8 @@
 //! VM uses built in, nothing else probed, so the agent loads no module and the kernel
 //! boots without looking for hardware a microVM does not have.
 //!
-//! The result (`vmlinuz`, the kernel's `modules.builtin`, its release) is cached under
+//! The result (`vmlinuz`, the same kernel as a PVH-bootable ELF `vmlinux` with its
+//! symbols stripped, the kernel's `modules.builtin`, its release) is cached under
 //! `<cache>/kernels/<key>`, where the key hashes the source package, the fragment and
 //! this recipe: a build happens once per change of any of them, then every image build
 //! reuses it. A fragment option the kernel does not honour (a missing dependency, a
@@ -25,7 +26,8 @@ pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
 /// The config fragment, merged over `tinyconfig`.
 pub const FRAGMENT: &str = include_str!("../kernel/cocoon.config");
 /// What the steps below do; part of the cache key, so a change rebuilds.
-const RECIPE: &str = "tinyconfig + merge_config -m cocoon.config + olddefconfig + bzImage; v1";
+const RECIPE: &str =
+    "tinyconfig + merge_config -m cocoon.config + olddefconfig + bzImage, stripped vmlinux; v2";
 
 #[derive(Debug, Error)]
 pub enum KbuildError {
@@ -56,6 +58,9 @@ pub enum KbuildError {
 #[derive(Debug, Clone)]
 pub struct BuiltKernel {
     pub vmlinuz: PathBuf,
+    /// The same kernel uncompressed, an ELF with the PVH entry note: VMMs start it in
+    /// 32-bit protected mode directly (no real-mode setup, no decompression).
+    pub vmlinux: PathBuf,
     /// The kernel's `modules.builtin` (every driver built in), for module resolution.
     pub modules_builtin: PathBuf,
     pub release: String,
@@ -120,6 +125,7 @@ pub fn build(
     let out = kernels.join(&key);
     let built = |release: String| BuiltKernel {
         vmlinuz: out.join("vmlinuz"),
+        vmlinux: out.join("vmlinux"),
         modules_builtin: out.join("modules.builtin"),
         release,
         source: pkg.clone(),
@@ -128,7 +134,7 @@ pub fn build(
         key: key.clone(),
     };
     if let Ok(release) = fs::read_to_string(out.join("release")) {
-        if out.join("vmlinuz").is_file() {
+        if out.join("vmlinuz").is_file() && out.join("vmlinux").is_file() {
             log::info!("reusing the kernel built in {}", out.display());
             return Ok(built(release.trim().to_owned()));
         }
@@ -189,6 +195,18 @@ pub fn build(
         fs::copy(from, &to).map(drop).map_err(io_err("copy", from))
     };
     copy(&src.join("arch/x86/boot/bzImage"), "vmlinuz")?;
+    // Symbols only: the loadable segments and the PVH note stay (checked below).
+    let vmlinux = staging.path().join("vmlinux");
+    run(
+        &src,
+        "objcopy",
+        &["--strip-all", "vmlinux", &vmlinux.to_string_lossy()],
+    )?;
+    if !has_pvh_note(&fs::read(&vmlinux).map_err(io_err("read", &vmlinux))?) {
+        return Err(KbuildError::NotHonoured(vec![
+            "PVH (no PVH entry note in vmlinux)".into(),
+        ]));
+    }
     match src.join("modules.builtin") {
         p if p.is_file() => copy(&p, "modules.builtin")?,
         p => fs::write(staging.path().join("modules.builtin"), "").map_err(io_err("write", &p))?,
@@ -205,6 +223,19 @@ pub fn build(
     }
     log::info!("guest kernel {release} built into {}", out.display());
     Ok(built(release))
+}
+
+/// Whether an ELF kernel carries the Xen PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`, type
+/// 18, owner "Xen") that PVH loaders look for: a check of our own build, not a parser
+/// (the VMMs parse it properly).
+pub fn has_pvh_note(elf: &[u8]) -> bool {
+    // A note header as it lies in the file: namesz 4, descsz (4 or 8), type 18, "Xen\0".
+    elf.starts_with(b"\x7fELF")
+        && elf.windows(16).any(|w| {
+            w[..4] == [4, 0, 0, 0]
+                && matches!(w[4..8], [4, 0, 0, 0] | [8, 0, 0, 0])
+                && w[8..] == [18, 0, 0, 0, b'X', b'e', b'n', 0]
+        })
 }
 
 /// Runs `program args` in `dir`; its stdout on success, the tail of its output otherwise.
@@ -275,6 +306,22 @@ mod tests {
         ] {
             assert_eq!(f.get(k).map(String::as_str), Some("y"), "{k}");
         }
+    }
+
+    #[test]
+    fn the_pvh_note_is_found_only_where_it_is() {
+        let mut elf = b"\x7fELF".to_vec();
+        elf.extend_from_slice(&[0; 60]);
+        assert!(!has_pvh_note(&elf));
+        let note = [4, 0, 0, 0, 8, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0];
+        elf.extend_from_slice(&note);
+        assert!(has_pvh_note(&elf));
+        // Another Xen note type is not the entry point.
+        let other = [4, 0, 0, 0, 8, 0, 0, 0, 17, 0, 0, 0, b'X', b'e', b'n', 0];
+        let mut elf2 = b"\x7fELF".to_vec();
+        elf2.extend_from_slice(&other);
+        assert!(!has_pvh_note(&elf2));
+        assert!(!has_pvh_note(&note));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct PreparedKernel {
     _tree: TempDir,
     pub release: String,
     pub vmlinuz: PathBuf,
+    /// The same kernel as a PVH-bootable ELF, where we built it (a distribution package
+    /// ships only the bzImage).
+    pub vmlinux: Option<PathBuf>,
     pub modules_dir: PathBuf,
     pub package: KernelPackage,
 }
@@ -119,6 +122,7 @@ pub fn prepare(
         _tree: tree,
         release,
         vmlinuz,
+        vmlinux: None,
         modules_dir,
         package: KernelPackage {
             package: name,
@@ -157,6 +161,7 @@ fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, Ker
         _tree: tree,
         release: k.release,
         vmlinuz: k.vmlinuz,
+        vmlinux: Some(k.vmlinux),
         modules_dir,
         package: KernelPackage {
             package: format!("{} (built, cocoon.config {})", k.source.name, k.key),

@@ -29,6 +29,8 @@ pub use modules::{ModulesError, DEFAULT_MODULES};
 
 /// File names inside an image directory (and in `--out`).
 pub const KERNEL_FILE: &str = "vmlinuz";
+/// The PVH ELF of the same kernel, where the image has one.
+pub const PVH_KERNEL_FILE: &str = "vmlinux";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Debug, Error)]
@@ -41,6 +43,12 @@ pub enum RootfsError {
     Initramfs(#[from] InitramfsError),
     #[error("Failed to store the image")]
     Cache(#[from] CacheError),
+    #[error("Failed to remove {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("Failed to read {}", path.display())]
     Read {
         path: PathBuf,
@@ -123,6 +131,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
     }
 
     let kernel_bytes = read(&kernel.vmlinuz)?;
+    let pvh_bytes = kernel.vmlinux.as_deref().map(read).transpose()?;
     let agent_sha256 = hash::sha256_hex(&agent);
     let mut archive = initramfs::layout(agent, &kernel.release, module_files)?;
     let busybox_sha256 = match &opts.busybox {
@@ -146,6 +155,8 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
             sha256: hash::sha256_hex(&kernel_bytes),
             release: kernel.release.clone(),
             package: kernel.package.clone(),
+            pvh_file: pvh_bytes.as_ref().map(|_| PVH_KERNEL_FILE.to_owned()),
+            pvh_sha256: pvh_bytes.as_deref().map(hash::sha256_hex),
         },
         initramfs: manifest::InitramfsManifest {
             file: initrd_name.to_owned(),
@@ -159,7 +170,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
     };
     let manifest_bytes = manifest.to_json();
 
-    let files = [
+    let mut files = vec![
         cache::ImageFile {
             name: KERNEL_FILE,
             bytes: &kernel_bytes,
@@ -173,10 +184,30 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
             bytes: &manifest_bytes,
         },
     ];
+    if let Some(bytes) = &pvh_bytes {
+        files.push(cache::ImageFile {
+            name: PVH_KERNEL_FILE,
+            bytes,
+        });
+    }
     let (dir, reused) = cache.store_image(&id, &files)?;
     log::info!("{} image {id}", if reused { "reused" } else { "stored" });
     if let Some(out) = &opts.out_dir {
-        cache::publish(&dir, &[KERNEL_FILE, initrd_name, MANIFEST_FILE], out)?;
+        let names: Vec<&str> = files.iter().map(|f| f.name).collect();
+        cache::publish(&dir, &names, out)?;
+        if pvh_bytes.is_none() {
+            // A PVH kernel left by an earlier image in the same place is not this one's.
+            let stale = out.join(PVH_KERNEL_FILE);
+            match fs::remove_file(&stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(RootfsError::Remove {
+                        path: stale,
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
     }
     Ok(Image {
         kernel: dir.join(KERNEL_FILE),

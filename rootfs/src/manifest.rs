@@ -25,6 +25,12 @@ pub struct KernelManifest {
     pub sha256: String,
     pub release: String,
     pub package: KernelPackage,
+    /// The same kernel as a PVH-bootable ELF (Cocoon's own kernel has one), which pods
+    /// boot by default: no real-mode setup, no decompression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvh_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvh_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

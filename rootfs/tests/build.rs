@@ -174,6 +174,10 @@ fn warm_build_reuses_the_image_and_publishes_to_out() {
     let first = build_into(tmp.path(), &agent);
     let stamp = fs::metadata(&first.initrd).unwrap().modified().unwrap();
     let out = tmp.path().join("out");
+    // A PVH kernel an earlier (own-kernel) image left there: not this image's, whose
+    // distribution kernel is a bzImage only, so it must go.
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join(cocoon_rootfs::PVH_KERNEL_FILE), b"stale").unwrap();
     let mut opts = BuildOptions::new(KernelSource::DebFile(kernel_deb()), &agent);
     opts.cache_dir = Some(tmp.path().to_owned());
     opts.out_dir = Some(out.clone());
@@ -190,6 +194,10 @@ fn warm_build_reuses_the_image_and_publishes_to_out() {
             sha(&first.initrd.with_file_name(name))
         );
     }
+    assert!(!out.join(cocoon_rootfs::PVH_KERNEL_FILE).exists());
+    let manifest: cocoon_rootfs::Manifest =
+        serde_json::from_slice(&fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest.kernel.pvh_file, None);
 }
 
 #[test]

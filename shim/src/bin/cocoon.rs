@@ -389,9 +389,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let config = Config::load()?;
             let compare = compare_image.map(|dir| {
+                // That image's own kernel choice (its PVH ELF where it has one).
                 let mut c = config.clone();
-                c.vm.kernel = dir.join("vmlinuz");
-                c.vm.initrd = dir.join("initramfs.cpio");
+                c.paths.image_dir = dir;
+                c.vm.kernel = PathBuf::new();
+                c.vm.initrd = PathBuf::new();
                 c
             });
             let report = runtime()?.block_on(bench::boot_bench(
