@@ -133,13 +133,16 @@ impl HostCgroup {
                     cg.created.push((hierarchy, dir.clone()));
                 }
                 for &pid in pids {
-                    std::fs::write(dir.join("cgroup.procs"), pid.to_string()).map_err(
-                        |source| HostCgroupError::Join {
+                    match std::fs::write(dir.join("cgroup.procs"), pid.to_string()) {
+                        // Gone since it was listed (a helper process of virtiofsd's
+                        // sandbox setup, say): nothing left to account.
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                        r => r.map_err(|source| HostCgroupError::Join {
                             pid,
                             dir: dir.clone(),
                             source,
-                        },
-                    )?;
+                        })?,
+                    }
                     // Then its children (a jailed VMM's waiter forks the VMM just after
                     // it starts): one forked from here on is born in the cgroup, one
                     // forked before is listed now. One that has already gone is no loss.

@@ -133,7 +133,7 @@ impl VmProcesses {
             .iter()
             .chain(self.backends.iter())
             .filter_map(Child::id)
-            .flat_map(|pid| std::iter::once(pid).chain(children_of(pid)))
+            .flat_map(|pid| std::iter::once(pid).chain(program_of_waiter(pid)))
             .collect()
     }
 
@@ -204,6 +204,18 @@ impl VmProcesses {
         }
         self.vmm = None;
         self.backends.clear();
+    }
+}
+
+/// The program a PID-namespace waiter runs (its one child), if `pid` is such a waiter
+/// (it renames itself `cocoon-pid-ns` once the program is forked). Other processes'
+/// children (virtiofsd's sandbox helpers) are theirs to manage.
+fn program_of_waiter(pid: u32) -> Vec<u32> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "cocoon-pid-ns" {
+        children_of(pid)
+    } else {
+        Vec::new()
     }
 }
 
