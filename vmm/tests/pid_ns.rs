@@ -64,6 +64,16 @@ fn child_of(pid: u32) -> u32 {
     }
 }
 
+/// A waiter running `sleep` in its namespace, and the host pid of that `sleep`.
+fn sleeping() -> (std::process::Child, u32) {
+    let waiter = jailed(&["/bin/sleep", "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let program = child_of(waiter.id());
+    (waiter, program)
+}
+
 fn root_or_skip(test: &str) -> bool {
     if !guest::euid_is_root() {
         guest::skip(&format!("{test}: jail-exec needs root"));
@@ -84,11 +94,7 @@ fn the_program_is_pid_1_and_its_end_is_the_waiters() {
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     // A program killed by a signal (from the host: inside, PID 1 ignores even its own
     // SIGKILL): the waiter dies of the same one.
-    let mut waiter = jailed(&["/bin/sleep", "1000"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let program = child_of(waiter.id());
+    let (mut waiter, program) = sleeping();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(program as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -104,12 +110,8 @@ fn the_waiter_is_confined_and_sigterm_ends_both() {
     if !root_or_skip("the_waiter_is_confined_and_sigterm_ends_both") {
         return;
     }
-    let mut waiter = jailed(&["/bin/sleep", "1000"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut waiter, program) = sleeping();
     let w = waiter.id();
-    let program = child_of(w);
     // The waiter: the pod's uid, no capabilities, its own filter, and a command line
     // that is not the program's.
     assert_eq!(status_field(w, "Uid").split_whitespace().next(), Some(UID));
@@ -152,11 +154,7 @@ fn a_killed_waiter_takes_the_program_with_it() {
     if !root_or_skip("a_killed_waiter_takes_the_program_with_it") {
         return;
     }
-    let mut waiter = jailed(&["/bin/sleep", "1000"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let program = child_of(waiter.id());
+    let (mut waiter, program) = sleeping();
     waiter.kill().unwrap();
     waiter.wait().unwrap();
     let end = Instant::now() + Duration::from_secs(10);

@@ -80,12 +80,7 @@ const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
 
 fn owned(ret: libc::c_long, step: &'static str) -> Result<OwnedFd, HugeTmpfsError> {
-    if ret < 0 {
-        return Err(HugeTmpfsError {
-            step,
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    owned_status(ret, step)?;
     // SAFETY: a descriptor the kernel just returned to us, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
 }
