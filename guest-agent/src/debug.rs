@@ -111,6 +111,16 @@ pub fn forged_oom(cmdline: &str, turn: usize) -> Option<String> {
     (!ids.is_empty()).then(|| ids[turn % ids.len()].to_string())
 }
 
+/// While this file exists in a debug-armed guest, the agent never answers a
+/// SignalProcess call: a guest stuck (or refusing) at the worst moment, for the tests of
+/// what the host does then.
+pub const IGNORE_SIGNALS: &str = "/run/cocoon-ignore-signals";
+
+/// With `cocoon.debug=1`, whether the stuck-guest switch is on.
+pub fn ignoring_signals(cmdline: &str) -> bool {
+    enabled(cmdline) && std::path::Path::new(IGNORE_SIGNALS).exists()
+}
+
 /// SIGUSR2: exit as a crashed agent would.
 fn arm_crash_hook() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};

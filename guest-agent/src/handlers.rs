@@ -459,6 +459,10 @@ impl Agent for AgentService {
         req: SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
         self.allow("SignalProcess", &req)?;
+        if crate::debug::ignoring_signals(&self.state.cmdline) {
+            tracing::warn!(container = %req.container_id, "debug: not answering SignalProcess");
+            std::future::pending::<()>().await;
+        }
         let signal = i32::try_from(req.signal)
             .map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "signal out of range"))?;
         self.containers()

@@ -2,7 +2,8 @@
 //! answer every OOM poll at once with forged container ids (`cocoon_agent::debug`'s
 //! `FORGE_OOM`), naming another pod's container, a container that never existed and its
 //! own. containerd must see no event for the first two, a bounded number for the third,
-//! and both pods must go on working and go away cleanly.
+//! and both pods must go on working and go away cleanly. And a guest that never answers
+//! a kill cannot keep its pod alive.
 
 mod ctr_common;
 
@@ -87,6 +88,36 @@ fn forged_oom_events_reach_no_one_else_and_are_rate_limited() {
 
     kill_delete(&env, "forger");
     kill_delete_clean(&env, "bystander");
+}
+
+/// A guest that never answers a kill must not keep its pod from being removed: a
+/// SIGKILL of the pod's own container ends the VM instead (the kill has then happened,
+/// as runc's would have), while any other signal it does not take is an error.
+#[test]
+fn a_sigkill_the_guest_does_not_answer_ends_the_pod_vm() {
+    let env = env_with("", "[debug]\nconsole = true\n");
+    run_detached(&env, "stuck", &[], &["sleep", "1000"]);
+    let o = cocoon_debug(
+        &env,
+        "stuck",
+        &["touch /run/cocoon-ignore-signals; echo stuck"],
+        b"",
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("stuck"),
+        "{}",
+        show(&o)
+    );
+    let term = env
+        .containerd
+        .ctr(&["task", "kill", "-s", "SIGTERM", "stuck"]);
+    assert!(
+        !term.status.success(),
+        "a SIGTERM the guest never answered succeeded: {}",
+        show(&term)
+    );
+    assert_eq!(task_status(&env, "stuck"), "RUNNING", "after the SIGTERM");
+    kill_delete_clean(&env, "stuck");
 }
 
 fn kill_delete(env: &Env, id: &str) {

@@ -228,6 +228,11 @@ impl Vm {
         self.procs.vmm_pid()
     }
 
+    /// Ends the guest at once (SIGKILL to the VMM); `stop` still reaps and cleans up.
+    pub fn kill(&self) {
+        self.procs.kill_vmm();
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.procs.pids()
     }

@@ -192,6 +192,14 @@ impl VmProcesses {
         status
     }
 
+    /// SIGKILLs the VMM without reaping it: its exit is then seen as any other (the
+    /// VM watcher's pidfd), and the pid stays ours until `stop` reaps it.
+    pub fn kill_vmm(&self) {
+        if let Some(pid) = self.vmm.as_ref().and_then(Child::id) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+
     /// For `Drop`, which may run on an async worker: SIGKILL everything and never
     /// sleep. A child not yet reaped goes to tokio's orphan queue, which reaps it on a
     /// later SIGCHLD, so no zombie stays behind.

@@ -319,6 +319,18 @@ impl Sandbox {
         self.lost.lock().ok().and_then(|l| l.clone())
     }
 
+    /// Ends the VM at once, for `why`: its watcher then reports it lost, which ends every
+    /// task of the pod as a lost VM does. `stop` still reaps and cleans up.
+    pub async fn end(&self, why: String) {
+        tracing::error!(vm = %self.id, "ending the pod VM: {why}");
+        if let Ok(mut l) = self.lost.lock() {
+            l.get_or_insert(why);
+        }
+        if let Some(vm) = self.vm.lock().await.as_ref() {
+            vm.kill();
+        }
+    }
+
     pub fn vsock_uds(&self) -> PathBuf {
         self.run_dir.join("vsock.sock")
     }
@@ -440,8 +452,9 @@ fn watch_vm(
         let (name, pid) = watch.first_exit().await;
         let why = format!("{name} (pid {pid}) exited");
         tracing::error!(vm = %vm_id, "pod VM lost: {why}; stopping the rest of it");
+        // A VM ended on purpose (`Sandbox::end`) keeps the reason it was ended for.
         if let Ok(mut l) = lost.lock() {
-            *l = Some(why);
+            l.get_or_insert(why);
         }
         lost_tx.send_replace(true);
         watch.kill_all();

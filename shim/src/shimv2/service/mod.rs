@@ -577,10 +577,25 @@ impl Task for Service {
         // and refusing it would leave containerd's cleanup of a failed pod stuck (CRI
         // marks such a sandbox UNKNOWN and keeps it).
         if sb.lost().is_none() {
-            sb.agent
+            let sent = sb
+                .agent
                 .signal_process(&req.id, &req.exec_id, req.signal, req.all)
-                .await
-                .map_err(agent_err)?;
+                .await;
+            if let Err(e) = sent {
+                // A SIGKILL of the pod's own container ends the pod. A guest that cannot
+                // take it (stuck, out of memory, hostile) must not keep the pod from
+                // being removed: ending the VM is that kill, as runc's would be.
+                let pod_kill = req.signal == libc::SIGKILL as u32
+                    && req.exec_id.is_empty()
+                    && req.id == self.inner.group;
+                if !pod_kill {
+                    return Err(agent_err(e));
+                }
+                sb.end(format!(
+                    "the guest did not take a SIGKILL of the pod's container: {e}"
+                ))
+                .await;
+            }
         }
         if req.exec_id.is_empty() {
             self.watch_unstarted(&sb, &req.id).await;
