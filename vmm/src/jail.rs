@@ -39,32 +39,10 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::Mode;
 use nix::sys::statvfs::{statvfs, FsFlags};
-use serde::{Deserialize, Serialize};
 
-/// Whether the VMM jails itself.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JailMode {
-    /// On when the VMM runs as root (it needs CAP_SYS_ADMIN), off otherwise; the choice
-    /// is logged either way.
-    #[default]
-    Auto,
-    /// Required: failing to set it up fails the boot.
-    On,
-    Off,
-}
-
-impl std::str::FromStr for JailMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "on" => Ok(Self::On),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("{s:?} is not one of auto, on, off")),
-        }
-    }
-}
+/// Whether the VMM jails itself: `auto` when it runs as root (it needs
+/// CAP_SYS_ADMIN), `on` fails the boot without a jail, `off` never jails.
+pub type JailMode = crate::choice::AutoOnOff;
 
 /// Errors while entering the jail; each names the step.
 #[derive(Debug, thiserror::Error)]

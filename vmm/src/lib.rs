@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod builder;
+pub mod choice;
 pub mod config;
 pub mod devices;
 #[doc(hidden)]

@@ -21,43 +21,10 @@
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use serde::{Deserialize, Serialize};
-
-/// Whether guest RAM is put on a huge-page tmpfs of its own.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HugePages {
-    /// The huge-page tmpfs where this process may make one, a memfd otherwise; the
-    /// choice is logged either way.
-    #[default]
-    Auto,
-    /// Required: failing to make the huge-page tmpfs fails the boot.
-    On,
-    /// A memfd, without asking for huge pages at all.
-    Off,
-}
-
-impl std::str::FromStr for HugePages {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "on" => Ok(Self::On),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("huge pages: want auto, on or off, got {s:?}")),
-        }
-    }
-}
-
-impl std::fmt::Display for HugePages {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::On => "on",
-            Self::Off => "off",
-        })
-    }
-}
+/// Whether guest RAM is put on a huge-page tmpfs of its own: `auto` makes one where
+/// this process may (else a memfd), `on` fails the boot without one, `off` is a memfd
+/// that never asks for huge pages.
+pub type HugePages = crate::choice::AutoOnOff;
 
 /// A failed step of making the huge-page tmpfs file.
 #[derive(Debug, thiserror::Error)]
@@ -170,17 +137,4 @@ fn owned_status(ret: libc::c_long, step: &'static str) -> Result<(), HugeTmpfsEr
         });
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn modes_parse_and_print() {
-        for m in [HugePages::Auto, HugePages::On, HugePages::Off] {
-            assert_eq!(m.to_string().parse::<HugePages>(), Ok(m));
-        }
-        assert!("yes".parse::<HugePages>().unwrap_err().contains("\"yes\""));
-    }
 }
