@@ -121,6 +121,20 @@ pub fn ignoring_signals(cmdline: &str) -> bool {
     enabled(cmdline) && std::path::Path::new(IGNORE_SIGNALS).exists()
 }
 
+/// While this file exists in a debug-armed guest, `ListPids` answers with as many
+/// made-up processes as the number it holds (at most 1 000 000): an oversized reply, which
+/// the host must refuse for that call alone.
+pub const FORGE_PIDS: &str = "/run/cocoon-forge-pids";
+
+/// With `cocoon.debug=1`, how many processes to make up for `ListPids`, if any.
+pub fn forged_pids(cmdline: &str) -> Option<usize> {
+    if !enabled(cmdline) {
+        return None;
+    }
+    let n = std::fs::read_to_string(FORGE_PIDS).ok()?;
+    n.trim().parse::<usize>().ok().map(|n| n.min(1_000_000))
+}
+
 /// SIGUSR2: exit as a crashed agent would.
 fn arm_crash_hook() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};

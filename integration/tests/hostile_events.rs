@@ -3,7 +3,7 @@
 //! `FORGE_OOM`), naming another pod's container, a container that never existed and its
 //! own. containerd must see no event for the first two, a bounded number for the third,
 //! and both pods must go on working and go away cleanly. And a guest that never answers
-//! a kill cannot keep its pod alive.
+//! a kill cannot keep its pod alive, nor an oversized reply the connection.
 
 mod ctr_common;
 
@@ -118,6 +118,45 @@ fn a_sigkill_the_guest_does_not_answer_ends_the_pod_vm() {
     );
     assert_eq!(task_status(&env, "stuck"), "RUNNING", "after the SIGTERM");
     kill_delete_clean(&env, "stuck");
+}
+
+/// An oversized reply fails that call alone: `ctr task ps` against a guest that makes up
+/// more processes than the bound is an error naming the bound, and the next call, once
+/// the guest behaves, works on the same connection.
+#[test]
+fn an_oversized_reply_fails_that_call_alone() {
+    let env = env_with("", "[debug]\nconsole = true\n");
+    run_detached(&env, "liar", &[], &["sleep", "1000"]);
+    let over = cocoon_shim::agent_reply::MAX_PIDS + 1;
+    let forge = format!("echo {over} > /run/cocoon-forge-pids; echo forging");
+    let o = cocoon_debug(&env, "liar", &[forge.as_str()], b"");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("forging"),
+        "{}",
+        show(&o)
+    );
+    let ps = env.containerd.ctr(&["task", "ps", "liar"]);
+    assert!(!ps.status.success(), "an oversized ListPids was taken");
+    let err = String::from_utf8_lossy(&ps.stderr);
+    assert!(
+        err.contains("out of bounds") && err.contains(&format!("{over} processes")),
+        "{}",
+        show(&ps)
+    );
+    let o = cocoon_debug(
+        &env,
+        "liar",
+        &["rm /run/cocoon-forge-pids; echo honest"],
+        b"",
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("honest"),
+        "{}",
+        show(&o)
+    );
+    let ps = ctr_ok(&env, &["task", "ps", "liar"]);
+    assert_eq!(ps.lines().count(), 2, "one process after the header: {ps}");
+    kill_delete_clean(&env, "liar");
 }
 
 fn kill_delete(env: &Env, id: &str) {

@@ -12,6 +12,7 @@ use cocoon_protocol::agent_ttrpc::{AgentClient as AgentRpc, HealthClient};
 use cocoon_protocol::AGENT_PORT;
 use thiserror::Error;
 
+use crate::agent_reply::Bounded;
 use crate::hypervisor::Vm;
 use crate::vsock::{self, VsockError};
 
@@ -52,6 +53,8 @@ pub enum AgentError {
         method: &'static str,
         detail: String,
     },
+    #[error("agent call {method} failed: the guest's reply is out of bounds: {what}")]
+    Malformed { method: &'static str, what: String },
     #[error("agent call {method} failed: {code}: {message}")]
     Rpc {
         method: &'static str,
@@ -158,14 +161,16 @@ impl AgentClient {
         ttrpc::context::with_timeout(t.as_nanos() as i64)
     }
 
+    /// One call within `t`, its reply checked against `agent_reply`'s bounds.
     async fn call<T, F>(&self, method: &'static str, t: Duration, f: F) -> Result<T, AgentError>
     where
+        T: Bounded,
         F: std::future::Future<Output = ttrpc::Result<T>>,
     {
         let started = Instant::now();
         let r = match tokio::time::timeout(t, f).await {
             Err(_) => Err(AgentError::CallTimeout { method, after: t }),
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => bounded(method, v),
             Ok(Err(e)) => Err(map_err(method, t, e)),
         };
         if let Some(stats) = &self.stats {
@@ -173,6 +178,7 @@ impl AgentClient {
                 AgentError::CallTimeout { .. } => "timeout",
                 AgentError::Disconnected { .. } => "disconnected",
                 AgentError::Rpc { .. } => "rpc",
+                AgentError::Malformed { .. } => "malformed",
                 _ => "other",
             });
             stats.record_call(method, started.elapsed(), kind);
@@ -239,6 +245,13 @@ impl AgentClient {
     }
 }
 
+/// `v`, or the error naming what in it is over its bound.
+fn bounded<T: Bounded>(method: &'static str, v: T) -> Result<T, AgentError> {
+    v.check()
+        .map(|()| v)
+        .map_err(|what| AgentError::Malformed { method, what })
+}
+
 fn map_err(method: &'static str, t: Duration, e: ttrpc::Error) -> AgentError {
     match e {
         ttrpc::Error::RpcStatus(s) => {
@@ -248,7 +261,7 @@ fn map_err(method: &'static str, t: Duration, e: ttrpc::Error) -> AgentError {
             AgentError::Rpc {
                 method,
                 code: format!("{:?}", s.code()),
-                message: s.message().to_string(),
+                message: crate::agent_reply::error_message(s.message()),
             }
         }
         other => AgentError::Disconnected {
@@ -497,6 +510,7 @@ impl AgentClient {
             .wait_process(ctx, &req)
             .await
             .map_err(|e| map_err("Agent.WaitProcess", Duration::ZERO, e))
+            .and_then(|r| bounded("Agent.WaitProcess", r))
     }
 
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {

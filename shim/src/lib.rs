@@ -7,6 +7,7 @@
 //! timings, protocol detail; `trace` — per-message noise.
 
 pub mod agent_client;
+pub mod agent_reply;
 pub mod bench;
 pub mod bench_run;
 pub mod bench_vmm;
