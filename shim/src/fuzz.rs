@@ -9,6 +9,8 @@
 use cocoon_protocol::agent as pb;
 use protobuf::Message;
 
+use crate::agent_reply::Bounded;
+
 /// A fuzz entry point: any bytes, never a panic.
 pub type Target = fn(&[u8]);
 
@@ -19,19 +21,25 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
 ];
 
+/// Decodes `body` as `T` and checks it against the shim's bounds, as every call does.
+fn decoded<T: Message + Bounded>(body: &[u8]) -> Option<T> {
+    let r = T::parse_from_bytes(body).ok()?;
+    r.check().ok().map(|()| r)
+}
+
 /// The first byte picks a reply type; the rest is its wire bytes.
 pub fn agent_replies(data: &[u8]) {
     let Some((&kind, body)) = data.split_first() else {
         return;
     };
-    match kind % 9 {
+    match kind % 11 {
         0 => {
-            if let Ok(r) = pb::StatsContainerResponse::parse_from_bytes(body) {
+            if let Some(r) = decoded::<pb::StatsContainerResponse>(body) {
                 let _ = crate::shimv2::metrics::to_cgroups_v2(&r);
             }
         }
         1 => {
-            if let Ok(e) = pb::OomEvent::parse_from_bytes(body) {
+            if let Some(e) = decoded::<pb::OomEvent>(body) {
                 let mut filter = crate::shimv2::guest_events::OomFilter::default();
                 let live = ["c1".to_string()];
                 for _ in 0..8 {
@@ -39,28 +47,18 @@ pub fn agent_replies(data: &[u8]) {
                 }
             }
         }
-        2 => {
-            let _ = pb::CreateContainerResponse::parse_from_bytes(body);
-        }
-        3 => {
-            let _ = pb::ExecProcessResponse::parse_from_bytes(body);
-        }
-        4 => {
-            let _ = pb::WaitProcessResponse::parse_from_bytes(body);
-        }
-        5 => {
-            let _ = pb::ListPidsResponse::parse_from_bytes(body);
-        }
-        6 => {
-            let _ = pb::GuestDetailsResponse::parse_from_bytes(body);
-        }
-        7 => {
-            let _ = pb::Interface::parse_from_bytes(body);
-        }
-        _ => {
-            let _ = pb::VersionCheckResponse::parse_from_bytes(body);
-        }
+        2 => drop(decoded::<pb::CreateContainerResponse>(body)),
+        3 => drop(decoded::<pb::ExecProcessResponse>(body)),
+        4 => drop(decoded::<pb::WaitProcessResponse>(body)),
+        5 => drop(decoded::<pb::ListPidsResponse>(body)),
+        6 => drop(decoded::<pb::GuestDetailsResponse>(body)),
+        7 => drop(decoded::<pb::Interface>(body)),
+        8 => drop(decoded::<pb::Interfaces>(body)),
+        9 => drop(decoded::<pb::Routes>(body)),
+        _ => drop(decoded::<pb::VersionCheckResponse>(body)),
     }
+    // An error's text, as the shim keeps it.
+    let _ = crate::agent_reply::error_message(&String::from_utf8_lossy(body));
 }
 
 /// The vsock backend's reply line to `CONNECT`.
