@@ -185,7 +185,8 @@ write_cocoon_config() {
     cat >"$TMP" <<EOF
 # Written by Cocoon's install.sh; \`install.sh uninstall\` removes it unless it was edited.
 # Every key, its default and its meaning: docs/config.toml in the Cocoon repository.
-# The kernel and initramfs are the image's (vm.kernel and vm.initrd unset).
+# The kernel and initramfs are the image's (vm.kernel and vm.initrd unset): its PVH
+# ELF where its manifest names one, else its bzImage.
 [paths]
 image_dir = "$IMAGE_DIR"
 EOF

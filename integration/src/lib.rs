@@ -39,6 +39,8 @@ pub fn test_config(run_dir: &Path, boot_timeout: Duration) -> Config {
     let dir = image_dir();
     let mut c = Config::default();
     c.paths.image_dir = dir.clone();
+    // The image's own choice, pinned so that every config derived from this one (TOML
+    // for containerd's shims, the CLI) boots the same: its PVH ELF where it has one.
     let (kernel, initrd) = (c.kernel_path(), c.initrd_path());
     assert!(
         kernel.is_file() && initrd.is_file(),

@@ -42,6 +42,24 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     let env = env_with("hypervisor = \"qemu\"\n", "[debug]\nconsole = true\n");
     run_detached(&env, "confined", &[], &["sleep", "1000"]);
     let qemu = pod_qemu(&env);
+    // The image's kernel as its manifest says: Cocoon's own kernel boots from its PVH
+    // ELF (no real-mode setup, no decompression), a distribution kernel from its bzImage.
+    let manifest: cocoon_rootfs::Manifest = serde_json::from_slice(
+        &std::fs::read(cocoon_integration::image_dir().join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let kernel = args
+        .windows(2)
+        .find(|w| w[0] == "-kernel")
+        .map(|w| w[1].clone())
+        .expect("-kernel");
+    let want = manifest.kernel.pvh_file.as_deref().unwrap_or("vmlinuz");
+    assert!(kernel.ends_with(&format!("/{want}")), "QEMU boots {kernel}");
     assert_eq!(
         status_field(qemu, "Seccomp"),
         "2",

@@ -108,7 +108,7 @@ pub struct DebugConfig {
 pub struct VmConfig {
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// Guest kernel; empty means `<image_dir>/vmlinuz`.
+    /// Guest kernel; empty means the image's (see `kernel_path`).
     pub kernel: PathBuf,
     /// Guest initramfs; empty means `<image_dir>/initramfs.cpio`.
     pub initrd: PathBuf,
@@ -282,15 +282,21 @@ impl Config {
         Ok(())
     }
 
-    /// `vm.kernel`, or else the image's bzImage. (Cocoon's own image also carries the
-    /// kernel as a PVH ELF, `vmlinux`, which boots faster; it is not the default yet:
-    /// docs/notes.md.)
+    /// `vm.kernel`, or else the image's: its PVH ELF where its manifest names one
+    /// (Cocoon's own kernel; booted without real-mode setup or decompression), its
+    /// bzImage otherwise.
     pub fn kernel_path(&self) -> PathBuf {
-        if self.vm.kernel.as_os_str().is_empty() {
-            self.paths.image_dir.join(cocoon_rootfs::KERNEL_FILE)
-        } else {
-            self.vm.kernel.clone()
+        if !self.vm.kernel.as_os_str().is_empty() {
+            return self.vm.kernel.clone();
         }
+        let dir = &self.paths.image_dir;
+        let pvh = std::fs::read(dir.join(cocoon_rootfs::MANIFEST_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<cocoon_rootfs::Manifest>(&b).ok())
+            .and_then(|m| m.kernel.pvh_file)
+            // A plain name in the image directory, nothing else.
+            .filter(|f| !f.is_empty() && !f.contains('/') && f != "..");
+        dir.join(pvh.as_deref().unwrap_or(cocoon_rootfs::KERNEL_FILE))
     }
 
     pub fn initrd_path(&self) -> PathBuf {
@@ -305,6 +311,37 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The image's PVH ELF when its manifest names one, its bzImage otherwise, and
+    /// `vm.kernel` over both.
+    #[test]
+    fn the_kernel_is_the_images_pvh_elf_where_it_has_one() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.paths.image_dir = d.path().to_owned();
+        assert_eq!(c.kernel_path(), d.path().join("vmlinuz"), "no manifest");
+        let manifest = |pvh: Option<&str>| {
+            serde_json::json!({
+                "format": 1, "id": "x",
+                "kernel": {"file": "vmlinuz", "sha256": "", "release": "6.12",
+                    "package": {"package": "p", "version": "1", "deb_file": "", "deb_sha256": ""},
+                    "pvh_file": pvh, "pvh_sha256": pvh.map(|_| "")},
+                "initramfs": {"file": "initramfs.cpio", "sha256": "", "compression": "none",
+                    "agent_sha256": "", "modules": [], "builtin_modules": []}
+            })
+            .to_string()
+        };
+        let path = d.path().join("manifest.json");
+        std::fs::write(&path, manifest(Some("vmlinux"))).unwrap();
+        assert_eq!(c.kernel_path(), d.path().join("vmlinux"));
+        std::fs::write(&path, manifest(None)).unwrap();
+        assert_eq!(c.kernel_path(), d.path().join("vmlinuz"));
+        // A manifest naming anything but a plain file of the image is not followed.
+        std::fs::write(&path, manifest(Some("../etc/passwd"))).unwrap();
+        assert_eq!(c.kernel_path(), d.path().join("vmlinuz"));
+        c.vm.kernel = "/k".into();
+        assert_eq!(c.kernel_path(), std::path::PathBuf::from("/k"));
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
