@@ -323,6 +323,40 @@ pub fn apply_event_loop() -> Result<(), SeccompError> {
         .map_err(SeccompError::Apply)
 }
 
+/// What a vCPU thread never does, though the process's allowlist has it: starting
+/// threads, waiting on or making an epoll set, accepting connections, making timers,
+/// renaming itself, removing files. A vCPU runs the guest and the device code its exits
+/// reach (MMIO and port I/O, queue notifications: disk reads and writes, tap and socket
+/// I/O, vsock connects with their epoll and timer updates, vhost-user messages); the
+/// event loop does the rest. Stacked on each vCPU thread before its first KVM_RUN.
+pub const VCPU_DENIED: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_accept4,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_timerfd_create,
+    libc::SYS_prctl,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// The vCPU threads' own filter: [`VCPU_DENIED`] gets `matched` (a trap, or an errno
+/// for tests), everything else goes on to the process's allowlist.
+pub fn build_vcpu_filter(matched: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        VCPU_DENIED.iter().map(|s| (*s, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
+        .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Compile)
+}
+
+/// Installs [`build_vcpu_filter`] on the calling thread only.
+pub fn apply_vcpu() -> Result<(), SeccompError> {
+    seccompiler::apply_filter(&build_vcpu_filter(SeccompAction::Trap)?).map_err(SeccompError::Apply)
+}
+
 fn install(bpf: &BpfProgram) -> Result<(), SeccompError> {
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, sigsys_handler)
         .map_err(SeccompError::Signal)?;
@@ -419,6 +453,31 @@ mod tests {
             // SAFETY: KVM_RUN takes no pointer; refused before the kernel sees it.
             let r = unsafe { libc::ioctl(fd, KVM_RUN as _, 0) };
             assert_eq!((r, errno()), (-1, libc::EPERM));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_vcpu_thread_cannot_start_threads_wait_on_epoll_or_rename_itself() {
+        let bpf = build_vcpu_filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let (mut a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&bpf).unwrap();
+            // SAFETY: each call takes no pointer the kernel reads before the filter
+            // refuses it (clone3's null argument, a null thread name).
+            unsafe {
+                assert_eq!(libc::epoll_create1(0), -1);
+                assert_eq!(errno(), libc::EPERM);
+                let r = libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0);
+                assert_eq!((r, errno()), (-1, libc::EPERM));
+                let r = libc::prctl(libc::PR_SET_NAME, std::ptr::null::<u8>());
+                assert_eq!((r, errno()), (-1, libc::EPERM));
+            }
+            // What device code does still works: socket I/O, flags, the clock.
+            std::io::Write::write_all(&mut a, b"ok").unwrap();
+            a.set_nonblocking(true).unwrap();
+            let _ = std::time::Instant::now();
         })
         .join()
         .unwrap();

@@ -296,6 +296,7 @@ impl Vmm {
                 exit: self.exit.clone(),
                 on_first_exit,
                 stats: self.stats.clone(),
+                seccomp: config.seccomp,
             };
             handles.push(runner.spawn()?);
         }

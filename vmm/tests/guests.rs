@@ -535,6 +535,12 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
+    // Every thread has the process's two filters (clone3 answered ENOSYS, the
+    // allowlist); the vCPU thread stacks one of its own on them.
+    let threads = thread_filters(child.id());
+    let vcpu = threads.iter().find(|(comm, _)| comm == "vcpu0");
+    assert_eq!(vcpu.map(|t| t.1), Some(3), "{threads:?}");
+    assert!(threads.iter().all(|t| t.1 >= 2), "{threads:?}");
 
     let len = || g.serial().len();
     wait_for("guest output", || len() > 2);
@@ -565,6 +571,25 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
 }
 
 /// Whether the test runs as root (the jail needs it); prints why not.
+/// Each thread of `pid`: its name and how many seccomp filters it runs under.
+fn thread_filters(pid: u32) -> Vec<(String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let n = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((comm.trim().to_string(), n))
+        })
+        .collect()
+}
+
 fn is_root(test: &str) -> bool {
     let root = guest::euid_is_root();
     if !root {

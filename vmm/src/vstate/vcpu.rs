@@ -260,6 +260,9 @@ pub struct VcpuRunner {
     pub on_first_exit: Option<Box<dyn FnOnce() + Send>>,
     /// Shared by all vCPUs of the VM.
     pub stats: Arc<ExitStats>,
+    /// Stack the vCPU threads' own seccomp filter (`seccomp::apply_vcpu`) before the
+    /// first KVM_RUN (on top of the process's, which must already be in place).
+    pub seccomp: bool,
 }
 
 /// Records one exit's handling time when dropped.
@@ -286,6 +289,14 @@ impl VcpuRunner {
 
     fn run(mut self) {
         let mut log = LogLimiter::new("vcpu");
+        if self.seccomp {
+            if let Err(e) = crate::seccomp::apply_vcpu() {
+                let why = format!("vcpu{}: cannot install its seccomp filter: {e}", self.index);
+                log::error!("{why}");
+                self.exit.report(ExitReason::Crash(why));
+                return;
+            }
+        }
         // Stop as soon as the VM has ended (e.g. this vCPU just wrote the i8042 reset),
         // without waiting for a kick.
         while self.control.park() && self.exit.reason().is_none() {
