@@ -38,12 +38,15 @@ pub async fn vmm_bench(config: &Config, runs: usize) -> Result<VmmReport, BenchE
         a.push(boot_once(own_hv.as_ref(), &own, &id("vmm")).await?.0);
         b.push(boot_once(qemu_hv.as_ref(), &qemu, &id("qemu")).await?.0);
     }
-    let metrics: [Metric; 4] = [
+    let metrics: [Metric; 5] = [
         ("launch -> agent ready (ms)", |s| s.ready_ms),
         ("kernel boot, guest clock (ms)", |s| s.kernel_boot_ms),
         ("launch -> VMM exit (ms)", |s| s.cycle_ms),
         ("host RSS at ready (MiB)", |s| {
             s.host_rss_kib as f64 / 1024.0
+        }),
+        ("host memory beyond guest RAM (MiB)", |s| {
+            s.host_pss_beyond_ram_kib as f64 / 1024.0
         }),
     ];
     let summary = metrics
