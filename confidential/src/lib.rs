@@ -8,6 +8,7 @@
 //! reference tool (`sev-snp-measure`) in EC2's initial registers. The reference is what
 //! relying parties run, so ours is tested against it, byte for byte.
 
+pub mod evidence;
 pub mod initdata;
 #[cfg(feature = "cli")]
 pub mod measure;

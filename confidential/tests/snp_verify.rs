@@ -107,3 +107,24 @@ fn a_one_bit_change_anywhere_in_the_vcek_fails() {
         );
     }
 }
+
+/// The agent reads HOST_DATA and REPORT_DATA from its own report where the verifier does.
+#[test]
+fn the_agents_init_data_check_reads_the_fields_the_verifier_reads() {
+    use cocoon_confidential::evidence::{check_init_data, Tee, TsmReport};
+    use cocoon_confidential::initdata::{Algorithm, InitData};
+    let r = report();
+    let v = verify_report(&r, VCEK, &expected()).expect("verifies");
+    let tsm = TsmReport {
+        provider: "sev_guest".into(),
+        evidence: r,
+    };
+    let mut init = InitData {
+        algorithm: Algorithm::Sha256,
+        data: Default::default(),
+        digest: v.host_data.to_vec(),
+    };
+    check_init_data(Tee::SevSnp, &tsm, &v.report_data, &init).expect("the report's own values");
+    init.digest[0] ^= 1;
+    assert!(check_init_data(Tee::SevSnp, &tsm, &v.report_data, &init).is_err());
+}

@@ -118,3 +118,23 @@ fn a_one_bit_change_anywhere_in_the_quote_fails() {
         &passed[..passed.len().min(40)]
     );
 }
+
+/// The agent reads MRCONFIGID and REPORTDATA from its own quote where the verifier does.
+#[test]
+fn the_agents_init_data_check_reads_the_fields_the_verifier_reads() {
+    use cocoon_confidential::evidence::{check_init_data, Tee, TsmReport};
+    use cocoon_confidential::initdata::{Algorithm, InitData};
+    let v = verify_quote(QUOTE, COLLATERAL, NOW, &accepting_any_status()).expect("verifies");
+    let report = TsmReport {
+        provider: "tdx_guest".into(),
+        evidence: QUOTE.to_vec(),
+    };
+    let mut init = InitData {
+        algorithm: Algorithm::Sha384,
+        data: Default::default(),
+        digest: v.mr_config_id.to_vec(),
+    };
+    check_init_data(Tee::Tdx, &report, &v.report_data, &init).expect("the quote's own values");
+    init.digest[47] ^= 1;
+    assert!(check_init_data(Tee::Tdx, &report, &v.report_data, &init).is_err());
+}

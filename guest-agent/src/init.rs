@@ -188,6 +188,23 @@ pub fn setup_logging(cmdline: &str) {
         .try_init();
 }
 
+/// Mounts configfs at `/sys/kernel/config`, where the kernel's TSM reports (the guest's
+/// hardware evidence) live. Already mounted is fine; a failure is logged and left for
+/// the evidence check to report with its path.
+pub fn mount_configfs() {
+    let target = "/sys/kernel/config";
+    match mount(
+        Some("configfs"),
+        target,
+        Some("configfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(nix::Error::EBUSY) => {}
+        Err(e) => tracing::warn!("cannot mount configfs on {target}: {e}"),
+    }
+}
+
 #[derive(Debug, Error)]
 #[error("cannot {what} while leaving the initramfs root")]
 pub struct SwitchRootError {

@@ -99,11 +99,19 @@ fn main() {
 
     let reaper = Arc::new(reaper::Reaper::default());
     // `cocoon.confidential` on the (measured) command line: nothing is served before the
-    // pod's init-data.
-    let confidential = cocoon_agent::cmdline::words(&early.cmdline)
-        .iter()
-        .any(|w| w == "cocoon.confidential" || w == "cocoon.confidential=1");
-    let policy = Arc::new(cocoon_agent::policy::Gate::new(confidential));
+    // pod's init-data; with a TEE named, init-data must match the guest's evidence.
+    let mode = cocoon_agent::policy::Mode::from_cmdline(&early.cmdline);
+    if let cocoon_agent::policy::Mode::Tee(tee) = &mode {
+        tracing::info!(
+            ?tee,
+            "confidential: init-data will be checked against evidence"
+        );
+        cocoon_agent::init::mount_configfs();
+    }
+    let policy = Arc::new(cocoon_agent::policy::Gate::for_mode(
+        mode,
+        cocoon_confidential::evidence::TSM_REPORT_ROOT.into(),
+    ));
     let state = Arc::new(handlers::AgentState {
         start_boottime_ns,
         init_ns,

@@ -7,15 +7,59 @@
 //!
 //! Without init-data every call is allowed (the host is trusted, as with runc). In
 //! confidential mode (`cocoon.confidential` on the kernel command line, which the launch
-//! measures) nothing but `SetInitData` is served until init-data has arrived.
+//! measures) nothing but `SetInitData` is served until init-data has arrived; with
+//! `cocoon.confidential=sev-snp|tdx` init-data is taken only if the guest's own hardware
+//! evidence binds its digest (`cocoon_confidential::evidence`).
 
 use std::sync::{Mutex, OnceLock};
 
+use cocoon_confidential::evidence::{self, Tee, TSM_REPORT_ROOT};
 use cocoon_confidential::initdata::InitData;
 
 /// The policy a confidential pod gets when its init-data carries none: lifecycle yes;
 /// exec, attach, output, host-path volumes and the debug console no.
 pub const CONFIDENTIAL_DEFAULT: &str = include_str!("../policy/confidential-default.rego");
+
+/// What the (measured) guest command line's `cocoon.confidential` asks of the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Absent: the host is trusted, as with runc.
+    #[default]
+    Plain,
+    /// `cocoon.confidential` (or `=1`): serve nothing before init-data, enforce its policy
+    /// or the confidential default. No hardware evidence is asked for (a VM without a
+    /// TEE, for tests of the policy).
+    Policy,
+    /// `cocoon.confidential=sev-snp|tdx`: as `Policy`, and init-data is taken only if the
+    /// guest's own evidence binds its digest (HOST_DATA, MRCONFIGID).
+    Tee(Tee),
+    /// Any other value: everything is refused, with this reason.
+    Invalid(String),
+}
+
+impl Mode {
+    pub fn from_cmdline(cmdline: &str) -> Mode {
+        let mut mode = Mode::Plain;
+        for w in crate::cmdline::words(cmdline) {
+            mode = match w.as_str() {
+                "cocoon.confidential" | "cocoon.confidential=1" => Mode::Policy,
+                _ => match w.strip_prefix("cocoon.confidential=") {
+                    Some(v) => Tee::parse(v).map(Mode::Tee).unwrap_or_else(|| {
+                        Mode::Invalid(format!(
+                            "cocoon.confidential={v} on the guest command line is not sev-snp or tdx"
+                        ))
+                    }),
+                    None => continue,
+                },
+            };
+        }
+        mode
+    }
+
+    fn confidential(&self) -> bool {
+        *self != Mode::Plain
+    }
+}
 
 /// The agent's policy state: unset until `SetInitData`, then fixed for the VM's life.
 #[derive(Default)]
@@ -23,6 +67,9 @@ pub struct Gate {
     set: OnceLock<Option<Mutex<regorus::Engine>>>,
     /// Confidential mode: refuse everything until init-data is set.
     confidential: bool,
+    mode: Mode,
+    /// configfs-tsm's report directory (the guest's evidence), for `Mode::Tee`.
+    tsm_root: std::path::PathBuf,
 }
 
 /// Why a call was refused.
@@ -67,9 +114,23 @@ impl std::fmt::Debug for Gate {
 
 impl Gate {
     pub fn new(confidential: bool) -> Gate {
+        Gate::for_mode(
+            if confidential {
+                Mode::Policy
+            } else {
+                Mode::Plain
+            },
+            TSM_REPORT_ROOT.into(),
+        )
+    }
+
+    /// A gate for `mode`, reading evidence (`Mode::Tee`) under `tsm_root`.
+    pub fn for_mode(mode: Mode, tsm_root: std::path::PathBuf) -> Gate {
         Gate {
             set: OnceLock::new(),
-            confidential,
+            confidential: mode.confidential(),
+            mode,
+            tsm_root,
         }
     }
 
@@ -80,6 +141,15 @@ impl Gate {
             return Err("init-data was already set; it cannot change for a VM's life".into());
         }
         let data = InitData::parse(bytes).map_err(|e| e.to_string())?;
+        match &self.mode {
+            Mode::Invalid(why) => return Err(format!("init-data refused: {why}")),
+            Mode::Tee(tee) => {
+                evidence::verify_init_data(&self.tsm_root, *tee, &data)
+                    .map_err(|e| format!("init-data refused against the guest's evidence: {e}"))?;
+                tracing::info!(tee = ?tee, "init-data matches the launch's evidence");
+            }
+            Mode::Plain | Mode::Policy => {}
+        }
         let engine = match data.policy() {
             Some(rego) => Some(Mutex::new(compile(rego)?)),
             None if self.confidential => Some(Mutex::new(
@@ -328,5 +398,60 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
                 "{denied}"
             );
         }
+    }
+
+    #[test]
+    fn the_command_line_names_the_mode() {
+        assert_eq!(Mode::from_cmdline("console=ttyS0 quiet"), Mode::Plain);
+        assert_eq!(Mode::from_cmdline("cocoon.confidential"), Mode::Policy);
+        assert_eq!(Mode::from_cmdline("cocoon.confidential=1"), Mode::Policy);
+        assert_eq!(
+            Mode::from_cmdline("a cocoon.confidential=sev-snp b"),
+            Mode::Tee(Tee::SevSnp)
+        );
+        assert_eq!(
+            Mode::from_cmdline("cocoon.confidential=tdx"),
+            Mode::Tee(Tee::Tdx)
+        );
+        assert!(matches!(
+            Mode::from_cmdline("cocoon.confidential=sev"),
+            Mode::Invalid(why) if why.contains("sev")
+        ));
+    }
+
+    /// With a TEE named, init-data is taken only if the guest's evidence binds it;
+    /// refused, the agent still serves nothing.
+    #[test]
+    fn a_tee_gate_takes_only_the_init_data_its_evidence_binds() {
+        let doc = b"version = \"0.1.0\"\nalgorithm = \"sha384\"\n";
+        let measured = InitData::parse(doc).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let entry = d.path().join("cocoon-init-data");
+        let fake = |host_data: [u8; 32]| {
+            std::fs::create_dir_all(&entry).unwrap();
+            let mut r = vec![0u8; 0x4A0];
+            r[0xC0..0xE0].copy_from_slice(&host_data);
+            r[0x50..0x90].copy_from_slice(&evidence::init_data_report_data(&measured));
+            std::fs::write(entry.join("outblob"), r).unwrap();
+            std::fs::write(entry.join("provider"), "sev_guest\n").unwrap();
+            std::fs::write(entry.join("generation"), "0\n").unwrap();
+        };
+        let g = Gate::for_mode(Mode::Tee(Tee::SevSnp), d.path().into());
+        fake([0xAA; 32]);
+        let e = g.set_init_data(doc).unwrap_err();
+        assert!(e.contains("not the one the launch measured"), "{e}");
+        assert_eq!(
+            g.check("CreateContainer", || json!({})),
+            Err(Denied::NoInitData)
+        );
+        fake(measured.host_data());
+        g.set_init_data(doc).unwrap();
+        assert_eq!(g.check("CreateContainer", || json!({})), Ok(()));
+
+        let none = Gate::for_mode(Mode::Tee(Tee::Tdx), d.path().join("absent"));
+        let e = none.set_init_data(doc).unwrap_err();
+        assert!(e.contains("absent"), "{e}");
+        let bad = Gate::for_mode(Mode::Invalid("no such TEE".into()), d.path().into());
+        assert!(bad.set_init_data(doc).unwrap_err().contains("no such TEE"));
     }
 }

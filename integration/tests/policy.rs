@@ -203,6 +203,40 @@ fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
     assert_clean(&env);
 }
 
+/// An agent told it runs in a TEE (`cocoon.confidential=sev-snp` on its command line, which
+/// a real launch measures) takes init-data only if its own hardware evidence binds it.
+/// This guest has none (QEMU/TCG): the init-data is refused naming what the evidence
+/// check met, the pod does not start, and nothing of it is left.
+#[test]
+fn a_tee_agent_without_evidence_refuses_the_init_data() {
+    let env = env_edited("", "", |c| {
+        c.vm.kernel_params = "cocoon.confidential=sev-snp".into()
+    });
+    let bare = format!(
+        "io.cocoon.init-data={}",
+        base64::engine::general_purpose::STANDARD
+            .encode("version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
+    );
+    let out = ctr_run(
+        &env,
+        COCOON,
+        "tee-none",
+        &["--annotation", &bare],
+        &["true"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("refused as: {err}");
+    assert!(
+        !out.status.success()
+            && err.contains("init-data refused against the guest's evidence")
+            && err.contains("/sys/kernel/config/tsm/report"),
+        "{}",
+        show(&out)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", "tee-none"]);
+    assert_clean(&env);
+}
+
 /// A pod asking for a confidential VM is refused, never started unprotected, and the
 /// refusal names what this host lacks (here: SEV firmware, and a QEMU with the object).
 #[test]

@@ -16,36 +16,24 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 
-/// The trusted execution environment a pod asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tee {
-    SevSnp,
-    Tdx,
+/// The trusted execution environment a pod asks for (`io.cocoon.confidential`). The same
+/// name goes on the guest's measured command line (`cocoon.confidential=<tee>`), where it
+/// makes the agent take init-data only if its own evidence binds it.
+pub use cocoon_confidential::evidence::Tee;
+
+/// The QEMU object that launches `tee`.
+pub fn qemu_object(tee: Tee) -> &'static str {
+    match tee {
+        Tee::SevSnp => "sev-snp-guest",
+        Tee::Tdx => "tdx-guest",
+    }
 }
 
-impl Tee {
-    pub fn parse(s: &str) -> Option<Tee> {
-        match s {
-            "sev-snp" => Some(Tee::SevSnp),
-            "tdx" => Some(Tee::Tdx),
-            _ => None,
-        }
-    }
-
-    /// The QEMU object that launches it.
-    pub fn qemu_object(self) -> &'static str {
-        match self {
-            Tee::SevSnp => "sev-snp-guest",
-            Tee::Tdx => "tdx-guest",
-        }
-    }
-
-    /// The first QEMU release with that object.
-    fn qemu_since(self) -> &'static str {
-        match self {
-            Tee::SevSnp => "9.1",
-            Tee::Tdx => "10.1",
-        }
+/// The first QEMU release with that object.
+fn qemu_since(tee: Tee) -> &'static str {
+    match tee {
+        Tee::SevSnp => "9.1",
+        Tee::Tdx => "10.1",
     }
 }
 
@@ -126,7 +114,7 @@ pub fn qemu_args(vm: &ConfidentialVm) -> Vec<String> {
 pub fn qemu_has(object_help: &str, tee: Tee) -> bool {
     object_help
         .lines()
-        .any(|l| l.split_whitespace().next() == Some(tee.qemu_object()))
+        .any(|l| l.split_whitespace().next() == Some(qemu_object(tee)))
 }
 
 /// Everything on this host that stands in the way of launching `tee` with the QEMU at
@@ -155,8 +143,8 @@ pub fn obstacles(tee: Tee, qemu: &Path) -> Vec<String> {
         Ok(_) => why.push(format!(
             "{} has no {} object (QEMU {} or later has)",
             qemu.display(),
-            tee.qemu_object(),
-            tee.qemu_since()
+            qemu_object(tee),
+            qemu_since(tee)
         )),
         Err(e) => why.push(format!("cannot run {}: {e}", qemu.display())),
     }
