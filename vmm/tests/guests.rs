@@ -537,9 +537,15 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
     assert!(status.contains("Seccomp:\t2"), "{status}");
     // Every thread has the process's two filters (clone3 answered ENOSYS, the
     // allowlist); the vCPU thread stacks one of its own on them.
+    // (A just-spawned vCPU thread names itself, then stacks its filter: wait for both.)
+    let vcpu_filters = || {
+        thread_filters(child.id())
+            .into_iter()
+            .find(|(comm, _)| comm == "vcpu0")
+            .map(|t| t.1)
+    };
+    wait_for("vcpu0 under its own filter", || vcpu_filters() == Some(3));
     let threads = thread_filters(child.id());
-    let vcpu = threads.iter().find(|(comm, _)| comm == "vcpu0");
-    assert_eq!(vcpu.map(|t| t.1), Some(3), "{threads:?}");
     assert!(threads.iter().all(|t| t.1 >= 2), "{threads:?}");
 
     let len = || g.serial().len();

@@ -179,6 +179,56 @@ async fn open_fifo(
     .map_err(err)
 }
 
+/// Opens the stdin fifo for reading (once the client has its end open) and a writer of
+/// our own on it, as runc's shim does: a fifo reads EOF whenever no writer has it open,
+/// and a client's library may open and close its end more than once (containerd's fifo
+/// package does, around a non-blocking open), so without a writer of ours the process
+/// could see EOF before any input. With it, stdin ends only at CloseIO, as under runc.
+async fn open_stdin(path: &str) -> Result<(pipe::Receiver, std::fs::File), Option<StdioError>> {
+    let fifo = open_fifo(path, false, "stdin").await.map_err(Some)?;
+    let err = |source| {
+        Some(StdioError::Fifo {
+            kind: "stdin",
+            path: path.into(),
+            source,
+        })
+    };
+    // We have it open for reading, so a non-blocking write open cannot fail for want
+    // of a reader.
+    use std::os::unix::fs::OpenOptionsExt;
+    let keeper = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(err)?;
+    let fifo = pipe::Receiver::from_file(fifo).map_err(err)?;
+    Ok((fifo, keeper))
+}
+
+/// Copies stdin into the guest until EOF, which comes once CloseIO has dropped our
+/// writer (`keeper`) and the client has closed its own.
+async fn copy_stdin(
+    mut fifo: pipe::Receiver,
+    keeper: std::fs::File,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    mut close_io: oneshot::Receiver<()>,
+) {
+    let mut keeper = Some(keeper);
+    let copy = tokio::io::copy(&mut fifo, w);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!("stdin copy ended: {e}");
+                }
+                return;
+            }
+            _ = &mut close_io, if keeper.is_some() => keeper = None,
+        }
+    }
+}
+
 /// Connects the process's streams and starts copying. Call before the
 /// process starts, so no early output is waiting on the guest side.
 pub async fn attach(
@@ -219,20 +269,16 @@ pub async fn attach(
         copies.close_stdin = Some(tx);
         tokio::spawn(async move {
             let (_, mut w) = stream.into_split();
-            let copy = async {
-                let fifo = open_fifo(&path, false, "stdin").await?;
-                let mut fifo =
-                    pipe::Receiver::from_file(fifo).map_err(|source| StdioError::Fifo {
-                        kind: "stdin",
-                        path: path.clone().into(),
-                        source,
-                    })?;
-                let _ = tokio::io::copy(&mut fifo, &mut w).await;
-                Ok::<_, StdioError>(())
+            let mut rx = rx;
+            let opened = tokio::select! {
+                r = open_stdin(&path) => r,
+                // CloseIO before the client ever opened its end: nothing to copy.
+                _ = &mut rx => Err(None),
             };
-            tokio::select! {
-                r = copy => if let Err(e) = r { tracing::warn!("stdin: {e}") },
-                _ = rx => {}
+            match opened {
+                Ok((fifo, keeper)) => copy_stdin(fifo, keeper, &mut w, rx).await,
+                Err(Some(e)) => tracing::warn!("stdin: {e}"),
+                Err(None) => {}
             }
             // EOF for the process: the agent closes its stdin.
             let _ = w.shutdown().await;
@@ -244,6 +290,51 @@ pub async fn attach(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that opens and closes its end before it writes (as containerd's fifo
+    /// package may) does not end the process's stdin: it ends at CloseIO, once the
+    /// client's writer is gone too, with every byte through.
+    #[tokio::test]
+    async fn stdin_ends_at_close_io_not_at_a_writer_gap() {
+        use std::io::Write;
+        use tokio::io::AsyncReadExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("stdin");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let p = path.to_str().unwrap().to_owned();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let client = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                // A first writer that goes away at once: the gap.
+                drop(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+                go_rx.recv().unwrap();
+                let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                w.write_all(b"first line\n").unwrap();
+                w
+            })
+        };
+        let (fifo, keeper) = open_stdin(&p).await.unwrap();
+        let (guest, host) = tokio::net::UnixStream::pair().unwrap();
+        let (_, mut w) = host.into_split();
+        let (close_tx, close_rx) = oneshot::channel();
+        let copy = tokio::spawn(async move { copy_stdin(fifo, keeper, &mut w, close_rx).await });
+        // Past the gap: still open.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!copy.is_finished(), "stdin ended at a writer gap");
+        go_tx.send(()).unwrap();
+        let writer = client.join().unwrap();
+        let mut guest = guest;
+        let mut got = vec![0u8; 11];
+        guest.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"first line\n");
+        close_tx.send(()).unwrap();
+        drop(writer);
+        tokio::time::timeout(std::time::Duration::from_secs(5), copy)
+            .await
+            .expect("stdin ends after CloseIO and the client's close")
+            .unwrap();
+    }
 
     #[test]
     fn headers_follow_the_contract() {
