@@ -136,6 +136,9 @@ pub struct QemuConfig {
     /// no capabilities (bounding set emptied), no_new_privs. A QEMU without seccomp
     /// support then fails to start, with its reason in the pod's error.
     pub confine: bool,
+    /// A virtio balloon with free page reporting: guest RAM the guest frees goes back to
+    /// the host (QEMU punches it out of the memfd) instead of staying touched.
+    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,6 +192,7 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             extra_args: Vec::new(),
             confine: true,
+            free_page_reporting: true,
         }
     }
 }

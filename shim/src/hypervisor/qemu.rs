@@ -25,6 +25,7 @@ pub struct Qemu {
     accel: Accel,
     extra_args: Vec<String>,
     confine: bool,
+    free_page_reporting: bool,
     /// `Some`: QEMU runs jailed, as a uid of its own from this range.
     jail: Option<crate::config::JailConfig>,
 }
@@ -74,6 +75,7 @@ impl Qemu {
             accel,
             extra_args: config.qemu.extra_args.clone(),
             confine: config.qemu.confine,
+            free_page_reporting: config.qemu.free_page_reporting,
             jail: config.jail.enabled.then(|| config.jail.clone()),
         })
     }
@@ -195,6 +197,15 @@ impl Qemu {
                 Machine::Pc => "virtio-net-pci",
             };
             push(&["-device", &format!("{dev},netdev=net0,mac={}", net.mac)]);
+        }
+        if self.free_page_reporting {
+            // Freed guest pages go back to the host (punched out of the memfd) instead
+            // of staying touched for the pod's life.
+            let dev = match self.machine {
+                Machine::Microvm => "virtio-balloon-device",
+                Machine::Pc => "virtio-balloon-pci",
+            };
+            push(&["-device", &format!("{dev},free-page-reporting=on")]);
         }
         a.extend(self.extra_args.iter().cloned());
         a
@@ -350,6 +361,7 @@ mod tests {
             accel,
             extra_args: vec![],
             confine: true,
+            free_page_reporting: true,
             jail: None,
         }
     }
@@ -410,7 +422,10 @@ mod tests {
         assert_eq!(value_after(&a, "-sandbox"), [SANDBOX]);
         assert_eq!(
             value_after(&a, "-device"),
-            ["vhost-user-vsock-device,chardev=vsock0"]
+            [
+                "vhost-user-vsock-device,chardev=vsock0",
+                "virtio-balloon-device,free-page-reporting=on"
+            ]
         );
         let cmdline = value_after(&a, "-append")[0];
         assert!(cmdline.contains("tsc_early_khz="), "{cmdline}");
@@ -428,8 +443,15 @@ mod tests {
         assert_eq!(value_after(&a, "-cpu"), ["host"]);
         assert_eq!(
             value_after(&a, "-device"),
-            ["vhost-user-vsock-pci,chardev=vsock0"]
+            [
+                "vhost-user-vsock-pci,chardev=vsock0",
+                "virtio-balloon-pci,free-page-reporting=on"
+            ]
         );
         assert!(!value_after(&a, "-append")[0].contains("tsc_early_khz"));
+        let mut q = q;
+        q.free_page_reporting = false;
+        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")));
+        assert!(!a.iter().any(|x| x.contains("balloon")), "{a:?}");
     }
 }

@@ -1,0 +1,68 @@
+//! A pod's footprint on the host: guest memory the guest has freed goes back to the host
+//! (QEMU's virtio balloon with free page reporting, `[qemu] free_page_reporting`), so a
+//! container's transient use does not stay charged to the pod for its life.
+
+mod ctr_common;
+
+use std::time::{Duration, Instant};
+
+use ctr_common::*;
+
+/// The part of a process's proportional set size that is shared memory, in KiB: for
+/// QEMU, the guest RAM the guest has touched (its memfd).
+fn pss_shmem_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss_Shmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn guest_memory_a_container_frees_goes_back_to_the_host() {
+    let env = env_with("hypervisor = \"qemu\"\n", "");
+    // 96 MiB written to the guest's /dev/shm (guest RAM), then freed.
+    run_detached(
+        &env,
+        "transient",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "head -c 100663296 /dev/zero > /dev/shm/x; rm /dev/shm/x; sleep 1000",
+        ],
+    );
+    let qemu = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .expect("the pod's QEMU")
+        .0;
+    // Seen every 200 ms: the rise by the container's write, then the fall once the
+    // guest has reported the freed pages (it reports every 2 s, a part each time).
+    let (mut first, mut peak, mut seen) = (None, 0u64, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let given_back = loop {
+        let now = pss_shmem_kib(qemu);
+        let base = *first.get_or_insert(now);
+        peak = peak.max(now);
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        if peak >= base + 32 * 1024 && now + 32 * 1024 <= peak {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        given_back,
+        "guest RAM on the host (KiB, each change): {seen:?}: it should rise with the 96 MiB \
+         written (by 32 MiB at least: part lands on pages the boot touched) and fall back by \
+         32 MiB at least once freed"
+    );
+    eprintln!("guest RAM on the host (KiB, each change): {seen:?}");
+    kill_delete_clean(&env, "transient");
+}
