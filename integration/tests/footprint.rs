@@ -1,11 +1,13 @@
 //! A pod's footprint on the host: guest memory the guest has freed goes back to the host
-//! (QEMU's virtio balloon with free page reporting, `[qemu] free_page_reporting`), so a
-//! container's transient use does not stay charged to the pod for its life.
+//! (a virtio balloon with free page reporting, `vm.free_page_reporting`: QEMU's, and
+//! cocoon-vmm's own, which runs in the nested harness's L1 here), so a container's
+//! transient use does not stay charged to the pod for its life.
 
 mod ctr_common;
 
 use std::time::{Duration, Instant};
 
+use cocoon_nested::testing::{hardware_kvm, Place};
 use ctr_common::*;
 
 /// The part of a process's proportional set size that is shared memory, in KiB: for
@@ -22,9 +24,27 @@ fn pss_shmem_kib(pid: u32) -> u64 {
 #[test]
 fn guest_memory_a_container_frees_goes_back_to_the_host() {
     let env = env_with("hypervisor = \"qemu\"\n", "");
-    // 96 MiB written to the guest's /dev/shm (guest RAM), then freed.
+    freed_memory_goes_back(&env, "qemu-system");
+}
+
+#[test]
+fn guest_memory_a_container_frees_goes_back_to_the_host_on_cocoon_vmm() {
+    if hardware_kvm("guest_memory_a_container_frees_goes_back_to_the_host_on_cocoon_vmm")
+        == Place::Done
+    {
+        return;
+    }
+    let env = env_on(Some("cocoon-vmm"));
+    // The VMM itself, not its PID-namespace waiter (whose command line is renamed).
+    freed_memory_goes_back(&env, "--free-page-reporting");
+}
+
+/// Runs a container that writes 96 MiB to the guest's /dev/shm (guest RAM) and frees
+/// it, and watches the guest RAM the VMM process (the one whose command line holds
+/// `vmm_mark`) has touched rise and fall back.
+fn freed_memory_goes_back(env: &Env, vmm_mark: &str) {
     run_detached(
-        &env,
+        env,
         "transient",
         &[],
         &[
@@ -33,17 +53,17 @@ fn guest_memory_a_container_frees_goes_back_to_the_host() {
             "head -c 100663296 /dev/zero > /dev/shm/x; rm /dev/shm/x; sleep 1000",
         ],
     );
-    let qemu = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+    let vmm = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
         .into_iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .expect("the pod's QEMU")
+        .find(|(_, c)| c.contains(vmm_mark))
+        .unwrap_or_else(|| panic!("no process of the pod's VMM ({vmm_mark})"))
         .0;
     // Seen every 200 ms: the rise by the container's write, then the fall once the
     // guest has reported the freed pages (it reports every 2 s, a part each time).
     let (mut first, mut peak, mut seen) = (None, 0u64, Vec::new());
     let deadline = Instant::now() + Duration::from_secs(90);
     let given_back = loop {
-        let now = pss_shmem_kib(qemu);
+        let now = pss_shmem_kib(vmm);
         let base = *first.get_or_insert(now);
         peak = peak.max(now);
         if seen.last() != Some(&now) {
@@ -64,5 +84,5 @@ fn guest_memory_a_container_frees_goes_back_to_the_host() {
          32 MiB at least once freed"
     );
     eprintln!("guest RAM on the host (KiB, each change): {seen:?}");
-    kill_delete_clean(&env, "transient");
+    kill_delete_clean(env, "transient");
 }

@@ -122,6 +122,10 @@ pub struct VmConfig {
     /// pages whatever the node's shmem THP policy (`auto`: where it can be made, logged;
     /// `on`: required; `off`). QEMU keeps its memfd.
     pub huge_pages: HugePages,
+    /// A virtio balloon taking free page reports (both VMMs): guest RAM the guest frees
+    /// goes back to the host instead of staying touched for the pod's life. The guest
+    /// keeps its size: nothing is ever ballooned out of it.
+    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,9 +140,6 @@ pub struct QemuConfig {
     /// no capabilities (bounding set emptied), no_new_privs. A QEMU without seccomp
     /// support then fails to start, with its reason in the pod's error.
     pub confine: bool,
-    /// A virtio balloon with free page reporting: guest RAM the guest frees goes back to
-    /// the host (QEMU punches it out of the memfd) instead of staying touched.
-    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +181,7 @@ impl Default for VmConfig {
             boot_timeout_ms: 30_000,
             call_timeout_ms: 10_000,
             huge_pages: HugePages::Auto,
+            free_page_reporting: true,
         }
     }
 }
@@ -192,7 +194,6 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             extra_args: Vec::new(),
             confine: true,
-            free_page_reporting: true,
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::devices::legacy::acpi_pm::AcpiPm;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::balloon::{Balloon, RemovePages};
 use crate::devices::virtio::block::{Block, FileBackend};
 use crate::devices::virtio::defs::TYPE_VSOCK;
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
@@ -200,6 +201,9 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
     }
     for f in &config.fs {
         virtio.add(VhostUserDevice::fs(&f.socket, &f.tag, f.queue_size)?)?;
+    }
+    if config.free_page_reporting {
+        virtio.add(Balloon::new(RemovePages))?;
     }
     let VirtioSet {
         mmio,

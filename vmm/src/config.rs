@@ -106,6 +106,10 @@ pub struct VmConfig {
     /// MP table and `virtio_mmio.device=` on the command line only.
     #[serde(default = "default_true")]
     pub acpi: bool,
+    /// A virtio balloon that takes free page reports: guest RAM the guest frees goes
+    /// back to the host (`devices::virtio::balloon`).
+    #[serde(default)]
+    pub free_page_reporting: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -204,6 +208,7 @@ impl VmConfig {
             huge_pages: HugePages::Auto,
             mem_fd: None,
             acpi: true,
+            free_page_reporting: false,
         }
     }
 

@@ -206,6 +206,10 @@ struct RunArgs {
     /// No ACPI tables: the MP table, and virtio devices on the kernel command line.
     #[arg(long)]
     no_acpi: bool,
+    /// A virtio balloon taking free page reports: memory the guest frees goes back to
+    /// the host.
+    #[arg(long)]
+    free_page_reporting: bool,
     /// Own mount/network/IPC/UTS namespaces and an empty read-only root before the
     /// guest runs: auto (when root), on (required), off.
     #[arg(long)]
@@ -312,6 +316,9 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
     }
     if a.no_acpi {
         c.acpi = false;
+    }
+    if a.free_page_reporting {
+        c.free_page_reporting = true;
     }
     if let Some(j) = a.jail {
         c.jail = j;

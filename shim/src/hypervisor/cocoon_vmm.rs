@@ -26,6 +26,7 @@ pub struct CocoonVmm {
     /// own from this range.
     jail: Option<crate::config::JailConfig>,
     huge_pages: HugePages,
+    free_page_reporting: bool,
 }
 
 /// Descriptors a jailed cocoon-vmm inherits instead of opening: `/dev/kvm` (which its
@@ -43,6 +44,7 @@ impl CocoonVmm {
             binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
             jail: config.jail.enabled.then(|| config.jail.clone()),
             huge_pages: config.vm.huge_pages,
+            free_page_reporting: config.vm.free_page_reporting,
         })
     }
 
@@ -109,6 +111,9 @@ impl CocoonVmm {
         if let Some(net) = &spec.net {
             a.push("--net-fd".into());
             a.push(format!("{},mac={}", net.tap_fd, net.mac));
+        }
+        if self.free_page_reporting {
+            a.push("--free-page-reporting".into());
         }
         a
     }
@@ -236,6 +241,7 @@ mod tests {
             binary: "/usr/bin/cocoon-vmm".into(),
             jail: Some(Default::default()),
             huge_pages: HugePages::Auto,
+            free_page_reporting: true,
         };
         let spec = VmSpec {
             id: "v1".into(),
@@ -286,5 +292,6 @@ mod tests {
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");
+        assert!(a.iter().any(|x| x == "--free-page-reporting"), "{a:?}");
     }
 }

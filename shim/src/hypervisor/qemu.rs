@@ -75,7 +75,7 @@ impl Qemu {
             accel,
             extra_args: config.qemu.extra_args.clone(),
             confine: config.qemu.confine,
-            free_page_reporting: config.qemu.free_page_reporting,
+            free_page_reporting: config.vm.free_page_reporting,
             jail: config.jail.enabled.then(|| config.jail.clone()),
         })
     }

@@ -2,6 +2,7 @@
 //! (queues in, used buffers out) and knows nothing of MMIO registers; [`mmio`] owns the
 //! register file, feature negotiation and queue setup.
 
+pub mod balloon;
 pub mod block;
 pub mod defs;
 pub mod mmio;
