@@ -1,5 +1,5 @@
 //! Fuzz entry points, one per parser a guest can reach: virtio-blk requests, vsock tx
-//! packets, virtio-net chains and the virtio-mmio register file. `vmm/fuzz` (cargo-fuzz, nightly) and the
+//! packets, virtio-net chains, free page reports and the virtio-mmio register file. `vmm/fuzz` (cargo-fuzz, nightly) and the
 //! stable `tests/fuzz_smoke.rs` both drive these, so they stay built and exercised.
 //!
 //! Each input describes a descriptor table, an avail ring and raw guest memory bytes;
@@ -8,10 +8,11 @@
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::devices::virtio::balloon::{Balloon, Discard, VIRTIO_BALLOON_F_REPORTING};
 use crate::devices::virtio::block::{Block, MemBackend};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetBackend};
@@ -214,6 +215,46 @@ pub fn mmio_registers(data: &[u8]) {
     }
 }
 
+/// virtio-balloon: the input's chains as free page reports on the reporting queue. Only
+/// whole pages inside guest memory may reach the discard (which checks, and panics
+/// otherwise: a finding).
+pub fn balloon_reports(data: &[u8]) {
+    let (mem, q) = queue_from(data);
+    let base = mem
+        .get_host_address(GuestAddress(0))
+        .map(|p| p as usize)
+        .unwrap();
+    let mut dev = Balloon::new(InsideGuestRam {
+        base,
+        size: MEM_SIZE,
+    });
+    let mut queues = vec![Queue::new(QSIZE).unwrap(), Queue::new(QSIZE).unwrap(), q];
+    let _ = dev.activate(VIRTIO_BALLOON_F_REPORTING, &queues, &mem);
+    dev.process_queue(2, &mut queues, &mem);
+}
+
+/// A discard that only checks what it is given: whole pages of the guest RAM mapping.
+struct InsideGuestRam {
+    base: usize,
+    size: usize,
+}
+
+impl Discard for InsideGuestRam {
+    fn discard(&mut self, host: *mut u8, len: usize) -> Result<(), String> {
+        let at = host as usize;
+        assert!(
+            at >= self.base
+                && at + len <= self.base + self.size
+                && (at - self.base).is_multiple_of(4096)
+                && len.is_multiple_of(4096)
+                && len > 0,
+            "a discard of {len} bytes at offset {:#x} of guest RAM",
+            at.wrapping_sub(self.base)
+        );
+        Ok(())
+    }
+}
+
 /// One fuzz entry point.
 pub type Target = fn(&[u8]);
 
@@ -223,4 +264,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vsock_tx", vsock_tx),
     ("mmio_registers", mmio_registers),
     ("net_chains", net_chains),
+    ("balloon_reports", balloon_reports),
 ];
