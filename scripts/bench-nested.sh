@@ -15,6 +15,8 @@ raw=$(mktemp)
 trap 'rm -f "$raw"' EXIT
 "$root/target/debug/cocoon-nested" run --image-dir "$image" -- sh -c "
     printf '[vm]\nkernel = \"$image/vmlinuz\"\ninitrd = \"$image/initramfs.cpio\"\n' > /tmp/bench.toml
+    # The jailed QEMU gets /dev/kvm through its group (L1's is 0600 root:root).
+    chgrp 36 /dev/kvm && chmod 660 /dev/kvm
     T=/sys/kernel/mm/transparent_hugepage/shmem_enabled
     for thp in advise never; do
         echo \$thp > \$T

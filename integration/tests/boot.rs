@@ -554,3 +554,72 @@ fn cli_vm_boot_cleans_up_on_sigterm() {
     assert!(wait_gone(&vm_procs, Duration::from_secs(5)).is_empty());
     assert!(!vm_dir.exists(), "run dir left behind");
 }
+
+/// QEMU under KVM runs jailed like QEMU under TCG: the pod's uid, no capabilities,
+/// seccomp, PID 1 of its own namespace; it reaches `/dev/kvm` through the device's group
+/// (`cocoon check` says when it has none). Here that is L1, whose `/dev/kvm` is 0600
+/// root, so the test gives it a group there, as an operator would on a host.
+#[test]
+fn jailed_qemu_boots_under_hardware_kvm() {
+    use cocoon_shim::config::{Accel, HypervisorKind};
+    use std::os::unix::fs::PermissionsExt;
+    if hardware_kvm("jailed_qemu_boots_under_hardware_kvm") == Place::Done {
+        return;
+    }
+    if std::env::var_os(cocoon_nested::testing::IN_L1_ENV).is_some() {
+        nix::unistd::chown("/dev/kvm", None, Some(nix::unistd::Gid::from_raw(36))).unwrap();
+        std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660)).unwrap();
+    }
+    let run = tempfile::tempdir().unwrap();
+    let mut config = test_config(run.path(), BOOT);
+    config.hypervisor = HypervisorKind::Qemu;
+    config.qemu.accel = Accel::Kvm;
+    assert!(config.jail.enabled, "the jail is on by default");
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "kvm-qemu"))
+            .await
+            .unwrap();
+        assert_eq!(vm.accel, "kvm");
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        let qemu = pids
+            .iter()
+            .copied()
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.starts_with("qemu"))
+            })
+            .expect("the VM's QEMU");
+        let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let uid = field("Uid:");
+        assert!(!uid.starts_with("0\t"), "QEMU runs as root: {uid}");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        assert_eq!(field("Seccomp:"), "2");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        assert!(
+            field("NSpid:").ends_with("\t1"),
+            "not PID 1 of its own namespace: {}",
+            field("NSpid:")
+        );
+        let d = agent.guest_details().await.unwrap();
+        assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
+        agent.shutdown().await.unwrap();
+        assert!(
+            vm.wait_exit(Duration::from_secs(30)).await.is_some(),
+            "VM did not power off"
+        );
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
+    });
+}
