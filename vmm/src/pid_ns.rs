@@ -67,6 +67,9 @@ pub fn args_area() -> Option<(usize, usize)> {
     (start < end).then_some((start, end))
 }
 
+/// The name (`comm`, and the command line) a waiter takes once its program runs.
+pub const WAITER_NAME: &str = "cocoon-pid-ns";
+
 /// Makes `/proc/<pid>/cmdline` read `cocoon-pid-ns`: the name, then NULs to the end.
 fn rename(args: Option<(usize, usize)>) {
     // SAFETY: PR_SET_NAME with a NUL-terminated name of at most 16 bytes.
@@ -74,7 +77,7 @@ fn rename(args: Option<(usize, usize)>) {
     let Some((start, end)) = args else {
         return;
     };
-    let name = b"cocoon-pid-ns";
+    let name = WAITER_NAME.as_bytes();
     let len = end - start;
     if len <= name.len() {
         return;

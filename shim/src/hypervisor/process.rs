@@ -220,7 +220,7 @@ impl VmProcesses {
 /// children (virtiofsd's sandbox helpers) are theirs to manage.
 fn program_of_waiter(pid: u32) -> Vec<u32> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() == "cocoon-pid-ns" {
+    if comm.trim() == cocoon_vmm::pid_ns::WAITER_NAME {
         children_of(pid)
     } else {
         Vec::new()

@@ -33,10 +33,26 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn process_name(pid: u32) -> String {
+fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| format!("pid {pid}"))
+}
+
+/// How a loss names the process: its `comm`, or for a PID-namespace waiter (which
+/// exits as its program does, and may be seen first) the program it waits for.
+fn process_name(pid: u32) -> String {
+    match comm(pid) {
+        Some(c) if c == cocoon_vmm::pid_ns::WAITER_NAME => {
+            let program = super::process::children_of(pid)
+                .first()
+                .and_then(|&p| comm(p))
+                .unwrap_or_else(|| "its program".into());
+            format!("the waiter of {program}")
+        }
+        Some(c) => c,
+        None => format!("pid {pid}"),
+    }
 }
 
 impl VmWatch {
