@@ -44,7 +44,11 @@ impl CocoonVmm {
             binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
             jail: config.jail.enabled.then(|| config.jail.clone()),
             huge_pages: config.vm.huge_pages,
-            free_page_reporting: config.vm.free_page_reporting,
+            // Not yet for cocoon-vmm: its balloon passes its own tests, but the one pod
+            // test of it in L1 failed once in CI (the container stopped at once) and
+            // that is not understood (docs/notes.md). `cocoon-vmm --free-page-reporting`
+            // turns it on by hand.
+            free_page_reporting: false,
         })
     }
 
@@ -293,5 +297,12 @@ mod tests {
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");
         assert!(a.iter().any(|x| x == "--free-page-reporting"), "{a:?}");
+        let off = CocoonVmm::new(&Config::default());
+        if let Ok(v) = off {
+            assert!(
+                !v.free_page_reporting,
+                "cocoon-vmm's balloon is not on by default yet"
+            );
+        }
     }
 }
