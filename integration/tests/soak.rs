@@ -19,6 +19,18 @@ async fn a_short_soak_leaks_nothing_and_never_hangs() {
     let cycles = cocoon_integration::soak::FAULTS.len() + 4;
     let report = cocoon_integration::soak::soak(&mut env.node, &run_dir, cycles, 7).await;
     eprint!("{}", report.table());
+    if !report.leaks.is_empty() {
+        // The shim says why it kept something only in containerd's log.
+        let log = env.node.log();
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN cocoon_shim"))
+            .collect();
+        eprintln!(
+            "the shim's last warnings:\n{}",
+            warnings[warnings.len().saturating_sub(40)..].join("\n")
+        );
+    }
     assert!(
         report.leaks.is_empty(),
         "{test}: leaks: {:#?}",

@@ -140,6 +140,11 @@ fn mount_id(path: &Path) -> std::io::Result<u64> {
 /// or descending into another mount: what is mounted below stays, and so does `dir`
 /// (the removal then fails with the reason). For the share's mount points, which must
 /// never be the way to a recursive delete of a volume's data.
+///
+/// An entry that vanishes during the walk counts as removed: a pod's teardown and the
+/// deletion of one of its containers can remove the same container directory at once
+/// (containerd deletes both tasks when the VM is lost), and the slower of the two must
+/// not give up on the rest of the tree.
 pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
@@ -148,20 +153,14 @@ pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
     let mnt = mount_id(dir)?;
     let mut busy = None;
     for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let m = std::fs::symlink_metadata(&path)?;
-        if mount_id(&path)? != mnt {
-            busy = Some(path);
-            continue;
-        }
-        if m.is_dir() {
-            if let Err(e) = remove_tree_same_fs(&path) {
+        let path = entry?.path();
+        match remove_entry(&path, mnt) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::debug!("kept {}: {e}", path.display());
                 busy.get_or_insert(path);
-                tracing::debug!("kept: {e}");
             }
-        } else {
-            std::fs::remove_file(&path)?;
         }
     }
     if let Some(p) = busy {
@@ -171,6 +170,19 @@ pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
         )));
     }
     std::fs::remove_dir(dir)
+}
+
+/// Removes one entry of a directory on mount `mnt`; a mount on it is an error.
+fn remove_entry(path: &Path, mnt: u64) -> std::io::Result<()> {
+    let m = std::fs::symlink_metadata(path)?;
+    if mount_id(path)? != mnt {
+        return Err(std::io::Error::other("a mount"));
+    }
+    if m.is_dir() {
+        remove_tree_same_fs(path)
+    } else {
+        std::fs::remove_file(path)
+    }
 }
 
 /// A directory the host trusts (a pod's host directory), and paths beneath it opened
@@ -370,6 +382,37 @@ mod tests {
         }
         cocoon_nested::testing::missing(what, "mounting needs root");
         false
+    }
+
+    /// A pod's teardown and a container's deletion racing over the same directory: both
+    /// succeed and nothing is left, however their walks interleave.
+    #[test]
+    fn two_removals_racing_over_one_tree_leave_nothing() {
+        for round in 0..200 {
+            let t = tempfile::tempdir().unwrap();
+            let host = t.path().join("pod.host");
+            for c in 0..4 {
+                for leaf in ["rootfs/a/b", "mounts/0", "mounts/1"] {
+                    let d = host.join(format!("c{c}/{leaf}"));
+                    std::fs::create_dir_all(&d).unwrap();
+                    std::fs::write(d.join("f"), "x").unwrap();
+                }
+            }
+            let container = host.join(format!("c{}", round % 4));
+            let other = std::thread::spawn(move || remove_tree_same_fs(&container));
+            let ours = remove_tree_same_fs(&host);
+            let theirs = other.join().unwrap();
+            for (who, r) in [("pod", ours), ("container", theirs)] {
+                if let Err(e) = r {
+                    assert_eq!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound,
+                        "round {round}: {who}: {e}"
+                    );
+                }
+            }
+            assert!(!host.exists(), "round {round}: {} is left", host.display());
+        }
     }
 
     #[test]
