@@ -11,12 +11,7 @@ use ctr_common::*;
 /// The part of a process's proportional set size that is shared memory, in KiB: for
 /// QEMU, the guest RAM the guest has touched (its memfd).
 fn pss_shmem_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss_Shmem:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    cocoon_shim::telemetry::Rollup::of(pid).map_or(0, |r| r.pss_shmem)
 }
 
 #[test]

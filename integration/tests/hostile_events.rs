@@ -30,14 +30,9 @@ fn forged_oom_events_reach_no_one_else_and_are_rate_limited() {
 
     let forge = format!(
         "printf 'bystander\\nnever-existed\\nforger\\n' > /run/cocoon-forge-oom; \
-         sleep {FORGE_SECONDS}; rm /run/cocoon-forge-oom; echo forged"
+         sleep {FORGE_SECONDS}; rm /run/cocoon-forge-oom"
     );
-    let o = cocoon_debug(&env, "forger", &[forge.as_str()], b"");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("forged"),
-        "{}",
-        show(&o)
-    );
+    in_guest(&env, "forger", &forge, "forged");
     // Both pods still answer.
     for id in ["forger", "bystander"] {
         let out = ctr_ok(
@@ -97,17 +92,7 @@ fn forged_oom_events_reach_no_one_else_and_are_rate_limited() {
 fn a_sigkill_the_guest_does_not_answer_ends_the_pod_vm() {
     let env = env_with("", "[debug]\nconsole = true\n");
     run_detached(&env, "stuck", &[], &["sleep", "1000"]);
-    let o = cocoon_debug(
-        &env,
-        "stuck",
-        &["touch /run/cocoon-ignore-signals; echo stuck"],
-        b"",
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("stuck"),
-        "{}",
-        show(&o)
-    );
+    in_guest(&env, "stuck", "touch /run/cocoon-ignore-signals", "stuck");
     let term = env
         .containerd
         .ctr(&["task", "kill", "-s", "SIGTERM", "stuck"]);
@@ -128,13 +113,8 @@ fn an_oversized_reply_fails_that_call_alone() {
     let env = env_with("", "[debug]\nconsole = true\n");
     run_detached(&env, "liar", &[], &["sleep", "1000"]);
     let over = cocoon_shim::agent_reply::MAX_PIDS + 1;
-    let forge = format!("echo {over} > /run/cocoon-forge-pids; echo forging");
-    let o = cocoon_debug(&env, "liar", &[forge.as_str()], b"");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("forging"),
-        "{}",
-        show(&o)
-    );
+    let forge = format!("echo {over} > /run/cocoon-forge-pids");
+    in_guest(&env, "liar", &forge, "forging");
     let ps = env.containerd.ctr(&["task", "ps", "liar"]);
     assert!(!ps.status.success(), "an oversized ListPids was taken");
     let err = String::from_utf8_lossy(&ps.stderr);
@@ -143,20 +123,21 @@ fn an_oversized_reply_fails_that_call_alone() {
         "{}",
         show(&ps)
     );
-    let o = cocoon_debug(
-        &env,
-        "liar",
-        &["rm /run/cocoon-forge-pids; echo honest"],
-        b"",
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("honest"),
-        "{}",
-        show(&o)
-    );
+    in_guest(&env, "liar", "rm /run/cocoon-forge-pids", "honest");
     let ps = ctr_ok(&env, &["task", "ps", "liar"]);
     assert_eq!(ps.lines().count(), 2, "one process after the header: {ps}");
     kill_delete_clean(&env, "liar");
+}
+
+/// Runs `line` in the guest of `id`'s pod through the debug console (arming or disarming
+/// one of the debug agent's switches), checking that it got there by the `done` it echoes.
+fn in_guest(env: &Env, id: &str, line: &str, done: &str) {
+    let o = cocoon_debug(env, id, &[format!("{line}; echo {done}").as_str()], b"");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(done),
+        "{line}: {}",
+        show(&o)
+    );
 }
 
 fn kill_delete(env: &Env, id: &str) {

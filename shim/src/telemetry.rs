@@ -247,21 +247,71 @@ pub fn merge(texts: &[String]) -> String {
     out
 }
 
-/// Proportional and resident set size of a process, in bytes (`smaps_rollup`).
+/// The totals of a process's `/proc/<pid>/smaps_rollup`, in KiB. The one reader of it
+/// for the pod metrics, the benchmarks and the footprint tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rollup {
+    pub rss: u64,
+    pub pss: u64,
+    /// The shared-memory part of `pss`: for a VMM, the guest RAM the guest has touched.
+    pub pss_shmem: u64,
+}
+
+impl Rollup {
+    /// The process's totals, or None once it is gone.
+    pub fn of(pid: u32) -> Option<Self> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        Some(Self::parse(&text))
+    }
+
+    /// A field missing from `text` reads 0.
+    pub fn parse(text: &str) -> Self {
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Self {
+            rss: field("Rss:"),
+            pss: field("Pss:"),
+            pss_shmem: field("Pss_Shmem:"),
+        }
+    }
+
+    /// What the process holds beyond shared memory (for a VMM: beyond guest RAM).
+    pub fn pss_beyond_shmem(&self) -> u64 {
+        self.pss.saturating_sub(self.pss_shmem)
+    }
+}
+
+/// Proportional and resident set size of a process, in bytes.
 pub fn process_memory(pid: u32) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    };
-    Some((field("Pss:")?, field("Rss:")?))
+    let r = Rollup::of(pid)?;
+    Some((r.pss * 1024, r.rss * 1024))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rollup_reads_its_totals_and_missing_fields_as_zero() {
+        let text = "00400000-7ffd [rollup]\nRss:               10240 kB\nPss:                8192 kB\n\
+                    Pss_Dirty:           100 kB\nPss_Anon:            900 kB\nPss_Shmem:          4096 kB\n";
+        let r = Rollup::parse(text);
+        assert_eq!((r.rss, r.pss, r.pss_shmem), (10240, 8192, 4096));
+        assert_eq!(r.pss_beyond_shmem(), 4096);
+        assert_eq!(
+            Rollup::parse("Pss: 7 kB\n"),
+            Rollup {
+                rss: 0,
+                pss: 7,
+                pss_shmem: 0
+            }
+        );
+        assert!(Rollup::of(u32::MAX).is_none());
+    }
 
     #[test]
     fn histograms_are_cumulative_and_long_polls_are_not_latencies() {

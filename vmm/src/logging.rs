@@ -27,6 +27,11 @@ impl LogLimiter {
         }
     }
 
+    /// What the lines are about (a device's name).
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
     /// Whether to log now; reports what was suppressed when a new window opens.
     pub fn allow(&mut self) -> bool {
         let now = Instant::now();

@@ -97,14 +97,7 @@ fn parents() -> HashMap<u32, u32> {
 }
 
 fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    cocoon_shim::telemetry::Rollup::of(pid).map_or(0, |r| r.pss)
 }
 
 /// Pss of the node's shims and everything under them.

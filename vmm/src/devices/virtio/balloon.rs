@@ -9,10 +9,10 @@
 //! lies inside guest RAM; anything else is skipped and counted. A guest that reports
 //! memory it still uses only loses its own data.
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::VirtioDevice;
+use super::{next_chain, return_used, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// §5.5 device id.
@@ -155,17 +155,7 @@ impl<D: Discard> VirtioDevice for Balloon<D> {
             return false;
         };
         let mut used = false;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    if self.log.allow() {
-                        log::warn!("virtio-balloon: queue {index} is corrupt: {e}");
-                    }
-                    None
-                }
-            };
-            let Some(chain) = chain else { break };
+        while let Some(chain) = next_chain(queue, mem, &mut self.log) {
             let head = chain.head_index();
             if reporting {
                 // Each descriptor is one freed range (the driver's scatterlist).
@@ -174,10 +164,7 @@ impl<D: Discard> VirtioDevice for Balloon<D> {
                     self.report(mem, addr, len);
                 }
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                if self.log.allow() {
-                    log::warn!("virtio-balloon: cannot hand a buffer back: {e}");
-                }
+            if !return_used(queue, mem, head, 0, &mut self.log) {
                 break;
             }
             used = true;

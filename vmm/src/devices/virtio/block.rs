@@ -5,11 +5,11 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::defs::TYPE_BLOCK;
-use super::VirtioDevice;
+use super::{next_chain, return_used, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// §5.2.3 feature bits.
@@ -368,23 +368,10 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
             return false;
         };
         let mut used = false;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    if self.log.allow() {
-                        log::warn!("virtio-blk: queue is corrupt: {e}");
-                    }
-                    None
-                }
-            };
-            let Some(chain) = chain else { break };
+        while let Some(chain) = next_chain(queue, mem, &mut self.log) {
             let head = chain.head_index();
             let len = self.handle_chain(mem, chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                if self.log.allow() {
-                    log::warn!("virtio-blk: cannot complete request: {e}");
-                }
+            if !return_used(queue, mem, head, len, &mut self.log) {
                 break;
             }
             used = true;

@@ -12,8 +12,10 @@ pub mod vsock;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
+
+use crate::logging::LogLimiter;
 
 /// The device side of the transport.
 pub trait VirtioDevice: Send {
@@ -61,6 +63,45 @@ impl Interrupt for vmm_sys_util::eventfd::EventFd {
     fn trigger(&self) {
         if let Err(e) = self.write(1) {
             log::error!("virtio: failed to raise an interrupt: {e}");
+        }
+    }
+}
+
+/// The next chain the driver made available; None when there is none, or when the queue
+/// is corrupt (logged through `log`, which names the device). Every device's queue loop
+/// takes its chains here: `while let Some(chain) = next_chain(..) { ..; return_used(..) }`.
+pub fn next_chain<'m>(
+    q: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    log: &mut LogLimiter,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(e) => {
+            if log.allow() {
+                log::warn!("{}: queue is corrupt: {e}", log.what());
+            }
+            None
+        }
+    }
+}
+
+/// Hands chain `head` back to the driver with `len` bytes written. False (logged) when
+/// the used ring cannot take it: the caller stops serving the queue until the next notify.
+pub fn return_used(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    log: &mut LogLimiter,
+) -> bool {
+    match q.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            if log.allow() {
+                log::warn!("{}: cannot hand a buffer back: {e}", log.what());
+            }
+            false
         }
     }
 }

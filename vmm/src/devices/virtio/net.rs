@@ -9,11 +9,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::defs::TYPE_NET;
-use super::VirtioDevice;
+use super::{next_chain, return_used, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// §5.1.3: the device has a MAC address in config space.
@@ -240,7 +240,7 @@ impl<B: NetBackend> Net<B> {
                     self.warn(format_args!("dropping a malformed tx chain"));
                 }
             }
-            if q.add_used(mem, head, 0).is_err() {
+            if !return_used(q, mem, head, 0, &mut self.log) {
                 break;
             }
             used = true;
@@ -329,7 +329,7 @@ impl<B: NetBackend> Net<B> {
                     0
                 }
             };
-            if q.add_used(mem, head, len).is_err() {
+            if !return_used(q, mem, head, len, &mut self.log) {
                 break;
             }
             used = true;
@@ -344,22 +344,6 @@ trait AddOff {
 impl AddOff for vm_memory::GuestAddress {
     fn unchecked_add_off(self, n: u64) -> vm_memory::GuestAddress {
         vm_memory::GuestAddress(self.0.wrapping_add(n))
-    }
-}
-
-fn next_chain<'m>(
-    q: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-    log: &mut LogLimiter,
-) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-    match q.iter(mem) {
-        Ok(mut it) => it.next(),
-        Err(e) => {
-            if log.allow() {
-                log::warn!("virtio-net: queue is corrupt: {e}");
-            }
-            None
-        }
     }
 }
 
