@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod manifest;
 pub mod modinfo;
 pub mod modules;
+pub mod tsc;
 
 use std::fs;
 use std::io;

@@ -162,17 +162,9 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Pss less Pss_Shmem of a process in KiB (`smaps_rollup`; 0 if it is gone).
+/// Pss less Pss_Shmem of a process in KiB (0 if it is gone).
 pub fn pss_beyond_ram_kib(pid: u32) -> u64 {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    field("Pss:").saturating_sub(field("Pss_Shmem:"))
+    crate::telemetry::Rollup::of(pid).map_or(0, |r| r.pss_beyond_shmem())
 }
 
 /// A one-file initramfs whose /init (busybox sh) powers the VM off at once.
@@ -194,7 +186,10 @@ pub fn baseline_initrd(busybox: &Path, out: &Path) -> Result<(), BenchError> {
 async fn baseline_once(config: &Config, accel: &str, initrd: &Path) -> Result<f64, BenchError> {
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel != "kvm" {
-        cmdline.push_str(" tsc_early_khz=2000000");
+        cmdline.push(' ');
+        cmdline.push_str(&cocoon_rootfs::tsc::tcg_kernel_param(Some(
+            &config.paths.run_dir,
+        )));
     }
     let machine = match config.qemu.machine {
         crate::config::Machine::Microvm => format!("microvm,accel={accel},rtc=on"),

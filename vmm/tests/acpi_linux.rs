@@ -124,7 +124,13 @@ fn linux_reads_our_acpi_tables() {
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 tsc_early_khz=2000000 panic=-1"])
+        .args([
+            "-append",
+            &format!(
+                "console=ttyS0 {} panic=-1",
+                cocoon_rootfs::tsc::tcg_kernel_param(None)
+            ),
+        ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-device")

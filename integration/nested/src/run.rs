@@ -156,8 +156,10 @@ impl L1 {
                 .arg(&initrd)
                 .arg("-append")
                 .arg(format!(
-                    // TCG cannot calibrate the TSC reliably; say its rate.
-                    "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet {}",
+                    // TCG cannot calibrate the TSC reliably; say its rate (the host's:
+                    // the guest's TSC counts at it).
+                    "console=ttyS0 {} panic=-1 quiet {}",
+                    cocoon_rootfs::tsc::tcg_kernel_param(None),
                     self.cmdline
                 ))
                 .arg("-serial")

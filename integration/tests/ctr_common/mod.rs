@@ -170,6 +170,7 @@ pub fn assert_clean(env: &Env) {
             !p.ends_with("shares")
                 && !p.ends_with("timings.jsonl")
                 && !p.ends_with("failed-consoles")
+                && !p.ends_with(cocoon_rootfs::tsc::CACHE_FILE)
         })
         .collect();
     assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");

@@ -92,11 +92,12 @@ impl Qemu {
         // panic=-1: a dead agent (PID 1) resets the VM at once, and QEMU runs
         // with -no-reboot, so the VM ends instead of hanging.
         let mut p = vec!["console=ttyS0", "quiet", "panic=-1", "reboot=t"];
-        if self.accel != Accel::Kvm {
-            // Under TCG the TSC calibration against the PIT hangs about half
-            // of the boots (seen on microvm); give the frequency outright.
-            p.push("tsc_early_khz=2000000");
-        }
+        // Under TCG the TSC calibration against the PIT hangs about half of the boots
+        // (seen on microvm); give the rate outright: the host's own, which the guest's
+        // TSC counts at (measured once per host boot, kept beside the VMs' run dirs).
+        let tsc = (self.accel != Accel::Kvm)
+            .then(|| cocoon_rootfs::tsc::tcg_kernel_param(Some(&spec.run_root)));
+        p.extend(tsc.as_deref());
         if self.machine == Machine::Microvm {
             p.push("pci=off");
         }
@@ -428,7 +429,17 @@ mod tests {
             ]
         );
         let cmdline = value_after(&a, "-append")[0];
-        assert!(cmdline.contains("tsc_early_khz="), "{cmdline}");
+        // The host's own TSC rate, which the TCG guest's TSC counts at.
+        let khz: u64 = cmdline
+            .split(' ')
+            .find_map(|p| p.strip_prefix("tsc_early_khz="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no tsc_early_khz in {cmdline}"));
+        let host = cocoon_rootfs::tsc::measure_khz(std::time::Duration::from_millis(25)).unwrap();
+        assert!(
+            khz.abs_diff(host) * 200 < host,
+            "told {khz} kHz, the host's runs at {host}"
+        );
         // The user's parameters come last so they win.
         assert!(cmdline.ends_with("panic=0 cocoon.log=debug"), "{cmdline}");
     }
