@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use cocoon_protocol::agent::GuestDetailsResponse;
+use cocoon_protocol::agent::{GuestDetailsResponse, TimelineEvent};
 use nix::time::{clock_gettime, ClockId};
 
 pub fn boottime_ns() -> i64 {
@@ -28,6 +28,34 @@ fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What the agent did and when (guest CLOCK_BOOTTIME), for the shim's boot and container
+/// timeline. Keeps the last [`Timeline::CAP`] events: a pod that runs containers for
+/// weeks does not make it grow.
+#[derive(Debug, Default)]
+pub struct Timeline(std::sync::Mutex<std::collections::VecDeque<TimelineEvent>>);
+
+impl Timeline {
+    pub const CAP: usize = 256;
+
+    /// Records `stage` of `container_id` (empty for the pod) now.
+    pub fn mark(&self, stage: &str, container_id: &str) {
+        let mut e = TimelineEvent::new();
+        e.stage = stage.into();
+        e.container_id = container_id.into();
+        e.boottime_ns = boottime_ns();
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == Self::CAP {
+            q.pop_front();
+        }
+        q.push_back(e);
+    }
+
+    pub fn events(&self) -> Vec<TimelineEvent> {
+        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().cloned().collect()
+    }
+}
+
 pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
     let mut r = GuestDetailsResponse::new();
     if let Ok(u) = nix::sys::utsname::uname() {
@@ -48,6 +76,7 @@ pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
         .server_ready_boottime_ns
         .load(std::sync::atomic::Ordering::Relaxed);
     r.loaded_modules = state.modules.lock().map(|m| m.clone()).unwrap_or_default();
+    r.timeline = state.timeline.events();
     r.confidential = std::path::Path::new("/sys/firmware/sev").exists()
         || fs::read_to_string("/proc/cpuinfo")
             .is_ok_and(|c| c.contains(" sev_snp") || c.contains(" tdx_guest"));
@@ -62,6 +91,22 @@ pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timeline_keeps_the_last_events_in_order() {
+        let t = Timeline::default();
+        for i in 0..Timeline::CAP + 10 {
+            t.mark("container-created", &format!("c{i}"));
+        }
+        let e = t.events();
+        assert_eq!(e.len(), Timeline::CAP);
+        assert_eq!(e[0].container_id, "c10");
+        assert_eq!(
+            e[Timeline::CAP - 1].container_id,
+            format!("c{}", Timeline::CAP + 9)
+        );
+        assert!(e.windows(2).all(|w| w[0].boottime_ns <= w[1].boottime_ns));
+    }
 
     #[test]
     fn meminfo_is_parsed_in_bytes() {

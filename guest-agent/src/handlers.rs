@@ -114,6 +114,8 @@ pub struct AgentState {
     pub containers: Arc<Containers>,
     /// The pod's init-data and agent policy (see `crate::policy`).
     pub policy: Arc<crate::policy::Gate>,
+    /// The guest's side of the pod's timeline (`GuestDetails`), bounded.
+    pub timeline: crate::details::Timeline,
 }
 
 pub struct HealthService;
@@ -182,6 +184,8 @@ impl AgentService {
         &self,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
+        let timeline = &self.state.timeline;
+        timeline.mark("container-create-received", &req.container_id);
         // Storages may need filesystem modules that load after boot.
         sandbox::wait_modules(&self.state).await.map_err(|e| {
             status(
@@ -199,6 +203,7 @@ impl AgentService {
             )
             .await
             .map_err(rpc_error)?;
+        timeline.mark("container-created", &req.container_id);
         let mut r = CreateContainerResponse::new();
         r.pid = pid as u32;
         Ok(r)
@@ -270,6 +275,7 @@ impl Agent for AgentService {
                     crate::runtime::error_chain(&e),
                 )
             })?;
+        self.state.timeline.mark("sandbox-created", "");
         tracing::info!(sandbox = %req.sandbox_id, "sandbox created");
         Ok(Empty::new())
     }
@@ -310,6 +316,10 @@ impl Agent for AgentService {
                     .map_err(rpc_error)
             })
             .await?;
+        // `start` returns once the init's execve is done.
+        self.state
+            .timeline
+            .mark("container-running", &req.container_id);
         Ok(Empty::new())
     }
 

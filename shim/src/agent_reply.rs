@@ -23,6 +23,8 @@ pub const MAX_ROUTES: usize = 1024;
 pub const MAX_MODULES: usize = 1024;
 /// Entries of a container's `memory.stat`.
 pub const MAX_MEMORY_STAT: usize = 256;
+/// Events of the guest's timeline (the agent keeps 256).
+pub const MAX_TIMELINE: usize = 256;
 /// An init-data digest (SHA-512 at most).
 pub const MAX_DIGEST: usize = 64;
 /// The text of an error the agent returns, as kept and passed on (longer is cut).
@@ -100,7 +102,13 @@ impl Bounded for GuestDetailsResponse {
         string("agent_version", &self.agent_version)?;
         string("cgroup_version", &self.cgroup_version)?;
         count("loaded modules", self.loaded_modules.len(), MAX_MODULES)?;
-        strings("a module name", &self.loaded_modules)
+        strings("a module name", &self.loaded_modules)?;
+        count("timeline events", self.timeline.len(), MAX_TIMELINE)?;
+        for e in &self.timeline {
+            string("a timeline stage", &e.stage)?;
+            string("a timeline container id", &e.container_id)?;
+        }
+        Ok(())
     }
 }
 

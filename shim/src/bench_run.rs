@@ -31,6 +31,49 @@ pub struct Memory {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct TimelineRow {
+    pub stage: String,
+    pub clock: String,
+    pub at_ms: Stats,
+    /// Median of the step from the stage before (the table's "+ms").
+    pub step_ms: f64,
+}
+
+/// Each stage found in every record, with its spread over the runs.
+pub fn timeline_rows(records: &[&timings::Record]) -> Vec<TimelineRow> {
+    let with: Vec<&timings::Record> = records
+        .iter()
+        .copied()
+        .filter(|r| !r.timeline.is_empty())
+        .collect();
+    let Some(first) = with.first() else {
+        return Vec::new();
+    };
+    let mut rows: Vec<TimelineRow> = first
+        .timeline
+        .iter()
+        .filter_map(|s| {
+            let at: Vec<f64> = with
+                .iter()
+                .filter_map(|r| r.timeline.iter().find(|x| x.stage == s.stage))
+                .map(|x| x.at_ms)
+                .collect();
+            (at.len() == with.len()).then(|| TimelineRow {
+                stage: s.stage.clone(),
+                clock: s.clock.clone(),
+                at_ms: Stats::of(&at),
+                step_ms: 0.0,
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a.at_ms.median.total_cmp(&b.at_ms.median));
+    for i in 1..rows.len() {
+        rows[i].step_ms = rows[i].at_ms.median - rows[i - 1].at_ms.median;
+    }
+    rows
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub runs: usize,
     pub image: String,
@@ -38,6 +81,9 @@ pub struct RunReport {
     pub cocoon_ms: Vec<f64>,
     pub summary: Vec<(String, Stats)>,
     pub breakdown: Vec<(String, Stats)>,
+    /// The whole start on one clock: each stage's ms after the shim's Create call
+    /// (guest stages placed through the agent's clock), in order of their medians.
+    pub timeline: Vec<TimelineRow>,
     pub cocoon_memory: Vec<Memory>,
     pub runc_memory: Vec<Memory>,
 }
@@ -229,6 +275,11 @@ pub fn run_bench(
         ("task delete".to_string(), col(|r| r.delete_ms)),
         ("VM stop (teardown)".to_string(), Stats::of(&stops)),
     ];
+    let timelines: Vec<&timings::Record> = records
+        .iter()
+        .filter(|r| r.kind == "timeline" && ids.contains(&r.container_id))
+        .collect();
+    let timeline = timeline_rows(&timelines);
     let summary = vec![
         ("runc: ctr run --rm true".to_string(), Stats::of(&runc_ms)),
         (
@@ -257,6 +308,7 @@ pub fn run_bench(
         cocoon_ms,
         summary,
         breakdown,
+        timeline,
         cocoon_memory,
         runc_memory,
     })
@@ -286,6 +338,19 @@ impl RunReport {
                 c.median / r.median,
                 c.p90 / r.p90.max(f64::MIN_POSITIVE)
             ));
+        }
+        if !self.timeline.is_empty() {
+            s.push_str("\ntimeline of one cocoon start (ms after the shim's Create call)\n");
+            s.push_str(&format!(
+                "{:<28} {:<6} {:>9} {:>9} {:>9}\n",
+                "stage", "clock", "median", "+ms", "p90"
+            ));
+            for r in &self.timeline {
+                s.push_str(&format!(
+                    "{:<28} {:<6} {:>9.1} {:>9.1} {:>9.1}\n",
+                    r.stage, r.clock, r.at_ms.median, r.step_ms, r.at_ms.p90
+                ));
+            }
         }
         s.push_str(
             "\nhost memory of one idle pod (kB; rss = anon + file, shmem = guest RAM mapped)\n",

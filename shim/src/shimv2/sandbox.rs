@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cocoon_protocol::agent::CreateSandboxRequest;
 use thiserror::Error;
@@ -75,6 +75,8 @@ pub struct BootTimes {
     pub vm_launch: Duration,
     pub agent_ready: Duration,
     pub sandbox_setup: Duration,
+    /// When the VMM was spawned, the agent answered and the sandbox was set up.
+    pub marks: Option<(Instant, Instant, Instant)>,
 }
 
 /// The VM id for a pod: short, path-safe, and unique per namespace+group.
@@ -278,6 +280,7 @@ impl Sandbox {
                 vm_launch: t_launched - t0,
                 agent_ready: t_ready - t_launched,
                 sandbox_setup: t_ready.elapsed(),
+                marks: Some((t_launched, t_ready, Instant::now())),
             },
             watcher: watch_vm(
                 vm_id,

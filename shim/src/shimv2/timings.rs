@@ -1,10 +1,11 @@
 //! Where a pod's time goes, appended as JSON lines to `<run_dir>/timings.jsonl`
-//! (one record per container and one per VM stop): for `cocoon bench run`,
-//! and for operators asking why a start was slow.
+//! (per container a `container` record at Delete and a `timeline` record once it
+//! started, and a `vm-stop` record per VM): for `cocoon bench run`, and for operators
+//! asking why a start was slow.
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,108 @@ pub struct Record {
     pub delete_ms: f64,
     #[serde(default)]
     pub vm_stop_ms: f64,
+    /// Every stage from the shim's Create call to the container's first instruction,
+    /// host and guest on one clock: ms after the Create call, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Stage>,
+    /// How far off a guest stage may be placed (half the round trip that read the
+    /// guest's clock).
+    #[serde(default)]
+    pub clock_uncertainty_ms: f64,
+}
+
+/// One moment of a container's timeline.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stage {
+    pub stage: String,
+    /// "host" (read on the shim's clock) or "guest" (the agent's, placed on the host's).
+    pub clock: String,
+    /// Milliseconds after the shim took the Create call.
+    pub at_ms: f64,
+}
+
+/// The host's moments of one container's start (the VM's only when its Create booted it).
+#[derive(Debug, Clone, Copy)]
+pub struct HostMarks {
+    pub create_called: Instant,
+    /// VMM spawned, agent answered, sandbox set up.
+    pub vm: Option<(Instant, Instant, Instant)>,
+    pub create_returned: Instant,
+}
+
+/// Places guest CLOCK_BOOTTIME readings on the host's clock. The guest read `boottime_ns`
+/// between `asked` and `answered`; taking the midpoint puts each guest moment within
+/// half that round trip of where it was (both clocks run at the same rate: kvmclock
+/// under KVM, the host's clock under TCG).
+#[derive(Debug, Clone, Copy)]
+pub struct GuestClock {
+    pub asked: Instant,
+    pub answered: Instant,
+    pub boottime_ns: i64,
+}
+
+impl GuestClock {
+    /// Guest moment `ns`, in ms after `anchor` on the host's clock.
+    pub fn ms_after(&self, anchor: Instant, ns: i64) -> f64 {
+        let asked = ms(self.asked.saturating_duration_since(anchor));
+        asked + self.uncertainty_ms() - (self.boottime_ns - ns) as f64 / 1e6
+    }
+
+    pub fn uncertainty_ms(&self) -> f64 {
+        ms(self.answered.saturating_duration_since(self.asked)) / 2.0
+    }
+}
+
+/// The guest events the timeline takes: the pod's (kernel start is boot time 0, then the
+/// agent's main and its listening server) only for the container whose Create booted
+/// the VM, and this container's own.
+pub fn timeline(
+    marks: &HostMarks,
+    start: (Instant, Instant),
+    clock: &GuestClock,
+    details: &cocoon_protocol::agent::GuestDetailsResponse,
+    container_id: &str,
+) -> Vec<Stage> {
+    let anchor = marks.create_called;
+    let host = |stage: &str, at: Instant| Stage {
+        stage: stage.into(),
+        clock: "host".into(),
+        at_ms: ms(at.saturating_duration_since(anchor)),
+    };
+    let guest = |stage: &str, ns: i64| Stage {
+        stage: stage.into(),
+        clock: "guest".into(),
+        at_ms: clock.ms_after(anchor, ns),
+    };
+    let mut out = vec![host("create-called", anchor)];
+    if let Some((launched, ready, set_up)) = marks.vm {
+        out.push(host("vmm-spawned", launched));
+        out.push(guest("kernel-start", 0));
+        out.push(guest("agent-main", details.agent_start_boottime_ns));
+        out.push(guest("agent-listening", details.server_ready_boottime_ns));
+        out.push(host("agent-ready", ready));
+        if let Some(e) = details
+            .timeline
+            .iter()
+            .rev()
+            .find(|e| e.stage == "sandbox-created")
+        {
+            out.push(guest("sandbox-created", e.boottime_ns));
+        }
+        out.push(host("sandbox-set-up", set_up));
+    }
+    for e in details
+        .timeline
+        .iter()
+        .filter(|e| e.container_id == container_id)
+    {
+        out.push(guest(&e.stage, e.boottime_ns));
+    }
+    out.push(host("create-returned", marks.create_returned));
+    out.push(host("start-called", start.0));
+    out.push(host("start-returned", start.1));
+    out.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+    out
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -66,6 +169,79 @@ pub fn read(run_dir: &Path) -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(stage: &str, cid: &str, ns: i64) -> cocoon_protocol::agent::TimelineEvent {
+        let mut e = cocoon_protocol::agent::TimelineEvent::new();
+        e.stage = stage.into();
+        e.container_id = cid.into();
+        e.boottime_ns = ns;
+        e
+    }
+
+    /// A guest whose clock reads 1 000 ms at the host's 1 500 ms (after Create): its
+    /// kernel started 500 ms after Create, and each of its stages lands where it was.
+    #[test]
+    fn guest_stages_land_on_the_host_clock_in_order() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let marks = HostMarks {
+            create_called: t0,
+            vm: Some((at(10), at(1200), at(1300))),
+            create_returned: at(1400),
+        };
+        // Read between 1 490 and 1 510 ms: midpoint 1 500, 10 ms either way.
+        let clock = GuestClock {
+            asked: at(1490),
+            answered: at(1510),
+            boottime_ns: 1_000_000_000,
+        };
+        let mut d = cocoon_protocol::agent::GuestDetailsResponse::new();
+        d.agent_start_boottime_ns = 400_000_000;
+        d.server_ready_boottime_ns = 600_000_000;
+        d.timeline = vec![
+            event("sandbox-created", "", 750_000_000),
+            event("container-create-received", "other", 790_000_000),
+            event("container-create-received", "c", 800_000_000),
+            event("container-created", "c", 850_000_000),
+            event("container-running", "c", 950_000_000),
+        ];
+        let t = timeline(&marks, (at(1420), at(1460)), &clock, &d, "c");
+        let got: Vec<(&str, &str, i64)> = t
+            .iter()
+            .map(|s| (s.stage.as_str(), s.clock.as_str(), s.at_ms.round() as i64))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("create-called", "host", 0),
+                ("vmm-spawned", "host", 10),
+                ("kernel-start", "guest", 500),
+                ("agent-main", "guest", 900),
+                ("agent-listening", "guest", 1100),
+                ("agent-ready", "host", 1200),
+                ("sandbox-created", "guest", 1250),
+                ("sandbox-set-up", "host", 1300),
+                ("container-create-received", "guest", 1300),
+                ("container-created", "guest", 1350),
+                ("create-returned", "host", 1400),
+                ("start-called", "host", 1420),
+                ("container-running", "guest", 1450),
+                ("start-returned", "host", 1460),
+            ]
+        );
+        assert_eq!(clock.uncertainty_ms(), 10.0);
+        // A container that joined a running VM has no VM stages.
+        let joined = HostMarks { vm: None, ..marks };
+        let t = timeline(&joined, (at(1420), at(1460)), &clock, &d, "c");
+        assert!(t
+            .iter()
+            .all(|s| !s.stage.starts_with("agent") && s.stage != "kernel-start"));
+        assert_eq!(
+            t.len(),
+            7,
+            "Create, its three guest stages, Create returned, Start: {t:#?}"
+        );
+    }
 
     #[test]
     fn records_round_trip() {

@@ -304,8 +304,14 @@ impl Service {
             rec.agent_ready_ms = timings::ms(sb.boot.agent_ready);
             rec.sandbox_setup_ms = timings::ms(sb.boot.sandbox_setup);
         }
+        let marks = timings::HostMarks {
+            create_called: t_call,
+            vm: if booted_here { sb.boot.marks } else { None },
+            create_returned: std::time::Instant::now(),
+        };
         let c = Container {
             timing: Arc::new(std::sync::Mutex::new(rec)),
+            marks,
             bundle,
             mounts,
             init,

@@ -76,6 +76,8 @@ impl Process {
 struct Container {
     /// Where this container's time went (written at Delete).
     timing: Arc<std::sync::Mutex<timings::Record>>,
+    /// The host's moments of its Create, for the timeline placed at Start.
+    marks: timings::HostMarks,
     bundle: PathBuf,
     mounts: ContainerMounts,
     init: Process,
@@ -316,14 +318,26 @@ impl Task for Service {
                 copies: c.init.copies.clone(),
                 timing: Some(c.timing.clone()),
             };
+            let marks = c.marks;
             drop(containers);
+            let start_called = std::time::Instant::now();
             if let Err(e) = sb.agent.start_container(&req.id).await {
                 if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
                     c.init.started = false;
                 }
                 return Err(agent_err(e));
             }
+            let start = (start_called, std::time::Instant::now());
             self.watch_exit(sb.clone(), watched);
+            // Off the Start path: one more call to read the guest's side.
+            let run_dir = self.inner.config.paths.run_dir.clone();
+            tokio::spawn(place_timeline(
+                sb.clone(),
+                req.id.clone(),
+                marks,
+                start,
+                run_dir,
+            ));
             let mut m = ev::TaskStart::new();
             m.container_id = req.id.clone();
             m.pid = pid;
@@ -802,4 +816,37 @@ impl Task for Service {
         self.inner.exit.signal();
         Ok(api::Empty::new())
     }
+}
+
+/// Reads the guest's clock and timeline and records the container's whole start on the
+/// host's clock, as a `timeline` record of its own (best effort, like all timings).
+async fn place_timeline(
+    sb: Arc<Sandbox>,
+    id: String,
+    marks: timings::HostMarks,
+    start: (std::time::Instant, std::time::Instant),
+    run_dir: PathBuf,
+) {
+    let asked = std::time::Instant::now();
+    let details = match sb.agent.guest_details().await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(container = %id, "no timeline: {e}");
+            return;
+        }
+    };
+    let clock = timings::GuestClock {
+        asked,
+        answered: std::time::Instant::now(),
+        boottime_ns: details.boottime_ns,
+    };
+    let rec = timings::Record {
+        kind: "timeline".into(),
+        timeline: timings::timeline(&marks, start, &clock, &details, &id),
+        clock_uncertainty_ms: clock.uncertainty_ms(),
+        container_id: id,
+        vm_id: sb.id.clone(),
+        ..Default::default()
+    };
+    timings::append(&run_dir, &rec);
 }
