@@ -34,8 +34,15 @@ fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
 #[derive(Debug, Default)]
 pub struct Timeline(std::sync::Mutex<std::collections::VecDeque<TimelineEvent>>);
 
+/// The agent's one timeline: any part of it marks its moments here.
+pub static TIMELINE: Timeline = Timeline::new();
+
 impl Timeline {
     pub const CAP: usize = 256;
+
+    pub const fn new() -> Self {
+        Self(std::sync::Mutex::new(std::collections::VecDeque::new()))
+    }
 
     /// Records `stage` of `container_id` (empty for the pod) now.
     pub fn mark(&self, stage: &str, container_id: &str) {
@@ -76,7 +83,7 @@ pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
         .server_ready_boottime_ns
         .load(std::sync::atomic::Ordering::Relaxed);
     r.loaded_modules = state.modules.lock().map(|m| m.clone()).unwrap_or_default();
-    r.timeline = state.timeline.events();
+    r.timeline = TIMELINE.events();
     r.confidential = std::path::Path::new("/sys/firmware/sev").exists()
         || fs::read_to_string("/proc/cpuinfo")
             .is_ok_and(|c| c.contains(" sev_snp") || c.contains(" tdx_guest"));

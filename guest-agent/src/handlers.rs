@@ -114,8 +114,6 @@ pub struct AgentState {
     pub containers: Arc<Containers>,
     /// The pod's init-data and agent policy (see `crate::policy`).
     pub policy: Arc<crate::policy::Gate>,
-    /// The guest's side of the pod's timeline (`GuestDetails`), bounded.
-    pub timeline: crate::details::Timeline,
 }
 
 pub struct HealthService;
@@ -184,7 +182,7 @@ impl AgentService {
         &self,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
-        let timeline = &self.state.timeline;
+        let timeline = &crate::details::TIMELINE;
         timeline.mark("container-create-received", &req.container_id);
         // Storages may need filesystem modules that load after boot.
         sandbox::wait_modules(&self.state).await.map_err(|e| {
@@ -275,7 +273,7 @@ impl Agent for AgentService {
                     crate::runtime::error_chain(&e),
                 )
             })?;
-        self.state.timeline.mark("sandbox-created", "");
+        crate::details::TIMELINE.mark("sandbox-created", "");
         tracing::info!(sandbox = %req.sandbox_id, "sandbox created");
         Ok(Empty::new())
     }
@@ -317,9 +315,7 @@ impl Agent for AgentService {
             })
             .await?;
         // `start` returns once the init's execve is done.
-        self.state
-            .timeline
-            .mark("container-running", &req.container_id);
+        crate::details::TIMELINE.mark("container-running", &req.container_id);
         Ok(Empty::new())
     }
 

@@ -124,7 +124,6 @@ fn main() {
         is_init,
         containers: Arc::new(container::Containers::new(reaper.clone(), opts)),
         policy,
-        timeline: Default::default(),
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

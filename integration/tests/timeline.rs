@@ -59,10 +59,13 @@ fn a_start_is_one_timeline_from_create_to_the_first_instruction() {
         "agent-listening",
         "sandbox-created",
         "container-create-received",
+        "container-storage-mounted",
+        "container-helper-spawning",
+        "container-helper-started",
         "container-created",
         "container-running",
     ];
-    for order in [&host, &guest] {
+    for order in [&host[..], &guest[..]] {
         for w in order.windows(2) {
             assert!(
                 at(w[0]) <= at(w[1]),

@@ -319,7 +319,9 @@ impl Containers {
         if self.get(id).is_ok() {
             return Err(ContainerError::Exists(id.into()));
         }
+        let timeline = &crate::details::TIMELINE;
         let mounted = mount_storages(storages)?;
+        timeline.mark("container-storage-mounted", id);
         let cgroup = match self.setup_cgroup(id, &spec) {
             Ok(c) => c,
             Err(e) => {
@@ -365,8 +367,10 @@ impl Containers {
             no_pivot: self.no_pivot,
         };
         let result = async {
+            timeline.mark("container-helper-spawning", id);
             let (pid, mut sync) =
                 spawn::spawn(&req, child_stdio, cgroup.as_ref(), &self.reaper).await?;
+            timeline.mark("container-helper-started", id);
             container.init.set_pid(pid, &self.reaper);
             if req.terminal {
                 // Sized to the spec's consoleSize by the runtime already.
