@@ -11,7 +11,7 @@ AGENT := target/$(GUEST_TARGET)/release/cocoon-agent
 IMAGE_DIR := target/image
 STAMP := target/.host-setup-done
 
-.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak fuzz install clean
+.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak fuzz fuzz-guided install clean
 
 all: build image
 
@@ -50,9 +50,13 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# All tests: unit tests, then end-to-end tests that boot real guests.
+# All tests: unit tests, then end-to-end tests that boot real guests, then a short
+# coverage-guided run of every fuzz target (a fixed seed and count, so it is the same
+# run each time for the same code).
 test: lint image
 	$(CARGO) nextest run --workspace --no-fail-fast
+	FUZZ_SEED=1 bash scripts/fuzz-guided.sh $(FUZZ_CI_RUNS) $(CURDIR)/target/fuzz-guided-ci.json
+FUZZ_CI_RUNS ?= 100000
 
 # Only the tests that need hardware KVM: where the host lacks it (PVM here)
 # each reruns itself inside an L1 guest with emulated SVM (integration/nested).
@@ -84,12 +88,18 @@ soak: image
 # Fuzzing on stable (issue #10): every fuzz entry point of the agent (what the host
 # sends), the shim (what the guest sends) and cocoon-vmm (guest-facing devices), a
 # million inputs each by default; one JSON line per target in target/fuzz-report.jsonl.
-# `cargo +nightly fuzz run <target>` in guest-agent/, shim/ or vmm/ for guided fuzzing.
+# `make fuzz-guided` is the coverage-guided run of the same entry points (libFuzzer).
 fuzz: setup
 	rm -f $(CURDIR)/target/fuzz-report.jsonl
 	COCOON_FUZZ_ITERS=$${ITERS:-1000000} COCOON_FUZZ_REPORT=$(CURDIR)/target/fuzz-report.jsonl \
 		$(CARGO) test --release -p cocoon-agent -p cocoon-shim -p cocoon-vmm --test fuzz_smoke
 	cat $(CURDIR)/target/fuzz-report.jsonl
+
+# Coverage-guided fuzzing (issue #10): libFuzzer through cargo-fuzz on stable, a million
+# inputs per target by default (RUNS=...), corpus kept in target/fuzz-corpus/; JSON
+# report in target/fuzz-guided.json, a table on stdout; a crash fails it.
+fuzz-guided: setup
+	bash scripts/fuzz-guided.sh $${RUNS:-1000000} $(CURDIR)/target/fuzz-guided.json
 
 install: image
 	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm

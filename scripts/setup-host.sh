@@ -49,6 +49,13 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
+# cargo-fuzz (crates.io) builds the coverage-guided fuzz targets with libFuzzer, on
+# stable (`--sanitizer none`): `make fuzz-guided`, and a short run in `make test`.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup-host: installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
+
 # sev-snp-measure (PyPI), the reference tool relying parties use for SEV-SNP launch
 # digests: `cocoon measure snp` is tested against it, byte for byte. Pinned, in a venv
 # in Cocoon's cache (where the tests look for it).
