@@ -265,6 +265,17 @@ impl Agent for AgentService {
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
         self.allow("CreateSandbox", &req)?;
+        // The host's wall time is taken only where the host is trusted (crate::clock),
+        // and only by the guest's PID 1 (an agent run by hand must not set its host's).
+        if self.state.is_init && !self.state.policy.confidential() {
+            match crate::clock::align(req.host_realtime_ns) {
+                Ok(Some(step)) => {
+                    tracing::info!(step_ms = step / 1_000_000, "wall clock set to the host's")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("cannot set the wall clock: {e}"),
+            }
+        }
         sandbox::create(&self.state, &req.hostname, &req.dns, &req.shared_fs_tag)
             .await
             .map_err(|e| {

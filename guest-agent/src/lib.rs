@@ -3,6 +3,7 @@
 //! guest is fuzzed (`fuzz`, and `tests/fuzz_smoke.rs` on stable).
 
 pub mod cgroup;
+pub mod clock;
 pub mod cmdline;
 pub mod container;
 pub mod debug;

@@ -134,6 +134,11 @@ impl Gate {
         }
     }
 
+    /// Whether the host is untrusted (confidential mode).
+    pub fn confidential(&self) -> bool {
+        self.confidential
+    }
+
     /// Takes the pod's init-data: once. Returns it parsed; the policy it carries, if
     /// any, is compiled and enforced from now on.
     pub fn set_init_data(&self, bytes: &[u8]) -> Result<InitData, String> {

@@ -239,6 +239,10 @@ impl Sandbox {
         req.hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Last, so the guest's clock (crate::clock in the agent) is set to a fresh reading.
+        req.host_realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         agent.create_sandbox(req).await?;
         let mut forwarder = None;
         if let Some(n) = net.as_ref() {
