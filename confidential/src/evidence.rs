@@ -80,6 +80,8 @@ pub enum EvidenceError {
         "the init-data the host gave ({given}) is not the one the launch measured ({measured})"
     )]
     Mismatch { given: String, measured: String },
+    #[error("a nonce of {0} bytes: at most {MAX_NONCE} are bound into evidence")]
+    NonceTooLong(usize),
 }
 
 /// One report read through configfs-tsm.
@@ -184,6 +186,51 @@ pub fn init_data_report_data(init_data: &InitData) -> [u8; 64] {
     out
 }
 
+/// The most bytes of a caller's nonce that evidence binds.
+pub const MAX_NONCE: usize = 64;
+
+/// The report data of evidence given on request: SHA-512 over a label, the pod's
+/// init-data digest (length-prefixed) and the caller's nonce. A relying party recomputes
+/// it from the nonce it sent and the init-data it expects, so one report shows both that
+/// it is fresh and which document the guest runs under.
+pub fn nonce_report_data(init_digest: &[u8], nonce: &[u8]) -> [u8; 64] {
+    use sha2::Digest;
+    let mut h = sha2::Sha512::new();
+    h.update(b"cocoon-evidence-v1\0");
+    h.update((init_digest.len() as u32).to_be_bytes());
+    h.update(init_digest);
+    h.update(nonce);
+    h.finalize().into()
+}
+
+/// The guest's evidence for a caller's `nonce` (at most [`MAX_NONCE`] bytes): the
+/// report (SEV-SNP) or quote (TDX), checked to be `tee`'s and to carry the report data
+/// asked for. Returns it with that report data.
+pub fn evidence_for(
+    root: &Path,
+    tee: Tee,
+    init_digest: &[u8],
+    nonce: &[u8],
+) -> Result<(TsmReport, [u8; 64]), EvidenceError> {
+    if nonce.len() > MAX_NONCE {
+        return Err(EvidenceError::NonceTooLong(nonce.len()));
+    }
+    let report_data = nonce_report_data(init_digest, nonce);
+    let report = tsm_report(root, "cocoon-evidence", &report_data)?;
+    if report.provider != tee.provider() {
+        return Err(EvidenceError::Provider {
+            got: report.provider,
+            want: tee.provider(),
+        });
+    }
+    let (_, _, data_at) = tee.layout();
+    match report.evidence.get(data_at..data_at + 64) {
+        None => Err(EvidenceError::Short(report.evidence.len())),
+        Some(d) if d != report_data => Err(EvidenceError::ReportData),
+        Some(_) => Ok((report, report_data)),
+    }
+}
+
 /// Gets the guest's evidence and checks `init_data` against it: what the agent does
 /// before it takes init-data in a confidential launch (`cocoon.tee=` on its command
 /// line). Any failure means the host handed over something the launch did not measure,
@@ -210,11 +257,62 @@ mod tests {
 
     /// A configfs-tsm entry as the kernel shows one, with `evidence` ready to read.
     fn fake_entry(root: &Path, provider: &str, evidence: &[u8]) {
-        let e = root.join("cocoon-init-data");
+        fake_named_entry(root, "cocoon-init-data", provider, evidence)
+    }
+
+    fn fake_named_entry(root: &Path, name: &str, provider: &str, evidence: &[u8]) {
+        let e = root.join(name);
         std::fs::create_dir_all(&e).unwrap();
         std::fs::write(e.join("outblob"), evidence).unwrap();
         std::fs::write(e.join("provider"), format!("{provider}\n")).unwrap();
         std::fs::write(e.join("generation"), "0\n").unwrap();
+    }
+
+    /// Evidence on request carries the caller's nonce bound to the init-data digest; a
+    /// report with other data (stale, replayed), another TEE's, a short one or an
+    /// oversized nonce is refused.
+    #[test]
+    fn evidence_on_request_binds_the_callers_nonce() {
+        let d = tempfile::tempdir().unwrap();
+        let digest = [7u8; 48];
+        let want = nonce_report_data(&digest, b"nonce-1");
+        assert_ne!(want, nonce_report_data(&digest, b"nonce-2"));
+        assert_ne!(want, nonce_report_data(&[8u8; 48], b"nonce-1"));
+        fake_named_entry(
+            d.path(),
+            "cocoon-evidence",
+            "sev_guest",
+            &snp_report(&[0; 32], &want),
+        );
+        let (r, data) = evidence_for(d.path(), Tee::SevSnp, &digest, b"nonce-1").unwrap();
+        assert_eq!(data, want);
+        assert_eq!(r.evidence[0x50..0x50 + 64], want);
+        assert_eq!(
+            std::fs::read(d.path().join("cocoon-evidence/inblob")).unwrap(),
+            want,
+            "the agent asked for the bound data"
+        );
+        fake_named_entry(
+            d.path(),
+            "cocoon-evidence",
+            "sev_guest",
+            &snp_report(&[0; 32], &want),
+        );
+        let e = evidence_for(d.path(), Tee::SevSnp, &digest, b"nonce-2").unwrap_err();
+        assert!(matches!(e, EvidenceError::ReportData), "{e}");
+        fake_named_entry(
+            d.path(),
+            "cocoon-evidence",
+            "tdx_guest",
+            &snp_report(&[0; 32], &want),
+        );
+        let e = evidence_for(d.path(), Tee::SevSnp, &digest, b"nonce-1").unwrap_err();
+        assert!(matches!(e, EvidenceError::Provider { .. }), "{e}");
+        fake_named_entry(d.path(), "cocoon-evidence", "sev_guest", &[0; 16]);
+        let e = evidence_for(d.path(), Tee::SevSnp, &digest, b"nonce-1").unwrap_err();
+        assert!(matches!(e, EvidenceError::Short(16)), "{e}");
+        let e = evidence_for(d.path(), Tee::SevSnp, &digest, &[0; 65]).unwrap_err();
+        assert!(matches!(e, EvidenceError::NonceTooLong(65)), "{e}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 package agent_policy
 
 default GetGuestDetailsRequest := true
+# Evidence is meant for relying parties; the host only carries it.
+default GetEvidenceRequest := true
 default CreateSandboxRequest := true
 default DestroySandboxRequest := true
 default ShutdownRequest := true

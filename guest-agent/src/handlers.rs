@@ -9,12 +9,12 @@ use async_trait::async_trait;
 use cocoon_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CpuStats,
     CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, DestroySandboxRequest,
-    Empty, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse,
-    HealthCheckResponse, Interface, Interfaces, IoStats, ListPidsResponse, MemoryStats,
-    NetworkStats, OomEvent, PidsStats, ProcessInfo, ProcessRequest, RemoveContainerRequest, Routes,
-    SetInitDataRequest, SetInitDataResponse, ShutdownRequest, SignalProcessRequest,
-    StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest,
-    UpdateRoutesRequest, VersionCheckResponse, WaitProcessResponse,
+    Empty, ExecProcessRequest, ExecProcessResponse, GetEvidenceRequest, GetEvidenceResponse,
+    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, Interface, Interfaces, IoStats,
+    ListPidsResponse, MemoryStats, NetworkStats, OomEvent, PidsStats, ProcessInfo, ProcessRequest,
+    RemoveContainerRequest, Routes, SetInitDataRequest, SetInitDataResponse, ShutdownRequest,
+    SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    UpdateInterfaceRequest, UpdateRoutesRequest, VersionCheckResponse, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{Agent, Health};
 use cocoon_protocol::PROTOCOL_VERSION;
@@ -257,6 +257,25 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<GuestDetailsResponse> {
         self.allow("GetGuestDetails", &req)?;
         Ok(details::collect(&self.state))
+    }
+
+    async fn get_evidence(
+        &self,
+        _: &TtrpcContext,
+        req: GetEvidenceRequest,
+    ) -> ttrpc::Result<GetEvidenceResponse> {
+        self.allow("GetEvidence", &req)?;
+        let policy = self.state.policy.clone();
+        // Reading a report asks the firmware: off the async workers.
+        let got = tokio::task::spawn_blocking(move || policy.evidence(&req.nonce))
+            .await
+            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+        let (report, report_data) = got.map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
+        let mut r = GetEvidenceResponse::new();
+        r.provider = report.provider;
+        r.evidence = report.evidence;
+        r.report_data = report_data.to_vec();
+        Ok(r)
     }
 
     async fn create_sandbox(

@@ -65,6 +65,8 @@ impl Mode {
 #[derive(Default)]
 pub struct Gate {
     set: OnceLock<Option<Mutex<regorus::Engine>>>,
+    /// The digest of the init-data taken, bound into evidence given on request.
+    init_digest: OnceLock<Vec<u8>>,
     /// Confidential mode: refuse everything until init-data is set.
     confidential: bool,
     mode: Mode,
@@ -128,10 +130,29 @@ impl Gate {
     pub fn for_mode(mode: Mode, tsm_root: std::path::PathBuf) -> Gate {
         Gate {
             set: OnceLock::new(),
+            init_digest: OnceLock::new(),
             confidential: mode.confidential(),
             mode,
             tsm_root,
         }
+    }
+
+    /// The guest's evidence for a relying party's `nonce`, bound to the init-data taken
+    /// (`evidence::nonce_report_data`). Only a TEE launch has any.
+    pub fn evidence(&self, nonce: &[u8]) -> Result<(evidence::TsmReport, [u8; 64]), String> {
+        let Mode::Tee(tee) = &self.mode else {
+            return Err(
+                "this guest has no TEE evidence: evidence needs a confidential launch \
+                 (cocoon.confidential=sev-snp or tdx on the measured command line)"
+                    .into(),
+            );
+        };
+        let digest = self
+            .init_digest
+            .get()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        evidence::evidence_for(&self.tsm_root, *tee, digest, nonce).map_err(|e| e.to_string())
     }
 
     /// Whether the host is untrusted (confidential mode).
@@ -165,6 +186,7 @@ impl Gate {
         self.set
             .set(engine)
             .map_err(|_| "init-data was already set; it cannot change for a VM's life")?;
+        let _ = self.init_digest.set(data.digest.clone());
         Ok(data)
     }
 

@@ -182,6 +182,28 @@ fn a_confidential_agent_waits_for_init_data_then_applies_its_default_policy() {
         "the debug console served a session, or did not say why not: {}",
         show(&debug)
     );
+    // Evidence on request: the default policy lets it through, and a guest without a
+    // TEE (cocoon.confidential alone, under TCG) says it has none.
+    let attest = std::process::Command::new(
+        cocoon_integration::workspace_root().join("target/debug/cocoon"),
+    )
+    .args([
+        "attest",
+        "conf-default",
+        "--namespace",
+        "default",
+        "--nonce",
+        "00ff",
+    ])
+    .env("COCOON_CONFIG", &env.config)
+    .output()
+    .expect("target/debug/cocoon (cargo build first)");
+    assert!(
+        !attest.status.success()
+            && String::from_utf8_lossy(&attest.stderr).contains("this guest has no TEE evidence"),
+        "{}",
+        show(&attest)
+    );
     kill_delete_clean(&env, "conf-default");
 
     let dir = env.containerd.dir.join("volume");

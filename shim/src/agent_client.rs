@@ -280,6 +280,22 @@ impl AgentClient {
     }
 
     /// Hands the guest the pod's init-data (once, before the sandbox).
+    /// The guest's hardware evidence for a relying party's `nonce` (confidential pods).
+    pub async fn evidence(
+        &self,
+        nonce: Vec<u8>,
+    ) -> Result<cocoon_protocol::agent::GetEvidenceResponse, AgentError> {
+        let mut req = cocoon_protocol::agent::GetEvidenceRequest::new();
+        req.nonce = nonce;
+        let t = self.call_timeout;
+        self.call(
+            "Agent.GetEvidence",
+            t,
+            self.agent.get_evidence(self.ctx(t), &req),
+        )
+        .await
+    }
+
     pub async fn set_init_data(
         &self,
         toml: Vec<u8>,

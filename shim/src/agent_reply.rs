@@ -5,9 +5,9 @@
 //! alone, naming the field, and the connection goes on serving the next.
 
 use cocoon_protocol::agent::{
-    CreateContainerResponse, Empty, ExecProcessResponse, GuestDetailsResponse, HealthCheckResponse,
-    Interface, Interfaces, ListPidsResponse, OomEvent, Routes, SetInitDataResponse,
-    StatsContainerResponse, VersionCheckResponse, WaitProcessResponse,
+    CreateContainerResponse, Empty, ExecProcessResponse, GetEvidenceResponse, GuestDetailsResponse,
+    HealthCheckResponse, Interface, Interfaces, ListPidsResponse, OomEvent, Routes,
+    SetInitDataResponse, StatsContainerResponse, VersionCheckResponse, WaitProcessResponse,
 };
 
 /// Any one string in a reply (names, versions, a kernel command line, an id).
@@ -25,6 +25,9 @@ pub const MAX_MODULES: usize = 1024;
 pub const MAX_MEMORY_STAT: usize = 256;
 /// Events of the guest's timeline (the agent keeps 256).
 pub const MAX_TIMELINE: usize = 256;
+/// Hardware evidence: an SEV-SNP report is 1 184 bytes, a TDX quote with its
+/// certification data a few KiB.
+pub const MAX_EVIDENCE: usize = 64 * 1024;
 /// An init-data digest (SHA-512 at most).
 pub const MAX_DIGEST: usize = 64;
 /// The text of an error the agent returns, as kept and passed on (longer is cut).
@@ -109,6 +112,14 @@ impl Bounded for GuestDetailsResponse {
             string("a timeline container id", &e.container_id)?;
         }
         Ok(())
+    }
+}
+
+impl Bounded for GetEvidenceResponse {
+    fn check(&self) -> Result<(), String> {
+        string("provider", &self.provider)?;
+        count("evidence bytes", self.evidence.len(), MAX_EVIDENCE)?;
+        count("report data bytes", self.report_data.len(), 64)
     }
 }
 

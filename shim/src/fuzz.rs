@@ -32,7 +32,7 @@ pub fn agent_replies(data: &[u8]) {
     let Some((&kind, body)) = data.split_first() else {
         return;
     };
-    match kind % 11 {
+    match kind % 12 {
         0 => {
             if let Some(r) = decoded::<pb::StatsContainerResponse>(body) {
                 let _ = crate::shimv2::metrics::to_cgroups_v2(&r);
@@ -55,6 +55,7 @@ pub fn agent_replies(data: &[u8]) {
         7 => drop(decoded::<pb::Interface>(body)),
         8 => drop(decoded::<pb::Interfaces>(body)),
         9 => drop(decoded::<pb::Routes>(body)),
+        10 => drop(decoded::<pb::GetEvidenceResponse>(body)),
         _ => drop(decoded::<pb::VersionCheckResponse>(body)),
     }
     // An error's text, as the shim keeps it.

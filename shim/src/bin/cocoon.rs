@@ -66,6 +66,22 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// A confidential pod's hardware evidence for a relying party's nonce: the SEV-SNP
+    /// report or TDX quote, whose report data binds the nonce and the pod's init-data
+    /// (see docs/confidential.md). The host only carries it; the relying party checks it.
+    Attest {
+        /// The pod's sandbox id (or a container id, or the VM id `pod-…`).
+        id: String,
+        /// Its containerd namespace (default: k8s.io, default and moby are tried).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// The relying party's nonce, in hex (at most 64 bytes).
+        #[arg(long)]
+        nonce: String,
+        /// Write the raw evidence here (else only its summary is printed).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Metrics of this node and its pods in Prometheus' text format: printed once, or
     /// served at http://<listen>/metrics.
     Metrics {
@@ -258,6 +274,42 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
             let stream = runtime()?.block_on(debugconsole::open(&uds, &command))?;
             debugconsole::join_terminal(stream, command.is_empty())
+        }
+        Cmd::Attest {
+            id,
+            namespace,
+            nonce,
+            out,
+        } => {
+            let nonce = hex::decode(nonce.trim()).context("--nonce is not hex")?;
+            let config = Config::load()?;
+            let namespaces: Vec<&str> = match &namespace {
+                Some(ns) => vec![ns.as_str()],
+                None => cocoon_shim::consolelog::NAMESPACES.to_vec(),
+            };
+            let uds =
+                cocoon_shim::debugconsole::find_vsock(&config.paths.run_dir, &id, &namespaces)
+                    .with_context(|| {
+                        format!(
+                            "no running pod {id} under {} (namespaces {namespaces:?})",
+                            config.paths.run_dir.display()
+                        )
+                    })?;
+            let call = std::time::Duration::from_millis(config.vm.call_timeout_ms);
+            let r = runtime()?.block_on(async {
+                let agent =
+                    cocoon_shim::agent_client::AgentClient::connect(&uds, call, call).await?;
+                agent.evidence(nonce).await
+            })?;
+            println!("provider     {}", r.provider);
+            println!("report data  {}", hex::encode(&r.report_data));
+            println!("evidence     {} bytes", r.evidence.len());
+            if let Some(path) = out {
+                std::fs::write(&path, &r.evidence)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("written to   {}", path.display());
+            }
+            Ok(())
         }
         Cmd::Metrics { listen } => {
             let config = Config::load()?;
