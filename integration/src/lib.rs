@@ -109,6 +109,19 @@ pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Entries of the shim's run dir that belong to the node, not to a pod, and so stay after
+/// every pod is gone: the timing records, kept consoles of failed VMs, the host's TSC rate.
+pub fn is_node_wide(entry: &Path) -> bool {
+    entry.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        [
+            "timings.jsonl",
+            "failed-consoles",
+            cocoon_rootfs::tsc::CACHE_FILE,
+        ]
+        .contains(&n)
+    })
+}
+
 /// Mount points at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -228,7 +228,7 @@ async fn leftovers(
                         left.push(format!("share {}", s.display()));
                     }
                 }
-                "timings.jsonl" | "failed-consoles" | cocoon_rootfs::tsc::CACHE_FILE => {}
+                _ if crate::is_node_wide(&e) => {}
                 _ => left.push(format!("run dir entry {}", e.display())),
             }
         }

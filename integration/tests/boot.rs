@@ -31,10 +31,9 @@ fn assert_clean(run_root: &std::path::Path, pids: &[u32]) {
         "processes still using {}: {procs:?}",
         run_root.display()
     );
-    // The host's TSC rate is kept there for every later VM (not the pod's).
     let left: Vec<_> = leftover_entries(run_root)
         .into_iter()
-        .filter(|p| !p.ends_with(cocoon_rootfs::tsc::CACHE_FILE))
+        .filter(|p| !cocoon_integration::is_node_wide(p))
         .collect();
     assert!(left.is_empty(), "left in the run dir: {left:?}");
 }

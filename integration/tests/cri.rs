@@ -428,8 +428,7 @@ async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
         .into_iter()
         .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
             Some("shares") => cocoon_integration::leftover_entries(&e),
-            Some("timings.jsonl") | Some("failed-consoles") => vec![],
-            Some(cocoon_rootfs::tsc::CACHE_FILE) => vec![],
+            _ if cocoon_integration::is_node_wide(&e) => vec![],
             _ => vec![e],
         })
         .collect();
@@ -687,7 +686,7 @@ async fn pod_lifecycle(test: &str, handler: &str, net: u8) {
             Some("shares") => cocoon_integration::leftover_entries(&e),
             _ => vec![e],
         })
-        .filter(|e| !e.ends_with("timings.jsonl") && !e.ends_with(cocoon_rootfs::tsc::CACHE_FILE))
+        .filter(|e| !cocoon_integration::is_node_wide(e))
         .collect();
     assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
 }

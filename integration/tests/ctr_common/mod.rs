@@ -166,12 +166,7 @@ pub fn assert_clean(env: &Env) {
     let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
         .into_iter()
         // The kept consoles of failed pods (`cocoon logs`) stay on purpose, bounded.
-        .filter(|p| {
-            !p.ends_with("shares")
-                && !p.ends_with("timings.jsonl")
-                && !p.ends_with("failed-consoles")
-                && !p.ends_with(cocoon_rootfs::tsc::CACHE_FILE)
-        })
+        .filter(|p| !p.ends_with("shares") && !cocoon_integration::is_node_wide(p))
         .collect();
     assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");
     assert!(

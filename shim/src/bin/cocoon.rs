@@ -261,17 +261,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             use cocoon_shim::debugconsole;
             let config = Config::load()?;
-            let namespaces: Vec<&str> = match &namespace {
-                Some(ns) => vec![ns.as_str()],
-                None => cocoon_shim::consolelog::NAMESPACES.to_vec(),
-            };
-            let uds = debugconsole::find_vsock(&config.paths.run_dir, &id, &namespaces)
-                .with_context(|| {
-                    format!(
-                        "no running pod {id} under {} (namespaces {namespaces:?})",
-                        config.paths.run_dir.display()
-                    )
-                })?;
+            let uds = pod_vsock(&config, &id, namespace.as_deref())?;
             let stream = runtime()?.block_on(debugconsole::open(&uds, &command))?;
             debugconsole::join_terminal(stream, command.is_empty())
         }
@@ -283,18 +273,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let nonce = hex::decode(nonce.trim()).context("--nonce is not hex")?;
             let config = Config::load()?;
-            let namespaces: Vec<&str> = match &namespace {
-                Some(ns) => vec![ns.as_str()],
-                None => cocoon_shim::consolelog::NAMESPACES.to_vec(),
-            };
-            let uds =
-                cocoon_shim::debugconsole::find_vsock(&config.paths.run_dir, &id, &namespaces)
-                    .with_context(|| {
-                        format!(
-                            "no running pod {id} under {} (namespaces {namespaces:?})",
-                            config.paths.run_dir.display()
-                        )
-                    })?;
+            let uds = pod_vsock(&config, &id, namespace.as_deref())?;
             let call = std::time::Duration::from_millis(config.vm.call_timeout_ms);
             let r = runtime()?.block_on(async {
                 let agent =
@@ -474,6 +453,23 @@ async fn until_signalled(f: impl std::future::Future<Output = Result<()>>) -> Re
         _ = term.recv() => bail!("terminated; the VM was stopped and cleaned up"),
         _ = int.recv() => bail!("interrupted; the VM was stopped and cleaned up"),
     }
+}
+
+/// The vsock socket of running pod `id` (a sandbox, container or VM id) in `namespace`,
+/// or in each namespace pods usually live in.
+fn pod_vsock(config: &Config, id: &str, namespace: Option<&str>) -> Result<std::path::PathBuf> {
+    let namespaces: Vec<&str> = match namespace {
+        Some(ns) => vec![ns],
+        None => cocoon_shim::consolelog::NAMESPACES.to_vec(),
+    };
+    cocoon_shim::debugconsole::find_vsock(&config.paths.run_dir, id, &namespaces).with_context(
+        || {
+            format!(
+                "no running pod {id} under {} (namespaces {namespaces:?})",
+                config.paths.run_dir.display()
+            )
+        },
+    )
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
