@@ -75,10 +75,11 @@ pub struct GuestClock {
 }
 
 impl GuestClock {
-    /// Guest moment `ns`, in ms after `anchor` on the host's clock.
+    /// Guest moment `ns`, in ms after `anchor` on the host's clock. In floating point:
+    /// the guest's numbers are its own, and no pair of them may overflow the shim.
     pub fn ms_after(&self, anchor: Instant, ns: i64) -> f64 {
         let asked = ms(self.asked.saturating_duration_since(anchor));
-        asked + self.uncertainty_ms() - (self.boottime_ns - ns) as f64 / 1e6
+        asked + self.uncertainty_ms() - (self.boottime_ns as f64 - ns as f64) / 1e6
     }
 
     pub fn uncertainty_ms(&self) -> f64 {
@@ -230,6 +231,12 @@ mod tests {
             ]
         );
         assert_eq!(clock.uncertainty_ms(), 10.0);
+        // A hostile guest's extreme numbers place stages absurdly, never panic.
+        let wild = GuestClock {
+            boottime_ns: i64::MIN,
+            ..clock
+        };
+        assert!(wild.ms_after(t0, i64::MAX).is_finite());
         // A container that joined a running VM has no VM stages.
         let joined = HostMarks { vm: None, ..marks };
         let t = timeline(&joined, (at(1420), at(1460)), &clock, &d, "c");
