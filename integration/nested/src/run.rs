@@ -26,6 +26,8 @@ pub struct L1 {
     /// QEMU's `-cpu`: a model with SVM and nested paging, or L1 has no KVM.
     pub cpu: String,
     pub cpus: u32,
+    /// QEMU's `-accel` for L1: `tcg` (one host thread per vCPU) or `tcg,thread=single`.
+    pub accel: String,
     pub mem_mib: u32,
     /// From QEMU's start to L1's power-off; QEMU is killed after it.
     pub timeout: Duration,
@@ -84,6 +86,7 @@ impl L1 {
             image,
             cpu: "EPYC,+svm,+npt".into(),
             cpus: 2,
+            accel: "tcg".into(),
             mem_mib: 3072,
             timeout: Duration::from_secs(300),
             cmdline: String::new(),
@@ -144,7 +147,7 @@ impl L1 {
         let started = Instant::now();
         let mut vm = Reaped(
             dies_with_parent(&mut Command::new(qemu))
-                .args(["-M", "q35", "-accel", "tcg"])
+                .args(["-M", "q35", "-accel", &self.accel])
                 .args(["-cpu", &self.cpu])
                 .args(["-smp", &self.cpus.to_string()])
                 .args(["-m", &format!("{}M", self.mem_mib)])

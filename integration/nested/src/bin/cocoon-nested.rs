@@ -29,6 +29,9 @@ enum Cmd {
         image_dir: PathBuf,
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// QEMU's -accel for L1 (e.g. `tcg,thread=single`).
+        #[arg(long, default_value = "tcg")]
+        accel: String,
         #[arg(long, default_value_t = 3072)]
         mem_mib: u32,
         /// Seconds before L1 is killed.
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     let Cmd::Run {
         image_dir,
         cpus,
+        accel,
         mem_mib,
         timeout,
         env,
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     let image = L1Image::build(&image_dir, None).context("L1 image")?;
     let l1 = L1 {
         cpus,
+        accel,
         mem_mib,
         timeout: Duration::from_secs(timeout),
         ..L1::new(image)
