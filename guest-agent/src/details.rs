@@ -5,6 +5,19 @@ use std::fs;
 use cocoon_protocol::agent::{GuestDetailsResponse, TimelineEvent};
 use nix::time::{clock_gettime, ClockId};
 
+/// The CPU's time-stamp counter.
+#[cfg(target_arch = "x86_64")]
+pub fn tsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it touches no memory.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// No time-stamp counter to read here.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn tsc() -> u64 {
+    0
+}
+
 pub fn boottime_ns() -> i64 {
     clock_gettime(ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
@@ -77,6 +90,7 @@ pub fn collect(state: &crate::handlers::AgentState) -> GuestDetailsResponse {
     r.mem_available_bytes = meminfo_bytes(&meminfo, "MemAvailable");
     r.agent_version = env!("CARGO_PKG_VERSION").to_string();
     r.agent_start_boottime_ns = state.start_boottime_ns;
+    r.agent_start_tsc = state.start_tsc;
     r.boottime_ns = boottime_ns();
     r.agent_init_ns = state.init_ns;
     r.server_ready_boottime_ns = state

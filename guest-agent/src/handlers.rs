@@ -97,6 +97,8 @@ pub fn parse_net_dev(text: &str) -> Vec<NetworkStats> {
 #[derive(Debug)]
 pub struct AgentState {
     pub start_boottime_ns: i64,
+    /// The TSC at the same moment (see `details::tsc`).
+    pub start_tsc: u64,
     pub init_ns: i64,
     /// Modules loaded so far (boot-critical first, then the deferred ones).
     pub modules: std::sync::Mutex<Vec<String>>,

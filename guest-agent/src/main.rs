@@ -63,6 +63,7 @@ fn main() {
     let started = Instant::now();
     let is_init = std::process::id() == 1;
     let start_boottime_ns = details::boottime_ns();
+    let start_tsc = details::tsc();
     if is_init && matches!(listen, Listen::Vsock) {
         if let Err(e) = init::leave_initramfs() {
             eprintln!("cocoon-agent: {e:#}");
@@ -114,6 +115,7 @@ fn main() {
     ));
     let state = Arc::new(handlers::AgentState {
         start_boottime_ns,
+        start_tsc,
         init_ns,
         modules: std::sync::Mutex::new(early.modules),
         modules_done: tokio::sync::watch::channel(None).0,

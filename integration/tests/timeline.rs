@@ -55,7 +55,7 @@ fn a_start_is_one_timeline_from_create_to_the_first_instruction() {
         "start-returned",
     ];
     let guest = [
-        "kernel-start",
+        "vm-start",
         "agent-main",
         "agent-listening",
         "sandbox-created",
@@ -82,7 +82,7 @@ fn a_start_is_one_timeline_from_create_to_the_first_instruction() {
     let u = rec.clock_uncertainty_ms + 1.0;
     assert!(u < 1000.0, "reading the guest's clock took {u} ms");
     for (before, after) in [
-        ("vmm-spawned", "kernel-start"),
+        ("vmm-spawned", "vm-start"),
         ("agent-listening", "agent-ready"),
         ("agent-ready", "sandbox-created"),
         ("sandbox-created", "sandbox-set-up"),
@@ -100,7 +100,7 @@ fn a_start_is_one_timeline_from_create_to_the_first_instruction() {
         );
     }
     // The stages cover the whole start, as `ctr` saw it take.
-    assert!(at("start-returned") > at("kernel-start"));
+    assert!(at("start-returned") > at("vm-start"));
     assert_clean(&env);
 }
 

@@ -41,6 +41,12 @@ pub struct BootSample {
     pub kernel_boot_ms: f64,
     /// Guest clock from agent main() to its server listening (mounts, modules).
     pub agent_start_ms: f64,
+    /// The guest's TSC at agent main(), at the host's TSC rate: the VM's start
+    /// (its first instruction under TCG, the vCPU's creation under KVM) to agent main,
+    /// firmware and kernel, all of it. Under TCG the guest clock misses part of the
+    /// kernel's boot (jiffies lose ticks until the TSC clocksource takes over), so this
+    /// exceeds `kernel_boot_ms` by more than the firmware.
+    pub tsc_to_agent_ms: f64,
     /// What neither side's clock covers: QEMU set-up, firmware, kernel
     /// decompression before the guest clock starts, the first connection.
     pub unaccounted_ms: f64,
@@ -136,6 +142,7 @@ pub async fn boot_once(
     let vmm_launch = vm.times.vmm_spawned - vm.times.started;
     vm.stop(Duration::ZERO).await;
     let kernel_boot = details.agent_start_boottime_ns as f64 / 1e6;
+    let tsc_to_agent = tsc_ms(details.agent_start_tsc, &spec.run_root);
     let agent_start =
         (details.server_ready_boottime_ns - details.agent_start_boottime_ns) as f64 / 1e6;
     let sample = BootSample {
@@ -143,6 +150,7 @@ pub async fn boot_once(
         vmm_launch_ms: ms(vmm_launch),
         kernel_boot_ms: kernel_boot,
         agent_start_ms: agent_start,
+        tsc_to_agent_ms: tsc_to_agent,
         unaccounted_ms: ms(ready) - ms(vmm_launch) - kernel_boot - agent_start,
         shutdown_ms: ms(shutdown),
         cycle_ms: ms(cycle),
@@ -150,6 +158,12 @@ pub async fn boot_once(
         host_pss_beyond_ram_kib,
     };
     Ok((sample, details))
+}
+
+/// A guest TSC reading in ms since the guest's TSC 0, at the host's TSC rate (which the
+/// guest's TSC counts at under TCG, and under KVM without TSC scaling).
+pub fn tsc_ms(tsc: u64, run_root: &std::path::Path) -> f64 {
+    tsc as f64 / cocoon_rootfs::tsc::host_khz(Some(run_root)) as f64
 }
 
 /// VmRSS of a process in KiB (0 if it is gone).

@@ -502,12 +502,19 @@ async fn vm_boot(
     let agent = AgentClient::wait_ready(&mut vm, boot_timeout, call_timeout).await?;
     let ready = vm.times.started.elapsed();
     let version = agent.version().await?;
+    let asked = Instant::now();
     let d = agent.guest_details().await?;
+    let clock = cocoon_shim::shimv2::timings::GuestClock {
+        asked,
+        answered: Instant::now(),
+        boottime_ns: d.boottime_ns,
+    };
     let t = Instant::now();
     agent.shutdown().await?;
     let exited = vm.wait_exit(Duration::from_secs(10)).await;
     let shutdown = t.elapsed();
     let launch = vm.times.vmm_spawned - vm.times.started;
+    let (started, spawned) = (vm.times.started, vm.times.vmm_spawned);
     let console_text =
         console.then(|| std::fs::read_to_string(&vm.console_log).unwrap_or_default());
     vm.stop(Duration::ZERO).await;
@@ -519,6 +526,16 @@ async fn vm_boot(
     }
     let kernel_ms = d.agent_start_boottime_ns as f64 / 1e6;
     let agent_ms = (d.server_ready_boottime_ns - d.agent_start_boottime_ns) as f64 / 1e6;
+    // Agent main on the host's clock (placed through GuestDetails), and on the guest's
+    // TSC, which counts from the VM's start: what lies before that start is the VMM's
+    // own set-up. The guest clock's boot time 0 is not used as the kernel's start: under
+    // TCG it misses hundreds of ms of the kernel's boot (jiffies lose ticks while
+    // interrupts are off, until the TSC clocksource takes over).
+    let agent_main_ms = clock.ms_after(spawned, d.agent_start_boottime_ns);
+    let tsc_ms = cocoon_shim::bench::tsc_ms(d.agent_start_tsc, &config.paths.run_dir);
+    let vmm_setup_ms = agent_main_ms - tsc_ms;
+    let connect_ms =
+        ready.as_secs_f64() * 1e3 - clock.ms_after(started, d.server_ready_boottime_ns);
     if json {
         let v = serde_json::json!({
             "id": id,
@@ -533,8 +550,12 @@ async fn vm_boot(
             "timings_ms": {
                 "ready": ready.as_secs_f64() * 1e3,
                 "vmm_launch": launch.as_secs_f64() * 1e3,
+                "vmm_setup": vmm_setup_ms,
+                "vm_start_to_agent_main": tsc_ms,
                 "kernel_boot": kernel_ms,
                 "agent_start": agent_ms,
+                "connect": connect_ms,
+                "clock_uncertainty": clock.uncertainty_ms(),
                 "shutdown": shutdown.as_secs_f64() * 1e3,
             }
         });
@@ -564,8 +585,14 @@ async fn vm_boot(
         "    vmm launch (host)     {:>8.1}",
         launch.as_secs_f64() * 1e3
     );
-    println!("    kernel boot (guest)   {kernel_ms:>8.1}");
+    println!(
+        "    vmm set-up (host)     {vmm_setup_ms:>8.1}   (spawn to the guest's first instruction, ±{:.1})",
+        clock.uncertainty_ms()
+    );
+    println!("    firmware + kernel     {tsc_ms:>8.1}   (guest TSC at agent main)");
+    println!("      kernel (its clock)  {kernel_ms:>8.1}");
     println!("    agent start (guest)   {agent_ms:>8.1}");
+    println!("    first connect (host)  {connect_ms:>8.1}");
     println!(
         "  shutdown -> exit        {:>8.1}",
         shutdown.as_secs_f64() * 1e3

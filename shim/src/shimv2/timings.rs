@@ -87,15 +87,23 @@ impl GuestClock {
     }
 }
 
-/// The guest events the timeline takes: the pod's (kernel start is boot time 0, then the
-/// agent's main and its listening server) only for the container whose Create booted
-/// the VM, and this container's own.
+/// The guest events the timeline takes: the pod's (the VM's start, then the agent's main
+/// and its listening server) only for the container whose Create booted the VM, and this
+/// container's own.
+///
+/// The VM's start is the guest's TSC 0, placed back from agent main by the TSC the agent
+/// read there at `tsc_khz` (the host's rate; 0 when unknown leaves it out). Not the guest
+/// clock's boot time 0: under TCG the kernel keeps time on jiffies until its TSC
+/// clocksource takes over and loses the ticks of its long interrupts-off steps (code
+/// patching, the local APIC timer's calibration), so its clock misses 300-500 ms of its
+/// own boot and would place the kernel's start that much too late.
 pub fn timeline(
     marks: &HostMarks,
     start: (Instant, Instant),
     clock: &GuestClock,
     details: &cocoon_protocol::agent::GuestDetailsResponse,
     container_id: &str,
+    tsc_khz: u64,
 ) -> Vec<Stage> {
     let anchor = marks.create_called;
     let host = |stage: &str, at: Instant| Stage {
@@ -111,8 +119,15 @@ pub fn timeline(
     let mut out = vec![host("create-called", anchor)];
     if let Some((launched, ready, set_up)) = marks.vm {
         out.push(host("vmm-spawned", launched));
-        out.push(guest("kernel-start", 0));
-        out.push(guest("agent-main", details.agent_start_boottime_ns));
+        let main = guest("agent-main", details.agent_start_boottime_ns);
+        if details.agent_start_tsc > 0 && tsc_khz > 0 {
+            out.push(Stage {
+                stage: "vm-start".into(),
+                clock: "guest-tsc".into(),
+                at_ms: main.at_ms - details.agent_start_tsc as f64 / tsc_khz as f64,
+            });
+        }
+        out.push(main);
         out.push(guest("agent-listening", details.server_ready_boottime_ns));
         out.push(host("agent-ready", ready));
         if let Some(e) = details
@@ -179,8 +194,9 @@ mod tests {
         e
     }
 
-    /// A guest whose clock reads 1 000 ms at the host's 1 500 ms (after Create): its
-    /// kernel started 500 ms after Create, and each of its stages lands where it was.
+    /// A guest whose clock reads 1 000 ms at the host's 1 500 ms (after Create), and whose
+    /// TSC at agent main says 850 ms since the VM's start (at 1 000 kHz): the VM started
+    /// 50 ms after Create, and each of its stages lands where it was.
     #[test]
     fn guest_stages_land_on_the_host_clock_in_order() {
         let t0 = Instant::now();
@@ -198,6 +214,7 @@ mod tests {
         };
         let mut d = cocoon_protocol::agent::GuestDetailsResponse::new();
         d.agent_start_boottime_ns = 400_000_000;
+        d.agent_start_tsc = 850_000;
         d.server_ready_boottime_ns = 600_000_000;
         d.timeline = vec![
             event("sandbox-created", "", 750_000_000),
@@ -206,7 +223,7 @@ mod tests {
             event("container-created", "c", 850_000_000),
             event("container-running", "c", 950_000_000),
         ];
-        let t = timeline(&marks, (at(1420), at(1460)), &clock, &d, "c");
+        let t = timeline(&marks, (at(1420), at(1460)), &clock, &d, "c", 1000);
         let got: Vec<(&str, &str, i64)> = t
             .iter()
             .map(|s| (s.stage.as_str(), s.clock.as_str(), s.at_ms.round() as i64))
@@ -216,7 +233,7 @@ mod tests {
             [
                 ("create-called", "host", 0),
                 ("vmm-spawned", "host", 10),
-                ("kernel-start", "guest", 500),
+                ("vm-start", "guest-tsc", 50),
                 ("agent-main", "guest", 900),
                 ("agent-listening", "guest", 1100),
                 ("agent-ready", "host", 1200),
@@ -239,10 +256,10 @@ mod tests {
         assert!(wild.ms_after(t0, i64::MAX).is_finite());
         // A container that joined a running VM has no VM stages.
         let joined = HostMarks { vm: None, ..marks };
-        let t = timeline(&joined, (at(1420), at(1460)), &clock, &d, "c");
+        let t = timeline(&joined, (at(1420), at(1460)), &clock, &d, "c", 1000);
         assert!(t
             .iter()
-            .all(|s| !s.stage.starts_with("agent") && s.stage != "kernel-start"));
+            .all(|s| !s.stage.starts_with("agent") && s.stage != "vm-start"));
         assert_eq!(
             t.len(),
             7,

@@ -840,9 +840,14 @@ async fn place_timeline(
         answered: std::time::Instant::now(),
         boottime_ns: details.boottime_ns,
     };
+    // Cached per host boot once any TCG VM started; else measured here, off the runtime.
+    let khz_dir = run_dir.clone();
+    let tsc_khz = tokio::task::spawn_blocking(move || cocoon_rootfs::tsc::host_khz(Some(&khz_dir)))
+        .await
+        .unwrap_or(0);
     let rec = timings::Record {
         kind: "timeline".into(),
-        timeline: timings::timeline(&marks, start, &clock, &details, &id),
+        timeline: timings::timeline(&marks, start, &clock, &details, &id, tsc_khz),
         clock_uncertainty_ms: clock.uncertainty_ms(),
         container_id: id,
         vm_id: sb.id.clone(),
