@@ -204,6 +204,10 @@ async fn baseline_once(config: &Config, accel: &str, initrd: &Path) -> Result<f6
         cmdline.push_str(&cocoon_rootfs::tsc::tcg_kernel_param(Some(
             &config.paths.run_dir,
         )));
+        for p in crate::hypervisor::qemu::TCG_KERNEL_PARAMS {
+            cmdline.push(' ');
+            cmdline.push_str(p);
+        }
     }
     let machine = match config.qemu.machine {
         crate::config::Machine::Microvm => format!("microvm,accel={accel},rtc=on"),
