@@ -28,7 +28,7 @@ agent: setup
 		$(CARGO) build --release -p cocoon-agent --target $(GUEST_TARGET)
 
 # The guest image: Cocoon's own kernel (built once per change of
-# rootfs/kernel/cocoon.config, then cached) and the agent's initramfs. KERNEL=debian
+# rootfs/kernel/, its config fragment and patches, then cached) and the agent's initramfs. KERNEL=debian
 # takes Debian's cloud kernel instead.
 KERNEL ?= built
 image: build agent

@@ -170,6 +170,55 @@ fn guest_time_runs_at_the_hosts_rate() {
     kill_delete_clean(&env, "clock");
 }
 
+/// A guest's timers fire on time: a `sleep 1` in a container spans 1 s of the guest's
+/// own clock (which `guest_time_runs_at_the_hosts_rate` holds to the host's), plus the
+/// two `cat`s' starts. A TCG guest is told its local APIC timer's rate
+/// (`lapic_timer_hz`) instead of calibrating it; told a wrong one, every timer would fire
+/// early or late by that factor (early ones are re-armed, so a wrong rate shows as late).
+#[test]
+fn a_guests_timers_fire_on_time() {
+    let env = env();
+    run_detached(&env, "timers", &[], &["sleep", "1000"]);
+    let mut spans = Vec::new();
+    for attempt in 0..3 {
+        let id = format!("sleep-{attempt}");
+        let out = ctr_ok(
+            &env,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                &id,
+                "timers",
+                "sh",
+                "-c",
+                "cat /proc/uptime; sleep 1; cat /proc/uptime",
+            ],
+        );
+        let ups: Vec<f64> = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        // containerd 1.6 sometimes loses an exec's output (see the test above).
+        if let [a, b] = ups[..] {
+            spans.push(b - a);
+            if spans.len() == 2 {
+                break;
+            }
+        } else {
+            eprintln!("attempt {attempt}: the exec printed {out:?}; again");
+        }
+    }
+    assert!(!spans.is_empty(), "no exec's output came back");
+    for span in &spans {
+        assert!(
+            (1.0..1.35).contains(span),
+            "`sleep 1` spanned {span:.3} s of the guest's clock: {spans:?}"
+        );
+    }
+    kill_delete_clean(&env, "timers");
+}
+
 /// A container's wall clock is the host's, as under runc: its time in microseconds (busybox
 /// `adjtimex`, which only reads without options) lies between the host's times of sending
 /// the exec and of its answer, to 50 ms. (A TCG guest that kept the RTC's whole seconds

@@ -1,12 +1,13 @@
 //! Cocoon's own guest kernel, built from Debian's `linux-source-6.12` with the config
-//! fragment `rootfs/kernel/cocoon.config` merged over `make tinyconfig`: everything a pod
+//! fragment `rootfs/kernel/cocoon.config` merged over `make tinyconfig` (after the small
+//! patches in `rootfs/kernel/patches`, see `PATCHES`): everything a pod
 //! VM uses built in, nothing else probed, so the agent loads no module and the kernel
 //! boots without looking for hardware a microVM does not have.
 //!
 //! The result (`vmlinuz`, the same kernel as a PVH-bootable ELF `vmlinux` with its
 //! symbols stripped, the kernel's `modules.builtin`, its release) is cached under
-//! `<cache>/kernels/<key>`, where the key hashes the source package, the fragment and
-//! this recipe: a build happens once per change of any of them, then every image build
+//! `<cache>/kernels/<key>`, where the key hashes the source package, the fragment, the
+//! patches and this recipe: a build happens once per change of any of them, then every image build
 //! reuses it. A fragment option the kernel does not honour (a missing dependency, a
 //! misspelt name) fails the build naming it, rather than quietly booting without it.
 
@@ -25,9 +26,17 @@ use crate::hash;
 pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
 /// The config fragment, merged over `tinyconfig`.
 pub const FRAGMENT: &str = include_str!("../kernel/cocoon.config");
+/// Our changes to the source, applied in order before configuring (`patch -p1`). Each
+/// says in itself why it is there; part of the cache key.
+/// - `lapic_timer_hz=`: the VMM gives the local APIC timer's rate, so a TCG guest's boot
+///   skips the timer's 100 ms calibration (`qemu.rs` passes QEMU's 1 GHz).
+pub const PATCHES: &[(&str, &str)] = &[(
+    "0001-lapic-timer-hz.patch",
+    include_str!("../kernel/patches/0001-lapic-timer-hz.patch"),
+)];
 /// What the steps below do; part of the cache key, so a change rebuilds.
-const RECIPE: &str =
-    "tinyconfig + merge_config -m cocoon.config + olddefconfig + bzImage, stripped vmlinux; v2";
+const RECIPE: &str = "patches + tinyconfig + merge_config -m cocoon.config + olddefconfig + \
+     bzImage, stripped vmlinux; v3";
 
 #[derive(Debug, Error)]
 pub enum KbuildError {
@@ -108,7 +117,10 @@ pub fn not_honoured(fragment: &str, config: &str) -> Vec<String> {
 
 /// The cache key of a build from the source package with this sha256.
 pub fn cache_key(source_sha256: &str) -> String {
-    let text = format!("{source_sha256}\n{RECIPE}\n{FRAGMENT}");
+    let mut text = format!("{source_sha256}\n{RECIPE}\n{FRAGMENT}");
+    for (name, patch) in PATCHES {
+        text.push_str(&format!("\n{name}\n{patch}"));
+    }
     hash::sha256_hex(text.as_bytes())[..16].to_owned()
 }
 
@@ -150,7 +162,7 @@ pub fn build(
         .map_err(io_err("create a directory in", scratch))?;
     // Said whatever the log level: minutes with no output would look like a hang.
     eprintln!(
-        "building the guest kernel from {} {} (once per change of rootfs/kernel/cocoon.config; \
+        "building the guest kernel from {} {} (once per change of rootfs/kernel/; \
          about 6 minutes on 2 cores)",
         pkg.name, pkg.version
     );
@@ -158,6 +170,15 @@ pub fn build(
     let tarball = work.path().join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
     run(work.path(), "tar", &["-xf", &tarball.to_string_lossy()])?;
     let src = work.path().join(SOURCE_PACKAGE);
+    for (name, patch) in PATCHES {
+        let file = work.path().join(name);
+        fs::write(&file, patch).map_err(io_err("write", &file))?;
+        run(
+            &src,
+            "patch",
+            &["-p1", "--forward", "--batch", "-i", &file.to_string_lossy()],
+        )?;
+    }
     let jobs = format!("-j{}", jobs.max(1));
     run(&src, "make", &["tinyconfig"])?;
     let fragment = work.path().join("cocoon.config");
