@@ -13,10 +13,11 @@ set -euo pipefail
 # gcc, flex, bison, bc, libelf-dev, libssl-dev, xz-utils to build Cocoon's own guest
 # kernel from linux-source-6.12 (`cocoon image build --built-kernel`); ovmf (SEV
 # firmware images) and python3-venv for the reference `cocoon measure` is tested
-# against (below).
+# against (below); nftables: the shim's PortForward redirect in each pod's network
+# namespace (`nft`; some Debian images lack it, and then port-forward to a VM pod fails).
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
           containernetworking-plugins protobuf-compiler make gcc flex bison bc libelf-dev libssl-dev xz-utils
-          ovmf python3-venv)
+          ovmf python3-venv nftables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
