@@ -59,10 +59,16 @@ impl Timeline {
 
     /// Records `stage` of `container_id` (empty for the pod) now.
     pub fn mark(&self, stage: &str, container_id: &str) {
+        self.mark_at(stage, container_id, boottime_ns());
+    }
+
+    /// Records `stage` of `container_id` at guest boot time `ns` (a moment another
+    /// process of the guest read, such as the runtime helper's start).
+    pub fn mark_at(&self, stage: &str, container_id: &str, ns: i64) {
         let mut e = TimelineEvent::new();
         e.stage = stage.into();
         e.container_id = container_id.into();
-        e.boottime_ns = boottime_ns();
+        e.boottime_ns = ns;
         let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() == Self::CAP {
             q.pop_front();

@@ -62,6 +62,7 @@ fn a_start_is_one_timeline_from_create_to_the_first_instruction() {
         "container-create-received",
         "container-storage-mounted",
         "container-helper-spawning",
+        "container-helper-main",
         "container-helper-started",
         "container-created",
         "container-running",

@@ -368,8 +368,14 @@ impl Containers {
         };
         let result = async {
             timeline.mark("container-helper-spawning", id);
-            let (pid, mut sync) =
-                spawn::spawn(&req, child_stdio, cgroup.as_ref(), &self.reaper).await?;
+            let spawn::Spawned {
+                pid,
+                mut sync,
+                helper_main_ns,
+            } = spawn::spawn(&req, child_stdio, cgroup.as_ref(), &self.reaper).await?;
+            if let Some(ns) = helper_main_ns {
+                timeline.mark_at("container-helper-main", id, ns);
+            }
             timeline.mark("container-helper-started", id);
             container.init.set_pid(pid, &self.reaper);
             if req.terminal {
@@ -488,7 +494,7 @@ impl Containers {
             no_pivot: self.no_pivot,
         };
         let result = async {
-            let (pid, mut sync) =
+            let spawn::Spawned { pid, mut sync, .. } =
                 spawn::spawn(&req, child_stdio, c.cgroup.as_ref(), &self.reaper).await?;
             p.set_pid(pid, &self.reaper);
             if req.terminal {

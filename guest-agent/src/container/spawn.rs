@@ -169,14 +169,21 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<Owned
     Ok((msg.bytes, fds))
 }
 
-/// Starts the helper; returns the pid of the process it forked (the
-/// container init or the exec'd process) and the sync channel.
+/// A started helper: the pid of the process it forked (the container init or the exec'd
+/// process), the sync channel, and when the helper's main() began (guest boot time).
+pub struct Spawned {
+    pub pid: i32,
+    pub sync: SyncChannel,
+    pub helper_main_ns: Option<i64>,
+}
+
+/// Starts the helper and waits for the pid of the process it forked.
 pub async fn spawn(
     req: &HelperRequest,
     stdio: ChildStdio,
     cgroup: Option<&Cgroup>,
     reaper: &Reaper,
-) -> Result<(i32, SyncChannel), SpawnError> {
+) -> Result<Spawned, SpawnError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(SpawnError::Socket)?;
     let their_fd = theirs.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");
@@ -221,11 +228,24 @@ pub async fn spawn(
     }
     let json = serde_json::to_string(req).map_err(|e| SpawnError::Sync(e.into()))?;
     sync.send_line(&json).await?;
-    match sync.recv().await? {
-        Some(HelperMessage::Pid(pid)) => Ok((pid, sync)),
-        Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e)),
-        Some(other) => Err(SpawnError::Unexpected(other)),
-        None => Err(SpawnError::Ended),
+    let mut helper_main_ns = None;
+    loop {
+        match sync.recv().await? {
+            // Once, first: a second one is as unexpected as any other line.
+            Some(HelperMessage::Started(ns)) if helper_main_ns.is_none() => {
+                helper_main_ns = Some(ns)
+            }
+            Some(HelperMessage::Pid(pid)) => {
+                return Ok(Spawned {
+                    pid,
+                    sync,
+                    helper_main_ns,
+                })
+            }
+            Some(HelperMessage::Error(e)) => return Err(SpawnError::Runtime(e)),
+            Some(other) => return Err(SpawnError::Unexpected(other)),
+            None => return Err(SpawnError::Ended),
+        }
     }
 }
 

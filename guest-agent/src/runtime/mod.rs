@@ -65,6 +65,9 @@ pub struct ExecTarget {
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HelperMessage {
+    /// The helper's first line: its main() began at this guest CLOCK_BOOTTIME, so the
+    /// agent's timeline can tell the helper's exec from the work it then does.
+    Started(i64),
     Pid(i32),
     /// The pty master comes with this line (SCM_RIGHTS).
     Console,
@@ -188,6 +191,10 @@ pub fn helper_main() -> ! {
     let _ = nix::fcntl::fcntl(
         sock.as_fd(),
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    send(
+        &sock,
+        &HelperMessage::Started(crate::details::boottime_ns()),
     );
     let req = match read_line(&sock) {
         Ok(Some(line)) => serde_json::from_str::<HelperRequest>(&line)
