@@ -28,7 +28,9 @@ enum Listen {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cocoon-agent [--listen-unix <dir> [--no-pivot] [--cgroup-root <dir>]]");
+    eprintln!(
+        "usage: cocoon-agent [--listen-unix <dir> [--no-pivot] [--cgroup-root <dir>] [--no-zygote]]"
+    );
     std::process::exit(2)
 }
 
@@ -39,8 +41,10 @@ fn main() {
     }
     // Dev-mode options: `--no-pivot` takes the path an initramfs root
     // takes; `--cgroup-root` points at a cgroup v2 directory on a host
-    // whose /sys/fs/cgroup is v1.
+    // whose /sys/fs/cgroup is v1; `--no-zygote` exec's each runtime helper (the path
+    // taken when the zygote cannot start, kept under test by this).
     let mut opts = container::Options::default();
+    let mut zygote = true;
     let listen = match args.get(1).map(String::as_str) {
         None => Listen::Vsock,
         Some("--listen-unix") => {
@@ -49,6 +53,7 @@ fn main() {
             while let Some(a) = rest.next() {
                 match a.as_str() {
                     "--no-pivot" => opts.no_pivot = true,
+                    "--no-zygote" => zygote = false,
                     "--cgroup-root" => match rest.next() {
                         Some(d) => opts.cgroup_root = Some(PathBuf::from(d)),
                         None => usage(),
@@ -87,6 +92,12 @@ fn main() {
         init::EarlyInit::default()
     };
     init::setup_logging(&early.cmdline);
+    // While this process still has one thread: the async runtime below starts others.
+    if !zygote {
+        tracing::info!("no runtime zygote (--no-zygote): each container's helper is exec'd");
+    } else if let Err(e) = runtime::zygote::start() {
+        tracing::warn!("no runtime zygote ({e}): each container's helper will be exec'd");
+    }
     let init_ns = started.elapsed().as_nanos() as i64;
     tracing::debug!(
         boottime_ms = start_boottime_ns / 1_000_000,

@@ -185,33 +185,21 @@ pub async fn spawn(
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(SpawnError::Socket)?;
-    let their_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg(HELPER_ARG)
-        .env_clear()
-        .stdin(Stdio::from(stdio.stdin))
-        .stdout(Stdio::from(stdio.stdout))
-        .stderr(Stdio::from(stdio.stderr));
-    // SAFETY: the hook runs in the forked child before exec and only calls
-    // dup2/fcntl, which are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if their_fd == SYNC_FD {
-                libc::fcntl(SYNC_FD, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(their_fd, SYNC_FD)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(SpawnError::Spawn)?;
-    let helper_pid = child.id() as i32;
-    // The reaper collects it; its status says nothing the socket doesn't.
-    drop(child);
-    drop(reaper.watch(helper_pid));
+    let theirs = OwnedFd::from(theirs);
+    let helper_pid = match crate::runtime::zygote::spawn([
+        &stdio.stdin,
+        &stdio.stdout,
+        &stdio.stderr,
+        &theirs,
+    ]) {
+        // The zygote's child: the kernel reaps it, not the agent.
+        Some(Ok(pid)) => pid,
+        Some(Err(e)) => {
+            tracing::warn!("runtime zygote: {e}; exec'ing the helper instead");
+            exec_helper(stdio, &theirs, reaper)?
+        }
+        None => exec_helper(stdio, &theirs, reaper)?,
+    };
     drop(theirs);
     ours.set_nonblocking(true).map_err(SpawnError::Socket)?;
     let stream = UnixStream::from_std(ours).map_err(SpawnError::Socket)?;
@@ -247,6 +235,39 @@ pub async fn spawn(
             None => return Err(SpawnError::Ended),
         }
     }
+}
+
+/// Starts the helper by exec'ing the agent's own binary, when no zygote runs (see
+/// `runtime::zygote` for why that is the slower way).
+fn exec_helper(stdio: ChildStdio, theirs: &OwnedFd, reaper: &Reaper) -> Result<i32, SpawnError> {
+    let their_fd = theirs.as_raw_fd();
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg(HELPER_ARG)
+        .env_clear()
+        .stdin(Stdio::from(stdio.stdin))
+        .stdout(Stdio::from(stdio.stdout))
+        .stderr(Stdio::from(stdio.stderr));
+    // SAFETY: the hook runs in the forked child before exec and only calls
+    // dup2/fcntl, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if their_fd == SYNC_FD {
+                libc::fcntl(SYNC_FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(their_fd, SYNC_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(SpawnError::Spawn)?;
+    let helper_pid = child.id() as i32;
+    // The reaper collects it; its status says nothing the socket doesn't.
+    drop(child);
+    drop(reaper.watch(helper_pid));
+    Ok(helper_pid)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod creds;
 pub mod mounts;
 pub mod seccomp;
 mod syscalls_x86_64;
+pub mod zygote;
 
 pub use mounts::parse_options as mount_options;
 

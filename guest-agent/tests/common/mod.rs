@@ -135,6 +135,11 @@ impl Agent {
         }
     }
 
+    /// The agent's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// How many fds the agent holds now.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))

@@ -1,0 +1,258 @@
+//! The runtime zygote: a single-threaded copy of the agent, forked in `main` before the
+//! async runtime starts, that forks a runtime helper whenever the agent asks.
+//!
+//! Without it the agent starts each helper by exec'ing `/proc/self/exe __cocoon-runtime`
+//! (still the path taken when no zygote runs). Two things make a fork of a zygote better:
+//! - Under TCG (QEMU 7.2) translated guest code is found by its virtual address, and a
+//!   static PIE's exec lands at a new random base, so every helper translated std, serde
+//!   and the runtime again: 50-90 ms from spawning to the helper's main per container
+//!   (`container-helper-main` in the timeline), against 5-10 ms per exec of the same code
+//!   built non-PIE. A zygote's child runs at the agent's own addresses, code the agent and
+//!   earlier helpers already ran. The agent keeps its ASLR: the kernel placed it at random
+//!   before the zygote was forked (building the agent non-PIE was the other way to get the
+//!   same saving, and would have given that up).
+//! - Everywhere: no exec and no start-up of a 15 MB static binary per container or exec.
+//!
+//! A fork is safe to run Rust code in only from a single-threaded process; the zygote is
+//! forked before any thread exists and never starts one. The helper it forks runs
+//! `runtime::helper_main`, which resets signal dispositions and the mask and closes every
+//! descriptor but its stdio and the sync socket, as after an exec.
+//!
+//! What a helper inherits besides: the zygote's memory, a copy of the agent's from before
+//! it served anything (the kernel command line, the logger's set-up). No request, spec or
+//! init-data is in it, so a container's init, which a helper forks and which waits for
+//! its execve in that memory, can hold nothing of another container's.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::unistd::{fork, ForkResult};
+
+use super::SYNC_FD;
+
+/// Descriptors per request: the helper's stdin, stdout, stderr and sync socket.
+const FDS: usize = 4;
+
+/// How long a fork may take the zygote before the agent stops waiting.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
+
+/// The agent's end of the zygote.
+struct Zygote {
+    /// One request and its answer at a time.
+    sock: Mutex<UnixStream>,
+    /// Set when a request failed: later ones take the exec path.
+    lost: AtomicBool,
+}
+
+/// Forks the zygote. Call it only while the process has a single thread: it checks
+/// `/proc/self/task` and refuses otherwise.
+pub fn start() -> io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "the zygote must be forked from a single-threaded process; this one has {threads}"
+        )));
+    }
+    let (ours, theirs) = UnixStream::pair()?;
+    // A zygote that stops answering fails the call (the agent then execs the helper)
+    // instead of holding it.
+    ours.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    // SAFETY: the process has one thread (checked above), so the child may run any code.
+    match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Child => {
+            drop(ours);
+            serve(theirs)
+        }
+        ForkResult::Parent { child } => {
+            drop(theirs);
+            tracing::debug!(pid = child.as_raw(), "runtime zygote started");
+            ZYGOTE
+                .set(Zygote {
+                    sock: Mutex::new(ours),
+                    lost: AtomicBool::new(false),
+                })
+                .map_err(|_| io::Error::other("the zygote was already started"))
+        }
+    }
+}
+
+/// Forks a helper with these descriptors as its stdin, stdout, stderr and sync socket.
+/// `None`: no zygote was started, or it failed once (that error was returned then). The
+/// helper is the zygote's child: the kernel reaps it (the zygote ignores SIGCHLD), and
+/// the processes it forks are re-parented to the agent.
+pub fn spawn(fds: [&OwnedFd; FDS]) -> Option<io::Result<i32>> {
+    let zygote = ZYGOTE.get()?;
+    let sock = zygote.sock.lock().unwrap_or_else(|e| e.into_inner());
+    if zygote.lost.load(Ordering::Relaxed) {
+        return None;
+    }
+    let r = request(&sock, fds);
+    if r.is_err() {
+        // A late answer must never be read as the next request's: stop using it. The
+        // zygote sees the end of the stream and exits.
+        zygote.lost.store(true, Ordering::Relaxed);
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    }
+    Some(r)
+}
+
+fn request(sock: &UnixStream, fds: [&OwnedFd; FDS]) -> io::Result<i32> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [io::IoSlice::new(&[1])];
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(io::Error::other(format!("the zygote is gone: {e}"))),
+            Ok(_) => break,
+        }
+    }
+    let mut answer = [0u8; 4];
+    (&*sock)
+        .read_exact(&mut answer)
+        .map_err(|e| io::Error::other(format!("the zygote did not answer: {e}")))?;
+    match i32::from_le_bytes(answer) {
+        pid if pid > 0 => Ok(pid),
+        errno => Err(io::Error::other(format!(
+            "the zygote could not fork a helper: {}",
+            io::Error::from_raw_os_error(-errno)
+        ))),
+    }
+}
+
+/// The zygote's loop: one fork per request, until the agent's end closes.
+fn serve(sock: UnixStream) -> ! {
+    // The agent's hook powers the VM off on a panic; nothing here may do that.
+    let _ = std::panic::take_hook();
+    // SAFETY: PR_SET_NAME and PR_SET_PDEATHSIG only set attributes of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"cocoon-zygote".as_ptr());
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    // SAFETY: SIG_IGN for SIGCHLD installs no handler; the kernel reaps the helpers.
+    let _ = unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) };
+    close_all_but(sock.as_raw_fd());
+    loop {
+        let fds = match receive(&sock) {
+            Ok(Some(fds)) => fds,
+            // The agent's end closed (or broke): nothing more will come.
+            Ok(None) | Err(_) => std::process::exit(0),
+        };
+        let answer = match fds.try_into() {
+            Ok(fds) => fork_helper(fds),
+            Err(_) => -libc::EINVAL,
+        };
+        if (&sock).write_all(&answer.to_le_bytes()).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// One request: its descriptors, or `None` at the end of the stream.
+fn receive(sock: &UnixStream) -> io::Result<Option<Vec<OwnedFd>>> {
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; FDS]);
+    let (bytes, fds) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(rs) = c {
+                        // SAFETY: SCM_RIGHTS gave this process these new descriptors,
+                        // owned by nothing else.
+                        fds.extend(rs.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+                    }
+                }
+                break (msg.bytes, fds);
+            }
+        }
+    };
+    Ok((bytes > 0).then_some(fds))
+}
+
+/// Forks a helper; the parent's answer is its pid, or -errno.
+fn fork_helper(fds: [OwnedFd; FDS]) -> i32 {
+    // SAFETY: the zygote is single-threaded, so the child may run any code.
+    match unsafe { fork() } {
+        Err(e) => -(e as i32),
+        Ok(ForkResult::Parent { child }) => child.as_raw(),
+        Ok(ForkResult::Child) => {
+            // SAFETY: PR_SET_NAME only names this process.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"cocoon-runtime".as_ptr()) };
+            if place(fds).is_err() {
+                std::process::exit(1);
+            }
+            // It closes the zygote's socket with every descriptor above SYNC_FD.
+            super::helper_main()
+        }
+    }
+}
+
+/// Puts the request's descriptors at 0, 1, 2 and SYNC_FD (without close-on-exec). Each
+/// goes through a copy above them first, and the originals are closed before any
+/// placement, so none overwrites or closes one still to come.
+fn place(fds: [OwnedFd; FDS]) -> io::Result<()> {
+    let targets = [0, 1, 2, SYNC_FD];
+    let mut copies = Vec::with_capacity(FDS);
+    for fd in &fds {
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor, owned by `copies` from here.
+        let c = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, SYNC_FD + 1) };
+        if c < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `c` was just created and is owned by nothing else.
+        copies.push(unsafe { OwnedFd::from_raw_fd(c) });
+    }
+    drop(fds);
+    for (copy, target) in copies.iter().zip(targets) {
+        // SAFETY: dup2 onto a standard or sync slot this child means to replace.
+        if unsafe { libc::dup2(copy.as_raw_fd(), target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Closes every descriptor above stderr except `keep` (the agent's, inherited by fork).
+fn close_all_but(keep: RawFd) {
+    let close = |from: RawFd, to: libc::c_uint| {
+        if from as libc::c_uint <= to {
+            // SAFETY: close_range only closes descriptors; this process owns no Rust
+            // object over any of them but `keep`, which is outside the range.
+            unsafe { libc::syscall(libc::SYS_close_range, from as libc::c_uint, to, 0) };
+        }
+    };
+    close(3, (keep - 1).max(2) as libc::c_uint);
+    close(keep + 1, libc::c_uint::MAX);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test harness runs tests on threads of its own, so a fork here would be unsafe:
+    /// the zygote refuses, naming why, and nothing is forked.
+    #[test]
+    fn a_multithreaded_process_gets_no_zygote() {
+        let other = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(1)));
+        let err = start().unwrap_err().to_string();
+        assert!(err.contains("single-threaded"), "{err}");
+        assert!(ZYGOTE.get().is_none());
+        other.join().unwrap();
+    }
+}

@@ -1,0 +1,140 @@
+//! The runtime zygote (`runtime::zygote`): the agent's single-threaded fork that forks
+//! each container's runtime helper. It must serve every create and exec, keep nothing
+//! from them (no children, no descriptors), and end with the agent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// The agent's children named `cocoon-zygote`.
+fn zygotes_of(agent: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": the comm may hold spaces, so split after ')'.
+            let Some((head, tail)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let ppid = tail.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+            head.ends_with("(cocoon-zygote") && ppid == Some(agent)
+        })
+        .collect()
+}
+
+/// The processes whose parent is `pid` (zombies included).
+fn children_of(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(')')?;
+            let ppid: i32 = tail.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then(|| format!("{p} {head})"))
+        })
+        .collect()
+}
+
+fn fds_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_zygote_forks_every_helper_keeps_nothing_and_ends_with_the_agent() {
+    require_root!();
+    let agent = Agent::start().await;
+    let zygotes = zygotes_of(agent.pid());
+    assert_eq!(zygotes.len(), 1, "the agent's zygotes: {zygotes:?}");
+    let zygote = zygotes[0];
+    let fds_before = fds_of(zygote);
+    assert!(fds_before > 0, "cannot read the zygote's descriptors");
+
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let (status, out, _) = agent.run("first", &spec(&rootfs, &["echo", "made"])).await;
+    assert_eq!((status, out.as_slice()), (0, b"made\n".as_slice()));
+    let init = agent
+        .create(
+            "probe",
+            &spec(&rootfs, &["sleep", "1000"]),
+            streams(false, false, false),
+        )
+        .await
+        .unwrap();
+    // Until its execve the container's init is a fork of the helper, so it has the name
+    // the zygote gives each helper (an exec'd helper would be "exe").
+    let comm = std::fs::read_to_string(format!("/proc/{init}/comm")).unwrap();
+    assert_eq!(
+        comm, "cocoon-runtime\n",
+        "the helper did not come from the zygote"
+    );
+    agent.start_container("probe").await.unwrap();
+    for i in 0..10 {
+        let id = format!("probe-{i}");
+        agent
+            .exec(
+                "probe",
+                &id,
+                &process(&["echo", &id]),
+                streams(false, true, false),
+            )
+            .await
+            .unwrap();
+        let mut out = agent.stream("stdout", "probe", &id).await;
+        assert_eq!(read_all(&mut out).await, format!("{id}\n").into_bytes());
+        assert_eq!(agent.wait("probe", &id).await.unwrap().status, 0);
+    }
+
+    // Each helper has ended and been reaped by the kernel (no zombies under the zygote);
+    // the descriptors each request brought were closed.
+    poll(
+        "the zygote to have no children",
+        Duration::from_secs(10),
+        || children_of(zygote).is_empty().then_some(()),
+    )
+    .await;
+    assert_eq!(fds_of(zygote), fds_before, "the zygote's descriptors grew");
+    assert_eq!(zygotes_of(agent.pid()), vec![zygote], "a second zygote");
+    agent.remove("probe").await.unwrap();
+
+    // It ends with the agent, also when the agent is killed.
+    drop(agent);
+    poll(
+        "the zygote to end with the agent",
+        Duration::from_secs(10),
+        || (!std::path::Path::new(&format!("/proc/{zygote}")).exists()).then_some(()),
+    )
+    .await;
+}
+
+/// Without a zygote (`--no-zygote`, as when it cannot start) the agent exec's each helper
+/// and containers run the same.
+#[tokio::test]
+async fn without_the_zygote_helpers_are_execd() {
+    require_root!();
+    let agent = Agent::start_with(&["--no-zygote"]).await;
+    assert_eq!(zygotes_of(agent.pid()), Vec::<i32>::new());
+    let rootfs = busybox_rootfs(agent.dir.path());
+    let init = agent
+        .create(
+            "probe",
+            &spec(&rootfs, &["echo", "made"]),
+            streams(false, true, false),
+        )
+        .await
+        .unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{init}/comm")).unwrap();
+    assert_eq!(comm, "exe\n", "an exec'd helper's fork");
+    let mut out = agent.stream("stdout", "probe", "").await;
+    agent.start_container("probe").await.unwrap();
+    assert_eq!(read_all(&mut out).await, b"made\n");
+    assert_eq!(agent.wait("probe", "").await.unwrap().status, 0);
+    agent.remove("probe").await.unwrap();
+}
