@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cocoon_protocol::agent_ttrpc::{create_agent, create_health};
-use cocoon_protocol::{AGENT_PORT, FORWARD_PORT, STDIO_PORT};
+use cocoon_protocol::{AGENT_PORT, FORWARD_PORT, READY_LINE, STDIO_PORT};
 
 /// Where the agent listens.
 enum Listen {
@@ -305,9 +305,10 @@ async fn serve(
         };
         st.modules_done.send_replace(Some(outcome));
     });
-    // This exact line is what boot benchmarks and humans look for on the console.
+    // This exact line is what the shim (`cocoon_protocol::READY_LINE`), boot benchmarks
+    // and humans look for on the console.
     match &listen {
-        Listen::Vsock => println!("cocoon-agent: ready on vsock port {AGENT_PORT}"),
+        Listen::Vsock => println!("{READY_LINE} {AGENT_PORT}"),
         Listen::Unix(dir) => println!("cocoon-agent: ready on {}", dir.display()),
     }
     // The server runs on its own tasks; PID 1 lives until power-off.

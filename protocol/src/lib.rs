@@ -45,6 +45,12 @@ pub const FORWARD_PORT: u32 = 1026;
 /// shell ends.
 pub const DEBUG_PORT: u32 = 1027;
 
+/// The start of the line the agent prints on the guest's console once its ttrpc server
+/// listens (`<READY_LINE> <AGENT_PORT>`). The shim, which copies QEMU's console, connects
+/// as soon as it sees it instead of at its next retry. Anything in the guest can print
+/// it: it only makes the host try to connect, which a guest can never make succeed early.
+pub const READY_LINE: &str = "cocoon-agent: ready on vsock port";
+
 /// The pod's shared memory in the guest: a tmpfs the agent mounts at CreateSandbox.
 /// Kubernetes containers of one pod share `/dev/shm`; their specs name a host tmpfs
 /// (containerd's per-sandbox `shm`), which the shim replaces with this.

@@ -20,6 +20,10 @@ use crate::vsock::{self, VsockError};
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while the guest boots.
 const RETRY_EVERY: Duration = Duration::from_millis(20);
+/// The same where the shim watches the console for the agent's ready line (QEMU): the
+/// line, not the timer, says when to connect, and each refused attempt costs the booting
+/// guest a reset to send (≈9 of them while the agent started under TCG, at 20 ms).
+const RETRY_WATCHED: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -145,7 +149,17 @@ impl AgentClient {
                 },
                 Err(e) => last = e.to_string(),
             }
-            tokio::time::sleep(RETRY_EVERY.min(left)).await;
+            // Where the shim watches the console, the agent's ready line says when to
+            // connect; the timer is only a backstop.
+            match &vm.agent_ready {
+                Some(ready) => tokio::select! {
+                    _ = tokio::time::sleep(RETRY_WATCHED.min(left)) => {}
+                    _ = ready.notified() => {
+                        tracing::debug!("the agent's ready line is on the console: connecting");
+                    }
+                },
+                None => tokio::time::sleep(RETRY_EVERY.min(left)).await,
+            }
         }
     }
 

@@ -66,9 +66,56 @@ impl RotatingFile {
 /// way) holds before it is rotated.
 pub const VMM_LOG_LIMIT: u64 = 1024 * 1024;
 
+/// A line to watch the console for: `seen` is notified (once) when `marker` goes by.
+pub struct ConsoleWatch {
+    pub marker: &'static [u8],
+    pub seen: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Finds a marker in a stream read in chunks, also where it straddles two of them.
+struct Scanner {
+    marker: &'static [u8],
+    /// The last `marker.len() - 1` bytes seen (at most).
+    tail: Vec<u8>,
+}
+
+impl Scanner {
+    fn new(marker: &'static [u8]) -> Self {
+        Scanner {
+            marker,
+            tail: Vec::with_capacity(marker.len()),
+        }
+    }
+
+    /// Whether the marker ends in this chunk.
+    fn feed(&mut self, chunk: &[u8]) -> bool {
+        let m = self.marker.len();
+        if m == 0 {
+            return true;
+        }
+        // Across the boundary: the kept tail and the chunk's first bytes.
+        let head = &chunk[..chunk.len().min(m - 1)];
+        let mut joint = self.tail.clone();
+        joint.extend_from_slice(head);
+        if joint.windows(m).any(|w| w == self.marker) || chunk.windows(m).any(|w| w == self.marker)
+        {
+            return true;
+        }
+        joint.extend_from_slice(&chunk[head.len()..]);
+        let keep = joint.len().min(m - 1);
+        self.tail = joint.split_off(joint.len() - keep);
+        false
+    }
+}
+
 /// Copies a pipe of the VMM (its console, its stderr) into `path`, rotated at `limit`,
-/// until the VMM closes it, on a thread.
-pub fn spawn_copier(pipe: std::io::Result<std::os::fd::OwnedFd>, path: PathBuf, limit: u64) {
+/// until the VMM closes it, on a thread; with `watch`, notifies when its marker passes.
+pub fn spawn_copier(
+    pipe: std::io::Result<std::os::fd::OwnedFd>,
+    path: PathBuf,
+    limit: u64,
+    watch: Option<ConsoleWatch>,
+) {
     let fd = match pipe {
         Ok(fd) => fd,
         Err(e) => {
@@ -78,13 +125,18 @@ pub fn spawn_copier(pipe: std::io::Result<std::os::fd::OwnedFd>, path: PathBuf, 
     };
     let spawned = std::thread::Builder::new()
         .name("console-copy".into())
-        .spawn(move || copy_blocking(fd, &path, limit));
+        .spawn(move || copy_blocking(fd, &path, limit, watch));
     if let Err(e) = spawned {
         tracing::warn!("no console copy thread: {e}");
     }
 }
 
-fn copy_blocking(fd: std::os::fd::OwnedFd, path: &Path, limit: u64) {
+fn copy_blocking(
+    fd: std::os::fd::OwnedFd,
+    path: &Path,
+    limit: u64,
+    mut watch: Option<ConsoleWatch>,
+) {
     use std::io::Read;
     let mut pipe = File::from(fd);
     // tokio left the pipe non-blocking; this thread blocks on it.
@@ -99,11 +151,19 @@ fn copy_blocking(fd: std::os::fd::OwnedFd, path: &Path, limit: u64) {
             return;
         }
     };
+    let mut scanner = watch.as_ref().map(|w| Scanner::new(w.marker));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
+                if scanner.as_mut().is_some_and(|sc| sc.feed(&buf[..n])) {
+                    // Once: a guest printing it again changes nothing.
+                    scanner = None;
+                    if let Some(w) = watch.take() {
+                        w.seen.notify_one();
+                    }
+                }
                 if let Err(e) = out.write(&buf[..n]) {
                     tracing::warn!("console {}: {e}", path.display());
                     return;
@@ -125,6 +185,37 @@ fn set_blocking(f: &File) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_marker_is_found_whole_or_split_across_reads() {
+        let marker: &'static [u8] = b"agent: ready";
+        let text = b"[ 0.5] boot\nagent: ready 1024\n";
+        for split in 0..=text.len() {
+            let mut sc = Scanner::new(marker);
+            let (a, b) = text.split_at(split);
+            assert!(sc.feed(a) || sc.feed(b), "split at {split}");
+        }
+        // In single bytes, and not before its last byte.
+        let mut sc = Scanner::new(marker);
+        let end = text
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .unwrap()
+            + marker.len();
+        for (i, b) in text.iter().enumerate() {
+            assert_eq!(sc.feed(&[*b]), i + 1 == end, "byte {i}");
+            if i + 1 == end {
+                break;
+            }
+        }
+        // Near misses are not hits; the marker completed by a later piece is.
+        let mut sc = Scanner::new(marker);
+        let hits: Vec<bool> = [&b"agent: rea"[..], b"", b"Dy-not", b"agent: read", b"y? no"]
+            .iter()
+            .map(|p| sc.feed(p))
+            .collect();
+        assert_eq!(hits, [false, false, false, false, true]);
+    }
 
     #[test]
     fn a_flood_is_bounded_and_the_newest_is_kept() {

@@ -52,6 +52,7 @@ pub fn new_vm(
         },
         procs: VmProcesses::default(),
         identity: None,
+        agent_ready: None,
     }
 }
 

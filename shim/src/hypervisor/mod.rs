@@ -204,6 +204,9 @@ pub struct Vm {
     pub(crate) procs: VmProcesses,
     /// The uid a jailed VMM runs as, held until the VM is gone.
     pub(crate) identity: Option<identity::PodIdentity>,
+    /// Notified when the agent's ready line passes on the console, where the shim copies
+    /// it (QEMU's; `None` elsewhere): `AgentClient::wait_ready` then connects at once.
+    pub agent_ready: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl Vm {

@@ -346,16 +346,28 @@ impl super::Hypervisor for Qemu {
             what: "QEMU",
             source,
         })?;
-        use super::console::{spawn_copier, CONSOLE_LIMIT, VMM_LOG_LIMIT};
+        use super::console::{spawn_copier, ConsoleWatch, CONSOLE_LIMIT, VMM_LOG_LIMIT};
         if let Some(out) = child.stdout.take() {
+            let seen = std::sync::Arc::new(tokio::sync::Notify::new());
+            vm.agent_ready = Some(seen.clone());
+            let watch = ConsoleWatch {
+                marker: cocoon_protocol::READY_LINE.as_bytes(),
+                seen,
+            };
             spawn_copier(
                 out.into_owned_fd(),
                 paths.console_log.clone(),
                 CONSOLE_LIMIT,
+                Some(watch),
             );
         }
         if let Some(err) = child.stderr.take() {
-            spawn_copier(err.into_owned_fd(), paths.qemu_log.clone(), VMM_LOG_LIMIT);
+            spawn_copier(
+                err.into_owned_fd(),
+                paths.qemu_log.clone(),
+                VMM_LOG_LIMIT,
+                None,
+            );
         }
         vm.procs.vmm = Some(child);
         vm.times.vmm_spawned = Instant::now();
