@@ -41,6 +41,18 @@ fn children_of(pid: i32) -> Vec<String> {
         .collect()
 }
 
+/// Whether this process may lower an `oom_score_adj` (CAP_SYS_RESOURCE, bit 24).
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    const CAP_SYS_RESOURCE: u32 = 24;
+    eff & (1 << CAP_SYS_RESOURCE) != 0
+}
+
 fn fds_of(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -75,6 +87,18 @@ async fn the_zygote_forks_every_helper_keeps_nothing_and_ends_with_the_agent() {
         comm, "cocoon-runtime\n",
         "the helper did not come from the zygote"
     );
+    // The zygote is out of the OOM killer's reach; what it forks is not (the spec names
+    // no oomScoreAdj, so the container keeps the agent's own, as exec'd helpers did).
+    let adj = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    // Lowering it takes CAP_SYS_RESOURCE, which the guest's agent has and a test host's
+    // root may lack (this one's container does): then the zygote keeps the agent's.
+    let protected = if has_cap_sys_resource() {
+        "-1000\n".to_string()
+    } else {
+        adj(agent.pid())
+    };
+    assert_eq!(adj(zygote), protected);
+    assert_eq!(adj(init as i32), adj(agent.pid()));
     agent.start_container("probe").await.unwrap();
     for i in 0..10 {
         let id = format!("probe-{i}");

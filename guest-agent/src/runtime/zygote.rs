@@ -38,6 +38,12 @@ use super::SYNC_FD;
 /// Descriptors per request: the helper's stdin, stdout, stderr and sync socket.
 const FDS: usize = 4;
 
+/// The zygote's `oom_score_adj`: never chosen by the OOM killer.
+const OOM_PROTECTED: &str = "-1000";
+/// Each helper's (and so each container process's unless its spec says otherwise): the
+/// agent's own, as when helpers were exec'd from it.
+const HELPER_OOM_SCORE_ADJ: &str = "0";
+
 /// How long a fork may take the zygote before the agent stops waiting.
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -138,6 +144,9 @@ fn serve(sock: UnixStream) -> ! {
     }
     // SAFETY: SIG_IGN for SIGCHLD installs no handler; the kernel reaps the helpers.
     let _ = unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) };
+    // The kernel's OOM killer never takes PID 1 (the agent), and must not take its
+    // zygote either; each helper goes back to the agent's 0 (`fork_helper`).
+    let _ = std::fs::write("/proc/self/oom_score_adj", OOM_PROTECTED);
     close_all_but(sock.as_raw_fd());
     loop {
         let fds = match receive(&sock) {
@@ -194,7 +203,12 @@ fn fork_helper(fds: [OwnedFd; FDS]) -> i32 {
         Ok(ForkResult::Child) => {
             // SAFETY: PR_SET_NAME only names this process.
             unsafe { libc::prctl(libc::PR_SET_NAME, c"cocoon-runtime".as_ptr()) };
-            if place(fds).is_err() {
+            // What the agent's own helpers had: a container without `oomScoreAdj` in its
+            // spec must not inherit the zygote's protection. Raising it needs no
+            // privilege, so only a broken /proc fails this; then no helper at all.
+            if std::fs::write("/proc/self/oom_score_adj", HELPER_OOM_SCORE_ADJ).is_err()
+                || place(fds).is_err()
+            {
                 std::process::exit(1);
             }
             // It closes the zygote's socket with every descriptor above SYNC_FD.

@@ -1,0 +1,39 @@
+//! A container's `oom_score_adj` in the pod VM: what its spec says, as under runc, and
+//! otherwise the agent's own 0, never the -1000 that keeps the agent's runtime zygote out
+//! of the guest OOM killer's reach (`guest-agent/src/runtime/zygote.rs`).
+
+mod ctr_common;
+
+use ctr_common::*;
+
+#[test]
+fn a_containers_oom_score_adj_is_its_specs_or_the_agents() {
+    let env = env();
+    let adj = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    // ctr's spec names no oomScoreAdj.
+    let o = ctr_run(
+        &env,
+        COCOON,
+        "oom-default",
+        &[],
+        &["cat", "/proc/self/oom_score_adj"],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(adj(&o), "0\n", "{}", show(&o));
+
+    let p = spec_file(&env, "oom", |spec| {
+        spec["process"]["args"] = serde_json::json!(["cat", "/proc/self/oom_score_adj"]);
+        spec["process"]["oomScoreAdj"] = serde_json::json!(500);
+        // This host's nested cgroup v1 devices controller rejects the default device
+        // rules runc would write; they are not what this test is about.
+        spec["linux"].as_object_mut().unwrap().remove("resources");
+    });
+    for (runtime, id) in [(RUNC, "oom-runc"), (COCOON, "oom-cocoon")] {
+        let o = env
+            .containerd
+            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &p, id]);
+        assert!(o.status.success(), "{runtime}: {}", show(&o));
+        assert_eq!(adj(&o), "500\n", "{runtime}: {}", show(&o));
+    }
+    assert_clean(&env);
+}
