@@ -8,36 +8,29 @@ use std::time::Duration;
 
 use common::*;
 
-/// The agent's children named `cocoon-zygote`.
-fn zygotes_of(agent: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // "pid (comm) state ppid ...": the comm may hold spaces, so split after ')'.
-            let Some((head, tail)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let ppid = tail.split_whitespace().nth(1).and_then(|p| p.parse().ok());
-            head.ends_with("(cocoon-zygote") && ppid == Some(agent)
-        })
-        .collect()
-}
-
-/// The processes whose parent is `pid` (zombies included).
-fn children_of(pid: i32) -> Vec<String> {
+/// The processes whose parent is `pid` (zombies included), with their names.
+fn children_of(pid: i32) -> Vec<(i32, String)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|p| {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // "pid (comm) state ppid ...": the comm may hold spaces, so split at the last ')'.
             let (head, tail) = stat.rsplit_once(')')?;
             let ppid: i32 = tail.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == pid).then(|| format!("{p} {head})"))
+            let comm = head.split_once('(')?.1;
+            (ppid == pid).then(|| (p, comm.to_string()))
         })
+        .collect()
+}
+
+/// The agent's children named `cocoon-zygote`.
+fn zygotes_of(agent: i32) -> Vec<i32> {
+    children_of(agent)
+        .into_iter()
+        .filter(|(_, comm)| comm == "cocoon-zygote")
+        .map(|(pid, _)| pid)
         .collect()
 }
 

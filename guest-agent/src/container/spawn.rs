@@ -194,11 +194,12 @@ pub async fn spawn(
     ]) {
         // The zygote's child: the kernel reaps it, not the agent.
         Some(Ok(pid)) => pid,
-        Some(Err(e)) => {
-            tracing::warn!("runtime zygote: {e}; exec'ing the helper instead");
+        failed => {
+            if let Some(Err(e)) = failed {
+                tracing::warn!("runtime zygote: {e}; exec'ing the helper instead");
+            }
             exec_helper(stdio, &theirs, reaper)?
         }
-        None => exec_helper(stdio, &theirs, reaper)?,
     };
     drop(theirs);
     ours.set_nonblocking(true).map_err(SpawnError::Socket)?;

@@ -87,23 +87,15 @@ impl Scanner {
         }
     }
 
-    /// Whether the marker ends in this chunk.
+    /// Whether the marker ends in this chunk (it may begin in the ones before).
     fn feed(&mut self, chunk: &[u8]) -> bool {
         let m = self.marker.len();
-        if m == 0 {
+        let mut seen = std::mem::take(&mut self.tail);
+        seen.extend_from_slice(chunk);
+        if m == 0 || seen.windows(m).any(|w| w == self.marker) {
             return true;
         }
-        // Across the boundary: the kept tail and the chunk's first bytes.
-        let head = &chunk[..chunk.len().min(m - 1)];
-        let mut joint = self.tail.clone();
-        joint.extend_from_slice(head);
-        if joint.windows(m).any(|w| w == self.marker) || chunk.windows(m).any(|w| w == self.marker)
-        {
-            return true;
-        }
-        joint.extend_from_slice(&chunk[head.len()..]);
-        let keep = joint.len().min(m - 1);
-        self.tail = joint.split_off(joint.len() - keep);
+        self.tail = seen.split_off(seen.len().saturating_sub(m - 1));
         false
     }
 }
