@@ -28,16 +28,19 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Skips the test (returns) without root, which namespaces and mounts need,
-/// or without Debian's busybox-static for the rootfs.
+/// Without root, which namespaces and mounts need, or without Debian's busybox-static
+/// for the rootfs: fails the test under CI=true, else says SKIPPED and returns.
 macro_rules! require_root {
     () => {
         if !is_root() {
-            eprintln!("skipped: needs root");
+            cocoon_nested::testing::missing(module_path!(), "needs root");
             return;
         }
         if !std::path::Path::new("/bin/busybox").exists() {
-            eprintln!("skipped: needs a static /bin/busybox (apt-get install busybox-static)");
+            cocoon_nested::testing::missing(
+                module_path!(),
+                "needs a static /bin/busybox (apt-get install busybox-static)",
+            );
             return;
         }
     };
