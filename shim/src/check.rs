@@ -117,6 +117,45 @@ pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Ve
     v
 }
 
+/// Whether a pod's virtiofsd can run as root of a user namespace of its own here
+/// (`[jail] virtiofsd`): tried for real, in a scratch directory, with a namespace and an
+/// overlay of idmapped layers made detached and never attached.
+pub fn virtiofsd_jail() -> String {
+    let tried = || -> Result<(), String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("not root".into());
+        }
+        let t = tempfile::tempdir().map_err(|e| e.to_string())?;
+        for d in ["lower", "snap/fs", "snap/work"] {
+            std::fs::create_dir_all(t.path().join(d)).map_err(|e| e.to_string())?;
+        }
+        let ns = crate::hypervisor::userns::PodUserns::create(
+            crate::config::JailConfig::default().share_id_base,
+            crate::hypervisor::userns::IDS_PER_POD,
+        )
+        .map_err(|e| format!("user namespace: {e}"))?;
+        let p = |d: &str| t.path().join(d).display().to_string();
+        let o = crate::shimv2::overlay::parse(&[
+            format!("lowerdir={}", p("lower")),
+            format!("upperdir={}", p("snap/fs")),
+            format!("workdir={}", p("snap/work")),
+        ])?;
+        crate::shimv2::overlay::mount_idmapped(&o, &ns)
+            .map(drop)
+            .map_err(|e| format!("an overlay of idmapped layers: {e}"))
+    };
+    match tried() {
+        Ok(()) => "virtiofsd jail: yes: root of a user namespace of the pod's own, over \
+                   idmapped mounts of the share ([jail] virtiofsd)"
+            .into(),
+        Err(e) => format!(
+            "virtiofsd jail: no: {e}; pods with [jail] virtiofsd = true (the default) will \
+             not start (Linux >= 6.13 and filesystems with idmapped mounts are needed; \
+             [jail] virtiofsd = false runs it as host root)"
+        ),
+    }
+}
+
 /// Next to the running executable first (an install prefix), then `$PATH`.
 fn which(name: &str) -> Option<std::path::PathBuf> {
     let sibling = std::env::current_exe().ok().map(|e| e.with_file_name(name));
@@ -255,15 +294,19 @@ pub fn report() -> HostReport {
             .map_err(|e| format!("{e}: {}", e.source)),
         verdicts: verdicts(kvm, has("qemu-system-x86_64"), vmm_found),
         tools,
-        confinement: confinement(
-            nix::unistd::geteuid().is_root(),
-            std::fs::read_to_string("/proc/self/status")
-                .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:"))),
-            std::fs::metadata("/dev/kvm").ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (m.mode(), m.gid())
-            }),
-        ),
+        confinement: {
+            let mut c = confinement(
+                nix::unistd::geteuid().is_root(),
+                std::fs::read_to_string("/proc/self/status")
+                    .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:"))),
+                std::fs::metadata("/dev/kvm").ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.mode(), m.gid())
+                }),
+            );
+            c.push(virtiofsd_jail());
+            c
+        },
     }
 }
 
@@ -371,6 +414,18 @@ mod tests {
         let m = selected("always within_size advise [never] deny force").unwrap();
         assert!(!shmem_thp_ok(&m));
         assert_eq!(selected("garbage"), None);
+    }
+
+    /// The probe is real: as root on this kernel it works, as any other user it says
+    /// why not.
+    #[test]
+    fn the_virtiofsd_jail_probe_says_what_this_host_allows() {
+        let line = virtiofsd_jail();
+        if nix::unistd::geteuid().is_root() {
+            assert!(line.starts_with("virtiofsd jail: yes"), "{line}");
+        } else {
+            assert!(line.contains("not root"), "{line}");
+        }
     }
 
     #[test]

@@ -79,6 +79,17 @@ pub struct JailConfig {
     pub uid_count: u32,
     /// One byte per uid, locked by the pod holding it (see `hypervisor::identity`).
     pub lock_file: PathBuf,
+    /// virtiofsd as root of a user namespace of the pod's own instead of host root
+    /// (`hypervisor::userns`): the pod's share is idmapped into it, so a filesystem
+    /// shared into a pod must support idmapped mounts (ext4, xfs, btrfs, tmpfs,
+    /// overlayfs on Linux ≥ 6.3). Only with `enabled`.
+    pub virtiofsd: bool,
+    /// The host ids of those namespaces: `share_ranges` ranges of 65 536 from here,
+    /// one per live pod. Nothing in them may be a real user's or overlap `uid_base`.
+    pub share_id_base: u32,
+    pub share_ranges: u32,
+    /// One byte per range, as `lock_file`.
+    pub share_lock_file: PathBuf,
 }
 
 impl Default for JailConfig {
@@ -88,6 +99,10 @@ impl Default for JailConfig {
             uid_base: 2_000_000_000,
             uid_count: 65_536,
             lock_file: PathBuf::from("/run/cocoon/uids.lock"),
+            virtiofsd: true,
+            share_id_base: 1_000_000_000,
+            share_ranges: 4096,
+            share_lock_file: PathBuf::from("/run/cocoon/share-ids.lock"),
         }
     }
 }
@@ -284,6 +299,23 @@ impl Config {
         if !self.jail.lock_file.is_absolute() {
             return bad("jail.lock_file", "must be an absolute path");
         }
+        if !self.jail.share_lock_file.is_absolute() {
+            return bad("jail.share_lock_file", "must be an absolute path");
+        }
+        let ids =
+            u64::from(self.jail.share_ranges) * u64::from(crate::hypervisor::userns::IDS_PER_POD);
+        let (sb, se) = (
+            u64::from(self.jail.share_id_base),
+            u64::from(self.jail.share_id_base) + ids,
+        );
+        let (ub, ue) = (u64::from(base), u64::from(base) + u64::from(count));
+        if sb == 0 || ids == 0 || se >= u64::from(u32::MAX) || (sb < ue && ub < se) {
+            return bad(
+                "jail.share_id_base",
+                "with jail.share_ranges ranges of 65536 must be non-root ids below 2^32 - 1 \
+                 that do not overlap jail.uid_base + jail.uid_count",
+            );
+        }
         Ok(())
     }
 
@@ -390,6 +422,19 @@ mod tests {
         assert!(msg.contains("hvf"), "{msg}");
         let err = Config::parse("[paths]\nrun_dir = \"relative\"\n").unwrap_err();
         assert!(err.to_string().contains("paths.run_dir"), "{err}");
+        // The share's id ranges may not reach the pod uids nor pass 2^32.
+        for bad in [
+            "share_id_base = 1999999999",
+            "share_id_base = 0",
+            "share_id_base = 4100000000",
+            "share_ranges = 0",
+        ] {
+            let err = Config::parse(&format!("[jail]\n{bad}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("jail.share_id_base"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

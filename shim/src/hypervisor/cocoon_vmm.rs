@@ -259,6 +259,7 @@ mod tests {
                 path: "/s".into(),
                 tag: "cocoon".into(),
                 virtiofsd: "/v".into(),
+                userns: None,
             }),
             net: Some(crate::hypervisor::NetAttach {
                 tap_fd: 7,

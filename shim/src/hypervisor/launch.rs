@@ -56,7 +56,17 @@ pub fn new_vm(
     }
 }
 
+/// virtiofsd's descriptor limit: one O_PATH descriptor per inode the guest holds a
+/// lookup on, and one per open file (its own default, kept as a documented bound).
+const VIRTIOFSD_NOFILE: u64 = 1_000_000;
+
 /// Starts virtiofsd for `shared` and waits until it listens on `socket`.
+///
+/// With the pod's user namespace (`shared.userns`), virtiofsd is root of that
+/// namespace only: the shim makes its listening socket (in the root-owned socket
+/// directory, which the namespace's root cannot write) and passes it with `--fd`,
+/// starts it in the share, and sets the descriptor limit before the child enters the
+/// namespace, where it could no longer raise it.
 pub async fn spawn_virtiofsd(
     vm: &mut Vm,
     shared: &SharedDir,
@@ -64,8 +74,6 @@ pub async fn spawn_virtiofsd(
 ) -> Result<(), HypervisorError> {
     let log = vm.run_dir.join("virtiofsd.log");
     let mut fs = Command::new(&shared.virtiofsd);
-    fs.arg("--socket-path").arg(socket);
-    fs.arg("--shared-dir").arg(&shared.path);
     // Own mount namespace, pivoted into the shared dir: the daemon cannot
     // reach host paths outside the pod's share, whatever the guest asks.
     // Submounts (each container's rootfs) are announced so the guest sees
@@ -83,7 +91,38 @@ pub async fn spawn_virtiofsd(
         source,
     };
     configure(&mut fs, &log).map_err(spawn_err)?;
+    let listener = match &shared.userns {
+        Some(ns) => {
+            let l = std::os::unix::net::UnixListener::bind(socket)
+                .map_err(|e| HypervisorError::RunDir(socket.into(), e))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+            fs.arg("--fd").arg(fd.to_string());
+            fs.args(["--rlimit-nofile", "0"]);
+            // The share's parents are root's and closed to the namespace's root: it
+            // starts in the share (entered while still host root) and exports that.
+            fs.current_dir(&shared.path).args(["--shared-dir", "."]);
+            // So `ps` still tells whose it is (and tests and operators can find it).
+            fs.arg0(format!("virtiofsd@{}", shared.path.display()));
+            // Opening by handle needs CAP_DAC_READ_SEARCH on the host; without
+            // this it tries, warns and falls back to the same.
+            fs.arg("--inode-file-handles=never");
+            super::inherit_fd(&mut fs, fd);
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(VIRTIOFSD_NOFILE);
+            ns.enter_as_root(&mut fs, VIRTIOFSD_NOFILE.min(nr_open));
+            Some(l)
+        }
+        None => {
+            fs.arg("--socket-path").arg(socket);
+            fs.arg("--shared-dir").arg(&shared.path);
+            None
+        }
+    };
     vm.procs.backends.push(fs.spawn().map_err(spawn_err)?);
+    // virtiofsd holds the listener now.
+    drop(listener);
     wait_for_socket(&mut vm.procs, socket, &log).await
 }
 

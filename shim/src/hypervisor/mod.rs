@@ -11,6 +11,7 @@ mod launch;
 mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;
+pub mod userns;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ pub enum HypervisorError {
     HugePages(String),
     #[error("cannot give the pod a uid of its own")]
     Identity(#[from] identity::IdentityError),
+    #[error("cannot make the pod's user namespace for virtiofsd")]
+    Userns(#[source] std::io::Error),
 }
 
 /// Everything needed to launch one VM. Built from `Config` plus a VM id.
@@ -120,6 +123,9 @@ pub struct SharedDir {
     pub tag: String,
     /// The virtiofsd binary.
     pub virtiofsd: PathBuf,
+    /// The pod's user namespace virtiofsd runs in as its root (`[jail] virtiofsd`); the
+    /// share is idmapped with it. None: virtiofsd runs as host root.
+    pub userns: Option<std::sync::Arc<userns::PodUserns>>,
 }
 
 /// The operator's kernel parameters, after Cocoon's own switches (so an operator's

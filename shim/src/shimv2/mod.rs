@@ -12,6 +12,7 @@ mod delete;
 pub mod guest_events;
 pub(crate) mod metrics;
 pub mod mounts;
+pub mod overlay;
 mod persist;
 pub mod pod;
 pub mod podmetrics;

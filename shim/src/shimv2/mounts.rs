@@ -13,7 +13,10 @@ use nix::mount::{umount2, MntFlags};
 use oci_spec::runtime::{Mount, Spec};
 use thiserror::Error;
 
+use super::overlay;
 use super::share::Beneath;
+use crate::hypervisor::userns::PodUserns;
+use std::sync::Arc;
 
 /// Where the guest agent mounts the pod's virtio-fs share.
 pub const GUEST_SHARE: &str = "/run/cocoon/shared";
@@ -36,7 +39,7 @@ pub enum MountError {
     #[error("container id {0:?} cannot name a directory")]
     BadId(String),
     #[error("cannot make the share directory {0} a shared mount")]
-    Share(PathBuf, #[source] nix::Error),
+    Share(PathBuf, #[source] std::io::Error),
     #[error("the OCI spec has no root")]
     NoRoot,
 }
@@ -88,6 +91,7 @@ fn has_opt(m: &Mount, opt: &str) -> bool {
 /// On error, what was mounted is undone.
 pub fn prepare(
     share: &Path,
+    userns: Option<Arc<PodUserns>>,
     id: &str,
     bundle: &Path,
     rootfs: &[RootfsMount],
@@ -101,7 +105,7 @@ pub fn prepare(
         dir: host.join(id),
         mounted: Vec::new(),
     };
-    match prepare_inner(&mut done, &host, id, bundle, rootfs, spec) {
+    match prepare_inner(&mut done, &host, userns, id, bundle, rootfs, spec) {
         Ok(()) => Ok(done),
         Err(e) => {
             done.cleanup();
@@ -113,12 +117,13 @@ pub fn prepare(
 fn prepare_inner(
     done: &mut ContainerMounts,
     host: &Path,
+    userns: Option<Arc<PodUserns>>,
     id: &str,
     bundle: &Path,
     rootfs: &[RootfsMount],
     spec: &mut Spec,
 ) -> Result<(), MountError> {
-    let pod = Beneath::open(host).map_err(|e| MountError::Mkdir(host.into(), e))?;
+    let pod = Beneath::open(host, userns).map_err(|e| MountError::Mkdir(host.into(), e))?;
     let rel = |p: &str| PathBuf::from(id).join(p);
     let mkdir = |r: &Path| {
         pod.mkdir_all(r)
@@ -141,21 +146,42 @@ fn prepare_inner(
             bundle.join(root.path())
         };
         bind(&pod, &src, &root_rel, true, false)?;
-    } else {
-        // containerd's own mount code takes a path: the host directory is private
-        // to the host, so no guest can have changed what it leads to.
-        for m in rootfs {
-            let fstype = Some(m.type_.as_str()).filter(|s| !s.is_empty());
-            let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
-            containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target).map_err(
-                |e| MountError::Rootfs {
-                    target: target.clone(),
-                    detail: e.to_string(),
-                },
-            )?;
+        done.mounted.push(target);
+    } else if let (Some(ns), [m]) = (pod.userns(), rootfs) {
+        if m.type_ != "overlay" {
+            mount_by_path(rootfs, &target)?;
+            done.mounted.push(target.clone());
+            return pod
+                .idmap_in_place(&root_rel)
+                .map_err(|e| MountError::Rootfs {
+                    target,
+                    detail: format!("cannot idmap it for the pod's virtiofsd: {e}"),
+                });
         }
+        // An overlay of idmapped layers, made detached and attached by descriptor.
+        let rootfs_err = |detail: String| MountError::Rootfs {
+            target: target.clone(),
+            detail,
+        };
+        let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
+        let made = overlay::mount_idmapped(&opts, ns)
+            .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?;
+        pod.attach(&made, &root_rel)
+            .map_err(|e| rootfs_err(e.to_string()))?;
+        done.mounted.push(target);
+    } else {
+        if pod.userns().is_some() {
+            return Err(MountError::Rootfs {
+                target,
+                detail: format!(
+                    "{} rootfs mounts: the pod's virtiofsd needs one, to idmap it",
+                    rootfs.len()
+                ),
+            });
+        }
+        mount_by_path(rootfs, &target)?;
+        done.mounted.push(target);
     }
-    done.mounted.push(target);
     let guest_dir = format!("{GUEST_SHARE}/{id}");
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(format!("{guest_dir}/rootfs")));
@@ -191,6 +217,23 @@ fn prepare_inner(
     spec.set_hooks(None);
     if let Some(linux) = spec.linux_mut() {
         linux.set_cgroups_path(None);
+    }
+    Ok(())
+}
+
+/// Mounts the snapshot's mounts on `target` with containerd's own mount code, which
+/// takes a path: the host directory is private to the host, so no guest can have
+/// changed what it leads to.
+fn mount_by_path(rootfs: &[RootfsMount], target: &Path) -> Result<(), MountError> {
+    for m in rootfs {
+        let fstype = Some(m.type_.as_str()).filter(|s| !s.is_empty());
+        let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
+        containerd_shim::mount::mount_rootfs(fstype, source, &m.options, target).map_err(|e| {
+            MountError::Rootfs {
+                target: target.to_path_buf(),
+                detail: e.to_string(),
+            }
+        })?;
     }
     Ok(())
 }
@@ -239,13 +282,13 @@ mod tests {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(data.join("f"), "hello").unwrap();
         let share = t.path().join("share");
-        crate::shimv2::share::create(&share).unwrap();
+        crate::shimv2::share::create(&share, None).unwrap();
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]},
             {"destination": "/f", "source": data.join("f"), "options": ["bind", "rw"]}
         ]));
-        let mut m = prepare(&share, "c1", &bundle, &[], &mut spec).unwrap();
+        let mut m = prepare(&share, None, "c1", &bundle, &[], &mut spec).unwrap();
         assert_eq!(
             spec.root().as_ref().unwrap().path(),
             Path::new("/run/cocoon/shared/c1/rootfs")
@@ -292,11 +335,11 @@ mod tests {
         let bundle = t.path().join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
         let share = t.path().join("share");
-        crate::shimv2::share::create(&share).unwrap();
+        crate::shimv2::share::create(&share, None).unwrap();
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/x", "type": "bind", "source": "/nonexistent/src", "options": ["rbind"]}
         ]));
-        let err = prepare(&share, "c2", &bundle, &[], &mut spec).unwrap_err();
+        let err = prepare(&share, None, "c2", &bundle, &[], &mut spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/src"), "{err}");
         assert!(
             !share.join("c2").exists(),

@@ -13,9 +13,11 @@ use tokio::sync::Mutex;
 use super::mounts::MountError;
 use super::persist::ContainerState;
 use super::pod::PodVm;
+use super::share::PodShare;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
 use crate::hostcgroup::{HostCgroup, CGROUP_ROOT};
+use crate::hypervisor::userns::PodUserns;
 use crate::hypervisor::watch::VmWatch;
 use crate::hypervisor::{self, find_binary, HypervisorError, NetAttach, SharedDir, Vm, VmSpec};
 use crate::podnet::{PodNetError, PodNetwork};
@@ -45,6 +47,8 @@ pub struct Sandbox {
     pub id: String,
     pub agent: AgentClient,
     pub share: PathBuf,
+    /// The namespace the share's mounts are idmapped with (`[jail] virtiofsd`).
+    pub share_userns: Option<Arc<PodUserns>>,
     pub run_dir: PathBuf,
     vm: Mutex<Option<Vm>>,
     /// Host pids of the VM's processes, for the on-disk state.
@@ -107,12 +111,24 @@ impl Sandbox {
         let netns = pod_vm.netns;
         let host_cgroup = pod_vm.host_cgroup;
         let init_data = pod_vm.init_data;
-        let share = config.paths.run_dir.join("shares").join(vm_id);
+        let path = config.paths.run_dir.join("shares").join(vm_id);
+        let userns = if config.jail.enabled && config.jail.virtiofsd {
+            let j = &config.jail;
+            Some(Arc::new(PodUserns::for_pod(
+                &j.share_lock_file,
+                j.share_id_base,
+                j.share_ranges,
+                vm_id,
+            )?))
+        } else {
+            None
+        };
         // A share left by a crashed shim must not be exported twice.
-        super::share::remove(&share);
-        super::share::create(&share)?;
+        super::share::remove(&path);
+        super::share::create(&path, userns.as_deref())?;
+        let share = PodShare { path, userns };
         // Undone on every way out but success, a dropped (abandoned) boot included.
-        let mut share_guard = ShareGuard(Some(share.clone()));
+        let mut share_guard = ShareGuard(Some(share.path.clone()));
         let net = match netns {
             Some(path) => {
                 let attached = tokio::task::spawn_blocking(move || PodNetwork::attach(&path)).await;
@@ -143,7 +159,7 @@ impl Sandbox {
         config: &Config,
         vm_id: &str,
         sandbox_id: &str,
-        share: &std::path::Path,
+        share: &PodShare,
         mut net: Option<PodNetwork>,
         host_cgroup: Option<String>,
         init_data: Option<Vec<u8>>,
@@ -176,7 +192,7 @@ impl Sandbox {
         config: &Config,
         vm_id: &str,
         sandbox_id: &str,
-        share: &std::path::Path,
+        share: &PodShare,
         net: &mut Option<PodNetwork>,
         host_cgroup: Option<String>,
         init_data: Option<Vec<u8>>,
@@ -184,9 +200,10 @@ impl Sandbox {
         let hv = hypervisor::from_config(config)?;
         let mut spec = VmSpec::from_config(config, vm_id);
         spec.shared_dir = Some(SharedDir {
-            path: share.to_path_buf(),
+            path: share.path.clone(),
             tag: SHARE_TAG.into(),
             virtiofsd: find_binary("virtiofsd", &config.paths.virtiofsd)?,
+            userns: share.userns.clone(),
         });
         spec.net = net.as_ref().and_then(|n| {
             n.tap.as_ref().map(|fd| NetAttach {
@@ -277,7 +294,8 @@ impl Sandbox {
         Ok(Self {
             id: vm_id.into(),
             agent,
-            share: share.to_path_buf(),
+            share: share.path.clone(),
+            share_userns: share.userns.clone(),
             run_dir: vm.run_dir.clone(),
             pids: vm.pids(),
             boot: BootTimes {

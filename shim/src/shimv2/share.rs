@@ -18,15 +18,25 @@
 //! a mount that did not go away cannot lose its data to a recursive delete.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
 use super::mounts::MountError;
+use crate::hypervisor::userns::{set_attr, PodUserns};
+
+/// A pod's share: the exported directory, and the user namespace its mounts are
+/// idmapped with when virtiofsd runs in one.
+#[derive(Debug, Clone)]
+pub struct PodShare {
+    pub path: PathBuf,
+    pub userns: Option<Arc<PodUserns>>,
+}
 
 /// The host-private directory behind the exported `share`.
 pub fn host_dir(share: &Path) -> PathBuf {
@@ -46,14 +56,16 @@ fn mkdir_0700(dir: &Path) -> Result<(), MountError> {
     }
 }
 
-/// Creates the host directory and its read-only export at `share`.
-pub fn create(share: &Path) -> Result<(), MountError> {
+/// Creates the host directory and its read-only export at `share`; with `userns`, the
+/// export is idmapped through the pod's namespace (see `hypervisor::userns`), so that
+/// virtiofsd, root of that namespace only, can walk the structure.
+pub fn create(share: &Path, userns: Option<&PodUserns>) -> Result<(), MountError> {
     let host = host_dir(share);
     mkdir_0700(&host)?;
     mkdir_0700(share)?;
     let fail = |path: &Path| {
         let path = path.to_path_buf();
-        move |e| MountError::Share(path, e)
+        move |e: nix::Error| MountError::Share(path, e.into())
     };
     // The host directory becomes a mount of its own, with shared propagation ...
     mount(
@@ -72,24 +84,23 @@ pub fn create(share: &Path) -> Result<(), MountError> {
         None::<&str>,
     )
     .map_err(fail(&host))?;
-    // ... and the export its peer, read-only at its own level only: the mounts that
-    // arrive in it keep their own flags.
-    mount(
-        Some(&host),
-        share,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(fail(share))?;
-    mount(
-        None::<&str>,
-        share,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(fail(share))?;
+    // ... and the export its peer (a clone of a shared mount joins its peer group),
+    // read-only at its own level only: the mounts that arrive in it keep their own
+    // flags and their own idmapping.
+    let export = || -> std::io::Result<()> {
+        let tree = open_tree(&host, false)?;
+        set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
+        if let Some(ns) = userns {
+            ns.idmap(tree.as_fd(), false)?;
+        }
+        let target = nix::fcntl::open(
+            share,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        attach(&tree, &target)
+    };
+    export().map_err(|e| MountError::Share(share.to_path_buf(), e))?;
     Ok(())
 }
 
@@ -190,6 +201,8 @@ fn remove_entry(path: &Path, mnt: u64) -> std::io::Result<()> {
 pub struct Beneath {
     root: OwnedFd,
     path: PathBuf,
+    /// The pod's namespace every mount made here is idmapped with, if any.
+    userns: Option<Arc<PodUserns>>,
 }
 
 fn how(flags: OFlag) -> OpenHow {
@@ -210,7 +223,7 @@ fn plain(rel: &Path) -> std::io::Result<&Path> {
 }
 
 impl Beneath {
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    pub fn open(path: &Path, userns: Option<Arc<PodUserns>>) -> std::io::Result<Self> {
         let root = nix::fcntl::open(
             path,
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -219,6 +232,7 @@ impl Beneath {
         Ok(Self {
             root,
             path: path.to_path_buf(),
+            userns,
         })
     }
 
@@ -273,13 +287,14 @@ impl Beneath {
     }
 
     /// Bind-mounts `src` (a host path from the trusted spec) on `rel`, with what is
-    /// mounted below it when `recursive`, read-only all the way down when `readonly`.
+    /// mounted below it when `recursive`, read-only all the way down when `readonly`,
+    /// idmapped (all the way down) with the pod's namespace when there is one.
     ///
-    /// With the new mount API: the tree is cloned detached (`open_tree`), made
-    /// read-only there (`mount_setattr`, recursively), then attached through an fd of
-    /// the mount point (`move_mount`). So it is read-only before any copy of it exists:
-    /// the export and virtiofsd's namespace get their copies by propagation when it is
-    /// attached, and a read-only flag set afterwards would not reach those copies.
+    /// With the new mount API: the tree is cloned detached (`open_tree`), given its
+    /// attributes there (`mount_setattr`), then attached through an fd of the mount
+    /// point (`move_mount`). So it is read-only and idmapped before any copy of it
+    /// exists: the export and virtiofsd's namespace get their copies by propagation
+    /// when it is attached, and attributes set afterwards would not reach those copies.
     pub fn bind(
         &self,
         src: &Path,
@@ -290,9 +305,42 @@ impl Beneath {
         let target = self.open_at(rel, OFlag::O_PATH)?;
         let tree = open_tree(src, recursive)?;
         if readonly {
-            set_readonly(&tree, recursive)?;
+            set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, recursive)?;
         }
-        move_mount(&tree, &target)
+        if let Some(ns) = &self.userns {
+            ns.idmap(tree.as_fd(), recursive)?;
+        }
+        attach(&tree, &target)
+    }
+
+    /// The pod's namespace, when its mounts are idmapped.
+    pub fn userns(&self) -> Option<&PodUserns> {
+        self.userns.as_deref()
+    }
+
+    /// Attaches the detached mount `tree` on the mount point `rel`.
+    pub fn attach(&self, tree: &OwnedFd, rel: &Path) -> std::io::Result<()> {
+        let point = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        attach(tree, &point)
+    }
+
+    /// Replaces the mount on `rel` (one the host just made by path, a rootfs from
+    /// containerd's mount code) by an idmapped clone of it, when the pod has a
+    /// namespace. The copies propagated to the export go and come back with it.
+    pub fn idmap_in_place(&self, rel: &Path) -> std::io::Result<()> {
+        let Some(ns) = &self.userns else {
+            return Ok(());
+        };
+        let target = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        let tree = open_tree_fd(&target)?;
+        ns.idmap(tree.as_fd(), false)?;
+        umount2(
+            &self.path_of(rel),
+            MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
+        )?;
+        // The mount point again: the fd above was of the mount, now detached.
+        let point = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+        attach(&tree, &point)
     }
 }
 
@@ -305,6 +353,19 @@ fn cpath(p: &Path) -> std::io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(p.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// A detached clone of the mount `fd` is on (an `O_PATH` fd of its root).
+fn open_tree_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: a descriptor we hold and an empty C string, both outliving the call.
+    let r = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
 }
 
 /// A detached clone of the mount (tree) at `src`.
@@ -323,38 +384,8 @@ fn open_tree(src: &Path, recursive: bool) -> std::io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
-/// Sets MOUNT_ATTR_RDONLY on the mount at `fd`, and below it when `recursive`.
-fn set_readonly(fd: &OwnedFd, recursive: bool) -> std::io::Result<()> {
-    let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    let mut flags = libc::AT_EMPTY_PATH;
-    if recursive {
-        flags |= libc::AT_RECURSIVE;
-    }
-    // SAFETY: mount_setattr reads `attr` (of the size passed) and the empty path; both
-    // outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            flags,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Attaches the detached mount `tree` on the mount point `target`.
-fn move_mount(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
+pub fn attach(tree: &OwnedFd, target: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: two fds we hold and empty C strings, all outliving the call.
     let r = unsafe {
         libc::syscall(
@@ -422,7 +453,7 @@ mod tests {
         }
         let t = tempfile::tempdir().unwrap();
         let share = t.path().join("pod-x");
-        create(&share).unwrap();
+        create(&share, None).unwrap();
         let host = host_dir(&share);
         use std::os::unix::fs::PermissionsExt;
         for d in [&share, &host] {
@@ -439,7 +470,7 @@ mod tests {
             Some(libc::EROFS)
         );
         // ... but sees what the host makes, and a writable mount made there is writable.
-        let b = Beneath::open(&host).unwrap();
+        let b = Beneath::open(&host, None).unwrap();
         b.mkdir_all(Path::new("c1/mounts/0")).unwrap();
         let vol = t.path().join("vol");
         std::fs::create_dir(&vol).unwrap();
@@ -464,7 +495,7 @@ mod tests {
         let outside = t.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
-        let b = Beneath::open(&root).unwrap();
+        let b = Beneath::open(&root, None).unwrap();
         assert!(b.mkdir_all(Path::new("link/x")).is_err());
         assert!(b.create_file(Path::new("link/f")).is_err());
         assert!(b.mkdir_all(Path::new("../escape")).is_err());
@@ -524,8 +555,8 @@ mod tests {
         .unwrap();
         // In a pod's host directory, so the export's copy is checked too.
         let share = t.path().join("pod-ro");
-        create(&share).unwrap();
-        let b = Beneath::open(&host_dir(&share)).unwrap();
+        create(&share, None).unwrap();
+        let b = Beneath::open(&host_dir(&share), None).unwrap();
         b.mkdir_all(Path::new("v")).unwrap();
         b.bind(&src, Path::new("v"), true, true).unwrap();
         for dir in [host_dir(&share), share.clone()] {

@@ -250,8 +250,15 @@ impl Service {
         }
         let t_sandbox = std::time::Instant::now();
         let shm = pod::take_pod_shm(&mut spec);
-        let mut mounts = mounts::prepare(&sb.share, &req.id, &bundle, &req.rootfs, &mut spec)
-            .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        let mut mounts = mounts::prepare(
+            &sb.share,
+            sb.share_userns.clone(),
+            &req.id,
+            &bundle,
+            &req.rootfs,
+            &mut spec,
+        )
+        .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
         pod::restore_pod_shm(&mut spec, shm);
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),

@@ -185,7 +185,7 @@ impl Service {
                 r.map_err(|e| {
                     err(
                         ttrpc::Code::UNAVAILABLE,
-                        format!("cannot start the pod VM: {e}"),
+                        format!("cannot start the pod VM: {}", util::chain(&e)),
                     )
                 })?
             }

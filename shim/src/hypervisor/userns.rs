@@ -1,0 +1,298 @@
+//! A user namespace of the pod's own, for virtiofsd: it runs as root of that namespace
+//! only, and sees the pod's files through idmapped mounts made with the same mapping.
+//!
+//! virtiofsd serves files of every owner (the guest's root owns most of a rootfs), so it
+//! needs `CAP_CHOWN`, `CAP_DAC_OVERRIDE`, `CAP_FOWNER` and `CAP_SETUID` over them. As
+//! root of a namespace that maps ids `0..count` to the host range `base..base + count`,
+//! it has those capabilities only over inodes whose owners are in that range, and it is
+//! host uid `base` everywhere else: it cannot signal or trace another host process,
+//! load a module, or touch a host file that is not in the pod's share. Every mount of
+//! the share (its read-only structure, each rootfs, each volume) is idmapped with the
+//! same mapping, so a file owned by uid `n` on disk shows as `base + n` there, that is
+//! as `n` in virtiofsd's namespace: the guest sees the owners it wrote, and what the
+//! guest writes as `n` lands on disk as `n`. A file whose owner is `count` or more shows
+//! as the overflow id (65534) and cannot be chowned or written through the share.
+//!
+//! The namespace is made once per pod by a throwaway child (a process cannot write its
+//! own namespace's mapping to ids it does not hold): the shim, root on the host, writes
+//! the maps, keeps a descriptor of the namespace and lets the child go.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult};
+
+use super::identity::PodIdentity;
+use super::HypervisorError;
+
+/// The ids each pod's namespace maps: the 16-bit range most images keep to.
+pub const IDS_PER_POD: u32 = 65_536;
+
+/// One pod's user namespace: ids `0..count` inside are `host_base..` outside.
+#[derive(Debug)]
+pub struct PodUserns {
+    fd: OwnedFd,
+    pub host_base: u32,
+    pub count: u32,
+    /// The pod's hold on its range, when it was allocated here.
+    _range: Option<PodIdentity>,
+}
+
+impl PodUserns {
+    /// Takes a range of ids no other live pod holds (one of `ranges` ranges of
+    /// `IDS_PER_POD` from `id_base`, held through `lock_file` as `identity` holds uids)
+    /// and makes the namespace that maps it.
+    pub fn for_pod(
+        lock_file: &std::path::Path,
+        id_base: u32,
+        ranges: u32,
+        seed: &str,
+    ) -> Result<Self, HypervisorError> {
+        let range = super::identity::allocate(lock_file, 0, ranges, seed)?;
+        let host_base = u64::from(id_base) + u64::from(range.uid) * u64::from(IDS_PER_POD);
+        let host_base = u32::try_from(host_base).map_err(|_| {
+            HypervisorError::Userns(std::io::Error::other(format!(
+                "range {} from {id_base} passes 2^32",
+                range.uid
+            )))
+        })?;
+        let mut ns = Self::create(host_base, IDS_PER_POD).map_err(HypervisorError::Userns)?;
+        ns._range = Some(range);
+        Ok(ns)
+    }
+
+    /// Creates the namespace. Needs `CAP_SETUID` and `CAP_SETGID` on the host (root).
+    pub fn create(host_base: u32, count: u32) -> std::io::Result<Self> {
+        if host_base == 0 || count == 0 || host_base.checked_add(count).is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the id range {host_base} + {count} is empty, has root or wraps"),
+            ));
+        }
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: the child calls only async-signal-safe functions (close, unshare,
+        // write, read, _exit) and touches no memory the parent's other threads change.
+        match unsafe { fork() }? {
+            // SAFETY: in the forked child: raw syscalls on descriptors it owns, then
+            // _exit; nothing that allocates or takes a lock.
+            ForkResult::Child => unsafe {
+                libc::close(ready_r.as_raw_fd());
+                libc::close(hold_w.as_raw_fd());
+                let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+                libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
+                // Until the parent has the namespace and closes its end.
+                let mut b = 0u8;
+                libc::read(hold_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+                libc::_exit(0);
+            },
+            ForkResult::Parent { child } => {
+                drop(ready_w);
+                drop(hold_r);
+                let made = Self::map_child(child.as_raw(), ready_r, host_base, count);
+                // The child reads end-of-file and exits.
+                drop(hold_w);
+                let _ = waitpid(child, None);
+                Ok(Self {
+                    fd: made?,
+                    host_base,
+                    count,
+                    _range: None,
+                })
+            }
+        }
+    }
+
+    fn map_child(pid: i32, ready: OwnedFd, host_base: u32, count: u32) -> std::io::Result<OwnedFd> {
+        let mut ok = [0u8];
+        std::fs::File::from(ready).read_exact(&mut ok)?;
+        if ok[0] != 1 {
+            return Err(std::io::Error::other(
+                "the kernel refused a new user namespace (user.max_user_namespaces, or a \
+                 sandbox that forbids them)",
+            ));
+        }
+        let line = format!("0 {host_base} {count}\n");
+        for map in ["uid_map", "gid_map"] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/{map}"))?
+                .write_all(line.as_bytes())
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{map}: {e}")))?;
+        }
+        Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Idmaps the detached mount `tree` (from `open_tree(OPEN_TREE_CLONE)`), and the
+    /// mounts below it when `recursive`, with this namespace's mapping. Fails on a
+    /// filesystem that does not support idmapped mounts, or a mount already idmapped.
+    pub fn idmap(&self, tree: BorrowedFd<'_>, recursive: bool) -> std::io::Result<()> {
+        set_attr(tree, libc::MOUNT_ATTR_IDMAP, self.fd.as_raw_fd(), recursive)
+    }
+
+    /// Makes `cmd`'s child root of this namespace before it executes: it joins the
+    /// namespace, drops every supplementary group and takes uid and gid 0 there (host
+    /// `host_base`), with the namespace's full capability set and none on the host, in
+    /// IPC and UTS namespaces of its own (virtiofsd makes its own mount, PID and network
+    /// namespaces). Its limits are set first, while it can still raise them: `nofile`
+    /// descriptors (capped at the hard limit where the host's root may not raise it),
+    /// `NPROC` processes and threads of its uid, no core dumps. The parent-death signal,
+    /// which a change of credentials clears, is set again.
+    pub fn enter_as_root(&self, cmd: &mut tokio::process::Command, nofile: u64) {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the closure runs between fork and exec and calls only
+        // async-signal-safe functions (setrlimit, getrlimit, setns, unshare, setgroups,
+        // setresgid, setresuid, prctl); the descriptor outlives the spawn (the caller
+        // borrows self).
+        unsafe {
+            cmd.pre_exec(move || {
+                let fail = || Err(std::io::Error::last_os_error());
+                let mut lim = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                // Without CAP_SYS_RESOURCE (some sandboxed hosts) the hard limit is
+                // what there is.
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0
+                    && (libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || {
+                        lim.rlim_cur = lim.rlim_max.min(nofile);
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0
+                    })
+                {
+                    return fail();
+                }
+                for (resource, n) in [(libc::RLIMIT_NPROC, NPROC), (libc::RLIMIT_CORE, 0)] {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(resource, &lim) != 0 {
+                        return fail();
+                    }
+                }
+                if libc::setns(fd, libc::CLONE_NEWUSER) != 0
+                    || libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) != 0
+                    || libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(0, 0, 0) != 0
+                    || libc::setresuid(0, 0, 0) != 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                {
+                    return fail();
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Processes and threads the namespace's root may have (its host uid is the pod's
+/// own): virtiofsd needs a few per queue.
+pub const NPROC: u64 = 512;
+
+/// `mount_setattr(2)` on the detached mount `tree`: sets `attr` (with the user
+/// namespace `userns` for `MOUNT_ATTR_IDMAP`), below it too when `recursive`.
+pub fn set_attr(
+    tree: BorrowedFd<'_>,
+    attr: u64,
+    userns: i32,
+    recursive: bool,
+) -> std::io::Result<()> {
+    let a = libc::mount_attr {
+        attr_set: attr,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: if userns >= 0 { userns as u64 } else { 0 },
+    };
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: mount_setattr reads `a` (of the size passed) and the empty path; both
+    // outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &a as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root_or_fail(what: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        cocoon_nested::testing::missing(what, "a user namespace's mapping needs root");
+        false
+    }
+
+    #[test]
+    fn the_namespace_maps_the_range_it_was_given() {
+        if !root_or_fail("userns") {
+            return;
+        }
+        let ns = PodUserns::create(1_500_000_000, IDS_PER_POD).unwrap();
+        let path = format!("/proc/self/fd/{}", ns.fd().as_raw_fd());
+        let link = std::fs::read_link(&path).unwrap();
+        assert!(link.to_string_lossy().starts_with("user:["), "{link:?}");
+        assert_ne!(
+            link,
+            std::fs::read_link("/proc/self/ns/user").unwrap(),
+            "a new namespace, not ours"
+        );
+    }
+
+    /// A child that entered is root of the namespace and the range's first id on the
+    /// host, with every capability there and none on the host.
+    #[tokio::test]
+    async fn a_child_enters_as_root_of_the_namespace_only() {
+        if !root_or_fail("userns") {
+            return;
+        }
+        let ns = PodUserns::create(1_500_065_536, IDS_PER_POD).unwrap();
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.args(["-c", "id -u; id -g; id -G; grep -E '^(Uid|CapEff)' /proc/self/status; cat /proc/self/uid_map; sleep 0.5"]);
+        ns.enter_as_root(&mut cmd, 4096);
+        cmd.stdout(std::process::Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let pid = child.id().unwrap();
+        // Seen from the host, while it runs.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(&lines[..3], ["0", "0", "0"], "{text}");
+        assert!(text.contains("CapEff:\t000001ffffffffff"), "{text}");
+        assert!(text.contains("1500065536"), "{text}");
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert_eq!(
+            uid.split_whitespace().nth(1),
+            Some("1500065536"),
+            "{status}"
+        );
+    }
+
+    #[test]
+    fn a_range_with_root_or_wrapping_is_refused() {
+        assert!(PodUserns::create(0, 10).is_err());
+        assert!(PodUserns::create(u32::MAX - 5, 10).is_err());
+        assert!(PodUserns::create(100, 0).is_err());
+    }
+}

@@ -1,0 +1,350 @@
+//! A container's overlay rootfs with idmapped layers, for a pod whose virtiofsd runs in
+//! a user namespace of its own (`hypervisor::userns`).
+//!
+//! overlayfs cannot itself be idmapped, but its layers can: each layer is cloned
+//! detached (`open_tree`), idmapped there, and handed to a new overlay by descriptor
+//! (`fsopen`/`fsconfig` with `lowerdir+`, `upperdir`, `workdir`; Linux ≥ 6.13), so
+//! no layer is ever attached where anything could reach it. The overlay then shows
+//! the owners the layers show, and writes it makes (as the shim's root, through the
+//! idmapped upper layer) land on disk with the ids the guest gave.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use crate::hypervisor::userns::{set_attr, PodUserns};
+
+/// What containerd's overlay options ask for, layers apart.
+#[derive(Debug, Default, PartialEq)]
+pub struct OverlayOptions {
+    /// Topmost first, as `lowerdir=` lists them.
+    pub lower: Vec<String>,
+    pub upper: Option<String>,
+    pub work: Option<String>,
+    /// Other overlay options (`index=off`, `userxattr`, ...), as key and value.
+    pub other: Vec<(String, Option<String>)>,
+    /// `MOUNT_ATTR_*` bits from `ro`, `nosuid`, `nodev`, `noexec`.
+    pub attrs: u64,
+}
+
+/// Splits containerd's options for an overlay mount; an option this code does not
+/// know is passed to overlayfs, which names it if it does not know it either.
+pub fn parse(options: &[String]) -> Result<OverlayOptions, String> {
+    let mut o = OverlayOptions::default();
+    for opt in options {
+        match opt.split_once('=') {
+            Some(("lowerdir", v)) => o.lower = v.split(':').map(String::from).collect(),
+            Some(("upperdir", v)) => o.upper = Some(v.to_string()),
+            Some(("workdir", v)) => o.work = Some(v.to_string()),
+            Some((k, v)) => o.other.push((k.to_string(), Some(v.to_string()))),
+            None => match opt.as_str() {
+                "ro" => o.attrs |= libc::MOUNT_ATTR_RDONLY,
+                "nosuid" => o.attrs |= libc::MOUNT_ATTR_NOSUID,
+                "nodev" => o.attrs |= libc::MOUNT_ATTR_NODEV,
+                "noexec" => o.attrs |= libc::MOUNT_ATTR_NOEXEC,
+                "rw" | "defaults" => {}
+                flag => o.other.push((flag.to_string(), None)),
+            },
+        }
+    }
+    if o.lower.is_empty() || o.lower.iter().any(|l| l.is_empty()) {
+        return Err(format!("no usable lowerdir in {options:?}"));
+    }
+    if o.upper.is_some() != o.work.is_some() {
+        return Err("upperdir and workdir come together".into());
+    }
+    Ok(o)
+}
+
+fn cstr(s: &str) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+fn check(r: libc::c_long, what: &str) -> std::io::Result<libc::c_long> {
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(r)
+}
+
+/// A detached, idmapped (and, for a lower layer, read-only) clone of the directory
+/// `path`, and a directory descriptor of its root to give overlayfs.
+fn layer(path: &str, ns: &PodUserns, readonly: bool) -> std::io::Result<OwnedFd> {
+    let c = cstr(path)?;
+    let flags = libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    // SAFETY: a valid C string that outlives the call.
+    let fd = check(
+        unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) },
+        path,
+    )?;
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if readonly {
+        set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
+    }
+    ns.idmap(tree.as_fd(), false)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("idmap {path}: {e}")))?;
+    Ok(tree)
+}
+
+/// The upper and work directories as one idmapped clone of their common parent
+/// (overlayfs wants both on one mount): that clone, then the two directories in it.
+/// The clone's descriptor must stay open until the overlay is made: closing it
+/// dissolves the detached tree, and overlayfs takes only the root of a live one.
+fn upper_and_work(upper: &str, work: &str, ns: &PodUserns) -> std::io::Result<[OwnedFd; 3]> {
+    let (up, wk) = (Path::new(upper), Path::new(work));
+    let parent = up
+        .parent()
+        .filter(|p| Some(*p) == wk.parent())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("upperdir {upper} and workdir {work} are not siblings"),
+            )
+        })?;
+    let tree = layer(&parent.to_string_lossy(), ns, false)?;
+    let open = |name: &Path| -> std::io::Result<OwnedFd> {
+        let name = name.file_name().unwrap_or_default();
+        Ok(nix::fcntl::openat(
+            &tree,
+            name,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?)
+    };
+    let (u, w) = (open(up)?, open(wk)?);
+    Ok([tree, u, w])
+}
+
+fn fsconfig(
+    fs: BorrowedFd<'_>,
+    cmd: libc::c_uint,
+    key: Option<&str>,
+    value: Option<&str>,
+    aux: i32,
+) -> std::io::Result<()> {
+    let key_c = key.map(cstr).transpose()?;
+    let value_c = value.map(cstr).transpose()?;
+    let kp = key_c.as_ref().map_or(std::ptr::null(), |k| k.as_ptr());
+    let vp = value_c.as_ref().map_or(std::ptr::null(), |v| v.as_ptr());
+    // SAFETY: C strings (or null) that outlive the call, and a descriptor we hold.
+    let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, kp, vp, aux) };
+    check(r, &format!("overlay option {}", key.unwrap_or("create"))).map(drop)
+}
+
+/// Makes the overlay `o` with every layer idmapped through `ns`, detached; the caller
+/// attaches it.
+///
+/// overlayfs does its own work in the upper layer (its work directory, copy-ups) with
+/// the credentials that made it, and host root's uid 0 has no place in the layers'
+/// mapping: such a write would fail (`EOVERFLOW`). So the overlay is made on a thread
+/// of its own whose filesystem ids are the namespace's root (`ns.host_base`, which the
+/// mapping takes to 0 on disk), with the capabilities a change of filesystem ids drops
+/// raised again: the overlay's own writes land as root on disk, as they would without
+/// the namespace.
+pub fn mount_idmapped(o: &OverlayOptions, ns: &PodUserns) -> std::io::Result<OwnedFd> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            as_filesystem_ids(ns.host_base)?;
+            make(o, ns)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the overlay thread panicked")))
+    })
+}
+
+/// This thread's filesystem uid and gid become `id`; its effective capabilities are
+/// its permitted ones again. Per thread: the kernel keeps credentials per task, and
+/// `setfsuid` is not broadcast to other threads as `setuid` is by the C library.
+fn as_filesystem_ids(id: u32) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on this thread's credentials.
+    unsafe {
+        libc::setfsuid(id);
+        libc::setfsgid(id);
+        // An invalid id changes nothing and returns the current one.
+        if libc::setfsuid(u32::MAX) as u32 != id || libc::setfsgid(u32::MAX) as u32 != id {
+            return Err(std::io::Error::other(format!(
+                "cannot take filesystem ids {id} for the overlay"
+            )));
+        }
+    }
+    let permitted = caps::read(None, caps::CapSet::Permitted).map_err(std::io::Error::other)?;
+    caps::set(None, caps::CapSet::Effective, &permitted).map_err(std::io::Error::other)
+}
+
+fn make(o: &OverlayOptions, ns: &PodUserns) -> std::io::Result<OwnedFd> {
+    let name = cstr("overlay")?;
+    // SAFETY: a valid C string that outlives the call.
+    let fs = check(
+        unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), libc::FSOPEN_CLOEXEC) },
+        "fsopen overlay",
+    )?;
+    // SAFETY: fsopen returned a new fd that nothing else owns.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let fs = fs.as_fd();
+    for (k, v) in &o.other {
+        match v {
+            Some(v) => fsconfig(fs, libc::FSCONFIG_SET_STRING, Some(k), Some(v), 0)?,
+            None => fsconfig(fs, libc::FSCONFIG_SET_FLAG, Some(k), None, 0)?,
+        }
+    }
+    // Held until the overlay is made: it keeps its own references then.
+    let mut held = Vec::new();
+    for l in &o.lower {
+        let fd = layer(l, ns, true)?;
+        fsconfig(
+            fs,
+            libc::FSCONFIG_SET_FD,
+            Some("lowerdir+"),
+            None,
+            fd.as_raw_fd(),
+        )?;
+        held.push(fd);
+    }
+    if let (Some(up), Some(wk)) = (&o.upper, &o.work) {
+        let fds = upper_and_work(up, wk, ns)?;
+        fsconfig(
+            fs,
+            libc::FSCONFIG_SET_FD,
+            Some("upperdir"),
+            None,
+            fds[1].as_raw_fd(),
+        )?;
+        fsconfig(
+            fs,
+            libc::FSCONFIG_SET_FD,
+            Some("workdir"),
+            None,
+            fds[2].as_raw_fd(),
+        )?;
+        held.extend(fds);
+    }
+    fsconfig(fs, libc::FSCONFIG_CMD_CREATE, None, None, 0)?;
+    // SAFETY: a descriptor we hold.
+    let m = check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                fs.as_raw_fd(),
+                libc::FSMOUNT_CLOEXEC,
+                o.attrs as libc::c_uint,
+            )
+        },
+        "fsmount overlay",
+    )?;
+    // SAFETY: fsmount returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(m as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn containerd_options_split_into_layers_and_the_rest() {
+        let o = parse(&opts(&[
+            "index=off",
+            "workdir=/s/2/work",
+            "upperdir=/s/2/fs",
+            "lowerdir=/s/1/fs:/s/0/fs",
+            "userxattr",
+            "ro",
+        ]))
+        .unwrap();
+        assert_eq!(o.lower, ["/s/1/fs", "/s/0/fs"]);
+        assert_eq!(o.upper.as_deref(), Some("/s/2/fs"));
+        assert_eq!(o.work.as_deref(), Some("/s/2/work"));
+        assert_eq!(
+            o.other,
+            [
+                ("index".to_string(), Some("off".to_string())),
+                ("userxattr".to_string(), None)
+            ]
+        );
+        assert_eq!(o.attrs, libc::MOUNT_ATTR_RDONLY);
+        // A read-only view: lower layers only.
+        let o = parse(&opts(&["lowerdir=/a:/b"])).unwrap();
+        assert!(o.upper.is_none() && o.work.is_none());
+    }
+
+    #[test]
+    fn options_missing_a_layer_are_named() {
+        assert!(parse(&opts(&["upperdir=/u", "workdir=/w"])).is_err());
+        assert!(parse(&opts(&["lowerdir=/a::/b"])).is_err());
+        let e = parse(&opts(&["lowerdir=/a", "upperdir=/u"])).unwrap_err();
+        assert!(e.contains("workdir"), "{e}");
+    }
+
+    /// A file owned by 0 and one by 1000 in the image, seen through the overlay as the
+    /// namespace's range shows them, and a file made through it landing as the
+    /// namespace's root on disk: as 0.
+    #[tokio::test]
+    async fn an_idmapped_overlay_shows_and_writes_the_layers_owners() {
+        if !nix::unistd::geteuid().is_root() {
+            cocoon_nested::testing::missing("overlay", "mounting needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let p = |s: &str| t.path().join(s);
+        for d in ["lower", "snap/fs", "snap/work", "target"] {
+            std::fs::create_dir_all(p(d)).unwrap();
+        }
+        std::fs::write(p("lower/root-file"), "r").unwrap();
+        std::fs::write(p("lower/user-file"), "u").unwrap();
+        std::os::unix::fs::lchown(p("lower/user-file"), Some(1000), Some(1000)).unwrap();
+        let base = 1_500_196_608;
+        let ns = PodUserns::create(base, crate::hypervisor::userns::IDS_PER_POD).unwrap();
+        let o = parse(&[
+            format!("lowerdir={}", p("lower").display()),
+            format!("upperdir={}", p("snap/fs").display()),
+            format!("workdir={}", p("snap/work").display()),
+        ])
+        .unwrap();
+        let m = mount_idmapped(&o, &ns).unwrap();
+        let target = nix::fcntl::open(
+            &p("target"),
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        crate::shimv2::share::attach(&m, &target).unwrap();
+        let uid = |f: &str| {
+            std::fs::symlink_metadata(p("target").join(f))
+                .unwrap()
+                .uid()
+        };
+        assert_eq!(uid("root-file"), base);
+        assert_eq!(uid("user-file"), base + 1000);
+        // Root of the host is not in the range: through the overlay it makes nothing.
+        let e = std::fs::write(p("target/new"), "x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOVERFLOW), "{e}");
+        // The namespace's root (virtiofsd's identity) writes as the guest would.
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.current_dir(p("target")).args([
+            "-c",
+            "echo x > new && chown 1000:1000 new && mkdir d && chmod 600 user-file",
+        ]);
+        ns.enter_as_root(&mut cmd, 1024);
+        assert!(cmd.status().await.unwrap().success());
+        nix::mount::umount2(&p("target"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        // On disk, in the upper layer, with the ids it gave.
+        let disk = |f: &str| std::fs::symlink_metadata(p(f)).unwrap();
+        assert_eq!(disk("snap/fs/new").uid(), 1000);
+        assert_eq!(disk("snap/fs/d").uid(), 0);
+        assert_eq!(
+            disk("snap/fs/user-file").uid(),
+            1000,
+            "copied up, owner kept"
+        );
+        // The lower layer is untouched.
+        assert_eq!(disk("lower/user-file").mode() & 0o777, 0o644);
+    }
+}
