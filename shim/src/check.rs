@@ -150,7 +150,7 @@ pub fn virtiofsd_jail() -> String {
             .into(),
         Err(e) => format!(
             "virtiofsd jail: no: {e}; pods with [jail] virtiofsd = true (the default) will \
-             not start (Linux >= 6.13 and filesystems with idmapped mounts are needed; \
+             not start (Linux >= 6.15 and filesystems with idmapped mounts are needed; \
              [jail] virtiofsd = false runs it as host root)"
         ),
     }

@@ -82,7 +82,8 @@ pub struct JailConfig {
     /// virtiofsd as root of a user namespace of the pod's own instead of host root
     /// (`hypervisor::userns`): the pod's share is idmapped into it, so a filesystem
     /// shared into a pod must support idmapped mounts (ext4, xfs, btrfs, tmpfs,
-    /// overlayfs on Linux ≥ 6.3). Only with `enabled`.
+    /// and a container rootfs from overlay layers passed by descriptor: Linux ≥ 6.15).
+    /// Only with `enabled`.
     pub virtiofsd: bool,
     /// The host ids of those namespaces: `share_ranges` ranges of 65 536 from here,
     /// one per live pod. Nothing in them may be a real user's or overlap `uid_base`.

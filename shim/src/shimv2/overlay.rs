@@ -3,8 +3,9 @@
 //!
 //! overlayfs cannot itself be idmapped, but its layers can: each layer is cloned
 //! detached (`open_tree`), idmapped there, and handed to a new overlay by descriptor
-//! (`fsopen`/`fsconfig` with `lowerdir+`, `upperdir`, `workdir`; Linux ≥ 6.13), so
-//! no layer is ever attached where anything could reach it. The overlay then shows
+//! (`fsopen`/`fsconfig` with `lowerdir+`, `upperdir`, `workdir`: Linux ≥ 6.13, and
+//! detached mounts as layers: ≥ 6.15), so no layer is ever attached where anything
+//! could reach it. The overlay then shows
 //! the owners the layers show, and writes it makes (as the shim's root, through the
 //! idmapped upper layer) land on disk with the ids the guest gave.
 
