@@ -156,8 +156,12 @@ fn memory_of(procs: &[(u32, String)]) -> Vec<Memory> {
     procs
         .iter()
         .map(|(pid, cmd)| {
+            // argv[0], less a pod's virtiofsd's `@<share>`, less its directory.
             let name = cmd
                 .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .split('@')
                 .next()
                 .unwrap_or("")
                 .rsplit('/')
