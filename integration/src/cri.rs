@@ -788,8 +788,12 @@ pub fn write_shim_config_with(dir: &Path, boot_timeout: Duration, tables: &str) 
     let hypervisor = std::env::var("COCOON_TEST_HYPERVISOR").unwrap_or_else(|_| "auto".into());
     let toml = format!(
         "hypervisor = {hypervisor:?}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n\
-         [paths]\nrun_dir = {:?}\n{tables}",
-        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.paths.run_dir
+         [paths]\nrun_dir = {:?}\n{tables}{}",
+        c.vm.kernel,
+        c.vm.initrd,
+        c.vm.boot_timeout_ms,
+        c.paths.run_dir,
+        crate::jail_table_for_this_kernel(tables)
     );
     std::fs::write(&path, toml).unwrap();
     path

@@ -33,6 +33,23 @@ pub fn image_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/image"))
 }
 
+/// The `[jail]` table a test's shim config needs on this kernel, unless `tables` has one
+/// already: nothing where a pod's virtiofsd can run in a user namespace of its own (the
+/// default), `virtiofsd = false` where `cocoon check`'s probe says this kernel cannot
+/// (the nested harness's L1 runs 6.12; an overlay of idmapped layers needs 6.15), and
+/// then said on stderr. The test that checks the namespace asks for it outright.
+pub fn jail_table_for_this_kernel(tables: &str) -> String {
+    if tables.contains("[jail]") {
+        return String::new();
+    }
+    let probe = cocoon_shim::check::virtiofsd_jail();
+    if probe.starts_with("virtiofsd jail: yes") {
+        return String::new();
+    }
+    eprintln!("{probe}\n(this test's pods run virtiofsd as host root: [jail] virtiofsd = false)");
+    "[jail]\nvirtiofsd = false\n".into()
+}
+
 /// A config for tests: the built image, a private run dir, TCG or KVM as the
 /// host allows (auto), and the given boot timeout.
 pub fn test_config(run_dir: &Path, boot_timeout: Duration) -> Config {

@@ -56,7 +56,11 @@ pub fn env_edited(
     let mut config = test_config(&run_dir, Duration::from_secs(90));
     edit(&mut config);
     let config_path = dir.path().join("cocoon.toml");
-    let toml = format!("{top}{}{tables}", toml_of(&config));
+    let toml = format!(
+        "{top}{}{tables}{}",
+        toml_of(&config),
+        cocoon_integration::jail_table_for_this_kernel(tables)
+    );
     std::fs::write(&config_path, toml).unwrap();
     let containerd = Containerd::start(&dir.path().join("containerd"), &config_path);
     containerd.import_busybox();
