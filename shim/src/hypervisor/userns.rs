@@ -49,7 +49,15 @@ impl PodUserns {
         ranges: u32,
         seed: &str,
     ) -> Result<Self, HypervisorError> {
-        let range = super::identity::allocate(lock_file, 0, ranges, seed)?;
+        use super::identity::IdentityError;
+        let range = super::identity::allocate(lock_file, 0, ranges, seed).map_err(|e| match e {
+            IdentityError::Exhausted { count, .. } => {
+                HypervisorError::Userns(std::io::Error::other(format!(
+                    "all {count} share id ranges are held by live pods; widen [jail] share_ranges"
+                )))
+            }
+            e => e.into(),
+        })?;
         let host_base = u64::from(id_base) + u64::from(range.uid) * u64::from(IDS_PER_POD);
         let host_base = u32::try_from(host_base).map_err(|_| {
             HypervisorError::Userns(std::io::Error::other(format!(

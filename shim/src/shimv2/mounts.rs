@@ -148,27 +148,26 @@ fn prepare_inner(
         bind(&pod, &src, &root_rel, true, false)?;
         done.mounted.push(target);
     } else if let (Some(ns), [m]) = (pod.userns(), rootfs) {
-        if m.type_ != "overlay" {
-            mount_by_path(rootfs, &target)?;
-            done.mounted.push(target.clone());
-            return pod
-                .idmap_in_place(&root_rel)
-                .map_err(|e| MountError::Rootfs {
-                    target,
-                    detail: format!("cannot idmap it for the pod's virtiofsd: {e}"),
-                });
-        }
-        // An overlay of idmapped layers, made detached and attached by descriptor.
         let rootfs_err = |detail: String| MountError::Rootfs {
             target: target.clone(),
             detail,
         };
-        let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
-        let made = overlay::mount_idmapped(&opts, ns)
-            .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?;
-        pod.attach(&made, &root_rel)
-            .map_err(|e| rootfs_err(e.to_string()))?;
-        done.mounted.push(target);
+        if m.type_ == "overlay" {
+            // An overlay of idmapped layers, made detached and attached by descriptor.
+            let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
+            let made = overlay::mount_idmapped(&opts, ns)
+                .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?;
+            pod.attach(&made, &root_rel)
+                .map_err(|e| rootfs_err(e.to_string()))?;
+            done.mounted.push(target.clone());
+        } else {
+            // A bind (a single-layer view) or a filesystem of its own: idmapped where
+            // it was mounted, before any container uses it.
+            mount_by_path(rootfs, &target)?;
+            done.mounted.push(target.clone());
+            pod.idmap_in_place(&root_rel)
+                .map_err(|e| rootfs_err(format!("cannot idmap it for the pod's virtiofsd: {e}")))?;
+        }
     } else {
         if pod.userns().is_some() {
             return Err(MountError::Rootfs {
@@ -323,6 +322,55 @@ mod tests {
         assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "changed");
         crate::shimv2::share::remove(&share);
         assert!(!share.exists());
+    }
+
+    /// With the pod's namespace: a snapshot given as a bind (a single-layer view, the
+    /// native snapshotter) and a volume are idmapped, and the spec is still rewritten.
+    #[test]
+    fn with_a_namespace_a_bind_rootfs_and_volumes_show_shifted_owners() {
+        if !nix::unistd::geteuid().is_root() {
+            cocoon_nested::testing::missing("mounts", "mounting needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let bundle = t.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let snap = t.path().join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("owned"), "x").unwrap();
+        std::os::unix::fs::lchown(snap.join("owned"), Some(1000), Some(1000)).unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("f"), "hello").unwrap();
+        std::os::unix::fs::lchown(data.join("f"), Some(7), Some(7)).unwrap();
+        let base = 1_500_327_680;
+        let ns = Arc::new(PodUserns::create(base, crate::hypervisor::userns::IDS_PER_POD).unwrap());
+        let share = t.path().join("share");
+        crate::shimv2::share::create(&share, Some(&ns)).unwrap();
+        let rootfs = [RootfsMount {
+            type_: "bind".into(),
+            source: snap.display().to_string(),
+            options: vec!["rbind".into(), "rw".into()],
+            ..Default::default()
+        }];
+        let mut spec = spec_with(serde_json::json!([
+            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}
+        ]));
+        let mut m = prepare(&share, Some(ns), "c1", &bundle, &rootfs, &mut spec).unwrap();
+        let uid = |p: &str| std::fs::symlink_metadata(share.join(p)).unwrap().uid();
+        assert_eq!(uid("c1/rootfs/owned"), base + 1000);
+        assert_eq!(uid("c1/mounts/0/f"), base + 7);
+        // The structure shows as the namespace's root.
+        assert_eq!(uid("c1"), base);
+        assert_eq!(
+            spec.mounts().as_ref().unwrap()[0].source().as_deref(),
+            Some(Path::new("/run/cocoon/shared/c1/mounts/0"))
+        );
+        m.cleanup();
+        crate::shimv2::share::remove(&share);
+        assert!(!share.exists());
+        assert_eq!(std::fs::metadata(data.join("f")).unwrap().uid(), 7);
     }
 
     #[test]
