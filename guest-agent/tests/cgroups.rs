@@ -35,11 +35,13 @@ async fn cgroup_v2_pause_resume_pids_and_cleanup() {
     // controllers but does have cgroup.procs, cgroup.freeze and cpu.stat.
     // Limits, memory stats and OOM events need controllers: unit tests and
     // the in-guest tests cover those.
-    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
-    if !unified.join("cgroup.controllers").exists() {
-        eprintln!("skipped: no cgroup v2 hierarchy at {}", unified.display());
+    let Some(unified) = cgroup2_parent() else {
+        cocoon_nested::testing::missing(
+            "cgroup_v2_pause_resume_pids_and_cleanup",
+            "no cgroup v2 hierarchy",
+        );
         return;
-    }
+    };
     let root = unified.join(format!("cocoon-test-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     let tree = CgroupTree(root.clone());
@@ -128,7 +130,10 @@ fn cgroup2_parent() -> Option<std::path::PathBuf> {
 async fn cgroup_namespace_shows_the_containers_own_group() {
     require_root!();
     let Some(parent) = cgroup2_parent() else {
-        eprintln!("skipped: no cgroup v2 hierarchy");
+        cocoon_nested::testing::missing(
+            "cgroup_namespace_shows_the_containers_own_group",
+            "no cgroup v2 hierarchy",
+        );
         return;
     };
     let root = parent.join(format!("cocoon-ns-test-{}", std::process::id()));
