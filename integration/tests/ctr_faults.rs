@@ -98,6 +98,42 @@ fn failed_create_fails_cleanly() {
     assert_clean(&env);
 }
 
+/// A virtiofsd that cannot start (here a stand-in that says why and exits): the pod
+/// fails, and the error names virtiofsd and its last words. The shim makes its listener,
+/// so QEMU alone would only have seen a refused connection.
+#[test]
+fn a_virtiofsd_that_fails_at_start_is_named_with_its_last_words() {
+    let bin = tempfile::tempdir().unwrap();
+    // Reachable by virtiofsd's uid, which is not root's.
+    std::fs::set_permissions(
+        bin.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let fake = bin.path().join("virtiofsd");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'cannot serve the share: simulated' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The shim config's last table is [paths]: this key lands there.
+    let env = env_with(
+        "",
+        &format!("virtiofsd = {:?}\n", fake.display().to_string()),
+    );
+    let c = ctr_run(&env, COCOON, "nofs", &[], &["true"]);
+    assert!(!c.status.success(), "{}", show(&c));
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(
+        err.contains("virtiofsd (pid") && err.contains("cannot serve the share: simulated"),
+        "the error should name virtiofsd and what it said: {}",
+        show(&c)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", "nofs"]);
+    assert_clean(&env);
+}
+
 /// What a user saw: after virtiofsd was killed, `ctr task delete -f` hung for good (the
 /// shim, QEMU and the share stayed). Now the pod's VM ends with it: the task stops (as a
 /// killed process, 137), calls that need the VM say why they cannot, and a forced delete

@@ -25,6 +25,14 @@ const RETRY_EVERY: Duration = Duration::from_millis(20);
 /// guest a reset to send (≈9 of them while the agent started under TCG, at 20 ms).
 const RETRY_WATCHED: Duration = Duration::from_millis(200);
 
+/// A device backend's exit, for the report of a VM that exited: a virtiofsd that died
+/// at start shows in QEMU's own log only as a refused connection.
+fn backend_too(vm: &mut Vm) -> String {
+    vm.try_backend_exit()
+        .map(|r| format!("\nalso: {r}"))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Error)]
 pub enum AgentError {
     #[error("the agent did not answer within {after:?} of launch; last error: {last}; guest console ends with:\n{console}")]
@@ -34,12 +42,14 @@ pub enum AgentError {
         console: String,
     },
     #[error(
-        "the VM exited ({status}) before its agent answered; the VMM's log ends with:\n{vmm_log}\nguest console ends with:\n{console}"
+        "the VM exited ({status}) before its agent answered; the VMM's log ends with:\n{vmm_log}\nguest console ends with:\n{console}{backend}"
     )]
     VmExited {
         status: String,
         vmm_log: String,
         console: String,
+        /// A device backend that exited too (perhaps first, and the cause), or empty.
+        backend: String,
     },
     #[error(
         "a host process of the VM exited before its agent answered ({what}); guest console ends with:\n{console}"
@@ -109,6 +119,7 @@ impl AgentClient {
                     status: status.to_string(),
                     vmm_log: vm.vmm_log_tail(20),
                     console: vm.console_tail(20),
+                    backend: backend_too(vm),
                 });
             }
             // A dead virtiofsd or vsock backend: the agent may never be reachable. A
@@ -122,6 +133,7 @@ impl AgentClient {
                             status: status.to_string(),
                             vmm_log: vm.vmm_log_tail(20),
                             console: vm.console_tail(20),
+                            backend: format!("\nalso: {what}"),
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;

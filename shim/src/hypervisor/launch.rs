@@ -120,7 +120,8 @@ pub async fn spawn_virtiofsd(
             None
         }
     };
-    vm.procs.backends.push(fs.spawn().map_err(spawn_err)?);
+    let child = fs.spawn().map_err(spawn_err)?;
+    vm.procs.push_backend(child, "virtiofsd", &log);
     // virtiofsd holds the listener now.
     drop(listener);
     wait_for_socket(&mut vm.procs, socket, &log).await

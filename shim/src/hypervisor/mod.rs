@@ -223,9 +223,7 @@ impl Vm {
 
     /// A device backend that has exited (`pid N: status`), if one has.
     pub fn try_backend_exit(&mut self) -> Option<String> {
-        self.procs
-            .try_backend_exit()
-            .map(|(pid, status)| format!("device backend pid {pid}: {status}"))
+        self.procs.backend_exit_report(5)
     }
 
     /// Waits up to `deadline` for the VMM to exit by itself.

@@ -118,10 +118,36 @@ pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorE
 pub struct VmProcesses {
     pub(crate) vmm: Option<Child>,
     pub(crate) backends: Vec<Child>,
+    /// For each of `backends`, what it is and the file its output goes to.
+    backend_logs: Vec<(&'static str, PathBuf)>,
     vmm_status: Option<ExitStatus>,
 }
 
 impl VmProcesses {
+    /// Adds a device backend, named `what`, whose output goes to `log`.
+    pub(crate) fn push_backend(&mut self, child: Child, what: &'static str, log: &Path) {
+        self.backends.push(child);
+        self.backend_logs.push((what, log.to_path_buf()));
+    }
+
+    /// A device backend that has exited, if any: what it is, its pid, how it ended and
+    /// the last `lines` of its log.
+    pub fn backend_exit_report(&mut self, lines: usize) -> Option<String> {
+        let (i, pid, status) = self.backends.iter_mut().enumerate().find_map(|(i, b)| {
+            let pid = b.id()?;
+            let status = b.try_wait().ok().flatten()?;
+            Some((i, pid, status))
+        })?;
+        let (what, log) = self
+            .backend_logs
+            .get(i)
+            .map(|(w, l)| (*w, super::tail_lines(l, lines)))
+            .unwrap_or(("device backend", String::new()));
+        Some(format!(
+            "{what} (pid {pid}) exited ({status}); its log ends with:\n{log}"
+        ))
+    }
+
     pub fn vmm_pid(&self) -> Option<u32> {
         self.vmm.as_ref().and_then(Child::id)
     }
@@ -144,16 +170,6 @@ impl VmProcesses {
             }
         }
         self.vmm_status
-    }
-
-    /// A device backend (virtiofsd, the vsock backend) that has exited: its pid and
-    /// status. The VM cannot work without it.
-    pub fn try_backend_exit(&mut self) -> Option<(u32, ExitStatus)> {
-        self.backends.iter_mut().find_map(|b| {
-            let pid = b.id()?;
-            let status = b.try_wait().ok().flatten()?;
-            Some((pid, status))
-        })
     }
 
     pub async fn wait_vmm_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
@@ -189,6 +205,7 @@ impl VmProcesses {
         }
         self.vmm = None;
         self.backends.clear();
+        self.backend_logs.clear();
         status
     }
 
@@ -212,6 +229,7 @@ impl VmProcesses {
         }
         self.vmm = None;
         self.backends.clear();
+        self.backend_logs.clear();
     }
 }
 

@@ -267,7 +267,8 @@ impl Qemu {
         let child = backend.spawn().map_err(spawn_err)?;
         // The backend holds the listener now.
         drop(listener);
-        vm.procs.backends.push(child);
+        vm.procs
+            .push_backend(child, "the vsock backend", &paths.backend_log);
         Ok(())
     }
 }
