@@ -71,15 +71,8 @@ fn check(r: libc::c_long, what: &str) -> std::io::Result<libc::c_long> {
 /// A detached, idmapped (and, for a lower layer, read-only) clone of the directory
 /// `path`, and a directory descriptor of its root to give overlayfs.
 fn layer(path: &str, ns: &PodUserns, readonly: bool) -> std::io::Result<OwnedFd> {
-    let c = cstr(path)?;
-    let flags = libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
-    // SAFETY: a valid C string that outlives the call.
-    let fd = check(
-        unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) },
-        path,
-    )?;
-    // SAFETY: open_tree returned a new fd that nothing else owns.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let tree = super::share::open_tree(Path::new(path), false)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
     if readonly {
         set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
     }

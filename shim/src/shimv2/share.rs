@@ -355,12 +355,17 @@ fn cpath(p: &Path) -> std::io::Result<std::ffi::CString> {
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
 }
 
-/// A detached clone of the mount `fd` is on (an `O_PATH` fd of its root).
-fn open_tree_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
-    let flags =
-        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
-    // SAFETY: a descriptor we hold and an empty C string, both outliving the call.
-    let r = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
+/// `open_tree(2)` with `OPEN_TREE_CLONE`: a detached clone of the mount at `path`
+/// relative to `dirfd`, with `flags` added.
+fn clone_tree(
+    dirfd: std::os::fd::RawFd,
+    path: &std::ffi::CStr,
+    flags: libc::c_uint,
+) -> std::io::Result<OwnedFd> {
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | flags;
+    // SAFETY: a C string that outlives the call and a descriptor the caller holds (or
+    // AT_FDCWD); the returned fd is owned below.
+    let r = unsafe { libc::syscall(libc::SYS_open_tree, dirfd, path.as_ptr(), flags) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -368,20 +373,19 @@ fn open_tree_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
 }
 
+/// A detached clone of the mount `fd` is on (an `O_PATH` fd of its root).
+fn open_tree_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    clone_tree(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint)
+}
+
 /// A detached clone of the mount (tree) at `src`.
-fn open_tree(src: &Path, recursive: bool) -> std::io::Result<OwnedFd> {
-    let c = cpath(src)?;
-    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
-    if recursive {
-        flags |= libc::AT_RECURSIVE as libc::c_uint;
-    }
-    // SAFETY: a valid C string that outlives the call; the returned fd is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: open_tree returned a new fd that nothing else owns.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+pub(crate) fn open_tree(src: &Path, recursive: bool) -> std::io::Result<OwnedFd> {
+    let flags = if recursive {
+        libc::AT_RECURSIVE as libc::c_uint
+    } else {
+        0
+    };
+    clone_tree(libc::AT_FDCWD, &cpath(src)?, flags)
 }
 
 /// Attaches the detached mount `tree` on the mount point `target`.
