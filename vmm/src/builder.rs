@@ -21,6 +21,7 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::balloon::{Balloon, RemovePages};
 use crate::devices::virtio::block::{Block, FileBackend};
 use crate::devices::virtio::defs::TYPE_VSOCK;
+use crate::devices::virtio::mmio::TransportState;
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::net::{Net, NetError, Tap};
 use crate::devices::virtio::vhost_user::{VhostUserDevice, VhostUserError};
@@ -28,6 +29,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::vsock::{MuxerError, VsockMuxer};
 use crate::vstate::memory::{self, GuestMemory, MemoryError};
+use crate::vstate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -66,12 +68,19 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error("Failed to create vCPU")]
     Vcpu(#[from] VcpuError),
+    #[error("Failed to restore the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    #[error("Failed to restore a device: {0}")]
+    Restore(String),
 }
 
-/// A device with a host-side descriptor the event loop polls.
+/// A virtio device on its transport, as the event loop and snapshots see it: a
+/// host-side descriptor to poll, and state to save and restore.
 pub trait HostEvents: Send {
     fn host_fd(&self) -> Option<RawFd>;
     fn process_host(&mut self);
+    fn save(&mut self) -> Result<TransportState, String>;
+    fn restore(&mut self, state: &TransportState) -> Result<(), String>;
 }
 
 impl<D: VirtioDevice, I: Interrupt> HostEvents for MmioTransport<D, I> {
@@ -80,6 +89,12 @@ impl<D: VirtioDevice, I: Interrupt> HostEvents for MmioTransport<D, I> {
     }
     fn process_host(&mut self) {
         MmioTransport::process_host(self)
+    }
+    fn save(&mut self) -> Result<TransportState, String> {
+        MmioTransport::save(self)
+    }
+    fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        MmioTransport::restore(self, state)
     }
 }
 
@@ -103,6 +118,7 @@ pub struct BuiltVm {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
+    pub serial: Arc<Mutex<SerialDevice>>,
 }
 
 fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
@@ -113,6 +129,27 @@ fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
 
 /// Builds everything `config` describes. `exit` receives the i8042 reset.
 pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildError> {
+    build_vm(config, exit, None)
+}
+
+/// Builds the VM `config` describes (a template's config with this VM's own paths and
+/// descriptors) in the state `snapshot` saved, over the template's `memory` file. The
+/// guest goes on where the template stopped; nothing is loaded or booted.
+pub fn restore(
+    config: &VmConfig,
+    exit: &Arc<ExitSink>,
+    snapshot: &Snapshot,
+    memory: std::fs::File,
+) -> Result<BuiltVm, BuildError> {
+    snapshot.check_clone(config)?;
+    build_vm(config, exit, Some((snapshot, memory)))
+}
+
+fn build_vm(
+    config: &VmConfig,
+    exit: &Arc<ExitSink>,
+    restoring: Option<(&Snapshot, std::fs::File)>,
+) -> Result<BuiltVm, BuildError> {
     config.validate()?;
     let mem_size = config.mem_bytes();
     let source = match config.mem_fd {
@@ -121,8 +158,28 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         Some(fd) => memory::RamSource::Inherited(unsafe { std::fs::File::from_raw_fd(fd) }),
         None => memory::RamSource::Make(config.huge_pages),
     };
+    // Copy-on-write over the template where only this process maps guest RAM; a
+    // vhost-user backend maps it too, and a balloon gives pages back by punching holes
+    // in the shared file, so with either the VM gets a RAM file of its own, filled from
+    // the template's.
+    let private_ok = config.fs.is_empty()
+        && config.vhost_user_vsock.is_none()
+        && !config.free_page_reporting
+        && config.mem_fd.is_none();
+    let (snap, source, copy_from) = match restoring {
+        None => (None, source, None),
+        Some((s, file)) if private_ok => (Some(s), memory::RamSource::Template(file), None),
+        Some((s, file)) => (Some(s), source, Some(file)),
+    };
     let gm = memory::create_from(mem_size, source)?;
+    if let Some(template) = copy_from {
+        let n = snapshot::copy_memory(&template, &gm.memfd)?;
+        log::info!("guest RAM: {} MiB of the template's copied", n >> 20);
+    }
     let vm = Vm::new(&gm.mem, config.kvm_fd)?;
+    if let Some(s) = snap {
+        snapshot::restore_vm(&vm.fd, &s.vm)?;
+    }
 
     let mut pio = Bus::new();
     let out: Box<dyn Write + Send> = match &config.serial_out {
@@ -136,12 +193,15 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         )),
         None => Box::new(std::io::sink()),
     };
-    let serial = SerialDevice::new(EventFdTrigger(irqfd(&vm, layout::SERIAL_IRQ)?), out);
-    pio.insert(
-        Arc::new(Mutex::new(serial)),
-        u64::from(layout::SERIAL_PORT),
-        8,
-    )?;
+    let serial_irq = EventFdTrigger(irqfd(&vm, layout::SERIAL_IRQ)?);
+    let serial = match snap {
+        Some(s) => {
+            SerialDevice::restored(&s.serial, serial_irq, out).map_err(BuildError::Restore)?
+        }
+        None => SerialDevice::new(serial_irq, out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), 8)?;
     let i8042 = I8042::new(ResetTrigger(exit.clone()));
     pio.insert(
         Arc::new(Mutex::new(i8042)),
@@ -211,6 +271,34 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         windows,
         ..
     } = virtio;
+    if let Some(s) = snap {
+        for (i, (t, saved)) in host_devices.iter().zip(&s.virtio).enumerate() {
+            crate::devices::bus::lock(t)
+                .restore(saved)
+                .map_err(|e| BuildError::Restore(format!("virtio device {i}: {e}")))?;
+        }
+        let vcpus = s
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, state)| vcpu::create_restored(&vm.kvm, &vm.fd, i as u8, config.vcpus, state))
+            .collect::<Result<Vec<_>, _>>()?;
+        log::info!(
+            "restored VM: {} MiB, {} vCPU(s), {} virtio device(s)",
+            config.mem_mib,
+            config.vcpus,
+            host_devices.len()
+        );
+        return Ok(BuiltVm {
+            vm,
+            mem: gm,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            host_devices,
+            serial,
+        });
+    }
 
     // With ACPI the DSDT describes the virtio-mmio windows; without it, the command line
     // does. (A kernel with ACPI would see both and probe every device twice.)
@@ -270,6 +358,7 @@ pub fn build(config: &VmConfig, exit: &Arc<ExitSink>) -> Result<BuiltVm, BuildEr
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
         host_devices,
+        serial,
     })
 }
 

@@ -214,6 +214,15 @@ struct RunArgs {
     /// guest runs: auto (when root), on (required), off.
     #[arg(long)]
     jail: Option<cocoon_vmm::jail::JailMode>,
+    /// With --api-sock: make DIR's snapshot files now, and take a snapshot of the paused
+    /// VM into them on a `snapshot` request (a VM template).
+    #[arg(long, requires = "api_sock", value_name = "DIR")]
+    snapshot_to: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of booting: the guest goes on where it
+    /// was saved. Its config is the snapshot's; the flags given here (serial output,
+    /// vsock socket, virtio-fs sockets, taps, API socket) replace the template's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "no_boot"])]
+    restore: Option<PathBuf>,
     /// Print the wall-clock time of the guest's first exit to stderr (benchmarks).
     #[arg(long, hide = true)]
     print_first_exit: bool,
@@ -223,11 +232,31 @@ struct RunArgs {
     stats: bool,
 }
 
-fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
-    let mut c = match (&a.config, &a.kernel) {
-        (Some(p), _) => VmConfig::from_file(p)?,
-        (None, Some(k)) => VmConfig::new(k),
-        (None, None) => return Ok(None),
+fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<VmConfig>> {
+    let mut c = match (&a.config, &a.kernel, template) {
+        (_, _, Some(t)) => {
+            // The template's descriptors were its VMM's; this VM gets its own devices
+            // where flags name them.
+            let mut c = t.clone();
+            c.kvm_fd = None;
+            c.mem_fd = None;
+            if let Some(v) = &mut c.vsock {
+                v.listener_fd = None;
+            }
+            if !a.fs.is_empty() {
+                c.fs.clear();
+            }
+            if !a.net_tap.is_empty() || !a.net_fd.is_empty() {
+                c.net.clear();
+            }
+            if !a.disk.is_empty() {
+                c.block.clear();
+            }
+            c
+        }
+        (Some(p), _, None) => VmConfig::from_file(p)?,
+        (None, Some(k), None) => VmConfig::new(k),
+        (None, None, None) => return Ok(None),
     };
     if let Some(k) = &a.kernel {
         c.kernel = k.clone();
@@ -327,9 +356,16 @@ fn vm_config(a: &RunArgs) -> anyhow::Result<Option<VmConfig>> {
 }
 
 fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
-    let config = vm_config(&a)?;
+    let restore = match &a.restore {
+        Some(dir) => Some(
+            cocoon_vmm::vstate::snapshot::load(dir)
+                .map_err(|e| anyhow::anyhow!("{}: {e}: {}", dir.display(), error_chain(&e)))?,
+        ),
+        None => None,
+    };
+    let config = vm_config(&a, restore.as_ref().map(|(s, _)| &s.config))?;
     if config.is_none() && a.api_sock.is_none() {
-        anyhow::bail!("nothing to run: give --kernel, --config or --api-sock");
+        anyhow::bail!("nothing to run: give --kernel, --config, --restore or --api-sock");
     }
     let boot_now = config.is_some() && !a.no_boot;
     let vmm = Vmm::new(VmmOptions {
@@ -338,6 +374,8 @@ fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
         boot_now,
         print_first_exit: a.print_first_exit,
         print_stats: a.stats,
+        snapshot_to: a.snapshot_to,
+        restore,
     })
     .map_err(|e| anyhow::anyhow!("{e}: {}", error_chain(&e)))?;
     let reason = vmm

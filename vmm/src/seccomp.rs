@@ -43,6 +43,7 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    libc::SYS_ftruncate, // a snapshot's files, opened before the filter
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_fstat,
@@ -107,14 +108,46 @@ pub const KVM_RUN: u64 = 0xAE80;
 pub const KVM_GET_REGS: u64 = 0x8090_AE81;
 pub const KVM_GET_SREGS: u64 = 0x8138_AE83;
 
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+}
+const fn kvm_iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+}
+
+/// The getters a snapshot makes (`vstate::snapshot`): each vCPU thread reads its own
+/// state while paused, the event loop the VM's irqchip, PIT and clock. All only read.
+pub const SNAPSHOT_IOCTLS: &[u64] = &[
+    kvm_iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()),
+    kvm_ior(0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>()),
+    kvm_ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>()),
+    kvm_ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>()),
+    kvm_ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>()),
+    kvm_ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>()),
+    kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>()),
+    kvm_iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()),
+    kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()),
+    kvm_ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()),
+];
+
 /// The ioctls the running VMM makes: KVM_RUN on its vCPUs (and reading their registers
-/// when the VM ends badly), what the standard library does to the sockets it accepts or
-/// connects (non-blocking, close-on-exec), and the logger's "is stderr a terminal"
-/// (TCGETS, which only reads).
+/// when the VM ends badly, or all their state for a snapshot), what the standard
+/// library does to the sockets it accepts or connects (non-blocking, close-on-exec),
+/// and the logger's "is stderr a terminal" (TCGETS, which only reads).
 pub const VMM_IOCTLS: &[u64] = &[
     KVM_RUN,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    SNAPSHOT_IOCTLS[0],
+    SNAPSHOT_IOCTLS[1],
+    SNAPSHOT_IOCTLS[2],
+    SNAPSHOT_IOCTLS[3],
+    SNAPSHOT_IOCTLS[4],
+    SNAPSHOT_IOCTLS[5],
+    SNAPSHOT_IOCTLS[6],
+    SNAPSHOT_IOCTLS[7],
+    SNAPSHOT_IOCTLS[8],
+    SNAPSHOT_IOCTLS[9],
     libc::FIONBIO,
     libc::FIOCLEX,
     libc::FIONCLEX,
@@ -425,6 +458,12 @@ mod tests {
             KVM_GET_SREGS,
             ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
         );
+        // Spot checks against the numbers in <linux/kvm.h>, as built for x86_64.
+        assert!(SNAPSHOT_IOCTLS.contains(&0xC008_AE88), "KVM_GET_MSRS");
+        assert!(SNAPSHOT_IOCTLS.contains(&0x9000_AEA4), "KVM_GET_XSAVE");
+        assert!(SNAPSHOT_IOCTLS.contains(&0x8400_AE8E), "KVM_GET_LAPIC");
+        assert!(SNAPSHOT_IOCTLS.contains(&0xC208_AE62), "KVM_GET_IRQCHIP");
+        assert!(SNAPSHOT_IOCTLS.iter().all(|n| VMM_IOCTLS.contains(n)));
     }
 
     #[test]

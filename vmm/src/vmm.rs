@@ -5,7 +5,9 @@
 //! The API is newline-delimited JSON on a Unix socket. Requests:
 //! `{"action":"configure","config":{...VmConfig...}}`, `{"action":"boot"}`,
 //! `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"shutdown"}`,
-//! `{"action":"state"}`, `{"action":"stats"}`. Each gets one line back:
+//! `{"action":"state"}`, `{"action":"stats"}`, and `{"action":"snapshot"}` (paused, in
+//! a VMM started with `snapshot_to`; see [`crate::vstate::snapshot`]). Each gets one
+//! line back:
 //! `{"ok":true,"state":"running"}` or `{"ok":false,"state":...,"error":"..."}`; `stats`
 //! adds `"stats":{...}`, the VM exits by kind (`vstate::exit_stats`).
 
@@ -26,6 +28,7 @@ use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::vstate::exit_stats::ExitStats;
+use crate::vstate::snapshot::{self, Snapshot, SnapshotError, SnapshotFiles};
 use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuControl, VcpuError, VcpuRunner, Vcpus};
 
 /// Errors that end the VMM (as opposed to the guest).
@@ -43,6 +46,8 @@ pub enum VmmError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("Failed to jail the VMM (set jail = \"off\" to run without)")]
     Jail(#[from] crate::jail::JailError),
+    #[error("Failed to prepare for snapshots")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// The VM's lifecycle state as the API reports it.
@@ -66,6 +71,7 @@ pub enum ApiRequest {
     Shutdown,
     State,
     Stats,
+    Snapshot,
 }
 
 /// One API response.
@@ -90,6 +96,11 @@ pub struct VmmOptions {
     pub print_first_exit: bool,
     /// Print the VM exits by kind to stderr when the VM ends.
     pub print_stats: bool,
+    /// Where the `snapshot` request writes (a directory, its files made at start).
+    pub snapshot_to: Option<PathBuf>,
+    /// Boot by restoring this snapshot (loaded by [`snapshot::load`]) instead of
+    /// loading a kernel; `config` is then the template's with this VM's own paths.
+    pub restore: Option<(Snapshot, std::fs::File)>,
 }
 
 const TOKEN_EXIT: u64 = 0;
@@ -101,8 +112,10 @@ const TOKEN_CLIENT_BASE: u64 = 2 << 32;
 struct Running {
     vcpus: Vcpus,
     host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
-    /// Keeps the VM, its memory and buses alive while vCPUs run.
-    _built: (crate::vstate::vm::Vm, crate::vstate::memory::GuestMemory),
+    /// The VM and its memory, alive while vCPUs run.
+    vm: crate::vstate::vm::Vm,
+    mem: crate::vstate::memory::GuestMemory,
+    serial: Arc<Mutex<crate::devices::legacy::serial::SerialDevice>>,
 }
 
 /// The API listener, and how to remove its socket file at exit.
@@ -123,6 +136,7 @@ pub struct Vmm {
     clients: HashMap<RawFd, BufReader<UnixStream>>,
     signals: SignalFd,
     stats: Arc<ExitStats>,
+    snapshot_files: Option<SnapshotFiles>,
 }
 
 /// SIGTERM and SIGINT end the VM like a `shutdown` request, so sockets get cleaned up.
@@ -199,6 +213,11 @@ impl Vmm {
         if let Some(c) = &opts.config {
             c.validate().map_err(|e| VmmError::Build(e.into()))?;
         }
+        // Made now, while this process may still create files (no jail, no filter).
+        let snapshot_files = match &opts.snapshot_to {
+            Some(dir) => Some(SnapshotFiles::create(dir)?),
+            None => None,
+        };
         Ok(Self {
             config: opts.config.take(),
             opts,
@@ -210,6 +229,7 @@ impl Vmm {
             clients: HashMap::new(),
             signals,
             stats: Arc::default(),
+            snapshot_files,
         })
     }
 
@@ -238,7 +258,15 @@ impl Vmm {
         let mut sockets: Vec<&mut std::path::PathBuf> =
             config.vsock.iter_mut().map(|v| &mut v.uds_path).collect();
         let keep = crate::jail::prepare(config.jail, &mut sockets)?;
-        let built = builder::build(&config, &self.exit)?;
+        let built = match self.opts.restore.take() {
+            Some((snap, memory)) => builder::restore(&config, &self.exit, &snap, memory)?,
+            None => builder::build(&config, &self.exit)?,
+        };
+        // The MSRs a snapshot saves, listed now: later the filter allows only getters.
+        let msrs = match (&self.snapshot_files, built.vcpus.first()) {
+            (Some(_), Some(fd)) => Arc::new(snapshot::readable_msrs(&built.vm.kvm, fd)?),
+            _ => Arc::new(Vec::new()),
+        };
         for fd in &built.vcpus {
             // Opened before the jail and seccomp, which may refuse new descriptors.
             if let Some(s) = crate::vstate::kvm_stats::KvmStatsFd::open(fd) {
@@ -297,6 +325,7 @@ impl Vmm {
                 on_first_exit,
                 stats: self.stats.clone(),
                 seccomp: config.seccomp,
+                msrs: msrs.clone(),
             };
             handles.push(runner.spawn()?);
         }
@@ -307,7 +336,9 @@ impl Vmm {
         self.running = Some(Running {
             vcpus: Vcpus { handles, control },
             host_devices: built.host_devices,
-            _built: (built.vm, built.mem),
+            vm: built.vm,
+            mem: built.mem,
+            serial: built.serial,
         });
         Ok(())
     }
@@ -461,6 +492,7 @@ impl Vmm {
                 self.paused = false;
                 Ok(())
             }
+            (ApiRequest::Snapshot, VmState::Paused) => self.snapshot(),
             (ApiRequest::Shutdown, _) => {
                 self.exit.report(ExitReason::Shutdown);
                 Ok(())
@@ -468,6 +500,50 @@ impl Vmm {
             (req, state) => Err(format!("{req:?} is not allowed in state {state:?}")),
         };
         self.respond(r)
+    }
+}
+
+impl Vmm {
+    /// Saves the paused VM to the files made at start. The VM stays paused and can go
+    /// on (`resume`) or end.
+    fn snapshot(&mut self) -> Result<(), String> {
+        let chain = |e: SnapshotError| format!("{e}: {}", error_chain(&e));
+        let files = self
+            .snapshot_files
+            .as_ref()
+            .ok_or("this VMM was not started with a snapshot directory (--snapshot-to)")?;
+        let (Some(r), Some(config)) = (&self.running, &self.config) else {
+            return Err("no VM is running".into());
+        };
+        let started = std::time::Instant::now();
+        let vcpus = r.vcpus.save_states().map_err(chain)?;
+        let vm = snapshot::save_vm(&r.vm.fd).map_err(chain)?;
+        let serial = lock(&r.serial).save();
+        let virtio = r
+            .host_devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                lock(d)
+                    .save()
+                    .map_err(|e| format!("virtio device {i}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let snap = Snapshot {
+            version: snapshot::FORMAT_VERSION,
+            config: config.clone(),
+            vcpus,
+            vm,
+            serial,
+            virtio,
+        };
+        let bytes = files.write(&snap, &r.mem.mem).map_err(chain)?;
+        log::info!(
+            "snapshot taken in {} ms: {} MiB of guest RAM written",
+            started.elapsed().as_millis(),
+            bytes >> 20
+        );
+        Ok(())
     }
 }
 

@@ -228,3 +228,58 @@ fn bad_sizes_and_orders_are_survived() {
     assert_eq!(r(&mut t, reg::STATUS), 3);
     assert!(t.device().notified.is_empty());
 }
+
+/// A snapshot of a live transport, restored on a fresh one, reads back the same
+/// registers, activates the device again with the acked features, and re-raises a
+/// pending interrupt; the restored queue is live (a notify reaches the device).
+#[test]
+fn saved_state_restores_on_a_fresh_transport() {
+    let (mut t, _) = transport();
+    negotiate(&mut t, 1 << 3, 1);
+    setup_queue(&mut t, 1, 0x4000);
+    w(&mut t, reg::STATUS, 0xf);
+    w(&mut t, reg::QUEUE_NOTIFY, 1);
+    let saved = t.save().unwrap();
+    assert_eq!(saved.queues.len(), 2);
+    assert!(saved.queues[1].ready && !saved.queues[0].ready);
+    assert_eq!(saved.queues[1].desc_table, 0x4000);
+
+    let (mut fresh, irq) = transport();
+    fresh.restore(&saved).unwrap();
+    assert_eq!(fresh.device().activated, Some((1 << 32) | (1 << 3)));
+    assert_eq!(irq.0.load(Ordering::SeqCst), 1, "pending interrupt raised again");
+    assert_eq!(r(&mut fresh, reg::STATUS), 0xf);
+    assert_eq!(r(&mut fresh, reg::INTERRUPT_STATUS), INT_USED_RING);
+    w(&mut fresh, reg::QUEUE_SEL, 1);
+    assert_eq!(r(&mut fresh, reg::QUEUE_READY), 1);
+    assert_eq!(fresh.save().unwrap(), saved);
+    w(&mut fresh, reg::QUEUE_NOTIFY, 1);
+    assert_eq!(fresh.device().notified, vec![1]);
+}
+
+/// A state that does not fit the device or guest memory is refused whole: the
+/// transport keeps its own state and nothing is activated.
+#[test]
+fn restore_refuses_state_that_does_not_fit() {
+    let (mut t, _) = transport();
+    negotiate(&mut t, 1 << 3, 1);
+    setup_queue(&mut t, 0, 0x4000);
+    w(&mut t, reg::STATUS, 0xf);
+    let good = t.save().unwrap();
+    let refused = |tweak: &dyn Fn(&mut cocoon_vmm::devices::virtio::mmio::TransportState),
+                   what: &str| {
+        let mut s = good.clone();
+        tweak(&mut s);
+        let (mut fresh, _) = transport();
+        let e = fresh.restore(&s).unwrap_err();
+        assert!(e.contains(what), "{e}");
+        assert_eq!(fresh.device().activated, None);
+        assert_eq!(r(&mut fresh, reg::STATUS), 0);
+    };
+    refused(&|s| s.device_type = 7, "device type");
+    refused(&|s| s.queues.pop().map(|_| ()).unwrap(), "queues saved");
+    refused(&|s| s.queues[0].desc_table = 0xffff_0000, "outside guest memory");
+    refused(&|s| s.queues[0].size = 3, "queue 0");
+    refused(&|s| s.queues[1].max_size = 64, "size limit");
+    refused(&|s| s.acked_features |= 1 << 20, "not offered");
+}

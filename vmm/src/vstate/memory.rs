@@ -1,5 +1,6 @@
 //! Guest RAM: one shared file (so a vhost-user backend can map the same pages; see
-//! [`ram_file`] for which file), mapped into the VMM with a PROT_NONE guard page on each
+//! [`ram_file`] for which file), or a template's memory file mapped copy-on-write
+//! ([`RamSource::Template`]), mapped into the VMM with a PROT_NONE guard page on each
 //! side of every region, so a device that walks off the end of guest memory faults
 //! instead of reading VMM heap.
 
@@ -33,6 +34,8 @@ pub enum MemoryError {
     HugeTmpfs(#[from] ram_file::HugeTmpfsError),
     #[error("The inherited guest RAM descriptor {0} is not a regular file")]
     NotAFile(i32),
+    #[error("The template's memory file holds {0} bytes; the VM has {1}")]
+    TemplateSize(u64, u64),
 }
 
 /// Where guest RAM comes from.
@@ -43,6 +46,10 @@ pub enum RamSource {
     /// A file handed over by whoever started us (the shim, which can mount where a
     /// jailed VMM cannot); it is sized here.
     Inherited(File),
+    /// A snapshot's memory file (`vstate::snapshot`), mapped copy-on-write: what the
+    /// guest writes stays in this process, the file is never changed, and VMs restored
+    /// from the same file share every page none of them wrote.
+    Template(File),
 }
 
 const PAGE_SIZE: usize = 4096;
@@ -76,6 +83,10 @@ fn memfd() -> Result<File, MemoryError> {
 fn ram_file(mem_size: u64, source: RamSource) -> Result<(File, bool), MemoryError> {
     let mib = mem_size >> 20;
     match source {
+        RamSource::Template(file) => {
+            log::info!("guest RAM: {mib} MiB copy-on-write over the template's memory");
+            Ok((file, false))
+        }
         RamSource::Inherited(file) => {
             let meta = file.metadata().map_err(MemoryError::Memfd)?;
             if !meta.file_type().is_file() {
@@ -118,22 +129,35 @@ pub fn create_from(mem_size: u64, source: RamSource) -> Result<GuestMemory, Memo
     if !mem_size.is_multiple_of(PAGE_SIZE as u64) {
         return Err(MemoryError::Unaligned(mem_size));
     }
+    let private = matches!(source, RamSource::Template(_));
     let (memfd, huge) = ram_file(mem_size, source)?;
-    memfd.set_len(mem_size).map_err(MemoryError::Truncate)?;
+    if private {
+        let len = memfd.metadata().map_err(MemoryError::Memfd)?.len();
+        if len != mem_size {
+            return Err(MemoryError::TemplateSize(len, mem_size));
+        }
+    } else {
+        memfd.set_len(mem_size).map_err(MemoryError::Truncate)?;
+    }
+    let flags = if private {
+        libc::MAP_PRIVATE
+    } else {
+        libc::MAP_SHARED
+    };
 
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (start, size) in layout::ram_ranges(mem_size) {
         let size = usize::try_from(size).map_err(|_| MemoryError::Unaligned(size))?;
-        let host = map_with_guards(&memfd, file_offset, size, huge)?;
+        let host = map_with_guards(&memfd, file_offset, size, huge, flags)?;
         let fo = FileOffset::new(memfd.try_clone().map_err(MemoryError::Memfd)?, file_offset);
-        // SAFETY: `host` points at `size` bytes of a live MAP_SHARED mapping of the memfd
+        // SAFETY: `host` points at `size` bytes of a live mapping (`flags`) of the file
         // at `file_offset` that is never unmapped (see the function docs).
         let builder = unsafe {
             MmapRegionBuilder::new(size)
                 .with_file_offset(fo)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED)
+                .with_mmap_flags(flags)
                 .with_raw_mmap_pointer(host)
         };
         let region = builder.build().map_err(MemoryError::Region)?;
@@ -161,6 +185,7 @@ fn map_with_guards(
     offset: u64,
     size: usize,
     huge: bool,
+    flags: libc::c_int,
 ) -> Result<*mut u8, MemoryError> {
     let total = size + 2 * HUGE_PAGE_SIZE;
     // SAFETY: an anonymous PROT_NONE reservation at an address the kernel picks; the
@@ -189,7 +214,7 @@ fn map_with_guards(
             start as *mut libc::c_void,
             size,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            flags | libc::MAP_FIXED | libc::MAP_NORESERVE,
             memfd.as_raw_fd(),
             offset as libc::off_t,
         )

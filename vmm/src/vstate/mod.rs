@@ -6,5 +6,6 @@ pub mod exit_stats;
 pub mod kvm_stats;
 pub mod memory;
 pub mod ram_file;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

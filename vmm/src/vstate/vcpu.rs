@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::exit_stats::{ExitKind, ExitStats};
+use super::snapshot::{self, SnapshotError, VcpuState};
 use crate::arch::{cpuid, regs};
 use crate::devices::bus::Bus;
 use crate::logging::LogLimiter;
@@ -28,6 +29,8 @@ pub enum VcpuError {
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("Failed to start the vCPU thread")]
     Spawn(#[source] std::io::Error),
+    #[error("Failed to restore vCPU {0}")]
+    Restore(u8, #[source] SnapshotError),
 }
 
 /// Why the VM ended.
@@ -64,39 +67,66 @@ pub enum RunState {
 
 /// Shared between the VMM and its vCPU threads.
 pub struct VcpuControl {
-    state: Mutex<(RunState, usize)>,
+    state: Mutex<ControlState>,
     cv: Condvar,
+}
+
+struct ControlState {
+    run: RunState,
+    /// vCPUs parked in `park`.
+    parked: usize,
+    /// Bumped to ask each parked vCPU for its state once ([`Vcpus::save_states`]).
+    save_round: u64,
+    saved: Vec<(u8, Result<VcpuState, String>)>,
 }
 
 impl VcpuControl {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new((RunState::Running, 0)),
+            state: Mutex::new(ControlState {
+                run: RunState::Running,
+                parked: 0,
+                save_round: 0,
+                saved: Vec::new(),
+            }),
             cv: Condvar::new(),
         })
     }
 
     pub fn state(&self) -> RunState {
-        crate::devices::bus::lock(&self.state).0
+        crate::devices::bus::lock(&self.state).run
     }
 
     pub fn set(&self, s: RunState) {
-        crate::devices::bus::lock(&self.state).0 = s;
+        crate::devices::bus::lock(&self.state).run = s;
         self.cv.notify_all();
     }
 
-    /// Parks the calling vCPU while paused; returns false when it must stop.
-    fn park(&self) -> bool {
+    /// Parks the calling vCPU while paused, answering each save round with `save`;
+    /// returns false when it must stop.
+    fn park(&self, index: u8, save: &mut dyn FnMut() -> Result<VcpuState, String>) -> bool {
         let mut g = crate::devices::bus::lock(&self.state);
-        if g.0 == RunState::Paused {
-            g.1 += 1;
+        if g.run == RunState::Paused {
+            g.parked += 1;
+            let mut answered = g.save_round;
             self.cv.notify_all();
-            while g.0 == RunState::Paused {
+            while g.run == RunState::Paused {
+                if g.save_round != answered {
+                    answered = g.save_round;
+                    drop(g);
+                    let r = save();
+                    g = crate::devices::bus::lock(&self.state);
+                    if g.save_round == answered {
+                        g.saved.push((index, r));
+                        self.cv.notify_all();
+                    }
+                    continue;
+                }
                 g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
             }
-            g.1 -= 1;
+            g.parked -= 1;
         }
-        g.0 != RunState::Stopping
+        g.run != RunState::Stopping
     }
 
     /// Waits until `n` vCPUs are parked (or the timeout passes).
@@ -104,9 +134,24 @@ impl VcpuControl {
         let g = crate::devices::bus::lock(&self.state);
         let (g, _) = self
             .cv
-            .wait_timeout_while(g, timeout, |g| g.1 < n && g.0 == RunState::Paused)
+            .wait_timeout_while(g, timeout, |g| g.parked < n && g.run == RunState::Paused)
             .unwrap_or_else(|p| p.into_inner());
-        g.1 >= n
+        g.parked >= n
+    }
+
+    /// Asks every parked vCPU for its state and waits for `n` answers.
+    fn save_round(&self, n: usize, timeout: Duration) -> Vec<(u8, Result<VcpuState, String>)> {
+        let mut g = crate::devices::bus::lock(&self.state);
+        g.saved.clear();
+        g.save_round += 1;
+        self.cv.notify_all();
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |g| {
+                g.saved.len() < n && g.run == RunState::Paused
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut g.saved)
     }
 }
 
@@ -151,15 +196,7 @@ pub fn create(
     entry: regs::BootEntry,
     boot_info: u64,
 ) -> Result<VcpuFd, VcpuError> {
-    let fd = vm
-        .create_vcpu(u64::from(index))
-        .map_err(|e| VcpuError::Kvm("create a vCPU", e))?;
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VcpuError::Kvm("get the supported CPUID", e))?;
-    cpuid::filter(&mut cpuid, index, count);
-    fd.set_cpuid2(&cpuid)
-        .map_err(|e| VcpuError::Kvm("set CPUID", e))?;
+    let fd = with_cpuid(kvm, vm, index, count)?;
     regs::setup_msrs(&fd).map_err(VcpuError::Regs)?;
     regs::setup_fpu(&fd).map_err(VcpuError::Regs)?;
     regs::setup_lapic(&fd).map_err(VcpuError::Regs)?;
@@ -169,6 +206,35 @@ pub fn create(
         regs::setup_sregs(&fd, mem, entry).map_err(VcpuError::Regs)?;
         regs::setup_regs(&fd, entry, boot_info).map_err(VcpuError::Regs)?;
     }
+    Ok(fd)
+}
+
+/// vCPU `index` of `count` with Cocoon's CPUID and nothing else set.
+fn with_cpuid(kvm: &Kvm, vm: &VmFd, index: u8, count: u8) -> Result<VcpuFd, VcpuError> {
+    let fd = vm
+        .create_vcpu(u64::from(index))
+        .map_err(|e| VcpuError::Kvm("create a vCPU", e))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VcpuError::Kvm("get the supported CPUID", e))?;
+    cpuid::filter(&mut cpuid, index, count);
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| VcpuError::Kvm("set CPUID", e))?;
+    Ok(fd)
+}
+
+/// Creates vCPU `index` of `count` as [`create`] does, then loads its saved state in
+/// place of a boot state. The CPUID is this host's, filtered the same way: a snapshot
+/// restores only on a host like the one that took it.
+pub fn create_restored(
+    kvm: &Kvm,
+    vm: &VmFd,
+    index: u8,
+    count: u8,
+    state: &VcpuState,
+) -> Result<VcpuFd, VcpuError> {
+    let fd = with_cpuid(kvm, vm, index, count)?;
+    snapshot::restore_vcpu(&fd, state).map_err(|e| VcpuError::Restore(index, e))?;
     Ok(fd)
 }
 
@@ -226,6 +292,28 @@ impl Vcpus {
         self.control.set(RunState::Running);
     }
 
+    /// Each vCPU's state, read by its own thread; the vCPUs must be paused.
+    pub fn save_states(&self) -> Result<Vec<VcpuState>, SnapshotError> {
+        let n = self.handles.len();
+        if self.control.state() != RunState::Paused
+            || !self.control.wait_parked(n, Duration::from_millis(0))
+        {
+            return Err(SnapshotError::Mismatch("the vCPUs are not paused".into()));
+        }
+        let mut answers = self.control.save_round(n, Duration::from_secs(10));
+        answers.sort_by_key(|(i, _)| *i);
+        if answers.len() != n {
+            return Err(SnapshotError::Vcpu(
+                answers.len() as u8,
+                "no answer within 10 s".into(),
+            ));
+        }
+        answers
+            .into_iter()
+            .map(|(i, r)| r.map_err(|e| SnapshotError::Vcpu(i, e)))
+            .collect()
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn stop(self) {
         self.control.set(RunState::Stopping);
@@ -263,6 +351,9 @@ pub struct VcpuRunner {
     /// Stack the vCPU threads' own seccomp filter (`seccomp::apply_vcpu`) before the
     /// first KVM_RUN (on top of the process's, which must already be in place).
     pub seccomp: bool,
+    /// The MSRs a snapshot saves (`snapshot::readable_msrs`); empty where the VM is
+    /// never snapshotted, and then a save round is refused.
+    pub msrs: Arc<Vec<u32>>,
 }
 
 /// Records one exit's handling time when dropped.
@@ -299,7 +390,11 @@ impl VcpuRunner {
         }
         // Stop as soon as the VM has ended (e.g. this vCPU just wrote the i8042 reset),
         // without waiting for a kick.
-        while self.control.park() && self.exit.reason().is_none() {
+        while self
+            .control
+            .park(self.index, &mut || save_own(&mut self.fd, &self.msrs))
+            && self.exit.reason().is_none()
+        {
             let entered = Instant::now();
             let exit = self.fd.run();
             let returned = Instant::now();
@@ -409,6 +504,19 @@ impl VcpuRunner {
             }
         }
     }
+}
+
+/// A parked vCPU's answer to a save round.
+fn save_own(fd: &mut VcpuFd, msrs: &[u32]) -> Result<VcpuState, String> {
+    if msrs.is_empty() {
+        return Err("this VMM was not started for snapshots".into());
+    }
+    snapshot::save_vcpu(fd, msrs).map_err(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(|c| format!(": {c}"))
+            .unwrap_or_default();
+        format!("{e}{cause}")
+    })
 }
 
 /// Where a vCPU stood, for the log line of a VM that ended badly: the instruction

@@ -4,7 +4,8 @@
 
 use std::os::fd::RawFd;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::defs::{self, reg, status};
@@ -17,6 +18,66 @@ use crate::logging::LogLimiter;
 pub enum MmioError {
     #[error("Queue size {0} is not a power of two up to 32768")]
     QueueSize(u16, #[source] virtio_queue::Error),
+}
+
+/// A transport's registers and queues, for snapshots (`vstate::snapshot`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<SavedQueue>,
+}
+
+/// virtio-queue's `QueueState`, mirrored for serde.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }
 
 pub struct MmioTransport<D: VirtioDevice, I: Interrupt> {
@@ -75,6 +136,92 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
 
     pub fn queues(&self) -> &[Queue] {
         &self.queues
+    }
+
+    /// The registers and queues. Devices whose rings a backend serves (vhost-user)
+    /// report where the backend stands in each ring; they stop and hand the rings back
+    /// over to do so, so the VM can go on after the snapshot.
+    pub fn save(&mut self) -> Result<TransportState, String> {
+        let mut queues: Vec<QueueState> = self.queues.iter().map(|q| q.state()).collect();
+        if self.activated() && self.device.save_queues(&mut queues)? {
+            for (q, s) in self.queues.iter_mut().zip(&queues) {
+                q.set_next_avail(s.next_avail);
+                q.set_next_used(s.next_used);
+            }
+            self.device
+                .activate(self.acked_features, &self.queues, &self.mem)?;
+        }
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: queues.into_iter().map(SavedQueue::from).collect(),
+        })
+    }
+
+    /// Takes a saved state on a transport built for the same device; an activated
+    /// device is activated again with the saved queues (a vhost-user backend gets them
+    /// at the saved positions). Nothing is taken unless all of it is valid.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), String> {
+        let kind = self.device.device_type();
+        if s.device_type != kind {
+            return Err(format!(
+                "saved device type {} on a device of type {kind}",
+                s.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved for a device with {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (saved, mine)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != mine.max_size() {
+                return Err(format!(
+                    "queue {i}: saved size limit {}, device's {}",
+                    saved.max_size,
+                    mine.max_size()
+                ));
+            }
+            let q =
+                Queue::try_from(QueueState::from(*saved)).map_err(|e| format!("queue {i}: {e}"))?;
+            if q.ready() && !q.is_valid(&self.mem) {
+                return Err(format!("queue {i}: its rings are outside guest memory"));
+            }
+            queues.push(q);
+        }
+        if s.acked_features & !self.offered_features() != 0 {
+            return Err(format!(
+                "features {:#x} were acked but are not offered",
+                s.acked_features
+            ));
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if self.activated() {
+            self.device
+                .activate(self.acked_features, &self.queues, &self.mem)?;
+        }
+        if self.interrupt_status != 0 {
+            // The line is edge-triggered through an irqfd: raise it again so an
+            // interrupt the guest had not yet taken is not lost.
+            self.interrupt.trigger();
+        }
+        Ok(())
     }
 
     fn offered_features(&self) -> u64 {

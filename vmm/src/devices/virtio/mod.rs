@@ -40,6 +40,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), String> {
         Ok(())
     }
+    /// A snapshot is being taken of an activated device: a device whose rings are
+    /// served elsewhere writes where that server stands in each ring (`next_avail`,
+    /// `next_used`) over what the transport saw and returns true: it stopped the rings
+    /// to learn that, and the transport activates it again. In-process devices keep
+    /// the transport's view.
+    fn save_queues(&mut self, _queues: &mut [virtio_queue::QueueState]) -> Result<bool, String> {
+        Ok(false)
+    }
     /// The driver notified queue `index`. Returns whether to interrupt the driver.
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// A host-side descriptor the event loop should poll for this device.

@@ -145,7 +145,9 @@ impl VhostUserDevice {
                 log_addr: None,
             };
             self.frontend.set_vring_addr(i, &cfg)?;
-            self.frontend.set_vring_base(i, 0)?;
+            // Where the ring stands: 0 after a reset, the saved position in a VM
+            // restored from a snapshot.
+            self.frontend.set_vring_base(i, q.next_avail())?;
             self.frontend.set_vring_call(i, &self.call)?;
             self.frontend.set_vring_kick(i, &self.kicks[i])?;
             if self.protocol {
@@ -208,6 +210,24 @@ impl VirtioDevice for VhostUserDevice {
 
     fn process_host(&mut self, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
         self.call.read().is_ok()
+    }
+
+    fn save_queues(&mut self, queues: &mut [virtio_queue::QueueState]) -> Result<bool, String> {
+        if !self.active {
+            return Ok(false);
+        }
+        for (i, q) in queues.iter_mut().enumerate().filter(|(_, q)| q.ready) {
+            // GET_VRING_BASE stops the ring and says where the backend stands in it;
+            // requests complete in order on both devices we serve this way, so the
+            // used index is the same.
+            let base = self.frontend.get_vring_base(i).map_err(|e| {
+                format!("vhost-user backend did not give queue {i}'s position: {e}")
+            })?;
+            q.next_avail = base as u16;
+            q.next_used = base as u16;
+        }
+        self.active = false;
+        Ok(true)
     }
 
     fn reset(&mut self) {
