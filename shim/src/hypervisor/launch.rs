@@ -11,8 +11,12 @@ use tokio::process::Command;
 use super::process::{configure, VmProcesses};
 use super::{tail_lines, HypervisorError, LaunchTimes, SharedDir, Vm, VmSpec};
 
-/// How long a device backend may take to listen on its socket.
-pub const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a device backend may take to listen on its socket. A backend that exits
+/// is seen at once (`wait_for_socket` polls it); this only bounds one that hangs. 5 s
+/// was too short for the jailed vsock backend inside the nested harness's L1 (TCG)
+/// while a CI run kept the host busy: `jailed_qemu_boots_under_hardware_kvm` failed
+/// both its tries there with "no socket", and passes alone in 14 s.
+pub const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Creates `<run_root>/<id>` (0700); an existing one is an error, never reused.
 pub fn create_run_dir(spec: &VmSpec) -> Result<PathBuf, HypervisorError> {
@@ -150,7 +154,11 @@ pub async fn wait_for_socket(
         if Instant::now() >= deadline {
             return Err(HypervisorError::BackendNotReady {
                 after: BACKEND_READY_TIMEOUT,
-                detail: format!("no socket at {}", socket.display()),
+                detail: format!(
+                    "no socket at {}; its log says: {}",
+                    socket.display(),
+                    tail_lines(log, 5)
+                ),
             });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
