@@ -173,7 +173,7 @@ fn build_vm(
     };
     let gm = memory::create_from(mem_size, source)?;
     if let Some(template) = copy_from {
-        let n = snapshot::copy_memory(&template, &gm.memfd)?;
+        let n = snapshot::copy_memory(&template, &gm.mem)?;
         log::info!("guest RAM: {} MiB of the template's copied", n >> 20);
     }
     let vm = Vm::new(&gm.mem, config.kvm_fd)?;

@@ -181,6 +181,24 @@ echo cocoon-devices-done
 $B poweroff -f
 "#;
 
+/// A virtiofsd serving `share` on `socket`, listening when this returns.
+fn virtiofsd(share: &Path, socket: &Path) -> Vmm {
+    let d = Vmm(Command::new("virtiofsd")
+        .arg("--socket-path")
+        .arg(socket)
+        .arg("--shared-dir")
+        .arg(share)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("virtiofsd (cargo install virtiofsd)"));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < end, "virtiofsd never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
 /// A tap on this (L1) host with the address the guest pings; removed when dropped.
 struct Tap(String);
 
@@ -236,19 +254,7 @@ fn virtio_blk_net_and_fs_under_the_linux_drivers() {
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("from-host"), "from-host\n").unwrap();
     let fs_sock = dir.path().join("fs.sock");
-    let virtiofsd = Vmm(Command::new("virtiofsd")
-        .arg("--socket-path")
-        .arg(&fs_sock)
-        .arg("--shared-dir")
-        .arg(&share)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("virtiofsd (cargo install virtiofsd)"));
-    let end = Instant::now() + Duration::from_secs(10);
-    while !fs_sock.exists() {
-        assert!(Instant::now() < end, "virtiofsd never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let virtiofsd = virtiofsd(&share, &fs_sock);
 
     let tap = Tap::new(
         format!("ccl2{}", std::process::id() % 100_000),
@@ -297,4 +303,176 @@ fn virtio_blk_net_and_fs_under_the_linux_drivers() {
         "from-guest\n"
     );
     drop(virtiofsd);
+}
+
+/// Connects to the agent behind `uds` and checks its health, within `limit`.
+async fn agent_at(uds: &Path, vmm: &mut Vmm, serial: &Path, limit: Duration) -> AgentClient {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = vmm.0.try_wait().unwrap() {
+            panic!(
+                "VM exited ({st}) before the agent answered; its log:\n{}\nserial:\n{}",
+                std::fs::read_to_string(serial.with_extension("err")).unwrap_or_default(),
+                std::fs::read_to_string(serial).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent never answered; serial:\n{}",
+            std::fs::read_to_string(serial).unwrap_or_default()
+        );
+        match AgentClient::connect(uds, Duration::from_secs(2), Duration::from_secs(10)).await {
+            Ok(agent) if agent.check().await.is_ok() => return agent,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A VM template of the real guest, shaped like a pod's (vsock, virtio-fs through
+/// virtiofsd, 2 vCPUs): the image boots until its agent prints its ready line (no
+/// host connection yet), is paused and saved, and two VMs restored from it at once
+/// each answer on their own vsock socket with the template's guest (the same agent
+/// process, started at the same boot time, no second boot), mount their own
+/// virtiofsd's share through the saved rings (the sandbox set-up), then power off
+/// cleanly. Prints cold boot against restore.
+#[test]
+fn linux_template_restores_to_a_ready_agent() {
+    use cocoon_vmm::vmm::api_call;
+    const TEST: &str = "linux_template_restores_to_a_ready_agent";
+    let Some((kernel, initrd)) = guest_image(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n);
+    let snap = path("template");
+    let api = path("api.sock");
+    let serial = path("serial.log");
+    let share = |name: &str| {
+        let d = path(name);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("owner"), name).unwrap();
+        let sock = path(&format!("{name}.sock"));
+        (virtiofsd(&d, &sock), format!("{}:cocoon", sock.display()))
+    };
+    let (_template_fs, fs_arg) = share("template-share");
+    let cold = Instant::now();
+    let mut vmm = cocoon_vmm(
+        &kernel,
+        &initrd,
+        &serial,
+        &[
+            "--mem-mib",
+            "256",
+            "--vcpus",
+            "2",
+            "--vsock-uds",
+            &path("template.vsock").to_string_lossy(),
+            "--fs",
+            &fs_arg,
+            "--api-sock",
+            &api.to_string_lossy(),
+            "--snapshot-to",
+            &snap.to_string_lossy(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains(cocoon_protocol::READY_LINE)
+    {
+        assert!(vmm.0.try_wait().unwrap().is_none(), "template VM exited");
+        assert!(Instant::now() < deadline, "the agent never got ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cold_ms = cold.elapsed().as_millis();
+    let call = |req: &str| {
+        let r = api_call(&api, req).unwrap();
+        assert!(r.ok, "{req}: {r:?}");
+    };
+    call(r#"{"action":"pause"}"#);
+    let saving = Instant::now();
+    call(r#"{"action":"snapshot"}"#);
+    let save_ms = saving.elapsed().as_millis();
+    call(r#"{"action":"shutdown"}"#);
+    assert!(vmm
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut clones: Vec<_> = (0..2)
+        .map(|i| {
+            let uds = path(&format!("clone{i}.vsock"));
+            let serial = path(&format!("clone{i}.log"));
+            let (fs, fs_arg) = share(&format!("clone{i}-share"));
+            let err = std::fs::File::create(path(&format!("clone{i}.err"))).unwrap();
+            let started = Instant::now();
+            let vmm = Vmm(Command::new(env!("CARGO_BIN_EXE_cocoon-vmm"))
+                .args(["run", "--restore"])
+                .arg(&snap)
+                .arg("--serial-out")
+                .arg(&serial)
+                .arg("--vsock-uds")
+                .arg(&uds)
+                .args(["--fs", &fs_arg])
+                .stderr(err)
+                .spawn()
+                .unwrap());
+            (uds, serial, started, (vmm, fs))
+        })
+        .collect();
+    let mut agent_starts = Vec::new();
+    for (i, (uds, serial, started, (vmm, _fs))) in clones.iter_mut().enumerate() {
+        rt.block_on(async {
+            let agent = agent_at(uds, vmm, serial, Duration::from_secs(60)).await;
+            let ready_ms = started.elapsed().as_millis();
+            let d = agent.guest_details().await.unwrap();
+            assert_eq!(d.online_cpus, 2, "the clone saw {} vCPUs", d.online_cpus);
+            agent_starts.push(d.agent_start_boottime_ns);
+            // The sandbox set-up mounts the share: FUSE requests through the rings
+            // the template's driver set up, served by this clone's virtiofsd.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            agent
+                .create_sandbox(cocoon_protocol::agent::CreateSandboxRequest {
+                    sandbox_id: format!("clone{i}"),
+                    hostname: format!("clone{i}"),
+                    shared_fs_tag: "cocoon".into(),
+                    host_realtime_ns: now.as_nanos() as i64,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("clone {i}: sandbox set-up: {e}"));
+            eprintln!(
+                "{}{TEST}: cold boot to the ready line {cold_ms} ms, snapshot {save_ms} ms, \
+                 clone {i}: restore to a healthy agent {ready_ms} ms",
+                cocoon_nested::testing::NOTE_PREFIX
+            );
+            agent.shutdown().await.unwrap();
+        });
+        let st = vmm.wait_exit(Duration::from_secs(60));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "clone {i} did not power off cleanly ({st:?}); serial:\n{}",
+            std::fs::read_to_string(serial.as_path()).unwrap_or_default()
+        );
+        let text = std::fs::read_to_string(serial.as_path()).unwrap_or_default();
+        assert!(
+            !text.contains("Linux version"),
+            "clone {i} booted again:\n{text}"
+        );
+        let log = std::fs::read_to_string(path(&format!("clone{i}.err"))).unwrap();
+        assert!(
+            log.contains("of the template's copied"),
+            "clone {i}:\n{log}"
+        );
+    }
+    assert!(agent_starts[0] > 0);
+    assert_eq!(
+        agent_starts[0], agent_starts[1],
+        "both clones run the template's agent"
+    );
 }

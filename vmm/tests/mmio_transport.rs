@@ -247,7 +247,11 @@ fn saved_state_restores_on_a_fresh_transport() {
     let (mut fresh, irq) = transport();
     fresh.restore(&saved).unwrap();
     assert_eq!(fresh.device().activated, Some((1 << 32) | (1 << 3)));
-    assert_eq!(irq.0.load(Ordering::SeqCst), 1, "pending interrupt raised again");
+    assert_eq!(
+        irq.0.load(Ordering::SeqCst),
+        1,
+        "pending interrupt raised again"
+    );
     assert_eq!(r(&mut fresh, reg::STATUS), 0xf);
     assert_eq!(r(&mut fresh, reg::INTERRUPT_STATUS), INT_USED_RING);
     w(&mut fresh, reg::QUEUE_SEL, 1);
@@ -278,7 +282,10 @@ fn restore_refuses_state_that_does_not_fit() {
     };
     refused(&|s| s.device_type = 7, "device type");
     refused(&|s| s.queues.pop().map(|_| ()).unwrap(), "queues saved");
-    refused(&|s| s.queues[0].desc_table = 0xffff_0000, "outside guest memory");
+    refused(
+        &|s| s.queues[0].desc_table = 0xffff_0000,
+        "outside guest memory",
+    );
     refused(&|s| s.queues[0].size = 3, "queue 0");
     refused(&|s| s.queues[1].max_size = 64, "size limit");
     refused(&|s| s.acked_features |= 1 << 20, "not offered");

@@ -144,12 +144,20 @@ pub fn hardware_kvm(test: &str) -> Place {
             crate::tail(&out.console, 30)
         );
     }
+    // What the test reported for people (timings), passed on.
+    for line in text.lines().filter(|l| l.starts_with(NOTE_PREFIX)) {
+        say(line);
+    }
     say(&format!(
         "{test}: ran inside an L1 guest (QEMU/TCG with emulated SVM: {why} here); L1 run {:.1} s",
         out.wall.as_secs_f64()
     ));
     Place::Done
 }
+
+/// Lines a test run inside L1 prints with this prefix are repeated on the host's
+/// output when it passes (measurements worth seeing without a failure).
+pub const NOTE_PREFIX: &str = "NOTE: ";
 
 /// The variables a rerun inside L1 keeps: CI's, logging, and the project's own.
 fn forwarded_env() -> Vec<(String, String)> {

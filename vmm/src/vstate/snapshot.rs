@@ -12,7 +12,7 @@
 //! VMM needs to see guest RAM, so clones of one template share the pages none of them
 //! wrote. A vhost-user backend (virtiofsd) maps guest RAM itself and would not see a
 //! private copy, so with one the restored VM gets its own RAM file, filled from the
-//! template's data ranges by the kernel (`copy_file_range`).
+//! template's data ranges (its holes are zero pages already).
 //!
 //! The files are the host's own (written by a VMM the host started for the template
 //! and read by the next one); what the guest controls in them is guest RAM and the
@@ -294,7 +294,14 @@ pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<u64, SnapshotEr
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len) };
         let mut at = 0;
         while at < len {
-            let is_zero = |p: &[u8]| p.iter().all(|b| *b == 0);
+            let is_zero = |p: &[u8]| {
+                // SAFETY: any bytes are valid u64s; align_to splits off what is not
+                // aligned (nothing, for page-aligned guest RAM).
+                let (head, words, tail) = unsafe { p.align_to::<u64>() };
+                head.iter().all(|b| *b == 0)
+                    && words.iter().all(|w| *w == 0)
+                    && tail.iter().all(|b| *b == 0)
+            };
             if is_zero(&bytes[at..at + PAGE]) {
                 at += PAGE;
                 continue;
@@ -316,14 +323,22 @@ pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<u64, SnapshotEr
     Ok(written)
 }
 
-/// Copies the data ranges of `template` (its holes stay holes) into `into`, which
-/// must be at least as long. The kernel copies; nothing passes through user space.
-pub fn copy_memory(template: &File, into: &File) -> Result<u64, SnapshotError> {
+/// Reads the data ranges of `template` (its holes are zero pages, which fresh guest
+/// RAM already is) straight into guest RAM: one copy, no buffer. (`copy_file_range`
+/// between the template's filesystem and the RAM file's tmpfs is refused with EXDEV.)
+pub fn copy_memory(template: &File, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
     let len = template
         .metadata()
         .map_err(|e| SnapshotError::Io("read the memory file's size", e))?
         .len() as i64;
-    let (src, dst) = (template.as_raw_fd(), into.as_raw_fd());
+    let src = template.as_raw_fd();
+    // Each region's place in the file: the regions laid end to end, as written.
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for r in mem.iter() {
+        regions.push((offset, r));
+        offset += r.len();
+    }
     let mut pos = 0i64;
     let mut copied = 0u64;
     while pos < len {
@@ -344,31 +359,26 @@ pub fn copy_memory(template: &File, into: &File) -> Result<u64, SnapshotError> {
                 std::io::Error::last_os_error(),
             ));
         }
-        let (mut off_in, mut off_out) = (data, data);
-        while off_in < hole {
-            // SAFETY: both descriptors are ours; the offsets are plain integers the
-            // kernel updates.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src,
-                    &mut off_in,
-                    dst,
-                    &mut off_out,
-                    (hole - off_in) as usize,
-                    0,
+        let (data, hole) = (data as u64, hole as u64);
+        for (start, r) in &regions {
+            let (from, to) = (data.max(*start), hole.min(start + r.len()));
+            if from >= to {
+                continue;
+            }
+            // SAFETY: `from - start .. to - start` lies inside the region, a live
+            // mapping for the VM's whole life (vstate::memory); no vCPU runs yet.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    r.as_ptr().add((from - start) as usize),
+                    (to - from) as usize,
                 )
             };
-            if n <= 0 {
-                let e = if n == 0 {
-                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
-                } else {
-                    std::io::Error::last_os_error()
-                };
-                return Err(SnapshotError::Io("copy the template's memory", e));
-            }
-            copied += n as u64;
+            template
+                .read_exact_at(dst, from)
+                .map_err(|e| SnapshotError::Io("copy the template's memory", e))?;
+            copied += to - from;
         }
-        pos = hole;
+        pos = hole as i64;
     }
     Ok(copied)
 }
