@@ -127,13 +127,15 @@ pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
 }
 
 /// Entries of the shim's run dir that belong to the node, not to a pod, and so stay after
-/// every pod is gone: the timing records, kept consoles of failed VMs, the host's TSC rate.
+/// every pod is gone: the timing records, kept consoles of failed VMs, the host's TSC rate,
+/// the VM templates.
 pub fn is_node_wide(entry: &Path) -> bool {
     entry.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
         [
             "timings.jsonl",
             "failed-consoles",
             cocoon_rootfs::tsc::CACHE_FILE,
+            cocoon_shim::hypervisor::template::DIR,
         ]
         .contains(&n)
     })

@@ -244,6 +244,21 @@ pub fn verdicts(kvm: KvmKind, qemu: bool, vmm: bool) -> Vec<Verdict> {
     v
 }
 
+/// Whether pods can start from VM templates here (`[vm] templates`): cocoon-vmm saves
+/// and restores VMs; QEMU 7.2 cannot save one with vhost-user devices.
+pub fn templates_line(kvm: KvmKind) -> &'static str {
+    match kvm {
+        KvmKind::Hardware => {
+            "possible: cocoon-vmm restores pods from a saved VM with [vm] templates = true \
+             (pods with a network device still boot)"
+        }
+        _ => {
+            "not here: they need cocoon-vmm, which needs hardware KVM; QEMU cannot save a \
+             VM with vhost-user devices"
+        }
+    }
+}
+
 pub fn report() -> HostReport {
     let kvm = kvm_kind();
     let tools = vec![
@@ -338,6 +353,7 @@ impl std::fmt::Display for HostReport {
         )?;
         writeln!(f, "TDX:            {}", tee(self.tdx, &self.tdx_obstacles))?;
         writeln!(f, "host cgroups:   {}", self.cgroup)?;
+        writeln!(f, "VM templates:   {}", templates_line(self.kvm))?;
         match (&self.huge_tmpfs, self.shmem_thp.as_deref()) {
             (Ok(()), Some(m)) if m != "deny" => writeln!(
                 f,

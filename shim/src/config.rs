@@ -142,6 +142,12 @@ pub struct VmConfig {
     /// goes back to the host instead of staying touched for the pod's life. The guest
     /// keeps its size: nothing is ever ballooned out of it.
     pub free_page_reporting: bool,
+    /// VM templates (cocoon-vmm only): the first pod of a shape (kernel, initramfs,
+    /// command line, memory, vCPUs, share tag) boots a template VM to its agent's ready
+    /// line and saves it under `<run_dir>/templates/`; later pods of that shape start
+    /// from the saved VM instead of booting (`hypervisor::template`). Pods with a
+    /// network device still boot: a restored guest keeps the template's MAC.
+    pub templates: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -198,6 +204,7 @@ impl Default for VmConfig {
             call_timeout_ms: 10_000,
             huge_pages: HugePages::Auto,
             free_page_reporting: true,
+            templates: false,
         }
     }
 }
@@ -283,6 +290,13 @@ impl Config {
         }
         if self.vm.call_timeout_ms == 0 {
             return bad("vm.call_timeout_ms", "must be greater than 0");
+        }
+        if self.vm.templates && self.hypervisor == HypervisorKind::Qemu {
+            return bad(
+                "vm.templates",
+                "needs hypervisor = \"cocoon-vmm\": QEMU 7.2 cannot save a VM with \
+                 vhost-user devices (vsock, virtio-fs)",
+            );
         }
         if self.vm.kernel_params.contains('\n') {
             return bad("vm.kernel_params", "must be a single line");
@@ -423,6 +437,11 @@ mod tests {
         assert!(msg.contains("hvf"), "{msg}");
         let err = Config::parse("[paths]\nrun_dir = \"relative\"\n").unwrap_err();
         assert!(err.to_string().contains("paths.run_dir"), "{err}");
+        let err = Config::parse("hypervisor = \"qemu\"\n[vm]\ntemplates = true\n").unwrap_err();
+        assert!(err.to_string().contains("vm.templates"), "{err}");
+        assert!(err.to_string().contains("cocoon-vmm"), "{err}");
+        let ok = Config::parse("hypervisor = \"cocoon-vmm\"\n[vm]\ntemplates = true\n");
+        assert!(ok.is_ok_and(|c| c.vm.templates));
         // The share's id ranges may not reach the pod uids nor pass 2^32.
         for bad in [
             "share_id_base = 1999999999",

@@ -74,8 +74,8 @@ pub fn env_edited(
 
 pub fn toml_of(c: &cocoon_shim::config::Config) -> String {
     format!(
-        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\nkernel_params = {:?}\n[paths]\nrun_dir = {:?}\n",
-        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.vm.kernel_params, c.paths.run_dir
+        "[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\nkernel_params = {:?}\ntemplates = {}\n[paths]\nrun_dir = {:?}\n",
+        c.vm.kernel, c.vm.initrd, c.vm.boot_timeout_ms, c.vm.kernel_params, c.vm.templates, c.paths.run_dir
     )
 }
 

@@ -27,6 +27,8 @@ pub struct CocoonVmm {
     jail: Option<crate::config::JailConfig>,
     huge_pages: HugePages,
     free_page_reporting: bool,
+    /// `[vm] templates`: how long a template VM may take to get ready.
+    templates: Option<std::time::Duration>,
 }
 
 /// Descriptors a jailed cocoon-vmm inherits instead of opening: `/dev/kvm` (which its
@@ -49,17 +51,16 @@ impl CocoonVmm {
             // that is not understood (docs/notes.md). `cocoon-vmm --free-page-reporting`
             // turns it on by hand.
             free_page_reporting: false,
+            templates: config
+                .vm
+                .templates
+                .then(|| std::time::Duration::from_millis(config.vm.boot_timeout_ms)),
         })
     }
 
     /// The command line for `cocoon-vmm run` (the VMM describes its devices in
     /// ACPI).
-    fn args(
-        &self,
-        spec: &VmSpec,
-        run_dir: &std::path::Path,
-        inherited: Option<&Inherited>,
-    ) -> Vec<String> {
+    fn cmdline(spec: &VmSpec) -> String {
         // The agent powers off through ACPI S5. A reboot (a kernel panic with
         // panic=-1) is the i8042 reset with reboot=k, which the VMM also treats
         // as a clean end; reboot=t would triple-fault and read as a crash.
@@ -68,18 +69,35 @@ impl CocoonVmm {
             cmdline.push(' ');
             cmdline.push_str(&spec.extra_kernel_params);
         }
-        let mut a = vec![
-            "run".to_string(),
-            "--kernel".into(),
-            spec.kernel.display().to_string(),
-            "--initrd".into(),
-            spec.initrd.display().to_string(),
-            "--cmdline".into(),
-            cmdline,
-            "--mem-mib".into(),
-            spec.memory_mib.to_string(),
-            "--vcpus".into(),
-            spec.vcpus.to_string(),
+        cmdline
+    }
+
+    /// The command line for `cocoon-vmm run`: booting the spec's kernel, or restoring
+    /// `template` (whose kernel, command line, memory and vCPUs are the spec's).
+    fn args(
+        &self,
+        spec: &VmSpec,
+        run_dir: &std::path::Path,
+        inherited: Option<&Inherited>,
+        template: Option<&std::path::Path>,
+    ) -> Vec<String> {
+        let mut a = vec!["run".to_string()];
+        match template {
+            Some(t) => a.extend(["--restore".into(), t.display().to_string()]),
+            None => a.extend([
+                "--kernel".into(),
+                spec.kernel.display().to_string(),
+                "--initrd".into(),
+                spec.initrd.display().to_string(),
+                "--cmdline".into(),
+                Self::cmdline(spec),
+                "--mem-mib".into(),
+                spec.memory_mib.to_string(),
+                "--vcpus".into(),
+                spec.vcpus.to_string(),
+            ]),
+        }
+        a.extend([
             // A file cocoon-vmm itself bounds (4 MiB, then dropped with a notice). The
             // pipe QEMU uses (see `console`) made nested cocoon-vmm runs hang now and
             // then, not yet understood: docs/notes.md.
@@ -93,7 +111,7 @@ impl CocoonVmm {
             // of `auto`.
             "--jail".into(),
             "off".into(),
-        ];
+        ]);
         if let Some(i) = inherited {
             a.push("--kvm-fd".into());
             a.push(i.kvm.to_string());
@@ -124,6 +142,39 @@ impl CocoonVmm {
 }
 
 impl CocoonVmm {
+    /// The template to restore this pod's VM from (made now if there is none), with
+    /// `[vm] templates`; `None` boots it.
+    async fn template_for(&self, spec: &VmSpec) -> Result<Option<PathBuf>, HypervisorError> {
+        let Some(boot_timeout) = self.templates else {
+            return Ok(None);
+        };
+        if spec.net.is_some() {
+            tracing::info!(id = %spec.id, "VM template not used: the pod has a network \
+                device, and a restored guest would keep the template's MAC");
+            return Ok(None);
+        }
+        let store = super::template::Store {
+            dir: spec.run_root.join(super::template::DIR),
+            virtiofsd: spec
+                .shared_dir
+                .as_ref()
+                .map(|s| s.virtiofsd.clone())
+                .unwrap_or_default(),
+            boot_timeout,
+        };
+        let cmdline = Self::cmdline(spec);
+        let shape = super::template::Shape {
+            vmm: &self.binary,
+            kernel: &spec.kernel,
+            initrd: &spec.initrd,
+            cmdline: &cmdline,
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            fs_tag: spec.shared_dir.as_ref().map(|s| s.tag.as_str()),
+        };
+        store.get_or_make(&shape).await.map(Some)
+    }
+
     /// For a jailed VMM (which cannot mount): guest RAM on a huge-page tmpfs of its own,
     /// as `vm.huge_pages` asks. `None`: the VMM makes a memfd itself.
     fn guest_ram(&self, spec: &VmSpec) -> Result<Option<std::fs::File>, HypervisorError> {
@@ -172,6 +223,7 @@ impl super::Hypervisor for CocoonVmm {
                 .map_err(|e| HypervisorError::RunDir(socket_dir.clone(), e))?;
         }
         let spec = &spec;
+        let template = self.template_for(spec).await?;
         if let Some(shared) = &spec.shared_dir {
             launch::spawn_virtiofsd(&mut vm, shared, &virtiofs_socket).await?;
         }
@@ -190,9 +242,12 @@ impl super::Hypervisor for CocoonVmm {
                 }
                 pod_jail::readable_by_others("kernel", &spec.kernel, identity.uid)?;
                 pod_jail::readable_by_others("initrd", &spec.initrd, identity.uid)?;
+                let mut read_only: Vec<&std::path::Path> =
+                    vec![&spec.kernel, &spec.initrd, &socket_dir];
+                read_only.extend(template.as_deref());
                 let jail = pod_jail::PodJail {
                     program: &self.binary,
-                    read_only: vec![&spec.kernel, &spec.initrd, &socket_dir],
+                    read_only,
                     writable: vec![&vm.console_log],
                     identity,
                     kvm: false,
@@ -210,7 +265,7 @@ impl super::Hypervisor for CocoonVmm {
                     mem: mem.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
                 };
                 cmd.args(jail.command_prefix()?);
-                cmd.args(self.args(spec, &run_dir, Some(&inherited)));
+                cmd.args(self.args(spec, &run_dir, Some(&inherited), template.as_deref()));
                 super::inherit_fd(&mut cmd, inherited.kvm);
                 super::inherit_fd(&mut cmd, inherited.vsock_listener);
                 if let Some(fd) = inherited.mem {
@@ -219,7 +274,7 @@ impl super::Hypervisor for CocoonVmm {
                 held = Some((kvm, listener, mem));
             }
             None => {
-                cmd.args(self.args(spec, &run_dir, None));
+                cmd.args(self.args(spec, &run_dir, None, template.as_deref()));
             }
         }
         configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?;
@@ -229,7 +284,12 @@ impl super::Hypervisor for CocoonVmm {
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         drop(held);
         vm.times.vmm_spawned = Instant::now();
-        tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), "VM launched on cocoon-vmm");
+        match &template {
+            Some(t) => tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), template = %t.display(),
+                "VM restored from a template on cocoon-vmm"),
+            None => tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), "VM launched on cocoon-vmm"),
+        }
+        vm.template = template;
         Ok(vm)
     }
 }
@@ -246,6 +306,7 @@ mod tests {
             jail: Some(Default::default()),
             huge_pages: HugePages::Auto,
             free_page_reporting: true,
+            templates: None,
         };
         let spec = VmSpec {
             id: "v1".into(),
@@ -275,6 +336,7 @@ mod tests {
             &spec,
             std::path::Path::new("/run/cocoon/v1"),
             Some(&inherited),
+            None,
         );
         let after = |f: &str| {
             a.windows(2)
@@ -298,6 +360,31 @@ mod tests {
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");
         assert!(a.iter().any(|x| x == "--free-page-reporting"), "{a:?}");
+        // Restored from a template: the template holds the kernel, command line, memory
+        // and vCPUs; the pod's own devices and descriptors are given as for a boot.
+        let r = v.args(
+            &spec,
+            std::path::Path::new("/run/cocoon/v1"),
+            Some(&inherited),
+            Some(std::path::Path::new("/run/cocoon/+templates/k")),
+        );
+        let after_r = |f: &str| r.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
+        assert_eq!(
+            after_r("--restore").as_deref(),
+            Some("/run/cocoon/+templates/k")
+        );
+        for gone in ["--kernel", "--initrd", "--cmdline", "--mem-mib", "--vcpus"] {
+            assert_eq!(after_r(gone), None, "{gone} with --restore: {r:?}");
+        }
+        for kept in [
+            "--vsock-uds",
+            "--fs",
+            "--kvm-fd",
+            "--mem-fd",
+            "--serial-out",
+        ] {
+            assert_eq!(after_r(kept), Some(after(kept)), "{kept}");
+        }
         let off = CocoonVmm::new(&Config::default());
         if let Ok(v) = off {
             assert!(

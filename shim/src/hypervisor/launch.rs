@@ -57,6 +57,7 @@ pub fn new_vm(
         procs: VmProcesses::default(),
         identity: None,
         agent_ready: None,
+        template: None,
     }
 }
 

@@ -11,6 +11,7 @@ mod launch;
 mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;
+pub mod template;
 pub mod userns;
 pub mod watch;
 
@@ -65,6 +66,8 @@ pub enum HypervisorError {
     Identity(#[from] identity::IdentityError),
     #[error("cannot make the pod's user namespace for virtiofsd")]
     Userns(#[source] std::io::Error),
+    #[error("VM template: {0}")]
+    Template(String),
 }
 
 /// Everything needed to launch one VM. Built from `Config` plus a VM id.
@@ -213,6 +216,8 @@ pub struct Vm {
     /// Notified when the agent's ready line passes on the console, where the shim copies
     /// it (QEMU's; `None` elsewhere): `AgentClient::wait_ready` then connects at once.
     pub agent_ready: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The template the VM was restored from (`template`), if it was not booted.
+    pub template: Option<PathBuf>,
 }
 
 impl Vm {

@@ -81,6 +81,8 @@ pub struct BootTimes {
     pub sandbox_setup: Duration,
     /// When the VMM was spawned, the agent answered and the sandbox was set up.
     pub marks: Option<(Instant, Instant, Instant)>,
+    /// The VM was restored from a VM template instead of booted.
+    pub from_template: bool,
 }
 
 /// The VM id for a pod: short, path-safe, and unique per namespace+group.
@@ -303,6 +305,7 @@ impl Sandbox {
                 agent_ready: t_ready - t_launched,
                 sandbox_setup: t_ready.elapsed(),
                 marks: Some((t_launched, t_ready, Instant::now())),
+                from_template: vm.template.is_some(),
             },
             watcher: watch_vm(
                 vm_id,

@@ -42,6 +42,9 @@ pub struct Record {
     /// guest's clock).
     #[serde(default)]
     pub clock_uncertainty_ms: f64,
+    /// The pod's VM was restored from a VM template, not booted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_template: bool,
 }
 
 /// One moment of a container's timeline.
@@ -60,6 +63,9 @@ pub struct HostMarks {
     pub create_called: Instant,
     /// VMM spawned, agent answered, sandbox set up.
     pub vm: Option<(Instant, Instant, Instant)>,
+    /// The VM was restored from a template: its start, the agent's main and listening
+    /// happened in the template, before this pod existed, and are left out.
+    pub from_template: bool,
     pub create_returned: Instant,
 }
 
@@ -119,16 +125,18 @@ pub fn timeline(
     let mut out = vec![host("create-called", anchor)];
     if let Some((launched, ready, set_up)) = marks.vm {
         out.push(host("vmm-spawned", launched));
-        let main = guest("agent-main", details.agent_start_boottime_ns);
-        if details.agent_start_tsc > 0 && tsc_khz > 0 {
-            out.push(Stage {
-                stage: "vm-start".into(),
-                clock: "guest-tsc".into(),
-                at_ms: main.at_ms - details.agent_start_tsc as f64 / tsc_khz as f64,
-            });
+        if !marks.from_template {
+            let main = guest("agent-main", details.agent_start_boottime_ns);
+            if details.agent_start_tsc > 0 && tsc_khz > 0 {
+                out.push(Stage {
+                    stage: "vm-start".into(),
+                    clock: "guest-tsc".into(),
+                    at_ms: main.at_ms - details.agent_start_tsc as f64 / tsc_khz as f64,
+                });
+            }
+            out.push(main);
+            out.push(guest("agent-listening", details.server_ready_boottime_ns));
         }
-        out.push(main);
-        out.push(guest("agent-listening", details.server_ready_boottime_ns));
         out.push(host("agent-ready", ready));
         if let Some(e) = details
             .timeline
@@ -204,6 +212,7 @@ mod tests {
         let marks = HostMarks {
             create_called: t0,
             vm: Some((at(10), at(1200), at(1300))),
+            from_template: false,
             create_returned: at(1400),
         };
         // Read between 1 490 and 1 510 ms: midpoint 1 500, 10 ms either way.
@@ -254,6 +263,23 @@ mod tests {
             ..clock
         };
         assert!(wild.ms_after(t0, i64::MAX).is_finite());
+        // A VM restored from a template started, and its agent ran, before the pod:
+        // from the VMM's spawn it goes straight to the agent answering.
+        let restored = HostMarks {
+            from_template: true,
+            ..marks
+        };
+        let t = timeline(&restored, (at(1420), at(1460)), &clock, &d, "c", 1000);
+        let stages: Vec<&str> = t.iter().map(|s| s.stage.as_str()).collect();
+        assert_eq!(
+            stages[..4],
+            [
+                "create-called",
+                "vmm-spawned",
+                "agent-ready",
+                "sandbox-created"
+            ]
+        );
         // A container that joined a running VM has no VM stages.
         let joined = HostMarks { vm: None, ..marks };
         let t = timeline(&joined, (at(1420), at(1460)), &clock, &d, "c", 1000);

@@ -310,10 +310,12 @@ impl Service {
             rec.vm_launch_ms = timings::ms(sb.boot.vm_launch);
             rec.agent_ready_ms = timings::ms(sb.boot.agent_ready);
             rec.sandbox_setup_ms = timings::ms(sb.boot.sandbox_setup);
+            rec.from_template = sb.boot.from_template;
         }
         let marks = timings::HostMarks {
             create_called: t_call,
             vm: if booted_here { sb.boot.marks } else { None },
+            from_template: sb.boot.from_template,
             create_returned: std::time::Instant::now(),
         };
         let c = Container {

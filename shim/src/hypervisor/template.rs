@@ -1,0 +1,296 @@
+//! VM templates for cocoon-vmm (`[vm] templates`, issue #12): the first pod of a shape
+//! boots a template VM until its agent prints its ready line, before any host
+//! connection, then cocoon-vmm saves it (`cocoon_vmm::vstate::snapshot`); later pods of
+//! that shape are restored from the saved VM instead of booting a kernel.
+//!
+//! A template lives in `<run_dir>/+templates/<key>/` (a name no VM id can take), keyed
+//! by everything the saved guest has already seen: the VMM binary, kernel and initramfs
+//! (path, size, modification time), the command line, memory, vCPUs and the share's tag
+//! (read by the guest's virtio-fs driver at probe). It is made once under a lock, in a
+//! scratch directory renamed into place when complete, so a pod never sees half a
+//! template and a crash leaves only scratch to clean.
+//!
+//! The template VM runs Cocoon's own image only, from boot to the ready line (no
+//! container, no host connection, no pod data: its virtiofsd serves an empty
+//! directory), so it runs unjailed, with cocoon-vmm's seccomp filter; its processes
+//! are gone before the first pod is restored. What is per pod in a restored guest is
+//! set by the shim as for a booted one: its clock (CreateSandbox steps it), hostname
+//! and DNS; the vsock socket and virtio-fs backend are the pod's own.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::HypervisorError;
+
+/// The directory of all templates under the run dir.
+pub const DIR: &str = "+templates";
+const CONSOLE: &str = "console.log";
+
+/// What a template is made of; two pods with equal keys can share one.
+pub struct Shape<'a> {
+    pub vmm: &'a Path,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub cmdline: &'a str,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub fs_tag: Option<&'a str>,
+}
+
+impl Shape<'_> {
+    /// The key: a hash of the shape, files by path, size and modification time.
+    pub fn key(&self) -> Result<String, HypervisorError> {
+        let mut text = String::new();
+        for (what, p) in [
+            ("vmm", self.vmm),
+            ("kernel", self.kernel),
+            ("initrd", self.initrd),
+        ] {
+            let meta = std::fs::metadata(p).map_err(|e| template_err(what, p, e))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            text += &format!(
+                "{what}={}:{}:{}\n",
+                p.display(),
+                meta.len(),
+                mtime.as_nanos()
+            );
+        }
+        text += &format!(
+            "cmdline={}\nmemory={}\nvcpus={}\nfs={:?}\nformat=1\n",
+            self.cmdline, self.memory_mib, self.vcpus, self.fs_tag
+        );
+        Ok(hex(&Sha256::digest(text.as_bytes())[..16]))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn template_err(what: &str, path: &Path, e: std::io::Error) -> HypervisorError {
+    HypervisorError::Template(format!("{what} {}: {e}", path.display()))
+}
+
+/// Where templates are made and found.
+pub struct Store {
+    pub dir: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub boot_timeout: Duration,
+}
+
+impl Store {
+    /// The saved VM for `shape`, made now if there is none (the caller's pod waits
+    /// for one boot). Returns its directory, for `cocoon-vmm run --restore`.
+    pub async fn get_or_make(&self, shape: &Shape<'_>) -> Result<PathBuf, HypervisorError> {
+        let key = shape.key()?;
+        let dir = self.dir.join(&key);
+        if dir.join("vm.json").is_file() {
+            return Ok(dir);
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| template_err("directory", &self.dir, e))?;
+        // One maker per key; the others wait here, then find it made.
+        let lock_path = self.dir.join(format!("{key}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| template_err("lock", &lock_path, e))?;
+        let lock = tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)
+        })
+        .await
+        .map_err(|e| HypervisorError::Template(format!("lock task: {e}")))?
+        .map_err(|e| template_err("lock", &lock_path, e.into()))?;
+        if dir.join("vm.json").is_file() {
+            return Ok(dir);
+        }
+        let scratch = self.dir.join(format!("{key}.making"));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir(&scratch).map_err(|e| template_err("scratch", &scratch, e))?;
+        let made = self.make(shape, &scratch).await;
+        let result = made.and_then(|()| {
+            std::fs::rename(scratch.join("snapshot"), &dir)
+                .map_err(|e| template_err("directory", &dir, e))
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        drop(lock);
+        result.map(|()| {
+            tracing::info!(key, "VM template made");
+            dir
+        })
+    }
+
+    /// Boots the template VM in `scratch` and saves it to `scratch/snapshot`.
+    async fn make(&self, shape: &Shape<'_>, scratch: &Path) -> Result<(), HypervisorError> {
+        let started = Instant::now();
+        let p = |n: &str| scratch.join(n);
+        let spawn = |what: &'static str| move |source| HypervisorError::Spawn { what, source };
+        let mut procs = Vec::new();
+        let mut vmm = tokio::process::Command::new(shape.vmm);
+        vmm.arg("run")
+            .arg("--kernel")
+            .arg(shape.kernel)
+            .arg("--initrd")
+            .arg(shape.initrd)
+            .args(["--cmdline", shape.cmdline])
+            .args(["--mem-mib", &shape.memory_mib.to_string()])
+            .args(["--vcpus", &shape.vcpus.to_string()])
+            .arg("--serial-out")
+            .arg(p(CONSOLE))
+            .arg("--vsock-uds")
+            .arg(p("vsock.sock"))
+            .args(["--vsock-cid", &cocoon_protocol::GUEST_CID.to_string()])
+            .args(["--jail", "off", "--huge-pages", "off"])
+            .arg("--api-sock")
+            .arg(p("api.sock"))
+            .arg("--snapshot-to")
+            .arg(p("snapshot"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(p("vmm.log")).map_err(spawn("cocoon-vmm"))?)
+            .kill_on_drop(true);
+        if let Some(tag) = shape.fs_tag {
+            let share = p("share");
+            std::fs::create_dir(&share).map_err(|e| template_err("share", &share, e))?;
+            let sock = p("virtiofs.sock");
+            let fs = tokio::process::Command::new(&self.virtiofsd)
+                .arg("--socket-path")
+                .arg(&sock)
+                .arg("--shared-dir")
+                .arg(&share)
+                .args(["--sandbox", "namespace", "--announce-submounts"])
+                .args(["--cache", "auto", "--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(spawn("virtiofsd"))?;
+            procs.push(fs);
+            self.wait("virtiofsd's socket", started, || sock.exists())
+                .await?;
+            vmm.arg("--fs").arg(format!("{}:{tag}", sock.display()));
+        }
+        let mut vmm = vmm.spawn().map_err(spawn("cocoon-vmm"))?;
+        let console = p(CONSOLE);
+        let ready = self
+            .wait("the template's agent", started, || {
+                std::fs::read_to_string(&console)
+                    .is_ok_and(|c| c.contains(cocoon_protocol::READY_LINE))
+            })
+            .await;
+        if let Err(e) = ready {
+            let _ = vmm.kill().await;
+            return Err(HypervisorError::Template(format!(
+                "{e}; the VMM said: {}",
+                super::tail_lines(&p("vmm.log"), 5)
+            )));
+        }
+        let api = p("api.sock");
+        for action in ["pause", "snapshot", "shutdown"] {
+            let api = api.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                cocoon_vmm::vmm::api_call(&api, &format!(r#"{{"action":"{action}"}}"#))
+            })
+            .await
+            .map_err(|e| HypervisorError::Template(format!("{action}: {e}")))?
+            .map_err(|e| HypervisorError::Template(format!("{action}: {e}")))?;
+            if !r.ok {
+                let _ = vmm.kill().await;
+                return Err(HypervisorError::Template(format!(
+                    "{action} refused: {}",
+                    r.error.unwrap_or_default()
+                )));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), vmm.wait()).await {
+            Ok(Ok(st)) if st.success() => {}
+            other => {
+                let _ = vmm.kill().await;
+                return Err(HypervisorError::Template(format!(
+                    "the template VM did not end cleanly: {other:?}"
+                )));
+            }
+        }
+        for mut fs in procs {
+            let _ = fs.kill().await;
+        }
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            "VM template booted and saved"
+        );
+        Ok(())
+    }
+
+    async fn wait(
+        &self,
+        what: &str,
+        started: Instant,
+        mut done: impl FnMut() -> bool,
+    ) -> Result<(), HypervisorError> {
+        while !done() {
+            if started.elapsed() > self.boot_timeout {
+                return Err(HypervisorError::Template(format!(
+                    "{what} not there within {:?}",
+                    self.boot_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_follows_everything_the_guest_has_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, n).unwrap();
+            p
+        };
+        let (vmm, kernel, initrd) = (f("vmm"), f("kernel"), f("initrd"));
+        let shape = |cmdline, memory_mib, tag| Shape {
+            vmm: &vmm,
+            kernel: &kernel,
+            initrd: &initrd,
+            cmdline,
+            memory_mib,
+            vcpus: 1,
+            fs_tag: tag,
+        };
+        let base = shape("console=ttyS0", 256, Some("cocoon")).key().unwrap();
+        assert_eq!(base.len(), 32);
+        assert_eq!(
+            base,
+            shape("console=ttyS0", 256, Some("cocoon")).key().unwrap()
+        );
+        for other in [
+            shape("console=ttyS0 quiet", 256, Some("cocoon")),
+            shape("console=ttyS0", 512, Some("cocoon")),
+            shape("console=ttyS0", 256, None),
+        ] {
+            assert_ne!(other.key().unwrap(), base);
+        }
+        std::fs::write(&initrd, "a new initramfs").unwrap();
+        assert_ne!(
+            shape("console=ttyS0", 256, Some("cocoon")).key().unwrap(),
+            base
+        );
+        std::fs::remove_file(&kernel).unwrap();
+        let e = shape("console=ttyS0", 256, None).key().unwrap_err();
+        assert!(e.to_string().contains("kernel"), "{e}");
+    }
+}
