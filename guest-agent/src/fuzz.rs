@@ -53,6 +53,7 @@ pub fn request_messages(data: &[u8]) {
         }
         4 => {
             if let Ok(r) = pb::UpdateInterfaceRequest::parse_from_bytes(body) {
+                let _ = crate::network::parse_mac(&r.current_hw_addr);
                 if let Some(i) = r.interface.as_ref() {
                     let _ = crate::network::parse_mac(&i.hw_addr);
                     for a in &i.addresses {

@@ -286,6 +286,16 @@ impl Agent for AgentService {
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
         self.allow("CreateSandbox", &req)?;
+        // First, before any container: a VM restored from a template must not draw the
+        // template's random stream (crate::reseed). Only the guest's PID 1 reseeds.
+        if self.state.is_init {
+            crate::reseed::reseed(&req.host_entropy).map_err(|e| {
+                status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    crate::runtime::error_chain(&e),
+                )
+            })?;
+        }
         // The host's wall time is taken only where the host is trusted (crate::clock),
         // and only by the guest's PID 1 (an agent run by hand must not set its host's).
         if self.state.is_init && !self.state.policy.confidential() {
@@ -602,8 +612,10 @@ impl Agent for AgentService {
         req: UpdateInterfaceRequest,
     ) -> ttrpc::Result<Interface> {
         self.allow("UpdateInterface", &req)?;
-        let want = req.interface.into_option().unwrap_or_default();
-        let got = network::update_interface(&want).await.map_err(net_error)?;
+        let want = req.interface.clone().into_option().unwrap_or_default();
+        let got = network::update_interface(&want, &req.current_hw_addr)
+            .await
+            .map_err(net_error)?;
         tracing::info!(name = %got.name, mac = %got.hw_addr, "interface configured");
         Ok(got)
     }

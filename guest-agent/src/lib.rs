@@ -18,6 +18,7 @@ pub mod policy;
 pub mod portfwd;
 pub mod power;
 pub mod reaper;
+pub mod reseed;
 pub mod runtime;
 pub mod sandbox;
 pub mod stdio;

@@ -154,9 +154,15 @@ pub async fn loopback_up() -> Result<(), NetError> {
     set_up(&handle, lo.header.index).await
 }
 
-/// Configures the interface whose MAC is `want.hw_addr`: name, MTU, addresses, up.
-pub async fn update_interface(want: &Interface) -> Result<Interface, NetError> {
+/// Configures the interface whose MAC is `want.hw_addr` (or `current_mac`, when given:
+/// it then gets `want.hw_addr`): name, MTU, addresses, up.
+pub async fn update_interface(want: &Interface, current_mac: &str) -> Result<Interface, NetError> {
     let mac = parse_mac(&want.hw_addr)?;
+    let find = if current_mac.is_empty() {
+        mac
+    } else {
+        parse_mac(current_mac)?
+    };
     let mut addrs = Vec::new();
     for a in &want.addresses {
         let ip: IpAddr = a
@@ -176,10 +182,13 @@ pub async fn update_interface(want: &Interface) -> Result<Interface, NetError> {
     let all = links(&handle).await?;
     let link = all
         .iter()
-        .find(|l| link_mac(l) == Some(&mac[..]))
-        .ok_or_else(|| NetError::NoSuchInterface(want.hw_addr.clone()))?;
+        .find(|l| link_mac(l) == Some(&find[..]))
+        .ok_or_else(|| NetError::NoSuchInterface(format_mac(&find)))?;
     let index = link.header.index;
     let mut b = LinkUnspec::new_with_index(index).down();
+    if find != mac {
+        b = b.address(mac.to_vec());
+    }
     if want.mtu > 0 {
         b = b.mtu(want.mtu);
     }

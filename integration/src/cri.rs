@@ -786,9 +786,11 @@ pub fn write_shim_config_with(dir: &Path, boot_timeout: Duration, tables: &str) 
     // COCOON_TEST_HYPERVISOR names the VMM outright (a test of cocoon-vmm must not pass
     // on QEMU); otherwise the host decides ("auto").
     let hypervisor = std::env::var("COCOON_TEST_HYPERVISOR").unwrap_or_else(|_| "auto".into());
+    // COCOON_TEST_TEMPLATES=1: pods start from VM templates (`[vm] templates`).
+    let templates = std::env::var("COCOON_TEST_TEMPLATES").is_ok_and(|v| v == "1");
     let toml = format!(
         "hypervisor = {hypervisor:?}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n\
-         [paths]\nrun_dir = {:?}\n{tables}{}",
+         templates = {templates}\n[paths]\nrun_dir = {:?}\n{tables}{}",
         c.vm.kernel,
         c.vm.initrd,
         c.vm.boot_timeout_ms,

@@ -352,15 +352,18 @@ impl AgentClient {
         .map(drop)
     }
 
-    /// Gives the guest interface with `interface.hw_addr` the pod's name, MTU and
-    /// addresses; answers with what the guest then has.
+    /// Gives the guest interface with `interface.hw_addr` (or `current_hw_addr`, which
+    /// it then trades for `interface.hw_addr`) the pod's name, MTU and addresses;
+    /// answers with what the guest then has.
     pub async fn update_interface(
         &self,
         interface: cocoon_protocol::agent::Interface,
+        current_hw_addr: Option<&str>,
     ) -> Result<cocoon_protocol::agent::Interface, AgentError> {
         let t = self.call_timeout;
         let mut req = cocoon_protocol::agent::UpdateInterfaceRequest::new();
         req.interface = protobuf::MessageField::some(interface);
+        req.current_hw_addr = current_hw_addr.unwrap_or_default().into();
         self.call(
             "Agent.UpdateInterface",
             t,

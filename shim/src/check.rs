@@ -249,8 +249,7 @@ pub fn verdicts(kvm: KvmKind, qemu: bool, vmm: bool) -> Vec<Verdict> {
 pub fn templates_line(kvm: KvmKind) -> &'static str {
     match kvm {
         KvmKind::Hardware => {
-            "possible: cocoon-vmm restores pods from a saved VM with [vm] templates = true \
-             (pods with a network device still boot)"
+            "possible: cocoon-vmm restores pods from a saved VM with [vm] templates = true"
         }
         _ => {
             "not here: they need cocoon-vmm, which needs hardware KVM; QEMU cannot save a \

@@ -145,8 +145,7 @@ pub struct VmConfig {
     /// VM templates (cocoon-vmm only): the first pod of a shape (kernel, initramfs,
     /// command line, memory, vCPUs, share tag) boots a template VM to its agent's ready
     /// line and saves it under `<run_dir>/templates/`; later pods of that shape start
-    /// from the saved VM instead of booting (`hypervisor::template`). Pods with a
-    /// network device still boot: a restored guest keeps the template's MAC.
+    /// from the saved VM instead of booting (`hypervisor::template`).
     pub templates: bool,
 }
 

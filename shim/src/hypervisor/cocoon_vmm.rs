@@ -148,11 +148,6 @@ impl CocoonVmm {
         let Some(boot_timeout) = self.templates else {
             return Ok(None);
         };
-        if spec.net.is_some() {
-            tracing::info!(id = %spec.id, "VM template not used: the pod has a network \
-                device, and a restored guest would keep the template's MAC");
-            return Ok(None);
-        }
         let store = super::template::Store {
             dir: spec.run_root.join(super::template::DIR),
             virtiofsd: spec
@@ -171,6 +166,7 @@ impl CocoonVmm {
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             fs_tag: spec.shared_dir.as_ref().map(|s| s.tag.as_str()),
+            net: spec.net.is_some(),
         };
         store.get_or_make(&shape).await.map(Some)
     }

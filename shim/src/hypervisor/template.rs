@@ -6,7 +6,8 @@
 //! A template lives in `<run_dir>/+templates/<key>/` (a name no VM id can take), keyed
 //! by everything the saved guest has already seen: the VMM binary, kernel and initramfs
 //! (path, size, modification time), the command line, memory, vCPUs and the share's tag
-//! (read by the guest's virtio-fs driver at probe). It is made once under a lock, in a
+//! (read by the guest's virtio-fs driver at probe) and whether it has a NIC. It is made
+//! once under a lock, in a
 //! scratch directory renamed into place when complete, so a pod never sees half a
 //! template and a crash leaves only scratch to clean.
 //!
@@ -15,7 +16,8 @@
 //! directory), so it runs unjailed, with cocoon-vmm's seccomp filter; its processes
 //! are gone before the first pod is restored. What is per pod in a restored guest is
 //! set by the shim as for a booted one: its clock (CreateSandbox steps it), hostname
-//! and DNS; the vsock socket and virtio-fs backend are the pod's own.
+//! and DNS, its interface's name, addresses and MAC (the agent trades the template's
+//! for the pod's); the vsock socket, virtio-fs backend and tap are the pod's own.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +29,9 @@ use super::HypervisorError;
 
 /// The directory of all templates under the run dir.
 pub const DIR: &str = "+templates";
+/// The MAC of a template's NIC (cocoon-vmm's default for the first): a restored
+/// guest's interface has it until the sandbox set-up gives it the pod's.
+pub const TEMPLATE_MAC: &str = "02:43:43:00:00:00";
 const CONSOLE: &str = "console.log";
 
 /// What a template is made of; two pods with equal keys can share one.
@@ -38,6 +43,8 @@ pub struct Shape<'a> {
     pub memory_mib: u32,
     pub vcpus: u32,
     pub fs_tag: Option<&'a str>,
+    /// A virtio-net device (on a tap of the template's own while it boots).
+    pub net: bool,
 }
 
 impl Shape<'_> {
@@ -63,8 +70,8 @@ impl Shape<'_> {
             );
         }
         text += &format!(
-            "cmdline={}\nmemory={}\nvcpus={}\nfs={:?}\nformat=1\n",
-            self.cmdline, self.memory_mib, self.vcpus, self.fs_tag
+            "cmdline={}\nmemory={}\nvcpus={}\nfs={:?}\nnet={}\nformat=1\n",
+            self.cmdline, self.memory_mib, self.vcpus, self.fs_tag, self.net
         );
         Ok(hex(&Sha256::digest(text.as_bytes())[..16]))
     }
@@ -179,6 +186,13 @@ impl Store {
                 .await?;
             vmm.arg("--fs").arg(format!("{}:{tag}", sock.display()));
         }
+        if shape.net {
+            // A tap of its own, made by the VMM (root, unjailed) in this network
+            // namespace and gone with it: the guest's driver probes the device and reads
+            // TEMPLATE_MAC; its interface stays down, so nothing crosses it.
+            let key = shape.key()?;
+            vmm.args(["--net-tap", &format!("cctpl{}", &key[..10])]);
+        }
         let mut vmm = vmm.spawn().map_err(spawn("cocoon-vmm"))?;
         let console = p(CONSOLE);
         let ready = self
@@ -270,6 +284,7 @@ mod tests {
             memory_mib,
             vcpus: 1,
             fs_tag: tag,
+            net: false,
         };
         let base = shape("console=ttyS0", 256, Some("cocoon")).key().unwrap();
         assert_eq!(base.len(), 32);
@@ -281,6 +296,10 @@ mod tests {
             shape("console=ttyS0 quiet", 256, Some("cocoon")),
             shape("console=ttyS0", 512, Some("cocoon")),
             shape("console=ttyS0", 256, None),
+            Shape {
+                net: true,
+                ..shape("console=ttyS0", 256, Some("cocoon"))
+            },
         ] {
             assert_ne!(other.key().unwrap(), base);
         }

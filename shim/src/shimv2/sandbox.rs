@@ -35,6 +35,8 @@ pub enum SandboxError {
     Mount(#[from] MountError),
     #[error("cannot carry the pod network into the VM")]
     Network(#[from] PodNetError),
+    #[error("cannot read the host's random bytes for the guest")]
+    Entropy(#[source] std::io::Error),
     #[error("the guest refused the pod network ({what})")]
     GuestNetwork {
         what: &'static str,
@@ -258,6 +260,14 @@ impl Sandbox {
         req.hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // For the guest's CRNG (a VM restored from a template starts with the template's).
+        let mut entropy = vec![0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(SandboxError::Entropy)?,
+            &mut entropy,
+        )
+        .map_err(SandboxError::Entropy)?;
+        req.host_entropy = entropy;
         // Last, so the guest's clock (crate::clock in the agent) is set to a fresh reading.
         req.host_realtime_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -265,8 +275,13 @@ impl Sandbox {
         agent.create_sandbox(req).await?;
         let mut forwarder = None;
         if let Some(n) = net.as_ref() {
+            // A restored guest's NIC has the template's MAC; the agent gives it the pod's.
+            let current = vm
+                .template
+                .as_ref()
+                .map(|_| crate::hypervisor::template::TEMPLATE_MAC);
             let got = agent
-                .update_interface(n.interface.clone())
+                .update_interface(n.interface.clone(), current)
                 .await
                 .map_err(|source| SandboxError::GuestNetwork {
                     what: "interface",
