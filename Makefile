@@ -67,7 +67,8 @@ test-nested: image
 # Benchmarks: boot (launch -> agent ready vs raw QEMU), run (ctr run --rm
 # true, cocoon vs runc, breakdown and pod memory), and cocoon-vmm start/exit
 # vs QEMU microvm on a synthetic guest, and cocoon-vmm vs QEMU with KVM on
-# the real guest image inside the nested harness's L1. JSON reports in target/.
+# the real guest image inside the nested harness's L1, and pods restored from a VM
+# template against cold boots on cocoon-vmm, also in L1. JSON reports in target/.
 bench: image
 	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out target/image-debian
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 \
@@ -79,6 +80,7 @@ bench: image
 	bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot.json
 	KERNEL=$(CURDIR)/target/image-debian/vmlinuz \
 		bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot-debian.json
+	bash scripts/bench-nested-template.sh 5 $(CURDIR)/target/bench-template.json
 
 # The long soak (issue #11): pod lifecycles through CRI with faults injected; the
 # report goes to target/soak.json. `make test` runs a short one.

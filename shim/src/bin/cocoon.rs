@@ -174,6 +174,11 @@ enum BenchCmd {
         /// Cocoon's own.
         #[arg(long)]
         compare_image: Option<PathBuf>,
+        /// Also boot with `[vm] templates` the other way round, alternating (cocoon-vmm):
+        /// a VM restored from a template against a cold boot. The template is made
+        /// before the first measured run.
+        #[arg(long, conflicts_with = "compare_image")]
+        compare_templates: bool,
     },
     /// Kubernetes pods through containerd's CRI plugin: RunPodSandbox -> container
     /// running, cocoon vs runc, and N pods at once (time, host memory per pod). Runs
@@ -413,6 +418,7 @@ fn run(cli: Cli) -> Result<()> {
                     out,
                     busybox,
                     compare_image,
+                    compare_templates,
                 },
         } => {
             if runs == 0 {
@@ -427,6 +433,15 @@ fn run(cli: Cli) -> Result<()> {
                 c.vm.initrd = PathBuf::new();
                 c
             });
+            let compare = match compare_templates {
+                true => {
+                    let mut c = config.clone();
+                    c.vm.templates = !c.vm.templates;
+                    c.validate()?;
+                    Some(c)
+                }
+                false => compare,
+            };
             let report = runtime()?.block_on(bench::boot_bench(
                 &config,
                 runs,
