@@ -2,8 +2,7 @@
 //! it, on a CNI bridge network. Each case is a function of the runtime handler, so the
 //! same case runs on `runc` (the baseline) and on `cocoon`.
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -321,25 +320,7 @@ async fn pod_has_its_ipv6_address_too(test: &str, handler: &str, net: u8) {
     );
     // The guest's address goes through duplicate address detection first: retry.
     let addr = SocketAddr::from((v6, 8080));
-    let reply = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let attempt =
-                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    let mut reply = String::new();
-                    s.read_to_string(&mut reply)?;
-                    Ok(reply)
-                });
-            match attempt {
-                Ok(r) if !r.is_empty() => return Ok(r),
-                other if Instant::now() >= deadline => return other,
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let reply = common::reply_from(addr, Duration::from_secs(20)).await;
     match reply {
         Ok(r) => assert_eq!(r, "hello6\n"),
         Err(e) => panic!("{test}: cannot reach [{v6}]:8080: {e}"),
@@ -716,29 +697,7 @@ async fn pod_reached_by_ip(test: &str, handler: &str, net: u8) {
     let addr = SocketAddr::from((ip, 8080));
 
     // The server listens a moment after StartContainer returns: retry until it answers.
-    let reply = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let attempt =
-                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    let mut reply = String::new();
-                    s.read_to_string(&mut reply)?;
-                    Ok(reply)
-                });
-            // An empty reply: connected before nc had its `-e` program running.
-            let attempt = attempt.and_then(|r| match r.is_empty() {
-                true => Err(std::io::Error::other("empty reply")),
-                false => Ok(r),
-            });
-            if attempt.is_ok() || Instant::now() >= deadline {
-                return attempt;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
+    let reply = common::reply_from(addr, Duration::from_secs(20)).await;
     match reply {
         Ok(reply) => assert_eq!(reply, "hello\n", "reply from {addr}"),
         Err(e) => panic!(

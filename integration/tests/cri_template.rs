@@ -3,9 +3,8 @@
 //! driver read when the template booted, and the sandbox set-up must give it the pod's,
 //! or no frame CNI sends it is taken. Needs hardware KVM, so here it reruns in L1.
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 mod common;
 
@@ -52,28 +51,7 @@ fn cocoon_vmm_cri_pods_start_from_a_vm_template() {
 
         // From the node, by pod IP: frames to the pod's MAC reach the restored guest.
         let addr = SocketAddr::from((ip, 8080));
-        let reply = tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let attempt = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                    .and_then(|mut s| {
-                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        let mut reply = String::new();
-                        s.read_to_string(&mut reply)?;
-                        Ok(reply)
-                    })
-                    .and_then(|r| match r.is_empty() {
-                        true => Err(std::io::Error::other("empty reply")),
-                        false => Ok(r),
-                    });
-                if attempt.is_ok() || Instant::now() >= deadline {
-                    return attempt;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-        .await
-        .unwrap();
+        let reply = common::reply_from(addr, Duration::from_secs(30)).await;
         match reply {
             Ok(r) => assert_eq!(r, "hello\n", "reply from {addr}"),
             Err(e) => panic!("cannot reach {addr}: {e}\n{}", node.log_tail()),

@@ -271,35 +271,51 @@ fn build_vm(
         windows,
         ..
     } = virtio;
-    if let Some(s) = snap {
-        for (i, (t, saved)) in host_devices.iter().zip(&s.virtio).enumerate() {
-            crate::devices::bus::lock(t)
-                .restore(saved)
-                .map_err(|e| BuildError::Restore(format!("virtio device {i}: {e}")))?;
+    let vcpus = match snap {
+        Some(s) => {
+            for (i, (t, saved)) in host_devices.iter().zip(&s.virtio).enumerate() {
+                crate::devices::bus::lock(t)
+                    .restore(saved)
+                    .map_err(|e| BuildError::Restore(format!("virtio device {i}: {e}")))?;
+            }
+            let vcpus = s
+                .vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, state)| {
+                    vcpu::create_restored(&vm.kvm, &vm.fd, i as u8, config.vcpus, state)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            log::info!(
+                "restored VM: {} MiB, {} vCPU(s), {} virtio device(s)",
+                config.mem_mib,
+                config.vcpus,
+                host_devices.len()
+            );
+            vcpus
         }
-        let vcpus = s
-            .vcpus
-            .iter()
-            .enumerate()
-            .map(|(i, state)| vcpu::create_restored(&vm.kvm, &vm.fd, i as u8, config.vcpus, state))
-            .collect::<Result<Vec<_>, _>>()?;
-        log::info!(
-            "restored VM: {} MiB, {} vCPU(s), {} virtio device(s)",
-            config.mem_mib,
-            config.vcpus,
-            host_devices.len()
-        );
-        return Ok(BuiltVm {
-            vm,
-            mem: gm,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            host_devices,
-            serial,
-        });
-    }
+        None => load_guest(config, &vm, &gm, windows)?,
+    };
+    Ok(BuiltVm {
+        vm,
+        mem: gm,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        host_devices,
+        serial,
+    })
+}
 
+/// Loads the kernel, initrd and command line, writes the ACPI (or MP) tables for the
+/// virtio `windows`, and creates the vCPUs at the kernel's entry.
+fn load_guest(
+    config: &VmConfig,
+    vm: &Vm,
+    gm: &GuestMemory,
+    windows: Vec<acpi::MmioDevice>,
+) -> Result<Vec<VcpuFd>, BuildError> {
+    let mem_size = config.mem_bytes();
     // With ACPI the DSDT describes the virtio-mmio windows; without it, the command line
     // does. (A kernel with ACPI would see both and probe every device twice.)
     // A guest told `acpi=off` would find no devices in the DSDT.
@@ -351,15 +367,7 @@ fn build_vm(
         config.virtio_device_count(),
         loaded.entry
     );
-    Ok(BuiltVm {
-        vm,
-        mem: gm,
-        vcpus,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        host_devices,
-        serial,
-    })
+    Ok(vcpus)
 }
 
 /// Virtio devices being placed: each gets the next MMIO window and IRQ, and a

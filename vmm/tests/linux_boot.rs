@@ -113,25 +113,7 @@ fn linux_boots_and_the_agent_answers_over_vsock() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let agent = loop {
-            if let Some(st) = vmm.0.try_wait().unwrap() {
-                panic!(
-                    "VM exited ({st}) before the agent answered; serial:\n{}",
-                    serial_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent never answered; serial:\n{}",
-                serial_text()
-            );
-            match AgentClient::connect(&uds, Duration::from_secs(2), Duration::from_secs(10)).await
-            {
-                Ok(agent) if agent.check().await.is_ok() => break agent,
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
+        let agent = agent_at(&uds, &mut vmm, &serial, Duration::from_secs(120)).await;
         // A real RPC with real content: the guest's own view of itself.
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);

@@ -80,6 +80,37 @@ fn cocoon_config(dir: &Path, handler: &str, tables: &str) -> PathBuf {
     path
 }
 
+/// Connects to `addr` and reads its whole reply, again every 50 ms until a reply is
+/// not empty or `limit` passes (a server listens a moment after its container starts;
+/// a guest address goes through duplicate address detection first). The last
+/// attempt's result.
+pub async fn reply_from(addr: std::net::SocketAddr, limit: Duration) -> std::io::Result<String> {
+    use std::io::Read;
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + limit;
+        loop {
+            let attempt = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut reply = String::new();
+                    s.read_to_string(&mut reply)?;
+                    Ok(reply)
+                })
+                // An empty reply: connected before the server's program ran.
+                .and_then(|r| match r.is_empty() {
+                    true => Err(std::io::Error::other("empty reply")),
+                    false => Ok(r),
+                });
+            if attempt.is_ok() || Instant::now() >= deadline {
+                return attempt;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
 /// Polls `check` until it holds or `limit` passes; returns whether it held.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
