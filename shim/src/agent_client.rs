@@ -249,13 +249,27 @@ impl AgentClient {
     /// Asks the guest to power off. A lost connection counts as success: the
     /// guest may go down before its reply leaves.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
+        self.shutdown_with(ShutdownRequest::new()).await.map(|_| ())
+    }
+
+    /// Asks the guest to sync its filesystems and to leave ending the VM to the
+    /// host. `Ok(true)`: the agent replied, so the guest's writes are on the
+    /// host and the VMM can be killed now. `Ok(false)`: the connection closed
+    /// first, so the guest may be powering off by itself.
+    pub async fn sync_for_stop(&self) -> Result<bool, AgentError> {
+        let mut req = ShutdownRequest::new();
+        req.host_ends_vm = true;
+        self.shutdown_with(req).await
+    }
+
+    async fn shutdown_with(&self, req: ShutdownRequest) -> Result<bool, AgentError> {
         let t = self.call_timeout;
-        let req = ShutdownRequest::new();
         match self
             .call("Agent.Shutdown", t, self.agent.shutdown(self.ctx(t), &req))
             .await
         {
-            Ok(_) | Err(AgentError::Disconnected { .. }) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(AgentError::Disconnected { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }

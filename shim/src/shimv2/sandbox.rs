@@ -396,25 +396,22 @@ impl Sandbox {
                 keep_console(run_root, &self.id, &self.run_dir.join("console.log"));
             }
         }
-        // A lost VM has no agent to ask (its processes are already being killed). Only
-        // a guest that took the shutdown gets a grace to power off: without one, the
-        // wait would only push Shutdown past containerd's deadline, and a shim killed
-        // for that mid-teardown leaves the share and the pod cgroup behind.
-        let mut graceful = false;
+        // A lost VM has no agent to ask (its processes are already being killed). A
+        // guest that synced its filesystems and replied is ended at once; one whose
+        // connection closed first may be powering off and gets a grace for it. Nothing
+        // else waits: the wait would only push Shutdown past containerd's deadline, and
+        // a shim killed for that mid-teardown leaves the share and the pod cgroup behind.
+        let mut grace = Duration::ZERO;
         if !died {
-            match self.agent.shutdown().await {
-                Ok(_) => graceful = true,
+            match self.agent.sync_for_stop().await {
+                Ok(true) => {}
+                Ok(false) => grace = Duration::from_secs(5),
                 Err(e) => tracing::warn!("agent shutdown: {e}"),
             }
         }
         if let Some(f) = &self.forwarder {
             f.abort();
         }
-        let grace = if graceful {
-            Duration::from_secs(5)
-        } else {
-            Duration::ZERO
-        };
         vm.stop(grace).await;
         super::share::remove(&self.share);
         let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());
