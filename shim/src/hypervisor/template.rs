@@ -48,33 +48,92 @@ pub struct Shape<'a> {
 }
 
 impl Shape<'_> {
-    /// The key: a hash of the shape, files by path, size and modification time.
+    /// The key: a hash of [`Shape::describe`].
     pub fn key(&self) -> Result<String, HypervisorError> {
+        Ok(hex(&Sha256::digest(self.describe()?.as_bytes())[..16]))
+    }
+
+    /// The shape as text, files by path, size and modification time (one
+    /// `FILE_LINE` line each, which [`prune_stale`] checks again later).
+    pub fn describe(&self) -> Result<String, HypervisorError> {
         let mut text = String::new();
         for (what, p) in [
             ("vmm", self.vmm),
             ("kernel", self.kernel),
             ("initrd", self.initrd),
         ] {
-            let meta = std::fs::metadata(p).map_err(|e| template_err(what, p, e))?;
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .unwrap_or_default();
-            text += &format!(
-                "{what}={}:{}:{}\n",
-                p.display(),
-                meta.len(),
-                mtime.as_nanos()
-            );
+            let stamp = file_stamp(p).map_err(|e| template_err(what, p, e))?;
+            text += &format!("{what}={}:{stamp}\n", p.display());
         }
         text += &format!(
             "cmdline={}\nmemory={}\nvcpus={}\nfs={:?}\nnet={}\nformat=1\n",
             self.cmdline, self.memory_mib, self.vcpus, self.fs_tag, self.net
         );
-        Ok(hex(&Sha256::digest(text.as_bytes())[..16]))
+        Ok(text)
     }
+}
+
+/// A file's size and modification time, as a template's shape records them.
+fn file_stamp(p: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(p)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    Ok(format!("{}:{}", meta.len(), mtime.as_nanos()))
+}
+
+/// The record of what a template was made from, beside its saved VM.
+const SHAPE_FILE: &str = "shape.txt";
+
+/// Removes every template in `store` other than `keep` that no pod can use
+/// again: one made from a VMM binary, kernel or initramfs that has changed or
+/// gone since (a new key never names it), or one without a shape record. Each
+/// new image or binary makes a new template, so without this the store only
+/// grows (≈64 MiB each). Pods already running from a removed template keep
+/// their own RAM and are not affected. Returns the keys removed.
+pub fn prune_stale(store: &Path, keep: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(store) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Lock files and scratch (`<key>.lock`, `<key>.making`) are not templates.
+        if name == keep || name.contains('.') || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let shape = std::fs::read_to_string(e.path().join(SHAPE_FILE)).unwrap_or_default();
+        let usable = !shape.is_empty()
+            && shape.lines().all(|l| {
+                let Some((what, rest)) = l.split_once('=') else {
+                    return true;
+                };
+                if !matches!(what, "vmm" | "kernel" | "initrd") {
+                    return true;
+                }
+                // `<path>:<size>:<mtime>`; the path itself may hold colons.
+                let mut parts = rest.rsplitn(3, ':');
+                let (Some(mtime), Some(size), Some(path)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return false;
+                };
+                file_stamp(Path::new(path)).is_ok_and(|s| s == format!("{size}:{mtime}"))
+            });
+        if usable {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(store.join(format!("{name}.lock")));
+                removed.push(name);
+            }
+            Err(err) => tracing::warn!(key = name, "cannot remove a stale VM template: {err}"),
+        }
+    }
+    removed
 }
 
 fn hex(b: &[u8]) -> String {
@@ -124,6 +183,9 @@ impl Store {
         std::fs::create_dir(&scratch).map_err(|e| template_err("scratch", &scratch, e))?;
         let made = self.make(shape, &scratch).await;
         let result = made.and_then(|()| {
+            let record = scratch.join("snapshot").join(SHAPE_FILE);
+            std::fs::write(&record, shape.describe()?)
+                .map_err(|e| template_err("shape record", &record, e))?;
             std::fs::rename(scratch.join("snapshot"), &dir)
                 .map_err(|e| template_err("directory", &dir, e))
         });
@@ -131,6 +193,12 @@ impl Store {
         drop(lock);
         result.map(|()| {
             tracing::info!(key, "VM template made");
+            // A new template usually means a new image or binary: the old ones'
+            // files are gone or changed, and no key will name them again.
+            let removed = prune_stale(&self.dir, &key);
+            if !removed.is_empty() {
+                tracing::info!(?removed, "stale VM templates removed");
+            }
             dir
         })
     }
@@ -311,5 +379,80 @@ mod tests {
         std::fs::remove_file(&kernel).unwrap();
         let e = shape("console=ttyS0", 256, None).key().unwrap_err();
         assert!(e.to_string().contains("kernel"), "{e}");
+    }
+
+    #[test]
+    fn only_templates_no_key_can_name_again_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        // A path with colons, as the record's `path:size:mtime` must survive.
+        let files = dir.path().join("im:age");
+        std::fs::create_dir(&files).unwrap();
+        let f = |n: &str| {
+            let p = files.join(n);
+            std::fs::write(&p, n).unwrap();
+            p
+        };
+        let (vmm, kernel, initrd, other) = (f("vmm"), f("kernel"), f("initrd"), f("other"));
+        let shape = |initrd| Shape {
+            vmm: &vmm,
+            kernel: &kernel,
+            initrd,
+            cmdline: "console=ttyS0",
+            memory_mib: 256,
+            vcpus: 1,
+            fs_tag: None,
+            net: false,
+        };
+        let store = dir.path().join(DIR);
+        let template = |key: &str, shape: Option<&Shape>| {
+            let t = store.join(key);
+            std::fs::create_dir_all(&t).unwrap();
+            std::fs::write(t.join("vm.json"), "{}").unwrap();
+            if let Some(s) = shape {
+                std::fs::write(t.join(SHAPE_FILE), s.describe().unwrap()).unwrap();
+            }
+            std::fs::write(store.join(format!("{key}.lock")), "").unwrap();
+        };
+        template("current", Some(&shape(&initrd)));
+        template("another-initrd", Some(&shape(&other)));
+        template("changed", Some(&shape(&other)));
+        template("unrecorded", None);
+        template("kept", None);
+        std::fs::create_dir(store.join("made.making")).unwrap();
+        // The image of `changed` is rebuilt: same path, new contents.
+        std::fs::write(&other, "a rebuilt initramfs").unwrap();
+        template("another-initrd", Some(&shape(&other)));
+        std::fs::remove_dir_all(store.join("changed")).unwrap();
+        template("changed", None);
+        std::fs::write(
+            store.join("changed").join(SHAPE_FILE),
+            shape(&initrd)
+                .describe()
+                .unwrap()
+                .replace(&file_stamp(&initrd).unwrap(), "4:1"),
+        )
+        .unwrap();
+
+        let mut removed = prune_stale(&store, "kept");
+        removed.sort();
+        assert_eq!(removed, ["changed", "unrecorded"]);
+        for gone in ["changed", "unrecorded", "changed.lock", "unrecorded.lock"] {
+            assert!(!store.join(gone).exists(), "{gone} left");
+        }
+        for left in [
+            "current",
+            "another-initrd",
+            "kept",
+            "made.making",
+            "current.lock",
+        ] {
+            assert!(store.join(left).exists(), "{left} removed");
+        }
+        // A file gone makes every template of it stale.
+        std::fs::remove_file(&kernel).unwrap();
+        let mut removed = prune_stale(&store, "kept");
+        removed.sort();
+        assert_eq!(removed, ["another-initrd", "current"]);
+        assert!(prune_stale(&dir.path().join("none"), "kept").is_empty());
     }
 }
