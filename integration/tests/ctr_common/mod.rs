@@ -163,9 +163,13 @@ pub fn assert_clean(env: &Env) {
     let shim_pids: Vec<u32> = shims.iter().map(|p| p.0).collect();
     // A shim exits once containerd has shut it down after the last delete; inside a
     // loaded L1 (emulated, nested) that took over 10 s once in CI.
+    // Seen once in CI (a shim still there 30 s after its pod's delete, while an L1
+    // test loaded the host): say where it and containerd stand, not only that.
+    let shims_left = wait_gone(&shim_pids, Duration::from_secs(30));
     assert!(
-        wait_gone(&shim_pids, Duration::from_secs(30)).is_empty(),
-        "shims left: {shims:?}"
+        shims_left.is_empty(),
+        "shims left: {shims:?}\n{}",
+        env.containerd.stuck_report()
     );
     let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
         .into_iter()
