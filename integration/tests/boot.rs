@@ -186,6 +186,44 @@ fn boot_roundtrip_health_version_details() {
     });
 }
 
+/// `cocoon bench boot`'s cycle and both raw baselines, once each: the bench is not
+/// in CI otherwise, and its same-initramfs baseline must really boot to its init.
+#[test]
+fn the_boot_bench_measures_cocoon_and_both_baselines() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    rt().block_on(async {
+        let busybox = std::path::Path::new("/bin/busybox");
+        let r = cocoon_shim::bench::boot_bench(&config, 1, busybox, None)
+            .await
+            .unwrap();
+        let s = &r.samples[0];
+        assert!(s.ready_ms > 0.0 && s.shutdown_ms > 0.0, "{s:?}");
+        assert!(s.cycle_ms >= s.ready_ms + s.shutdown_ms, "{s:?}");
+        assert_eq!(r.baseline_cycle_ms.len(), 1);
+        assert_eq!(r.baseline_image_cycle_ms.len(), 1);
+        assert!(r.baseline_image_cycle_ms[0] > 0.0);
+        assert!(
+            r.table().contains("same kernel and initramfs"),
+            "{}",
+            r.table()
+        );
+
+        // An initramfs with no busybox panics the kernel: an error, never a figure.
+        let other = tempfile::tempdir().unwrap();
+        let empty = other.path().join("no-busybox.cpio");
+        let mut a = cocoon_rootfs::cpio::Archive::new();
+        a.add_dir("bin", 0o755).unwrap();
+        std::fs::write(&empty, a.to_bytes()).unwrap();
+        let mut bad = config.clone();
+        bad.vm.initrd = empty.clone();
+        let e = cocoon_shim::bench::image_baseline(&bad).await.unwrap_err();
+        assert!(e.to_string().contains("no-busybox.cpio"), "{e}");
+        assert!(e.to_string().contains("Kernel panic"), "{e}");
+    });
+    assert_clean(run.path(), &[]);
+}
+
 #[test]
 fn four_vms_concurrently() {
     let run = tempfile::tempdir().unwrap();

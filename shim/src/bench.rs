@@ -50,7 +50,7 @@ pub struct BootSample {
     /// What neither side's clock covers: QEMU set-up, firmware, kernel
     /// decompression before the guest clock starts, the first connection.
     pub unaccounted_ms: f64,
-    /// Shutdown call to VMM exit.
+    /// Shutdown call (the guest syncs) to the VMM ended and reaped, as for a pod.
     pub shutdown_ms: f64,
     /// Launch to VMM exit: the whole cycle, comparable to the baseline.
     pub cycle_ms: f64,
@@ -104,6 +104,9 @@ pub struct BootReport {
     /// Raw QEMU, same kernel and options, trivial init that powers off:
     /// process start to exit, in milliseconds.
     pub baseline_cycle_ms: Vec<f64>,
+    /// The same, booting Cocoon's own initramfs (its agent unpacked, not run) with
+    /// busybox as the trivial init: the baseline of #12's "own overhead" goal.
+    pub baseline_image_cycle_ms: Vec<f64>,
     /// Another guest image booted by Cocoon in the same run, alternating (Debian's cloud
     /// kernel against our own), if asked for.
     pub compare_kernel: Option<PathBuf>,
@@ -130,17 +133,19 @@ pub async fn boot_once(
     let host_rss_kib = vm.pids().iter().map(|p| rss_kib(*p)).sum();
     let host_pss_beyond_ram_kib = vm.pids().iter().map(|p| pss_beyond_ram_kib(*p)).sum();
     let details = agent.guest_details().await?;
+    // Stopped as a pod's VM is: the guest syncs and replies, the host ends the VMM.
     let t_shutdown = Instant::now();
-    agent.shutdown().await?;
+    let synced = agent.sync_for_stop().await?;
     let exit_deadline = Duration::from_secs(10);
-    if vm.wait_exit(exit_deadline).await.is_none() {
+    if !synced && vm.wait_exit(exit_deadline).await.is_none() {
         vm.stop(Duration::ZERO).await;
         return Err(BenchError::NoExit(exit_deadline));
     }
-    let shutdown = t_shutdown.elapsed();
-    let cycle = vm.times.started.elapsed();
-    let vmm_launch = vm.times.vmm_spawned - vm.times.started;
+    let (started, vmm_spawned) = (vm.times.started, vm.times.vmm_spawned);
     vm.stop(Duration::ZERO).await;
+    let shutdown = t_shutdown.elapsed();
+    let cycle = started.elapsed();
+    let vmm_launch = vmm_spawned - started;
     let kernel_boot = details.agent_start_boottime_ns as f64 / 1e6;
     let tsc_to_agent = tsc_ms(details.agent_start_tsc, &spec.run_root);
     let agent_start =
@@ -195,9 +200,22 @@ pub fn baseline_initrd(busybox: &Path, out: &Path) -> Result<(), BenchError> {
     std::fs::write(out, a.to_bytes()).map_err(|e| BenchError::Write(out.into(), e))
 }
 
+/// What a baseline VM boots as its init.
+#[derive(Clone, Copy)]
+enum BaselineInit<'a> {
+    /// A one-file initramfs of its own ([`baseline_initrd`]).
+    Tiny(&'a Path),
+    /// Cocoon's initramfs, with its `/bin/busybox` as the init instead of the agent.
+    Image(&'a Path),
+}
+
 /// Raw QEMU: same binary, machine, kernel and command line as Cocoon's, no
 /// devices, trivial init. Process start to exit.
-async fn baseline_once(config: &Config, accel: &str, initrd: &Path) -> Result<f64, BenchError> {
+async fn baseline_once(
+    config: &Config,
+    accel: &str,
+    init: BaselineInit<'_>,
+) -> Result<f64, BenchError> {
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel != "kvm" {
         cmdline.push(' ');
@@ -209,6 +227,14 @@ async fn baseline_once(config: &Config, accel: &str, initrd: &Path) -> Result<f6
             cmdline.push_str(p);
         }
     }
+    let initrd = match init {
+        BaselineInit::Tiny(p) => p,
+        BaselineInit::Image(p) => {
+            // Everything after `--` is the init's argv.
+            cmdline.push_str(" rdinit=/bin/busybox -- poweroff -f");
+            p
+        }
+    };
     let machine = match config.qemu.machine {
         crate::config::Machine::Microvm => format!("microvm,accel={accel},rtc=on"),
         crate::config::Machine::Pc => format!("pc,accel={accel}"),
@@ -234,21 +260,46 @@ async fn baseline_once(config: &Config, accel: &str, initrd: &Path) -> Result<f6
         .arg(config.kernel_path())
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", &cmdline, "-serial", "null"])
+        .args(["-append", &cmdline, "-serial", "stdio"])
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), out)
         .await
         .map_err(|_| BenchError::Baseline("no exit within 120 s".into()))?
         .map_err(|e| BenchError::Baseline(e.to_string()))?;
-    if !out.status.success() {
+    let elapsed = ms(start.elapsed());
+    let console = String::from_utf8_lossy(&out.stdout);
+    // A missing init panics the kernel, which `panic=-1 -no-reboot` also ends: not a
+    // boot to compare with. Name the panic (or the console's end) and QEMU's stderr.
+    let panic = console.lines().find(|l| l.contains("Kernel panic"));
+    if !out.status.success() || panic.is_some() {
+        let why = panic.map_or_else(
+            || {
+                let lines: Vec<&str> = console.lines().collect();
+                lines[lines.len().saturating_sub(5)..].join("\n")
+            },
+            |l| l.trim().to_string(),
+        );
         return Err(BenchError::Baseline(format!(
-            "exit {}: {}",
+            "{} booting {}: {why} {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            initrd.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(ms(start.elapsed()))
+    Ok(elapsed)
+}
+
+/// One raw QEMU boot of `config`'s kernel and initramfs, busybox as the init:
+/// process start to exit. An initramfs without `/bin/busybox` is an error.
+pub async fn image_baseline(config: &Config) -> Result<f64, BenchError> {
+    let image = config.initrd_path();
+    baseline_once(
+        config,
+        &hypervisor_accel(config),
+        BaselineInit::Image(&image),
+    )
+    .await
 }
 
 /// Runs the benchmark: `runs` Cocoon boots alternating with `runs` baselines.
@@ -265,6 +316,7 @@ pub async fn boot_bench(
     let mut samples = Vec::new();
     let mut compare_samples = Vec::new();
     let mut baseline = Vec::new();
+    let mut baseline_image = Vec::new();
     let mut accel = String::new();
     // The compared config gets its own VMM backend: its `[vm] templates` may differ.
     let compare_hv = compare.map(hypervisor::from_config).transpose()?;
@@ -282,7 +334,9 @@ pub async fn boot_bench(
             accel = hypervisor_accel(config);
         }
         samples.push(s);
-        baseline.push(baseline_once(config, &accel, &initrd).await?);
+        baseline.push(baseline_once(config, &accel, BaselineInit::Tiny(&initrd)).await?);
+        let image = config.initrd_path();
+        baseline_image.push(baseline_once(config, &accel, BaselineInit::Image(&image)).await?);
         if let (Some(chv), Some(other)) = (&compare_hv, compare) {
             let id = format!("bench-{}-{i}-cmp", std::process::id());
             compare_samples.push(boot_once(chv.as_ref(), other, &id).await?.0);
@@ -321,6 +375,10 @@ pub async fn boot_bench(
         (
             "baseline: raw qemu, trivial init, start -> exit".to_string(),
             Stats::of(&baseline),
+        ),
+        (
+            "baseline: same, cocoon's initramfs, busybox init".to_string(),
+            Stats::of(&baseline_image),
         ),
         (
             "cocoon: host memory beyond guest RAM (MiB)".to_string(),
@@ -367,6 +425,7 @@ pub async fn boot_bench(
         initrd: config.initrd_path(),
         samples,
         baseline_cycle_ms: baseline,
+        baseline_image_cycle_ms: baseline_image,
         compare_kernel: compare.map(Config::kernel_path),
         compare_samples,
         summary,
@@ -398,6 +457,13 @@ impl BootReport {
             s.push_str(&format!(
                 "ratio cocoon full cycle / raw qemu baseline (medians): {:.2}\n",
                 cycle / base
+            ));
+        }
+        let image = Stats::of(&self.baseline_image_cycle_ms).median;
+        if image > 0.0 {
+            s.push_str(&format!(
+                "ratio cocoon full cycle / raw qemu, same kernel and initramfs (medians): {:.2}\n",
+                cycle / image
             ));
         }
         let ready =
