@@ -60,6 +60,36 @@ fn cocoon_vmm_pods_start_from_a_vm_template() {
         .filter(|e| e.path().join("vm.json").is_file())
         .collect();
     assert_eq!(made.len(), 1, "one template for one shape");
+    // `cocoon templates` lists it as usable; a stale one beside it (no shape record,
+    // as one made before records were kept) goes with `--prune`, the real one stays.
+    let key = made[0].file_name().to_string_lossy().into_owned();
+    std::fs::create_dir(templates.join("0stale")).unwrap();
+    std::fs::write(templates.join("0stale").join("vm.json"), "{}").unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(
+            cocoon_integration::workspace_root().join("target/debug/cocoon"),
+        )
+        .args(args)
+        .env("COCOON_CONFIG", &env.config)
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = cli(&["templates"]);
+    let line = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} not in:\n{text}"))
+            .to_string()
+    };
+    assert!(line(&listed, &key).ends_with("usable"), "{listed}");
+    assert!(line(&listed, "0stale").contains("stale"), "{listed}");
+    let pruned = cli(&["templates", "--prune"]);
+    assert!(line(&pruned, "0stale").ends_with("removed"), "{pruned}");
+    assert!(line(&pruned, &key).ends_with("usable"), "{pruned}");
+    assert!(!templates.join("0stale").exists());
+    assert!(templates.join(&key).join("vm.json").is_file());
     // The template VM and its virtiofsd ended once it was saved; the pods' processes
     // end with them.
     assert_clean(&env);

@@ -46,6 +46,13 @@ enum Cmd {
         #[arg(long, default_value = "cocoon-soak.json")]
         out: PathBuf,
     },
+    /// The VM templates on this node (`[vm] templates`): key, disk space, and whether a
+    /// pod can still be restored from it. `--prune` removes those none can (made from a
+    /// kernel, initramfs or VMM binary that has changed since).
+    Templates {
+        #[arg(long)]
+        prune: bool,
+    },
     /// The guest console of a pod: live while it runs, kept after its VM failed.
     Logs {
         /// The pod's sandbox id (or a container id, or the VM id `pod-…`).
@@ -237,6 +244,33 @@ fn run(cli: Cli) -> Result<()> {
                     "the soak found leaks or unclean failures (report: {})",
                     out.display()
                 );
+            }
+            Ok(())
+        }
+        Cmd::Templates { prune } => {
+            use cocoon_shim::hypervisor::template;
+            let config = Config::load()?;
+            let store = config.paths.run_dir.join(template::DIR);
+            let removed = if prune {
+                template::prune_stale(&store, "")
+            } else {
+                Vec::new()
+            };
+            println!("{:<34} {:>10}  state", "template", "disk (MiB)");
+            for t in template::list(&store) {
+                let state = if t.usable {
+                    "usable"
+                } else {
+                    "stale (--prune removes it)"
+                };
+                println!(
+                    "{:<34} {:>10.1}  {state}",
+                    t.key,
+                    t.disk_bytes as f64 / 1048576.0
+                );
+            }
+            for key in removed {
+                println!("{key:<34} {:>10}  removed", "-");
             }
             Ok(())
         }

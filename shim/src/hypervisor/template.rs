@@ -87,50 +87,93 @@ fn file_stamp(p: &Path) -> std::io::Result<String> {
 /// The record of what a template was made from, beside its saved VM.
 const SHAPE_FILE: &str = "shape.txt";
 
-/// Removes every template in `store` other than `keep` that no pod can use
-/// again: one made from a VMM binary, kernel or initramfs that has changed or
-/// gone since (a new key never names it), or one without a shape record. Each
-/// new image or binary makes a new template, so without this the store only
-/// grows (≈64 MiB each). Pods already running from a removed template keep
-/// their own RAM and are not affected. Returns the keys removed.
-pub fn prune_stale(store: &Path, keep: &str) -> Vec<String> {
+/// Whether a pod can still be restored from the template in `dir`: it has a shape
+/// record and every file in it (VMM, kernel, initramfs) is still the one it was made
+/// from, by path, size and modification time.
+fn still_usable(dir: &Path) -> bool {
+    let shape = std::fs::read_to_string(dir.join(SHAPE_FILE)).unwrap_or_default();
+    !shape.is_empty()
+        && shape.lines().all(|l| {
+            let Some((what, rest)) = l.split_once('=') else {
+                return true;
+            };
+            if !matches!(what, "vmm" | "kernel" | "initrd") {
+                return true;
+            }
+            // `<path>:<size>:<mtime>`; the path itself may hold colons.
+            let mut parts = rest.rsplitn(3, ':');
+            let (Some(mtime), Some(size), Some(path)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return false;
+            };
+            file_stamp(Path::new(path)).is_ok_and(|s| s == format!("{size}:{mtime}"))
+        })
+}
+
+/// A template in a store, as `cocoon templates` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    /// Disk space its files take (the memory file is sparse).
+    pub disk_bytes: u64,
+    /// Whether a pod can still be restored from it (else [`prune_stale`] removes it).
+    pub usable: bool,
+}
+
+/// The templates in `store` (its `+templates` directory), by key; none if it does
+/// not exist. Scratch and lock files are left out.
+pub fn list(store: &Path) -> Vec<Listed> {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(store) else {
         return Vec::new();
     };
-    let mut removed = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        // Lock files and scratch (`<key>.lock`, `<key>.making`) are not templates.
-        if name == keep || name.contains('.') || !e.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let shape = std::fs::read_to_string(e.path().join(SHAPE_FILE)).unwrap_or_default();
-        let usable = !shape.is_empty()
-            && shape.lines().all(|l| {
-                let Some((what, rest)) = l.split_once('=') else {
-                    return true;
-                };
-                if !matches!(what, "vmm" | "kernel" | "initrd") {
-                    return true;
-                }
-                // `<path>:<size>:<mtime>`; the path itself may hold colons.
-                let mut parts = rest.rsplitn(3, ':');
-                let (Some(mtime), Some(size), Some(path)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
-                    return false;
-                };
-                file_stamp(Path::new(path)).is_ok_and(|s| s == format!("{size}:{mtime}"))
-            });
-        if usable {
-            continue;
-        }
-        match std::fs::remove_dir_all(e.path()) {
-            Ok(()) => {
-                let _ = std::fs::remove_file(store.join(format!("{name}.lock")));
-                removed.push(name);
+    let mut out: Vec<Listed> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| {
+            let key = e.file_name().to_str()?.to_string();
+            if key.contains('.') {
+                return None;
             }
-            Err(err) => tracing::warn!(key = name, "cannot remove a stale VM template: {err}"),
+            let disk_bytes = std::fs::read_dir(e.path())
+                .map(|files| {
+                    files
+                        .flatten()
+                        .filter_map(|f| f.metadata().ok())
+                        .filter(|m| m.is_file())
+                        .map(|m| m.blocks() * 512)
+                        .sum()
+                })
+                .unwrap_or(0);
+            Some(Listed {
+                usable: still_usable(&e.path()),
+                key,
+                disk_bytes,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Removes every template in `store` other than `keep` that no pod can use
+/// again: one made from a VMM binary, kernel or initramfs that has changed or
+/// gone since (a new key never names it), or one without a shape record. Each
+/// new image or binary makes a new template (≈64 MiB), so without this the store
+/// only grows. Pods already running from a removed template keep their own RAM
+/// and are not affected. Returns the keys removed.
+pub fn prune_stale(store: &Path, keep: &str) -> Vec<String> {
+    let mut removed = Vec::new();
+    for t in list(store) {
+        if t.usable || t.key == keep {
+            continue;
+        }
+        match std::fs::remove_dir_all(store.join(&t.key)) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(store.join(format!("{}.lock", t.key)));
+                removed.push(t.key);
+            }
+            Err(err) => tracing::warn!(key = t.key, "cannot remove a stale VM template: {err}"),
         }
     }
     removed
@@ -433,6 +476,19 @@ mod tests {
         )
         .unwrap();
 
+        let listed: Vec<(String, bool)> = list(&store)
+            .into_iter()
+            .map(|t| (t.key, t.usable))
+            .collect();
+        let want = [
+            ("another-initrd", true),
+            ("changed", false),
+            ("current", true),
+            ("kept", false),
+            ("unrecorded", false),
+        ];
+        assert_eq!(listed, want.map(|(k, u)| (k.to_string(), u)));
+        assert!(list(&store).iter().all(|t| t.disk_bytes > 0));
         let mut removed = prune_stale(&store, "kept");
         removed.sort();
         assert_eq!(removed, ["changed", "unrecorded"]);
