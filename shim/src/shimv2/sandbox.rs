@@ -412,7 +412,9 @@ impl Sandbox {
         if let Some(f) = &self.forwarder {
             f.abort();
         }
+        let synced = t.elapsed();
         vm.stop(grace).await;
+        let ended = t.elapsed();
         super::share::remove(&self.share);
         let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());
         if let Some(mut cg) = cg {
@@ -422,6 +424,12 @@ impl Sandbox {
             let (netns, dev) = (n.netns.clone(), n.interface.name.clone());
             let _ = tokio::task::spawn_blocking(move || crate::podnet::detach(&netns, &dev)).await;
         }
+        tracing::debug!(
+            synced_ms = synced.as_millis() as u64,
+            vm_ended_ms = ended.as_millis() as u64,
+            cleaned_ms = t.elapsed().as_millis() as u64,
+            "VM stopped"
+        );
         if let Some(run_root) = self.run_dir.parent() {
             let rec = super::timings::Record {
                 kind: "vm-stop".into(),
