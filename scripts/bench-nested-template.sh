@@ -11,14 +11,10 @@ runs=${1:-5}
 out=${2:-target/bench-template.json}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=$root/target/image
-raw=$(mktemp)
-trap 'rm -f "$raw"' EXIT
-"$root/target/debug/cocoon-nested" run --image-dir "$image" -- sh -c "
+source "$root/scripts/lib-nested.sh"
+nested_report "$out" "
     printf 'hypervisor = \"cocoon-vmm\"\n[vm]\nkernel = \"$image/vmlinuz\"\ninitrd = \"$image/initramfs.cpio\"\n' > /tmp/bench.toml
     COCOON_CONFIG=/tmp/bench.toml $root/target/debug/cocoon bench boot --runs $runs \
         --compare-templates --out /tmp/bench-template.json
     echo '== report json'
-    cat /tmp/bench-template.json" > "$raw"
-sed '/^== report json$/,$d' "$raw" | grep -v '^report written to'
-sed '1,/^== report json$/d' "$raw" > "$out"
-echo "report written to $out"
+    cat /tmp/bench-template.json"

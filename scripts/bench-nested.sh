@@ -11,9 +11,8 @@ runs=${1:-3}
 out=${2:-target/bench-vmm.json}
 root=$(cd "$(dirname "$0")/.." && pwd)
 image=$root/target/image
-raw=$(mktemp)
-trap 'rm -f "$raw"' EXIT
-"$root/target/debug/cocoon-nested" run --image-dir "$image" -- sh -c "
+source "$root/scripts/lib-nested.sh"
+nested_report "$out" "
     printf '[vm]\nkernel = \"$image/vmlinuz\"\ninitrd = \"$image/initramfs.cpio\"\n' > /tmp/bench.toml
     # The jailed QEMU gets /dev/kvm through its group (L1's is 0600 root:root).
     chgrp 36 /dev/kvm && chmod 660 /dev/kvm
@@ -25,7 +24,4 @@ trap 'rm -f "$raw"' EXIT
     done
     echo '== report json'
     printf '{\"shmem_thp_advise\":'; cat /tmp/bench-vmm-advise.json
-    printf ',\"shmem_thp_never\":'; cat /tmp/bench-vmm-never.json; echo '}'" > "$raw"
-sed '/^== report json$/,$d' "$raw" | grep -v '^report written to'
-sed '1,/^== report json$/d' "$raw" > "$out"
-echo "report written to $out"
+    printf ',\"shmem_thp_never\":'; cat /tmp/bench-vmm-never.json; echo '}'"

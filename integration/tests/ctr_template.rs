@@ -66,13 +66,7 @@ fn cocoon_vmm_pods_start_from_a_vm_template() {
     std::fs::create_dir(templates.join("0stale")).unwrap();
     std::fs::write(templates.join("0stale").join("vm.json"), "{}").unwrap();
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(
-            cocoon_integration::workspace_root().join("target/debug/cocoon"),
-        )
-        .args(args)
-        .env("COCOON_CONFIG", &env.config)
-        .output()
-        .unwrap();
+        let out = cocoon_cli(&env).args(args).output().unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };

@@ -318,6 +318,7 @@ pub async fn boot_bench(
     let mut baseline = Vec::new();
     let mut baseline_image = Vec::new();
     let mut accel = String::new();
+    let image = config.initrd_path();
     // The compared config gets its own VMM backend: its `[vm] templates` may differ.
     let compare_hv = compare.map(hypervisor::from_config).transpose()?;
     if let (Some(hv), Some(other)) = (&compare_hv, compare) {
@@ -335,7 +336,6 @@ pub async fn boot_bench(
         }
         samples.push(s);
         baseline.push(baseline_once(config, &accel, BaselineInit::Tiny(&initrd)).await?);
-        let image = config.initrd_path();
         baseline_image.push(baseline_once(config, &accel, BaselineInit::Image(&image)).await?);
         if let (Some(chv), Some(other)) = (&compare_hv, compare) {
             let id = format!("bench-{}-{i}-cmp", std::process::id());

@@ -284,18 +284,26 @@ pub fn kill_delete_clean(env: &Env, id: &str) {
     assert_clean(env);
 }
 
+/// The `cocoon` CLI (the workspace's build) with this env's config.
+pub fn cocoon_cli(env: &Env) -> std::process::Command {
+    let mut cmd = std::process::Command::new(
+        cocoon_integration::workspace_root().join("target/debug/cocoon"),
+    );
+    cmd.env("COCOON_CONFIG", &env.config);
+    cmd
+}
+
 /// `cocoon debug <id>` in the default namespace with this env's config: `command` after
 /// `--` (none: the interactive shell), `stdin` fed to it.
 pub fn cocoon_debug(env: &Env, id: &str, command: &[&str], stdin: &[u8]) -> Output {
     use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut cmd = Command::new(cocoon_integration::workspace_root().join("target/debug/cocoon"));
+    use std::process::Stdio;
+    let mut cmd = cocoon_cli(env);
     cmd.args(["debug", id, "--namespace", "default"]);
     if !command.is_empty() {
         cmd.arg("--").args(command);
     }
     let mut child = cmd
-        .env("COCOON_CONFIG", &env.config)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

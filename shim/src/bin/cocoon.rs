@@ -252,7 +252,7 @@ fn run(cli: Cli) -> Result<()> {
             let config = Config::load()?;
             let store = config.paths.run_dir.join(template::DIR);
             let removed = if prune {
-                template::prune_stale(&store, "")
+                template::prune_stale(&store, None)
             } else {
                 Vec::new()
             };

@@ -54,7 +54,8 @@ impl Shape<'_> {
     }
 
     /// The shape as text, files by path, size and modification time (one
-    /// `FILE_LINE` line each, which [`prune_stale`] checks again later).
+    /// `<what>=<path>:<size>:<mtime>` line each, which [`still_usable`] checks again
+    /// once the shape is recorded beside a template).
     pub fn describe(&self) -> Result<String, HypervisorError> {
         let mut text = String::new();
         for (what, p) in [
@@ -156,16 +157,16 @@ pub fn list(store: &Path) -> Vec<Listed> {
     out
 }
 
-/// Removes every template in `store` other than `keep` that no pod can use
+/// Removes every template in `store` (but `keep`, if named) that no pod can use
 /// again: one made from a VMM binary, kernel or initramfs that has changed or
 /// gone since (a new key never names it), or one without a shape record. Each
 /// new image or binary makes a new template (≈64 MiB), so without this the store
 /// only grows. Pods already running from a removed template keep their own RAM
 /// and are not affected. Returns the keys removed.
-pub fn prune_stale(store: &Path, keep: &str) -> Vec<String> {
+pub fn prune_stale(store: &Path, keep: Option<&str>) -> Vec<String> {
     let mut removed = Vec::new();
     for t in list(store) {
-        if t.usable || t.key == keep {
+        if t.usable || Some(t.key.as_str()) == keep {
             continue;
         }
         match std::fs::remove_dir_all(store.join(&t.key)) {
@@ -224,7 +225,7 @@ impl Store {
         let scratch = self.dir.join(format!("{key}.making"));
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir(&scratch).map_err(|e| template_err("scratch", &scratch, e))?;
-        let made = self.make(shape, &scratch).await;
+        let made = self.make(shape, &key, &scratch).await;
         let result = made.and_then(|()| {
             let record = scratch.join("snapshot").join(SHAPE_FILE);
             std::fs::write(&record, shape.describe()?)
@@ -238,7 +239,7 @@ impl Store {
             tracing::info!(key, "VM template made");
             // A new template usually means a new image or binary: the old ones'
             // files are gone or changed, and no key will name them again.
-            let removed = prune_stale(&self.dir, &key);
+            let removed = prune_stale(&self.dir, Some(&key));
             if !removed.is_empty() {
                 tracing::info!(?removed, "stale VM templates removed");
             }
@@ -246,8 +247,14 @@ impl Store {
         })
     }
 
-    /// Boots the template VM in `scratch` and saves it to `scratch/snapshot`.
-    async fn make(&self, shape: &Shape<'_>, scratch: &Path) -> Result<(), HypervisorError> {
+    /// Boots the template VM of `shape` (whose key is `key`) in `scratch` and saves it
+    /// to `scratch/snapshot`.
+    async fn make(
+        &self,
+        shape: &Shape<'_>,
+        key: &str,
+        scratch: &Path,
+    ) -> Result<(), HypervisorError> {
         let started = Instant::now();
         let p = |n: &str| scratch.join(n);
         let spawn = |what: &'static str| move |source| HypervisorError::Spawn { what, source };
@@ -301,7 +308,6 @@ impl Store {
             // A tap of its own, made by the VMM (root, unjailed) in this network
             // namespace and gone with it: the guest's driver probes the device and reads
             // TEMPLATE_MAC; its interface stays down, so nothing crosses it.
-            let key = shape.key()?;
             vmm.args(["--net-tap", &format!("cctpl{}", &key[..10])]);
         }
         let mut vmm = vmm.spawn().map_err(spawn("cocoon-vmm"))?;
@@ -489,7 +495,7 @@ mod tests {
         ];
         assert_eq!(listed, want.map(|(k, u)| (k.to_string(), u)));
         assert!(list(&store).iter().all(|t| t.disk_bytes > 0));
-        let mut removed = prune_stale(&store, "kept");
+        let mut removed = prune_stale(&store, Some("kept"));
         removed.sort();
         assert_eq!(removed, ["changed", "unrecorded"]);
         for gone in ["changed", "unrecorded", "changed.lock", "unrecorded.lock"] {
@@ -506,9 +512,9 @@ mod tests {
         }
         // A file gone makes every template of it stale.
         std::fs::remove_file(&kernel).unwrap();
-        let mut removed = prune_stale(&store, "kept");
+        let mut removed = prune_stale(&store, Some("kept"));
         removed.sort();
         assert_eq!(removed, ["another-initrd", "current"]);
-        assert!(prune_stale(&dir.path().join("none"), "kept").is_empty());
+        assert!(prune_stale(&dir.path().join("none"), Some("kept")).is_empty());
     }
 }

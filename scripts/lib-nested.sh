@@ -1,0 +1,14 @@
+# Sourced by the nested benchmarks: runs a shell script inside an L1 guest (the
+# nested harness, with the guest image shared in) that prints its table, then
+# `== report json`, then the JSON report. The table goes to stdout, the JSON to $1.
+# Usage: nested_report OUT_JSON INNER_SCRIPT
+nested_report() {
+    local out=$1 inner=$2 raw
+    raw=$(mktemp)
+    "$root/target/debug/cocoon-nested" run --image-dir "$root/target/image" -- sh -c "$inner" > "$raw" \
+        || { rm -f "$raw"; return 1; }
+    sed '/^== report json$/,$d' "$raw" | grep -v '^report written to'
+    sed '1,/^== report json$/d' "$raw" > "$out"
+    rm -f "$raw"
+    echo "report written to $out"
+}
