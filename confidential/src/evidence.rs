@@ -109,6 +109,18 @@ pub fn tsm_report(
     name: &str,
     report_data: &[u8; 64],
 ) -> Result<TsmReport, EvidenceError> {
+    tsm_report_with_aux(root, name, report_data).map(|(report, _)| report)
+}
+
+/// The same, with the provider's auxiliary blob when it has one: for SEV-SNP the
+/// certificate table of an extended report (the VCEK the host's firmware holds,
+/// `snp::certs`). The host fills that table: a verifier checks the VCEK's chain, the
+/// guest does not trust it.
+pub fn tsm_report_with_aux(
+    root: &Path,
+    name: &str,
+    report_data: &[u8; 64],
+) -> Result<(TsmReport, Option<Vec<u8>>), EvidenceError> {
     let entry = root.join(name);
     match std::fs::create_dir(&entry) {
         Ok(()) => {}
@@ -121,13 +133,20 @@ pub fn tsm_report(
         std::fs::write(&inblob, report_data).map_err(io("write", &inblob))?;
         let outblob = entry.join("outblob");
         let evidence = std::fs::read(&outblob).map_err(io("read", &outblob))?;
+        let auxblob = entry.join("auxblob");
+        let aux = match std::fs::read(&auxblob) {
+            Ok(aux) if !aux.is_empty() => Some(aux),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("read", &auxblob)(e)),
+        };
         let provider_path = entry.join("provider");
         let provider = std::fs::read_to_string(&provider_path)
             .map_err(io("read", &provider_path))?
             .trim()
             .to_owned();
         uncontended(before, generation(&entry)?)?;
-        Ok(TsmReport { provider, evidence })
+        Ok((TsmReport { provider, evidence }, aux))
     })();
     let _ = std::fs::remove_dir(&entry);
     result

@@ -10,6 +10,8 @@
 
 pub mod evidence;
 pub mod initdata;
+#[cfg(feature = "kbs")]
+pub mod kbs;
 #[cfg(feature = "cli")]
 pub mod measure;
 pub mod snp;

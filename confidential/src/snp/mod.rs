@@ -1,6 +1,7 @@
 //! AMD SEV-SNP: the guest context's launch digest, OVMF's SEV metadata, the kernel
 //! hashes table, the initial VMSA, and the launch plan built from them.
 
+pub mod certs;
 pub mod gctx;
 pub mod hashes;
 pub mod launch;

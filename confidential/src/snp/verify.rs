@@ -41,7 +41,7 @@ pub enum VerifyError {
     Algorithm(u32),
     #[error("the VCEK certificate cannot be parsed: {0}")]
     Certificate(String),
-    #[error("the VCEK does not chain to AMD's root for Milan, Genoa or Turin")]
+    #[error("the VCEK does not chain to a trusted root (AMD's for Milan, Genoa or Turin, unless the verifier was given others)")]
     Chain,
     #[error("the report's signature does not verify with the VCEK")]
     Signature,
@@ -97,6 +97,12 @@ impl Vcek {
     /// Parses `der` and checks ARK (self-signed) → ASK → VCEK for one of the products
     /// whose roots are built in.
     pub fn new(der: &[u8]) -> Result<Vcek, VerifyError> {
+        Vcek::chained_to(der, &amd_roots())
+    }
+
+    /// The same against roots the caller trusts instead of AMD's (a test's own chain,
+    /// or a relying party pinning one product).
+    pub fn chained_to(der: &[u8], roots: &[Roots]) -> Result<Vcek, VerifyError> {
         let cert =
             Certificate::from_der(der).map_err(|e| VerifyError::Certificate(e.to_string()))?;
         // The outer algorithm is outside what the ASK signs; RFC 5280 wants it equal to
@@ -107,13 +113,69 @@ impl Vcek {
                 "its outer signature algorithm differs from the signed one".into(),
             ));
         }
-        if !chains_to_amd(&cert) {
+        if !roots.iter().any(|r| r.signed(&cert)) {
             return Err(VerifyError::Chain);
         }
         let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(cert.public_key_sec1())
             .map_err(|e| VerifyError::Certificate(format!("its key is not a P-384 point: {e}")))?;
         Ok(Vcek { key })
     }
+}
+
+/// One product's ARK and ASK, the roots a VCEK chains to.
+#[derive(Clone, Debug)]
+pub struct Roots {
+    ark: Certificate,
+    ask: Certificate,
+}
+
+impl Roots {
+    /// From DER certificates; the ARK must sign itself and the ASK.
+    pub fn from_der(ark: &[u8], ask: &[u8]) -> Result<Roots, VerifyError> {
+        let parse =
+            |der| Certificate::from_der(der).map_err(|e| VerifyError::Certificate(e.to_string()));
+        let roots = Roots {
+            ark: parse(ark)?,
+            ask: parse(ask)?,
+        };
+        let ca = ca::Chain {
+            ark: roots.ark.clone(),
+            ask: roots.ask.clone(),
+        };
+        (&ca).verify().map_err(|_| VerifyError::Chain)?;
+        Ok(roots)
+    }
+
+    /// ARK (self-signed) → ASK → `vcek`.
+    fn signed(&self, vcek: &Certificate) -> bool {
+        let chain = Chain {
+            ca: ca::Chain {
+                ark: self.ark.clone(),
+                ask: self.ask.clone(),
+            },
+            vek: vcek.clone(),
+        };
+        (&chain).verify().is_ok()
+    }
+}
+
+/// AMD's roots for the products built into the `sev` crate (Milan, Genoa, Turin).
+pub fn amd_roots() -> Vec<Roots> {
+    type Root = fn() -> std::io::Result<Certificate>;
+    let products: [(Root, Root); 3] = [
+        (builtin::milan::ark, builtin::milan::ask),
+        (builtin::genoa::ark, builtin::genoa::ask),
+        (builtin::turin::ark, builtin::turin::ask),
+    ];
+    products
+        .iter()
+        .filter_map(|(ark, ask)| {
+            Some(Roots {
+                ark: ark().ok()?,
+                ask: ask().ok()?,
+            })
+        })
+        .collect()
 }
 
 /// Checks `report` (raw, as the guest's firmware wrote it) signed by the VCEK in
@@ -187,26 +249,6 @@ pub fn verify_with(
         VerifyError::HostData { got, want }
     })?;
     Ok(v)
-}
-
-/// ARK (self-signed) → ASK → VCEK for one of the products whose roots are built in.
-fn chains_to_amd(vcek: &Certificate) -> bool {
-    type Roots = fn() -> std::io::Result<Certificate>;
-    let products: [(Roots, Roots); 3] = [
-        (builtin::milan::ark, builtin::milan::ask),
-        (builtin::genoa::ark, builtin::genoa::ask),
-        (builtin::turin::ark, builtin::turin::ask),
-    ];
-    products.iter().any(|(ark, ask)| {
-        let (Ok(ark), Ok(ask)) = (ark(), ask()) else {
-            return false;
-        };
-        let chain = Chain {
-            ca: ca::Chain { ark, ask },
-            vek: vcek.clone(),
-        };
-        (&chain).verify().is_ok()
-    })
 }
 
 /// ECDSA P-384 over SHA-384 of the signed bytes. R and S are stored little-endian in

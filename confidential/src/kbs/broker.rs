@@ -1,0 +1,96 @@
+//! The broker's side of an attestation, for SEV-SNP evidence in Cocoon's format
+//! (`attester::snp_evidence`): the challenge's nonce, the VCEK's chain to the roots the
+//! broker trusts, the report's signature, the runtime data's binding (so the TEE key
+//! the response will be encrypted to is the one the evidence vouches for), the
+//! init-data's digest against HOST_DATA, and the relying party's expectations
+//! (measurement, policy). The test broker in `tests/kbs.rs` runs on it.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use kbs_types::{Attestation, HashAlgorithm, Tee, TeePubKey};
+use serde_json::Value;
+
+use super::runtime_report_data;
+use crate::initdata::InitData;
+use crate::snp::verify::{verify_with, Expected, Roots, Vcek, Verified, VerifyError};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BrokerError {
+    #[error("the attestation answers another challenge (nonce {got:?})")]
+    Nonce { got: String },
+    #[error("the evidence is not SEV-SNP evidence in Cocoon's format: {0}")]
+    Format(String),
+    #[error("the init-data is unusable: {0}")]
+    InitData(String),
+    #[error("the init-data's digest is not the one this broker expects")]
+    InitDataNotExpected,
+    #[error("{0}")]
+    Verify(#[from] VerifyError),
+    #[error("the TEE {0} is not one this broker verifies (only snp)")]
+    Tee(String),
+}
+
+/// What an accepted attestation established.
+#[derive(Debug)]
+pub struct Attested {
+    pub report: Verified,
+    /// The key to encrypt responses to.
+    pub tee_pubkey: TeePubKey,
+}
+
+/// Checks `attestation`, answering the challenge `nonce` with the runtime data hashed by
+/// `alg`, against VCEKs chained to `roots` and the relying party's `expected` values.
+pub fn check(
+    tee: Tee,
+    attestation: &Attestation,
+    nonce: &str,
+    alg: HashAlgorithm,
+    roots: &[Roots],
+    expected: &Expected,
+) -> Result<Attested, BrokerError> {
+    if tee != Tee::Snp {
+        return Err(BrokerError::Tee(tee.to_string()));
+    }
+    if attestation.runtime_data.nonce != nonce {
+        return Err(BrokerError::Nonce {
+            got: attestation.runtime_data.nonce.chars().take(64).collect(),
+        });
+    }
+    let evidence = &attestation.tee_evidence.primary_evidence;
+    let field = |name: &str| -> Result<Vec<u8>, BrokerError> {
+        let text = evidence
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| BrokerError::Format(format!("no {name:?} string")))?;
+        STANDARD
+            .decode(text)
+            .map_err(|e| BrokerError::Format(format!("{name:?} is not base64: {e}")))
+    };
+    let report = field("report")?;
+    // Without the VCEK a broker would fetch it from AMD's key distribution service by
+    // chip id and TCB; this one has no network, so the guest must send it.
+    let vcek = Vcek::chained_to(&field("vcek")?, roots)?;
+
+    let mut want = expected.clone();
+    want.report_data = Some(runtime_report_data(&attestation.runtime_data, alg));
+    if let Some(init) = &attestation.init_data {
+        if init.format != "toml" {
+            return Err(BrokerError::InitData(format!(
+                "format {:?}, not toml",
+                init.format
+            )));
+        }
+        let parsed = InitData::parse(init.body.as_bytes())
+            .map_err(|e| BrokerError::InitData(e.to_string()))?;
+        if expected.host_data.is_some_and(|h| h != parsed.host_data()) {
+            return Err(BrokerError::InitDataNotExpected);
+        }
+        // The document sent must be the one the launch bound.
+        want.host_data = Some(parsed.host_data());
+    }
+    let report = verify_with(&vcek, &report, &want)?;
+    Ok(Attested {
+        report,
+        tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
+    })
+}
