@@ -16,6 +16,7 @@ pub mod jail_exec;
 pub mod logging;
 pub mod pid_ns;
 pub mod seccomp;
+pub mod snp;
 pub mod vhost_user_vsock;
 pub mod vmm;
 pub mod vsock;
