@@ -15,5 +15,4 @@ pub mod kbs;
 #[cfg(feature = "cli")]
 pub mod measure;
 pub mod snp;
-#[cfg(feature = "verify")]
 pub mod tdx;

@@ -16,6 +16,12 @@ use crate::snp::vmsa::{cpu_sig, cpu_type_sig, VmmType, CPU_TYPES};
 pub enum MeasureCmd {
     /// The SEV-SNP launch digest (what `sev-snp-measure --mode snp` prints).
     Snp(SnpArgs),
+    /// The TDX MRTD of a launch of this TDVF firmware (hex). The RTMRs are not computed.
+    Tdx {
+        /// The firmware image (TDVF: OVMF built with TDX support, e.g. Debian's OVMF.fd).
+        #[arg(long)]
+        ovmf: PathBuf,
+    },
     /// The digest of the firmware's pages alone, for `--snp-ovmf-hash`.
     SnpOvmfHash {
         #[arg(long)]
@@ -88,6 +94,8 @@ pub enum MeasureError {
     NoSignature,
     #[error("{0}")]
     InitData(PathBuf, #[source] crate::initdata::InitDataError),
+    #[error("{0}")]
+    Tdvf(PathBuf, #[source] crate::tdx::tdvf::TdvfError),
     #[error("--snp-ovmf-hash must be 96 hex digits (a SHA-384)")]
     Seed,
 }
@@ -96,6 +104,11 @@ pub enum MeasureError {
 pub fn run(cmd: &MeasureCmd) -> Result<String, MeasureError> {
     match cmd {
         MeasureCmd::Snp(args) => snp(args),
+        MeasureCmd::Tdx { ovmf } => {
+            let fw = crate::tdx::tdvf::Tdvf::parse(read(ovmf)?)
+                .map_err(|e| MeasureError::Tdvf(ovmf.clone(), e))?;
+            Ok(hex::encode(fw.mrtd()))
+        }
         MeasureCmd::SnpOvmfHash { ovmf } => Ok(hex::encode(firmware_digest(&firmware(ovmf)?))),
         MeasureCmd::InitData { file, tee } => {
             let d = crate::initdata::InitData::parse(&read(file)?)

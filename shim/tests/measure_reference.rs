@@ -435,3 +435,44 @@ fn matches_the_reference_on_generated_firmware_and_inputs() {
         "measured {measured}, refused {refused}"
     );
 }
+
+/// `cocoon measure tdx`: no reference tool exists here (see `confidential::tdx::tdvf`),
+/// so this checks the command: it prints MRTD alone, the library's, for Debian's TDVF,
+/// and refuses firmware without TDX metadata, naming the file.
+#[test]
+fn measure_tdx_prints_mrtd_or_names_the_firmware() {
+    let debian = Path::new("/usr/share/ovmf/OVMF.fd");
+    if !debian.is_file() && missing("Debian's OVMF.fd (package ovmf) is not installed") {
+        return;
+    }
+    let out = cocoon()
+        .args(["tdx", "--ovmf"])
+        .arg(debian)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let fw = cocoon_confidential::tdx::tdvf::Tdvf::parse(std::fs::read(debian).unwrap()).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", hex::encode(fw.mrtd()))
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.fd");
+    std::fs::write(&plain, vec![0u8; 8192]).unwrap();
+    let out = cocoon()
+        .args(["tdx", "--ovmf"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "{}",
+        show(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plain.fd") && err.contains("not TDVF"),
+        "{err}"
+    );
+}

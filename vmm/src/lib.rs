@@ -17,6 +17,7 @@ pub mod logging;
 pub mod pid_ns;
 pub mod seccomp;
 pub mod snp;
+pub mod tdx;
 pub mod vhost_user_vsock;
 pub mod vmm;
 pub mod vsock;

@@ -174,7 +174,7 @@ fn le_u32_prefix(b: &[u8]) -> u32 {
 /// The GUIDed table before the last 32 bytes; empty if the footer GUID is not there.
 /// Where a GUID appears twice, the entry nearer the image's start wins (the table is
 /// read back to front).
-fn footer_table(data: &[u8]) -> Result<HashMap<Guid, Vec<u8>>, OvmfError> {
+pub(crate) fn footer_table(data: &[u8]) -> Result<HashMap<Guid, Vec<u8>>, OvmfError> {
     let mut table = HashMap::new();
     let Some(footer_at) = data.len().checked_sub(32 + ENTRY_HEADER) else {
         return Ok(table);

@@ -1,4 +1,8 @@
-//! Intel TDX: verifying a quote as a relying party does.
+//! Intel TDX: the firmware's layout and MRTD (what a launch measures), and verifying a
+//! quote as a relying party does.
 
+#[cfg(feature = "verify")]
 pub mod layout;
+pub mod tdvf;
+#[cfg(feature = "verify")]
 pub mod verify;
