@@ -94,7 +94,7 @@ soak: image
 fuzz: setup
 	rm -f $(CURDIR)/target/fuzz-report.jsonl
 	COCOON_FUZZ_ITERS=$${ITERS:-1000000} COCOON_FUZZ_REPORT=$(CURDIR)/target/fuzz-report.jsonl \
-		$(CARGO) test --release -p cocoon-agent -p cocoon-shim -p cocoon-vmm --test fuzz_smoke
+		$(CARGO) test --release -p cocoon-agent -p cocoon-shim -p cocoon-vmm -p cocoon-confidential --test fuzz_smoke
 	cat $(CURDIR)/target/fuzz-report.jsonl
 
 # Coverage-guided fuzzing (issue #10): libFuzzer through cargo-fuzz on stable, a million

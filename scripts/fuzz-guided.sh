@@ -25,7 +25,7 @@ command -v cargo-fuzz >/dev/null || { echo "fuzz-guided: cargo-fuzz is missing (
 
 rows=()
 failed=0
-for crate in guest-agent shim vmm; do
+for crate in guest-agent shim vmm confidential; do
     echo "== building the fuzz targets of $crate" >&2
     (cd "$crate" && cargo fuzz build --sanitizer none --release --target-dir "$build" >&2)
     for target in $(cd "$crate" && cargo fuzz list); do

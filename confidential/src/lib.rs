@@ -9,6 +9,8 @@
 //! relying parties run, so ours is tested against it, byte for byte.
 
 pub mod evidence;
+#[cfg(feature = "kbs")]
+pub mod fuzz;
 pub mod initdata;
 #[cfg(feature = "kbs")]
 pub mod kbs;

@@ -145,6 +145,17 @@ impl Tdvf {
                     s.gpa, s.memory_size
                 )));
             }
+            // Firmware sections live below 4 GiB: anything larger is a malformed
+            // descriptor, and would make MRTD's computation run for ages.
+            if s.gpa
+                .checked_add(s.memory_size)
+                .is_none_or(|end| end > 1 << 32)
+            {
+                return Err(bad(format!(
+                    "section at {:#x} (+{:#x}) ends above 4 GiB",
+                    s.gpa, s.memory_size
+                )));
+            }
             if u64::from(s.raw_size) > s.memory_size {
                 return Err(bad(format!(
                     "section at {:#x} has more data ({:#x}) than memory",
@@ -301,7 +312,8 @@ mod tests {
 
     #[test]
     fn malformed_descriptors_are_named() {
-        let cases: [(&[Raw], &str); 5] = [
+        let cases: [(&[Raw], &str); 6] = [
+            (&[(0, 0, 0xffff_f000, 0x2000, 2, 0)], "ends above 4 GiB"),
             (&[(0, 0, 0x1001, 0x1000, 2, 0)], "not page-aligned"),
             (&[(0, 0x2000, 0x1000, 0x1000, 0, 1)], "more data"),
             (
