@@ -14,10 +14,12 @@ set -euo pipefail
 # kernel from linux-source-6.12 (`cocoon image build --built-kernel`); ovmf (SEV
 # firmware images) and python3-venv for the reference `cocoon measure` is tested
 # against (below); nftables: the shim's PortForward redirect in each pod's network
-# namespace (`nft`; some Debian images lack it, and then port-forward to a VM pod fails).
+# namespace (`nft`; some Debian images lack it, and then port-forward to a VM pod fails);
+# docker-registry (the CNCF distribution registry) for the in-guest pull tests, which
+# start their own on loopback.
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
           containernetworking-plugins protobuf-compiler make gcc flex bison bc libelf-dev libssl-dev xz-utils
-          ovmf python3-venv nftables)
+          ovmf python3-venv nftables docker-registry)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +33,10 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The package enables a registry service on :5000; the tests start their own.
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
 fi
 
 # virtiofsd (crates.io; Debian 12 has no package): one per pod VM, it shares

@@ -17,6 +17,7 @@ pub mod oomqueue;
 pub mod policy;
 pub mod portfwd;
 pub mod power;
+pub mod pull;
 pub mod reaper;
 pub mod reseed;
 pub mod runtime;

@@ -1,0 +1,176 @@
+//! The one HTTP request a pull makes, many times: `GET` over TCP with a deadline on each
+//! read and write, the body streamed to the caller (layers are large), its length bounded
+//! by what the caller expects. Plain HTTP: the digests, not the channel, make the content
+//! trustworthy (a registry over TLS is not supported yet).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use super::PullError;
+
+/// The most header bytes a reply may have.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// A reply whose body is still on the wire.
+pub struct Reply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub length: Option<u64>,
+    pub location: Option<String>,
+    body: Body,
+}
+
+enum Body {
+    Plain(std::io::Take<BufReader<TcpStream>>),
+    Chunked {
+        r: BufReader<TcpStream>,
+        left: u64,
+        done: bool,
+    },
+}
+
+impl Read for Reply {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.body {
+            Body::Plain(r) => r.read(buf),
+            Body::Chunked { r, left, done } => {
+                if *done {
+                    return Ok(0);
+                }
+                if *left == 0 {
+                    let mut line = String::new();
+                    r.by_ref().take(1024).read_line(&mut line)?;
+                    if line == "\r\n" {
+                        line.clear();
+                        r.by_ref().take(1024).read_line(&mut line)?;
+                    }
+                    let size = line.trim().split(';').next().unwrap_or_default();
+                    *left = u64::from_str_radix(size, 16).map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("bad chunk size {size:?}"),
+                        )
+                    })?;
+                    if *left == 0 {
+                        *done = true;
+                        return Ok(0);
+                    }
+                }
+                let want = buf.len().min(*left as usize);
+                let n = r.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                *left -= n as u64;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// `GET http://{host}{path}` with `headers`.
+pub fn get(
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    deadline: Duration,
+) -> Result<Reply, PullError> {
+    let fail = |what: &str, e: std::io::Error| PullError::Registry(format!("{what} {host}: {e}"));
+    let addrs: Vec<_> = host
+        .to_socket_addrs()
+        .map_err(|e| fail("resolve", e))?
+        .collect();
+    let mut last = std::io::Error::other("no address");
+    let mut stream = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, deadline) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let mut stream = stream.ok_or_else(|| fail("connect to", last))?;
+    stream
+        .set_read_timeout(Some(deadline))
+        .and_then(|()| stream.set_write_timeout(Some(deadline)))
+        .map_err(|e| fail("set deadlines for", e))?;
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: cocoon-agent\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| fail("send to", e))?;
+
+    let mut r = BufReader::new(stream);
+    let mut head = Vec::new();
+    loop {
+        let before = head.len();
+        (&mut r)
+            .take((MAX_HEAD - head.len()) as u64)
+            .read_until(b'\n', &mut head)
+            .map_err(|e| fail("read from", e))?;
+        if head.len() == before || head.len() >= MAX_HEAD {
+            return Err(PullError::Registry(format!(
+                "{host} sent no complete reply head"
+            )));
+        }
+        if head.ends_with(b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .filter(|_| status_line.starts_with("HTTP/1."))
+        .ok_or_else(|| {
+            PullError::Registry(format!("{host} sent {status_line:?}, not an HTTP/1 status"))
+        })?;
+    let (mut content_type, mut length, mut location, mut chunked) = (None, None, None, false);
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(PullError::Registry(format!(
+                "{host} sent a bad header {line:?}"
+            )));
+        };
+        let value = value.trim().to_owned();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-type" => content_type = Some(value),
+            "content-length" => {
+                length =
+                    Some(value.parse().map_err(|_| {
+                        PullError::Registry(format!("{host} sent length {value:?}"))
+                    })?)
+            }
+            "location" => location = Some(value),
+            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+            _ => {}
+        }
+    }
+    let body = if chunked {
+        Body::Chunked {
+            r,
+            left: 0,
+            done: false,
+        }
+    } else {
+        Body::Plain(r.take(length.unwrap_or(u64::MAX)))
+    };
+    Ok(Reply {
+        status,
+        content_type,
+        length,
+        location,
+        body,
+    })
+}

@@ -1,0 +1,359 @@
+//! Pulling a container image inside the guest, by digest: for pods whose host must not
+//! provide (or see) the container's root filesystem. The reference names a registry, a
+//! repository and a manifest digest (`registry:5000/library/busybox@sha256:…`; tags are
+//! refused: a tag is whatever the registry says today). Every byte is checked against the
+//! digest that names it before it is used: the manifest (or the index, then the
+//! linux/amd64 manifest it names), each layer (downloaded whole, hashed, only then
+//! unpacked), so neither the registry nor the network in between can change what runs.
+//!
+//! Bounds: a manifest of at most 4 MiB, each layer exactly the size its manifest says and
+//! the image at most `MAX_IMAGE` bytes compressed, a deadline on every read.
+
+mod http;
+mod unpack;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The most a manifest or index may hold.
+const MAX_MANIFEST: u64 = 4 << 20;
+/// The most an image's layers may hold together, compressed.
+pub const MAX_IMAGE: u64 = 2 << 30;
+/// The deadline on each connect, read and write.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("image reference {0:?}: {1}")]
+    Reference(String, &'static str),
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error("{what} {digest} is not in the registry (HTTP {status})")]
+    Missing {
+        what: &'static str,
+        digest: String,
+        status: u16,
+    },
+    #[error("{what} {digest} does not match its digest (got sha256:{got}): refused")]
+    DigestMismatch {
+        what: &'static str,
+        digest: String,
+        got: String,
+    },
+    #[error("the image is malformed: {0}")]
+    Malformed(String),
+    #[error("cannot write the image to {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `registry/repository@sha256:hex`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reference {
+    pub registry: String,
+    pub repository: String,
+    pub digest: String,
+}
+
+impl Reference {
+    pub fn parse(s: &str) -> Result<Reference, PullError> {
+        let bad = |why| PullError::Reference(s.to_owned(), why);
+        let (name, digest) = s
+            .split_once('@')
+            .ok_or_else(|| bad("it has no @sha256: digest (images are pulled by digest only)"))?;
+        check_digest(digest)
+            .map_err(|_| bad("its digest is not sha256: and 64 lowercase hex digits"))?;
+        let (registry, repository) = name
+            .split_once('/')
+            .ok_or_else(|| bad("it names no registry host"))?;
+        if registry.is_empty()
+            || !(registry.contains('.') || registry.contains(':') || registry == "localhost")
+        {
+            return Err(bad(
+                "its first part is not a registry host (host.domain, host:port or localhost)",
+            ));
+        }
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        };
+        if repository.contains(':') {
+            return Err(bad("it has a tag as well as a digest"));
+        }
+        if !repository.split('/').all(part_ok) {
+            return Err(bad(
+                "its repository is not lowercase path parts of [a-z0-9._-]",
+            ));
+        }
+        Ok(Reference {
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            digest: digest.to_owned(),
+        })
+    }
+}
+
+fn check_digest(d: &str) -> Result<&str, ()> {
+    let hex = d.strip_prefix("sha256:").ok_or(())?;
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(hex)
+    } else {
+        Err(())
+    }
+}
+
+/// Pulls `image` and unpacks its layers into `rootfs` (which must not exist yet), using
+/// `work` for the downloaded layers (removed after).
+pub fn pull(image: &Reference, rootfs: &Path, work: &Path) -> Result<(), PullError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PullError::Io { path, source }
+    };
+    let (manifest, _) = fetch_manifest(image, &image.digest)?;
+    let manifest = match media_type(&manifest).as_str() {
+        "application/vnd.oci.image.index.v1+json"
+        | "application/vnd.docker.distribution.manifest.list.v2+json" => {
+            let digest = pick_platform(&manifest)?;
+            fetch_manifest(image, &digest)?.0
+        }
+        _ => manifest,
+    };
+    let layers = manifest
+        .get("layers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| PullError::Malformed("the manifest has no layers".into()))?;
+    let mut total = 0u64;
+    let mut planned = Vec::new();
+    for l in layers {
+        let digest = l
+            .get("digest")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        check_digest(&digest)
+            .map_err(|_| PullError::Malformed(format!("a layer digest {digest:?}")))?;
+        let size = l
+            .get("size")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| PullError::Malformed(format!("layer {digest} has no size")))?;
+        let kind = unpack::Compression::of(
+            l.get("mediaType")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        )?;
+        total = total.saturating_add(size);
+        if total > MAX_IMAGE {
+            return Err(PullError::Malformed(format!(
+                "its layers hold more than {MAX_IMAGE} bytes"
+            )));
+        }
+        planned.push((digest, size, kind));
+    }
+    std::fs::create_dir_all(work).map_err(io(work))?;
+    std::fs::create_dir(rootfs).map_err(io(rootfs))?;
+    let result = (|| {
+        for (digest, size, kind) in &planned {
+            let file = work.join(digest.replace(':', "-"));
+            fetch_blob(image, digest, *size, &file)?;
+            let f = File::open(&file).map_err(io(&file))?;
+            unpack::layer(f, *kind, rootfs).map_err(|e| match e {
+                PullError::Malformed(m) => PullError::Malformed(format!("layer {digest}: {m}")),
+                other => other,
+            })?;
+            let _ = std::fs::remove_file(&file);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(rootfs);
+    }
+    result
+}
+
+fn media_type(v: &Value) -> String {
+    v.get("mediaType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The linux/amd64 entry of an index.
+fn pick_platform(index: &Value) -> Result<String, PullError> {
+    let entries = index
+        .get("manifests")
+        .and_then(Value::as_array)
+        .ok_or_else(|| PullError::Malformed("the index has no manifests".into()))?;
+    entries
+        .iter()
+        .find(|m| {
+            let p = &m["platform"];
+            p["os"] == "linux" && p["architecture"] == "amd64"
+        })
+        .and_then(|m| m.get("digest").and_then(Value::as_str))
+        .map(str::to_owned)
+        .ok_or_else(|| PullError::Malformed("the index has no linux/amd64 manifest".into()))
+}
+
+/// The manifest (or index) named `digest`, checked against it.
+fn fetch_manifest(image: &Reference, digest: &str) -> Result<(Value, Vec<u8>), PullError> {
+    check_digest(digest)
+        .map_err(|_| PullError::Malformed(format!("a manifest digest {digest:?}")))?;
+    let path = format!("/v2/{}/manifests/{digest}", image.repository);
+    let mut reply = http::get(&image.registry, &path, &[("Accept", ACCEPT)], DEADLINE)?;
+    if reply.status != 200 {
+        return Err(PullError::Missing {
+            what: "manifest",
+            digest: digest.to_owned(),
+            status: reply.status,
+        });
+    }
+    let mut body = Vec::new();
+    (&mut reply)
+        .take(MAX_MANIFEST + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| PullError::Registry(format!("reading manifest {digest}: {e}")))?;
+    if body.len() as u64 > MAX_MANIFEST {
+        return Err(PullError::Malformed(format!(
+            "manifest {digest} is over {MAX_MANIFEST} bytes"
+        )));
+    }
+    let got = hex(&Sha256::digest(&body));
+    if format!("sha256:{got}") != digest {
+        return Err(PullError::DigestMismatch {
+            what: "manifest",
+            digest: digest.to_owned(),
+            got,
+        });
+    }
+    let mut v: Value = serde_json::from_slice(&body)
+        .map_err(|e| PullError::Malformed(format!("manifest {digest}: {e}")))?;
+    // Docker's schema 2 may leave mediaType out of the document; the reply says it.
+    if v.get("mediaType").is_none() {
+        if let Some(t) = &reply.content_type {
+            v["mediaType"] =
+                Value::String(t.split(';').next().unwrap_or_default().trim().to_owned());
+        }
+    }
+    Ok((v, body))
+}
+
+/// Downloads blob `digest` of `size` bytes to `file`, hashing as it goes; the file is
+/// kept only if the bytes match.
+fn fetch_blob(image: &Reference, digest: &str, size: u64, file: &Path) -> Result<(), PullError> {
+    let path = format!("/v2/{}/blobs/{digest}", image.repository);
+    let mut reply = http::get(&image.registry, &path, &[], DEADLINE)?;
+    if reply.status != 200 {
+        let hint = match (&reply.location, reply.status) {
+            (Some(l), 301..=308) => format!(" (a redirect to {l}, which is not followed)"),
+            _ => String::new(),
+        };
+        return Err(PullError::Registry(format!(
+            "layer {digest}: HTTP {}{hint}",
+            reply.status
+        )));
+    }
+    if reply.length.is_some_and(|l| l != size) {
+        return Err(PullError::Malformed(format!(
+            "layer {digest} is {} bytes, its manifest says {size}",
+            reply.length.unwrap_or(0)
+        )));
+    }
+    let mut out = File::create(file).map_err(|source| PullError::Io {
+        path: file.to_owned(),
+        source,
+    })?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    let mut limited = (&mut reply).take(size + 1);
+    loop {
+        let n = limited
+            .read(&mut buf)
+            .map_err(|e| PullError::Registry(format!("reading layer {digest}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        if got > size {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|source| PullError::Io {
+            path: file.to_owned(),
+            source,
+        })?;
+    }
+    let fail = |e: PullError| {
+        let _ = std::fs::remove_file(file);
+        Err(e)
+    };
+    if got != size {
+        return fail(PullError::Malformed(format!(
+            "layer {digest} sent {got} bytes, its manifest says {size}"
+        )));
+    }
+    let hash = hex(&hasher.finalize());
+    if format!("sha256:{hash}") != digest {
+        return fail(PullError::DigestMismatch {
+            what: "layer",
+            digest: digest.to_owned(),
+            got: hash,
+        });
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_name_a_registry_and_a_digest() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let r = Reference::parse(&format!("10.0.0.1:5000/library/busybox@{d}")).unwrap();
+        assert_eq!(
+            (
+                r.registry.as_str(),
+                r.repository.as_str(),
+                r.digest.as_str()
+            ),
+            ("10.0.0.1:5000", "library/busybox", d.as_str())
+        );
+        assert!(Reference::parse(&format!("localhost/x@{d}")).is_ok());
+        for (bad, why) in [
+            ("10.0.0.1:5000/busybox:latest".to_owned(), "by digest only"),
+            (format!("busybox@{d}"), "no registry"),
+            (format!("library/busybox@{d}"), "not a registry host"),
+            (format!("r.io/busybox:1@{d}"), "a tag as well"),
+            (format!("r.io/Busy@{d}"), "lowercase"),
+            ("r.io/busybox@sha256:abc".to_owned(), "64 lowercase hex"),
+            (
+                format!("r.io/busybox@{}", d.to_uppercase()),
+                "64 lowercase hex",
+            ),
+        ] {
+            let e = Reference::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}
