@@ -193,16 +193,44 @@ impl AgentService {
                 crate::runtime::error_chain(&e),
             )
         })?;
-        let pid = self
+        let pulled = if req.guest_image.is_empty() {
+            None
+        } else {
+            let (id, image, spec) = (
+                req.container_id.clone(),
+                req.guest_image.clone(),
+                req.oci_spec_json.clone(),
+            );
+            let spec = tokio::task::spawn_blocking(move || {
+                crate::pull::for_container(crate::pull::images_dir()?, &id, &image, &spec)
+            })
+            .await
+            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
+            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
+            timeline.mark("image-pulled", &req.container_id);
+            Some(spec)
+        };
+        let created = self
             .containers()
             .create(
                 &req.container_id,
-                &req.oci_spec_json,
+                pulled.as_deref().unwrap_or(&req.oci_spec_json),
                 &req.storages,
                 req.stdio.get_or_default(),
             )
-            .await
-            .map_err(rpc_error)?;
+            .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                if pulled.is_some() {
+                    crate::pull::remove_for_container(
+                        std::path::Path::new(crate::pull::IMAGES_DIR),
+                        &req.container_id,
+                    );
+                }
+                return Err(rpc_error(e));
+            }
+        };
         timeline.mark("container-created", &req.container_id);
         let mut r = CreateContainerResponse::new();
         r.pid = pid as u32;
@@ -388,6 +416,10 @@ impl Agent for AgentService {
             .remove(&req.container_id, timeout)
             .await
             .map_err(rpc_error)?;
+        crate::pull::remove_for_container(
+            std::path::Path::new(crate::pull::IMAGES_DIR),
+            &req.container_id,
+        );
         Ok(Empty::new())
     }
 

@@ -723,6 +723,7 @@ state = "{r}/state"
 [{cri}.containerd.runtimes.{COCOON}]
   runtime_type = "io.containerd.cocoon.v2"
   pod_annotations = ["io.cocoon.*"]
+  container_annotations = ["io.cocoon.*"]
   privileged_without_host_devices = true
 [{cri}.cni]
   bin_dir = "{CNI_BIN_DIR}"

@@ -186,6 +186,69 @@ pub fn pull(image: &Reference, rootfs: &Path, work: &Path) -> Result<(), PullErr
     result
 }
 
+/// Where pulled images are unpacked, one directory per container (the guest's tmpfs
+/// `/run`: an image costs guest memory).
+pub const IMAGES_DIR: &str = "/run/cocoon/images";
+
+/// Mounts a tmpfs of its own at `IMAGES_DIR`, once: unlike the `/run` it sits in, it
+/// allows set-user-ID programs and device nodes, as an image's root filesystem may hold
+/// them (the container's own mount options still apply).
+pub fn images_dir() -> Result<&'static Path, String> {
+    static MOUNTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let dir = Path::new(IMAGES_DIR);
+    MOUNTED
+        .get_or_init(|| {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {IMAGES_DIR}: {e}"))?;
+            nix::mount::mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("mode=0700"),
+            )
+            .map_err(|e| format!("cannot mount a tmpfs at {IMAGES_DIR}: {e}"))
+        })
+        .clone()
+        .map(|()| dir)
+}
+
+/// Pulls `image` for container `id` under `images` and returns `spec_json` with its
+/// root pointing there. The container's directory is removed on failure.
+pub fn for_container(
+    images: &Path,
+    id: &str,
+    image: &str,
+    spec_json: &[u8],
+) -> Result<Vec<u8>, String> {
+    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        return Err(format!("container id {id:?} cannot name a directory"));
+    }
+    let reference = Reference::parse(image).map_err(|e| e.to_string())?;
+    let mut spec: Value =
+        serde_json::from_slice(spec_json).map_err(|e| format!("the OCI spec: {e}"))?;
+    let dir = images.join(id);
+    if dir.exists() {
+        return Err(format!("container {id} already has a pulled image"));
+    }
+    let rootfs = dir.join("rootfs");
+    let result = pull(&reference, &rootfs, &dir.join("work"));
+    let _ = std::fs::remove_dir_all(dir.join("work"));
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(format!("pulling {image} in the guest: {e}"));
+    }
+    // The agent decides where the root is, whatever the host wrote.
+    spec["root"]["path"] = Value::String(rootfs.to_string_lossy().into_owned());
+    serde_json::to_vec(&spec).map_err(|e| e.to_string())
+}
+
+/// Removes what `for_container` pulled for `id`, if anything.
+pub fn remove_for_container(images: &Path, id: &str) {
+    if !id.is_empty() && !id.contains('/') && id != "." && id != ".." {
+        let _ = std::fs::remove_dir_all(images.join(id));
+    }
+}
+
 fn media_type(v: &Value) -> String {
     v.get("mediaType")
         .and_then(Value::as_str)

@@ -11,6 +11,7 @@
 
 pub mod fuzzing;
 pub mod image;
+pub mod registry;
 pub mod run;
 pub mod testing;
 pub mod watchdog;

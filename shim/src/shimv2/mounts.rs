@@ -86,6 +86,18 @@ fn has_opt(m: &Mount, opt: &str) -> bool {
         .is_some_and(|o| o.iter().any(|x| x == opt))
 }
 
+/// Where the agent unpacks an image it pulls itself (`GUEST_IMAGE_ANNOTATION`).
+pub const GUEST_IMAGES: &str = "/run/cocoon/images";
+
+/// Where a container's root filesystem comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Root<'a> {
+    /// containerd's snapshot (or the bundle's rootfs), shared into the guest.
+    Host(&'a [RootfsMount]),
+    /// The guest pulls the image: nothing of the host's is shared for it.
+    Guest,
+}
+
 /// Mounts the container's rootfs and bind sources under `<host dir>/<id>/` (the
 /// export of `share` shows them to the guest) and rewrites `spec` to the guest paths.
 /// On error, what was mounted is undone.
@@ -94,7 +106,7 @@ pub fn prepare(
     userns: Option<Arc<PodUserns>>,
     id: &str,
     bundle: &Path,
-    rootfs: &[RootfsMount],
+    root: Root,
     spec: &mut Spec,
 ) -> Result<ContainerMounts, MountError> {
     if id.is_empty() || id.contains('/') || id == "." || id == ".." {
@@ -105,7 +117,7 @@ pub fn prepare(
         dir: host.join(id),
         mounted: Vec::new(),
     };
-    match prepare_inner(&mut done, &host, userns, id, bundle, rootfs, spec) {
+    match prepare_inner(&mut done, &host, userns, id, bundle, root, spec) {
         Ok(()) => Ok(done),
         Err(e) => {
             done.cleanup();
@@ -120,16 +132,38 @@ fn prepare_inner(
     userns: Option<Arc<PodUserns>>,
     id: &str,
     bundle: &Path,
-    rootfs: &[RootfsMount],
+    root: Root,
     spec: &mut Spec,
 ) -> Result<(), MountError> {
     let pod = Beneath::open(host, userns).map_err(|e| MountError::Mkdir(host.into(), e))?;
-    let rel = |p: &str| PathBuf::from(id).join(p);
+    let guest_dir = format!("{GUEST_SHARE}/{id}");
+    let rootfs = match root {
+        Root::Host(rootfs) => {
+            share_rootfs(done, &pod, id, bundle, rootfs, spec)?;
+            format!("{guest_dir}/rootfs")
+        }
+        Root::Guest => format!("{GUEST_IMAGES}/{id}/rootfs"),
+    };
+    if let Some(root) = spec.root_mut() {
+        root.set_path(PathBuf::from(rootfs));
+    }
+    share_volumes(done, &pod, id, &guest_dir, spec)
+}
+
+/// The container's root filesystem, mounted where the guest sees it.
+fn share_rootfs(
+    done: &mut ContainerMounts,
+    pod: &Beneath,
+    id: &str,
+    bundle: &Path,
+    rootfs: &[RootfsMount],
+    spec: &Spec,
+) -> Result<(), MountError> {
     let mkdir = |r: &Path| {
         pod.mkdir_all(r)
             .map_err(|e| MountError::Mkdir(pod.path_of(r), e))
     };
-    let root_rel = rel("rootfs");
+    let root_rel = PathBuf::from(id).join("rootfs");
     mkdir(&root_rel)?;
     let target = pod.path_of(&root_rel);
     // A read-only root is the container's own property, enforced in the guest as runc
@@ -145,7 +179,7 @@ fn prepare_inner(
         } else {
             bundle.join(root.path())
         };
-        bind(&pod, &src, &root_rel, true, false)?;
+        bind(pod, &src, &root_rel, true, false)?;
         done.mounted.push(target);
     } else if let (Some(ns), [m]) = (pod.userns(), rootfs) {
         let rootfs_err = |detail: String| MountError::Rootfs {
@@ -181,11 +215,22 @@ fn prepare_inner(
         mount_by_path(rootfs, &target)?;
         done.mounted.push(target);
     }
-    let guest_dir = format!("{GUEST_SHARE}/{id}");
-    if let Some(root) = spec.root_mut() {
-        root.set_path(PathBuf::from(format!("{guest_dir}/rootfs")));
-    }
+    Ok(())
+}
 
+/// The container's bind mounts, each mounted where the guest sees it.
+fn share_volumes(
+    done: &mut ContainerMounts,
+    pod: &Beneath,
+    id: &str,
+    guest_dir: &str,
+    spec: &mut Spec,
+) -> Result<(), MountError> {
+    let rel = |p: &str| PathBuf::from(id).join(p);
+    let mkdir = |r: &Path| {
+        pod.mkdir_all(r)
+            .map_err(|e| MountError::Mkdir(pod.path_of(r), e))
+    };
     let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
@@ -205,7 +250,7 @@ fn prepare_inner(
             pod.create_file(&r)
                 .map_err(|e| MountError::Mkdir(pod.path_of(&r), e))?;
         }
-        bind(&pod, &src, &r, has_opt(m, "rbind"), has_opt(m, "ro"))?;
+        bind(pod, &src, &r, has_opt(m, "rbind"), has_opt(m, "ro"))?;
         done.mounted.push(pod.path_of(&r));
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{i}"))));
         m.set_typ(Some("bind".into()));
@@ -287,7 +332,7 @@ mod tests {
             {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]},
             {"destination": "/f", "source": data.join("f"), "options": ["bind", "rw"]}
         ]));
-        let mut m = prepare(&share, None, "c1", &bundle, &[], &mut spec).unwrap();
+        let mut m = prepare(&share, None, "c1", &bundle, Root::Host(&[]), &mut spec).unwrap();
         assert_eq!(
             spec.root().as_ref().unwrap().path(),
             Path::new("/run/cocoon/shared/c1/rootfs")
@@ -324,6 +369,40 @@ mod tests {
         assert!(!share.exists());
     }
 
+    /// A container whose image the guest pulls: nothing of the host's root filesystem
+    /// is shared, the spec names where the agent unpacks it, volumes are shared as ever.
+    #[test]
+    fn a_guest_pulled_root_shares_only_the_volumes() {
+        if !nix::unistd::geteuid().is_root() {
+            cocoon_nested::testing::missing("mounts", "mounting needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let bundle = t.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let share = t.path().join("share");
+        crate::shimv2::share::create(&share, None).unwrap();
+        let mut spec = spec_with(serde_json::json!([
+            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]}
+        ]));
+        let mut m = prepare(&share, None, "c3", &bundle, Root::Guest, &mut spec).unwrap();
+        assert_eq!(
+            spec.root().as_ref().unwrap().path(),
+            Path::new("/run/cocoon/images/c3/rootfs")
+        );
+        assert!(!share.join("c3/rootfs").exists());
+        let mounts = spec.mounts().as_ref().unwrap();
+        assert_eq!(
+            mounts[0].source().as_deref(),
+            Some(Path::new("/run/cocoon/shared/c3/mounts/0"))
+        );
+        m.cleanup();
+        assert!(!share.join("c3").exists());
+        crate::shimv2::share::remove(&share);
+    }
+
     /// With the pod's namespace: a snapshot given as a bind (a single-layer view, the
     /// native snapshotter) and a volume are idmapped, and the spec is still rewritten.
     #[test]
@@ -357,7 +436,15 @@ mod tests {
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}
         ]));
-        let mut m = prepare(&share, Some(ns), "c1", &bundle, &rootfs, &mut spec).unwrap();
+        let mut m = prepare(
+            &share,
+            Some(ns),
+            "c1",
+            &bundle,
+            Root::Host(&rootfs),
+            &mut spec,
+        )
+        .unwrap();
         let uid = |p: &str| std::fs::symlink_metadata(share.join(p)).unwrap().uid();
         assert_eq!(uid("c1/rootfs/owned"), base + 1000);
         assert_eq!(uid("c1/mounts/0/f"), base + 7);
@@ -387,7 +474,7 @@ mod tests {
         let mut spec = spec_with(serde_json::json!([
             {"destination": "/x", "type": "bind", "source": "/nonexistent/src", "options": ["rbind"]}
         ]));
-        let err = prepare(&share, None, "c2", &bundle, &[], &mut spec).unwrap_err();
+        let err = prepare(&share, None, "c2", &bundle, Root::Host(&[]), &mut spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/src"), "{err}");
         assert!(
             !share.join("c2").exists(),

@@ -22,6 +22,10 @@ pub const INIT_DATA_ANNOTATION: &str = "io.cocoon.init-data";
 /// Every annotation the runtime reads from a pod starts with this (containerd's
 /// `pod_annotations` pattern `io.cocoon.*`).
 pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
+/// A container whose image the guest pulls itself, by digest
+/// (`registry/repository@sha256:…`): the host shares no root filesystem for it
+/// (containerd's `container_annotations = ["io.cocoon.*"]` passes it to the shim).
+pub const GUEST_IMAGE_ANNOTATION: &str = "io.cocoon.guest-image";
 
 /// CRI's annotation saying whether a container is the pod's sandbox or a workload.
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
@@ -125,6 +129,17 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
                     cocoon_confidential::initdata::from_annotation(value).map_err(|e| bad(&e))?,
                 );
             }
+            // Checked by the agent, which pulls it; here only that it is one plain line.
+            GUEST_IMAGE_ANNOTATION => {
+                if value.is_empty()
+                    || value.len() > 512
+                    || value.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(bad(
+                        "must be one image reference (registry/repository@sha256:digest)",
+                    ));
+                }
+            }
             CONFIDENTIAL_ANNOTATION => match value.trim() {
                 kind @ ("sev-snp" | "tdx") => {
                     return Err(PodSpecError::Confidential(kind.to_owned()))
@@ -134,12 +149,24 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
             _ => {
                 return Err(bad(&format!(
                     "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}, \
-                     {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION})"
+                     {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION}, {GUEST_IMAGE_ANNOTATION})"
                 )))
             }
         }
     }
     Ok(vm)
+}
+
+/// The image the guest pulls for this container, if it asks for one (never for a CRI
+/// pod's sandbox container, which runs nothing in the VM).
+pub fn guest_image(spec: &Spec) -> Option<String> {
+    if is_cri(spec) && is_sandbox(spec) {
+        return None;
+    }
+    spec.annotations()
+        .as_ref()?
+        .get(GUEST_IMAGE_ANNOTATION)
+        .cloned()
 }
 
 /// The host network namespace CNI prepared, for a CRI sandbox container. A sandbox with

@@ -250,12 +250,17 @@ impl Service {
         }
         let t_sandbox = std::time::Instant::now();
         let shm = pod::take_pod_shm(&mut spec);
+        let guest_image = pod::guest_image(&spec);
+        let root = match guest_image {
+            Some(_) => mounts::Root::Guest,
+            None => mounts::Root::Host(&req.rootfs),
+        };
         let mut mounts = mounts::prepare(
             &sb.share,
             sb.share_userns.clone(),
             &req.id,
             &bundle,
-            &req.rootfs,
+            root,
             &mut spec,
         )
         .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
@@ -273,6 +278,7 @@ impl Service {
             creq.oci_spec_json = spec_json;
             creq.stdio = MessageField::some(stdio.streams());
             creq.sandbox_id = self.inner.group.clone();
+            creq.guest_image = guest_image.clone().unwrap_or_default();
             let pid = sb.agent.create_container(creq).await.map_err(agent_err)?;
             // Streams attach before Start, so no early output waits anywhere.
             let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
