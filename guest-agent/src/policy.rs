@@ -367,6 +367,29 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         assert!(g.set_init_data(init_data(POLICY).as_bytes()).is_err());
     }
 
+    /// A pod owner's policy can demand that every container's image be pulled in the
+    /// guest, and pin which: the request's `guest_image` is in the input.
+    #[test]
+    fn a_policy_can_require_guest_pulled_images() {
+        let pinned = format!("r.io/app@sha256:{}", "ab".repeat(32));
+        let rego = format!(
+            "package agent_policy\ndefault CreateContainerRequest := false\nCreateContainerRequest if {{ input.guest_image == \"{pinned}\" }}\n"
+        );
+        let g = Gate::new(true);
+        g.set_init_data(init_data(&rego).as_bytes()).unwrap();
+        let mut req = cocoon_protocol::agent::CreateContainerRequest::new();
+        req.oci_spec_json = br#"{"ociVersion": "1.0.2"}"#.to_vec();
+        assert_eq!(
+            g.check("CreateContainer", || input_of(&req)),
+            Err(Denied::Policy("CreateContainerRequest".into())),
+            "a host-shared root filesystem"
+        );
+        req.guest_image = pinned.clone();
+        assert_eq!(g.check("CreateContainer", || input_of(&req)), Ok(()));
+        req.guest_image = pinned.replace("ab", "cd");
+        assert!(g.check("CreateContainer", || input_of(&req)).is_err());
+    }
+
     #[test]
     fn confidential_mode_waits_for_init_data_and_bad_policies_are_refused() {
         let g = Gate::new(true);
