@@ -76,6 +76,18 @@ pub fn add_private_memory(
     Ok(gmem)
 }
 
+/// Converts guest pages to private (backed by guest_memfd), as both launches must before
+/// the firmware or the TDX module takes them.
+pub fn make_private(vm: &VmFd, gpa: u64, len: u64) -> Result<(), String> {
+    vm.set_memory_attributes(kvm_memory_attributes {
+        address: gpa,
+        size: len,
+        attributes: u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+        flags: 0,
+    })
+    .map_err(|e| format!("making {gpa:#x}+{len:#x} private: {}", os(e)))
+}
+
 /// The launch through KVM.
 pub struct KvmSnp<'a> {
     vm: &'a VmFd,
@@ -143,14 +155,7 @@ impl SnpFirmware for KvmSnp<'_> {
         kind: PageType,
     ) -> Result<(), SnpError> {
         let len = host.len() as u64;
-        self.vm
-            .set_memory_attributes(kvm_memory_attributes {
-                address: gpa,
-                size: len,
-                attributes: u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
-                flags: 0,
-            })
-            .map_err(|e| SnpError::Host(format!("making {gpa:#x}+{len:#x} private: {}", os(e))))?;
+        make_private(self.vm, gpa, len).map_err(SnpError::Host)?;
         let mut update = kvm_sev_snp_launch_update {
             gfn_start: gpa >> 12,
             uaddr: host.ptr_guard().as_ptr() as u64,

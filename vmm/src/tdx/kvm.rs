@@ -4,7 +4,6 @@
 //! here from the UAPI header. No TDX hardware exists where this was written: beyond the
 //! refusal it is untested (`docs/confidential.md`).
 
-use kvm_bindings::{kvm_memory_attributes, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
@@ -141,19 +140,7 @@ impl TdxModule for KvmTdx<'_> {
         measure: bool,
     ) -> Result<(), TdxError> {
         let len = source.len() as u64;
-        self.vm
-            .set_memory_attributes(kvm_memory_attributes {
-                address: gpa,
-                size: len,
-                attributes: u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
-                flags: 0,
-            })
-            .map_err(|e| {
-                TdxError::Host(format!(
-                    "making {gpa:#x}+{len:#x} private: {}",
-                    os(e.errno())
-                ))
-            })?;
+        crate::snp::kvm::make_private(self.vm, gpa, len).map_err(TdxError::Host)?;
         let mut region = MemRegion {
             source_addr: source.ptr_guard().as_ptr() as u64,
             gpa,
