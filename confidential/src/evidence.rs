@@ -152,6 +152,30 @@ pub fn tsm_report_with_aux(
     result
 }
 
+/// A report through configfs-tsm at `root`; for SEV-SNP on a kernel without it, through
+/// the legacy `/dev/sev-guest` (`sev_guest`).
+fn report_from(
+    root: &Path,
+    tee: Tee,
+    name: &str,
+    report_data: &[u8; 64],
+) -> Result<TsmReport, EvidenceError> {
+    let legacy = Path::new(crate::sev_guest::SEV_GUEST_DEVICE);
+    if tee == Tee::SevSnp && !root.exists() && legacy.exists() {
+        let evidence =
+            crate::sev_guest::report(legacy, report_data).map_err(|e| EvidenceError::Io {
+                what: "get a report through",
+                path: legacy.to_owned(),
+                source: std::io::Error::other(e),
+            })?;
+        return Ok(TsmReport {
+            provider: Tee::SevSnp.provider().to_owned(),
+            evidence,
+        });
+    }
+    tsm_report(root, name, report_data)
+}
+
 /// Our write to `inblob` counts one generation; more means someone else wrote to the
 /// entry between our write and our read, and the report may carry their data.
 fn uncontended(before: u64, after: u64) -> Result<(), EvidenceError> {
@@ -235,7 +259,7 @@ pub fn evidence_for(
         return Err(EvidenceError::NonceTooLong(nonce.len()));
     }
     let report_data = nonce_report_data(init_digest, nonce);
-    let report = tsm_report(root, "cocoon-evidence", &report_data)?;
+    let report = report_from(root, tee, "cocoon-evidence", &report_data)?;
     if report.provider != tee.provider() {
         return Err(EvidenceError::Provider {
             got: report.provider,
@@ -256,7 +280,7 @@ pub fn evidence_for(
 /// or the guest is not the TEE it was told it is.
 pub fn verify_init_data(root: &Path, tee: Tee, init_data: &InitData) -> Result<(), EvidenceError> {
     let report_data = init_data_report_data(init_data);
-    let report = tsm_report(root, "cocoon-init-data", &report_data)?;
+    let report = report_from(root, tee, "cocoon-init-data", &report_data)?;
     check_init_data(tee, &report, &report_data, init_data)
 }
 

@@ -16,5 +16,6 @@ pub mod initdata;
 pub mod kbs;
 #[cfg(feature = "cli")]
 pub mod measure;
+pub mod sev_guest;
 pub mod snp;
 pub mod tdx;

@@ -54,9 +54,17 @@ impl Attester for SnpTsm {
     fn evidence(&self, report_data: &[u8; 64]) -> Result<Value, KbsError> {
         let fail = |e: String| KbsError::Evidence(e);
         if !self.root.is_dir() {
+            // A kernel without configfs-tsm may still have the legacy device (no VCEK
+            // from it: the broker then needs its own).
+            let legacy = std::path::Path::new(crate::sev_guest::SEV_GUEST_DEVICE);
+            if legacy.exists() {
+                let report = crate::sev_guest::report(legacy, report_data).map_err(fail)?;
+                return Ok(snp_evidence(&report, None));
+            }
             return Err(fail(format!(
-                "{} is missing: this guest has no TEE evidence (no configfs-tsm)",
-                self.root.display()
+                "{} is missing: this guest has no TEE evidence (no configfs-tsm, no {})",
+                self.root.display(),
+                legacy.display()
             )));
         }
         let name = format!("cocoon-kbs-{}", std::process::id());
