@@ -40,6 +40,12 @@ impl SnpFirmware for Recorder {
         self.calls.push(format!("init {vmsa_features:#x}"));
         Ok(())
     }
+    fn create_vcpus(&mut self, n: usize) -> Result<(), SnpError> {
+        let after_init = self.calls.last().is_some_and(|c| c.starts_with("init"));
+        assert!(after_init, "vCPUs before INIT2");
+        self.calls.push(format!("vcpus {n}"));
+        Ok(())
+    }
     fn launch_start(&mut self, policy: u64) -> Result<(), SnpError> {
         self.calls.push(format!("start {policy:#x}"));
         Ok(())
@@ -95,8 +101,11 @@ impl Recorder {
             g.update(*kind, *gpa, &d);
         }
         for r in &self.resets {
+            // INIT2 gets the features but SNP_ACTIVE, which KVM adds itself.
+            assert_eq!(self.features & 1, 0, "INIT2 was given SNP_ACTIVE");
             assert_eq!(
-                r.sev_features, self.features,
+                r.sev_features,
+                self.features | 1,
                 "the VMSA's features differ from INIT2's"
             );
             g.update(PageType::Vmsa, VMSA_GPA, &page_digest(&vmsa::page(r)));
@@ -280,9 +289,10 @@ fn the_recorded_launch_digest_is_what_cocoon_measure_predicts() {
         );
         assert_eq!(rec.resets.len(), c.vcpus as usize);
         assert_eq!(
-            rec.calls[..2],
+            rec.calls[..3],
             [
-                format!("init {:#x}", c.features),
+                format!("init {:#x}", c.features & !1),
+                format!("vcpus {}", c.vcpus),
                 format!("start {POLICY:#x}")
             ]
         );
@@ -305,7 +315,7 @@ fn the_firmware_goes_over_in_one_update_and_the_hashes_page_holds_the_table() {
     let fw = Ovmf::parse(std::fs::read(AMD_SEV_SUFFIX).unwrap()).unwrap();
     let pages = fw.data().len() / PAGE_SIZE;
     assert_eq!(
-        rec.calls[2],
+        rec.calls[3],
         format!("update {:#x} Normal x{pages}", fw.gpa())
     );
     // The kernel hashes page: the table the VMM wrote, at the offset OVMF reads it from.
@@ -414,7 +424,7 @@ fn the_launch_through_kvm_on_this_host() {
             // And the SEV device, checked on its own.
             let vm = k.create_vm().unwrap();
             if !Path::new(kvm::SEV_DEVICE).exists() {
-                let e = kvm::KvmSnp::new(&vm, &[]).err().unwrap().to_string();
+                let e = kvm::KvmSnp::new(&vm).err().unwrap().to_string();
                 assert!(e.contains("/dev/sev"), "{e}");
             }
             eprintln!("SKIPPED: the hardware launch: {e}");
@@ -444,8 +454,7 @@ fn hardware_launch(vm: &kvm_ioctls::VmFd) {
         let host = vm_memory::GuestMemoryBackend::get_slice(&mem, GuestAddress(gpa), len).unwrap();
         keep.push(kvm::add_private_memory(vm, slot as u32, gpa, host).unwrap());
     }
-    let vcpus = [vm.create_vcpu(0).unwrap()];
-    let mut fw_kvm = kvm::KvmSnp::new(vm, &vcpus).unwrap();
+    let mut fw_kvm = kvm::KvmSnp::new(vm).unwrap();
     launch(
         &mut fw_kvm,
         &mem,

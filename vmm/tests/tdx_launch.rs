@@ -28,6 +28,12 @@ impl TdxModule for Recorder {
         ));
         Ok(())
     }
+    fn create_vcpus(&mut self, n: usize) -> Result<(), TdxError> {
+        let after_init = self.calls.last().is_some_and(|c| c.starts_with("init_vm"));
+        assert!(after_init, "vCPUs before INIT_VM");
+        self.calls.push(format!("vcpus {n}"));
+        Ok(())
+    }
     fn init_vcpu(&mut self, index: usize, hob_gpa: u64) -> Result<(), TdxError> {
         self.calls.push(format!("init_vcpu {index} {hob_gpa:#x}"));
         Ok(())
@@ -108,14 +114,17 @@ fn the_recorded_mrtd_is_what_cocoon_measure_predicts() {
             predicted,
             "{vcpus} vCPUs"
         );
-        assert_eq!(rec.calls[0], "init_vm 0x0 cdcdcdcd");
+        assert_eq!(
+            rec.calls[..2],
+            ["init_vm 0x0 cdcdcdcd".to_owned(), format!("vcpus {vcpus}")]
+        );
         // Every vCPU learns where the HOB is (Debian's TDVF: 0x809000) before any page.
         for i in 0..vcpus {
-            assert_eq!(rec.calls[1 + i], format!("init_vcpu {i} 0x809000"));
+            assert_eq!(rec.calls[2 + i], format!("init_vcpu {i} 0x809000"));
         }
         // The code volume goes over measured, the variables unmeasured.
-        assert_eq!(rec.calls[1 + vcpus], "add 0xffe20000 x480 true");
-        assert_eq!(rec.calls[2 + vcpus], "add 0xffe00000 x32 false");
+        assert_eq!(rec.calls[2 + vcpus], "add 0xffe20000 x480 true");
+        assert_eq!(rec.calls[3 + vcpus], "add 0xffe00000 x32 false");
     }
 }
 
@@ -141,7 +150,6 @@ fn the_launch_through_kvm_on_this_host() {
         Ok(vm) => {
             let (bytes, fw) = firmware();
             let mem = memory(bytes.len());
-            let vcpus = [vm.create_vcpu(0).unwrap()];
             let mut keep = Vec::new();
             for (slot, (gpa, len)) in [
                 (0u64, 64usize << 20),
@@ -156,7 +164,7 @@ fn the_launch_through_kvm_on_this_host() {
                     cocoon_vmm::snp::kvm::add_private_memory(&vm, slot as u32, gpa, host).unwrap(),
                 );
             }
-            launch(&mut kvm::KvmTdx::new(&vm, &vcpus), &mem, &fw, &params(), 1)
+            launch(&mut kvm::KvmTdx::new(&vm), &mem, &fw, &params(), 1)
                 .expect("the TDX launch on this host");
         }
     }

@@ -29,13 +29,12 @@ pub fn table(entries: &[kvm_cpuid_entry2]) -> Result<[u8; PAGE_SIZE], super::Snp
         } else {
             0
         };
-        // Leaf 0xD's sizes depend on the enabled XSAVE features: give those of x87 and
-        // SSE, which every guest starts with.
-        let xcr0_in: u64 = if e.function == 0xd && index <= 1 {
-            0x3
-        } else {
-            0
-        };
+        // Leaf 0xD's XSAVE sizes depend on XCR0: the entry is the one for XCR0 = x87
+        // (the guest's state at reset), whose area is the legacy 512 bytes and the
+        // 64-byte header, as QEMU fills it (the firmware checks the page).
+        let xsave = e.function == 0xd && index <= 1;
+        let xcr0_in: u64 = if xsave { 0x1 } else { 0 };
+        let ebx = if xsave { 0x240 } else { e.ebx };
         let mut put = |off: usize, bytes: &[u8]| {
             page[at + off..at + off + bytes.len()].copy_from_slice(bytes)
         };
@@ -44,7 +43,7 @@ pub fn table(entries: &[kvm_cpuid_entry2]) -> Result<[u8; PAGE_SIZE], super::Snp
         put(8, &xcr0_in.to_le_bytes());
         put(16, &0u64.to_le_bytes());
         put(24, &e.eax.to_le_bytes());
-        put(28, &e.ebx.to_le_bytes());
+        put(28, &ebx.to_le_bytes());
         put(32, &e.ecx.to_le_bytes());
         put(36, &e.edx.to_le_bytes());
     }

@@ -88,15 +88,16 @@ pub fn make_private(vm: &VmFd, gpa: u64, len: u64) -> Result<(), String> {
     .map_err(|e| format!("making {gpa:#x}+{len:#x} private: {}", os(e)))
 }
 
-/// The launch through KVM.
+/// The launch through KVM, on an SNP VM with no vCPU yet: it makes them after INIT2
+/// (`SnpFirmware::create_vcpus`) and hands them over when the launch is done.
 pub struct KvmSnp<'a> {
     vm: &'a VmFd,
-    vcpus: &'a [VcpuFd],
+    vcpus: Vec<VcpuFd>,
     sev: File,
 }
 
 impl<'a> KvmSnp<'a> {
-    pub fn new(vm: &'a VmFd, vcpus: &'a [VcpuFd]) -> Result<KvmSnp<'a>, SnpError> {
+    pub fn new(vm: &'a VmFd) -> Result<KvmSnp<'a>, SnpError> {
         let sev = File::options()
             .read(true)
             .write(true)
@@ -106,7 +107,16 @@ impl<'a> KvmSnp<'a> {
                     "cannot open {SEV_DEVICE}: {e} (no AMD SEV firmware on this host)"
                 ))
             })?;
-        Ok(KvmSnp { vm, vcpus, sev })
+        Ok(KvmSnp {
+            vm,
+            vcpus: Vec::new(),
+            sev,
+        })
+    }
+
+    /// The vCPUs, launched, for the VMM to run.
+    pub fn into_vcpus(self) -> Vec<VcpuFd> {
+        self.vcpus
     }
 
     fn command<T>(&self, what: &'static str, id: u32, data: &mut T) -> Result<(), SnpError> {
@@ -136,6 +146,17 @@ impl SnpFirmware for KvmSnp<'_> {
         self.command("KVM_SEV_INIT2", sev_cmd_id_KVM_SEV_INIT2, &mut init)
     }
 
+    fn create_vcpus(&mut self, n: usize) -> Result<(), SnpError> {
+        for i in self.vcpus.len()..n {
+            let vcpu = self
+                .vm
+                .create_vcpu(i as u64)
+                .map_err(|e| SnpError::Host(format!("vCPU {i}: {}", os(e))))?;
+            self.vcpus.push(vcpu);
+        }
+        Ok(())
+    }
+
     fn launch_start(&mut self, policy: u64) -> Result<(), SnpError> {
         let mut start = kvm_sev_snp_launch_start {
             policy,
@@ -163,7 +184,7 @@ impl SnpFirmware for KvmSnp<'_> {
             type_: kind as u8,
             ..Default::default()
         };
-        // KVM advances gfn_start, uaddr and len as it goes and may stop early (EAGAIN,
+        // KVM advances gfn_start, uaddr and len as it goes and may stop early (EAGAIN or EINTR,
         // or success with pages left): go on until nothing is left.
         loop {
             match self.command(
@@ -174,7 +195,7 @@ impl SnpFirmware for KvmSnp<'_> {
                 Ok(()) if update.len == 0 => return Ok(()),
                 Ok(()) => continue,
                 Err(SnpError::Command { source, .. })
-                    if source.raw_os_error() == Some(libc::EAGAIN) => {}
+                    if matches!(source.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
                 Err(e) => return Err(e),
             }
         }

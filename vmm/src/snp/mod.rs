@@ -46,8 +46,11 @@ pub enum SnpError {
 
 /// What the SEV firmware is asked to do, through KVM. One call per step of the launch.
 pub trait SnpFirmware {
-    /// `KVM_SEV_INIT2` with the VMSA features (bit 0: SNP active).
+    /// `KVM_SEV_INIT2` with the VMSA features beyond SNP_ACTIVE (bit 0), which KVM sets
+    /// itself and refuses to be given. Before any vCPU exists.
     fn init(&mut self, vmsa_features: u64) -> Result<(), SnpError>;
+    /// Makes the VM's `n` vCPUs: only after INIT2 (KVM refuses INIT2 once a vCPU exists).
+    fn create_vcpus(&mut self, n: usize) -> Result<(), SnpError>;
     /// `SNP_LAUNCH_START` with the guest policy.
     fn launch_start(&mut self, policy: u64) -> Result<(), SnpError>;
     /// `SNP_LAUNCH_UPDATE` of the guest pages `[gpa, gpa + host.len())`, which the VMM
@@ -64,6 +67,9 @@ pub trait SnpFirmware {
     /// `SNP_LAUNCH_FINISH`: the VMSAs are measured, HOST_DATA bound, the launch sealed.
     fn launch_finish(&mut self, host_data: [u8; 32]) -> Result<(), SnpError>;
 }
+
+/// SEV_FEATURES bit 0: the guest runs SEV-SNP.
+pub const SNP_ACTIVE: u64 = 1;
 
 /// What a launch is made of, beyond the plan.
 pub struct Launch<'a> {
@@ -119,7 +125,8 @@ pub fn launch(fw: &mut dyn SnpFirmware, mem: &GuestMemoryMmap, l: &Launch) -> Re
         }
     }
 
-    fw.init(l.guest_features)?;
+    fw.init(l.guest_features & !SNP_ACTIVE)?;
+    fw.create_vcpus(l.vcpus)?;
     fw.launch_start(l.policy)?;
     // Runs of adjacent pages of one type go over in one update, as QEMU hands over the
     // whole firmware image at once; the firmware measures them page by page.

@@ -47,25 +47,44 @@ fn os(e: impl Into<i32>) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.into())
 }
 
-/// A TD, or a refusal saying what this host lacks.
+/// A TD, or a refusal saying what this host lacks. Its interrupt controller is split
+/// (the local APIC in KVM, the rest in the VMM), as a TD's vCPUs require.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, TdxError> {
-    kvm.create_vm_with_type(TDX_VM_TYPE).map_err(|e| {
+    let vm = kvm.create_vm_with_type(TDX_VM_TYPE).map_err(|e| {
         TdxError::Host(format!(
             "this KVM cannot make a TD (KVM_X86_TDX_VM): {} (needs an Intel host with TDX \
              enabled, Linux 6.16 or later, kvm_intel.tdx=1)",
             os(e.errno())
         ))
-    })
+    })?;
+    let split = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+        args: [24, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&split)
+        .map_err(|e| TdxError::Host(format!("a split irqchip for the TD: {}", os(e.errno()))))?;
+    Ok(vm)
 }
 
+/// The launch through KVM, on a TD with no vCPU yet: it makes them after INIT_VM
+/// (`TdxModule::create_vcpus`) and hands them over when the launch is done.
 pub struct KvmTdx<'a> {
     vm: &'a VmFd,
-    vcpus: &'a [VcpuFd],
+    vcpus: Vec<VcpuFd>,
 }
 
 impl<'a> KvmTdx<'a> {
-    pub fn new(vm: &'a VmFd, vcpus: &'a [VcpuFd]) -> KvmTdx<'a> {
-        KvmTdx { vm, vcpus }
+    pub fn new(vm: &'a VmFd) -> KvmTdx<'a> {
+        KvmTdx {
+            vm,
+            vcpus: Vec::new(),
+        }
+    }
+
+    /// The vCPUs, launched, for the VMM to run.
+    pub fn into_vcpus(self) -> Vec<VcpuFd> {
+        self.vcpus
     }
 
     fn vm_op(&self, what: &'static str, cmd: &mut TdxCmd) -> Result<(), TdxError> {
@@ -124,6 +143,17 @@ impl TdxModule for KvmTdx<'_> {
         self.vm_op("KVM_TDX_INIT_VM", &mut cmd)
     }
 
+    fn create_vcpus(&mut self, n: usize) -> Result<(), TdxError> {
+        for i in self.vcpus.len()..n {
+            let vcpu = self
+                .vm
+                .create_vcpu(i as u64)
+                .map_err(|e| TdxError::Host(format!("vCPU {i}: {}", os(e.errno()))))?;
+            self.vcpus.push(vcpu);
+        }
+        Ok(())
+    }
+
     fn init_vcpu(&mut self, index: usize, hob_gpa: u64) -> Result<(), TdxError> {
         let mut cmd = TdxCmd {
             id: INIT_VCPU,
@@ -146,7 +176,7 @@ impl TdxModule for KvmTdx<'_> {
             gpa,
             nr_pages: len / 4096,
         };
-        // KVM advances the region as it goes and returns EAGAIN when interrupted.
+        // KVM advances the region as it goes and returns EAGAIN or EINTR when interrupted.
         while region.nr_pages > 0 {
             let left = region.nr_pages;
             let mut cmd = TdxCmd {
@@ -164,7 +194,7 @@ impl TdxModule for KvmTdx<'_> {
                     )))
                 }
                 Err(TdxError::Command { source, .. })
-                    if source.raw_os_error() == Some(libc::EAGAIN) => {}
+                    if matches!(source.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {}
                 Err(e) => return Err(e),
             }
         }

@@ -45,8 +45,10 @@ pub struct TdParams {
 
 /// What the TDX module is asked to do, through KVM.
 pub trait TdxModule {
-    /// `KVM_TDX_INIT_VM`.
+    /// `KVM_TDX_INIT_VM`, before any vCPU exists.
     fn init_vm(&mut self, td: &TdParams) -> Result<(), TdxError>;
+    /// Makes the TD's `n` vCPUs: only after INIT_VM (KVM refuses them before).
+    fn create_vcpus(&mut self, n: usize) -> Result<(), TdxError>;
     /// `KVM_TDX_INIT_VCPU`: the vCPU starts with RCX = the TD HOB's address.
     fn init_vcpu(&mut self, index: usize, hob_gpa: u64) -> Result<(), TdxError>;
     /// `KVM_TDX_INIT_MEM_REGION`: the pages `[gpa, gpa + source.len())` are added with
@@ -95,6 +97,7 @@ pub fn launch(
         .gpa;
 
     module.init_vm(td)?;
+    module.create_vcpus(vcpus)?;
     for index in 0..vcpus {
         module.init_vcpu(index, hob)?;
     }
