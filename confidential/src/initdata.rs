@@ -20,6 +20,9 @@ use sha2::{Digest, Sha256, Sha384, Sha512};
 
 /// The key of `[data]` that holds the agent policy.
 pub const POLICY_KEY: &str = "policy.rego";
+/// The key of `[data]` that holds the attestation agent's config (Confidential
+/// Containers' `aa.toml`), whose `[token_configs.kbs] url` names the key broker.
+pub const AA_CONFIG_KEY: &str = "aa.toml";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InitDataError {
@@ -33,6 +36,8 @@ pub enum InitDataError {
     UnknownKey(String),
     #[error("init-data's [data] entry {0:?} is not a string")]
     NotAString(String),
+    #[error("init-data's aa.toml: {0}")]
+    AaConfig(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +54,8 @@ pub struct InitData {
     pub data: BTreeMap<String, String>,
     /// The digest of the document's bytes as given.
     pub digest: Vec<u8>,
+    /// The document itself (a key broker checks its digest against the evidence).
+    pub text: String,
 }
 
 impl InitData {
@@ -98,7 +105,28 @@ impl InitData {
             algorithm,
             data,
             digest,
+            text: text.to_owned(),
         })
+    }
+
+    /// The key broker's URL, if the document's `aa.toml` names one.
+    pub fn kbs_url(&self) -> Result<Option<String>, InitDataError> {
+        let Some(aa) = self.data.get(AA_CONFIG_KEY) else {
+            return Ok(None);
+        };
+        let bad = |e: String| InitDataError::AaConfig(e);
+        let t: toml::Table = aa
+            .parse()
+            .map_err(|e: toml::de::Error| bad(e.message().to_owned()))?;
+        match t
+            .get("token_configs")
+            .and_then(|c| c.get("kbs"))
+            .and_then(|k| k.get("url"))
+        {
+            None => Ok(None),
+            Some(toml::Value::String(url)) => Ok(Some(url.clone())),
+            Some(_) => Err(bad("[token_configs.kbs] url is not a string".into())),
+        }
     }
 
     /// The agent policy, if the document carries one.
@@ -177,5 +205,30 @@ mod tests {
             InitDataError::NotAString("policy.rego".into())
         );
         assert!(matches!(e("version = "), InitDataError::Toml(_)));
+    }
+    #[test]
+    fn the_key_brokers_url_comes_from_aa_toml() {
+        let with = |aa: &str| {
+            let doc = format!(
+                "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"aa.toml\" = '''\n{aa}\n'''\n"
+            );
+            InitData::parse(doc.as_bytes()).unwrap()
+        };
+        let d = with("[token_configs.kbs]\nurl = \"http://10.0.0.1:8080\"");
+        assert_eq!(d.kbs_url(), Ok(Some("http://10.0.0.1:8080".into())));
+        assert!(d.text.contains("token_configs"));
+        assert_eq!(
+            with("[token_configs.coco_as]\nurl = \"x\"").kbs_url(),
+            Ok(None)
+        );
+        assert_eq!(InitData::parse(DOC.as_bytes()).unwrap().kbs_url(), Ok(None));
+        assert!(matches!(
+            with("[token_configs.kbs]\nurl = 3").kbs_url(),
+            Err(InitDataError::AaConfig(_))
+        ));
+        assert!(matches!(
+            with("[token_configs").kbs_url(),
+            Err(InitDataError::AaConfig(_))
+        ));
     }
 }

@@ -42,6 +42,9 @@ struct Synthetic {
     measurement: [u8; 48],
     /// Report data to use instead of what the client asks for (a replayed report).
     stale: Option<[u8; 64]>,
+    /// REPORTED_TCB and CHIP_ID (the synthetic VCEK's: `gen.sh`).
+    tcb: [u8; 8],
+    chip_id: [u8; 64],
 }
 
 impl Synthetic {
@@ -51,6 +54,8 @@ impl Synthetic {
             host_data: init.host_data(),
             measurement: MEASUREMENT,
             stale: None,
+            tcb: [3, 0, 0, 0, 0, 0, 8, 0x73],
+            chip_id: [0x5c; 64],
         }
     }
 
@@ -62,6 +67,8 @@ impl Synthetic {
         r[0x50..0x90].copy_from_slice(self.stale.as_ref().unwrap_or(report_data));
         r[0x90..0xc0].copy_from_slice(&self.measurement);
         r[0xc0..0xe0].copy_from_slice(&self.host_data);
+        r[0x180..0x188].copy_from_slice(&self.tcb);
+        r[0x1a0..0x1e0].copy_from_slice(&self.chip_id);
         let key = p384::ecdsa::SigningKey::from_pkcs8_der(VCEK_KEY).unwrap();
         let sig: p384::ecdsa::Signature = key.sign_prehash(&Sha384::digest(&r[..0x2a0])).unwrap();
         let (rr, ss) = sig.split_bytes();
@@ -405,7 +412,11 @@ fn amds_real_report_chains_but_cannot_answer_a_challenge() {
     // Trusting AMD's roots: the chain and the signature pass (they are checked before
     // the report data), and the report, signed long ago, does not bind this nonce.
     let broker = Broker::start(amd_roots());
-    broker.state.lock().unwrap().expected = Expected::default();
+    let milan = hex::decode(MILAN_REPORT.trim()).unwrap();
+    broker.state.lock().unwrap().expected = Expected {
+        measurement: Some(milan[0x90..0xc0].try_into().unwrap()),
+        ..Expected::default()
+    };
     let (_, _, detail) = refused(broker.client(Milan).attest().unwrap_err());
     assert!(
         detail.starts_with("the report data is d447b55d"),
@@ -565,4 +576,33 @@ fn a_flooding_or_silent_broker_is_bounded() {
     assert!(e.contains("receive"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     drop(silent);
+}
+
+#[test]
+fn a_broker_that_expects_no_measurement_releases_nothing() {
+    let broker = Broker::start(synthetic_roots());
+    broker.state.lock().unwrap().expected = Expected::default();
+    let (_, _, detail) = refused(broker.client(Synthetic::honest()).attest().unwrap_err());
+    assert_eq!(detail, BrokerError::NoMeasurement.to_string());
+}
+
+#[test]
+fn a_report_must_claim_its_vceks_chip_and_tcb() {
+    let broker = Broker::start(synthetic_roots());
+    // A newer SNP firmware than the VCEK was issued for: an old VCEK vouching for it.
+    let mut newer = Synthetic::honest();
+    newer.tcb[6] = 9;
+    let (_, _, detail) = refused(broker.client(newer).attest().unwrap_err());
+    assert_eq!(
+        detail,
+        "the report claims SNP SPL 9, its VCEK was issued for 8"
+    );
+    let mut other_chip = Synthetic::honest();
+    other_chip.chip_id[63] ^= 1;
+    let (_, _, detail) = refused(broker.client(other_chip).attest().unwrap_err());
+    assert!(detail.contains("CHIP_ID"), "{detail}");
+    // A guest policy that masks the chip id (MASK_CHIP_ID) is not a mismatch.
+    let mut masked = Synthetic::honest();
+    masked.chip_id = [0; 64];
+    broker.client(masked).attest().expect("a masked chip id");
 }

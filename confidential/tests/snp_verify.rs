@@ -122,6 +122,7 @@ fn the_agents_init_data_check_reads_the_fields_the_verifier_reads() {
     let mut init = InitData {
         algorithm: Algorithm::Sha256,
         data: Default::default(),
+        text: String::new(),
         digest: v.host_data.to_vec(),
     };
     check_init_data(Tee::SevSnp, &tsm, &v.report_data, &init).expect("the report's own values");

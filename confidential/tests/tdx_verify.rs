@@ -132,6 +132,7 @@ fn the_agents_init_data_check_reads_the_fields_the_verifier_reads() {
     let mut init = InitData {
         algorithm: Algorithm::Sha384,
         data: Default::default(),
+        text: String::new(),
         digest: v.mr_config_id.to_vec(),
     };
     check_init_data(Tee::Tdx, &report, &v.report_data, &init).expect("the quote's own values");

@@ -28,6 +28,10 @@ pub enum BrokerError {
     Verify(#[from] VerifyError),
     #[error("the TEE {0} is not one this broker verifies (only snp)")]
     Tee(String),
+    #[error(
+        "no launch measurement is expected: a broker releases secrets to one launch, not to any"
+    )]
+    NoMeasurement,
 }
 
 /// What an accepted attestation established.
@@ -50,6 +54,9 @@ pub fn check(
 ) -> Result<Attested, BrokerError> {
     if tee != Tee::Snp {
         return Err(BrokerError::Tee(tee.to_string()));
+    }
+    if expected.measurement.is_none() {
+        return Err(BrokerError::NoMeasurement);
     }
     if attestation.runtime_data.nonce != nonce {
         return Err(BrokerError::Nonce {

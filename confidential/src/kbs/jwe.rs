@@ -85,6 +85,19 @@ impl TeeKey {
         )
         .map_err(|e| JweError::Header(e.to_string()))?;
         let field = |name: &str| header.get(name).and_then(Value::as_str);
+        // Nothing this client would have to understand to read the content correctly.
+        for unsupported in ["zip", "crit"] {
+            if header.get(unsupported).is_some() {
+                return Err(JweError::Header(format!(
+                    "{unsupported:?} is not supported"
+                )));
+            }
+        }
+        if v.get("aad").is_some() {
+            return Err(JweError::Header(
+                "a JWE \"aad\" member is not supported".into(),
+            ));
+        }
         match field("alg") {
             Some(ALG) => {}
             other => return Err(JweError::Alg(other.unwrap_or_default().to_owned())),
@@ -272,6 +285,27 @@ mod tests {
             let got = key.open(v.to_string().as_bytes());
             assert!(got.is_err(), "{member} altered still opened");
         }
+    }
+
+    #[test]
+    fn members_the_client_would_have_to_understand_are_refused() {
+        let key = TeeKey::generate();
+        let sealed: Value = serde_json::from_slice(&seal(&key.public(), b"s").unwrap()).unwrap();
+        let mut with_aad = sealed.clone();
+        with_aad["aad"] = Value::String("eA".into());
+        let e = key.open(with_aad.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("aad"), "{e}");
+        let mut header: Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(sealed["protected"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        header["zip"] = Value::String("DEF".into());
+        let mut zipped = sealed.clone();
+        zipped["protected"] = Value::String(URL_SAFE_NO_PAD.encode(header.to_string()));
+        let e = key.open(zipped.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("zip"), "{e}");
     }
 
     #[test]

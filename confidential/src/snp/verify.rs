@@ -45,6 +45,16 @@ pub enum VerifyError {
     Chain,
     #[error("the report's signature does not verify with the VCEK")]
     Signature,
+    #[error("the VCEK lacks AMD's TCB extension {0} (1.3.6.1.4.1.3704.1.3.x)")]
+    VcekTcbMissing(&'static str),
+    #[error("the report claims {what} SPL {report}, its VCEK was issued for {vcek}")]
+    VcekTcb {
+        what: &'static str,
+        report: u8,
+        vcek: u8,
+    },
+    #[error("the report's CHIP_ID is not the hwID its VCEK was issued for")]
+    ChipId,
     #[error("the report's signature has non-zero reserved bytes")]
     SignatureReserved,
     #[error("the guest policy {0:#x} allows debugging")]
@@ -87,10 +97,68 @@ fn array<const N: usize>(r: &[u8], at: usize) -> [u8; N] {
 }
 
 /// A VCEK whose chain to AMD's root has been checked (a verifier keeps these: the chain
-/// costs three RSA-PSS 4096 verifications, and one chip signs many reports).
+/// costs three RSA-PSS 4096 verifications, and one chip signs many reports), with what
+/// it was issued for: the chip (hwID) and the TCB (security patch levels). A report it
+/// signs must claim that chip and that TCB, or an old VCEK would vouch for a newer TCB.
 #[derive(Clone, Debug)]
 pub struct Vcek {
     key: p384::ecdsa::VerifyingKey,
+    hw_id: Option<Vec<u8>>,
+    tcb: Tcb,
+}
+
+/// A VCEK's TCB: bootloader, TEE, SNP firmware and microcode SPLs, and Turin's FMC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tcb {
+    bootloader: Option<u8>,
+    tee: Option<u8>,
+    snp: Option<u8>,
+    microcode: Option<u8>,
+    fmc: Option<u8>,
+}
+
+/// AMD's VCEK extensions: the SPLs (INTEGERs) and the hwID (an OCTET STRING).
+fn vcek_extensions(x509: &x509_cert::Certificate) -> Result<(Option<Vec<u8>>, Tcb), VerifyError> {
+    let bad = |what: &str| VerifyError::Certificate(format!("its {what} extension is malformed"));
+    let mut tcb = Tcb::default();
+    let mut hw_id = None;
+    for ext in x509.tbs_certificate.extensions.iter().flatten() {
+        let oid = ext.extn_id.to_string();
+        let v = ext.extn_value.as_bytes();
+        let spl = || -> Result<u8, VerifyError> {
+            // DER INTEGER 0..=255: one content byte, or 0x00 then one above 0x7f.
+            match v {
+                [0x02, 1, b] if *b < 0x80 => Ok(*b),
+                [0x02, 2, 0, b] if *b >= 0x80 => Ok(*b),
+                _ => Err(bad(&oid)),
+            }
+        };
+        match oid.as_str() {
+            "1.3.6.1.4.1.3704.1.3.1" => tcb.bootloader = Some(spl()?),
+            "1.3.6.1.4.1.3704.1.3.2" => tcb.tee = Some(spl()?),
+            "1.3.6.1.4.1.3704.1.3.3" => tcb.snp = Some(spl()?),
+            "1.3.6.1.4.1.3704.1.3.8" => tcb.microcode = Some(spl()?),
+            "1.3.6.1.4.1.3704.1.3.9" => tcb.fmc = Some(spl()?),
+            "1.3.6.1.4.1.3704.1.4" => {
+                hw_id = Some(match v {
+                    [0x04, n, rest @ ..] if *n as usize == rest.len() => rest.to_vec(),
+                    raw => raw.to_vec(),
+                })
+            }
+            _ => {}
+        }
+    }
+    for (name, spl) in [
+        ("blSPL", tcb.bootloader),
+        ("teeSPL", tcb.tee),
+        ("snpSPL", tcb.snp),
+        ("ucodeSPL", tcb.microcode),
+    ] {
+        if spl.is_none() {
+            return Err(VerifyError::VcekTcbMissing(name));
+        }
+    }
+    Ok((hw_id, tcb))
 }
 
 impl Vcek {
@@ -118,7 +186,8 @@ impl Vcek {
         }
         let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(cert.public_key_sec1())
             .map_err(|e| VerifyError::Certificate(format!("its key is not a P-384 point: {e}")))?;
-        Ok(Vcek { key })
+        let (hw_id, tcb) = vcek_extensions(&x509)?;
+        Ok(Vcek { key, hw_id, tcb })
     }
 }
 
@@ -221,6 +290,7 @@ pub fn verify_with(
     if vmpl != 0 {
         return Err(VerifyError::Vmpl(vmpl));
     }
+    check_vcek_binding(vcek, report, version)?;
     let v = Verified {
         version,
         policy,
@@ -249,6 +319,48 @@ pub fn verify_with(
         VerifyError::HostData { got, want }
     })?;
     Ok(v)
+}
+
+/// The report must claim the chip and the TCB its VCEK was issued for. REPORTED_TCB
+/// (0x180) is bootloader, TEE, 4 reserved, SNP, microcode on Milan and Genoa; Turin
+/// (family 0x1A, named in reports of version 3 and later) puts FMC first: FMC,
+/// bootloader, TEE, SNP, 3 reserved, microcode. A CHIP_ID of zeros is a guest policy's
+/// MASK_CHIP_ID and is not compared.
+fn check_vcek_binding(vcek: &Vcek, report: &[u8], version: u32) -> Result<(), VerifyError> {
+    let t = &report[0x180..0x188];
+    let turin = version >= 3 && report[0x188] == 0x1a;
+    let claimed = if turin {
+        [
+            ("FMC", t[0], vcek.tcb.fmc),
+            ("bootloader", t[1], vcek.tcb.bootloader),
+            ("TEE", t[2], vcek.tcb.tee),
+            ("SNP", t[3], vcek.tcb.snp),
+            ("microcode", t[7], vcek.tcb.microcode),
+        ]
+    } else {
+        [
+            ("FMC", 0, None),
+            ("bootloader", t[0], vcek.tcb.bootloader),
+            ("TEE", t[1], vcek.tcb.tee),
+            ("SNP", t[6], vcek.tcb.snp),
+            ("microcode", t[7], vcek.tcb.microcode),
+        ]
+    };
+    for (what, report, vcek) in claimed {
+        if let Some(vcek) = vcek {
+            if report != vcek {
+                return Err(VerifyError::VcekTcb { what, report, vcek });
+            }
+        }
+    }
+    let chip = &report[0x1a0..0x1e0];
+    if let Some(hw_id) = &vcek.hw_id {
+        let n = hw_id.len().min(64);
+        if chip.iter().any(|b| *b != 0) && chip[..n] != hw_id[..n] {
+            return Err(VerifyError::ChipId);
+        }
+    }
+    Ok(())
 }
 
 /// ECDSA P-384 over SHA-384 of the signed bytes. R and S are stored little-endian in
