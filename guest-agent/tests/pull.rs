@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use cocoon_agent::pull::{pull, PullError, Reference};
 use cocoon_nested::registry::{digest, layer, Registry, E};
 
+/// A deadline no test pull comes near.
+fn soon() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(120)
+}
+
 fn reference(reg: &Registry, repo: &str, digest: &str) -> Reference {
     Reference::parse(&reg.reference(repo, digest)).unwrap()
 }
@@ -48,7 +53,7 @@ fn an_image_pulled_by_digest_has_its_layers_and_whiteouts_applied() {
     };
     let digest = reg.push_image("test/app", &base_layers());
     let (_d, root, work) = dirs();
-    pull(&reference(&reg, "test/app", &digest), &root, &work).unwrap();
+    pull(&reference(&reg, "test/app", &digest), &root, &work, soon()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
     assert!(!root.join("etc/gone").exists());
@@ -102,7 +107,7 @@ fn an_index_gives_the_linux_amd64_manifest() {
         &serde_json::to_vec(&index).unwrap(),
     );
     let (_d, root, work) = dirs();
-    pull(&reference(&reg, "test/multi", &index), &root, &work).unwrap();
+    pull(&reference(&reg, "test/multi", &index), &root, &work, soon()).unwrap();
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
     assert!(!root.join("arm").exists());
 }
@@ -115,7 +120,7 @@ fn a_digest_the_registry_lacks_or_content_that_is_not_its_digest_is_refused() {
     let image = reg.push_image("test/app", &base_layers());
     let (_d, root, work) = dirs();
     let missing = format!("sha256:{}", "0".repeat(64));
-    let e = pull(&reference(&reg, "test/app", &missing), &root, &work).unwrap_err();
+    let e = pull(&reference(&reg, "test/app", &missing), &root, &work, soon()).unwrap_err();
     assert!(matches!(e, PullError::Missing { status: 404, .. }), "{e}");
     assert!(e.to_string().contains(&missing), "{e}");
     assert!(!root.exists());
@@ -132,7 +137,7 @@ fn a_digest_the_registry_lacks_or_content_that_is_not_its_digest_is_refused() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&data, &bytes).unwrap();
-    let e = pull(&reference(&reg, "test/app", &image), &root, &work).unwrap_err();
+    let e = pull(&reference(&reg, "test/app", &image), &root, &work, soon()).unwrap_err();
     match &e {
         PullError::DigestMismatch {
             what: "layer",
@@ -184,7 +189,7 @@ fn layers_cannot_write_outside_the_root() {
     ] {
         let digest = reg.push_image("test/evil", &[l]);
         let (d, root, work) = dirs();
-        let e = pull(&reference(&reg, "test/evil", &digest), &root, &work).unwrap_err();
+        let e = pull(&reference(&reg, "test/evil", &digest), &root, &work, soon()).unwrap_err();
         assert!(
             matches!(e, PullError::Malformed(_)) && e.to_string().contains(why),
             "{name}: {e}"
@@ -211,20 +216,22 @@ fn a_container_gets_its_pulled_root_and_loses_it_on_removal() {
     let images = tempfile::tempdir().unwrap();
     let spec = br#"{"ociVersion":"1.0.2","root":{"path":"/run/cocoon/shared/c1/rootfs"},"process":{"args":["sh"],"cwd":"/"}}"#;
     let image = format!("{}/test/app@{digest}", reg.addr);
-    let out = cocoon_agent::pull::for_container(images.path(), "c1", &image, spec).unwrap();
+    let out = cocoon_agent::pull::for_container(images.path(), "c1", &image, spec, soon()).unwrap();
     let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let root = images.path().join("c1/rootfs");
     assert_eq!(out["root"]["path"], root.to_str().unwrap());
     assert_eq!(out["process"]["args"][0], "sh");
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
     assert!(!images.path().join("c1/work").exists());
-    let again = cocoon_agent::pull::for_container(images.path(), "c1", &image, spec).unwrap_err();
+    let again =
+        cocoon_agent::pull::for_container(images.path(), "c1", &image, spec, soon()).unwrap_err();
     assert!(again.contains("already"), "{again}");
     cocoon_agent::pull::remove_for_container(images.path(), "c1");
     assert!(!images.path().join("c1").exists());
 
     let wrong = format!("{}/test/app@sha256:{}", reg.addr, "1".repeat(64));
-    let e = cocoon_agent::pull::for_container(images.path(), "c2", &wrong, spec).unwrap_err();
+    let e =
+        cocoon_agent::pull::for_container(images.path(), "c2", &wrong, spec, soon()).unwrap_err();
     assert!(
         e.starts_with(&format!(
             "pulling {wrong} in the guest: manifest sha256:111"
@@ -233,6 +240,77 @@ fn a_container_gets_its_pulled_root_and_loses_it_on_removal() {
     );
     assert!(!images.path().join("c2").exists());
     for bad_id in ["", "..", "a/b"] {
-        assert!(cocoon_agent::pull::for_container(images.path(), bad_id, &image, spec).is_err());
+        assert!(
+            cocoon_agent::pull::for_container(images.path(), bad_id, &image, spec, soon()).is_err()
+        );
     }
+}
+
+#[test]
+fn later_layers_replace_what_earlier_ones_left_whatever_its_kind() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let layers = vec![
+        layer(&[
+            E::File("was-file", b"f", 0o644),
+            E::Dir("was-dir"),
+            E::File("was-dir/inner", b"i", 0o644),
+            E::File("linked", b"old", 0o644),
+            E::Dir("opaque"),
+            E::File("opaque/lower", b"l", 0o644),
+            // Merged /usr: a link inside the root.
+            E::Dir("usr"),
+            E::Dir("usr/lib"),
+            E::Link("lib", "usr/lib"),
+        ]),
+        layer(&[
+            // A directory where a file was, a link where a directory was.
+            E::Dir("was-file"),
+            E::File("was-file/now", b"n", 0o644),
+            E::Link("was-dir", "was-file"),
+            // A hard link over an existing file.
+            E::File("target", b"t", 0o644),
+            E::HardLink("linked", "target"),
+            // This layer's own file under an opaque directory, listed before the marker
+            // and with no entry of its own for the directory between.
+            E::File("opaque/sub/mine", b"m", 0o644),
+            E::File("opaque/.wh..wh..opq", b"", 0o644),
+            E::File("lib/libfoo.so", b"so", 0o755),
+        ]),
+    ];
+    let digest = reg.push_image("test/replace", &layers);
+    let (_d, root, work) = dirs();
+    pull(
+        &reference(&reg, "test/replace", &digest),
+        &root,
+        &work,
+        soon(),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(root.join("was-file/now")).unwrap(), b"n");
+    assert_eq!(
+        std::fs::read_link(root.join("was-dir")).unwrap(),
+        Path::new("was-file")
+    );
+    assert_eq!(std::fs::read(root.join("linked")).unwrap(), b"t");
+    assert_eq!(std::fs::read(root.join("opaque/sub/mine")).unwrap(), b"m");
+    assert!(!root.join("opaque/lower").exists());
+    assert_eq!(
+        std::fs::read(root.join("usr/lib/libfoo.so")).unwrap(),
+        b"so"
+    );
+}
+
+#[test]
+fn a_pull_past_its_deadline_stops_and_leaves_nothing() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let digest = reg.push_image("test/app", &base_layers());
+    let (_d, root, work) = dirs();
+    let past = std::time::Instant::now();
+    let e = pull(&reference(&reg, "test/app", &digest), &root, &work, past).unwrap_err();
+    assert!(e.to_string().contains("ran out of time"), "{e}");
+    assert!(!root.exists());
 }

@@ -15,7 +15,6 @@ const MAX_HEAD: usize = 64 * 1024;
 /// A reply whose body is still on the wire.
 pub struct Reply {
     pub status: u16,
-    pub content_type: Option<String>,
     pub length: Option<u64>,
     pub location: Option<String>,
     body: Body,
@@ -77,7 +76,18 @@ pub fn get(
     deadline: Duration,
 ) -> Result<Reply, PullError> {
     let fail = |what: &str, e: std::io::Error| PullError::Registry(format!("{what} {host}: {e}"));
-    let addrs: Vec<_> = host
+    // A registry named without a port is on HTTP's (a v6 address keeps its brackets).
+    let with_port = match host.rsplit_once(':') {
+        Some((h, p))
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            host.to_owned()
+        }
+        _ => format!("{host}:80"),
+    };
+    let addrs: Vec<_> = with_port
         .to_socket_addrs()
         .map_err(|e| fail("resolve", e))?
         .collect();
@@ -136,7 +146,7 @@ pub fn get(
         .ok_or_else(|| {
             PullError::Registry(format!("{host} sent {status_line:?}, not an HTTP/1 status"))
         })?;
-    let (mut content_type, mut length, mut location, mut chunked) = (None, None, None, false);
+    let (mut length, mut location, mut chunked) = (None, None, false);
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(PullError::Registry(format!(
@@ -145,7 +155,6 @@ pub fn get(
         };
         let value = value.trim().to_owned();
         match name.trim().to_ascii_lowercase().as_str() {
-            "content-type" => content_type = Some(value),
             "content-length" => {
                 length =
                     Some(value.parse().map_err(|_| {
@@ -168,7 +177,6 @@ pub fn get(
     };
     Ok(Reply {
         status,
-        content_type,
         length,
         location,
         body,

@@ -15,7 +15,7 @@ mod unpack;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -120,10 +120,24 @@ fn check_digest(d: &str) -> Result<&str, ()> {
 
 /// Pulls `image` and unpacks its layers into `rootfs` (which must not exist yet), using
 /// `work` for the downloaded layers (removed after).
-pub fn pull(image: &Reference, rootfs: &Path, work: &Path) -> Result<(), PullError> {
+pub fn pull(
+    image: &Reference,
+    rootfs: &Path,
+    work: &Path,
+    deadline: Instant,
+) -> Result<(), PullError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| PullError::Io { path, source }
+    };
+    let late = || -> Result<(), PullError> {
+        match Instant::now() >= deadline {
+            true => Err(PullError::Registry(format!(
+                "the pull of {} ran out of time",
+                image.digest
+            ))),
+            false => Ok(()),
+        }
     };
     let (manifest, _) = fetch_manifest(image, &image.digest)?;
     let manifest = match media_type(&manifest).as_str() {
@@ -170,7 +184,8 @@ pub fn pull(image: &Reference, rootfs: &Path, work: &Path) -> Result<(), PullErr
     let result = (|| {
         for (digest, size, kind) in &planned {
             let file = work.join(digest.replace(':', "-"));
-            fetch_blob(image, digest, *size, &file)?;
+            late()?;
+            fetch_blob(image, digest, *size, &file, deadline)?;
             let f = File::open(&file).map_err(io(&file))?;
             unpack::layer(f, *kind, rootfs).map_err(|e| match e {
                 PullError::Malformed(m) => PullError::Malformed(format!("layer {digest}: {m}")),
@@ -190,9 +205,9 @@ pub fn pull(image: &Reference, rootfs: &Path, work: &Path) -> Result<(), PullErr
 /// `/run`: an image costs guest memory).
 pub const IMAGES_DIR: &str = "/run/cocoon/images";
 
-/// Mounts a tmpfs of its own at `IMAGES_DIR`, once: unlike the `/run` it sits in, it
-/// allows set-user-ID programs and device nodes, as an image's root filesystem may hold
-/// them (the container's own mount options still apply).
+/// Mounts a tmpfs of its own at `IMAGES_DIR`, once, at most half the guest's memory:
+/// unlike the `/run` it sits in, it allows set-user-ID programs, as an image's root
+/// filesystem may hold them (the container's own mount options still apply).
 pub fn images_dir() -> Result<&'static Path, String> {
     static MOUNTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     let dir = Path::new(IMAGES_DIR);
@@ -204,7 +219,7 @@ pub fn images_dir() -> Result<&'static Path, String> {
                 dir,
                 Some("tmpfs"),
                 nix::mount::MsFlags::empty(),
-                Some("mode=0700"),
+                Some("mode=0700,size=50%"),
             )
             .map_err(|e| format!("cannot mount a tmpfs at {IMAGES_DIR}: {e}"))
         })
@@ -213,12 +228,15 @@ pub fn images_dir() -> Result<&'static Path, String> {
 }
 
 /// Pulls `image` for container `id` under `images` and returns `spec_json` with its
-/// root pointing there. The container's directory is removed on failure.
+/// root pointing there, giving up at `deadline`. The container's directory is claimed
+/// first (a second pull for the same id fails without touching the first's) and is
+/// removed on failure.
 pub fn for_container(
     images: &Path,
     id: &str,
     image: &str,
     spec_json: &[u8],
+    deadline: Instant,
 ) -> Result<Vec<u8>, String> {
     if id.is_empty() || id.contains('/') || id == "." || id == ".." {
         return Err(format!("container id {id:?} cannot name a directory"));
@@ -226,12 +244,19 @@ pub fn for_container(
     let reference = Reference::parse(image).map_err(|e| e.to_string())?;
     let mut spec: Value =
         serde_json::from_slice(spec_json).map_err(|e| format!("the OCI spec: {e}"))?;
+    if !spec.is_object() {
+        return Err("the OCI spec is not a JSON object".into());
+    }
     let dir = images.join(id);
-    if dir.exists() {
-        return Err(format!("container {id} already has a pulled image"));
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(format!("container {id} already has a pulled image"))
+        }
+        Err(e) => return Err(format!("cannot make {}: {e}", dir.display())),
     }
     let rootfs = dir.join("rootfs");
-    let result = pull(&reference, &rootfs, &dir.join("work"));
+    let result = pull(&reference, &rootfs, &dir.join("work"), deadline);
     let _ = std::fs::remove_dir_all(dir.join("work"));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&dir);
@@ -306,19 +331,23 @@ fn fetch_manifest(image: &Reference, digest: &str) -> Result<(Value, Vec<u8>), P
     }
     let mut v: Value = serde_json::from_slice(&body)
         .map_err(|e| PullError::Malformed(format!("manifest {digest}: {e}")))?;
-    // Docker's schema 2 may leave mediaType out of the document; the reply says it.
-    if v.get("mediaType").is_none() {
-        if let Some(t) = &reply.content_type {
-            v["mediaType"] =
-                Value::String(t.split(';').next().unwrap_or_default().trim().to_owned());
-        }
+    // OCI lets mediaType be left out of the document: tell an index by its shape (the
+    // digest-checked bytes), not by the reply's unauthenticated Content-Type.
+    if v.get("mediaType").is_none() && v.get("manifests").is_some() {
+        v["mediaType"] = Value::String("application/vnd.oci.image.index.v1+json".into());
     }
     Ok((v, body))
 }
 
 /// Downloads blob `digest` of `size` bytes to `file`, hashing as it goes; the file is
 /// kept only if the bytes match.
-fn fetch_blob(image: &Reference, digest: &str, size: u64, file: &Path) -> Result<(), PullError> {
+fn fetch_blob(
+    image: &Reference,
+    digest: &str,
+    size: u64,
+    file: &Path,
+    deadline: Instant,
+) -> Result<(), PullError> {
     let path = format!("/v2/{}/blobs/{digest}", image.repository);
     let mut reply = http::get(&image.registry, &path, &[], DEADLINE)?;
     if reply.status != 200 {
@@ -355,6 +384,12 @@ fn fetch_blob(image: &Reference, digest: &str, size: u64, file: &Path) -> Result
         got += n as u64;
         if got > size {
             break;
+        }
+        if Instant::now() >= deadline {
+            let _ = std::fs::remove_file(file);
+            return Err(PullError::Registry(format!(
+                "layer {digest}: the pull ran out of time after {got} of {size} bytes"
+            )));
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(|source| PullError::Io {

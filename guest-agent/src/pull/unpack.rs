@@ -135,6 +135,19 @@ pub fn layer(file: File, kind: Compression, root: &Path) -> Result<(), PullError
                 remove(&dir.join(hidden))?;
             }
         } else {
+            // What a lower layer left at this path goes first, unless a directory meets a
+            // directory: tar replaces a file by a file, not a directory by a file or a
+            // link, nor anything by a hard link. A path through a link is left to
+            // `unpack_in`, which follows it only if it stays inside the root.
+            if let Ok(Some(dir)) = parent_inside(root, &rel) {
+                let target = dir.join(&name);
+                if let Ok(m) = std::fs::symlink_metadata(&target) {
+                    let merge = m.is_dir() && entry.header().entry_type().is_dir();
+                    if !merge {
+                        remove(&target)?;
+                    }
+                }
+            }
             let inside = entry.unpack_in(root).map_err(|e| {
                 let cause = std::error::Error::source(&e)
                     .map(|c| format!(": {c}"))
@@ -144,7 +157,10 @@ pub fn layer(file: File, kind: Compression, root: &Path) -> Result<(), PullError
             if !inside {
                 return Err(bad(format!("entry {} leaves the root", rel.display())));
             }
-            ours.insert(rel);
+            // This layer made the entry and every directory above it.
+            for a in rel.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+                ours.insert(a.to_owned());
+            }
         }
     }
     Ok(())

@@ -212,6 +212,8 @@ pub enum E<'a> {
     File(&'a str, &'a [u8], u32),
     Dir(&'a str),
     Link(&'a str, &'a str),
+    /// A hard link at the first path to the second (an earlier entry of the layer).
+    HardLink(&'a str, &'a str),
 }
 
 /// A gzip'd tar layer of `entries`, owned by root.
@@ -240,6 +242,11 @@ pub fn layer(entries: &[E]) -> Vec<u8> {
             }
             E::Link(p, target) => {
                 h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, p, target).unwrap();
+            }
+            E::HardLink(p, target) => {
+                h.set_entry_type(tar::EntryType::Link);
                 h.set_size(0);
                 b.append_link(&mut h, p, target).unwrap();
             }
