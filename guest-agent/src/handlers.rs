@@ -179,7 +179,54 @@ impl AgentService {
     }
 }
 
+/// What the agent made for a container beside its spec: a pulled image, its secrets.
+fn remove_container_files(id: &str) {
+    crate::pull::remove_for_container(std::path::Path::new(crate::pull::IMAGES_DIR), id);
+    crate::pull::remove_for_container(std::path::Path::new(crate::secrets::DIR), id);
+}
+
 impl AgentService {
+    /// The secrets the spec asks for (`crate::secrets`), fetched from the pod's key
+    /// broker and mounted into it: the spec to create with, or `None` if it asks none.
+    async fn provide_secrets(&self, id: &str, spec: &[u8]) -> ttrpc::Result<Option<Vec<u8>>> {
+        // A spec that does not parse is the container runtime's to report.
+        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(spec) else {
+            return Ok(None);
+        };
+        let wanted = crate::secrets::requested(&doc)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container id {id:?}"),
+            ));
+        }
+        let gate = self.state.policy.clone();
+        let dir = std::path::Path::new(crate::secrets::DIR).join(id);
+        let bytes = tokio::task::spawn_blocking(move || {
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(crate::secrets::DIR)
+            .map_err(|e| format!("cannot make {}: {e}", crate::secrets::DIR))?;
+            crate::secrets::provide(
+                |s| gate.secret(&s.repository, &s.kind, &s.tag),
+                &wanted,
+                &dir,
+                &mut doc,
+            )?;
+            serde_json::to_vec(&doc).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
+        .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
+        Ok(Some(bytes))
+    }
+
     async fn create_container_inner(
         &self,
         req: CreateContainerRequest,
@@ -193,6 +240,13 @@ impl AgentService {
                 crate::runtime::error_chain(&e),
             )
         })?;
+        // What the agent makes beside the spec (a pulled image, secrets) is named by
+        // the container's id: never touch those of a container that exists.
+        if self.containers().get(&req.container_id).is_ok() {
+            return Err(rpc_error(crate::container::ContainerError::Exists(
+                req.container_id.clone(),
+            )));
+        }
         let pulled = if req.guest_image.is_empty() {
             None
         } else {
@@ -201,8 +255,13 @@ impl AgentService {
                 req.guest_image.clone(),
                 req.oci_spec_json.clone(),
             );
+            let deadline = CALL_DEADLINE
+                .try_with(|d| d.into_std())
+                .unwrap_or_else(|_| {
+                    std::time::Instant::now() + std::time::Duration::from_secs(300)
+                });
             let spec = tokio::task::spawn_blocking(move || {
-                crate::pull::for_container(crate::pull::images_dir()?, &id, &image, &spec)
+                crate::pull::for_container(crate::pull::images_dir()?, &id, &image, &spec, deadline)
             })
             .await
             .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
@@ -210,11 +269,19 @@ impl AgentService {
             timeline.mark("image-pulled", &req.container_id);
             Some(spec)
         };
+        let spec = pulled.as_deref().unwrap_or(&req.oci_spec_json);
+        let with_secrets = match self.provide_secrets(&req.container_id, spec).await {
+            Ok(v) => v,
+            Err(e) => {
+                remove_container_files(&req.container_id);
+                return Err(e);
+            }
+        };
         let created = self
             .containers()
             .create(
                 &req.container_id,
-                pulled.as_deref().unwrap_or(&req.oci_spec_json),
+                with_secrets.as_deref().unwrap_or(spec),
                 &req.storages,
                 req.stdio.get_or_default(),
             )
@@ -222,11 +289,8 @@ impl AgentService {
         let pid = match created {
             Ok(pid) => pid,
             Err(e) => {
-                if pulled.is_some() {
-                    crate::pull::remove_for_container(
-                        std::path::Path::new(crate::pull::IMAGES_DIR),
-                        &req.container_id,
-                    );
+                if !matches!(e, crate::container::ContainerError::Exists(_)) {
+                    remove_container_files(&req.container_id);
                 }
                 return Err(rpc_error(e));
             }
@@ -412,14 +476,13 @@ impl Agent for AgentService {
         };
         // Last look at memory.events before the cgroup goes.
         self.report_oom(&req.container_id);
-        self.containers()
-            .remove(&req.container_id, timeout)
-            .await
-            .map_err(rpc_error)?;
-        crate::pull::remove_for_container(
-            std::path::Path::new(crate::pull::IMAGES_DIR),
-            &req.container_id,
-        );
+        let removed = self.containers().remove(&req.container_id, timeout).await;
+        // Gone, or never made (a create still pulling its image, which then fails):
+        // what the agent made for it goes too.
+        if matches!(removed, Ok(()) | Err(ContainerError::NotFound(_))) {
+            remove_container_files(&req.container_id);
+        }
+        removed.map_err(rpc_error)?;
         Ok(Empty::new())
     }
 

@@ -22,4 +22,5 @@ pub mod reaper;
 pub mod reseed;
 pub mod runtime;
 pub mod sandbox;
+pub mod secrets;
 pub mod stdio;

@@ -72,7 +72,16 @@ pub struct Gate {
     mode: Mode,
     /// configfs-tsm's report directory (the guest's evidence), for `Mode::Tee`.
     tsm_root: std::path::PathBuf,
+    /// The init-data taken (its key broker, its text for the broker's check).
+    init_data: OnceLock<InitData>,
+    /// The session with the pod's key broker, made on first use.
+    kbs: Mutex<Option<KbsClient>>,
 }
+
+type KbsClient = cocoon_confidential::kbs::client::Client<
+    cocoon_confidential::kbs::http::Http,
+    cocoon_confidential::kbs::attester::SnpTsm,
+>;
 
 /// Why a call was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -134,6 +143,8 @@ impl Gate {
             confidential: mode.confidential(),
             mode,
             tsm_root,
+            init_data: OnceLock::new(),
+            kbs: Mutex::new(None),
         }
     }
 
@@ -187,7 +198,57 @@ impl Gate {
             .set(engine)
             .map_err(|_| "init-data was already set; it cannot change for a VM's life")?;
         let _ = self.init_digest.set(data.digest.clone());
+        let _ = self.init_data.set(data.clone());
         Ok(data)
+    }
+
+    /// A resource from the key broker the init-data names, fetched with the guest's
+    /// SEV-SNP evidence (one attested session for the VM's life, renewed when the broker
+    /// forgets it). Blocking: call it off the async runtime.
+    pub fn secret(&self, repository: &str, kind: &str, tag: &str) -> Result<Vec<u8>, String> {
+        let init = self
+            .init_data
+            .get()
+            .ok_or("no init-data: the key broker is named in the pod's init-data (aa.toml)")?;
+        let url = init.kbs_url().map_err(|e| e.to_string())?.ok_or(
+            "no key broker: the pod's init-data names none ([token_configs.kbs] url in aa.toml)",
+        )?;
+        match &self.mode {
+            Mode::Tee(Tee::SevSnp) => {}
+            Mode::Tee(Tee::Tdx) => {
+                return Err(
+                    "the key broker client sends SEV-SNP evidence only; TDX is not supported yet"
+                        .into(),
+                )
+            }
+            _ => return Err(
+                "this guest has no TEE evidence: secrets from a key broker need a confidential \
+                            launch (cocoon.confidential=sev-snp on the measured command line)"
+                    .into(),
+            ),
+        }
+        let mut session = self
+            .kbs
+            .lock()
+            .map_err(|_| "the key broker session is poisoned")?;
+        if session.is_none() {
+            let http =
+                cocoon_confidential::kbs::http::Http::new(&url, std::time::Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+            let attester = cocoon_confidential::kbs::attester::SnpTsm {
+                root: self.tsm_root.clone(),
+            };
+            *session = Some(cocoon_confidential::kbs::client::Client::new(
+                http,
+                attester,
+                Some(init.text.clone()),
+            ));
+        }
+        session
+            .as_mut()
+            .expect("made above")
+            .resource(repository, kind, tag)
+            .map_err(|e| e.to_string())
     }
 
     /// Decides `call` (the RPC's name, e.g. `ExecProcess`) with `input` (the request as

@@ -285,3 +285,63 @@ fn a_confidential_pod_is_refused_with_what_the_host_lacks() {
     }
     assert_clean(&env);
 }
+
+/// A container asking for secrets from the pod's key broker (`io.cocoon.kbs-secrets`)
+/// does not start without them: with no broker named in the init-data, or, here under
+/// TCG, with no TEE evidence to attest with, the agent refuses its creation and says why.
+#[test]
+fn a_container_whose_secrets_cannot_be_had_does_not_start() {
+    let env = env();
+    let secrets = "io.cocoon.kbs-secrets=key=default/key/one";
+    let with_broker = format!(
+        "io.cocoon.init-data={}",
+        base64::engine::general_purpose::STANDARD.encode(
+            "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"aa.toml\" = '''\n\
+             [token_configs.kbs]\nurl = \"http://127.0.0.1:9\"\n'''\n"
+        )
+    );
+    let no_broker = annotation("");
+    for (name, init, says) in [
+        ("kbs-none", no_broker.as_str(), "no key broker"),
+        (
+            "kbs-no-tee",
+            with_broker.as_str(),
+            "this guest has no TEE evidence",
+        ),
+    ] {
+        let out = ctr_run(
+            &env,
+            COCOON,
+            name,
+            &["--annotation", init, "--annotation", secrets],
+            &["true"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says) && err.contains("\"key\""),
+            "{name}: {}",
+            show(&out)
+        );
+        let _ = env.containerd.ctr(&["container", "delete", name]);
+    }
+    // A malformed request is named before anything is fetched.
+    let out = ctr_run(
+        &env,
+        COCOON,
+        "kbs-bad",
+        &[
+            "--annotation",
+            &with_broker,
+            "--annotation",
+            "io.cocoon.kbs-secrets=key=../etc/x",
+        ],
+        &["true"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not name=repository/type/tag"),
+        "{}",
+        show(&out)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", "kbs-bad"]);
+    assert_clean(&env);
+}

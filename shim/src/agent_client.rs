@@ -77,6 +77,10 @@ pub enum AgentError {
     },
 }
 
+/// The bound on a CreateContainer whose image the guest pulls, or whose secrets it
+/// fetches from a key broker (`docs/timeouts.md`).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A connected agent.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -417,11 +421,17 @@ impl AgentClient {
         .map(|r| r.interfaces)
     }
 
+    /// CreateContainer; `fetches` when the guest pulls the image or fetches secrets for
+    /// it over the network, which gets `FETCH_TIMEOUT` instead of the usual bound.
     pub async fn create_container(
         &self,
         req: cocoon_protocol::agent::CreateContainerRequest,
+        fetches: bool,
     ) -> Result<u32, AgentError> {
-        let t = self.call_timeout;
+        let t = match fetches {
+            true => self.call_timeout.max(FETCH_TIMEOUT),
+            false => self.call_timeout,
+        };
         let r = self
             .call(
                 "Agent.CreateContainer",

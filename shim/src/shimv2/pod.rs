@@ -26,6 +26,9 @@ pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
 /// (`registry/repository@sha256:…`): the host shares no root filesystem for it
 /// (containerd's `container_annotations = ["io.cocoon.*"]` passes it to the shim).
 pub const GUEST_IMAGE_ANNOTATION: &str = "io.cocoon.guest-image";
+/// Secrets the agent fetches from the pod's key broker into a container
+/// (`name=repository/type/tag,...`; the agent's `secrets` module).
+pub const KBS_SECRETS_ANNOTATION: &str = "io.cocoon.kbs-secrets";
 
 /// CRI's annotation saying whether a container is the pod's sandbox or a workload.
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
@@ -129,6 +132,17 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
                     cocoon_confidential::initdata::from_annotation(value).map_err(|e| bad(&e))?,
                 );
             }
+            // Checked by the agent, which fetches them; here only that it is one line.
+            KBS_SECRETS_ANNOTATION => {
+                if value.is_empty() || value.len() > 8192 || value.chars().any(char::is_control) {
+                    return Err(bad("must be name=repository/type/tag[,...] on one line"));
+                }
+            }
+            // A container's own: as a pod annotation containerd would copy it into every
+            // container of the pod, sidecars and init containers too.
+            GUEST_IMAGE_ANNOTATION if is_cri(spec) && is_sandbox(spec) => {
+                return Err(bad("is a container annotation: as a pod annotation it would apply to every container"));
+            }
             // Checked by the agent, which pulls it; here only that it is one plain line.
             GUEST_IMAGE_ANNOTATION => {
                 if value.is_empty()
@@ -149,7 +163,8 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
             _ => {
                 return Err(bad(&format!(
                     "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}, \
-                     {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION}, {GUEST_IMAGE_ANNOTATION})"
+                     {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION}, {GUEST_IMAGE_ANNOTATION}, \
+                     {KBS_SECRETS_ANNOTATION})"
                 )))
             }
         }
@@ -378,6 +393,13 @@ mod tests {
             (MEMORY_ANNOTATION, "32", "64 to 1048576"),
             ("io.cocoon.vm.vcpu", "2", "not a Cocoon annotation"),
             (INIT_DATA_ANNOTATION, "%%%", "not base64"),
+            // On the pod's sandbox: it would reach every container.
+            (
+                GUEST_IMAGE_ANNOTATION,
+                "r.io/a@sha256:00",
+                "container annotation",
+            ),
+            (KBS_SECRETS_ANNOTATION, "", "one line"),
             // `version = "0.1.0"` with no algorithm.
             (
                 INIT_DATA_ANNOTATION,

@@ -279,7 +279,16 @@ impl Service {
             creq.stdio = MessageField::some(stdio.streams());
             creq.sandbox_id = self.inner.group.clone();
             creq.guest_image = guest_image.clone().unwrap_or_default();
-            let pid = sb.agent.create_container(creq).await.map_err(agent_err)?;
+            let fetches = guest_image.is_some()
+                || spec
+                    .annotations()
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(pod::KBS_SECRETS_ANNOTATION));
+            let pid = sb
+                .agent
+                .create_container(creq, fetches)
+                .await
+                .map_err(agent_err)?;
             // Streams attach before Start, so no early output waits anywhere.
             let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
                 .await
