@@ -111,6 +111,16 @@ impl InitData {
 
     /// The key broker's URL, if the document's `aa.toml` names one.
     pub fn kbs_url(&self) -> Result<Option<String>, InitDataError> {
+        self.kbs_field("url")
+    }
+
+    /// The PEM certificate the broker's TLS certificate must chain to (`aa.toml`'s
+    /// `[token_configs.kbs] cert`), if given.
+    pub fn kbs_cert(&self) -> Result<Option<String>, InitDataError> {
+        self.kbs_field("cert")
+    }
+
+    fn kbs_field(&self, name: &str) -> Result<Option<String>, InitDataError> {
         let Some(aa) = self.data.get(AA_CONFIG_KEY) else {
             return Ok(None);
         };
@@ -121,11 +131,11 @@ impl InitData {
         match t
             .get("token_configs")
             .and_then(|c| c.get("kbs"))
-            .and_then(|k| k.get("url"))
+            .and_then(|k| k.get(name))
         {
             None => Ok(None),
-            Some(toml::Value::String(url)) => Ok(Some(url.clone())),
-            Some(_) => Err(bad("[token_configs.kbs] url is not a string".into())),
+            Some(toml::Value::String(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(bad(format!("[token_configs.kbs] {name} is not a string"))),
         }
     }
 
@@ -216,6 +226,9 @@ mod tests {
         };
         let d = with("[token_configs.kbs]\nurl = \"http://10.0.0.1:8080\"");
         assert_eq!(d.kbs_url(), Ok(Some("http://10.0.0.1:8080".into())));
+        assert_eq!(d.kbs_cert(), Ok(None));
+        let tls = with("[token_configs.kbs]\nurl = \"https://kbs\"\ncert = \"PEM\"");
+        assert_eq!(tls.kbs_cert(), Ok(Some("PEM".into())));
         assert!(d.text.contains("token_configs"));
         assert_eq!(
             with("[token_configs.coco_as]\nurl = \"x\"").kbs_url(),

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ const VCEK: &[u8] = include_bytes!("fixtures/snp-synthetic/vcek.der");
 const VCEK_KEY: &[u8] = include_bytes!("fixtures/snp-synthetic/vcek.pk8");
 const MILAN_REPORT: &str = include_str!("fixtures/snp/report_milan.hex");
 const MILAN_VCEK: &[u8] = include_bytes!("fixtures/snp/vcek_milan.der");
+const TLS_CA: &str = include_str!("fixtures/kbs-tls/ca.pem");
+const OTHER_CA: &str = include_str!("fixtures/kbs-tls/other-ca.pem");
+const SERVER_CERT: &str = include_str!("fixtures/kbs-tls/server.pem");
+const SERVER_KEY: &str = include_str!("fixtures/kbs-tls/server.pk8.pem");
 
 const MEASUREMENT: [u8; 48] = [0x5a; 48];
 const SECRET: &[u8] = b"the image decryption key";
@@ -138,8 +142,31 @@ struct Broker {
 
 impl Broker {
     fn start(roots: Vec<Roots>) -> Broker {
+        Broker::start_with(roots, None)
+    }
+
+    /// Over TLS with the test CA's server certificate (`fixtures/kbs-tls/gen.sh`).
+    fn start_tls(roots: Vec<Roots>) -> Broker {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(SERVER_CERT.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(SERVER_KEY.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Broker::start_with(roots, Some(Arc::new(config)))
+    }
+
+    fn start_with(roots: Vec<Roots>, tls: Option<Arc<rustls::ServerConfig>>) -> Broker {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State {
             roots,
             expected: Expected {
@@ -158,7 +185,19 @@ impl Broker {
         let shared = state.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                serve(stream, &shared);
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                match &tls {
+                    None => serve(stream, &shared),
+                    Some(config) => {
+                        let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                        let mut s = rustls::StreamOwned::new(conn, stream);
+                        serve(&mut s, &shared);
+                        s.conn.send_close_notify();
+                        let _ = s.flush();
+                    }
+                }
             }
         });
         Broker { url, state }
@@ -174,10 +213,7 @@ impl Broker {
     }
 }
 
-fn serve(mut stream: TcpStream, state: &Mutex<State>) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+fn serve<S: Read + Write>(mut stream: S, state: &Mutex<State>) {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     let (head, body) = loop {
@@ -605,4 +641,32 @@ fn a_report_must_claim_its_vceks_chip_and_tcb() {
     let mut masked = Synthetic::honest();
     masked.chip_id = [0; 64];
     broker.client(masked).attest().expect("a masked chip id");
+}
+
+#[test]
+fn over_tls_only_the_pinned_ca_is_trusted() {
+    let broker = Broker::start_tls(synthetic_roots());
+    let client = |ca: Option<&str>| {
+        let http = Http::with_ca(&broker.url, Duration::from_secs(10), ca);
+        http.map(|h| Client::new(h, Synthetic::honest(), Some(INIT_DATA.to_owned())))
+    };
+    let mut pinned = client(Some(TLS_CA)).unwrap();
+    assert_eq!(pinned.resource("default", "key", "one").unwrap(), SECRET);
+    // A broker whose certificate another CA signed: the handshake fails, nothing is sent.
+    let before = broker.requests().len();
+    let e = client(Some(OTHER_CA))
+        .unwrap()
+        .attest()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
+    assert_eq!(broker.requests().len(), before);
+    // https without a pinned CA is refused before connecting.
+    let e = client(None).err().unwrap().to_string();
+    assert!(e.contains("needs the broker's CA certificate"), "{e}");
+    let e = client(Some("not a certificate")).err().unwrap().to_string();
+    assert!(e.contains("no PEM certificate"), "{e}");
 }

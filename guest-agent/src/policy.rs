@@ -232,9 +232,13 @@ impl Gate {
             .lock()
             .map_err(|_| "the key broker session is poisoned")?;
         if session.is_none() {
-            let http =
-                cocoon_confidential::kbs::http::Http::new(&url, std::time::Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+            let cert = init.kbs_cert().map_err(|e| e.to_string())?;
+            let http = cocoon_confidential::kbs::http::Http::with_ca(
+                &url,
+                std::time::Duration::from_secs(30),
+                cert.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
             let attester = cocoon_confidential::kbs::attester::SnpTsm {
                 root: self.tsm_root.clone(),
             };

@@ -1,8 +1,10 @@
-//! The client's transport: plain HTTP/1.1 over TCP, one connection per request
+//! The client's transport: HTTP/1.1 over TCP, one connection per request
 //! (`Connection: close`), with deadlines on connecting, sending and receiving and a
-//! bound on what the broker may send. `https://` is refused by name: the guest has no
-//! TLS stack yet (see `docs/confidential.md`: the responses are encrypted to the TEE
-//! key either way; what TLS would add is the broker's identity).
+//! bound on what the broker may send. Over `https://` (rustls, TLS 1.2/1.3) the broker
+//! must present a certificate that chains to a CA the pod owner pinned (init-data's
+//! `aa.toml`, `[token_configs.kbs] cert`): the guest trusts no other root. Responses are
+//! encrypted to the TEE key either way; TLS adds the broker's identity, so the host cannot
+//! answer in its place.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -36,35 +38,46 @@ pub trait Transport {
     ) -> Result<Reply, KbsError>;
 }
 
-/// HTTP/1.1 over TCP to `http://host[:port]`.
+/// HTTP/1.1 over TCP to `http://host[:port]`, or over TLS to `https://host[:port]`.
 #[derive(Debug, Clone)]
 pub struct Http {
     url: String,
     host: String,
     port: u16,
     deadline: Duration,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Http {
     /// `url` is `http://host[:port]` (no path); `deadline` bounds each connect, write
     /// and read.
     pub fn new(url: &str, deadline: Duration) -> Result<Http, KbsError> {
+        Http::with_ca(url, deadline, None)
+    }
+
+    /// As `new`, and `https://host[:port]` with `ca_pem`, the PEM certificate(s) the
+    /// broker's must chain to (required: no other root is trusted).
+    pub fn with_ca(url: &str, deadline: Duration, ca_pem: Option<&str>) -> Result<Http, KbsError> {
         let bad = |detail: &str| KbsError::Transport {
             url: url.to_owned(),
             detail: detail.to_owned(),
         };
-        if url.starts_with("https://") {
-            return Err(bad(
-                "https is not supported yet: the guest has no TLS stack",
-            ));
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("the broker's URL must start with http://"))?
-            .trim_end_matches('/');
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("https://") {
+            let pem = ca_pem.ok_or_else(|| {
+                bad("https needs the broker's CA certificate (aa.toml's [token_configs.kbs] cert): no other root is trusted")
+            })?;
+            (rest, Some(tls_config(pem).map_err(|e| bad(&e))?))
+        } else {
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| bad("the broker's URL must start with http:// or https://"))?;
+            (rest, None)
+        };
+        let default_port = if tls.is_some() { "443" } else { "80" };
+        let rest = rest.trim_end_matches('/');
         if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
             return Err(bad(
-                "the broker's URL must be http://host[:port], without a path",
+                "the broker's URL must be http(s)://host[:port], without a path",
             ));
         }
         let (host, port) = match rest.strip_prefix('[') {
@@ -73,11 +86,11 @@ impl Http {
                 let (host, after) = v6.split_once(']').ok_or_else(|| bad("an unclosed '['"))?;
                 match after.strip_prefix(':') {
                     Some(p) => (host, p),
-                    None if after.is_empty() => (host, "80"),
+                    None if after.is_empty() => (host, default_port),
                     None => return Err(bad("text after the address")),
                 }
             }
-            None => rest.split_once(':').unwrap_or((rest, "80")),
+            None => rest.split_once(':').unwrap_or((rest, default_port)),
         };
         let port = port.parse().map_err(|_| bad("its port is not a number"))?;
         Ok(Http {
@@ -85,6 +98,7 @@ impl Http {
             host: host.to_owned(),
             port,
             deadline,
+            tls,
         })
     }
 
@@ -116,11 +130,21 @@ impl Transport for Http {
             url: self.url.clone(),
             detail,
         };
-        let mut stream = self.connect().map_err(|e| fail(format!("connect: {e}")))?;
+        let stream = self.connect().map_err(|e| fail(format!("connect: {e}")))?;
         stream
             .set_read_timeout(Some(self.deadline))
             .and_then(|()| stream.set_write_timeout(Some(self.deadline)))
             .map_err(|e| fail(e.to_string()))?;
+        let mut stream: Box<dyn ReadWrite> = match &self.tls {
+            None => Box::new(stream),
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| fail(format!("{:?} is not a TLS server name: {e}", self.host)))?;
+                let conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(|e| fail(format!("TLS: {e}")))?;
+                Box::new(rustls::StreamOwned::new(conn, stream))
+            }
+        };
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\nAccept: application/json\r\n",
             self.host, self.port
@@ -141,10 +165,13 @@ impl Transport for Http {
             .and_then(|()| stream.write_all(body))
             .map_err(|e| fail(format!("send: {e}")))?;
         let mut raw = Vec::new();
-        stream
-            .take(MAX_RESPONSE as u64 + 1)
-            .read_to_end(&mut raw)
-            .map_err(|e| fail(format!("receive: {e}")))?;
+        match stream.take(MAX_RESPONSE as u64 + 1).read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A TLS peer that closes without close_notify: what arrived is checked for
+            // completeness (its Content-Length) by the parse below.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && self.tls.is_some() => {}
+            Err(e) => return Err(fail(format!("receive: {e}"))),
+        }
         if raw.len() > MAX_RESPONSE {
             return Err(fail(format!("the response exceeds {MAX_RESPONSE} bytes")));
         }
@@ -153,6 +180,33 @@ impl Transport for Http {
             detail,
         })
     }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A client config trusting only the certificates in `pem`, with the ring provider.
+fn tls_config(pem: &str) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the broker's CA certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the broker's CA certificate: {e}"))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err("the broker's CA certificate: no PEM certificate in it".into());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 /// Parses a whole HTTP/1.1 response (the connection closed after it).
