@@ -87,9 +87,14 @@ fn cached(text: &str, boot_id: &str) -> Option<u64> {
     (!boot_id.is_empty() && id == boot_id && (100_000..=10_000_000).contains(&khz)).then_some(khz)
 }
 
-/// The kernel parameter that gives a TCG guest the host's TSC rate.
+/// The kernel parameters that give a TCG guest the host's TSC rate, and keep it on the
+/// TSC: with `tsc=reliable` the kernel skips its clocksource watchdog, which checks the
+/// TSC against `refined-jiffies`. Under TCG it is the jiffies that are wrong: a vCPU
+/// thread starved on a loaded host loses ticks, so a CI run under load saw the guest
+/// call its TSC "skewed 103 ms over 512 ms", mark it unstable and switch to jiffies, and
+/// its clock then ran 9 % slow. The TSC here is the host's own invariant counter.
 pub fn tcg_kernel_param(cache_dir: Option<&Path>) -> String {
-    format!("tsc_early_khz={}", host_khz(cache_dir))
+    format!("tsc_early_khz={} tsc=reliable", host_khz(cache_dir))
 }
 
 #[cfg(test)]

@@ -471,6 +471,8 @@ mod tests {
             khz.abs_diff(host) * 200 < host,
             "told {khz} kHz, the host's runs at {host}"
         );
+        // And it stays on the TSC whatever the jiffies say on a loaded host.
+        assert!(cmdline.split(' ').any(|p| p == "tsc=reliable"), "{cmdline}");
         // The user's parameters come last so they win.
         assert!(cmdline.ends_with("panic=0 cocoon.log=debug"), "{cmdline}");
     }
