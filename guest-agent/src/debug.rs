@@ -149,10 +149,16 @@ fn arm_crash_hook() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A blocking duplicate of the connection's fd (the async one is dropped).
+/// A blocking duplicate of the connection's fd (the async one is dropped). Close-on-exec
+/// like every fd of the agent: a plain `dup` handed the connection to every process the
+/// agent started while the session lasted, so a shell's background job (or a container
+/// started meanwhile) held the host's session open after the shell had ended.
 fn blocking_fd(conn: &impl std::os::fd::AsFd) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let fd = nix::unistd::dup(conn.as_fd())?;
+    use std::os::fd::FromRawFd;
+    let raw = fcntl(conn.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(0))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // O_NONBLOCK lives on the shared open file: clear it for the blocking copies.
     let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
     fcntl(&fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
