@@ -150,7 +150,7 @@ async fn signals_exec_and_pids() {
     );
     assert_eq!(agent.wait("sig", "e1").await.unwrap().status, 0);
 
-    // SIGTERM to a plain process: 128 + 15.
+    // SIGKILL to a plain process: 128 + 9.
     let sleeper = agent
         .exec(
             "sig",
@@ -170,11 +170,14 @@ async fn signals_exec_and_pids() {
         .collect();
     assert!(listed.contains(&(init, String::new())), "{listed:?}");
     assert!(listed.contains(&(sleeper, "e2".into())), "{listed:?}");
+    // With `all` (containerd's WithProcessKill sends it for an exec too): that exec
+    // alone, never the container's other processes.
     agent
-        .signal("sig", "e2", libc::SIGTERM, false)
+        .signal("sig", "e2", libc::SIGKILL, true)
         .await
         .unwrap();
-    assert_eq!(agent.wait("sig", "e2").await.unwrap().status, 143);
+    assert_eq!(agent.wait("sig", "e2").await.unwrap().status, 137);
+    assert!(alive(init as i32), "a signal to an exec reached the init");
     // Signalling it again: it is gone.
     let err = agent
         .signal("sig", "e2", libc::SIGTERM, false)

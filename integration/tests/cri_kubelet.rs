@@ -50,6 +50,11 @@ both!(
     cocoon_container_restarts_in_its_pod = 54
 );
 both!(
+    a_failed_exec_leaves_its_container_alone,
+    runc_a_failed_exec_leaves_its_container_alone = 56,
+    cocoon_a_failed_exec_leaves_its_container_alone = 57
+);
+both!(
     update_resources_take_effect,
     runc_update_resources_take_effect = 45,
     cocoon_update_resources_take_effect = 55
@@ -182,6 +187,58 @@ async fn attach_to_a_terminal(test: &str, handler: &str, net: u8) {
     .await;
     let text = String::from_utf8_lossy(&s.stdout);
     assert!(text.contains("attached-42"), "{test}: {text:?}");
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// An exec that cannot start (its program does not exist) fails, and containerd's
+/// clean-up of it (a kill with "all", then a delete, under a one-minute deadline) returns
+/// at once and touches nothing else: the container runs on and takes the next exec.
+/// Under cocoon the kill once reached every process of the container, and waited for an
+/// exit that never came.
+async fn a_failed_exec_leaves_its_container_alone(test: &str, handler: &str, net: u8) {
+    let Some((env, _, pod, ctr)) = pod_with(test, handler, net, &["sleep", "3600"], false).await
+    else {
+        return;
+    };
+    let node = &env.node;
+    let missing = ["/no/such/program"];
+    // Well inside containerd's one minute: a clean-up that hangs shows as a timeout.
+    let failed = tokio::time::timeout(
+        Duration::from_secs(40),
+        node.exec_sync(&ctr, &missing, Duration::from_secs(30)),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{test}: ExecSync of a missing program hung\n{}",
+            node.log_tail()
+        )
+    });
+    match failed {
+        Err(e) => assert!(e.message().contains("no/such/program"), "{test}: {e}"),
+        Ok((code, _, err)) => assert_ne!(code, 0, "{test}: {err}"),
+    }
+    let status = node
+        .runtime()
+        .container_status(ContainerStatusRequest {
+            container_id: ctr.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .status
+        .expect("a status");
+    assert_eq!(
+        status.state,
+        ContainerState::ContainerRunning as i32,
+        "{test}: {status:?}"
+    );
+    let (code, out, err) = node
+        .exec_sync(&ctr, &["echo", "still here"], Duration::from_secs(30))
+        .await
+        .expect("ExecSync");
+    assert_eq!((code, out.as_str()), (0, "still here\n"), "{test}: {err}");
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
 

@@ -531,7 +531,9 @@ impl Containers {
         let c = self.get(id)?;
         let sig = Signal::try_from(signal)
             .map_err(|_| ContainerError::Invalid(format!("unknown signal {signal}")))?;
-        if all {
+        // `all` reaches every process of the container; an exec's signal only ever
+        // reaches that exec.
+        if all && exec_id.is_empty() {
             for pid in c.pids() {
                 // A process may exit meanwhile; that is fine.
                 let _ = kill(Pid::from_raw(pid), sig);

@@ -586,14 +586,22 @@ impl Task for Service {
             if p.exit.borrow().is_some() {
                 return Err(not_found("process (already exited)"));
             }
+            // An exec never started (or whose start failed) has nothing to signal; as
+            // runc's shim says, and containerd's cleanup of a failed exec goes on.
+            if !req.exec_id.is_empty() && !p.started {
+                return Err(err(ttrpc::Code::FAILED_PRECONDITION, "process not created"));
+            }
         }
+        // `all` is for a container's processes: for an exec it means that exec alone,
+        // as under runc (containerd's WithProcessKill sends it for any process).
+        let all = req.all && req.exec_id.is_empty();
         // A lost VM has killed every process of the pod already: the kill has happened,
         // and refusing it would leave containerd's cleanup of a failed pod stuck (CRI
         // marks such a sandbox UNKNOWN and keeps it).
         if sb.lost().is_none() {
             let sent = sb
                 .agent
-                .signal_process(&req.id, &req.exec_id, req.signal, req.all)
+                .signal_process(&req.id, &req.exec_id, req.signal, all)
                 .await;
             if let Err(e) = sent {
                 // A SIGKILL of the pod's own container ends the pod. A guest that cannot
