@@ -126,6 +126,19 @@ pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// What of a pod is left in a shim's run dir once every pod is gone: its entries but
+/// the node-wide ones, and anything inside `shares` (the directory itself stays).
+pub fn pod_leftovers(run_root: &Path) -> Vec<PathBuf> {
+    leftover_entries(run_root)
+        .into_iter()
+        .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
+            Some("shares") => leftover_entries(&e),
+            _ if is_node_wide(&e) => vec![],
+            _ => vec![e],
+        })
+        .collect()
+}
+
 /// Entries of the shim's run dir that belong to the node, not to a pod, and so stay after
 /// every pod is gone: the timing records, kept consoles of failed VMs, the host's TSC rate,
 /// the VM templates.

@@ -170,6 +170,15 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
         .find(|p| p.join("console.log").exists())
         .expect("no console.log");
     let console = vm_dir.join("console.log");
+    // The host's memory holds too: the shim copies the console, and neither it nor the
+    // vsock backend may grow with what the guest writes.
+    let shim = env
+        .shims()
+        .into_iter()
+        .find(|(_, cmd)| cmd.split_whitespace().any(|w| w == "confined"))
+        .unwrap_or_else(|| panic!("no shim of the pod among {:?}", env.shims()))
+        .0;
+    let rss_before = [rss_kib(shim), rss_kib(backend)];
     let flood = ["head -c 5000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded"];
     let o = cocoon_debug(&env, "confined", &flood, b"");
     assert!(
@@ -189,6 +198,16 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     assert!(size(&console) <= limit && size(&rotated) <= limit);
     // The pod is still alive after the flood.
     assert_eq!(task_status(&env, "confined"), "RUNNING");
+    for (what, pid, before) in [
+        ("shim", shim, rss_before[0]),
+        ("backend", backend, rss_before[1]),
+    ] {
+        let grown = rss_kib(pid).saturating_sub(before);
+        assert!(
+            grown < FLOOD_RSS_KIB,
+            "the {what}'s memory grew {grown} KiB while the guest flooded its console"
+        );
+    }
 
     kill_delete_clean(&env, "confined");
 }
@@ -308,4 +327,18 @@ fn pod_qemu(env: &Env) -> u32 {
         .find(|(_, c)| c.contains("qemu-system"))
         .expect("no QEMU for the pod")
         .0
+}
+
+/// How much a host process's resident memory may grow while the guest writes 5 MB to
+/// its console: far less than the flood, so nothing of it is held in memory.
+const FLOOD_RSS_KIB: u64 = 2048;
+
+/// `pid`'s resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for {pid}: {status}"))
 }

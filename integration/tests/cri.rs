@@ -405,14 +405,7 @@ async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
         processes_mentioning(&address),
         cocoon_integration::mounts_under(&run_dir)
     );
-    let left: Vec<_> = cocoon_integration::leftover_entries(&run_dir)
-        .into_iter()
-        .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
-            Some("shares") => cocoon_integration::leftover_entries(&e),
-            _ if cocoon_integration::is_node_wide(&e) => vec![],
-            _ => vec![e],
-        })
-        .collect();
+    let left = cocoon_integration::pod_leftovers(&run_dir);
     assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
     let cg = format!("{}/poduid-abandoned", node.cgroup_parent_root());
     let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
@@ -660,15 +653,7 @@ async fn pod_lifecycle(test: &str, handler: &str, net: u8) {
     let run_root = Path::new(&run_dir);
     let mounts = cocoon_integration::mounts_under(run_root);
     assert!(mounts.is_empty(), "{test}: mounts left: {mounts:?}");
-    let left: Vec<_> = cocoon_integration::leftover_entries(run_root)
-        .into_iter()
-        .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
-            // The shares directory itself stays; what was in it must not.
-            Some("shares") => cocoon_integration::leftover_entries(&e),
-            _ => vec![e],
-        })
-        .filter(|e| !cocoon_integration::is_node_wide(e))
-        .collect();
+    let left = cocoon_integration::pod_leftovers(run_root);
     assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
 }
 
