@@ -32,11 +32,16 @@ default WriteStreamRequest := false
 default ReadStreamRequest := false
 default DebugConsoleRequest := false
 
-# Containers, but no host-path volumes: a mount whose source is a host directory the
-# shim shared into the guest (/run/cocoon/shared/<container>/mounts/<n>).
+# Containers, but only from a root filesystem the guest made: an image it pulled by
+# digest, or the agent's own pause for a sandbox container (which the agent gives every
+# sandbox container of a confidential pod before this policy sees the request); and no
+# host-path volumes: a mount whose source is a host directory or file the shim shared into
+# the guest (/run/cocoon/shared/<container>/mounts/<n>), but for those kubelet gives
+# every container.
 default CreateContainerRequest := false
 
 CreateContainerRequest if {
+	input.guest_image != ""
 	not host_path_mount
 }
 
@@ -44,4 +49,9 @@ host_path_mount if {
 	some m in input.oci.mounts
 	startswith(m.source, "/run/cocoon/shared/")
 	contains(m.source, "/mounts/")
+	not m.destination in kubelet_files
 }
+
+# The files CRI gives every container, shared the same way: the host already decides
+# the pod's name and network, and the termination log is the container's to write.
+kubelet_files := {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev/termination-log"}

@@ -181,7 +181,7 @@ impl AgentService {
 
 /// What the agent made for a container beside its spec: a pulled image, its secrets.
 fn remove_container_files(id: &str) {
-    crate::pull::remove_for_container(std::path::Path::new(crate::pull::IMAGES_DIR), id);
+    crate::pause::remove(std::path::Path::new(crate::pull::IMAGES_DIR), id);
     crate::pull::remove_for_container(std::path::Path::new(crate::secrets::DIR), id);
 }
 
@@ -249,6 +249,17 @@ impl AgentService {
         }
         let pulled = if req.guest_image.is_empty() {
             None
+        } else if req.guest_image == crate::pause::BUILTIN_PAUSE {
+            let (id, spec) = (req.container_id.clone(), req.oci_spec_json.clone());
+            let spec = tokio::task::spawn_blocking(move || {
+                // The agent's own binary, wherever it sits now.
+                let exe = std::path::Path::new("/proc/self/exe");
+                crate::pause::prepare(crate::pull::images_dir()?, &id, exe, &spec)
+            })
+            .await
+            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
+            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
+            Some(spec)
         } else {
             let (id, image, spec) = (
                 req.container_id.clone(),
@@ -426,8 +437,13 @@ impl Agent for AgentService {
     async fn create_container(
         &self,
         ctx: &TtrpcContext,
-        req: CreateContainerRequest,
+        mut req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
+        // A confidential pod's sandbox runs the agent's own pause, never a root the host
+        // made: decided before the policy sees the request.
+        if self.state.policy.confidential() {
+            crate::pause::for_request(&mut req);
+        }
         self.allow("CreateContainer", &req)?;
         CALL_DEADLINE
             .scope(call_deadline(ctx), self.create_container_inner(req))

@@ -14,6 +14,7 @@ pub mod init;
 pub mod modules;
 pub mod network;
 pub mod oomqueue;
+pub mod pause;
 pub mod policy;
 pub mod portfwd;
 pub mod power;

@@ -7,11 +7,13 @@
 //!
 //! Other modes: `cocoon-agent --listen-unix <dir>` serves the same protocol on
 //! `<dir>/agent.sock` and `<dir>/stdio.sock` without early init (for tests on
-//! a host), and `cocoon-agent __cocoon-runtime` is the container runtime
-//! helper the agent starts itself (see `runtime`).
+//! a host), `cocoon-agent __cocoon-runtime` is the container runtime
+//! helper the agent starts itself (see `runtime`), and started as `/pause` it is a
+//! sandbox container's pause program (see `pause`).
 
 use cocoon_agent::{
-    container, debug, details, handlers, init, modules, portfwd, power, reaper, runtime, stdio,
+    container, debug, details, handlers, init, modules, pause, portfwd, power, reaper, runtime,
+    stdio,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +38,9 @@ fn usage() -> ! {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.first().is_some_and(|a| pause::is_pause(a)) {
+        pause::main();
+    }
     if args.get(1).map(String::as_str) == Some(runtime::HELPER_ARG) {
         runtime::helper_main();
     }

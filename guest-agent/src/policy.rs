@@ -483,21 +483,32 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
     }
 
     /// The built-in confidential policy: the lifecycle goes through, looking inside
-    /// does not, and neither do host-path volumes.
+    /// does not, and neither do host-path volumes nor a root filesystem the host shared.
     #[test]
     fn the_confidential_default_denies_what_it_says() {
         let g = Gate::new(true);
         g.set_init_data(b"version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
             .unwrap();
-        let plain = json!({"oci": {"mounts": [
+        let mounts = json!([
             {"destination": "/proc", "source": "proc", "type": "proc"},
-            {"destination": "/etc/hosts", "source": "/run/cocoon/shared/c1/etc-hosts"}
-        ]}});
-        assert_eq!(g.check("CreateContainer", || plain), Ok(()));
-        let volume = json!({"oci": {"mounts": [
-            {"destination": "/data", "source": "/run/cocoon/shared/c1/mounts/1", "type": "bind"}
-        ]}});
-        assert!(g.check("CreateContainer", || volume).is_err());
+            {"destination": "/etc/hosts", "source": "/run/cocoon/shared/c1/mounts/1"},
+            {"destination": "/dev/termination-log", "source": "/run/cocoon/shared/c1/mounts/2"}
+        ]);
+        for image in [
+            "registry:5000/app@sha256:00",
+            cocoon_protocol::BUILTIN_PAUSE,
+        ] {
+            let pulled = json!({"guest_image": image, "oci": {"mounts": mounts}});
+            assert_eq!(g.check("CreateContainer", || pulled), Ok(()), "{image}");
+        }
+        let host_root = json!({"guest_image": "", "oci": {"mounts": mounts}});
+        assert!(g.check("CreateContainer", || host_root).is_err());
+        for volume in ["/data", "/etc", "/etc/hosts/x"] {
+            let input = json!({"guest_image": "registry:5000/app@sha256:00", "oci": {"mounts": [
+                {"destination": volume, "source": "/run/cocoon/shared/c1/mounts/3", "type": "bind"}
+            ]}});
+            assert!(g.check("CreateContainer", || input).is_err(), "{volume}");
+        }
         for allowed in [
             "StartContainer",
             "WaitProcess",
@@ -561,7 +572,8 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         );
         fake(measured.host_data());
         g.set_init_data(doc).unwrap();
-        assert_eq!(g.check("CreateContainer", || json!({})), Ok(()));
+        let pulled = || json!({"guest_image": "registry:5000/app@sha256:00"});
+        assert_eq!(g.check("CreateContainer", pulled), Ok(()));
 
         let none = Gate::for_mode(Mode::Tee(Tee::Tdx), d.path().join("absent"));
         let e = none.set_init_data(doc).unwrap_err();

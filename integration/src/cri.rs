@@ -782,6 +782,16 @@ pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
 
 /// As `write_shim_config`, with `tables` (TOML tables) added.
 pub fn write_shim_config_with(dir: &Path, boot_timeout: Duration, tables: &str) -> PathBuf {
+    write_shim_config_vm(dir, boot_timeout, "", tables)
+}
+
+/// As `write_shim_config_with`, with `vm_keys` (TOML lines) added to its `[vm]` table.
+pub fn write_shim_config_vm(
+    dir: &Path,
+    boot_timeout: Duration,
+    vm_keys: &str,
+    tables: &str,
+) -> PathBuf {
     let c = crate::test_config(&dir.join("run"), boot_timeout);
     let path = dir.join("cocoon.toml");
     // COCOON_TEST_HYPERVISOR names the VMM outright (a test of cocoon-vmm must not pass
@@ -791,7 +801,7 @@ pub fn write_shim_config_with(dir: &Path, boot_timeout: Duration, tables: &str) 
     let templates = std::env::var("COCOON_TEST_TEMPLATES").is_ok_and(|v| v == "1");
     let toml = format!(
         "hypervisor = {hypervisor:?}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n\
-         templates = {templates}\n[paths]\nrun_dir = {:?}\n{tables}{}",
+         templates = {templates}\n{vm_keys}[paths]\nrun_dir = {:?}\n{tables}{}",
         c.vm.kernel,
         c.vm.initrd,
         c.vm.boot_timeout_ms,

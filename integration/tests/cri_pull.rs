@@ -4,6 +4,8 @@
 //! fails CreateContainer with the reason.
 
 use std::net::Ipv4Addr;
+
+use base64::Engine;
 use std::time::Duration;
 
 mod common;
@@ -13,7 +15,7 @@ use cocoon_integration::image::IMAGE_REF;
 use cocoon_nested::registry::{layer, Registry, E};
 use common::env;
 
-const GUEST_PULL_NET: u8 = 45;
+const GUEST_PULL_NET: u8 = 48;
 
 /// A minimal image: busybox, a shell, and a file saying where it came from.
 fn image_layers() -> Vec<Vec<u8>> {
@@ -107,4 +109,128 @@ async fn cocoon_pod_runs_an_image_the_guest_pulled() {
         .expect("stop/remove pod");
     let left = cocoon_integration::mounts_under(&run);
     assert!(left.is_empty(), "{test}: mounts left: {left:?}");
+}
+
+const CONFIDENTIAL_NET: u8 = 47;
+
+/// A confidential agent (`cocoon.confidential` on the guest's command line: without
+/// hardware here, which changes only the agent) under its built-in default policy runs
+/// only what the guest made: the pod's sandbox container is the agent's own pause (the
+/// policy refuses any root the host shares, so the pod would not start otherwise), an
+/// application container runs from an image the guest pulled by digest, and one whose
+/// root the host would share is refused. Nothing of its inside reaches the host: exec,
+/// the debug console and evidence the guest does not have are refused by the agent.
+#[tokio::test]
+async fn a_confidential_pod_runs_only_what_its_guest_made() {
+    let test = "a_confidential_pod_runs_only_what_its_guest_made";
+    let vm = "kernel_params = \"cocoon.confidential\"\n";
+    // The debug console is on for the pod ([debug] console): the policy must still
+    // refuse its sessions.
+    let tables = "[debug]\nconsole = true\n";
+    let Some(env) = common::env_vm(test, COCOON, CONFIDENTIAL_NET, false, vm, tables).await else {
+        return;
+    };
+    let node = &env.node;
+    let mut pconfig = node.pod_config("sealed", "uid-sealed", "default");
+    // Init-data with no policy: the agent's built-in confidential one applies.
+    let bare = base64::engine::general_purpose::STANDARD
+        .encode("version = \"0.1.0\"\nalgorithm = \"sha384\"\n");
+    pconfig
+        .annotations
+        .insert("io.cocoon.init-data".into(), bare);
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let gateway: Ipv4Addr = node.gateway();
+    let Some(registry) = Registry::start_on(test, gateway) else {
+        return;
+    };
+    let digest = registry.push_image("cocoon/pulled", &image_layers());
+
+    // From a pulled image: it runs, and answers on the pod network.
+    let serve = [
+        "/bin/busybox",
+        "nc",
+        "-ll",
+        "-p",
+        "8080",
+        "-e",
+        "/bin/cat",
+        "/etc/pulled",
+    ];
+    let mut c = CriNode::container_config("app", IMAGE_REF, &serve, &[]);
+    c.annotations.insert(
+        "io.cocoon.guest-image".into(),
+        registry.reference("cocoon/pulled", &digest),
+    );
+    let app = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let ip: Ipv4Addr = node.pod_ip(&pod).await.unwrap().parse().unwrap();
+    let addr = std::net::SocketAddr::from((ip, 8080));
+    match common::reply_from(addr, Duration::from_secs(30)).await {
+        Ok(r) => assert_eq!(r, "pulled in the guest\n", "{test}"),
+        Err(e) => panic!("{test}: cannot reach {addr}: {e}\n{}", node.log_tail()),
+    }
+
+    // Refused by the agent's policy: exec, the debug console, a root the host shares.
+    let e = node
+        .exec_sync(&app, &["/bin/cat", "/etc/pulled"], Duration::from_secs(30))
+        .await
+        .expect_err("an exec into a confidential container");
+    assert!(
+        e.message().contains("ExecProcessRequest is blocked"),
+        "{test}: {e}"
+    );
+    let cli = |args: &[&str]| {
+        std::process::Command::new(cocoon_integration::workspace_root().join("target/debug/cocoon"))
+            .args(args)
+            .env("COCOON_CONFIG", env.dir.path().join("cocoon.toml"))
+            .output()
+            .expect("target/debug/cocoon (cargo build first)")
+    };
+    let debug = cli(&[
+        "debug",
+        &pod,
+        "--namespace",
+        "k8s.io",
+        "--",
+        "echo",
+        "inside",
+    ]);
+    let said = String::from_utf8_lossy(&debug.stdout);
+    assert!(
+        !said.contains("inside")
+            && said.contains("debug console is refused by the pod's agent policy"),
+        "{test}: the debug console served a session, or did not say why not: {said}{}",
+        String::from_utf8_lossy(&debug.stderr)
+    );
+    // Evidence on request: the policy lets it through, and a guest without a TEE
+    // (cocoon.confidential alone, under TCG) says it has none.
+    let attest = cli(&["attest", &pod, "--namespace", "k8s.io", "--nonce", "00ff"]);
+    assert!(
+        !attest.status.success()
+            && String::from_utf8_lossy(&attest.stderr).contains("this guest has no TEE evidence"),
+        "{test}: {}",
+        String::from_utf8_lossy(&attest.stderr)
+    );
+    let host_root = CriNode::container_config("host-root", IMAGE_REF, &["sleep", "3600"], &[]);
+    let e = node
+        .create_and_start(&pod, &host_root, &pconfig)
+        .await
+        .expect_err("a container on a root the host shared");
+    assert!(
+        e.message().contains("CreateContainerRequest is blocked"),
+        "{test}: {e}"
+    );
+
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
+    let mounts = cocoon_integration::mounts_under(env.dir.path());
+    assert!(mounts.is_empty(), "{test}: mounts left: {mounts:?}");
+    let left = cocoon_integration::pod_leftovers(&env.dir.path().join("run"));
+    assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
 }

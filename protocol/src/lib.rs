@@ -58,6 +58,11 @@ pub const GUEST_POD_SHM: &str = "/run/cocoon/pod-shm";
 /// Its size, as containerd's default for a pod's `/dev/shm`.
 pub const GUEST_POD_SHM_SIZE: &str = "64m";
 
+/// The guest image that names the agent's own pause program (`CreateContainerRequest`'s
+/// `guest_image`): a CRI sandbox container run from the guest image, with no root
+/// filesystem from the host. A confidential agent gives it to every sandbox container.
+pub const BUILTIN_PAUSE: &str = "cocoon:pause";
+
 /// Bumped on incompatible protocol changes; reported by `Health.Version`.
 pub const PROTOCOL_VERSION: u32 = 1;
 

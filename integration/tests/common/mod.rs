@@ -58,21 +58,33 @@ pub async fn env_with(test: &str, handler: &str, net: u8, ipv6: bool) -> Option<
 
 /// As `env_with`; `tables` are added to the cocoon shim's config.
 pub async fn env_full(test: &str, handler: &str, net: u8, ipv6: bool, tables: &str) -> Option<Env> {
+    env_vm(test, handler, net, ipv6, "", tables).await
+}
+
+/// As `env_full`; `vm_keys` are added to the cocoon shim config's `[vm]` table.
+pub async fn env_vm(
+    test: &str,
+    handler: &str,
+    net: u8,
+    ipv6: bool,
+    vm_keys: &str,
+    tables: &str,
+) -> Option<Env> {
     if let Some(why) = prerequisites_missing(handler) {
         missing(test, &why);
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let config_path = cocoon_config(dir.path(), handler, tables);
+    let config_path = cocoon_config(dir.path(), handler, vm_keys, tables);
     let node = CriNode::start_with(&dir.path().join("containerd"), &config_path, net, ipv6).await;
     Some(Env { node, dir })
 }
 
 /// The shim's COCOON_CONFIG. runc pods never read it, so for them it need not name a
 /// guest image that exists.
-fn cocoon_config(dir: &Path, handler: &str, tables: &str) -> PathBuf {
+fn cocoon_config(dir: &Path, handler: &str, vm_keys: &str, tables: &str) -> PathBuf {
     if handler == cri::COCOON {
-        return cri::write_shim_config_with(dir, Duration::from_secs(90), tables);
+        return cri::write_shim_config_vm(dir, Duration::from_secs(90), vm_keys, tables);
     }
     let path = dir.join("cocoon.toml");
     let toml = format!("[paths]\nrun_dir = {:?}\n", dir.join("run"));
