@@ -448,6 +448,7 @@ awk '$2 == "/sys" {split($4, o, ","); print "sys:", o[1]}' /proc/mounts
 ip addr add 10.255.255.1/32 dev lo && echo "net admin: yes" || echo "net admin: no"
 ip addr del 10.255.255.1/32 dev lo 2>/dev/null
 mkdir -p /tmp/m && mount -t tmpfs probe /tmp/m && echo "mount: yes" && umount /tmp/m || echo "mount: no"
+brctl addbr cocoonbr0 && echo "bridge: yes" && brctl delbr cocoonbr0 || echo "bridge: no"
 "#;
 
 async fn privileged_report(test: &str, handler: &str, net: u8) -> Option<(String, Vec<String>)> {
@@ -507,6 +508,7 @@ async fn privileged_pod_matches_runc() {
         "NoNewPrivs:\t0",
         "net admin: yes",
         "mount: yes",
+        "bridge: yes",
     ] {
         assert!(
             runc.contains(expected),

@@ -324,6 +324,10 @@ mod tests {
             "CONFIG_SECCOMP_FILTER",
             "CONFIG_PVH",
             "CONFIG_ACPI",
+            // A pod's containers' own networking: bridges, iptables.
+            "CONFIG_BRIDGE",
+            "CONFIG_IP_NF_NAT",
+            "CONFIG_NFT_NAT",
         ] {
             assert_eq!(f.get(k).map(String::as_str), Some("y"), "{k}");
         }
