@@ -461,30 +461,39 @@ async fn cocoon_pod_abandoned_while_booting_leaves_nothing() {
     assert!(left.is_empty(), "{test}: network namespaces left: {left:?}");
 }
 
-/// A VM cannot share the host's network: a hostNetwork pod is refused, saying so.
+/// A VM cannot share the host's network, processes or IPC: a hostNetwork, hostPID or hostIPC
+/// pod is refused, saying so.
 #[tokio::test]
-async fn cocoon_refuses_host_network_pods() {
-    let test = "cocoon_refuses_host_network_pods";
+async fn cocoon_refuses_host_namespace_pods() {
+    let test = "cocoon_refuses_host_namespace_pods";
     let Some(env) = env(test, COCOON, COCOON_HOST_NETWORK_NET).await else {
         return;
     };
     let node = &env.node;
-    let mut pconfig = node.pod_config("hostnet", "uid-hostnet", "default");
-    let opts = pconfig
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-        .and_then(|s| s.namespace_options.as_mut())
-        .expect("pod_config sets namespace options");
-    opts.network = k8s_cri::v1::NamespaceMode::Node as i32;
-    let e = node
-        .run_pod(&pconfig, COCOON)
-        .await
-        .expect_err("a hostNetwork pod must not start on cocoon");
-    assert!(
-        e.message().contains("hostNetwork"),
-        "the error must say why: {e}"
-    );
+    // hostNetwork, hostPID, hostIPC: a VM has its own; run differently than asked, the
+    // pod would not be what its owner wrote.
+    type Pick = fn(&mut k8s_cri::v1::NamespaceOption) -> &mut i32;
+    let cases: [(&str, Pick); 3] = [
+        ("hostNetwork", |o| &mut o.network),
+        ("hostPID", |o| &mut o.pid),
+        ("hostIPC", |o| &mut o.ipc),
+    ];
+    for (word, field) in cases {
+        let name = word.to_lowercase();
+        let mut pconfig = node.pod_config(&name, &format!("uid-{name}"), "default");
+        let opts = pconfig
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+            .expect("pod_config sets namespace options");
+        *field(opts) = k8s_cri::v1::NamespaceMode::Node as i32;
+        let e = node
+            .run_pod(&pconfig, COCOON)
+            .await
+            .expect_err("a pod with a host namespace must not start on cocoon");
+        assert!(e.message().contains(word), "the error must say why: {e}");
+    }
     let run_dir = env.dir.path().join("run");
     let gone = eventually(Duration::from_secs(10), || {
         processes_mentioning(&run_dir.to_string_lossy()).is_empty()

@@ -48,6 +48,16 @@ pub enum PodSpecError {
          network namespace (run this pod with another RuntimeClass)"
     )]
     HostNetwork,
+    #[error(
+        "pods with hostPID: true cannot run on Cocoon: processes in a VM cannot see the \
+         host's (run this pod with another RuntimeClass)"
+    )]
+    HostPid,
+    #[error(
+        "pods with hostIPC: true cannot run on Cocoon: a VM cannot share the host's IPC \
+         namespace (run this pod with another RuntimeClass)"
+    )]
+    HostIpc,
     /// Never started without the protection asked for (nor with the debug console).
     #[error(
         "the pod asks for a confidential VM ({0}), which this Cocoon cannot launch yet; it \
@@ -95,6 +105,7 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
         netns: pod_netns(spec)?,
         ..Default::default()
     };
+    host_namespaces(spec)?;
     if is_cri(spec) && is_sandbox(spec) {
         vm.host_cgroup = spec
             .linux()
@@ -182,6 +193,28 @@ pub fn guest_image(spec: &Spec) -> Option<String> {
         .as_ref()?
         .get(GUEST_IMAGE_ANNOTATION)
         .cloned()
+}
+
+/// A CRI sandbox without a PID or IPC namespace of its own asks for the host's
+/// (hostPID, hostIPC). In a VM its containers would get the guest's instead, which is not
+/// what was asked: refused, as hostNetwork is, never run differently than asked.
+fn host_namespaces(spec: &Spec) -> Result<(), PodSpecError> {
+    if !is_cri(spec) || !is_sandbox(spec) {
+        return Ok(());
+    }
+    let has = |t: LinuxNamespaceType| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == t))
+    };
+    if !has(LinuxNamespaceType::Pid) {
+        return Err(PodSpecError::HostPid);
+    }
+    if !has(LinuxNamespaceType::Ipc) {
+        return Err(PodSpecError::HostIpc);
+    }
+    Ok(())
 }
 
 /// The host network namespace CNI prepared, for a CRI sandbox container. A sandbox with
@@ -279,6 +312,23 @@ mod tests {
     }
 
     #[test]
+    fn host_pid_and_ipc_pods_are_refused() {
+        let net = serde_json::json!({"type": "network", "path": "/var/run/netns/cni-1"});
+        let s = pause(serde_json::json!([net, {"type": "ipc"}]));
+        assert_eq!(pod_vm(&s), Err(PodSpecError::HostPid));
+        let s = pause(serde_json::json!([net, {"type": "pid"}]));
+        assert_eq!(pod_vm(&s), Err(PodSpecError::HostIpc));
+        let s = pause(serde_json::json!([net, {"type": "pid"}, {"type": "ipc"}]));
+        assert!(pod_vm(&s).is_ok());
+        // A container joins its pod's namespaces by path or not at all: only the sandbox
+        // says what the pod asked.
+        let ctr = spec(serde_json::json!({}), serde_json::json!([]));
+        assert!(pod_vm(&ctr).is_ok());
+        assert!(PodSpecError::HostIpc.to_string().contains("hostIPC"));
+        assert!(PodSpecError::HostPid.to_string().contains("hostPID"));
+    }
+
+    #[test]
     fn a_host_network_pod_is_refused() {
         let s = pause(serde_json::json!([{"type": "pid"}, {"type": "ipc"}]));
         assert_eq!(pod_netns(&s), Err(PodSpecError::HostNetwork));
@@ -373,6 +423,8 @@ mod tests {
     fn pod_annotations_size_the_vm_or_are_refused_by_name() {
         let mut s = pause(serde_json::json!([
             {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "pid"},
+            {"type": "ipc"},
         ]));
         let a = s.annotations_mut().get_or_insert_with(Default::default);
         a.insert(VCPUS_ANNOTATION.into(), "2".into());
@@ -439,7 +491,11 @@ mod tests {
         }
         spec(
             annotations,
-            serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-1"}]),
+            serde_json::json!([
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "pid"},
+                {"type": "ipc"}
+            ]),
         )
     }
 }

@@ -224,7 +224,9 @@ impl Service {
                 }
                 err(ttrpc::Code::FAILED_PRECONDITION, msg)
             }
-            pod::PodSpecError::HostNetwork => err(ttrpc::Code::FAILED_PRECONDITION, e),
+            pod::PodSpecError::HostNetwork
+            | pod::PodSpecError::HostPid
+            | pod::PodSpecError::HostIpc => err(ttrpc::Code::FAILED_PRECONDITION, e),
             pod::PodSpecError::BadAnnotation { .. } => err(ttrpc::Code::INVALID_ARGUMENT, e),
         })?;
         pod::adapt_spec(&mut spec);
