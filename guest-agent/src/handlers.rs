@@ -281,6 +281,9 @@ impl AgentService {
             Some(spec)
         };
         let spec = pulled.as_deref().unwrap_or(&req.oci_spec_json);
+        if pulled.is_none() {
+            sandbox::wait_shared_root(spec).await;
+        }
         let with_secrets = match self.provide_secrets(&req.container_id, spec).await {
             Ok(v) => v,
             Err(e) => {

@@ -92,6 +92,64 @@ pub async fn create(
     Ok(())
 }
 
+/// How long a container's shared root may take to show as the mount the host made.
+const SHARED_ROOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits until a container root shared from the host (`spec_json`'s root under
+/// `SHARED_DIR`) shows in the guest as the filesystem the host mounted there (its own
+/// device, virtiofsd announcing submounts), bounded. The host mounts the root before it
+/// asks for the container, but the guest's virtio-fs keeps a lookup for a second
+/// (`--cache auto`): a guest process that looked at the path between the host's mkdir
+/// and its mount (a hostile one racing the shim did, in `hostile_race.rs`) leaves the
+/// bare mount point cached, and the container was then made on that read-only directory
+/// ("cannot create .../rootfs/proc: Read-only file system"). Returns at once when the
+/// root is not shared or already the mount; after the bound, the create goes on and
+/// reports what it finds.
+pub async fn wait_shared_root(spec_json: &[u8]) {
+    let Some(root) = serde_json::from_slice::<serde_json::Value>(spec_json)
+        .ok()
+        .and_then(|s| {
+            s.get("root")?
+                .get("path")?
+                .as_str()
+                .map(std::path::PathBuf::from)
+        })
+        .filter(|p| p.starts_with(SHARED_DIR) && p.is_absolute())
+    else {
+        return;
+    };
+    let Some(parent) = root.parent().map(std::path::Path::to_path_buf) else {
+        return;
+    };
+    let mounted = move || -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&root), std::fs::metadata(&parent)) {
+            (Ok(r), Ok(p)) => r.dev() != p.dev(),
+            // Not there: nothing to wait for; the create says so.
+            _ => true,
+        }
+    };
+    let deadline = std::time::Instant::now() + SHARED_ROOT_WAIT;
+    let mut waited = false;
+    loop {
+        let check = mounted.clone();
+        if tokio::task::spawn_blocking(check).await.unwrap_or(true) {
+            if waited {
+                tracing::info!(
+                    "a container's shared root showed as its mount after a stale lookup"
+                );
+            }
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("a container's shared root still shows as its bare mount point");
+            return;
+        }
+        waited = true;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The tmpfs a pod's containers share as `/dev/shm` (see `GUEST_POD_SHM`).
 fn mount_pod_shm() -> Result<(), SandboxError> {
     use cocoon_protocol::{GUEST_POD_SHM, GUEST_POD_SHM_SIZE};

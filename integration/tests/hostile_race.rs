@@ -120,6 +120,20 @@ async fn a_guest_racing_the_shims_mounts_reaches_nothing_on_the_host() {
             .create_and_start(&pod, &c, &pconfig)
             .await
             .unwrap_or_else(|e| panic!("{test}: round {round}: {e}\n{}", node.log_tail()));
+        if round == 0 {
+            // What the agent's wait for a shared root relies on (`wait_shared_root`): the
+            // guest sees the host's mount of a root as a filesystem of its own.
+            let devs = in_guest(
+                &uds,
+                &format!("stat -c %d /run/cocoon/shared/{id} /run/cocoon/shared/{id}/rootfs"),
+            )
+            .await;
+            let devs: Vec<&str> = devs.split_whitespace().collect();
+            assert!(
+                devs.len() == 2 && devs[0] != devs[1],
+                "{test}: the shared root is not a mount of its own in the guest: {devs:?}"
+            );
+        }
         // The container got its volumes as asked, racing guest or not.
         let script = format!(
             "cat /ro/in; echo {round} > /rw/round-{round} && echo written; \
