@@ -18,7 +18,7 @@ set -euo pipefail
 # docker-registry (the CNCF distribution registry) for the in-guest pull tests, which
 # start their own on loopback.
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
-          containernetworking-plugins protobuf-compiler make gcc flex bison bc libelf-dev libssl-dev xz-utils
+          containernetworking-plugins protobuf-compiler make gcc libc6-dev flex bison bc libelf-dev libssl-dev xz-utils
           ovmf python3-venv nftables docker-registry)
 missing=()
 for p in "${packages[@]}"; do
