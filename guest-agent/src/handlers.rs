@@ -25,6 +25,9 @@ use crate::container::CALL_DEADLINE;
 use crate::container::{ContainerError, Containers};
 use crate::{details, network, power, sandbox};
 
+mod create;
+use create::remove_container_files;
+
 fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
@@ -179,142 +182,7 @@ impl AgentService {
     }
 }
 
-/// What the agent made for a container beside its spec: a pulled image, its secrets.
-fn remove_container_files(id: &str) {
-    crate::pause::remove(std::path::Path::new(crate::pull::IMAGES_DIR), id);
-    crate::pull::remove_for_container(std::path::Path::new(crate::secrets::DIR), id);
-}
-
 impl AgentService {
-    /// The secrets the spec asks for (`crate::secrets`), fetched from the pod's key
-    /// broker and mounted into it: the spec to create with, or `None` if it asks none.
-    async fn provide_secrets(&self, id: &str, spec: &[u8]) -> ttrpc::Result<Option<Vec<u8>>> {
-        // A spec that does not parse is the container runtime's to report.
-        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(spec) else {
-            return Ok(None);
-        };
-        let wanted = crate::secrets::requested(&doc)
-            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        if wanted.is_empty() {
-            return Ok(None);
-        }
-        if id.is_empty() || id.contains('/') || id == "." || id == ".." {
-            return Err(status(
-                ttrpc::Code::INVALID_ARGUMENT,
-                format!("container id {id:?}"),
-            ));
-        }
-        let gate = self.state.policy.clone();
-        let dir = std::path::Path::new(crate::secrets::DIR).join(id);
-        let bytes = tokio::task::spawn_blocking(move || {
-            std::os::unix::fs::DirBuilderExt::mode(
-                std::fs::DirBuilder::new().recursive(true),
-                0o700,
-            )
-            .create(crate::secrets::DIR)
-            .map_err(|e| format!("cannot make {}: {e}", crate::secrets::DIR))?;
-            crate::secrets::provide(
-                |s| gate.secret(&s.repository, &s.kind, &s.tag),
-                &wanted,
-                &dir,
-                &mut doc,
-            )?;
-            serde_json::to_vec(&doc).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
-        .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
-        Ok(Some(bytes))
-    }
-
-    async fn create_container_inner(
-        &self,
-        req: CreateContainerRequest,
-    ) -> ttrpc::Result<CreateContainerResponse> {
-        let timeline = &crate::details::TIMELINE;
-        timeline.mark("container-create-received", &req.container_id);
-        // Storages may need filesystem modules that load after boot.
-        sandbox::wait_modules(&self.state).await.map_err(|e| {
-            status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                crate::runtime::error_chain(&e),
-            )
-        })?;
-        // What the agent makes beside the spec (a pulled image, secrets) is named by
-        // the container's id: never touch those of a container that exists.
-        if self.containers().get(&req.container_id).is_ok() {
-            return Err(rpc_error(crate::container::ContainerError::Exists(
-                req.container_id.clone(),
-            )));
-        }
-        let pulled = if req.guest_image.is_empty() {
-            None
-        } else if req.guest_image == crate::pause::BUILTIN_PAUSE {
-            let (id, spec) = (req.container_id.clone(), req.oci_spec_json.clone());
-            let spec = tokio::task::spawn_blocking(move || {
-                // The agent's own binary, wherever it sits now.
-                let exe = std::path::Path::new("/proc/self/exe");
-                crate::pause::prepare(crate::pull::images_dir()?, &id, exe, &spec)
-            })
-            .await
-            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
-            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
-            Some(spec)
-        } else {
-            let (id, image, spec) = (
-                req.container_id.clone(),
-                req.guest_image.clone(),
-                req.oci_spec_json.clone(),
-            );
-            let deadline = CALL_DEADLINE
-                .try_with(|d| d.into_std())
-                .unwrap_or_else(|_| {
-                    std::time::Instant::now() + std::time::Duration::from_secs(300)
-                });
-            let spec = tokio::task::spawn_blocking(move || {
-                crate::pull::for_container(crate::pull::images_dir()?, &id, &image, &spec, deadline)
-            })
-            .await
-            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
-            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
-            timeline.mark("image-pulled", &req.container_id);
-            Some(spec)
-        };
-        let spec = pulled.as_deref().unwrap_or(&req.oci_spec_json);
-        if pulled.is_none() {
-            sandbox::wait_shared_root(spec).await;
-        }
-        let with_secrets = match self.provide_secrets(&req.container_id, spec).await {
-            Ok(v) => v,
-            Err(e) => {
-                remove_container_files(&req.container_id);
-                return Err(e);
-            }
-        };
-        let created = self
-            .containers()
-            .create(
-                &req.container_id,
-                with_secrets.as_deref().unwrap_or(spec),
-                &req.storages,
-                req.stdio.get_or_default(),
-            )
-            .await;
-        let pid = match created {
-            Ok(pid) => pid,
-            Err(e) => {
-                if !matches!(e, crate::container::ContainerError::Exists(_)) {
-                    remove_container_files(&req.container_id);
-                }
-                return Err(rpc_error(e));
-            }
-        };
-        timeline.mark("container-created", &req.container_id);
-        let mut r = CreateContainerResponse::new();
-        r.pid = pid as u32;
-        Ok(r)
-    }
-
     async fn exec_process_inner(
         &self,
         req: ExecProcessRequest,
