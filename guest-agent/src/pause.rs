@@ -101,22 +101,7 @@ fn drop_shared_mounts(spec: &mut serde_json::Value) {
 /// read-only) and returns `spec_json` with its root there and its process the program.
 /// The directory is claimed first, as a pull's is; removed again on failure.
 pub fn prepare(images: &Path, id: &str, exe: &Path, spec_json: &[u8]) -> Result<Vec<u8>, String> {
-    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
-        return Err(format!("container id {id:?} cannot name a directory"));
-    }
-    let mut spec: serde_json::Value =
-        serde_json::from_slice(spec_json).map_err(|e| format!("the OCI spec: {e}"))?;
-    if !spec.is_object() {
-        return Err("the OCI spec is not a JSON object".into());
-    }
-    let dir = images.join(id);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(format!("container {id} already has a root in the guest"))
-        }
-        Err(e) => return Err(format!("cannot make {}: {e}", dir.display())),
-    }
+    let (dir, mut spec) = crate::pull::claim(images, id, spec_json)?;
     let rootfs = dir.join("rootfs");
     let program = rootfs.join(PROGRAM.trim_start_matches('/'));
     let made = (|| {

@@ -56,9 +56,13 @@ fn fds_of(pid: i32) -> usize {
 async fn the_zygote_forks_every_helper_keeps_nothing_and_ends_with_the_agent() {
     require_root!();
     let agent = Agent::start().await;
-    let zygotes = zygotes_of(agent.pid());
-    assert_eq!(zygotes.len(), 1, "the agent's zygotes: {zygotes:?}");
-    let zygote = zygotes[0];
+    // The zygote names itself just after its fork, which may be after the agent listens
+    // (seen once under load).
+    let zygote = poll("the agent's one zygote", Duration::from_secs(10), || {
+        let z = zygotes_of(agent.pid());
+        (z.len() == 1).then(|| z[0])
+    })
+    .await;
     let fds_before = fds_of(zygote);
     assert!(fds_before > 0, "cannot read the zygote's descriptors");
 

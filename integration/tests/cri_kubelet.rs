@@ -218,17 +218,7 @@ async fn a_failed_exec_leaves_its_container_alone(test: &str, handler: &str, net
         Err(e) => assert!(e.message().contains("no/such/program"), "{test}: {e}"),
         Ok((code, _, err)) => assert_ne!(code, 0, "{test}: {err}"),
     }
-    let status = node
-        .runtime()
-        .container_status(ContainerStatusRequest {
-            container_id: ctr.clone(),
-            verbose: false,
-        })
-        .await
-        .expect("ContainerStatus")
-        .into_inner()
-        .status
-        .expect("a status");
+    let status = status_of(node, &ctr).await;
     assert_eq!(
         status.state,
         ContainerState::ContainerRunning as i32,
@@ -242,21 +232,25 @@ async fn a_failed_exec_leaves_its_container_alone(test: &str, handler: &str, net
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
 
+/// `ctr`'s ContainerStatus.
+async fn status_of(node: &CriNode, ctr: &str) -> k8s_cri::v1::ContainerStatus {
+    node.runtime()
+        .container_status(ContainerStatusRequest {
+            container_id: ctr.into(),
+            verbose: false,
+        })
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .status
+        .expect("a status")
+}
+
 /// Waits for `ctr` to exit; returns its exit code.
 async fn exited(node: &CriNode, ctr: &str) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = node
-            .runtime()
-            .container_status(ContainerStatusRequest {
-                container_id: ctr.into(),
-                verbose: false,
-            })
-            .await
-            .expect("ContainerStatus")
-            .into_inner()
-            .status
-            .expect("a status");
+        let s = status_of(node, ctr).await;
         if s.state == ContainerState::ContainerExited as i32 {
             return s.exit_code;
         }

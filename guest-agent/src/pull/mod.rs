@@ -238,23 +238,8 @@ pub fn for_container(
     spec_json: &[u8],
     deadline: Instant,
 ) -> Result<Vec<u8>, String> {
-    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
-        return Err(format!("container id {id:?} cannot name a directory"));
-    }
     let reference = Reference::parse(image).map_err(|e| e.to_string())?;
-    let mut spec: Value =
-        serde_json::from_slice(spec_json).map_err(|e| format!("the OCI spec: {e}"))?;
-    if !spec.is_object() {
-        return Err("the OCI spec is not a JSON object".into());
-    }
-    let dir = images.join(id);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(format!("container {id} already has a pulled image"))
-        }
-        Err(e) => return Err(format!("cannot make {}: {e}", dir.display())),
-    }
+    let (dir, mut spec) = claim(images, id, spec_json)?;
     let rootfs = dir.join("rootfs");
     let result = pull(&reference, &rootfs, &dir.join("work"), deadline);
     let _ = std::fs::remove_dir_all(dir.join("work"));
@@ -265,6 +250,29 @@ pub fn for_container(
     // The agent decides where the root is, whatever the host wrote.
     spec["root"]["path"] = Value::String(rootfs.to_string_lossy().into_owned());
     serde_json::to_vec(&spec).map_err(|e| e.to_string())
+}
+
+/// The first step of giving container `id` a root the guest makes under `images` (a
+/// pull, the built-in pause): checks that the id can name a directory and the spec is a
+/// JSON object, then claims `<images>/<id>`; a second claim for the same id fails
+/// without touching the first's. Returns the directory and the parsed spec.
+pub(crate) fn claim(images: &Path, id: &str, spec_json: &[u8]) -> Result<(PathBuf, Value), String> {
+    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        return Err(format!("container id {id:?} cannot name a directory"));
+    }
+    let spec: Value =
+        serde_json::from_slice(spec_json).map_err(|e| format!("the OCI spec: {e}"))?;
+    if !spec.is_object() {
+        return Err("the OCI spec is not a JSON object".into());
+    }
+    let dir = images.join(id);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Ok((dir, spec)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(format!("container {id} already has a root in the guest"))
+        }
+        Err(e) => Err(format!("cannot make {}: {e}", dir.display())),
+    }
 }
 
 /// Removes what `for_container` pulled for `id`, if anything.
