@@ -34,24 +34,51 @@ default DebugConsoleRequest := false
 
 # Containers, but only from a root filesystem the guest made: an image it pulled by
 # digest, or the agent's own pause for a sandbox container (which the agent gives every
-# sandbox container of a confidential pod before this policy sees the request); and no
-# host-path volumes: a mount whose source is a host directory or file the shim shared into
-# the guest (/run/cocoon/shared/<container>/mounts/<n>), but for those kubelet gives
-# every container.
+# sandbox container of a confidential pod before this policy sees the request). Nothing
+# of the host's beyond what every pod has, by allow-list: no storages, the kernel's own
+# filesystems, the files kubelet gives every container (shared from the host at
+# /run/cocoon/shared/<container>/mounts/<n>), the pod's /dev/shm; and namespaces joined by
+# path only those a pod's containers share, never the agent's.
 default CreateContainerRequest := false
 
 CreateContainerRequest if {
 	input.guest_image != ""
-	not host_path_mount
+	count(input.storages) == 0
+	every m in object.get(input, ["oci", "mounts"], []) {
+		allowed_mount(m)
+	}
+	every ns in object.get(input, ["oci", "linux", "namespaces"], []) {
+		allowed_namespace(ns)
+	}
 }
 
-host_path_mount if {
-	some m in input.oci.mounts
-	startswith(m.source, "/run/cocoon/shared/")
-	contains(m.source, "/mounts/")
-	not m.destination in kubelet_files
+kernel_filesystems := {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
+
+allowed_mount(m) if {
+	m.type in kernel_filesystems
+	not startswith(m.source, "/")
+}
+
+allowed_mount(m) if {
+	m.destination in kubelet_files
+	regex.match(`^/run/cocoon/shared/[0-9A-Za-z_.-]+/mounts/[0-9]+$`, m.source)
+}
+
+allowed_mount(m) if {
+	m.destination == "/dev/shm"
+	m.source == "/run/cocoon/pod-shm"
 }
 
 # The files CRI gives every container, shared the same way: the host already decides
 # the pod's name and network, and the termination log is the container's to write.
 kubelet_files := {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev/termination-log"}
+
+allowed_namespace(ns) if {
+	object.get(ns, "path", "") == ""
+}
+
+allowed_namespace(ns) if {
+	ns.type in {"ipc", "uts", "pid", "network"}
+	regex.match(`^/proc/[0-9]+/ns/(ipc|uts|pid|net)$`, ns.path)
+	not startswith(ns.path, "/proc/1/")
+}

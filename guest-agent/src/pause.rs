@@ -6,8 +6,9 @@
 //! file, `/pause`: the agent's own binary, bound read-only (no copy: its pages are the
 //! initramfs's). Started as `/pause`, the binary waits for SIGTERM or SIGINT and reaps
 //! what the kernel hands it, as the pause image's program does. A confidential agent runs
-//! every sandbox container this way, whatever the host asked (`for_request`); the shim
-//! asks for it with `BUILTIN_PAUSE` as the container's guest image.
+//! every sandbox container this way, whatever the host asked (`for_request`); any host
+//! may ask for it with `BUILTIN_PAUSE` as the container's guest image (the shim does not
+//! yet).
 
 use std::path::Path;
 
@@ -135,7 +136,8 @@ pub fn prepare(images: &Path, id: &str, exe: &Path, spec_json: &[u8]) -> Result<
 }
 
 /// Removes what `prepare` (or a pull) made for `id`: the program's mount first, so that
-/// the removal does not stop at it.
+/// the removal does not stop at it. Never through a link: a pulled image, or a container
+/// writing its own root, may have made `/pause` a link to a mount of the agent's own.
 pub fn remove(images: &Path, id: &str) {
     if id.is_empty() || id.contains('/') || id == "." || id == ".." {
         return;
@@ -144,7 +146,7 @@ pub fn remove(images: &Path, id: &str) {
         .join(id)
         .join("rootfs")
         .join(PROGRAM.trim_start_matches('/'));
-    let _ = umount2(&program, MntFlags::MNT_DETACH);
+    let _ = umount2(&program, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
     let _ = std::fs::remove_dir_all(images.join(id));
 }
 

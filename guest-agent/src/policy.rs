@@ -489,25 +489,76 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         let g = Gate::new(true);
         g.set_init_data(b"version = \"0.1.0\"\nalgorithm = \"sha384\"\n")
             .unwrap();
+        // What a CRI container's spec holds once the shim has rewritten it.
         let mounts = json!([
             {"destination": "/proc", "source": "proc", "type": "proc"},
+            {"destination": "/dev", "source": "tmpfs", "type": "tmpfs"},
+            {"destination": "/sys/fs/cgroup", "source": "cgroup", "type": "cgroup"},
+            {"destination": "/dev/shm", "source": "/run/cocoon/pod-shm", "type": "bind"},
             {"destination": "/etc/hosts", "source": "/run/cocoon/shared/c1/mounts/1"},
             {"destination": "/dev/termination-log", "source": "/run/cocoon/shared/c1/mounts/2"}
         ]);
-        for image in [
-            "registry:5000/app@sha256:00",
-            cocoon_protocol::BUILTIN_PAUSE,
-        ] {
-            let pulled = json!({"guest_image": image, "oci": {"mounts": mounts}});
+        let namespaces = json!([
+            {"type": "mount"},
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "uts", "path": "/proc/42/ns/uts"}
+        ]);
+        let input = |image: &str, mounts: &serde_json::Value, ns: &serde_json::Value| {
+            json!({"guest_image": image, "storages": [],
+                   "oci": {"mounts": mounts, "linux": {"namespaces": ns}}})
+        };
+        let app = "registry:5000/app@sha256:00";
+        for image in [app, cocoon_protocol::BUILTIN_PAUSE] {
+            let pulled = input(image, &mounts, &namespaces);
             assert_eq!(g.check("CreateContainer", || pulled), Ok(()), "{image}");
         }
-        let host_root = json!({"guest_image": "", "oci": {"mounts": mounts}});
+        let host_root = input("", &mounts, &namespaces);
         assert!(g.check("CreateContainer", || host_root).is_err());
-        for volume in ["/data", "/etc", "/etc/hosts/x"] {
-            let input = json!({"guest_image": "registry:5000/app@sha256:00", "oci": {"mounts": [
-                {"destination": volume, "source": "/run/cocoon/shared/c1/mounts/3", "type": "bind"}
-            ]}});
-            assert!(g.check("CreateContainer", || input).is_err(), "{volume}");
+        // Anything else of the host's: refused, however it is spelled.
+        for (dest, source, kind) in [
+            ("/data", "/run/cocoon/shared/c1/mounts/3", "bind"),
+            ("/etc", "/run/cocoon/shared/c1/mounts/3", "bind"),
+            ("/etc/hosts/x", "/run/cocoon/shared/c1/mounts/3", "bind"),
+            ("/", "/run/cocoon/shared/sandbox/rootfs", "bind"),
+            ("/data", "//run/cocoon/shared/c1/mounts/3", "bind"),
+            (
+                "/etc/hosts",
+                "/proc/self/root/run/cocoon/shared/c1/mounts/1",
+                "bind",
+            ),
+            (
+                "/etc/hosts",
+                "/run/cocoon/shared/c1/mounts/1/../../rootfs",
+                "bind",
+            ),
+            ("/data", "overlay", "overlay"),
+            ("/data", "cocoon-share", "virtiofs"),
+            ("/dev/shm", "/run/cocoon/secrets", "bind"),
+            ("/proc", "/run/cocoon", "proc"),
+        ] {
+            let mut m = mounts.clone();
+            m.as_array_mut()
+                .unwrap()
+                .push(json!({"destination": dest, "source": source, "type": kind}));
+            let i = input(app, &m, &namespaces);
+            assert!(
+                g.check("CreateContainer", || i).is_err(),
+                "{dest} {source} {kind}"
+            );
+        }
+        let mut storages = input(app, &mounts, &namespaces);
+        storages["storages"] =
+            json!([{"source": "/dev/vdb", "mount_point": "/run/cocoon/images/c1"}]);
+        assert!(g.check("CreateContainer", || storages).is_err(), "storages");
+        for ns in [
+            json!({"type": "mount", "path": "/proc/1/ns/mnt"}),
+            json!({"type": "mount", "path": "/proc/42/ns/mnt"}),
+            json!({"type": "ipc", "path": "/proc/1/ns/ipc"}),
+            json!({"type": "pid", "path": "/proc/42/ns/../../1/ns/pid"}),
+            json!({"type": "user", "path": "/proc/42/ns/user"}),
+        ] {
+            let i = input(app, &mounts, &json!([ns]));
+            assert!(g.check("CreateContainer", || i).is_err(), "{ns}");
         }
         for allowed in [
             "StartContainer",
@@ -572,7 +623,7 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         );
         fake(measured.host_data());
         g.set_init_data(doc).unwrap();
-        let pulled = || json!({"guest_image": "registry:5000/app@sha256:00"});
+        let pulled = || json!({"guest_image": "registry:5000/app@sha256:00", "storages": []});
         assert_eq!(g.check("CreateContainer", pulled), Ok(()));
 
         let none = Gate::for_mode(Mode::Tee(Tee::Tdx), d.path().join("absent"));

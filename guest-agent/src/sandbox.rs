@@ -123,7 +123,12 @@ pub async fn wait_shared_root(spec_json: &[u8]) {
     };
     let mounted = move || -> bool {
         use std::os::unix::fs::MetadataExt;
-        match (std::fs::metadata(&root), std::fs::metadata(&parent)) {
+        // `root/.`: stat inside it, so that virtio-fs crosses into the announced
+        // submount (the automount) rather than answer for the mount point itself.
+        match (
+            std::fs::metadata(root.join(".")),
+            std::fs::metadata(&parent),
+        ) {
             (Ok(r), Ok(p)) => r.dev() != p.dev(),
             // Not there: nothing to wait for; the create says so.
             _ => true,

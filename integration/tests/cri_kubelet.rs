@@ -51,8 +51,8 @@ both!(
 );
 both!(
     a_failed_exec_leaves_its_container_alone,
-    runc_a_failed_exec_leaves_its_container_alone = 56,
-    cocoon_a_failed_exec_leaves_its_container_alone = 57
+    runc_a_failed_exec_leaves_its_container_alone = 66,
+    cocoon_a_failed_exec_leaves_its_container_alone = 67
 );
 both!(
     update_resources_take_effect,

@@ -216,6 +216,24 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         "{test}: {}",
         String::from_utf8_lossy(&attest.stderr)
     );
+    // A host-path volume, even on a pulled image.
+    let vol = env.dir.path().join("volume");
+    std::fs::create_dir_all(&vol).unwrap();
+    let mut with_volume = c.clone();
+    with_volume.metadata.as_mut().unwrap().name = "with-volume".into();
+    with_volume.mounts = vec![k8s_cri::v1::Mount {
+        host_path: vol.to_string_lossy().into_owned(),
+        container_path: "/data".into(),
+        ..Default::default()
+    }];
+    let e = node
+        .create_and_start(&pod, &with_volume, &pconfig)
+        .await
+        .expect_err("a host-path volume in a confidential pod");
+    assert!(
+        e.message().contains("CreateContainerRequest is blocked"),
+        "{test}: {e}"
+    );
     let host_root = CriNode::container_config("host-root", IMAGE_REF, &["sleep", "3600"], &[]);
     let e = node
         .create_and_start(&pod, &host_root, &pconfig)

@@ -24,7 +24,7 @@ use cocoon_integration::{mounts_under, processes_mentioning};
 use common::{env_full, eventually};
 use k8s_cri::v1::{Mount, RemoveContainerRequest, StopContainerRequest};
 
-const RACE_NET: u8 = 46;
+const RACE_NET: u8 = 49;
 /// Containers created and removed while the guest races.
 const ROUNDS: usize = 10;
 
