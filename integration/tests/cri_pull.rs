@@ -32,6 +32,23 @@ fn image_layers() -> Vec<Vec<u8>> {
     ])]
 }
 
+/// A registry on the pod network's gateway (the bridge and its address exist once a
+/// pod's network does) holding the test image; with the image's digest.
+fn registry_on(test: &str, node: &CriNode) -> Option<(Registry, String)> {
+    let gateway: Ipv4Addr = node.gateway();
+    let registry = Registry::start_on(test, gateway)?;
+    let digest = registry.push_image("cocoon/pulled", &image_layers());
+    Some((registry, digest))
+}
+
+/// Makes `c` run from the test image as the guest pulls it by `digest`.
+fn pull_in_guest(c: &mut k8s_cri::v1::ContainerConfig, registry: &Registry, digest: &str) {
+    c.annotations.insert(
+        "io.cocoon.guest-image".into(),
+        registry.reference("cocoon/pulled", digest),
+    );
+}
+
 #[tokio::test]
 async fn cocoon_pod_runs_an_image_the_guest_pulled() {
     let test = "cocoon_pod_runs_an_image_the_guest_pulled";
@@ -44,18 +61,12 @@ async fn cocoon_pod_runs_an_image_the_guest_pulled() {
         .run_pod(&pconfig, COCOON)
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.log_tail()));
-    // The bridge and its gateway address exist once the pod's network does.
-    let gateway: Ipv4Addr = node.gateway();
-    let Some(registry) = Registry::start_on(test, gateway) else {
+    let Some((registry, digest)) = registry_on(test, node) else {
         return;
     };
-    let digest = registry.push_image("cocoon/pulled", &image_layers());
 
     let mut c = CriNode::container_config("app", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
-    c.annotations.insert(
-        "io.cocoon.guest-image".into(),
-        registry.reference("cocoon/pulled", &digest),
-    );
+    pull_in_guest(&mut c, &registry, &digest);
     let app = node
         .create_and_start(&pod, &c, &pconfig)
         .await
@@ -92,10 +103,7 @@ async fn cocoon_pod_runs_an_image_the_guest_pulled() {
     // A digest the registry does not have: CreateContainer fails, naming it.
     let missing = format!("sha256:{}", "0".repeat(64));
     let mut bad = CriNode::container_config("missing", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
-    bad.annotations.insert(
-        "io.cocoon.guest-image".into(),
-        registry.reference("cocoon/pulled", &missing),
-    );
+    pull_in_guest(&mut bad, &registry, &missing);
     let e = node
         .create_and_start(&pod, &bad, &pconfig)
         .await
@@ -142,11 +150,9 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         .run_pod(&pconfig, COCOON)
         .await
         .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
-    let gateway: Ipv4Addr = node.gateway();
-    let Some(registry) = Registry::start_on(test, gateway) else {
+    let Some((registry, digest)) = registry_on(test, node) else {
         return;
     };
-    let digest = registry.push_image("cocoon/pulled", &image_layers());
 
     // From a pulled image: it runs, and answers on the pod network.
     let serve = [
@@ -160,10 +166,7 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         "/etc/pulled",
     ];
     let mut c = CriNode::container_config("app", IMAGE_REF, &serve, &[]);
-    c.annotations.insert(
-        "io.cocoon.guest-image".into(),
-        registry.reference("cocoon/pulled", &digest),
-    );
+    pull_in_guest(&mut c, &registry, &digest);
     let app = node
         .create_and_start(&pod, &c, &pconfig)
         .await
