@@ -211,10 +211,22 @@ pub fn set_attr(
     userns: i32,
     recursive: bool,
 ) -> std::io::Result<()> {
+    mount_setattr(tree, attr, 0, userns, recursive)
+}
+
+/// `mount_setattr(2)` on the detached mount `tree`: sets `attr` and the propagation type
+/// `propagation` (`MS_PRIVATE` and the like; 0 leaves it), below it too when `recursive`.
+pub fn mount_setattr(
+    tree: BorrowedFd<'_>,
+    attr: u64,
+    propagation: u64,
+    userns: i32,
+    recursive: bool,
+) -> std::io::Result<()> {
     let a = libc::mount_attr {
         attr_set: attr,
         attr_clr: 0,
-        propagation: 0,
+        propagation,
         userns_fd: if userns >= 0 { userns as u64 } else { 0 },
     };
     let mut flags = libc::AT_EMPTY_PATH;

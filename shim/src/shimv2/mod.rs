@@ -16,6 +16,7 @@ pub mod overlay;
 mod persist;
 pub mod pod;
 pub mod podmetrics;
+pub mod propagation;
 mod sandbox;
 mod service;
 pub mod share;

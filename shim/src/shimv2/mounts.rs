@@ -42,6 +42,10 @@ pub enum MountError {
     Share(PathBuf, #[source] std::io::Error),
     #[error("the OCI spec has no root")]
     NoRoot,
+    #[error(
+        "cannot follow the host's mounts beneath {0} (the volume's propagation asks for them): {1}"
+    )]
+    Propagation(PathBuf, String),
 }
 
 /// Mounts made for one container, innermost last (unmounted in reverse).
@@ -55,6 +59,7 @@ impl ContainerMounts {
     /// Unmounts everything (lazily, so a busy mount cannot block cleanup)
     /// and removes the container's directory in the share.
     pub fn cleanup(&mut self) {
+        super::propagation::forget(&self.dir);
         while let Some(m) = self.mounted.pop() {
             if let Err(e) = umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
@@ -147,7 +152,7 @@ fn prepare_inner(
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(rootfs));
     }
-    share_volumes(done, &pod, id, &guest_dir, spec)
+    share_volumes(done, &pod, host, id, &guest_dir, spec)
 }
 
 /// The container's root filesystem, mounted where the guest sees it.
@@ -222,6 +227,7 @@ fn share_rootfs(
 fn share_volumes(
     done: &mut ContainerMounts,
     pod: &Beneath,
+    host: &Path,
     id: &str,
     guest_dir: &str,
     spec: &mut Spec,
@@ -252,6 +258,13 @@ fn share_volumes(
         }
         bind(pod, &src, &r, has_opt(m, "rbind"), has_opt(m, "ro"))?;
         done.mounted.push(pod.path_of(&r));
+        let options = m.options().clone().unwrap_or_default();
+        if src.is_dir() && super::propagation::wants(&options) {
+            // Never mirrored: every pod's share (`<run>/shares`).
+            let shares = host.parent().unwrap_or(host);
+            super::propagation::watch(pod, &done.dir, &src, &r, has_opt(m, "ro"), shares)
+                .map_err(|e| MountError::Propagation(src.clone(), e))?;
+        }
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{i}"))));
         m.set_typ(Some("bind".into()));
     }

@@ -304,6 +304,10 @@ impl Beneath {
     ) -> std::io::Result<()> {
         let target = self.open_at(rel, OFlag::O_PATH)?;
         let tree = open_tree(src, recursive)?;
+        // A clone of a shared mount joins its peer group: the host's later mounts
+        // beneath `src` would reach the share unasked (and not idmapped, not read-only).
+        // The volumes that ask for them get them from `propagation`.
+        set_private(tree.as_fd(), recursive)?;
         if readonly {
             set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, recursive)?;
         }
@@ -311,6 +315,16 @@ impl Beneath {
             ns.idmap(tree.as_fd(), recursive)?;
         }
         attach(&tree, &target)
+    }
+
+    /// An `O_PATH` descriptor of directory `rel` (of what is mounted there, if anything).
+    pub fn open_dir(&self, rel: &Path) -> std::io::Result<OwnedFd> {
+        self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)
+    }
+
+    /// The pod's namespace, shared, when its mounts are idmapped.
+    pub fn userns_arc(&self) -> Option<Arc<PodUserns>> {
+        self.userns.clone()
     }
 
     /// The pod's namespace, when its mounts are idmapped.
@@ -374,7 +388,7 @@ fn clone_tree(
 }
 
 /// A detached clone of the mount `fd` is on (an `O_PATH` fd of its root).
-fn open_tree_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_tree_fd(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
     clone_tree(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint)
 }
 
@@ -386,6 +400,15 @@ pub(crate) fn open_tree(src: &Path, recursive: bool) -> std::io::Result<OwnedFd>
         0
     };
     clone_tree(libc::AT_FDCWD, &cpath(src)?, flags)
+}
+
+/// Makes the detached mount `tree` (and, when `recursive`, what is below it) private:
+/// in no peer group, a slave of none.
+pub(crate) fn set_private(
+    tree: std::os::fd::BorrowedFd<'_>,
+    recursive: bool,
+) -> std::io::Result<()> {
+    crate::hypervisor::userns::mount_setattr(tree, 0, libc::MS_PRIVATE, -1, recursive)
 }
 
 /// Attaches the detached mount `tree` on the mount point `target`.
