@@ -16,10 +16,10 @@ set -euo pipefail
 # against (below); nftables: the shim's PortForward redirect in each pod's network
 # namespace (`nft`; some Debian images lack it, and then port-forward to a VM pod fails);
 # docker-registry (the CNCF distribution registry) for the in-guest pull tests, which
-# start their own on loopback.
+# start their own on loopback; openssl makes the certificates of the TLS pull test.
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
           containernetworking-plugins protobuf-compiler make gcc libc6-dev flex bison bc libelf-dev libssl-dev xz-utils
-          ovmf python3-venv nftables docker-registry)
+          ovmf python3-venv nftables docker-registry openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

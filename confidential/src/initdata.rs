@@ -23,6 +23,21 @@ pub const POLICY_KEY: &str = "policy.rego";
 /// The key of `[data]` that holds the attestation agent's config (Confidential
 /// Containers' `aa.toml`), whose `[token_configs.kbs] url` names the key broker.
 pub const AA_CONFIG_KEY: &str = "aa.toml";
+/// The key of `[data]` that holds the confidential data hub's config (Confidential
+/// Containers' `cdh.toml`), whose `[image]` table says how the guest reaches registries.
+pub const CDH_CONFIG_KEY: &str = "cdh.toml";
+
+/// How the guest reaches registries, from `cdh.toml`'s `[image]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// PEM certificates a registry's TLS certificate must chain to
+    /// (`extra_root_certificates`, as in Confidential Containers). With none, the guest
+    /// trusts no root, and registries are spoken to over plain HTTP.
+    pub root_certificates: Vec<String>,
+    /// Registries (`host[:port]`) spoken to over plain HTTP even so
+    /// (`plain_http_registries`, Cocoon's own key).
+    pub plain_http: Vec<String>,
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InitDataError {
@@ -38,6 +53,8 @@ pub enum InitDataError {
     NotAString(String),
     #[error("init-data's aa.toml: {0}")]
     AaConfig(String),
+    #[error("init-data's cdh.toml: {0}")]
+    CdhConfig(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +156,36 @@ impl InitData {
         }
     }
 
+    /// How the guest reaches registries (`cdh.toml`'s `[image]`); the default when the
+    /// document has no `cdh.toml`.
+    pub fn registry_config(&self) -> Result<RegistryConfig, InitDataError> {
+        let Some(cdh) = self.data.get(CDH_CONFIG_KEY) else {
+            return Ok(RegistryConfig::default());
+        };
+        let bad = |e: String| InitDataError::CdhConfig(e);
+        let t: toml::Table = cdh
+            .parse()
+            .map_err(|e: toml::de::Error| bad(e.message().to_owned()))?;
+        let strings = |key: &str| -> Result<Vec<String>, InitDataError> {
+            match t.get("image").and_then(|i| i.get(key)) {
+                None => Ok(Vec::new()),
+                Some(toml::Value::Array(a)) => a
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| bad(format!("[image] {key} holds a non-string")))
+                    })
+                    .collect(),
+                Some(_) => Err(bad(format!("[image] {key} is not an array of strings"))),
+            }
+        };
+        Ok(RegistryConfig {
+            root_certificates: strings("extra_root_certificates")?,
+            plain_http: strings("plain_http_registries")?,
+        })
+    }
+
     /// The agent policy, if the document carries one.
     pub fn policy(&self) -> Option<&str> {
         self.data.get(POLICY_KEY).map(String::as_str)
@@ -216,6 +263,40 @@ mod tests {
         );
         assert!(matches!(e("version = "), InitDataError::Toml(_)));
     }
+    #[test]
+    fn registry_settings_come_from_cdh_toml() {
+        let with = |cdh: &str| {
+            let doc = format!(
+                "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"cdh.toml\" = '''\n{cdh}\n'''\n"
+            );
+            InitData::parse(doc.as_bytes()).unwrap().registry_config()
+        };
+        let c = with(
+            "[image]\nextra_root_certificates = [\"A\", \"B\"]\nplain_http_registries = [\"r:5000\"]",
+        )
+        .unwrap();
+        assert_eq!(c.root_certificates, ["A", "B"]);
+        assert_eq!(c.plain_http, ["r:5000"]);
+        assert_eq!(
+            with("[kbc]\nname = \"cc_kbc\"").unwrap(),
+            RegistryConfig::default()
+        );
+        assert_eq!(
+            InitData::parse(DOC.as_bytes()).unwrap().registry_config(),
+            Ok(RegistryConfig::default())
+        );
+        for bad in [
+            "[image]\nextra_root_certificates = \"A\"",
+            "[image]\nextra_root_certificates = [1]",
+            "[image",
+        ] {
+            assert!(
+                matches!(with(bad), Err(InitDataError::CdhConfig(_))),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn the_key_brokers_url_comes_from_aa_toml() {
         let with = |aa: &str| {

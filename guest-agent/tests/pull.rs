@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use cocoon_agent::pull::{pull, PullError, Reference};
+use cocoon_agent::pull::{pull, PullError, Reference, Transport};
 use cocoon_nested::registry::{digest, layer, Registry, E};
 
 /// A deadline no test pull comes near.
@@ -53,7 +53,14 @@ fn an_image_pulled_by_digest_has_its_layers_and_whiteouts_applied() {
     };
     let digest = reg.push_image("test/app", &base_layers());
     let (_d, root, work) = dirs();
-    pull(&reference(&reg, "test/app", &digest), &root, &work, soon()).unwrap();
+    pull(
+        &reference(&reg, "test/app", &digest),
+        &root,
+        &work,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
     assert!(!root.join("etc/gone").exists());
@@ -107,7 +114,14 @@ fn an_index_gives_the_linux_amd64_manifest() {
         &serde_json::to_vec(&index).unwrap(),
     );
     let (_d, root, work) = dirs();
-    pull(&reference(&reg, "test/multi", &index), &root, &work, soon()).unwrap();
+    pull(
+        &reference(&reg, "test/multi", &index),
+        &root,
+        &work,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap();
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
     assert!(!root.join("arm").exists());
 }
@@ -120,7 +134,14 @@ fn a_digest_the_registry_lacks_or_content_that_is_not_its_digest_is_refused() {
     let image = reg.push_image("test/app", &base_layers());
     let (_d, root, work) = dirs();
     let missing = format!("sha256:{}", "0".repeat(64));
-    let e = pull(&reference(&reg, "test/app", &missing), &root, &work, soon()).unwrap_err();
+    let e = pull(
+        &reference(&reg, "test/app", &missing),
+        &root,
+        &work,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap_err();
     assert!(matches!(e, PullError::Missing { status: 404, .. }), "{e}");
     assert!(e.to_string().contains(&missing), "{e}");
     assert!(!root.exists());
@@ -137,7 +158,14 @@ fn a_digest_the_registry_lacks_or_content_that_is_not_its_digest_is_refused() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&data, &bytes).unwrap();
-    let e = pull(&reference(&reg, "test/app", &image), &root, &work, soon()).unwrap_err();
+    let e = pull(
+        &reference(&reg, "test/app", &image),
+        &root,
+        &work,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap_err();
     match &e {
         PullError::DigestMismatch {
             what: "layer",
@@ -189,7 +217,14 @@ fn layers_cannot_write_outside_the_root() {
     ] {
         let digest = reg.push_image("test/evil", &[l]);
         let (d, root, work) = dirs();
-        let e = pull(&reference(&reg, "test/evil", &digest), &root, &work, soon()).unwrap_err();
+        let e = pull(
+            &reference(&reg, "test/evil", &digest),
+            &root,
+            &work,
+            soon(),
+            &Transport::default(),
+        )
+        .unwrap_err();
         assert!(
             matches!(e, PullError::Malformed(_)) && e.to_string().contains(why),
             "{name}: {e}"
@@ -216,22 +251,44 @@ fn a_container_gets_its_pulled_root_and_loses_it_on_removal() {
     let images = tempfile::tempdir().unwrap();
     let spec = br#"{"ociVersion":"1.0.2","root":{"path":"/run/cocoon/shared/c1/rootfs"},"process":{"args":["sh"],"cwd":"/"}}"#;
     let image = format!("{}/test/app@{digest}", reg.addr);
-    let out = cocoon_agent::pull::for_container(images.path(), "c1", &image, spec, soon()).unwrap();
+    let out = cocoon_agent::pull::for_container(
+        images.path(),
+        "c1",
+        &image,
+        spec,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap();
     let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let root = images.path().join("c1/rootfs");
     assert_eq!(out["root"]["path"], root.to_str().unwrap());
     assert_eq!(out["process"]["args"][0], "sh");
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
     assert!(!images.path().join("c1/work").exists());
-    let again =
-        cocoon_agent::pull::for_container(images.path(), "c1", &image, spec, soon()).unwrap_err();
+    let again = cocoon_agent::pull::for_container(
+        images.path(),
+        "c1",
+        &image,
+        spec,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap_err();
     assert!(again.contains("already"), "{again}");
     cocoon_agent::pull::remove_for_container(images.path(), "c1");
     assert!(!images.path().join("c1").exists());
 
     let wrong = format!("{}/test/app@sha256:{}", reg.addr, "1".repeat(64));
-    let e =
-        cocoon_agent::pull::for_container(images.path(), "c2", &wrong, spec, soon()).unwrap_err();
+    let e = cocoon_agent::pull::for_container(
+        images.path(),
+        "c2",
+        &wrong,
+        spec,
+        soon(),
+        &Transport::default(),
+    )
+    .unwrap_err();
     assert!(
         e.starts_with(&format!(
             "pulling {wrong} in the guest: manifest sha256:111"
@@ -240,9 +297,15 @@ fn a_container_gets_its_pulled_root_and_loses_it_on_removal() {
     );
     assert!(!images.path().join("c2").exists());
     for bad_id in ["", "..", "a/b"] {
-        assert!(
-            cocoon_agent::pull::for_container(images.path(), bad_id, &image, spec, soon()).is_err()
-        );
+        assert!(cocoon_agent::pull::for_container(
+            images.path(),
+            bad_id,
+            &image,
+            spec,
+            soon(),
+            &Transport::default()
+        )
+        .is_err());
     }
 }
 
@@ -286,6 +349,7 @@ fn later_layers_replace_what_earlier_ones_left_whatever_its_kind() {
         &root,
         &work,
         soon(),
+        &Transport::default(),
     )
     .unwrap();
     assert_eq!(std::fs::read(root.join("was-file/now")).unwrap(), b"n");
@@ -310,7 +374,211 @@ fn a_pull_past_its_deadline_stops_and_leaves_nothing() {
     let digest = reg.push_image("test/app", &base_layers());
     let (_d, root, work) = dirs();
     let past = std::time::Instant::now();
-    let e = pull(&reference(&reg, "test/app", &digest), &root, &work, past).unwrap_err();
+    let e = pull(
+        &reference(&reg, "test/app", &digest),
+        &root,
+        &work,
+        past,
+        &Transport::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("ran out of time"), "{e}");
+    assert!(!root.exists());
+}
+
+/// The test CA, another CA, and a server certificate for 127.0.0.1 the first signed
+/// (the key broker's TLS fixtures, `confidential/tests/fixtures/kbs-tls/gen.sh`).
+fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../confidential/tests/fixtures/kbs-tls")
+        .join(name)
+}
+
+fn transport(roots: &[&str], plain_http: &[&str]) -> Transport {
+    let pem = |n: &&str| std::fs::read_to_string(tls_fixture(n)).unwrap();
+    let config = cocoon_confidential::initdata::RegistryConfig {
+        root_certificates: roots.iter().map(pem).collect(),
+        plain_http: plain_http.iter().map(|s| s.to_string()).collect(),
+    };
+    Transport::from_config(&config).unwrap()
+}
+
+#[test]
+fn a_registry_over_tls_is_trusted_only_through_the_roots_init_data_gives() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let digest = reg.push_image("test/app", &base_layers());
+    let tls = reg.tls_twin(&tls_fixture("server.pem"), &tls_fixture("server.pk8.pem"));
+    let image = Reference::parse(&tls.reference("test/app", &digest)).unwrap();
+
+    let (_d, root, work) = dirs();
+    pull(&image, &root, &work, soon(), &transport(&["ca.pem"], &[])).unwrap();
+    assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
+
+    // A certificate that does not chain to the roots given: nothing is pulled.
+    let (_d, root, work) = dirs();
+    let e = pull(
+        &image,
+        &root,
+        &work,
+        soon(),
+        &transport(&["other-ca.pem"], &[]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    assert!(!root.exists());
+
+    // No roots: plain HTTP, which a TLS-only registry refuses; the error says what to do.
+    let (_d, root, work) = dirs();
+    let e = pull(&image, &root, &work, soon(), &Transport::default()).unwrap_err();
+    assert!(e.to_string().contains("extra_root_certificates"), "{e}");
+
+    // Roots given, and the plain registry named as plain HTTP: it still works.
+    let plain = reference(&reg, "test/app", &digest);
+    let (_d, root, work) = dirs();
+    let t = transport(&["ca.pem"], &[&reg.addr]);
+    pull(&plain, &root, &work, soon(), &t).unwrap();
+    // Not named: spoken to over TLS, which it does not speak.
+    let (_d, root, work) = dirs();
+    assert!(pull(&plain, &root, &work, soon(), &transport(&["ca.pem"], &[])).is_err());
+}
+
+/// What the front registry saw: token requests' queries, and for each request it
+/// proxied, its path and `Authorization` header.
+#[derive(Default)]
+struct Seen {
+    token_queries: Vec<String>,
+    proxied: Vec<(String, Option<String>)>,
+}
+
+/// A registry front as public registries behave: `/v2/` requests without the bearer
+/// token get a 401 challenge naming its `/token` realm (or a `Basic` challenge with
+/// `basic`); with it, manifests are served from `reg` and blobs redirected to `cdn`
+/// (another listener that serves them from `reg`).
+fn front(
+    reg: &std::sync::Arc<Registry>,
+    seen: &std::sync::Arc<std::sync::Mutex<Seen>>,
+    basic: bool,
+) -> String {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cdn = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let cdn_addr = cdn.local_addr().unwrap().to_string();
+    for (l, is_cdn) in [(listener, false), (cdn, true)] {
+        let (reg, seen, addr, cdn_addr) =
+            (reg.clone(), seen.clone(), addr.clone(), cdn_addr.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                let (mut auth, mut accept) = (None, String::new());
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    match k.to_ascii_lowercase().as_str() {
+                        "authorization" => auth = Some(v.trim().to_owned()),
+                        "accept" => accept = v.trim().to_owned(),
+                        _ => {}
+                    }
+                }
+                let reply = |status: &str, extra: &str, body: &[u8]| {
+                    format!(
+                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes()
+                    .into_iter()
+                    .chain(body.iter().copied())
+                    .collect::<Vec<u8>>()
+                };
+                let out = if let Some(q) = path.strip_prefix("/token?") {
+                    seen.lock().unwrap().token_queries.push(q.to_owned());
+                    reply("200 OK", "", br#"{"token":"t0k3n","expires_in":300}"#)
+                } else if !is_cdn && auth.as_deref() != Some("Bearer t0k3n") {
+                    let challenge = if basic {
+                        "Basic realm=\"test\"".to_owned()
+                    } else {
+                        format!("Bearer realm=\"http://{addr}/token\",service=\"test-registry\",scope=\"repository:test/app:pull\"")
+                    };
+                    reply(
+                        "401 Unauthorized",
+                        &format!("WWW-Authenticate: {challenge}\r\n"),
+                        b"",
+                    )
+                } else if !is_cdn && path.contains("/blobs/") {
+                    reply(
+                        "307 Temporary Redirect",
+                        &format!("Location: http://{cdn_addr}{path}\r\n"),
+                        b"",
+                    )
+                } else {
+                    seen.lock()
+                        .unwrap()
+                        .proxied
+                        .push((path.clone(), auth.clone()));
+                    let (status, _, body) = reg
+                        .request("GET", &path, &[("Accept", &accept)], b"")
+                        .unwrap();
+                    reply(&format!("{status} X"), "", &body)
+                };
+                let _ = conn.write_all(&out);
+            }
+        });
+    }
+    addr
+}
+
+#[test]
+fn a_registry_asking_for_a_token_and_redirecting_blobs_is_followed() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let digest = reg.push_image("test/app", &base_layers());
+    let reg = std::sync::Arc::new(reg);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let addr = front(&reg, &seen, false);
+    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
+    let (_d, root, work) = dirs();
+    pull(&image, &root, &work, soon(), &Transport::default()).unwrap();
+    assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
+    let seen = seen.lock().unwrap();
+    // One token for the whole pull, asked for the challenge's service and scope.
+    assert_eq!(
+        seen.token_queries,
+        ["service=test-registry&scope=repository%3Atest%2Fapp%3Apull"]
+    );
+    // The manifest came with the token; the layers from the storage host, without it.
+    let manifest = seen.proxied.iter().find(|(p, _)| p.contains("/manifests/"));
+    assert_eq!(manifest.unwrap().1.as_deref(), Some("Bearer t0k3n"));
+    let blobs: Vec<_> = seen
+        .proxied
+        .iter()
+        .filter(|(p, _)| p.contains("/blobs/"))
+        .collect();
+    assert_eq!(blobs.len(), 2, "{:?}", seen.proxied);
+    assert!(blobs.iter().all(|(_, auth)| auth.is_none()), "{blobs:?}");
+}
+
+#[test]
+fn a_registry_asking_for_credentials_is_refused_with_the_reason() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let digest = reg.push_image("test/app", &base_layers());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let addr = front(&std::sync::Arc::new(reg), &seen, true);
+    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
+    let (_d, root, work) = dirs();
+    let e = pull(&image, &root, &work, soon(), &Transport::default()).unwrap_err();
+    assert!(e.to_string().contains("Basic authentication"), "{e}");
     assert!(!root.exists());
 }

@@ -4,6 +4,7 @@
 //! fails CreateContainer with the reason.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use base64::Engine;
 use std::time::Duration;
@@ -254,4 +255,137 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
     assert!(mounts.is_empty(), "{test}: mounts left: {mounts:?}");
     let left = cocoon_integration::pod_leftovers(&env.dir.path().join("run"));
     assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
+}
+
+const TLS_PULL_NET: u8 = 70;
+
+/// A CA and a server certificate for `ip` it signed, made with openssl in `dir`: the CA
+/// in PEM, and the server certificate's and key's paths.
+fn make_tls(dir: &std::path::Path, ip: Ipv4Addr) -> Result<(String, PathBuf, PathBuf), String> {
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("openssl: {e} (apt-get install openssl)"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = [
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+    ];
+    openssl(
+        &[
+            ca.concat(),
+            vec!["-subj", "/CN=test registry CA", "-days", "2"],
+        ]
+        .concat(),
+    )?;
+    let csr = [
+        &["req", "-new"][..],
+        &ec,
+        &["-keyout", "server.key", "-out", "server.csr"],
+    ];
+    openssl(&[csr.concat(), vec!["-subj", "/CN=registry"]].concat())?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        "2",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ])?;
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).map_err(|e| e.to_string())?;
+    Ok((ca, dir.join("server.pem"), dir.join("server.key")))
+}
+
+/// A pod whose init-data's `cdh.toml` gives a registry root: its guest pulls from a
+/// registry over TLS with it (and from no plain-HTTP registry it did not name).
+#[tokio::test]
+async fn cocoon_pod_pulls_over_tls_trusting_its_init_datas_roots() {
+    let test = "cocoon_pod_pulls_over_tls_trusting_its_init_datas_roots";
+    let Some(env) = env(test, COCOON, TLS_PULL_NET).await else {
+        return;
+    };
+    let node = &env.node;
+    let tls_dir = env.dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let (ca, cert, key) = match make_tls(&tls_dir, node.gateway()) {
+        Ok(v) => v,
+        Err(why) => return cocoon_nested::testing::missing(test, &why),
+    };
+    let init_data = format!(
+        "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"cdh.toml\" = '''\n\
+         [image]\nextra_root_certificates = [\"\"\"\n{ca}\"\"\"]\n'''\n"
+    );
+    let mut pconfig = node.pod_config("tls", "uid-tls", "default");
+    pconfig.annotations.insert(
+        "io.cocoon.init-data".into(),
+        base64::engine::general_purpose::STANDARD.encode(init_data),
+    );
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let Some((plain, digest)) = registry_on(test, node) else {
+        return;
+    };
+    let tls = plain.tls_twin(&cert, &key);
+
+    let mut c = CriNode::container_config("app", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
+    pull_in_guest(&mut c, &tls, &digest);
+    let app = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(&app, &["/bin/cat", "/etc/pulled"], Duration::from_secs(30))
+        .await
+        .expect("ExecSync cat");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "pulled in the guest\n"),
+        "{test}: {err}"
+    );
+
+    // With roots given, a registry is spoken to over TLS unless named as plain HTTP.
+    let mut c = CriNode::container_config("plain", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
+    pull_in_guest(&mut c, &plain, &digest);
+    let e = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .expect_err("a plain-HTTP registry was pulled from over TLS");
+    assert!(e.message().contains(&plain.addr), "{test}: {e}");
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
 }

@@ -66,7 +66,10 @@ impl Http {
             let pem = ca_pem.ok_or_else(|| {
                 bad("https needs the broker's CA certificate (aa.toml's [token_configs.kbs] cert): no other root is trusted")
             })?;
-            (rest, Some(tls_config(pem).map_err(|e| bad(&e))?))
+            (
+                rest,
+                Some(tls_config(pem, "the broker's CA certificate").map_err(|e| bad(&e))?),
+            )
         } else {
             let rest = url
                 .strip_prefix("http://")
@@ -186,19 +189,18 @@ trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 /// A client config trusting only the certificates in `pem`, with the ring provider.
-fn tls_config(pem: &str) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+/// `what` names the certificates in messages.
+pub fn tls_config(pem: &str, what: &str) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let mut n = 0;
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("the broker's CA certificate: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("the broker's CA certificate: {e}"))?;
+        let cert = cert.map_err(|e| format!("{what}: {e}"))?;
+        roots.add(cert).map_err(|e| format!("{what}: {e}"))?;
         n += 1;
     }
     if n == 0 {
-        return Err("the broker's CA certificate: no PEM certificate in it".into());
+        return Err(format!("{what}: no PEM certificate in it"));
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

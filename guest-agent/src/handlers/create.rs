@@ -93,13 +93,19 @@ impl AgentService {
                 req.guest_image.clone(),
                 req.oci_spec_json.clone(),
             );
+            let transport = self
+                .state
+                .policy
+                .registry_transport()
+                .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
             let deadline = CALL_DEADLINE
                 .try_with(|d| d.into_std())
                 .unwrap_or_else(|_| {
                     std::time::Instant::now() + std::time::Duration::from_secs(300)
                 });
             let spec = tokio::task::spawn_blocking(move || {
-                crate::pull::for_container(crate::pull::images_dir()?, &id, &image, &spec, deadline)
+                let images = crate::pull::images_dir()?;
+                crate::pull::for_container(images, &id, &image, &spec, deadline, &transport)
             })
             .await
             .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?

@@ -1,13 +1,77 @@
-//! The one HTTP request a pull makes, many times: `GET` over TCP with a deadline on each
-//! read and write, the body streamed to the caller (layers are large), its length bounded
-//! by what the caller expects. Plain HTTP: the digests, not the channel, make the content
-//! trustworthy (a registry over TLS is not supported yet).
+//! The one HTTP request a pull makes, many times: `GET` over TCP, or TLS (rustls, only
+//! the roots the pod's init-data gives), with a deadline on each read and write, the body
+//! streamed to the caller (layers are large), its length bounded by what the caller
+//! expects. The digests, not the channel, make the content trustworthy; TLS adds the
+//! registry's identity and keeps what is pulled from the network's view.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::PullError;
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+type Conn = BufReader<Box<dyn ReadWrite>>;
+
+/// Where a request goes: `http(s)://host[:port]/path?query`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    /// `host[:port]` as written (a v6 address in brackets).
+    pub host: String,
+    /// The path and query, from its `/`.
+    pub path: String,
+}
+
+impl Url {
+    /// An absolute `http://` or `https://` URL.
+    pub fn parse(s: &str) -> Result<Url, String> {
+        let (tls, rest) = match (s.strip_prefix("https://"), s.strip_prefix("http://")) {
+            (Some(r), _) => (true, r),
+            (None, Some(r)) => (false, r),
+            _ => return Err(format!("{s:?} is not an http:// or https:// URL")),
+        };
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let path = path.split('#').next().unwrap_or("/");
+        if host.is_empty()
+            || host.contains(['@', ' ', '?', '#'])
+            || path.bytes().any(|b| b.is_ascii_control() || b == b' ')
+        {
+            return Err(format!("{s:?} is not a URL this client takes"));
+        }
+        Ok(Url {
+            tls,
+            host: host.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The host without its port or brackets: the TLS server name.
+    fn server_name(&self) -> &str {
+        let h = match self.host.rsplit_once(':') {
+            Some((h, p))
+                if p.bytes().all(|b| b.is_ascii_digit())
+                    && (!h.contains(':') || h.ends_with(']')) =>
+            {
+                h
+            }
+            _ => self.host.as_str(),
+        };
+        h.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.host, self.path)
+    }
+}
 
 /// The most header bytes a reply may have.
 const MAX_HEAD: usize = 64 * 1024;
@@ -17,16 +81,14 @@ pub struct Reply {
     pub status: u16,
     pub length: Option<u64>,
     pub location: Option<String>,
+    /// `WWW-Authenticate`, on a 401.
+    pub authenticate: Option<String>,
     body: Body,
 }
 
 enum Body {
-    Plain(std::io::Take<BufReader<TcpStream>>),
-    Chunked {
-        r: BufReader<TcpStream>,
-        left: u64,
-        done: bool,
-    },
+    Plain(std::io::Take<Conn>),
+    Chunked { r: Conn, left: u64, done: bool },
 }
 
 impl Read for Reply {
@@ -68,15 +130,17 @@ impl Read for Reply {
     }
 }
 
-/// `GET http://{host}{path}` with `headers`.
+/// `GET url` with `headers`; over TLS with `tls` (an `https` URL without it is an error).
 pub fn get(
-    host: &str,
-    path: &str,
+    url: &Url,
     headers: &[(&str, &str)],
     deadline: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Reply, PullError> {
+    let host = url.host.as_str();
+    let path = url.path.as_str();
     let fail = |what: &str, e: std::io::Error| PullError::Registry(format!("{what} {host}: {e}"));
-    // A registry named without a port is on HTTP's (a v6 address keeps its brackets).
+    // A host named without a port is on its scheme's (a v6 address keeps its brackets).
     let with_port = match host.rsplit_once(':') {
         Some((h, p))
             if !p.is_empty()
@@ -85,6 +149,7 @@ pub fn get(
         {
             host.to_owned()
         }
+        _ if url.tls => format!("{host}:443"),
         _ => format!("{host}:80"),
     };
     let addrs: Vec<_> = with_port
@@ -102,11 +167,26 @@ pub fn get(
             Err(e) => last = e,
         }
     }
-    let mut stream = stream.ok_or_else(|| fail("connect to", last))?;
+    let stream = stream.ok_or_else(|| fail("connect to", last))?;
     stream
         .set_read_timeout(Some(deadline))
         .and_then(|()| stream.set_write_timeout(Some(deadline)))
         .map_err(|e| fail("set deadlines for", e))?;
+    let mut stream: Box<dyn ReadWrite> = match (url.tls, tls) {
+        (false, _) => Box::new(stream),
+        (true, None) => {
+            return Err(PullError::Registry(format!(
+                "{url}: the guest trusts no TLS root for registries (init-data's cdh.toml, [image] extra_root_certificates)"
+            )))
+        }
+        (true, Some(config)) => {
+            let name = rustls::pki_types::ServerName::try_from(url.server_name().to_owned())
+                .map_err(|e| PullError::Registry(format!("{host} is not a TLS server name: {e}")))?;
+            let conn = rustls::ClientConnection::new(config.clone(), name)
+                .map_err(|e| PullError::Registry(format!("TLS to {host}: {e}")))?;
+            Box::new(rustls::StreamOwned::new(conn, stream))
+        }
+    };
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: cocoon-agent\r\n"
     );
@@ -146,7 +226,7 @@ pub fn get(
         .ok_or_else(|| {
             PullError::Registry(format!("{host} sent {status_line:?}, not an HTTP/1 status"))
         })?;
-    let (mut length, mut location, mut chunked) = (None, None, false);
+    let (mut length, mut location, mut authenticate, mut chunked) = (None, None, None, false);
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(PullError::Registry(format!(
@@ -162,6 +242,7 @@ pub fn get(
                     })?)
             }
             "location" => location = Some(value),
+            "www-authenticate" => authenticate = Some(value),
             "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
             _ => {}
         }
@@ -179,6 +260,7 @@ pub fn get(
         status,
         length,
         location,
+        authenticate,
         body,
     })
 }

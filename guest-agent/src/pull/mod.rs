@@ -10,7 +10,10 @@
 //! the image at most `MAX_IMAGE` bytes compressed, a deadline on every read.
 
 mod http;
+mod registry;
 mod unpack;
+
+pub use registry::Transport;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -119,13 +122,16 @@ fn check_digest(d: &str) -> Result<&str, ()> {
 }
 
 /// Pulls `image` and unpacks its layers into `rootfs` (which must not exist yet), using
-/// `work` for the downloaded layers (removed after).
+/// `work` for the downloaded layers (removed after), reaching the registry through
+/// `transport`.
 pub fn pull(
     image: &Reference,
     rootfs: &Path,
     work: &Path,
     deadline: Instant,
+    transport: &Transport,
 ) -> Result<(), PullError> {
+    let mut session = registry::Session::new(transport, &image.registry, &image.repository);
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| PullError::Io { path, source }
@@ -139,12 +145,12 @@ pub fn pull(
             false => Ok(()),
         }
     };
-    let (manifest, _) = fetch_manifest(image, &image.digest)?;
+    let (manifest, _) = fetch_manifest(&mut session, image, &image.digest)?;
     let manifest = match media_type(&manifest).as_str() {
         "application/vnd.oci.image.index.v1+json"
         | "application/vnd.docker.distribution.manifest.list.v2+json" => {
             let digest = pick_platform(&manifest)?;
-            fetch_manifest(image, &digest)?.0
+            fetch_manifest(&mut session, image, &digest)?.0
         }
         _ => manifest,
     };
@@ -185,7 +191,7 @@ pub fn pull(
         for (digest, size, kind) in &planned {
             let file = work.join(digest.replace(':', "-"));
             late()?;
-            fetch_blob(image, digest, *size, &file, deadline)?;
+            fetch_blob(&mut session, image, digest, *size, &file, deadline)?;
             let f = File::open(&file).map_err(io(&file))?;
             unpack::layer(f, *kind, rootfs).map_err(|e| match e {
                 PullError::Malformed(m) => PullError::Malformed(format!("layer {digest}: {m}")),
@@ -237,11 +243,12 @@ pub fn for_container(
     image: &str,
     spec_json: &[u8],
     deadline: Instant,
+    transport: &Transport,
 ) -> Result<Vec<u8>, String> {
     let reference = Reference::parse(image).map_err(|e| e.to_string())?;
     let (dir, mut spec) = claim(images, id, spec_json)?;
     let rootfs = dir.join("rootfs");
-    let result = pull(&reference, &rootfs, &dir.join("work"), deadline);
+    let result = pull(&reference, &rootfs, &dir.join("work"), deadline, transport);
     let _ = std::fs::remove_dir_all(dir.join("work"));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&dir);
@@ -307,11 +314,15 @@ fn pick_platform(index: &Value) -> Result<String, PullError> {
 }
 
 /// The manifest (or index) named `digest`, checked against it.
-fn fetch_manifest(image: &Reference, digest: &str) -> Result<(Value, Vec<u8>), PullError> {
+fn fetch_manifest(
+    session: &mut registry::Session,
+    image: &Reference,
+    digest: &str,
+) -> Result<(Value, Vec<u8>), PullError> {
     check_digest(digest)
         .map_err(|_| PullError::Malformed(format!("a manifest digest {digest:?}")))?;
     let path = format!("/v2/{}/manifests/{digest}", image.repository);
-    let mut reply = http::get(&image.registry, &path, &[("Accept", ACCEPT)], DEADLINE)?;
+    let mut reply = session.get(&path, Some(ACCEPT))?;
     if reply.status != 200 {
         return Err(PullError::Missing {
             what: "manifest",
@@ -350,6 +361,7 @@ fn fetch_manifest(image: &Reference, digest: &str) -> Result<(Value, Vec<u8>), P
 /// Downloads blob `digest` of `size` bytes to `file`, hashing as it goes; the file is
 /// kept only if the bytes match.
 fn fetch_blob(
+    session: &mut registry::Session,
     image: &Reference,
     digest: &str,
     size: u64,
@@ -357,14 +369,10 @@ fn fetch_blob(
     deadline: Instant,
 ) -> Result<(), PullError> {
     let path = format!("/v2/{}/blobs/{digest}", image.repository);
-    let mut reply = http::get(&image.registry, &path, &[], DEADLINE)?;
+    let mut reply = session.get(&path, None)?;
     if reply.status != 200 {
-        let hint = match (&reply.location, reply.status) {
-            (Some(l), 301..=308) => format!(" (a redirect to {l}, which is not followed)"),
-            _ => String::new(),
-        };
         return Err(PullError::Registry(format!(
-            "layer {digest}: HTTP {}{hint}",
+            "layer {digest}: HTTP {}",
             reply.status
         )));
     }

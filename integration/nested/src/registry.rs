@@ -43,18 +43,48 @@ impl Registry {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        Some(Registry::spawn(dir, ip, storage, ""))
+    }
+
+    /// A second registry serving this one's storage over TLS, with the PEM certificate
+    /// and key at `cert` and `key`, on a free port of the same address: push to `self`,
+    /// pull from it.
+    pub fn tls_twin(&self, cert: &Path, key: &Path) -> Registry {
+        let ip: std::net::Ipv4Addr = self
+            .addr
+            .rsplit_once(':')
+            .and_then(|(ip, _)| ip.parse().ok())
+            .expect("an IPv4 address and port");
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        Registry::spawn(dir, ip, self.storage.clone(), &tls)
+    }
+
+    /// Starts the registry with its config in `dir`, on a free port of `ip`, storing in
+    /// `storage`; `http_extra` is added to the config's `http` section (TLS). Returns
+    /// once it answers.
+    fn spawn(
+        dir: tempfile::TempDir,
+        ip: std::net::Ipv4Addr,
+        storage: PathBuf,
+        http_extra: &str,
+    ) -> Registry {
         let port = std::net::TcpListener::bind((ip, 0))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let addr = format!("{ip}:{port}");
-        let storage = dir.path().join("storage");
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{http_extra}",
                 storage.display()
             ),
         )
@@ -73,11 +103,13 @@ impl Registry {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Over TLS, a plain request gets Go's 400 ("an HTTP request to an HTTPS server").
+        let ready = if http_extra.is_empty() { 200 } else { 400 };
         loop {
             if r.request("GET", "/v2/", &[], b"")
-                .is_ok_and(|(s, _, _)| s == 200)
+                .is_ok_and(|(s, _, _)| s == ready)
             {
-                return Some(r);
+                return r;
             }
             assert!(
                 Instant::now() < deadline,

@@ -1,0 +1,297 @@
+//! Speaking to a registry as public ones expect: over TLS to the roots the pod's
+//! init-data gives, with the anonymous bearer token the registry's challenge asks for
+//! (Docker's token protocol: `401` with `WWW-Authenticate: Bearer realm=…,service=…,
+//! scope=…`, a `GET` of the realm for a token, the request again with it), and following
+//! the redirects registries answer blob requests with (to a storage host).
+//!
+//! The token goes to the registry alone, never to where it redirects. A redirect from
+//! TLS to plain HTTP is refused. None of it is trusted for content: every byte pulled is
+//! still checked against its digest.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use super::http::{self, Reply, Url};
+use super::{PullError, DEADLINE};
+
+/// The most redirects one request follows.
+const MAX_REDIRECTS: usize = 5;
+/// The most a token reply may hold.
+const MAX_TOKEN_REPLY: u64 = 256 * 1024;
+
+/// How the guest reaches registries: the TLS roots it trusts (none: plain HTTP only) and
+/// the registries spoken to over plain HTTP even so.
+#[derive(Clone, Default)]
+pub struct Transport {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    plain_http: Vec<String>,
+}
+
+impl Transport {
+    /// From init-data's `cdh.toml` `[image]` settings.
+    pub fn from_config(
+        c: &cocoon_confidential::initdata::RegistryConfig,
+    ) -> Result<Transport, String> {
+        let tls = match c.root_certificates.is_empty() {
+            true => None,
+            false => Some(cocoon_confidential::kbs::http::tls_config(
+                &c.root_certificates.join("\n"),
+                "init-data's cdh.toml [image] extra_root_certificates",
+            )?),
+        };
+        Ok(Transport {
+            tls,
+            plain_http: c.plain_http.clone(),
+        })
+    }
+
+    /// Whether `registry` (`host[:port]`) is spoken to over TLS.
+    pub fn uses_tls(&self, registry: &str) -> bool {
+        self.tls.is_some() && !self.plain_http.iter().any(|h| h == registry)
+    }
+}
+
+/// Requests to one repository of one registry, with the token it gave, if any.
+pub struct Session<'a> {
+    transport: &'a Transport,
+    registry: String,
+    repository: String,
+    token: Option<String>,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(transport: &'a Transport, registry: &str, repository: &str) -> Session<'a> {
+        Session {
+            transport,
+            registry: registry.to_owned(),
+            repository: repository.to_owned(),
+            token: None,
+        }
+    }
+
+    /// `GET path` of the registry, through its challenge and redirects.
+    pub fn get(&mut self, path: &str, accept: Option<&str>) -> Result<Reply, PullError> {
+        let mut url = Url {
+            tls: self.transport.uses_tls(&self.registry),
+            host: self.registry.clone(),
+            path: path.to_owned(),
+        };
+        let mut challenged = false;
+        let mut hops = 0;
+        loop {
+            let to_registry = url.host == self.registry;
+            let auth = self
+                .token
+                .as_ref()
+                .filter(|_| to_registry)
+                .map(|t| format!("Bearer {t}"));
+            let mut headers = Vec::new();
+            headers.extend(accept.map(|a| ("Accept", a)));
+            headers.extend(auth.as_deref().map(|a| ("Authorization", a)));
+            let reply = http::get(&url, &headers, DEADLINE, self.transport.tls.as_ref())?;
+            match reply.status {
+                401 if to_registry && !challenged => {
+                    let challenge = reply.authenticate.clone().ok_or_else(|| {
+                        PullError::Registry(format!("{url}: HTTP 401 without a challenge"))
+                    })?;
+                    self.token = Some(self.fetch_token(&challenge)?);
+                    challenged = true;
+                }
+                301..=303 | 307 | 308 if reply.location.is_some() => {
+                    hops += 1;
+                    if hops > MAX_REDIRECTS {
+                        return Err(PullError::Registry(format!(
+                            "{url}: more than {MAX_REDIRECTS} redirects"
+                        )));
+                    }
+                    let next = resolve(&url, reply.location.as_deref().unwrap_or_default())
+                        .map_err(|e| PullError::Registry(format!("{url}: {e}")))?;
+                    if url.tls && !next.tls {
+                        return Err(PullError::Registry(format!(
+                            "{url} redirects to {next}: from TLS to plain HTTP, refused"
+                        )));
+                    }
+                    url = next;
+                }
+                // A server that speaks only TLS answers plain HTTP so (Go's does).
+                400 if !url.tls => {
+                    return Err(PullError::Registry(format!(
+                        "{url}: HTTP 400 over plain HTTP; a registry that speaks only HTTPS \
+                         answers so (its root goes in init-data's cdh.toml, [image] \
+                         extra_root_certificates)"
+                    )))
+                }
+                _ => return Ok(reply),
+            }
+        }
+    }
+
+    /// An anonymous token for the challenge `challenge` (a `WWW-Authenticate` value).
+    fn fetch_token(&self, challenge: &str) -> Result<String, PullError> {
+        let fail = |e: String| PullError::Registry(format!("{}: {e}", self.registry));
+        let params = parse_challenge(challenge).map_err(fail)?;
+        let realm = params
+            .get("realm")
+            .ok_or_else(|| fail("its challenge names no realm".into()))?;
+        let mut url = Url::parse(realm).map_err(|e| fail(format!("its token realm: {e}")))?;
+        let default_scope = format!("repository:{}:pull", self.repository);
+        let scope = params.get("scope").unwrap_or(&default_scope);
+        let mut query = vec![format!("scope={}", encode(scope))];
+        if let Some(service) = params.get("service") {
+            query.insert(0, format!("service={}", encode(service)));
+        }
+        url.path
+            .push(if url.path.contains('?') { '&' } else { '?' });
+        url.path.push_str(&query.join("&"));
+        let mut reply = http::get(&url, &[], DEADLINE, self.transport.tls.as_ref())?;
+        if reply.status != 200 {
+            return Err(fail(format!(
+                "its token realm {url} answered HTTP {}",
+                reply.status
+            )));
+        }
+        let mut body = Vec::new();
+        (&mut reply)
+            .take(MAX_TOKEN_REPLY + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| fail(format!("reading a token from {url}: {e}")))?;
+        if body.len() as u64 > MAX_TOKEN_REPLY {
+            return Err(fail(format!(
+                "{url} sent a token over {MAX_TOKEN_REPLY} bytes"
+            )));
+        }
+        token_of(&body).map_err(|e| fail(format!("{url}: {e}")))
+    }
+}
+
+/// The token of a token reply (`token`, or OAuth's `access_token`): printable, no
+/// spaces (it goes into a header line).
+fn token_of(body: &[u8]) -> Result<String, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("its token reply: {e}"))?;
+    let t = ["token", "access_token"]
+        .iter()
+        .find_map(|k| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .filter(|t| !t.is_empty())
+        })
+        .ok_or("its token reply has no token")?;
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("its token is not printable ASCII without spaces".into());
+    }
+    Ok(t.to_owned())
+}
+
+/// The parameters of a `Bearer` challenge; another scheme is an error naming it.
+fn parse_challenge(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let (scheme, rest) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(format!(
+            "it asks for {scheme} authentication; only anonymous bearer tokens are supported"
+        ));
+    }
+    let mut out = BTreeMap::new();
+    let mut rest = rest.trim_start();
+    while !rest.is_empty() {
+        let (key, after) = rest
+            .split_once('=')
+            .ok_or_else(|| format!("a malformed challenge {s:?}"))?;
+        let key = key.trim().to_ascii_lowercase();
+        let (value, after) = match after.strip_prefix('"') {
+            Some(q) => {
+                let end = q
+                    .find('"')
+                    .ok_or_else(|| format!("an unterminated quote in {s:?}"))?;
+                (&q[..end], &q[end + 1..])
+            }
+            None => after.split_once(',').map_or((after, ""), |(v, a)| (v, a)),
+        };
+        out.insert(key, value.trim().to_owned());
+        rest = after.trim_start_matches([',', ' ']);
+    }
+    Ok(out)
+}
+
+/// Where a `Location` leads from `base`: an absolute URL, or a path on the same host.
+fn resolve(base: &Url, location: &str) -> Result<Url, String> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Url::parse(location);
+    }
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Url::parse(&format!(
+            "{}{location}",
+            Url {
+                path: String::new(),
+                ..base.clone()
+            }
+        ));
+    }
+    Err(format!(
+        "a redirect to {location:?}, neither absolute nor a path"
+    ))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bearer_challenge_is_read_with_its_quoted_commas() {
+        let p = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+        let e = parse_challenge(r#"Basic realm="x""#).unwrap_err();
+        assert!(e.contains("Basic"), "{e}");
+        assert!(parse_challenge(r#"Bearer realm="x"#).is_err());
+    }
+
+    #[test]
+    fn redirects_resolve_to_absolute_urls_or_paths_on_the_same_host() {
+        let base = Url::parse("https://reg.example:5000/v2/a/blobs/sha256:1").unwrap();
+        assert_eq!(
+            resolve(&base, "/b?x=1").unwrap().to_string(),
+            "https://reg.example:5000/b?x=1"
+        );
+        let cdn = resolve(&base, "http://cdn.example/blob").unwrap();
+        assert_eq!(
+            (cdn.tls, cdn.host.as_str(), cdn.path.as_str()),
+            (false, "cdn.example", "/blob")
+        );
+        assert!(resolve(&base, "//evil/x").is_err());
+        assert!(resolve(&base, "relative").is_err());
+        assert!(Url::parse("ftp://x/").is_err());
+        assert!(Url::parse("https://user@x/").is_err());
+    }
+
+    #[test]
+    fn tokens_must_be_one_printable_word() {
+        assert_eq!(token_of(br#"{"token":"abc.def"}"#).unwrap(), "abc.def");
+        assert_eq!(token_of(br#"{"access_token":"t"}"#).unwrap(), "t");
+        assert!(token_of(br#"{"token":"a\r\nX-Evil: 1"}"#).is_err());
+        assert!(token_of(br#"{"token":""}"#).is_err());
+        assert!(token_of(b"not json").is_err());
+    }
+
+    #[test]
+    fn scopes_are_percent_encoded() {
+        assert_eq!(encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+    }
+}
