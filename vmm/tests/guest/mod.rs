@@ -317,3 +317,39 @@ impl Guest {
         }
     }
 }
+
+/// A guest that prints a dot every few million iterations forever.
+pub const SPINNER: &str = r#"
+1:  mov $2000000, %ecx
+2:  loop 2b
+    mov $0x2e, %al
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp 1b
+"#;
+
+/// Waits (10 s at most) until `f` holds.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the test runs as root; says SKIPPED (failing under CI) when not.
+pub fn is_root(test: &str) -> bool {
+    let root = euid_is_root();
+    if !root {
+        skip(&format!("{test}: needs root"));
+    }
+    root
+}
+
+/// The namespace a process is in, e.g. `mnt:[4026531841]`.
+pub fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap()
+        .display()
+        .to_string()
+}
