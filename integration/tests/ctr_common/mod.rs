@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cocoon_integration::containerd::Containerd;
 use cocoon_integration::image::IMAGE_REF;
-use cocoon_integration::{leftover_entries, processes_mentioning, test_config, wait_gone};
+use cocoon_integration::{leftover_entries, processes_mentioning, stuck, test_config, wait_gone};
 
 pub struct Env {
     pub containerd: Containerd,
@@ -327,4 +327,41 @@ pub fn ctr_in_background(
         let _ = tx.send(cmd.output());
     });
     rx
+}
+
+/// Waits until `pred` holds for the output read so far from `r`, with a deadline
+/// that a silent peer cannot outlast.
+pub fn read_until(r: &mut impl std::os::fd::AsFd, acc: &mut Vec<u8>, pred: impl Fn(&str) -> bool) {
+    if let Err(e) = stuck::read_until(r, acc, Duration::from_secs(120), pred) {
+        panic!("{e}");
+    }
+}
+
+/// Waits for a `ctr` started in the background to exit, with a deadline.
+pub fn reap(env: &Env, child: &mut std::process::Child) -> std::process::ExitStatus {
+    stuck::wait_within(child, stuck::CTR_DEADLINE).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!(
+            "stuck: ctr did not exit within {} s\n{}",
+            stuck::CTR_DEADLINE.as_secs(),
+            env.containerd.stuck_report()
+        )
+    })
+}
+
+/// Starts `ctr <args>` on a fresh pty, as a terminal user would, and hands
+/// back the child and the pty's master. `ctr run -t` and `ctr task exec -t`
+/// need a terminal on their stdin.
+pub fn ctr_on_a_pty(env: &Env, args: &[&str]) -> (std::process::Child, std::fs::File) {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave: std::fs::File = pty.slave.into();
+    let child = env
+        .containerd
+        .ctr_cmd(args)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    (child, pty.master.into())
 }
