@@ -1,0 +1,146 @@
+//! A node's files and processes: containerd's config with the CRI plugin and both
+//! runtime handlers, the CNI network list, the cocoon shim's config, containerd itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::*;
+
+pub(super) fn bridge_name(subnet_index: u8) -> String {
+    format!("cni-ct{subnet_index}")
+}
+
+pub(super) fn containerd_toml(dir: &Path, address: &Path) -> String {
+    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    format!(
+        r#"version = 2
+root = "{r}/root"
+state = "{r}/state"
+[grpc]
+  address = "{a}"
+[ttrpc]
+  address = "{a}.ttrpc"
+[debug]
+  level = "info"
+[{cri}]
+  sandbox_image = "{PAUSE_REF}"
+  # This host refuses to lower oom_score_adj; runc then fails to start anything.
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+[{cri}.containerd]
+  default_runtime_name = "{RUNC}"
+  snapshotter = "overlayfs"
+[{cri}.containerd.runtimes.{RUNC}]
+  runtime_type = "io.containerd.runc.v2"
+[{cri}.containerd.runtimes.{COCOON}]
+  runtime_type = "io.containerd.cocoon.v2"
+  pod_annotations = ["io.cocoon.*"]
+  container_annotations = ["io.cocoon.*"]
+  privileged_without_host_devices = true
+[{cri}.cni]
+  bin_dir = "{CNI_BIN_DIR}"
+  conf_dir = "{r}/cni"
+  max_conf_num = 1
+"#,
+        r = dir.display(),
+        a = address.display(),
+    )
+}
+
+/// The IPv6 pod network of a dual-stack node (a unique local range).
+pub fn subnet_v6(subnet_index: u8) -> (std::net::Ipv6Addr, u8) {
+    (
+        std::net::Ipv6Addr::new(0xfd00, 0xcc, subnet_index.into(), 0, 0, 0, 0, 0),
+        64,
+    )
+}
+
+pub(super) fn cni_conflist(dir: &Path, subnet_index: u8, ipv6: bool) -> String {
+    let (net, len) = subnet(subnet_index);
+    let (net6, len6) = subnet_v6(subnet_index);
+    let mut ranges = vec![serde_json::json!([{ "subnet": format!("{net}/{len}") }])];
+    let mut routes = vec![serde_json::json!({ "dst": "0.0.0.0/0" })];
+    if ipv6 {
+        ranges.push(serde_json::json!([{ "subnet": format!("{net6}/{len6}") }]));
+        routes.push(serde_json::json!({ "dst": "::/0" }));
+    }
+    serde_json::to_string_pretty(&serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": format!("cocoon-test-{subnet_index}"),
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge_name(subnet_index),
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": ranges,
+                    "routes": routes,
+                    "dataDir": dir.join("ipam"),
+                }
+            },
+            {"type": "loopback"}
+        ]
+    }))
+    .unwrap()
+}
+
+/// Writes the shim's COCOON_CONFIG for a CRI node under `dir` (the built guest image, a
+/// private run dir `dir/run`) and returns its path. runc pods never read it.
+pub fn write_shim_config(dir: &Path, boot_timeout: Duration) -> PathBuf {
+    write_shim_config_with(dir, boot_timeout, "")
+}
+
+/// As `write_shim_config`, with `tables` (TOML tables) added.
+pub fn write_shim_config_with(dir: &Path, boot_timeout: Duration, tables: &str) -> PathBuf {
+    write_shim_config_vm(dir, boot_timeout, "", tables)
+}
+
+/// As `write_shim_config_with`, with `vm_keys` (TOML lines) added to its `[vm]` table.
+pub fn write_shim_config_vm(
+    dir: &Path,
+    boot_timeout: Duration,
+    vm_keys: &str,
+    tables: &str,
+) -> PathBuf {
+    let c = crate::test_config(&dir.join("run"), boot_timeout);
+    let path = dir.join("cocoon.toml");
+    // COCOON_TEST_HYPERVISOR names the VMM outright (a test of cocoon-vmm must not pass
+    // on QEMU); otherwise the host decides ("auto").
+    let hypervisor = std::env::var("COCOON_TEST_HYPERVISOR").unwrap_or_else(|_| "auto".into());
+    // COCOON_TEST_TEMPLATES=1: pods start from VM templates (`[vm] templates`).
+    let templates = std::env::var("COCOON_TEST_TEMPLATES").is_ok_and(|v| v == "1");
+    let toml = format!(
+        "hypervisor = {hypervisor:?}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_ms = {}\n\
+         templates = {templates}\n{vm_keys}[paths]\nrun_dir = {:?}\n{tables}{}",
+        c.vm.kernel,
+        c.vm.initrd,
+        c.vm.boot_timeout_ms,
+        c.paths.run_dir,
+        crate::jail_table_for_this_kernel(tables)
+    );
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+pub(super) fn spawn_containerd(dir: &Path, cocoon_config: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("containerd.toml"))
+        .env("PATH", tool_path())
+        .env("COCOON_CONFIG", cocoon_config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("containerd (apt-get install containerd)")
+}
