@@ -1,6 +1,7 @@
 //! What kubelet does with a running pod, through CRI: streaming exec and attach (with and
 //! without a terminal, with a resize), container logs in CRI's format, a container that
-//! exits and is created again in the same pod, and UpdateContainerResources. Each case
+//! exits and is created again in the same pod, UpdateContainerResources, and stopping or
+//! removing twice. Each case
 //! runs under runc and under cocoon.
 
 mod common;
@@ -451,4 +452,62 @@ async fn created_container_is_removed_unstarted(test: &str, handler: &str, net: 
         .await
         .unwrap_or_else(|_| panic!("{test}: stop/remove of the pod hung"));
     stopped.unwrap_or_else(|e| panic!("{test}: stop/remove: {e}"));
+}
+
+both!(
+    stop_and_remove_are_idempotent,
+    runc_stop_and_remove_are_idempotent = 71,
+    cocoon_stop_and_remove_are_idempotent = 72
+);
+
+/// CRI's idempotence (critest's "Idempotence" cases): stopping a stopped container or
+/// pod and removing a removed one succeed. (Ids nobody knows are containerd's to answer,
+/// whatever the runtime: 1.6 says NotFound for a container, newer ones succeed.)
+async fn stop_and_remove_are_idempotent(test: &str, handler: &str, net: u8) {
+    use k8s_cri::v1::StopContainerRequest;
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("idem", "uid-idem", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let c = CriNode::container_config("idem", IMAGE_REF, &["sleep", "3600"], &[]);
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    for id in [ctr.as_str(), ctr.as_str()] {
+        node.runtime()
+            .stop_container(StopContainerRequest {
+                container_id: id.into(),
+                timeout: 0,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{test}: StopContainer {id}: {e}"));
+    }
+    for id in [ctr.as_str(), ctr.as_str()] {
+        node.runtime()
+            .remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{test}: RemoveContainer {id}: {e}"));
+    }
+    for id in [pod.as_str(), pod.as_str()] {
+        node.stop_pod(id)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: StopPodSandbox {id}: {e}\n{}", node.log_tail()));
+    }
+    for id in [pod.as_str(), pod.as_str()] {
+        node.remove_pod(id)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: RemovePodSandbox {id}: {e}"));
+    }
+    assert!(
+        node.pod_ids().await.unwrap().is_empty(),
+        "{test}: a pod is still listed"
+    );
 }
