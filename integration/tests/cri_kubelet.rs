@@ -1,8 +1,7 @@
 //! What kubelet does with a running pod, through CRI: streaming exec and attach (with and
 //! without a terminal, with a resize), container logs in CRI's format, a container that
 //! exits and is created again in the same pod, UpdateContainerResources, and stopping or
-//! removing twice. Each case
-//! runs under runc and under cocoon.
+//! removing twice. Each case runs under runc and under cocoon.
 
 mod common;
 
