@@ -166,8 +166,13 @@ impl InitData {
         let t: toml::Table = cdh
             .parse()
             .map_err(|e: toml::de::Error| bad(e.message().to_owned()))?;
+        let image = match t.get("image") {
+            None => None,
+            Some(toml::Value::Table(i)) => Some(i),
+            Some(_) => return Err(bad("[image] is not a table".into())),
+        };
         let strings = |key: &str| -> Result<Vec<String>, InitDataError> {
-            match t.get("image").and_then(|i| i.get(key)) {
+            match image.and_then(|i| i.get(key)) {
                 None => Ok(Vec::new()),
                 Some(toml::Value::Array(a)) => a
                     .iter()
@@ -288,6 +293,7 @@ mod tests {
         for bad in [
             "[image]\nextra_root_certificates = \"A\"",
             "[image]\nextra_root_certificates = [1]",
+            "image = \"x\"",
             "[image",
         ] {
             assert!(

@@ -202,14 +202,14 @@ impl Gate {
         Ok(data)
     }
 
-    /// How image pulls reach registries: from the init-data's `cdh.toml`, or plain HTTP
-    /// without init-data.
+    /// How image pulls reach registries: from the init-data's `cdh.toml` (TLS unless
+    /// named plain in a confidential guest), or plain HTTP without init-data.
     pub fn registry_transport(&self) -> Result<crate::pull::Transport, String> {
         let Some(init) = self.init_data.get() else {
             return Ok(crate::pull::Transport::default());
         };
         let config = init.registry_config().map_err(|e| e.to_string())?;
-        crate::pull::Transport::from_config(&config)
+        crate::pull::Transport::from_config(&config, self.confidential)
     }
 
     /// A resource from the key broker the init-data names, fetched with the guest's

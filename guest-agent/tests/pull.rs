@@ -395,12 +395,17 @@ fn tls_fixture(name: &str) -> PathBuf {
 }
 
 fn transport(roots: &[&str], plain_http: &[&str]) -> Transport {
+    transport_for(roots, plain_http, false)
+}
+
+/// As `transport`, for a confidential guest when `confidential`.
+fn transport_for(roots: &[&str], plain_http: &[&str], confidential: bool) -> Transport {
     let pem = |n: &&str| std::fs::read_to_string(tls_fixture(n)).unwrap();
     let config = cocoon_confidential::initdata::RegistryConfig {
         root_certificates: roots.iter().map(pem).collect(),
         plain_http: plain_http.iter().map(|s| s.to_string()).collect(),
     };
-    Transport::from_config(&config).unwrap()
+    Transport::from_config(&config, confidential).unwrap()
 }
 
 #[test]
@@ -442,6 +447,15 @@ fn a_registry_over_tls_is_trusted_only_through_the_roots_init_data_gives() {
     // Not named: spoken to over TLS, which it does not speak.
     let (_d, root, work) = dirs();
     assert!(pull(&plain, &root, &work, soon(), &transport(&["ca.pem"], &[])).is_err());
+
+    // A confidential guest speaks plain HTTP only to a registry its init-data names
+    // (here by host, any port), roots or not.
+    let (_d, root, work) = dirs();
+    let e = pull(&plain, &root, &work, soon(), &transport_for(&[], &[], true)).unwrap_err();
+    assert!(e.to_string().contains("plain_http_registries"), "{e}");
+    let (_d, root, work) = dirs();
+    let named = transport_for(&[], &["127.0.0.1"], true);
+    pull(&plain, &root, &work, soon(), &named).unwrap();
 }
 
 /// What the front registry saw: token requests' queries, and for each request it
@@ -581,4 +595,30 @@ fn a_registry_asking_for_credentials_is_refused_with_the_reason() {
     let e = pull(&image, &root, &work, soon(), &Transport::default()).unwrap_err();
     assert!(e.to_string().contains("Basic authentication"), "{e}");
     assert!(!root.exists());
+}
+
+#[test]
+fn a_registry_dripping_its_reply_cannot_hold_a_pull_past_its_deadline() {
+    // A byte of reply head every 100 ms, for ever: each read is quick, the whole is not.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        while conn.write_all(b"X").is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let image = Reference::parse(&format!("{addr}/test/app@sha256:{}", "1".repeat(64))).unwrap();
+    let (_d, root, work) = dirs();
+    let started = std::time::Instant::now();
+    let until = started + std::time::Duration::from_secs(1);
+    let e = pull(&image, &root, &work, until, &Transport::default()).unwrap_err();
+    assert!(e.to_string().contains("ran out of time"), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }

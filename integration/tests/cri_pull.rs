@@ -141,9 +141,14 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
     };
     let node = &env.node;
     let mut pconfig = node.pod_config("sealed", "uid-sealed", "default");
-    // Init-data with no policy: the agent's built-in confidential one applies.
-    let bare = base64::engine::general_purpose::STANDARD
-        .encode("version = \"0.1.0\"\nalgorithm = \"sha384\"\n");
+    // Init-data with no policy: the agent's built-in confidential one applies. A
+    // confidential guest speaks plain HTTP only to registries its init-data names: the
+    // test's, on the gateway (any port).
+    let bare = base64::engine::general_purpose::STANDARD.encode(format!(
+        "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = '''\n\
+         [image]\nplain_http_registries = [\"{}\"]\n'''\n",
+        node.gateway()
+    ));
     pconfig
         .annotations
         .insert("io.cocoon.init-data".into(), bare);

@@ -13,7 +13,43 @@ use super::PullError;
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
-type Conn = BufReader<Box<dyn ReadWrite>>;
+type Conn = BufReader<Deadlined>;
+
+/// A connection whose every read and write fails once `until` has passed: a server
+/// dripping its reply a byte at a time cannot hold a pull (each read alone is quick).
+struct Deadlined {
+    inner: Box<dyn ReadWrite>,
+    until: std::time::Instant,
+}
+
+impl Deadlined {
+    fn check(&self) -> std::io::Result<()> {
+        match std::time::Instant::now() >= self.until {
+            true => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the pull ran out of time",
+            )),
+            false => Ok(()),
+        }
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// Where a request goes: `http(s)://host[:port]/path?query`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,10 +74,12 @@ impl Url {
             None => (rest, "/"),
         };
         let path = path.split('#').next().unwrap_or("/");
-        if host.is_empty()
-            || host.contains(['@', ' ', '?', '#'])
-            || path.bytes().any(|b| b.is_ascii_control() || b == b' ')
-        {
+        // A name, a v4 address or a bracketed v6 one, and a port: nothing that could
+        // end the request's Host line.
+        let host_ok = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if host.is_empty() || !host_ok || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return Err(format!("{s:?} is not a URL this client takes"));
         }
         Ok(Url {
@@ -131,12 +169,21 @@ impl Read for Reply {
 }
 
 /// `GET url` with `headers`; over TLS with `tls` (an `https` URL without it is an error).
+/// Each connect, read and write waits `each` at most, and nothing goes on past `until`.
 pub fn get(
     url: &Url,
     headers: &[(&str, &str)],
-    deadline: Duration,
+    each: Duration,
+    until: std::time::Instant,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Reply, PullError> {
+    let left = until.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err(PullError::Registry(format!(
+            "{url}: the pull ran out of time"
+        )));
+    }
+    let deadline = each.min(left);
     let host = url.host.as_str();
     let path = url.path.as_str();
     let fail = |what: &str, e: std::io::Error| PullError::Registry(format!("{what} {host}: {e}"));
@@ -172,11 +219,11 @@ pub fn get(
         .set_read_timeout(Some(deadline))
         .and_then(|()| stream.set_write_timeout(Some(deadline)))
         .map_err(|e| fail("set deadlines for", e))?;
-    let mut stream: Box<dyn ReadWrite> = match (url.tls, tls) {
+    let stream: Box<dyn ReadWrite> = match (url.tls, tls) {
         (false, _) => Box::new(stream),
         (true, None) => {
             return Err(PullError::Registry(format!(
-                "{url}: the guest trusts no TLS root for registries (init-data's cdh.toml, [image] extra_root_certificates)"
+                "{url}: the guest trusts no TLS root for registries (init-data's cdh.toml: [image] extra_root_certificates, or plain_http_registries to name this one)"
             )))
         }
         (true, Some(config)) => {
@@ -186,6 +233,10 @@ pub fn get(
                 .map_err(|e| PullError::Registry(format!("TLS to {host}: {e}")))?;
             Box::new(rustls::StreamOwned::new(conn, stream))
         }
+    };
+    let mut stream = Deadlined {
+        inner: stream,
+        until,
     };
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: cocoon-agent\r\n"
@@ -201,6 +252,11 @@ pub fn get(
     let mut r = BufReader::new(stream);
     let mut head = Vec::new();
     loop {
+        if std::time::Instant::now() >= until {
+            return Err(PullError::Registry(format!(
+                "{url}: the pull ran out of time"
+            )));
+        }
         let before = head.len();
         (&mut r)
             .take((MAX_HEAD - head.len()) as u64)

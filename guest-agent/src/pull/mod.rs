@@ -131,7 +131,8 @@ pub fn pull(
     deadline: Instant,
     transport: &Transport,
 ) -> Result<(), PullError> {
-    let mut session = registry::Session::new(transport, &image.registry, &image.repository);
+    let mut session =
+        registry::Session::new(transport, &image.registry, &image.repository, deadline);
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| PullError::Io { path, source }

@@ -20,18 +20,22 @@ const MAX_REDIRECTS: usize = 5;
 /// The most a token reply may hold.
 const MAX_TOKEN_REPLY: u64 = 256 * 1024;
 
-/// How the guest reaches registries: the TLS roots it trusts (none: plain HTTP only) and
-/// the registries spoken to over plain HTTP even so.
+/// How the guest reaches registries: the TLS roots it trusts (none: plain HTTP only),
+/// the registries spoken to over plain HTTP even so, and whether plain HTTP needs naming
+/// (a confidential guest: the host, which carries its traffic, must not see what it pulls).
 #[derive(Clone, Default)]
 pub struct Transport {
     tls: Option<Arc<rustls::ClientConfig>>,
     plain_http: Vec<String>,
+    tls_unless_named: bool,
 }
 
 impl Transport {
-    /// From init-data's `cdh.toml` `[image]` settings.
+    /// From init-data's `cdh.toml` `[image]` settings; `confidential`: a registry is
+    /// spoken to over TLS unless `plain_http_registries` names it, roots or not.
     pub fn from_config(
         c: &cocoon_confidential::initdata::RegistryConfig,
+        confidential: bool,
     ) -> Result<Transport, String> {
         let tls = match c.root_certificates.is_empty() {
             true => None,
@@ -41,29 +45,43 @@ impl Transport {
             )?),
         };
         Ok(Transport {
+            tls_unless_named: confidential || tls.is_some(),
             tls,
             plain_http: c.plain_http.clone(),
         })
     }
 
-    /// Whether `registry` (`host[:port]`) is spoken to over TLS.
+    /// Whether `registry` (`host[:port]`) is spoken to over TLS. A `plain_http_registries`
+    /// entry names one registry (`host:port`) or every port of a host (`host`).
     pub fn uses_tls(&self, registry: &str) -> bool {
-        self.tls.is_some() && !self.plain_http.iter().any(|h| h == registry)
+        let host = match registry.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+            _ => registry,
+        };
+        self.tls_unless_named && !self.plain_http.iter().any(|h| h == registry || h == host)
     }
 }
 
 /// Requests to one repository of one registry, with the token it gave, if any.
 pub struct Session<'a> {
     transport: &'a Transport,
+    /// The pull's own deadline: no request goes on past it.
+    until: std::time::Instant,
     registry: String,
     repository: String,
     token: Option<String>,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(transport: &'a Transport, registry: &str, repository: &str) -> Session<'a> {
+    pub fn new(
+        transport: &'a Transport,
+        registry: &str,
+        repository: &str,
+        until: std::time::Instant,
+    ) -> Session<'a> {
         Session {
             transport,
+            until,
             registry: registry.to_owned(),
             repository: repository.to_owned(),
             token: None,
@@ -89,7 +107,8 @@ impl<'a> Session<'a> {
             let mut headers = Vec::new();
             headers.extend(accept.map(|a| ("Accept", a)));
             headers.extend(auth.as_deref().map(|a| ("Authorization", a)));
-            let reply = http::get(&url, &headers, DEADLINE, self.transport.tls.as_ref())?;
+            let tls = self.transport.tls.as_ref();
+            let reply = http::get(&url, &headers, DEADLINE, self.until, tls)?;
             match reply.status {
                 401 if to_registry && !challenged => {
                     let challenge = reply.authenticate.clone().ok_or_else(|| {
@@ -135,6 +154,11 @@ impl<'a> Session<'a> {
             .get("realm")
             .ok_or_else(|| fail("its challenge names no realm".into()))?;
         let mut url = Url::parse(realm).map_err(|e| fail(format!("its token realm: {e}")))?;
+        // A token asked for in clear for a registry spoken to over TLS: the network would
+        // see its scope and could hand another.
+        if self.transport.uses_tls(&self.registry) && !url.tls {
+            return Err(fail(format!("its token realm {url} is not over TLS")));
+        }
         let default_scope = format!("repository:{}:pull", self.repository);
         let scope = params.get("scope").unwrap_or(&default_scope);
         let mut query = vec![format!("scope={}", encode(scope))];
@@ -144,7 +168,7 @@ impl<'a> Session<'a> {
         url.path
             .push(if url.path.contains('?') { '&' } else { '?' });
         url.path.push_str(&query.join("&"));
-        let mut reply = http::get(&url, &[], DEADLINE, self.transport.tls.as_ref())?;
+        let mut reply = http::get(&url, &[], DEADLINE, self.until, self.transport.tls.as_ref())?;
         if reply.status != 200 {
             return Err(fail(format!(
                 "its token realm {url} answered HTTP {}",
@@ -288,6 +312,25 @@ mod tests {
         assert!(token_of(br#"{"token":"a\r\nX-Evil: 1"}"#).is_err());
         assert!(token_of(br#"{"token":""}"#).is_err());
         assert!(token_of(b"not json").is_err());
+    }
+
+    #[test]
+    fn plain_http_names_a_registry_or_every_port_of_a_host() {
+        let c = |plain: &[&str]| cocoon_confidential::initdata::RegistryConfig {
+            root_certificates: vec![],
+            plain_http: plain.iter().map(|s| s.to_string()).collect(),
+        };
+        let t = Transport::from_config(&c(&["a:5000", "b", "[::1]"]), true).unwrap();
+        assert!(!t.uses_tls("a:5000") && t.uses_tls("a:5001") && t.uses_tls("a"));
+        assert!(!t.uses_tls("b:1") && !t.uses_tls("b"));
+        assert!(!t.uses_tls("[::1]:5000"));
+        // Not confidential and no roots: plain HTTP for all.
+        assert!(!Transport::from_config(&c(&[]), false)
+            .unwrap()
+            .uses_tls("a:5000"));
+        assert!(Transport::from_config(&c(&[]), true)
+            .unwrap()
+            .uses_tls("a:5000"));
     }
 
     #[test]

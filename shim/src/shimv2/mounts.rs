@@ -262,7 +262,8 @@ fn share_volumes(
         if src.is_dir() && super::propagation::wants(&options) {
             // Never mirrored: every pod's share (`<run>/shares`).
             let shares = host.parent().unwrap_or(host);
-            super::propagation::watch(pod, &done.dir, &src, &r, has_opt(m, "ro"), shares)
+            let (ro, rec) = (has_opt(m, "ro"), has_opt(m, "rbind"));
+            super::propagation::watch(pod, &done.dir, &src, &r, ro, rec, shares)
                 .map_err(|e| MountError::Propagation(src.clone(), e))?;
         }
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{i}"))));
@@ -494,5 +495,86 @@ mod tests {
             "a failed prepare leaves nothing"
         );
         crate::shimv2::share::remove(&share);
+    }
+
+    /// A host mount beneath an rslave volume's source reaches the share, idmapped, and
+    /// goes when the host unmounts it; one that cannot be idmapped (sysfs) gets its place
+    /// held by an empty read-only directory, so the guest cannot remove or rename over
+    /// the host's mount point through virtiofsd.
+    #[test]
+    fn host_mounts_reach_an_rslave_volume_or_have_their_place_held() {
+        if !nix::unistd::geteuid().is_root() {
+            cocoon_nested::testing::missing("mounts", "mounting needs root");
+            return;
+        }
+        use nix::mount::{mount, MsFlags};
+        let none = None::<&str>;
+        let t = tempfile::tempdir().unwrap();
+        let bundle = t.path().join("bundle");
+        let data = t.path().join("data");
+        for d in [&bundle, &data.join("ok"), &data.join("bad")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        mount(Some(&data), &data, none, MsFlags::MS_BIND, none).unwrap();
+        mount(none, &data, none, MsFlags::MS_SHARED, none).unwrap();
+        let ns = Arc::new(
+            PodUserns::create(1_500_393_216, crate::hypervisor::userns::IDS_PER_POD).unwrap(),
+        );
+        // As `<run>/shares/<vm>`: mounts under `<run>/shares` are never mirrored.
+        let share = t.path().join("shares/share");
+        crate::shimv2::share::create(&share, Some(&ns)).unwrap();
+        let mut spec = spec_with(serde_json::json!([
+            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rslave"]}
+        ]));
+        let mut m = prepare(&share, Some(ns), "c1", &bundle, Root::Guest, &mut spec).unwrap();
+        let vol = share.join("c1/mounts/0");
+        let eventually = |what: &str, f: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !f() {
+                assert!(std::time::Instant::now() < deadline, "never: {what}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        let mounted_at = |p: &Path| {
+            let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            table
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(&p.display().to_string()))
+        };
+        mount(
+            Some("t"),
+            &data.join("ok"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            none,
+        )
+        .unwrap();
+        std::fs::write(data.join("ok/f"), "x").unwrap();
+        mount(
+            Some("sysfs"),
+            &data.join("bad"),
+            Some("sysfs"),
+            MsFlags::empty(),
+            none,
+        )
+        .unwrap();
+        eventually("the tmpfs in the share", &|| vol.join("ok/f").exists());
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata(vol.join("ok/f")).unwrap().uid();
+        assert_eq!(uid, 1_500_393_216, "the copy is idmapped");
+        eventually("the held place", &|| mounted_at(&vol.join("bad")));
+        assert_eq!(std::fs::read_dir(vol.join("bad")).unwrap().count(), 0);
+        assert!(
+            std::fs::create_dir(vol.join("bad/x")).is_err(),
+            "the placeholder takes writes"
+        );
+        umount2(&data.join("ok"), MntFlags::empty()).unwrap();
+        eventually("the copy gone", &|| !vol.join("ok/f").exists());
+        umount2(&data.join("bad"), MntFlags::empty()).unwrap();
+        eventually("the held place gone", &|| !mounted_at(&vol.join("bad")));
+        m.cleanup();
+        umount2(&data, MntFlags::MNT_DETACH).unwrap();
+        crate::shimv2::share::remove(&share);
+        assert!(!share.exists());
     }
 }

@@ -15,11 +15,17 @@
 //!
 //! The watcher wakes when the mount table changes (`poll` on `/proc/self/mountinfo`,
 //! `POLLPRI`), never on a timer. A path from the mount table is never followed: the
-//! host's mount is opened beneath a descriptor of the volume's source without links and
-//! must be that very mount (its id, its root), and the place in the share is opened
-//! beneath a descriptor of the volume's root there, which a guest with an rw volume can
-//! change but never leave. Mounts under Cocoon's own run directory (every pod's share)
-//! are never mirrored, so two pods with `/` as such a volume cannot feed each other.
+//! host's mount is opened beneath the volume's source without links and must be that
+//! very mount (its id, its root), and the place in the share is opened beneath a
+//! descriptor of the volume's root there, which a guest with an rw volume can change but
+//! never leave. Mounts under Cocoon's own run directory (every pod's share) are never
+//! mirrored, so two pods with `/` as such a volume cannot feed each other.
+//!
+//! Every host mount beneath such a source gets something mounted on its place in the
+//! share, its copy or, where the copy cannot be made, an empty read-only directory: a
+//! directory that is a mount point only in another namespace can be removed or renamed
+//! over (Linux ≥ 3.18 then detaches the mount everywhere), so a guest could otherwise
+//! take the host's mount away through virtiofsd. Under runc the same call gets EBUSY.
 //!
 //! Not possible: a mount made in the guest reaching the host (`rshared`'s other half).
 
@@ -27,6 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
@@ -36,23 +43,31 @@ use nix::sys::stat::Mode;
 use super::share;
 use crate::hypervisor::userns::{set_attr, PodUserns};
 
+mod table;
+
+use table::{beneath, show, Mount};
+
 /// The most host mounts followed per volume; beyond, new ones are not mirrored (logged).
 const MAX_PER_VOLUME: usize = 256;
+/// The pod's empty directory in its share's host side (see `hold`).
+const PLACEHOLDER: &str = ".empty";
 
-/// The host mounts reflected in a volume, by id: where (relative to the source), and the
-/// O_PATH descriptor of the copy's root in the share (None where it could not be made or
-/// found).
-type Copies = BTreeMap<u64, (PathBuf, Option<OwnedFd>)>;
+/// The host mounts reflected in a volume: where (relative to the source), and the
+/// O_PATH descriptor of what was attached on that place in the share (the copy, or the
+/// placeholder), None where nothing could be.
+type Copies = BTreeMap<Mount, (PathBuf, Option<OwnedFd>)>;
 
 struct Volume {
     /// The container's directory in the share's host side (what `forget` names).
     dir: PathBuf,
+    /// The source, canonical (as the mount table spells mount points).
     source: PathBuf,
-    source_fd: OwnedFd,
     root_fd: OwnedFd,
     readonly: bool,
     userns: Option<Arc<PodUserns>>,
-    /// Host mount id → our copy, for every mount beneath the source we know of.
+    /// The pod's empty directory, cloned onto the place of a host mount that could not
+    /// be mirrored.
+    placeholder: PathBuf,
     copies: Copies,
     warned_full: bool,
 }
@@ -66,25 +81,35 @@ struct State {
 
 struct Watcher {
     state: Arc<Mutex<State>>,
+    /// Set when the thread stopped: nothing is mirrored any more.
+    dead: Arc<AtomicBool>,
 }
 
 static WATCHER: OnceLock<Result<Watcher, String>> = OnceLock::new();
 
 fn watcher() -> Result<&'static Watcher, String> {
-    WATCHER
+    let w = WATCHER
         .get_or_init(|| {
             let state = Arc::new(Mutex::new(State::default()));
+            let dead = Arc::new(AtomicBool::new(false));
             let file = std::fs::File::open("/proc/self/mountinfo")
                 .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-            let s = state.clone();
+            let (s, d) = (state.clone(), dead.clone());
             std::thread::Builder::new()
                 .name("mount-propagation".into())
-                .spawn(move || run(&s, file))
+                .spawn(move || {
+                    run(&s, file);
+                    d.store(true, Ordering::SeqCst);
+                })
                 .map_err(|e| format!("cannot start the propagation watcher: {e}"))?;
-            Ok(Watcher { state })
+            Ok(Watcher { state, dead })
         })
         .as_ref()
-        .map_err(Clone::clone)
+        .map_err(Clone::clone)?;
+    if w.dead.load(Ordering::SeqCst) {
+        return Err("the propagation watcher stopped (see the shim's log)".into());
+    }
+    Ok(w)
 }
 
 /// Whether a volume's options ask for host mounts to reach the container.
@@ -95,9 +120,10 @@ pub fn wants(options: &[String]) -> bool {
 }
 
 /// Starts mirroring the host's mounts beneath `source` into the volume whose root is
-/// `rel` in `pod`'s host directory (`dir` is the container's directory there). What is
-/// mounted beneath `source` now was cloned with the volume; it is followed from here on,
-/// and goes from the volume when the host unmounts it. `run_dir`'s mounts are never
+/// `rel` in `pod`'s host directory (`dir` is the container's directory there), bound
+/// with what was mounted below when `recursive`. What the bind's clone already holds is
+/// followed from here on, and goes from the volume when the host unmounts it; a mount
+/// that arrived between the clone and now is mirrored now. `run_dir`'s mounts are never
 /// mirrored.
 pub fn watch(
     pod: &share::Beneath,
@@ -105,34 +131,48 @@ pub fn watch(
     source: &Path,
     rel: &Path,
     readonly: bool,
+    recursive: bool,
     run_dir: &Path,
 ) -> Result<(), String> {
     let w = watcher()?;
-    let source_fd = nix::fcntl::open(
-        source,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("{}: {e}", source.display()))?;
+    // The table spells mount points canonically: so must the source (`/var/run` is a
+    // link to `/run` on Debian).
+    let source = std::fs::canonicalize(source).map_err(|e| format!("{}: {e}", source.display()))?;
     let root_fd = pod
         .open_dir(rel)
         .map_err(|e| format!("{}: {e}", pod.path_of(rel).display()))?;
+    // Read-only in the export like the rest of the share's structure, and empty.
+    pod.mkdir_all(Path::new(PLACEHOLDER))
+        .map_err(|e| format!("{}: {e}", pod.path_of(Path::new(PLACEHOLDER)).display()))?;
     let mut state = w.state.lock().unwrap_or_else(|p| p.into_inner());
     state.excluded.insert(run_dir.to_path_buf());
     let mut v = Volume {
         dir: dir.to_path_buf(),
-        source: source.to_path_buf(),
-        source_fd,
+        source,
         root_fd,
         readonly,
         userns: pod.userns_arc(),
+        placeholder: pod.path_of(Path::new(PLACEHOLDER)),
         copies: Copies::new(),
         warned_full: false,
     };
-    // Those already there came with the volume's recursive clone: find their copies.
-    for (id, rel) in beneath(&read_mountinfo()?, &v.source, &state.excluded) {
-        let copy = open_mount_root(&v.root_fd, &rel).ok();
-        v.copies.insert(id, (rel, copy));
+    let table = read_mountinfo()?;
+    let State { excluded, .. } = &*state;
+    for (m, rel) in beneath(&table, &v.source, excluded) {
+        match open_mount_root(&v.root_fd, &rel) {
+            // In the clone: followed from now on.
+            Ok(copy) => {
+                v.copies.insert(m.clone(), (rel, Some(copy)));
+            }
+            // Not in it: made since (mirrored at once), or left out by a plain bind.
+            Err(_) if recursive => {
+                let copy = mirror_or_hold(&v, m, &rel);
+                v.copies.insert(m.clone(), (rel, copy));
+            }
+            Err(_) => {
+                v.copies.insert(m.clone(), (rel, None));
+            }
+        }
     }
     tracing::debug!(
         source = %v.source.display(),
@@ -154,11 +194,11 @@ pub fn forget(dir: &Path) {
 
 fn run(state: &Mutex<State>, mut file: std::fs::File) {
     loop {
-        let mut text = String::new();
-        let read = file.rewind().and_then(|()| file.read_to_string(&mut text));
+        let mut text = Vec::new();
+        let read = file.rewind().and_then(|()| file.read_to_end(&mut text));
         match read {
             Ok(_) => {
-                let table = parse_mountinfo(&text);
+                let table = table::parse(&text);
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
                 let State { volumes, excluded } = &mut *s;
                 for v in volumes.iter_mut() {
@@ -173,80 +213,17 @@ fn run(state: &Mutex<State>, mut file: std::fs::File) {
         )];
         if let Err(e) = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
             if e != nix::Error::EINTR {
-                tracing::warn!("the propagation watcher stops: poll: {e}");
+                tracing::error!("the propagation watcher stops: poll: {e}");
                 return;
             }
         }
     }
 }
 
-/// One line of the mount table: the mount's id and where it is mounted.
-#[derive(Debug, PartialEq)]
-struct Entry {
-    id: u64,
-    point: PathBuf,
-}
-
-fn read_mountinfo() -> Result<Vec<Entry>, String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
+fn read_mountinfo() -> Result<Vec<Mount>, String> {
+    std::fs::read("/proc/self/mountinfo")
+        .map(|t| table::parse(&t))
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))
-}
-
-/// The id and mount point of each line of `/proc/<pid>/mountinfo`, in the table's order
-/// (a mount after the one it is mounted on). Malformed lines are skipped.
-fn parse_mountinfo(text: &str) -> Vec<Entry> {
-    text.lines()
-        .filter_map(|line| {
-            let mut f = line.split(' ');
-            let id = f.next()?.parse().ok()?;
-            let point = f.nth(3)?;
-            Some(Entry {
-                id,
-                point: PathBuf::from(unescape(point)),
-            })
-        })
-        .collect()
-}
-
-/// The kernel's octal escapes of a mount point (`\040` for a space, and so on).
-fn unescape(s: &str) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    std::ffi::OsString::from_vec(out)
-}
-
-/// The mounts strictly beneath `source` and outside `excluded`, with their places
-/// relative to `source`, parents before children.
-fn beneath(table: &[Entry], source: &Path, excluded: &BTreeSet<PathBuf>) -> Vec<(u64, PathBuf)> {
-    let mut found: Vec<(u64, PathBuf)> = table
-        .iter()
-        .filter(|e| !excluded.iter().any(|x| e.point.starts_with(x)))
-        .filter_map(|e| {
-            let rel = e.point.strip_prefix(source).ok()?;
-            (!rel.as_os_str().is_empty()).then(|| (e.id, rel.to_path_buf()))
-        })
-        .collect();
-    // Stable: mounts stacked on one point keep the table's order.
-    found.sort_by_key(|(_, rel)| rel.components().count());
-    found
 }
 
 fn how(flags: OFlag) -> OpenHow {
@@ -288,36 +265,41 @@ fn mount_of(fd: &OwnedFd) -> std::io::Result<(u64, bool)> {
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(std::io::Error::other(
+            "the kernel gives no mount id (Linux < 5.8)",
+        ));
+    }
     let root = stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 != 0;
     Ok((stx.stx_mnt_id, root))
 }
 
-fn reconcile(v: &mut Volume, table: &[Entry], excluded: &BTreeSet<PathBuf>) {
+fn reconcile(v: &mut Volume, table: &[Mount], excluded: &BTreeSet<PathBuf>) {
     let now = beneath(table, &v.source, excluded);
-    let ids: BTreeSet<u64> = now.iter().map(|(id, _)| *id).collect();
+    let present: BTreeSet<&Mount> = now.iter().map(|(m, _)| *m).collect();
     // Gone from the host: gone from the share, innermost first.
-    let mut gone: Vec<(u64, usize)> = v
+    let mut gone: Vec<(Mount, usize)> = v
         .copies
         .iter()
-        .filter(|(id, _)| !ids.contains(id))
-        .map(|(id, (rel, _))| (*id, rel.components().count()))
+        .filter(|(m, _)| !present.contains(m))
+        .map(|(m, (rel, _))| (m.clone(), rel.components().count()))
         .collect();
     gone.sort_by_key(|(_, depth)| std::cmp::Reverse(*depth));
-    for (id, _) in gone {
-        if let Some((rel, Some(copy))) = v.copies.remove(&id) {
+    for (m, _) in gone {
+        if let Some((rel, Some(copy))) = v.copies.remove(&m) {
             let path = format!("/proc/self/fd/{}", copy.as_raw_fd());
             // EINVAL: already detached with a copy it was mounted on.
             match umount2(path.as_str(), MntFlags::MNT_DETACH) {
                 Ok(()) | Err(nix::Error::EINVAL) => {}
                 Err(e) => tracing::warn!(
                     "cannot unmount the copy of a host mount at {}: {e}",
-                    v.source.join(rel).display()
+                    show(&v.source.join(rel))
                 ),
             }
         }
     }
-    for (id, rel) in now {
-        if v.copies.contains_key(&id) {
+    for (m, rel) in now {
+        if v.copies.contains_key(m) {
             continue;
         }
         if v.copies.len() >= MAX_PER_VOLUME {
@@ -330,94 +312,80 @@ fn reconcile(v: &mut Volume, table: &[Entry], excluded: &BTreeSet<PathBuf>) {
             }
             break;
         }
-        let copy = match mirror(v, id, &rel) {
-            Ok(fd) => {
-                tracing::debug!(source = %v.source.display(), rel = %rel.display(), "mirrored a host mount");
-                Some(fd)
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "cannot mirror host mount {id} at {}: {e}",
-                    v.source.join(&rel).display()
-                );
-                None
-            }
-        };
-        v.copies.insert(id, (rel, copy));
+        let copy = mirror_or_hold(v, m, &rel);
+        v.copies.insert(m.clone(), (rel, copy));
     }
 }
 
-/// Clones host mount `id` (at `rel` beneath the volume's source) alone, with the
+/// Mirrors host mount `m` (at `rel` beneath the volume's source) into the volume, or
+/// where that fails, holds its place with the empty read-only directory. Returns what
+/// was attached.
+fn mirror_or_hold(v: &Volume, m: &Mount, rel: &Path) -> Option<OwnedFd> {
+    let place = show(&v.source.join(rel));
+    match mirror(v, m, rel) {
+        Ok(fd) => {
+            tracing::debug!(at = %place, "mirrored a host mount");
+            return Some(fd);
+        }
+        Err(e) => tracing::warn!("cannot mirror the host mount at {place}: {e}"),
+    }
+    match hold(v, rel) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!("cannot hold the place of the host mount at {place}: {e}");
+            None
+        }
+    }
+}
+
+/// Clones host mount `m` (at `rel` beneath the volume's source) alone, with the
 /// volume's attributes, onto the same place in the volume; returns the copy's root.
-fn mirror(v: &Volume, id: u64, rel: &Path) -> std::io::Result<OwnedFd> {
-    let host = open_mount_root(&v.source_fd, rel)?;
-    if mount_of(&host)?.0 != id {
+fn mirror(v: &Volume, m: &Mount, rel: &Path) -> std::io::Result<OwnedFd> {
+    // Opened for this mirror only: a descriptor kept would keep the host from
+    // unmounting the source's own mount.
+    let source = nix::fcntl::open(
+        &v.source,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let host = open_mount_root(&source, rel)?;
+    if mount_of(&host)?.0 != m.id {
         // Another mount was stacked on it meanwhile; that one comes in its turn.
         return Err(std::io::Error::other("covered by a later mount"));
     }
     let tree = share::open_tree_fd(&host)?;
+    attach_like_the_volume(v, &tree, rel, false)
+}
+
+/// Attaches the pod's empty directory, read-only, on `rel` in the volume.
+fn hold(v: &Volume, rel: &Path) -> std::io::Result<OwnedFd> {
+    let empty = share::open_tree(&v.placeholder, false)?;
+    attach_like_the_volume(v, &empty, rel, true)
+}
+
+/// Makes `tree` private, read-only (when the volume is, or `always_ro`) and idmapped
+/// for the pod, and attaches it on `rel` in the volume; returns its root.
+fn attach_like_the_volume(
+    v: &Volume,
+    tree: &OwnedFd,
+    rel: &Path,
+    always_ro: bool,
+) -> std::io::Result<OwnedFd> {
     share::set_private(tree.as_fd(), false)?;
-    if v.readonly {
+    if v.readonly || always_ro {
         set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
     }
     if let Some(ns) = &v.userns {
         ns.idmap(tree.as_fd(), false)?;
     }
     let target = openat2(&v.root_fd, rel, how(OFlag::O_PATH))?;
-    share::attach(&tree, &target)?;
+    share::attach(tree, &target)?;
     open_mount_root(&v.root_fd, rel)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_mount_table_is_read_with_its_escapes() {
-        let t = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
-                 40 22 0:5 / /a\\040b\\134c rw - tmpfs t rw\n\
-                 garbage\n";
-        assert_eq!(
-            parse_mountinfo(t),
-            vec![
-                Entry {
-                    id: 22,
-                    point: "/proc".into()
-                },
-                Entry {
-                    id: 40,
-                    point: "/a b\\c".into()
-                },
-            ]
-        );
-        assert_eq!(unescape("\\04"), std::ffi::OsString::from("\\04"));
-    }
-
-    #[test]
-    fn only_mounts_strictly_beneath_and_outside_the_run_dir_count() {
-        let e = |id, p: &str| Entry {
-            id,
-            point: p.into(),
-        };
-        let table = [
-            e(1, "/"),
-            e(2, "/vol"),
-            e(3, "/vol/a/b"),
-            e(4, "/vol/a"),
-            e(5, "/volume"),
-            e(6, "/run/cocoon/shares/x"),
-            e(7, "/vol/a"),
-        ];
-        let none = BTreeSet::new();
-        assert_eq!(
-            beneath(&table, Path::new("/vol"), &none),
-            vec![(4, "a".into()), (7, "a".into()), (3, "a/b".into())]
-        );
-        let run: BTreeSet<PathBuf> = [PathBuf::from("/run/cocoon")].into();
-        let all = beneath(&table, Path::new("/"), &run);
-        assert!(all.iter().all(|(id, _)| *id != 6 && *id != 1), "{all:?}");
-        assert_eq!(all.len(), 5);
-    }
 
     #[test]
     fn propagation_options_are_recognised() {
