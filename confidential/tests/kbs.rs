@@ -612,6 +612,27 @@ fn a_flooding_or_silent_broker_is_bounded() {
     assert!(e.contains("receive"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     drop(silent);
+
+    // Drips a byte every 100 ms, each read well within the 300 ms: the exchange as a
+    // whole still ends at its deadline.
+    let drip = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", drip.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = drip.accept() else {
+            return;
+        };
+        while std::io::Write::write_all(&mut conn, b"H").is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut http = Http::new(&url, Duration::from_millis(300)).unwrap();
+    let t = std::time::Instant::now();
+    let e = http
+        .exchange("POST", "/kbs/v0/auth", None, Some(b"{}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of time"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
 #[test]

@@ -615,7 +615,7 @@ fn a_registry_dripping_its_reply_cannot_hold_a_pull_past_its_deadline() {
     let started = std::time::Instant::now();
     let until = started + std::time::Duration::from_secs(1);
     let e = pull(&image, &root, &work, until, &Transport::default()).unwrap_err();
-    assert!(e.to_string().contains("ran out of time"), "{e}");
+    assert!(e.to_string().contains("out of time"), "{e}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "{:?}",

@@ -138,7 +138,7 @@ impl Transport for Http {
             .set_read_timeout(Some(self.deadline))
             .and_then(|()| stream.set_write_timeout(Some(self.deadline)))
             .map_err(|e| fail(e.to_string()))?;
-        let mut stream: Box<dyn ReadWrite> = match &self.tls {
+        let stream: Box<dyn ReadWrite> = match &self.tls {
             None => Box::new(stream),
             Some(config) => {
                 let name = rustls::pki_types::ServerName::try_from(self.host.clone())
@@ -147,6 +147,11 @@ impl Transport for Http {
                     .map_err(|e| fail(format!("TLS: {e}")))?;
                 Box::new(rustls::StreamOwned::new(conn, stream))
             }
+        };
+        // The whole exchange within one deadline, not only each read.
+        let mut stream = Deadlined {
+            inner: stream,
+            until: std::time::Instant::now() + self.deadline,
         };
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\nAccept: application/json\r\n",
@@ -187,6 +192,43 @@ impl Transport for Http {
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
+
+/// A connection whose every read and write fails once `until` has passed: a peer
+/// dripping its reply a byte at a time cannot hold the caller (each read alone is
+/// quick, under its socket timeout). The agent's image pulls use it too.
+pub struct Deadlined<T> {
+    pub inner: T,
+    pub until: std::time::Instant,
+}
+
+impl<T> Deadlined<T> {
+    fn check(&self) -> std::io::Result<()> {
+        match std::time::Instant::now() >= self.until {
+            true => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "out of time",
+            )),
+            false => Ok(()),
+        }
+    }
+}
+
+impl<T: Read> Read for Deadlined<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.read(buf)
+    }
+}
+
+impl<T: Write> Write for Deadlined<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// A client config trusting only the certificates in `pem`, with the ring provider.
 /// `what` names the certificates in messages.

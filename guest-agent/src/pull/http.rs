@@ -9,47 +9,13 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cocoon_confidential::kbs::http::Deadlined;
+
 use super::PullError;
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
-type Conn = BufReader<Deadlined>;
-
-/// A connection whose every read and write fails once `until` has passed: a server
-/// dripping its reply a byte at a time cannot hold a pull (each read alone is quick).
-struct Deadlined {
-    inner: Box<dyn ReadWrite>,
-    until: std::time::Instant,
-}
-
-impl Deadlined {
-    fn check(&self) -> std::io::Result<()> {
-        match std::time::Instant::now() >= self.until {
-            true => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the pull ran out of time",
-            )),
-            false => Ok(()),
-        }
-    }
-}
-
-impl Read for Deadlined {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.check()?;
-        self.inner.read(buf)
-    }
-}
-
-impl Write for Deadlined {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.check()?;
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
+type Conn = BufReader<Deadlined<Box<dyn ReadWrite>>>;
 
 /// Where a request goes: `http(s)://host[:port]/path?query`.
 #[derive(Clone, Debug, PartialEq, Eq)]
