@@ -185,3 +185,105 @@ async fn host_mounts_propagate_into_volumes_as_under_runc() {
     );
     assert_eq!(cocoon, runc, "cocoon (left) differs from runc");
 }
+
+const HOSTILE_NET: u8 = 73;
+
+/// Root in the guest (the debug console, outside every container) tries to remove and
+/// rename over the host's mount points in an rslave volume, straight through the share:
+/// a mirrored tmpfs, and a sysfs that cannot be idmapped (its place held). A mount point
+/// of another namespace only would let both through and detach the host's mount; the
+/// mounts the shim put in their places make them fail, as the container's own copy of
+/// the mount does under runc.
+#[tokio::test]
+async fn a_guest_cannot_take_the_hosts_mounts_away_from_a_volume() {
+    use std::io::Read;
+    let test = "a_guest_cannot_take_the_hosts_mounts_away_from_a_volume";
+    let tables = "[debug]\nconsole = true\n";
+    let Some(env) = common::env_full(test, COCOON, HOSTILE_NET, false, tables).await else {
+        return;
+    };
+    let node = &env.node;
+    let dir = HostDir::new(&env.dir.path().join("prop"));
+    std::fs::create_dir(dir.mnt.join("sys")).unwrap();
+    let pconfig = node.pod_config("prop", "uid-prop", "default");
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("slave", IMAGE_REF, &["sleep", "3600"], &[]);
+    c.mounts = vec![Mount {
+        host_path: dir.mnt.to_string_lossy().into_owned(),
+        container_path: "/prop".into(),
+        propagation: MountPropagation::PropagationHostToContainer as i32,
+        ..Default::default()
+    }];
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    dir.mount_flag();
+    let none = None::<&str>;
+    let sys = dir.mnt.join("sys");
+    mount(Some("sysfs"), &sys, Some("sysfs"), MsFlags::empty(), none).unwrap();
+    let _sys = scopeguard(&sys);
+    // Mirrored once the container sees the flag.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = node
+            .exec_sync(&ctr, &["ls", "-A", "/prop/point"], Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{test}: ExecSync: {e}"));
+        if out.contains("flag") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: the host's mount never showed"
+        );
+    }
+    let uds = cocoon_integration::leftover_entries(&env.dir.path().join("run"))
+        .into_iter()
+        .map(|d| d.join("vsock.sock"))
+        .find(|p| p.exists())
+        .expect("the pod's vsock socket");
+    let attack = "for d in /run/cocoon/shared/*/mounts/*; do rmdir $d/point $d/sys; \
+                  mv $d/point $d/moved; mv $d/sys $d/moved2; done 2>&1; echo done";
+    let mut stream = cocoon_shim::debugconsole::open(&uds, &[attack.to_string()])
+        .await
+        .unwrap_or_else(|e| panic!("{test}: the debug console: {e:#}"));
+    let said = tokio::task::spawn_blocking(move || {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(said.contains("done"), "{test}: the guest said {said:?}");
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for point in [dir.mnt.join("point"), sys.clone()] {
+        let p = point.to_string_lossy();
+        assert!(
+            table.lines().any(|l| l.split(' ').nth(4) == Some(&*p)),
+            "{test}: the host lost its mount at {p}; the guest said {said:?}"
+        );
+    }
+    assert!(dir.mnt.join("point/flag").exists(), "{test}: {said:?}");
+    node.stop_and_remove_pod(&pod)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: stop/remove: {e}"));
+}
+
+/// Unmounts `path` (detached) when dropped.
+fn scopeguard(path: &Path) -> impl Drop + '_ {
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = umount2(self.0, MntFlags::MNT_DETACH);
+        }
+    }
+    Unmount(path)
+}
