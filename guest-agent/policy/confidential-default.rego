@@ -32,7 +32,7 @@ default WriteStreamRequest := false
 default ReadStreamRequest := false
 default DebugConsoleRequest := false
 
-# Containers, but only from a root filesystem the guest made: an image it pulled by
+# Containers, unprivileged (below), and only from a root filesystem the guest made: an image it pulled by
 # digest, or the agent's own pause for a sandbox container (which the agent gives every
 # sandbox container of a confidential pod before this policy sees the request). Nothing
 # of the host's beyond what every pod has, by allow-list: no storages, the kernel's own
@@ -44,6 +44,7 @@ default CreateContainerRequest := false
 CreateContainerRequest if {
 	input.guest_image != ""
 	count(input.storages) == 0
+	unprivileged(object.get(input, "oci", {}))
 	every m in object.get(input, ["oci", "mounts"], []) {
 		allowed_mount(m)
 	}
@@ -81,4 +82,43 @@ allowed_namespace(ns) if {
 	ns.type in {"ipc", "uts", "pid", "network"}
 	regex.match(`^/proc/[0-9]+/ns/(ipc|uts|pid|net)$`, ns.path)
 	not startswith(ns.path, "/proc/1/")
+}
+
+# Not privileged, whatever the host asked: no device nodes, no cgroup rule opening every
+# device (or a whole type or major), and no capability beyond those containerd gives a container by
+# default (a privileged container could reach the guest kernel, and through it every
+# other container's secrets). The process itself (its arguments, environment, user) is
+# still the host's to choose: a pod owner who needs to pin it writes a policy of their own.
+unprivileged(oci) if {
+	count(object.get(oci, ["linux", "devices"], [])) == 0
+	every d in object.get(oci, ["linux", "resources", "devices"], []) {
+		not broad_device_rule(d)
+	}
+	every kind in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
+		every c in object.get(oci, ["process", "capabilities", kind], []) {
+			c in default_capabilities
+		}
+	}
+}
+
+# A cgroup rule letting the container at every device, or at all of a type or major.
+broad_device_rule(d) if {
+	d.allow
+	object.get(d, "type", "a") == "a"
+}
+
+broad_device_rule(d) if {
+	d.allow
+	object.get(d, "major", -1) == -1
+}
+
+broad_device_rule(d) if {
+	d.allow
+	object.get(d, "minor", -1) == -1
+}
+
+default_capabilities := {
+	"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+	"CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+	"CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 }

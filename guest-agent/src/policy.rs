@@ -513,9 +513,15 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
             {"type": "ipc", "path": "/proc/42/ns/ipc"},
             {"type": "uts", "path": "/proc/42/ns/uts"}
         ]);
+        let caps = json!(["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
         let input = |image: &str, mounts: &serde_json::Value, ns: &serde_json::Value| {
             json!({"guest_image": image, "storages": [],
-                   "oci": {"mounts": mounts, "linux": {"namespaces": ns}}})
+            "oci": {"mounts": mounts,
+                    "process": {"capabilities": {"bounding": caps, "effective": caps}},
+                    "linux": {"namespaces": ns, "resources": {"devices": [
+                        {"allow": false, "access": "rwm"},
+                        {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}
+                    ]}}}})
         };
         let app = "registry:5000/app@sha256:00";
         for image in [app, cocoon_protocol::BUILTIN_PAUSE] {
@@ -555,6 +561,31 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
                 g.check("CreateContainer", || i).is_err(),
                 "{dest} {source} {kind}"
             );
+        }
+        // Privileged, however it is asked for.
+        let edits: [(&str, fn(&mut serde_json::Value)); 5] = [
+            ("a device node", |v| {
+                v["oci"]["linux"]["devices"] = json!([{"path": "/dev/sda", "type": "b"}])
+            }),
+            ("every device", |v| {
+                v["oci"]["linux"]["resources"]["devices"] =
+                    json!([{"allow": true, "access": "rwm"}])
+            }),
+            ("a whole major", |v| {
+                v["oci"]["linux"]["resources"]["devices"] =
+                    json!([{"allow": true, "type": "b", "major": 8, "access": "rwm"}])
+            }),
+            ("CAP_SYS_ADMIN", |v| {
+                v["oci"]["process"]["capabilities"]["bounding"] = json!(["CAP_SYS_ADMIN"])
+            }),
+            ("CAP_SYS_MODULE in ambient", |v| {
+                v["oci"]["process"]["capabilities"]["ambient"] = json!(["CAP_SYS_MODULE"])
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut i = input(app, &mounts, &namespaces);
+            edit(&mut i);
+            assert!(g.check("CreateContainer", || i).is_err(), "{what}");
         }
         let mut storages = input(app, &mounts, &namespaces);
         storages["storages"] =

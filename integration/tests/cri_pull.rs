@@ -243,6 +243,26 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         e.message().contains("CreateContainerRequest is blocked"),
         "{test}: {e}"
     );
+    // A capability beyond containerd's default set, even on a pulled image.
+    let mut admin = c.clone();
+    admin.metadata.as_mut().unwrap().name = "sys-admin".into();
+    let sc = admin
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .expect("container_config sets a security context");
+    sc.capabilities = Some(k8s_cri::v1::Capability {
+        add_capabilities: vec!["SYS_ADMIN".into()],
+        ..Default::default()
+    });
+    let e = node
+        .create_and_start(&pod, &admin, &pconfig)
+        .await
+        .expect_err("CAP_SYS_ADMIN in a confidential pod");
+    assert!(
+        e.message().contains("CreateContainerRequest is blocked"),
+        "{test}: {e}"
+    );
     let host_root = CriNode::container_config("host-root", IMAGE_REF, &["sleep", "3600"], &[]);
     let e = node
         .create_and_start(&pod, &host_root, &pconfig)
