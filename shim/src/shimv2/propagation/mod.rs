@@ -81,6 +81,11 @@ struct State {
 
 struct Watcher {
     state: Arc<Mutex<State>>,
+    /// Containers whose volumes are no longer followed, dropped by the thread (or the
+    /// next `watch`) under the state's lock. A lock of its own, never held across a
+    /// system call: the state's is held while host mounts are opened, which a hung
+    /// network filesystem could block, and a container's delete must not wait on that.
+    forgotten: Arc<Mutex<Vec<PathBuf>>>,
     /// Set when the thread stopped: nothing is mirrored any more.
     dead: Arc<AtomicBool>,
 }
@@ -94,15 +99,20 @@ fn watcher() -> Result<&'static Watcher, String> {
             let dead = Arc::new(AtomicBool::new(false));
             let file = std::fs::File::open("/proc/self/mountinfo")
                 .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-            let (s, d) = (state.clone(), dead.clone());
+            let forgotten = Arc::new(Mutex::new(Vec::new()));
+            let (s, f, d) = (state.clone(), forgotten.clone(), dead.clone());
             std::thread::Builder::new()
                 .name("mount-propagation".into())
                 .spawn(move || {
-                    run(&s, file);
+                    run(&s, &f, file);
                     d.store(true, Ordering::SeqCst);
                 })
                 .map_err(|e| format!("cannot start the propagation watcher: {e}"))?;
-            Ok(Watcher { state, dead })
+            Ok(Watcher {
+                state,
+                forgotten,
+                dead,
+            })
         })
         .as_ref()
         .map_err(Clone::clone)?;
@@ -145,6 +155,7 @@ pub fn watch(
     pod.mkdir_all(Path::new(PLACEHOLDER))
         .map_err(|e| format!("{}: {e}", pod.path_of(Path::new(PLACEHOLDER)).display()))?;
     let mut state = w.state.lock().unwrap_or_else(|p| p.into_inner());
+    drop_forgotten(&mut state, &w.forgotten);
     state.excluded.insert(run_dir.to_path_buf());
     let mut v = Volume {
         dir: dir.to_path_buf(),
@@ -187,12 +198,23 @@ pub fn watch(
 /// they are unmounted with it).
 pub fn forget(dir: &Path) {
     if let Some(Ok(w)) = WATCHER.get() {
-        let mut state = w.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.volumes.retain(|v| v.dir != dir);
+        let mut f = w.forgotten.lock().unwrap_or_else(|p| p.into_inner());
+        f.push(dir.to_path_buf());
     }
 }
 
-fn run(state: &Mutex<State>, mut file: std::fs::File) {
+/// Drops the volumes of the containers forgotten since the last call. A mirror the
+/// thread attaches meanwhile into a volume being unmounted goes with it (a detached
+/// volume takes no new mount).
+fn drop_forgotten(state: &mut State, forgotten: &Mutex<Vec<PathBuf>>) {
+    let gone: Vec<PathBuf> =
+        std::mem::take(&mut *forgotten.lock().unwrap_or_else(|p| p.into_inner()));
+    if !gone.is_empty() {
+        state.volumes.retain(|v| !gone.contains(&v.dir));
+    }
+}
+
+fn run(state: &Mutex<State>, forgotten: &Mutex<Vec<PathBuf>>, mut file: std::fs::File) {
     loop {
         let mut text = Vec::new();
         let read = file.rewind().and_then(|()| file.read_to_end(&mut text));
@@ -200,6 +222,7 @@ fn run(state: &Mutex<State>, mut file: std::fs::File) {
             Ok(_) => {
                 let table = table::parse(&text);
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                drop_forgotten(&mut s, forgotten);
                 let State { volumes, excluded } = &mut *s;
                 for v in volumes.iter_mut() {
                     reconcile(v, &table, excluded);
