@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cocoon_confidential::initdata::InitData;
-use cocoon_confidential::kbs::attester::snp_evidence;
-use cocoon_confidential::kbs::broker::{check, BrokerError};
+use cocoon_confidential::kbs::attester::{snp_evidence, tdx_evidence};
+use cocoon_confidential::kbs::broker::{check, check_tdx, BrokerError, TdxPolicy};
 use cocoon_confidential::kbs::client::Client;
 use cocoon_confidential::kbs::http::{Http, Transport};
 use cocoon_confidential::kbs::{jwe, Attester, KbsError};
@@ -94,6 +94,23 @@ impl Attester for Synthetic {
     }
 }
 
+/// The real TD quote of `dcap-qvl`'s samples, whatever the challenge.
+struct SampleTd;
+
+const TD_QUOTE: &[u8] = include_bytes!("fixtures/tdx/tdx_quote");
+const TD_COLLATERAL: &[u8] = include_bytes!("fixtures/tdx/tdx_quote_collateral.json");
+/// Inside the sample collateral's validity (see `tdx_verify.rs`).
+const TD_NOW: u64 = 1_751_328_000;
+
+impl Attester for SampleTd {
+    fn tee(&self) -> Tee {
+        Tee::Tdx
+    }
+    fn evidence(&self, _: &[u8; 64]) -> Result<Value, KbsError> {
+        Ok(tdx_evidence(TD_QUOTE, None))
+    }
+}
+
 /// AMD's real Milan report, whatever the challenge.
 struct Milan;
 
@@ -121,6 +138,8 @@ struct Session {
 struct State {
     roots: Vec<Roots>,
     expected: Expected,
+    /// How TDX evidence is checked, when the broker takes it.
+    tdx: Option<TdxPolicy>,
     alg: HashAlgorithm,
     sessions: HashMap<String, Session>,
     resources: HashMap<String, Vec<u8>>,
@@ -173,6 +192,7 @@ impl Broker {
                 measurement: Some(MEASUREMENT),
                 ..Expected::default()
             },
+            tdx: None,
             alg: HashAlgorithm::Sha384,
             sessions: HashMap::new(),
             resources: HashMap::from([("default/key/one".to_owned(), SECRET.to_vec())]),
@@ -303,17 +323,24 @@ fn route(
                 Err(e) => return refusal(400, e.to_string()),
             };
             let tee = session.tee.unwrap();
-            match check(
-                tee,
-                &attestation,
-                &session.nonce,
-                st.alg,
-                &st.roots,
-                &st.expected,
-            ) {
-                Ok(attested) => {
-                    st.sessions.get_mut(cookie.as_ref().unwrap()).unwrap().key =
-                        Some(attested.tee_pubkey);
+            let checked = match (tee, &st.tdx) {
+                (Tee::Tdx, Some(policy)) => {
+                    check_tdx(tee, &attestation, &session.nonce, st.alg, policy)
+                        .map(|a| a.tee_pubkey)
+                }
+                _ => check(
+                    tee,
+                    &attestation,
+                    &session.nonce,
+                    st.alg,
+                    &st.roots,
+                    &st.expected,
+                )
+                .map(|a| a.tee_pubkey),
+            };
+            match checked {
+                Ok(tee_pubkey) => {
+                    st.sessions.get_mut(cookie.as_ref().unwrap()).unwrap().key = Some(tee_pubkey);
                     (200, None, br#"{"token":"opaque"}"#.to_vec())
                 }
                 Err(e) => refusal(401, e.to_string()),
@@ -690,4 +717,57 @@ fn over_tls_only_the_pinned_ca_is_trusted() {
     assert!(e.contains("needs the broker's CA certificate"), "{e}");
     let e = client(Some("not a certificate")).err().unwrap().to_string();
     assert!(e.contains("no PEM certificate"), "{e}");
+}
+
+#[test]
+fn a_real_td_quote_verifies_through_the_exchange_but_cannot_answer_a_challenge() {
+    use cocoon_confidential::tdx::verify::{verify_quote, Expected as TdExpected};
+    let any_status = [
+        "UpToDate",
+        "SWHardeningNeeded",
+        "ConfigurationNeeded",
+        "OutOfDate",
+    ]
+    .map(String::from)
+    .to_vec();
+    let lax = TdExpected {
+        accept_status: any_status.clone(),
+        ..TdExpected::default()
+    };
+    let sample = verify_quote(TD_QUOTE, TD_COLLATERAL, TD_NOW, &lax).unwrap();
+    assert_eq!(
+        cocoon_confidential::kbs::attester::tdx_report_data(TD_QUOTE),
+        Some(&sample.report_data[..]),
+        "REPORTDATA's offset in a v4 quote"
+    );
+    let policy = |mr_td| TdxPolicy {
+        collateral: TD_COLLATERAL.to_vec(),
+        now_secs: TD_NOW,
+        expected: TdExpected {
+            mr_td: Some(mr_td),
+            accept_status: any_status.clone(),
+            ..TdExpected::default()
+        },
+    };
+    let broker = Broker::start(synthetic_roots());
+    broker.state.lock().unwrap().tdx = Some(policy(sample.mr_td));
+    // The quote, its chain and its TCB check out; the init-data the client sends is not
+    // what the sample TD was launched with, and its REPORTDATA is not this nonce's.
+    let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
+    assert!(detail.starts_with("MRCONFIGID is "), "{detail}");
+    // Without init-data, what is left is the binding: not this challenge's.
+    let http = Http::new(&broker.url, Duration::from_secs(10)).unwrap();
+    let e = Client::new(http, SampleTd, None).attest().unwrap_err();
+    let (_, _, detail) = refused(e);
+    assert!(detail.starts_with("the report data is "), "{detail}");
+    // Another TD image: refused before anything else of it is looked at.
+    broker.state.lock().unwrap().tdx = Some(policy([0x5a; 48]));
+    let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
+    assert!(detail.starts_with("MRTD is "), "{detail}");
+    // A broker that expects no TD image releases nothing.
+    let mut none = policy(sample.mr_td);
+    none.expected.mr_td = None;
+    broker.state.lock().unwrap().tdx = Some(none);
+    let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
+    assert_eq!(detail, BrokerError::NoMeasurement.to_string());
 }

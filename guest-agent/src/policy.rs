@@ -80,7 +80,7 @@ pub struct Gate {
 
 type KbsClient = cocoon_confidential::kbs::client::Client<
     cocoon_confidential::kbs::http::Http,
-    cocoon_confidential::kbs::attester::SnpTsm,
+    cocoon_confidential::kbs::attester::Tsm,
 >;
 
 /// Why a call was refused.
@@ -213,7 +213,7 @@ impl Gate {
     }
 
     /// A resource from the key broker the init-data names, fetched with the guest's
-    /// SEV-SNP evidence (one attested session for the VM's life, renewed when the broker
+    /// SEV-SNP report or TD quote (one attested session for the VM's life, renewed when the broker
     /// forgets it). Blocking: call it off the async runtime.
     pub fn secret(&self, repository: &str, kind: &str, tag: &str) -> Result<Vec<u8>, String> {
         let init = self
@@ -223,20 +223,21 @@ impl Gate {
         let url = init.kbs_url().map_err(|e| e.to_string())?.ok_or(
             "no key broker: the pod's init-data names none ([token_configs.kbs] url in aa.toml)",
         )?;
-        match &self.mode {
-            Mode::Tee(Tee::SevSnp) => {}
-            Mode::Tee(Tee::Tdx) => {
-                return Err(
-                    "the key broker client sends SEV-SNP evidence only; TDX is not supported yet"
-                        .into(),
-                )
-            }
+        use cocoon_confidential::kbs::attester::{SnpTsm, TdxTsm, Tsm};
+        let attester = match &self.mode {
+            Mode::Tee(Tee::SevSnp) => Tsm::Snp(SnpTsm {
+                root: self.tsm_root.clone(),
+            }),
+            Mode::Tee(Tee::Tdx) => Tsm::Tdx(TdxTsm {
+                root: self.tsm_root.clone(),
+                ..TdxTsm::default()
+            }),
             _ => return Err(
                 "this guest has no TEE evidence: secrets from a key broker need a confidential \
                             launch (cocoon.confidential=sev-snp on the measured command line)"
                     .into(),
             ),
-        }
+        };
         let mut session = self
             .kbs
             .lock()
@@ -249,9 +250,6 @@ impl Gate {
                 cert.as_deref(),
             )
             .map_err(|e| e.to_string())?;
-            let attester = cocoon_confidential::kbs::attester::SnpTsm {
-                root: self.tsm_root.clone(),
-            };
             *session = Some(cocoon_confidential::kbs::client::Client::new(
                 http,
                 attester,
@@ -563,7 +561,8 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
             );
         }
         // Privileged, however it is asked for.
-        let edits: [(&str, fn(&mut serde_json::Value)); 5] = [
+        type Edit = fn(&mut serde_json::Value);
+        let edits: [(&str, Edit); 5] = [
             ("a device node", |v| {
                 v["oci"]["linux"]["devices"] = json!([{"path": "/dev/sda", "type": "b"}])
             }),

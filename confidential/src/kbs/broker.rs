@@ -4,6 +4,10 @@
 //! the response will be encrypted to is the one the evidence vouches for), the
 //! init-data's digest against HOST_DATA, and the relying party's expectations
 //! (measurement, policy). The test broker in `tests/kbs.rs` runs on it.
+//!
+//! TDX evidence (`attester::tdx_evidence`) goes through `check_tdx`: the quote verified
+//! with DCAP collateral (`tdx::verify`), the runtime data bound in REPORTDATA, the
+//! init-data's digest in MRCONFIGID, and the relying party's MRTD and RTMRs.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -26,8 +30,10 @@ pub enum BrokerError {
     InitDataNotExpected,
     #[error("{0}")]
     Verify(#[from] VerifyError),
-    #[error("the TEE {0} is not one this broker verifies (only snp)")]
+    #[error("the TEE {0} is not one this check verifies")]
     Tee(String),
+    #[error("{0}")]
+    VerifyTdx(#[from] crate::tdx::verify::VerifyError),
     #[error(
         "no launch measurement is expected: a broker releases secrets to one launch, not to any"
     )]
@@ -98,6 +104,84 @@ pub fn check(
     let report = verify_with(&vcek, &report, &want)?;
     Ok(Attested {
         report,
+        tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
+    })
+}
+
+/// What a broker expects of TDX evidence: the DCAP collateral to verify quotes with (as
+/// its PCCS serves it), the time to check it at (Unix seconds), and the relying party's
+/// values (`mr_td` is required: a broker releases secrets to one TD image, not to any).
+#[derive(Clone, Debug)]
+pub struct TdxPolicy {
+    pub collateral: Vec<u8>,
+    pub now_secs: u64,
+    pub expected: crate::tdx::verify::Expected,
+}
+
+/// What an accepted TDX attestation established.
+#[derive(Debug)]
+pub struct AttestedTdx {
+    pub quote: crate::tdx::verify::Verified,
+    /// The key to encrypt responses to.
+    pub tee_pubkey: TeePubKey,
+}
+
+/// Checks a TDX `attestation` answering the challenge `nonce`, its runtime data hashed
+/// by `alg`, against `policy`.
+pub fn check_tdx(
+    tee: Tee,
+    attestation: &Attestation,
+    nonce: &str,
+    alg: HashAlgorithm,
+    policy: &TdxPolicy,
+) -> Result<AttestedTdx, BrokerError> {
+    if tee != Tee::Tdx {
+        return Err(BrokerError::Tee(tee.to_string()));
+    }
+    if policy.expected.mr_td.is_none() {
+        return Err(BrokerError::NoMeasurement);
+    }
+    if attestation.runtime_data.nonce != nonce {
+        return Err(BrokerError::Nonce {
+            got: attestation.runtime_data.nonce.chars().take(64).collect(),
+        });
+    }
+    let quote = attestation
+        .tee_evidence
+        .primary_evidence
+        .get("quote")
+        .and_then(Value::as_str)
+        .ok_or_else(|| BrokerError::Format("no \"quote\" string".into()))
+        .and_then(|t| {
+            STANDARD
+                .decode(t)
+                .map_err(|e| BrokerError::Format(format!("\"quote\" is not base64: {e}")))
+        })?;
+    let mut want = policy.expected.clone();
+    want.report_data = Some(runtime_report_data(&attestation.runtime_data, alg));
+    if let Some(init) = &attestation.init_data {
+        if init.format != "toml" {
+            return Err(BrokerError::InitData(format!(
+                "format {:?}, not toml",
+                init.format
+            )));
+        }
+        let parsed = InitData::parse(init.body.as_bytes())
+            .map_err(|e| BrokerError::InitData(e.to_string()))?;
+        if policy
+            .expected
+            .mr_config_id
+            .is_some_and(|m| m != parsed.mr_config_id())
+        {
+            return Err(BrokerError::InitDataNotExpected);
+        }
+        // The document sent must be the one the launch bound.
+        want.mr_config_id = Some(parsed.mr_config_id());
+    }
+    let quote =
+        crate::tdx::verify::verify_quote(&quote, &policy.collateral, policy.now_secs, &want)?;
+    Ok(AttestedTdx {
+        quote,
         tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
     })
 }
