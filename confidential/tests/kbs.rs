@@ -745,6 +745,7 @@ fn a_real_td_quote_verifies_through_the_exchange_but_cannot_answer_a_challenge()
         now_secs: TD_NOW,
         expected: TdExpected {
             mr_td: Some(mr_td),
+            rtmrs: [None, Some(sample.rtmrs[1]), Some(sample.rtmrs[2]), None],
             accept_status: any_status.clone(),
             ..TdExpected::default()
         },
@@ -755,19 +756,31 @@ fn a_real_td_quote_verifies_through_the_exchange_but_cannot_answer_a_challenge()
     // what the sample TD was launched with, and its REPORTDATA is not this nonce's.
     let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
     assert!(detail.starts_with("MRCONFIGID is "), "{detail}");
-    // Without init-data, what is left is the binding: not this challenge's.
+    // Without init-data, the launch must have bound none (MRCONFIGID zero): the sample's
+    // is, so what is left is the binding, not this challenge's.
     let http = Http::new(&broker.url, Duration::from_secs(10)).unwrap();
     let e = Client::new(http, SampleTd, None).attest().unwrap_err();
     let (_, _, detail) = refused(e);
-    assert!(detail.starts_with("the report data is "), "{detail}");
+    let zero_config = sample.mr_config_id == [0; 48];
+    let want = if zero_config {
+        "the report data is "
+    } else {
+        "MRCONFIGID is "
+    };
+    assert!(detail.starts_with(want), "{detail}");
     // Another TD image: refused before anything else of it is looked at.
     broker.state.lock().unwrap().tdx = Some(policy([0x5a; 48]));
     let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
     assert!(detail.starts_with("MRTD is "), "{detail}");
-    // A broker that expects no TD image releases nothing.
-    let mut none = policy(sample.mr_td);
-    none.expected.mr_td = None;
-    broker.state.lock().unwrap().tdx = Some(none);
-    let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
-    assert_eq!(detail, BrokerError::NoMeasurement.to_string());
+    // A broker that expects no TD image, or only its firmware, releases nothing.
+    for unset in [0, 2, 3] {
+        let mut lax = policy(sample.mr_td);
+        match unset {
+            0 => lax.expected.mr_td = None,
+            i => lax.expected.rtmrs[i - 1] = None,
+        }
+        broker.state.lock().unwrap().tdx = Some(lax);
+        let (_, _, detail) = refused(broker.client(SampleTd).attest().unwrap_err());
+        assert_eq!(detail, BrokerError::NoMeasurement.to_string(), "{unset}");
+    }
 }

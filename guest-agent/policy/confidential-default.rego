@@ -51,13 +51,66 @@ CreateContainerRequest if {
 	every ns in object.get(input, ["oci", "linux", "namespaces"], []) {
 		allowed_namespace(ns)
 	}
+	own_mount_namespace(object.get(input, ["oci", "linux", "namespaces"], []))
+	some pid in object.get(input, ["oci", "linux", "namespaces"], [])
+	pid.type == "pid"
+	sysctls_namespaced(object.get(input, ["oci", "linux"], {}))
+	masked_as_containerd_does(object.get(input, ["oci", "linux"], {}))
+}
+
+# A mount namespace of its own (never one joined by path).
+own_mount_namespace(namespaces) if {
+	some ns in namespaces
+	ns.type == "mount"
+	object.get(ns, "path", "") == ""
+}
+
+sysctls_namespaced(linux) if object.get(linux, "sysctl", null) == null
+
+sysctls_namespaced(linux) if {
+	is_object(linux.sysctl)
+	every key, _ in linux.sysctl {
+		namespaced_sysctl(key)
+	}
+}
+
+# Only sysctls the container's own namespaces scope: a global one (kernel.core_pattern)
+# would be written into the guest kernel by the runtime before the container drops
+# its privileges.
+namespaced_sysctl(key) if {
+	some prefix in ["net.", "kernel.shm", "kernel.msg", "kernel.sem", "fs.mqueue."]
+	startswith(key, prefix)
+}
+
+# containerd's masked and read-only paths, at least: the guest kernel's knobs stay out
+# of a container's reach.
+masked_as_containerd_does(linux) if {
+	every p in ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"] {
+		p in object.get(linux, "maskedPaths", [])
+	}
+	every p in ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"] {
+		p in object.get(linux, "readonlyPaths", [])
+	}
 }
 
 kernel_filesystems := {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
 
 allowed_mount(m) if {
 	m.type in kernel_filesystems
-	not startswith(m.source, "/")
+	# A name, never a path: with `bind` in its options a relative source would be a
+	# bind of the agent's own tree.
+	regex.match(`^[a-z0-9]+$`, m.source)
+	every o in object.get(m, "options", []) {
+		not o in {"bind", "rbind"}
+	}
+	read_only_if_sysfs(m)
+}
+
+read_only_if_sysfs(m) if m.type != "sysfs"
+
+read_only_if_sysfs(m) if {
+	m.type == "sysfs"
+	"ro" in object.get(m, "options", [])
 }
 
 allowed_mount(m) if {
@@ -90,6 +143,10 @@ allowed_namespace(ns) if {
 # other container's secrets). The process itself (its arguments, environment, user) is
 # still the host's to choose: a pod owner who needs to pin it writes a policy of their own.
 unprivileged(oci) if {
+	# Sets the spec leaves out are sets the runtime leaves alone: for root, all.
+	every kind in ["bounding", "effective", "permitted"] {
+		is_array(oci.process.capabilities[kind])
+	}
 	count(object.get(oci, ["linux", "devices"], [])) == 0
 	every d in object.get(oci, ["linux", "resources", "devices"], []) {
 		not broad_device_rule(d)

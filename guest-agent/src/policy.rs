@@ -234,7 +234,7 @@ impl Gate {
             }),
             _ => return Err(
                 "this guest has no TEE evidence: secrets from a key broker need a confidential \
-                            launch (cocoon.confidential=sev-snp on the measured command line)"
+                            launch (cocoon.confidential=sev-snp or tdx on the measured command line)"
                     .into(),
             ),
         };
@@ -508,6 +508,7 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         ]);
         let namespaces = json!([
             {"type": "mount"},
+            {"type": "pid"},
             {"type": "ipc", "path": "/proc/42/ns/ipc"},
             {"type": "uts", "path": "/proc/42/ns/uts"}
         ]);
@@ -515,8 +516,15 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         let input = |image: &str, mounts: &serde_json::Value, ns: &serde_json::Value| {
             json!({"guest_image": image, "storages": [],
             "oci": {"mounts": mounts,
-                    "process": {"capabilities": {"bounding": caps, "effective": caps}},
-                    "linux": {"namespaces": ns, "resources": {"devices": [
+                    "process": {"capabilities":
+                        {"bounding": caps, "effective": caps, "permitted": caps}},
+                    "linux": {"namespaces": ns,
+                        "sysctl": {"net.ipv4.ip_forward": "1"},
+                        "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list",
+                                        "/sys/firmware", "/proc/acpi"],
+                        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq",
+                                          "/proc/sys", "/proc/sysrq-trigger"],
+                        "resources": {"devices": [
                         {"allow": false, "access": "rwm"},
                         {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}
                     ]}}}})
@@ -562,7 +570,34 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         }
         // Privileged, however it is asked for.
         type Edit = fn(&mut serde_json::Value);
-        let edits: [(&str, Edit); 5] = [
+        let edits: [(&str, Edit); 12] = [
+            (
+                "no capabilities in the spec (the runtime then drops none)",
+                |v| v["oci"]["process"] = json!({}),
+            ),
+            ("no permitted set", |v| {
+                v["oci"]["process"]["capabilities"] = json!({"bounding": [], "effective": []})
+            }),
+            ("a global sysctl", |v| {
+                v["oci"]["linux"]["sysctl"] = json!({"kernel.core_pattern": "|/x"})
+            }),
+            ("/proc/sys writable", |v| {
+                v["oci"]["linux"]["readonlyPaths"] = json!([])
+            }),
+            ("/proc/kcore unmasked", |v| {
+                v["oci"]["linux"]["maskedPaths"] = json!(["/sys/firmware"])
+            }),
+            ("a writable sysfs", |v| {
+                v["oci"]["mounts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"destination": "/sys", "source": "sysfs", "type": "sysfs"}))
+            }),
+            ("a proc mount that is a bind of the agent's tree", |v| {
+                v["oci"]["mounts"].as_array_mut().unwrap().push(
+                    json!({"destination": "/x", "source": "run", "type": "proc", "options": ["rbind"]}),
+                )
+            }),
             ("a device node", |v| {
                 v["oci"]["linux"]["devices"] = json!([{"path": "/dev/sda", "type": "b"}])
             }),
@@ -586,6 +621,23 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
             edit(&mut i);
             assert!(g.check("CreateContainer", || i).is_err(), "{what}");
         }
+        for ns in [
+            json!([{"type": "mount"}]),
+            json!([{"type": "pid"}]),
+            json!([{"type": "pid"}, {"type": "mount", "path": "/proc/42/ns/mnt"}]),
+        ] {
+            let i = input(app, &mounts, &ns);
+            assert!(g.check("CreateContainer", || i).is_err(), "{ns}");
+        }
+        let mut ro_sysfs = input(app, &mounts, &namespaces);
+        ro_sysfs["oci"]["mounts"].as_array_mut().unwrap().push(
+            json!({"destination": "/sys", "source": "sysfs", "type": "sysfs", "options": ["nosuid", "ro"]}),
+        );
+        assert_eq!(
+            g.check("CreateContainer", || ro_sysfs),
+            Ok(()),
+            "a read-only sysfs"
+        );
         let mut storages = input(app, &mounts, &namespaces);
         storages["storages"] =
             json!([{"source": "/dev/vdb", "mount_point": "/run/cocoon/images/c1"}]);
@@ -663,7 +715,17 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         );
         fake(measured.host_data());
         g.set_init_data(doc).unwrap();
-        let pulled = || json!({"guest_image": "registry:5000/app@sha256:00", "storages": []});
+        let caps = json!(["CAP_KILL"]);
+        let pulled = || {
+            json!({"guest_image": "registry:5000/app@sha256:00", "storages": [],
+                "oci": {"process": {"capabilities":
+                            {"bounding": caps, "effective": caps, "permitted": caps}},
+                        "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}],
+                            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list",
+                                            "/sys/firmware"],
+                            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq",
+                                              "/proc/sys", "/proc/sysrq-trigger"]}}})
+        };
         assert_eq!(g.check("CreateContainer", pulled), Ok(()));
 
         let none = Gate::for_mode(Mode::Tee(Tee::Tdx), d.path().join("absent"));

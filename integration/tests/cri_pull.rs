@@ -172,6 +172,8 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         "/etc/pulled",
     ];
     let mut c = CriNode::container_config("app", IMAGE_REF, &serve, &[]);
+    // As kubelet sends it: the default policy wants the guest kernel's knobs masked.
+    CriNode::with_kubelet_proc_masks(&mut c);
     pull_in_guest(&mut c, &registry, &digest);
     let app = node
         .create_and_start(&pod, &c, &pconfig)

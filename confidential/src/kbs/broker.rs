@@ -100,6 +100,10 @@ pub fn check(
         }
         // The document sent must be the one the launch bound.
         want.host_data = Some(parsed.host_data());
+    } else if want.host_data.is_none() {
+        // No document: the launch must have bound none either, or a guest launched
+        // with a lax one could leave it out.
+        want.host_data = Some([0; 32]);
     }
     let report = verify_with(&vcek, &report, &want)?;
     Ok(Attested {
@@ -110,7 +114,8 @@ pub fn check(
 
 /// What a broker expects of TDX evidence: the DCAP collateral to verify quotes with (as
 /// its PCCS serves it), the time to check it at (Unix seconds), and the relying party's
-/// values (`mr_td` is required: a broker releases secrets to one TD image, not to any).
+/// values (`mr_td`, `rtmrs[1]` and `rtmrs[2]` are required: a broker releases secrets to
+/// one TD image, firmware, kernel and initramfs, not to any).
 #[derive(Clone, Debug)]
 pub struct TdxPolicy {
     pub collateral: Vec<u8>,
@@ -138,7 +143,10 @@ pub fn check_tdx(
     if tee != Tee::Tdx {
         return Err(BrokerError::Tee(tee.to_string()));
     }
-    if policy.expected.mr_td.is_none() {
+    // MRTD covers the firmware only; the kernel, its command line and initramfs (the
+    // agent) are measured into RTMR1 and RTMR2 by it.
+    let e = &policy.expected;
+    if e.mr_td.is_none() || e.rtmrs[1].is_none() || e.rtmrs[2].is_none() {
         return Err(BrokerError::NoMeasurement);
     }
     if attestation.runtime_data.nonce != nonce {
@@ -177,6 +185,8 @@ pub fn check_tdx(
         }
         // The document sent must be the one the launch bound.
         want.mr_config_id = Some(parsed.mr_config_id());
+    } else if want.mr_config_id.is_none() {
+        want.mr_config_id = Some([0; 48]);
     }
     let quote =
         crate::tdx::verify::verify_quote(&quote, &policy.collateral, policy.now_secs, &want)?;

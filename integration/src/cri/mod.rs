@@ -309,6 +309,37 @@ impl CriNode {
         }
     }
 
+    /// Gives `config` the masked and read-only paths kubelet sends for every container
+    /// (its default `procMount`); containerd adds none of its own for CRI containers.
+    pub fn with_kubelet_proc_masks(config: &mut ContainerConfig) {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let sc = config
+            .linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default);
+        sc.masked_paths = strings(&[
+            "/proc/asound",
+            "/proc/acpi",
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/latency_stats",
+            "/proc/timer_list",
+            "/proc/timer_stats",
+            "/proc/sched_debug",
+            "/proc/scsi",
+            "/sys/firmware",
+            "/sys/devices/virtual/powercap",
+        ]);
+        sc.readonly_paths = strings(&[
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+        ]);
+    }
+
     /// RunPodSandbox on `handler`; returns the pod's id. Like kubelet, makes the pod's
     /// log directory first.
     pub async fn run_pod(

@@ -198,8 +198,15 @@ pub fn watch(
 /// they are unmounted with it).
 pub fn forget(dir: &Path) {
     if let Some(Ok(w)) = WATCHER.get() {
-        let mut f = w.forgotten.lock().unwrap_or_else(|p| p.into_inner());
-        f.push(dir.to_path_buf());
+        w.forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dir.to_path_buf());
+        // A stopped thread drains nothing: drop them here (it holds no lock any more).
+        if w.dead.load(Ordering::SeqCst) {
+            let mut state = w.state.lock().unwrap_or_else(|p| p.into_inner());
+            drop_forgotten(&mut state, &w.forgotten);
+        }
     }
 }
 
