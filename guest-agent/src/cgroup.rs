@@ -31,6 +31,8 @@ pub enum CgroupError {
     },
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    #[error("cannot attach the device filter to {0}")]
+    Devices(PathBuf, #[source] std::io::Error),
     #[error("invalid resources: {0}")]
     Invalid(String),
     #[error("cgroup {0} did not reach the frozen={1} state in time")]

@@ -8,6 +8,7 @@ pub mod cmdline;
 pub mod container;
 pub mod debug;
 pub mod details;
+pub mod devfilter;
 pub mod fuzz;
 pub mod handlers;
 pub mod init;

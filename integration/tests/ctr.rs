@@ -211,6 +211,28 @@ fn capabilities_and_no_new_privs() {
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("1\n"));
 }
 
+/// The device cgroup: root in the container may make any device node (runc allows
+/// mknod of every one) but opens only those the spec and runc's defaults allow, so
+/// `/dev/kmsg`'s numbers under another name stay shut, `/dev/null` open.
+#[test]
+fn device_nodes_outside_the_allowed_ones_cannot_be_opened() {
+    let out = same(
+        "devices",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mknod /dev/kmsg2 c 1 11; echo mknod=$?; (exec 3</dev/kmsg2) 2>/dev/null; \
+             echo open=$?; (exec 3</dev/null); echo null=$?",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mknod=0") && !text.contains("open=0") && text.contains("null=0"),
+        "{text}"
+    );
+}
+
 #[test]
 fn user_and_groups_from_the_spec() {
     let env = env();

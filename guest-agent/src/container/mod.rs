@@ -416,11 +416,21 @@ impl Containers {
             return Ok(None);
         };
         let cg = Cgroup::create(root, id)?;
-        if let Some(res) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        if let Some(res) = res {
             if let Err(e) = cg.apply(&Limits::from(res)) {
                 let _ = std::fs::remove_dir(cg.path());
                 return Err(e.into());
             }
+        }
+        // The device cgroup: the spec's rules, then runc's defaults.
+        let mut rules = crate::devfilter::from_spec(
+            res.and_then(|r| r.devices().as_deref()).unwrap_or_default(),
+        );
+        rules.extend(crate::devfilter::defaults());
+        if let Err(e) = crate::devfilter::attach(cg.path(), &rules) {
+            let _ = std::fs::remove_dir(cg.path());
+            return Err(CgroupError::Devices(cg.path().to_path_buf(), e).into());
         }
         Ok(Some(cg))
     }

@@ -1,0 +1,306 @@
+//! The device cgroup of a container under cgroup v2: an eBPF program
+//! (`BPF_PROG_TYPE_CGROUP_DEVICE`) attached to the container's cgroup, deciding every
+//! open and mknod of a device node, as runc loads one. Without it a container's root,
+//! which holds `CAP_MKNOD` by default, could make and open any device of the guest (its
+//! disks, `/dev/kmsg`, a TEE's `/dev/sev-guest`).
+//!
+//! The rules are the spec's `linux.resources.devices` followed by runc's defaults (mknod
+//! of any node; the standard character devices and `/dev/pts/*`); a later matching rule
+//! wins, no match denies. Our own program generator (a few dozen instructions, no
+//! libbpf): each rule is one block that falls through to the next when the request does
+//! not match it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType};
+
+/// One rule: device type (`None`: any), major and minor (`None`: any), the access bits
+/// it covers (`ACC_*`), allow or deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub block: Option<bool>,
+    pub major: Option<u32>,
+    pub minor: Option<u32>,
+    pub access: u32,
+    pub allow: bool,
+}
+
+const ACC_MKNOD: u32 = 1;
+const ACC_READ: u32 = 2;
+const ACC_WRITE: u32 = 4;
+const DEV_BLOCK: i32 = 1;
+const DEV_CHAR: i32 = 2;
+
+/// runc's default rules (`specconv.AllowedDevices`), after the spec's.
+pub fn defaults() -> Vec<Rule> {
+    let rwm = ACC_MKNOD | ACC_READ | ACC_WRITE;
+    let c = |major, minor: Option<u32>| Rule {
+        block: Some(false),
+        major: Some(major),
+        minor,
+        access: rwm,
+        allow: true,
+    };
+    let mut v = vec![
+        Rule {
+            block: Some(false),
+            major: None,
+            minor: None,
+            access: ACC_MKNOD,
+            allow: true,
+        },
+        Rule {
+            block: Some(true),
+            major: None,
+            minor: None,
+            access: ACC_MKNOD,
+            allow: true,
+        },
+    ];
+    // null, random, full, tty, zero, urandom, ptmx, tun; then every pts.
+    for (major, minor) in [
+        (1, 3),
+        (1, 8),
+        (1, 7),
+        (5, 0),
+        (1, 5),
+        (1, 9),
+        (5, 2),
+        (10, 200),
+    ] {
+        v.push(c(major, Some(minor)));
+    }
+    v.push(c(136, None));
+    v
+}
+
+/// The spec's rules, in order.
+pub fn from_spec(rules: &[LinuxDeviceCgroup]) -> Vec<Rule> {
+    rules
+        .iter()
+        .map(|r| {
+            let access = r.access().as_deref().unwrap_or("rwm");
+            let bits = access.chars().fold(0, |acc, ch| {
+                acc | match ch {
+                    'm' => ACC_MKNOD,
+                    'r' => ACC_READ,
+                    'w' => ACC_WRITE,
+                    _ => 0,
+                }
+            });
+            Rule {
+                block: match r.typ() {
+                    Some(LinuxDeviceType::B) => Some(true),
+                    Some(LinuxDeviceType::C) | Some(LinuxDeviceType::U) => Some(false),
+                    _ => None,
+                },
+                major: r.major().and_then(|m| u32::try_from(m).ok()),
+                minor: r.minor().and_then(|m| u32::try_from(m).ok()),
+                access: bits,
+                allow: r.allow(),
+            }
+        })
+        .collect()
+}
+
+/// One eBPF instruction, as the kernel reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
+}
+
+/// The program for `rules` (later ones win). r2: type, r3: access, r4: major, r5: minor.
+fn program(rules: &[Rule]) -> Vec<Insn> {
+    const LDX_W: u8 = 0x61;
+    const AND32_K: u8 = 0x54;
+    const RSH32_K: u8 = 0x74;
+    const MOV32_X: u8 = 0xbc;
+    const JNE_K: u8 = 0x55;
+    const MOV64_K: u8 = 0xb7;
+    const EXIT: u8 = 0x95;
+    let mut p = vec![
+        insn(LDX_W, 2, 1, 0, 0),
+        insn(AND32_K, 2, 0, 0, 0xffff),
+        insn(LDX_W, 3, 1, 0, 0),
+        insn(RSH32_K, 3, 0, 0, 16),
+        insn(LDX_W, 4, 1, 4, 0),
+        insn(LDX_W, 5, 1, 8, 0),
+    ];
+    for r in rules.iter().rev() {
+        // Each test jumps to the block's end when the request is not this rule's.
+        let mut tests: Vec<Insn> = Vec::new();
+        if let Some(block) = r.block {
+            tests.push(insn(
+                JNE_K,
+                2,
+                0,
+                0,
+                if block { DEV_BLOCK } else { DEV_CHAR },
+            ));
+        }
+        // Access asked beyond the rule's: not this rule.
+        let beyond = !r.access & (ACC_MKNOD | ACC_READ | ACC_WRITE);
+        if beyond != 0 {
+            tests.push(insn(MOV32_X, 1, 3, 0, 0));
+            tests.push(insn(AND32_K, 1, 0, 0, beyond as i32));
+            tests.push(insn(JNE_K, 1, 0, 0, 0));
+        }
+        if let Some(major) = r.major {
+            tests.push(insn(JNE_K, 4, 0, 0, major as i32));
+        }
+        if let Some(minor) = r.minor {
+            tests.push(insn(JNE_K, 5, 0, 0, minor as i32));
+        }
+        let n = tests.len();
+        if n == 0 {
+            // Matches everything: the rules before it are never reached (and the
+            // verifier refuses code that cannot run).
+            p.push(insn(MOV64_K, 0, 0, 0, i32::from(r.allow)));
+            p.push(insn(EXIT, 0, 0, 0, 0));
+            return p;
+        }
+        for (i, t) in tests.iter_mut().enumerate() {
+            if t.code == JNE_K {
+                // Past the rest of the tests and the verdict's two instructions.
+                t.off = (n - i - 1 + 2) as i16;
+            }
+        }
+        p.extend(tests);
+        p.push(insn(MOV64_K, 0, 0, 0, i32::from(r.allow)));
+        p.push(insn(EXIT, 0, 0, 0, 0));
+    }
+    p.push(insn(MOV64_K, 0, 0, 0, 0));
+    p.push(insn(EXIT, 0, 0, 0, 0));
+    p
+}
+
+/// Loads the program for `rules` and attaches it to the cgroup at `cgroup`.
+pub fn attach(cgroup: &Path, rules: &[Rule]) -> std::io::Result<()> {
+    let insns = program(rules);
+    let license = c"Apache-2.0";
+    // bpf_attr for BPF_PROG_LOAD, as far as we use it; the rest stays zero.
+    let mut load = [0u64; 16];
+    // prog_type (u32) | insn_cnt (u32)
+    load[0] = 15 | ((insns.len() as u64) << 32);
+    load[1] = insns.as_ptr() as u64;
+    load[2] = license.as_ptr() as u64;
+    // SAFETY: a bpf_attr-sized buffer, the instructions and the license outlive the
+    // call; the kernel reads only what the command defines.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5, // BPF_PROG_LOAD
+            load.as_ptr(),
+            std::mem::size_of_val(&load),
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        // Again with the verifier's log, to say why.
+        let mut log = vec![0u8; 16 * 1024];
+        // log_level (u32) | log_size (u32); log_buf.
+        load[3] = 1 | ((log.len() as u64) << 32);
+        load[4] = log.as_mut_ptr() as u64;
+        // SAFETY: as above, and the log buffer outlives the call.
+        let _ = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                5,
+                load.as_ptr(),
+                std::mem::size_of_val(&load),
+            )
+        };
+        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+        let why = String::from_utf8_lossy(&log[..end]);
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("loading the program: {e}: {}", why.trim()),
+        ));
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let dir = std::fs::File::open(cgroup)?;
+    let mut at = [0u32; 8];
+    at[0] = dir.as_raw_fd() as u32;
+    at[1] = prog.as_raw_fd() as u32;
+    at[2] = 6; // BPF_CGROUP_DEVICE
+    at[3] = 2; // BPF_F_ALLOW_MULTI
+               // SAFETY: as above; the attachment holds its own reference to the program.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            8, // BPF_PROG_ATTACH
+            at.as_ptr(),
+            std::mem::size_of_val(&at),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("attaching it: {e}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rule_is_a_block_whose_tests_skip_to_its_end() {
+        let rules = [Rule {
+            block: Some(false),
+            major: Some(1),
+            minor: Some(3),
+            access: ACC_READ | ACC_WRITE,
+            allow: true,
+        }];
+        let p = program(&rules);
+        // 6 loads, type test, 3 for access, major, minor, verdict (2), default (2).
+        assert_eq!(p.len(), 6 + 1 + 3 + 1 + 1 + 2 + 2);
+        let jumps: Vec<i16> = p.iter().filter(|i| i.code == 0x55).map(|i| i.off).collect();
+        // From each test, past the tests left and the verdict: to the default.
+        assert_eq!(jumps, [7, 4, 3, 2]);
+        assert_eq!(p[12], insn(0xb7, 0, 0, 0, 1));
+        assert_eq!(p[14], insn(0xb7, 0, 0, 0, 0));
+    }
+
+    #[test]
+    fn later_rules_are_tested_first() {
+        let deny = Rule {
+            block: None,
+            major: None,
+            minor: None,
+            access: 7,
+            allow: false,
+        };
+        let allow_null = Rule {
+            block: Some(false),
+            major: Some(1),
+            minor: Some(3),
+            access: 7,
+            allow: true,
+        };
+        let p = program(&[deny, allow_null]);
+        // The first verdict after the loads is allow_null's.
+        let first = p.iter().position(|i| i.code == 0xb7).unwrap();
+        assert_eq!(p[first].imm, 1);
+        assert_eq!(from_spec(&[]), vec![]);
+        assert!(defaults()
+            .iter()
+            .any(|r| r.major == Some(136) && r.minor.is_none()));
+    }
+}
