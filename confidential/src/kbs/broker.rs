@@ -87,14 +87,7 @@ pub fn check(
     let mut want = expected.clone();
     want.report_data = Some(runtime_report_data(&attestation.runtime_data, alg));
     if let Some(init) = &attestation.init_data {
-        if init.format != "toml" {
-            return Err(BrokerError::InitData(format!(
-                "format {:?}, not toml",
-                init.format
-            )));
-        }
-        let parsed = InitData::parse(init.body.as_bytes())
-            .map_err(|e| BrokerError::InitData(e.to_string()))?;
+        let parsed = parse_init_data(init)?;
         if expected.host_data.is_some_and(|h| h != parsed.host_data()) {
             return Err(BrokerError::InitDataNotExpected);
         }
@@ -168,14 +161,7 @@ pub fn check_tdx(
     let mut want = policy.expected.clone();
     want.report_data = Some(runtime_report_data(&attestation.runtime_data, alg));
     if let Some(init) = &attestation.init_data {
-        if init.format != "toml" {
-            return Err(BrokerError::InitData(format!(
-                "format {:?}, not toml",
-                init.format
-            )));
-        }
-        let parsed = InitData::parse(init.body.as_bytes())
-            .map_err(|e| BrokerError::InitData(e.to_string()))?;
+        let parsed = parse_init_data(init)?;
         if policy
             .expected
             .mr_config_id
@@ -194,4 +180,15 @@ pub fn check_tdx(
         quote,
         tee_pubkey: attestation.runtime_data.tee_pubkey.clone(),
     })
+}
+
+/// The init-data document an attestation carries, parsed.
+fn parse_init_data(init: &kbs_types::InitData) -> Result<InitData, BrokerError> {
+    if init.format != "toml" {
+        return Err(BrokerError::InitData(format!(
+            "format {:?}, not toml",
+            init.format
+        )));
+    }
+    InitData::parse(init.body.as_bytes()).map_err(|e| BrokerError::InitData(e.to_string()))
 }
