@@ -27,6 +27,9 @@ pub const AA_CONFIG_KEY: &str = "aa.toml";
 /// Containers' `cdh.toml`), whose `[image]` table says how the guest reaches registries.
 pub const CDH_CONFIG_KEY: &str = "cdh.toml";
 
+/// `cdh.toml`'s `[image]` key naming the registry credentials' resource.
+pub const CREDENTIALS_KEY: &str = "authenticated_registry_credentials_uri";
+
 /// How the guest reaches registries, from `cdh.toml`'s `[image]` table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegistryConfig {
@@ -37,6 +40,68 @@ pub struct RegistryConfig {
     /// Registries (`host[:port]`) spoken to over plain HTTP even so
     /// (`plain_http_registries`, Cocoon's own key).
     pub plain_http: Vec<String>,
+    /// The key broker resource holding credentials for private registries
+    /// (`authenticated_registry_credentials_uri = "kbs:///repository/type/tag"`, as in
+    /// Confidential Containers): a containers-auth.json document.
+    pub credentials: Option<ResourcePath>,
+}
+
+/// A key broker resource (`repository/type/tag`), each part checked as the broker
+/// client checks names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourcePath {
+    pub repository: String,
+    pub kind: String,
+    pub tag: String,
+}
+
+impl ResourcePath {
+    /// `kbs:///repository/type/tag`: the pod's own key broker (an empty authority; the
+    /// broker is `aa.toml`'s), three plain parts.
+    pub fn parse_uri(uri: &str) -> Result<ResourcePath, String> {
+        let bad = |why: &str| format!("{uri:?} is not kbs:///repository/type/tag: {why}");
+        let path = uri
+            .strip_prefix("kbs://")
+            .ok_or_else(|| bad("it is not a kbs:// URI"))?;
+        let path = path.strip_prefix('/').ok_or_else(|| {
+            bad("it names a broker; only the init-data's own ([token_configs.kbs] url in aa.toml) is used")
+        })?;
+        let parts: Vec<&str> = path.split('/').collect();
+        let [repository, kind, tag] = parts[..] else {
+            return Err(bad("it does not have three parts"));
+        };
+        if let Some(p) = [repository, kind, tag]
+            .into_iter()
+            .find(|p| !resource_part(p))
+        {
+            return Err(bad(&format!(
+                "{p:?} is not letters, digits, '.', '_' and '-' (not . or ..)"
+            )));
+        }
+        Ok(ResourcePath {
+            repository: repository.into(),
+            kind: kind.into(),
+            tag: tag.into(),
+        })
+    }
+}
+
+/// Whether `part` may be one part of a key broker resource path: what the broker's URL
+/// scheme allows, and nothing that could walk its store (`..`) or add a segment.
+pub fn resource_part(part: &str) -> bool {
+    !part.is_empty()
+        && part != "."
+        && part != ".."
+        && part.len() <= 128
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl std::fmt::Display for ResourcePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "kbs:///{}/{}/{}", self.repository, self.kind, self.tag)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -185,9 +250,18 @@ impl InitData {
                 Some(_) => Err(bad(format!("[image] {key} is not an array of strings"))),
             }
         };
+        let credentials = match image.and_then(|i| i.get(CREDENTIALS_KEY)) {
+            None => None,
+            Some(toml::Value::String(uri)) => Some(
+                ResourcePath::parse_uri(uri)
+                    .map_err(|e| bad(format!("[image] {CREDENTIALS_KEY}: {e}")))?,
+            ),
+            Some(_) => return Err(bad(format!("[image] {CREDENTIALS_KEY} is not a string"))),
+        };
         Ok(RegistryConfig {
             root_certificates: strings("extra_root_certificates")?,
             plain_http: strings("plain_http_registries")?,
+            credentials,
         })
     }
 
@@ -282,6 +356,15 @@ mod tests {
         .unwrap();
         assert_eq!(c.root_certificates, ["A", "B"]);
         assert_eq!(c.plain_http, ["r:5000"]);
+        assert_eq!(c.credentials, None);
+        let c = with(
+            "[image]\nauthenticated_registry_credentials_uri = \"kbs:///default/credential/test\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.credentials.unwrap().to_string(),
+            "kbs:///default/credential/test"
+        );
         assert_eq!(
             with("[kbc]\nname = \"cc_kbc\"").unwrap(),
             RegistryConfig::default()
@@ -293,6 +376,12 @@ mod tests {
         for bad in [
             "[image]\nextra_root_certificates = \"A\"",
             "[image]\nextra_root_certificates = [1]",
+            "[image]\nauthenticated_registry_credentials_uri = 1",
+            "[image]\nauthenticated_registry_credentials_uri = \"https:///a/b/c\"",
+            "[image]\nauthenticated_registry_credentials_uri = \"kbs://broker:8080/a/b/c\"",
+            "[image]\nauthenticated_registry_credentials_uri = \"kbs:///a/b\"",
+            "[image]\nauthenticated_registry_credentials_uri = \"kbs:///a/../c\"",
+            "[image]\nauthenticated_registry_credentials_uri = \"kbs:///a/b/c/d\"",
             "image = \"x\"",
             "[image",
         ] {

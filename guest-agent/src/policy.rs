@@ -11,7 +11,7 @@
 //! `cocoon.confidential=sev-snp|tdx` init-data is taken only if the guest's own hardware
 //! evidence binds its digest (`cocoon_confidential::evidence`).
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cocoon_confidential::evidence::{self, Tee, TSM_REPORT_ROOT};
 use cocoon_confidential::initdata::InitData;
@@ -203,13 +203,25 @@ impl Gate {
     }
 
     /// How image pulls reach registries: from the init-data's `cdh.toml` (TLS unless
-    /// named plain in a confidential guest), or plain HTTP without init-data.
-    pub fn registry_transport(&self) -> Result<crate::pull::Transport, String> {
+    /// named plain in a confidential guest; credentials from the key broker resource it
+    /// names, fetched when a registry first asks), or plain HTTP without init-data.
+    pub fn registry_transport(self: &Arc<Self>) -> Result<crate::pull::Transport, String> {
         let Some(init) = self.init_data.get() else {
             return Ok(crate::pull::Transport::default());
         };
         let config = init.registry_config().map_err(|e| e.to_string())?;
-        crate::pull::Transport::from_config(&config, self.confidential)
+        let transport = crate::pull::Transport::from_config(&config, self.confidential)?;
+        Ok(match config.credentials {
+            None => transport,
+            Some(path) => {
+                let gate = Arc::clone(self);
+                let from = path.to_string();
+                transport.with_credentials(
+                    &from,
+                    Arc::new(move || gate.secret(&path.repository, &path.kind, &path.tag)),
+                )
+            }
+        })
     }
 
     /// A resource from the key broker the init-data names, fetched with the guest's

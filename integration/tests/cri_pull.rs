@@ -370,9 +370,14 @@ async fn cocoon_pod_pulls_over_tls_trusting_its_init_datas_roots() {
         Ok(v) => v,
         Err(why) => return cocoon_nested::testing::missing(test, &why),
     };
+    // Registry credentials from the key broker, asked for only by a registry that
+    // challenges: public pulls go on without them.
+    let gateway = node.gateway();
     let init_data = format!(
         "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"cdh.toml\" = '''\n\
-         [image]\nextra_root_certificates = [\"\"\"\n{ca}\"\"\"]\n'''\n"
+         [image]\nextra_root_certificates = [\"\"\"\n{ca}\"\"\"]\n\
+         authenticated_registry_credentials_uri = \"{CREDENTIALS}\"\n'''\n\
+         \"aa.toml\" = '''\n[token_configs.kbs]\nurl = \"http://{gateway}:1\"\n'''\n"
     );
     let mut pconfig = node.pod_config("tls", "uid-tls", "default");
     pconfig.annotations.insert(
@@ -412,7 +417,24 @@ async fn cocoon_pod_pulls_over_tls_trusting_its_init_datas_roots() {
         .await
         .expect_err("a plain-HTTP registry was pulled from over TLS");
     assert!(e.message().contains(&plain.addr), "{test}: {e}");
+
+    // A private registry: its credentials are the key broker's to give, and only for
+    // hardware evidence, which this guest has none of. The agent says so.
+    let private = plain.private_twin(&cert, &key);
+    let mut c = CriNode::container_config("private", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
+    pull_in_guest(&mut c, &private, &digest);
+    let e = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .expect_err("a private registry was pulled from without credentials");
+    assert!(
+        e.message().contains(CREDENTIALS) && e.message().contains("no TEE evidence"),
+        "{test}: {e}"
+    );
     node.stop_and_remove_pod(&pod)
         .await
         .expect("stop/remove pod");
 }
+
+/// Where the TLS pod's init-data says its registry credentials are.
+const CREDENTIALS: &str = "kbs:///default/credential/test";

@@ -140,14 +140,7 @@ fn write_canonical(value: &Value, out: &mut String) {
 /// A resource path part: what the broker's URL scheme allows, and nothing that could
 /// walk its store (`..`) or add a segment.
 pub(crate) fn check_name(part: &str) -> Result<&str, KbsError> {
-    let ok = !part.is_empty()
-        && part != "."
-        && part != ".."
-        && part.len() <= 128
-        && part
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+    if crate::initdata::resource_part(part) {
         Ok(part)
     } else {
         Err(KbsError::ResourceName(part.to_owned()))

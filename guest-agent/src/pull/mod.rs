@@ -9,10 +9,12 @@
 //! Bounds: a manifest of at most 4 MiB, each layer exactly the size its manifest says and
 //! the image at most `MAX_IMAGE` bytes compressed, a deadline on every read.
 
+mod auth;
 mod http;
 mod registry;
 mod unpack;
 
+pub use auth::{Credentials, Source};
 pub use registry::Transport;
 
 use std::fs::File;

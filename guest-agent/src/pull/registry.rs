@@ -1,10 +1,13 @@
 //! Speaking to a registry as public ones expect: over TLS to the roots the pod's
-//! init-data gives, with the anonymous bearer token the registry's challenge asks for
-//! (Docker's token protocol: `401` with `WWW-Authenticate: Bearer realm=…,service=…,
-//! scope=…`, a `GET` of the realm for a token, the request again with it), and following
-//! the redirects registries answer blob requests with (to a storage host).
+//! init-data gives, with the bearer token the registry's challenge asks for (Docker's
+//! token protocol: `401` with `WWW-Authenticate: Bearer realm=…,service=…,scope=…`, a
+//! `GET` of the realm for a token, the request again with it), anonymous or with the
+//! pod's registry credentials, or with those credentials as HTTP Basic when the
+//! registry asks so; and following the redirects registries answer blob requests with
+//! (to a storage host).
 //!
-//! The token goes to the registry alone, never to where it redirects. A redirect from
+//! The token or credentials go to the registry alone (and credentials to its token
+//! realm), never to where it redirects, and credentials never in clear. A redirect from
 //! TLS to plain HTTP is refused. None of it is trusted for content: every byte pulled is
 //! still checked against its digest.
 
@@ -12,6 +15,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
+use super::auth::{Credentials, Source};
 use super::http::{self, Reply, Url};
 use super::{PullError, DEADLINE};
 
@@ -28,6 +32,9 @@ pub struct Transport {
     tls: Option<Arc<rustls::ClientConfig>>,
     plain_http: Vec<String>,
     tls_unless_named: bool,
+    /// Registry credentials, asked for when a registry first challenges, and where they
+    /// come from (for messages).
+    credentials: Option<(String, Source)>,
 }
 
 impl Transport {
@@ -48,7 +55,16 @@ impl Transport {
             tls_unless_named: confidential || tls.is_some(),
             tls,
             plain_http: c.plain_http.clone(),
+            credentials: None,
         })
+    }
+
+    /// The same, with registry credentials from `source` (a containers-auth.json
+    /// document), called at most once per pull and only if a registry asks; `from` says
+    /// where they come from in messages.
+    pub fn with_credentials(mut self, from: &str, source: Source) -> Transport {
+        self.credentials = Some((from.to_owned(), source));
+        self
     }
 
     /// Whether `registry` (`host[:port]`) is spoken to over TLS. A `plain_http_registries`
@@ -69,7 +85,10 @@ pub struct Session<'a> {
     until: std::time::Instant,
     registry: String,
     repository: String,
-    token: Option<String>,
+    /// The `Authorization` value the registry took: a token, or Basic credentials.
+    auth: Option<String>,
+    /// The credentials, once fetched.
+    credentials: Option<Credentials>,
 }
 
 impl<'a> Session<'a> {
@@ -84,7 +103,42 @@ impl<'a> Session<'a> {
             until,
             registry: registry.to_owned(),
             repository: repository.to_owned(),
-            token: None,
+            auth: None,
+            credentials: None,
+        }
+    }
+
+    /// This repository's `Authorization` value from the pod's credentials, fetched on
+    /// first use; `None` when the init-data names no credentials or they have none for it.
+    fn basic(&mut self) -> Result<Option<String>, PullError> {
+        let Some((from, source)) = &self.transport.credentials else {
+            return Ok(None);
+        };
+        if self.credentials.is_none() {
+            let fail = |e: String| {
+                PullError::Registry(format!(
+                    "{} asks for authentication; the credentials at {from}: {e}",
+                    self.registry
+                ))
+            };
+            let doc = source().map_err(fail)?;
+            self.credentials = Some(Credentials::parse(&doc).map_err(fail)?);
+        }
+        Ok(self
+            .credentials
+            .as_ref()
+            .and_then(|c| c.for_repository(&self.registry, &self.repository))
+            .map(str::to_owned))
+    }
+
+    /// Why there are no credentials for this registry, for an error.
+    fn no_credentials(&self) -> String {
+        match &self.transport.credentials {
+            None => format!(
+                "the pod's init-data names no registry credentials (cdh.toml [image] {})",
+                cocoon_confidential::initdata::CREDENTIALS_KEY
+            ),
+            Some((from, _)) => format!("the credentials at {from} have none for it"),
         }
     }
 
@@ -99,14 +153,10 @@ impl<'a> Session<'a> {
         let mut hops = 0;
         loop {
             let to_registry = url.host == self.registry;
-            let auth = self
-                .token
-                .as_ref()
-                .filter(|_| to_registry)
-                .map(|t| format!("Bearer {t}"));
+            let auth = self.auth.as_deref().filter(|_| to_registry);
             let mut headers = Vec::new();
             headers.extend(accept.map(|a| ("Accept", a)));
-            headers.extend(auth.as_deref().map(|a| ("Authorization", a)));
+            headers.extend(auth.map(|a| ("Authorization", a)));
             let tls = self.transport.tls.as_ref();
             let reply = http::get(&url, &headers, DEADLINE, self.until, tls)?;
             match reply.status {
@@ -114,8 +164,18 @@ impl<'a> Session<'a> {
                     let challenge = reply.authenticate.clone().ok_or_else(|| {
                         PullError::Registry(format!("{url}: HTTP 401 without a challenge"))
                     })?;
-                    self.token = Some(self.fetch_token(&challenge)?);
+                    self.auth = Some(self.answer(&url, &challenge)?);
                     challenged = true;
+                }
+                401 if to_registry => {
+                    let with = match self.auth.as_deref() {
+                        Some(a) if a.starts_with("Basic ") => "the pod's credentials",
+                        _ => "the token its realm gave",
+                    };
+                    return Err(PullError::Registry(format!(
+                        "{url}: HTTP 401 with {with}: not allowed to pull {}",
+                        self.repository
+                    )));
                 }
                 301..=303 | 307 | 308 if reply.location.is_some() => {
                     hops += 1;
@@ -146,10 +206,44 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// An anonymous token for the challenge `challenge` (a `WWW-Authenticate` value).
-    fn fetch_token(&self, challenge: &str) -> Result<String, PullError> {
+    /// The `Authorization` value answering `challenge` (a `WWW-Authenticate` value) of
+    /// the registry at `url`: a bearer token, or the pod's credentials as Basic.
+    fn answer(&mut self, url: &Url, challenge: &str) -> Result<String, PullError> {
+        let registry = self.registry.clone();
+        let fail = |e: String| PullError::Registry(format!("{registry}: {e}"));
+        match parse_challenge(challenge).map_err(fail)? {
+            Challenge::Bearer(params) => {
+                let basic = self.basic()?;
+                Ok(format!("Bearer {}", self.fetch_token(&params, basic)?))
+            }
+            Challenge::Basic => {
+                let Some(basic) = self.basic()? else {
+                    return Err(fail(format!(
+                        "it asks for Basic authentication, and {}",
+                        self.no_credentials()
+                    )));
+                };
+                if !url.tls {
+                    return Err(fail(
+                        "it asks for Basic authentication over plain HTTP; credentials are \
+                         never sent in clear (its root goes in cdh.toml [image] \
+                         extra_root_certificates, and not in plain_http_registries)"
+                            .into(),
+                    ));
+                }
+                Ok(basic)
+            }
+        }
+    }
+
+    /// A token for a `Bearer` challenge's `params`, asked for with `basic` credentials
+    /// when given (anonymous otherwise).
+    fn fetch_token(
+        &self,
+        params: &BTreeMap<String, String>,
+        basic: Option<String>,
+    ) -> Result<String, PullError> {
         let fail = |e: String| PullError::Registry(format!("{}: {e}", self.registry));
-        let params = parse_challenge(challenge).map_err(fail)?;
         let realm = params
             .get("realm")
             .ok_or_else(|| fail("its challenge names no realm".into()))?;
@@ -158,6 +252,12 @@ impl<'a> Session<'a> {
         // see its scope and could hand another.
         if self.transport.uses_tls(&self.registry) && !url.tls {
             return Err(fail(format!("its token realm {url} is not over TLS")));
+        }
+        // Credentials never in clear, whatever the registry itself is spoken to with.
+        if basic.is_some() && !url.tls {
+            return Err(fail(format!(
+                "its token realm {url} is not over TLS; the pod's credentials are never sent in clear"
+            )));
         }
         let default_scope = format!("repository:{}:pull", self.repository);
         let scope = params.get("scope").unwrap_or(&default_scope);
@@ -168,10 +268,21 @@ impl<'a> Session<'a> {
         url.path
             .push(if url.path.contains('?') { '&' } else { '?' });
         url.path.push_str(&query.join("&"));
-        let mut reply = http::get(&url, &[], DEADLINE, self.until, self.transport.tls.as_ref())?;
+        let headers: Vec<(&str, &str)> = basic
+            .as_deref()
+            .map(|b| ("Authorization", b))
+            .into_iter()
+            .collect();
+        let tls = self.transport.tls.as_ref();
+        let mut reply = http::get(&url, &headers, DEADLINE, self.until, tls)?;
         if reply.status != 200 {
+            let with = match basic {
+                Some(_) => "with the pod's credentials".to_owned(),
+                None if reply.status != 401 => "anonymously".to_owned(),
+                None => format!("anonymously, and {}", self.no_credentials()),
+            };
             return Err(fail(format!(
-                "its token realm {url} answered HTTP {}",
+                "its token realm {url} answered HTTP {} when asked {with}",
                 reply.status
             )));
         }
@@ -208,12 +319,24 @@ fn token_of(body: &[u8]) -> Result<String, String> {
     Ok(t.to_owned())
 }
 
-/// The parameters of a `Bearer` challenge; another scheme is an error naming it.
-fn parse_challenge(s: &str) -> Result<BTreeMap<String, String>, String> {
+/// What a registry's `WWW-Authenticate` asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Challenge {
+    /// A token from a realm, with these parameters.
+    Bearer(BTreeMap<String, String>),
+    /// Credentials with each request.
+    Basic,
+}
+
+/// A `Bearer` challenge's parameters, or `Basic`; another scheme is an error naming it.
+fn parse_challenge(s: &str) -> Result<Challenge, String> {
     let (scheme, rest) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Ok(Challenge::Basic);
+    }
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(format!(
-            "it asks for {scheme} authentication; only anonymous bearer tokens are supported"
+            "it asks for {scheme} authentication; only Bearer and Basic are supported"
         ));
     }
     let mut out = BTreeMap::new();
@@ -235,7 +358,7 @@ fn parse_challenge(s: &str) -> Result<BTreeMap<String, String>, String> {
         out.insert(key, value.trim().to_owned());
         rest = after.trim_start_matches([',', ' ']);
     }
-    Ok(out)
+    Ok(Challenge::Bearer(out))
 }
 
 /// Where a `Location` leads from `base`: an absolute URL, or a path on the same host.
@@ -275,15 +398,17 @@ mod tests {
 
     #[test]
     fn a_bearer_challenge_is_read_with_its_quoted_commas() {
-        let p = parse_challenge(
+        let Ok(Challenge::Bearer(p)) = parse_challenge(
             r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
-        )
-        .unwrap();
+        ) else {
+            panic!("not a bearer challenge");
+        };
         assert_eq!(p["realm"], "https://auth.example/token");
         assert_eq!(p["service"], "registry.example");
         assert_eq!(p["scope"], "repository:a/b:pull,push");
-        let e = parse_challenge(r#"Basic realm="x""#).unwrap_err();
-        assert!(e.contains("Basic"), "{e}");
+        assert_eq!(parse_challenge(r#"Basic realm="x""#), Ok(Challenge::Basic));
+        let e = parse_challenge(r#"Negotiate x"#).unwrap_err();
+        assert!(e.contains("Negotiate"), "{e}");
         assert!(parse_challenge(r#"Bearer realm="x"#).is_err());
     }
 
@@ -319,6 +444,7 @@ mod tests {
         let c = |plain: &[&str]| cocoon_confidential::initdata::RegistryConfig {
             root_certificates: vec![],
             plain_http: plain.iter().map(|s| s.to_string()).collect(),
+            credentials: None,
         };
         let t = Transport::from_config(&c(&["a:5000", "b", "[::1]"]), true).unwrap();
         assert!(!t.uses_tls("a:5000") && t.uses_tls("a:5001") && t.uses_tls("a"));

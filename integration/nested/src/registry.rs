@@ -13,6 +13,13 @@ use sha2::{Digest, Sha256};
 
 pub const REGISTRY: &str = "/usr/bin/docker-registry";
 
+/// The user and password a `private_twin` takes.
+pub const PULLER: (&str, &str) = ("puller", "pull-secret");
+/// Their bcrypt htpasswd line (cost 4, made once with Python's `crypt`; the registry
+/// reads bcrypt only).
+const PULLER_HTPASSWD: &str =
+    "puller:$2b$04$8gV/HpT7lyTvtQ0j1PXFGuhygjIb2rRXgHsgvQtI8so4WcCrLylBG\n";
+
 pub struct Registry {
     child: Child,
     pub addr: String,
@@ -51,23 +58,48 @@ impl Registry {
     /// and key at `cert` and `key`, on a free port of the same address: push to `self`,
     /// pull from it.
     pub fn tls_twin(&self, cert: &Path, key: &Path) -> Registry {
+        self.twin(cert, key, "", None)
+    }
+
+    /// A TLS twin (as `tls_twin`) that serves only clients with `PULLER`'s credentials
+    /// (the registry's htpasswd Basic authentication): a private registry.
+    pub fn private_twin(&self, cert: &Path, key: &Path) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, PULLER_HTPASSWD).unwrap();
+        let auth = format!(
+            "auth:\n  htpasswd:\n    realm: cocoon-test\n    path: {}\n",
+            htpasswd.display()
+        );
+        self.twin(cert, key, &auth, Some(dir))
+    }
+
+    /// A twin over TLS with `top_extra` added to the config's top level, its config in
+    /// `keep` (with files the config names) if given.
+    fn twin(
+        &self,
+        cert: &Path,
+        key: &Path,
+        top_extra: &str,
+        keep: Option<tempfile::TempDir>,
+    ) -> Registry {
         let ip: std::net::Ipv4Addr = self
             .addr
             .rsplit_once(':')
             .and_then(|(ip, _)| ip.parse().ok())
             .expect("an IPv4 address and port");
         let tls = format!(
-            "  tls:\n    certificate: {}\n    key: {}\n",
+            "  tls:\n    certificate: {}\n    key: {}\n{top_extra}",
             cert.display(),
             key.display()
         );
-        let dir = tempfile::tempdir().unwrap();
+        let dir = keep.unwrap_or_else(|| tempfile::tempdir().unwrap());
         Registry::spawn(dir, ip, self.storage.clone(), &tls)
     }
 
     /// Starts the registry with its config in `dir`, on a free port of `ip`, storing in
-    /// `storage`; `http_extra` is added to the config's `http` section (TLS). Returns
-    /// once it answers.
+    /// `storage`; `http_extra` is added to the config's `http` section (TLS), and may go
+    /// on with top-level sections. Returns once it answers.
     fn spawn(
         dir: tempfile::TempDir,
         ip: std::net::Ipv4Addr,

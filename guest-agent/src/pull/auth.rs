@@ -1,0 +1,222 @@
+//! Credentials for private registries: a containers-auth.json document (the format
+//! `podman login` and `docker login` write, and Confidential Containers keeps in its key
+//! broker), fetched from the pod's key broker only when a registry first asks for
+//! authentication, so public pulls never attest.
+//!
+//! ```json
+//! {"auths": {"registry.example:5000": {"auth": "base64(user:password)"},
+//!            "registry.example:5000/team/app": {"username": "u", "password": "p"}}}
+//! ```
+//!
+//! A key is `host[:port]`, optionally followed by a repository path that narrows it (the
+//! most specific key wins, as in containers-auth.json); a key written as a URL
+//! (`https://host/v1/`, Docker's legacy form) names its host. The credentials are sent as
+//! HTTP Basic, to the registry or to the token realm its challenge names, and only over
+//! TLS: in a confidential guest the host carries the traffic.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine;
+
+/// Where the credentials come from when a registry asks for them: the document's bytes,
+/// or why it cannot be had.
+pub type Source = Arc<dyn Fn() -> Result<Vec<u8>, String> + Send + Sync>;
+
+/// The most entries one document may hold.
+const MAX_ENTRIES: usize = 1024;
+
+/// Parsed credentials: for each key, the `Authorization` header's value.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    by_key: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never the secrets themselves, in a log or an error.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.by_key.keys()).finish()
+    }
+}
+
+impl Credentials {
+    /// Reads a containers-auth.json document. Every entry must be usable: one that is
+    /// not is an error naming its key (and never its secret).
+    pub fn parse(doc: &[u8]) -> Result<Credentials, String> {
+        let v: serde_json::Value = serde_json::from_slice(doc)
+            .map_err(|e| format!("the registry credentials are not JSON: {e}"))?;
+        let auths = v
+            .get("auths")
+            .and_then(serde_json::Value::as_object)
+            .ok_or("the registry credentials have no \"auths\" object (containers-auth.json)")?;
+        if auths.len() > MAX_ENTRIES {
+            return Err(format!(
+                "the registry credentials have {} entries; at most {MAX_ENTRIES}",
+                auths.len()
+            ));
+        }
+        let mut by_key = BTreeMap::new();
+        for (key, entry) in auths {
+            let bad = |why: &str| format!("the registry credentials for {key:?}: {why}");
+            let name = normalize(key).ok_or_else(|| bad("not host[:port][/repository]"))?;
+            let field = |f: &str| entry.get(f).and_then(serde_json::Value::as_str);
+            let (user, password) =
+                match (field("auth"), field("username"), field("password")) {
+                    (Some(auth), None, None) => {
+                        let plain = base64::engine::general_purpose::STANDARD
+                            .decode(auth.trim())
+                            .map_err(|_| bad("\"auth\" is not base64"))?;
+                        let plain = String::from_utf8(plain)
+                            .map_err(|_| bad("\"auth\" does not decode to text"))?;
+                        let (u, p) = plain
+                            .split_once(':')
+                            .ok_or_else(|| bad("\"auth\" is not user:password"))?;
+                        (u.to_owned(), p.to_owned())
+                    }
+                    (None, Some(u), Some(p)) => (u.to_owned(), p.to_owned()),
+                    _ if entry.get("identitytoken").is_some() => return Err(bad(
+                        "identity tokens (OAuth refresh tokens) are not supported; give \"auth\"",
+                    )),
+                    _ => return Err(bad("give \"auth\", or \"username\" and \"password\"")),
+                };
+            if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+                return Err(bad(
+                    "the user name is empty or holds ':' or a control character",
+                ));
+            }
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            if by_key.insert(name, format!("Basic {token}")).is_some() {
+                return Err(bad("the registry is named twice"));
+            }
+        }
+        Ok(Credentials { by_key })
+    }
+
+    /// The `Authorization` value for `repository` of `registry`: the most specific key
+    /// naming it, if any.
+    pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&str> {
+        let mut key = format!("{registry}/{repository}");
+        loop {
+            if let Some(v) = self.by_key.get(&key) {
+                return Some(v);
+            }
+            match key.rsplit_once('/') {
+                Some((rest, _)) => key = rest.to_owned(),
+                None => return None,
+            }
+        }
+    }
+}
+
+/// A key as lookups see it: a URL gives its host; otherwise `host[:port]` with an
+/// optional repository path, without a trailing `/`.
+fn normalize(key: &str) -> Option<String> {
+    let key = match key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+    {
+        Some(rest) => rest.split('/').next().unwrap_or_default(),
+        None => key.trim_end_matches('/'),
+    };
+    let (host, path) = key.split_once('/').unwrap_or((key, ""));
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    let path_ok = path.split('/').all(|p| {
+        path.is_empty()
+            || (!p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)))
+    });
+    (host_ok && path_ok).then(|| key.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn the_most_specific_key_names_a_repositorys_credentials() {
+        let doc = serde_json::json!({"auths": {
+            "r.example:5000": {"auth": b64("all:pw1")},
+            "r.example:5000/team": {"username": "team", "password": "pw:2"},
+            "https://index.docker.io/v1/": {"auth": b64("hub:pw3")},
+        }});
+        let c = Credentials::parse(doc.to_string().as_bytes()).unwrap();
+        let basic = |r, p| c.for_repository(r, p).map(str::to_owned);
+        assert_eq!(
+            basic("r.example:5000", "team/app"),
+            Some(format!("Basic {}", b64("team:pw:2")))
+        );
+        assert_eq!(
+            basic("r.example:5000", "other/app"),
+            Some(format!("Basic {}", b64("all:pw1")))
+        );
+        // A key narrows by whole path parts, not by prefix.
+        assert_eq!(
+            basic("r.example:5000", "teamx/app"),
+            Some(format!("Basic {}", b64("all:pw1")))
+        );
+        assert_eq!(
+            basic("index.docker.io", "library/busybox"),
+            Some(format!("Basic {}", b64("hub:pw3")))
+        );
+        assert_eq!(basic("r.example", "team/app"), None);
+        // Debug output names the keys, never the secrets.
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("r.example:5000/team") && !shown.contains("Basic"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unusable_entries_are_named_without_their_secret() {
+        for (doc, why) in [
+            (serde_json::json!({}), "no \"auths\""),
+            (
+                serde_json::json!({"auths": {"r:1": {"auth": "%%%"}}}),
+                "not base64",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1": {"auth": b64("nocolon")}}}),
+                "user:password",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1": {"auth": b64(":pw")}}}),
+                "empty",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1": {"identitytoken": "t"}}}),
+                "identity tokens",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1": {"username": "u"}}}),
+                "\"password\"",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1/A": {"auth": b64("u:p")}}}),
+                "host[:port]",
+            ),
+            (
+                serde_json::json!({"auths": {"r\r\nX: 1": {"auth": b64("u:p")}}}),
+                "host[:port]",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1": {"auth": b64("u:p")}, "r:1/": {"auth": b64("u:q")}}}),
+                "named twice",
+            ),
+        ] {
+            let e = Credentials::parse(doc.to_string().as_bytes()).unwrap_err();
+            assert!(e.contains(why), "{doc}: {e}");
+            assert!(!e.contains("pw") && !e.contains("p\""), "{e}");
+        }
+        assert!(Credentials::parse(b"not json").is_err());
+    }
+}
