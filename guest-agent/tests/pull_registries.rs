@@ -128,9 +128,8 @@ fn reply(status: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A token realm over TLS (the key broker's test certificate for 127.0.0.1) giving
-/// `t0k3n` only for `PULLER`'s credentials; returns its URL.
-fn tls_token_realm(seen: &std::sync::Arc<std::sync::Mutex<Seen>>) -> String {
+/// A TLS server configuration with the key broker's test certificate for 127.0.0.1.
+fn server_tls() -> std::sync::Arc<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(tls_fixture("server.pem"))
@@ -139,38 +138,61 @@ fn tls_token_realm(seen: &std::sync::Arc<std::sync::Mutex<Seen>>) -> String {
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(tls_fixture("server.pk8.pem")).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = std::sync::Arc::new(
+    std::sync::Arc::new(
         rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .unwrap(),
-    );
+    )
+}
+
+/// Serves each connection to `listener` with `handle` (the request's path,
+/// `Authorization` and `Accept`; the reply's bytes), over TLS when `tls`.
+fn serve(
+    listener: std::net::TcpListener,
+    tls: bool,
+    handle: impl Fn(String, Option<String>, String) -> Vec<u8> + Send + 'static,
+) {
+    let config = tls.then(server_tls);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            match &config {
+                None => {
+                    let (path, auth, accept) = read_head(&mut conn);
+                    let _ = conn.write_all(&handle(path, auth, accept));
+                }
+                Some(config) => {
+                    let tls = rustls::ServerConnection::new(config.clone()).unwrap();
+                    let mut s = rustls::StreamOwned::new(tls, conn);
+                    let (path, auth, accept) = read_head(&mut s);
+                    let _ = s.write_all(&handle(path, auth, accept));
+                    s.conn.send_close_notify();
+                    let _ = s.flush();
+                }
+            }
+        }
+    });
+}
+
+/// A token realm over TLS giving `t0k3n` only for `PULLER`'s credentials; returns its
+/// URL.
+fn tls_token_realm(seen: &std::sync::Arc<std::sync::Mutex<Seen>>) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("https://{}/token", listener.local_addr().unwrap());
     let seen = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-            let tls = rustls::ServerConnection::new(config.clone()).unwrap();
-            let mut s = rustls::StreamOwned::new(tls, conn);
-            let (path, auth, _) = read_head(&mut s);
-            let query = path.strip_prefix("/token?").unwrap_or_default().to_owned();
-            let ok = auth.as_deref() == Some(basic(PULLER.0, PULLER.1).as_str());
-            {
-                let mut seen = seen.lock().unwrap();
-                seen.token_queries.push(query);
-                seen.token_auth.push(auth);
-            }
-            let out = match ok {
-                true => reply("200 OK", "", br#"{"token":"t0k3n","expires_in":300}"#),
-                false => reply("401 Unauthorized", "", b""),
-            };
-            let _ = s.write_all(&out);
-            s.conn.send_close_notify();
-            let _ = s.flush();
+    serve(listener, true, move |path, auth, _| {
+        let query = path.strip_prefix("/token?").unwrap_or_default().to_owned();
+        let ok = auth.as_deref() == Some(basic(PULLER.0, PULLER.1).as_str());
+        let mut seen = seen.lock().unwrap();
+        seen.token_queries.push(query);
+        seen.token_auth.push(auth);
+        match ok {
+            true => reply("200 OK", "", br#"{"token":"t0k3n","expires_in":300}"#),
+            false => reply("401 Unauthorized", "", b""),
         }
     });
     url
@@ -178,60 +200,58 @@ fn tls_token_realm(seen: &std::sync::Arc<std::sync::Mutex<Seen>>) -> String {
 
 /// A registry front as public registries behave: `/v2/` requests without the bearer
 /// token get a 401 challenge (what `ask` says); with it, manifests are served from `reg`
-/// and blobs redirected to `cdn` (another listener that serves them from `reg`).
+/// and blobs redirected to `cdn` (another listener that serves them from `reg`). Both
+/// over TLS when `tls`.
 fn front(
     reg: &std::sync::Arc<Registry>,
     seen: &std::sync::Arc<std::sync::Mutex<Seen>>,
     ask: Ask,
+    tls: bool,
 ) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let cdn = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let cdn_addr = cdn.local_addr().unwrap().to_string();
+    let scheme = if tls { "https" } else { "http" };
+    let cdn_url = format!("{scheme}://{}", cdn.local_addr().unwrap());
     let realm = match ask {
         Ask::PrivateToken => tls_token_realm(seen),
-        _ => format!("http://{addr}/token"),
+        _ => format!("{scheme}://{addr}/token"),
     };
     for (l, is_cdn) in [(listener, false), (cdn, true)] {
-        let (reg, seen, realm, cdn_addr) =
-            (reg.clone(), seen.clone(), realm.clone(), cdn_addr.clone());
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                let Ok(mut conn) = conn else { return };
-                let (path, auth, accept) = read_head(&mut conn);
-                if !is_cdn && !path.starts_with("/token") {
-                    seen.lock().unwrap().registry_auth.push(auth.clone());
-                }
-                let out = if let Some(q) = path.strip_prefix("/token?") {
-                    seen.lock().unwrap().token_queries.push(q.to_owned());
-                    reply("200 OK", "", br#"{"token":"t0k3n","expires_in":300}"#)
-                } else if !is_cdn && auth.as_deref() != Some("Bearer t0k3n") {
-                    let challenge = match ask {
-                        Ask::Basic => "Basic realm=\"test\"".to_owned(),
-                        _ => format!("Bearer realm=\"{realm}\",service=\"test-registry\",scope=\"repository:test/app:pull\""),
-                    };
-                    reply(
-                        "401 Unauthorized",
-                        &format!("WWW-Authenticate: {challenge}\r\n"),
-                        b"",
-                    )
-                } else if !is_cdn && path.contains("/blobs/") {
-                    reply(
-                        "307 Temporary Redirect",
-                        &format!("Location: http://{cdn_addr}{path}\r\n"),
-                        b"",
-                    )
-                } else {
-                    seen.lock()
-                        .unwrap()
-                        .proxied
-                        .push((path.clone(), auth.clone()));
-                    let (status, _, body) = reg
-                        .request("GET", &path, &[("Accept", &accept)], b"")
-                        .unwrap();
-                    reply(&format!("{status} X"), "", &body)
+        let (reg, seen, realm, cdn_url) =
+            (reg.clone(), seen.clone(), realm.clone(), cdn_url.clone());
+        serve(l, tls, move |path, auth, accept| {
+            if !is_cdn && !path.starts_with("/token") {
+                seen.lock().unwrap().registry_auth.push(auth.clone());
+            }
+            if let Some(q) = path.strip_prefix("/token?") {
+                seen.lock().unwrap().token_queries.push(q.to_owned());
+                reply("200 OK", "", br#"{"token":"t0k3n","expires_in":300}"#)
+            } else if !is_cdn && auth.as_deref() != Some("Bearer t0k3n") {
+                let challenge = match ask {
+                    Ask::Basic => "Basic realm=\"test\"".to_owned(),
+                    _ => format!("Bearer realm=\"{realm}\",service=\"test-registry\",scope=\"repository:test/app:pull\""),
                 };
-                let _ = conn.write_all(&out);
+                reply(
+                    "401 Unauthorized",
+                    &format!("WWW-Authenticate: {challenge}\r\n"),
+                    b"",
+                )
+            } else if !is_cdn && path.contains("/blobs/") {
+                reply(
+                    "307 Temporary Redirect",
+                    &format!("Location: {cdn_url}{path}\r\n"),
+                    b"",
+                )
+            } else {
+                seen.lock()
+                    .unwrap()
+                    .proxied
+                    .push((path.clone(), auth.clone()));
+                let (status, _, body) = reg
+                    .request("GET", &path, &[("Accept", &accept)], b"")
+                    .unwrap();
+                reply(&format!("{status} X"), "", &body)
             }
         });
     }
@@ -246,7 +266,7 @@ fn a_registry_asking_for_a_token_and_redirecting_blobs_is_followed() {
     let digest = reg.push_image("test/app", &base_layers());
     let reg = std::sync::Arc::new(reg);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-    let addr = front(&reg, &seen, Ask::AnonymousToken);
+    let addr = front(&reg, &seen, Ask::AnonymousToken, false);
     let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
     let (_d, root, work) = dirs();
     pull(&image, &root, &work, soon(), &Transport::default()).unwrap();
@@ -299,7 +319,7 @@ fn a_registry_asking_for_credentials_without_any_is_refused_with_the_reason() {
     };
     let digest = reg.push_image("test/app", &base_layers());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-    let addr = front(&std::sync::Arc::new(reg), &seen, Ask::Basic);
+    let addr = front(&std::sync::Arc::new(reg), &seen, Ask::Basic, false);
     let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
     let (_d, root, work) = dirs();
     let e = pull(&image, &root, &work, soon(), &Transport::default()).unwrap_err();
@@ -399,46 +419,60 @@ fn a_private_registry_takes_the_pods_credentials_over_tls() {
 }
 
 #[test]
-fn a_token_realm_over_tls_gets_the_pods_credentials_and_nothing_else_does() {
+fn a_token_realm_gets_the_pods_credentials_only_when_the_challenge_came_over_tls() {
     let Some(reg) = Registry::start(module_path!()) else {
         return;
     };
     let digest = reg.push_image("test/app", &base_layers());
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-    let addr = front(&std::sync::Arc::new(reg), &seen, Ask::PrivateToken);
-    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
-    // The registry itself is named plain HTTP; its realm is over TLS.
-    let base = || transport(&["ca.pem"], &[&addr]);
+    let reg = std::sync::Arc::new(reg);
     let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
+    // A registry spoken to over TLS names a realm over TLS.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let addr = front(&reg, &seen, Ask::PrivateToken, true);
+    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
     // Anonymously the realm refuses, and the error says no credentials were given.
     let (_d, root, work) = dirs();
-    let e = pull(&image, &root, &work, soon(), &base()).unwrap_err();
+    let e = pull(&image, &root, &work, soon(), &transport(&["ca.pem"], &[])).unwrap_err();
     assert!(
         e.to_string().contains("HTTP 401 when asked anonymously"),
         "{e}"
     );
-
-    let t = with_credentials(base(), auth_json(&addr, PULLER.0, PULLER.1), &asked);
+    let doc = auth_json(&addr, PULLER.0, PULLER.1);
+    let t = with_credentials(transport(&["ca.pem"], &[]), doc, &asked);
     let (_d, root, work) = dirs();
     pull(&image, &root, &work, soon(), &t).unwrap();
     assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
-    let seen = seen.lock().unwrap();
-    // The credentials went to the realm, once; the registry only ever saw the token.
-    let creds = basic(PULLER.0, PULLER.1);
-    assert_eq!(seen.token_auth, [None, Some(creds.clone())]);
-    assert!(
-        seen.registry_auth
-            .iter()
-            .all(|a| a.as_deref().is_none_or(|a| a == "Bearer t0k3n")),
-        "{:?}",
-        seen.registry_auth
-    );
-    assert!(
-        seen.proxied
-            .iter()
-            .all(|(_, a)| a.as_deref() != Some(creds.as_str())),
-        "{:?}",
-        seen.proxied
-    );
+    {
+        let seen = seen.lock().unwrap();
+        // The credentials went to the realm, once; the registry only saw the token,
+        // and the storage host nothing.
+        let creds = basic(PULLER.0, PULLER.1);
+        assert_eq!(seen.token_auth, [None, Some(creds.clone())]);
+        assert!(
+            seen.registry_auth
+                .iter()
+                .all(|a| a.as_deref().is_none_or(|a| a == "Bearer t0k3n")),
+            "{:?}",
+            seen.registry_auth
+        );
+        let blobs = seen.proxied.iter().filter(|(p, _)| p.contains("/blobs/"));
+        assert!(
+            blobs.clone().count() == 2 && blobs.clone().all(|(_, a)| a.is_none()),
+            "{:?}",
+            seen.proxied
+        );
+    }
+
+    // A registry spoken to in clear: whoever is on the way could name a realm of its
+    // own (over TLS, with a certificate of its own), so the credentials stay home.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let addr = front(&reg, &seen, Ask::PrivateToken, false);
+    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
+    let doc = auth_json(&addr, PULLER.0, PULLER.1);
+    let t = with_credentials(transport(&["ca.pem"], &[&addr]), doc, &asked);
+    let (_d, root, work) = dirs();
+    let e = pull(&image, &root, &work, soon(), &t).unwrap_err();
+    assert!(e.to_string().contains("never sent in clear"), "{e}");
+    assert!(seen.lock().unwrap().token_auth.is_empty());
 }

@@ -214,6 +214,16 @@ impl<'a> Session<'a> {
         match parse_challenge(challenge).map_err(fail)? {
             Challenge::Bearer(params) => {
                 let basic = self.basic()?;
+                // A challenge in clear may come from anyone on the way, naming a realm
+                // of theirs (over TLS, with a certificate of their own).
+                if basic.is_some() && !url.tls {
+                    return Err(fail(
+                        "it challenged over plain HTTP, where anyone on the way could name \
+                         another token realm; the pod's credentials are never sent in clear \
+                         or where a challenge in clear points"
+                            .into(),
+                    ));
+                }
                 Ok(format!("Bearer {}", self.fetch_token(&params, basic)?))
             }
             Challenge::Basic => {
