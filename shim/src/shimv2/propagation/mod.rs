@@ -72,20 +72,28 @@ struct Volume {
     warned_full: bool,
 }
 
+/// What `watch` and `forget` hand the thread, in order.
+enum Change {
+    Add(Volume),
+    /// The volumes of the container whose share directory this is.
+    Forget(PathBuf),
+}
+
 #[derive(Default)]
-struct State {
-    volumes: Vec<Volume>,
+struct Queue {
+    changes: Vec<Change>,
     /// Mount points under these are never mirrored (Cocoon's run directory).
     excluded: BTreeSet<PathBuf>,
 }
 
+/// The watcher thread owns the volumes it follows; others only queue changes for it.
+/// The queue's lock is never held across a system call: the thread opens host mounts,
+/// which a hung network filesystem could block, and a container's create or delete must
+/// not wait on that.
 struct Watcher {
-    state: Arc<Mutex<State>>,
-    /// Containers whose volumes are no longer followed, dropped by the thread (or the
-    /// next `watch`) under the state's lock. A lock of its own, never held across a
-    /// system call: the state's is held while host mounts are opened, which a hung
-    /// network filesystem could block, and a container's delete must not wait on that.
-    forgotten: Arc<Mutex<Vec<PathBuf>>>,
+    queue: Arc<Mutex<Queue>>,
+    /// Wakes the thread for a queued change (one byte per change, never read for data).
+    wake: std::os::unix::net::UnixDatagram,
     /// Set when the thread stopped: nothing is mirrored any more.
     dead: Arc<AtomicBool>,
 }
@@ -95,24 +103,25 @@ static WATCHER: OnceLock<Result<Watcher, String>> = OnceLock::new();
 fn watcher() -> Result<&'static Watcher, String> {
     let w = WATCHER
         .get_or_init(|| {
-            let state = Arc::new(Mutex::new(State::default()));
+            let queue = Arc::new(Mutex::new(Queue::default()));
             let dead = Arc::new(AtomicBool::new(false));
             let file = std::fs::File::open("/proc/self/mountinfo")
                 .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-            let forgotten = Arc::new(Mutex::new(Vec::new()));
-            let (s, f, d) = (state.clone(), forgotten.clone(), dead.clone());
+            let (wake, woken) = std::os::unix::net::UnixDatagram::pair()
+                .map_err(|e| format!("cannot make the propagation watcher's wake-up: {e}"))?;
+            for end in [&wake, &woken] {
+                end.set_nonblocking(true)
+                    .map_err(|e| format!("cannot make the propagation watcher's wake-up: {e}"))?;
+            }
+            let (q, d) = (queue.clone(), dead.clone());
             std::thread::Builder::new()
                 .name("mount-propagation".into())
                 .spawn(move || {
-                    run(&s, &f, file);
+                    run(&q, file, woken);
                     d.store(true, Ordering::SeqCst);
                 })
                 .map_err(|e| format!("cannot start the propagation watcher: {e}"))?;
-            Ok(Watcher {
-                state,
-                forgotten,
-                dead,
-            })
+            Ok(Watcher { queue, wake, dead })
         })
         .as_ref()
         .map_err(Clone::clone)?;
@@ -120,6 +129,18 @@ fn watcher() -> Result<&'static Watcher, String> {
         return Err("the propagation watcher stopped (see the shim's log)".into());
     }
     Ok(w)
+}
+
+impl Watcher {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, change: Change) {
+        self.queue().changes.push(change);
+        // A full socket already holds a wake-up the thread has not taken.
+        let _ = self.wake.send(&[0]);
+    }
 }
 
 /// Whether a volume's options ask for host mounts to reach the container.
@@ -154,9 +175,11 @@ pub fn watch(
     // Read-only in the export like the rest of the share's structure, and empty.
     pod.mkdir_all(Path::new(PLACEHOLDER))
         .map_err(|e| format!("{}: {e}", pod.path_of(Path::new(PLACEHOLDER)).display()))?;
-    let mut state = w.state.lock().unwrap_or_else(|p| p.into_inner());
-    drop_forgotten(&mut state, &w.forgotten);
-    state.excluded.insert(run_dir.to_path_buf());
+    let excluded = {
+        let mut q = w.queue();
+        q.excluded.insert(run_dir.to_path_buf());
+        q.excluded.clone()
+    };
     let mut v = Volume {
         dir: dir.to_path_buf(),
         source,
@@ -167,9 +190,10 @@ pub fn watch(
         copies: Copies::new(),
         warned_full: false,
     };
+    // A mount made after this read is in the table the thread reads once it has taken
+    // the volume (`run`).
     let table = read_mountinfo()?;
-    let State { excluded, .. } = &*state;
-    for (m, rel) in beneath(&table, &v.source, excluded) {
+    for (m, rel) in beneath(&table, &v.source, &excluded) {
         match open_mount_root(&v.root_fd, &rel) {
             // In the clone: followed from now on.
             Ok(copy) => {
@@ -190,63 +214,59 @@ pub fn watch(
         known = v.copies.len(),
         "following host mounts into a volume"
     );
-    state.volumes.push(v);
+    w.send(Change::Add(v));
     Ok(())
 }
 
 /// Stops following the volumes of the container whose share directory is `dir` (before
-/// they are unmounted with it).
+/// they are unmounted with it). Only queued: a mirror the thread attaches meanwhile into
+/// a volume being unmounted goes with it (a detached volume takes no new mount).
 pub fn forget(dir: &Path) {
     if let Some(Ok(w)) = WATCHER.get() {
-        w.forgotten
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(dir.to_path_buf());
-        // A stopped thread drains nothing: drop them here (it holds no lock any more).
-        if w.dead.load(Ordering::SeqCst) {
-            let mut state = w.state.lock().unwrap_or_else(|p| p.into_inner());
-            drop_forgotten(&mut state, &w.forgotten);
+        if !w.dead.load(Ordering::SeqCst) {
+            w.send(Change::Forget(dir.to_path_buf()));
         }
     }
 }
 
-/// Drops the volumes of the containers forgotten since the last call. A mirror the
-/// thread attaches meanwhile into a volume being unmounted goes with it (a detached
-/// volume takes no new mount).
-fn drop_forgotten(state: &mut State, forgotten: &Mutex<Vec<PathBuf>>) {
-    let gone: Vec<PathBuf> =
-        std::mem::take(&mut *forgotten.lock().unwrap_or_else(|p| p.into_inner()));
-    if !gone.is_empty() {
-        state.volumes.retain(|v| !gone.contains(&v.dir));
-    }
-}
-
-fn run(state: &Mutex<State>, forgotten: &Mutex<Vec<PathBuf>>, mut file: std::fs::File) {
+fn run(queue: &Mutex<Queue>, mut file: std::fs::File, woken: std::os::unix::net::UnixDatagram) {
+    let mut volumes: Vec<Volume> = Vec::new();
     loop {
+        // The changes first, then the table: a volume taken was scanned against an
+        // older table, so what it holds is in this one unless the host unmounted it
+        // since. A volume queued after this wakes the thread again.
+        let (changes, excluded) = {
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut q.changes), q.excluded.clone())
+        };
+        for change in changes {
+            match change {
+                Change::Add(v) => volumes.push(v),
+                Change::Forget(dir) => volumes.retain(|v| v.dir != dir),
+            }
+        }
         let mut text = Vec::new();
         let read = file.rewind().and_then(|()| file.read_to_end(&mut text));
         match read {
             Ok(_) => {
                 let table = table::parse(&text);
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                drop_forgotten(&mut s, forgotten);
-                let State { volumes, excluded } = &mut *s;
                 for v in volumes.iter_mut() {
-                    reconcile(v, &table, excluded);
+                    reconcile(v, &table, &excluded);
                 }
             }
             Err(e) => tracing::warn!("cannot read /proc/self/mountinfo: {e}"),
         }
-        let mut fds = [nix::poll::PollFd::new(
-            file.as_fd(),
-            nix::poll::PollFlags::POLLPRI,
-        )];
+        let mut fds = [
+            nix::poll::PollFd::new(file.as_fd(), nix::poll::PollFlags::POLLPRI),
+            nix::poll::PollFd::new(woken.as_fd(), nix::poll::PollFlags::POLLIN),
+        ];
         if let Err(e) = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
             if e != nix::Error::EINTR {
                 tracing::error!("the propagation watcher stops: poll: {e}");
                 return;
             }
         }
+        while woken.recv(&mut [0u8; 16]).is_ok() {}
     }
 }
 
