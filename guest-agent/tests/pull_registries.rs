@@ -71,6 +71,9 @@ struct Seen {
     token_auth: Vec<Option<String>>,
     registry_auth: Vec<Option<String>>,
     proxied: Vec<(String, Option<String>)>,
+    /// For the upgrading front: whether each request came over TLS, and its
+    /// `Authorization`.
+    requests: Vec<(bool, Option<String>)>,
 }
 
 /// What the front asks a client for.
@@ -148,31 +151,45 @@ fn server_tls() -> std::sync::Arc<rustls::ServerConfig> {
     )
 }
 
-/// Serves each connection to `listener` with `handle` (the request's path,
-/// `Authorization` and `Accept`; the reply's bytes), over TLS when `tls`.
+/// What a test server speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    Plain,
+    Tls,
+    /// Both on one port, told apart by the first byte (a TLS handshake's is 0x16).
+    Both,
+}
+
+/// Serves each connection to `listener` with `handle` (whether it came over TLS, the
+/// request's path, `Authorization` and `Accept`; the reply's bytes).
 fn serve(
     listener: std::net::TcpListener,
-    tls: bool,
-    handle: impl Fn(String, Option<String>, String) -> Vec<u8> + Send + 'static,
+    speaks: Speaks,
+    handle: impl Fn(bool, String, Option<String>, String) -> Vec<u8> + Send + 'static,
 ) {
-    let config = tls.then(server_tls);
+    let config = server_tls();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-            match &config {
-                None => {
-                    let (path, auth, accept) = read_head(&mut conn);
-                    let _ = conn.write_all(&handle(path, auth, accept));
+            let tls = match speaks {
+                Speaks::Plain => false,
+                Speaks::Tls => true,
+                Speaks::Both => {
+                    let mut first = [0u8];
+                    conn.peek(&mut first).is_ok_and(|n| n == 1) && first[0] == 0x16
                 }
-                Some(config) => {
-                    let tls = rustls::ServerConnection::new(config.clone()).unwrap();
-                    let mut s = rustls::StreamOwned::new(tls, conn);
-                    let (path, auth, accept) = read_head(&mut s);
-                    let _ = s.write_all(&handle(path, auth, accept));
-                    s.conn.send_close_notify();
-                    let _ = s.flush();
-                }
+            };
+            if tls {
+                let tls = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut s = rustls::StreamOwned::new(tls, conn);
+                let (path, auth, accept) = read_head(&mut s);
+                let _ = s.write_all(&handle(true, path, auth, accept));
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            } else {
+                let (path, auth, accept) = read_head(&mut conn);
+                let _ = conn.write_all(&handle(false, path, auth, accept));
             }
         }
     });
@@ -184,7 +201,7 @@ fn tls_token_realm(seen: &std::sync::Arc<std::sync::Mutex<Seen>>) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("https://{}/token", listener.local_addr().unwrap());
     let seen = seen.clone();
-    serve(listener, true, move |path, auth, _| {
+    serve(listener, Speaks::Tls, move |_, path, auth, _| {
         let query = path.strip_prefix("/token?").unwrap_or_default().to_owned();
         let ok = auth.as_deref() == Some(basic(PULLER.0, PULLER.1).as_str());
         let mut seen = seen.lock().unwrap();
@@ -220,7 +237,8 @@ fn front(
     for (l, is_cdn) in [(listener, false), (cdn, true)] {
         let (reg, seen, realm, cdn_url) =
             (reg.clone(), seen.clone(), realm.clone(), cdn_url.clone());
-        serve(l, tls, move |path, auth, accept| {
+        let speaks = if tls { Speaks::Tls } else { Speaks::Plain };
+        serve(l, speaks, move |_, path, auth, accept| {
             if !is_cdn && !path.starts_with("/token") {
                 seen.lock().unwrap().registry_auth.push(auth.clone());
             }
@@ -258,6 +276,39 @@ fn front(
     addr
 }
 
+/// A private registry whose plain-HTTP side sends everything to its HTTPS side on the
+/// same port (as many front proxies do), which asks for `PULLER`'s credentials as Basic.
+fn upgrading_front(
+    reg: &std::sync::Arc<Registry>,
+    seen: &std::sync::Arc<std::sync::Mutex<Seen>>,
+) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (reg, seen, here) = (reg.clone(), seen.clone(), addr.clone());
+    serve(listener, Speaks::Both, move |tls, path, auth, accept| {
+        seen.lock().unwrap().requests.push((tls, auth.clone()));
+        if !tls {
+            reply(
+                "301 Moved Permanently",
+                &format!("Location: https://{here}{path}\r\n"),
+                b"",
+            )
+        } else if auth.as_deref() != Some(basic(PULLER.0, PULLER.1).as_str()) {
+            reply(
+                "401 Unauthorized",
+                "WWW-Authenticate: Basic realm=\"test\"\r\n",
+                b"",
+            )
+        } else {
+            let (status, _, body) = reg
+                .request("GET", &path, &[("Accept", &accept)], b"")
+                .unwrap();
+            reply(&format!("{status} X"), "", &body)
+        }
+    });
+    addr
+}
+
 #[test]
 fn a_registry_asking_for_a_token_and_redirecting_blobs_is_followed() {
     let Some(reg) = Registry::start(module_path!()) else {
@@ -287,6 +338,53 @@ fn a_registry_asking_for_a_token_and_redirecting_blobs_is_followed() {
         .collect();
     assert_eq!(blobs.len(), 2, "{:?}", seen.proxied);
     assert!(blobs.iter().all(|(_, auth)| auth.is_none()), "{blobs:?}");
+    drop(seen);
+
+    // With registry credentials named, a registry that gives anonymous tokens never
+    // has them fetched: public pulls do not attest.
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = with_credentials(
+        Transport::default(),
+        auth_json(&addr, PULLER.0, PULLER.1),
+        &asked,
+    );
+    let (_d, root, work) = dirs();
+    pull(&image, &root, &work, soon(), &t).unwrap();
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn credentials_never_travel_in_clear_to_a_registry_that_upgrades_to_tls() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let digest = reg.push_image("test/app", &base_layers());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let addr = upgrading_front(&std::sync::Arc::new(reg), &seen);
+    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Named as plain HTTP: every request starts in clear and is sent to TLS.
+    let t = with_credentials(
+        transport(&["ca.pem"], &[&addr]),
+        auth_json(&addr, PULLER.0, PULLER.1),
+        &asked,
+    );
+    let (_d, root, work) = dirs();
+    pull(&image, &root, &work, soon(), &t).unwrap();
+    assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let seen = seen.lock().unwrap();
+    let creds = basic(PULLER.0, PULLER.1);
+    // Manifest and two layers, each started in clear; none carried the credentials.
+    let plain: Vec<_> = seen.requests.iter().filter(|(tls, _)| !tls).collect();
+    assert_eq!(plain.len(), 3, "{:?}", seen.requests);
+    assert!(plain.iter().all(|(_, a)| a.is_none()), "{plain:?}");
+    let with_creds = seen
+        .requests
+        .iter()
+        .filter(|(tls, a)| *tls && a.as_deref() == Some(creds.as_str()))
+        .count();
+    assert_eq!(with_creds, 3, "{:?}", seen.requests);
 }
 
 /// A transport trusting the test CA, with `doc` as the pod's registry credentials;
@@ -447,8 +545,9 @@ fn a_token_realm_gets_the_pods_credentials_only_when_the_challenge_came_over_tls
         let seen = seen.lock().unwrap();
         // The credentials went to the realm, once; the registry only saw the token,
         // and the storage host nothing.
+        // Anonymous first (refused), then with the credentials.
         let creds = basic(PULLER.0, PULLER.1);
-        assert_eq!(seen.token_auth, [None, Some(creds.clone())]);
+        assert_eq!(seen.token_auth, [None, None, Some(creds.clone())]);
         assert!(
             seen.registry_auth
                 .iter()
@@ -472,7 +571,10 @@ fn a_token_realm_gets_the_pods_credentials_only_when_the_challenge_came_over_tls
     let doc = auth_json(&addr, PULLER.0, PULLER.1);
     let t = with_credentials(transport(&["ca.pem"], &[&addr]), doc, &asked);
     let (_d, root, work) = dirs();
+    asked.store(0, std::sync::atomic::Ordering::SeqCst);
     let e = pull(&image, &root, &work, soon(), &t).unwrap_err();
     assert!(e.to_string().contains("never sent in clear"), "{e}");
-    assert!(seen.lock().unwrap().token_auth.is_empty());
+    // An anonymous token was asked for; the credentials were not even fetched.
+    assert_eq!(seen.lock().unwrap().token_auth, [None]);
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -55,10 +55,12 @@ impl Credentials {
                 auths.len()
             ));
         }
-        let mut by_key = BTreeMap::new();
+        // Each key's header, and whether it was written as a URL (an exact key wins).
+        let mut by_key: BTreeMap<String, (String, bool)> = BTreeMap::new();
         for (key, entry) in auths {
             let bad = |why: &str| format!("the registry credentials for {key:?}: {why}");
-            let name = normalize(key).ok_or_else(|| bad("not host[:port][/repository]"))?;
+            let (name, from_url) =
+                normalize(key).ok_or_else(|| bad("not host[:port][/repository]"))?;
             let field = |f: &str| entry.get(f).and_then(serde_json::Value::as_str);
             let (user, password) =
                 match (field("auth"), field("username"), field("password")) {
@@ -77,6 +79,8 @@ impl Credentials {
                     _ if entry.get("identitytoken").is_some() => return Err(bad(
                         "identity tokens (OAuth refresh tokens) are not supported; give \"auth\"",
                     )),
+                    // What `docker login` leaves with a credential store: nothing to use.
+                    (None, None, None) => continue,
                     _ => return Err(bad("give \"auth\", or \"username\" and \"password\"")),
                 };
             if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
@@ -86,17 +90,24 @@ impl Credentials {
             }
             let token =
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            if by_key.insert(name, format!("Basic {token}")).is_some() {
-                return Err(bad("the registry is named twice"));
+            match by_key.get(&name) {
+                // An exact key wins over a URL naming the same registry.
+                Some((_, false)) if from_url => continue,
+                Some((_, was_url)) if *was_url == from_url => {
+                    return Err(bad("the registry is named twice"))
+                }
+                _ => {}
             }
+            by_key.insert(name, (format!("Basic {token}"), from_url));
         }
+        let by_key = by_key.into_iter().map(|(k, (v, _))| (k, v)).collect();
         Ok(Credentials { by_key })
     }
 
     /// The `Authorization` value for `repository` of `registry`: the most specific key
     /// naming it, if any.
     pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&str> {
-        let mut key = format!("{registry}/{repository}");
+        let mut key = format!("{}/{repository}", canonical_host(registry));
         loop {
             if let Some(v) = self.by_key.get(&key) {
                 return Some(v);
@@ -109,28 +120,44 @@ impl Credentials {
     }
 }
 
-/// A key as lookups see it: a URL gives its host; otherwise `host[:port]` with an
-/// optional repository path, without a trailing `/`.
-fn normalize(key: &str) -> Option<String> {
-    let key = match key
+/// Docker Hub's names, which `docker login` and references spell differently.
+const DOCKER_HUB: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+/// A registry host as keys and lookups compare it: lower case, Docker Hub by one name.
+fn canonical_host(host: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    match DOCKER_HUB.contains(&host.as_str()) {
+        true => DOCKER_HUB[0].to_owned(),
+        false => host,
+    }
+}
+
+/// A key as lookups see it, and whether it was written as a URL (which names its host
+/// alone); otherwise `host[:port]` with an optional repository path.
+fn normalize(key: &str) -> Option<(String, bool)> {
+    let (key, from_url) = match key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
     {
-        Some(rest) => rest.split('/').next().unwrap_or_default(),
-        None => key.trim_end_matches('/'),
+        Some(rest) => (rest.split('/').next().unwrap_or_default(), true),
+        None => (key.trim_end_matches('/'), false),
     };
     let (host, path) = key.split_once('/').unwrap_or((key, ""));
     let host_ok = !host.is_empty()
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-    let path_ok = path.split('/').all(|p| {
-        path.is_empty()
-            || (!p.is_empty()
+    let path_ok = path.is_empty()
+        || path.split('/').all(|p| {
+            !p.is_empty()
                 && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)))
-    });
-    (host_ok && path_ok).then(|| key.to_owned())
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        });
+    let name = match path.is_empty() {
+        true => canonical_host(host),
+        false => format!("{}/{path}", canonical_host(host)),
+    };
+    (host_ok && path_ok).then_some((name, from_url))
 }
 
 #[cfg(test)]
@@ -147,6 +174,9 @@ mod tests {
             "r.example:5000": {"auth": b64("all:pw1")},
             "r.example:5000/team": {"username": "team", "password": "pw:2"},
             "https://index.docker.io/v1/": {"auth": b64("hub:pw3")},
+            "Other.Example": {"auth": b64("o:pw4")},
+            "https://other.example/v1/": {"auth": b64("url:pw5")},
+            "helper.example": {},
         }});
         let c = Credentials::parse(doc.to_string().as_bytes()).unwrap();
         let basic = |r, p| c.for_repository(r, p).map(str::to_owned);
@@ -163,10 +193,20 @@ mod tests {
             basic("r.example:5000", "teamx/app"),
             Some(format!("Basic {}", b64("all:pw1")))
         );
+        // Docker Hub by any of its names; hosts in any case; an exact key over a URL.
+        for hub in ["docker.io", "index.docker.io", "registry-1.docker.io"] {
+            assert_eq!(
+                basic(hub, "library/busybox"),
+                Some(format!("Basic {}", b64("hub:pw3"))),
+                "{hub}"
+            );
+        }
         assert_eq!(
-            basic("index.docker.io", "library/busybox"),
-            Some(format!("Basic {}", b64("hub:pw3")))
+            basic("other.EXAMPLE", "a"),
+            Some(format!("Basic {}", b64("o:pw4")))
         );
+        // An entry a credential helper keeps is none.
+        assert_eq!(basic("helper.example", "a"), None);
         assert_eq!(basic("r.example", "team/app"), None);
         // Debug output names the keys, never the secrets.
         let shown = format!("{c:?}");
@@ -210,6 +250,10 @@ mod tests {
             ),
             (
                 serde_json::json!({"auths": {"r:1": {"auth": b64("u:p")}, "r:1/": {"auth": b64("u:q")}}}),
+                "named twice",
+            ),
+            (
+                serde_json::json!({"auths": {"docker.io": {"auth": b64("u:p")}, "index.docker.io": {"auth": b64("u:q")}}}),
                 "named twice",
             ),
         ] {

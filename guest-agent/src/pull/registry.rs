@@ -78,6 +78,17 @@ impl Transport {
     }
 }
 
+/// What a registry took as authentication.
+struct Auth {
+    /// The `Authorization` header's value.
+    header: String,
+    /// Whether the pod's credentials are in it (Basic) or earned it (a token asked for
+    /// with them): then it goes over TLS only, whatever the registry is spoken to with
+    /// (a plain registry redirecting to its HTTPS side would otherwise get it in clear
+    /// on the next request).
+    credentials: bool,
+}
+
 /// Requests to one repository of one registry, with the token it gave, if any.
 pub struct Session<'a> {
     transport: &'a Transport,
@@ -86,7 +97,7 @@ pub struct Session<'a> {
     registry: String,
     repository: String,
     /// The `Authorization` value the registry took: a token, or Basic credentials.
-    auth: Option<String>,
+    auth: Option<Auth>,
     /// The credentials, once fetched.
     credentials: Option<Credentials>,
 }
@@ -149,34 +160,35 @@ impl<'a> Session<'a> {
             host: self.registry.clone(),
             path: path.to_owned(),
         };
-        let mut challenged = false;
+        // Anonymous first; with the pod's credentials if that is refused.
+        let mut answered = 0;
         let mut hops = 0;
         loop {
             let to_registry = url.host == self.registry;
-            let auth = self.auth.as_deref().filter(|_| to_registry);
+            let auth = self
+                .auth
+                .as_ref()
+                .filter(|a| to_registry && (url.tls || !a.credentials))
+                .map(|a| a.header.as_str());
             let mut headers = Vec::new();
             headers.extend(accept.map(|a| ("Accept", a)));
             headers.extend(auth.map(|a| ("Authorization", a)));
             let tls = self.transport.tls.as_ref();
             let reply = http::get(&url, &headers, DEADLINE, self.until, tls)?;
             match reply.status {
-                401 if to_registry && !challenged => {
+                401 if to_registry && answered < 2 => {
+                    let anonymous = self.auth.as_ref().is_some_and(|a| !a.credentials);
+                    if answered == 1 && !(anonymous && self.may_use_credentials(&url)) {
+                        return Err(self.refused(&url));
+                    }
                     let challenge = reply.authenticate.clone().ok_or_else(|| {
                         PullError::Registry(format!("{url}: HTTP 401 without a challenge"))
                     })?;
-                    self.auth = Some(self.answer(&url, &challenge)?);
-                    challenged = true;
+                    let auth = self.answer(&url, &challenge, answered == 1)?;
+                    self.auth = Some(auth);
+                    answered += 1;
                 }
-                401 if to_registry => {
-                    let with = match self.auth.as_deref() {
-                        Some(a) if a.starts_with("Basic ") => "the pod's credentials",
-                        _ => "the token its realm gave",
-                    };
-                    return Err(PullError::Registry(format!(
-                        "{url}: HTTP 401 with {with}: not allowed to pull {}",
-                        self.repository
-                    )));
-                }
+                401 if to_registry => return Err(self.refused(&url)),
                 301..=303 | 307 | 308 if reply.location.is_some() => {
                     hops += 1;
                     if hops > MAX_REDIRECTS {
@@ -206,53 +218,111 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The `Authorization` value answering `challenge` (a `WWW-Authenticate` value) of
-    /// the registry at `url`: a bearer token, or the pod's credentials as Basic.
-    fn answer(&mut self, url: &Url, challenge: &str) -> Result<String, PullError> {
+    /// Whether the pod's credentials may answer a challenge from `url`: over TLS only, as
+    /// a challenge in clear may come from anyone on the way, naming a realm of theirs
+    /// (over TLS, with a certificate of their own).
+    fn may_use_credentials(&self, url: &Url) -> bool {
+        url.tls && self.transport.credentials.is_some()
+    }
+
+    /// The error for a registry that refused what it was given.
+    fn refused(&self, url: &Url) -> PullError {
+        let with = match &self.auth {
+            Some(a) if a.credentials => "the pod's credentials".to_owned(),
+            _ if self.transport.credentials.is_some() && !url.tls => format!(
+                "an anonymous token; the pod's credentials are never sent in clear or \
+                 where a challenge in clear points ({} is spoken to over plain HTTP)",
+                self.registry
+            ),
+            _ => format!("an anonymous token, and {}", self.no_credentials()),
+        };
+        PullError::Registry(format!(
+            "{url}: HTTP 401 with {with}: not allowed to pull {}",
+            self.repository
+        ))
+    }
+
+    /// What answers `challenge` (a `WWW-Authenticate` value) of the registry at `url`: a
+    /// bearer token (anonymous unless `with_credentials`, or unless the realm refuses an
+    /// anonymous one), or the pod's credentials as Basic.
+    fn answer(
+        &mut self,
+        url: &Url,
+        challenge: &str,
+        with_credentials: bool,
+    ) -> Result<Auth, PullError> {
         let registry = self.registry.clone();
         let fail = |e: String| PullError::Registry(format!("{registry}: {e}"));
+        let clear = || {
+            fail(format!(
+                "it challenged over plain HTTP ({url}); the pod's credentials are never sent in \
+                 clear or where a challenge in clear points (its root goes in cdh.toml [image] \
+                 extra_root_certificates, and not in plain_http_registries)"
+            ))
+        };
         match parse_challenge(challenge).map_err(fail)? {
             Challenge::Bearer(params) => {
-                let basic = self.basic()?;
-                // A challenge in clear may come from anyone on the way, naming a realm
-                // of theirs (over TLS, with a certificate of their own).
-                if basic.is_some() && !url.tls {
-                    return Err(fail(
-                        "it challenged over plain HTTP, where anyone on the way could name \
-                         another token realm; the pod's credentials are never sent in clear \
-                         or where a challenge in clear points"
-                            .into(),
-                    ));
+                if !with_credentials {
+                    match self.fetch_token(&params, None)? {
+                        Ok(token) => {
+                            return Ok(Auth {
+                                header: format!("Bearer {token}"),
+                                credentials: false,
+                            })
+                        }
+                        // Refused for another reason, or no credentials to try.
+                        Err(e)
+                            if !matches!(e.0, 401 | 403)
+                                || self.transport.credentials.is_none() =>
+                        {
+                            return Err(fail(e.1))
+                        }
+                        Err(_) => {}
+                    }
                 }
-                Ok(format!("Bearer {}", self.fetch_token(&params, basic)?))
-            }
-            Challenge::Basic => {
+                if !url.tls {
+                    return Err(clear());
+                }
                 let Some(basic) = self.basic()? else {
                     return Err(fail(format!(
-                        "it asks for Basic authentication, and {}",
+                        "its token realm refused an anonymous token, and {}",
                         self.no_credentials()
                     )));
                 };
-                if !url.tls {
-                    return Err(fail(
-                        "it asks for Basic authentication over plain HTTP; credentials are \
-                         never sent in clear (its root goes in cdh.toml [image] \
-                         extra_root_certificates, and not in plain_http_registries)"
-                            .into(),
-                    ));
+                let token = self
+                    .fetch_token(&params, Some(basic))?
+                    .map_err(|e| fail(e.1))?;
+                Ok(Auth {
+                    header: format!("Bearer {token}"),
+                    credentials: true,
+                })
+            }
+            Challenge::Basic => {
+                if self.transport.credentials.is_some() && !url.tls {
+                    return Err(clear());
                 }
-                Ok(basic)
+                match self.basic()? {
+                    Some(header) => Ok(Auth {
+                        header,
+                        credentials: true,
+                    }),
+                    None => Err(fail(format!(
+                        "it asks for Basic authentication, and {}",
+                        self.no_credentials()
+                    ))),
+                }
             }
         }
     }
 
     /// A token for a `Bearer` challenge's `params`, asked for with `basic` credentials
-    /// when given (anonymous otherwise).
+    /// when given (anonymous otherwise); the inner error is the realm's refusal (its
+    /// status, and a message).
     fn fetch_token(
         &self,
         params: &BTreeMap<String, String>,
         basic: Option<String>,
-    ) -> Result<String, PullError> {
+    ) -> Result<Result<String, (u16, String)>, PullError> {
         let fail = |e: String| PullError::Registry(format!("{}: {e}", self.registry));
         let realm = params
             .get("realm")
@@ -288,13 +358,14 @@ impl<'a> Session<'a> {
         if reply.status != 200 {
             let with = match basic {
                 Some(_) => "with the pod's credentials".to_owned(),
-                None if reply.status != 401 => "anonymously".to_owned(),
+                None if !matches!(reply.status, 401 | 403) => "anonymously".to_owned(),
                 None => format!("anonymously, and {}", self.no_credentials()),
             };
-            return Err(fail(format!(
+            let why = format!(
                 "its token realm {url} answered HTTP {} when asked {with}",
                 reply.status
-            )));
+            );
+            return Ok(Err((reply.status, why)));
         }
         let mut body = Vec::new();
         (&mut reply)
@@ -306,7 +377,9 @@ impl<'a> Session<'a> {
                 "{url} sent a token over {MAX_TOKEN_REPLY} bytes"
             )));
         }
-        token_of(&body).map_err(|e| fail(format!("{url}: {e}")))
+        token_of(&body)
+            .map(Ok)
+            .map_err(|e| fail(format!("{url}: {e}")))
     }
 }
 
