@@ -438,3 +438,72 @@ async fn cocoon_pod_pulls_over_tls_trusting_its_init_datas_roots() {
 
 /// Where the TLS pod's init-data says its registry credentials are.
 const CREDENTIALS: &str = "kbs:///default/credential/test";
+
+const KUBE_PULL_NET: u8 = 74;
+
+/// As Kubernetes runs it: the pod says `io.cocoon.guest-pull: "true"` (a Pod's containers
+/// cannot carry annotations of their own), the node pulls the container's image by digest
+/// as kubelet does before creating it, and the container is created from the reference
+/// CRI gave back. The guest pulls the same image by digest from the registry and the
+/// container runs from that; the host shares no root filesystem for it. A container whose
+/// image is named by tag is refused, naming why.
+#[tokio::test]
+async fn a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest() {
+    let test = "a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest";
+    let Some(env) = env(test, COCOON, KUBE_PULL_NET).await else {
+        return;
+    };
+    let node = &env.node;
+    let mut pconfig = node.pod_config("kube-pull", "uid-kube-pull", "default");
+    pconfig
+        .annotations
+        .insert("io.cocoon.guest-pull".into(), "true".into());
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let Some((registry, digest)) = registry_on(test, node) else {
+        return;
+    };
+    node.plain_http_registry(&registry.addr);
+    let image = registry.reference("cocoon/pulled", &digest);
+    let image_ref = node
+        .pull_image(&image)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: PullImage {image}: {e}\n{}", node.log_tail()));
+
+    let c = CriNode::container_config("app", &image_ref, &["/bin/sleep", "3600"], &[]);
+    let app = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(&app, &["/bin/cat", "/etc/pulled"], Duration::from_secs(30))
+        .await
+        .expect("ExecSync cat");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "pulled in the guest\n"),
+        "{test}: {err}"
+    );
+    let run = env.dir.path().join("run");
+    let shared: Vec<_> = cocoon_integration::mounts_under(&run)
+        .into_iter()
+        .filter(|m| m.to_string_lossy().contains(&format!("{app}/rootfs")))
+        .collect();
+    assert!(
+        shared.is_empty(),
+        "{test}: the host mounted a rootfs for it: {shared:?}"
+    );
+
+    // An image the node knows by tag only: the guest could not check what it pulls.
+    let c = CriNode::container_config("tagged", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
+    let e = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .expect_err("a container of an image named by tag was pulled in the guest");
+    assert!(e.message().contains("not named by digest"), "{test}: {e}");
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
+}

@@ -234,7 +234,19 @@ impl Registry {
 
     /// Pushes a one-platform image of `layers` (tar.gz each); returns its manifest digest.
     pub fn push_image(&self, repo: &str, layers: &[Vec<u8>]) -> String {
-        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
+        // The digests of the layers uncompressed, as a node's containerd checks them when
+        // it unpacks the image.
+        let diff_ids: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                let mut tar = Vec::new();
+                flate2::read::GzDecoder::new(&l[..])
+                    .read_to_end(&mut tar)
+                    .expect("a gzip'd layer");
+                digest(&tar)
+            })
+            .collect();
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
         let config = serde_json::to_vec(&config).unwrap();
         let config_digest = self.push_blob(repo, &config);
         let layers: Vec<_> = layers

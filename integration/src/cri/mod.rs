@@ -239,6 +239,30 @@ impl CriNode {
         }
     }
 
+    /// Has this node's containerd reach the registry at `addr` (`host:port`) over plain
+    /// HTTP, as a node's `hosts.toml` says so.
+    pub fn plain_http_registry(&self, addr: &str) {
+        let dir = self.dir.join("certs.d").join(addr);
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = format!(
+            "server = \"http://{addr}\"\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        );
+        std::fs::write(dir.join("hosts.toml"), hosts).unwrap();
+    }
+
+    /// Pulls `image` as kubelet does before it creates a container of it; returns the
+    /// image's reference as CRI gives it (kubelet creates containers with that).
+    pub async fn pull_image(&self, image: &str) -> Result<String, Status> {
+        let reply = self
+            .images()
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(image_spec(image)),
+                ..Default::default()
+            })
+            .await?;
+        Ok(reply.into_inner().image_ref)
+    }
+
     /// A pod's config as kubelet writes it: metadata and kubelet's labels, a log
     /// directory, DNS, and Linux namespaces (the pod's network, a PID namespace per
     /// container). Handler-specific annotations are the caller's to add.

@@ -40,6 +40,9 @@ state = "{r}/state"
   pod_annotations = ["io.cocoon.*"]
   container_annotations = ["io.cocoon.*"]
   privileged_without_host_devices = true
+[{cri}.registry]
+  # Per registry `hosts.toml` (`CriNode::plain_http_registry`).
+  config_path = "{r}/certs.d"
 [{cri}.cni]
   bin_dir = "{CNI_BIN_DIR}"
   conf_dir = "{r}/cni"

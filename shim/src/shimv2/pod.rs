@@ -26,6 +26,13 @@ pub const ANNOTATION_PREFIX: &str = "io.cocoon.";
 /// (`registry/repository@sha256:…`): the host shares no root filesystem for it
 /// (containerd's `container_annotations = ["io.cocoon.*"]` passes it to the shim).
 pub const GUEST_IMAGE_ANNOTATION: &str = "io.cocoon.guest-image";
+/// A pod annotation (`"true"`): the guest pulls every workload container's own image, as
+/// the node names it (`IMAGE_NAME_ANNOTATION`, which must name a digest), the way
+/// `GUEST_IMAGE_ANNOTATION` asks for one container; the way for Kubernetes pods, whose
+/// containers cannot carry annotations of their own.
+pub const GUEST_PULL_ANNOTATION: &str = "io.cocoon.guest-pull";
+/// containerd's name for the image a CRI container was created from.
+pub const IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
 /// Secrets the agent fetches from the pod's key broker into a container
 /// (`name=repository/type/tag,...`; the agent's `secrets` module).
 pub const KBS_SECRETS_ANNOTATION: &str = "io.cocoon.kbs-secrets";
@@ -165,6 +172,11 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
                     ));
                 }
             }
+            GUEST_PULL_ANNOTATION => {
+                if !matches!(value.trim(), "true" | "false") {
+                    return Err(bad("must be true or false"));
+                }
+            }
             CONFIDENTIAL_ANNOTATION => match value.trim() {
                 kind @ ("sev-snp" | "tdx") => {
                     return Err(PodSpecError::Confidential(kind.to_owned()))
@@ -175,7 +187,7 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
                 return Err(bad(&format!(
                     "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}, \
                      {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION}, {GUEST_IMAGE_ANNOTATION}, \
-                     {KBS_SECRETS_ANNOTATION})"
+                     {GUEST_PULL_ANNOTATION}, {KBS_SECRETS_ANNOTATION})"
                 )))
             }
         }
@@ -184,15 +196,35 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
 }
 
 /// The image the guest pulls for this container, if it asks for one (never for a CRI
-/// pod's sandbox container, which runs nothing in the VM).
-pub fn guest_image(spec: &Spec) -> Option<String> {
+/// pod's sandbox container, which runs nothing in the VM): its own annotation's, or with
+/// the pod's `GUEST_PULL_ANNOTATION`, its image as containerd names it, which must name
+/// a digest (the guest pulls by digest only).
+pub fn guest_image(spec: &Spec) -> Result<Option<String>, String> {
     if is_cri(spec) && is_sandbox(spec) {
-        return None;
+        return Ok(None);
     }
-    spec.annotations()
-        .as_ref()?
-        .get(GUEST_IMAGE_ANNOTATION)
-        .cloned()
+    let Some(annotations) = spec.annotations().as_ref() else {
+        return Ok(None);
+    };
+    if let Some(image) = annotations.get(GUEST_IMAGE_ANNOTATION) {
+        return Ok(Some(image.clone()));
+    }
+    if annotations.get(GUEST_PULL_ANNOTATION).map(|v| v.trim()) != Some("true") {
+        return Ok(None);
+    }
+    let name = annotations.get(IMAGE_NAME_ANNOTATION).ok_or_else(|| {
+        format!(
+            "{GUEST_PULL_ANNOTATION}=true, but the container's spec does not name its image \
+             ({IMAGE_NAME_ANNOTATION}, set by containerd's CRI)"
+        )
+    })?;
+    match name.split_once('@') {
+        Some((_, digest)) if digest.starts_with("sha256:") => Ok(Some(name.clone())),
+        _ => Err(format!(
+            "{GUEST_PULL_ANNOTATION}=true, but the container's image {name:?} is not named by \
+             digest: the guest pulls by digest only (image: registry/repository@sha256:...)"
+        )),
+    }
 }
 
 /// A CRI sandbox without a PID or IPC namespace of its own asks for the host's
@@ -297,6 +329,48 @@ mod tests {
             }),
             namespaces,
         )
+    }
+
+    #[test]
+    fn a_guest_pulled_pod_pulls_each_containers_own_image_by_digest() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let app = |extra: serde_json::Value| {
+            let mut a = serde_json::json!({
+                "io.kubernetes.cri.sandbox-id": "abc",
+                "io.kubernetes.cri.container-type": "container",
+            });
+            a.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            spec(a, serde_json::json!([]))
+        };
+        let named = format!("r.io:5000/team/app@{digest}");
+        let s =
+            app(serde_json::json!({GUEST_PULL_ANNOTATION: "true", IMAGE_NAME_ANNOTATION: named}));
+        assert_eq!(guest_image(&s), Ok(Some(named.clone())));
+        // The container's own annotation wins; without either, the host's root is used.
+        let own = format!("other.io/x@{digest}");
+        let s = app(
+            serde_json::json!({GUEST_PULL_ANNOTATION: "true", IMAGE_NAME_ANNOTATION: named, GUEST_IMAGE_ANNOTATION: own}),
+        );
+        assert_eq!(guest_image(&s), Ok(Some(own)));
+        let s =
+            app(serde_json::json!({GUEST_PULL_ANNOTATION: "false", IMAGE_NAME_ANNOTATION: named}));
+        assert_eq!(guest_image(&s), Ok(None));
+        assert_eq!(guest_image(&app(serde_json::json!({}))), Ok(None));
+        // A tag, or no name: refused, naming why.
+        let s = app(
+            serde_json::json!({GUEST_PULL_ANNOTATION: "true", IMAGE_NAME_ANNOTATION: "r.io/app:1.0"}),
+        );
+        assert!(guest_image(&s).unwrap_err().contains("not named by digest"));
+        let s = app(serde_json::json!({GUEST_PULL_ANNOTATION: "true"}));
+        assert!(guest_image(&s).unwrap_err().contains(IMAGE_NAME_ANNOTATION));
+        // The sandbox runs nothing in the VM.
+        let mut p = pause(serde_json::json!([]));
+        p.annotations_mut()
+            .get_or_insert_with(Default::default)
+            .insert(GUEST_PULL_ANNOTATION.into(), "true".into());
+        assert_eq!(guest_image(&p), Ok(None));
     }
 
     #[test]
@@ -452,6 +526,7 @@ mod tests {
                 "container annotation",
             ),
             (KBS_SECRETS_ANNOTATION, "", "one line"),
+            (GUEST_PULL_ANNOTATION, "yes", "true or false"),
             // `version = "0.1.0"` with no algorithm.
             (
                 INIT_DATA_ANNOTATION,

@@ -205,6 +205,9 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = read_spec(&bundle)?;
         let t_call = std::time::Instant::now();
+        // Before anything is made for it: a container that cannot say its image fails here.
+        let guest_image =
+            pod::guest_image(&spec).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         let pod_vm = pod::pod_vm(&spec).map_err(|e| match &e {
             pod::PodSpecError::Confidential(kind) => {
                 // Say everything on this host that stands in the way, not only that
@@ -252,7 +255,6 @@ impl Service {
         }
         let t_sandbox = std::time::Instant::now();
         let shm = pod::take_pod_shm(&mut spec);
-        let guest_image = pod::guest_image(&spec);
         let root = match guest_image {
             Some(_) => mounts::Root::Guest,
             None => mounts::Root::Host(&req.rootfs),
