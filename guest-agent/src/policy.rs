@@ -275,6 +275,33 @@ impl Gate {
             .map_err(|e| e.to_string())
     }
 
+    /// Decides a container whose image the guest pulled, now that its configuration is
+    /// known: the policy's `CreateContainerImageRequest` with `input` (CreateContainer's
+    /// input and `image_config`, the image's `Env`, `Entrypoint`, `Cmd`, `WorkingDir`,
+    /// `User`, checked against its digest), so a pod owner can pin the process the host
+    /// asks for to what the image says. A policy that does not define the rule leaves
+    /// the decision to `CreateContainerRequest`, taken before the pull.
+    pub fn check_pulled(&self, input: impl FnOnce() -> serde_json::Value) -> Result<(), Denied> {
+        let Some(Some(engine)) = self.set.get() else {
+            return Ok(());
+        };
+        let rule = "CreateContainerImageRequest";
+        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+        let input = regorus::Value::from_json_str(&input().to_string())
+            .map_err(|e| Denied::Error(format!("input for {rule}: {e}")))?;
+        engine.set_input(input);
+        let results = engine
+            .eval_query(format!("data.agent_policy.{rule}"), false)
+            .map_err(|e| Denied::Error(format!("{rule}: {e}")))?;
+        match results.result.as_slice() {
+            [] => Ok(()),
+            [one] if matches!(one.expressions.as_slice(), [e] if e.value == regorus::Value::from(true)) => {
+                Ok(())
+            }
+            _ => Err(Denied::Policy(rule.into())),
+        }
+    }
+
     /// Decides `call` (the RPC's name, e.g. `ExecProcess`) with `input` (the request as
     /// JSON, built only when a policy is there to read it).
     pub fn check(
@@ -421,6 +448,32 @@ default CreateContainerRequest := true
 default ExecProcessRequest := false
 ExecProcessRequest if { input.process.args[0] == "/bin/true" }
 "#;
+
+    #[test]
+    fn a_pulled_images_config_can_pin_the_process() {
+        let pinned = |args: &[&str]| {
+            json!({"oci": {"process": {"args": args}},
+                   "image_config": {"Entrypoint": ["/bin/app"], "Cmd": ["--serve"]}})
+        };
+        // No policy, or one without the rule: CreateContainer's decision stands.
+        let g = Gate::new(false);
+        assert_eq!(g.check_pulled(|| pinned(&["/bin/sh"])), Ok(()));
+        g.set_init_data(init_data(POLICY).as_bytes()).unwrap();
+        assert_eq!(g.check_pulled(|| pinned(&["/bin/sh"])), Ok(()));
+        // The rule: the process is the image's entrypoint and command, nothing else.
+        let g = Gate::new(false);
+        let rego = format!(
+            "{POLICY}\ndefault CreateContainerImageRequest := false\n\
+             CreateContainerImageRequest if {{\n\
+             input.oci.process.args == array.concat(input.image_config.Entrypoint, input.image_config.Cmd)\n}}\n"
+        );
+        g.set_init_data(init_data(&rego).as_bytes()).unwrap();
+        assert_eq!(g.check_pulled(|| pinned(&["/bin/app", "--serve"])), Ok(()));
+        assert_eq!(
+            g.check_pulled(|| pinned(&["/bin/sh", "-c", "curl evil"])),
+            Err(Denied::Policy("CreateContainerImageRequest".into()))
+        );
+    }
 
     #[test]
     fn rules_decide_and_undefined_ones_refuse() {

@@ -50,6 +50,58 @@ fn an_image_pulled_by_digest_has_its_layers_and_whiteouts_applied() {
 }
 
 #[test]
+fn the_images_config_comes_back_checked_against_its_digest() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let config =
+        serde_json::json!({"Entrypoint": ["/bin/hello"], "Cmd": ["--loud"], "Env": ["A=1"]});
+    let digest = reg.push_image_with("test/conf", &base_layers(), config.clone());
+    let (_d, root, work) = dirs();
+    let image = reference(&reg, "test/conf", &digest);
+    let got = pull(&image, &root, &work, soon(), &Transport::default()).unwrap();
+    assert_eq!(got, config);
+
+    // The config blob changed in the registry's storage: refused, nothing left.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &reg.request(
+            "GET",
+            &format!("/v2/test/conf/manifests/{digest}"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            b"",
+        )
+        .unwrap()
+        .2,
+    )
+    .unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let hex = config_digest.trim_start_matches("sha256:");
+    let blob = reg
+        .storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut tampered = std::fs::read(&blob).unwrap();
+    let at = tampered.len() - 3;
+    tampered[at] ^= 1;
+    std::fs::write(&blob, tampered).unwrap();
+    let (_d, root, work) = dirs();
+    let e = pull(&image, &root, &work, soon(), &Transport::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PullError::DigestMismatch {
+                what: "image config",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!root.exists());
+}
+
+#[test]
 fn an_index_gives_the_linux_amd64_manifest() {
     let Some(reg) = Registry::start(module_path!()) else {
         return;
@@ -217,7 +269,7 @@ fn a_container_gets_its_pulled_root_and_loses_it_on_removal() {
     let images = tempfile::tempdir().unwrap();
     let spec = br#"{"ociVersion":"1.0.2","root":{"path":"/run/cocoon/shared/c1/rootfs"},"process":{"args":["sh"],"cwd":"/"}}"#;
     let image = format!("{}/test/app@{digest}", reg.addr);
-    let out = cocoon_agent::pull::for_container(
+    let (out, config) = cocoon_agent::pull::for_container(
         images.path(),
         "c1",
         &image,
@@ -226,6 +278,7 @@ fn a_container_gets_its_pulled_root_and_loses_it_on_removal() {
         &Transport::default(),
     )
     .unwrap();
+    assert_eq!(config, serde_json::json!({}));
     let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let root = images.path().join("c1/rootfs");
     assert_eq!(out["root"]["path"], root.to_str().unwrap());

@@ -336,7 +336,8 @@ fn a_registry_asking_for_a_token_and_redirecting_blobs_is_followed() {
         .iter()
         .filter(|(p, _)| p.contains("/blobs/"))
         .collect();
-    assert_eq!(blobs.len(), 2, "{:?}", seen.proxied);
+    // The image config and two layers.
+    assert_eq!(blobs.len(), 3, "{:?}", seen.proxied);
     assert!(blobs.iter().all(|(_, auth)| auth.is_none()), "{blobs:?}");
     drop(seen);
 
@@ -375,16 +376,17 @@ fn credentials_never_travel_in_clear_to_a_registry_that_upgrades_to_tls() {
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     let seen = seen.lock().unwrap();
     let creds = basic(PULLER.0, PULLER.1);
-    // Manifest and two layers, each started in clear; none carried the credentials.
+    // Manifest, config and two layers, each started in clear; none carried the
+    // credentials.
     let plain: Vec<_> = seen.requests.iter().filter(|(tls, _)| !tls).collect();
-    assert_eq!(plain.len(), 3, "{:?}", seen.requests);
+    assert_eq!(plain.len(), 4, "{:?}", seen.requests);
     assert!(plain.iter().all(|(_, a)| a.is_none()), "{plain:?}");
     let with_creds = seen
         .requests
         .iter()
         .filter(|(tls, a)| *tls && a.as_deref() == Some(creds.as_str()))
         .count();
-    assert_eq!(with_creds, 3, "{:?}", seen.requests);
+    assert_eq!(with_creds, 4, "{:?}", seen.requests);
 }
 
 /// A transport trusting the test CA, with `doc` as the pod's registry credentials;
@@ -557,7 +559,7 @@ fn a_token_realm_gets_the_pods_credentials_only_when_the_challenge_came_over_tls
         );
         let blobs = seen.proxied.iter().filter(|(p, _)| p.contains("/blobs/"));
         assert!(
-            blobs.clone().count() == 2 && blobs.clone().all(|(_, a)| a.is_none()),
+            blobs.clone().count() == 3 && blobs.clone().all(|(_, a)| a.is_none()),
             "{:?}",
             seen.proxied
         );

@@ -458,13 +458,31 @@ async fn a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest() {
     pconfig
         .annotations
         .insert("io.cocoon.guest-pull".into(), "true".into());
+    // A pod owner's policy pins each container's process to its image's command, as
+    // the guest read it from the pulled image's config.
+    let rego = cocoon_integration::policy::allowing_all(
+        &["ExecProcess", "ReadStream"],
+        "default CreateContainerImageRequest := false\n\
+         CreateContainerImageRequest if {\n\
+         input.oci.process.args == input.image_config.Cmd\n}\n",
+    );
+    let init_data = format!(
+        "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"policy.rego\" = '''\n{rego}'''\n"
+    );
+    pconfig.annotations.insert(
+        "io.cocoon.init-data".into(),
+        base64::engine::general_purpose::STANDARD.encode(init_data),
+    );
     let pod = node
         .run_pod(&pconfig, COCOON)
         .await
         .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
-    let Some((registry, digest)) = registry_on(test, node) else {
+    let gateway: Ipv4Addr = node.gateway();
+    let Some(registry) = Registry::start_on(test, gateway) else {
         return;
     };
+    let config = serde_json::json!({"Cmd": ["/bin/sleep", "3600"]});
+    let digest = registry.push_image_with("cocoon/pulled", &image_layers(), config);
     node.plain_http_registry(&registry.addr);
     let image = registry.reference("cocoon/pulled", &digest);
     let image_ref = node
@@ -494,6 +512,18 @@ async fn a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest() {
     assert!(
         shared.is_empty(),
         "{test}: the host mounted a rootfs for it: {shared:?}"
+    );
+
+    // The same image with a process its config does not name: the guest pulls it,
+    // reads its config, and refuses, leaving nothing.
+    let c = CriNode::container_config("other", &image_ref, &["/bin/sh", "-c", "id"], &[]);
+    let e = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .expect_err("a process the image's config does not name was run");
+    assert!(
+        e.message().contains("CreateContainerImageRequest"),
+        "{test}: {e}"
     );
 
     // An image the node knows by tag only: the guest could not check what it pulls.

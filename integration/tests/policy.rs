@@ -7,39 +7,10 @@ mod ctr_common;
 use base64::Engine;
 use ctr_common::*;
 
-/// Every call the agent polices, allowed: a test policy states what it denies.
-const CALLS: &[&str] = &[
-    "GetGuestDetails",
-    "CreateSandbox",
-    "DestroySandbox",
-    "Shutdown",
-    "UpdateInterface",
-    "UpdateRoutes",
-    "ListInterfaces",
-    "ListRoutes",
-    "CreateContainer",
-    "StartContainer",
-    "RemoveContainer",
-    "PauseContainer",
-    "ResumeContainer",
-    "UpdateContainer",
-    "StatsContainer",
-    "ListPids",
-    "SignalProcess",
-    "WaitProcess",
-    "TtyWinResize",
-    "CloseStdin",
-    "GetOomEvent",
-    "WriteStream",
-];
-
-/// The `io.cocoon.init-data` annotation for a policy of `rules` on top of `CALLS`.
+/// The `io.cocoon.init-data` annotation for a policy of `rules` on top of every call
+/// allowed (`cocoon_integration::policy::CALLS`).
 fn annotation(rules: &str) -> String {
-    let mut rego = String::from("package agent_policy\n");
-    for c in CALLS {
-        rego.push_str(&format!("default {c}Request := true\n"));
-    }
-    rego.push_str(rules);
+    let rego = cocoon_integration::policy::allowing_all(&[], rules);
     let toml = format!(
         "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"policy.rego\" = '''\n{rego}'''\n"
     );

@@ -103,7 +103,7 @@ impl AgentService {
                 .unwrap_or_else(|_| {
                     std::time::Instant::now() + std::time::Duration::from_secs(300)
                 });
-            let spec = tokio::task::spawn_blocking(move || {
+            let (spec, config) = tokio::task::spawn_blocking(move || {
                 let images = crate::pull::images_dir()?;
                 crate::pull::for_container(images, &id, &image, &spec, deadline, &transport)
             })
@@ -111,6 +111,16 @@ impl AgentService {
             .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
             .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
             timeline.mark("image-pulled", &req.container_id);
+            let decided = self.state.policy.check_pulled(|| {
+                let mut input = crate::policy::input_of(&req);
+                input["image_config"] = config;
+                input
+            });
+            if let Err(denied) = decided {
+                tracing::warn!(call = "CreateContainer", "refused: {denied}");
+                remove_container_files(&req.container_id);
+                return Err(status(ttrpc::Code::PERMISSION_DENIED, denied.to_string()));
+            }
             Some(spec)
         };
         let spec = pulled.as_deref().unwrap_or(&req.oci_spec_json);

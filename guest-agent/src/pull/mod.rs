@@ -27,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 /// The most a manifest or index may hold.
 const MAX_MANIFEST: u64 = 4 << 20;
+/// The most an image's config may hold.
+const MAX_CONFIG: u64 = 1 << 20;
 /// The most an image's layers may hold together, compressed.
 pub const MAX_IMAGE: u64 = 2 << 30;
 /// The deadline on each connect, read and write.
@@ -125,14 +127,16 @@ fn check_digest(d: &str) -> Result<&str, ()> {
 
 /// Pulls `image` and unpacks its layers into `rootfs` (which must not exist yet), using
 /// `work` for the downloaded layers (removed after), reaching the registry through
-/// `transport`.
+/// `transport`. Returns the image's configuration (its config blob's `config`: `Env`,
+/// `Entrypoint`, `Cmd`, `WorkingDir`, `User`...; `{}` when it has none), checked
+/// against its digest like every layer.
 pub fn pull(
     image: &Reference,
     rootfs: &Path,
     work: &Path,
     deadline: Instant,
     transport: &Transport,
-) -> Result<(), PullError> {
+) -> Result<Value, PullError> {
     let mut session =
         registry::Session::new(transport, &image.registry, &image.repository, deadline);
     let io = |path: &Path| {
@@ -157,6 +161,7 @@ pub fn pull(
         }
         _ => manifest,
     };
+    let config = fetch_config(&mut session, image, &manifest)?;
     let layers = manifest
         .get("layers")
         .and_then(Value::as_array)
@@ -207,7 +212,59 @@ pub fn pull(
     if result.is_err() {
         let _ = std::fs::remove_dir_all(rootfs);
     }
-    result
+    result.map(|()| config)
+}
+
+/// The `config` object of the image config blob `manifest` names, checked against its
+/// digest.
+fn fetch_config(
+    session: &mut registry::Session,
+    image: &Reference,
+    manifest: &Value,
+) -> Result<Value, PullError> {
+    let digest = manifest
+        .get("config")
+        .and_then(|c| c.get("digest"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    check_digest(digest)
+        .map_err(|_| PullError::Malformed(format!("the image config digest {digest:?}")))?;
+    let path = format!("/v2/{}/blobs/{digest}", image.repository);
+    let mut reply = session.get(&path, None)?;
+    if reply.status != 200 {
+        return Err(PullError::Missing {
+            what: "image config",
+            digest: digest.to_owned(),
+            status: reply.status,
+        });
+    }
+    let mut body = Vec::new();
+    (&mut reply)
+        .take(MAX_CONFIG + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| PullError::Registry(format!("reading image config {digest}: {e}")))?;
+    if body.len() as u64 > MAX_CONFIG {
+        return Err(PullError::Malformed(format!(
+            "image config {digest} is over {MAX_CONFIG} bytes"
+        )));
+    }
+    let got = hex(&Sha256::digest(&body));
+    if format!("sha256:{got}") != digest {
+        return Err(PullError::DigestMismatch {
+            what: "image config",
+            digest: digest.to_owned(),
+            got,
+        });
+    }
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| PullError::Malformed(format!("image config {digest}: {e}")))?;
+    match v.get("config") {
+        None | Some(Value::Null) => Ok(Value::Object(Default::default())),
+        Some(c @ Value::Object(_)) => Ok(c.clone()),
+        Some(_) => Err(PullError::Malformed(format!(
+            "image config {digest}: its config is not an object"
+        ))),
+    }
 }
 
 /// Where pulled images are unpacked, one directory per container (the guest's tmpfs
@@ -237,7 +294,7 @@ pub fn images_dir() -> Result<&'static Path, String> {
 }
 
 /// Pulls `image` for container `id` under `images` and returns `spec_json` with its
-/// root pointing there, giving up at `deadline`. The container's directory is claimed
+/// root pointing there, and the image's configuration, giving up at `deadline`. The container's directory is claimed
 /// first (a second pull for the same id fails without touching the first's) and is
 /// removed on failure.
 pub fn for_container(
@@ -247,19 +304,23 @@ pub fn for_container(
     spec_json: &[u8],
     deadline: Instant,
     transport: &Transport,
-) -> Result<Vec<u8>, String> {
+) -> Result<(Vec<u8>, Value), String> {
     let reference = Reference::parse(image).map_err(|e| e.to_string())?;
     let (dir, mut spec) = claim(images, id, spec_json)?;
     let rootfs = dir.join("rootfs");
     let result = pull(&reference, &rootfs, &dir.join("work"), deadline, transport);
     let _ = std::fs::remove_dir_all(dir.join("work"));
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(format!("pulling {image} in the guest: {e}"));
-    }
+    let config = match result {
+        Ok(config) => config,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!("pulling {image} in the guest: {e}"));
+        }
+    };
     // The agent decides where the root is, whatever the host wrote.
     spec["root"]["path"] = Value::String(rootfs.to_string_lossy().into_owned());
-    serde_json::to_vec(&spec).map_err(|e| e.to_string())
+    let spec = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+    Ok((spec, config))
 }
 
 /// The first step of giving container `id` a root the guest makes under `images` (a

@@ -234,6 +234,17 @@ impl Registry {
 
     /// Pushes a one-platform image of `layers` (tar.gz each); returns its manifest digest.
     pub fn push_image(&self, repo: &str, layers: &[Vec<u8>]) -> String {
+        self.push_image_with(repo, layers, serde_json::json!({}))
+    }
+
+    /// As `push_image`, with `config` as the image's configuration (`Env`,
+    /// `Entrypoint`, `Cmd`...).
+    pub fn push_image_with(
+        &self,
+        repo: &str,
+        layers: &[Vec<u8>],
+        config: serde_json::Value,
+    ) -> String {
         // The digests of the layers uncompressed, as a node's containerd checks them when
         // it unpacks the image.
         let diff_ids: Vec<String> = layers
@@ -246,7 +257,7 @@ impl Registry {
                 digest(&tar)
             })
             .collect();
-        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
         let config = serde_json::to_vec(&config).unwrap();
         let config_digest = self.push_blob(repo, &config);
         let layers: Vec<_> = layers
