@@ -312,10 +312,22 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<CreateContainerResponse> {
         // A confidential pod's sandbox runs the agent's own pause, never a root the host
         // made: decided before the policy sees the request.
-        if self.state.policy.confidential() {
+        let pins_images = self.state.policy.pins_images();
+        if self.state.policy.confidential() || pins_images {
             crate::pause::for_request(&mut req);
         }
         self.allow("CreateContainer", &req)?;
+        // A policy that decides containers by their pulled image has nothing to decide
+        // a root the host made by.
+        if pins_images && req.guest_image.is_empty() {
+            let why = format!(
+                "{}: the pod's policy decides each container by the image the guest pulls \
+                 for it, and this one asks for none (io.cocoon.guest-pull, io.cocoon.guest-image)",
+                crate::policy::IMAGE_RULE
+            );
+            tracing::warn!(call = "CreateContainer", "refused: {why}");
+            return Err(status(ttrpc::Code::PERMISSION_DENIED, why));
+        }
         CALL_DEADLINE
             .scope(call_deadline(ctx), self.create_container_inner(req))
             .await

@@ -76,7 +76,13 @@ pub struct Gate {
     init_data: OnceLock<InitData>,
     /// The session with the pod's key broker, made on first use.
     kbs: Mutex<Option<KbsClient>>,
+    /// Whether the pod's policy names `IMAGE_RULE`: then every container is decided by
+    /// the image the guest pulled for it (`check_pulled`).
+    pins_images: std::sync::atomic::AtomicBool,
 }
+
+/// The rule that decides a container once its image is pulled.
+pub const IMAGE_RULE: &str = "CreateContainerImageRequest";
 
 type KbsClient = cocoon_confidential::kbs::client::Client<
     cocoon_confidential::kbs::http::Http,
@@ -145,6 +151,7 @@ impl Gate {
             tsm_root,
             init_data: OnceLock::new(),
             kbs: Mutex::new(None),
+            pins_images: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -187,6 +194,11 @@ impl Gate {
             }
             Mode::Plain | Mode::Policy => {}
         }
+        // Named anywhere, a comment included: the agent then refuses what the rule
+        // does not allow (it never lets a container through for a misread policy).
+        let pins = data.policy().is_some_and(|rego| rego.contains(IMAGE_RULE));
+        self.pins_images
+            .store(pins, std::sync::atomic::Ordering::SeqCst);
         let engine = match data.policy() {
             Some(rego) => Some(Mutex::new(compile(rego)?)),
             None if self.confidential => Some(Mutex::new(
@@ -280,12 +292,16 @@ impl Gate {
     /// input and `image_config`, the image's `Env`, `Entrypoint`, `Cmd`, `WorkingDir`,
     /// `User`, checked against its digest), so a pod owner can pin the process the host
     /// asks for to what the image says. A policy that does not define the rule leaves
-    /// the decision to `CreateContainerRequest`, taken before the pull.
+    /// the decision to `CreateContainerRequest`, taken before the pull; one that names it
+    /// is a rule like the others: undefined refuses.
     pub fn check_pulled(&self, input: impl FnOnce() -> serde_json::Value) -> Result<(), Denied> {
         let Some(Some(engine)) = self.set.get() else {
             return Ok(());
         };
-        let rule = "CreateContainerImageRequest";
+        if !self.pins_images() {
+            return Ok(());
+        }
+        let rule = IMAGE_RULE;
         let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
         let input = regorus::Value::from_json_str(&input().to_string())
             .map_err(|e| Denied::Error(format!("input for {rule}: {e}")))?;
@@ -294,12 +310,18 @@ impl Gate {
             .eval_query(format!("data.agent_policy.{rule}"), false)
             .map_err(|e| Denied::Error(format!("{rule}: {e}")))?;
         match results.result.as_slice() {
-            [] => Ok(()),
             [one] if matches!(one.expressions.as_slice(), [e] if e.value == regorus::Value::from(true)) => {
                 Ok(())
             }
             _ => Err(Denied::Policy(rule.into())),
         }
+    }
+
+    /// Whether the pod's policy decides containers by their pulled image
+    /// (`IMAGE_RULE`): then a container the guest does not pull is refused, and a
+    /// sandbox gets the built-in pause, as in a confidential pod.
+    pub fn pins_images(&self) -> bool {
+        self.pins_images.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Decides `call` (the RPC's name, e.g. `ExecProcess`) with `input` (the request as
@@ -471,6 +493,19 @@ ExecProcessRequest if { input.process.args[0] == "/bin/true" }
         assert_eq!(g.check_pulled(|| pinned(&["/bin/app", "--serve"])), Ok(()));
         assert_eq!(
             g.check_pulled(|| pinned(&["/bin/sh", "-c", "curl evil"])),
+            Err(Denied::Policy("CreateContainerImageRequest".into()))
+        );
+        assert!(g.pins_images());
+        // Without a default, a body that fails leaves the rule undefined: refused too.
+        let g = Gate::new(false);
+        let rego = format!(
+            "{POLICY}\nCreateContainerImageRequest if {{\n\
+             input.oci.process.args == input.image_config.Cmd\n}}\n"
+        );
+        g.set_init_data(init_data(&rego).as_bytes()).unwrap();
+        assert_eq!(g.check_pulled(|| pinned(&["--serve"])), Ok(()));
+        assert_eq!(
+            g.check_pulled(|| pinned(&["/bin/sh"])),
             Err(Denied::Policy("CreateContainerImageRequest".into()))
         );
     }

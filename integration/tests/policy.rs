@@ -106,6 +106,32 @@ fn malformed_init_data_is_refused_naming_it() {
     assert_clean(&env);
 }
 
+/// A policy that decides containers by their pulled image (`CreateContainerImageRequest`)
+/// refuses a container on a root the host made: a host cannot skip the decision by asking
+/// for no pull.
+#[test]
+fn a_policy_pinning_pulled_images_refuses_a_root_the_host_made() {
+    let env = env();
+    let ann = annotation("default CreateContainerImageRequest := false\n");
+    let out = ctr_run(
+        &env,
+        COCOON,
+        "pol-pinned",
+        &["--annotation", &ann],
+        &["true"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("CreateContainerImageRequest")
+            && err.contains("asks for none"),
+        "{}",
+        show(&out)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", "pol-pinned"]);
+    assert_clean(&env);
+}
+
 /// An agent in confidential mode (`cocoon.confidential` on the guest's command line; here
 /// without hardware, which only changes the agent) serves nothing before init-data, and
 /// with init-data that carries no policy it enforces the built-in confidential one, which

@@ -118,7 +118,8 @@ impl AgentService {
             });
             if let Err(denied) = decided {
                 tracing::warn!(call = "CreateContainer", "refused: {denied}");
-                remove_container_files(&req.container_id);
+                let id = req.container_id.clone();
+                let _ = tokio::task::spawn_blocking(move || remove_container_files(&id)).await;
                 return Err(status(ttrpc::Code::PERMISSION_DENIED, denied.to_string()));
             }
             Some(spec)

@@ -229,6 +229,15 @@ fn fetch_config(
         .unwrap_or_default();
     check_digest(digest)
         .map_err(|_| PullError::Malformed(format!("the image config digest {digest:?}")))?;
+    let size = manifest
+        .get("config")
+        .and_then(|c| c.get("size"))
+        .and_then(Value::as_u64);
+    if size.is_some_and(|s| s > MAX_CONFIG) {
+        return Err(PullError::Malformed(format!(
+            "image config {digest} is over {MAX_CONFIG} bytes"
+        )));
+    }
     let path = format!("/v2/{}/blobs/{digest}", image.repository);
     let mut reply = session.get(&path, None)?;
     if reply.status != 200 {

@@ -109,6 +109,11 @@ impl<'a> Session<'a> {
         repository: &str,
         until: std::time::Instant,
     ) -> Session<'a> {
+        // Docker Hub's registry answers at its own host, as Docker's clients know.
+        let registry = match registry {
+            "docker.io" | "index.docker.io" => "registry-1.docker.io",
+            other => other,
+        };
         Session {
             transport,
             until,
