@@ -129,6 +129,17 @@ pub enum Algorithm {
     Sha512,
 }
 
+impl Algorithm {
+    /// As init-data spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha384 => "sha384",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+}
+
 /// A parsed init-data document and its digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InitData {

@@ -11,6 +11,9 @@
 pub mod evidence;
 #[cfg(feature = "kbs")]
 pub mod fuzz;
+#[cfg(feature = "genpolicy")]
+pub mod genpolicy;
+pub mod image_ref;
 pub mod initdata;
 #[cfg(feature = "kbs")]
 pub mod kbs;

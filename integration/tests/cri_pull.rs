@@ -537,3 +537,116 @@ async fn a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest() {
         .await
         .expect("stop/remove pod");
 }
+
+const GENPOLICY_NET: u8 = 75;
+
+/// A confidential pod whose policy `cocoon policy generate` wrote from its manifest: its
+/// containers run as the manifest says; a container the manifest does not name, or one
+/// of its containers with another command, is refused by the agent after the pull.
+#[tokio::test]
+async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
+    let test = "a_generated_policy_runs_the_manifest_and_nothing_else";
+    let vm = "kernel_params = \"cocoon.confidential\"\n";
+    let Some(env) = common::env_vm(test, COCOON, GENPOLICY_NET, false, vm, "").await else {
+        return;
+    };
+    let node = &env.node;
+    // The pod network's bridge (and the registry's address on it) exists once a pod
+    // has a network: a runc pod makes it, so the manifest can name the registry.
+    let bootstrap = node.pod_config("net", "uid-net", "default");
+    let first = node
+        .run_pod(&bootstrap, cocoon_integration::cri::RUNC)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: runc RunPodSandbox: {e}\n{}", node.log_tail()));
+    let Some((registry, digest)) = registry_on(test, node) else {
+        return;
+    };
+    node.plain_http_registry(&registry.addr);
+    let image = registry.reference("cocoon/pulled", &digest);
+    let serve = r#"["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/cat", "/etc/pulled"]"#;
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: sealed\n  annotations:\n    \
+         io.cocoon.guest-pull: \"true\"\nspec:\n  runtimeClassName: cocoon\n  containers:\n  \
+         - name: app\n    image: {image}\n    command: {serve}\n  \
+         - name: side\n    image: {image}\n    command: [\"/bin/sleep\", \"3600\"]\n"
+    );
+    let base = format!(
+        "version = \"0.1.0\"\nalgorithm = \"sha384\"\n[data]\n\"cdh.toml\" = '''\n\
+         [image]\nplain_http_registries = [\"{}\"]\n'''\n",
+        node.gateway()
+    );
+    let dir = env.dir.path();
+    std::fs::write(dir.join("pod.yaml"), &manifest).unwrap();
+    std::fs::write(dir.join("base.toml"), &base).unwrap();
+    let out = std::process::Command::new(
+        cocoon_integration::workspace_root().join("target/debug/cocoon"),
+    )
+    .args(["policy", "generate", "--annotation", "--init-data"])
+    .arg(dir.join("base.toml"))
+    .arg(dir.join("pod.yaml"))
+    .output()
+    .expect("target/debug/cocoon (cargo build first)");
+    assert!(
+        out.status.success(),
+        "{test}: cocoon policy generate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let annotation = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let mut pconfig = node.pod_config("sealed", "uid-sealed", "default");
+    pconfig
+        .annotations
+        .insert("io.cocoon.guest-pull".into(), "true".into());
+    pconfig
+        .annotations
+        .insert("io.cocoon.init-data".into(), annotation);
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let image_ref = node
+        .pull_image(&image)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: PullImage {image}: {e}\n{}", node.log_tail()));
+    let container = |name: &str, command: &[&str]| {
+        let mut c = CriNode::container_config(name, &image_ref, command, &[]);
+        CriNode::with_kubelet_proc_masks(&mut c);
+        c
+    };
+
+    let serve: Vec<&str> = serde_json::from_str(serve).unwrap();
+    node.create_and_start(&pod, &container("app", &serve), &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start app: {e}\n{}", node.log_tail()));
+    let ip: Ipv4Addr = node.pod_ip(&pod).await.unwrap().parse().unwrap();
+    let addr = std::net::SocketAddr::from((ip, 8080));
+    match common::reply_from(addr, Duration::from_secs(30)).await {
+        Ok(r) => assert_eq!(r, "pulled in the guest\n", "{test}"),
+        Err(e) => panic!("{test}: cannot reach {addr}: {e}\n{}", node.log_tail()),
+    }
+    for (name, command) in [
+        ("side", &["/bin/sleep", "1"][..]),
+        ("intruder", &["/bin/sleep", "3600"][..]),
+    ] {
+        let e = node
+            .create_and_start(&pod, &container(name, command), &pconfig)
+            .await
+            .expect_err("a container its manifest does not say was run");
+        assert!(
+            e.message().contains("CreateContainerImageRequest"),
+            "{test}: {name}: {e}"
+        );
+    }
+    // The sidecar as its manifest says (a new attempt: CRI keeps the refused one's name).
+    let mut side = container("side", &["/bin/sleep", "3600"]);
+    side.metadata.as_mut().unwrap().attempt = 1;
+    node.create_and_start(&pod, &side, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start side: {e}\n{}", node.log_tail()));
+    node.stop_and_remove_pod(&pod)
+        .await
+        .expect("stop/remove pod");
+    node.stop_and_remove_pod(&first)
+        .await
+        .expect("stop/remove runc pod");
+}

@@ -102,10 +102,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cocoon_confidential::measure::MeasureCmd,
     },
+    /// Agent policies for confidential pods.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Benchmarks that write a JSON report and print a table.
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Init-data for a Pod whose policy holds each container to what its manifest and
+    /// its image say (image by digest, process, environment, user, secrets): the
+    /// confidential default plus CreateContainerImageRequest (docs/confidential.md).
+    /// Printed as TOML, or with --annotation as the io.cocoon.init-data value.
+    Generate {
+        /// The Pod's manifest (YAML or JSON).
+        manifest: PathBuf,
+        /// Init-data whose other documents (aa.toml, cdh.toml) and algorithm to keep.
+        #[arg(long)]
+        init_data: Option<PathBuf>,
+        /// The digest algorithm without --init-data.
+        #[arg(long, default_value = "sha384", value_parser = ["sha256", "sha384", "sha512"])]
+        algorithm: String,
+        /// Print the pod annotation's value (base64) instead of the TOML.
+        #[arg(long)]
+        annotation: bool,
     },
 }
 
@@ -227,6 +253,33 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Measure { cmd } => {
             println!("{}", cocoon_confidential::measure::run(&cmd)?);
+            Ok(())
+        }
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Generate {
+                    manifest,
+                    init_data,
+                    algorithm,
+                    annotation,
+                },
+        } => {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let base = init_data.as_deref().map(read).transpose()?;
+            let text = cocoon_confidential::genpolicy::generate(
+                &read(&manifest)?,
+                base.as_deref(),
+                &algorithm,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
+            if annotation {
+                use base64::Engine;
+                println!("{}", base64::engine::general_purpose::STANDARD.encode(text));
+            } else {
+                print!("{text}");
+            }
             Ok(())
         }
         Cmd::Soak { cycles, seed, out } => {

