@@ -35,68 +35,231 @@ default CreateContainerImageRequest := false
 CreateContainerImageRequest if {
 	c := pinned[input.oci.annotations["io.kubernetes.cri.container-name"]]
 	input.guest_image == c.image
-	input.oci.process.args == pinned_args(c)
-	input.oci.process.cwd == pinned_cwd(c)
-	every e in object.get(input.oci.process, "env", []) {
+	process := input.oci.process
+	process.args == pinned_args(c)
+	process.cwd == pinned_cwd(c)
+	env := object.get(process, "env", [])
+	every e in env {
 		pinned_env_allows(c, e)
 	}
 	every e in c.env {
-		e in object.get(input.oci.process, "env", [])
+		e in env
 	}
-	pinned_id(c.uid, input.oci.process.user.uid)
-	pinned_id(c.gid, input.oci.process.user.gid)
-	object.get(input.oci.annotations, "io.cocoon.kbs-secrets", "") in {"", c.kbs_secrets}
+	# One entry per name: programs differ on which of two they read.
+	names := [split(e, "=")[0] | some e in env]
+	count({n | some n in names}) == count(names)
+	# The image's own variables stay, unless the manifest sets the name.
+	every e in image_list("Env") {
+		image_env_kept(c, e, env)
+	}
+	pinned_id(c.uid, image_uid(c), process.user.uid)
+	pinned_id(c.gid, null, process.user.gid)
+	not root_refused(c, process.user.uid)
+	pinned_security(c, input.oci)
+	object.get(input.oci.annotations, "io.cocoon.kbs-secrets", "") == c.kbs_secrets
+	every m in object.get(input.oci, "mounts", []) {
+		m.destination in allowed_destinations
+	}
+	every p in object.get(input.oci, ["linux", "maskedPaths"], []) {
+		p in kubelet_masked_paths
+	}
+	every p in object.get(input.oci, ["linux", "readonlyPaths"], []) {
+		p in kubelet_readonly_paths
+	}
+	not seccomp_fakes_success(object.get(input.oci, ["linux", "seccomp"], {}))
 }
+
+# The image's config as the guest read it; a field it leaves null is absent.
+image_list(key) := v if {
+	v := object.get(input.image_config, key, [])
+	is_array(v)
+}
+
+image_list(key) := [] if not is_array(object.get(input.image_config, key, []))
+
+image_string(key) := v if {
+	v := object.get(input.image_config, key, "")
+	is_string(v)
+}
+
+image_string(key) := "" if not is_string(object.get(input.image_config, key, ""))
 
 pinned_args(c) := array.concat(c.command, c.args) if count(c.command) > 0
 
-pinned_args(c) := array.concat(object.get(input.image_config, "Entrypoint", []), c.args) if {
+pinned_args(c) := array.concat(image_list("Entrypoint"), c.args) if {
 	count(c.command) == 0
 	count(c.args) > 0
 }
 
-pinned_args(c) := array.concat(object.get(input.image_config, "Entrypoint", []), object.get(input.image_config, "Cmd", [])) if {
+pinned_args(c) := array.concat(image_list("Entrypoint"), image_list("Cmd")) if {
 	count(c.command) == 0
 	count(c.args) == 0
 }
 
 pinned_cwd(c) := c.working_dir if c.working_dir != ""
 
-pinned_cwd(c) := object.get(input.image_config, "WorkingDir", "") if {
+pinned_cwd(c) := image_string("WorkingDir") if {
 	c.working_dir == ""
-	object.get(input.image_config, "WorkingDir", "") != ""
+	image_string("WorkingDir") != ""
 }
 
 pinned_cwd(c) := "/" if {
 	c.working_dir == ""
-	object.get(input.image_config, "WorkingDir", "") == ""
+	image_string("WorkingDir") == ""
 }
 
 pinned_env_allows(c, e) if e in c.env
 
-pinned_env_allows(c, e) if e in object.get(input.image_config, "Env", [])
+pinned_env_allows(c, e) if e in image_list("Env")
 
 pinned_env_allows(c, e) if split(e, "=")[0] in c.env_from_elsewhere
 
-pinned_env_allows(_, e) if split(e, "=")[0] == "HOSTNAME"
+# The pod's hostname: the host's to choose in any case (it runs the UTS namespace).
+pinned_env_allows(_, e) if regex.match(`^HOSTNAME=[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`, e)
 
 # containerd's own PATH, which stays when the image gives none.
 pinned_env_allows(_, e) if {
 	e == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	not image_sets_path
+	not image_sets("PATH")
 }
 
-image_sets_path if {
-	some e in object.get(input.image_config, "Env", [])
-	startswith(e, "PATH=")
+# Service links, as kubelet writes them (addresses, ports, protocols only), for names
+# neither the manifest nor the image sets; with enableServiceLinks false, only the API
+# server's own.
+pinned_env_allows(c, e) if {
+	name := split(e, "=")[0]
+	not manifest_sets(c, name)
+	not image_sets(name)
+	service_link(e)
+	link_allowed(c, name)
 }
 
-# Service links kubelet adds for every service of the namespace.
-pinned_env_allows(_, e) if regex.match(`^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)=`, e)
+link_allowed(c, _) if c.service_links == true
 
-pinned_id(want, _) if want == null
+link_allowed(_, name) if startswith(name, "KUBERNETES_")
 
-pinned_id(want, got) if want == got
+service_link(e) if regex.match(`^[A-Z0-9_]+_SERVICE_HOST=[0-9a-f.:]+$`, e)
+
+service_link(e) if regex.match(`^[A-Z0-9_]+_SERVICE_PORT(_[A-Z0-9_]+)?=[0-9]+$`, e)
+
+service_link(e) if regex.match(`^[A-Z0-9_]+_PORT=(tcp|udp|sctp)://[0-9a-f.:\[\]]+:[0-9]+$`, e)
+
+service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)=(tcp|udp|sctp)://[0-9a-f.:\[\]]+:[0-9]+$`, e)
+
+service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)_PROTO=(tcp|udp|sctp)$`, e)
+
+service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)_PORT=[0-9]+$`, e)
+
+service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)_ADDR=[0-9a-f.:]+$`, e)
+
+manifest_sets(c, name) if name in c.env_from_elsewhere
+
+manifest_sets(c, name) if {
+	some e in c.env
+	split(e, "=")[0] == name
+}
+
+image_sets(name) if {
+	some e in image_list("Env")
+	split(e, "=")[0] == name
+}
+
+image_env_kept(_, e, env) if e in env
+
+image_env_kept(c, e, _) if manifest_sets(c, split(e, "=")[0])
+
+# The image's numeric user when the manifest names none (a named one needs the image's
+# /etc/passwd, which the policy does not read).
+image_uid(c) := to_number(split(image_string("User"), ":")[0]) if {
+	c.uid == null
+	regex.match(`^[0-9]+(:[0-9]+)?$`, image_string("User"))
+}
+
+image_uid(c) := null if {
+	c.uid == null
+	not regex.match(`^[0-9]+(:[0-9]+)?$`, image_string("User"))
+}
+
+image_uid(c) := null if c.uid != null
+
+pinned_id(want, _, got) if want == got
+
+pinned_id(want, from_image, got) if {
+	want == null
+	from_image == got
+}
+
+pinned_id(want, from_image, _) if {
+	want == null
+	from_image == null
+}
+
+root_refused(c, uid) if {
+	c.run_as_non_root
+	uid == 0
+}
+
+# allowPrivilegeEscalation: false, readOnlyRootFilesystem and the capabilities the
+# manifest drops, as kubelet turns them into the spec.
+pinned_security(c, oci) if {
+	nnp_as_manifest(c, oci.process)
+	read_only_as_manifest(c, oci)
+	caps_as_manifest(c, oci)
+}
+
+nnp_as_manifest(c, _) if c.no_new_privileges == false
+
+nnp_as_manifest(c, process) if {
+	c.no_new_privileges == true
+	object.get(process, "noNewPrivileges", false) == true
+}
+
+read_only_as_manifest(c, _) if c.read_only_root == false
+
+read_only_as_manifest(c, oci) if {
+	c.read_only_root == true
+	object.get(oci, ["root", "readonly"], false) == true
+}
+
+caps_as_manifest(c, oci) if {
+	every kind in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
+		every cap in object.get(oci.process, ["capabilities", kind], []) {
+			cap_allowed(c, cap)
+		}
+	}
+}
+
+cap_allowed(c, cap) if {
+	not c.drop_all
+	not cap in c.caps_dropped
+}
+
+cap_allowed(c, cap) if {
+	c.drop_all
+	cap in c.caps_added
+}
+
+# A syscall made to return 0 without running (a privilege drop that never happens).
+seccomp_fakes_success(s) if object.get(s, "defaultErrnoRet", 1) == 0
+
+seccomp_fakes_success(s) if {
+	some r in object.get(s, "syscalls", [])
+	object.get(r, "errnoRet", 1) == 0
+}
+
+allowed_destinations := {
+	"/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/sys/fs/cgroup", "/dev/shm",
+	"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev/termination-log",
+}
+
+# kubelet's and containerd's defaults: more would hide files of the image.
+kubelet_masked_paths := {
+	"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+	"/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+	"/sys/firmware", "/sys/devices/virtual/powercap",
+}
+
+kubelet_readonly_paths := {"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
 "#;
 
 /// Init-data (TOML) for the pod in `manifest` (a Kubernetes Pod, YAML or JSON): its
@@ -105,7 +268,16 @@ pinned_id(want, got) if want == got
 pub fn generate(manifest: &str, base: Option<&str>, algorithm: &str) -> Result<String, String> {
     let pod = pod_of(manifest)?;
     let pinned = pinned(&pod)?;
-    let name = pod["metadata"]["name"].as_str().unwrap_or("?");
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    // It goes into the policy's text (a comment): a DNS name, as Kubernetes requires.
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+    {
+        return Err(format!("metadata.name {name:?} is not a DNS name"));
+    }
     let policy = format!(
         "{DEFAULT_POLICY}\n# Generated by `cocoon policy generate` for pod {name}.\npinned := {}\n{RULES}",
         serde_json::to_string_pretty(&pinned).map_err(|e| e.to_string())?
@@ -173,6 +345,10 @@ fn to_json(y: &yaml_rust2::Yaml) -> Result<Value, String> {
             let mut m = Map::new();
             for (k, v) in h {
                 let k = match k {
+                    // A merge key would bring values the policy never sees as such.
+                    Yaml::String(s) if s == "<<" => {
+                        return Err("the manifest uses a YAML merge key (<<); write it out".into())
+                    }
                     Yaml::String(s) => s.clone(),
                     Yaml::Integer(i) => i.to_string(),
                     Yaml::Boolean(b) => b.to_string(),
@@ -195,6 +371,11 @@ fn pinned(pod: &Value) -> Result<Value, String> {
         .as_str()
         .unwrap_or_default();
     let pod_ids = &spec["securityContext"];
+    let service_links = match &spec["enableServiceLinks"] {
+        Value::Null => true,
+        Value::Bool(b) => *b,
+        _ => return Err("spec.enableServiceLinks is not true or false".into()),
+    };
     let mut out = Map::new();
     let all = ["initContainers", "containers"]
         .iter()
@@ -261,10 +442,50 @@ fn pinned(pod: &Value) -> Result<Value, String> {
                 _ => Err(bad(format!("securityContext.{key} is not a number"))),
             }
         };
+        let (command, args) = (strings("command")?, strings("args")?);
+        if command.iter().chain(&args).any(|a| a.contains("$(")) {
+            return Err(bad(
+                "command or args refer to a variable ($(...)), which kubelet expands".into(),
+            ));
+        }
+        let sc = &c["securityContext"];
+        let caps = |key: &str| -> Result<Vec<String>, String> {
+            match &sc["capabilities"][key] {
+                Value::Null => Ok(Vec::new()),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(|n| format!("CAP_{}", n.trim_start_matches("CAP_")))
+                            .ok_or_else(|| bad(format!("capabilities.{key} holds a non-string")))
+                    })
+                    .collect(),
+                _ => Err(bad(format!("capabilities.{key} is not a list"))),
+            }
+        };
+        let dropped = caps("drop")?;
+        let flag = |v: &Value, key: &str| -> Result<Option<bool>, String> {
+            match v {
+                Value::Null => Ok(None),
+                Value::Bool(b) => Ok(Some(*b)),
+                _ => Err(bad(format!("securityContext.{key} is not true or false"))),
+            }
+        };
+        let non_root = match flag(&sc["runAsNonRoot"], "runAsNonRoot")? {
+            Some(b) => b,
+            None => flag(&pod_ids["runAsNonRoot"], "runAsNonRoot")?.unwrap_or(false),
+        };
         let pin = json!({
             "image": image,
-            "command": strings("command")?,
-            "args": strings("args")?,
+            "command": command,
+            "args": args,
+            "run_as_non_root": non_root,
+            "no_new_privileges": flag(&sc["allowPrivilegeEscalation"], "allowPrivilegeEscalation")? == Some(false),
+            "read_only_root": flag(&sc["readOnlyRootFilesystem"], "readOnlyRootFilesystem")? == Some(true),
+            "drop_all": dropped.iter().any(|d| d == "CAP_ALL"),
+            "caps_dropped": dropped,
+            "caps_added": caps("add")?,
+            "service_links": service_links,
             "working_dir": c["workingDir"].as_str().unwrap_or_default(),
             "env": env,
             "env_from_elsewhere": elsewhere,
@@ -304,7 +525,9 @@ mod tests {
             p["app"],
             json!({"image": format!("r.io:5000/team/app@{DIGEST}"), "command": ["/bin/app"],
                    "args": ["--port", "8080"], "working_dir": "/srv", "env": ["MODE=prod"],
-                   "env_from_elsewhere": ["TOKEN"], "uid": 1000, "gid": null, "kbs_secrets": ""})
+                   "env_from_elsewhere": ["TOKEN"], "uid": 1000, "gid": null, "kbs_secrets": "",
+                   "run_as_non_root": false, "no_new_privileges": false, "read_only_root": false,
+                   "drop_all": false, "caps_dropped": [], "caps_added": [], "service_links": true})
         );
         let text = generate(&yaml, None, "sha384").unwrap();
         let doc = crate::initdata::InitData::parse(text.as_bytes()).unwrap();
@@ -320,6 +543,8 @@ mod tests {
             (&format!("  - name: a\n    image: r.io/app@{DIGEST}\n    env: [{{name: X, value: \"$(Y)\"}}]\n"), "kubelet expands"),
             (&format!("  - name: a\n    image: r.io/app@{DIGEST}\n  - name: a\n    image: r.io/app@{DIGEST}\n"), "two containers"),
             (&format!("  - image: r.io/app@{DIGEST}\n"), "no name"),
+            (&format!("  - name: a\n    image: r.io/app@{DIGEST}\n    args: [\"$(X)\"]\n"), "kubelet expands"),
+            (&format!("  - &c\n    name: a\n    image: r.io/app@{DIGEST}\n  - <<: *c\n    name: b\n"), "merge key"),
         ] {
             let e = generate(&pod(container), None, "sha384").unwrap_err();
             assert!(e.contains(says), "{e}");

@@ -33,6 +33,11 @@ spec:
     image: registry.example:5000/team/side@IMAGE
     command: ["/bin/side"]
     workingDir: /work
+    securityContext:
+      allowPrivilegeEscalation: false
+      capabilities:
+        drop: [ALL]
+        add: [NET_BIND_SERVICE]
 "#;
 
 fn gate() -> Gate {
@@ -68,14 +73,36 @@ fn input(name: &str) -> Value {
             json!(["PATH=/usr/bin:/bin", "HOSTNAME=web"]),
         ),
     };
+    let caps = match name {
+        "app" => json!(["CAP_CHOWN", "CAP_KILL"]),
+        _ => json!(["CAP_NET_BIND_SERVICE"]),
+    };
     json!({
         "guest_image": image,
         "oci": {
             "annotations": {"io.kubernetes.cri.container-name": name},
-            "process": {"args": args, "cwd": cwd, "env": env, "user": {"uid": 1000, "gid": 0}},
+            "process": {"args": args, "cwd": cwd, "env": env, "user": {"uid": 1000, "gid": 0},
+                        "noNewPrivileges": name != "app",
+                        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps}},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/run/cocoon/shared/c/mounts/0"},
+            ],
+            "linux": {"maskedPaths": ["/proc/kcore", "/sys/firmware"], "readonlyPaths": ["/proc/sys"],
+                      "seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}},
         },
-        "image_config": {"Entrypoint": ["/bin/app"], "Cmd": ["--help"], "Env": ["PATH=/usr/bin:/bin"]},
+        "image_config": {"Entrypoint": ["/bin/app"], "Cmd": ["--help"], "Env": ["PATH=/usr/bin:/bin"], "WorkingDir": null},
     })
+}
+
+fn refused_side(g: &Gate, what: &str, change: impl FnOnce(&mut Value)) {
+    let mut i = input("side");
+    change(&mut i);
+    assert_eq!(
+        g.check_pulled(|| i),
+        Err(Denied::Policy("CreateContainerImageRequest".into())),
+        "{what} was let through"
+    );
 }
 
 fn refused(g: &Gate, what: &str, change: impl FnOnce(&mut Value)) {
@@ -134,6 +161,58 @@ fn whatever_a_host_changes_is_refused() {
     });
     refused(&g, "secrets the pod did not ask for", |i| {
         i["oci"]["annotations"]["io.cocoon.kbs-secrets"] = json!("k=default/key/one")
+    });
+    refused(&g, "a file system over the image's files", |i| {
+        i["oci"]["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"destination": "/etc/app", "type": "tmpfs", "source": "tmpfs"}))
+    });
+    refused(&g, "an image file masked", |i| {
+        i["oci"]["linux"]["maskedPaths"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("/etc/app/auth.conf"))
+    });
+    refused(&g, "an image directory made read-only", |i| {
+        i["oci"]["linux"]["readonlyPaths"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("/var/lib/app"))
+    });
+    refused(&g, "a syscall faked to succeed", |i| {
+        i["oci"]["linux"]["seccomp"]["syscalls"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"names": ["setresuid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 0}))
+    });
+    refused(&g, "a manifest variable given twice", |i| {
+        i["oci"]["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("MODE=debug"))
+    });
+    refused(&g, "the image's own variable left out", |i| {
+        i["oci"]["process"]["env"].as_array_mut().unwrap().remove(0);
+    });
+    refused(&g, "a variable dressed as a service link", |i| {
+        i["oci"]["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("DEBUG_PORT=tcp://evil.example:1"))
+    });
+    refused(&g, "a service link over a manifest variable's name", |i| {
+        i["oci"]["process"]["env"][1] = json!("MODE_SERVICE_PORT=1")
+    });
+    refused(&g, "a hostname with more in it", |i| {
+        i["oci"]["process"]["env"][3] = json!("HOSTNAME=web\nX=1")
+    });
+    refused_side(&g, "privilege escalation the manifest turns off", |i| {
+        i["oci"]["process"]["noNewPrivileges"] = json!(false)
+    });
+    refused_side(&g, "a capability the manifest drops", |i| {
+        i["oci"]["process"]["capabilities"]["effective"] =
+            json!(["CAP_NET_BIND_SERVICE", "CAP_CHOWN"])
     });
     // The sidecar's image for the app container: each name has its own pins.
     refused(&g, "a container under another's name", |i| {
