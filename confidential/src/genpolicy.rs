@@ -1,4 +1,6 @@
-//! `cocoon policy generate`: an agent policy for one pod, from its Kubernetes manifest,
+//! `cocoon policy generate`: an agent policy for one pod, from its Kubernetes manifest
+//! (a Pod, or a workload's pod template: Deployment, StatefulSet, DaemonSet, ReplicaSet,
+//! Job, CronJob; other documents beside it are skipped),
 //! in the spirit of Confidential Containers' `genpolicy`. The host builds every
 //! container's spec; in a confidential pod it is not trusted to build the one the pod's
 //! owner wrote. The generated policy is the built-in confidential one plus a
@@ -313,19 +315,35 @@ fn pod_of(manifest: &str) -> Result<Value, String> {
     let mut pods = Vec::new();
     for d in &docs {
         let v = to_json(d)?;
-        match v.get("kind").and_then(Value::as_str) {
-            Some("Pod") => pods.push(v),
-            Some(kind) => {
-                return Err(format!(
-                "the manifest holds a {kind}; give the Pod (a Deployment's is its spec.template)"
-            ))
+        let template = match v.get("kind").and_then(Value::as_str) {
+            Some("Pod") => {
+                pods.push(v);
+                continue;
             }
+            Some("Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job") => {
+                &v["spec"]["template"]
+            }
+            Some("CronJob") => &v["spec"]["jobTemplate"]["spec"]["template"],
+            // Services, ConfigMaps and the like beside the workload: not the policy's.
+            Some(_) => continue,
             None => return Err("a manifest document has no kind".into()),
+        };
+        if !template.is_object() {
+            return Err(format!("the {} has no pod template", v["kind"]));
         }
+        // The pods it makes are named after it.
+        let mut metadata = template["metadata"].clone();
+        if metadata["name"].is_null() {
+            metadata["name"] = v["metadata"]["name"].clone();
+        }
+        pods.push(json!({"kind": "Pod", "metadata": metadata, "spec": template["spec"]}));
     }
     match <[Value; 1]>::try_from(pods) {
         Ok([pod]) => Ok(pod),
-        Err(p) => Err(format!("the manifest holds {} Pods; give one", p.len())),
+        Err(p) => Err(format!(
+            "the manifest holds {} Pods or workloads with a pod template; give one",
+            p.len()
+        )),
     }
 }
 
@@ -550,8 +568,30 @@ mod tests {
             assert!(e.contains(says), "{e}");
         }
         let e = generate("kind: Deployment\n", None, "sha384").unwrap_err();
-        assert!(e.contains("Deployment"), "{e}");
+        assert!(e.contains("pod template"), "{e}");
+        let e = generate("kind: Service\n", None, "sha384").unwrap_err();
+        assert!(e.contains("holds 0"), "{e}");
         assert!(generate("{", None, "sha384").is_err());
+    }
+
+    #[test]
+    fn a_workloads_pod_template_is_its_pod() {
+        let deployment = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n---\n\
+             apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  \
+             template:\n    metadata:\n      annotations: {{io.cocoon.kbs-secrets: \"k=a/b/c\"}}\n    \
+             spec:\n      containers:\n      - name: a\n        image: r.io/app@{DIGEST}\n"
+        );
+        let pod = pod_of(&deployment).unwrap();
+        assert_eq!(pod["metadata"]["name"], "web");
+        let p = pinned(&pod).unwrap();
+        assert_eq!(p["a"]["kbs_secrets"], "k=a/b/c");
+        let cron = format!(
+            "kind: CronJob\nmetadata: {{name: nightly}}\nspec:\n  jobTemplate:\n    spec:\n      \
+             template:\n        spec:\n          containers:\n          - name: a\n            \
+             image: r.io/app@{DIGEST}\n"
+        );
+        assert!(generate(&cron, None, "sha384").is_ok());
     }
 
     #[test]
