@@ -301,20 +301,7 @@ impl Gate {
         if !self.pins_images() {
             return Ok(());
         }
-        let rule = IMAGE_RULE;
-        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
-        let input = regorus::Value::from_json_str(&input().to_string())
-            .map_err(|e| Denied::Error(format!("input for {rule}: {e}")))?;
-        engine.set_input(input);
-        let results = engine
-            .eval_query(format!("data.agent_policy.{rule}"), false)
-            .map_err(|e| Denied::Error(format!("{rule}: {e}")))?;
-        match results.result.as_slice() {
-            [one] if matches!(one.expressions.as_slice(), [e] if e.value == regorus::Value::from(true)) => {
-                Ok(())
-            }
-            _ => Err(Denied::Policy(rule.into())),
-        }
+        decide(engine, IMAGE_RULE, input)
     }
 
     /// Whether the pod's policy decides containers by their pulled image
@@ -336,27 +323,30 @@ impl Gate {
             None | Some(None) => return Ok(()),
             Some(Some(engine)) => engine,
         };
-        let rule = format!("{call}Request");
-        let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
-        let input = regorus::Value::from_json_str(&input().to_string())
-            .map_err(|e| Denied::Error(format!("input for {rule}: {e}")))?;
-        engine.set_input(input);
-        // A query, not `eval_rule`: a rule the policy does not define is undefined (no
-        // result), which refuses, rather than an error.
-        let results = engine
-            .eval_query(format!("data.agent_policy.{rule}"), false)
-            .map_err(|e| Denied::Error(format!("{rule}: {e}")))?;
-        let allowed = match results.result.as_slice() {
-            [one] => {
-                matches!(one.expressions.as_slice(), [e] if e.value == regorus::Value::from(true))
-            }
-            _ => false,
-        };
-        if allowed {
+        decide(engine, &format!("{call}Request"), input)
+    }
+}
+
+/// Evaluates `rule` of the policy in `engine` with `input`: allowed only if it is true. A
+/// query, not `eval_rule`: a rule the policy does not define is undefined (no result),
+/// which refuses, rather than an error.
+fn decide(
+    engine: &Mutex<regorus::Engine>,
+    rule: &str,
+    input: impl FnOnce() -> serde_json::Value,
+) -> Result<(), Denied> {
+    let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+    let input = regorus::Value::from_json_str(&input().to_string())
+        .map_err(|e| Denied::Error(format!("input for {rule}: {e}")))?;
+    engine.set_input(input);
+    let results = engine
+        .eval_query(format!("data.agent_policy.{rule}"), false)
+        .map_err(|e| Denied::Error(format!("{rule}: {e}")))?;
+    match results.result.as_slice() {
+        [one] if matches!(one.expressions.as_slice(), [e] if e.value == regorus::Value::from(true)) => {
             Ok(())
-        } else {
-            Err(Denied::Policy(rule))
         }
+        _ => Err(Denied::Policy(rule.into())),
     }
 }
 

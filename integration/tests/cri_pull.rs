@@ -42,6 +42,33 @@ fn registry_on(test: &str, node: &CriNode) -> Option<(Registry, String)> {
     Some((registry, digest))
 }
 
+/// Creating and starting `c` in `pod` fails, saying `says` (`what`: what was refused).
+async fn refused(
+    node: &CriNode,
+    pod: &str,
+    c: &k8s_cri::v1::ContainerConfig,
+    pconfig: &k8s_cri::v1::PodSandboxConfig,
+    says: &str,
+    what: &str,
+) {
+    match node.create_and_start(pod, c, pconfig).await {
+        Ok(_) => panic!("{what}: it ran"),
+        Err(e) => assert!(e.message().contains(says), "{what}: {e}"),
+    }
+}
+
+/// The host shares no root filesystem for container `app` (under the shim's `run` dir).
+fn no_host_root(run: &std::path::Path, app: &str, test: &str) {
+    let shared: Vec<_> = cocoon_integration::mounts_under(run)
+        .into_iter()
+        .filter(|m| m.to_string_lossy().contains(&format!("{app}/rootfs")))
+        .collect();
+    assert!(
+        shared.is_empty(),
+        "{test}: the host mounted a rootfs for it: {shared:?}"
+    );
+}
+
 /// Makes `c` run from the test image as the guest pulls it by `digest`.
 fn pull_in_guest(c: &mut k8s_cri::v1::ContainerConfig, registry: &Registry, digest: &str) {
     c.annotations.insert(
@@ -92,14 +119,7 @@ async fn cocoon_pod_runs_an_image_the_guest_pulled() {
     );
     // The host shares no root filesystem for it.
     let run = env.dir.path().join("run");
-    let shared: Vec<_> = cocoon_integration::mounts_under(&run)
-        .into_iter()
-        .filter(|m| m.to_string_lossy().contains(&format!("{app}/rootfs")))
-        .collect();
-    assert!(
-        shared.is_empty(),
-        "{test}: the host mounted a rootfs for it: {shared:?}"
-    );
+    no_host_root(&run, &app, test);
 
     // A digest the registry does not have: CreateContainer fails, naming it.
     let missing = format!("sha256:{}", "0".repeat(64));
@@ -237,14 +257,15 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         container_path: "/data".into(),
         ..Default::default()
     }];
-    let e = node
-        .create_and_start(&pod, &with_volume, &pconfig)
-        .await
-        .expect_err("a host-path volume in a confidential pod");
-    assert!(
-        e.message().contains("CreateContainerRequest is blocked"),
-        "{test}: {e}"
-    );
+    refused(
+        node,
+        &pod,
+        &with_volume,
+        &pconfig,
+        "CreateContainerRequest is blocked",
+        "a host-path volume in a confidential pod",
+    )
+    .await;
     // A capability beyond containerd's default set, even on a pulled image.
     let mut admin = c.clone();
     admin.metadata.as_mut().unwrap().name = "sys-admin".into();
@@ -257,23 +278,25 @@ async fn a_confidential_pod_runs_only_what_its_guest_made() {
         add_capabilities: vec!["SYS_ADMIN".into()],
         ..Default::default()
     });
-    let e = node
-        .create_and_start(&pod, &admin, &pconfig)
-        .await
-        .expect_err("CAP_SYS_ADMIN in a confidential pod");
-    assert!(
-        e.message().contains("CreateContainerRequest is blocked"),
-        "{test}: {e}"
-    );
+    refused(
+        node,
+        &pod,
+        &admin,
+        &pconfig,
+        "CreateContainerRequest is blocked",
+        "CAP_SYS_ADMIN in a confidential pod",
+    )
+    .await;
     let host_root = CriNode::container_config("host-root", IMAGE_REF, &["sleep", "3600"], &[]);
-    let e = node
-        .create_and_start(&pod, &host_root, &pconfig)
-        .await
-        .expect_err("a container on a root the host shared");
-    assert!(
-        e.message().contains("CreateContainerRequest is blocked"),
-        "{test}: {e}"
-    );
+    refused(
+        node,
+        &pod,
+        &host_root,
+        &pconfig,
+        "CreateContainerRequest is blocked",
+        "a container on a root the host shared",
+    )
+    .await;
 
     node.stop_and_remove_pod(&pod)
         .await
@@ -412,11 +435,15 @@ async fn cocoon_pod_pulls_over_tls_trusting_its_init_datas_roots() {
     // With roots given, a registry is spoken to over TLS unless named as plain HTTP.
     let mut c = CriNode::container_config("plain", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
     pull_in_guest(&mut c, &plain, &digest);
-    let e = node
-        .create_and_start(&pod, &c, &pconfig)
-        .await
-        .expect_err("a plain-HTTP registry was pulled from over TLS");
-    assert!(e.message().contains(&plain.addr), "{test}: {e}");
+    refused(
+        node,
+        &pod,
+        &c,
+        &pconfig,
+        &plain.addr,
+        "a plain-HTTP registry was pulled from over TLS",
+    )
+    .await;
 
     // A private registry: its credentials are the key broker's to give, and only for
     // hardware evidence, which this guest has none of. The agent says so.
@@ -504,35 +531,32 @@ async fn a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest() {
         (0, "pulled in the guest\n"),
         "{test}: {err}"
     );
-    let run = env.dir.path().join("run");
-    let shared: Vec<_> = cocoon_integration::mounts_under(&run)
-        .into_iter()
-        .filter(|m| m.to_string_lossy().contains(&format!("{app}/rootfs")))
-        .collect();
-    assert!(
-        shared.is_empty(),
-        "{test}: the host mounted a rootfs for it: {shared:?}"
-    );
+    no_host_root(&env.dir.path().join("run"), &app, test);
 
     // The same image with a process its config does not name: the guest pulls it,
     // reads its config, and refuses, leaving nothing.
     let c = CriNode::container_config("other", &image_ref, &["/bin/sh", "-c", "id"], &[]);
-    let e = node
-        .create_and_start(&pod, &c, &pconfig)
-        .await
-        .expect_err("a process the image's config does not name was run");
-    assert!(
-        e.message().contains("CreateContainerImageRequest"),
-        "{test}: {e}"
-    );
+    refused(
+        node,
+        &pod,
+        &c,
+        &pconfig,
+        "CreateContainerImageRequest",
+        "a process the image's config does not name was run",
+    )
+    .await;
 
     // An image the node knows by tag only: the guest could not check what it pulls.
     let c = CriNode::container_config("tagged", IMAGE_REF, &["/bin/sleep", "3600"], &[]);
-    let e = node
-        .create_and_start(&pod, &c, &pconfig)
-        .await
-        .expect_err("a container of an image named by tag was pulled in the guest");
-    assert!(e.message().contains("not named by digest"), "{test}: {e}");
+    refused(
+        node,
+        &pod,
+        &c,
+        &pconfig,
+        "not named by digest",
+        "a container of an image named by tag was pulled in the guest",
+    )
+    .await;
     node.stop_and_remove_pod(&pod)
         .await
         .expect("stop/remove pod");
@@ -628,14 +652,17 @@ async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
         ("side", &["/bin/sleep", "1"][..]),
         ("intruder", &["/bin/sleep", "3600"][..]),
     ] {
-        let e = node
-            .create_and_start(&pod, &container(name, command), &pconfig)
-            .await
-            .expect_err("a container its manifest does not say was run");
-        assert!(
-            e.message().contains("CreateContainerImageRequest"),
-            "{test}: {name}: {e}"
-        );
+        let what = format!("{test}: {name}, which its manifest does not say");
+        let c = container(name, command);
+        refused(
+            node,
+            &pod,
+            &c,
+            &pconfig,
+            "CreateContainerImageRequest",
+            &what,
+        )
+        .await;
     }
     // The sidecar as its manifest says (a new attempt: CRI keeps the refused one's name).
     let mut side = container("side", &["/bin/sleep", "3600"]);

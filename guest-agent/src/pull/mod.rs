@@ -239,32 +239,7 @@ fn fetch_config(
         )));
     }
     let path = format!("/v2/{}/blobs/{digest}", image.repository);
-    let mut reply = session.get(&path, None)?;
-    if reply.status != 200 {
-        return Err(PullError::Missing {
-            what: "image config",
-            digest: digest.to_owned(),
-            status: reply.status,
-        });
-    }
-    let mut body = Vec::new();
-    (&mut reply)
-        .take(MAX_CONFIG + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| PullError::Registry(format!("reading image config {digest}: {e}")))?;
-    if body.len() as u64 > MAX_CONFIG {
-        return Err(PullError::Malformed(format!(
-            "image config {digest} is over {MAX_CONFIG} bytes"
-        )));
-    }
-    let got = hex(&Sha256::digest(&body));
-    if format!("sha256:{got}") != digest {
-        return Err(PullError::DigestMismatch {
-            what: "image config",
-            digest: digest.to_owned(),
-            got,
-        });
-    }
+    let body = fetch_checked(session, &path, None, "image config", digest, MAX_CONFIG)?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| PullError::Malformed(format!("image config {digest}: {e}")))?;
     match v.get("config") {
@@ -386,6 +361,45 @@ fn pick_platform(index: &Value) -> Result<String, PullError> {
         .ok_or_else(|| PullError::Malformed("the index has no linux/amd64 manifest".into()))
 }
 
+/// `path` of the registry, `what` named `digest`: at most `max` bytes, checked against
+/// the digest before anything reads it.
+fn fetch_checked(
+    session: &mut registry::Session,
+    path: &str,
+    accept: Option<&str>,
+    what: &'static str,
+    digest: &str,
+    max: u64,
+) -> Result<Vec<u8>, PullError> {
+    let mut reply = session.get(path, accept)?;
+    if reply.status != 200 {
+        return Err(PullError::Missing {
+            what,
+            digest: digest.to_owned(),
+            status: reply.status,
+        });
+    }
+    let mut body = Vec::new();
+    (&mut reply)
+        .take(max + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| PullError::Registry(format!("reading {what} {digest}: {e}")))?;
+    if body.len() as u64 > max {
+        return Err(PullError::Malformed(format!(
+            "{what} {digest} is over {max} bytes"
+        )));
+    }
+    let got = hex(&Sha256::digest(&body));
+    if format!("sha256:{got}") != digest {
+        return Err(PullError::DigestMismatch {
+            what,
+            digest: digest.to_owned(),
+            got,
+        });
+    }
+    Ok(body)
+}
+
 /// The manifest (or index) named `digest`, checked against it.
 fn fetch_manifest(
     session: &mut registry::Session,
@@ -395,32 +409,14 @@ fn fetch_manifest(
     check_digest(digest)
         .map_err(|_| PullError::Malformed(format!("a manifest digest {digest:?}")))?;
     let path = format!("/v2/{}/manifests/{digest}", image.repository);
-    let mut reply = session.get(&path, Some(ACCEPT))?;
-    if reply.status != 200 {
-        return Err(PullError::Missing {
-            what: "manifest",
-            digest: digest.to_owned(),
-            status: reply.status,
-        });
-    }
-    let mut body = Vec::new();
-    (&mut reply)
-        .take(MAX_MANIFEST + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| PullError::Registry(format!("reading manifest {digest}: {e}")))?;
-    if body.len() as u64 > MAX_MANIFEST {
-        return Err(PullError::Malformed(format!(
-            "manifest {digest} is over {MAX_MANIFEST} bytes"
-        )));
-    }
-    let got = hex(&Sha256::digest(&body));
-    if format!("sha256:{got}") != digest {
-        return Err(PullError::DigestMismatch {
-            what: "manifest",
-            digest: digest.to_owned(),
-            got,
-        });
-    }
+    let body = fetch_checked(
+        session,
+        &path,
+        Some(ACCEPT),
+        "manifest",
+        digest,
+        MAX_MANIFEST,
+    )?;
     let mut v: Value = serde_json::from_slice(&body)
         .map_err(|e| PullError::Malformed(format!("manifest {digest}: {e}")))?;
     // OCI lets mediaType be left out of the document: tell an index by its shape (the
