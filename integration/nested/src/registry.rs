@@ -121,13 +121,23 @@ impl Registry {
             ),
         )
         .unwrap();
-        let child = Command::new(REGISTRY)
+        let mut command = Command::new(REGISTRY);
+        command
             .arg("serve")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        // Gone with the test that started it, even where `Drop` never runs: a registry
+        // a test's server threads still hold when its process exits, or a test killed.
+        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().unwrap();
         let r = Registry {
             child,
             addr,
