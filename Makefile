@@ -54,7 +54,9 @@ lint: setup
 # coverage-guided run of every fuzz target (a fixed seed and count, so it is the same
 # run each time for the same code).
 test: lint image
+	bash scripts/leftovers.sh before
 	$(CARGO) nextest run --workspace --no-fail-fast
+	bash scripts/leftovers.sh after
 	FUZZ_SEED=1 bash scripts/fuzz-guided.sh $(FUZZ_CI_RUNS) $(CURDIR)/target/fuzz-guided-ci.json
 FUZZ_CI_RUNS ?= 100000
 
