@@ -76,9 +76,6 @@ pub struct Gate {
     init_data: OnceLock<InitData>,
     /// The session with the pod's key broker, made on first use.
     kbs: Mutex<Option<KbsClient>>,
-    /// Whether the pod's policy names `IMAGE_RULE`: then every container is decided by
-    /// the image the guest pulled for it (`check_pulled`).
-    pins_images: std::sync::atomic::AtomicBool,
 }
 
 /// The rule that decides a container once its image is pulled.
@@ -151,7 +148,6 @@ impl Gate {
             tsm_root,
             init_data: OnceLock::new(),
             kbs: Mutex::new(None),
-            pins_images: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,11 +190,6 @@ impl Gate {
             }
             Mode::Plain | Mode::Policy => {}
         }
-        // Named anywhere, a comment included: the agent then refuses what the rule
-        // does not allow (it never lets a container through for a misread policy).
-        let pins = data.policy().is_some_and(|rego| rego.contains(IMAGE_RULE));
-        self.pins_images
-            .store(pins, std::sync::atomic::Ordering::SeqCst);
         let engine = match data.policy() {
             Some(rego) => Some(Mutex::new(compile(rego)?)),
             None if self.confidential => Some(Mutex::new(
@@ -206,11 +197,12 @@ impl Gate {
             )),
             None => None,
         };
-        self.set
-            .set(engine)
-            .map_err(|_| "init-data was already set; it cannot change for a VM's life")?;
+        // The document first: what it says (`pins_images`) holds before the engine
+        // decides anything.
+        const ONCE: &str = "init-data was already set; it cannot change for a VM's life";
+        self.init_data.set(data.clone()).map_err(|_| ONCE)?;
         let _ = self.init_digest.set(data.digest.clone());
-        let _ = self.init_data.set(data.clone());
+        self.set.set(engine).map_err(|_| ONCE)?;
         Ok(data)
     }
 
@@ -307,8 +299,13 @@ impl Gate {
     /// Whether the pod's policy decides containers by their pulled image
     /// (`IMAGE_RULE`): then a container the guest does not pull is refused, and a
     /// sandbox gets the built-in pause, as in a confidential pod.
+    /// Named anywhere in it, a comment included: the agent then refuses what the rule does
+    /// not allow (it never lets a container through for a misread policy).
     pub fn pins_images(&self) -> bool {
-        self.pins_images.load(std::sync::atomic::Ordering::SeqCst)
+        self.init_data
+            .get()
+            .and_then(InitData::policy)
+            .is_some_and(|rego| rego.contains(IMAGE_RULE))
     }
 
     /// Decides `call` (the RPC's name, e.g. `ExecProcess`) with `input` (the request as

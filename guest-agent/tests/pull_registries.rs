@@ -407,8 +407,8 @@ fn with_credentials(
 }
 
 fn auth_json(registry: &str, user: &str, password: &str) -> serde_json::Value {
-    use base64::Engine;
-    let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let header = basic(user, password);
+    let b = header.trim_start_matches("Basic ");
     serde_json::json!({"auths": {registry: {"auth": b}}})
 }
 
