@@ -92,47 +92,72 @@ pub async fn create(
     Ok(())
 }
 
-/// How long a container's shared root may take to show as the mount the host made.
+/// How long a container's shared root and volumes may take to show as the mounts the
+/// host made.
 const SHARED_ROOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Waits until a container root shared from the host (`spec_json`'s root under
-/// `SHARED_DIR`) shows in the guest as the filesystem the host mounted there (its own
-/// device, virtiofsd announcing submounts), bounded. The host mounts the root before it
-/// asks for the container, but the guest's virtio-fs keeps a lookup for a second
-/// (`--cache auto`): a guest process that looked at the path between the host's mkdir
-/// and its mount (a hostile one racing the shim did, in `hostile_race.rs`) leaves the
-/// bare mount point cached, and the container was then made on that read-only directory
-/// ("cannot create .../rootfs/proc: Read-only file system"). Returns at once when the
-/// root is not shared or already the mount; after the bound, the create goes on and
-/// reports what it finds.
-pub async fn wait_shared_root(spec_json: &[u8]) {
-    let Some(root) = serde_json::from_slice::<serde_json::Value>(spec_json)
-        .ok()
-        .and_then(|s| {
-            s.get("root")?
-                .get("path")?
-                .as_str()
-                .map(std::path::PathBuf::from)
-        })
-        .filter(|p| p.starts_with(SHARED_DIR) && p.is_absolute())
-    else {
-        return;
+/// The directories of `spec_json` that the host mounted in the pod share before it
+/// asked for the container: its root, when shared, and each directory volume
+/// (`<SHARED_DIR>/<id>/mounts/<n>`). Files (kubelet's `/etc/hosts`) are left out: a
+/// file bind mount need not show a device of its own.
+fn shared_mounts(spec_json: &[u8], shared_dir: &Path) -> Vec<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(spec_json) else {
+        return Vec::new();
     };
-    let Some(parent) = root.parent().map(std::path::Path::to_path_buf) else {
+    let shared = |p: &PathBuf| p.is_absolute() && p.starts_with(shared_dir);
+    let root = spec
+        .get("root")
+        .and_then(|r| r.get("path")?.as_str())
+        .map(PathBuf::from)
+        .filter(shared);
+    let volumes = spec
+        .get("mounts")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|m| m.get("type").and_then(|t| t.as_str()) == Some("bind"))
+        .filter_map(|m| m.get("source")?.as_str().map(PathBuf::from))
+        .filter(|p| {
+            shared(p)
+                && p.parent().and_then(|d| d.file_name()) == Some("mounts".as_ref())
+                && p.is_dir()
+        });
+    root.into_iter().chain(volumes).collect()
+}
+
+/// Waits until a container's root and volumes shared from the host (`shared_mounts`)
+/// show in the guest as the filesystems the host mounted there (each its own device,
+/// virtiofsd announcing submounts), bounded. The host mounts them before it asks for
+/// the container, but the guest's virtio-fs keeps a lookup for a second (`--cache
+/// auto`): a guest process that looked at a path between the host's mkdir and its
+/// mount (a hostile one racing the shim did, in `hostile_race.rs`) leaves the bare
+/// mount point cached, and the container was then made on that read-only directory
+/// ("cannot create .../rootfs/proc: Read-only file system"; an rw volume that was
+/// read-only). Returns at once when nothing is shared or all are mounted; after the
+/// bound, the create goes on and reports what it finds.
+pub async fn wait_shared_mounts(spec_json: &[u8]) {
+    let points = shared_mounts(spec_json, Path::new(SHARED_DIR));
+    if points.is_empty() {
         return;
-    };
+    }
     let mounted = move || -> bool {
         use std::os::unix::fs::MetadataExt;
-        // `root/.`: stat inside it, so that virtio-fs crosses into the announced
-        // submount (the automount) rather than answer for the mount point itself.
-        match (
-            std::fs::metadata(root.join(".")),
-            std::fs::metadata(&parent),
-        ) {
-            (Ok(r), Ok(p)) => r.dev() != p.dev(),
-            // Not there: nothing to wait for; the create says so.
-            _ => true,
-        }
+        points.iter().all(|point| {
+            let Some(parent) = point.parent() else {
+                return true;
+            };
+            // `point/.`: stat inside it, so that virtio-fs crosses into the announced
+            // submount (the automount) rather than answer for the mount point itself.
+            match (
+                std::fs::metadata(point.join(".")),
+                std::fs::metadata(parent),
+            ) {
+                (Ok(r), Ok(p)) => r.dev() != p.dev(),
+                // Not there: nothing to wait for; the create says so.
+                _ => true,
+            }
+        })
     };
     let deadline = std::time::Instant::now() + SHARED_ROOT_WAIT;
     let mut waited = false;
@@ -140,14 +165,12 @@ pub async fn wait_shared_root(spec_json: &[u8]) {
         let check = mounted.clone();
         if tokio::task::spawn_blocking(check).await.unwrap_or(true) {
             if waited {
-                tracing::info!(
-                    "a container's shared root showed as its mount after a stale lookup"
-                );
+                tracing::info!("a container's shared mounts showed after a stale lookup");
             }
             return;
         }
         if std::time::Instant::now() >= deadline {
-            tracing::warn!("a container's shared root still shows as its bare mount point");
+            tracing::warn!("a container's shared mounts still show as bare mount points");
             return;
         }
         waited = true;
@@ -192,5 +215,34 @@ mod tests {
             resolv_conf(&["10.0.0.1".into(), "1.1.1.1".into()]),
             "nameserver 10.0.0.1\nnameserver 1.1.1.1\n"
         );
+    }
+
+    #[test]
+    fn the_shared_root_and_directory_volumes_are_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("shared");
+        std::fs::create_dir_all(share.join("c1/mounts/0")).unwrap();
+        std::fs::write(share.join("c1/mounts/1"), "").unwrap();
+        std::fs::create_dir_all(dir.path().join("elsewhere/mounts/0")).unwrap();
+        let at = |p: &str| format!("{}/{p}", dir.path().display());
+        let spec = serde_json::json!({
+            "root": {"path": at("shared/c1/rootfs")},
+            "mounts": [
+                {"destination": "/data", "type": "bind", "source": at("shared/c1/mounts/0")},
+                {"destination": "/etc/hosts", "type": "bind", "source": at("shared/c1/mounts/1")},
+                {"destination": "/other", "type": "bind", "source": at("elsewhere/mounts/0")},
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/gone", "type": "bind", "source": at("shared/c1/mounts/2")},
+            ]
+        });
+        let found = shared_mounts(spec.to_string().as_bytes(), &share);
+        assert_eq!(
+            found,
+            [share.join("c1/rootfs"), share.join("c1/mounts/0")],
+            "the root, and only directory volumes in the share"
+        );
+        let pulled = serde_json::json!({"root": {"path": "/run/cocoon/pulled/c1/rootfs"}});
+        assert!(shared_mounts(pulled.to_string().as_bytes(), &share).is_empty());
+        assert!(shared_mounts(b"not json", &share).is_empty());
     }
 }

@@ -125,9 +125,7 @@ impl AgentService {
             Some(spec)
         };
         let spec = pulled.as_deref().unwrap_or(&req.oci_spec_json);
-        if pulled.is_none() {
-            sandbox::wait_shared_root(spec).await;
-        }
+        sandbox::wait_shared_mounts(spec).await;
         let with_secrets = match self.provide_secrets(&req.container_id, spec).await {
             Ok(v) => v,
             Err(e) => {
