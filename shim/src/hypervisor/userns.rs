@@ -140,8 +140,30 @@ impl PodUserns {
     /// Idmaps the detached mount `tree` (from `open_tree(OPEN_TREE_CLONE)`), and the
     /// mounts below it when `recursive`, with this namespace's mapping. Fails on a
     /// filesystem that does not support idmapped mounts, or a mount already idmapped.
+    ///
+    /// Not every filesystem can be idmapped (overlayfs, NFS, CIFS, procfs: `EINVAL`);
+    /// the error then names the filesystem and the ways out.
     pub fn idmap(&self, tree: BorrowedFd<'_>, recursive: bool) -> std::io::Result<()> {
-        set_attr(tree, libc::MOUNT_ATTR_IDMAP, self.fd.as_raw_fd(), recursive)
+        set_attr(tree, libc::MOUNT_ATTR_IDMAP, self.fd.as_raw_fd(), recursive).map_err(|e| {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return e;
+            }
+            let below = if recursive {
+                " (or a mount beneath it)"
+            } else {
+                ""
+            };
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "its filesystem{below} cannot be idmapped ({}): the pod's virtiofsd runs \
+                     jailed in a user namespace ([jail] virtiofsd = true) and sees only \
+                     idmapped mounts; keep the path on ext4, xfs, btrfs or tmpfs, or turn \
+                     that jail off",
+                    filesystem_name(tree)
+                ),
+            )
+        })
     }
 
     /// Makes `cmd`'s child root of this namespace before it executes: it joins the
@@ -197,6 +219,27 @@ impl PodUserns {
             });
         }
     }
+}
+
+/// The kind of filesystem `fd` is on, by `fstatfs`'s magic number.
+fn filesystem_name(fd: BorrowedFd<'_>) -> String {
+    let Ok(st) = nix::sys::statfs::fstatfs(fd) else {
+        return "unknown filesystem".into();
+    };
+    let magic = st.filesystem_type().0 as u64;
+    let name = match magic {
+        0x794c_7630 => "overlayfs",
+        0x6969 => "nfs",
+        0xff53_4d42 => "cifs",
+        0xfe53_4d42 => "smb2",
+        0x6573_5546 => "fuse",
+        0x0102_1997 => "9p",
+        0x9fa0 => "procfs",
+        0x6265_6572 => "sysfs",
+        0x7363_6673 => "securityfs",
+        _ => return format!("filesystem magic {magic:#x}"),
+    };
+    name.into()
 }
 
 /// Processes and threads the namespace's root may have (its host uid is the pod's

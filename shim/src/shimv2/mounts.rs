@@ -497,6 +497,71 @@ mod tests {
         crate::shimv2::share::remove(&share);
     }
 
+    /// A volume on a filesystem that cannot be idmapped (an overlay, as `/tmp` is in
+    /// many containers; NFS) cannot reach the jailed virtiofsd: the error names the
+    /// volume, the filesystem and the way out, and nothing is left in the share.
+    #[test]
+    fn a_volume_that_cannot_be_idmapped_is_named_with_its_filesystem() {
+        if !nix::unistd::geteuid().is_root() {
+            cocoon_nested::testing::missing("mounts", "mounting needs root");
+            return;
+        }
+        use nix::mount::{mount, MsFlags};
+        let t = tempfile::tempdir().unwrap();
+        let bundle = t.path().join("bundle");
+        let (lower, upper, work, vol) = (
+            t.path().join("lower"),
+            t.path().join("upper"),
+            t.path().join("work"),
+            t.path().join("vol"),
+        );
+        for d in [&bundle.join("rootfs"), &lower, &upper, &work, &vol] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &vol,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .unwrap();
+        let ns = Arc::new(
+            PodUserns::create(1_500_458_752, crate::hypervisor::userns::IDS_PER_POD).unwrap(),
+        );
+        let share = t.path().join("share");
+        crate::shimv2::share::create(&share, Some(&ns)).unwrap();
+        let mut spec = spec_with(serde_json::json!([
+            {"destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]}
+        ]));
+        let err = prepare(&share, Some(ns), "c4", &bundle, Root::Host(&[]), &mut spec).unwrap_err();
+        let _ = umount2(&vol, MntFlags::MNT_DETACH);
+        let mut text = err.to_string();
+        let mut next = std::error::Error::source(&err);
+        while let Some(e) = next {
+            text = format!("{text}: {e}");
+            next = e.source();
+        }
+        for part in [
+            vol.to_str().unwrap(),
+            "overlayfs",
+            "[jail] virtiofsd = true",
+        ] {
+            assert!(text.contains(part), "{part:?} not in: {text}");
+        }
+        assert!(
+            !share.join("c4").exists(),
+            "a failed prepare leaves nothing"
+        );
+        crate::shimv2::share::remove(&share);
+    }
+
     /// A host mount beneath an rslave volume's source reaches the share, idmapped, and
     /// goes when the host unmounts it; one that cannot be idmapped (sysfs) gets its place
     /// held by an empty read-only directory, so the guest cannot remove or rename over
