@@ -16,7 +16,9 @@
 //!   but the image's own entries, the names the manifest fills from elsewhere
 //!   (`valueFrom`, `envFrom` is refused), and what Kubernetes adds (service links,
 //!   `HOSTNAME`);
-//! - the user and group, when the manifest's `securityContext` names them;
+//! - the user, group and supplementary groups, as containerd makes them of the
+//!   manifest's `securityContext` (ids, `supplementalGroups`, `fsGroup`) and the image's
+//!   `User` and accounts (its `/etc/passwd` and `/etc/group`, as the guest read them);
 //! - the key broker secrets, only as the pod's own annotation asks.
 //!
 //! Every container must then be pulled in the guest (the pod needs
@@ -29,245 +31,19 @@ use serde_json::{json, Map, Value};
 /// The confidential default this policy builds on.
 const DEFAULT_POLICY: &str = include_str!("../../guest-agent/policy/confidential-default.rego");
 
-/// The generic rules; `pinned` (the containers' data) comes before them.
-const RULES: &str = r#"
-# Each container, by its name in the pod, as its manifest and its pulled image say.
-default CreateContainerImageRequest := false
-
-CreateContainerImageRequest if {
-	c := pinned[input.oci.annotations["io.kubernetes.cri.container-name"]]
-	input.guest_image == c.image
-	process := input.oci.process
-	process.args == pinned_args(c)
-	process.cwd == pinned_cwd(c)
-	env := object.get(process, "env", [])
-	every e in env {
-		pinned_env_allows(c, e)
-	}
-	every e in c.env {
-		e in env
-	}
-	# One entry per name: programs differ on which of two they read.
-	names := [split(e, "=")[0] | some e in env]
-	count({n | some n in names}) == count(names)
-	# The image's own variables stay, unless the manifest sets the name.
-	every e in image_list("Env") {
-		image_env_kept(c, e, env)
-	}
-	pinned_id(c.uid, image_uid(c), process.user.uid)
-	pinned_id(c.gid, null, process.user.gid)
-	not root_refused(c, process.user.uid)
-	pinned_security(c, input.oci)
-	object.get(input.oci.annotations, "io.cocoon.kbs-secrets", "") == c.kbs_secrets
-	every m in object.get(input.oci, "mounts", []) {
-		m.destination in allowed_destinations
-	}
-	every p in object.get(input.oci, ["linux", "maskedPaths"], []) {
-		p in kubelet_masked_paths
-	}
-	every p in object.get(input.oci, ["linux", "readonlyPaths"], []) {
-		p in kubelet_readonly_paths
-	}
-	not seccomp_fakes_success(object.get(input.oci, ["linux", "seccomp"], {}))
-}
-
-# The image's config as the guest read it; a field it leaves null is absent.
-image_list(key) := v if {
-	v := object.get(input.image_config, key, [])
-	is_array(v)
-}
-
-image_list(key) := [] if not is_array(object.get(input.image_config, key, []))
-
-image_string(key) := v if {
-	v := object.get(input.image_config, key, "")
-	is_string(v)
-}
-
-image_string(key) := "" if not is_string(object.get(input.image_config, key, ""))
-
-pinned_args(c) := array.concat(c.command, c.args) if count(c.command) > 0
-
-pinned_args(c) := array.concat(image_list("Entrypoint"), c.args) if {
-	count(c.command) == 0
-	count(c.args) > 0
-}
-
-pinned_args(c) := array.concat(image_list("Entrypoint"), image_list("Cmd")) if {
-	count(c.command) == 0
-	count(c.args) == 0
-}
-
-pinned_cwd(c) := c.working_dir if c.working_dir != ""
-
-pinned_cwd(c) := image_string("WorkingDir") if {
-	c.working_dir == ""
-	image_string("WorkingDir") != ""
-}
-
-pinned_cwd(c) := "/" if {
-	c.working_dir == ""
-	image_string("WorkingDir") == ""
-}
-
-pinned_env_allows(c, e) if e in c.env
-
-pinned_env_allows(c, e) if e in image_list("Env")
-
-pinned_env_allows(c, e) if split(e, "=")[0] in c.env_from_elsewhere
-
-# The pod's hostname: the host's to choose in any case (it runs the UTS namespace).
-pinned_env_allows(_, e) if regex.match(`^HOSTNAME=[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`, e)
-
-# containerd's own PATH, which stays when the image gives none.
-pinned_env_allows(_, e) if {
-	e == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	not image_sets("PATH")
-}
-
-# Service links, as kubelet writes them (addresses, ports, protocols only), for names
-# neither the manifest nor the image sets; with enableServiceLinks false, only the API
-# server's own.
-pinned_env_allows(c, e) if {
-	name := split(e, "=")[0]
-	not manifest_sets(c, name)
-	not image_sets(name)
-	service_link(e)
-	link_allowed(c, name)
-}
-
-link_allowed(c, _) if c.service_links == true
-
-link_allowed(_, name) if startswith(name, "KUBERNETES_")
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_SERVICE_HOST=[0-9a-f.:]+$`, e)
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_SERVICE_PORT(_[A-Z0-9_]+)?=[0-9]+$`, e)
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_PORT=(tcp|udp|sctp)://[0-9a-f.:\[\]]+:[0-9]+$`, e)
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)=(tcp|udp|sctp)://[0-9a-f.:\[\]]+:[0-9]+$`, e)
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)_PROTO=(tcp|udp|sctp)$`, e)
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)_PORT=[0-9]+$`, e)
-
-service_link(e) if regex.match(`^[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)_ADDR=[0-9a-f.:]+$`, e)
-
-manifest_sets(c, name) if name in c.env_from_elsewhere
-
-manifest_sets(c, name) if {
-	some e in c.env
-	split(e, "=")[0] == name
-}
-
-image_sets(name) if {
-	some e in image_list("Env")
-	split(e, "=")[0] == name
-}
-
-image_env_kept(_, e, env) if e in env
-
-image_env_kept(c, e, _) if manifest_sets(c, split(e, "=")[0])
-
-# The image's numeric user when the manifest names none (a named one needs the image's
-# /etc/passwd, which the policy does not read).
-image_uid(c) := to_number(split(image_string("User"), ":")[0]) if {
-	c.uid == null
-	regex.match(`^[0-9]+(:[0-9]+)?$`, image_string("User"))
-}
-
-image_uid(c) := null if {
-	c.uid == null
-	not regex.match(`^[0-9]+(:[0-9]+)?$`, image_string("User"))
-}
-
-image_uid(c) := null if c.uid != null
-
-pinned_id(want, _, got) if want == got
-
-pinned_id(want, from_image, got) if {
-	want == null
-	from_image == got
-}
-
-pinned_id(want, from_image, _) if {
-	want == null
-	from_image == null
-}
-
-root_refused(c, uid) if {
-	c.run_as_non_root
-	uid == 0
-}
-
-# allowPrivilegeEscalation: false, readOnlyRootFilesystem and the capabilities the
-# manifest drops, as kubelet turns them into the spec.
-pinned_security(c, oci) if {
-	nnp_as_manifest(c, oci.process)
-	read_only_as_manifest(c, oci)
-	caps_as_manifest(c, oci)
-}
-
-nnp_as_manifest(c, _) if c.no_new_privileges == false
-
-nnp_as_manifest(c, process) if {
-	c.no_new_privileges == true
-	object.get(process, "noNewPrivileges", false) == true
-}
-
-read_only_as_manifest(c, _) if c.read_only_root == false
-
-read_only_as_manifest(c, oci) if {
-	c.read_only_root == true
-	object.get(oci, ["root", "readonly"], false) == true
-}
-
-caps_as_manifest(c, oci) if {
-	every kind in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
-		every cap in object.get(oci.process, ["capabilities", kind], []) {
-			cap_allowed(c, cap)
-		}
-	}
-}
-
-cap_allowed(c, cap) if {
-	not c.drop_all
-	not cap in c.caps_dropped
-}
-
-cap_allowed(c, cap) if {
-	c.drop_all
-	cap in c.caps_added
-}
-
-# A syscall made to return 0 without running (a privilege drop that never happens).
-seccomp_fakes_success(s) if object.get(s, "defaultErrnoRet", 1) == 0
-
-seccomp_fakes_success(s) if {
-	some r in object.get(s, "syscalls", [])
-	object.get(r, "errnoRet", 1) == 0
-}
-
-allowed_destinations := {
-	"/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/sys/fs/cgroup", "/dev/shm",
-	"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev/termination-log",
-}
-
-# kubelet's and containerd's defaults: more would hide files of the image.
-kubelet_masked_paths := {
-	"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-	"/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-	"/sys/firmware", "/sys/devices/virtual/powercap",
-}
-
-kubelet_readonly_paths := {"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
-"#;
+/// The generic rules; `legacy_group_lookup` and `pinned` (the containers' data) come
+/// before them.
+const RULES: &str = include_str!("genpolicy.rego");
 
 /// Init-data (TOML) for the pod in `manifest` (a Kubernetes Pod, YAML or JSON): its
 /// policy, and the other documents of `base` (init-data whose `aa.toml` and `cdh.toml`
 /// name the key broker and registries) kept; `algorithm` when there is no base.
-pub fn generate(manifest: &str, base: Option<&str>, algorithm: &str) -> Result<String, String> {
+pub fn generate(
+    manifest: &str,
+    base: Option<&str>,
+    algorithm: &str,
+    containerd: &str,
+) -> Result<String, String> {
     let pod = pod_of(manifest)?;
     let pinned = pinned(&pod)?;
     let name = pod["metadata"]["name"].as_str().unwrap_or_default();
@@ -281,7 +57,9 @@ pub fn generate(manifest: &str, base: Option<&str>, algorithm: &str) -> Result<S
         return Err(format!("metadata.name {name:?} is not a DNS name"));
     }
     let policy = format!(
-        "{DEFAULT_POLICY}\n# Generated by `cocoon policy generate` for pod {name}.\npinned := {}\n{RULES}",
+        "{DEFAULT_POLICY}\n# Generated by `cocoon policy generate` for pod {name}.\n\
+         legacy_group_lookup := {}\npinned := {}\n{RULES}",
+        legacy_group_lookup(containerd)?,
         serde_json::to_string_pretty(&pinned).map_err(|e| e.to_string())?
     );
     let (algorithm, mut data) = match base {
@@ -306,6 +84,41 @@ pub fn generate(manifest: &str, base: Option<&str>, algorithm: &str) -> Result<S
     crate::initdata::InitData::parse(text.as_bytes())
         .map_err(|e| format!("the generated init-data does not parse: {e}"))?;
     Ok(text)
+}
+
+/// The containerd release a policy is made for (`containerd --version` of the nodes):
+/// CRI before 1.6.22 and 1.7.3 looked a container's supplementary groups up for uid 0
+/// when the manifest named no user, even when the image named one; later ones look them
+/// up for the image's user.
+pub const CONTAINERD: &str = "2.0";
+
+/// Whether `version` ("1.6.20", "v1.7.3", "2.0") looks groups up for root.
+fn legacy_group_lookup(version: &str) -> Result<bool, String> {
+    let bad = || format!("containerd version {version:?} is not MAJOR.MINOR[.PATCH]");
+    // A distribution's suffix ("1.6.20~ds1", "-rc.1", "+unknown") says nothing here.
+    let release = version.trim_start_matches('v');
+    let release = release
+        .find(['~', '-', '+'])
+        .map_or(release, |end| &release[..end]);
+    let parts: Vec<u32> = release
+        .split('.')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let (major, minor, patch) = match parts[..] {
+        [a, b] => (a, b, 0),
+        [a, b, c] => (a, b, c),
+        _ => return Err(bad()),
+    };
+    if (major, minor) < (1, 6) {
+        return Err(format!(
+            "containerd {version} is older than 1.6, whose groups this does not model"
+        ));
+    }
+    Ok(match (major, minor) {
+        (1, 6) => patch < 22,
+        (1, 7) => patch < 3,
+        _ => false,
+    })
 }
 
 /// The one Pod in `manifest`, as JSON.
@@ -394,6 +207,27 @@ fn pinned(pod: &Value) -> Result<Value, String> {
         Value::Bool(b) => *b,
         _ => return Err("spec.enableServiceLinks is not true or false".into()),
     };
+    // kubelet gives every container the pod's supplementalGroups and fsGroup.
+    let mut supplemental = match &pod_ids["supplementalGroups"] {
+        Value::Null => Vec::new(),
+        Value::Array(a) => a.clone(),
+        _ => return Err("spec.securityContext.supplementalGroups is not a list".into()),
+    };
+    if !pod_ids["fsGroup"].is_null() {
+        supplemental.push(pod_ids["fsGroup"].clone());
+    }
+    match &pod_ids["supplementalGroupsPolicy"] {
+        Value::Null => {}
+        Value::String(p) if p == "Merge" => {}
+        p => {
+            return Err(format!(
+                "spec.securityContext.supplementalGroupsPolicy {p} is not modelled (Merge is)"
+            ))
+        }
+    }
+    if !supplemental.iter().all(Value::is_u64) {
+        return Err("spec.securityContext's supplementalGroups and fsGroup must be numbers".into());
+    }
     let mut out = Map::new();
     let all = ["initContainers", "containers"]
         .iter()
@@ -509,6 +343,7 @@ fn pinned(pod: &Value) -> Result<Value, String> {
             "env_from_elsewhere": elsewhere,
             "uid": id("runAsUser")?,
             "gid": id("runAsGroup")?,
+            "supplemental_groups": supplemental,
             "kbs_secrets": secrets,
         });
         if out.insert(name.clone(), pin).is_some() {
@@ -544,10 +379,11 @@ mod tests {
             json!({"image": format!("r.io:5000/team/app@{DIGEST}"), "command": ["/bin/app"],
                    "args": ["--port", "8080"], "working_dir": "/srv", "env": ["MODE=prod"],
                    "env_from_elsewhere": ["TOKEN"], "uid": 1000, "gid": null, "kbs_secrets": "",
+                   "supplemental_groups": [],
                    "run_as_non_root": false, "no_new_privileges": false, "read_only_root": false,
                    "drop_all": false, "caps_dropped": [], "caps_added": [], "service_links": true})
         );
-        let text = generate(&yaml, None, "sha384").unwrap();
+        let text = generate(&yaml, None, "sha384", CONTAINERD).unwrap();
         let doc = crate::initdata::InitData::parse(text.as_bytes()).unwrap();
         let policy = doc.policy().unwrap();
         assert!(policy.contains("CreateContainerImageRequest") && policy.contains("pinned :="));
@@ -564,14 +400,14 @@ mod tests {
             (&format!("  - name: a\n    image: r.io/app@{DIGEST}\n    args: [\"$(X)\"]\n"), "kubelet expands"),
             (&format!("  - &c\n    name: a\n    image: r.io/app@{DIGEST}\n  - <<: *c\n    name: b\n"), "merge key"),
         ] {
-            let e = generate(&pod(container), None, "sha384").unwrap_err();
+            let e = generate(&pod(container), None, "sha384", CONTAINERD).unwrap_err();
             assert!(e.contains(says), "{e}");
         }
-        let e = generate("kind: Deployment\n", None, "sha384").unwrap_err();
+        let e = generate("kind: Deployment\n", None, "sha384", CONTAINERD).unwrap_err();
         assert!(e.contains("pod template"), "{e}");
-        let e = generate("kind: Service\n", None, "sha384").unwrap_err();
+        let e = generate("kind: Service\n", None, "sha384", CONTAINERD).unwrap_err();
         assert!(e.contains("holds 0"), "{e}");
-        assert!(generate("{", None, "sha384").is_err());
+        assert!(generate("{", None, "sha384", CONTAINERD).is_err());
     }
 
     #[test]
@@ -591,18 +427,45 @@ mod tests {
              template:\n        spec:\n          containers:\n          - name: a\n            \
              image: r.io/app@{DIGEST}\n"
         );
-        assert!(generate(&cron, None, "sha384").is_ok());
+        assert!(generate(&cron, None, "sha384", CONTAINERD).is_ok());
+    }
+
+    #[test]
+    fn containerd_releases_before_1_6_22_and_1_7_3_look_groups_up_for_root() {
+        for (v, legacy) in [
+            ("1.6.20", true),
+            ("v1.6.21", true),
+            ("1.6.22", false),
+            ("1.7.2", true),
+            ("1.7.3", false),
+            ("1.7", true),
+            ("2.0", false),
+            ("2.1.4", false),
+            ("1.6.20~ds1", true),
+            ("v1.7.3-rc.1", false),
+        ] {
+            assert_eq!(legacy_group_lookup(v), Ok(legacy), "{v}");
+        }
+        for bad in ["1.5.9", "2", "1.6.x", "", "~ds1"] {
+            assert!(legacy_group_lookup(bad).is_err(), "{bad:?}");
+        }
+        let strict = pod(&format!("  - name: a\n    image: r.io/app@{DIGEST}\n")).replace(
+            "  containers:",
+            "  securityContext: {supplementalGroupsPolicy: Strict}\n  containers:",
+        );
+        let e = generate(&strict, None, "sha384", CONTAINERD).unwrap_err();
+        assert!(e.contains("supplementalGroupsPolicy"), "{e}");
     }
 
     #[test]
     fn a_base_init_data_keeps_its_documents() {
         let yaml = pod(&format!("  - name: a\n    image: r.io/app@{DIGEST}\n"));
         let base = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"cdh.toml\" = '''\n[image]\nplain_http_registries = [\"r.io\"]\n'''\n";
-        let text = generate(&yaml, Some(base), "sha384").unwrap();
+        let text = generate(&yaml, Some(base), "sha384", CONTAINERD).unwrap();
         let doc = crate::initdata::InitData::parse(text.as_bytes()).unwrap();
         assert_eq!(doc.registry_config().unwrap().plain_http, ["r.io"]);
         assert_eq!(doc.algorithm.name(), "sha256");
         let with_policy = format!("{base}\"policy.rego\" = \"package agent_policy\"\n");
-        assert!(generate(&yaml, Some(&with_policy), "sha384").is_err());
+        assert!(generate(&yaml, Some(&with_policy), "sha384", CONTAINERD).is_err());
     }
 }

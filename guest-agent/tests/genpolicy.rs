@@ -4,6 +4,7 @@
 //! change a host could make to what it runs is refused.
 
 use cocoon_agent::policy::{Denied, Gate};
+use cocoon_confidential::genpolicy::CONTAINERD;
 use serde_json::{json, Value};
 
 const DIGEST: &str = "sha256:4f0c5ea0d4c1e7f7b3aa7b6e0f2f9a0b2c6d1e5f8a9b0c1d2e3f4a5b6c7d8e9f";
@@ -42,7 +43,8 @@ spec:
 
 fn gate() -> Gate {
     let manifest = MANIFEST.replace("IMAGE", DIGEST);
-    let init = cocoon_confidential::genpolicy::generate(&manifest, None, "sha384").unwrap();
+    let init =
+        cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", CONTAINERD).unwrap();
     let g = Gate::new(true);
     g.set_init_data(init.as_bytes()).unwrap();
     g
@@ -81,7 +83,7 @@ fn input(name: &str) -> Value {
         "guest_image": image,
         "oci": {
             "annotations": {"io.kubernetes.cri.container-name": name},
-            "process": {"args": args, "cwd": cwd, "env": env, "user": {"uid": 1000, "gid": 0},
+            "process": {"args": args, "cwd": cwd, "env": env, "user": {"uid": 1000, "gid": 0, "additionalGids": [0]},
                         "noNewPrivileges": name != "app",
                         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps}},
             "mounts": [
@@ -92,6 +94,7 @@ fn input(name: &str) -> Value {
                       "seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}},
         },
         "image_config": {"Entrypoint": ["/bin/app"], "Cmd": ["--help"], "Env": ["PATH=/usr/bin:/bin"], "WorkingDir": null},
+        "image_accounts": {"users": [], "groups": []},
     })
 }
 
@@ -147,6 +150,19 @@ fn whatever_a_host_changes_is_refused() {
     });
     refused(&g, "root", |i| {
         i["oci"]["process"]["user"]["uid"] = json!(0)
+    });
+    refused(&g, "the group disk added", |i| {
+        i["oci"]["process"]["user"]["additionalGids"] = json!([0, 6])
+    });
+    refused(&g, "another group", |i| {
+        i["oci"]["process"]["user"]["gid"] = json!(6);
+        i["oci"]["process"]["user"]["additionalGids"] = json!([6]);
+    });
+    refused(&g, "the process's own group left out of its groups", |i| {
+        i["oci"]["process"]["user"]["additionalGids"] = json!([])
+    });
+    refused(&g, "no accounts of the image", |i| {
+        i.as_object_mut().unwrap().remove("image_accounts");
     });
     refused(&g, "a container the manifest does not name", |i| {
         i["oci"]["annotations"]["io.kubernetes.cri.container-name"] = json!("extra")
@@ -218,4 +234,164 @@ fn whatever_a_host_changes_is_refused() {
         i["guest_image"] = side["guest_image"].clone();
         i["oci"]["process"] = side["oci"]["process"].clone();
     });
+}
+
+/// A pod whose image names its user (`nginx`), with supplementary groups of its own:
+/// containerd takes the user's ids from the image's `/etc/passwd`, its groups from
+/// `/etc/group` and the pod's `supplementalGroups` and `fsGroup`; so does the policy,
+/// from the accounts the guest read in the pulled image.
+const NAMED_USER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: named
+spec:
+  securityContext:
+    fsGroup: 2000
+    supplementalGroups: [3000]
+  containers:
+  - name: web
+    image: registry.example:5000/team/web@IMAGE
+"#;
+
+fn named_user_input(user: &str, uid: u32, gid: u32, groups: &[u32]) -> Value {
+    json!({
+        "guest_image": format!("registry.example:5000/team/web@{DIGEST}"),
+        "oci": {
+            "annotations": {"io.kubernetes.cri.container-name": "web"},
+            "process": {"args": ["/bin/web"], "cwd": "/", "env": ["HOSTNAME=named"],
+                        "user": {"uid": uid, "gid": gid, "additionalGids": groups}},
+        },
+        "image_config": {"Entrypoint": ["/bin/web"], "User": user},
+        "image_accounts": {
+            "users": [{"name": "root", "uid": 0, "gid": 0},
+                      {"name": "nginx", "uid": 101, "gid": 102},
+                      {"name": "nginx", "uid": 7, "gid": 7}],
+            "groups": [{"name": "root", "gid": 0, "members": []},
+                       {"name": "disk", "gid": 6, "members": ["root"]},
+                       {"name": "web", "gid": 102, "members": []},
+                       {"name": "logs", "gid": 50, "members": ["other", "nginx"]}],
+        },
+    })
+}
+
+fn named_user_gate(containerd: &str) -> Gate {
+    let manifest = NAMED_USER.replace("IMAGE", DIGEST);
+    let init =
+        cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", containerd).unwrap();
+    let g = Gate::new(true);
+    g.set_init_data(init.as_bytes()).unwrap();
+    g
+}
+
+#[test]
+fn users_and_groups_are_what_containerd_makes_of_the_image_and_the_pod() {
+    let g = named_user_gate("1.7.3");
+    let decide = |user: &str, uid: u32, gid: u32, groups: &[u32]| {
+        g.check_pulled(|| named_user_input(user, uid, gid, groups))
+    };
+    let refused = Err(Denied::Policy("CreateContainerImageRequest".into()));
+    // The first `nginx` of the image's passwd, its primary group, the group that lists
+    // it, and the pod's groups: exactly those, in any order.
+    assert_eq!(decide("nginx", 101, 102, &[102, 50, 3000, 2000]), Ok(()));
+    assert_eq!(
+        decide("nginx", 101, 102, &[2000, 3000, 50, 102, 50]),
+        Ok(())
+    );
+    assert_eq!(
+        decide("nginx", 101, 102, &[50, 3000, 2000]),
+        refused,
+        "its own group left out"
+    );
+    assert_eq!(decide("nginx", 101, 102, &[]), refused, "no groups");
+    assert_eq!(
+        decide("nginx", 0, 102, &[102, 50, 3000, 2000]),
+        refused,
+        "root for a named user"
+    );
+    assert_eq!(
+        decide("nginx", 7, 7, &[7, 50, 3000, 2000]),
+        refused,
+        "the name's second account"
+    );
+    assert_eq!(
+        decide("nginx", 101, 0, &[0, 50, 3000, 2000]),
+        refused,
+        "root's group"
+    );
+    assert_eq!(
+        decide("nginx", 101, 102, &[102, 50, 3000, 2000, 0]),
+        refused,
+        "root's group added"
+    );
+    assert_eq!(
+        decide("nginx", 101, 102, &[102, 50, 3000, 2000, 6]),
+        refused,
+        "root's group disk"
+    );
+    // `user:group`, by names and by numbers (with Go's leading zeros).
+    assert_eq!(decide("nginx:logs", 101, 50, &[50, 3000, 2000]), Ok(()));
+    assert_eq!(
+        decide("nginx:logs", 101, 102, &[102, 50, 3000, 2000]),
+        refused,
+        "not its group"
+    );
+    assert_eq!(
+        decide("01000:1000", 1000, 1000, &[1000, 3000, 2000]),
+        Ok(())
+    );
+    // A numeric user the image has no account for: root's group, no image groups.
+    assert_eq!(decide("1000", 1000, 0, &[0, 3000, 2000]), Ok(()));
+    assert_eq!(
+        decide("1000", 1000, 0, &[0, 50, 3000, 2000]),
+        refused,
+        "a group of nobody's"
+    );
+    // No user: root, with the groups that list root.
+    assert_eq!(decide("", 0, 0, &[0, 6, 3000, 2000]), Ok(()));
+    // A user the image does not have, or a User containerd refuses.
+    assert_eq!(
+        decide("ghost", 0, 0, &[0, 6, 3000, 2000]),
+        refused,
+        "an unknown user"
+    );
+    assert_eq!(
+        decide("nginx:logs:x", 101, 50, &[50, 3000, 2000]),
+        refused,
+        "three parts"
+    );
+    // A group named as the user is never one of its supplementary groups.
+    let mut i = named_user_input("nginx", 101, 102, &[102, 50, 3000, 2000, 103]);
+    i["image_accounts"]["groups"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "nginx", "gid": 103, "members": ["nginx"]}));
+    assert_eq!(g.check_pulled(|| i), refused, "the user's namesake group");
+}
+
+/// containerd before 1.6.22 and 1.7.3 (Debian 12's 1.6.20) looked the groups up for
+/// root when the manifest named no user: a policy for it expects root's, and refuses
+/// the image user's.
+#[test]
+fn older_containerd_gives_an_image_user_roots_groups() {
+    let g = named_user_gate("1.6.20");
+    let refused = Err(Denied::Policy("CreateContainerImageRequest".into()));
+    let decide = |groups: &[u32]| g.check_pulled(|| named_user_input("nginx", 101, 102, groups));
+    assert_eq!(decide(&[102, 6, 3000, 2000]), Ok(()));
+    assert_eq!(
+        decide(&[102, 50, 3000, 2000]),
+        refused,
+        "a newer containerd's groups"
+    );
+    let newer = named_user_gate("2.1.0");
+    assert_eq!(
+        newer.check_pulled(|| named_user_input("nginx", 101, 102, &[102, 6, 3000, 2000])),
+        refused,
+        "an older containerd's groups"
+    );
+    for bad in ["1.5.9", "two", "1.6.x"] {
+        let manifest = NAMED_USER.replace("IMAGE", DIGEST);
+        let e = cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", bad);
+        assert!(e.is_err(), "containerd {bad} was taken");
+    }
 }

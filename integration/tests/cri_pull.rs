@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use base64::Engine;
+use serde_json::json;
 use std::time::Duration;
 
 mod common;
@@ -565,8 +566,10 @@ async fn a_kubernetes_pod_has_its_containers_images_pulled_in_the_guest() {
 const GENPOLICY_NET: u8 = 75;
 
 /// A confidential pod whose policy `cocoon policy generate` wrote from its manifest: its
-/// containers run as the manifest says; a container the manifest does not name, or one
-/// of its containers with another command, is refused by the agent after the pull.
+/// containers run as the manifest says, as the image's named user with the groups
+/// containerd gives it (the image's and the pod's); a container the manifest does not
+/// name, or one of its containers with another command, as root, or with a group more,
+/// is refused by the agent after the pull.
 #[tokio::test]
 async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
     let test = "a_generated_policy_runs_the_manifest_and_nothing_else";
@@ -582,15 +585,33 @@ async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
         .run_pod(&bootstrap, cocoon_integration::cri::RUNC)
         .await
         .unwrap_or_else(|e| panic!("{test}: runc RunPodSandbox: {e}\n{}", node.log_tail()));
-    let Some((registry, digest)) = registry_on(test, node) else {
+    let gateway: Ipv4Addr = node.gateway();
+    let Some(registry) = Registry::start_on(test, gateway) else {
         return;
     };
+    // The test image with accounts, run as its user `app` by name.
+    let mut layers = image_layers();
+    layers.push(layer(&[
+        E::Link("bin/id", "busybox"),
+        E::File(
+            "etc/passwd",
+            b"root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+            0o644,
+        ),
+        E::File(
+            "etc/group",
+            b"root:x:0:\nstaff:x:50:app\nwheel:x:10:root\napp:x:1000:\n",
+            0o644,
+        ),
+    ]));
+    let digest = registry.push_image_with("cocoon/accounts", &layers, json!({"User": "app"}));
     node.plain_http_registry(&registry.addr);
-    let image = registry.reference("cocoon/pulled", &digest);
-    let serve = r#"["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/cat", "/etc/pulled"]"#;
+    let image = registry.reference("cocoon/accounts", &digest);
+    let serve = r#"["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/id"]"#;
     let manifest = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: sealed\n  annotations:\n    \
-         io.cocoon.guest-pull: \"true\"\nspec:\n  runtimeClassName: cocoon\n  containers:\n  \
+         io.cocoon.guest-pull: \"true\"\nspec:\n  runtimeClassName: cocoon\n  \
+         securityContext:\n    fsGroup: 2000\n    supplementalGroups: [3000]\n  containers:\n  \
          - name: app\n    image: {image}\n    command: {serve}\n  \
          - name: side\n    image: {image}\n    command: [\"/bin/sleep\", \"3600\"]\n"
     );
@@ -599,13 +620,36 @@ async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
          [image]\nplain_http_registries = [\"{}\"]\n'''\n",
         node.gateway()
     );
+    // The node's containerd: before 1.6.22 and 1.7.3 it gives a named image user root's
+    // groups (wheel) rather than its own (staff); the policy is made for it.
+    let containerd = node.runtime_version().await.expect("CRI Version");
+    let containerd = containerd.trim_start_matches('v').to_owned();
+    let older = ["1.6.", "1.7."].iter().any(|minor| {
+        containerd
+            .strip_prefix(minor)
+            .and_then(|p| {
+                p.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .is_some_and(|patch| patch < if minor == &"1.6." { 22 } else { 3 })
+    });
+    let image_group = if older { "10(wheel)" } else { "50(staff)" };
     let dir = env.dir.path();
     std::fs::write(dir.join("pod.yaml"), &manifest).unwrap();
     std::fs::write(dir.join("base.toml"), &base).unwrap();
     let out = std::process::Command::new(
         cocoon_integration::workspace_root().join("target/debug/cocoon"),
     )
-    .args(["policy", "generate", "--annotation", "--init-data"])
+    .args([
+        "policy",
+        "generate",
+        "--annotation",
+        "--containerd",
+        &containerd,
+    ])
+    .arg("--init-data")
     .arg(dir.join("base.toml"))
     .arg(dir.join("pod.yaml"))
     .output()
@@ -632,28 +676,52 @@ async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
         .pull_image(&image)
         .await
         .unwrap_or_else(|e| panic!("{test}: PullImage {image}: {e}\n{}", node.log_tail()));
-    let container = |name: &str, command: &[&str]| {
+    // As kubelet makes it of the manifest: the pod's supplementalGroups, then fsGroup.
+    let container = |name: &str, command: &[&str], attempt: u32| {
         let mut c = CriNode::container_config(name, &image_ref, command, &[]);
         CriNode::with_kubelet_proc_masks(&mut c);
+        c.metadata.as_mut().unwrap().attempt = attempt;
+        security(&mut c).supplemental_groups = vec![3000, 2000];
         c
     };
 
     let serve: Vec<&str> = serde_json::from_str(serve).unwrap();
-    node.create_and_start(&pod, &container("app", &serve), &pconfig)
+    node.create_and_start(&pod, &container("app", &serve, 0), &pconfig)
         .await
         .unwrap_or_else(|e| panic!("{test}: create/start app: {e}\n{}", node.log_tail()));
     let ip: Ipv4Addr = node.pod_ip(&pod).await.unwrap().parse().unwrap();
     let addr = std::net::SocketAddr::from((ip, 8080));
+    // containerd's groups: the user's own, the image's group listing it, the pod's.
     match common::reply_from(addr, Duration::from_secs(30)).await {
-        Ok(r) => assert_eq!(r, "pulled in the guest\n", "{test}"),
+        Ok(r) => {
+            assert!(
+                r.starts_with("uid=1000(app) gid=1000(app) groups="),
+                "{test}: {r}"
+            );
+            let groups: std::collections::BTreeSet<&str> =
+                r.trim().rsplit('=').next().unwrap().split(',').collect();
+            let want = ["1000(app)", image_group, "2000", "3000"];
+            assert_eq!(groups, want.into_iter().collect(), "{test}: {r}");
+        }
         Err(e) => panic!("{test}: cannot reach {addr}: {e}\n{}", node.log_tail()),
     }
-    for (name, command) in [
-        ("side", &["/bin/sleep", "1"][..]),
-        ("intruder", &["/bin/sleep", "3600"][..]),
+    let mut as_root = container("side", &["/bin/sleep", "3600"], 1);
+    security(&mut as_root).run_as_user = Some(k8s_cri::v1::Int64Value { value: 0 });
+    let mut more_groups = container("side", &["/bin/sleep", "3600"], 2);
+    security(&mut more_groups).supplemental_groups.push(4000);
+    for (c, what) in [
+        (
+            container("side", &["/bin/sleep", "1"], 0),
+            "side with another command",
+        ),
+        (
+            container("intruder", &["/bin/sleep", "3600"], 0),
+            "a container it does not name",
+        ),
+        (as_root, "side as root"),
+        (more_groups, "side with a group more"),
     ] {
-        let what = format!("{test}: {name}, which its manifest does not say");
-        let c = container(name, command);
+        let what = format!("{test}: {what}, which its manifest does not say");
         refused(
             node,
             &pod,
@@ -664,9 +732,8 @@ async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
         )
         .await;
     }
-    // The sidecar as its manifest says (a new attempt: CRI keeps the refused one's name).
-    let mut side = container("side", &["/bin/sleep", "3600"]);
-    side.metadata.as_mut().unwrap().attempt = 1;
+    // The sidecar as its manifest says (a new attempt: CRI keeps the refused ones' names).
+    let side = container("side", &["/bin/sleep", "3600"], 3);
     node.create_and_start(&pod, &side, &pconfig)
         .await
         .unwrap_or_else(|e| panic!("{test}: create/start side: {e}\n{}", node.log_tail()));
@@ -676,4 +743,14 @@ async fn a_generated_policy_runs_the_manifest_and_nothing_else() {
     node.stop_and_remove_pod(&first)
         .await
         .expect("stop/remove runc pod");
+}
+
+/// The Linux security context `container_config` gives every container.
+fn security(
+    c: &mut k8s_cri::v1::ContainerConfig,
+) -> &mut k8s_cri::v1::LinuxContainerSecurityContext {
+    c.linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .expect("container_config sets a security context")
 }

@@ -114,6 +114,9 @@ impl AgentService {
             let decided = self.state.policy.check_pulled(|| {
                 let mut input = crate::policy::input_of(&req);
                 input["image_config"] = config;
+                if let Some(accounts) = pulled_accounts(&req.container_id) {
+                    input["image_accounts"] = accounts;
+                }
                 input
             });
             if let Err(denied) = decided {
@@ -156,4 +159,13 @@ impl AgentService {
         r.pid = pid as u32;
         Ok(r)
     }
+}
+
+/// The accounts of the image pulled for container `id`, for the policy; none when they
+/// cannot be read, so that a policy that needs them refuses what it cannot check.
+fn pulled_accounts(id: &str) -> Option<serde_json::Value> {
+    let read = crate::pull::images_dir()
+        .and_then(|d| crate::pull::accounts::of_rootfs(&d.join(id).join("rootfs")));
+    read.map_err(|e| tracing::warn!("the policy gets no accounts of container {id}'s image: {e}"))
+        .ok()
 }

@@ -9,6 +9,7 @@
 //! Bounds: a manifest of at most 4 MiB, each layer exactly the size its manifest says and
 //! the image at most `MAX_IMAGE` bytes compressed, a deadline on every read.
 
+pub mod accounts;
 mod auth;
 mod http;
 mod registry;

@@ -250,6 +250,15 @@ impl CriNode {
         std::fs::write(dir.join("hosts.toml"), hosts).unwrap();
     }
 
+    /// The runtime's version as CRI's Version call gives it (containerd's: "v1.6.20").
+    pub async fn runtime_version(&self) -> Result<String, Status> {
+        let reply = self
+            .runtime()
+            .version(k8s_cri::v1::VersionRequest::default())
+            .await?;
+        Ok(reply.into_inner().runtime_version)
+    }
+
     /// Pulls `image` as kubelet does before it creates a container of it; returns the
     /// image's reference as CRI gives it (kubelet creates containers with that).
     pub async fn pull_image(&self, image: &str) -> Result<String, Status> {

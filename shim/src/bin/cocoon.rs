@@ -132,6 +132,10 @@ enum PolicyCmd {
         /// Print the pod annotation's value (base64) instead of the TOML.
         #[arg(long)]
         annotation: bool,
+        /// The nodes' containerd release (`containerd --version`): how it makes a
+        /// container's supplementary groups changed in 1.6.22 and 1.7.3.
+        #[arg(long, default_value = cocoon_confidential::genpolicy::CONTAINERD)]
+        containerd: String,
     },
 }
 
@@ -262,6 +266,7 @@ fn run(cli: Cli) -> Result<()> {
                     init_data,
                     algorithm,
                     annotation,
+                    containerd,
                 },
         } => {
             let read = |p: &Path| {
@@ -272,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
                 &read(&manifest)?,
                 base.as_deref(),
                 &algorithm,
+                &containerd,
             )
             .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
             if annotation {
