@@ -33,6 +33,10 @@ pub use setup::{subnet_v6, write_shim_config, write_shim_config_vm, write_shim_c
 /// The runtime handlers a node's containerd knows (its `runtimes` table).
 pub const RUNC: &str = "runc";
 pub const COCOON: &str = "cocoon";
+/// A second Cocoon handler whose config is `ALT_CONFIG` in the node's directory, named
+/// by containerd's runtime options (`ConfigPath`) rather than the environment.
+pub const COCOON_ALT: &str = "cocoon-alt";
+pub const ALT_CONFIG: &str = "cocoon-alt.toml";
 
 /// Debian's CNI plugins (`containernetworking-plugins`) and the ones a node's network uses.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";

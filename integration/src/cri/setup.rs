@@ -40,6 +40,13 @@ state = "{r}/state"
   pod_annotations = ["io.cocoon.*"]
   container_annotations = ["io.cocoon.*"]
   privileged_without_host_devices = true
+[{cri}.containerd.runtimes.{COCOON_ALT}]
+  runtime_type = "io.containerd.cocoon.v2"
+  pod_annotations = ["io.cocoon.*"]
+  container_annotations = ["io.cocoon.*"]
+  privileged_without_host_devices = true
+  [{cri}.containerd.runtimes.{COCOON_ALT}.options]
+    ConfigPath = "{r}/{ALT_CONFIG}"
 [{cri}.registry]
   # Per registry `hosts.toml` (`CriNode::plain_http_registry`).
   config_path = "{r}/certs.d"

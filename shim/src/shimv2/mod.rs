@@ -12,6 +12,7 @@ mod delete;
 pub mod guest_events;
 pub(crate) mod metrics;
 pub mod mounts;
+mod options;
 pub mod overlay;
 mod persist;
 pub mod pod;

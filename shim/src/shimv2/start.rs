@@ -33,6 +33,9 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
         print!("{address}");
         return Ok(());
     }
+    // The handler's own config (`ConfigPath` in its options), checked before a shim
+    // starts with it: a bad file fails the pod's first container with its reason.
+    let config = handler_config().await?;
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = std::path::Path::new(&path).parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -55,6 +58,9 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     .stderr(Stdio::null());
     if flags.debug {
         cmd.arg("-debug");
+    }
+    if let Some(config) = &config {
+        cmd.env(crate::config::CONFIG_ENV, config);
     }
     // The shim outlives containerd's call (and containerd itself): its own
     // session, not tied to the caller's terminal or process group.
@@ -84,6 +90,29 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     std::fs::write("address", &address).context("writing the address file")?;
     print!("{address}");
     Ok(())
+}
+
+/// The config file the runtime's options on our stdin name (`options::config_path`),
+/// loaded once to check it; none when containerd passed no such options.
+async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
+    // containerd writes the options and closes the pipe (or gives /dev/null); a
+    // terminal would never close.
+    if nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
+        return Ok(None);
+    }
+    let mut options = Vec::new();
+    let mut stdin = tokio::io::stdin().take(super::options::MAX_OPTIONS);
+    let read = stdin.read_to_end(&mut options);
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .context("containerd's runtime options did not arrive within 5 s")?
+        .context("reading containerd's runtime options")?;
+    let Some(path) = super::options::config_path(&options).map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    crate::config::Config::from_file(&path)
+        .with_context(|| format!("the runtime's ConfigPath {}", path.display()))?;
+    Ok(Some(path))
 }
 
 #[cfg(test)]
