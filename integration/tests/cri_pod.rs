@@ -10,7 +10,10 @@ use std::time::Duration;
 use cocoon_integration::cri::{CriNode, COCOON, RUNC};
 use cocoon_integration::image::IMAGE_REF;
 use common::env;
-use k8s_cri::v1::{security_profile::ProfileType, Capability, Int64Value, Mount, SecurityProfile};
+use k8s_cri::v1::{
+    security_profile::ProfileType, Capability, Int64Value, LinuxContainerResources, Mount,
+    SecurityProfile,
+};
 
 const RUNC_NET: u8 = 15;
 const COCOON_NET: u8 = 26;
@@ -233,6 +236,63 @@ async fn cocoon_pod_vm_is_sized_by_its_annotations() {
         e.message().contains("io.cocoon.vm.vcpus") && e.message().contains("1 to 64"),
         "the error must name the annotation and the range: {e}"
     );
+}
+
+const COCOON_LIMITS_NET: u8 = 77;
+
+/// A pod whose containers have limits (kubelet sums them into the sandbox's resources,
+/// containerd passes them on) gets a VM of the config's size plus those limits, so that
+/// a container can use the memory its limit allows, as under runc: here 300 MiB under a
+/// 400 MiB limit, which a VM of the default 256 MiB could never hold.
+#[tokio::test]
+async fn cocoon_pod_vm_grows_by_its_containers_limits() {
+    let test = "cocoon_pod_vm_grows_by_its_containers_limits";
+    let Some(env) = env(test, COCOON, COCOON_LIMITS_NET).await else {
+        return;
+    };
+    let node = &env.node;
+    const LIMIT: i64 = 400 << 20;
+    let mut pconfig = node.pod_config("limited", "uid-limited", "default");
+    // As kubelet's calculateSandboxResources writes them: one CPU, 400 MiB.
+    pconfig.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        memory_limit_in_bytes: LIMIT,
+        ..Default::default()
+    });
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    c.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 100_000,
+        memory_limit_in_bytes: LIMIT,
+        ..Default::default()
+    });
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    // dd's block is one buffer of that size, filled from /dev/zero: 300 MiB touched.
+    let script = "nproc; awk '/^MemTotal:/ {print $2}' /proc/meminfo; \
+                  dd if=/dev/zero of=/dev/null bs=300M count=1 2>&1 && echo allocated";
+    let (code, out, err) = node
+        .exec_sync(&ctr, &["sh", "-c", script], Duration::from_secs(60))
+        .await
+        .expect("ExecSync");
+    assert_eq!(code, 0, "{test}: {out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("2"), "{test}: vCPUs (1 + 1): {out}");
+    let mem_kib: u64 = lines.next().and_then(|l| l.parse().ok()).expect("MemTotal");
+    // 256 + 400 MiB, less what the guest kernel keeps.
+    assert!(
+        (556 * 1024..=656 * 1024).contains(&mem_kib),
+        "{test}: MemTotal {mem_kib} KiB for a 656 MiB VM"
+    );
+    assert!(out.trim_end().ends_with("allocated"), "{test}: {out}");
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
 
 const RUNC_STATS_NET: u8 = 16;

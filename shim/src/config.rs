@@ -147,6 +147,11 @@ pub struct VmConfig {
     /// line and saves it under `<run_dir>/templates/`; later pods of that shape start
     /// from the saved VM instead of booting (`hypervisor::template`).
     pub templates: bool,
+    /// A Kubernetes pod's VM gets, beyond `vcpus` and `memory_mib`, the sum of its
+    /// containers' CPU and memory limits (kubelet's sandbox resources, which containerd
+    /// passes on), capped at the host's; as Kata's static sandbox sizing. Without it a
+    /// container may be killed by the guest's OOM killer below its own limit.
+    pub size_from_pod_limits: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +209,7 @@ impl Default for VmConfig {
             huge_pages: HugePages::Auto,
             free_page_reporting: true,
             templates: false,
+            size_from_pod_limits: true,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod propagation;
 mod sandbox;
 mod service;
 pub mod share;
+pub mod sizing;
 mod start;
 pub mod stdio;
 pub mod timings;

@@ -100,6 +100,8 @@ pub struct PodVm {
     pub host_cgroup: Option<String>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// What the pod's containers' limits add to the VM (a CRI sandbox's resources).
+    pub limits: Option<super::sizing::PodLimits>,
     /// The init-data document, checked to parse (the guest parses it again).
     pub init_data: Option<Vec<u8>>,
 }
@@ -114,6 +116,7 @@ pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
     };
     host_namespaces(spec)?;
     if is_cri(spec) && is_sandbox(spec) {
+        vm.limits = super::sizing::pod_limits(spec)?;
         vm.host_cgroup = spec
             .linux()
             .as_ref()

@@ -105,12 +105,17 @@ impl Sandbox {
         pod_vm: PodVm,
     ) -> Result<Self, SandboxError> {
         let mut config = config.clone();
-        if let Some(n) = pod_vm.vcpus {
-            config.vm.vcpus = n;
+        let (vcpus, memory_mib, note) = super::sizing::vm_size(
+            (config.vm.vcpus, config.vm.memory_mib),
+            (pod_vm.vcpus, pod_vm.memory_mib),
+            pod_vm.limits,
+            config.vm.size_from_pod_limits,
+            super::sizing::host_capacity(),
+        );
+        if let Some(note) = note {
+            tracing::info!(vm = %vm_id, "{note}");
         }
-        if let Some(m) = pod_vm.memory_mib {
-            config.vm.memory_mib = m;
-        }
+        (config.vm.vcpus, config.vm.memory_mib) = (vcpus, memory_mib);
         let config = &config;
         let netns = pod_vm.netns;
         let host_cgroup = pod_vm.host_cgroup;

@@ -1,0 +1,199 @@
+//! A Kubernetes pod's VM sized for its containers' limits. kubelet (1.23+) sums the
+//! limits of a pod's containers into the sandbox's resources, and containerd passes them
+//! to the runtime as the sandbox's annotations below. Without them a pod's VM has the
+//! config's size, and a container whose limit is larger than the VM is killed by the
+//! guest's OOM killer long before its own limit, where runc would let it grow. So, as
+//! Kata's static sandbox sizing does, the VM gets the config's vCPUs and memory (the
+//! room the guest kernel, the agent and the pause process need, which the RuntimeClass's
+//! overhead pays for) *plus* the pod's limits (which its requests and limits pay for).
+//! Explicit `io.cocoon.vm.*` annotations win; `[vm] size_from_pod_limits = false` turns
+//! this off.
+
+use oci_spec::runtime::Spec;
+
+use super::pod::PodSpecError;
+
+/// The sum of the pod's containers' memory limits, in bytes (0: none has one).
+pub const SANDBOX_MEMORY_ANNOTATION: &str = "io.kubernetes.cri.sandbox-memory";
+/// The sum of their CPU limits as a CFS quota over a period (quota 0 or -1: none).
+pub const SANDBOX_CPU_QUOTA_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD_ANNOTATION: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The most a VM may have (as the size annotations allow).
+pub const MAX_VCPUS: u32 = 64;
+pub const MAX_MEMORY_MIB: u32 = 1_048_576;
+
+/// What a pod's containers' limits add to its VM.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PodLimits {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+/// The limits containerd passed with a CRI sandbox, rounded up to whole vCPUs and MiB;
+/// none when it passed none. A value that is not a number is an error naming it.
+pub fn pod_limits(spec: &Spec) -> Result<Option<PodLimits>, PodSpecError> {
+    let Some(a) = spec.annotations().as_ref() else {
+        return Ok(None);
+    };
+    let number = |key: &str| -> Result<Option<i64>, PodSpecError> {
+        a.get(key)
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| PodSpecError::BadAnnotation {
+                        key: key.into(),
+                        value: v.clone(),
+                        why: "containerd's sandbox resources must be whole numbers".into(),
+                    })
+            })
+            .transpose()
+    };
+    let memory = number(SANDBOX_MEMORY_ANNOTATION)?;
+    let quota = number(SANDBOX_CPU_QUOTA_ANNOTATION)?;
+    let period = number(SANDBOX_CPU_PERIOD_ANNOTATION)?;
+    if memory.is_none() && quota.is_none() {
+        return Ok(None);
+    }
+    let memory_mib = match memory {
+        Some(b) if b > 0 => (b as u64).div_ceil(1 << 20).min(u64::from(MAX_MEMORY_MIB)) as u32,
+        _ => 0,
+    };
+    let vcpus = match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => {
+            (q as u64).div_ceil(p as u64).min(u64::from(MAX_VCPUS)) as u32
+        }
+        _ => 0,
+    };
+    Ok(Some(PodLimits { vcpus, memory_mib }))
+}
+
+/// The VM's vCPUs and memory: the config's, or the pod's own annotations', plus the
+/// pod's limits when `add_limits`; capped at what the host has (`host_cpus`,
+/// `host_memory_mib`) and the maxima. With a line saying what was added or capped, for
+/// the log, when anything was.
+pub fn vm_size(
+    base: (u32, u32),
+    annotated: (Option<u32>, Option<u32>),
+    limits: Option<PodLimits>,
+    add_limits: bool,
+    host: (u32, u32),
+) -> (u32, u32, Option<String>) {
+    let limits = limits.filter(|_| add_limits).unwrap_or_default();
+    let size = |annotated: Option<u32>, base: u32, add: u32, host: u32, max: u32| match annotated {
+        Some(n) => (n, n),
+        None => {
+            let wanted = base.saturating_add(add);
+            // Only the addition is capped by the host, never the config's own size.
+            (wanted, wanted.min(host.max(base)).min(max))
+        }
+    };
+    let (want_cpus, vcpus) = size(annotated.0, base.0, limits.vcpus, host.0, MAX_VCPUS);
+    let (want_mib, memory_mib) = size(
+        annotated.1,
+        base.1,
+        limits.memory_mib,
+        host.1,
+        MAX_MEMORY_MIB,
+    );
+    let added = (annotated.0.is_none() && limits.vcpus > 0)
+        || (annotated.1.is_none() && limits.memory_mib > 0);
+    let note = added.then(|| {
+        let mut s = format!(
+            "the pod's limits size its VM: {vcpus} vCPUs ({} + {}), {memory_mib} MiB ({} + {})",
+            base.0, limits.vcpus, base.1, limits.memory_mib
+        );
+        if vcpus < want_cpus || memory_mib < want_mib {
+            s.push_str(&format!(
+                "; capped at the host's {} CPUs and {} MiB",
+                host.0, host.1
+            ));
+        }
+        s
+    });
+    (vcpus, memory_mib, note)
+}
+
+/// This host's online CPUs and memory (MiB), for `vm_size`'s cap.
+pub fn host_capacity() -> (u32, u32) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(MAX_MEMORY_MIB, |kib| {
+            (kib / 1024).min(u64::from(MAX_MEMORY_MIB)) as u32
+        });
+    (cpus, mib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotations: &[(&str, &str)]) -> Spec {
+        let a: std::collections::HashMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "annotations": a}))
+            .unwrap()
+    }
+
+    #[test]
+    fn containerd_s_sandbox_resources_become_whole_vcpus_and_mib() {
+        let s = spec(&[
+            (SANDBOX_MEMORY_ANNOTATION, "536870913"),
+            (SANDBOX_CPU_QUOTA_ANNOTATION, "150000"),
+            (SANDBOX_CPU_PERIOD_ANNOTATION, "100000"),
+        ]);
+        assert_eq!(
+            pod_limits(&s),
+            Ok(Some(PodLimits {
+                vcpus: 2,
+                memory_mib: 513
+            }))
+        );
+        // kubelet's pod without limits: containerd still passes them, as 0 and -1.
+        let none = spec(&[
+            (SANDBOX_MEMORY_ANNOTATION, "0"),
+            (SANDBOX_CPU_QUOTA_ANNOTATION, "-1"),
+            (SANDBOX_CPU_PERIOD_ANNOTATION, "0"),
+        ]);
+        assert_eq!(pod_limits(&none), Ok(Some(PodLimits::default())));
+        assert_eq!(pod_limits(&spec(&[])), Ok(None));
+        let bad = spec(&[(SANDBOX_MEMORY_ANNOTATION, "lots")]);
+        let e = pod_limits(&bad).unwrap_err().to_string();
+        assert!(e.contains(SANDBOX_MEMORY_ANNOTATION), "{e}");
+    }
+
+    #[test]
+    fn the_vm_is_the_configs_plus_the_pods_limits_within_the_host() {
+        let limits = Some(PodLimits {
+            vcpus: 2,
+            memory_mib: 512,
+        });
+        let host = (16, 65_536);
+        assert_eq!(vm_size((1, 256), (None, None), None, true, host).0, 1);
+        let (c, m, note) = vm_size((1, 256), (None, None), limits, true, host);
+        assert_eq!((c, m), (3, 768));
+        assert!(note
+            .unwrap()
+            .contains("3 vCPUs (1 + 2), 768 MiB (256 + 512)"));
+        // Turned off, or asked outright: the pod's limits add nothing.
+        assert_eq!(
+            vm_size((1, 256), (None, None), limits, false, host),
+            (1, 256, None)
+        );
+        let (c, m, _) = vm_size((1, 256), (Some(4), Some(1024)), limits, true, host);
+        assert_eq!((c, m), (4, 1024));
+        // Beyond the host: the addition is capped, never what was configured.
+        let (c, m, note) = vm_size((1, 256), (None, None), limits, true, (2, 600));
+        assert_eq!((c, m), (2, 600));
+        assert!(note.unwrap().contains("capped"));
+        let (c, m, _) = vm_size((4, 1024), (None, None), limits, true, (2, 600));
+        assert_eq!((c, m), (4, 1024));
+    }
+}
