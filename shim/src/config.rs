@@ -152,6 +152,10 @@ pub struct VmConfig {
     /// passes on), capped at the host's; as Kata's static sandbox sizing. Without it a
     /// container may be killed by the guest's OOM killer below its own limit.
     pub size_from_pod_limits: bool,
+    /// The most vCPUs and memory (MiB) `size_from_pod_limits` may give a VM; 0: the
+    /// host's online CPUs and its memory.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +214,8 @@ impl Default for VmConfig {
             free_page_reporting: true,
             templates: false,
             size_from_pod_limits: true,
+            max_vcpus: 0,
+            max_memory_mib: 0,
         }
     }
 }
@@ -289,6 +295,15 @@ impl Config {
         }
         if self.vm.memory_mib < 64 || self.vm.memory_mib > 1024 * 1024 {
             return bad("vm.memory_mib", "must be between 64 and 1048576");
+        }
+        if self.vm.max_vcpus > 64 {
+            return bad("vm.max_vcpus", "must be between 0 (the host's) and 64");
+        }
+        if self.vm.max_memory_mib != 0 && !(64..=1024 * 1024).contains(&self.vm.max_memory_mib) {
+            return bad(
+                "vm.max_memory_mib",
+                "must be 0 (the host's) or between 64 and 1048576",
+            );
         }
         if self.vm.boot_timeout_ms == 0 {
             return bad("vm.boot_timeout_ms", "must be greater than 0");

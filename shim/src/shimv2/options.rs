@@ -33,7 +33,7 @@ pub fn config_path(options: &[u8]) -> Result<Option<PathBuf>, String> {
     let any = protobuf::well_known_types::any::Any::parse_from_bytes(options)
         .map_err(|e| format!("the runtime options containerd passed are not readable: {e}"))?;
     let kind = any.type_url.rsplit('/').next().unwrap_or_default();
-    if !kind.ends_with(RUNTIME_OPTIONS) {
+    if kind != RUNTIME_OPTIONS {
         tracing::warn!(
             "runtime options of type {:?} are not Cocoon's; ignored",
             any.type_url
@@ -47,6 +47,13 @@ pub fn config_path(options: &[u8]) -> Result<Option<PathBuf>, String> {
         let (field, wire) = (tag >> 3, tag & 7);
         if (field, wire) == (2, 2) {
             path = input.read_string().map_err(bad)?;
+        } else if field == 3 {
+            // containerd 1.7+ sends the handler's whole `options` table (`config_body`)
+            // when it names no ConfigPath: keys we do not read.
+            tracing::warn!(
+                "the handler's options hold keys other than ConfigPath; only ConfigPath is read"
+            );
+            protobuf::rt::skip_field_for_tag(tag, &mut input).map_err(bad)?;
         } else {
             protobuf::rt::skip_field_for_tag(tag, &mut input).map_err(bad)?;
         }
@@ -112,6 +119,11 @@ mod tests {
             config_path(&options("containerd.runc.v1.Options", "/etc/x")),
             Ok(None),
             "runc's options name no config of ours"
+        );
+        assert_eq!(
+            config_path(&options("xruntimeoptions.v1.Options", "/etc/x")),
+            Ok(None),
+            "another type of a similar name"
         );
     }
 

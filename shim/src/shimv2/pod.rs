@@ -109,14 +109,19 @@ pub struct PodVm {
 /// Reads what the first container of a pod asks of its VM. An `io.cocoon.*`
 /// annotation that is not ours, or a value out of range, is an error naming it: a typo
 /// must not silently give a pod the default size.
-pub fn pod_vm(spec: &Spec) -> Result<PodVm, PodSpecError> {
+///
+/// With `size_from_limits`, also the pod's limits as containerd passed them
+/// (`sizing::pod_limits`).
+pub fn pod_vm(spec: &Spec, size_from_limits: bool) -> Result<PodVm, PodSpecError> {
     let mut vm = PodVm {
         netns: pod_netns(spec)?,
         ..Default::default()
     };
     host_namespaces(spec)?;
     if is_cri(spec) && is_sandbox(spec) {
-        vm.limits = super::sizing::pod_limits(spec)?;
+        if size_from_limits {
+            vm.limits = super::sizing::pod_limits(spec)?;
+        }
         vm.host_cgroup = spec
             .linux()
             .as_ref()
@@ -417,15 +422,15 @@ mod tests {
     fn host_pid_and_ipc_pods_are_refused() {
         let net = serde_json::json!({"type": "network", "path": "/var/run/netns/cni-1"});
         let s = pause(serde_json::json!([net, {"type": "ipc"}]));
-        assert_eq!(pod_vm(&s), Err(PodSpecError::HostPid));
+        assert_eq!(pod_vm(&s, true), Err(PodSpecError::HostPid));
         let s = pause(serde_json::json!([net, {"type": "pid"}]));
-        assert_eq!(pod_vm(&s), Err(PodSpecError::HostIpc));
+        assert_eq!(pod_vm(&s, true), Err(PodSpecError::HostIpc));
         let s = pause(serde_json::json!([net, {"type": "pid"}, {"type": "ipc"}]));
-        assert!(pod_vm(&s).is_ok());
+        assert!(pod_vm(&s, true).is_ok());
         // A container joins its pod's namespaces by path or not at all: only the sandbox
         // says what the pod asked.
         let ctr = spec(serde_json::json!({}), serde_json::json!([]));
-        assert!(pod_vm(&ctr).is_ok());
+        assert!(pod_vm(&ctr, true).is_ok());
         assert!(PodSpecError::HostIpc.to_string().contains("hostIPC"));
         assert!(PodSpecError::HostPid.to_string().contains("hostPID"));
     }
@@ -534,7 +539,7 @@ mod tests {
         // `version = "0.1.0"` and `algorithm = "sha256"`.
         let doc = "dmVyc2lvbiA9ICIwLjEuMCIKYWxnb3JpdGhtID0gInNoYTI1NiIK";
         a.insert(INIT_DATA_ANNOTATION.into(), doc.into());
-        let vm = pod_vm(&s).unwrap();
+        let vm = pod_vm(&s, true).unwrap();
         assert_eq!((vm.vcpus, vm.memory_mib), (Some(2), Some(384)));
         assert_eq!(
             vm.init_data.as_deref(),
@@ -566,7 +571,7 @@ mod tests {
             bad.annotations_mut()
                 .get_or_insert_with(Default::default)
                 .insert(key.into(), value.into());
-            let e = pod_vm(&bad).unwrap_err().to_string();
+            let e = pod_vm(&bad, true).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains(says), "{e}");
         }
     }
@@ -575,12 +580,12 @@ mod tests {
     fn a_confidential_pod_is_refused_never_started_unprotected() {
         for kind in ["sev-snp", "tdx"] {
             let s = pause_with(serde_json::json!({ CONFIDENTIAL_ANNOTATION: kind }));
-            let e = pod_vm(&s).unwrap_err();
+            let e = pod_vm(&s, true).unwrap_err();
             assert_eq!(e, PodSpecError::Confidential(kind.into()));
             assert!(e.to_string().contains("refused"), "{e}");
         }
         let s = pause_with(serde_json::json!({ CONFIDENTIAL_ANNOTATION: "sgx" }));
-        let e = pod_vm(&s).unwrap_err().to_string();
+        let e = pod_vm(&s, true).unwrap_err().to_string();
         assert!(e.contains("sev-snp or tdx"), "{e}");
     }
 

@@ -105,17 +105,27 @@ impl Sandbox {
         pod_vm: PodVm,
     ) -> Result<Self, SandboxError> {
         let mut config = config.clone();
+        let base = (config.vm.vcpus, config.vm.memory_mib);
         let (vcpus, memory_mib, note) = super::sizing::vm_size(
-            (config.vm.vcpus, config.vm.memory_mib),
+            base,
             (pod_vm.vcpus, pod_vm.memory_mib),
             pod_vm.limits,
             config.vm.size_from_pod_limits,
-            super::sizing::host_capacity(),
+            super::sizing::host_capacity(&config.vm),
         );
         if let Some(note) = note {
             tracing::info!(vm = %vm_id, "{note}");
         }
         (config.vm.vcpus, config.vm.memory_mib) = (vcpus, memory_mib);
+        // A template per size would let pods' annotations and limits fill the host
+        // with saved VMs: only the config's own size is restored from one.
+        if config.vm.templates && (vcpus, memory_mib) != base {
+            tracing::info!(
+                vm = %vm_id,
+                "booted, not restored from a template: the pod's VM is not the config's size"
+            );
+            config.vm.templates = false;
+        }
         let config = &config;
         let netns = pod_vm.netns;
         let host_cgroup = pod_vm.host_cgroup;

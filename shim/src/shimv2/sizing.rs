@@ -7,7 +7,9 @@
 //! room the guest kernel, the agent and the pause process need, which the RuntimeClass's
 //! overhead pays for) *plus* the pod's limits (which its requests and limits pay for).
 //! Explicit `io.cocoon.vm.*` annotations win; `[vm] size_from_pod_limits = false` turns
-//! this off.
+//! this off. Limits need no one's leave and are not scheduled on, so the addition is
+//! capped (`[vm] max_vcpus`, `max_memory_mib`, the host's by default): a guest kernel
+//! initialises its page structures for all of its memory at boot (≈1.6 % of it).
 
 use oci_spec::runtime::Spec;
 
@@ -69,8 +71,8 @@ pub fn pod_limits(spec: &Spec) -> Result<Option<PodLimits>, PodSpecError> {
 }
 
 /// The VM's vCPUs and memory: the config's, or the pod's own annotations', plus the
-/// pod's limits when `add_limits`; capped at what the host has (`host_cpus`,
-/// `host_memory_mib`) and the maxima. With a line saying what was added or capped, for
+/// pod's limits when `add_limits`; the addition capped at `host` (`host_capacity`) and
+/// the maxima. With a line saying what was added or capped, for
 /// the log, when anything was.
 pub fn vm_size(
     base: (u32, u32),
@@ -114,9 +116,15 @@ pub fn vm_size(
     (vcpus, memory_mib, note)
 }
 
-/// This host's online CPUs and memory (MiB), for `vm_size`'s cap.
-pub fn host_capacity() -> (u32, u32) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+/// The most a pod's limits may make a VM: `[vm] max_vcpus` and `max_memory_mib`, where
+/// 0 means this host's online CPUs and its memory (as Kata's `default_maxvcpus` and
+/// `default_maxmemory`).
+pub fn host_capacity(vm: &crate::config::VmConfig) -> (u32, u32) {
+    // Online CPUs, not those this process may run on (containerd's own cgroup or
+    // affinity would cap every VM at its share).
+    // SAFETY: sysconf reads a value and has no other effect.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpus = u32::try_from(online).unwrap_or(1).max(1);
     let mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -126,7 +134,8 @@ pub fn host_capacity() -> (u32, u32) {
         .map_or(MAX_MEMORY_MIB, |kib| {
             (kib / 1024).min(u64::from(MAX_MEMORY_MIB)) as u32
         });
-    (cpus, mib)
+    let or = |set: u32, host: u32| if set == 0 { host } else { set };
+    (or(vm.max_vcpus, cpus), or(vm.max_memory_mib, mib))
 }
 
 #[cfg(test)]
@@ -195,5 +204,14 @@ mod tests {
         assert!(note.unwrap().contains("capped"));
         let (c, m, _) = vm_size((4, 1024), (None, None), limits, true, (2, 600));
         assert_eq!((c, m), (4, 1024));
+    }
+
+    #[test]
+    fn the_maxima_are_the_configs_or_the_hosts() {
+        let mut vm = crate::config::VmConfig::default();
+        let (cpus, mib) = host_capacity(&vm);
+        assert!(cpus >= 1 && mib >= 64, "{cpus} CPUs, {mib} MiB");
+        (vm.max_vcpus, vm.max_memory_mib) = (3, 1000);
+        assert_eq!(host_capacity(&vm), (3, 1000));
     }
 }

@@ -107,6 +107,12 @@ async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
         .await
         .context("containerd's runtime options did not arrive within 5 s")?
         .context("reading containerd's runtime options")?;
+    if options.len() as u64 == super::options::MAX_OPTIONS {
+        anyhow::bail!(
+            "containerd's runtime options are {} bytes or more: not Cocoon's",
+            super::options::MAX_OPTIONS
+        );
+    }
     let Some(path) = super::options::config_path(&options).map_err(anyhow::Error::msg)? else {
         return Ok(None);
     };

@@ -208,7 +208,8 @@ impl Service {
         // Before anything is made for it: a container that cannot say its image fails here.
         let guest_image =
             pod::guest_image(&spec).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        let pod_vm = pod::pod_vm(&spec).map_err(|e| match &e {
+        let size_from_limits = self.inner.config.vm.size_from_pod_limits;
+        let pod_vm = pod::pod_vm(&spec, size_from_limits).map_err(|e| match &e {
             pod::PodSpecError::Confidential(kind) => {
                 // Say everything on this host that stands in the way, not only that
                 // the launch flow is missing.
