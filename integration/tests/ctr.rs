@@ -415,6 +415,36 @@ fn oom_kill_exits_137_with_an_oom_event() {
     assert_clean(&env);
 }
 
+/// A container may use the memory its limit allows, as under runc: its VM grows by its
+/// limit (`[vm] size_from_pod_limits`), where the default 256 MiB VM could not hold the
+/// 300 MiB that dd's one block takes here.
+#[test]
+fn memory_up_to_its_limit_as_under_runc() {
+    let env = env();
+    let flags = ["--memory-limit", "419430400"];
+    let alloc = [
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=300M count=1 2>/dev/null && echo allocated",
+    ];
+    let r = ctr_run(&env, RUNC, "limit-runc", &flags, &alloc);
+    let c = ctr_run(&env, COCOON, "limit-cocoon", &flags, &alloc);
+    assert_eq!(
+        (c.status.code(), String::from_utf8_lossy(&c.stdout).as_ref()),
+        (Some(0), "allocated\n"),
+        "{}",
+        show(&c)
+    );
+    assert_eq!(
+        (r.status.code(), &r.stdout),
+        (c.status.code(), &c.stdout),
+        "\nrunc: {}\ncocoon: {}",
+        show(&r),
+        show(&c)
+    );
+    assert_clean(&env);
+}
+
 #[test]
 fn task_metrics() {
     let env = env();

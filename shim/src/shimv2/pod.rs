@@ -118,6 +118,10 @@ pub fn pod_vm(spec: &Spec, size_from_limits: bool) -> Result<PodVm, PodSpecError
         ..Default::default()
     };
     host_namespaces(spec)?;
+    if !is_cri(spec) && size_from_limits {
+        // A VM of its own: its own limits.
+        vm.limits = super::sizing::container_limits(spec);
+    }
     if is_cri(spec) && is_sandbox(spec) {
         if size_from_limits {
             vm.limits = super::sizing::pod_limits(spec)?;

@@ -1,4 +1,5 @@
-//! A Kubernetes pod's VM sized for its containers' limits. kubelet (1.23+) sums the
+//! A pod's VM sized for its containers' limits (a Kubernetes pod's, or the one
+//! container of a `ctr run`). kubelet (1.23+) sums the
 //! limits of a pod's containers into the sandbox's resources, and containerd passes them
 //! to the runtime as the sandbox's annotations below. Without them a pod's VM has the
 //! config's size, and a container whose limit is larger than the VM is killed by the
@@ -68,6 +69,30 @@ pub fn pod_limits(spec: &Spec) -> Result<Option<PodLimits>, PodSpecError> {
         _ => 0,
     };
     Ok(Some(PodLimits { vcpus, memory_mib }))
+}
+
+/// What a container that has a VM of its own (`ctr run`, not a CRI pod) asks by its own
+/// limits (`ctr run --memory-limit`, `--cpus`): its spec's memory limit and CPU quota,
+/// rounded up; none when it has neither.
+pub fn container_limits(spec: &Spec) -> Option<PodLimits> {
+    let r = spec.linux().as_ref()?.resources().as_ref()?;
+    let memory_mib = r
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|&b| b > 0)
+        .map_or(0, |b| {
+            (b as u64).div_ceil(1 << 20).min(u64::from(MAX_MEMORY_MIB)) as u32
+        });
+    let vcpus = r
+        .cpu()
+        .as_ref()
+        .and_then(|c| Some((c.quota()?, c.period()?)))
+        .filter(|&(q, p)| q > 0 && p > 0)
+        .map_or(0, |(q, p)| {
+            (q as u64).div_ceil(p).min(u64::from(MAX_VCPUS)) as u32
+        });
+    (memory_mib > 0 || vcpus > 0).then_some(PodLimits { vcpus, memory_mib })
 }
 
 /// The VM's vCPUs and memory: the config's, or the pod's own annotations', plus the
@@ -204,6 +229,29 @@ mod tests {
         assert!(note.unwrap().contains("capped"));
         let (c, m, _) = vm_size((4, 1024), (None, None), limits, true, (2, 600));
         assert_eq!((c, m), (4, 1024));
+    }
+
+    #[test]
+    fn a_containers_own_limits_are_its_vms() {
+        let with = |resources: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2", "linux": {"resources": resources}
+            }))
+            .unwrap()
+        };
+        let s = with(serde_json::json!({
+            "memory": {"limit": 33554432}, "cpu": {"quota": 50000, "period": 100000}
+        }));
+        assert_eq!(
+            container_limits(&s),
+            Some(PodLimits {
+                vcpus: 1,
+                memory_mib: 32
+            })
+        );
+        let unlimited = with(serde_json::json!({"memory": {"limit": -1}, "cpu": {"shares": 1024}}));
+        assert_eq!(container_limits(&unlimited), None);
+        assert_eq!(container_limits(&with(serde_json::json!({}))), None);
     }
 
     #[test]
