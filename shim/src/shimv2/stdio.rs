@@ -100,6 +100,38 @@ impl Drop for StdioCopies {
     }
 }
 
+/// How long the client may take to read what is left in an output fifo once the
+/// process's output ended, before its exit is reported anyway (`read_out`).
+const READ_OUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until the client has read everything written to the output fifo `fifo`, up to
+/// `grace`. containerd 1.6's client closes its ends of a task's fifos *before* it waits
+/// for its copies, as soon as it deletes the task after its exit (`task.Delete`:
+/// `io.Close()`, then `io.Wait()`), so output still in a fifo when the exit is reported
+/// is lost (`ctr run` printed nothing for a container that had printed one line). So the
+/// exit waits until the fifo is empty: bytes the client has not read show in `FIONREAD`.
+async fn read_out(fifo: &pipe::Sender, grace: Duration) {
+    use std::os::fd::AsRawFd;
+    let unread = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to `n`; the fd is the open fifo we hold.
+        let r = unsafe { libc::ioctl(fifo.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if r < 0 {
+            0
+        } else {
+            n
+        }
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    while unread() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!("the client left {} bytes unread in an output fifo", unread());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// How long containerd may take to open the reading end of an output fifo.
 const FIFO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -260,6 +292,7 @@ pub async fn attach(
             if let Err(e) = tokio::io::copy(&mut stream, &mut fifo).await {
                 tracing::debug!("{kind} copy ended: {e}");
             }
+            read_out(&fifo, READ_OUT_GRACE).await;
         }));
     }
     if wanted.stdin {
@@ -334,6 +367,45 @@ mod tests {
             .await
             .expect("stdin ends after CloseIO and the client's close")
             .unwrap();
+    }
+
+    /// The copy of an output stream ends only once the client has read the fifo empty
+    /// (or the grace ran out), so that its exit is never reported while output still
+    /// waits in the fifo for a client that closes it at the exit.
+    #[tokio::test]
+    async fn output_waits_in_the_fifo_until_the_client_read_it() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let fifo = open_fifo(path.to_str().unwrap(), true, "stdout").await.unwrap();
+        let mut fifo = pipe::Sender::from_file(fifo).unwrap();
+        fifo.write_all(b"uid=1000\n").await.unwrap();
+        let t = std::time::Instant::now();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut b = [0u8; 64];
+            (reader.read(&mut b).unwrap(), reader)
+        });
+        read_out(&fifo, Duration::from_secs(5)).await;
+        let waited = t.elapsed();
+        let (n, _reader) = late.join().unwrap();
+        assert_eq!(n, 9);
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(4),
+            "waited {waited:?} for a reader that read after 300 ms"
+        );
+        // Nobody reads: the wait ends at the grace.
+        fifo.write_all(b"more").await.unwrap();
+        let t = std::time::Instant::now();
+        read_out(&fifo, Duration::from_millis(200)).await;
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[test]
