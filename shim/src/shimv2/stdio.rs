@@ -125,7 +125,10 @@ async fn read_out(fifo: &pipe::Sender, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     while unread() > 0 {
         if tokio::time::Instant::now() >= deadline {
-            tracing::debug!("the client left {} bytes unread in an output fifo", unread());
+            tracing::debug!(
+                "the client left {} bytes unread in an output fifo",
+                unread()
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -384,7 +387,9 @@ mod tests {
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .unwrap();
-        let fifo = open_fifo(path.to_str().unwrap(), true, "stdout").await.unwrap();
+        let fifo = open_fifo(path.to_str().unwrap(), true, "stdout")
+            .await
+            .unwrap();
         let mut fifo = pipe::Sender::from_file(fifo).unwrap();
         fifo.write_all(b"uid=1000\n").await.unwrap();
         let t = std::time::Instant::now();
