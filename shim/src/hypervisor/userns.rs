@@ -158,8 +158,8 @@ impl PodUserns {
                 format!(
                     "its filesystem{below} cannot be idmapped ({}): the pod's virtiofsd runs \
                      jailed in a user namespace ([jail] virtiofsd = true) and sees only \
-                     idmapped mounts; keep the path on ext4, xfs, btrfs or tmpfs, or turn \
-                     that jail off",
+                     idmapped mounts; keep the path on ext4, xfs, btrfs or tmpfs, or run \
+                     the pod under a handler whose config turns that jail off",
                     filesystem_name(tree)
                 ),
             )
