@@ -58,17 +58,25 @@ pub fn pod_limits(spec: &Spec) -> Result<Option<PodLimits>, PodSpecError> {
     if memory.is_none() && quota.is_none() {
         return Ok(None);
     }
-    let memory_mib = match memory {
-        Some(b) if b > 0 => (b as u64).div_ceil(1 << 20).min(u64::from(MAX_MEMORY_MIB)) as u32,
-        _ => 0,
-    };
-    let vcpus = match (quota, period) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => {
-            (q as u64).div_ceil(p as u64).min(u64::from(MAX_VCPUS)) as u32
-        }
-        _ => 0,
-    };
-    Ok(Some(PodLimits { vcpus, memory_mib }))
+    Ok(Some(PodLimits::of(memory, quota, period)))
+}
+
+impl PodLimits {
+    /// A memory limit in bytes and a CFS quota over a period, as whole MiB and vCPUs
+    /// rounded up; absent, zero or negative values add nothing.
+    fn of(memory: Option<i64>, quota: Option<i64>, period: Option<i64>) -> PodLimits {
+        let memory_mib = match memory {
+            Some(b) if b > 0 => (b as u64).div_ceil(1 << 20).min(u64::from(MAX_MEMORY_MIB)) as u32,
+            _ => 0,
+        };
+        let vcpus = match (quota, period) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => {
+                (q as u64).div_ceil(p as u64).min(u64::from(MAX_VCPUS)) as u32
+            }
+            _ => 0,
+        };
+        PodLimits { vcpus, memory_mib }
+    }
 }
 
 /// What a container that has a VM of its own (`ctr run`, not a CRI pod) asks by its own
@@ -76,23 +84,14 @@ pub fn pod_limits(spec: &Spec) -> Result<Option<PodLimits>, PodSpecError> {
 /// rounded up; none when it has neither.
 pub fn container_limits(spec: &Spec) -> Option<PodLimits> {
     let r = spec.linux().as_ref()?.resources().as_ref()?;
-    let memory_mib = r
-        .memory()
-        .as_ref()
-        .and_then(|m| m.limit())
-        .filter(|&b| b > 0)
-        .map_or(0, |b| {
-            (b as u64).div_ceil(1 << 20).min(u64::from(MAX_MEMORY_MIB)) as u32
-        });
-    let vcpus = r
-        .cpu()
-        .as_ref()
-        .and_then(|c| Some((c.quota()?, c.period()?)))
-        .filter(|&(q, p)| q > 0 && p > 0)
-        .map_or(0, |(q, p)| {
-            (q as u64).div_ceil(p).min(u64::from(MAX_VCPUS)) as u32
-        });
-    (memory_mib > 0 || vcpus > 0).then_some(PodLimits { vcpus, memory_mib })
+    let cpu = r.cpu().as_ref();
+    let limits = PodLimits::of(
+        r.memory().as_ref().and_then(|m| m.limit()),
+        cpu.and_then(|c| c.quota()),
+        cpu.and_then(|c| c.period())
+            .and_then(|p| i64::try_from(p).ok()),
+    );
+    (limits != PodLimits::default()).then_some(limits)
 }
 
 /// The VM's vCPUs and memory: the config's, or the pod's own annotations', plus the
