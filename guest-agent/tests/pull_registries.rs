@@ -69,6 +69,8 @@ fn a_registry_over_tls_is_trusted_only_through_the_roots_init_data_gives() {
 struct Seen {
     token_queries: Vec<String>,
     token_auth: Vec<Option<String>>,
+    /// OAuth2 token requests' forms and `Authorization` headers.
+    token_posts: Vec<(String, Option<String>)>,
     registry_auth: Vec<Option<String>>,
     proxied: Vec<(String, Option<String>)>,
     /// For the upgrading front: whether each request came over TLS, and its
@@ -88,13 +90,18 @@ enum Ask {
     PrivateToken,
 }
 
+/// An identity token (an OAuth2 refresh token), and as a form encodes it.
+const IDENTITY_TOKEN: &str = "r3fresh+t/k=";
+const IDENTITY_TOKEN_FORM: &str = "r3fresh%2Bt%2Fk%3D";
+
 fn basic(user: &str, password: &str) -> String {
     use base64::Engine;
     let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     format!("Basic {b}")
 }
 
-/// One request's head from `r`: its path and `Authorization` and `Accept` headers.
+/// One request's head from `r`: its path and `Authorization` and `Accept` headers. A
+/// `POST`'s path is followed by a newline and its body (an OAuth2 form).
 fn read_head(r: &mut impl std::io::Read) -> (String, Option<String>, String) {
     let mut head = Vec::new();
     let mut byte = [0u8];
@@ -108,17 +115,24 @@ fn read_head(r: &mut impl std::io::Read) -> (String, Option<String>, String) {
         .and_then(|l| l.split(' ').nth(1))
         .unwrap_or_default()
         .to_owned();
-    let (mut auth, mut accept) = (None, String::new());
+    let (mut auth, mut accept, mut length) = (None, String::new(), 0);
     for h in lines {
         if let Some((k, v)) = h.split_once(':') {
             match k.to_ascii_lowercase().as_str() {
                 "authorization" => auth = Some(v.trim().to_owned()),
                 "accept" => accept = v.trim().to_owned(),
+                "content-length" => length = v.trim().parse().unwrap_or(0),
                 _ => {}
             }
         }
     }
-    (path, auth, accept)
+    if !head.starts_with("POST ") {
+        return (path, auth, accept);
+    }
+    let mut body = vec![0u8; length.min(64 * 1024)];
+    let _ = r.read_exact(&mut body);
+    let body = String::from_utf8_lossy(&body);
+    (format!("{path}\n{body}"), auth, accept)
 }
 
 fn reply(status: &str, extra: &str, body: &[u8]) -> Vec<u8> {
@@ -195,13 +209,28 @@ fn serve(
     });
 }
 
-/// A token realm over TLS giving `t0k3n` only for `PULLER`'s credentials; returns its
-/// URL.
+/// A token realm over TLS giving `t0k3n` only for `PULLER`'s credentials (`GET`), or
+/// for `IDENTITY_TOKEN` (an OAuth2 `POST`); returns its URL.
 fn tls_token_realm(seen: &std::sync::Arc<std::sync::Mutex<Seen>>) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("https://{}/token", listener.local_addr().unwrap());
     let seen = seen.clone();
     serve(listener, Speaks::Tls, move |_, path, auth, _| {
+        if let Some(form) = path.strip_prefix("/token\n") {
+            let mut seen = seen.lock().unwrap();
+            seen.token_posts.push((form.to_owned(), auth));
+            let fields: Vec<&str> = form.split('&').collect();
+            return match fields.contains(&"grant_type=refresh_token")
+                && fields.contains(&format!("refresh_token={IDENTITY_TOKEN_FORM}").as_str())
+            {
+                true => reply(
+                    "200 OK",
+                    "",
+                    br#"{"access_token":"t0k3n","expires_in":300}"#,
+                ),
+                false => reply("401 Unauthorized", "", b""),
+            };
+        }
         let query = path.strip_prefix("/token?").unwrap_or_default().to_owned();
         let ok = auth.as_deref() == Some(basic(PULLER.0, PULLER.1).as_str());
         let mut seen = seen.lock().unwrap();
@@ -579,4 +608,82 @@ fn a_token_realm_gets_the_pods_credentials_only_when_the_challenge_came_over_tls
     // An anonymous token was asked for; the credentials were not even fetched.
     assert_eq!(seen.lock().unwrap().token_auth, [None]);
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn an_identity_token_is_traded_at_the_realm_in_an_oauth2_post() {
+    let Some(reg) = Registry::start(module_path!()) else {
+        return;
+    };
+    let digest = reg.push_image("test/app", &base_layers());
+    let reg = std::sync::Arc::new(reg);
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let addr = front(&reg, &seen, Ask::PrivateToken, true);
+    let image = Reference::parse(&format!("{addr}/test/app@{digest}")).unwrap();
+    // As `az acr login` writes it: a placeholder user without a password, and the token.
+    let placeholder = basic("00000000-0000-0000-0000-000000000000", "");
+    let doc = |token: &str| {
+        serde_json::json!({"auths": {&addr: {
+            "auth": placeholder.trim_start_matches("Basic "), "identitytoken": token}}})
+    };
+    let t = with_credentials(transport(&["ca.pem"], &[]), doc(IDENTITY_TOKEN), &asked);
+    let (_d, root, work) = dirs();
+    pull(&image, &root, &work, soon(), &t).unwrap();
+    assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
+    {
+        let seen = seen.lock().unwrap();
+        // One POST with the form, no Authorization; the placeholder user went nowhere.
+        assert_eq!(
+            seen.token_posts,
+            [(
+                format!(
+                    "service=test-registry&scope=repository%3Atest%2Fapp%3Apull&\
+                     grant_type=refresh_token&refresh_token={IDENTITY_TOKEN_FORM}&client_id=cocoon"
+                ),
+                None
+            )]
+        );
+        assert!(!seen.token_auth.contains(&Some(placeholder.clone())));
+        assert!(
+            seen.registry_auth
+                .iter()
+                .all(|a| a.as_deref().is_none_or(|a| a == "Bearer t0k3n")),
+            "{:?}",
+            seen.registry_auth
+        );
+    }
+
+    // A token the realm refuses is named as such, and nothing is unpacked.
+    let t = with_credentials(transport(&["ca.pem"], &[]), doc("stale"), &asked);
+    let (_d, root, work) = dirs();
+    let e = pull(&image, &root, &work, soon(), &t)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("HTTP 401 when asked with the pod's identity token"),
+        "{e}"
+    );
+    assert!(!root.exists());
+
+    // A registry asking for Basic authentication is not given an identity token.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let private = upgrading_front(&reg, &seen);
+    let image = Reference::parse(&format!("{private}/test/app@{digest}")).unwrap();
+    let only_token = serde_json::json!({"auths": {&private: {"identitytoken": IDENTITY_TOKEN}}});
+    let t = with_credentials(transport(&["ca.pem"], &[]), only_token, &asked);
+    let (_d, root, work) = dirs();
+    let e = pull(&image, &root, &work, soon(), &t)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hold only an identity token"), "{e}");
+    assert!(
+        seen.lock()
+            .unwrap()
+            .requests
+            .iter()
+            .all(|(_, a)| a.is_none()),
+        "{:?}",
+        seen.lock().unwrap().requests
+    );
 }

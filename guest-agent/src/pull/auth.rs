@@ -13,6 +13,12 @@
 //! (`https://host/v1/`, Docker's legacy form) names its host. The credentials are sent as
 //! HTTP Basic, to the registry or to the token realm its challenge names, and only over
 //! TLS: in a confidential guest the host carries the traffic.
+//!
+//! An entry's `identitytoken` (an OAuth2 refresh token, what `docker login` and `az acr
+//! login` keep for registries that hand them out, such as Azure's) is traded at the token
+//! realm for an access token (`POST`, `grant_type=refresh_token`), as containers/image
+//! and containerd do; it answers no Basic challenge, which the entry's `auth` (if any)
+//! does.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,11 +32,23 @@ pub type Source = Arc<dyn Fn() -> Result<Vec<u8>, String> + Send + Sync>;
 /// The most entries one document may hold.
 const MAX_ENTRIES: usize = 1024;
 
-/// Parsed credentials: for each key, the `Authorization` header's value.
+/// Parsed credentials: for each key, what its entry gives.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    by_key: BTreeMap<String, String>,
+    by_key: BTreeMap<String, Entry>,
 }
+
+/// One key's credentials: at least one of the two.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The `Authorization: Basic …` value, for the registry or its token realm.
+    pub basic: Option<String>,
+    /// An OAuth2 refresh token for the token realm.
+    pub identity_token: Option<String>,
+}
+
+/// The longest identity token taken (Azure's are ≈1.5 KB JWTs).
+const MAX_IDENTITY_TOKEN: usize = 16 * 1024;
 
 impl std::fmt::Debug for Credentials {
     // Never the secrets themselves, in a log or an error.
@@ -55,41 +73,65 @@ impl Credentials {
                 auths.len()
             ));
         }
-        // Each key's header, and whether it was written as a URL (an exact key wins).
-        let mut by_key: BTreeMap<String, (String, bool)> = BTreeMap::new();
+        // Each key's entry, and whether it was written as a URL (an exact key wins).
+        let mut by_key: BTreeMap<String, (Entry, bool)> = BTreeMap::new();
         for (key, entry) in auths {
             let bad = |why: &str| format!("the registry credentials for {key:?}: {why}");
             let (name, from_url) =
                 normalize(key).ok_or_else(|| bad("not host[:port][/repository]"))?;
             let field = |f: &str| entry.get(f).and_then(serde_json::Value::as_str);
-            let (user, password) =
-                match (field("auth"), field("username"), field("password")) {
-                    (Some(auth), None, None) => {
-                        let plain = base64::engine::general_purpose::STANDARD
-                            .decode(auth.trim())
-                            .map_err(|_| bad("\"auth\" is not base64"))?;
-                        let plain = String::from_utf8(plain)
-                            .map_err(|_| bad("\"auth\" does not decode to text"))?;
-                        let (u, p) = plain
-                            .split_once(':')
-                            .ok_or_else(|| bad("\"auth\" is not user:password"))?;
-                        (u.to_owned(), p.to_owned())
-                    }
-                    (None, Some(u), Some(p)) => (u.to_owned(), p.to_owned()),
-                    _ if entry.get("identitytoken").is_some() => return Err(bad(
-                        "identity tokens (OAuth refresh tokens) are not supported; give \"auth\"",
-                    )),
-                    // What `docker login` leaves with a credential store: nothing to use.
-                    (None, None, None) => continue,
-                    _ => return Err(bad("give \"auth\", or \"username\" and \"password\"")),
-                };
-            if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
-                return Err(bad(
-                    "the user name is empty or holds ':' or a control character",
-                ));
-            }
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let identity_token = match entry.get("identitytoken") {
+                None => None,
+                Some(serde_json::Value::String(t)) if t.is_empty() => None,
+                Some(serde_json::Value::String(t))
+                    if t.len() <= MAX_IDENTITY_TOKEN && !t.chars().any(char::is_control) =>
+                {
+                    Some(t.clone())
+                }
+                Some(_) => {
+                    return Err(bad(&format!(
+                        "\"identitytoken\" is not text of at most {MAX_IDENTITY_TOKEN} bytes \
+                         without control characters"
+                    )))
+                }
+            };
+            let basic = match (field("auth"), field("username"), field("password")) {
+                (Some(auth), None, None) => {
+                    let plain = base64::engine::general_purpose::STANDARD
+                        .decode(auth.trim())
+                        .map_err(|_| bad("\"auth\" is not base64"))?;
+                    let plain = String::from_utf8(plain)
+                        .map_err(|_| bad("\"auth\" does not decode to text"))?;
+                    let (u, p) = plain
+                        .split_once(':')
+                        .ok_or_else(|| bad("\"auth\" is not user:password"))?;
+                    (u.to_owned(), p.to_owned())
+                }
+                (None, Some(u), Some(p)) => (u.to_owned(), p.to_owned()),
+                // An identity token alone, or what `docker login` leaves with a
+                // credential store (nothing to use).
+                (None, None, None) => match identity_token {
+                    Some(_) => (String::new(), String::new()),
+                    None => continue,
+                },
+                _ => return Err(bad("give \"auth\", or \"username\" and \"password\"")),
+            };
+            let basic = match basic {
+                (user, _) if user.is_empty() && identity_token.is_some() => None,
+                (user, _)
+                    if user.is_empty()
+                        || user.contains(':')
+                        || user.chars().any(char::is_control) =>
+                {
+                    return Err(bad(
+                        "the user name is empty or holds ':' or a control character",
+                    ))
+                }
+                (user, password) => Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+                )),
+            };
             match by_key.get(&name) {
                 // An exact key wins over a URL naming the same registry.
                 Some((_, false)) if from_url => continue,
@@ -98,15 +140,19 @@ impl Credentials {
                 }
                 _ => {}
             }
-            by_key.insert(name, (format!("Basic {token}"), from_url));
+            let entry = Entry {
+                basic,
+                identity_token,
+            };
+            by_key.insert(name, (entry, from_url));
         }
         let by_key = by_key.into_iter().map(|(k, (v, _))| (k, v)).collect();
         Ok(Credentials { by_key })
     }
 
-    /// The `Authorization` value for `repository` of `registry`: the most specific key
-    /// naming it, if any.
-    pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&str> {
+    /// The credentials for `repository` of `registry`: the most specific key naming it,
+    /// if any.
+    pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&Entry> {
         let mut key = format!("{}/{repository}", canonical_host(registry));
         loop {
             if let Some(v) = self.by_key.get(&key) {
@@ -179,7 +225,7 @@ mod tests {
             "helper.example": {},
         }});
         let c = Credentials::parse(doc.to_string().as_bytes()).unwrap();
-        let basic = |r, p| c.for_repository(r, p).map(str::to_owned);
+        let basic = |r, p| c.for_repository(r, p).and_then(|e| e.basic.clone());
         assert_eq!(
             basic("r.example:5000", "team/app"),
             Some(format!("Basic {}", b64("team:pw:2")))
@@ -233,8 +279,12 @@ mod tests {
                 "empty",
             ),
             (
-                serde_json::json!({"auths": {"r:1": {"identitytoken": "t"}}}),
-                "identity tokens",
+                serde_json::json!({"auths": {"r:1": {"identitytoken": 7}}}),
+                "\"identitytoken\" is not text",
+            ),
+            (
+                serde_json::json!({"auths": {"r:1": {"identitytoken": "a\nb"}}}),
+                "control characters",
             ),
             (
                 serde_json::json!({"auths": {"r:1": {"username": "u"}}}),
@@ -262,5 +312,33 @@ mod tests {
             assert!(!e.contains("pw") && !e.contains("p\""), "{e}");
         }
         assert!(Credentials::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn an_identity_token_is_kept_beside_or_without_basic_credentials() {
+        let doc = serde_json::json!({"auths": {
+            // As `az acr login` writes it: a placeholder user with no password.
+            "acr.example": {"auth": b64("00000000-0000-0000-0000-000000000000:"), "identitytoken": "refresh.jwt"},
+            "alone.example": {"identitytoken": "r2"},
+            "empty.example": {"auth": b64("u:p"), "identitytoken": ""},
+        }});
+        let c = Credentials::parse(doc.to_string().as_bytes()).unwrap();
+        let acr = c.for_repository("acr.example", "app").unwrap();
+        assert_eq!(acr.identity_token.as_deref(), Some("refresh.jwt"));
+        assert_eq!(
+            acr.basic,
+            Some(format!(
+                "Basic {}",
+                b64("00000000-0000-0000-0000-000000000000:")
+            ))
+        );
+        let alone = c.for_repository("alone.example", "app").unwrap();
+        assert_eq!(
+            (alone.basic.as_deref(), alone.identity_token.as_deref()),
+            (None, Some("r2"))
+        );
+        let empty = c.for_repository("empty.example", "app").unwrap();
+        assert_eq!(empty.identity_token, None);
+        assert!(!format!("{c:?}").contains("refresh"));
     }
 }

@@ -1,5 +1,5 @@
-//! The one HTTP request a pull makes, many times: `GET` over TCP, or TLS (rustls, only
-//! the roots the pod's init-data gives), with a deadline on each read and write, the body
+//! The one HTTP request a pull makes, many times: `GET` (and an OAuth2 token `POST`) over
+//! TCP, or TLS (rustls, only the roots the pod's init-data gives), with a deadline on each read and write, the body
 //! streamed to the caller (layers are large), its length bounded by what the caller
 //! expects. The digests, not the channel, make the content trustworthy; TLS adds the
 //! registry's identity and keeps what is pulled from the network's view.
@@ -143,6 +143,30 @@ pub fn get(
     until: std::time::Instant,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Reply, PullError> {
+    request(url, headers, None, each, until, tls)
+}
+
+/// As `get`, but a `POST` of `form` (`application/x-www-form-urlencoded`): an OAuth2
+/// token request.
+pub fn post_form(
+    url: &Url,
+    headers: &[(&str, &str)],
+    form: &str,
+    each: Duration,
+    until: std::time::Instant,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Reply, PullError> {
+    request(url, headers, Some(form), each, until, tls)
+}
+
+fn request(
+    url: &Url,
+    headers: &[(&str, &str)],
+    form: Option<&str>,
+    each: Duration,
+    until: std::time::Instant,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Reply, PullError> {
     let left = until.saturating_duration_since(std::time::Instant::now());
     if left.is_zero() {
         return Err(PullError::Registry(format!(
@@ -204,13 +228,21 @@ pub fn get(
         inner: stream,
         until,
     };
+    let method = if form.is_some() { "POST" } else { "GET" };
     let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: cocoon-agent\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: cocoon-agent\r\n"
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    req.push_str("\r\n");
+    if let Some(form) = form {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
     stream
         .write_all(req.as_bytes())
         .map_err(|e| fail("send to", e))?;

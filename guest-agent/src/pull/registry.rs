@@ -2,7 +2,8 @@
 //! init-data gives, with the bearer token the registry's challenge asks for (Docker's
 //! token protocol: `401` with `WWW-Authenticate: Bearer realm=…,service=…,scope=…`, a
 //! `GET` of the realm for a token, the request again with it), anonymous or with the
-//! pod's registry credentials, or with those credentials as HTTP Basic when the
+//! pod's registry credentials (an identity token in an OAuth2 `POST` to the realm
+//! instead), or with those credentials as HTTP Basic when the
 //! registry asks so; and following the redirects registries answer blob requests with
 //! (to a storage host).
 //!
@@ -15,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use super::auth::{Credentials, Source};
+use super::auth::{Credentials, Entry, Source};
 use super::http::{self, Reply, Url};
 use super::{PullError, DEADLINE};
 
@@ -124,9 +125,9 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// This repository's `Authorization` value from the pod's credentials, fetched on
-    /// first use; `None` when the init-data names no credentials or they have none for it.
-    fn basic(&mut self) -> Result<Option<String>, PullError> {
+    /// This repository's entry in the pod's credentials, fetched on first use; `None`
+    /// when the init-data names no credentials or they have none for it.
+    fn entry(&mut self) -> Result<Option<Entry>, PullError> {
         let Some((from, source)) = &self.transport.credentials else {
             return Ok(None);
         };
@@ -144,7 +145,7 @@ impl<'a> Session<'a> {
             .credentials
             .as_ref()
             .and_then(|c| c.for_repository(&self.registry, &self.repository))
-            .map(str::to_owned))
+            .cloned())
     }
 
     /// Why there are no credentials for this registry, for an error.
@@ -288,14 +289,20 @@ impl<'a> Session<'a> {
                 if !url.tls {
                     return Err(clear());
                 }
-                let Some(basic) = self.basic()? else {
+                let Some(entry) = self.entry()? else {
                     return Err(fail(format!(
                         "its token realm refused an anonymous token, and {}",
                         self.no_credentials()
                     )));
                 };
+                // An identity token is what the realm is meant to be shown, where given.
+                let grant = match (entry.identity_token, entry.basic) {
+                    (Some(t), _) => Grant::Refresh(t),
+                    (None, Some(b)) => Grant::Basic(b),
+                    (None, None) => return Err(fail(self.no_credentials())),
+                };
                 let token = self
-                    .fetch_token(&params, Some(basic))?
+                    .fetch_token(&params, Some(grant))?
                     .map_err(|e| fail(e.1))?;
                 Ok(Auth {
                     header: format!("Bearer {token}"),
@@ -306,11 +313,21 @@ impl<'a> Session<'a> {
                 if self.transport.credentials.is_some() && !url.tls {
                     return Err(clear());
                 }
-                match self.basic()? {
-                    Some(header) => Ok(Auth {
+                match self.entry()? {
+                    Some(Entry {
+                        basic: Some(header),
+                        ..
+                    }) => Ok(Auth {
                         header,
                         credentials: true,
                     }),
+                    Some(_) => {
+                        Err(fail(format!(
+                        "it asks for Basic authentication, and the credentials at {} hold only \
+                         an identity token for it, which answers a token realm alone",
+                        self.transport.credentials.as_ref().map_or("", |c| c.0.as_str())
+                    )))
+                    }
                     None => Err(fail(format!(
                         "it asks for Basic authentication, and {}",
                         self.no_credentials()
@@ -320,13 +337,14 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A token for a `Bearer` challenge's `params`, asked for with `basic` credentials
-    /// when given (anonymous otherwise); the inner error is the realm's refusal (its
-    /// status, and a message).
+    /// A token for a `Bearer` challenge's `params`, asked for with the pod's credentials
+    /// when given (anonymous otherwise): Basic credentials on a `GET`, an identity token
+    /// in an OAuth2 `POST`. The inner error is the realm's refusal (its status, and a
+    /// message).
     fn fetch_token(
         &self,
         params: &BTreeMap<String, String>,
-        basic: Option<String>,
+        grant: Option<Grant>,
     ) -> Result<Result<String, (u16, String)>, PullError> {
         let fail = |e: String| PullError::Registry(format!("{}: {e}", self.registry));
         let realm = params
@@ -339,7 +357,7 @@ impl<'a> Session<'a> {
             return Err(fail(format!("its token realm {url} is not over TLS")));
         }
         // Credentials never in clear, whatever the registry itself is spoken to with.
-        if basic.is_some() && !url.tls {
+        if grant.is_some() && !url.tls {
             return Err(fail(format!(
                 "its token realm {url} is not over TLS; the pod's credentials are never sent in clear"
             )));
@@ -350,19 +368,34 @@ impl<'a> Session<'a> {
         if let Some(service) = params.get("service") {
             query.insert(0, format!("service={}", encode(service)));
         }
-        url.path
-            .push(if url.path.contains('?') { '&' } else { '?' });
-        url.path.push_str(&query.join("&"));
-        let headers: Vec<(&str, &str)> = basic
-            .as_deref()
-            .map(|b| ("Authorization", b))
-            .into_iter()
-            .collect();
         let tls = self.transport.tls.as_ref();
-        let mut reply = http::get(&url, &headers, DEADLINE, self.until, tls)?;
+        let mut reply = match &grant {
+            // The OAuth2 form: the realm's own query stays, the rest goes in the body.
+            Some(Grant::Refresh(token)) => {
+                query.extend([
+                    "grant_type=refresh_token".to_owned(),
+                    format!("refresh_token={}", encode(token)),
+                    "client_id=cocoon".to_owned(),
+                ]);
+                http::post_form(&url, &[], &query.join("&"), DEADLINE, self.until, tls)?
+            }
+            _ => {
+                url.path
+                    .push(if url.path.contains('?') { '&' } else { '?' });
+                url.path.push_str(&query.join("&"));
+                let headers: Vec<(&str, &str)> = match &grant {
+                    Some(Grant::Basic(b)) => vec![("Authorization", b.as_str())],
+                    _ => Vec::new(),
+                };
+                http::get(&url, &headers, DEADLINE, self.until, tls)?
+            }
+        };
         if reply.status != 200 {
-            let with = match basic {
-                Some(_) => "with the pod's credentials".to_owned(),
+            let with = match grant {
+                Some(Grant::Basic(_)) => "with the pod's credentials".to_owned(),
+                Some(Grant::Refresh(_)) => {
+                    "with the pod's identity token (an OAuth2 POST)".to_owned()
+                }
                 None if !matches!(reply.status, 401 | 403) => "anonymously".to_owned(),
                 None => format!("anonymously, and {}", self.no_credentials()),
             };
@@ -386,6 +419,14 @@ impl<'a> Session<'a> {
             .map(Ok)
             .map_err(|e| fail(format!("{url}: {e}")))
     }
+}
+
+/// What a token realm is shown for a token.
+enum Grant {
+    /// An `Authorization: Basic …` value.
+    Basic(String),
+    /// An OAuth2 refresh token (containers-auth.json's `identitytoken`).
+    Refresh(String),
 }
 
 /// The token of a token reply (`token`, or OAuth's `access_token`): printable, no
