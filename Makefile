@@ -11,7 +11,7 @@ AGENT := target/$(GUEST_TARGET)/release/cocoon-agent
 IMAGE_DIR := target/image
 STAMP := target/.host-setup-done
 
-.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak fuzz fuzz-guided install clean
+.PHONY: all setup build agent image demo test test-nested lint unit integration bench soak fuzz fuzz-guided install clean critest
 
 all: build image
 
@@ -117,3 +117,8 @@ install: image
 
 clean:
 	$(CARGO) clean
+
+# Kubernetes' CRI validation suite under runc and Cocoon, compared case by case (not in
+# `make test`: critest comes from GitHub). CRITEST=path/to/critest or CRI_TOOLS=checkout.
+critest: build image
+	bash scripts/critest.sh $(if $(CRITEST),--critest $(CRITEST),--cri-tools $(CRI_TOOLS))
