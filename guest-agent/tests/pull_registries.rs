@@ -654,17 +654,29 @@ fn an_identity_token_is_traded_at_the_realm_in_an_oauth2_post() {
         );
     }
 
-    // A token the realm refuses is named as such, and nothing is unpacked.
+    // A token the realm refuses is named as such (the placeholder, tried after it on a
+    // GET as containerd does, is refused too), and nothing is unpacked.
     let t = with_credentials(transport(&["ca.pem"], &[]), doc("stale"), &asked);
     let (_d, root, work) = dirs();
     let e = pull(&image, &root, &work, soon(), &t)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("HTTP 401 when asked with the pod's identity token"),
+        e.contains("HTTP 401 when asked with the pod's identity token")
+            && e.contains("HTTP 401 when asked with the pod's credentials"),
         "{e}"
     );
     assert!(!root.exists());
+
+    // A realm refusing the token takes real credentials beside it on a GET.
+    let real = basic(PULLER.0, PULLER.1);
+    let both = serde_json::json!({"auths": {&addr: {
+        "auth": real.trim_start_matches("Basic "), "identitytoken": "stale"}}});
+    let t = with_credentials(transport(&["ca.pem"], &[]), both, &asked);
+    let (_d, root, work) = dirs();
+    pull(&image, &root, &work, soon(), &t).unwrap();
+    assert_eq!(std::fs::read(root.join("etc/conf")).unwrap(), b"two");
+    assert_eq!(seen.lock().unwrap().token_auth.last(), Some(&Some(real)));
 
     // A registry asking for Basic authentication is not given an identity token.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));

@@ -47,6 +47,16 @@ pub struct Entry {
     pub identity_token: Option<String>,
 }
 
+impl std::fmt::Debug for Entry {
+    // Which secrets there are, never what they hold.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("basic", &self.basic.is_some())
+            .field("identity_token", &self.identity_token.is_some())
+            .finish()
+    }
+}
+
 /// The longest identity token taken (Azure's are ≈1.5 KB JWTs).
 const MAX_IDENTITY_TOKEN: usize = 16 * 1024;
 
@@ -81,7 +91,8 @@ impl Credentials {
                 normalize(key).ok_or_else(|| bad("not host[:port][/repository]"))?;
             let field = |f: &str| entry.get(f).and_then(serde_json::Value::as_str);
             let identity_token = match entry.get("identitytoken") {
-                None => None,
+                // Go's decoders (docker's, containers/image's) read `null` as none.
+                None | Some(serde_json::Value::Null) => None,
                 Some(serde_json::Value::String(t)) if t.is_empty() => None,
                 Some(serde_json::Value::String(t))
                     if t.len() <= MAX_IDENTITY_TOKEN && !t.chars().any(char::is_control) =>
@@ -321,6 +332,7 @@ mod tests {
             "acr.example": {"auth": b64("00000000-0000-0000-0000-000000000000:"), "identitytoken": "refresh.jwt"},
             "alone.example": {"identitytoken": "r2"},
             "empty.example": {"auth": b64("u:p"), "identitytoken": ""},
+            "null.example": {"auth": b64("u:p"), "identitytoken": null},
         }});
         let c = Credentials::parse(doc.to_string().as_bytes()).unwrap();
         let acr = c.for_repository("acr.example", "app").unwrap();
@@ -339,6 +351,11 @@ mod tests {
         );
         let empty = c.for_repository("empty.example", "app").unwrap();
         assert_eq!(empty.identity_token, None);
+        let null = c.for_repository("null.example", "app").unwrap();
+        assert_eq!(
+            (null.basic.is_some(), null.identity_token.as_deref()),
+            (true, None)
+        );
         assert!(!format!("{c:?}").contains("refresh"));
     }
 }

@@ -296,14 +296,22 @@ impl<'a> Session<'a> {
                     )));
                 };
                 // An identity token is what the realm is meant to be shown, where given.
-                let grant = match (entry.identity_token, entry.basic) {
-                    (Some(t), _) => Grant::Refresh(t),
-                    (None, Some(b)) => Grant::Basic(b),
+                // Realms without the OAuth2 form (GCR answers 404, ACR 400, Artifactory
+                // 401) take the entry's Basic credentials on a GET, as containerd
+                // retries them.
+                let token = match (entry.identity_token, entry.basic) {
+                    (Some(t), basic) => match self.fetch_token(&params, Some(Grant::Refresh(t)))? {
+                        Ok(token) => token,
+                        Err((400 | 401 | 404 | 405, first)) if basic.is_some() => self
+                            .fetch_token(&params, basic.map(Grant::Basic))?
+                            .map_err(|e| fail(format!("{first}; then {}", e.1)))?,
+                        Err(e) => return Err(fail(e.1)),
+                    },
+                    (None, Some(b)) => self
+                        .fetch_token(&params, Some(Grant::Basic(b)))?
+                        .map_err(|e| fail(e.1))?,
                     (None, None) => return Err(fail(self.no_credentials())),
                 };
-                let token = self
-                    .fetch_token(&params, Some(grant))?
-                    .map_err(|e| fail(e.1))?;
                 Ok(Auth {
                     header: format!("Bearer {token}"),
                     credentials: true,
@@ -372,6 +380,10 @@ impl<'a> Session<'a> {
         let mut reply = match &grant {
             // The OAuth2 form: the realm's own query stays, the rest goes in the body.
             Some(Grant::Refresh(token)) => {
+                // Docker's OAuth2 form names the service even when the challenge did not.
+                if !params.contains_key("service") {
+                    query.insert(0, "service=".to_owned());
+                }
                 query.extend([
                     "grant_type=refresh_token".to_owned(),
                     format!("refresh_token={}", encode(token)),
