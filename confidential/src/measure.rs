@@ -16,12 +16,10 @@ use crate::snp::vmsa::{cpu_sig, cpu_type_sig, VmmType, CPU_TYPES};
 pub enum MeasureCmd {
     /// The SEV-SNP launch digest (what `sev-snp-measure --mode snp` prints).
     Snp(SnpArgs),
-    /// The TDX MRTD of a launch of this TDVF firmware (hex). The RTMRs are not computed.
-    Tdx {
-        /// The firmware image (TDVF: OVMF built with TDX support, e.g. Debian's OVMF.fd).
-        #[arg(long)]
-        ovmf: PathBuf,
-    },
+    /// The TDX MRTD of a launch of this TDVF firmware (hex); with a direct boot's kernel,
+    /// initrd and command line, also the RTMR1 and RTMR2 the firmware extends, as
+    /// `MRTD:`, `RTMR1:` and `RTMR2:` lines. RTMR0 (QEMU's ACPI tables) is not computed.
+    Tdx(TdxArgs),
     /// The digest of the firmware's pages alone, for `--snp-ovmf-hash`.
     SnpOvmfHash {
         #[arg(long)]
@@ -35,6 +33,26 @@ pub enum MeasureCmd {
         #[arg(long = "for", value_parser = ["snp", "tdx"])]
         tee: String,
     },
+}
+
+#[derive(Args)]
+pub struct TdxArgs {
+    /// The firmware image (TDVF: OVMF built with TDX support, e.g. Debian's OVMF.fd).
+    #[arg(long)]
+    pub ovmf: PathBuf,
+    /// The kernel of a direct boot (an EFI-stub bzImage, as QEMU's `-kernel`).
+    #[arg(long, requires_all = ["initrd", "append"])]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line (QEMU's `-append`).
+    #[arg(long, requires = "kernel", allow_hyphen_values = true)]
+    pub append: Option<String>,
+    /// The guest's memory in MiB, when the firmware measures the kernel as QEMU patched
+    /// its setup header (TDVF before edk2-stable202505; the initrd's place in it depends
+    /// on the memory). Without it the kernel is measured as it is.
+    #[arg(long, requires = "kernel")]
+    pub patched_setup_header_memory_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -96,6 +114,8 @@ pub enum MeasureError {
     InitData(PathBuf, #[source] crate::initdata::InitDataError),
     #[error("{0}")]
     Tdvf(PathBuf, #[source] crate::tdx::tdvf::TdvfError),
+    #[error("{0}")]
+    Kernel(PathBuf, #[source] crate::tdx::rtmr::RtmrError),
     #[error("--snp-ovmf-hash must be 96 hex digits (a SHA-384)")]
     Seed,
 }
@@ -104,11 +124,7 @@ pub enum MeasureError {
 pub fn run(cmd: &MeasureCmd) -> Result<String, MeasureError> {
     match cmd {
         MeasureCmd::Snp(args) => snp(args),
-        MeasureCmd::Tdx { ovmf } => {
-            let fw = crate::tdx::tdvf::Tdvf::parse(read(ovmf)?)
-                .map_err(|e| MeasureError::Tdvf(ovmf.clone(), e))?;
-            Ok(hex::encode(fw.mrtd()))
-        }
+        MeasureCmd::Tdx(args) => tdx(args),
         MeasureCmd::SnpOvmfHash { ovmf } => Ok(hex::encode(firmware_digest(&firmware(ovmf)?))),
         MeasureCmd::InitData { file, tee } => {
             let d = crate::initdata::InitData::parse(&read(file)?)
@@ -119,6 +135,31 @@ pub fn run(cmd: &MeasureCmd) -> Result<String, MeasureError> {
             })
         }
     }
+}
+
+/// MRTD alone, or with a direct boot's kernel the `MRTD:`, `RTMR1:`, `RTMR2:` lines.
+fn tdx(args: &TdxArgs) -> Result<String, MeasureError> {
+    use crate::tdx::rtmr;
+    let fw = crate::tdx::tdvf::Tdvf::parse(read(&args.ovmf)?)
+        .map_err(|e| MeasureError::Tdvf(args.ovmf.clone(), e))?;
+    let mrtd = hex::encode(fw.mrtd());
+    let (Some(kernel), Some(initrd), Some(append)) = (&args.kernel, &args.initrd, &args.append)
+    else {
+        return Ok(mrtd);
+    };
+    let initrd_bytes = read(initrd)?;
+    let how = match args.patched_setup_header_memory_mib {
+        Some(mib) => rtmr::Kernel::Patched { memory: mib << 20 },
+        None => rtmr::Kernel::AsIs,
+    };
+    let rtmr1 = rtmr::rtmr1(&read(kernel)?, initrd_bytes.len(), how)
+        .map_err(|e| MeasureError::Kernel(kernel.clone(), e))?;
+    let rtmr2 = rtmr::rtmr2(append, &initrd_bytes);
+    Ok(format!(
+        "MRTD: {mrtd}\nRTMR1: {}\nRTMR2: {}",
+        hex::encode(rtmr1),
+        hex::encode(rtmr2)
+    ))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, MeasureError> {

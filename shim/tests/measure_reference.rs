@@ -436,9 +436,10 @@ fn matches_the_reference_on_generated_firmware_and_inputs() {
     );
 }
 
-/// `cocoon measure tdx`: no reference tool exists here (see `confidential::tdx::tdvf`),
-/// so this checks the command: it prints MRTD alone, the library's, for Debian's TDVF,
-/// and refuses firmware without TDX metadata, naming the file.
+/// `cocoon measure tdx`: no reference tool runs here (virtee/tdx-measure's model was
+/// checked against it by hand once: docs/confidential.md), so this checks the command:
+/// it prints MRTD alone, the library's, for Debian's TDVF, and refuses firmware without
+/// TDX metadata, naming the file.
 #[test]
 fn measure_tdx_prints_mrtd_or_names_the_firmware() {
     let debian = Path::new("/usr/share/ovmf/OVMF.fd");
@@ -474,5 +475,93 @@ fn measure_tdx_prints_mrtd_or_names_the_firmware() {
     assert!(
         err.contains("plain.fd") && err.contains("not TDVF"),
         "{err}"
+    );
+}
+
+/// A small PE32+ image with one section: what `--kernel` takes (an EFI-stub kernel).
+fn tiny_pe() -> Vec<u8> {
+    let mut d = vec![0u8; 0x1000];
+    d[..2].copy_from_slice(b"MZ");
+    d[0x3c] = 0x40;
+    d[0x40..0x44].copy_from_slice(b"PE\0\0");
+    let (coff, opt) = (0x44, 0x44 + 20);
+    d[coff + 2] = 1; // one section
+    d[coff + 16] = 240; // the optional header's size
+    d[opt..opt + 2].copy_from_slice(&0x20bu16.to_le_bytes());
+    d[opt + 60..opt + 64].copy_from_slice(&0x200u32.to_le_bytes()); // SizeOfHeaders
+    d[opt + 108] = 16; // NumberOfRvaAndSizes
+    let section = opt + 240;
+    d[section + 16..section + 20].copy_from_slice(&0xe00u32.to_le_bytes());
+    d[section + 20..section + 24].copy_from_slice(&0x200u32.to_le_bytes());
+    d[0x200..].fill(0xcc);
+    // A Linux setup header (boot protocol 2.15, loaded high) for QEMU's patch.
+    d[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+    d[0x211] = 0x01;
+    d[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    d[0x236..0x238].fill(0);
+    d
+}
+
+/// `cocoon measure tdx` with a direct boot: MRTD, RTMR1 and RTMR2 as labelled lines,
+/// the library's (checked by hand in `confidential::tdx::rtmr`, and against
+/// virtee/tdx-measure's model once, see docs/confidential.md); the setup header patch
+/// changes RTMR1 alone; a kernel that is not a PE image is named.
+#[test]
+fn measure_tdx_with_a_direct_boot_prints_rtmr1_and_rtmr2() {
+    use cocoon_confidential::tdx::rtmr;
+    let debian = Path::new("/usr/share/ovmf/OVMF.fd");
+    if !debian.is_file() && missing("Debian's OVMF.fd (package ovmf) is not installed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, initrd) = (dir.path().join("vmlinuz"), dir.path().join("initrd"));
+    std::fs::write(&kernel, tiny_pe()).unwrap();
+    std::fs::write(&initrd, b"an initramfs").unwrap();
+    let run = |extra: &[&str]| {
+        let out = cocoon()
+            .args(["tdx", "--ovmf"])
+            .arg(debian)
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .args(["--append", "console=hvc0 -v"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fw = cocoon_confidential::tdx::tdvf::Tdvf::parse(std::fs::read(debian).unwrap()).unwrap();
+    let rtmr2 = hex::encode(rtmr::rtmr2("console=hvc0 -v", b"an initramfs"));
+    let as_is = hex::encode(rtmr::rtmr1(&tiny_pe(), 12, rtmr::Kernel::AsIs).unwrap());
+    assert_eq!(
+        run(&[]),
+        format!(
+            "MRTD: {}\nRTMR1: {as_is}\nRTMR2: {rtmr2}\n",
+            hex::encode(fw.mrtd())
+        )
+    );
+    let patched = run(&["--patched-setup-header-memory-mib", "2048"]);
+    assert!(
+        patched.contains(&rtmr2) && !patched.contains(&as_is),
+        "{patched}"
+    );
+
+    let out = cocoon()
+        .args(["tdx", "--ovmf"])
+        .arg(debian)
+        .arg("--kernel")
+        .arg(&initrd)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--append", ""])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("initrd") && err.contains("not a PE/COFF"),
+        "{}",
+        show(&out)
     );
 }
