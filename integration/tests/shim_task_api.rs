@@ -48,32 +48,67 @@ fn write_bundle(dir: &Path, args: &[&str]) -> PathBuf {
 /// Runs `containerd-shim-cocoon-v2 start` in the bundle and connects to the address
 /// it prints.
 async fn start_shim(env: &Env, id: &str, args: &[&str]) -> DirectShim {
+    start_shim_with(env, id, args, b"")
+        .await
+        .unwrap_or_else(|e| panic!("shim start: {e}"))
+}
+
+/// As `start_shim`, with `options` on the shim's stdin (what containerd writes there);
+/// a failed start's stderr as the error.
+async fn start_shim_with(
+    env: &Env,
+    id: &str,
+    args: &[&str],
+    options: &[u8],
+) -> Result<DirectShim, String> {
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let bundle = write_bundle(dir.path(), args);
     let sock = env.containerd.address.to_string_lossy().into_owned();
-    let out = Command::new("containerd-shim-cocoon-v2")
+    let mut child = Command::new("containerd-shim-cocoon-v2")
         .args(["-namespace", NAMESPACE, "-id", id, "-address", &sock])
         .args(["-publish-binary", "containerd", "start"])
         .current_dir(&bundle)
         .env("TTRPC_ADDRESS", format!("{sock}.ttrpc"))
         .env("COCOON_CONFIG", &env.config)
         .env("PATH", cocoon_integration::containerd::tool_path())
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("containerd-shim-cocoon-v2 (cargo build first)");
-    assert!(
-        out.status.success(),
-        "shim start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child.stdin.take().unwrap().write_all(options).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
     let address = String::from_utf8(out.stdout).unwrap();
     let client = ttrpc::asynchronous::Client::connect(address.trim())
         .await
         .unwrap();
-    DirectShim {
+    Ok(DirectShim {
         client: TaskClient::new(client),
         bundle,
         _dir: dir,
+    })
+}
+
+/// `runtimeoptions.v1.Options` as containerd 1.7+ sends a handler's `options` table
+/// that names no ConfigPath: the table itself as TOML (`config_body`, field 3).
+fn inline_options(body: &str) -> Vec<u8> {
+    use containerd_shim::protos::protobuf::{CodedOutputStream, Message};
+    let mut value = Vec::new();
+    let mut out = CodedOutputStream::vec(&mut value);
+    out.write_bytes(3, body.as_bytes()).unwrap();
+    out.flush().unwrap();
+    drop(out);
+    containerd_shim::protos::protobuf::well_known_types::any::Any {
+        type_url: "runtimeoptions.v1.Options".into(),
+        value,
+        ..Default::default()
     }
+    .write_to_bytes()
+    .unwrap()
 }
 
 /// An Exec of `args` in container `id` as `exec_id`, its stdout to `stdout`.
@@ -319,5 +354,62 @@ fn a_task_is_killed_after_its_vm_is_lost() {
         }
         assert_eq!(shim.wait("orphaned").await.exit_status, 137);
         shim.finish(&env, "orphaned").await;
+    });
+}
+
+/// containerd 1.7 and later send a handler's `options` table as the config itself when
+/// it names no ConfigPath: the pod's VM gets that config's memory, and a misspelt key
+/// fails the start, naming the key.
+#[test]
+fn an_inline_handler_config_sizes_the_pods_vm() {
+    let env = env();
+    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&env.config).unwrap())
+        .expect("the test's shim config is TOML");
+    let vm = config["vm"].as_table_mut().expect("a [vm] table");
+    vm.insert("memory_mib".into(), 384.into());
+    let body = toml::to_string(&config).unwrap();
+    runtime().block_on(async {
+        let e = start_shim_with(
+            &env,
+            "inline-bad",
+            &["true"],
+            &inline_options(&body.replace("memory_mib", "memry_mib")),
+        )
+        .await
+        .err()
+        .expect("a config with a misspelt key started");
+        assert!(e.contains("memry_mib") && e.contains("config_body"), "{e}");
+
+        let args = ["grep", "MemTotal", "/proc/meminfo"];
+        let shim = start_shim_with(&env, "inline", &args, &inline_options(&body))
+            .await
+            .unwrap();
+        let fifo = shim.bundle.join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read_to_string(fifo))
+        };
+        let req = api::CreateTaskRequest {
+            id: "inline".into(),
+            bundle: shim.bundle.to_string_lossy().into_owned(),
+            stdout: fifo.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        shim.client.create(ctx(), &req).await.unwrap();
+        shim.start("inline", "").await.unwrap();
+        assert_eq!(shim.wait("inline").await.exit_status, 0);
+        let out = reader.join().unwrap().unwrap();
+        let kib: u64 = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no MemTotal in {out:?}"));
+        // 384 MiB less what the guest kernel keeps; the test config's own is 256 MiB.
+        assert!(
+            (320 << 10..=384 << 10).contains(&kib),
+            "MemTotal {kib} kB for a 384 MiB config"
+        );
+        shim.finish(&env, "inline").await;
     });
 }

@@ -11,6 +11,11 @@
 //!   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon-large.options]
 //!     ConfigPath = "/etc/cocoon/large.toml"
 //! ```
+//!
+//! containerd 1.7 and later send an `options` table that names no `ConfigPath` whole, as
+//! TOML (`config_body`): that is then the handler's config itself, inline in containerd's
+//! (`[…runtimes.cocoon-large.options.vm] memory_mib = 1024`), with the same keys and
+//! checks as a file. containerd 1.6 sends no body: there, name a file.
 
 use std::path::PathBuf;
 
@@ -23,10 +28,19 @@ const RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
 /// The most `start` reads of its stdin.
 pub const MAX_OPTIONS: u64 = 64 << 10;
 
-/// The config file `options` (the bytes of `start`'s stdin) name, if any. No options,
-/// or options of another kind, name none; options that are not a protobuf `Any` are an
-/// error.
-pub fn config_path(options: &[u8]) -> Result<Option<PathBuf>, String> {
+/// Where a handler's config comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandlerConfig {
+    /// A file (`ConfigPath`).
+    Path(PathBuf),
+    /// The handler's `options` table itself (`config_body`), as TOML.
+    Inline(String),
+}
+
+/// The config `options` (the bytes of `start`'s stdin) name or hold, if any. No
+/// options, or options of another kind, name none; options that are not a protobuf
+/// `Any` are an error.
+pub fn handler_config(options: &[u8]) -> Result<Option<HandlerConfig>, String> {
     if options.is_empty() {
         return Ok(None);
     }
@@ -41,25 +55,17 @@ pub fn config_path(options: &[u8]) -> Result<Option<PathBuf>, String> {
         return Ok(None);
     }
     let mut input = CodedInputStream::from_bytes(&any.value);
-    let mut path = String::new();
+    let (mut path, mut body) = (String::new(), Vec::new());
     let bad = |e: protobuf::Error| format!("the runtime options ({RUNTIME_OPTIONS}): {e}");
     while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
-        let (field, wire) = (tag >> 3, tag & 7);
-        if (field, wire) == (2, 2) {
-            path = input.read_string().map_err(bad)?;
-        } else if field == 3 {
-            // containerd 1.7+ sends the handler's whole `options` table (`config_body`)
-            // when it names no ConfigPath: keys we do not read.
-            tracing::warn!(
-                "the handler's options hold keys other than ConfigPath; only ConfigPath is read"
-            );
-            protobuf::rt::skip_field_for_tag(tag, &mut input).map_err(bad)?;
-        } else {
-            protobuf::rt::skip_field_for_tag(tag, &mut input).map_err(bad)?;
+        match (tag >> 3, tag & 7) {
+            (2, 2) => path = input.read_string().map_err(bad)?,
+            (3, 2) => body = input.read_bytes().map_err(bad)?,
+            _ => protobuf::rt::skip_field_for_tag(tag, &mut input).map_err(bad)?,
         }
     }
     if path.is_empty() {
-        return Ok(None);
+        return inline(&body);
     }
     let path = PathBuf::from(path);
     if !path.is_absolute() {
@@ -68,20 +74,52 @@ pub fn config_path(options: &[u8]) -> Result<Option<PathBuf>, String> {
             path.display()
         ));
     }
-    Ok(Some(path))
+    Ok(Some(HandlerConfig::Path(path)))
+}
+
+/// A `config_body`: the handler's `options` table, less the keys containerd itself
+/// reads there (`TypeUrl`, `ConfigPath`); none when nothing else is in it.
+fn inline(body: &[u8]) -> Result<Option<HandlerConfig>, String> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| "the handler's options (config_body) are not UTF-8 text".to_owned())?;
+    let mut table: toml::Table = toml::from_str(text)
+        .map_err(|e| format!("the handler's options (config_body) are not TOML: {e}"))?;
+    table.remove("TypeUrl");
+    table.remove("ConfigPath");
+    if table.is_empty() {
+        return Ok(None);
+    }
+    let text =
+        toml::to_string(&table).map_err(|e| format!("the handler's options (config_body): {e}"))?;
+    Ok(Some(HandlerConfig::Inline(text)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn config_path(options: &[u8]) -> Result<Option<PathBuf>, String> {
+        handler_config(options).map(|c| match c {
+            Some(HandlerConfig::Path(p)) => Some(p),
+            Some(HandlerConfig::Inline(_)) => panic!("not a path"),
+            None => None,
+        })
+    }
+
     /// `runtimeoptions.v1.Options` as containerd marshals it, in an `Any`.
     fn options(type_url: &str, config_path: &str) -> Vec<u8> {
+        options_with(type_url, config_path, b"")
+    }
+
+    fn options_with(type_url: &str, config_path: &str, body: &[u8]) -> Vec<u8> {
         let mut value = Vec::new();
         let mut out = protobuf::CodedOutputStream::vec(&mut value);
         out.write_string(1, "application/toml").unwrap();
         if !config_path.is_empty() {
             out.write_string(2, config_path).unwrap();
+        }
+        if !body.is_empty() {
+            out.write_bytes(3, body).unwrap();
         }
         out.write_uint32(7, 9).unwrap();
         out.flush().unwrap();
@@ -125,6 +163,40 @@ mod tests {
             Ok(None),
             "another type of a similar name"
         );
+    }
+
+    #[test]
+    fn an_options_table_without_config_path_is_the_config_itself() {
+        // As containerd 1.7+ marshals `[…runtimes.x.options.vm] memory_mib = 1024`.
+        let body = b"TypeUrl = \"io.containerd.cocoon.v2.options\"\n[vm]\nmemory_mib = 1024\n";
+        let Ok(Some(HandlerConfig::Inline(text))) =
+            handler_config(&options_with("runtimeoptions.v1.Options", "", body))
+        else {
+            panic!("no inline config");
+        };
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(table["vm"]["memory_mib"].as_integer(), Some(1024));
+        assert!(!table.contains_key("TypeUrl"), "{text}");
+        // A ConfigPath wins (containerd sends no body then); a body of nothing else
+        // names no config; a body that is not TOML is an error naming it.
+        assert_eq!(
+            handler_config(&options_with(
+                "runtimeoptions.v1.Options",
+                "/etc/c.toml",
+                body
+            )),
+            Ok(Some(HandlerConfig::Path("/etc/c.toml".into())))
+        );
+        assert_eq!(
+            handler_config(&options_with(
+                "runtimeoptions.v1.Options",
+                "",
+                b"ConfigPath = \"\"\n"
+            )),
+            Ok(None)
+        );
+        let e = handler_config(&options_with("runtimeoptions.v1.Options", "", b"[vm")).unwrap_err();
+        assert!(e.contains("config_body") && e.contains("not TOML"), "{e}");
     }
 
     #[test]

@@ -92,8 +92,10 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The config file the runtime's options on our stdin name (`options::config_path`),
-/// loaded once to check it; none when containerd passed no such options.
+/// The config file the runtime's options on our stdin name (`options::handler_config`),
+/// loaded once to check it; none when containerd passed no such options. An inline
+/// config (containerd 1.7+'s `config_body`) is checked the same way and written to the
+/// bundle, which containerd removes with the container.
 async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
     // containerd writes the options and closes the pipe (or gives /dev/null); a
     // terminal would never close.
@@ -113,12 +115,24 @@ async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
             super::options::MAX_OPTIONS
         );
     }
-    let Some(path) = super::options::config_path(&options).map_err(anyhow::Error::msg)? else {
-        return Ok(None);
-    };
-    crate::config::Config::from_file(&path)
-        .with_context(|| format!("the runtime's ConfigPath {}", path.display()))?;
-    Ok(Some(path))
+    use super::options::HandlerConfig;
+    match super::options::handler_config(&options).map_err(anyhow::Error::msg)? {
+        None => Ok(None),
+        Some(HandlerConfig::Path(path)) => {
+            crate::config::Config::from_file(&path)
+                .with_context(|| format!("the runtime's ConfigPath {}", path.display()))?;
+            Ok(Some(path))
+        }
+        Some(HandlerConfig::Inline(text)) => {
+            crate::config::Config::parse(&text)
+                .context("the handler's options table in containerd's config (config_body)")?;
+            let path = std::env::current_dir()
+                .context("the bundle directory")?
+                .join("cocoon-config.toml");
+            std::fs::write(&path, text).context("writing the handler's inline config")?;
+            Ok(Some(path))
+        }
+    }
 }
 
 #[cfg(test)]
