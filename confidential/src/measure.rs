@@ -20,6 +20,13 @@ pub enum MeasureCmd {
     /// initrd and command line, also the RTMR1 and RTMR2 the firmware extends, as
     /// `MRTD:`, `RTMR1:` and `RTMR2:` lines. RTMR0 (QEMU's ACPI tables) is not computed.
     Tdx(TdxArgs),
+    /// An ID block and its authentication structure for this launch (`SNP_LAUNCH_FINISH`,
+    /// QEMU's `id-block`/`id-auth`): the launch digest of the same arguments as `snp`,
+    /// signed with the owner's ID key (and the ID key with an author key). Prints
+    /// `id-block:` and `id-auth:` (base64), `id-key-digest:` and `author-key-digest:`
+    /// (hex, what attestation reports carry).
+    #[cfg(feature = "verify")]
+    SnpIdBlock(SnpIdBlockArgs),
     /// The digest of the firmware's pages alone, for `--snp-ovmf-hash`.
     SnpOvmfHash {
         #[arg(long)]
@@ -94,6 +101,39 @@ pub struct SnpArgs {
     pub snp_ovmf_hash: Option<String>,
 }
 
+#[cfg(feature = "verify")]
+#[derive(Args)]
+pub struct SnpIdBlockArgs {
+    #[command(flatten)]
+    pub launch: SnpArgs,
+    /// The ID key: an EC P-384 private key, PEM (`openssl ecparam -name secp384r1
+    /// -genkey -noout`, or PKCS#8).
+    #[arg(long)]
+    pub id_key: PathBuf,
+    /// An author key signing the ID key (the same format).
+    #[arg(long)]
+    pub author_key: Option<PathBuf>,
+    /// FAMILY_ID, 16 bytes in hex (zeros by default).
+    #[arg(long, value_parser = parse_id, default_value = "00000000000000000000000000000000")]
+    pub family_id: [u8; 16],
+    /// IMAGE_ID, 16 bytes in hex (zeros by default).
+    #[arg(long, value_parser = parse_id, default_value = "00000000000000000000000000000000")]
+    pub image_id: [u8; 16],
+    #[arg(long, default_value_t = 0)]
+    pub guest_svn: u32,
+    /// The guest policy the launch will have (Cocoon's default: 0x30000).
+    #[arg(long, value_parser = parse_int, default_value = "0x30000")]
+    pub policy: u64,
+}
+
+#[cfg(feature = "verify")]
+fn parse_id(s: &str) -> Result<[u8; 16], String> {
+    hex::decode(s)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| format!("{s:?} is not 16 bytes in hex"))
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum OutputFormat {
     Hex,
@@ -116,6 +156,9 @@ pub enum MeasureError {
     Tdvf(PathBuf, #[source] crate::tdx::tdvf::TdvfError),
     #[error("{0}")]
     Kernel(PathBuf, #[source] crate::tdx::rtmr::RtmrError),
+    #[cfg(feature = "verify")]
+    #[error(transparent)]
+    IdBlock(#[from] crate::snp::idblock::IdBlockError),
     #[error("--snp-ovmf-hash must be 96 hex digits (a SHA-384)")]
     Seed,
 }
@@ -125,6 +168,8 @@ pub fn run(cmd: &MeasureCmd) -> Result<String, MeasureError> {
     match cmd {
         MeasureCmd::Snp(args) => snp(args),
         MeasureCmd::Tdx(args) => tdx(args),
+        #[cfg(feature = "verify")]
+        MeasureCmd::SnpIdBlock(args) => snp_id_block(args),
         MeasureCmd::SnpOvmfHash { ovmf } => Ok(hex::encode(firmware_digest(&firmware(ovmf)?))),
         MeasureCmd::InitData { file, tee } => {
             let d = crate::initdata::InitData::parse(&read(file)?)
@@ -170,8 +215,51 @@ fn firmware(path: &Path) -> Result<Ovmf, MeasureError> {
     Ovmf::parse(read(path)?).map_err(|e| MeasureError::Firmware(path.to_path_buf(), e))
 }
 
+/// The ID block lines for `args` (`MeasureCmd::SnpIdBlock`).
+#[cfg(feature = "verify")]
+fn snp_id_block(args: &SnpIdBlockArgs) -> Result<String, MeasureError> {
+    use crate::snp::idblock::{id_auth, key_digest, signing_key, IdBlock};
+    let key = |path: &PathBuf| -> Result<_, MeasureError> {
+        let pem = String::from_utf8_lossy(&read(path)?).into_owned();
+        Ok(signing_key(&pem, &path.display().to_string())?)
+    };
+    let id_key = key(&args.id_key)?;
+    let author_key = args.author_key.as_ref().map(key).transpose()?;
+    let block = IdBlock {
+        launch_digest: snp_digest(&args.launch)?,
+        family_id: args.family_id,
+        image_id: args.image_id,
+        guest_svn: args.guest_svn,
+        policy: args.policy,
+    };
+    let auth = id_auth(&block, &id_key, author_key.as_ref());
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut out = format!(
+        "id-block: {}\nid-auth: {}\nid-key-digest: {}",
+        b64(&block.to_bytes()),
+        b64(&auth),
+        hex::encode(key_digest(id_key.verifying_key()))
+    );
+    if let Some(a) = &author_key {
+        out.push_str(&format!(
+            "\nauthor-key-digest: {}",
+            hex::encode(key_digest(a.verifying_key()))
+        ));
+    }
+    Ok(out)
+}
+
 /// The SNP digest for `args`.
 pub fn snp(args: &SnpArgs) -> Result<String, MeasureError> {
+    let ld = snp_digest(args)?;
+    Ok(match args.output_format {
+        OutputFormat::Hex => hex::encode(ld),
+        OutputFormat::Base64 => base64::engine::general_purpose::STANDARD.encode(ld),
+    })
+}
+
+/// The SNP launch digest for `args`, as bytes.
+fn snp_digest(args: &SnpArgs) -> Result<[u8; 48], MeasureError> {
     let fw = firmware(&args.ovmf)?;
     let hashes = match &args.kernel {
         Some(k) => {
@@ -202,10 +290,7 @@ pub fn snp(args: &SnpArgs) -> Result<String, MeasureError> {
         }
         None => plan.digest(),
     };
-    Ok(match args.output_format {
-        OutputFormat::Hex => hex::encode(ld),
-        OutputFormat::Base64 => base64::engine::general_purpose::STANDARD.encode(ld),
-    })
+    Ok(ld)
 }
 
 /// The vCPU signature, by the reference's precedence: family/model/stepping, then the

@@ -565,3 +565,178 @@ fn measure_tdx_with_a_direct_boot_prints_rtmr1_and_rtmr2() {
         show(&out)
     );
 }
+
+/// A DER ECDSA-Sig-Value from a little-endian 72-byte R and S, as OpenSSL reads it.
+fn der_signature(r_le: &[u8], s_le: &[u8]) -> Vec<u8> {
+    let int = |le: &[u8]| {
+        let mut be: Vec<u8> = le.iter().rev().copied().skip_while(|&b| b == 0).collect();
+        if be.first().is_some_and(|&b| b & 0x80 != 0) {
+            be.insert(0, 0);
+        }
+        let mut out = vec![0x02, be.len() as u8];
+        out.extend(be);
+        out
+    };
+    let body = [int(r_le), int(s_le)].concat();
+    let mut out = vec![0x30, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+/// `openssl dgst -sha384 -verify`: whether `sig` signs `data` under the key in `key_pem`.
+fn openssl_verifies(dir: &Path, key_pem: &Path, data: &[u8], sig: &[u8]) -> bool {
+    let (pubkey, data_f, sig_f) = (dir.join("pub.pem"), dir.join("data"), dir.join("sig"));
+    let ok = Command::new("openssl")
+        .args(["ec", "-pubout", "-in"])
+        .arg(key_pem)
+        .arg("-out")
+        .arg(&pubkey)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "openssl ec -pubout");
+    std::fs::write(&data_f, data).unwrap();
+    std::fs::write(&sig_f, sig).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha384", "-verify"])
+        .arg(&pubkey)
+        .arg("-signature")
+        .arg(&sig_f)
+        .arg(&data_f)
+        .output()
+        .unwrap();
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Verified OK")
+}
+
+/// The ABI's public key structure for an OpenSSL key, built from OpenSSL's own output
+/// (the uncompressed point ending its SubjectPublicKeyInfo).
+fn openssl_key_structure(key_pem: &Path) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(["ec", "-pubout", "-outform", "DER", "-in"])
+        .arg(key_pem)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let point = &out.stdout[out.stdout.len() - 97..];
+    assert_eq!(point[0], 4, "an uncompressed point");
+    let mut s = 2u32.to_le_bytes().to_vec();
+    for coordinate in [&point[1..49], &point[49..97]] {
+        s.extend(coordinate.iter().rev());
+        s.extend([0u8; 24]);
+    }
+    s.resize(0x404, 0);
+    s
+}
+
+/// `cocoon measure snp-id-block`, checked with OpenSSL as the SEV firmware would check
+/// it: the ID block holds the launch digest `cocoon measure snp` prints and the ids, SVN
+/// and policy asked for; OpenSSL verifies its signature under the ID key and the ID key's
+/// under the author key (both made by OpenSSL, in its two PEM formats); the key digests
+/// are SHA-384 of the keys as the ABI lays them out. A changed block fails OpenSSL.
+#[test]
+fn an_id_block_verifies_with_openssl_as_the_firmware_would() {
+    use base64::Engine;
+    use sha2::Digest;
+    let debian = Path::new("/usr/share/ovmf/OVMF.fd");
+    if !debian.is_file() && missing("Debian's OVMF.fd (package ovmf) is not installed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (id_key, author_key) = (dir.path().join("id.pem"), dir.path().join("author.pem"));
+    for (args, out) in [
+        (
+            &["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out"][..],
+            &id_key,
+        ),
+        (
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
+            ][..],
+            &author_key,
+        ),
+    ] {
+        let o = Command::new("openssl")
+            .args(args)
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl: {}", show(&o));
+    }
+    let launch = [
+        "--ovmf",
+        "/usr/share/ovmf/OVMF.fd",
+        "--vcpus",
+        "2",
+        "--vcpu-type",
+        "EPYC-v4",
+    ];
+    let digest = cocoon().arg("snp").args(launch).output().unwrap();
+    assert!(digest.status.success(), "{}", show(&digest));
+    let out = cocoon()
+        .arg("snp-id-block")
+        .args(launch)
+        .arg("--id-key")
+        .arg(&id_key)
+        .arg("--author-key")
+        .arg(&author_key)
+        .args(["--family-id", "0102030405060708090a0b0c0d0e0f10"])
+        .args(["--guest-svn", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.decode(s).unwrap();
+    let (block, auth) = (b64(field("id-block")), b64(field("id-auth")));
+    assert_eq!((block.len(), auth.len()), (96, 4096));
+    assert_eq!(
+        hex::encode(&block[..48]),
+        String::from_utf8_lossy(&digest.stdout).trim()
+    );
+    assert_eq!(
+        hex::encode(&block[48..64]),
+        "0102030405060708090a0b0c0d0e0f10"
+    );
+    assert_eq!(
+        &block[80..96],
+        &[1, 0, 0, 0, 3, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0]
+    );
+
+    let id_structure = openssl_key_structure(&id_key);
+    assert_eq!(
+        &auth[0x240..0x644],
+        &id_structure[..],
+        "the ID key as the ABI lays it out"
+    );
+    assert_eq!(
+        field("id-key-digest"),
+        hex::encode(sha2::Sha384::digest(&id_structure))
+    );
+    assert_eq!(
+        field("author-key-digest"),
+        hex::encode(sha2::Sha384::digest(openssl_key_structure(&author_key)))
+    );
+    let block_sig = der_signature(&auth[0x40..0x88], &auth[0x88..0xd0]);
+    assert!(openssl_verifies(dir.path(), &id_key, &block, &block_sig));
+    let key_sig = der_signature(&auth[0x680..0x6c8], &auth[0x6c8..0x710]);
+    assert!(openssl_verifies(
+        dir.path(),
+        &author_key,
+        &id_structure,
+        &key_sig
+    ));
+    let mut changed = block.clone();
+    changed[0x54] ^= 1; // another SVN
+    assert!(!openssl_verifies(dir.path(), &id_key, &changed, &block_sig));
+}

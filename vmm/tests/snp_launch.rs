@@ -15,7 +15,7 @@ use cocoon_confidential::snp::launch::{LaunchInputs, LaunchPlan};
 use cocoon_confidential::snp::ovmf::Ovmf;
 use cocoon_confidential::snp::vmsa::{self, cpu_type_sig, Reset, VmmType};
 use cocoon_confidential::snp::PAGE_SIZE;
-use cocoon_vmm::snp::{cpuid_page, kvm, launch, Launch, SnpError, SnpFirmware};
+use cocoon_vmm::snp::{cpuid_page, kvm, launch, Launch, SnpError, SnpFirmware, SnpIdentity};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
 
 const AMD_SEV_SUFFIX: &str = concat!(
@@ -32,6 +32,8 @@ struct Recorder {
     pages: Vec<(PageType, u64, Option<Vec<u8>>)>,
     resets: Vec<Reset>,
     features: u64,
+    /// The ID block and whether an author key came with it, from SNP_LAUNCH_FINISH.
+    identity: Option<([u8; 96], bool)>,
 }
 
 impl SnpFirmware for Recorder {
@@ -83,9 +85,14 @@ impl SnpFirmware for Recorder {
         self.resets.push(*reset);
         Ok(())
     }
-    fn launch_finish(&mut self, host_data: [u8; 32]) -> Result<(), SnpError> {
+    fn launch_finish(
+        &mut self,
+        host_data: [u8; 32],
+        identity: Option<&SnpIdentity>,
+    ) -> Result<(), SnpError> {
         self.calls
             .push(format!("finish {}", hex::encode(&host_data[..4])));
+        self.identity = identity.map(|i| (i.block, i.author_key));
         Ok(())
     }
 }
@@ -136,6 +143,11 @@ struct Config<'a> {
 
 /// Launches `c` into the recorder, returns (recorded digest, predicted digest).
 fn launch_recorded(c: &Config) -> (String, String, Recorder) {
+    launch_recorded_with(c, None)
+}
+
+/// As `launch_recorded`, with an owner's ID block handed to SNP_LAUNCH_FINISH.
+fn launch_recorded_with(c: &Config, identity: Option<&SnpIdentity>) -> (String, String, Recorder) {
     let fw = Ovmf::parse(std::fs::read(c.ovmf).unwrap()).unwrap();
     let read = |p: &Path| std::fs::read(p).unwrap();
     let hashes = c.kernel.as_ref().map(|(k, i, a)| {
@@ -168,6 +180,7 @@ fn launch_recorded(c: &Config) -> (String, String, Recorder) {
             vcpu_sig: sig,
             vcpus: c.vcpus as usize,
             host_data: [0xab; 32],
+            identity,
             cpuid_page: [0; PAGE_SIZE],
         },
     )
@@ -355,6 +368,7 @@ fn a_launch_the_vmm_cannot_place_is_refused() {
         vcpu_sig: 0xa00f11,
         vcpus,
         host_data: [0; 32],
+        identity: None,
         cpuid_page: [0; PAGE_SIZE],
     };
     let e = launch(&mut Recorder::default(), &memory(&fw), &l(3)).unwrap_err();
@@ -398,6 +412,7 @@ fn the_cpuid_page_is_written_before_it_is_handed_over() {
         vcpu_sig: 0xa00f11,
         vcpus: 1,
         host_data: [0; 32],
+        identity: None,
         cpuid_page: page,
     };
     launch(&mut rec, &mem, &l).unwrap();
@@ -466,8 +481,67 @@ fn hardware_launch(vm: &kvm_ioctls::VmFd) {
             vcpu_sig: cpu_type_sig("EPYC-v4").unwrap(),
             vcpus: 1,
             host_data: [0; 32],
+            identity: None,
             cpuid_page: cpuid_page::table(&[]).unwrap(),
         },
     )
     .expect("the SNP launch on this host");
+}
+
+/// What the SEV firmware checks at SNP_LAUNCH_FINISH against an owner's ID block: the
+/// launch digest in the block `cocoon measure snp-id-block` makes for a launch's
+/// arguments must be the digest of what cocoon-vmm handed over, and the policy the
+/// launch's. The block reaches the firmware with its author-key flag.
+#[test]
+fn an_owners_id_block_holds_the_digest_of_the_recorded_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out"])
+        .arg(&key)
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(made.success(), "openssl ecparam");
+    let c = Config {
+        ovmf: debian_ovmf(),
+        kernel: None,
+        vcpus: 2,
+        cpu: "EPYC-Milan",
+        features: 0x1,
+    };
+    let argv = [
+        "cocoon-measure",
+        "snp-id-block",
+        "--ovmf",
+        c.ovmf,
+        "--vcpus",
+        "2",
+        "--vcpu-type",
+        c.cpu,
+        "--id-key",
+        key.to_str().unwrap(),
+    ];
+    let lines = run(&Cli::try_parse_from(argv).unwrap().cmd).unwrap();
+    let field = |name: &str| {
+        let b64 = lines
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {lines}"));
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()
+    };
+    let identity = SnpIdentity {
+        block: field("id-block").try_into().unwrap(),
+        auth: field("id-auth").into_boxed_slice().try_into().unwrap(),
+        author_key: false,
+    };
+    let (recorded, predicted, rec) = launch_recorded_with(&c, Some(&identity));
+    assert_eq!(recorded, predicted);
+    let (block, author) = rec.identity.expect("SNP_LAUNCH_FINISH got no ID block");
+    assert_eq!(
+        hex::encode(&block[..48]),
+        recorded,
+        "the firmware would refuse this launch"
+    );
+    assert_eq!(&block[0x58..0x60], &POLICY.to_le_bytes());
+    assert!(!author);
 }

@@ -4,6 +4,8 @@
 pub mod certs;
 pub mod gctx;
 pub mod hashes;
+#[cfg(feature = "verify")]
+pub mod idblock;
 pub mod launch;
 pub mod ovmf;
 #[cfg(feature = "verify")]

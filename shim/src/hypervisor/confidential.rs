@@ -53,6 +53,9 @@ pub struct ConfidentialVm {
     /// From the host's CPUID 0x8000001F (SEV-SNP only).
     pub cbitpos: u32,
     pub reduced_phys_bits: u32,
+    /// The guest owner's ID block and authentication structure (`cocoon measure
+    /// snp-id-block`), with whether an author key signed the ID key (SEV-SNP only).
+    pub snp_identity: Option<(Vec<u8>, Vec<u8>, bool)>,
 }
 
 /// The default SNP guest policy.
@@ -78,6 +81,15 @@ pub fn qemu_args(vm: &ConfidentialVm) -> Vec<String> {
             );
             if let Some(d) = &vm.init_data_digest {
                 o.push_str(&format!(",host-data={}", fitted_base64(d, 32)));
+            }
+            if let Some((block, auth, author)) = &vm.snp_identity {
+                let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+                let on = if *author { "on" } else { "off" };
+                o.push_str(&format!(
+                    ",id-block={},id-auth={},author-key-enabled={on}",
+                    b64(block),
+                    b64(auth)
+                ));
             }
             (
                 "q35,confidential-guest-support=cgs0,memory-backend=mem,vmport=off",
@@ -180,6 +192,7 @@ mod tests {
             vcpu_model: "EPYC-v4".into(),
             cbitpos: 51,
             reduced_phys_bits: 1,
+            snp_identity: None,
         }
     }
 
@@ -207,6 +220,19 @@ mod tests {
                 "-bios",
                 "/usr/share/cocoon/OVMF.amdsev.fd"
             ]
+        );
+        // An owner's ID block goes to QEMU's sev-snp-guest as base64, with its flag.
+        let mut owned = vm(Tee::SevSnp, None);
+        owned.snp_identity = Some((vec![1; 96], vec![2; 4096], true));
+        let o = &qemu_args(&owned)[3];
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        assert!(
+            o.ends_with(&format!(
+                ",id-block={},id-auth={},author-key-enabled=on",
+                b64(&[1; 96]),
+                b64(&[2; 4096])
+            )),
+            "{o}"
         );
     }
 

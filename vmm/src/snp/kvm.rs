@@ -224,11 +224,22 @@ impl SnpFirmware for KvmSnp<'_> {
         vcpu.set_regs(&regs).map_err(|e| fail("set_regs", e))
     }
 
-    fn launch_finish(&mut self, host_data: [u8; 32]) -> Result<(), SnpError> {
+    fn launch_finish(
+        &mut self,
+        host_data: [u8; 32],
+        identity: Option<&super::SnpIdentity>,
+    ) -> Result<(), SnpError> {
         let mut finish = kvm_sev_snp_launch_finish {
             host_data,
             ..Default::default()
         };
+        // The firmware reads both structures from these addresses during the command.
+        if let Some(id) = identity {
+            finish.id_block_uaddr = id.block.as_ptr() as u64;
+            finish.id_auth_uaddr = id.auth.as_ptr() as u64;
+            finish.id_block_en = 1;
+            finish.auth_key_en = u8::from(id.author_key);
+        }
         self.command(
             "SNP_LAUNCH_FINISH",
             sev_cmd_id_KVM_SEV_SNP_LAUNCH_FINISH,

@@ -64,8 +64,24 @@ pub trait SnpFirmware {
     ) -> Result<(), SnpError>;
     /// Puts vCPU `index` in the reset state KVM will build its VMSA from.
     fn reset_vcpu(&mut self, index: usize, reset: &Reset) -> Result<(), SnpError>;
-    /// `SNP_LAUNCH_FINISH`: the VMSAs are measured, HOST_DATA bound, the launch sealed.
-    fn launch_finish(&mut self, host_data: [u8; 32]) -> Result<(), SnpError>;
+    /// `SNP_LAUNCH_FINISH`: the VMSAs are measured, HOST_DATA bound, the launch sealed;
+    /// with an owner's ID block, the firmware refuses a launch whose digest or policy
+    /// differ from it.
+    fn launch_finish(
+        &mut self,
+        host_data: [u8; 32],
+        identity: Option<&SnpIdentity>,
+    ) -> Result<(), SnpError>;
+}
+
+/// A guest owner's ID block and its authentication structure (`cocoon measure
+/// snp-id-block`, signed where the owner's keys are, never on the host).
+#[derive(Clone)]
+pub struct SnpIdentity {
+    pub block: [u8; 96],
+    pub auth: Box<[u8; 4096]>,
+    /// Whether `auth` carries an author key (`AUTH_KEY_EN`).
+    pub author_key: bool,
 }
 
 /// SEV_FEATURES bit 0: the guest runs SEV-SNP.
@@ -83,6 +99,8 @@ pub struct Launch<'a> {
     pub vcpus: usize,
     /// The init-data digest, truncated or padded to 32 bytes.
     pub host_data: [u8; 32],
+    /// The owner's ID block, if any.
+    pub identity: Option<&'a SnpIdentity>,
     /// The CPUID page's contents (`cpuid_page::table`).
     pub cpuid_page: [u8; PAGE_SIZE],
 }
@@ -169,5 +187,5 @@ pub fn launch(fw: &mut dyn SnpFirmware, mem: &GuestMemoryMmap, l: &Launch) -> Re
         };
         fw.reset_vcpu(index, &reset)?;
     }
-    fw.launch_finish(l.host_data)
+    fw.launch_finish(l.host_data, l.identity)
 }
