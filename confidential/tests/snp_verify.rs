@@ -21,6 +21,9 @@ fn expected() -> Expected {
         measurement: Some(r[0x90..0xc0].try_into().unwrap()),
         report_data: Some(r[0x50..0x90].try_into().unwrap()),
         host_data: Some([0; 32]),
+        // AMD's sample was launched without an ID block.
+        id_key_digest: Some([0; 48]),
+        author_key_digest: Some([0; 48]),
         allow_debug: false,
     }
 }
@@ -58,6 +61,21 @@ fn unmet_expectations_are_named() {
     assert!(matches!(
         verify_report(&report(), VCEK, &e),
         Err(VerifyError::HostData { .. })
+    ));
+    // A relying party expecting an owner's ID key (or author key) refuses a launch
+    // without one.
+    let mut e = expected();
+    e.id_key_digest = Some([7; 48]);
+    let err = verify_report(&report(), VCEK, &e).unwrap_err();
+    assert!(
+        err.to_string().starts_with("the ID key digest is 000000"),
+        "{err}"
+    );
+    let mut e = expected();
+    e.author_key_digest = Some([7; 48]);
+    assert!(matches!(
+        verify_report(&report(), VCEK, &e),
+        Err(VerifyError::AuthorKey { .. })
     ));
     // Another chip's genuine VCEK (it chains to AMD's Turin root) did not sign it.
     assert_eq!(

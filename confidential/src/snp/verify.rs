@@ -26,6 +26,11 @@ pub struct Expected {
     pub measurement: Option<[u8; 48]>,
     pub report_data: Option<[u8; 64]>,
     pub host_data: Option<[u8; 32]>,
+    /// The digest of the owner's ID key the launch's ID block was signed with
+    /// (`cocoon measure snp-id-block`); all zeros in a report of a launch without one.
+    pub id_key_digest: Option<[u8; 48]>,
+    /// The digest of the author key that signed the ID key.
+    pub author_key_digest: Option<[u8; 48]>,
     /// Accept a guest whose policy allows debugging (never for a confidential pod).
     pub allow_debug: bool,
 }
@@ -71,6 +76,10 @@ pub enum VerifyError {
     ReportData { got: String, want: String },
     #[error("the host data is {got}, expected {want}")]
     HostData { got: String, want: String },
+    #[error("the ID key digest is {got}, expected {want}")]
+    IdKey { got: String, want: String },
+    #[error("the author key digest is {got}, expected {want}")]
+    AuthorKey { got: String, want: String },
 }
 
 /// The fields of an accepted report a caller may want.
@@ -82,6 +91,11 @@ pub struct Verified {
     pub report_data: [u8; 64],
     pub host_data: [u8; 32],
     pub chip_id: [u8; 64],
+    /// The owner's ID block's FAMILY_ID and IMAGE_ID (zeros without one).
+    pub family_id: [u8; 16],
+    pub image_id: [u8; 16],
+    pub id_key_digest: [u8; 48],
+    pub author_key_digest: [u8; 48],
 }
 
 fn u32_at(r: &[u8], at: usize) -> u32 {
@@ -298,6 +312,10 @@ pub fn verify_with(
         measurement: array(report, 0x90),
         host_data: array(report, 0xc0),
         chip_id: array(report, 0x1a0),
+        family_id: array(report, 0x10),
+        image_id: array(report, 0x20),
+        id_key_digest: array(report, 0xe0),
+        author_key_digest: array(report, 0x110),
     };
     fn same<const N: usize>(
         got: &[u8; N],
@@ -318,6 +336,14 @@ pub fn verify_with(
     same(&v.host_data, &expected.host_data, |got, want| {
         VerifyError::HostData { got, want }
     })?;
+    same(&v.id_key_digest, &expected.id_key_digest, |got, want| {
+        VerifyError::IdKey { got, want }
+    })?;
+    same(
+        &v.author_key_digest,
+        &expected.author_key_digest,
+        |got, want| VerifyError::AuthorKey { got, want },
+    )?;
     Ok(v)
 }
 
