@@ -199,7 +199,8 @@ fn tdx(args: &TdxArgs) -> Result<String, MeasureError> {
     };
     let rtmr1 = rtmr::rtmr1(&read(kernel)?, initrd_bytes.len(), how)
         .map_err(|e| MeasureError::Kernel(kernel.clone(), e))?;
-    let rtmr2 = rtmr::rtmr2(append, &initrd_bytes);
+    let rtmr2 =
+        rtmr::rtmr2(append, &initrd_bytes).map_err(|e| MeasureError::Kernel(initrd.clone(), e))?;
     Ok(format!(
         "MRTD: {mrtd}\nRTMR1: {}\nRTMR2: {}",
         hex::encode(rtmr1),

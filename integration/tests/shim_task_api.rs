@@ -358,16 +358,13 @@ fn a_task_is_killed_after_its_vm_is_lost() {
 }
 
 /// containerd 1.7 and later send a handler's `options` table as the config itself when
-/// it names no ConfigPath: the pod's VM gets that config's memory, and a misspelt key
-/// fails the start, naming the key.
+/// it names no ConfigPath, laid over the node's file (`COCOON_CONFIG` here, which holds
+/// the test's kernel, image and run directory): the pod's VM gets the table's memory,
+/// and a misspelt key fails the start, naming the key.
 #[test]
 fn an_inline_handler_config_sizes_the_pods_vm() {
     let env = env();
-    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&env.config).unwrap())
-        .expect("the test's shim config is TOML");
-    let vm = config["vm"].as_table_mut().expect("a [vm] table");
-    vm.insert("memory_mib".into(), 384.into());
-    let body = toml::to_string(&config).unwrap();
+    let body = "[vm]\nmemory_mib = 384\n";
     runtime().block_on(async {
         let e = start_shim_with(
             &env,
@@ -381,7 +378,7 @@ fn an_inline_handler_config_sizes_the_pods_vm() {
         assert!(e.contains("memry_mib") && e.contains("config_body"), "{e}");
 
         let args = ["grep", "MemTotal", "/proc/meminfo"];
-        let shim = start_shim_with(&env, "inline", &args, &inline_options(&body))
+        let shim = start_shim_with(&env, "inline", &args, &inline_options(body))
             .await
             .unwrap();
         let fifo = shim.bundle.join("stdout");

@@ -495,6 +495,7 @@ fn tiny_pe() -> Vec<u8> {
     d[section + 20..section + 24].copy_from_slice(&0x200u32.to_le_bytes());
     d[0x200..].fill(0xcc);
     // A Linux setup header (boot protocol 2.15, loaded high) for QEMU's patch.
+    d[0x202..0x206].copy_from_slice(b"HdrS");
     d[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
     d[0x211] = 0x01;
     d[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
@@ -533,7 +534,7 @@ fn measure_tdx_with_a_direct_boot_prints_rtmr1_and_rtmr2() {
         String::from_utf8(out.stdout).unwrap()
     };
     let fw = cocoon_confidential::tdx::tdvf::Tdvf::parse(std::fs::read(debian).unwrap()).unwrap();
-    let rtmr2 = hex::encode(rtmr::rtmr2("console=hvc0 -v", b"an initramfs"));
+    let rtmr2 = hex::encode(rtmr::rtmr2("console=hvc0 -v", b"an initramfs").unwrap());
     let as_is = hex::encode(rtmr::rtmr1(&tiny_pe(), 12, rtmr::Kernel::AsIs).unwrap());
     assert_eq!(
         run(&[]),

@@ -71,12 +71,12 @@ impl IdBlock {
     }
 }
 
-/// An EC P-384 private key from PEM (`openssl ecparam -name secp384r1 -genkey`, or
-/// PKCS#8); `name` says where it came from in errors.
+/// An EC P-384 private key from PEM (`openssl ecparam -name secp384r1 -genkey`, with or
+/// without its parameters block, or PKCS#8); `name` says where it came from in errors.
 pub fn signing_key(pem: &str, name: &str) -> Result<SigningKey, IdBlockError> {
     use p384::pkcs8::DecodePrivateKey;
-    let secret = if pem.contains("BEGIN EC PRIVATE KEY") {
-        p384::SecretKey::from_sec1_pem(pem).map_err(|e| e.to_string())
+    let secret = if let Some(at) = pem.find("-----BEGIN EC PRIVATE KEY-----") {
+        p384::SecretKey::from_sec1_pem(&pem[at..]).map_err(|e| e.to_string())
     } else {
         p384::SecretKey::from_pkcs8_pem(pem).map_err(|e| e.to_string())
     };
@@ -144,6 +144,13 @@ pub fn check(
     auth: &[u8; ID_AUTH_LEN],
     author: bool,
 ) -> Result<([u8; 48], Option<[u8; 48]>), IdBlockError> {
+    let algorithm = |at: usize| u32::from_le_bytes(auth[at..at + 4].try_into().expect("4 bytes"));
+    if algorithm(0) != ALGO_ECDSA_P384_SHA384 || (author && algorithm(4) != ALGO_ECDSA_P384_SHA384)
+    {
+        return Err(IdBlockError::Auth(
+            "a key algorithm other than ECDSA P-384 with SHA-384",
+        ));
+    }
     let id_key = read_key(&auth[ID_KEY..ID_KEY + PUBKEY_LEN])?;
     read_sig(&auth[ID_BLOCK_SIG..ID_BLOCK_SIG + SIG_LEN]).and_then(|s| {
         id_key
@@ -269,8 +276,8 @@ mod tests {
             other[change] ^= 1;
             assert!(check(&other, &auth, true).is_err(), "byte {change:#x}");
         }
-        // A bit flipped in the signatures or either key.
-        for at in [0x40, 0x88, 0x244, 0x680, 0x884] {
+        // A bit flipped in the algorithms, the signatures or either key.
+        for at in [0x0, 0x4, 0x40, 0x88, 0x244, 0x680, 0x884] {
             let mut bad = auth;
             bad[at] ^= 1;
             assert!(check(&b.to_bytes(), &bad, true).is_err(), "offset {at:#x}");
@@ -287,7 +294,11 @@ mod tests {
         let k = p384::SecretKey::from_slice(&[5; 48]).unwrap();
         let pkcs8 = k.to_pkcs8_pem(LineEnding::LF).unwrap();
         let sec1 = k.to_sec1_pem(LineEnding::LF).unwrap();
-        for pem in [pkcs8.as_str(), sec1.as_str()] {
+        let with_params = format!(
+            "-----BEGIN EC PARAMETERS-----\nBgUrgQQAIg==\n-----END EC PARAMETERS-----\n{}",
+            sec1.as_str()
+        );
+        for pem in [pkcs8.as_str(), sec1.as_str(), with_params.as_str()] {
             let s = signing_key(pem, "id.pem").unwrap();
             assert_eq!(s.verifying_key(), SigningKey::from(&k).verifying_key());
         }

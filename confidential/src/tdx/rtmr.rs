@@ -30,6 +30,8 @@ pub enum RtmrError {
     NotPe(&'static str),
     #[error("the kernel has no setup header for QEMU to patch: {0}")]
     NoSetupHeader(&'static str),
+    #[error("the initrd is empty: OVMF then passes no initrd and this model does not hold")]
+    EmptyInitrd,
     #[error("the kernel's setup header cannot take an initrd of {0} bytes here: {1}")]
     Initrd(usize, &'static str),
 }
@@ -60,14 +62,18 @@ pub fn rtmr1(kernel: &[u8], initrd_len: usize, how: Kernel) -> Result<Rtmr, Rtmr
     ]))
 }
 
-/// RTMR2 of a direct boot with command line `append` and `initrd`.
-pub fn rtmr2(append: &str, initrd: &[u8]) -> Rtmr {
+/// RTMR2 of a direct boot with command line `append` and `initrd` (not empty). OVMF
+/// widens each byte of the command line QEMU hands it to 16 bits (no UTF-8 decoding).
+pub fn rtmr2(append: &str, initrd: &[u8]) -> Result<Rtmr, RtmrError> {
+    if initrd.is_empty() {
+        return Err(RtmrError::EmptyInitrd);
+    }
     let mut line: Vec<u8> = format!("{append} initrd=initrd")
-        .encode_utf16()
-        .flat_map(u16::to_le_bytes)
+        .bytes()
+        .flat_map(|b| u16::from(b).to_le_bytes())
         .collect();
     line.extend([0, 0]);
-    extend_all(&[sha384(&line), sha384(initrd)])
+    Ok(extend_all(&[sha384(&line), sha384(initrd)]))
 }
 
 fn sha384(data: &[u8]) -> Rtmr {
@@ -150,8 +156,9 @@ pub fn authenticode_sha384(pe: &[u8]) -> Result<Rtmr, RtmrError> {
     }
     raw.sort_by_key(|&(at, _)| at);
     for (at, len) in raw {
-        let data = pe
-            .get(at..at + len)
+        let data = at
+            .checked_add(len)
+            .and_then(|end| pe.get(at..end))
             .ok_or(RtmrError::NotPe("a section runs past the file"))?;
         h.update(data);
         hashed += len;
@@ -173,48 +180,40 @@ pub fn authenticode_sha384(pe: &[u8]) -> Result<Rtmr, RtmrError> {
 
 /// The kernel as QEMU's x86 Linux loader patches its setup header for a guest of
 /// `memory` bytes with an initrd of `initrd_len` (hw/i386/x86.c, `x86_load_linux`,
-/// with the q35 machine's ACPI data size).
+/// with the q35 machine's ACPI data size): for a kernel loaded high with boot protocol
+/// 2.03 or later, as EFI-stub kernels are. A `vga=` on the command line, which QEMU
+/// also writes into the header, is not modelled.
 fn qemu_patched(kernel: &[u8], initrd_len: usize, memory: u64) -> Result<Vec<u8>, RtmrError> {
     const ACPI_DATA_SIZE: u32 = 0x28000;
+    const REAL_ADDR: u32 = 0x10000;
+    const CMDLINE_ADDR: u32 = 0x20000;
     if kernel.len() < 0x1000 {
         return Err(RtmrError::NoSetupHeader("shorter than 4 KiB"));
     }
+    if initrd_len == 0 {
+        return Err(RtmrError::EmptyInitrd);
+    }
     let mut k = kernel.to_vec();
     let protocol = u16::from_le_bytes([k[0x206], k[0x207]]);
-    let high = protocol >= 0x200 && k[0x211] & 0x01 != 0; // LOADED_HIGH
-    let (real_addr, cmdline_addr): (u32, u32) = match high {
-        true => (0x10000, 0x20000),
-        false => (0x90000, 0x9a000),
-    };
-    if protocol >= 0x200 {
-        k[0x210] = 0xb0; // type_of_loader: QEMU
+    // What an EFI-stub kernel has; older kernels QEMU loads low, which is not modelled.
+    if &k[0x202..0x206] != b"HdrS" {
+        return Err(RtmrError::NoSetupHeader("no HdrS signature"));
     }
-    if protocol >= 0x201 {
-        k[0x211] |= 0x80; // CAN_USE_HEAP
-        k[0x224..0x228].copy_from_slice(&(cmdline_addr - real_addr - 0x200).to_le_bytes());
+    if protocol < 0x203 || k[0x211] & 0x01 == 0 {
+        return Err(RtmrError::NoSetupHeader(
+            "boot protocol before 2.03, or not loaded high",
+        ));
     }
-    if protocol >= 0x202 {
-        k[0x228..0x22c].copy_from_slice(&cmdline_addr.to_le_bytes());
-    } else {
-        k[0x20..0x22].copy_from_slice(&0xa33fu16.to_le_bytes());
-        k[0x22..0x24].copy_from_slice(&((cmdline_addr - real_addr) as u16).to_le_bytes());
-    }
-    if initrd_len == 0 {
-        return Ok(k);
-    }
-    if protocol < 0x200 {
-        return Err(RtmrError::Initrd(initrd_len, "boot protocol before 2.00"));
-    }
+    k[0x210] = 0xb0; // type_of_loader: QEMU
+    k[0x211] |= 0x80; // CAN_USE_HEAP
+    let heap_end = (CMDLINE_ADDR - REAL_ADDR - 0x200) as u16;
+    k[0x224..0x226].copy_from_slice(&heap_end.to_le_bytes());
+    k[0x228..0x22c].copy_from_slice(&CMDLINE_ADDR.to_le_bytes());
     let mut initrd_max =
         if protocol >= 0x20c && u16::from_le_bytes([k[0x236], k[0x237]]) & 0x40 != 0 {
             u32::MAX // XLF_CAN_BE_LOADED_ABOVE_4G
-        } else if protocol >= 0x203 {
-            match u32::from_le_bytes([k[0x22c], k[0x22d], k[0x22e], k[0x22f]]) {
-                0 => 0x37ff_ffff,
-                max => max,
-            }
         } else {
-            0x37ff_ffff
+            u32::from_le_bytes([k[0x22c], k[0x22d], k[0x22e], k[0x22f]])
         };
     // Memory below 4 GiB, as q35 splits it.
     let lowmem: u64 = if memory < 0xb000_0000 {
@@ -225,9 +224,10 @@ fn qemu_patched(kernel: &[u8], initrd_len: usize, memory: u64) -> Result<Vec<u8>
     let below_4g = memory.min(lowmem) as u32;
     let limit = below_4g
         .checked_sub(ACPI_DATA_SIZE)
+        .filter(|&l| l > 0)
         .ok_or(RtmrError::Initrd(
             initrd_len,
-            "the guest's memory is smaller than its ACPI data",
+            "the guest's memory is no larger than its ACPI data",
         ))?;
     if initrd_max >= limit {
         initrd_max = limit - 1;
@@ -237,7 +237,7 @@ fn qemu_patched(kernel: &[u8], initrd_len: usize, memory: u64) -> Result<Vec<u8>
         .filter(|&l| l < initrd_max)
         .ok_or(RtmrError::Initrd(
             initrd_len,
-            "larger than the memory below it",
+            "larger than the room the kernel allows below it",
         ))?;
     let addr = (initrd_max - len) & !4095;
     k[0x218..0x21c].copy_from_slice(&addr.to_le_bytes());
@@ -355,9 +355,21 @@ mod tests {
 
     #[test]
     fn rtmr2_binds_the_command_line_and_the_initrd() {
-        let a = rtmr2("console=hvc0", b"initrd");
-        assert_ne!(a, rtmr2("console=hvc0 ", b"initrd"));
-        assert_ne!(a, rtmr2("console=hvc0", b"initrD"));
+        let a = rtmr2("console=hvc0", b"initrd").unwrap();
+        assert_ne!(a, rtmr2("console=hvc0 ", b"initrd").unwrap());
+        assert_ne!(a, rtmr2("console=hvc0", b"initrD").unwrap());
+        assert!(matches!(rtmr2("x", b""), Err(RtmrError::EmptyInitrd)));
+        // Each byte widened, as OVMF does: "é" is two characters, not one.
+        let wide = extend_all(&[
+            sha384(
+                &"\u{c3}\u{a9} initrd=initrd\0"
+                    .chars()
+                    .flat_map(|c| (c as u16).to_le_bytes())
+                    .collect::<Vec<_>>(),
+            ),
+            sha384(b"i"),
+        ]);
+        assert_eq!(rtmr2("é", b"i").unwrap(), wide);
         let mut line: Vec<u8> = "console=hvc0 initrd=initrd"
             .encode_utf16()
             .flat_map(u16::to_le_bytes)
@@ -377,16 +389,39 @@ mod tests {
         k[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
         k[0x211] = 0x01; // loaded high
         k[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        k[0x202..0x206].copy_from_slice(b"HdrS");
         let p = qemu_patched(&k, 0x10_0000, 2 << 30).unwrap();
         assert_eq!(p[0x210], 0xb0);
         assert_eq!(p[0x211], 0x81);
         let at = |o: usize| u32::from_le_bytes(p[o..o + 4].try_into().unwrap());
         assert_eq!(at(0x228), 0x20000);
-        assert_eq!(at(0x224), 0x20000 - 0x10000 - 0x200);
+        // heap_end_ptr is 16 bits; the extended loader fields after it stay.
+        assert_eq!(&p[0x224..0x226], &[0x00, 0xfe]);
+        assert_eq!(&p[0x226..0x228], &k[0x226..0x228]);
         // 2 GiB of memory, less the ACPI data, less one, less the initrd, page-aligned.
         assert_eq!(at(0x218), (0x8000_0000 - 0x28000 - 1 - 0x10_0000) & !4095);
         assert_eq!(at(0x21c), 0x10_0000);
         assert!(qemu_patched(&k, 0x7000_0000, 1 << 30).is_err());
+        assert!(
+            qemu_patched(&k, 1, 0x28000).is_err(),
+            "no memory beyond the ACPI data"
+        );
+        assert!(matches!(
+            qemu_patched(&k, 0, 2 << 30),
+            Err(RtmrError::EmptyInitrd)
+        ));
+        let mut no_max = k.clone();
+        no_max[0x22c..0x230].fill(0);
+        assert!(
+            qemu_patched(&no_max, 1, 2 << 30).is_err(),
+            "initrd_addr_max 0: no initrd"
+        );
+        let mut old = k.clone();
+        old[0x202] = b'X';
+        assert!(matches!(
+            qemu_patched(&old, 1, 2 << 30),
+            Err(RtmrError::NoSetupHeader(_))
+        ));
         // The patch changes what is measured.
         assert_ne!(
             rtmr1(&k, 0x10_0000, Kernel::AsIs).unwrap(),

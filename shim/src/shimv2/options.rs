@@ -13,9 +13,10 @@
 //! ```
 //!
 //! containerd 1.7 and later send an `options` table that names no `ConfigPath` whole, as
-//! TOML (`config_body`): that is then the handler's config itself, inline in containerd's
-//! (`[…runtimes.cocoon-large.options.vm] memory_mib = 1024`), with the same keys and
-//! checks as a file. containerd 1.6 sends no body: there, name a file.
+//! TOML (`config_body`): that is then the handler's config, inline in containerd's
+//! (`[…runtimes.cocoon-large.options.vm] memory_mib = 1024`), laid over the node's
+//! config file, with the same keys and checks as a file. containerd 1.6 sends no body:
+//! there, name a file.
 
 use std::path::PathBuf;
 
@@ -75,6 +76,27 @@ pub fn handler_config(options: &[u8]) -> Result<Option<HandlerConfig>, String> {
         ));
     }
     Ok(Some(HandlerConfig::Path(path)))
+}
+
+/// `body`'s tables laid over `base`'s (both Cocoon config TOML): a key in `body` wins,
+/// tables merge key by key.
+pub fn overlay(base: &str, body: &str) -> Result<String, String> {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (k, v) in from {
+            match (into.get_mut(&k), v) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, v) => {
+                    into.insert(k, v);
+                }
+            }
+        }
+    }
+    let mut table: toml::Table =
+        toml::from_str(base).map_err(|e| format!("the node's config is not TOML: {e}"))?;
+    let body: toml::Table = toml::from_str(body)
+        .map_err(|e| format!("the handler's options (config_body) are not TOML: {e}"))?;
+    merge(&mut table, body);
+    toml::to_string(&table).map_err(|e| format!("the handler's options (config_body): {e}"))
 }
 
 /// A `config_body`: the handler's `options` table, less the keys containerd itself
@@ -197,6 +219,22 @@ mod tests {
         );
         let e = handler_config(&options_with("runtimeoptions.v1.Options", "", b"[vm")).unwrap_err();
         assert!(e.contains("config_body") && e.contains("not TOML"), "{e}");
+    }
+
+    #[test]
+    fn an_inline_config_is_laid_over_the_nodes() {
+        let base = "hypervisor = \"qemu\"\n[vm]\nmemory_mib = 256\nvcpus = 1\n[jail]\nlock_file = \"/run/x.lock\"\n";
+        let text = overlay(base, "[vm]\nmemory_mib = 1024\n").unwrap();
+        let t: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(t["vm"]["memory_mib"].as_integer(), Some(1024));
+        assert_eq!(
+            t["vm"]["vcpus"].as_integer(),
+            Some(1),
+            "kept from the node's"
+        );
+        assert_eq!(t["jail"]["lock_file"].as_str(), Some("/run/x.lock"));
+        assert_eq!(t["hypervisor"].as_str(), Some("qemu"));
+        assert!(overlay("[vm", "").unwrap_err().contains("node's config"));
     }
 
     #[test]

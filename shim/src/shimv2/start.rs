@@ -94,8 +94,8 @@ pub async fn run(flags: &Flags) -> anyhow::Result<()> {
 
 /// The config file the runtime's options on our stdin name (`options::handler_config`),
 /// loaded once to check it; none when containerd passed no such options. An inline
-/// config (containerd 1.7+'s `config_body`) is checked the same way and written to the
-/// bundle, which containerd removes with the container.
+/// config (containerd 1.7+'s `config_body`) is laid over the node's config file, checked
+/// the same way, and written to the bundle, which containerd removes with the container.
 async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
     // containerd writes the options and closes the pipe (or gives /dev/null); a
     // terminal would never close.
@@ -123,7 +123,20 @@ async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
                 .with_context(|| format!("the runtime's ConfigPath {}", path.display()))?;
             Ok(Some(path))
         }
-        Some(HandlerConfig::Inline(text)) => {
+        Some(HandlerConfig::Inline(body)) => {
+            // Laid over the node's own file, so that what it leaves out ([jail] ranges
+            // and lock file above all, which every handler must share) stays the node's.
+            let node = match std::env::var_os(crate::config::CONFIG_ENV) {
+                Some(p) => Some(std::path::PathBuf::from(p)),
+                None => Some(crate::config::DEFAULT_CONFIG_PATH.into())
+                    .filter(|p: &std::path::PathBuf| p.exists()),
+            };
+            let base = match &node {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the node's config {}", p.display()))?,
+                None => String::new(),
+            };
+            let text = super::options::overlay(&base, &body).map_err(anyhow::Error::msg)?;
             crate::config::Config::parse(&text)
                 .context("the handler's options table in containerd's config (config_body)")?;
             let path = std::env::current_dir()
