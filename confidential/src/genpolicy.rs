@@ -38,14 +38,17 @@ const RULES: &str = include_str!("genpolicy.rego");
 /// Init-data (TOML) for the pod in `manifest` (a Kubernetes Pod, YAML or JSON): its
 /// policy, and the other documents of `base` (init-data whose `aa.toml` and `cdh.toml`
 /// name the key broker and registries) kept; `algorithm` when there is no base.
+/// `pv_gids`: the groups kubelet adds to every container from the pod's persistent
+/// volumes' `pv.beta.kubernetes.io/gid` annotations (the manifest does not show them).
 pub fn generate(
     manifest: &str,
     base: Option<&str>,
     algorithm: &str,
     containerd: &str,
+    pv_gids: &[u64],
 ) -> Result<String, String> {
     let pod = pod_of(manifest)?;
-    let pinned = pinned(&pod)?;
+    let pinned = pinned(&pod, pv_gids)?;
     let name = pod["metadata"]["name"].as_str().unwrap_or_default();
     // It goes into the policy's text (a comment): a DNS name, as Kubernetes requires.
     if name.is_empty()
@@ -196,7 +199,7 @@ fn to_json(y: &yaml_rust2::Yaml) -> Result<Value, String> {
 }
 
 /// What the policy holds each container to, by name.
-fn pinned(pod: &Value) -> Result<Value, String> {
+fn pinned(pod: &Value, pv_gids: &[u64]) -> Result<Value, String> {
     let spec = &pod["spec"];
     let secrets = pod["metadata"]["annotations"]["io.cocoon.kbs-secrets"]
         .as_str()
@@ -227,6 +230,12 @@ fn pinned(pod: &Value) -> Result<Value, String> {
     }
     if !supplemental.iter().all(Value::is_u64) {
         return Err("spec.securityContext's supplementalGroups and fsGroup must be numbers".into());
+    }
+    // kubelet adds a volume's gid only when the pod's own groups lack it.
+    for gid in pv_gids {
+        if !supplemental.contains(&json!(gid)) {
+            supplemental.push(json!(gid));
+        }
     }
     let mut out = Map::new();
     let all = ["initContainers", "containers"]
@@ -373,7 +382,7 @@ mod tests {
         let yaml = pod(&format!(
             "  - name: app\n    image: r.io:5000/team/app:1@{DIGEST}\n    command: [\"/bin/app\"]\n    args: [\"--port\", 8080]\n    workingDir: /srv\n    env:\n    - name: MODE\n      value: prod\n    - name: TOKEN\n      valueFrom:\n        secretKeyRef: {{name: s, key: k}}\n    securityContext:\n      runAsUser: 1000\n"
         ));
-        let p = pinned(&pod_of(&yaml).unwrap()).unwrap();
+        let p = pinned(&pod_of(&yaml).unwrap(), &[]).unwrap();
         assert_eq!(
             p["app"],
             json!({"image": format!("r.io:5000/team/app@{DIGEST}"), "command": ["/bin/app"],
@@ -383,7 +392,7 @@ mod tests {
                    "run_as_non_root": false, "no_new_privileges": false, "read_only_root": false,
                    "drop_all": false, "caps_dropped": [], "caps_added": [], "service_links": true})
         );
-        let text = generate(&yaml, None, "sha384", CONTAINERD).unwrap();
+        let text = generate(&yaml, None, "sha384", CONTAINERD, &[]).unwrap();
         let doc = crate::initdata::InitData::parse(text.as_bytes()).unwrap();
         let policy = doc.policy().unwrap();
         assert!(policy.contains("CreateContainerImageRequest") && policy.contains("pinned :="));
@@ -400,14 +409,14 @@ mod tests {
             (&format!("  - name: a\n    image: r.io/app@{DIGEST}\n    args: [\"$(X)\"]\n"), "kubelet expands"),
             (&format!("  - &c\n    name: a\n    image: r.io/app@{DIGEST}\n  - <<: *c\n    name: b\n"), "merge key"),
         ] {
-            let e = generate(&pod(container), None, "sha384", CONTAINERD).unwrap_err();
+            let e = generate(&pod(container), None, "sha384", CONTAINERD, &[]).unwrap_err();
             assert!(e.contains(says), "{e}");
         }
-        let e = generate("kind: Deployment\n", None, "sha384", CONTAINERD).unwrap_err();
+        let e = generate("kind: Deployment\n", None, "sha384", CONTAINERD, &[]).unwrap_err();
         assert!(e.contains("pod template"), "{e}");
-        let e = generate("kind: Service\n", None, "sha384", CONTAINERD).unwrap_err();
+        let e = generate("kind: Service\n", None, "sha384", CONTAINERD, &[]).unwrap_err();
         assert!(e.contains("holds 0"), "{e}");
-        assert!(generate("{", None, "sha384", CONTAINERD).is_err());
+        assert!(generate("{", None, "sha384", CONTAINERD, &[]).is_err());
     }
 
     #[test]
@@ -420,14 +429,14 @@ mod tests {
         );
         let pod = pod_of(&deployment).unwrap();
         assert_eq!(pod["metadata"]["name"], "web");
-        let p = pinned(&pod).unwrap();
+        let p = pinned(&pod, &[]).unwrap();
         assert_eq!(p["a"]["kbs_secrets"], "k=a/b/c");
         let cron = format!(
             "kind: CronJob\nmetadata: {{name: nightly}}\nspec:\n  jobTemplate:\n    spec:\n      \
              template:\n        spec:\n          containers:\n          - name: a\n            \
              image: r.io/app@{DIGEST}\n"
         );
-        assert!(generate(&cron, None, "sha384", CONTAINERD).is_ok());
+        assert!(generate(&cron, None, "sha384", CONTAINERD, &[]).is_ok());
     }
 
     #[test]
@@ -453,7 +462,7 @@ mod tests {
             "  containers:",
             "  securityContext: {supplementalGroupsPolicy: Strict}\n  containers:",
         );
-        let e = generate(&strict, None, "sha384", CONTAINERD).unwrap_err();
+        let e = generate(&strict, None, "sha384", CONTAINERD, &[]).unwrap_err();
         assert!(e.contains("supplementalGroupsPolicy"), "{e}");
     }
 
@@ -461,11 +470,11 @@ mod tests {
     fn a_base_init_data_keeps_its_documents() {
         let yaml = pod(&format!("  - name: a\n    image: r.io/app@{DIGEST}\n"));
         let base = "version = \"0.1.0\"\nalgorithm = \"sha256\"\n[data]\n\"cdh.toml\" = '''\n[image]\nplain_http_registries = [\"r.io\"]\n'''\n";
-        let text = generate(&yaml, Some(base), "sha384", CONTAINERD).unwrap();
+        let text = generate(&yaml, Some(base), "sha384", CONTAINERD, &[]).unwrap();
         let doc = crate::initdata::InitData::parse(text.as_bytes()).unwrap();
         assert_eq!(doc.registry_config().unwrap().plain_http, ["r.io"]);
         assert_eq!(doc.algorithm.name(), "sha256");
         let with_policy = format!("{base}\"policy.rego\" = \"package agent_policy\"\n");
-        assert!(generate(&yaml, Some(&with_policy), "sha384", CONTAINERD).is_err());
+        assert!(generate(&yaml, Some(&with_policy), "sha384", CONTAINERD, &[]).is_err());
     }
 }

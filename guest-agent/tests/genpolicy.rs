@@ -43,8 +43,8 @@ spec:
 
 fn gate() -> Gate {
     let manifest = MANIFEST.replace("IMAGE", DIGEST);
-    let init =
-        cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", CONTAINERD).unwrap();
+    let init = cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", CONTAINERD, &[])
+        .unwrap();
     let g = Gate::new(true);
     g.set_init_data(init.as_bytes()).unwrap();
     g
@@ -276,9 +276,15 @@ fn named_user_input(user: &str, uid: u32, gid: u32, groups: &[u32]) -> Value {
 }
 
 fn named_user_gate(containerd: &str) -> Gate {
+    named_user_gate_with(containerd, &[])
+}
+
+/// As `named_user_gate`, for a pod whose persistent volumes add `pv_gids`.
+fn named_user_gate_with(containerd: &str, pv_gids: &[u64]) -> Gate {
     let manifest = NAMED_USER.replace("IMAGE", DIGEST);
     let init =
-        cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", containerd).unwrap();
+        cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", containerd, pv_gids)
+            .unwrap();
     let g = Gate::new(true);
     g.set_init_data(init.as_bytes()).unwrap();
     g
@@ -391,7 +397,35 @@ fn older_containerd_gives_an_image_user_roots_groups() {
     );
     for bad in ["1.5.9", "two", "1.6.x"] {
         let manifest = NAMED_USER.replace("IMAGE", DIGEST);
-        let e = cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", bad);
+        let e = cocoon_confidential::genpolicy::generate(&manifest, None, "sha384", bad, &[]);
         assert!(e.is_err(), "containerd {bad} was taken");
     }
+}
+
+/// kubelet adds the gid of each of the pod's persistent volumes that carry a
+/// `pv.beta.kubernetes.io/gid` annotation to every container's groups (unless the pod
+/// has it already); the manifest does not show it, so the owner names them
+/// (`--pv-gid`). The policy then expects exactly those groups as well.
+#[test]
+fn groups_from_persistent_volumes_are_expected_when_named() {
+    let refused = Err(Denied::Policy("CreateContainerImageRequest".into()));
+    let g = named_user_gate_with("1.7.3", &[5555, 3000]);
+    let decide = |groups: &[u32]| g.check_pulled(|| named_user_input("nginx", 101, 102, groups));
+    assert_eq!(decide(&[102, 50, 3000, 2000, 5555]), Ok(()));
+    assert_eq!(
+        decide(&[102, 50, 3000, 2000]),
+        refused,
+        "the volume's group left out"
+    );
+    assert_eq!(
+        decide(&[102, 50, 3000, 2000, 5555, 6]),
+        refused,
+        "another group"
+    );
+    // Without --pv-gid, a volume's group is one the host added.
+    let plain = named_user_gate("1.7.3");
+    assert_eq!(
+        plain.check_pulled(|| named_user_input("nginx", 101, 102, &[102, 50, 3000, 2000, 5555])),
+        refused
+    );
 }

@@ -136,6 +136,10 @@ enum PolicyCmd {
         /// container's supplementary groups changed in 1.6.22 and 1.7.3.
         #[arg(long, default_value = cocoon_confidential::genpolicy::CONTAINERD)]
         containerd: String,
+        /// A group kubelet adds to every container from one of the pod's persistent
+        /// volumes (its `pv.beta.kubernetes.io/gid` annotation); repeat for each.
+        #[arg(long = "pv-gid")]
+        pv_gids: Vec<u64>,
     },
 }
 
@@ -267,6 +271,7 @@ fn run(cli: Cli) -> Result<()> {
                     algorithm,
                     annotation,
                     containerd,
+                    pv_gids,
                 },
         } => {
             let read = |p: &Path| {
@@ -278,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
                 base.as_deref(),
                 &algorithm,
                 &containerd,
+                &pv_gids,
             )
             .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
             if annotation {
