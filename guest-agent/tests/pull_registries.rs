@@ -90,6 +90,17 @@ enum Ask {
     PrivateToken,
 }
 
+/// The registry got no `Authorization` but the token the realm gave.
+fn only_the_token_reached_the_registry(seen: &Seen) {
+    assert!(
+        seen.registry_auth
+            .iter()
+            .all(|a| a.as_deref().is_none_or(|a| a == "Bearer t0k3n")),
+        "{:?}",
+        seen.registry_auth
+    );
+}
+
 /// An identity token (an OAuth2 refresh token), and as a form encodes it.
 const IDENTITY_TOKEN: &str = "r3fresh+t/k=";
 const IDENTITY_TOKEN_FORM: &str = "r3fresh%2Bt%2Fk%3D";
@@ -579,13 +590,7 @@ fn a_token_realm_gets_the_pods_credentials_only_when_the_challenge_came_over_tls
         // Anonymous first (refused), then with the credentials.
         let creds = basic(PULLER.0, PULLER.1);
         assert_eq!(seen.token_auth, [None, None, Some(creds.clone())]);
-        assert!(
-            seen.registry_auth
-                .iter()
-                .all(|a| a.as_deref().is_none_or(|a| a == "Bearer t0k3n")),
-            "{:?}",
-            seen.registry_auth
-        );
+        only_the_token_reached_the_registry(&seen);
         let blobs = seen.proxied.iter().filter(|(p, _)| p.contains("/blobs/"));
         assert!(
             blobs.clone().count() == 3 && blobs.clone().all(|(_, a)| a.is_none()),
@@ -645,13 +650,7 @@ fn an_identity_token_is_traded_at_the_realm_in_an_oauth2_post() {
             )]
         );
         assert!(!seen.token_auth.contains(&Some(placeholder.clone())));
-        assert!(
-            seen.registry_auth
-                .iter()
-                .all(|a| a.as_deref().is_none_or(|a| a == "Bearer t0k3n")),
-            "{:?}",
-            seen.registry_auth
-        );
+        only_the_token_reached_the_registry(&seen);
     }
 
     // A token the realm refuses is named as such (the placeholder, tried after it on a

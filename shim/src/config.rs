@@ -255,16 +255,22 @@ impl Config {
     /// Loads the config named by `COCOON_CONFIG`, else the default path; a
     /// missing default file means all defaults, a missing named file is an error.
     pub fn load() -> Result<Self, ConfigError> {
-        match std::env::var_os(CONFIG_ENV) {
-            Some(p) => Self::from_file(Path::new(&p)),
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))
-            }
+        match Self::node_path() {
+            Some(p) => Self::from_file(&p),
             None => {
                 let c = Self::default();
                 c.validate()?;
                 Ok(c)
             }
+        }
+    }
+
+    /// The node's config file: `$COCOON_CONFIG`, else `/etc/cocoon/config.toml` where it
+    /// exists; none means the defaults.
+    pub fn node_path() -> Option<std::path::PathBuf> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(p) => Some(p.into()),
+            None => Some(std::path::PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
         }
     }
 

@@ -30,12 +30,12 @@ const RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
 pub const MAX_OPTIONS: u64 = 64 << 10;
 
 /// Where a handler's config comes from.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum HandlerConfig {
     /// A file (`ConfigPath`).
     Path(PathBuf),
-    /// The handler's `options` table itself (`config_body`), as TOML.
-    Inline(String),
+    /// The handler's `options` table itself (`config_body`).
+    Inline(toml::Table),
 }
 
 /// The config `options` (the bytes of `start`'s stdin) name or hold, if any. No
@@ -80,7 +80,7 @@ pub fn handler_config(options: &[u8]) -> Result<Option<HandlerConfig>, String> {
 
 /// `body`'s tables laid over `base`'s (both Cocoon config TOML): a key in `body` wins,
 /// tables merge key by key.
-pub fn overlay(base: &str, body: &str) -> Result<String, String> {
+pub fn overlay(base: &str, body: toml::Table) -> Result<String, String> {
     fn merge(into: &mut toml::Table, from: toml::Table) {
         for (k, v) in from {
             match (into.get_mut(&k), v) {
@@ -93,8 +93,6 @@ pub fn overlay(base: &str, body: &str) -> Result<String, String> {
     }
     let mut table: toml::Table =
         toml::from_str(base).map_err(|e| format!("the node's config is not TOML: {e}"))?;
-    let body: toml::Table = toml::from_str(body)
-        .map_err(|e| format!("the handler's options (config_body) are not TOML: {e}"))?;
     merge(&mut table, body);
     toml::to_string(&table).map_err(|e| format!("the handler's options (config_body): {e}"))
 }
@@ -108,12 +106,7 @@ fn inline(body: &[u8]) -> Result<Option<HandlerConfig>, String> {
         .map_err(|e| format!("the handler's options (config_body) are not TOML: {e}"))?;
     table.remove("TypeUrl");
     table.remove("ConfigPath");
-    if table.is_empty() {
-        return Ok(None);
-    }
-    let text =
-        toml::to_string(&table).map_err(|e| format!("the handler's options (config_body): {e}"))?;
-    Ok(Some(HandlerConfig::Inline(text)))
+    Ok((!table.is_empty()).then_some(HandlerConfig::Inline(table)))
 }
 
 #[cfg(test)]
@@ -191,14 +184,13 @@ mod tests {
     fn an_options_table_without_config_path_is_the_config_itself() {
         // As containerd 1.7+ marshals `[…runtimes.x.options.vm] memory_mib = 1024`.
         let body = b"TypeUrl = \"io.containerd.cocoon.v2.options\"\n[vm]\nmemory_mib = 1024\n";
-        let Ok(Some(HandlerConfig::Inline(text))) =
+        let Ok(Some(HandlerConfig::Inline(table))) =
             handler_config(&options_with("runtimeoptions.v1.Options", "", body))
         else {
             panic!("no inline config");
         };
-        let table: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(table["vm"]["memory_mib"].as_integer(), Some(1024));
-        assert!(!table.contains_key("TypeUrl"), "{text}");
+        assert!(!table.contains_key("TypeUrl"), "{table}");
         // A ConfigPath wins (containerd sends no body then); a body of nothing else
         // names no config; a body that is not TOML is an error naming it.
         assert_eq!(
@@ -224,7 +216,8 @@ mod tests {
     #[test]
     fn an_inline_config_is_laid_over_the_nodes() {
         let base = "hypervisor = \"qemu\"\n[vm]\nmemory_mib = 256\nvcpus = 1\n[jail]\nlock_file = \"/run/x.lock\"\n";
-        let text = overlay(base, "[vm]\nmemory_mib = 1024\n").unwrap();
+        let body = toml::from_str("[vm]\nmemory_mib = 1024\n").unwrap();
+        let text = overlay(base, body).unwrap();
         let t: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(t["vm"]["memory_mib"].as_integer(), Some(1024));
         assert_eq!(
@@ -234,7 +227,9 @@ mod tests {
         );
         assert_eq!(t["jail"]["lock_file"].as_str(), Some("/run/x.lock"));
         assert_eq!(t["hypervisor"].as_str(), Some("qemu"));
-        assert!(overlay("[vm", "").unwrap_err().contains("node's config"));
+        assert!(overlay("[vm", toml::Table::new())
+            .unwrap_err()
+            .contains("node's config"));
     }
 
     #[test]

@@ -126,17 +126,12 @@ async fn handler_config() -> anyhow::Result<Option<std::path::PathBuf>> {
         Some(HandlerConfig::Inline(body)) => {
             // Laid over the node's own file, so that what it leaves out ([jail] ranges
             // and lock file above all, which every handler must share) stays the node's.
-            let node = match std::env::var_os(crate::config::CONFIG_ENV) {
-                Some(p) => Some(std::path::PathBuf::from(p)),
-                None => Some(crate::config::DEFAULT_CONFIG_PATH.into())
-                    .filter(|p: &std::path::PathBuf| p.exists()),
-            };
-            let base = match &node {
+            let base = match &crate::config::Config::node_path() {
                 Some(p) => std::fs::read_to_string(p)
                     .with_context(|| format!("reading the node's config {}", p.display()))?,
                 None => String::new(),
             };
-            let text = super::options::overlay(&base, &body).map_err(anyhow::Error::msg)?;
+            let text = super::options::overlay(&base, body).map_err(anyhow::Error::msg)?;
             crate::config::Config::parse(&text)
                 .context("the handler's options table in containerd's config (config_body)")?;
             let path = std::env::current_dir()
