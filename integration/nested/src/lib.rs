@@ -62,6 +62,16 @@ pub enum NestedError {
         output: String,
         console: String,
     },
+    /// L1 wrote nothing on any serial port (console, output, heartbeat) for `seconds`:
+    /// frozen, under TCG's emulated SVM (seen in CI about 10 s into boot, with no
+    /// panic or lockup line). Ended then instead of at the timeout.
+    #[error("L1 went silent for {seconds} s ({after} s after its start) before the command ended\ncommand output (end):\n{output}\nL1 console (end):\n{console}")]
+    L1Silent {
+        seconds: u64,
+        after: u64,
+        output: String,
+        console: String,
+    },
     #[error("Failed to build the L1 image")]
     Image(#[from] cocoon_rootfs::RootfsError),
     #[error("Failed to read the guest image manifest {}", path.display())]

@@ -2,7 +2,8 @@
 //! exporting the host's `/` read-only (L1's lower layer) and QEMU with TCG, emulated SVM
 //! and nested paging. L1's kernel console goes to `console.log`; the command's output
 //! and its exit status come back on a second serial port, so neither depends on a
-//! writable share.
+//! writable share. A third carries L1's heartbeat: an L1 that shows no sign of life on
+//! any of the three for `L1::silence` is ended then, not at the timeout.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,10 @@ pub struct L1 {
     pub timeout: Duration,
     /// Extra kernel command-line words for L1.
     pub cmdline: String,
+    /// How long L1 may write nothing at all (console, output, heartbeat) before the run
+    /// is ended as `NestedError::L1Silent`. L1's second stage beats every few seconds
+    /// whatever the command does, so only a frozen L1 stays this quiet.
+    pub silence: Duration,
 }
 
 /// What a command printed inside L1 (stdout and stderr together) and how it ended.
@@ -90,6 +95,9 @@ impl L1 {
             mem_mib: 3072,
             timeout: Duration::from_secs(300),
             cmdline: String::new(),
+            // In CI, frozen L1s went quiet about 10 s into boot and stayed so until
+            // the 540 s limit; a live one beats every 5 s.
+            silence: Duration::from_secs(120),
         }
     }
 
@@ -143,6 +151,7 @@ impl L1 {
 
         let console = dir.path().join("console.log");
         let out = dir.path().join("out.log");
+        let heartbeat = dir.path().join("heartbeat.log");
         let qemu_log = dir.path().join("qemu.log");
         let started = Instant::now();
         let mut vm = Reaped(
@@ -169,6 +178,8 @@ impl L1 {
                 .arg(format!("file:{}", console.display()))
                 .arg("-serial")
                 .arg(format!("file:{}", out.display()))
+                .arg("-serial")
+                .arg(format!("file:{}", heartbeat.display()))
                 // vhost-user needs the guest's RAM shared with virtiofsd.
                 .args([
                     "-object",
@@ -194,6 +205,7 @@ impl L1 {
                 .map_err(NestedError::io("start QEMU for L1"))?,
         );
         let deadline = started + self.timeout;
+        let mut liveness = Liveness::new(started);
         let mut next_look = Instant::now();
         let exited = loop {
             match vm.0.try_wait() {
@@ -212,6 +224,19 @@ impl L1 {
                         stall,
                         output: tail(&String::from_utf8_lossy(&output), TAIL_LINES),
                         console: tail(&console_text, TAIL_LINES),
+                    });
+                }
+                let written = [&console, &out, &heartbeat]
+                    .iter()
+                    .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                    .sum();
+                if let Some(quiet) = liveness.silent(written, Instant::now(), self.silence) {
+                    let output = std::fs::read(&out).unwrap_or_default();
+                    return Err(NestedError::L1Silent {
+                        seconds: quiet.as_secs(),
+                        after: started.elapsed().as_secs(),
+                        output: tail(&String::from_utf8_lossy(&output), TAIL_LINES),
+                        console: tail(&(console_text + &qemu_stderr(&qemu_log)), TAIL_LINES),
                     });
                 }
             }
@@ -267,6 +292,33 @@ impl L1 {
             console: console_text,
             wall,
         })
+    }
+}
+
+/// When L1 last wrote anything, from the total length of what it has written.
+struct Liveness {
+    written: u64,
+    since: Instant,
+}
+
+impl Liveness {
+    fn new(now: Instant) -> Liveness {
+        Liveness {
+            written: 0,
+            since: now,
+        }
+    }
+
+    /// How long L1 has been quiet, once that is `limit` or more; `written` is the total
+    /// length of its serial files at `now`.
+    fn silent(&mut self, written: u64, now: Instant, limit: Duration) -> Option<Duration> {
+        if written != self.written {
+            self.written = written;
+            self.since = now;
+            return None;
+        }
+        let quiet = now.saturating_duration_since(self.since);
+        (quiet >= limit).then_some(quiet)
     }
 }
 
@@ -368,7 +420,29 @@ pub fn say(text: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::{l1_panic, l1_stall};
+    use std::time::{Duration, Instant};
+
+    use super::{l1_panic, l1_stall, Liveness};
+
+    /// Any growth restarts the quiet period; only an unbroken one of the limit counts.
+    #[test]
+    fn only_an_unbroken_quiet_period_is_silence() {
+        let start = Instant::now();
+        let limit = Duration::from_secs(120);
+        let at = |s| start + Duration::from_secs(s);
+        let mut l = Liveness::new(start);
+        assert_eq!(l.silent(0, at(119), limit), None);
+        assert_eq!(l.silent(10, at(119), limit), None);
+        assert_eq!(l.silent(10, at(200), limit), None);
+        assert_eq!(l.silent(10, at(239), limit), Some(limit));
+        assert_eq!(l.silent(11, at(240), limit), None);
+        assert_eq!(l.silent(11, at(300), limit), None);
+        assert_eq!(
+            l.silent(0, at(301), limit),
+            None,
+            "a shrunk file is a change too"
+        );
+    }
 
     #[test]
     fn a_kernel_panic_on_the_console_is_named() {

@@ -1,9 +1,10 @@
 //! The harness itself, on a real L1 boot: a command's output and exit status come back
 //! as they were, the status cannot be forged by the command's output, and a CPU without
-//! SVM is refused with the reason rather than run without KVM.
+//! SVM is refused with the reason rather than run without KVM, and an L1 that stops
+//! showing signs of life is ended early with the reason.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cocoon_nested::testing::{guest_image_dir, missing};
 use cocoon_nested::{L1Image, NestedError, L1};
@@ -57,4 +58,36 @@ fn a_cpu_without_svm_is_refused_with_the_reason() {
         err.to_string().contains("does not emulate AMD SVM"),
         "{err}"
     );
+}
+
+/// A quiet command is kept alive by L1's heartbeat; once the heartbeat stops (here: the
+/// command kills it, standing in for a frozen L1) the run ends after the silence limit,
+/// long before the timeout.
+#[test]
+fn a_quiet_command_lives_and_a_silent_l1_is_ended_early() {
+    let Some(mut l1) = l1("a_quiet_command_lives_and_a_silent_l1_is_ended_early") else {
+        return;
+    };
+    l1.silence = Duration::from_secs(20);
+    let started = Instant::now();
+    let err = l1
+        .run(
+            "sleep 45; kill \"$(cat /run/cocoon-l1/heartbeat.pid)\" && sleep 170",
+            Path::new("/"),
+            &[],
+        )
+        .unwrap_err();
+    let took = started.elapsed();
+    let NestedError::L1Silent { seconds, after, .. } = &err else {
+        panic!("expected L1Silent, got: {err}");
+    };
+    assert!(*seconds >= 20, "{err}");
+    // Silent only after the heartbeat was killed, 45 s into the command: not while
+    // the command slept quietly with the heartbeat running.
+    assert!(*after >= 45 + 20, "{err}");
+    assert!(
+        took < Duration::from_secs(150),
+        "ended after {took:?}: {err}"
+    );
+    assert!(!err.is_unavailable(), "{err}");
 }
