@@ -24,6 +24,7 @@ default WaitProcessRequest := true
 default TtyWinResizeRequest := true
 default CloseStdinRequest := true
 default GetOomEventRequest := true
+default OnlineCpusRequest := true
 
 # No exec into a container, no attach (its stdin), no reading its output from the host,
 # no debug console.

@@ -11,10 +11,11 @@ use cocoon_protocol::agent::{
     CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, DestroySandboxRequest,
     Empty, ExecProcessRequest, ExecProcessResponse, GetEvidenceRequest, GetEvidenceResponse,
     GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, Interface, Interfaces, IoStats,
-    ListPidsResponse, MemoryStats, NetworkStats, OomEvent, PidsStats, ProcessInfo, ProcessRequest,
-    RemoveContainerRequest, Routes, SetInitDataRequest, SetInitDataResponse, ShutdownRequest,
-    SignalProcessRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
-    UpdateInterfaceRequest, UpdateRoutesRequest, VersionCheckResponse, WaitProcessResponse,
+    ListPidsResponse, MemoryStats, NetworkStats, OnlineCpusRequest, OnlineCpusResponse, OomEvent,
+    PidsStats, ProcessInfo, ProcessRequest, RemoveContainerRequest, Routes, SetInitDataRequest,
+    SetInitDataResponse, ShutdownRequest, SignalProcessRequest, StatsContainerResponse,
+    TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    VersionCheckResponse, WaitProcessResponse,
 };
 use cocoon_protocol::agent_ttrpc::{Agent, Health};
 use cocoon_protocol::PROTOCOL_VERSION;
@@ -564,6 +565,38 @@ impl Agent for AgentService {
             .map_err(rpc_error)?;
         p.io.close_stdin();
         Ok(Empty::new())
+    }
+
+    async fn online_cpus(
+        &self,
+        _: &TtrpcContext,
+        req: OnlineCpusRequest,
+    ) -> ttrpc::Result<OnlineCpusResponse> {
+        self.allow("OnlineCpus", &req)?;
+        let count = req.count;
+        let got = tokio::task::spawn_blocking(move || {
+            crate::cpus::online_up_to(std::path::Path::new(crate::cpus::SYSFS_CPUS), count)
+        })
+        .await
+        .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
+        .map_err(|e| {
+            tracing::warn!("cannot bring CPUs online: {e:#}");
+            status(
+                ttrpc::Code::INTERNAL,
+                format!("{:#}", anyhow::Error::from(e)),
+            )
+        })?;
+        tracing::info!(
+            asked = count,
+            online = got.online,
+            present = got.present,
+            "CPUs online"
+        );
+        Ok(OnlineCpusResponse {
+            online: got.online,
+            present: got.present,
+            ..Default::default()
+        })
     }
 
     async fn get_oom_event(&self, _: &TtrpcContext, req: Empty) -> ttrpc::Result<OomEvent> {

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cmdline;
 pub mod container;
+pub mod cpus;
 pub mod debug;
 pub mod details;
 pub mod devfilter;

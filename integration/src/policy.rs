@@ -23,6 +23,7 @@ pub const CALLS: &[&str] = &[
     "TtyWinResize",
     "CloseStdin",
     "GetOomEvent",
+    "OnlineCpus",
     "WriteStream",
 ];
 

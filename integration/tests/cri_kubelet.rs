@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use cocoon_integration::cri::{CriNode, COCOON, RUNC};
 use cocoon_integration::image::IMAGE_REF;
 use cocoon_integration::streaming::command_session;
+use cocoon_nested::testing::{hardware_kvm, Place};
 use common::env;
 use k8s_cri::v1::{
     AttachRequest, ContainerState, ContainerStatusRequest, ExecRequest, LinuxContainerResources,
@@ -403,6 +404,77 @@ async fn update_resources_take_effect(test: &str, handler: &str, net: u8) {
         );
         assert_eq!(read(&format!("cpu/{path}/cpu.cfs_quota_us")), "50000");
     }
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+/// With `[vm] hotplug_vcpus`, a raised CPU limit brings the VM's held-offline vCPUs
+/// online (as Kata's CPU hotplug): a pod without limits boots with its one vCPU online of
+/// two; a limit of 1.5 CPUs asks for 1 + 2, capped at the two the VM has. The new vCPU
+/// is the guest kernel's (online in sysfs) and the container's (`nproc`).
+#[tokio::test]
+async fn cocoon_raised_cpu_limits_bring_vcpus_online() {
+    raised_cpu_limits_bring_vcpus_online("cocoon_raised_cpu_limits_bring_vcpus_online", 78).await;
+}
+
+/// The same on cocoon-vmm (hardware KVM, or else inside L1), whose vCPUs held offline
+/// wait for the guest's start-up IPI in KVM itself.
+#[test]
+fn cocoon_vmm_raised_cpu_limits_bring_vcpus_online() {
+    let test = "cocoon_vmm_raised_cpu_limits_bring_vcpus_online";
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    // SAFETY: set before any thread of this test starts; the test runs alone in its
+    // process (libtest's --exact inside L1, or nextest's process per test).
+    unsafe { std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm") };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(raised_cpu_limits_bring_vcpus_online(test, 79));
+}
+
+async fn raised_cpu_limits_bring_vcpus_online(test: &str, net: u8) {
+    let keys = "hotplug_vcpus = true\nmax_vcpus = 2\n";
+    let Some(env) = common::env_vm(test, COCOON, net, false, keys, "").await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("grows", "uid-grows", "default");
+    let pod = node
+        .run_pod(&pconfig, COCOON)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let cpus = || async {
+        let script = "nproc; cat /sys/devices/system/cpu/present /sys/devices/system/cpu/online";
+        let (code, out, err) = node
+            .exec_sync(&ctr, &["sh", "-c", script], Duration::from_secs(30))
+            .await
+            .expect("ExecSync");
+        assert_eq!(code, 0, "{test}: {out}{err}");
+        out
+    };
+    assert_eq!(cpus().await, "1\n0-1\n0\n", "{test}: before the update");
+    node.runtime()
+        .update_container_resources(UpdateContainerResourcesRequest {
+            container_id: ctr.clone(),
+            linux: Some(LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 150_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{test}: UpdateContainerResources: {e}"));
+    assert_eq!(
+        cpus().await,
+        "2\n0-1\n0-1\n",
+        "{test}: after the update\n{}",
+        node.log_tail()
+    );
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
 

@@ -506,6 +506,24 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Has the guest bring CPUs online until `count` are (`sizing::CpuRoom`).
+    pub async fn online_cpus(
+        &self,
+        count: u32,
+    ) -> Result<cocoon_protocol::agent::OnlineCpusResponse, AgentError> {
+        let t = self.call_timeout;
+        let req = cocoon_protocol::agent::OnlineCpusRequest {
+            count,
+            ..Default::default()
+        };
+        self.call(
+            "Agent.OnlineCpus",
+            t,
+            self.agent.online_cpus(self.ctx(t), &req),
+        )
+        .await
+    }
+
     pub async fn stats_container(
         &self,
         container_id: &str,

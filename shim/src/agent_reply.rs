@@ -6,8 +6,8 @@
 
 use cocoon_protocol::agent::{
     CreateContainerResponse, Empty, ExecProcessResponse, GetEvidenceResponse, GuestDetailsResponse,
-    HealthCheckResponse, Interface, Interfaces, ListPidsResponse, OomEvent, Routes,
-    SetInitDataResponse, StatsContainerResponse, VersionCheckResponse, WaitProcessResponse,
+    HealthCheckResponse, Interface, Interfaces, ListPidsResponse, OnlineCpusResponse, OomEvent,
+    Routes, SetInitDataResponse, StatsContainerResponse, VersionCheckResponse, WaitProcessResponse,
 };
 
 /// Any one string in a reply (names, versions, a kernel command line, an id).
@@ -88,7 +88,8 @@ unbounded!(
     HealthCheckResponse,
     CreateContainerResponse,
     ExecProcessResponse,
-    WaitProcessResponse
+    WaitProcessResponse,
+    OnlineCpusResponse
 );
 
 impl Bounded for VersionCheckResponse {

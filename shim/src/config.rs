@@ -156,6 +156,11 @@ pub struct VmConfig {
     /// host's online CPUs and its memory.
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// A pod's VM gets `max_vcpus` vCPUs, only those its size asks online at boot (the
+    /// guest kernel's `maxcpus=`); CPU limits raised later (UpdateContainerResources)
+    /// bring more online (`shimv2::sizing::CpuRoom`). Needs `size_from_pod_limits`; a
+    /// VM sized by its `io.cocoon.vm.vcpus` annotation keeps that size.
+    pub hotplug_vcpus: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,6 +221,7 @@ impl Default for VmConfig {
             size_from_pod_limits: true,
             max_vcpus: 0,
             max_memory_mib: 0,
+            hotplug_vcpus: false,
         }
     }
 }

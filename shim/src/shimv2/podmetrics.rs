@@ -88,8 +88,13 @@ pub fn render(sb: &Sandbox, labels: &str) -> String {
         "cocoon_pod_guest_memory_bytes{{{labels}}} {}",
         u64::from(sb.memory_mib) * 1024 * 1024
     );
-    family(&mut out, "cocoon_pod_vcpus", "gauge", "The pod VM's vCPUs.");
-    let _ = writeln!(out, "cocoon_pod_vcpus{{{labels}}} {}", sb.vcpus);
+    family(
+        &mut out,
+        "cocoon_pod_vcpus",
+        "gauge",
+        "The pod VM's vCPUs online.",
+    );
+    let _ = writeln!(out, "cocoon_pod_vcpus{{{labels}}} {}", sb.online_vcpus());
     family(
         &mut out,
         "cocoon_pod_vm_lost",

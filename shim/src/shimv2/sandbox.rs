@@ -71,9 +71,11 @@ pub struct Sandbox {
     lost_tx: tokio::sync::watch::Sender<bool>,
     /// What the shim counts for `cocoon metrics` (agent calls, containers, OOMs).
     pub stats: Arc<crate::telemetry::PodStats>,
-    /// The guest's size, as launched.
+    /// The guest's size, as launched (its vCPUs: those online at boot).
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The VM's vCPUs, online and held offline, and its containers' CPU limits.
+    cpus: std::sync::Mutex<super::sizing::CpuRoom>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -126,6 +128,29 @@ impl Sandbox {
             );
             config.vm.templates = false;
         }
+        // With vCPU hotplug, all the vCPUs raised limits could ever bring online exist
+        // from the start, those beyond the pod's size held offline by the guest kernel.
+        // (A confidential launch never gets here: the shim refuses those pods.)
+        let present = if config.vm.hotplug_vcpus
+            && config.vm.size_from_pod_limits
+            && pod_vm.vcpus.is_none()
+        {
+            let (host, _) = super::sizing::host_capacity(&config.vm);
+            host.min(super::sizing::MAX_VCPUS).max(vcpus)
+        } else {
+            vcpus
+        };
+        if present > vcpus {
+            tracing::info!(
+                vm = %vm_id,
+                "{present} vCPUs, {vcpus} online at boot; raised CPU limits bring more online"
+            );
+            config.vm.vcpus = present;
+            config.vm.kernel_params = format!("maxcpus={vcpus} {}", config.vm.kernel_params)
+                .trim_end()
+                .to_owned();
+        }
+        let cpus = super::sizing::CpuRoom::new(base.0, vcpus, present);
         let config = &config;
         let netns = pod_vm.netns;
         let host_cgroup = pod_vm.host_cgroup;
@@ -171,7 +196,11 @@ impl Sandbox {
         if result.is_ok() {
             share_guard.0 = None;
         }
-        result
+        result.map(|mut sb| {
+            sb.vcpus = cpus.online();
+            sb.cpus = std::sync::Mutex::new(cpus);
+            sb
+        })
     }
 
     async fn boot(
@@ -348,6 +377,11 @@ impl Sandbox {
             stats,
             vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
+            cpus: std::sync::Mutex::new(super::sizing::CpuRoom::new(
+                config.vm.vcpus,
+                config.vm.vcpus,
+                config.vm.vcpus,
+            )),
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,
@@ -387,6 +421,54 @@ impl Sandbox {
         if let Some(vm) = self.vm.lock().await.as_ref() {
             vm.kill();
         }
+    }
+
+    /// Records `container`'s CPU limit (thousandths of a CPU) and, when the pod's
+    /// limits now ask for more vCPUs than are online, has the guest bring more online
+    /// (`[vm] hotplug_vcpus`). A guest that brings fewer online than asked is logged,
+    /// not an error: the container's own limit is set either way, as under runc on a
+    /// node with fewer CPUs than its limit.
+    pub async fn set_cpu_limit(
+        &self,
+        container: &str,
+        milli: u64,
+    ) -> Result<(), crate::agent_client::AgentError> {
+        let want = {
+            let mut room = self.cpus.lock().unwrap_or_else(|e| e.into_inner());
+            room.set_limit(container, milli);
+            room.wanted()
+        };
+        let Some(want) = want else {
+            return Ok(());
+        };
+        let got = self.agent.online_cpus(want).await?;
+        let (online, present) = {
+            let mut room = self.cpus.lock().unwrap_or_else(|e| e.into_inner());
+            room.onlined(got.online);
+            (room.online(), room.present())
+        };
+        if online < want {
+            tracing::warn!(
+                vm = %self.id,
+                "asked the guest for {want} vCPUs online, it has {online} of {present}"
+            );
+        } else {
+            tracing::info!(vm = %self.id, "{online} of {present} vCPUs online for the pod's CPU limits");
+        }
+        Ok(())
+    }
+
+    /// Forgets a deleted container's CPU limit (vCPUs stay online).
+    pub fn forget_cpu_limit(&self, container: &str) {
+        self.cpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(container);
+    }
+
+    /// The vCPUs online now (as the guest last said).
+    pub fn online_vcpus(&self) -> u32 {
+        self.cpus.lock().unwrap_or_else(|e| e.into_inner()).online()
     }
 
     pub fn vsock_uds(&self) -> PathBuf {

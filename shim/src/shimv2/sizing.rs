@@ -140,6 +140,85 @@ pub fn vm_size(
     (vcpus, memory_mib, note)
 }
 
+/// A CFS quota over a period in thousandths of a CPU, rounded up; absent, zero or
+/// negative values (no limit) are 0.
+pub fn cpu_milli(quota: Option<i64>, period: Option<u64>) -> u64 {
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64)
+            .saturating_mul(1000)
+            .div_ceil(p)
+            .min(u64::from(MAX_VCPUS) * 1000),
+        _ => 0,
+    }
+}
+
+/// A container's CPU limit from its spec, in thousandths of a CPU (0: none).
+pub fn spec_cpu_milli(spec: &Spec) -> u64 {
+    let cpu = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.cpu().as_ref());
+    cpu_milli(cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
+}
+
+/// The vCPUs of a VM booted with some of them held offline (`[vm] hotplug_vcpus`), and
+/// what its containers' CPU limits ask: when raised limits (UpdateContainerResources)
+/// ask for more than are online, more are brought online, up to all the VM has. As
+/// Kata's CPU hotplug, but the vCPUs exist from the start (the guest kernel's
+/// `maxcpus=` keeps them offline), so it works alike on every VMM and machine type.
+/// None is ever taken offline again.
+#[derive(Debug)]
+pub struct CpuRoom {
+    /// The VM's own room (the config's vCPUs) beyond its containers' limits.
+    base: u32,
+    present: u32,
+    online: u32,
+    /// Each container's CPU limit, in thousandths of a CPU.
+    limits: std::collections::HashMap<String, u64>,
+}
+
+impl CpuRoom {
+    pub fn new(base: u32, online: u32, present: u32) -> CpuRoom {
+        CpuRoom {
+            base,
+            present: present.max(online),
+            online,
+            limits: Default::default(),
+        }
+    }
+
+    pub fn set_limit(&mut self, container: &str, milli: u64) {
+        self.limits.insert(container.to_owned(), milli);
+    }
+
+    pub fn forget(&mut self, container: &str) {
+        self.limits.remove(container);
+    }
+
+    /// How many vCPUs should be online for the containers' limits, when that is more
+    /// than are (capped at all the VM has); None when enough are.
+    pub fn wanted(&self) -> Option<u32> {
+        let sum: u64 = self.limits.values().sum();
+        let limits = sum.div_ceil(1000).min(u64::from(MAX_VCPUS)) as u32;
+        let want = self.base.saturating_add(limits).min(self.present);
+        (want > self.online).then_some(want)
+    }
+
+    /// What the guest said is online now.
+    pub fn onlined(&mut self, online: u32) {
+        self.online = online.min(self.present);
+    }
+
+    pub fn online(&self) -> u32 {
+        self.online
+    }
+
+    pub fn present(&self) -> u32 {
+        self.present
+    }
+}
+
 /// The most a pod's limits may make a VM: `[vm] max_vcpus` and `max_memory_mib`, where
 /// 0 means this host's online CPUs and its memory (as Kata's `default_maxvcpus` and
 /// `default_maxmemory`).
@@ -251,6 +330,44 @@ mod tests {
         let unlimited = with(serde_json::json!({"memory": {"limit": -1}, "cpu": {"shares": 1024}}));
         assert_eq!(container_limits(&unlimited), None);
         assert_eq!(container_limits(&with(serde_json::json!({}))), None);
+    }
+
+    #[test]
+    fn cpu_limits_are_counted_in_thousandths_rounded_up() {
+        assert_eq!(cpu_milli(Some(150_000), Some(100_000)), 1500);
+        assert_eq!(cpu_milli(Some(1), Some(3)), 334);
+        assert_eq!(cpu_milli(Some(-1), Some(100_000)), 0);
+        assert_eq!(cpu_milli(Some(100_000), Some(0)), 0);
+        assert_eq!(cpu_milli(None, Some(100_000)), 0);
+        assert_eq!(cpu_milli(Some(i64::MAX), Some(1)), 64_000);
+    }
+
+    /// Raised limits bring vCPUs online beyond the VM's own, up to all it has; what is
+    /// online already, or a lowered limit, asks for nothing.
+    #[test]
+    fn raised_limits_want_more_vcpus_up_to_all_the_vm_has() {
+        // One vCPU of its own, booted with one more for a 500m limit, four in all.
+        let mut room = CpuRoom::new(1, 2, 4);
+        room.set_limit("pause", 0);
+        room.set_limit("app", 500);
+        assert_eq!(room.wanted(), None);
+        room.set_limit("app", 1500);
+        assert_eq!(room.wanted(), Some(3));
+        room.onlined(3);
+        assert_eq!(room.wanted(), None);
+        room.set_limit("side", 600);
+        assert_eq!(room.wanted(), Some(4), "1 + ceil(2.1)");
+        room.set_limit("app", 9000);
+        assert_eq!(room.wanted(), Some(4), "never past all the VM has");
+        room.onlined(7);
+        assert_eq!(
+            room.online(),
+            4,
+            "the guest cannot claim more than the VM has"
+        );
+        room.forget("app");
+        room.set_limit("side", 0);
+        assert_eq!(room.wanted(), None, "none is taken offline");
     }
 
     #[test]

@@ -349,6 +349,14 @@ impl Service {
         };
         self.save_state(&req.id, &c, &sb);
         sb.stats.container_created(cri_name.as_deref());
+        // Counted toward the vCPUs the pod's limits ask online (a container beyond
+        // what the sandbox's resources said may want more).
+        if let Err(e) = sb
+            .set_cpu_limit(&req.id, crate::shimv2::sizing::spec_cpu_milli(&spec))
+            .await
+        {
+            tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
+        }
         self.inner.containers.lock().await.insert(req.id.clone(), c);
         Ok(pid)
     }

@@ -345,6 +345,7 @@ impl Task for Service {
             if let Err(e) = sb.agent.remove_container(&req.id).await {
                 tracing::warn!("agent remove {}: {e}", req.id);
             }
+            sb.forget_cpu_limit(&req.id);
         }
         c.mounts.cleanup();
         ContainerState::remove(&c.bundle);
@@ -591,6 +592,13 @@ impl Task for Service {
         ureq.container_id = req.id.clone();
         ureq.resources = MessageField::some(res);
         sb.agent.update_container(ureq).await.map_err(agent_err)?;
+        // A raised CPU limit may want more of the VM's vCPUs online.
+        if let Some(c) = r.cpu() {
+            let milli = super::sizing::cpu_milli(c.quota(), c.period());
+            if let Err(e) = sb.set_cpu_limit(&req.id, milli).await {
+                tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
+            }
+        }
         Ok(api::Empty::new())
     }
 
