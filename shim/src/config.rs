@@ -317,6 +317,25 @@ impl Config {
                 "must be 0 (the host's) or between 64 and 1048576",
             );
         }
+        if self.vm.hotplug_vcpus && !self.vm.size_from_pod_limits {
+            return bad(
+                "vm.hotplug_vcpus",
+                "needs vm.size_from_pod_limits: the pod's limits are what bring vCPUs online",
+            );
+        }
+        if self.vm.hotplug_vcpus
+            && self
+                .vm
+                .kernel_params
+                .split_whitespace()
+                .any(|w| w.starts_with("maxcpus=") || w.starts_with("nr_cpus="))
+        {
+            return bad(
+                "vm.kernel_params",
+                "must not set maxcpus= or nr_cpus= with vm.hotplug_vcpus, which sets the \
+                 vCPUs online at boot itself",
+            );
+        }
         if self.vm.boot_timeout_ms == 0 {
             return bad("vm.boot_timeout_ms", "must be greater than 0");
         }
@@ -474,6 +493,14 @@ mod tests {
         assert!(err.to_string().contains("cocoon-vmm"), "{err}");
         let ok = Config::parse("hypervisor = \"cocoon-vmm\"\n[vm]\ntemplates = true\n");
         assert!(ok.is_ok_and(|c| c.vm.templates));
+        let err = Config::parse("[vm]\nhotplug_vcpus = true\nsize_from_pod_limits = false\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("vm.hotplug_vcpus"), "{err}");
+        let err =
+            Config::parse("[vm]\nhotplug_vcpus = true\nkernel_params = \"quiet maxcpus=4\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("vm.kernel_params"), "{err}");
+        assert!(Config::parse("[vm]\nhotplug_vcpus = true\n").is_ok_and(|c| c.vm.hotplug_vcpus));
         // The share's id ranges may not reach the pod uids nor pass 2^32.
         for bad in [
             "share_id_base = 1999999999",

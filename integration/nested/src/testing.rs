@@ -119,8 +119,9 @@ pub fn hardware_kvm(test: &str) -> Place {
     if let Some(why) = broken {
         // L1's own kernel died, locked up or froze under TCG's SVM emulation (seen in
         // CI: a stack-guard hit in KVM's vCPU thread; a CPU stuck in KVM running an L2
-        // guest for minutes; an L1 silent from 10 s into its boot). That says nothing about the test, so it gets one more L1, within
-        // what is left of nextest's limit; a second failure fails it with its reason.
+        // guest for minutes; an L1 silent from 10 s into its boot). That says nothing
+        // about the test, so it gets one more L1, within what is left of nextest's
+        // limit; a second failure fails it with its reason.
         say(&format!("{test}: {why}; rerunning once in a fresh L1"));
         l1.timeout = L1_TIMEOUT.saturating_sub(started.elapsed());
         run = l1.run(&script, &cwd, &forwarded_env());

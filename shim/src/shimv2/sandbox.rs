@@ -76,6 +76,8 @@ pub struct Sandbox {
     pub memory_mib: u32,
     /// The VM's vCPUs, online and held offline, and its containers' CPU limits.
     cpus: std::sync::Mutex<super::sizing::CpuRoom>,
+    /// Held across an `OnlineCpus` call: one at a time per pod.
+    onlining: Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -136,7 +138,7 @@ impl Sandbox {
             && pod_vm.vcpus.is_none()
         {
             let (host, _) = super::sizing::host_capacity(&config.vm);
-            host.min(super::sizing::MAX_VCPUS).max(vcpus)
+            host.min(super::sizing::MAX_HOTPLUG_VCPUS).max(vcpus)
         } else {
             vcpus
         };
@@ -382,6 +384,7 @@ impl Sandbox {
                 config.vm.vcpus,
                 config.vm.vcpus,
             )),
+            onlining: Mutex::new(()),
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,
@@ -423,27 +426,38 @@ impl Sandbox {
         }
     }
 
-    /// Records `container`'s CPU limit (thousandths of a CPU) and, when the pod's
-    /// limits now ask for more vCPUs than are online, has the guest bring more online
-    /// (`[vm] hotplug_vcpus`). A guest that brings fewer online than asked is logged,
-    /// not an error: the container's own limit is set either way, as under runc on a
-    /// node with fewer CPUs than its limit.
+    /// Records `container`'s CPU limit (thousandths of a CPU): a created container's,
+    /// or with `known_only` a new one for a container already recorded (an update
+    /// racing the container's delete records nothing). When the pod's limits then ask
+    /// for more vCPUs than are online, has the guest bring more online (`[vm]
+    /// hotplug_vcpus`). A guest that brings fewer online than asked is logged, not an
+    /// error: the container's own limit is set either way, as under runc on a node with
+    /// fewer CPUs than its limit.
     pub async fn set_cpu_limit(
         &self,
         container: &str,
         milli: u64,
+        known_only: bool,
     ) -> Result<(), crate::agent_client::AgentError> {
-        let want = {
-            let mut room = self.cpus.lock().unwrap_or_else(|e| e.into_inner());
-            room.set_limit(container, milli);
-            room.wanted()
-        };
-        let Some(want) = want else {
+        let room = || self.cpus.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut room = room();
+            if known_only {
+                if !room.change_limit(container, milli) {
+                    return Ok(());
+                }
+            } else {
+                room.set_limit(container, milli);
+            }
+        }
+        // One call at a time, each asking for what the limits want by then.
+        let _one = self.onlining.lock().await;
+        let Some(want) = room().wanted() else {
             return Ok(());
         };
         let got = self.agent.online_cpus(want).await?;
         let (online, present) = {
-            let mut room = self.cpus.lock().unwrap_or_else(|e| e.into_inner());
+            let mut room = room();
             room.onlined(got.online);
             (room.online(), room.present())
         };

@@ -140,16 +140,28 @@ pub fn vm_size(
     (vcpus, memory_mib, note)
 }
 
-/// A CFS quota over a period in thousandths of a CPU, rounded up; absent, zero or
-/// negative values (no limit) are 0.
-pub fn cpu_milli(quota: Option<i64>, period: Option<u64>) -> u64 {
-    match (quota, period) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64)
+/// The kernel's CFS period when a quota comes without one (as the agent's cgroup code
+/// assumes).
+const DEFAULT_CPU_PERIOD: u64 = 100_000;
+
+/// The most vCPUs a VM with held-offline vCPUs is given: what both VMMs take
+/// (cocoon-vmm's MP table holds 32).
+pub const MAX_HOTPLUG_VCPUS: u32 = cocoon_vmm::arch::mptable::MAX_VCPUS as u32;
+
+/// A CFS quota over a period in thousandths of a CPU, rounded up; a quota of zero or
+/// less (no limit) is 0, and a missing period the kernel's default. None without a
+/// quota: a CPU section without one (shares or cpuset only) leaves the limit as it was.
+pub fn cpu_milli(quota: Option<i64>, period: Option<u64>) -> Option<u64> {
+    let q = quota?;
+    let p = period.filter(|&p| p > 0).unwrap_or(DEFAULT_CPU_PERIOD);
+    Some(if q > 0 {
+        (q as u64)
             .saturating_mul(1000)
             .div_ceil(p)
-            .min(u64::from(MAX_VCPUS) * 1000),
-        _ => 0,
-    }
+            .min(u64::from(MAX_VCPUS) * 1000)
+    } else {
+        0
+    })
 }
 
 /// A container's CPU limit from its spec, in thousandths of a CPU (0: none).
@@ -159,7 +171,7 @@ pub fn spec_cpu_milli(spec: &Spec) -> u64 {
         .as_ref()
         .and_then(|l| l.resources().as_ref())
         .and_then(|r| r.cpu().as_ref());
-    cpu_milli(cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period()))
+    cpu_milli(cpu.and_then(|c| c.quota()), cpu.and_then(|c| c.period())).unwrap_or(0)
 }
 
 /// The vCPUs of a VM booted with some of them held offline (`[vm] hotplug_vcpus`), and
@@ -188,8 +200,21 @@ impl CpuRoom {
         }
     }
 
+    /// A created container's limit.
     pub fn set_limit(&mut self, container: &str, milli: u64) {
         self.limits.insert(container.to_owned(), milli);
+    }
+
+    /// A known container's new limit; false (and nothing recorded) for one not known,
+    /// e.g. deleted while its update was on its way.
+    pub fn change_limit(&mut self, container: &str, milli: u64) -> bool {
+        match self.limits.get_mut(container) {
+            Some(m) => {
+                *m = milli;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn forget(&mut self, container: &str) {
@@ -205,9 +230,11 @@ impl CpuRoom {
         (want > self.online).then_some(want)
     }
 
-    /// What the guest said is online now.
+    /// What the guest said is online now. None is ever taken offline, so a count
+    /// below the last (an older reply overtaken by a newer one) changes nothing; one
+    /// above what the VM has is the VM's.
     pub fn onlined(&mut self, online: u32) {
-        self.online = online.min(self.present);
+        self.online = online.min(self.present).max(self.online);
     }
 
     pub fn online(&self) -> u32 {
@@ -334,12 +361,18 @@ mod tests {
 
     #[test]
     fn cpu_limits_are_counted_in_thousandths_rounded_up() {
-        assert_eq!(cpu_milli(Some(150_000), Some(100_000)), 1500);
-        assert_eq!(cpu_milli(Some(1), Some(3)), 334);
-        assert_eq!(cpu_milli(Some(-1), Some(100_000)), 0);
-        assert_eq!(cpu_milli(Some(100_000), Some(0)), 0);
-        assert_eq!(cpu_milli(None, Some(100_000)), 0);
-        assert_eq!(cpu_milli(Some(i64::MAX), Some(1)), 64_000);
+        assert_eq!(cpu_milli(Some(150_000), Some(100_000)), Some(1500));
+        assert_eq!(cpu_milli(Some(1), Some(3)), Some(334));
+        assert_eq!(cpu_milli(Some(-1), Some(100_000)), Some(0), "unlimited");
+        // No period: the kernel's 100 ms, as the agent sets the cgroup.
+        assert_eq!(cpu_milli(Some(150_000), None), Some(1500));
+        assert_eq!(cpu_milli(Some(150_000), Some(0)), Some(1500));
+        assert_eq!(
+            cpu_milli(None, Some(100_000)),
+            None,
+            "the limit is left as it is"
+        );
+        assert_eq!(cpu_milli(Some(i64::MAX), Some(1)), Some(64_000));
     }
 
     /// Raised limits bring vCPUs online beyond the VM's own, up to all it has; what is

@@ -352,7 +352,7 @@ impl Service {
         // Counted toward the vCPUs the pod's limits ask online (a container beyond
         // what the sandbox's resources said may want more).
         if let Err(e) = sb
-            .set_cpu_limit(&req.id, crate::shimv2::sizing::spec_cpu_milli(&spec))
+            .set_cpu_limit(&req.id, crate::shimv2::sizing::spec_cpu_milli(&spec), false)
             .await
         {
             tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);

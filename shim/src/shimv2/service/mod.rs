@@ -592,10 +592,23 @@ impl Task for Service {
         ureq.container_id = req.id.clone();
         ureq.resources = MessageField::some(res);
         sb.agent.update_container(ureq).await.map_err(agent_err)?;
+        // Memory cannot be added to a running VM: say so where a limit outgrows it.
+        let limit_mib = r.memory().as_ref().and_then(|m| m.limit()).unwrap_or(0) >> 20;
+        if limit_mib > i64::from(sb.memory_mib) {
+            tracing::warn!(
+                "{}'s memory limit ({limit_mib} MiB) is more than its VM has ({} MiB): \
+                 memory is not added to a running VM",
+                req.id,
+                sb.memory_mib
+            );
+        }
         // A raised CPU limit may want more of the VM's vCPUs online.
-        if let Some(c) = r.cpu() {
-            let milli = super::sizing::cpu_milli(c.quota(), c.period());
-            if let Err(e) = sb.set_cpu_limit(&req.id, milli).await {
+        let milli = r
+            .cpu()
+            .as_ref()
+            .and_then(|c| super::sizing::cpu_milli(c.quota(), c.period()));
+        if let Some(milli) = milli {
+            if let Err(e) = sb.set_cpu_limit(&req.id, milli, true).await {
                 tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
             }
         }
