@@ -14,7 +14,7 @@ use cocoon_nested::testing::{hardware_kvm, Place};
 use common::env;
 use k8s_cri::v1::{
     AttachRequest, ContainerState, ContainerStatusRequest, ExecRequest, LinuxContainerResources,
-    RemoveContainerRequest, UpdateContainerResourcesRequest,
+    NamespaceMode, RemoveContainerRequest, UpdateContainerResourcesRequest,
 };
 
 macro_rules! both {
@@ -475,6 +475,57 @@ async fn raised_cpu_limits_bring_vcpus_online(test: &str, net: u8) {
         "{test}: after the update\n{}",
         node.log_tail()
     );
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+both!(
+    a_debug_container_joins_its_targets_processes,
+    runc_a_debug_container_joins_its_targets_processes = 80,
+    cocoon_a_debug_container_joins_its_targets_processes = 81
+);
+
+/// `kubectl debug --target=app`: an ephemeral container created in a running pod with
+/// the PID namespace of one of its containers (CRI's `NamespaceMode::Target`) sees that
+/// container's processes, its init as PID 1.
+async fn a_debug_container_joins_its_targets_processes(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let pconfig = node.pod_config("debugged", "uid-debugged", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let app = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    let app_id = node
+        .create_and_start(&pod, &app, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start app: {e}\n{}", node.log_tail()));
+    let mut debug = CriNode::container_config("debugger", IMAGE_REF, &["sleep", "3599"], &[]);
+    let ns = debug
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+        .expect("namespace options");
+    ns.pid = NamespaceMode::Target.into();
+    ns.target_id = app_id.clone();
+    let debug_id = node
+        .create_and_start(&pod, &debug, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start debugger: {e}\n{}", node.log_tail()));
+    let script = "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'";
+    let (code, out, err) = node
+        .exec_sync(&debug_id, &["sh", "-c", script], Duration::from_secs(30))
+        .await
+        .expect("ExecSync");
+    assert_eq!(code, 0, "{test}: {out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("sleep 3600 "), "{test}: {out}");
+    // app's sleep (PID 1: not the debugger's own, 3599), the debugger's sleep, this sh.
+    let procs: u32 = lines.next().and_then(|l| l.parse().ok()).expect("a count");
+    assert!(procs >= 3, "{test}: {procs} processes seen: {out}");
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
 }
 
