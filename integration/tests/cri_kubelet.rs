@@ -530,6 +530,53 @@ async fn a_debug_container_joins_its_targets_processes(test: &str, handler: &str
 }
 
 both!(
+    a_termination_message_is_on_the_host_when_the_exit_is,
+    runc_a_termination_message_is_on_the_host_when_the_exit_is = 82,
+    cocoon_a_termination_message_is_on_the_host_when_the_exit_is = 83
+);
+
+/// kubelet mounts a file of its own at `/dev/termination-log` and reads it as soon as
+/// ContainerStatus says the container exited (`kubectl describe`'s "Message"): what the
+/// container wrote last must be in the host's file by then, not in a guest cache.
+async fn a_termination_message_is_on_the_host_when_the_exit_is(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    // As kubelet makes it: empty, writable by any user of the container.
+    std::fs::write(&log, "").unwrap();
+    std::fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let pconfig = node.pod_config("terminates", "uid-terminates", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let message = "x".repeat(3000) + "the last words";
+    let script = format!("printf '%s' '{message}' > /dev/termination-log; exit 3");
+    let mut c = CriNode::container_config("main", IMAGE_REF, &["sh", "-c", &script], &[]);
+    c.mounts = vec![k8s_cri::v1::Mount {
+        host_path: log.to_string_lossy().into_owned(),
+        container_path: "/dev/termination-log".into(),
+        ..Default::default()
+    }];
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    assert_eq!(exited(node, &ctr).await, 3, "{test}");
+    let got = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        got == message,
+        "{test}: the host's file holds {} bytes: {:?}",
+        got.len(),
+        got.get(got.len().saturating_sub(40)..)
+    );
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+both!(
     created_container_is_removed_unstarted,
     runc_created_container_is_removed_unstarted = 46,
     cocoon_created_container_is_removed_unstarted = 56
