@@ -27,3 +27,4 @@ pub mod runtime;
 pub mod sandbox;
 pub mod secrets;
 pub mod stdio;
+pub mod watched;

@@ -577,6 +577,99 @@ async fn a_termination_message_is_on_the_host_when_the_exit_is(test: &str, handl
 }
 
 both!(
+    a_configmap_update_reaches_the_container,
+    runc_a_configmap_update_reaches_the_container = 84,
+    cocoon_a_configmap_update_reaches_the_container = 85
+);
+
+/// kubelet's atomic writer: the files in a fresh `..<ts>` directory, `..data` swapped to
+/// it by a rename, a link per key, and the old directory removed.
+fn atomic_write(volume: &std::path::Path, ts: &str, old: Option<&str>, conf: &str) {
+    std::fs::create_dir(volume.join(ts)).unwrap();
+    std::fs::write(volume.join(ts).join("app.conf"), conf).unwrap();
+    let tmp = volume.join("..data_tmp");
+    std::os::unix::fs::symlink(ts, &tmp).unwrap();
+    std::fs::rename(&tmp, volume.join("..data")).unwrap();
+    if std::fs::symlink_metadata(volume.join("app.conf")).is_err() {
+        std::os::unix::fs::symlink("..data/app.conf", volume.join("app.conf")).unwrap();
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(volume.join(old)).unwrap();
+    }
+}
+
+/// A ConfigMap volume updated by kubelet reaches the running container, read-only.
+/// Under cocoon the container sees the agent's copy on a guest tmpfs (so that inotify
+/// there reports the update, as the host's kernel does under runc), not virtio-fs.
+async fn a_configmap_update_reaches_the_container(test: &str, handler: &str, net: u8) {
+    let Some(env) = env(test, handler, net).await else {
+        return;
+    };
+    let node = &env.node;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir
+        .path()
+        .join("pods/uid-cm/volumes/kubernetes.io~configmap/cfg");
+    std::fs::create_dir_all(&volume).unwrap();
+    atomic_write(&volume, "..2026_12_02_01", None, "v1\n");
+    let pconfig = node.pod_config("configured", "uid-cm", "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    c.mounts = vec![k8s_cri::v1::Mount {
+        host_path: volume.to_string_lossy().into_owned(),
+        container_path: "/etc/config".into(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let run = |script: &'static str| {
+        let ctr = ctr.clone();
+        async move {
+            let (code, out, err) = node
+                .exec_sync(&ctr, &["sh", "-c", script], Duration::from_secs(30))
+                .await
+                .expect("ExecSync");
+            assert_eq!(code, 0, "{script}: {out}{err}");
+            out
+        }
+    };
+    assert_eq!(
+        run("cat /etc/config/app.conf; touch /etc/config/x 2>/dev/null || echo read-only").await,
+        "v1\nread-only\n",
+        "{test}"
+    );
+    if handler == COCOON {
+        let fs = run("awk '$2 == \"/etc/config\" {print $3}' /proc/mounts").await;
+        assert_eq!(fs, "tmpfs\n", "{test}: the guest's copy");
+    }
+    atomic_write(&volume, "..2026_12_02_02", Some("..2026_12_02_01"), "v2\n");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = run("cat /etc/config/app.conf").await;
+        if seen == "v2\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{test}: still {seen:?} 15 s after the update"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        run("ls -a /etc/config | grep -c '^\\.\\.2026'").await,
+        "1\n",
+        "{test}: the old files went"
+    );
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+}
+
+both!(
     created_container_is_removed_unstarted,
     runc_created_container_is_removed_unstarted = 46,
     cocoon_created_container_is_removed_unstarted = 56

@@ -10,6 +10,7 @@ use crate::sandbox;
 pub(super) fn remove_container_files(id: &str) {
     crate::pause::remove(std::path::Path::new(crate::pull::IMAGES_DIR), id);
     crate::pull::remove_for_container(std::path::Path::new(crate::secrets::DIR), id);
+    crate::watched::remove(id);
 }
 
 impl AgentService {
@@ -52,6 +53,40 @@ impl AgentService {
         .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
         .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))?;
         Ok(Some(bytes))
+    }
+
+    /// Copies of the container's ConfigMap-like volumes (`crate::watched`): the spec to
+    /// create with, when any was made, and the copies to keep fresh.
+    async fn mirror_watched(
+        &self,
+        req: &CreateContainerRequest,
+        spec: &[u8],
+    ) -> ttrpc::Result<(Option<Vec<u8>>, Vec<crate::watched::Mirror>)> {
+        let id = &req.container_id;
+        if req.watched_mounts.is_empty()
+            || id.is_empty()
+            || id.contains('/')
+            || id == "."
+            || id == ".."
+        {
+            return Ok((None, Vec::new()));
+        }
+        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(spec) else {
+            return Ok((None, Vec::new()));
+        };
+        let dir = std::path::Path::new(crate::watched::DIR).join(id);
+        let wanted: Vec<String> = req.watched_mounts.iter().take(64).cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            let mirrors = crate::watched::provide(&dir, &wanted, &mut doc);
+            if mirrors.is_empty() {
+                return Ok((None, mirrors));
+            }
+            serde_json::to_vec(&doc)
+                .map(|bytes| (Some(bytes), mirrors))
+                .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))
+        })
+        .await
+        .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
     }
 
     pub(super) async fn create_container_inner(
@@ -136,11 +171,13 @@ impl AgentService {
                 return Err(e);
             }
         };
+        let spec = with_secrets.as_deref().unwrap_or(spec);
+        let (with_copies, mirrors) = self.mirror_watched(&req, spec).await?;
         let created = self
             .containers()
             .create(
                 &req.container_id,
-                with_secrets.as_deref().unwrap_or(spec),
+                with_copies.as_deref().unwrap_or(spec),
                 &req.storages,
                 req.stdio.get_or_default(),
             )
@@ -154,6 +191,10 @@ impl AgentService {
                 return Err(rpc_error(e));
             }
         };
+        if !mirrors.is_empty() {
+            let dir = std::path::Path::new(crate::watched::DIR).join(&req.container_id);
+            tokio::spawn(crate::watched::keep_fresh(dir, mirrors));
+        }
         timeline.mark("container-created", &req.container_id);
         let mut r = CreateContainerResponse::new();
         r.pid = pid as u32;

@@ -25,6 +25,7 @@ pub mod sizing;
 mod start;
 pub mod stdio;
 pub mod timings;
+pub mod watched;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -255,6 +255,8 @@ impl Service {
             ));
         }
         let t_sandbox = std::time::Instant::now();
+        // Known by their host paths, which `mounts::prepare` replaces.
+        let watched = crate::shimv2::watched::watched_mounts(&spec);
         let shm = pod::take_pod_shm(&mut spec);
         let root = match guest_image {
             Some(_) => mounts::Root::Guest,
@@ -284,6 +286,7 @@ impl Service {
             creq.stdio = MessageField::some(stdio.streams());
             creq.sandbox_id = self.inner.group.clone();
             creq.guest_image = guest_image.clone().unwrap_or_default();
+            creq.watched_mounts = watched.clone();
             let fetches = guest_image.is_some()
                 || spec
                     .annotations()
