@@ -7,227 +7,449 @@
 //! change only when it next looks, and never raises an event for it. So the agent keeps
 //! a copy of each such volume on its own tmpfs (`DIR/<container>/<n>`), mounts that
 //! into the container instead, and polls the shared source: a change is replayed in the
-//! copy in the writer's order (new directories and files first, then the links, swapped
-//! by rename, then what is gone), so the container sees the same events and never a
-//! half-written state. As Kata's agent does for the same volumes.
+//! copy in the writer's order (new directories and files first, then `..data` and the
+//! other links, each swapped in by a rename, then what is gone), so the container sees
+//! the same events and never a half-written state. As Kata's agent does for the same
+//! volumes.
 //!
-//! The source is the host's: nothing in it is followed (files are opened `O_NOFOLLOW`,
-//! links are copied as text), and a volume larger than the bounds below is left shared
-//! as it was, logged.
+//! The source is the host's, which in a confidential pod is hostile: it is read only
+//! through directory descriptors opened without following links, a file's bytes are
+//! taken with the listing (so a swap between the two cannot point the copy elsewhere),
+//! and everything is bounded (`MAX_*`). The copy is written the same way, beneath its
+//! own descriptor, temporary files made exclusively, so no link the copy holds is ever
+//! followed. The copy's files carry their source's modification time, so the copy's own
+//! listing says what it holds: a replay that failed midway is finished by the next.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, renameat, AtFlags, OFlag};
+use nix::sys::stat::{fchmod, fstat, fstatat, futimens, mkdirat, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchown, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
 use serde_json::Value;
 
 /// Where the copies live: `<DIR>/<container id>/<n>`.
 pub const DIR: &str = "/run/cocoon/watched";
-/// How often a source is compared with its copy.
-pub const POLL: Duration = Duration::from_secs(1);
+/// How often a source is compared with its copy (nearly every pod has one such volume,
+/// its service account token; kubelet itself refreshes them in minutes).
+pub const POLL: Duration = Duration::from_secs(2);
 /// The most entries, bytes and depth a mirrored volume may have (ConfigMaps and Secrets
-/// are at most 1 MiB each).
+/// are at most 1 MiB each), and the most volumes of one container mirrored.
 const MAX_ENTRIES: usize = 1024;
 const MAX_BYTES: u64 = 8 << 20;
 const MAX_DEPTH: usize = 8;
+const MAX_MIRRORS: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Entry {
-    Dir(u32, u32, u32),
-    /// Mode, owner, group, size, modification time (ns).
-    File(u32, u32, u32, u64, i64),
+enum Kind {
+    Dir,
+    /// Size and modification time (s, ns).
+    File(u64, i64, i64),
     Link(OsString),
 }
 
-/// A tree as `lstat` shows it, by path relative to its root.
-type Tree = BTreeMap<PathBuf, Entry>;
+/// An entry as `lstat` shows it (a link's mode and owners are not compared: zero).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
 
-/// Reads `root`'s tree within the bounds; None when it is over them.
-fn scan(root: &Path) -> std::io::Result<Option<Tree>> {
-    let mut tree = Tree::new();
-    let mut bytes = 0u64;
-    let mut todo = vec![(PathBuf::new(), 0usize)];
-    while let Some((rel, depth)) = todo.pop() {
-        for e in std::fs::read_dir(root.join(&rel))? {
-            let e = e?;
-            let path = rel.join(e.file_name());
-            let m = std::fs::symlink_metadata(e.path())?;
-            let ft = m.file_type();
-            let entry = if ft.is_symlink() {
-                Entry::Link(std::fs::read_link(e.path())?.into_os_string())
-            } else if ft.is_dir() {
-                if depth + 1 >= MAX_DEPTH {
-                    return Ok(None);
-                }
-                todo.push((path.clone(), depth + 1));
-                Entry::Dir(m.mode() & 0o7777, m.uid(), m.gid())
-            } else if ft.is_file() {
-                bytes += m.size();
-                Entry::File(
-                    m.mode() & 0o7777,
-                    m.uid(),
-                    m.gid(),
-                    m.size(),
-                    m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-                )
-            } else {
-                // Nothing else belongs in such a volume.
-                continue;
-            };
-            tree.insert(path, entry);
-            if tree.len() > MAX_ENTRIES || bytes > MAX_BYTES {
-                return Ok(None);
+/// A tree by path relative to its root, and the files' bytes when they were read.
+type Tree = BTreeMap<PathBuf, Meta>;
+type Contents = BTreeMap<PathBuf, Vec<u8>>;
+
+fn io(e: Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// `name` in `dir`, a directory and not a link.
+fn open_dir(dir: impl AsFd, name: &OsStr) -> std::io::Result<OwnedFd> {
+    openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(io)
+}
+
+/// `rel` beneath `root`, each component a directory and none a link.
+fn open_beneath(root: impl AsFd, rel: &Path) -> std::io::Result<OwnedFd> {
+    let mut fd = nix::unistd::dup(root).map_err(io)?;
+    for c in rel.components() {
+        match c {
+            Component::Normal(name) => fd = open_dir(&fd, name)?,
+            Component::CurDir => {}
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "{} leaves its root",
+                    rel.display()
+                )))
             }
         }
     }
-    Ok(Some(tree))
+    Ok(fd)
 }
 
-/// A source file's bytes, not through a link.
-fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let mut bytes = Vec::new();
-    f.by_ref().take(MAX_BYTES + 1).read_to_end(&mut bytes)?;
+/// The names in an open directory but `.` and `..`.
+fn names(dir: impl AsFd) -> std::io::Result<Vec<OsString>> {
+    // A description of its own: a dup would share (and leave at the end) the offset.
+    let d = nix::dir::Dir::from_fd(open_dir(dir, OsStr::new("."))?).map_err(io)?;
+    let mut out = Vec::new();
+    for e in d {
+        let e = e.map_err(io)?;
+        let name = OsStr::from_bytes(e.file_name().to_bytes());
+        if name != "." && name != ".." {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+struct Walk<'a> {
+    tree: Tree,
+    bytes: u64,
+    contents: Option<&'a mut Contents>,
+}
+
+/// Lists `dir` (at `rel`) into `walk`; false when it is over the bounds.
+fn scan_at(dir: &OwnedFd, rel: &Path, depth: usize, walk: &mut Walk) -> std::io::Result<bool> {
+    for name in names(dir)? {
+        if walk.tree.len() >= MAX_ENTRIES {
+            return Ok(false);
+        }
+        let path = rel.join(&name);
+        let st = fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io)?;
+        let (mode, uid, gid) = (st.st_mode & 0o7777, st.st_uid, st.st_gid);
+        let kind = match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFLNK => Kind::Link(readlinkat(dir, name.as_os_str()).map_err(io)?),
+            SFlag::S_IFDIR => {
+                if depth + 1 >= MAX_DEPTH {
+                    return Ok(false);
+                }
+                Kind::Dir
+            }
+            SFlag::S_IFREG => {
+                let size = st.st_size as u64;
+                walk.bytes += size;
+                if walk.bytes > MAX_BYTES {
+                    return Ok(false);
+                }
+                if let Some(contents) = walk.contents.as_deref_mut() {
+                    contents.insert(path.clone(), read_file(dir, &name, size)?);
+                }
+                Kind::File(size, st.st_mtime, st.st_mtime_nsec)
+            }
+            // Nothing else belongs in such a volume; counted, not copied.
+            _ => {
+                walk.tree.insert(
+                    path,
+                    Meta {
+                        kind: Kind::Dir,
+                        mode: u32::MAX,
+                        uid: 0,
+                        gid: 0,
+                    },
+                );
+                continue;
+            }
+        };
+        let meta = match kind {
+            Kind::Link(_) => Meta {
+                kind,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+            },
+            kind => Meta {
+                kind,
+                mode,
+                uid,
+                gid,
+            },
+        };
+        let is_dir = meta.kind == Kind::Dir;
+        walk.tree.insert(path.clone(), meta);
+        if is_dir && !scan_at(&open_dir(dir, &name)?, &path, depth + 1, walk)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `dir`'s tree (with its files' bytes into `contents`); None when over the bounds.
+/// Entries that are neither directory, file nor link are left out.
+fn scan(dir: &OwnedFd, contents: Option<&mut Contents>) -> std::io::Result<Option<Tree>> {
+    let mut walk = Walk {
+        tree: Tree::new(),
+        bytes: 0,
+        contents,
+    };
+    if !scan_at(dir, Path::new(""), 0, &mut walk)? {
+        return Ok(None);
+    }
+    walk.tree.retain(|_, m| m.mode != u32::MAX);
+    Ok(Some(walk.tree))
+}
+
+/// A file's bytes, exactly the `size` its listing said (else it changed under us: an
+/// error, and the next poll tries again).
+fn read_file(dir: &OwnedFd, name: &OsStr, size: u64) -> std::io::Result<Vec<u8>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    let fd = openat(dir, name, flags, Mode::empty()).map_err(io)?;
+    let st = fstat(&fd).map_err(io)?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Err(std::io::Error::other("changed while read"));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    std::fs::File::from(fd)
+        .take(size + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 != size {
+        return Err(std::io::Error::other("changed while read"));
+    }
     Ok(bytes)
 }
 
-/// A temporary name beside `path`, for a rename into place.
-fn temp(path: &Path) -> PathBuf {
-    let mut name = OsString::from(".cocoon-tmp-");
-    name.push(path.file_name().unwrap_or_default());
-    path.with_file_name(name)
+/// A name for a temporary entry no source entry has, made with `O_EXCL`.
+fn temp_name() -> OsString {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(".cocoon-{}-{n}-{nanos}", std::process::id()).into()
 }
 
-fn own(path: &Path, mode: u32, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+fn own(fd: impl AsFd + Copy, m: &Meta) -> std::io::Result<()> {
+    // Owners first: a change of owner clears set-id bits.
+    fchown(fd, Some(Uid::from_raw(m.uid)), Some(Gid::from_raw(m.gid))).map_err(io)?;
+    fchmod(fd, Mode::from_bits_truncate(m.mode)).map_err(io)
 }
 
-/// Makes `dst` hold what `src` holds (`now`, as scanned): directories and files first,
-/// then links (each replaced by a rename, so `..data` swaps at once), then what `src`
-/// no longer has, deepest first.
-fn replay(src: &Path, dst: &Path, now: &Tree, was: &Tree) -> std::io::Result<()> {
-    for (rel, e) in now {
-        let to = dst.join(rel);
-        match e {
-            Entry::Dir(mode, uid, gid) => {
-                if !matches!(was.get(rel), Some(Entry::Dir(..))) {
-                    if was.contains_key(rel) {
-                        remove_entry(&to)?;
+/// Removes `name` in `dir`, a directory's contents first, never through a link.
+fn remove_at(dir: impl AsFd + Copy, name: &OsStr) -> std::io::Result<()> {
+    let st = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(Errno::ENOENT) => return Ok(()),
+        r => r.map_err(io)?,
+    };
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
+        let sub = open_dir(dir, name)?;
+        for child in names(&sub)? {
+            remove_at(&sub, &child)?;
+        }
+        unlinkat(dir, name, UnlinkatFlags::RemoveDir).map_err(io)
+    } else {
+        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir).map_err(io)
+    }
+}
+
+/// The parent directory of `rel` beneath `root`, and `rel`'s name.
+fn parent_of<'a>(root: &OwnedFd, rel: &'a Path) -> std::io::Result<(OwnedFd, &'a OsStr)> {
+    let name = rel
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("an empty path"))?;
+    Ok((
+        open_beneath(root, rel.parent().unwrap_or(Path::new("")))?,
+        name,
+    ))
+}
+
+/// Makes the copy beneath `dst` hold `now` (with `contents`), against what it holds:
+/// directories and files first, then links (`..data` first), each put in place by a
+/// rename, then what `now` no longer has, deepest first.
+fn replay(dst: &OwnedFd, now: &Tree, contents: &Contents) -> std::io::Result<()> {
+    let held = scan(dst, None)?.unwrap_or_default();
+    for (rel, m) in now {
+        let held_here = held.get(rel);
+        if held_here == Some(m) || matches!(m.kind, Kind::Link(_)) {
+            continue;
+        }
+        let (parent, name) = parent_of(dst, rel)?;
+        match &m.kind {
+            Kind::Dir => {
+                if !matches!(
+                    held_here,
+                    Some(Meta {
+                        kind: Kind::Dir,
+                        ..
+                    })
+                ) {
+                    remove_at(&parent, name)?;
+                    mkdirat(&parent, name, Mode::from_bits_truncate(0o700)).map_err(io)?;
+                }
+                own(&open_dir(&parent, name)?, m)?;
+            }
+            Kind::File(_, secs, nanos) => {
+                let tmp = temp_name();
+                let flags = OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC;
+                let fd = openat(
+                    &parent,
+                    tmp.as_os_str(),
+                    flags,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(io)?;
+                let written = (|| {
+                    let mut f = std::fs::File::from(fd);
+                    f.write_all(contents.get(rel).map_or(&[][..], Vec::as_slice))?;
+                    own(&f, m)?;
+                    let at = TimeSpec::new(*secs, *nanos);
+                    futimens(&f, &at, &at).map_err(io)?;
+                    if matches!(
+                        held_here,
+                        Some(Meta {
+                            kind: Kind::Dir,
+                            ..
+                        })
+                    ) {
+                        remove_at(&parent, name)?;
                     }
-                    std::fs::create_dir(&to)?;
+                    renameat(&parent, tmp.as_os_str(), &parent, name).map_err(io)
+                })();
+                if written.is_err() {
+                    let _ = unlinkat(&parent, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
                 }
-                own(&to, *mode, *uid, *gid)?;
+                written?;
             }
-            Entry::File(mode, uid, gid, ..) => {
-                if was.get(rel) == Some(e) {
-                    continue;
-                }
-                let tmp = temp(&to);
-                std::fs::write(&tmp, read_file(&src.join(rel))?)?;
-                own(&tmp, *mode, *uid, *gid)?;
-                if matches!(was.get(rel), Some(Entry::Dir(..))) {
-                    remove_entry(&to)?;
-                }
-                std::fs::rename(&tmp, &to)?;
-            }
-            Entry::Link(_) => {}
+            Kind::Link(_) => {}
         }
     }
-    for (rel, e) in now {
-        if let Entry::Link(target) = e {
-            if was.get(rel) == Some(e) {
-                continue;
+    let links = now
+        .iter()
+        .filter(|(rel, m)| matches!(m.kind, Kind::Link(_)) && held.get(*rel) != Some(m));
+    let (data, rest): (Vec<_>, Vec<_>) = links.partition(|(rel, _)| rel.as_os_str() == "..data");
+    for (rel, m) in data.into_iter().chain(rest) {
+        let Kind::Link(target) = &m.kind else {
+            continue;
+        };
+        let (parent, name) = parent_of(dst, rel)?;
+        let tmp = temp_name();
+        symlinkat(target.as_os_str(), &parent, tmp.as_os_str()).map_err(io)?;
+        let placed = (|| {
+            if matches!(
+                held.get(rel),
+                Some(Meta {
+                    kind: Kind::Dir,
+                    ..
+                })
+            ) {
+                remove_at(&parent, name)?;
             }
-            let to = dst.join(rel);
-            let tmp = temp(&to);
-            let _ = std::fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(target, &tmp)?;
-            if matches!(was.get(rel), Some(Entry::Dir(..))) {
-                remove_entry(&to)?;
-            }
-            std::fs::rename(&tmp, &to)?;
+            renameat(&parent, tmp.as_os_str(), &parent, name).map_err(io)
+        })();
+        if placed.is_err() {
+            let _ = unlinkat(&parent, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
         }
+        placed?;
     }
-    for rel in was.keys().rev() {
-        if !now.contains_key(rel) {
-            let to = dst.join(rel);
-            if std::fs::symlink_metadata(&to).is_ok() {
-                remove_entry(&to)?;
-            }
+    for rel in held.keys().rev() {
+        if now.contains_key(rel) {
+            continue;
+        }
+        // An ancestor that is no longer a directory took its old contents with it.
+        if let Ok((parent, name)) = parent_of(dst, rel) {
+            remove_at(&parent, name)?;
         }
     }
     Ok(())
 }
 
-fn remove_entry(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path)?.is_dir() {
-        true => std::fs::remove_dir_all(path),
-        false => std::fs::remove_file(path),
-    }
-}
-
-/// A volume mirrored from `src` into `dst`.
+/// A volume mirrored from a shared source into a copy of the agent's.
 pub struct Mirror {
-    src: PathBuf,
-    dst: PathBuf,
-    tree: Tree,
+    src: OwnedFd,
+    dst: OwnedFd,
+    dst_path: PathBuf,
+    /// The source as last copied (the next poll compares against it).
+    copied: Tree,
 }
 
 impl Mirror {
-    /// Copies `src` into the new directory `dst`; None (and nothing left at `dst`) when
-    /// `src` is over the bounds.
-    pub fn start(src: &Path, dst: &Path) -> std::io::Result<Option<Mirror>> {
-        let Some(tree) = scan(src)? else {
-            return Ok(None);
-        };
-        std::fs::create_dir(dst)?;
-        let meta = std::fs::metadata(src)?;
-        let made = own(dst, meta.mode() & 0o7777, meta.uid(), meta.gid())
-            .and_then(|()| replay(src, dst, &tree, &Tree::new()));
-        if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(dst);
-            return Err(e);
+    /// Copies the directory `src` into the new directory `dst_path`; None (and nothing
+    /// left at `dst_path`) when the source is over the bounds.
+    pub fn start(src: OwnedFd, dst_path: &Path) -> std::io::Result<Option<Mirror>> {
+        std::fs::create_dir(dst_path)?;
+        let made = (|| {
+            let dst = open_dir(nix::fcntl::AT_FDCWD, dst_path.as_os_str())?;
+            let st = fstat(&src).map_err(io)?;
+            let root = Meta {
+                kind: Kind::Dir,
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            };
+            own(&dst, &root)?;
+            let mut m = Mirror {
+                src,
+                dst,
+                dst_path: dst_path.to_owned(),
+                copied: Tree::new(),
+            };
+            Ok::<_, std::io::Error>(m.copy()?.map(|()| m))
+        })();
+        if !matches!(made, Ok(Some(_))) {
+            let _ = std::fs::remove_dir_all(dst_path);
         }
-        Ok(Some(Mirror {
-            src: src.to_owned(),
-            dst: dst.to_owned(),
-            tree,
-        }))
+        made
     }
 
-    /// Replays what changed in the source since the last look. Err when the source is
-    /// gone or over the bounds now: the copy keeps its last state.
+    /// Reads the whole source and replays it; None when it is over the bounds.
+    fn copy(&mut self) -> std::io::Result<Option<()>> {
+        let mut contents = Contents::new();
+        let Some(now) = scan(&self.src, Some(&mut contents))? else {
+            return Ok(None);
+        };
+        replay(&self.dst, &now, &contents)?;
+        self.copied = now;
+        Ok(Some(()))
+    }
+
+    /// Replays what changed in the source since the last copy: true if anything did.
+    /// Err when the source is gone, changing under the read, or over the bounds now:
+    /// the copy keeps its state (or the part of a replay that went through), and the
+    /// next call starts again from what the copy holds.
     pub fn refresh(&mut self) -> std::io::Result<bool> {
-        let now = scan(&self.src)?.ok_or_else(|| {
+        let over = || {
             std::io::Error::other(format!(
-                "{} has grown past {MAX_ENTRIES} entries or {MAX_BYTES} bytes",
-                self.src.display()
+                "over {MAX_ENTRIES} entries, {MAX_BYTES} bytes or {MAX_DEPTH} levels"
             ))
-        })?;
-        if now == self.tree {
+        };
+        let now = scan(&self.src, None)?.ok_or_else(over)?;
+        if now == self.copied {
             return Ok(false);
         }
-        replay(&self.src, &self.dst, &now, &self.tree)?;
-        self.tree = now;
+        self.copy()?.ok_or_else(over)?;
         Ok(true)
     }
 
     pub fn dst(&self) -> &Path {
-        &self.dst
+        &self.dst_path
     }
 }
 
-/// Mirrors the spec's mounts at `destinations` into `dir` (made here, one directory
-/// per mount) and points the spec at the copies. Returns the mirrors to keep fresh; a
-/// mount that cannot be mirrored stays as it was, logged.
-pub fn provide(dir: &Path, destinations: &[String], spec: &mut Value) -> Vec<Mirror> {
+/// Mirrors the spec's read-only bind mounts at `destinations` whose sources are beneath
+/// `shared` (the pod's share) into `dir` (made here, one directory per mount) and points
+/// the spec at the copies. Returns the mirrors to keep fresh; a mount that cannot be
+/// mirrored stays as it was, logged.
+pub fn provide(
+    shared: &Path,
+    dir: &Path,
+    destinations: &[String],
+    spec: &mut Value,
+) -> Vec<Mirror> {
     let mut mirrors = Vec::new();
     let Some(mounts) = spec.pointer_mut("/mounts").and_then(Value::as_array_mut) else {
         return mirrors;
@@ -237,9 +459,23 @@ pub fn provide(dir: &Path, destinations: &[String], spec: &mut Value) -> Vec<Mir
         if !destinations.iter().any(|d| d == dest) {
             continue;
         }
-        let Some(src) = m.get("source").and_then(Value::as_str).map(PathBuf::from) else {
+        let options: Vec<&str> = m
+            .get("options")
+            .and_then(Value::as_array)
+            .map(|o| o.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let bind = m.get("type").and_then(Value::as_str) == Some("bind")
+            || options.iter().any(|o| *o == "bind" || *o == "rbind");
+        let src = m.get("source").and_then(Value::as_str).map(Path::new);
+        let rel = src.and_then(|s| s.strip_prefix(shared).ok());
+        let (true, true, Some(rel)) = (bind, options.contains(&"ro"), rel) else {
+            tracing::warn!("{dest}: not a read-only bind of the pod's share: not copied");
             continue;
         };
+        if mirrors.len() == MAX_MIRRORS {
+            tracing::warn!("{dest}: over {MAX_MIRRORS} copied volumes: shared as it is");
+            continue;
+        }
         if mirrors.is_empty() {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 tracing::warn!("cannot make {}: {e}", dir.display());
@@ -247,7 +483,10 @@ pub fn provide(dir: &Path, destinations: &[String], spec: &mut Value) -> Vec<Mir
             }
         }
         let dst = dir.join(n.to_string());
-        match Mirror::start(&src, &dst) {
+        let started = open_dir(nix::fcntl::AT_FDCWD, shared.as_os_str())
+            .and_then(|root| open_beneath(&root, rel))
+            .and_then(|src| Mirror::start(src, &dst));
+        match started {
             Ok(Some(mirror)) => {
                 m["source"] = Value::String(dst.to_string_lossy().into_owned());
                 mirrors.push(mirror);
@@ -262,18 +501,24 @@ pub fn provide(dir: &Path, destinations: &[String], spec: &mut Value) -> Vec<Mir
     mirrors
 }
 
-/// Keeps `mirrors` fresh until their container's directory is removed (or replaced,
-/// by a later container of the same id).
-pub async fn keep_fresh(container_dir: PathBuf, mut mirrors: Vec<Mirror>) {
-    let inode = |d: &Path| {
-        std::fs::symlink_metadata(d)
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
-    };
-    let ours = inode(&container_dir);
+/// What identifies a container's copies directory: a poller stops when it is gone or
+/// another (a later container of the same id) took its name.
+pub fn identity(container_dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(container_dir)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Keeps `mirrors` fresh while `container_dir` is the one `identity` named.
+pub async fn keep_fresh(
+    container_dir: PathBuf,
+    ours: Option<(u64, u64)>,
+    mut mirrors: Vec<Mirror>,
+) {
     loop {
         tokio::time::sleep(POLL).await;
-        if ours.is_none() || inode(&container_dir) != ours {
+        if ours.is_none() || identity(&container_dir) != ours {
             return;
         }
         let result = tokio::task::spawn_blocking(move || {
@@ -281,7 +526,7 @@ pub async fn keep_fresh(container_dir: PathBuf, mut mirrors: Vec<Mirror>) {
                 match m.refresh() {
                     Ok(true) => tracing::debug!("{} updated", m.dst().display()),
                     Ok(false) => {}
-                    Err(e) => tracing::debug!("{}: not updated: {e}", m.dst().display()),
+                    Err(e) => tracing::info!("{}: not updated yet: {e}", m.dst().display()),
                 }
             }
             mirrors
@@ -294,10 +539,16 @@ pub async fn keep_fresh(container_dir: PathBuf, mut mirrors: Vec<Mirror>) {
     }
 }
 
-/// Removes a container's copies (its poller then ends).
+/// Removes a container's copies; its poller stops at its next look. The directory is
+/// renamed away first, so that a replay racing the removal cannot keep it in place.
 pub fn remove(id: &str) {
-    if !id.is_empty() && !id.contains('/') && id != "." && id != ".." {
-        let _ = std::fs::remove_dir_all(Path::new(DIR).join(id));
+    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        return;
+    }
+    let dir = Path::new(DIR).join(id);
+    let gone = Path::new(DIR).join(format!(".removed-{id}-{}", temp_name().to_string_lossy()));
+    if std::fs::rename(&dir, &gone).is_ok() {
+        let _ = std::fs::remove_dir_all(&gone);
     }
 }
 

@@ -77,7 +77,8 @@ impl AgentService {
         let dir = std::path::Path::new(crate::watched::DIR).join(id);
         let wanted: Vec<String> = req.watched_mounts.iter().take(64).cloned().collect();
         tokio::task::spawn_blocking(move || {
-            let mirrors = crate::watched::provide(&dir, &wanted, &mut doc);
+            let shared = std::path::Path::new(crate::sandbox::SHARED_DIR);
+            let mirrors = crate::watched::provide(shared, &dir, &wanted, &mut doc);
             if mirrors.is_empty() {
                 return Ok((None, mirrors));
             }
@@ -172,7 +173,16 @@ impl AgentService {
             }
         };
         let spec = with_secrets.as_deref().unwrap_or(spec);
-        let (with_copies, mirrors) = self.mirror_watched(&req, spec).await?;
+        let (with_copies, mirrors) = match self.mirror_watched(&req, spec).await {
+            Ok(v) => v,
+            Err(e) => {
+                remove_container_files(&req.container_id);
+                return Err(e);
+            }
+        };
+        // Named now, before anything could remove and remake it.
+        let copies = std::path::Path::new(crate::watched::DIR).join(&req.container_id);
+        let copies_id = crate::watched::identity(&copies);
         let created = self
             .containers()
             .create(
@@ -192,8 +202,7 @@ impl AgentService {
             }
         };
         if !mirrors.is_empty() {
-            let dir = std::path::Path::new(crate::watched::DIR).join(&req.container_id);
-            tokio::spawn(crate::watched::keep_fresh(dir, mirrors));
+            tokio::spawn(crate::watched::keep_fresh(copies, copies_id, mirrors));
         }
         timeline.mark("container-created", &req.container_id);
         let mut r = CreateContainerResponse::new();

@@ -2,8 +2,9 @@
 //! kubelet's updates (the agent's `watched`): kubelet's ConfigMap, Secret, projected
 //! and downward-API volumes, which its atomic writer updates in place. kubelet keeps
 //! them at `<root>/pods/<uid>/volumes/kubernetes.io~<plugin>/<name>` (its root is
-//! `/var/lib/kubelet` unless set otherwise), so they are known by that path. A volume
-//! with mount propagation (the host's later mounts reach it) stays shared as it is.
+//! `/var/lib/kubelet` unless set otherwise), so they are known by that path, and always
+//! mounted read-only. A volume with mount propagation (the host's later mounts reach
+//! it), or a writable one, stays shared as it is: a copy would not take its writes.
 
 use oci_spec::runtime::Spec;
 
@@ -34,7 +35,8 @@ pub fn watched_mounts(spec: &Spec) -> Vec<String> {
                 .as_ref()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            bind && !propagated && PLUGINS.iter().any(|p| source.contains(p))
+            let read_only = options.iter().any(|o| o == "ro");
+            bind && read_only && !propagated && PLUGINS.iter().any(|p| source.contains(p))
         })
         .map(|m| m.destination().to_string_lossy().into_owned())
         .collect()
@@ -60,6 +62,8 @@ mod tests {
                  "source": format!("{pod}/kubernetes.io~secret/tls"), "options": ["rbind", "rslave"]},
                 {"destination": "/data", "type": "bind",
                  "source": format!("{pod}/kubernetes.io~empty-dir/data"), "options": ["rbind"]},
+                {"destination": "/rw", "type": "bind",
+                 "source": format!("{pod}/kubernetes.io~configmap/cfg"), "options": ["rbind"]},
                 {"destination": "/etc/hosts", "type": "bind",
                  "source": "/var/lib/kubelet/pods/0a1b/etc-hosts", "options": ["rbind"]},
             ]
