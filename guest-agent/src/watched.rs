@@ -68,6 +68,14 @@ struct Meta {
 type Tree = BTreeMap<PathBuf, Meta>;
 type Contents = BTreeMap<PathBuf, Vec<u8>>;
 
+/// An entry counted toward the bounds but not copied (dropped once the walk is done).
+const OTHER: Meta = Meta {
+    kind: Kind::Dir,
+    mode: u32::MAX,
+    uid: 0,
+    gid: 0,
+};
+
 fn io(e: Errno) -> std::io::Error {
     std::io::Error::from(e)
 }
@@ -100,12 +108,15 @@ fn open_beneath(root: impl AsFd, rel: &Path) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The names in an open directory but `.` and `..`.
-fn names(dir: impl AsFd) -> std::io::Result<Vec<OsString>> {
+/// The names in an open directory but `.` and `..`, at most `limit` of them.
+fn names(dir: impl AsFd, limit: usize) -> std::io::Result<Vec<OsString>> {
     // A description of its own: a dup would share (and leave at the end) the offset.
     let d = nix::dir::Dir::from_fd(open_dir(dir, OsStr::new("."))?).map_err(io)?;
     let mut out = Vec::new();
     for e in d {
+        if out.len() >= limit {
+            break;
+        }
         let e = e.map_err(io)?;
         let name = OsStr::from_bytes(e.file_name().to_bytes());
         if name != "." && name != ".." {
@@ -119,19 +130,36 @@ struct Walk<'a> {
     tree: Tree,
     bytes: u64,
     contents: Option<&'a mut Contents>,
+    /// The bounds: entries and bytes (a copy is listed with room to spare).
+    max_entries: usize,
+    max_bytes: u64,
 }
 
 /// Lists `dir` (at `rel`) into `walk`; false when it is over the bounds.
 fn scan_at(dir: &OwnedFd, rel: &Path, depth: usize, walk: &mut Walk) -> std::io::Result<bool> {
-    for name in names(dir)? {
-        if walk.tree.len() >= MAX_ENTRIES {
+    for name in names(dir, walk.max_entries + 1)? {
+        if walk.tree.len() >= walk.max_entries {
             return Ok(false);
         }
         let path = rel.join(&name);
+        // Only a broken or hostile file server lists a name twice.
+        if walk.tree.contains_key(&path) {
+            return Err(std::io::Error::other(format!(
+                "{} listed twice",
+                path.display()
+            )));
+        }
         let st = fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).map_err(io)?;
         let (mode, uid, gid) = (st.st_mode & 0o7777, st.st_uid, st.st_gid);
         let kind = match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
-            SFlag::S_IFLNK => Kind::Link(readlinkat(dir, name.as_os_str()).map_err(io)?),
+            SFlag::S_IFLNK => match readlinkat(dir, name.as_os_str()).map_err(io)? {
+                // No link can be made with an empty target: counted, not copied.
+                t if t.is_empty() => {
+                    walk.tree.insert(path, OTHER);
+                    continue;
+                }
+                t => Kind::Link(t),
+            },
             SFlag::S_IFDIR => {
                 if depth + 1 >= MAX_DEPTH {
                     return Ok(false);
@@ -141,25 +169,18 @@ fn scan_at(dir: &OwnedFd, rel: &Path, depth: usize, walk: &mut Walk) -> std::io:
             SFlag::S_IFREG => {
                 let size = st.st_size as u64;
                 walk.bytes += size;
-                if walk.bytes > MAX_BYTES {
+                if walk.bytes > walk.max_bytes {
                     return Ok(false);
                 }
                 if let Some(contents) = walk.contents.as_deref_mut() {
                     contents.insert(path.clone(), read_file(dir, &name, size)?);
                 }
-                Kind::File(size, st.st_mtime, st.st_mtime_nsec)
+                // As a timestamp can hold it (futimens refuses more), in source and copy.
+                Kind::File(size, st.st_mtime, st.st_mtime_nsec.clamp(0, 999_999_999))
             }
             // Nothing else belongs in such a volume; counted, not copied.
             _ => {
-                walk.tree.insert(
-                    path,
-                    Meta {
-                        kind: Kind::Dir,
-                        mode: u32::MAX,
-                        uid: 0,
-                        gid: 0,
-                    },
-                );
+                walk.tree.insert(path, OTHER);
                 continue;
             }
         };
@@ -189,10 +210,21 @@ fn scan_at(dir: &OwnedFd, rel: &Path, depth: usize, walk: &mut Walk) -> std::io:
 /// `dir`'s tree (with its files' bytes into `contents`); None when over the bounds.
 /// Entries that are neither directory, file nor link are left out.
 fn scan(dir: &OwnedFd, contents: Option<&mut Contents>) -> std::io::Result<Option<Tree>> {
+    scan_within(dir, contents, 1)
+}
+
+/// As `scan`, with `room` times the bounds.
+fn scan_within(
+    dir: &OwnedFd,
+    contents: Option<&mut Contents>,
+    room: usize,
+) -> std::io::Result<Option<Tree>> {
     let mut walk = Walk {
         tree: Tree::new(),
         bytes: 0,
         contents,
+        max_entries: MAX_ENTRIES * room,
+        max_bytes: MAX_BYTES * room as u64,
     };
     if !scan_at(dir, Path::new(""), 0, &mut walk)? {
         return Ok(None);
@@ -204,12 +236,17 @@ fn scan(dir: &OwnedFd, contents: Option<&mut Contents>) -> std::io::Result<Optio
 /// A file's bytes, exactly the `size` its listing said (else it changed under us: an
 /// error, and the next poll tries again).
 fn read_file(dir: &OwnedFd, name: &OsStr, size: u64) -> std::io::Result<Vec<u8>> {
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-    let fd = openat(dir, name, flags, Mode::empty()).map_err(io)?;
-    let st = fstat(&fd).map_err(io)?;
+    // Looked at before it is opened for reading: opening a device (which a hostile file
+    // server could pass off as a file) would run its driver.
+    let at = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let path = openat(dir, name, at, Mode::empty()).map_err(io)?;
+    let st = fstat(&path).map_err(io)?;
     if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
         return Err(std::io::Error::other("changed while read"));
     }
+    let reopen = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&path));
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+    let fd = nix::fcntl::open(reopen.as_str(), flags, Mode::empty()).map_err(io)?;
     let mut bytes = Vec::with_capacity(size as usize);
     std::fs::File::from(fd)
         .take(size + 1)
@@ -244,7 +281,7 @@ fn remove_at(dir: impl AsFd + Copy, name: &OsStr) -> std::io::Result<()> {
     };
     if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
         let sub = open_dir(dir, name)?;
-        for child in names(&sub)? {
+        for child in names(&sub, usize::MAX)? {
             remove_at(&sub, &child)?;
         }
         unlinkat(dir, name, UnlinkatFlags::RemoveDir).map_err(io)
@@ -268,7 +305,33 @@ fn parent_of<'a>(root: &OwnedFd, rel: &'a Path) -> std::io::Result<(OwnedFd, &'a
 /// directories and files first, then links (`..data` first), each put in place by a
 /// rename, then what `now` no longer has, deepest first.
 fn replay(dst: &OwnedFd, now: &Tree, contents: &Contents) -> std::io::Result<()> {
-    let held = scan(dst, None)?.unwrap_or_default();
+    let held = match scan_within(dst, None, 4)? {
+        Some(held) => held,
+        None => {
+            // Grown past all reason (replays that kept failing): start again.
+            for name in names(dst, usize::MAX)? {
+                remove_at(dst, &name)?;
+            }
+            Tree::new()
+        }
+    };
+    let placed = place(dst, now, contents, &held);
+    // What `now` no longer has goes even when placing failed, so that replays failing
+    // again and again cannot pile up old files.
+    for rel in held.keys().rev() {
+        if now.contains_key(rel) {
+            continue;
+        }
+        // An ancestor that is no longer a directory took its old contents with it.
+        if let Ok((parent, name)) = parent_of(dst, rel) {
+            remove_at(&parent, name)?;
+        }
+    }
+    placed
+}
+
+/// `replay`'s first two steps: directories and files, then links.
+fn place(dst: &OwnedFd, now: &Tree, contents: &Contents, held: &Tree) -> std::io::Result<()> {
     for (rel, m) in now {
         let held_here = held.get(rel);
         if held_here == Some(m) || matches!(m.kind, Kind::Link(_)) {
@@ -355,15 +418,6 @@ fn replay(dst: &OwnedFd, now: &Tree, contents: &Contents) -> std::io::Result<()>
             let _ = unlinkat(&parent, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
         }
         placed?;
-    }
-    for rel in held.keys().rev() {
-        if now.contains_key(rel) {
-            continue;
-        }
-        // An ancestor that is no longer a directory took its old contents with it.
-        if let Ok((parent, name)) = parent_of(dst, rel) {
-            remove_at(&parent, name)?;
-        }
     }
     Ok(())
 }
@@ -477,7 +531,12 @@ pub fn provide(
             continue;
         }
         if mirrors.is_empty() {
-            if let Err(e) = std::fs::create_dir_all(dir) {
+            let made = std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(dir);
+            if let Err(e) = made {
                 tracing::warn!("cannot make {}: {e}", dir.display());
                 return mirrors;
             }
@@ -546,9 +605,15 @@ pub fn remove(id: &str) {
         return;
     }
     let dir = Path::new(DIR).join(id);
-    let gone = Path::new(DIR).join(format!(".removed-{id}-{}", temp_name().to_string_lossy()));
-    if std::fs::rename(&dir, &gone).is_ok() {
-        let _ = std::fs::remove_dir_all(&gone);
+    let gone = Path::new(DIR).join(format!(".removed{}", temp_name().to_string_lossy()));
+    if std::fs::rename(&dir, &gone).is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // This one, and any a racing replay kept from going before.
+    for e in std::fs::read_dir(DIR).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".removed") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

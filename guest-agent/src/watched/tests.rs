@@ -209,3 +209,23 @@ fn links_in_the_copy_are_never_written_through() {
     assert!(!dst.join("stray").exists());
     assert_eq!(read(&dst.join("new")), "3");
 }
+
+/// A copy that holds far more than any source may (replays that kept failing) is
+/// emptied and made again at the next change.
+#[test]
+fn a_copy_grown_past_all_bounds_is_made_again() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    write_volume(&src, "..1", &[("k", "v1")]);
+    let mut m = Mirror::start(src_fd(&src), &dst).unwrap().unwrap();
+    std::fs::create_dir(dst.join("junk")).unwrap();
+    for i in 0..4 * MAX_ENTRIES + 1 {
+        std::fs::write(dst.join("junk").join(i.to_string()), "").unwrap();
+    }
+    write_volume(&src, "..2", &[("k", "v2")]);
+    assert!(m.refresh().unwrap());
+    assert!(!dst.join("junk").exists());
+    assert_eq!(read(&dst.join("k")), "v2");
+    assert_eq!(read(&dst.join("..1/k")), "v1", "still in the source");
+}
