@@ -181,3 +181,24 @@ pub fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Builds the C program `source` as the static executable `dir/name` (test images have no
+/// C library), or says why it cannot.
+pub fn build_static_c(dir: &Path, name: &str, source: &str) -> Result<PathBuf, String> {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).map_err(|e| e.to_string())?;
+    let exe = dir.join(name);
+    let out = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("gcc: {e} (apt-get install gcc libc6-dev)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gcc -static failed (apt-get install libc6-dev): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(exe)
+}

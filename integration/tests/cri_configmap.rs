@@ -58,24 +58,6 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn build_watch(dir: &Path) -> Result<(), String> {
-    let src = dir.join("watch.c");
-    std::fs::write(&src, WATCH_C).map_err(|e| e.to_string())?;
-    let out = std::process::Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(dir.join("watch"))
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("gcc: {e} (apt-get install gcc libc6-dev)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "gcc -static failed (apt-get install libc6-dev): {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
 /// kubelet's atomic writer: the files in a fresh `..<ts>` directory, `..data` swapped to
 /// it by a rename, a link per key, and the old directory removed.
 fn atomic_write(volume: &Path, ts: &str, old: Option<&str>, conf: &str) {
@@ -113,7 +95,7 @@ async fn configmap_update(test: &str, handler: &str, net: u8) {
     let node = &env.node;
     let tools = env.dir.path().join("tools");
     std::fs::create_dir_all(&tools).unwrap();
-    if let Err(why) = build_watch(&tools) {
+    if let Err(why) = cocoon_integration::build_static_c(&tools, "watch", WATCH_C) {
         cocoon_nested::testing::missing(test, &why);
         return;
     }

@@ -24,26 +24,10 @@ const EUID_C: &str = "#include <stdio.h>\n#include <unistd.h>\n\
 
 /// Builds the set-user-ID program into `dir`, or says why it cannot.
 fn build_euid(dir: &Path) -> Result<(), String> {
-    let src = dir.join("euid.c");
-    std::fs::write(&src, EUID_C).map_err(|e| e.to_string())?;
-    let out = std::process::Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(dir.join("euid"))
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("gcc: {e} (apt-get install gcc libc6-dev)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "gcc -static failed (apt-get install libc6-dev): {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    std::os::unix::fs::chown(dir.join("euid"), Some(0), Some(0)).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(
-        dir.join("euid"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
-    )
-    .map_err(|e| e.to_string())
+    let euid = cocoon_integration::build_static_c(dir, "euid", EUID_C)?;
+    std::os::unix::fs::chown(&euid, Some(0), Some(0)).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&euid, std::os::unix::fs::PermissionsExt::from_mode(0o4755))
+        .map_err(|e| e.to_string())
 }
 
 /// The program's effective uid in a container of uid 1000, without and with

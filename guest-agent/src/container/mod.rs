@@ -209,7 +209,7 @@ fn all_pids() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-fn validate_id(what: &str, id: &str, allow_empty: bool) -> Result<(), ContainerError> {
+pub(crate) fn validate_id(what: &str, id: &str, allow_empty: bool) -> Result<(), ContainerError> {
     if id.is_empty() && allow_empty {
         return Ok(());
     }

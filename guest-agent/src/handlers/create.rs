@@ -63,11 +63,9 @@ impl AgentService {
         spec: &[u8],
     ) -> ttrpc::Result<(Option<Vec<u8>>, Vec<crate::watched::Mirror>)> {
         let id = &req.container_id;
+        // A bad id is the container's create to refuse.
         if req.watched_mounts.is_empty()
-            || id.is_empty()
-            || id.contains('/')
-            || id == "."
-            || id == ".."
+            || crate::container::validate_id("container id", id, false).is_err()
         {
             return Ok((None, Vec::new()));
         }

@@ -71,8 +71,7 @@ pub struct Sandbox {
     lost_tx: tokio::sync::watch::Sender<bool>,
     /// What the shim counts for `cocoon metrics` (agent calls, containers, OOMs).
     pub stats: Arc<crate::telemetry::PodStats>,
-    /// The guest's size, as launched (its vCPUs: those online at boot).
-    pub vcpus: u32,
+    /// The guest's memory, as launched.
     pub memory_mib: u32,
     /// The VM's vCPUs, online and held offline, and its containers' CPU limits.
     cpus: std::sync::Mutex<super::sizing::CpuRoom>,
@@ -199,7 +198,6 @@ impl Sandbox {
             share_guard.0 = None;
         }
         result.map(|mut sb| {
-            sb.vcpus = cpus.online();
             sb.cpus = std::sync::Mutex::new(cpus);
             sb
         })
@@ -377,7 +375,6 @@ impl Sandbox {
             lost,
             lost_tx,
             stats,
-            vcpus: config.vm.vcpus,
             memory_mib: config.vm.memory_mib,
             cpus: std::sync::Mutex::new(super::sizing::CpuRoom::new(
                 config.vm.vcpus,
