@@ -21,6 +21,7 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::balloon::{Balloon, RemovePages};
 use crate::devices::virtio::block::{Block, FileBackend};
 use crate::devices::virtio::defs::TYPE_VSOCK;
+use crate::devices::virtio::mem::{Mem, MemControl, MemError};
 use crate::devices::virtio::mmio::TransportState;
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::net::{Net, NetError, Tap};
@@ -72,6 +73,8 @@ pub enum BuildError {
     Snapshot(#[from] SnapshotError),
     #[error("Failed to restore a device: {0}")]
     Restore(String),
+    #[error("Failed to set up the virtio-mem device")]
+    Mem(#[from] MemError),
 }
 
 /// A virtio device on its transport, as the event loop and snapshots see it: a
@@ -119,6 +122,8 @@ pub struct BuiltVm {
     pub mmio: Arc<Bus>,
     pub host_devices: Vec<Arc<Mutex<dyn HostEvents>>>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The virtio-mem device, when the config asks for one (`hotplug_mib`).
+    pub memory: Option<Arc<Mutex<dyn MemControl>>>,
 }
 
 fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
@@ -171,7 +176,22 @@ fn build_vm(
         Some((s, file)) if private_ok => (Some(s), memory::RamSource::Template(file), None),
         Some((s, file)) => (Some(s), source, Some(file)),
     };
-    let gm = memory::create_from(mem_size, source)?;
+    let mut gm = memory::create_from(mem_size, source)?;
+    let hotplug = (config.hotplug_mib > 0).then(|| {
+        (
+            layout::hotplug_region_start(mem_size),
+            config.hotplug_bytes(),
+        )
+    });
+    if let Some((start, size)) = hotplug {
+        // Made here like RAM's own file where this process may; an inherited RAM file
+        // means a jailed VMM that may not, which `auto` falls back from.
+        let huge = match config.mem_fd {
+            Some(_) => crate::vstate::ram_file::HugePages::Auto,
+            None => config.huge_pages,
+        };
+        gm.add_hotplug_region(start, size, huge)?;
+    }
     if let Some(template) = copy_from {
         let n = snapshot::copy_memory(&template, &gm.mem)?;
         log::info!("guest RAM: {} MiB of the template's copied", n >> 20);
@@ -265,6 +285,16 @@ fn build_vm(
     if config.free_page_reporting {
         virtio.add(Balloon::new(RemovePages))?;
     }
+    // Last, so every other device keeps its window (and a template's order) with or
+    // without it.
+    let memory = match hotplug {
+        Some((start, size)) => {
+            let t: Arc<Mutex<dyn MemControl>> = virtio.add(Mem::new(start, size, RemovePages)?)?;
+            log::info!("virtio-mem: {} MiB at {start:#x}, none plugged", size >> 20);
+            Some(t)
+        }
+        None => None,
+    };
     let VirtioSet {
         mmio,
         host_devices,
@@ -304,6 +334,7 @@ fn build_vm(
         mmio: Arc::new(mmio),
         host_devices,
         serial,
+        memory,
     })
 }
 
@@ -381,7 +412,11 @@ struct VirtioSet<'a> {
 }
 
 impl VirtioSet<'_> {
-    fn add<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<(), BuildError> {
+    /// Places `device`; returns its transport for those who drive it from the host.
+    fn add<D: VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D, EventFd>>>, BuildError> {
         let index = self.host_devices.len();
         let addr = layout::virtio_mmio_addr(index);
         let irq = layout::virtio_mmio_irq(index);
@@ -389,9 +424,9 @@ impl VirtioSet<'_> {
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE)?;
-        self.host_devices.push(transport);
+        self.host_devices.push(transport.clone());
         self.windows.push(acpi::MmioDevice::virtio(index));
-        Ok(())
+        Ok(transport)
     }
 }
 

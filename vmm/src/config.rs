@@ -110,7 +110,16 @@ pub struct VmConfig {
     /// back to the host (`devices::virtio::balloon`).
     #[serde(default)]
     pub free_page_reporting: bool,
+    /// MiB of guest-physical memory a virtio-mem device can plug in while the VM runs
+    /// (`devices::virtio::mem`), above all RAM; 0 = no device. The guest gets none of
+    /// it until the API asks (`resize_memory`). A multiple of [`HOTPLUG_STEP_MIB`].
+    #[serde(default)]
+    pub hotplug_mib: u64,
 }
+
+/// `hotplug_mib` comes in steps of Linux's smallest x86_64 memory block (128 MiB): the
+/// guest hot-adds whole blocks, so a region ending inside one could not use its tail.
+pub const HOTPLUG_STEP_MIB: u64 = 128;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +218,7 @@ impl VmConfig {
             mem_fd: None,
             acpi: true,
             free_page_reporting: false,
+            hotplug_mib: 0,
         }
     }
 
@@ -235,6 +245,11 @@ impl VmConfig {
         self.mem_mib << 20
     }
 
+    /// Bytes of the virtio-mem region (0: no device).
+    pub fn hotplug_bytes(&self) -> u64 {
+        self.hotplug_mib << 20
+    }
+
     /// Number of virtio-mmio devices this config asks for.
     pub fn virtio_device_count(&self) -> usize {
         self.block.len()
@@ -242,6 +257,8 @@ impl VmConfig {
             + self.fs.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.vhost_user_vsock.is_some())
+            + usize::from(self.free_page_reporting)
+            + usize::from(self.hotplug_mib > 0)
     }
 
     /// Checks everything that can be checked without creating the VM.
@@ -266,6 +283,15 @@ impl VmConfig {
                 format!("{} is outside {MIN_MEM_MIB}..={MAX_MEM_MIB}", self.mem_mib),
             ));
         }
+        if !self.hotplug_mib.is_multiple_of(HOTPLUG_STEP_MIB) || self.hotplug_mib > MAX_MEM_MIB {
+            return Err(invalid(
+                "hotplug_mib",
+                format!(
+                    "{} is not a multiple of {HOTPLUG_STEP_MIB} up to {MAX_MEM_MIB}",
+                    self.hotplug_mib
+                ),
+            ));
+        }
         if self.vcpus == 0 || self.vcpus > mptable::MAX_VCPUS {
             return Err(invalid(
                 "vcpus",
@@ -273,7 +299,7 @@ impl VmConfig {
             ));
         }
         // The VMM adds one `virtio_mmio.device=4K@0x...:N` (~40 bytes) per device.
-        let budget = layout::CMDLINE_MAX_SIZE - 1 - 48 * self.virtio_device_count();
+        let budget = (layout::CMDLINE_MAX_SIZE - 1).saturating_sub(48 * self.virtio_device_count());
         if self.cmdline.len() > budget {
             return Err(invalid("cmdline", format!("longer than {budget} bytes")));
         }
@@ -403,6 +429,37 @@ mod tests {
     }
 
     #[test]
+    fn hotplug_mib_defaults_to_no_device_and_takes_whole_steps() {
+        let k = kernel();
+        let json = format!(r#"{{"kernel": "{}"}}"#, k.path().display());
+        let c = VmConfig::from_json(&json).unwrap();
+        assert_eq!((c.hotplug_mib, c.hotplug_bytes()), (0, 0));
+        let before = c.virtio_device_count();
+        let json = format!(
+            r#"{{"kernel": "{}", "hotplug_mib": 512}}"#,
+            k.path().display()
+        );
+        let c = VmConfig::from_json(&json).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hotplug_bytes(), 512 << 20);
+        assert_eq!(c.virtio_device_count(), before + 1);
+        let mut c = c;
+        c.hotplug_mib = MAX_MEM_MIB;
+        c.validate().unwrap();
+        for bad in [1, 127, 129, 1000, MAX_MEM_MIB + HOTPLUG_STEP_MIB] {
+            c.hotplug_mib = bad;
+            match c.validate() {
+                Err(e @ ConfigError::Invalid { .. }) => {
+                    assert!(e.to_string().contains("`hotplug_mib`"), "{e}")
+                }
+                other => panic!("hotplug_mib = {bad}: {other:?}"),
+            }
+        }
+        let e = VmConfig::from_json(r#"{"kernel": "/k", "hotplug": 5}"#).unwrap_err();
+        assert!(format!("{e:?}").contains("hotplug"), "{e:?}");
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let e = VmConfig::from_json(r#"{"kernel": "/k", "memory": 5}"#).unwrap_err();
         assert!(format!("{:?}", e).contains("memory"), "{e:?}");
@@ -424,6 +481,8 @@ mod tests {
         check(&|c| c.kernel = "/nonexistent".into(), "kernel");
         check(&|c| c.initrd = Some("/nonexistent".into()), "initrd");
         check(&|c| c.mem_mib = 0, "mem_mib");
+        check(&|c| c.hotplug_mib = 100, "hotplug_mib");
+        check(&|c| c.hotplug_mib = MAX_MEM_MIB + 128, "hotplug_mib");
         check(&|c| c.vcpus = 0, "vcpus");
         check(&|c| c.vcpus = 200, "vcpus");
         check(&|c| c.cmdline = "x".repeat(4096), "cmdline");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use cocoon_vmm::config::{
     BlockDeviceConfig, FsDeviceConfig, NetDeviceConfig, VhostUserVsockConfig, VmConfig,
     VsockDeviceConfig,
@@ -141,6 +141,7 @@ fn jail_exec(a: JailExecArgs) -> anyhow::Result<u8> {
 }
 
 #[derive(Args, Default)]
+#[command(group(ArgGroup::new("api").args(["api_sock", "api_sock_fd"])))]
 struct RunArgs {
     /// VM config file (JSON, or TOML if it ends in .toml); flags below override it.
     #[arg(long)]
@@ -197,7 +198,11 @@ struct RunArgs {
     /// Serve the JSON-lines API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// With --api-sock: wait for a `boot` request instead of booting right away.
+    /// Serve the API on an inherited Unix socket, already bound and listening (made by
+    /// the caller, who removes it), instead of binding --api-sock.
+    #[arg(long, value_name = "FD", conflicts_with = "api_sock")]
+    api_sock_fd: Option<i32>,
+    /// With an API socket: wait for a `boot` request instead of booting right away.
     #[arg(long)]
     no_boot: bool,
     /// Run without the seccomp filter and no_new_privs (debugging only).
@@ -210,18 +215,22 @@ struct RunArgs {
     /// the host.
     #[arg(long)]
     free_page_reporting: bool,
+    /// MiB of memory the guest can be given while it runs (a virtio-mem device; a
+    /// multiple of 128): none of it is plugged until a `resize_memory` API request.
+    #[arg(long, value_name = "MIB")]
+    hotplug_mib: Option<u64>,
     /// Own mount/network/IPC/UTS namespaces and an empty read-only root before the
     /// guest runs: auto (when root), on (required), off.
     #[arg(long)]
     jail: Option<cocoon_vmm::jail::JailMode>,
-    /// With --api-sock: make DIR's snapshot files now, and take a snapshot of the paused
-    /// VM into them on a `snapshot` request (a VM template).
-    #[arg(long, requires = "api_sock", value_name = "DIR")]
+    /// With an API socket: make DIR's snapshot files now, and take a snapshot of the
+    /// paused VM into them on a `snapshot` request (a VM template).
+    #[arg(long, requires = "api", value_name = "DIR")]
     snapshot_to: Option<PathBuf>,
     /// Start from the snapshot in DIR instead of booting: the guest goes on where it
     /// was saved. Its config is the snapshot's; the flags given here (serial output,
     /// vsock socket, virtio-fs sockets, taps, API socket) replace the template's.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "no_boot"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "no_boot", "hotplug_mib"])]
     restore: Option<PathBuf>,
     /// Print the wall-clock time of the guest's first exit to stderr (benchmarks).
     #[arg(long, hide = true)]
@@ -349,6 +358,9 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
     if a.free_page_reporting {
         c.free_page_reporting = true;
     }
+    if let Some(m) = a.hotplug_mib {
+        c.hotplug_mib = m;
+    }
     if let Some(j) = a.jail {
         c.jail = j;
     }
@@ -364,13 +376,16 @@ fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
         None => None,
     };
     let config = vm_config(&a, restore.as_ref().map(|(s, _)| &s.config))?;
-    if config.is_none() && a.api_sock.is_none() {
-        anyhow::bail!("nothing to run: give --kernel, --config, --restore or --api-sock");
+    if config.is_none() && a.api_sock.is_none() && a.api_sock_fd.is_none() {
+        anyhow::bail!(
+            "nothing to run: give --kernel, --config, --restore, --api-sock or --api-sock-fd"
+        );
     }
     let boot_now = config.is_some() && !a.no_boot;
     let vmm = Vmm::new(VmmOptions {
         config,
         api_sock: a.api_sock,
+        api_sock_fd: a.api_sock_fd,
         boot_now,
         print_first_exit: a.print_first_exit,
         print_stats: a.stats,

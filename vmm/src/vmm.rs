@@ -2,14 +2,19 @@
 //! each device's host descriptor) and one thread per vCPU. Owns the VM's lifecycle:
 //! not configured → configured → running ⇄ paused → ended.
 //!
-//! The API is newline-delimited JSON on a Unix socket. Requests:
+//! The API is newline-delimited JSON on a Unix socket (one the VMM binds, or one its
+//! parent bound and hands over). Requests:
 //! `{"action":"configure","config":{...VmConfig...}}`, `{"action":"boot"}`,
 //! `{"action":"pause"}`, `{"action":"resume"}`, `{"action":"shutdown"}`,
-//! `{"action":"state"}`, `{"action":"stats"}`, and `{"action":"snapshot"}` (paused, in
-//! a VMM started with `snapshot_to`; see [`crate::vstate::snapshot`]). Each gets one
-//! line back:
+//! `{"action":"state"}`, `{"action":"stats"}`, `{"action":"snapshot"}` (paused, in
+//! a VMM started with `snapshot_to`; see [`crate::vstate::snapshot`]), and for a VM with
+//! a virtio-mem device (`hotplug_mib`; [`crate::devices::virtio::mem`]), running or
+//! paused, `{"action":"memory"}` and `{"action":"resize_memory","requested_mib":N}`
+//! (N a multiple of 2, at most the region: the guest plugs or unplugs memory until N MiB
+//! are plugged, in its own time). Each gets one line back:
 //! `{"ok":true,"state":"running"}` or `{"ok":false,"state":...,"error":"..."}`; `stats`
-//! adds `"stats":{...}`, the VM exits by kind (`vstate::exit_stats`).
+//! adds `"stats":{...}`, the VM exits by kind (`vstate::exit_stats`); `memory` and
+//! `resize_memory` add `"memory":{"region_mib":R,"requested_mib":Q,"plugged_mib":P}`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -27,6 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
+use crate::devices::virtio::mem::{MemControl, MemStatus};
 use crate::vstate::exit_stats::ExitStats;
 use crate::vstate::snapshot::{self, Snapshot, SnapshotError, SnapshotFiles};
 use crate::vstate::vcpu::{self, ExitReason, ExitSink, VcpuControl, VcpuError, VcpuRunner, Vcpus};
@@ -42,6 +48,8 @@ pub enum VmmError {
     Epoll(#[source] std::io::Error),
     #[error("Failed to create the API socket {0}")]
     Api(PathBuf, #[source] std::io::Error),
+    #[error("Failed to take over the inherited API socket (descriptor {0})")]
+    ApiFd(RawFd, #[source] std::io::Error),
     #[error("Failed to install the seccomp filter")]
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("Failed to jail the VMM (set jail = \"off\" to run without)")]
@@ -64,7 +72,9 @@ pub enum VmState {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "action", rename_all = "snake_case")]
 pub enum ApiRequest {
-    Configure { config: Box<VmConfig> },
+    Configure {
+        config: Box<VmConfig>,
+    },
     Boot,
     Pause,
     Resume,
@@ -72,6 +82,12 @@ pub enum ApiRequest {
     State,
     Stats,
     Snapshot,
+    /// Where the virtio-mem device stands.
+    Memory,
+    /// Asks the guest to plug (or unplug) virtio-mem memory until this much is plugged.
+    ResizeMemory {
+        requested_mib: u64,
+    },
 }
 
 /// One API response.
@@ -83,6 +99,29 @@ pub struct ApiResponse {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
+}
+
+/// The virtio-mem device as the API reports it, in MiB.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// The region the guest can plug memory into (`hotplug_mib`).
+    pub region_mib: u64,
+    /// What the guest was asked to plug.
+    pub requested_mib: u64,
+    /// What it has plugged.
+    pub plugged_mib: u64,
+}
+
+impl From<MemStatus> for MemoryReport {
+    fn from(s: MemStatus) -> Self {
+        Self {
+            region_mib: s.region_bytes >> 20,
+            requested_mib: s.requested_bytes >> 20,
+            plugged_mib: s.plugged_bytes >> 20,
+        }
+    }
 }
 
 /// How the VMM starts.
@@ -90,6 +129,10 @@ pub struct ApiResponse {
 pub struct VmmOptions {
     pub config: Option<VmConfig>,
     pub api_sock: Option<PathBuf>,
+    /// An inherited Unix socket, already bound and listening, to serve the API on instead
+    /// of binding `api_sock` (a jailed VMM may not bind where its parent wants the
+    /// socket). Not removed at exit: its maker owns the path.
+    pub api_sock_fd: Option<RawFd>,
     /// Boot as soon as configured (the one-shot form); otherwise wait for `boot`.
     pub boot_now: bool,
     /// Print the wall-clock time of the guest's first exit to stderr (for benchmarks).
@@ -116,13 +159,77 @@ struct Running {
     vm: crate::vstate::vm::Vm,
     mem: crate::vstate::memory::GuestMemory,
     serial: Arc<Mutex<crate::devices::legacy::serial::SerialDevice>>,
+    memory: Option<Arc<Mutex<dyn MemControl>>>,
 }
 
-/// The API listener, and how to remove its socket file at exit.
+/// The API listener, and how to remove its socket file at exit (when we made it).
 struct ApiSocket {
     listener: UnixListener,
-    dir_fd: std::os::fd::OwnedFd,
-    name: std::ffi::OsString,
+    /// The socket's directory and name.
+    made: Option<(std::os::fd::OwnedFd, std::ffi::OsString)>,
+}
+
+impl ApiSocket {
+    fn bind(path: PathBuf) -> Result<Self, VmmError> {
+        // Bind under a temporary name and rename: the socket file appears only once it
+        // is listening, so a client that waits for the file never sees ECONNREFUSED.
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let l = UnixListener::bind(&tmp).map_err(|e| VmmError::Api(path.clone(), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| VmmError::Api(path.clone(), e))?;
+        // The socket is removed at exit through its directory's descriptor, which works
+        // from inside the jail too.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir_fd = nix::fcntl::open(
+            dir,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| VmmError::Api(path.clone(), e.into()))?;
+        Ok(Self {
+            listener: l,
+            made: Some((dir_fd, path.file_name().unwrap_or_default().to_owned())),
+        })
+    }
+
+    /// Takes over `fd`, which must be a listening socket above stdio.
+    fn inherited(fd: RawFd) -> Result<Self, VmmError> {
+        if fd < 3 {
+            return Err(VmmError::ApiFd(
+                fd,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "needs an fd above 2"),
+            ));
+        }
+        let listener =
+            crate::vsock::muxer::inherited_listener(fd).map_err(|e| VmmError::ApiFd(fd, e))?;
+        // Close-on-exec like everything this process opens itself.
+        nix::fcntl::fcntl(
+            &listener,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| VmmError::ApiFd(fd, e.into()))?;
+        Ok(Self {
+            listener,
+            made: None,
+        })
+    }
+
+    /// Removes the socket file, if this process made it.
+    fn remove(&self) {
+        if let Some((dir, name)) = &self.made {
+            let _ = nix::unistd::unlinkat(
+                dir,
+                name.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
 }
 
 pub struct Vmm {
@@ -171,45 +278,29 @@ impl Vmm {
                 EpollEvent::new(EventSet::IN, TOKEN_SIGNAL),
             )
             .map_err(VmmError::Epoll)?;
-        let api = match opts.api_sock.take() {
-            Some(path) => {
-                // Bind under a temporary name and rename: the socket file appears only
-                // once it is listening, so a client that waits for the file never sees
-                // ECONNREFUSED.
-                let mut tmp = path.clone().into_os_string();
-                tmp.push(format!(".{}.tmp", std::process::id()));
-                let _ = std::fs::remove_file(&tmp);
-                let l = UnixListener::bind(&tmp).map_err(|e| VmmError::Api(path.clone(), e))?;
-                std::fs::rename(&tmp, &path).map_err(|e| VmmError::Api(path.clone(), e))?;
-                epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        l.as_raw_fd(),
-                        EpollEvent::new(EventSet::IN, TOKEN_API),
-                    )
-                    .map_err(VmmError::Epoll)?;
-                // The socket is removed at exit through its directory's descriptor,
-                // which works from inside the jail too.
-                let dir = match path.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => Path::new("."),
-                };
-                let dir_fd = nix::fcntl::open(
-                    dir,
-                    nix::fcntl::OFlag::O_PATH
-                        | nix::fcntl::OFlag::O_DIRECTORY
-                        | nix::fcntl::OFlag::O_CLOEXEC,
-                    nix::sys::stat::Mode::empty(),
-                )
-                .map_err(|e| VmmError::Api(path.clone(), e.into()))?;
-                Some(ApiSocket {
-                    listener: l,
-                    dir_fd,
-                    name: path.file_name().unwrap_or_default().to_owned(),
-                })
+        let api = match (opts.api_sock.take(), opts.api_sock_fd) {
+            (Some(path), Some(fd)) => {
+                return Err(VmmError::ApiFd(
+                    fd,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("an API socket path ({}) is given too", path.display()),
+                    ),
+                ))
             }
-            None => None,
+            (Some(path), None) => Some(ApiSocket::bind(path)?),
+            (None, Some(fd)) => Some(ApiSocket::inherited(fd)?),
+            (None, None) => None,
         };
+        if let Some(api) = &api {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    api.listener.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_API),
+                )
+                .map_err(VmmError::Epoll)?;
+        }
         if let Some(c) = &opts.config {
             c.validate().map_err(|e| VmmError::Build(e.into()))?;
         }
@@ -339,6 +430,7 @@ impl Vmm {
             vm: built.vm,
             mem: built.mem,
             serial: built.serial,
+            memory: built.memory,
         });
         Ok(())
     }
@@ -393,11 +485,7 @@ impl Vmm {
             );
         }
         if let Some(api) = &self.api {
-            let _ = nix::unistd::unlinkat(
-                &api.dir_fd,
-                api.name.as_os_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
+            api.remove();
         }
         Ok(reason)
     }
@@ -452,6 +540,7 @@ impl Vmm {
             state: self.state(),
             error: r.err(),
             stats: None,
+            memory: None,
         }
     }
 
@@ -493,6 +582,17 @@ impl Vmm {
                 Ok(())
             }
             (ApiRequest::Snapshot, VmState::Paused) => self.snapshot(),
+            (ApiRequest::Memory, VmState::Running | VmState::Paused) => {
+                return self.memory(|m| Ok(m.status()));
+            }
+            (ApiRequest::ResizeMemory { requested_mib }, VmState::Running | VmState::Paused) => {
+                return self.memory(|m| {
+                    let bytes = requested_mib
+                        .checked_mul(1 << 20)
+                        .ok_or_else(|| format!("{requested_mib} MiB is too large"))?;
+                    m.request(bytes).map_err(|e| e.to_string())
+                });
+            }
             (ApiRequest::Shutdown, _) => {
                 self.exit.report(ExitReason::Shutdown);
                 Ok(())
@@ -504,6 +604,27 @@ impl Vmm {
 }
 
 impl Vmm {
+    /// Answers with the virtio-mem device's status after `f`, or why there is none.
+    fn memory(
+        &mut self,
+        f: impl FnOnce(&mut dyn MemControl) -> Result<MemStatus, String>,
+    ) -> ApiResponse {
+        let device = self.running.as_ref().and_then(|r| r.memory.clone());
+        let r = match &device {
+            Some(d) => f(&mut *lock(d)),
+            None => Err("this VM has no virtio-mem device (it was started without \
+                 hotplug_mib / --hotplug-mib)"
+                .into()),
+        };
+        match r {
+            Ok(status) => ApiResponse {
+                memory: Some(status.into()),
+                ..self.respond(Ok(()))
+            },
+            Err(e) => self.respond(Err(e)),
+        }
+    }
+
     /// Saves the paused VM to the files made at start. The VM stays paused and can go
     /// on (`resume`) or end.
     fn snapshot(&mut self) -> Result<(), String> {
@@ -515,6 +636,13 @@ impl Vmm {
         let (Some(r), Some(config)) = (&self.running, &self.config) else {
             return Err("no VM is running".into());
         };
+        if r.memory.is_some() {
+            // Its plugged blocks and requested size are not saved yet, and a clone
+            // would come up with them all unplugged under a guest that uses them.
+            return Err("VMs with a virtio-mem device (hotplug_mib) cannot be \
+                 snapshotted yet"
+                .into());
+        }
         let started = std::time::Instant::now();
         let vcpus = r.vcpus.save_states().map_err(chain)?;
         let vm = snapshot::save_vm(&r.vm.fd).map_err(chain)?;
@@ -567,4 +695,62 @@ pub fn api_call(sock: &Path, request: &str) -> std::io::Result<ApiResponse> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_requests_parse_and_responses_carry_the_memory() {
+        let r: ApiRequest = serde_json::from_str(r#"{"action":"memory"}"#).unwrap();
+        assert!(matches!(r, ApiRequest::Memory));
+        let r: ApiRequest =
+            serde_json::from_str(r#"{"action":"resize_memory","requested_mib":256}"#).unwrap();
+        assert!(matches!(r, ApiRequest::ResizeMemory { requested_mib: 256 }));
+        for bad in [
+            r#"{"action":"resize_memory"}"#,
+            r#"{"action":"resize_memory","requested_mib":-1}"#,
+            r#"{"action":"resize_memory","requested_mib":256,"node":0}"#,
+        ] {
+            assert!(serde_json::from_str::<ApiRequest>(bad).is_err(), "{bad}");
+        }
+
+        let resp = ApiResponse {
+            ok: true,
+            state: VmState::Running,
+            error: None,
+            stats: None,
+            memory: Some(MemoryReport::from(MemStatus {
+                region_bytes: 512 << 20,
+                requested_bytes: 256 << 20,
+                plugged_bytes: 2 << 20,
+            })),
+        };
+        let text = serde_json::to_string(&resp).unwrap();
+        assert_eq!(
+            text,
+            r#"{"ok":true,"state":"running","memory":{"region_mib":512,"requested_mib":256,"plugged_mib":2}}"#
+        );
+        assert_eq!(serde_json::from_str::<ApiResponse>(&text).unwrap(), resp);
+        // Without the device's figures the field is absent, as before.
+        let plain: ApiResponse = serde_json::from_str(r#"{"ok":true,"state":"paused"}"#).unwrap();
+        assert_eq!(plain.memory, None);
+    }
+
+    #[test]
+    fn memory_requests_need_a_running_vm() {
+        let mut vmm = Vmm::new(VmmOptions::default()).unwrap();
+        for req in [
+            ApiRequest::Memory,
+            ApiRequest::ResizeMemory { requested_mib: 2 },
+        ] {
+            let r = vmm.handle(req);
+            assert!(!r.ok && r.memory.is_none(), "{r:?}");
+            assert!(r
+                .error
+                .unwrap()
+                .contains("not allowed in state NotConfigured"));
+        }
+    }
 }

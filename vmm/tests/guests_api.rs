@@ -25,6 +25,8 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
     assert!(!r.ok, "pause before boot must be refused");
     let r = api_call(&api, r#"{"action":"bogus"}"#).unwrap();
     assert!(!r.ok && r.error.unwrap().contains("bogus"));
+    let r = api_call(&api, r#"{"action":"memory"}"#).unwrap();
+    assert!(!r.ok, "memory before boot must be refused");
     let r = api_call(&api, r#"{"action":"boot"}"#).unwrap();
     assert!(r.ok && r.state == VmState::Running, "{r:?}");
 
@@ -66,11 +68,111 @@ fn api_boots_pauses_resumes_and_shuts_down_under_seccomp() {
         .map(|k| k["count"].as_u64().unwrap())
         .unwrap_or(0);
     assert!(serial_writes as usize >= paused_at, "{stats}");
+    let r = api_call(&api, r#"{"action":"memory"}"#).unwrap();
+    assert!(
+        !r.ok && r.error.as_deref().unwrap().contains("no virtio-mem device"),
+        "{r:?}"
+    );
     let r = api_call(&api, r#"{"action":"shutdown"}"#).unwrap();
     assert!(r.ok);
     let out = g.finish(child, Duration::from_secs(10));
     assert!(out.status.success(), "{}", out.stderr);
     assert!(!api.exists(), "api socket left behind");
+}
+
+/// A VMM serving its API on a socket its parent bound (as the shim does for a jailed
+/// VMM) sizes its virtio-mem device on request, under seccomp and the jail, and leaves
+/// the socket to its maker. (This guest has no driver: nothing gets plugged.)
+#[test]
+fn an_inherited_api_socket_resizes_virtio_mem() {
+    const TEST: &str = "an_inherited_api_socket_resizes_virtio_mem";
+    if !can_run(TEST) {
+        return;
+    }
+    use cocoon_vmm::vmm::{api_call, MemoryReport, VmState};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let g = assemble(SPINNER);
+    let api = g.path("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&api).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = std::process::Command::new(guest::BIN);
+    cmd.args(["run", "--mem-mib", "32", "--kernel"])
+        .arg(&g.elf)
+        .arg("--serial-out")
+        .arg(g.path("serial.log"))
+        .args(["--hotplug-mib", "256", "--api-sock-fd", &fd.to_string()])
+        .arg("--snapshot-to")
+        .arg(g.path("template"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec the closure only makes one async-signal-safe
+    // fcntl(2) call on a descriptor this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    g.track(&child);
+    // Only the VMM holds the listener now.
+    drop(listener);
+    wait_for("guest output", || g.serial().len() > 2);
+
+    let call = |req: &str| api_call(&api, req).unwrap();
+    let r = call(r#"{"action":"memory"}"#);
+    assert!(r.ok && r.state == VmState::Running, "{r:?}");
+    let report = |requested_mib| MemoryReport {
+        region_mib: 256,
+        requested_mib,
+        plugged_mib: 0,
+    };
+    assert_eq!(r.memory, Some(report(0)));
+    let r = call(r#"{"action":"resize_memory","requested_mib":128}"#);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.memory, Some(report(128)));
+    for (req, why) in [
+        (
+            r#"{"action":"resize_memory","requested_mib":3}"#,
+            "2 MiB blocks",
+        ),
+        (
+            r#"{"action":"resize_memory","requested_mib":512}"#,
+            "larger than the region",
+        ),
+        (
+            r#"{"action":"resize_memory","requested_mib":18446744073709551615}"#,
+            "too large",
+        ),
+    ] {
+        let r = call(req);
+        assert!(!r.ok && r.memory.is_none(), "{req}: {r:?}");
+        assert!(r.error.as_deref().unwrap().contains(why), "{req}: {r:?}");
+    }
+    assert_eq!(call(r#"{"action":"memory"}"#).memory, Some(report(128)));
+    // Paused: still answered; a template of it is refused.
+    assert!(call(r#"{"action":"pause"}"#).ok);
+    assert!(call(r#"{"action":"resize_memory","requested_mib":64}"#).ok);
+    let r = call(r#"{"action":"snapshot"}"#);
+    assert!(
+        !r.ok && r.error.as_deref().unwrap().contains("virtio-mem"),
+        "{r:?}"
+    );
+    assert!(call(r#"{"action":"shutdown"}"#).ok);
+    let out = g.finish(child, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("virtio-mem: 256 MiB at 0x100000000"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        api.exists(),
+        "the inherited socket is its maker's to remove"
+    );
 }
 
 /// Whether the test runs as root (the jail needs it); prints why not.

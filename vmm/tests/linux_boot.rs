@@ -458,3 +458,136 @@ fn linux_template_restores_to_a_ready_agent() {
         "both clones run the template's agent"
     );
 }
+
+/// A pod's memory grows in place (a Kubernetes in-place resize): the real guest boots
+/// with a virtio-mem region and none of it plugged; asked over the API for 256 MiB, its
+/// driver plugs that much, and the kernel onlines it (the agent sees MemTotal grow).
+/// Asked for 0 again, it gives all of it back.
+#[test]
+fn linux_memory_grows_through_virtio_mem() {
+    use cocoon_vmm::vmm::{api_call, MemoryReport};
+    const TEST: &str = "linux_memory_grows_through_virtio_mem";
+    let Some((kernel, initrd)) = guest_image(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let uds = dir.path().join("vsock.sock");
+    let serial = dir.path().join("serial.log");
+    let mut vmm = cocoon_vmm(
+        &kernel,
+        &initrd,
+        &serial,
+        &[
+            "--mem-mib",
+            "256",
+            "--vcpus",
+            "2",
+            "--vsock-uds",
+            &uds.to_string_lossy(),
+            "--hotplug-mib",
+            "512",
+            "--api-sock",
+            &api.to_string_lossy(),
+        ],
+    );
+    let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !serial_text().contains(cocoon_protocol::READY_LINE) {
+        assert!(
+            vmm.0.try_wait().unwrap().is_none(),
+            "VM exited; serial:\n{}",
+            serial_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the agent never got ready; serial:\n{}",
+            serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let memory = |req: &str| {
+        let r = api_call(&api, req).unwrap();
+        assert!(r.ok, "{req}: {r:?}");
+        r.memory.expect("the memory figures")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let agent = agent_at(&uds, &mut vmm, &serial, Duration::from_secs(60)).await;
+        let before = agent.guest_details().await.unwrap().mem_total_bytes;
+        assert_eq!(
+            memory(r#"{"action":"memory"}"#),
+            MemoryReport {
+                region_mib: 512,
+                requested_mib: 0,
+                plugged_mib: 0
+            }
+        );
+        let asked = Instant::now();
+        let r = memory(r#"{"action":"resize_memory","requested_mib":256}"#);
+        assert_eq!((r.region_mib, r.requested_mib), (512, 256));
+        let deadline = asked + Duration::from_secs(120);
+        loop {
+            let m = memory(r#"{"action":"memory"}"#);
+            if m.plugged_mib == 256 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest plugged {m:?}; serial:\n{}",
+                serial_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let plugged_ms = asked.elapsed().as_millis();
+        // Onlined, not just plugged: the guest's own MemTotal grew by about as much
+        // (less what the kernel keeps for the new memory's page structures).
+        let grown = loop {
+            let now = agent.guest_details().await.unwrap().mem_total_bytes;
+            if now >= before + (224 << 20) {
+                break now - before;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "MemTotal went from {before} to {now} bytes; serial:\n{}",
+                serial_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(grown <= 256 << 20, "MemTotal grew by {grown} bytes");
+        // And shrinks: the driver offlines what it can and unplugs it, the VMM giving
+        // the pages back (MADV_REMOVE from the vCPU thread, under its filter).
+        let asked = Instant::now();
+        memory(r#"{"action":"resize_memory","requested_mib":0}"#);
+        let deadline = asked + Duration::from_secs(120);
+        loop {
+            let m = memory(r#"{"action":"memory"}"#);
+            if m.plugged_mib == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest still has {m:?}; serial:\n{}",
+                serial_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "{}{TEST}: 256 MiB plugged {plugged_ms} ms after the request, MemTotal +{} MiB; \
+             all of it unplugged {} ms after asking for 0",
+            cocoon_nested::testing::NOTE_PREFIX,
+            grown >> 20,
+            asked.elapsed().as_millis()
+        );
+        agent.shutdown().await.unwrap();
+    });
+    let st = vmm.wait_exit(Duration::from_secs(60));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "VMM did not power off cleanly ({st:?}); serial:\n{}",
+        serial_text()
+    );
+}

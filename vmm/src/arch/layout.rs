@@ -84,6 +84,25 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Alignment of the virtio-mem region (`devices::virtio::mem`). Linux hot-adds memory
+/// in whole memory blocks, and on x86_64 a memory block is 128 MiB up to 2 GiB
+/// (`MAX_BLOCK_SIZE`, chosen at boot from the RAM's size and alignment); a region that
+/// does not start on one of the guest's block boundaries loses the memory below the
+/// first. Aligning to the largest possible block costs only guest-physical address
+/// space, which is free.
+pub const HOTPLUG_ALIGN: u64 = 2 << 30;
+
+/// Where the virtio-mem region of a VM with `mem_size` bytes of RAM starts: the first
+/// [`HOTPLUG_ALIGN`] boundary at or above both the end of RAM and 4 GiB (never in the
+/// 32-bit MMIO gap). The region is not RAM to the boot protocol: neither [`ram_ranges`]
+/// nor [`e820_map`] has it, the guest learns of it from the device alone.
+pub fn hotplug_region_start(mem_size: u64) -> u64 {
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(start, size)| start + size);
+    ram_end.max(MMIO_GAP_END).next_multiple_of(HOTPLUG_ALIGN)
+}
+
 /// One e820 entry (type 1 = usable RAM, 2 = reserved).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct E820Entry {
@@ -146,6 +165,28 @@ mod tests {
         assert!(big
             .iter()
             .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+    }
+
+    #[test]
+    fn the_hotplug_region_starts_aligned_above_all_ram_and_4_gib() {
+        let gib = 1u64 << 30;
+        // Small guests: the first 2 GiB boundary above the gap, i.e. 4 GiB.
+        assert_eq!(hotplug_region_start(256 << 20), 4 * gib);
+        assert_eq!(hotplug_region_start(MMIO_GAP_START), 4 * gib);
+        // 4 GiB of RAM ends at 5 GiB (1 GiB of it above the gap): next boundary, 6 GiB.
+        assert_eq!(hotplug_region_start(4 * gib), 6 * gib);
+        // RAM ending right on a boundary: the region starts there.
+        assert_eq!(hotplug_region_start(5 * gib), 6 * gib);
+        for mib in [2u64, 128, 3072, 3073, 4096, 65_536, 256 << 10] {
+            let mem = mib << 20;
+            let start = hotplug_region_start(mem);
+            assert_eq!(start % HOTPLUG_ALIGN, 0, "{mib} MiB");
+            assert!(start >= MMIO_GAP_END, "{mib} MiB");
+            for (s, len) in ram_ranges(mem) {
+                assert!(s + len <= start, "{mib} MiB: RAM overlaps the region");
+            }
+            assert!(e820_map(mem).iter().all(|e| e.addr + e.size <= start));
+        }
     }
 
     #[test]

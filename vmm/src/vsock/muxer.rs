@@ -80,7 +80,7 @@ pub struct VsockMuxer {
 }
 
 /// Takes over an inherited descriptor, after checking it is a listening Unix socket.
-fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<UnixListener> {
+pub(crate) fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<UnixListener> {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::fs::FileTypeExt;
     // SAFETY: fcntl on a number only checks whether it is an open descriptor.

@@ -2,7 +2,8 @@
 //! [`ram_file`] for which file), or a template's memory file mapped copy-on-write
 //! ([`RamSource::Template`]), mapped into the VMM with a PROT_NONE guard page on each
 //! side of every region, so a device that walks off the end of guest memory faults
-//! instead of reading VMM heap.
+//! instead of reading VMM heap. A virtio-mem region, where the VM has one, is one more
+//! region on a shared file of its own ([`GuestMemory::add_hotplug_region`]).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -57,8 +58,9 @@ const PAGE_SIZE: usize = 4096;
 /// Guest memory plus the file behind it.
 pub struct GuestMemory {
     pub mem: GuestMemoryMmap,
-    /// Shared with vhost-user backends; the offset of a region in this file is its offset
-    /// in the concatenation of [`layout::ram_ranges`].
+    /// RAM's file, shared with vhost-user backends; the offset of a RAM region in this
+    /// file is its offset in the concatenation of [`layout::ram_ranges`]. (The virtio-mem
+    /// region's file is its own region's `file_offset`.)
     pub memfd: File,
 }
 
@@ -68,10 +70,10 @@ pub fn create(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     create_from(mem_size, RamSource::Make(HugePages::Off))
 }
 
-fn memfd() -> Result<File, MemoryError> {
+fn memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the
     // returned fd is checked and then owned by `File`.
-    let fd = unsafe { libc::memfd_create(c"cocoon-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -79,12 +81,25 @@ fn memfd() -> Result<File, MemoryError> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// What a RAM file is for (its memfd's name and the log line).
+#[derive(Clone, Copy)]
+enum RamUse {
+    /// The RAM the guest boots with.
+    Boot,
+    /// The virtio-mem region.
+    Hotplug,
+}
+
 /// The file for `source`, and whether to ask for huge pages on it; logs the choice.
-fn ram_file(mem_size: u64, source: RamSource) -> Result<(File, bool), MemoryError> {
+fn ram_file(what: RamUse, mem_size: u64, source: RamSource) -> Result<(File, bool), MemoryError> {
     let mib = mem_size >> 20;
+    let (name, what) = match what {
+        RamUse::Boot => (c"cocoon-guest-ram", "guest RAM"),
+        RamUse::Hotplug => (c"cocoon-hotplug-ram", "virtio-mem region"),
+    };
     match source {
         RamSource::Template(file) => {
-            log::info!("guest RAM: {mib} MiB copy-on-write over the template's memory");
+            log::info!("{what}: {mib} MiB copy-on-write over the template's memory");
             Ok((file, false))
         }
         RamSource::Inherited(file) => {
@@ -92,16 +107,16 @@ fn ram_file(mem_size: u64, source: RamSource) -> Result<(File, bool), MemoryErro
             if !meta.file_type().is_file() {
                 return Err(MemoryError::NotAFile(file.as_raw_fd()));
             }
-            log::info!("guest RAM: {mib} MiB on the inherited file");
+            log::info!("{what}: {mib} MiB on the inherited file");
             Ok((file, true))
         }
         RamSource::Make(HugePages::Off) => {
-            log::info!("guest RAM: {mib} MiB on a memfd, huge pages off");
-            Ok((memfd()?, false))
+            log::info!("{what}: {mib} MiB on a memfd, huge pages off");
+            Ok((memfd(name)?, false))
         }
         RamSource::Make(mode) => match ram_file::huge_tmpfs_file(mem_size) {
             Ok(file) => {
-                log::info!("guest RAM: {mib} MiB on a huge-page tmpfs of its own");
+                log::info!("{what}: {mib} MiB on a huge-page tmpfs of its own");
                 Ok((file, true))
             }
             Err(e) if mode == HugePages::Auto => {
@@ -109,10 +124,10 @@ fn ram_file(mem_size: u64, source: RamSource) -> Result<(File, bool), MemoryErro
                     .map(|c| format!(": {c}"))
                     .unwrap_or_default();
                 log::info!(
-                    "guest RAM: {mib} MiB on a memfd, huge pages only as the host's shmem \
+                    "{what}: {mib} MiB on a memfd, huge pages only as the host's shmem \
                      THP allows ({e}{cause})"
                 );
-                Ok((memfd()?, true))
+                Ok((memfd(name)?, true))
             }
             Err(e) => Err(e.into()),
         },
@@ -130,7 +145,7 @@ pub fn create_from(mem_size: u64, source: RamSource) -> Result<GuestMemory, Memo
         return Err(MemoryError::Unaligned(mem_size));
     }
     let private = matches!(source, RamSource::Template(_));
-    let (memfd, huge) = ram_file(mem_size, source)?;
+    let (memfd, huge) = ram_file(RamUse::Boot, mem_size, source)?;
     if private {
         let len = memfd.metadata().map_err(MemoryError::Memfd)?.len();
         if len != mem_size {
@@ -148,27 +163,63 @@ pub fn create_from(mem_size: u64, source: RamSource) -> Result<GuestMemory, Memo
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (start, size) in layout::ram_ranges(mem_size) {
-        let size = usize::try_from(size).map_err(|_| MemoryError::Unaligned(size))?;
-        let host = map_with_guards(&memfd, file_offset, size, huge, flags)?;
-        let fo = FileOffset::new(memfd.try_clone().map_err(MemoryError::Memfd)?, file_offset);
-        // SAFETY: `host` points at `size` bytes of a live mapping (`flags`) of the file
-        // at `file_offset` that is never unmapped (see the function docs).
-        let builder = unsafe {
-            MmapRegionBuilder::new(size)
-                .with_file_offset(fo)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .with_raw_mmap_pointer(host)
-        };
-        let region = builder.build().map_err(MemoryError::Region)?;
-        regions.push(
-            GuestRegionMmap::new(region, GuestAddress(start))
-                .ok_or(MemoryError::Unaligned(start))?,
-        );
-        file_offset += size as u64;
+        regions.push(map_region(&memfd, file_offset, start, size, huge, flags)?);
+        file_offset += size;
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)?;
     Ok(GuestMemory { mem, memfd })
+}
+
+impl GuestMemory {
+    /// Adds the virtio-mem region (`devices::virtio::mem`): `size` bytes at guest address
+    /// `start`, on a shared file of its own made as `huge` says. It is guest memory like
+    /// RAM from the start (a KVM memory slot, in the table vhost-user backends map), so
+    /// plugging a block needs nothing from KVM or a backend; pages the guest never
+    /// touches cost the host nothing. Call before anything clones `mem`.
+    pub fn add_hotplug_region(
+        &mut self,
+        start: u64,
+        size: u64,
+        huge: HugePages,
+    ) -> Result<(), MemoryError> {
+        if !size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(MemoryError::Unaligned(size));
+        }
+        let (file, huge) = ram_file(RamUse::Hotplug, size, RamSource::Make(huge))?;
+        file.set_len(size).map_err(MemoryError::Truncate)?;
+        let region = map_region(&file, 0, start, size, huge, libc::MAP_SHARED)?;
+        self.mem = self
+            .mem
+            .insert_region(std::sync::Arc::new(region))
+            .map_err(MemoryError::Collection)?;
+        Ok(())
+    }
+}
+
+/// Maps `size` bytes of `file` from `file_offset` (between guards, see
+/// [`map_with_guards`]) as the guest region at `start`.
+fn map_region(
+    file: &File,
+    file_offset: u64,
+    start: u64,
+    size: u64,
+    huge: bool,
+    flags: libc::c_int,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::Unaligned(size))?;
+    let host = map_with_guards(file, file_offset, len, huge, flags)?;
+    let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, file_offset);
+    // SAFETY: `host` points at `len` bytes of a live mapping (`flags`) of the file at
+    // `file_offset` that is never unmapped (see `create_from`).
+    let builder = unsafe {
+        MmapRegionBuilder::new(len)
+            .with_file_offset(fo)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_raw_mmap_pointer(host)
+    };
+    let region = builder.build().map_err(MemoryError::Region)?;
+    GuestRegionMmap::new(region, GuestAddress(start)).ok_or(MemoryError::Unaligned(start))
 }
 
 /// Guest RAM is placed at 2 MiB-aligned host addresses, so that where the host backs it
@@ -286,6 +337,31 @@ mod tests {
             assert_eq!(prot_at(end), "---p", "guard above");
             assert_eq!(prot_at(start), "rw-s");
         }
+    }
+
+    /// The virtio-mem region is guest memory of its own file, shared (a vhost-user
+    /// backend gets its descriptor from the region's file offset), apart from RAM.
+    #[test]
+    fn the_hotplug_region_is_shared_memory_on_its_own_file() {
+        use vm_memory::GuestMemoryRegion;
+        let mut gm = create(16 << 20).unwrap();
+        let start = layout::hotplug_region_start(16 << 20);
+        gm.add_hotplug_region(start, 8 << 20, HugePages::Off)
+            .unwrap();
+        assert_eq!(gm.mem.num_regions(), 2);
+        let region = gm.mem.find_region(GuestAddress(start)).unwrap();
+        assert_eq!(region.len(), 8 << 20);
+        let fo = region.file_offset().expect("a file behind the region");
+        assert_eq!(fo.start(), 0);
+        gm.mem
+            .write_obj(0x5a5a_u16, GuestAddress(start + (4 << 20)))
+            .unwrap();
+        let mut buf = [0u8; 2];
+        fo.file().read_exact_at(&mut buf, 4 << 20).unwrap();
+        assert_eq!(u16::from_le_bytes(buf), 0x5a5a);
+        // RAM's own file is untouched, and nothing lies between RAM and the region.
+        assert_eq!(gm.memfd.metadata().unwrap().len(), 16 << 20);
+        assert!(gm.mem.read_obj::<u8>(GuestAddress(start - 1)).is_err());
     }
 
     #[test]

@@ -494,12 +494,16 @@ impl Snapshot {
             t.free_page_reporting.to_string(),
             clone.free_page_reporting.to_string(),
         );
-        if self.virtio.len() != clone.virtio_device_count() + usize::from(clone.free_page_reporting)
-        {
+        same(
+            "hotplug_mib",
+            t.hotplug_mib.to_string(),
+            clone.hotplug_mib.to_string(),
+        );
+        if self.virtio.len() != clone.virtio_device_count() {
             diff.push(format!(
                 "{} virtio devices saved, {} configured",
                 self.virtio.len(),
-                clone.virtio_device_count() + usize::from(clone.free_page_reporting)
+                clone.virtio_device_count()
             ));
         }
         if diff.is_empty() {

@@ -12,6 +12,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+pub use super::discard::{Discard, RemovePages};
 use super::{next_chain, return_used, VirtioDevice};
 use crate::logging::LogLimiter;
 
@@ -26,29 +27,6 @@ const DEFLATE: usize = 1;
 const REPORTING: usize = 2;
 const QUEUE_SIZE: u16 = 64;
 const PAGE: u64 = 4096;
-
-/// Gives guest memory back to the host.
-pub trait Discard: Send {
-    /// Drops the pages behind `len` bytes of guest RAM at host address `host`; the guest
-    /// reads zeros there afterwards.
-    fn discard(&mut self, host: *mut u8, len: usize) -> Result<(), String>;
-}
-
-/// `MADV_REMOVE` on the shared mapping: frees the pages (and the file's blocks) of a
-/// memfd or tmpfs file, a whole huge page at a time where the range covers one.
-pub struct RemovePages;
-
-impl Discard for RemovePages {
-    fn discard(&mut self, host: *mut u8, len: usize) -> Result<(), String> {
-        // SAFETY: `host..host+len` lies inside the guest RAM mapping (checked by the
-        // caller through `GuestMemory::get_slice`); MADV_REMOVE only drops its contents.
-        let r = unsafe { libc::madvise(host.cast(), len, libc::MADV_REMOVE) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        Ok(())
-    }
-}
 
 /// What the device did, for the API's stats and the tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -258,6 +258,24 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
         self.interrupt.trigger();
     }
 
+    /// The host changes the device's configuration through `change` (a virtio-mem
+    /// resize): when it succeeds the configuration gets a new generation (§4.2.2: so a
+    /// driver reading it in pieces sees a consistent copy) and, once the driver is
+    /// running, the configuration-change interrupt (§2.5.2). Before DRIVER_OK the
+    /// driver reads the configuration anyway, and has no handler to interrupt.
+    pub fn change_config<R, E>(
+        &mut self,
+        change: impl FnOnce(&mut D) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let r = change(&mut self.device)?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.activated() {
+            self.interrupt_status |= defs::INT_CONFIG;
+            self.interrupt.trigger();
+        }
+        Ok(r)
+    }
+
     fn signal_used(&mut self) {
         self.interrupt_status |= defs::INT_USED_RING;
         self.interrupt.trigger();

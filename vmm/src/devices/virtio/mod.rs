@@ -5,6 +5,8 @@
 pub mod balloon;
 pub mod block;
 pub mod defs;
+pub mod discard;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod vhost_user;
