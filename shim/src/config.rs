@@ -161,6 +161,11 @@ pub struct VmConfig {
     /// bring more online (`shimv2::sizing::CpuRoom`). Needs `size_from_pod_limits`; a
     /// VM sized by its `io.cocoon.vm.vcpus` annotation keeps that size.
     pub hotplug_vcpus: bool,
+    /// A pod's VM gets a virtio-mem device with room up to `max_memory_mib`; memory
+    /// limits raised later (UpdateContainerResources) have the guest plug more
+    /// (`shimv2::sizing::MemRoom`). Needs `size_from_pod_limits`; not with `templates`;
+    /// a VM sized by its `io.cocoon.vm.memory_mib` annotation keeps that size.
+    pub hotplug_memory: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +227,7 @@ impl Default for VmConfig {
             max_vcpus: 0,
             max_memory_mib: 0,
             hotplug_vcpus: false,
+            hotplug_memory: false,
         }
     }
 }
@@ -321,6 +327,28 @@ impl Config {
             return bad(
                 "vm.hotplug_vcpus",
                 "needs vm.size_from_pod_limits: the pod's limits are what bring vCPUs online",
+            );
+        }
+        if self.vm.hotplug_memory && !self.vm.size_from_pod_limits {
+            return bad(
+                "vm.hotplug_memory",
+                "needs vm.size_from_pod_limits: the pod's limits are what plug memory",
+            );
+        }
+        if self.vm.hotplug_memory
+            && self.hypervisor == HypervisorKind::Qemu
+            && self.qemu.machine == Machine::Microvm
+        {
+            return bad(
+                "vm.hotplug_memory",
+                crate::hypervisor::qemu::MICROVM_NO_HOTPLUG,
+            );
+        }
+        if self.vm.hotplug_memory && self.vm.templates {
+            return bad(
+                "vm.hotplug_memory",
+                "cannot be used with vm.templates yet: a VM with a virtio-mem device is not \
+                 saved as a template",
             );
         }
         if self.vm.hotplug_vcpus
@@ -501,6 +529,17 @@ mod tests {
                 .unwrap_err();
         assert!(err.to_string().contains("vm.kernel_params"), "{err}");
         assert!(Config::parse("[vm]\nhotplug_vcpus = true\n").is_ok_and(|c| c.vm.hotplug_vcpus));
+        let err = Config::parse("[vm]\nhotplug_memory = true\nsize_from_pod_limits = false\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("vm.hotplug_memory"), "{err}");
+        let err = Config::parse("[vm]\nhotplug_memory = true\ntemplates = true\n").unwrap_err();
+        assert!(err.to_string().contains("templates"), "{err}");
+        assert!(Config::parse("[vm]\nhotplug_memory = true\n").is_ok_and(|c| c.vm.hotplug_memory));
+        let err =
+            Config::parse("hypervisor = \"qemu\"\n[vm]\nhotplug_memory = true\n").unwrap_err();
+        assert!(err.to_string().contains("machine = \"pc\""), "{err}");
+        let pc = "hypervisor = \"qemu\"\n[vm]\nhotplug_memory = true\n[qemu]\nmachine = \"pc\"\n";
+        assert!(Config::parse(pc).is_ok());
         // The share's id ranges may not reach the pod uids nor pass 2^32.
         for bad in [
             "share_id_base = 1999999999",

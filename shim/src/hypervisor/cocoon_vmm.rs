@@ -74,12 +74,14 @@ impl CocoonVmm {
 
     /// The command line for `cocoon-vmm run`: booting the spec's kernel, or restoring
     /// `template` (whose kernel, command line, memory and vCPUs are the spec's).
+    /// `memctl_fd`: the API listener for a VM with room to grow (`spec.hotplug_mib`).
     fn args(
         &self,
         spec: &VmSpec,
         run_dir: &std::path::Path,
         inherited: Option<&Inherited>,
         template: Option<&std::path::Path>,
+        memctl_fd: Option<std::os::fd::RawFd>,
     ) -> Vec<String> {
         let mut a = vec!["run".to_string()];
         match template {
@@ -136,6 +138,14 @@ impl CocoonVmm {
         }
         if self.free_page_reporting {
             a.push("--free-page-reporting".into());
+        }
+        if let Some(fd) = memctl_fd.filter(|_| spec.hotplug_mib > 0) {
+            a.extend([
+                "--hotplug-mib".into(),
+                spec.hotplug_mib.to_string(),
+                "--api-sock-fd".into(),
+                fd.to_string(),
+            ]);
         }
         a
     }
@@ -229,6 +239,22 @@ impl super::Hypervisor for CocoonVmm {
             source,
         };
         let mut cmd = Command::new(&self.binary);
+        // The API's listener, for growing the guest's memory: made here in the
+        // root-owned run directory, so the shim never connects through a path the VMM
+        // could change.
+        let memctl = match spec.hotplug_mib {
+            0 => None,
+            _ => {
+                let path = run_dir.join(super::memctl::SOCKET);
+                Some((pod_jail::unix_listener(&path)?, path))
+            }
+        };
+        let memctl_fd = memctl
+            .as_ref()
+            .map(|(l, _)| std::os::fd::AsRawFd::as_raw_fd(l));
+        if let Some(fd) = memctl_fd {
+            super::inherit_fd(&mut cmd, fd);
+        }
         // Held until the VMM has its copies.
         let mut held = None;
         match &vm.identity {
@@ -253,7 +279,7 @@ impl super::Hypervisor for CocoonVmm {
                     .write(true)
                     .open("/dev/kvm")
                     .map_err(|e| HypervisorError::NoKvm(format!("/dev/kvm: {e}")))?;
-                let listener = pod_jail::vsock_listener(&vm.vsock_uds)?;
+                let listener = pod_jail::unix_listener(&vm.vsock_uds)?;
                 let mem = self.guest_ram(spec)?;
                 let inherited = Inherited {
                     kvm: std::os::fd::AsRawFd::as_raw_fd(&kvm),
@@ -261,7 +287,13 @@ impl super::Hypervisor for CocoonVmm {
                     mem: mem.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
                 };
                 cmd.args(jail.command_prefix()?);
-                cmd.args(self.args(spec, &run_dir, Some(&inherited), template.as_deref()));
+                cmd.args(self.args(
+                    spec,
+                    &run_dir,
+                    Some(&inherited),
+                    template.as_deref(),
+                    memctl_fd,
+                ));
                 super::inherit_fd(&mut cmd, inherited.kvm);
                 super::inherit_fd(&mut cmd, inherited.vsock_listener);
                 if let Some(fd) = inherited.mem {
@@ -270,7 +302,7 @@ impl super::Hypervisor for CocoonVmm {
                 held = Some((kvm, listener, mem));
             }
             None => {
-                cmd.args(self.args(spec, &run_dir, None, template.as_deref()));
+                cmd.args(self.args(spec, &run_dir, None, template.as_deref(), memctl_fd));
             }
         }
         configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?;
@@ -279,6 +311,8 @@ impl super::Hypervisor for CocoonVmm {
         }
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         drop(held);
+        // The VMM holds the API's listener now.
+        vm.memory_control = memctl.map(|(_, path)| super::memctl::MemoryControl::CocoonVmm(path));
         vm.times.vmm_spawned = Instant::now();
         match &template {
             Some(t) => tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), template = %t.display(),
@@ -322,6 +356,7 @@ mod tests {
                 tap_fd: 7,
                 mac: "02:00:00:00:00:01".into(),
             }),
+            hotplug_mib: 0,
         };
         let inherited = Inherited {
             kvm: 11,
@@ -333,6 +368,7 @@ mod tests {
             std::path::Path::new("/run/cocoon/v1"),
             Some(&inherited),
             None,
+            Some(14),
         );
         let after = |f: &str| {
             a.windows(2)
@@ -356,6 +392,18 @@ mod tests {
         assert!(after("--cmdline").contains("reboot=k"));
         assert_eq!(after("--net-fd"), "7,mac=02:00:00:00:00:01");
         assert!(a.iter().any(|x| x == "--free-page-reporting"), "{a:?}");
+        // Room to grow only where the spec has it, with the API on the shim's listener.
+        assert!(
+            !a.iter()
+                .any(|x| x == "--hotplug-mib" || x == "--api-sock-fd"),
+            "{a:?}"
+        );
+        let mut grows = spec.clone();
+        grows.hotplug_mib = 768;
+        let g = v.args(&grows, std::path::Path::new("/r"), None, None, Some(14));
+        let after_g = |f: &str| g.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
+        assert_eq!(after_g("--hotplug-mib").as_deref(), Some("768"));
+        assert_eq!(after_g("--api-sock-fd").as_deref(), Some("14"));
         // Restored from a template: the template holds the kernel, command line, memory
         // and vCPUs; the pod's own devices and descriptors are given as for a boot.
         let r = v.args(
@@ -363,6 +411,7 @@ mod tests {
             std::path::Path::new("/run/cocoon/v1"),
             Some(&inherited),
             Some(std::path::Path::new("/run/cocoon/+templates/k")),
+            None,
         );
         let after_r = |f: &str| r.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
         assert_eq!(

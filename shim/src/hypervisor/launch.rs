@@ -58,6 +58,7 @@ pub fn new_vm(
         identity: None,
         agent_ready: None,
         template: None,
+        memory_control: None,
     }
 }
 

@@ -8,6 +8,7 @@ pub mod confidential;
 pub mod console;
 pub mod identity;
 mod launch;
+pub mod memctl;
 mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;
@@ -68,6 +69,8 @@ pub enum HypervisorError {
     Userns(#[source] std::io::Error),
     #[error("VM template: {0}")]
     Template(String),
+    #[error("vm.hotplug_memory: {0}")]
+    NoMemoryHotplug(&'static str),
 }
 
 /// Everything needed to launch one VM. Built from `Config` plus a VM id.
@@ -86,6 +89,9 @@ pub struct VmSpec {
     pub shared_dir: Option<SharedDir>,
     /// The pod's network interface, if any: a tap the VMM inherits.
     pub net: Option<NetAttach>,
+    /// Memory (MiB, whole `memctl::BLOCK_MIB`s) the guest may grow into later through a
+    /// virtio-mem device (`[vm] hotplug_memory`); 0: none, the guest keeps its size.
+    pub hotplug_mib: u32,
 }
 
 /// A tap (already open, in the pod's network namespace) for the guest's one virtio-net
@@ -156,6 +162,7 @@ impl VmSpec {
             run_root: config.paths.run_dir.clone(),
             shared_dir: None,
             net: None,
+            hotplug_mib: 0,
         }
     }
 
@@ -218,6 +225,8 @@ pub struct Vm {
     pub agent_ready: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// The template the VM was restored from (`template`), if it was not booted.
     pub template: Option<PathBuf>,
+    /// How to grow the guest's memory, when it was launched with room to grow.
+    pub memory_control: Option<memctl::MemoryControl>,
 }
 
 impl Vm {
@@ -422,6 +431,7 @@ mod tests {
             run_root: "/tmp".into(),
             shared_dir: None,
             net: None,
+            hotplug_mib: 0,
         };
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/k"), "{err}");

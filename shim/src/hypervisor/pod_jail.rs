@@ -106,9 +106,10 @@ pub fn make_socket_dir(dir: &Path, identity: &PodIdentity) -> Result<(), Hypervi
 }
 
 /// A socket listening at `path` (in the root-owned run directory) for a jailed VMM or
-/// backend to accept the shim's vsock connections on: it inherits the descriptor, so
-/// the shim never connects through a path the pod's processes can change.
-pub fn vsock_listener(path: &Path) -> Result<std::os::unix::net::UnixListener, HypervisorError> {
+/// backend to accept the shim's connections on (vsock, QMP, cocoon-vmm's API): it
+/// inherits the descriptor, so the shim never connects through a path the pod's
+/// processes can change.
+pub fn unix_listener(path: &Path) -> Result<std::os::unix::net::UnixListener, HypervisorError> {
     std::os::unix::net::UnixListener::bind(path)
         .map_err(|e| HypervisorError::RunDir(path.into(), e))
 }

@@ -45,6 +45,11 @@ pub const TCG_KERNEL_PARAMS: &[&str] = &["noreplace-smp", "lapic_timer_hz=100000
 
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// Why a microvm cannot grow its memory.
+pub const MICROVM_NO_HOTPLUG: &str = "needs qemu.machine = \"pc\": QEMU 7.2's microvm \
+    has no region for hot-added memory (a virtio-mem device there lands on the guest's RAM \
+    at address 0, and the guest refuses it)";
+
 /// Paths inside one VM's run directory. The vhost-user sockets QEMU connects to have a
 /// directory of their own, the only one of the run directory a jailed QEMU sees.
 struct RunPaths {
@@ -79,6 +84,9 @@ impl Qemu {
         } else {
             find_binary(&config.qemu.binary.to_string_lossy(), Path::new(""))?
         };
+        if config.vm.hotplug_memory && config.qemu.machine == Machine::Microvm {
+            return Err(HypervisorError::NoMemoryHotplug(MICROVM_NO_HOTPLUG));
+        }
         Ok(Self {
             binary,
             vmm_binary: find_binary("cocoon-vmm", &config.paths.vmm_binary)?,
@@ -115,6 +123,11 @@ impl Qemu {
         if self.machine == Machine::Microvm {
             p.push("pci=off");
         }
+        if spec.hotplug_mib > 0 {
+            // Each block virtio-mem adds comes online at once (Cocoon's kernel does so by
+            // itself; another kernel is told).
+            p.push("memhp_default_state=online");
+        }
         let mut s = p.join(" ");
         if !spec.extra_kernel_params.is_empty() {
             s.push(' ');
@@ -123,8 +136,11 @@ impl Qemu {
         s
     }
 
-    fn args(&self, spec: &VmSpec, paths: &RunPaths) -> Vec<String> {
+    /// QEMU's arguments; `memctl_fd` is the listener of QMP's socket for a VM with room
+    /// to grow (`spec.hotplug_mib`), which QEMU inherits.
+    fn args(&self, spec: &VmSpec, paths: &RunPaths, memctl_fd: Option<i32>) -> Vec<String> {
         let mem = format!("{}M", spec.memory_mib);
+        let hotplug = spec.hotplug_mib > 0;
         let accel = self.accel_name();
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
@@ -166,7 +182,36 @@ impl Qemu {
                 "max"
             },
         ]);
-        push(&["-smp", &spec.vcpus.to_string(), "-m", &mem]);
+        let m = if hotplug {
+            format!("{mem},maxmem={}M", spec.memory_mib + spec.hotplug_mib)
+        } else {
+            mem.clone()
+        };
+        push(&["-smp", &spec.vcpus.to_string(), "-m", &m]);
+        if hotplug {
+            // The region the guest grows into: a shared memfd like its RAM (vhost-user
+            // backends map it too), none of it reserved or touched until plugged.
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=hotmem,size={}M,share=on,reserve=off",
+                    spec.hotplug_mib
+                ),
+                "-device",
+                &format!(
+                    "virtio-mem-pci,id={},memdev=hotmem,block-size=2M,requested-size=0",
+                    super::memctl::QEMU_DEVICE_ID
+                ),
+            ]);
+            if let Some(fd) = memctl_fd {
+                push(&[
+                    "-chardev",
+                    &format!("socket,id=memctl,fd={fd},server=on,wait=off"),
+                    "-mon",
+                    "chardev=memctl,mode=control",
+                ]);
+            }
+        }
         push(&[
             "-kernel",
             &spec.kernel.to_string_lossy(),
@@ -251,7 +296,7 @@ impl Qemu {
             };
             // Ends with the program: its arguments follow.
             backend.args(jail.command_prefix()?);
-            listener = Some(pod_jail::vsock_listener(&paths.vsock_uds)?);
+            listener = Some(pod_jail::unix_listener(&paths.vsock_uds)?);
         }
         backend
             .args(["vhost-user-vsock", "--socket"])
@@ -306,7 +351,19 @@ impl super::Hypervisor for Qemu {
         }
         vm.times.backend_ready = Instant::now();
 
-        let args = self.args(spec, &paths);
+        // QMP's listener, for growing the guest's memory: made here in the root-owned
+        // run directory, so the shim never connects through a path QEMU could change.
+        let memctl = match spec.hotplug_mib {
+            0 => None,
+            _ => {
+                let path = run_dir.join(super::memctl::SOCKET);
+                Some((pod_jail::unix_listener(&path)?, path))
+            }
+        };
+        let memctl_fd = memctl
+            .as_ref()
+            .map(|(l, _)| std::os::fd::AsRawFd::as_raw_fd(l));
+        let args = self.args(spec, &paths, memctl_fd);
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
         let mut qemu = match &vm.identity {
             Some(identity) => {
@@ -335,6 +392,9 @@ impl super::Hypervisor for Qemu {
         })?;
         if let Some(net) = &spec.net {
             net.inherit(&mut qemu);
+        }
+        if let Some(fd) = memctl_fd {
+            super::inherit_fd(&mut qemu, fd);
         }
         // In a jail, `jail-exec` drops them itself after it is done with them.
         if self.confine && vm.identity.is_none() {
@@ -371,6 +431,8 @@ impl super::Hypervisor for Qemu {
             );
         }
         vm.procs.vmm = Some(child);
+        // QEMU holds QMP's listener now.
+        vm.memory_control = memctl.map(|(_, path)| super::memctl::MemoryControl::Qmp(path));
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
         Ok(vm)
@@ -405,6 +467,7 @@ mod tests {
             run_root: "/run/cocoon".into(),
             shared_dir: None,
             net: None,
+            hotplug_mib: 0,
         }
     }
 
@@ -423,7 +486,7 @@ mod tests {
             tap_fd: 9,
             mac: "c2:11:22:33:44:55".into(),
         });
-        let a = q.args(&s, &RunPaths::new(Path::new("/run/cocoon/t1")));
+        let a = q.args(&s, &RunPaths::new(Path::new("/run/cocoon/t1")), None);
         assert_eq!(value_after(&a, "-netdev"), ["tap,id=net0,fd=9,vhost=off"]);
         assert!(value_after(&a, "-device")
             .contains(&"virtio-net-device,netdev=net0,mac=c2:11:22:33:44:55"));
@@ -433,7 +496,7 @@ mod tests {
     fn microvm_tcg_command_line() {
         let q = qemu(Machine::Microvm, Accel::Tcg);
         let paths = RunPaths::new(Path::new("/run/cocoon/t1"));
-        let a = q.args(&spec(), &paths);
+        let a = q.args(&spec(), &paths, None);
         assert!(a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-reboot".to_string()));
         assert_eq!(
             value_after(&a, "-machine"),
@@ -478,9 +541,44 @@ mod tests {
     }
 
     #[test]
+    fn room_to_grow_is_a_virtio_mem_device_with_qmp_on_an_inherited_listener() {
+        let mut s = spec();
+        s.hotplug_mib = 1024;
+        {
+            let a =
+                qemu(Machine::Pc, Accel::Tcg).args(&s, &RunPaths::new(Path::new("/r")), Some(11));
+            assert_eq!(value_after(&a, "-m"), ["300M,maxmem=1324M"]);
+            assert!(value_after(&a, "-object")
+                .contains(&"memory-backend-memfd,id=hotmem,size=1024M,share=on,reserve=off"));
+            assert!(value_after(&a, "-device").contains(
+                &"virtio-mem-pci,id=hotmem0,memdev=hotmem,block-size=2M,requested-size=0"
+            ));
+            assert!(
+                value_after(&a, "-chardev").contains(&"socket,id=memctl,fd=11,server=on,wait=off")
+            );
+            assert_eq!(value_after(&a, "-mon"), ["chardev=memctl,mode=control"]);
+            let cmdline = value_after(&a, "-append")[0];
+            assert!(cmdline.contains("memhp_default_state=online"), "{cmdline}");
+        }
+        // Without room, none of it.
+        let a = qemu(Machine::Pc, Accel::Tcg).args(&spec(), &RunPaths::new(Path::new("/r")), None);
+        assert!(
+            !a.iter()
+                .any(|x| x.contains("hotmem") || x.contains("maxmem")),
+            "{a:?}"
+        );
+        // A microvm has no room to give: refused, naming the machine to use.
+        let mut config = Config::default();
+        config.vm.hotplug_memory = true;
+        config.qemu.binary = "/bin/true".into();
+        let e = Qemu::new(&config, Accel::Tcg).err().expect("refused");
+        assert!(e.to_string().contains("qemu.machine = \"pc\""), "{e}");
+    }
+
+    #[test]
     fn pc_kvm_command_line() {
         let q = qemu(Machine::Pc, Accel::Kvm);
-        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")));
+        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None);
         assert_eq!(value_after(&a, "-machine"), ["pc"]);
         assert_eq!(value_after(&a, "-accel"), ["kvm"]);
         assert_eq!(value_after(&a, "-numa"), ["node,memdev=mem"]);
@@ -496,7 +594,7 @@ mod tests {
         assert!(!value_after(&a, "-append")[0].contains("noreplace-smp"));
         let mut q = q;
         q.free_page_reporting = false;
-        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")));
+        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None);
         assert!(!a.iter().any(|x| x.contains("balloon")), "{a:?}");
     }
 }

@@ -81,12 +81,12 @@ pub fn render(sb: &Sandbox, labels: &str) -> String {
         &mut out,
         "cocoon_pod_guest_memory_bytes",
         "gauge",
-        "The pod VM's guest RAM as launched.",
+        "The pod VM's guest RAM: as launched, and plugged since (hotplug_memory).",
     );
     let _ = writeln!(
         out,
         "cocoon_pod_guest_memory_bytes{{{labels}}} {}",
-        u64::from(sb.memory_mib) * 1024 * 1024
+        u64::from(sb.memory_now_mib()) * 1024 * 1024
     );
     family(
         &mut out,

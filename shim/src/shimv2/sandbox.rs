@@ -77,6 +77,13 @@ pub struct Sandbox {
     cpus: std::sync::Mutex<super::sizing::CpuRoom>,
     /// Held across an `OnlineCpus` call: one at a time per pod.
     onlining: Mutex<()>,
+    /// The VM's memory and its room to grow, and its containers' memory limits, when
+    /// it was launched with room (`[vm] hotplug_memory`).
+    memory: std::sync::Mutex<Option<super::sizing::MemRoom>>,
+    /// How to have the guest plug more of its room, and how long one step may take.
+    memory_control: Option<(crate::hypervisor::memctl::MemoryControl, Duration)>,
+    /// Held while memory is being plugged: one resize at a time per pod.
+    plugging: Mutex<()>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -152,6 +159,25 @@ impl Sandbox {
                 .to_owned();
         }
         let cpus = super::sizing::CpuRoom::new(base.0, vcpus, present);
+        // With memory hotplug, a region up to the most a pod's limits may make a VM,
+        // which raised limits have the guest plug (a VM sized by annotation keeps it).
+        let region = if config.vm.hotplug_memory && pod_vm.memory_mib.is_none() {
+            let (_, max) = super::sizing::host_capacity(&config.vm);
+            crate::hypervisor::memctl::region_mib(memory_mib, max)
+        } else {
+            0
+        };
+        config.vm.hotplug_memory = region > 0;
+        if region > 0 {
+            tracing::info!(
+                vm = %vm_id,
+                "{memory_mib} MiB of memory at boot, room for {region} MiB more for raised \
+                 memory limits"
+            );
+            // Exactly what `boot_with` launches with.
+            config.vm.max_memory_mib = memory_mib + region;
+        }
+        let memory = (region > 0).then(|| super::sizing::MemRoom::new(base.1, memory_mib, region));
         let config = &config;
         let netns = pod_vm.netns;
         let host_cgroup = pod_vm.host_cgroup;
@@ -199,6 +225,7 @@ impl Sandbox {
         }
         result.map(|mut sb| {
             sb.cpus = std::sync::Mutex::new(cpus);
+            sb.memory = std::sync::Mutex::new(memory);
             sb
         })
     }
@@ -247,6 +274,12 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let hv = hypervisor::from_config(config)?;
         let mut spec = VmSpec::from_config(config, vm_id);
+        if config.vm.hotplug_memory {
+            spec.hotplug_mib = crate::hypervisor::memctl::region_mib(
+                config.vm.memory_mib,
+                config.vm.max_memory_mib,
+            );
+        }
         spec.shared_dir = Some(SharedDir {
             path: share.path.clone(),
             tag: SHARE_TAG.into(),
@@ -382,6 +415,9 @@ impl Sandbox {
                 config.vm.vcpus,
             )),
             onlining: Mutex::new(()),
+            memory: std::sync::Mutex::new(None),
+            memory_control: vm.memory_control.clone().map(|c| (c, call)),
+            plugging: Mutex::new(()),
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,
@@ -440,11 +476,11 @@ impl Sandbox {
         {
             let mut room = room();
             if known_only {
-                if !room.change_limit(container, milli) {
+                if !room.limits.change(container, milli) {
                     return Ok(());
                 }
             } else {
-                room.set_limit(container, milli);
+                room.limits.set(container, milli);
             }
         }
         // One call at a time, each asking for what the limits want by then.
@@ -469,12 +505,102 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Forgets a deleted container's CPU limit (vCPUs stay online).
-    pub fn forget_cpu_limit(&self, container: &str) {
+    /// Records `container`'s memory limit (MiB, 0: none), as `set_cpu_limit` does its
+    /// CPU limit. When the pod's limits then ask for more memory than the VM has, has
+    /// the guest plug more of its room (`[vm] hotplug_memory`) and waits, up to the call
+    /// deadline, until it has: a container may use what its raised limit allows once
+    /// its update returns. A guest that plugs less is logged, not an error, as for vCPUs.
+    pub async fn set_memory_limit(
+        &self,
+        container: &str,
+        mib: u64,
+        known_only: bool,
+    ) -> Result<(), crate::hypervisor::memctl::MemctlError> {
+        let room = || self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut room = room();
+            let Some(r) = room.as_mut() else {
+                return Ok(());
+            };
+            if known_only {
+                if !r.limits.change(container, mib) {
+                    return Ok(());
+                }
+            } else {
+                r.limits.set(container, mib);
+            }
+        }
+        let Some((ctl, deadline)) = &self.memory_control else {
+            return Ok(());
+        };
+        let _one = self.plugging.lock().await;
+        let Some((want, boot)) = room()
+            .as_ref()
+            .and_then(|r| r.wanted().map(|w| (w, r.boot_mib())))
+        else {
+            return Ok(());
+        };
+        ctl.request(want, *deadline).await?;
+        if let Some(r) = room().as_mut() {
+            r.requested(want);
+        }
+        // The guest plugs in its own time, block by block.
+        let started = Instant::now();
+        loop {
+            let sizes = ctl.sizes(*deadline).await?;
+            if let Some(r) = room().as_mut() {
+                r.plugged(sizes.plugged_mib);
+            }
+            if sizes.plugged_mib >= want {
+                tracing::info!(
+                    vm = %self.id,
+                    "{} MiB plugged beyond the {boot} MiB booted, for the pod's memory limits",
+                    sizes.plugged_mib
+                );
+                return Ok(());
+            }
+            if started.elapsed() >= *deadline || self.lost().is_some() {
+                tracing::warn!(
+                    vm = %self.id,
+                    "asked the guest to plug {want} MiB, it has plugged {} MiB in {:?}",
+                    sizes.plugged_mib,
+                    started.elapsed()
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The guest's memory now (MiB): as launched, and what it has plugged since.
+    pub fn memory_now_mib(&self) -> u32 {
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(self.memory_mib, super::sizing::MemRoom::now_mib)
+    }
+
+    /// Whether the VM has room to grow its memory.
+    pub fn grows_memory(&self) -> bool {
+        self.memory_control.is_some()
+    }
+
+    /// Forgets a deleted container's limits (vCPUs stay online, memory plugged).
+    pub fn forget_limits(&self, container: &str) {
         self.cpus
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .limits
             .forget(container);
+        if let Some(r) = self
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            r.limits.forget(container);
+        }
     }
 
     /// The vCPUs online now (as the guest last said).

@@ -187,7 +187,39 @@ pub struct CpuRoom {
     present: u32,
     online: u32,
     /// Each container's CPU limit, in thousandths of a CPU.
-    limits: std::collections::HashMap<String, u64>,
+    pub limits: Limits,
+}
+
+/// Each container's limit of one resource (thousandths of a CPU, MiB), as created and
+/// updated, until it is deleted.
+#[derive(Debug, Default)]
+pub struct Limits(std::collections::HashMap<String, u64>);
+
+impl Limits {
+    /// A created container's limit.
+    pub fn set(&mut self, container: &str, value: u64) {
+        self.0.insert(container.to_owned(), value);
+    }
+
+    /// A known container's new limit; false (and nothing recorded) for one not known,
+    /// e.g. deleted while its update was on its way.
+    pub fn change(&mut self, container: &str, value: u64) -> bool {
+        match self.0.get_mut(container) {
+            Some(v) => {
+                *v = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn forget(&mut self, container: &str) {
+        self.0.remove(container);
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.0.values().fold(0, |a, v| a.saturating_add(*v))
+    }
 }
 
 impl CpuRoom {
@@ -196,35 +228,14 @@ impl CpuRoom {
             base,
             present: present.max(online),
             online,
-            limits: Default::default(),
+            limits: Limits::default(),
         }
-    }
-
-    /// A created container's limit.
-    pub fn set_limit(&mut self, container: &str, milli: u64) {
-        self.limits.insert(container.to_owned(), milli);
-    }
-
-    /// A known container's new limit; false (and nothing recorded) for one not known,
-    /// e.g. deleted while its update was on its way.
-    pub fn change_limit(&mut self, container: &str, milli: u64) -> bool {
-        match self.limits.get_mut(container) {
-            Some(m) => {
-                *m = milli;
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub fn forget(&mut self, container: &str) {
-        self.limits.remove(container);
     }
 
     /// How many vCPUs should be online for the containers' limits, when that is more
     /// than are (capped at all the VM has); None when enough are.
     pub fn wanted(&self) -> Option<u32> {
-        let sum: u64 = self.limits.values().sum();
+        let sum = self.limits.sum();
         let limits = sum.div_ceil(1000).min(u64::from(MAX_VCPUS)) as u32;
         let want = self.base.saturating_add(limits).min(self.present);
         (want > self.online).then_some(want)
@@ -243,6 +254,96 @@ impl CpuRoom {
 
     pub fn present(&self) -> u32 {
         self.present
+    }
+}
+
+/// The memory of a VM launched with room to grow (`[vm] hotplug_memory`: a virtio-mem
+/// device), and what its containers' memory limits ask: when raised limits
+/// (UpdateContainerResources, a Kubernetes in-place resize) ask for more than the VM
+/// booted with and has had plugged, more of the region is asked for, in whole blocks,
+/// up to all of it. Nothing is unplugged when limits fall (as with Kata's memory
+/// hotplug): a guest gives back what it frees through free page reporting instead.
+#[derive(Debug)]
+pub struct MemRoom {
+    /// The VM's own room (the config's memory) beyond its containers' limits.
+    base_mib: u32,
+    /// What the VM booted with.
+    boot_mib: u32,
+    region_mib: u32,
+    /// What the device has been asked to have plugged, and what the guest last said
+    /// it has.
+    requested_mib: u32,
+    plugged_mib: u32,
+    /// Each container's memory limit, in MiB (0: none).
+    pub limits: Limits,
+}
+
+impl MemRoom {
+    pub fn new(base_mib: u32, boot_mib: u32, region_mib: u32) -> MemRoom {
+        MemRoom {
+            base_mib,
+            boot_mib,
+            region_mib,
+            requested_mib: 0,
+            plugged_mib: 0,
+            limits: Limits::default(),
+        }
+    }
+
+    /// How much of the region to ask for when the limits want more than the VM has
+    /// (booted with and asked for): whole blocks, at most the region; None when it has
+    /// enough.
+    pub fn wanted(&self) -> Option<u32> {
+        let want = u64::from(self.base_mib).saturating_add(self.limits.sum());
+        let beyond = want.saturating_sub(u64::from(self.boot_mib));
+        let block = u64::from(crate::hypervisor::memctl::BLOCK_MIB);
+        let asked = beyond
+            .div_ceil(block)
+            .saturating_mul(block)
+            .min(u64::from(self.region_mib)) as u32;
+        (asked > self.requested_mib).then_some(asked)
+    }
+
+    /// The device was asked for `mib`.
+    pub fn requested(&mut self, mib: u32) {
+        self.requested_mib = self.requested_mib.max(mib);
+    }
+
+    /// The guest has `mib` plugged (at most the region).
+    pub fn plugged(&mut self, mib: u32) {
+        self.plugged_mib = mib.min(self.region_mib);
+    }
+
+    /// The VM's memory now: what it booted with and what is plugged.
+    pub fn now_mib(&self) -> u32 {
+        self.boot_mib + self.plugged_mib
+    }
+
+    pub fn boot_mib(&self) -> u32 {
+        self.boot_mib
+    }
+
+    pub fn region_mib(&self) -> u32 {
+        self.region_mib
+    }
+}
+
+/// A container's memory limit from its spec, in whole MiB rounded up (0: none).
+pub fn spec_memory_mib(spec: &Spec) -> u64 {
+    let limit = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit());
+    memory_mib(limit)
+}
+
+/// A memory limit in bytes as whole MiB rounded up; none, zero or less (no limit) is 0.
+pub fn memory_mib(limit: Option<i64>) -> u64 {
+    match limit {
+        Some(b) if b > 0 => (b as u64).div_ceil(1 << 20),
+        _ => 0,
     }
 }
 
@@ -381,16 +482,16 @@ mod tests {
     fn raised_limits_want_more_vcpus_up_to_all_the_vm_has() {
         // One vCPU of its own, booted with one more for a 500m limit, four in all.
         let mut room = CpuRoom::new(1, 2, 4);
-        room.set_limit("pause", 0);
-        room.set_limit("app", 500);
+        room.limits.set("pause", 0);
+        room.limits.set("app", 500);
         assert_eq!(room.wanted(), None);
-        room.set_limit("app", 1500);
+        room.limits.set("app", 1500);
         assert_eq!(room.wanted(), Some(3));
         room.onlined(3);
         assert_eq!(room.wanted(), None);
-        room.set_limit("side", 600);
+        room.limits.set("side", 600);
         assert_eq!(room.wanted(), Some(4), "1 + ceil(2.1)");
-        room.set_limit("app", 9000);
+        room.limits.set("app", 9000);
         assert_eq!(room.wanted(), Some(4), "never past all the VM has");
         room.onlined(7);
         assert_eq!(
@@ -398,9 +499,62 @@ mod tests {
             4,
             "the guest cannot claim more than the VM has"
         );
-        room.forget("app");
-        room.set_limit("side", 0);
+        room.limits.forget("app");
+        room.limits.set("side", 0);
         assert_eq!(room.wanted(), None, "none is taken offline");
+    }
+
+    /// Raised memory limits ask for whole blocks of the region beyond what the VM
+    /// booted with, up to all of it; nothing is ever asked back.
+    #[test]
+    fn raised_memory_limits_ask_for_whole_blocks_up_to_the_region() {
+        // 256 MiB of its own, booted with 128 more for a limit, 1 GiB to grow into.
+        let mut room = MemRoom::new(256, 384, 1024);
+        room.limits.set("pause", 0);
+        room.limits.set("app", 128);
+        assert_eq!(room.wanted(), None);
+        assert!(!room.limits.change("gone", 4096), "an unknown container");
+        assert_eq!(room.wanted(), None);
+        assert!(room.limits.change("app", 129));
+        assert_eq!(room.wanted(), Some(128), "one MiB more is a block");
+        room.requested(128);
+        assert_eq!(room.wanted(), None);
+        room.limits.set("side", 300);
+        assert_eq!(
+            room.wanted(),
+            Some(384),
+            "256 + 429 - 384 = 301: three blocks"
+        );
+        room.limits.set("app", 1 << 40);
+        assert_eq!(room.wanted(), Some(1024), "never past the region");
+        room.requested(1024);
+        room.requested(512);
+        room.limits.forget("app");
+        assert_eq!(room.wanted(), None, "nothing is unplugged");
+        assert_eq!((room.boot_mib(), room.region_mib()), (384, 1024));
+        room.plugged(5000);
+        assert_eq!(
+            room.now_mib(),
+            384 + 1024,
+            "a guest cannot claim more than the room"
+        );
+    }
+
+    #[test]
+    fn memory_limits_are_whole_mib_rounded_up() {
+        assert_eq!(memory_mib(None), 0);
+        assert_eq!(memory_mib(Some(-1)), 0);
+        assert_eq!(memory_mib(Some(1)), 1);
+        assert_eq!(memory_mib(Some(128 << 20)), 128);
+        assert_eq!(memory_mib(Some((128 << 20) + 1)), 129);
+        let mut s = spec(&[]);
+        assert_eq!(spec_memory_mib(&s), 0);
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_str(r#"{"memory": {"limit": 268435456}}"#).unwrap();
+        let mut linux = s.linux().clone().unwrap_or_default();
+        linux.set_resources(Some(r));
+        s.set_linux(Some(linux));
+        assert_eq!(spec_memory_mib(&s), 256);
     }
 
     #[test]

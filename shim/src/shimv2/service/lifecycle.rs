@@ -360,6 +360,17 @@ impl Service {
         {
             tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
         }
+        // And toward the memory (with `[vm] hotplug_memory`).
+        if let Err(e) = sb
+            .set_memory_limit(
+                &req.id,
+                crate::shimv2::sizing::spec_memory_mib(&spec),
+                false,
+            )
+            .await
+        {
+            tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
+        }
         self.inner.containers.lock().await.insert(req.id.clone(), c);
         Ok(pid)
     }

@@ -345,7 +345,7 @@ impl Task for Service {
             if let Err(e) = sb.agent.remove_container(&req.id).await {
                 tracing::warn!("agent remove {}: {e}", req.id);
             }
-            sb.forget_cpu_limit(&req.id);
+            sb.forget_limits(&req.id);
         }
         c.mounts.cleanup();
         ContainerState::remove(&c.bundle);
@@ -591,17 +591,23 @@ impl Task for Service {
         let mut ureq = pb::UpdateContainerRequest::new();
         ureq.container_id = req.id.clone();
         ureq.resources = MessageField::some(res);
-        sb.agent.update_container(ureq).await.map_err(agent_err)?;
-        // Memory cannot be added to a running VM: say so where a limit outgrows it.
-        let limit_mib = r.memory().as_ref().and_then(|m| m.limit()).unwrap_or(0) >> 20;
-        if limit_mib > i64::from(sb.memory_mib) {
+        // A raised memory limit may want more memory in the VM: plugged first, so the
+        // container can use it when this returns.
+        let limit = r.memory().as_ref().and_then(|m| m.limit());
+        let limit_mib = super::sizing::memory_mib(limit);
+        if limit.is_some() && sb.grows_memory() {
+            if let Err(e) = sb.set_memory_limit(&req.id, limit_mib, true).await {
+                tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
+            }
+        } else if limit_mib > u64::from(sb.memory_mib) {
             tracing::warn!(
                 "{}'s memory limit ({limit_mib} MiB) is more than its VM has ({} MiB): \
-                 memory is not added to a running VM",
+                 memory is added to a running VM only with [vm] hotplug_memory",
                 req.id,
                 sb.memory_mib
             );
         }
+        sb.agent.update_container(ureq).await.map_err(agent_err)?;
         // A raised CPU limit may want more of the VM's vCPUs online.
         let milli = r
             .cpu()

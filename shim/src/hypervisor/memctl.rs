@@ -1,0 +1,400 @@
+//! Growing a running VM's memory (`[vm] hotplug_memory`): the VM is launched with a
+//! virtio-mem device whose region the guest's memory can grow into, plugged as the
+//! host asks. The host asks through the VMM: QEMU's QMP (`qom-set` of the device's
+//! `requested-size`), or cocoon-vmm's API (`resize_memory`). Either way the shim made
+//! the socket's listener in the root-owned run directory and handed it to the VMM, so
+//! it never connects through a path a pod's process could have changed.
+//!
+//! The VMM runs the guest, so it is only as trusted as the guest: every reply is read
+//! with a deadline and a bounded length, and a reply that makes no sense is an error.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// The socket's name in the VM's run directory.
+pub const SOCKET: &str = "memctl.sock";
+/// QEMU's id for the virtio-mem device (its QOM path is `/machine/peripheral/<id>`).
+pub const QEMU_DEVICE_ID: &str = "hotmem0";
+/// The granule of growth: Linux adds memory in blocks of 128 MiB on x86 (smaller
+/// requests would be plugged only in part), and both VMMs' regions are sized in it.
+pub const BLOCK_MIB: u32 = 128;
+/// The longest reply line read (QMP greets with a few hundred bytes).
+const MAX_LINE: u64 = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemctlError {
+    #[error("cannot reach the VMM's control socket {0}")]
+    Connect(PathBuf, #[source] std::io::Error),
+    #[error("the VMM's control socket failed")]
+    Io(#[from] std::io::Error),
+    #[error("the VMM did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the VMM's reply is not what was asked for: {0}")]
+    BadReply(String),
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+}
+
+/// How the shim reaches a VM's virtio-mem device.
+#[derive(Debug, Clone)]
+pub enum MemoryControl {
+    /// QEMU's QMP monitor.
+    Qmp(PathBuf),
+    /// cocoon-vmm's API socket.
+    CocoonVmm(PathBuf),
+}
+
+/// The device's sizes, in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plugged {
+    pub requested_mib: u32,
+    pub plugged_mib: u32,
+}
+
+impl MemoryControl {
+    /// Asks for `requested_mib` of the region to be plugged (a multiple of
+    /// [`BLOCK_MIB`]). The guest plugs it in its own time: see [`Self::sizes`].
+    pub async fn request(&self, requested_mib: u32, deadline: Duration) -> Result<(), MemctlError> {
+        let bytes = u64::from(requested_mib) << 20;
+        match self {
+            MemoryControl::Qmp(path) => {
+                let reply = qmp(
+                    path,
+                    serde_json::json!({"execute": "qom-set", "arguments": {
+                        "path": format!("/machine/peripheral/{QEMU_DEVICE_ID}"),
+                        "property": "requested-size",
+                        "value": bytes,
+                    }}),
+                    deadline,
+                )
+                .await?;
+                reply
+                    .as_object()
+                    .filter(|o| o.is_empty())
+                    .map(|_| ())
+                    .ok_or_else(|| MemctlError::BadReply(reply.to_string()))
+            }
+            MemoryControl::CocoonVmm(path) => {
+                let request =
+                    serde_json::json!({"action": "resize_memory", "requested_mib": requested_mib});
+                vmm_api(path, request, deadline).await.map(|_| ())
+            }
+        }
+    }
+
+    /// What is asked and what the guest has plugged.
+    pub async fn sizes(&self, deadline: Duration) -> Result<Plugged, MemctlError> {
+        match self {
+            MemoryControl::Qmp(path) => {
+                let mut get = Vec::new();
+                for property in ["requested-size", "size"] {
+                    let reply = qmp(
+                        path,
+                        serde_json::json!({"execute": "qom-get", "arguments": {
+                            "path": format!("/machine/peripheral/{QEMU_DEVICE_ID}"),
+                            "property": property,
+                        }}),
+                        deadline,
+                    )
+                    .await?;
+                    get.push(mib_of(&reply, property)?);
+                }
+                Ok(Plugged {
+                    requested_mib: get[0],
+                    plugged_mib: get[1],
+                })
+            }
+            MemoryControl::CocoonVmm(path) => {
+                let reply =
+                    vmm_api(path, serde_json::json!({"action": "memory"}), deadline).await?;
+                let field = |name: &str| {
+                    reply
+                        .get(name)
+                        .and_then(|v| v.as_u64())
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| MemctlError::BadReply(format!("no {name} in {reply}")))
+                };
+                Ok(Plugged {
+                    requested_mib: field("requested_mib")?,
+                    plugged_mib: field("plugged_mib")?,
+                })
+            }
+        }
+    }
+}
+
+/// A byte count QEMU gave as MiB (whole, as every size we ask is).
+fn mib_of(v: &serde_json::Value, what: &str) -> Result<u32, MemctlError> {
+    v.as_u64()
+        .map(|b| b >> 20)
+        .and_then(|m| u32::try_from(m).ok())
+        .ok_or_else(|| MemctlError::BadReply(format!("{what}: {v}")))
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes.
+async fn read_line(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value, MemctlError> {
+    let mut line = String::new();
+    let n = tokio::io::AsyncReadExt::take(&mut *r, MAX_LINE)
+        .read_line(&mut line)
+        .await?;
+    if n == 0 || !line.ends_with('\n') {
+        return Err(MemctlError::BadReply(format!(
+            "the connection ended or the line ran past {MAX_LINE} bytes"
+        )));
+    }
+    serde_json::from_str(&line).map_err(|e| MemctlError::BadReply(format!("{e}: {line}")))
+}
+
+async fn connect(path: &Path) -> Result<BufReader<UnixStream>, MemctlError> {
+    let s = UnixStream::connect(path)
+        .await
+        .map_err(|e| MemctlError::Connect(path.to_owned(), e))?;
+    Ok(BufReader::new(s))
+}
+
+/// One QMP command on a connection of its own (QMP takes one client at a time; the
+/// caller serialises): the greeting, capabilities, the command. Events are skipped.
+async fn qmp(
+    path: &Path,
+    command: serde_json::Value,
+    deadline: Duration,
+) -> Result<serde_json::Value, MemctlError> {
+    let exchange = async {
+        let mut s = connect(path).await?;
+        let greeting = read_line(&mut s).await?;
+        if greeting.get("QMP").is_none() {
+            return Err(MemctlError::BadReply(format!(
+                "not a QMP greeting: {greeting}"
+            )));
+        }
+        let mut result = serde_json::Value::Null;
+        for cmd in [serde_json::json!({"execute": "qmp_capabilities"}), command] {
+            let mut line = cmd.to_string();
+            line.push('\n');
+            s.get_mut().write_all(line.as_bytes()).await?;
+            result = loop {
+                let reply = read_line(&mut s).await?;
+                if reply.get("event").is_some() {
+                    continue;
+                }
+                if let Some(e) = reply.get("error") {
+                    let desc = e.get("desc").and_then(|d| d.as_str()).unwrap_or("?");
+                    return Err(MemctlError::Refused(desc.to_owned()));
+                }
+                match reply.get("return") {
+                    Some(r) => break r.clone(),
+                    None => return Err(MemctlError::BadReply(reply.to_string())),
+                }
+            };
+        }
+        Ok(result)
+    };
+    tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| MemctlError::Timeout(deadline))?
+}
+
+/// One cocoon-vmm API request; its reply's `memory` object.
+async fn vmm_api(
+    path: &Path,
+    request: serde_json::Value,
+    deadline: Duration,
+) -> Result<serde_json::Value, MemctlError> {
+    let exchange = async {
+        let mut s = connect(path).await?;
+        let mut line = request.to_string();
+        line.push('\n');
+        s.get_mut().write_all(line.as_bytes()).await?;
+        let reply = read_line(&mut s).await?;
+        if reply.get("ok").and_then(|o| o.as_bool()) != Some(true) {
+            let e = reply.get("error").and_then(|e| e.as_str()).unwrap_or("?");
+            return Err(MemctlError::Refused(e.to_owned()));
+        }
+        reply
+            .get("memory")
+            .cloned()
+            .ok_or_else(|| MemctlError::BadReply(format!("no memory in {reply}")))
+    };
+    tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| MemctlError::Timeout(deadline))?
+}
+
+/// The region a VM of `boot_mib` gets to grow into up to `max_mib`, in whole blocks
+/// (0: no room, no device).
+pub fn region_mib(boot_mib: u32, max_mib: u32) -> u32 {
+    max_mib.saturating_sub(boot_mib) / BLOCK_MIB * BLOCK_MIB
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake VMM that answers each connection with its lines in turn (reading one line
+    /// before each reply, but the first when `greet`), then hangs up.
+    async fn serve(listener: UnixListener, conns: Vec<(bool, Vec<&'static str>)>) -> Vec<String> {
+        let mut seen = Vec::new();
+        for (greet, replies) in conns {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            for (i, reply) in replies.iter().enumerate() {
+                if !(greet && i == 0) {
+                    let mut line = String::new();
+                    s.read_line(&mut line).await.unwrap();
+                    seen.push(line.trim().to_owned());
+                }
+                s.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                s.get_mut().write_all(b"\n").await.unwrap();
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn qmp_sets_the_size_and_reads_both_back_skipping_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let listener = UnixListener::bind(&path).unwrap();
+        let greet = r#"{"QMP": {"version": {}, "capabilities": []}}"#;
+        let server = tokio::spawn(serve(
+            listener,
+            vec![
+                (true, vec![greet, r#"{"return": {}}"#, r#"{"event": "X"}"#]),
+                (
+                    true,
+                    vec![greet, r#"{"return": {}}"#, r#"{"return": 536870912}"#],
+                ),
+                (
+                    true,
+                    vec![greet, r#"{"return": {}}"#, r#"{"return": 268435456}"#],
+                ),
+            ],
+        ));
+        let ctl = MemoryControl::Qmp(path);
+        let d = Duration::from_secs(5);
+        // The first connection's command reply is an event only, then the VMM hangs up:
+        // an error, never a hang.
+        let e = ctl.request(512, d).await.unwrap_err();
+        assert!(matches!(e, MemctlError::BadReply(_)), "{e:?}");
+        let sizes = ctl.sizes(d).await.unwrap();
+        assert_eq!(
+            sizes,
+            Plugged {
+                requested_mib: 512,
+                plugged_mib: 256
+            }
+        );
+        let seen = server.await.unwrap();
+        assert!(
+            seen[1].contains("requested-size") && seen[1].contains("536870912"),
+            "{seen:?}"
+        );
+        assert!(
+            seen[3].contains("qom-get") && seen[5].contains(r#""size""#),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn qmp_errors_and_silence_are_errors_naming_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let listener = UnixListener::bind(&path).unwrap();
+        let greet = r#"{"QMP": {}}"#;
+        let refuse = r#"{"error": {"class": "GenericError", "desc": "too big"}}"#;
+        tokio::spawn(serve(
+            listener,
+            vec![
+                (true, vec![greet, r#"{"return": {}}"#, refuse]),
+                (true, vec![r#"{"hello": 1}"#]),
+            ],
+        ));
+        let ctl = MemoryControl::Qmp(path.clone());
+        let d = Duration::from_millis(500);
+        let e = ctl.request(128, d).await.unwrap_err();
+        assert!(
+            matches!(&e, MemctlError::Refused(s) if s == "too big"),
+            "{e:?}"
+        );
+        let e = ctl.request(128, d).await.unwrap_err();
+        assert!(e.to_string().contains("not what was asked"), "{e}");
+        // A VMM that takes the connection and says nothing: the deadline ends the wait.
+        std::fs::remove_file(&path).unwrap();
+        let silent = UnixListener::bind(&path).unwrap();
+        let hold = tokio::spawn(async move { silent.accept().await.map(|(s, _)| s) });
+        let e = ctl.request(128, d).await.unwrap_err();
+        assert!(matches!(e, MemctlError::Timeout(_)), "{e:?}");
+        drop(hold);
+    }
+
+    #[tokio::test]
+    async fn a_reply_line_without_end_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let junk = vec![b'x'; (MAX_LINE as usize) * 2];
+            let _ = s.write_all(&junk).await;
+        });
+        let e = MemoryControl::Qmp(path)
+            .sizes(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not what was asked"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn cocoon_vmm_requests_and_reads_the_memory_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        let listener = UnixListener::bind(&path).unwrap();
+        let ok = r#"{"ok": true, "state": "running", "memory": {"region_mib": 1024, "requested_mib": 256, "plugged_mib": 128}}"#;
+        let server = tokio::spawn(serve(
+            listener,
+            vec![
+                (false, vec![ok]),
+                (false, vec![ok]),
+                (
+                    false,
+                    vec![r#"{"ok": false, "state": "running", "error": "no device"}"#],
+                ),
+            ],
+        ));
+        let ctl = MemoryControl::CocoonVmm(path);
+        let d = Duration::from_secs(5);
+        ctl.request(256, d).await.unwrap();
+        assert_eq!(
+            ctl.sizes(d).await.unwrap(),
+            Plugged {
+                requested_mib: 256,
+                plugged_mib: 128
+            }
+        );
+        let e = ctl.sizes(d).await.unwrap_err();
+        assert!(
+            matches!(&e, MemctlError::Refused(s) if s == "no device"),
+            "{e:?}"
+        );
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen[..2],
+            [
+                r#"{"action":"resize_memory","requested_mib":256}"#.to_string(),
+                r#"{"action":"memory"}"#.to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn the_region_is_whole_blocks_up_to_the_maximum() {
+        assert_eq!(region_mib(256, 4096), 3840);
+        assert_eq!(region_mib(300, 1000), 640);
+        assert_eq!(region_mib(1000, 1000), 0);
+        assert_eq!(region_mib(2000, 1000), 0);
+    }
+}
