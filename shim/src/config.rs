@@ -335,13 +335,25 @@ impl Config {
                 "needs vm.size_from_pod_limits: the pod's limits are what plug memory",
             );
         }
+        // "auto" picks QEMU on hosts without hardware virtualization: refused here, not
+        // at every pod's start.
         if self.vm.hotplug_memory
-            && self.hypervisor == HypervisorKind::Qemu
+            && self.hypervisor != HypervisorKind::CocoonVmm
             && self.qemu.machine == Machine::Microvm
         {
             return bad(
                 "vm.hotplug_memory",
-                crate::hypervisor::qemu::MICROVM_NO_HOTPLUG,
+                "with QEMU (hypervisor = \"qemu\", or \"auto\" on a host without \
+                 hardware virtualization) needs qemu.machine = \"pc\": QEMU 7.2's microvm has \
+                 no region for hot-added memory; or set hypervisor = \"cocoon-vmm\"",
+            );
+        }
+        if self.vm.hotplug_memory && self.vm.max_memory_mib == 0 {
+            return bad(
+                "vm.hotplug_memory",
+                "needs vm.max_memory_mib set: the room to grow up to it is mapped from the \
+                 start, and a hostile guest can make the host back all of it (its pod's \
+                 memory cgroup is the bound), so it must be chosen, not the host's memory",
             );
         }
         if self.vm.hotplug_memory && self.vm.templates {
@@ -529,17 +541,23 @@ mod tests {
                 .unwrap_err();
         assert!(err.to_string().contains("vm.kernel_params"), "{err}");
         assert!(Config::parse("[vm]\nhotplug_vcpus = true\n").is_ok_and(|c| c.vm.hotplug_vcpus));
-        let err = Config::parse("[vm]\nhotplug_memory = true\nsize_from_pod_limits = false\n")
-            .unwrap_err();
+        let grows = "[vm]\nhotplug_memory = true\nmax_memory_mib = 4096\n";
+        let with = |extra: &str| Config::parse(&format!("{grows}{extra}"));
+        let err = with("size_from_pod_limits = false\n").unwrap_err();
         assert!(err.to_string().contains("vm.hotplug_memory"), "{err}");
-        let err = Config::parse("[vm]\nhotplug_memory = true\ntemplates = true\n").unwrap_err();
+        let err = with("templates = true\n[qemu]\nmachine = \"pc\"\n").unwrap_err();
         assert!(err.to_string().contains("templates"), "{err}");
-        assert!(Config::parse("[vm]\nhotplug_memory = true\n").is_ok_and(|c| c.vm.hotplug_memory));
-        let err =
-            Config::parse("hypervisor = \"qemu\"\n[vm]\nhotplug_memory = true\n").unwrap_err();
-        assert!(err.to_string().contains("machine = \"pc\""), "{err}");
-        let pc = "hypervisor = \"qemu\"\n[vm]\nhotplug_memory = true\n[qemu]\nmachine = \"pc\"\n";
-        assert!(Config::parse(pc).is_ok());
+        // A microvm cannot grow, whether QEMU is asked for or picked by "auto".
+        for hv in ["qemu", "auto"] {
+            let err = Config::parse(&format!("hypervisor = \"{hv}\"\n{grows}")).unwrap_err();
+            assert!(err.to_string().contains("machine = \"pc\""), "{hv}: {err}");
+        }
+        let pc = "[qemu]\nmachine = \"pc\"\n";
+        assert!(with(pc).is_ok_and(|c| c.vm.hotplug_memory));
+        assert!(Config::parse(&format!("hypervisor = \"cocoon-vmm\"\n{grows}")).is_ok());
+        // The room is chosen, never the host's whole memory.
+        let err = Config::parse(&format!("[vm]\nhotplug_memory = true\n{pc}")).unwrap_err();
+        assert!(err.to_string().contains("max_memory_mib"), "{err}");
         // The share's id ranges may not reach the pod uids nor pass 2^32.
         for bad in [
             "share_id_base = 1999999999",

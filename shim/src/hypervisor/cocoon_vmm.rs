@@ -65,6 +65,11 @@ impl CocoonVmm {
         // panic=-1) is the i8042 reset with reboot=k, which the VMM also treats
         // as a clean end; reboot=t would triple-fault and read as a crash.
         let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=k");
+        if spec.hotplug_mib > 0 {
+            // Each block virtio-mem adds comes online at once (Cocoon's kernel does so by
+            // itself; another kernel is told).
+            cmdline.push_str(" memhp_default_state=online");
+        }
         if !spec.extra_kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&spec.extra_kernel_params);
@@ -404,6 +409,7 @@ mod tests {
         let after_g = |f: &str| g.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
         assert_eq!(after_g("--hotplug-mib").as_deref(), Some("768"));
         assert_eq!(after_g("--api-sock-fd").as_deref(), Some("14"));
+        assert!(after_g("--cmdline").is_some_and(|c| c.contains("memhp_default_state=online")));
         // Restored from a template: the template holds the kernel, command line, memory
         // and vCPUs; the pod's own devices and descriptors are given as for a boot.
         let r = v.args(

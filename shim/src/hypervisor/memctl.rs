@@ -89,6 +89,8 @@ impl MemoryControl {
     pub async fn sizes(&self, deadline: Duration) -> Result<Plugged, MemctlError> {
         match self {
             MemoryControl::Qmp(path) => {
+                // One deadline for both questions.
+                let end = tokio::time::Instant::now() + deadline;
                 let mut get = Vec::new();
                 for property in ["requested-size", "size"] {
                     let reply = qmp(
@@ -97,7 +99,7 @@ impl MemoryControl {
                             "path": format!("/machine/peripheral/{QEMU_DEVICE_ID}"),
                             "property": property,
                         }}),
-                        deadline,
+                        end.saturating_duration_since(tokio::time::Instant::now()),
                     )
                     .await?;
                     get.push(mib_of(&reply, property)?);
@@ -223,10 +225,13 @@ async fn vmm_api(
         .map_err(|_| MemctlError::Timeout(deadline))?
 }
 
-/// The region a VM of `boot_mib` gets to grow into up to `max_mib`, in whole blocks
-/// (0: no room, no device).
+/// The largest region: what cocoon-vmm takes (QEMU takes more).
+pub const MAX_REGION_MIB: u32 = cocoon_vmm::config::MAX_MEM_MIB as u32;
+
+/// The region a VM of `boot_mib` gets to grow into up to `max_mib`, in whole blocks, at
+/// most [`MAX_REGION_MIB`] (0: no room, no device).
 pub fn region_mib(boot_mib: u32, max_mib: u32) -> u32 {
-    max_mib.saturating_sub(boot_mib) / BLOCK_MIB * BLOCK_MIB
+    max_mib.saturating_sub(boot_mib).min(MAX_REGION_MIB) / BLOCK_MIB * BLOCK_MIB
 }
 
 #[cfg(test)]
@@ -396,5 +401,11 @@ mod tests {
         assert_eq!(region_mib(300, 1000), 640);
         assert_eq!(region_mib(1000, 1000), 0);
         assert_eq!(region_mib(2000, 1000), 0);
+        assert_eq!(
+            region_mib(256, 1 << 20),
+            MAX_REGION_MIB,
+            "cocoon-vmm's most"
+        );
+        assert_eq!(MAX_REGION_MIB % BLOCK_MIB, 0);
     }
 }

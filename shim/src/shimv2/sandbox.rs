@@ -17,6 +17,7 @@ use super::share::PodShare;
 use crate::agent_client::{AgentClient, AgentError};
 use crate::config::Config;
 use crate::hostcgroup::{HostCgroup, CGROUP_ROOT};
+use crate::hypervisor::memctl::MemctlError;
 use crate::hypervisor::userns::PodUserns;
 use crate::hypervisor::watch::VmWatch;
 use crate::hypervisor::{self, find_binary, HypervisorError, NetAttach, SharedDir, Vm, VmSpec};
@@ -515,7 +516,7 @@ impl Sandbox {
         container: &str,
         mib: u64,
         known_only: bool,
-    ) -> Result<(), crate::hypervisor::memctl::MemctlError> {
+    ) -> Result<(), MemctlError> {
         let room = || self.memory.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut room = room();
@@ -530,24 +531,45 @@ impl Sandbox {
                 r.limits.set(container, mib);
             }
         }
-        let Some((ctl, deadline)) = &self.memory_control else {
+        let Some((ctl, call)) = &self.memory_control else {
             return Ok(());
         };
-        let _one = self.plugging.lock().await;
-        let Some((want, boot)) = room()
+        // Nothing to ask (a lowered limit, or room enough): no waiting on another plug.
+        if room()
             .as_ref()
-            .and_then(|r| r.wanted().map(|w| (w, r.boot_mib())))
+            .and_then(super::sizing::MemRoom::wanted)
+            .is_none()
+        {
+            return Ok(());
+        }
+        // One deadline for the whole call: the wait for another plug, the request and
+        // the guest's plugging.
+        let deadline = tokio::time::Instant::now() + *call;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _one = tokio::time::timeout_at(deadline, self.plugging.lock())
+            .await
+            .map_err(|_| MemctlError::Timeout(*call))?;
+        let Some((want, boot, short)) = room()
+            .as_ref()
+            .and_then(|r| r.wanted().map(|w| (w, r.boot_mib(), r.beyond_room_mib())))
         else {
             return Ok(());
         };
-        ctl.request(want, *deadline).await?;
+        if short > 0 {
+            tracing::warn!(
+                vm = %self.id,
+                "the pod's memory limits want {short} MiB more than its VM can grow to \
+                 ({boot} MiB booted, room for {want} MiB more: vm.max_memory_mib)"
+            );
+        }
+        ctl.request(want, left()).await?;
         if let Some(r) = room().as_mut() {
             r.requested(want);
         }
         // The guest plugs in its own time, block by block.
         let started = Instant::now();
         loop {
-            let sizes = ctl.sizes(*deadline).await?;
+            let sizes = ctl.sizes(left()).await?;
             if let Some(r) = room().as_mut() {
                 r.plugged(sizes.plugged_mib);
             }
@@ -559,7 +581,7 @@ impl Sandbox {
                 );
                 return Ok(());
             }
-            if started.elapsed() >= *deadline || self.lost().is_some() {
+            if left().is_zero() || self.lost().is_some() {
                 tracing::warn!(
                     vm = %self.id,
                     "asked the guest to plug {want} MiB, it has plugged {} MiB in {:?}",
@@ -568,7 +590,7 @@ impl Sandbox {
                 );
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(100).min(left())).await;
         }
     }
 

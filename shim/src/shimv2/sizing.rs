@@ -304,6 +304,13 @@ impl MemRoom {
         (asked > self.requested_mib).then_some(asked)
     }
 
+    /// How much more the limits want than the VM can ever have (0: none).
+    pub fn beyond_room_mib(&self) -> u32 {
+        let want = u64::from(self.base_mib).saturating_add(self.limits.sum());
+        let most = u64::from(self.boot_mib) + u64::from(self.region_mib);
+        want.saturating_sub(most).min(u64::from(u32::MAX)) as u32
+    }
+
     /// The device was asked for `mib`.
     pub fn requested(&mut self, mib: u32) {
         self.requested_mib = self.requested_mib.max(mib);
@@ -525,8 +532,12 @@ mod tests {
             Some(384),
             "256 + 429 - 384 = 301: three blocks"
         );
+        assert_eq!(room.beyond_room_mib(), 0);
+        room.limits.set("app", 2000);
+        assert_eq!(room.beyond_room_mib(), 256 + 2000 + 300 - 384 - 1024);
         room.limits.set("app", 1 << 40);
         assert_eq!(room.wanted(), Some(1024), "never past the region");
+        assert_eq!(room.beyond_room_mib(), u32::MAX, "capped, never wrapped");
         room.requested(1024);
         room.requested(512);
         room.limits.forget("app");

@@ -320,7 +320,6 @@ impl<D: Discard> Mem<D> {
                 r.addr
             );
         }
-        log::debug!("virtio-mem: {r:?} -> {answer:?}");
         answer
     }
 
