@@ -159,6 +159,8 @@ pub struct Mem<D: Discard> {
     region_size: u64,
     requested: u64,
     plugged: Bitmap,
+    /// Plugs and unplugs so far (wrapping): each changes `plugged_size`.
+    epoch: u32,
     queue_sizes: [u16; 1],
     log: LogLimiter,
 }
@@ -183,6 +185,7 @@ impl<D: Discard> Mem<D> {
             region_size,
             requested: 0,
             plugged: Bitmap::new(region_size / BLOCK_SIZE),
+            epoch: 0,
             queue_sizes: [QUEUE_SIZE],
             log: LogLimiter::new("virtio-mem"),
         })
@@ -293,6 +296,7 @@ impl<D: Discard> Mem<D> {
                     (resp::NACK, 0)
                 } else {
                     self.plugged.put(b, true);
+                    self.epoch = self.epoch.wrapping_add(1);
                     (resp::ACK, 0)
                 }
             }
@@ -330,6 +334,7 @@ impl<D: Discard> Mem<D> {
         let addr = self.addr + blocks.start * BLOCK_SIZE;
         let len = ((blocks.end - blocks.start) * BLOCK_SIZE) as usize;
         self.plugged.put(blocks, false);
+        self.epoch = self.epoch.wrapping_add(1);
         let done = match mem.get_slice(GuestAddress(addr), len) {
             Ok(s) => self.discard.discard(s.ptr_guard_mut().as_ptr(), len),
             Err(e) => Err(e.to_string()),
@@ -353,6 +358,10 @@ impl<D: Discard> VirtioDevice for Mem<D> {
 
     fn avail_features(&self) -> u64 {
         0
+    }
+
+    fn config_epoch(&self) -> u32 {
+        self.epoch
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

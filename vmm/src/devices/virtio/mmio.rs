@@ -379,7 +379,10 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
             reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => self.config_generation,
+            // Changes the device makes itself (a guest's request) count too (§2.5.1).
+            reg::CONFIG_GENERATION => self
+                .config_generation
+                .wrapping_add(self.device.config_epoch()),
             // No shared memory regions: a length of all ones means "absent" (§4.2.2.1).
             // Linux reads 0 as a region of length 0 at address 0, and virtio-fs with
             // CONFIG_FUSE_DAX then fails to probe (it cannot reserve that range).

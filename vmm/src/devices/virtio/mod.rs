@@ -62,6 +62,13 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop in-flight state.
     fn reset(&mut self) {}
+    /// How many times the device changed its config space itself (wrapping), which the
+    /// transport adds to its config generation: a driver reading the config across such
+    /// a change reads it again (§2.5.1). Changes the host asks for go through
+    /// `MmioTransport::change_config`.
+    fn config_epoch(&self) -> u32 {
+        0
+    }
 }
 
 /// How a transport raises its interrupt line.

@@ -172,6 +172,27 @@ fn plugs_past_the_requested_size_are_nacked() {
     assert_eq!(d.ask(req::PLUG, Driver::block(2), 1), (resp::ACK, 0));
 }
 
+/// A plug or unplug changes `plugged_size`, so the config generation the transport
+/// reports moves with it (§2.5.1); a refused request changes nothing.
+#[test]
+fn plugs_and_unplugs_move_the_config_epoch() {
+    let mem = memory();
+    let mut d = Driver::new(&mem);
+    d.dev.request(4 * BLOCK_SIZE).unwrap();
+    let e0 = d.dev.config_epoch();
+    assert_eq!(d.ask(req::PLUG, Driver::block(0), 2), (resp::ACK, 0));
+    let e1 = d.dev.config_epoch();
+    assert_ne!(e1, e0);
+    assert_eq!(d.ask(req::PLUG, Driver::block(0), 1), (resp::ERROR, 0));
+    assert_eq!(
+        d.ask(req::STATE, Driver::block(0), 2),
+        (resp::ACK, state::PLUGGED)
+    );
+    assert_eq!(d.dev.config_epoch(), e1, "nothing changed");
+    assert_eq!(d.ask(req::UNPLUG, Driver::block(0), 2), (resp::ACK, 0));
+    assert_ne!(d.dev.config_epoch(), e1);
+}
+
 #[test]
 fn malformed_plugs_are_errors_and_change_nothing() {
     let mem = memory();
