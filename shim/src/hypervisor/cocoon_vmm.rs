@@ -244,19 +244,9 @@ impl super::Hypervisor for CocoonVmm {
             source,
         };
         let mut cmd = Command::new(&self.binary);
-        // The API's listener, for growing the guest's memory: made here in the
-        // root-owned run directory, so the shim never connects through a path the VMM
-        // could change.
-        let memctl = match spec.hotplug_mib {
-            0 => None,
-            _ => {
-                let path = run_dir.join(super::memctl::SOCKET);
-                Some((pod_jail::unix_listener(&path)?, path))
-            }
-        };
-        let memctl_fd = memctl
-            .as_ref()
-            .map(|(l, _)| std::os::fd::AsRawFd::as_raw_fd(l));
+        // The API's listener, for growing the guest's memory.
+        let memctl = super::memctl::Listener::for_vm(&run_dir, spec.hotplug_mib)?;
+        let memctl_fd = memctl.as_ref().map(super::memctl::Listener::fd);
         if let Some(fd) = memctl_fd {
             super::inherit_fd(&mut cmd, fd);
         }
@@ -317,7 +307,7 @@ impl super::Hypervisor for CocoonVmm {
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         drop(held);
         // The VMM holds the API's listener now.
-        vm.memory_control = memctl.map(|(_, path)| super::memctl::MemoryControl::CocoonVmm(path));
+        vm.memory_control = memctl.map(|l| l.into_control(super::memctl::MemoryControl::CocoonVmm));
         vm.times.vmm_spawned = Instant::now();
         match &template {
             Some(t) => tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), template = %t.display(),

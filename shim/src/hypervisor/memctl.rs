@@ -128,6 +128,39 @@ impl MemoryControl {
     }
 }
 
+/// The control socket's listener for a VM with room to grow: made by the shim in the
+/// root-owned run directory, so it never connects through a path the VMM (or a pod's
+/// process) could change; the VMM inherits it, the shim's copy closes with this.
+pub struct Listener {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// A listener at `<run_dir>/memctl.sock` when the VM has room to grow.
+    pub fn for_vm(
+        run_dir: &Path,
+        hotplug_mib: u32,
+    ) -> Result<Option<Listener>, super::HypervisorError> {
+        if hotplug_mib == 0 {
+            return Ok(None);
+        }
+        let path = run_dir.join(SOCKET);
+        let listener = super::pod_jail::unix_listener(&path)?;
+        Ok(Some(Listener { listener, path }))
+    }
+
+    /// The descriptor the VMM inherits.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
+    }
+
+    /// How the shim reaches the VMM once it holds its own copy of the listener.
+    pub fn into_control(self, how: fn(PathBuf) -> MemoryControl) -> MemoryControl {
+        how(self.path)
+    }
+}
+
 /// A byte count QEMU gave as MiB (whole, as every size we ask is).
 fn mib_of(v: &serde_json::Value, what: &str) -> Result<u32, MemctlError> {
     v.as_u64()

@@ -351,18 +351,9 @@ impl super::Hypervisor for Qemu {
         }
         vm.times.backend_ready = Instant::now();
 
-        // QMP's listener, for growing the guest's memory: made here in the root-owned
-        // run directory, so the shim never connects through a path QEMU could change.
-        let memctl = match spec.hotplug_mib {
-            0 => None,
-            _ => {
-                let path = run_dir.join(super::memctl::SOCKET);
-                Some((pod_jail::unix_listener(&path)?, path))
-            }
-        };
-        let memctl_fd = memctl
-            .as_ref()
-            .map(|(l, _)| std::os::fd::AsRawFd::as_raw_fd(l));
+        // QMP's listener, for growing the guest's memory.
+        let memctl = super::memctl::Listener::for_vm(&run_dir, spec.hotplug_mib)?;
+        let memctl_fd = memctl.as_ref().map(super::memctl::Listener::fd);
         let args = self.args(spec, &paths, memctl_fd);
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
         let mut qemu = match &vm.identity {
@@ -432,7 +423,7 @@ impl super::Hypervisor for Qemu {
         }
         vm.procs.vmm = Some(child);
         // QEMU holds QMP's listener now.
-        vm.memory_control = memctl.map(|(_, path)| super::memctl::MemoryControl::Qmp(path));
+        vm.memory_control = memctl.map(|l| l.into_control(super::memctl::MemoryControl::Qmp));
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
         Ok(vm)
