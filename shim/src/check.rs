@@ -258,6 +258,21 @@ pub fn templates_line(kvm: KvmKind) -> &'static str {
     }
 }
 
+/// How a running pod's memory can grow here (`[vm] hotplug_memory`): cocoon-vmm's own
+/// virtio-mem where it runs, else QEMU's, which needs the pc machine.
+pub fn memory_growth_line(kvm: KvmKind) -> &'static str {
+    match kvm {
+        KvmKind::Hardware => {
+            "possible: cocoon-vmm plugs memory as limits rise with [vm] hotplug_memory = true \
+             and max_memory_mib (QEMU too, with [qemu] machine = \"pc\")"
+        }
+        _ => {
+            "possible with QEMU's pc machine: [vm] hotplug_memory = true, max_memory_mib and \
+             [qemu] machine = \"pc\" (QEMU 7.2's microvm has no room for added memory)"
+        }
+    }
+}
+
 pub fn report() -> HostReport {
     let kvm = kvm_kind();
     let tools = vec![
@@ -353,6 +368,7 @@ impl std::fmt::Display for HostReport {
         writeln!(f, "TDX:            {}", tee(self.tdx, &self.tdx_obstacles))?;
         writeln!(f, "host cgroups:   {}", self.cgroup)?;
         writeln!(f, "VM templates:   {}", templates_line(self.kvm))?;
+        writeln!(f, "memory growth:  {}", memory_growth_line(self.kvm))?;
         match (&self.huge_tmpfs, self.shmem_thp.as_deref()) {
             (Ok(()), Some(m)) if m != "deny" => writeln!(
                 f,
@@ -455,6 +471,18 @@ mod tests {
             "{c:?}"
         );
         assert_eq!(confinement(true, true, None).len(), 2);
+    }
+
+    #[test]
+    fn memory_growth_names_what_each_host_needs() {
+        assert!(memory_growth_line(KvmKind::Hardware).contains("cocoon-vmm"));
+        for kvm in [KvmKind::Pvm, KvmKind::None] {
+            let line = memory_growth_line(kvm);
+            assert!(
+                line.contains("machine = \"pc\"") && line.contains("microvm"),
+                "{line}"
+            );
+        }
     }
 
     #[test]
