@@ -11,6 +11,7 @@ use std::time::Duration;
 use cocoon_integration::cri::{CriNode, COCOON, RUNC};
 use cocoon_integration::image::IMAGE_REF;
 use cocoon_nested::testing::{hardware_kvm, Place};
+use cocoon_shim::shimv2::timings;
 use k8s_cri::v1::{LinuxContainerResources, UpdateContainerResourcesRequest};
 
 #[tokio::test]
@@ -36,6 +37,23 @@ fn cocoon_vmm_a_raised_memory_limit_can_be_used() {
     unsafe { std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm") };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(a_raised_memory_limit_can_be_used(test, COCOON, 88));
+}
+
+/// And a pod restored from a VM template (`[vm] templates`), made before anything was
+/// plugged: the clone's device starts as the template's, and grows the same.
+#[test]
+fn cocoon_vmm_a_pod_from_a_template_grows_its_memory() {
+    let test = "cocoon_vmm_a_pod_from_a_template_grows_its_memory";
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm");
+        std::env::set_var("COCOON_TEST_TEMPLATES", "1");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(a_raised_memory_limit_can_be_used(test, COCOON, 89));
 }
 
 /// Touches the MiB it is given, a page at a time, and says so: what an application
@@ -146,4 +164,15 @@ async fn a_raised_memory_limit_can_be_used(test: &str, handler: &str, net: u8) {
         );
     }
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+    if std::env::var("COCOON_TEST_TEMPLATES").is_ok_and(|v| v == "1") {
+        // The records are written as containers are deleted.
+        let records: Vec<_> = timings::read(&env.dir.path().join("run"))
+            .into_iter()
+            .filter(|r| r.kind == "container" && r.vm_launch_ms > 0.0)
+            .collect();
+        assert!(
+            records.len() == 1 && records[0].from_template,
+            "{test}: the pod's VM was not restored from a template: {records:?}"
+        );
+    }
 }

@@ -163,7 +163,7 @@ pub struct VmConfig {
     pub hotplug_vcpus: bool,
     /// A pod's VM gets a virtio-mem device with room up to `max_memory_mib`; memory
     /// limits raised later (UpdateContainerResources) have the guest plug more
-    /// (`shimv2::sizing::MemRoom`). Needs `size_from_pod_limits`; not with `templates`;
+    /// (`shimv2::sizing::MemRoom`). Needs `size_from_pod_limits` and `max_memory_mib`;
     /// a VM sized by its `io.cocoon.vm.memory_mib` annotation keeps that size.
     pub hotplug_memory: bool,
 }
@@ -356,13 +356,6 @@ impl Config {
                  memory cgroup is the bound), so it must be chosen, not the host's memory",
             );
         }
-        if self.vm.hotplug_memory && self.vm.templates {
-            return bad(
-                "vm.hotplug_memory",
-                "cannot be used with vm.templates yet: a VM with a virtio-mem device is not \
-                 saved as a template",
-            );
-        }
         if self.vm.hotplug_vcpus
             && self
                 .vm
@@ -545,8 +538,9 @@ mod tests {
         let with = |extra: &str| Config::parse(&format!("{grows}{extra}"));
         let err = with("size_from_pod_limits = false\n").unwrap_err();
         assert!(err.to_string().contains("vm.hotplug_memory"), "{err}");
-        let err = with("templates = true\n[qemu]\nmachine = \"pc\"\n").unwrap_err();
-        assert!(err.to_string().contains("templates"), "{err}");
+        // Templates are made before anything is plugged (cocoon-vmm; QEMU has none).
+        let tpl = format!("hypervisor = \"cocoon-vmm\"\n{grows}templates = true\n");
+        assert!(Config::parse(&tpl).is_ok_and(|c| c.vm.templates && c.vm.hotplug_memory));
         // A microvm cannot grow, whether QEMU is asked for or picked by "auto".
         for hv in ["qemu", "auto"] {
             let err = Config::parse(&format!("hypervisor = \"{hv}\"\n{grows}")).unwrap_err();

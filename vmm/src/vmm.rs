@@ -636,12 +636,19 @@ impl Vmm {
         let (Some(r), Some(config)) = (&self.running, &self.config) else {
             return Err("no VM is running".into());
         };
-        if r.memory.is_some() {
-            // Its plugged blocks and requested size are not saved yet, and a clone
-            // would come up with them all unplugged under a guest that uses them.
-            return Err("VMs with a virtio-mem device (hotplug_mib) cannot be \
-                 snapshotted yet"
-                .into());
+        // A template is taken before anything is plugged: a clone's device then starts
+        // as the template's did. Plugged blocks and a requested size are not saved, and
+        // a clone would come up with them unplugged under a guest that uses them.
+        if let Some(m) = &r.memory {
+            let s = lock(m).status();
+            if s.plugged_bytes > 0 || s.requested_bytes > 0 {
+                return Err(format!(
+                    "a VM whose virtio-mem device has memory plugged or asked for ({} MiB \
+                     plugged, {} MiB requested) cannot be snapshotted yet",
+                    s.plugged_bytes >> 20,
+                    s.requested_bytes >> 20
+                ));
+            }
         }
         let started = std::time::Instant::now();
         let vcpus = r.vcpus.save_states().map_err(chain)?;

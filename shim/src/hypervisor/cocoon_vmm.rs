@@ -145,12 +145,11 @@ impl CocoonVmm {
             a.push("--free-page-reporting".into());
         }
         if let Some(fd) = memctl_fd.filter(|_| spec.hotplug_mib > 0) {
-            a.extend([
-                "--hotplug-mib".into(),
-                spec.hotplug_mib.to_string(),
-                "--api-sock-fd".into(),
-                fd.to_string(),
-            ]);
+            // A restored VM has the template's region (part of the template's key).
+            if template.is_none() {
+                a.extend(["--hotplug-mib".into(), spec.hotplug_mib.to_string()]);
+            }
+            a.extend(["--api-sock-fd".into(), fd.to_string()]);
         }
         a
     }
@@ -182,6 +181,7 @@ impl CocoonVmm {
             vcpus: spec.vcpus,
             fs_tag: spec.shared_dir.as_ref().map(|s| s.tag.as_str()),
             net: spec.net.is_some(),
+            hotplug_mib: spec.hotplug_mib,
         };
         store.get_or_make(&shape).await.map(Some)
     }
@@ -400,6 +400,15 @@ mod tests {
         assert_eq!(after_g("--hotplug-mib").as_deref(), Some("768"));
         assert_eq!(after_g("--api-sock-fd").as_deref(), Some("14"));
         assert!(after_g("--cmdline").is_some_and(|c| c.contains("memhp_default_state=online")));
+        // Restored, the region is the template's: only the API's descriptor is given.
+        let t = Some(std::path::Path::new("/t"));
+        let rg = v.args(&grows, std::path::Path::new("/r"), None, t, Some(14));
+        assert!(!rg.iter().any(|x| x == "--hotplug-mib"), "{rg:?}");
+        assert!(
+            rg.windows(2)
+                .any(|w| w[0] == "--api-sock-fd" && w[1] == "14"),
+            "{rg:?}"
+        );
         // Restored from a template: the template holds the kernel, command line, memory
         // and vCPUs; the pod's own devices and descriptors are given as for a boot.
         let r = v.args(

@@ -45,6 +45,8 @@ pub struct Shape<'a> {
     pub fs_tag: Option<&'a str>,
     /// A virtio-net device (on a tap of the template's own while it boots).
     pub net: bool,
+    /// A virtio-mem region of this size (MiB; 0: none), none of it plugged.
+    pub hotplug_mib: u32,
 }
 
 impl Shape<'_> {
@@ -70,6 +72,10 @@ impl Shape<'_> {
             "cmdline={}\nmemory={}\nvcpus={}\nfs={:?}\nnet={}\nformat=1\n",
             self.cmdline, self.memory_mib, self.vcpus, self.fs_tag, self.net
         );
+        // Only where there is one: the keys of templates without stay as they were.
+        if self.hotplug_mib > 0 {
+            text += &format!("hotplug={}\n", self.hotplug_mib);
+        }
         Ok(text)
     }
 }
@@ -304,6 +310,9 @@ impl Store {
                 .await?;
             vmm.arg("--fs").arg(format!("{}:{tag}", sock.display()));
         }
+        if shape.hotplug_mib > 0 {
+            vmm.args(["--hotplug-mib", &shape.hotplug_mib.to_string()]);
+        }
         if shape.net {
             // A tap of its own, made by the VMM (root, unjailed) in this network
             // namespace and gone with it: the guest's driver probes the device and reads
@@ -402,6 +411,7 @@ mod tests {
             vcpus: 1,
             fs_tag: tag,
             net: false,
+            hotplug_mib: 0,
         };
         let base = shape("console=ttyS0", 256, Some("cocoon")).key().unwrap();
         assert_eq!(base.len(), 32);
@@ -415,6 +425,10 @@ mod tests {
             shape("console=ttyS0", 256, None),
             Shape {
                 net: true,
+                ..shape("console=ttyS0", 256, Some("cocoon"))
+            },
+            Shape {
+                hotplug_mib: 768,
                 ..shape("console=ttyS0", 256, Some("cocoon"))
             },
         ] {
@@ -451,6 +465,7 @@ mod tests {
             vcpus: 1,
             fs_tag: None,
             net: false,
+            hotplug_mib: 0,
         };
         let store = dir.path().join(DIR);
         let template = |key: &str, shape: Option<&Shape>| {

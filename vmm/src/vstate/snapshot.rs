@@ -283,11 +283,19 @@ pub fn restore_vm(fd: &VmFd, s: &VmState) -> Result<(), SnapshotError> {
 const PAGE: usize = 4096;
 
 /// Writes guest RAM to `out` at the same offsets as its RAM file, skipping pages that
-/// are all zero (they stay holes). Returns the bytes written.
-pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<u64, SnapshotError> {
+/// are all zero (they stay holes). Regions from `ram_end` up (a virtio-mem region,
+/// which a snapshot is taken of only while none of it is plugged) are left out: read
+/// to look for zeroes, its unplugged shmem holes would be backed. Returns the bytes
+/// written.
+pub fn write_memory(
+    mem: &GuestMemoryMmap,
+    out: &File,
+    ram_end: Option<u64>,
+) -> Result<u64, SnapshotError> {
     let mut offset = 0u64;
     let mut written = 0u64;
-    for region in mem.iter() {
+    let ram = |r: &&vm_memory::GuestRegionMmap| ram_end.is_none_or(|end| r.start_addr().0 < end);
+    for region in mem.iter().filter(ram) {
         let len = region.len() as usize;
         // SAFETY: the region is a live mapping of `len` bytes for the VM's whole life
         // (vstate::memory), and every vCPU is paused, so nothing writes it meanwhile.
@@ -413,7 +421,9 @@ impl SnapshotFiles {
         self.state
             .set_len(0)
             .map_err(|e| SnapshotError::Io("truncate vm.json", e))?;
-        let bytes = write_memory(mem, &self.memory)?;
+        let ram_end = (snap.config.hotplug_mib > 0)
+            .then(|| crate::arch::layout::hotplug_region_start(snap.config.mem_bytes()));
+        let bytes = write_memory(mem, &self.memory, ram_end)?;
         let text = serde_json::to_vec(snap).map_err(SnapshotError::Parse)?;
         self.state
             .write_all_at(&text, 0)
