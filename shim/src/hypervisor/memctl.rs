@@ -161,6 +161,32 @@ impl Listener {
     }
 }
 
+impl MemoryControl {
+    /// Asks for `want` MiB plugged (then calls `requested`), and waits until the guest
+    /// has plugged it, the VM is `lost`, or `deadline` passes: what it has plugged by
+    /// then. The guest plugs in its own time, block by block; it is asked every 100 ms.
+    pub async fn grow_to(
+        &self,
+        want: u32,
+        deadline: tokio::time::Instant,
+        requested: impl FnOnce(),
+        lost: impl Fn() -> bool,
+    ) -> Result<Plugged, MemctlError> {
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.request(want, left()).await?;
+        requested();
+        let pause = Duration::from_millis(100);
+        loop {
+            let sizes = self.sizes(left()).await?;
+            // No round is begun without time left to answer it.
+            if sizes.plugged_mib >= want || left() <= pause || lost() {
+                return Ok(sizes);
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
 /// A byte count QEMU gave as MiB (whole, as every size we ask is).
 fn mib_of(v: &serde_json::Value, what: &str) -> Result<u32, MemctlError> {
     v.as_u64()
@@ -426,6 +452,67 @@ mod tests {
                 r#"{"action":"memory"}"#.to_string()
             ]
         );
+    }
+
+    /// A cocoon-vmm that plugs a block per `memory` question, up to what was asked, or
+    /// (`stuck`) never plugs anything.
+    async fn plugging_vmm(listener: UnixListener, stuck: bool) {
+        let (mut requested, mut plugged) = (0u32, 0u32);
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut s = BufReader::new(s);
+            let mut line = String::new();
+            if s.read_line(&mut line).await.is_err() {
+                continue;
+            }
+            let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if req["action"] == "resize_memory" {
+                requested = req["requested_mib"].as_u64().unwrap() as u32;
+            } else if !stuck {
+                plugged = (plugged + BLOCK_MIB).min(requested);
+            }
+            let reply = serde_json::json!({"ok": true, "state": "running", "memory": {
+                "region_mib": 1024, "requested_mib": requested, "plugged_mib": plugged}});
+            let _ = s.get_mut().write_all(format!("{reply}\n").as_bytes()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn growing_waits_for_the_guest_within_one_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        tokio::spawn(plugging_vmm(UnixListener::bind(&path).unwrap(), false));
+        let ctl = MemoryControl::CocoonVmm(path);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let asked = std::cell::Cell::new(false);
+        let got = ctl
+            .grow_to(384, deadline, || asked.set(true), || false)
+            .await
+            .unwrap();
+        assert!(asked.get());
+        assert_eq!(got.plugged_mib, 384, "three blocks, one per question");
+
+        // A guest that never plugs: what it has when the deadline passes, not a hang.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET);
+        tokio::spawn(plugging_vmm(UnixListener::bind(&path).unwrap(), true));
+        let ctl = MemoryControl::CocoonVmm(path);
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+        let got = ctl.grow_to(256, deadline, || (), || false).await.unwrap();
+        assert_eq!((got.requested_mib, got.plugged_mib), (256, 0));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        // A VM found lost stops the wait at once.
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        ctl.grow_to(256, deadline, || (), || true).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[test]

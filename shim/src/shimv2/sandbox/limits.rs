@@ -2,7 +2,7 @@
 //! a Kubernetes in-place resize): vCPUs brought online (`[vm] hotplug_vcpus`) and memory
 //! plugged (`[vm] hotplug_memory`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::Sandbox;
 use crate::hypervisor::memctl::MemctlError;
@@ -93,7 +93,6 @@ impl Sandbox {
         // One deadline for the whole call: the wait for another plug, the request and
         // the guest's plugging.
         let deadline = tokio::time::Instant::now() + *call;
-        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         let _one = tokio::time::timeout_at(deadline, self.plugging.lock())
             .await
             .map_err(|_| MemctlError::Timeout(*call))?;
@@ -110,36 +109,33 @@ impl Sandbox {
                  ({boot} MiB booted, room for {want} MiB more: vm.max_memory_mib)"
             );
         }
-        ctl.request(want, left()).await?;
-        if let Some(r) = room().as_mut() {
-            r.requested(want);
-        }
-        // The guest plugs in its own time, block by block.
         let started = Instant::now();
-        loop {
-            let sizes = ctl.sizes(left()).await?;
+        let requested = || {
             if let Some(r) = room().as_mut() {
-                r.plugged(sizes.plugged_mib);
+                r.requested(want);
             }
-            if sizes.plugged_mib >= want {
-                tracing::info!(
-                    vm = %self.id,
-                    "{} MiB plugged beyond the {boot} MiB booted, for the pod's memory limits",
-                    sizes.plugged_mib
-                );
-                return Ok(());
-            }
-            if left().is_zero() || self.lost().is_some() {
-                tracing::warn!(
-                    vm = %self.id,
-                    "asked the guest to plug {want} MiB, it has plugged {} MiB in {:?}",
-                    sizes.plugged_mib,
-                    started.elapsed()
-                );
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100).min(left())).await;
+        };
+        let sizes = ctl
+            .grow_to(want, deadline, requested, || self.lost().is_some())
+            .await?;
+        if let Some(r) = room().as_mut() {
+            r.plugged(sizes.plugged_mib);
         }
+        if sizes.plugged_mib >= want {
+            tracing::info!(
+                vm = %self.id,
+                "{} MiB plugged beyond the {boot} MiB booted, for the pod's memory limits",
+                sizes.plugged_mib
+            );
+        } else {
+            tracing::warn!(
+                vm = %self.id,
+                "asked the guest to plug {want} MiB, it has plugged {} MiB in {:?}",
+                sizes.plugged_mib,
+                started.elapsed()
+            );
+        }
+        Ok(())
     }
 
     /// The guest's memory now (MiB): as launched, and what it has plugged since.
