@@ -28,32 +28,36 @@ async fn cocoon_a_raised_memory_limit_can_be_used() {
 /// the guest plugs.
 #[test]
 fn cocoon_vmm_a_raised_memory_limit_can_be_used() {
-    let test = "cocoon_vmm_a_raised_memory_limit_can_be_used";
-    if hardware_kvm(test) == Place::Done {
-        return;
-    }
-    // SAFETY: set before any thread of this test starts; the test runs alone in its
-    // process (libtest's --exact inside L1, or nextest's process per test).
-    unsafe { std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm") };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(a_raised_memory_limit_can_be_used(test, COCOON, 88));
+    on_cocoon_vmm("cocoon_vmm_a_raised_memory_limit_can_be_used", false, 88);
 }
 
 /// And a pod restored from a VM template (`[vm] templates`), made before anything was
 /// plugged: the clone's device starts as the template's, and grows the same.
 #[test]
 fn cocoon_vmm_a_pod_from_a_template_grows_its_memory() {
-    let test = "cocoon_vmm_a_pod_from_a_template_grows_its_memory";
+    on_cocoon_vmm(
+        "cocoon_vmm_a_pod_from_a_template_grows_its_memory",
+        true,
+        89,
+    );
+}
+
+/// Runs the test on cocoon-vmm (hardware KVM, or else inside L1), pods restored from VM
+/// templates when `templates`.
+fn on_cocoon_vmm(test: &str, templates: bool, net: u8) {
     if hardware_kvm(test) == Place::Done {
         return;
     }
-    // SAFETY: as above.
+    // SAFETY: set before any thread of this test starts; the test runs alone in its
+    // process (libtest's --exact inside L1, or nextest's process per test).
     unsafe {
         std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm");
-        std::env::set_var("COCOON_TEST_TEMPLATES", "1");
+        if templates {
+            std::env::set_var("COCOON_TEST_TEMPLATES", "1");
+        }
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(a_raised_memory_limit_can_be_used(test, COCOON, 89));
+    rt.block_on(a_raised_memory_limit_can_be_used(test, COCOON, net));
 }
 
 /// Touches the MiB it is given, a page at a time, and says so: what an application

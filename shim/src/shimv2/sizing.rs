@@ -65,10 +65,7 @@ impl PodLimits {
     /// A memory limit in bytes and a CFS quota over a period, as whole MiB and vCPUs
     /// rounded up; absent, zero or negative values add nothing.
     fn of(memory: Option<i64>, quota: Option<i64>, period: Option<i64>) -> PodLimits {
-        let memory_mib = match memory {
-            Some(b) if b > 0 => (b as u64).div_ceil(1 << 20).min(u64::from(MAX_MEMORY_MIB)) as u32,
-            _ => 0,
-        };
+        let memory_mib = memory_mib(memory).min(u64::from(MAX_MEMORY_MIB)) as u32;
         let vcpus = match (quota, period) {
             (Some(q), Some(p)) if q > 0 && p > 0 => {
                 (q as u64).div_ceil(p as u64).min(u64::from(MAX_VCPUS)) as u32
