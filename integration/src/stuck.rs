@@ -180,6 +180,38 @@ fn report_now(root: &Path) -> String {
     out
 }
 
+/// The kernel's last lines about killed processes (the OOM killer, seccomp, a
+/// hung task), for a test that saw a process die with no reason of its own.
+pub fn kernel_kills() -> String {
+    let out = Command::new("dmesg").stdin(Stdio::null()).output();
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(o) => return format!("(dmesg failed: {})", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => return format!("(dmesg: {e})"),
+    };
+    let hits: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            [
+                "oom-kill:",
+                "killed process",
+                "type=1326",
+                "blocked for more than",
+                "segfault",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect();
+    let from = hits.len().saturating_sub(15);
+    format!(
+        "--- kernel log (kills, last {}):\n{}",
+        hits.len() - from,
+        hits[from..].join("\n")
+    )
+}
+
 fn short(cmd: &str) -> &str {
     let end = cmd.char_indices().nth(160).map_or(cmd.len(), |(i, _)| i);
     &cmd[..end]

@@ -211,7 +211,13 @@ pub fn spec_file(env: &Env, name: &str, edit: impl FnOnce(&mut serde_json::Value
 
 pub fn ctr_ok(env: &Env, args: &[&str]) -> String {
     let o = env.containerd.ctr(args);
-    assert!(o.status.success(), "ctr {args:?}: {}", show(&o));
+    assert!(
+        o.status.success(),
+        "ctr {args:?}: {}\n--- containerd log (end):\n{}\n{}",
+        show(&o),
+        env.containerd.log_tail(),
+        cocoon_integration::stuck::kernel_kills()
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
