@@ -245,7 +245,7 @@ impl super::Hypervisor for CocoonVmm {
         };
         let mut cmd = Command::new(&self.binary);
         // The API's listener, for growing the guest's memory.
-        let memctl = super::memctl::Listener::for_vm(&run_dir, spec.hotplug_mib)?;
+        let memctl = super::memctl::Listener::for_vm(&run_dir, spec.hotplug_mib > 0)?;
         let memctl_fd = memctl.as_ref().map(super::memctl::Listener::fd);
         if let Some(fd) = memctl_fd {
             super::inherit_fd(&mut cmd, fd);

@@ -59,6 +59,7 @@ pub fn new_vm(
         agent_ready: None,
         template: None,
         memory_control: None,
+        qmp: None,
     }
 }
 

@@ -11,8 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+
+use super::qmp::read_line;
 
 /// The socket's name in the VM's run directory.
 pub const SOCKET: &str = "memctl.sock";
@@ -21,8 +23,6 @@ pub const QEMU_DEVICE_ID: &str = "hotmem0";
 /// The granule of growth: Linux adds memory in blocks of 128 MiB on x86 (smaller
 /// requests would be plugged only in part), and both VMMs' regions are sized in it.
 pub const BLOCK_MIB: u32 = 128;
-/// The longest reply line read (QMP greets with a few hundred bytes).
-const MAX_LINE: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemctlError {
@@ -137,12 +137,13 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// A listener at `<run_dir>/memctl.sock` when the VM has room to grow.
+    /// A listener at `<run_dir>/memctl.sock` when the VM is `controlled` (it has room
+    /// to grow, or it is QEMU's `pc`, which also takes disks after boot).
     pub fn for_vm(
         run_dir: &Path,
-        hotplug_mib: u32,
+        controlled: bool,
     ) -> Result<Option<Listener>, super::HypervisorError> {
-        if hotplug_mib == 0 {
+        if !controlled {
             return Ok(None);
         }
         let path = run_dir.join(SOCKET);
@@ -158,6 +159,11 @@ impl Listener {
     /// How the shim reaches the VMM once it holds its own copy of the listener.
     pub fn into_control(self, how: fn(PathBuf) -> MemoryControl) -> MemoryControl {
         how(self.path)
+    }
+
+    /// The socket's path, for the shim's own connections once the VMM holds it.
+    pub fn into_path(self) -> PathBuf {
+        self.path
     }
 }
 
@@ -195,20 +201,6 @@ fn mib_of(v: &serde_json::Value, what: &str) -> Result<u32, MemctlError> {
         .ok_or_else(|| MemctlError::BadReply(format!("{what}: {v}")))
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes.
-async fn read_line(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value, MemctlError> {
-    let mut line = String::new();
-    let n = tokio::io::AsyncReadExt::take(&mut *r, MAX_LINE)
-        .read_line(&mut line)
-        .await?;
-    if n == 0 || !line.ends_with('\n') {
-        return Err(MemctlError::BadReply(format!(
-            "the connection ended or the line ran past {MAX_LINE} bytes"
-        )));
-    }
-    serde_json::from_str(&line).map_err(|e| MemctlError::BadReply(format!("{e}: {line}")))
-}
-
 async fn connect(path: &Path) -> Result<BufReader<UnixStream>, MemctlError> {
     let s = UnixStream::connect(path)
         .await
@@ -216,46 +208,16 @@ async fn connect(path: &Path) -> Result<BufReader<UnixStream>, MemctlError> {
     Ok(BufReader::new(s))
 }
 
-/// One QMP command on a connection of its own (QMP takes one client at a time; the
-/// caller serialises): the greeting, capabilities, the command. Events are skipped.
+/// One QMP command on a session of its own (QMP takes one client at a time; the
+/// caller serialises).
 async fn qmp(
     path: &Path,
     command: serde_json::Value,
     deadline: Duration,
 ) -> Result<serde_json::Value, MemctlError> {
-    let exchange = async {
-        let mut s = connect(path).await?;
-        let greeting = read_line(&mut s).await?;
-        if greeting.get("QMP").is_none() {
-            return Err(MemctlError::BadReply(format!(
-                "not a QMP greeting: {greeting}"
-            )));
-        }
-        let mut result = serde_json::Value::Null;
-        for cmd in [serde_json::json!({"execute": "qmp_capabilities"}), command] {
-            let mut line = cmd.to_string();
-            line.push('\n');
-            s.get_mut().write_all(line.as_bytes()).await?;
-            result = loop {
-                let reply = read_line(&mut s).await?;
-                if reply.get("event").is_some() {
-                    continue;
-                }
-                if let Some(e) = reply.get("error") {
-                    let desc = e.get("desc").and_then(|d| d.as_str()).unwrap_or("?");
-                    return Err(MemctlError::Refused(desc.to_owned()));
-                }
-                match reply.get("return") {
-                    Some(r) => break r.clone(),
-                    None => return Err(MemctlError::BadReply(reply.to_string())),
-                }
-            };
-        }
-        Ok(result)
-    };
-    tokio::time::timeout(deadline, exchange)
-        .await
-        .map_err(|_| MemctlError::Timeout(deadline))?
+    let end = tokio::time::Instant::now() + deadline;
+    let mut session = super::qmp::Session::connect(path, end).await?;
+    session.execute(command).await
 }
 
 /// One cocoon-vmm API request; its reply's `memory` object.
@@ -295,7 +257,9 @@ pub fn region_mib(boot_mib: u32, max_mib: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::qmp::MAX_LINE;
     use super::*;
+    use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
     /// A fake VMM that answers each connection with its lines in turn (reading one line

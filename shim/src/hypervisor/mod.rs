@@ -12,6 +12,7 @@ pub mod memctl;
 mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;
+pub mod qmp;
 pub mod template;
 pub mod userns;
 pub mod watch;
@@ -227,6 +228,8 @@ pub struct Vm {
     pub template: Option<PathBuf>,
     /// How to grow the guest's memory, when it was launched with room to grow.
     pub memory_control: Option<memctl::MemoryControl>,
+    /// QEMU's QMP socket, on a machine that takes disks after boot (`pc`).
+    pub qmp: Option<PathBuf>,
 }
 
 impl Vm {

@@ -203,14 +203,14 @@ impl Qemu {
                     super::memctl::QEMU_DEVICE_ID
                 ),
             ]);
-            if let Some(fd) = memctl_fd {
-                push(&[
-                    "-chardev",
-                    &format!("socket,id=memctl,fd={fd},server=on,wait=off"),
-                    "-mon",
-                    "chardev=memctl,mode=control",
-                ]);
-            }
+        }
+        if let Some(fd) = memctl_fd {
+            push(&[
+                "-chardev",
+                &format!("socket,id=memctl,fd={fd},server=on,wait=off"),
+                "-mon",
+                "chardev=memctl,mode=control",
+            ]);
         }
         push(&[
             "-kernel",
@@ -351,8 +351,9 @@ impl super::Hypervisor for Qemu {
         }
         vm.times.backend_ready = Instant::now();
 
-        // QMP's listener, for growing the guest's memory.
-        let memctl = super::memctl::Listener::for_vm(&run_dir, spec.hotplug_mib)?;
+        // QMP's listener, for growing the guest's memory and plugging disks (`pc`).
+        let controlled = spec.hotplug_mib > 0 || self.machine == Machine::Pc;
+        let memctl = super::memctl::Listener::for_vm(&run_dir, controlled)?;
         let memctl_fd = memctl.as_ref().map(super::memctl::Listener::fd);
         let args = self.args(spec, &paths, memctl_fd);
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
@@ -423,7 +424,14 @@ impl super::Hypervisor for Qemu {
         }
         vm.procs.vmm = Some(child);
         // QEMU holds QMP's listener now.
-        vm.memory_control = memctl.map(|l| l.into_control(super::memctl::MemoryControl::Qmp));
+        if let Some(qmp) = memctl.map(super::memctl::Listener::into_path) {
+            if spec.hotplug_mib > 0 {
+                vm.memory_control = Some(super::memctl::MemoryControl::Qmp(qmp.clone()));
+            }
+            if self.machine == Machine::Pc {
+                vm.qmp = Some(qmp);
+            }
+        }
         vm.times.vmm_spawned = Instant::now();
         tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), accel = vm.accel, "VM launched");
         Ok(vm)
