@@ -10,6 +10,7 @@ pub mod cpus;
 pub mod debug;
 pub mod details;
 pub mod devfilter;
+pub mod disks;
 pub mod fuzz;
 pub mod handlers;
 pub mod init;

@@ -15,6 +15,7 @@ use cocoon_shim::config::Config;
 pub mod containerd;
 pub mod cri;
 pub mod image;
+pub mod loopdev;
 pub mod policy;
 pub mod soak;
 pub mod streaming;

@@ -88,6 +88,30 @@ impl AgentService {
         .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
     }
 
+    /// The spec with the guest's numbers for the block devices the host plugged for
+    /// it (`crate::disks`), or `None` when it has none.
+    async fn remap_disks(
+        &self,
+        req: &CreateContainerRequest,
+        spec: &[u8],
+    ) -> ttrpc::Result<Option<Vec<u8>>> {
+        if req.block_devices.is_empty() {
+            return Ok(None);
+        }
+        let deadline = CALL_DEADLINE
+            .try_with(|d| d.into_std())
+            .unwrap_or_else(|_| std::time::Instant::now() + std::time::Duration::from_secs(60));
+        let (wanted, spec) = (req.block_devices.clone(), spec.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let sys = std::path::Path::new(crate::disks::SYS_BLOCK);
+            crate::disks::remap(&spec, &wanted, sys, deadline)
+        })
+        .await
+        .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
+        .map(Some)
+        .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e))
+    }
+
     pub(super) async fn create_container_inner(
         &self,
         req: CreateContainerRequest,
@@ -162,6 +186,14 @@ impl AgentService {
             Some(spec)
         };
         let spec = pulled.as_deref().unwrap_or(&req.oci_spec_json);
+        let remapped = match self.remap_disks(&req, spec).await {
+            Ok(v) => v,
+            Err(e) => {
+                remove_container_files(&req.container_id);
+                return Err(e);
+            }
+        };
+        let spec = remapped.as_deref().unwrap_or(spec);
         sandbox::wait_shared_mounts(spec).await;
         let with_secrets = match self.provide_secrets(&req.container_id, spec).await {
             Ok(v) => v,

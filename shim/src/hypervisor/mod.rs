@@ -6,6 +6,7 @@
 pub mod cocoon_vmm;
 pub mod confidential;
 pub mod console;
+pub mod disks;
 pub mod identity;
 mod launch;
 pub mod memctl;

@@ -10,6 +10,7 @@ use cocoon_protocol::agent::CreateSandboxRequest;
 use thiserror::Error;
 use tokio::sync::Mutex;
 
+pub mod disks;
 mod limits;
 
 use super::mounts::MountError;
@@ -86,6 +87,8 @@ pub struct Sandbox {
     memory_control: Option<(crate::hypervisor::memctl::MemoryControl, Duration)>,
     /// Held while memory is being plugged: one resize at a time per pod.
     plugging: Mutex<()>,
+    /// The raw block devices plugged for its containers.
+    pub disks: disks::Disks,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -420,6 +423,7 @@ impl Sandbox {
             memory: std::sync::Mutex::new(None),
             memory_control: vm.memory_control.clone().map(|c| (c, call)),
             plugging: Mutex::new(()),
+            disks: disks::Disks::new(vm.qmp.clone(), call),
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,

@@ -279,6 +279,12 @@ impl Service {
             terminal: req.terminal,
         };
         let result = async {
+            let disks = sb.disks.attach(&req.id, &spec).await.map_err(|e| match e {
+                crate::hypervisor::disks::DiskError::Unsupported(_) => {
+                    err(ttrpc::Code::FAILED_PRECONDITION, e)
+                }
+                _ => err(ttrpc::Code::INTERNAL, super::util::chain(&e)),
+            })?;
             let spec_json = serde_json::to_vec(&spec).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
             let mut creq = pb::CreateContainerRequest::new();
             creq.container_id = req.id.clone();
@@ -287,6 +293,7 @@ impl Service {
             creq.sandbox_id = self.inner.group.clone();
             creq.guest_image = guest_image.clone().unwrap_or_default();
             creq.watched_mounts = watched.clone();
+            creq.block_devices = disks;
             let fetches = guest_image.is_some()
                 || spec
                     .annotations()
@@ -313,6 +320,7 @@ impl Service {
             Ok(v) => v,
             Err(e) => {
                 let _ = sb.agent.remove_container(&req.id).await;
+                sb.disks.release(&req.id).await;
                 mounts.cleanup();
                 return Err(e);
             }

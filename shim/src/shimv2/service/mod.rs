@@ -346,6 +346,7 @@ impl Task for Service {
                 tracing::warn!("agent remove {}: {e}", req.id);
             }
             sb.forget_limits(&req.id);
+            sb.disks.release(&req.id).await;
         }
         c.mounts.cleanup();
         ContainerState::remove(&c.bundle);

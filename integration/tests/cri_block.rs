@@ -1,0 +1,169 @@
+//! Raw block volumes (Kubernetes `volumeDevices`: a CRI container's `devices`) under runc
+//! and under cocoon. containerd puts the host device's major:minor in the spec; under
+//! cocoon the shim plugs the host's device into the pod VM as a virtio-blk disk (QEMU's
+//! `pc`, through QMP) and the agent gives the container the guest disk's numbers
+//! (`shim/src/hypervisor/disks.rs`). The container must see the same device, read what
+//! the host wrote, write what the host then reads, and be refused writes where its
+//! permissions say read-only; once it is removed, no process of the pod holds the device.
+
+mod common;
+
+use std::time::Duration;
+
+use cocoon_integration::cri::{CriNode, COCOON, RUNC};
+use cocoon_integration::image::IMAGE_REF;
+use cocoon_integration::loopdev::{held_after, Loop};
+use k8s_cri::v1::{Device, RemoveContainerRequest, StopContainerRequest};
+
+#[tokio::test]
+async fn runc_a_block_device_is_the_containers() {
+    a_block_device_is_the_containers("runc_a_block_device_is_the_containers", RUNC, 90, true).await;
+}
+
+#[tokio::test]
+async fn cocoon_a_block_device_is_the_containers() {
+    a_block_device_is_the_containers("cocoon_a_block_device_is_the_containers", COCOON, 91, true)
+        .await;
+}
+
+/// On the default machine (microvm), which takes no device after boot: the container's
+/// create fails, saying what would take it, and the pod goes on.
+#[tokio::test]
+async fn cocoon_microvm_refuses_a_block_device_naming_the_machine() {
+    a_block_device_is_the_containers(
+        "cocoon_microvm_refuses_a_block_device_naming_the_machine",
+        COCOON,
+        92,
+        false,
+    )
+    .await;
+}
+
+/// The container's view, the same under both runtimes: the node is a block device, it
+/// reads what the host wrote at the start, its write reaches the device, and the
+/// read-only device refuses a write.
+const SCRIPT: &str = "ls -l /dev/xvda | cut -c1; \
+    dd if=/dev/xvda bs=11 count=1 2>/dev/null; echo; \
+    echo guest-wrote | dd of=/dev/xvda bs=512 seek=1 conv=notrunc,fsync 2>/dev/null; \
+    echo write=$?; \
+    dd if=/dev/xvdb bs=9 count=1 2>/dev/null; echo; \
+    (echo no > /dev/xvdb) 2>/dev/null; echo ro-write=$?";
+
+async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, pc: bool) {
+    let tables = if pc { "[qemu]\nmachine = \"pc\"\n" } else { "" };
+    let Some(env) = common::env_vm(test, handler, net, false, "", tables).await else {
+        return;
+    };
+    let node = &env.node;
+    let (rw, ro) = match (
+        Loop::new(env.dir.path(), "rw.img", b"host-marker"),
+        Loop::new(env.dir.path(), "ro.img", b"ro-marker"),
+    ) {
+        (Ok(rw), Ok(ro)) => (rw, ro),
+        (Err(why), _) | (_, Err(why)) => {
+            cocoon_nested::testing::missing(test, &format!("a loop device: {why}"));
+            return;
+        }
+    };
+    let pconfig = node.pod_config("disks", &format!("uid-disks-{net}"), "default");
+    let pod = node
+        .run_pod(&pconfig, handler)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: RunPodSandbox: {e}\n{}", node.log_tail()));
+    let mut c = CriNode::container_config("app", IMAGE_REF, &["sleep", "3600"], &[]);
+    c.devices = vec![
+        Device {
+            container_path: "/dev/xvda".into(),
+            host_path: rw.dev.to_string_lossy().into_owned(),
+            permissions: "rwm".into(),
+        },
+        Device {
+            container_path: "/dev/xvdb".into(),
+            host_path: ro.dev.to_string_lossy().into_owned(),
+            permissions: "r".into(),
+        },
+    ];
+    let created = node.create_and_start(&pod, &c, &pconfig).await;
+    if !pc {
+        let e = created.expect_err("a block device on microvm");
+        assert!(
+            e.message().contains("qemu.machine = \"pc\""),
+            "{test}: the error does not say what would take it: {e}"
+        );
+        // The pod is still there for containers without devices.
+        let plain = CriNode::container_config("plain", IMAGE_REF, &["sleep", "3600"], &[]);
+        let ctr = node
+            .create_and_start(&pod, &plain, &pconfig)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: a plain container after the refusal: {e}"));
+        let (code, out, _) = node
+            .exec_sync(&ctr, &["echo", "alive"], Duration::from_secs(30))
+            .await
+            .expect("ExecSync");
+        assert_eq!((code, out.as_str()), (0, "alive\n"), "{test}");
+        node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+        let held = held_after(&[&rw, &ro], Duration::from_secs(30));
+        assert!(held.is_empty(), "{test}: {held:?}");
+        return;
+    }
+    let ctr = created.unwrap_or_else(|e| panic!("{test}: create/start: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(&ctr, &["sh", "-c", SCRIPT], Duration::from_secs(60))
+        .await
+        .expect("ExecSync");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "b\nhost-marker\nwrite=0\nro-marker\nro-write=1\n"),
+        "{test}: {err}\n{}",
+        node.log_tail()
+    );
+    // The write reached the host's device, and through it the file.
+    let bytes = std::fs::read(&rw.file).unwrap();
+    assert_eq!(&bytes[512..524], b"guest-wrote\n", "{test}");
+    assert_eq!(
+        &std::fs::read(&ro.file).unwrap()[..9],
+        b"ro-marker",
+        "{test}"
+    );
+
+    // The container goes: nothing of the pod holds either device any more (under
+    // cocoon, the guest let the disks go and QEMU closed them), while the pod runs.
+    let mut rt = node.runtime();
+    rt.stop_container(StopContainerRequest {
+        container_id: ctr.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{test}: StopContainer: {e}"));
+    rt.remove_container(RemoveContainerRequest {
+        container_id: ctr.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{test}: RemoveContainer: {e}"));
+    let held = held_after(&[&rw, &ro], Duration::from_secs(30));
+    assert!(
+        held.is_empty(),
+        "{test}: still held after the container's removal: {held:?}\n{}",
+        node.log_tail()
+    );
+    // A new container takes the device again (a new disk in the same VM).
+    let ctr = node
+        .create_and_start(&pod, &c, &pconfig)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create again: {e}\n{}", node.log_tail()));
+    let (code, out, err) = node
+        .exec_sync(
+            &ctr,
+            &["dd", "if=/dev/xvda", "bs=512", "skip=1", "count=1"],
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("ExecSync");
+    assert!(
+        code == 0 && out.starts_with("guest-wrote\n"),
+        "{test}: {code} {out:?} {err}"
+    );
+    node.stop_and_remove_pod(&pod).await.expect("stop/remove");
+    let held = held_after(&[&rw, &ro], Duration::from_secs(30));
+    assert!(held.is_empty(), "{test}: held after the pod: {held:?}");
+}

@@ -1,0 +1,42 @@
+//! `ctr run --device` of a host block device, under runc and under cocoon (QEMU's `pc`,
+//! which takes the device as a virtio-blk disk after boot; `cri_block.rs` has the CRI
+//! side and the refusal on microvm).
+
+mod ctr_common;
+
+use std::time::Duration;
+
+use cocoon_integration::loopdev::{held_after, Loop};
+use ctr_common::*;
+
+#[test]
+fn a_host_block_device_is_the_containers() {
+    let env = env_with("", "[qemu]\nmachine = \"pc\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match Loop::new(dir.path(), "disk.img", b"host-marker") {
+        Ok(l) => l,
+        Err(why) => {
+            cocoon_nested::testing::missing("a_host_block_device_is_the_containers", &why);
+            return;
+        }
+    };
+    let dev = disk.dev.to_string_lossy().into_owned();
+    // ctr gives the device the host's path in the container.
+    let script = format!(
+        "ls -l {dev} | cut -c1; dd if={dev} bs=11 count=1 2>/dev/null; echo; \
+         echo ctr-wrote | dd of={dev} bs=512 seek=2 conv=notrunc,fsync 2>/dev/null; \
+         echo write=$?"
+    );
+    let out = same_in(&env, "blk", &["--device", &dev], &["sh", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "b\nhost-marker\nwrite=0\n"
+    );
+    assert_eq!(
+        &std::fs::read(&disk.file).unwrap()[1024..1034],
+        b"ctr-wrote\n"
+    );
+    assert_clean(&env);
+    let held = held_after(&[&disk], Duration::from_secs(30));
+    assert!(held.is_empty(), "held after the tasks: {held:?}");
+}
