@@ -117,6 +117,22 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, pc
         "{test}: {err}\n{}",
         node.log_tail()
     );
+    if handler == COCOON {
+        // The disk itself is read-only for the `r` device, not only its cgroup rule.
+        let (code, out, err) = node
+            .exec_sync(
+                &ctr,
+                &[
+                    "sh",
+                    "-c",
+                    "blockdev --getro /dev/xvda; blockdev --getro /dev/xvdb",
+                ],
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("ExecSync");
+        assert_eq!((code, out.as_str()), (0, "0\n1\n"), "{test}: {err}");
+    }
     // The write reached the host's device, and through it the file.
     let bytes = std::fs::read(&rw.file).unwrap();
     assert_eq!(&bytes[512..524], b"guest-wrote\n", "{test}");

@@ -39,4 +39,36 @@ fn a_host_block_device_is_the_containers() {
     assert_clean(&env);
     let held = held_after(&[&disk], Duration::from_secs(30));
     assert!(held.is_empty(), "held after the tasks: {held:?}");
+
+    // `--privileged` lists every block device of the host, under one rule allowing
+    // all: under cocoon none of them reaches the VM (the node's disks are never given
+    // wholesale), where runc's container has them all.
+    let probe = format!("test -e {dev}; echo has-host-disk=$?");
+    let out = ctr_run(
+        &env,
+        COCOON,
+        "blk-priv",
+        &["--privileged"],
+        &["sh", "-c", &probe],
+    );
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).as_ref()
+        ),
+        (Some(0), "has-host-disk=1\n"),
+        "{}",
+        show(&out)
+    );
+    let out = ctr_run(
+        &env,
+        RUNC,
+        "blk-priv-runc",
+        &["--privileged"],
+        &["sh", "-c", &probe],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "has-host-disk=0\n");
+    assert_clean(&env);
+    let held = held_after(&[&disk], Duration::from_secs(30));
+    assert!(held.is_empty(), "held after the privileged tasks: {held:?}");
 }

@@ -369,6 +369,11 @@ impl std::fmt::Display for HostReport {
         writeln!(f, "host cgroups:   {}", self.cgroup)?;
         writeln!(f, "VM templates:   {}", templates_line(self.kvm))?;
         writeln!(f, "memory growth:  {}", memory_growth_line(self.kvm))?;
+        writeln!(
+            f,
+            "block devices:  plugged into a pod VM after boot with [qemu] machine = \"pc\"; \
+             microvm and cocoon-vmm refuse a container that names one"
+        )?;
         match (&self.huge_tmpfs, self.shmem_thp.as_deref()) {
             (Ok(()), Some(m)) if m != "deny" => writeln!(
                 f,

@@ -12,6 +12,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -34,7 +35,7 @@ pub enum DiskError {
         path: String,
         why: String,
     },
-    #[error("cannot plug block device {major}:{minor} into the pod VM: {source}")]
+    #[error("cannot plug block device {major}:{minor} into the pod VM")]
     Plug {
         major: u64,
         minor: u64,
@@ -135,76 +136,160 @@ fn open_in(
     })
 }
 
+/// Deadline of the steps that take back what a failed plug made, and of `blockdev-del`
+/// after an unplug: their own, since the step before may have used up the call's.
+const CLEANUP: Duration = Duration::from_secs(5);
+/// How often an unplug asks whether the guest has let the disk go.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A plug that failed: why, and whether something may be left in QEMU under its id.
+#[derive(Debug)]
+pub struct PlugFailed {
+    pub error: MemctlError,
+    pub left: bool,
+}
+
 /// Plugs `disk` into the VM as virtio-blk device `id` (also its block node's name)
-/// with `serial`, through QMP at `qmp`, by `deadline`. Anything half made is taken
-/// back before an error returns.
+/// with `serial`, through QMP at `qmp`, by `deadline`. What a failed plug made is taken
+/// back on a fresh session (the failed one may be out of step).
 pub async fn plug(
     qmp: &Path,
     disk: &HostDisk,
     id: &str,
     serial: &str,
     deadline: Instant,
+) -> Result<(), PlugFailed> {
+    let mut fdset = None;
+    let Err(error) = plug_steps(qmp, disk, id, serial, deadline, &mut fdset).await else {
+        return Ok(());
+    };
+    let end = Instant::now() + CLEANUP;
+    let left = match Session::connect(qmp, end).await {
+        Ok(mut q) => {
+            if let Some(set) = fdset {
+                let _ = q
+                    .execute(
+                        serde_json::json!({"execute": "remove-fd", "arguments": {"fdset-id": set}}),
+                    )
+                    .await;
+            }
+            // A device_add whose reply never came may have been done.
+            let device = present(&mut q, id).await.unwrap_or(true);
+            device || blockdev_del(&mut q, id).await.is_err()
+        }
+        Err(_) => true,
+    };
+    Err(PlugFailed { error, left })
+}
+
+async fn plug_steps(
+    qmp: &Path,
+    disk: &HostDisk,
+    id: &str,
+    serial: &str,
+    deadline: Instant,
+    fdset: &mut Option<u64>,
 ) -> Result<(), MemctlError> {
     let mut q = Session::connect(qmp, deadline).await?;
     let added = q
         .execute_with_fd(serde_json::json!({"execute": "add-fd"}), disk.fd.as_fd())
         .await?;
-    let fdset = added
+    let set = added
         .get("fdset-id")
         .and_then(|v| v.as_u64())
         .ok_or_else(|| MemctlError::BadReply(format!("add-fd: {added}")))?;
+    *fdset = Some(set);
     let read_only = !disk.writable;
-    let made = q
-        .execute(serde_json::json!({"execute": "blockdev-add", "arguments": {
-            "node-name": id,
-            "driver": "raw",
+    q.execute(serde_json::json!({"execute": "blockdev-add", "arguments": {
+        "node-name": id,
+        "driver": "raw",
+        "read-only": read_only,
+        "file": {
+            "driver": "host_device",
+            "filename": format!("/dev/fdset/{set}"),
             "read-only": read_only,
-            "file": {
-                "driver": "host_device",
-                "filename": format!("/dev/fdset/{fdset}"),
-                "read-only": read_only,
-                // As under runc: nothing stops two users of one device.
-                "locking": "off",
-            },
-        }}))
-        .await;
-    // QEMU holds its own copy once the node is made; the set's goes either way.
-    let removed = q
-        .execute(serde_json::json!({"execute": "remove-fd", "arguments": {"fdset-id": fdset}}))
-        .await;
-    made?;
-    let device = match removed {
-        Ok(_) => {
-            q.execute(serde_json::json!({"execute": "device_add", "arguments": {
-                "driver": "virtio-blk-pci",
-                "id": id,
-                "drive": id,
-                "serial": serial,
-            }}))
-            .await
-        }
-        Err(e) => Err(e),
-    };
-    if let Err(e) = device {
-        let _ = q
-            .execute(serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": id}}))
-            .await;
-        return Err(e);
-    }
+            // As under runc: nothing stops two users of one device.
+            "locking": "off",
+        },
+    }}))
+    .await?;
+    // QEMU holds its own copy once the node is made; the set's can go.
+    q.execute(serde_json::json!({"execute": "remove-fd", "arguments": {"fdset-id": set}}))
+        .await?;
+    *fdset = None;
+    q.execute(serde_json::json!({"execute": "device_add", "arguments": {
+        "driver": "virtio-blk-pci",
+        "id": id,
+        "drive": id,
+        "serial": serial,
+    }}))
+    .await?;
     Ok(())
 }
 
-/// Unplugs device `id`: asks the guest to let it go (ACPI eject), waits until QEMU
-/// says it is gone, then closes its block node (and with it the host's device). A
-/// guest that keeps the disk keeps it until its VM ends: an error here.
+/// Unplugs device `id`: asks the guest to let it go (ACPI eject), waits until QEMU no
+/// longer has the device, then closes its block node (and with it the host's device).
+/// A guest that keeps the disk keeps it: an error at `deadline`, and [`forget`] later.
+/// Asked on short sessions, so memory growth is never held up behind a slow guest.
 pub async fn unplug(qmp: &Path, id: &str, deadline: Instant) -> Result<(), MemctlError> {
     let mut q = Session::connect(qmp, deadline).await?;
-    q.execute(serde_json::json!({"execute": "device_del", "arguments": {"id": id}}))
+    match q
+        .execute(serde_json::json!({"execute": "device_del", "arguments": {"id": id}}))
+        .await
+    {
+        // Gone already: the guest ejected it on its own.
+        Ok(_) | Err(MemctlError::NotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    drop(q);
+    loop {
+        let mut q = Session::connect(qmp, deadline).await?;
+        if !present(&mut q, id).await? {
+            break;
+        }
+        drop(q);
+        if Instant::now() + POLL >= deadline {
+            return Err(MemctlError::Timeout(POLL));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    forget(qmp, id).await
+}
+
+/// Closes block node `id` once its device is gone (after an unplug that ran out of
+/// time, the guest may have let it go since): an error while the device is there.
+pub async fn forget(qmp: &Path, id: &str) -> Result<(), MemctlError> {
+    let mut q = Session::connect(qmp, Instant::now() + CLEANUP).await?;
+    if present(&mut q, id).await? {
+        return Err(MemctlError::Refused(format!(
+            "device {id} is still plugged"
+        )));
+    }
+    blockdev_del(&mut q, id).await
+}
+
+/// Whether QEMU has device `id`.
+async fn present(q: &mut Session, id: &str) -> Result<bool, MemctlError> {
+    let list = q
+        .execute(serde_json::json!({"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}))
         .await?;
-    q.wait_event("DEVICE_DELETED", "device", id).await?;
-    q.execute(serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": id}}))
-        .await?;
-    Ok(())
+    let list = list
+        .as_array()
+        .ok_or_else(|| MemctlError::BadReply(format!("qom-list: {list}")))?;
+    Ok(list
+        .iter()
+        .any(|p| p.get("name").and_then(|n| n.as_str()) == Some(id)))
+}
+
+/// Closes block node `id`; one already gone is no error.
+async fn blockdev_del(q: &mut Session, id: &str) -> Result<(), MemctlError> {
+    match q
+        .execute(serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": id}}))
+        .await
+    {
+        Err(MemctlError::Refused(why)) if why.contains("Failed to find node") => Ok(()),
+        r => r.map(|_| ()),
+    }
 }
 
 #[cfg(test)]
@@ -240,120 +325,216 @@ mod tests {
         assert!(e.contains("not that block device (it is 1:3)"), "{e}");
     }
 
-    /// A fake QEMU on one connection: greets, then answers each command by name,
-    /// recording each and whether a descriptor came with it; `DEVICE_DELETED` comes
-    /// before device_del's own reply, as QEMU may send it.
-    fn fake_qemu(
-        listener: std::os::unix::net::UnixListener,
-        fail: &'static str,
-    ) -> std::thread::JoinHandle<Vec<(String, bool)>> {
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let (mut s, _) = listener.accept().unwrap();
-            s.write_all(b"{\"QMP\": {}}\n").unwrap();
-            let mut seen = Vec::new();
-            let mut pending = Vec::new();
-            loop {
-                let mut buf = [0u8; 4096];
-                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                let msg = nix::sys::socket::recvmsg::<()>(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    &mut iov,
-                    Some(&mut space),
-                    nix::sys::socket::MsgFlags::empty(),
-                )
-                .unwrap();
-                let got_fd = msg.cmsgs().unwrap().any(|c| {
-                    matches!(c, nix::sys::socket::ControlMessageOwned::ScmRights(f) if !f.is_empty())
-                });
-                let n = msg.bytes;
-                if n == 0 {
-                    return seen;
-                }
-                pending.extend_from_slice(&buf[..n]);
-                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let cmd: serde_json::Value = serde_json::from_slice(&line).unwrap();
-                    let name = cmd["execute"].as_str().unwrap().to_owned();
-                    seen.push((name.clone(), got_fd));
-                    let reply = match name.as_str() {
-                        n if n == fail => {
-                            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"no slot\"}}\n".to_string()
-                        }
-                        "add-fd" => "{\"return\": {\"fdset-id\": 3, \"fd\": 20}}\n".into(),
-                        "device_del" => format!(
-                            "{{\"event\": \"DEVICE_DELETED\", \"data\": {{\"device\": \"{}\"}}}}\n{{\"return\": {{}}}}\n",
-                            cmd["arguments"]["id"].as_str().unwrap()
-                        ),
-                        _ => "{\"return\": {}}\n".into(),
-                    };
-                    s.write_all(reply.as_bytes()).unwrap();
-                }
-            }
-        })
+    /// What the fake QEMU was asked: each command's name and arguments, and whether a
+    /// descriptor came with it.
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, bool)>>>;
+
+    /// How the fake QEMU's guest behaves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Guest {
+        /// Lets a disk go when asked.
+        Ejects,
+        /// Never lets a disk go.
+        Keeps,
     }
 
-    fn names(seen: &[(String, bool)]) -> Vec<&str> {
-        seen.iter().map(|(n, _)| n.as_str()).collect()
+    /// A fake QEMU serving connection after connection: greets, then answers each
+    /// command by name, with its id, keeping the devices plugged; `fail` names a
+    /// command it refuses.
+    fn fake_qemu(sock: &Path, guest: Guest, fail: &'static str) -> Seen {
+        let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        let seen: Seen = Default::default();
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut devices: Vec<String> = Vec::new();
+            for s in listener.incoming() {
+                let mut s = s.unwrap();
+                s.write_all(b"{\"QMP\": {}}\n").unwrap();
+                let mut pending = Vec::new();
+                loop {
+                    let mut buf = [0u8; 4096];
+                    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                    let Ok(msg) = nix::sys::socket::recvmsg::<()>(
+                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                        &mut iov,
+                        Some(&mut space),
+                        nix::sys::socket::MsgFlags::empty(),
+                    ) else {
+                        break;
+                    };
+                    let got_fd = msg.cmsgs().unwrap().any(|c| {
+                        matches!(c, nix::sys::socket::ControlMessageOwned::ScmRights(f) if !f.is_empty())
+                    });
+                    let n = msg.bytes;
+                    if n == 0 {
+                        break;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        let cmd: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                        let name = cmd["execute"].as_str().unwrap().to_owned();
+                        let args = cmd["arguments"].clone();
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((name.clone(), args.clone(), got_fd));
+                        let error = |class: &str, desc: &str| serde_json::json!({"error": {"class": class, "desc": desc}});
+                        let reply = match name.as_str() {
+                            n if n == fail => error("GenericError", "no slot"),
+                            "add-fd" => serde_json::json!({"return": {"fdset-id": 3, "fd": 20}}),
+                            "device_add" => {
+                                devices.push(args["id"].as_str().unwrap().into());
+                                serde_json::json!({"return": {}})
+                            }
+                            "device_del" => {
+                                let id = args["id"].as_str().unwrap();
+                                if !devices.iter().any(|d| d == id) {
+                                    error("DeviceNotFound", "no such device")
+                                } else {
+                                    if guest == Guest::Ejects {
+                                        devices.retain(|d| d != id);
+                                    }
+                                    serde_json::json!({"return": {}})
+                                }
+                            }
+                            "qom-list" => serde_json::json!({"return": devices
+                                .iter()
+                                .map(|d| serde_json::json!({"name": d, "type": "child<virtio-blk-pci>"}))
+                                .collect::<Vec<_>>()}),
+                            "blockdev-del" if devices.iter().any(|d| *d == args["node-name"]) => {
+                                error("GenericError", "Node is in use")
+                            }
+                            _ => serde_json::json!({"return": {}}),
+                        };
+                        let mut reply = reply;
+                        reply["id"] = cmd["id"].clone();
+                        if s.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        seen
+    }
+
+    /// The names of the commands seen so far (but capabilities), forgetting them.
+    fn names(seen: &Seen) -> Vec<String> {
+        let mut seen = seen.lock().unwrap();
+        seen.drain(..)
+            .map(|(n, _, _)| n)
+            .filter(|n| n != "qmp_capabilities")
+            .collect()
+    }
+
+    fn disk() -> HostDisk {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        HostDisk {
+            major: 1,
+            minor: 3,
+            path: "/dev/null".into(),
+            fd: file.into(),
+            writable: false,
+        }
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
     }
 
     #[tokio::test]
     async fn a_disk_is_plugged_with_its_descriptor_and_unplugged_after_the_guest_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let file = std::fs::File::open("/dev/null").unwrap();
-        let disk = HostDisk {
-            major: 1,
-            minor: 3,
-            path: "/dev/null".into(),
-            fd: file.into(),
-            writable: false,
-        };
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-
-        let server = fake_qemu(std::os::unix::net::UnixListener::bind(&sock).unwrap(), "");
-        plug(&sock, &disk, "disk1", "cocoon-disk1", deadline)
+        let seen = fake_qemu(&sock, Guest::Ejects, "");
+        plug(&sock, &disk(), "disk1", "cocoon-disk1", soon())
             .await
             .unwrap();
-        let seen = server.join().unwrap();
+        {
+            let s = seen.lock().unwrap();
+            let get = |name: &str| s.iter().find(|c| c.0 == name).cloned().unwrap();
+            assert!(get("add-fd").2, "the descriptor rides with add-fd");
+            let node = get("blockdev-add").1;
+            assert_eq!(node["node-name"], "disk1");
+            assert_eq!(node["read-only"], true);
+            assert_eq!(node["file"]["driver"], "host_device");
+            assert_eq!(node["file"]["filename"], "/dev/fdset/3");
+            assert_eq!(node["file"]["read-only"], true);
+            assert_eq!(get("remove-fd").1["fdset-id"], 3);
+            let dev = get("device_add").1;
+            assert_eq!(
+                (&dev["driver"], &dev["id"], &dev["drive"], &dev["serial"]),
+                (
+                    &"virtio-blk-pci".into(),
+                    &"disk1".into(),
+                    &"disk1".into(),
+                    &"cocoon-disk1".into()
+                )
+            );
+            assert!(!get("blockdev-add").2 && !get("device_add").2);
+        }
         assert_eq!(
             names(&seen),
-            [
-                "qmp_capabilities",
-                "add-fd",
-                "blockdev-add",
-                "remove-fd",
-                "device_add"
-            ]
+            ["add-fd", "blockdev-add", "remove-fd", "device_add"]
         );
-        assert!(seen[1].1, "the descriptor rides with add-fd");
-        assert!(!seen[2].1 && !seen[4].1);
+        unplug(&sock, "disk1", soon()).await.unwrap();
+        assert_eq!(
+            names(&seen),
+            ["device_del", "qom-list", "qom-list", "blockdev-del"]
+        );
+        // A device the guest ejected on its own: device_del finds nothing, and the
+        // unplug still closes the node.
+        unplug(&sock, "disk1", soon()).await.unwrap();
+        assert_eq!(
+            names(&seen),
+            ["device_del", "qom-list", "qom-list", "blockdev-del"]
+        );
+    }
 
-        // No slot left: the node made for it is taken back, and the error says why.
-        std::fs::remove_file(&sock).unwrap();
-        let server = fake_qemu(
-            std::os::unix::net::UnixListener::bind(&sock).unwrap(),
-            "device_add",
-        );
-        let e = plug(&sock, &disk, "disk2", "cocoon-disk2", deadline)
+    #[tokio::test]
+    async fn a_failed_plug_takes_back_what_it_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let seen = fake_qemu(&sock, Guest::Ejects, "device_add");
+        let e = plug(&sock, &disk(), "disk2", "cocoon-disk2", soon())
             .await
             .unwrap_err();
         assert!(
-            matches!(&e, MemctlError::Refused(s) if s == "no slot"),
+            matches!(&e.error, MemctlError::Refused(s) if s == "no slot"),
             "{e:?}"
         );
+        assert!(!e.left, "nothing left");
         assert_eq!(
-            names(&server.join().unwrap())[4..],
-            ["device_add", "blockdev-del"]
+            names(&seen),
+            [
+                "add-fd",
+                "blockdev-add",
+                "remove-fd",
+                "device_add",
+                "qom-list",
+                "blockdev-del"
+            ]
         );
-
-        std::fs::remove_file(&sock).unwrap();
-        let server = fake_qemu(std::os::unix::net::UnixListener::bind(&sock).unwrap(), "");
-        unplug(&sock, "disk1", deadline).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let seen = fake_qemu(&sock, Guest::Ejects, "blockdev-add");
+        let e = plug(&sock, &disk(), "disk3", "cocoon-disk3", soon())
+            .await
+            .unwrap_err();
+        assert!(!e.left);
         assert_eq!(
-            names(&server.join().unwrap()),
-            ["qmp_capabilities", "device_del", "blockdev-del"]
+            names(&seen),
+            [
+                "add-fd",
+                "blockdev-add",
+                "remove-fd",
+                "qom-list",
+                "blockdev-del"
+            ],
+            "the descriptor set is removed too"
         );
     }
 
@@ -361,24 +542,18 @@ mod tests {
     async fn a_guest_that_keeps_its_disk_ends_the_unplug_at_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        // Answers device_del, but no DEVICE_DELETED ever comes.
-        let _server = std::thread::spawn(move || {
-            use std::io::{BufRead, Write};
-            let (s, _) = listener.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            w.write_all(b"{\"QMP\": {}}\n").unwrap();
-            for line in std::io::BufReader::new(s).lines() {
-                if line.is_err() {
-                    return;
-                }
-                let _ = w.write_all(b"{\"return\": {}}\n");
-            }
-        });
+        let seen = fake_qemu(&sock, Guest::Keeps, "");
+        plug(&sock, &disk(), "disk1", "cocoon-disk1", soon())
+            .await
+            .unwrap();
         let started = std::time::Instant::now();
-        let deadline = Instant::now() + std::time::Duration::from_millis(600);
+        let deadline = Instant::now() + Duration::from_millis(600);
         let e = unplug(&sock, "disk1", deadline).await.unwrap_err();
         assert!(matches!(e, MemctlError::Timeout(_)), "{e:?}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Later, still there: the node stays, and saying so is an error.
+        let e = forget(&sock, "disk1").await.unwrap_err();
+        assert!(e.to_string().contains("still plugged"), "{e}");
+        assert!(!names(&seen).contains(&"blockdev-del".to_string()));
     }
 }

@@ -36,6 +36,8 @@ pub enum MemctlError {
     BadReply(String),
     #[error("the VMM refused: {0}")]
     Refused(String),
+    #[error("the VMM has no such device: {0}")]
+    NotFound(String),
 }
 
 /// How the shim reaches a VM's virtio-mem device.
@@ -256,11 +258,21 @@ pub fn region_mib(boot_mib: u32, max_mib: u32) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::qmp::MAX_LINE;
     use super::*;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
+
+    /// `reply` with the QMP id of `request`, as QEMU echoes it (events carry none).
+    pub(crate) fn with_id_of(request: &str, reply: &str) -> String {
+        let req: serde_json::Value = serde_json::from_str(request).unwrap_or_default();
+        let mut rep: serde_json::Value = serde_json::from_str(reply).unwrap();
+        if let (Some(id), false) = (req.get("id"), rep.get("event").is_some()) {
+            rep["id"] = id.clone();
+        }
+        rep.to_string()
+    }
 
     /// A fake VMM that answers each connection with its lines in turn (reading one line
     /// before each reply, but the first when `greet`), then hangs up.
@@ -270,10 +282,12 @@ mod tests {
             let (s, _) = listener.accept().await.unwrap();
             let mut s = BufReader::new(s);
             for (i, reply) in replies.iter().enumerate() {
+                let mut reply = reply.to_string();
                 if !(greet && i == 0) {
                     let mut line = String::new();
                     s.read_line(&mut line).await.unwrap();
                     seen.push(line.trim().to_owned());
+                    reply = with_id_of(&line, &reply);
                 }
                 s.get_mut().write_all(reply.as_bytes()).await.unwrap();
                 s.get_mut().write_all(b"\n").await.unwrap();

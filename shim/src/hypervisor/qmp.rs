@@ -3,8 +3,10 @@
 //! disks. QEMU runs the guest, so it is only as trusted as the guest: every reply is
 //! read with a deadline and a bounded length, and one that makes no sense is an error.
 //!
-//! Our own small client rather than a QMP crate: the shim needs four commands, one
-//! event and descriptor passing (`add-fd`), each bounded in time and size, on tokio.
+//! Our own small client rather than a QMP crate: the shim needs a few commands and
+//! descriptor passing (`add-fd`), each bounded in time and size, on tokio. Sessions are
+//! short (a few commands each), so that memory growth and disk plugging, which share the
+//! one client QMP serves at a time, never wait long behind each other.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
@@ -17,9 +19,10 @@ use super::memctl::MemctlError;
 
 /// The longest reply line read (QMP greets with a few hundred bytes).
 pub const MAX_LINE: u64 = 64 << 10;
-/// Events skipped while waiting for one reply: a guest that makes QEMU emit events
-/// without end cannot keep a call waiting past its deadline, nor grow memory.
-const MAX_SKIPPED_EVENTS: usize = 1024;
+/// Lines skipped while waiting for one reply (events, a late reply to an earlier
+/// command): a guest that makes QEMU emit events without end cannot keep a call waiting
+/// past its deadline, nor grow memory.
+const MAX_SKIPPED: usize = 1024;
 
 /// One connection, past the greeting and capabilities negotiation. QMP serves one
 /// client at a time: a second connection waits in the listener's backlog until this
@@ -27,12 +30,10 @@ const MAX_SKIPPED_EVENTS: usize = 1024;
 pub struct Session {
     s: BufReader<UnixStream>,
     deadline: Instant,
-    /// Events seen while waiting for replies, the last [`KEPT_EVENTS`]: one may be
-    /// what a later `wait_event` waits for (QEMU can send it before the reply).
-    events: std::collections::VecDeque<serde_json::Value>,
+    /// The id of the last command sent: each reply must carry its command's, so a late
+    /// reply to a command whose wait ended cannot pass for the next one's.
+    id: u64,
 }
-
-const KEPT_EVENTS: usize = 16;
 
 impl Session {
     pub async fn connect(path: &Path, deadline: Instant) -> Result<Session, MemctlError> {
@@ -43,7 +44,7 @@ impl Session {
             let mut session = Session {
                 s: BufReader::new(s),
                 deadline,
-                events: Default::default(),
+                id: 0,
             };
             let greeting = read_line(&mut session.s).await?;
             if greeting.get("QMP").is_none() {
@@ -78,41 +79,14 @@ impl Session {
         self.reply().await
     }
 
-    /// Waits for the event named `event` whose data has `key` equal to `value`
-    /// (`DEVICE_DELETED` of one device), skipping replies and other events.
-    pub async fn wait_event(
-        &mut self,
-        event: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<(), MemctlError> {
-        let is_it = |line: &serde_json::Value| {
-            line.get("event").and_then(|e| e.as_str()) == Some(event)
-                && line
-                    .get("data")
-                    .and_then(|d| d.get(key))
-                    .and_then(|v| v.as_str())
-                    == Some(value)
-        };
-        if self.events.iter().any(is_it) {
-            return Ok(());
-        }
-        let deadline = self.deadline;
-        within(deadline, async {
-            loop {
-                if is_it(&read_line(&mut self.s).await?) {
-                    return Ok(());
-                }
-            }
-        })
-        .await
-    }
-
     async fn send(
         &mut self,
         command: &serde_json::Value,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<(), MemctlError> {
+        self.id += 1;
+        let mut command = command.clone();
+        command["id"] = self.id.into();
         let mut line = command.to_string();
         line.push('\n');
         let bytes = line.as_bytes();
@@ -140,21 +114,24 @@ impl Session {
         .await
     }
 
-    /// The reply to the command just sent, skipping events.
+    /// The reply to the command just sent, skipping events and replies to others.
     async fn reply(&mut self) -> Result<serde_json::Value, MemctlError> {
         let deadline = self.deadline;
+        let id = self.id;
         within(deadline, async {
-            for _ in 0..=MAX_SKIPPED_EVENTS {
+            for _ in 0..=MAX_SKIPPED {
                 let reply = read_line(&mut self.s).await?;
-                if reply.get("event").is_some() {
-                    if self.events.len() == KEPT_EVENTS {
-                        self.events.pop_front();
-                    }
-                    self.events.push_back(reply);
+                if reply.get("event").is_some()
+                    || reply.get("id").and_then(|i| i.as_u64()) != Some(id)
+                {
                     continue;
                 }
                 if let Some(e) = reply.get("error") {
                     let desc = e.get("desc").and_then(|d| d.as_str()).unwrap_or("?");
+                    let class = e.get("class").and_then(|d| d.as_str()).unwrap_or("");
+                    if class == "DeviceNotFound" {
+                        return Err(MemctlError::NotFound(desc.to_owned()));
+                    }
                     return Err(MemctlError::Refused(desc.to_owned()));
                 }
                 return match reply.get("return") {
@@ -163,7 +140,7 @@ impl Session {
                 };
             }
             Err(MemctlError::BadReply(format!(
-                "more than {MAX_SKIPPED_EVENTS} events before a reply"
+                "more than {MAX_SKIPPED} events or other replies before a reply"
             )))
         })
         .await
@@ -219,7 +196,16 @@ mod tests {
             s.get_mut().write_all(b"{\"QMP\": {}}\n").await.unwrap();
             let mut line = String::new();
             s.read_line(&mut line).await.unwrap();
-            s.get_mut().write_all(b"{\"return\": {}}\n").await.unwrap();
+            let ok = crate::hypervisor::memctl::tests::with_id_of(&line, r#"{"return": {}}"#);
+            s.get_mut()
+                .write_all(format!("{ok}\n").as_bytes())
+                .await
+                .unwrap();
+            // A late reply to some other command, then events.
+            s.get_mut()
+                .write_all(b"{\"return\": {}, \"id\": 999}\n")
+                .await
+                .unwrap();
             let event = b"{\"event\": \"RTC_CHANGE\", \"data\": {\"offset\": 1}}\n";
             while s.get_mut().write_all(event).await.is_ok() {}
         });
@@ -230,11 +216,7 @@ mod tests {
             .execute(serde_json::json!({"execute": "query-status"}))
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("events before a reply"), "{e}");
+        assert!(e.to_string().contains("before a reply"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(
-            q.events.len() <= KEPT_EVENTS,
-            "what is kept of them is bounded"
-        );
     }
 }

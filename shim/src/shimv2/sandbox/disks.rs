@@ -29,6 +29,10 @@ struct Table {
     /// eject never came) can never be taken for a new one.
     next: u32,
     plugged: BTreeMap<(u64, u64), Plugged>,
+    /// Disks unplugged (or half plugged) that QEMU may still hold, the host's device
+    /// with them: closed once the guest lets them go, tried again at each attach and
+    /// release, and counted against [`MAX_DISKS`] until then.
+    stuck: Vec<String>,
 }
 
 struct Plugged {
@@ -48,9 +52,12 @@ pub struct Wanted {
     pub writable: bool,
 }
 
-/// The spec's block devices, and for each whether its cgroup rules let it be written
-/// (the last rule that matches decides, as in the kernel's device cgroup; a device no
-/// rule allows is plugged read-only, and the container cannot open it, as under runc).
+/// The block devices the spec names one by one: a `b` device with a rule allowing
+/// exactly its major:minor (what containerd writes for a CRI device or `ctr run
+/// --device`), and whether it may be written (the last rule that matches it and
+/// speaks of writes decides, as in the kernel's device cgroup). A device no such rule
+/// names came with a catch-all rule (a privileged container's every host device): it
+/// is never plugged (see [`take_unnamed`]).
 pub fn wanted(spec: &Spec) -> Vec<Wanted> {
     let Some(linux) = spec.linux() else {
         return Vec::new();
@@ -60,35 +67,70 @@ pub fn wanted(spec: &Spec) -> Vec<Wanted> {
         .as_ref()
         .and_then(|r| r.devices().as_deref())
         .unwrap_or_default();
+    let matches = |r: &LinuxDeviceCgroup, major: u64, minor: u64| {
+        matches!(
+            r.typ(),
+            None | Some(LinuxDeviceType::A) | Some(LinuxDeviceType::B)
+        ) && r.major().is_none_or(|m| m as u64 == major)
+            && r.minor().is_none_or(|m| m as u64 == minor)
+    };
+    let access =
+        |r: &LinuxDeviceCgroup, a: char| r.access().as_deref().is_some_and(|s| s.contains(a));
     linux
         .devices()
         .as_deref()
         .unwrap_or_default()
         .iter()
         .filter(|d| d.typ() == LinuxDeviceType::B)
-        .map(|d| {
+        .filter_map(|d| {
             let (major, minor) = (d.major() as u64, d.minor() as u64);
+            let named = rules.iter().any(|r| {
+                r.allow()
+                    && r.typ() == Some(LinuxDeviceType::B)
+                    && r.major() == Some(major as i64)
+                    && r.minor() == Some(minor as i64)
+            });
+            if !named {
+                return None;
+            }
             let writable = rules
                 .iter()
                 .rev()
-                .find(|r| {
-                    matches!(
-                        r.typ(),
-                        None | Some(LinuxDeviceType::A) | Some(LinuxDeviceType::B)
-                    ) && r.major().is_none_or(|m| m as u64 == major)
-                        && r.minor().is_none_or(|m| m as u64 == minor)
-                })
-                .is_some_and(|r| {
-                    r.allow() && r.access().as_deref().is_some_and(|a| a.contains('w'))
-                });
-            Wanted {
+                .find(|r| matches(r, major, minor) && access(r, 'w'))
+                .is_some_and(|r| r.allow());
+            Some(Wanted {
                 path: d.path().to_string_lossy().into_owned(),
                 major,
                 minor,
                 writable,
-            }
+            })
         })
         .collect()
+}
+
+/// Takes out of `spec` the block devices [`wanted`] does not plug: their host numbers
+/// mean nothing in the VM, and a node's disks are never given to a pod wholesale (as
+/// with containerd's `privileged_without_host_devices`, which Kata asks for). Their
+/// paths, for the log.
+pub fn take_unnamed(spec: &mut Spec) -> Vec<String> {
+    let keep: BTreeSet<String> = wanted(spec).into_iter().map(|w| w.path).collect();
+    let Some(devices) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.devices_mut().as_mut())
+    else {
+        return Vec::new();
+    };
+    let mut taken = Vec::new();
+    devices.retain(|d| {
+        let path = d.path().to_string_lossy().into_owned();
+        let keep = d.typ() != LinuxDeviceType::B || keep.contains(&path);
+        if !keep {
+            taken.push(path);
+        }
+        keep
+    });
+    taken
 }
 
 impl Disks {
@@ -115,9 +157,9 @@ impl Disks {
         let Some(qmp) = &self.qmp else {
             return Err(DiskError::Unsupported(disks::NEEDS_PC));
         };
-        let deadline = tokio::time::Instant::now() + self.call;
         let mut out = Vec::new();
         let mut table = self.table.lock().await;
+        retry_stuck(qmp, &mut table).await;
         let mut failed = None;
         for w in &wanted {
             let key = (w.major, w.minor);
@@ -134,9 +176,11 @@ impl Disks {
                 out.push(block_device(&w.path, &p.serial));
                 continue;
             }
-            if table.plugged.len() >= MAX_DISKS {
+            if table.plugged.len() + table.stuck.len() >= MAX_DISKS {
                 failed = Some(DiskError::Refused(format!(
-                    "a pod takes at most {MAX_DISKS} block devices"
+                    "a pod takes at most {MAX_DISKS} block devices ({} the guest has not \
+                     let go of yet)",
+                    table.stuck.len()
                 )));
                 break;
             }
@@ -158,11 +202,16 @@ impl Disks {
             let id = format!("disk{}", table.next);
             // virtio-blk serials are at most 20 bytes.
             let serial = format!("cocoon-{id}");
-            if let Err(source) = disks::plug(qmp, &host, &id, &serial, deadline).await {
+            // Each plug its own deadline, from when it can begin.
+            let deadline = tokio::time::Instant::now() + self.call;
+            if let Err(f) = disks::plug(qmp, &host, &id, &serial, deadline).await {
+                if f.left {
+                    table.stuck.push(id);
+                }
                 failed = Some(DiskError::Plug {
                     major,
                     minor,
-                    source,
+                    source: f.error,
                 });
                 break;
             }
@@ -188,8 +237,8 @@ impl Disks {
         }
     }
 
-    /// Unplugs the disks only `container` was using. One the guest does not let go is
-    /// logged and forgotten: the VM holds it until it ends.
+    /// Unplugs the disks only `container` was using. One the guest does not let go of
+    /// in time is logged and kept as stuck, closed once it does.
     pub async fn release(&self, container: &str) {
         let Some(qmp) = &self.qmp else {
             return;
@@ -207,16 +256,33 @@ impl Disks {
             let deadline = tokio::time::Instant::now() + self.call;
             match disks::unplug(qmp, &p.id, deadline).await {
                 Ok(()) => tracing::info!(container, id = %p.id, "block device unplugged"),
-                Err(e) => tracing::warn!(
-                    container,
-                    id = %p.id,
-                    "block device {}:{} not unplugged, the VM keeps it until it ends: {e}",
-                    key.0,
-                    key.1
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        container,
+                        id = %p.id,
+                        "block device {}:{} not unplugged yet (closed once the guest lets \
+                         it go, or with the VM): {e}",
+                        key.0,
+                        key.1
+                    );
+                    table.stuck.push(p.id);
+                }
             }
         }
+        retry_stuck(qmp, &mut table).await;
     }
+}
+
+/// Closes the stuck disks the guest has let go of since.
+async fn retry_stuck(qmp: &std::path::Path, table: &mut Table) {
+    let mut still = Vec::new();
+    for id in std::mem::take(&mut table.stuck) {
+        match disks::forget(qmp, &id).await {
+            Ok(()) => tracing::info!(%id, "block device let go of at last, closed"),
+            Err(_) => still.push(id),
+        }
+    }
+    table.stuck = still;
 }
 
 fn block_device(path: &str, serial: &str) -> pb::BlockDevice {
@@ -251,7 +317,10 @@ mod tests {
                 {"allow": false, "access": "rwm"},
                 {"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"},
                 {"allow": true, "type": "b", "major": 7, "minor": 1, "access": "rw"},
-                {"allow": true, "type": "b", "major": 7, "minor": 1, "access": "r"},
+                {"allow": false, "type": "b", "major": 7, "minor": 1, "access": "w"},
+                // A later rule that says nothing of writes changes nothing.
+                {"allow": true, "type": "b", "major": 7, "minor": 1, "access": "m"},
+                {"allow": true, "type": "b", "major": 8, "minor": 0, "access": "r"},
             ]),
         );
         let w = wanted(&s);
@@ -263,13 +332,47 @@ mod tests {
             got,
             [
                 ("/dev/xvda", 7, 0, true),
-                // The last matching rule decides.
+                // The last rule that speaks of writes decides.
                 ("/dev/xvdb", 7, 1, false),
-                // No rule allows it: plugged read-only.
                 ("/dev/xvdc", 8, 0, false),
             ]
         );
         assert!(wanted(&spec(serde_json::json!([]), serde_json::json!([]))).is_empty());
+    }
+
+    /// A privileged container's spec lists every host device, with one rule allowing
+    /// all: none of the node's disks is plugged, and they leave the spec; a device also
+    /// named on its own (a CRI device beside privileged) stays.
+    #[test]
+    fn a_catch_all_rule_plugs_no_disk_of_the_node() {
+        let mut s = spec(
+            serde_json::json!([
+                {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+                {"path": "/dev/sda1", "type": "b", "major": 8, "minor": 1},
+                {"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0},
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+            ]),
+            serde_json::json!([
+                {"allow": true, "access": "rwm"},
+                {"allow": true, "type": "b", "major": 8, "access": "rwm"},
+                {"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"},
+            ]),
+        );
+        let w = wanted(&s);
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].path.as_str(), w[0].writable), ("/dev/xvda", true));
+        assert_eq!(take_unnamed(&mut s), ["/dev/sda", "/dev/sda1"]);
+        let left: Vec<String> = s
+            .linux()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|d| d.path().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["/dev/xvda", "/dev/fuse"]);
     }
 
     #[tokio::test]
@@ -279,7 +382,7 @@ mod tests {
         assert!(d.attach("c1", &none).await.unwrap().is_empty());
         let one = spec(
             serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
-            serde_json::json!([]),
+            serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
         );
         let e = d.attach("c1", &one).await.unwrap_err().to_string();
         assert!(e.contains("qemu.machine = \"pc\""), "{e}");

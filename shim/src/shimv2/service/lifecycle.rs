@@ -278,6 +278,14 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        let unnamed = sandbox::disks::take_unnamed(&mut spec);
+        if !unnamed.is_empty() {
+            tracing::info!(
+                container = %req.id,
+                "the node's block devices {unnamed:?} are not given to a pod VM wholesale \
+                 (a catch-all device rule): the container has the VM's own devices"
+            );
+        }
         let result = async {
             let disks = sb.disks.attach(&req.id, &spec).await.map_err(|e| match e {
                 crate::hypervisor::disks::DiskError::Unsupported(_) => {
