@@ -142,16 +142,33 @@ const CLEANUP: Duration = Duration::from_secs(5);
 /// How often an unplug asks whether the guest has let the disk go.
 const POLL: Duration = Duration::from_millis(100);
 
-/// A plug that failed: why, and whether something may be left in QEMU under its id.
+/// A disk that may still be in QEMU after its plug or unplug failed: closed once the
+/// guest lets it go ([`settle_all`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stuck {
+    pub id: String,
+    /// The guest was asked to let it go (`device_del` taken).
+    pub asked: bool,
+}
+
+/// A plug that failed: why, and what may be left in QEMU.
 #[derive(Debug)]
 pub struct PlugFailed {
     pub error: MemctlError,
-    pub left: bool,
+    pub left: Option<Stuck>,
+}
+
+/// An unplug that did not finish: why, and the disk, left for [`settle_all`].
+#[derive(Debug)]
+pub struct UnplugFailed {
+    pub error: MemctlError,
+    pub stuck: Stuck,
 }
 
 /// Plugs `disk` into the VM as virtio-blk device `id` (also its block node's name)
 /// with `serial`, through QMP at `qmp`, by `deadline`. What a failed plug made is taken
-/// back on a fresh session (the failed one may be out of step).
+/// back on a fresh session (the failed one may be out of step): a device whose
+/// `device_add` was done after all is asked to go, and returned as left.
 pub async fn plug(
     qmp: &Path,
     disk: &HostDisk,
@@ -163,8 +180,11 @@ pub async fn plug(
     let Err(error) = plug_steps(qmp, disk, id, serial, deadline, &mut fdset).await else {
         return Ok(());
     };
-    let end = Instant::now() + CLEANUP;
-    let left = match Session::connect(qmp, end).await {
+    let mut stuck = Stuck {
+        id: id.to_owned(),
+        asked: false,
+    };
+    let left = match Session::connect(qmp, Instant::now() + CLEANUP).await {
         Ok(mut q) => {
             if let Some(set) = fdset {
                 let _ = q
@@ -173,11 +193,9 @@ pub async fn plug(
                     )
                     .await;
             }
-            // A device_add whose reply never came may have been done.
-            let device = present(&mut q, id).await.unwrap_or(true);
-            device || blockdev_del(&mut q, id).await.is_err()
+            settle(&mut q, &mut stuck).await.err().map(|_| stuck)
         }
-        Err(_) => true,
+        Err(_) => Some(stuck),
     };
     Err(PlugFailed { error, left })
 }
@@ -229,43 +247,84 @@ async fn plug_steps(
 
 /// Unplugs device `id`: asks the guest to let it go (ACPI eject), waits until QEMU no
 /// longer has the device, then closes its block node (and with it the host's device).
-/// A guest that keeps the disk keeps it: an error at `deadline`, and [`forget`] later.
+/// A guest that keeps the disk keeps it: an error at `deadline`, the disk stuck.
 /// Asked on short sessions, so memory growth is never held up behind a slow guest.
-pub async fn unplug(qmp: &Path, id: &str, deadline: Instant) -> Result<(), MemctlError> {
-    let mut q = Session::connect(qmp, deadline).await?;
-    match q
-        .execute(serde_json::json!({"execute": "device_del", "arguments": {"id": id}}))
-        .await
-    {
-        // Gone already: the guest ejected it on its own.
-        Ok(_) | Err(MemctlError::NotFound(_)) => {}
-        Err(e) => return Err(e),
+pub async fn unplug(qmp: &Path, id: &str, deadline: Instant) -> Result<(), UnplugFailed> {
+    let mut stuck = Stuck {
+        id: id.to_owned(),
+        asked: false,
+    };
+    match unplug_steps(qmp, &mut stuck, deadline).await {
+        Ok(()) => Ok(()),
+        Err(error) => Err(UnplugFailed { error, stuck }),
     }
+}
+
+async fn unplug_steps(qmp: &Path, s: &mut Stuck, deadline: Instant) -> Result<(), MemctlError> {
+    let started = Instant::now();
+    let mut q = Session::connect(qmp, deadline).await?;
+    device_del(&mut q, &s.id).await?;
+    s.asked = true;
     drop(q);
     loop {
         let mut q = Session::connect(qmp, deadline).await?;
-        if !present(&mut q, id).await? {
+        if !present(&mut q, &s.id).await? {
             break;
         }
         drop(q);
         if Instant::now() + POLL >= deadline {
-            return Err(MemctlError::Timeout(POLL));
+            return Err(MemctlError::Timeout(deadline.duration_since(started)));
         }
         tokio::time::sleep(POLL).await;
     }
-    forget(qmp, id).await
+    let mut q = Session::connect(qmp, Instant::now() + CLEANUP).await?;
+    blockdev_del(&mut q, &s.id).await
 }
 
-/// Closes block node `id` once its device is gone (after an unplug that ran out of
-/// time, the guest may have let it go since): an error while the device is there.
-pub async fn forget(qmp: &Path, id: &str) -> Result<(), MemctlError> {
-    let mut q = Session::connect(qmp, Instant::now() + CLEANUP).await?;
-    if present(&mut q, id).await? {
+/// Moves each stuck disk a step on, on one session: asks the guest to let it go if it
+/// was not asked yet, and closes it once QEMU no longer has it. Those still left.
+pub async fn settle_all(qmp: &Path, stuck: Vec<Stuck>) -> Vec<Stuck> {
+    if stuck.is_empty() {
+        return stuck;
+    }
+    let Ok(mut q) = Session::connect(qmp, Instant::now() + CLEANUP).await else {
+        return stuck;
+    };
+    let mut left = Vec::new();
+    for mut s in stuck {
+        if settle(&mut q, &mut s).await.is_err() {
+            left.push(s);
+        }
+    }
+    left
+}
+
+/// One step for a disk that may still be in QEMU; `Ok` once nothing of it is left.
+async fn settle(q: &mut Session, s: &mut Stuck) -> Result<(), MemctlError> {
+    if present(q, &s.id).await? {
+        if !s.asked {
+            device_del(q, &s.id).await?;
+            s.asked = true;
+        }
         return Err(MemctlError::Refused(format!(
-            "device {id} is still plugged"
+            "device {} is still plugged",
+            s.id
         )));
     }
-    blockdev_del(&mut q, id).await
+    blockdev_del(q, &s.id).await
+}
+
+/// Asks the guest to let device `id` go; one already gone, or already being let go
+/// of, is no error.
+async fn device_del(q: &mut Session, id: &str) -> Result<(), MemctlError> {
+    match q
+        .execute(serde_json::json!({"execute": "device_del", "arguments": {"id": id}}))
+        .await
+    {
+        Ok(_) | Err(MemctlError::NotFound(_)) => Ok(()),
+        Err(MemctlError::Refused(why)) if why.contains("in the process of unplug") => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether QEMU has device `id`.
@@ -293,61 +352,47 @@ async fn blockdev_del(q: &mut Session, id: &str) -> Result<(), MemctlError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fake {
+    //! A fake QEMU for the disk code's tests.
 
-    #[test]
-    fn the_host_device_is_found_by_its_numbers_and_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let sys = dir.path().join("sys");
-        let dev = dir.path().join("dev");
-        std::fs::create_dir_all(&dev).unwrap();
-        // /dev/null is 1:3, a character device: named right, but not a block device.
-        std::fs::create_dir_all(sys.join("1:3")).unwrap();
-        std::fs::write(sys.join("1:3/uevent"), "MAJOR=1\nMINOR=3\nDEVNAME=null\n").unwrap();
-        std::os::unix::fs::symlink("/dev/null", dev.join("null")).unwrap();
-        let e = open_in(&sys, &dev, 1, 3, false).unwrap_err().to_string();
-        assert!(e.contains("cannot open"), "a link is not followed: {e}");
-        std::fs::remove_file(dev.join("null")).unwrap();
-        std::fs::write(sys.join("1:3/uevent"), "DEVNAME=../../dev/null\n").unwrap();
-        let e = open_in(&sys, &dev, 1, 3, false).unwrap_err().to_string();
-        assert!(e.contains("not a device name"), "{e}");
-        let e = open_in(&sys, &dev, 7, 99, false).unwrap_err().to_string();
-        assert!(
-            e.contains("7:99") && e.contains("not a block device of this host"),
-            "{e}"
-        );
-        // The real /dev/null under its own name: opened, and refused for its type.
-        std::fs::write(sys.join("1:3/uevent"), "DEVNAME=null\n").unwrap();
-        let e = open_in(&sys, Path::new("/dev"), 1, 3, false)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("not that block device (it is 1:3)"), "{e}");
-    }
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
 
     /// What the fake QEMU was asked: each command's name and arguments, and whether a
     /// descriptor came with it.
-    type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value, bool)>>>;
+    pub type Seen = Arc<Mutex<Vec<(String, serde_json::Value, bool)>>>;
 
-    /// How the fake QEMU's guest behaves.
-    #[derive(Clone, Copy, PartialEq)]
-    enum Guest {
-        /// Lets a disk go when asked.
-        Ejects,
-        /// Never lets a disk go.
-        Keeps,
+    /// The fake's guest: while `keeps` is true it never lets a disk go; once false, it
+    /// lets go of every disk it was asked to.
+    pub struct Qemu {
+        pub seen: Seen,
+        pub keeps: Arc<AtomicBool>,
     }
 
-    /// A fake QEMU serving connection after connection: greets, then answers each
-    /// command by name, with its id, keeping the devices plugged; `fail` names a
-    /// command it refuses.
-    fn fake_qemu(sock: &Path, guest: Guest, fail: &'static str) -> Seen {
+    impl Qemu {
+        /// The names of the commands seen so far (but capabilities), forgetting them.
+        pub fn names(&self) -> Vec<String> {
+            let mut seen = self.seen.lock().unwrap();
+            seen.drain(..)
+                .map(|(n, _, _)| n)
+                .filter(|n| n != "qmp_capabilities")
+                .collect()
+        }
+    }
+
+    /// Serves connection after connection at `sock`: greets, then answers each command
+    /// by name, with its id, keeping the devices plugged. `fail` names a command it
+    /// refuses; `device_add-done` refuses a device_add it has done.
+    pub fn qemu(sock: &Path, keeps: bool, fail: &'static str) -> Qemu {
         let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
         let seen: Seen = Default::default();
-        let record = seen.clone();
+        let keeps = Arc::new(AtomicBool::new(keeps));
+        let (record, keeping) = (seen.clone(), keeps.clone());
         std::thread::spawn(move || {
             use std::io::Write;
             let mut devices: Vec<String> = Vec::new();
+            let mut asked: Vec<String> = Vec::new();
             for s in listener.incoming() {
                 let mut s = s.unwrap();
                 s.write_all(b"{\"QMP\": {}}\n").unwrap();
@@ -381,23 +426,37 @@ mod tests {
                             .lock()
                             .unwrap()
                             .push((name.clone(), args.clone(), got_fd));
+                        if !keeping.load(Ordering::SeqCst) {
+                            devices.retain(|d| !asked.contains(d));
+                        }
                         let error = |class: &str, desc: &str| serde_json::json!({"error": {"class": class, "desc": desc}});
+                        let ok = serde_json::json!({"return": {}});
                         let reply = match name.as_str() {
                             n if n == fail => error("GenericError", "no slot"),
                             "add-fd" => serde_json::json!({"return": {"fdset-id": 3, "fd": 20}}),
                             "device_add" => {
                                 devices.push(args["id"].as_str().unwrap().into());
-                                serde_json::json!({"return": {}})
+                                if fail == "device_add-done" {
+                                    error("GenericError", "no reply in time")
+                                } else {
+                                    ok
+                                }
                             }
                             "device_del" => {
-                                let id = args["id"].as_str().unwrap();
-                                if !devices.iter().any(|d| d == id) {
+                                let id = args["id"].as_str().unwrap().to_owned();
+                                if !devices.contains(&id) {
                                     error("DeviceNotFound", "no such device")
+                                } else if asked.contains(&id) {
+                                    error(
+                                        "GenericError",
+                                        &format!("Device {id} is already in the process of unplug"),
+                                    )
                                 } else {
-                                    if guest == Guest::Ejects {
-                                        devices.retain(|d| d != id);
+                                    asked.push(id.clone());
+                                    if !keeping.load(Ordering::SeqCst) {
+                                        devices.retain(|d| *d != id);
                                     }
-                                    serde_json::json!({"return": {}})
+                                    ok
                                 }
                             }
                             "qom-list" => serde_json::json!({"return": devices
@@ -407,7 +466,7 @@ mod tests {
                             "blockdev-del" if devices.iter().any(|d| *d == args["node-name"]) => {
                                 error("GenericError", "Node is in use")
                             }
-                            _ => serde_json::json!({"return": {}}),
+                            _ => ok,
                         };
                         let mut reply = reply;
                         reply["id"] = cmd["id"].clone();
@@ -418,19 +477,45 @@ mod tests {
                 }
             }
         });
-        seen
+        Qemu { seen, keeps }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn the_host_device_is_found_by_its_numbers_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys");
+        let dev = dir.path().join("dev");
+        std::fs::create_dir_all(&dev).unwrap();
+        // /dev/null is 1:3, a character device: named right, but not a block device.
+        std::fs::create_dir_all(sys.join("1:3")).unwrap();
+        std::fs::write(sys.join("1:3/uevent"), "MAJOR=1\nMINOR=3\nDEVNAME=null\n").unwrap();
+        std::os::unix::fs::symlink("/dev/null", dev.join("null")).unwrap();
+        let e = open_in(&sys, &dev, 1, 3, false).unwrap_err().to_string();
+        assert!(e.contains("cannot open"), "a link is not followed: {e}");
+        std::fs::remove_file(dev.join("null")).unwrap();
+        std::fs::write(sys.join("1:3/uevent"), "DEVNAME=../../dev/null\n").unwrap();
+        let e = open_in(&sys, &dev, 1, 3, false).unwrap_err().to_string();
+        assert!(e.contains("not a device name"), "{e}");
+        let e = open_in(&sys, &dev, 7, 99, false).unwrap_err().to_string();
+        assert!(
+            e.contains("7:99") && e.contains("not a block device of this host"),
+            "{e}"
+        );
+        // The real /dev/null under its own name: opened, and refused for its type.
+        std::fs::write(sys.join("1:3/uevent"), "DEVNAME=null\n").unwrap();
+        let e = open_in(&sys, Path::new("/dev"), 1, 3, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not that block device (it is 1:3)"), "{e}");
     }
 
-    /// The names of the commands seen so far (but capabilities), forgetting them.
-    fn names(seen: &Seen) -> Vec<String> {
-        let mut seen = seen.lock().unwrap();
-        seen.drain(..)
-            .map(|(n, _, _)| n)
-            .filter(|n| n != "qmp_capabilities")
-            .collect()
-    }
-
-    fn disk() -> HostDisk {
+    pub(crate) fn null_disk() -> HostDisk {
         let file = std::fs::File::open("/dev/null").unwrap();
         HostDisk {
             major: 1,
@@ -449,12 +534,12 @@ mod tests {
     async fn a_disk_is_plugged_with_its_descriptor_and_unplugged_after_the_guest_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let seen = fake_qemu(&sock, Guest::Ejects, "");
-        plug(&sock, &disk(), "disk1", "cocoon-disk1", soon())
+        let q = fake::qemu(&sock, false, "");
+        plug(&sock, &null_disk(), "disk1", "cocoon-disk1", soon())
             .await
             .unwrap();
         {
-            let s = seen.lock().unwrap();
+            let s = q.seen.lock().unwrap();
             let get = |name: &str| s.iter().find(|c| c.0 == name).cloned().unwrap();
             assert!(get("add-fd").2, "the descriptor rides with add-fd");
             let node = get("blockdev-add").1;
@@ -477,38 +562,32 @@ mod tests {
             assert!(!get("blockdev-add").2 && !get("device_add").2);
         }
         assert_eq!(
-            names(&seen),
+            q.names(),
             ["add-fd", "blockdev-add", "remove-fd", "device_add"]
         );
         unplug(&sock, "disk1", soon()).await.unwrap();
-        assert_eq!(
-            names(&seen),
-            ["device_del", "qom-list", "qom-list", "blockdev-del"]
-        );
+        assert_eq!(q.names(), ["device_del", "qom-list", "blockdev-del"]);
         // A device the guest ejected on its own: device_del finds nothing, and the
         // unplug still closes the node.
         unplug(&sock, "disk1", soon()).await.unwrap();
-        assert_eq!(
-            names(&seen),
-            ["device_del", "qom-list", "qom-list", "blockdev-del"]
-        );
+        assert_eq!(q.names(), ["device_del", "qom-list", "blockdev-del"]);
     }
 
     #[tokio::test]
     async fn a_failed_plug_takes_back_what_it_made() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let seen = fake_qemu(&sock, Guest::Ejects, "device_add");
-        let e = plug(&sock, &disk(), "disk2", "cocoon-disk2", soon())
+        let q = fake::qemu(&sock, false, "device_add");
+        let e = plug(&sock, &null_disk(), "disk2", "cocoon-disk2", soon())
             .await
             .unwrap_err();
         assert!(
             matches!(&e.error, MemctlError::Refused(s) if s == "no slot"),
             "{e:?}"
         );
-        assert!(!e.left, "nothing left");
+        assert_eq!(e.left, None, "nothing left");
         assert_eq!(
-            names(&seen),
+            q.names(),
             [
                 "add-fd",
                 "blockdev-add",
@@ -520,13 +599,13 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let seen = fake_qemu(&sock, Guest::Ejects, "blockdev-add");
-        let e = plug(&sock, &disk(), "disk3", "cocoon-disk3", soon())
+        let q = fake::qemu(&sock, false, "blockdev-add");
+        let e = plug(&sock, &null_disk(), "disk3", "cocoon-disk3", soon())
             .await
             .unwrap_err();
-        assert!(!e.left);
+        assert_eq!(e.left, None);
         assert_eq!(
-            names(&seen),
+            q.names(),
             [
                 "add-fd",
                 "blockdev-add",
@@ -536,24 +615,54 @@ mod tests {
             ],
             "the descriptor set is removed too"
         );
+        // A device_add that was done though its reply said otherwise (or never came):
+        // the guest is asked to let it go, and the disk is left stuck until it does.
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let q = fake::qemu(&sock, true, "device_add-done");
+        let e = plug(&sock, &null_disk(), "disk4", "cocoon-disk4", soon())
+            .await
+            .unwrap_err();
+        let left = e.left.expect("left stuck");
+        assert_eq!((left.id.as_str(), left.asked), ("disk4", true));
+        assert_eq!(q.names()[4..], ["qom-list", "device_del"]);
+        let left = settle_all(&sock, vec![left]).await;
+        assert_eq!(left.len(), 1, "still kept by the guest");
+        q.keeps.store(false, Ordering::SeqCst);
+        assert!(settle_all(&sock, left).await.is_empty());
+        assert_eq!(q.names(), ["qom-list", "qom-list", "blockdev-del"]);
     }
 
     #[tokio::test]
     async fn a_guest_that_keeps_its_disk_ends_the_unplug_at_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        let seen = fake_qemu(&sock, Guest::Keeps, "");
-        plug(&sock, &disk(), "disk1", "cocoon-disk1", soon())
+        let q = fake::qemu(&sock, true, "");
+        plug(&sock, &null_disk(), "disk1", "cocoon-disk1", soon())
             .await
             .unwrap();
         let started = std::time::Instant::now();
         let deadline = Instant::now() + Duration::from_millis(600);
         let e = unplug(&sock, "disk1", deadline).await.unwrap_err();
-        assert!(matches!(e, MemctlError::Timeout(_)), "{e:?}");
+        assert!(
+            matches!(e.error, MemctlError::Timeout(d) if d >= Duration::from_millis(500)),
+            "the whole wait, not one poll's: {e:?}"
+        );
+        assert_eq!(
+            e.stuck,
+            Stuck {
+                id: "disk1".into(),
+                asked: true
+            }
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
-        // Later, still there: the node stays, and saying so is an error.
-        let e = forget(&sock, "disk1").await.unwrap_err();
-        assert!(e.to_string().contains("still plugged"), "{e}");
-        assert!(!names(&seen).contains(&"blockdev-del".to_string()));
+        // Later, still there: the node stays, and it is not asked twice.
+        q.names();
+        let left = settle_all(&sock, vec![e.stuck]).await;
+        assert_eq!(left.len(), 1);
+        assert_eq!(q.names(), ["qom-list"]);
+        q.keeps.store(false, Ordering::SeqCst);
+        assert!(settle_all(&sock, left).await.is_empty());
+        assert_eq!(q.names(), ["qom-list", "blockdev-del"]);
     }
 }

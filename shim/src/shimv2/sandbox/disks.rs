@@ -21,6 +21,11 @@ pub struct Disks {
     /// How long one plug or unplug may take.
     call: Duration,
     table: tokio::sync::Mutex<Table>,
+    /// The containers that asked for disks: a container without is deleted without
+    /// waiting for the table (behind another's plugs).
+    holders: std::sync::Mutex<BTreeSet<String>>,
+    /// Opens a host device (`disks::open_host`; a test's stand-in).
+    open: fn(u64, u64, bool) -> Result<disks::HostDisk, DiskError>,
 }
 
 #[derive(Default)]
@@ -32,7 +37,7 @@ struct Table {
     /// Disks unplugged (or half plugged) that QEMU may still hold, the host's device
     /// with them: closed once the guest lets them go, tried again at each attach and
     /// release, and counted against [`MAX_DISKS`] until then.
-    stuck: Vec<String>,
+    stuck: Vec<disks::Stuck>,
 }
 
 struct Plugged {
@@ -110,10 +115,13 @@ pub fn wanted(spec: &Spec) -> Vec<Wanted> {
 
 /// Takes out of `spec` the block devices [`wanted`] does not plug: their host numbers
 /// mean nothing in the VM, and a node's disks are never given to a pod wholesale (as
-/// with containerd's `privileged_without_host_devices`, which Kata asks for). Their
-/// paths, for the log.
+/// with containerd's `privileged_without_host_devices`, which Kata asks for); the
+/// container gets no node for them. Their paths, for the log.
 pub fn take_unnamed(spec: &mut Spec) -> Vec<String> {
-    let keep: BTreeSet<String> = wanted(spec).into_iter().map(|w| w.path).collect();
+    let keep: BTreeSet<(String, u64, u64)> = wanted(spec)
+        .into_iter()
+        .map(|w| (w.path, w.major, w.minor))
+        .collect();
     let Some(devices) = spec
         .linux_mut()
         .as_mut()
@@ -124,7 +132,8 @@ pub fn take_unnamed(spec: &mut Spec) -> Vec<String> {
     let mut taken = Vec::new();
     devices.retain(|d| {
         let path = d.path().to_string_lossy().into_owned();
-        let keep = d.typ() != LinuxDeviceType::B || keep.contains(&path);
+        let key = (path.clone(), d.major() as u64, d.minor() as u64);
+        let keep = d.typ() != LinuxDeviceType::B || keep.contains(&key);
         if !keep {
             taken.push(path);
         }
@@ -139,7 +148,13 @@ impl Disks {
             qmp,
             call,
             table: Default::default(),
+            holders: Default::default(),
+            open: disks::open_host,
         }
+    }
+
+    fn holders(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Plugs what `container`'s spec asks that the pod does not have yet: the serial
@@ -157,9 +172,9 @@ impl Disks {
         let Some(qmp) = &self.qmp else {
             return Err(DiskError::Unsupported(disks::NEEDS_PC));
         };
+        self.holders().insert(container.to_owned());
         let mut out = Vec::new();
         let mut table = self.table.lock().await;
-        retry_stuck(qmp, &mut table).await;
         let mut failed = None;
         for w in &wanted {
             let key = (w.major, w.minor);
@@ -176,6 +191,11 @@ impl Disks {
                 out.push(block_device(&w.path, &p.serial));
                 continue;
             }
+            if table.plugged.len() + table.stuck.len() >= MAX_DISKS && !table.stuck.is_empty() {
+                // Room may be held by disks the guest has let go of since.
+                let stuck = std::mem::take(&mut table.stuck);
+                table.stuck = disks::settle_all(qmp, stuck).await;
+            }
             if table.plugged.len() + table.stuck.len() >= MAX_DISKS {
                 failed = Some(DiskError::Refused(format!(
                     "a pod takes at most {MAX_DISKS} block devices ({} the guest has not \
@@ -186,11 +206,11 @@ impl Disks {
             }
             // Opened on a blocking thread: a device can take its time to open.
             let (major, minor, writable) = (w.major, w.minor, w.writable);
-            let opened =
-                tokio::task::spawn_blocking(move || disks::open_host(major, minor, writable))
-                    .await
-                    .map_err(|e| DiskError::Refused(e.to_string()))
-                    .and_then(|r| r);
+            let open = self.open;
+            let opened = tokio::task::spawn_blocking(move || open(major, minor, writable))
+                .await
+                .map_err(|e| DiskError::Refused(e.to_string()))
+                .and_then(|r| r);
             let host = match opened {
                 Ok(h) => h,
                 Err(e) => {
@@ -205,9 +225,7 @@ impl Disks {
             // Each plug its own deadline, from when it can begin.
             let deadline = tokio::time::Instant::now() + self.call;
             if let Err(f) = disks::plug(qmp, &host, &id, &serial, deadline).await {
-                if f.left {
-                    table.stuck.push(id);
-                }
+                table.stuck.extend(f.left);
                 failed = Some(DiskError::Plug {
                     major,
                     minor,
@@ -243,6 +261,9 @@ impl Disks {
         let Some(qmp) = &self.qmp else {
             return;
         };
+        if !self.holders().remove(container) {
+            return;
+        }
         let mut table = self.table.lock().await;
         let done: Vec<(u64, u64)> = table
             .plugged
@@ -256,33 +277,23 @@ impl Disks {
             let deadline = tokio::time::Instant::now() + self.call;
             match disks::unplug(qmp, &p.id, deadline).await {
                 Ok(()) => tracing::info!(container, id = %p.id, "block device unplugged"),
-                Err(e) => {
+                Err(f) => {
                     tracing::warn!(
                         container,
                         id = %p.id,
                         "block device {}:{} not unplugged yet (closed once the guest lets \
-                         it go, or with the VM): {e}",
+                         it go, or with the VM): {}",
                         key.0,
-                        key.1
+                        key.1,
+                        f.error
                     );
-                    table.stuck.push(p.id);
+                    table.stuck.push(f.stuck);
                 }
             }
         }
-        retry_stuck(qmp, &mut table).await;
+        let stuck = std::mem::take(&mut table.stuck);
+        table.stuck = disks::settle_all(qmp, stuck).await;
     }
-}
-
-/// Closes the stuck disks the guest has let go of since.
-async fn retry_stuck(qmp: &std::path::Path, table: &mut Table) {
-    let mut still = Vec::new();
-    for id in std::mem::take(&mut table.stuck) {
-        match disks::forget(qmp, &id).await {
-            Ok(()) => tracing::info!(%id, "block device let go of at last, closed"),
-            Err(_) => still.push(id),
-        }
-    }
-    table.stuck = still;
 }
 
 fn block_device(path: &str, serial: &str) -> pb::BlockDevice {
@@ -386,5 +397,79 @@ mod tests {
         );
         let e = d.attach("c1", &one).await.unwrap_err().to_string();
         assert!(e.contains("qemu.machine = \"pc\""), "{e}");
+    }
+
+    fn stuck_ids(d: &Disks) -> Vec<String> {
+        d.table
+            .try_lock()
+            .unwrap()
+            .stuck
+            .iter()
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// One disk shared by two containers, unplugged after the second; a guest that keeps
+    /// it keeps it counted as stuck, until it lets go and a later release closes it. A
+    /// container that asked for no disk is deleted without a word to QEMU.
+    #[tokio::test]
+    async fn a_disk_the_guest_keeps_stays_counted_until_it_lets_go() {
+        use crate::hypervisor::disks::fake;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let q = fake::qemu(&sock, true, "");
+        let mut d = Disks::new(Some(sock), Duration::from_millis(500));
+        d.open = |major, minor, writable| {
+            let file =
+                std::fs::File::open("/dev/null").map_err(|e| DiskError::Refused(e.to_string()))?;
+            Ok(disks::HostDisk {
+                major,
+                minor,
+                path: "/dev/null".into(),
+                fd: file.into(),
+                writable,
+            })
+        };
+        let one = spec(
+            serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
+            serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
+        );
+        let serials = |v: Vec<pb::BlockDevice>| v.into_iter().map(|b| b.serial).collect::<Vec<_>>();
+        assert_eq!(
+            serials(d.attach("c1", &one).await.unwrap()),
+            ["cocoon-disk1"]
+        );
+        assert_eq!(
+            serials(d.attach("c2", &one).await.unwrap()),
+            ["cocoon-disk1"]
+        );
+        assert_eq!(
+            q.names(),
+            ["add-fd", "blockdev-add", "remove-fd", "device_add"]
+        );
+        d.release("c1").await;
+        assert!(q.names().is_empty(), "still c2's");
+        d.release("c2").await;
+        assert_eq!(stuck_ids(&d), ["disk1"]);
+        assert_eq!(q.names()[0], "device_del");
+        d.release("c3").await;
+        assert!(
+            q.names().is_empty(),
+            "a container without disks asks QEMU nothing"
+        );
+
+        q.keeps.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            serials(d.attach("c4", &one).await.unwrap()),
+            ["cocoon-disk2"]
+        );
+        d.release("c4").await;
+        assert!(stuck_ids(&d).is_empty(), "closed once let go of");
+        let names = q.names();
+        assert_eq!(
+            names.iter().filter(|n| *n == "blockdev-del").count(),
+            2,
+            "{names:?}"
+        );
     }
 }

@@ -283,7 +283,7 @@ impl Service {
             tracing::info!(
                 container = %req.id,
                 "the node's block devices {unnamed:?} are not given to a pod VM wholesale \
-                 (a catch-all device rule): the container has the VM's own devices"
+                 (a catch-all device rule): the container gets no node for them"
             );
         }
         let result = async {
