@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_protocol::agent as pb;
@@ -20,7 +21,9 @@ pub struct Disks {
     qmp: Option<PathBuf>,
     /// How long one plug or unplug may take.
     call: Duration,
-    table: tokio::sync::Mutex<Table>,
+    table: Arc<tokio::sync::Mutex<Table>>,
+    /// A task settles the stuck disks while there are any (one at a time).
+    settling: Arc<std::sync::atomic::AtomicBool>,
     /// The containers that asked for disks: a container without is deleted without
     /// waiting for the table (behind another's plugs).
     holders: std::sync::Mutex<BTreeSet<String>>,
@@ -148,6 +151,7 @@ impl Disks {
             qmp,
             call,
             table: Default::default(),
+            settling: Default::default(),
             holders: Default::default(),
             open: disks::open_host,
         }
@@ -293,8 +297,45 @@ impl Disks {
         }
         let stuck = std::mem::take(&mut table.stuck);
         table.stuck = disks::settle_all(qmp, stuck).await;
+        if !table.stuck.is_empty() {
+            self.settle_in_background(qmp.clone());
+        }
+    }
+
+    /// Settles the stuck disks every second until none is left or QEMU is gone, so the
+    /// host's device is closed soon after a slow guest lets go, not only at the pod's
+    /// next attach or release.
+    fn settle_in_background(&self, qmp: PathBuf) {
+        use std::sync::atomic::Ordering;
+        if self.settling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (table, settling) = (self.table.clone(), self.settling.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SETTLE_EVERY).await;
+                let mut t = table.lock().await;
+                let stuck = std::mem::take(&mut t.stuck);
+                let before = stuck.len();
+                t.stuck = disks::settle_all(&qmp, stuck).await;
+                if t.stuck.len() < before {
+                    tracing::info!(
+                        left = t.stuck.len(),
+                        "stuck block devices let go of, closed"
+                    );
+                }
+                // No socket: the VM is gone, and its disks with it.
+                if t.stuck.is_empty() || !qmp.exists() {
+                    settling.store(false, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
     }
 }
+
+/// How often stuck disks are looked at again.
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
 fn block_device(path: &str, serial: &str) -> pb::BlockDevice {
     let mut b = pb::BlockDevice::new();
@@ -458,17 +499,24 @@ mod tests {
             "a container without disks asks QEMU nothing"
         );
 
+        // Once the guest lets go, the background settling closes it by itself.
         q.keeps.store(false, std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !d.table.lock().await.stuck.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never settled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(q.names().contains(&"blockdev-del".to_string()));
         assert_eq!(
             serials(d.attach("c4", &one).await.unwrap()),
             ["cocoon-disk2"]
         );
         d.release("c4").await;
-        assert!(stuck_ids(&d).is_empty(), "closed once let go of");
+        assert!(stuck_ids(&d).is_empty());
         let names = q.names();
         assert_eq!(
             names.iter().filter(|n| *n == "blockdev-del").count(),
-            2,
+            1,
             "{names:?}"
         );
     }
