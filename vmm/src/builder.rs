@@ -19,7 +19,7 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::balloon::{Balloon, RemovePages};
-use crate::devices::virtio::block::{Block, FileBackend};
+use crate::devices::virtio::block::{Block, DiskSlot, FileBackend};
 use crate::devices::virtio::defs::TYPE_VSOCK;
 use crate::devices::virtio::mem::{Mem, MemControl, MemError};
 use crate::devices::virtio::mmio::TransportState;
@@ -124,6 +124,8 @@ pub struct BuiltVm {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The virtio-mem device, when the config asks for one (`hotplug_mib`).
     pub memory: Option<Arc<Mutex<dyn MemControl>>>,
+    /// The empty disk slots (`block_slots`), in order.
+    pub disk_slots: Vec<Arc<Mutex<dyn DiskSlot>>>,
 }
 
 fn irqfd(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
@@ -285,6 +287,11 @@ fn build_vm(
     if config.free_page_reporting {
         virtio.add(Balloon::new(RemovePages))?;
     }
+    // Empty, so a template's clone starts with them as they were saved.
+    let mut disk_slots: Vec<Arc<Mutex<dyn DiskSlot>>> = Vec::new();
+    for _ in 0..config.block_slots {
+        disk_slots.push(virtio.add(Block::slot())?);
+    }
     // Last, so every other device keeps its window (and a template's order) with or
     // without it.
     let memory = match hotplug {
@@ -335,6 +342,7 @@ fn build_vm(
         host_devices,
         serial,
         memory,
+        disk_slots,
     })
 }
 

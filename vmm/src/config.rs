@@ -115,6 +115,11 @@ pub struct VmConfig {
     /// it until the API asks (`resize_memory`). A multiple of [`HOTPLUG_STEP_MIB`].
     #[serde(default)]
     pub hotplug_mib: u64,
+    /// Empty virtio-blk slots the API can put host disks in while the VM runs
+    /// (`attach_disk`; [`crate::devices::virtio::block::DiskSlot`]): a microVM has no
+    /// bus a device can join after boot.
+    #[serde(default)]
+    pub block_slots: u8,
 }
 
 /// `hotplug_mib` comes in steps of Linux's smallest x86_64 memory block (128 MiB): the
@@ -219,6 +224,7 @@ impl VmConfig {
             acpi: true,
             free_page_reporting: false,
             hotplug_mib: 0,
+            block_slots: 0,
         }
     }
 
@@ -259,6 +265,7 @@ impl VmConfig {
             + usize::from(self.vhost_user_vsock.is_some())
             + usize::from(self.free_page_reporting)
             + usize::from(self.hotplug_mib > 0)
+            + usize::from(self.block_slots)
     }
 
     /// Checks everything that can be checked without creating the VM.

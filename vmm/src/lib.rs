@@ -4,6 +4,7 @@
 //! virtio-vsock device model with its hybrid Unix-socket host side ([`vsock`]) is also
 //! served to QEMU as a vhost-user backend ([`vhost_user_vsock`]).
 
+pub mod api_conn;
 pub mod arch;
 pub mod builder;
 pub mod choice;

@@ -219,6 +219,10 @@ struct RunArgs {
     /// multiple of 128): none of it is plugged until a `resize_memory` API request.
     #[arg(long, value_name = "MIB")]
     hotplug_mib: Option<u64>,
+    /// Empty virtio-blk slots the API can put host disks in while the guest runs
+    /// (`attach_disk`, the disk's descriptor passed with the request).
+    #[arg(long, value_name = "N")]
+    block_slots: Option<u8>,
     /// Own mount/network/IPC/UTS namespaces and an empty read-only root before the
     /// guest runs: auto (when root), on (required), off.
     #[arg(long)]
@@ -230,7 +234,7 @@ struct RunArgs {
     /// Start from the snapshot in DIR instead of booting: the guest goes on where it
     /// was saved. Its config is the snapshot's; the flags given here (serial output,
     /// vsock socket, virtio-fs sockets, taps, API socket) replace the template's.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "no_boot", "hotplug_mib"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "no_boot", "hotplug_mib", "block_slots"])]
     restore: Option<PathBuf>,
     /// Print the wall-clock time of the guest's first exit to stderr (benchmarks).
     #[arg(long, hide = true)]
@@ -357,6 +361,9 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
     }
     if a.free_page_reporting {
         c.free_page_reporting = true;
+    }
+    if let Some(n) = a.block_slots {
+        c.block_slots = n;
     }
     if let Some(m) = a.hotplug_mib {
         c.hotplug_mib = m;

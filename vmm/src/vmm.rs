@@ -15,10 +15,15 @@
 //! `{"ok":true,"state":"running"}` or `{"ok":false,"state":...,"error":"..."}`; `stats`
 //! adds `"stats":{...}`, the VM exits by kind (`vstate::exit_stats`); `memory` and
 //! `resize_memory` add `"memory":{"region_mib":R,"requested_mib":Q,"plugged_mib":P}`.
+//! For a VM with disk slots (`block_slots`), running or paused:
+//! `{"action":"attach_disk","slot":N,"serial":"S","read_only":B}` with the disk's open
+//! descriptor passed in the same message (SCM_RIGHTS), `{"action":"detach_disk",
+//! "slot":N}` and `{"action":"disks"}`; their replies add `"disks":[{"slot":N,
+//! "serial":S|null,"read_only":B}]`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,9 +34,11 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api_conn::Client;
 use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
+use crate::devices::virtio::block::{DiskSlot, FileBackend};
 use crate::devices::virtio::mem::{MemControl, MemStatus};
 use crate::vstate::exit_stats::ExitStats;
 use crate::vstate::snapshot::{self, Snapshot, SnapshotError, SnapshotFiles};
@@ -88,6 +95,19 @@ pub enum ApiRequest {
     ResizeMemory {
         requested_mib: u64,
     },
+    /// What each disk slot holds.
+    Disks,
+    /// Puts the disk whose descriptor came with the request in an empty slot.
+    AttachDisk {
+        slot: u8,
+        serial: String,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Empties a slot: its disk is closed at once; the guest's requests fail after.
+    DetachDisk {
+        slot: u8,
+    },
 }
 
 /// One API response.
@@ -101,6 +121,17 @@ pub struct ApiResponse {
     pub stats: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<SlotReport>>,
+}
+
+/// A disk slot as the API reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlotReport {
+    pub slot: u8,
+    /// The serial of the disk in it, or `None` when it is empty.
+    pub serial: Option<String>,
+    pub read_only: bool,
 }
 
 /// The virtio-mem device as the API reports it, in MiB.
@@ -160,6 +191,7 @@ struct Running {
     mem: crate::vstate::memory::GuestMemory,
     serial: Arc<Mutex<crate::devices::legacy::serial::SerialDevice>>,
     memory: Option<Arc<Mutex<dyn MemControl>>>,
+    disk_slots: Vec<Arc<Mutex<dyn DiskSlot>>>,
 }
 
 /// The API listener, and how to remove its socket file at exit (when we made it).
@@ -240,7 +272,7 @@ pub struct Vmm {
     exit: Arc<ExitSink>,
     epoll: Epoll,
     api: Option<ApiSocket>,
-    clients: HashMap<RawFd, BufReader<UnixStream>>,
+    clients: HashMap<RawFd, Client>,
     signals: SignalFd,
     stats: Arc<ExitStats>,
     snapshot_files: Option<SnapshotFiles>,
@@ -431,6 +463,7 @@ impl Vmm {
             mem: built.mem,
             serial: built.serial,
             memory: built.memory,
+            disk_slots: built.disk_slots,
         });
         Ok(())
     }
@@ -505,7 +538,7 @@ impl Vmm {
                 )
                 .is_ok()
             {
-                self.clients.insert(fd, BufReader::new(s));
+                self.clients.insert(fd, Client::new(s));
             }
         }
     }
@@ -514,23 +547,21 @@ impl Vmm {
         let Some(mut client) = self.clients.remove(&fd) else {
             return;
         };
-        let mut line = String::new();
-        match client.read_line(&mut line) {
-            Ok(0) | Err(_) => {
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                return;
-            }
-            Ok(_) => {}
+        if !client.fill() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            return;
         }
-        let resp = match serde_json::from_str::<ApiRequest>(&line) {
-            Ok(req) => self.handle(req),
-            Err(e) => self.respond(Err(format!("invalid request: {e}"))),
-        };
-        let mut text = serde_json::to_string(&resp).unwrap_or_default();
-        text.push('\n');
-        let _ = client.get_mut().write_all(text.as_bytes());
+        while let Some((line, fds)) = client.next_line() {
+            let resp = match serde_json::from_slice::<ApiRequest>(&line) {
+                Ok(req) => self.handle_with(req, fds),
+                Err(e) => self.respond(Err(format!("invalid request: {e}"))),
+            };
+            let mut text = serde_json::to_string(&resp).unwrap_or_default();
+            text.push('\n');
+            let _ = client.stream.write_all(text.as_bytes());
+        }
         self.clients.insert(fd, client);
     }
 
@@ -541,11 +572,18 @@ impl Vmm {
             error: r.err(),
             stats: None,
             memory: None,
+            disks: None,
         }
     }
 
-    /// Applies one API request.
+    /// Applies one API request that came without descriptors.
     pub fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        self.handle_with(req, Vec::new())
+    }
+
+    /// Applies one API request with the descriptors that came with it (`attach_disk`
+    /// takes one; the others are closed).
+    pub fn handle_with(&mut self, req: ApiRequest, mut fds: Vec<OwnedFd>) -> ApiResponse {
         let r = match (req, self.state()) {
             (ApiRequest::State, _) => Ok(()),
             (ApiRequest::Stats, _) => {
@@ -593,6 +631,45 @@ impl Vmm {
                     m.request(bytes).map_err(|e| e.to_string())
                 });
             }
+            (ApiRequest::Disks, VmState::Running | VmState::Paused) => {
+                return self.disks(None, |_| Ok(()));
+            }
+            (
+                ApiRequest::AttachDisk {
+                    slot,
+                    serial,
+                    read_only,
+                },
+                VmState::Running | VmState::Paused,
+            ) => {
+                if fds.len() != 1 {
+                    let e = format!(
+                        "attach_disk takes exactly one descriptor with the request, got {}",
+                        fds.len()
+                    );
+                    return self.respond(Err(e));
+                }
+                let disk = std::fs::File::from(fds.remove(0));
+                return self.disks(Some(slot), move |s| {
+                    let backend = FileBackend::device(disk)
+                        .map_err(|e| format!("cannot size the disk: {e}"))?;
+                    let size = s
+                        .insert(backend, read_only, &serial)
+                        .map_err(|e| e.to_string())?;
+                    log::info!(
+                        "disk {serial} ({size} bytes, read_only={read_only}) in slot {slot}"
+                    );
+                    Ok(())
+                });
+            }
+            (ApiRequest::DetachDisk { slot }, VmState::Running | VmState::Paused) => {
+                return self.disks(Some(slot), move |s| {
+                    if s.eject() {
+                        log::info!("slot {slot} emptied");
+                    }
+                    Ok(())
+                });
+            }
             (ApiRequest::Shutdown, _) => {
                 self.exit.report(ExitReason::Shutdown);
                 Ok(())
@@ -625,6 +702,49 @@ impl Vmm {
         }
     }
 
+    /// Applies `f` to slot `slot` (none: only reports), then answers with every slot.
+    fn disks(
+        &mut self,
+        slot: Option<u8>,
+        f: impl FnOnce(&mut dyn DiskSlot) -> Result<(), String>,
+    ) -> ApiResponse {
+        let slots = self
+            .running
+            .as_ref()
+            .map(|r| r.disk_slots.clone())
+            .unwrap_or_default();
+        if slots.is_empty() {
+            return self.respond(Err("this VM has no disk slots (it was started without \
+                 block_slots / --block-slots)"
+                .into()));
+        }
+        if let Some(i) = slot {
+            let r = match slots.get(usize::from(i)) {
+                Some(s) => f(&mut *lock(s)),
+                None => Err(format!("no slot {i}: this VM has {}", slots.len())),
+            };
+            if let Err(e) = r {
+                return self.respond(Err(format!("slot {i}: {e}")));
+            }
+        }
+        let report = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = lock(s);
+                SlotReport {
+                    slot: i as u8,
+                    serial: s.serial(),
+                    read_only: s.read_only(),
+                }
+            })
+            .collect();
+        ApiResponse {
+            disks: Some(report),
+            ..self.respond(Ok(()))
+        }
+    }
+
     /// Saves the paused VM to the files made at start. The VM stays paused and can go
     /// on (`resume`) or end.
     fn snapshot(&mut self) -> Result<(), String> {
@@ -649,6 +769,12 @@ impl Vmm {
                     s.requested_bytes >> 20
                 ));
             }
+        }
+        // A slot's disk is the host's, opened for this VM: not something a clone has.
+        if let Some(i) = r.disk_slots.iter().position(|s| lock(s).serial().is_some()) {
+            return Err(format!(
+                "a VM with a disk in a slot (slot {i}) cannot be snapshotted"
+            ));
         }
         let started = std::time::Instant::now();
         let vcpus = r.vcpus.save_states().map_err(chain)?;
@@ -705,59 +831,5 @@ pub fn api_call(sock: &Path, request: &str) -> std::io::Result<ApiResponse> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_requests_parse_and_responses_carry_the_memory() {
-        let r: ApiRequest = serde_json::from_str(r#"{"action":"memory"}"#).unwrap();
-        assert!(matches!(r, ApiRequest::Memory));
-        let r: ApiRequest =
-            serde_json::from_str(r#"{"action":"resize_memory","requested_mib":256}"#).unwrap();
-        assert!(matches!(r, ApiRequest::ResizeMemory { requested_mib: 256 }));
-        for bad in [
-            r#"{"action":"resize_memory"}"#,
-            r#"{"action":"resize_memory","requested_mib":-1}"#,
-            r#"{"action":"resize_memory","requested_mib":256,"node":0}"#,
-        ] {
-            assert!(serde_json::from_str::<ApiRequest>(bad).is_err(), "{bad}");
-        }
-
-        let resp = ApiResponse {
-            ok: true,
-            state: VmState::Running,
-            error: None,
-            stats: None,
-            memory: Some(MemoryReport::from(MemStatus {
-                region_bytes: 512 << 20,
-                requested_bytes: 256 << 20,
-                plugged_bytes: 2 << 20,
-            })),
-        };
-        let text = serde_json::to_string(&resp).unwrap();
-        assert_eq!(
-            text,
-            r#"{"ok":true,"state":"running","memory":{"region_mib":512,"requested_mib":256,"plugged_mib":2}}"#
-        );
-        assert_eq!(serde_json::from_str::<ApiResponse>(&text).unwrap(), resp);
-        // Without the device's figures the field is absent, as before.
-        let plain: ApiResponse = serde_json::from_str(r#"{"ok":true,"state":"paused"}"#).unwrap();
-        assert_eq!(plain.memory, None);
-    }
-
-    #[test]
-    fn memory_requests_need_a_running_vm() {
-        let mut vmm = Vmm::new(VmmOptions::default()).unwrap();
-        for req in [
-            ApiRequest::Memory,
-            ApiRequest::ResizeMemory { requested_mib: 2 },
-        ] {
-            let r = vmm.handle(req);
-            assert!(!r.ok && r.memory.is_none(), "{r:?}");
-            assert!(r
-                .error
-                .unwrap()
-                .contains("not allowed in state NotConfigured"));
-        }
-    }
-}
+#[path = "vmm_tests.rs"]
+mod tests;

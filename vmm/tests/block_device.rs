@@ -16,10 +16,10 @@ const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 const BAD: u64 = 0x1000_0000;
 
-struct Driver {
+struct Driver<B: BlockBackend = MemBackend> {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    dev: Block<MemBackend>,
+    dev: Block<B>,
     desc: u64,
     avail: u64,
     used: u64,
@@ -30,6 +30,16 @@ struct Driver {
 
 impl Driver {
     fn new(read_only: bool) -> Self {
+        let mut disk = vec![0u8; 64 * 512];
+        for (i, s) in disk.chunks_mut(512).enumerate() {
+            s.fill(i as u8);
+        }
+        Driver::with(Block::new(MemBackend(disk), read_only, "disk-0"))
+    }
+}
+
+impl<B: BlockBackend> Driver<B> {
+    fn with(dev: Block<B>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
         let q = mock.create_queue::<Queue>().unwrap();
@@ -38,14 +48,10 @@ impl Driver {
             mock.avail_addr().0,
             mock.used_addr().0,
         );
-        let mut disk = vec![0u8; 64 * 512];
-        for (i, s) in disk.chunks_mut(512).enumerate() {
-            s.fill(i as u8);
-        }
         Self {
             mem,
             queues: vec![q],
-            dev: Block::new(MemBackend(disk), read_only, "disk-0"),
+            dev,
             desc,
             avail,
             used,
@@ -269,4 +275,184 @@ fn config_space_reports_capacity() {
         past, [0xff; 4],
         "reads past the end leave the buffer to the transport"
     );
+}
+
+/// A host disk in a file: sector `i` filled with byte `i`.
+fn host_disk(sectors: usize) -> std::fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    let bytes: Vec<u8> = (0..sectors).flat_map(|i| [i as u8; 512]).collect();
+    std::io::Write::write_all(&mut f, &bytes).unwrap();
+    f
+}
+
+fn capacity<B: BlockBackend>(d: &Driver<B>) -> u64 {
+    let mut cap = [0u8; 8];
+    d.dev.read_config(0, &mut cap);
+    u64::from_le_bytes(cap)
+}
+
+fn get_id<B: BlockBackend>(d: &mut Driver<B>) -> Vec<u8> {
+    d.mem.write_slice(&[0u8; 20], GuestAddress(DATA)).unwrap();
+    d.header(VIRTIO_BLK_T_GET_ID, 0);
+    d.submit(&[(HDR, 16, 0), (DATA, 20, F_WRITE), (STATUS, 1, F_WRITE)]);
+    let mut id = [0u8; 20];
+    d.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    id.iter().copied().take_while(|b| *b != 0).collect()
+}
+
+#[test]
+fn an_empty_slot_has_no_capacity_and_fails_every_read() {
+    let mut d = Driver::with(Block::slot());
+    assert_eq!(capacity(&d), 0);
+    assert_eq!(d.dev.avail_features() & VIRTIO_BLK_F_RO, 0);
+    assert_eq!(d.dev.serial(), None);
+    d.read_req(0, 512);
+    assert_eq!(d.status(), VIRTIO_BLK_S_IOERR);
+    assert_eq!(get_id(&mut d), b"");
+    // A flush of nothing is not an error: the driver flushes on its own schedule.
+    d.header(VIRTIO_BLK_T_FLUSH, 0);
+    d.submit(&[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+    assert_eq!(d.status(), VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn a_disk_put_in_a_slot_is_read_written_and_named_then_ejected() {
+    let mut d = Driver::with(Block::slot());
+    let file = host_disk(8);
+    let disk = FileBackend::device(file.try_clone().unwrap()).unwrap();
+    assert_eq!(d.dev.insert(disk, false, "cocoon-disk7"), Ok(8 * 512));
+    assert_eq!(capacity(&d), 8);
+    assert_eq!(get_id(&mut d), b"cocoon-disk7");
+    assert_eq!(d.dev.serial().as_deref(), Some("cocoon-disk7"));
+    d.read_req(6, 512);
+    assert_eq!(d.status(), VIRTIO_BLK_S_OK);
+    let mut buf = [0u8; 512];
+    d.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf.iter().all(|b| *b == 6));
+    d.mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
+    d.header(VIRTIO_BLK_T_OUT, 2);
+    d.submit(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]);
+    assert_eq!(d.status(), VIRTIO_BLK_S_OK);
+    let mut on_host = [0u8; 512];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_host, 2 * 512).unwrap();
+    assert!(
+        on_host.iter().all(|b| *b == 0xcd),
+        "the write reached the host's disk"
+    );
+    // Past the end of this disk, though the slot could take a larger one.
+    d.read_req(8, 512);
+    assert_eq!(d.status(), VIRTIO_BLK_S_IOERR);
+
+    assert!(d.dev.eject());
+    assert!(!d.dev.eject(), "ejecting an empty slot says it was empty");
+    assert_eq!(capacity(&d), 0);
+    assert_eq!(get_id(&mut d), b"");
+    d.read_req(0, 512);
+    assert_eq!(d.status(), VIRTIO_BLK_S_IOERR);
+}
+
+#[test]
+fn a_read_only_disk_in_a_slot_refuses_writes_though_the_slot_offered_none() {
+    let mut d = Driver::with(Block::slot());
+    let file = host_disk(4);
+    let disk = FileBackend::device(file.try_clone().unwrap()).unwrap();
+    d.dev.insert(disk, true, "ro").unwrap();
+    assert!(d.dev.is_read_only());
+    // Features were read at boot: the slot's stay as they were.
+    assert_eq!(d.dev.avail_features() & VIRTIO_BLK_F_RO, 0);
+    d.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+    d.header(VIRTIO_BLK_T_OUT, 1);
+    d.submit(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]);
+    assert_eq!(d.status(), VIRTIO_BLK_S_IOERR);
+    let mut on_host = [0u8; 512];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_host, 512).unwrap();
+    assert!(
+        on_host.iter().all(|b| *b == 1),
+        "the host's disk is unchanged"
+    );
+    // The next disk in the slot is writable again.
+    d.dev.eject();
+    let disk = FileBackend::device(file.try_clone().unwrap()).unwrap();
+    d.dev.insert(disk, false, "rw").unwrap();
+    d.header(VIRTIO_BLK_T_OUT, 1);
+    d.submit(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)]);
+    assert_eq!(d.status(), VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn a_slot_refuses_a_second_disk_a_bad_serial_and_a_ragged_size() {
+    let mut d = Driver::with(Block::slot());
+    let disk = || FileBackend::device(host_disk(2)).unwrap();
+    for bad in ["", "has space", "a-serial-longer-than-20", "snow\u{2603}"] {
+        assert_eq!(
+            d.dev.insert(disk(), false, bad),
+            Err(SlotError::Serial(bad.into()))
+        );
+    }
+    let mut ragged = host_disk(2);
+    std::io::Write::write_all(&mut ragged, &[1; 100]).unwrap();
+    assert_eq!(
+        d.dev
+            .insert(FileBackend::device(ragged).unwrap(), false, "x"),
+        Err(SlotError::Size(1124))
+    );
+    assert_eq!(capacity(&d), 0, "a refused disk changes nothing");
+    d.dev.insert(disk(), false, "first").unwrap();
+    assert_eq!(
+        d.dev.insert(disk(), false, "second"),
+        Err(SlotError::Occupied("first".into()))
+    );
+    assert_eq!(get_id(&mut d), b"first");
+}
+
+#[derive(Clone, Default)]
+struct Counter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+impl cocoon_vmm::devices::virtio::Interrupt for Counter {
+    fn trigger(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_slot_on_its_transport_tells_a_running_driver_of_each_change() {
+    use cocoon_vmm::devices::bus::BusDevice;
+    use cocoon_vmm::devices::virtio::defs::{reg, status};
+    use cocoon_vmm::devices::virtio::mmio::MmioTransport;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let irq = Counter::default();
+    let mut t = MmioTransport::new(Block::slot(), irq.clone(), mem).unwrap();
+    let fired = || irq.0.load(std::sync::atomic::Ordering::SeqCst);
+    let r = |t: &mut MmioTransport<_, _>, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let w = |t: &mut MmioTransport<_, _>, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+    w(&mut t, reg::DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+    let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    w(&mut t, reg::STATUS, s);
+    w(&mut t, reg::STATUS, s | status::DRIVER_OK);
+    let generation = r(&mut t, reg::CONFIG_GENERATION);
+
+    let disk = FileBackend::device(host_disk(16)).unwrap();
+    assert_eq!(DiskSlot::insert(&mut t, disk, false, "d1"), Ok(16 * 512));
+    assert_eq!(fired(), 1, "the configuration-change interrupt");
+    assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & 2, 2);
+    assert_eq!(r(&mut t, reg::CONFIG_GENERATION), generation + 1);
+    assert_eq!(r(&mut t, reg::CONFIG), 16, "the capacity, in sectors");
+    assert_eq!(DiskSlot::serial(&t).as_deref(), Some("d1"));
+
+    // A refused disk tells the driver nothing.
+    let other = FileBackend::device(host_disk(2)).unwrap();
+    assert!(DiskSlot::insert(&mut t, other, false, "d2").is_err());
+    assert_eq!(fired(), 1);
+    assert_eq!(r(&mut t, reg::CONFIG_GENERATION), generation + 1);
+
+    assert!(DiskSlot::eject(&mut t));
+    assert_eq!(fired(), 2);
+    assert_eq!(r(&mut t, reg::CONFIG), 0);
+    assert!(!DiskSlot::eject(&mut t), "an empty slot");
+    assert_eq!(fired(), 2, "nothing changed, nothing told");
 }

@@ -52,6 +52,46 @@ impl FileBackend {
         let size = file.metadata()?.len();
         Ok(Self { file, size })
     }
+
+    /// A host block device (or a file): its size is where it ends, which `fstat`
+    /// gives as 0 for a device.
+    pub fn device(mut file: File) -> io::Result<Self> {
+        use std::io::Seek;
+        let size = file.seek(io::SeekFrom::End(0))?;
+        Ok(Self { file, size })
+    }
+}
+
+/// The backend of a disk slot ([`DiskSlot`]): empty, 0 bytes, until the host puts a
+/// disk in it while the VM runs. A microVM has no bus a device can join after boot, so
+/// the slots are made at boot and filled later, as firecracker-containerd does with its
+/// stub drives.
+#[derive(Default)]
+pub struct SlotBackend(Option<FileBackend>);
+
+fn empty_slot() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the slot holds no disk")
+}
+
+impl BlockBackend for SlotBackend {
+    fn size(&self) -> u64 {
+        self.0.as_ref().map_or(0, |b| b.size)
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.as_mut().ok_or_else(empty_slot)?.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0
+            .as_mut()
+            .ok_or_else(empty_slot)?
+            .write_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self.0.as_mut() {
+            Some(b) => b.flush(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl BlockBackend for FileBackend {
@@ -178,6 +218,14 @@ pub fn parse_request(
     })
 }
 
+/// `id` as GET_ID answers it: at most [`ID_BYTES`], zero-padded.
+fn id_bytes(id: &str) -> [u8; ID_BYTES] {
+    let mut bytes = [0u8; ID_BYTES];
+    let n = id.len().min(ID_BYTES);
+    bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+    bytes
+}
+
 trait AddrExt {
     fn unchecked_add_u64(self, n: u64) -> GuestAddress;
 }
@@ -199,6 +247,9 @@ pub struct BlockStats {
 pub struct Block<B: BlockBackend> {
     backend: B,
     read_only: bool,
+    /// Whether VIRTIO_BLK_F_RO is offered: fixed at boot, when the driver reads it. A
+    /// slot's disk put in read-only later is refused writes by [`Self::read_only`] alone.
+    offer_ro: bool,
     id: [u8; ID_BYTES],
     config: [u8; 8],
     queue_sizes: [u16; 1],
@@ -209,13 +260,11 @@ pub struct Block<B: BlockBackend> {
 impl<B: BlockBackend> Block<B> {
     pub fn new(backend: B, read_only: bool, id: &str) -> Self {
         let capacity = backend.size() / SECTOR_SIZE;
-        let mut id_bytes = [0u8; ID_BYTES];
-        let n = id.len().min(ID_BYTES);
-        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         Self {
             backend,
             read_only,
-            id: id_bytes,
+            offer_ro: read_only,
+            id: id_bytes(id),
             config: capacity.to_le_bytes(),
             queue_sizes: [QUEUE_SIZE],
             stats: BlockStats::default(),
@@ -225,6 +274,11 @@ impl<B: BlockBackend> Block<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Whether the disk refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn stats(&self) -> BlockStats {
@@ -354,7 +408,7 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+        VIRTIO_BLK_F_FLUSH | if self.offer_ro { VIRTIO_BLK_F_RO } else { 0 }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -377,5 +431,121 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
             used = true;
         }
         used && queue.needs_notification(mem).unwrap_or(true)
+    }
+}
+
+/// Why a disk cannot go into a slot.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SlotError {
+    #[error("the slot holds a disk already (serial {0:?})")]
+    Occupied(String),
+    #[error("serial {0:?} is empty, longer than 20 bytes or not [A-Za-z0-9-]")]
+    Serial(String),
+    #[error("the disk's size ({0} bytes) is not a whole number of 512-byte sectors")]
+    Size(u64),
+}
+
+impl Block<SlotBackend> {
+    /// An empty slot: no disk, capacity 0, writable when a disk comes.
+    pub fn slot() -> Self {
+        Block::new(SlotBackend::default(), false, "")
+    }
+
+    /// What the slot holds: its serial, or `None`.
+    pub fn serial(&self) -> Option<String> {
+        self.backend.0.as_ref().map(|_| {
+            let end = self.id.iter().position(|b| *b == 0).unwrap_or(ID_BYTES);
+            String::from_utf8_lossy(&self.id[..end]).into_owned()
+        })
+    }
+
+    /// Puts `disk` in the empty slot, answering GET_ID with `serial`; its size becomes
+    /// the capacity. The transport tells the driver ([`DiskSlot::insert`]).
+    pub fn insert(
+        &mut self,
+        disk: FileBackend,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<u64, SlotError> {
+        if let Some(s) = self.serial() {
+            return Err(SlotError::Occupied(s));
+        }
+        let ok = !serial.is_empty()
+            && serial.len() <= ID_BYTES
+            && serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(SlotError::Serial(serial.to_owned()));
+        }
+        if !disk.size.is_multiple_of(SECTOR_SIZE) {
+            return Err(SlotError::Size(disk.size));
+        }
+        let size = disk.size;
+        self.backend = SlotBackend(Some(disk));
+        self.read_only = read_only;
+        self.id = id_bytes(serial);
+        self.config = (size / SECTOR_SIZE).to_le_bytes();
+        Ok(size)
+    }
+
+    /// Empties the slot: the disk is written back and closed, and every request after
+    /// fails. Whether there was one.
+    pub fn eject(&mut self) -> bool {
+        let had = match self.backend.0.take() {
+            Some(mut disk) => {
+                // What the guest wrote reaches the device before the host has it back.
+                if let Err(e) = disk.flush() {
+                    log::warn!("virtio-blk: a disk taken out of its slot was not synced: {e}");
+                }
+                true
+            }
+            None => false,
+        };
+        self.read_only = false;
+        self.id = [0; ID_BYTES];
+        self.config = 0u64.to_le_bytes();
+        had
+    }
+}
+
+/// A disk slot on its transport, for the API: the driver learns of each change
+/// through the configuration-change interrupt (the capacity moves; Linux's virtio-blk
+/// re-reads it and the serial is asked afresh on each read of `serial`).
+pub trait DiskSlot: Send {
+    fn serial(&self) -> Option<String>;
+    fn read_only(&self) -> bool;
+    fn insert(
+        &mut self,
+        disk: FileBackend,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<u64, SlotError>;
+    fn eject(&mut self) -> bool;
+}
+
+impl<I: super::Interrupt> DiskSlot for super::mmio::MmioTransport<Block<SlotBackend>, I> {
+    fn serial(&self) -> Option<String> {
+        self.device().serial()
+    }
+
+    fn read_only(&self) -> bool {
+        self.device().is_read_only()
+    }
+
+    fn insert(
+        &mut self,
+        disk: FileBackend,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<u64, SlotError> {
+        self.change_config(|b| b.insert(disk, read_only, serial))
+    }
+
+    fn eject(&mut self) -> bool {
+        match self.change_config(|b| if b.eject() { Ok(()) } else { Err(()) }) {
+            Ok(()) => true,
+            Err(()) => false,
+        }
     }
 }
