@@ -610,6 +610,22 @@ impl Containers {
         // Unmount even when the cgroup will not go: a failed removal must not leave
         // the container's mounts behind for the pod's life.
         unmount_all(&c.storages);
+        // Its disks' dirty pages, written back before the host may take a disk away.
+        let disks: Vec<(u64, u64)> = c
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.devices().as_ref())
+            .map(|d| {
+                d.iter()
+                    .filter(|d| d.typ() == oci_spec::runtime::LinuxDeviceType::B)
+                    .map(|d| (d.major() as u64, d.minor() as u64))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !disks.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || crate::disks::flush(&disks)).await;
+        }
         if let Some(cg) = &c.cgroup {
             cg.remove().await?;
         }

@@ -104,7 +104,11 @@ impl AgentService {
         let (wanted, spec) = (req.block_devices.clone(), spec.to_vec());
         tokio::task::spawn_blocking(move || {
             let sys = std::path::Path::new(crate::disks::SYS_BLOCK);
-            crate::disks::remap(&spec, &wanted, sys, deadline)
+            let (spec, found) = crate::disks::remap(&spec, &wanted, sys, deadline)?;
+            for disk in &found {
+                crate::disks::ready(disk)?;
+            }
+            Ok::<_, String>(spec)
         })
         .await
         .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?
