@@ -1,10 +1,12 @@
 //! Raw block volumes (Kubernetes `volumeDevices`: a CRI container's `devices`) under runc
 //! and under cocoon. containerd puts the host device's major:minor in the spec; under
 //! cocoon the shim plugs the host's device into the pod VM as a virtio-blk disk (QEMU's
-//! `pc`, through QMP) and the agent gives the container the guest disk's numbers
-//! (`shim/src/hypervisor/disks.rs`). The container must see the same device, read what
-//! the host wrote, write what the host then reads, and be refused writes where its
-//! permissions say read-only; once it is removed, no process of the pod holds the device.
+//! `pc`, through QMP; `shim/src/hypervisor/disks.rs`) or puts it in one of the disk
+//! slots cocoon-vmm's VM booted with (`hypervisor/slots.rs`; rerun in L1), and the
+//! agent gives the container the guest disk's numbers. The container must see the same
+//! device, read what the host wrote, write what the host then reads, and be refused
+//! writes where its permissions say read-only; once it is removed, no process of the
+//! pod holds the device.
 
 mod common;
 
@@ -13,17 +15,55 @@ use std::time::Duration;
 use cocoon_integration::cri::{CriNode, COCOON, RUNC};
 use cocoon_integration::image::IMAGE_REF;
 use cocoon_integration::loopdev::{held_after, Loop};
+use cocoon_nested::testing::{hardware_kvm, Place};
 use k8s_cri::v1::{Device, RemoveContainerRequest, StopContainerRequest};
+
+/// Where cocoon's pod runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vm {
+    /// QEMU `pc`: disks plugged into its PCI bus.
+    Pc,
+    /// QEMU microvm: no disk after boot.
+    Microvm,
+    /// cocoon-vmm: disks put in its slots.
+    Slots,
+}
 
 #[tokio::test]
 async fn runc_a_block_device_is_the_containers() {
-    a_block_device_is_the_containers("runc_a_block_device_is_the_containers", RUNC, 90, true).await;
+    a_block_device_is_the_containers("runc_a_block_device_is_the_containers", RUNC, 90, Vm::Pc)
+        .await;
 }
 
 #[tokio::test]
 async fn cocoon_a_block_device_is_the_containers() {
-    a_block_device_is_the_containers("cocoon_a_block_device_is_the_containers", COCOON, 91, true)
-        .await;
+    a_block_device_is_the_containers(
+        "cocoon_a_block_device_is_the_containers",
+        COCOON,
+        91,
+        Vm::Pc,
+    )
+    .await;
+}
+
+/// cocoon-vmm (hardware KVM: rerun in L1), where each disk goes into a slot the VM
+/// booted with, and a slot is used again by the next disk.
+#[test]
+fn cocoon_vmm_a_block_device_is_the_containers() {
+    let test = "cocoon_vmm_a_block_device_is_the_containers";
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    // SAFETY: set before any thread of this test starts; the test runs alone in its
+    // process (libtest's --exact inside L1, or nextest's process per test).
+    unsafe { std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm") };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(a_block_device_is_the_containers(
+        test,
+        COCOON,
+        93,
+        Vm::Slots,
+    ));
 }
 
 /// On the default machine (microvm), which takes no device after boot: the container's
@@ -34,7 +74,7 @@ async fn cocoon_microvm_refuses_a_block_device_naming_the_machine() {
         "cocoon_microvm_refuses_a_block_device_naming_the_machine",
         COCOON,
         92,
-        false,
+        Vm::Microvm,
     )
     .await;
 }
@@ -49,8 +89,12 @@ const SCRIPT: &str = "ls -l /dev/xvda | cut -c1; \
     dd if=/dev/xvdb bs=9 count=1 2>/dev/null; echo; \
     (echo no > /dev/xvdb) 2>/dev/null; echo ro-write=$?";
 
-async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, pc: bool) {
-    let tables = if pc { "[qemu]\nmachine = \"pc\"\n" } else { "" };
+async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm: Vm) {
+    let tables = if vm == Vm::Pc {
+        "[qemu]\nmachine = \"pc\"\n"
+    } else {
+        ""
+    };
     let Some(env) = common::env_vm(test, handler, net, false, "", tables).await else {
         return;
     };
@@ -84,7 +128,7 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, pc
         },
     ];
     let created = node.create_and_start(&pod, &c, &pconfig).await;
-    if !pc {
+    if vm == Vm::Microvm {
         let e = created.expect_err("a block device on microvm");
         assert!(
             e.message().contains("qemu.machine = \"pc\""),
@@ -133,6 +177,23 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, pc
             .expect("ExecSync");
         assert_eq!((code, out.as_str()), (0, "0\n1\n"), "{test}: {err}");
     }
+    if vm == Vm::Slots {
+        // Written without a sync: the guest holds it dirty until the container's
+        // removal writes it back, before the slot is emptied.
+        let (code, _, err) = node
+            .exec_sync(
+                &ctr,
+                &[
+                    "sh",
+                    "-c",
+                    "echo unsynced | dd of=/dev/xvda bs=512 seek=3 conv=notrunc",
+                ],
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("ExecSync");
+        assert_eq!(code, 0, "{test}: {err}");
+    }
     // The write reached the host's device, and through it the file.
     let bytes = std::fs::read(&rw.file).unwrap();
     assert_eq!(&bytes[512..524], b"guest-wrote\n", "{test}");
@@ -162,6 +223,48 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, pc
         "{test}: still held after the container's removal: {held:?}\n{}",
         node.log_tail()
     );
+    if vm == Vm::Slots {
+        assert_eq!(
+            &std::fs::read(&rw.file).unwrap()[1536..1545],
+            b"unsynced\n",
+            "{test}: the unsynced write was lost when the slot was emptied"
+        );
+        // The read-only device alone now goes into the slot the writable one had:
+        // the guest reads its bytes, not what it cached of the slot's last disk.
+        let mut only_ro = CriNode::container_config("ro", IMAGE_REF, &["sleep", "3600"], &[]);
+        only_ro.devices = vec![Device {
+            container_path: "/dev/xvda".into(),
+            host_path: ro.dev.to_string_lossy().into_owned(),
+            permissions: "r".into(),
+        }];
+        let ctr = node
+            .create_and_start(&pod, &only_ro, &pconfig)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: the slot again: {e}\n{}", node.log_tail()));
+        let (code, out, err) = node
+            .exec_sync(
+                &ctr,
+                &[
+                    "sh",
+                    "-c",
+                    "dd if=/dev/xvda bs=9 count=1 2>/dev/null; echo; blockdev --getro /dev/xvda",
+                ],
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("ExecSync");
+        assert_eq!((code, out.as_str()), (0, "ro-marker\n1\n"), "{test}: {err}");
+        let mut rt = node.runtime();
+        rt.stop_container(StopContainerRequest {
+            container_id: ctr.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{test}: StopContainer: {e}"));
+        rt.remove_container(RemoveContainerRequest { container_id: ctr })
+            .await
+            .unwrap_or_else(|e| panic!("{test}: RemoveContainer: {e}"));
+    }
     // A new container takes the device again (a new disk in the same VM).
     let ctr = node
         .create_and_start(&pod, &c, &pconfig)

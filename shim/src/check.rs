@@ -371,8 +371,9 @@ impl std::fmt::Display for HostReport {
         writeln!(f, "memory growth:  {}", memory_growth_line(self.kvm))?;
         writeln!(
             f,
-            "block devices:  plugged into a pod VM after boot with [qemu] machine = \"pc\"; \
-             microvm and cocoon-vmm refuse a container that names one"
+            "block devices:  cocoon-vmm: each in one of the empty disk slots its VM boots \
+             with ([vm] block_slots, 4 by default); QEMU: plugged after boot with [qemu] \
+             machine = \"pc\"; microvm refuses a container that names one"
         )?;
         match (&self.huge_tmpfs, self.shmem_thp.as_deref()) {
             (Ok(()), Some(m)) if m != "deny" => writeln!(

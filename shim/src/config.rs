@@ -166,7 +166,15 @@ pub struct VmConfig {
     /// (`shimv2::sizing::MemRoom`). Needs `size_from_pod_limits` and `max_memory_mib`;
     /// a VM sized by its `io.cocoon.vm.memory_mib` annotation keeps that size.
     pub hotplug_memory: bool,
+    /// cocoon-vmm: empty disk slots a pod's VM gets at boot, for the raw block devices
+    /// its containers name later (`volumeDevices`, `ctr run --device`): a microVM has no
+    /// bus a disk can join after boot. At most [`MAX_BLOCK_SLOTS`]; 0: such containers
+    /// are refused. QEMU's `pc` plugs disks instead.
+    pub block_slots: u8,
 }
+
+/// The most disk slots a cocoon-vmm VM gets (each an IRQ of the IOAPIC's).
+pub const MAX_BLOCK_SLOTS: u8 = 8;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -228,6 +236,7 @@ impl Default for VmConfig {
             max_memory_mib: 0,
             hotplug_vcpus: false,
             hotplug_memory: false,
+            block_slots: 4,
         }
     }
 }
@@ -316,6 +325,9 @@ impl Config {
         }
         if self.vm.max_vcpus > 64 {
             return bad("vm.max_vcpus", "must be between 0 (the host's) and 64");
+        }
+        if self.vm.block_slots > MAX_BLOCK_SLOTS {
+            return bad("vm.block_slots", "must be between 0 and 8");
         }
         if self.vm.max_memory_mib != 0 && !(64..=1024 * 1024).contains(&self.vm.max_memory_mib) {
             return bad(
@@ -516,6 +528,9 @@ mod tests {
         assert!(err.to_string().contains("vm.vcpus"), "{err}");
         let err = Config::parse("[vm]\nmemory_mib = 1\n").unwrap_err();
         assert!(err.to_string().contains("vm.memory_mib"), "{err}");
+        let err = Config::parse("[vm]\nblock_slots = 9\n").unwrap_err();
+        assert!(err.to_string().contains("vm.block_slots"), "{err}");
+        assert_eq!(Config::parse("").unwrap().vm.block_slots, 4);
         let err = Config::parse("[qemu]\naccel = \"hvf\"\n").unwrap_err();
         let msg = format!("{}", std::error::Error::source(&err).unwrap());
         assert!(msg.contains("hvf"), "{msg}");

@@ -25,6 +25,8 @@ pub const L1_MODULES: &[&str] = &[
     "tun",
     "veth",
     "bridge",
+    // Loop devices over files, for the raw block device tests on cocoon-vmm.
+    "loop",
     // A pod's network carried into its VM (tc ingress + mirred redirect) and PortForward
     // (an nftables NAT redirect), for the CRI tests on cocoon-vmm.
     "sch_ingress",

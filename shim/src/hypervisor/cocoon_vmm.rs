@@ -144,10 +144,13 @@ impl CocoonVmm {
         if self.free_page_reporting {
             a.push("--free-page-reporting".into());
         }
-        if let Some(fd) = memctl_fd.filter(|_| spec.hotplug_mib > 0) {
-            // A restored VM has the template's region (part of the template's key).
-            if template.is_none() {
+        if let Some(fd) = memctl_fd.filter(|_| spec.hotplug_mib > 0 || spec.block_slots > 0) {
+            // A restored VM has the template's region and slots (part of its key).
+            if template.is_none() && spec.hotplug_mib > 0 {
                 a.extend(["--hotplug-mib".into(), spec.hotplug_mib.to_string()]);
+            }
+            if template.is_none() && spec.block_slots > 0 {
+                a.extend(["--block-slots".into(), spec.block_slots.to_string()]);
             }
             a.extend(["--api-sock-fd".into(), fd.to_string()]);
         }
@@ -182,6 +185,7 @@ impl CocoonVmm {
             fs_tag: spec.shared_dir.as_ref().map(|s| s.tag.as_str()),
             net: spec.net.is_some(),
             hotplug_mib: spec.hotplug_mib,
+            block_slots: spec.block_slots,
         };
         store.get_or_make(&shape).await.map(Some)
     }
@@ -244,8 +248,9 @@ impl super::Hypervisor for CocoonVmm {
             source,
         };
         let mut cmd = Command::new(&self.binary);
-        // The API's listener, for growing the guest's memory.
-        let memctl = super::memctl::Listener::for_vm(&run_dir, spec.hotplug_mib > 0)?;
+        // The API's listener, for growing the guest's memory and filling its disk slots.
+        let controlled = spec.hotplug_mib > 0 || spec.block_slots > 0;
+        let memctl = super::memctl::Listener::for_vm(&run_dir, controlled)?;
         let memctl_fd = memctl.as_ref().map(super::memctl::Listener::fd);
         if let Some(fd) = memctl_fd {
             super::inherit_fd(&mut cmd, fd);
@@ -307,7 +312,14 @@ impl super::Hypervisor for CocoonVmm {
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         drop(held);
         // The VMM holds the API's listener now.
-        vm.memory_control = memctl.map(|l| l.into_control(super::memctl::MemoryControl::CocoonVmm));
+        if let Some(api) = memctl.map(super::memctl::Listener::into_path) {
+            if spec.hotplug_mib > 0 {
+                vm.memory_control = Some(super::memctl::MemoryControl::CocoonVmm(api.clone()));
+            }
+            if spec.block_slots > 0 {
+                vm.disk_slots = Some((api, spec.block_slots));
+            }
+        }
         vm.times.vmm_spawned = Instant::now();
         match &template {
             Some(t) => tracing::info!(id = %spec.id, pid = ?vm.vmm_pid(), template = %t.display(),
@@ -352,6 +364,7 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
             }),
             hotplug_mib: 0,
+            block_slots: 0,
         };
         let inherited = Inherited {
             kvm: 11,
@@ -409,6 +422,18 @@ mod tests {
                 .any(|w| w[0] == "--api-sock-fd" && w[1] == "14"),
             "{rg:?}"
         );
+        // Disk slots alone also give the VMM the API; restored, the slots are the
+        // template's.
+        let mut slotted = spec.clone();
+        slotted.block_slots = 4;
+        let s = v.args(&slotted, std::path::Path::new("/r"), None, None, Some(14));
+        let after_s = |f: &str| s.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
+        assert_eq!(after_s("--block-slots").as_deref(), Some("4"));
+        assert_eq!(after_s("--api-sock-fd").as_deref(), Some("14"));
+        assert_eq!(after_s("--hotplug-mib"), None);
+        let rs = v.args(&slotted, std::path::Path::new("/r"), None, t, Some(14));
+        assert!(!rs.iter().any(|x| x == "--block-slots"), "{rs:?}");
+        assert!(rs.iter().any(|x| x == "--api-sock-fd"), "{rs:?}");
         // Restored from a template: the template holds the kernel, command line, memory
         // and vCPUs; the pod's own devices and descriptors are given as for a boot.
         let r = v.args(

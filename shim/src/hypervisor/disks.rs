@@ -7,8 +7,8 @@
 //! the container a node with the guest's numbers. Unplugged (ACPI eject) when the
 //! last container using it goes.
 //!
-//! Needs QEMU's `pc`: its PCI bus takes devices after boot. microvm and cocoon-vmm have
-//! no bus a device can join after boot.
+//! Needs QEMU's `pc`: its PCI bus takes devices after boot. microvm has no bus a device
+//! can join after boot; cocoon-vmm has none either, and fills slots instead (`slots`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use super::qmp::Session;
 /// Why a pod VM cannot take a block device.
 pub const NEEDS_PC: &str = "raw block devices (the spec's linux.devices of type b) are \
     plugged into the pod VM after it boots, which needs hypervisor = \"qemu\" with \
-    qemu.machine = \"pc\"";
+    qemu.machine = \"pc\", or cocoon-vmm with vm.block_slots above 0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -136,9 +136,15 @@ fn open_in(
     })
 }
 
+/// The size of an opened host device in bytes (where it ends; 0 if that cannot be
+/// told: the agent then does not wait for a size).
+pub fn size_of(disk: &HostDisk) -> u64 {
+    nix::unistd::lseek(&disk.fd, 0, nix::unistd::Whence::SeekEnd).map_or(0, |n| n as u64)
+}
+
 /// Deadline of the steps that take back what a failed plug made, and of `blockdev-del`
 /// after an unplug: their own, since the step before may have used up the call's.
-const CLEANUP: Duration = Duration::from_secs(5);
+pub(crate) const CLEANUP: Duration = Duration::from_secs(5);
 /// How often an unplug asks whether the guest has let the disk go.
 const POLL: Duration = Duration::from_millis(100);
 

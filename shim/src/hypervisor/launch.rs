@@ -60,6 +60,7 @@ pub fn new_vm(
         template: None,
         memory_control: None,
         qmp: None,
+        disk_slots: None,
     }
 }
 

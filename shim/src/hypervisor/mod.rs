@@ -14,6 +14,7 @@ mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod slots;
 pub mod template;
 pub mod userns;
 pub mod watch;
@@ -94,6 +95,9 @@ pub struct VmSpec {
     /// Memory (MiB, whole `memctl::BLOCK_MIB`s) the guest may grow into later through a
     /// virtio-mem device (`[vm] hotplug_memory`); 0: none, the guest keeps its size.
     pub hotplug_mib: u32,
+    /// Empty disk slots for raw block devices put in later (`[vm] block_slots`;
+    /// cocoon-vmm only).
+    pub block_slots: u8,
 }
 
 /// A tap (already open, in the pod's network namespace) for the guest's one virtio-net
@@ -165,6 +169,7 @@ impl VmSpec {
             shared_dir: None,
             net: None,
             hotplug_mib: 0,
+            block_slots: config.vm.block_slots,
         }
     }
 
@@ -231,6 +236,8 @@ pub struct Vm {
     pub memory_control: Option<memctl::MemoryControl>,
     /// QEMU's QMP socket, on a machine that takes disks after boot (`pc`).
     pub qmp: Option<PathBuf>,
+    /// cocoon-vmm's API socket and its VM's number of disk slots, when it has some.
+    pub disk_slots: Option<(PathBuf, u8)>,
 }
 
 impl Vm {
@@ -436,6 +443,7 @@ mod tests {
             shared_dir: None,
             net: None,
             hotplug_mib: 0,
+            block_slots: 0,
         };
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/k"), "{err}");

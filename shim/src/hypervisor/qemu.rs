@@ -467,6 +467,7 @@ mod tests {
             shared_dir: None,
             net: None,
             hotplug_mib: 0,
+            block_slots: 0,
         }
     }
 

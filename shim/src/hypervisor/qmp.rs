@@ -92,26 +92,7 @@ impl Session {
         let bytes = line.as_bytes();
         let deadline = self.deadline;
         let s = self.s.get_mut();
-        within(deadline, async {
-            let mut sent = 0;
-            if let Some(fd) = fd {
-                // The descriptor rides with the first bytes of the command.
-                sent = loop {
-                    s.writable().await?;
-                    let r = s.try_io(tokio::io::Interest::WRITABLE, || {
-                        send_with_fd(s.as_raw_fd(), bytes, fd.as_raw_fd())
-                    });
-                    match r {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(MemctlError::Io(e)),
-                    }
-                };
-            }
-            s.write_all(&bytes[sent..]).await?;
-            Ok(())
-        })
-        .await
+        within(deadline, write_with_fd(s, bytes, fd)).await
     }
 
     /// The reply to the command just sent, skipping events and replies to others.
@@ -145,6 +126,30 @@ impl Session {
         })
         .await
     }
+}
+
+/// Writes `bytes`, `fd` (if any) riding with the first of them (SCM_RIGHTS).
+pub(crate) async fn write_with_fd(
+    s: &mut UnixStream,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<(), MemctlError> {
+    let mut sent = 0;
+    if let Some(fd) = fd {
+        sent = loop {
+            s.writable().await?;
+            let r = s.try_io(tokio::io::Interest::WRITABLE, || {
+                send_with_fd(s.as_raw_fd(), bytes, fd.as_raw_fd())
+            });
+            match r {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(MemctlError::Io(e)),
+            }
+        };
+    }
+    s.write_all(&bytes[sent..]).await?;
+    Ok(())
 }
 
 fn send_with_fd(sock: i32, bytes: &[u8], fd: i32) -> std::io::Result<usize> {

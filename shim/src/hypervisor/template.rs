@@ -47,6 +47,8 @@ pub struct Shape<'a> {
     pub net: bool,
     /// A virtio-mem region of this size (MiB; 0: none), none of it plugged.
     pub hotplug_mib: u32,
+    /// Empty disk slots.
+    pub block_slots: u8,
 }
 
 impl Shape<'_> {
@@ -75,6 +77,9 @@ impl Shape<'_> {
         // Only where there is one: the keys of templates without stay as they were.
         if self.hotplug_mib > 0 {
             text += &format!("hotplug={}\n", self.hotplug_mib);
+        }
+        if self.block_slots > 0 {
+            text += &format!("block_slots={}\n", self.block_slots);
         }
         Ok(text)
     }
@@ -313,6 +318,9 @@ impl Store {
         if shape.hotplug_mib > 0 {
             vmm.args(["--hotplug-mib", &shape.hotplug_mib.to_string()]);
         }
+        if shape.block_slots > 0 {
+            vmm.args(["--block-slots", &shape.block_slots.to_string()]);
+        }
         if shape.net {
             // A tap of its own, made by the VMM (root, unjailed) in this network
             // namespace and gone with it: the guest's driver probes the device and reads
@@ -412,6 +420,7 @@ mod tests {
             fs_tag: tag,
             net: false,
             hotplug_mib: 0,
+            block_slots: 0,
         };
         let base = shape("console=ttyS0", 256, Some("cocoon")).key().unwrap();
         assert_eq!(base.len(), 32);
@@ -466,6 +475,7 @@ mod tests {
             fs_tag: None,
             net: false,
             hotplug_mib: 0,
+            block_slots: 0,
         };
         let store = dir.path().join(DIR);
         let template = |key: &str, shape: Option<&Shape>| {

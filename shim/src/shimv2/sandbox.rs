@@ -423,7 +423,13 @@ impl Sandbox {
             memory: std::sync::Mutex::new(None),
             memory_control: vm.memory_control.clone().map(|c| (c, call)),
             plugging: Mutex::new(()),
-            disks: disks::Disks::new(vm.qmp.clone(), call),
+            disks: disks::Disks::new(
+                vm.qmp.clone().map(disks::Bus::Qmp).or_else(|| {
+                    let (api, count) = vm.disk_slots.clone()?;
+                    Some(disks::Bus::Slots { api, count })
+                }),
+                call,
+            ),
             vm: Mutex::new(Some(vm)),
             net: None,
             forwarder,

@@ -1,6 +1,8 @@
-//! A pod VM's raw block devices (`hypervisor::disks`): one guest disk per host device
-//! per pod, whichever of its containers use it, as one device node is one device under
-//! runc; plugged for the first container that names it, unplugged after the last.
+//! A pod VM's raw block devices: one guest disk per host device per pod, whichever of
+//! its containers use it, as one device node is one device under runc; plugged for the
+//! first container that names it, unplugged after the last. QEMU's `pc` plugs each into
+//! its PCI bus (`hypervisor::disks`); cocoon-vmm puts each in a slot its VM booted with
+//! (`hypervisor::slots`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -11,14 +13,24 @@ use cocoon_protocol::agent as pb;
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, Spec};
 
 use crate::hypervisor::disks::{self, DiskError};
+use crate::hypervisor::slots;
+
+/// Where a pod's VM takes disks after boot.
+#[derive(Debug, Clone)]
+pub enum Bus {
+    /// QEMU's `pc`, through its QMP socket.
+    Qmp(PathBuf),
+    /// cocoon-vmm's `count` slots, through its API socket.
+    Slots { api: PathBuf, count: u8 },
+}
 
 /// At most this many host devices in one pod: QEMU's PCI bus has 32 slots, a few taken.
 pub const MAX_DISKS: usize = 16;
 
 /// The pod's plugged disks, by the host device's major:minor.
 pub struct Disks {
-    /// QMP, where the VM takes disks after boot.
-    qmp: Option<PathBuf>,
+    /// Where the VM takes disks after boot, if it does.
+    bus: Option<Bus>,
     /// How long one plug or unplug may take.
     call: Duration,
     table: Arc<tokio::sync::Mutex<Table>>,
@@ -45,7 +57,11 @@ struct Table {
 
 struct Plugged {
     id: String,
+    /// The cocoon-vmm slot it is in.
+    slot: Option<u8>,
     serial: String,
+    /// The host device's size in bytes, which the agent waits for the guest's disk to have.
+    size: u64,
     writable: bool,
     users: BTreeSet<String>,
 }
@@ -146,9 +162,9 @@ pub fn take_unnamed(spec: &mut Spec) -> Vec<String> {
 }
 
 impl Disks {
-    pub fn new(qmp: Option<PathBuf>, call: Duration) -> Disks {
+    pub fn new(bus: Option<Bus>, call: Duration) -> Disks {
         Disks {
-            qmp,
+            bus,
             call,
             table: Default::default(),
             settling: Default::default(),
@@ -173,8 +189,12 @@ impl Disks {
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
-        let Some(qmp) = &self.qmp else {
+        let Some(bus) = &self.bus else {
             return Err(DiskError::Unsupported(disks::NEEDS_PC));
+        };
+        let limit = match bus {
+            Bus::Qmp(_) => MAX_DISKS,
+            Bus::Slots { count, .. } => usize::from(*count),
         };
         self.holders().insert(container.to_owned());
         let mut out = Vec::new();
@@ -192,20 +212,27 @@ impl Disks {
                     break;
                 }
                 p.users.insert(container.to_owned());
-                out.push(block_device(&w.path, &p.serial));
+                out.push(block_device(&w.path, &p.serial, p.size, p.writable));
                 continue;
             }
-            if table.plugged.len() + table.stuck.len() >= MAX_DISKS && !table.stuck.is_empty() {
-                // Room may be held by disks the guest has let go of since.
-                let stuck = std::mem::take(&mut table.stuck);
-                table.stuck = disks::settle_all(qmp, stuck).await;
+            if let Bus::Qmp(qmp) = bus {
+                if table.plugged.len() + table.stuck.len() >= limit && !table.stuck.is_empty() {
+                    // Room may be held by disks the guest has let go of since.
+                    let stuck = std::mem::take(&mut table.stuck);
+                    table.stuck = disks::settle_all(qmp, stuck).await;
+                }
             }
-            if table.plugged.len() + table.stuck.len() >= MAX_DISKS {
-                failed = Some(DiskError::Refused(format!(
-                    "a pod takes at most {MAX_DISKS} block devices ({} the guest has not \
-                     let go of yet)",
-                    table.stuck.len()
-                )));
+            if table.plugged.len() + table.stuck.len() >= limit {
+                failed = Some(DiskError::Refused(match bus {
+                    Bus::Qmp(_) => format!(
+                        "a pod takes at most {MAX_DISKS} block devices ({} the guest has \
+                         not let go of yet)",
+                        table.stuck.len()
+                    ),
+                    Bus::Slots { count, .. } => {
+                        format!("the pod's VM has {count} disk slots (vm.block_slots), all in use")
+                    }
+                }));
                 break;
             }
             // Opened on a blocking thread: a device can take its time to open.
@@ -226,24 +253,52 @@ impl Disks {
             let id = format!("disk{}", table.next);
             // virtio-blk serials are at most 20 bytes.
             let serial = format!("cocoon-{id}");
+            let size = disks::size_of(&host);
             // Each plug its own deadline, from when it can begin.
             let deadline = tokio::time::Instant::now() + self.call;
-            if let Err(f) = disks::plug(qmp, &host, &id, &serial, deadline).await {
-                table.stuck.extend(f.left);
-                failed = Some(DiskError::Plug {
-                    major,
-                    minor,
-                    source: f.error,
-                });
-                break;
-            }
-            tracing::info!(container, %id, device = %host.path.display(), writable, "block device plugged");
-            out.push(block_device(&w.path, &serial));
+            let plugged = match bus {
+                Bus::Qmp(qmp) => disks::plug(qmp, &host, &id, &serial, deadline)
+                    .await
+                    .map(|()| None)
+                    .map_err(|f| {
+                        table.stuck.extend(f.left);
+                        f.error
+                    }),
+                Bus::Slots { api, count } => {
+                    let taken: BTreeSet<u8> =
+                        table.plugged.values().filter_map(|p| p.slot).collect();
+                    let slot = (0..*count).find(|s| !taken.contains(s)).unwrap_or(0);
+                    match slots::attach(api, slot, &serial, &host, deadline).await {
+                        Ok(()) => Ok(Some(slot)),
+                        Err(e) => {
+                            // It may have gone in before the call failed: never left there.
+                            let cleanup = tokio::time::Instant::now() + disks::CLEANUP;
+                            let _ = slots::detach(api, slot, cleanup).await;
+                            Err(e)
+                        }
+                    }
+                }
+            };
+            let slot = match plugged {
+                Ok(slot) => slot,
+                Err(source) => {
+                    failed = Some(DiskError::Plug {
+                        major,
+                        minor,
+                        source,
+                    });
+                    break;
+                }
+            };
+            tracing::info!(container, %id, ?slot, device = %host.path.display(), writable, "block device plugged");
+            out.push(block_device(&w.path, &serial, size, writable));
             table.plugged.insert(
                 key,
                 Plugged {
                     id,
+                    slot,
                     serial,
+                    size,
                     writable,
                     users: BTreeSet::from([container.to_owned()]),
                 },
@@ -262,7 +317,7 @@ impl Disks {
     /// Unplugs the disks only `container` was using. One the guest does not let go of
     /// in time is logged and kept as stuck, closed once it does.
     pub async fn release(&self, container: &str) {
-        let Some(qmp) = &self.qmp else {
+        let Some(bus) = &self.bus else {
             return;
         };
         if !self.holders().remove(container) {
@@ -279,6 +334,23 @@ impl Disks {
                 continue;
             };
             let deadline = tokio::time::Instant::now() + self.call;
+            let qmp = match (bus, p.slot) {
+                (Bus::Qmp(qmp), _) => qmp,
+                (Bus::Slots { api, .. }, Some(slot)) => {
+                    // The VMM closes the device whatever the guest does; a VMM that
+                    // does not answer is ending, and the device goes with it.
+                    match slots::detach(api, slot, deadline).await {
+                        Ok(()) => {
+                            tracing::info!(container, id = %p.id, slot, "block device out of its slot")
+                        }
+                        Err(e) => {
+                            tracing::warn!(container, id = %p.id, slot, "block device {}:{} not taken out of its slot: {e}", key.0, key.1)
+                        }
+                    }
+                    continue;
+                }
+                (Bus::Slots { .. }, None) => continue,
+            };
             match disks::unplug(qmp, &p.id, deadline).await {
                 Ok(()) => tracing::info!(container, id = %p.id, "block device unplugged"),
                 Err(f) => {
@@ -295,6 +367,9 @@ impl Disks {
                 }
             }
         }
+        let Bus::Qmp(qmp) = bus else {
+            return;
+        };
         let stuck = std::mem::take(&mut table.stuck);
         table.stuck = disks::settle_all(qmp, stuck).await;
         if !table.stuck.is_empty() {
@@ -337,10 +412,12 @@ impl Disks {
 /// How often stuck disks are looked at again.
 const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
-fn block_device(path: &str, serial: &str) -> pb::BlockDevice {
+fn block_device(path: &str, serial: &str, size: u64, writable: bool) -> pb::BlockDevice {
     let mut b = pb::BlockDevice::new();
     b.container_path = path.to_owned();
     b.serial = serial.to_owned();
+    b.size_bytes = size;
+    b.read_only = !writable;
     b
 }
 
@@ -459,7 +536,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
         let q = fake::qemu(&sock, true, "");
-        let mut d = Disks::new(Some(sock), Duration::from_millis(500));
+        let mut d = Disks::new(Some(Bus::Qmp(sock)), Duration::from_millis(500));
         d.open = |major, minor, writable| {
             let file =
                 std::fs::File::open("/dev/null").map_err(|e| DiskError::Refused(e.to_string()))?;
@@ -519,5 +596,118 @@ mod tests {
             1,
             "{names:?}"
         );
+    }
+
+    /// cocoon-vmm: each host device in a slot of its own, shared by the containers that
+    /// name it, the slot emptied after the last; a pod with every slot taken is refused
+    /// naming the setting; the agent is told each disk's size and whether it is
+    /// read-only.
+    #[tokio::test]
+    async fn disks_go_into_free_slots_and_come_out_after_their_last_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("memctl.sock");
+        let v = slots::fake::vmm(&sock, 2, "");
+        let mut d = Disks::new(
+            Some(Bus::Slots {
+                api: sock,
+                count: 2,
+            }),
+            Duration::from_millis(500),
+        );
+        d.open = |major, minor, writable| {
+            let file = tempfile::tempfile().map_err(|e| DiskError::Refused(e.to_string()))?;
+            file.set_len(4096 * (minor + 1)).unwrap();
+            Ok(disks::HostDisk {
+                major,
+                minor,
+                path: "/dev/test".into(),
+                fd: file.into(),
+                writable,
+            })
+        };
+        let dev = |minor: u64, access: &str| {
+            spec(
+                serde_json::json!([{"path": format!("/dev/xvd{minor}"), "type": "b", "major": 7, "minor": minor}]),
+                serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": minor, "access": access}]),
+            )
+        };
+        let got = d.attach("c1", &dev(0, "rwm")).await.unwrap();
+        assert_eq!(
+            (got[0].serial.as_str(), got[0].size_bytes, got[0].read_only),
+            ("cocoon-disk1", 4096, false)
+        );
+        assert_eq!(v.asked(), [("attach_disk".into(), 0, true)]);
+        let got = d.attach("c2", &dev(0, "rwm")).await.unwrap();
+        assert_eq!(got[0].serial, "cocoon-disk1");
+        assert!(v.asked().is_empty(), "the same device, the same slot");
+        let got = d.attach("c3", &dev(1, "r")).await.unwrap();
+        assert_eq!(
+            (got[0].serial.as_str(), got[0].size_bytes, got[0].read_only),
+            ("cocoon-disk2", 8192, true)
+        );
+        assert_eq!(v.asked(), [("attach_disk".into(), 1, true)]);
+        let e = d.attach("c4", &dev(2, "rw")).await.unwrap_err().to_string();
+        assert!(e.contains("2 disk slots (vm.block_slots)"), "{e}");
+        assert!(v.asked().is_empty());
+
+        d.release("c1").await;
+        assert!(v.asked().is_empty(), "still c2's");
+        d.release("c2").await;
+        assert_eq!(v.asked(), [("detach_disk".into(), 0, false)]);
+        // The free slot takes the next device.
+        let got = d.attach("c5", &dev(2, "rw")).await.unwrap();
+        assert_eq!(got[0].serial, "cocoon-disk3");
+        assert_eq!(v.asked(), [("attach_disk".into(), 0, true)]);
+        d.release("c3").await;
+        d.release("c5").await;
+        let mut asked = v.asked();
+        asked.sort();
+        assert_eq!(
+            asked,
+            [
+                ("detach_disk".into(), 0, false),
+                ("detach_disk".into(), 1, false)
+            ]
+        );
+        assert!(v.slots.lock().unwrap().iter().all(Option::is_none));
+    }
+
+    /// A refused attach leaves nothing in the slot (the slot is emptied, in case it
+    /// went in before the call failed) and nothing counted.
+    #[tokio::test]
+    async fn a_refused_attach_empties_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("memctl.sock");
+        let v = slots::fake::vmm(&sock, 1, "attach_disk");
+        let mut d = Disks::new(
+            Some(Bus::Slots {
+                api: sock,
+                count: 1,
+            }),
+            Duration::from_millis(500),
+        );
+        d.open = |major, minor, writable| {
+            Ok(disks::HostDisk {
+                major,
+                minor,
+                path: "/dev/null".into(),
+                fd: std::fs::File::open("/dev/null").unwrap().into(),
+                writable,
+            })
+        };
+        let one = spec(
+            serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
+            serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
+        );
+        let e = d.attach("c1", &one).await.unwrap_err();
+        assert!(format!("{e:#}").contains("7:0"), "{e:#}");
+        assert_eq!(
+            v.asked(),
+            [
+                ("attach_disk".into(), 0, true),
+                ("detach_disk".into(), 0, false)
+            ]
+        );
+        assert!(d.table.lock().await.plugged.is_empty());
     }
 }
