@@ -193,18 +193,17 @@ fn open_disk(major: u64, minor: u64) -> std::io::Result<std::fs::File> {
 }
 
 /// Makes a found disk ready for its container: what the guest cached of the slot's
-/// earlier disk is dropped, and a read-only one is marked so in the guest.
+/// earlier disk is dropped, and it is marked read-only or writable in the guest (a
+/// slot's device keeps the mark of its last disk).
 pub fn ready(disk: &Found) -> Result<(), String> {
     let why = |what: &str, e: &dyn std::fmt::Display| format!("{what} /dev/{}: {e}", disk.name);
     let f = open_disk(disk.major, disk.minor).map_err(|e| why("cannot open", &e))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
     // SAFETY: BLKFLSBUF takes no argument; the descriptor is ours.
     unsafe { blk_flush_buffers(fd) }.map_err(|e| why("cannot drop the cache of", &e))?;
-    if disk.read_only {
-        let one: libc::c_int = 1;
-        // SAFETY: BLKROSET reads one int, which `one` is, for the call's length.
-        unsafe { blk_set_read_only(fd, &one) }.map_err(|e| why("cannot mark read-only", &e))?;
-    }
+    let ro = libc::c_int::from(disk.read_only);
+    // SAFETY: BLKROSET reads one int, which `ro` is, for the call's length.
+    unsafe { blk_set_read_only(fd, &ro) }.map_err(|e| why("cannot set read-only on", &e))?;
     Ok(())
 }
 

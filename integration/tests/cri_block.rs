@@ -282,6 +282,24 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
         code == 0 && out.starts_with("guest-wrote\n"),
         "{test}: {code} {out:?} {err}"
     );
+    if vm == Vm::Slots {
+        // The writable device is back in the slot the read-only one last had: it is
+        // writable in the guest again.
+        let (code, out, err) = node
+            .exec_sync(
+                &ctr,
+                &[
+                    "sh",
+                    "-c",
+                    "blockdev --getro /dev/xvda; echo again | dd of=/dev/xvda bs=512 \
+                     seek=5 conv=notrunc,fsync 2>/dev/null; echo write=$?",
+                ],
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("ExecSync");
+        assert_eq!((code, out.as_str()), (0, "0\nwrite=0\n"), "{test}: {err}");
+    }
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
     let held = held_after(&[&rw, &ro], Duration::from_secs(30));
     assert!(held.is_empty(), "{test}: held after the pod: {held:?}");

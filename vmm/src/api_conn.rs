@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 pub struct Client {
     pub stream: UnixStream,
     buf: Vec<u8>,
-    /// Descriptors, each with how many bytes of `buf` had arrived before it.
+    /// Descriptors, each with the index in `buf` of the last byte that came with it.
     fds: Vec<(usize, OwnedFd)>,
 }
 
@@ -19,6 +19,10 @@ pub struct Client {
 pub const MAX_LINE: usize = 1 << 20;
 /// The most descriptors one connection may have waiting.
 pub const MAX_FDS: usize = 4;
+/// The most descriptors one message can carry (the kernel's SCM_MAX_FD): room for them
+/// all, so the control data is never cut short (descriptors the kernel installed in a
+/// cut message could not be found to close).
+const SCM_MAX_FD: usize = 253;
 
 impl Client {
     pub fn new(stream: UnixStream) -> Self {
@@ -33,7 +37,7 @@ impl Client {
     pub fn fill(&mut self) -> bool {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         let mut chunk = [0u8; 4096];
-        let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
         let msg = match recvmsg::<()>(
             self.stream.as_raw_fd(),
@@ -61,10 +65,13 @@ impl Client {
         if n == 0 {
             return false;
         }
+        // A read ends with the message that carried descriptors (the kernel stops
+        // there), so they belong to the line holding the read's last byte.
+        let at = self.buf.len() + n - 1;
         for fd in fds {
             // Beyond the bound, dropped: closed.
             if self.fds.len() < MAX_FDS {
-                self.fds.push((self.buf.len(), fd));
+                self.fds.push((at, fd));
             }
         }
         self.buf.extend_from_slice(&chunk[..n]);
@@ -119,11 +126,10 @@ mod tests {
         assert_eq!(line, b"{\"action\":\"state\"}\n");
         assert!(fds.is_empty());
         assert!(c.next_line().is_none(), "half a line waits");
-        send_fd(
-            &a,
-            b"ion\":\"attach\"}\n{\"action\":\"disks\"}\n",
-            disk.as_raw_fd(),
-        );
+        // The descriptor rides with the rest of the line it belongs to.
+        send_fd(&a, b"ion\":\"attach\"}\n", disk.as_raw_fd());
+        assert!(c.fill());
+        a.write_all(b"{\"action\":\"disks\"}\n").unwrap();
         assert!(c.fill());
         let (line, fds) = c.next_line().unwrap();
         assert_eq!(line, b"{\"action\":\"attach\"}\n");
@@ -132,11 +138,19 @@ mod tests {
         let (line, fds) = c.next_line().unwrap();
         assert_eq!(line, b"{\"action\":\"disks\"}\n");
         assert!(fds.is_empty(), "the next line gets none of it");
-        // A descriptor sent with the first byte of a line belongs to that line.
-        send_fd(&a, b"{\"x\":1}\n", disk.as_raw_fd());
+        // Pipelined: a line without and a line with a descriptor, read at once.
+        a.write_all(b"{\"x\":1}\n").unwrap();
+        send_fd(&a, b"{\"y\":2}\n", disk.as_raw_fd());
         assert!(c.fill());
-        let (_, fds) = c.next_line().unwrap();
-        assert_eq!(fds.len(), 1);
+        let (line, fds) = c.next_line().unwrap();
+        assert_eq!((line.as_slice(), fds.len()), (&b"{\"x\":1}\n"[..], 0));
+        let (line, fds) = c.next_line().unwrap();
+        assert_eq!((line.as_slice(), fds.len()), (&b"{\"y\":2}\n"[..], 1));
+    }
+
+    /// How many descriptors this process has open.
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
     }
 
     #[test]
@@ -152,6 +166,23 @@ mod tests {
         assert!(c.fill());
         let (_, fds) = c.next_line().unwrap();
         assert_eq!(fds.len(), MAX_FDS);
+        drop(fds);
+        // Many in one message: none kept beyond the bound, none left open.
+        let before = open_fds();
+        let many = vec![disk.as_raw_fd(); 40];
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[std::io::IoSlice::new(b"{}\n")],
+            &[ControlMessage::ScmRights(&many)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert!(c.fill());
+        let (_, fds) = c.next_line().unwrap();
+        assert_eq!(fds.len(), MAX_FDS);
+        drop(fds);
+        assert_eq!(open_fds(), before, "descriptors left open");
 
         let (mut a, b) = UnixStream::pair().unwrap();
         let mut c = Client::new(b);

@@ -115,6 +115,8 @@ pub(crate) mod fake {
         /// (action, slot, whether a descriptor came) per request.
         pub asked: Arc<Mutex<Vec<(String, u64, bool)>>>,
         pub slots: Arc<Mutex<Vec<Option<String>>>>,
+        /// The action answered with an error ("" for none); a test may change it.
+        pub refuse: Arc<Mutex<&'static str>>,
     }
 
     impl Vmm {
@@ -128,6 +130,7 @@ pub(crate) mod fake {
         let listener = UnixListener::bind(sock).unwrap();
         let v = Vmm {
             slots: Arc::new(Mutex::new(vec![None; count])),
+            refuse: Arc::new(Mutex::new(refuse)),
             ..Vmm::default()
         };
         let state = v.clone();
@@ -158,7 +161,7 @@ pub(crate) mod fake {
                     .unwrap()
                     .push((action.clone(), slot, got_fd));
                 let mut slots = state.slots.lock().unwrap();
-                let reply = if action == refuse {
+                let reply = if action == *state.refuse.lock().unwrap() {
                     serde_json::json!({"ok": false, "state": "running", "error": "refused by the test"})
                 } else {
                     let held = &mut slots[slot as usize];

@@ -53,6 +53,45 @@ struct Table {
     /// with them: closed once the guest lets them go, tried again at each attach and
     /// release, and counted against [`MAX_DISKS`] until then.
     stuck: Vec<disks::Stuck>,
+    /// cocoon-vmm slots whose emptying failed (the VMM did not answer in time): the
+    /// disk may still be in them, so they are counted, never chosen, and emptied again
+    /// at each attach and release (and every second) until the VMM says they are.
+    stuck_slots: BTreeSet<u8>,
+}
+
+impl Table {
+    fn stuck_count(&self) -> usize {
+        self.stuck.len() + self.stuck_slots.len()
+    }
+
+    /// Tries again to let go of what is stuck.
+    async fn settle(&mut self, bus: &Bus) {
+        match bus {
+            Bus::Qmp(qmp) => {
+                let stuck = std::mem::take(&mut self.stuck);
+                self.stuck = disks::settle_all(qmp, stuck).await;
+            }
+            Bus::Slots { api, .. } => {
+                let mut left = BTreeSet::new();
+                for slot in std::mem::take(&mut self.stuck_slots) {
+                    let deadline = tokio::time::Instant::now() + disks::CLEANUP;
+                    if slots::detach(api, slot, deadline).await.is_err() {
+                        left.insert(slot);
+                    }
+                }
+                self.stuck_slots = left;
+            }
+        }
+    }
+}
+
+impl Bus {
+    /// The VMM's socket: gone with the VM.
+    fn socket(&self) -> &std::path::Path {
+        match self {
+            Bus::Qmp(p) | Bus::Slots { api: p, .. } => p,
+        }
+    }
 }
 
 struct Plugged {
@@ -215,23 +254,22 @@ impl Disks {
                 out.push(block_device(&w.path, &p.serial, p.size, p.writable));
                 continue;
             }
-            if let Bus::Qmp(qmp) = bus {
-                if table.plugged.len() + table.stuck.len() >= limit && !table.stuck.is_empty() {
-                    // Room may be held by disks the guest has let go of since.
-                    let stuck = std::mem::take(&mut table.stuck);
-                    table.stuck = disks::settle_all(qmp, stuck).await;
-                }
+            if table.plugged.len() + table.stuck_count() >= limit && table.stuck_count() > 0 {
+                // Room may be held by disks let go of since.
+                table.settle(bus).await;
             }
-            if table.plugged.len() + table.stuck.len() >= limit {
+            if table.plugged.len() + table.stuck_count() >= limit {
                 failed = Some(DiskError::Refused(match bus {
                     Bus::Qmp(_) => format!(
                         "a pod takes at most {MAX_DISKS} block devices ({} the guest has \
                          not let go of yet)",
                         table.stuck.len()
                     ),
-                    Bus::Slots { count, .. } => {
-                        format!("the pod's VM has {count} disk slots (vm.block_slots), all in use")
-                    }
+                    Bus::Slots { count, .. } => format!(
+                        "the pod's VM has {count} disk slots (vm.block_slots), all in use \
+                         ({} not yet emptied)",
+                        table.stuck_slots.len()
+                    ),
                 }));
                 break;
             }
@@ -265,16 +303,28 @@ impl Disks {
                         f.error
                     }),
                 Bus::Slots { api, count } => {
-                    let taken: BTreeSet<u8> =
+                    let mut taken: BTreeSet<u8> =
                         table.plugged.values().filter_map(|p| p.slot).collect();
-                    let slot = (0..*count).find(|s| !taken.contains(s)).unwrap_or(0);
-                    match slots::attach(api, slot, &serial, &host, deadline).await {
-                        Ok(()) => Ok(Some(slot)),
-                        Err(e) => {
-                            // It may have gone in before the call failed: never left there.
-                            let cleanup = tokio::time::Instant::now() + disks::CLEANUP;
-                            let _ = slots::detach(api, slot, cleanup).await;
-                            Err(e)
+                    taken.extend(table.stuck_slots.iter().copied());
+                    // There is one: the limit counts every slot taken.
+                    let slot = (0..*count).find(|s| !taken.contains(s));
+                    match slot {
+                        None => Err(crate::hypervisor::memctl::MemctlError::Refused(
+                            "no free disk slot".into(),
+                        )),
+                        Some(slot) => {
+                            match slots::attach(api, slot, &serial, &host, deadline).await {
+                                Ok(()) => Ok(Some(slot)),
+                                Err(e) => {
+                                    // It may have gone in before the call failed: never left
+                                    // there, and counted until the VMM says it is empty.
+                                    let cleanup = tokio::time::Instant::now() + disks::CLEANUP;
+                                    if slots::detach(api, slot, cleanup).await.is_err() {
+                                        table.stuck_slots.insert(slot);
+                                    }
+                                    Err(e)
+                                }
+                            }
                         }
                     }
                 }
@@ -337,14 +387,14 @@ impl Disks {
             let qmp = match (bus, p.slot) {
                 (Bus::Qmp(qmp), _) => qmp,
                 (Bus::Slots { api, .. }, Some(slot)) => {
-                    // The VMM closes the device whatever the guest does; a VMM that
-                    // does not answer is ending, and the device goes with it.
+                    // The VMM closes the device whatever the guest does, once it answers.
                     match slots::detach(api, slot, deadline).await {
                         Ok(()) => {
                             tracing::info!(container, id = %p.id, slot, "block device out of its slot")
                         }
                         Err(e) => {
-                            tracing::warn!(container, id = %p.id, slot, "block device {}:{} not taken out of its slot: {e}", key.0, key.1)
+                            tracing::warn!(container, id = %p.id, slot, "block device {}:{} not taken out of its slot yet (tried again, and closed with the VM at the latest): {e}", key.0, key.1);
+                            table.stuck_slots.insert(slot);
                         }
                     }
                     continue;
@@ -367,20 +417,16 @@ impl Disks {
                 }
             }
         }
-        let Bus::Qmp(qmp) = bus else {
-            return;
-        };
-        let stuck = std::mem::take(&mut table.stuck);
-        table.stuck = disks::settle_all(qmp, stuck).await;
-        if !table.stuck.is_empty() {
-            self.settle_in_background(qmp.clone());
+        table.settle(bus).await;
+        if table.stuck_count() > 0 {
+            self.settle_in_background(bus.clone());
         }
     }
 
     /// Settles the stuck disks every second until none is left or QEMU is gone, so the
     /// host's device is closed soon after a slow guest lets go, not only at the pod's
     /// next attach or release.
-    fn settle_in_background(&self, qmp: PathBuf) {
+    fn settle_in_background(&self, bus: Bus) {
         use std::sync::atomic::Ordering;
         if self.settling.swap(true, Ordering::SeqCst) {
             return;
@@ -390,17 +436,16 @@ impl Disks {
             loop {
                 tokio::time::sleep(SETTLE_EVERY).await;
                 let mut t = table.lock().await;
-                let stuck = std::mem::take(&mut t.stuck);
-                let before = stuck.len();
-                t.stuck = disks::settle_all(&qmp, stuck).await;
-                if t.stuck.len() < before {
+                let before = t.stuck_count();
+                t.settle(&bus).await;
+                if t.stuck_count() < before {
                     tracing::info!(
-                        left = t.stuck.len(),
+                        left = t.stuck_count(),
                         "stuck block devices let go of, closed"
                     );
                 }
                 // No socket: the VM is gone, and its disks with it.
-                if t.stuck.is_empty() || !qmp.exists() {
+                if t.stuck_count() == 0 || !bus.socket().exists() {
                     settling.store(false, Ordering::SeqCst);
                     return;
                 }
@@ -709,5 +754,58 @@ mod tests {
             ]
         );
         assert!(d.table.lock().await.plugged.is_empty());
+    }
+
+    /// A slot the VMM did not empty when asked stays counted and is never chosen, and
+    /// is emptied in the background once the VMM answers.
+    #[tokio::test]
+    async fn a_slot_not_emptied_stays_counted_until_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("memctl.sock");
+        let v = slots::fake::vmm(&sock, 1, "detach_disk");
+        let mut d = Disks::new(
+            Some(Bus::Slots {
+                api: sock,
+                count: 1,
+            }),
+            Duration::from_millis(500),
+        );
+        d.open = |major, minor, writable| {
+            Ok(disks::HostDisk {
+                major,
+                minor,
+                path: "/dev/null".into(),
+                fd: std::fs::File::open("/dev/null").unwrap().into(),
+                writable,
+            })
+        };
+        let dev = |minor: u64| {
+            spec(
+                serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": minor}]),
+                serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": minor, "access": "rwm"}]),
+            )
+        };
+        d.attach("c1", &dev(0)).await.unwrap();
+        d.release("c1").await;
+        assert_eq!(d.table.lock().await.stuck_slots, BTreeSet::from([0]));
+        let e = d.attach("c2", &dev(1)).await.unwrap_err().to_string();
+        assert!(e.contains("all in use (1 not yet emptied)"), "{e}");
+        assert_eq!(v.slots.lock().unwrap()[0].as_deref(), Some("cocoon-disk1"));
+        v.asked();
+
+        *v.refuse.lock().unwrap() = "";
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !d.table.lock().await.stuck_slots.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never emptied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(v.slots.lock().unwrap()[0], None);
+        let got = d.attach("c3", &dev(1)).await.unwrap();
+        assert_eq!(
+            got[0].serial, "cocoon-disk2",
+            "a refused attach names nothing"
+        );
+        d.release("c3").await;
+        assert!(d.table.lock().await.stuck_slots.is_empty());
     }
 }
