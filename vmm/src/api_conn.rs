@@ -148,9 +148,15 @@ mod tests {
         assert_eq!((line.as_slice(), fds.len()), (&b"{\"y\":2}\n"[..], 1));
     }
 
-    /// How many descriptors this process has open.
-    fn open_fds() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    /// How many descriptors this process has open on `file` (other tests' are not).
+    fn open_on(file: &std::fs::File) -> usize {
+        let want = nix::sys::stat::fstat(file).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| nix::sys::stat::stat(&e.path()).ok())
+            .filter(|s| s.st_ino == want.st_ino && s.st_dev == want.st_dev)
+            .count()
     }
 
     #[test]
@@ -168,7 +174,7 @@ mod tests {
         assert_eq!(fds.len(), MAX_FDS);
         drop(fds);
         // Many in one message: none kept beyond the bound, none left open.
-        let before = open_fds();
+        let before = open_on(&disk);
         let many = vec![disk.as_raw_fd(); 40];
         nix::sys::socket::sendmsg::<()>(
             a.as_raw_fd(),
@@ -182,7 +188,7 @@ mod tests {
         let (_, fds) = c.next_line().unwrap();
         assert_eq!(fds.len(), MAX_FDS);
         drop(fds);
-        assert_eq!(open_fds(), before, "descriptors left open");
+        assert_eq!(open_on(&disk), before, "descriptors left open");
 
         let (mut a, b) = UnixStream::pair().unwrap();
         let mut c = Client::new(b);

@@ -72,12 +72,16 @@ impl Table {
                 self.stuck = disks::settle_all(qmp, stuck).await;
             }
             Bus::Slots { api, .. } => {
-                let mut left = BTreeSet::new();
-                for slot in std::mem::take(&mut self.stuck_slots) {
-                    let deadline = tokio::time::Instant::now() + disks::CLEANUP;
+                // One deadline for the pass, which ends at the first failure: a VMM that
+                // does not answer for one slot will not for the next, and the table is
+                // locked meanwhile.
+                let deadline = tokio::time::Instant::now() + disks::CLEANUP;
+                let mut left = std::mem::take(&mut self.stuck_slots);
+                while let Some(slot) = left.first().copied() {
                     if slots::detach(api, slot, deadline).await.is_err() {
-                        left.insert(slot);
+                        break;
                     }
+                    left.remove(&slot);
                 }
                 self.stuck_slots = left;
             }
