@@ -205,18 +205,7 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
 
     // The container goes: nothing of the pod holds either device any more (under
     // cocoon, the guest let the disks go and QEMU closed them), while the pod runs.
-    let mut rt = node.runtime();
-    rt.stop_container(StopContainerRequest {
-        container_id: ctr.clone(),
-        timeout: 0,
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{test}: StopContainer: {e}"));
-    rt.remove_container(RemoveContainerRequest {
-        container_id: ctr.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{test}: RemoveContainer: {e}"));
+    stop_and_remove(node, &ctr, test).await;
     let held = held_after(&[&rw, &ro], Duration::from_secs(30));
     assert!(
         held.is_empty(),
@@ -254,16 +243,7 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
             .await
             .expect("ExecSync");
         assert_eq!((code, out.as_str()), (0, "ro-marker\n1\n"), "{test}: {err}");
-        let mut rt = node.runtime();
-        rt.stop_container(StopContainerRequest {
-            container_id: ctr.clone(),
-            timeout: 0,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{test}: StopContainer: {e}"));
-        rt.remove_container(RemoveContainerRequest { container_id: ctr })
-            .await
-            .unwrap_or_else(|e| panic!("{test}: RemoveContainer: {e}"));
+        stop_and_remove(node, &ctr, test).await;
     }
     // A new container takes the device again (a new disk in the same VM).
     let ctr = node
@@ -303,4 +283,20 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
     let held = held_after(&[&rw, &ro], Duration::from_secs(30));
     assert!(held.is_empty(), "{test}: held after the pod: {held:?}");
+}
+
+/// Stops (at once) and removes a container of the pod.
+async fn stop_and_remove(node: &CriNode, ctr: &str, test: &str) {
+    let mut rt = node.runtime();
+    rt.stop_container(StopContainerRequest {
+        container_id: ctr.to_owned(),
+        timeout: 0,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{test}: StopContainer: {e}"));
+    rt.remove_container(RemoveContainerRequest {
+        container_id: ctr.to_owned(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{test}: RemoveContainer: {e}"));
 }

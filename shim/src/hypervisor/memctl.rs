@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
 use super::qmp::read_line;
@@ -228,20 +228,32 @@ async fn vmm_api(
     request: serde_json::Value,
     deadline: Duration,
 ) -> Result<serde_json::Value, MemctlError> {
+    vmm_call(path, &request, None, "memory", deadline).await
+}
+
+/// One cocoon-vmm API request on a connection of its own, `fd` riding with it
+/// (SCM_RIGHTS); its reply's `field`, or why there is none.
+pub(crate) async fn vmm_call(
+    path: &Path,
+    request: &serde_json::Value,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    field: &str,
+    deadline: Duration,
+) -> Result<serde_json::Value, MemctlError> {
     let exchange = async {
         let mut s = connect(path).await?;
         let mut line = request.to_string();
         line.push('\n');
-        s.get_mut().write_all(line.as_bytes()).await?;
+        super::qmp::write_with_fd(s.get_mut(), line.as_bytes(), fd).await?;
         let reply = read_line(&mut s).await?;
         if reply.get("ok").and_then(|o| o.as_bool()) != Some(true) {
             let e = reply.get("error").and_then(|e| e.as_str()).unwrap_or("?");
             return Err(MemctlError::Refused(e.to_owned()));
         }
         reply
-            .get("memory")
+            .get(field)
             .cloned()
-            .ok_or_else(|| MemctlError::BadReply(format!("no memory in {reply}")))
+            .ok_or_else(|| MemctlError::BadReply(format!("no {field} in {reply}")))
     };
     tokio::time::timeout(deadline, exchange)
         .await
@@ -262,6 +274,7 @@ pub(crate) mod tests {
     use super::super::qmp::MAX_LINE;
     use super::*;
     use tokio::io::AsyncBufReadExt;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
 
     /// `reply` with the QMP id of `request`, as QEMU echoes it (events carry none).

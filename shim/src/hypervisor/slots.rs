@@ -13,13 +13,10 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use tokio::io::BufReader;
-use tokio::net::UnixStream;
 use tokio::time::Instant;
 
 use super::disks::HostDisk;
 use super::memctl::MemctlError;
-use super::qmp::{read_line, write_with_fd};
 
 /// Puts `disk` in slot `slot` under `serial`, read-only unless it was opened writable.
 pub async fn attach(
@@ -76,28 +73,8 @@ async fn call(
     deadline: Instant,
 ) -> Result<serde_json::Value, MemctlError> {
     let left = deadline.saturating_duration_since(Instant::now());
-    let exchange = async {
-        let s = UnixStream::connect(api)
-            .await
-            .map_err(|e| MemctlError::Connect(api.to_owned(), e))?;
-        let mut s = BufReader::new(s);
-        let mut line = request.to_string();
-        line.push('\n');
-        let fd = disk.map(|d| d.fd.as_fd());
-        write_with_fd(s.get_mut(), line.as_bytes(), fd).await?;
-        let reply = read_line(&mut s).await?;
-        if reply.get("ok").and_then(|o| o.as_bool()) != Some(true) {
-            let e = reply.get("error").and_then(|e| e.as_str()).unwrap_or("?");
-            return Err(MemctlError::Refused(e.to_owned()));
-        }
-        reply
-            .get("disks")
-            .cloned()
-            .ok_or_else(|| MemctlError::BadReply(format!("no disks in {reply}")))
-    };
-    tokio::time::timeout_at(deadline, exchange)
-        .await
-        .map_err(|_| MemctlError::Timeout(left))?
+    let fd = disk.map(|d| d.fd.as_fd());
+    super::memctl::vmm_call(api, request, fd, "disks", left).await
 }
 
 /// A cocoon-vmm API stand-in for tests: it keeps slots as the real one does and

@@ -721,18 +721,10 @@ mod tests {
         assert!(v.slots.lock().unwrap().iter().all(Option::is_none));
     }
 
-    /// A refused attach leaves nothing in the slot (the slot is emptied, in case it
-    /// went in before the call failed) and nothing counted.
-    #[tokio::test]
-    async fn a_refused_attach_empties_its_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("memctl.sock");
-        let v = slots::fake::vmm(&sock, 1, "attach_disk");
+    /// Disks on `count` cocoon-vmm slots at `sock`, opening /dev/null for every device.
+    fn slotted(sock: PathBuf, count: u8) -> Disks {
         let mut d = Disks::new(
-            Some(Bus::Slots {
-                api: sock,
-                count: 1,
-            }),
+            Some(Bus::Slots { api: sock, count }),
             Duration::from_millis(500),
         );
         d.open = |major, minor, writable| {
@@ -744,6 +736,17 @@ mod tests {
                 writable,
             })
         };
+        d
+    }
+
+    /// A refused attach leaves nothing in the slot (the slot is emptied, in case it
+    /// went in before the call failed) and nothing counted.
+    #[tokio::test]
+    async fn a_refused_attach_empties_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("memctl.sock");
+        let v = slots::fake::vmm(&sock, 1, "attach_disk");
+        let d = slotted(sock, 1);
         let one = spec(
             serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
             serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
@@ -767,22 +770,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("memctl.sock");
         let v = slots::fake::vmm(&sock, 1, "detach_disk");
-        let mut d = Disks::new(
-            Some(Bus::Slots {
-                api: sock,
-                count: 1,
-            }),
-            Duration::from_millis(500),
-        );
-        d.open = |major, minor, writable| {
-            Ok(disks::HostDisk {
-                major,
-                minor,
-                path: "/dev/null".into(),
-                fd: std::fs::File::open("/dev/null").unwrap().into(),
-                writable,
-            })
-        };
+        let d = slotted(sock, 1);
         let dev = |minor: u64| {
             spec(
                 serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": minor}]),
