@@ -45,6 +45,30 @@ pub const FAULTS: &[Fault] = &[
     Fault::CrashAgent,
 ];
 
+impl Fault {
+    /// The fault named `name`, as the report spells it (`kill_vsock_backend`; dashes
+    /// work too).
+    pub fn parse(name: &str) -> Result<Fault, String> {
+        let want = name.replace('-', "_");
+        FAULTS
+            .iter()
+            .copied()
+            .find(|f| {
+                serde_json::to_value(f)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    == Some(want.clone())
+            })
+            .ok_or_else(|| {
+                let known: Vec<String> = FAULTS
+                    .iter()
+                    .filter_map(|f| serde_json::to_value(f).ok()?.as_str().map(str::to_owned))
+                    .collect();
+                format!("unknown fault {name:?} (known: {})", known.join(", "))
+            })
+    }
+}
+
 /// What the shim config of a soak needs beyond the tests' usual one: the debug console,
 /// which arms the agent's crash hook.
 pub const SHIM_CONFIG_TABLES: &str = "[debug]\nconsole = true\n";
@@ -315,8 +339,16 @@ async fn remove_pod(node: &CriNode, pod: &str) -> Result<(), String> {
     }
 }
 
-/// Runs `cycles` cycles on `node` (whose shim config keeps VMs under `run_dir`).
-pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) -> SoakReport {
+/// Runs `cycles` cycles on `node` (whose shim config keeps VMs under `run_dir`), each
+/// with one of `faults` (every one once first, then at random).
+pub async fn soak(
+    node: &mut CriNode,
+    run_dir: &Path,
+    cycles: usize,
+    seed: u64,
+    faults: &[Fault],
+) -> SoakReport {
+    assert!(!faults.is_empty(), "a soak needs at least one fault kind");
     let started_at = Instant::now();
     let mut rng = cocoon_nested::fuzzing::Rng::new(seed);
     let mut report = SoakReport {
@@ -336,11 +368,11 @@ pub async fn soak(node: &mut CriNode, run_dir: &Path, cycles: usize, seed: u64) 
         // Every kind once first, then at random; every other one then strikes at a random
         // point of the start (a containerd restart always waits for a running pod: it
         // needs the node to itself).
-        let fault = match FAULTS.get(i) {
+        let fault = match faults.get(i) {
             Some(f) => *f,
-            None => FAULTS[(rng.next() % FAULTS.len() as u64) as usize],
+            None => faults[(rng.next() % faults.len() as u64) as usize],
         };
-        let mid_start = i >= FAULTS.len() && (i - FAULTS.len()).is_multiple_of(2);
+        let mid_start = i >= faults.len() && (i - faults.len()).is_multiple_of(2);
         let moment = if mid_start && fault != Fault::RestartContainerd {
             Moment::Starting(Duration::from_millis(rng.next() % 3000))
         } else {

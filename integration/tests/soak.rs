@@ -17,7 +17,14 @@ async fn a_short_soak_leaks_nothing_and_never_hangs() {
     };
     let run_dir = env.dir.path().join("run");
     let cycles = cocoon_integration::soak::FAULTS.len() + 4;
-    let report = cocoon_integration::soak::soak(&mut env.node, &run_dir, cycles, 7).await;
+    let report = cocoon_integration::soak::soak(
+        &mut env.node,
+        &run_dir,
+        cycles,
+        7,
+        cocoon_integration::soak::FAULTS,
+    )
+    .await;
     eprint!("{}", report.table());
     if !report.leaks.is_empty() {
         // The shim says why it kept something only in containerd's log.

@@ -7,12 +7,21 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cocoon_integration::cri::{self, CriNode};
+use cocoon_integration::soak::{Fault, FAULTS};
 
 /// The soak node's pod network, `198.18.61.0/24` (apart from the tests' and the bench's).
 const NET: u8 = 61;
 
-fn parse_args() -> Result<(usize, u64, PathBuf), String> {
+struct Args {
+    cycles: usize,
+    seed: u64,
+    out: PathBuf,
+    faults: Vec<Fault>,
+}
+
+fn parse_args() -> Result<Args, String> {
     let (mut cycles, mut seed, mut out) = (50usize, 1u64, PathBuf::from("cocoon-soak.json"));
+    let mut faults = FAULTS.to_vec();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -20,9 +29,15 @@ fn parse_args() -> Result<(usize, u64, PathBuf), String> {
             "--cycles" => cycles = value()?.parse().map_err(|_| "--cycles wants a number")?,
             "--seed" => seed = value()?.parse().map_err(|_| "--seed wants a number")?,
             "--out" => out = PathBuf::from(value()?),
+            "--faults" => {
+                faults = value()?
+                    .split(',')
+                    .map(Fault::parse)
+                    .collect::<Result<_, _>>()?
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--cycles N --seed N --out PATH)"
+                    "unknown argument {other:?} (--cycles N --seed N --out PATH --faults A,B)"
                 ))
             }
         }
@@ -30,12 +45,22 @@ fn parse_args() -> Result<(usize, u64, PathBuf), String> {
     if cycles == 0 {
         return Err("--cycles must be at least 1".into());
     }
-    Ok((cycles, seed, out))
+    Ok(Args {
+        cycles,
+        seed,
+        out,
+        faults,
+    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let (cycles, seed, out) = match parse_args() {
+    let Args {
+        cycles,
+        seed,
+        out,
+        faults,
+    } = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("cocoon soak: {e}");
@@ -58,7 +83,8 @@ async fn main() {
     );
     let mut node = CriNode::start(&dir.path().join("containerd"), &config, NET).await;
     let report =
-        cocoon_integration::soak::soak(&mut node, &dir.path().join("run"), cycles, seed).await;
+        cocoon_integration::soak::soak(&mut node, &dir.path().join("run"), cycles, seed, &faults)
+            .await;
     let text = serde_json::to_string_pretty(&report).unwrap_or_default();
     if let Err(e) = std::fs::write(&out, text) {
         eprintln!("cocoon soak: cannot write {}: {e}", out.display());

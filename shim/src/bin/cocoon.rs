@@ -45,6 +45,10 @@ enum Cmd {
         seed: u64,
         #[arg(long, default_value = "cocoon-soak.json")]
         out: PathBuf,
+        /// Only these faults, comma-separated (none, kill_vmm, kill_virtiofsd,
+        /// kill_vsock_backend, kill_shim, restart_containerd, crash_agent); all by default.
+        #[arg(long)]
+        faults: Option<String>,
     },
     /// The VM templates on this node (`[vm] templates`): key, disk space, and whether a
     /// pod can still be restored from it. `--prune` removes those none can (made from a
@@ -294,7 +298,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Soak { cycles, seed, out } => {
+        Cmd::Soak {
+            cycles,
+            seed,
+            out,
+            faults,
+        } => {
             let tool = cocoon_shim::hypervisor::find_binary("cocoon-soak", Path::new("")).context(
                 "`cocoon soak` needs cocoon-soak (cargo build -p cocoon-integration --bins)",
             )?;
@@ -302,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
                 .args(["--cycles", &cycles.to_string(), "--seed", &seed.to_string()])
                 .arg("--out")
                 .arg(&out)
+                .args(faults.iter().flat_map(|f| ["--faults", f.as_str()]))
                 .status()
                 .with_context(|| format!("running {}", tool.display()))?;
             if !status.success() {
