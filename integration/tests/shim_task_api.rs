@@ -1,7 +1,7 @@
 //! The shim's task API driven directly, as containerd's Go client may drive it but
 //! neither `ctr` nor CRI does: a task killed before it was started, two Creates of one
-//! id at once, an exec whose stdio cannot be attached. Each case hung, broke the pod or
-//! leaked a guest process before its fix.
+//! id at once, an exec whose stdio cannot be attached, a Shutdown its caller gave up
+//! on. Each case hung, broke the pod or leaked before its fix.
 
 mod ctr_common;
 
@@ -132,6 +132,12 @@ fn exec_request(id: &str, exec_id: &str, args: &[&str], stdout: &str) -> api::Ex
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(CALL.as_nanos() as i64)
+}
+
+/// A deadline no call to the guest can meet: the shim's ttrpc server drops the
+/// handler's future when it passes.
+fn hurried() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_millis(1).as_nanos() as i64)
 }
 
 impl DirectShim {
@@ -354,6 +360,92 @@ fn a_task_is_killed_after_its_vm_is_lost() {
         }
         assert_eq!(shim.wait("orphaned").await.exit_status, 137);
         shim.finish(&env, "orphaned").await;
+    });
+}
+
+/// containerd gives Shutdown 3 s, then closes its connection, and ttrpc drops a
+/// handler whose deadline passed or whose connection closed. Under CI's load a VM's
+/// teardown took longer, was cut, and left the pod's share and cgroup behind (the
+/// soak's KillVsockBackend leak); a Start cut the same way (an ExecSync's timeout)
+/// left its process marked started with nothing watching it. An exec Start and a
+/// Shutdown, each with a deadline too short for it, then the connection closed as
+/// containerd closes it: the exec must still run and exit, and the pod must still go
+/// entirely (its cgroup too), and the shim with it.
+#[test]
+fn calls_their_caller_gave_up_on_still_finish() {
+    let env = env();
+    let cgroup = format!("/cocoon-test-abandoned-shutdown-{}", std::process::id());
+    runtime().block_on(async {
+        let shim = start_shim(&env, "abandoned", &["sleep", "1000"]).await;
+        let config = shim.bundle.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        // A pod's sandbox, as CRI marks it: its VM's processes join its cgroup.
+        spec["linux"]["cgroupsPath"] = serde_json::json!(cgroup);
+        spec["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-id": "abandoned",
+        });
+        std::fs::write(&config, serde_json::to_vec(&spec).unwrap()).unwrap();
+        shim.create("abandoned").await.unwrap();
+        shim.start("abandoned", "").await.unwrap();
+        let cg_dirs = cocoon_shim::hostcgroup::hierarchy_dirs(
+            Path::new(cocoon_shim::hostcgroup::CGROUP_ROOT),
+            Path::new(cgroup.trim_start_matches('/')),
+        )
+        .unwrap();
+        assert!(
+            !cg_dirs.is_empty() && cg_dirs.iter().all(|d| d.is_dir()),
+            "the VM's cgroup {cg_dirs:?} was not made"
+        );
+        let req = exec_request("abandoned", "hurried", &["true"], "");
+        shim.client.exec(ctx(), &req).await.unwrap();
+        let req = api::StartRequest {
+            id: "abandoned".into(),
+            exec_id: "hurried".into(),
+            ..Default::default()
+        };
+        let r = shim.client.start(hurried(), &req).await;
+        assert!(r.is_err(), "an exec started within 1 ms: {r:?}");
+        let req = api::WaitRequest {
+            id: "abandoned".into(),
+            exec_id: "hurried".into(),
+            ..Default::default()
+        };
+        let exit = tokio::time::timeout(Duration::from_secs(30), shim.client.wait(ctx(), &req))
+            .await
+            .expect("the exec whose Start was cut never exited")
+            .unwrap();
+        assert_eq!(exit.exit_status, 0, "{exit:?}");
+        let req = api::DeleteRequest {
+            id: "abandoned".into(),
+            exec_id: "hurried".into(),
+            ..Default::default()
+        };
+        shim.client.delete(ctx(), &req).await.unwrap();
+        shim.kill("abandoned", "", libc::SIGKILL as u32)
+            .await
+            .unwrap();
+        shim.wait("abandoned").await;
+        let req = api::DeleteRequest {
+            id: "abandoned".into(),
+            ..Default::default()
+        };
+        shim.client.delete(ctx(), &req).await.unwrap();
+        let req = api::ShutdownRequest {
+            id: "abandoned".into(),
+            ..Default::default()
+        };
+        let r = shim.client.shutdown(hurried(), &req).await;
+        assert!(r.is_err(), "a pod VM stopped within 1 ms: {r:?}");
+        drop(shim);
+        assert_clean(&env);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cg_dirs.iter().any(|d| d.exists()) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left: Vec<_> = cg_dirs.iter().filter(|d| d.exists()).collect();
+        assert!(left.is_empty(), "the pod cgroup stayed: {left:?}");
     });
 }
 

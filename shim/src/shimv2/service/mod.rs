@@ -33,7 +33,7 @@ mod lifecycle;
 mod start;
 mod util;
 
-use util::{agent_err, err, lookup, not_found, now};
+use util::{agent_err, err, lookup, not_found, now, to_completion};
 
 /// How long a process's output may keep flowing after it exited.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -240,67 +240,8 @@ impl Service {
             .clone()
             .ok_or_else(|| not_found("pod VM"))
     }
-}
 
-#[async_trait]
-impl Task for Service {
-    async fn create(
-        &self,
-        _: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
-        let _claim = {
-            let containers = self.inner.containers.lock().await;
-            let mut creating = self
-                .inner
-                .creating
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if containers.contains_key(&req.id) || !creating.insert(req.id.clone()) {
-                return Err(err(
-                    ttrpc::Code::ALREADY_EXISTS,
-                    format!("container {} already exists", req.id),
-                ));
-            }
-            CreateClaim {
-                inner: &self.inner,
-                id: &req.id,
-            }
-        };
-        let pid = self.create_inner(&req).await?;
-        let mut m = ev::TaskCreate::new();
-        m.container_id = req.id.clone();
-        m.bundle = req.bundle.clone();
-        m.rootfs = req.rootfs.clone();
-        m.io = MessageField::some(ev::TaskIO {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-            ..Default::default()
-        });
-        m.pid = pid;
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(m))
-            .await;
-        Ok(api::CreateTaskResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    async fn start(
-        &self,
-        _: &TtrpcContext,
-        req: api::StartRequest,
-    ) -> TtrpcResult<api::StartResponse> {
-        self.start_task(req).await
-    }
-
-    async fn delete(
-        &self,
-        _: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
+    async fn delete_task(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
         let mut containers = self.inner.containers.lock().await;
         let c = containers
             .get_mut(&req.id)
@@ -370,6 +311,90 @@ impl Task for Service {
             exited_at: MessageField::some(at),
             ..Default::default()
         })
+    }
+
+    async fn shutdown_shim(&self) -> TtrpcResult<api::Empty> {
+        if !self.inner.containers.lock().await.is_empty() {
+            return Ok(api::Empty::new());
+        }
+        // A boot in progress holds the sandbox slot: abandon it rather than wait for it.
+        self.inner.cancel_boot.send_replace(true);
+        if let Some(sb) = self.inner.sandbox.lock().await.take() {
+            sb.stop().await;
+        }
+        self.inner.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let _claim = {
+            let containers = self.inner.containers.lock().await;
+            let mut creating = self
+                .inner
+                .creating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if containers.contains_key(&req.id) || !creating.insert(req.id.clone()) {
+                return Err(err(
+                    ttrpc::Code::ALREADY_EXISTS,
+                    format!("container {} already exists", req.id),
+                ));
+            }
+            CreateClaim {
+                inner: &self.inner,
+                id: &req.id,
+            }
+        };
+        let pid = self.create_inner(&req).await?;
+        let mut m = ev::TaskCreate::new();
+        m.container_id = req.id.clone();
+        m.bundle = req.bundle.clone();
+        m.rootfs = req.rootfs.clone();
+        m.io = MessageField::some(ev::TaskIO {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            ..Default::default()
+        });
+        m.pid = pid;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    /// To its end, whatever the caller does (`to_completion`): a Start cut after it
+    /// claimed the process would leave it marked started with nothing watching its exit
+    /// (Wait never returns, Delete is refused), as an ExecSync whose timeout passes mid-
+    /// Start would.
+    async fn start(
+        &self,
+        _: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let me = self.clone();
+        to_completion(async move { me.start_task(req).await }).await
+    }
+
+    /// Undoes a container (unmounts, state file) once taken off the table: to its end,
+    /// whatever the caller does (`to_completion`).
+    async fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let me = self.clone();
+        to_completion(async move { me.delete_task(req).await }).await
     }
 
     async fn exec(
@@ -709,17 +734,11 @@ impl Task for Service {
         })
     }
 
+    /// Stops the VM and ends the shim once no container is left: to its end, whatever
+    /// the caller does (`to_completion`).
     async fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        if !self.inner.containers.lock().await.is_empty() {
-            return Ok(api::Empty::new());
-        }
-        // A boot in progress holds the sandbox slot: abandon it rather than wait for it.
-        self.inner.cancel_boot.send_replace(true);
-        if let Some(sb) = self.inner.sandbox.lock().await.take() {
-            sb.stop().await;
-        }
-        self.inner.exit.signal();
-        Ok(api::Empty::new())
+        let me = self.clone();
+        to_completion(async move { me.shutdown_shim().await }).await
     }
 }
 

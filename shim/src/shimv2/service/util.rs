@@ -28,6 +28,19 @@ pub(super) fn err(code: ttrpc::Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
+/// Runs `call` to its end even if its caller goes. ttrpc drops a handler's future when
+/// the call's deadline passes or its connection closes, and containerd gives Shutdown
+/// 3 s, then closes the connection: a teardown cut there left the pod's share and
+/// cgroup behind (and a shim that never exited). A task of its own is not dropped
+/// with the handler.
+pub(super) async fn to_completion<T: Send + 'static>(
+    call: impl std::future::Future<Output = ttrpc::Result<T>> + Send + 'static,
+) -> ttrpc::Result<T> {
+    tokio::spawn(call)
+        .await
+        .unwrap_or_else(|e| Err(err(ttrpc::Code::INTERNAL, format!("the call failed: {e}"))))
+}
+
 pub(super) fn not_found(what: &str) -> ttrpc::Error {
     err(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
 }
