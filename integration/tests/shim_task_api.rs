@@ -367,9 +367,11 @@ fn a_task_is_killed_after_its_vm_is_lost() {
 /// handler whose deadline passed or whose connection closed. Under CI's load a VM's
 /// teardown took longer, was cut, and left the pod's share and cgroup behind (the
 /// soak's KillVsockBackend leak); a Start cut the same way (an ExecSync's timeout)
-/// left its process marked started with nothing watching it. An exec Start and a
-/// Shutdown, each with a deadline too short for it, then the connection closed as
-/// containerd closes it: the exec must still run and exit, and the pod must still go
+/// left its process marked started with nothing watching it, and a Create cut the same
+/// way (kubelet's deadline during a slow guest pull) left its container in the guest.
+/// A Create, an exec Start and a Shutdown, each with a deadline too short for it, then
+/// the connection closed as containerd closes it: the Create must be undone (so it can
+/// be made again), the exec must still run and exit, and the pod must still go
 /// entirely (its cgroup too), and the shim with it.
 #[test]
 fn calls_their_caller_gave_up_on_still_finish() {
@@ -398,6 +400,42 @@ fn calls_their_caller_gave_up_on_still_finish() {
             !cg_dirs.is_empty() && cg_dirs.iter().all(|d| d.is_dir()),
             "the VM's cgroup {cg_dirs:?} was not made"
         );
+        // A second container whose Create is cut short: what it made in the guest and
+        // the share is undone, so the same Create again works.
+        let second = tempfile::tempdir().unwrap();
+        let req = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: write_bundle(second.path(), &["sh", "-c", "exit 3"])
+                .to_string_lossy()
+                .into_owned(),
+            ..Default::default()
+        };
+        let r = shim.client.create(hurried(), &req).await;
+        assert!(r.is_err(), "a container was created within 1 ms: {r:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match shim.client.create(ctx(), &req).await {
+                Ok(_) => break,
+                // The cut Create is not cut yet (the shim's clock runs after ours), or
+                // its undo is still under way. The guest refusing it is INTERNAL.
+                Err(ttrpc::Error::RpcStatus(s))
+                    if [ttrpc::Code::ALREADY_EXISTS, ttrpc::Code::UNAVAILABLE]
+                        .contains(&s.code())
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("the Create again after one was cut: {e:?}"),
+            }
+        }
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        let req = api::DeleteRequest {
+            id: "second".into(),
+            ..Default::default()
+        };
+        shim.client.delete(ctx(), &req).await.unwrap();
+
         let req = exec_request("abandoned", "hurried", &["true"], "");
         shim.client.exec(ctx(), &req).await.unwrap();
         let req = api::StartRequest {

@@ -262,7 +262,7 @@ impl Service {
             Some(_) => mounts::Root::Guest,
             None => mounts::Root::Host(&req.rootfs),
         };
-        let mut mounts = mounts::prepare(
+        let mounts = mounts::prepare(
             &sb.share,
             sb.share_userns.clone(),
             &req.id,
@@ -271,6 +271,14 @@ impl Service {
             &mut spec,
         )
         .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
+        // From here on, a Create cut short undoes what it made (see `Undo`).
+        let mut undo = Undo {
+            service: self.clone(),
+            sb: sb.clone(),
+            id: req.id.clone(),
+            mounts: Some(mounts),
+            guest_call: None,
+        };
         pod::restore_pod_shm(&mut spec, shm);
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -307,10 +315,21 @@ impl Service {
                     .annotations()
                     .as_ref()
                     .is_some_and(|a| a.contains_key(pod::KBS_SECRETS_ANNOTATION));
-            let pid = sb
-                .agent
-                .create_container(creq, fetches)
+            // In a task of its own, so an undo can wait for the guest's answer: one
+            // removing the container while the guest still makes it would miss it.
+            let (done, answered) = tokio::sync::watch::channel(false);
+            undo.guest_call = Some(answered);
+            let call = tokio::spawn({
+                let sb = sb.clone();
+                async move {
+                    let r = sb.agent.create_container(creq, fetches).await;
+                    done.send_replace(true);
+                    r
+                }
+            });
+            let pid = call
                 .await
+                .map_err(|e| err(ttrpc::Code::INTERNAL, format!("the agent call failed: {e}")))?
                 .map_err(agent_err)?;
             // Streams attach before Start, so no early output waits anywhere.
             let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
@@ -327,12 +346,13 @@ impl Service {
         let (pid, copies) = match result {
             Ok(v) => v,
             Err(e) => {
-                let _ = sb.agent.remove_container(&req.id).await;
-                sb.disks.release(&req.id).await;
-                mounts.cleanup();
+                if let Some(mut mounts) = undo.mounts.take() {
+                    undo_create(&sb, &req.id, &mut mounts).await;
+                }
                 return Err(e);
             }
         };
+        let mounts = undo.mounts.take().expect("taken only here or on failure");
         let mut init = Process::new(stdio, Vec::new());
         init.pid = pid;
         init.copies = Some(Arc::new(Mutex::new(copies)));
@@ -390,4 +410,64 @@ impl Service {
         self.inner.containers.lock().await.insert(req.id.clone(), c);
         Ok(pid)
     }
+}
+
+/// Undoes a Create that made its container's mounts, and maybe its disks and the
+/// container in the guest, but did not finish: its caller went (ttrpc drops a handler's
+/// future when the call's deadline passes, e.g. kubelet's during a slow guest pull).
+/// Create stays cancellable, since a boot nobody waits for is meant to be abandoned;
+/// what it made is undone in a task of its own. The id stays claimed (`undoing`) until
+/// then, so a retried Create of it cannot have its container removed by this undo.
+struct Undo {
+    service: Service,
+    sb: Arc<Sandbox>,
+    id: String,
+    /// Taken by a Create that finished, either way.
+    mounts: Option<crate::shimv2::mounts::ContainerMounts>,
+    /// Becomes true once the guest answered the CreateContainer (made, refused, or the
+    /// call's own deadline passed).
+    guest_call: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let Some(mut mounts) = self.mounts.take() else {
+            return;
+        };
+        let id = std::mem::take(&mut self.id);
+        tracing::warn!(container = %id, "Create abandoned by its caller: undoing it");
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            mounts.cleanup();
+            return;
+        };
+        let inner = self.service.inner.clone();
+        inner
+            .undoing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+        let sb = self.sb.clone();
+        let guest_call = self.guest_call.take();
+        rt.spawn(async move {
+            if let Some(mut answered) = guest_call {
+                let _ = answered.wait_for(|a| *a).await;
+            }
+            undo_create(&sb, &id, &mut mounts).await;
+            inner
+                .undoing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+    }
+}
+
+/// What a failed or abandoned Create made goes: the guest's container, its disks, its
+/// mounts.
+async fn undo_create(sb: &Sandbox, id: &str, mounts: &mut crate::shimv2::mounts::ContainerMounts) {
+    if sb.lost().is_none() {
+        let _ = sb.agent.remove_container(id).await;
+    }
+    sb.disks.release(id).await;
+    mounts.cleanup();
 }

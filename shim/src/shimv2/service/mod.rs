@@ -124,6 +124,8 @@ struct Inner {
     /// Ids whose Create is in progress: claimed with the duplicate check, under the
     /// containers lock, so two Creates of one id cannot both go ahead.
     creating: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Ids whose abandoned Create is being undone (`lifecycle::Undo`): refused meanwhile.
+    undoing: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Which guest OOM events reach containerd (`guest_events`).
     oom_filter: std::sync::Mutex<super::guest_events::OomFilter>,
     /// Set by Shutdown: a boot still in progress is abandoned (containerd gave up on
@@ -154,6 +156,7 @@ impl Service {
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 creating: Default::default(),
+                undoing: Default::default(),
                 oom_filter: Default::default(),
                 cancel_boot: watch::channel(false).0,
             }),
@@ -341,12 +344,24 @@ impl Task for Service {
                 .creating
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if containers.contains_key(&req.id) || !creating.insert(req.id.clone()) {
+            if containers.contains_key(&req.id) || creating.contains(&req.id) {
                 return Err(err(
                     ttrpc::Code::ALREADY_EXISTS,
                     format!("container {} already exists", req.id),
                 ));
             }
+            let undoing = self.inner.undoing.lock().unwrap_or_else(|e| e.into_inner());
+            if undoing.contains(&req.id) {
+                return Err(err(
+                    ttrpc::Code::UNAVAILABLE,
+                    format!(
+                        "container {}: an abandoned Create of it is still being undone; \
+                         try again",
+                        req.id
+                    ),
+                ));
+            }
+            creating.insert(req.id.clone());
             CreateClaim {
                 inner: &self.inner,
                 id: &req.id,
