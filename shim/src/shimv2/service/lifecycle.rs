@@ -272,7 +272,7 @@ impl Service {
         )
         .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
         // From here on, a Create cut short undoes what it made (see `Undo`).
-        let mut undo = Undo {
+        let mut undo = super::undo::Undo {
             service: self.clone(),
             sb: sb.clone(),
             id: req.id.clone(),
@@ -294,43 +294,42 @@ impl Service {
                  (a catch-all device rule): the container gets no node for them"
             );
         }
+        let fetches = guest_image.is_some()
+            || spec
+                .annotations()
+                .as_ref()
+                .is_some_and(|a| a.contains_key(pod::KBS_SECRETS_ANNOTATION));
+        let mut creq = pb::CreateContainerRequest::new();
+        creq.container_id = req.id.clone();
+        creq.stdio = MessageField::some(stdio.streams());
+        creq.sandbox_id = self.inner.group.clone();
+        creq.guest_image = guest_image.clone().unwrap_or_default();
+        creq.watched_mounts = watched.clone();
+        let cpu_milli = crate::shimv2::sizing::spec_cpu_milli(&spec);
+        let memory_mib = crate::shimv2::sizing::spec_memory_mib(&spec);
+        // The disks and the guest's container, in a task of their own: a Create cut
+        // meanwhile leaves them whole (no disk half plugged), and its undo waits for
+        // them before taking them away.
+        let (done, answered) = tokio::sync::watch::channel(false);
+        undo.guest_call = Some(answered);
+        let made = tokio::spawn({
+            let sb = sb.clone();
+            async move {
+                let r = tokio::select! {
+                    r = make_in_guest(&sb, creq, &spec, fetches) => r,
+                    _ = sb.until_lost() => Err(err(
+                        ttrpc::Code::UNAVAILABLE,
+                        format!("the pod VM is gone: {}", sb.lost().unwrap_or_default()),
+                    )),
+                };
+                done.send_replace(true);
+                r
+            }
+        });
         let result = async {
-            let disks = sb.disks.attach(&req.id, &spec).await.map_err(|e| match e {
-                crate::hypervisor::disks::DiskError::Unsupported(_) => {
-                    err(ttrpc::Code::FAILED_PRECONDITION, e)
-                }
-                _ => err(ttrpc::Code::INTERNAL, super::util::chain(&e)),
-            })?;
-            let spec_json = serde_json::to_vec(&spec).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
-            let mut creq = pb::CreateContainerRequest::new();
-            creq.container_id = req.id.clone();
-            creq.oci_spec_json = spec_json;
-            creq.stdio = MessageField::some(stdio.streams());
-            creq.sandbox_id = self.inner.group.clone();
-            creq.guest_image = guest_image.clone().unwrap_or_default();
-            creq.watched_mounts = watched.clone();
-            creq.block_devices = disks;
-            let fetches = guest_image.is_some()
-                || spec
-                    .annotations()
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key(pod::KBS_SECRETS_ANNOTATION));
-            // In a task of its own, so an undo can wait for the guest's answer: one
-            // removing the container while the guest still makes it would miss it.
-            let (done, answered) = tokio::sync::watch::channel(false);
-            undo.guest_call = Some(answered);
-            let call = tokio::spawn({
-                let sb = sb.clone();
-                async move {
-                    let r = sb.agent.create_container(creq, fetches).await;
-                    done.send_replace(true);
-                    r
-                }
-            });
-            let pid = call
+            let pid = made
                 .await
-                .map_err(|e| err(ttrpc::Code::INTERNAL, format!("the agent call failed: {e}")))?
-                .map_err(agent_err)?;
+                .map_err(|e| err(ttrpc::Code::INTERNAL, format!("the create failed: {e}")))??;
             // Streams attach before Start, so no early output waits anywhere.
             let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
                 .await
@@ -346,13 +345,23 @@ impl Service {
         let (pid, copies) = match result {
             Ok(v) => v,
             Err(e) => {
-                if let Some(mut mounts) = undo.mounts.take() {
-                    undo_create(&sb, &req.id, &mut mounts).await;
+                // Awaited, so a retry after this answer finds nothing left; in a task of
+                // its own, so a caller going now cannot cut it.
+                if let Some(undone) = undo.launch() {
+                    let _ = undone.await;
                 }
                 return Err(e);
             }
         };
-        let mounts = undo.mounts.take().expect("taken only here or on failure");
+        // Counted toward the vCPUs the pod's limits ask online (a container beyond
+        // what the sandbox's resources said may want more).
+        if let Err(e) = sb.set_cpu_limit(&req.id, cpu_milli, false).await {
+            tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
+        }
+        // And toward the memory (with `[vm] hotplug_memory`).
+        if let Err(e) = sb.set_memory_limit(&req.id, memory_mib, false).await {
+            tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
+        }
         let mut init = Process::new(stdio, Vec::new());
         init.pid = pid;
         init.copies = Some(Arc::new(Mutex::new(copies)));
@@ -377,6 +386,10 @@ impl Service {
             from_template: sb.boot.from_template,
             create_returned: std::time::Instant::now(),
         };
+        let mut containers = self.inner.containers.lock().await;
+        // Nothing waits from here on: the Create can no longer be cut, and its
+        // container is the table's.
+        let mounts = undo.mounts.take().expect("taken only here or on failure");
         let c = Container {
             timing: Arc::new(std::sync::Mutex::new(rec)),
             marks,
@@ -388,86 +401,31 @@ impl Service {
         };
         self.save_state(&req.id, &c, &sb);
         sb.stats.container_created(cri_name.as_deref());
-        // Counted toward the vCPUs the pod's limits ask online (a container beyond
-        // what the sandbox's resources said may want more).
-        if let Err(e) = sb
-            .set_cpu_limit(&req.id, crate::shimv2::sizing::spec_cpu_milli(&spec), false)
-            .await
-        {
-            tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
-        }
-        // And toward the memory (with `[vm] hotplug_memory`).
-        if let Err(e) = sb
-            .set_memory_limit(
-                &req.id,
-                crate::shimv2::sizing::spec_memory_mib(&spec),
-                false,
-            )
-            .await
-        {
-            tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
-        }
-        self.inner.containers.lock().await.insert(req.id.clone(), c);
+        containers.insert(req.id.clone(), c);
         Ok(pid)
     }
 }
 
-/// Undoes a Create that made its container's mounts, and maybe its disks and the
-/// container in the guest, but did not finish: its caller went (ttrpc drops a handler's
-/// future when the call's deadline passes, e.g. kubelet's during a slow guest pull).
-/// Create stays cancellable, since a boot nobody waits for is meant to be abandoned;
-/// what it made is undone in a task of its own. The id stays claimed (`undoing`) until
-/// then, so a retried Create of it cannot have its container removed by this undo.
-struct Undo {
-    service: Service,
-    sb: Arc<Sandbox>,
-    id: String,
-    /// Taken by a Create that finished, either way.
-    mounts: Option<crate::shimv2::mounts::ContainerMounts>,
-    /// Becomes true once the guest answered the CreateContainer (made, refused, or the
-    /// call's own deadline passed).
-    guest_call: Option<tokio::sync::watch::Receiver<bool>>,
-}
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        let Some(mut mounts) = self.mounts.take() else {
-            return;
-        };
-        let id = std::mem::take(&mut self.id);
-        tracing::warn!(container = %id, "Create abandoned by its caller: undoing it");
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            mounts.cleanup();
-            return;
-        };
-        let inner = self.service.inner.clone();
-        inner
-            .undoing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone());
-        let sb = self.sb.clone();
-        let guest_call = self.guest_call.take();
-        rt.spawn(async move {
-            if let Some(mut answered) = guest_call {
-                let _ = answered.wait_for(|a| *a).await;
+/// Plugs the container's disks and creates it in the guest; its pid there.
+async fn make_in_guest(
+    sb: &Sandbox,
+    mut creq: pb::CreateContainerRequest,
+    spec: &oci_spec::runtime::Spec,
+    fetches: bool,
+) -> TtrpcResult<u32> {
+    creq.block_devices = sb
+        .disks
+        .attach(&creq.container_id, spec)
+        .await
+        .map_err(|e| match e {
+            crate::hypervisor::disks::DiskError::Unsupported(_) => {
+                err(ttrpc::Code::FAILED_PRECONDITION, e)
             }
-            undo_create(&sb, &id, &mut mounts).await;
-            inner
-                .undoing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-        });
-    }
-}
-
-/// What a failed or abandoned Create made goes: the guest's container, its disks, its
-/// mounts.
-async fn undo_create(sb: &Sandbox, id: &str, mounts: &mut crate::shimv2::mounts::ContainerMounts) {
-    if sb.lost().is_none() {
-        let _ = sb.agent.remove_container(id).await;
-    }
-    sb.disks.release(id).await;
-    mounts.cleanup();
+            _ => err(ttrpc::Code::INTERNAL, super::util::chain(&e)),
+        })?;
+    creq.oci_spec_json = serde_json::to_vec(spec).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+    sb.agent
+        .create_container(creq, fetches)
+        .await
+        .map_err(agent_err)
 }

@@ -29,8 +29,11 @@ use super::stdio::{self, StdioCopies, StdioPaths};
 use super::timings;
 use crate::config::Config;
 
+mod control;
 mod lifecycle;
 mod start;
+mod teardown;
+mod undo;
 mod util;
 
 use util::{agent_err, err, lookup, not_found, now, to_completion};
@@ -124,8 +127,12 @@ struct Inner {
     /// Ids whose Create is in progress: claimed with the duplicate check, under the
     /// containers lock, so two Creates of one id cannot both go ahead.
     creating: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Ids whose abandoned Create is being undone (`lifecycle::Undo`): refused meanwhile.
-    undoing: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Ids of containers being undone or deleted (`undo::Undoing`): a Create of one is
+    /// refused meanwhile, and Shutdown waits for them.
+    undoing: watch::Sender<std::collections::HashSet<String>>,
+    /// Set once the pod's VM has been torn down (by Shutdown or SIGTERM, whichever came
+    /// first; the other waits for it).
+    torn_down: tokio::sync::OnceCell<()>,
     /// Which guest OOM events reach containerd (`guest_events`).
     oom_filter: std::sync::Mutex<super::guest_events::OomFilter>,
     /// Set by Shutdown: a boot still in progress is abandoned (containerd gave up on
@@ -156,7 +163,8 @@ impl Service {
                 sandbox: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
                 creating: Default::default(),
-                undoing: Default::default(),
+                undoing: watch::channel(Default::default()).0,
+                torn_down: tokio::sync::OnceCell::new(),
                 oom_filter: Default::default(),
                 cancel_boot: watch::channel(false).0,
             }),
@@ -209,7 +217,8 @@ impl Service {
         Ok(sb)
     }
 
-    /// On SIGTERM: tear down every container's mounts and the VM.
+    /// On SIGTERM, or once Shutdown ended the shim: tear down every container's mounts
+    /// and the VM (waiting for a teardown already under way).
     pub async fn stop_all(&self) {
         let mut containers = self.inner.containers.lock().await;
         for (_, mut c) in containers.drain() {
@@ -217,9 +226,8 @@ impl Service {
             ContainerState::remove(&c.bundle);
         }
         drop(containers);
-        if let Some(sb) = self.inner.sandbox.lock().await.take() {
-            sb.stop().await;
-        }
+        self.inner.cancel_boot.send_replace(true);
+        self.tear_down().await;
     }
 
     /// The pod VM, for a call that needs it alive: once one of its host processes died,
@@ -243,91 +251,6 @@ impl Service {
             .clone()
             .ok_or_else(|| not_found("pod VM"))
     }
-
-    async fn delete_task(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
-        let mut containers = self.inner.containers.lock().await;
-        let c = containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        if !req.exec_id.is_empty() {
-            let p = c
-                .execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
-            if p.started && p.exit.borrow().is_none() {
-                return Err(err(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    "cannot delete a running exec process",
-                ));
-            }
-            let p = c.execs.remove(&req.exec_id).expect("checked above");
-            let (status, at) = p.exit.borrow().clone().unwrap_or((0, now()));
-            return Ok(api::DeleteResponse {
-                pid: p.pid,
-                exit_status: status,
-                exited_at: MessageField::some(at),
-                ..Default::default()
-            });
-        }
-        if c.init.started && c.init.exit.borrow().is_none() {
-            return Err(err(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("cannot delete running task {}", req.id),
-            ));
-        }
-        let t_delete = std::time::Instant::now();
-        let mut c = containers.remove(&req.id).expect("checked above");
-        self.inner
-            .oom_filter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .deleted(&req.id, std::time::Instant::now());
-        drop(containers);
-        // Once the VM is lost there is no guest to ask: that would only wait out the
-        // call's deadline.
-        if let Ok(sb) = self.live_sandbox().await {
-            if let Err(e) = sb.agent.remove_container(&req.id).await {
-                tracing::warn!("agent remove {}: {e}", req.id);
-            }
-            sb.forget_limits(&req.id);
-            sb.disks.release(&req.id).await;
-        }
-        c.mounts.cleanup();
-        ContainerState::remove(&c.bundle);
-        if let Ok(mut t) = c.timing.lock() {
-            t.delete_ms = timings::ms(t_delete.elapsed());
-            timings::append(&self.inner.config.paths.run_dir, &t);
-        }
-        let (status, at) = c.init.exit.borrow().clone().unwrap_or((0, now()));
-        let pid = c.init.pid;
-        let mut m = ev::TaskDelete::new();
-        m.container_id = req.id.clone();
-        m.pid = pid;
-        m.exit_status = status;
-        m.exited_at = MessageField::some(at.clone());
-        m.id = req.id.clone();
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(m))
-            .await;
-        Ok(api::DeleteResponse {
-            pid,
-            exit_status: status,
-            exited_at: MessageField::some(at),
-            ..Default::default()
-        })
-    }
-
-    async fn shutdown_shim(&self) -> TtrpcResult<api::Empty> {
-        if !self.inner.containers.lock().await.is_empty() {
-            return Ok(api::Empty::new());
-        }
-        // A boot in progress holds the sandbox slot: abandon it rather than wait for it.
-        self.inner.cancel_boot.send_replace(true);
-        if let Some(sb) = self.inner.sandbox.lock().await.take() {
-            sb.stop().await;
-        }
-        self.inner.exit.signal();
-        Ok(api::Empty::new())
-    }
 }
 
 #[async_trait]
@@ -350,17 +273,7 @@ impl Task for Service {
                     format!("container {} already exists", req.id),
                 ));
             }
-            let undoing = self.inner.undoing.lock().unwrap_or_else(|e| e.into_inner());
-            if undoing.contains(&req.id) {
-                return Err(err(
-                    ttrpc::Code::UNAVAILABLE,
-                    format!(
-                        "container {}: an abandoned Create of it is still being undone; \
-                         try again",
-                        req.id
-                    ),
-                ));
-            }
+            undo::refuse_undoing(&self.inner, &req.id)?;
             creating.insert(req.id.clone());
             CreateClaim {
                 inner: &self.inner,
@@ -489,51 +402,11 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
+    /// To its end, whatever the caller does (`to_completion`): one cut between the
+    /// signal and watching an unstarted container would leave its Wait hanging.
     async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let sb = self.existing_sandbox().await?;
-        {
-            let containers = self.inner.containers.lock().await;
-            let (_, p) = lookup(&containers, &req.id, &req.exec_id)?;
-            if p.exit.borrow().is_some() {
-                return Err(not_found("process (already exited)"));
-            }
-            // An exec never started (or whose start failed) has nothing to signal; as
-            // runc's shim says, and containerd's cleanup of a failed exec goes on.
-            if !req.exec_id.is_empty() && !p.started {
-                return Err(err(ttrpc::Code::FAILED_PRECONDITION, "process not created"));
-            }
-        }
-        // `all` is for a container's processes: for an exec it means that exec alone,
-        // as under runc (containerd's WithProcessKill sends it for any process).
-        let all = req.all && req.exec_id.is_empty();
-        // A lost VM has killed every process of the pod already: the kill has happened,
-        // and refusing it would leave containerd's cleanup of a failed pod stuck (CRI
-        // marks such a sandbox UNKNOWN and keeps it).
-        if sb.lost().is_none() {
-            let sent = sb
-                .agent
-                .signal_process(&req.id, &req.exec_id, req.signal, all)
-                .await;
-            if let Err(e) = sent {
-                // A SIGKILL of the pod's own container ends the pod. A guest that cannot
-                // take it (stuck, out of memory, hostile) must not keep the pod from
-                // being removed: ending the VM is that kill, as runc's would be.
-                let pod_kill = req.signal == libc::SIGKILL as u32
-                    && req.exec_id.is_empty()
-                    && req.id == self.inner.group;
-                if !pod_kill {
-                    return Err(agent_err(e));
-                }
-                sb.end(format!(
-                    "the guest did not take a SIGKILL of the pod's container: {e}"
-                ))
-                .await;
-            }
-        }
-        if req.exec_id.is_empty() {
-            self.watch_unstarted(&sb, &req.id).await;
-        }
-        Ok(api::Empty::new())
+        let me = self.clone();
+        to_completion(async move { me.kill_task(req).await }).await
     }
 
     async fn pids(
@@ -557,33 +430,16 @@ impl Task for Service {
         })
     }
 
+    /// To its end (`to_completion`), so the state it reports matches the guest's.
     async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let sb = self.existing_sandbox().await?;
-        sb.agent.pause_container(&req.id).await.map_err(agent_err)?;
-        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
-            c.paused = true;
-        }
-        let mut m = ev::TaskPaused::new();
-        m.container_id = req.id.clone();
-        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(m))
-            .await;
-        Ok(api::Empty::new())
+        let me = self.clone();
+        to_completion(async move { me.pause_task(req).await }).await
     }
 
+    /// To its end (`to_completion`), so the state it reports matches the guest's.
     async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let sb = self.existing_sandbox().await?;
-        sb.agent
-            .resume_container(&req.id)
-            .await
-            .map_err(agent_err)?;
-        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
-            c.paused = false;
-        }
-        let mut m = ev::TaskResumed::new();
-        m.container_id = req.id.clone();
-        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(m))
-            .await;
-        Ok(api::Empty::new())
+        let me = self.clone();
+        to_completion(async move { me.resume_task(req).await }).await
     }
 
     async fn checkpoint(
@@ -597,69 +453,14 @@ impl Task for Service {
         ))
     }
 
+    /// To its end (`to_completion`): the limits the shim counts match the guest's.
     async fn update(
         &self,
         _: &TtrpcContext,
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        let sb = self.existing_sandbox().await?;
-        let value = req
-            .resources
-            .as_ref()
-            .map(|a| a.value.clone())
-            .unwrap_or_default();
-        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(&value).map_err(|e| {
-            err(
-                ttrpc::Code::INVALID_ARGUMENT,
-                format!("malformed resources: {e}"),
-            )
-        })?;
-        let mut res = pb::LinuxResources::new();
-        if let Some(m) = r.memory() {
-            res.memory_limit_bytes = m.limit().unwrap_or(0);
-            res.memory_swap_bytes = m.swap().unwrap_or(0);
-        }
-        if let Some(c) = r.cpu() {
-            res.cpu_shares = c.shares().unwrap_or(0);
-            res.cpu_quota = c.quota().unwrap_or(0);
-            res.cpu_period = c.period().unwrap_or(0);
-            res.cpuset_cpus = c.cpus().clone().unwrap_or_default();
-            res.cpuset_mems = c.mems().clone().unwrap_or_default();
-        }
-        if let Some(p) = r.pids() {
-            res.pids_limit = p.limit();
-        }
-        let mut ureq = pb::UpdateContainerRequest::new();
-        ureq.container_id = req.id.clone();
-        ureq.resources = MessageField::some(res);
-        // A raised memory limit may want more memory in the VM: plugged first, so the
-        // container can use it when this returns.
-        let limit = r.memory().as_ref().and_then(|m| m.limit());
-        let limit_mib = super::sizing::memory_mib(limit);
-        if limit.is_some() && sb.grows_memory() {
-            if let Err(e) = sb.set_memory_limit(&req.id, limit_mib, true).await {
-                tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
-            }
-        } else if limit_mib > u64::from(sb.memory_mib) {
-            tracing::warn!(
-                "{}'s memory limit ({limit_mib} MiB) is more than its VM has ({} MiB): \
-                 memory is added to a running VM only with [vm] hotplug_memory",
-                req.id,
-                sb.memory_mib
-            );
-        }
-        sb.agent.update_container(ureq).await.map_err(agent_err)?;
-        // A raised CPU limit may want more of the VM's vCPUs online.
-        let milli = r
-            .cpu()
-            .as_ref()
-            .and_then(|c| super::sizing::cpu_milli(c.quota(), c.period()));
-        if let Some(milli) = milli {
-            if let Err(e) = sb.set_cpu_limit(&req.id, milli, true).await {
-                tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
-            }
-        }
-        Ok(api::Empty::new())
+        let me = self.clone();
+        to_completion(async move { me.update_task(req).await }).await
     }
 
     async fn wait(

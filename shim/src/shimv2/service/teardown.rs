@@ -1,0 +1,122 @@
+//! The end of a container and of the pod: Delete, Shutdown, and the teardown that both
+//! a Shutdown and a SIGTERM lead to, done once. Delete and Shutdown run to their end
+//! whatever their caller does (`util::to_completion`).
+
+use super::*;
+
+impl Service {
+    pub(super) async fn delete_task(
+        &self,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let mut containers = self.inner.containers.lock().await;
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        if !req.exec_id.is_empty() {
+            let p = c
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            if p.started && p.exit.borrow().is_none() {
+                return Err(err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    "cannot delete a running exec process",
+                ));
+            }
+            let p = c.execs.remove(&req.exec_id).expect("checked above");
+            let (status, at) = p.exit.borrow().clone().unwrap_or((0, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: status,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        if c.init.started && c.init.exit.borrow().is_none() {
+            return Err(err(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("cannot delete running task {}", req.id),
+            ));
+        }
+        let t_delete = std::time::Instant::now();
+        let mut c = containers.remove(&req.id).expect("checked above");
+        // Until its guest container, disks and mounts are gone, a Create of the id is
+        // refused and Shutdown waits.
+        let _held = super::undo::Undoing::hold(&self.inner, &req.id);
+        self.inner
+            .oom_filter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .deleted(&req.id, std::time::Instant::now());
+        drop(containers);
+        // Once the VM is lost there is no guest to ask: that would only wait out the
+        // call's deadline.
+        if let Ok(sb) = self.live_sandbox().await {
+            if let Err(e) = sb.agent.remove_container(&req.id).await {
+                tracing::warn!("agent remove {}: {e}", req.id);
+            }
+            sb.forget_limits(&req.id);
+            sb.disks.release(&req.id).await;
+        }
+        c.mounts.cleanup();
+        ContainerState::remove(&c.bundle);
+        if let Ok(mut t) = c.timing.lock() {
+            t.delete_ms = timings::ms(t_delete.elapsed());
+            timings::append(&self.inner.config.paths.run_dir, &t);
+        }
+        let (status, at) = c.init.exit.borrow().clone().unwrap_or((0, now()));
+        let pid = c.init.pid;
+        let mut m = ev::TaskDelete::new();
+        m.container_id = req.id.clone();
+        m.pid = pid;
+        m.exit_status = status;
+        m.exited_at = MessageField::some(at.clone());
+        m.id = req.id.clone();
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(m))
+            .await;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: status,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn shutdown_shim(&self) -> TtrpcResult<api::Empty> {
+        if !self.inner.containers.lock().await.is_empty() {
+            return Ok(api::Empty::new());
+        }
+        // A boot in progress holds the sandbox slot: abandon it rather than wait for it.
+        self.inner.cancel_boot.send_replace(true);
+        self.tear_down().await;
+        self.inner.exit.signal();
+        Ok(api::Empty::new())
+    }
+
+    /// Stops the pod's VM (its share, cgroup and network go with it), once: a second
+    /// caller (a Shutdown again, a SIGTERM) waits for the first instead of ending the
+    /// shim in the middle of it. Containers still being undone or deleted get a moment
+    /// first; the VM's end then ends what they wait on.
+    pub(super) async fn tear_down(&self) {
+        self.inner
+            .torn_down
+            .get_or_init(|| async {
+                let mut undoing = self.inner.undoing.subscribe();
+                let settled = undoing.wait_for(|s| s.is_empty());
+                if tokio::time::timeout(super::undo::UNDO_WAIT, settled)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "stopping the pod VM with containers still being undone: {:?}",
+                        self.inner.undoing.borrow()
+                    );
+                }
+                if let Some(sb) = self.inner.sandbox.lock().await.take() {
+                    sb.stop().await;
+                }
+            })
+            .await;
+    }
+}

@@ -1,0 +1,111 @@
+//! Undoing what a call made when it cannot finish: a Create cut short by its caller
+//! (ttrpc drops a handler's future when the call's deadline passes, e.g. kubelet's
+//! during a slow guest pull), or one that failed; and keeping the id of a container
+//! being undone (or deleted) from being made again meanwhile.
+
+use std::sync::Arc;
+
+use super::util::err;
+use super::{Inner, Service};
+use crate::shimv2::mounts::ContainerMounts;
+use crate::shimv2::sandbox::Sandbox;
+
+/// How long a Shutdown waits for containers still being undone before it stops the VM
+/// (which ends what they wait on).
+pub(super) const UNDO_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An id held in `Inner::undoing` while this lives: a Create of it is refused
+/// (UNAVAILABLE, "try again"), and Shutdown waits for the set to empty.
+pub(super) struct Undoing {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Undoing {
+    pub(super) fn hold(inner: &Arc<Inner>, id: &str) -> Self {
+        inner.undoing.send_modify(|s| {
+            s.insert(id.to_owned());
+        });
+        Self {
+            inner: inner.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Undoing {
+    fn drop(&mut self) {
+        self.inner.undoing.send_modify(|s| {
+            s.remove(&self.id);
+        });
+    }
+}
+
+/// Refuses a Create of an id still being undone.
+pub(super) fn refuse_undoing(inner: &Inner, id: &str) -> Result<(), ttrpc::Error> {
+    if inner.undoing.borrow().contains(id) {
+        return Err(err(
+            ttrpc::Code::UNAVAILABLE,
+            format!("container {id}: an earlier Create or Delete of it is still being undone; try again"),
+        ));
+    }
+    Ok(())
+}
+
+/// What a Create has made so far, undone if the Create does not finish. Create stays
+/// cancellable, since a boot nobody waits for is meant to be abandoned; what it made
+/// once the VM was there is undone in a task of its own, after the guest answered the
+/// CreateContainer (removing the container while the guest still makes it would miss
+/// it), with the id held (`Undoing`) so a retried Create cannot have its container
+/// removed by this undo.
+pub(super) struct Undo {
+    pub service: Service,
+    pub sb: Arc<Sandbox>,
+    pub id: String,
+    /// Taken by a Create that finished, or by `launch`.
+    pub mounts: Option<ContainerMounts>,
+    /// Becomes true once the disks and the guest's container are made, or refused (or
+    /// the call's own deadline passed).
+    pub guest_call: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Undo {
+    /// Starts the undo in a task of its own (a cut caller cannot stop it); None if
+    /// there is nothing to undo.
+    pub(super) fn launch(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut mounts = self.mounts.take()?;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            mounts.cleanup();
+            return None;
+        };
+        let held = Undoing::hold(&self.service.inner, &self.id);
+        let (sb, id, guest_call) = (self.sb.clone(), self.id.clone(), self.guest_call.take());
+        Some(rt.spawn(async move {
+            if let Some(mut answered) = guest_call {
+                let _ = answered.wait_for(|a| *a).await;
+            }
+            undo_create(&sb, &id, &mut mounts).await;
+            drop(held);
+        }))
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if self.mounts.is_some() {
+            tracing::warn!(container = %self.id, "Create abandoned by its caller: undoing it");
+            self.launch();
+        }
+    }
+}
+
+/// What a failed or abandoned Create made goes: the guest's container, the limits it
+/// counted toward, its disks, its mounts.
+async fn undo_create(sb: &Sandbox, id: &str, mounts: &mut ContainerMounts) {
+    if sb.lost().is_none() {
+        let _ = sb.agent.remove_container(id).await;
+    }
+    sb.forget_limits(id);
+    sb.disks.release(id).await;
+    mounts.cleanup();
+}
