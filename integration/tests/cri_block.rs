@@ -109,7 +109,23 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
             return;
         }
     };
-    let pconfig = node.pod_config("disks", &format!("uid-disks-{net}"), "default");
+    let mut pconfig = node.pod_config("disks", &format!("uid-disks-{net}"), "default");
+    // Two slots of its own, where the node's default is 4: the container's two devices
+    // fill them, and a third is refused.
+    let extra = if vm == Vm::Slots {
+        pconfig
+            .annotations
+            .insert("io.cocoon.vm.block_slots".into(), "2".into());
+        match Loop::new(env.dir.path(), "extra.img", b"extra-marker") {
+            Ok(l) => Some(l),
+            Err(why) => {
+                cocoon_nested::testing::missing(test, &format!("a loop device: {why}"));
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let pod = node
         .run_pod(&pconfig, handler)
         .await
@@ -176,6 +192,22 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
             .await
             .expect("ExecSync");
         assert_eq!((code, out.as_str()), (0, "0\n1\n"), "{test}: {err}");
+    }
+    if let Some(extra) = &extra {
+        let mut third = CriNode::container_config("third", IMAGE_REF, &["true"], &[]);
+        third.devices = vec![Device {
+            container_path: "/dev/xvdc".into(),
+            host_path: extra.dev.to_string_lossy().into_owned(),
+            permissions: "rwm".into(),
+        }];
+        let e = node
+            .create_and_start(&pod, &third, &pconfig)
+            .await
+            .expect_err("a third device in a pod of two disk slots");
+        assert!(
+            e.message().contains("2 disk slots (vm.block_slots)"),
+            "{test}: the refusal does not name the pod's slots: {e}"
+        );
     }
     if vm == Vm::Slots {
         // Written without a sync: the guest holds it dirty until the container's
@@ -281,7 +313,9 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
         assert_eq!((code, out.as_str()), (0, "0\nwrite=0\n"), "{test}: {err}");
     }
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
-    let held = held_after(&[&rw, &ro], Duration::from_secs(30));
+    let mut devices = vec![&rw, &ro];
+    devices.extend(extra.as_ref());
+    let held = held_after(&devices, Duration::from_secs(30));
     assert!(held.is_empty(), "{test}: held after the pod: {held:?}");
 }
 

@@ -14,6 +14,9 @@ use super::SANDBOX_ID_ANNOTATION;
 /// containerd's `pod_annotations = ["io.cocoon.*"]` for the handler.
 pub const VCPUS_ANNOTATION: &str = "io.cocoon.vm.vcpus";
 pub const MEMORY_ANNOTATION: &str = "io.cocoon.vm.memory_mib";
+/// The pod's own count of empty disk slots (`[vm] block_slots`), for a pod with more raw
+/// block volumes than the node's default, or none (cocoon-vmm; QEMU ignores it).
+pub const BLOCK_SLOTS_ANNOTATION: &str = "io.cocoon.vm.block_slots";
 /// `sev-snp` or `tdx`: the pod asks for a memory-encrypted, measured VM.
 pub const CONFIDENTIAL_ANNOTATION: &str = "io.cocoon.confidential";
 /// The pod's init-data (Confidential Containers' TOML, standard base64): the agent policy
@@ -100,6 +103,7 @@ pub struct PodVm {
     pub host_cgroup: Option<String>,
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    pub block_slots: Option<u8>,
     /// What the pod's containers' limits add to the VM (a CRI sandbox's resources).
     pub limits: Option<super::sizing::PodLimits>,
     /// The init-data document, checked to parse (the guest parses it again).
@@ -157,6 +161,15 @@ pub fn pod_vm(spec: &Spec, size_from_limits: bool) -> Result<PodVm, PodSpecError
                 Ok(n @ 64..=1_048_576) => vm.memory_mib = Some(n),
                 _ => return Err(bad("must be a whole number of MiB from 64 to 1048576")),
             },
+            BLOCK_SLOTS_ANNOTATION => match value.trim().parse::<u8>() {
+                Ok(n) if n <= crate::config::MAX_BLOCK_SLOTS => vm.block_slots = Some(n),
+                _ => {
+                    return Err(bad(&format!(
+                        "must be a whole number from 0 to {}",
+                        crate::config::MAX_BLOCK_SLOTS
+                    )))
+                }
+            },
             INIT_DATA_ANNOTATION => {
                 vm.init_data = Some(
                     cocoon_confidential::initdata::from_annotation(value).map_err(|e| bad(&e))?,
@@ -198,7 +211,7 @@ pub fn pod_vm(spec: &Spec, size_from_limits: bool) -> Result<PodVm, PodSpecError
             _ => {
                 return Err(bad(&format!(
                     "not a Cocoon annotation (known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}, \
-                     {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION}, {GUEST_IMAGE_ANNOTATION}, \
+                     {BLOCK_SLOTS_ANNOTATION}, {INIT_DATA_ANNOTATION}, {CONFIDENTIAL_ANNOTATION}, {GUEST_IMAGE_ANNOTATION}, \
                      {GUEST_PULL_ANNOTATION}, {KBS_SECRETS_ANNOTATION})"
                 )))
             }
@@ -540,11 +553,13 @@ mod tests {
         let a = s.annotations_mut().get_or_insert_with(Default::default);
         a.insert(VCPUS_ANNOTATION.into(), "2".into());
         a.insert(MEMORY_ANNOTATION.into(), "384".into());
+        a.insert(BLOCK_SLOTS_ANNOTATION.into(), "6".into());
         // `version = "0.1.0"` and `algorithm = "sha256"`.
         let doc = "dmVyc2lvbiA9ICIwLjEuMCIKYWxnb3JpdGhtID0gInNoYTI1NiIK";
         a.insert(INIT_DATA_ANNOTATION.into(), doc.into());
         let vm = pod_vm(&s, true).unwrap();
         assert_eq!((vm.vcpus, vm.memory_mib), (Some(2), Some(384)));
+        assert_eq!(vm.block_slots, Some(6));
         assert_eq!(
             vm.init_data.as_deref(),
             Some(&b"version = \"0.1.0\"\nalgorithm = \"sha256\"\n"[..])
@@ -554,6 +569,8 @@ mod tests {
             (VCPUS_ANNOTATION, "0", "1 to 64"),
             (VCPUS_ANNOTATION, "lots", "1 to 64"),
             (MEMORY_ANNOTATION, "32", "64 to 1048576"),
+            (BLOCK_SLOTS_ANNOTATION, "9", "0 to 8"),
+            (BLOCK_SLOTS_ANNOTATION, "-1", "0 to 8"),
             ("io.cocoon.vm.vcpu", "2", "not a Cocoon annotation"),
             (INIT_DATA_ANNOTATION, "%%%", "not base64"),
             // On the pod's sandbox: it would reach every container.

@@ -163,6 +163,19 @@ impl Sandbox {
                 .trim_end()
                 .to_owned();
         }
+        // The pod's own disk slots. Templates key on the count: only the config's own
+        // is restored from one, as for the size.
+        if let Some(slots) = pod_vm.block_slots.filter(|&n| n != config.vm.block_slots) {
+            tracing::info!(vm = %vm_id, "{slots} disk slots (the pod's annotation)");
+            if config.vm.templates {
+                tracing::info!(
+                    vm = %vm_id,
+                    "booted, not restored from a template: the pod asks for its own disk slots"
+                );
+                config.vm.templates = false;
+            }
+            config.vm.block_slots = slots;
+        }
         let cpus = super::sizing::CpuRoom::new(base.0, vcpus, present);
         // With memory hotplug, a region up to the most a pod's limits may make a VM,
         // which raised limits have the guest plug (a VM sized by annotation keeps it).
