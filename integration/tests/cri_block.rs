@@ -205,7 +205,7 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
             .await
             .expect_err("a third device in a pod of two disk slots");
         assert!(
-            e.message().contains("2 disk slots (vm.block_slots)"),
+            e.message().contains("2 disk slots (vm.block_slots"),
             "{test}: the refusal does not name the pod's slots: {e}"
         );
     }

@@ -44,6 +44,9 @@ pub enum DiskError {
     },
     #[error("{0}")]
     Refused(String),
+    /// The pod's VM has no room for another disk.
+    #[error("{0}")]
+    Full(String),
 }
 
 /// A host block device the shim opened for a guest.

@@ -166,7 +166,10 @@ impl Sandbox {
         // The pod's own disk slots. Templates key on the count: only the config's own
         // is restored from one, as for the size.
         if let Some(slots) = pod_vm.block_slots.filter(|&n| n != config.vm.block_slots) {
-            tracing::info!(vm = %vm_id, "{slots} disk slots (the pod's annotation)");
+            tracing::info!(
+                vm = %vm_id,
+                "{slots} disk slots, as the pod's annotation asks (cocoon-vmm's; QEMU has none)"
+            );
             if config.vm.templates {
                 tracing::info!(
                     vm = %vm_id,
@@ -524,6 +527,9 @@ impl Sandbox {
         }
         let synced = t.elapsed();
         vm.stop(grace).await;
+        // Whatever still waits on the guest (an abandoned Create's undo, say) ends now,
+        // rather than at its own deadline.
+        self.lost_tx.send_replace(true);
         let ended = t.elapsed();
         super::share::remove(&self.share);
         let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());

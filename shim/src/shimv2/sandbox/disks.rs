@@ -263,15 +263,15 @@ impl Disks {
                 table.settle(bus).await;
             }
             if table.plugged.len() + table.stuck_count() >= limit {
-                failed = Some(DiskError::Refused(match bus {
+                failed = Some(DiskError::Full(match bus {
                     Bus::Qmp(_) => format!(
                         "a pod takes at most {MAX_DISKS} block devices ({} the guest has \
                          not let go of yet)",
                         table.stuck.len()
                     ),
                     Bus::Slots { count, .. } => format!(
-                        "the pod's VM has {count} disk slots (vm.block_slots), all in use \
-                         ({} not yet emptied)",
+                        "the pod's VM has {count} disk slots (vm.block_slots, or the pod's \
+                         io.cocoon.vm.block_slots), all in use ({} not yet emptied)",
                         table.stuck_slots.len()
                     ),
                 }));
@@ -696,7 +696,7 @@ mod tests {
         );
         assert_eq!(v.asked(), [("attach_disk".into(), 1, true)]);
         let e = d.attach("c4", &dev(2, "rw")).await.unwrap_err().to_string();
-        assert!(e.contains("2 disk slots (vm.block_slots)"), "{e}");
+        assert!(e.contains("2 disk slots (vm.block_slots"), "{e}");
         assert!(v.asked().is_empty());
 
         d.release("c1").await;

@@ -353,15 +353,6 @@ impl Service {
                 return Err(e);
             }
         };
-        // Counted toward the vCPUs the pod's limits ask online (a container beyond
-        // what the sandbox's resources said may want more).
-        if let Err(e) = sb.set_cpu_limit(&req.id, cpu_milli, false).await {
-            tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
-        }
-        // And toward the memory (with `[vm] hotplug_memory`).
-        if let Err(e) = sb.set_memory_limit(&req.id, memory_mib, false).await {
-            tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
-        }
         let mut init = Process::new(stdio, Vec::new());
         init.pid = pid;
         init.copies = Some(Arc::new(Mutex::new(copies)));
@@ -386,6 +377,15 @@ impl Service {
             from_template: sb.boot.from_template,
             create_returned: std::time::Instant::now(),
         };
+        // Counted toward the vCPUs the pod's limits ask online (a container beyond
+        // what the sandbox's resources said may want more).
+        if let Err(e) = sb.set_cpu_limit(&req.id, cpu_milli, false).await {
+            tracing::warn!("cannot bring vCPUs online for {}: {e}", req.id);
+        }
+        // And toward the memory (with `[vm] hotplug_memory`).
+        if let Err(e) = sb.set_memory_limit(&req.id, memory_mib, false).await {
+            tracing::warn!("cannot grow the VM's memory for {}: {e}", req.id);
+        }
         let mut containers = self.inner.containers.lock().await;
         // Nothing waits from here on: the Create can no longer be cut, and its
         // container is the table's.
@@ -417,11 +417,13 @@ async fn make_in_guest(
         .disks
         .attach(&creq.container_id, spec)
         .await
-        .map_err(|e| match e {
-            crate::hypervisor::disks::DiskError::Unsupported(_) => {
-                err(ttrpc::Code::FAILED_PRECONDITION, e)
+        .map_err(|e| {
+            use crate::hypervisor::disks::DiskError;
+            match e {
+                DiskError::Unsupported(_) => err(ttrpc::Code::FAILED_PRECONDITION, e),
+                DiskError::Full(_) => err(ttrpc::Code::RESOURCE_EXHAUSTED, e),
+                _ => err(ttrpc::Code::INTERNAL, super::util::chain(&e)),
             }
-            _ => err(ttrpc::Code::INTERNAL, super::util::chain(&e)),
         })?;
     creq.oci_spec_json = serde_json::to_vec(spec).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
     sb.agent

@@ -97,17 +97,13 @@ impl Service {
     /// Stops the pod's VM (its share, cgroup and network go with it), once: a second
     /// caller (a Shutdown again, a SIGTERM) waits for the first instead of ending the
     /// shim in the middle of it. Containers still being undone or deleted get a moment
-    /// first; the VM's end then ends what they wait on.
+    /// before and after: the VM's end ends what they wait on (`Sandbox::stop` ends
+    /// every wait on the guest).
     pub(super) async fn tear_down(&self) {
         self.inner
             .torn_down
             .get_or_init(|| async {
-                let mut undoing = self.inner.undoing.subscribe();
-                let settled = undoing.wait_for(|s| s.is_empty());
-                if tokio::time::timeout(super::undo::UNDO_WAIT, settled)
-                    .await
-                    .is_err()
-                {
+                if !self.settled().await {
                     tracing::warn!(
                         "stopping the pod VM with containers still being undone: {:?}",
                         self.inner.undoing.borrow()
@@ -116,7 +112,24 @@ impl Service {
                 if let Some(sb) = self.inner.sandbox.lock().await.take() {
                     sb.stop().await;
                 }
+                // What waited on the guest ends with it: let it finish (a Delete's
+                // state file and event) before the shim exits and drops it.
+                if !self.settled().await {
+                    tracing::warn!(
+                        "the shim exits with containers still being undone: {:?}",
+                        self.inner.undoing.borrow()
+                    );
+                }
             })
             .await;
+    }
+
+    /// Waits (`UNDO_WAIT` at most) for no container to be being undone or deleted.
+    async fn settled(&self) -> bool {
+        let mut undoing = self.inner.undoing.subscribe();
+        let settled = undoing.wait_for(|s| s.is_empty());
+        tokio::time::timeout(super::undo::UNDO_WAIT, settled)
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }

@@ -10,9 +10,10 @@ use super::{Inner, Service};
 use crate::shimv2::mounts::ContainerMounts;
 use crate::shimv2::sandbox::Sandbox;
 
-/// How long a Shutdown waits for containers still being undone before it stops the VM
-/// (which ends what they wait on).
-pub(super) const UNDO_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the teardown waits for containers still being undone or deleted, before it
+/// stops the VM (which ends what they wait on) and again after: within containerd's 3 s
+/// for Shutdown as a rule, though the teardown goes on past it either way.
+pub(super) const UNDO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An id held in `Inner::undoing` while this lives: a Create of it is refused
 /// (UNAVAILABLE, "try again"), and Shutdown waits for the set to empty.
