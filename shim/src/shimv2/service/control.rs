@@ -51,32 +51,30 @@ impl Service {
         Ok(api::Empty::new())
     }
 
-    pub(super) async fn pause_task(&self, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+    /// Pause (`pause`) or Resume: the guest's freezer, the state State reports, and
+    /// the event.
+    pub(super) async fn pause_task(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
         let sb = self.existing_sandbox().await?;
-        sb.agent.pause_container(&req.id).await.map_err(agent_err)?;
-        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
-            c.paused = true;
+        let done = if pause {
+            sb.agent.pause_container(id).await
+        } else {
+            sb.agent.resume_container(id).await
+        };
+        done.map_err(agent_err)?;
+        if let Some(c) = self.inner.containers.lock().await.get_mut(id) {
+            c.paused = pause;
         }
-        let mut m = ev::TaskPaused::new();
-        m.container_id = req.id.clone();
-        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(m))
-            .await;
-        Ok(api::Empty::new())
-    }
-
-    pub(super) async fn resume_task(&self, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let sb = self.existing_sandbox().await?;
-        sb.agent
-            .resume_container(&req.id)
-            .await
-            .map_err(agent_err)?;
-        if let Some(c) = self.inner.containers.lock().await.get_mut(&req.id) {
-            c.paused = false;
+        if pause {
+            let mut m = ev::TaskPaused::new();
+            m.container_id = id.to_owned();
+            self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(m))
+                .await;
+        } else {
+            let mut m = ev::TaskResumed::new();
+            m.container_id = id.to_owned();
+            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(m))
+                .await;
         }
-        let mut m = ev::TaskResumed::new();
-        m.container_id = req.id.clone();
-        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(m))
-            .await;
         Ok(api::Empty::new())
     }
 

@@ -273,7 +273,7 @@ impl Service {
         .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
         // From here on, a Create cut short undoes what it made (see `Undo`).
         let mut undo = super::undo::Undo {
-            service: self.clone(),
+            inner: self.inner.clone(),
             sb: sb.clone(),
             id: req.id.clone(),
             mounts: Some(mounts),

@@ -433,13 +433,13 @@ impl Task for Service {
     /// To its end (`to_completion`), so the state it reports matches the guest's.
     async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let me = self.clone();
-        to_completion(async move { me.pause_task(req).await }).await
+        to_completion(async move { me.pause_task(&req.id, true).await }).await
     }
 
     /// To its end (`to_completion`), so the state it reports matches the guest's.
     async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let me = self.clone();
-        to_completion(async move { me.resume_task(req).await }).await
+        to_completion(async move { me.pause_task(&req.id, false).await }).await
     }
 
     async fn checkpoint(

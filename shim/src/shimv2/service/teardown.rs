@@ -50,16 +50,8 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner())
             .deleted(&req.id, std::time::Instant::now());
         drop(containers);
-        // Once the VM is lost there is no guest to ask: that would only wait out the
-        // call's deadline.
-        if let Ok(sb) = self.live_sandbox().await {
-            if let Err(e) = sb.agent.remove_container(&req.id).await {
-                tracing::warn!("agent remove {}: {e}", req.id);
-            }
-            sb.forget_limits(&req.id);
-            sb.disks.release(&req.id).await;
-        }
-        c.mounts.cleanup();
+        let sb = self.existing_sandbox().await.ok();
+        super::undo::take_back(sb.as_deref(), &req.id, &mut c.mounts).await;
         ContainerState::remove(&c.bundle);
         if let Ok(mut t) = c.timing.lock() {
             t.delete_ms = timings::ms(t_delete.elapsed());

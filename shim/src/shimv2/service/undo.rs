@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::util::err;
-use super::{Inner, Service};
+use super::Inner;
 use crate::shimv2::mounts::ContainerMounts;
 use crate::shimv2::sandbox::Sandbox;
 
@@ -60,7 +60,7 @@ pub(super) fn refuse_undoing(inner: &Inner, id: &str) -> Result<(), ttrpc::Error
 /// it), with the id held (`Undoing`) so a retried Create cannot have its container
 /// removed by this undo.
 pub(super) struct Undo {
-    pub service: Service,
+    pub inner: Arc<Inner>,
     pub sb: Arc<Sandbox>,
     pub id: String,
     /// Taken by a Create that finished, or by `launch`.
@@ -79,13 +79,13 @@ impl Undo {
             mounts.cleanup();
             return None;
         };
-        let held = Undoing::hold(&self.service.inner, &self.id);
+        let held = Undoing::hold(&self.inner, &self.id);
         let (sb, id, guest_call) = (self.sb.clone(), self.id.clone(), self.guest_call.take());
         Some(rt.spawn(async move {
             if let Some(mut answered) = guest_call {
                 let _ = answered.wait_for(|a| *a).await;
             }
-            undo_create(&sb, &id, &mut mounts).await;
+            take_back(Some(&sb), &id, &mut mounts).await;
             drop(held);
         }))
     }
@@ -100,13 +100,16 @@ impl Drop for Undo {
     }
 }
 
-/// What a failed or abandoned Create made goes: the guest's container, the limits it
-/// counted toward, its disks, its mounts.
-async fn undo_create(sb: &Sandbox, id: &str, mounts: &mut ContainerMounts) {
-    if sb.lost().is_none() {
-        let _ = sb.agent.remove_container(id).await;
+/// A container's part of the pod goes (at Delete, or undoing a Create): from a live VM
+/// its guest container, the limits it counted toward and its disks (a lost VM has no
+/// guest to ask: that would only wait out the call's deadline); its mounts always.
+pub(super) async fn take_back(sb: Option<&Sandbox>, id: &str, mounts: &mut ContainerMounts) {
+    if let Some(sb) = sb.filter(|sb| sb.lost().is_none()) {
+        if let Err(e) = sb.agent.remove_container(id).await {
+            tracing::warn!("agent remove {id}: {e}");
+        }
+        sb.forget_limits(id);
+        sb.disks.release(id).await;
     }
-    sb.forget_limits(id);
-    sb.disks.release(id).await;
     mounts.cleanup();
 }
