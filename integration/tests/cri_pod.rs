@@ -391,6 +391,13 @@ async fn pod_and_container_stats(test: &str, handler: &str, net: u8) {
             .as_ref()
             .and_then(|c| c.usage_core_nano_seconds.as_ref())
             .map_or(0, |v| v.value);
+        // The working set is usage less inactive file pages: a container this small can
+        // read 0 for a moment (seen once in CI, usage 348 KiB), so wait for it too.
+        let working_set = cs
+            .memory
+            .as_ref()
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .map_or(0, |v| v.value);
         let pod_cpu_and_memory = ps.linux.as_ref().is_some_and(|l| {
             l.cpu
                 .as_ref()
@@ -401,7 +408,9 @@ async fn pod_and_container_stats(test: &str, handler: &str, net: u8) {
                     .and_then(|m| m.working_set_bytes.as_ref())
                     .is_some_and(|v| v.value > 0)
         });
-        if (rx > 0 && cpu > 0 && pod_cpu_and_memory) || std::time::Instant::now() >= deadline {
+        if (rx > 0 && cpu > 0 && working_set > 0 && pod_cpu_and_memory)
+            || std::time::Instant::now() >= deadline
+        {
             break (cs, ps);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
