@@ -2,8 +2,9 @@
 //! and under cocoon. containerd puts the host device's major:minor in the spec; under
 //! cocoon the shim plugs the host's device into the pod VM as a virtio-blk disk (QEMU's
 //! `pc`, through QMP; `shim/src/hypervisor/disks.rs`) or puts it in one of the disk
-//! slots cocoon-vmm's VM booted with (`hypervisor/slots.rs`; rerun in L1), and the
-//! agent gives the container the guest disk's numbers. The container must see the same
+//! slots the VM booted with (QEMU's microvm, `hypervisor/qemu_slots.rs`; cocoon-vmm,
+//! `hypervisor/slots.rs`, rerun in L1), and the agent gives the container the guest
+//! disk's numbers. The container must see the same
 //! device, read what the host wrote, write what the host then reads, and be refused
 //! writes where its permissions say read-only; once it is removed, no process of the
 //! pod holds the device.
@@ -23,8 +24,10 @@ use k8s_cri::v1::{Device, RemoveContainerRequest, StopContainerRequest};
 enum Vm {
     /// QEMU `pc`: disks plugged into its PCI bus.
     Pc,
-    /// QEMU microvm: no disk after boot.
+    /// QEMU microvm: disks swapped into its slots, writable and read-only ones.
     Microvm,
+    /// QEMU microvm with `block_slots = 0`: no disk after boot.
+    NoSlots,
     /// cocoon-vmm: disks put in its slots.
     Slots,
 }
@@ -66,15 +69,28 @@ fn cocoon_vmm_a_block_device_is_the_containers() {
     ));
 }
 
-/// On the default machine (microvm), which takes no device after boot: the container's
-/// create fails, saying what would take it, and the pod goes on.
+/// On the default machine (microvm), where each disk is swapped into a slot the VM
+/// booted with (half of them read-only), and a slot is used again by the next disk.
 #[tokio::test]
-async fn cocoon_microvm_refuses_a_block_device_naming_the_machine() {
+async fn cocoon_microvm_a_block_device_is_the_containers() {
     a_block_device_is_the_containers(
-        "cocoon_microvm_refuses_a_block_device_naming_the_machine",
+        "cocoon_microvm_a_block_device_is_the_containers",
         COCOON,
         92,
         Vm::Microvm,
+    )
+    .await;
+}
+
+/// A VM with no disk slots takes no device after boot: the container's create fails,
+/// saying what would take it, and the pod goes on.
+#[tokio::test]
+async fn cocoon_without_slots_refuses_a_block_device_naming_what_would_take_it() {
+    a_block_device_is_the_containers(
+        "cocoon_without_slots_refuses_a_block_device_naming_what_would_take_it",
+        COCOON,
+        94,
+        Vm::NoSlots,
     )
     .await;
 }
@@ -95,7 +111,13 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
     } else {
         ""
     };
-    let Some(env) = common::env_vm(test, handler, net, false, "", tables).await else {
+    let vm_keys = if vm == Vm::NoSlots {
+        "block_slots = 0\n"
+    } else {
+        ""
+    };
+    let slotted = matches!(vm, Vm::Slots | Vm::Microvm);
+    let Some(env) = common::env_vm(test, handler, net, false, vm_keys, tables).await else {
         return;
     };
     let node = &env.node;
@@ -111,8 +133,9 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
     };
     let mut pconfig = node.pod_config("disks", &format!("uid-disks-{net}"), "default");
     // Two slots of its own, where the node's default is 4: the container's two devices
-    // fill them, and a third is refused.
-    let extra = if vm == Vm::Slots {
+    // fill them (on microvm, its one writable and one read-only slot), and a third is
+    // refused.
+    let extra = if slotted {
         pconfig
             .annotations
             .insert("io.cocoon.vm.block_slots".into(), "2".into());
@@ -144,10 +167,11 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
         },
     ];
     let created = node.create_and_start(&pod, &c, &pconfig).await;
-    if vm == Vm::Microvm {
-        let e = created.expect_err("a block device on microvm");
+    if vm == Vm::NoSlots {
+        let e = created.expect_err("a block device in a VM without slots");
         assert!(
-            e.message().contains("qemu.machine = \"pc\""),
+            e.message().contains("vm.block_slots above 0")
+                && e.message().contains("qemu.machine = \"pc\""),
             "{test}: the error does not say what would take it: {e}"
         );
         // The pod is still there for containers without devices.
@@ -209,7 +233,7 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
             "{test}: the refusal does not name the pod's slots: {e}"
         );
     }
-    if vm == Vm::Slots {
+    if slotted {
         // Written without a sync: the guest holds it dirty until the container's
         // removal writes it back, before the slot is emptied.
         let (code, _, err) = node
@@ -244,18 +268,25 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
         "{test}: still held after the container's removal: {held:?}\n{}",
         node.log_tail()
     );
-    if vm == Vm::Slots {
+    if let Some(extra) = &extra {
         assert_eq!(
             &std::fs::read(&rw.file).unwrap()[1536..1545],
             b"unsynced\n",
             "{test}: the unsynced write was lost when the slot was emptied"
         );
-        // The read-only device alone now goes into the slot the writable one had:
-        // the guest reads its bytes, not what it cached of the slot's last disk.
+        // A read-only device alone now goes into a slot another disk had: on
+        // cocoon-vmm the read-only device into the writable one's slot; on microvm
+        // another device of the same size into the one read-only slot, under the same
+        // serial. The guest reads its bytes, not what it cached of the slot's last disk.
+        let (next, marker) = if vm == Vm::Slots {
+            (&ro, "ro-marker")
+        } else {
+            (extra, "extra-mar")
+        };
         let mut only_ro = CriNode::container_config("ro", IMAGE_REF, &["sleep", "3600"], &[]);
         only_ro.devices = vec![Device {
             container_path: "/dev/xvda".into(),
-            host_path: ro.dev.to_string_lossy().into_owned(),
+            host_path: next.dev.to_string_lossy().into_owned(),
             permissions: "r".into(),
         }];
         let ctr = node
@@ -274,7 +305,11 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
             )
             .await
             .expect("ExecSync");
-        assert_eq!((code, out.as_str()), (0, "ro-marker\n1\n"), "{test}: {err}");
+        assert_eq!(
+            (code, out.as_str()),
+            (0, format!("{marker}\n1\n").as_str()),
+            "{test}: {err}"
+        );
         stop_and_remove(node, &ctr, test).await;
     }
     // A new container takes the device again (a new disk in the same VM).
@@ -294,9 +329,9 @@ async fn a_block_device_is_the_containers(test: &str, handler: &str, net: u8, vm
         code == 0 && out.starts_with("guest-wrote\n"),
         "{test}: {code} {out:?} {err}"
     );
-    if vm == Vm::Slots {
-        // The writable device is back in the slot the read-only one last had: it is
-        // writable in the guest again.
+    if slotted {
+        // The writable device is back in a slot a read-only one last had (cocoon-vmm)
+        // or in its writable slot (microvm): it is writable in the guest again.
         let (code, out, err) = node
             .exec_sync(
                 &ctr,

@@ -166,10 +166,11 @@ pub struct VmConfig {
     /// (`shimv2::sizing::MemRoom`). Needs `size_from_pod_limits` and `max_memory_mib`;
     /// a VM sized by its `io.cocoon.vm.memory_mib` annotation keeps that size.
     pub hotplug_memory: bool,
-    /// cocoon-vmm: empty disk slots a pod's VM gets at boot, for the raw block devices
-    /// its containers name later (`volumeDevices`, `ctr run --device`): a microVM has no
-    /// bus a disk can join after boot. At most [`MAX_BLOCK_SLOTS`]; 0: such containers
-    /// are refused. QEMU's `pc` plugs disks instead.
+    /// Empty disk slots a pod's VM gets at boot (cocoon-vmm, QEMU's microvm), for the
+    /// raw block devices its containers name later (`volumeDevices`, `ctr run
+    /// --device`): a microVM has no bus a disk can join after boot. At most
+    /// [`MAX_BLOCK_SLOTS`]; 0: such containers are refused. QEMU's `pc` plugs disks
+    /// instead.
     pub block_slots: u8,
 }
 

@@ -317,7 +317,8 @@ impl super::Hypervisor for CocoonVmm {
                 vm.memory_control = Some(super::memctl::MemoryControl::CocoonVmm(api.clone()));
             }
             if spec.block_slots > 0 {
-                vm.disk_slots = Some((api, spec.block_slots));
+                vm.disk_slots =
+                    Some((super::disk_slots::SlotVmm::CocoonVmm(api), spec.block_slots));
             }
         }
         vm.times.vmm_spawned = Instant::now();

@@ -8,7 +8,8 @@
 //! last container using it goes.
 //!
 //! Needs QEMU's `pc`: its PCI bus takes devices after boot. microvm has no bus a device
-//! can join after boot; cocoon-vmm has none either, and fills slots instead (`slots`).
+//! can join after boot, nor has cocoon-vmm: their VMs boot with slots the shim fills
+//! instead (`qemu_slots`, `slots`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -21,8 +22,8 @@ use super::qmp::Session;
 
 /// Why a pod VM cannot take a block device.
 pub const NEEDS_PC: &str = "raw block devices (the spec's linux.devices of type b) are \
-    plugged into the pod VM after it boots, which needs hypervisor = \"qemu\" with \
-    qemu.machine = \"pc\", or cocoon-vmm with vm.block_slots above 0";
+    put into the pod VM after it boots, which needs vm.block_slots above 0 (cocoon-vmm, \
+    QEMU's microvm), or hypervisor = \"qemu\" with qemu.machine = \"pc\"";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -218,6 +219,28 @@ async fn plug_steps(
     fdset: &mut Option<u64>,
 ) -> Result<(), MemctlError> {
     let mut q = Session::connect(qmp, deadline).await?;
+    add_host_node(&mut q, disk, id, true, fdset).await?;
+    q.execute(serde_json::json!({"execute": "device_add", "arguments": {
+        "driver": "virtio-blk-pci",
+        "id": id,
+        "drive": id,
+        "serial": serial,
+    }}))
+    .await?;
+    Ok(())
+}
+
+/// Hands `disk`'s descriptor to QEMU and makes block node `node` on it: a `raw` node
+/// over the host device when `raw`, else the host device's node alone (for a slot's own
+/// `raw` node to take). `fdset` names the descriptor set while QEMU still holds it, for
+/// a cleanup to remove.
+pub(crate) async fn add_host_node(
+    q: &mut Session,
+    disk: &HostDisk,
+    node: &str,
+    raw: bool,
+    fdset: &mut Option<u64>,
+) -> Result<(), MemctlError> {
     let added = q
         .execute_with_fd(serde_json::json!({"execute": "add-fd"}), disk.fd.as_fd())
         .await?;
@@ -227,30 +250,25 @@ async fn plug_steps(
         .ok_or_else(|| MemctlError::BadReply(format!("add-fd: {added}")))?;
     *fdset = Some(set);
     let read_only = !disk.writable;
-    q.execute(serde_json::json!({"execute": "blockdev-add", "arguments": {
-        "node-name": id,
-        "driver": "raw",
+    let file = serde_json::json!({
+        "driver": "host_device",
+        "filename": format!("/dev/fdset/{set}"),
         "read-only": read_only,
-        "file": {
-            "driver": "host_device",
-            "filename": format!("/dev/fdset/{set}"),
-            "read-only": read_only,
-            // As under runc: nothing stops two users of one device.
-            "locking": "off",
-        },
-    }}))
-    .await?;
+        // As under runc: nothing stops two users of one device.
+        "locking": "off",
+    });
+    let mut arguments = if raw {
+        serde_json::json!({"driver": "raw", "read-only": read_only, "file": file})
+    } else {
+        file
+    };
+    arguments["node-name"] = node.into();
+    q.execute(serde_json::json!({"execute": "blockdev-add", "arguments": arguments}))
+        .await?;
     // QEMU holds its own copy once the node is made; the set's can go.
     q.execute(serde_json::json!({"execute": "remove-fd", "arguments": {"fdset-id": set}}))
         .await?;
     *fdset = None;
-    q.execute(serde_json::json!({"execute": "device_add", "arguments": {
-        "driver": "virtio-blk-pci",
-        "id": id,
-        "drive": id,
-        "serial": serial,
-    }}))
-    .await?;
     Ok(())
 }
 
@@ -350,7 +368,7 @@ async fn present(q: &mut Session, id: &str) -> Result<bool, MemctlError> {
 }
 
 /// Closes block node `id`; one already gone is no error.
-async fn blockdev_del(q: &mut Session, id: &str) -> Result<(), MemctlError> {
+pub(crate) async fn blockdev_del(q: &mut Session, id: &str) -> Result<(), MemctlError> {
     match q
         .execute(serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": id}}))
         .await

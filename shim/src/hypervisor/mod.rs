@@ -6,6 +6,7 @@
 pub mod cocoon_vmm;
 pub mod confidential;
 pub mod console;
+pub mod disk_slots;
 pub mod disks;
 pub mod identity;
 mod launch;
@@ -13,6 +14,7 @@ pub mod memctl;
 mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;
+pub mod qemu_slots;
 pub mod qmp;
 pub mod slots;
 pub mod template;
@@ -96,7 +98,7 @@ pub struct VmSpec {
     /// virtio-mem device (`[vm] hotplug_memory`); 0: none, the guest keeps its size.
     pub hotplug_mib: u32,
     /// Empty disk slots for raw block devices put in later (`[vm] block_slots`;
-    /// cocoon-vmm only).
+    /// cocoon-vmm and QEMU's microvm).
     pub block_slots: u8,
 }
 
@@ -236,8 +238,8 @@ pub struct Vm {
     pub memory_control: Option<memctl::MemoryControl>,
     /// QEMU's QMP socket, on a machine that takes disks after boot (`pc`).
     pub qmp: Option<PathBuf>,
-    /// cocoon-vmm's API socket and its VM's number of disk slots, when it has some.
-    pub disk_slots: Option<(PathBuf, u8)>,
+    /// The VM's disk slots, when it has some: the VMM that fills them, and how many.
+    pub disk_slots: Option<(disk_slots::SlotVmm, u8)>,
 }
 
 impl Vm {

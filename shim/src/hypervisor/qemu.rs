@@ -138,7 +138,13 @@ impl Qemu {
 
     /// QEMU's arguments; `memctl_fd` is the listener of QMP's socket for a VM with room
     /// to grow (`spec.hotplug_mib`), which QEMU inherits.
-    fn args(&self, spec: &VmSpec, paths: &RunPaths, memctl_fd: Option<i32>) -> Vec<String> {
+    fn args(
+        &self,
+        spec: &VmSpec,
+        paths: &RunPaths,
+        memctl_fd: Option<i32>,
+        slots: &[std::os::fd::OwnedFd],
+    ) -> Vec<String> {
         let mem = format!("{}M", spec.memory_mib);
         let hotplug = spec.hotplug_mib > 0;
         let accel = self.accel_name();
@@ -267,8 +273,19 @@ impl Qemu {
             };
             push(&["-device", &format!("{dev},free-page-reporting=on")]);
         }
+        // microvm's disk slots (`qemu_slots`), last: the devices before them keep
+        // their places.
+        a.extend(super::qemu_slots::args(slots));
         a.extend(self.extra_args.iter().cloned());
         a
+    }
+
+    /// Whether this VM boots with disk slots: microvm's way of taking disks later.
+    fn slots(&self, spec: &VmSpec) -> u8 {
+        match self.machine {
+            Machine::Microvm => spec.block_slots,
+            Machine::Pc => 0,
+        }
     }
 }
 
@@ -351,11 +368,19 @@ impl super::Hypervisor for Qemu {
         }
         vm.times.backend_ready = Instant::now();
 
-        // QMP's listener, for growing the guest's memory and plugging disks (`pc`).
-        let controlled = spec.hotplug_mib > 0 || self.machine == Machine::Pc;
+        // QMP's listener, for growing the guest's memory and plugging disks (`pc`) or
+        // filling slots (microvm).
+        let slot_count = self.slots(spec);
+        let controlled = spec.hotplug_mib > 0 || self.machine == Machine::Pc || slot_count > 0;
         let memctl = super::memctl::Listener::for_vm(&run_dir, controlled)?;
         let memctl_fd = memctl.as_ref().map(super::memctl::Listener::fd);
-        let args = self.args(spec, &paths, memctl_fd);
+        let placeholders = super::qemu_slots::placeholders(slot_count).map_err(|source| {
+            HypervisorError::Spawn {
+                what: "the disk slots' placeholders",
+                source,
+            }
+        })?;
+        let args = self.args(spec, &paths, memctl_fd, &placeholders);
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
         let mut qemu = match &vm.identity {
             Some(identity) => {
@@ -387,6 +412,9 @@ impl super::Hypervisor for Qemu {
         }
         if let Some(fd) = memctl_fd {
             super::inherit_fd(&mut qemu, fd);
+        }
+        for p in &placeholders {
+            super::inherit_fd(&mut qemu, std::os::fd::AsRawFd::as_raw_fd(p));
         }
         // In a jail, `jail-exec` drops them itself after it is done with them.
         if self.confine && vm.identity.is_none() {
@@ -427,6 +455,9 @@ impl super::Hypervisor for Qemu {
         if let Some(qmp) = memctl.map(super::memctl::Listener::into_path) {
             if spec.hotplug_mib > 0 {
                 vm.memory_control = Some(super::memctl::MemoryControl::Qmp(qmp.clone()));
+            }
+            if slot_count > 0 {
+                vm.disk_slots = Some((super::disk_slots::SlotVmm::Qemu(qmp.clone()), slot_count));
             }
             if self.machine == Machine::Pc {
                 vm.qmp = Some(qmp);
@@ -486,7 +517,7 @@ mod tests {
             tap_fd: 9,
             mac: "c2:11:22:33:44:55".into(),
         });
-        let a = q.args(&s, &RunPaths::new(Path::new("/run/cocoon/t1")), None);
+        let a = q.args(&s, &RunPaths::new(Path::new("/run/cocoon/t1")), None, &[]);
         assert_eq!(value_after(&a, "-netdev"), ["tap,id=net0,fd=9,vhost=off"]);
         assert!(value_after(&a, "-device")
             .contains(&"virtio-net-device,netdev=net0,mac=c2:11:22:33:44:55"));
@@ -496,7 +527,7 @@ mod tests {
     fn microvm_tcg_command_line() {
         let q = qemu(Machine::Microvm, Accel::Tcg);
         let paths = RunPaths::new(Path::new("/run/cocoon/t1"));
-        let a = q.args(&spec(), &paths, None);
+        let a = q.args(&spec(), &paths, None, &[]);
         assert!(a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-reboot".to_string()));
         assert_eq!(
             value_after(&a, "-machine"),
@@ -545,8 +576,12 @@ mod tests {
         let mut s = spec();
         s.hotplug_mib = 1024;
         {
-            let a =
-                qemu(Machine::Pc, Accel::Tcg).args(&s, &RunPaths::new(Path::new("/r")), Some(11));
+            let a = qemu(Machine::Pc, Accel::Tcg).args(
+                &s,
+                &RunPaths::new(Path::new("/r")),
+                Some(11),
+                &[],
+            );
             assert_eq!(value_after(&a, "-m"), ["300M,maxmem=1324M"]);
             assert!(value_after(&a, "-object")
                 .contains(&"memory-backend-memfd,id=hotmem,size=1024M,share=on,reserve=off"));
@@ -561,7 +596,8 @@ mod tests {
             assert!(cmdline.contains("memhp_default_state=online"), "{cmdline}");
         }
         // Without room, none of it.
-        let a = qemu(Machine::Pc, Accel::Tcg).args(&spec(), &RunPaths::new(Path::new("/r")), None);
+        let a =
+            qemu(Machine::Pc, Accel::Tcg).args(&spec(), &RunPaths::new(Path::new("/r")), None, &[]);
         assert!(
             !a.iter()
                 .any(|x| x.contains("hotmem") || x.contains("maxmem")),
@@ -578,7 +614,7 @@ mod tests {
     #[test]
     fn pc_kvm_command_line() {
         let q = qemu(Machine::Pc, Accel::Kvm);
-        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None);
+        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None, &[]);
         assert_eq!(value_after(&a, "-machine"), ["pc"]);
         assert_eq!(value_after(&a, "-accel"), ["kvm"]);
         assert_eq!(value_after(&a, "-numa"), ["node,memdev=mem"]);
@@ -594,7 +630,7 @@ mod tests {
         assert!(!value_after(&a, "-append")[0].contains("noreplace-smp"));
         let mut q = q;
         q.free_page_reporting = false;
-        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None);
+        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None, &[]);
         assert!(!a.iter().any(|x| x.contains("balloon")), "{a:?}");
     }
 }

@@ -168,7 +168,7 @@ impl Sandbox {
         if let Some(slots) = pod_vm.block_slots.filter(|&n| n != config.vm.block_slots) {
             tracing::info!(
                 vm = %vm_id,
-                "{slots} disk slots, as the pod's annotation asks (cocoon-vmm's; QEMU has none)"
+                "{slots} disk slots, as the pod's annotation asks (cocoon-vmm's and microvm's; QEMU's pc plugs disks)"
             );
             if config.vm.templates {
                 tracing::info!(
@@ -441,8 +441,8 @@ impl Sandbox {
             plugging: Mutex::new(()),
             disks: disks::Disks::new(
                 vm.qmp.clone().map(disks::Bus::Qmp).or_else(|| {
-                    let (api, count) = vm.disk_slots.clone()?;
-                    Some(disks::Bus::Slots { api, count })
+                    let (vmm, count) = vm.disk_slots.clone()?;
+                    Some(disks::Bus::Slots { vmm, count })
                 }),
                 call,
             ),

@@ -1,8 +1,8 @@
 //! A pod VM's raw block devices: one guest disk per host device per pod, whichever of
 //! its containers use it, as one device node is one device under runc; plugged for the
 //! first container that names it, unplugged after the last. QEMU's `pc` plugs each into
-//! its PCI bus (`hypervisor::disks`); cocoon-vmm puts each in a slot its VM booted with
-//! (`hypervisor::slots`).
+//! its PCI bus (`hypervisor::disks`); cocoon-vmm and QEMU's microvm put each in a slot
+//! their VM booted with (`hypervisor::disk_slots`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -12,16 +12,16 @@ use std::time::Duration;
 use cocoon_protocol::agent as pb;
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, Spec};
 
+use crate::hypervisor::disk_slots::SlotVmm;
 use crate::hypervisor::disks::{self, DiskError};
-use crate::hypervisor::slots;
 
 /// Where a pod's VM takes disks after boot.
 #[derive(Debug, Clone)]
 pub enum Bus {
     /// QEMU's `pc`, through its QMP socket.
     Qmp(PathBuf),
-    /// cocoon-vmm's `count` slots, through its API socket.
-    Slots { api: PathBuf, count: u8 },
+    /// `count` slots the VM booted with, filled through its VMM.
+    Slots { vmm: SlotVmm, count: u8 },
 }
 
 /// At most this many host devices in one pod: QEMU's PCI bus has 32 slots, a few taken.
@@ -53,10 +53,10 @@ struct Table {
     /// with them: closed once the guest lets them go, tried again at each attach and
     /// release, and counted against [`MAX_DISKS`] until then.
     stuck: Vec<disks::Stuck>,
-    /// cocoon-vmm slots whose emptying failed (the VMM did not answer in time): the
-    /// disk may still be in them, so they are counted, never chosen, and emptied again
-    /// at each attach and release (and every second) until the VMM says they are.
-    stuck_slots: BTreeSet<u8>,
+    /// Slots whose emptying failed (the VMM did not answer in time), with the disk
+    /// that may still be in each: counted, never chosen, and emptied again at each
+    /// attach and release (and every second) until the VMM says they are.
+    stuck_slots: BTreeMap<u8, String>,
 }
 
 impl Table {
@@ -71,17 +71,17 @@ impl Table {
                 let stuck = std::mem::take(&mut self.stuck);
                 self.stuck = disks::settle_all(qmp, stuck).await;
             }
-            Bus::Slots { api, .. } => {
+            Bus::Slots { vmm, .. } => {
                 // One deadline for the pass, which ends at the first failure: a VMM that
                 // does not answer for one slot will not for the next, and the table is
                 // locked meanwhile.
                 let deadline = tokio::time::Instant::now() + disks::CLEANUP;
                 let mut left = std::mem::take(&mut self.stuck_slots);
-                while let Some(slot) = left.first().copied() {
-                    if slots::detach(api, slot, deadline).await.is_err() {
+                while let Some((slot, id)) = left.pop_first() {
+                    if vmm.detach(slot, &id, deadline).await.is_err() {
+                        left.insert(slot, id);
                         break;
                     }
-                    left.remove(&slot);
                 }
                 self.stuck_slots = left;
             }
@@ -93,7 +93,8 @@ impl Bus {
     /// The VMM's socket: gone with the VM.
     fn socket(&self) -> &std::path::Path {
         match self {
-            Bus::Qmp(p) | Bus::Slots { api: p, .. } => p,
+            Bus::Qmp(p) => p,
+            Bus::Slots { vmm, .. } => vmm.socket(),
         }
     }
 }
@@ -258,25 +259,23 @@ impl Disks {
                 out.push(block_device(&w.path, &p.serial, p.size, p.writable));
                 continue;
             }
-            if table.plugged.len() + table.stuck_count() >= limit && table.stuck_count() > 0 {
-                // Room may be held by disks let go of since.
+            // Room may be held by disks let go of since.
+            if table.stuck_count() > 0 && room(&table, bus, limit, w.writable).is_none() {
                 table.settle(bus).await;
             }
-            if table.plugged.len() + table.stuck_count() >= limit {
+            let Some(slot) = room(&table, bus, limit, w.writable) else {
                 failed = Some(DiskError::Full(match bus {
                     Bus::Qmp(_) => format!(
                         "a pod takes at most {MAX_DISKS} block devices ({} the guest has \
                          not let go of yet)",
                         table.stuck.len()
                     ),
-                    Bus::Slots { count, .. } => format!(
-                        "the pod's VM has {count} disk slots (vm.block_slots, or the pod's \
-                         io.cocoon.vm.block_slots), all in use ({} not yet emptied)",
-                        table.stuck_slots.len()
-                    ),
+                    Bus::Slots { vmm, count } => {
+                        vmm.full(*count, w.writable, table.stuck_slots.len())
+                    }
                 }));
                 break;
-            }
+            };
             // Opened on a blocking thread: a device can take its time to open.
             let (major, minor, writable) = (w.major, w.minor, w.writable);
             let open = self.open;
@@ -293,44 +292,41 @@ impl Disks {
             };
             table.next += 1;
             let id = format!("disk{}", table.next);
-            // virtio-blk serials are at most 20 bytes.
-            let serial = format!("cocoon-{id}");
             let size = disks::size_of(&host);
             // Each plug its own deadline, from when it can begin.
             let deadline = tokio::time::Instant::now() + self.call;
-            let plugged = match bus {
-                Bus::Qmp(qmp) => disks::plug(qmp, &host, &id, &serial, deadline)
-                    .await
-                    .map(|()| None)
-                    .map_err(|f| {
-                        table.stuck.extend(f.left);
-                        f.error
-                    }),
-                Bus::Slots { api, count } => {
-                    let mut taken: BTreeSet<u8> =
-                        table.plugged.values().filter_map(|p| p.slot).collect();
-                    taken.extend(table.stuck_slots.iter().copied());
-                    // There is one: the limit counts every slot taken.
-                    let slot = (0..*count).find(|s| !taken.contains(s));
-                    match slot {
-                        None => Err(crate::hypervisor::memctl::MemctlError::Refused(
+            let (serial, plugged) = match (bus, slot) {
+                (Bus::Slots { vmm, .. }, Some(slot)) => {
+                    let plugged = match vmm.attach(slot, &id, &host, deadline).await {
+                        Ok(()) => Ok(Some(slot)),
+                        Err(e) => {
+                            // It may have gone in before the call failed: never left
+                            // there, and counted until the VMM says it is empty.
+                            let cleanup = tokio::time::Instant::now() + disks::CLEANUP;
+                            if vmm.detach(slot, &id, cleanup).await.is_err() {
+                                table.stuck_slots.insert(slot, id.clone());
+                            }
+                            Err(e)
+                        }
+                    };
+                    (vmm.serial(slot, &id), plugged)
+                }
+                (bus, _) => {
+                    // virtio-blk serials are at most 20 bytes.
+                    let serial = format!("cocoon-{id}");
+                    let plugged = match bus {
+                        Bus::Qmp(qmp) => disks::plug(qmp, &host, &id, &serial, deadline)
+                            .await
+                            .map(|()| None)
+                            .map_err(|f| {
+                                table.stuck.extend(f.left);
+                                f.error
+                            }),
+                        Bus::Slots { .. } => Err(crate::hypervisor::memctl::MemctlError::Refused(
                             "no free disk slot".into(),
                         )),
-                        Some(slot) => {
-                            match slots::attach(api, slot, &serial, &host, deadline).await {
-                                Ok(()) => Ok(Some(slot)),
-                                Err(e) => {
-                                    // It may have gone in before the call failed: never left
-                                    // there, and counted until the VMM says it is empty.
-                                    let cleanup = tokio::time::Instant::now() + disks::CLEANUP;
-                                    if slots::detach(api, slot, cleanup).await.is_err() {
-                                        table.stuck_slots.insert(slot);
-                                    }
-                                    Err(e)
-                                }
-                            }
-                        }
-                    }
+                    };
+                    (serial, plugged)
                 }
             };
             let slot = match plugged {
@@ -390,15 +386,15 @@ impl Disks {
             let deadline = tokio::time::Instant::now() + self.call;
             let qmp = match (bus, p.slot) {
                 (Bus::Qmp(qmp), _) => qmp,
-                (Bus::Slots { api, .. }, Some(slot)) => {
+                (Bus::Slots { vmm, .. }, Some(slot)) => {
                     // The VMM closes the device whatever the guest does, once it answers.
-                    match slots::detach(api, slot, deadline).await {
+                    match vmm.detach(slot, &p.id, deadline).await {
                         Ok(()) => {
                             tracing::info!(container, id = %p.id, slot, "block device out of its slot")
                         }
                         Err(e) => {
                             tracing::warn!(container, id = %p.id, slot, "block device {}:{} not taken out of its slot yet (tried again, and closed with the VM at the latest): {e}", key.0, key.1);
-                            table.stuck_slots.insert(slot);
+                            table.stuck_slots.insert(slot, p.id.clone());
                         }
                     }
                     continue;
@@ -458,6 +454,29 @@ impl Disks {
     }
 }
 
+/// Where a disk opened `writable` can go: `Some(None)` on a bus that takes one more
+/// (below `limit`), `Some(Some(slot))` for a free slot of its kind, `None` if there is
+/// no room.
+fn room(table: &Table, bus: &Bus, limit: usize, writable: bool) -> Option<Option<u8>> {
+    if table.plugged.len() + table.stuck_count() >= limit {
+        return None;
+    }
+    match bus {
+        Bus::Qmp(_) => Some(None),
+        Bus::Slots { vmm, count } => {
+            let taken: BTreeSet<u8> = table
+                .plugged
+                .values()
+                .filter_map(|p| p.slot)
+                .chain(table.stuck_slots.keys().copied())
+                .collect();
+            (0..*count)
+                .find(|&s| !taken.contains(&s) && vmm.fits(s, *count, writable))
+                .map(Some)
+        }
+    }
+}
+
 /// How often stuck disks are looked at again.
 const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
@@ -471,333 +490,5 @@ fn block_device(path: &str, serial: &str, size: u64, writable: bool) -> pb::Bloc
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(devices: serde_json::Value, rules: serde_json::Value) -> Spec {
-        serde_json::from_value(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "linux": {"devices": devices, "resources": {"devices": rules}},
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn block_devices_and_whether_their_rules_let_them_be_written() {
-        let s = spec(
-            serde_json::json!([
-                {"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0},
-                {"path": "/dev/xvdb", "type": "b", "major": 7, "minor": 1},
-                {"path": "/dev/xvdc", "type": "b", "major": 8, "minor": 0},
-                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
-            ]),
-            serde_json::json!([
-                {"allow": false, "access": "rwm"},
-                {"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"},
-                {"allow": true, "type": "b", "major": 7, "minor": 1, "access": "rw"},
-                {"allow": false, "type": "b", "major": 7, "minor": 1, "access": "w"},
-                // A later rule that says nothing of writes changes nothing.
-                {"allow": true, "type": "b", "major": 7, "minor": 1, "access": "m"},
-                {"allow": true, "type": "b", "major": 8, "minor": 0, "access": "r"},
-            ]),
-        );
-        let w = wanted(&s);
-        let got: Vec<(&str, u64, u64, bool)> = w
-            .iter()
-            .map(|w| (w.path.as_str(), w.major, w.minor, w.writable))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("/dev/xvda", 7, 0, true),
-                // The last rule that speaks of writes decides.
-                ("/dev/xvdb", 7, 1, false),
-                ("/dev/xvdc", 8, 0, false),
-            ]
-        );
-        assert!(wanted(&spec(serde_json::json!([]), serde_json::json!([]))).is_empty());
-    }
-
-    /// A privileged container's spec lists every host device, with one rule allowing
-    /// all: none of the node's disks is plugged, and they leave the spec; a device also
-    /// named on its own (a CRI device beside privileged) stays.
-    #[test]
-    fn a_catch_all_rule_plugs_no_disk_of_the_node() {
-        let mut s = spec(
-            serde_json::json!([
-                {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
-                {"path": "/dev/sda1", "type": "b", "major": 8, "minor": 1},
-                {"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0},
-                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
-            ]),
-            serde_json::json!([
-                {"allow": true, "access": "rwm"},
-                {"allow": true, "type": "b", "major": 8, "access": "rwm"},
-                {"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"},
-            ]),
-        );
-        let w = wanted(&s);
-        assert_eq!(w.len(), 1);
-        assert_eq!((w[0].path.as_str(), w[0].writable), ("/dev/xvda", true));
-        assert_eq!(take_unnamed(&mut s), ["/dev/sda", "/dev/sda1"]);
-        let left: Vec<String> = s
-            .linux()
-            .as_ref()
-            .unwrap()
-            .devices()
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|d| d.path().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(left, ["/dev/xvda", "/dev/fuse"]);
-    }
-
-    #[tokio::test]
-    async fn a_vm_without_a_bus_for_disks_refuses_them_naming_the_machine() {
-        let d = Disks::new(None, Duration::from_secs(1));
-        let none = spec(serde_json::json!([]), serde_json::json!([]));
-        assert!(d.attach("c1", &none).await.unwrap().is_empty());
-        let one = spec(
-            serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
-            serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
-        );
-        let e = d.attach("c1", &one).await.unwrap_err().to_string();
-        assert!(e.contains("qemu.machine = \"pc\""), "{e}");
-    }
-
-    fn stuck_ids(d: &Disks) -> Vec<String> {
-        d.table
-            .try_lock()
-            .unwrap()
-            .stuck
-            .iter()
-            .map(|s| s.id.clone())
-            .collect()
-    }
-
-    /// One disk shared by two containers, unplugged after the second; a guest that keeps
-    /// it keeps it counted as stuck, until it lets go and a later release closes it. A
-    /// container that asked for no disk is deleted without a word to QEMU.
-    #[tokio::test]
-    async fn a_disk_the_guest_keeps_stays_counted_until_it_lets_go() {
-        use crate::hypervisor::disks::fake;
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("qmp.sock");
-        let q = fake::qemu(&sock, true, "");
-        let mut d = Disks::new(Some(Bus::Qmp(sock)), Duration::from_millis(500));
-        d.open = |major, minor, writable| {
-            let file =
-                std::fs::File::open("/dev/null").map_err(|e| DiskError::Refused(e.to_string()))?;
-            Ok(disks::HostDisk {
-                major,
-                minor,
-                path: "/dev/null".into(),
-                fd: file.into(),
-                writable,
-            })
-        };
-        let one = spec(
-            serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
-            serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
-        );
-        let serials = |v: Vec<pb::BlockDevice>| v.into_iter().map(|b| b.serial).collect::<Vec<_>>();
-        assert_eq!(
-            serials(d.attach("c1", &one).await.unwrap()),
-            ["cocoon-disk1"]
-        );
-        assert_eq!(
-            serials(d.attach("c2", &one).await.unwrap()),
-            ["cocoon-disk1"]
-        );
-        assert_eq!(
-            q.names(),
-            ["add-fd", "blockdev-add", "remove-fd", "device_add"]
-        );
-        d.release("c1").await;
-        assert!(q.names().is_empty(), "still c2's");
-        d.release("c2").await;
-        assert_eq!(stuck_ids(&d), ["disk1"]);
-        assert_eq!(q.names()[0], "device_del");
-        d.release("c3").await;
-        assert!(
-            q.names().is_empty(),
-            "a container without disks asks QEMU nothing"
-        );
-
-        // Once the guest lets go, the background settling closes it by itself.
-        q.keeps.store(false, std::sync::atomic::Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !d.table.lock().await.stuck.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "never settled");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(q.names().contains(&"blockdev-del".to_string()));
-        assert_eq!(
-            serials(d.attach("c4", &one).await.unwrap()),
-            ["cocoon-disk2"]
-        );
-        d.release("c4").await;
-        assert!(stuck_ids(&d).is_empty());
-        let names = q.names();
-        assert_eq!(
-            names.iter().filter(|n| *n == "blockdev-del").count(),
-            1,
-            "{names:?}"
-        );
-    }
-
-    /// cocoon-vmm: each host device in a slot of its own, shared by the containers that
-    /// name it, the slot emptied after the last; a pod with every slot taken is refused
-    /// naming the setting; the agent is told each disk's size and whether it is
-    /// read-only.
-    #[tokio::test]
-    async fn disks_go_into_free_slots_and_come_out_after_their_last_container() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("memctl.sock");
-        let v = slots::fake::vmm(&sock, 2, "");
-        let mut d = Disks::new(
-            Some(Bus::Slots {
-                api: sock,
-                count: 2,
-            }),
-            Duration::from_millis(500),
-        );
-        d.open = |major, minor, writable| {
-            let file = tempfile::tempfile().map_err(|e| DiskError::Refused(e.to_string()))?;
-            file.set_len(4096 * (minor + 1)).unwrap();
-            Ok(disks::HostDisk {
-                major,
-                minor,
-                path: "/dev/test".into(),
-                fd: file.into(),
-                writable,
-            })
-        };
-        let dev = |minor: u64, access: &str| {
-            spec(
-                serde_json::json!([{"path": format!("/dev/xvd{minor}"), "type": "b", "major": 7, "minor": minor}]),
-                serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": minor, "access": access}]),
-            )
-        };
-        let got = d.attach("c1", &dev(0, "rwm")).await.unwrap();
-        assert_eq!(
-            (got[0].serial.as_str(), got[0].size_bytes, got[0].read_only),
-            ("cocoon-disk1", 4096, false)
-        );
-        assert_eq!(v.asked(), [("attach_disk".into(), 0, true)]);
-        let got = d.attach("c2", &dev(0, "rwm")).await.unwrap();
-        assert_eq!(got[0].serial, "cocoon-disk1");
-        assert!(v.asked().is_empty(), "the same device, the same slot");
-        let got = d.attach("c3", &dev(1, "r")).await.unwrap();
-        assert_eq!(
-            (got[0].serial.as_str(), got[0].size_bytes, got[0].read_only),
-            ("cocoon-disk2", 8192, true)
-        );
-        assert_eq!(v.asked(), [("attach_disk".into(), 1, true)]);
-        let e = d.attach("c4", &dev(2, "rw")).await.unwrap_err().to_string();
-        assert!(e.contains("2 disk slots (vm.block_slots"), "{e}");
-        assert!(v.asked().is_empty());
-
-        d.release("c1").await;
-        assert!(v.asked().is_empty(), "still c2's");
-        d.release("c2").await;
-        assert_eq!(v.asked(), [("detach_disk".into(), 0, false)]);
-        // The free slot takes the next device.
-        let got = d.attach("c5", &dev(2, "rw")).await.unwrap();
-        assert_eq!(got[0].serial, "cocoon-disk3");
-        assert_eq!(v.asked(), [("attach_disk".into(), 0, true)]);
-        d.release("c3").await;
-        d.release("c5").await;
-        let mut asked = v.asked();
-        asked.sort();
-        assert_eq!(
-            asked,
-            [
-                ("detach_disk".into(), 0, false),
-                ("detach_disk".into(), 1, false)
-            ]
-        );
-        assert!(v.slots.lock().unwrap().iter().all(Option::is_none));
-    }
-
-    /// Disks on `count` cocoon-vmm slots at `sock`, opening /dev/null for every device.
-    fn slotted(sock: PathBuf, count: u8) -> Disks {
-        let mut d = Disks::new(
-            Some(Bus::Slots { api: sock, count }),
-            Duration::from_millis(500),
-        );
-        d.open = |major, minor, writable| {
-            Ok(disks::HostDisk {
-                major,
-                minor,
-                path: "/dev/null".into(),
-                fd: std::fs::File::open("/dev/null").unwrap().into(),
-                writable,
-            })
-        };
-        d
-    }
-
-    /// A refused attach leaves nothing in the slot (the slot is emptied, in case it
-    /// went in before the call failed) and nothing counted.
-    #[tokio::test]
-    async fn a_refused_attach_empties_its_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("memctl.sock");
-        let v = slots::fake::vmm(&sock, 1, "attach_disk");
-        let d = slotted(sock, 1);
-        let one = spec(
-            serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": 0}]),
-            serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rwm"}]),
-        );
-        let e = d.attach("c1", &one).await.unwrap_err();
-        assert!(format!("{e:#}").contains("7:0"), "{e:#}");
-        assert_eq!(
-            v.asked(),
-            [
-                ("attach_disk".into(), 0, true),
-                ("detach_disk".into(), 0, false)
-            ]
-        );
-        assert!(d.table.lock().await.plugged.is_empty());
-    }
-
-    /// A slot the VMM did not empty when asked stays counted and is never chosen, and
-    /// is emptied in the background once the VMM answers.
-    #[tokio::test]
-    async fn a_slot_not_emptied_stays_counted_until_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("memctl.sock");
-        let v = slots::fake::vmm(&sock, 1, "detach_disk");
-        let d = slotted(sock, 1);
-        let dev = |minor: u64| {
-            spec(
-                serde_json::json!([{"path": "/dev/xvda", "type": "b", "major": 7, "minor": minor}]),
-                serde_json::json!([{"allow": true, "type": "b", "major": 7, "minor": minor, "access": "rwm"}]),
-            )
-        };
-        d.attach("c1", &dev(0)).await.unwrap();
-        d.release("c1").await;
-        assert_eq!(d.table.lock().await.stuck_slots, BTreeSet::from([0]));
-        let e = d.attach("c2", &dev(1)).await.unwrap_err().to_string();
-        assert!(e.contains("all in use (1 not yet emptied)"), "{e}");
-        assert_eq!(v.slots.lock().unwrap()[0].as_deref(), Some("cocoon-disk1"));
-        v.asked();
-
-        *v.refuse.lock().unwrap() = "";
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !d.table.lock().await.stuck_slots.is_empty() {
-            assert!(std::time::Instant::now() < deadline, "never emptied");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(v.slots.lock().unwrap()[0], None);
-        let got = d.attach("c3", &dev(1)).await.unwrap();
-        assert_eq!(
-            got[0].serial, "cocoon-disk2",
-            "a refused attach names nothing"
-        );
-        d.release("c3").await;
-        assert!(d.table.lock().await.stuck_slots.is_empty());
-    }
-}
+#[path = "disks_tests.rs"]
+mod tests;
