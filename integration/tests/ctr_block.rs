@@ -1,7 +1,8 @@
 //! `ctr run --device` of a host block device, under runc and under cocoon: on QEMU's
 //! `pc`, which plugs the device as a virtio-blk disk after boot, and on the default
 //! microvm, which swaps it into a disk slot its VM booted with (`cri_block.rs` has the
-//! CRI side and the refusal of a VM without slots).
+//! CRI side and the refusal of a VM without slots). Both pin QEMU: `auto` would take
+//! cocoon-vmm on a host with hardware KVM, and these machines would go untested.
 
 mod ctr_common;
 
@@ -12,7 +13,7 @@ use ctr_common::*;
 
 #[test]
 fn a_host_block_device_is_the_containers() {
-    let env = env_with("", "[qemu]\nmachine = \"pc\"\n");
+    let env = env_with("hypervisor = \"qemu\"\n", "[qemu]\nmachine = \"pc\"\n");
     let dir = tempfile::tempdir().unwrap();
     let Some(disk) = same_device_as_runc(&env, dir.path(), "a_host_block_device_is_the_containers")
     else {
@@ -56,7 +57,7 @@ fn a_host_block_device_is_the_containers() {
 /// The default machine, microvm: the device goes into one of its VM's disk slots.
 #[test]
 fn on_microvm_a_host_block_device_is_the_containers() {
-    let env = env_with("", "");
+    let env = env_with("hypervisor = \"qemu\"\n", "");
     let dir = tempfile::tempdir().unwrap();
     same_device_as_runc(
         &env,

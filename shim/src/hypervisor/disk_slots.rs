@@ -61,11 +61,20 @@ impl SlotVmm {
         }
     }
 
-    /// Empties slot `slot`, which holds (or may hold) the pod's disk `id`.
-    pub async fn detach(&self, slot: u8, id: &str, deadline: Instant) -> Result<(), MemctlError> {
+    /// Empties slot `slot` of `count`, which holds (or may hold) the pod's disk `id`.
+    pub async fn detach(
+        &self,
+        slot: u8,
+        count: u8,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<(), MemctlError> {
         match self {
             SlotVmm::CocoonVmm(api) => slots::detach(api, slot, deadline).await,
-            SlotVmm::Qemu(qmp) => qemu_slots::detach(qmp, slot, id, deadline).await,
+            SlotVmm::Qemu(qmp) => {
+                let writable = qemu_slots::writable(slot, count);
+                qemu_slots::detach(qmp, slot, writable, id, deadline).await
+            }
         }
     }
 

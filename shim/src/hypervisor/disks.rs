@@ -175,6 +175,16 @@ pub struct UnplugFailed {
     pub stuck: Stuck,
 }
 
+/// Takes back descriptor set `set` that a failed step left in QEMU, on a session of its
+/// own (the failed one may be out of step); best effort, as QEMU closes it with the VM.
+pub(crate) async fn remove_fdset(qmp: &Path, set: u64) {
+    if let Ok(mut q) = Session::connect(qmp, Instant::now() + CLEANUP).await {
+        let _ = q
+            .execute(serde_json::json!({"execute": "remove-fd", "arguments": {"fdset-id": set}}))
+            .await;
+    }
+}
+
 /// Plugs `disk` into the VM as virtio-blk device `id` (also its block node's name)
 /// with `serial`, through QMP at `qmp`, by `deadline`. What a failed plug made is taken
 /// back on a fresh session (the failed one may be out of step): a device whose

@@ -136,8 +136,9 @@ impl Qemu {
         s
     }
 
-    /// QEMU's arguments; `memctl_fd` is the listener of QMP's socket for a VM with room
-    /// to grow (`spec.hotplug_mib`), which QEMU inherits.
+    /// QEMU's arguments; `memctl_fd` is the listener of QMP's socket, which QEMU
+    /// inherits, for a VM with room to grow (`spec.hotplug_mib`), a `pc` (disks plugged
+    /// after boot) or a microvm with disk slots (`placeholders`).
     fn args(
         &self,
         spec: &VmSpec,

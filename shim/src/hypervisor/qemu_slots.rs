@@ -15,8 +15,9 @@
 //! cannot take a read-only node, and a read-only node cannot be resized. So the first
 //! half of the slots (rounded up) are writable and the rest are made read-only at boot
 //! (the guest sees VIRTIO_BLK_F_RO). A read-only slot learns its capacity from its
-//! placeholder: grown (sparse, and never written, as that device cannot write) to the
-//! disk's size before the slot moves onto the disk, and truncated again when it leaves.
+//! placeholder: grown (sparse; the device holds no write permission, so no guest write
+//! reaches it) to the disk's size before the slot moves onto the disk, and truncated
+//! again when it leaves; its node is writable only for the moment of each resize.
 //! Both swaps were tried in a real guest first (`docs/notes.md`): it reads each disk's
 //! own bytes, never what it cached of the slot's last one.
 //!
@@ -101,13 +102,15 @@ pub async fn attach(
     }
     let mut q = Session::connect(qmp, deadline).await?;
     let mut fdset = None;
-    let added = disks::add_host_node(&mut q, disk, node, false, &mut fdset).await;
-    if let (Err(_), Some(set)) = (&added, fdset) {
-        let _ = q
-            .execute(serde_json::json!({"execute": "remove-fd", "arguments": {"fdset-id": set}}))
-            .await;
+    if let Err(e) = disks::add_host_node(&mut q, disk, node, false, &mut fdset).await {
+        // The descriptor set QEMU still holds goes on a fresh session: the failed one
+        // may be out of step (a reply that came late).
+        if let Some(set) = fdset {
+            drop(q);
+            disks::remove_fdset(qmp, set).await;
+        }
+        return Err(e);
     }
-    added?;
     if disk.writable {
         reopen(&mut q, slot, node, false).await?;
         resize(&mut q, slot, size).await
@@ -120,17 +123,23 @@ pub async fn attach(
     }
 }
 
-/// Empties slot `slot` and closes its disk, node `node` (one already gone is no error:
-/// this also takes back a failed `attach`).
+/// Empties slot `slot`, made writable or not at boot, and closes its disk, node `node`
+/// (one already gone is no error: this also takes back a failed `attach`). A read-only
+/// slot's node is writable only for its resize, and read-only again after, as at boot.
 pub async fn detach(
     qmp: &Path,
     slot: u8,
+    writable: bool,
     node: &str,
     deadline: Instant,
 ) -> Result<(), MemctlError> {
     let mut q = Session::connect(qmp, deadline).await?;
-    reopen(&mut q, slot, &format!("ph{slot}"), false).await?;
+    let placeholder = format!("ph{slot}");
+    reopen(&mut q, slot, &placeholder, false).await?;
     resize(&mut q, slot, 0).await?;
+    if !writable {
+        reopen(&mut q, slot, &placeholder, true).await?;
+    }
     disks::blockdev_del(&mut q, node).await
 }
 
@@ -254,13 +263,27 @@ mod tests {
             serde_json::json!({"node-name": "slot0", "size": 8192})
         );
 
-        detach(&sock, 0, "disk1", deadline()).await.unwrap();
+        detach(&sock, 0, true, "disk1", deadline()).await.unwrap();
         let s = sent(&q);
         let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["blockdev-reopen", "block_resize", "blockdev-del"]);
         assert_eq!(s[0].1["options"][0]["file"], "ph0");
         assert_eq!(s[1].1["size"], 0);
         assert_eq!(s[2].1["node-name"], "disk1");
+    }
+
+    /// A step's name with the slot node's file and read-only flag, or the size asked.
+    fn steps(s: Vec<(String, serde_json::Value)>) -> Vec<(String, serde_json::Value)> {
+        s.into_iter()
+            .map(|(n, a)| match n.as_str() {
+                "blockdev-reopen" => {
+                    let o = &a["options"][0];
+                    (n, serde_json::json!([o["file"], o["read-only"]]))
+                }
+                "block_resize" => (n, a["size"].clone()),
+                _ => (n, a["node-name"].clone()),
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -272,24 +295,25 @@ mod tests {
         attach(&sock, 1, "disk2", &disk(false), deadline)
             .await
             .unwrap();
-        let s = sent(&q);
-        let steps: Vec<(String, serde_json::Value)> = s
-            .into_iter()
-            .skip(3)
-            .map(|(n, a)| match n.as_str() {
-                "blockdev-reopen" => {
-                    let o = &a["options"][0];
-                    (n, serde_json::json!([o["file"], o["read-only"]]))
-                }
-                _ => (n, a["size"].clone()),
-            })
-            .collect();
+        let s = steps(sent(&q));
         assert_eq!(
-            steps,
+            s[3..],
             [
                 ("blockdev-reopen".into(), serde_json::json!(["ph1", false])),
                 ("block_resize".into(), serde_json::json!(8192)),
                 ("blockdev-reopen".into(), serde_json::json!(["disk2", true])),
+            ]
+        );
+
+        // Out again, the slot is left as it was made: read-only, on its placeholder.
+        detach(&sock, 1, false, "disk2", deadline).await.unwrap();
+        assert_eq!(
+            steps(sent(&q)),
+            [
+                ("blockdev-reopen".into(), serde_json::json!(["ph1", false])),
+                ("block_resize".into(), serde_json::json!(0)),
+                ("blockdev-reopen".into(), serde_json::json!(["ph1", true])),
+                ("blockdev-del".into(), serde_json::json!("disk2")),
             ]
         );
     }
@@ -305,14 +329,27 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, MemctlError::Refused(_)), "{e}");
         sent(&q);
-        // A failed blockdev-add leaves no descriptor set behind.
+        // A failed blockdev-add leaves no descriptor set behind: it is removed on a
+        // session of its own, as the failed one may be out of step.
         let sock2 = dir.path().join("qmp2.sock");
         let q2 = disks::fake::qemu(&sock2, false, "blockdev-add");
         attach(&sock2, 0, "disk1", &disk(true), deadline)
             .await
             .unwrap_err();
-        let names: Vec<String> = sent(&q2).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["add-fd", "blockdev-add", "remove-fd"]);
+        let names: Vec<String> = std::mem::take(&mut *q2.seen.lock().unwrap())
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "qmp_capabilities",
+                "add-fd",
+                "blockdev-add",
+                "qmp_capabilities",
+                "remove-fd"
+            ]
+        );
 
         let mut empty = disk(true);
         empty.fd = tempfile::tempfile().unwrap().into();

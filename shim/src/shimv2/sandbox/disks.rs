@@ -71,14 +71,14 @@ impl Table {
                 let stuck = std::mem::take(&mut self.stuck);
                 self.stuck = disks::settle_all(qmp, stuck).await;
             }
-            Bus::Slots { vmm, .. } => {
+            Bus::Slots { vmm, count } => {
                 // One deadline for the pass, which ends at the first failure: a VMM that
                 // does not answer for one slot will not for the next, and the table is
                 // locked meanwhile.
                 let deadline = tokio::time::Instant::now() + disks::CLEANUP;
                 let mut left = std::mem::take(&mut self.stuck_slots);
                 while let Some((slot, id)) = left.pop_first() {
-                    if vmm.detach(slot, &id, deadline).await.is_err() {
+                    if vmm.detach(slot, *count, &id, deadline).await.is_err() {
                         left.insert(slot, id);
                         break;
                     }
@@ -101,7 +101,7 @@ impl Bus {
 
 struct Plugged {
     id: String,
-    /// The cocoon-vmm slot it is in.
+    /// The slot it is in (cocoon-vmm, QEMU's microvm).
     slot: Option<u8>,
     serial: String,
     /// The host device's size in bytes, which the agent waits for the guest's disk to have.
@@ -296,14 +296,14 @@ impl Disks {
             // Each plug its own deadline, from when it can begin.
             let deadline = tokio::time::Instant::now() + self.call;
             let (serial, plugged) = match (bus, slot) {
-                (Bus::Slots { vmm, .. }, Some(slot)) => {
+                (Bus::Slots { vmm, count }, Some(slot)) => {
                     let plugged = match vmm.attach(slot, &id, &host, deadline).await {
                         Ok(()) => Ok(Some(slot)),
                         Err(e) => {
                             // It may have gone in before the call failed: never left
                             // there, and counted until the VMM says it is empty.
                             let cleanup = tokio::time::Instant::now() + disks::CLEANUP;
-                            if vmm.detach(slot, &id, cleanup).await.is_err() {
+                            if vmm.detach(slot, *count, &id, cleanup).await.is_err() {
                                 table.stuck_slots.insert(slot, id.clone());
                             }
                             Err(e)
@@ -386,9 +386,9 @@ impl Disks {
             let deadline = tokio::time::Instant::now() + self.call;
             let qmp = match (bus, p.slot) {
                 (Bus::Qmp(qmp), _) => qmp,
-                (Bus::Slots { vmm, .. }, Some(slot)) => {
+                (Bus::Slots { vmm, count }, Some(slot)) => {
                     // The VMM closes the device whatever the guest does, once it answers.
-                    match vmm.detach(slot, &p.id, deadline).await {
+                    match vmm.detach(slot, *count, &p.id, deadline).await {
                         Ok(()) => {
                             tracing::info!(container, id = %p.id, slot, "block device out of its slot")
                         }

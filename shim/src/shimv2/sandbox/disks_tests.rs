@@ -414,7 +414,8 @@ async fn microvm_slots_take_devices_of_their_own_kind() {
     assert_eq!(got[0].serial, "cocoon-slot1");
     placed(&q);
 
-    // Out: back onto the placeholder, emptied, the host's node closed.
+    // Out: back onto the placeholder, emptied, read-only again as the slot was made,
+    // the host's node closed.
     d.release("c1").await;
     let seen: Vec<(String, serde_json::Value)> = std::mem::take(&mut *q.seen.lock().unwrap())
         .into_iter()
@@ -422,13 +423,27 @@ async fn microvm_slots_take_devices_of_their_own_kind() {
         .map(|(n, a, _)| (n, a))
         .collect();
     let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["blockdev-reopen", "block_resize", "blockdev-del"]);
+    assert_eq!(
+        names,
+        [
+            "blockdev-reopen",
+            "block_resize",
+            "blockdev-reopen",
+            "blockdev-del"
+        ]
+    );
     assert_eq!(seen[0].1["options"][0]["file"], "ph2");
     assert_eq!(
         seen[1].1,
         serde_json::json!({"node-name": "slot2", "size": 0})
     );
-    assert_eq!(seen[2].1["node-name"], "disk1");
+    let last = &seen[2].1["options"][0];
+    assert_eq!(
+        (last["node-name"].as_str(), last["file"].as_str()),
+        (Some("slot2"), Some("ph2"))
+    );
+    assert_eq!(last["read-only"], true);
+    assert_eq!(seen[3].1["node-name"], "disk1");
     // And the read-only slot takes the next read-only device.
     let got = d.attach("c5", &dev(3, "r")).await.unwrap();
     assert_eq!(got[0].serial, "cocoon-slot2");
