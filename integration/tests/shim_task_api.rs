@@ -494,6 +494,104 @@ fn calls_their_caller_gave_up_on_still_finish() {
     });
 }
 
+/// Mount points of this host's mount table that end in `suffix`.
+fn mounts_ending(suffix: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.ends_with(suffix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `containerd-shim-cocoon-v2 delete` in `bundle`, as containerd runs it for each task
+/// of a shim that died.
+fn shim_delete(env: &Env, bundle: &Path, id: &str) {
+    let sock = env.containerd.address.to_string_lossy().into_owned();
+    let out = Command::new("containerd-shim-cocoon-v2")
+        .args(["-namespace", NAMESPACE, "-id", id, "-address", &sock])
+        .args(["-publish-binary", "containerd", "-bundle"])
+        .arg(bundle)
+        .arg("delete")
+        .current_dir(bundle)
+        .env("COCOON_CONFIG", &env.config)
+        .env("PATH", cocoon_integration::containerd::tool_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shim delete of {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A shim that dies while the guest makes a container (the host's mounts for it made,
+/// the guest yet to answer) leaves `shim delete` of that container what to clean up: its
+/// mounts go with its own delete, not only with the pod's share. The guest is held
+/// still (its VMM stopped) so the Create waits there when the shim is killed.
+#[test]
+fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "crashed", &["sleep", "1000"]).await;
+        shim.create("crashed").await.unwrap();
+        shim.start("crashed", "").await.unwrap();
+        let req = api::ConnectRequest {
+            id: "crashed".into(),
+            ..Default::default()
+        };
+        let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
+        let vmm = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+            .into_iter()
+            .find(|(_, c)| c.contains("qemu-system") || c.contains("cocoon-vmm"))
+            .expect("no VMM process")
+            .0;
+        let signal =
+            |pid: u32, s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s);
+        signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+        let second = tempfile::tempdir().unwrap();
+        let bundle = write_bundle(second.path(), &["true"]);
+        let req = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let client = shim.client.clone();
+        let pending = tokio::spawn(async move { client.create(ctx(), &req).await });
+        // The shim has shared the rootfs and now waits on the stopped guest.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while mounts_ending("/second/rootfs").is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second container's rootfs was never shared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let r = pending.await.unwrap();
+        assert!(r.is_err(), "a Create answered by a stopped guest: {r:?}");
+        assert!(
+            cocoon_integration::wait_gone(&[shim_pid], Duration::from_secs(10)).is_empty(),
+            "the shim outlived SIGKILL"
+        );
+
+        shim_delete(&env, &bundle, "second");
+        let left = mounts_ending("/second/rootfs");
+        assert!(
+            left.is_empty(),
+            "the dead shim's container mounts stayed: {left:?}"
+        );
+        assert!(!bundle.join("cocoon-state.json").exists());
+        // And the pod, from the sandbox's bundle.
+        shim_delete(&env, &shim.bundle, "crashed");
+        let _ = signal(vmm, nix::sys::signal::Signal::SIGCONT);
+        drop(shim);
+        assert_clean(&env);
+    });
+}
+
 /// containerd 1.7 and later send a handler's `options` table as the config itself when
 /// it names no ConfigPath, laid over the node's file (`COCOON_CONFIG` here, which holds
 /// the test's kernel, image and run directory): the pod's VM gets the table's memory,

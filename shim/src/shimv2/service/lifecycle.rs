@@ -180,18 +180,26 @@ impl Service {
         self.watch_exit(sb.clone(), watched);
     }
 
-    pub(super) fn save_state(&self, cid: &str, c: &Container, sb: &Sandbox) {
+    /// Writes what `shim delete` needs to clean up container `cid` (its `mounts` and the
+    /// pod's VM) in its bundle, should this shim die.
+    pub(super) fn save_state(
+        &self,
+        cid: &str,
+        bundle: &std::path::Path,
+        mounts: &mounts::ContainerMounts,
+        sb: &Sandbox,
+    ) {
         let st = ContainerState {
             container_id: cid.into(),
             vm_id: sb.id.clone(),
             vm_run_dir: sb.run_dir.clone(),
             share: sb.share.clone(),
             vm_pids: sb.pids.clone(),
-            mounts: c.mounts.clone(),
+            mounts: mounts.clone(),
             host_cgroup: sb.host_cgroup_dirs(),
         };
-        if let Err(e) = st.save(&c.bundle) {
-            tracing::warn!("cannot save state in {}: {e}", c.bundle.display());
+        if let Err(e) = st.save(bundle) {
+            tracing::warn!("cannot save state in {}: {e}", bundle.display());
         }
     }
 
@@ -271,6 +279,11 @@ impl Service {
             &mut spec,
         )
         .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
+        // Recorded before the guest makes the container, so a shim that dies from here
+        // on leaves `shim delete` what to clean up; put back as it was if undone (the
+        // sandbox's bundle holds the booting VM's).
+        let previous = ContainerState::load(&bundle);
+        self.save_state(&req.id, &bundle, &mounts, &sb);
         // From here on, a Create cut short undoes what it made (see `Undo`).
         let mut undo = super::undo::Undo {
             inner: self.inner.clone(),
@@ -278,6 +291,7 @@ impl Service {
             id: req.id.clone(),
             mounts: Some(mounts),
             guest_call: None,
+            state: (bundle.clone(), previous),
         };
         pod::restore_pod_shm(&mut spec, shm);
         let stdio = StdioPaths {
@@ -399,7 +413,6 @@ impl Service {
             execs: HashMap::new(),
             paused: false,
         };
-        self.save_state(&req.id, &c, &sb);
         sb.stats.container_created(cri_name.as_deref());
         containers.insert(req.id.clone(), c);
         Ok(pid)

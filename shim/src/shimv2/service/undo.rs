@@ -3,11 +3,13 @@
 //! during a slow guest pull), or one that failed; and keeping the id of a container
 //! being undone (or deleted) from being made again meanwhile.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::util::err;
 use super::Inner;
 use crate::shimv2::mounts::ContainerMounts;
+use crate::shimv2::persist::ContainerState;
 use crate::shimv2::sandbox::Sandbox;
 
 /// How long the teardown waits for containers still being undone or deleted, before it
@@ -68,6 +70,8 @@ pub(super) struct Undo {
     /// Becomes true once the disks and the guest's container are made, or refused (or
     /// the call's own deadline passed).
     pub guest_call: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The bundle, and the state file it held before the Create (put back once undone).
+    pub state: (PathBuf, Option<ContainerState>),
 }
 
 impl Undo {
@@ -75,8 +79,10 @@ impl Undo {
     /// there is nothing to undo.
     pub(super) fn launch(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let mut mounts = self.mounts.take()?;
+        let (bundle, previous) = std::mem::take(&mut self.state);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             mounts.cleanup();
+            put_back(&bundle, previous);
             return None;
         };
         let held = Undoing::hold(&self.inner, &self.id);
@@ -86,6 +92,7 @@ impl Undo {
                 let _ = answered.wait_for(|a| *a).await;
             }
             take_back(Some(&sb), &id, &mut mounts).await;
+            put_back(&bundle, previous);
             drop(held);
         }))
     }
@@ -97,6 +104,19 @@ impl Drop for Undo {
             tracing::warn!(container = %self.id, "Create abandoned by its caller: undoing it");
             self.launch();
         }
+    }
+}
+
+/// The bundle's state file as it was before an undone Create: none, or the booting
+/// VM's (the sandbox's bundle).
+fn put_back(bundle: &Path, previous: Option<ContainerState>) {
+    match previous {
+        Some(st) => {
+            if let Err(e) = st.save(bundle) {
+                tracing::warn!("cannot restore the state in {}: {e}", bundle.display());
+            }
+        }
+        None => ContainerState::remove(bundle),
     }
 }
 
@@ -112,4 +132,37 @@ pub(super) async fn take_back(sb: Option<&Sandbox>, id: &str, mounts: &mut Conta
         sb.disks.release(id).await;
     }
     mounts.cleanup();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undone_create_puts_the_bundles_state_back_as_it_was() {
+        let bundle = tempfile::tempdir().unwrap();
+        let booting = ContainerState {
+            container_id: "pod".into(),
+            vm_pids: vec![7],
+            ..Default::default()
+        };
+        let created = ContainerState {
+            container_id: "pod".into(),
+            vm_pids: vec![7],
+            mounts: ContainerMounts {
+                dir: "/share/pod".into(),
+                mounted: vec!["/share/pod/rootfs".into()],
+            },
+            ..Default::default()
+        };
+        // The sandbox's bundle: back to the booting VM's state, without the mounts.
+        created.save(bundle.path()).unwrap();
+        put_back(bundle.path(), Some(booting));
+        let st = ContainerState::load(bundle.path()).unwrap();
+        assert_eq!(st.vm_pids, [7]);
+        assert!(st.mounts.mounted.is_empty());
+        // Another container's: none, as before its Create.
+        put_back(bundle.path(), None);
+        assert!(ContainerState::load(bundle.path()).is_none());
+    }
 }
