@@ -108,6 +108,8 @@ pub struct AgentState {
     pub modules: std::sync::Mutex<Vec<String>>,
     /// Set once the deferred modules are in (or failed to load).
     pub modules_done: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+    /// The on-demand modules not loaded yet (`modules::load_on_demand`).
+    pub on_demand: std::sync::Mutex<Vec<crate::modules::ModuleEntry>>,
     pub cmdline: String,
     /// Guest boot time when the server started listening (set once).
     pub server_ready_boottime_ns: std::sync::atomic::AtomicI64,

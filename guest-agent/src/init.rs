@@ -36,8 +36,10 @@ pub struct EarlyInit {
     pub cmdline: String,
     /// Modules loaded before the server starts.
     pub modules: Vec<String>,
-    /// Listed modules not needed to reach the agent, for `load_deferred`.
+    /// Listed modules not needed to reach the agent, loaded right after it serves.
     pub deferred: Vec<modules::ModuleEntry>,
+    /// Listed modules loaded only when first needed (`modules::ON_DEMAND`).
+    pub on_demand: Vec<modules::ModuleEntry>,
 }
 
 struct Mnt {
@@ -136,18 +138,22 @@ pub fn early_init() -> Result<EarlyInit, InitError> {
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
     let cmdline = cmdline.trim().to_string();
     let has_pci = modules::has_pci_devices();
-    let (critical, deferred) = if Path::new(MODULES_LIST).exists() {
+    let (critical, rest): (Vec<_>, Vec<_>) = if Path::new(MODULES_LIST).exists() {
         modules::read_list(Path::new(MODULES_LIST))?
             .into_iter()
             .partition(|e| modules::is_boot_critical(&e.name, has_pci))
     } else {
         (Vec::new(), Vec::new())
     };
+    let (on_demand, deferred) = rest
+        .into_iter()
+        .partition(|e| modules::ON_DEMAND.contains(&e.name.as_str()));
     let modules = modules::load(critical, &cmdline)?;
     Ok(EarlyInit {
         cmdline,
         modules,
         deferred,
+        on_demand,
     })
 }
 

@@ -135,6 +135,7 @@ fn main() {
         init_ns,
         modules: std::sync::Mutex::new(early.modules),
         modules_done: tokio::sync::watch::channel(None).0,
+        on_demand: std::sync::Mutex::new(early.on_demand),
         cmdline: early.cmdline,
         server_ready_boottime_ns: Default::default(),
         oom_events: Default::default(),

@@ -32,7 +32,7 @@ pub enum ModuleError {
 }
 
 /// One entry of the module list: `<name> <path>`.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleEntry {
     pub name: String,
     pub path: PathBuf,
@@ -82,6 +82,11 @@ pub const PCI_TRANSPORT: &[&str] = &[
     "virtio_pci",
 ];
 
+/// Modules loaded only when first needed: `virtio_blk` probes every disk slot a VM
+/// boots with (cocoon-vmm, QEMU's microvm), which most pods never use; it loads when a
+/// container first names a block device ([`load_on_demand`]).
+pub const ON_DEMAND: &[&str] = &["virtio_blk"];
+
 pub fn is_boot_critical(name: &str, has_pci: bool) -> bool {
     BOOT_CRITICAL.contains(&name) || (has_pci && PCI_TRANSPORT.contains(&name))
 }
@@ -123,9 +128,52 @@ pub fn load(entries: Vec<ModuleEntry>, cmdline: &str) -> Result<Vec<String>, Mod
     Ok(loaded)
 }
 
+/// Loads the on-demand modules still `pending`, once: callers at the same time wait for
+/// the first; a failed load stays pending (the next caller tries again). The names
+/// loaded join `loaded`.
+pub fn load_on_demand(
+    pending: &std::sync::Mutex<Vec<ModuleEntry>>,
+    loaded: &std::sync::Mutex<Vec<String>>,
+    cmdline: &str,
+) -> Result<(), ModuleError> {
+    let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let names = load(pending.clone(), cmdline)?;
+    pending.clear();
+    loaded
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(names);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_on_demand_module_that_fails_to_load_stays_pending() {
+        let entry = ModuleEntry {
+            name: "virtio_blk".into(),
+            path: "/nonexistent/virtio_blk.ko".into(),
+        };
+        let pending = std::sync::Mutex::new(vec![entry]);
+        let loaded = std::sync::Mutex::new(vec!["virtio_mmio".to_owned()]);
+        let e = load_on_demand(&pending, &loaded, "").unwrap_err();
+        assert!(e.to_string().contains("virtio_blk"), "{e}");
+        assert_eq!(
+            pending.lock().unwrap().len(),
+            1,
+            "tried again by the next caller"
+        );
+        assert_eq!(*loaded.lock().unwrap(), ["virtio_mmio"]);
+        // Nothing pending: nothing to do.
+        let none = std::sync::Mutex::new(Vec::new());
+        load_on_demand(&none, &loaded, "").unwrap();
+        assert_eq!(*loaded.lock().unwrap(), ["virtio_mmio"]);
+    }
 
     #[test]
     fn list_parses_and_rejects_garbage() {

@@ -1,11 +1,14 @@
 //! Cocoon's own guest kernel, built from Debian's `linux-source-6.12` with the config
 //! fragment `rootfs/kernel/cocoon.config` merged over `make tinyconfig` (after the small
 //! patches in `rootfs/kernel/patches`, see `PATCHES`): everything a pod
-//! VM uses built in, nothing else probed, so the agent loads no module and the kernel
-//! boots without looking for hardware a microVM does not have.
+//! VM uses built in, nothing else probed, so the kernel boots without looking for
+//! hardware a microVM does not have. The one module, `virtio_blk`, is what the agent
+//! loads when a container first names a block device (the disk slots a VM boots with
+//! would otherwise be probed on every boot).
 //!
 //! The result (`vmlinuz`, the same kernel as a PVH-bootable ELF `vmlinux` with its
-//! symbols stripped, the kernel's `modules.builtin`, its release) is cached under
+//! symbols stripped, the kernel's `modules.builtin`, its modules under `modules/`, its
+//! release) is cached under
 //! `<cache>/kernels/<key>`, where the key hashes the source package, the fragment, the
 //! patches and this recipe: a build happens once per change of any of them, then every image build
 //! reuses it. A fragment option the kernel does not honour (a missing dependency, a
@@ -36,7 +39,7 @@ pub const PATCHES: &[(&str, &str)] = &[(
 )];
 /// What the steps below do; part of the cache key, so a change rebuilds.
 const RECIPE: &str = "patches + tinyconfig + merge_config -m cocoon.config + olddefconfig + \
-     bzImage, stripped vmlinux; v3";
+     bzImage, stripped vmlinux, modules; v4";
 
 #[derive(Debug, Error)]
 pub enum KbuildError {
@@ -72,6 +75,8 @@ pub struct BuiltKernel {
     pub vmlinux: PathBuf,
     /// The kernel's `modules.builtin` (every driver built in), for module resolution.
     pub modules_builtin: PathBuf,
+    /// Its loadable modules (`<name>.ko`), stripped of debug info.
+    pub modules: PathBuf,
     pub release: String,
     pub source: AptPackage,
     pub source_deb: PathBuf,
@@ -139,6 +144,7 @@ pub fn build(
         vmlinuz: out.join("vmlinuz"),
         vmlinux: out.join("vmlinux"),
         modules_builtin: out.join("modules.builtin"),
+        modules: out.join("modules"),
         release,
         source: pkg.clone(),
         source_deb: deb.clone(),
@@ -146,7 +152,10 @@ pub fn build(
         key: key.clone(),
     };
     if let Ok(release) = fs::read_to_string(out.join("release")) {
-        if out.join("vmlinuz").is_file() && out.join("vmlinux").is_file() {
+        if out.join("vmlinuz").is_file()
+            && out.join("vmlinux").is_file()
+            && out.join("modules").is_dir()
+        {
             log::info!("reusing the kernel built in {}", out.display());
             return Ok(built(release.trim().to_owned()));
         }
@@ -200,7 +209,7 @@ pub fn build(
     if !missing.is_empty() {
         return Err(KbuildError::NotHonoured(missing));
     }
-    run(&src, "make", &[&jobs, "bzImage"])?;
+    run(&src, "make", &[&jobs, "bzImage", "modules"])?;
     let release = run(&src, "make", &["-s", "kernelrelease"])?
         .trim()
         .to_owned();
@@ -232,6 +241,25 @@ pub fn build(
         p if p.is_file() => copy(&p, "modules.builtin")?,
         p => fs::write(staging.path().join("modules.builtin"), "").map_err(io_err("write", &p))?,
     }
+    let modules = staging.path().join("modules");
+    fs::create_dir(&modules).map_err(io_err("create", &modules))?;
+    for ko in find_modules(&src).map_err(io_err("read", &src))? {
+        let name = ko
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let to = modules.join(&name);
+        run(
+            &src,
+            "objcopy",
+            &[
+                "--strip-debug",
+                &ko.to_string_lossy(),
+                &to.to_string_lossy(),
+            ],
+        )?;
+    }
     copy(&config_path, "config")?;
     fs::write(staging.path().join("release"), &release).map_err(io_err("write", staging.path()))?;
     let staged = staging.keep();
@@ -244,6 +272,23 @@ pub fn build(
     }
     log::info!("guest kernel {release} built into {}", out.display());
     Ok(built(release))
+}
+
+/// The `.ko` files a build made under `dir` (none outside the source's own tree).
+fn find_modules(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            found.extend(find_modules(&path)?);
+        } else if kind.is_file() && path.extension().is_some_and(|e| e == "ko") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// Whether an ELF kernel carries the Xen PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`, type
@@ -331,6 +376,9 @@ mod tests {
         ] {
             assert_eq!(f.get(k).map(String::as_str), Some("y"), "{k}");
         }
+        // The block driver is a module, loaded when first needed: the disk slots a VM
+        // boots with are then not probed at every boot.
+        assert_eq!(f.get("CONFIG_VIRTIO_BLK").map(String::as_str), Some("m"));
     }
 
     #[test]

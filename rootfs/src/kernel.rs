@@ -136,7 +136,8 @@ pub fn prepare(
     })
 }
 
-/// Builds (or reuses) Cocoon's own kernel; its module tree is only `modules.builtin`.
+/// Builds (or reuses) Cocoon's own kernel; its module tree is `modules.builtin` and the
+/// few modules it builds (`kernel/`).
 fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, KernelError> {
     let kernels = scratch
         .parent()
@@ -151,8 +152,16 @@ fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, Ker
             source,
         })?;
     let modules_dir = tree.path().join("lib/modules").join(&k.release);
-    fs::create_dir_all(&modules_dir)
+    let loadable = modules_dir.join("kernel");
+    fs::create_dir_all(&loadable)
         .and_then(|()| fs::copy(&k.modules_builtin, modules_dir.join("modules.builtin")))
+        .and_then(|_| {
+            for ko in fs::read_dir(&k.modules)? {
+                let ko = ko?;
+                fs::copy(ko.path(), loadable.join(ko.file_name()))?;
+            }
+            Ok(())
+        })
         .map_err(|source| KernelError::Scratch {
             path: modules_dir.clone(),
             source,

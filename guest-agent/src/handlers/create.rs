@@ -102,7 +102,11 @@ impl AgentService {
             .try_with(|d| d.into_std())
             .unwrap_or_else(|_| std::time::Instant::now() + std::time::Duration::from_secs(60));
         let (wanted, spec) = (req.block_devices.clone(), spec.to_vec());
+        let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
+            // The disks' driver, with the first container that names one.
+            crate::modules::load_on_demand(&state.on_demand, &state.modules, &state.cmdline)
+                .map_err(|e| format!("loading the block device driver: {e}"))?;
             let sys = std::path::Path::new(crate::disks::SYS_BLOCK);
             let (spec, found) = crate::disks::remap(&spec, &wanted, sys, deadline)?;
             for disk in &found {
