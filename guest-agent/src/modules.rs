@@ -63,8 +63,8 @@ pub fn parse_list(text: &str) -> Result<Vec<ModuleEntry>, ModuleError> {
 }
 
 /// Modules on the path to a ready agent: the virtio transports and vsock.
-/// They load before the server starts; the rest (filesystems, block, net)
-/// load right after, off the boot path.
+/// They load before the server starts; the rest (filesystems, net) load right
+/// after, off the boot path, but for the block driver ([`ON_DEMAND`]).
 pub const BOOT_CRITICAL: &[&str] = &[
     "virtio_ring",
     "virtio",

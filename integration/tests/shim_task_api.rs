@@ -526,6 +526,79 @@ fn shim_delete(env: &Env, bundle: &Path, id: &str) {
     );
 }
 
+/// The pod VM's VMM process (the test's only pod).
+fn vmm_pid(env: &Env) -> u32 {
+    cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system") || c.contains("cocoon-vmm"))
+        .expect("no VMM process")
+        .0
+}
+
+fn signal(pid: u32, s: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s)
+}
+
+/// containerd runs `shim delete` in a task's bundle whenever the task's connection
+/// closes: also after a Create its caller gave up on (kubelet's deadline during a slow
+/// guest pull), while this live shim still undoes it. That may take the container's
+/// mounts, never the pod's VM. The guest is held still, so the undo still waits on it
+/// when the delete runs.
+#[test]
+fn containerds_cleanup_of_a_cut_create_leaves_the_pod_running() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "kept", &["sleep", "1000"]).await;
+        shim.create("kept").await.unwrap();
+        shim.start("kept", "").await.unwrap();
+        let vmm = vmm_pid(&env);
+        signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let second = tempfile::tempdir().unwrap();
+        let bundle = write_bundle(second.path(), &["sh", "-c", "exit 3"]);
+        let req = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let cut = ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+        let r = shim.client.create(cut, &req).await;
+        assert!(r.is_err(), "a Create answered by a stopped guest: {r:?}");
+        assert!(
+            bundle.join("cocoon-state.json").exists(),
+            "no state recorded while the guest makes the container"
+        );
+        shim_delete(&env, &bundle, "second");
+        assert!(
+            cocoon_integration::alive(vmm),
+            "containerd's cleanup of a cut Create took the pod's VM"
+        );
+        signal(vmm, nix::sys::signal::Signal::SIGCONT).unwrap();
+        // The pod goes on: once the cut Create is undone, it can be made again and runs.
+        let deadline = std::time::Instant::now() + CALL;
+        loop {
+            match shim.client.create(ctx(), &req).await {
+                Ok(_) => break,
+                Err(ttrpc::Error::RpcStatus(s))
+                    if [ttrpc::Code::ALREADY_EXISTS, ttrpc::Code::UNAVAILABLE]
+                        .contains(&s.code())
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("the Create again after one was cut: {e:?}"),
+            }
+        }
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        let req = api::DeleteRequest {
+            id: "second".into(),
+            ..Default::default()
+        };
+        shim.client.delete(ctx(), &req).await.unwrap();
+        shim.finish(&env, "kept").await;
+    });
+}
+
 /// A shim that dies while the guest makes a container (the host's mounts for it made,
 /// the guest yet to answer) leaves `shim delete` of that container what to clean up: its
 /// mounts go with its own delete, not only with the pod's share. The guest is held
@@ -542,13 +615,7 @@ fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
             ..Default::default()
         };
         let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
-        let vmm = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
-            .into_iter()
-            .find(|(_, c)| c.contains("qemu-system") || c.contains("cocoon-vmm"))
-            .expect("no VMM process")
-            .0;
-        let signal =
-            |pid: u32, s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s);
+        let vmm = vmm_pid(&env);
         signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
 
         let second = tempfile::tempdir().unwrap();

@@ -2,9 +2,10 @@
 //! fragment `rootfs/kernel/cocoon.config` merged over `make tinyconfig` (after the small
 //! patches in `rootfs/kernel/patches`, see `PATCHES`): everything a pod
 //! VM uses built in, nothing else probed, so the kernel boots without looking for
-//! hardware a microVM does not have. The one module, `virtio_blk`, is what the agent
-//! loads when a container first names a block device (the disk slots a VM boots with
-//! would otherwise be probed on every boot).
+//! hardware a microVM does not have. The one module an image takes, `virtio_blk`, is
+//! what the agent loads when a container first names a block device (the disk slots a
+//! VM boots with would otherwise be probed on every boot); the config's defaults make
+//! a few others (`efivarfs`, `x86_pkg_temp_thermal`) that no image asks for.
 //!
 //! The result (`vmlinuz`, the same kernel as a PVH-bootable ELF `vmlinux` with its
 //! symbols stripped, the kernel's `modules.builtin`, its modules under `modules/`, its

@@ -137,10 +137,13 @@ pub async fn detach(
     let placeholder = format!("ph{slot}");
     reopen(&mut q, slot, &placeholder, false).await?;
     resize(&mut q, slot, 0).await?;
+    // The disk's node is unused once the slot is off it: closed first, so a failure
+    // below cannot leave the host's device open.
+    disks::blockdev_del(&mut q, node).await?;
     if !writable {
         reopen(&mut q, slot, &placeholder, true).await?;
     }
-    disks::blockdev_del(&mut q, node).await
+    Ok(())
 }
 
 /// Moves slot `slot`'s node onto node `file`.
@@ -312,8 +315,8 @@ mod tests {
             [
                 ("blockdev-reopen".into(), serde_json::json!(["ph1", false])),
                 ("block_resize".into(), serde_json::json!(0)),
-                ("blockdev-reopen".into(), serde_json::json!(["ph1", true])),
                 ("blockdev-del".into(), serde_json::json!("disk2")),
+                ("blockdev-reopen".into(), serde_json::json!(["ph1", true])),
             ]
         );
     }

@@ -31,8 +31,14 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        super::share::remove(&st.share);
-        let _ = std::fs::remove_dir_all(&st.vm_run_dir);
+        // A state with the container's mounts alone (recorded while the guest made it)
+        // names no VM: nothing of one is taken away.
+        if !st.share.as_os_str().is_empty() {
+            super::share::remove(&st.share);
+        }
+        if !st.vm_run_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&st.vm_run_dir);
+        }
         crate::hostcgroup::remove_dirs(&st.host_cgroup);
         ContainerState::remove(&bundle);
     }

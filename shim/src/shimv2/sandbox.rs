@@ -462,6 +462,20 @@ impl Sandbox {
             .unwrap_or_default()
     }
 
+    /// What `shim delete` needs to take this VM and container `cid`'s `mounts` away,
+    /// should the shim die.
+    pub fn state_for(&self, cid: &str, mounts: &super::mounts::ContainerMounts) -> ContainerState {
+        ContainerState {
+            container_id: cid.into(),
+            vm_id: self.id.clone(),
+            vm_run_dir: self.run_dir.clone(),
+            share: self.share.clone(),
+            vm_pids: self.pids.clone(),
+            mounts: mounts.clone(),
+            host_cgroup: self.host_cgroup_dirs(),
+        }
+    }
+
     /// Why the pod's VM is gone, if it is (one of its host processes exited).
     /// Returns once the VM is lost (at once if it already is). A call waiting on the
     /// guest must not rely on the connection failing: one made after the vsock backend

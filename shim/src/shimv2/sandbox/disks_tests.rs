@@ -428,8 +428,8 @@ async fn microvm_slots_take_devices_of_their_own_kind() {
         [
             "blockdev-reopen",
             "block_resize",
-            "blockdev-reopen",
-            "blockdev-del"
+            "blockdev-del",
+            "blockdev-reopen"
         ]
     );
     assert_eq!(seen[0].1["options"][0]["file"], "ph2");
@@ -437,13 +437,13 @@ async fn microvm_slots_take_devices_of_their_own_kind() {
         seen[1].1,
         serde_json::json!({"node-name": "slot2", "size": 0})
     );
-    let last = &seen[2].1["options"][0];
+    assert_eq!(seen[2].1["node-name"], "disk1");
+    let last = &seen[3].1["options"][0];
     assert_eq!(
         (last["node-name"].as_str(), last["file"].as_str()),
         (Some("slot2"), Some("ph2"))
     );
     assert_eq!(last["read-only"], true);
-    assert_eq!(seen[3].1["node-name"], "disk1");
     // And the read-only slot takes the next read-only device.
     let got = d.attach("c5", &dev(3, "r")).await.unwrap();
     assert_eq!(got[0].serial, "cocoon-slot2");

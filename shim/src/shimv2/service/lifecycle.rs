@@ -180,29 +180,6 @@ impl Service {
         self.watch_exit(sb.clone(), watched);
     }
 
-    /// Writes what `shim delete` needs to clean up container `cid` (its `mounts` and the
-    /// pod's VM) in its bundle, should this shim die.
-    pub(super) fn save_state(
-        &self,
-        cid: &str,
-        bundle: &std::path::Path,
-        mounts: &mounts::ContainerMounts,
-        sb: &Sandbox,
-    ) {
-        let st = ContainerState {
-            container_id: cid.into(),
-            vm_id: sb.id.clone(),
-            vm_run_dir: sb.run_dir.clone(),
-            share: sb.share.clone(),
-            vm_pids: sb.pids.clone(),
-            mounts: mounts.clone(),
-            host_cgroup: sb.host_cgroup_dirs(),
-        };
-        if let Err(e) = st.save(bundle) {
-            tracing::warn!("cannot save state in {}: {e}", bundle.display());
-        }
-    }
-
     pub(super) async fn create_inner(&self, req: &api::CreateTaskRequest) -> TtrpcResult<u32> {
         if !req.checkpoint.is_empty() {
             return Err(err(
@@ -279,11 +256,22 @@ impl Service {
             &mut spec,
         )
         .map_err(|e| err(ttrpc::Code::INTERNAL, super::util::chain(&e)))?;
-        // Recorded before the guest makes the container, so a shim that dies from here
-        // on leaves `shim delete` what to clean up; put back as it was if undone (the
-        // sandbox's bundle holds the booting VM's).
-        let previous = ContainerState::load(&bundle);
-        self.save_state(&req.id, &bundle, &mounts, &sb);
+        // Recorded before the guest makes the container, so that a shim dying from here
+        // on leaves `shim delete` the mounts to take away. Only the mounts: containerd
+        // runs `shim delete` in a bundle whenever a task's connection closes, also for a
+        // Create its caller gave up on while this live shim still undoes it, and the VM
+        // must not go with that container. The Create that booted the VM records the VM
+        // too (its bundle held the boot's pending state), as it would on success.
+        let early = if booted_here {
+            sb.state_for(&req.id, &mounts)
+        } else {
+            ContainerState {
+                container_id: req.id.clone(),
+                mounts: mounts.clone(),
+                ..Default::default()
+            }
+        };
+        super::undo::save_state(&bundle, &early);
         // From here on, a Create cut short undoes what it made (see `Undo`).
         let mut undo = super::undo::Undo {
             inner: self.inner.clone(),
@@ -291,7 +279,7 @@ impl Service {
             id: req.id.clone(),
             mounts: Some(mounts),
             guest_call: None,
-            state: (bundle.clone(), previous),
+            state: (bundle.clone(), booted_here),
         };
         pod::restore_pod_shm(&mut spec, shm);
         let stdio = StdioPaths {
@@ -413,6 +401,7 @@ impl Service {
             execs: HashMap::new(),
             paused: false,
         };
+        super::undo::save_state(&c.bundle, &sb.state_for(&req.id, &c.mounts));
         sb.stats.container_created(cri_name.as_deref());
         containers.insert(req.id.clone(), c);
         Ok(pid)

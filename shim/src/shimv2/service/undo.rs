@@ -70,8 +70,9 @@ pub(super) struct Undo {
     /// Becomes true once the disks and the guest's container are made, or refused (or
     /// the call's own deadline passed).
     pub guest_call: Option<tokio::sync::watch::Receiver<bool>>,
-    /// The bundle, and the state file it held before the Create (put back once undone).
-    pub state: (PathBuf, Option<ContainerState>),
+    /// The bundle, and whether this Create booted the VM: its state file is then put
+    /// back to the VM's alone once undone, and removed otherwise.
+    pub state: (PathBuf, bool),
 }
 
 impl Undo {
@@ -79,7 +80,8 @@ impl Undo {
     /// there is nothing to undo.
     pub(super) fn launch(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let mut mounts = self.mounts.take()?;
-        let (bundle, previous) = std::mem::take(&mut self.state);
+        let (bundle, booted) = std::mem::take(&mut self.state);
+        let previous = booted.then(|| self.sb.state_for(&self.id, &Default::default()));
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             mounts.cleanup();
             put_back(&bundle, previous);
@@ -107,15 +109,18 @@ impl Drop for Undo {
     }
 }
 
-/// The bundle's state file as it was before an undone Create: none, or the booting
-/// VM's (the sandbox's bundle).
-fn put_back(bundle: &Path, previous: Option<ContainerState>) {
-    match previous {
-        Some(st) => {
-            if let Err(e) = st.save(bundle) {
-                tracing::warn!("cannot restore the state in {}: {e}", bundle.display());
-            }
-        }
+/// Writes `st` in `bundle` (for `shim delete`), saying so if it cannot.
+pub(super) fn save_state(bundle: &Path, st: &ContainerState) {
+    if let Err(e) = st.save(bundle) {
+        tracing::warn!("cannot save state in {}: {e}", bundle.display());
+    }
+}
+
+/// The bundle's state file once a Create is undone: the VM's alone in the bundle of the
+/// Create that booted it, none in another's.
+fn put_back(bundle: &Path, vm: Option<ContainerState>) {
+    match vm {
+        Some(st) => save_state(bundle, &st),
         None => ContainerState::remove(bundle),
     }
 }
@@ -139,7 +144,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_undone_create_puts_the_bundles_state_back_as_it_was() {
+    fn an_undone_create_leaves_the_vms_state_alone_or_none() {
         let bundle = tempfile::tempdir().unwrap();
         let booting = ContainerState {
             container_id: "pod".into(),
@@ -155,13 +160,13 @@ mod tests {
             },
             ..Default::default()
         };
-        // The sandbox's bundle: back to the booting VM's state, without the mounts.
+        // The bundle of the Create that booted the VM: the VM's state, no mounts.
         created.save(bundle.path()).unwrap();
         put_back(bundle.path(), Some(booting));
         let st = ContainerState::load(bundle.path()).unwrap();
         assert_eq!(st.vm_pids, [7]);
         assert!(st.mounts.mounted.is_empty());
-        // Another container's: none, as before its Create.
+        // Another container's: none.
         put_back(bundle.path(), None);
         assert!(ContainerState::load(bundle.path()).is_none());
     }

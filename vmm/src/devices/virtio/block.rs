@@ -247,8 +247,9 @@ pub struct BlockStats {
 pub struct Block<B: BlockBackend> {
     backend: B,
     read_only: bool,
-    /// Whether VIRTIO_BLK_F_RO is offered: fixed at boot, when the driver reads it. A
-    /// slot's disk put in read-only later is refused writes by [`Self::read_only`] alone.
+    /// Whether VIRTIO_BLK_F_RO is offered: fixed when the device is made (the driver
+    /// reads it once, at its probe). A slot's disk put in read-only later is refused
+    /// writes by [`Self::read_only`] alone.
     offer_ro: bool,
     id: [u8; ID_BYTES],
     config: [u8; 8],
