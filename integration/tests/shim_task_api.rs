@@ -599,6 +599,72 @@ fn containerds_cleanup_of_a_cut_create_leaves_the_pod_running() {
     });
 }
 
+/// A Delete its caller gave up on still takes the container away (waiting on the guest,
+/// held still here), and a retry of it is answered NotFound meanwhile; containerd then
+/// closes that task's connection and runs `shim delete` in its bundle, which still holds
+/// the container's full state. The live shim's VM must stay: it is that shim's to stop.
+#[test]
+fn containerds_cleanup_of_a_cut_delete_leaves_the_pod_running() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "kept2", &["sleep", "1000"]).await;
+        shim.create("kept2").await.unwrap();
+        shim.start("kept2", "").await.unwrap();
+        let second = tempfile::tempdir().unwrap();
+        let bundle = write_bundle(second.path(), &["sh", "-c", "exit 3"]);
+        let create = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        shim.client.create(ctx(), &create).await.unwrap();
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        let vmm = vmm_pid(&env);
+        signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let req = api::DeleteRequest {
+            id: "second".into(),
+            ..Default::default()
+        };
+        let cut = ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+        let r = shim.client.delete(cut, &req).await;
+        assert!(r.is_err(), "a Delete answered by a stopped guest: {r:?}");
+        assert!(
+            bundle.join("cocoon-state.json").exists(),
+            "the state went before the container did"
+        );
+        shim_delete(&env, &bundle, "second");
+        assert!(
+            cocoon_integration::alive(vmm),
+            "containerd's cleanup of a cut Delete took the pod's VM"
+        );
+        assert!(
+            mounts_ending("/second/rootfs").is_empty(),
+            "containerd's cleanup left the container's mounts"
+        );
+        signal(vmm, nix::sys::signal::Signal::SIGCONT).unwrap();
+        // The pod goes on: once the cut Delete is done, the id can be made again.
+        let deadline = std::time::Instant::now() + CALL;
+        loop {
+            match shim.client.create(ctx(), &create).await {
+                Ok(_) => break,
+                Err(ttrpc::Error::RpcStatus(s))
+                    if s.code() == ttrpc::Code::UNAVAILABLE
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("the Create again after a cut Delete: {e:?}"),
+            }
+        }
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        shim.client.delete(ctx(), &req).await.unwrap();
+        assert!(!bundle.join("cocoon-state.json").exists());
+        shim.finish(&env, "kept2").await;
+    });
+}
+
 /// A shim that dies while the guest makes a container (the host's mounts for it made,
 /// the guest yet to answer) leaves `shim delete` of that container what to clean up: its
 /// mounts go with its own delete, not only with the pod's share. The guest is held

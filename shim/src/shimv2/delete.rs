@@ -1,7 +1,7 @@
 //! `delete`: containerd's cleanup when the shim is gone (crashed or killed).
 //! Works from the state file in the bundle: kills what is left of the VM
-//! (only processes that are provably ours), undoes the container's mounts,
-//! and reports the container as killed.
+//! (only processes that are provably ours, and only once the shim that ran it is
+//! gone), undoes the container's mounts, and reports the container as killed.
 
 use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::{Message, MessageField};
@@ -15,32 +15,11 @@ use super::persist::{is_vm_process, ContainerState};
 pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
     let bundle = std::env::current_dir()?;
     if let Some(mut st) = ContainerState::load(&bundle) {
-        let marks = [st.vm_run_dir.as_path(), st.share.as_path()];
-        for pid in &st.vm_pids {
-            if is_vm_process(*pid, &marks) {
-                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
-            }
+        if st.shim.is_some_and(|s| s.alive()) {
+            spare_live_shims_vm(&bundle, st);
+        } else {
+            clean_up(&bundle, &mut st).await;
         }
-        st.mounts.cleanup();
-        // SIGKILL (ours, or PR_SET_PDEATHSIG's when the shim died) takes a
-        // moment; wait for the VM's processes, bounded, before removing what
-        // they used. The VM is gone with its shim: its run dir and share go.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while st.vm_pids.iter().any(|p| is_vm_process(*p, &marks))
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        // A state with the container's mounts alone (recorded while the guest made it)
-        // names no VM: nothing of one is taken away.
-        if !st.share.as_os_str().is_empty() {
-            super::share::remove(&st.share);
-        }
-        if !st.vm_run_dir.as_os_str().is_empty() {
-            let _ = std::fs::remove_dir_all(&st.vm_run_dir);
-        }
-        crate::hostcgroup::remove_dirs(&st.host_cgroup);
-        ContainerState::remove(&bundle);
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
     let mut at = containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp::new();
@@ -55,4 +34,115 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
     out.write_all(&resp.write_to_bytes()?).await?;
     out.flush().await?;
     Ok(())
+}
+
+/// containerd runs `shim delete` in a task's bundle whenever the task's connection
+/// closes: also under a shim that lives on, e.g. after a Delete or Create its caller
+/// gave up on while the shim still takes that container away, once a retry is answered
+/// NotFound. The container's mounts go; the VM, its share, run dir and cgroup stay the
+/// live shim's to stop (they cannot outlive it: its VM processes die with it), and the
+/// state keeps naming them for a `shim delete` after that shim died.
+fn spare_live_shims_vm(bundle: &std::path::Path, mut st: ContainerState) {
+    eprintln!(
+        "container {}: its shim (pid {}) lives on; only the container's mounts are taken",
+        st.container_id,
+        st.shim.map_or(0, |s| s.pid)
+    );
+    st.mounts.cleanup();
+    st.mounts = Default::default();
+    let names_vm = !st.vm_pids.is_empty() || !st.share.as_os_str().is_empty();
+    if !names_vm || st.save(bundle).is_err() {
+        ContainerState::remove(bundle);
+    }
+}
+
+/// After a shim that died: kills what is left of its VM, then takes the container's
+/// mounts and the VM's share, run dir and cgroup away.
+async fn clean_up(bundle: &std::path::Path, st: &mut ContainerState) {
+    let marks = [st.vm_run_dir.as_path(), st.share.as_path()];
+    for pid in &st.vm_pids {
+        if is_vm_process(*pid, &marks) {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+    st.mounts.cleanup();
+    // SIGKILL (ours, or PR_SET_PDEATHSIG's when the shim died) takes a moment; wait for
+    // the VM's processes, bounded, before removing what they used. The VM is gone with
+    // its shim: its run dir and share go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while st.vm_pids.iter().any(|p| is_vm_process(*p, &marks))
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A state with the container's mounts alone (recorded while the guest made it)
+    // names no VM: nothing of one is taken away.
+    if !st.share.as_os_str().is_empty() {
+        super::share::remove(&st.share);
+    }
+    if !st.vm_run_dir.as_os_str().is_empty() {
+        let _ = std::fs::remove_dir_all(&st.vm_run_dir);
+    }
+    crate::hostcgroup::remove_dirs(&st.host_cgroup);
+    ContainerState::remove(bundle);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shimv2::persist::ProcessId;
+
+    /// A stand-in VM process: its command line names `run_dir`, as a VMM's does.
+    fn vm_process(run_dir: &std::path::Path) -> std::process::Child {
+        std::process::Command::new("sh")
+            .args(["-c", "sleep 60"])
+            .arg(run_dir)
+            .spawn()
+            .unwrap()
+    }
+
+    fn state(run_dir: &std::path::Path, pid: u32, shim: ProcessId) -> ContainerState {
+        ContainerState {
+            container_id: "c".into(),
+            vm_run_dir: run_dir.into(),
+            vm_pids: vec![pid],
+            shim: Some(shim),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_shims_vm_is_spared_and_a_dead_ones_taken() {
+        let d = tempfile::tempdir().unwrap();
+        let (bundle, run_dir) = (d.path().join("bundle"), d.path().join("run"));
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let mut vm = vm_process(&run_dir);
+        let marks = [run_dir.as_path()];
+        let me = ProcessId::this().unwrap();
+
+        let st = state(&run_dir, vm.id(), me);
+        st.save(&bundle).unwrap();
+        spare_live_shims_vm(&bundle, st);
+        assert!(
+            is_vm_process(vm.id(), &marks),
+            "a live shim's VM was killed"
+        );
+        assert!(run_dir.is_dir());
+        let kept = ContainerState::load(&bundle).expect("the state naming the VM went");
+        assert_eq!(kept.vm_pids, vec![vm.id()]);
+
+        let gone = ProcessId {
+            started: me.started + 1,
+            ..me
+        };
+        let mut st = state(&run_dir, vm.id(), gone);
+        st.save(&bundle).unwrap();
+        assert!(!gone.alive());
+        clean_up(&bundle, &mut st).await;
+        let status = vm.wait().unwrap();
+        assert!(!status.success(), "the dead shim's VM was not killed");
+        assert!(!run_dir.exists(), "the dead shim's run dir stayed");
+        assert!(ContainerState::load(&bundle).is_none());
+    }
 }

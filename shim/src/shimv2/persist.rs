@@ -21,6 +21,51 @@ pub struct ContainerState {
     /// The pod cgroup directories the shim created for the VM's processes.
     #[serde(default)]
     pub host_cgroup: Vec<PathBuf>,
+    /// The shim that wrote a state naming a VM: while it lives, the VM is its to stop
+    /// (containerd runs `shim delete` whenever a task's connection closes, also under a
+    /// live shim).
+    #[serde(default)]
+    pub shim: Option<ProcessId>,
+}
+
+/// A process, told apart from a later one given the same pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Clock ticks after boot (`/proc/<pid>/stat`'s 22nd field).
+    pub started: u64,
+}
+
+impl ProcessId {
+    pub fn this() -> Option<Self> {
+        Self::of(std::process::id())
+    }
+
+    /// `pid` as it is now; None if no process has it, or it is exiting or a zombie.
+    /// A killed shim's sockets close while it exits, before it is a zombie: containerd's
+    /// cleanup can run in that window, and must see the shim as gone.
+    pub fn of(pid: u32) -> Option<Self> {
+        /// `PF_EXITING` (include/linux/sched.h): set as `do_exit` begins.
+        const EXITING: u64 = 0x4;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name (which may hold anything) start
+        // at the 3rd, the state; the 9th holds the task's flags.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if matches!(*fields.first()?, "Z" | "X" | "x") {
+            return None;
+        }
+        let flags: u64 = fields.get(9 - 3)?.parse().ok()?;
+        if flags & EXITING != 0 {
+            return None;
+        }
+        let started = fields.get(22 - 3)?.parse().ok()?;
+        Some(Self { pid, started })
+    }
+
+    pub fn alive(&self) -> bool {
+        Self::of(self.pid) == Some(*self)
+    }
 }
 
 impl ContainerState {
@@ -70,6 +115,31 @@ mod tests {
         assert_eq!(l.vm_pids, vec![1, 2]);
         ContainerState::remove(d.path());
         assert!(ContainerState::load(d.path()).is_none());
+    }
+
+    #[test]
+    fn a_process_is_told_apart_from_a_later_one_of_its_pid() {
+        let me = ProcessId::this().expect("this process");
+        assert!(me.alive());
+        let later = ProcessId {
+            started: me.started + 1,
+            ..me
+        };
+        assert!(
+            !later.alive(),
+            "a later process of this pid taken for this one"
+        );
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let started = ProcessId::of(pid);
+        // Exited, not yet reaped: a zombie is not alive.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ProcessId::of(pid).is_some() {
+            assert!(std::time::Instant::now() < end, "`true` never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(started.is_none_or(|p| !p.alive()));
+        child.wait().unwrap();
     }
 
     #[test]

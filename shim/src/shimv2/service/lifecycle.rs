@@ -223,16 +223,7 @@ impl Service {
             .annotations()
             .as_ref()
             .and_then(|a| a.get(pod::CONTAINER_NAME_ANNOTATION).cloned());
-        let booted_here = self.inner.sandbox.lock().await.is_none();
-        if booted_here {
-            let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
-            let mut pending = sandbox::pending_state(&self.inner.config, &vm_id, &pod_vm);
-            pending.container_id = req.id.clone();
-            if let Err(e) = pending.save(&bundle) {
-                tracing::warn!("cannot save state in {}: {e}", bundle.display());
-            }
-        }
-        let sb = self.sandbox(pod_vm).await?;
+        let (sb, booted_here) = self.sandbox(pod_vm, &req.id, &bundle).await?;
         if let Some(why) = sb.lost() {
             return Err(err(
                 ttrpc::Code::UNAVAILABLE,
@@ -260,8 +251,9 @@ impl Service {
         // on leaves `shim delete` the mounts to take away. Only the mounts: containerd
         // runs `shim delete` in a bundle whenever a task's connection closes, also for a
         // Create its caller gave up on while this live shim still undoes it, and the VM
-        // must not go with that container. The Create that booted the VM records the VM
-        // too (its bundle held the boot's pending state), as it would on success.
+        // must not go with that container (`shim delete` also spares a live shim's VM;
+        // this holds without it). The Create that booted the VM records the VM too (its
+        // bundle holds the booted VM's state), as it would on success.
         let early = if booted_here {
             sb.state_for(&req.id, &mounts)
         } else {

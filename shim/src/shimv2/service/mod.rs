@@ -183,13 +183,24 @@ impl Service {
         }
     }
 
-    /// The pod VM, booted on first use (with the pod's network, for a CRI sandbox).
-    async fn sandbox(&self, pod_vm: pod::PodVm) -> Result<Arc<Sandbox>, ttrpc::Error> {
+    /// The pod VM, booted on first use (with the pod's network, for a CRI sandbox), and
+    /// whether this call booted it. The booting call's container (`cid`, in `bundle`)
+    /// records the VM for `shim delete`: what the boot will make before it starts, the
+    /// VM itself once it is up.
+    async fn sandbox(
+        &self,
+        pod_vm: pod::PodVm,
+        cid: &str,
+        bundle: &std::path::Path,
+    ) -> Result<(Arc<Sandbox>, bool), ttrpc::Error> {
         let mut slot = self.inner.sandbox.lock().await;
         if let Some(s) = slot.as_ref() {
-            return Ok(s.clone());
+            return Ok((s.clone(), false));
         }
         let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
+        let mut pending = sandbox::pending_state(&self.inner.config, &vm_id, &pod_vm);
+        pending.container_id = cid.into();
+        undo::save_state(bundle, &pending);
         let mut cancelled = self.inner.cancel_boot.subscribe();
         // Dropping the boot undoes it (the VM's processes, run dir, share, cgroup).
         let sb = tokio::select! {
@@ -209,12 +220,13 @@ impl Service {
             }
         };
         let sb = Arc::new(sb);
+        undo::save_state(bundle, &sb.state_for(cid, &Default::default()));
         *slot = Some(sb.clone());
         super::podmetrics::spawn(&sb, &self.inner.namespace, &self.inner.group);
         let me = self.clone();
         let watched = sb.clone();
         tokio::spawn(async move { me.forward_oom_events(watched).await });
-        Ok(sb)
+        Ok((sb, true))
     }
 
     /// On SIGTERM, or once Shutdown ended the shim: tear down every container's mounts
