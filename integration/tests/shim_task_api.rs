@@ -665,6 +665,35 @@ fn containerds_cleanup_of_a_cut_delete_leaves_the_pod_running() {
     });
 }
 
+/// A shim that lives but does not answer (containerd's reload of it after a restart
+/// timed out, and containerd ran `shim delete` for its tasks) can never be reached
+/// again: `shim delete` ends it, and its VM with it, instead of sparing a live shim's VM.
+#[test]
+fn containerds_cleanup_ends_a_shim_that_does_not_answer() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "wedged", &["sleep", "1000"]).await;
+        shim.create("wedged").await.unwrap();
+        shim.start("wedged", "").await.unwrap();
+        let req = api::ConnectRequest {
+            id: "wedged".into(),
+            ..Default::default()
+        };
+        let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
+        let vmm = vmm_pid(&env);
+        signal(shim_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        shim_delete(&env, &shim.bundle, "wedged");
+        let left = cocoon_integration::wait_gone(&[shim_pid, vmm], Duration::from_secs(10));
+        assert!(
+            left.is_empty(),
+            "a shim that does not answer, or its VM, outlived containerd's cleanup: {left:?}"
+        );
+        assert!(!shim.bundle.join("cocoon-state.json").exists());
+        drop(shim);
+        assert_clean(&env);
+    });
+}
+
 /// A shim that dies while the guest makes a container (the host's mounts for it made,
 /// the guest yet to answer) leaves `shim delete` of that container what to clean up: its
 /// mounts go with its own delete, not only with the pod's share. The guest is held

@@ -22,6 +22,13 @@ pub(crate) fn configure(cmd: &mut Command, log: &Path) -> std::io::Result<()> {
         .stdout(out.try_clone()?)
         .stderr(out)
         .kill_on_drop(true);
+    die_with_parent(cmd);
+    Ok(())
+}
+
+/// Has `cmd`'s child SIGKILLed when the thread that spawned it dies: a VM's processes
+/// never outlive their shim (`shim delete` relies on it to spare a live shim's VM).
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs between fork and exec and only calls prctl,
     // which is async-signal-safe; it touches no memory of the parent.
     unsafe {
@@ -32,7 +39,6 @@ pub(crate) fn configure(cmd: &mut Command, log: &Path) -> std::io::Result<()> {
             Ok(())
         });
     }
-    Ok(())
 }
 
 /// Makes `cmd` start with no capabilities it could ever regain: its bounding and

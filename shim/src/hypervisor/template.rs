@@ -293,12 +293,13 @@ impl Store {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(p("vmm.log")).map_err(spawn("cocoon-vmm"))?)
             .kill_on_drop(true);
+        super::process::die_with_parent(&mut vmm);
         if let Some(tag) = shape.fs_tag {
             let share = p("share");
             std::fs::create_dir(&share).map_err(|e| template_err("share", &share, e))?;
             let sock = p("virtiofs.sock");
-            let fs = tokio::process::Command::new(&self.virtiofsd)
-                .arg("--socket-path")
+            let mut fs = tokio::process::Command::new(&self.virtiofsd);
+            fs.arg("--socket-path")
                 .arg(&sock)
                 .arg("--shared-dir")
                 .arg(&share)
@@ -307,9 +308,9 @@ impl Store {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(spawn("virtiofsd"))?;
+                .kill_on_drop(true);
+            super::process::die_with_parent(&mut fs);
+            let fs = fs.spawn().map_err(spawn("virtiofsd"))?;
             procs.push(fs);
             self.wait("virtiofsd's socket", started, || sock.exists())
                 .await?;

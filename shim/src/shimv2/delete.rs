@@ -10,15 +10,30 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 
-use super::persist::{is_vm_process, ContainerState};
+use super::persist::{is_vm_process, ContainerState, Shim};
 
 pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
     let bundle = std::env::current_dir()?;
     if let Some(mut st) = ContainerState::load(&bundle) {
-        if st.shim.is_some_and(|s| s.alive()) {
-            spare_live_shims_vm(&bundle, st);
-        } else {
-            clean_up(&bundle, &mut st).await;
+        match st.shim.clone() {
+            Some(shim) if shim.process.alive() => {
+                if answers(&shim).await {
+                    spare_live_shims_vm(&bundle, st);
+                } else {
+                    // containerd gave up on a shim that lives but does not answer (a
+                    // reload after its restart timed out): nobody can reach that shim
+                    // again, so it goes, and its VM with it.
+                    eprintln!(
+                        "container {}: its shim (pid {}) does not answer: killing it",
+                        st.container_id, shim.process.pid
+                    );
+                    if shim.process.alive() {
+                        let _ = kill(Pid::from_raw(shim.process.pid as i32), Signal::SIGKILL);
+                    }
+                    clean_up(&bundle, &mut st).await;
+                }
+            }
+            _ => clean_up(&bundle, &mut st).await,
         }
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
@@ -36,8 +51,31 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a live shim has to answer `shim delete`'s Connect.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `shim` answers a call on its task socket (any answer, within
+/// `ANSWER_WITHIN`): a stopped or wedged shim still has its socket accept connections.
+async fn answers(shim: &Shim) -> bool {
+    use containerd_shim::protos::shim_async::TaskClient;
+    let address = format!("unix://{}", shim.socket.display());
+    let call = async {
+        let client = ttrpc::asynchronous::Client::connect(&address).await.ok()?;
+        let req = containerd_shim::protos::api::ConnectRequest::default();
+        let ctx = ttrpc::context::with_timeout(ANSWER_WITHIN.as_nanos() as i64);
+        match TaskClient::new(client).connect(ctx, &req).await {
+            Ok(_) | Err(ttrpc::Error::RpcStatus(_)) => Some(()),
+            Err(_) => None,
+        }
+    };
+    matches!(
+        tokio::time::timeout(ANSWER_WITHIN, call).await,
+        Ok(Some(()))
+    )
+}
+
 /// containerd runs `shim delete` in a task's bundle whenever the task's connection
-/// closes: also under a shim that lives on, e.g. after a Delete or Create its caller
+/// closes: also under a shim that lives on and answers, e.g. after a Delete or Create its caller
 /// gave up on while the shim still takes that container away, once a retry is answered
 /// NotFound. The container's mounts go; the VM, its share, run dir and cgroup stay the
 /// live shim's to stop (they cannot outlive it: its VM processes die with it), and the
@@ -46,7 +84,7 @@ fn spare_live_shims_vm(bundle: &std::path::Path, mut st: ContainerState) {
     eprintln!(
         "container {}: its shim (pid {}) lives on; only the container's mounts are taken",
         st.container_id,
-        st.shim.map_or(0, |s| s.pid)
+        st.shim.as_ref().map_or(0, |s| s.process.pid)
     );
     st.mounts.cleanup();
     st.mounts = Default::default();
@@ -106,9 +144,31 @@ mod tests {
             container_id: "c".into(),
             vm_run_dir: run_dir.into(),
             vm_pids: vec![pid],
-            shim: Some(shim),
+            shim: Some(Shim {
+                process: shim,
+                socket: run_dir.join("shim.sock"),
+            }),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_shim_answers_only_if_something_serves_its_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let socket = d.path().join("shim.sock");
+        let shim = Shim {
+            process: ProcessId::this().unwrap(),
+            socket: socket.clone(),
+        };
+        assert!(!answers(&shim).await, "no socket, yet an answer");
+        // Bound, listening, never accepted: a stopped shim's socket.
+        let _held = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let t = std::time::Instant::now();
+        assert!(
+            !answers(&shim).await,
+            "an answer from a socket nobody serves"
+        );
+        assert!(t.elapsed() < ANSWER_WITHIN * 2, "waited {:?}", t.elapsed());
     }
 
     #[tokio::test]

@@ -118,6 +118,7 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {socket}"))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
+    persist::Shim::set_this(std::path::Path::new(&socket));
 
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
     let publisher = RemotePublisher::new(&ttrpc_address)

@@ -21,11 +21,37 @@ pub struct ContainerState {
     /// The pod cgroup directories the shim created for the VM's processes.
     #[serde(default)]
     pub host_cgroup: Vec<PathBuf>,
-    /// The shim that wrote a state naming a VM: while it lives, the VM is its to stop
-    /// (containerd runs `shim delete` whenever a task's connection closes, also under a
-    /// live shim).
+    /// The shim that wrote a state naming a VM: while it lives and answers, the VM is
+    /// its to stop (containerd runs `shim delete` whenever a task's connection closes,
+    /// also under a live shim).
     #[serde(default)]
-    pub shim: Option<ProcessId>,
+    pub shim: Option<Shim>,
+}
+
+/// A shim process and the socket it serves its task API on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shim {
+    pub process: ProcessId,
+    pub socket: PathBuf,
+}
+
+static THIS_SHIM: std::sync::OnceLock<Option<Shim>> = std::sync::OnceLock::new();
+
+impl Shim {
+    /// Records this process as the shim serving on `socket`, once, as it starts: read
+    /// then, not when a state is written (a shim short of descriptors could not read
+    /// /proc, and its state would name no live shim).
+    pub fn set_this(socket: &Path) {
+        let _ = THIS_SHIM.set(ProcessId::this().map(|process| Self {
+            process,
+            socket: socket.into(),
+        }));
+    }
+
+    /// This shim, if it serves (None in `shim start` or `shim delete`).
+    pub fn this() -> Option<Self> {
+        THIS_SHIM.get().cloned().flatten()
+    }
 }
 
 /// A process, told apart from a later one given the same pid by its start time.

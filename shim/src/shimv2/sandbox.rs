@@ -473,7 +473,7 @@ impl Sandbox {
             vm_pids: self.pids.clone(),
             mounts: mounts.clone(),
             host_cgroup: self.host_cgroup_dirs(),
-            shim: super::persist::ProcessId::this(),
+            shim: super::persist::Shim::this(),
         }
     }
 
@@ -590,7 +590,7 @@ pub fn pending_state(config: &Config, vm_id: &str, pod_vm: &PodVm) -> ContainerS
         vm_run_dir: config.paths.run_dir.join(vm_id),
         share: config.paths.run_dir.join("shares").join(vm_id),
         host_cgroup,
-        shim: super::persist::ProcessId::this(),
+        shim: super::persist::Shim::this(),
         ..Default::default()
     }
 }
