@@ -54,16 +54,21 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
 /// How long a live shim has to answer `shim delete`'s Connect.
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Whether `shim` answers a call on its task socket (any answer, within
-/// `ANSWER_WITHIN`): a stopped or wedged shim still has its socket accept connections.
+/// Whether `shim` answers a call on its task socket within `ANSWER_WITHIN`: a stopped
+/// or wedged shim still has its socket accept connections. The call names a service no
+/// shim serves, so the ttrpc server itself answers it (INVALID_ARGUMENT) without any of
+/// the shim's locks, which a Create waiting on a slow guest pull may hold for minutes.
 async fn answers(shim: &Shim) -> bool {
-    use containerd_shim::protos::shim_async::TaskClient;
     let address = format!("unix://{}", shim.socket.display());
     let call = async {
         let client = ttrpc::asynchronous::Client::connect(&address).await.ok()?;
-        let req = containerd_shim::protos::api::ConnectRequest::default();
-        let ctx = ttrpc::context::with_timeout(ANSWER_WITHIN.as_nanos() as i64);
-        match TaskClient::new(client).connect(ctx, &req).await {
+        let req = ttrpc::Request {
+            service: "cocoon.shim.v1.Liveness".into(),
+            method: "Probe".into(),
+            timeout_nano: ANSWER_WITHIN.as_nanos() as i64,
+            ..Default::default()
+        };
+        match client.request(req).await {
             Ok(_) | Err(ttrpc::Error::RpcStatus(_)) => Some(()),
             Err(_) => None,
         }
@@ -169,6 +174,15 @@ mod tests {
             "an answer from a socket nobody serves"
         );
         assert!(t.elapsed() < ANSWER_WITHIN * 2, "waited {:?}", t.elapsed());
+        drop(_held);
+        std::fs::remove_file(&socket).unwrap();
+        // A ttrpc server answers for itself: no handler of the shim's is asked.
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .unwrap();
+        server.start().await.unwrap();
+        assert!(answers(&shim).await, "a serving shim did not answer");
+        server.shutdown().await.unwrap();
     }
 
     #[tokio::test]
