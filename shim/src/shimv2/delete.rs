@@ -1,7 +1,8 @@
-//! `delete`: containerd's cleanup when the shim is gone (crashed or killed).
-//! Works from the state file in the bundle: kills what is left of the VM
-//! (only processes that are provably ours, and only once the shim that ran it is
-//! gone), undoes the container's mounts, and reports the container as killed.
+//! `delete`: containerd's cleanup when a task's connection closed, mostly because the
+//! shim is gone (crashed or killed). Works from the state file in the bundle: kills what
+//! is left of the VM (only processes that are provably ours, and only once the shim that
+//! ran it is gone or past answering), undoes the container's mounts, and reports the
+//! container as killed.
 
 use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::{Message, MessageField};
@@ -51,7 +52,7 @@ pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long a live shim has to answer `shim delete`'s Connect.
+/// How long a live shim has to answer `shim delete`'s probe.
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether `shim` answers a call on its task socket within `ANSWER_WITHIN`: a stopped
@@ -80,9 +81,9 @@ async fn answers(shim: &Shim) -> bool {
 }
 
 /// containerd runs `shim delete` in a task's bundle whenever the task's connection
-/// closes: also under a shim that lives on and answers, e.g. after a Delete or Create its caller
-/// gave up on while the shim still takes that container away, once a retry is answered
-/// NotFound. The container's mounts go; the VM, its share, run dir and cgroup stay the
+/// closes: also under a shim that lives on and answers, e.g. after a Delete or Create
+/// its caller gave up on while the shim still takes that container away, once a retry
+/// is answered NotFound. The container's mounts go; the VM, its share, run dir and cgroup stay the
 /// live shim's to stop (they cannot outlive it: its VM processes die with it), and the
 /// state keeps naming them for a `shim delete` after that shim died.
 fn spare_live_shims_vm(bundle: &std::path::Path, mut st: ContainerState) {
