@@ -138,9 +138,15 @@ mod tests {
 
     /// A stand-in VM process: its command line names `run_dir`, as a VMM's does.
     fn vm_process(run_dir: &std::path::Path) -> std::process::Child {
-        std::process::Command::new("sh")
-            .args(["-c", "sleep 60"])
-            .arg(run_dir)
+        // One process, marked by its argv[0]: `sh -c` would leave an
+        // orphaned `sleep` holding the test's output when sh is killed.
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sleep")
+            .arg0(format!("vm {}", run_dir.display()))
+            .arg("60")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap()
     }
