@@ -129,12 +129,13 @@ pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
 }
 
 /// What of a pod is left in a shim's run dir once every pod is gone: its entries but
-/// the node-wide ones, and anything inside `shares` (the directory itself stays).
+/// the node-wide ones, and anything inside `shares` and `pods` (the node's records of
+/// pod VMs; the directories themselves stay).
 pub fn pod_leftovers(run_root: &Path) -> Vec<PathBuf> {
     leftover_entries(run_root)
         .into_iter()
         .flat_map(|e| match e.file_name().and_then(|n| n.to_str()) {
-            Some("shares") => leftover_entries(&e),
+            Some("shares" | "pods") => leftover_entries(&e),
             _ if is_node_wide(&e) => vec![],
             _ => vec![e],
         })

@@ -252,6 +252,11 @@ async fn leftovers(
                         left.push(format!("share {}", s.display()));
                     }
                 }
+                "pods" => {
+                    for s in crate::leftover_entries(&e) {
+                        left.push(format!("pod record {}", s.display()));
+                    }
+                }
                 _ if crate::is_node_wide(&e) => {}
                 _ => left.push(format!("run dir entry {}", e.display())),
             }

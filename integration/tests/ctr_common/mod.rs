@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cocoon_integration::containerd::Containerd;
 use cocoon_integration::image::IMAGE_REF;
-use cocoon_integration::{leftover_entries, processes_mentioning, stuck, test_config, wait_gone};
+use cocoon_integration::{processes_mentioning, stuck, test_config, wait_gone};
 
 pub struct Env {
     pub containerd: Containerd,
@@ -171,15 +171,11 @@ pub fn assert_clean(env: &Env) {
         "shims left: {shims:?}\n{}",
         env.containerd.stuck_report()
     );
-    let vm_dirs: Vec<_> = leftover_entries(&env.run_dir)
-        .into_iter()
-        // The kept consoles of failed pods (`cocoon logs`) stay on purpose, bounded.
-        .filter(|p| !p.ends_with("shares") && !cocoon_integration::is_node_wide(p))
-        .collect();
-    assert!(vm_dirs.is_empty(), "left in run dir: {vm_dirs:?}");
+    // The kept consoles of failed pods (`cocoon logs`) stay on purpose, bounded.
+    let left = cocoon_integration::pod_leftovers(&env.run_dir);
     assert!(
-        leftover_entries(&env.run_dir.join("shares")).is_empty(),
-        "shares left"
+        left.is_empty(),
+        "left in run dir (shares, pod records): {left:?}"
     );
     let mounts = cocoon_integration::mounts_under(&env.run_dir);
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");

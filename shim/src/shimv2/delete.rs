@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 
-use super::persist::{is_vm_process, ContainerState, Shim};
+use super::persist::{ContainerState, Shim};
 
 pub async fn run(_flags: &Flags) -> anyhow::Result<()> {
     let bundle = std::env::current_dir()?;
@@ -101,40 +101,32 @@ fn spare_live_shims_vm(bundle: &std::path::Path, mut st: ContainerState) {
 }
 
 /// After a shim that died: kills what is left of its VM, then takes the container's
-/// mounts and the VM's share, run dir and cgroup away.
+/// mounts and the VM's share, run dir and cgroup away; and, the shim being dead, undoes
+/// every pod on the node that no live shim holds (`podrecord`), this one's record too.
 async fn clean_up(bundle: &std::path::Path, st: &mut ContainerState) {
-    let marks = [st.vm_run_dir.as_path(), st.share.as_path()];
-    for pid in &st.vm_pids {
-        if is_vm_process(*pid, &marks) {
-            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
-        }
-    }
     st.mounts.cleanup();
-    // SIGKILL (ours, or PR_SET_PDEATHSIG's when the shim died) takes a moment; wait for
-    // the VM's processes, bounded, before removing what they used. The VM is gone with
-    // its shim: its run dir and share go.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while st.vm_pids.iter().any(|p| is_vm_process(*p, &marks))
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
     // A state with the container's mounts alone (recorded while the guest made it)
     // names no VM: nothing of one is taken away.
-    if !st.share.as_os_str().is_empty() {
-        super::share::remove(&st.share);
-    }
-    if !st.vm_run_dir.as_os_str().is_empty() {
-        let _ = std::fs::remove_dir_all(&st.vm_run_dir);
-    }
-    crate::hostcgroup::remove_dirs(&st.host_cgroup);
+    let vm = (
+        st.vm_run_dir.clone(),
+        st.share.clone(),
+        std::mem::take(&mut st.vm_pids),
+        std::mem::take(&mut st.host_cgroup),
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        super::podrecord::undo_vm(&vm.0, &vm.1, &vm.2, &vm.3);
+        if let Some(root) = vm.0.parent().filter(|_| !vm.0.as_os_str().is_empty()) {
+            super::podrecord::sweep(root);
+        }
+    })
+    .await;
     ContainerState::remove(bundle);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shimv2::persist::ProcessId;
+    use crate::shimv2::persist::{is_vm_process, ProcessId};
 
     /// A stand-in VM process: its command line names `run_dir`, as a VMM's does.
     fn vm_process(run_dir: &std::path::Path) -> std::process::Child {

@@ -17,6 +17,7 @@ pub mod overlay;
 mod persist;
 pub mod pod;
 pub mod podmetrics;
+mod podrecord;
 pub mod propagation;
 mod sandbox;
 mod service;
@@ -126,6 +127,7 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach containerd's event service at {ttrpc_address}"))?;
     let exit = Arc::new(ExitSignal::default());
     let group = std::env::var("COCOON_SHIM_GROUP").unwrap_or_else(|_| flags.id.clone());
+    let config_run_dir = config.paths.run_dir.clone();
     let service = service::Service::new(&flags.namespace, &group, config, publisher, exit.clone());
     let task: Arc<dyn Task + Send + Sync> = Arc::new(service.clone());
     let mut services = create_task(task.clone());
@@ -148,6 +150,13 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         .context("cannot start the task server")?;
     // `start` waits for our stdout to close: we are ready.
     signal_ready();
+    // Pods whose shim died before their teardown ended: no bundle may name them any more.
+    let run_root = config_run_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        for vm in podrecord::sweep(&run_root) {
+            tracing::warn!(vm = %vm, "undid what a dead shim's pod left on the node");
+        }
+    });
     tracing::info!(id = %flags.id, group = %group, "shim serving on {socket}");
 
     let mut term = signal(SignalKind::terminate())?;

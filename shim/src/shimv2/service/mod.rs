@@ -42,6 +42,9 @@ use util::{agent_err, err, lookup, not_found, now, to_completion};
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// The exit status reported when the VM dies under a running process.
 const VM_LOST_STATUS: u32 = 137;
+/// How long a pod's boot waits for the node's record of its VM id held by another
+/// process: a sweep, or an earlier pod of the same id still being torn down.
+const RECORD_WAIT: Duration = Duration::from_secs(30);
 
 type Exit = Option<(u32, Timestamp)>;
 
@@ -138,6 +141,8 @@ struct Inner {
     /// Set by Shutdown: a boot still in progress is abandoned (containerd gave up on
     /// the Create that started it, e.g. kubelet's RunPodSandbox deadline passed).
     cancel_boot: watch::Sender<bool>,
+    /// The node's record of the pod's VM, held while this shim runs it (`podrecord`).
+    record: std::sync::Mutex<Option<super::podrecord::Held>>,
 }
 
 #[derive(Clone)]
@@ -167,6 +172,7 @@ impl Service {
                 torn_down: tokio::sync::OnceCell::new(),
                 oom_filter: Default::default(),
                 cancel_boot: watch::channel(false).0,
+                record: Default::default(),
             }),
         }
     }
@@ -198,35 +204,83 @@ impl Service {
             return Ok((s.clone(), false));
         }
         let vm_id = sandbox::vm_id(&self.inner.namespace, &self.inner.group);
-        let mut pending = sandbox::pending_state(&self.inner.config, &vm_id, &pod_vm);
-        pending.container_id = cid.into();
-        undo::save_state(bundle, &pending);
+        let pending = sandbox::pending_state(&self.inner.config, &vm_id, &pod_vm);
+        let mut record = self.take_record(&vm_id, &pending).await?;
+        undo::save_state(
+            bundle,
+            &ContainerState {
+                container_id: cid.into(),
+                ..pending
+            },
+        );
         let mut cancelled = self.inner.cancel_boot.subscribe();
         // Dropping the boot undoes it (the VM's processes, run dir, share, cgroup).
-        let sb = tokio::select! {
+        let booted = tokio::select! {
             r = Sandbox::start(&self.inner.config, &vm_id, &self.inner.group, pod_vm) => {
                 r.map_err(|e| {
                     err(
                         ttrpc::Code::UNAVAILABLE,
                         format!("cannot start the pod VM: {}", util::chain(&e)),
                     )
-                })?
+                })
             }
-            _ = cancelled.wait_for(|c| *c) => {
-                return Err(err(
-                    ttrpc::Code::CANCELLED,
-                    "the pod VM's boot was abandoned: the shim is shutting down",
-                ));
+            _ = cancelled.wait_for(|c| *c) => Err(err(
+                ttrpc::Code::CANCELLED,
+                "the pod VM's boot was abandoned: the shim is shutting down",
+            )),
+        };
+        let sb = match booted {
+            Ok(sb) => Arc::new(sb),
+            Err(e) => {
+                // What the boot made, it undid.
+                record.release();
+                return Err(e);
             }
         };
-        let sb = Arc::new(sb);
-        undo::save_state(bundle, &sb.state_for(cid, &Default::default()));
+        let vm = sb.state_for("", &Default::default());
+        if let Err(e) = record.write(&vm) {
+            tracing::warn!("cannot record the pod VM for the node: {e}");
+        }
+        *self.inner.record.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+        undo::save_state(
+            bundle,
+            &ContainerState {
+                container_id: cid.into(),
+                ..vm
+            },
+        );
         *slot = Some(sb.clone());
         super::podmetrics::spawn(&sb, &self.inner.namespace, &self.inner.group);
         let me = self.clone();
         let watched = sb.clone();
         tokio::spawn(async move { me.forward_oom_events(watched).await });
         Ok((sb, true))
+    }
+
+    /// Takes the node's record of the pod VM `vm_id` (`podrecord`: what a dead shim's pod
+    /// of the same id left is undone first) and records what the boot will make.
+    async fn take_record(
+        &self,
+        vm_id: &str,
+        pending: &ContainerState,
+    ) -> Result<super::podrecord::Held, ttrpc::Error> {
+        let root = self.inner.config.paths.run_dir.clone();
+        let id = vm_id.to_string();
+        let taken = tokio::task::spawn_blocking(move || {
+            super::podrecord::Held::take(&root, &id, RECORD_WAIT)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let mut held = taken.map_err(|e| {
+            err(
+                ttrpc::Code::UNAVAILABLE,
+                format!("cannot take the node's record of the pod VM {vm_id}: {e}"),
+            )
+        })?;
+        if let Err(e) = held.write(pending) {
+            tracing::warn!("cannot record the pod VM for the node: {e}");
+        }
+        Ok(held)
     }
 
     /// On SIGTERM, or once Shutdown ended the shim: tear down every container's mounts

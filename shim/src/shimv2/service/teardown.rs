@@ -104,6 +104,16 @@ impl Service {
                 if let Some(sb) = self.inner.sandbox.lock().await.take() {
                     sb.stop().await;
                 }
+                // All of the pod is gone: the node's record of it too.
+                let record = self
+                    .inner
+                    .record
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(r) = record {
+                    r.release();
+                }
                 // What waited on the guest ends with it: let it finish (a Delete's
                 // state file and event) before the shim exits and drops it.
                 if !self.settled().await {

@@ -1,0 +1,295 @@
+//! containerd's cleanup after a shim, driven directly: `shim delete` in a task's bundle,
+//! which containerd runs whenever a task's connection closes (under a live shim too), and
+//! the node's records of pod VMs, which the next shim undoes when no bundle names a pod
+//! any more. Each case killed a live pod or leaked before its fix.
+
+mod ctr_common;
+mod direct_shim;
+
+use std::time::Duration;
+
+use containerd_shim::protos::api;
+use ctr_common::*;
+use direct_shim::*;
+
+/// containerd runs `shim delete` in a task's bundle whenever the task's connection
+/// closes: also after a Create its caller gave up on (kubelet's deadline during a slow
+/// guest pull), while this live shim still undoes it. That may take the container's
+/// mounts, never the pod's VM. The guest is held still, so the undo still waits on it
+/// when the delete runs.
+#[test]
+fn containerds_cleanup_of_a_cut_create_leaves_the_pod_running() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "kept", &["sleep", "1000"]).await;
+        shim.create("kept").await.unwrap();
+        shim.start("kept", "").await.unwrap();
+        let vmm = vmm_pid(&env);
+        signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let second = tempfile::tempdir().unwrap();
+        let bundle = write_bundle(second.path(), &["sh", "-c", "exit 3"]);
+        let req = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let cut = ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+        let r = shim.client.create(cut, &req).await;
+        assert!(r.is_err(), "a Create answered by a stopped guest: {r:?}");
+        assert!(
+            bundle.join("cocoon-state.json").exists(),
+            "no state recorded while the guest makes the container"
+        );
+        shim_delete(&env, &bundle, "second");
+        assert!(
+            cocoon_integration::alive(vmm),
+            "containerd's cleanup of a cut Create took the pod's VM"
+        );
+        signal(vmm, nix::sys::signal::Signal::SIGCONT).unwrap();
+        // The pod goes on: once the cut Create is undone, it can be made again and runs.
+        let deadline = std::time::Instant::now() + CALL;
+        loop {
+            match shim.client.create(ctx(), &req).await {
+                Ok(_) => break,
+                Err(ttrpc::Error::RpcStatus(s))
+                    if [ttrpc::Code::ALREADY_EXISTS, ttrpc::Code::UNAVAILABLE]
+                        .contains(&s.code())
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("the Create again after one was cut: {e:?}"),
+            }
+        }
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        let req = api::DeleteRequest {
+            id: "second".into(),
+            ..Default::default()
+        };
+        shim.client.delete(ctx(), &req).await.unwrap();
+        shim.finish(&env, "kept").await;
+    });
+}
+
+/// A Delete its caller gave up on still takes the container away (waiting on the guest,
+/// held still here), and a retry of it is answered NotFound meanwhile; containerd then
+/// closes that task's connection and runs `shim delete` in its bundle, which still holds
+/// the container's full state. The live shim's VM must stay: it is that shim's to stop.
+#[test]
+fn containerds_cleanup_of_a_cut_delete_leaves_the_pod_running() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "kept2", &["sleep", "1000"]).await;
+        shim.create("kept2").await.unwrap();
+        shim.start("kept2", "").await.unwrap();
+        let second = tempfile::tempdir().unwrap();
+        let bundle = write_bundle(second.path(), &["sh", "-c", "exit 3"]);
+        let create = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        shim.client.create(ctx(), &create).await.unwrap();
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        let vmm = vmm_pid(&env);
+        signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let req = api::DeleteRequest {
+            id: "second".into(),
+            ..Default::default()
+        };
+        let cut = ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+        let r = shim.client.delete(cut, &req).await;
+        assert!(r.is_err(), "a Delete answered by a stopped guest: {r:?}");
+        assert!(
+            bundle.join("cocoon-state.json").exists(),
+            "the state went before the container did"
+        );
+        shim_delete(&env, &bundle, "second");
+        assert!(
+            cocoon_integration::alive(vmm),
+            "containerd's cleanup of a cut Delete took the pod's VM"
+        );
+        assert!(
+            mounts_ending("/second/rootfs").is_empty(),
+            "containerd's cleanup left the container's mounts"
+        );
+        signal(vmm, nix::sys::signal::Signal::SIGCONT).unwrap();
+        // The pod goes on: once the cut Delete is done, the id can be made again.
+        let deadline = std::time::Instant::now() + CALL;
+        loop {
+            match shim.client.create(ctx(), &create).await {
+                Ok(_) => break,
+                Err(ttrpc::Error::RpcStatus(s))
+                    if s.code() == ttrpc::Code::UNAVAILABLE
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("the Create again after a cut Delete: {e:?}"),
+            }
+        }
+        shim.start("second", "").await.unwrap();
+        assert_eq!(shim.wait("second").await.exit_status, 3);
+        shim.client.delete(ctx(), &req).await.unwrap();
+        assert!(!bundle.join("cocoon-state.json").exists());
+        shim.finish(&env, "kept2").await;
+    });
+}
+
+/// A shim that lives but does not answer (containerd's reload of it after a restart
+/// timed out, and containerd ran `shim delete` for its tasks) can never be reached
+/// again: `shim delete` ends it, and its VM with it, instead of sparing a live shim's VM.
+#[test]
+fn containerds_cleanup_ends_a_shim_that_does_not_answer() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "wedged", &["sleep", "1000"]).await;
+        shim.create("wedged").await.unwrap();
+        shim.start("wedged", "").await.unwrap();
+        let req = api::ConnectRequest {
+            id: "wedged".into(),
+            ..Default::default()
+        };
+        let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
+        let vmm = vmm_pid(&env);
+        signal(shim_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        shim_delete(&env, &shim.bundle, "wedged");
+        let left = cocoon_integration::wait_gone(&[shim_pid, vmm], Duration::from_secs(10));
+        assert!(
+            left.is_empty(),
+            "a shim that does not answer, or its VM, outlived containerd's cleanup: {left:?}"
+        );
+        assert!(!shim.bundle.join("cocoon-state.json").exists());
+        drop(shim);
+        assert_clean(&env);
+    });
+}
+
+/// A shim that dies while the guest makes a container (the host's mounts for it made,
+/// the guest yet to answer) leaves `shim delete` of that container what to clean up: its
+/// mounts go with its own delete, not only with the pod's share. The guest is held
+/// still (its VMM stopped) so the Create waits there when the shim is killed.
+#[test]
+fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "crashed", &["sleep", "1000"]).await;
+        shim.create("crashed").await.unwrap();
+        shim.start("crashed", "").await.unwrap();
+        let req = api::ConnectRequest {
+            id: "crashed".into(),
+            ..Default::default()
+        };
+        let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
+        let vmm = vmm_pid(&env);
+        signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+        let second = tempfile::tempdir().unwrap();
+        let bundle = write_bundle(second.path(), &["true"]);
+        let req = api::CreateTaskRequest {
+            id: "second".into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let client = shim.client.clone();
+        let pending = tokio::spawn(async move { client.create(ctx(), &req).await });
+        // The shim has shared the rootfs and now waits on the stopped guest.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while mounts_ending("/second/rootfs").is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second container's rootfs was never shared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let r = pending.await.unwrap();
+        assert!(r.is_err(), "a Create answered by a stopped guest: {r:?}");
+        assert!(
+            cocoon_integration::wait_gone(&[shim_pid], Duration::from_secs(10)).is_empty(),
+            "the shim outlived SIGKILL"
+        );
+
+        shim_delete(&env, &bundle, "second");
+        let left = mounts_ending("/second/rootfs");
+        assert!(
+            left.is_empty(),
+            "the dead shim's container mounts stayed: {left:?}"
+        );
+        assert!(!bundle.join("cocoon-state.json").exists());
+        // And the pod, from the sandbox's bundle.
+        shim_delete(&env, &shim.bundle, "crashed");
+        let _ = signal(vmm, nix::sys::signal::Signal::SIGCONT);
+        drop(shim);
+        assert_clean(&env);
+    });
+}
+
+/// A shim killed after its pod's last container was deleted and before its teardown
+/// ended (containerd's Shutdown yet to come): no bundle names the pod any more, so no
+/// `shim delete` runs for it. Its VM dies with it; its share and run dir stay until the
+/// next shim on the node starts and undoes what the node's record of the pod names.
+#[test]
+fn a_pod_whose_shim_died_before_its_teardown_is_undone_by_the_next_shim() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = start_shim(&env, "orphaned", &["sleep", "1000"]).await;
+        shim.create("orphaned").await.unwrap();
+        shim.start("orphaned", "").await.unwrap();
+        let req = api::ConnectRequest {
+            id: "orphaned".into(),
+            ..Default::default()
+        };
+        let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
+        let vmm = vmm_pid(&env);
+        shim.kill("orphaned", "", libc::SIGKILL as u32)
+            .await
+            .unwrap();
+        shim.wait("orphaned").await;
+        let req = api::DeleteRequest {
+            id: "orphaned".into(),
+            ..Default::default()
+        };
+        shim.client.delete(ctx(), &req).await.unwrap();
+        assert!(!shim.bundle.join("cocoon-state.json").exists());
+        signal(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let left = cocoon_integration::wait_gone(&[shim_pid, vmm], Duration::from_secs(10));
+        assert!(
+            left.is_empty(),
+            "the shim or its VM outlived SIGKILL: {left:?}"
+        );
+        let left = cocoon_integration::pod_leftovers(&env.run_dir);
+        assert!(
+            !left.is_empty() && !cocoon_integration::mounts_under(&env.run_dir).is_empty(),
+            "the killed shim's pod left nothing behind: the case this test is for was not made"
+        );
+
+        // The next shim on the node, as containerd starts it for a new pod.
+        let next = start_shim(&env, "next", &["true"]).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now_left = cocoon_integration::pod_leftovers(&env.run_dir);
+            let mounts = cocoon_integration::mounts_under(&env.run_dir);
+            if now_left.is_empty() && mounts.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the dead shim's pod stayed after the next shim started: {now_left:?} {mounts:?} \
+                 (left at its death: {left:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let req = api::ShutdownRequest {
+            id: "next".into(),
+            now: true,
+            ..Default::default()
+        };
+        // The shim exits while answering: the reply may be lost.
+        let _ = next.client.shutdown(ctx(), &req).await;
+        drop((shim, next));
+        assert_clean(&env);
+    });
+}
