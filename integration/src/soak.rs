@@ -1,6 +1,7 @@
 //! The soak: pod lifecycles through containerd's CRI plugin, as kubelet drives them, with
 //! a fault injected in most cycles: the VMM, virtiofsd, the vsock backend or the shim
-//! SIGKILLed, or containerd restarted, while the pod runs. Every cycle must end with the
+//! SIGKILLed, or containerd restarted, while the pod runs (or, for the kills, while it
+//! starts or stops). Every cycle must end with the
 //! pod removed and nothing of it left (no process, mount, run directory, share, network
 //! namespace or cgroup), and every call must end within its deadline: a call that fails
 //! after a fault is fine, one that hangs is not. At the end a fresh pod must still work.
@@ -80,6 +81,10 @@ enum Moment {
     Running,
     /// At a random point while the pod and its container are being started.
     Starting(Duration),
+    /// At a random point of the first 250 ms of the running pod's stop and removal (a shim
+    /// killed then may die after its pod's last container is gone from containerd's
+    /// view: its janitor has to undo the pod).
+    Stopping(Duration),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,6 +95,8 @@ pub struct SoakReport {
     pub faults: BTreeMap<String, usize>,
     /// Of those, faults that struck while the pod was being started.
     pub faults_while_starting: usize,
+    /// Faults (other than none) that struck while the pod was being stopped and removed.
+    pub faults_while_stopping: usize,
     /// Starts that failed with an error because of a fault (clean: an error in time).
     pub starts_failed_cleanly: usize,
     /// Faults that found nothing to act on (e.g. no vsock backend under cocoon-vmm).
@@ -121,8 +128,8 @@ impl SoakReport {
             t.push_str(&format!("  {k:<20} {n}\n"));
         }
         t.push_str(&format!(
-            "  of which while starting: {} ({} starts failed cleanly)\n",
-            self.faults_while_starting, self.starts_failed_cleanly
+            "  of which while starting: {} ({} starts failed cleanly), while stopping: {}\n",
+            self.faults_while_starting, self.starts_failed_cleanly, self.faults_while_stopping
         ));
         if let (Some(first), Some(last)) = (self.shim_rss_kib.first(), self.shim_rss_kib.last()) {
             t.push_str(&format!("  shim RSS first/last: {first} / {last} KiB\n"));
@@ -362,6 +369,7 @@ pub async fn soak(
         cycles_per_minute: 0.0,
         faults: BTreeMap::new(),
         faults_while_starting: 0,
+        faults_while_stopping: 0,
         starts_failed_cleanly: 0,
         faults_not_applicable: 0,
         leaks: Vec::new(),
@@ -370,23 +378,23 @@ pub async fn soak(
         fresh_pod_after: false,
     };
     for i in 0..cycles {
-        // Every kind once first, then at random; every other one then strikes at a random
-        // point of the start (a containerd restart always waits for a running pod: it
-        // needs the node to itself).
+        // Every kind once first, then at random; of those, one in three strikes at a
+        // random point of the start, one in three of the stop (a containerd restart
+        // always waits for a running pod: it needs the node to itself).
         let fault = match faults.get(i) {
             Some(f) => *f,
             None => faults[(rng.next() % faults.len() as u64) as usize],
         };
-        let mid_start = i >= faults.len() && (i - faults.len()).is_multiple_of(2);
-        let moment = if mid_start && fault != Fault::RestartContainerd {
-            Moment::Starting(Duration::from_millis(rng.next() % 3000))
-        } else {
-            Moment::Running
+        let moment = match i.checked_sub(faults.len()).map(|k| k % 3) {
+            _ if fault == Fault::RestartContainerd => Moment::Running,
+            Some(0) => Moment::Starting(Duration::from_millis(rng.next() % 3000)),
+            Some(1) => Moment::Stopping(Duration::from_millis(rng.next() % 250)),
+            _ => Moment::Running,
         };
         let name = format!("soak-{i}");
         let tag = format!("cycle {i} ({fault:?}, {moment:?})");
         let started = match moment {
-            Moment::Running => start_pod(node, &name).await,
+            Moment::Running | Moment::Stopping(_) => start_pod(node, &name).await,
             Moment::Starting(after) => {
                 let strike = async {
                     tokio::time::sleep(after).await;
@@ -401,7 +409,7 @@ pub async fn soak(
             }
         };
         if let Err(e) = &started.result {
-            if e.contains("hung past") || moment == Moment::Running {
+            if e.contains("hung past") || !matches!(moment, Moment::Starting(_)) {
                 report.unclean.push(format!("{tag}: the start failed: {e}"));
             } else {
                 report.starts_failed_cleanly += 1;
@@ -426,7 +434,22 @@ pub async fn soak(
             if let Err(e) = within("PodSandboxStatus after the fault", node.pod_status(pod)).await {
                 report.unclean.push(format!("{tag}: {e}"));
             }
-            if let Err(e) = remove_pod(node, pod).await {
+            let removed = match moment {
+                Moment::Stopping(after) if started.result.is_ok() => {
+                    let strike = async {
+                        tokio::time::sleep(after).await;
+                        inject_kill(node, run_dir, fault).await
+                    };
+                    let (removed, acted) = tokio::join!(remove_pod(node, pod), strike);
+                    count(&mut report, fault, acted);
+                    if acted && fault != Fault::None {
+                        report.faults_while_stopping += 1;
+                    }
+                    removed
+                }
+                _ => remove_pod(node, pod).await,
+            };
+            if let Err(e) = removed {
                 report.unclean.push(format!("{tag}: {e}"));
             }
         }

@@ -227,39 +227,124 @@ fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
     });
 }
 
+/// Runs a pod of one container, deletes the container (the pod's last: no bundle names
+/// the VM any more) and SIGKILLs the shim before containerd's Shutdown would tear the
+/// pod down; its janitor too, first, when `and_janitor`. Returns the shim (its client is
+/// dead) once it and its VM are gone.
+async fn orphan_a_pod(env: &Env, id: &str, and_janitor: bool) -> DirectShim {
+    let shim = start_shim(env, id, &["sleep", "1000"]).await;
+    shim.create(id).await.unwrap();
+    shim.start(id, "").await.unwrap();
+    let req = api::ConnectRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
+    let vmm = vmm_pid(env);
+    let janitor = janitor_pid(env).expect("the pod has no janitor");
+    assert_confined(janitor);
+    shim.kill(id, "", libc::SIGKILL as u32).await.unwrap();
+    shim.wait(id).await;
+    let req = api::DeleteRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    shim.client.delete(ctx(), &req).await.unwrap();
+    assert!(!shim.bundle.join("cocoon-state.json").exists());
+    if and_janitor {
+        signal(janitor, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let left = cocoon_integration::wait_gone(&[janitor], Duration::from_secs(10));
+        assert!(left.is_empty(), "the janitor outlived SIGKILL");
+    }
+    signal(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let left = cocoon_integration::wait_gone(&[shim_pid, vmm], Duration::from_secs(10));
+    assert!(
+        left.is_empty(),
+        "the shim or its VM outlived SIGKILL: {left:?}"
+    );
+    shim
+}
+
+/// The pod's janitor process (`cocoon-janitor`), if it has one.
+fn janitor_pid(env: &Env) -> Option<u32> {
+    cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .find(|(_, c)| c.starts_with("cocoon-janitor "))
+        .map(|(p, _)| p)
+}
+
+/// The janitor keeps only the capabilities undoing a pod needs, has no_new_privs, and
+/// has a session of its own (a signal to the shim's group spares it).
+fn assert_confined(janitor: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{janitor}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    // CAP_DAC_OVERRIDE 1, CAP_DAC_READ_SEARCH 2, CAP_FOWNER 3, CAP_KILL 5, CAP_SYS_ADMIN 21.
+    let want = format!(
+        "{:016x}",
+        (1u64 << 1) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 21)
+    );
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(set), want, "{set} of the janitor:\n{status}");
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000", "{status}");
+    assert_eq!(field("CapAmb:"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(janitor as i32))).unwrap();
+    assert_eq!(sid.as_raw() as u32, janitor, "the janitor shares a session");
+}
+
+/// Waits (30 s) until nothing of the test's pods is left on the node: no run dir entry,
+/// share, record or mount.
+async fn wait_node_clean(env: &Env, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = cocoon_integration::pod_leftovers(&env.run_dir);
+        let mounts = cocoon_integration::mounts_under(&env.run_dir);
+        if left.is_empty() && mounts.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the dead shim's pod stayed: {left:?} {mounts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A shim killed after its pod's last container was deleted and before its teardown
 /// ended (containerd's Shutdown yet to come): no bundle names the pod any more, so no
-/// `shim delete` runs for it. Its VM dies with it; its share and run dir stay until the
-/// next shim on the node starts and undoes what the node's record of the pod names.
+/// `shim delete` runs for it. Its VM dies with it; its janitor, which the shim's death
+/// wakes, undoes the share, mounts, run dir and record, with no other shim on the node.
+/// The janitor runs with only the capabilities it needs, and no_new_privs.
 #[test]
-fn a_pod_whose_shim_died_before_its_teardown_is_undone_by_the_next_shim() {
+fn a_pod_whose_shim_died_before_its_teardown_is_undone_by_its_janitor() {
     let env = env();
     runtime().block_on(async {
-        let shim = start_shim(&env, "orphaned", &["sleep", "1000"]).await;
-        shim.create("orphaned").await.unwrap();
-        shim.start("orphaned", "").await.unwrap();
-        let req = api::ConnectRequest {
-            id: "orphaned".into(),
-            ..Default::default()
-        };
-        let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
-        let vmm = vmm_pid(&env);
-        shim.kill("orphaned", "", libc::SIGKILL as u32)
-            .await
-            .unwrap();
-        shim.wait("orphaned").await;
-        let req = api::DeleteRequest {
-            id: "orphaned".into(),
-            ..Default::default()
-        };
-        shim.client.delete(ctx(), &req).await.unwrap();
-        assert!(!shim.bundle.join("cocoon-state.json").exists());
-        signal(shim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-        let left = cocoon_integration::wait_gone(&[shim_pid, vmm], Duration::from_secs(10));
-        assert!(
-            left.is_empty(),
-            "the shim or its VM outlived SIGKILL: {left:?}"
+        let orphaned = orphan_a_pod(&env, "orphaned", false).await;
+        wait_node_clean(&env, "no other shim started; the janitor").await;
+        let left = cocoon_integration::wait_gone(
+            &janitor_pid(&env).into_iter().collect::<Vec<_>>(),
+            Duration::from_secs(10),
         );
+        assert!(left.is_empty(), "a janitor stayed after undoing its pod");
+        drop(orphaned);
+        assert_clean(&env);
+    });
+}
+
+/// The same with the janitor killed too: what the pod left stays until the next shim
+/// on the node starts and undoes what the node's record of the pod names.
+#[test]
+fn a_pod_whose_shim_and_janitor_died_is_undone_by_the_next_shim() {
+    let env = env();
+    runtime().block_on(async {
+        let shim = orphan_a_pod(&env, "orphaned", true).await;
         let left = cocoon_integration::pod_leftovers(&env.run_dir);
         assert!(
             !left.is_empty() && !cocoon_integration::mounts_under(&env.run_dir).is_empty(),
@@ -268,20 +353,7 @@ fn a_pod_whose_shim_died_before_its_teardown_is_undone_by_the_next_shim() {
 
         // The next shim on the node, as containerd starts it for a new pod.
         let next = start_shim(&env, "next", &["true"]).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let now_left = cocoon_integration::pod_leftovers(&env.run_dir);
-            let mounts = cocoon_integration::mounts_under(&env.run_dir);
-            if now_left.is_empty() && mounts.is_empty() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the dead shim's pod stayed after the next shim started: {now_left:?} {mounts:?} \
-                 (left at its death: {left:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_node_clean(&env, "after the next shim started").await;
         let req = api::ShutdownRequest {
             id: "next".into(),
             now: true,

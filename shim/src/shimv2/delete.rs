@@ -128,21 +128,6 @@ mod tests {
     use super::*;
     use crate::shimv2::persist::{is_vm_process, ProcessId};
 
-    /// A stand-in VM process: its command line names `run_dir`, as a VMM's does.
-    fn vm_process(run_dir: &std::path::Path) -> std::process::Child {
-        // One process, marked by its argv[0]: `sh -c` would leave an
-        // orphaned `sleep` holding the test's output when sh is killed.
-        use std::os::unix::process::CommandExt;
-        std::process::Command::new("sleep")
-            .arg0(format!("vm {}", run_dir.display()))
-            .arg("60")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
     fn state(run_dir: &std::path::Path, pid: u32, shim: ProcessId) -> ContainerState {
         ContainerState {
             container_id: "c".into(),
@@ -190,7 +175,7 @@ mod tests {
         let (bundle, run_dir) = (d.path().join("bundle"), d.path().join("run"));
         std::fs::create_dir_all(&bundle).unwrap();
         std::fs::create_dir_all(&run_dir).unwrap();
-        let mut vm = vm_process(&run_dir);
+        let mut vm = crate::shimv2::persist::stand_in_vm(&run_dir);
         let marks = [run_dir.as_path()];
         let me = ProcessId::this().unwrap();
 

@@ -10,6 +10,7 @@
 
 mod delete;
 pub mod guest_events;
+pub mod janitor;
 pub(crate) mod metrics;
 pub mod mounts;
 mod options;

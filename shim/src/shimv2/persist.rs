@@ -123,6 +123,33 @@ pub fn is_vm_process(pid: u32, marks: &[&Path]) -> bool {
         .any(|m| !m.as_os_str().is_empty() && cmd.contains(&*m.to_string_lossy()))
 }
 
+/// A stand-in VM process for tests: one `sleep` whose command line names `run_dir`, as a
+/// VMM's does (one process: `sh -c` would leave an orphaned `sleep` holding the test's
+/// output when sh is killed). Returned once its command line says so: a process spawned
+/// by vfork shows an empty one for a moment after its parent resumes.
+#[cfg(test)]
+pub fn stand_in_vm(run_dir: &Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let child = std::process::Command::new("sleep")
+        .arg0(format!("vm {}", run_dir.display()))
+        .arg("60")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !is_vm_process(child.id(), &[run_dir]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stand-in VM's command line never named {}",
+            run_dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,9 @@ pub struct Held {
     path: PathBuf,
     /// Bytes written so far: a rewrite pads over them.
     len: usize,
+    /// The process that undoes the pod if this shim dies first (`janitor`): dismissed
+    /// once the record is gone. Declared after `file`: dropped, the lock goes first.
+    janitor: Option<super::janitor::Janitor>,
 }
 
 impl std::fmt::Debug for Held {
@@ -89,7 +92,12 @@ impl Held {
                 );
                 undo(run_root, vm_id, &file);
             }
-            return Ok(Held { file, path, len: 0 });
+            return Ok(Held {
+                file,
+                path,
+                len: 0,
+                janitor: None,
+            });
         }
     }
 
@@ -106,12 +114,66 @@ impl Held {
         Ok(())
     }
 
-    /// The pod is gone, all of it: so is its record.
-    pub fn release(self) {
+    /// Has `janitor` undo the pod should this shim die before `release`.
+    pub fn watched_by(&mut self, janitor: super::janitor::Janitor) {
+        self.janitor = Some(janitor);
+    }
+
+    /// The pod is gone, all of it: so is its record, and then its janitor's watch.
+    pub fn release(mut self) {
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!("cannot remove {}: {e}", self.path.display());
         }
+        if let Some(j) = self.janitor.take() {
+            j.dismiss();
+        }
     }
+}
+
+/// What a janitor found once its shim let go of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterOwner {
+    /// The record is gone: the shim tore its pod down.
+    Released,
+    /// The record was still there and nobody held it: the shim died first. Its pod is
+    /// undone.
+    Undone,
+    /// Someone still held it after the wait (a sweep under way): theirs to finish.
+    StillHeld,
+}
+
+/// Opens the record of `vm_id` without locking it (for its janitor, which watches it
+/// while the shim holds it).
+pub fn open_record(run_root: &Path, vm_id: &str) -> std::io::Result<File> {
+    open(&run_root.join(DIR).join(format!("{vm_id}.json")), false)
+}
+
+/// `record` (opened by `open_record` while its shim held it) once that shim let go of
+/// the janitor: released if its file is gone; else, once unheld (the dying shim's
+/// descriptors close within `wait`), a dead shim's pod, undone like a sweep would.
+pub fn undo_if_abandoned(run_root: &Path, vm_id: &str, record: File, wait: Duration) -> AfterOwner {
+    let path = run_root.join(DIR).join(format!("{vm_id}.json"));
+    if !still_linked(&record, &path) {
+        return AfterOwner::Released;
+    }
+    let until = Instant::now() + wait;
+    let mut file = record;
+    let locked = loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => break f,
+            Err((f, Errno::EWOULDBLOCK)) if Instant::now() < until => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => return AfterOwner::StillHeld,
+        }
+    };
+    if !still_linked(&locked, &path) {
+        return AfterOwner::Released;
+    }
+    undo(run_root, vm_id, &locked);
+    let _ = std::fs::remove_file(&path);
+    AfterOwner::Undone
 }
 
 /// Undoes what each record nobody holds names: pods whose shim died before its
@@ -192,7 +254,7 @@ fn undo(run_root: &Path, vm_id: &str, file: &File) {
 }
 
 /// `pod-` and hex, as `sandbox::vm_id` makes them: a name that cannot climb out.
-fn is_vm_id(s: &str) -> bool {
+pub fn is_vm_id(s: &str) -> bool {
     s.strip_prefix("pod-")
         .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
@@ -237,19 +299,6 @@ fn still_linked(file: &File, path: &Path) -> bool {
 mod tests {
     use super::*;
 
-    /// A stand-in VM process: one process whose command line names `run_dir`.
-    fn vm_process(run_dir: &Path) -> std::process::Child {
-        use std::os::unix::process::CommandExt;
-        std::process::Command::new("sleep")
-            .arg0(format!("vm {}", run_dir.display()))
-            .arg("60")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
     /// A pod's leftovers on disk: its run dir and share.
     fn pod_dirs(root: &Path, vm_id: &str) -> (PathBuf, PathBuf) {
         let (run, share) = (root.join(vm_id), root.join("shares").join(vm_id));
@@ -272,7 +321,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let vm_id = "pod-0123abcd";
         let (run, share) = pod_dirs(d.path(), vm_id);
-        let mut vm = vm_process(&run);
+        let mut vm = crate::shimv2::persist::stand_in_vm(&run);
         let mut held = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
         held.write(&record(vm_id, vec![vm.id()])).unwrap();
 
@@ -346,5 +395,45 @@ mod tests {
         assert_eq!(sweep(d.path()), vec![vm_id.to_string()]);
         assert!(!run.exists() && !share.exists());
         assert!(d.path().join(DIR).join("..json").exists());
+    }
+
+    #[test]
+    fn a_janitor_undoes_its_pod_only_if_the_shim_died_holding_it() {
+        let d = tempfile::tempdir().unwrap();
+        let vm_id = "pod-d00d";
+        let (run, share) = pod_dirs(d.path(), vm_id);
+
+        // The teardown came first: nothing is undone (a later pod may have the dirs).
+        let held = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
+        let watched = open_record(d.path(), vm_id).unwrap();
+        held.release();
+        let after = undo_if_abandoned(d.path(), vm_id, watched, Duration::ZERO);
+        assert_eq!(after, AfterOwner::Released);
+        assert!(run.is_dir() && share.is_dir());
+
+        let mut vm = crate::shimv2::persist::stand_in_vm(&run);
+        let mut held = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
+        held.write(&record(vm_id, vec![vm.id()])).unwrap();
+        // Held past the wait (a live owner, a sweep): not the janitor's.
+        let watched = open_record(d.path(), vm_id).unwrap();
+        let after = undo_if_abandoned(d.path(), vm_id, watched, Duration::from_millis(60));
+        assert_eq!(after, AfterOwner::StillHeld);
+        assert!(run.is_dir() && is_vm_process(vm.id(), &[run.as_path()]));
+
+        // The shim dies holding it, a moment after the watch ended.
+        let watched = open_record(d.path(), vm_id).unwrap();
+        let dying = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let after = undo_if_abandoned(d.path(), vm_id, watched, Duration::from_secs(5));
+        dying.join().unwrap();
+        assert_eq!(after, AfterOwner::Undone);
+        assert!(
+            !vm.wait().unwrap().success(),
+            "the VM process was not killed"
+        );
+        assert!(!run.exists() && !share.exists(), "the pod's dirs stayed");
+        assert!(!d.path().join(DIR).join(format!("{vm_id}.json")).exists());
     }
 }

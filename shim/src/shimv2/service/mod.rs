@@ -267,7 +267,19 @@ impl Service {
         let root = self.inner.config.paths.run_dir.clone();
         let id = vm_id.to_string();
         let taken = tokio::task::spawn_blocking(move || {
-            super::podrecord::Held::take(&root, &id, RECORD_WAIT)
+            let mut held = super::podrecord::Held::take(&root, &id, RECORD_WAIT)?;
+            // Should this shim die before the pod's teardown ends, the janitor undoes it.
+            match super::janitor::Janitor::spawn(&root, &id) {
+                Ok(j) => {
+                    tracing::debug!(vm = %id, pid = j.pid(), "the pod's janitor is watching");
+                    held.watched_by(j);
+                }
+                Err(e) => tracing::warn!(
+                    vm = %id,
+                    "cannot start the pod's janitor (the next shim's sweep covers a death): {e}"
+                ),
+            }
+            Ok::<_, std::io::Error>(held)
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
