@@ -256,11 +256,12 @@ pub fn shim_delete(env: &Env, bundle: &Path, id: &str) {
         .env("PATH", cocoon_integration::containerd::tool_path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
+    // What it decided (spare a live shim's VM, or kill a shim that does not answer).
+    eprintln!(
         "shim delete of {id}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr).trim()
     );
+    assert!(out.status.success(), "shim delete of {id} failed");
 }
 
 /// The pod VM's VMM process (the test's only pod).
