@@ -122,7 +122,12 @@ async fn a_pod_and_its_node_are_measured() {
     assert_eq!(s("cocoon_pod_containers_created_total", &[]), Some(3.0));
     assert_eq!(s("cocoon_pod_container_restarts_total", &[]), Some(1.0));
     assert_eq!(s("cocoon_pod_vm_lost", &[]), Some(0.0));
-    for process in ["containerd-shim", "qemu-system-x86", "virtiofsd"] {
+    for process in [
+        "containerd-shim",
+        "cocoon-janitor",
+        "qemu-system-x86",
+        "virtiofsd",
+    ] {
         let pss = s(
             "cocoon_pod_process_memory_bytes",
             &[&format!("process=\"{process}"), "kind=\"pss\""],

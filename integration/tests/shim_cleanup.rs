@@ -274,7 +274,8 @@ fn janitor_pid(env: &Env) -> Option<u32> {
 }
 
 /// The janitor keeps only the capabilities undoing a pod needs, has no_new_privs, and
-/// has a session of its own (a signal to the shim's group spares it).
+/// has its seccomp filter on and a session of its own (a signal to the shim's group
+/// spares it).
 fn assert_confined(janitor: u32) {
     let status = std::fs::read_to_string(format!("/proc/{janitor}/status")).unwrap();
     let field = |name: &str| {
@@ -295,6 +296,8 @@ fn assert_confined(janitor: u32) {
     assert_eq!(field("CapInh:"), "0000000000000000", "{status}");
     assert_eq!(field("CapAmb:"), "0000000000000000", "{status}");
     assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    // Its allow-list (`janitor::ALLOWED`), on before it starts watching.
+    assert_eq!(field("Seccomp:"), "2", "{status}");
     let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(janitor as i32))).unwrap();
     assert_eq!(sid.as_raw() as u32, janitor, "the janitor shares a session");
 }

@@ -10,8 +10,10 @@
 //!
 //! The janitor blocks on a pipe whose only writer is the shim (close-on-exec, so no VM
 //! process inherits it). The shim closes it once the pod's record is released, or the
-//! kernel does as the shim dies. Then: no record, the pod was torn down; a record nobody
-//! holds, the shim died first, and the janitor undoes the pod as a sweep would
+//! kernel does as the shim dies. The janitor watches the record it was given as a
+//! descriptor, not a path (a new pod of the same id would have a new record there).
+//! Then: the record unlinked, the pod was torn down; still linked and nobody holds it,
+//! the shim died first, and the janitor undoes the pod as a sweep would
 //! (`podrecord::undo_if_abandoned`) and exits. It is the shim binary again (`/proc/self/exe`,
 //! so an upgrade in place does not matter), named `cocoon-janitor`, in a session of its
 //! own (a signal to the shim's group does not take it), not killed with the shim, with
@@ -21,7 +23,7 @@
 //! links, not crossing mounts).
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +35,8 @@ use super::podrecord::{self, AfterOwner};
 pub const NAME: &str = "cocoon-janitor";
 /// The action (argv[1]) that makes the shim binary a janitor.
 pub const ACTION: &str = "janitor";
+/// The janitor's descriptor of its pod's record (`Held::watch_copy`).
+const RECORD_FD: RawFd = 3;
 /// How long a dying shim's descriptors (its lock on the record) may take to close.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
@@ -53,8 +57,9 @@ impl std::fmt::Debug for Janitor {
 
 impl Janitor {
     /// Starts the janitor of the pod VM `vm_id` under `run_root`, whose record this shim
-    /// holds.
-    pub fn spawn(run_root: &Path, vm_id: &str) -> std::io::Result<Janitor> {
+    /// holds; `record` is a descriptor of that record of the janitor's own
+    /// (`Held::watch_copy`), which it gets as its fd 3.
+    pub fn spawn(run_root: &Path, vm_id: &str, record: std::fs::File) -> std::io::Result<Janitor> {
         // Only the shim binary knows the janitor's action (a test harness would take it
         // for a filter and run tests).
         let exe = std::env::current_exe()?;
@@ -79,17 +84,28 @@ impl Janitor {
         if let Some(filter) = std::env::var_os("COCOON_LOG") {
             cmd.env("COCOON_LOG", filter);
         }
-        // SAFETY: setsid between fork and exec is async-signal-safe and touches no
-        // memory of the parent.
+        let fd = record.as_raw_fd();
+        // SAFETY: setsid, dup2 and fcntl between fork and exec are async-signal-safe and
+        // touch no memory of the parent; `record` outlives the spawn.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                let r = if fd == RECORD_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, RECORD_FD)
+                };
+                if r < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
         let child = cmd.spawn()?;
+        drop(record);
         Ok(Janitor { watch, child })
     }
 
@@ -140,14 +156,16 @@ pub fn main(args: &[OsString]) -> i32 {
         tracing::error!("{NAME}: {vm_id:?} is not a pod VM id");
         return 2;
     }
-    if let Err(e) = confine() {
+    // `ps` and the pod's metrics show it by this name, not the binary's.
+    let _ = nix::sys::prctl::set_name(c"cocoon-janitor");
+    let Some(record) = inherited_record() else {
+        tracing::error!(vm = %vm_id, "{NAME}: fd {RECORD_FD} is not a pod record, not watching");
+        return 2;
+    };
+    if let Err(e) = confine().and_then(|()| filter_syscalls()) {
         tracing::error!(vm = %vm_id, "{NAME}: cannot confine itself, not watching: {e}");
         return 1;
     }
-    // Gone already: the pod's teardown, or a sweep, came first.
-    let Ok(record) = podrecord::open_record(&run_root, &vm_id) else {
-        return 0;
-    };
     wait_for_close(std::io::stdin());
     match podrecord::undo_if_abandoned(&run_root, &vm_id, record, LOCK_WAIT) {
         AfterOwner::Released => {}
@@ -161,6 +179,20 @@ pub fn main(args: &[OsString]) -> i32 {
         ),
     }
     0
+}
+
+/// The record the shim gave this janitor: fd 3, a regular file. Taken only once.
+fn inherited_record() -> Option<std::fs::File> {
+    // SAFETY: a zeroed stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only writes into `st`, which outlives the call.
+    let open = unsafe { libc::fstat(RECORD_FD, &mut st) } == 0;
+    if !open || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    // SAFETY: fd 3 is open and a regular file, and nothing else in this process owns
+    // it (the shim put it there for this; `main` takes it once).
+    Some(unsafe { std::fs::File::from_raw_fd(RECORD_FD) })
 }
 
 /// Blocks until every writer of `pipe` has closed it.
@@ -206,6 +238,90 @@ fn confine() -> Result<(), String> {
         return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// The syscalls a janitor makes once confined: waiting on its pipe, locking and reading
+/// its record, reading `/proc/<pid>/cmdline` and killing what is left of the VM,
+/// unmounting and removing the share, run dir and cgroup directories, logging, and what
+/// the Rust runtime needs for memory, time and exit. Anything else fails with EPERM (the
+/// call is not made; the undoing goes on with what it can do, as it would after any
+/// other error, rather than leaving everything behind). No exec, no mount, no socket,
+/// no ptrace, no `open_by_handle_at` (which CAP_DAC_READ_SEARCH would otherwise open).
+const ALLOWED: &[i64] = &[
+    // Files and directories.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_flock,
+    libc::SYS_getdents64,
+    libc::SYS_unlinkat,
+    libc::SYS_unlink,
+    libc::SYS_rmdir,
+    libc::SYS_umount2,
+    // What is left of the VM.
+    libc::SYS_kill,
+    // Memory (no PROT_EXEC: see `filter_syscalls`), time, signals, exit.
+    libc::SYS_brk,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Installs the janitor's allow-list (`ALLOWED`; mmap and mprotect only without
+/// PROT_EXEC). Needs no_new_privs, which `confine` set.
+fn filter_syscalls() -> Result<(), String> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    let no_exec = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| format!("seccomp rule: {e}"))?;
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
+    rules.insert(libc::SYS_mmap, vec![no_exec.clone()]);
+    rules.insert(libc::SYS_mprotect, vec![no_exec]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| format!("seccomp filter: {e}"))?;
+    let program: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|e| format!("seccomp filter: {e}"))?;
+    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp filter: {e}"))
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use crate::telemetry::{escape, family, process_memory};
 pub const SOCKET: &str = "metrics.sock";
 
 /// Starts serving `sb`'s metrics; stops once the sandbox is gone.
-pub fn spawn(sb: &Arc<Sandbox>, namespace: &str, sandbox_id: &str) {
+/// `janitor` is the pod's janitor process (`janitor`), reported with the pod's others.
+pub fn spawn(sb: &Arc<Sandbox>, namespace: &str, sandbox_id: &str, janitor: Option<u32>) {
     let path = sb.run_dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
@@ -46,7 +47,7 @@ pub fn spawn(sb: &Arc<Sandbox>, namespace: &str, sandbox_id: &str) {
             let Some(sb) = weak.upgrade() else {
                 return;
             };
-            let text = render(&sb, &labels);
+            let text = render(&sb, &labels, janitor);
             drop(sb);
             tokio::spawn(async move {
                 let _ = conn.write_all(text.as_bytes()).await;
@@ -58,7 +59,7 @@ pub fn spawn(sb: &Arc<Sandbox>, namespace: &str, sandbox_id: &str) {
 
 /// The pod's exposition: its VM's boot stages, size, state, host processes' memory,
 /// then what the shim counted.
-pub fn render(sb: &Sandbox, labels: &str) -> String {
+pub fn render(sb: &Sandbox, labels: &str, janitor: Option<u32>) -> String {
     let mut out = String::new();
     family(
         &mut out,
@@ -110,9 +111,11 @@ pub fn render(sb: &Sandbox, labels: &str) -> String {
         &mut out,
         "cocoon_pod_process_memory_bytes",
         "gauge",
-        "Host memory of the pod's processes (shim, VMM, virtiofsd, vsock backend): PSS and RSS.",
+        "Host memory of the pod's processes (shim, its janitor, VMM, virtiofsd, vsock backend): PSS and RSS.",
     );
-    let procs = std::iter::once(std::process::id()).chain(sb.pids.iter().copied());
+    let procs = std::iter::once(std::process::id())
+        .chain(janitor)
+        .chain(sb.pids.iter().copied());
     for pid in procs {
         let Some((pss, rss)) = process_memory(pid) else {
             continue;

@@ -114,9 +114,22 @@ impl Held {
         Ok(())
     }
 
+    /// A descriptor of this very record, of its own (unlocked: the lock stays this
+    /// one's), for the janitor: a path opened later might name the record of a new pod
+    /// of the same id.
+    pub fn watch_copy(&self) -> std::io::Result<File> {
+        use std::os::fd::AsRawFd;
+        File::open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
     /// Has `janitor` undo the pod should this shim die before `release`.
     pub fn watched_by(&mut self, janitor: super::janitor::Janitor) {
         self.janitor = Some(janitor);
+    }
+
+    /// The pid of the pod's janitor, if it has one.
+    pub fn janitor_pid(&self) -> Option<u32> {
+        self.janitor.as_ref().map(|j| j.pid())
     }
 
     /// The pod is gone, all of it: so is its record, and then its janitor's watch.
@@ -142,13 +155,7 @@ pub enum AfterOwner {
     StillHeld,
 }
 
-/// Opens the record of `vm_id` without locking it (for its janitor, which watches it
-/// while the shim holds it).
-pub fn open_record(run_root: &Path, vm_id: &str) -> std::io::Result<File> {
-    open(&run_root.join(DIR).join(format!("{vm_id}.json")), false)
-}
-
-/// `record` (opened by `open_record` while its shim held it) once that shim let go of
+/// `record` (a `Held::watch_copy`, made while its shim held it) once that shim let go of
 /// the janitor: released if its file is gone; else, once unheld (the dying shim's
 /// descriptors close within `wait`), a dead shim's pod, undone like a sweep would.
 pub fn undo_if_abandoned(run_root: &Path, vm_id: &str, record: File, wait: Duration) -> AfterOwner {
@@ -405,8 +412,19 @@ mod tests {
 
         // The teardown came first: nothing is undone (a later pod may have the dirs).
         let held = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
-        let watched = open_record(d.path(), vm_id).unwrap();
+        let watched = held.watch_copy().unwrap();
         held.release();
+        let after = undo_if_abandoned(d.path(), vm_id, watched, Duration::ZERO);
+        assert_eq!(after, AfterOwner::Released);
+        assert!(run.is_dir() && share.is_dir());
+
+        // Nor when a new pod of the same id took a new record meanwhile, unheld for a
+        // moment: the watch is of the old one.
+        let held = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
+        let watched = held.watch_copy().unwrap();
+        held.release();
+        let next = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
+        drop(next);
         let after = undo_if_abandoned(d.path(), vm_id, watched, Duration::ZERO);
         assert_eq!(after, AfterOwner::Released);
         assert!(run.is_dir() && share.is_dir());
@@ -415,13 +433,13 @@ mod tests {
         let mut held = Held::take(d.path(), vm_id, Duration::ZERO).unwrap();
         held.write(&record(vm_id, vec![vm.id()])).unwrap();
         // Held past the wait (a live owner, a sweep): not the janitor's.
-        let watched = open_record(d.path(), vm_id).unwrap();
+        let watched = held.watch_copy().unwrap();
         let after = undo_if_abandoned(d.path(), vm_id, watched, Duration::from_millis(60));
         assert_eq!(after, AfterOwner::StillHeld);
         assert!(run.is_dir() && is_vm_process(vm.id(), &[run.as_path()]));
 
         // The shim dies holding it, a moment after the watch ended.
-        let watched = open_record(d.path(), vm_id).unwrap();
+        let watched = held.watch_copy().unwrap();
         let dying = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             drop(held);

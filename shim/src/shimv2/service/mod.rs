@@ -241,6 +241,7 @@ impl Service {
         if let Err(e) = record.write(&vm) {
             tracing::warn!("cannot record the pod VM for the node: {e}");
         }
+        let janitor = record.janitor_pid();
         *self.inner.record.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
         undo::save_state(
             bundle,
@@ -250,7 +251,7 @@ impl Service {
             },
         );
         *slot = Some(sb.clone());
-        super::podmetrics::spawn(&sb, &self.inner.namespace, &self.inner.group);
+        super::podmetrics::spawn(&sb, &self.inner.namespace, &self.inner.group, janitor);
         let me = self.clone();
         let watched = sb.clone();
         tokio::spawn(async move { me.forward_oom_events(watched).await });
@@ -269,7 +270,10 @@ impl Service {
         let taken = tokio::task::spawn_blocking(move || {
             let mut held = super::podrecord::Held::take(&root, &id, RECORD_WAIT)?;
             // Should this shim die before the pod's teardown ends, the janitor undoes it.
-            match super::janitor::Janitor::spawn(&root, &id) {
+            let spawned = held
+                .watch_copy()
+                .and_then(|record| super::janitor::Janitor::spawn(&root, &id, record));
+            match spawned {
                 Ok(j) => {
                     tracing::debug!(vm = %id, pid = j.pid(), "the pod's janitor is watching");
                     held.watched_by(j);
