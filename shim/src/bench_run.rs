@@ -28,6 +28,10 @@ pub struct Memory {
     pub rss_kb: u64,
     /// Shared memory mapped (for QEMU and the backends: guest RAM touched) (kB).
     pub shmem_kb: u64,
+    /// Proportional set size less its shared-memory part (kB): what the process holds
+    /// beyond guest RAM, with the pages it shares with other processes (the same
+    /// binary's text in every pod's shim) split between them. #12's footprint measure.
+    pub pss_kb: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -169,11 +173,13 @@ fn memory_of(procs: &[(u32, String)]) -> Vec<Memory> {
                 .unwrap_or("")
                 .to_string();
             let (rss_kb, shmem_kb) = rss(*pid);
+            let pss_kb = crate::telemetry::Rollup::of(*pid).map_or(0, |r| r.pss_beyond_shmem());
             Memory {
                 process: name,
                 pid: *pid,
                 rss_kb,
                 shmem_kb,
+                pss_kb,
             }
         })
         .collect()
@@ -357,18 +363,20 @@ impl RunReport {
             }
         }
         s.push_str(
-            "\nhost memory of one idle pod (kB; rss = anon + file, shmem = guest RAM mapped)\n",
+            "\nhost memory of one idle pod (kB; rss = anon + file, shmem = guest RAM mapped, \
+             pss = proportional set size beyond shared memory)\n",
         );
         for (label, mem) in [("cocoon", &self.cocoon_memory), ("runc", &self.runc_memory)] {
             let total: u64 = mem.iter().map(|m| m.rss_kb).sum();
+            let total_pss: u64 = mem.iter().map(|m| m.pss_kb).sum();
             for m in mem {
                 s.push_str(&format!(
-                    "  {label:<7} {:<28} rss {:>8}  shmem {:>8}\n",
-                    m.process, m.rss_kb, m.shmem_kb
+                    "  {label:<7} {:<28} rss {:>8}  pss {:>8}  shmem {:>8}\n",
+                    m.process, m.rss_kb, m.pss_kb, m.shmem_kb
                 ));
             }
             s.push_str(&format!(
-                "  {label:<7} {:<28} rss {total:>8}\n",
+                "  {label:<7} {:<28} rss {total:>8}  pss {total_pss:>8}\n",
                 "total (without guest RAM)"
             ));
         }
