@@ -4,7 +4,8 @@
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dir=$(mktemp -d /tmp/cocoon.XXXXXX)
 sock="$dir/containerd.sock"
-export PATH="$root/target/debug:${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+# COCOON_BIN_DIR=target/release measures the binaries `make install` puts on a node.
+export PATH="${COCOON_BIN_DIR:-$root/target/debug}:$root/target/debug:${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export COCOON_CONFIG="$dir/cocoon.toml"
 
 cleanup() {

@@ -6,6 +6,7 @@ mod ctr_common;
 
 use std::time::{Duration, Instant};
 
+use cocoon_integration::image::IMAGE_REF;
 use ctr_common::*;
 
 /// The part of a process's proportional set size that is shared memory, in KiB: for
@@ -66,4 +67,88 @@ fn freed_memory_goes_back(env: &Env, vmm_mark: &str) {
     );
     eprintln!("guest RAM on the host (KiB, each change): {seen:?}");
     kill_delete_clean(env, "transient");
+}
+
+/// `cocoon bench run` against runc through one containerd: its latencies, each
+/// process of one idle pod, and the per-pod footprint of several idle pods, in the
+/// JSON it writes; every pod it started is gone afterwards.
+#[test]
+fn the_run_bench_measures_each_pod_process_and_the_shared_footprint() {
+    let env = env_with("hypervisor = \"qemu\"\n", "");
+    let out = env.run_dir.with_file_name("bench-run.json");
+    let o = cocoon_cli(&env)
+        .args(["bench", "run", "--address"])
+        .arg(&env.containerd.address)
+        .args([
+            "--image",
+            IMAGE_REF,
+            "--runs",
+            "1",
+            "--idle-pods",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "cocoon bench run failed: {stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let ms = |k: &str| report[k][0].as_f64().unwrap_or(0.0);
+    assert!(ms("cocoon_ms") > 0.0 && ms("runc_ms") > 0.0, "{report}");
+    let pss_of = |list: &serde_json::Value, kind: &str| -> u64 {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["process"] == kind)
+            .map(|m| m["pss_kb"].as_u64().unwrap())
+            .sum()
+    };
+    for kind in [
+        "containerd-shim-cocoon-v2",
+        "cocoon-janitor",
+        "qemu-system-x86_64",
+        "virtiofsd",
+    ] {
+        assert!(
+            pss_of(&report["cocoon_memory"], kind) > 0,
+            "no Pss for {kind} of one idle pod: {stdout}"
+        );
+    }
+    assert!(
+        pss_of(&report["runc_memory"], "containerd-shim-runc-v2") > 0,
+        "{stdout}"
+    );
+    for (runtime, shim) in [
+        ("cocoon", "containerd-shim-cocoon-v2"),
+        ("runc", "containerd-shim-runc-v2"),
+    ] {
+        let f = &report[format!("{runtime}_footprint")];
+        assert_eq!(f["pods"], 2, "{f}");
+        let per_pod: u64 = f["pss_kb_per_pod"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| kv[1].as_u64().unwrap())
+            .sum();
+        assert!(per_pod > 0 && per_pod == f["total_pss_kb_per_pod"], "{f}");
+        assert!(
+            f["pss_kb_per_pod"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|kv| kv[0] == shim),
+            "{f}"
+        );
+    }
+    assert!(
+        stdout.contains("host memory per pod with 2 idle pods"),
+        "{stdout}"
+    );
+    eprintln!("{stdout}");
+    assert_clean(&env);
 }

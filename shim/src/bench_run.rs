@@ -90,6 +90,8 @@ pub struct RunReport {
     pub timeline: Vec<TimelineRow>,
     pub cocoon_memory: Vec<Memory>,
     pub runc_memory: Vec<Memory>,
+    pub cocoon_footprint: SharedFootprint,
+    pub runc_footprint: SharedFootprint,
 }
 
 fn ctr(address: &Path, args: &[&str]) -> Result<std::process::Output, RunBenchError> {
@@ -185,19 +187,39 @@ fn memory_of(procs: &[(u32, String)]) -> Vec<Memory> {
         .collect()
 }
 
-/// Memory of one idle pod: a detached `sleep` under `runtime`.
-fn pod_memory(
-    address: &Path,
-    runtime: &str,
-    image: &str,
-    id: &str,
-    run_dir: &Path,
-) -> Result<Vec<Memory>, RunBenchError> {
-    ctr_ok(
-        address,
-        &["run", "-d", "--runtime", runtime, image, id, "sleep", "600"],
-    )?;
-    // The pod is up once its task runs (ctr run -d returns after Start).
+/// The host memory of idle pods under one runtime, by process kind, once `pods` of
+/// them run: what a pod costs a node that runs several, where every pod's shim (and
+/// janitor, and VMM) shares its binary's text with the others.
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedFootprint {
+    pub pods: usize,
+    /// Process kind (argv[0]'s file name) and its Pss beyond shared memory per pod (kB).
+    pub pss_kb_per_pod: Vec<(String, u64)>,
+    pub total_pss_kb_per_pod: u64,
+}
+
+impl SharedFootprint {
+    fn of(mem: &[Memory], pods: usize) -> Self {
+        let mut by_kind: std::collections::BTreeMap<&str, u64> = Default::default();
+        for m in mem {
+            *by_kind.entry(&m.process).or_default() += m.pss_kb;
+        }
+        let n = pods.max(1) as u64;
+        let pss_kb_per_pod: Vec<(String, u64)> = by_kind
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v / n))
+            .collect();
+        let total_pss_kb_per_pod = pss_kb_per_pod.iter().map(|(_, v)| v).sum();
+        Self {
+            pods,
+            pss_kb_per_pod,
+            total_pss_kb_per_pod,
+        }
+    }
+}
+
+/// The processes of the idle pods under `runtime` (detached `sleep`s).
+fn idle_pod_processes(address: &Path, runtime: &str, run_dir: &Path) -> Vec<Memory> {
     let addr = address.to_string_lossy().into_owned();
     let mut procs = find_processes(&["containerd-shim", &addr]);
     if runtime.contains("cocoon") {
@@ -207,7 +229,50 @@ fn pod_memory(
     }
     procs.sort();
     procs.dedup_by_key(|p| p.0);
-    let mem = memory_of(&procs);
+    memory_of(&procs)
+}
+
+/// Memory of idle pods (detached `sleep`s) under `runtime`: each process of the first
+/// pod alone, then by kind per pod once `pods` run. Every pod is removed again, also
+/// when one fails to start.
+fn pod_memory(
+    address: &Path,
+    runtime: &str,
+    image: &str,
+    tag: &str,
+    run_dir: &Path,
+    pods: usize,
+) -> Result<(Vec<Memory>, SharedFootprint), RunBenchError> {
+    let ids: Vec<String> = (0..pods.max(1)).map(|i| format!("{tag}-{i}")).collect();
+    let mut started = Vec::new();
+    let measured = (|| {
+        let mut one = Vec::new();
+        for id in &ids {
+            ctr_ok(
+                address,
+                &["run", "-d", "--runtime", runtime, image, id, "sleep", "600"],
+            )?;
+            started.push(id.clone());
+            // The pod is up once its task runs (ctr run -d returns after Start).
+            if one.is_empty() {
+                one = idle_pod_processes(address, runtime, run_dir);
+            }
+        }
+        let all = idle_pod_processes(address, runtime, run_dir);
+        Ok((one, SharedFootprint::of(&all, ids.len())))
+    })();
+    for id in &started {
+        remove_task(address, id);
+    }
+    let removed = started
+        .iter()
+        .try_for_each(|id| ctr_ok(address, &["container", "delete", id]));
+    let measured = measured?;
+    removed?;
+    Ok(measured)
+}
+
+fn remove_task(address: &Path, id: &str) {
     let _ = ctr(address, &["task", "kill", "-s", "SIGKILL", id]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while ctr(address, &["task", "delete", id])
@@ -219,14 +284,15 @@ fn pod_memory(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    ctr_ok(address, &["container", "delete", id])?;
-    Ok(mem)
 }
 
+/// `runs` timed `ctr run --rm` of each runtime, then the memory of one idle pod and
+/// of each pod among `idle_pods`.
 pub fn run_bench(
     address: &Path,
     image: &str,
     runs: usize,
+    idle_pods: usize,
     run_dir: &Path,
 ) -> Result<RunReport, RunBenchError> {
     let tag = std::process::id();
@@ -297,19 +363,21 @@ pub fn run_bench(
             Stats::of(&cocoon_ms),
         ),
     ];
-    let cocoon_memory = pod_memory(
+    let (cocoon_memory, cocoon_footprint) = pod_memory(
         address,
         "io.containerd.cocoon.v2",
         image,
         &format!("bench-mem-cocoon-{tag}"),
         run_dir,
+        idle_pods,
     )?;
-    let runc_memory = pod_memory(
+    let (runc_memory, runc_footprint) = pod_memory(
         address,
         "io.containerd.runc.v2",
         image,
         &format!("bench-mem-runc-{tag}"),
         run_dir,
+        idle_pods,
     )?;
     Ok(RunReport {
         runs,
@@ -321,6 +389,8 @@ pub fn run_bench(
         timeline,
         cocoon_memory,
         runc_memory,
+        cocoon_footprint,
+        runc_footprint,
     })
 }
 
@@ -378,6 +448,22 @@ impl RunReport {
             s.push_str(&format!(
                 "  {label:<7} {:<28} rss {total:>8}  pss {total_pss:>8}\n",
                 "total (without guest RAM)"
+            ));
+        }
+        s.push_str(&format!(
+            "\nhost memory per pod with {} idle pods (kB of pss beyond shared memory)\n",
+            self.cocoon_footprint.pods
+        ));
+        for (label, f) in [
+            ("cocoon", &self.cocoon_footprint),
+            ("runc", &self.runc_footprint),
+        ] {
+            for (kind, kb) in &f.pss_kb_per_pod {
+                s.push_str(&format!("  {label:<7} {kind:<28} pss {kb:>8}\n"));
+            }
+            s.push_str(&format!(
+                "  {label:<7} {:<28} pss {:>8}\n",
+                "total per pod", f.total_pss_kb_per_pod
             ));
         }
         s

@@ -202,6 +202,10 @@ enum BenchCmd {
         image: String,
         #[arg(long, default_value_t = 10)]
         runs: usize,
+        /// Idle pods of each runtime run at once for the per-pod footprint (their shims',
+        /// janitors' and VMMs' text is shared between them).
+        #[arg(long, default_value_t = 4)]
+        idle_pods: usize,
         #[arg(long, default_value = "cocoon-bench-run.json")]
         out: PathBuf,
     },
@@ -465,15 +469,24 @@ fn run(cli: Cli) -> Result<()> {
                     address,
                     image,
                     runs,
+                    idle_pods,
                     out,
                 },
         } => {
             if runs == 0 {
                 bail!("--runs must be at least 1");
             }
+            if idle_pods == 0 {
+                bail!("--idle-pods must be at least 1");
+            }
             let config = Config::load()?;
-            let report =
-                cocoon_shim::bench_run::run_bench(&address, &image, runs, &config.paths.run_dir)?;
+            let report = cocoon_shim::bench_run::run_bench(
+                &address,
+                &image,
+                runs,
+                idle_pods,
+                &config.paths.run_dir,
+            )?;
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             print!("{}", report.table());
