@@ -19,6 +19,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -118,21 +119,28 @@ pub fn remove(share: &Path) {
     }
 }
 
-/// The id of the mount `path` is on (not following a last link). A bind mount of a
-/// directory of the same filesystem has the same device number, so only this tells it.
-fn mount_id(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+/// The mount id and file type of `name` under `dir` (or of `dir` itself for an empty
+/// name), not following a last link. A bind mount of a directory of the same filesystem
+/// has the same device number, so only the mount id tells it.
+fn mount_and_type(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+) -> std::io::Result<(u64, u32)> {
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
     // SAFETY: zeroed statx is a valid value for the kernel to fill.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a statx buffer that outlive the call.
+    // SAFETY: a valid descriptor, C string and statx buffer that outlive the call.
     let r = unsafe {
         libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_MNT_ID,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_TYPE | libc::STATX_MNT_ID,
             &mut stx,
         )
     };
@@ -144,13 +152,30 @@ fn mount_id(path: &Path) -> std::io::Result<u64> {
             "the kernel gives no mount id (Linux < 5.8)",
         ));
     }
-    Ok(stx.stx_mnt_id)
+    Ok((stx.stx_mnt_id, u32::from(stx.stx_mode) & libc::S_IFMT))
+}
+
+/// Opens directory `name` under `dir` (`dir` itself for "."), never through a link.
+fn open_dir_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+) -> std::io::Result<OwnedFd> {
+    Ok(nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// Removes `dir` and what is under it on `dir`'s own mount, without following links
 /// or descending into another mount: what is mounted below stays, and so does `dir`
 /// (the removal then fails with the reason). For the share's mount points, which must
 /// never be the way to a recursive delete of a volume's data.
+///
+/// The walk works on directory descriptors, opened without following links, and
+/// removes each entry relative to its parent's descriptor: a directory swapped for a
+/// link or another mount mid-walk is refused, never followed out of the tree.
 ///
 /// An entry that vanishes during the walk counts as removed: a pod's teardown and the
 /// deletion of one of its containers can remove the same container directory at once
@@ -161,11 +186,39 @@ pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
     if !meta.is_dir() {
         return std::fs::remove_file(dir);
     }
-    let mnt = mount_id(dir)?;
+    let fd = nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let (mnt, _) = mount_and_type(fd.as_fd(), c"")?;
+    if let Some(p) = empty_same_fs(&fd, mnt, dir)? {
+        return Err(std::io::Error::other(format!(
+            "{} is still mounted; it and its parents are kept",
+            p.display()
+        )));
+    }
+    drop(fd);
+    std::fs::remove_dir(dir)
+}
+
+/// Removes every entry of the open directory `dir` (on mount `mnt`; shown as `shown`
+/// in messages) that is on that mount. Returns the first entry kept (a mount, or a
+/// directory with one below it).
+fn empty_same_fs(dir: &OwnedFd, mnt: u64, shown: &Path) -> std::io::Result<Option<PathBuf>> {
+    let mut names = Vec::new();
+    let mut listing = nix::dir::Dir::from_fd(dir.try_clone()?)?;
+    for entry in listing.iter() {
+        let name = entry?.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            names.push(name);
+        }
+    }
+    drop(listing);
     let mut busy = None;
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        match remove_entry(&path, mnt) {
+    for name in names {
+        let path = shown.join(OsStr::from_bytes(name.as_bytes()));
+        match remove_entry_at(dir, &name, mnt, &path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -174,26 +227,38 @@ pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
             }
         }
     }
-    if let Some(p) = busy {
+    Ok(busy)
+}
+
+/// Removes entry `name` of `dir` (on mount `mnt`) and, for a directory, what is under
+/// it on that mount; a mount on it, or below it, is an error.
+fn remove_entry_at(
+    dir: &OwnedFd,
+    name: &std::ffi::CStr,
+    mnt: u64,
+    path: &Path,
+) -> std::io::Result<()> {
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let (on, kind) = mount_and_type(dir.as_fd(), name)?;
+    if on != mnt {
+        return Err(std::io::Error::other("a mount"));
+    }
+    if kind != libc::S_IFDIR {
+        return Ok(unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?);
+    }
+    let sub = open_dir_at(dir.as_fd(), name)?;
+    // What was opened is what was looked at: not a mount placed on it since.
+    if mount_and_type(sub.as_fd(), c"")?.0 != mnt {
+        return Err(std::io::Error::other("a mount"));
+    }
+    if let Some(p) = empty_same_fs(&sub, mnt, path)? {
         return Err(std::io::Error::other(format!(
-            "{} is still mounted; it and its parents are kept",
+            "{} is still mounted",
             p.display()
         )));
     }
-    std::fs::remove_dir(dir)
-}
-
-/// Removes one entry of a directory on mount `mnt`; a mount on it is an error.
-fn remove_entry(path: &Path, mnt: u64) -> std::io::Result<()> {
-    let m = std::fs::symlink_metadata(path)?;
-    if mount_id(path)? != mnt {
-        return Err(std::io::Error::other("a mount"));
-    }
-    if m.is_dir() {
-        remove_tree_same_fs(path)
-    } else {
-        std::fs::remove_file(path)
-    }
+    drop(sub);
+    Ok(unlinkat(dir, name, UnlinkatFlags::RemoveDir)?)
 }
 
 /// A directory the host trusts (a pod's host directory), and paths beneath it opened
@@ -532,6 +597,32 @@ mod tests {
         b.create_file(Path::new("a/b/f")).unwrap();
         assert!(b.create_file(Path::new("a/b/f")).is_err(), "not twice");
         assert!(root.join("a/b/f").is_file());
+    }
+
+    /// A link in the tree goes as a link: what it points to, a directory outside, stays.
+    /// So does a directory the walk is handed through a link.
+    #[test]
+    fn removal_never_follows_a_link() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).unwrap();
+        std::fs::write(outside.join("sub/data"), "precious").unwrap();
+        let dir = t.path().join("c1");
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("rootfs/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("top-link")).unwrap();
+
+        let via_link = t.path().join("via-link");
+        std::os::unix::fs::symlink(&outside, &via_link).unwrap();
+        remove_tree_same_fs(&via_link).unwrap();
+        assert!(!via_link.exists() && outside.join("sub/data").is_file());
+
+        remove_tree_same_fs(&dir).unwrap();
+        assert!(!dir.exists());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("sub/data")).unwrap(),
+            "precious"
+        );
     }
 
     #[test]
