@@ -183,8 +183,8 @@ fn one_of(
 
 /// Memory protections without PROT_EXEC (argument 2 of mmap and mprotect): a VMM
 /// that runs guest-fed code paths never needs to make memory executable after start,
-/// so an exploit cannot map its own code.
-fn never_executable() -> Result<SeccompRule, SeccompError> {
+/// so an exploit cannot map its own code. (The shim's pod janitor uses it too.)
+pub fn never_executable() -> Result<SeccompRule, SeccompError> {
     let exec = libc::PROT_EXEC as u64;
     SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0)
         .and_then(|c| SeccompRule::new(vec![c]))

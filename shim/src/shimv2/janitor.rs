@@ -33,6 +33,8 @@ use super::podrecord::{self, AfterOwner};
 
 /// argv[0] of a janitor, as process listings show it.
 pub const NAME: &str = "cocoon-janitor";
+/// The same, as the process's comm (`ps`, the pod metrics).
+const NAME_C: &std::ffi::CStr = c"cocoon-janitor";
 /// The action (argv[1]) that makes the shim binary a janitor.
 pub const ACTION: &str = "janitor";
 /// The janitor's descriptor of its pod's record (`Held::watch_copy`).
@@ -157,7 +159,7 @@ pub fn main(args: &[OsString]) -> i32 {
         return 2;
     }
     // `ps` and the pod's metrics show it by this name, not the binary's.
-    let _ = nix::sys::prctl::set_name(c"cocoon-janitor");
+    let _ = nix::sys::prctl::set_name(NAME_C);
     let Some(record) = inherited_record() else {
         tracing::error!(vm = %vm_id, "{NAME}: fd {RECORD_FD} is not a pod record, not watching");
         return 2;
@@ -295,18 +297,9 @@ const ALLOWED: &[i64] = &[
 /// Installs the janitor's allow-list (`ALLOWED`; mmap and mprotect only without
 /// PROT_EXEC). Needs no_new_privs, which `confine` set.
 fn filter_syscalls() -> Result<(), String> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-        SeccompRule, TargetArch,
-    };
-    let no_exec = SeccompCondition::new(
-        2,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
-        0,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|e| format!("seccomp rule: {e}"))?;
+    use seccompiler::{SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+    let no_exec =
+        cocoon_vmm::seccomp::never_executable().map_err(|e| format!("seccomp rule: {e}"))?;
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
     rules.insert(libc::SYS_mmap, vec![no_exec.clone()]);

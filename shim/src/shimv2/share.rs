@@ -155,10 +155,11 @@ fn mount_and_type(
     Ok((stx.stx_mnt_id, u32::from(stx.stx_mode) & libc::S_IFMT))
 }
 
-/// Opens directory `name` under `dir` (`dir` itself for "."), never through a link.
-fn open_dir_at(
+/// Opens directory `name` under `dir` (relative to the cwd for `AT_FDCWD`), never
+/// through a link.
+fn open_dir_at<P: ?Sized + nix::NixPath>(
     dir: std::os::fd::BorrowedFd<'_>,
-    name: &std::ffi::CStr,
+    name: &P,
 ) -> std::io::Result<OwnedFd> {
     Ok(nix::fcntl::openat(
         dir,
@@ -186,11 +187,7 @@ pub fn remove_tree_same_fs(dir: &Path) -> std::io::Result<()> {
     if !meta.is_dir() {
         return std::fs::remove_file(dir);
     }
-    let fd = nix::fcntl::open(
-        dir,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
+    let fd = open_dir_at(nix::fcntl::AT_FDCWD, dir)?;
     let (mnt, _) = mount_and_type(fd.as_fd(), c"")?;
     if let Some(p) = empty_same_fs(&fd, mnt, dir)? {
         return Err(std::io::Error::other(format!(
