@@ -70,7 +70,9 @@ test-nested: image
 # true, cocoon vs runc, breakdown and pod memory), and cocoon-vmm start/exit
 # vs QEMU microvm on a synthetic guest, and cocoon-vmm vs QEMU with KVM on
 # the real guest image inside the nested harness's L1, and pods restored from a VM
-# template against cold boots on cocoon-vmm, also in L1. JSON reports in target/.
+# template against cold boots on cocoon-vmm, also in L1, and `ctr run` and the memory
+# of idle cocoon-vmm pods in L1 (with the release build where `make install` made
+# one). JSON reports in target/.
 bench: image
 	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out target/image-debian
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 \
@@ -83,6 +85,7 @@ bench: image
 	KERNEL=$(CURDIR)/target/image-debian/vmlinuz \
 		bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot-debian.json
 	bash scripts/bench-nested-template.sh 5 $(CURDIR)/target/bench-template.json
+	bash scripts/bench-nested-run.sh 3 $(CURDIR)/target/bench-nested-run.json
 
 # The long soak (issue #11): pod lifecycles through CRI with faults injected; the
 # report goes to target/soak.json. `make test` runs a short one.

@@ -1,8 +1,9 @@
 # Sourced by demo.sh and bench-run.sh: a private containerd in a temp dir with
 # the busybox test image imported, torn down (with its shims, VMs and mounts)
 # on exit. Sets: dir, sock, image, cpid; exports PATH and COCOON_CONFIG.
+# COCOON_HYPERVISOR (qemu, cocoon-vmm) pins the pods' VMM; unset, the shim's default.
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-dir=$(mktemp -d /tmp/cocoon.XXXXXX)
+dir=$(mktemp -d "${TMPDIR:-/tmp}/cocoon.XXXXXX")
 sock="$dir/containerd.sock"
 # COCOON_BIN_DIR=target/release measures the binaries `make install` puts on a node.
 export PATH="${COCOON_BIN_DIR:-$root/target/debug}:$root/target/debug:${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
@@ -17,8 +18,10 @@ cleanup() {
 trap cleanup EXIT
 
 # The image's own kernel and initramfs (its PVH ELF where it has one).
-printf '[paths]\nimage_dir = "%s"\nrun_dir = "%s"\n' \
-    "$root/target/image" "$dir/run" > "$COCOON_CONFIG"
+top=""
+[[ -z "${COCOON_HYPERVISOR:-}" ]] || top="hypervisor = \"$COCOON_HYPERVISOR\""$'\n'
+printf '%s[paths]\nimage_dir = "%s"\nrun_dir = "%s"\n' \
+    "$top" "$root/target/image" "$dir/run" > "$COCOON_CONFIG"
 printf 'version = 2\nroot = "%s/root"\nstate = "%s/state"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "%s"\n[ttrpc]\n  address = "%s.ttrpc"\n' \
     "$dir" "$dir" "$sock" "$sock" > "$dir/containerd.toml"
 containerd --config "$dir/containerd.toml" >"$dir/containerd.log" 2>&1 &

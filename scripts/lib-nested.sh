@@ -6,7 +6,7 @@ nested_report() {
     local out=$1 inner=$2 raw
     raw=$(mktemp)
     "$root/target/debug/cocoon-nested" run --image-dir "$root/target/image" -- sh -c "$inner" > "$raw" \
-        || { rm -f "$raw"; return 1; }
+        || { tail -n 40 "$raw" >&2; rm -f "$raw"; return 1; }
     sed '/^== report json$/,$d' "$raw" | grep -v '^report written to'
     sed '1,/^== report json$/d' "$raw" > "$out"
     rm -f "$raw"
