@@ -71,7 +71,7 @@ test-nested: image
 # vs QEMU microvm on a synthetic guest, and cocoon-vmm vs QEMU with KVM on
 # the real guest image inside the nested harness's L1, and pods restored from a VM
 # template against cold boots on cocoon-vmm, also in L1, and `ctr run` and the memory
-# of idle cocoon-vmm pods in L1 (with the release build where `make install` made
+# of idle cocoon-vmm pods in L1 (with the node build where `make install` made
 # one). JSON reports in target/.
 bench: image
 	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out target/image-debian
@@ -109,9 +109,9 @@ fuzz-guided: setup
 	bash scripts/fuzz-guided.sh $${RUNS:-1000000} $(CURDIR)/target/fuzz-guided.json
 
 install: image
-	$(CARGO) build --release -p cocoon-shim -p cocoon-vmm
+	$(CARGO) build --profile node -p cocoon-shim -p cocoon-vmm
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/cocoon
-	install -m 0755 target/release/cocoon target/release/cocoon-vmm target/release/containerd-shim-cocoon-v2 \
+	install -m 0755 target/node/cocoon target/node/cocoon-vmm target/node/containerd-shim-cocoon-v2 \
 		$(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initramfs.cpio $(IMAGE_DIR)/manifest.json \
 		$(DESTDIR)$(PREFIX)/share/cocoon/

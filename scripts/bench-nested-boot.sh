@@ -8,12 +8,15 @@
 # `advise` and `never` (L1's default). cocoon-vmm runs twice: as it ships
 # (`--huge-pages auto`: guest RAM on a huge-page tmpfs of its own) and with
 # `--huge-pages off` (a plain memfd, which only shmem THP can give huge pages).
-# Usage: [KERNEL=bzImage] bench-nested-boot.sh RUNS OUT_JSON (default: the image's kernel)
+# Usage: [KERNEL=bzImage] [VMM=cocoon-vmm] bench-nested-boot.sh RUNS OUT_JSON (default: the image's kernel)
 set -euo pipefail
 runs=${1:-3}
 out=${2:-target/bench-nested-boot.json}
 root=$(cd "$(dirname "$0")/.." && pwd)
-vmm=$root/target/release/cocoon-vmm
+# The build `make install` ships (target/node), else release's, else debug's;
+# VMM=path picks another.
+vmm=${VMM:-$root/target/node/cocoon-vmm}
+[[ -x $vmm ]] || vmm=$root/target/release/cocoon-vmm
 [[ -x $vmm ]] || vmm=$root/target/debug/cocoon-vmm
 script=$(mktemp)
 raw=$(mktemp)

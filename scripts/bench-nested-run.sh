@@ -2,21 +2,23 @@
 # `cocoon bench run` on cocoon-vmm pods, inside the nested harness's L1 (a
 # hardware-style /dev/kvm under QEMU/TCG with emulated SVM): `ctr run --rm`
 # against runc, and the host memory of idle pods by process (Pss beyond guest
-# RAM), one pod alone and per pod of IDLE_PODS (default 4). Uses the release
-# build where there is one (`cargo build --release -p cocoon-shim -p cocoon-vmm`),
-# as `make install` would put on a node. Latencies are TCG's; the memory is not.
+# RAM), one pod alone and per pod of IDLE_PODS (default 4). Uses the binaries
+# `make install` puts on a node (target/node, `cargo build --profile node -p
+# cocoon-shim -p cocoon-vmm`) where they are built, or PROFILE=release's.
+# Latencies are TCG's; the memory is not.
 # Usage: bench-nested-run.sh RUNS OUT_JSON
 set -euo pipefail
 runs=${1:-3}
 out=${2:-target/bench-nested-run.json}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bins=$root/target/debug
-if [[ -x $root/target/release/containerd-shim-cocoon-v2 && -x $root/target/release/cocoon-vmm ]]; then
-    # The release shim alone on PATH: it finds cocoon-vmm beside itself, and the
+built=$root/target/${PROFILE:-node}
+if [[ -x $built/containerd-shim-cocoon-v2 && -x $built/cocoon-vmm ]]; then
+    # That shim alone on PATH: it finds cocoon-vmm beside itself, and the
     # debug `cocoon` CLI (which drives the bench) stays in use.
     bins=$(mktemp -d)
     trap 'rm -rf "$bins"' EXIT
-    ln -s "$root/target/release/containerd-shim-cocoon-v2" "$bins/"
+    ln -s "$built/containerd-shim-cocoon-v2" "$bins/"
 fi
 source "$root/scripts/lib-nested.sh"
 nested_report "$out" "

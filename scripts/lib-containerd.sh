@@ -5,7 +5,7 @@
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dir=$(mktemp -d "${TMPDIR:-/tmp}/cocoon.XXXXXX")
 sock="$dir/containerd.sock"
-# COCOON_BIN_DIR=target/release measures the binaries `make install` puts on a node.
+# COCOON_BIN_DIR=target/node measures the binaries `make install` puts on a node.
 export PATH="${COCOON_BIN_DIR:-$root/target/debug}:$root/target/debug:${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export COCOON_CONFIG="$dir/cocoon.toml"
 
