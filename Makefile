@@ -72,7 +72,8 @@ test-nested: image
 # the real guest image inside the nested harness's L1, and pods restored from a VM
 # template against cold boots on cocoon-vmm, also in L1, and `ctr run` and the memory
 # of idle cocoon-vmm pods in L1 (with the node build where `make install` made
-# one). JSON reports in target/.
+# one), and cocoon-vmm's own boots where the host has hardware KVM (it says so and
+# boots nothing on PVM). JSON reports in target/.
 bench: image
 	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out target/image-debian
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 \
@@ -86,6 +87,8 @@ bench: image
 		bash scripts/bench-nested-boot.sh 3 $(CURDIR)/target/bench-nested-boot-debian.json
 	bash scripts/bench-nested-template.sh 5 $(CURDIR)/target/bench-template.json
 	bash scripts/bench-nested-run.sh 3 $(CURDIR)/target/bench-nested-run.json
+	bash scripts/bench-hw-boot.sh --pack target/hw-boot
+	bash scripts/bench-hw-boot.sh target/hw-boot 10 target/bench-hw-boot
 
 # The long soak (issue #11): pod lifecycles through CRI with faults injected; the
 # report goes to target/soak.json. `make test` runs a short one.
