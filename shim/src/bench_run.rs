@@ -217,42 +217,6 @@ impl SharedFootprint {
     }
 }
 
-/// Each process's parent, from `/proc/<pid>/stat` (processes that vanish meanwhile
-/// are left out).
-fn parents() -> Vec<(u32, u32)> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // After the command name, which may hold spaces: state, then ppid.
-            let ppid = stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?;
-            Some((pid, ppid.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Every process below `roots`: children, theirs, and so on.
-fn descendants(roots: &[u32]) -> Vec<u32> {
-    let parents = parents();
-    let mut found: Vec<u32> = roots.to_vec();
-    let mut i = 0;
-    while i < found.len() {
-        let p = found[i];
-        found.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == p)
-                .map(|(c, _)| *c)
-                .filter(|c| !roots.contains(c)),
-        );
-        i += 1;
-    }
-    found.split_off(roots.len())
-}
-
 fn cmdline(pid: u32) -> Option<String> {
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(String::from_utf8_lossy(&cmd).replace('\0', " "))
@@ -266,7 +230,7 @@ fn idle_pod_processes(address: &Path, runtime: &str, run_dir: &Path) -> Vec<Memo
     let mut procs = find_processes(&["containerd-shim", &addr]);
     let shims: Vec<u32> = procs.iter().map(|p| p.0).collect();
     procs.extend(
-        descendants(&shims)
+        crate::telemetry::descendants(&shims)
             .into_iter()
             .filter_map(|pid| Some((pid, cmdline(pid).filter(|c| !c.trim().is_empty())?))),
     );
@@ -513,42 +477,5 @@ impl RunReport {
             ));
         }
         s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A child's own child counts as the child does; a process elsewhere does not.
-    #[test]
-    fn descendants_reach_grandchildren_and_nothing_else() {
-        let mut child = Command::new("sh")
-            .args(["-c", "sleep 30 & echo $!; wait"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let grandchild: u32 = line.trim().parse().unwrap();
-        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
-        let below = descendants(&[child.id()]);
-        for p in [child.id(), other.id()] {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(grandchild as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        child.wait().unwrap();
-        other.wait().unwrap();
-        assert_eq!(below, [grandchild]);
     }
 }

@@ -146,7 +146,7 @@ impl HostCgroup {
                     // Then its children (a jailed VMM's waiter forks the VMM just after
                     // it starts): one forked from here on is born in the cgroup, one
                     // forked before is listed now. One that has already gone is no loss.
-                    for child in crate::hypervisor::process::children_of(pid) {
+                    for child in crate::telemetry::children_of(pid) {
                         let _ = std::fs::write(dir.join("cgroup.procs"), child.to_string());
                     }
                 }

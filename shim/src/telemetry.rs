@@ -291,9 +291,113 @@ pub fn process_memory(pid: u32) -> Option<(u64, u64)> {
     Some((r.pss * 1024, r.rss * 1024))
 }
 
+/// The children of `pid`, whichever of its threads forked them (none if it has gone, or
+/// the kernel lacks `CONFIG_PROC_CHILDREN`). The kernel lists a child under the thread
+/// that forked it, and the shim forks from tokio's worker threads, so every task's list
+/// is read, not only the main thread's.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    // A child reparented from an exiting thread to another between the reads shows twice.
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Every process below `roots` (children, theirs, and so on), roots excluded. A process
+/// reached twice (a root below another root) is listed once.
+pub fn descendants(roots: &[u32]) -> Vec<u32> {
+    let mut found: Vec<u32> = Vec::new();
+    let mut todo: Vec<u32> = roots.to_vec();
+    while let Some(p) = todo.pop() {
+        for c in children_of(p) {
+            if !roots.contains(&c) && !found.contains(&c) {
+                found.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::{Command, Stdio};
+
+    fn kill(pid: u32) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// A child forked by a thread other than the main one is still this process's.
+    #[test]
+    fn children_of_sees_a_child_forked_by_another_thread() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        // The forking thread stays alive until the check is done: when a thread exits,
+        // the kernel moves its children to another thread's list.
+        let t = std::thread::spawn(move || {
+            let mut c = Command::new("sleep").arg("30").spawn().unwrap();
+            tx.send(c.id()).unwrap();
+            let _ = done_rx.recv();
+            kill(c.id());
+            c.wait().unwrap();
+        });
+        let child = rx.recv().unwrap();
+        let me = std::process::id();
+        let seen = children_of(me);
+        let main_only =
+            std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(seen.contains(&child), "child {child} not in {seen:?}");
+        // What the old reader (the main thread's list alone) would have missed.
+        assert!(
+            !main_only.split_whitespace().any(|c| c == child.to_string()),
+            "the main thread's list already had {child}: {main_only}"
+        );
+        assert!(children_of(u32::MAX).is_empty());
+    }
+
+    /// A child's own child counts as the child does; a process elsewhere does not.
+    #[test]
+    fn descendants_reach_grandchildren_and_nothing_else() {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let grandchild: u32 = line.trim().parse().unwrap();
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        let below = descendants(&[child.id()]);
+        let both = descendants(&[child.id(), grandchild]);
+        for p in [child.id(), other.id(), grandchild] {
+            kill(p);
+        }
+        child.wait().unwrap();
+        other.wait().unwrap();
+        assert_eq!(below, [grandchild]);
+        assert!(both.is_empty(), "{both:?}");
+    }
 
     #[test]
     fn a_rollup_reads_its_totals_and_missing_fields_as_zero() {

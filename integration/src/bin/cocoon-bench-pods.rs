@@ -13,7 +13,7 @@
 //! Writes a JSON report and prints a table. Needs root, containerd, runc, the CNI
 //! plugins and the guest image (`make image`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -75,54 +75,19 @@ async fn start_pod(node: &CriNode, handler: &str, name: &str) -> Result<String, 
     Ok(pod)
 }
 
-/// Parent pid of each live process.
-fn parents() -> HashMap<u32, u32> {
-    let mut out = HashMap::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse().ok());
-        if let Some(ppid) = ppid {
-            out.insert(pid, ppid);
-        }
-    }
-    out
-}
-
 fn pss_kib(pid: u32) -> u64 {
     cocoon_shim::telemetry::Rollup::of(pid).map_or(0, |r| r.pss)
 }
 
 /// Pss of the node's shims and everything under them.
 fn node_pss_kib(node: &CriNode) -> u64 {
-    let shims: HashSet<u32> =
-        cocoon_integration::processes_mentioning(&node.address.to_string_lossy())
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains("containerd-shim"))
-            .map(|(pid, _)| pid)
-            .collect();
-    let parents = parents();
-    let under = |mut pid: u32| loop {
-        if shims.contains(&pid) {
-            return true;
-        }
-        match parents.get(&pid) {
-            Some(&p) if p > 1 && p != pid => pid = p,
-            _ => return false,
-        }
-    };
-    parents
-        .keys()
-        .filter(|&&p| under(p))
-        .map(|&p| pss_kib(p))
-        .sum()
+    let shims: Vec<u32> = cocoon_integration::processes_mentioning(&node.address.to_string_lossy())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim"))
+        .map(|(pid, _)| pid)
+        .collect();
+    let below = cocoon_shim::telemetry::descendants(&shims);
+    shims.iter().chain(&below).map(|&p| pss_kib(p)).sum()
 }
 
 async fn run(args: Args) -> Result<serde_json::Value, String> {

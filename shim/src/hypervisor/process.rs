@@ -245,20 +245,10 @@ impl VmProcesses {
 fn program_of_waiter(pid: u32) -> Vec<u32> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     if comm.trim() == cocoon_vmm::pid_ns::WAITER_NAME {
-        children_of(pid)
+        crate::telemetry::children_of(pid)
     } else {
         Vec::new()
     }
-}
-
-/// The children of `pid` (none if it has gone, or the kernel lacks
-/// `CONFIG_PROC_CHILDREN`).
-pub(crate) fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|c| c.parse().ok())
-        .collect()
 }
 
 /// How long a SIGTERMed child may take before it gets SIGKILL.

@@ -44,7 +44,7 @@ fn comm(pid: u32) -> Option<String> {
 fn process_name(pid: u32) -> String {
     match comm(pid) {
         Some(c) if c == cocoon_vmm::pid_ns::WAITER_NAME => {
-            let program = super::process::children_of(pid)
+            let program = crate::telemetry::children_of(pid)
                 .first()
                 .and_then(|&p| comm(p))
                 .unwrap_or_else(|| "its program".into());
