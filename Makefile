@@ -73,7 +73,8 @@ test-nested: image
 # template against cold boots on cocoon-vmm, also in L1, and `ctr run` and the memory
 # of idle cocoon-vmm pods in L1 (with the node build where `make install` made
 # one), and cocoon-vmm's own boots where the host has hardware KVM (it says so and
-# boots nothing on PVM). JSON reports in target/.
+# boots nothing on PVM), and bare pod VMs (QEMU) one against ten at once. JSON
+# reports in target/.
 bench: image
 	./target/debug/cocoon image build --agent $(AGENT) --busybox /bin/busybox --out target/image-debian
 	COCOON_CONFIG=$(CURDIR)/target/demo-config.toml ./target/debug/cocoon bench boot --runs 5 \
@@ -89,6 +90,8 @@ bench: image
 	bash scripts/bench-nested-run.sh 3 $(CURDIR)/target/bench-nested-run.json
 	bash scripts/bench-hw-boot.sh --pack target/hw-boot
 	bash scripts/bench-hw-boot.sh target/hw-boot 10 target/bench-hw-boot
+	bash scripts/bench-bare-boots.sh --pack target/bare-boots
+	bash scripts/bench-bare-boots.sh target/bare-boots 10 3 target/bench-bare-boots
 
 # The long soak (issue #11): pod lifecycles through CRI with faults injected; the
 # report goes to target/soak.json. `make test` runs a short one.

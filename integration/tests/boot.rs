@@ -675,3 +675,50 @@ fn jailed_qemu_boots_under_hardware_kvm() {
         assert_clean(run.path(), &pids);
     });
 }
+
+/// `scripts/bench-bare-boots.sh` packs this machine's QEMU (binary, libraries, TCG
+/// module, firmware), the CLI and the image, and boots pod VMs from the pack alone:
+/// one, then two at once. Its figures come from machines lent without QEMU installed.
+#[test]
+fn the_bare_boots_bench_boots_from_its_pack() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let (pack, out) = (tmp.path().join("pack"), tmp.path().join("out"));
+    let script = root.join("scripts/bench-bare-boots.sh");
+    let packed = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("--pack")
+        .arg(&pack)
+        .output()
+        .unwrap();
+    assert!(packed.status.success(), "{packed:?}");
+    // Its work dir (mktemp) under the test's, to see that nothing stays there.
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let ran = std::process::Command::new("bash")
+        .arg(&script)
+        .args([
+            pack.as_os_str(),
+            "2".as_ref(),
+            "1".as_ref(),
+            out.as_os_str(),
+        ])
+        .env("TMPDIR", &work)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "{ran:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bare-boots.json")).unwrap()).unwrap();
+    assert_eq!(report["many_failed"], serde_json::json!([0]), "{text}");
+    for key in ["one_ready_ms", "many_slowest_ready_ms"] {
+        assert!(report[key][0].as_u64().unwrap() > 0, "{key}: {text}");
+    }
+    assert!(text.contains("2 at once (slowest)"), "{text}");
+    assert_clean(&work, &[]);
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "work dir kept"
+    );
+}
