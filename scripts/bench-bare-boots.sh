@@ -7,7 +7,10 @@
 # libraries it loads and its microvm firmware), the cocoon CLI, cocoon-vmm (the vsock
 # backend) and the guest image into DIR. A carried QEMU runs through its own dynamic
 # loader, so the host's libraries are never replaced.
-# Usage: bench-bare-boots.sh DIR N RUNS OUT_DIR   (writes bare-boots.txt and .json there)
+# With BOOT_RUNS=K it also runs `cocoon bench boot --runs K` from the pack (one VM
+# against raw QEMU boots of the same kernel: #12's overhead ratio), into
+# OUT_DIR/bench-boot.json.
+# Usage: [BOOT_RUNS=K] bench-bare-boots.sh DIR N RUNS OUT_DIR   (writes bare-boots.txt and .json there)
 #        bench-bare-boots.sh --pack DIR
 set -uo pipefail
 if [[ ${1:-} == --pack ]]; then
@@ -29,6 +32,7 @@ if [[ ${1:-} == --pack ]]; then
     [[ -x $root/target/$b/cocoon-vmm && ! -e $d/cocoon-vmm ]] && cp "$root/target/$b/cocoon-vmm" "$d/"
   done
   cp "$root/target/image/manifest.json" "$root/target/image/vmlinuz" "$d/image/"
+  cp /bin/busybox "$d/"
   gzip -6 -c "$root/target/image/vmlinux" > "$d/image/vmlinux.gz"
   gzip -6 -c "$root/target/image/initramfs.cpio" > "$d/image/initramfs.cpio.gz"
   (cd "$d/qemu" && tar czf ../qemu.tgz . && cd .. && rm -rf qemu)
@@ -113,3 +117,8 @@ print(f"| whole cycle (process wall), ms | {med(one, 3):.0f} | {med(many, 3):.0f
 print(f"failed boots among the {n}-at-once rounds: {sum(rep['many_failed'])}")
 sys.exit(1 if rep["ratio_ready"] is None or sum(rep["many_failed"]) else 0)
 PY
+rc=$?
+if [[ -n ${BOOT_RUNS:-} ]]; then
+  "$W/cocoon" bench boot --runs "$BOOT_RUNS" --busybox "$W/busybox" --out "$out/bench-boot.json" || rc=1
+fi
+exit $rc
