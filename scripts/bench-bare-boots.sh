@@ -13,11 +13,12 @@
 # Usage: [BOOT_RUNS=K] bench-bare-boots.sh DIR N RUNS OUT_DIR   (writes bare-boots.txt and .json there)
 #        bench-bare-boots.sh --pack DIR
 set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib-pack.sh"
 if [[ ${1:-} == --pack ]]; then
   set -e
-  root=$(cd "$(dirname "$0")/.." && pwd)
   d=${2:?DIR}
-  rm -rf "$d" && mkdir -p "$d/qemu/lib" "$d/qemu/share" "$d/image"
+  rm -rf "$d" && mkdir -p "$d/qemu/lib" "$d/qemu/share"
   q=$(command -v qemu-system-x86_64)
   cp "$q" "$d/qemu/"
   ldd "$q" | awk '/=> \// {print $3} /^\t\/.*ld-linux/ {print $1}' | xargs -I{} cp -L {} "$d/qemu/lib/"
@@ -27,14 +28,8 @@ if [[ ${1:-} == --pack ]]; then
   for f in qboot.rom bios-microvm.bin pvh.bin linuxboot_dma.bin kvmvapic.bin; do
     cp -L "/usr/share/qemu/$f" "$d/qemu/share/"
   done
-  for b in node release debug; do
-    [[ -x $root/target/$b/cocoon && ! -e $d/cocoon ]] && cp "$root/target/$b/cocoon" "$d/"
-    [[ -x $root/target/$b/cocoon-vmm && ! -e $d/cocoon-vmm ]] && cp "$root/target/$b/cocoon-vmm" "$d/"
-  done
-  cp "$root/target/image/manifest.json" "$root/target/image/vmlinuz" "$d/image/"
-  cp /bin/busybox "$d/"
-  gzip -6 -c "$root/target/image/vmlinux" > "$d/image/vmlinux.gz"
-  gzip -6 -c "$root/target/image/initramfs.cpio" > "$d/image/initramfs.cpio.gz"
+  cp "$(first_build cocoon)" "$(first_build cocoon-vmm)" "$d/"
+  pack_image "$d"
   (cd "$d/qemu" && tar czf ../qemu.tgz . && cd .. && rm -rf qemu)
   du -sh "$d"
   exit 0
@@ -47,10 +42,9 @@ mkdir -p "$out"
 exec > >(tee "$out/bare-boots.txt") 2>&1
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-cp -r "$src/." "$W/"
+unpack_into "$src" "$W"
 mkdir "$W/qemu"
 tar xzf "$W/qemu.tgz" -C "$W/qemu"
-gunzip "$W"/image/*.gz
 ld=$(ls "$W"/qemu/lib/ld-linux-x86-64.so.* | head -n1)
 cat > "$W/qemu-system-x86_64" << EOF
 #!/bin/sh

@@ -7,25 +7,23 @@
 #     prints its uptime and powers off: wall time from exec to exit and the guest's uptime;
 #   - the guest image itself to its agent's ready line on the console (the agent serving
 #     ttrpc on hybrid vsock): wall time from exec to that line.
-# DIR holds: cocoon (the CLI), cocoon-vmm.<build> (one or more builds), vmlinux, vmlinuz,
-# initramfs.cpio (the image's) and a static busybox, each possibly gzipped. `--pack DIR`
+# DIR holds: cocoon (the CLI), cocoon-vmm.<build> (one or more builds), the guest image
+# in image/ and a static busybox (lib-pack.sh's layout). `--pack DIR`
 # gathers them from this checkout's builds (`make image`; target/node, release and debug).
 # Usage: bench-hw-boot.sh DIR RUNS OUT_DIR   (writes hw-boot.txt, .rows and .json there)
 #        bench-hw-boot.sh --pack DIR
 set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib-pack.sh"
 if [[ ${1:-} == --pack ]]; then
   set -e
-  root=$(cd "$(dirname "$0")/.." && pwd)
   d=${2:?DIR}
   rm -rf "$d" && mkdir -p "$d"
+  cp "$(first_build cocoon)" "$d/"
   for b in node release debug; do
-    [[ -x $root/target/$b/cocoon && ! -e $d/cocoon ]] && cp "$root/target/$b/cocoon" "$d/"
     [[ -x $root/target/$b/cocoon-vmm ]] && cp "$root/target/$b/cocoon-vmm" "$d/cocoon-vmm.$b"
   done
-  [[ -e $d/cocoon ]] || { echo "no cocoon build under target/ (make install)" >&2; exit 1; }
-  cp "$root/target/image/vmlinuz" /bin/busybox "$d/"
-  gzip -6 -c "$root/target/image/vmlinux" > "$d/vmlinux.gz"
-  gzip -6 -c "$root/target/image/initramfs.cpio" > "$d/initramfs.cpio.gz"
+  pack_image "$d"
   du -sh "$d"
   exit 0
 fi
@@ -66,8 +64,7 @@ ms() { echo $(($(date +%s%N) / 1000000)); }
 R=$(mktemp -d)
 trap 'rm -rf "$R"' EXIT
 mkdir "$R/in"
-cp -r "$dir/." "$R/in/"
-for f in "$R"/in/*.gz; do [[ -e $f ]] && gunzip "$f"; done
+unpack_into "$dir" "$R/in"
 dir=$R/in
 mkdir -p "$R/root/bin" "$R/root/proc" "$R/root/dev"
 cp "$dir/busybox" "$R/root/bin/busybox"
@@ -86,7 +83,7 @@ for i in $(seq "$runs"); do
     for k in vmlinux vmlinuz; do
       for hp in auto off; do
         s=$(ms)
-        timeout -s KILL 20 "$vmm" run --kernel "$dir/$k" --initrd "$R/init.cpio" --cmdline "$CMD" \
+        timeout -s KILL 20 "$vmm" run --kernel "$dir/image/$k" --initrd "$R/init.cpio" --cmdline "$CMD" \
           --mem-mib 256 --vcpus 1 --serial-out "$R/s" --huge-pages $hp > /dev/null 2> "$R/err" \
           || { echo "failed trivial $b $k $hp: $(tail -n 3 "$R/err" | tr '\n' ' ')"; }
         e=$(ms)
@@ -100,7 +97,7 @@ for i in $(seq "$runs"); do
     # The image to its agent: the shim's own command line (less its log level).
     rm -f "$R/v.sock" "$R/a"
     s=$(ms)
-    "$vmm" run --kernel "$dir/vmlinux" --initrd "$dir/initramfs.cpio" \
+    "$vmm" run --kernel "$dir/image/vmlinux" --initrd "$dir/image/initramfs.cpio" \
       --cmdline "console=ttyS0 quiet panic=-1 reboot=k" --mem-mib 512 --vcpus 1 \
       --serial-out "$R/a" --vsock-uds "$R/v.sock" > /dev/null 2> "$R/err" &
     p=$!

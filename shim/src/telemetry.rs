@@ -3,6 +3,9 @@
 //! texts into one exposition (each family once, its samples together, as the format
 //! requires). Written here rather than with a client library: a few counters and one
 //! histogram, no registry, no global state, and the shim stays small.
+//!
+//! Also what the metrics and benchmarks read of host processes: a process's memory
+//! (`Rollup`) and the processes below it (`children_of`, `descendants`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
