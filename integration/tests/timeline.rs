@@ -173,15 +173,18 @@ fn guest_time_runs_at_the_hosts_rate() {
 
 /// A guest's timers fire on time: a `sleep 1` in a container spans 1 s of the guest's
 /// own clock (which `guest_time_runs_at_the_hosts_rate` holds to the host's), plus the
-/// two `cat`s' starts. A TCG guest is told its local APIC timer's rate
+/// start of `sleep` itself. A TCG guest is told its local APIC timer's rate
 /// (`lapic_timer_hz`) instead of calibrating it; told a wrong one, every timer would fire
 /// early or late by that factor (early ones are re-armed, so a wrong rate shows as late).
+/// Load on the host only ever lengthens a span (a loaded CI run once stretched one to
+/// 1.43 s while the one before read 1.17 s), while a wrong rate stretches every one, so
+/// the shortest of three is held to the bound and none may be short.
 #[test]
 fn a_guests_timers_fire_on_time() {
     let env = env();
     run_detached(&env, "timers", &[], &["sleep", "1000"]);
     let mut spans = Vec::new();
-    for attempt in 0..3 {
+    for attempt in 0..5 {
         let id = format!("sleep-{attempt}");
         let out = ctr_ok(
             &env,
@@ -193,7 +196,8 @@ fn a_guests_timers_fire_on_time() {
                 "timers",
                 "sh",
                 "-c",
-                "cat /proc/uptime; sleep 1; cat /proc/uptime",
+                // `read` is the shell's own: only `sleep` is started between the reads.
+                "read a _ < /proc/uptime; sleep 1; read b _ < /proc/uptime; echo $a; echo $b",
             ],
         );
         let ups: Vec<f64> = out
@@ -203,7 +207,7 @@ fn a_guests_timers_fire_on_time() {
         // containerd 1.6 sometimes loses an exec's output (see the test above).
         if let [a, b] = ups[..] {
             spans.push(b - a);
-            if spans.len() == 2 {
+            if spans.len() == 3 {
                 break;
             }
         } else {
@@ -211,12 +215,16 @@ fn a_guests_timers_fire_on_time() {
         }
     }
     assert!(!spans.is_empty(), "no exec's output came back");
-    for span in &spans {
-        assert!(
-            (1.0..1.35).contains(span),
-            "`sleep 1` spanned {span:.3} s of the guest's clock: {spans:?}"
-        );
-    }
+    let shortest = spans.iter().copied().fold(f64::INFINITY, f64::min);
+    eprintln!("NOTE: `sleep 1` spanned {spans:?} s of the guest's clock");
+    assert!(
+        shortest >= 1.0,
+        "`sleep 1` spanned only {shortest:.3} s of the guest's clock: {spans:?}"
+    );
+    assert!(
+        shortest < 1.35,
+        "even the shortest `sleep 1` spanned {shortest:.3} s of the guest's clock: {spans:?}"
+    );
     kill_delete_clean(&env, "timers");
 }
 
