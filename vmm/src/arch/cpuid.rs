@@ -152,6 +152,26 @@ pub const TEMPLATE: &[Rule] = &[
     rule(0x8000_0001, None, Ecx, Mask(TOPOEXT)),
 ];
 
+/// The width of the guest-physical addresses a VM on this CPUID can use: leaf
+/// 0x8000_0008 EAX bits 23:16 (GuestPhysBits, the most KVM can map under two-level
+/// paging, set by newer KVMs) where non-zero, else bits 7:0 (the physical address
+/// width the guest is told). Without the leaf the SDM's default, 36 bits.
+pub fn guest_phys_bits(cpuid: &CpuId) -> u8 {
+    const SDM_DEFAULT: u8 = 36;
+    let Some(sizes) = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == LEAF_AMD_SIZES)
+    else {
+        return SDM_DEFAULT;
+    };
+    match ((sizes.eax >> 16) as u8, sizes.eax as u8) {
+        (0, 0) => SDM_DEFAULT,
+        (0, phys) => phys,
+        (guest, _) => guest,
+    }
+}
+
 /// Entries removed from KVM's set before the template runs.
 pub fn dropped(entry: &kvm_cpuid_entry2) -> bool {
     match entry.function {
@@ -443,5 +463,28 @@ mod tests {
         assert_eq!((sizes.ecx >> 12) & 0xf, 0, "ApicIdSize derived from NC");
         assert_eq!(sizes.ecx | 0xf0ff, !0, "other bits kept");
         assert_eq!((sizes.eax, sizes.edx), (!0, !0), "address sizes untouched");
+    }
+
+    #[test]
+    fn guest_phys_bits_prefer_what_kvm_can_map() {
+        let with_eax = |eax| {
+            let sizes = kvm_cpuid_entry2 {
+                function: LEAF_AMD_SIZES,
+                eax,
+                ..Default::default()
+            };
+            CpuId::from_entries(&[entry(1, 0), sizes]).unwrap()
+        };
+        // A 46-bit host (this development machine), 57-bit virtual.
+        assert_eq!(guest_phys_bits(&with_eax(0x392e)), 46);
+        // A 52-bit CPU whose KVM can map only 48 bits with 4-level EPT/NPT.
+        assert_eq!(guest_phys_bits(&with_eax(0x30_3934)), 48);
+        assert_eq!(
+            guest_phys_bits(&with_eax(0)),
+            36,
+            "an empty leaf: the default"
+        );
+        let without = CpuId::from_entries(&[entry(1, 0)]).unwrap();
+        assert_eq!(guest_phys_bits(&without), 36, "no leaf: the SDM's default");
     }
 }

@@ -19,6 +19,24 @@ pub enum VmError {
     ApiVersion(i32),
     #[error("Failed to {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error(
+        "guest memory ends at {end:#x}, beyond the {bits}-bit guest-physical addresses \
+         KVM offers on this host: give the VM less memory (hotplug room included)"
+    )]
+    BeyondPhysBits { end: u64, bits: u8 },
+}
+
+/// Fails when guest memory reaches past what the guest may address: KVM would take the
+/// memory slot, but the guest could never use the memory above its width (Linux's
+/// virtio-mem refuses a region outside its pluggable range), so the VM would start
+/// short of what it was asked for. Most of all a virtio-mem region, which begins at
+/// 4 GiB or above: on a 39-bit host the largest one would end past 512 GiB.
+pub fn check_phys_bits(mem: &GuestMemoryMmap, bits: u8) -> Result<(), VmError> {
+    let end = mem.last_addr().0;
+    if bits < 64 && end >> bits != 0 {
+        return Err(VmError::BeyondPhysBits { end: end + 1, bits });
+    }
+    Ok(())
 }
 
 pub struct Vm {
@@ -39,6 +57,10 @@ impl Vm {
         if v != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(VmError::ApiVersion(v));
         }
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("get the supported CPUID", e))?;
+        check_phys_bits(mem, crate::arch::cpuid::guest_phys_bits(&cpuid))?;
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Kvm("create the VM", e))?;
@@ -102,4 +124,31 @@ fn mask_legacy_pic(fd: &VmFd) -> Result<(), VmError> {
             .map_err(|e| VmError::Kvm("mask the PIC", e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn memory_past_the_guests_address_width_is_refused() {
+        let gib = 1u64 << 30;
+        let mem = |start: u64| {
+            GuestMemoryMmap::<()>::from_ranges(&[
+                (GuestAddress(0), 1 << 20),
+                (GuestAddress(start), 1 << 20),
+            ])
+            .unwrap()
+        };
+        // Ends exactly at 512 GiB: the last byte is still addressable with 39 bits.
+        assert!(check_phys_bits(&mem(512 * gib - (1 << 20)), 39).is_ok());
+        let err = check_phys_bits(&mem(512 * gib), 39).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("0x8000100000") && text.contains("39-bit"),
+            "{text}"
+        );
+        assert!(check_phys_bits(&mem(512 * gib), 46).is_ok());
+    }
 }
