@@ -131,9 +131,28 @@ fn exec_pids_pause_resume() {
                 e.containerd
                     .ctr(&["task", "exec", "--exec-id", "e2", id, "sh", "-c", "exit 7"]);
             assert_eq!(o.status.code(), Some(7));
+            // A running exec is listed by its id, as runc's shim lists it.
+            ctr_ok(
+                e,
+                &[
+                    "task",
+                    "exec",
+                    "--detach",
+                    "--exec-id",
+                    "e3",
+                    id,
+                    "sleep",
+                    "1000",
+                ],
+            );
             let ps = ctr_ok(e, &["task", "ps", id]);
-            // A header line and the container's init (its sleep may come and go).
-            assert!(ps.lines().count() >= 2, "{rt}: {ps}");
+            // A header line, the container's init (its sleep may come and go) and e3.
+            assert!(ps.lines().count() >= 3, "{rt}: {ps}");
+            let described: Vec<&str> = ps.lines().filter(|l| l.contains("ExecID:")).collect();
+            assert!(
+                described.len() == 1 && described[0].contains("ExecID:e3"),
+                "{rt}: only the exec e3 has details:\n{ps}"
+            );
             ctr_ok(e, &["task", "pause", id]);
             assert_eq!(task_status(e, id), "PAUSED", "{rt}");
             ctr_ok(e, &["task", "resume", id]);

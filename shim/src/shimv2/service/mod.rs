@@ -498,11 +498,19 @@ impl Task for Service {
     ) -> TtrpcResult<api::PidsResponse> {
         let sb = self.existing_sandbox().await?;
         let r = sb.agent.list_pids(&req.id).await.map_err(agent_err)?;
+        // An exec's process is described by its id, as runc's shim does; only ids of
+        // this container's execs are passed on, whatever the guest says.
+        let containers = self.inner.containers.lock().await;
+        let execs = containers.get(&req.id).map(|c| &c.execs);
         let processes = r
             .processes
             .into_iter()
             .map(|p| api::ProcessInfo {
                 pid: p.pid,
+                info: execs
+                    .filter(|e| !p.exec_id.is_empty() && e.contains_key(&p.exec_id))
+                    .map(|_| util::process_details(&p.exec_id))
+                    .into(),
                 ..Default::default()
             })
             .collect();

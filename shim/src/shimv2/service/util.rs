@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 
 use super::{Container, Process};
@@ -108,4 +109,39 @@ pub(super) fn read_spec(bundle: &std::path::Path) -> Result<oci_spec::runtime::S
             format!("malformed OCI spec {}: {e}", path.display()),
         )
     })
+}
+
+/// The type runc's shim describes an exec's process with in a Pids reply, and which
+/// `ctr task ps` prints: `containerd.runc.v1.ProcessDetails { string exec_id = 1; }`.
+pub(super) const PROCESS_DETAILS: &str = "containerd.runc.v1.ProcessDetails";
+
+/// A Pids entry's `info` for the process of exec `exec_id`, as runc's shim writes it.
+pub(super) fn process_details(exec_id: &str) -> Any {
+    use containerd_shim::protos::protobuf::CodedOutputStream;
+    let mut value = Vec::with_capacity(exec_id.len() + 6);
+    let mut out = CodedOutputStream::vec(&mut value);
+    // Writing to a Vec cannot fail.
+    let _ = out.write_string(1, exec_id).and_then(|()| out.flush());
+    drop(out);
+    let mut any = Any::new();
+    any.type_url = PROCESS_DETAILS.into();
+    any.value = value;
+    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_details_are_runcs_message() {
+        let any = process_details("e3");
+        assert_eq!(any.type_url, "containerd.runc.v1.ProcessDetails");
+        // Field 1, length-delimited, two bytes.
+        assert_eq!(any.value, b"\x0a\x02e3");
+        let long = "x".repeat(200);
+        let v = process_details(&long).value;
+        assert_eq!(&v[..3], &[0x0a, 0xc8, 0x01], "a two-byte length");
+        assert_eq!(&v[3..], long.as_bytes());
+    }
 }
