@@ -20,6 +20,7 @@ pub mod pod;
 pub mod podmetrics;
 mod podrecord;
 pub mod propagation;
+mod rlimits;
 mod sandbox;
 mod service;
 pub mod share;

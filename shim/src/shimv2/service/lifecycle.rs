@@ -219,6 +219,9 @@ impl Service {
             pod::PodSpecError::BadAnnotation { .. } => err(ttrpc::Code::INVALID_ARGUMENT, e),
         })?;
         pod::adapt_spec(&mut spec);
+        if let Some(process) = spec.process_mut() {
+            crate::shimv2::rlimits::inherit(process);
+        }
         let cri_name = spec
             .annotations()
             .as_ref()

@@ -429,12 +429,16 @@ impl Task for Service {
             .map(|a| a.value.clone())
             .unwrap_or_default();
         // Validate now, so a bad process spec fails Exec, not Start.
-        serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
-            err(
-                ttrpc::Code::INVALID_ARGUMENT,
-                format!("malformed OCI process spec: {e}"),
-            )
-        })?;
+        let mut process =
+            serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
+                err(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("malformed OCI process spec: {e}"),
+                )
+            })?;
+        // With the limits runc's exec would inherit.
+        super::rlimits::inherit(&mut process);
+        let spec = serde_json::to_vec(&process).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
