@@ -10,36 +10,30 @@
 //! `RLIMIT_NOFILE` is left alone: containerd always names it (ctr and CRI alike), and
 //! a host's value may exceed what the guest kernel accepts (`fs.nr_open`).
 
+use nix::sys::resource::{getrlimit, Resource};
 use oci_spec::runtime::{PosixRlimit, PosixRlimitBuilder, PosixRlimitType, Process};
 
 /// Every limit passed on, with its `getrlimit` resource.
-const INHERITED: &[(PosixRlimitType, libc::__rlimit_resource_t)] = &[
-    (PosixRlimitType::RlimitCpu, libc::RLIMIT_CPU),
-    (PosixRlimitType::RlimitFsize, libc::RLIMIT_FSIZE),
-    (PosixRlimitType::RlimitData, libc::RLIMIT_DATA),
-    (PosixRlimitType::RlimitStack, libc::RLIMIT_STACK),
-    (PosixRlimitType::RlimitCore, libc::RLIMIT_CORE),
-    (PosixRlimitType::RlimitRss, libc::RLIMIT_RSS),
-    (PosixRlimitType::RlimitNproc, libc::RLIMIT_NPROC),
-    (PosixRlimitType::RlimitMemlock, libc::RLIMIT_MEMLOCK),
-    (PosixRlimitType::RlimitAs, libc::RLIMIT_AS),
-    (PosixRlimitType::RlimitLocks, libc::RLIMIT_LOCKS),
-    (PosixRlimitType::RlimitSigpending, libc::RLIMIT_SIGPENDING),
-    (PosixRlimitType::RlimitMsgqueue, libc::RLIMIT_MSGQUEUE),
-    (PosixRlimitType::RlimitNice, libc::RLIMIT_NICE),
-    (PosixRlimitType::RlimitRtprio, libc::RLIMIT_RTPRIO),
-    (PosixRlimitType::RlimitRttime, libc::RLIMIT_RTTIME),
+const INHERITED: &[(PosixRlimitType, Resource)] = &[
+    (PosixRlimitType::RlimitCpu, Resource::RLIMIT_CPU),
+    (PosixRlimitType::RlimitFsize, Resource::RLIMIT_FSIZE),
+    (PosixRlimitType::RlimitData, Resource::RLIMIT_DATA),
+    (PosixRlimitType::RlimitStack, Resource::RLIMIT_STACK),
+    (PosixRlimitType::RlimitCore, Resource::RLIMIT_CORE),
+    (PosixRlimitType::RlimitRss, Resource::RLIMIT_RSS),
+    (PosixRlimitType::RlimitNproc, Resource::RLIMIT_NPROC),
+    (PosixRlimitType::RlimitMemlock, Resource::RLIMIT_MEMLOCK),
+    (PosixRlimitType::RlimitAs, Resource::RLIMIT_AS),
+    (PosixRlimitType::RlimitLocks, Resource::RLIMIT_LOCKS),
+    (
+        PosixRlimitType::RlimitSigpending,
+        Resource::RLIMIT_SIGPENDING,
+    ),
+    (PosixRlimitType::RlimitMsgqueue, Resource::RLIMIT_MSGQUEUE),
+    (PosixRlimitType::RlimitNice, Resource::RLIMIT_NICE),
+    (PosixRlimitType::RlimitRtprio, Resource::RLIMIT_RTPRIO),
+    (PosixRlimitType::RlimitRttime, Resource::RLIMIT_RTTIME),
 ];
-
-/// This process's limit of `resource`, if it can be read.
-fn own(resource: libc::__rlimit_resource_t) -> Option<libc::rlimit> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct into a valid, exclusive reference.
-    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some(lim)
-}
 
 /// Adds to `process` every limit of [`INHERITED`] it does not name, at this process's
 /// values; those it names are kept as they are.
@@ -49,13 +43,13 @@ pub fn inherit(process: &mut Process) {
         if limits.iter().any(|r| r.typ() == *typ) {
             continue;
         }
-        let Some(lim) = own(*resource) else {
+        let Ok((soft, hard)) = getrlimit(*resource) else {
             continue;
         };
         if let Ok(r) = PosixRlimitBuilder::default()
             .typ(*typ)
-            .soft(lim.rlim_cur)
-            .hard(lim.rlim_max)
+            .soft(soft)
+            .hard(hard)
             .build()
         {
             limits.push(r);
@@ -71,7 +65,8 @@ mod tests {
     #[test]
     fn unnamed_limits_are_this_processs_and_named_ones_stay() {
         let mut p: Process = serde_json::from_value(serde_json::json!({
-            "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
             "args": ["sh"],
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
@@ -90,11 +85,8 @@ mod tests {
             .collect();
         assert_eq!(nofile.len(), 1, "NOFILE is never added: {limits:?}");
         let pending = find(PosixRlimitType::RlimitSigpending).unwrap();
-        let mine = own(libc::RLIMIT_SIGPENDING).unwrap();
-        assert_eq!(
-            (pending.soft(), pending.hard()),
-            (mine.rlim_cur, mine.rlim_max)
-        );
+        let mine = getrlimit(Resource::RLIMIT_SIGPENDING).unwrap();
+        assert_eq!((pending.soft(), pending.hard()), mine);
         assert_eq!(limits.len(), INHERITED.len() + 1, "each resource once");
     }
 

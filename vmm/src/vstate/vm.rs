@@ -34,7 +34,10 @@ pub enum VmError {
 pub fn check_phys_bits(mem: &GuestMemoryMmap, bits: u8) -> Result<(), VmError> {
     let end = mem.last_addr().0;
     if bits < 64 && end >> bits != 0 {
-        return Err(VmError::BeyondPhysBits { end: end + 1, bits });
+        return Err(VmError::BeyondPhysBits {
+            end: end.saturating_add(1),
+            bits,
+        });
     }
     Ok(())
 }

@@ -505,15 +505,18 @@ impl Task for Service {
         // An exec's process is described by its id, as runc's shim does; only ids of
         // this container's execs are passed on, whatever the guest says.
         let containers = self.inner.containers.lock().await;
-        let execs = containers.get(&req.id).map(|c| &c.execs);
+        let known = |id: &str| {
+            containers
+                .get(&req.id)
+                .is_some_and(|c| c.execs.contains_key(id))
+        };
         let processes = r
             .processes
             .into_iter()
             .map(|p| api::ProcessInfo {
                 pid: p.pid,
-                info: execs
-                    .filter(|e| !p.exec_id.is_empty() && e.contains_key(&p.exec_id))
-                    .map(|_| util::process_details(&p.exec_id))
+                info: known(&p.exec_id)
+                    .then(|| util::process_details(&p.exec_id))
                     .into(),
                 ..Default::default()
             })
