@@ -117,25 +117,7 @@ fn exec_pids_pause_resume() {
             // An exec inherits the limits its spec leaves out as runc's does. containerd
             // 1.6 sometimes loses the output of an exec that ends at once (under either
             // runtime, see ctr_common::same_in): such a reading is taken again.
-            let read = (0..3)
-                .map(|n| {
-                    let exec_id = format!("e0-{n}");
-                    ctr_ok(
-                        e,
-                        &[
-                            "task",
-                            "exec",
-                            "--exec-id",
-                            &exec_id,
-                            id,
-                            "sh",
-                            "-c",
-                            "ulimit -a",
-                        ],
-                    )
-                })
-                .find(|out| out.contains("(-u)"));
-            limits.push(read.unwrap_or_else(|| panic!("{rt}: no exec's output came back")));
+            limits.push(exec_output(e, id, "e0", &["sh", "-c", "ulimit -a"], "(-u)"));
             let out = ctr_ok(
                 e,
                 &[

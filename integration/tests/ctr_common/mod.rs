@@ -236,6 +236,21 @@ pub fn with_detached(
     ctr_ok(env, &["container", "delete", id]);
 }
 
+/// The output of an exec of `cmd` that ends at once, holding `marker`. containerd 1.6
+/// sometimes loses such an exec's output (under either runtime, see `same_in`): it is
+/// run again, up to three times in all, as `<prefix>-<n>`.
+pub fn exec_output(env: &Env, id: &str, prefix: &str, cmd: &[&str], marker: &str) -> String {
+    (0..3)
+        .map(|n| {
+            let exec_id = format!("{prefix}-{n}");
+            let mut args = vec!["task", "exec", "--exec-id", &exec_id, id];
+            args.extend_from_slice(cmd);
+            ctr_ok(env, &args)
+        })
+        .find(|out| out.contains(marker))
+        .unwrap_or_else(|| panic!("{id}: no output of {cmd:?} came back"))
+}
+
 pub fn task_status(env: &Env, id: &str) -> String {
     let ls = ctr_ok(env, &["task", "ls"]);
     ls.lines()

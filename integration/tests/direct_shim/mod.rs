@@ -276,3 +276,29 @@ pub fn vmm_pid(env: &Env) -> u32 {
 pub fn signal(pid: u32, s: nix::sys::signal::Signal) -> nix::Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s)
 }
+
+/// Stops `pid` with SIGSTOP and waits (10 s at most) until every one of its threads
+/// shows as stopped: the stop reaches each thread only when it next runs, which on a
+/// loaded machine can come after the test's next step.
+pub fn stop_fully(pid: u32) {
+    signal(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} was sent SIGSTOP but its threads did not all stop within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
