@@ -570,3 +570,75 @@ fn container_reads_its_own_cgroup_limits() {
     );
     assert_clean(&env);
 }
+
+/// `ctr run --log-uri`: a `file://` URI gets both streams appended, and a `binary://`
+/// one starts the logging program with the streams on descriptors 3 and 4, the URI's
+/// query as its arguments and the container's id and namespace in its environment
+/// (how nerdctl logs every container), the same under both runtimes.
+#[test]
+fn log_uris_file_and_binary_as_under_runc() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let logger = dir.path().join("logger");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\n\
+         out=\"$2/$CONTAINER_ID\"\n\
+         { echo \"args: $*\"; echo \"ns: $CONTAINER_NAMESPACE\"; } > \"$out.meta\"\n\
+         exec 5>&-\n\
+         cat <&3 > \"$out.out\" & cat <&4 > \"$out.err\" & wait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cmd = ["sh", "-c", "echo to-out; echo to-err >&2; echo more-out"];
+    // Both are written once the task has exited, but not necessarily when ctr returns.
+    // Until every one of `want` is there: the two streams are copied apart.
+    let settled = |path: &std::path::Path, want: &[&str]| -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if want.iter().all(|w| text.contains(w)) || std::time::Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut seen = Vec::new();
+    for (rt, name) in [(RUNC, "runc"), (COCOON, "cocoon")] {
+        let file = format!("{d}/files/{name}.log");
+        let id = format!("logfile-{name}");
+        let uri = format!("file://{file}");
+        let o = ctr_run(&env, rt, &id, &["--log-uri", &uri], &cmd);
+        assert!(o.status.success(), "{name}: {}", show(&o));
+        // The two streams are copied apart: their lines may interleave either way.
+        let mut lines: Vec<String> = settled(file.as_ref(), &["to-out", "to-err", "more-out"])
+            .lines()
+            .map(String::from)
+            .collect();
+        lines.sort();
+        let id = format!("logbin-{name}");
+        let uri = format!("binary://{}?--dir={d}", logger.display());
+        let o = ctr_run(&env, rt, &id, &["--log-uri", &uri], &cmd);
+        assert!(o.status.success(), "{name}: {}", show(&o));
+        // runc's shim ends the program with SIGTERM before it closes the pipes; Cocoon's
+        // closes them first: either way the program has read everything.
+        let out = settled(
+            &dir.path().join(format!("{id}.out")),
+            &["to-out", "more-out"],
+        );
+        let err = settled(&dir.path().join(format!("{id}.err")), &["to-err"]);
+        let meta = std::fs::read_to_string(dir.path().join(format!("{id}.meta"))).unwrap();
+        seen.push((lines, meta.replace(name, "RT"), out, err));
+    }
+    assert_eq!(seen[0], seen[1], "runc, then cocoon");
+    let (lines, meta, out, err) = &seen[1];
+    assert_eq!(lines, &["more-out", "to-err", "to-out"]);
+    assert!(meta.contains("ns: default"), "{meta}");
+    assert_eq!(
+        (out.as_str(), err.as_str()),
+        ("to-out\nmore-out\n", "to-err\n")
+    );
+    assert_clean(&env);
+}

@@ -11,6 +11,7 @@
 mod delete;
 pub mod guest_events;
 pub mod janitor;
+pub mod logsink;
 pub(crate) mod metrics;
 pub mod mounts;
 mod options;

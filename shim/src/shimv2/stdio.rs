@@ -14,6 +14,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::logsink::{self, Sink};
 use crate::vsock;
 
 /// How long one stdio stream may take to connect.
@@ -34,6 +35,16 @@ pub enum StdioError {
         #[source]
         source: vsock::VsockError,
     },
+    #[error("{0}")]
+    Uri(String),
+    #[error("cannot open the output file {path}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the logging program")]
+    Logger(#[source] std::io::Error),
     #[error("cannot send the {kind} stream header")]
     Header {
         kind: &'static str,
@@ -69,6 +80,8 @@ impl StdioPaths {
 pub struct StdioCopies {
     output: Vec<JoinHandle<()>>,
     close_stdin: Option<oneshot::Sender<()>>,
+    /// The `binary://` logging program, ended once the output has reached it.
+    logger: Option<tokio::process::Child>,
 }
 
 impl StdioCopies {
@@ -81,6 +94,10 @@ impl StdioCopies {
                 tracing::warn!("output still flowing {grace:?} after exit; stopping the copy");
                 abort.abort();
             }
+        }
+        // The program has had all the output; its end must not hold up the exit.
+        if let Some(child) = self.logger.take() {
+            tokio::spawn(super::logsink::stop(child, super::logsink::TERM_GRACE));
         }
     }
 
@@ -264,10 +281,31 @@ async fn copy_stdin(
     }
 }
 
+/// Where one output stream is copied to.
+enum Out {
+    /// containerd's fifo: the client's unread bytes are waited for at the end.
+    Fifo(pipe::Sender),
+    /// A `binary://` logging program's pipe.
+    Pipe(pipe::Sender),
+    /// A `file://` path, appended to.
+    File(tokio::fs::File),
+}
+
+/// A fifo's path from containerd's stdio path (plain or `fifo://`).
+fn fifo_path(path: &str) -> Result<String, String> {
+    match logsink::parse(path)? {
+        Sink::Fifo(p) => Ok(p),
+        _ => Err(format!(
+            "stdio {path:?}: a URI where stdout names a fifo (both must name the same kind)"
+        )),
+    }
+}
+
 /// Connects the process's streams and starts copying. Call before the
 /// process starts, so no early output is waiting on the guest side.
 pub async fn attach(
     uds: &Path,
+    namespace: &str,
     container_id: &str,
     exec_id: &str,
     paths: &StdioPaths,
@@ -275,27 +313,75 @@ pub async fn attach(
     let mut copies = StdioCopies {
         output: Vec::new(),
         close_stdin: None,
+        logger: None,
     };
     let wanted = paths.streams();
+    // containerd's stdout names where both streams go (`logsink`).
+    let sink = if paths.stdout.is_empty() {
+        Sink::Fifo(String::new())
+    } else {
+        logsink::parse(&paths.stdout).map_err(StdioError::Uri)?
+    };
+    let mut logger_pipes = None;
+    if let Sink::Binary { program, args } = &sink {
+        let l = logsink::start(program, args, container_id, namespace)
+            .await
+            .map_err(StdioError::Logger)?;
+        copies.logger = Some(l.child);
+        logger_pipes = Some((l.stdout, l.stderr));
+    }
+    let (mut log_out, mut log_err) = match logger_pipes {
+        Some((o, e)) => (Some(o), Some(e)),
+        None => (None, None),
+    };
     for (kind, path, on) in [
         ("stdout", &paths.stdout, wanted.stdout),
         ("stderr", &paths.stderr, wanted.stderr),
     ] {
+        // A stream that is not copied (stderr with a terminal) drops its end of the
+        // logger's pipe here, so that the program reads end-of-file there.
+        let to_logger = match kind {
+            "stdout" => log_out.take(),
+            _ => log_err.take(),
+        };
         if !on {
             continue;
         }
         let mut stream = open_stream(uds, kind, container_id, exec_id).await?;
-        let fifo = open_fifo(path, true, kind).await?;
-        let mut fifo = pipe::Sender::from_file(fifo).map_err(|source| StdioError::Fifo {
-            kind,
-            path: path.into(),
-            source,
-        })?;
+        let out = match (&sink, to_logger) {
+            (_, Some(p)) => Out::Pipe(p),
+            (Sink::File(file), _) => {
+                let f = logsink::open_file(file).map_err(|source| StdioError::File {
+                    path: file.clone(),
+                    source,
+                })?;
+                Out::File(tokio::fs::File::from_std(f))
+            }
+            _ => {
+                let fifo = fifo_path(path).map_err(StdioError::Uri)?;
+                let f = open_fifo(&fifo, true, kind).await?;
+                Out::Fifo(
+                    pipe::Sender::from_file(f).map_err(|source| StdioError::Fifo {
+                        kind,
+                        path: fifo.into(),
+                        source,
+                    })?,
+                )
+            }
+        };
         copies.output.push(tokio::spawn(async move {
-            if let Err(e) = tokio::io::copy(&mut stream, &mut fifo).await {
+            let copied = match out {
+                Out::Fifo(mut fifo) => {
+                    let r = tokio::io::copy(&mut stream, &mut fifo).await;
+                    read_out(&fifo, READ_OUT_GRACE).await;
+                    r
+                }
+                Out::Pipe(mut p) => tokio::io::copy(&mut stream, &mut p).await,
+                Out::File(mut f) => tokio::io::copy(&mut stream, &mut f).await,
+            };
+            if let Err(e) = copied {
                 tracing::debug!("{kind} copy ended: {e}");
             }
-            read_out(&fifo, READ_OUT_GRACE).await;
         }));
     }
     if wanted.stdin {

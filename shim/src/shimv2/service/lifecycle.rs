@@ -328,7 +328,7 @@ impl Service {
                 .await
                 .map_err(|e| err(ttrpc::Code::INTERNAL, format!("the create failed: {e}")))??;
             // Streams attach before Start, so no early output waits anywhere.
-            let copies = stdio::attach(&sb.vsock_uds(), &req.id, "", &stdio)
+            let copies = stdio::attach(&sb.vsock_uds(), &self.inner.namespace, &req.id, "", &stdio)
                 .await
                 .map_err(|e| {
                     err(

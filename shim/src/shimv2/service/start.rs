@@ -87,7 +87,15 @@ impl Service {
         ereq.stdio = MessageField::some(stdio_paths.streams());
         let started = async {
             let pid = sb.agent.exec_process(ereq).await.map_err(agent_err)?;
-            match stdio::attach(&sb.vsock_uds(), &req.id, &req.exec_id, &stdio_paths).await {
+            match stdio::attach(
+                &sb.vsock_uds(),
+                &self.inner.namespace,
+                &req.id,
+                &req.exec_id,
+                &stdio_paths,
+            )
+            .await
+            {
                 Ok(copies) => Ok((pid, Arc::new(Mutex::new(copies)))),
                 Err(e) => {
                     // The process runs in the guest but nothing can reach its stdio:
