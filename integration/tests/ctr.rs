@@ -571,6 +571,73 @@ fn container_reads_its_own_cgroup_limits() {
     assert_clean(&env);
 }
 
+/// `ctr run --uidmap/--gidmap`: the container runs in a user namespace of its own whose
+/// root is host uid 100000, over a rootfs ctr remapped to those ids, as under runc; a
+/// volume's host owners it does not map show as the overflow id, as under runc.
+#[test]
+fn user_namespace_from_uidmap() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = tempfile::tempdir().unwrap();
+    // Both runtimes walk to a volume's source as the container's root.
+    std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(host.path().join("f"), "from the host\n").unwrap();
+    let volume = format!(
+        "type=bind,src={},dst=/v,options=rbind:rw",
+        host.path().display()
+    );
+    let out = same(
+        "userns",
+        &[
+            "--uidmap",
+            "0:100000:65536",
+            "--gidmap",
+            "0:100000:65536",
+            "--mount",
+            &volume,
+        ],
+        &[
+            "sh",
+            "-c",
+            "cat /proc/self/uid_map /proc/self/gid_map; id; \
+             stat -c '%u:%g %n' / /bin /etc /root; \
+             touch /root/w && stat -c '%u:%g %n' /root/w; grep CapEff /proc/self/status; \
+             mknod /dev/n2 c 1 3; echo mknod=$?; \
+             cat /v/f; stat -c '%u:%g %a %n' /v /v/f; touch /v/g; echo volume-write=$?",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0     100000      65536"), "{text}");
+    assert!(text.contains("0:0 /root/w"), "{text}");
+    assert!(text.contains("from the host\n65534:65534 755 /v"), "{text}");
+    // Its cgroup namespace belongs to its user namespace, so it may mount cgroup2 and
+    // reads its own limits there (this host's runc runs on cgroup v1: this half is
+    // Cocoon's alone).
+    let env = env();
+    let o = ctr_run(
+        &env,
+        COCOON,
+        "userns-cgroup",
+        &[
+            "--uidmap",
+            "0:100000:65536",
+            "--gidmap",
+            "0:100000:65536",
+            "--memory-limit",
+            "200000000",
+            "--mount",
+            "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=nosuid:noexec:nodev:ro",
+        ],
+        &["cat", "/sys/fs/cgroup/memory.max"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "199999488\n",
+        "{}",
+        show(&o)
+    );
+    assert_clean(&env);
+}
+
 /// `ctr run --log-uri`: a `file://` URI gets both streams appended, and a `binary://`
 /// one starts the logging program with the streams on descriptors 3 and 4, the URI's
 /// query as its arguments and the container's id and namespace in its environment

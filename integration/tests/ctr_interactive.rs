@@ -344,3 +344,63 @@ fn tty_is_a_pts_like_runc() {
     assert_eq!(c, r#"init ["/dev/pts/0"] exec ["/dev/pts/1"]"#);
     assert_clean(&env);
 }
+
+/// An exec in a container with a user namespace of its own (`ctr run --uidmap`) joins
+/// that namespace first, as runc's does: it is root of the container's ids only, and
+/// what it writes lands with them.
+#[test]
+fn exec_joins_the_containers_user_namespace() {
+    let env = env();
+    let maps = ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"];
+    let script = "cat /proc/self/uid_map /proc/self/gid_map; id; touch /root/e; \
+                  stat -c '%u:%g %n' /root/e; grep CapEff /proc/self/status; echo done";
+    let mut seen = Vec::new();
+    for (rt, id) in [(RUNC, "uns-exec-runc"), (COCOON, "uns-exec-cocoon")] {
+        with_detached(&env, rt, id, &maps, |e, id| {
+            seen.push(exec_output(e, id, "u", &["sh", "-c", script], "done"));
+        });
+    }
+    assert_eq!(seen[0], seen[1], "runc, then cocoon");
+    assert!(seen[1].contains("0     100000      65536"), "{}", seen[1]);
+    assert!(seen[1].contains("0:0 /root/e"), "{}", seen[1]);
+    assert_clean(&env);
+}
+
+/// A terminal in a container with a user namespace of its own: its pty comes from the
+/// container's devpts and belongs to the container's root, as under runc.
+#[test]
+fn terminal_in_a_user_namespace() {
+    let env = env();
+    let run = |runtime: &str, id: &str| -> String {
+        let (mut child, mut master) = ctr_on_a_pty(
+            &env,
+            &[
+                "run",
+                "--rm",
+                "-t",
+                "--uidmap",
+                "0:100000:65536",
+                "--gidmap",
+                "0:100000:65536",
+                "--runtime",
+                runtime,
+                IMAGE_REF,
+                id,
+                "sh",
+                "-c",
+                "t=$(tty); echo tty=$t; stat -c 'owner=%u:%g mode=%a' $t; echo done",
+            ],
+        );
+        let mut acc = Vec::new();
+        read_until(&mut master, &mut acc, |s| s.contains("done"));
+        assert!(child.wait().unwrap().success());
+        // Up to the marker: what follows it may still be on its way.
+        let text = String::from_utf8_lossy(&acc).replace('\r', "");
+        text[..text.find("done").unwrap()].to_string()
+    };
+    let r = run(RUNC, "uns-tty-runc");
+    let c = run(COCOON, "uns-tty-cocoon");
+    assert_eq!(r, c, "runc, then cocoon");
+    assert!(c.contains("owner=0:"), "{c}");
+    assert_clean(&env);
+}

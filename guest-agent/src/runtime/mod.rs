@@ -16,6 +16,7 @@ mod creds;
 pub mod mounts;
 pub mod seccomp;
 mod syscalls_x86_64;
+mod userns;
 pub mod zygote;
 
 pub use mounts::parse_options as mount_options;
@@ -329,15 +330,44 @@ fn create(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
     let spec = &req.spec;
     let linux = spec.linux().clone().unwrap_or_default();
     let mut flags = CloneFlags::empty();
-    for ns in linux.namespaces().iter().flatten() {
-        let flag = ns_flag(ns.typ())?;
+    let namespaces = linux.namespaces().clone().unwrap_or_default();
+    // The user namespace first, as runc: the others are then made by (or joined as)
+    // its root, and belong to it.
+    let (user, others): (Vec<_>, Vec<_>) = namespaces
+        .iter()
+        .partition(|n| n.typ() == LinuxNamespaceType::User);
+    if !user.is_empty() {
+        // Raised limits and a lowered OOM score need the agent's namespace (as runc
+        // sets them from outside); the forks below inherit them.
+        set_limits(spec)?;
+    }
+    let mut new_user = false;
+    for ns in user.iter().chain(&others) {
+        let flag = match ns.typ() {
+            LinuxNamespaceType::User => CloneFlags::CLONE_NEWUSER,
+            t => ns_flag(t)?,
+        };
         match ns.path() {
             Some(path) => {
                 let f = File::open(path).ctx(|| format!("cannot open namespace {path:?}"))?;
                 setns(f.as_fd(), flag).ctx(|| format!("cannot join namespace {path:?}"))?;
+                if flag == CloneFlags::CLONE_NEWUSER {
+                    userns::become_root()?;
+                }
             }
+            None if flag == CloneFlags::CLONE_NEWUSER => new_user = true,
             None => flags |= flag,
         }
+    }
+    if new_user {
+        userns::unshare_mapped(&linux)?;
+    } else if user.is_empty()
+        && (linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+            || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()))
+    {
+        return Err(RuntimeError::Invalid(
+            "uidMappings or gidMappings without a user namespace".into(),
+        ));
     }
     unshare(flags).ctx(|| "cannot create the container's namespaces".into())?;
     fork_and_report(sock, "container init")?;
@@ -384,8 +414,9 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
         std::fs::write(&path, value).ctx(|| format!("cannot set sysctl {key}"))?;
     }
     mounts::finalize_rootfs(spec)?;
-    creds::set_rlimits(process)?;
-    creds::set_oom_score_adj(process)?;
+    if !has_user(&linux) {
+        set_limits(spec)?;
+    }
     send(sock, &HelperMessage::Ready);
     match read_line(sock) {
         Ok(Some(line)) if line == START_LINE => {}
@@ -395,10 +426,34 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
     creds::finalize_and_exec(process, linux.seccomp().as_ref()).map(|never| match never {})
 }
 
+fn has_user(linux: &oci_spec::runtime::Linux) -> bool {
+    linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == LinuxNamespaceType::User)
+}
+
+/// The process's resource limits and OOM score, on this process (its children inherit
+/// them).
+fn set_limits(spec: &Spec) -> Result<(), RuntimeError> {
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| RuntimeError::Invalid("the spec has no process".into()))?;
+    creds::set_rlimits(process)?;
+    creds::set_oom_score_adj(process)
+}
+
 fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(), RuntimeError> {
     let pid = target.init_pid;
+    // Before a user namespace is joined, while raising them is still allowed.
+    creds::set_rlimits(&target.process)?;
+    creds::set_oom_score_adj(&target.process)?;
     // Mount last: after it, /proc may be the container's.
+    // The user namespace first, as runc: the others belong to it.
     const ORDER: &[(&str, CloneFlags)] = &[
+        ("user", CloneFlags::CLONE_NEWUSER),
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),
@@ -427,6 +482,10 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
     }
     for (f, flag, path) in &joins {
         setns(f.as_fd(), *flag).ctx(|| format!("cannot join {path}"))?;
+        if *flag == CloneFlags::CLONE_NEWUSER {
+            // While /proc is still the agent's.
+            userns::become_root()?;
+        }
     }
     drop(joins);
     fork_and_report(sock, "exec process")?;
@@ -437,8 +496,6 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
             nix::unistd::setsid().ctx(|| "setsid".into())?;
             console::setup(sock, &target.process, false)?;
         }
-        creds::set_rlimits(&target.process)?;
-        creds::set_oom_score_adj(&target.process)?;
         let seccomp = req.spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         creds::finalize_and_exec(&target.process, seccomp.as_ref()).map(|never| match never {})
     })

@@ -228,13 +228,23 @@ fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeErr
         make_mount_point(&dest, false)?;
         // Mounted from inside the container's cgroup namespace, whose root
         // is the container's own group: the files show its limits.
-        do_mount(
+        let flags = cgroup_mount_flags(&opts);
+        match do_mount(
             Some(Path::new("cgroup2")),
             &dest,
             Some("cgroup2"),
-            cgroup_mount_flags(&opts),
+            flags,
             None,
-        )?;
+        ) {
+            // A user namespace without a cgroup namespace of its own may not
+            // mount cgroup2: bind the container's own group, as runc does.
+            Err(e @ RuntimeError::Sys(_, nix::Error::EPERM)) => match own_cgroup()? {
+                // The root of a cgroup namespace: binding it would show the whole tree.
+                None => return Err(e),
+                Some(own) => rbind_with(&own, &dest, flags)?,
+            },
+            r => r?,
+        }
     } else {
         make_mount_point(&dest, false)?;
         let src = m.source().clone().unwrap_or_else(|| PathBuf::from(typ));
@@ -243,20 +253,7 @@ fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeErr
             // sysfs needs a network namespace of its own: fall back to the
             // host's, read-only as runc does.
             Err(RuntimeError::Sys(_, nix::Error::EPERM)) if typ == "sysfs" => {
-                do_mount(
-                    Some(Path::new("/sys")),
-                    &dest,
-                    None,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None,
-                )?;
-                do_mount(
-                    None,
-                    &dest,
-                    None,
-                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | (opts.flags & REMOUNT_FLAGS),
-                    None,
-                )?;
+                rbind_with(Path::new("/sys"), &dest, opts.flags)?
             }
             r => r?,
         }
@@ -265,6 +262,37 @@ fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeErr
         do_mount(None, &dest, None, *p, None)?;
     }
     Ok(())
+}
+
+/// Binds `src` with what is mounted below it on `dest`, then remounts it with those of
+/// `flags` a bind ignores (read-only, nosuid, ...).
+fn rbind_with(src: &Path, dest: &Path, flags: MsFlags) -> Result<(), RuntimeError> {
+    do_mount(
+        Some(src),
+        dest,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    let remount = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | (flags & REMOUNT_FLAGS);
+    do_mount(None, dest, None, remount, None)
+}
+
+/// This process's group in the v2 hierarchy, as a path under /sys/fs/cgroup (the
+/// agent placed the helper there before its request); None at the root of the tree
+/// or of a cgroup namespace.
+fn own_cgroup() -> Result<Option<PathBuf>, RuntimeError> {
+    let text = fs::read_to_string("/proc/self/cgroup").ctx(|| "/proc/self/cgroup".into())?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| {
+            RuntimeError::Invalid(format!("no v2 group in /proc/self/cgroup: {text:?}"))
+        })?;
+    if rel == "/" {
+        return Ok(None);
+    }
+    secure_join(Path::new("/sys/fs/cgroup"), Path::new(rel)).map(Some)
 }
 
 /// A cgroup mount is nosuid, nodev and noexec, and read-only unless the spec

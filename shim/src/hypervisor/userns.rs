@@ -13,6 +13,14 @@
 //! guest writes as `n` lands on disk as `n`. A file whose owner is `count` or more shows
 //! as the overflow id (65534) and cannot be chowned or written through the share.
 //!
+//! A container with a user namespace of its own (`ctr run --uidmap 0:100000:65536`) runs
+//! over a rootfs whose files containerd gave host ids beyond that range (100000 and up).
+//! The guest must see those owners as they are, so that the container's root (guest
+//! uid 100000, as under runc) owns its rootfs: such a pod's namespace maps each of
+//! those host ranges as well, as itself inside, onto a further range of the pod's own
+//! outside (`Extent`). The first container of the pod names them; a later one that
+//! needs others is refused.
+//!
 //! The namespace is made once per pod by a throwaway child (a process cannot write its
 //! own namespace's mapping to ids it does not hold): the shim, root on the host, writes
 //! the maps, keeps a descriptor of the namespace and lets the child go.
@@ -29,26 +37,68 @@ use super::HypervisorError;
 /// The ids each pod's namespace maps: the 16-bit range most images keep to.
 pub const IDS_PER_POD: u32 = 65_536;
 
-/// One pod's user namespace: ids `0..count` inside are `host_base..` outside.
+/// One pod's user namespace: ids `0..count` inside are `host_base..` outside, and
+/// each of `extra` maps a range of its own.
 #[derive(Debug)]
 pub struct PodUserns {
     fd: OwnedFd,
     pub host_base: u32,
     pub count: u32,
-    /// The pod's hold on its range, when it was allocated here.
-    _range: Option<PodIdentity>,
+    pub extra: Vec<Extent>,
+    /// The pod's hold on its ranges, when they were allocated here.
+    _ranges: Vec<PodIdentity>,
+}
+
+/// Ids `inside..inside + count` of a namespace are `outside..` on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
 }
 
 impl PodUserns {
     /// Takes a range of ids no other live pod holds (one of `ranges` ranges of
     /// `IDS_PER_POD` from `id_base`, held through `lock_file` as `identity` holds uids)
-    /// and makes the namespace that maps it.
+    /// and makes the namespace that maps it; plus one more range for each of `also`
+    /// (a start and a count of at most `IDS_PER_POD` ids, beyond the first range's ids),
+    /// which the namespace maps as themselves inside.
     pub fn for_pod(
         lock_file: &std::path::Path,
         id_base: u32,
         ranges: u32,
         seed: &str,
+        also: &[(u32, u32)],
     ) -> Result<Self, HypervisorError> {
+        let mut held = Vec::new();
+        let mut outside = Vec::new();
+        for i in 0..=also.len() {
+            let (range, base) =
+                Self::take_range(lock_file, id_base, ranges, &format!("{seed}/{i}"))?;
+            held.push(range);
+            outside.push(base);
+        }
+        let extra: Vec<Extent> = also
+            .iter()
+            .zip(&outside[1..])
+            .map(|(&(inside, count), &outside)| Extent {
+                inside,
+                outside,
+                count,
+            })
+            .collect();
+        let mut ns =
+            Self::create_with(outside[0], IDS_PER_POD, &extra).map_err(HypervisorError::Userns)?;
+        ns._ranges = held;
+        Ok(ns)
+    }
+
+    fn take_range(
+        lock_file: &std::path::Path,
+        id_base: u32,
+        ranges: u32,
+        seed: &str,
+    ) -> Result<(PodIdentity, u32), HypervisorError> {
         use super::identity::IdentityError;
         let range = super::identity::allocate(lock_file, 0, ranges, seed).map_err(|e| match e {
             IdentityError::Exhausted { count, .. } => {
@@ -65,18 +115,54 @@ impl PodUserns {
                 range.uid
             )))
         })?;
-        let mut ns = Self::create(host_base, IDS_PER_POD).map_err(HypervisorError::Userns)?;
-        ns._range = Some(range);
-        Ok(ns)
+        Ok((range, host_base))
+    }
+
+    /// Whether the namespace maps the host ids `start..start + count` (of a container's
+    /// own user namespace) as themselves.
+    pub fn covers(&self, start: u32, count: u32) -> bool {
+        let end = u64::from(start) + u64::from(count);
+        if end <= u64::from(self.count) {
+            return true;
+        }
+        // A long range was split into touching extents: walk them.
+        let mut at = u64::from(start);
+        while at < end {
+            let Some(e) = self.extra.iter().find(|e| {
+                u64::from(e.inside) <= at && at < u64::from(e.inside) + u64::from(e.count)
+            }) else {
+                return false;
+            };
+            at = u64::from(e.inside) + u64::from(e.count);
+        }
+        true
     }
 
     /// Creates the namespace. Needs `CAP_SETUID` and `CAP_SETGID` on the host (root).
     pub fn create(host_base: u32, count: u32) -> std::io::Result<Self> {
-        if host_base == 0 || count == 0 || host_base.checked_add(count).is_none() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("the id range {host_base} + {count} is empty, has root or wraps"),
-            ));
+        Self::create_with(host_base, count, &[])
+    }
+
+    /// Creates the namespace with `extra` extents beside `0..count`.
+    fn create_with(host_base: u32, count: u32, extra: &[Extent]) -> std::io::Result<Self> {
+        let first = Extent {
+            inside: 0,
+            outside: host_base,
+            count,
+        };
+        let mut lines = String::new();
+        for e in std::iter::once(&first).chain(extra) {
+            let wraps = |x: u32| x.checked_add(e.count).is_none();
+            if e.outside == 0 || e.count == 0 || wraps(e.outside) || wraps(e.inside) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the id range {} + {} is empty, has root or wraps",
+                        e.outside, e.count
+                    ),
+                ));
+            }
+            lines.push_str(&format!("{} {} {}\n", e.inside, e.outside, e.count));
         }
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -98,7 +184,7 @@ impl PodUserns {
             ForkResult::Parent { child } => {
                 drop(ready_w);
                 drop(hold_r);
-                let made = Self::map_child(child.as_raw(), ready_r, host_base, count);
+                let made = Self::map_child(child.as_raw(), ready_r, &lines);
                 // The child reads end-of-file and exits.
                 drop(hold_w);
                 let _ = waitpid(child, None);
@@ -106,13 +192,14 @@ impl PodUserns {
                     fd: made?,
                     host_base,
                     count,
-                    _range: None,
+                    extra: extra.to_vec(),
+                    _ranges: Vec::new(),
                 })
             }
         }
     }
 
-    fn map_child(pid: i32, ready: OwnedFd, host_base: u32, count: u32) -> std::io::Result<OwnedFd> {
+    fn map_child(pid: i32, ready: OwnedFd, lines: &str) -> std::io::Result<OwnedFd> {
         let mut ok = [0u8];
         std::fs::File::from(ready).read_exact(&mut ok)?;
         if ok[0] != 1 {
@@ -121,13 +208,15 @@ impl PodUserns {
                  sandbox that forbids them)",
             ));
         }
-        let line = format!("0 {host_base} {count}\n");
         for map in ["uid_map", "gid_map"] {
+            // One write: the kernel takes a map whole or not at all.
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(format!("/proc/{pid}/{map}"))?
-                .write_all(line.as_bytes())
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{map}: {e}")))?;
+                .write_all(lines.as_bytes())
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("{map} {:?}: {e}", lines.trim_end()))
+                })?;
         }
         Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
     }
@@ -320,6 +409,46 @@ mod tests {
             std::fs::read_link("/proc/self/ns/user").unwrap(),
             "a new namespace, not ours"
         );
+    }
+
+    /// A pod whose first container has a user namespace of its own maps that
+    /// container's host ids as themselves, and no others beyond its own range.
+    #[test]
+    fn extra_extents_map_a_containers_host_ids() {
+        if !root_or_fail("userns") {
+            return;
+        }
+        let extra = [Extent {
+            inside: 100_000,
+            outside: 1_500_131_072,
+            count: IDS_PER_POD,
+        }];
+        let ns = PodUserns::create_with(1_500_065_536, IDS_PER_POD, &extra).unwrap();
+        assert!(ns.covers(0, IDS_PER_POD));
+        assert!(ns.covers(100_000, IDS_PER_POD));
+        assert!(ns.covers(120_000, 10));
+        assert!(!ns.covers(100_000, IDS_PER_POD + 1));
+        assert!(!ns.covers(200_000, 1));
+        assert!(!ns.covers(65_000, 1_000));
+        // A range longer than one extent, split into touching ones.
+        let split = [
+            Extent {
+                inside: 200_000,
+                outside: 1_500_196_608,
+                count: IDS_PER_POD,
+            },
+            Extent {
+                inside: 265_536,
+                outside: 1_500_262_144,
+                count: 34_464,
+            },
+        ];
+        let long = PodUserns::create_with(1_500_065_536, IDS_PER_POD, &split).unwrap();
+        assert!(long.covers(200_000, 100_000));
+        assert!(!long.covers(200_000, 100_001));
+        // Overlapping extents are the kernel's to refuse, and the error says so.
+        let twice = [extra[0], extra[0]];
+        assert!(PodUserns::create_with(1_500_065_536, IDS_PER_POD, &twice).is_err());
     }
 
     /// A child that entered is root of the namespace and the range's first id on the

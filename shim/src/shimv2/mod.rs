@@ -10,6 +10,7 @@
 
 mod delete;
 pub mod guest_events;
+pub mod idmaps;
 pub mod janitor;
 pub mod logsink;
 pub(crate) mod metrics;

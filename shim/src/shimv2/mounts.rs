@@ -152,7 +152,15 @@ fn prepare_inner(
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(rootfs));
     }
-    share_volumes(done, &pod, host, id, &guest_dir, spec)
+    share_volumes(done, &pod, host, id, &guest_dir, spec)?;
+    if super::idmaps::any_user_namespace(spec) {
+        // The container's root is root of its own ids only, and walks to its rootfs
+        // and volumes through directories guest root owns.
+        let own = PathBuf::from(id);
+        pod.traversable(&[&own, &own.join("mounts")])
+            .map_err(|e| MountError::Mkdir(pod.path_of(&own), e))?;
+    }
+    Ok(())
 }
 
 /// The container's root filesystem, mounted where the guest sees it.

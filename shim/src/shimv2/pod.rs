@@ -74,6 +74,8 @@ pub enum PodSpecError {
          is refused rather than started unprotected"
     )]
     Confidential(String),
+    #[error("the container's user namespace: {0}")]
+    UserNamespace(String),
 }
 
 fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
@@ -108,6 +110,9 @@ pub struct PodVm {
     pub limits: Option<super::sizing::PodLimits>,
     /// The init-data document, checked to parse (the guest parses it again).
     pub init_data: Option<Vec<u8>>,
+    /// Host id ranges the pod's share maps beyond its own, for the first container's
+    /// user namespace (`idmaps::extra_share_ranges`).
+    pub share_ids: Vec<(u32, u32)>,
 }
 
 /// Reads what the first container of a pod asks of its VM. An `io.cocoon.*`
@@ -122,6 +127,7 @@ pub fn pod_vm(spec: &Spec, size_from_limits: bool) -> Result<PodVm, PodSpecError
         ..Default::default()
     };
     host_namespaces(spec)?;
+    vm.share_ids = super::idmaps::extra_share_ranges(spec).map_err(PodSpecError::UserNamespace)?;
     if !is_cri(spec) && size_from_limits {
         // A VM of its own: its own limits.
         vm.limits = super::sizing::container_limits(spec);

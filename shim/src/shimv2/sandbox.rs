@@ -211,6 +211,7 @@ impl Sandbox {
                 j.share_id_base,
                 j.share_ranges,
                 vm_id,
+                &pod_vm.share_ids,
             )?))
         } else {
             None

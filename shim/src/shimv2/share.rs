@@ -318,6 +318,27 @@ impl Beneath {
         Ok((parent, name))
     }
 
+    /// Lets every guest uid pass through the share's root and directory `rel` (mode
+    /// 0711, as runc's bundle directories): a container in a user namespace of its own
+    /// is root of its own ids only, and must still walk to its rootfs. Nothing there
+    /// can be listed or read by that.
+    /// Directories of `rels` that do not exist are left out.
+    pub fn traversable(&self, rels: &[&Path]) -> std::io::Result<()> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let mut dirs = vec![nix::fcntl::openat(&self.root, ".", flags, Mode::empty())?];
+        for rel in rels {
+            match self.open_at(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                Ok(fd) => dirs.push(fd),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for fd in dirs {
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o711))?;
+        }
+        Ok(())
+    }
+
     /// Creates directory `rel` (0700) and its missing parents, beneath the root.
     pub fn mkdir_all(&self, rel: &Path) -> std::io::Result<()> {
         let rel = plain(rel)?;

@@ -216,7 +216,9 @@ impl Service {
             pod::PodSpecError::HostNetwork
             | pod::PodSpecError::HostPid
             | pod::PodSpecError::HostIpc => err(ttrpc::Code::FAILED_PRECONDITION, e),
-            pod::PodSpecError::BadAnnotation { .. } => err(ttrpc::Code::INVALID_ARGUMENT, e),
+            pod::PodSpecError::BadAnnotation { .. } | pod::PodSpecError::UserNamespace(_) => {
+                err(ttrpc::Code::INVALID_ARGUMENT, e)
+            }
         })?;
         pod::adapt_spec(&mut spec);
         if let Some(process) = spec.process_mut() {
@@ -234,6 +236,14 @@ impl Service {
             ));
         }
         let t_sandbox = std::time::Instant::now();
+        if let Some(ns) = &sb.share_userns {
+            crate::shimv2::idmaps::check_covered(&spec, ns).map_err(|e| {
+                err(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("the container's user namespace: {e}"),
+                )
+            })?;
+        }
         // Known by their host paths, which `mounts::prepare` replaces.
         let watched = crate::shimv2::watched::watched_mounts(&spec);
         let shm = pod::take_pod_shm(&mut spec);
