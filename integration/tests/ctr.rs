@@ -709,3 +709,48 @@ fn log_uris_file_and_binary_as_under_runc() {
     );
     assert_clean(&env);
 }
+
+/// A `file://` log is bounded (`[logs] file_max_kib`), since the guest writes it: a
+/// container that writes three times the limit leaves the newest bytes in the file and
+/// the ones before them in `<file>.1`, exactly the limit there, in order. runc's file
+/// would hold all of it: this is Cocoon's alone.
+#[test]
+fn a_file_log_is_rotated_at_its_limit() {
+    let env = env_with("", "[logs]\nfile_max_kib = 64\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.log");
+    let uri = format!("file://{}", file.display());
+    let pad = "0123456789".repeat(4);
+    // 4000 lines of 51 bytes: 204 000 bytes, past three files of 64 KiB.
+    let script = format!("i=1000; while [ $i -lt 5000 ]; do echo line-$i-{pad}; i=$((i+1)); done");
+    let o = ctr_run(
+        &env,
+        COCOON,
+        "biglog",
+        &["--log-uri", &uri],
+        &["sh", "-c", &script],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let written: String = (1000..5000).map(|i| format!("line-{i}-{pad}\n")).collect();
+    let last = format!("line-4999-{pad}\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    while !read(&file).ends_with(&last) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log never got the last line: {} bytes",
+            read(&file).len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let old = read(&dir.path().join("big.log.1"));
+    let new = read(&file);
+    assert_eq!(old.len(), 64 * 1024, "rotated only when full");
+    assert_eq!(new.len(), written.len() % (64 * 1024));
+    assert!(
+        written.ends_with(&(old + &new)),
+        "the newest bytes, in order"
+    );
+    assert!(!dir.path().join("big.log.2").exists());
+    assert_clean(&env);
+}

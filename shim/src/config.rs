@@ -63,6 +63,32 @@ pub struct Config {
     pub paths: PathsConfig,
     pub debug: DebugConfig,
     pub jail: JailConfig,
+    pub logs: LogsConfig,
+}
+
+/// Where containers' output is written on the host by the shim itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// A `file://` log URI's file (`ctr run --log-uri`) is rotated to `<file>.1` when it
+    /// would grow past this many KiB, so one process's log holds at most twice it on
+    /// disk. runc's grows without bound; here the guest writes it.
+    pub file_max_kib: u64,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            file_max_kib: 64 * 1024,
+        }
+    }
+}
+
+impl LogsConfig {
+    /// The limit in bytes.
+    pub fn file_limit(&self) -> u64 {
+        self.file_max_kib * 1024
+    }
 }
 
 /// Jails for a pod's host processes. QEMU and its vsock backend run through
@@ -176,6 +202,8 @@ pub struct VmConfig {
 
 /// The most disk slots a cocoon-vmm VM gets (each an IRQ of the IOAPIC's).
 pub const MAX_BLOCK_SLOTS: u8 = 8;
+/// The largest `[logs] file_max_kib`: 16 GiB.
+pub const MAX_LOG_FILE_KIB: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -215,6 +243,7 @@ impl Default for Config {
             paths: PathsConfig::default(),
             debug: DebugConfig::default(),
             jail: JailConfig::default(),
+            logs: LogsConfig::default(),
         }
     }
 }
@@ -318,6 +347,12 @@ impl Config {
                 reason: reason.into(),
             })
         };
+        if !(4..=MAX_LOG_FILE_KIB).contains(&self.logs.file_max_kib) {
+            return bad(
+                "logs.file_max_kib",
+                "must be between 4 and 16777216 (16 GiB)",
+            );
+        }
         if self.vm.vcpus == 0 || self.vm.vcpus > 64 {
             return bad("vm.vcpus", "must be between 1 and 64");
         }
@@ -525,6 +560,9 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
+        let err = Config::parse("[logs]\nfile_max_kib = 0\n").unwrap_err();
+        assert!(err.to_string().contains("logs.file_max_kib"), "{err}");
+        assert_eq!(Config::parse("").unwrap().logs.file_limit(), 64 << 20);
         let err = Config::parse("[vm]\nvcpus = 0\n").unwrap_err();
         assert!(err.to_string().contains("vm.vcpus"), "{err}");
         let err = Config::parse("[vm]\nmemory_mib = 1\n").unwrap_err();

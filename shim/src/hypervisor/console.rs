@@ -23,9 +23,12 @@ pub struct RotatingFile {
     file: File,
     size: u64,
     limit: u64,
+    /// Appended to (a log URI's file, which may hold earlier runs), not truncated.
+    append: bool,
 }
 
 impl RotatingFile {
+    /// A fresh file (a VM's console), emptied if it exists.
     pub fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
         let file = OpenOptions::new()
             .create(true)
@@ -37,6 +40,27 @@ impl RotatingFile {
             file,
             size: 0,
             limit,
+            append: false,
+        })
+    }
+
+    /// A file appended to where it ends (mode 0640 if new; a link in its last component
+    /// is refused), its size counted from there: a file already past `limit` is
+    /// rotated at the first write.
+    pub fn append(path: &Path, limit: u64) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            size: file.metadata()?.len(),
+            file,
+            limit,
+            append: true,
         })
     }
 
@@ -57,7 +81,11 @@ impl RotatingFile {
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
         std::fs::rename(&self.path, &old)?;
-        *self = Self::create(&self.path, self.limit)?;
+        *self = if self.append {
+            Self::append(&self.path, self.limit)?
+        } else {
+            Self::create(&self.path, self.limit)?
+        };
         Ok(())
     }
 }

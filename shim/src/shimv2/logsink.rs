@@ -2,7 +2,7 @@
 //! (`ctr run --log-uri`, nerdctl's log drivers), as containerd's runc shim does it
 //! (`pkg/process/io.go`):
 //! - `file:///path` appends stdout and stderr to the file, made with its directory if
-//!   missing;
+//!   missing, rotated at `[logs] file_max_kib` (runc's grows without bound);
 //! - `binary:///program?key=value&flag` runs the program, with the query's keys and
 //!   values as its arguments and nothing in its environment but `CONTAINER_ID` and
 //!   `CONTAINER_NAMESPACE`. It reads stdout on descriptor 3 and stderr on 4, and closes
@@ -13,11 +13,14 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::process::{Child, Command};
+
+use crate::hypervisor::console::RotatingFile;
 
 /// How long a logging program may take to close its ready descriptor.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -84,18 +87,38 @@ pub fn parse(uri: &str) -> Result<Sink, String> {
     }
 }
 
-/// Opens `path` for appending, making its directory first.
-pub fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Opens a `file://` log for appending, making its directory first. It is rotated to
+/// `<path>.1` (replacing an older one) when it would grow past `limit`: the guest
+/// writes it, and runc's unbounded file would let a container fill the host's disk.
+pub fn open_file(path: &std::path::Path, limit: u64) -> std::io::Result<RotatingFile> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
+    RotatingFile::append(path, limit)
+}
+
+/// Copies `stream` into a log file that another stream of the same process may be
+/// copied into too, until end-of-file. Each chunk is written off the async runtime.
+pub async fn copy_to_file(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    log: Arc<Mutex<RotatingFile>>,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut copied = 0;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(copied);
+        }
+        let log = log.clone();
+        buf = tokio::task::spawn_blocking(move || {
+            let mut f = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f.write(&buf[..n]).map(|()| buf)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        copied += n as u64;
+    }
 }
 
 /// A started logging program and the write ends of its stdout and stderr pipes.
@@ -238,6 +261,53 @@ mod tests {
     fn bad_uris_are_named() {
         assert!(parse("syslog:///x").unwrap_err().contains("unknown scheme"));
         assert!(parse("file://relative/x").unwrap_err().contains("absolute"));
+    }
+
+    /// Both streams of one process go into one `file://` log through one handle: it
+    /// keeps what was there, rotates when full, and holds the newest bytes, in order,
+    /// never more than the limit in either file.
+    #[tokio::test]
+    async fn a_log_file_is_shared_by_both_streams_and_rotated_at_its_limit() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/c.log");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "earlier run\n").unwrap();
+        let log = Arc::new(Mutex::new(open_file(&path, 4096).unwrap()));
+        let mut written = String::from("earlier run\n");
+        for tag in ["out", "err"] {
+            let (mut w, mut r) = tokio::io::duplex(1024);
+            let shared = log.clone();
+            let copy = tokio::spawn(async move { copy_to_file(&mut r, shared).await });
+            let lines: String = (0..600).map(|i| format!("{tag}-{i:04}\n")).collect();
+            w.write_all(lines.as_bytes()).await.unwrap();
+            drop(w);
+            assert_eq!(copy.await.unwrap().unwrap(), lines.len() as u64);
+            written += &lines;
+        }
+        let new = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.path().join("logs/c.log.1")).unwrap();
+        assert_eq!(old.len(), 4096, "rotated only when full");
+        assert_eq!(new.len(), written.len() % 4096);
+        assert!(
+            written.ends_with(&(old + &new)),
+            "the newest bytes, in order"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+    }
+
+    /// A link where the log file should be is refused, not followed.
+    #[test]
+    fn a_link_in_place_of_the_log_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("c.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(open_file(&link, 4096).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     }
 
     /// A program that copies fd 3 and fd 4 into files, closes 5 once ready, and is

@@ -25,6 +25,8 @@ pub const GUEST_SHARE: &str = "/run/cocoon/shared";
 pub enum MountError {
     #[error("cannot create {0}")]
     Mkdir(PathBuf, #[source] std::io::Error),
+    #[error("cannot make {0} traversable for the container's user namespace")]
+    Traversable(PathBuf, #[source] std::io::Error),
     #[error("cannot mount the container rootfs at {target}: {detail}")]
     Rootfs { target: PathBuf, detail: String },
     #[error("bind mount source {0} does not exist")]
@@ -158,7 +160,7 @@ fn prepare_inner(
         // and volumes through directories guest root owns.
         let own = PathBuf::from(id);
         pod.traversable(&[&own, &own.join("mounts")])
-            .map_err(|e| MountError::Mkdir(pod.path_of(&own), e))?;
+            .map_err(|e| MountError::Traversable(pod.path_of(&own), e))?;
     }
     Ok(())
 }

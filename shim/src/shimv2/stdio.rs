@@ -5,6 +5,7 @@
 //! process is reported only after its output has fully reached the fifos.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cocoon_protocol::STDIO_PORT;
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::logsink::{self, Sink};
+use crate::hypervisor::console::RotatingFile;
 use crate::vsock;
 
 /// How long one stdio stream may take to connect.
@@ -287,8 +289,8 @@ enum Out {
     Fifo(pipe::Sender),
     /// A `binary://` logging program's pipe.
     Pipe(pipe::Sender),
-    /// A `file://` path, appended to.
-    File(tokio::fs::File),
+    /// A `file://` path, appended to by both streams, bounded.
+    File(Arc<Mutex<RotatingFile>>),
 }
 
 /// A fifo's path from containerd's stdio path (plain or `fifo://`).
@@ -309,6 +311,7 @@ pub async fn attach(
     container_id: &str,
     exec_id: &str,
     paths: &StdioPaths,
+    file_limit: u64,
 ) -> Result<StdioCopies, StdioError> {
     let mut copies = StdioCopies {
         output: Vec::new(),
@@ -323,6 +326,8 @@ pub async fn attach(
         logsink::parse(&paths.stdout).map_err(StdioError::Uri)?
     };
     let mut logger_pipes = None;
+    // One handle for both streams, so the size that rotation counts is the file's.
+    let mut log_file = None;
     if let Sink::Binary { program, args } = &sink {
         let l = logsink::start(program, args, container_id, namespace)
             .await
@@ -351,11 +356,21 @@ pub async fn attach(
         let out = match (&sink, to_logger) {
             (_, Some(p)) => Out::Pipe(p),
             (Sink::File(file), _) => {
-                let f = logsink::open_file(file).map_err(|source| StdioError::File {
-                    path: file.clone(),
-                    source,
-                })?;
-                Out::File(tokio::fs::File::from_std(f))
+                let shared = match &log_file {
+                    Some(f) => Arc::clone(f),
+                    None => {
+                        let f = logsink::open_file(file, file_limit).map_err(|source| {
+                            StdioError::File {
+                                path: file.clone(),
+                                source,
+                            }
+                        })?;
+                        let f = Arc::new(Mutex::new(f));
+                        log_file = Some(Arc::clone(&f));
+                        f
+                    }
+                };
+                Out::File(shared)
             }
             _ => {
                 let fifo = fifo_path(path).map_err(StdioError::Uri)?;
@@ -377,7 +392,7 @@ pub async fn attach(
                     r
                 }
                 Out::Pipe(mut p) => tokio::io::copy(&mut stream, &mut p).await,
-                Out::File(mut f) => tokio::io::copy(&mut stream, &mut f).await,
+                Out::File(f) => logsink::copy_to_file(&mut stream, f).await,
             };
             if let Err(e) = copied {
                 tracing::debug!("{kind} copy ended: {e}");

@@ -338,14 +338,21 @@ impl Service {
                 .await
                 .map_err(|e| err(ttrpc::Code::INTERNAL, format!("the create failed: {e}")))??;
             // Streams attach before Start, so no early output waits anywhere.
-            let copies = stdio::attach(&sb.vsock_uds(), &self.inner.namespace, &req.id, "", &stdio)
-                .await
-                .map_err(|e| {
-                    err(
-                        ttrpc::Code::INTERNAL,
-                        format!("{:#}", anyhow::Error::new(e)),
-                    )
-                })?;
+            let copies = stdio::attach(
+                &sb.vsock_uds(),
+                &self.inner.namespace,
+                &req.id,
+                "",
+                &stdio,
+                self.inner.config.logs.file_limit(),
+            )
+            .await
+            .map_err(|e| {
+                err(
+                    ttrpc::Code::INTERNAL,
+                    format!("{:#}", anyhow::Error::new(e)),
+                )
+            })?;
             Ok::<_, ttrpc::Error>((pid, copies))
         }
         .await;

@@ -93,6 +93,7 @@ impl Service {
                 &req.id,
                 &req.exec_id,
                 &stdio_paths,
+                self.inner.config.logs.file_limit(),
             )
             .await
             {
