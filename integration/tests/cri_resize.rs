@@ -166,6 +166,17 @@ async fn a_raised_memory_limit_can_be_used(test: &str, handler: &str, net: u8) {
             before < 400 << 10 && after >= before + (500 << 10),
             "{test}: MemTotal {before} kB before the update, {after} kB after"
         );
+        // The kernel sized its thread table for the 256 MiB it booted with (about
+        // 2 000); the shim asked for 1 GiB's worth, what the VM may grow to.
+        let (code, out, err) = node
+            .exec_sync(
+                &ctr,
+                &["cat", "/proc/sys/kernel/threads-max"],
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("ExecSync");
+        assert_eq!((code, out.trim()), (0, "8192"), "{test}: {err}");
     }
     node.stop_and_remove_pod(&pod).await.expect("stop/remove");
     if std::env::var("COCOON_TEST_TEMPLATES").is_ok_and(|v| v == "1") {

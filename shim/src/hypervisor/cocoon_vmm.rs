@@ -65,10 +65,9 @@ impl CocoonVmm {
         // panic=-1) is the i8042 reset with reboot=k, which the VMM also treats
         // as a clean end; reboot=t would triple-fault and read as a crash.
         let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=k");
-        if spec.hotplug_mib > 0 {
-            // Each block virtio-mem adds comes online at once (Cocoon's kernel does so by
-            // itself; another kernel is told).
-            cmdline.push_str(" memhp_default_state=online");
+        for param in spec.growth_kernel_params() {
+            cmdline.push(' ');
+            cmdline.push_str(&param);
         }
         if !spec.extra_kernel_params.is_empty() {
             cmdline.push(' ');
@@ -414,6 +413,8 @@ mod tests {
         assert_eq!(after_g("--hotplug-mib").as_deref(), Some("768"));
         assert_eq!(after_g("--api-sock-fd").as_deref(), Some("14"));
         assert!(after_g("--cmdline").is_some_and(|c| c.contains("memhp_default_state=online")));
+        let threads = format!("threads-max={}", (spec.memory_mib + 768) * 8);
+        assert!(after_g("--cmdline").is_some_and(|c| c.contains(&threads)));
         // Restored, the region is the template's: only the API's descriptor is given.
         let t = Some(std::path::Path::new("/t"));
         let rg = v.args(&grows, std::path::Path::new("/r"), None, t, Some(14));

@@ -102,6 +102,26 @@ pub struct VmSpec {
     pub block_slots: u8,
 }
 
+impl VmSpec {
+    /// Kernel parameters for a VM with room to grow (`hotplug_mib`), the same on both
+    /// VMMs. Each block virtio-mem adds comes online at once (Cocoon's kernel does so
+    /// by itself; another kernel is told). The kernel sizes `kernel.threads-max` once,
+    /// at boot, at one thread per 128 KiB of RAM, and never again: a pod grown from
+    /// 256 MiB to 4 GiB would stay at about 1 700 threads in all. It is set for the
+    /// largest size instead; each container's memory and pids cgroups still bound
+    /// what its threads take.
+    pub fn growth_kernel_params(&self) -> Vec<String> {
+        if self.hotplug_mib == 0 {
+            return Vec::new();
+        }
+        let threads = (u64::from(self.memory_mib) + u64::from(self.hotplug_mib)) * 8;
+        vec![
+            "memhp_default_state=online".into(),
+            format!("sysctl.kernel.threads-max={threads}"),
+        ]
+    }
+}
+
 /// A tap (already open, in the pod's network namespace) for the guest's one virtio-net
 /// interface. The fd stays the caller's; the VMM gets a copy across exec.
 #[derive(Debug, Clone)]

@@ -123,11 +123,8 @@ impl Qemu {
         if self.machine == Machine::Microvm {
             p.push("pci=off");
         }
-        if spec.hotplug_mib > 0 {
-            // Each block virtio-mem adds comes online at once (Cocoon's kernel does so by
-            // itself; another kernel is told).
-            p.push("memhp_default_state=online");
-        }
+        let growth = spec.growth_kernel_params();
+        p.extend(growth.iter().map(String::as_str));
         let mut s = p.join(" ");
         if !spec.extra_kernel_params.is_empty() {
             s.push(' ');
@@ -595,6 +592,11 @@ mod tests {
             assert_eq!(value_after(&a, "-mon"), ["chardev=memctl,mode=control"]);
             let cmdline = value_after(&a, "-append")[0];
             assert!(cmdline.contains("memhp_default_state=online"), "{cmdline}");
+            // Threads for 1324 MiB, not the 300 the kernel would count at boot.
+            assert!(
+                cmdline.contains("sysctl.kernel.threads-max=10592"),
+                "{cmdline}"
+            );
         }
         // Without room, none of it.
         let a =
