@@ -80,7 +80,11 @@ impl RotatingFile {
     fn rotate(&mut self) -> std::io::Result<()> {
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
-        std::fs::rename(&self.path, &old)?;
+        match std::fs::rename(&self.path, &old) {
+            // Moved or removed by someone else (a log rotator): start a new one.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r?,
+        }
         *self = if self.append {
             Self::append(&self.path, self.limit)?
         } else {
@@ -235,6 +239,21 @@ mod tests {
             .map(|p| sc.feed(p))
             .collect();
         assert_eq!(hits, [false, false, false, false, true]);
+    }
+
+    #[test]
+    fn a_file_moved_away_is_started_again_at_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut f = RotatingFile::append(&path, 10).unwrap();
+        f.write(b"01234567").unwrap();
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        f.write(b"89abcdef").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("moved")).unwrap(),
+            b"0123456789"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcdef");
     }
 
     #[test]
