@@ -25,6 +25,9 @@ pub struct RotatingFile {
     limit: u64,
     /// Appended to (a log URI's file, which may hold earlier runs), not truncated.
     append: bool,
+    /// False for what is not a regular file (`file:///dev/null`, a FIFO): it is written
+    /// and never renamed, which would take it from everyone else who uses it.
+    rotates: bool,
 }
 
 impl RotatingFile {
@@ -41,35 +44,51 @@ impl RotatingFile {
             size: 0,
             limit,
             append: false,
+            rotates: true,
         })
     }
 
     /// A file appended to where it ends (mode 0640 if new; a link in its last component
-    /// is refused), its size counted from there: a file already past `limit` is
-    /// rotated at the first write.
+    /// is refused; a FIFO without a reader is an error, not a wait), its size counted
+    /// from there: a file already past `limit` is rotated at the first write.
     pub fn append(path: &Path, limit: u64) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o640)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)?;
+        // Opened without waiting; written as any file is, blocking.
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)?;
+        let mut flags = nix::fcntl::OFlag::from_bits_retain(flags);
+        flags.remove(nix::fcntl::OFlag::O_NONBLOCK);
+        nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        let meta = file.metadata()?;
         Ok(Self {
             path: path.to_path_buf(),
-            size: file.metadata()?.len(),
+            size: meta.len(),
             file,
             limit,
             append: true,
+            rotates: meta.file_type().is_file(),
         })
     }
 
     pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        if !self.rotates {
+            return self.file.write_all(data);
+        }
         while !data.is_empty() {
             if self.size >= self.limit {
                 self.rotate()?;
+                if !self.rotates {
+                    return self.file.write_all(data);
+                }
             }
-            let room = (self.limit - self.size).min(data.len() as u64) as usize;
+            // Reopened, the file may already hold more than the limit (someone else
+            // wrote there): then it is rotated again.
+            let room = self.limit.saturating_sub(self.size).min(data.len() as u64) as usize;
             self.file.write_all(&data[..room])?;
             self.size += room as u64;
             data = &data[room..];
@@ -77,13 +96,20 @@ impl RotatingFile {
         Ok(())
     }
 
+    /// Renames the file to `<path>.1` if the path still names the file held (a log
+    /// rotator may have moved it, or put another there), then opens the path afresh.
     fn rotate(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
-        match std::fs::rename(&self.path, &old) {
-            // Moved or removed by someone else (a log rotator): start a new one.
+        let held = self.file.metadata()?;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {
+                std::fs::rename(&self.path, &old)?
+            }
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            r => r?,
+            Err(e) => return Err(e),
         }
         *self = if self.append {
             Self::append(&self.path, self.limit)?
@@ -254,6 +280,40 @@ mod tests {
             b"0123456789"
         );
         assert_eq!(std::fs::read(&path).unwrap(), b"abcdef");
+    }
+
+    /// `file:///dev/null` is written, never renamed however much goes by.
+    #[test]
+    fn what_is_not_a_regular_file_is_never_rotated() {
+        let mut f = RotatingFile::append(Path::new("/dev/null"), 16).unwrap();
+        for _ in 0..4 {
+            f.write(b"0123456789abcdefghij").unwrap();
+        }
+        assert!(!Path::new("/dev/null.1").exists());
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No reader: an error at once, not a wait.
+        assert!(RotatingFile::append(&fifo, 16).is_err());
+    }
+
+    /// A rotator that put a file of its own in place: neither it nor the one held is
+    /// renamed onto `.1` at the limit; the shim goes on in the new one.
+    #[test]
+    fn a_file_put_in_place_is_taken_up_not_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut f = RotatingFile::append(&path, 10).unwrap();
+        f.write(b"0123456789").unwrap();
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        std::fs::write(&path, "x\n").unwrap();
+        f.write(b"ab").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("moved")).unwrap(),
+            b"0123456789"
+        );
+        assert!(!dir.path().join("c.log.1").exists());
+        assert_eq!(std::fs::read(&path).unwrap(), b"x\nab");
     }
 
     #[test]

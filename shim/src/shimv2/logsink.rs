@@ -98,26 +98,47 @@ pub fn open_file(path: &std::path::Path, limit: u64) -> std::io::Result<Rotating
 }
 
 /// Copies `stream` into a log file that another stream of the same process may be
-/// copied into too, until end-of-file. Each chunk is written off the async runtime.
+/// copied into too, until end-of-file; returns the bytes written. Each chunk is written
+/// off the async runtime. A write that fails (a full disk) is logged once and the rest
+/// is read and dropped: ending the copy would end the container's output with EPIPE.
 pub async fn copy_to_file(
     stream: &mut (impl tokio::io::AsyncRead + Unpin),
     log: Arc<Mutex<RotatingFile>>,
 ) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut copied = 0;
+    let mut written = 0;
+    let mut failed = false;
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
-            return Ok(copied);
+            return Ok(written);
+        }
+        if failed {
+            continue;
         }
         let log = log.clone();
-        buf = tokio::task::spawn_blocking(move || {
+        let wrote = tokio::task::spawn_blocking(move || {
             let mut f = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f.write(&buf[..n]).map(|()| buf)
+            let r = f.write(&buf[..n]);
+            (buf, r)
         })
-        .await
-        .map_err(std::io::Error::other)??;
-        copied += n as u64;
+        .await;
+        match wrote {
+            Ok((b, Ok(()))) => {
+                buf = b;
+                written += n as u64;
+            }
+            Ok((b, Err(e))) => {
+                buf = b;
+                tracing::warn!("the log file failed ({e}); the rest of this output is dropped");
+                failed = true;
+            }
+            Err(e) => {
+                buf = vec![0u8; 64 * 1024];
+                tracing::warn!("the log write did not finish ({e}); the rest is dropped");
+                failed = true;
+            }
+        }
     }
 }
 
@@ -296,6 +317,23 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
+    }
+
+    /// A log that cannot be written (`/dev/full`: no space) does not end the copy: the
+    /// output is read to its end and dropped, so the process never sees EPIPE.
+    #[tokio::test]
+    async fn a_failing_log_is_drained_not_abandoned() {
+        use tokio::io::AsyncWriteExt;
+        let log = Arc::new(Mutex::new(open_file("/dev/full".as_ref(), 4096).unwrap()));
+        let (mut w, mut r) = tokio::io::duplex(1024);
+        let copy = tokio::spawn(async move { copy_to_file(&mut r, log).await });
+        let all = vec![b'x'; 256 * 1024];
+        tokio::time::timeout(Duration::from_secs(30), w.write_all(&all))
+            .await
+            .expect("the writer was left blocked")
+            .unwrap();
+        drop(w);
+        assert_eq!(copy.await.unwrap().unwrap(), 0, "nothing was written");
     }
 
     /// A link where the log file should be is refused, not followed.
