@@ -318,6 +318,20 @@ fn stdin_is_piped_in() {
     assert_clean(&env);
 }
 
+/// A working directory the image lacks is made, 0755 and root's, as runc makes it;
+/// also under a read-only root, where it is made before the root turns read-only.
+#[test]
+fn a_missing_working_directory_is_made_as_under_runc() {
+    let script = "pwd; stat -c '%a %u:%g %n' /nope /nope/x";
+    let out = same("cwd", &["--cwd", "/nope/x"], &["sh", "-c", script]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("/nope/x\n755 0:0 /nope\n"),
+        "{}",
+        show(&out)
+    );
+    same("cwd-ro", &["--read-only", "--cwd", "/nope/x"], &["pwd"]);
+}
+
 #[test]
 fn readonly_rootfs() {
     let out = same(

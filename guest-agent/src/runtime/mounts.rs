@@ -481,6 +481,16 @@ pub fn prepare_rootfs(spec: &Spec, cgroup_v2: bool, no_pivot: bool) -> Result<()
             .ok_or_else(|| RuntimeError::Invalid(format!("bad rootfsPropagation {p:?}")))?;
         do_mount(None, Path::new("/"), None, flags, None)?;
     }
+    // A working directory the image lacks is made, as runc makes it (0755, as the
+    // container's root, inside the new root and before it may turn read-only).
+    if let Some(cwd) = spec.process().as_ref().map(|p| p.cwd()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(cwd)
+            .ctx(|| format!("cannot make the working directory {cwd:?}"))?;
+    }
     Ok(())
 }
 
