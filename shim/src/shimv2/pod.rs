@@ -76,6 +76,11 @@ pub enum PodSpecError {
     Confidential(String),
     #[error("the container's user namespace: {0}")]
     UserNamespace(String),
+    #[error(
+        "the container joins the host's {kind} namespace {path:?}, which a VM cannot share \
+         (only a network namespace can be given: its interface becomes the VM's)"
+    )]
+    HostNamespace { kind: String, path: PathBuf },
 }
 
 fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
@@ -263,7 +268,25 @@ pub fn guest_image(spec: &Spec) -> Result<Option<String>, String> {
 /// (hostPID, hostIPC). In a VM its containers would get the guest's instead, which is not
 /// what was asked: refused, as hostNetwork is, never run differently than asked.
 fn host_namespaces(spec: &Spec) -> Result<(), PodSpecError> {
-    if !is_cri(spec) || !is_sandbox(spec) {
+    if !is_cri(spec) {
+        // A container of its own (ctr): any namespace path names one of the host's.
+        let joined = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|ns| {
+                ns.iter()
+                    .find(|n| n.typ() != LinuxNamespaceType::Network && n.path().is_some())
+            });
+        return match joined {
+            Some(n) => Err(PodSpecError::HostNamespace {
+                kind: format!("{:?}", n.typ()).to_lowercase(),
+                path: n.path().clone().unwrap_or_default(),
+            }),
+            None => Ok(()),
+        };
+    }
+    if !is_sandbox(spec) {
         return Ok(());
     }
     let has = |t: LinuxNamespaceType| {
@@ -283,29 +306,34 @@ fn host_namespaces(spec: &Spec) -> Result<(), PodSpecError> {
 
 /// The host network namespace CNI prepared, for a CRI sandbox container. A sandbox with
 /// no network namespace of its own is a hostNetwork pod, which a VM cannot be.
+///
+/// A container of its own (ctr) that names a network namespace (`ctr run --with-ns
+/// network:<path>`, prepared by hand or by `cnitool`) gets its VM's network from that
+/// namespace the same way: where runc's container joins it, the VM takes its interface.
 pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodSpecError> {
-    if !is_cri(spec) || !is_sandbox(spec) {
-        return Ok(None);
-    }
     let net = spec
         .linux()
         .as_ref()
         .and_then(|l| l.namespaces().as_ref())
         .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+    if !is_cri(spec) {
+        return Ok(net.and_then(|n| n.path().clone()));
+    }
+    if !is_sandbox(spec) {
+        return Ok(None);
+    }
     match net {
         None => Err(PodSpecError::HostNetwork),
         Some(n) => Ok(n.path().clone()),
     }
 }
 
-/// Rewrites a CRI container's spec for the guest: its network namespace path names the
-/// host's pod namespace, which does not exist in the guest. The pod's network is the
-/// guest's own (the agent configured its interface there), so the entry is dropped and
-/// the container stays in it, with every other container of the pod.
+/// Rewrites a container's spec for the guest: its network namespace path names the
+/// host's pod namespace (CRI's, or the one `ctr run --with-ns` named), which does not
+/// exist in the guest. The pod's network is the guest's own (the agent configured its
+/// interface there), so the entry is dropped and the container stays in it, with every
+/// other container of the pod.
 pub fn adapt_spec(spec: &mut Spec) {
-    if !is_cri(spec) {
-        return;
-    }
     if let Some(ns) = spec
         .linux_mut()
         .as_mut()
@@ -482,7 +510,7 @@ mod tests {
     }
 
     #[test]
-    fn only_cri_host_namespace_paths_are_dropped() {
+    fn host_network_namespace_paths_are_dropped() {
         let mut s = pause(serde_json::json!([
             {"type": "network", "path": "/var/run/netns/cni-1234"},
             {"type": "ipc", "path": "/proc/7/ns/ipc"},
@@ -500,22 +528,45 @@ mod tests {
             .map(|n| n.typ())
             .collect();
         assert_eq!(kinds, [LinuxNamespaceType::Ipc, LinuxNamespaceType::Mount]);
-        // ctr's own containers keep whatever they asked for.
+        // ctr's container's network namespace is the VM's, too (`pod_netns`).
         let mut c = spec(
             serde_json::json!({}),
-            serde_json::json!([{"type": "network", "path": "/run/netns/x"}]),
+            serde_json::json!([{"type": "network", "path": "/run/netns/x"}, {"type": "pid"}]),
         );
         adapt_spec(&mut c);
-        assert_eq!(
-            c.linux()
-                .as_ref()
-                .unwrap()
-                .namespaces()
-                .as_ref()
-                .unwrap()
-                .len(),
-            1
+        let kinds: Vec<_> = c
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .iter()
+            .flatten()
+            .map(|n| n.typ())
+            .collect();
+        assert_eq!(kinds, [LinuxNamespaceType::Pid]);
+    }
+
+    /// `ctr run --with-ns network:<path>`: the VM's network comes from that namespace;
+    /// any other host namespace a container of its own names is refused, naming it.
+    #[test]
+    fn a_ctr_container_gives_its_network_namespace_and_no_other() {
+        let c = spec(
+            serde_json::json!({}),
+            serde_json::json!([{"type": "network", "path": "/run/netns/x"}, {"type": "pid"}]),
         );
+        assert_eq!(pod_netns(&c), Ok(Some(PathBuf::from("/run/netns/x"))));
+        assert!(pod_vm(&c, false).is_ok());
+        let joins = spec(
+            serde_json::json!({}),
+            serde_json::json!([{"type": "network"}, {"type": "pid", "path": "/proc/9/ns/pid"}]),
+        );
+        assert_eq!(pod_netns(&joins), Ok(None));
+        let e = pod_vm(&joins, false).unwrap_err();
+        assert!(
+            matches!(&e, PodSpecError::HostNamespace { kind, .. } if kind == "pid"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/proc/9/ns/pid"), "{e}");
     }
 
     #[test]

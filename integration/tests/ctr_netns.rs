@@ -1,0 +1,99 @@
+//! `ctr run --with-ns network:<path>`: a network namespace prepared on the host (by
+//! hand, or by `cnitool`, as firecracker-containerd's users do) is the container's
+//! network. runc's container joins it; Cocoon's VM takes its interface as a pod's from
+//! CNI (`shim/src/podnet.rs`). Any other host namespace is refused, naming it.
+
+mod ctr_common;
+
+use std::process::Command;
+
+use ctr_common::*;
+
+/// A network namespace holding `eth0` (198.19.7.2/30), one end of a veth pair whose
+/// other end stays on the host (198.19.7.1/30). Removed, with the pair, when dropped.
+struct Netns {
+    name: String,
+    path: String,
+}
+
+fn ip(args: &[&str]) -> String {
+    let o = Command::new("ip").args(args).output().expect("ip");
+    assert!(o.status.success(), "ip {args:?}: {}", show(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+impl Netns {
+    fn new() -> Self {
+        let pid = std::process::id();
+        let name = format!("cocoon-test-{pid}");
+        let host_end = format!("cn{}", pid % 1_000_000);
+        ip(&["netns", "add", &name]);
+        let ns = Netns {
+            path: format!("/var/run/netns/{name}"),
+            name,
+        };
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        ip(&["addr", "add", "198.19.7.1/30", "dev", &host_end]);
+        ip(&["link", "set", &host_end, "up"]);
+        ns.exec(&["ip", "addr", "add", "198.19.7.2/30", "dev", "eth0"]);
+        ns.exec(&["ip", "link", "set", "eth0", "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn exec(&self, cmd: &[&str]) -> String {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        ip(&args)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_network_namespace_given_by_path_is_the_containers_network() {
+    let ns = Netns::new();
+    let env = env();
+    let with = format!("network:{}", ns.path);
+    let script = "ip -o -4 addr show eth0 | awk '{print $2, $4}'; \
+                  ping -c 1 -W 10 198.19.7.1 > /dev/null && echo reached";
+    let out = same_in(&env, "netns", &["--with-ns", &with], &["sh", "-c", script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "eth0 198.19.7.2/30\nreached\n",
+        "{}",
+        show(&out)
+    );
+    // The VM's tap and the redirects on eth0 went with the container; the namespace
+    // and its interface stay, as under runc.
+    let links = ns.exec(&["ip", "-o", "link"]);
+    assert!(!links.contains(cocoon_shim::podnet::TAP_NAME), "{links}");
+    let qdiscs = ns.exec(&["tc", "qdisc", "show", "dev", "eth0"]);
+    assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+    assert!(ns
+        .exec(&["ip", "-o", "-4", "addr"])
+        .contains("198.19.7.2/30"));
+    // A VM cannot join the host's PID namespace: refused before any VM boots.
+    let o = ctr_run(
+        &env,
+        COCOON,
+        "joins-pid",
+        &["--with-ns", "pid:/proc/1/ns/pid"],
+        &["true"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("host's pid namespace \"/proc/1/ns/pid\""),
+        "{}",
+        show(&o)
+    );
+    assert_clean(&env);
+}
