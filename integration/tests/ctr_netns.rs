@@ -1,7 +1,8 @@
 //! `ctr run --with-ns network:<path>`: a network namespace prepared on the host (by
 //! hand, or by `cnitool`, as firecracker-containerd's users do) is the container's
 //! network. runc's container joins it; Cocoon's VM takes its interface as a pod's from
-//! CNI (`shim/src/podnet.rs`). Any other host namespace is refused, naming it.
+//! CNI (`shim/src/podnet.rs`). Any other host namespace, and the host's own network
+//! namespace, is refused, naming it.
 
 mod ctr_common;
 
@@ -58,6 +59,25 @@ impl Drop for Netns {
     }
 }
 
+/// A name under /var/run/netns for the host's own network namespace; the name alone
+/// is removed when dropped.
+struct HostNetnsName(String);
+
+impl HostNetnsName {
+    fn new() -> Self {
+        let name = format!("cocoon-host-{}", std::process::id());
+        // This test's own namespace is the host's, as the shim's is.
+        ip(&["netns", "attach", &name, &std::process::id().to_string()]);
+        HostNetnsName(name)
+    }
+}
+
+impl Drop for HostNetnsName {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
 #[test]
 fn a_network_namespace_given_by_path_is_the_containers_network() {
     let ns = Netns::new();
@@ -92,6 +112,24 @@ fn a_network_namespace_given_by_path_is_the_containers_network() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("host's pid namespace \"/proc/1/ns/pid\""),
+        "{}",
+        show(&o)
+    );
+    // Nor be given the host's own network namespace (here by a name `ip netns attach`
+    // gives it): its interface would be the VM's, the host's traffic redirected into
+    // the guest.
+    let host = HostNetnsName::new();
+    let with = format!("network:/var/run/netns/{}", host.0);
+    let o = ctr_run(
+        &env,
+        COCOON,
+        "joins-host-net",
+        &["--with-ns", &with],
+        &["true"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("host's network namespace"),
         "{}",
         show(&o)
     );

@@ -317,7 +317,18 @@ pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodSpecError> {
         .and_then(|l| l.namespaces().as_ref())
         .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
     if !is_cri(spec) {
-        return Ok(net.and_then(|n| n.path().clone()));
+        let path = net.and_then(|n| n.path().clone());
+        if let Some(p) = &path {
+            if is_own_netns(p) {
+                // The VM would take the host's own interface: its traffic redirected
+                // into the guest, the host cut off. runc's container would share it.
+                return Err(PodSpecError::HostNamespace {
+                    kind: "network".into(),
+                    path: p.clone(),
+                });
+            }
+        }
+        return Ok(path);
     }
     if !is_sandbox(spec) {
         return Ok(None);
@@ -326,6 +337,13 @@ pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, PodSpecError> {
         None => Err(PodSpecError::HostNetwork),
         Some(n) => Ok(n.path().clone()),
     }
+}
+
+/// Whether `path` names the shim's own network namespace (the host's).
+fn is_own_netns(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    id(path).is_some_and(|named| id(Path::new("/proc/self/ns/net")) == Some(named))
 }
 
 /// Rewrites a container's spec for the guest: its network namespace path names the
@@ -567,6 +585,15 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("/proc/9/ns/pid"), "{e}");
+        // The host's own network namespace would hand the host's interface to the VM.
+        let host = spec(
+            serde_json::json!({}),
+            serde_json::json!([{"type": "network", "path": "/proc/self/ns/net"}]),
+        );
+        assert!(matches!(
+            pod_netns(&host),
+            Err(PodSpecError::HostNamespace { kind, .. }) if kind == "network"
+        ));
     }
 
     #[test]
