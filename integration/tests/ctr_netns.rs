@@ -1,8 +1,8 @@
 //! `ctr run --with-ns network:<path>`: a network namespace prepared on the host (by
 //! hand, or by `cnitool`, as firecracker-containerd's users do) is the container's
 //! network. runc's container joins it; Cocoon's VM takes its interface as a pod's from
-//! CNI (`shim/src/podnet.rs`). Any other host namespace, and the host's own network
-//! namespace, is refused, naming it.
+//! CNI (`shim/src/podnet.rs`). Any other host namespace, the host's own network
+//! namespace and `--net-host` are refused, naming what was asked.
 
 mod ctr_common;
 
@@ -130,6 +130,14 @@ fn a_network_namespace_given_by_path_is_the_containers_network() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("host's network namespace"),
+        "{}",
+        show(&o)
+    );
+    // --net-host: runc's container is on the host's network, which a VM cannot be.
+    let o = ctr_run(&env, COCOON, "net-host", &["--net-host"], &["true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("shares the host's network"),
         "{}",
         show(&o)
     );

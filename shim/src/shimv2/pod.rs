@@ -81,6 +81,12 @@ pub enum PodSpecError {
          (only a network namespace can be given: its interface becomes the VM's)"
     )]
     HostNamespace { kind: String, path: PathBuf },
+    #[error(
+        "the container shares the host's network (ctr run --net-host, or no network \
+         namespace in its spec), which a VM cannot: give it a network namespace of its own, \
+         or one prepared on the host (ctr run --with-ns network:<path>)"
+    )]
+    SharesHostNetwork,
 }
 
 fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
@@ -270,21 +276,28 @@ pub fn guest_image(spec: &Spec) -> Result<Option<String>, String> {
 fn host_namespaces(spec: &Spec) -> Result<(), PodSpecError> {
     if !is_cri(spec) {
         // A container of its own (ctr): any namespace path names one of the host's.
-        let joined = spec
+        let namespaces = spec
             .linux()
             .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .and_then(|ns| {
-                ns.iter()
-                    .find(|n| n.typ() != LinuxNamespaceType::Network && n.path().is_some())
-            });
-        return match joined {
-            Some(n) => Err(PodSpecError::HostNamespace {
+            .and_then(|l| l.namespaces().as_deref())
+            .unwrap_or_default();
+        let joined = namespaces
+            .iter()
+            .find(|n| n.typ() != LinuxNamespaceType::Network && n.path().is_some());
+        if let Some(n) = joined {
+            return Err(PodSpecError::HostNamespace {
                 kind: format!("{:?}", n.typ()).to_lowercase(),
                 path: n.path().clone().unwrap_or_default(),
-            }),
-            None => Ok(()),
-        };
+            });
+        }
+        // runc's container would be on the host's network; the guest's is not that.
+        if !namespaces
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Network)
+        {
+            return Err(PodSpecError::SharesHostNetwork);
+        }
+        return Ok(());
     }
     if !is_sandbox(spec) {
         return Ok(());
@@ -498,7 +511,22 @@ mod tests {
         assert!(pod_vm(&s, true).is_ok());
         // A container joins its pod's namespaces by path or not at all: only the sandbox
         // says what the pod asked.
+        let workload = spec(
+            serde_json::json!({
+                "io.kubernetes.cri.sandbox-id": "abc",
+                "io.kubernetes.cri.container-type": "container",
+            }),
+            serde_json::json!([]),
+        );
+        assert!(pod_vm(&workload, true).is_ok());
+        // A container of its own with no network namespace (ctr run --net-host) would
+        // be on the host's network under runc: refused.
         let ctr = spec(serde_json::json!({}), serde_json::json!([]));
+        assert_eq!(pod_vm(&ctr, true), Err(PodSpecError::SharesHostNetwork));
+        let ctr = spec(
+            serde_json::json!({}),
+            serde_json::json!([{"type": "network"}]),
+        );
         assert!(pod_vm(&ctr, true).is_ok());
         assert!(PodSpecError::HostIpc.to_string().contains("hostIPC"));
         assert!(PodSpecError::HostPid.to_string().contains("hostPID"));

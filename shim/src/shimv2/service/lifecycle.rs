@@ -216,7 +216,8 @@ impl Service {
             pod::PodSpecError::HostNetwork
             | pod::PodSpecError::HostPid
             | pod::PodSpecError::HostIpc
-            | pod::PodSpecError::HostNamespace { .. } => err(ttrpc::Code::FAILED_PRECONDITION, e),
+            | pod::PodSpecError::HostNamespace { .. }
+            | pod::PodSpecError::SharesHostNetwork => err(ttrpc::Code::FAILED_PRECONDITION, e),
             pod::PodSpecError::BadAnnotation { .. } | pod::PodSpecError::UserNamespace(_) => {
                 err(ttrpc::Code::INVALID_ARGUMENT, e)
             }
