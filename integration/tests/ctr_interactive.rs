@@ -404,3 +404,34 @@ fn terminal_in_a_user_namespace() {
     assert!(c.contains("owner=0:"), "{c}");
     assert_clean(&env);
 }
+
+/// A process whose environment names no `HOME` gets its user's home from the
+/// container's `/etc/passwd` (or `/`), as runc gives it; one it names is kept. The same
+/// for an exec as another user.
+#[test]
+fn home_is_set_from_passwd_as_under_runc() {
+    let out = same("home", &[], &["sh", "-c", "echo $HOME"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/root\n",
+        "{}",
+        show(&out)
+    );
+    same(
+        "home-kept",
+        &["--env", "HOME=/custom"],
+        &["sh", "-c", "echo $HOME"],
+    );
+    let env = env();
+    let mut seen = Vec::new();
+    for (rt, name) in [(RUNC, "runc"), (COCOON, "cocoon")] {
+        with_detached(&env, rt, &format!("home-exec-{name}"), &[], |e, id| {
+            let user = ["--user", "1000:1000"];
+            let cmd = ["sh", "-c", "echo home=$HOME"];
+            let out = exec_output_with(e, &user, id, "h", &cmd, "home=");
+            seen.push(out);
+        });
+    }
+    assert_eq!(seen[0], seen[1], "runc, then cocoon");
+    assert_eq!(seen[1], "home=/home\n");
+}

@@ -140,6 +140,38 @@ fn prctl(op: libc::c_int, arg: libc::c_ulong, what: &str) -> Result<(), RuntimeE
     Ok(())
 }
 
+/// As runc: an environment without `HOME` gets the home of the process's uid in the
+/// container's `/etc/passwd` (its first entry for that uid), or `/`. The file is the
+/// container's own, read before the identity changes: a regular file only, never
+/// waited on, at most 1 MiB.
+fn with_home(env: &mut Vec<String>, uid: u32, passwd: &Path) {
+    if env.iter().any(|e| e.starts_with("HOME=")) {
+        return;
+    }
+    let home = passwd_home(passwd, uid).unwrap_or_else(|| "/".into());
+    env.push(format!("HOME={home}"));
+}
+
+fn passwd_home(passwd: &Path, uid: u32) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(passwd)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(1 << 20).read_to_end(&mut bytes).ok()?;
+    String::from_utf8_lossy(&bytes).lines().find_map(|line| {
+        let fields: Vec<&str> = line.trim().split(':').collect();
+        let id = fields.get(2)?.parse::<u32>().ok()?;
+        (id == uid).then(|| fields.get(5).copied().unwrap_or_default().to_string())
+    })
+}
+
 /// Drops to the process's identity and execs it.
 pub fn finalize_and_exec(
     process: &Process,
@@ -150,7 +182,8 @@ pub fn finalize_and_exec(
         .as_ref()
         .filter(|a| !a.is_empty())
         .ok_or_else(|| RuntimeError::Invalid("the process has no args".into()))?;
-    let env: Vec<String> = process.env().clone().unwrap_or_default();
+    let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+    with_home(&mut env, process.user().uid(), Path::new("/etc/passwd"));
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
     let cwd = process.cwd();
     nix::unistd::chdir(cwd).ctx(|| format!("cannot change to the working directory {cwd:?}"))?;
@@ -209,6 +242,32 @@ pub fn finalize_and_exec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_comes_from_the_users_passwd_entry_or_is_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let passwd = dir.path().join("passwd");
+        std::fs::write(
+            &passwd,
+            "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n",
+        )
+        .unwrap();
+        let home = |env: &[&str], uid| {
+            let mut env: Vec<String> = env.iter().map(|s| s.to_string()).collect();
+            with_home(&mut env, uid, &passwd);
+            env
+        };
+        assert_eq!(home(&["A=1"], 0), ["A=1", "HOME=/root"]);
+        assert_eq!(home(&[], 1000), ["HOME=/home/u"]);
+        assert_eq!(home(&[], 7), ["HOME=/"]);
+        assert_eq!(home(&["HOME=/x"], 0), ["HOME=/x"]);
+        // Not a regular file: never waited on.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut env = Vec::new();
+        with_home(&mut env, 0, &fifo);
+        assert_eq!(env, ["HOME=/"]);
+    }
 
     #[test]
     fn executables_are_found_on_path() {

@@ -240,10 +240,24 @@ pub fn with_detached(
 /// sometimes loses such an exec's output (under either runtime, see `same_in`): it is
 /// run again, up to three times in all, as `<prefix>-<n>`.
 pub fn exec_output(env: &Env, id: &str, prefix: &str, cmd: &[&str], marker: &str) -> String {
+    exec_output_with(env, &[], id, prefix, cmd, marker)
+}
+
+/// `exec_output` with ctr's exec `flags` (`--user`, `--cwd`).
+pub fn exec_output_with(
+    env: &Env,
+    flags: &[&str],
+    id: &str,
+    prefix: &str,
+    cmd: &[&str],
+    marker: &str,
+) -> String {
     (0..3)
         .map(|n| {
             let exec_id = format!("{prefix}-{n}");
-            let mut args = vec!["task", "exec", "--exec-id", &exec_id, id];
+            let mut args = vec!["task", "exec", "--exec-id", &exec_id];
+            args.extend_from_slice(flags);
+            args.push(id);
             args.extend_from_slice(cmd);
             ctr_ok(env, &args)
         })
