@@ -2,7 +2,8 @@
 //! hand, or by `cnitool`, as firecracker-containerd's users do) is the container's
 //! network. runc's container joins it; Cocoon's VM takes its interface as a pod's from
 //! CNI (`shim/src/podnet.rs`). Any other host namespace, the host's own network
-//! namespace and `--net-host` are refused, naming what was asked.
+//! namespace, `--net-host` and a spec without a PID or IPC namespace are refused,
+//! naming what was asked.
 
 mod ctr_common;
 
@@ -101,45 +102,68 @@ fn a_network_namespace_given_by_path_is_the_containers_network() {
     assert!(ns
         .exec(&["ip", "-o", "-4", "addr"])
         .contains("198.19.7.2/30"));
-    // A VM cannot join the host's PID namespace: refused before any VM boots.
-    let o = ctr_run(
-        &env,
-        COCOON,
-        "joins-pid",
-        &["--with-ns", "pid:/proc/1/ns/pid"],
-        &["true"],
+    assert_clean(&env);
+}
+
+/// What a VM cannot share with the host is refused at Create, before any VM boots, with
+/// an error naming what was asked: runc's container would share it.
+#[test]
+fn host_namespaces_are_refused_naming_what_was_asked() {
+    let env = env();
+    let refused = |o: std::process::Output, words: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(words),
+            "wanted a refusal naming {words:?}: {}",
+            show(&o)
+        );
+    };
+    // The host's PID namespace, by path.
+    refused(
+        ctr_run(
+            &env,
+            COCOON,
+            "joins-pid",
+            &["--with-ns", "pid:/proc/1/ns/pid"],
+            &["true"],
+        ),
+        "host's pid namespace \"/proc/1/ns/pid\"",
     );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("host's pid namespace \"/proc/1/ns/pid\""),
-        "{}",
-        show(&o)
-    );
-    // Nor be given the host's own network namespace (here by a name `ip netns attach`
-    // gives it): its interface would be the VM's, the host's traffic redirected into
-    // the guest.
+    // The host's own network namespace (here by a name `ip netns attach` gives it): its
+    // interface would be the VM's, the host's traffic redirected into the guest.
     let host = HostNetnsName::new();
     let with = format!("network:/var/run/netns/{}", host.0);
-    let o = ctr_run(
-        &env,
-        COCOON,
-        "joins-host-net",
-        &["--with-ns", &with],
-        &["true"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("host's network namespace"),
-        "{}",
-        show(&o)
+    refused(
+        ctr_run(
+            &env,
+            COCOON,
+            "joins-host-net",
+            &["--with-ns", &with],
+            &["true"],
+        ),
+        "host's network namespace",
     );
     // --net-host: runc's container is on the host's network, which a VM cannot be.
-    let o = ctr_run(&env, COCOON, "net-host", &["--net-host"], &["true"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("shares the host's network"),
-        "{}",
-        show(&o)
+    refused(
+        ctr_run(&env, COCOON, "net-host", &["--net-host"], &["true"]),
+        "shares the host's network",
     );
+    // No PID or IPC namespace in the spec (nerdctl's and Docker's --pid=host,
+    // --ipc=host): runc's container sees the host's processes or IPC objects; here it
+    // would see the guest's, the agent's among them.
+    for kind in ["pid", "ipc"] {
+        let id = format!("host-{kind}");
+        let spec = spec_file(&env, &id, |s| {
+            s["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|n| n["type"] != kind)
+        });
+        refused(
+            env.containerd
+                .ctr(&["run", "--rm", "--runtime", COCOON, "--config", &spec, &id]),
+            &format!("shares the host's {kind} namespace"),
+        );
+    }
     assert_clean(&env);
 }

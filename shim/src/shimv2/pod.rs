@@ -87,6 +87,11 @@ pub enum PodSpecError {
          or one prepared on the host (ctr run --with-ns network:<path>)"
     )]
     SharesHostNetwork,
+    #[error(
+        "the container shares the host's {0} namespace (no {0} namespace in its spec, as \
+         with --{0}=host), which a VM cannot: give it a {0} namespace of its own"
+    )]
+    SharesHostNamespace(&'static str),
 }
 
 fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
@@ -273,46 +278,53 @@ pub fn guest_image(spec: &Spec) -> Result<Option<String>, String> {
 /// A CRI sandbox without a PID or IPC namespace of its own asks for the host's
 /// (hostPID, hostIPC). In a VM its containers would get the guest's instead, which is not
 /// what was asked: refused, as hostNetwork is, never run differently than asked.
+///
+/// A container of its own (ctr, nerdctl, Docker) is held to the same: a namespace it
+/// names by path is one of the host's, and one missing from its spec (`--net-host`,
+/// `--pid=host`, `--ipc=host`) is the host's under runc.
 fn host_namespaces(spec: &Spec) -> Result<(), PodSpecError> {
-    if !is_cri(spec) {
-        // A container of its own (ctr): any namespace path names one of the host's.
-        let namespaces = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_deref())
-            .unwrap_or_default();
-        let joined = namespaces
-            .iter()
-            .find(|n| n.typ() != LinuxNamespaceType::Network && n.path().is_some());
-        if let Some(n) = joined {
-            return Err(PodSpecError::HostNamespace {
-                kind: format!("{:?}", n.typ()).to_lowercase(),
-                path: n.path().clone().unwrap_or_default(),
-            });
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_deref())
+        .unwrap_or_default();
+    let has = |t: LinuxNamespaceType| namespaces.iter().any(|n| n.typ() == t);
+    if is_cri(spec) {
+        // A workload container joins its pod's namespaces by path or not at all: only
+        // the sandbox says what the pod asked.
+        if !is_sandbox(spec) {
+            return Ok(());
         }
-        // runc's container would be on the host's network; the guest's is not that.
-        if !namespaces
-            .iter()
-            .any(|n| n.typ() == LinuxNamespaceType::Network)
-        {
-            return Err(PodSpecError::SharesHostNetwork);
+        if !has(LinuxNamespaceType::Pid) {
+            return Err(PodSpecError::HostPid);
+        }
+        if !has(LinuxNamespaceType::Ipc) {
+            return Err(PodSpecError::HostIpc);
         }
         return Ok(());
     }
-    if !is_sandbox(spec) {
-        return Ok(());
+    let joined = namespaces
+        .iter()
+        .find(|n| n.typ() != LinuxNamespaceType::Network && n.path().is_some());
+    if let Some(n) = joined {
+        return Err(PodSpecError::HostNamespace {
+            kind: format!("{:?}", n.typ()).to_lowercase(),
+            path: n.path().clone().unwrap_or_default(),
+        });
     }
-    let has = |t: LinuxNamespaceType| {
-        spec.linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .is_some_and(|ns| ns.iter().any(|n| n.typ() == t))
-    };
-    if !has(LinuxNamespaceType::Pid) {
-        return Err(PodSpecError::HostPid);
+    // runc's container would be on the host's network; the guest's is not that.
+    if !has(LinuxNamespaceType::Network) {
+        return Err(PodSpecError::SharesHostNetwork);
     }
-    if !has(LinuxNamespaceType::Ipc) {
-        return Err(PodSpecError::HostIpc);
+    // Under runc it would see the host's processes or IPC objects; here it would see
+    // the guest's, the agent's among them.
+    for (t, kind) in [
+        (LinuxNamespaceType::Pid, "pid"),
+        (LinuxNamespaceType::Ipc, "ipc"),
+    ] {
+        if !has(t) {
+            return Err(PodSpecError::SharesHostNamespace(kind));
+        }
     }
     Ok(())
 }
@@ -523,11 +535,27 @@ mod tests {
         // be on the host's network under runc: refused.
         let ctr = spec(serde_json::json!({}), serde_json::json!([]));
         assert_eq!(pod_vm(&ctr, true), Err(PodSpecError::SharesHostNetwork));
-        let ctr = spec(
-            serde_json::json!({}),
-            serde_json::json!([{"type": "network"}]),
+        let own = |types: &[&str]| {
+            let ns: Vec<_> = types
+                .iter()
+                .map(|t| serde_json::json!({"type": t}))
+                .collect();
+            spec(serde_json::json!({}), serde_json::json!(ns))
+        };
+        assert!(pod_vm(&own(&["network", "pid", "ipc"]), true).is_ok());
+        // Nor may it share the host's PID or IPC namespace (`--pid=host`, `--ipc=host`):
+        // it would see the guest's, the agent's processes among them.
+        assert_eq!(
+            pod_vm(&own(&["network", "ipc"]), true),
+            Err(PodSpecError::SharesHostNamespace("pid"))
         );
-        assert!(pod_vm(&ctr, true).is_ok());
+        assert_eq!(
+            pod_vm(&own(&["network", "pid"]), true),
+            Err(PodSpecError::SharesHostNamespace("ipc"))
+        );
+        assert!(PodSpecError::SharesHostNamespace("pid")
+            .to_string()
+            .contains("host's pid namespace"));
         assert!(PodSpecError::HostIpc.to_string().contains("hostIPC"));
         assert!(PodSpecError::HostPid.to_string().contains("hostPID"));
     }
@@ -598,7 +626,11 @@ mod tests {
     fn a_ctr_container_gives_its_network_namespace_and_no_other() {
         let c = spec(
             serde_json::json!({}),
-            serde_json::json!([{"type": "network", "path": "/run/netns/x"}, {"type": "pid"}]),
+            serde_json::json!([
+                {"type": "network", "path": "/run/netns/x"},
+                {"type": "pid"},
+                {"type": "ipc"}
+            ]),
         );
         assert_eq!(pod_netns(&c), Ok(Some(PathBuf::from("/run/netns/x"))));
         assert!(pod_vm(&c, false).is_ok());

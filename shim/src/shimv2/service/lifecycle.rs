@@ -217,7 +217,8 @@ impl Service {
             | pod::PodSpecError::HostPid
             | pod::PodSpecError::HostIpc
             | pod::PodSpecError::HostNamespace { .. }
-            | pod::PodSpecError::SharesHostNetwork => err(ttrpc::Code::FAILED_PRECONDITION, e),
+            | pod::PodSpecError::SharesHostNetwork
+            | pod::PodSpecError::SharesHostNamespace(_) => err(ttrpc::Code::FAILED_PRECONDITION, e),
             pod::PodSpecError::BadAnnotation { .. } | pod::PodSpecError::UserNamespace(_) => {
                 err(ttrpc::Code::INVALID_ARGUMENT, e)
             }
