@@ -63,7 +63,17 @@ fn signals_match_runc() {
         "echo ready; while [ ! -e /tmp/go ]; do sleep 0.05; done; \
          p=$(cat /tmp/go); while [ -e /proc/$p ]; do sleep 0.05; done; echo done",
     ];
-    let cases: [SignalCase; 3] = [
+    // A real-time signal (SIGRTMIN+3, 37, the one that halts systemd) reaches a
+    // handler as any other.
+    let realtime = [
+        "sh",
+        "-c",
+        "trap 'echo got-rt; exit 4' 37; echo ready; while true; do sleep 0.05; done",
+    ];
+    let cases: [SignalCase; 4] = [
+        ("rt", &realtime, &|e, id| {
+            ctr_ok(e, &["task", "kill", "-s", "SIGRTMIN+3", id]);
+        }),
         ("trap", &trap, &|e, id| {
             ctr_ok(e, &["task", "kill", "-s", "SIGTERM", id]);
         }),
@@ -91,6 +101,9 @@ fn signals_match_runc() {
         let r = interactive(&env, RUNC, &format!("sig{name}-runc"), cmd, act);
         let c = interactive(&env, COCOON, &format!("sig{name}-cocoon"), cmd, act);
         assert_eq!(r, c, "{name}: runc vs cocoon");
+        if name == "rt" {
+            assert_eq!(c, (Some(4), "ready\ngot-rt\n".to_string()));
+        }
     }
     assert_clean(&env);
 }

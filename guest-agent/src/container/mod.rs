@@ -539,14 +539,16 @@ impl Containers {
         all: bool,
     ) -> Result<(), ContainerError> {
         let c = self.get(id)?;
-        let sig = Signal::try_from(signal)
-            .map_err(|_| ContainerError::Invalid(format!("unknown signal {signal}")))?;
+        // Any signal the kernel knows, the real-time ones included, as runc sends them.
+        if !(1..=libc::SIGRTMAX()).contains(&signal) {
+            return Err(ContainerError::Invalid(format!("unknown signal {signal}")));
+        }
         // `all` reaches every process of the container; an exec's signal only ever
         // reaches that exec.
         if all && exec_id.is_empty() {
             for pid in c.pids() {
                 // A process may exit meanwhile; that is fine.
-                let _ = kill(Pid::from_raw(pid), sig);
+                let _ = send_signal(pid, signal);
             }
             return Ok(());
         }
@@ -554,7 +556,7 @@ impl Containers {
         if p.pid() <= 0 || p.exited().is_some() {
             return Err(ContainerError::Exited(id.into(), exec_id.into()));
         }
-        match kill(Pid::from_raw(p.pid()), sig) {
+        match send_signal(p.pid(), signal) {
             Ok(()) => Ok(()),
             Err(nix::Error::ESRCH) => Err(ContainerError::Exited(id.into(), exec_id.into())),
             Err(e) => Err(ContainerError::Signal(p.pid(), signal, e)),
@@ -804,4 +806,10 @@ fn unmount_all(targets: &[PathBuf]) {
             tracing::warn!(target = %t.display(), "cannot unmount storage: {e}");
         }
     }
+}
+/// kill(2) with a signal by number: nix's `Signal` has no real-time signals, which
+/// containers use (SIGRTMIN+3 stops systemd) and runc sends.
+fn send_signal(pid: i32, signal: i32) -> nix::Result<()> {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    nix::errno::Errno::result(unsafe { libc::kill(pid, signal) }).map(drop)
 }
