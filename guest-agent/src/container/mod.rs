@@ -4,6 +4,7 @@
 
 mod process;
 mod spawn;
+mod validate;
 
 pub use spawn::CALL_DEADLINE;
 
@@ -308,13 +309,14 @@ impl Containers {
         validate_id("container id", id, false)?;
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
-        if self.cgroup_root.is_some() {
-            add_cgroup_namespace(&mut spec);
-        }
-        if spec.process().is_none() || spec.root().is_none() {
+        if spec.root().is_none() {
             return Err(ContainerError::Invalid(
                 "the OCI spec needs process and root".into(),
             ));
+        }
+        validate::spec(&spec).map_err(ContainerError::Invalid)?;
+        if self.cgroup_root.is_some() {
+            add_cgroup_namespace(&mut spec);
         }
         if self.get(id).is_ok() {
             return Err(ContainerError::Exists(id.into()));
@@ -484,6 +486,7 @@ impl Containers {
         }
         let process: oci_spec::runtime::Process = serde_json::from_slice(process_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI process: {e}")))?;
+        validate::process(&process).map_err(ContainerError::Invalid)?;
         let (io, child_stdio) = ProcessIo::new(stdio)?;
         let p = Process::new(exec_id, io);
         {
