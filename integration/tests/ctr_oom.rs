@@ -37,3 +37,25 @@ fn a_containers_oom_score_adj_is_its_specs_or_the_agents() {
     }
     assert_clean(&env);
 }
+
+/// A memory limit below what starting the container takes fails its Create under both
+/// runtimes; Cocoon's error names the limit, where the runtime helper, killed by the
+/// guest's OOM killer before it could report, would otherwise say nothing.
+#[test]
+fn a_memory_limit_too_small_to_start_is_named() {
+    let env = env();
+    for (runtime, id) in [(RUNC, "tiny-runc"), (COCOON, "tiny-cocoon")] {
+        let o = ctr_run(&env, runtime, id, &["--memory-limit", "4096"], &["true"]);
+        assert!(!o.status.success(), "{runtime}: {}", show(&o));
+        if runtime == COCOON {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("out-of-memory killer") && err.contains("memory limit (4096 bytes)"),
+                "{}",
+                show(&o)
+            );
+        }
+        let _ = env.containerd.ctr(&["container", "delete", id]);
+    }
+    assert_clean(&env);
+}

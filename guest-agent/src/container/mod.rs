@@ -389,7 +389,7 @@ impl Containers {
                 Some(HelperMessage::Ready) => Ok((pid, sync)),
                 Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e).into()),
                 Some(other) => Err(SpawnError::Unexpected(other).into()),
-                None => Err(SpawnError::Ended.into()),
+                None => Err(spawn::ended(cgroup.as_ref()).into()),
             }
         }
         .await;

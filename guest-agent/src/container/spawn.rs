@@ -48,6 +48,11 @@ pub enum SpawnError {
     Runtime(String),
     #[error("the runtime helper ended without a reply")]
     Ended,
+    #[error(
+        "the out-of-memory killer ended the container's process before it started: its \
+         memory limit ({0} bytes) is below what starting it takes"
+    )]
+    OutOfMemory(String),
     #[error("the runtime helper sent no pty master with its console message")]
     NoConsoleFd,
     #[error("the runtime helper sent an unexpected message {0:?}")]
@@ -233,8 +238,22 @@ pub async fn spawn(
             }
             Some(HelperMessage::Error(e)) => return Err(SpawnError::Runtime(e)),
             Some(other) => return Err(SpawnError::Unexpected(other)),
-            None => return Err(SpawnError::Ended),
+            None => return Err(ended(cgroup)),
         }
+    }
+}
+
+/// Why a helper ended without a word: most often the container's memory limit, which
+/// the kernel enforced before the helper could say anything.
+pub fn ended(cgroup: Option<&Cgroup>) -> SpawnError {
+    match cgroup {
+        Some(cg) if cg.oom_kills() > 0 => {
+            let max = std::fs::read_to_string(cg.path().join("memory.max"))
+                .map(|m| m.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            SpawnError::OutOfMemory(max)
+        }
+        _ => SpawnError::Ended,
     }
 }
 
