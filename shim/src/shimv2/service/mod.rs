@@ -429,13 +429,7 @@ impl Task for Service {
             .map(|a| a.value.clone())
             .unwrap_or_default();
         // Validate now, so a bad process spec fails Exec, not Start.
-        let mut process =
-            serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
-                err(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("malformed OCI process spec: {e}"),
-                )
-            })?;
+        let mut process = util::parse_process(&spec)?;
         // With the limits runc's exec would inherit.
         super::rlimits::inherit(&mut process);
         let spec = serde_json::to_vec(&process).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;

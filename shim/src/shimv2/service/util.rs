@@ -103,12 +103,55 @@ pub(super) fn read_spec(bundle: &std::path::Path) -> Result<oci_spec::runtime::S
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
-    serde_json::from_slice(&text).map_err(|e| {
+    let malformed = |e: serde_json::Error| {
         err(
             ttrpc::Code::INVALID_ARGUMENT,
             format!("malformed OCI spec {}: {e}", path.display()),
         )
-    })
+    };
+    let mut spec: serde_json::Value = serde_json::from_slice(&text).map_err(malformed)?;
+    if let Some(process) = spec.get_mut("process") {
+        drop_unknown_capabilities(process);
+    }
+    serde_json::from_value(spec).map_err(malformed)
+}
+
+/// An exec's process spec, parsed strictly but for capability names.
+pub(super) fn parse_process(json: &[u8]) -> Result<oci_spec::runtime::Process, ttrpc::Error> {
+    let malformed = |e: serde_json::Error| {
+        err(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("malformed OCI process spec: {e}"),
+        )
+    };
+    let mut process: serde_json::Value = serde_json::from_slice(json).map_err(malformed)?;
+    drop_unknown_capabilities(&mut process);
+    serde_json::from_value(process).map_err(malformed)
+}
+
+/// runc skips capability names it does not know (a newer kernel's, a misspelt one in a
+/// pod's `capabilities.add`) with a warning, and runs the container; oci-spec would
+/// refuse the whole spec. They are dropped here the same way, each logged.
+fn drop_unknown_capabilities(process: &mut serde_json::Value) {
+    let Some(sets) = process
+        .get_mut("capabilities")
+        .and_then(|c| c.as_object_mut())
+    else {
+        return;
+    };
+    for (set, names) in sets.iter_mut() {
+        let Some(names) = names.as_array_mut() else {
+            continue;
+        };
+        names.retain(|name| {
+            let known = serde_json::from_value::<oci_spec::runtime::Capability>(name.clone())
+                .is_ok();
+            if !known {
+                tracing::warn!(set = %set, capability = %name, "unknown capability ignored, as runc does");
+            }
+            known
+        });
+    }
 }
 
 /// The type runc's shim describes an exec's process with in a Pids reply, and which
@@ -132,6 +175,30 @@ pub(super) fn process_details(exec_id: &str) -> Any {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_capabilities_are_dropped_as_runc_drops_them() {
+        let json = serde_json::json!({
+            "args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_FOO", "CAP_NET_RAW"],
+                "effective": ["CAP_BAR"],
+            }
+        });
+        let p = parse_process(&serde_json::to_vec(&json).unwrap()).unwrap();
+        let caps = p.capabilities().as_ref().unwrap();
+        let names = |s: &Option<oci_spec::runtime::Capabilities>| {
+            let mut v: Vec<String> = s.iter().flatten().map(|c| c.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(caps.bounding()), ["CHOWN", "NET_RAW"]);
+        assert!(names(caps.effective()).is_empty());
+        // Anything else malformed is still refused.
+        let bad = serde_json::json!({"args": ["true"], "cwd": "/", "user": {"uid": "x"}});
+        let e = parse_process(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("malformed OCI process spec"), "{e}");
+    }
 
     #[test]
     fn exec_details_are_runcs_message() {
