@@ -61,19 +61,7 @@ fn cocoon_vmm_runs_containers_like_runc() {
                 "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]
             }));
     });
-    let run = |runtime: &str, id: &str| {
-        env.containerd
-            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &spec, id])
-    };
-    let (r, c) = (run(RUNC, "vmm-cg-runc"), run(COCOON, "vmm-cg-cocoon"));
-    assert_eq!(
-        (r.status.code(), &r.stdout, &r.stderr),
-        (c.status.code(), &c.stdout, &c.stderr),
-        "\nrunc: {}\ncocoon: {}",
-        show(&r),
-        show(&c)
-    );
-    let out = c;
+    let out = same_config(&env, &spec, "vmm-cg");
     assert_eq!(out.stdout, b"67108864\n50000 100000\n0::/\n");
     // And the terminal's name.
     eprintln!("step: tty");
@@ -255,19 +243,7 @@ fn user_and_groups_from_the_spec() {
         spec["process"]["user"] =
             serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [2000, 3000]});
     });
-    let run = |runtime: &str, id: &str| {
-        env.containerd
-            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &p, id])
-    };
-    let r = run(RUNC, "user-runc");
-    let c = run(COCOON, "user-cocoon");
-    assert_eq!(
-        (r.status.code(), &r.stdout, &r.stderr),
-        (c.status.code(), &c.stdout, &c.stderr),
-        "\nrunc: {}\ncocoon: {}",
-        show(&r),
-        show(&c)
-    );
+    let c = same_config(&env, &p, "user");
     assert!(
         String::from_utf8_lossy(&c.stdout).contains("uid=1000"),
         "{}",

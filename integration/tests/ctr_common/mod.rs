@@ -205,6 +205,25 @@ pub fn spec_file(env: &Env, name: &str, edit: impl FnOnce(&mut serde_json::Value
     path.to_string_lossy().into_owned()
 }
 
+/// Runs the spec file `spec` (`spec_file`) under runc and cocoon, as `<name>-runc` and
+/// `<name>-cocoon`; asserts the same exit code, stdout and stderr. Returns cocoon's.
+pub fn same_config(env: &Env, spec: &str, name: &str) -> Output {
+    let run = |runtime: &str, id: &str| {
+        env.containerd
+            .ctr(&["run", "--rm", "--runtime", runtime, "--config", spec, id])
+    };
+    let r = run(RUNC, &format!("{name}-runc"));
+    let c = run(COCOON, &format!("{name}-cocoon"));
+    assert_eq!(
+        (r.status.code(), &r.stdout, &r.stderr),
+        (c.status.code(), &c.stdout, &c.stderr),
+        "\nrunc: {}\ncocoon: {}",
+        show(&r),
+        show(&c)
+    );
+    c
+}
+
 pub fn ctr_ok(env: &Env, args: &[&str]) -> String {
     let o = env.containerd.ctr(args);
     assert!(
