@@ -519,6 +519,25 @@ async fn containers_share_localhost(test: &str, handler: &str, net: u8) {
         out.contains(&format!("inet {ip}/24")),
         "the pod IP {ip}/24 is not on an interface the container sees:\n{out}"
     );
+    // And no other interface than runc's pod has (a veth there, whose name shows its
+    // peer after '@'): none of the guest kernel's fallback tunnels or dummies. runc's
+    // depends on the host's loaded modules (a loaded ipip adds tunl0), so only ours is
+    // held to it.
+    let (code, links, _) = node
+        .exec_sync(
+            &client,
+            &[
+                "sh",
+                "-c",
+                "ip -o link | awk '{print $2}' | cut -d@ -f1 | tr -d :",
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("ExecSync ip link");
+    if handler == COCOON {
+        assert_eq!((code, links.as_str()), (0, "lo\neth0\n"), "{test}");
+    }
     node.stop_and_remove_pod(&pod)
         .await
         .expect("stop/remove pod");

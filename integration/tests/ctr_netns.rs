@@ -84,12 +84,14 @@ fn a_network_namespace_given_by_path_is_the_containers_network() {
     let ns = Netns::new();
     let env = env();
     let with = format!("network:{}", ns.path);
-    let script = "ip -o -4 addr show eth0 | awk '{print $2, $4}'; \
+    // The interfaces by name (a veth's shows its peer after '@'), then eth0's address.
+    let script = "ip -o link | awk '{print $2}' | cut -d@ -f1 | tr -d :; \
+                  ip -o -4 addr show eth0 | awk '{print $2, $4}'; \
                   ping -c 1 -W 10 198.19.7.1 > /dev/null && echo reached";
     let out = same_in(&env, "netns", &["--with-ns", &with], &["sh", "-c", script]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "eth0 198.19.7.2/30\nreached\n",
+        "lo\neth0\neth0 198.19.7.2/30\nreached\n",
         "{}",
         show(&out)
     );
@@ -102,6 +104,26 @@ fn a_network_namespace_given_by_path_is_the_containers_network() {
     assert!(ns
         .exec(&["ip", "-o", "-4", "addr"])
         .contains("198.19.7.2/30"));
+    assert_clean(&env);
+}
+
+/// A container's network namespace of its own holds loopback alone, as under runc: no
+/// `sit0` from the guest kernel's built-in SIT (`fb_tunnels=none` on its command line).
+#[test]
+fn a_containers_own_network_namespace_has_loopback_alone() {
+    let env = env();
+    let out = same_in(
+        &env,
+        "own-netns",
+        &[],
+        &["sh", "-c", "ip -o link | awk '{print $2}'"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "lo:\n",
+        "{}",
+        show(&out)
+    );
     assert_clean(&env);
 }
 

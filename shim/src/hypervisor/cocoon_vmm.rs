@@ -65,6 +65,10 @@ impl CocoonVmm {
         // panic=-1) is the i8042 reset with reboot=k, which the VMM also treats
         // as a clean end; reboot=t would triple-fault and read as a crash.
         let mut cmdline = String::from("console=ttyS0 quiet panic=-1 reboot=k");
+        for param in super::COMMON_KERNEL_PARAMS {
+            cmdline.push(' ');
+            cmdline.push_str(param);
+        }
         for param in spec.growth_kernel_params() {
             cmdline.push(' ');
             cmdline.push_str(&param);

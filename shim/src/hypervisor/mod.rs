@@ -102,6 +102,17 @@ pub struct VmSpec {
     pub block_slots: u8,
 }
 
+/// Kernel parameters every pod VM boots with, on either VMM: no network device that a
+/// container on runc would not see.
+///
+/// - `fb_tunnels=none`: our kernel has IPv6-in-IPv4 (SIT) built in, which would give
+///   every network namespace of the guest, the pod's included, a `sit0@NONE` (a host
+///   loads the module only when asked). As a boot parameter it acts before the built-in
+///   module's init, which a sysctl could not.
+/// - `dummy.numdummies=0`: the built-in dummy driver (for a privileged container's own
+///   dummies) would add a `dummy0` to the pod's namespace.
+pub const COMMON_KERNEL_PARAMS: &[&str] = &["fb_tunnels=none", "dummy.numdummies=0"];
+
 impl VmSpec {
     /// Kernel parameters for a VM with room to grow (`hotplug_mib`), the same on both
     /// VMMs. Each block virtio-mem adds comes online at once (Cocoon's kernel does so

@@ -111,6 +111,7 @@ impl Qemu {
         // panic=-1: a dead agent (PID 1) resets the VM at once, and QEMU runs
         // with -no-reboot, so the VM ends instead of hanging.
         let mut p = vec!["console=ttyS0", "quiet", "panic=-1", "reboot=t"];
+        p.extend(super::COMMON_KERNEL_PARAMS);
         // Under TCG the TSC calibration against the PIT hangs about half of the boots
         // (seen on microvm); give the rate outright: the host's own, which the guest's
         // TSC counts at (measured once per host boot, kept beside the VMs' run dirs).
