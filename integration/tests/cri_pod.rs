@@ -37,6 +37,7 @@ echo shared > /dev/shm/probe 2>/dev/null && echo "shm: writable" || echo "shm: r
 echo "sysctl shm_rmid_forced: $(cat /proc/sys/kernel/shm_rmid_forced)"
 echo "sysctl unprivileged ports from: $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
 echo "termination-log: $(test -f /dev/termination-log && echo present || echo absent)"
+echo "open files: $(ulimit -n) $(ulimit -Hn)"
 "#;
 
 /// Runs the report in a pod on `handler` and returns it, with the host side of the

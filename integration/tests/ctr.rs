@@ -210,6 +210,40 @@ fn resource_limits_are_inherited_like_runc() {
     assert!(text.contains("(-u)") && text.contains("(-i)"), "{text}");
 }
 
+/// An open-file limit above the guest kernel's default `fs.nr_open` (a node whose
+/// containerd runs with `LimitNOFILE=infinity` passes on the host's, often 2^30): the
+/// agent raises `fs.nr_open` to it, as the host's must be, and the container gets it.
+/// runc here cannot be compared: this machine's root may not go above 20 000.
+#[test]
+fn an_open_file_limit_above_the_guests_default_is_given() {
+    let env = env();
+    let spec = spec_file(&env, "nofile", |s| {
+        s["process"]["args"] = serde_json::json!([
+            "sh",
+            "-c",
+            "ulimit -n; ulimit -Hn; cat /proc/sys/fs/nr_open"
+        ]);
+        s["process"]["rlimits"] =
+            serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 1048577, "hard": 1073741816}]);
+    });
+    let o = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        COCOON,
+        "--config",
+        &spec,
+        "nofile",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "1048577\n1073741816\n1073741816\n",
+        "{}",
+        show(&o)
+    );
+    assert_clean(&env);
+}
+
 /// The device cgroup: root in the container may make any device node (runc allows
 /// mknod of every one) but opens only those the spec and runc's defaults allow, so
 /// `/dev/kmsg`'s numbers under another name stay shut, `/dev/null` open.

@@ -2,6 +2,7 @@
 //! processes they run, their cgroups, and removal. Each operation here is
 //! what one container RPC does, minus the protobuf.
 
+mod nofile;
 mod process;
 mod spawn;
 mod validate;
@@ -315,6 +316,9 @@ impl Containers {
             ));
         }
         validate::spec(&spec).map_err(ContainerError::Invalid)?;
+        if let Some(process) = spec.process() {
+            nofile::make_room_in_guest(process);
+        }
         if self.cgroup_root.is_some() {
             add_cgroup_namespace(&mut spec);
         }
@@ -487,6 +491,7 @@ impl Containers {
         let process: oci_spec::runtime::Process = serde_json::from_slice(process_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI process: {e}")))?;
         validate::process(&process).map_err(ContainerError::Invalid)?;
+        nofile::make_room_in_guest(&process);
         let (io, child_stdio) = ProcessIo::new(stdio)?;
         let p = Process::new(exec_id, io);
         {

@@ -7,8 +7,10 @@
 //! the shim names its own limits in each process spec that leaves them out, and the
 //! container starts with what runc's would have.
 //!
-//! `RLIMIT_NOFILE` is left alone: containerd always names it (ctr and CRI alike), and
-//! a host's value may exceed what the guest kernel accepts (`fs.nr_open`).
+//! `RLIMIT_NOFILE` too: ctr's specs name it, but CRI's do not, so a pod's container got
+//! the guest's 1024 where runc's gets containerd's (a node's containerd often runs with
+//! `LimitNOFILE=infinity`; databases and Elasticsearch refuse to start below 65 536).
+//! The agent raises the guest's `fs.nr_open` when a host's limit exceeds it.
 
 use nix::sys::resource::{getrlimit, Resource};
 use oci_spec::runtime::{PosixRlimit, PosixRlimitBuilder, PosixRlimitType, Process};
@@ -31,6 +33,7 @@ const INHERITED: &[(PosixRlimitType, Resource)] = &[
     ),
     (PosixRlimitType::RlimitMsgqueue, Resource::RLIMIT_MSGQUEUE),
     (PosixRlimitType::RlimitNice, Resource::RLIMIT_NICE),
+    (PosixRlimitType::RlimitNofile, Resource::RLIMIT_NOFILE),
     (PosixRlimitType::RlimitRtprio, Resource::RLIMIT_RTPRIO),
     (PosixRlimitType::RlimitRttime, Resource::RLIMIT_RTTIME),
 ];
@@ -83,15 +86,16 @@ mod tests {
             .iter()
             .filter(|r| r.typ() == PosixRlimitType::RlimitNofile)
             .collect();
-        assert_eq!(nofile.len(), 1, "NOFILE is never added: {limits:?}");
+        assert_eq!(nofile.len(), 1, "a named NOFILE is kept alone: {limits:?}");
+        assert_eq!((nofile[0].soft(), nofile[0].hard()), (1024, 1024));
         let pending = find(PosixRlimitType::RlimitSigpending).unwrap();
         let mine = getrlimit(Resource::RLIMIT_SIGPENDING).unwrap();
         assert_eq!((pending.soft(), pending.hard()), mine);
-        assert_eq!(limits.len(), INHERITED.len() + 1, "each resource once");
+        assert_eq!(limits.len(), INHERITED.len(), "each resource once");
     }
 
     #[test]
-    fn a_process_without_limits_gets_all_but_nofile() {
+    fn a_process_without_limits_gets_all_nofile_included() {
         let mut p: Process = serde_json::from_value(
             serde_json::json!({"cwd": "/", "args": ["sh"], "user": {"uid": 0, "gid": 0}}),
         )
@@ -99,8 +103,13 @@ mod tests {
         inherit(&mut p);
         let limits = p.rlimits().clone().unwrap();
         assert_eq!(limits.len(), INHERITED.len());
-        assert!(limits
+        let nofile = limits
             .iter()
-            .all(|r| r.typ() != PosixRlimitType::RlimitNofile));
+            .find(|r| r.typ() == PosixRlimitType::RlimitNofile)
+            .unwrap();
+        assert_eq!(
+            (nofile.soft(), nofile.hard()),
+            getrlimit(Resource::RLIMIT_NOFILE).unwrap()
+        );
     }
 }
