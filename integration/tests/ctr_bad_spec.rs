@@ -96,3 +96,42 @@ fn an_unknown_capability_is_skipped_as_under_runc() {
     );
     assert_clean(&env);
 }
+
+/// An exec is held to the same: `ctr task exec --cwd` with a relative directory fails
+/// under both runtimes, and Cocoon's error names it (ExecProcess, not Start).
+#[test]
+fn an_exec_with_a_relative_working_directory_is_refused() {
+    let env = env();
+    for runtime in [RUNC, COCOON] {
+        let id = format!("exec-cwd-{}", runtime.rsplit('.').nth(1).unwrap());
+        with_detached(&env, runtime, &id, &[], |e, id| {
+            let o = e.containerd.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "rel",
+                "--cwd",
+                "tmp",
+                id,
+                "sh",
+                "-c",
+                "echo ran",
+            ]);
+            assert!(
+                !o.status.success() && o.stdout.is_empty(),
+                "{runtime} ran it: {}",
+                show(&o)
+            );
+            if runtime == COCOON {
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(
+                    err.contains("\"tmp\" is not an absolute path")
+                        && err.contains("Agent.ExecProcess"),
+                    "{}",
+                    show(&o)
+                );
+            }
+        });
+    }
+    assert_clean(&env);
+}

@@ -41,6 +41,8 @@ pub enum ContainerError {
     ProcessExists(String, String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("the spec asks what runc refuses")]
+    Refused(#[from] validate::ValidateError),
     #[error("container {0} is {1:?}, which does not allow this")]
     State(String, Status),
     #[error("process {1:?} of container {0} has already exited")]
@@ -68,7 +70,7 @@ impl ContainerError {
                 ttrpc::Code::NOT_FOUND
             }
             Self::Exists(_) | Self::ProcessExists(..) => ttrpc::Code::ALREADY_EXISTS,
-            Self::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
+            Self::Invalid(_) | Self::Refused(_) => ttrpc::Code::INVALID_ARGUMENT,
             Self::State(..) | Self::NoCgroup => ttrpc::Code::FAILED_PRECONDITION,
             Self::KillTimeout(_) => ttrpc::Code::DEADLINE_EXCEEDED,
             _ => ttrpc::Code::INTERNAL,
@@ -308,6 +310,10 @@ impl Containers {
         stdio: &StdioStreams,
     ) -> Result<i32, ContainerError> {
         validate_id("container id", id, false)?;
+        // First: the caller removes what a failed create left, unless it says Exists.
+        if self.get(id).is_ok() {
+            return Err(ContainerError::Exists(id.into()));
+        }
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
         if spec.root().is_none() {
@@ -315,15 +321,12 @@ impl Containers {
                 "the OCI spec needs process and root".into(),
             ));
         }
-        validate::spec(&spec).map_err(ContainerError::Invalid)?;
+        validate::spec(&spec)?;
         if let Some(process) = spec.process() {
             nofile::make_room_in_guest(process);
         }
         if self.cgroup_root.is_some() {
             add_cgroup_namespace(&mut spec);
-        }
-        if self.get(id).is_ok() {
-            return Err(ContainerError::Exists(id.into()));
         }
         let timeline = &crate::details::TIMELINE;
         let mounted = mount_storages(storages)?;
@@ -378,6 +381,7 @@ impl Containers {
                 pid,
                 mut sync,
                 helper_main_ns,
+                oom_kills_before,
             } = spawn::spawn(&req, child_stdio, cgroup.as_ref(), &self.reaper).await?;
             if let Some(ns) = helper_main_ns {
                 timeline.mark_at("container-helper-main", id, ns);
@@ -393,7 +397,7 @@ impl Containers {
                 Some(HelperMessage::Ready) => Ok((pid, sync)),
                 Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e).into()),
                 Some(other) => Err(SpawnError::Unexpected(other).into()),
-                None => Err(spawn::ended(cgroup.as_ref()).into()),
+                None => Err(spawn::ended(cgroup.as_ref(), oom_kills_before).into()),
             }
         }
         .await;
@@ -490,7 +494,7 @@ impl Containers {
         }
         let process: oci_spec::runtime::Process = serde_json::from_slice(process_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI process: {e}")))?;
-        validate::process(&process).map_err(ContainerError::Invalid)?;
+        validate::process(&process)?;
         nofile::make_room_in_guest(&process);
         let (io, child_stdio) = ProcessIo::new(stdio)?;
         let p = Process::new(exec_id, io);
@@ -547,8 +551,9 @@ impl Containers {
         all: bool,
     ) -> Result<(), ContainerError> {
         let c = self.get(id)?;
-        // Any signal the kernel knows, the real-time ones included, as runc sends them.
-        if !(1..=libc::SIGRTMAX()).contains(&signal) {
+        // Any signal the kernel knows, the real-time ones included, and 0 (a liveness
+        // probe), as runc sends them.
+        if !(0..=libc::SIGRTMAX()).contains(&signal) {
             return Err(ContainerError::Invalid(format!("unknown signal {signal}")));
         }
         // `all` reaches every process of the container; an exec's signal only ever
@@ -556,7 +561,7 @@ impl Containers {
         if all && exec_id.is_empty() {
             for pid in c.pids() {
                 // A process may exit meanwhile; that is fine.
-                let _ = send_signal(pid, signal);
+                let _ = spawn::send_signal(pid, signal);
             }
             return Ok(());
         }
@@ -564,7 +569,7 @@ impl Containers {
         if p.pid() <= 0 || p.exited().is_some() {
             return Err(ContainerError::Exited(id.into(), exec_id.into()));
         }
-        match send_signal(p.pid(), signal) {
+        match spawn::send_signal(p.pid(), signal) {
             Ok(()) => Ok(()),
             Err(nix::Error::ESRCH) => Err(ContainerError::Exited(id.into(), exec_id.into())),
             Err(e) => Err(ContainerError::Signal(p.pid(), signal, e)),
@@ -814,10 +819,4 @@ fn unmount_all(targets: &[PathBuf]) {
             tracing::warn!(target = %t.display(), "cannot unmount storage: {e}");
         }
     }
-}
-/// kill(2) with a signal by number: nix's `Signal` has no real-time signals, which
-/// containers use (SIGRTMIN+3 stops systemd) and runc sends.
-fn send_signal(pid: i32, signal: i32) -> nix::Result<()> {
-    // SAFETY: kill(2) takes two integers and touches no memory of ours.
-    nix::errno::Errno::result(unsafe { libc::kill(pid, signal) }).map(drop)
 }

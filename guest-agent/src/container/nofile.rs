@@ -15,6 +15,9 @@ const NR_OPEN: &str = "/proc/sys/fs/nr_open";
 /// Raises `fs.nr_open` (at `path`) to the process's `RLIMIT_NOFILE` hard limit when that
 /// is higher. A failure is only logged: setting the limit then fails with the reason.
 pub fn make_room(process: &Process, path: &Path) {
+    // Two creates at once must not lower what the other just raised.
+    static RAISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = RAISING.lock().unwrap_or_else(|e| e.into_inner());
     let Some(hard) = process
         .rlimits()
         .iter()

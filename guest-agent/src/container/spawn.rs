@@ -53,6 +53,11 @@ pub enum SpawnError {
          memory limit ({0} bytes) is below what starting it takes"
     )]
     OutOfMemory(String),
+    #[error(
+        "the out-of-memory killer ended the container's process before it started: the \
+         container has no memory limit of its own, so the pod's or the guest's memory ran out"
+    )]
+    OutOfMemoryAbove,
     #[error("the runtime helper sent no pty master with its console message")]
     NoConsoleFd,
     #[error("the runtime helper sent an unexpected message {0:?}")]
@@ -180,6 +185,8 @@ pub struct Spawned {
     pub pid: i32,
     pub sync: SyncChannel,
     pub helper_main_ns: Option<i64>,
+    /// The cgroup's OOM kills before the helper started (see [`ended`]).
+    pub oom_kills_before: u64,
 }
 
 /// Starts the helper and waits for the pid of the process it forked.
@@ -189,6 +196,7 @@ pub async fn spawn(
     cgroup: Option<&Cgroup>,
     reaper: &Reaper,
 ) -> Result<Spawned, SpawnError> {
+    let oom_kills_before = cgroup.map_or(0, Cgroup::oom_kills);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(SpawnError::Socket)?;
     let theirs = OwnedFd::from(theirs);
     let helper_pid = match crate::runtime::zygote::spawn([
@@ -234,24 +242,29 @@ pub async fn spawn(
                     pid,
                     sync,
                     helper_main_ns,
+                    oom_kills_before,
                 })
             }
             Some(HelperMessage::Error(e)) => return Err(SpawnError::Runtime(e)),
             Some(other) => return Err(SpawnError::Unexpected(other)),
-            None => return Err(ended(cgroup)),
+            None => return Err(ended(cgroup, oom_kills_before)),
         }
     }
 }
 
 /// Why a helper ended without a word: most often the container's memory limit, which
-/// the kernel enforced before the helper could say anything.
-pub fn ended(cgroup: Option<&Cgroup>) -> SpawnError {
+/// the kernel enforced before the helper could say anything. Only an OOM kill counted
+/// since `kills_before` (the cgroup's count when the helper started) is its.
+pub fn ended(cgroup: Option<&Cgroup>, kills_before: u64) -> SpawnError {
     match cgroup {
-        Some(cg) if cg.oom_kills() > 0 => {
+        Some(cg) if cg.oom_kills() > kills_before => {
             let max = std::fs::read_to_string(cg.path().join("memory.max"))
                 .map(|m| m.trim().to_string())
-                .unwrap_or_else(|_| "unknown".into());
-            SpawnError::OutOfMemory(max)
+                .unwrap_or_default();
+            match max.as_str() {
+                "max" | "" => SpawnError::OutOfMemoryAbove,
+                _ => SpawnError::OutOfMemory(max),
+            }
         }
         _ => SpawnError::Ended,
     }
@@ -288,6 +301,13 @@ fn exec_helper(stdio: ChildStdio, theirs: &OwnedFd, reaper: &Reaper) -> Result<i
     drop(child);
     drop(reaper.watch(helper_pid));
     Ok(helper_pid)
+}
+
+/// kill(2) with a signal by number: nix's `Signal` has no real-time signals, which
+/// containers use (SIGRTMIN+3 stops systemd) and runc sends.
+pub fn send_signal(pid: i32, signal: i32) -> nix::Result<()> {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    nix::errno::Errno::result(unsafe { libc::kill(pid, signal) }).map(drop)
 }
 
 #[cfg(test)]

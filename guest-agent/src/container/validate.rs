@@ -5,22 +5,40 @@
 
 use std::collections::HashSet;
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use thiserror::Error;
 
 /// The largest uid or gid runc accepts (the kernel's ids are unsigned, but -1 means
 /// "unchanged" to the set*id calls and an overflowid stands for unmapped ids).
 const MAX_ID: u32 = i32::MAX as u32;
 
+#[derive(Debug, Error, PartialEq)]
+pub enum ValidateError {
+    #[error("the OCI spec needs process and root")]
+    NoProcess,
+    #[error("the process has no args")]
+    NoArgs,
+    #[error("the process's working directory {0:?} is not an absolute path")]
+    RelativeCwd(std::path::PathBuf),
+    #[error("{0} {1} is out of range (0-{MAX_ID})")]
+    IdOutOfRange(&'static str, u32),
+    #[error("environment entry {0:?} has no '='")]
+    EnvNoEquals(String),
+    #[error("environment entry {0:?} has no name")]
+    EnvNoName(String),
+    #[error("environment entry {0:?} has a NUL byte")]
+    EnvNul(String),
+    #[error("the {0:?} namespace is named twice")]
+    NamespaceTwice(LinuxNamespaceType),
+}
+
 /// A process's args, working directory, identity and environment.
-pub fn process(p: &Process) -> Result<(), String> {
+pub fn process(p: &Process) -> Result<(), ValidateError> {
     if p.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err("the process has no args".into());
+        return Err(ValidateError::NoArgs);
     }
     if !p.cwd().is_absolute() {
-        return Err(format!(
-            "the process's working directory {:?} is not an absolute path",
-            p.cwd()
-        ));
+        return Err(ValidateError::RelativeCwd(p.cwd().clone()));
     }
     let user = p.user();
     let ids = [("uid", user.uid()), ("gid", user.gid())]
@@ -33,7 +51,7 @@ pub fn process(p: &Process) -> Result<(), String> {
         );
     for (what, id) in ids {
         if id > MAX_ID {
-            return Err(format!("{what} {id} is out of range (0-{MAX_ID})"));
+            return Err(ValidateError::IdOutOfRange(what, id));
         }
     }
     for entry in p.env().iter().flatten() {
@@ -42,25 +60,22 @@ pub fn process(p: &Process) -> Result<(), String> {
     Ok(())
 }
 
-fn env_entry(entry: &str) -> Result<(), String> {
+fn env_entry(entry: &str) -> Result<(), ValidateError> {
     let Some((name, _)) = entry.split_once('=') else {
-        return Err(format!("environment entry {entry:?} has no '='"));
+        return Err(ValidateError::EnvNoEquals(entry.into()));
     };
     if name.is_empty() {
-        return Err(format!("environment entry {entry:?} has no name"));
+        return Err(ValidateError::EnvNoName(entry.into()));
     }
     if entry.contains('\0') {
-        return Err(format!("environment entry {entry:?} has a NUL byte"));
+        return Err(ValidateError::EnvNul(entry.into()));
     }
     Ok(())
 }
 
 /// A spec's process, and namespaces named once each.
-pub fn spec(spec: &Spec) -> Result<(), String> {
-    let process_spec = spec
-        .process()
-        .as_ref()
-        .ok_or("the OCI spec needs process and root")?;
+pub fn spec(spec: &Spec) -> Result<(), ValidateError> {
+    let process_spec = spec.process().as_ref().ok_or(ValidateError::NoProcess)?;
     process(process_spec)?;
     let namespaces = spec
         .linux()
@@ -70,7 +85,7 @@ pub fn spec(spec: &Spec) -> Result<(), String> {
     let mut seen = HashSet::new();
     for n in namespaces {
         if !seen.insert(n.typ()) {
-            return Err(format!("the {:?} namespace is named twice", n.typ()));
+            return Err(ValidateError::NamespaceTwice(n.typ()));
         }
     }
     Ok(())
@@ -94,7 +109,7 @@ mod tests {
     fn what_runc_refuses_in_a_process_is_refused_naming_it() {
         assert_eq!(process(&proc(serde_json::json!({}))), Ok(()));
         let refused = |edit, words: &str| {
-            let e = process(&proc(edit)).unwrap_err();
+            let e = process(&proc(edit)).unwrap_err().to_string();
             assert!(e.contains(words), "{e}");
         };
         refused(serde_json::json!({"args": []}), "no args");
@@ -145,8 +160,9 @@ mod tests {
             )),
             Ok(())
         );
-        let e =
-            super::spec(&spec(serde_json::json!([{"type": "pid"}, {"type": "pid"}]))).unwrap_err();
-        assert!(e.contains("named twice"), "{e}");
+        assert_eq!(
+            super::spec(&spec(serde_json::json!([{"type": "pid"}, {"type": "pid"}]))),
+            Err(ValidateError::NamespaceTwice(LinuxNamespaceType::Pid))
+        );
     }
 }

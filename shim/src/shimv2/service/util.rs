@@ -143,9 +143,10 @@ fn drop_unknown_capabilities(process: &mut serde_json::Value) {
         let Some(names) = names.as_array_mut() else {
             continue;
         };
+        // Only names: anything else (a number, a null) is left for the parser to refuse.
         names.retain(|name| {
-            let known = serde_json::from_value::<oci_spec::runtime::Capability>(name.clone())
-                .is_ok();
+            let known = !name.is_string()
+                || serde_json::from_value::<oci_spec::runtime::Capability>(name.clone()).is_ok();
             if !known {
                 tracing::warn!(set = %set, capability = %name, "unknown capability ignored, as runc does");
             }
@@ -194,10 +195,13 @@ mod tests {
         };
         assert_eq!(names(caps.bounding()), ["CHOWN", "NET_RAW"]);
         assert!(names(caps.effective()).is_empty());
-        // Anything else malformed is still refused.
+        // Anything else malformed is still refused, a capability that is no name too.
         let bad = serde_json::json!({"args": ["true"], "cwd": "/", "user": {"uid": "x"}});
         let e = parse_process(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
         assert!(e.to_string().contains("malformed OCI process spec"), "{e}");
+        let mut not_a_name = json.clone();
+        not_a_name["capabilities"]["bounding"] = serde_json::json!(["CAP_CHOWN", 5]);
+        assert!(parse_process(&serde_json::to_vec(&not_a_name).unwrap()).is_err());
     }
 
     #[test]
