@@ -69,7 +69,11 @@ impl CocoonVmm {
             cmdline.push(' ');
             cmdline.push_str(param);
         }
-        for param in spec.growth_kernel_params() {
+        for param in spec
+            .growth_kernel_params()
+            .into_iter()
+            .chain(spec.limit_kernel_params())
+        {
             cmdline.push(' ');
             cmdline.push_str(&param);
         }
@@ -417,8 +421,14 @@ mod tests {
         assert_eq!(after_g("--hotplug-mib").as_deref(), Some("768"));
         assert_eq!(after_g("--api-sock-fd").as_deref(), Some("14"));
         assert!(after_g("--cmdline").is_some_and(|c| c.contains("memhp_default_state=online")));
-        let threads = format!("threads-max={}", (spec.memory_mib + 768) * 8);
-        assert!(after_g("--cmdline").is_some_and(|c| c.contains(&threads)));
+        let threads = after_g("--cmdline")
+            .and_then(|c| {
+                c.split(' ')
+                    .find_map(|p| p.strip_prefix("sysctl.kernel.threads-max="))
+                    .and_then(|v| v.parse::<u32>().ok())
+            })
+            .unwrap_or(0);
+        assert!(threads >= (spec.memory_mib + 768) * 8, "{g:?}");
         // Restored, the region is the template's: only the API's descriptor is given.
         let t = Some(std::path::Path::new("/t"));
         let rg = v.args(&grows, std::path::Path::new("/r"), None, t, Some(14));
