@@ -177,11 +177,7 @@ async fn a_raised_memory_limit_can_be_used(test: &str, handler: &str, net: u8) {
             )
             .await
             .expect("ExecSync");
-        let hosts: u64 = std::fs::read_to_string("/proc/sys/kernel/threads-max")
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let hosts = cocoon_shim::hypervisor::host_sysctl("kernel.threads-max").unwrap();
         let want = hosts.max(8192).to_string();
         assert_eq!((code, out.trim()), (0, want.as_str()), "{test}: {err}");
     }

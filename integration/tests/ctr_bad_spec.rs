@@ -10,6 +10,24 @@ use ctr_common::*;
 
 type Edit = fn(&mut serde_json::Value);
 
+/// `o` failed without running anything under `runtime`; under Cocoon, the agent's
+/// `call` said why, in `words`.
+fn refused(o: &std::process::Output, runtime: &str, words: &str, call: &str) {
+    assert!(
+        !o.status.success() && o.stdout.is_empty(),
+        "{runtime} ran it: {}",
+        show(o)
+    );
+    if runtime == COCOON {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(words) && err.contains(call),
+            "wanted {words:?} from {call}: {}",
+            show(o)
+        );
+    }
+}
+
 #[test]
 fn what_runc_refuses_in_a_spec_is_refused() {
     let env = env();
@@ -55,19 +73,7 @@ fn what_runc_refuses_in_a_spec_is_refused() {
             let o =
                 env.containerd
                     .ctr(&["run", "--rm", "--runtime", runtime, "--config", &spec, &id]);
-            assert!(
-                !o.status.success() && o.stdout.is_empty(),
-                "{name}: {runtime} ran it: {}",
-                show(&o)
-            );
-            if runtime == COCOON {
-                let err = String::from_utf8_lossy(&o.stderr);
-                assert!(
-                    err.contains(words) && err.contains("Agent.CreateContainer"),
-                    "{name}: wanted {words:?} from Create: {}",
-                    show(&o)
-                );
-            }
+            refused(&o, runtime, words, "Agent.CreateContainer");
             let _ = env.containerd.ctr(&["container", "delete", &id]);
         }
     }
@@ -117,20 +123,12 @@ fn an_exec_with_a_relative_working_directory_is_refused() {
                 "-c",
                 "echo ran",
             ]);
-            assert!(
-                !o.status.success() && o.stdout.is_empty(),
-                "{runtime} ran it: {}",
-                show(&o)
+            refused(
+                &o,
+                runtime,
+                "\"tmp\" is not an absolute path",
+                "Agent.ExecProcess",
             );
-            if runtime == COCOON {
-                let err = String::from_utf8_lossy(&o.stderr);
-                assert!(
-                    err.contains("\"tmp\" is not an absolute path")
-                        && err.contains("Agent.ExecProcess"),
-                    "{}",
-                    show(&o)
-                );
-            }
         });
     }
     assert_clean(&env);

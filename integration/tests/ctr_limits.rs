@@ -17,12 +17,9 @@ fn kernel_limits_sized_by_ram_read_as_the_hosts() {
     let script = format!("for f in {}; do echo $f $(cat $f); done", files.join(" "));
     let out = same("host-limits", &[], &["sh", "-c", &script]);
     let text = String::from_utf8_lossy(&out.stdout);
-    let watches = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches").unwrap();
+    let watches = cocoon_shim::hypervisor::host_sysctl("fs.inotify.max_user_watches").unwrap();
     assert!(
-        text.contains(&format!(
-            "/proc/sys/fs/inotify/max_user_watches {}",
-            watches.trim()
-        )),
+        text.contains(&format!("/proc/sys/fs/inotify/max_user_watches {watches}")),
         "{text}"
     );
     assert_eq!(text.lines().count(), files.len(), "{text}");

@@ -15,9 +15,6 @@ const NR_OPEN: &str = "/proc/sys/fs/nr_open";
 /// Raises `fs.nr_open` (at `path`) to the process's `RLIMIT_NOFILE` hard limit when that
 /// is higher. A failure is only logged: setting the limit then fails with the reason.
 pub fn make_room(process: &Process, path: &Path) {
-    // Two creates at once must not lower what the other just raised.
-    static RAISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = RAISING.lock().unwrap_or_else(|e| e.into_inner());
     let Some(hard) = process
         .rlimits()
         .iter()
@@ -28,6 +25,9 @@ pub fn make_room(process: &Process, path: &Path) {
     else {
         return;
     };
+    // Two creates at once must not lower what the other just raised.
+    static RAISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = RAISING.lock().unwrap_or_else(|e| e.into_inner());
     let current = std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());

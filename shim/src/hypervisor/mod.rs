@@ -132,8 +132,7 @@ impl VmSpec {
         HOST_LIMITS
             .iter()
             .filter_map(|name| {
-                let path = std::path::Path::new("/proc/sys").join(name.replace('.', "/"));
-                let mut value: u64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+                let mut value = host_sysctl(name)?;
                 if *name == "kernel.threads-max" {
                     value = value.max(grown);
                 }
@@ -141,6 +140,12 @@ impl VmSpec {
             })
             .collect()
     }
+}
+
+/// The host's value of the numeric sysctl `name` (dotted, as `fs.file-max`).
+pub fn host_sysctl(name: &str) -> Option<u64> {
+    let path = std::path::Path::new("/proc/sys").join(name.replace('.', "/"));
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Limits the guest kernel sizes by its own RAM at boot, where a container on runc reads
@@ -495,21 +500,26 @@ mod tests {
         assert!(why.contains("PVM"));
     }
 
-    #[test]
-    fn vm_ids_are_checked() {
-        let mut spec = VmSpec {
-            id: "ok-id_1.2".into(),
-            kernel: "/nonexistent/k".into(),
-            initrd: "/nonexistent/i".into(),
+    /// A spec with nothing attached.
+    fn bare_spec(id: &str, kernel: &str, initrd: &str, memory_mib: u32) -> VmSpec {
+        VmSpec {
+            id: id.into(),
+            kernel: kernel.into(),
+            initrd: initrd.into(),
             vcpus: 1,
-            memory_mib: 128,
+            memory_mib,
             extra_kernel_params: String::new(),
             run_root: "/tmp".into(),
             shared_dir: None,
             net: None,
             hotplug_mib: 0,
             block_slots: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn vm_ids_are_checked() {
+        let mut spec = bare_spec("ok-id_1.2", "/nonexistent/k", "/nonexistent/i", 128);
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/k"), "{err}");
         for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(65)] {
@@ -523,30 +533,10 @@ mod tests {
 
     #[test]
     fn limits_are_the_hosts_and_threads_cover_growth() {
-        let host = |name: &str| -> u64 {
-            let path = std::path::Path::new("/proc/sys").join(name.replace('.', "/"));
-            std::fs::read_to_string(path)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        let mut spec = VmSpec {
-            id: "limits".into(),
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            vcpus: 1,
-            memory_mib: 256,
-            extra_kernel_params: String::new(),
-            run_root: "/tmp".into(),
-            shared_dir: None,
-            net: None,
-            hotplug_mib: 0,
-            block_slots: 0,
-        };
+        let mut spec = bare_spec("limits", "/k", "/i", 256);
         let params = spec.limit_kernel_params();
         assert_eq!(params.len(), HOST_LIMITS.len(), "{params:?}");
-        let file_max = format!("sysctl.fs.file-max={}", host("fs.file-max"));
+        let file_max = format!("sysctl.fs.file-max={}", host_sysctl("fs.file-max").unwrap());
         assert!(params.contains(&file_max), "{params:?}");
         // Room to grow far beyond the host's thread table: the growth wins.
         spec.hotplug_mib = 1 << 20;
