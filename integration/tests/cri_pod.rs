@@ -38,6 +38,10 @@ echo "sysctl shm_rmid_forced: $(cat /proc/sys/kernel/shm_rmid_forced)"
 echo "sysctl unprivileged ports from: $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
 echo "termination-log: $(test -f /dev/termination-log && echo present || echo absent)"
 echo "open files: $(ulimit -n) $(ulimit -Hn)"
+for s in fs/inotify/max_user_watches kernel/dmesg_restrict net/netfilter/nf_conntrack_max \
+    net/ipv4/tcp_max_tw_buckets net/ipv4/tcp_max_syn_backlog net/ipv4/tcp_rmem; do
+  echo "$s: $(cat /proc/sys/$s)"
+done
 "#;
 
 /// Runs the report in a pod on `handler` and returns it, with the host side of the
@@ -149,6 +153,15 @@ async fn pod_environment_matches_runc() {
         assert!(
             runc.contains(expected),
             "runc's report lacks {expected:?}:\n{runc}"
+        );
+    }
+    // Limits a guest would size by its RAM read as the host's (`HOST_SYSCTLS`).
+    for name in ["fs.inotify.max_user_watches", "net.ipv4.tcp_max_tw_buckets"] {
+        let value = cocoon_shim::hypervisor::host_sysctl(name).unwrap();
+        let line = format!("{}: {value}", name.replace('.', "/"));
+        assert!(
+            runc.contains(&line),
+            "runc's report lacks {line:?}:\n{runc}"
         );
     }
     assert_eq!(

@@ -68,3 +68,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The guest-assigned context id of every Cocoon VM (one VM per vsock device).
 pub const GUEST_CID: u64 = 3;
+
+/// The per-network-namespace sysctls a new namespace computes for itself (from the TCP
+/// hash size) where others are copied from the first one. The host gives the guest's
+/// first namespace its own values at boot; the agent copies them into a container's new
+/// network namespace, as a container on runc would read the host's.
+pub const NETNS_COPIED_SYSCTLS: &[&str] = &[
+    "net.ipv4.tcp_max_tw_buckets",
+    "net.ipv4.tcp_max_syn_backlog",
+];

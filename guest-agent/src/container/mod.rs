@@ -2,6 +2,7 @@
 //! processes they run, their cgroups, and removal. Each operation here is
 //! what one container RPC does, minus the protobuf.
 
+mod net_sysctls;
 mod nofile;
 mod process;
 mod spawn;
@@ -10,7 +11,7 @@ mod validate;
 pub use spawn::CALL_DEADLINE;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -325,6 +326,7 @@ impl Containers {
         if let Some(process) = spec.process() {
             nofile::make_room_in_guest(process);
         }
+        net_sysctls::copy_into_new_netns(&mut spec, Path::new("/proc/sys"));
         if self.cgroup_root.is_some() {
             add_cgroup_namespace(&mut spec);
         }

@@ -344,6 +344,20 @@ mod tests {
     use super::*;
     use crate::hypervisor::SharedDir;
 
+    /// cocoon-vmm refuses a command line longer than 2 047 bytes less 48 per virtio
+    /// device (`vmm::config`); a pod with every device may have 13 (net, fs, vsock, free
+    /// page reporting, virtio-mem, 8 disk slots). Cocoon's own words, with this host's
+    /// values, must leave the user's `kernel_params` room.
+    #[test]
+    fn cocoons_own_command_line_leaves_the_user_room() {
+        let mut spec = crate::hypervisor::tests::bare_spec("v1", "/k", "/i", 256);
+        spec.hotplug_mib = 1 << 20;
+        spec.block_slots = 8;
+        let ours = CocoonVmm::cmdline(&spec);
+        let budget = 2047 - 48 * 13;
+        assert!(ours.len() + 400 < budget, "{} bytes: {ours}", ours.len());
+    }
+
     #[test]
     fn command_line_carries_the_spec() {
         let v = CocoonVmm {

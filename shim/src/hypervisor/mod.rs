@@ -8,6 +8,7 @@ pub mod confidential;
 pub mod console;
 pub mod disk_slots;
 pub mod disks;
+mod host_sysctls;
 pub mod identity;
 mod launch;
 pub mod memctl;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use thiserror::Error;
 
+pub use host_sysctls::{host_sysctl, HOST_SYSCTLS};
 pub use process::{find_binary, VmProcesses};
 
 use crate::check::{self, KvmKind};
@@ -123,52 +125,7 @@ impl VmSpec {
         }
         vec!["memhp_default_state=online".into()]
     }
-
-    /// The host's values of [`HOST_LIMITS`] as `sysctl.` parameters, the same on both
-    /// VMMs. `kernel.threads-max` is at least what the VM may grow to (one thread per
-    /// 128 KiB): the kernel sizes it once, at boot, and never again.
-    pub fn limit_kernel_params(&self) -> Vec<String> {
-        let grown = (u64::from(self.memory_mib) + u64::from(self.hotplug_mib)) * 8;
-        HOST_LIMITS
-            .iter()
-            .filter_map(|name| {
-                let mut value = host_sysctl(name)?;
-                if *name == "kernel.threads-max" {
-                    value = value.max(grown);
-                }
-                Some(format!("sysctl.{name}={value}"))
-            })
-            .collect()
-    }
 }
-
-/// The host's value of the numeric sysctl `name` (dotted, as `fs.file-max`).
-pub fn host_sysctl(name: &str) -> Option<u64> {
-    let path = std::path::Path::new("/proc/sys").join(name.replace('.', "/"));
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Limits the guest kernel sizes by its own RAM at boot, where a container on runc reads
-/// the host's: a 256 MiB guest allowed 21 736 open files in all (this host 2 466 290),
-/// 8 192 inotify watches (192 546: "System limit for number of file watchers reached"
-/// in a pod running a file watcher, as Kata's users report), 1 701 threads (192 739) and
-/// 850 namespaces of each kind (96 369). Each is given the host's value, which only
-/// bounds what may be asked: what is used stays charged to the containers' memory
-/// cgroups and the VM's RAM. (A confidential launch never takes these: such pods are
-/// refused before a VM boots.)
-pub const HOST_LIMITS: &[&str] = &[
-    "fs.file-max",
-    "fs.inotify.max_user_watches",
-    "fs.epoll.max_user_watches",
-    "kernel.threads-max",
-    "user.max_user_namespaces",
-    "user.max_ipc_namespaces",
-    "user.max_mnt_namespaces",
-    "user.max_net_namespaces",
-    "user.max_pid_namespaces",
-    "user.max_uts_namespaces",
-    "user.max_cgroup_namespaces",
-];
 
 /// A tap (already open, in the pod's network namespace) for the guest's one virtio-net
 /// interface. The fd stays the caller's; the VMM gets a copy across exec.
@@ -501,7 +458,7 @@ mod tests {
     }
 
     /// A spec with nothing attached.
-    fn bare_spec(id: &str, kernel: &str, initrd: &str, memory_mib: u32) -> VmSpec {
+    pub(super) fn bare_spec(id: &str, kernel: &str, initrd: &str, memory_mib: u32) -> VmSpec {
         VmSpec {
             id: id.into(),
             kernel: kernel.into(),
@@ -529,19 +486,6 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn limits_are_the_hosts_and_threads_cover_growth() {
-        let mut spec = bare_spec("limits", "/k", "/i", 256);
-        let params = spec.limit_kernel_params();
-        assert_eq!(params.len(), HOST_LIMITS.len(), "{params:?}");
-        let file_max = format!("sysctl.fs.file-max={}", host_sysctl("fs.file-max").unwrap());
-        assert!(params.contains(&file_max), "{params:?}");
-        // Room to grow far beyond the host's thread table: the growth wins.
-        spec.hotplug_mib = 1 << 20;
-        let threads = format!("sysctl.kernel.threads-max={}", (256u64 + (1 << 20)) * 8);
-        assert!(spec.limit_kernel_params().contains(&threads));
     }
 
     #[test]
