@@ -46,6 +46,8 @@ CreateContainerImageRequest if {
 		p in kubelet_readonly_paths
 	}
 	not seccomp_fakes_success(object.get(input.oci, ["linux", "seccomp"], {}))
+	# A startContainer hook would run a program of the host's choosing in the container.
+	count(object.get(input.oci, ["hooks", "startContainer"], [])) == 0
 }
 
 # The image's config as the guest read it; a field it leaves null is absent.

@@ -57,7 +57,12 @@ CreateContainerRequest if {
 	pid.type == "pid"
 	sysctls_namespaced(object.get(input, ["oci", "linux"], {}))
 	masked_as_containerd_does(object.get(input, ["oci", "linux"], {}))
+	no_hooks_in_guest(object.get(input, "oci", {}))
 }
+
+# No startContainer hook: the host naming a program for the container to run before its
+# own is an exec by another name. (The shim runs the other kinds on the host.)
+no_hooks_in_guest(oci) if count(object.get(oci, ["hooks", "startContainer"], [])) == 0
 
 # A mount namespace of its own (never one joined by path).
 own_mount_namespace(namespaces) if {

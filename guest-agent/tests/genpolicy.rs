@@ -197,6 +197,9 @@ fn whatever_a_host_changes_is_refused() {
             .unwrap()
             .push(json!({"names": ["setresuid"], "action": "SCMP_ACT_ERRNO", "errnoRet": 0}))
     });
+    refused(&g, "a startContainer hook", |i| {
+        i["oci"]["hooks"] = json!({"startContainer": [{"path": "/bin/sh"}]})
+    });
     refused(&g, "a manifest variable given twice", |i| {
         i["oci"]["process"]["env"]
             .as_array_mut()

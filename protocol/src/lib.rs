@@ -2,6 +2,8 @@
 //! agent: generated protobuf messages and async ttrpc stubs, plus the few
 //! constants both ends must agree on.
 
+pub mod hook;
+
 /// Generated protobuf messages.
 #[allow(
     clippy::all,

@@ -376,6 +376,7 @@ impl Containers {
             terminal: stdio.terminal,
             cgroup_v2: self.cgroup_root.is_some(),
             no_pivot: self.no_pivot,
+            id: id.into(),
         };
         let result = async {
             timeline.mark("container-helper-spawning", id);
@@ -516,6 +517,7 @@ impl Containers {
             terminal: stdio.terminal,
             cgroup_v2: self.cgroup_root.is_some(),
             no_pivot: self.no_pivot,
+            id: id.into(),
         };
         let result = async {
             let spawn::Spawned { pid, mut sync, .. } =

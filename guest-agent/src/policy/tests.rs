@@ -223,7 +223,7 @@ fn the_confidential_default_denies_what_it_says() {
     }
     // Privileged, however it is asked for.
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 12] = [
+    let edits: [(&str, Edit); 13] = [
         (
             "no capabilities in the spec (the runtime then drops none)",
             |v| v["oci"]["process"] = json!({}),
@@ -266,6 +266,9 @@ fn the_confidential_default_denies_what_it_says() {
         }),
         ("CAP_SYS_MODULE in ambient", |v| {
             v["oci"]["process"]["capabilities"]["ambient"] = json!(["CAP_SYS_MODULE"])
+        }),
+        ("a startContainer hook", |v| {
+            v["oci"]["hooks"] = json!({"startContainer": [{"path": "/bin/sh"}]})
         }),
     ];
     for (what, edit) in edits {

@@ -176,6 +176,7 @@ fn passwd_home(passwd: &Path, uid: u32) -> Option<String> {
 pub fn finalize_and_exec(
     process: &Process,
     seccomp_profile: Option<&LinuxSeccomp>,
+    before_exec: impl FnOnce() -> Result<(), RuntimeError>,
 ) -> Result<Infallible, RuntimeError> {
     let args = process
         .args()
@@ -236,6 +237,8 @@ pub fn finalize_and_exec(
         prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "cannot set no_new_privileges")?;
         seccomp::install(&filters)?;
     }
+    // The container's startContainer hooks, as the process will run.
+    before_exec()?;
     nix::unistd::execve(&program, &argv, &envp).ctx(|| format!("cannot execute {:?}", args[0]))
 }
 

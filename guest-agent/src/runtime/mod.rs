@@ -15,6 +15,7 @@ pub(crate) mod console;
 mod creds;
 pub mod mounts;
 pub mod seccomp;
+mod start_hooks;
 mod syscalls_x86_64;
 mod userns;
 pub mod zygote;
@@ -56,6 +57,9 @@ pub struct HelperRequest {
     /// Move the rootfs over `/` instead of pivot_root.
     #[serde(default)]
     pub no_pivot: bool,
+    /// The container's id, for the state its `startContainer` hooks read.
+    #[serde(default)]
+    pub id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -423,7 +427,8 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
         // The agent went away or gave up on this container.
         _ => std::process::exit(1),
     }
-    creds::finalize_and_exec(process, linux.seccomp().as_ref()).map(|never| match never {})
+    let hooks = || start_hooks::run(spec, &req.id);
+    creds::finalize_and_exec(process, linux.seccomp().as_ref(), hooks).map(|never| match never {})
 }
 
 fn has_user(linux: &oci_spec::runtime::Linux) -> bool {
@@ -497,7 +502,8 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
             console::setup(sock, &target.process, false)?;
         }
         let seccomp = req.spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-        creds::finalize_and_exec(&target.process, seccomp.as_ref()).map(|never| match never {})
+        creds::finalize_and_exec(&target.process, seccomp.as_ref(), || Ok(()))
+            .map(|never| match never {})
     })
 }
 

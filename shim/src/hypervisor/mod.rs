@@ -287,6 +287,11 @@ impl Vm {
         self.procs.vmm_pid()
     }
 
+    /// The VMM program's own pid (a jailed one's, not its waiter's), for OCI hooks.
+    pub fn vmm_program_pid(&self) -> Option<u32> {
+        self.procs.vmm_program_pid()
+    }
+
     /// Ends the guest at once (SIGKILL to the VMM); `stop` still reaps and cleans up.
     pub fn kill(&self) {
         self.procs.kill_vmm();

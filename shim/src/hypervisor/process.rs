@@ -158,6 +158,12 @@ impl VmProcesses {
         self.vmm.as_ref().and_then(Child::id)
     }
 
+    /// The VMM program's own pid: a jailed one's, not its waiter's.
+    pub fn vmm_program_pid(&self) -> Option<u32> {
+        let pid = self.vmm_pid()?;
+        Some(program_of_waiter(pid).first().copied().unwrap_or(pid))
+    }
+
     /// The VM's host processes: each we started and, for a jailed one, the program its
     /// waiter runs in a PID namespace of its own (`jail-exec --pid-ns`).
     pub fn pids(&self) -> Vec<u32> {

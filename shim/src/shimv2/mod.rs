@@ -10,6 +10,7 @@
 
 mod delete;
 pub mod guest_events;
+pub mod hooks;
 pub mod idmaps;
 pub mod janitor;
 pub mod logsink;

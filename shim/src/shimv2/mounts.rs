@@ -280,9 +280,8 @@ fn share_volumes(
         m.set_typ(Some("bind".into()));
     }
     spec.set_mounts(Some(mounts));
-    // Host hooks cannot run in the guest, and host cgroup paths mean nothing
-    // there: the agent places the container in its own cgroup.
-    spec.set_hooks(None);
+    // Host cgroup paths mean nothing in the guest: the agent places the container in
+    // its own cgroup. (The host's hooks were taken out before: `hooks::take`.)
     if let Some(linux) = spec.linux_mut() {
         linux.set_cgroups_path(None);
     }
@@ -330,8 +329,7 @@ mod tests {
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs", "readonly": false},
             "mounts": mounts,
-            "linux": {"cgroupsPath": "/default/x"},
-            "hooks": {"prestart": [{"path": "/bin/true"}]}
+            "linux": {"cgroupsPath": "/default/x"}
         }))
         .unwrap()
     }
@@ -381,7 +379,6 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         std::fs::write(share.join("c1/mounts/2"), "changed").unwrap();
         assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "changed");
-        assert!(spec.hooks().is_none());
         assert!(spec.linux().as_ref().unwrap().cgroups_path().is_none());
         // The guest's view takes no new names in the container's directory.
         let planted = std::os::unix::fs::symlink("/", share.join("c1/mounts/evil")).unwrap_err();

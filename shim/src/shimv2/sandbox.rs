@@ -58,6 +58,8 @@ pub struct Sandbox {
     vm: Mutex<Option<Vm>>,
     /// Host pids of the VM's processes, for the on-disk state.
     pub pids: Vec<u32>,
+    /// The VMM program's pid, which the state given to OCI hooks names.
+    pub vmm_pid: Option<u32>,
     /// How the boot went, for the timing records.
     pub boot: BootTimes,
     /// The pod's network (CRI pods), undone when the VM stops.
@@ -414,6 +416,7 @@ impl Sandbox {
             share_userns: share.userns.clone(),
             run_dir: vm.run_dir.clone(),
             pids: vm.pids(),
+            vmm_pid: vm.vmm_program_pid(),
             boot: BootTimes {
                 vm_launch: t_launched - t0,
                 agent_ready: t_ready - t_launched,

@@ -224,6 +224,8 @@ impl Service {
             }
         })?;
         pod::adapt_spec(&mut spec);
+        let hooks = crate::shimv2::hooks::take(&mut spec)
+            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         if let Some(process) = spec.process_mut() {
             crate::shimv2::rlimits::inherit(process);
         }
@@ -315,6 +317,18 @@ impl Service {
         creq.sandbox_id = self.inner.group.clone();
         creq.guest_image = guest_image.clone().unwrap_or_default();
         creq.watched_mounts = watched.clone();
+        // The host's hooks of Create: the VM is up, the guest has not made the container.
+        let this = crate::shimv2::hooks::For {
+            id: &req.id,
+            bundle: &bundle,
+            pid: sb.vmm_pid,
+        };
+        if let Err(e) = hooks.run_create(&this).await {
+            if let Some(undone) = undo.launch() {
+                let _ = undone.await;
+            }
+            return Err(err(ttrpc::Code::FAILED_PRECONDITION, e));
+        }
         let cpu_milli = crate::shimv2::sizing::spec_cpu_milli(&spec);
         let memory_mib = crate::shimv2::sizing::spec_memory_mib(&spec);
         // The disks and the guest's container, in a task of their own: a Create cut
@@ -415,6 +429,7 @@ impl Service {
             init,
             execs: HashMap::new(),
             paused: false,
+            hooks: Arc::new(hooks),
         };
         super::undo::save_state(&c.bundle, &sb.state_for(&req.id, &c.mounts));
         sb.stats.container_created(cri_name.as_deref());

@@ -90,6 +90,8 @@ struct Container {
     init: Process,
     execs: HashMap<String, Process>,
     paused: bool,
+    /// Its OCI hooks that run on the host (`poststart` and `poststop` are still to run).
+    hooks: Arc<crate::shimv2::hooks::HostHooks>,
 }
 
 /// An id claimed by a Create in progress; given back when the Create ends, either way.

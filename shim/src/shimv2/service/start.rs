@@ -36,6 +36,7 @@ impl Service {
                 timing: Some(c.timing.clone()),
             };
             let marks = c.marks;
+            let (hooks, bundle) = (c.hooks.clone(), c.bundle.clone());
             drop(containers);
             let start_called = std::time::Instant::now();
             if let Err(e) = sb.agent.start_container(&req.id).await {
@@ -46,6 +47,18 @@ impl Service {
             }
             let start = (start_called, std::time::Instant::now());
             self.watch_exit(sb.clone(), watched);
+            let this = crate::shimv2::hooks::For {
+                id: &req.id,
+                bundle: &bundle,
+                pid: sb.vmm_pid,
+            };
+            if let Err(e) = hooks.run_poststart(&this).await {
+                // As runc 1.1: the container is ended and Start fails.
+                if let Err(k) = sb.agent.signal_process(&req.id, "", 9, true).await {
+                    tracing::warn!(container = %req.id, "cannot kill it after its poststart hook failed: {k}");
+                }
+                return Err(err(ttrpc::Code::FAILED_PRECONDITION, e));
+            }
             // Off the Start path: one more call to read the guest's side.
             let run_dir = self.inner.config.paths.run_dir.clone();
             tokio::spawn(place_timeline(

@@ -53,6 +53,12 @@ impl Service {
         let sb = self.existing_sandbox().await.ok();
         super::undo::take_back(sb.as_deref(), &req.id, &mut c.mounts).await;
         ContainerState::remove(&c.bundle);
+        let this = crate::shimv2::hooks::For {
+            id: &req.id,
+            bundle: &c.bundle,
+            pid: sb.as_ref().and_then(|sb| sb.vmm_pid),
+        };
+        c.hooks.run_poststop(&this).await;
         if let Ok(mut t) = c.timing.lock() {
             t.delete_ms = timings::ms(t_delete.elapsed());
             timings::append(&self.inner.config.paths.run_dir, &t);

@@ -1,0 +1,60 @@
+//! A container's `startContainer` OCI hooks: run in the container (its namespaces, root,
+//! user, capabilities and seccomp filter) just before its process's exec, as runc runs
+//! them. Their path is the container's. The shim runs every other kind of hook on the
+//! host (`shimv2::hooks` there).
+
+use std::path::Path;
+use std::time::Duration;
+
+use oci_spec::runtime::Spec;
+
+use super::RuntimeError;
+
+/// Runs `spec`'s `startContainer` hooks in order; the first failure is the error.
+/// `id` names the container; its state names pid 1 (the process as the container sees
+/// it) and, as bundle, the guest directory its root is in.
+pub fn run(spec: &Spec, id: &str) -> Result<(), RuntimeError> {
+    let hooks = spec
+        .hooks()
+        .as_ref()
+        .and_then(|h| h.start_container().clone())
+        .unwrap_or_default();
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let bundle = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.path().parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let mut state = serde_json::json!({
+        "ociVersion": spec.version(),
+        "id": id,
+        "status": "created",
+        "pid": std::process::id(),
+        "bundle": bundle,
+    });
+    if let Some(a) = spec.annotations().as_ref().filter(|a| !a.is_empty()) {
+        state["annotations"] = serde_json::json!(a);
+    }
+    let state = serde_json::to_vec(&state).unwrap_or_default();
+    for (i, hook) in hooks.iter().enumerate() {
+        let args = hook.args().clone().unwrap_or_default();
+        let env = hook.env().clone().unwrap_or_default();
+        let h = cocoon_protocol::hook::Hook {
+            path: hook.path(),
+            args: &args,
+            env: &env,
+            timeout: hook
+                .timeout()
+                .map(|t| Duration::from_secs(t.unsigned_abs())),
+        };
+        cocoon_protocol::hook::run(&h, &state, Path::new("/")).map_err(|e| {
+            RuntimeError::Invalid(format!(
+                "error running startContainer hook #{i} ({}): {e}",
+                hook.path().display()
+            ))
+        })?;
+    }
+    Ok(())
+}
