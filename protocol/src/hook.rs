@@ -58,6 +58,21 @@ impl fmt::Display for HookError {
 
 impl std::error::Error for HookError {}
 
+/// Runs the spec's `hook` in `cwd` with `state` on its stdin (`run`).
+pub fn run_oci(hook: &oci_spec::runtime::Hook, state: &[u8], cwd: &Path) -> Result<(), HookError> {
+    let args = hook.args().clone().unwrap_or_default();
+    let env = hook.env().clone().unwrap_or_default();
+    let h = Hook {
+        path: hook.path(),
+        args: &args,
+        env: &env,
+        timeout: hook
+            .timeout()
+            .map(|t| Duration::from_secs(t.unsigned_abs())),
+    };
+    run(&h, state, cwd)
+}
+
 /// Runs `hook` in `cwd` with `state` (the container's state, JSON) on its stdin.
 pub fn run(hook: &Hook, state: &[u8], cwd: &Path) -> Result<(), HookError> {
     let mut cmd = Command::new(hook.path);

@@ -4,7 +4,6 @@
 //! host (`shimv2::hooks` there).
 
 use std::path::Path;
-use std::time::Duration;
 
 use oci_spec::runtime::Spec;
 
@@ -39,17 +38,7 @@ pub fn run(spec: &Spec, id: &str) -> Result<(), RuntimeError> {
     }
     let state = serde_json::to_vec(&state).unwrap_or_default();
     for (i, hook) in hooks.iter().enumerate() {
-        let args = hook.args().clone().unwrap_or_default();
-        let env = hook.env().clone().unwrap_or_default();
-        let h = cocoon_protocol::hook::Hook {
-            path: hook.path(),
-            args: &args,
-            env: &env,
-            timeout: hook
-                .timeout()
-                .map(|t| Duration::from_secs(t.unsigned_abs())),
-        };
-        cocoon_protocol::hook::run(&h, &state, Path::new("/")).map_err(|e| {
+        cocoon_protocol::hook::run_oci(hook, &state, Path::new("/")).map_err(|e| {
             RuntimeError::Invalid(format!(
                 "error running startContainer hook #{i} ({}): {e}",
                 hook.path().display()

@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use oci_spec::runtime::{Hook, Hooks, Spec};
 
@@ -204,31 +203,19 @@ async fn run_one(
     let (hook, state, cwd) = (hook.clone(), state.to_vec(), cwd.to_path_buf());
     let path = hook.path().clone();
     tracing::debug!(%stage, index, path = %path.display(), "running hook");
-    tokio::task::spawn_blocking(move || {
-        let args = hook.args().clone().unwrap_or_default();
-        let env = hook.env().clone().unwrap_or_default();
-        let h = cocoon_protocol::hook::Hook {
-            path: hook.path(),
-            args: &args,
-            env: &env,
-            timeout: hook
-                .timeout()
-                .map(|t| Duration::from_secs(t.unsigned_abs())),
-        };
-        cocoon_protocol::hook::run(&h, &state, &cwd)
-    })
-    .await
-    .map_err(|e| HookError::Task {
-        stage,
-        index,
-        message: e.to_string(),
-    })?
-    .map_err(|source| HookError::Run {
-        stage,
-        index,
-        path,
-        source,
-    })
+    tokio::task::spawn_blocking(move || cocoon_protocol::hook::run_oci(&hook, &state, &cwd))
+        .await
+        .map_err(|e| HookError::Task {
+            stage,
+            index,
+            message: e.to_string(),
+        })?
+        .map_err(|source| HookError::Run {
+            stage,
+            index,
+            path,
+            source,
+        })
 }
 
 #[cfg(test)]
