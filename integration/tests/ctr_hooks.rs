@@ -103,14 +103,18 @@ fn hooks_run_where_and_when_runc_runs_them() {
 }
 
 #[test]
-fn a_failing_hook_fails_the_create_and_leaves_nothing() {
+fn a_failing_hook_fails_the_create_and_runs_poststop() {
     let env = env();
+    let log = env.containerd.dir.join("hookfails.log");
     let spec = spec_file(&env, "hookfails", |s| {
         s["process"]["args"] = serde_json::json!(["echo", "ran"]);
-        s["hooks"] = serde_json::json!({"createRuntime": [{
-            "path": "/bin/sh",
-            "args": ["sh", "-c", "echo refused-by-the-hook >&2; exit 3"]
-        }]});
+        s["hooks"] = serde_json::json!({
+            "createRuntime": [{
+                "path": "/bin/sh",
+                "args": ["sh", "-c", "echo refused-by-the-hook >&2; exit 3"]
+            }],
+            "poststop": [logging("poststop", &log)]
+        });
     });
     for runtime in [RUNC, COCOON] {
         let id = format!(
@@ -140,6 +144,11 @@ fn a_failing_hook_fails_the_create_and_leaves_nothing() {
         }
         // ctr leaves the container record of a task that never started.
         let _ = env.containerd.ctr(&["container", "rm", &id]);
+        // The poststop hooks still ran, as runc's destroy runs them.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let stages = stages_of(&text, &id);
+        assert_eq!(stages.len(), 1, "{runtime}: {text}");
+        assert_eq!(stages[0].0, "poststop", "{runtime}: {text}");
     }
     assert_clean(&env);
 }

@@ -327,6 +327,8 @@ impl Service {
             if let Some(undone) = undo.launch() {
                 let _ = undone.await;
             }
+            // As runc's destroy of a container whose create failed.
+            hooks.run_poststop(&this).await;
             return Err(err(ttrpc::Code::FAILED_PRECONDITION, e));
         }
         let cpu_milli = crate::shimv2::sizing::spec_cpu_milli(&spec);
@@ -381,6 +383,7 @@ impl Service {
                 if let Some(undone) = undo.launch() {
                     let _ = undone.await;
                 }
+                hooks.run_poststop(&this).await;
                 return Err(e);
             }
         };
