@@ -319,6 +319,16 @@ impl Agent for AgentService {
         if self.state.policy.confidential() || pins_images {
             crate::pause::for_request(&mut req);
         }
+        // Whatever the policy says (one written before hooks reached the guest): a
+        // startContainer hook runs a program the host names in the container.
+        if (self.state.policy.confidential() || pins_images)
+            && crate::policy::has_start_hooks(&req.oci_spec_json)
+        {
+            let why = "a startContainer hook would run a program the host names in the \
+                       container, which a confidential pod's agent never allows";
+            tracing::warn!(call = "CreateContainer", "refused: {why}");
+            return Err(status(ttrpc::Code::PERMISSION_DENIED, why));
+        }
         self.allow("CreateContainer", &req)?;
         // A policy that decides containers by their pulled image has nothing to decide
         // a root the host made by.

@@ -430,5 +430,18 @@ fn compile(rego: &str) -> Result<regorus::Engine, String> {
     Ok(engine)
 }
 
+/// Whether a container's spec (JSON) names any `startContainer` hook.
+pub fn has_start_hooks(spec_json: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(spec_json)
+        .ok()
+        .and_then(|s| {
+            s.get("hooks")?
+                .get("startContainer")?
+                .as_array()
+                .map(|a| !a.is_empty())
+        })
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests;

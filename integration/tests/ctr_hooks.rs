@@ -44,6 +44,7 @@ fn hooks_run_where_and_when_runc_runs_them() {
     let log = env.containerd.dir.join("hooks.log");
     let spec = spec_file(&env, "hooks", |s| {
         s["process"]["args"] = serde_json::json!(["sh", "-c", "cat /hooktmp/started"]);
+        s["process"]["cwd"] = serde_json::json!("/hooktmp");
         s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000});
         s["mounts"].as_array_mut().unwrap().push(serde_json::json!({
             "destination": "/hooktmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]
@@ -65,13 +66,17 @@ fn hooks_run_where_and_when_runc_runs_them() {
             "args": ["sh", "-c", "echo started $(id -u) $V $(cat | grep -c '\"status\":\"created\"') > /hooktmp/started"],
             "env": ["V=from-the-hook"],
             "timeout": 10
+        }, {
+            // No env of its own: the process's; and the process's working directory.
+            "path": "/bin/sh",
+            "args": ["sh", "-c", "echo \"$PATH $(pwd)\" >> /hooktmp/started"]
         }]);
         s["hooks"] = hooks;
     });
     let out = same_config(&env, &spec, "hooks");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "started 1000 from-the-hook 1"
+        "started 1000 from-the-hook 1\n/bin /hooktmp"
     );
     let text = std::fs::read_to_string(&log).unwrap();
     let runc = stages_of(&text, "hooks-runc");
@@ -149,6 +154,44 @@ fn a_failing_hook_fails_the_create_and_runs_poststop() {
         let stages = stages_of(&text, &id);
         assert_eq!(stages.len(), 1, "{runtime}: {text}");
         assert_eq!(stages[0].0, "poststop", "{runtime}: {text}");
+    }
+    assert_clean(&env);
+}
+
+/// A failing startContainer hook: the process never runs, under either runtime.
+#[test]
+fn a_failing_start_container_hook_keeps_the_process_from_running() {
+    let env = env();
+    let spec = spec_file(&env, "startfails", |s| {
+        s["process"]["args"] = serde_json::json!(["echo", "ran"]);
+        s["hooks"] = serde_json::json!({"startContainer": [{
+            "path": "/bin/sh",
+            "args": ["sh", "-c", "exit 7"]
+        }]});
+    });
+    for runtime in [RUNC, COCOON] {
+        let id = format!(
+            "startfails-{}",
+            runtime.rsplit('.').nth(1).unwrap_or(runtime)
+        );
+        let o = env
+            .containerd
+            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &spec, &id]);
+        assert!(
+            !o.status.success() && o.stdout.is_empty(),
+            "{runtime} ran it: {}",
+            show(&o)
+        );
+        if runtime == COCOON {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("startContainer hook #0 (/bin/sh)"),
+                "{}",
+                show(&o)
+            );
+        }
+        let _ = env.containerd.ctr(&["task", "rm", "-f", &id]);
+        let _ = env.containerd.ctr(&["container", "rm", &id]);
     }
     assert_clean(&env);
 }

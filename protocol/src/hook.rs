@@ -25,13 +25,16 @@ pub const OUTPUT_KEPT: usize = 4096;
 pub struct Hook<'a> {
     pub path: &'a Path,
     pub args: &'a [String],
-    pub env: &'a [String],
+    /// Its whole environment; `None` (the spec names none): the caller's, as runc's
+    /// hooks get runc's.
+    pub env: Option<&'a [String]>,
     pub timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
 pub enum HookError {
     Spawn(std::io::Error),
+    Thread(std::io::Error),
     Wait(std::io::Error),
     TimedOut(Duration),
     Failed {
@@ -45,6 +48,7 @@ impl fmt::Display for HookError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HookError::Spawn(e) => write!(f, "cannot start it: {e}"),
+            HookError::Thread(e) => write!(f, "cannot start a thread for its pipes: {e}"),
             HookError::Wait(e) => write!(f, "cannot wait for it: {e}"),
             HookError::TimedOut(t) => write!(f, "timed out after {}s", t.as_secs()),
             HookError::Failed {
@@ -58,14 +62,19 @@ impl fmt::Display for HookError {
 
 impl std::error::Error for HookError {}
 
-/// Runs the spec's `hook` in `cwd` with `state` on its stdin (`run`).
-pub fn run_oci(hook: &oci_spec::runtime::Hook, state: &[u8], cwd: &Path) -> Result<(), HookError> {
+/// Runs the spec's `hook` in `cwd` with `state` on its stdin (`run`); a hook that
+/// names no environment gets `env_otherwise` (`None`: the caller's own).
+pub fn run_oci(
+    hook: &oci_spec::runtime::Hook,
+    state: &[u8],
+    cwd: &Path,
+    env_otherwise: Option<&[String]>,
+) -> Result<(), HookError> {
     let args = hook.args().clone().unwrap_or_default();
-    let env = hook.env().clone().unwrap_or_default();
     let h = Hook {
         path: hook.path(),
         args: &args,
-        env: &env,
+        env: hook.env().as_deref().or(env_otherwise),
         timeout: hook
             .timeout()
             .map(|t| Duration::from_secs(t.unsigned_abs())),
@@ -84,22 +93,23 @@ pub fn run(hook: &Hook, state: &[u8], cwd: &Path) -> Result<(), HookError> {
             cmd.arg0(hook.path);
         }
     }
-    cmd.env_clear();
-    for (k, v) in hook.env.iter().filter_map(|e| e.split_once('=')) {
-        cmd.env(k, v);
+    if let Some(env) = hook.env {
+        cmd.env_clear();
+        for (k, v) in env.iter().filter_map(|e| e.split_once('=')) {
+            cmd.env(k, v);
+        }
     }
     cmd.current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(HookError::Spawn)?;
-    let stdout = keep_output(child.stdout.take());
-    let stderr = keep_output(child.stderr.take());
-    if let Some(mut stdin) = child.stdin.take() {
-        // A hook need not read its state: a closed pipe is no error.
-        let _ = stdin.write_all(state);
+    let fed = feed_and_wait(&mut child, state, hook.timeout);
+    if fed.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    let status = wait(&mut child, hook.timeout)?;
+    let (status, stdout, stderr) = fed?;
     if status.success() {
         return Ok(());
     }
@@ -115,12 +125,35 @@ pub fn run(hook: &Hook, state: &[u8], cwd: &Path) -> Result<(), HookError> {
     })
 }
 
-/// Waits for `child`, killing it once `timeout` has passed.
+type Outputs = (ExitStatus, mpsc::Receiver<String>, mpsc::Receiver<String>);
+
+/// Writes `state` to the child's stdin and reads its output on threads of their own
+/// (so a hook that reads nothing cannot outlast its timeout), then waits for it.
+fn feed_and_wait(
+    child: &mut Child,
+    state: &[u8],
+    timeout: Option<Duration>,
+) -> Result<Outputs, HookError> {
+    let stdout = keep_output(child.stdout.take())?;
+    let stderr = keep_output(child.stderr.take())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let state = state.to_vec();
+        // A hook need not read its state: a closed pipe is no error (a caller whose
+        // SIGPIPE is not ignored ignores it meanwhile).
+        std::thread::Builder::new()
+            .spawn(move || drop(stdin.write_all(&state)))
+            .map_err(HookError::Thread)?;
+    }
+    Ok((wait(child, timeout)?, stdout, stderr))
+}
+
+/// Waits for `child` until `timeout` has passed (the caller kills it then).
 fn wait(child: &mut Child, timeout: Option<Duration>) -> Result<ExitStatus, HookError> {
-    let Some(timeout) = timeout else {
+    // A timeout too large for the clock is none.
+    let Some((timeout, deadline)) = timeout.and_then(|t| Some((t, Instant::now().checked_add(t)?)))
+    else {
         return child.wait().map_err(HookError::Wait);
     };
-    let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
         if let Some(status) = child.try_wait().map_err(HookError::Wait)? {
@@ -128,8 +161,6 @@ fn wait(child: &mut Child, timeout: Option<Duration>) -> Result<ExitStatus, Hook
         }
         let now = Instant::now();
         if now >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             return Err(HookError::TimedOut(timeout));
         }
         std::thread::sleep(pause.min(deadline - now));
@@ -139,10 +170,12 @@ fn wait(child: &mut Child, timeout: Option<Duration>) -> Result<ExitStatus, Hook
 
 /// Reads `pipe` to its end on a thread of its own, keeping the first `OUTPUT_KEPT`
 /// bytes.
-fn keep_output(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<String> {
+fn keep_output(
+    pipe: Option<impl Read + Send + 'static>,
+) -> Result<mpsc::Receiver<String>, HookError> {
     let (tx, rx) = mpsc::channel();
     if let Some(mut pipe) = pipe {
-        std::thread::spawn(move || {
+        let reader = move || {
             let mut kept = Vec::new();
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
@@ -153,9 +186,12 @@ fn keep_output(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Strin
                 kept.extend_from_slice(&buf[..n.min(room)]);
             }
             let _ = tx.send(String::from_utf8_lossy(&kept).trim_end().to_string());
-        });
+        };
+        std::thread::Builder::new()
+            .spawn(reader)
+            .map_err(HookError::Thread)?;
     }
-    rx
+    Ok(rx)
 }
 
 #[cfg(test)]
@@ -168,7 +204,7 @@ mod tests {
         let hook = Hook {
             path: Path::new("/bin/sh"),
             args: &args,
-            env: &env,
+            env: Some(&env),
             timeout: timeout.map(Duration::from_secs),
         };
         run(&hook, br#"{"id":"c1"}"#, Path::new("/"))
@@ -202,11 +238,54 @@ mod tests {
     }
 
     #[test]
+    fn a_hook_that_reads_nothing_and_runs_on_is_still_timed() {
+        // More state than a pipe holds, never read.
+        let args: Vec<String> = vec!["sleep".into(), "30".into()];
+        let hook = Hook {
+            path: Path::new("/bin/sleep"),
+            args: &args,
+            env: None,
+            timeout: Some(Duration::from_secs(1)),
+        };
+        let started = Instant::now();
+        let e = run(&hook, &vec![b' '; 1 << 20], Path::new("/")).unwrap_err();
+        assert!(matches!(e, HookError::TimedOut(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // A timeout beyond the clock's range waits as none would.
+        let quick = Hook {
+            path: Path::new("/bin/true"),
+            timeout: Some(Duration::MAX),
+            ..hook
+        };
+        run(&quick, b"{}", Path::new("/")).unwrap();
+    }
+
+    #[test]
+    fn without_an_env_of_its_own_a_hook_gets_the_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!("echo \"$PATH\" > {}", out.display());
+        let args: Vec<String> = ["sh", "-c", &script]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let hook = Hook {
+            path: Path::new("/bin/sh"),
+            args: &args,
+            env: None,
+            timeout: None,
+        };
+        run(&hook, b"{}", Path::new("/")).unwrap();
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), path);
+    }
+
+    #[test]
     fn a_missing_program_is_named() {
         let hook = Hook {
             path: Path::new("/nonexistent/hook"),
             args: &[],
-            env: &[],
+            env: None,
             timeout: None,
         };
         let e = run(&hook, b"{}", Path::new("/")).unwrap_err();

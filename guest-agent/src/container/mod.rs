@@ -326,7 +326,6 @@ impl Containers {
         if let Some(process) = spec.process() {
             nofile::make_room_in_guest(process);
         }
-        net_sysctls::copy_into_new_netns(&mut spec, Path::new("/proc/sys"));
         if self.cgroup_root.is_some() {
             add_cgroup_namespace(&mut spec);
         }
@@ -370,6 +369,7 @@ impl Containers {
             }
             map.insert(id.to_string(), container.clone());
         }
+        let netns_sysctls = net_sysctls::for_new_netns(&spec, Path::new("/proc/sys"));
         let req = HelperRequest {
             spec,
             exec: None,
@@ -377,6 +377,7 @@ impl Containers {
             cgroup_v2: self.cgroup_root.is_some(),
             no_pivot: self.no_pivot,
             id: id.into(),
+            netns_sysctls,
         };
         let result = async {
             timeline.mark("container-helper-spawning", id);
@@ -475,7 +476,15 @@ impl Containers {
             return Err(ContainerError::State(id.into(), c.status()));
         };
         sync.send_line(START_LINE).await?;
-        sync.expect_exec().await?;
+        if let Err(e) = sync.expect_exec().await {
+            // Never running after its caller was told it failed (its startContainer
+            // hooks outlasting the wait, say).
+            let pid = c.init.pid();
+            if pid > 0 {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            return Err(e.into());
+        }
         c.set_status(Status::Running);
         tracing::info!(container = id, "container started");
         Ok(())
@@ -518,6 +527,7 @@ impl Containers {
             cgroup_v2: self.cgroup_root.is_some(),
             no_pivot: self.no_pivot,
             id: id.into(),
+            netns_sysctls: Vec::new(),
         };
         let result = async {
             let spawn::Spawned { pid, mut sync, .. } =

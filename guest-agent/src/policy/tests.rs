@@ -388,3 +388,18 @@ fn a_tee_gate_takes_only_the_init_data_its_evidence_binds() {
     let bad = Gate::for_mode(Mode::Invalid("no such TEE".into()), d.path().into());
     assert!(bad.set_init_data(doc).unwrap_err().contains("no such TEE"));
 }
+
+#[test]
+fn start_hooks_are_seen_wherever_the_spec_names_one() {
+    assert!(has_start_hooks(
+        br#"{"hooks": {"startContainer": [{"path": "/bin/sh"}]}}"#
+    ));
+    for no in [
+        &br#"{"hooks": {"startContainer": []}}"#[..],
+        br#"{"hooks": {"poststop": [{"path": "/bin/sh"}]}}"#,
+        br#"{}"#,
+        b"not json",
+    ] {
+        assert!(!has_start_hooks(no), "{}", String::from_utf8_lossy(no));
+    }
+}

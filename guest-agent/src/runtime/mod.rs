@@ -60,6 +60,10 @@ pub struct HelperRequest {
     /// The container's id, for the state its `startContainer` hooks read.
     #[serde(default)]
     pub id: String,
+    /// Sysctls for a new network namespace, written before the spec's and best-effort
+    /// (`container::net_sysctls`).
+    #[serde(default)]
+    pub netns_sysctls: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -409,6 +413,10 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
             let rc = unsafe { libc::setdomainname(c.as_ptr(), d.len()) };
             nix::errno::Errno::result(rc).ctx(|| "cannot set domainname".into())?;
         }
+    }
+    for (key, value) in &req.netns_sysctls {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let _ = std::fs::write(path, value);
     }
     for (key, value) in linux.sysctl().iter().flatten() {
         if key.contains("..") || key.starts_with('/') {

@@ -7,8 +7,12 @@
 //! |---|---|---|---|
 //! | `prestart`, `createRuntime`, `createContainer` | host, the shim's namespaces | Create, once the VM is up, before the guest makes the container | Create fails and is undone |
 //! | `startContainer` | guest, the container's namespaces and identity | Start, just before the process's exec | Start fails |
-//! | `poststart` | host | Start, once the process runs | the container is killed and Start fails (as runc 1.1) |
+//! | `poststart` | host | Start, once the process runs | the container is killed and Start fails |
 //! | `poststop` | host | Delete, once the container is gone | logged; Delete goes on |
+//!
+//! runc 1.1 runs `poststart` at create (its issue 4347); Cocoon keeps the spec's moment,
+//! as Kata does. A Create that fails or is abandoned once its hooks began runs the
+//! `poststop` hooks when undone (`Undo`), as runc's destroy does.
 //!
 //! `createContainer` runs in the host's namespaces, not the container's: its program is
 //! the host's, which the guest cannot run. The state a host hook reads names the VMM's
@@ -203,7 +207,7 @@ async fn run_one(
     let (hook, state, cwd) = (hook.clone(), state.to_vec(), cwd.to_path_buf());
     let path = hook.path().clone();
     tracing::debug!(%stage, index, path = %path.display(), "running hook");
-    tokio::task::spawn_blocking(move || cocoon_protocol::hook::run_oci(&hook, &state, &cwd))
+    tokio::task::spawn_blocking(move || cocoon_protocol::hook::run_oci(&hook, &state, &cwd, None))
         .await
         .map_err(|e| HookError::Task {
             stage,

@@ -290,6 +290,7 @@ impl Service {
             mounts: Some(mounts),
             guest_call: None,
             state: (bundle.clone(), booted_here),
+            hooks: None,
         };
         pod::restore_pod_shm(&mut spec, shm);
         let stdio = StdioPaths {
@@ -323,12 +324,12 @@ impl Service {
             bundle: &bundle,
             pid: sb.vmm_pid,
         };
+        let hooks = Arc::new(hooks);
+        undo.hooks = Some(hooks.clone());
         if let Err(e) = hooks.run_create(&this).await {
             if let Some(undone) = undo.launch() {
                 let _ = undone.await;
             }
-            // As runc's destroy of a container whose create failed.
-            hooks.run_poststop(&this).await;
             return Err(err(ttrpc::Code::FAILED_PRECONDITION, e));
         }
         let cpu_milli = crate::shimv2::sizing::spec_cpu_milli(&spec);
@@ -383,7 +384,6 @@ impl Service {
                 if let Some(undone) = undo.launch() {
                     let _ = undone.await;
                 }
-                hooks.run_poststop(&this).await;
                 return Err(e);
             }
         };
@@ -432,7 +432,7 @@ impl Service {
             init,
             execs: HashMap::new(),
             paused: false,
-            hooks: Arc::new(hooks),
+            hooks,
         };
         super::undo::save_state(&c.bundle, &sb.state_for(&req.id, &c.mounts));
         sb.stats.container_created(cri_name.as_deref());

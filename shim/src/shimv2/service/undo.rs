@@ -73,6 +73,9 @@ pub(super) struct Undo {
     /// The bundle, and whether this Create booted the VM: its state file is then put
     /// back to the VM's alone once undone, and removed otherwise.
     pub state: (PathBuf, bool),
+    /// The container's host hooks, once its Create hooks began: its poststop hooks run
+    /// once it is undone, as runc's destroy of a container whose create failed.
+    pub hooks: Option<Arc<crate::shimv2::hooks::HostHooks>>,
 }
 
 impl Undo {
@@ -89,11 +92,20 @@ impl Undo {
         };
         let held = Undoing::hold(&self.inner, &self.id);
         let (sb, id, guest_call) = (self.sb.clone(), self.id.clone(), self.guest_call.take());
+        let hooks = self.hooks.take();
         Some(rt.spawn(async move {
             if let Some(mut answered) = guest_call {
                 let _ = answered.wait_for(|a| *a).await;
             }
             take_back(Some(&sb), &id, &mut mounts).await;
+            if let Some(hooks) = hooks {
+                let this = crate::shimv2::hooks::For {
+                    id: &id,
+                    bundle: &bundle,
+                    pid: None,
+                };
+                hooks.run_poststop(&this).await;
+            }
             put_back(&bundle, previous);
             drop(held);
         }))
