@@ -16,11 +16,14 @@
 //!
 //! `createContainer` runs in the host's namespaces, not the container's: its program is
 //! the host's, which the guest cannot run. The state a host hook reads names the VMM's
-//! pid (the program itself, not a jail's waiter), so a hook that enters
-//! `/proc/<pid>/ns/net` reaches the pod's network namespace on the host, where the VM's
-//! interface is (none at `poststop`, as under runc). The statuses are runc 1.1's
-//! (`creating`, `created` at `poststart`, `stopped`). The bundle is the host's. A hook runs with only its own `env`, in the
-//! bundle, and `timeout` seconds at most when given (above zero, or Create is refused).
+//! pid (the program itself, not a jail's waiter; none at `poststop`, as under runc): a
+//! live process, whose namespaces are the jail's own (its network namespace holds a
+//! loopback alone), so a hook that enters them changes nothing of the host's. A network
+//! a hook sets up there never reaches the VM, which has booted by then (nerdctl's CNI
+//! hook; `ctr run --with-ns` is the way). The statuses are runc 1.1's (`creating`,
+//! `created` at `poststart`, `stopped`). The bundle is the host's. A hook runs in the
+//! bundle, with its own `env` (or the shim's when it names none, as runc's get runc's),
+//! and `timeout` seconds at most when given (above zero, or Create is refused).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
