@@ -1,8 +1,8 @@
 //! `delete`: containerd's cleanup when a task's connection closed, mostly because the
 //! shim is gone (crashed or killed). Works from the state file in the bundle: kills what
 //! is left of the VM (only processes that are provably ours, and only once the shim that
-//! ran it is gone or past answering), undoes the container's mounts, and reports the
-//! container as killed.
+//! ran it is gone or past answering), undoes the container's mounts, runs its poststop
+//! hooks, and reports the container as killed.
 
 use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::{Message, MessageField};
@@ -121,6 +121,36 @@ async fn clean_up(bundle: &std::path::Path, st: &mut ContainerState) {
     })
     .await;
     ContainerState::remove(bundle);
+    run_poststop_hooks(bundle, &st.container_id).await;
+}
+
+/// The container's poststop hooks, read again from its bundle's spec: the shim that
+/// would have run them at Delete is gone (runc's `delete --force` runs them from its
+/// state file). Nothing else of the spec is read, so a spec the shim once took cannot
+/// fail here on a part that does not matter.
+async fn run_poststop_hooks(bundle: &std::path::Path, id: &str) {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return;
+    };
+    let Ok(full) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return;
+    };
+    let part = serde_json::json!({
+        "ociVersion": full.get("ociVersion").cloned().unwrap_or_default(),
+        "annotations": full.get("annotations").cloned(),
+        "hooks": full.get("hooks").cloned(),
+    });
+    let Ok(mut spec) = serde_json::from_value::<oci_spec::runtime::Spec>(part) else {
+        return;
+    };
+    if let Ok(hooks) = super::hooks::take(&mut spec) {
+        let this = super::hooks::For {
+            id,
+            bundle,
+            pid: None,
+        };
+        hooks.run_poststop(&this).await;
+    }
 }
 
 #[cfg(test)]
@@ -196,11 +226,26 @@ mod tests {
         };
         let mut st = state(&run_dir, vm.id(), gone);
         st.save(&bundle).unwrap();
+        // Its poststop hooks run, as `runc delete --force` runs them.
+        let ran = d.path().join("poststop-ran");
+        let hook = format!("cat > {}", ran.display());
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"capabilities": {"bounding": ["CAP_NOT_YET_INVENTED"]}},
+            "hooks": {"poststop": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]}
+        });
+        std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
         assert!(!gone.alive());
         clean_up(&bundle, &mut st).await;
         let status = vm.wait().unwrap();
         assert!(!status.success(), "the dead shim's VM was not killed");
         assert!(!run_dir.exists(), "the dead shim's run dir stayed");
         assert!(ContainerState::load(&bundle).is_none());
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&ran).unwrap()).unwrap();
+        assert_eq!(
+            (&state["id"], &state["status"]),
+            (&"c".into(), &"stopped".into())
+        );
     }
 }
