@@ -121,7 +121,9 @@ async fn clean_up(bundle: &std::path::Path, st: &mut ContainerState) {
     })
     .await;
     ContainerState::remove(bundle);
-    run_poststop_hooks(bundle, &st.container_id).await;
+    if st.poststop_pending {
+        run_poststop_hooks(bundle, &st.container_id).await;
+    }
 }
 
 /// The container's poststop hooks, read again from its bundle's spec: the shim that
@@ -199,6 +201,36 @@ mod tests {
         server.shutdown().await.unwrap();
     }
 
+    /// A spec in `bundle` whose poststop hook writes the state it reads to the file
+    /// returned, in `dir`. Nothing else of the spec is valid.
+    fn poststop_hook_in(bundle: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+        let ran = dir.join("poststop-ran");
+        let hook = format!("cat > {}", ran.display());
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"capabilities": {"bounding": ["CAP_NOT_YET_INVENTED"]}},
+            "hooks": {"poststop": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]}
+        });
+        std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        ran
+    }
+
+    /// A Delete, or the undo of a failed Create, ran them already (and put back a state
+    /// without the mark): they do not run twice.
+    #[tokio::test]
+    async fn poststop_hooks_a_live_shim_ran_are_not_run_again() {
+        let d = tempfile::tempdir().unwrap();
+        let ran = poststop_hook_in(d.path(), d.path());
+        let mut st = ContainerState {
+            container_id: "c".into(),
+            ..Default::default()
+        };
+        st.save(d.path()).unwrap();
+        clean_up(d.path(), &mut st).await;
+        assert!(ContainerState::load(d.path()).is_none());
+        assert!(!ran.exists(), "the poststop hooks ran again");
+    }
+
     #[tokio::test]
     async fn a_live_shims_vm_is_spared_and_a_dead_ones_taken() {
         let d = tempfile::tempdir().unwrap();
@@ -224,17 +256,13 @@ mod tests {
             started: me.started + 1,
             ..me
         };
-        let mut st = state(&run_dir, vm.id(), gone);
+        let mut st = ContainerState {
+            poststop_pending: true,
+            ..state(&run_dir, vm.id(), gone)
+        };
         st.save(&bundle).unwrap();
         // Its poststop hooks run, as `runc delete --force` runs them.
-        let ran = d.path().join("poststop-ran");
-        let hook = format!("cat > {}", ran.display());
-        let spec = serde_json::json!({
-            "ociVersion": "1.0.2",
-            "process": {"capabilities": {"bounding": ["CAP_NOT_YET_INVENTED"]}},
-            "hooks": {"poststop": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]}
-        });
-        std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        let ran = poststop_hook_in(&bundle, d.path());
         assert!(!gone.alive());
         clean_up(&bundle, &mut st).await;
         let status = vm.wait().unwrap();

@@ -171,6 +171,11 @@ impl HostHooks {
 
     /// Every `poststop` hook, whatever the others did: each failure is logged. The state
     /// names no pid, as runc's: the container's process is gone.
+    /// Whether there are poststop hooks to run.
+    pub fn has_poststop(&self) -> bool {
+        !self.poststop.is_empty()
+    }
+
     pub async fn run_poststop(&self, c: &For<'_>) {
         let c = For { pid: None, ..*c };
         let state = self.state(&c, "stopped");

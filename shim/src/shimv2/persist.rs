@@ -26,6 +26,11 @@ pub struct ContainerState {
     /// also under a live shim).
     #[serde(default)]
     pub shim: Option<Shim>,
+    /// The container's Create hooks began and its poststop hooks have not run: a
+    /// `shim delete` after its shim died runs them (and only then, as `runc delete`
+    /// runs them only for a container its state still holds).
+    #[serde(default)]
+    pub poststop_pending: bool,
 }
 
 /// A shim process and the socket it serves its task API on.

@@ -478,6 +478,7 @@ impl Sandbox {
             mounts: mounts.clone(),
             host_cgroup: self.host_cgroup_dirs(),
             shim: super::persist::Shim::this(),
+            poststop_pending: false,
         }
     }
 

@@ -326,6 +326,14 @@ impl Service {
         };
         let hooks = Arc::new(hooks);
         undo.hooks = Some(hooks.clone());
+        if hooks.has_poststop() {
+            // Should this shim die from here on, `shim delete` runs them.
+            let pending = ContainerState {
+                poststop_pending: true,
+                ..early
+            };
+            super::undo::save_state(&bundle, &pending);
+        }
         if let Err(e) = hooks.run_create(&this).await {
             if let Some(undone) = undo.launch() {
                 let _ = undone.await;
@@ -434,7 +442,11 @@ impl Service {
             paused: false,
             hooks,
         };
-        super::undo::save_state(&c.bundle, &sb.state_for(&req.id, &c.mounts));
+        let created = ContainerState {
+            poststop_pending: c.hooks.has_poststop(),
+            ..sb.state_for(&req.id, &c.mounts)
+        };
+        super::undo::save_state(&c.bundle, &created);
         sb.stats.container_created(cri_name.as_deref());
         containers.insert(req.id.clone(), c);
         Ok(pid)
