@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxSchedulerPolicy, Process, Spec};
 use thiserror::Error;
 
 /// The largest uid or gid runc accepts (the kernel's ids are unsigned, but -1 means
@@ -30,6 +30,10 @@ pub enum ValidateError {
     EnvNul(String),
     #[error("the {0:?} namespace is named twice")]
     NamespaceTwice(LinuxNamespaceType),
+    #[error("process.scheduler: {0}")]
+    Scheduler(&'static str),
+    #[error("process.ioPriority.priority {0} is out of range (0-7)")]
+    IoPriority(i64),
 }
 
 /// A process's args, working directory, identity and environment.
@@ -56,6 +60,32 @@ pub fn process(p: &Process) -> Result<(), ValidateError> {
     }
     for entry in p.env().iter().flatten() {
         env_entry(entry)?;
+    }
+    if let Some(io) = p.io_priority() {
+        if !(0..=7).contains(&io.priority()) {
+            return Err(ValidateError::IoPriority(io.priority()));
+        }
+    }
+    p.scheduler().as_ref().map_or(Ok(()), scheduler)
+}
+
+/// runc 1.2's checks of `process.scheduler`, with its reasons.
+fn scheduler(s: &oci_spec::runtime::Scheduler) -> Result<(), ValidateError> {
+    use LinuxSchedulerPolicy::*;
+    let refuse = |why| Err(ValidateError::Scheduler(why));
+    if s.nice().is_some_and(|n| !(-20..=19).contains(&n)) {
+        return refuse("nice is out of range (-20 to 19)");
+    }
+    let priority = s.priority().unwrap_or(0);
+    if priority != 0 && !matches!(s.policy(), SchedFifo | SchedRr) {
+        return refuse("priority can only be given for SCHED_FIFO or SCHED_RR");
+    }
+    if !(0..=99).contains(&priority) {
+        return refuse("priority is out of range (0-99)");
+    }
+    let deadline = [s.runtime(), s.deadline(), s.period()];
+    if *s.policy() != SchedDeadline && deadline.iter().any(|v| v.is_some_and(|v| v != 0)) {
+        return refuse("runtime, deadline and period can only be given for SCHED_DEADLINE");
     }
     Ok(())
 }
@@ -141,6 +171,42 @@ mod tests {
             "env": ["B=", "C=x=y"]
         }));
         assert_eq!(process(&ok), Ok(()));
+    }
+
+    #[test]
+    fn scheduling_runc_would_refuse_is_refused_naming_it() {
+        let refused = |edit, words: &str| {
+            let e = process(&proc(edit)).unwrap_err().to_string();
+            assert!(e.contains(words), "{e}");
+        };
+        let sched = |s| serde_json::json!({ "scheduler": s });
+        refused(
+            sched(serde_json::json!({"policy": "SCHED_OTHER", "nice": 20})),
+            "nice is out of range",
+        );
+        refused(
+            sched(serde_json::json!({"policy": "SCHED_BATCH", "priority": 1})),
+            "only be given for SCHED_FIFO or SCHED_RR",
+        );
+        refused(
+            sched(serde_json::json!({"policy": "SCHED_FIFO", "priority": 100})),
+            "priority is out of range",
+        );
+        refused(
+            sched(serde_json::json!({"policy": "SCHED_RR", "period": 5})),
+            "only be given for SCHED_DEADLINE",
+        );
+        refused(
+            serde_json::json!({"ioPriority": {"class": "IOPRIO_CLASS_BE", "priority": 8}}),
+            "ioPriority.priority 8 is out of range",
+        );
+        for ok in [
+            sched(serde_json::json!({"policy": "SCHED_FIFO", "priority": 99, "nice": -20})),
+            sched(serde_json::json!({"policy": "SCHED_DEADLINE", "runtime": 1, "period": 2})),
+            serde_json::json!({"ioPriority": {"class": "IOPRIO_CLASS_IDLE", "priority": 0}}),
+        ] {
+            assert_eq!(process(&proc(ok.clone())), Ok(()), "{ok}");
+        }
     }
 
     #[test]

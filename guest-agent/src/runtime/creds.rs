@@ -183,6 +183,10 @@ pub fn finalize_and_exec(
         .as_ref()
         .filter(|a| !a.is_empty())
         .ok_or_else(|| RuntimeError::Invalid("the process has no args".into()))?;
+    // In the process itself, past the helper's last fork: a policy asked with
+    // SCHED_FLAG_RESET_ON_FORK would not outlive a fork. Its capabilities are still
+    // whole here (a real-time policy needs CAP_SYS_NICE).
+    super::sched::set_scheduler(process.scheduler().as_ref())?;
     let mut env: Vec<String> = process.env().clone().unwrap_or_default();
     with_home(&mut env, process.user().uid(), Path::new("/etc/passwd"));
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));

@@ -14,6 +14,7 @@
 pub(crate) mod console;
 mod creds;
 pub mod mounts;
+mod sched;
 pub mod seccomp;
 mod start_hooks;
 mod syscalls_x86_64;
@@ -447,22 +448,29 @@ fn has_user(linux: &oci_spec::runtime::Linux) -> bool {
         .any(|n| n.typ() == LinuxNamespaceType::User)
 }
 
-/// The process's resource limits and OOM score, on this process (its children inherit
-/// them).
+/// The process's resource limits, OOM score, I/O priority and execution domain, on
+/// this process (its children inherit them; the CPU scheduler is set in
+/// `creds::finalize_and_exec`, past the last fork).
 fn set_limits(spec: &Spec) -> Result<(), RuntimeError> {
     let process = spec
         .process()
         .as_ref()
         .ok_or_else(|| RuntimeError::Invalid("the spec has no process".into()))?;
+    set_process_limits(spec, process)
+}
+
+/// `process`'s limits, with the execution domain of the container's `spec`.
+fn set_process_limits(spec: &Spec, process: &Process) -> Result<(), RuntimeError> {
     creds::set_rlimits(process)?;
-    creds::set_oom_score_adj(process)
+    creds::set_oom_score_adj(process)?;
+    sched::set_io_priority(process.io_priority().as_ref())?;
+    sched::set_personality(spec.linux().as_ref().and_then(|l| l.personality().as_ref()))
 }
 
 fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(), RuntimeError> {
     let pid = target.init_pid;
     // Before a user namespace is joined, while raising them is still allowed.
-    creds::set_rlimits(&target.process)?;
-    creds::set_oom_score_adj(&target.process)?;
+    set_process_limits(&req.spec, &target.process)?;
     // Mount last: after it, /proc may be the container's.
     // The user namespace first, as runc: the others belong to it.
     const ORDER: &[(&str, CloneFlags)] = &[

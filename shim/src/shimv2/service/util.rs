@@ -112,6 +112,7 @@ pub(super) fn read_spec(bundle: &std::path::Path) -> Result<oci_spec::runtime::S
     let mut spec: serde_json::Value = serde_json::from_slice(&text).map_err(malformed)?;
     if let Some(process) = spec.get_mut("process") {
         drop_unknown_capabilities(process);
+        spell_scheduler_flags(process);
     }
     serde_json::from_value(spec).map_err(malformed)
 }
@@ -126,7 +127,29 @@ pub(super) fn parse_process(json: &[u8]) -> Result<oci_spec::runtime::Process, t
     };
     let mut process: serde_json::Value = serde_json::from_slice(json).map_err(malformed)?;
     drop_unknown_capabilities(&mut process);
+    spell_scheduler_flags(&mut process);
     serde_json::from_value(process).map_err(malformed)
+}
+
+/// oci-spec 0.10 spells two of the runtime spec's `process.scheduler.flags` its own
+/// way (`SCHED_RESET_ON_FORK`, `SCHED_FLAG_D_L_OVERRUN`), and would refuse the spec's
+/// names, which runc takes. They are renamed to oci-spec's before it parses them; the
+/// agent parses them with the same crate.
+fn spell_scheduler_flags(process: &mut serde_json::Value) {
+    let Some(flags) = process
+        .pointer_mut("/scheduler/flags")
+        .and_then(|f| f.as_array_mut())
+    else {
+        return;
+    };
+    for f in flags {
+        let ours = match f.as_str() {
+            Some("SCHED_FLAG_RESET_ON_FORK") => "SCHED_RESET_ON_FORK",
+            Some("SCHED_FLAG_DL_OVERRUN") => "SCHED_FLAG_D_L_OVERRUN",
+            _ => continue,
+        };
+        *f = ours.into();
+    }
 }
 
 /// runc skips capability names it does not know (a newer kernel's, a misspelt one in a
@@ -202,6 +225,22 @@ mod tests {
         let mut not_a_name = json.clone();
         not_a_name["capabilities"]["bounding"] = serde_json::json!(["CAP_CHOWN", 5]);
         assert!(parse_process(&serde_json::to_vec(&not_a_name).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_runtime_specs_scheduler_flags_are_taken() {
+        let json = serde_json::json!({
+            "args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "scheduler": {"policy": "SCHED_DEADLINE", "flags": [
+                "SCHED_FLAG_RESET_ON_FORK", "SCHED_FLAG_RECLAIM", "SCHED_FLAG_DL_OVERRUN"
+            ]}
+        });
+        let p = parse_process(&serde_json::to_vec(&json).unwrap()).unwrap();
+        use oci_spec::runtime::LinuxSchedulerFlag::*;
+        assert_eq!(
+            p.scheduler().as_ref().unwrap().flags().as_deref(),
+            Some(&[SchedResetOnFork, SchedFlagReclaim, SchedFlagDLOverrun][..])
+        );
     }
 
     #[test]
