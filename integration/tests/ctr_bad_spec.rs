@@ -31,7 +31,7 @@ fn refused(o: &std::process::Output, runtime: &str, words: &str, call: &str) {
 #[test]
 fn what_runc_refuses_in_a_spec_is_refused() {
     let env = env();
-    let cases: [(&str, Edit, &str); 5] = [
+    let cases: [(&str, Edit, &str); 6] = [
         (
             "uid",
             |s| s["process"]["user"] = serde_json::json!({"uid": 4294967295u32, "gid": 0}),
@@ -61,6 +61,12 @@ fn what_runc_refuses_in_a_spec_is_refused() {
             "args",
             |s| s["process"]["args"] = serde_json::json!([]),
             "the process has no args",
+        ),
+        (
+            // This host has no resctrl, nor has a pod VM.
+            "rdt",
+            |s| s["linux"]["intelRdt"] = serde_json::json!({"l3CacheSchema": "L3:0=ff"}),
+            "intelRdt.l3CacheSchema is specified in config, but Intel RDT",
         ),
     ];
     for (name, edit, words) in cases {

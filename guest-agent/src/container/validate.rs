@@ -34,6 +34,10 @@ pub enum ValidateError {
     Scheduler(&'static str),
     #[error("process.ioPriority.priority {0} is out of range (0-7)")]
     IoPriority(i64),
+    #[error("invalid intelRdt.ClosID {0:?}")]
+    ClosId(String),
+    #[error("intelRdt.{0} is specified in config, but Intel RDT is not enabled (a pod VM has no resctrl)")]
+    IntelRdt(&'static str),
 }
 
 /// A process's args, working directory, identity and environment.
@@ -117,6 +121,30 @@ pub fn spec(spec: &Spec) -> Result<(), ValidateError> {
         if !seen.insert(n.typ()) {
             return Err(ValidateError::NamespaceTwice(n.typ()));
         }
+    }
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.intel_rdt().as_ref())
+        .map_or(Ok(()), intel_rdt)
+}
+
+/// runc's checks of `linux.intelRdt` on a host without resctrl, as a pod VM is: a
+/// class of service alone is taken (and means nothing there), a schema is refused.
+fn intel_rdt(rdt: &oci_spec::runtime::LinuxIntelRdt) -> Result<(), ValidateError> {
+    if let Some(id) = rdt.clos_id() {
+        if id == "." || id == ".." || id.contains('/') {
+            return Err(ValidateError::ClosId(id.clone()));
+        }
+    }
+    let given = |s: &Option<String>| s.as_ref().is_some_and(|s| !s.is_empty());
+    if given(rdt.l3_cache_schema()) {
+        return Err(ValidateError::IntelRdt("l3CacheSchema"));
+    }
+    if given(rdt.mem_bw_schema()) {
+        return Err(ValidateError::IntelRdt("memBwSchema"));
+    }
+    if rdt.schemata().as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ValidateError::IntelRdt("schemata"));
     }
     Ok(())
 }
@@ -229,6 +257,46 @@ mod tests {
         assert_eq!(
             super::spec(&spec(serde_json::json!([{"type": "pid"}, {"type": "pid"}]))),
             Err(ValidateError::NamespaceTwice(LinuxNamespaceType::Pid))
+        );
+    }
+
+    #[test]
+    fn intel_rdt_is_held_to_runcs_checks_without_resctrl() {
+        let check = |rdt: serde_json::Value| {
+            let spec: Spec = serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "linux": {"intelRdt": rdt},
+            }))
+            .unwrap();
+            super::spec(&spec).map_err(|e| e.to_string())
+        };
+        assert_eq!(check(serde_json::json!({"closID": "gold"})), Ok(()));
+        assert_eq!(check(serde_json::json!({})), Ok(()));
+        let refused = |rdt, words: &str| {
+            let e = check(rdt).unwrap_err();
+            assert!(e.contains(words), "{e}");
+        };
+        refused(
+            serde_json::json!({"closID": "a/b"}),
+            "invalid intelRdt.ClosID \"a/b\"",
+        );
+        refused(
+            serde_json::json!({"closID": ".."}),
+            "invalid intelRdt.ClosID",
+        );
+        refused(
+            serde_json::json!({"l3CacheSchema": "L3:0=ff"}),
+            "intelRdt.l3CacheSchema is specified in config, but Intel RDT",
+        );
+        refused(
+            serde_json::json!({"memBwSchema": "MB:0=20"}),
+            "intelRdt.memBwSchema is specified",
+        );
+        refused(
+            serde_json::json!({"schemata": ["L3:0=f"]}),
+            "intelRdt.schemata",
         );
     }
 }
