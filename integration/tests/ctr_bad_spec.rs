@@ -75,10 +75,8 @@ fn what_runc_refuses_in_a_spec_is_refused() {
             edit(s);
         });
         for runtime in [RUNC, COCOON] {
-            let id = format!("bad-{name}-{}", runtime.rsplit('.').nth(1).unwrap());
-            let o =
-                env.containerd
-                    .ctr(&["run", "--rm", "--runtime", runtime, "--config", &spec, &id]);
+            let id = runtime_id(&format!("bad-{name}"), runtime);
+            let o = run_config(&env, runtime, &spec, &id);
             refused(&o, runtime, words, "Agent.CreateContainer");
             let _ = env.containerd.ctr(&["container", "delete", &id]);
         }
@@ -115,7 +113,7 @@ fn an_unknown_capability_is_skipped_as_under_runc() {
 fn an_exec_with_a_relative_working_directory_is_refused() {
     let env = env();
     for runtime in [RUNC, COCOON] {
-        let id = format!("exec-cwd-{}", runtime.rsplit('.').nth(1).unwrap());
+        let id = runtime_id("exec-cwd", runtime);
         with_detached(&env, runtime, &id, &[], |e, id| {
             let o = e.containerd.ctr(&[
                 "task",

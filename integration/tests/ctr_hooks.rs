@@ -122,13 +122,8 @@ fn a_failing_hook_fails_the_create_and_runs_poststop() {
         });
     });
     for runtime in [RUNC, COCOON] {
-        let id = format!(
-            "hookfails-{}",
-            runtime.rsplit('.').nth(1).unwrap_or(runtime)
-        );
-        let o = env
-            .containerd
-            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &spec, &id]);
+        let id = runtime_id("hookfails", runtime);
+        let o = run_config(&env, runtime, &spec, &id);
         assert!(
             !o.status.success() && o.stdout.is_empty(),
             "{runtime} ran it: {}",
@@ -170,13 +165,8 @@ fn a_failing_start_container_hook_keeps_the_process_from_running() {
         }]});
     });
     for runtime in [RUNC, COCOON] {
-        let id = format!(
-            "startfails-{}",
-            runtime.rsplit('.').nth(1).unwrap_or(runtime)
-        );
-        let o = env
-            .containerd
-            .ctr(&["run", "--rm", "--runtime", runtime, "--config", &spec, &id]);
+        let id = runtime_id("startfails", runtime);
+        let o = run_config(&env, runtime, &spec, &id);
         assert!(
             !o.status.success() && o.stdout.is_empty(),
             "{runtime} ran it: {}",

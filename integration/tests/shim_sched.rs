@@ -183,15 +183,7 @@ fn a_personality_asked_through_ctr_is_the_containers() {
         s["process"]["args"] = serde_json::json!(["cat", "/proc/self/personality"]);
         s["linux"]["personality"] = serde_json::json!({"domain": "LINUX32"});
     });
-    let o = env.containerd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        COCOON,
-        "--config",
-        &spec,
-        "personality",
-    ]);
+    let o = run_config(&env, COCOON, &spec, "personality");
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "00000008\n");
     assert_clean(&env);

@@ -205,15 +205,23 @@ pub fn spec_file(env: &Env, name: &str, edit: impl FnOnce(&mut serde_json::Value
     path.to_string_lossy().into_owned()
 }
 
+/// `ctr run --rm` of the spec file `spec` (`spec_file`) as container `id` under
+/// `runtime`.
+pub fn run_config(env: &Env, runtime: &str, spec: &str, id: &str) -> Output {
+    env.containerd
+        .ctr(&["run", "--rm", "--runtime", runtime, "--config", spec, id])
+}
+
+/// `<name>-runc` or `<name>-cocoon`: an id of `name`'s own under `runtime`.
+pub fn runtime_id(name: &str, runtime: &str) -> String {
+    format!("{name}-{}", runtime.rsplit('.').nth(1).unwrap_or(runtime))
+}
+
 /// Runs the spec file `spec` (`spec_file`) under runc and cocoon, as `<name>-runc` and
 /// `<name>-cocoon`; asserts the same exit code, stdout and stderr. Returns cocoon's.
 pub fn same_config(env: &Env, spec: &str, name: &str) -> Output {
-    let run = |runtime: &str, id: &str| {
-        env.containerd
-            .ctr(&["run", "--rm", "--runtime", runtime, "--config", spec, id])
-    };
-    let r = run(RUNC, &format!("{name}-runc"));
-    let c = run(COCOON, &format!("{name}-cocoon"));
+    let r = run_config(env, RUNC, spec, &runtime_id(name, RUNC));
+    let c = run_config(env, COCOON, spec, &runtime_id(name, COCOON));
     assert_eq!(
         (r.status.code(), &r.stdout, &r.stderr),
         (c.status.code(), &c.stdout, &c.stderr),
