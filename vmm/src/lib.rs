@@ -5,6 +5,7 @@
 //! served to QEMU as a vhost-user backend ([`vhost_user_vsock`]).
 
 pub mod api_conn;
+pub mod api_socket;
 pub mod arch;
 pub mod builder;
 pub mod choice;

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api_conn::Client;
+use crate::api_socket::ApiSocket;
 use crate::builder::{self, BuildError, HostEvents};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
@@ -194,76 +195,6 @@ struct Running {
     disk_slots: Vec<Arc<Mutex<dyn DiskSlot>>>,
 }
 
-/// The API listener, and how to remove its socket file at exit (when we made it).
-struct ApiSocket {
-    listener: UnixListener,
-    /// The socket's directory and name.
-    made: Option<(std::os::fd::OwnedFd, std::ffi::OsString)>,
-}
-
-impl ApiSocket {
-    fn bind(path: PathBuf) -> Result<Self, VmmError> {
-        // Bind under a temporary name and rename: the socket file appears only once it
-        // is listening, so a client that waits for the file never sees ECONNREFUSED.
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let l = UnixListener::bind(&tmp).map_err(|e| VmmError::Api(path.clone(), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| VmmError::Api(path.clone(), e))?;
-        // The socket is removed at exit through its directory's descriptor, which works
-        // from inside the jail too.
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let dir_fd = nix::fcntl::open(
-            dir,
-            nix::fcntl::OFlag::O_PATH
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| VmmError::Api(path.clone(), e.into()))?;
-        Ok(Self {
-            listener: l,
-            made: Some((dir_fd, path.file_name().unwrap_or_default().to_owned())),
-        })
-    }
-
-    /// Takes over `fd`, which must be a listening socket above stdio.
-    fn inherited(fd: RawFd) -> Result<Self, VmmError> {
-        if fd < 3 {
-            return Err(VmmError::ApiFd(
-                fd,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "needs an fd above 2"),
-            ));
-        }
-        let listener =
-            crate::vsock::muxer::inherited_listener(fd).map_err(|e| VmmError::ApiFd(fd, e))?;
-        // Close-on-exec like everything this process opens itself.
-        nix::fcntl::fcntl(
-            &listener,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(|e| VmmError::ApiFd(fd, e.into()))?;
-        Ok(Self {
-            listener,
-            made: None,
-        })
-    }
-
-    /// Removes the socket file, if this process made it.
-    fn remove(&self) {
-        if let Some((dir, name)) = &self.made {
-            let _ = nix::unistd::unlinkat(
-                dir,
-                name.as_os_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
-        }
-    }
-}
-
 pub struct Vmm {
     opts: VmmOptions,
     config: Option<VmConfig>,
@@ -320,8 +251,10 @@ impl Vmm {
                     ),
                 ))
             }
-            (Some(path), None) => Some(ApiSocket::bind(path)?),
-            (None, Some(fd)) => Some(ApiSocket::inherited(fd)?),
+            (Some(path), None) => {
+                Some(ApiSocket::bind(&path).map_err(|e| VmmError::Api(path.clone(), e))?)
+            }
+            (None, Some(fd)) => Some(ApiSocket::inherited(fd).map_err(|e| VmmError::ApiFd(fd, e))?),
             (None, None) => None,
         };
         if let Some(api) = &api {

@@ -6,6 +6,7 @@ mod net_sysctls;
 mod nofile;
 mod process;
 mod spawn;
+mod storages;
 mod validate;
 
 pub use spawn::CALL_DEADLINE;
@@ -16,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cocoon_protocol::agent::{StdioStreams, Storage};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
@@ -29,6 +29,7 @@ use crate::cgroup::{self, Cgroup, CgroupError, Limits};
 use crate::reaper::{Exit, Reaper};
 use crate::runtime::{ExecTarget, HelperMessage, HelperRequest, START_LINE};
 use crate::stdio::{ProcessIo, ProcessLookup, StdioError};
+use storages::{mount_storages, unmount_all};
 
 #[derive(Debug, Error)]
 pub enum ContainerError {
@@ -780,57 +781,5 @@ async fn kill_all(c: &Container, timeout: Duration) -> Result<(), ContainerError
             return Err(ContainerError::KillTimeout(timeout));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Mounts the request's storages in the agent's namespace.
-fn mount_storages(storages: &[Storage]) -> Result<Vec<PathBuf>, ContainerError> {
-    let mut done = Vec::new();
-    for s in storages {
-        let target = PathBuf::from(&s.mount_point);
-        if !target.is_absolute() {
-            unmount_all(&done);
-            return Err(ContainerError::Invalid(format!(
-                "storage mount point {:?} is not absolute",
-                s.mount_point
-            )));
-        }
-        let opts = crate::runtime::mount_options(&s.options);
-        let fstype = if s.fstype.is_empty() {
-            s.driver.as_str()
-        } else {
-            s.fstype.as_str()
-        };
-        let (fstype, flags) = if fstype == "bind" {
-            (None, opts.flags | MsFlags::MS_BIND)
-        } else {
-            (Some(fstype), opts.flags)
-        };
-        let data = (!opts.data.is_empty()).then(|| opts.data.join(","));
-        let r = std::fs::create_dir_all(&target)
-            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
-            .and_then(|_| {
-                mount(
-                    Some(s.source.as_str()),
-                    &target,
-                    fstype,
-                    flags,
-                    data.as_deref(),
-                )
-            });
-        if let Err(e) = r {
-            unmount_all(&done);
-            return Err(ContainerError::Storage(s.mount_point.clone(), e));
-        }
-        done.push(target);
-    }
-    Ok(done)
-}
-
-fn unmount_all(targets: &[PathBuf]) {
-    for t in targets.iter().rev() {
-        if let Err(e) = umount2(t, MntFlags::MNT_DETACH) {
-            tracing::warn!(target = %t.display(), "cannot unmount storage: {e}");
-        }
     }
 }
