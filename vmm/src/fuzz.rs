@@ -141,7 +141,12 @@ impl VsockBackend for EchoBackend {
     fn has_pending_rx(&self) -> bool {
         !self.pending.is_empty()
     }
-    fn process_host_events(&mut self) {}
+    fn process_host_events(&mut self) {
+        let _ = self.evt.read();
+    }
+    fn wake(&self) {
+        let _ = self.evt.write(1);
+    }
 }
 
 /// virtio-vsock: the input's chains as tx packets, then again as rx buffers.

@@ -407,7 +407,13 @@ fn run_vm(a: RunArgs) -> anyhow::Result<u8> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // virtio-queue logs an error of its own, unlimited, for each misprogrammed queue
+    // register a guest writes (size, ring alignment, rings outside its memory): a guest
+    // could fill the host's logs with them. The transport and devices report the same
+    // things through their `LogLimiter`s, so the crate is silenced whatever RUST_LOG says.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .filter_module("virtio_queue", log::LevelFilter::Off)
+        .init();
     // A panic in any thread (a vCPU, a device) ends the whole VMM: a VM with a dead
     // device thread would hang its guest instead of failing where the shim can see it.
     let report = std::panic::take_hook();

@@ -210,7 +210,15 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
                     error!("vsock: {e}: {:?}", std::error::Error::source(&e));
                 }
             }
-            BACKEND_EVENT => self.device.backend_mut().process_host_events(),
+            BACKEND_EVENT => {
+                self.device.backend_mut().process_host_events();
+                // A tx pass that stopped at its budget woke the backend to come back.
+                if self.device.tx_backlog() {
+                    if let Err(e) = self.process_queue(vrings, TX_QUEUE) {
+                        error!("vsock: {e}: {:?}", std::error::Error::source(&e));
+                    }
+                }
+            }
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,

@@ -3,7 +3,6 @@
 
 use cocoon_vmm::devices::virtio::block::*;
 use cocoon_vmm::devices::virtio::VirtioDevice;
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -41,13 +40,7 @@ impl Driver {
 impl<B: BlockBackend> Driver<B> {
     fn with(dev: Block<B>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let mock = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
-        let q = mock.create_queue::<Queue>().unwrap();
-        let (desc, avail, used) = (
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        );
+        let (q, [desc, avail, used]) = cocoon_vmm::devices::virtio::test_queue(&mem, 0, QSIZE);
         Self {
             mem,
             queues: vec![q],

@@ -164,6 +164,25 @@ fn unoffered_features_or_missing_version_1_are_refused() {
     assert_eq!(r(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
 }
 
+/// FEATURES_OK and DRIVER_OK in one write, with features the device refuses: neither
+/// bit is taken and the device is not activated.
+#[test]
+fn refused_features_with_driver_ok_in_one_write_leave_the_device_inactive() {
+    let (mut t, _) = transport();
+    w(&mut t, reg::STATUS, 0);
+    w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    w(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+    w(&mut t, reg::DRIVER_FEATURES, 1 << 4);
+    w(
+        &mut t,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    let st = r(&mut t, reg::STATUS);
+    assert_eq!(st & (status::FEATURES_OK | status::DRIVER_OK), 0, "{st:#x}");
+    assert_eq!(t.device().activated, None);
+}
+
 #[test]
 fn queue_config_outside_setup_is_ignored() {
     let (mut t, _) = transport();

@@ -8,7 +8,6 @@ use std::os::unix::net::UnixDatagram;
 
 use cocoon_vmm::devices::virtio::net::*;
 use cocoon_vmm::devices::virtio::VirtioDevice;
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -61,12 +60,13 @@ impl Driver {
         let mut queues = Vec::new();
         let mut rings = Vec::new();
         for base in [0u64, 0x1_0000] {
-            let m = MockSplitQueue::create(&mem, GuestAddress(base), QSIZE);
-            queues.push(m.create_queue::<Queue>().unwrap());
+            let (q, [desc, avail, used]) =
+                cocoon_vmm::devices::virtio::test_queue(&mem, base, QSIZE);
+            queues.push(q);
             rings.push(Ring {
-                desc: m.desc_table_addr().0,
-                avail: m.avail_addr().0,
-                used: m.used_addr().0,
+                desc,
+                avail,
+                used,
                 avail_idx: 0,
                 used_seen: 0,
                 next: 0,

@@ -141,6 +141,24 @@ fn guest_connect_reaches_host_listener() {
     assert_eq!(vm.expect_op(VSOCK_OP_RW).data, b"pong");
 }
 
+/// A guest that posts no rx buffers and opens and resets the same connection over and
+/// over: each connection goes with its turn in the rx queue, which stays as short as
+/// what is really waiting, instead of growing by one per round.
+#[test]
+fn connections_reset_before_their_turn_leave_no_turn_behind() {
+    let mut vm = TestVm::new();
+    let listener = UnixListener::bind(host_port_path(&vm.uds_path, 5002)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    for _ in 0..100 {
+        vm.send(hdr(VSOCK_OP_REQUEST, 7777, 5002), &[]);
+        vm.send(hdr(VSOCK_OP_RST, 7777, 5002), &[]);
+        while listener.accept().is_ok() {}
+    }
+    assert_eq!(vm.dev.backend().connection_count(), 0);
+    let waiting = vm.dev.backend().rx_queue_len();
+    assert!(waiting <= 1, "{waiting} turns wait in the rx queue");
+}
+
 #[test]
 fn guest_connect_without_listener_is_reset() {
     let mut vm = TestVm::new();

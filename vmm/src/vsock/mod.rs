@@ -39,6 +39,10 @@ pub trait VsockBackend: AsRawFd + Send {
     fn has_pending_rx(&self) -> bool;
     /// Handles whatever is ready on the host side, without blocking.
     fn process_host_events(&mut self);
+    /// Makes `as_raw_fd` readable, so that whoever runs the device comes back: a pass
+    /// over a queue stopped at its budget with work left that no kick will announce.
+    /// [`VsockBackend::process_host_events`] clears it.
+    fn wake(&self);
 }
 
 /// Errors in a [`VsockConfig`].

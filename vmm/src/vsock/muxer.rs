@@ -17,6 +17,7 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{ConnState, VsockConnection};
 use super::defs::*;
@@ -40,6 +41,7 @@ pub enum MuxerError {
 
 const LISTENER_TOKEN: u64 = u64::MAX;
 const TIMER_TOKEN: u64 = u64::MAX - 1;
+const WAKE_TOKEN: u64 = u64::MAX - 2;
 /// Rounds of epoll results handled per call, so a flood cannot starve the queues.
 const MAX_EVENT_ROUNDS: usize = 16;
 
@@ -70,6 +72,8 @@ pub struct VsockMuxer {
     listener: UnixListener,
     epoll: Epoll,
     timer: TimerFd,
+    /// Written by [`VsockBackend::wake`]; in the epoll set, so the runner comes back.
+    wake: EventFd,
     pending_hosts: HashMap<RawFd, PendingHost>,
     conns: HashMap<ConnKey, VsockConnection>,
     fd_keys: HashMap<RawFd, ConnKey>,
@@ -128,6 +132,8 @@ impl VsockMuxer {
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
         )
         .map_err(MuxerError::Timer)?;
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(MuxerError::Epoll)?;
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -141,6 +147,13 @@ impl VsockMuxer {
                     EpollEvent::new(EventSet::IN, TIMER_TOKEN),
                 )
             })
+            .and_then(|()| {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    wake.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+                )
+            })
             .map_err(MuxerError::Epoll)?;
         info!(
             "vsock: listening for host connections on {}",
@@ -151,6 +164,7 @@ impl VsockMuxer {
             listener,
             epoll,
             timer,
+            wake,
             pending_hosts: HashMap::new(),
             conns: HashMap::new(),
             fd_keys: HashMap::new(),
@@ -170,6 +184,11 @@ impl VsockMuxer {
         self.conns.len()
     }
 
+    /// Turns waiting for the guest's rx buffers (connections with packets, resets).
+    pub fn rx_queue_len(&self) -> usize {
+        self.rxq.len()
+    }
+
     fn total_connections(&self) -> usize {
         self.conns.len() + self.pending_hosts.len()
     }
@@ -180,6 +199,10 @@ impl VsockMuxer {
             TIMER_TOKEN => {
                 // Only drains the expiration count; deadlines are checked after each batch.
                 let _ = self.timer.wait();
+            }
+            // Only drains the count: the runner came back, which was the point.
+            WAKE_TOKEN => {
+                let _ = self.wake.read();
             }
             _ => {
                 let fd = token as RawFd;
@@ -418,6 +441,13 @@ impl VsockMuxer {
                 );
             }
             self.fd_keys.remove(&fd);
+            if conn.in_rxq {
+                // Its turn would find nothing, and a new connection under the same key
+                // queues a turn of its own: a guest opening and resetting the same
+                // connection while posting no rx buffers would grow the queue forever.
+                self.rxq
+                    .retain(|item| !matches!(item, RxItem::Conn(k) if *k == key));
+            }
             self.conns.remove(&key);
             debug!(
                 "vsock: connection {}:{} removed",
@@ -603,6 +633,12 @@ impl VsockBackend for VsockMuxer {
 
     fn has_pending_rx(&self) -> bool {
         !self.rxq.is_empty()
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            error!("vsock: cannot wake the device's runner: {e}");
+        }
     }
 
     fn process_host_events(&mut self) {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use cocoon_vmm::vsock::defs::*;
 use cocoon_vmm::vsock::{VsockBackend, VsockConfig, VsockDevice, VsockHeader, VsockMuxer};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -104,12 +103,12 @@ impl TestVm {
     }
 
     fn make_queue(mem: &GuestMemoryMmap, start: u64) -> (Queue, Ring) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(start), QSIZE);
-        let queue = mock.create_queue::<Queue>().unwrap();
+        let (queue, [desc, avail, used]) =
+            cocoon_vmm::devices::virtio::test_queue(mem, start, QSIZE);
         let ring = Ring {
-            desc: mock.desc_table_addr().0,
-            avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
+            desc,
+            avail,
+            used,
             avail_idx: 0,
             used_seen: 0,
             next_desc: 0,

@@ -13,7 +13,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub use super::discard::{Discard, RemovePages};
-use super::{next_chain, return_used, VirtioDevice};
+use super::{next_chain, return_used, Budget, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// §5.5 device id.
@@ -133,7 +133,8 @@ impl<D: Discard> VirtioDevice for Balloon<D> {
             return false;
         };
         let mut used = false;
-        while let Some(chain) = next_chain(queue, mem, &mut self.log) {
+        let mut budget = Budget::of(queue);
+        while let Some(chain) = next_chain(queue, mem, &mut self.log, &mut budget) {
             let head = chain.head_index();
             if reporting {
                 // Each descriptor is one freed range (the driver's scatterlist).

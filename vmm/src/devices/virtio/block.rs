@@ -9,7 +9,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::defs::TYPE_BLOCK;
-use super::{next_chain, return_used, VirtioDevice};
+use super::{next_chain, return_used, Budget, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// §5.2.3 feature bits.
@@ -423,7 +423,8 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
             return false;
         };
         let mut used = false;
-        while let Some(chain) = next_chain(queue, mem, &mut self.log) {
+        let mut budget = Budget::of(queue);
+        while let Some(chain) = next_chain(queue, mem, &mut self.log, &mut budget) {
             let head = chain.head_index();
             let len = self.handle_chain(mem, chain);
             if !return_used(queue, mem, head, len, &mut self.log) {

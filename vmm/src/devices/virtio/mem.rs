@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub use super::defs::TYPE_MEM;
 use super::discard::Discard;
 use super::mmio::MmioTransport;
-use super::{next_chain, return_used, Interrupt, VirtioDevice};
+use super::{next_chain, return_used, Budget, Interrupt, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// The device's block size: the guest (un)plugs whole, aligned blocks. 2 MiB is what
@@ -376,7 +376,8 @@ impl<D: Discard> VirtioDevice for Mem<D> {
             return false;
         };
         let mut used = false;
-        while let Some(chain) = next_chain(queue, mem, &mut self.log) {
+        let mut budget = Budget::of(queue);
+        while let Some(chain) = next_chain(queue, mem, &mut self.log, &mut budget) {
             let head = chain.head_index();
             let written = match Self::parse(mem, chain) {
                 Ok((request, response)) => {

@@ -342,7 +342,9 @@ impl<D: VirtioDevice, I: Interrupt> MmioTransport<D, I> {
                     log::warn!("virtio-mmio: refusing features {acked:#x}");
                 }
                 // Leave FEATURES_OK clear: §3.1.1 says the driver re-reads and gives up.
-                self.status = v & !status::FEATURES_OK;
+                // DRIVER_OK in the same write is not taken either: the device was never
+                // activated, so it must not look live.
+                self.status = v & !(status::FEATURES_OK | status::DRIVER_OK);
                 return;
             }
         }

@@ -84,14 +84,48 @@ impl Interrupt for vmm_sys_util::eventfd::EventFd {
     }
 }
 
-/// The next chain the driver made available; None when there is none, or when the queue
-/// is corrupt (logged through `log`, which names the device). Every device's queue loop
-/// takes its chains here: `while let Some(chain) = next_chain(..) { ..; return_used(..) }`.
+/// How many chains one pass over a queue may take: one ring's worth. The avail index is
+/// read again for every chain, so a driver on another vCPU that keeps making buffers
+/// available would otherwise keep this pass (and the device's lock, which the event loop
+/// and the API also take) forever. Devices that never suppress notifications lose
+/// nothing by stopping: every buffer made available after the pass began brings a kick
+/// of its own, and the first `size` chains include every buffer that was there before.
+pub struct Budget(u16);
+
+impl Budget {
+    pub fn of(q: &Queue) -> Self {
+        Self(q.size())
+    }
+
+    /// Takes one chain's worth; false once the pass has had its ring's worth.
+    pub fn take(&mut self) -> bool {
+        match self.0.checked_sub(1) {
+            Some(left) => {
+                self.0 = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn spent(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The next chain the driver made available; None when there is none, when the pass has
+/// spent its `budget`, or when the queue is corrupt (logged through `log`, which names the
+/// device). Every device's queue loop takes its chains here:
+/// `let mut b = Budget::of(q); while let Some(chain) = next_chain(.., &mut b) { ..; return_used(..) }`.
 pub fn next_chain<'m>(
     q: &mut Queue,
     mem: &'m GuestMemoryMmap,
     log: &mut LogLimiter,
+    budget: &mut Budget,
 ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    if !budget.take() {
+        return None;
+    }
     match q.iter(mem) {
         Ok(mut it) => it.next(),
         Err(e) => {
@@ -121,4 +155,28 @@ pub fn return_used(
             false
         }
     }
+}
+
+/// A split queue of `size` in `mem` at `start`, ready, for tests that play the driver:
+/// the queue and where its descriptor table, avail ring and used ring are. Laid out by
+/// hand, back to back as the spec sizes them: virtio-queue 0.18's `MockSplitQueue` ends
+/// its avail ring after `size` bytes instead of `2 * size + 6`, so its used ring lies
+/// over the avail ring's second half, and a driver that posts more than half a ring
+/// sees the device's used entries overwrite its own.
+#[doc(hidden)]
+pub fn test_queue(mem: &GuestMemoryMmap, start: u64, size: u16) -> (Queue, [u64; 3]) {
+    let n = u64::from(size);
+    let desc = start;
+    let avail = desc + 16 * n;
+    let used = (avail + 6 + 2 * n + 3) & !3;
+    for (addr, len) in [(desc, 16 * n), (avail, 6 + 2 * n), (used, 6 + 8 * n)] {
+        vm_memory::Bytes::write_slice(mem, &vec![0u8; len as usize], vm_memory::GuestAddress(addr))
+            .expect("test queue inside guest memory");
+    }
+    let mut q = Queue::new(size).expect("a valid queue size");
+    q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+    q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+    q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+    q.set_ready(true);
+    (q, [desc, avail, used])
 }

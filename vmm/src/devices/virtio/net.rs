@@ -13,7 +13,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::defs::TYPE_NET;
-use super::{next_chain, return_used, VirtioDevice};
+use super::{next_chain, return_used, Budget, VirtioDevice};
 use crate::logging::LogLimiter;
 
 /// §5.1.3: the device has a MAC address in config space.
@@ -225,7 +225,8 @@ impl<B: NetBackend> Net<B> {
 
     fn process_tx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
-        while let Some(chain) = next_chain(q, mem, &mut self.log) {
+        let mut budget = Budget::of(q);
+        while let Some(chain) = next_chain(q, mem, &mut self.log, &mut budget) {
             let head = chain.head_index();
             match self.gather(mem, chain) {
                 Some(n) => {
@@ -309,8 +310,9 @@ impl<B: NetBackend> Net<B> {
 
     fn fill_rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
+        let mut budget = Budget::of(q);
         while !self.pending.is_empty() {
-            let Some(chain) = next_chain(q, mem, &mut self.log) else {
+            let Some(chain) = next_chain(q, mem, &mut self.log, &mut budget) else {
                 break;
             };
             let head = chain.head_index();

@@ -38,6 +38,23 @@ impl<B: VsockBackend> Vsock<B> {
         &self.device
     }
 
+    /// Serves the tx queue: on the driver's kick, or after a pass that stopped at its
+    /// budget woke the backend.
+    fn drain_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(txq) = queues.get_mut(usize::from(TX_QUEUE)) else {
+            return false;
+        };
+        match self.device.process_tx(txq, mem) {
+            Ok(n) => n,
+            Err(e) => {
+                if self.log.allow() {
+                    log::warn!("virtio-vsock: {e}");
+                }
+                false
+            }
+        }
+    }
+
     fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let Some(rxq) = queues.get_mut(usize::from(RX_QUEUE)) else {
             return false;
@@ -74,19 +91,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let mut notify = false;
-        if index == usize::from(TX_QUEUE) {
-            if let Some(txq) = queues.get_mut(index) {
-                match self.device.process_tx(txq, mem) {
-                    Ok(n) => notify |= n,
-                    Err(e) => {
-                        if self.log.allow() {
-                            log::warn!("virtio-vsock: {e}");
-                        }
-                    }
-                }
-            }
-        }
+        let notify = index == usize::from(TX_QUEUE) && self.drain_tx(queues, mem);
         // Tx may have produced replies, and an rx kick means new buffers: fill rx either way.
         // The event queue is never used (no transport reset events).
         notify | self.fill_rx(queues, mem)
@@ -98,6 +103,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 
     fn process_host(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         self.device.backend_mut().process_host_events();
-        self.fill_rx(queues, mem)
+        let notify = self.device.tx_backlog() && self.drain_tx(queues, mem);
+        notify | self.fill_rx(queues, mem)
     }
 }
