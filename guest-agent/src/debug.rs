@@ -121,6 +121,16 @@ pub fn ignoring_signals(cmdline: &str) -> bool {
     enabled(cmdline) && std::path::Path::new(IGNORE_SIGNALS).exists()
 }
 
+/// While this file exists in a debug-armed guest, the agent answers every SignalProcess
+/// call as done and signals nothing: a guest that takes a kill and never reports the
+/// exit, for the test that the host ends such a pod itself.
+pub const FAKE_KILLS: &str = "/run/cocoon-fake-kills";
+
+/// With `cocoon.debug=1`, whether the fake-kill switch is on.
+pub fn faking_kills(cmdline: &str) -> bool {
+    enabled(cmdline) && std::path::Path::new(FAKE_KILLS).exists()
+}
+
 /// While this file exists in a debug-armed guest, `ListPids` answers with as many
 /// made-up processes as the number it holds (at most 1 000 000): an oversized reply, which
 /// the host must refuse for that call alone.

@@ -105,6 +105,27 @@ fn a_sigkill_the_guest_does_not_answer_ends_the_pod_vm() {
     kill_delete_clean(&env, "stuck");
 }
 
+/// A guest that takes a SIGKILL of the pod's container and never reports the exit
+/// cannot keep the pod: within the shim's deadline the VM is ended, the task stops, and
+/// it goes away cleanly.
+#[test]
+fn a_sigkill_the_guest_takes_but_never_reports_ends_the_pod_vm() {
+    let env = env_with("", "[debug]\nconsole = true\n");
+    run_detached(&env, "faker", &[], &["sleep", "1000"]);
+    in_guest(&env, "faker", "touch /run/cocoon-fake-kills", "faking");
+    let started = std::time::Instant::now();
+    ctr_ok(&env, &["task", "kill", "-s", "SIGKILL", "faker"]);
+    wait_status(&env, "faker", "STOPPED");
+    let took = started.elapsed();
+    assert!(
+        took >= cocoon_shim::shimv2::KILL_EXIT_DEADLINE,
+        "stopped after {took:?}: the guest should have kept it running until the deadline"
+    );
+    ctr_ok(&env, &["task", "delete", "faker"]);
+    ctr_ok(&env, &["container", "delete", "faker"]);
+    assert_clean(&env);
+}
+
 /// An oversized reply fails that call alone: `ctr task ps` against a guest that makes up
 /// more processes than the bound is an error naming the bound, and the next call, once
 /// the guest behaves, works on the same connection.

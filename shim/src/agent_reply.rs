@@ -60,16 +60,32 @@ fn strings<'a>(what: &str, all: impl IntoIterator<Item = &'a String>) -> Result<
     all.into_iter().try_for_each(|s| string(what, s))
 }
 
-/// `message`, cut to `MAX_ERROR_MESSAGE` bytes at a character boundary.
+/// `message`, cut to `MAX_ERROR_MESSAGE` bytes at a character boundary, its control
+/// characters escaped (`\n`, `\u{1b}`): the text is the guest's, and it goes into the
+/// shim's log lines and containerd's errors, where a raw newline would forge a line.
 pub fn error_message(message: &str) -> String {
-    if message.len() <= MAX_ERROR_MESSAGE {
-        return message.to_owned();
-    }
-    let mut end = MAX_ERROR_MESSAGE;
+    let mut end = message.len().min(MAX_ERROR_MESSAGE);
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… ({} bytes cut)", &message[..end], message.len() - end)
+    let mut out = escape_controls(&message[..end]);
+    if end < message.len() {
+        out.push_str(&format!("… ({} bytes cut)", message.len() - end));
+    }
+    out
+}
+
+/// `s` with its control characters written as Rust escapes, the rest as it is.
+pub fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 macro_rules! unbounded {
@@ -243,6 +259,10 @@ mod tests {
     #[test]
     fn long_error_messages_are_cut_at_a_character() {
         assert_eq!(error_message("short"), "short");
+        assert_eq!(
+            error_message("no such file \"x\"\nlevel=info msg=forged\r\u{1b}[2J"),
+            "no such file \"x\"\\nlevel=info msg=forged\\r\\u{1b}[2J"
+        );
         let long = "é".repeat(MAX_ERROR_MESSAGE);
         let cut = error_message(&long);
         assert!(cut.len() < MAX_ERROR_MESSAGE + 32, "{}", cut.len());

@@ -174,7 +174,10 @@ async fn connect_guest(
         .map_err(|_| format!("port {port}: the guest did not answer in {GUEST_DEADLINE:?}"))?
         .map_err(|e| format!("port {port}: {e}"))?;
     if reply != "OK" {
-        return Err(format!("port {port}: the guest refused: {reply}"));
+        return Err(format!(
+            "port {port}: the guest refused: {}",
+            crate::agent_reply::escape_controls(&reply)
+        ));
     }
     tracing::debug!(port, "forwarding into the pod");
     Ok(guest)

@@ -44,6 +44,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 
+/// How long a guest has to report the exit of a pod's container it was SIGKILLed, before
+/// the host ends the VM instead: a kill of a process takes the guest milliseconds.
+pub const KILL_EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub const RUNTIME_ID: &str = "io.containerd.cocoon.v2";
 /// The annotation that groups a Kubernetes pod's containers into one shim.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";

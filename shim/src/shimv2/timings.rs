@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub const TIMINGS_FILE: &str = "timings.jsonl";
+/// The most the file holds before it moves to `timings.jsonl.1` (replacing the one
+/// before): it lives in `/run`, the node's memory, for as long as the node runs.
+pub const TIMINGS_LIMIT: u64 = 4 * 1024 * 1024;
+/// The most guest stages one container's timeline takes, and the longest stage name:
+/// the names and their number come from the guest, and each record stays small
+/// whatever the guest says (the agent names a container's stages in a few words of
+/// `[a-z0-9-]`, about seven of them).
+const MAX_GUEST_STAGES: usize = 32;
+const MAX_STAGE_NAME: usize = 48;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Record {
@@ -151,7 +160,9 @@ pub fn timeline(
     for e in details
         .timeline
         .iter()
-        .filter(|e| e.container_id == container_id)
+        .rev()
+        .filter(|e| e.container_id == container_id && stage_name_ok(&e.stage))
+        .take(MAX_GUEST_STAGES)
     {
         out.push(guest(&e.stage, e.boottime_ns));
     }
@@ -162,22 +173,47 @@ pub fn timeline(
     out
 }
 
+/// A stage name as the agent writes them: a few words of `[a-z0-9-]`.
+fn stage_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_STAGE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// Appends one record; timing is best effort and never fails a call.
 pub fn append(run_dir: &Path, rec: &Record) {
-    let Ok(line) = serde_json::to_string(rec) else {
+    append_within(run_dir, rec, TIMINGS_LIMIT)
+}
+
+/// Appends one record, first moving the file to `<file>.1` if the record would take it
+/// past `limit`: whole lines in each file. Shims appending at once may each move it;
+/// then a few records are lost, never the bound.
+fn append_within(run_dir: &Path, rec: &Record, limit: u64) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut line) = serde_json::to_string(rec) else {
         return;
     };
+    line.push('\n');
     let _ = std::fs::create_dir_all(run_dir);
+    let path = run_dir.join(TIMINGS_FILE);
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() + line.len() as u64 > limit) {
+        let _ = std::fs::rename(&path, run_dir.join(format!("{TIMINGS_FILE}.1")));
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(run_dir.join(TIMINGS_FILE));
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path);
     if let Ok(mut f) = file {
-        let _ = writeln!(f, "{line}");
+        // One write: appends from several shims do not interleave within a line.
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
@@ -291,6 +327,80 @@ mod tests {
             7,
             "Create, its three guest stages, Create returned, Start: {t:#?}"
         );
+    }
+
+    /// Stage names and their number come from the guest: only names as the agent
+    /// writes them are taken, and at most `MAX_GUEST_STAGES` of them.
+    #[test]
+    fn a_guests_stages_are_held_to_a_few_short_names() {
+        let t0 = Instant::now();
+        let marks = HostMarks {
+            create_called: t0,
+            vm: None,
+            from_template: false,
+            create_returned: t0,
+        };
+        let clock = GuestClock {
+            asked: t0,
+            answered: t0,
+            boottime_ns: 0,
+        };
+        let mut d = cocoon_protocol::agent::GuestDetailsResponse::new();
+        d.timeline = vec![
+            event("container-created", "c", 1),
+            event("forged\nline", "c", 2),
+            event(&"x".repeat(4096), "c", 3),
+            event("", "c", 4),
+            event("Upper", "c", 5),
+        ];
+        d.timeline
+            .extend((0..1000).map(|i| event(&format!("stage-{i}"), "c", 10 + i)));
+        let t = timeline(&marks, (t0, t0), &clock, &d, "c", 0);
+        let guest: Vec<&str> = t
+            .iter()
+            .filter(|s| s.clock == "guest")
+            .map(|s| s.stage.as_str())
+            .collect();
+        assert_eq!(guest.len(), MAX_GUEST_STAGES, "{guest:?}");
+        assert!(guest.iter().all(|s| s.starts_with("stage-")), "{guest:?}");
+        d.timeline.truncate(5);
+        let t = timeline(&marks, (t0, t0), &clock, &d, "c", 0);
+        let guest: Vec<&str> = t
+            .iter()
+            .filter(|s| s.clock == "guest")
+            .map(|s| s.stage.as_str())
+            .collect();
+        assert_eq!(guest, ["container-created"]);
+    }
+
+    /// The file moves aside before a record would take it past its limit: the two
+    /// files together stay within twice the limit, each of whole lines.
+    #[test]
+    fn the_file_moves_aside_at_its_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let rec = |i: usize| Record {
+            kind: "container".into(),
+            container_id: format!("c{i}"),
+            ..Default::default()
+        };
+        let limit = 2000;
+        for i in 0..200 {
+            append_within(d.path(), &rec(i), limit);
+        }
+        let main = std::fs::metadata(d.path().join(TIMINGS_FILE))
+            .unwrap()
+            .len();
+        let old = std::fs::metadata(d.path().join(format!("{TIMINGS_FILE}.1")))
+            .unwrap()
+            .len();
+        assert!(main <= limit && old <= limit, "{main} {old}");
+        let recent = read(d.path());
+        assert!(!recent.is_empty());
+        assert_eq!(recent.last().unwrap().container_id, "c199");
+        let text = std::fs::read_to_string(d.path().join(format!("{TIMINGS_FILE}.1"))).unwrap();
+        assert!(text
+            .lines()
+            .all(|l| serde_json::from_str::<Record>(l).is_ok()));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Update. Each runs to its end whatever its caller does (`util::to_completion`).
 
 use super::*;
+use crate::shimv2::KILL_EXIT_DEADLINE;
 
 impl Service {
     pub(super) async fn kill_task(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
@@ -29,26 +30,59 @@ impl Service {
                 .agent
                 .signal_process(&req.id, &req.exec_id, req.signal, all)
                 .await;
-            if let Err(e) = sent {
-                // A SIGKILL of the pod's own container ends the pod. A guest that cannot
-                // take it (stuck, out of memory, hostile) must not keep the pod from
-                // being removed: ending the VM is that kill, as runc's would be.
-                let pod_kill = req.signal == libc::SIGKILL as u32
-                    && req.exec_id.is_empty()
-                    && req.id == self.inner.group;
-                if !pod_kill {
-                    return Err(agent_err(e));
+            // A SIGKILL of the pod's own container ends the pod. A guest that cannot
+            // take it (stuck, out of memory, hostile) must not keep the pod from being
+            // removed: ending the VM is that kill, as runc's would be.
+            let pod_kill = req.signal == libc::SIGKILL as u32
+                && req.exec_id.is_empty()
+                && req.id == self.inner.group;
+            match sent {
+                Err(e) if !pod_kill => return Err(agent_err(e)),
+                Err(e) => {
+                    sb.end(format!(
+                        "the guest did not take a SIGKILL of the pod's container: {e}"
+                    ))
+                    .await
                 }
-                sb.end(format!(
-                    "the guest did not take a SIGKILL of the pod's container: {e}"
-                ))
-                .await;
+                // Taken, but the exit is the guest's to report, and a guest that never
+                // does would keep the pod (and containerd's delete) waiting for good.
+                Ok(()) if pod_kill => self.end_pod_unless_it_exits(&sb, &req.id).await,
+                Ok(()) => {}
             }
         }
         if req.exec_id.is_empty() {
             self.watch_unstarted(&sb, &req.id).await;
         }
         Ok(api::Empty::new())
+    }
+
+    /// Ends the pod's VM if its container, just SIGKILLed, has not exited within
+    /// [`KILL_EXIT_DEADLINE`]: its exit then reads as the VM's loss, and every wait ends.
+    async fn end_pod_unless_it_exits(&self, sb: &Arc<Sandbox>, id: &str) {
+        let exit = {
+            let containers = self.inner.containers.lock().await;
+            match lookup(&containers, id, "") {
+                Ok((_, p)) => p.exit.subscribe(),
+                Err(_) => return,
+            }
+        };
+        let (me, sb) = (self.clone(), sb.clone());
+        tokio::spawn(async move {
+            let mut exit = exit;
+            let exited = tokio::select! {
+                r = tokio::time::timeout(KILL_EXIT_DEADLINE, exit.wait_for(Option::is_some)) => {
+                    r.is_ok()
+                }
+                _ = sb.until_lost() => true,
+            };
+            if !exited && sb.lost().is_none() && me.serves(&sb).await {
+                sb.end(format!(
+                    "the guest took a SIGKILL of the pod's container but reported no exit \
+                     within {KILL_EXIT_DEADLINE:?}"
+                ))
+                .await;
+            }
+        });
     }
 
     /// Pause (`pause`) or Resume: the guest's freezer, the state State reports, and

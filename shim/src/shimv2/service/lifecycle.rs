@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tokio::sync::Mutex;
 
-use super::util::{agent_err, err, now, read_spec, ts_from_ns};
+use super::util::{agent_err, err, exit_status, exit_time, now, read_spec, unix_ns_now};
 use super::{Container, Process, Service, Watched, DRAIN_GRACE, VM_LOST_STATUS};
 use crate::agent_client::AgentError;
 use crate::shimv2::mounts;
@@ -36,6 +36,7 @@ impl Service {
     /// for this shim's live containers, and rate-limited (`guest_events`).
     pub(super) async fn forward_oom_events(&self, sb: Arc<Sandbox>) {
         let mut dropped = 0u64;
+        let mut failed = 0u64;
         let mut last_poll = std::time::Instant::now() - crate::shimv2::guest_events::POLL_PACE;
         loop {
             // Paced: a guest that answers at once cannot make this loop spin.
@@ -86,8 +87,15 @@ impl Service {
                 Err(_) if sb.lost().is_some() || !self.serves(&sb).await => return,
                 Err(e) => {
                     // One bad call (a malformed reply, a dropped connection) must not
-                    // end OOM reporting for the pod's life: try again, not in a spin.
-                    tracing::warn!("OOM event poll failed: {e}; polling again");
+                    // end OOM reporting for the pod's life: try again, not in a spin,
+                    // and logged at power-of-two counts (a guest failing every poll
+                    // would otherwise write a line a second for the pod's life).
+                    failed += 1;
+                    if failed.is_power_of_two() {
+                        tracing::warn!(
+                            "OOM event poll failed: {e}; {failed} so far, polling again"
+                        );
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -107,6 +115,7 @@ impl Service {
         } = w;
         let me = self.clone();
         let started = std::time::Instant::now();
+        let watched_from = unix_ns_now();
         tokio::spawn(async move {
             let waited = tokio::select! {
                 r = sb.agent.wait_process(&cid, &exec_id) => r.map_err(|e| e.to_string()),
@@ -116,7 +125,10 @@ impl Service {
                 )),
             };
             let (status, at) = match waited {
-                Ok(r) => (r.status as u32, ts_from_ns(r.exited_at_ns)),
+                Ok(r) => (
+                    exit_status(&cid, &exec_id, r.status),
+                    exit_time(r.exited_at_ns, watched_from),
+                ),
                 Err(e) => {
                     tracing::warn!(container = %cid, exec = %exec_id, "lost the process: {e}");
                     (VM_LOST_STATUS, now())

@@ -79,12 +79,45 @@ pub(super) fn lookup<'a>(
 }
 
 pub(super) fn now() -> Timestamp {
-    ts_from_ns(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0),
-    )
+    ts_from_ns(unix_ns_now())
+}
+
+/// The host's clock, in ns since the epoch.
+pub(super) fn unix_ns_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// The exit status a guest reported, as containerd takes it: what a process can exit
+/// with (a code, or 128 + a signal) is 0..=255; anything else from the guest is
+/// reported as 255, containerd's unknown status, and logged.
+pub(super) fn exit_status(cid: &str, exec_id: &str, status: i32) -> u32 {
+    match u8::try_from(status) {
+        Ok(s) => u32::from(s),
+        Err(_) => {
+            tracing::warn!(container = %cid, exec = %exec_id, "the guest reported exit status {status}; reporting 255");
+            255
+        }
+    }
+}
+
+/// How far before its watch began a process's exit may be dated: the guest's clock
+/// may run a little behind the host's.
+const EXIT_CLOCK_SKEW_NS: i64 = 60_000_000_000;
+
+/// The exit time a guest reported, if it falls between a minute before the exit was
+/// watched for (`watched_from`, the host's clock) and now; the host's now otherwise. A
+/// guest's clock cannot date an exit in 1970 or 2262.
+pub(super) fn exit_time(exited_at_ns: i64, watched_from: i64) -> Timestamp {
+    let now = unix_ns_now();
+    let earliest = watched_from.saturating_sub(EXIT_CLOCK_SKEW_NS);
+    if (earliest..=now).contains(&exited_at_ns) {
+        ts_from_ns(exited_at_ns)
+    } else {
+        ts_from_ns(now)
+    }
 }
 
 pub(super) fn ts_from_ns(ns: i64) -> Timestamp {
@@ -199,6 +232,33 @@ pub(super) fn process_details(exec_id: &str) -> Any {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a guest reports of an exit is held to what a process can exit with and
+    /// when: statuses outside 0..=255 read as 255, dates outside [a minute before the
+    /// watch, now] as the host's now.
+    #[test]
+    fn a_guests_exit_status_and_time_are_held_to_what_can_be() {
+        assert_eq!(exit_status("c", "", 0), 0);
+        assert_eq!(exit_status("c", "", 137), 137);
+        assert_eq!(exit_status("c", "", 255), 255);
+        for bad in [-1, 256, i32::MAX, i32::MIN] {
+            assert_eq!(exit_status("c", "e", bad), 255, "{bad}");
+        }
+        let watched = unix_ns_now();
+        let fine = watched - 1_000_000_000;
+        assert_eq!(
+            exit_time(fine, watched).seconds,
+            fine.div_euclid(1_000_000_000)
+        );
+        for bad in [0, -5, watched - 2 * EXIT_CLOCK_SKEW_NS, i64::MAX] {
+            let t = exit_time(bad, watched);
+            assert!(
+                (watched / 1_000_000_000..=unix_ns_now() / 1_000_000_000).contains(&t.seconds),
+                "{bad} gave {}",
+                t.seconds
+            );
+        }
+    }
 
     #[test]
     fn unknown_capabilities_are_dropped_as_runc_drops_them() {
