@@ -355,22 +355,18 @@ mod tests {
         ];
         d.timeline
             .extend((0..1000).map(|i| event(&format!("stage-{i}"), "c", 10 + i)));
-        let t = timeline(&marks, (t0, t0), &clock, &d, "c", 0);
-        let guest: Vec<&str> = t
-            .iter()
-            .filter(|s| s.clock == "guest")
-            .map(|s| s.stage.as_str())
-            .collect();
+        let guest_stages = |d: &cocoon_protocol::agent::GuestDetailsResponse| -> Vec<String> {
+            timeline(&marks, (t0, t0), &clock, d, "c", 0)
+                .into_iter()
+                .filter(|s| s.clock == "guest")
+                .map(|s| s.stage)
+                .collect()
+        };
+        let guest = guest_stages(&d);
         assert_eq!(guest.len(), MAX_GUEST_STAGES, "{guest:?}");
         assert!(guest.iter().all(|s| s.starts_with("stage-")), "{guest:?}");
         d.timeline.truncate(5);
-        let t = timeline(&marks, (t0, t0), &clock, &d, "c", 0);
-        let guest: Vec<&str> = t
-            .iter()
-            .filter(|s| s.clock == "guest")
-            .map(|s| s.stage.as_str())
-            .collect();
-        assert_eq!(guest, ["container-created"]);
+        assert_eq!(guest_stages(&d), ["container-created"]);
     }
 
     /// The file moves aside before a record would take it past its limit: the two
