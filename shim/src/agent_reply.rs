@@ -102,11 +102,37 @@ macro_rules! unbounded {
 unbounded!(
     Empty,
     HealthCheckResponse,
-    CreateContainerResponse,
-    ExecProcessResponse,
     WaitProcessResponse,
     OnlineCpusResponse
 );
+
+/// The most a Linux pid can be (`PID_MAX_LIMIT` on 64-bit).
+pub const MAX_PID: u32 = 4 * 1024 * 1024;
+
+/// A container's or exec's pid as the guest reports it: containerd passes it on (task
+/// lists, events, `ctr run --cni`), so it must at least be a pid a process can have in a
+/// guest whose PID 1 is the agent.
+fn process_pid(pid: u32) -> Result<(), String> {
+    if (2..=MAX_PID).contains(&pid) {
+        Ok(())
+    } else {
+        Err(format!(
+            "pid {pid} is not a container process's (2..={MAX_PID})"
+        ))
+    }
+}
+
+impl Bounded for CreateContainerResponse {
+    fn check(&self) -> Result<(), String> {
+        process_pid(self.pid)
+    }
+}
+
+impl Bounded for ExecProcessResponse {
+    fn check(&self) -> Result<(), String> {
+        process_pid(self.pid)
+    }
+}
 
 impl Bounded for VersionCheckResponse {
     fn check(&self) -> Result<(), String> {
@@ -254,6 +280,23 @@ mod tests {
         let mut digest = SetInitDataResponse::new();
         digest.digest = vec![0; MAX_DIGEST + 1];
         assert!(digest.check().unwrap_err().contains("digest"));
+    }
+
+    #[test]
+    fn a_process_pid_is_one_a_guest_process_can_have() {
+        for pid in [0, 1, MAX_PID + 1, u32::MAX] {
+            let mut c = CreateContainerResponse::new();
+            c.pid = pid;
+            assert!(c.check().unwrap_err().contains(&format!("pid {pid}")));
+            let mut e = ExecProcessResponse::new();
+            e.pid = pid;
+            assert!(e.check().is_err(), "{pid}");
+        }
+        for pid in [2, 4242, MAX_PID] {
+            let mut c = CreateContainerResponse::new();
+            c.pid = pid;
+            assert_eq!(c.check(), Ok(()));
+        }
     }
 
     #[test]
