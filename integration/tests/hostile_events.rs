@@ -154,11 +154,21 @@ fn an_oversized_reply_fails_that_call_alone() {
 /// one of the debug agent's switches), checking that it got there by the `done` it echoes.
 fn in_guest(env: &Env, id: &str, line: &str, done: &str) {
     let o = cocoon_debug(env, id, &[format!("{line}; echo {done}").as_str()], b"");
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains(done),
-        "{line}: {}",
-        show(&o)
-    );
+    if !String::from_utf8_lossy(&o.stdout).contains(done) {
+        // The guest's side of a session that said nothing is on its console (the
+        // agent's "debug session: ..." line).
+        let console = cocoon_cli(env)
+            .args(["logs", id, "--namespace", "default"])
+            .output()
+            .map(|c| String::from_utf8_lossy(&c.stdout).into_owned())
+            .unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        panic!(
+            "{line}: {}\nthe guest's console ends with:\n{}",
+            show(&o),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
 }
 
 fn kill_delete(env: &Env, id: &str) {
