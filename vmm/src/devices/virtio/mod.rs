@@ -107,10 +107,6 @@ impl Budget {
             None => false,
         }
     }
-
-    pub fn spent(&self) -> bool {
-        self.0 == 0
-    }
 }
 
 /// The next chain the driver made available; None when there is none, when the pass has

@@ -38,36 +38,23 @@ impl<B: VsockBackend> Vsock<B> {
         &self.device
     }
 
-    /// Serves the tx queue: on the driver's kick, or after a pass that stopped at its
-    /// budget woke the backend.
-    fn drain_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(txq) = queues.get_mut(usize::from(TX_QUEUE)) else {
+    /// One pass over the tx queue (on the driver's kick, or after a pass that stopped at
+    /// its budget woke the backend) or the rx queue; whether to interrupt the driver.
+    fn serve(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(q) = queues.get_mut(usize::from(index)) else {
             return false;
         };
-        match self.device.process_tx(txq, mem) {
-            Ok(n) => n,
-            Err(e) => {
-                if self.log.allow() {
-                    log::warn!("virtio-vsock: {e}");
-                }
-                false
-            }
-        }
-    }
-
-    fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(rxq) = queues.get_mut(usize::from(RX_QUEUE)) else {
-            return false;
+        let done = if index == TX_QUEUE {
+            self.device.process_tx(q, mem)
+        } else {
+            self.device.process_rx(q, mem)
         };
-        match self.device.process_rx(rxq, mem) {
-            Ok(n) => n,
-            Err(e) => {
-                if self.log.allow() {
-                    log::warn!("virtio-vsock: {e}");
-                }
-                false
+        done.unwrap_or_else(|e| {
+            if self.log.allow() {
+                log::warn!("virtio-vsock: {e}");
             }
-        }
+            false
+        })
     }
 }
 
@@ -91,10 +78,10 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let notify = index == usize::from(TX_QUEUE) && self.drain_tx(queues, mem);
+        let notify = index == usize::from(TX_QUEUE) && self.serve(TX_QUEUE, queues, mem);
         // Tx may have produced replies, and an rx kick means new buffers: fill rx either way.
         // The event queue is never used (no transport reset events).
-        notify | self.fill_rx(queues, mem)
+        notify | self.serve(RX_QUEUE, queues, mem)
     }
 
     fn host_fd(&self) -> Option<RawFd> {
@@ -103,7 +90,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 
     fn process_host(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         self.device.backend_mut().process_host_events();
-        let notify = self.device.tx_backlog() && self.drain_tx(queues, mem);
-        notify | self.fill_rx(queues, mem)
+        let notify = self.device.tx_backlog() && self.serve(TX_QUEUE, queues, mem);
+        notify | self.serve(RX_QUEUE, queues, mem)
     }
 }
