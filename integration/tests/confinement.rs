@@ -4,6 +4,7 @@
 
 mod ctr_common;
 
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use ctr_common::*;
@@ -160,6 +161,29 @@ fn qemu_runs_confined_and_its_console_is_bounded() {
     // Jailed like QEMU, as the same pod uid (they serve the same guest), never root.
     assert_eq!(status_field(backend, "Uid"), uid, "the backend's uids");
     assert_own_namespaces(backend, "the backend");
+    // Nothing of the host is writable for it: the shim made both its listeners, so no
+    // part of the run directory is in its root, and the socket directory QEMU connects
+    // in is root's, not writable by the pod's uid.
+    let backend_sees = format!("/proc/{backend}/root{}", vm_run_dir.display());
+    assert!(
+        !std::path::Path::new(&backend_sees).exists(),
+        "the backend sees the run directory"
+    );
+    let socket_dir = std::fs::metadata(vm_run_dir.join("vhost")).unwrap();
+    assert_eq!(
+        (socket_dir.uid(), socket_dir.mode() & 0o777),
+        (0, 0o750),
+        "the socket directory"
+    );
+    // Its messages, like QEMU's and cocoon-vmm's, go to a pipe the shim copies, bounded.
+    for (pid, who) in [(backend, "the backend"), (qemu, "QEMU")] {
+        let stderr = std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+        assert!(
+            stderr.to_string_lossy().starts_with("pipe:"),
+            "{who}'s stderr is {}",
+            stderr.display()
+        );
+    }
 
     // The console copy works, and a guest writing 5 MB to it leaves at most two
     // rotated files of the limit on the host.
@@ -242,7 +266,6 @@ fn virtiofsd_is_root_of_the_pods_namespace_only_and_owners_match_runc() {
             "{tag}: {}",
             show(&o)
         );
-        use std::os::unix::fs::MetadataExt;
         let on_disk = |f: &str| {
             let m = std::fs::metadata(vol.join(format!("{f}-{tag}"))).unwrap();
             (m.uid(), m.gid())

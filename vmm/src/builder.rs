@@ -204,8 +204,11 @@ fn build_vm(
     }
 
     let mut pio = Bus::new();
-    let out: Box<dyn Write + Send> = match &config.serial_out {
-        Some(p) => Box::new(crate::devices::legacy::capped::CappedWriter::new(
+    let out: Box<dyn Write + Send> = match (&config.serial_out, config.serial_out_fd) {
+        // SAFETY: the descriptor was handed to this process for the console alone
+        // (checked above 2 by the config); nothing else here owns or closes it.
+        (_, Some(fd)) => Box::new(unsafe { std::fs::File::from_raw_fd(fd) }),
+        (Some(p), None) => Box::new(crate::devices::legacy::capped::CappedWriter::new(
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -213,7 +216,7 @@ fn build_vm(
                 .map_err(|e| BuildError::SerialOut(p.display().to_string(), e))?,
             crate::devices::legacy::capped::SERIAL_OUT_LIMIT,
         )),
-        None => Box::new(std::io::sink()),
+        (None, None) => Box::new(std::io::sink()),
     };
     let serial_irq = EventFdTrigger(irqfd(&vm, layout::SERIAL_IRQ)?);
     let serial = match snap {

@@ -67,9 +67,15 @@ pub struct VmConfig {
     pub mem_mib: u64,
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
-    /// Where the serial console goes; none means discarded.
+    /// Where the serial console goes; none means discarded. A file is capped
+    /// (`SERIAL_OUT_LIMIT`).
     #[serde(default)]
     pub serial_out: Option<PathBuf>,
+    /// An inherited descriptor the serial console is written to instead, uncapped: a
+    /// pipe whose reader bounds what it keeps (the shim's rotating copy), so that a VMM
+    /// the guest took over holds no file it could grow.
+    #[serde(default)]
+    pub serial_out_fd: Option<i32>,
     #[serde(default)]
     pub vsock: Option<VsockDeviceConfig>,
     #[serde(default)]
@@ -219,6 +225,7 @@ impl VmConfig {
             seccomp: true,
             jail: JailMode::Auto,
             kvm_fd: None,
+            serial_out_fd: None,
             huge_pages: HugePages::Auto,
             mem_fd: None,
             acpi: true,
@@ -327,6 +334,14 @@ impl VmConfig {
         }
         if self.kvm_fd.is_some_and(|fd| fd < 3) {
             return Err(invalid("kvm_fd", "needs an fd above 2"));
+        }
+        if let Some(fd) = self.serial_out_fd {
+            if fd < 3 || self.serial_out.is_some() {
+                return Err(invalid(
+                    "serial_out_fd",
+                    "needs an fd above 2 and no serial_out",
+                ));
+            }
         }
         if self.mem_fd.is_some_and(|fd| fd < 3) {
             return Err(invalid("mem_fd", "needs an fd above 2"));

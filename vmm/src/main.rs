@@ -62,6 +62,11 @@ enum Command {
         /// the caller), accepted on instead of binding one; left in place at exit.
         #[arg(long)]
         uds_fd: Option<i32>,
+        /// An inherited descriptor of a socket already listening at --socket (made by
+        /// the caller), the frontend's connection is accepted on instead of binding one;
+        /// left in place at exit.
+        #[arg(long)]
+        socket_fd: Option<i32>,
     },
     /// Run PROGRAM (QEMU) jailed: own mount, network, IPC and UTS namespaces, a
     /// read-only root holding only the kept paths, an unprivileged uid, no capabilities,
@@ -158,9 +163,13 @@ struct RunArgs {
     mem_mib: Option<u64>,
     #[arg(long)]
     vcpus: Option<u8>,
-    /// File (or pipe) the serial console is appended to.
+    /// File (or pipe) the serial console is appended to, capped at 4 MiB.
     #[arg(long)]
     serial_out: Option<PathBuf>,
+    /// An inherited descriptor (a pipe) the serial console is written to, uncapped: its
+    /// reader bounds what it keeps.
+    #[arg(long, conflicts_with = "serial_out")]
+    serial_out_fd: Option<i32>,
     /// Add a hybrid vsock device whose host side listens on this Unix socket.
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
@@ -253,6 +262,7 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
             let mut c = t.clone();
             c.kvm_fd = None;
             c.mem_fd = None;
+            c.serial_out_fd = None;
             if let Some(v) = &mut c.vsock {
                 v.listener_fd = None;
             }
@@ -288,6 +298,10 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
     }
     if let Some(s) = &a.serial_out {
         c.serial_out = Some(s.clone());
+    }
+    if let Some(fd) = a.serial_out_fd {
+        c.serial_out = None;
+        c.serial_out_fd = Some(fd);
     }
     if let Some(u) = &a.vsock_uds {
         c.vsock = Some(VsockDeviceConfig {
@@ -434,6 +448,7 @@ fn main() -> ExitCode {
             max_connections,
             jail,
             uds_fd,
+            socket_fd,
         }) => {
             let config = VsockConfig {
                 guest_cid,
@@ -442,7 +457,7 @@ fn main() -> ExitCode {
                 max_connections,
                 listener_fd: uds_fd,
             };
-            cocoon_vmm::vhost_user_vsock::serve(&socket, config, jail)
+            cocoon_vmm::vhost_user_vsock::serve(&socket, socket_fd, config, jail)
                 .map(|()| 0)
                 .map_err(anyhow::Error::from)
         }

@@ -404,14 +404,14 @@ fn install(bpf: &BpfProgram) -> Result<(), SeccompError> {
 const BACKEND_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, libc::TCGETS];
 
 /// The vhost-user vsock backend's filter: the VMM's list less what only vCPUs need
-/// (no `tgkill` at all), `ioctl` only for `BACKEND_IOCTLS`, plus `bind` and `listen` for
-/// its two Unix listeners (it starts serving after the filter is on). Sockets: AF_UNIX
-/// only; clone for threads only.
+/// (no `tgkill` at all), `ioctl` only for `BACKEND_IOCTLS`. Like the VMM's, no `bind` or
+/// `listen`: both its Unix listeners exist before the filter goes on, so an escaped
+/// backend cannot make socket files. Sockets: AF_UNIX only (to connect to the host's
+/// per-port sockets); clone for threads only.
 pub fn build_backend_filter(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
         .iter()
         .filter(|s| **s != libc::SYS_ioctl)
-        .chain([libc::SYS_bind, libc::SYS_listen].iter())
         .map(|s| (*s, Vec::new()))
         .collect();
     let arg_is = |index: u8, len: SeccompCmpArgLen, value: u64| {
@@ -568,6 +568,14 @@ mod tests {
             // SAFETY: socket(2) with integer arguments.
             let inet = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
             assert_eq!(inet, -1);
+            // No socket files: bind and listen are refused, even on a Unix socket.
+            let dir = std::env::temp_dir().join(format!("cocoon-bf-{}", std::process::id()));
+            let bound = std::os::unix::net::UnixListener::bind(&dir);
+            assert_eq!(
+                bound.map(|_| ()).map_err(|e| e.raw_os_error()),
+                Err(Some(libc::EPERM))
+            );
+            assert!(!dir.exists());
         })
         .join()
         .unwrap();

@@ -5,12 +5,13 @@
 //! that one thread.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use log::{error, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -53,6 +54,10 @@ pub enum VhostUserVsockError {
     Jail(#[from] crate::jail::JailError),
     #[error("Failed to install the backend's seccomp filter")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("Failed to listen for the frontend")]
+    Listen(#[source] vhost::vhost_user::Error),
+    #[error("--socket-fd {0} is not an inherited descriptor (it must be above 2)")]
+    SocketFd(RawFd),
 }
 
 /// `vhost_user_backend::Error` implements neither `std::error::Error` nor `Sync` (it can
@@ -245,11 +250,15 @@ impl Drop for SocketCleanup {
     }
 }
 
-/// Serves one vhost-user frontend on `socket` until it disconnects, then removes
-/// `socket` and `config.uds_path`.
+/// Serves one vhost-user frontend on `socket` until it disconnects, then removes the
+/// sockets it made (`socket` and `config.uds_path`, unless they were handed over).
 ///
-/// `socket` appears on disk once the backend is ready to accept the frontend, so a
-/// caller can wait for the file before starting QEMU.
+/// With `socket_fd`, the frontend's listener is that inherited descriptor, already
+/// listening at `socket` (the caller made it, in a directory this process may not
+/// write). Otherwise `socket` is bound here and appears on disk once the backend is
+/// ready to accept the frontend, so a caller can wait for the file before starting QEMU.
+/// Either way every listener exists before the seccomp filter goes on, which therefore
+/// has no `bind` or `listen`.
 ///
 /// This process parses guest-controlled data, so before anything else (and before any
 /// thread exists) it jails itself like the VMM does ([`crate::jail`]): own namespaces,
@@ -258,18 +267,27 @@ impl Drop for SocketCleanup {
 /// clients arrive on the Unix socket, so nothing else is needed.
 pub fn serve(
     socket: &Path,
+    socket_fd: Option<RawFd>,
     mut config: VsockConfig,
     jail: crate::jail::JailMode,
 ) -> Result<(), VhostUserVsockError> {
+    if let Some(fd) = socket_fd.filter(|fd| *fd <= 2) {
+        return Err(VhostUserVsockError::SocketFd(fd));
+    }
     let mut socket = socket.to_path_buf();
     if let Some(keep) = crate::jail::prepare(jail, &mut [&mut socket, &mut config.uds_path])? {
         crate::jail::enter_as(jail, &keep)?;
     }
     let socket = socket.as_path();
     // Refuse to clobber anything but a stale socket before creating files of our own.
-    remove_stale_socket(socket)?;
+    if socket_fd.is_none() {
+        remove_stale_socket(socket)?;
+    }
     // An inherited listener's socket is its maker's to remove.
-    let mut ours = vec![socket.to_path_buf()];
+    let mut ours = Vec::new();
+    if socket_fd.is_none() {
+        ours.push(socket.to_path_buf());
+    }
     if config.listener_fd.is_none() {
         ours.push(config.uds_path.clone());
     }
@@ -283,23 +301,43 @@ pub fn serve(
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| VhostUserVsockError::Daemon(e.into()))?;
-    for handler in daemon.get_epoll_handlers() {
+    let handlers = daemon.get_epoll_handlers();
+    for handler in &handlers {
         handler
             .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
             .map_err(VhostUserVsockError::RegisterListener)?;
     }
-    remove_stale_socket(socket)?;
+    let mut listener = match socket_fd {
+        Some(fd) => crate::vsock::muxer::inherited_listener(fd)
+            .map(Listener::from)
+            .map_err(|e| VhostUserVsockError::Listen(vhost::vhost_user::Error::SocketError(e)))?,
+        None => {
+            remove_stale_socket(socket)?;
+            Listener::new(socket, false).map_err(VhostUserVsockError::Listen)?
+        }
+    };
     // Guest data is parsed from here on: only the syscalls the backend needs.
     crate::seccomp::apply_backend()?;
     info!(
         "vhost-user-vsock: waiting for the frontend on {}",
         socket.display()
     );
-    daemon
-        .serve(socket)
-        .map_err(|e| VhostUserVsockError::Daemon(e.into()))?;
-    info!("vhost-user-vsock: frontend disconnected");
-    Ok(())
+    let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
+    // The workers end with the frontend's connection, whatever ended it.
+    for handler in &handlers {
+        handler.send_exit_event();
+    }
+    match served {
+        // A frontend that quits (its guest stopped) may leave a message half sent.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => {
+            info!("vhost-user-vsock: frontend disconnected");
+            Ok(())
+        }
+        Err(e) => Err(VhostUserVsockError::Daemon(e.into())),
+    }
 }
 
 #[cfg(test)]

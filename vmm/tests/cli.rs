@@ -85,6 +85,74 @@ fn serves_one_frontend_and_cleans_up() {
     assert!(!uds.exists(), "hybrid socket left behind");
 }
 
+/// As the jailed shim runs it: both listeners made by the caller and inherited, so the
+/// backend binds nothing (its filter has no `bind`), and leaves them to their maker.
+#[test]
+fn serves_on_inherited_listeners_and_leaves_them() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let uds = dir.path().join("vsock.sock");
+    let vhost = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let hybrid = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+    let fds = [vhost.as_raw_fd(), hybrid.as_raw_fd()];
+    let mut cmd = Command::new(BIN);
+    cmd.args(["vhost-user-vsock", "--jail", "off", "--socket"])
+        .arg(&socket)
+        .arg("--socket-fd")
+        .arg(fds[0].to_string())
+        .arg("--uds-path")
+        .arg(&uds)
+        .arg("--uds-fd")
+        .arg(fds[1].to_string())
+        .stderr(Stdio::piped());
+    // SAFETY: only fcntl between fork and exec, on descriptors this process holds.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop((vhost, hybrid));
+    // The listener is there already: the connection waits in its backlog.
+    let mut conn = UnixStream::connect(&socket).unwrap();
+    let mut msg = Vec::new();
+    for word in [1u32, 1, 0] {
+        msg.extend_from_slice(&word.to_le_bytes());
+    }
+    conn.write_all(&msg).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = [0u8; 20];
+    conn.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 1);
+    drop(conn);
+    let status = wait_exit(&mut child);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "exit status {status}: {err}");
+    assert!(socket.exists(), "the vhost-user socket was removed: {err}");
+    assert!(uds.exists(), "the hybrid socket was removed: {err}");
+
+    // A standard stream is no listener of ours.
+    let out = Command::new(BIN)
+        .args(["vhost-user-vsock", "--jail", "off", "--socket-fd", "1", "--socket"])
+        .arg(dir.path().join("x.sock"))
+        .arg("--uds-path")
+        .arg(dir.path().join("y.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--socket-fd 1"), "stderr: {stderr}");
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let dir = tempfile::tempdir().unwrap();

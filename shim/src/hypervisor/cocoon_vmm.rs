@@ -17,7 +17,7 @@ use cocoon_vmm::vstate::ram_file::huge_tmpfs_file;
 /// The VMM's stderr, in the VM's run dir.
 const VMM_LOG: &str = "vmm.log";
 /// The directory of virtiofsd's socket in the run dir, the only part of it a jailed
-/// VMM sees (besides its console file).
+/// VMM sees.
 const SOCKET_DIR: &str = "vhost";
 
 pub struct CocoonVmm {
@@ -87,6 +87,7 @@ impl CocoonVmm {
     /// The command line for `cocoon-vmm run`: booting the spec's kernel, or restoring
     /// `template` (whose kernel, command line, memory and vCPUs are the spec's).
     /// `memctl_fd`: the API listener for a VM with room to grow (`spec.hotplug_mib`).
+    /// `console_fd`: the pipe the guest's serial console goes to.
     fn args(
         &self,
         spec: &VmSpec,
@@ -94,6 +95,7 @@ impl CocoonVmm {
         inherited: Option<&Inherited>,
         template: Option<&std::path::Path>,
         memctl_fd: Option<std::os::fd::RawFd>,
+        console_fd: std::os::fd::RawFd,
     ) -> Vec<String> {
         let mut a = vec!["run".to_string()];
         match template {
@@ -112,11 +114,10 @@ impl CocoonVmm {
             ]),
         }
         a.extend([
-            // A file cocoon-vmm itself bounds (4 MiB, then dropped with a notice). The
-            // pipe QEMU uses (see `console`) made nested cocoon-vmm runs hang now and
-            // then, not yet understood: docs/notes.md.
-            "--serial-out".into(),
-            run_dir.join("console.log").display().to_string(),
+            // A pipe the shim copies into `console.log`, rotated (`console`): the VMM
+            // holds no file a guest that took it over could grow, or lease.
+            "--serial-out-fd".into(),
+            console_fd.to_string(),
             "--vsock-uds".into(),
             run_dir.join("vsock.sock").display().to_string(),
             "--vsock-cid".into(),
@@ -238,7 +239,6 @@ impl super::Hypervisor for CocoonVmm {
             spec.initrd = pod_jail::canonical("initrd", &spec.initrd)?;
             let identity = identity::allocate(&j.lock_file, j.uid_base, j.uid_count, &spec.id)?;
             pod_jail::make_socket_dir(&socket_dir, &identity)?;
-            pod_jail::file_for_pod(&vm.console_log, &identity)?;
             vm.identity = Some(identity);
         } else {
             std::fs::create_dir(&socket_dir)
@@ -255,6 +255,11 @@ impl super::Hypervisor for CocoonVmm {
             source,
         };
         let mut cmd = Command::new(&self.binary);
+        // The console's pipe: the VMM gets the write end, a thread here copies the rest.
+        let (console_read, console_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
+        let console_fd = std::os::fd::AsRawFd::as_raw_fd(&console_write);
+        super::inherit_fd(&mut cmd, console_fd);
         // The API's listener, for growing the guest's memory and filling its disk slots.
         let controlled = spec.hotplug_mib > 0 || spec.block_slots > 0;
         let memctl = super::memctl::Listener::for_vm(&run_dir, controlled)?;
@@ -277,7 +282,7 @@ impl super::Hypervisor for CocoonVmm {
                 let jail = pod_jail::PodJail {
                     program: &self.binary,
                     read_only,
-                    writable: vec![&vm.console_log],
+                    writable: vec![],
                     identity,
                     kvm: false,
                 };
@@ -300,6 +305,7 @@ impl super::Hypervisor for CocoonVmm {
                     Some(&inherited),
                     template.as_deref(),
                     memctl_fd,
+                    console_fd,
                 ));
                 super::inherit_fd(&mut cmd, inherited.kvm);
                 super::inherit_fd(&mut cmd, inherited.vsock_listener);
@@ -309,15 +315,39 @@ impl super::Hypervisor for CocoonVmm {
                 held = Some((kvm, listener, mem));
             }
             None => {
-                cmd.args(self.args(spec, &run_dir, None, template.as_deref(), memctl_fd));
+                cmd.args(self.args(
+                    spec,
+                    &run_dir,
+                    None,
+                    template.as_deref(),
+                    memctl_fd,
+                    console_fd,
+                ));
             }
         }
-        configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?;
+        vm.vmm_log_copy = Some(configure(&mut cmd, &run_dir.join(VMM_LOG)).map_err(spawn_err)?);
         if let Some(net) = &spec.net {
             net.inherit(&mut cmd);
         }
         vm.procs.vmm = Some(cmd.spawn().map_err(spawn_err)?);
         drop(held);
+        // Only the VMM writes the console now: its end closes the copy.
+        drop(console_write);
+        // A restored guest printed its ready line before the template was saved.
+        let watch = template.is_none().then(|| {
+            let seen = std::sync::Arc::new(tokio::sync::Notify::new());
+            vm.agent_ready = Some(seen.clone());
+            super::console::ConsoleWatch {
+                marker: cocoon_protocol::READY_LINE.as_bytes(),
+                seen,
+            }
+        });
+        vm.console_copy = Some(super::console::spawn_copier(
+            Ok(console_read),
+            vm.console_log.clone(),
+            super::console::CONSOLE_LIMIT,
+            watch,
+        ));
         // The VMM holds the API's listener now.
         if let Some(api) = memctl.map(super::memctl::Listener::into_path) {
             if spec.hotplug_mib > 0 {
@@ -399,6 +429,7 @@ mod tests {
             Some(&inherited),
             None,
             Some(14),
+            15,
         );
         let after = |f: &str| {
             a.windows(2)
@@ -417,6 +448,9 @@ mod tests {
         assert_eq!(after("--kvm-fd"), "11");
         assert_eq!(after("--vsock-uds-fd"), "12");
         assert_eq!(after("--mem-fd"), "13");
+        // The console is a pipe the shim bounds, never a file the VMM writes.
+        assert_eq!(after("--serial-out-fd"), "15");
+        assert!(!a.iter().any(|x| x == "--serial-out"), "{a:?}");
         assert!(!a.iter().any(|x| x == "--huge-pages"), "{a:?}");
         assert!(after("--cmdline").ends_with("cocoon.log=debug"));
         assert!(after("--cmdline").contains("reboot=k"));
@@ -430,7 +464,7 @@ mod tests {
         );
         let mut grows = spec.clone();
         grows.hotplug_mib = 768;
-        let g = v.args(&grows, std::path::Path::new("/r"), None, None, Some(14));
+        let g = v.args(&grows, std::path::Path::new("/r"), None, None, Some(14), 15);
         let after_g = |f: &str| g.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
         assert_eq!(after_g("--hotplug-mib").as_deref(), Some("768"));
         assert_eq!(after_g("--api-sock-fd").as_deref(), Some("14"));
@@ -445,7 +479,7 @@ mod tests {
         assert!(threads >= (spec.memory_mib + 768) * 8, "{g:?}");
         // Restored, the region is the template's: only the API's descriptor is given.
         let t = Some(std::path::Path::new("/t"));
-        let rg = v.args(&grows, std::path::Path::new("/r"), None, t, Some(14));
+        let rg = v.args(&grows, std::path::Path::new("/r"), None, t, Some(14), 15);
         assert!(!rg.iter().any(|x| x == "--hotplug-mib"), "{rg:?}");
         assert!(
             rg.windows(2)
@@ -456,12 +490,19 @@ mod tests {
         // template's.
         let mut slotted = spec.clone();
         slotted.block_slots = 4;
-        let s = v.args(&slotted, std::path::Path::new("/r"), None, None, Some(14));
+        let s = v.args(
+            &slotted,
+            std::path::Path::new("/r"),
+            None,
+            None,
+            Some(14),
+            15,
+        );
         let after_s = |f: &str| s.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
         assert_eq!(after_s("--block-slots").as_deref(), Some("4"));
         assert_eq!(after_s("--api-sock-fd").as_deref(), Some("14"));
         assert_eq!(after_s("--hotplug-mib"), None);
-        let rs = v.args(&slotted, std::path::Path::new("/r"), None, t, Some(14));
+        let rs = v.args(&slotted, std::path::Path::new("/r"), None, t, Some(14), 15);
         assert!(!rs.iter().any(|x| x == "--block-slots"), "{rs:?}");
         assert!(rs.iter().any(|x| x == "--api-sock-fd"), "{rs:?}");
         // Restored from a template: the template holds the kernel, command line, memory
@@ -472,6 +513,7 @@ mod tests {
             Some(&inherited),
             Some(std::path::Path::new("/run/cocoon/+templates/k")),
             None,
+            15,
         );
         let after_r = |f: &str| r.windows(2).find(|w| w[0] == f).map(|w| w[1].clone());
         assert_eq!(
@@ -486,7 +528,7 @@ mod tests {
             "--fs",
             "--kvm-fd",
             "--mem-fd",
-            "--serial-out",
+            "--serial-out-fd",
         ] {
             assert_eq!(after_r(kept), Some(after(kept)), "{kept}");
         }

@@ -1,9 +1,10 @@
-//! The guest's serial console, bounded: a rotating copy of QEMU's console pipe
-//! (cocoon-vmm bounds its own `--serial-out` file). QEMU writes the console to its
-//! stdout, a pipe; the shim copies it to `console.log`, rotated at `CONSOLE_LIMIT`: the
-//! current file and one older (`console.log.1`), never more than twice the limit in
-//! all. A guest that writes faster than this copies is slowed down by the pipe, not
-//! buffered in the host.
+//! The guest's serial console and the messages of a VM's host processes, bounded: each
+//! is a pipe the process writes (QEMU's console is its stdout, cocoon-vmm's a pipe it is
+//! handed with `--serial-out-fd`; every VMM's and backend's stderr), which the shim
+//! copies into a file of the run directory, rotated at a limit: the current file and one
+//! older (`console.log.1`), never more than twice the limit in all. A guest that writes
+//! faster than this copies is slowed down by the pipe, not buffered in the host, and a
+//! process the guest took over cannot write more than that either: it holds no file.
 //!
 //! The copy runs on a thread of its own, blocking on the pipe. As a task on the shim's
 //! async runtime it could wait behind other work, and a guest's console write waits on
@@ -120,9 +121,50 @@ impl RotatingFile {
     }
 }
 
-/// The most one file of QEMU's own messages (`qemu.log`, its stderr, copied the same
-/// way) holds before it is rotated.
+/// The most one file of a VMM's or backend's own messages (`qemu.log`, `vmm.log`,
+/// `vsock-backend.log`, `virtiofsd.log`: their stderr, copied the same way) holds before
+/// it is rotated.
 pub const VMM_LOG_LIMIT: u64 = 1024 * 1024;
+
+/// The end of one copy [`spawn_copier`] runs. A process's last words are in the file
+/// only once the copy has read them: a report of its exit waits for that (bounded).
+#[derive(Clone, Debug, Default)]
+pub struct Copied(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Copied {
+    fn finish(&self) {
+        let (done, cv) = &*self.0;
+        *done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
+
+    /// Waits up to `limit` for the copy to end (every writer closed the pipe, or the copy
+    /// gave up); whether it has.
+    pub fn wait(&self, limit: std::time::Duration) -> bool {
+        let (done, cv) = &*self.0;
+        let guard = done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (guard, _) = cv
+            .wait_timeout_while(guard, limit, |done| !*done)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard
+    }
+}
+
+/// How long a report of a process's exit waits for the copy of its output to catch up.
+pub const COPY_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Marks its copy finished however the copy ends.
+struct FinishOnDrop(Copied);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
 
 /// A line to watch the console for: `seen` is notified (once) when `marker` goes by.
 pub struct ConsoleWatch {
@@ -165,20 +207,41 @@ pub fn spawn_copier(
     path: PathBuf,
     limit: u64,
     watch: Option<ConsoleWatch>,
-) {
+) -> Copied {
+    let copied = Copied::default();
     let fd = match pipe {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!("no copy to {}: {e}", path.display());
-            return;
+            copied.finish();
+            return copied;
         }
     };
+    let done = FinishOnDrop(copied.clone());
     let spawned = std::thread::Builder::new()
         .name("console-copy".into())
-        .spawn(move || copy_blocking(fd, &path, limit, watch));
+        .spawn(move || {
+            let _done = done;
+            copy_blocking(fd, &path, limit, watch)
+        });
     if let Err(e) = spawned {
+        // The closure, and with it the marker, was dropped: the copy counts as ended.
         tracing::warn!("no console copy thread: {e}");
     }
+    copied
+}
+
+/// A pipe whose write end `cmd` gets as stdout and stderr, copied into `log` (rotated at
+/// `VMM_LOG_LIMIT`) until every writer has closed it.
+pub fn log_to_pipe(cmd: &mut tokio::process::Command, log: &Path) -> std::io::Result<Copied> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    cmd.stdout(write.try_clone()?).stderr(write);
+    Ok(spawn_copier(
+        Ok(read),
+        log.to_path_buf(),
+        VMM_LOG_LIMIT,
+        None,
+    ))
 }
 
 fn copy_blocking(
@@ -194,15 +257,13 @@ fn copy_blocking(
         tracing::warn!("console pipe: {e}");
         return;
     }
-    let mut out = match RotatingFile::create(path, limit) {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!("cannot write the console to {}: {e}", path.display());
-            return;
-        }
-    };
+    // Without a file the pipe is still drained, into nothing.
+    let mut out = RotatingFile::create(path, limit)
+        .inspect_err(|e| tracing::warn!("cannot write {}: {e}", path.display()))
+        .ok();
     let mut scanner = watch.as_ref().map(|w| Scanner::new(w.marker));
     let mut buf = vec![0u8; 64 * 1024];
+    let mut failures = 0u64;
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => return,
@@ -214,9 +275,14 @@ fn copy_blocking(
                         w.seen.notify_one();
                     }
                 }
+                // A write that fails (the disk is full) drops this chunk and keeps
+                // draining: the writer never blocks on, or dies of, a pipe nobody reads.
+                let Some(out) = out.as_mut() else { continue };
                 if let Err(e) = out.write(&buf[..n]) {
-                    tracing::warn!("console {}: {e}", path.display());
-                    return;
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!("{}: {e} ({failures} chunks dropped)", path.display());
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -333,5 +399,44 @@ mod tests {
         // The older file ends where the current one begins.
         let joined = older + &current;
         assert!(joined.contains("line 00998\nline 00999\n"));
+    }
+
+    /// A process's messages go through a pipe into a bounded file; once it exited, the
+    /// handle says when its last words are in, and a flood leaves two files at most.
+    #[tokio::test]
+    async fn a_process_log_is_a_bounded_copy_that_catches_up_with_its_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "head -c 3000000 /dev/zero | tr '\\0' y >&2; echo; echo last words >&2",
+        ]);
+        let copied = log_to_pipe(&mut cmd, &log).unwrap();
+        let status = cmd.spawn().unwrap().wait().await.unwrap();
+        drop(cmd);
+        assert!(status.success());
+        assert!(
+            copied.wait(std::time::Duration::from_secs(10)),
+            "the copy never ended"
+        );
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let older = dir.path().join("vmm.log.1");
+        assert!(size(&log) <= VMM_LOG_LIMIT && size(&older) == VMM_LOG_LIMIT);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        let current = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            current.ends_with("\nlast words\n"),
+            "{:?}",
+            &current[current.len() - 40..]
+        );
+        // A copy with no pipe at all counts as ended at once.
+        let none = spawn_copier(
+            Err(std::io::Error::other("no pipe")),
+            dir.path().join("x"),
+            1,
+            None,
+        );
+        assert!(none.wait(std::time::Duration::ZERO));
     }
 }

@@ -48,6 +48,8 @@ pub fn new_vm(
         vsock_uds: run_dir.join("vsock.sock"),
         console_log: run_dir.join("console.log"),
         vmm_log: run_dir.join(vmm_log),
+        vmm_log_copy: None,
+        console_copy: None,
         accel,
         times: LaunchTimes {
             started,
@@ -98,7 +100,7 @@ pub async fn spawn_virtiofsd(
         what: "virtiofsd",
         source,
     };
-    configure(&mut fs, &log).map_err(spawn_err)?;
+    let copied = configure(&mut fs, &log).map_err(spawn_err)?;
     let listener = match &shared.userns {
         Some(ns) => {
             let l = std::os::unix::net::UnixListener::bind(socket)
@@ -129,7 +131,7 @@ pub async fn spawn_virtiofsd(
         }
     };
     let child = fs.spawn().map_err(spawn_err)?;
-    vm.procs.push_backend(child, "virtiofsd", &log);
+    vm.procs.push_backend(child, "virtiofsd", &log, copied);
     // virtiofsd holds the listener now.
     drop(listener);
     wait_for_socket(&mut vm.procs, socket, &log).await
@@ -147,13 +149,12 @@ pub async fn wait_for_socket(
         if socket.exists() {
             return Ok(());
         }
-        if let Some(b) = procs.backends.last_mut() {
-            if let Ok(Some(status)) = b.try_wait() {
-                return Err(HypervisorError::BackendNotReady {
-                    after: BACKEND_READY_TIMEOUT,
-                    detail: format!("it exited with {status}: {}", tail_lines(log, 5)),
-                });
-            }
+        let exited = procs.backends.last_mut().map(|b| b.try_wait());
+        if let Some(Ok(Some(status))) = exited {
+            return Err(HypervisorError::BackendNotReady {
+                after: BACKEND_READY_TIMEOUT,
+                detail: format!("it exited with {status}: {}", procs.last_backend_log(5)),
+            });
         }
         if Instant::now() >= deadline {
             return Err(HypervisorError::BackendNotReady {

@@ -32,12 +32,21 @@ pub enum MemctlError {
     Io(#[from] std::io::Error),
     #[error("the VMM did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the VMM's reply is not what was asked for: {0}")]
+    // Their text is the VMM's (a QMP `desc`, a line it sent, cocoon-vmm's `error`): a VMM
+    // a guest took over chooses it, so it is cut and its control characters escaped
+    // wherever it is shown (errors, logs).
+    #[error("the VMM's reply is not what was asked for: {}", vmm_text(.0))]
     BadReply(String),
-    #[error("the VMM refused: {0}")]
+    #[error("the VMM refused: {}", vmm_text(.0))]
     Refused(String),
-    #[error("the VMM has no such device: {0}")]
+    #[error("the VMM has no such device: {}", vmm_text(.0))]
     NotFound(String),
+}
+
+/// Text the VMM chose, as the shim shows it: cut to a line of reasonable length, no
+/// control characters.
+fn vmm_text(s: &str) -> String {
+    crate::agent_reply::error_message(s)
 }
 
 /// How the shim reaches a VM's virtio-mem device.
@@ -384,6 +393,29 @@ pub(crate) mod tests {
         let e = ctl.request(128, d).await.unwrap_err();
         assert!(matches!(e, MemctlError::Timeout(_)), "{e:?}");
         drop(hold);
+    }
+
+    #[test]
+    fn the_vmms_words_are_cut_and_escaped_where_shown() {
+        let forged = format!("ok\n\x1b[2J{}", "y".repeat(60_000));
+        for e in [
+            MemctlError::Refused(forged.clone()),
+            MemctlError::NotFound(forged.clone()),
+            MemctlError::BadReply(forged.clone()),
+        ] {
+            let shown = e.to_string();
+            assert!(
+                !shown.chars().any(char::is_control),
+                "a control character in {:?}",
+                &shown[..80]
+            );
+            assert!(shown.contains("ok\\n\\u{1b}[2J"), "{:?}", &shown[..80]);
+            assert!(
+                shown.len() < 5000 && shown.ends_with("bytes cut)"),
+                "{}",
+                shown.len()
+            );
+        }
     }
 
     #[tokio::test]

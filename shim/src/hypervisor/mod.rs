@@ -248,6 +248,10 @@ pub struct Vm {
     pub console_log: PathBuf,
     /// The VMM's own messages (its stderr): why it exited, when it did.
     pub vmm_log: PathBuf,
+    /// The copies into `vmm_log` and `console_log`, which a report of the VM's exit
+    /// lets catch up first.
+    pub(crate) vmm_log_copy: Option<console::Copied>,
+    pub(crate) console_copy: Option<console::Copied>,
     /// What runs guest code, for reports: "kvm", "tcg".
     pub accel: &'static str,
     pub times: LaunchTimes,
@@ -301,14 +305,26 @@ impl Vm {
         self.procs.pids()
     }
 
-    /// The last `max_lines` lines of the guest console, for error reports.
+    /// The last `max_lines` lines of the guest console, for error reports; once the
+    /// copy has caught up if the VMM has exited.
     pub fn console_tail(&self, max_lines: usize) -> String {
+        self.settle(self.console_copy.as_ref());
         tail_lines(&self.console_log, max_lines)
     }
 
-    /// The last `max_lines` lines of the VMM's own log, for error reports.
+    /// The last `max_lines` lines of the VMM's own log, for error reports; once the
+    /// copy has caught up if the VMM has exited.
     pub fn vmm_log_tail(&self, max_lines: usize) -> String {
+        self.settle(self.vmm_log_copy.as_ref());
         tail_lines(&self.vmm_log, max_lines)
+    }
+
+    /// Lets `copy` finish (bounded) when the VMM has exited: its last words are then
+    /// all in the file.
+    fn settle(&self, copy: Option<&console::Copied>) {
+        if let (Some(c), true) = (copy, self.procs.vmm_exited()) {
+            c.wait(console::COPY_SETTLE);
+        }
     }
 
     /// Stops the VM: waits up to `grace` for the VMM to exit by itself (after
@@ -348,8 +364,28 @@ pub fn tail_lines(path: &Path, max_lines: usize) -> String {
     let _ = f.take(64 * 1024).read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(max_lines)..].join("\n")
+    // What the guest or a VMM it took over wrote reaches errors and logs: each line is
+    // cut and its control characters (a terminal's escapes, a carriage return that
+    // would hide what comes before it) written out.
+    lines[lines.len().saturating_sub(max_lines)..]
+        .iter()
+        .map(|l| {
+            let mut end = l.len().min(TAIL_LINE_MAX);
+            while !l.is_char_boundary(end) {
+                end -= 1;
+            }
+            let mut shown = crate::agent_reply::escape_controls(&l[..end]);
+            if end < l.len() {
+                shown.push('…');
+            }
+            shown
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
+
+/// The most of one log line an error report shows.
+const TAIL_LINE_MAX: usize = 512;
 
 /// Launches VMs.
 #[async_trait]
@@ -499,6 +535,14 @@ mod tests {
         let p = d.path().join("log");
         std::fs::write(&p, "a\nb\nc\nd\n").unwrap();
         assert_eq!(tail_lines(&p, 2), "c\nd");
+        // Written by the guest or its VMM: cut per line, control characters escaped.
+        std::fs::write(&p, format!("x\r\x1b[31mred\n{}\n", "z".repeat(5000))).unwrap();
+        let t = tail_lines(&p, 2);
+        assert!(t.starts_with("x\\r\\u{1b}[31mred\n"), "{t:?}");
+        assert_eq!(
+            t.lines().nth(1).unwrap(),
+            format!("{}…", "z".repeat(TAIL_LINE_MAX))
+        );
         assert_eq!(tail_lines(&d.path().join("none"), 2), "");
     }
 }

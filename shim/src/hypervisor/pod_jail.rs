@@ -88,20 +88,21 @@ fn kvm_group(uid: u32) -> Result<u32, HypervisorError> {
     )))
 }
 
-/// Makes the socket directory (`root:<pod gid>`, 0770) the backends create their
-/// sockets in: virtiofsd as root, the vsock backend as the pod's uid. Only this pod's
-/// processes can change it; the shim never connects through it (its own socket to the
+/// Makes the socket directory (`root:<pod gid>`, 0750) of the pod's vhost-user sockets,
+/// which root makes (the shim for the vsock backend and a virtiofsd in a user
+/// namespace, virtiofsd itself otherwise) and the pod's uid connects to. No process of
+/// the pod can write it, and the shim never connects through it (its own socket to the
 /// vsock backend is a listener it made in the root-owned run directory).
 pub fn make_socket_dir(dir: &Path, identity: &PodIdentity) -> Result<(), HypervisorError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
-        .mode(0o770)
+        .mode(0o750)
         .create(dir)
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))?;
     std::os::unix::fs::lchown(dir, None, Some(identity.uid))
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))?;
     // The mode again: mkdir applied the umask.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
         .map_err(|e| HypervisorError::RunDir(dir.into(), e))
 }
 
@@ -111,19 +112,6 @@ pub fn make_socket_dir(dir: &Path, identity: &PodIdentity) -> Result<(), Hypervi
 /// processes can change.
 pub fn unix_listener(path: &Path) -> Result<std::os::unix::net::UnixListener, HypervisorError> {
     std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| HypervisorError::RunDir(path.into(), e))
-}
-
-/// Creates `path` (0600, new) for the pod uid to write: cocoon-vmm's capped console
-/// file. The run directory stays root's, so the file cannot be swapped for a link.
-pub fn file_for_pod(path: &Path, identity: &PodIdentity) -> Result<(), HypervisorError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|_| std::os::unix::fs::lchown(path, Some(identity.uid), Some(identity.uid)))
         .map_err(|e| HypervisorError::RunDir(path.into(), e))
 }
 

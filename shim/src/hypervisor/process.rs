@@ -12,18 +12,14 @@ use tokio::process::{Child, Command};
 use super::HypervisorError;
 
 /// Prepares `cmd` so the child dies with the thread that spawned it, gets no
-/// stdin, and sends its output to `log`.
-pub(crate) fn configure(cmd: &mut Command, log: &Path) -> std::io::Result<()> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .kill_on_drop(true);
+/// stdin, and sends its output (stdout and stderr) through a pipe the shim copies into
+/// `log`, bounded ([`super::console::log_to_pipe`]): the process holds no file it could
+/// grow. The returned handle tells when the copy has caught up with a process that
+/// exited.
+pub(crate) fn configure(cmd: &mut Command, log: &Path) -> std::io::Result<super::console::Copied> {
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
     die_with_parent(cmd);
-    Ok(())
+    super::console::log_to_pipe(cmd, log)
 }
 
 /// Has `cmd`'s child SIGKILLed when the thread that spawned it dies: a VM's processes
@@ -124,16 +120,35 @@ pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorE
 pub struct VmProcesses {
     pub(crate) vmm: Option<Child>,
     pub(crate) backends: Vec<Child>,
-    /// For each of `backends`, what it is and the file its output goes to.
-    backend_logs: Vec<(&'static str, PathBuf)>,
+    /// For each of `backends`, what it is, the file its output goes to and the copy
+    /// into it.
+    backend_logs: Vec<(&'static str, PathBuf, super::console::Copied)>,
     vmm_status: Option<ExitStatus>,
 }
 
 impl VmProcesses {
-    /// Adds a device backend, named `what`, whose output goes to `log`.
-    pub(crate) fn push_backend(&mut self, child: Child, what: &'static str, log: &Path) {
+    /// Adds a device backend, named `what`, whose output is `copied` into `log`.
+    pub(crate) fn push_backend(
+        &mut self,
+        child: Child,
+        what: &'static str,
+        log: &Path,
+        copied: super::console::Copied,
+    ) {
         self.backends.push(child);
-        self.backend_logs.push((what, log.to_path_buf()));
+        self.backend_logs.push((what, log.to_path_buf(), copied));
+    }
+
+    /// The last `lines` of the last-added backend's log, once the copy caught up if it
+    /// has exited.
+    pub(crate) fn last_backend_log(&self, lines: usize) -> String {
+        self.backend_logs
+            .last()
+            .map(|(_, log, copied)| {
+                copied.wait(super::console::COPY_SETTLE);
+                super::tail_lines(log, lines)
+            })
+            .unwrap_or_default()
     }
 
     /// A device backend that has exited, if any: what it is, its pid, how it ended and
@@ -147,7 +162,10 @@ impl VmProcesses {
         let (what, log) = self
             .backend_logs
             .get(i)
-            .map(|(w, l)| (*w, super::tail_lines(l, lines)))
+            .map(|(w, l, copied)| {
+                copied.wait(super::console::COPY_SETTLE);
+                (*w, super::tail_lines(l, lines))
+            })
             .unwrap_or(("device backend", String::new()));
         Some(format!(
             "{what} (pid {pid}) exited ({status}); its log ends with:\n{log}"
@@ -173,6 +191,11 @@ impl VmProcesses {
             .filter_map(Child::id)
             .flat_map(|pid| std::iter::once(pid).chain(program_of_waiter(pid)))
             .collect()
+    }
+
+    /// Whether the VMM's exit has been seen ([`Self::try_vmm_exit`]).
+    pub(crate) fn vmm_exited(&self) -> bool {
+        self.vmm_status.is_some()
     }
 
     pub fn try_vmm_exit(&mut self) -> Option<ExitStatus> {

@@ -292,46 +292,54 @@ impl Qemu {
 
 impl Qemu {
     /// Starts the vsock backend (`cocoon-vmm vhost-user-vsock`) for `vm`. Jailed, it runs
-    /// as the pod's uid (`jail-exec`): it makes its vhost-user socket in the socket
-    /// directory, and accepts the shim's connections on a listener the shim made at
-    /// `vsock.sock` in the root-owned run directory and hands it, so the shim never
-    /// connects through a path the pod's processes can change. Unjailed, it jails
-    /// itself as root (namespaces, no capabilities) and binds its own listener.
+    /// as the pod's uid (`jail-exec`) with nothing of the host writable: the shim makes
+    /// both its listeners and hands them over, the vhost-user one QEMU connects to (in
+    /// the socket directory, given to the pod's uid) and the one at `vsock.sock` in the
+    /// root-owned run directory it accepts the shim's connections on, so the shim never
+    /// connects through a path the pod's processes can change and an escaped backend
+    /// cannot make files. Unjailed, it jails itself as root (namespaces, no
+    /// capabilities) and binds its own listeners.
     fn spawn_backend(&self, vm: &mut Vm, paths: &RunPaths) -> Result<(), HypervisorError> {
         let spawn_err = |source| HypervisorError::Spawn {
             what: "the vsock backend",
             source,
         };
         let mut backend = Command::new(&self.vmm_binary);
-        let mut listener = None;
+        let mut listeners = None;
         if let Some(identity) = &vm.identity {
             let jail = pod_jail::PodJail {
                 program: &self.vmm_binary,
                 read_only: vec![],
-                writable: vec![&paths.socket_dir],
+                writable: vec![],
                 identity,
                 kvm: false,
             };
             // Ends with the program: its arguments follow.
             backend.args(jail.command_prefix()?);
-            listener = Some(pod_jail::unix_listener(&paths.vsock_uds)?);
+            let vhost = pod_jail::unix_listener(&paths.vhost_socket)?;
+            // QEMU, as the pod's uid, connects to it.
+            pod_jail::give_socket(&paths.vhost_socket, identity)?;
+            listeners = Some((vhost, pod_jail::unix_listener(&paths.vsock_uds)?));
         }
         backend
             .args(["vhost-user-vsock", "--socket"])
             .arg(&paths.vhost_socket);
-        if let Some(l) = &listener {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(l);
-            backend.args(["--uds-fd", &fd.to_string(), "--jail", "off"]);
-            super::inherit_fd(&mut backend, fd);
+        if let Some((vhost, uds)) = &listeners {
+            let vhost = std::os::fd::AsRawFd::as_raw_fd(vhost);
+            let uds = std::os::fd::AsRawFd::as_raw_fd(uds);
+            backend.args(["--socket-fd", &vhost.to_string()]);
+            backend.args(["--uds-fd", &uds.to_string(), "--jail", "off"]);
+            super::inherit_fd(&mut backend, vhost);
+            super::inherit_fd(&mut backend, uds);
         }
         backend.arg("--uds-path").arg(&paths.vsock_uds);
         backend.args(["--guest-cid", &cocoon_protocol::GUEST_CID.to_string()]);
-        configure(&mut backend, &paths.backend_log).map_err(spawn_err)?;
+        let copied = configure(&mut backend, &paths.backend_log).map_err(spawn_err)?;
         let child = backend.spawn().map_err(spawn_err)?;
-        // The backend holds the listener now.
-        drop(listener);
+        // The backend holds the listeners now.
+        drop(listeners);
         vm.procs
-            .push_backend(child, "the vsock backend", &paths.backend_log);
+            .push_backend(child, "the vsock backend", &paths.backend_log, copied);
         Ok(())
     }
 }
@@ -404,10 +412,12 @@ impl super::Hypervisor for Qemu {
             None => Command::new(&self.binary),
         };
         qemu.args(&args);
-        configure(&mut qemu, &paths.qemu_log).map_err(|source| HypervisorError::Spawn {
-            what: "QEMU",
-            source,
-        })?;
+        vm.vmm_log_copy = Some(configure(&mut qemu, &paths.qemu_log).map_err(|source| {
+            HypervisorError::Spawn {
+                what: "QEMU",
+                source,
+            }
+        })?);
         if let Some(net) = &spec.net {
             net.inherit(&mut qemu);
         }
@@ -421,14 +431,13 @@ impl super::Hypervisor for Qemu {
         if self.confine && vm.identity.is_none() {
             super::process::drop_capabilities(&mut qemu);
         }
-        // Its stderr too: a guest can make QEMU complain without end.
+        // The console is its stdout, copied here; its stderr stays `configure`'s pipe.
         qemu.stdout(std::process::Stdio::piped());
-        qemu.stderr(std::process::Stdio::piped());
         let mut child = qemu.spawn().map_err(|source| HypervisorError::Spawn {
             what: "QEMU",
             source,
         })?;
-        use super::console::{spawn_copier, ConsoleWatch, CONSOLE_LIMIT, VMM_LOG_LIMIT};
+        use super::console::{spawn_copier, ConsoleWatch, CONSOLE_LIMIT};
         if let Some(out) = child.stdout.take() {
             let seen = std::sync::Arc::new(tokio::sync::Notify::new());
             vm.agent_ready = Some(seen.clone());
@@ -436,20 +445,12 @@ impl super::Hypervisor for Qemu {
                 marker: cocoon_protocol::READY_LINE.as_bytes(),
                 seen,
             };
-            spawn_copier(
+            vm.console_copy = Some(spawn_copier(
                 out.into_owned_fd(),
                 paths.console_log.clone(),
                 CONSOLE_LIMIT,
                 Some(watch),
-            );
-        }
-        if let Some(err) = child.stderr.take() {
-            spawn_copier(
-                err.into_owned_fd(),
-                paths.qemu_log.clone(),
-                VMM_LOG_LIMIT,
-                None,
-            );
+            ));
         }
         vm.procs.vmm = Some(child);
         // QEMU holds QMP's listener now.

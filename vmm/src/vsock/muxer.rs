@@ -672,7 +672,10 @@ impl AsRawFd for VsockMuxer {
 
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config.uds_path);
+        // An inherited listener's socket is its maker's.
+        if self.config.listener_fd.is_none() {
+            let _ = std::fs::remove_file(&self.config.uds_path);
+        }
     }
 }
 
