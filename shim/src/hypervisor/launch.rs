@@ -131,6 +131,8 @@ pub async fn spawn_virtiofsd(
         }
     };
     let child = fs.spawn().map_err(spawn_err)?;
+    // Its copies of the log pipe's write end: the copy ends when virtiofsd's do.
+    drop(fs);
     vm.procs.push_backend(child, "virtiofsd", &log, copied);
     // virtiofsd holds the listener now.
     drop(listener);
