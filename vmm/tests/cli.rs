@@ -135,14 +135,26 @@ fn serves_on_inherited_listeners_and_leaves_them() {
     drop(conn);
     let status = wait_exit(&mut child);
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "exit status {status}: {err}");
     assert!(socket.exists(), "the vhost-user socket was removed: {err}");
     assert!(uds.exists(), "the hybrid socket was removed: {err}");
 
     // A standard stream is no listener of ours.
     let out = Command::new(BIN)
-        .args(["vhost-user-vsock", "--jail", "off", "--socket-fd", "1", "--socket"])
+        .args([
+            "vhost-user-vsock",
+            "--jail",
+            "off",
+            "--socket-fd",
+            "1",
+            "--socket",
+        ])
         .arg(dir.path().join("x.sock"))
         .arg("--uds-path")
         .arg(dir.path().join("y.sock"))
