@@ -144,65 +144,47 @@ fn serves_on_inherited_listeners_and_leaves_them() {
     assert!(status.success(), "exit status {status}: {err}");
     assert!(socket.exists(), "the vhost-user socket was removed: {err}");
     assert!(uds.exists(), "the hybrid socket was removed: {err}");
+}
 
-    // A standard stream is no listener of ours.
-    let out = Command::new(BIN)
-        .args([
-            "vhost-user-vsock",
-            "--jail",
-            "off",
-            "--socket-fd",
-            "1",
-            "--socket",
-        ])
-        .arg(dir.path().join("x.sock"))
+/// The backend run with `args` before its two socket paths, to its end.
+fn backend_run(args: &[&str], socket: &Path, uds: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("vhost-user-vsock")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
         .arg("--uds-path")
-        .arg(dir.path().join("y.sock"))
+        .arg(uds)
         .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--socket-fd 1"), "stderr: {stderr}");
+        .unwrap()
 }
 
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["vhost-user-vsock", "--guest-cid", "2", "--socket"])
-        .arg(dir.path().join("v.sock"))
-        .arg("--uds-path")
-        .arg(dir.path().join("u.sock"))
-        .output()
-        .unwrap();
+    let (v, u) = (dir.path().join("v.sock"), dir.path().join("u.sock"));
+    let out = backend_run(&["--guest-cid", "2"], &v, &u);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("guest_cid"), "stderr: {stderr}");
 
+    // A standard stream is no listener of ours.
+    let out = backend_run(&["--jail", "off", "--socket-fd", "1"], &v, &u);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--socket-fd 1"), "stderr: {stderr}");
+
     // The hybrid socket path is a regular file: refuse to clobber it.
     let file = dir.path().join("file");
     std::fs::write(&file, b"keep me").unwrap();
-    let out = Command::new(BIN)
-        .args(["vhost-user-vsock", "--socket"])
-        .arg(dir.path().join("v.sock"))
-        .arg("--uds-path")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = backend_run(&[], &v, &file);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 
     // Same for the vhost-user socket path; the hybrid socket is not left behind.
-    let uds = dir.path().join("u.sock");
-    let out = Command::new(BIN)
-        .args(["vhost-user-vsock", "--socket"])
-        .arg(&file)
-        .arg("--uds-path")
-        .arg(&uds)
-        .output()
-        .unwrap();
+    let out = backend_run(&[], &file, &u);
     assert!(!out.status.success());
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
-    assert!(!uds.exists());
+    assert!(!u.exists());
 }
