@@ -119,6 +119,7 @@ impl AgentClient {
         let mut last = String::from("no attempt yet");
         loop {
             if let Some(status) = vm.try_exit_status() {
+                vm.settle_logs().await;
                 return Err(AgentError::VmExited {
                     status: status.to_string(),
                     vmm_log: vm.vmm_log_tail(20),
@@ -133,6 +134,7 @@ impl AgentClient {
                 let grace = Instant::now() + Duration::from_millis(500);
                 while Instant::now() < grace {
                     if let Some(status) = vm.try_exit_status() {
+                        vm.settle_logs().await;
                         return Err(AgentError::VmExited {
                             status: status.to_string(),
                             vmm_log: vm.vmm_log_tail(20),
@@ -142,6 +144,8 @@ impl AgentClient {
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                vm.settle_logs().await;
+                let what = vm.try_backend_exit().unwrap_or(what);
                 return Err(AgentError::BackendExited {
                     what,
                     console: vm.console_tail(20),

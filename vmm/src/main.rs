@@ -300,6 +300,12 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
         c.serial_out = Some(s.clone());
     }
     if let Some(fd) = a.serial_out_fd {
+        // Checked here, before the VMM opens descriptors of its own that a stale
+        // number could name.
+        // SAFETY: fcntl on a number only asks whether it is an open descriptor.
+        if fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            anyhow::bail!("--serial-out-fd {fd}: {}", std::io::Error::last_os_error());
+        }
         c.serial_out = None;
         c.serial_out_fd = Some(fd);
     }

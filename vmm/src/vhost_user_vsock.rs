@@ -271,11 +271,26 @@ pub fn serve(
     mut config: VsockConfig,
     jail: crate::jail::JailMode,
 ) -> Result<(), VhostUserVsockError> {
-    if let Some(fd) = socket_fd.filter(|fd| *fd <= 2) {
-        return Err(VhostUserVsockError::SocketFd(fd));
-    }
+    // Taken over first, before this process opens descriptors of its own a wrong
+    // number could name.
+    let inherited = match socket_fd {
+        Some(fd) if fd <= 2 => return Err(VhostUserVsockError::SocketFd(fd)),
+        Some(fd) => Some(
+            crate::vsock::muxer::inherited_listener(fd)
+                .map(Listener::from)
+                .map_err(|e| {
+                    VhostUserVsockError::Listen(vhost::vhost_user::Error::SocketError(e))
+                })?,
+        ),
+        None => None,
+    };
     let mut socket = socket.to_path_buf();
-    if let Some(keep) = crate::jail::prepare(jail, &mut [&mut socket, &mut config.uds_path])? {
+    // A self-jailed backend keeps the directory of a socket it binds, only.
+    let mut keep_dirs: Vec<&mut PathBuf> = vec![&mut config.uds_path];
+    if inherited.is_none() {
+        keep_dirs.push(&mut socket);
+    }
+    if let Some(keep) = crate::jail::prepare(jail, &mut keep_dirs)? {
         crate::jail::enter_as(jail, &keep)?;
     }
     let socket = socket.as_path();
@@ -307,10 +322,8 @@ pub fn serve(
             .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
             .map_err(VhostUserVsockError::RegisterListener)?;
     }
-    let mut listener = match socket_fd {
-        Some(fd) => crate::vsock::muxer::inherited_listener(fd)
-            .map(Listener::from)
-            .map_err(|e| VhostUserVsockError::Listen(vhost::vhost_user::Error::SocketError(e)))?,
+    let mut listener = match inherited {
+        Some(l) => l,
         None => {
             remove_stale_socket(socket)?;
             Listener::new(socket, false).map_err(VhostUserVsockError::Listen)?

@@ -650,6 +650,9 @@ async fn vm_boot(
     agent.shutdown().await?;
     let exited = vm.wait_exit(Duration::from_secs(10)).await;
     let shutdown = t.elapsed();
+    if console {
+        vm.settle_logs().await;
+    }
     let launch = vm.times.vmm_spawned - vm.times.started;
     let (started, spawned) = (vm.times.started, vm.times.vmm_spawned);
     let console_text =

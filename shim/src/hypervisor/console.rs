@@ -127,30 +127,29 @@ impl RotatingFile {
 pub const VMM_LOG_LIMIT: u64 = 1024 * 1024;
 
 /// The end of one copy [`spawn_copier`] runs. A process's last words are in the file
-/// only once the copy has read them: a report of its exit waits for that (bounded).
+/// only once the copy has read them: a report of its exit waits for that (bounded), and
+/// so does the removal of the run directory (a copy still rotating would put a file
+/// back in it).
 #[derive(Clone, Debug, Default)]
-pub struct Copied(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+pub struct Copied(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
 impl Copied {
     fn finish(&self) {
-        let (done, cv) = &*self.0;
-        *done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
-        cv.notify_all();
+        self.0.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Waits up to `limit` for the copy to end (every writer closed the pipe, or the copy
-    /// gave up); whether it has.
-    pub fn wait(&self, limit: std::time::Duration) -> bool {
-        let (done, cv) = &*self.0;
-        let guard = done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (guard, _) = cv
-            .wait_timeout_while(guard, limit, |done| !*done)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *guard
+    /// Whether the copy has ended: every writer closed the pipe, or the copy gave up.
+    pub fn is_done(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits, without holding up the runtime's threads, for the copy to end or `until`
+    /// to pass; whether it ended.
+    pub async fn settled(&self, until: std::time::Instant) -> bool {
+        while !self.is_done() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        self.is_done()
     }
 }
 
@@ -416,10 +415,8 @@ mod tests {
         let status = cmd.spawn().unwrap().wait().await.unwrap();
         drop(cmd);
         assert!(status.success());
-        assert!(
-            copied.wait(std::time::Duration::from_secs(10)),
-            "the copy never ended"
-        );
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        assert!(copied.settled(until).await, "the copy never ended");
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let older = dir.path().join("vmm.log.1");
         assert!(size(&log) <= VMM_LOG_LIMIT && size(&older) == VMM_LOG_LIMIT);
@@ -437,6 +434,6 @@ mod tests {
             1,
             None,
         );
-        assert!(none.wait(std::time::Duration::ZERO));
+        assert!(none.is_done());
     }
 }

@@ -155,7 +155,10 @@ pub async fn wait_for_socket(
         if let Some(Ok(Some(status))) = exited {
             return Err(HypervisorError::BackendNotReady {
                 after: BACKEND_READY_TIMEOUT,
-                detail: format!("it exited with {status}: {}", procs.last_backend_log(5)),
+                detail: format!(
+                    "it exited with {status}: {}",
+                    procs.last_backend_log(5).await
+                ),
             });
         }
         if Instant::now() >= deadline {

@@ -305,26 +305,32 @@ impl Vm {
         self.procs.pids()
     }
 
-    /// The last `max_lines` lines of the guest console, for error reports; once the
-    /// copy has caught up if the VMM has exited.
+    /// The last `max_lines` lines of the guest console, for error reports (after
+    /// [`Self::settle_logs`] where the VM has exited).
     pub fn console_tail(&self, max_lines: usize) -> String {
-        self.settle(self.console_copy.as_ref());
         tail_lines(&self.console_log, max_lines)
     }
 
-    /// The last `max_lines` lines of the VMM's own log, for error reports; once the
-    /// copy has caught up if the VMM has exited.
+    /// The last `max_lines` lines of the VMM's own log, for error reports (after
+    /// [`Self::settle_logs`] where the VM has exited).
     pub fn vmm_log_tail(&self, max_lines: usize) -> String {
-        self.settle(self.vmm_log_copy.as_ref());
         tail_lines(&self.vmm_log, max_lines)
     }
 
-    /// Lets `copy` finish (bounded) when the VMM has exited: its last words are then
-    /// all in the file.
-    fn settle(&self, copy: Option<&console::Copied>) {
-        if let (Some(c), true) = (copy, self.procs.vmm_exited()) {
-            c.wait(console::COPY_SETTLE);
+    /// Lets the copies of what exited processes wrote (the VMM's console and log, a
+    /// backend's log) catch up, for at most [`console::COPY_SETTLE`]: their last words,
+    /// often the reason, are then in the files.
+    pub async fn settle_logs(&mut self) {
+        let until = Instant::now() + console::COPY_SETTLE;
+        if self.procs.try_vmm_exit().is_some() {
+            for c in [&self.vmm_log_copy, &self.console_copy]
+                .into_iter()
+                .flatten()
+            {
+                c.settled(until).await;
+            }
         }
+        self.procs.settle_exited_backends(until).await;
     }
 
     /// Stops the VM: waits up to `grace` for the VMM to exit by itself (after
@@ -332,6 +338,15 @@ impl Vm {
     /// the run directory. Returns how the VMM ended.
     pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
         let status = self.procs.stop(grace).await;
+        // Every writer is gone: the copies end at once, and none may rotate a file back
+        // into the directory while it is removed.
+        let until = Instant::now() + console::COPY_SETTLE;
+        let copies = [&self.vmm_log_copy, &self.console_copy]
+            .into_iter()
+            .flatten();
+        for c in copies.chain(self.procs.backend_copies()) {
+            c.settled(until).await;
+        }
         remove_run_dir(&self.run_dir);
         status
     }
@@ -345,9 +360,17 @@ impl Drop for Vm {
 }
 
 fn remove_run_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
+    // A log copy that has not yet seen its pipe close (a `Vm` dropped, not stopped) may
+    // rotate a file back in while the directory is emptied: the removal is tried again.
+    let mut tries = 0;
+    while let Err(e) = std::fs::remove_dir_all(dir) {
+        tries += 1;
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return;
+        }
+        if e.kind() != std::io::ErrorKind::DirectoryNotEmpty || tries == 3 {
             tracing::warn!("cannot remove VM run directory {}: {e}", dir.display());
+            return;
         }
     }
 }

@@ -139,16 +139,34 @@ impl VmProcesses {
         self.backend_logs.push((what, log.to_path_buf(), copied));
     }
 
-    /// The last `lines` of the last-added backend's log, once the copy caught up if it
-    /// has exited.
-    pub(crate) fn last_backend_log(&self, lines: usize) -> String {
-        self.backend_logs
-            .last()
-            .map(|(_, log, copied)| {
-                copied.wait(super::console::COPY_SETTLE);
-                super::tail_lines(log, lines)
-            })
-            .unwrap_or_default()
+    /// The last `lines` of the last-added backend's log, once its copy caught up
+    /// (bounded): it has exited.
+    pub(crate) async fn last_backend_log(&self, lines: usize) -> String {
+        let Some((_, log, copied)) = self.backend_logs.last() else {
+            return String::new();
+        };
+        copied
+            .settled(std::time::Instant::now() + super::console::COPY_SETTLE)
+            .await;
+        super::tail_lines(log, lines)
+    }
+
+    /// Lets the log copies of the backends that have exited catch up, until `until`.
+    pub(crate) async fn settle_exited_backends(&mut self, until: std::time::Instant) {
+        let mut exited = Vec::new();
+        for (b, (_, _, copied)) in self.backends.iter_mut().zip(&self.backend_logs) {
+            if matches!(b.try_wait(), Ok(Some(_))) {
+                exited.push(copied.clone());
+            }
+        }
+        for c in exited {
+            c.settled(until).await;
+        }
+    }
+
+    /// Every backend's log copy.
+    pub(crate) fn backend_copies(&self) -> impl Iterator<Item = &super::console::Copied> {
+        self.backend_logs.iter().map(|(_, _, c)| c)
     }
 
     /// A device backend that has exited, if any: what it is, its pid, how it ended and
@@ -162,10 +180,7 @@ impl VmProcesses {
         let (what, log) = self
             .backend_logs
             .get(i)
-            .map(|(w, l, copied)| {
-                copied.wait(super::console::COPY_SETTLE);
-                (*w, super::tail_lines(l, lines))
-            })
+            .map(|(w, l, _)| (*w, super::tail_lines(l, lines)))
             .unwrap_or(("device backend", String::new()));
         Some(format!(
             "{what} (pid {pid}) exited ({status}); its log ends with:\n{log}"
@@ -191,11 +206,6 @@ impl VmProcesses {
             .filter_map(Child::id)
             .flat_map(|pid| std::iter::once(pid).chain(program_of_waiter(pid)))
             .collect()
-    }
-
-    /// Whether the VMM's exit has been seen ([`Self::try_vmm_exit`]).
-    pub(crate) fn vmm_exited(&self) -> bool {
-        self.vmm_status.is_some()
     }
 
     pub fn try_vmm_exit(&mut self) -> Option<ExitStatus> {

@@ -515,7 +515,7 @@ impl Sandbox {
     /// every process and removes the share.
     pub async fn stop(&self) {
         let t = std::time::Instant::now();
-        let Some(vm) = self.vm.lock().await.take() else {
+        let Some(mut vm) = self.vm.lock().await.take() else {
             return;
         };
         // A stop ends the processes on purpose: not a loss to report.
@@ -525,6 +525,9 @@ impl Sandbox {
         // as soon as the agent's connection drops).
         let died = self.lost().is_some() || self.pids.iter().any(|&p| !running(p));
         if died {
+            // The console's last lines (a panic, say) are in the file once the copy
+            // has caught up with the VMM's end.
+            vm.settle_logs().await;
             if let Some(run_root) = self.run_dir.parent() {
                 keep_console(run_root, &self.id, &self.run_dir.join("console.log"));
             }
