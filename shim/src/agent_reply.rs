@@ -64,15 +64,21 @@ fn strings<'a>(what: &str, all: impl IntoIterator<Item = &'a String>) -> Result<
 /// characters escaped (`\n`, `\u{1b}`): the text is the guest's, and it goes into the
 /// shim's log lines and containerd's errors, where a raw newline would forge a line.
 pub fn error_message(message: &str) -> String {
-    let mut end = message.len().min(MAX_ERROR_MESSAGE);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut out = escape_controls(&message[..end]);
-    if end < message.len() {
-        out.push_str(&format!("… ({} bytes cut)", message.len() - end));
+    let kept = cut(message, MAX_ERROR_MESSAGE);
+    let mut out = escape_controls(kept);
+    if kept.len() < message.len() {
+        out.push_str(&format!("… ({} bytes cut)", message.len() - kept.len()));
     }
     out
+}
+
+/// The longest start of `s` of at most `max` bytes that ends at a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// `s` with its control characters written as Rust escapes, the rest as it is.

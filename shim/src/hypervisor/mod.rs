@@ -317,16 +317,21 @@ impl Vm {
         tail_lines(&self.vmm_log, max_lines)
     }
 
+    /// The copies of the VMM's own pipes: its log and, where the shim copies it, the
+    /// console.
+    fn vmm_copies(&self) -> impl Iterator<Item = &console::Copied> {
+        [&self.vmm_log_copy, &self.console_copy]
+            .into_iter()
+            .flatten()
+    }
+
     /// Lets the copies of what exited processes wrote (the VMM's console and log, a
     /// backend's log) catch up, for at most [`console::COPY_SETTLE`]: their last words,
     /// often the reason, are then in the files.
     pub async fn settle_logs(&mut self) {
         let until = Instant::now() + console::COPY_SETTLE;
         if self.procs.try_vmm_exit().is_some() {
-            for c in [&self.vmm_log_copy, &self.console_copy]
-                .into_iter()
-                .flatten()
-            {
+            for c in self.vmm_copies() {
                 c.settled(until).await;
             }
         }
@@ -341,10 +346,7 @@ impl Vm {
         // Every writer is gone: the copies end at once, and none may rotate a file back
         // into the directory while it is removed.
         let until = Instant::now() + console::COPY_SETTLE;
-        let copies = [&self.vmm_log_copy, &self.console_copy]
-            .into_iter()
-            .flatten();
-        for c in copies.chain(self.procs.backend_copies()) {
+        for c in self.vmm_copies().chain(self.procs.backend_copies()) {
             c.settled(until).await;
         }
         remove_run_dir(&self.run_dir);
@@ -393,12 +395,9 @@ pub fn tail_lines(path: &Path, max_lines: usize) -> String {
     lines[lines.len().saturating_sub(max_lines)..]
         .iter()
         .map(|l| {
-            let mut end = l.len().min(TAIL_LINE_MAX);
-            while !l.is_char_boundary(end) {
-                end -= 1;
-            }
-            let mut shown = crate::agent_reply::escape_controls(&l[..end]);
-            if end < l.len() {
+            let kept = crate::agent_reply::cut(l, TAIL_LINE_MAX);
+            let mut shown = crate::agent_reply::escape_controls(kept);
+            if kept.len() < l.len() {
                 shown.push('…');
             }
             shown
