@@ -254,6 +254,18 @@ struct RunArgs {
     stats: bool,
 }
 
+/// Checks that a descriptor named on the command line is open. Done while reading the
+/// flags, before the VMM opens descriptors of its own, which a stale number could name
+/// (and the VMM would then map, or close, as if it were the one meant). Numbers 0-2 are
+/// left to the config's own check, which refuses them.
+fn inherited_is_open(flag: &str, fd: i32) -> anyhow::Result<()> {
+    // SAFETY: fcntl on a number only asks whether it is an open descriptor.
+    if fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        anyhow::bail!("{flag} {fd}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<VmConfig>> {
     let mut c = match (&a.config, &a.kernel, template) {
         (_, _, Some(t)) => {
@@ -300,12 +312,7 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
         c.serial_out = Some(s.clone());
     }
     if let Some(fd) = a.serial_out_fd {
-        // Checked here, before the VMM opens descriptors of its own that a stale
-        // number could name.
-        // SAFETY: fcntl on a number only asks whether it is an open descriptor.
-        if fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            anyhow::bail!("--serial-out-fd {fd}: {}", std::io::Error::last_os_error());
-        }
+        inherited_is_open("--serial-out-fd", fd)?;
         c.serial_out = None;
         c.serial_out_fd = Some(fd);
     }
@@ -316,14 +323,16 @@ fn vm_config(a: &RunArgs, template: Option<&VmConfig>) -> anyhow::Result<Option<
             listener_fd: a.vsock_uds_fd,
         });
     }
-    if a.kvm_fd.is_some() {
-        c.kvm_fd = a.kvm_fd;
+    if let Some(fd) = a.kvm_fd {
+        inherited_is_open("--kvm-fd", fd)?;
+        c.kvm_fd = Some(fd);
     }
     if let Some(h) = a.huge_pages {
         c.huge_pages = h;
     }
-    if a.mem_fd.is_some() {
-        c.mem_fd = a.mem_fd;
+    if let Some(fd) = a.mem_fd {
+        inherited_is_open("--mem-fd", fd)?;
+        c.mem_fd = Some(fd);
     }
     for d in &a.disk {
         let (path, read_only) = match d.strip_suffix(",ro") {

@@ -1,5 +1,6 @@
 //! The `cocoon-vmm vhost-user-vsock` process as the shim uses it: readiness by socket
-//! file, one frontend, clean exit and cleanup when it goes away.
+//! file, one frontend, clean exit and cleanup when it goes away; and what `run` refuses
+//! of its flags before it touches KVM.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -187,4 +188,28 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!out.status.success());
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     assert!(!u.exists());
+}
+
+#[test]
+fn descriptors_named_but_not_open_are_refused_by_flag() {
+    // Checked as the flags are read, before the VMM opens descriptors of its own that a
+    // stale number could name; no /dev/kvm is needed to get this far.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    for flag in ["--mem-fd", "--kvm-fd", "--serial-out-fd"] {
+        let out = Command::new(BIN)
+            .arg("run")
+            .arg("--kernel")
+            .arg(&kernel)
+            .args([flag, "900"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{flag} 900: Bad file descriptor")),
+            "{flag}: {stderr}"
+        );
+    }
 }
