@@ -184,14 +184,21 @@ fn attach_console() {
 /// Keep info quiet: every console byte is a VM exit under emulation.
 pub fn setup_logging(cmdline: &str) {
     let level = crate::cmdline::value(cmdline, "cocoon.log").unwrap_or("info");
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .without_time()
-        .try_init();
+        .without_time();
+    // A plain level, the usual case, needs no directive parser: under TCG that code,
+    // run once at every boot, cost about as much as the rest of the logging set-up.
+    let _ = match level.parse::<tracing::level_filters::LevelFilter>() {
+        Ok(max) => fmt.with_max_level(max).try_init(),
+        Err(_) => fmt
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_new(level)
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .try_init(),
+    };
 }
 
 /// Mounts configfs at `/sys/kernel/config`, where the kernel's TSM reports (the guest's

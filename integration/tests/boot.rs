@@ -41,7 +41,8 @@ fn assert_clean(run_root: &std::path::Path, pids: &[u32]) {
 #[test]
 fn boot_roundtrip_health_version_details() {
     let run = tempfile::tempdir().unwrap();
-    let config = test_config(run.path(), BOOT);
+    let mut config = test_config(run.path(), BOOT);
+    config.vm.kernel_params = "cocoon.log=debug".into();
     rt().block_on(async {
         let hv = hypervisor::from_config(&config).unwrap();
         let mut vm = hv
@@ -184,6 +185,34 @@ fn boot_roundtrip_health_version_details() {
         .await
         .unwrap();
         second.check().await.unwrap();
+
+        // With `cocoon.log=debug` the agent maps its start on the console, stage by
+        // stage (the copy of the console may trail the guest a little).
+        let stages = [
+            "leave-initramfs=",
+            "early-init=",
+            "logging=",
+            "zygote=",
+            "state=",
+            "async-runtime=",
+            "tasks=",
+            "side-listeners=",
+            "ttrpc-server=",
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let console = std::fs::read_to_string(&vm.console_log).unwrap_or_default();
+            let line = console.lines().find(|l| l.contains("server listening"));
+            if let Some(l) = line.filter(|l| stages.iter().all(|s| l.contains(s))) {
+                assert!(l.contains(" stages=leave-initramfs="), "{l}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no map of the agent's start: {console}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // Shutdown powers the guest off by itself: QEMU exits 0.
         agent.shutdown().await.unwrap();
