@@ -320,6 +320,35 @@ fn four_vms_concurrently() {
     });
 }
 
+/// A pod's stop: the guest syncs and says so, and the host ends the VM with no grace.
+/// When the stop returns, nothing of the VM is left, not even a jailed program still
+/// dying of its waiter's end (which a SIGKILL of the waiters would leave).
+#[test]
+fn a_stopped_vm_is_gone_when_the_stop_returns() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "nograce"))
+            .await
+            .unwrap();
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        assert_eq!(pids.len(), 4, "two waiters and their programs: {pids:?}");
+        assert!(agent.sync_for_stop().await.unwrap(), "the guest synced");
+        vm.stop(Duration::ZERO).await.expect("the VMM reaped");
+        let left: Vec<_> = pids
+            .iter()
+            .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        assert!(left.is_empty(), "still there after the stop: {left:?}");
+        assert_clean(run.path(), &pids);
+    });
+}
+
 /// Puts a long poll (GetOomEvent) in flight, SIGKILLs `victim` (a process of
 /// the VM), and returns how the pending call failed, within 10 s.
 async fn kill_during_long_poll(agent: &AgentClient, victim: u32) -> AgentError {

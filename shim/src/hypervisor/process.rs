@@ -231,15 +231,7 @@ impl VmProcesses {
     /// Reaping is bounded too: a process stuck in the kernel (uninterruptible, e.g.
     /// inside KVM) does not die of SIGKILL, and the pod's teardown must not hang on it.
     /// Such a process is logged and left to tokio's orphan reaping.
-    ///
-    /// With no grace (a guest that synced its disks and said so, or a VM already lost)
-    /// everything is SIGKILLed at once and then reaped: the graceful path only waited,
-    /// for QEMU's own shutdown on SIGTERM (7-10 ms under TCG here) and then for each
-    /// backend to notice its frontend gone (2-6 ms more), with nothing left to save.
     pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
-        if grace.is_zero() {
-            return self.kill_and_reap().await;
-        }
         let mut status = self.wait_vmm_exit(grace).await;
         if status.is_none() {
             if let Some(c) = self.vmm.as_mut() {
@@ -255,26 +247,6 @@ impl VmProcesses {
                 tracing::warn!(pid = ?b.id(), "backend did not exit after the VMM; killing it");
                 let _ = terminate(b, "a backend").await;
             }
-        }
-        self.vmm = None;
-        self.backends.clear();
-        self.backend_logs.clear();
-        status
-    }
-
-    async fn kill_and_reap(&mut self) -> Option<ExitStatus> {
-        let mut status = self.try_vmm_exit();
-        for c in self.vmm.iter_mut().chain(self.backends.iter_mut()) {
-            // An error here is a child already reaped: nothing to kill.
-            let _ = c.start_kill();
-        }
-        if status.is_none() {
-            if let Some(c) = self.vmm.as_mut() {
-                status = reap(c, "the VMM").await;
-            }
-        }
-        for b in &mut self.backends {
-            let _ = reap(b, "a backend").await;
         }
         self.vmm = None;
         self.backends.clear();
@@ -370,7 +342,6 @@ async fn reap(child: &mut tokio::process::Child, what: &str) -> Option<ExitStatu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
 
     /// A child that, sent SIGTERM, leaves `marker` behind and exits 0, as a VMM's own
     /// shutdown would. (Short sleeps: a killed shell's last one outlives it briefly.)
@@ -387,8 +358,10 @@ mod tests {
             .unwrap()
     }
 
+    /// Even with no grace to exit by itself, a VMM is asked to shut down (SIGTERM)
+    /// before it is killed, and so is a backend that outlives it.
     #[tokio::test]
-    async fn no_grace_kills_every_process_at_once_and_reaps_them() {
+    async fn a_stop_lets_the_vmm_and_backends_shut_down_by_themselves() {
         let dir = tempfile::tempdir().unwrap();
         let (vmm_mark, backend_mark) = (dir.path().join("vmm"), dir.path().join("backend"));
         let mut procs = VmProcesses {
@@ -397,27 +370,12 @@ mod tests {
             ..Default::default()
         };
         let pids = procs.pids();
-        let status = procs.stop(Duration::ZERO).await.expect("the VMM reaped");
-        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
-        // Neither was asked to shut down by itself, and none is left.
-        assert!(!vmm_mark.exists() && !backend_mark.exists());
+        let status = procs.stop(Duration::ZERO).await.expect("reaped");
+        assert!(status.success(), "{status}");
+        assert!(vmm_mark.exists() && backend_mark.exists());
         for pid in pids {
             assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{pid} left");
         }
         assert!(procs.vmm.is_none() && procs.backends.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_grace_lets_the_vmm_shut_down_by_itself() {
-        let dir = tempfile::tempdir().unwrap();
-        let vmm_mark = dir.path().join("vmm");
-        let mut procs = VmProcesses {
-            vmm: Some(graceful(&vmm_mark)),
-            ..Default::default()
-        };
-        // It does not exit within the grace, so it gets SIGTERM and its shutdown.
-        let status = procs.stop(Duration::from_millis(50)).await.expect("reaped");
-        assert!(status.success(), "{status}");
-        assert!(vmm_mark.exists());
     }
 }
