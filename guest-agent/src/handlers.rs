@@ -709,11 +709,28 @@ impl Agent for AgentService {
             if !grace.is_zero() {
                 state.containers.terminate_all(grace).await;
             }
-            let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
-            std::thread::spawn(|| {
-                std::thread::sleep(HOST_ENDS_VM_BACKSTOP);
-                power::power_off();
-            });
+            // One thread syncs and then stays as the backstop: under TCG each thread
+            // started (and its code run for the first time) costs milliseconds of every
+            // pod's stop, and this call had two, the blocking pool's and the backstop's.
+            let (synced_tx, synced) = tokio::sync::oneshot::channel();
+            let backstop = std::thread::Builder::new()
+                .name("power-backstop".into())
+                .spawn(move || {
+                    nix::unistd::sync();
+                    let _ = synced_tx.send(());
+                    std::thread::sleep(HOST_ENDS_VM_BACKSTOP);
+                    power::power_off();
+                });
+            match backstop {
+                Ok(_) => {
+                    let _ = synced.await;
+                }
+                Err(e) => {
+                    // No thread to spare: sync here, and the host ends the VM.
+                    tracing::warn!("no backstop thread ({e}): syncing on the server");
+                    nix::unistd::sync();
+                }
+            }
             return Ok(Empty::new());
         }
         tokio::spawn(async move {

@@ -349,6 +349,35 @@ fn a_stopped_vm_is_gone_when_the_stop_returns() {
     });
 }
 
+/// A guest that synced for a host that said it would end the VM, and then did not (it
+/// went away, say), powers off by itself a few seconds later.
+#[test]
+fn a_guest_left_running_after_its_sync_powers_off_by_itself() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), BOOT);
+    rt().block_on(async {
+        let hv = hypervisor::from_config(&config).unwrap();
+        let mut vm = hv
+            .launch(&VmSpec::from_config(&config, "backstop"))
+            .await
+            .unwrap();
+        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let pids = vm.pids();
+        assert!(agent.sync_for_stop().await.unwrap(), "the guest synced");
+        // Still serving until the backstop ends it.
+        agent.check().await.unwrap();
+        let status = vm
+            .wait_exit(Duration::from_secs(60))
+            .await
+            .expect("the guest powered off by itself");
+        assert!(status.success(), "QEMU exit: {status}");
+        vm.stop(Duration::ZERO).await;
+        assert_clean(run.path(), &pids);
+    });
+}
+
 /// Puts a long poll (GetOomEvent) in flight, SIGKILLs `victim` (a process of
 /// the VM), and returns how the pending call failed, within 10 s.
 async fn kill_during_long_poll(agent: &AgentClient, victim: u32) -> AgentError {
