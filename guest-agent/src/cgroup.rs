@@ -261,6 +261,12 @@ impl Cgroup {
         }
     }
 
+    /// The file the kernel touches when it counts a memory event of this cgroup or one
+    /// below it (an OOM kill among them): what inotify watches for OOM reports.
+    pub fn events_file(&self) -> PathBuf {
+        self.path.join("memory.events")
+    }
+
     /// `oom_kill` count of memory.events (0 when unreadable).
     pub fn oom_kills(&self) -> u64 {
         self.read_keyed("memory.events")

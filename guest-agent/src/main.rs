@@ -281,18 +281,97 @@ fn serve_forwards(listen: &Listen) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reports OOM kills: polls each container's memory.events (cheap, and
-/// inotify on cgroup files is not worth a dependency for 100 ms).
+/// Reports OOM kills that do not end a container (a child killed while its init lives
+/// on; a kill that ends it is reported by the exit path first). Woken by the kernel: a
+/// cgroup's `memory.events` is modified (inotify) when it counts an OOM kill. It polled
+/// every 100 ms before, waking the guest's vCPU ten times a second in every pod: under
+/// TCG an idle pod's QEMU took 57 ticks of host CPU in 20 s with the poll and 16-19
+/// without.
 async fn watch_oom(state: Arc<handlers::AgentState>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .map_err(std::io::Error::from)
+        .and_then(|i| {
+            // SAFETY: the Inotify owns its descriptor, which stays open and keeps its
+            // number until the AsyncFd that owns the Inotify is dropped.
+            unsafe { tokio::io::unix::AsyncFd::register(InotifyFd(i)) }.map_err(Into::into)
+        });
+    let inotify = match inotify {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("no inotify for OOM events ({e}): polling every 100 ms");
+            return poll_oom(state).await;
+        }
+    };
+    // Each container watched once, as the instance it is (an id may come back).
+    let mut watched: std::collections::HashMap<String, std::sync::Weak<container::Container>> =
+        Default::default();
+    loop {
+        // Registered before the scan: a container added during it wakes the next wait.
+        let added = state.containers.added.notified();
+        let all = state.containers.all();
+        watched.retain(|id, w| {
+            all.iter()
+                .any(|c| &c.id == id && w.as_ptr() == Arc::as_ptr(c))
+        });
+        for c in &all {
+            if !watched.contains_key(&c.id) {
+                if let Some(cg) = c.cgroup() {
+                    let file = cg.events_file();
+                    if let Err(e) = inotify
+                        .get_ref()
+                        .0
+                        .add_watch(&file, AddWatchFlags::IN_MODIFY)
+                    {
+                        tracing::warn!("cannot watch {}: {e}", file.display());
+                    }
+                }
+                watched.insert(c.id.clone(), Arc::downgrade(c));
+            }
+            report_new_oom(&state, c);
+        }
+        tokio::select! {
+            _ = added => {}
+            ready = inotify.readable() => match ready {
+                Ok(mut guard) => {
+                    // What changed is read again above; the events only wake the scan.
+                    while guard.get_inner().0.read_events().is_ok() {}
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::warn!("inotify for OOM events failed ({e}): polling every 100 ms");
+                    return poll_oom(state).await;
+                }
+            },
+        }
+    }
+}
+
+/// An inotify instance as tokio's reactor takes it.
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// The fallback where inotify is not to be had.
+async fn poll_oom(state: Arc<handlers::AgentState>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         for c in state.containers.all() {
-            if c.new_oom_kill() {
-                tracing::info!(container = %c.id, "OOM kill");
-                state.oom_events.push(c.id.clone());
-            }
+            report_new_oom(&state, &c);
         }
+    }
+}
+
+fn report_new_oom(state: &handlers::AgentState, c: &container::Container) {
+    if c.new_oom_kill() {
+        tracing::info!(container = %c.id, "OOM kill");
+        state.oom_events.push(c.id.clone());
     }
 }
 

@@ -59,3 +59,35 @@ fn a_memory_limit_too_small_to_start_is_named() {
     }
     assert_clean(&env);
 }
+
+/// An OOM kill that does not end the container (a child of its init) is reported while
+/// the container runs on, as under runc: the agent hears of it from the kernel
+/// (inotify on the cgroup's `memory.events`), not from an exit.
+#[test]
+fn an_oom_kill_the_container_survives_is_reported_while_it_runs() {
+    let env = env();
+    let mut events = env
+        .containerd
+        .ctr_cmd(&["events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hog = "awk 'BEGIN { s = \"x\"; while (1) s = s s }'; echo survived; sleep 600";
+    run_detached(
+        &env,
+        "oom-child",
+        &["--memory-limit", "33554432"],
+        &["sh", "-c", hog],
+    );
+    let mut out = events.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut out, &mut seen, |s| {
+        s.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("oom-child"))
+    });
+    assert_eq!(task_status(&env, "oom-child"), "RUNNING");
+    let _ = events.kill();
+    let _ = events.wait();
+    kill_delete_clean(&env, "oom-child");
+}

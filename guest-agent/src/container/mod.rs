@@ -252,6 +252,8 @@ pub struct Containers {
     cgroup_root: Option<PathBuf>,
     /// Always use the no-pivot root switch (a dev-mode option for tests).
     no_pivot: bool,
+    /// Notified when a container is added (the OOM watcher watches its cgroup then).
+    pub added: tokio::sync::Notify,
 }
 
 impl ProcessLookup for Containers {
@@ -282,6 +284,7 @@ impl Containers {
             reaper,
             cgroup_root,
             no_pivot,
+            added: tokio::sync::Notify::new(),
         }
     }
 
@@ -369,6 +372,7 @@ impl Containers {
                 return Err(ContainerError::Exists(id.into()));
             }
             map.insert(id.to_string(), container.clone());
+            self.added.notify_one();
         }
         let netns_sysctls = net_sysctls::for_new_netns(&spec, Path::new("/proc/sys"));
         let req = HelperRequest {
