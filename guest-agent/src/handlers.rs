@@ -177,10 +177,18 @@ impl AgentService {
     /// OOM kill (each kill is reported once, by whoever sees it first).
     fn report_oom(&self, container_id: &str) {
         if let Ok(c) = self.containers().get(container_id) {
-            if c.new_oom_kill() {
-                tracing::info!(container = %container_id, "OOM kill");
-                self.state.oom_events.push(container_id.to_string());
-            }
+            self.state.report_new_oom(&c);
+        }
+    }
+}
+
+impl AgentState {
+    /// Publishes an OOM event for `c` if its cgroup counted a new OOM kill: the exit
+    /// paths and the OOM watcher both call this, and each kill is reported once.
+    pub fn report_new_oom(&self, c: &crate::container::Container) {
+        if c.new_oom_kill() {
+            tracing::info!(container = %c.id, "OOM kill");
+            self.oom_events.push(c.id.clone());
         }
     }
 }

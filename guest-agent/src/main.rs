@@ -328,7 +328,7 @@ async fn watch_oom(state: Arc<handlers::AgentState>) {
                 }
                 watched.insert(c.id.clone(), Arc::downgrade(c));
             }
-            report_new_oom(&state, c);
+            state.report_new_oom(c);
         }
         tokio::select! {
             _ = added => {}
@@ -363,15 +363,8 @@ async fn poll_oom(state: Arc<handlers::AgentState>) {
     loop {
         tick.tick().await;
         for c in state.containers.all() {
-            report_new_oom(&state, &c);
+            state.report_new_oom(&c);
         }
-    }
-}
-
-fn report_new_oom(state: &handlers::AgentState, c: &container::Container) {
-    if c.new_oom_kill() {
-        tracing::info!(container = %c.id, "OOM kill");
-        state.oom_events.push(c.id.clone());
     }
 }
 

@@ -38,20 +38,26 @@ fn assert_clean(run_root: &std::path::Path, pids: &[u32]) {
     assert!(left.is_empty(), "left in the run dir: {left:?}");
 }
 
+/// Launches VM `id` of `config` and waits for its agent.
+async fn boot(
+    config: &cocoon_shim::config::Config,
+    id: &str,
+) -> (cocoon_shim::hypervisor::Vm, AgentClient) {
+    let hv = hypervisor::from_config(config).unwrap();
+    let mut vm = hv.launch(&VmSpec::from_config(config, id)).await.unwrap();
+    let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
+        .await
+        .unwrap();
+    (vm, agent)
+}
+
 #[test]
 fn boot_roundtrip_health_version_details() {
     let run = tempfile::tempdir().unwrap();
     let mut config = test_config(run.path(), BOOT);
     config.vm.kernel_params = "cocoon.log=debug".into();
     rt().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "rt"))
-            .await
-            .unwrap();
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let (mut vm, agent) = boot(&config, "rt").await;
         // QEMU and the vsock backend, each PID 1 of its own PID namespace under the
         // waiter the shim started (`jail-exec --pid-ns`).
         let pids = vm.pids();
@@ -328,14 +334,7 @@ fn a_stopped_vm_is_gone_when_the_stop_returns() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
     rt().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "nograce"))
-            .await
-            .unwrap();
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let (vm, agent) = boot(&config, "nograce").await;
         let pids = vm.pids();
         assert_eq!(pids.len(), 4, "two waiters and their programs: {pids:?}");
         assert!(agent.sync_for_stop().await.unwrap(), "the guest synced");
@@ -356,14 +355,7 @@ fn a_guest_left_running_after_its_sync_powers_off_by_itself() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
     rt().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "backstop"))
-            .await
-            .unwrap();
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let (mut vm, agent) = boot(&config, "backstop").await;
         let pids = vm.pids();
         assert!(agent.sync_for_stop().await.unwrap(), "the guest synced");
         // Still serving until the backstop ends it.

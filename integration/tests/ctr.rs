@@ -413,13 +413,7 @@ fn bind_mounts_ro_and_rw() {
 #[test]
 fn oom_kill_exits_137_with_an_oom_event() {
     let env = env();
-    let mut events = env
-        .containerd
-        .ctr_cmd(&["events"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut events = ctr_events(&env);
     // PID 1 itself grows without bound (awk doubling a string), so it is
     // what the OOM killer takes, and the container exits 137.
     let hog = [

@@ -111,13 +111,7 @@ fn signals_match_runc() {
 #[test]
 fn exec_pids_pause_resume() {
     let env = env();
-    let mut events = env
-        .containerd
-        .ctr_cmd(&["events"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut events = ctr_events(&env);
     let mut limits = Vec::new();
     for rt in [RUNC, COCOON] {
         let id = if rt == RUNC {

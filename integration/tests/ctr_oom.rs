@@ -66,13 +66,7 @@ fn a_memory_limit_too_small_to_start_is_named() {
 #[test]
 fn an_oom_kill_the_container_survives_is_reported_while_it_runs() {
     let env = env();
-    let mut events = env
-        .containerd
-        .ctr_cmd(&["events"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut events = ctr_events(&env);
     let hog = "awk 'BEGIN { s = \"x\"; while (1) s = s s }'; echo survived; sleep 600";
     run_detached(
         &env,

@@ -20,13 +20,7 @@ fn forged_oom_events_reach_no_one_else_and_are_rate_limited() {
     let env = env_with("", "[debug]\nconsole = true\n");
     run_detached(&env, "bystander", &[], &["sleep", "1000"]);
     run_detached(&env, "forger", &[], &["sleep", "1000"]);
-    let mut events = env
-        .containerd
-        .ctr_cmd(&["events"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut events = ctr_events(&env);
 
     let forge = format!(
         "printf 'bystander\\nnever-existed\\nforger\\n' > /run/cocoon-forge-oom; \

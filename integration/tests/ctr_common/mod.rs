@@ -423,3 +423,13 @@ pub fn ctr_on_a_pty(env: &Env, args: &[&str]) -> (std::process::Child, std::fs::
         .unwrap();
     (child, pty.master.into())
 }
+
+/// `ctr events`, running: containerd's events from now on, one a line, on its stdout.
+pub fn ctr_events(env: &Env) -> std::process::Child {
+    env.containerd
+        .ctr_cmd(&["events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
