@@ -33,6 +33,7 @@ pub const DIR: &str = "+templates";
 /// guest's interface has it until the sandbox set-up gives it the pod's.
 pub const TEMPLATE_MAC: &str = "02:43:43:00:00:00";
 const CONSOLE: &str = "console.log";
+const VMM_LOG: &str = "vmm.log";
 
 /// What a template is made of; two pods with equal keys can share one.
 pub struct Shape<'a> {
@@ -271,6 +272,12 @@ impl Store {
         let spawn = |what: &'static str| move |source| HypervisorError::Spawn { what, source };
         let mut procs = Vec::new();
         let mut vmm = tokio::process::Command::new(shape.vmm);
+        // The console and the VMM's words go through pipes copied (and bounded) here, as
+        // a pod's do; the ready line on the console wakes the wait below.
+        let (console_read, console_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| spawn("cocoon-vmm")(e.into()))?;
+        let console_fd = std::os::fd::AsRawFd::as_raw_fd(&console_write);
+        super::inherit_fd(&mut vmm, console_fd);
         vmm.arg("run")
             .arg("--kernel")
             .arg(shape.kernel)
@@ -279,8 +286,7 @@ impl Store {
             .args(["--cmdline", shape.cmdline])
             .args(["--mem-mib", &shape.memory_mib.to_string()])
             .args(["--vcpus", &shape.vcpus.to_string()])
-            .arg("--serial-out")
-            .arg(p(CONSOLE))
+            .args(["--serial-out-fd", &console_fd.to_string()])
             .arg("--vsock-uds")
             .arg(p("vsock.sock"))
             .args(["--vsock-cid", &cocoon_protocol::GUEST_CID.to_string()])
@@ -290,9 +296,9 @@ impl Store {
             .arg("--snapshot-to")
             .arg(p("snapshot"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(p("vmm.log")).map_err(spawn("cocoon-vmm"))?)
             .kill_on_drop(true);
+        let vmm_log =
+            super::console::log_to_pipe(&mut vmm, &p(VMM_LOG)).map_err(spawn("cocoon-vmm"))?;
         super::process::die_with_parent(&mut vmm);
         if let Some(tag) = shape.fs_tag {
             let share = p("share");
@@ -328,19 +334,40 @@ impl Store {
             // TEMPLATE_MAC; its interface stays down, so nothing crosses it.
             vmm.args(["--net-tap", &format!("cctpl{}", &key[..10])]);
         }
-        let mut vmm = vmm.spawn().map_err(spawn("cocoon-vmm"))?;
-        let console = p(CONSOLE);
-        let ready = self
-            .wait("the template's agent", started, || {
-                std::fs::read_to_string(&console)
-                    .is_ok_and(|c| c.contains(cocoon_protocol::READY_LINE))
-            })
-            .await;
+        let spawned = vmm.spawn();
+        // Only the VMM writes the console now: its end closes the copy.
+        drop(console_write);
+        drop(vmm);
+        let mut vmm = spawned.map_err(spawn("cocoon-vmm"))?;
+        let seen = std::sync::Arc::new(tokio::sync::Notify::new());
+        let console = super::console::spawn_copier(
+            Ok(console_read),
+            p(CONSOLE),
+            super::console::CONSOLE_LIMIT,
+            Some(super::console::ConsoleWatch {
+                marker: cocoon_protocol::READY_LINE.as_bytes(),
+                seen: seen.clone(),
+            }),
+        );
+        let left = self.boot_timeout.saturating_sub(started.elapsed());
+        let ready = tokio::select! {
+            () = seen.notified() => Ok(()),
+            // A VMM that ends before its guest is ready: say so now, not at the deadline.
+            st = vmm.wait() => Err(format!("the template VM ended before its agent was ready ({st:?})")),
+            () = tokio::time::sleep(left) => Err(format!(
+                "the template's agent not ready within {:?}",
+                self.boot_timeout
+            )),
+        };
         if let Err(e) = ready {
             let _ = vmm.kill().await;
+            let until = Instant::now() + Duration::from_millis(500);
+            console.settled(until).await;
+            vmm_log.settled(until).await;
             return Err(HypervisorError::Template(format!(
-                "{e}; the VMM said: {}",
-                super::tail_lines(&p("vmm.log"), 5)
+                "{e}; the VMM said: {}; the console: {}",
+                super::tail_lines(&p(VMM_LOG), 5),
+                super::tail_lines(&p(CONSOLE), 5)
             )));
         }
         let api = p("api.sock");
@@ -372,6 +399,10 @@ impl Store {
         for mut fs in procs {
             let _ = fs.kill().await;
         }
+        // The scratch directory goes next: no copy may still be writing (or rotating) in it.
+        let until = Instant::now() + Duration::from_millis(500);
+        console.settled(until).await;
+        vmm_log.settled(until).await;
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,
             "VM template booted and saved"
@@ -401,6 +432,118 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in VMM: writes `console` to the `--serial-out-fd` it is given and
+    /// `stderr` to its stderr, then runs `then` (a shell command).
+    fn fake_vmm(dir: &Path, console: &str, stderr: &str, then: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let vmm = dir.join("fake-vmm");
+        std::fs::write(
+            &vmm,
+            format!(
+                "#!/bin/bash\nwhile [ \"$1\" != --serial-out-fd ]; do shift; done\n\
+                 printf '{console}' >&$2\nprintf '{stderr}' >&2\n{then}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+        vmm
+    }
+
+    async fn make_with(
+        vmm: &Path,
+        boot_timeout: Duration,
+    ) -> (Result<PathBuf, HypervisorError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (kernel, initrd) = (dir.path().join("kernel"), dir.path().join("initrd"));
+        std::fs::write(&kernel, "k").unwrap();
+        std::fs::write(&initrd, "i").unwrap();
+        let store = Store {
+            dir: dir.path().join(DIR),
+            virtiofsd: "/nonexistent/virtiofsd".into(),
+            boot_timeout,
+        };
+        let shape = Shape {
+            vmm,
+            kernel: &kernel,
+            initrd: &initrd,
+            cmdline: "console=ttyS0",
+            memory_mib: 256,
+            vcpus: 1,
+            fs_tag: None,
+            net: false,
+            hotplug_mib: 0,
+            block_slots: 0,
+        };
+        (store.get_or_make(&shape).await, dir)
+    }
+
+    /// Nothing of a failed template is left: no template, no scratch directory.
+    fn nothing_made(dir: &Path) {
+        let store = dir.join(DIR);
+        let left: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert!(left.is_empty(), "left in the store: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_template_vmm_that_dies_at_boot_is_reported_at_once_with_its_words() {
+        let bin = tempfile::tempdir().unwrap();
+        let vmm = fake_vmm(
+            bin.path(),
+            "Linux version 6.12\\nKernel panic - not syncing: VFS\\n",
+            "cocoon-vmm: the kernel would not load\\n",
+            "exit 3",
+        );
+        let started = Instant::now();
+        let (made, dir) = make_with(&vmm, Duration::from_secs(60)).await;
+        let e = made.unwrap_err().to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "waited for the deadline: {e}"
+        );
+        for said in [
+            "ended before its agent was ready",
+            "the kernel would not load",
+            "Kernel panic",
+        ] {
+            assert!(e.contains(said), "{said:?} missing from: {e}");
+        }
+        nothing_made(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_template_guest_that_never_gets_ready_is_stopped_at_the_deadline() {
+        let bin = tempfile::tempdir().unwrap();
+        let pid_file = bin.path().join("pid");
+        let vmm = fake_vmm(
+            bin.path(),
+            "Linux version 6.12\\n",
+            "",
+            &format!("echo $$ > {}; exec sleep 600", pid_file.display()),
+        );
+        let (made, dir) = make_with(&vmm, Duration::from_secs(1)).await;
+        let e = made.unwrap_err().to_string();
+        assert!(e.contains("not ready within"), "{e}");
+        assert!(
+            e.contains("Linux version"),
+            "the console is missing from: {e}"
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the template's VMM outlived its failure"
+        );
+        nothing_made(dir.path());
+    }
 
     #[test]
     fn the_key_follows_everything_the_guest_has_seen() {
