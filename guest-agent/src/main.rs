@@ -183,18 +183,7 @@ fn main() {
         policy,
     });
     stages.mark("state");
-    // One async worker per CPU the guest starts with: tokio's own default, read more
-    // cheaply (its `available_parallelism` reads cgroup files too). The agent had two
-    // fixed; on a one-vCPU guest the second bought no parallelism and cost 10-20 ms of
-    // every TCG boot (a thread started and its code run for the first time). Blocking
-    // work goes to `spawn_blocking`, whose threads are started only when needed.
-    // SAFETY: sysconf only reads a system value.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::try_from(cpus).unwrap_or(1).max(1))
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for(online_cpus()).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cocoon-agent: cannot start the async runtime: {e}");
@@ -210,6 +199,31 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// CPUs online now, read more cheaply than tokio's `available_parallelism` (which
+/// reads cgroup files too).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf only reads a system value.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// The async runtime for a guest that starts with `cpus` CPUs: one worker per CPU
+/// (tokio's own default), and on a one-CPU guest, most pods', no worker thread at all.
+/// The agent had two fixed workers; on one vCPU the second bought no parallelism and
+/// cost 10-20 ms of every TCG boot (a thread started, its code run for the first
+/// time). With one CPU a worker thread would only hand every task over from the main
+/// thread, which has nothing else to do once it serves. Nothing here blocks a task
+/// on another (blocking work goes to `spawn_blocking`, whose threads start only when
+/// needed; no `block_in_place`), so one thread runs the same work.
+fn runtime_for(cpus: usize) -> tokio::runtime::Builder {
+    if cpus == 1 {
+        return tokio::runtime::Builder::new_current_thread();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(cpus);
+    builder
 }
 
 fn started_ms(state: &handlers::AgentState) -> i64 {
@@ -420,8 +434,26 @@ async fn serve(
         .store(details::boottime_ns(), std::sync::atomic::Ordering::Relaxed);
     // Filesystem, block and net modules are not needed to answer the host;
     // load them now, off the boot path. Calls that need them wait on
-    // `modules_done`.
-    let st = state.clone();
+    // `modules_done`. Cocoon's own kernel has them built in: nothing to load, and no
+    // thread to start before the ready line.
+    if deferred.is_empty() {
+        state.modules_done.send_replace(Some(Ok(())));
+    } else {
+        load_deferred(state.clone(), deferred);
+    }
+    // This exact line is what the shim (`cocoon_protocol::READY_LINE`), boot benchmarks
+    // and humans look for on the console.
+    match &listen {
+        Listen::Vsock => println!("{READY_LINE} {AGENT_PORT}"),
+        Listen::Unix(dir) => println!("cocoon-agent: ready on {}", dir.display()),
+    }
+    // The server runs on its own tasks; PID 1 lives until power-off.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Loads `deferred` on a thread of its own, then says so on `modules_done`.
+fn load_deferred(st: Arc<handlers::AgentState>, deferred: Vec<modules::ModuleEntry>) {
     std::thread::spawn(move || {
         let result = modules::load(deferred, &st.cmdline);
         let outcome = match result {
@@ -438,13 +470,25 @@ async fn serve(
         };
         st.modules_done.send_replace(Some(outcome));
     });
-    // This exact line is what the shim (`cocoon_protocol::READY_LINE`), boot benchmarks
-    // and humans look for on the console.
-    match &listen {
-        Listen::Vsock => println!("{READY_LINE} {AGENT_PORT}"),
-        Listen::Unix(dir) => println!("cocoon-agent: ready on {}", dir.display()),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runtime_for;
+    use tokio::runtime::RuntimeFlavor;
+
+    #[test]
+    fn one_cpu_gets_no_worker_thread_and_more_get_one_each() {
+        let one = runtime_for(1).enable_all().build().unwrap();
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        // Timers and blocking work still run on it, as the handlers need.
+        let slept = one.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::task::spawn_blocking(|| 7).await.unwrap()
+        });
+        assert_eq!(slept, 7);
+        let three = runtime_for(3).enable_all().build().unwrap();
+        assert_eq!(three.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(three.metrics().num_workers(), 3);
     }
-    // The server runs on its own tasks; PID 1 lives until power-off.
-    std::future::pending::<()>().await;
-    Ok(())
 }
