@@ -137,10 +137,11 @@ pub fn early_init() -> Result<EarlyInit, InitError> {
 
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
     let cmdline = cmdline.trim().to_string();
-    let has_pci = modules::has_pci_devices();
     let (critical, rest): (Vec<_>, Vec<_>) = if Path::new(MODULES_LIST).exists() {
-        modules::read_list(Path::new(MODULES_LIST))?
-            .into_iter()
+        let list = modules::read_list(Path::new(MODULES_LIST))?;
+        // An empty list (Cocoon's kernel has everything built in): no bus to look at.
+        let has_pci = !list.is_empty() && modules::has_pci_devices();
+        list.into_iter()
             .partition(|e| modules::is_boot_critical(&e.name, has_pci))
     } else {
         (Vec::new(), Vec::new())

@@ -103,6 +103,9 @@ impl SyncChannel {
         let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
         let line = match tokio::time::timeout_at(deadline, self.read_line()).await {
             Err(_) => return Err(SpawnError::Timeout(allowed)),
+            // The helper's end closed with bytes of ours unread: it exec'd or died, as
+            // at EOF. (An OOM kill while the request was still unread reads this way.)
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => None,
             Ok(r) => r.map_err(SpawnError::Sync)?,
         };
         match line {
@@ -229,7 +232,15 @@ pub async fn spawn(
         }
     }
     let json = serde_json::to_string(req).map_err(|e| SpawnError::Sync(e.into()))?;
-    sync.send_line(&json).await?;
+    match sync.send_line(&json).await {
+        // The helper is gone before it read its request: say why, if the kernel knows.
+        Err(SpawnError::Sync(e))
+            if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) =>
+        {
+            return Err(ended(cgroup, oom_kills_before));
+        }
+        r => r?,
+    }
     let mut helper_main_ns = None;
     loop {
         match sync.recv().await? {
@@ -371,5 +382,23 @@ mod tests {
             Err(SpawnError::NoConsoleFd)
         ));
         assert_eq!(sync.recv().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_helper_gone_with_our_request_unread_reads_as_its_end() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut sync = SyncChannel::new(UnixStream::from_std(ours).unwrap());
+        sync.send_line("{\"request\":1}").await.unwrap();
+        // Killed before it read a byte: the kernel resets the connection.
+        drop(theirs);
+        assert_eq!(sync.recv().await.unwrap(), None);
+        // And a request sent to a helper already gone is a broken pipe, which spawn()
+        // takes for the helper's end.
+        let e = sync.send_line("{}").await.unwrap_err();
+        assert!(
+            matches!(&e, SpawnError::Sync(io) if io.raw_os_error() == Some(libc::EPIPE)),
+            "{e:?}"
+        );
     }
 }
