@@ -402,7 +402,7 @@ impl Containers {
                 let master = sync.expect_console().await?;
                 container.init.io.attach_terminal(master)?;
             }
-            match sync.recv().await? {
+            match sync.recv_or_gone().await? {
                 Some(HelperMessage::Ready) => Ok((pid, sync)),
                 Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e).into()),
                 Some(other) => Err(SpawnError::Unexpected(other).into()),

@@ -103,9 +103,6 @@ impl SyncChannel {
         let allowed = deadline.saturating_duration_since(tokio::time::Instant::now());
         let line = match tokio::time::timeout_at(deadline, self.read_line()).await {
             Err(_) => return Err(SpawnError::Timeout(allowed)),
-            // The helper's end closed with bytes of ours unread: it exec'd or died, as
-            // at EOF. (An OOM kill while the request was still unread reads this way.)
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => None,
             Ok(r) => r.map_err(SpawnError::Sync)?,
         };
         match line {
@@ -113,6 +110,18 @@ impl SyncChannel {
             Some(l) => serde_json::from_str(l.trim_end())
                 .map(Some)
                 .map_err(|e| SpawnError::Sync(e.into())),
+        }
+    }
+
+    /// The next message, or `None` once the helper is gone, also where it died with
+    /// bytes of ours unread (the kernel then resets the connection rather than end it:
+    /// an OOM kill before the helper read its request). Only for the steps where its
+    /// end is an error whatever way it came ([`ended`] says why); never where EOF means
+    /// the process exec'd.
+    pub async fn recv_or_gone(&mut self) -> Result<Option<HelperMessage>, SpawnError> {
+        match self.recv().await {
+            Err(SpawnError::Sync(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => Ok(None),
+            r => r,
         }
     }
 
@@ -243,7 +252,7 @@ pub async fn spawn(
     }
     let mut helper_main_ns = None;
     loop {
-        match sync.recv().await? {
+        match sync.recv_or_gone().await? {
             // Once, first: a second one is as unexpected as any other line.
             Some(HelperMessage::Started(ns)) if helper_main_ns.is_none() => {
                 helper_main_ns = Some(ns)
@@ -390,9 +399,10 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let mut sync = SyncChannel::new(UnixStream::from_std(ours).unwrap());
         sync.send_line("{\"request\":1}").await.unwrap();
-        // Killed before it read a byte: the kernel resets the connection.
+        // Killed before it read a byte: the kernel resets the connection, which only
+        // the steps before the exec take for the helper's end.
         drop(theirs);
-        assert_eq!(sync.recv().await.unwrap(), None);
+        assert_eq!(sync.recv_or_gone().await.unwrap(), None);
         // And a request sent to a helper already gone is a broken pipe, which spawn()
         // takes for the helper's end.
         let e = sync.send_line("{}").await.unwrap_err();
@@ -400,5 +410,13 @@ mod tests {
             matches!(&e, SpawnError::Sync(io) if io.raw_os_error() == Some(libc::EPIPE)),
             "{e:?}"
         );
+        // Where EOF means the process exec'd (Start), a reset stays an error: an init
+        // killed before it read the start line never ran its program.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut sync = SyncChannel::new(UnixStream::from_std(ours).unwrap());
+        sync.send_line(crate::runtime::START_LINE).await.unwrap();
+        drop(theirs);
+        assert!(sync.expect_exec().await.is_err());
     }
 }
