@@ -198,9 +198,16 @@ impl Cgroup {
             .map(|c| format!("+{c}"))
             .collect();
         for dir in [root, parent.as_path()] {
+            let control = dir.join("cgroup.subtree_control");
+            // Enabled by the pod's first container already, usually: each write, even
+            // of a controller already on, walks the subtree in the kernel.
+            let on = fs::read_to_string(&control).unwrap_or_default();
             for c in &wanted {
+                if on.split_whitespace().any(|o| o == &c[1..]) {
+                    continue;
+                }
                 // One at a time: an unavailable controller must not block the rest.
-                let _ = write_file(&dir.join("cgroup.subtree_control"), c);
+                let _ = write_file(&control, c);
             }
         }
         let path = parent.join(id);
@@ -489,6 +496,16 @@ mod tests {
         // A plain directory keeps only the last write; the real file accumulates.
         let sub = fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap();
         assert_eq!(sub, "+pids");
+        // Controllers already on are not written again (the pod's next containers).
+        let on = "cpuset cpu io memory pids\n";
+        for dir in [root.path(), &root.path().join("cocoon")] {
+            fs::write(dir.join("cgroup.subtree_control"), on).unwrap();
+        }
+        Cgroup::create(root.path(), "c0").unwrap();
+        for dir in [root.path(), &root.path().join("cocoon")] {
+            let sub = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
+            assert_eq!(sub, on, "{}", dir.display());
+        }
         cg.apply(&Limits {
             memory_limit: Some(1000),
             unified: vec![("memory.high".into(), "900".into())],

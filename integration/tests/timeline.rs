@@ -61,6 +61,7 @@ fn a_start_is_one_timeline_from_create_to_the_first_instruction() {
         "sandbox-created",
         "container-create-received",
         "container-storage-mounted",
+        "container-cgroup-set-up",
         "container-helper-spawning",
         "container-helper-main",
         "container-helper-started",

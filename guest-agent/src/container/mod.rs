@@ -343,6 +343,7 @@ impl Containers {
                 return Err(e);
             }
         };
+        timeline.mark("container-cgroup-set-up", id);
         let (io, child_stdio) = match ProcessIo::new(stdio) {
             Ok(v) => v,
             Err(e) => {
