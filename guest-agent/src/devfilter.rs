@@ -188,9 +188,69 @@ fn program(rules: &[Rule]) -> Vec<Insn> {
     p
 }
 
-/// Loads the program for `rules` and attaches it to the cgroup at `cgroup`.
+/// Programs loaded so far, newest last, by their instructions. Most containers of a
+/// pod have the same rules (the spec names no device, runc's defaults follow), so one
+/// loaded program serves them all: a second attach of the same program costs nothing,
+/// where a load runs the kernel's verifier (≈ 15 ms of a container's create under TCG).
+/// Bounded: a pod whose containers name many different device sets keeps only the last
+/// few loaded.
+static LOADED: std::sync::Mutex<Vec<(Vec<Insn>, std::sync::Arc<OwnedFd>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// How many distinct programs [`LOADED`] keeps.
+const LOADED_MAX: usize = 8;
+
+/// Loads the program for `rules` (or takes the one loaded before for the same rules)
+/// and attaches it to the cgroup at `cgroup`.
 pub fn attach(cgroup: &Path, rules: &[Rule]) -> std::io::Result<()> {
-    let insns = program(rules);
+    let prog = loaded(program(rules))?;
+    let dir = std::fs::File::open(cgroup)?;
+    let mut at = [0u32; 8];
+    at[0] = dir.as_raw_fd() as u32;
+    at[1] = prog.as_raw_fd() as u32;
+    at[2] = 6; // BPF_CGROUP_DEVICE
+    at[3] = 2; // BPF_F_ALLOW_MULTI
+               // SAFETY: a bpf_attr-sized buffer that outlives the call; the attachment holds its
+               // own reference to the program.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            8, // BPF_PROG_ATTACH
+            at.as_ptr(),
+            std::mem::size_of_val(&at),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        // This very program is on the cgroup already (a cgroup a failed create of the
+        // same id left): its rules are the ones wanted.
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(());
+        }
+        return Err(std::io::Error::new(e.kind(), format!("attaching it: {e}")));
+    }
+    Ok(())
+}
+
+/// The loaded program for `insns`: the one [`LOADED`] has, or a new one it then keeps.
+fn loaded(insns: Vec<Insn>) -> std::io::Result<std::sync::Arc<OwnedFd>> {
+    let mut cache = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = cache.iter().position(|(k, _)| *k == insns) {
+        let hit = cache.remove(i);
+        let prog = hit.1.clone();
+        cache.push(hit);
+        return Ok(prog);
+    }
+    let prog = std::sync::Arc::new(load(&insns)?);
+    if cache.len() >= LOADED_MAX {
+        cache.remove(0);
+    }
+    cache.push((insns, prog.clone()));
+    Ok(prog)
+}
+
+/// Loads `insns` as a device-cgroup program (the kernel's verifier checks it).
+fn load(insns: &[Insn]) -> std::io::Result<OwnedFd> {
     let license = c"Apache-2.0";
     // bpf_attr for BPF_PROG_LOAD, as far as we use it; the rest stays zero.
     let mut load = [0u64; 16];
@@ -232,32 +292,38 @@ pub fn attach(cgroup: &Path, rules: &[Rule]) -> std::io::Result<()> {
         ));
     }
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let dir = std::fs::File::open(cgroup)?;
-    let mut at = [0u32; 8];
-    at[0] = dir.as_raw_fd() as u32;
-    at[1] = prog.as_raw_fd() as u32;
-    at[2] = 6; // BPF_CGROUP_DEVICE
-    at[3] = 2; // BPF_F_ALLOW_MULTI
-               // SAFETY: as above; the attachment holds its own reference to the program.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            8, // BPF_PROG_ATTACH
-            at.as_ptr(),
-            std::mem::size_of_val(&at),
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(e.kind(), format!("attaching it: {e}")));
-    }
-    Ok(())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Loads real programs: needs CAP_BPF (root, as the tests run in CI).
+    #[test]
+    fn one_program_is_loaded_per_rule_set_and_only_a_few_are_kept() {
+        use std::sync::Arc;
+        let a = loaded(program(&defaults())).unwrap();
+        assert!(Arc::ptr_eq(&a, &loaded(program(&defaults())).unwrap()));
+        let rule = |major| Rule {
+            block: Some(true),
+            major: Some(major),
+            minor: None,
+            access: ACC_READ,
+            allow: true,
+        };
+        let mut more = defaults();
+        more.push(rule(8));
+        let b = loaded(program(&more)).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&b, &loaded(program(&more)).unwrap()));
+        for major in 0..LOADED_MAX as u32 {
+            loaded(program(&[rule(1000 + major)])).unwrap();
+        }
+        assert_eq!(LOADED.lock().unwrap().len(), LOADED_MAX);
+        // The oldest were let go: the defaults are loaded afresh.
+        assert!(!Arc::ptr_eq(&a, &loaded(program(&defaults())).unwrap()));
+    }
 
     #[test]
     fn each_rule_is_a_block_whose_tests_skip_to_its_end() {
