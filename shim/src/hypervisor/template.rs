@@ -433,6 +433,22 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// The plainest shape of these files: one vCPU, 256 MiB, no devices but the console.
+    fn plain<'a>(vmm: &'a Path, kernel: &'a Path, initrd: &'a Path) -> Shape<'a> {
+        Shape {
+            vmm,
+            kernel,
+            initrd,
+            cmdline: "console=ttyS0",
+            memory_mib: 256,
+            vcpus: 1,
+            fs_tag: None,
+            net: false,
+            hotplug_mib: 0,
+            block_slots: 0,
+        }
+    }
+
     /// A stand-in VMM: writes `console` to the `--serial-out-fd` it is given and
     /// `stderr` to its stderr, then runs `then` (a shell command).
     fn fake_vmm(dir: &Path, console: &str, stderr: &str, then: &str) -> PathBuf {
@@ -463,19 +479,7 @@ mod tests {
             virtiofsd: "/nonexistent/virtiofsd".into(),
             boot_timeout,
         };
-        let shape = Shape {
-            vmm,
-            kernel: &kernel,
-            initrd: &initrd,
-            cmdline: "console=ttyS0",
-            memory_mib: 256,
-            vcpus: 1,
-            fs_tag: None,
-            net: false,
-            hotplug_mib: 0,
-            block_slots: 0,
-        };
-        (store.get_or_make(&shape).await, dir)
+        (store.get_or_make(&plain(vmm, &kernel, &initrd)).await, dir)
     }
 
     /// Nothing of a failed template is left: no template, no scratch directory.
@@ -609,18 +613,7 @@ mod tests {
             p
         };
         let (vmm, kernel, initrd, other) = (f("vmm"), f("kernel"), f("initrd"), f("other"));
-        let shape = |initrd| Shape {
-            vmm: &vmm,
-            kernel: &kernel,
-            initrd,
-            cmdline: "console=ttyS0",
-            memory_mib: 256,
-            vcpus: 1,
-            fs_tag: None,
-            net: false,
-            hotplug_mib: 0,
-            block_slots: 0,
-        };
+        let shape = |initrd| plain(&vmm, &kernel, initrd);
         let store = dir.path().join(DIR);
         let template = |key: &str, shape: Option<&Shape>| {
             let t = store.join(key);
