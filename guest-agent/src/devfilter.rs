@@ -203,15 +203,28 @@ const LOADED_MAX: usize = 8;
 /// Loads the program for `rules` (or takes the one loaded before for the same rules)
 /// and attaches it to the cgroup at `cgroup`.
 pub fn attach(cgroup: &Path, rules: &[Rule]) -> std::io::Result<()> {
-    let prog = loaded(program(rules))?;
+    let insns = program(rules);
     let dir = std::fs::File::open(cgroup)?;
+    let attached = match attach_prog(&dir, &*loaded(insns.clone())?) {
+        // The kernel refuses one program twice on a cgroup (EINVAL): the kept one may be
+        // on this cgroup already, one a failed create of the same id left. A fresh copy
+        // goes on then, as before programs were kept; any other cause fails it again.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => attach_prog(&dir, &load(&insns)?),
+        r => r,
+    };
+    attached.map_err(|e| std::io::Error::new(e.kind(), format!("attaching it: {e}")))
+}
+
+/// BPF_PROG_ATTACH of `prog` to the cgroup `dir`, as a device filter among others.
+fn attach_prog(dir: &std::fs::File, prog: &OwnedFd) -> std::io::Result<()> {
     let mut at = [0u32; 8];
     at[0] = dir.as_raw_fd() as u32;
     at[1] = prog.as_raw_fd() as u32;
     at[2] = 6; // BPF_CGROUP_DEVICE
-    at[3] = 2; // BPF_F_ALLOW_MULTI
-               // SAFETY: a bpf_attr-sized buffer that outlives the call; the attachment holds its
-               // own reference to the program.
+               // BPF_F_ALLOW_MULTI: beside any other program on the cgroup.
+    at[3] = 2;
+    // SAFETY: a bpf_attr-sized buffer that outlives the call; the attachment holds its
+    // own reference to the program.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -221,13 +234,7 @@ pub fn attach(cgroup: &Path, rules: &[Rule]) -> std::io::Result<()> {
         )
     };
     if r < 0 {
-        let e = std::io::Error::last_os_error();
-        // This very program is on the cgroup already (a cgroup a failed create of the
-        // same id left): its rules are the ones wanted.
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(());
-        }
-        return Err(std::io::Error::new(e.kind(), format!("attaching it: {e}")));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -323,6 +330,43 @@ mod tests {
         assert_eq!(LOADED.lock().unwrap().len(), LOADED_MAX);
         // The oldest were let go: the defaults are loaded afresh.
         assert!(!Arc::ptr_eq(&a, &loaded(program(&defaults())).unwrap()));
+    }
+
+    /// A cgroup that a failed create of the same id left already has the kept program:
+    /// a second attach of the same rules to it still succeeds. Needs root and cgroup2
+    /// (mounted here, on a directory of the test's own).
+    #[test]
+    fn the_same_rules_attach_twice_to_one_cgroup() {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        let root = tempfile::tempdir().unwrap();
+        mount(
+            Some("cgroup2"),
+            root.path(),
+            Some("cgroup2"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mounting cgroup2 (the test needs root)");
+        let cg = root
+            .path()
+            .join(format!("cocoon-devfilter-test-{}", std::process::id()));
+        std::fs::create_dir(&cg).unwrap();
+        let result = (|| -> std::io::Result<()> {
+            attach(&cg, &defaults())?;
+            attach(&cg, &defaults())?;
+            let mut more = defaults();
+            more.push(Rule {
+                block: Some(true),
+                major: Some(8),
+                minor: None,
+                access: ACC_READ,
+                allow: true,
+            });
+            attach(&cg, &more)
+        })();
+        let _ = std::fs::remove_dir(&cg);
+        let _ = umount2(root.path(), MntFlags::MNT_DETACH);
+        result.unwrap();
     }
 
     #[test]

@@ -297,8 +297,6 @@ impl Store {
             .arg(p("snapshot"))
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        let vmm_log =
-            super::console::log_to_pipe(&mut vmm, &p(VMM_LOG)).map_err(spawn("cocoon-vmm"))?;
         super::process::die_with_parent(&mut vmm);
         if let Some(tag) = shape.fs_tag {
             let share = p("share");
@@ -334,11 +332,18 @@ impl Store {
             // TEMPLATE_MAC; its interface stays down, so nothing crosses it.
             vmm.args(["--net-tap", &format!("cctpl{}", &key[..10])]);
         }
+        let vmm_log =
+            super::console::log_to_pipe(&mut vmm, &p(VMM_LOG)).map_err(spawn("cocoon-vmm"))?;
         let spawned = vmm.spawn();
-        // Only the VMM writes the console now: its end closes the copy.
+        // Only the VMM writes the console and its log now: its end closes the copies.
         drop(console_write);
         drop(vmm);
-        let mut vmm = spawned.map_err(spawn("cocoon-vmm"))?;
+        let Ok(mut vmm) = spawned else {
+            vmm_log
+                .settled(Instant::now() + Duration::from_millis(500))
+                .await;
+            return spawned.map(drop).map_err(spawn("cocoon-vmm"));
+        };
         let seen = std::sync::Arc::new(tokio::sync::Notify::new());
         let console = super::console::spawn_copier(
             Ok(console_read),
@@ -349,65 +354,70 @@ impl Store {
                 seen: seen.clone(),
             }),
         );
-        let left = self.boot_timeout.saturating_sub(started.elapsed());
-        let ready = tokio::select! {
-            () = seen.notified() => Ok(()),
-            // A VMM that ends before its guest is ready: say so now, not at the deadline.
-            st = vmm.wait() => Err(format!("the template VM ended before its agent was ready ({st:?})")),
-            () = tokio::time::sleep(left) => Err(format!(
-                "the template's agent not ready within {:?}",
-                self.boot_timeout
-            )),
-        };
-        if let Err(e) = ready {
+        let result = self
+            .boot_and_save(&mut vmm, &seen, started, &p("api.sock"))
+            .await;
+        if result.is_err() {
             let _ = vmm.kill().await;
-            let until = Instant::now() + Duration::from_millis(500);
-            console.settled(until).await;
-            vmm_log.settled(until).await;
-            return Err(HypervisorError::Template(format!(
-                "{e}; the VMM said: {}; the console: {}",
-                super::tail_lines(&p(VMM_LOG), 5),
-                super::tail_lines(&p(CONSOLE), 5)
-            )));
-        }
-        let api = p("api.sock");
-        for action in ["pause", "snapshot", "shutdown"] {
-            let api = api.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                cocoon_vmm::vmm::api_call(&api, &format!(r#"{{"action":"{action}"}}"#))
-            })
-            .await
-            .map_err(|e| HypervisorError::Template(format!("{action}: {e}")))?
-            .map_err(|e| HypervisorError::Template(format!("{action}: {e}")))?;
-            if !r.ok {
-                let _ = vmm.kill().await;
-                return Err(HypervisorError::Template(format!(
-                    "{action} refused: {}",
-                    r.error.unwrap_or_default()
-                )));
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(10), vmm.wait()).await {
-            Ok(Ok(st)) if st.success() => {}
-            other => {
-                let _ = vmm.kill().await;
-                return Err(HypervisorError::Template(format!(
-                    "the template VM did not end cleanly: {other:?}"
-                )));
-            }
         }
         for mut fs in procs {
             let _ = fs.kill().await;
         }
-        // The scratch directory goes next: no copy may still be writing (or rotating) in it.
+        // The scratch directory goes next, so no copy may still be writing (or rotating)
+        // in it; and an error quotes what the copies wrote.
         let until = Instant::now() + Duration::from_millis(500);
         console.settled(until).await;
         vmm_log.settled(until).await;
+        result.map_err(|e| {
+            HypervisorError::Template(format!(
+                "{e}; the VMM said: {}; the console: {}",
+                super::tail_lines(&p(VMM_LOG), 5),
+                super::tail_lines(&p(CONSOLE), 5)
+            ))
+        })?;
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,
             "VM template booted and saved"
         );
         Ok(())
+    }
+
+    /// Waits for the template's agent to be ready (`seen`), then has the VMM pause,
+    /// save and end.
+    async fn boot_and_save(
+        &self,
+        vmm: &mut tokio::process::Child,
+        seen: &tokio::sync::Notify,
+        started: Instant,
+        api: &Path,
+    ) -> Result<(), String> {
+        let left = self.boot_timeout.saturating_sub(started.elapsed());
+        tokio::select! {
+            () = seen.notified() => {}
+            // A VMM that ends before its guest is ready: say so now, not at the deadline.
+            st = vmm.wait() => {
+                return Err(format!("the template VM ended before its agent was ready ({st:?})"))
+            }
+            () = tokio::time::sleep(left) => {
+                return Err(format!("the template's agent not ready within {:?}", self.boot_timeout))
+            }
+        }
+        for action in ["pause", "snapshot", "shutdown"] {
+            let api = api.to_path_buf();
+            let r = tokio::task::spawn_blocking(move || {
+                cocoon_vmm::vmm::api_call(&api, &format!(r#"{{"action":"{action}"}}"#))
+            })
+            .await
+            .map_err(|e| format!("{action}: {e}"))?
+            .map_err(|e| format!("{action}: {e}"))?;
+            if !r.ok {
+                return Err(format!("{action} refused: {}", r.error.unwrap_or_default()));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), vmm.wait()).await {
+            Ok(Ok(st)) if st.success() => Ok(()),
+            other => Err(format!("the template VM did not end cleanly: {other:?}")),
+        }
     }
 
     async fn wait(
