@@ -263,7 +263,12 @@ fn pod_memory(
                 &["run", "-d", "--runtime", runtime, image, id, "sleep", "600"],
             )?;
             started.push(id.clone());
-            // The pod is up once its task runs (ctr run -d returns after Start).
+            // The pod is up once its task runs (ctr run -d returns after Start). A host
+            // runtime's init may still be on its way to exec `sleep` then: counted as
+            // what it was before, it would be missing from the pod's processes.
+            if !runtime.contains("cocoon") {
+                wait_for_exec(address, id, "sleep");
+            }
             if one.is_empty() {
                 one = idle_pod_processes(address, runtime, run_dir);
             }
@@ -280,6 +285,27 @@ fn pod_memory(
     let measured = measured?;
     removed?;
     Ok(measured)
+}
+
+/// Waits (10 s at most) until task `id`'s process on the host runs `comm`.
+fn wait_for_exec(address: &Path, id: &str, comm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let pid = ctr(address, &["task", "ls"]).ok().and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(id)).then(|| f.next()?.parse::<u32>().ok())?
+            })
+        });
+        let running = pid
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+            .is_some_and(|c| c.trim() == comm);
+        if running {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!(id, comm, "the task's process does not run {comm} yet");
 }
 
 fn remove_task(address: &Path, id: &str) {
