@@ -399,25 +399,12 @@ fn named(pids: &[u32], comm: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {comm} among {pids:?}"))
 }
 
-/// A booted VM and its agent, for the kill tests.
-async fn booted(
-    config: &cocoon_shim::config::Config,
-    id: &str,
-) -> (cocoon_shim::hypervisor::Vm, AgentClient) {
-    let hv = hypervisor::from_config(config).unwrap();
-    let mut vm = hv.launch(&VmSpec::from_config(config, id)).await.unwrap();
-    let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-        .await
-        .unwrap();
-    (vm, agent)
-}
-
 #[test]
 fn vm_killed_mid_call_fails_fast() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
     rt().block_on(async {
-        let (vm, agent) = booted(&config, "killed").await;
+        let (vm, agent) = boot(&config, "killed").await;
         let pids = vm.pids();
         let killed_at = Instant::now();
         // QEMU itself, not the waiter the shim started it under.
@@ -448,7 +435,7 @@ fn vsock_backend_killed_mid_call_fails_fast() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
     rt().block_on(async {
-        let (vm, agent) = booted(&config, "backend").await;
+        let (vm, agent) = boot(&config, "backend").await;
         let pids = vm.pids();
         let backend = named(&pids, "cocoon-vmm");
         let err = kill_during_long_poll(&agent, backend).await;
