@@ -221,22 +221,36 @@ fn attach_prog(dir: &std::fs::File, prog: &OwnedFd) -> std::io::Result<()> {
     at[0] = dir.as_raw_fd() as u32;
     at[1] = prog.as_raw_fd() as u32;
     at[2] = 6; // BPF_CGROUP_DEVICE
-               // BPF_F_ALLOW_MULTI: beside any other program on the cgroup.
-    at[3] = 2;
-    // SAFETY: a bpf_attr-sized buffer that outlives the call; the attachment holds its
-    // own reference to the program.
+    at[3] = 2; // BPF_F_ALLOW_MULTI: beside any other program on the cgroup.
+               // SAFETY: the attr holds no pointer; the attachment holds its own reference to
+               // the program.
+    unsafe { bpf(BPF_PROG_ATTACH, &at) }.map(drop)
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+
+/// The `bpf(2)` command `cmd` with `attr` as its `bpf_attr` (a plain-integer buffer, as
+/// far as the command reads it; the rest zero).
+///
+/// # Safety
+/// Every address in `attr` must name memory valid for what `cmd` does with it (read,
+/// or written for a log buffer) until the call returns.
+unsafe fn bpf<T: Copy>(cmd: libc::c_long, attr: &[T]) -> std::io::Result<libc::c_long> {
+    // SAFETY: the kernel reads at most `size_of_val(attr)` bytes of a buffer that lives
+    // through the call; the addresses in it are the caller's promise.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            8, // BPF_PROG_ATTACH
-            at.as_ptr(),
-            std::mem::size_of_val(&at),
+            cmd,
+            attr.as_ptr(),
+            std::mem::size_of_val(attr),
         )
     };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(r)
 }
 
 /// The loaded program for `insns`: the one [`LOADED`] has, or a new one it then keeps.
@@ -265,39 +279,25 @@ fn load(insns: &[Insn]) -> std::io::Result<OwnedFd> {
     load[0] = 15 | ((insns.len() as u64) << 32);
     load[1] = insns.as_ptr() as u64;
     load[2] = license.as_ptr() as u64;
-    // SAFETY: a bpf_attr-sized buffer, the instructions and the license outlive the
-    // call; the kernel reads only what the command defines.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            5, // BPF_PROG_LOAD
-            load.as_ptr(),
-            std::mem::size_of_val(&load),
-        )
+    // SAFETY: the instructions and the license outlive the call.
+    let fd = match unsafe { bpf(BPF_PROG_LOAD, &load) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Again with the verifier's log, to say why.
+            let mut log = vec![0u8; 16 * 1024];
+            // log_level (u32) | log_size (u32); log_buf (outlives the call too).
+            load[3] = 1 | ((log.len() as u64) << 32);
+            load[4] = log.as_mut_ptr() as u64;
+            // SAFETY: as above, and the log buffer outlives the call.
+            let _ = unsafe { bpf(BPF_PROG_LOAD, &load) };
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let why = String::from_utf8_lossy(&log[..end]);
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("loading the program: {e}: {}", why.trim()),
+            ));
+        }
     };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        // Again with the verifier's log, to say why.
-        let mut log = vec![0u8; 16 * 1024];
-        // log_level (u32) | log_size (u32); log_buf.
-        load[3] = 1 | ((log.len() as u64) << 32);
-        load[4] = log.as_mut_ptr() as u64;
-        // SAFETY: as above, and the log buffer outlives the call.
-        let _ = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                5,
-                load.as_ptr(),
-                std::mem::size_of_val(&load),
-            )
-        };
-        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-        let why = String::from_utf8_lossy(&log[..end]);
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!("loading the program: {e}: {}", why.trim()),
-        ));
-    }
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -367,6 +367,18 @@ mod tests {
         let _ = std::fs::remove_dir(&cg);
         let _ = umount2(root.path(), MntFlags::MNT_DETACH);
         result.unwrap();
+    }
+
+    /// A program the verifier refuses is an error quoting the verifier's reason (the
+    /// second load, with its log). Needs root.
+    #[test]
+    fn a_refused_program_says_why() {
+        // r0 = r1: a pointer returned where a device program must return a number.
+        let bad = [insn(0xbf, 0, 1, 0, 0), insn(0x95, 0, 0, 0, 0)];
+        let e = load(&bad).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("loading the program: "), "{msg}");
+        assert!(msg.contains("R0"), "the verifier's log: {msg}");
     }
 
     #[test]
