@@ -114,6 +114,9 @@ pub struct BootReport {
     /// Another guest image booted by Cocoon in the same run, alternating (Debian's cloud
     /// kernel against our own), if asked for.
     pub compare_kernel: Option<PathBuf>,
+    /// The config file the compared boots used, where it was one of its own
+    /// (`--compare-config`); set by the caller.
+    pub compare_config: Option<PathBuf>,
     pub compare_samples: Vec<BootSample>,
     pub summary: Vec<(String, Stats)>,
 }
@@ -309,6 +312,20 @@ pub async fn image_baseline(config: &Config) -> Result<f64, BenchError> {
     .await
 }
 
+/// What the compared boots differ in, for the table: templates, the image, or other
+/// settings.
+fn compared_what(config: &Config, compare: &Config) -> &'static str {
+    if compare.vm.templates != config.vm.templates {
+        "compared: from a VM template"
+    } else if (compare.kernel_path(), compare.initrd_path())
+        != (config.kernel_path(), config.initrd_path())
+    {
+        "compared image"
+    } else {
+        "compared config"
+    }
+}
+
 /// Runs the benchmark: `runs` Cocoon boots alternating with `runs` baselines.
 pub async fn boot_bench(
     config: &Config,
@@ -401,11 +418,7 @@ pub async fn boot_bench(
             Stats::of(&compare_samples.iter().map(f).collect::<Vec<_>>())
         };
         let templates = compare.is_some_and(|c| c.vm.templates != config.vm.templates);
-        let what = if templates {
-            "compared: from a VM template"
-        } else {
-            "compared image"
-        };
+        let what = compare.map_or("compared", |c| compared_what(config, c));
         summary.push((format!("{what}: launch -> agent ready"), of(|s| s.ready_ms)));
         summary.push(("  vmm launch (host)".into(), of(|s| s.vmm_launch_ms)));
         // A restored guest's kernel and agent started in the template: its boot times
@@ -438,6 +451,7 @@ pub async fn boot_bench(
         baseline_cycle_ms: baseline,
         baseline_image_cycle_ms: baseline_image,
         compare_kernel: compare.map(Config::kernel_path),
+        compare_config: None,
         compare_samples,
         summary,
     })
@@ -479,7 +493,11 @@ impl BootReport {
         }
         let ready =
             |v: &[BootSample]| Stats::of(&v.iter().map(|s| s.ready_ms).collect::<Vec<_>>()).median;
-        if let Some(k) = &self.compare_kernel {
+        if let Some(k) = self
+            .compare_config
+            .as_ref()
+            .or(self.compare_kernel.as_ref())
+        {
             let other = ready(&self.compare_samples);
             if other > 0.0 {
                 s.push_str(&format!(
@@ -503,6 +521,18 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 5.0));
         assert_eq!(s.p90, 5.0);
         assert_eq!(Stats::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn the_table_names_what_the_compared_boots_differ_in() {
+        let config = Config::default();
+        let mut c = config.clone();
+        c.vm.block_slots = 0;
+        assert_eq!(compared_what(&config, &c), "compared config");
+        c.paths.image_dir = "/elsewhere".into();
+        assert_eq!(compared_what(&config, &c), "compared image");
+        c.vm.templates = !config.vm.templates;
+        assert_eq!(compared_what(&config, &c), "compared: from a VM template");
     }
 
     #[test]

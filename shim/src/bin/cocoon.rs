@@ -228,6 +228,10 @@ enum BenchCmd {
         /// before the first measured run.
         #[arg(long, conflicts_with = "compare_image")]
         compare_templates: bool,
+        /// Also boot with the configuration in this file, alternating with the node's:
+        /// an A/B of any setting (e.g. `[vm] block_slots = 0`) in one run.
+        #[arg(long, conflicts_with_all = ["compare_image", "compare_templates"])]
+        compare_config: Option<PathBuf>,
     },
     /// Kubernetes pods through containerd's CRI plugin: RunPodSandbox -> container
     /// running, cocoon vs runc, and N pods at once (time, host memory per pod). Runs
@@ -541,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
                     busybox,
                     compare_image,
                     compare_templates,
+                    compare_config,
                 },
         } => {
             if runs == 0 {
@@ -564,12 +569,17 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 false => compare,
             };
-            let report = runtime()?.block_on(bench::boot_bench(
+            let compare = match &compare_config {
+                Some(path) => Some(Config::from_file(path)?),
+                None => compare,
+            };
+            let mut report = runtime()?.block_on(bench::boot_bench(
                 &config,
                 runs,
                 &busybox,
                 compare.as_ref(),
             ))?;
+            report.compare_config = compare_config;
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             print!("{}", report.table());
