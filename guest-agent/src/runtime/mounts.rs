@@ -171,7 +171,18 @@ pub(super) fn do_mount(
 }
 
 /// Creates the mount point: a directory, or an empty file when binding a file.
+///
+/// One that exists is left as it is, found with a stat first (as runc does): `mkdir`
+/// on an existing directory of a virtio-fs rootfs is a round trip to virtiofsd just to
+/// hear `EEXIST`, while the stat is answered from the entry the path's lookup cached.
 pub(super) fn make_mount_point(dest: &Path, is_file: bool) -> Result<(), RuntimeError> {
+    let exists = match is_file {
+        true => lexists(dest),
+        false => fs::metadata(dest).is_ok_and(|m| m.is_dir()),
+    };
+    if exists {
+        return Ok(());
+    }
     if is_file {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).ctx(|| format!("cannot create {parent:?}"))?;
@@ -591,6 +602,22 @@ mod tests {
         );
         assert_eq!(cgroup_mount_flags(&opts(&["rw"])), safe);
         assert_eq!(cgroup_mount_flags(&opts(&["rw", "ro"])), ro);
+    }
+
+    #[test]
+    fn mount_points_are_made_where_missing_and_checked_where_present() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("a/b");
+        make_mount_point(&dir, false).unwrap();
+        assert!(dir.is_dir());
+        make_mount_point(&dir, false).unwrap();
+        let file = d.path().join("c/d");
+        make_mount_point(&file, true).unwrap();
+        assert!(file.is_file());
+        make_mount_point(&file, true).unwrap();
+        // A file where a directory must go is still refused, not taken for one.
+        let err = make_mount_point(&file, false).unwrap_err();
+        assert!(err.to_string().contains("c/d"), "{err}");
     }
 
     #[test]
