@@ -345,17 +345,28 @@ mod tests {
 
     /// A child that, sent SIGTERM, leaves `marker` behind and exits 0, as a VMM's own
     /// shutdown would. (Short sleeps: a killed shell's last one outlives it briefly.)
-    fn graceful(marker: &Path) -> Child {
+    /// Returned once its trap is set: a SIGTERM before that would kill the shell
+    /// outright (a loaded CI machine once got there first).
+    async fn graceful(marker: &Path) -> Child {
+        use tokio::io::AsyncReadExt;
         let script = format!(
-            "trap 'touch {}; exit 0' TERM; while :; do sleep 0.1; done",
+            "trap 'touch {}; exit 0' TERM; echo trapped; while :; do sleep 0.1; done",
             marker.display()
         );
-        Command::new("sh")
+        let mut child = Command::new("sh")
             .args(["-c", &script])
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut line = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(30), out.read_exact(&mut line))
+            .await
+            .expect("the shell set its trap within 30 s")
+            .unwrap();
+        assert_eq!(&line, b"trapped\n");
+        child
     }
 
     /// Even with no grace to exit by itself, a VMM is asked to shut down (SIGTERM)
@@ -365,8 +376,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (vmm_mark, backend_mark) = (dir.path().join("vmm"), dir.path().join("backend"));
         let mut procs = VmProcesses {
-            vmm: Some(graceful(&vmm_mark)),
-            backends: vec![graceful(&backend_mark)],
+            vmm: Some(graceful(&vmm_mark).await),
+            backends: vec![graceful(&backend_mark).await],
             ..Default::default()
         };
         let pids = procs.pids();
