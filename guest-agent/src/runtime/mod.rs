@@ -174,9 +174,9 @@ pub fn send_with_fd(
 /// Reads one line, consuming nothing after it: what follows on the socket (the start
 /// line, after a create) is the forked init's to read.
 ///
-/// Peeks at what has arrived and takes it up to the newline. The request is the whole
-/// OCI spec, kilobytes long: read a byte per syscall, as it once was, it cost each
-/// create and exec 40-50 ms of a TCG guest's time.
+/// Peeks at what has arrived and takes it up to the newline, rather than a byte per
+/// syscall: the request is the whole OCI spec, kilobytes long (tens of KB with a large
+/// environment or many mounts).
 fn read_line(sock: &UnixStream) -> std::io::Result<Option<String>> {
     use nix::sys::socket::{recv, MsgFlags};
     let mut out = Vec::new();

@@ -187,10 +187,9 @@ pub(super) fn make_mount_point(dest: &Path, is_file: bool) -> Result<(), Runtime
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).ctx(|| format!("cannot create {parent:?}"))?;
         }
-        if !lexists(dest) {
-            fs::File::create(dest).ctx(|| format!("cannot create {dest:?}"))?;
-        }
-        Ok(())
+        fs::File::create(dest)
+            .map(drop)
+            .ctx(|| format!("cannot create {dest:?}"))
     } else {
         fs::create_dir_all(dest).ctx(|| format!("cannot create {dest:?}"))
     }
