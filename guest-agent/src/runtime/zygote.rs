@@ -199,22 +199,34 @@ fn fork_helper(fds: [OwnedFd; FDS]) -> i32 {
     // SAFETY: the zygote is single-threaded, so the child may run any code.
     match unsafe { fork() } {
         Err(e) => -(e as i32),
-        Ok(ForkResult::Parent { child }) => child.as_raw(),
+        Ok(ForkResult::Parent { child }) => match unprotect(child.as_raw()) {
+            Ok(()) => child.as_raw(),
+            Err(e) => {
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                -e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        },
         Ok(ForkResult::Child) => {
             // SAFETY: PR_SET_NAME only names this process.
             unsafe { libc::prctl(libc::PR_SET_NAME, c"cocoon-runtime".as_ptr()) };
-            // What the agent's own helpers had: a container without `oomScoreAdj` in its
-            // spec must not inherit the zygote's protection. Raising it needs no
-            // privilege, so only a broken /proc fails this; then no helper at all.
-            if std::fs::write("/proc/self/oom_score_adj", HELPER_OOM_SCORE_ADJ).is_err()
-                || place(fds).is_err()
-            {
+            if place(fds).is_err() {
                 std::process::exit(1);
             }
             // It closes the zygote's socket with every descriptor above SYNC_FD.
             super::helper_main()
         }
     }
+}
+
+/// Gives a new helper the agent's own `oom_score_adj`, as its exec'd helpers had: a
+/// container without `oomScoreAdj` in its spec must not inherit the zygote's protection.
+/// The zygote does it before it answers with the pid, not the helper itself: the agent
+/// moves the helper into the container's cgroup as soon as it has the pid, and a helper
+/// still at -1000 there, under a memory limit too small for it, is a memcg OOM with no
+/// task to kill, so its page fault retries forever (the create hung to its deadline
+/// once cgroup2's `favordynmods` made the move fast enough to win that race).
+fn unprotect(pid: i32) -> io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/oom_score_adj"), HELPER_OOM_SCORE_ADJ)
 }
 
 /// Puts the request's descriptors at 0, 1, 2 and SYNC_FD (without close-on-exec). Each
@@ -268,5 +280,33 @@ mod tests {
         assert!(err.contains("single-threaded"), "{err}");
         assert!(ZYGOTE.get().is_none());
         other.join().unwrap();
+    }
+
+    /// The zygote resets a helper's score from outside, so it is the agent's before the
+    /// agent learns the pid, whether or not the helper has run yet.
+    #[test]
+    fn a_helper_has_the_agents_oom_score_before_it_runs() {
+        // SAFETY: the child only calls pause and _exit, both async-signal-safe, so
+        // forking from the test harness's threads is sound.
+        let child = match unsafe { fork() }.unwrap() {
+            // SAFETY: pause and _exit take no pointers; see the fork above.
+            ForkResult::Child => unsafe {
+                libc::pause();
+                libc::_exit(0)
+            },
+            ForkResult::Parent { child } => child,
+        };
+        let path = format!("/proc/{child}/oom_score_adj");
+        // Any score other than the agent's stands in for the zygote's inherited one.
+        std::fs::write(&path, "500").unwrap();
+        let r = unprotect(child.as_raw());
+        let score = std::fs::read_to_string(&path);
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
+        r.unwrap();
+        assert_eq!(score.unwrap().trim(), HELPER_OOM_SCORE_ADJ);
+        // A pid that is gone is an error the zygote answers with, not a helper.
+        let e = unprotect(child.as_raw()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
     }
 }
