@@ -220,10 +220,11 @@ fn attach_prog(dir: &std::fs::File, prog: &OwnedFd) -> std::io::Result<()> {
     let mut at = [0u32; 8];
     at[0] = dir.as_raw_fd() as u32;
     at[1] = prog.as_raw_fd() as u32;
-    at[2] = 6; // BPF_CGROUP_DEVICE
-    at[3] = 2; // BPF_F_ALLOW_MULTI: beside any other program on the cgroup.
-               // SAFETY: the attr holds no pointer; the attachment holds its own reference to
-               // the program.
+    // BPF_CGROUP_DEVICE, with BPF_F_ALLOW_MULTI: beside any other program on the cgroup.
+    at[2] = 6;
+    at[3] = 2;
+    // SAFETY: the attr holds no pointer; the attachment holds its own reference to the
+    // program.
     unsafe { bpf(BPF_PROG_ATTACH, &at) }.map(drop)
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use cocoon_protocol::agent::{StdioStreams, Storage};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use thiserror::Error;
 
 pub use process::Process;
@@ -27,7 +27,7 @@ pub use spawn::SpawnError;
 
 use crate::cgroup::{self, Cgroup, CgroupError, Limits};
 use crate::reaper::{Exit, Reaper};
-use crate::runtime::{ExecTarget, HelperMessage, HelperRequest, START_LINE};
+use crate::runtime::{ExecTarget, HelperMessage, HelperRequest, RawSpec, START_LINE};
 use crate::stdio::{ProcessIo, ProcessLookup, StdioError};
 use storages::{mount_storages, unmount_all};
 
@@ -96,6 +96,8 @@ const REAPED_EXECS_KEPT: usize = 32;
 pub struct Container {
     pub id: String,
     spec: Spec,
+    /// The spec's bytes as the host gave them, for the runtime helper.
+    raw_spec: RawSpec,
     cgroup: Option<Cgroup>,
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -319,7 +321,10 @@ impl Containers {
         if self.get(id).is_ok() {
             return Err(ContainerError::Exists(id.into()));
         }
-        let mut spec: Spec = serde_json::from_slice(spec_json)
+        let spec: Spec = serde_json::from_slice(spec_json)
+            .map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
+        // What the helper gets: these bytes, not a serialization of the parsed copy.
+        let raw_spec = crate::runtime::raw_spec(spec_json)
             .map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
         if spec.root().is_none() {
             return Err(ContainerError::Invalid(
@@ -329,9 +334,6 @@ impl Containers {
         validate::spec(&spec)?;
         if let Some(process) = spec.process() {
             nofile::make_room_in_guest(process);
-        }
-        if self.cgroup_root.is_some() {
-            add_cgroup_namespace(&mut spec);
         }
         let timeline = &crate::details::TIMELINE;
         let mounted = mount_storages(storages)?;
@@ -354,6 +356,7 @@ impl Containers {
         let container = Arc::new(Container {
             id: id.to_string(),
             spec: spec.clone(),
+            raw_spec: raw_spec.clone(),
             cgroup: cgroup.clone(),
             init: Process::new("", io),
             execs: Mutex::new(HashMap::new()),
@@ -377,7 +380,7 @@ impl Containers {
         }
         let netns_sysctls = net_sysctls::for_new_netns(&spec, Path::new("/proc/sys"));
         let req = HelperRequest {
-            spec,
+            spec: raw_spec,
             exec: None,
             terminal: stdio.terminal,
             cgroup_v2: self.cgroup_root.is_some(),
@@ -524,7 +527,7 @@ impl Containers {
             execs.insert(exec_id.to_string(), p.clone());
         }
         let req = HelperRequest {
-            spec: c.spec.clone(),
+            spec: c.raw_spec.clone(),
             exec: Some(ExecTarget {
                 init_pid: c.init.pid(),
                 process,
@@ -746,24 +749,6 @@ impl Containers {
                 tracing::warn!(container = %c.id, "remove failed: {e}");
             }
         }
-    }
-}
-
-/// Gives the container a cgroup namespace if the spec has none, as runc does
-/// on a cgroup v2 host. containerd leaves it out when its own host is v1, but
-/// the guest is v2: the runtime helper unshares it after joining the
-/// container's group, so that group is the namespace's root, and the cgroup2
-/// mount at /sys/fs/cgroup shows the container's own files and limits.
-fn add_cgroup_namespace(spec: &mut Spec) {
-    let linux = spec.linux_mut().get_or_insert_with(Default::default);
-    let namespaces = linux.namespaces_mut().get_or_insert_with(Vec::new);
-    if !namespaces
-        .iter()
-        .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
-    {
-        let mut ns = LinuxNamespace::default();
-        ns.set_typ(LinuxNamespaceType::Cgroup);
-        namespaces.push(ns);
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::reaper::Reaper;
-use crate::runtime::{HelperMessage, HelperRequest, HELPER_ARG, SYNC_FD};
+use crate::runtime::{HelperMessage, HelperRequest, RawSpec, HELPER_ARG, SYNC_FD};
 use crate::stdio::ChildStdio;
 
 /// Bound on each helper step (fork, setup, start); a wedged setup must not
@@ -203,7 +203,7 @@ pub struct Spawned {
 
 /// Starts the helper and waits for the pid of the process it forked.
 pub async fn spawn(
-    req: &HelperRequest,
+    req: &HelperRequest<RawSpec>,
     stdio: ChildStdio,
     cgroup: Option<&Cgroup>,
     reaper: &Reaper,

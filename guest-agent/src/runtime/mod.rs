@@ -44,10 +44,29 @@ pub const SYNC_FD: RawFd = 3;
 /// What the agent writes to let a created container exec.
 pub const START_LINE: &str = "start";
 
+/// The spec as the agent sends it: the bytes the host gave (checked to be JSON), written
+/// into the request as they are.
+pub type RawSpec = Box<serde_json::value::RawValue>;
+
+/// `spec_json` as a [`RawSpec`] that fits the request's one line: a line break can only
+/// be whitespace between tokens (JSON strings hold none unescaped, and the parse refuses
+/// one), so each becomes a space.
+pub fn raw_spec(spec_json: &[u8]) -> serde_json::Result<RawSpec> {
+    let one_line: Vec<u8> = spec_json
+        .iter()
+        .map(|b| if matches!(b, b'\n' | b'\r') { b' ' } else { *b })
+        .collect();
+    serde_json::from_slice(&one_line)
+}
+
+/// One request to the helper. The agent sends it with a [`RawSpec`] and the helper reads
+/// it with a parsed [`Spec`]: serializing the agent's parsed copy took 5-8 ms of
+/// first-run code in each VM under TCG (docs/notes.md, fortieth session).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct HelperRequest {
-    /// The container's spec (for an exec: its namespaces and seccomp).
-    pub spec: Spec,
+pub struct HelperRequest<S = Spec> {
+    /// The container's spec (for an exec: its namespaces and seccomp). The helper adds
+    /// a cgroup namespace where `cgroup_v2` says the guest has cgroup v2.
+    pub spec: S,
     /// Present for ExecProcess: join the init's namespaces, run `process`.
     pub exec: Option<ExecTarget>,
     /// The process gets a terminal: a pty from the container's devpts, its
@@ -226,11 +245,7 @@ pub fn helper_main() -> ! {
         &HelperMessage::Started(crate::details::boottime_ns()),
     );
     let req = match read_line(&sock) {
-        // From bytes, as the agent parsed the spec: the same deserializer code, which
-        // under TCG is then already translated (a zygote's helper runs the agent's code
-        // at its addresses). From a str it was another copy, 10-20 ms to translate.
-        Ok(Some(line)) => serde_json::from_slice::<HelperRequest>(line.as_bytes())
-            .map_err(|e| RuntimeError::Invalid(format!("bad helper request: {e}"))),
+        Ok(Some(line)) => parse_request(line.as_bytes()),
         Ok(None) => std::process::exit(1),
         Err(e) => Err(RuntimeError::Io("cannot read the helper request".into(), e)),
     };
@@ -243,6 +258,19 @@ pub fn helper_main() -> ! {
         std::process::exit(1);
     }
     std::process::exit(0)
+}
+
+/// The agent's request, parsed from bytes as the agent parses the spec: the same
+/// deserializer code, which under TCG is then already translated (a zygote's helper runs
+/// the agent's code at its addresses). From a str it was another copy, 10-20 ms to
+/// translate.
+fn parse_request(line: &[u8]) -> Result<HelperRequest, RuntimeError> {
+    let mut req: HelperRequest = serde_json::from_slice(line)
+        .map_err(|e| RuntimeError::Invalid(format!("bad helper request: {e}")))?;
+    if req.cgroup_v2 {
+        add_cgroup_namespace(&mut req.spec);
+    }
+    Ok(req)
 }
 
 /// Ignored signals survive exec, and containers must start with defaults:
@@ -303,6 +331,24 @@ fn close_inherited_fds() {
     for fd in fds.into_iter().filter(|fd| *fd > SYNC_FD) {
         // SAFETY: as above; a stale number (the read_dir's own) fails harmlessly.
         unsafe { libc::close(fd) };
+    }
+}
+
+/// Gives the container a cgroup namespace if the spec has none, as runc does
+/// on a cgroup v2 host. containerd leaves it out when its own host is v1, but
+/// the guest is v2: the helper unshares it after the agent put it in the
+/// container's group, so that group is the namespace's root, and the cgroup2
+/// mount at /sys/fs/cgroup shows the container's own files and limits.
+fn add_cgroup_namespace(spec: &mut Spec) {
+    let linux = spec.linux_mut().get_or_insert_with(Default::default);
+    let namespaces = linux.namespaces_mut().get_or_insert_with(Vec::new);
+    if !namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+    {
+        let mut ns = oci_spec::runtime::LinuxNamespace::default();
+        ns.set_typ(LinuxNamespaceType::Cgroup);
+        namespaces.push(ns);
     }
 }
 
@@ -575,5 +621,59 @@ mod tests {
         assert_eq!(read_line(&b).unwrap().as_deref(), Some("start"));
         drop(a);
         assert_eq!(read_line(&b).unwrap(), None);
+    }
+
+    /// The agent sends the host's bytes (pretty-printed here, a file's `ctr run --config`
+    /// would be), on one line; the helper reads the spec the host meant, with its cgroup
+    /// namespace only where the guest has cgroup v2.
+    #[test]
+    fn a_request_carries_the_hosts_spec_on_one_line() {
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh", "-c", "echo 'a\nb'"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+        });
+        let pretty = serde_json::to_vec_pretty(&spec).unwrap();
+        assert!(pretty.contains(&b'\n'));
+        for cgroup_v2 in [true, false] {
+            let req = HelperRequest {
+                spec: raw_spec(&pretty).unwrap(),
+                exec: None,
+                terminal: false,
+                cgroup_v2,
+                no_pivot: false,
+                id: "c1".into(),
+                netns_sysctls: Vec::new(),
+            };
+            let line = serde_json::to_string(&req).unwrap();
+            assert!(!line.contains('\n'), "{line}");
+            let (a, b) = UnixStream::pair().unwrap();
+            (&a).write_all(format!("{line}\nstart\n").as_bytes())
+                .unwrap();
+            let read = read_line(&b).unwrap().unwrap();
+            let got = parse_request(read.as_bytes()).unwrap();
+            let process = got.spec.process().as_ref().unwrap();
+            assert_eq!(process.args().as_ref().unwrap()[2], "echo 'a\nb'");
+            let types: Vec<_> = got
+                .spec
+                .linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|n| n.typ())
+                .collect();
+            let mut want = vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Mount];
+            if cgroup_v2 {
+                want.push(LinuxNamespaceType::Cgroup);
+            }
+            assert_eq!(types, want);
+            assert_eq!(read_line(&b).unwrap().as_deref(), Some(START_LINE));
+        }
+        // Not JSON: named, as the parse of the spec the agent did first would.
+        assert!(raw_spec(b"{\"a\": ").is_err());
     }
 }
