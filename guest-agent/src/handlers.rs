@@ -302,6 +302,9 @@ impl Agent for AgentService {
             })?;
         crate::details::TIMELINE.mark("sandbox-created", "");
         tracing::info!(sandbox = %req.sandbox_id, "sandbox created");
+        if self.state.is_init {
+            tokio::task::spawn_blocking(crate::devfilter::preload_usual);
+        }
         Ok(Empty::new())
     }
 
