@@ -655,15 +655,11 @@ mod tests {
             let got = parse_request(read.as_bytes()).unwrap();
             let process = got.spec.process().as_ref().unwrap();
             assert_eq!(process.args().as_ref().unwrap()[2], "echo 'a\nb'");
-            let types: Vec<_> = got
-                .spec
-                .linux()
-                .as_ref()
-                .unwrap()
+            let linux = got.spec.linux().as_ref().unwrap();
+            let types: Vec<_> = linux
                 .namespaces()
-                .as_ref()
-                .unwrap()
                 .iter()
+                .flatten()
                 .map(|n| n.typ())
                 .collect();
             let mut want = vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Mount];
