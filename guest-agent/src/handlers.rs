@@ -303,7 +303,15 @@ impl Agent for AgentService {
         crate::details::TIMELINE.mark("sandbox-created", "");
         tracing::info!(sandbox = %req.sandbox_id, "sandbox created");
         if self.state.is_init {
-            tokio::task::spawn_blocking(crate::devfilter::preload_usual);
+            // While the host prepares the first container and the guest has nothing
+            // else to do: what the boot need not wait for.
+            tokio::task::spawn_blocking(|| {
+                if let Err(e) = crate::init::favor_dynmods() {
+                    // Linux before 6.0: task migrations wait out a grace period.
+                    tracing::info!("cgroup2 refused favordynmods ({e}); kept without");
+                }
+                crate::devfilter::preload_usual()
+            });
         }
         Ok(Empty::new())
     }

@@ -105,36 +105,45 @@ const MOUNTS: &[Mnt] = &[
         flags: NOSUID_NODEV_NOEXEC,
         data: Some("mode=1777"),
     },
-    // `favordynmods` (Linux 6.0+; refused by older kernels, mounted without it then):
-    // the kernel stops waiting out an RCU grace period at every task migration and
-    // controller change. Each container's helper is moved into its cgroup, and on a
-    // one-vCPU TCG guest that wait was 12-15 ms of every create and exec. Forks and
-    // exits take a slightly slower lock path instead.
+    // Mounted without `favordynmods`: [`favor_dynmods`] turns it on off the boot path.
     Mnt {
         source: "cgroup2",
         target: "/sys/fs/cgroup",
         fstype: "cgroup2",
         flags: NOSUID_NODEV_NOEXEC,
-        data: Some(CGROUP2_FAVOR_DYNMODS),
+        data: None,
     },
 ];
 
+/// cgroup2's `favordynmods` (Linux 6.0+): the kernel stops waiting out an RCU grace
+/// period at every task migration and controller change. Each container's helper is
+/// moved into its cgroup, and on a one-vCPU TCG guest that wait was 12-15 ms of every
+/// create and exec. Forks and exits take a slightly slower lock path instead.
 const CGROUP2_FAVOR_DYNMODS: &str = "favordynmods";
 
+/// Turns on `favordynmods` on the guest's cgroup2 by a remount. Turning it on costs
+/// itself: mounted with the option, cgroup2 took 10-12 ms of every boot under TCG
+/// (against 1 ms without). The boot does not need it, only containers do, so the agent
+/// remounts once the sandbox is created, while the host prepares the first container
+/// and the guest would be idle. A create that comes before it is done is only slower.
+/// A kernel that refuses the option (before 6.0) keeps the mount as it is. Only the
+/// option is named: a cgroup2 remount resets the others, and the boot mount has none.
+pub fn favor_dynmods() -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        "/sys/fs/cgroup",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | NOSUID_NODEV_NOEXEC,
+        Some(CGROUP2_FAVOR_DYNMODS),
+    )
+}
+
+/// Mounts the guest's file systems, reads the command line, and loads the boot-critical
+/// modules (Cocoon's kernel has them built in).
 pub fn early_init() -> Result<EarlyInit, InitError> {
     for m in MOUNTS {
         fs::create_dir_all(m.target).map_err(|e| InitError::MountPoint(m.target.into(), e))?;
-        let mut r = mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data);
-        if r == Err(nix::Error::EINVAL) && m.data == Some(CGROUP2_FAVOR_DYNMODS) {
-            r = mount(
-                Some(m.source),
-                m.target,
-                Some(m.fstype),
-                m.flags,
-                None::<&str>,
-            );
-        }
-        match r {
+        match mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
             // Already mounted (e.g. devtmpfs auto-mounted by the kernel).
             Ok(()) | Err(nix::Error::EBUSY) => {}
             Err(source) => {
