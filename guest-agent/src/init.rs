@@ -165,8 +165,9 @@ pub fn early_init() -> Result<EarlyInit, InitError> {
     let cmdline = cmdline.trim().to_string();
     let (critical, rest): (Vec<_>, Vec<_>) = if Path::new(MODULES_LIST).exists() {
         let list = modules::read_list(Path::new(MODULES_LIST))?;
-        // An empty list (Cocoon's kernel has everything built in): no bus to look at.
-        let has_pci = !list.is_empty() && modules::has_pci_devices();
+        // The bus is looked at only when it decides something: Cocoon's kernel has
+        // the transports built in, and its list holds only the block driver.
+        let has_pci = modules::needs_pci_check(&list) && modules::has_pci_devices();
         list.into_iter()
             .partition(|e| modules::is_boot_critical(&e.name, has_pci))
     } else {

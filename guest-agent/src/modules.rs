@@ -91,6 +91,13 @@ pub fn is_boot_critical(name: &str, has_pci: bool) -> bool {
     BOOT_CRITICAL.contains(&name) || (has_pci && PCI_TRANSPORT.contains(&name))
 }
 
+/// Whether `list` has a module that is boot-critical only on a PCI bus: if not, the bus
+/// need not be looked at (a sysfs directory read, first-run code under TCG).
+pub fn needs_pci_check(list: &[ModuleEntry]) -> bool {
+    list.iter()
+        .any(|e| PCI_TRANSPORT.contains(&e.name.as_str()))
+}
+
 /// Whether the guest has any PCI device (after sysfs is mounted).
 pub fn has_pci_devices() -> bool {
     fs::read_dir("/sys/bus/pci/devices").is_ok_and(|mut d| d.next().is_some())
@@ -152,6 +159,20 @@ pub fn load_on_demand(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pci_bus_is_looked_at_only_for_a_pci_transport() {
+        let entry = |name: &str| ModuleEntry {
+            name: name.into(),
+            path: format!("/lib/modules/x/{name}.ko").into(),
+        };
+        // Cocoon's kernel: only the block driver is a module.
+        assert!(!needs_pci_check(&[entry("virtio_blk")]));
+        assert!(!needs_pci_check(&[]));
+        // Debian's: the PCI transport is boot-critical on a machine with the bus.
+        let debian = [entry("virtio_ring"), entry("virtio_pci_modern_dev")];
+        assert!(needs_pci_check(&debian));
+    }
 
     #[test]
     fn an_on_demand_module_that_fails_to_load_stays_pending() {
