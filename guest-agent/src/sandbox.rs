@@ -100,11 +100,8 @@ const SHARED_ROOT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// asked for the container: its root, when shared, and each directory volume
 /// (`<SHARED_DIR>/<id>/mounts/<n>`). Files (kubelet's `/etc/hosts`) are left out: a
 /// file bind mount need not show a device of its own.
-fn shared_mounts(spec_json: &[u8], shared_dir: &Path) -> Vec<std::path::PathBuf> {
+fn shared_mounts(spec: &serde_json::Value, shared_dir: &Path) -> Vec<std::path::PathBuf> {
     use std::path::PathBuf;
-    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(spec_json) else {
-        return Vec::new();
-    };
     let shared = |p: &PathBuf| p.is_absolute() && p.starts_with(shared_dir);
     let root = spec
         .get("root")
@@ -135,9 +132,11 @@ fn shared_mounts(spec_json: &[u8], shared_dir: &Path) -> Vec<std::path::PathBuf>
 /// mount point cached, and the container was then made on that read-only directory
 /// ("cannot create .../rootfs/proc: Read-only file system"; an rw volume that was
 /// read-only). Returns at once when nothing is shared or all are mounted; after the
-/// bound, the create goes on and reports what it finds.
-pub async fn wait_shared_mounts(spec_json: &[u8]) {
-    let points = shared_mounts(spec_json, Path::new(SHARED_DIR));
+/// bound, the create goes on and reports what it finds. `spec` is `None` when it did
+/// not parse: the create reports that.
+pub async fn wait_shared_mounts(spec: Option<&serde_json::Value>) {
+    let Some(spec) = spec else { return };
+    let points = shared_mounts(spec, Path::new(SHARED_DIR));
     if points.is_empty() {
         return;
     }
@@ -235,14 +234,14 @@ mod tests {
                 {"destination": "/gone", "type": "bind", "source": at("shared/c1/mounts/2")},
             ]
         });
-        let found = shared_mounts(spec.to_string().as_bytes(), &share);
+        let found = shared_mounts(&spec, &share);
         assert_eq!(
             found,
             [share.join("c1/rootfs"), share.join("c1/mounts/0")],
             "the root, and only directory volumes in the share"
         );
         let pulled = serde_json::json!({"root": {"path": "/run/cocoon/pulled/c1/rootfs"}});
-        assert!(shared_mounts(pulled.to_string().as_bytes(), &share).is_empty());
-        assert!(shared_mounts(b"not json", &share).is_empty());
+        assert!(shared_mounts(&pulled, &share).is_empty());
+        assert!(shared_mounts(&serde_json::json!("not a spec"), &share).is_empty());
     }
 }
