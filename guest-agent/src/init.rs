@@ -108,7 +108,7 @@ const MOUNTS: &[Mnt] = &[
     // Mounted without `favordynmods`: [`favor_dynmods`] turns it on off the boot path.
     Mnt {
         source: "cgroup2",
-        target: "/sys/fs/cgroup",
+        target: crate::cgroup::CGROUP_ROOT,
         fstype: "cgroup2",
         flags: NOSUID_NODEV_NOEXEC,
         data: None,
@@ -131,7 +131,7 @@ const CGROUP2_FAVOR_DYNMODS: &str = "favordynmods";
 pub fn favor_dynmods() -> nix::Result<()> {
     mount(
         None::<&str>,
-        "/sys/fs/cgroup",
+        crate::cgroup::CGROUP_ROOT,
         None::<&str>,
         MsFlags::MS_REMOUNT | NOSUID_NODEV_NOEXEC,
         Some(CGROUP2_FAVOR_DYNMODS),

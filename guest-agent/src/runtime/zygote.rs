@@ -281,8 +281,7 @@ fn close_all_but(keep: RawFd) {
 mod tests {
     use super::*;
 
-    /// The test harness runs tests on threads of its own, so a fork here would be unsafe:
-    /// the zygote refuses, naming why, and nothing is forked.
+    /// The link count the zygote reads is the number of entries in `/proc/self/task`.
     #[test]
     fn the_thread_count_is_the_task_directorys() {
         let hold = std::sync::Arc::new(std::sync::Barrier::new(3));
@@ -309,6 +308,8 @@ mod tests {
         );
     }
 
+    /// The test harness runs tests on threads of its own, so a fork here would be unsafe:
+    /// the zygote refuses, naming why, and nothing is forked.
     #[test]
     fn a_multithreaded_process_gets_no_zygote() {
         let other = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(1)));
