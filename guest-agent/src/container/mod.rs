@@ -418,7 +418,7 @@ impl Containers {
             Ok((pid, sync)) => {
                 *container.sync.lock().await = Some(sync);
                 container.set_status(Status::Created);
-                tracing::info!(container = id, pid, "container created");
+                tracing::debug!(container = id, pid, "container created");
                 Ok(pid)
             }
             Err(e) => {
@@ -495,7 +495,7 @@ impl Containers {
             return Err(e.into());
         }
         c.set_status(Status::Running);
-        tracing::info!(container = id, "container started");
+        tracing::debug!(container = id, "container started");
         Ok(())
     }
 
@@ -667,7 +667,7 @@ impl Containers {
         if let Some(cg) = &c.cgroup {
             cg.remove().await?;
         }
-        tracing::info!(container = id, "container removed");
+        tracing::debug!(container = id, "container removed");
         Ok(())
     }
 
