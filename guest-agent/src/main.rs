@@ -96,6 +96,17 @@ fn main() {
             }
             Listen::Unix(PathBuf::from(dir))
         }
+        // The kernel hands init each word of its command line that it did not know
+        // (`vm.kernel_params` may hold one: a typo, or a parameter of another boot
+        // path). The kernel ignores them and so does init: a usage exit here would
+        // panic the kernel and fail every pod.
+        Some(_) if std::process::id() == 1 => {
+            eprintln!(
+                "cocoon-agent: ignoring {:?}: kernel command-line words the kernel did not know",
+                &args[1..]
+            );
+            Listen::Vsock
+        }
         Some(_) => usage(),
     };
     let started = Instant::now();

@@ -55,7 +55,9 @@ async fn boot(
 fn boot_roundtrip_health_version_details() {
     let run = tempfile::tempdir().unwrap();
     let mut config = test_config(run.path(), BOOT);
-    config.vm.kernel_params = "cocoon.log=debug".into();
+    // A word the kernel does not know is passed to init as an argument: the agent
+    // ignores it (it used to exit with its usage, and the kernel panicked).
+    config.vm.kernel_params = "cocoon.log=debug cocoon-unknown-word".into();
     rt().block_on(async {
         let (mut vm, agent) = boot(&config, "rt").await;
         // QEMU and the vsock backend, each PID 1 of its own PID namespace under the
@@ -110,7 +112,8 @@ fn boot_roundtrip_health_version_details() {
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
         assert!(
-            d.kernel_cmdline.contains("console=ttyS0"),
+            d.kernel_cmdline.contains("console=ttyS0")
+                && d.kernel_cmdline.contains("cocoon-unknown-word"),
             "{}",
             d.kernel_cmdline
         );
