@@ -7,7 +7,7 @@ CARGO ?= cargo
 GUEST_TARGET := x86_64-unknown-linux-gnu
 # The agent is PID 1 of the guest: static glibc, since no musl target exists
 # here. --target keeps these flags away from build scripts and proc macros.
-AGENT := target/$(GUEST_TARGET)/release/cocoon-agent
+AGENT := target/$(GUEST_TARGET)/guest/cocoon-agent
 IMAGE_DIR := target/image
 STAMP := target/.host-setup-done
 
@@ -25,7 +25,7 @@ build: setup
 
 agent: setup
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build --release -p cocoon-agent --target $(GUEST_TARGET)
+		$(CARGO) build --profile guest -p cocoon-agent --target $(GUEST_TARGET)
 
 # The guest image: Cocoon's own kernel (built once per change of
 # rootfs/kernel/, its config fragment and patches, then cached) and the agent's initramfs. KERNEL=debian
