@@ -433,6 +433,20 @@ impl Config {
         if self.vm.kernel_params.contains('\n') {
             return bad("vm.kernel_params", "must be a single line");
         }
+        if let Some(w) = self
+            .vm
+            .kernel_params
+            .split_whitespace()
+            .find(|w| w.starts_with("init=") || w.starts_with("rdinit="))
+        {
+            return bad(
+                "vm.kernel_params",
+                &format!(
+                    "must not name the guest's init ({w}): it is Cocoon's agent, and a VM \
+                     running another would never answer"
+                ),
+            );
+        }
         if self.paths.run_dir.as_os_str().is_empty() || !self.paths.run_dir.is_absolute() {
             return bad("paths.run_dir", "must be an absolute path");
         }
@@ -587,6 +601,12 @@ mod tests {
             Config::parse("[vm]\nhotplug_vcpus = true\nkernel_params = \"quiet maxcpus=4\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("vm.kernel_params"), "{err}");
+        for init in ["rdinit=/bin/sh", "init=/sbin/init"] {
+            let err =
+                Config::parse(&format!("[vm]\nkernel_params = \"quiet {init}\"\n")).unwrap_err();
+            assert!(err.to_string().contains(init), "{err}");
+        }
+        assert!(Config::parse("[vm]\nkernel_params = \"quiet cocoon.log=debug\"\n").is_ok());
         assert!(Config::parse("[vm]\nhotplug_vcpus = true\n").is_ok_and(|c| c.vm.hotplug_vcpus));
         let grows = "[vm]\nhotplug_memory = true\nmax_memory_mib = 4096\n";
         let with = |extra: &str| Config::parse(&format!("{grows}{extra}"));
