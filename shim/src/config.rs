@@ -340,6 +340,14 @@ impl Config {
         Ok(c)
     }
 
+    /// The first word of `vm.kernel_params` that sets one of `names` (`name=...`).
+    fn kernel_param(&self, names: &[&str]) -> Option<&str> {
+        self.vm.kernel_params.split_whitespace().find(|w| {
+            w.split_once('=')
+                .is_some_and(|(name, _)| names.contains(&name))
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, reason: &str| {
             Err(ConfigError::Invalid {
@@ -404,13 +412,7 @@ impl Config {
                  memory cgroup is the bound), so it must be chosen, not the host's memory",
             );
         }
-        if self.vm.hotplug_vcpus
-            && self
-                .vm
-                .kernel_params
-                .split_whitespace()
-                .any(|w| w.starts_with("maxcpus=") || w.starts_with("nr_cpus="))
-        {
+        if self.vm.hotplug_vcpus && self.kernel_param(&["maxcpus", "nr_cpus"]).is_some() {
             return bad(
                 "vm.kernel_params",
                 "must not set maxcpus= or nr_cpus= with vm.hotplug_vcpus, which sets the \
@@ -433,12 +435,7 @@ impl Config {
         if self.vm.kernel_params.contains('\n') {
             return bad("vm.kernel_params", "must be a single line");
         }
-        if let Some(w) = self
-            .vm
-            .kernel_params
-            .split_whitespace()
-            .find(|w| w.starts_with("init=") || w.starts_with("rdinit="))
-        {
+        if let Some(w) = self.kernel_param(&["init", "rdinit"]) {
             return bad(
                 "vm.kernel_params",
                 &format!(
