@@ -1,6 +1,7 @@
 //! A pod's footprint on the host: guest memory the guest has freed goes back to the host
-//! (QEMU's virtio balloon with free page reporting, `vm.free_page_reporting`), so a
-//! container's transient use does not stay charged to the pod for its life.
+//! (a virtio balloon with free page reporting, `vm.free_page_reporting`: QEMU's, and
+//! cocoon-vmm's own, which runs in the nested harness's L1 here), so a container's
+//! transient use does not stay charged to the pod for its life.
 
 mod ctr_common;
 
@@ -20,6 +21,19 @@ fn pss_shmem_kib(pid: u32) -> u64 {
 fn guest_memory_a_container_frees_goes_back_to_the_host() {
     let env = env_with("hypervisor = \"qemu\"\n", "");
     freed_memory_goes_back(&env, "qemu-system");
+}
+
+/// The same on cocoon-vmm (its own balloon), which needs hardware KVM: here inside L1.
+#[test]
+fn guest_memory_a_container_frees_goes_back_to_the_host_on_cocoon_vmm() {
+    if hardware_kvm("guest_memory_a_container_frees_goes_back_to_the_host_on_cocoon_vmm")
+        == Place::Done
+    {
+        return;
+    }
+    let env = env_on(Some("cocoon-vmm"));
+    // The VMM itself, not its PID-namespace waiter (whose command line is renamed).
+    freed_memory_goes_back(&env, "--free-page-reporting");
 }
 
 /// Runs a container that writes 96 MiB to the guest's /dev/shm (guest RAM) and frees
