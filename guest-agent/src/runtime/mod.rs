@@ -13,6 +13,7 @@
 
 pub(crate) mod console;
 mod creds;
+mod mount_attrs;
 pub mod mounts;
 mod sched;
 pub mod seccomp;

@@ -12,6 +12,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
 
+use super::mount_attrs::RecursiveAttrs;
 use super::{lexists, Context, RuntimeError};
 
 /// Parsed mount options: flags for the mount itself, propagation changes
@@ -24,6 +25,8 @@ pub struct MountOptions {
     pub propagation: Vec<MsFlags>,
     pub bind: bool,
     pub data: Vec<String>,
+    /// `rro`, `rnoexec` and the like, for the mount and everything below it.
+    pub recursive: RecursiveAttrs,
 }
 
 impl Default for MountOptions {
@@ -34,6 +37,7 @@ impl Default for MountOptions {
             propagation: Vec::new(),
             bind: false,
             data: Vec::new(),
+            recursive: RecursiveAttrs::default(),
         }
     }
 }
@@ -41,6 +45,9 @@ impl Default for MountOptions {
 pub fn parse_options(opts: &[String]) -> MountOptions {
     let mut o = MountOptions::default();
     for opt in opts {
+        if o.recursive.take(opt) {
+            continue;
+        }
         let (set, clear) = match opt.as_str() {
             "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
             "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
@@ -268,6 +275,8 @@ fn mount_one(m: &Mount, rootfs: &Path, cgroup_v2: bool) -> Result<(), RuntimeErr
             r => r?,
         }
     }
+    // After the mount's own flags, as runc applies them.
+    opts.recursive.apply(&dest)?;
     for p in &opts.propagation {
         do_mount(None, &dest, None, *p, None)?;
     }
@@ -588,6 +597,12 @@ mod tests {
         );
         // A later option wins.
         assert_eq!(opts(&["ro", "rw"]).flags, MsFlags::empty());
+
+        // Recursive attributes are neither flags nor data.
+        let r = opts(&["rbind", "rprivate", "rro"]);
+        assert_eq!(r.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert!(r.data.is_empty());
+        assert_eq!(r.recursive.set, libc::MOUNT_ATTR_RDONLY);
     }
 
     #[test]

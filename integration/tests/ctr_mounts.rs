@@ -1,0 +1,74 @@
+//! Bind mounts' recursive attributes (`rro`, `rnoexec`, ...), which containerd 2's CRI
+//! (a volume with `recursiveReadOnly: Enabled`), Docker and nerdctl send, against runc.
+
+mod ctr_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use ctr_common::*;
+
+const CHECK: &str = r#"
+for p in /rro /rro/nested; do
+  if touch $p/w-$0 2>/dev/null; then echo "$p writable"; else echo "$p read-only"; fi
+done
+for s in /rro/nested/s.sh /rnx/s.sh /rnx/nested/s.sh; do
+  if $s >/dev/null 2>&1; then echo "$s ran"; else echo "$s refused"; fi
+done
+"#;
+
+const EXPECTED: &str = "/rro read-only\n/rro/nested read-only\n/rro/nested/s.sh ran\n\
+                        /rnx/s.sh refused\n/rnx/nested/s.sh refused\n";
+
+#[test]
+fn recursive_mount_attributes_reach_nested_mounts_as_under_runc() {
+    let env = env();
+    let host = env.containerd.dir.join("recursive");
+    std::fs::create_dir_all(host.join("nested")).unwrap();
+    // A mount inside the volume: the recursive attributes must reach it.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &host.join("nested"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _nested = Unmount(&host.join("nested"));
+    for script in [host.join("s.sh"), host.join("nested/s.sh")] {
+        std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    let h = host.display();
+    let rro = format!("type=bind,src={h},dst=/rro,options=rbind:rprivate:rro");
+    let rnoexec = format!("type=bind,src={h},dst=/rnx,options=rbind:rnoexec");
+    let flags = ["--mount", &rro, "--mount", &rnoexec];
+    for runtime in [RUNC, COCOON] {
+        let name = runtime_id("rec", runtime);
+        let o = ctr_run(&env, runtime, &name, &flags, &["sh", "-c", CHECK, &name]);
+        assert_eq!(
+            (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
+            (Some(0), EXPECTED),
+            "{runtime}: {}",
+            show(&o)
+        );
+    }
+    let written: Vec<_> = [host.clone(), host.join("nested")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with("w-"))
+        .collect();
+    assert!(
+        written.is_empty(),
+        "a read-only volume was written: {written:?}"
+    );
+    assert_clean(&env);
+}
