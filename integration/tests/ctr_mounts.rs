@@ -1,5 +1,6 @@
 //! Bind mounts' recursive attributes (`rro`, `rnoexec`, ...), which containerd 2's CRI
-//! (a volume with `recursiveReadOnly: Enabled`), Docker and nerdctl send, against runc.
+//! (a volume with `recursiveReadOnly: Enabled`), Docker and nerdctl send, and the
+//! other options runc knows (`nosymfollow`), against runc.
 
 mod ctr_common;
 
@@ -15,13 +16,17 @@ done
 for s in /rro/nested/s.sh /rnx/s.sh /rnx/nested/s.sh; do
   if $s >/dev/null 2>&1; then echo "$s ran"; else echo "$s refused"; fi
 done
+for l in /rro/link /nsf/link; do
+  if cat $l >/dev/null 2>&1; then echo "$l followed"; else echo "$l not followed"; fi
+done
 "#;
 
 const EXPECTED: &str = "/rro read-only\n/rro/nested read-only\n/rro/nested/s.sh ran\n\
-                        /rnx/s.sh refused\n/rnx/nested/s.sh refused\n";
+                        /rnx/s.sh refused\n/rnx/nested/s.sh refused\n\
+                        /rro/link followed\n/nsf/link not followed\n";
 
 #[test]
-fn recursive_mount_attributes_reach_nested_mounts_as_under_runc() {
+fn mount_options_and_recursive_attributes_act_as_under_runc() {
     let env = env();
     let host = env.containerd.dir.join("recursive");
     std::fs::create_dir_all(host.join("nested")).unwrap();
@@ -46,10 +51,19 @@ fn recursive_mount_attributes_reach_nested_mounts_as_under_runc() {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
+    std::os::unix::fs::symlink("s.sh", host.join("link")).unwrap();
     let h = host.display();
     let rro = format!("type=bind,src={h},dst=/rro,options=rbind:rprivate:rro");
     let rnoexec = format!("type=bind,src={h},dst=/rnx,options=rbind:rnoexec");
-    let flags = ["--mount", &rro, "--mount", &rnoexec];
+    let nosymfollow = format!("type=bind,src={h},dst=/nsf,options=rbind:nosymfollow");
+    let flags = [
+        "--mount",
+        &rro,
+        "--mount",
+        &rnoexec,
+        "--mount",
+        &nosymfollow,
+    ];
     for runtime in [RUNC, COCOON] {
         let name = runtime_id("rec", runtime);
         let o = ctr_run(&env, runtime, &name, &flags, &["sh", "-c", CHECK, &name]);

@@ -71,6 +71,14 @@ pub fn parse_options(opts: &[String]) -> MountOptions {
             "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
             "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            "nosymfollow" => (MS_NOSYMFOLLOW, MsFlags::empty()),
+            "symfollow" => (MsFlags::empty(), MS_NOSYMFOLLOW),
+            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
+            "nolazytime" => (MsFlags::empty(), MsFlags::MS_LAZYTIME),
+            "iversion" => (MsFlags::MS_I_VERSION, MsFlags::empty()),
+            "noiversion" => (MsFlags::empty(), MsFlags::MS_I_VERSION),
+            "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
+            "loud" => (MsFlags::empty(), MsFlags::MS_SILENT),
             "bind" => {
                 o.bind = true;
                 (MsFlags::MS_BIND, MsFlags::empty())
@@ -92,7 +100,8 @@ pub fn parse_options(opts: &[String]) -> MountOptions {
                 continue;
             }
         };
-        o.flags = (o.flags | set) & !clear;
+        // In bits: `!` on the flags type would drop the bits nix does not name.
+        o.flags = MsFlags::from_bits_retain((o.flags.bits() | set.bits()) & !clear.bits());
         o.cleared |= clear;
     }
     o
@@ -202,7 +211,12 @@ pub(super) fn make_mount_point(dest: &Path, is_file: bool) -> Result<(), Runtime
     }
 }
 
+/// `MS_NOSYMFOLLOW` (Linux 5.10), which nix does not name: symbolic links on the mount
+/// are not followed, as runc's `nosymfollow`.
+const MS_NOSYMFOLLOW: MsFlags = MsFlags::from_bits_retain(libc::MS_NOSYMFOLLOW);
+
 const REMOUNT_FLAGS: MsFlags = MsFlags::MS_RDONLY
+    .union(MS_NOSYMFOLLOW)
     .union(MsFlags::MS_NOSUID)
     .union(MsFlags::MS_NODEV)
     .union(MsFlags::MS_NOEXEC)
@@ -597,6 +611,11 @@ mod tests {
         );
         // A later option wins.
         assert_eq!(opts(&["ro", "rw"]).flags, MsFlags::empty());
+
+        // Options runc knows are flags, not mount data (a tmpfs would refuse them).
+        let n = opts(&["rbind", "nosymfollow", "lazytime", "silent"]);
+        assert!(n.data.is_empty(), "{n:?}");
+        assert!(n.flags.contains(MS_NOSYMFOLLOW | MsFlags::MS_LAZYTIME));
 
         // Recursive attributes are neither flags nor data.
         let r = opts(&["rbind", "rprivate", "rro"]);
