@@ -5,7 +5,8 @@
 #
 # usage: scripts/critest.sh (--critest BIN | --cri-tools DIR) [critest flags...]
 #   BIN: a built critest (`go test -c ./cmd/critest` in cri-tools); DIR: a cri-tools
-#   checkout with its vendor/ (v1.26.x builds with Debian 12's Go 1.19), built here.
+#   checkout with its vendor/ (v1.26.x builds with Debian 12's Go 1.19, v1.32.0 with
+#   bookworm-backports' golang-1.23-go), built here.
 # Writes target/critest/{runc,cocoon}.{log,json} and report.{json,txt}. Fails if Cocoon
 # fails a case runc passes, beyond the cases a VM cannot pass by design (below).
 set -euo pipefail
@@ -34,6 +35,8 @@ by_design=(
     "runtime should support HostNetwork is true"
     "runtime should support portforward in host network"
     "mount with 'rshared' should support propagation from host to container and vice versa"
+    # critest >= 1.30: read-only volumes are read-only all the way down (issue #10).
+    "should support non-recursive readonly mounts"
 )
 
 dir=$(mktemp -d /tmp/cocoon-critest.XXXXXX)

@@ -625,6 +625,14 @@ mod tests {
     }
 
     #[test]
+    fn every_option_the_shim_reports_is_known_here() {
+        for name in cocoon_protocol::MOUNT_OPTIONS {
+            let o = opts(&[name]);
+            assert!(o.data.is_empty(), "{name} would be taken as mount data");
+        }
+    }
+
+    #[test]
     fn cgroup_mounts_are_read_only_unless_rw() {
         let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         let ro = safe | MsFlags::MS_RDONLY;

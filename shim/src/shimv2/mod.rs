@@ -12,6 +12,7 @@ mod delete;
 pub mod guest_events;
 pub mod hooks;
 pub mod idmaps;
+pub mod info;
 pub mod janitor;
 pub mod logsink;
 pub(crate) mod metrics;
@@ -74,6 +75,15 @@ pub async fn main() -> i32 {
     if flags.version {
         println!("containerd-shim-cocoon-v2 {}", env!("CARGO_PKG_VERSION"));
         return 0;
+    }
+    if flags.info {
+        return match info::print(RUNTIME_ID) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{RUNTIME_ID}: {e:#}");
+                1
+            }
+        };
     }
     let result = match flags.action.as_str() {
         "start" => start::run(&flags).await,
