@@ -522,7 +522,8 @@ pub fn provide(
             || options.iter().any(|o| *o == "bind" || *o == "rbind");
         let src = m.get("source").and_then(Value::as_str).map(Path::new);
         let rel = src.and_then(|s| s.strip_prefix(shared).ok());
-        let (true, true, Some(rel)) = (bind, options.contains(&"ro"), rel) else {
+        let read_only = cocoon_protocol::read_only(&options);
+        let (true, true, Some(rel)) = (bind, read_only, rel) else {
             tracing::warn!("{dest}: not a read-only bind of the pod's share: not copied");
             continue;
         };

@@ -146,3 +146,43 @@ pub const MOUNT_OPTIONS: &[&str] = &[
     "rsuid",
     "rsymfollow",
 ];
+
+/// Whether a mount with these OCI options ends up read-only: `ro` (or `rw`), unless a
+/// recursive `rro` (or `rrw`) follows it, as runc applies them (the recursive
+/// attributes last). containerd 2's CRI asks for a recursively read-only volume with
+/// `rro` and no `ro` at all. One rule for the shim (the share, the copied volumes) and
+/// the agent (the copied volumes).
+pub fn read_only<S: AsRef<str>>(options: &[S]) -> bool {
+    let (mut plain, mut recursive) = (false, None);
+    for o in options {
+        match o.as_ref() {
+            "ro" => plain = true,
+            "rw" => plain = false,
+            "rro" => recursive = Some(true),
+            "rrw" => recursive = Some(false),
+            _ => {}
+        }
+    }
+    recursive.unwrap_or(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_only;
+
+    #[test]
+    fn read_only_is_ro_or_a_recursive_rro_applied_last() {
+        assert!(read_only(&["rbind", "ro"]));
+        assert!(
+            read_only(&["rbind", "rprivate", "rro"]),
+            "containerd 2's recursive read-only"
+        );
+        assert!(read_only(&["rbind", "rw", "rro"]));
+        assert!(
+            !read_only(&["rbind", "ro", "rrw"]),
+            "rrw clears it all the way down"
+        );
+        assert!(!read_only(&["rbind", "ro", "rw"]));
+        assert!(!read_only(&["rbind", "rnoexec"]));
+    }
+}

@@ -93,26 +93,8 @@ fn has_opt(m: &Mount, opt: &str) -> bool {
         .is_some_and(|o| o.iter().any(|x| x == opt))
 }
 
-/// Whether a mount with these OCI options ends up read-only: `ro` (or `rw`), unless a
-/// recursive `rro` (or `rrw`) follows it, as runc applies them (the recursive
-/// attributes last). containerd 2's CRI asks for a recursively read-only volume with
-/// `rro` and no `ro` at all, and Docker and nerdctl do where the runtime offers it.
-pub fn read_only(options: &[String]) -> bool {
-    let (mut plain, mut recursive) = (false, None);
-    for o in options {
-        match o.as_str() {
-            "ro" => plain = true,
-            "rw" => plain = false,
-            "rro" => recursive = Some(true),
-            "rrw" => recursive = Some(false),
-            _ => {}
-        }
-    }
-    recursive.unwrap_or(plain)
-}
-
 fn is_read_only(m: &Mount) -> bool {
-    read_only(m.options().as_deref().unwrap_or_default())
+    cocoon_protocol::read_only(m.options().as_deref().unwrap_or_default())
 }
 
 /// Where the agent unpacks an image it pulls itself (`GUEST_IMAGE_ANNOTATION`).
@@ -354,23 +336,6 @@ mod tests {
             "linux": {"cgroupsPath": "/default/x"}
         }))
         .unwrap()
-    }
-
-    #[test]
-    fn read_only_is_ro_or_a_recursive_rro_applied_last() {
-        let ro = |o: &[&str]| read_only(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert!(ro(&["rbind", "ro"]));
-        assert!(
-            ro(&["rbind", "rprivate", "rro"]),
-            "containerd 2's recursive read-only"
-        );
-        assert!(ro(&["rbind", "rw", "rro"]));
-        assert!(
-            !ro(&["rbind", "ro", "rrw"]),
-            "rrw clears it all the way down"
-        );
-        assert!(!ro(&["rbind", "ro", "rw"]));
-        assert!(!ro(&["rbind", "rnoexec"]));
     }
 
     #[test]

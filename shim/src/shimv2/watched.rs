@@ -35,7 +35,7 @@ pub fn watched_mounts(spec: &Spec) -> Vec<String> {
                 .as_ref()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let read_only = super::mounts::read_only(options);
+            let read_only = cocoon_protocol::read_only(options);
             bind && read_only && !propagated && PLUGINS.iter().any(|p| source.contains(p))
         })
         .map(|m| m.destination().to_string_lossy().into_owned())
