@@ -19,6 +19,7 @@ mod sched;
 pub mod seccomp;
 mod start_hooks;
 mod syscalls_x86_64;
+mod timens;
 mod userns;
 pub mod zygote;
 
@@ -361,6 +362,7 @@ fn ns_flag(t: LinuxNamespaceType) -> Result<CloneFlags, RuntimeError> {
         LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
         LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
         LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+        LinuxNamespaceType::Time => timens::CLONE_NEWTIME,
         other => {
             return Err(RuntimeError::Invalid(format!(
                 "{other:?} namespaces are not supported"
@@ -407,6 +409,8 @@ fn create(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
     let spec = &req.spec;
     let linux = spec.linux().clone().unwrap_or_default();
     let mut flags = CloneFlags::empty();
+    // Checked before anything is made.
+    let time_offsets = timens::check(&linux)?;
     let namespaces = linux.namespaces().clone().unwrap_or_default();
     // The user namespace first, as runc: the others are then made by (or joined as)
     // its root, and belong to it.
@@ -447,6 +451,10 @@ fn create(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeError> {
         ));
     }
     unshare(flags).ctx(|| "cannot create the container's namespaces".into())?;
+    // Before the fork: once a process is in the new time namespace, its offsets are fixed.
+    if let Some(text) = &time_offsets {
+        timens::set_offsets(text)?;
+    }
     fork_and_report(sock, "container init")?;
     in_child(sock, || container_init(req, sock))
 }
@@ -544,6 +552,7 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
     const ORDER: &[(&str, CloneFlags)] = &[
         ("user", CloneFlags::CLONE_NEWUSER),
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("time", timens::CLONE_NEWTIME),
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),
         ("net", CloneFlags::CLONE_NEWNET),
@@ -554,6 +563,10 @@ fn exec(req: &HelperRequest, target: &ExecTarget, sock: &UnixStream) -> Result<(
     for (name, flag) in ORDER {
         let theirs = format!("/proc/{pid}/ns/{name}");
         let ours = format!("/proc/self/ns/{name}");
+        // A kind of namespace this kernel does not have (time before Linux 5.6).
+        if !lexists(Path::new(&ours)) {
+            continue;
+        }
         let same = match (std::fs::metadata(&theirs), std::fs::metadata(&ours)) {
             (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
             (Err(e), _) => {

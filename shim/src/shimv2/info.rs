@@ -34,8 +34,7 @@ pub fn features() -> serde_json::Value {
         ],
         "mountOptions": cocoon_protocol::MOUNT_OPTIONS,
         "linux": {
-            // No time namespace: the agent does not make one.
-            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "time", "user", "uts"],
             "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false, "rdma": false},
             "seccomp": {"enabled": true},
             "apparmor": {"enabled": false},
