@@ -5,7 +5,6 @@
 mod ctr_common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use ctr_common::*;
 
@@ -31,21 +30,7 @@ fn mount_options_and_recursive_attributes_act_as_under_runc() {
     let host = env.containerd.dir.join("recursive");
     std::fs::create_dir_all(host.join("nested")).unwrap();
     // A mount inside the volume: the recursive attributes must reach it.
-    nix::mount::mount(
-        Some("tmpfs"),
-        &host.join("nested"),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _nested = Unmount(&host.join("nested"));
+    let _nested = TmpfsMount::on(&host.join("nested"));
     for script in [host.join("s.sh"), host.join("nested/s.sh")] {
         std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();

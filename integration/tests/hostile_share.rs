@@ -38,21 +38,7 @@ fn a_hostile_guest_cannot_reach_past_its_share() {
     std::fs::write(rw.join("marker-rw"), "").unwrap();
     std::fs::write(ro.join("marker-ro"), "").unwrap();
     // A mount inside the read-only volume: read-only must reach it too.
-    nix::mount::mount(
-        Some("tmpfs"),
-        &ro.join("nested"),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _nested = Unmount(&ro.join("nested"));
+    let _nested = TmpfsMount::on(&ro.join("nested"));
     std::fs::write(ro.join("nested/marker-nested"), "").unwrap();
 
     let rw_mount = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());

@@ -433,3 +433,27 @@ pub fn ctr_events(env: &Env) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+/// A small tmpfs the test mounted on a host directory (a mount nested in a volume),
+/// unmounted when dropped.
+pub struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    pub fn on(dir: &std::path::Path) -> Self {
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap_or_else(|e| panic!("cannot mount a tmpfs on {}: {e}", dir.display()));
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
