@@ -29,7 +29,7 @@ fn containerds_cleanup_of_a_cut_create_leaves_the_pod_running() {
         let second = tempfile::tempdir().unwrap();
         let bundle = write_bundle(second.path(), &["sh", "-c", "exit 3"]);
         let req = api::CreateTaskRequest {
-            id: "second".into(),
+            id: "cut-create-2nd".into(),
             bundle: bundle.to_string_lossy().into_owned(),
             ..Default::default()
         };
@@ -40,7 +40,7 @@ fn containerds_cleanup_of_a_cut_create_leaves_the_pod_running() {
             bundle.join("cocoon-state.json").exists(),
             "no state recorded while the guest makes the container"
         );
-        shim_delete(&env, &bundle, "second");
+        shim_delete(&env, &bundle, "cut-create-2nd");
         assert!(
             cocoon_integration::alive(vmm),
             "containerd's cleanup of a cut Create took the pod's VM"
@@ -61,10 +61,10 @@ fn containerds_cleanup_of_a_cut_create_leaves_the_pod_running() {
                 Err(e) => panic!("the Create again after one was cut: {e:?}"),
             }
         }
-        shim.start("second", "").await.unwrap();
-        assert_eq!(shim.wait("second").await.exit_status, 3);
+        shim.start("cut-create-2nd", "").await.unwrap();
+        assert_eq!(shim.wait("cut-create-2nd").await.exit_status, 3);
         let req = api::DeleteRequest {
-            id: "second".into(),
+            id: "cut-create-2nd".into(),
             ..Default::default()
         };
         shim.client.delete(ctx(), &req).await.unwrap();
@@ -86,17 +86,17 @@ fn containerds_cleanup_of_a_cut_delete_leaves_the_pod_running() {
         let second = tempfile::tempdir().unwrap();
         let bundle = write_bundle(second.path(), &["sh", "-c", "exit 3"]);
         let create = api::CreateTaskRequest {
-            id: "second".into(),
+            id: "cut-delete-2nd".into(),
             bundle: bundle.to_string_lossy().into_owned(),
             ..Default::default()
         };
         shim.client.create(ctx(), &create).await.unwrap();
-        shim.start("second", "").await.unwrap();
-        assert_eq!(shim.wait("second").await.exit_status, 3);
+        shim.start("cut-delete-2nd", "").await.unwrap();
+        assert_eq!(shim.wait("cut-delete-2nd").await.exit_status, 3);
         let vmm = vmm_pid(&env);
         signal(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
         let req = api::DeleteRequest {
-            id: "second".into(),
+            id: "cut-delete-2nd".into(),
             ..Default::default()
         };
         let cut = ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
@@ -106,13 +106,13 @@ fn containerds_cleanup_of_a_cut_delete_leaves_the_pod_running() {
             bundle.join("cocoon-state.json").exists(),
             "the state went before the container did"
         );
-        shim_delete(&env, &bundle, "second");
+        shim_delete(&env, &bundle, "cut-delete-2nd");
         assert!(
             cocoon_integration::alive(vmm),
             "containerd's cleanup of a cut Delete took the pod's VM"
         );
         assert!(
-            mounts_ending("/second/rootfs").is_empty(),
+            mounts_ending("/cut-delete-2nd/rootfs").is_empty(),
             "containerd's cleanup left the container's mounts"
         );
         signal(vmm, nix::sys::signal::Signal::SIGCONT).unwrap();
@@ -130,8 +130,8 @@ fn containerds_cleanup_of_a_cut_delete_leaves_the_pod_running() {
                 Err(e) => panic!("the Create again after a cut Delete: {e:?}"),
             }
         }
-        shim.start("second", "").await.unwrap();
-        assert_eq!(shim.wait("second").await.exit_status, 3);
+        shim.start("cut-delete-2nd", "").await.unwrap();
+        assert_eq!(shim.wait("cut-delete-2nd").await.exit_status, 3);
         shim.client.delete(ctx(), &req).await.unwrap();
         assert!(!bundle.join("cocoon-state.json").exists());
         shim.finish(&env, "kept2").await;
@@ -190,7 +190,7 @@ fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
         let second = tempfile::tempdir().unwrap();
         let bundle = write_bundle(second.path(), &["true"]);
         let req = api::CreateTaskRequest {
-            id: "second".into(),
+            id: "mid-create-2nd".into(),
             bundle: bundle.to_string_lossy().into_owned(),
             ..Default::default()
         };
@@ -198,7 +198,7 @@ fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
         let pending = tokio::spawn(async move { client.create(ctx(), &req).await });
         // The shim has shared the rootfs and now waits on the stopped guest.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while mounts_ending("/second/rootfs").is_empty() {
+        while mounts_ending("/mid-create-2nd/rootfs").is_empty() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the second container's rootfs was never shared"
@@ -213,8 +213,8 @@ fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
             "the shim outlived SIGKILL"
         );
 
-        shim_delete(&env, &bundle, "second");
-        let left = mounts_ending("/second/rootfs");
+        shim_delete(&env, &bundle, "mid-create-2nd");
+        let left = mounts_ending("/mid-create-2nd/rootfs");
         assert!(
             left.is_empty(),
             "the dead shim's container mounts stayed: {left:?}"

@@ -232,6 +232,9 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The host's mount points ending in `suffix`. Tests run in parallel and every pod's
+/// share is in the same mount table, so the container id in `suffix` must be one no
+/// other test uses (a CI run once saw another test's "second" rootfs here).
 pub fn mounts_ending(suffix: &str) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
