@@ -2,7 +2,8 @@
 # Installs Cocoon on a Kubernetes node, as the cocoon-deploy DaemonSet runs it
 # (deploy/cocoon-deploy.yaml) or by hand: the binaries and guest image into /opt/cocoon,
 # the shim on containerd's PATH, /etc/cocoon/config.toml, and the `cocoon` runtime
-# handler (deploy/containerd-cocoon.toml) in containerd's config; then it restarts
+# handler in containerd's config (deploy/containerd-cocoon.toml for containerd 1.6/1.7's
+# `version = 2`, deploy/containerd2-cocoon.toml for containerd 2's `version = 3`); then it restarts
 # containerd and labels the node. `install.sh uninstall` undoes all of it.
 #
 # Usage: install.sh [install | uninstall | install-and-wait]
@@ -21,7 +22,12 @@ set -euo pipefail
 HOST_ROOT=${HOST_ROOT:-/host}
 PAYLOAD=${COCOON_PAYLOAD:-/opt/cocoon-artifacts}
 CONTAINERD_CONFIG=${CONTAINERD_CONFIG:-/etc/containerd/config.toml}
-SNIPPET=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/containerd-cocoon.toml
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# The handler's table for each containerd config version (check_containerd_config
+# picks SNIPPET).
+SNIPPET_V2=$HERE/containerd-cocoon.toml
+SNIPPET_V3=$HERE/containerd2-cocoon.toml
+SNIPPET=""
 
 # Paths as the node sees them (written into configs and links); `host PATH` is where
 # this script reaches them.
@@ -98,24 +104,24 @@ containerd_config_version() {
 check_containerd_config() {
     local cfg version
     cfg=$(host "$CONTAINERD_CONFIG")
-    [[ -f $cfg ]] || die "containerd's config $cfg does not exist: create one (\`containerd config default\` on containerd 1.6/1.7 writes version = 2), or set CONTAINERD_CONFIG"
+    [[ -f $cfg ]] || die "containerd's config $cfg does not exist: create one (\`containerd config default\` writes version = 2 on containerd 1.6/1.7, version = 3 on containerd 2.x), or set CONTAINERD_CONFIG"
     version=$(containerd_config_version "$cfg")
     case $version in
-        2) ;;
-        "") die "containerd's config $cfg has no top-level \`version = 2\`, so containerd reads it as version 1: this installer writes containerd 1.6/1.7's version 2 table ($SNIPPET); convert the config to version = 2, or add the handler by hand" ;;
-        3) die "containerd's config $cfg declares version = 3 (containerd 2.x), not version = 2: this installer writes containerd 1.6/1.7's version 2 table ($SNIPPET); with version = 3 the handler is [plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.cocoon]: add it by hand" ;;
-        *) die "containerd's config $cfg declares version = $version, not version = 2: this installer writes containerd 1.6/1.7's version 2 table ($SNIPPET); with version = $version, add the handler by hand" ;;
+        2) SNIPPET=$SNIPPET_V2 ;;
+        3) SNIPPET=$SNIPPET_V3 ;;
+        "") die "containerd's config $cfg has no top-level \`version\`, so containerd reads it as version 1, whose tables this installer does not write: convert it (containerd 2.x: \`containerd config migrate\`) to version = 2 (containerd 1.6/1.7, $SNIPPET_V2) or version = 3 (containerd 2.x, $SNIPPET_V3), or add the handler by hand" ;;
+        *) die "containerd's config $cfg declares version = $version: this installer writes the handler for version = 2 (containerd 1.6/1.7, $SNIPPET_V2) and version = 3 (containerd 2.x, $SNIPPET_V3); with version = $version, add the handler by hand" ;;
     esac
+    [[ -f $SNIPPET ]] || die "the containerd snippet $SNIPPET is missing (it ships beside install.sh)"
     temp_beside "$cfg"
     without_block "$cfg" "$TMP"
-    if grep -qE '^[[:space:]]*\[[^]]*\.runtimes\.("cocoon"|cocoon)[].]' "$TMP"; then
+    if grep -qE '^[[:space:]]*\[[^]]*\.runtimes\.("cocoon"|'"'"'cocoon'"'"'|cocoon)[].]' "$TMP"; then
         die "containerd's config $cfg already defines the runtime \`cocoon\` outside the '$BEGIN_MARK' block: remove that table, or keep it and do not run this installer"
     fi
 }
 
 check_payload() {
     [[ -d $HOST_ROOT ]] || die "HOST_ROOT $HOST_ROOT is not a directory (the node's root filesystem)"
-    [[ -f $SNIPPET ]] || die "the containerd snippet $SNIPPET is missing (it ships beside install.sh)"
     local f
     for f in "${BINARIES[@]}"; do
         [[ -f $PAYLOAD/bin/$f ]] || die "the payload $PAYLOAD has no bin/$f (expected the layout of \`make install PREFIX=$PAYLOAD\`)"

@@ -69,16 +69,31 @@ fn strings(y: &Yaml) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-/// The containerd `runtimes` table of a version 2 config.
-fn runtimes(config: &toml::Value) -> &toml::value::Table {
-    config["plugins"][CRI_PLUGIN]["containerd"]["runtimes"]
+/// The plugin that holds CRI's runtimes in containerd 2's config (`version = 3`).
+const CRI_RUNTIME_PLUGIN_V3: &str = "io.containerd.cri.v1.runtime";
+
+/// The containerd `runtimes` table of a config of `version` 2 (containerd 1.6/1.7) or 3
+/// (containerd 2.x).
+fn runtimes(config: &toml::Value, version: i64) -> &toml::value::Table {
+    let plugin = if version == 3 {
+        CRI_RUNTIME_PLUGIN_V3
+    } else {
+        CRI_PLUGIN
+    };
+    config["plugins"][plugin]["containerd"]["runtimes"]
         .as_table()
-        .expect("a [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.*] table")
+        .unwrap_or_else(|| panic!("a [plugins.\"{plugin}\".containerd.runtimes.*] table"))
 }
 
-fn snippet() -> toml::Value {
-    let text = std::fs::read_to_string(deploy_dir().join("containerd-cocoon.toml")).unwrap();
-    toml::from_str(&text).expect("deploy/containerd-cocoon.toml is TOML")
+/// The handler snippet install.sh appends to a config of `version`, parsed.
+fn snippet(version: i64) -> toml::Value {
+    let file = if version == 3 {
+        "containerd2-cocoon.toml"
+    } else {
+        "containerd-cocoon.toml"
+    };
+    let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+    toml::from_str(&text).unwrap_or_else(|e| panic!("deploy/{file}: {e}"))
 }
 
 /// containerd's `pod_annotations` patterns: `*` is any run of characters but `/`, as in
@@ -133,8 +148,14 @@ fn manifests_snippet_and_shim_agree() {
         "the RuntimeClass must select the label install.sh sets"
     );
 
-    let snippet = snippet();
-    let runtimes = runtimes(&snippet);
+    let (v2, v3) = (snippet(2), snippet(3));
+    let runtimes = runtimes(&v2, 2);
+    // containerd 2's snippet is the same handler where version 3 keeps it.
+    assert_eq!(
+        runtimes,
+        self::runtimes(&v3, 3),
+        "deploy/containerd-cocoon.toml and deploy/containerd2-cocoon.toml must define the same handler"
+    );
     assert_eq!(
         runtimes.keys().collect::<Vec<_>>(),
         [handler],
@@ -253,8 +274,10 @@ fn manifests_snippet_and_shim_agree() {
     // The image puts install.sh and the snippet where the DaemonSet runs them.
     let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
     assert!(
-        dockerfile.contains("COPY install.sh containerd-cocoon.toml /opt/cocoon-artifacts/"),
-        "deploy/Dockerfile must ship install.sh and its snippet in /opt/cocoon-artifacts"
+        dockerfile.contains(
+            "COPY install.sh containerd-cocoon.toml containerd2-cocoon.toml /opt/cocoon-artifacts/"
+        ),
+        "deploy/Dockerfile must ship install.sh and its snippets in /opt/cocoon-artifacts"
     );
 }
 
@@ -373,6 +396,23 @@ root = "/var/lib/containerd"
   runtime_type = "io.containerd.runc.v2"
 "#;
 
+/// A containerd 2 config as `containerd config default` and `containerd config migrate`
+/// write them: version 3, single-quoted keys, the CRI runtime's own plugin table.
+const CONTAINERD2_CONFIG: &str = r#"version = 3
+root = '/var/lib/containerd'
+
+[plugins]
+  [plugins.'io.containerd.cri.v1.runtime']
+    enable_selinux = false
+
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes]
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+          runtime_type = 'io.containerd.runc.v2'
+"#;
+
 fn assert_installed(node: &Node) {
     for b in BINARIES {
         let p = node.host("opt/cocoon/bin").join(b);
@@ -425,8 +465,8 @@ fn assert_installed(node: &Node) {
     );
     let parsed: toml::Value =
         toml::from_str(&text).unwrap_or_else(|e| panic!("containerd's config: {e}\n{text}"));
-    assert_eq!(parsed["version"].as_integer(), Some(2));
-    let runtimes = runtimes(&parsed);
+    let version = parsed["version"].as_integer().expect("a version");
+    let runtimes = runtimes(&parsed, version);
     assert_eq!(
         runtimes["cocoon"]["runtime_type"].as_str(),
         Some(RUNTIME_ID),
@@ -514,14 +554,37 @@ fn uninstall_restores_an_unusual_containerd_config_exactly() {
     assert_uninstalled(&node, original.as_bytes());
 }
 
+/// containerd 2's config (`version = 3`) gets the handler where containerd 2 reads it,
+/// and uninstall gives the config back byte for byte.
 #[test]
-fn a_containerd_config_without_version_2_is_refused() {
+fn install_on_a_containerd_2_config_then_uninstall() {
+    let node = Node::new(Some(CONTAINERD2_CONFIG));
+    node.run_ok(&[], None);
+    assert_installed(&node);
+    let text = std::fs::read_to_string(node.containerd_config()).unwrap();
+    let parsed: toml::Value = toml::from_str(&text).unwrap();
+    assert!(
+        parsed["plugins"].get(CRI_PLUGIN).is_none(),
+        "no version 2 table in a version 3 config:\n{text}"
+    );
+    node.run_ok(&["install"], None);
+    assert_eq!(
+        std::fs::read_to_string(node.containerd_config()).unwrap(),
+        text,
+        "a second install changes nothing"
+    );
+    node.run_ok(&["uninstall"], None);
+    assert_uninstalled(&node, CONTAINERD2_CONFIG.as_bytes());
+}
+
+#[test]
+fn a_containerd_config_of_another_version_is_refused() {
     for (config, named) in [
         (
             "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n",
-            "no top-level `version = 2`",
+            "no top-level `version`",
         ),
-        ("version = 3\n\n[plugins]\n", "version = 3"),
+        ("version = 4\n\n[plugins]\n", "version = 4"),
         ("version = 1\n", "version = 1"),
     ] {
         let node = Node::new(Some(config));
@@ -555,6 +618,15 @@ fn what_is_wrong_is_named() {
     let node = Node::new(Some(
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.cocoon]\n  \
          runtime_type = \"io.containerd.cocoon.v2\"\n",
+    ));
+    let stderr = node.run_refused(&[]);
+    assert!(
+        stderr.contains("already defines the runtime `cocoon`"),
+        "{stderr}"
+    );
+    let node = Node::new(Some(
+        "version = 3\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.cocoon]\n  \
+         runtime_type = 'io.containerd.cocoon.v2'\n",
     ));
     let stderr = node.run_refused(&[]);
     assert!(
