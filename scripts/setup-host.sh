@@ -78,3 +78,33 @@ if [[ ! -x $venv/bin/sev-snp-measure ]]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q "sev-snp-measure==$SNP_MEASURE_VERSION"
 fi
+
+# containerd 2 beside Debian 12's containerd 1.6 (which stays the one on $PATH): the
+# tests that check Cocoon under containerd 2's CRI and ctr (`containerd2.rs`) run it from
+# here. Debian 12 has no containerd 2; Debian's unstable suite builds one against glibc
+# 2.34, which Debian 12 has. Pinned by version and sha256; once unstable moved on and the
+# pinned file left its pool, the version unstable has now is taken, checked against the
+# sha256 its package index gives.
+CONTAINERD2_DEB=pool/main/c/containerd/containerd_2.1.9+ds1-5_amd64.deb
+CONTAINERD2_SHA256=2dda86ce7033fd612fc50e136679d8174ccad680eb29cd4611e0d2a1b84cf591
+MIRROR=${DEBIAN_MIRROR:-https://deb.debian.org/debian}
+c2=$cache/containerd2
+if [[ ! -x $c2/usr/bin/containerd ]]; then
+    tmp=$(mktemp -d)
+    deb=$CONTAINERD2_DEB sha=$CONTAINERD2_SHA256
+    if ! curl -sfL -o "$tmp/c2.deb" "$MIRROR/$deb"; then
+        curl -sfL "$MIRROR/dists/unstable/main/binary-amd64/Packages.xz" | xz -dc > "$tmp/Packages"
+        deb= sha=
+        read -r deb sha < <(awk '/^Package: containerd$/ {p = 1} p && /^Filename:/ {f = $2}
+            p && /^SHA256:/ {s = $2} p && /^$/ {if (f) {print f, s; exit} p = 0}' "$tmp/Packages") || true
+        [[ -n $deb ]] || { echo "setup-host: Debian unstable has no containerd package" >&2; exit 1; }
+        curl -sfL -o "$tmp/c2.deb" "$MIRROR/$deb"
+    fi
+    echo "$sha  $tmp/c2.deb" | sha256sum -c --quiet - || { echo "setup-host: $deb: sha256 mismatch" >&2; exit 1; }
+    echo "setup-host: containerd 2 ($(basename "$deb")) into $c2"
+    rm -rf "$c2.new" && mkdir -p "$c2.new"
+    dpkg-deb -x "$tmp/c2.deb" "$c2.new"
+    "$c2.new/usr/bin/containerd" --version >/dev/null
+    rm -rf "$c2" && mv "$c2.new" "$c2"
+    rm -rf "$tmp"
+fi

@@ -5,7 +5,46 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// Where containerd 2's binaries come first on every PATH this test process sets, once
+/// it asked for them (`use_containerd2`); otherwise the host's containerd (Debian 12's
+/// 1.6) runs.
+static CONTAINERD2_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// The major version of the containerd this test process runs: 2 once it asked for
+/// containerd 2, Debian 12's 1 otherwise.
+pub fn major_version_in_use() -> u32 {
+    if CONTAINERD2_BIN.get().is_some() {
+        2
+    } else {
+        1
+    }
+}
+
+/// containerd 2's `containerd`, `ctr` and `containerd-shim-runc-v2`, which
+/// `scripts/setup-host.sh` unpacks into Cocoon's cache (Debian 12 packages only 1.6).
+pub fn containerd2_bin() -> Result<PathBuf, String> {
+    let cache = cocoon_rootfs::resolve_cache_dir(None).map_err(|e| e.to_string())?;
+    let bin = cache.join("containerd2/usr/bin");
+    if bin.join("containerd").is_file() && bin.join("ctr").is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "containerd 2 is not in {} (scripts/setup-host.sh unpacks it there)",
+            bin.display()
+        ))
+    }
+}
+
+/// From here on this test process runs containerd 2 (its containerd, ctr and runc
+/// shim), for the node and ctr helpers alike. Fails the test if it is missing.
+pub fn use_containerd2() {
+    let bin = containerd2_bin().unwrap_or_else(|e| panic!("{e}"));
+    let set = CONTAINERD2_BIN.get_or_init(|| bin.clone());
+    assert_eq!(set, &bin);
+}
 
 pub struct Containerd {
     pub dir: PathBuf,
@@ -15,10 +54,16 @@ pub struct Containerd {
     cocoon_config: Option<PathBuf>,
 }
 
-/// Directories with our binaries (target/debug), virtiofsd, and the system.
+/// Directories with containerd 2 (when asked for), our binaries (target/debug), virtiofsd,
+/// and the system.
 pub fn tool_path() -> String {
     let root = crate::workspace_root();
-    let mut dirs = vec![root.join("target/debug").display().to_string()];
+    let mut dirs: Vec<String> = CONTAINERD2_BIN
+        .get()
+        .map(|b| b.display().to_string())
+        .into_iter()
+        .collect();
+    dirs.push(root.join("target/debug").display().to_string());
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin").display().to_string());
     }
@@ -81,7 +126,24 @@ impl Containerd {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.address.exists() && self.ctr(&["version"]).status.success() {
+            let version = self
+                .address
+                .exists()
+                .then(|| self.ctr(&["version"]))
+                .filter(|o| o.status.success());
+            if let Some(v) = version {
+                let text = String::from_utf8_lossy(&v.stdout).into_owned();
+                let server = text.split("Server:").nth(1).unwrap_or_default();
+                let version = server
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Version:"))
+                    .map(|v| v.trim().trim_start_matches('v'))
+                    .unwrap_or_default();
+                let want = major_version_in_use();
+                assert!(
+                    version.starts_with(&format!("{want}.")),
+                    "this test runs containerd {want}, the server says: {text}"
+                );
                 return;
             }
             assert!(

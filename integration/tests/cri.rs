@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use cocoon_integration::containerd::use_containerd2;
 use cocoon_integration::cri::{CriNode, COCOON, RUNC};
 use cocoon_integration::image::{IMAGE_REF, PAUSE_REF};
 use cocoon_integration::processes_mentioning;
@@ -31,6 +32,10 @@ const RUNC_IPV6_NET: u8 = 18;
 const COCOON_VMM_BY_IP_NET: u8 = 34;
 const COCOON_VMM_PORT_FORWARD_NET: u8 = 35;
 const COCOON_IPV6_NET: u8 = 33;
+const RUNC_C2_LIFECYCLE_NET: u8 = 110;
+const COCOON_C2_LIFECYCLE_NET: u8 = 111;
+const COCOON_C2_PORT_FORWARD_NET: u8 = 112;
+const COCOON_C2_LOCALHOST_NET: u8 = 113;
 
 #[tokio::test]
 async fn runc_pod_lifecycle() {
@@ -103,6 +108,54 @@ async fn cocoon_pod_has_its_ipv6_address_too() {
         "cocoon_pod_has_its_ipv6_address_too",
         COCOON,
         COCOON_IPV6_NET,
+    )
+    .await;
+}
+
+// The same cases under containerd 2 (what Kubernetes nodes run now: its CRI is split in
+// plugins, migrates this 1.x config, and sandboxes pods through its podsandbox controller),
+// runc first as the baseline.
+
+#[tokio::test]
+async fn runc_pod_lifecycle_on_containerd_2() {
+    use_containerd2();
+    pod_lifecycle(
+        "runc_pod_lifecycle_on_containerd_2",
+        RUNC,
+        RUNC_C2_LIFECYCLE_NET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_pod_lifecycle_on_containerd_2() {
+    use_containerd2();
+    pod_lifecycle(
+        "cocoon_pod_lifecycle_on_containerd_2",
+        COCOON,
+        COCOON_C2_LIFECYCLE_NET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_port_forward_reaches_pod_localhost_on_containerd_2() {
+    use_containerd2();
+    port_forward_reaches_pod_localhost(
+        "cocoon_port_forward_reaches_pod_localhost_on_containerd_2",
+        COCOON,
+        COCOON_C2_PORT_FORWARD_NET,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cocoon_containers_of_a_pod_share_localhost_on_containerd_2() {
+    use_containerd2();
+    containers_share_localhost(
+        "cocoon_containers_of_a_pod_share_localhost_on_containerd_2",
+        COCOON,
+        COCOON_C2_LOCALHOST_NET,
     )
     .await;
 }

@@ -27,7 +27,7 @@ use crate::containerd::tool_path;
 use crate::image::{IMAGE_REF, PAUSE_ENTRYPOINT, PAUSE_REF};
 
 mod setup;
-use setup::{bridge_name, cni_conflist, containerd_toml, spawn_containerd};
+use setup::{bridge_name, cni_conflist, containerd_config, spawn_containerd};
 pub use setup::{subnet_v6, write_shim_config, write_shim_config_vm, write_shim_config_with};
 
 /// The runtime handlers a node's containerd knows (its `runtimes` table).
@@ -104,7 +104,11 @@ impl CriNode {
         }
         std::fs::create_dir_all(dir).unwrap();
         let address = dir.join("containerd.sock");
-        std::fs::write(dir.join("containerd.toml"), containerd_toml(dir, &address)).unwrap();
+        std::fs::write(
+            dir.join("containerd.toml"),
+            containerd_config(dir, &address),
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.join("cni")).unwrap();
         std::fs::write(
             dir.join("cni/10-cocoon-test.conflist"),
@@ -195,7 +199,7 @@ impl CriNode {
                     let conditions = r.into_inner().status.unwrap_or_default().conditions;
                     let ready = |t: &str| conditions.iter().any(|c| c.r#type == t && c.status);
                     if ready("RuntimeReady") && ready("NetworkReady") {
-                        return;
+                        return self.assert_major_version().await;
                     }
                     format!("{conditions:?}")
                 }
@@ -208,6 +212,23 @@ impl CriNode {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The node runs the containerd the test asked for (`use_containerd2`), not another
+    /// one that happened to be first on PATH.
+    async fn assert_major_version(&self) {
+        let v = self
+            .runtime()
+            .version(k8s_cri::v1::VersionRequest::default())
+            .await
+            .expect("CRI Version")
+            .into_inner();
+        let want = crate::containerd::major_version_in_use();
+        let got = v.runtime_version.trim_start_matches('v');
+        assert!(
+            got.starts_with(&format!("{want}.")),
+            "the node runs containerd {got}, not containerd {want}"
+        );
     }
 
     /// Imports a busybox image into `k8s.io`, where CRI looks, and waits until CRI's

@@ -11,8 +11,47 @@ pub(super) fn bridge_name(subnet_index: u8) -> String {
     format!("cni-ct{subnet_index}")
 }
 
-pub(super) fn containerd_toml(dir: &Path, address: &Path) -> String {
+/// containerd's config for this node: containerd 1.6's version 2, or, under containerd 2
+/// (`containerd::use_containerd2`), the version 3 a containerd 2 node has: containerd's
+/// own `config migrate` of the same settings, with the `cocoon` handler added from
+/// deploy/containerd2-cocoon.toml as install.sh adds it.
+pub(super) fn containerd_config(dir: &Path, address: &Path) -> String {
+    if crate::containerd::major_version_in_use() < 2 {
+        return containerd_toml(dir, address, true);
+    }
+    let v2 = dir.join("containerd-v2.toml");
+    std::fs::write(&v2, containerd_toml(dir, address, false)).unwrap();
+    let out = Command::new("containerd")
+        .arg("--config")
+        .arg(&v2)
+        .args(["config", "migrate"])
+        .env("PATH", tool_path())
+        .output()
+        .expect("containerd config migrate");
+    let migrated = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && migrated.starts_with("version = 3"),
+        "containerd config migrate: {}{}",
+        migrated,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snippet = crate::workspace_root().join("deploy/containerd2-cocoon.toml");
+    let handler = std::fs::read_to_string(&snippet).unwrap();
+    format!("{migrated}\n# BEGIN cocoon\n{handler}# END cocoon\n")
+}
+
+/// A version 2 config (containerd 1.6/1.7), with the `cocoon` handler or without.
+fn containerd_toml(dir: &Path, address: &Path, with_cocoon: bool) -> String {
     let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    let cocoon = if with_cocoon {
+        format!(
+            "[{cri}.containerd.runtimes.{COCOON}]\n  runtime_type = \"io.containerd.cocoon.v2\"\n  \
+             pod_annotations = [\"io.cocoon.*\"]\n  container_annotations = [\"io.cocoon.*\"]\n  \
+             privileged_without_host_devices = true\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"version = 2
 root = "{r}/root"
@@ -35,12 +74,7 @@ state = "{r}/state"
   snapshotter = "overlayfs"
 [{cri}.containerd.runtimes.{RUNC}]
   runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.{COCOON}]
-  runtime_type = "io.containerd.cocoon.v2"
-  pod_annotations = ["io.cocoon.*"]
-  container_annotations = ["io.cocoon.*"]
-  privileged_without_host_devices = true
-[{cri}.containerd.runtimes.{COCOON_ALT}]
+{cocoon}[{cri}.containerd.runtimes.{COCOON_ALT}]
   runtime_type = "io.containerd.cocoon.v2"
   pod_annotations = ["io.cocoon.*"]
   container_annotations = ["io.cocoon.*"]
