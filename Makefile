@@ -128,6 +128,9 @@ clean:
 	$(CARGO) clean
 
 # Kubernetes' CRI validation suite under runc and Cocoon, compared case by case (not in
-# `make test`: critest comes from GitHub). CRITEST=path/to/critest or CRI_TOOLS=checkout.
+# `make test`: critest comes from GitHub). CRITEST=path/to/critest or CRI_TOOLS=checkout;
+# CONTAINERD_DIR=<dir with containerd, ctr> runs that containerd (containerd 2:
+# /var/lib/cocoon/containerd2/usr/bin, which setup-host.sh unpacks).
 critest: build image
-	bash scripts/critest.sh $(if $(CRITEST),--critest $(CRITEST),--cri-tools $(CRI_TOOLS))
+	bash scripts/critest.sh $(if $(CONTAINERD_DIR),--containerd $(CONTAINERD_DIR),) \
+		$(if $(CRITEST),--critest $(CRITEST),--cri-tools $(CRI_TOOLS))

@@ -13,10 +13,22 @@ use std::time::{Duration, Instant};
 /// 1.6) runs.
 static CONTAINERD2_BIN: OnceLock<PathBuf> = OnceLock::new();
 
+/// Set to `2`, every test runs containerd 2, as if it called `use_containerd2` (a sweep
+/// of the whole suite under containerd 2: `COCOON_TEST_CONTAINERD=2 cargo nextest run`).
+pub const CONTAINERD_ENV: &str = "COCOON_TEST_CONTAINERD";
+
+/// containerd 2's binaries, if this test process runs them.
+fn containerd2_in_use() -> Option<&'static PathBuf> {
+    if std::env::var(CONTAINERD_ENV).is_ok_and(|v| v == "2") {
+        use_containerd2();
+    }
+    CONTAINERD2_BIN.get()
+}
+
 /// The major version of the containerd this test process runs: 2 once it asked for
 /// containerd 2, Debian 12's 1 otherwise.
 pub fn major_version_in_use() -> u32 {
-    if CONTAINERD2_BIN.get().is_some() {
+    if containerd2_in_use().is_some() {
         2
     } else {
         1
@@ -58,8 +70,7 @@ pub struct Containerd {
 /// and the system.
 pub fn tool_path() -> String {
     let root = crate::workspace_root();
-    let mut dirs: Vec<String> = CONTAINERD2_BIN
-        .get()
+    let mut dirs: Vec<String> = containerd2_in_use()
         .map(|b| b.display().to_string())
         .into_iter()
         .collect();
@@ -85,7 +96,7 @@ impl Containerd {
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{a}\"\n[ttrpc]\n  address = \"{a}.ttrpc\"\n[debug]\n  level = \"info\"\n",
+                "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{a}\"\n[ttrpc]\n  address = \"{a}.ttrpc\"\n[debug]\n  level = \"info\"\n[plugins.\"io.containerd.nri.v1.nri\"]\n  socket_path = \"{r}/nri.sock\"\n",
                 r = dir.display(),
                 a = address.display()
             ),

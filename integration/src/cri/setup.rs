@@ -62,6 +62,10 @@ state = "{r}/state"
   address = "{a}.ttrpc"
 [debug]
   level = "info"
+# containerd 2's NRI listens on /var/run/nri/nri.sock unless told otherwise: nodes that
+# run side by side each need their own.
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{r}/nri.sock"
 [{cri}]
   sandbox_image = "{PAUSE_REF}"
   # This host refuses to lower oom_score_adj; runc then fails to start anything.
