@@ -90,6 +90,13 @@ impl Containerd {
 
     /// Starts containerd with the given PATH and, if any, COCOON_CONFIG.
     pub fn start_with(dir: &Path, cocoon_config: Option<&Path>, env_path: String) -> Containerd {
+        // A PATH of the test's own still finds the containerd the test process runs.
+        let env_path = match containerd2_in_use() {
+            Some(bin) if !env_path.starts_with(&*bin.to_string_lossy()) => {
+                format!("{}:{env_path}", bin.display())
+            }
+            _ => env_path,
+        };
         std::fs::create_dir_all(dir).unwrap();
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");

@@ -160,9 +160,15 @@ fn exec_pids_pause_resume() {
             let ps = ctr_ok(e, &["task", "ps", id]);
             // A header line, the container's init (its sleep may come and go) and e3.
             assert!(ps.lines().count() >= 3, "{rt}: {ps}");
-            let described: Vec<&str> = ps.lines().filter(|l| l.contains("ExecID:")).collect();
+            // ctr 1.6 prints the details as `ExecID:e3`, ctr 2 as `exec_id:"e3"`.
+            let described: Vec<&str> = ps
+                .lines()
+                .filter(|l| l.contains("ExecID:") || l.contains("exec_id:"))
+                .collect();
             assert!(
-                described.len() == 1 && described[0].contains("ExecID:e3"),
+                described.len() == 1
+                    && (described[0].contains("ExecID:e3")
+                        || described[0].contains("exec_id:\"e3\"")),
                 "{rt}: only the exec e3 has details:\n{ps}"
             );
             ctr_ok(e, &["task", "pause", id]);
