@@ -16,7 +16,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/target/critest
 critest=
 if [[ ${1:-} == --containerd ]]; then
-    [[ -x $2/containerd ]] || { echo "critest.sh: no containerd in $2" >&2; exit 1; }
+    for b in containerd ctr containerd-shim-runc-v2; do
+        [[ -x $2/$b ]] || { echo "critest.sh: no $b in $2" >&2; exit 1; }
+    done
     PATH=$(cd "$2" && pwd):$PATH
     shift 2
 fi
@@ -138,8 +140,13 @@ for handler in runc cocoon; do
 done
 cp "$dir/containerd.log" "$out/containerd.log"
 printf '%s\n' "${by_design[@]}" > "$dir/by-design"
-printf '%s\n' "${containerd_skips[@]}" > "$dir/containerd-skips"
-python3 - "$out" "$dir/by-design" "$dir/containerd-skips" <<'P'
+# Only where this containerd is one of those.
+if containerd --version | grep -qE ' v?2\.[123]\.'; then
+    printf '%s\n' "${containerd_skips[@]}" > "$dir/containerd-skips"
+else
+    : > "$dir/containerd-skips"
+fi
+python3 - "$out" "$dir/by-design" "$dir/containerd-skips" "$(containerd --version)" <<'P'
 import json, sys
 out, by_design = sys.argv[1], set(open(sys.argv[2]).read().splitlines())
 containerd_skips = set(open(sys.argv[3]).read().splitlines())
@@ -162,7 +169,8 @@ report = {"runc": {"passed": count(runc, "passed"), "failed": count(runc, "faile
           "cocoon": {"passed": count(cocoon, "passed"), "failed": count(cocoon, "failed")},
           "differences": rows, "cocoon_worse": worse}
 json.dump(report, open(f"{out}/report.json", "w"), indent=1)
-lines = [f"critest: runc {report['runc']['passed']} passed / {report['runc']['failed']} failed; "
+lines = [f"containerd: {sys.argv[4]}",
+         f"critest: runc {report['runc']['passed']} passed / {report['runc']['failed']} failed; "
          f"cocoon {report['cocoon']['passed']} passed / {report['cocoon']['failed']} failed",
          f"{'case':<100} {'runc':<8} {'cocoon':<8} note"]
 lines += [f"{r['case'][:100]:<100} {r['runc']:<8} {r['cocoon']:<8} {r['note']}" for r in rows]

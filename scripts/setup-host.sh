@@ -16,10 +16,11 @@ set -euo pipefail
 # against (below); nftables: the shim's PortForward redirect in each pod's network
 # namespace (`nft`; some Debian images lack it, and then port-forward to a VM pod fails);
 # docker-registry (the CNCF distribution registry) for the in-guest pull tests, which
-# start their own on loopback; openssl makes the certificates of the TLS pull test.
+# start their own on loopback; openssl makes the certificates of the TLS pull test; curl
+# and ca-certificates fetch containerd 2 (below).
 packages=(qemu-system-x86 containerd runc busybox-static dpkg libseccomp-dev libcap-ng-dev pkg-config binutils iproute2 acpica-tools
           containernetworking-plugins protobuf-compiler make gcc libc6-dev flex bison bc libelf-dev libssl-dev xz-utils
-          ovmf python3-venv nftables docker-registry openssl)
+          ovmf python3-venv nftables docker-registry openssl curl ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -80,7 +81,7 @@ if [[ ! -x $venv/bin/sev-snp-measure ]]; then
 fi
 
 # containerd 2 beside Debian 12's containerd 1.6 (which stays the one on $PATH): the
-# tests that check Cocoon under containerd 2's CRI and ctr (`containerd2.rs`) run it from
+# tests that check Cocoon under containerd 2's CRI and ctr (`use_containerd2`) run it from
 # here. Debian 12 has no containerd 2; Debian's unstable suite builds one against glibc
 # 2.34, which Debian 12 has. Pinned by version and sha256; once unstable moved on and the
 # pinned file left its pool, the version unstable has now is taken, checked against the
@@ -89,22 +90,34 @@ CONTAINERD2_DEB=pool/main/c/containerd/containerd_2.1.9+ds1-5_amd64.deb
 CONTAINERD2_SHA256=2dda86ce7033fd612fc50e136679d8174ccad680eb29cd4611e0d2a1b84cf591
 MIRROR=${DEBIAN_MIRROR:-https://deb.debian.org/debian}
 c2=$cache/containerd2
-if [[ ! -x $c2/usr/bin/containerd ]]; then
+c2_fail() {
+    echo "setup-host: containerd 2: $*" >&2
+    exit 1
+}
+# The pin that filled the cache (a new pin fills it again).
+if [[ ! -x $c2/usr/bin/containerd || $(cat "$c2/pin" 2>/dev/null) != "$CONTAINERD2_DEB" ]]; then
     tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
     deb=$CONTAINERD2_DEB sha=$CONTAINERD2_SHA256
-    if ! curl -sfL -o "$tmp/c2.deb" "$MIRROR/$deb"; then
-        curl -sfL "$MIRROR/dists/unstable/main/binary-amd64/Packages.xz" | xz -dc > "$tmp/Packages"
+    if ! curl -fsSL -o "$tmp/c2.deb" "$MIRROR/$deb"; then
+        echo "setup-host: $MIRROR/$deb is gone; taking Debian unstable's containerd instead"
+        curl -fsSL -o "$tmp/Packages.xz" "$MIRROR/dists/unstable/main/binary-amd64/Packages.xz" ||
+            c2_fail "cannot fetch Debian unstable's package index from $MIRROR"
+        xz -dc "$tmp/Packages.xz" > "$tmp/Packages" || c2_fail "Debian unstable's package index does not unpack"
         deb= sha=
         read -r deb sha < <(awk '/^Package: containerd$/ {p = 1} p && /^Filename:/ {f = $2}
             p && /^SHA256:/ {s = $2} p && /^$/ {if (f) {print f, s; exit} p = 0}' "$tmp/Packages") || true
-        [[ -n $deb ]] || { echo "setup-host: Debian unstable has no containerd package" >&2; exit 1; }
-        curl -sfL -o "$tmp/c2.deb" "$MIRROR/$deb"
+        [[ -n $deb && -n $sha ]] || c2_fail "Debian unstable's package index has no containerd"
+        curl -fsSL -o "$tmp/c2.deb" "$MIRROR/$deb" || c2_fail "cannot fetch $MIRROR/$deb"
     fi
-    echo "$sha  $tmp/c2.deb" | sha256sum -c --quiet - || { echo "setup-host: $deb: sha256 mismatch" >&2; exit 1; }
+    echo "$sha  $tmp/c2.deb" | sha256sum -c --quiet - || c2_fail "$deb: sha256 mismatch"
     echo "setup-host: containerd 2 ($(basename "$deb")) into $c2"
     rm -rf "$c2.new" && mkdir -p "$c2.new"
-    dpkg-deb -x "$tmp/c2.deb" "$c2.new"
-    "$c2.new/usr/bin/containerd" --version >/dev/null
+    dpkg-deb -x "$tmp/c2.deb" "$c2.new" || c2_fail "cannot unpack $deb"
+    for b in containerd ctr containerd-shim-runc-v2; do
+        [[ -x $c2.new/usr/bin/$b ]] || c2_fail "$deb has no usr/bin/$b"
+    done
+    "$c2.new/usr/bin/containerd" --version || c2_fail "$deb's containerd does not run here"
+    echo "$CONTAINERD2_DEB" > "$c2.new/pin"
     rm -rf "$c2" && mv "$c2.new" "$c2"
-    rm -rf "$tmp"
 fi

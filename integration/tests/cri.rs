@@ -113,8 +113,8 @@ async fn cocoon_pod_has_its_ipv6_address_too() {
 }
 
 // The same cases under containerd 2 (what Kubernetes nodes run now: its CRI is split in
-// plugins, migrates this 1.x config, and sandboxes pods through its podsandbox controller),
-// runc first as the baseline.
+// plugins, its config is version 3 with the handler from deploy/containerd2-cocoon.toml,
+// and it sandboxes pods through its podsandbox controller), runc first as the baseline.
 
 #[tokio::test]
 async fn runc_pod_lifecycle_on_containerd_2() {

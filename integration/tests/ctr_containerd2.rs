@@ -1,7 +1,7 @@
 //! Cocoon under containerd 2's task service and its `ctr` (containerd 2.1 from Debian,
 //! which `scripts/setup-host.sh` keeps in Cocoon's cache; Debian 12's 1.6 runs every other
-//! ctr test): the calls a container's life takes, each against runc under the same
-//! containerd.
+//! ctr test): the calls a container's life takes, a run compared with runc's under the
+//! same containerd.
 
 mod ctr_common;
 

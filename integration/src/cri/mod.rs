@@ -214,8 +214,8 @@ impl CriNode {
         }
     }
 
-    /// The node runs the containerd the test asked for (`use_containerd2`), not another
-    /// one that happened to be first on PATH.
+    /// A node of a test that asked for containerd 2 (`use_containerd2`) runs it, not
+    /// another one that happened to be first on PATH.
     async fn assert_major_version(&self) {
         let v = self
             .runtime()
@@ -223,11 +223,10 @@ impl CriNode {
             .await
             .expect("CRI Version")
             .into_inner();
-        let want = crate::containerd::major_version_in_use();
         let got = v.runtime_version.trim_start_matches('v');
         assert!(
-            got.starts_with(&format!("{want}.")),
-            "the node runs containerd {got}, not containerd {want}"
+            crate::containerd::major_version_in_use() < 2 || got.starts_with("2."),
+            "the test asked for containerd 2; the node runs containerd {got}"
         );
     }
 

@@ -31,7 +31,11 @@ pub fn write_bundle(dir: &Path, args: &[&str]) -> PathBuf {
     let rootfs = bundle.join("rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
     cocoon_integration::image::write_rootfs(Path::new("/bin/busybox"), &rootfs);
-    let out = Command::new("ctr").args(["oci", "spec"]).output().unwrap();
+    let out = Command::new("ctr")
+        .args(["oci", "spec"])
+        .env("PATH", cocoon_integration::containerd::tool_path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "ctr oci spec failed");
     let mut spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     spec["root"] = serde_json::json!({ "path": rootfs, "readonly": false });
