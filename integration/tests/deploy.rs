@@ -509,24 +509,30 @@ fn assert_uninstalled(node: &Node, original: &[u8]) {
 #[test]
 fn install_twice_then_uninstall_leaves_nothing() {
     let node = Node::new(Some(CONTAINERD_CONFIG));
-    node.run_ok(&[], None);
-    assert_installed(&node);
-    let first = std::fs::read(node.containerd_config()).unwrap();
-    assert!(first.starts_with(CONTAINERD_CONFIG.as_bytes()));
-
-    node.run_ok(&["install"], None);
-    assert_installed(&node);
-    assert_eq!(
-        std::fs::read(node.containerd_config()).unwrap(),
-        first,
-        "a second install changes nothing"
-    );
-
-    node.run_ok(&["uninstall"], None);
-    assert_uninstalled(&node, CONTAINERD_CONFIG.as_bytes());
+    install_twice_then_uninstall(&node, CONTAINERD_CONFIG, |first| {
+        assert!(first.starts_with(CONTAINERD_CONFIG));
+    });
     // And again: nothing left to undo is not an error.
     node.run_ok(&["uninstall"], None);
     assert_uninstalled(&node, CONTAINERD_CONFIG.as_bytes());
+}
+
+/// Installs on `node` (whose containerd config was `original`), checks the config it
+/// wrote with `check`, installs again (which changes nothing), then uninstalls.
+fn install_twice_then_uninstall(node: &Node, original: &str, check: impl FnOnce(&str)) {
+    node.run_ok(&[], None);
+    assert_installed(node);
+    let first = std::fs::read_to_string(node.containerd_config()).unwrap();
+    check(&first);
+    node.run_ok(&["install"], None);
+    assert_installed(node);
+    assert_eq!(
+        std::fs::read_to_string(node.containerd_config()).unwrap(),
+        first,
+        "a second install changes nothing"
+    );
+    node.run_ok(&["uninstall"], None);
+    assert_uninstalled(node, original.as_bytes());
 }
 
 /// A config that does not end in a newline, with comments and a blank line, comes back
@@ -559,22 +565,13 @@ fn uninstall_restores_an_unusual_containerd_config_exactly() {
 #[test]
 fn install_on_a_containerd_2_config_then_uninstall() {
     let node = Node::new(Some(CONTAINERD2_CONFIG));
-    node.run_ok(&[], None);
-    assert_installed(&node);
-    let text = std::fs::read_to_string(node.containerd_config()).unwrap();
-    let parsed: toml::Value = toml::from_str(&text).unwrap();
-    assert!(
-        parsed["plugins"].get(CRI_PLUGIN).is_none(),
-        "no version 2 table in a version 3 config:\n{text}"
-    );
-    node.run_ok(&["install"], None);
-    assert_eq!(
-        std::fs::read_to_string(node.containerd_config()).unwrap(),
-        text,
-        "a second install changes nothing"
-    );
-    node.run_ok(&["uninstall"], None);
-    assert_uninstalled(&node, CONTAINERD2_CONFIG.as_bytes());
+    install_twice_then_uninstall(&node, CONTAINERD2_CONFIG, |text| {
+        let parsed: toml::Value = toml::from_str(text).unwrap();
+        assert!(
+            parsed["plugins"].get(CRI_PLUGIN).is_none(),
+            "no version 2 table in a version 3 config:\n{text}"
+        );
+    });
 }
 
 #[test]
