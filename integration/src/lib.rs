@@ -157,13 +157,67 @@ pub fn is_node_wide(entry: &Path) -> bool {
     })
 }
 
-/// Mount points at or below `dir`, deepest first.
+/// The mount tables a pod's mounts can be in: this process's (the node's namespace)
+/// and each Cocoon pod's own (the `pod-mount-ns` thread of its shim, which holds the
+/// share's mounts: `cocoon_shim::shimv2::podns`).
+pub fn mount_tables() -> Vec<String> {
+    let mut tables = vec![std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()];
+    for task in pod_namespace_tasks() {
+        // Gone meanwhile: its namespace may be too.
+        if let Ok(t) = std::fs::read_to_string(task.join("mountinfo")) {
+            tables.push(t);
+        }
+    }
+    tables
+}
+
+/// The `/proc/<pid>/task/<tid>` of every thread that holds a pod's mount namespace.
+pub fn pod_namespace_tasks() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() == "pod-mount-ns" {
+                out.push(t.path());
+            }
+        }
+    }
+    out
+}
+
+/// Every mount point of `mount_tables`, as the tables spell them.
+pub fn mount_points_everywhere() -> Vec<String> {
+    mount_tables()
+        .iter()
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Mount points at or below `dir`, deepest first: the node's and those in any pod's
+/// own namespace.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = dir.to_string_lossy().into_owned();
-    let mut out: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
+    let mut out: Vec<PathBuf> = mount_points_everywhere()
+        .into_iter()
         .filter(|m| m.starts_with(&prefix))
         .map(PathBuf::from)
         .collect();
@@ -171,7 +225,8 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Lazily unmounts everything below `dir` (after a failed test).
+/// Lazily unmounts everything below `dir` (after a failed test), in the node's
+/// namespace (a pod's own goes with its shim and virtiofsd).
 pub fn unmount_under(dir: &Path) {
     for m in mounts_under(dir) {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);

@@ -152,8 +152,12 @@ async fn pod_losing_a_host_process(test: &str, net: u8, victim: &[&str]) {
         processes_mentioning(&pod),
         processes_mentioning(&run_dir)
     );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let left: Vec<_> = mounts.lines().filter(|l| l.contains(&run_dir)).collect();
+    let tables = cocoon_integration::mount_tables();
+    let left: Vec<_> = tables
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter(|l| l.contains(&run_dir))
+        .collect();
     assert!(left.is_empty(), "mounts left: {left:?}");
     // The failed pod's console stays readable (`cocoon logs`) after it is removed.
     let logs = std::process::Command::new(

@@ -165,9 +165,7 @@ async fn observe(test: &str, handler: &str, net: u8) -> Option<Vec<(String, Stri
         let run = env.dir.path().join("run");
         let left = cocoon_integration::pod_leftovers(&run);
         assert!(left.is_empty(), "{test}: left behind: {left:?}");
-        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let run = run.to_string_lossy();
-        let mounted: Vec<&str> = table.lines().filter(|l| l.contains(&*run)).collect();
+        let mounted = cocoon_integration::mounts_under(&run);
         assert!(mounted.is_empty(), "{test}: still mounted: {mounted:?}");
     }
     Some(seen)

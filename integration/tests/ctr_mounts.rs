@@ -71,3 +71,35 @@ fn mount_options_and_recursive_attributes_act_as_under_runc() {
     );
     assert_clean(&env);
 }
+
+/// While a container runs with a volume, the node unmounts a mount inside the volume
+/// and removes its directory (critest's recursive read-only case cleans up so). Under
+/// runc the volume's copy is in the container's mount namespace and the removal
+/// detaches it there; a Cocoon pod's share is in a namespace of the pod's own
+/// (`shimv2::podns`), so the same holds. It used to fail with EBUSY while the pod ran.
+#[test]
+fn the_node_removes_a_mount_point_inside_a_running_containers_volume() {
+    let env = env();
+    for runtime in [RUNC, COCOON] {
+        let host = env
+            .containerd
+            .dir
+            .join(format!("vol-{}", runtime_id("rm", runtime)));
+        std::fs::create_dir_all(host.join("sub")).unwrap();
+        let sub = TmpfsMount::on(&host.join("sub"));
+        std::fs::write(host.join("sub/f"), "on the node's mount").unwrap();
+        let mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", host.display());
+        let id = runtime_id("rmdir", runtime);
+        with_detached(&env, runtime, &id, &["--mount", &mount], |env, id| {
+            let seen = exec_output(env, id, "cat", &["cat", "/vol/sub/f"], "node's");
+            assert_eq!(seen, "on the node's mount", "{runtime}");
+            drop(sub);
+            std::fs::remove_dir(host.join("sub")).unwrap_or_else(|e| {
+                panic!("{runtime}: the node cannot remove the volume's emptied mount point: {e}")
+            });
+            let ls = exec_output(env, id, "ls", &["sh", "-c", "ls /vol; echo end"], "end");
+            assert_eq!(ls, "end\n", "{runtime}: the container still sees it");
+        });
+    }
+    assert_clean(&env);
+}

@@ -64,8 +64,9 @@ async fn a_guest_racing_the_shims_mounts_reaches_nothing_on_the_host() {
     }
     std::fs::write(ro.join("in"), "from the host\n").unwrap();
 
-    // Watch the host's mount table for the whole test: every mount point that appears
-    // at or under the canary, or directly under `/` (where a planted `/` would land).
+    // Watch the mount tables (the node's and the pod's own) for the whole test: every
+    // mount point that appears at or under the canary, or directly under `/` (where a
+    // planted `/` would land).
     let before: BTreeSet<String> = mount_points();
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -241,13 +242,11 @@ async fn a_guest_racing_the_shims_mounts_reaches_nothing_on_the_host() {
     assert!(left.is_empty(), "{test}: left in the run dir: {left:?}");
 }
 
-/// The host's mount points now.
+/// The mount points now, the node's and those in each pod's own namespace (where a
+/// pod's share is mounted).
 fn mount_points() -> BTreeSet<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(str::to_string)
+    cocoon_integration::mount_points_everywhere()
+        .into_iter()
         .collect()
 }
 

@@ -236,16 +236,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The host's mount points ending in `suffix`. Tests run in parallel and every pod's
-/// share is in the same mount table, so the container id in `suffix` must be one no
-/// other test uses (a CI run once saw another test's "second" rootfs here).
+/// The mount points ending in `suffix`, in the node's namespace or any pod's own.
+/// Tests run in parallel and every pod's namespace is read, so the container id in
+/// `suffix` must be one no other test uses (a CI run once saw another test's "second"
+/// rootfs here).
 pub fn mounts_ending(suffix: &str) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
+    cocoon_integration::mount_points_everywhere()
+        .into_iter()
         .filter(|m| m.ends_with(suffix))
-        .map(str::to_owned)
         .collect()
 }
 

@@ -413,6 +413,7 @@ mod tests {
                 tag: "cocoon".into(),
                 virtiofsd: "/v".into(),
                 userns: None,
+                mount_ns: None,
             }),
             net: Some(crate::hypervisor::NetAttach {
                 tap_fd: 7,

@@ -100,6 +100,7 @@ pub async fn spawn_virtiofsd(
         what: "virtiofsd",
         source,
     };
+    enter_share_ns(&mut fs, shared).map_err(spawn_err)?;
     let copied = configure(&mut fs, &log).map_err(spawn_err)?;
     let listener = match &shared.userns {
         Some(ns) => {
@@ -109,8 +110,9 @@ pub async fn spawn_virtiofsd(
             fs.arg("--fd").arg(fd.to_string());
             fs.args(["--rlimit-nofile", "0"]);
             // The share's parents are root's and closed to the namespace's root: it
-            // starts in the share (entered while still host root) and exports that.
-            fs.current_dir(&shared.path).args(["--shared-dir", "."]);
+            // starts in the share (entered while still host root, `enter_share_ns`)
+            // and exports that.
+            fs.args(["--shared-dir", "."]);
             // So `ps` still tells whose it is (and tests and operators can find it).
             fs.arg0(format!("virtiofsd@{}", shared.path.display()));
             // Opening by handle needs CAP_DAC_READ_SEARCH on the host; without
@@ -137,6 +139,43 @@ pub async fn spawn_virtiofsd(
     // virtiofsd holds the listener now.
     drop(listener);
     wait_for_socket(&mut vm.procs, socket, &log).await
+}
+
+/// Makes virtiofsd start in the pod's mount namespace, where the share's mounts are
+/// (`shimv2::podns`), and, when it will run in the pod's user namespace, in the share
+/// itself. Registered before any other step of the child's: entering a mount
+/// namespace takes host root, and resets the directory the child is in (so it is
+/// changed here, after, rather than by `current_dir`, which runs before these steps).
+fn enter_share_ns(fs: &mut Command, shared: &SharedDir) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let ns = shared.mount_ns.as_ref().map(|ns| ns.fd().as_raw_fd());
+    let cwd = match &shared.userns {
+        Some(_) => Some(
+            std::ffi::CString::new(shared.path.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?,
+        ),
+        None => None,
+    };
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (setns, chdir); the namespace's descriptor outlives the spawn (the
+    // caller holds `shared`, whose handle keeps it open).
+    unsafe {
+        fs.pre_exec(move || {
+            if let Some(fd) = ns {
+                if libc::setns(fd, libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(dir) = &cwd {
+                if libc::chdir(dir.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Waits for the last-spawned backend's socket: a VMM started before it

@@ -168,6 +168,9 @@ pub struct SharedDir {
     /// The pod's user namespace virtiofsd runs in as its root (`[jail] virtiofsd`); the
     /// share is idmapped with it. None: virtiofsd runs as host root.
     pub userns: Option<std::sync::Arc<userns::PodUserns>>,
+    /// The pod's mount namespace, where the share's mounts live: virtiofsd starts in
+    /// it. None: the caller's.
+    pub mount_ns: Option<std::sync::Arc<crate::shimv2::podns::PodNs>>,
 }
 
 /// The operator's kernel parameters, after Cocoon's own switches (so an operator's

@@ -22,6 +22,7 @@ pub mod overlay;
 mod persist;
 pub mod pod;
 pub mod podmetrics;
+pub mod podns;
 mod podrecord;
 pub mod propagation;
 mod rlimits;

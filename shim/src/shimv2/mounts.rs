@@ -6,6 +6,7 @@
 //! (nested mounts included), so a hostile guest cannot write through virtio-fs
 //! host data the spec made read-only.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::api::Mount as RootfsMount;
@@ -14,6 +15,7 @@ use oci_spec::runtime::{Mount, Spec};
 use thiserror::Error;
 
 use super::overlay;
+use super::podns::{in_ns, PodNs};
 use super::share::Beneath;
 use crate::hypervisor::userns::PodUserns;
 use std::sync::Arc;
@@ -55,27 +57,49 @@ pub enum MountError {
 pub struct ContainerMounts {
     pub dir: PathBuf,
     pub mounted: Vec<PathBuf>,
+    /// The pod's mount namespace the mounts are in; none in a recorded state (a
+    /// `shim delete` after the shim died works in the node's).
+    #[serde(skip)]
+    pub ns: Option<Arc<PodNs>>,
 }
 
 impl ContainerMounts {
     /// Unmounts everything (lazily, so a busy mount cannot block cleanup)
     /// and removes the container's directory in the share.
+    ///
+    /// Without the pod's namespace (its shim gone, or this is another process), the
+    /// removal alone does it: a directory removed in the node's namespace takes the
+    /// mounts another namespace had on it (Linux ≥ 3.18), and the node's view of the
+    /// directory holds none of their data.
     pub fn cleanup(&mut self) {
         super::propagation::forget(&self.dir);
-        while let Some(m) = self.mounted.pop() {
-            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-                if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
-                    tracing::warn!("cannot unmount {}: {e}", m.display());
+        let mut mounted = std::mem::take(&mut self.mounted);
+        let dir = self.dir.clone();
+        let remove = |dir: &Path| {
+            if !dir.as_os_str().is_empty() {
+                // Never a recursive delete into a mount that is still there.
+                if let Err(e) = super::share::remove_tree_same_fs(dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("cannot remove {}: {e}", dir.display());
+                    }
                 }
             }
-        }
-        if !self.dir.as_os_str().is_empty() {
-            // Never a recursive delete into a mount that is still there.
-            if let Err(e) = super::share::remove_tree_same_fs(&self.dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot remove {}: {e}", self.dir.display());
+        };
+        let d = dir.clone();
+        let undo = move || {
+            while let Some(m) = mounted.pop() {
+                if let Err(e) = umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+                    if e != nix::Error::EINVAL && e != nix::Error::ENOENT {
+                        tracing::warn!("cannot unmount {}: {e}", m.display());
+                    }
                 }
             }
+            remove(&d);
+            Ok(())
+        };
+        if let Err(e) = in_ns(self.ns.as_deref(), undo) {
+            tracing::warn!("{e}: removing {} from the node", dir.display());
+            remove(&dir);
         }
     }
 }
@@ -115,6 +139,7 @@ pub enum Root<'a> {
 pub fn prepare(
     share: &Path,
     userns: Option<Arc<PodUserns>>,
+    ns: Option<Arc<PodNs>>,
     id: &str,
     bundle: &Path,
     root: Root,
@@ -127,8 +152,9 @@ pub fn prepare(
     let mut done = ContainerMounts {
         dir: host.join(id),
         mounted: Vec::new(),
+        ns: ns.clone(),
     };
-    match prepare_inner(&mut done, &host, userns, id, bundle, root, spec) {
+    match prepare_inner(&mut done, &host, userns, ns, id, bundle, root, spec) {
         Ok(()) => Ok(done),
         Err(e) => {
             done.cleanup();
@@ -137,16 +163,18 @@ pub fn prepare(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn prepare_inner(
     done: &mut ContainerMounts,
     host: &Path,
     userns: Option<Arc<PodUserns>>,
+    ns: Option<Arc<PodNs>>,
     id: &str,
     bundle: &Path,
     root: Root,
     spec: &mut Spec,
 ) -> Result<(), MountError> {
-    let pod = Beneath::open(host, userns).map_err(|e| MountError::Mkdir(host.into(), e))?;
+    let pod = Beneath::open(host, userns, ns).map_err(|e| MountError::Mkdir(host.into(), e))?;
     let guest_dir = format!("{GUEST_SHARE}/{id}");
     let rootfs = match root {
         Root::Host(rootfs) => {
@@ -200,38 +228,38 @@ fn share_rootfs(
         };
         bind(pod, &src, &root_rel, true, false)?;
         done.mounted.push(target);
-    } else if let (Some(ns), [m]) = (pod.userns(), rootfs) {
+    } else {
         let rootfs_err = |detail: String| MountError::Rootfs {
             target: target.clone(),
             detail,
         };
-        if m.type_ == "overlay" {
-            // An overlay of idmapped layers, made detached and attached by descriptor.
-            let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
-            let made = overlay::mount_idmapped(&opts, ns)
-                .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?;
-            pod.attach(&made, &root_rel)
-                .map_err(|e| rootfs_err(e.to_string()))?;
-            done.mounted.push(target.clone());
-        } else {
-            // A bind (a single-layer view) or a filesystem of its own: idmapped where
-            // it was mounted, before any container uses it.
-            mount_by_path(rootfs, &target)?;
-            done.mounted.push(target.clone());
-            pod.idmap_in_place(&root_rel)
-                .map_err(|e| rootfs_err(format!("cannot idmap it for the pod's virtiofsd: {e}")))?;
-        }
-    } else {
-        if pod.userns().is_some() {
-            return Err(MountError::Rootfs {
-                target,
-                detail: format!(
+        let tree = match (pod.userns(), rootfs) {
+            (Some(ns), [m]) if m.type_ == "overlay" => {
+                // An overlay of idmapped layers, made detached.
+                let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
+                overlay::mount_idmapped(&opts, ns)
+                    .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?
+            }
+            (Some(_), [_]) | (None, _) => {
+                let tree = mount_detached(rootfs, &target)?;
+                // A bind (a single-layer view) or a filesystem of its own: idmapped
+                // before any container uses it.
+                if let Some(ns) = pod.userns() {
+                    ns.idmap(tree.as_fd(), false).map_err(|e| {
+                        rootfs_err(format!("cannot idmap it for the pod's virtiofsd: {e}"))
+                    })?;
+                }
+                tree
+            }
+            (Some(_), _) => {
+                return Err(rootfs_err(format!(
                     "{} rootfs mounts: the pod's virtiofsd needs one, to idmap it",
                     rootfs.len()
-                ),
-            });
-        }
-        mount_by_path(rootfs, &target)?;
+                )))
+            }
+        };
+        pod.attach(tree, &root_rel)
+            .map_err(|e| rootfs_err(e.to_string()))?;
         done.mounted.push(target);
     }
     Ok(())
@@ -292,9 +320,31 @@ fn share_volumes(
     Ok(())
 }
 
-/// Mounts the snapshot's mounts on `target` with containerd's own mount code, which
-/// takes a path: the host directory is private to the host, so no guest can have
-/// changed what it leads to.
+/// Mounts the snapshot's mounts on `stage` with containerd's own mount code, in the
+/// caller's namespace (the node's, where the snapshot's paths mean what containerd
+/// meant), and returns a detached clone of what is mounted there; the staging mounts
+/// go at once. `stage` is the rootfs's own place in the host directory, which no guest
+/// can have changed (its path leads where it always did), and is empty in the node's
+/// namespace.
+fn mount_detached(rootfs: &[RootfsMount], stage: &Path) -> Result<OwnedFd, MountError> {
+    let mounted = mount_by_path(rootfs, stage);
+    let tree = mounted.and_then(|()| {
+        let tree = super::share::open_tree(stage, false)
+            .and_then(|t| super::share::set_private(t.as_fd(), false).map(|()| t));
+        tree.map_err(|e| MountError::Rootfs {
+            target: stage.to_path_buf(),
+            detail: format!("cannot clone it for the pod: {e}"),
+        })
+    });
+    for _ in rootfs {
+        match umount2(stage, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => {}
+            Err(_) => break,
+        }
+    }
+    tree
+}
+
 fn mount_by_path(rootfs: &[RootfsMount], target: &Path) -> Result<(), MountError> {
     for m in rootfs {
         let fstype = Some(m.type_.as_str()).filter(|s| !s.is_empty());
@@ -325,332 +375,5 @@ fn bind(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec_with(mounts: serde_json::Value) -> Spec {
-        serde_json::from_value(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "root": {"path": "rootfs", "readonly": false},
-            "mounts": mounts,
-            "linux": {"cgroupsPath": "/default/x"}
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn rootfs_and_binds_are_mounted_and_rewritten() {
-        if !nix::unistd::geteuid().is_root() {
-            cocoon_nested::testing::missing("mounts", "mounting needs root");
-            return;
-        }
-        let t = tempfile::tempdir().unwrap();
-        let bundle = t.path().join("bundle");
-        std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
-        std::fs::write(bundle.join("rootfs/etc/hostname"), "x").unwrap();
-        let data = t.path().join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        std::fs::write(data.join("f"), "hello").unwrap();
-        let share = t.path().join("share");
-        crate::shimv2::share::create(&share, None).unwrap();
-        let mut spec = spec_with(serde_json::json!([
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]},
-            {"destination": "/f", "source": data.join("f"), "options": ["bind", "rw"]}
-        ]));
-        let mut m = prepare(&share, None, "c1", &bundle, Root::Host(&[]), &mut spec).unwrap();
-        assert_eq!(
-            spec.root().as_ref().unwrap().path(),
-            Path::new("/run/cocoon/shared/c1/rootfs")
-        );
-        assert!(share.join("c1/rootfs/etc/hostname").exists());
-        let mounts = spec.mounts().as_ref().unwrap();
-        assert_eq!(mounts[0].source().as_deref(), Some(Path::new("proc")));
-        assert_eq!(
-            mounts[1].source().as_deref(),
-            Some(Path::new("/run/cocoon/shared/c1/mounts/1"))
-        );
-        assert_eq!(
-            mounts[2].source().as_deref(),
-            Some(Path::new("/run/cocoon/shared/c1/mounts/2"))
-        );
-        assert_eq!(
-            std::fs::read_to_string(share.join("c1/mounts/1/f")).unwrap(),
-            "hello"
-        );
-        // Read-only on the host side too.
-        let err = std::fs::write(share.join("c1/mounts/1/new"), "x").unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-        std::fs::write(share.join("c1/mounts/2"), "changed").unwrap();
-        assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "changed");
-        assert!(spec.linux().as_ref().unwrap().cgroups_path().is_none());
-        // The guest's view takes no new names in the container's directory.
-        let planted = std::os::unix::fs::symlink("/", share.join("c1/mounts/evil")).unwrap_err();
-        assert_eq!(planted.raw_os_error(), Some(libc::EROFS));
-        m.cleanup();
-        assert!(!share.join("c1").exists());
-        assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "changed");
-        crate::shimv2::share::remove(&share);
-        assert!(!share.exists());
-    }
-
-    /// A container whose image the guest pulls: nothing of the host's root filesystem
-    /// is shared, the spec names where the agent unpacks it, volumes are shared as ever.
-    #[test]
-    fn a_guest_pulled_root_shares_only_the_volumes() {
-        if !nix::unistd::geteuid().is_root() {
-            cocoon_nested::testing::missing("mounts", "mounting needs root");
-            return;
-        }
-        let t = tempfile::tempdir().unwrap();
-        let bundle = t.path().join("bundle");
-        std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
-        let data = t.path().join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        let share = t.path().join("share");
-        crate::shimv2::share::create(&share, None).unwrap();
-        let mut spec = spec_with(serde_json::json!([
-            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]}
-        ]));
-        let mut m = prepare(&share, None, "c3", &bundle, Root::Guest, &mut spec).unwrap();
-        assert_eq!(
-            spec.root().as_ref().unwrap().path(),
-            Path::new("/run/cocoon/images/c3/rootfs")
-        );
-        assert!(!share.join("c3/rootfs").exists());
-        let mounts = spec.mounts().as_ref().unwrap();
-        assert_eq!(
-            mounts[0].source().as_deref(),
-            Some(Path::new("/run/cocoon/shared/c3/mounts/0"))
-        );
-        m.cleanup();
-        assert!(!share.join("c3").exists());
-        crate::shimv2::share::remove(&share);
-    }
-
-    /// With the pod's namespace: a snapshot given as a bind (a single-layer view, the
-    /// native snapshotter) and a volume are idmapped, and the spec is still rewritten.
-    #[test]
-    fn with_a_namespace_a_bind_rootfs_and_volumes_show_shifted_owners() {
-        if !nix::unistd::geteuid().is_root() {
-            cocoon_nested::testing::missing("mounts", "mounting needs root");
-            return;
-        }
-        use std::os::unix::fs::MetadataExt;
-        let t = tempfile::tempdir().unwrap();
-        let bundle = t.path().join("bundle");
-        std::fs::create_dir_all(&bundle).unwrap();
-        let snap = t.path().join("snap");
-        std::fs::create_dir_all(&snap).unwrap();
-        std::fs::write(snap.join("owned"), "x").unwrap();
-        std::os::unix::fs::lchown(snap.join("owned"), Some(1000), Some(1000)).unwrap();
-        let data = t.path().join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        std::fs::write(data.join("f"), "hello").unwrap();
-        std::os::unix::fs::lchown(data.join("f"), Some(7), Some(7)).unwrap();
-        let base = 1_500_327_680;
-        let ns = Arc::new(PodUserns::create(base, crate::hypervisor::userns::IDS_PER_POD).unwrap());
-        let share = t.path().join("share");
-        crate::shimv2::share::create(&share, Some(&ns)).unwrap();
-        let rootfs = [RootfsMount {
-            type_: "bind".into(),
-            source: snap.display().to_string(),
-            options: vec!["rbind".into(), "rw".into()],
-            ..Default::default()
-        }];
-        let mut spec = spec_with(serde_json::json!([
-            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}
-        ]));
-        let mut m = prepare(
-            &share,
-            Some(ns),
-            "c1",
-            &bundle,
-            Root::Host(&rootfs),
-            &mut spec,
-        )
-        .unwrap();
-        let uid = |p: &str| std::fs::symlink_metadata(share.join(p)).unwrap().uid();
-        assert_eq!(uid("c1/rootfs/owned"), base + 1000);
-        assert_eq!(uid("c1/mounts/0/f"), base + 7);
-        // The structure shows as the namespace's root.
-        assert_eq!(uid("c1"), base);
-        assert_eq!(
-            spec.mounts().as_ref().unwrap()[0].source().as_deref(),
-            Some(Path::new("/run/cocoon/shared/c1/mounts/0"))
-        );
-        m.cleanup();
-        crate::shimv2::share::remove(&share);
-        assert!(!share.exists());
-        assert_eq!(std::fs::metadata(data.join("f")).unwrap().uid(), 7);
-    }
-
-    #[test]
-    fn missing_bind_source_is_named_and_undone() {
-        if !nix::unistd::geteuid().is_root() {
-            cocoon_nested::testing::missing("mounts", "mounting needs root");
-            return;
-        }
-        let t = tempfile::tempdir().unwrap();
-        let bundle = t.path().join("bundle");
-        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
-        let share = t.path().join("share");
-        crate::shimv2::share::create(&share, None).unwrap();
-        let mut spec = spec_with(serde_json::json!([
-            {"destination": "/x", "type": "bind", "source": "/nonexistent/src", "options": ["rbind"]}
-        ]));
-        let err = prepare(&share, None, "c2", &bundle, Root::Host(&[]), &mut spec).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/src"), "{err}");
-        assert!(
-            !share.join("c2").exists(),
-            "a failed prepare leaves nothing"
-        );
-        crate::shimv2::share::remove(&share);
-    }
-
-    /// A volume on a filesystem that cannot be idmapped (an overlay, as `/tmp` is in
-    /// many containers; NFS) cannot reach the jailed virtiofsd: the error names the
-    /// volume, the filesystem and the way out, and nothing is left in the share.
-    #[test]
-    fn a_volume_that_cannot_be_idmapped_is_named_with_its_filesystem() {
-        if !nix::unistd::geteuid().is_root() {
-            cocoon_nested::testing::missing("mounts", "mounting needs root");
-            return;
-        }
-        use nix::mount::{mount, MsFlags};
-        let t = tempfile::tempdir().unwrap();
-        let bundle = t.path().join("bundle");
-        let (lower, upper, work, vol) = (
-            t.path().join("lower"),
-            t.path().join("upper"),
-            t.path().join("work"),
-            t.path().join("vol"),
-        );
-        for d in [&bundle.join("rootfs"), &lower, &upper, &work, &vol] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        mount(
-            Some("overlay"),
-            &vol,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .unwrap();
-        let ns = Arc::new(
-            PodUserns::create(1_500_458_752, crate::hypervisor::userns::IDS_PER_POD).unwrap(),
-        );
-        let share = t.path().join("share");
-        crate::shimv2::share::create(&share, Some(&ns)).unwrap();
-        let mut spec = spec_with(serde_json::json!([
-            {"destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]}
-        ]));
-        let err = prepare(&share, Some(ns), "c4", &bundle, Root::Host(&[]), &mut spec).unwrap_err();
-        let _ = umount2(&vol, MntFlags::MNT_DETACH);
-        let mut text = err.to_string();
-        let mut next = std::error::Error::source(&err);
-        while let Some(e) = next {
-            text = format!("{text}: {e}");
-            next = e.source();
-        }
-        for part in [
-            vol.to_str().unwrap(),
-            "overlayfs",
-            "[jail] virtiofsd = true",
-        ] {
-            assert!(text.contains(part), "{part:?} not in: {text}");
-        }
-        assert!(
-            !share.join("c4").exists(),
-            "a failed prepare leaves nothing"
-        );
-        crate::shimv2::share::remove(&share);
-    }
-
-    /// A host mount beneath an rslave volume's source reaches the share, idmapped, and
-    /// goes when the host unmounts it; one that cannot be idmapped (sysfs) gets its place
-    /// held by an empty read-only directory, so the guest cannot remove or rename over
-    /// the host's mount point through virtiofsd.
-    #[test]
-    fn host_mounts_reach_an_rslave_volume_or_have_their_place_held() {
-        if !nix::unistd::geteuid().is_root() {
-            cocoon_nested::testing::missing("mounts", "mounting needs root");
-            return;
-        }
-        use nix::mount::{mount, MsFlags};
-        let none = None::<&str>;
-        let t = tempfile::tempdir().unwrap();
-        let bundle = t.path().join("bundle");
-        let data = t.path().join("data");
-        for d in [&bundle, &data.join("ok"), &data.join("bad")] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        mount(Some(&data), &data, none, MsFlags::MS_BIND, none).unwrap();
-        mount(none, &data, none, MsFlags::MS_SHARED, none).unwrap();
-        let ns = Arc::new(
-            PodUserns::create(1_500_393_216, crate::hypervisor::userns::IDS_PER_POD).unwrap(),
-        );
-        // As `<run>/shares/<vm>`: mounts under `<run>/shares` are never mirrored.
-        let share = t.path().join("shares/share");
-        crate::shimv2::share::create(&share, Some(&ns)).unwrap();
-        let mut spec = spec_with(serde_json::json!([
-            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rslave"]}
-        ]));
-        let mut m = prepare(&share, Some(ns), "c1", &bundle, Root::Guest, &mut spec).unwrap();
-        let vol = share.join("c1/mounts/0");
-        let eventually = |what: &str, f: &dyn Fn() -> bool| {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while !f() {
-                assert!(std::time::Instant::now() < deadline, "never: {what}");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        };
-        let mounted_at = |p: &Path| {
-            let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-            table
-                .lines()
-                .any(|l| l.split(' ').nth(4) == Some(&p.display().to_string()))
-        };
-        mount(
-            Some("t"),
-            &data.join("ok"),
-            Some("tmpfs"),
-            MsFlags::empty(),
-            none,
-        )
-        .unwrap();
-        std::fs::write(data.join("ok/f"), "x").unwrap();
-        mount(
-            Some("sysfs"),
-            &data.join("bad"),
-            Some("sysfs"),
-            MsFlags::empty(),
-            none,
-        )
-        .unwrap();
-        eventually("the tmpfs in the share", &|| vol.join("ok/f").exists());
-        use std::os::unix::fs::MetadataExt;
-        let uid = std::fs::metadata(vol.join("ok/f")).unwrap().uid();
-        assert_eq!(uid, 1_500_393_216, "the copy is idmapped");
-        eventually("the held place", &|| mounted_at(&vol.join("bad")));
-        assert_eq!(std::fs::read_dir(vol.join("bad")).unwrap().count(), 0);
-        assert!(
-            std::fs::create_dir(vol.join("bad/x")).is_err(),
-            "the placeholder takes writes"
-        );
-        umount2(&data.join("ok"), MntFlags::empty()).unwrap();
-        eventually("the copy gone", &|| !vol.join("ok/f").exists());
-        umount2(&data.join("bad"), MntFlags::empty()).unwrap();
-        eventually("the held place gone", &|| !mounted_at(&vol.join("bad")));
-        m.cleanup();
-        umount2(&data, MntFlags::MNT_DETACH).unwrap();
-        crate::shimv2::share::remove(&share);
-        assert!(!share.exists());
-    }
-}
+#[path = "mounts_tests.rs"]
+mod tests;

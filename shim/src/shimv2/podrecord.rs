@@ -233,7 +233,7 @@ pub fn undo_vm(run_dir: &Path, share: &Path, pids: &[u32], cgroups: &[PathBuf]) 
         std::thread::sleep(Duration::from_millis(20));
     }
     if !share.as_os_str().is_empty() {
-        super::share::remove(share);
+        super::share::remove(share, None);
     }
     if !run_dir.as_os_str().is_empty() {
         let _ = std::fs::remove_dir_all(run_dir);

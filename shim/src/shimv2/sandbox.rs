@@ -54,6 +54,8 @@ pub struct Sandbox {
     pub share: PathBuf,
     /// The namespace the share's mounts are idmapped with (`[jail] virtiofsd`).
     pub share_userns: Option<Arc<PodUserns>>,
+    /// The pod's mount namespace, where the share's mounts live (`podns`).
+    pub share_ns: Option<Arc<super::podns::PodNs>>,
     pub run_dir: PathBuf,
     vm: Mutex<Option<Vm>>,
     /// Host pids of the VM's processes, for the on-disk state.
@@ -219,11 +221,19 @@ impl Sandbox {
             None
         };
         // A share left by a crashed shim must not be exported twice.
-        super::share::remove(&path);
-        super::share::create(&path, userns.as_deref())?;
-        let share = PodShare { path, userns };
+        super::share::remove(&path, None);
+        let shares = config.paths.run_dir.join("shares");
+        let mount_ns = super::podns::PodNs::new(&shares)
+            .map(Arc::new)
+            .map_err(|e| super::mounts::MountError::Share(path.clone(), e))?;
+        super::share::create(&path, userns.as_deref(), Some(&mount_ns))?;
+        let share = PodShare {
+            path,
+            userns,
+            mount_ns: Some(mount_ns),
+        };
         // Undone on every way out but success, a dropped (abandoned) boot included.
-        let mut share_guard = ShareGuard(Some(share.path.clone()));
+        let mut share_guard = ShareGuard(Some(share.clone()));
         let net = match netns {
             Some(path) => {
                 let attached = tokio::task::spawn_blocking(move || PodNetwork::attach(&path)).await;
@@ -309,6 +319,7 @@ impl Sandbox {
             tag: SHARE_TAG.into(),
             virtiofsd: find_binary("virtiofsd", &config.paths.virtiofsd)?,
             userns: share.userns.clone(),
+            mount_ns: share.mount_ns.clone(),
         });
         spec.net = net.as_ref().and_then(|n| {
             n.tap.as_ref().map(|fd| NetAttach {
@@ -414,6 +425,7 @@ impl Sandbox {
             agent,
             share: share.path.clone(),
             share_userns: share.userns.clone(),
+            share_ns: share.mount_ns.clone(),
             run_dir: vm.run_dir.clone(),
             pids: vm.pids(),
             vmm_pid: vm.vmm_program_pid(),
@@ -554,7 +566,7 @@ impl Sandbox {
         // rather than at its own deadline.
         self.lost_tx.send_replace(true);
         let ended = t.elapsed();
-        super::share::remove(&self.share);
+        super::share::remove(&self.share, self.share_ns.as_deref());
         let cg = self.host_cgroup.lock().ok().and_then(|mut c| c.take());
         if let Some(mut cg) = cg {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
@@ -666,12 +678,12 @@ fn keep_console(run_root: &std::path::Path, vm_id: &str, console: &std::path::Pa
 }
 
 /// Unmounts a pod share when dropped while still holding it.
-struct ShareGuard(Option<PathBuf>);
+struct ShareGuard(Option<PodShare>);
 
 impl Drop for ShareGuard {
     fn drop(&mut self) {
         if let Some(share) = self.0.take() {
-            super::share::remove(&share);
+            super::share::remove(&share.path, share.mount_ns.as_deref());
         }
     }
 }

@@ -11,6 +11,9 @@
 //!   own bind. The two are shared-propagation peers, so a mount made under the host
 //!   directory appears in the export, and in virtiofsd's namespace (a slave of it).
 //!
+//! Both are mounted in the pod's own mount namespace (`podns`), never the node's: the
+//! node sees the two directories and nothing mounted in them.
+//!
 //! This is the remedy Kata Containers adopted for CVE-2020-2026 (a guest swapping a
 //! share path for a symlink while the host mounted on it). On top, mount points are
 //! created and mounted on through file descriptors resolved beneath the host directory
@@ -29,14 +32,17 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
 use super::mounts::MountError;
+use super::podns::{in_ns, PodNs};
 use crate::hypervisor::userns::{set_attr, PodUserns};
 
-/// A pod's share: the exported directory, and the user namespace its mounts are
-/// idmapped with when virtiofsd runs in one.
+/// A pod's share: the exported directory, the user namespace its mounts are
+/// idmapped with when virtiofsd runs in one, and the pod's mount namespace they live
+/// in (`podns`).
 #[derive(Debug, Clone)]
 pub struct PodShare {
     pub path: PathBuf,
     pub userns: Option<Arc<PodUserns>>,
+    pub mount_ns: Option<Arc<PodNs>>,
 }
 
 /// The host-private directory behind the exported `share`.
@@ -57,65 +63,78 @@ fn mkdir_0700(dir: &Path) -> Result<(), MountError> {
     }
 }
 
-/// Creates the host directory and its read-only export at `share`; with `userns`, the
-/// export is idmapped through the pod's namespace (see `hypervisor::userns`), so that
+/// Creates the host directory and its read-only export at `share`, mounted in the
+/// pod's namespace `ns` (in the caller's without one); with `userns`, the export is
+/// idmapped through the pod's user namespace (see `hypervisor::userns`), so that
 /// virtiofsd, root of that namespace only, can walk the structure.
-pub fn create(share: &Path, userns: Option<&PodUserns>) -> Result<(), MountError> {
+pub fn create(
+    share: &Path,
+    userns: Option<&PodUserns>,
+    ns: Option<&PodNs>,
+) -> Result<(), MountError> {
     let host = host_dir(share);
     mkdir_0700(&host)?;
     mkdir_0700(share)?;
     let fail = |path: &Path| {
         let path = path.to_path_buf();
-        move |e: nix::Error| MountError::Share(path, e.into())
+        move |e: std::io::Error| MountError::Share(path, e)
     };
-    // The host directory becomes a mount of its own, with shared propagation ...
-    mount(
-        Some(&host),
-        &host,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
+    // The host directory becomes a mount of its own, with shared propagation, and a
+    // detached clone of it is taken (a clone of a shared mount joins its peer group).
+    let h = host.clone();
+    let tree = in_ns(ns, move || {
+        mount(Some(&h), &h, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+        mount(
+            None::<&str>,
+            &h,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )?;
+        open_tree(&h, false)
+    })
     .map_err(fail(&host))?;
-    mount(
-        None::<&str>,
-        &host,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(fail(&host))?;
-    // ... and the export its peer (a clone of a shared mount joins its peer group),
-    // read-only at its own level only: the mounts that arrive in it keep their own
-    // flags and their own idmapping.
+    // The clone is the export: read-only at its own level only (the mounts that
+    // arrive in it keep their own flags and their own idmapping).
     let export = || -> std::io::Result<()> {
-        let tree = open_tree(&host, false)?;
         set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
         if let Some(ns) = userns {
             ns.idmap(tree.as_fd(), false)?;
         }
-        let target = nix::fcntl::open(
-            share,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        attach(&tree, &target)
+        let s = share.to_path_buf();
+        in_ns(ns, move || {
+            let target = nix::fcntl::open(
+                &s,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            attach(&tree, &target)
+        })
     };
-    export().map_err(|e| MountError::Share(share.to_path_buf(), e))?;
+    export().map_err(fail(share))?;
     Ok(())
 }
 
-/// Detaches the export and the host directory with everything mounted in them, then
-/// removes both (never crossing into a mount that is still there).
-pub fn remove(share: &Path) {
-    let host = host_dir(share);
-    for dir in [share, host.as_path()] {
-        let _ = umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
-        if let Err(e) = remove_tree_same_fs(dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("cannot remove {}: {e}", dir.display());
+/// Detaches the export and the host directory with everything mounted in them (in
+/// the pod's namespace `ns`, or the caller's), then removes both (never crossing into
+/// a mount that is still there). Without the pod's namespace (its shim is gone), the
+/// directories' removal detaches what another namespace still has mounted on them.
+pub fn remove(share: &Path, ns: Option<&PodNs>) {
+    let share = share.to_path_buf();
+    let undo = move || -> std::io::Result<()> {
+        let host = host_dir(&share);
+        for dir in [share.as_path(), host.as_path()] {
+            let _ = umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
+            if let Err(e) = remove_tree_same_fs(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove {}: {e}", dir.display());
+                }
             }
         }
+        Ok(())
+    };
+    if let Err(e) = in_ns(ns, undo) {
+        tracing::warn!("cannot undo the share: {e}");
     }
 }
 
@@ -265,6 +284,9 @@ pub struct Beneath {
     path: PathBuf,
     /// The pod's namespace every mount made here is idmapped with, if any.
     userns: Option<Arc<PodUserns>>,
+    /// The pod's mount namespace, where `root` is and mounts are attached (the
+    /// caller's without one).
+    ns: Option<Arc<PodNs>>,
 }
 
 fn how(flags: OFlag) -> OpenHow {
@@ -285,16 +307,44 @@ fn plain(rel: &Path) -> std::io::Result<&Path> {
 }
 
 impl Beneath {
-    pub fn open(path: &Path, userns: Option<Arc<PodUserns>>) -> std::io::Result<Self> {
-        let root = nix::fcntl::open(
-            path,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
+    /// Opens `path` (in the pod's mount namespace `ns`, where the mounts made here go).
+    pub fn open(
+        path: &Path,
+        userns: Option<Arc<PodUserns>>,
+        ns: Option<Arc<PodNs>>,
+    ) -> std::io::Result<Self> {
+        let p = path.to_path_buf();
+        let root = in_ns(ns.as_deref(), move || {
+            Ok(nix::fcntl::open(
+                &p,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?)
+        })?;
         Ok(Self {
             root,
             path: path.to_path_buf(),
             userns,
+            ns,
+        })
+    }
+
+    /// Attaches the detached `tree` on the mount point `target` (opened beneath).
+    fn attach_fd(&self, tree: OwnedFd, target: OwnedFd) -> std::io::Result<()> {
+        match &self.ns {
+            Some(ns) => ns.attach(tree, target),
+            None => attach(&tree, &target),
+        }
+    }
+
+    /// Unmounts (detached) what is mounted on `rel`, in the pod's namespace.
+    pub fn unmount(&self, rel: &Path) -> std::io::Result<()> {
+        let path = self.path_of(plain(rel)?);
+        in_ns(self.ns.as_deref(), move || {
+            Ok(umount2(
+                &path,
+                MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
+            )?)
         })
     }
 
@@ -373,11 +423,13 @@ impl Beneath {
     /// mounted below it when `recursive`, read-only all the way down when `readonly`,
     /// idmapped (all the way down) with the pod's namespace when there is one.
     ///
-    /// With the new mount API: the tree is cloned detached (`open_tree`), given its
-    /// attributes there (`mount_setattr`), then attached through an fd of the mount
-    /// point (`move_mount`). So it is read-only and idmapped before any copy of it
-    /// exists: the export and virtiofsd's namespace get their copies by propagation
-    /// when it is attached, and attributes set afterwards would not reach those copies.
+    /// With the new mount API: the tree is cloned detached (`open_tree`, in the
+    /// caller's namespace, the node's, where `src` means what the spec meant), given
+    /// its attributes there (`mount_setattr`), then attached through an fd of the mount
+    /// point (`move_mount`, in the pod's namespace). So it is read-only and idmapped
+    /// before any copy of it exists: the export and virtiofsd's namespace get their
+    /// copies by propagation when it is attached, and attributes set afterwards would
+    /// not reach those copies.
     pub fn bind(
         &self,
         src: &Path,
@@ -397,7 +449,7 @@ impl Beneath {
         if let Some(ns) = &self.userns {
             ns.idmap(tree.as_fd(), recursive)?;
         }
-        attach(&tree, &target)
+        self.attach_fd(tree, target)
     }
 
     /// An `O_PATH` descriptor of directory `rel` (of what is mounted there, if anything).
@@ -415,29 +467,15 @@ impl Beneath {
         self.userns.as_deref()
     }
 
-    /// Attaches the detached mount `tree` on the mount point `rel`.
-    pub fn attach(&self, tree: &OwnedFd, rel: &Path) -> std::io::Result<()> {
-        let point = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        attach(tree, &point)
+    /// The pod's mount namespace, shared.
+    pub fn ns_arc(&self) -> Option<Arc<PodNs>> {
+        self.ns.clone()
     }
 
-    /// Replaces the mount on `rel` (one the host just made by path, a rootfs from
-    /// containerd's mount code) by an idmapped clone of it, when the pod has a
-    /// namespace. The copies propagated to the export go and come back with it.
-    pub fn idmap_in_place(&self, rel: &Path) -> std::io::Result<()> {
-        let Some(ns) = &self.userns else {
-            return Ok(());
-        };
-        let target = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        let tree = open_tree_fd(&target)?;
-        ns.idmap(tree.as_fd(), false)?;
-        umount2(
-            &self.path_of(rel),
-            MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
-        )?;
-        // The mount point again: the fd above was of the mount, now detached.
+    /// Attaches the detached mount `tree` on the mount point `rel`.
+    pub fn attach(&self, tree: OwnedFd, rel: &Path) -> std::io::Result<()> {
         let point = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        attach(&tree, &point)
+        self.attach_fd(tree, point)
     }
 }
 
@@ -563,7 +601,7 @@ mod tests {
         }
         let t = tempfile::tempdir().unwrap();
         let share = t.path().join("pod-x");
-        create(&share, None).unwrap();
+        create(&share, None, None).unwrap();
         let host = host_dir(&share);
         use std::os::unix::fs::PermissionsExt;
         for d in [&share, &host] {
@@ -580,7 +618,7 @@ mod tests {
             Some(libc::EROFS)
         );
         // ... but sees what the host makes, and a writable mount made there is writable.
-        let b = Beneath::open(&host, None).unwrap();
+        let b = Beneath::open(&host, None, None).unwrap();
         b.mkdir_all(Path::new("c1/mounts/0")).unwrap();
         let vol = t.path().join("vol");
         std::fs::create_dir(&vol).unwrap();
@@ -591,7 +629,7 @@ mod tests {
             std::fs::read_to_string(vol.join("f")).unwrap(),
             "through the export"
         );
-        remove(&share);
+        remove(&share, None);
         assert!(!share.exists() && !host.exists());
         // The volume's data outlives the pod.
         assert!(vol.join("f").exists());
@@ -605,7 +643,7 @@ mod tests {
         let outside = t.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
-        let b = Beneath::open(&root, None).unwrap();
+        let b = Beneath::open(&root, None, None).unwrap();
         assert!(b.mkdir_all(Path::new("link/x")).is_err());
         assert!(b.create_file(Path::new("link/f")).is_err());
         assert!(b.mkdir_all(Path::new("../escape")).is_err());
@@ -691,8 +729,8 @@ mod tests {
         .unwrap();
         // In a pod's host directory, so the export's copy is checked too.
         let share = t.path().join("pod-ro");
-        create(&share, None).unwrap();
-        let b = Beneath::open(&host_dir(&share), None).unwrap();
+        create(&share, None, None).unwrap();
+        let b = Beneath::open(&host_dir(&share), None, None).unwrap();
         b.mkdir_all(Path::new("v")).unwrap();
         b.bind(&src, Path::new("v"), true, true).unwrap();
         for dir in [host_dir(&share), share.clone()] {
@@ -708,7 +746,7 @@ mod tests {
         }
         // The source stays writable.
         std::fs::write(src.join("nested/ok"), "x").unwrap();
-        remove(&share);
+        remove(&share, None);
         umount2(&src.join("nested"), MntFlags::MNT_DETACH).unwrap();
     }
 }

@@ -40,10 +40,11 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{umount2, MntFlags};
 use nix::sys::stat::Mode;
 
+use super::podns::{in_ns, PodNs};
 use super::share;
 use crate::hypervisor::userns::{set_attr, PodUserns};
 
-mod table;
+pub(crate) mod table;
 
 use table::{beneath, show, Mount};
 
@@ -65,6 +66,8 @@ struct Volume {
     root_fd: OwnedFd,
     readonly: bool,
     userns: Option<Arc<PodUserns>>,
+    /// The pod's mount namespace, where the volume is (`podns`).
+    ns: Option<Arc<PodNs>>,
     /// The pod's empty directory, cloned onto the place of a host mount that could not
     /// be mirrored.
     placeholder: PathBuf,
@@ -186,6 +189,7 @@ pub fn watch(
         root_fd,
         readonly,
         userns: pod.userns_arc(),
+        ns: pod.ns_arc(),
         placeholder: pod.path_of(Path::new(PLACEHOLDER)),
         copies: Copies::new(),
         warned_full: false,
@@ -338,8 +342,14 @@ fn reconcile(v: &mut Volume, table: &[Mount], excluded: &BTreeSet<PathBuf>) {
     for (m, _) in gone {
         if let Some((rel, Some(copy))) = v.copies.remove(&m) {
             let path = format!("/proc/self/fd/{}", copy.as_raw_fd());
-            // EINVAL: already detached with a copy it was mounted on.
-            match umount2(path.as_str(), MntFlags::MNT_DETACH) {
+            // EINVAL: already detached with a copy it was mounted on. In the pod's
+            // namespace, where the copy is; `copy` stays open until this returns.
+            let unmounted = in_ns(v.ns.as_deref(), move || {
+                Ok(umount2(path.as_str(), MntFlags::MNT_DETACH))
+            })
+            .unwrap_or_else(|e| Err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))));
+            drop(copy);
+            match unmounted {
                 Ok(()) | Err(nix::Error::EINVAL) => {}
                 Err(e) => tracing::warn!(
                     "cannot unmount the copy of a host mount at {}: {e}",
@@ -404,20 +414,20 @@ fn mirror(v: &Volume, m: &Mount, rel: &Path) -> std::io::Result<OwnedFd> {
         return Err(std::io::Error::other("covered by a later mount"));
     }
     let tree = share::open_tree_fd(&host)?;
-    attach_like_the_volume(v, &tree, rel, false)
+    attach_like_the_volume(v, tree, rel, false)
 }
 
 /// Attaches the pod's empty directory, read-only, on `rel` in the volume.
 fn hold(v: &Volume, rel: &Path) -> std::io::Result<OwnedFd> {
     let empty = share::open_tree(&v.placeholder, false)?;
-    attach_like_the_volume(v, &empty, rel, true)
+    attach_like_the_volume(v, empty, rel, true)
 }
 
 /// Makes `tree` private, read-only (when the volume is, or `always_ro`) and idmapped
 /// for the pod, and attaches it on `rel` in the volume; returns its root.
 fn attach_like_the_volume(
     v: &Volume,
-    tree: &OwnedFd,
+    tree: OwnedFd,
     rel: &Path,
     always_ro: bool,
 ) -> std::io::Result<OwnedFd> {
@@ -429,7 +439,10 @@ fn attach_like_the_volume(
         ns.idmap(tree.as_fd(), false)?;
     }
     let target = openat2(&v.root_fd, rel, how(OFlag::O_PATH))?;
-    share::attach(tree, &target)?;
+    match &v.ns {
+        Some(ns) => ns.attach(tree, target)?,
+        None => share::attach(&tree, &target)?,
+    }
     open_mount_root(&v.root_fd, rel)
 }
 

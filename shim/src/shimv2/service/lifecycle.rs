@@ -271,6 +271,7 @@ impl Service {
         let mounts = mounts::prepare(
             &sb.share,
             sb.share_userns.clone(),
+            sb.share_ns.clone(),
             &req.id,
             &bundle,
             root,

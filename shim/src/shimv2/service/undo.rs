@@ -169,6 +169,7 @@ mod tests {
             mounts: ContainerMounts {
                 dir: "/share/pod".into(),
                 mounted: vec!["/share/pod/rootfs".into()],
+                ns: None,
             },
             ..Default::default()
         };
