@@ -199,6 +199,54 @@ pub fn pod_namespace_tasks() -> Vec<PathBuf> {
     out
 }
 
+/// The mount namespaces (as `/proc/.../ns/mnt` names them, `mnt:[inode]`) of process
+/// `pid`'s `pod-mount-ns` threads: the pods' own namespaces a shim holds.
+pub fn pod_namespaces_of(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim_end() == "pod-mount-ns")
+        })
+        .filter_map(|t| std::fs::read_link(t.path().join("ns/mnt")).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The pids of processes that hold mount namespace `ns` (`mnt:[inode]`): a thread in it,
+/// or a descriptor of it.
+pub fn namespace_holders(ns: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let is = |p: PathBuf| std::fs::read_link(p).is_ok_and(|l| l.as_os_str() == ns);
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let tasks = std::fs::read_dir(p.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        let fds = std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        if tasks
+            .map(|t| t.path().join("ns/mnt"))
+            .chain(fds.map(|f| f.path()))
+            .any(is)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Every mount point of `mount_tables`, as the tables spell them.
 pub fn mount_points_everywhere() -> Vec<String> {
     mount_tables()

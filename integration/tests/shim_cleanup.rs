@@ -233,6 +233,12 @@ fn a_shim_that_dies_mid_create_leaves_that_containers_cleanup_to_delete() {
 /// pod down; its janitor too, first, when `and_janitor`. Returns the shim (its client is
 /// dead) once it and its VM are gone.
 async fn orphan_a_pod(env: &Env, id: &str, and_janitor: bool) -> DirectShim {
+    orphan_a_pod_in(env, id, and_janitor).await.0
+}
+
+/// `orphan_a_pod`, also returning the pod's own mount namespace (`mnt:[inode]`) as the
+/// shim held it.
+async fn orphan_a_pod_in(env: &Env, id: &str, and_janitor: bool) -> (DirectShim, String) {
     let shim = start_shim(env, id, &["sleep", "1000"]).await;
     shim.create(id).await.unwrap();
     shim.start(id, "").await.unwrap();
@@ -242,6 +248,8 @@ async fn orphan_a_pod(env: &Env, id: &str, and_janitor: bool) -> DirectShim {
     };
     let shim_pid = shim.client.connect(ctx(), &req).await.unwrap().shim_pid;
     let vmm = vmm_pid(env);
+    let pod_ns = cocoon_integration::pod_namespaces_of(shim_pid);
+    assert_eq!(pod_ns.len(), 1, "the shim's pod namespaces: {pod_ns:?}");
     let janitor = janitor_pid(env).expect("the pod has no janitor");
     assert_confined(janitor);
     shim.kill(id, "", libc::SIGKILL as u32).await.unwrap();
@@ -263,7 +271,7 @@ async fn orphan_a_pod(env: &Env, id: &str, and_janitor: bool) -> DirectShim {
         left.is_empty(),
         "the shim or its VM outlived SIGKILL: {left:?}"
     );
-    shim
+    (shim, pod_ns.into_iter().next().unwrap_or_default())
 }
 
 /// The pod's janitor process (`cocoon-janitor`), if it has one.
@@ -286,11 +294,9 @@ fn assert_confined(janitor: u32) {
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     };
-    // CAP_DAC_OVERRIDE 1, CAP_DAC_READ_SEARCH 2, CAP_FOWNER 3, CAP_KILL 5, CAP_SYS_ADMIN 21.
-    let want = format!(
-        "{:016x}",
-        (1u64 << 1) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 21)
-    );
+    // CAP_DAC_OVERRIDE 1, CAP_DAC_READ_SEARCH 2, CAP_FOWNER 3, CAP_KILL 5; not
+    // CAP_SYS_ADMIN (21): the pod's mounts went with its own mount namespace.
+    let want = format!("{:016x}", (1u64 << 1) | (1 << 2) | (1 << 3) | (1 << 5));
     for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(field(set), want, "{set} of the janitor:\n{status}");
     }
@@ -349,23 +355,28 @@ fn a_pod_whose_shim_died_before_its_teardown_is_undone_by_its_janitor() {
 fn a_pod_whose_shim_and_janitor_died_is_undone_by_the_next_shim() {
     let env = env();
     runtime().block_on(async {
-        let shim = orphan_a_pod(&env, "orphaned", true).await;
+        let (shim, pod_ns) = orphan_a_pod_in(&env, "orphaned", true).await;
         let left = cocoon_integration::pod_leftovers(&env.run_dir);
         assert!(
             !left.is_empty(),
             "the killed shim's pod left nothing behind: the case this test is for was not made"
         );
-        // Its mounts were in the pod's own namespace, held by the shim and its
-        // virtiofsd: they went with them, with no one to undo them.
+        // Its mounts were in the pod's own namespace, held by the shim (virtiofsd's
+        // copies are in its own, which ends with it): the namespace and every process
+        // of the pod are gone, with no one to undo them.
+        let run = env.run_dir.to_string_lossy().into_owned();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
+            let holders = cocoon_integration::namespace_holders(&pod_ns);
+            let procs = cocoon_integration::processes_mentioning(&run);
             let mounts = cocoon_integration::mounts_under(&env.run_dir);
-            if mounts.is_empty() {
+            if holders.is_empty() && procs.is_empty() && mounts.is_empty() {
                 break;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the killed shim's mounts outlived it: {mounts:?}"
+                "the killed shim's pod namespace {pod_ns} outlived it: held by {holders:?}, \
+                 processes {procs:?}, mounts {mounts:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

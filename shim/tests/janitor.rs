@@ -1,7 +1,8 @@
 //! The pod janitor as the shim binary runs it (`containerd-shim-cocoon-v2 janitor`),
 //! confined as it confines itself (capabilities, no_new_privs, its seccomp allow-list),
 //! against a real pod's leftovers: a process standing in for the VM, a tmpfs mounted
-//! on the share, a run directory and a host cgroup. The test plays the shim: it holds
+//! on the share in the pod's own mount namespace (still held, as by a virtiofsd not yet
+//! dead), a run directory and a host cgroup. The test plays the shim: it holds
 //! the pod's record locked and the janitor's pipe open, then lets go of both as a
 //! dying shim's kernel would, or removes the record first as a teardown does.
 //!
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cocoon_shim::shimv2::podns::PodNs;
 use nix::fcntl::{Flock, FlockArg};
 
 fn runnable() -> bool {
@@ -40,6 +42,9 @@ struct Pod {
     vm: Child,
     record: PathBuf,
     lock: Option<Flock<File>>,
+    /// The pod's own mount namespace, where its share's mounts are (`podns`); kept
+    /// alive through the tests, as a lingering holder (a virtiofsd not yet dead) would.
+    ns: PodNs,
 }
 
 impl Pod {
@@ -52,16 +57,21 @@ impl Pod {
         std::fs::create_dir_all(run.join("jail/dev")).unwrap();
         std::fs::write(run.join("console.log"), "boot").unwrap();
         std::fs::create_dir_all(&share).unwrap();
-        nix::mount::mount(
-            Some("tmpfs"),
-            &share,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some("size=1m"),
-        )
-        .expect("mounting a tmpfs on the share");
-        std::fs::create_dir_all(share.join("c1/rootfs")).unwrap();
-        std::fs::write(share.join("c1/rootfs/file"), "x").unwrap();
+        let ns = PodNs::new(&[root.join("shares")]).expect("a pod mount namespace");
+        let s = share.clone();
+        ns.run(move || -> std::io::Result<()> {
+            nix::mount::mount(
+                Some("tmpfs"),
+                &s,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("size=1m"),
+            )?;
+            std::fs::create_dir_all(s.join("c1/rootfs"))?;
+            std::fs::write(s.join("c1/rootfs/file"), "x")
+        })
+        .unwrap()
+        .expect("mounting a tmpfs on the share, in the pod's namespace");
         let cgroup = host_cgroup(&vm_id);
         let vm = stand_in_vm(&run);
         let record = root.join("pods").join(format!("{vm_id}.json"));
@@ -93,11 +103,26 @@ impl Pod {
             vm,
             record,
             lock: Some(lock),
+            ns,
         }
     }
 
     fn vm_alive(&mut self) -> bool {
         self.vm.try_wait().unwrap().is_none()
+    }
+
+    /// Whether the pod's namespace still has a mount on the share, and whether the
+    /// file in it is there.
+    fn share_in_ns(&self) -> (bool, bool) {
+        let share = self.share.clone();
+        self.ns
+            .run(move || {
+                let table = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+                let point = share.to_string_lossy().into_owned();
+                let mounted = table.lines().any(|l| l.split(' ').nth(4) == Some(&point));
+                (mounted, share.join("c1/rootfs/file").exists())
+            })
+            .unwrap()
     }
 }
 
@@ -105,7 +130,10 @@ impl Drop for Pod {
     fn drop(&mut self) {
         let _ = self.vm.kill();
         let _ = self.vm.wait();
-        let _ = nix::mount::umount2(&self.share, nix::mount::MntFlags::MNT_DETACH);
+        let share = self.share.clone();
+        let _ = self.ns.run(move || {
+            let _ = nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH);
+        });
         let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
@@ -227,10 +255,12 @@ fn a_confined_janitor_undoes_the_pod_of_a_shim_that_died() {
     let (child, watch) = janitor(&pod);
     let status = confined_status(child.id());
     assert_eq!(field(&status, "NoNewPrivs"), "1");
-    // SYS_ADMIN, KILL, FOWNER, DAC_READ_SEARCH, DAC_OVERRIDE and nothing else.
+    // KILL, FOWNER, DAC_READ_SEARCH, DAC_OVERRIDE and nothing else (no SYS_ADMIN: the
+    // share's mounts are in the pod's own namespace).
     for set in ["CapEff", "CapPrm", "CapBnd"] {
-        assert_eq!(field(&status, set), "000000000020002e", "{set}");
+        assert_eq!(field(&status, set), "000000000000002e", "{set}");
     }
+    assert_eq!(pod.share_in_ns(), (true, true));
     assert_eq!(field(&status, "CapInh"), "0000000000000000");
     assert!(pod.vm_alive(), "the janitor acted while the shim lived");
 
@@ -252,6 +282,9 @@ fn a_confined_janitor_undoes_the_pod_of_a_shim_that_died() {
     for left in [&pod.share, &pod.run, &pod.cgroup, &pod.record] {
         assert!(!left.exists(), "{} is left:\n{log}", left.display());
     }
+    // Removing the share's directory took the mount a live holder of the pod's
+    // namespace still had on it, without unmounting anything.
+    assert_eq!(pod.share_in_ns(), (false, false), "{log}");
 }
 
 #[test]
@@ -270,7 +303,8 @@ fn a_janitor_leaves_a_pod_its_shim_tore_down() {
     assert!(exit.success(), "the janitor failed ({exit}):\n{log}");
     // What is there now belongs to no dead shim (here: a later pod of the same id).
     assert!(pod.vm_alive(), "the janitor killed a live pod's VM:\n{log}");
-    for kept in [&pod.share.join("c1/rootfs/file"), &pod.run, &pod.cgroup] {
+    for kept in [&pod.share, &pod.run, &pod.cgroup] {
         assert!(kept.exists(), "{} was removed:\n{log}", kept.display());
     }
+    assert_eq!(pod.share_in_ns(), (true, true), "{log}");
 }

@@ -17,8 +17,9 @@
 //! (`podrecord::undo_if_abandoned`) and exits. It is the shim binary again (`/proc/self/exe`,
 //! so an upgrade in place does not matter), named `cocoon-janitor`, in a session of its
 //! own (a signal to the shim's group does not take it), not killed with the shim, with
-//! only the capabilities undoing needs (unmounting the share, removing what the jailed
-//! VM processes own, killing what is left of them), and no_new_privs. It reads nothing
+//! only the capabilities undoing needs (removing what the jailed VM processes own,
+//! killing what is left of them; not CAP_SYS_ADMIN: the share's mounts went with the
+//! pod's mount namespace, `podns`), and no_new_privs. It reads nothing
 //! the guest wrote but the share tree it removes (as the shim would: not following
 //! links, not crossing mounts).
 
@@ -213,9 +214,10 @@ fn wait_for_close(mut pipe: impl std::io::Read) {
 /// Keeps the capabilities undoing a pod needs, and no others, for good.
 fn confine() -> Result<(), String> {
     use caps::{CapSet, Capability};
+    // No CAP_SYS_ADMIN: the share's mounts are in the pod's own mount namespace
+    // (`podns`), which ended with the shim and the VM's processes; removing the
+    // share's directories is all that is left of it.
     let keep: caps::CapsHashSet = [
-        // Unmounting the share.
-        Capability::CAP_SYS_ADMIN,
         // Removing what the jailed VM processes own and killing what is left of them.
         Capability::CAP_DAC_OVERRIDE,
         Capability::CAP_DAC_READ_SEARCH,
@@ -244,7 +246,7 @@ fn confine() -> Result<(), String> {
 
 /// The syscalls a janitor makes once confined: waiting on its pipe, locking and reading
 /// its record, reading `/proc/<pid>/cmdline` and killing what is left of the VM,
-/// unmounting and removing the share, run dir and cgroup directories, logging, and what
+/// removing the share, run dir and cgroup directories, logging, and what
 /// the Rust runtime needs for memory, time and exit. Anything else fails with EPERM (the
 /// call is not made; the undoing goes on with what it can do, as it would after any
 /// other error, rather than leaving everything behind). No exec, no mount, no socket,
@@ -268,7 +270,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_unlinkat,
     libc::SYS_unlink,
     libc::SYS_rmdir,
-    libc::SYS_umount2,
     // What is left of the VM.
     libc::SYS_kill,
     // Memory (no PROT_EXEC: see `filter_syscalls`), time, signals, exit.

@@ -320,29 +320,24 @@ fn share_volumes(
     Ok(())
 }
 
-/// Mounts the snapshot's mounts on `stage` with containerd's own mount code, in the
-/// caller's namespace (the node's, where the snapshot's paths mean what containerd
-/// meant), and returns a detached clone of what is mounted there; the staging mounts
-/// go at once. `stage` is the rootfs's own place in the host directory, which no guest
-/// can have changed (its path leads where it always did), and is empty in the node's
-/// namespace.
+/// Mounts the snapshot's mounts on `stage` with containerd's own mount code, in a
+/// throwaway copy of the node's namespace (`podns::in_scratch_ns`: the snapshot's paths
+/// mean what containerd meant, and nothing mounted there reaches the node, also if the
+/// shim dies meanwhile), and returns a detached clone of what is mounted there. `stage`
+/// is the rootfs's own place in the host directory, which no guest can have changed
+/// (its path leads where it always did), and is empty outside the pod's namespace.
 fn mount_detached(rootfs: &[RootfsMount], stage: &Path) -> Result<OwnedFd, MountError> {
-    let mounted = mount_by_path(rootfs, stage);
-    let tree = mounted.and_then(|()| {
-        let tree = super::share::open_tree(stage, false)
-            .and_then(|t| super::share::set_private(t.as_fd(), false).map(|()| t));
-        tree.map_err(|e| MountError::Rootfs {
-            target: stage.to_path_buf(),
-            detail: format!("cannot clone it for the pod: {e}"),
-        })
+    let err = |detail: String| MountError::Rootfs {
+        target: stage.to_path_buf(),
+        detail,
+    };
+    let made = super::podns::in_scratch_ns(|| {
+        mount_by_path(rootfs, stage)?;
+        super::share::open_tree(stage, false)
+            .and_then(|t| super::share::set_private(t.as_fd(), false).map(|()| t))
+            .map_err(|e| err(format!("cannot clone it for the pod: {e}")))
     });
-    for _ in rootfs {
-        match umount2(stage, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) => {}
-            Err(_) => break,
-        }
-    }
-    tree
+    made.map_err(|e| err(format!("cannot make a namespace to mount it in: {e}")))?
 }
 
 fn mount_by_path(rootfs: &[RootfsMount], target: &Path) -> Result<(), MountError> {

@@ -104,7 +104,7 @@ fn in_the_pods_namespace_the_node_keeps_its_own_mounts() {
     )
     .unwrap();
     std::fs::write(p("vol/sub/f"), "on the node's mount").unwrap();
-    let ns = Arc::new(PodNs::new(&p("shares")).unwrap());
+    let ns = Arc::new(PodNs::new(&[p("shares")]).unwrap());
     let share = p("shares/pod");
     crate::shimv2::share::create(&share, None, Some(&ns)).unwrap();
     let rootfs = RootfsMount {

@@ -18,9 +18,16 @@
 //! in it, however they ended.
 //!
 //! The namespace starts as a private copy of the node's (nothing propagates in or out),
-//! from which every mount is detached but `/`, the mounts on the way to the shares
-//! directory, and `/proc`: it holds no copy of a node mount that the node would later
-//! unmount (a copy would keep its filesystem busy for the pod's life).
+//! from which every mount is detached but `/`, the mounts on the way to the paths it is
+//! told to keep (the shares directory, the virtiofsd binary) and to the system's
+//! libraries (virtiofsd is exec'd there), and `/proc`: it holds no copy of a node mount
+//! that the node would later unmount (a copy would keep its filesystem busy for the
+//! pod's life).
+//!
+//! A rootfs is mounted by containerd's mount code, which takes paths: `in_scratch_ns`
+//! runs it in a throwaway copy of the node's namespace (a slave, so paths mean what they
+//! mean on the node and nothing mounted there reaches the node), from which only a
+//! detached clone leaves. A shim killed meanwhile leaves nothing in the node's table.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -49,12 +56,19 @@ fn gone() -> std::io::Error {
 }
 
 impl PodNs {
-    /// Makes the namespace; `keep` (the shares directory) and the mounts on the way to
-    /// it stay reachable there.
-    pub fn new(keep: &Path) -> std::io::Result<Self> {
+    /// Makes the namespace; the paths of `keep` (the shares directory, the virtiofsd
+    /// binary), those of `SYSTEM` and the mounts on the way to them stay reachable
+    /// there. Blocks for a moment per node mount (run it off the async workers).
+    pub fn new(keep: &[PathBuf]) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<std::io::Result<OwnedFd>>(1);
-        let keep = keep.to_path_buf();
+        // As the mount table spells them (`/var/run` is a link to `/run` on Debian).
+        let keep: Vec<PathBuf> = keep
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(SYSTEM.iter().map(Path::new))
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+            .collect();
         let thread = std::thread::Builder::new()
             .name("pod-mount-ns".into())
             .spawn(move || {
@@ -144,16 +158,54 @@ pub fn in_ns<R: Send + 'static>(
     }
 }
 
+/// What a program exec'd in the namespace (virtiofsd) needs: its loader, libraries and
+/// the loader's cache, wherever the host mounts them (`/usr` on a partition of its own).
+const SYSTEM: &[&str] = &[
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/etc/ld.so.cache",
+];
+
 /// Whether `point` must stay mounted in the pod's namespace: `/`, a mount on the way to
-/// `keep`, or `/proc` (a thread reaches descriptors through it, and virtiofsd mounts
-/// its own proc, which a user namespace allows only where one is visible).
-fn kept(point: &Path, keep: &Path) -> bool {
-    keep.starts_with(point) || point.starts_with("/proc")
+/// a path of `keep`, or `/proc` (a thread reaches descriptors through it, and virtiofsd
+/// mounts its own proc, which a user namespace allows only where one is visible).
+fn kept(point: &Path, keep: &[PathBuf]) -> bool {
+    keep.iter().any(|k| k.starts_with(point)) || point.starts_with("/proc")
+}
+
+/// Runs `f` on a thread of its own, in a throwaway copy of the caller's mount
+/// namespace whose mounts are slaves of the caller's: paths resolve there as here,
+/// and what `f` mounts reaches no other namespace and goes when `f` returns (but
+/// what it clones detached, with `open_tree`).
+pub fn in_scratch_ns<R: Send>(f: impl FnOnce() -> R + Send) -> std::io::Result<R> {
+    std::thread::scope(|scope| {
+        let t = std::thread::Builder::new()
+            .name("scratch-mount-ns".into())
+            .spawn_scoped(scope, move || {
+                nix::sched::unshare(
+                    nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
+                )
+                .map_err(|e| std::io::Error::other(format!("unshare a mount namespace: {e}")))?;
+                mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    MsFlags::MS_REC | MsFlags::MS_SLAVE,
+                    None::<&str>,
+                )
+                .map_err(|e| std::io::Error::other(format!("make its mounts slaves: {e}")))?;
+                Ok(f())
+            })?;
+        t.join()
+            .map_err(|_| std::io::Error::other("a scratch mount job panicked"))?
+    })
 }
 
 /// The calling thread's part of `PodNs::new`: a namespace of its own, private, with
 /// only what the pod needs still mounted. Returns the namespace's descriptor.
-fn enter(keep: &Path) -> std::io::Result<OwnedFd> {
+fn enter(keep: &[PathBuf]) -> std::io::Result<OwnedFd> {
     // CLONE_FS first: a thread sharing its root and cwd with others cannot change
     // mount namespace.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS)
@@ -208,7 +260,10 @@ mod tests {
 
     #[test]
     fn what_is_kept() {
-        let keep = Path::new("/run/cocoon/shares");
+        let keep = &[
+            PathBuf::from("/run/cocoon/shares"),
+            PathBuf::from("/usr/lib"),
+        ];
         for p in [
             "/",
             "/run",
@@ -238,7 +293,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let keep = t.path().join("shares");
         std::fs::create_dir_all(keep.join("a")).unwrap();
-        let ns = PodNs::new(&keep).unwrap();
+        let ns = PodNs::new(std::slice::from_ref(&keep)).unwrap();
         let a = keep.join("a");
         let a2 = a.clone();
         ns.run(move || {
@@ -265,7 +320,12 @@ mod tests {
         assert!(pods.contains(&a), "{pods:?}");
         for p in &pods {
             assert!(
-                kept(p, &keep) || p.starts_with(&keep),
+                kept(p, std::slice::from_ref(&keep)) || p.starts_with(&keep) || {
+                    // What the system's paths keep.
+                    SYSTEM
+                        .iter()
+                        .any(|s| std::fs::canonicalize(s).is_ok_and(|s| s.starts_with(p)))
+                },
                 "{} is held",
                 p.display()
             );
@@ -275,13 +335,57 @@ mod tests {
         drop(ns);
     }
 
+    /// What a scratch job mounts never shows in the caller's table; what it clones
+    /// detached outlives it.
+    #[test]
+    fn a_scratch_mount_leaves_only_its_clone() {
+        if !root_or_skip() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let stage = t.path().join("stage");
+        std::fs::create_dir(&stage).unwrap();
+        let s = stage.clone();
+        let clone = in_scratch_ns(move || -> std::io::Result<OwnedFd> {
+            mount(
+                Some("tmpfs"),
+                &s,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )?;
+            std::fs::write(s.join("f"), "staged")?;
+            let node = std::fs::read("/proc/self/mountinfo")?;
+            assert!(
+                !mount_points(&node).contains(&s),
+                "the process's table has the scratch mount"
+            );
+            super::super::share::open_tree(&s, false)
+        })
+        .unwrap()
+        .unwrap();
+        let node = std::fs::read("/proc/self/mountinfo").unwrap();
+        assert!(!mount_points(&node).contains(&stage));
+        assert!(!stage.join("f").exists(), "the stage kept the mount");
+        let f = nix::fcntl::openat(
+            &clone,
+            "f",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(f), &mut text).unwrap();
+        assert_eq!(text, "staged");
+    }
+
     #[test]
     fn a_panicking_job_fails_alone() {
         if !root_or_skip() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
-        let ns = PodNs::new(t.path()).unwrap();
+        let ns = PodNs::new(&[t.path().to_path_buf()]).unwrap();
         assert!(ns.run(|| panic!("a job's own bug")).is_err());
         assert_eq!(ns.run(|| 7).unwrap(), 7);
     }

@@ -222,8 +222,14 @@ impl Sandbox {
         };
         // A share left by a crashed shim must not be exported twice.
         super::share::remove(&path, None);
-        let shares = config.paths.run_dir.join("shares");
-        let mount_ns = super::podns::PodNs::new(&shares)
+        // The pod's mount namespace keeps the shares and the virtiofsd it will exec.
+        let keep = vec![
+            config.paths.run_dir.join("shares"),
+            virtiofsd_binary(config)?,
+        ];
+        let made = tokio::task::spawn_blocking(move || super::podns::PodNs::new(&keep)).await;
+        let mount_ns = made
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
             .map(Arc::new)
             .map_err(|e| super::mounts::MountError::Share(path.clone(), e))?;
         super::share::create(&path, userns.as_deref(), Some(&mount_ns))?;
@@ -317,7 +323,7 @@ impl Sandbox {
         spec.shared_dir = Some(SharedDir {
             path: share.path.clone(),
             tag: SHARE_TAG.into(),
-            virtiofsd: find_binary("virtiofsd", &config.paths.virtiofsd)?,
+            virtiofsd: virtiofsd_binary(config)?,
             userns: share.userns.clone(),
             mount_ns: share.mount_ns.clone(),
         });
@@ -675,6 +681,13 @@ fn keep_console(run_root: &std::path::Path, vm_id: &str, console: &std::path::Pa
         Ok(kept) => tracing::info!(vm = vm_id, "console kept in {}", kept.display()),
         Err(e) => tracing::warn!(vm = vm_id, "cannot keep the console: {e}"),
     }
+}
+
+/// The virtiofsd to run, as an absolute path without links: it is exec'd in the pod's
+/// mount namespace (`podns`), whose `/` is the node's but whose cwd is not the shim's.
+fn virtiofsd_binary(config: &Config) -> Result<PathBuf, SandboxError> {
+    let found = find_binary("virtiofsd", &config.paths.virtiofsd)?;
+    Ok(std::fs::canonicalize(&found).unwrap_or(found))
 }
 
 /// Unmounts a pod share when dropped while still holding it.
