@@ -72,10 +72,9 @@ const VIRTIOFSD_NOFILE: u64 = 1_000_000;
 
 /// Starts virtiofsd for `shared` and waits until it listens on `socket`.
 ///
-/// With the pod's user namespace (`shared.userns`), virtiofsd is root of that
-/// namespace only: the shim makes its listening socket (in the root-owned socket
-/// directory, which the namespace's root cannot write) and passes it with `--fd`,
-/// starts it in the share, and sets the descriptor limit before the child enters the
+/// The shim makes its listening socket and passes it with `--fd`. With the pod's user
+/// namespace (`shared.userns`), virtiofsd is root of that namespace only: the shim
+/// starts it in the share and sets the descriptor limit before the child enters the
 /// namespace, where it could no longer raise it.
 pub async fn spawn_virtiofsd(
     vm: &mut Vm,
@@ -102,12 +101,18 @@ pub async fn spawn_virtiofsd(
     };
     enter_share_ns(&mut fs, shared).map_err(spawn_err)?;
     let copied = configure(&mut fs, &log).map_err(spawn_err)?;
-    let listener = match &shared.userns {
+    // The listening socket is made here and passed with `--fd`, listening before
+    // virtiofsd starts: one it bound itself would exist a moment before it listens,
+    // and the VMM, started once the file shows, would be refused in that moment. With
+    // the pod's user namespace, it is also the only way: the socket directory is
+    // root's, which the namespace's root cannot write.
+    let listener = std::os::unix::net::UnixListener::bind(socket)
+        .map_err(|e| HypervisorError::RunDir(socket.into(), e))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    fs.arg("--fd").arg(fd.to_string());
+    super::inherit_fd(&mut fs, fd);
+    match &shared.userns {
         Some(ns) => {
-            let l = std::os::unix::net::UnixListener::bind(socket)
-                .map_err(|e| HypervisorError::RunDir(socket.into(), e))?;
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
-            fs.arg("--fd").arg(fd.to_string());
             fs.args(["--rlimit-nofile", "0"]);
             // The share's parents are root's and closed to the namespace's root: it
             // starts in the share (entered while still host root, `enter_share_ns`)
@@ -118,20 +123,16 @@ pub async fn spawn_virtiofsd(
             // Opening by handle needs CAP_DAC_READ_SEARCH on the host; without
             // this it tries, warns and falls back to the same.
             fs.arg("--inode-file-handles=never");
-            super::inherit_fd(&mut fs, fd);
             let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(VIRTIOFSD_NOFILE);
             ns.enter_as_root(&mut fs, VIRTIOFSD_NOFILE.min(nr_open));
-            Some(l)
         }
         None => {
-            fs.arg("--socket-path").arg(socket);
             fs.arg("--shared-dir").arg(&shared.path);
-            None
         }
-    };
+    }
     let child = fs.spawn().map_err(spawn_err)?;
     // Its copies of the log pipe's write end: the copy ends when virtiofsd's do.
     drop(fs);

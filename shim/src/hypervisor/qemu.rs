@@ -305,7 +305,11 @@ impl Qemu {
             source,
         };
         let mut backend = Command::new(&self.vmm_binary);
-        let mut listeners = None;
+        // Both listeners are made here, listening before the backend starts: a socket
+        // the backend bound itself exists a moment before it listens, and QEMU,
+        // started once the file shows, would be refused in that moment.
+        let vhost = pod_jail::unix_listener(&paths.vhost_socket)?;
+        let uds = pod_jail::unix_listener(&paths.vsock_uds)?;
         if let Some(identity) = &vm.identity {
             let jail = pod_jail::PodJail {
                 program: &self.vmm_binary,
@@ -316,22 +320,25 @@ impl Qemu {
             };
             // Ends with the program: its arguments follow.
             backend.args(jail.command_prefix()?);
-            let vhost = pod_jail::unix_listener(&paths.vhost_socket)?;
             // QEMU, as the pod's uid, connects to it.
             pod_jail::give_socket(&paths.vhost_socket, identity)?;
-            listeners = Some((vhost, pod_jail::unix_listener(&paths.vsock_uds)?));
         }
         backend
             .args(["vhost-user-vsock", "--socket"])
             .arg(&paths.vhost_socket);
-        if let Some((vhost, uds)) = &listeners {
-            let vhost = std::os::fd::AsRawFd::as_raw_fd(vhost);
-            let uds = std::os::fd::AsRawFd::as_raw_fd(uds);
-            backend.args(["--socket-fd", &vhost.to_string()]);
-            backend.args(["--uds-fd", &uds.to_string(), "--jail", "off"]);
-            super::inherit_fd(&mut backend, vhost);
-            super::inherit_fd(&mut backend, uds);
+        let (vhost_fd, uds_fd) = (
+            std::os::fd::AsRawFd::as_raw_fd(&vhost),
+            std::os::fd::AsRawFd::as_raw_fd(&uds),
+        );
+        backend.args(["--socket-fd", &vhost_fd.to_string()]);
+        backend.args(["--uds-fd", &uds_fd.to_string()]);
+        if vm.identity.is_some() {
+            // The pod's jail confines it.
+            backend.args(["--jail", "off"]);
         }
+        super::inherit_fd(&mut backend, vhost_fd);
+        super::inherit_fd(&mut backend, uds_fd);
+        let listeners = (vhost, uds);
         backend.arg("--uds-path").arg(&paths.vsock_uds);
         backend.args(["--guest-cid", &cocoon_protocol::GUEST_CID.to_string()]);
         let copied = configure(&mut backend, &paths.backend_log).map_err(spawn_err)?;
