@@ -147,6 +147,14 @@ impl Drop for PodNs {
     }
 }
 
+/// Attaches the detached `tree` on `target` in `ns` when there is one, else here.
+pub fn attach_in(ns: Option<&PodNs>, tree: OwnedFd, target: OwnedFd) -> std::io::Result<()> {
+    match ns {
+        Some(ns) => ns.attach(tree, target),
+        None => super::share::attach(&tree, &target),
+    }
+}
+
 /// Runs `f` in `ns` when there is one, else here (in the caller's namespace).
 pub fn in_ns<R: Send + 'static>(
     ns: Option<&PodNs>,
@@ -184,18 +192,7 @@ pub fn in_scratch_ns<R: Send>(f: impl FnOnce() -> R + Send) -> std::io::Result<R
         let t = std::thread::Builder::new()
             .name("scratch-mount-ns".into())
             .spawn_scoped(scope, move || {
-                nix::sched::unshare(
-                    nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
-                )
-                .map_err(|e| std::io::Error::other(format!("unshare a mount namespace: {e}")))?;
-                mount(
-                    None::<&str>,
-                    "/",
-                    None::<&str>,
-                    MsFlags::MS_REC | MsFlags::MS_SLAVE,
-                    None::<&str>,
-                )
-                .map_err(|e| std::io::Error::other(format!("make its mounts slaves: {e}")))?;
+                unshare_mounts(MsFlags::MS_SLAVE)?;
                 Ok(f())
             })?;
         t.join()
@@ -203,21 +200,27 @@ pub fn in_scratch_ns<R: Send>(f: impl FnOnce() -> R + Send) -> std::io::Result<R
     })
 }
 
-/// The calling thread's part of `PodNs::new`: a namespace of its own, private, with
-/// only what the pod needs still mounted. Returns the namespace's descriptor.
-fn enter(keep: &[PathBuf]) -> std::io::Result<OwnedFd> {
-    // CLONE_FS first: a thread sharing its root and cwd with others cannot change
-    // mount namespace.
+/// Moves the calling thread into a copy of its mount namespace whose mounts all get
+/// `propagation` (private: nothing in or out; slave: the original's changes come in).
+fn unshare_mounts(propagation: MsFlags) -> std::io::Result<()> {
+    // CLONE_FS too: a thread sharing its root and cwd with others cannot change mount
+    // namespace.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| std::io::Error::other(format!("unshare a mount namespace: {e}")))?;
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | propagation,
         None::<&str>,
     )
-    .map_err(|e| std::io::Error::other(format!("make the pod's mounts private: {e}")))?;
+    .map_err(|e| std::io::Error::other(format!("set the new namespace's propagation: {e}")))
+}
+
+/// The calling thread's part of `PodNs::new`: a namespace of its own, private, with
+/// only what the pod needs still mounted. Returns the namespace's descriptor.
+fn enter(keep: &[PathBuf]) -> std::io::Result<OwnedFd> {
+    unshare_mounts(MsFlags::MS_PRIVATE)?;
     let table = std::fs::read("/proc/thread-self/mountinfo")?;
     let mut points: Vec<PathBuf> = super::propagation::table::parse(&table)
         .into_iter()

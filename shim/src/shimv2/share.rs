@@ -32,7 +32,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 
 use super::mounts::MountError;
-use super::podns::{in_ns, PodNs};
+use super::podns::{attach_in, in_ns, PodNs};
 use crate::hypervisor::userns::{set_attr, PodUserns};
 
 /// A pod's share: the exported directory, the user namespace its mounts are
@@ -329,25 +329,6 @@ impl Beneath {
         })
     }
 
-    /// Attaches the detached `tree` on the mount point `target` (opened beneath).
-    fn attach_fd(&self, tree: OwnedFd, target: OwnedFd) -> std::io::Result<()> {
-        match &self.ns {
-            Some(ns) => ns.attach(tree, target),
-            None => attach(&tree, &target),
-        }
-    }
-
-    /// Unmounts (detached) what is mounted on `rel`, in the pod's namespace.
-    pub fn unmount(&self, rel: &Path) -> std::io::Result<()> {
-        let path = self.path_of(plain(rel)?);
-        in_ns(self.ns.as_deref(), move || {
-            Ok(umount2(
-                &path,
-                MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
-            )?)
-        })
-    }
-
     /// The host path of `rel` (for messages and for what is recorded).
     pub fn path_of(&self, rel: &Path) -> PathBuf {
         self.path.join(rel)
@@ -449,7 +430,7 @@ impl Beneath {
         if let Some(ns) = &self.userns {
             ns.idmap(tree.as_fd(), recursive)?;
         }
-        self.attach_fd(tree, target)
+        attach_in(self.ns.as_deref(), tree, target)
     }
 
     /// An `O_PATH` descriptor of directory `rel` (of what is mounted there, if anything).
@@ -475,7 +456,7 @@ impl Beneath {
     /// Attaches the detached mount `tree` on the mount point `rel`.
     pub fn attach(&self, tree: OwnedFd, rel: &Path) -> std::io::Result<()> {
         let point = self.open_at(rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        self.attach_fd(tree, point)
+        attach_in(self.ns.as_deref(), tree, point)
     }
 }
 

@@ -40,7 +40,7 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{umount2, MntFlags};
 use nix::sys::stat::Mode;
 
-use super::podns::{in_ns, PodNs};
+use super::podns::{attach_in, in_ns, PodNs};
 use super::share;
 use crate::hypervisor::userns::{set_attr, PodUserns};
 
@@ -439,10 +439,7 @@ fn attach_like_the_volume(
         ns.idmap(tree.as_fd(), false)?;
     }
     let target = openat2(&v.root_fd, rel, how(OFlag::O_PATH))?;
-    match &v.ns {
-        Some(ns) => ns.attach(tree, target)?,
-        None => share::attach(&tree, &target)?,
-    }
+    attach_in(v.ns.as_deref(), tree, target)?;
     open_mount_root(&v.root_fd, rel)
 }
 
