@@ -140,7 +140,7 @@ pub fn virtiofsd_jail() -> String {
             format!("upperdir={}", p("snap/fs")),
             format!("workdir={}", p("snap/work")),
         ])?;
-        crate::shimv2::overlay::mount_idmapped(&o, &ns)
+        crate::shimv2::overlay::mount_idmapped(&o, &ns, None)
             .map(drop)
             .map_err(|e| format!("an overlay of idmapped layers: {e}"))
     };

@@ -121,26 +121,23 @@ impl PodUserns {
     /// Whether the namespace maps the host ids `start..start + count` (of a container's
     /// own user namespace) as themselves.
     pub fn covers(&self, start: u32, count: u32) -> bool {
-        let end = u64::from(start) + u64::from(count);
-        if end <= u64::from(self.count) {
-            return true;
-        }
-        // A long range was split into touching extents: walk them.
-        let mut at = u64::from(start);
-        while at < end {
-            let Some(e) = self.extra.iter().find(|e| {
-                u64::from(e.inside) <= at && at < u64::from(e.inside) + u64::from(e.count)
-            }) else {
-                return false;
-            };
-            at = u64::from(e.inside) + u64::from(e.count);
-        }
-        true
+        let extent = Extent {
+            inside: 0,
+            outside: start,
+            count,
+        };
+        count == 0 || compose(&[extent], &self.extents().collect::<Vec<_>>()).is_ok()
     }
 
     /// Creates the namespace. Needs `CAP_SETUID` and `CAP_SETGID` on the host (root).
     pub fn create(host_base: u32, count: u32) -> std::io::Result<Self> {
         Self::create_with(host_base, count, &[])
+    }
+
+    /// A namespace of `IDS_PER_POD` ids from `host_base` plus `extra`, for tests.
+    #[cfg(test)]
+    pub fn create_for_test(host_base: u32, extra: &[Extent]) -> std::io::Result<Self> {
+        Self::create_with(host_base, IDS_PER_POD, extra)
     }
 
     /// Creates the namespace with `extra` extents beside `0..count`.
@@ -150,77 +147,34 @@ impl PodUserns {
             outside: host_base,
             count,
         };
-        let mut lines = String::new();
-        for e in std::iter::once(&first).chain(extra) {
-            let wraps = |x: u32| x.checked_add(e.count).is_none();
-            if e.outside == 0 || e.count == 0 || wraps(e.outside) || wraps(e.inside) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "the id range {} + {} is empty, has root or wraps",
-                        e.outside, e.count
-                    ),
-                ));
-            }
-            lines.push_str(&format!("{} {} {}\n", e.inside, e.outside, e.count));
-        }
-        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: the child calls only async-signal-safe functions (close, unshare,
-        // write, read, _exit) and touches no memory the parent's other threads change.
-        match unsafe { fork() }? {
-            // SAFETY: in the forked child: raw syscalls on descriptors it owns, then
-            // _exit; nothing that allocates or takes a lock.
-            ForkResult::Child => unsafe {
-                libc::close(ready_r.as_raw_fd());
-                libc::close(hold_w.as_raw_fd());
-                let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
-                libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
-                // Until the parent has the namespace and closes its end.
-                let mut b = 0u8;
-                libc::read(hold_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
-                libc::_exit(0);
-            },
-            ForkResult::Parent { child } => {
-                drop(ready_w);
-                drop(hold_r);
-                let made = Self::map_child(child.as_raw(), ready_r, &lines);
-                // The child reads end-of-file and exits.
-                drop(hold_w);
-                let _ = waitpid(child, None);
-                Ok(Self {
-                    fd: made?,
-                    host_base,
-                    count,
-                    extra: extra.to_vec(),
-                    _ranges: Vec::new(),
-                })
-            }
-        }
-    }
-
-    fn map_child(pid: i32, ready: OwnedFd, lines: &str) -> std::io::Result<OwnedFd> {
-        let mut ok = [0u8];
-        std::fs::File::from(ready).read_exact(&mut ok)?;
-        if ok[0] != 1 {
-            return Err(std::io::Error::other(
-                "the kernel refused a new user namespace (user.max_user_namespaces, or a \
-                 sandbox that forbids them)",
+        let all: Vec<Extent> = std::iter::once(first)
+            .chain(extra.iter().copied())
+            .collect();
+        // The jail's namespace never maps the host's root.
+        if all.iter().any(|e| e.outside == 0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a pod's share namespace may not map host root",
             ));
         }
-        for map in ["uid_map", "gid_map"] {
-            // One write: the kernel takes a map whole or not at all.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(format!("/proc/{pid}/{map}"))?
-                .write_all(lines.as_bytes())
-                .map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("{map} {:?}: {e}", lines.trim_end()))
-                })?;
-        }
-        Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
+        Ok(Self {
+            fd: mapped_namespace(&all, &all)?,
+            host_base,
+            count,
+            extra: extra.to_vec(),
+            _ranges: Vec::new(),
+        })
     }
 
+    /// Every extent of the namespace's mapping, its first range first.
+    pub fn extents(&self) -> impl Iterator<Item = Extent> + '_ {
+        std::iter::once(Extent {
+            inside: 0,
+            outside: self.host_base,
+            count: self.count,
+        })
+        .chain(self.extra.iter().copied())
+    }
     pub fn fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()
@@ -233,26 +187,17 @@ impl PodUserns {
     /// Not every filesystem can be idmapped (overlayfs, NFS, CIFS, procfs: `EINVAL`);
     /// the error then names the filesystem and the ways out.
     pub fn idmap(&self, tree: BorrowedFd<'_>, recursive: bool) -> std::io::Result<()> {
-        set_attr(tree, libc::MOUNT_ATTR_IDMAP, self.fd.as_raw_fd(), recursive).map_err(|e| {
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return e;
-            }
-            let below = if recursive {
-                " (or a mount beneath it)"
-            } else {
-                ""
-            };
-            std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                format!(
-                    "its filesystem{below} cannot be idmapped ({}): the pod's virtiofsd runs \
-                     jailed in a user namespace ([jail] virtiofsd = true) and sees only \
-                     idmapped mounts; keep the path on ext4, xfs, btrfs or tmpfs, or run \
-                     the pod under a handler whose config turns that jail off",
-                    filesystem_name(tree)
-                ),
-            )
-        })
+        idmap_with(self.fd(), tree, recursive).map_err(jail_hint)
+    }
+
+    /// A container's id mapping (`inside` its ids, `outside` the host ids it names)
+    /// followed by this namespace's: for each container id, the host id this namespace
+    /// shows as the one the container's mapping names. An idmapped mount made with the
+    /// result shows a file the container's id `n` owns on disk as what virtiofsd, in
+    /// this namespace, serves as the container mapping's id for `n`. Fails naming
+    /// the first host id the namespace does not map.
+    pub fn compose(&self, container: &[Extent]) -> Result<Vec<Extent>, String> {
+        compose(container, &self.extents().collect::<Vec<_>>())
     }
 
     /// Makes `cmd`'s child root of this namespace before it executes: it joins the
@@ -308,6 +253,154 @@ impl PodUserns {
             });
         }
     }
+}
+
+/// An idmap refused for the filesystem, with the ways out of the jail that needs it.
+pub fn jail_hint(e: std::io::Error) -> std::io::Error {
+    if e.kind() != std::io::ErrorKind::Unsupported {
+        return e;
+    }
+    std::io::Error::new(
+        e.kind(),
+        format!(
+            "{e}: the pod's virtiofsd runs jailed in a user namespace ([jail] virtiofsd = \
+             true) and sees only idmapped mounts; keep the path on ext4, xfs, btrfs or \
+             tmpfs, or run the pod under a handler whose config turns that jail off"
+        ),
+    )
+}
+
+/// `first` followed by `then`: each extent of `first` maps its ids onto ids `then`
+/// maps further, split where `then`'s extents split.
+pub fn compose(first: &[Extent], then: &[Extent]) -> Result<Vec<Extent>, String> {
+    let mut out = Vec::new();
+    for e in first {
+        let end = u64::from(e.outside) + u64::from(e.count);
+        let mut at = u64::from(e.outside);
+        while at < end {
+            let Some(t) = then.iter().find(|t| {
+                u64::from(t.inside) <= at && at < u64::from(t.inside) + u64::from(t.count)
+            }) else {
+                return Err(format!(
+                    "host id {at} (of ids {}..{end}) is not one the pod's share maps",
+                    e.outside
+                ));
+            };
+            let n = end.min(u64::from(t.inside) + u64::from(t.count)) - at;
+            // Within u32: every value is inside one of the two extents.
+            out.push(Extent {
+                inside: (u64::from(e.inside) + at - u64::from(e.outside)) as u32,
+                outside: (u64::from(t.outside) + at - u64::from(t.inside)) as u32,
+                count: n as u32,
+            });
+            at += n;
+        }
+    }
+    Ok(out)
+}
+
+/// A new user namespace with these uid and gid mappings (no more than the kernel's
+/// 340 lines each), made by a throwaway child; a descriptor of it. Needs
+/// `CAP_SETUID` and `CAP_SETGID` on the host (root).
+pub fn mapped_namespace(uids: &[Extent], gids: &[Extent]) -> std::io::Result<OwnedFd> {
+    let text = |extents: &[Extent]| -> std::io::Result<String> {
+        let mut lines = String::new();
+        for e in extents {
+            let wraps = |x: u32| x.checked_add(e.count).is_none();
+            if e.count == 0 || wraps(e.outside) || wraps(e.inside) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("the id range {} + {} is empty or wraps", e.outside, e.count),
+                ));
+            }
+            lines.push_str(&format!("{} {} {}\n", e.inside, e.outside, e.count));
+        }
+        if extents.is_empty() || extents.len() > 340 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} id mappings (1 to 340 may be given)", extents.len()),
+            ));
+        }
+        Ok(lines)
+    };
+    let (uid_lines, gid_lines) = (text(uids)?, text(gids)?);
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the child calls only async-signal-safe functions (close, unshare,
+    // write, read, _exit) and touches no memory the parent's other threads change.
+    match unsafe { fork() }? {
+        // SAFETY: in the forked child: raw syscalls on descriptors it owns, then
+        // _exit; nothing that allocates or takes a lock.
+        ForkResult::Child => unsafe {
+            libc::close(ready_r.as_raw_fd());
+            libc::close(hold_w.as_raw_fd());
+            let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+            libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
+            // Until the parent has the namespace and closes its end.
+            let mut b = 0u8;
+            libc::read(hold_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0);
+        },
+        ForkResult::Parent { child } => {
+            drop(ready_w);
+            drop(hold_r);
+            let made = map_child(child.as_raw(), ready_r, &uid_lines, &gid_lines);
+            // The child reads end-of-file and exits.
+            drop(hold_w);
+            let _ = waitpid(child, None);
+            made
+        }
+    }
+}
+
+fn map_child(pid: i32, ready: OwnedFd, uids: &str, gids: &str) -> std::io::Result<OwnedFd> {
+    let mut ok = [0u8];
+    std::fs::File::from(ready).read_exact(&mut ok)?;
+    if ok[0] != 1 {
+        return Err(std::io::Error::other(
+            "the kernel refused a new user namespace (user.max_user_namespaces, or a \
+             sandbox that forbids them)",
+        ));
+    }
+    for (map, lines) in [("uid_map", uids), ("gid_map", gids)] {
+        // One write: the kernel takes a map whole or not at all.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/{map}"))?
+            .write_all(lines.as_bytes())
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("{map} {:?}: {e}", lines.trim_end()))
+            })?;
+    }
+    Ok(std::fs::File::open(format!("/proc/{pid}/ns/user"))?.into())
+}
+
+/// Idmaps the detached mount `tree` (from `open_tree(OPEN_TREE_CLONE)`), and the
+/// mounts below it when `recursive`, with the mapping of the user namespace `userns`.
+/// Fails on a filesystem that does not support idmapped mounts (the error then names
+/// the filesystem and the ways out), or a mount already idmapped.
+pub fn idmap_with(
+    userns: BorrowedFd<'_>,
+    tree: BorrowedFd<'_>,
+    recursive: bool,
+) -> std::io::Result<()> {
+    set_attr(tree, libc::MOUNT_ATTR_IDMAP, userns.as_raw_fd(), recursive).map_err(|e| {
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return e;
+        }
+        let below = if recursive {
+            " (or a mount beneath it)"
+        } else {
+            ""
+        };
+        std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!(
+                "its filesystem{below} cannot be idmapped ({})",
+                filesystem_name(tree)
+            ),
+        )
+    })
 }
 
 /// The kind of filesystem `fd` is on, by `fstatfs`'s magic number.
@@ -386,6 +479,34 @@ pub fn mount_setattr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn e(inside: u32, outside: u32, count: u32) -> Extent {
+        Extent {
+            inside,
+            outside,
+            count,
+        }
+    }
+
+    /// A container's mapping followed by a jailed pod's: split where the pod's extents
+    /// split; an id the pod does not map is named.
+    #[test]
+    fn mappings_compose_across_extents() {
+        let pod = [e(0, 1_000_000, 65_536), e(196_608, 2_000_000, 65_536)];
+        assert_eq!(
+            compose(&[e(0, 196_608, 65_536)], &pod),
+            Ok(vec![e(0, 2_000_000, 65_536)])
+        );
+        // critest's 0:1000:100000 with the part above the first range mapped as
+        // another extent.
+        let pod = [e(0, 1_000_000, 65_536), e(65_536, 3_000_000, 35_464)];
+        assert_eq!(
+            compose(&[e(0, 1000, 100_000)], &pod),
+            Ok(vec![e(0, 1_001_000, 64_536), e(64_536, 3_000_000, 35_464)])
+        );
+        let err = compose(&[e(0, 1000, 100_001)], &pod).unwrap_err();
+        assert!(err.contains("host id 101000"), "{err}");
+    }
 
     fn root_or_fail(what: &str) -> bool {
         if nix::unistd::geteuid().is_root() {

@@ -3,9 +3,11 @@
 //! the pod's share must map for the guest to see its rootfs's owners as they are
 //! (`hypervisor::userns`).
 
-use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Spec};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use crate::hypervisor::userns::{PodUserns, IDS_PER_POD};
+use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Mount, Spec};
+
+use crate::hypervisor::userns::{Extent, PodUserns, IDS_PER_POD};
 
 /// The most ranges beyond its first that one pod's share maps: each takes one of
 /// `[jail] share_ranges` for the pod's life.
@@ -44,12 +46,20 @@ pub fn host_ranges(spec: &Spec) -> Result<Vec<(u32, u32)>, String> {
     if !any_user_namespace(spec) && (!uids.is_empty() || !gids.is_empty()) {
         return Err("uidMappings or gidMappings without a user namespace".into());
     }
-    // A namespace joined by path was mapped by whoever made it.
-    if !new_user_namespace(spec) {
-        return Ok(Vec::new());
-    }
-    if uids.is_empty() || gids.is_empty() {
-        return Err("a new user namespace needs both uidMappings and gidMappings".into());
+    // A namespace joined by path was mapped by whoever made it; an idmapped mount
+    // names host ids of its own (CRI gives every bind of a `hostUsers: false` pod the
+    // pod's mapping).
+    let (mut uids, mut gids) = if new_user_namespace(spec) {
+        if uids.is_empty() || gids.is_empty() {
+            return Err("a new user namespace needs both uidMappings and gidMappings".into());
+        }
+        (uids, gids)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    for m in spec.mounts().iter().flatten() {
+        uids.extend(m.uid_mappings().iter().flatten().cloned());
+        gids.extend(m.gid_mappings().iter().flatten().cloned());
     }
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (kind, m) in uids
@@ -78,6 +88,119 @@ pub fn host_ranges(spec: &Spec) -> Result<Vec<(u32, u32)>, String> {
         .collect())
 }
 
+/// The uid and gid mappings of an idmapped mount: container ids inside, the host ids
+/// they show as outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountMaps {
+    pub uids: Vec<Extent>,
+    pub gids: Vec<Extent>,
+}
+
+fn extents(kind: &str, maps: &[LinuxIdMapping]) -> Result<Vec<Extent>, String> {
+    maps.iter()
+        .map(|m| {
+            let e = Extent {
+                inside: m.container_id(),
+                outside: m.host_id(),
+                count: m.size(),
+            };
+            checked(kind, e)
+        })
+        .collect()
+}
+
+fn checked(kind: &str, e: Extent) -> Result<Extent, String> {
+    let fits = |x: u32| u64::from(x) + u64::from(e.count) <= u64::from(u32::MAX);
+    if e.count == 0 || !fits(e.inside) || !fits(e.outside) {
+        return Err(format!(
+            "{kind} mapping container {} -> host {} ({} ids) is empty or passes 2^32",
+            e.inside, e.outside, e.count
+        ));
+    }
+    Ok(e)
+}
+
+/// A bind mount's `uidMappings` and `gidMappings` (OCI runtime spec 1.1: the mount is
+/// idmapped with them), if it has any. Both or neither.
+pub fn of_mount(m: &Mount) -> Result<Option<MountMaps>, String> {
+    let uids = m.uid_mappings().clone().unwrap_or_default();
+    let gids = m.gid_mappings().clone().unwrap_or_default();
+    match (uids.is_empty(), gids.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some(MountMaps {
+            uids: extents("uid", &uids)?,
+            gids: extents("gid", &gids)?,
+        })),
+        _ => Err(format!(
+            "the mount at {} has only one of uidMappings and gidMappings",
+            m.destination().display()
+        )),
+    }
+}
+
+/// containerd's `uidmap=` or `gidmap=` option of an overlay over idmapped layers:
+/// `container:host:count`, several joined by commas.
+pub fn parse_option(kind: &str, value: &str) -> Result<Vec<Extent>, String> {
+    let bad = || format!("{kind}map={value:?} is not container:host:count[,...]");
+    let out: Vec<Extent> = value
+        .split(',')
+        .map(|one| {
+            let n: Vec<u32> = one
+                .split(':')
+                .map(|x| x.parse::<u32>().map_err(|_| bad()))
+                .collect::<Result<_, _>>()?;
+            match n[..] {
+                [inside, outside, count] => checked(
+                    kind,
+                    Extent {
+                        inside,
+                        outside,
+                        count,
+                    },
+                ),
+                _ => Err(bad()),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(out)
+}
+
+/// The user namespaces one container's idmapped mounts need, each made once: the
+/// mount's own mapping, followed by the pod's share's (`PodUserns::compose`) when
+/// the pod's virtiofsd is jailed, so that virtiofsd and the guest see the ids the
+/// mount's mapping names.
+pub struct Idmappers<'a> {
+    pod: Option<&'a PodUserns>,
+    made: Vec<(MountMaps, OwnedFd)>,
+}
+
+impl<'a> Idmappers<'a> {
+    pub fn new(pod: Option<&'a PodUserns>) -> Self {
+        Self {
+            pod,
+            made: Vec::new(),
+        }
+    }
+
+    /// A user namespace to idmap a mount asking for `maps` with.
+    pub fn get(&mut self, maps: &MountMaps) -> std::io::Result<BorrowedFd<'_>> {
+        let at = match self.made.iter().position(|(m, _)| m == maps) {
+            Some(i) => i,
+            None => {
+                let compose = |e: &[Extent]| match self.pod {
+                    Some(p) => p.compose(e).map_err(std::io::Error::other),
+                    None => Ok(e.to_vec()),
+                };
+                let (uids, gids) = (compose(&maps.uids)?, compose(&maps.gids)?);
+                let fd = crate::hypervisor::userns::mapped_namespace(&uids, &gids)?;
+                self.made.push((maps.clone(), fd));
+                self.made.len() - 1
+            }
+        };
+        Ok(self.made[at].1.as_fd())
+    }
+}
+
 fn show(m: &LinuxIdMapping) -> String {
     format!(
         "container {} -> host {} ({} ids) is empty or passes 2^32",
@@ -97,13 +220,8 @@ pub fn extra_share_ranges(spec: &Spec) -> Result<Vec<(u32, u32)>, String> {
         if end <= u64::from(IDS_PER_POD) {
             continue;
         }
-        if start < IDS_PER_POD {
-            return Err(format!(
-                "host ids {start}..{end} cross {IDS_PER_POD}: a user namespace's host ids \
-                 must lie either below {IDS_PER_POD} or wholly above it"
-            ));
-        }
-        let mut at = u64::from(start);
+        // Those below are the pod's own first range's (critest maps 0:1000:100000).
+        let mut at = u64::from(start.max(IDS_PER_POD));
         while at < end {
             let n = (end - at).min(u64::from(IDS_PER_POD));
             out.push((at as u32, n as u32));
@@ -188,10 +306,80 @@ mod tests {
         );
     }
 
+    /// critest's user namespace case maps `0:1000:100000`: the ids below the pod's
+    /// own `IDS_PER_POD` are its first range's, the rest one more range.
+    #[test]
+    fn ranges_crossing_the_pods_own_ids_take_only_what_lies_above() {
+        let critest = userns(&[(0, 1000, 100_000)], &[(0, 1000, 100_000)]);
+        assert_eq!(extra_share_ranges(&critest), Ok(vec![(65_536, 35_464)]));
+    }
+
+    /// CRI gives every bind of a `hostUsers: false` pod the pod's mapping; a workload
+    /// container joins the sandbox's namespace, so its mounts alone name host ids.
+    #[test]
+    fn idmapped_mounts_name_host_ids_too() {
+        let s = spec(serde_json::json!({
+            "namespaces": [{"type": "user", "path": "/proc/7/ns/user"}],
+            "uidMappings": [{"containerID": 0, "hostID": 196_608, "size": 65_536}],
+            "gidMappings": [{"containerID": 0, "hostID": 196_608, "size": 65_536}],
+        }));
+        assert_eq!(host_ranges(&s), Ok(vec![]));
+        let mut with_mount = serde_json::to_value(&s).unwrap();
+        with_mount["mounts"] = serde_json::json!([{
+            "destination": "/vol", "type": "bind", "source": "/v", "options": ["rbind"],
+            "uidMappings": [{"containerID": 0, "hostID": 196_608, "size": 65_536}],
+            "gidMappings": [{"containerID": 0, "hostID": 196_608, "size": 65_536}],
+        }]);
+        let s: Spec = serde_json::from_value(with_mount).unwrap();
+        assert_eq!(host_ranges(&s), Ok(vec![(196_608, 65_536)]));
+        let m = &s.mounts().as_ref().unwrap()[0];
+        let maps = of_mount(m).unwrap().unwrap();
+        let e = Extent {
+            inside: 0,
+            outside: 196_608,
+            count: 65_536,
+        };
+        assert_eq!(
+            maps,
+            MountMaps {
+                uids: vec![e],
+                gids: vec![e]
+            }
+        );
+    }
+
+    #[test]
+    fn containerds_overlay_idmap_options_parse_strictly() {
+        assert_eq!(
+            parse_option("uid", "0:196608:65536,65536:1000:1"),
+            Ok(vec![
+                Extent {
+                    inside: 0,
+                    outside: 196_608,
+                    count: 65_536
+                },
+                Extent {
+                    inside: 65_536,
+                    outside: 1000,
+                    count: 1
+                },
+            ])
+        );
+        for bad in [
+            "",
+            "0:1",
+            "0:1:2:3",
+            "a:1:2",
+            "0:1:0",
+            "0:4294967295:2",
+            "0:1:2,",
+        ] {
+            assert!(parse_option("uid", bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn bad_mappings_are_named() {
-        let crossing = userns(&[(0, 60_000, 10_000)], &[(0, 60_000, 10_000)]);
-        assert!(extra_share_ranges(&crossing).unwrap_err().contains("cross"));
         let empty = userns(&[(0, 100_000, 0)], &[(0, 100_000, 1)]);
         assert!(extra_share_ranges(&empty)
             .unwrap_err()

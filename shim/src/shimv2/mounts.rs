@@ -50,6 +50,8 @@ pub enum MountError {
         "cannot follow the host's mounts beneath {0} (the volume's propagation asks for them): {1}"
     )]
     Propagation(PathBuf, String),
+    #[error("an idmapped mount: {0}")]
+    Idmap(String),
 }
 
 /// Mounts made for one container, innermost last (unmounted in reverse).
@@ -226,19 +228,47 @@ fn share_rootfs(
         } else {
             bundle.join(root.path())
         };
-        bind(pod, &src, &root_rel, true, false)?;
+        bind(pod, &src, &root_rel, true, false, None)?;
         done.mounted.push(target);
     } else {
         let rootfs_err = |detail: String| MountError::Rootfs {
             target: target.clone(),
             detail,
         };
+        let mut idmappers = super::idmaps::Idmappers::new(pod.userns());
         let tree = match (pod.userns(), rootfs) {
             (Some(ns), [m]) if m.type_ == "overlay" => {
                 // An overlay of idmapped layers, made detached.
                 let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
-                overlay::mount_idmapped(&opts, ns)
+                let lower = match &opts.idmap {
+                    Some(maps) => Some(idmappers.get(maps).map_err(|e| {
+                        rootfs_err(format!("a user namespace for its layers' uidmap: {e}"))
+                    })?),
+                    None => None,
+                };
+                overlay::mount_idmapped(&opts, ns, lower)
                     .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?
+            }
+            (None, [m]) if m.type_ == "overlay" && asks_idmap(m) => {
+                // containerd's snapshot of a `hostUsers: false` pod's container, its
+                // layers to be idmapped with the pod's mapping: containerd's own
+                // mount code does that for runc, the shim crate's does not know it.
+                let opts = overlay::parse(&m.options).map_err(rootfs_err)?;
+                let maps = opts
+                    .idmap
+                    .as_ref()
+                    .ok_or_else(|| rootfs_err("no idmap".into()))?;
+                let lower = idmappers.get(maps).map_err(|e| {
+                    rootfs_err(format!("a user namespace for its layers' uidmap: {e}"))
+                })?;
+                overlay::mount_lowers_idmapped(&opts, lower)
+                    .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?
+            }
+            (_, [m]) if asks_idmap(m) => {
+                return Err(rootfs_err(format!(
+                    "a {:?} rootfs with uidmap or gidmap: only overlay layers are idmapped",
+                    m.type_
+                )))
             }
             (Some(_), [_]) | (None, _) => {
                 let tree = mount_detached(rootfs, &target)?;
@@ -265,7 +295,19 @@ fn share_rootfs(
     Ok(())
 }
 
-/// The container's bind mounts, each mounted where the guest sees it.
+/// Whether a rootfs mount asks for idmapped layers (containerd's `uidmap=`/`gidmap=`).
+fn asks_idmap(m: &RootfsMount) -> bool {
+    m.options
+        .iter()
+        .any(|o| o.starts_with("uidmap=") || o.starts_with("gidmap="))
+}
+
+/// The container's bind mounts, each mounted where the guest sees it. A bind with
+/// `uidMappings` and `gidMappings` is idmapped here with them (followed by the pod's
+/// share's mapping when virtiofsd is jailed): the guest cannot idmap what virtiofsd
+/// shows it (each host mount is a FUSE submount there, which the guest kernel never
+/// lets be idmapped), so the guest gets the bind as the mapping shows it, with the
+/// mappings taken out of its spec.
 fn share_volumes(
     done: &mut ContainerMounts,
     pod: &Beneath,
@@ -280,6 +322,7 @@ fn share_volumes(
             .map_err(|e| MountError::Mkdir(pod.path_of(r), e))
     };
     let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    let mut idmappers = super::idmaps::Idmappers::new(pod.userns());
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
             continue;
@@ -298,8 +341,22 @@ fn share_volumes(
             pod.create_file(&r)
                 .map_err(|e| MountError::Mkdir(pod.path_of(&r), e))?;
         }
-        bind(pod, &src, &r, has_opt(m, "rbind"), is_read_only(m))?;
+        let maps = super::idmaps::of_mount(m).map_err(MountError::Idmap)?;
+        let idmap = match &maps {
+            Some(maps) => Some(idmappers.get(maps).map_err(|e| {
+                MountError::Idmap(format!(
+                    "a user namespace for the mount at {}: {e}",
+                    m.destination().display()
+                ))
+            })?),
+            None => None,
+        };
+        bind(pod, &src, &r, has_opt(m, "rbind"), is_read_only(m), idmap)?;
         done.mounted.push(pod.path_of(&r));
+        if maps.is_some() {
+            m.set_uid_mappings(None);
+            m.set_gid_mappings(None);
+        }
         let options = m.options().clone().unwrap_or_default();
         if src.is_dir() && super::propagation::wants(&options) {
             // Never mirrored: every pod's share (`<run>/shares`).
@@ -360,8 +417,9 @@ fn bind(
     rel: &Path,
     recursive: bool,
     readonly: bool,
+    idmap: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<(), MountError> {
-    pod.bind(src, rel, recursive, readonly)
+    pod.bind(src, rel, recursive, readonly, idmap)
         .map_err(|source| MountError::Bind {
             source_path: src.into(),
             target: pod.path_of(rel),

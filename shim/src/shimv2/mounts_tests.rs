@@ -455,3 +455,64 @@ fn host_mounts_reach_an_rslave_volume_or_have_their_place_held() {
     crate::shimv2::share::remove(&share, None);
     assert!(!share.exists());
 }
+
+/// A `hostUsers: false` pod's volume (CRI gives it the pod's `uidMappings`) in a jailed
+/// pod: idmapped with its mapping composed with the share's, so the file the host's
+/// root owns shows as the share's id for the pod's first host id, and the guest's spec
+/// no longer names the mappings (the guest could not apply them).
+#[test]
+fn a_volume_with_its_own_mapping_shows_the_pods_host_ids_through_the_jail() {
+    if !nix::unistd::geteuid().is_root() {
+        cocoon_nested::testing::missing("mounts", "mounting needs root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let bundle = t.path().join("bundle");
+    std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+    let data = t.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "hello").unwrap();
+    std::os::unix::fs::lchown(data.join("f"), Some(7), Some(7)).unwrap();
+    let (base, extra) = (1_500_524_288, 1_500_589_824);
+    let ns = Arc::new(
+        PodUserns::create_for_test(
+            base,
+            &[crate::hypervisor::userns::Extent {
+                inside: 196_608,
+                outside: extra,
+                count: 65_536,
+            }],
+        )
+        .unwrap(),
+    );
+    let share = t.path().join("share");
+    crate::shimv2::share::create(&share, Some(&ns), None).unwrap();
+    let map = serde_json::json!([{"containerID": 0, "hostID": 196_608, "size": 65_536}]);
+    let mut spec = spec_with(serde_json::json!([
+        {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"],
+         "uidMappings": map, "gidMappings": map},
+        {"destination": "/plain", "type": "bind", "source": data, "options": ["rbind", "ro"]}
+    ]));
+    let mut m = prepare(
+        &share,
+        Some(ns),
+        None,
+        "c1",
+        &bundle,
+        Root::Host(&[]),
+        &mut spec,
+    )
+    .unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(share.join(p)).unwrap();
+    assert_eq!(
+        (meta("c1/mounts/0/f").uid(), meta("c1/mounts/0/f").gid()),
+        (extra + 7, extra + 7)
+    );
+    // The same source without a mapping shows through the share's own.
+    assert_eq!(meta("c1/mounts/1/f").uid(), base + 7);
+    let mounts = spec.mounts().as_ref().unwrap();
+    assert!(mounts[0].uid_mappings().is_none() && mounts[0].gid_mappings().is_none());
+    m.cleanup();
+    crate::shimv2::share::remove(&share, None);
+}

@@ -12,7 +12,8 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use crate::hypervisor::userns::{set_attr, PodUserns};
+use super::idmaps::MountMaps;
+use crate::hypervisor::userns::{idmap_with, jail_hint, set_attr, PodUserns};
 
 /// What containerd's overlay options ask for, layers apart.
 #[derive(Debug, Default, PartialEq)]
@@ -25,14 +26,21 @@ pub struct OverlayOptions {
     pub other: Vec<(String, Option<String>)>,
     /// `MOUNT_ATTR_*` bits from `ro`, `nosuid`, `nodev`, `noexec`.
     pub attrs: u64,
+    /// The lower layers' mapping, from containerd's `uidmap=` and `gidmap=` (its
+    /// overlay snapshotter adds them for a `hostUsers: false` pod's container where
+    /// the kernel idmaps overlay layers, instead of chowning the snapshot).
+    pub idmap: Option<MountMaps>,
 }
 
 /// Splits containerd's options for an overlay mount; an option this code does not
 /// know is passed to overlayfs, which names it if it does not know it either.
 pub fn parse(options: &[String]) -> Result<OverlayOptions, String> {
     let mut o = OverlayOptions::default();
+    let (mut uidmap, mut gidmap) = (None, None);
     for opt in options {
         match opt.split_once('=') {
+            Some(("uidmap", v)) => uidmap = Some(super::idmaps::parse_option("uid", v)?),
+            Some(("gidmap", v)) => gidmap = Some(super::idmaps::parse_option("gid", v)?),
             Some(("lowerdir", v)) => o.lower = v.split(':').map(String::from).collect(),
             Some(("upperdir", v)) => o.upper = Some(v.to_string()),
             Some(("workdir", v)) => o.work = Some(v.to_string()),
@@ -53,6 +61,11 @@ pub fn parse(options: &[String]) -> Result<OverlayOptions, String> {
     if o.upper.is_some() != o.work.is_some() {
         return Err("upperdir and workdir come together".into());
     }
+    o.idmap = match (uidmap, gidmap) {
+        (None, None) => None,
+        (Some(uids), Some(gids)) => Some(MountMaps { uids, gids }),
+        _ => return Err("uidmap and gidmap come together".into()),
+    };
     Ok(o)
 }
 
@@ -68,16 +81,19 @@ fn check(r: libc::c_long, what: &str) -> std::io::Result<libc::c_long> {
     Ok(r)
 }
 
-/// A detached, idmapped (and, for a lower layer, read-only) clone of the directory
-/// `path`, and a directory descriptor of its root to give overlayfs.
-fn layer(path: &str, ns: &PodUserns, readonly: bool) -> std::io::Result<OwnedFd> {
+/// A detached (idmapped with `userns`, if given, and, for a lower layer, read-only)
+/// clone of the directory `path`, and a directory descriptor of its root to give
+/// overlayfs.
+fn layer(path: &str, userns: Option<BorrowedFd<'_>>, readonly: bool) -> std::io::Result<OwnedFd> {
     let tree = super::share::open_tree(Path::new(path), false)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
     if readonly {
         set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
     }
-    ns.idmap(tree.as_fd(), false)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("idmap {path}: {e}")))?;
+    if let Some(userns) = userns {
+        idmap_with(userns, tree.as_fd(), false)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("idmap {path}: {e}")))?;
+    }
     Ok(tree)
 }
 
@@ -85,7 +101,11 @@ fn layer(path: &str, ns: &PodUserns, readonly: bool) -> std::io::Result<OwnedFd>
 /// (overlayfs wants both on one mount): that clone, then the two directories in it.
 /// The clone's descriptor must stay open until the overlay is made: closing it
 /// dissolves the detached tree, and overlayfs takes only the root of a live one.
-fn upper_and_work(upper: &str, work: &str, ns: &PodUserns) -> std::io::Result<[OwnedFd; 3]> {
+fn upper_and_work(
+    upper: &str,
+    work: &str,
+    userns: Option<BorrowedFd<'_>>,
+) -> std::io::Result<[OwnedFd; 3]> {
     let (up, wk) = (Path::new(upper), Path::new(work));
     let parent = up
         .parent()
@@ -96,7 +116,7 @@ fn upper_and_work(upper: &str, work: &str, ns: &PodUserns) -> std::io::Result<[O
                 format!("upperdir {upper} and workdir {work} are not siblings"),
             )
         })?;
-    let tree = layer(&parent.to_string_lossy(), ns, false)?;
+    let tree = layer(&parent.to_string_lossy(), userns, false)?;
     let open = |name: &Path| -> std::io::Result<OwnedFd> {
         let name = name.file_name().unwrap_or_default();
         Ok(nix::fcntl::openat(
@@ -130,7 +150,8 @@ fn fsconfig(
 }
 
 /// Makes the overlay `o` with every layer idmapped through `ns`, detached; the caller
-/// attaches it.
+/// attaches it. The lower layers are idmapped with `lower` instead where given (the
+/// layers' own mapping, `o.idmap`, followed by `ns`'s).
 ///
 /// overlayfs does its own work in the upper layer (its work directory, copy-ups) with
 /// the credentials that made it, and host root's uid 0 has no place in the layers'
@@ -139,15 +160,30 @@ fn fsconfig(
 /// mapping takes to 0 on disk), with the capabilities a change of filesystem ids drops
 /// raised again: the overlay's own writes land as root on disk, as they would without
 /// the namespace.
-pub fn mount_idmapped(o: &OverlayOptions, ns: &PodUserns) -> std::io::Result<OwnedFd> {
+pub fn mount_idmapped(
+    o: &OverlayOptions,
+    ns: &PodUserns,
+    lower: Option<BorrowedFd<'_>>,
+) -> std::io::Result<OwnedFd> {
     std::thread::scope(|s| {
         s.spawn(|| {
             as_filesystem_ids(ns.host_base)?;
-            make(o, ns)
+            make(o, Some(lower.unwrap_or(ns.fd())), Some(ns.fd()))
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the overlay thread panicked")))
     })
+    .map_err(jail_hint)
+}
+
+/// Makes the overlay `o` with its lower layers idmapped through `lower` (the user
+/// namespace of their `uidmap=` and `gidmap=`), detached, as containerd's own mount
+/// code makes it for runc: the upper layer as it is.
+pub fn mount_lowers_idmapped(
+    o: &OverlayOptions,
+    lower: BorrowedFd<'_>,
+) -> std::io::Result<OwnedFd> {
+    make(o, Some(lower), None)
 }
 
 /// This thread's filesystem uid and gid become `id`; its effective capabilities are
@@ -169,7 +205,11 @@ fn as_filesystem_ids(id: u32) -> std::io::Result<()> {
     caps::set(None, caps::CapSet::Effective, &permitted).map_err(std::io::Error::other)
 }
 
-fn make(o: &OverlayOptions, ns: &PodUserns) -> std::io::Result<OwnedFd> {
+fn make(
+    o: &OverlayOptions,
+    lower: Option<BorrowedFd<'_>>,
+    upper: Option<BorrowedFd<'_>>,
+) -> std::io::Result<OwnedFd> {
     let name = cstr("overlay")?;
     // SAFETY: a valid C string that outlives the call.
     let fs = check(
@@ -188,7 +228,7 @@ fn make(o: &OverlayOptions, ns: &PodUserns) -> std::io::Result<OwnedFd> {
     // Held until the overlay is made: it keeps its own references then.
     let mut held = Vec::new();
     for l in &o.lower {
-        let fd = layer(l, ns, true)?;
+        let fd = layer(l, lower, true)?;
         fsconfig(
             fs,
             libc::FSCONFIG_SET_FD,
@@ -199,7 +239,7 @@ fn make(o: &OverlayOptions, ns: &PodUserns) -> std::io::Result<OwnedFd> {
         held.push(fd);
     }
     if let (Some(up), Some(wk)) = (&o.upper, &o.work) {
-        let fds = upper_and_work(up, wk, ns)?;
+        let fds = upper_and_work(up, wk, upper)?;
         fsconfig(
             fs,
             libc::FSCONFIG_SET_FD,
@@ -302,7 +342,7 @@ mod tests {
             format!("workdir={}", p("snap/work").display()),
         ])
         .unwrap();
-        let m = mount_idmapped(&o, &ns).unwrap();
+        let m = mount_idmapped(&o, &ns, None).unwrap();
         let target = nix::fcntl::open(
             &p("target"),
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
@@ -340,5 +380,73 @@ mod tests {
         );
         // The lower layer is untouched.
         assert_eq!(disk("lower/user-file").mode() & 0o777, 0o644);
+    }
+
+    /// A `hostUsers: false` pod's snapshot (containerd's `uidmap=`/`gidmap=`) in a
+    /// jailed pod: the layers' owners show as the host ids the pod's mapping names,
+    /// as the pod's share maps them (`compose`), so that virtiofsd serves them as
+    /// the mapping's ids and the container's root owns its rootfs.
+    #[test]
+    fn layers_with_containerds_idmap_show_the_pods_host_ids_through_the_jail() {
+        if !nix::unistd::geteuid().is_root() {
+            cocoon_nested::testing::missing("overlay", "mounting needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let p = |s: &str| t.path().join(s);
+        for d in ["lower", "snap/fs", "snap/work", "target"] {
+            std::fs::create_dir_all(p(d)).unwrap();
+        }
+        std::fs::write(p("lower/root-file"), "r").unwrap();
+        std::fs::write(p("lower/user-file"), "u").unwrap();
+        std::os::unix::fs::lchown(p("lower/user-file"), Some(1000), Some(1000)).unwrap();
+        let (base, extra) = (1_500_262_144, 1_500_327_680);
+        let ns = PodUserns::create_for_test(
+            base,
+            &[crate::hypervisor::userns::Extent {
+                inside: 196_608,
+                outside: extra,
+                count: 65_536,
+            }],
+        )
+        .unwrap();
+        let o = parse(&[
+            format!("lowerdir={}", p("lower").display()),
+            format!("upperdir={}", p("snap/fs").display()),
+            format!("workdir={}", p("snap/work").display()),
+            "uidmap=0:196608:65536".into(),
+            "gidmap=0:196608:65536".into(),
+        ])
+        .unwrap();
+        let mut mappers = super::super::idmaps::Idmappers::new(Some(&ns));
+        let lower = mappers.get(o.idmap.as_ref().unwrap()).unwrap();
+        let m = mount_idmapped(&o, &ns, Some(lower)).unwrap();
+        let target = nix::fcntl::open(
+            &p("target"),
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        crate::shimv2::share::attach(&m, &target).unwrap();
+        let meta = |f: &str| std::fs::symlink_metadata(p("target").join(f)).unwrap();
+        assert_eq!(
+            (meta("root-file").uid(), meta("root-file").gid()),
+            (extra, extra)
+        );
+        assert_eq!(meta("user-file").uid(), extra + 1000);
+        nix::mount::umount2(&p("target"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        // An id the pod's share does not map is named, not shown as the overflow id.
+        let o = parse(&[
+            format!("lowerdir={}", p("lower").display()),
+            "uidmap=0:400000:10".into(),
+            "gidmap=0:400000:10".into(),
+        ])
+        .unwrap();
+        let e = mappers.get(o.idmap.as_ref().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("host id 400000"), "{e}");
+        // One without the other is refused.
+        let e = parse(&opts(&["lowerdir=/a", "uidmap=0:1:1"])).unwrap_err();
+        assert!(e.contains("gidmap"), "{e}");
     }
 }

@@ -21,7 +21,7 @@
 //! a mount that did not go away cannot lose its data to a recursive delete.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
@@ -402,7 +402,9 @@ impl Beneath {
 
     /// Bind-mounts `src` (a host path from the trusted spec) on `rel`, with what is
     /// mounted below it when `recursive`, read-only all the way down when `readonly`,
-    /// idmapped (all the way down) with the pod's namespace when there is one.
+    /// idmapped (all the way down) with the user namespace `idmap` where given (the
+    /// mount's own mapping, composed with the pod's), else with the pod's namespace
+    /// when there is one.
     ///
     /// With the new mount API: the tree is cloned detached (`open_tree`, in the
     /// caller's namespace, the node's, where `src` means what the spec meant), given
@@ -417,6 +419,7 @@ impl Beneath {
         rel: &Path,
         recursive: bool,
         readonly: bool,
+        idmap: Option<BorrowedFd<'_>>,
     ) -> std::io::Result<()> {
         let target = self.open_at(rel, OFlag::O_PATH)?;
         let tree = open_tree(src, recursive)?;
@@ -427,8 +430,16 @@ impl Beneath {
         if readonly {
             set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, recursive)?;
         }
-        if let Some(ns) = &self.userns {
-            ns.idmap(tree.as_fd(), recursive)?;
+        match (idmap, &self.userns) {
+            (Some(userns), pod) => {
+                let done = crate::hypervisor::userns::idmap_with(userns, tree.as_fd(), recursive);
+                match pod {
+                    Some(_) => done.map_err(crate::hypervisor::userns::jail_hint)?,
+                    None => done?,
+                }
+            }
+            (None, Some(ns)) => ns.idmap(tree.as_fd(), recursive)?,
+            (None, None) => {}
         }
         attach_in(self.ns.as_deref(), tree, target)
     }
@@ -603,7 +614,7 @@ mod tests {
         b.mkdir_all(Path::new("c1/mounts/0")).unwrap();
         let vol = t.path().join("vol");
         std::fs::create_dir(&vol).unwrap();
-        b.bind(&vol, Path::new("c1/mounts/0"), false, false)
+        b.bind(&vol, Path::new("c1/mounts/0"), false, false, None)
             .unwrap();
         std::fs::write(share.join("c1/mounts/0/f"), "through the export").unwrap();
         assert_eq!(
@@ -713,7 +724,7 @@ mod tests {
         create(&share, None, None).unwrap();
         let b = Beneath::open(&host_dir(&share), None, None).unwrap();
         b.mkdir_all(Path::new("v")).unwrap();
-        b.bind(&src, Path::new("v"), true, true).unwrap();
+        b.bind(&src, Path::new("v"), true, true, None).unwrap();
         for dir in [host_dir(&share), share.clone()] {
             for p in ["v/top", "v/nested/deep"] {
                 let e = std::fs::write(dir.join(p), "x").unwrap_err();
