@@ -2,8 +2,17 @@
 //! interface's MAC, MTU and addresses, and its routes) and the agent configures the
 //! guest's virtio-net interface with the same, through rtnetlink. Containers of a pod
 //! share the agent's network namespace, so they all see this interface and one loopback.
+//!
+//! A pod with a user namespace of its own (`hostUsers: false`) is the exception: its
+//! network namespace must belong to that user namespace, as under runc, so its sandbox
+//! makes one and the agent moves the pod's interfaces there (`move_into`), configured
+//! again as the host asked. From then on every call here, and port forwarding, works in
+//! that namespace (`in_pod_netns`).
 
+use std::fs::File;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 
 use cocoon_protocol::agent::{Interface, IpAddress, Route, Routes};
 use futures::TryStreamExt;
@@ -23,6 +32,8 @@ pub enum NetError {
     NoSuchDevice(String),
     #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
+    #[error("cannot enter the pod's network namespace")]
+    Enter(#[source] std::io::Error),
     #[error("netlink: cannot {what}")]
     Netlink {
         what: String,
@@ -103,10 +114,94 @@ pub fn parse_prefix(s: &str) -> Result<(IpAddr, u8), NetError> {
     Ok((ip, len))
 }
 
+/// What the host configured: each interface as last asked, and each set of routes.
+/// Kept to configure them again once they move into the pod's own network namespace.
+#[derive(Default)]
+struct Configured {
+    interfaces: Vec<Interface>,
+    routes: Vec<Routes>,
+}
+
+static CONFIGURED: Mutex<Configured> = Mutex::new(Configured {
+    interfaces: Vec::new(),
+    routes: Vec::new(),
+});
+
+/// The most route sets kept to configure again (the oldest go first).
+const MAX_ROUTE_SETS: usize = 16;
+
+/// The pod's own network namespace, once its interfaces moved there.
+static POD_NETNS: Mutex<Option<Arc<File>>> = Mutex::new(None);
+
+fn pod_netns() -> Option<Arc<File>> {
+    POD_NETNS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Runs `f` in the pod's network namespace (on a thread of its own, which enters it),
+/// or here when the pod has none of its own. A socket `f` makes belongs to the
+/// namespace it was made in for its whole life.
+pub fn in_pod_netns<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    let Some(ns) = pod_netns() else {
+        return Ok(f());
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_ref(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+    })
+}
+
 async fn connect() -> Result<Handle, NetError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
+    // The socket registers with this runtime's reactor wherever it is made.
+    let rt = tokio::runtime::Handle::current();
+    let (conn, handle, _) = in_pod_netns(|| {
+        let _entered = rt.enter();
+        rtnetlink::new_connection()
+    })
+    .map_err(NetError::Enter)?
+    .map_err(NetError::Socket)?;
     tokio::spawn(conn);
     Ok(handle)
+}
+
+/// Moves the interfaces the host configured into the network namespace of process
+/// `pid` (a pod's sandbox, in a user namespace of the pod's own), and configures them
+/// there again as the host asked: a move takes an interface's addresses and routes.
+pub async fn move_into(pid: i32) -> Result<(), NetError> {
+    let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(NetError::Enter)?;
+    let (interfaces, routes) = {
+        let c = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+        (c.interfaces.clone(), c.routes.clone())
+    };
+    let handle = connect().await?;
+    let all = links(&handle).await?;
+    for want in &interfaces {
+        let mac = parse_mac(&want.hw_addr)?;
+        let Some(link) = all.iter().find(|l| link_mac(l) == Some(&mac[..])) else {
+            return Err(NetError::NoSuchInterface(want.hw_addr.clone()));
+        };
+        let msg = LinkUnspec::new_with_index(link.header.index)
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(netlink(format!("move interface {}", want.hw_addr)))?;
+    }
+    *POD_NETNS.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ns));
+    loopback_up().await?;
+    for want in &interfaces {
+        configure_interface(want, "").await?;
+    }
+    for r in &routes {
+        add_routes(r).await?;
+    }
+    Ok(())
 }
 
 async fn links(handle: &Handle) -> Result<Vec<LinkMessage>, NetError> {
@@ -157,6 +252,14 @@ pub async fn loopback_up() -> Result<(), NetError> {
 /// Configures the interface whose MAC is `want.hw_addr` (or `current_mac`, when given:
 /// it then gets `want.hw_addr`): name, MTU, addresses, up.
 pub async fn update_interface(want: &Interface, current_mac: &str) -> Result<Interface, NetError> {
+    let got = configure_interface(want, current_mac).await?;
+    let mut c = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+    c.interfaces.retain(|i| i.hw_addr != want.hw_addr);
+    c.interfaces.push(want.clone());
+    Ok(got)
+}
+
+async fn configure_interface(want: &Interface, current_mac: &str) -> Result<Interface, NetError> {
     let mac = parse_mac(&want.hw_addr)?;
     let find = if current_mac.is_empty() {
         mac
@@ -267,6 +370,17 @@ pub async fn list_interfaces() -> Result<Vec<Interface>, NetError> {
 
 /// Adds (or replaces) each route; a route's device is an interface name in the guest.
 pub async fn update_routes(routes: &Routes) -> Result<Routes, NetError> {
+    let got = add_routes(routes).await?;
+    let mut c = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+    // The host sends one set per pod; a host that sends more cannot grow this.
+    if c.routes.len() >= MAX_ROUTE_SETS {
+        c.routes.remove(0);
+    }
+    c.routes.push(routes.clone());
+    Ok(got)
+}
+
+async fn add_routes(routes: &Routes) -> Result<Routes, NetError> {
     let handle = connect().await?;
     let all = links(&handle).await?;
     for r in &routes.routes {

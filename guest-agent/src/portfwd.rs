@@ -68,7 +68,7 @@ where
         Err(_) => return,
     };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let target = match tokio::time::timeout(DEADLINE, tokio::net::TcpStream::connect(addr)).await {
+    let target = match tokio::time::timeout(DEADLINE, connect(addr)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let _ = conn
@@ -90,6 +90,14 @@ where
     if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut target).await {
         tracing::debug!(port, "forward ended: {e}");
     }
+}
+
+/// Connects to `addr` on the pod's loopback: the guest's own, or that of the pod's
+/// network namespace when it has one (`crate::network::in_pod_netns`).
+async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    // The socket is made in the pod's namespace, unconnected, and connects here.
+    let socket = crate::network::in_pod_netns(tokio::net::TcpSocket::new_v4)??;
+    socket.connect(addr).await
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub enum ContainerError {
     Signal(i32, i32, #[source] nix::Error),
     #[error("the container's processes did not exit within {0:?}")]
     KillTimeout(Duration),
+    #[error("cannot move the pod's network into its sandbox's network namespace")]
+    PodNetwork(#[from] crate::network::NetError),
 }
 
 impl ContainerError {
@@ -199,6 +201,29 @@ impl Container {
             .swap(now, std::sync::atomic::Ordering::Relaxed);
         now > before
     }
+}
+
+/// Whether this container is a pod's sandbox with a network namespace of its own to
+/// make: the shim asks for one only for a pod with a user namespace of its own
+/// (`hostUsers: false`), whose network namespace must belong to that user namespace, as
+/// under runc. The pod's interfaces then move into it. Every other pod's containers
+/// share the guest's own network namespace.
+fn takes_pod_network(spec: &Spec) -> bool {
+    let sandbox = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get("io.kubernetes.cri.container-type"))
+        .is_some_and(|t| t == "sandbox");
+    sandbox
+        && spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+                })
+            })
 }
 
 fn pid_ns_of(pid: i32) -> Option<u64> {
@@ -407,11 +432,16 @@ impl Containers {
                 container.init.io.attach_terminal(master)?;
             }
             match sync.recv_or_gone().await? {
-                Some(HelperMessage::Ready) => Ok((pid, sync)),
-                Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e).into()),
-                Some(other) => Err(SpawnError::Unexpected(other).into()),
-                None => Err(spawn::ended(cgroup.as_ref(), oom_kills_before).into()),
+                Some(HelperMessage::Ready) => {}
+                Some(HelperMessage::Error(e)) => return Err(SpawnError::Runtime(e).into()),
+                Some(other) => return Err(SpawnError::Unexpected(other).into()),
+                None => return Err(spawn::ended(cgroup.as_ref(), oom_kills_before).into()),
             }
+            if takes_pod_network(&spec) {
+                crate::network::move_into(pid).await?;
+                timeline.mark("container-pod-network-moved", id);
+            }
+            Ok((pid, sync))
         }
         .await;
         match result {

@@ -40,9 +40,11 @@ pub fn features() -> serde_json::Value {
             "apparmor": {"enabled": false},
             "selinux": {"enabled": false},
             "intelRdt": {"enabled": false},
-            // A volume's own id mapping (`uidMappings` on a mount) is not carried into
-            // the guest yet, so containerd must not offer CRI user namespaces here.
-            "mountExtensions": {"idmap": {"enabled": false}}
+            // A mount's own id mapping (`uidMappings`, which CRI gives every bind of a
+            // `hostUsers: false` pod) is made on the host, composed with the pod's
+            // share's (`mounts::share_volumes`): the guest cannot idmap what
+            // virtiofsd shows it.
+            "mountExtensions": {"idmap": {"enabled": true}}
         }
     })
 }
@@ -84,7 +86,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_features_offer_rro_and_no_cri_user_namespaces() {
+    fn the_features_offer_rro_and_idmapped_mounts() {
         let info = RuntimeInfo::parse_from_bytes(
             &runtime_info("io.containerd.cocoon.v2")
                 .write_to_bytes()
@@ -103,7 +105,7 @@ mod tests {
             .unwrap()
             .iter()
             .any(|n| n == "user"));
-        assert_eq!(f["linux"]["mountExtensions"]["idmap"]["enabled"], false);
+        assert_eq!(f["linux"]["mountExtensions"]["idmap"]["enabled"], true);
         assert_eq!(f["linux"]["cgroup"]["v2"], true);
     }
 }

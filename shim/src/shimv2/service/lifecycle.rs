@@ -206,6 +206,7 @@ impl Service {
         let guest_image =
             pod::guest_image(&spec).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         let size_from_limits = self.inner.config.vm.size_from_pod_limits;
+        pod::own_user_namespace(&mut spec);
         let pod_vm = pod::pod_vm(&spec, size_from_limits).map_err(|e| match &e {
             pod::PodSpecError::Confidential(kind) => {
                 // Say everything on this host that stands in the way, not only that
