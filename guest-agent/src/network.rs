@@ -129,6 +129,8 @@ static CONFIGURED: Mutex<Configured> = Mutex::new(Configured {
 
 /// The most route sets kept to configure again (the oldest go first).
 const MAX_ROUTE_SETS: usize = 16;
+/// The most interfaces kept to configure again (the oldest go first).
+const MAX_INTERFACES: usize = 16;
 
 /// The pod's own network namespace, once its interfaces moved there.
 static POD_NETNS: Mutex<Option<Arc<File>>> = Mutex::new(None);
@@ -145,12 +147,14 @@ pub fn in_pod_netns<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T>
         return Ok(f());
     };
     std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_ref(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
+        std::thread::Builder::new()
+            .name("pod-netns".into())
+            .spawn_scoped(s, || {
+                nix::sched::setns(ns.as_ref(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(f())
+            })?
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the thread panicked")))
     })
 }
 
@@ -167,24 +171,54 @@ async fn connect() -> Result<Handle, NetError> {
     Ok(handle)
 }
 
+/// Held by every change of the pod's interfaces and by their move, one at a time: an
+/// update finished between the move's reading of what is configured and the move
+/// itself would be lost.
+static CHANGING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Moves the interfaces the host configured into the network namespace of process
 /// `pid` (a pod's sandbox, in a user namespace of the pod's own), and configures them
 /// there again as the host asked: a move takes an interface's addresses and routes.
+/// Once per guest. On failure they are moved back and configured again where they
+/// were, so the guest's own namespace keeps the pod's network.
 pub async fn move_into(pid: i32) -> Result<(), NetError> {
+    let _one_at_a_time = CHANGING.lock().await;
+    if pod_netns().is_some() {
+        return Err(invalid("second pod network namespace", &pid.to_string()));
+    }
     let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(NetError::Enter)?;
+    let own = File::open("/proc/self/ns/net").map_err(NetError::Enter)?;
     let (interfaces, routes) = {
         let c = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
         (c.interfaces.clone(), c.routes.clone())
     };
+    let moved = move_links(&interfaces, &ns).await;
+    *POD_NETNS.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ns));
+    let configured = match moved {
+        Ok(()) => configure_all(&interfaces, &routes).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = configured {
+        // Whatever moved goes back (from the pod's namespace, where it now is).
+        let _ = move_links(&interfaces, &own).await;
+        *POD_NETNS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let _ = configure_all(&interfaces, &routes).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Moves each of `interfaces` found in the current namespace into `to`.
+async fn move_links(interfaces: &[Interface], to: &File) -> Result<(), NetError> {
     let handle = connect().await?;
     let all = links(&handle).await?;
-    for want in &interfaces {
+    for want in interfaces {
         let mac = parse_mac(&want.hw_addr)?;
         let Some(link) = all.iter().find(|l| link_mac(l) == Some(&mac[..])) else {
             return Err(NetError::NoSuchInterface(want.hw_addr.clone()));
         };
         let msg = LinkUnspec::new_with_index(link.header.index)
-            .setns_by_fd(ns.as_raw_fd())
+            .setns_by_fd(to.as_raw_fd())
             .build();
         handle
             .link()
@@ -193,12 +227,15 @@ pub async fn move_into(pid: i32) -> Result<(), NetError> {
             .await
             .map_err(netlink(format!("move interface {}", want.hw_addr)))?;
     }
-    *POD_NETNS.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ns));
+    Ok(())
+}
+
+async fn configure_all(interfaces: &[Interface], routes: &[Routes]) -> Result<(), NetError> {
     loopback_up().await?;
-    for want in &interfaces {
+    for want in interfaces {
         configure_interface(want, "").await?;
     }
-    for r in &routes {
+    for r in routes {
         add_routes(r).await?;
     }
     Ok(())
@@ -252,9 +289,18 @@ pub async fn loopback_up() -> Result<(), NetError> {
 /// Configures the interface whose MAC is `want.hw_addr` (or `current_mac`, when given:
 /// it then gets `want.hw_addr`): name, MTU, addresses, up.
 pub async fn update_interface(want: &Interface, current_mac: &str) -> Result<Interface, NetError> {
+    let _one_at_a_time = CHANGING.lock().await;
     let got = configure_interface(want, current_mac).await?;
+    // Known by its MAC, the old one too when it changed.
+    let gone = [parse_mac(&want.hw_addr).ok(), parse_mac(current_mac).ok()];
     let mut c = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
-    c.interfaces.retain(|i| i.hw_addr != want.hw_addr);
+    c.interfaces
+        .retain(|i| !gone.contains(&parse_mac(&i.hw_addr).ok()));
+    // Only interfaces that exist get here; a host that renames one over and over
+    // cannot grow this past what the guest has.
+    if c.interfaces.len() >= MAX_INTERFACES {
+        c.interfaces.remove(0);
+    }
     c.interfaces.push(want.clone());
     Ok(got)
 }
@@ -370,6 +416,7 @@ pub async fn list_interfaces() -> Result<Vec<Interface>, NetError> {
 
 /// Adds (or replaces) each route; a route's device is an interface name in the guest.
 pub async fn update_routes(routes: &Routes) -> Result<Routes, NetError> {
+    let _one_at_a_time = CHANGING.lock().await;
     let got = add_routes(routes).await?;
     let mut c = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
     // The host sends one set per pod; a host that sends more cannot grow this.

@@ -214,16 +214,15 @@ fn takes_pod_network(spec: &Spec) -> bool {
         .as_ref()
         .and_then(|a| a.get("io.kubernetes.cri.container-type"))
         .is_some_and(|t| t == "sandbox");
-    sandbox
-        && spec
-            .linux()
+    let new = |t: oci_spec::runtime::LinuxNamespaceType| {
+        spec.linux()
             .as_ref()
             .and_then(|l| l.namespaces().as_ref())
-            .is_some_and(|ns| {
-                ns.iter().any(|n| {
-                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
-                })
-            })
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == t && n.path().is_none()))
+    };
+    sandbox
+        && new(oci_spec::runtime::LinuxNamespaceType::Network)
+        && new(oci_spec::runtime::LinuxNamespaceType::User)
 }
 
 fn pid_ns_of(pid: i32) -> Option<u64> {

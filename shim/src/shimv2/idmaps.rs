@@ -3,7 +3,8 @@
 //! the pod's share must map for the guest to see its rootfs's owners as they are
 //! (`hypervisor::userns`).
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Mount, Spec};
 
@@ -171,7 +172,7 @@ pub fn parse_option(kind: &str, value: &str) -> Result<Vec<Extent>, String> {
 /// mount's mapping names.
 pub struct Idmappers<'a> {
     pod: Option<&'a PodUserns>,
-    made: Vec<(MountMaps, OwnedFd)>,
+    made: Vec<(MountMaps, Arc<OwnedFd>)>,
 }
 
 impl<'a> Idmappers<'a> {
@@ -182,8 +183,9 @@ impl<'a> Idmappers<'a> {
         }
     }
 
-    /// A user namespace to idmap a mount asking for `maps` with.
-    pub fn get(&mut self, maps: &MountMaps) -> std::io::Result<BorrowedFd<'_>> {
+    /// A user namespace to idmap a mount asking for `maps` with (shared: a volume's
+    /// mirrored host mounts are idmapped with it too, later).
+    pub fn get(&mut self, maps: &MountMaps) -> std::io::Result<Arc<OwnedFd>> {
         let at = match self.made.iter().position(|(m, _)| m == maps) {
             Some(i) => i,
             None => {
@@ -193,11 +195,11 @@ impl<'a> Idmappers<'a> {
                 };
                 let (uids, gids) = (compose(&maps.uids)?, compose(&maps.gids)?);
                 let fd = crate::hypervisor::userns::mapped_namespace(&uids, &gids)?;
-                self.made.push((maps.clone(), fd));
+                self.made.push((maps.clone(), Arc::new(fd)));
                 self.made.len() - 1
             }
         };
-        Ok(self.made[at].1.as_fd())
+        Ok(self.made[at].1.clone())
     }
 }
 

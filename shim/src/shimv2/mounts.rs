@@ -177,10 +177,11 @@ fn prepare_inner(
     spec: &mut Spec,
 ) -> Result<(), MountError> {
     let pod = Beneath::open(host, userns, ns).map_err(|e| MountError::Mkdir(host.into(), e))?;
+    let mut idmappers = super::idmaps::Idmappers::new(pod.userns());
     let guest_dir = format!("{GUEST_SHARE}/{id}");
     let rootfs = match root {
         Root::Host(rootfs) => {
-            share_rootfs(done, &pod, id, bundle, rootfs, spec)?;
+            share_rootfs(done, &pod, &mut idmappers, id, bundle, rootfs, spec)?;
             format!("{guest_dir}/rootfs")
         }
         Root::Guest => format!("{GUEST_IMAGES}/{id}/rootfs"),
@@ -188,7 +189,7 @@ fn prepare_inner(
     if let Some(root) = spec.root_mut() {
         root.set_path(PathBuf::from(rootfs));
     }
-    share_volumes(done, &pod, host, id, &guest_dir, spec)?;
+    share_volumes(done, &pod, &mut idmappers, host, id, &guest_dir, spec)?;
     if super::idmaps::any_user_namespace(spec) {
         // The container's root is root of its own ids only, and walks to its rootfs
         // and volumes through directories guest root owns.
@@ -203,6 +204,7 @@ fn prepare_inner(
 fn share_rootfs(
     done: &mut ContainerMounts,
     pod: &Beneath,
+    idmappers: &mut super::idmaps::Idmappers<'_>,
     id: &str,
     bundle: &Path,
     rootfs: &[RootfsMount],
@@ -235,7 +237,6 @@ fn share_rootfs(
             target: target.clone(),
             detail,
         };
-        let mut idmappers = super::idmaps::Idmappers::new(pod.userns());
         let tree = match (pod.userns(), rootfs) {
             (Some(ns), [m]) if m.type_ == "overlay" => {
                 // An overlay of idmapped layers, made detached.
@@ -246,7 +247,7 @@ fn share_rootfs(
                     })?),
                     None => None,
                 };
-                overlay::mount_idmapped(&opts, ns, lower)
+                overlay::mount_idmapped(&opts, ns, lower.as_ref().map(|l| l.as_fd()))
                     .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?
             }
             (None, [m]) if m.type_ == "overlay" && asks_idmap(m) => {
@@ -261,7 +262,7 @@ fn share_rootfs(
                 let lower = idmappers.get(maps).map_err(|e| {
                     rootfs_err(format!("a user namespace for its layers' uidmap: {e}"))
                 })?;
-                overlay::mount_lowers_idmapped(&opts, lower)
+                overlay::mount_lowers_idmapped(&opts, lower.as_fd())
                     .map_err(|e| rootfs_err(format!("an overlay of idmapped layers: {e}")))?
             }
             (_, [m]) if asks_idmap(m) => {
@@ -311,6 +312,7 @@ fn asks_idmap(m: &RootfsMount) -> bool {
 fn share_volumes(
     done: &mut ContainerMounts,
     pod: &Beneath,
+    idmappers: &mut super::idmaps::Idmappers<'_>,
     host: &Path,
     id: &str,
     guest_dir: &str,
@@ -322,7 +324,6 @@ fn share_volumes(
             .map_err(|e| MountError::Mkdir(pod.path_of(r), e))
     };
     let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
-    let mut idmappers = super::idmaps::Idmappers::new(pod.userns());
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
             continue;
@@ -351,7 +352,15 @@ fn share_volumes(
             })?),
             None => None,
         };
-        bind(pod, &src, &r, has_opt(m, "rbind"), is_read_only(m), idmap)?;
+        let idmap_fd = idmap.as_ref().map(|i| i.as_fd());
+        bind(
+            pod,
+            &src,
+            &r,
+            has_opt(m, "rbind"),
+            is_read_only(m),
+            idmap_fd,
+        )?;
         done.mounted.push(pod.path_of(&r));
         if maps.is_some() {
             m.set_uid_mappings(None);
@@ -362,7 +371,7 @@ fn share_volumes(
             // Never mirrored: every pod's share (`<run>/shares`).
             let shares = host.parent().unwrap_or(host);
             let (ro, rec) = (is_read_only(m), has_opt(m, "rbind"));
-            super::propagation::watch(pod, &done.dir, &src, &r, ro, rec, shares)
+            super::propagation::watch(pod, &done.dir, &src, &r, ro, rec, shares, idmap.clone())
                 .map_err(|e| MountError::Propagation(src.clone(), e))?;
         }
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/mounts/{i}"))));

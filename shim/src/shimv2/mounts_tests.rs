@@ -470,7 +470,9 @@ fn a_volume_with_its_own_mapping_shows_the_pods_host_ids_through_the_jail() {
     let t = tempfile::tempdir().unwrap();
     let bundle = t.path().join("bundle");
     std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
-    let data = t.path().join("data");
+    // Outside the shares' parent, whose mounts are never mirrored.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let data = elsewhere.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("f"), "hello").unwrap();
     std::os::unix::fs::lchown(data.join("f"), Some(7), Some(7)).unwrap();
@@ -490,8 +492,8 @@ fn a_volume_with_its_own_mapping_shows_the_pods_host_ids_through_the_jail() {
     crate::shimv2::share::create(&share, Some(&ns), None).unwrap();
     let map = serde_json::json!([{"containerID": 0, "hostID": 196_608, "size": 65_536}]);
     let mut spec = spec_with(serde_json::json!([
-        {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"],
-         "uidMappings": map, "gidMappings": map},
+        {"destination": "/data", "type": "bind", "source": data,
+         "options": ["rbind", "rw", "rslave"], "uidMappings": map, "gidMappings": map},
         {"destination": "/plain", "type": "bind", "source": data, "options": ["rbind", "ro"]}
     ]));
     let mut m = prepare(
@@ -513,6 +515,28 @@ fn a_volume_with_its_own_mapping_shows_the_pods_host_ids_through_the_jail() {
     assert_eq!(meta("c1/mounts/1/f").uid(), base + 7);
     let mounts = spec.mounts().as_ref().unwrap();
     assert!(mounts[0].uid_mappings().is_none() && mounts[0].gid_mappings().is_none());
+    // A host mount made later beneath the volume's source is mirrored with the
+    // volume's own mapping, not the share's.
+    let sub = data.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    std::fs::write(sub.join("g"), "x").unwrap();
+    std::os::unix::fs::lchown(sub.join("g"), Some(9), Some(9)).unwrap();
+    let mirrored = share.join("c1/mounts/0/sub/g");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::symlink_metadata(&mirrored).is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let seen = std::fs::symlink_metadata(&mirrored).map(|m| m.uid());
+    nix::mount::umount2(&sub, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert_eq!(seen.ok(), Some(extra + 9), "the mirrored mount's owner");
     m.cleanup();
     crate::shimv2::share::remove(&share, None);
 }

@@ -421,7 +421,7 @@ mod tests {
         .unwrap();
         let mut mappers = super::super::idmaps::Idmappers::new(Some(&ns));
         let lower = mappers.get(o.idmap.as_ref().unwrap()).unwrap();
-        let m = mount_idmapped(&o, &ns, Some(lower)).unwrap();
+        let m = mount_idmapped(&o, &ns, Some(lower.as_fd())).unwrap();
         let target = nix::fcntl::open(
             &p("target"),
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,

@@ -66,6 +66,9 @@ struct Volume {
     root_fd: OwnedFd,
     readonly: bool,
     userns: Option<Arc<PodUserns>>,
+    /// The volume's own idmap (its mapping composed with the pod's share's), which
+    /// mirrored mounts take instead of the share's.
+    idmap: Option<Arc<OwnedFd>>,
     /// The pod's mount namespace, where the volume is (`podns`).
     ns: Option<Arc<PodNs>>,
     /// The pod's empty directory, cloned onto the place of a host mount that could not
@@ -159,6 +162,7 @@ pub fn wants(options: &[String]) -> bool {
 /// followed from here on, and goes from the volume when the host unmounts it; a mount
 /// that arrived between the clone and now is mirrored now. `run_dir`'s mounts are never
 /// mirrored.
+#[allow(clippy::too_many_arguments)]
 pub fn watch(
     pod: &share::Beneath,
     dir: &Path,
@@ -167,6 +171,7 @@ pub fn watch(
     readonly: bool,
     recursive: bool,
     run_dir: &Path,
+    idmap: Option<Arc<OwnedFd>>,
 ) -> Result<(), String> {
     let w = watcher()?;
     // The table spells mount points canonically: so must the source (`/var/run` is a
@@ -189,6 +194,7 @@ pub fn watch(
         root_fd,
         readonly,
         userns: pod.userns_arc(),
+        idmap,
         ns: pod.ns_arc(),
         placeholder: pod.path_of(Path::new(PLACEHOLDER)),
         copies: Copies::new(),
@@ -435,8 +441,12 @@ fn attach_like_the_volume(
     if v.readonly || always_ro {
         set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
     }
-    if let Some(ns) = &v.userns {
-        ns.idmap(tree.as_fd(), false)?;
+    match (&v.idmap, &v.userns) {
+        (Some(userns), _) => {
+            crate::hypervisor::userns::idmap_with(userns.as_fd(), tree.as_fd(), false)?
+        }
+        (None, Some(ns)) => ns.idmap(tree.as_fd(), false)?,
+        (None, None) => {}
     }
     let target = openat2(&v.root_fd, rel, how(OFlag::O_PATH))?;
     attach_in(v.ns.as_deref(), tree, target)?;

@@ -205,6 +205,15 @@ impl Service {
         // Before anything is made for it: a container that cannot say its image fails here.
         let guest_image =
             pod::guest_image(&spec).map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        if guest_image.is_some() && crate::shimv2::idmaps::any_user_namespace(&spec) {
+            // Its rootfs would not be idmapped, and its pulls would run outside the
+            // pod's network namespace.
+            return Err(err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                "a container with a user namespace of its own (hostUsers: false, --uidmap) \
+                 cannot have its image pulled in the guest yet",
+            ));
+        }
         let size_from_limits = self.inner.config.vm.size_from_pod_limits;
         pod::own_user_namespace(&mut spec);
         let pod_vm = pod::pod_vm(&spec, size_from_limits).map_err(|e| match &e {
