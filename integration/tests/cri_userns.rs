@@ -107,6 +107,7 @@ fn expect(seen: &Seen) {
         ("binds port 80", "bound"),
         ("mounts sysfs", "sysfs"),
         ("no host capabilities", "mknod refused"),
+        ("interface sysctl", "1"),
         ("pod's localhost", "from-userns"),
         ("by the pod's IP", "from-userns"),
         ("port-forward", "from-userns"),
@@ -142,6 +143,10 @@ async fn pod_with_its_own_user_namespace(
         .and_then(|s| s.namespace_options.as_mut())
         .expect("namespace options")
         .userns_options = Some(userns());
+    // A sysctl naming the pod's interface: under runc CNI made it before the sandbox
+    // started, so the sandbox sets it.
+    pconfig.linux.as_mut().unwrap().sysctls =
+        [("net.ipv4.conf.eth0.arp_ignore".to_string(), "1".to_string())].into();
     let pod = node
         .run_pod(&pconfig, handler)
         .await
@@ -205,6 +210,10 @@ async fn pod_with_its_own_user_namespace(
         (
             "no host capabilities",
             "mknod /tmp/null c 1 3 2>/dev/null && echo made || echo 'mknod refused'",
+        ),
+        (
+            "interface sysctl",
+            "cat /proc/sys/net/ipv4/conf/eth0/arp_ignore",
         ),
     ];
     let mut out = Vec::new();

@@ -137,3 +137,36 @@ fn an_exec_with_a_relative_working_directory_is_refused() {
     }
     assert_clean(&env);
 }
+
+/// A container with a user namespace of its own whose image the guest would pull
+/// (`io.cocoon.guest-image`, as guest pulls and confidential pods name it) is refused at
+/// Create with the reason, before any VM starts: its rootfs would not be idmapped with
+/// the container's mapping, and the guest's pulls run outside a user-namespaced pod's
+/// network namespace. (runc has no guest to pull in: Cocoon only.)
+#[test]
+fn a_guest_pulled_container_with_a_user_namespace_is_refused() {
+    let env = env();
+    let spec = spec_file(&env, "userns-guest-pull", |s| {
+        s["process"]["args"] = serde_json::json!(["true"]);
+        s["annotations"] = serde_json::json!({
+            "io.cocoon.guest-image": format!("registry.invalid/app@sha256:{}", "ab".repeat(32)),
+        });
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
+        let map = serde_json::json!([{"containerID": 0, "hostID": 100_000, "size": 65_536}]);
+        s["linux"]["uidMappings"] = map.clone();
+        s["linux"]["gidMappings"] = map;
+    });
+    let id = runtime_id("userns-guest-pull", COCOON);
+    let o = run_config(&env, COCOON, &spec, &id);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cannot have its image pulled in the guest"),
+        "{}",
+        show(&o)
+    );
+    let _ = env.containerd.ctr(&["container", "delete", &id]);
+    assert_clean(&env);
+}

@@ -203,28 +203,6 @@ impl Container {
     }
 }
 
-/// Whether this container is a pod's sandbox with a network namespace of its own to
-/// make: the shim asks for one only for a pod with a user namespace of its own
-/// (`hostUsers: false`), whose network namespace must belong to that user namespace, as
-/// under runc. The pod's interfaces then move into it. Every other pod's containers
-/// share the guest's own network namespace.
-fn takes_pod_network(spec: &Spec) -> bool {
-    let sandbox = spec
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get("io.kubernetes.cri.container-type"))
-        .is_some_and(|t| t == "sandbox");
-    let new = |t: oci_spec::runtime::LinuxNamespaceType| {
-        spec.linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .is_some_and(|ns| ns.iter().any(|n| n.typ() == t && n.path().is_none()))
-    };
-    sandbox
-        && new(oci_spec::runtime::LinuxNamespaceType::Network)
-        && new(oci_spec::runtime::LinuxNamespaceType::User)
-}
-
 fn pid_ns_of(pid: i32) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/{pid}/ns/pid"))
@@ -430,17 +408,24 @@ impl Containers {
                 let master = sync.expect_console().await?;
                 container.init.io.attach_terminal(master)?;
             }
-            match sync.recv_or_gone().await? {
-                Some(HelperMessage::Ready) => {}
-                Some(HelperMessage::Error(e)) => return Err(SpawnError::Runtime(e).into()),
-                Some(other) => return Err(SpawnError::Unexpected(other).into()),
-                None => return Err(spawn::ended(cgroup.as_ref(), oom_kills_before).into()),
-            }
-            if takes_pod_network(&spec) {
+            if crate::runtime::takes_pod_network(&spec) {
+                // When the sandbox asks: its namespaces are made by then.
+                match sync.recv_or_gone().await? {
+                    Some(HelperMessage::Network) => {}
+                    Some(HelperMessage::Error(e)) => return Err(SpawnError::Runtime(e).into()),
+                    Some(other) => return Err(SpawnError::Unexpected(other).into()),
+                    None => return Err(spawn::ended(cgroup.as_ref(), oom_kills_before).into()),
+                }
                 crate::network::move_into(pid).await?;
                 timeline.mark("container-pod-network-moved", id);
+                sync.send_line(crate::runtime::NETWORK_LINE).await?;
             }
-            Ok((pid, sync))
+            match sync.recv_or_gone().await? {
+                Some(HelperMessage::Ready) => Ok((pid, sync)),
+                Some(HelperMessage::Error(e)) => Err(SpawnError::Runtime(e).into()),
+                Some(other) => Err(SpawnError::Unexpected(other).into()),
+                None => Err(spawn::ended(cgroup.as_ref(), oom_kills_before).into()),
+            }
         }
         .await;
         match result {

@@ -45,6 +45,29 @@ pub const HELPER_ARG: &str = "__cocoon-runtime";
 pub const SYNC_FD: RawFd = 3;
 /// What the agent writes to let a created container exec.
 pub const START_LINE: &str = "start";
+/// What the agent writes once the pod's interfaces are in a sandbox's own network
+/// namespace (`takes_pod_network`), before the sandbox's sysctls, which may name them.
+pub const NETWORK_LINE: &str = "network";
+
+/// Whether this container is a pod's sandbox that makes the pod's user and network
+/// namespaces: the shim asks for a network namespace of its own only for a pod with a
+/// user namespace of its own (`hostUsers: false`), whose network namespace must belong
+/// to that user namespace, as under runc. The agent moves the pod's interfaces into
+/// it. Every other pod's containers share the guest's own network namespace.
+pub fn takes_pod_network(spec: &Spec) -> bool {
+    let sandbox = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get("io.kubernetes.cri.container-type"))
+        .is_some_and(|t| t == "sandbox");
+    let new = |t: LinuxNamespaceType| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == t && n.path().is_none()))
+    };
+    sandbox && new(LinuxNamespaceType::Network) && new(LinuxNamespaceType::User)
+}
 
 /// The spec as the agent sends it: the bytes the host gave (checked to be JSON), written
 /// into the request as they are.
@@ -103,6 +126,9 @@ pub enum HelperMessage {
     Pid(i32),
     /// The pty master comes with this line (SCM_RIGHTS).
     Console,
+    /// A sandbox that made the pod's network namespace waits for its interfaces
+    /// (`takes_pod_network`): the agent answers `NETWORK_LINE` once they are in.
+    Network,
     Ready,
     Error(String),
 }
@@ -489,6 +515,15 @@ fn container_init(req: &HelperRequest, sock: &UnixStream) -> Result<(), RuntimeE
             // SAFETY: setdomainname reads `len` bytes from a valid C string.
             let rc = unsafe { libc::setdomainname(c.as_ptr(), d.len()) };
             nix::errno::Errno::result(rc).ctx(|| "cannot set domainname".into())?;
+        }
+    }
+    if takes_pod_network(spec) {
+        // The pod's interfaces move in first: a sysctl may name them, as under runc,
+        // where CNI made them before the sandbox started.
+        send(sock, &HelperMessage::Network);
+        match read_line(sock) {
+            Ok(Some(line)) if line == NETWORK_LINE => {}
+            _ => std::process::exit(1),
         }
     }
     for (key, value) in &req.netns_sysctls {
