@@ -308,6 +308,20 @@ mod tests {
         assert!(o.upper.is_none() && o.work.is_none());
     }
 
+    /// A lower layer with a file of root's and one of uid 1000's, an empty snapshot
+    /// (upper and work) and a mount point, in a scratch directory.
+    fn layers() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let p = |s: &str| t.path().join(s);
+        for d in ["lower", "snap/fs", "snap/work", "target"] {
+            std::fs::create_dir_all(p(d)).unwrap();
+        }
+        std::fs::write(p("lower/root-file"), "r").unwrap();
+        std::fs::write(p("lower/user-file"), "u").unwrap();
+        std::os::unix::fs::lchown(p("lower/user-file"), Some(1000), Some(1000)).unwrap();
+        t
+    }
+
     #[test]
     fn options_missing_a_layer_are_named() {
         assert!(parse(&opts(&["upperdir=/u", "workdir=/w"])).is_err());
@@ -326,14 +340,8 @@ mod tests {
             return;
         }
         use std::os::unix::fs::MetadataExt;
-        let t = tempfile::tempdir().unwrap();
+        let t = layers();
         let p = |s: &str| t.path().join(s);
-        for d in ["lower", "snap/fs", "snap/work", "target"] {
-            std::fs::create_dir_all(p(d)).unwrap();
-        }
-        std::fs::write(p("lower/root-file"), "r").unwrap();
-        std::fs::write(p("lower/user-file"), "u").unwrap();
-        std::os::unix::fs::lchown(p("lower/user-file"), Some(1000), Some(1000)).unwrap();
         let base = 1_500_196_608;
         let ns = PodUserns::create(base, crate::hypervisor::userns::IDS_PER_POD).unwrap();
         let o = parse(&[
@@ -393,14 +401,8 @@ mod tests {
             return;
         }
         use std::os::unix::fs::MetadataExt;
-        let t = tempfile::tempdir().unwrap();
+        let t = layers();
         let p = |s: &str| t.path().join(s);
-        for d in ["lower", "snap/fs", "snap/work", "target"] {
-            std::fs::create_dir_all(p(d)).unwrap();
-        }
-        std::fs::write(p("lower/root-file"), "r").unwrap();
-        std::fs::write(p("lower/user-file"), "u").unwrap();
-        std::os::unix::fs::lchown(p("lower/user-file"), Some(1000), Some(1000)).unwrap();
         let (base, extra) = (1_500_262_144, 1_500_327_680);
         let ns = PodUserns::create_for_test(
             base,
