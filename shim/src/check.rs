@@ -145,13 +145,24 @@ pub fn virtiofsd_jail() -> String {
             .map_err(|e| format!("an overlay of idmapped layers: {e}"))
     };
     match tried() {
-        Ok(()) => "virtiofsd jail: yes: root of a user namespace of the pod's own, over \
-                   idmapped mounts of the share ([jail] virtiofsd)"
-            .into(),
+        Ok(()) => {
+            let how = match crate::shimv2::overlay::last_method() {
+                Some(crate::shimv2::overlay::Method::ScratchPaths) => {
+                    "; this kernel takes no detached overlay layer (Linux < 6.15), so a \
+                     rootfs's layers are attached in a throwaway mount namespace"
+                }
+                _ => "",
+            };
+            format!(
+                "virtiofsd jail: yes: root of a user namespace of the pod's own, over \
+                 idmapped mounts of the share ([jail] virtiofsd){how}"
+            )
+        }
         Err(e) => format!(
             "virtiofsd jail: no: {e}; pods with [jail] virtiofsd = true (the default) will \
-             not start (Linux >= 6.15 and filesystems with idmapped mounts are needed; \
-             [jail] virtiofsd = false runs it as host root)"
+             not start (Linux >= 5.19 and filesystems with idmapped mounts are needed: \
+             ext4, xfs, btrfs, tmpfs from 6.3; [jail] virtiofsd = false runs it as host \
+             root)"
         ),
     }
 }

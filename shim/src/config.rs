@@ -107,8 +107,8 @@ pub struct JailConfig {
     pub lock_file: PathBuf,
     /// virtiofsd as root of a user namespace of the pod's own instead of host root
     /// (`hypervisor::userns`): the pod's share is idmapped into it, so a filesystem
-    /// shared into a pod must support idmapped mounts (ext4, xfs, btrfs, tmpfs,
-    /// and a container rootfs from overlay layers passed by descriptor: Linux ≥ 6.15).
+    /// shared into a pod must support idmapped mounts (ext4, xfs, btrfs, tmpfs from
+    /// Linux 6.3), and overlay layers must (Linux ≥ 5.19).
     /// Only with `enabled`.
     pub virtiofsd: bool,
     /// The host ids of those namespaces: `share_ranges` ranges of 65 536 from here,

@@ -8,9 +8,18 @@
 //! could reach it. The overlay then shows
 //! the owners the layers show, and writes it makes (as the shim's root, through the
 //! idmapped upper layer) land on disk with the ids the guest gave.
+//!
+//! An older kernel (idmapped layers: ≥ 5.19) refuses a detached layer with `EINVAL`.
+//! There the same clones are attached in a throwaway mount namespace of their own
+//! (`podns::in_scratch_ns`, on a tmpfs only that namespace has), the overlay is mounted
+//! from their paths, and only a detached clone of it leaves; the namespace, with the
+//! layers' attachments, ends when the clone is made. overlayfs keeps private clones of
+//! its layers, so the result is the same mount, reachable from nowhere, as on a newer
+//! kernel. This is how containerd idmaps layers for runc, minus the node's namespace.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::idmaps::MountMaps;
 use crate::hypervisor::userns::{idmap_with, jail_hint, set_attr, PodUserns};
@@ -165,10 +174,21 @@ pub fn mount_idmapped(
     ns: &PodUserns,
     lower: Option<BorrowedFd<'_>>,
 ) -> std::io::Result<OwnedFd> {
+    mount_idmapped_by(o, ns, lower, None)
+}
+
+/// `mount_idmapped` by `force`'s method where given (for tests: each is checked on
+/// every kernel that has it), else as the kernel allows.
+pub fn mount_idmapped_by(
+    o: &OverlayOptions,
+    ns: &PodUserns,
+    lower: Option<BorrowedFd<'_>>,
+    force: Option<Method>,
+) -> std::io::Result<OwnedFd> {
     std::thread::scope(|s| {
         s.spawn(|| {
             as_filesystem_ids(ns.host_base)?;
-            make(o, Some(lower.unwrap_or(ns.fd())), Some(ns.fd()))
+            make(o, Some(lower.unwrap_or(ns.fd())), Some(ns.fd()), force)
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("the overlay thread panicked")))
@@ -183,7 +203,7 @@ pub fn mount_lowers_idmapped(
     o: &OverlayOptions,
     lower: BorrowedFd<'_>,
 ) -> std::io::Result<OwnedFd> {
-    make(o, Some(lower), None)
+    make(o, Some(lower), None, None)
 }
 
 /// This thread's filesystem uid and gid become `id`; its effective capabilities are
@@ -205,7 +225,191 @@ fn as_filesystem_ids(id: u32) -> std::io::Result<()> {
     caps::set(None, caps::CapSet::Effective, &permitted).map_err(std::io::Error::other)
 }
 
+/// How an overlay's layers reach overlayfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Detached clones, by descriptor (Linux ≥ 6.15).
+    Descriptors,
+    /// The same clones attached in a scratch mount namespace, by path (older kernels).
+    ScratchPaths,
+}
+
+/// The method the last overlay made by this process took (0: none yet).
+static LAST: AtomicU8 = AtomicU8::new(0);
+
+/// How the last overlay this process made got its layers, if it made one.
+pub fn last_method() -> Option<Method> {
+    match LAST.load(Ordering::Relaxed) {
+        1 => Some(Method::Descriptors),
+        2 => Some(Method::ScratchPaths),
+        _ => None,
+    }
+}
+
+/// Makes the overlay `o`, detached, by descriptor where the kernel takes detached
+/// layers, else by path in a scratch namespace (`force` picks one, for tests).
 fn make(
+    o: &OverlayOptions,
+    lower: Option<BorrowedFd<'_>>,
+    upper: Option<BorrowedFd<'_>>,
+    force: Option<Method>,
+) -> std::io::Result<OwnedFd> {
+    let by_path = |first: Option<std::io::Error>| {
+        let m = by_scratch_paths(o, lower, upper).map_err(|e| match first {
+            Some(first) => std::io::Error::new(e.kind(), format!("{e} (by descriptor: {first})")),
+            None => e,
+        })?;
+        if LAST.swap(2, Ordering::Relaxed) != 2 {
+            tracing::info!(
+                "overlay layers attached in a scratch mount namespace: this kernel takes \
+                 no detached layer (Linux < 6.15)"
+            );
+        }
+        Ok(m)
+    };
+    match force {
+        Some(Method::ScratchPaths) => by_path(None),
+        Some(Method::Descriptors) => by_descriptor(o, lower, upper),
+        None => match by_descriptor(o, lower, upper) {
+            Ok(m) => {
+                LAST.store(1, Ordering::Relaxed);
+                Ok(m)
+            }
+            // Linux < 6.13 knows no layer by descriptor (before 6.5 overlayfs took no
+            // descriptor at all: EOPNOTSUPP), < 6.15 no detached one (EINVAL). Any
+            // other cause of these comes back from the second try, named.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+                ) =>
+            {
+                by_path(Some(e))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Where a scratch namespace attaches layers: a tmpfs of its own over the first of
+/// these that is a directory (hidden only in that namespace).
+const SCRATCH_DIRS: &[&str] = &["/tmp", "/mnt", "/run"];
+
+/// A path of ours in overlay's options, which split on `,` and `:` and escape with `\`.
+fn plain(s: &str) -> std::io::Result<&str> {
+    if s.contains([',', ':', '\\', '\0']) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{s:?} cannot be given to overlayfs by path"),
+        ));
+    }
+    Ok(s)
+}
+
+/// `make` for a kernel that takes no detached layer: on a thread in a throwaway mount
+/// namespace, the layers are cloned (as by descriptor) and attached on a tmpfs that
+/// only that namespace has, the overlay is mounted from their paths there, and a
+/// detached clone of it is returned. The namespace, the tmpfs and every attachment go
+/// with the thread; the overlay keeps its own private clones of its layers.
+fn by_scratch_paths(
+    o: &OverlayOptions,
+    lower: Option<BorrowedFd<'_>>,
+    upper: Option<BorrowedFd<'_>>,
+) -> std::io::Result<OwnedFd> {
+    use nix::mount::{mount, MsFlags};
+    super::podns::in_scratch_ns(|| -> std::io::Result<OwnedFd> {
+        // Cloned by containerd's paths before anything is mounted here.
+        let lowers = o
+            .lower
+            .iter()
+            .map(|l| layer(l, lower, true))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let upper = match (&o.upper, &o.work) {
+            (Some(up), Some(wk)) => {
+                let [tree, _, _] = upper_and_work(up, wk, upper)?;
+                let name = |p: &str| {
+                    let n = Path::new(p).file_name().unwrap_or_default();
+                    plain(&n.to_string_lossy()).map(str::to_string)
+                };
+                Some((tree, name(up)?, name(wk)?))
+            }
+            _ => None,
+        };
+        let base = SCRATCH_DIRS
+            .iter()
+            .map(Path::new)
+            .find(|p| p.is_dir())
+            .ok_or_else(|| {
+                std::io::Error::other(format!("none of {SCRATCH_DIRS:?} to attach layers on"))
+            })?;
+        let errno = |what: String| move |e: nix::Error| std::io::Error::from(e).with(what);
+        mount(
+            Some("tmpfs"),
+            base,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=700"),
+        )
+        .map_err(errno(format!("a scratch tmpfs on {}", base.display())))?;
+        let point = |name: &str| -> std::io::Result<(String, OwnedFd)> {
+            let path = base.join(name);
+            std::fs::create_dir(&path)?;
+            let fd = nix::fcntl::open(
+                &path,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            Ok((plain(&path.to_string_lossy())?.to_string(), fd))
+        };
+        let mut data = Vec::new();
+        let mut lowerdirs = Vec::new();
+        for (i, tree) in lowers.iter().enumerate() {
+            let (path, at) = point(&format!("l{i}"))?;
+            super::share::attach(tree, &at).map_err(|e| e.with(format!("attach layer {i}")))?;
+            lowerdirs.push(path);
+        }
+        data.push(format!("lowerdir={}", lowerdirs.join(":")));
+        if let Some((tree, up, wk)) = &upper {
+            let (path, at) = point("u")?;
+            super::share::attach(tree, &at).map_err(|e| e.with("attach the upper layer"))?;
+            data.push(format!("upperdir={path}/{up}"));
+            data.push(format!("workdir={path}/{wk}"));
+        }
+        for (k, v) in &o.other {
+            data.push(match v {
+                Some(v) => format!("{}={}", plain(k)?, plain(v)?),
+                None => plain(k)?.to_string(),
+            });
+        }
+        let (target, _) = point("o")?;
+        mount(
+            Some("overlay"),
+            target.as_str(),
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.join(",").as_str()),
+        )
+        .map_err(errno("mount overlay by path".into()))?;
+        let tree = super::share::open_tree(Path::new(&target), false)?;
+        if o.attrs != 0 {
+            set_attr(tree.as_fd(), o.attrs, -1, false)?;
+        }
+        Ok(tree)
+    })?
+}
+
+/// An error's kind, with what was being done put in front of it.
+trait With {
+    fn with(self, what: impl std::fmt::Display) -> std::io::Error;
+}
+
+impl With for std::io::Error {
+    fn with(self, what: impl std::fmt::Display) -> std::io::Error {
+        std::io::Error::new(self.kind(), format!("{what}: {self}"))
+    }
+}
+
+fn by_descriptor(
     o: &OverlayOptions,
     lower: Option<BorrowedFd<'_>>,
     upper: Option<BorrowedFd<'_>>,
@@ -335,6 +539,30 @@ mod tests {
     /// namespace's root on disk: as 0.
     #[tokio::test]
     async fn an_idmapped_overlay_shows_and_writes_the_layers_owners() {
+        shows_and_writes_the_layers_owners(Method::Descriptors).await;
+    }
+
+    /// The same overlay, made as on a kernel older than 6.15, and nothing of its making
+    /// (the scratch tmpfs, the attached layers) left in this namespace.
+    #[tokio::test]
+    async fn an_overlay_by_scratch_paths_is_the_same_and_leaves_nothing() {
+        let before = mount_count();
+        shows_and_writes_the_layers_owners(Method::ScratchPaths).await;
+        assert_eq!(
+            mount_count(),
+            before,
+            "mounts left by the scratch namespace"
+        );
+    }
+
+    fn mount_count() -> usize {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .count()
+    }
+
+    async fn shows_and_writes_the_layers_owners(method: Method) {
         if !nix::unistd::geteuid().is_root() {
             cocoon_nested::testing::missing("overlay", "mounting needs root");
             return;
@@ -350,7 +578,7 @@ mod tests {
             format!("workdir={}", p("snap/work").display()),
         ])
         .unwrap();
-        let m = mount_idmapped(&o, &ns, None).unwrap();
+        let m = mount_idmapped_by(&o, &ns, None, Some(method)).unwrap();
         let target = nix::fcntl::open(
             &p("target"),
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
@@ -396,6 +624,15 @@ mod tests {
     /// the mapping's ids and the container's root owns its rootfs.
     #[test]
     fn layers_with_containerds_idmap_show_the_pods_host_ids_through_the_jail() {
+        containerds_idmap_through_the_jail(Method::Descriptors);
+    }
+
+    #[test]
+    fn layers_with_containerds_idmap_by_scratch_paths() {
+        containerds_idmap_through_the_jail(Method::ScratchPaths);
+    }
+
+    fn containerds_idmap_through_the_jail(method: Method) {
         if !nix::unistd::geteuid().is_root() {
             cocoon_nested::testing::missing("overlay", "mounting needs root");
             return;
@@ -423,7 +660,7 @@ mod tests {
         .unwrap();
         let mut mappers = super::super::idmaps::Idmappers::new(Some(&ns));
         let lower = mappers.get(o.idmap.as_ref().unwrap()).unwrap();
-        let m = mount_idmapped(&o, &ns, Some(lower.as_fd())).unwrap();
+        let m = mount_idmapped_by(&o, &ns, Some(lower.as_fd()), Some(method)).unwrap();
         let target = nix::fcntl::open(
             &p("target"),
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,

@@ -1,0 +1,246 @@
+//! The virtiofsd jail's rootfs (an overlay of idmapped layers, `shimv2/overlay.rs`) on a
+//! kernel older than 6.15, which takes no detached mount as an overlay layer. L1 runs
+//! Debian's 6.1, so the test reruns there, its layers on an ext4 loop device (6.1
+//! idmaps ext4, not tmpfs). On a host with hardware KVM it runs where it is, and checks
+//! whichever method that kernel takes.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+
+mod ctr_common;
+
+use ctr_common::*;
+
+use cocoon_integration::loopdev::Loop;
+use cocoon_nested::testing::{hardware_kvm, Place, NOTE_PREFIX};
+use cocoon_shim::hypervisor::userns::{PodUserns, IDS_PER_POD};
+use cocoon_shim::shimv2::overlay::{self, Method};
+
+/// The running kernel's major and minor version.
+fn kernel_version() -> (u32, u32) {
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    let mut parts = release.split(['.', '-']).map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+        _ => panic!("cannot read the kernel's version from {release:?}"),
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An ext4 filesystem of `size` bytes (a sparse file) on a loop device, mounted on
+/// `dir/mnt` until dropped.
+struct Ext4 {
+    mnt: std::path::PathBuf,
+    _dev: Loop,
+}
+
+impl Ext4 {
+    fn new(dir: &Path, size: u64) -> Ext4 {
+        let file = dir.join("ext4.img");
+        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {out:?}");
+        let dev = String::from_utf8_lossy(&out.stdout).trim().into();
+        let dev = Loop { dev, file };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.dev));
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        run(Command::new("mount").arg(&dev.dev).arg(&mnt));
+        Ext4 { mnt, _dev: dev }
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1() {
+    let test = "an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1";
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    let version = kernel_version();
+    let expected = if version >= (6, 15) {
+        Method::Descriptors
+    } else {
+        Method::ScratchPaths
+    };
+    println!(
+        "{NOTE_PREFIX}Linux {}.{}: overlay layers by {expected:?}",
+        version.0, version.1
+    );
+
+    let t = tempfile::tempdir().unwrap();
+    let fs = Ext4::new(t.path(), 16 << 20);
+    let p = |s: &str| fs.mnt.join(s);
+    for d in ["lower", "snap/fs", "snap/work", "target"] {
+        std::fs::create_dir_all(p(d)).unwrap();
+    }
+    std::fs::write(p("lower/root-file"), "r").unwrap();
+    std::fs::write(p("lower/user-file"), "u").unwrap();
+    std::os::unix::fs::lchown(p("lower/user-file"), Some(1000), Some(1000)).unwrap();
+    let o = overlay::parse(&[
+        format!("lowerdir={}", p("lower").display()),
+        format!("upperdir={}", p("snap/fs").display()),
+        format!("workdir={}", p("snap/work").display()),
+    ])
+    .unwrap();
+    let base = 1_500_393_216;
+    let ns = PodUserns::create(base, IDS_PER_POD).unwrap();
+
+    if expected == Method::ScratchPaths {
+        // Why the other method exists: this kernel refuses detached layers.
+        let e = overlay::mount_idmapped_by(&o, &ns, None, Some(Method::Descriptors))
+            .expect_err("a detached layer taken by a kernel older than 6.15");
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ),
+            "{e}"
+        );
+    }
+    let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // As the shim makes a pod's rootfs: the method is the kernel's to decide.
+    let m = overlay::mount_idmapped(&o, &ns, None)
+        .unwrap_or_else(|e| panic!("an overlay of idmapped layers on Linux {version:?}: {e}"));
+    assert_eq!(overlay::last_method(), Some(expected));
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        before,
+        "making the overlay left mounts in this namespace"
+    );
+    let target = nix::fcntl::open(
+        &p("target"),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    cocoon_shim::shimv2::share::attach(&m, &target).unwrap();
+    drop(m);
+    let uid = |f: &str| {
+        std::fs::symlink_metadata(p("target").join(f))
+            .unwrap()
+            .uid()
+    };
+    assert_eq!(uid("root-file"), base);
+    assert_eq!(uid("user-file"), base + 1000);
+    // The namespace's root (the jailed virtiofsd) writes as the guest's root would.
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.current_dir(p("target"))
+        .args(["-c", "echo x > new && chown 1000:1000 new && mkdir d"]);
+    ns.enter_as_root(&mut cmd, 1024);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async { cmd.status().await }).unwrap();
+    assert!(
+        status.success(),
+        "writes through the overlay as the pod's root"
+    );
+    nix::mount::umount2(&p("target"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let disk = |f: &str| std::fs::symlink_metadata(p(f)).unwrap();
+    assert_eq!(disk("snap/fs/new").uid(), 1000);
+    assert_eq!(disk("snap/fs/d").uid(), 0);
+}
+
+/// A pod on cocoon-vmm with the virtiofsd jail asked for, on a kernel older than 6.15
+/// (L1's 6.1), with containerd's snapshots, the shim's run directory and the volume on
+/// ext4 (6.1 idmaps ext4, not tmpfs): virtiofsd runs as root of a user namespace of the
+/// pod's own, and the container sees and writes the owners runc's does.
+#[test]
+fn cocoon_vmm_jails_virtiofsd_on_an_older_kernel() {
+    let test = "cocoon_vmm_jails_virtiofsd_on_an_older_kernel";
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let fs = Ext4::new(t.path(), 512 << 20);
+    // SAFETY: set before any thread of this test starts; the test runs alone in its
+    // process (libtest's --exact inside L1, or nextest's process per test).
+    unsafe { std::env::set_var("TMPDIR", &fs.mnt) };
+    // `cocoon check` probes there (its scratch directory is the temporary one).
+    let line = cocoon_shim::check::virtiofsd_jail();
+    let older = kernel_version() < (6, 15);
+    assert!(line.starts_with("virtiofsd jail: yes"), "{line}");
+    assert_eq!(line.contains("throwaway mount namespace"), older, "{line}");
+    let env = env_with(
+        "hypervisor = \"cocoon-vmm\"\n",
+        "[jail]\nvirtiofsd = true\n",
+    );
+    let vol = env.containerd.dir.join("owners");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("theirs"), "x").unwrap();
+    std::os::unix::fs::lchown(vol.join("theirs"), Some(4321), Some(4322)).unwrap();
+    let m = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+    // The image's owners, a volume's, and files made and given away in both.
+    let script = "stat -c %u:%g /bin/busybox /data/theirs; touch /data/a-$0 /b && \
+                  chown 1234:5678 /data/a-$0 /b && mkdir /data/d-$0 && \
+                  stat -c %u:%g /data/a-$0 /data/d-$0 /b";
+    for (runtime, tag) in [(RUNC, "runc"), (COCOON, "cocoon")] {
+        let o = ctr_run(
+            &env,
+            runtime,
+            &format!("own-{tag}"),
+            &["--mount", &m],
+            &["sh", "-c", script, tag],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "0:0\n4321:4322\n1234:5678\n0:0\n1234:5678\n",
+            "{tag}: {}",
+            show(&o)
+        );
+        let on_disk = |f: &str| {
+            let m = std::fs::metadata(vol.join(format!("{f}-{tag}"))).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(on_disk("a"), (1234, 5678), "{tag}");
+        assert_eq!(on_disk("d"), (0, 0), "{tag}");
+    }
+
+    run_detached(&env, "fsd", &[], &["sleep", "1000"]);
+    let fsds: Vec<u32> = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .filter(|(_, c)| c.starts_with("virtiofsd@"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(!fsds.is_empty(), "no virtiofsd for the pod");
+    let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    for pid in fsds {
+        let userns = std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+        assert_ne!(
+            userns, host_userns,
+            "virtiofsd {pid} is in the host's user namespace"
+        );
+        let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+        assert!(
+            map.split_whitespace().next() == Some("0"),
+            "uid_map of {pid}: {map}"
+        );
+        assert_ne!(
+            map.split_whitespace().nth(1),
+            Some("0"),
+            "uid_map of {pid}: {map}"
+        );
+    }
+    kill_delete_clean(&env, "fsd");
+    assert_clean(&env);
+    drop(env);
+    drop(fs);
+}
