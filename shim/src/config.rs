@@ -119,6 +119,14 @@ pub struct JailConfig {
     pub share_lock_file: PathBuf,
 }
 
+/// The longest path a unix socket may have (`sun_path`, less its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// The longest `paths.run_dir`: the deepest socket below it is a VM template's while it
+/// is made, `/+templates/<32 hex>.making/` and a socket name of up to 15 bytes
+/// (`vsock.sock_<port>`), 67 bytes.
+pub const MAX_RUN_DIR: usize = SOCKET_PATH_MAX - 67;
+
 impl Default for JailConfig {
     fn default() -> Self {
         Self {
@@ -447,6 +455,18 @@ impl Config {
         if self.paths.run_dir.as_os_str().is_empty() || !self.paths.run_dir.is_absolute() {
             return bad("paths.run_dir", "must be an absolute path");
         }
+        let len = self.paths.run_dir.as_os_str().len();
+        if len > MAX_RUN_DIR {
+            return bad(
+                "paths.run_dir",
+                &format!(
+                    "is {len} bytes long, at most {MAX_RUN_DIR}: sockets are made up to \
+                     {} bytes below it (a VM template's virtiofsd), and a unix socket's \
+                     path holds {SOCKET_PATH_MAX}",
+                    SOCKET_PATH_MAX - MAX_RUN_DIR
+                ),
+            );
+        }
         let (base, count) = (self.jail.uid_base, self.jail.uid_count);
         if base == 0 || count == 0 || base.checked_add(count).is_none_or(|e| e == u32::MAX) {
             return bad(
@@ -586,6 +606,15 @@ mod tests {
         assert!(msg.contains("hvf"), "{msg}");
         let err = Config::parse("[paths]\nrun_dir = \"relative\"\n").unwrap_err();
         assert!(err.to_string().contains("paths.run_dir"), "{err}");
+        // Sockets below it must fit a socket's path.
+        let at_most = format!("/{}", "r".repeat(MAX_RUN_DIR - 1));
+        assert!(Config::parse(&format!("[paths]\nrun_dir = {at_most:?}\n")).is_ok());
+        let err = Config::parse(&format!("[paths]\nrun_dir = \"{at_most}r\"\n")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("paths.run_dir") && msg.contains("at most 40"),
+            "{msg}"
+        );
         let err = Config::parse("hypervisor = \"qemu\"\n[vm]\ntemplates = true\n").unwrap_err();
         assert!(err.to_string().contains("vm.templates"), "{err}");
         assert!(err.to_string().contains("cocoon-vmm"), "{err}");

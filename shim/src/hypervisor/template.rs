@@ -34,6 +34,7 @@ pub const DIR: &str = "+templates";
 pub const TEMPLATE_MAC: &str = "02:43:43:00:00:00";
 const CONSOLE: &str = "console.log";
 const VMM_LOG: &str = "vmm.log";
+const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 
 /// What a template is made of; two pods with equal keys can share one.
 pub struct Shape<'a> {
@@ -271,6 +272,7 @@ impl Store {
         let p = |n: &str| scratch.join(n);
         let spawn = |what: &'static str| move |source| HypervisorError::Spawn { what, source };
         let mut procs = Vec::new();
+        let mut fs_log = None;
         let mut vmm = tokio::process::Command::new(shape.vmm);
         // The console and the VMM's words go through pipes copied (and bounded) here, as
         // a pod's do; the ready line on the console wakes the wait below.
@@ -310,14 +312,45 @@ impl Store {
                 .args(["--sandbox", "namespace", "--announce-submounts"])
                 .args(["--cache", "auto", "--log-level", "warn"])
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .kill_on_drop(true);
             super::process::die_with_parent(&mut fs);
-            let fs = fs.spawn().map_err(spawn("virtiofsd"))?;
-            procs.push(fs);
-            self.wait("virtiofsd's socket", started, || sock.exists())
-                .await?;
+            // What it says goes to a bounded log, quoted if it never serves.
+            let log = super::console::log_to_pipe(&mut fs, &p(VIRTIOFSD_LOG))
+                .map_err(spawn("virtiofsd"))?;
+            let spawned = fs.spawn();
+            drop(fs);
+            let mut child = spawned.map_err(spawn("virtiofsd"))?;
+            // A virtiofsd that ends (a socket path too long, a bad option) is said at
+            // once, with its words, not at the boot deadline.
+            let mut ended = None;
+            let waited = self
+                .wait("virtiofsd's socket", started, || match child.try_wait() {
+                    Ok(Some(st)) => {
+                        ended = Some(st);
+                        true
+                    }
+                    _ => sock.exists(),
+                })
+                .await;
+            let failed = match (waited, ended) {
+                (Ok(()), None) => None,
+                (Ok(()), Some(st)) => Some(format!("virtiofsd ended before it served ({st})")),
+                (Err(_), _) => Some(format!(
+                    "virtiofsd's socket not there within {:?}",
+                    self.boot_timeout
+                )),
+            };
+            if let Some(why) = failed {
+                let _ = child.kill().await;
+                log.settled(Instant::now() + Duration::from_millis(500))
+                    .await;
+                return Err(HypervisorError::Template(format!(
+                    "{why}; virtiofsd said: {}",
+                    super::tail_lines(&p(VIRTIOFSD_LOG), 5)
+                )));
+            }
+            procs.push(child);
+            fs_log = Some(log);
             vmm.arg("--fs").arg(format!("{}:{tag}", sock.display()));
         }
         if shape.hotplug_mib > 0 {
@@ -368,6 +401,9 @@ impl Store {
         let until = Instant::now() + Duration::from_millis(500);
         console.settled(until).await;
         vmm_log.settled(until).await;
+        if let Some(log) = &fs_log {
+            log.settled(until).await;
+        }
         result.map_err(|e| {
             HypervisorError::Template(format!(
                 "{e}; the VMM said: {}; the console: {}",
@@ -480,16 +516,31 @@ mod tests {
         vmm: &Path,
         boot_timeout: Duration,
     ) -> (Result<PathBuf, HypervisorError>, tempfile::TempDir) {
+        make_sharing(vmm, boot_timeout, None).await
+    }
+
+    /// `make_with` with a share served by `virtiofsd`, where given.
+    async fn make_sharing(
+        vmm: &Path,
+        boot_timeout: Duration,
+        virtiofsd: Option<&Path>,
+    ) -> (Result<PathBuf, HypervisorError>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let (kernel, initrd) = (dir.path().join("kernel"), dir.path().join("initrd"));
         std::fs::write(&kernel, "k").unwrap();
         std::fs::write(&initrd, "i").unwrap();
         let store = Store {
             dir: dir.path().join(DIR),
-            virtiofsd: "/nonexistent/virtiofsd".into(),
+            virtiofsd: virtiofsd
+                .unwrap_or(Path::new("/nonexistent/virtiofsd"))
+                .into(),
             boot_timeout,
         };
-        (store.get_or_make(&plain(vmm, &kernel, &initrd)).await, dir)
+        let mut shape = plain(vmm, &kernel, &initrd);
+        if virtiofsd.is_some() {
+            shape.fs_tag = Some("cocoon");
+        }
+        (store.get_or_make(&shape).await, dir)
     }
 
     /// Nothing of a failed template is left: no template, no scratch directory.
@@ -525,6 +576,33 @@ mod tests {
             "the kernel would not load",
             "Kernel panic",
         ] {
+            assert!(e.contains(said), "{said:?} missing from: {e}");
+        }
+        nothing_made(dir.path());
+    }
+
+    /// A template's virtiofsd that ends before it serves (here as one does whose socket
+    /// path is too long) fails the template at once, with what it said.
+    #[tokio::test]
+    async fn a_template_virtiofsd_that_ends_is_reported_at_once_with_its_words() {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = tempfile::tempdir().unwrap();
+        let vmm = fake_vmm(bin.path(), "", "", "exec sleep 600");
+        let fsd = bin.path().join("fake-virtiofsd");
+        std::fs::write(
+            &fsd,
+            "#!/bin/sh\necho 'Error creating listener: path must be shorter than SUN_LEN' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fsd, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = Instant::now();
+        let (made, dir) = make_sharing(&vmm, Duration::from_secs(60), Some(&fsd)).await;
+        let e = made.unwrap_err().to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "waited for the deadline: {e}"
+        );
+        for said in ["virtiofsd ended before it served", "shorter than SUN_LEN"] {
             assert!(e.contains(said), "{said:?} missing from: {e}");
         }
         nothing_made(dir.path());
