@@ -1,4 +1,5 @@
-//! Loop devices over files of a test's, for raw block device tests, and who holds them.
+//! Loop devices over files of a test's, for raw block device tests, and who holds them;
+//! an ext4 filesystem on one, for kernels whose tmpfs cannot be idmapped (L1's 6.1).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -74,5 +75,68 @@ pub fn held_after(loops: &[&Loop], limit: Duration) -> Vec<String> {
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// An ext4 filesystem of `size` bytes (a sparse file) on a loop device, mounted until
+/// dropped on a directory of its own with a short path (`/run/e…`): a run directory
+/// below it must leave room for the sockets made there (`config::MAX_RUN_DIR`).
+pub struct Ext4 {
+    pub mnt: PathBuf,
+    _dev: Loop,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+impl Ext4 {
+    pub fn new(size: u64) -> Result<Ext4, String> {
+        let image = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mnt = tempfile::Builder::new()
+            .prefix("e")
+            .tempdir_in("/run")
+            .map_err(|e| format!("a mount point in /run: {e}"))?;
+        let file = image.path().join("ext4.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = Loop {
+            dev: String::from_utf8_lossy(&out.stdout).trim().into(),
+            file,
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.dev))?;
+        run(Command::new("mount").arg(&dev.dev).arg(mnt.path()))?;
+        Ok(Ext4 {
+            mnt: mnt.path().to_path_buf(),
+            _dev: dev,
+            _dirs: [mnt, image],
+        })
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        // Before the loop device and the directories go (fields drop after this).
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
     }
 }

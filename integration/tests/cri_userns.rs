@@ -21,12 +21,17 @@ mod common;
 use cocoon_integration::containerd::use_containerd2;
 use cocoon_integration::cri::{CriNode, COCOON};
 use cocoon_integration::image::IMAGE_REF;
+use cocoon_integration::loopdev::Ext4;
 use cocoon_integration::processes_mentioning;
+use cocoon_nested::testing::{hardware_kvm, Place};
+use cocoon_shim::shimv2::timings;
 use common::{env_full, eventually, reply_from};
 use k8s_cri::v1::{IdMapping, Mount, NamespaceMode, UserNamespace};
 
 const COCOON_USERNS_NET: u8 = 121;
 const COCOON_USERNS_UNJAILED_NET: u8 = 122;
+const COCOON_VMM_USERNS_NET: u8 = 123;
+const COCOON_VMM_USERNS_TEMPLATE_NET: u8 = 124;
 
 /// As kubelet picks them: a multiple of 65 536, 65 536 ids.
 const HOST_ID: u32 = 3 * 65_536;
@@ -65,6 +70,56 @@ async fn cocoon_pod_with_its_own_user_namespace_without_the_virtiofsd_jail() {
     }
 }
 
+/// The same on cocoon-vmm, which needs hardware KVM: rerun in L1.
+#[test]
+fn cocoon_vmm_pod_with_its_own_user_namespace() {
+    on_cocoon_vmm(
+        "cocoon_vmm_pod_with_its_own_user_namespace",
+        COCOON_VMM_USERNS_NET,
+        false,
+    );
+}
+
+/// The same from a VM template (`[vm] templates`): the restored guest's agent moves
+/// the pod's interfaces into the sandbox's network namespace as a cold one does.
+#[test]
+fn cocoon_vmm_pod_from_a_template_with_its_own_user_namespace() {
+    on_cocoon_vmm(
+        "cocoon_vmm_pod_from_a_template_with_its_own_user_namespace",
+        COCOON_VMM_USERNS_TEMPLATE_NET,
+        true,
+    );
+}
+
+/// Runs the case on cocoon-vmm, in L1 where this host has no hardware KVM. L1 runs
+/// Debian's 6.1, whose tmpfs cannot be idmapped: the node's containerd, the shim's run
+/// directory and the volume live on ext4 there (on a loop device, `TMPDIR`), as they
+/// would on a node's disk.
+fn on_cocoon_vmm(test: &str, net: u8, templates: bool) {
+    if hardware_kvm(test) == Place::Done {
+        return;
+    }
+    let fs = Ext4::new(1 << 30).unwrap_or_else(|e| panic!("ext4 for the node: {e}"));
+    // SAFETY: set before any thread of this test starts; the test runs alone in its
+    // process (libtest's --exact inside L1, or nextest's process per test).
+    unsafe {
+        std::env::set_var("TMPDIR", &fs.mnt);
+        std::env::set_var("COCOON_TEST_HYPERVISOR", "cocoon-vmm");
+        if templates {
+            std::env::set_var("COCOON_TEST_TEMPLATES", "1");
+        }
+    }
+    use_containerd2();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(pod_with_its_own_user_namespace(test, COCOON, net, ""));
+    if let Some(seen) = seen {
+        expect(&seen);
+        assert_eq!(seen.from_template, [templates], "{seen:#?}");
+    }
+    drop(rt);
+    drop(fs);
+}
+
 fn mapping() -> Vec<IdMapping> {
     vec![IdMapping {
         host_id: HOST_ID,
@@ -87,6 +142,8 @@ fn userns() -> UserNamespace {
 struct Seen {
     probes: Vec<(&'static str, String)>,
     written_owner: (u32, u32),
+    /// Per pod VM the shim's timings recorded: whether it came from a VM template.
+    from_template: Vec<bool>,
 }
 
 /// What runc (≥ 1.2) shows for such a pod, and Cocoon must show too: the pod's
@@ -298,8 +355,15 @@ async fn pod_with_its_own_user_namespace(
         processes_mentioning(&run_dir),
         cocoon_integration::mounts_under(Path::new(&run_dir))
     );
+    // The records are written as containers are deleted.
+    let from_template = timings::read(Path::new(&run_dir))
+        .into_iter()
+        .filter(|r| r.kind == "container" && r.vm_launch_ms > 0.0)
+        .map(|r| r.from_template)
+        .collect();
     Some(Seen {
         probes: out,
         written_owner,
+        from_template,
     })
 }

@@ -5,14 +5,12 @@
 //! whichever method that kernel takes.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::process::Command;
 
 mod ctr_common;
 
 use ctr_common::*;
 
-use cocoon_integration::loopdev::Loop;
+use cocoon_integration::loopdev::Ext4;
 use cocoon_nested::testing::{hardware_kvm, Place, NOTE_PREFIX};
 use cocoon_shim::hypervisor::userns::{PodUserns, IDS_PER_POD};
 use cocoon_shim::shimv2::overlay::{self, Method};
@@ -25,48 +23,6 @@ fn kernel_version() -> (u32, u32) {
     match (parts.next(), parts.next()) {
         (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
         _ => panic!("cannot read the kernel's version from {release:?}"),
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An ext4 filesystem of `size` bytes (a sparse file) on a loop device, mounted on
-/// `dir/mnt` until dropped.
-struct Ext4 {
-    mnt: std::path::PathBuf,
-    _dev: Loop,
-}
-
-impl Ext4 {
-    fn new(dir: &Path, size: u64) -> Ext4 {
-        let file = dir.join("ext4.img");
-        std::fs::File::create(&file).unwrap().set_len(size).unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "losetup: {out:?}");
-        let dev = String::from_utf8_lossy(&out.stdout).trim().into();
-        let dev = Loop { dev, file };
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.dev));
-        let mnt = dir.join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        run(Command::new("mount").arg(&dev.dev).arg(&mnt));
-        Ext4 { mnt, _dev: dev }
-    }
-}
-
-impl Drop for Ext4 {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -87,8 +43,7 @@ fn an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1() {
         version.0, version.1
     );
 
-    let t = tempfile::tempdir().unwrap();
-    let fs = Ext4::new(t.path(), 16 << 20);
+    let fs = Ext4::new(16 << 20).unwrap();
     let p = |s: &str| fs.mnt.join(s);
     for d in ["lower", "snap/fs", "snap/work", "target"] {
         std::fs::create_dir_all(p(d)).unwrap();
@@ -169,8 +124,7 @@ fn cocoon_vmm_jails_virtiofsd_on_an_older_kernel() {
     if hardware_kvm(test) == Place::Done {
         return;
     }
-    let t = tempfile::tempdir().unwrap();
-    let fs = Ext4::new(t.path(), 512 << 20);
+    let fs = Ext4::new(512 << 20).unwrap();
     // SAFETY: set before any thread of this test starts; the test runs alone in its
     // process (libtest's --exact inside L1, or nextest's process per test).
     unsafe { std::env::set_var("TMPDIR", &fs.mnt) };
