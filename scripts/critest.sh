@@ -3,9 +3,12 @@
 # runc on one private CRI node, case by case. Not part of `make test`: critest is Go
 # and lives on GitHub, which CI cannot reach. See docs/kubernetes.md ("critest").
 #
-# usage: scripts/critest.sh [--containerd DIR] (--critest BIN | --cri-tools DIR) [critest flags...]
+# usage: scripts/critest.sh [--containerd DIR] [--runc-type] (--critest BIN | --cri-tools DIR) [critest flags...]
 #   --containerd DIR: the node runs DIR's containerd, ctr and runc shim instead of those on
 #   PATH; containerd 2 is in <cache>/containerd2/usr/bin (scripts/setup-host.sh).
+#   --runc-type: the cocoon handler is declared runc-type (runtime_path names Cocoon's
+#   shim), as docs/kubernetes.md says for containerd 2.1-2.3, which offer user namespaces
+#   and recursively read-only volumes only to runc-type handlers.
 #   BIN: a built critest (`go test -c ./cmd/critest` in cri-tools); DIR: a cri-tools
 #   checkout with its vendor/ (v1.26.x builds with Debian 12's Go 1.19, v1.32.0 with
 #   bookworm-backports' golang-1.23-go), built here.
@@ -22,6 +25,11 @@ if [[ ${1:-} == --containerd ]]; then
     PATH=$(cd "$2" && pwd):$PATH
     shift 2
 fi
+runc_type=false
+if [[ ${1:-} == --runc-type ]]; then
+    runc_type=true
+    shift
+fi
 case "${1:-}" in
 --critest) critest=$2; shift 2 ;;
 --cri-tools)
@@ -30,7 +38,7 @@ case "${1:-}" in
     (cd "$2" && GOFLAGS=-mod=vendor CGO_ENABLED=0 go test -c -o "$out/critest" ./cmd/critest)
     critest=$out/critest
     shift 2 ;;
-*) sed -n 2,13p "$0" >&2; exit 2 ;;
+*) sed -n 2,16p "$0" >&2; exit 2 ;;
 esac
 for tool in docker-registry containerd ctr gcc python3 /usr/lib/cni/portmap "$root/target/debug/containerd-shim-cocoon-v2"; do
     command -v "$tool" >/dev/null || { echo "critest.sh: $tool not found (make build; scripts/setup-host.sh)" >&2; exit 1; }
@@ -86,6 +94,14 @@ for h in registry.k8s.io gcr.io; do
 done
 
 # The node: containerd with the CRI plugin, runc by default and a `cocoon` handler.
+if $runc_type; then
+    # A runc-type handler gets runc's options, which name no Cocoon config: the shim
+    # takes COCOON_CONFIG from containerd's environment (below).
+    cocoon_type="runtime_type = \"io.containerd.runc.v2\"
+  runtime_path = \"$root/target/debug/containerd-shim-cocoon-v2\""
+else
+    cocoon_type='runtime_type = "io.containerd.cocoon.v2"'
+fi
 cri='plugins."io.containerd.grpc.v1.cri"'
 cat > "$dir/containerd.toml" <<T
 version = 2
@@ -108,7 +124,7 @@ state = "$dir/state"
 [$cri.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 [$cri.containerd.runtimes.cocoon]
-  runtime_type = "io.containerd.cocoon.v2"
+  $cocoon_type
   privileged_without_host_devices = true
 [$cri.registry]
   config_path = "$dir/certs.d"
@@ -140,8 +156,8 @@ for handler in runc cocoon; do
 done
 cp "$dir/containerd.log" "$out/containerd.log"
 printf '%s\n' "${by_design[@]}" > "$dir/by-design"
-# Only where this containerd is one of those.
-if containerd --version | grep -qE ' v?2\.[123]\.'; then
+# Only where this containerd is one of those, and the handler is not declared runc-type.
+if ! $runc_type && containerd --version | grep -qE ' v?2\.[123]\.'; then
     printf '%s\n' "${containerd_skips[@]}" > "$dir/containerd-skips"
 else
     : > "$dir/containerd-skips"
