@@ -130,7 +130,9 @@ clean:
 # Kubernetes' CRI validation suite under runc and Cocoon, compared case by case (not in
 # `make test`: critest comes from GitHub). CRITEST=path/to/critest or CRI_TOOLS=checkout;
 # CONTAINERD_DIR=<dir with containerd, ctr> runs that containerd (containerd 2:
-# /var/lib/cocoon/containerd2/usr/bin, which setup-host.sh unpacks).
+# /var/lib/cocoon/containerd2/usr/bin, which setup-host.sh unpacks); RUNC_TYPE=1 declares
+# the cocoon handler runc-type, as containerd 2.1-2.3 need for user namespaces.
 critest: build image
 	bash scripts/critest.sh $(if $(CONTAINERD_DIR),--containerd $(CONTAINERD_DIR),) \
+		$(if $(RUNC_TYPE),--runc-type,) \
 		$(if $(CRITEST),--critest $(CRITEST),--cri-tools $(CRI_TOOLS))
