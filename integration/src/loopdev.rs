@@ -19,6 +19,11 @@ impl Loop {
         let mut bytes = vec![0u8; 4 << 20];
         bytes[..first.len()].copy_from_slice(first);
         std::fs::write(&file, &bytes).map_err(|e| e.to_string())?;
+        Self::attach(file)
+    }
+
+    /// `file` attached to a free loop device.
+    pub fn attach(file: PathBuf) -> Result<Loop, String> {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(&file)
@@ -109,21 +114,7 @@ impl Ext4 {
         std::fs::File::create(&file)
             .and_then(|f| f.set_len(size))
             .map_err(|e| format!("{}: {e}", file.display()))?;
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&file)
-            .output()
-            .map_err(|e| format!("losetup: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "losetup: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let dev = Loop {
-            dev: String::from_utf8_lossy(&out.stdout).trim().into(),
-            file,
-        };
+        let dev = Loop::attach(file)?;
         run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev.dev))?;
         run(Command::new("mount").arg(&dev.dev).arg(mnt.path()))?;
         Ok(Ext4 {

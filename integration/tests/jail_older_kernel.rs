@@ -137,63 +137,8 @@ fn cocoon_vmm_jails_virtiofsd_on_an_older_kernel() {
         "hypervisor = \"cocoon-vmm\"\n",
         "[jail]\nvirtiofsd = true\n",
     );
-    let vol = env.containerd.dir.join("owners");
-    std::fs::create_dir_all(&vol).unwrap();
-    std::fs::write(vol.join("theirs"), "x").unwrap();
-    std::os::unix::fs::lchown(vol.join("theirs"), Some(4321), Some(4322)).unwrap();
-    let m = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
-    // The image's owners, a volume's, and files made and given away in both.
-    let script = "stat -c %u:%g /bin/busybox /data/theirs; touch /data/a-$0 /b && \
-                  chown 1234:5678 /data/a-$0 /b && mkdir /data/d-$0 && \
-                  stat -c %u:%g /data/a-$0 /data/d-$0 /b";
-    for (runtime, tag) in [(RUNC, "runc"), (COCOON, "cocoon")] {
-        let o = ctr_run(
-            &env,
-            runtime,
-            &format!("own-{tag}"),
-            &["--mount", &m],
-            &["sh", "-c", script, tag],
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&o.stdout),
-            "0:0\n4321:4322\n1234:5678\n0:0\n1234:5678\n",
-            "{tag}: {}",
-            show(&o)
-        );
-        let on_disk = |f: &str| {
-            let m = std::fs::metadata(vol.join(format!("{f}-{tag}"))).unwrap();
-            (m.uid(), m.gid())
-        };
-        assert_eq!(on_disk("a"), (1234, 5678), "{tag}");
-        assert_eq!(on_disk("d"), (0, 0), "{tag}");
-    }
-
-    run_detached(&env, "fsd", &[], &["sleep", "1000"]);
-    let fsds: Vec<u32> = cocoon_integration::processes_mentioning(&env.run_dir.to_string_lossy())
-        .into_iter()
-        .filter(|(_, c)| c.starts_with("virtiofsd@"))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert!(!fsds.is_empty(), "no virtiofsd for the pod");
-    let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
-    for pid in fsds {
-        let userns = std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
-        assert_ne!(
-            userns, host_userns,
-            "virtiofsd {pid} is in the host's user namespace"
-        );
-        let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
-        assert!(
-            map.split_whitespace().next() == Some("0"),
-            "uid_map of {pid}: {map}"
-        );
-        assert_ne!(
-            map.split_whitespace().nth(1),
-            Some("0"),
-            "uid_map of {pid}: {map}"
-        );
-    }
-    kill_delete_clean(&env, "fsd");
+    owners_match_runc(&env);
+    virtiofsd_is_jailed(&env);
     assert_clean(&env);
     drop(env);
     drop(fs);

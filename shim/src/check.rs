@@ -121,11 +121,25 @@ pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Ve
 /// (`[jail] virtiofsd`): tried for real, in a scratch directory, with a namespace and an
 /// overlay of idmapped layers made detached and never attached.
 pub fn virtiofsd_jail() -> String {
+    virtiofsd_jail_in(None)
+}
+
+/// `virtiofsd_jail`, tried on the filesystem of `dir` (the run directory, where pods'
+/// shares live; its nearest existing parent if it is not there yet) where given, else
+/// in the temporary directory.
+pub fn virtiofsd_jail_in(dir: Option<&Path>) -> String {
     let tried = || -> Result<(), String> {
         if !nix::unistd::geteuid().is_root() {
             return Err("not root".into());
         }
-        let t = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let t = match dir {
+            Some(d) => {
+                let existing = d.ancestors().find(|a| a.is_dir()).unwrap_or(Path::new("/"));
+                tempfile::tempdir_in(existing)
+                    .map_err(|e| format!("a scratch directory in {}: {e}", existing.display()))?
+            }
+            None => tempfile::tempdir().map_err(|e| e.to_string())?,
+        };
         for d in ["lower", "snap/fs", "snap/work"] {
             std::fs::create_dir_all(t.path().join(d)).map_err(|e| e.to_string())?;
         }
@@ -144,6 +158,10 @@ pub fn virtiofsd_jail() -> String {
             .map(drop)
             .map_err(|e| format!("an overlay of idmapped layers: {e}"))
     };
+    let on = match dir {
+        Some(d) => format!(" (tried on {}'s filesystem)", d.display()),
+        None => String::new(),
+    };
     match tried() {
         Ok(()) => {
             let how = match crate::shimv2::overlay::last_method() {
@@ -155,14 +173,14 @@ pub fn virtiofsd_jail() -> String {
             };
             format!(
                 "virtiofsd jail: yes: root of a user namespace of the pod's own, over \
-                 idmapped mounts of the share ([jail] virtiofsd){how}"
+                 idmapped mounts of the share ([jail] virtiofsd){how}{on}"
             )
         }
         Err(e) => format!(
-            "virtiofsd jail: no: {e}; pods with [jail] virtiofsd = true (the default) will \
-             not start (Linux >= 5.19 and filesystems with idmapped mounts are needed: \
-             ext4, xfs, btrfs, tmpfs from 6.3; [jail] virtiofsd = false runs it as host \
-             root)"
+            "virtiofsd jail: no{on}: {e}; pods with [jail] virtiofsd = true (the default) \
+             will not start (Linux >= 5.19 and filesystems with idmapped mounts are \
+             needed: ext4, xfs, btrfs, tmpfs from 6.3; [jail] virtiofsd = false runs it as \
+             host root)"
         ),
     }
 }
@@ -285,6 +303,11 @@ pub fn memory_growth_line(kvm: KvmKind) -> &'static str {
 }
 
 pub fn report() -> HostReport {
+    report_in(None)
+}
+
+/// `report`, with the virtiofsd jail tried in `run_dir` (`virtiofsd_jail_in`).
+pub fn report_in(run_dir: Option<&Path>) -> HostReport {
     let kvm = kvm_kind();
     let tools = vec![
         tool("qemu-system-x86_64", "--version"),
@@ -344,7 +367,7 @@ pub fn report() -> HostReport {
                     (m.mode(), m.gid())
                 }),
             );
-            c.push(virtiofsd_jail());
+            c.push(virtiofsd_jail_in(run_dir));
             c
         },
     }
@@ -474,6 +497,27 @@ mod tests {
         } else {
             assert!(line.contains("not root"), "{line}");
         }
+    }
+
+    /// Tried where the run directory will be (not made yet: its parent), and said so;
+    /// nothing left there.
+    #[test]
+    fn the_virtiofsd_jail_probe_tries_the_run_directorys_filesystem() {
+        let t = tempfile::tempdir().unwrap();
+        let run_dir = t.path().join("cocoon/run");
+        let line = virtiofsd_jail_in(Some(&run_dir));
+        assert!(
+            line.contains(&format!("tried on {}", run_dir.display())),
+            "{line}"
+        );
+        if nix::unistd::geteuid().is_root() {
+            assert!(line.starts_with("virtiofsd jail: yes"), "{line}");
+        }
+        assert_eq!(
+            std::fs::read_dir(t.path()).unwrap().count(),
+            0,
+            "left behind"
+        );
     }
 
     #[test]

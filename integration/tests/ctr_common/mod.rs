@@ -457,3 +457,105 @@ impl Drop for TmpfsMount {
         let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// The field `field` of `/proc/<pid>/status`.
+pub fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// As root of a container, under runc and then cocoon: the owners of the image's files
+/// and of a volume's (a host file of 4321:4322), files made in the rootfs and the volume
+/// and given away, and the volume's files on the host's disk: the same under both.
+pub fn owners_match_runc(env: &Env) {
+    use std::os::unix::fs::MetadataExt;
+    let vol = env.containerd.dir.join("owners");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("theirs"), "x").unwrap();
+    std::os::unix::fs::lchown(vol.join("theirs"), Some(4321), Some(4322)).unwrap();
+    let m = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+    let script = "stat -c %u:%g /bin/busybox /data/theirs; touch /data/a-$0 /b && \
+                  chown 1234:5678 /data/a-$0 /b && mkdir /data/d-$0 && \
+                  stat -c %u:%g /data/a-$0 /data/d-$0 /b";
+    for (runtime, tag) in [(RUNC, "runc"), (COCOON, "cocoon")] {
+        let o = ctr_run(
+            env,
+            runtime,
+            &format!("own-{tag}"),
+            &["--mount", &m],
+            &["sh", "-c", script, tag],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "0:0\n4321:4322\n1234:5678\n0:0\n1234:5678\n",
+            "{tag}: {}",
+            show(&o)
+        );
+        let on_disk = |f: &str| {
+            let m = std::fs::metadata(vol.join(format!("{f}-{tag}"))).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(on_disk("a"), (1234, 5678), "{tag}");
+        assert_eq!(on_disk("d"), (0, 0), "{tag}");
+    }
+}
+
+/// While a container of a pod runs: its virtiofsd (the waiter and the server) is root
+/// of a user namespace of the pod's own only, a host uid from the pod's share range, no
+/// group, in its own namespaces, seccomp, no_new_privs, its process limit.
+pub fn virtiofsd_is_jailed(env: &Env) {
+    run_detached(env, "fsd", &[], &["sleep", "1000"]);
+    let config = cocoon_shim::config::JailConfig::default();
+    let fsds: Vec<u32> = processes_mentioning(&env.run_dir.to_string_lossy())
+        .into_iter()
+        .filter(|(_, c)| c.starts_with("virtiofsd@"))
+        .map(|(pid, _)| pid)
+        .collect();
+    // virtiofsd's waiter, and the server in a PID namespace of its own.
+    assert_eq!(fsds.len(), 2, "{fsds:?}");
+    let range = config.share_id_base..config.share_id_base + config.share_ranges * 65_536;
+    let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    for &pid in &fsds {
+        let uid = status_field(pid, "Uid");
+        let ids: Vec<u32> = uid.split_whitespace().map(|u| u.parse().unwrap()).collect();
+        assert!(
+            ids.iter().all(|u| *u == ids[0] && range.contains(u)),
+            "virtiofsd {pid} runs as {uid}"
+        );
+        assert_eq!(status_field(pid, "Groups"), "");
+        let userns = std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+        assert_ne!(
+            userns, host_userns,
+            "virtiofsd {pid} is in the host's user namespace"
+        );
+        let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+        let map: Vec<&str> = map.split_whitespace().collect();
+        assert_eq!(map, ["0", &ids[0].to_string(), "65536"], "uid_map of {pid}");
+    }
+    let server = *fsds
+        .iter()
+        .find(|p| status_field(**p, "NSpid").split_whitespace().count() == 2)
+        .expect("no virtiofsd in a PID namespace of its own");
+    assert_eq!(status_field(server, "Seccomp"), "2");
+    assert_eq!(status_field(server, "NoNewPrivs"), "1");
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
+        let link = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(
+            link(&server.to_string()),
+            link("self"),
+            "virtiofsd shares the host's {ns} namespace"
+        );
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{server}/limits")).unwrap();
+    let nproc = limits
+        .lines()
+        .find(|l| l.starts_with("Max processes"))
+        .unwrap();
+    assert!(nproc.split_whitespace().any(|w| w == "512"), "{limits}");
+    kill_delete_clean(env, "fsd");
+}

@@ -426,7 +426,10 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Cmd::Check { json } => {
-            let r = check::report();
+            // The jail is tried where pods' shares will be; the check still runs
+            // without a config (it is what one runs to find out what is wrong).
+            let run_dir = Config::load().ok().map(|c| c.paths.run_dir);
+            let r = check::report_in(run_dir.as_deref());
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

@@ -265,7 +265,8 @@ pub fn jail_hint(e: std::io::Error) -> std::io::Error {
         format!(
             "{e}: the pod's virtiofsd runs jailed in a user namespace ([jail] virtiofsd = \
              true) and sees only idmapped mounts; keep the path on ext4, xfs, btrfs or \
-             tmpfs, or run the pod under a handler whose config turns that jail off"
+             tmpfs (from Linux 6.3), or run the pod under a handler whose config turns \
+             that jail off"
         ),
     )
 }
