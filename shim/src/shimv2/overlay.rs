@@ -84,8 +84,7 @@ fn cstr(s: &str) -> std::io::Result<std::ffi::CString> {
 
 fn check(r: libc::c_long, what: &str) -> std::io::Result<libc::c_long> {
     if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+        return Err(std::io::Error::last_os_error().with(what));
     }
     Ok(r)
 }
@@ -94,14 +93,12 @@ fn check(r: libc::c_long, what: &str) -> std::io::Result<libc::c_long> {
 /// clone of the directory `path`, and a directory descriptor of its root to give
 /// overlayfs.
 fn layer(path: &str, userns: Option<BorrowedFd<'_>>, readonly: bool) -> std::io::Result<OwnedFd> {
-    let tree = super::share::open_tree(Path::new(path), false)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    let tree = super::share::open_tree(Path::new(path), false).map_err(|e| e.with(path))?;
     if readonly {
         set_attr(tree.as_fd(), libc::MOUNT_ATTR_RDONLY, -1, false)?;
     }
     if let Some(userns) = userns {
-        idmap_with(userns, tree.as_fd(), false)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("idmap {path}: {e}")))?;
+        idmap_with(userns, tree.as_fd(), false).map_err(|e| e.with(format!("idmap {path}")))?;
     }
     Ok(tree)
 }
@@ -555,10 +552,27 @@ mod tests {
         );
     }
 
+    /// The mounts the scratch method makes if it leaves any: on a scratch directory
+    /// itself or on one of its names there. Other tests mount elsewhere meanwhile (the
+    /// table is the node's), so a plain count would race with them.
     fn mount_count() -> usize {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(Path::new))
+            .filter(|point| {
+                SCRATCH_DIRS.iter().any(|d| {
+                    *point == Path::new(d)
+                        || point.parent() == Some(Path::new(d))
+                            && point.file_name().is_some_and(|n| {
+                                let n = n.to_string_lossy();
+                                n == "u"
+                                    || n == "o"
+                                    || n.strip_prefix('l')
+                                        .is_some_and(|i| i.parse::<u32>().is_ok())
+                            })
+                })
+            })
             .count()
     }
 
