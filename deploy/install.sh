@@ -3,12 +3,17 @@
 # (deploy/cocoon-deploy.yaml) or by hand: the binaries and guest image into /opt/cocoon,
 # the shim on containerd's PATH, /etc/cocoon/config.toml, and the `cocoon` runtime
 # handler in containerd's config (deploy/containerd-cocoon.toml for containerd 1.6/1.7's
-# `version = 2`, deploy/containerd2-cocoon.toml for containerd 2's `version = 3`); then it restarts
-# containerd and labels the node. `install.sh uninstall` undoes all of it.
+# `version = 2`, deploy/containerd2-cocoon.toml for containerd 2's `version = 3`); then it
+# restarts containerd, runs `cocoon check` on the node and labels the node:
+# cocoon.io/runtime=true when pods can start there, cocoon.io/runtime=unready (which the
+# RuntimeClass does not select) with the check's reasons in this script's output when
+# they cannot. `install.sh uninstall` undoes all of it.
 #
 # Usage: install.sh [install | uninstall | install-and-wait]
+#   install: exits 2 when everything was installed but the node cannot run pods.
 #   install-and-wait: install, then wait for SIGTERM (the DaemonSet's container; its
-#   preStop hook runs `install.sh uninstall`).
+#   preStop hook runs `install.sh uninstall`), whether the node is ready or not: its log
+#   says which.
 #
 # Environment:
 #   HOST_ROOT          where the node's root filesystem is seen (default /host; / by hand)
@@ -16,7 +21,9 @@
 #                      share/cocoon/ as `make install PREFIX=<payload>` lays them out
 #   CONTAINERD_CONFIG  containerd's config on the node (default /etc/containerd/config.toml)
 #   COCOON_NO_RESTART  1: leave containerd running (restart it yourself)
-#   NODE_NAME          the node to label cocoon.io/runtime=true (kubectl; skipped if unset)
+#   NODE_NAME          the node to label cocoon.io/runtime (kubectl; skipped if unset)
+#   COCOON_CHECK       the command that checks the node instead of /opt/cocoon/bin/cocoon
+#                      check in the node's namespaces; `skip` labels the node unchecked
 set -euo pipefail
 
 HOST_ROOT=${HOST_ROOT:-/host}
@@ -36,7 +43,7 @@ BIN_DIR=$PREFIX/bin
 IMAGE_DIR=$PREFIX/share/cocoon
 SHIM=containerd-shim-cocoon-v2
 SHIM_LINK=/usr/local/bin/$SHIM
-COCOON_CONFIG=/etc/cocoon/config.toml
+NODE_CONFIG=/etc/cocoon/config.toml
 # The checksum of the config.toml this script wrote: uninstall removes that file only
 # while it is unchanged.
 CONFIG_SUM=$PREFIX/config.toml.sha256
@@ -46,9 +53,13 @@ OPTIONAL_BINARIES=(virtiofsd)
 IMAGE_FILES=(vmlinuz initramfs.cpio manifest.json)
 # The PVH ELF of Cocoon's own kernel, which the image's manifest names when it has one.
 OPTIONAL_IMAGE_FILES=(vmlinux)
+# systemd's default PATH: what containerd, and so the shim, runs with.
+NODE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 BEGIN_MARK="# BEGIN cocoon"
 END_MARK="# END cocoon"
 NODE_LABEL=cocoon.io/runtime
+# Whether `cocoon check` found that pods can start on the node (check_node).
+NODE_READY=true
 
 log() { echo "cocoon install.sh: $*"; }
 die() {
@@ -180,10 +191,10 @@ install_files() {
 
 write_cocoon_config() {
     local cfg sum
-    cfg=$(host "$COCOON_CONFIG")
+    cfg=$(host "$NODE_CONFIG")
     sum=$(host "$CONFIG_SUM")
     if [[ -e $cfg ]]; then
-        log "kept the existing $COCOON_CONFIG"
+        log "kept the existing $NODE_CONFIG"
         return
     fi
     mkdir -p "$(dirname "$cfg")" || die "cannot create $(dirname "$cfg")"
@@ -198,7 +209,7 @@ image_dir = "$IMAGE_DIR"
 EOF
     { chmod 0644 "$TMP" && mv -f "$TMP" "$cfg"; } || die "cannot write $cfg"
     sha256sum "$cfg" | cut -d' ' -f1 >"$sum" || die "cannot write $sum"
-    log "wrote $COCOON_CONFIG"
+    log "wrote $NODE_CONFIG"
 }
 
 # Puts the handler in containerd's config (replacing an earlier block). Returns 0 when
@@ -248,6 +259,47 @@ restart_containerd() {
     log "restarted containerd"
 }
 
+# Runs `cocoon check` as the node will run pods and logs its verdict; returns 0 when
+# pods can start. In the node's own namespaces (PID 1's, as for the restart; by hand,
+# HOST_ROOT=/, here), with a clean environment: it must see the node's /dev/kvm, kernel,
+# tools and /etc/cocoon/config.toml, as the shim will, not this container's.
+check_node() {
+    local cmd out rc=0
+    if [[ ${COCOON_CHECK:-} == skip ]]; then
+        log "COCOON_CHECK=skip: the node was not checked"
+        return 0
+    elif [[ -n ${COCOON_CHECK:-} ]]; then
+        read -ra cmd <<<"$COCOON_CHECK"
+    elif [[ -z ${HOST_ROOT%/} ]]; then
+        cmd=(env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
+    else
+        if ! command -v nsenter >/dev/null; then
+            log "error: nsenter is not installed here, so \`cocoon check\` cannot run on the node" >&2
+            return 1
+        fi
+        cmd=(nsenter --target 1 --mount --uts --ipc --net --pid --
+            env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
+    fi
+    out=$("${cmd[@]}" 2>&1) || rc=$?
+    case $rc in
+        0)
+            log "cocoon check on the node: $(grep -m1 '^pods:' <<<"$out" | sed 's/^pods: *//')"
+            return 0
+            ;;
+        1)
+            # The verdict is the report's last section, from its `pods:` line on.
+            log "error: cocoon check on the node: pods cannot start there:" >&2
+            sed -n '/^pods:/,$p' <<<"$out" | sed 's/^/    /' >&2
+            ;;
+        *)
+            log "error: \`${cmd[*]}\` failed on the node (exit status $rc):" >&2
+            tail -n 20 <<<"$out" | sed 's/^/    /' >&2
+            ;;
+    esac
+    log "the node is labelled $NODE_LABEL=unready, which the RuntimeClass does not select: fix the above, then rerun install.sh (under the DaemonSet: delete its pod on this node)" >&2
+    return 1
+}
+
 # label_node VALUE, or label_node - to remove the label.
 label_node() {
     [[ -n ${NODE_NAME:-} ]] || return 0
@@ -269,8 +321,13 @@ do_install() {
     if add_block; then
         restart_containerd
     fi
-    label_node true
-    log "done: pods with runtimeClassName: cocoon can run on this node"
+    if check_node; then
+        label_node true
+        log "done: pods with runtimeClassName: cocoon can run on this node"
+    else
+        NODE_READY=false
+        label_node unready
+    fi
 }
 
 do_uninstall() {
@@ -287,13 +344,13 @@ do_uninstall() {
     fi
 
     local cfg sum
-    cfg=$(host "$COCOON_CONFIG")
+    cfg=$(host "$NODE_CONFIG")
     sum=$(host "$CONFIG_SUM")
     if [[ -f $cfg && -f $sum ]]; then
         if [[ $(sha256sum "$cfg" | cut -d' ' -f1) == "$(<"$sum")" ]]; then
             rm -f "$cfg" || die "cannot remove $cfg"
         else
-            log "kept $COCOON_CONFIG: it was edited after install.sh wrote it"
+            log "kept $NODE_CONFIG: it was edited after install.sh wrote it"
         fi
     fi
     rm -f "$sum" || die "cannot remove $sum"
@@ -315,9 +372,13 @@ do_uninstall() {
 }
 
 case ${1:-install} in
-    install) do_install ;;
+    install)
+        do_install
+        [[ $NODE_READY == true ]] || exit 2
+        ;;
     uninstall) do_uninstall ;;
     install-and-wait)
+        # A node that cannot run pods keeps its pod running: the log says why.
         do_install
         sleep infinity &
         sleeper=$!

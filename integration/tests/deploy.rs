@@ -319,6 +319,20 @@ impl Node {
         )
         .unwrap();
         std::fs::set_permissions(&kubectl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A `cocoon check` that finds the node ready (the payload's binaries are not
+        // real); the tests of the check itself run the real one.
+        let check = bin.join("cocoon-check");
+        std::fs::write(
+            &check,
+            "#!/bin/sh
+echo 'KVM:            test'
+echo
+\
+             echo 'pods:           ready with the config /etc/cocoon/config.toml: test'
+",
+        )
+        .unwrap();
+        std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755)).unwrap();
         node
     }
 
@@ -344,6 +358,16 @@ impl Node {
 
     /// Runs install.sh with `args`; `node_name` also puts the recording kubectl on PATH.
     fn run(&self, args: &[&str], node_name: Option<&str>) -> Output {
+        let check = self.dir.path().join("tools/cocoon-check");
+        self.run_env(
+            args,
+            node_name,
+            &[("COCOON_CHECK", &check.display().to_string())],
+        )
+    }
+
+    /// `run`, with `env` set as well.
+    fn run_env(&self, args: &[&str], node_name: Option<&str>, env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new("bash");
         cmd.arg(install_sh())
             .args(args)
@@ -351,7 +375,8 @@ impl Node {
             .env("COCOON_PAYLOAD", self.payload())
             .env("COCOON_NO_RESTART", "1")
             .env_remove("CONTAINERD_CONFIG")
-            .env_remove("NODE_NAME");
+            .env_remove("NODE_NAME")
+            .envs(env.iter().copied());
         if let Some(name) = node_name {
             let path = std::env::var("PATH").unwrap_or_default();
             cmd.env("NODE_NAME", name).env(
@@ -698,5 +723,95 @@ fn the_node_is_labelled_and_unlabelled() {
             "label node node-1 {NODE_LABEL}=true --overwrite\n\
              label node node-1 {NODE_LABEL}- --overwrite\n"
         )
+    );
+}
+
+/// What install.sh makes of the real `cocoon check` on a node whose config is `config`
+/// (written before the install, so kept): its output and what it labelled.
+fn install_checked_by_cocoon(config: &str) -> (Output, String) {
+    let node = Node::new(Some(CONTAINERD_CONFIG));
+    let path = node.host("etc/cocoon/config.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, config).unwrap();
+    let cocoon = cocoon_integration::workspace_root().join("target/debug/cocoon");
+    assert!(cocoon.is_file(), "{} is not built", cocoon.display());
+    // The command runs as given, with this environment: the node's config by name, and
+    // the tools where the other tests find them.
+    let tools = format!(
+        "{}:{}",
+        node.dir.path().join("tools").display(),
+        cocoon_integration::containerd::tool_path()
+    );
+    let out = node.run_env(
+        &[],
+        Some("node-1"),
+        &[
+            ("COCOON_CHECK", &format!("{} check", cocoon.display())),
+            ("COCOON_CONFIG", &path.display().to_string()),
+            ("PATH", &tools),
+        ],
+    );
+    (out, node.kubectl_log())
+}
+
+/// A node whose pods could not start (here: no guest kernel where its config says) is
+/// labelled so that the RuntimeClass does not pick it, and the installer says why.
+#[test]
+fn a_node_that_cannot_run_pods_is_labelled_unready_with_the_reasons() {
+    let nowhere = tempfile::tempdir().unwrap();
+    let image_dir = nowhere.path().join("no-image");
+    let (out, labels) = install_checked_by_cocoon(&format!(
+        "[paths]\nimage_dir = \"{}\"\n",
+        image_dir.display()
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "install.sh should exit 2:\n{stderr}"
+    );
+    assert!(stderr.contains("NOT READY"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "guest kernel {}",
+            image_dir.join("vmlinuz").display()
+        )),
+        "the missing kernel is not named:\n{stderr}"
+    );
+    assert_eq!(
+        labels,
+        format!("label node node-1 {NODE_LABEL}=unready --overwrite\n")
+    );
+}
+
+/// A node where pods can start, by the real check, is labelled for the RuntimeClass.
+#[test]
+fn a_node_that_can_run_pods_is_labelled_after_cocoon_check() {
+    let image_dir = cocoon_integration::image_dir();
+    assert!(
+        image_dir.join("initramfs.cpio").is_file(),
+        "the guest image is not built in {} (make image)",
+        image_dir.display()
+    );
+    let config = format!(
+        "[paths]\nimage_dir = \"{}\"\n{}",
+        image_dir.display(),
+        cocoon_integration::jail_table_for_this_kernel("")
+    );
+    let (out, labels) = install_checked_by_cocoon(&config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "install.sh failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("cocoon check on the node: ready with the config "),
+        "{stdout}"
+    );
+    assert_eq!(
+        labels,
+        format!("label node node-1 {NODE_LABEL}=true --overwrite\n")
     );
 }

@@ -81,6 +81,17 @@ pub struct HostReport {
     pub verdicts: Vec<Verdict>,
     /// What this host allows of the per-pod confinement (docs/security.md), one line each.
     pub confinement: Vec<String>,
+    /// Whether this runs as root (jails need it).
+    pub root: bool,
+    /// Whether the kernel has seccomp's filter mode.
+    pub seccomp: bool,
+    /// `/dev/kvm`'s mode and group, where it exists.
+    pub dev_kvm: Option<(u32, u32)>,
+    /// Whether `[jail] virtiofsd` works where pods' shares will be, or why not.
+    pub virtiofsd_jail: Result<(), String>,
+    /// Whether pods with the node's config can start here (`crate::ready`); filled in
+    /// by the caller that has the config.
+    pub pods: Option<crate::ready::PodsReady>,
 }
 
 /// What of the per-pod confinement this host allows (pure, for tests): whether we run
@@ -128,41 +139,49 @@ pub fn virtiofsd_jail() -> String {
 /// shares live; its nearest existing parent if it is not there yet) where given, else
 /// in the temporary directory.
 pub fn virtiofsd_jail_in(dir: Option<&Path>) -> String {
-    let tried = || -> Result<(), String> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err("not root".into());
+    virtiofsd_jail_line(dir, &try_virtiofsd_jail(dir))
+}
+
+/// Tries what `[jail] virtiofsd` needs, in a scratch directory on `dir`'s filesystem
+/// (the temporary directory's without one); nothing is left behind. `Err` says why not.
+pub fn try_virtiofsd_jail(dir: Option<&Path>) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    let t = match dir {
+        Some(d) => {
+            let existing = d.ancestors().find(|a| a.is_dir()).unwrap_or(Path::new("/"));
+            tempfile::tempdir_in(existing)
+                .map_err(|e| format!("a scratch directory in {}: {e}", existing.display()))?
         }
-        let t = match dir {
-            Some(d) => {
-                let existing = d.ancestors().find(|a| a.is_dir()).unwrap_or(Path::new("/"));
-                tempfile::tempdir_in(existing)
-                    .map_err(|e| format!("a scratch directory in {}: {e}", existing.display()))?
-            }
-            None => tempfile::tempdir().map_err(|e| e.to_string())?,
-        };
-        for d in ["lower", "snap/fs", "snap/work"] {
-            std::fs::create_dir_all(t.path().join(d)).map_err(|e| e.to_string())?;
-        }
-        let ns = crate::hypervisor::userns::PodUserns::create(
-            crate::config::JailConfig::default().share_id_base,
-            crate::hypervisor::userns::IDS_PER_POD,
-        )
-        .map_err(|e| format!("user namespace: {e}"))?;
-        let p = |d: &str| t.path().join(d).display().to_string();
-        let o = crate::shimv2::overlay::parse(&[
-            format!("lowerdir={}", p("lower")),
-            format!("upperdir={}", p("snap/fs")),
-            format!("workdir={}", p("snap/work")),
-        ])?;
-        crate::shimv2::overlay::mount_idmapped(&o, &ns, None)
-            .map(drop)
-            .map_err(|e| format!("an overlay of idmapped layers: {e}"))
+        None => tempfile::tempdir().map_err(|e| e.to_string())?,
     };
+    for d in ["lower", "snap/fs", "snap/work"] {
+        std::fs::create_dir_all(t.path().join(d)).map_err(|e| e.to_string())?;
+    }
+    let ns = crate::hypervisor::userns::PodUserns::create(
+        crate::config::JailConfig::default().share_id_base,
+        crate::hypervisor::userns::IDS_PER_POD,
+    )
+    .map_err(|e| format!("user namespace: {e}"))?;
+    let p = |d: &str| t.path().join(d).display().to_string();
+    let o = crate::shimv2::overlay::parse(&[
+        format!("lowerdir={}", p("lower")),
+        format!("upperdir={}", p("snap/fs")),
+        format!("workdir={}", p("snap/work")),
+    ])?;
+    crate::shimv2::overlay::mount_idmapped(&o, &ns, None)
+        .map(drop)
+        .map_err(|e| format!("an overlay of idmapped layers: {e}"))
+}
+
+/// The `cocoon check` line for a `try_virtiofsd_jail(dir)` that gave `tried`.
+pub fn virtiofsd_jail_line(dir: Option<&Path>, tried: &Result<(), String>) -> String {
     let on = match dir {
         Some(d) => format!(" (tried on {}'s filesystem)", d.display()),
         None => String::new(),
     };
-    match tried() {
+    match tried {
         Ok(()) => {
             let how = match crate::shimv2::overlay::last_method() {
                 Some(crate::shimv2::overlay::Method::ScratchPaths) => {
@@ -328,6 +347,14 @@ pub fn report_in(run_dir: Option<&Path>) -> HostReport {
         || std::env::current_exe()
             .ok()
             .is_some_and(|e| e.with_file_name("cocoon-vmm").is_file());
+    let root = nix::unistd::geteuid().is_root();
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:")));
+    let dev_kvm = std::fs::metadata("/dev/kvm").ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.mode(), m.gid())
+    });
+    let virtiofsd_jail = try_virtiofsd_jail(run_dir);
     let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         "v2"
     } else if Path::new("/sys/fs/cgroup").exists() {
@@ -358,18 +385,15 @@ pub fn report_in(run_dir: Option<&Path>) -> HostReport {
         verdicts: verdicts(kvm, has("qemu-system-x86_64"), vmm_found),
         tools,
         confinement: {
-            let mut c = confinement(
-                nix::unistd::geteuid().is_root(),
-                std::fs::read_to_string("/proc/self/status")
-                    .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:"))),
-                std::fs::metadata("/dev/kvm").ok().map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    (m.mode(), m.gid())
-                }),
-            );
-            c.push(virtiofsd_jail_in(run_dir));
+            let mut c = confinement(root, seccomp, dev_kvm);
+            c.push(virtiofsd_jail_line(run_dir, &virtiofsd_jail));
             c
         },
+        root,
+        seccomp,
+        dev_kvm,
+        virtiofsd_jail,
+        pods: None,
     }
 }
 
@@ -450,6 +474,10 @@ impl std::fmt::Display for HostReport {
                 (false, _) => "unavailable",
             };
             writeln!(f, "backend {:<11} {mark}: {}", v.backend, v.why)?;
+        }
+        if let Some(pods) = &self.pods {
+            writeln!(f)?;
+            write!(f, "{pods}")?;
         }
         Ok(())
     }

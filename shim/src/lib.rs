@@ -21,6 +21,7 @@ pub mod hypervisor;
 pub mod nodemetrics;
 pub mod podnet;
 pub mod portfwd;
+pub mod ready;
 pub mod shimv2;
 pub mod telemetry;
 pub mod vsock;

@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// What this host offers (KVM kind, vsock, SEV-SNP/TDX, tools) and which backend to use.
+    /// What this host offers (KVM kind, vsock, SEV-SNP/TDX, tools), which backend to use,
+    /// and whether pods with the node's config can start here (exit status 1 if not).
     Check {
         #[arg(long)]
         json: bool,
@@ -428,12 +429,20 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Check { json } => {
             // The jail is tried where pods' shares will be; the check still runs
             // without a config (it is what one runs to find out what is wrong).
-            let run_dir = Config::load().ok().map(|c| c.paths.run_dir);
-            let r = check::report_in(run_dir.as_deref());
+            let config = Config::load();
+            let run_dir = config.as_ref().ok().map(|c| c.paths.run_dir.clone());
+            let mut r = check::report_in(run_dir.as_deref());
+            let pods = cocoon_shim::ready::pods(Config::node_path(), &config, &r);
+            let ready = pods.ready();
+            r.pods = Some(pods);
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{r}");
+            }
+            // What the node installer (deploy/install.sh) and scripts go by.
+            if !ready {
+                std::process::exit(1);
             }
             Ok(())
         }
