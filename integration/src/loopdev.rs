@@ -1,5 +1,6 @@
 //! Loop devices over files of a test's, for raw block device tests, and who holds them;
-//! an ext4 filesystem on one, for kernels whose tmpfs cannot be idmapped (L1's 6.1).
+//! an ext4 filesystem on one, for kernels whose tmpfs cannot be idmapped (L1's 6.1), and
+//! a tmpfs of a test's own, for those whose tmpfs can (6.3 on).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -128,6 +129,42 @@ impl Ext4 {
 impl Drop for Ext4 {
     fn drop(&mut self) {
         // Before the loop device and the directories go (fields drop after this).
+        let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A tmpfs of the test's own, mounted under /run (a short path: a shim's run directory
+/// may go below it), unmounted when dropped.
+pub struct Tmpfs {
+    pub mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// At most `size` bytes.
+    pub fn new(size: u64) -> Result<Tmpfs, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("t")
+            .tempdir_in("/run")
+            .map_err(|e| format!("a mount point in /run: {e}"))?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0755").as_str()),
+        )
+        .map_err(|e| format!("a tmpfs at {}: {e}", dir.path().display()))?;
+        Ok(Tmpfs {
+            mnt: dir.path().to_path_buf(),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Before the directory goes (fields drop after this).
         let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
     }
 }

@@ -40,6 +40,12 @@ pub enum DebianError {
         expected: String,
         actual: String,
     },
+    #[error("No linux-image-*-cloud-amd64 package of version {version} (that of {source_package}) is known to apt; candidates: {candidates}")]
+    NoCloudKernelFor {
+        source_package: String,
+        version: String,
+        candidates: String,
+    },
     #[error("Kernel package {} does not exist", .0.display())]
     DebNotFound(PathBuf),
     #[error("Failed to access {}", path.display())]
@@ -76,6 +82,51 @@ impl AptPackage {
 /// once if they do not know it yet.
 pub fn resolve_cloud_kernel() -> Result<AptPackage, DebianError> {
     with_fresh_lists(CLOUD_METAPACKAGE, resolve_kernel_of)
+}
+
+/// The cloud kernel built from the same Debian source version as `source` (a
+/// `linux-source-X.Y` package): for linux-source-6.12 6.12.118-1~deb12u1,
+/// linux-image-6.12.118+deb12-cloud-amd64. Debian names these images after the upstream
+/// release and an ABI suffix that varies (`+deb12`, `+deb12.1`), so the name is found by
+/// searching, and the version must match exactly.
+pub fn resolve_cloud_kernel_of_source(source: &str) -> Result<AptPackage, DebianError> {
+    let src = resolve_package(source)?;
+    let upstream = upstream_version(&src.version);
+    let pattern = format!(
+        "^linux-image-{}\\+deb[0-9.]*-cloud-amd64$",
+        upstream.replace('.', "\\.")
+    );
+    let found = run("apt-cache", &["search", "--names-only", &pattern], None)?;
+    let names = search_names(&found);
+    for name in &names {
+        let pkg = resolve_package(name)?;
+        if pkg.version == src.version {
+            return Ok(pkg);
+        }
+    }
+    Err(DebianError::NoCloudKernelFor {
+        source_package: source.to_owned(),
+        version: src.version,
+        candidates: if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        },
+    })
+}
+
+/// A Debian version's upstream part: `6.12.118` of `6.12.118-1~deb12u1` (an epoch goes too).
+pub fn upstream_version(version: &str) -> &str {
+    let v = version.split_once(':').map_or(version, |(_, v)| v);
+    v.rsplit_once('-').map_or(v, |(u, _)| u)
+}
+
+/// The package names of `apt-cache search` output (`name - description` lines).
+fn search_names(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.split_once(" - ").map(|(n, _)| n.trim().to_owned()))
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 /// `resolve(name)`, and once more after `apt-get update` if apt did not know it.
@@ -290,6 +341,23 @@ fn run(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<String, Debia
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_and_search_results_are_read() {
+        assert_eq!(upstream_version("6.12.118-1~deb12u1"), "6.12.118");
+        assert_eq!(upstream_version("1:2.3-4-5"), "2.3-4");
+        assert_eq!(upstream_version("6.12"), "6.12");
+        assert_eq!(
+            search_names(
+                "linux-image-6.12.90+deb12-cloud-amd64 - Linux 6.12 for x86-64 cloud (signed)\n\
+                 linux-image-6.12.90+deb12.1-cloud-amd64 - Linux 6.12 (signed)\n\n"
+            ),
+            vec![
+                "linux-image-6.12.90+deb12-cloud-amd64".to_string(),
+                "linux-image-6.12.90+deb12.1-cloud-amd64".to_string()
+            ]
+        );
+    }
 
     #[test]
     fn picks_the_kernel_out_of_depends() {

@@ -118,12 +118,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
     let mut module_files = Vec::with_capacity(selection.load_order.len());
     let mut module_manifest = Vec::with_capacity(selection.load_order.len());
     for name in &selection.load_order {
-        let path = tree.path_of(name).ok_or_else(|| ModulesError::NotFound {
-            name: name.clone(),
-            required_by: None,
-            release: kernel.release.clone(),
-        })?;
-        let bytes = read(path)?;
+        let bytes = tree.read(name)?;
         module_manifest.push(manifest::ModuleManifest {
             name: name.clone(),
             sha256: hash::sha256_hex(&bytes),

@@ -44,8 +44,12 @@ pub enum ModulesError {
         required_by: Option<String>,
         release: String,
     },
-    #[error("Module {name} is only present compressed ({}); compressed modules are not supported", path.display())]
-    Compressed { name: String, path: PathBuf },
+    #[error("Module {name} is compressed ({}) and could not be unpacked: {why}", path.display())]
+    Compressed {
+        name: String,
+        path: PathBuf,
+        why: String,
+    },
     #[error("Failed to read the modinfo of {}", path.display())]
     Modinfo {
         path: PathBuf,
@@ -236,11 +240,13 @@ impl ModuleTree {
     /// Resolves `roots` against this tree, reading each candidate's modinfo.
     pub fn resolve(&self, roots: &[String]) -> Result<Resolution, ModulesError> {
         resolve(roots, &self.release, |name| {
-            if let Some(path) = self.loadable.get(name) {
-                let bytes = fs::read(path).map_err(|source| ModulesError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+            if let Some(path) = self.loadable.get(name).or_else(|| {
+                // Built in wins over a compressed file of the same name, as before.
+                (!self.builtin.contains(name))
+                    .then(|| self.compressed.get(name))
+                    .flatten()
+            }) {
+                let bytes = self.read(name)?;
                 let info =
                     modinfo::parse_module(&bytes).map_err(|source| ModulesError::Modinfo {
                         path: path.clone(),
@@ -260,20 +266,63 @@ impl ModuleTree {
                 );
                 return Ok(Some(Provided::BuiltIn));
             }
-            if let Some(path) = self.compressed.get(name) {
-                return Err(ModulesError::Compressed {
-                    name: name.to_owned(),
-                    path: path.clone(),
-                });
-            }
             Ok(None)
         })
     }
 
-    /// The `.ko` file of a loadable module.
+    /// The `.ko` file of a loadable module, where it is not compressed.
     pub fn path_of(&self, name: &str) -> Option<&Path> {
         self.loadable.get(name).map(PathBuf::as_path)
     }
+
+    /// A loadable module's ELF bytes, unpacked where the package compressed it (Debian's
+    /// kernels from 6.12 on ship `.ko.xz`): an initramfs's `insmod` takes plain ELF.
+    pub fn read(&self, name: &str) -> Result<Vec<u8>, ModulesError> {
+        if let Some(path) = self.loadable.get(name) {
+            return fs::read(path).map_err(|source| ModulesError::Read {
+                path: path.clone(),
+                source,
+            });
+        }
+        let Some(path) = self.compressed.get(name) else {
+            return Err(ModulesError::NotFound {
+                name: name.to_owned(),
+                required_by: None,
+                release: self.release.clone(),
+            });
+        };
+        decompress(path).map_err(|why| ModulesError::Compressed {
+            name: name.to_owned(),
+            path: path.clone(),
+            why,
+        })
+    }
+}
+
+/// Unpacks a `.ko.xz`, `.ko.zst` or `.ko.gz` with the system's tool (xz-utils is in every
+/// Debian; the others are named when missing). Their formats are not worth a crate
+/// each for a build step.
+fn decompress(path: &Path) -> Result<Vec<u8>, String> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        "xz"
+    } else if name.ends_with(".zst") {
+        "zstd"
+    } else {
+        "gzip"
+    };
+    let out = std::process::Command::new(tool)
+        .args(["-d", "-c", "--"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{tool} -d failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out.stdout)
 }
 
 /// `kernel/fs/fuse/virtio-fs.ko` → (`virtio_fs`, compressed?).
@@ -455,5 +504,29 @@ mod tests {
             .ends_with("virtio-mmio.ko"));
         let err = tree.resolve(&roots(&["zstd_thing"])).unwrap_err();
         assert!(matches!(err, ModulesError::Compressed { .. }), "{err}");
+        assert!(err.to_string().contains("zstd_thing.ko.zst"), "{err}");
+    }
+
+    /// Debian's 6.12 packages compress every module with xz: resolved through its
+    /// modinfo and read back as the plain ELF.
+    #[test]
+    fn an_xz_compressed_module_is_resolved_and_read_unpacked() {
+        use crate::elf::test_utils::build_elf;
+        let dir = tempfile::tempdir().unwrap();
+        let kdir = dir.path().join("kernel/fs/overlayfs");
+        fs::create_dir_all(&kdir).unwrap();
+        let elf = build_elf(&[(".modinfo", b"depends=\0name=overlay\0")]);
+        let plain = kdir.join("overlay.ko");
+        fs::write(&plain, &elf).unwrap();
+        let status = std::process::Command::new("xz")
+            .arg(&plain)
+            .status()
+            .expect("xz (xz-utils) is installed");
+        assert!(status.success() && !plain.exists());
+        let tree = ModuleTree::scan(dir.path(), "r").unwrap();
+        let res = tree.resolve(&roots(&["overlay"])).unwrap();
+        assert_eq!(res.load_order, ["overlay"]);
+        assert_eq!(tree.read("overlay").unwrap(), elf);
+        assert!(tree.path_of("overlay").is_none());
     }
 }

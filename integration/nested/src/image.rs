@@ -11,7 +11,7 @@ use cocoon_rootfs::cpio::Archive;
 use cocoon_rootfs::elf::Elf;
 use cocoon_rootfs::initramfs::module_path;
 use cocoon_rootfs::kernel::{self, KernelSource};
-use cocoon_rootfs::modules::{ModuleTree, ModulesError};
+use cocoon_rootfs::modules::ModuleTree;
 use cocoon_rootfs::{hash, InitramfsError, Manifest, RootfsError, MANIFEST_FILE};
 
 use crate::NestedError;
@@ -44,6 +44,19 @@ pub const BUSYBOX: &str = "/bin/busybox";
 const KERNEL_FILE: &str = "vmlinuz";
 const INITRD_FILE: &str = "l1.cpio";
 
+/// Which kernel L1 runs. Its pods (L2) boot the guest image's kernel either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum L1Kernel {
+    /// The guest image's own Debian kernel package where it was built from one, else
+    /// Debian 12's cloud kernel (6.1): the older LTS kernels nodes still run.
+    #[default]
+    Image,
+    /// Debian's 6.12 cloud kernel, of the same source version as the `linux-source-6.12`
+    /// Cocoon's own kernel is built from: what Debian 13 and RHEL 10 nodes run, between
+    /// 6.1 and the host's kernel here.
+    Linux612,
+}
+
 /// A built L1 image in the cache.
 #[derive(Debug, Clone)]
 pub struct L1Image {
@@ -56,6 +69,15 @@ impl L1Image {
     /// `guest_image_dir` (its `manifest.json`) was built from, so that both levels run the
     /// same, already downloaded kernel.
     pub fn build(guest_image_dir: &Path, cache_dir: Option<&Path>) -> Result<L1Image, NestedError> {
+        Self::build_with(guest_image_dir, cache_dir, L1Kernel::Image)
+    }
+
+    /// `build`, with L1 running `kernel`.
+    pub fn build_with(
+        guest_image_dir: &Path,
+        cache_dir: Option<&Path>,
+        kernel: L1Kernel,
+    ) -> Result<L1Image, NestedError> {
         let manifest_path = guest_image_dir.join(MANIFEST_FILE);
         let text = std::fs::read(&manifest_path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -79,7 +101,15 @@ impl L1Image {
         // L1 needs KVM's modules: a guest image with Cocoon's own kernel (built from
         // linux-source, everything built in and no KVM host support) gets Debian's
         // cloud kernel for L1 instead; its pods (L2) still boot the image's kernel.
-        let (deb, deb_sha256) = if manifest.kernel.package.deb_file.starts_with("linux-image") {
+        let image_deb = manifest.kernel.package.deb_file.starts_with("linux-image");
+        let (deb, deb_sha256) = if kernel == L1Kernel::Linux612 {
+            cocoon_rootfs::debian::resolve_cloud_kernel_of_source(
+                cocoon_rootfs::kbuild::SOURCE_PACKAGE,
+            )
+            .and_then(|pkg| cocoon_rootfs::debian::fetch(&pkg, &cache.downloads_dir()))
+            .map_err(cocoon_rootfs::kernel::KernelError::from)
+            .map_err(RootfsError::from)?
+        } else if image_deb {
             let deb = cache
                 .downloads_dir()
                 .join(&manifest.kernel.package.deb_file);
@@ -189,18 +219,7 @@ fn initramfs(modules_dir: &Path, release: &str, busybox: Vec<u8>) -> Result<Vec<
         .map_err(cpio)?;
     let mut list = String::new();
     for name in &selection.load_order {
-        let path = tree
-            .path_of(name)
-            .ok_or_else(|| {
-                RootfsError::from(ModulesError::NotFound {
-                    name: name.clone(),
-                    required_by: None,
-                    release: release.to_owned(),
-                })
-            })?
-            .to_owned();
-        let bytes =
-            std::fs::read(&path).map_err(NestedError::io(format!("read {}", path.display())))?;
+        let bytes = tree.read(name).map_err(RootfsError::from)?;
         let dest = module_path(release, name);
         list.push_str(&format!("{name} {dest}\n"));
         archive

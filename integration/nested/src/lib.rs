@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use image::L1Image;
+pub use image::{L1Image, L1Kernel};
 pub use run::{L1Output, L1};
 
 #[derive(Debug, Error)]
@@ -114,4 +114,16 @@ impl NestedError {
 pub(crate) fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// An error with its causes, `a: b: c`.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }

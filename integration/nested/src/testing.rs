@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::run::say;
-use crate::{L1Image, NestedError, L1};
+use crate::{L1Image, L1Kernel, NestedError, L1};
 
 /// Set inside L1 for reruns, so a test there can never recurse into another L1.
 pub const IN_L1_ENV: &str = "COCOON_IN_L1";
@@ -72,6 +72,12 @@ pub fn guest_image_dir() -> std::path::PathBuf {
 /// one test passed.
 #[track_caller]
 pub fn hardware_kvm(test: &str) -> Place {
+    hardware_kvm_in(test, L1Kernel::Image)
+}
+
+/// `hardware_kvm`, with L1 (where one is needed) running `kernel`.
+#[track_caller]
+pub fn hardware_kvm_in(test: &str, kernel: L1Kernel) -> Place {
     let Some(why) = hardware_kvm_missing() else {
         if std::env::var_os(IN_L1_ENV).is_some() {
             crate::watchdog::arm(test, L1_WATCHDOG);
@@ -81,7 +87,7 @@ pub fn hardware_kvm(test: &str) -> Place {
     if std::env::var_os(IN_L1_ENV).is_some() {
         panic!("{test}: inside L1 but without hardware-style KVM: {why}");
     }
-    let mut l1 = match L1Image::build(&guest_image_dir(), None) {
+    let mut l1 = match L1Image::build_with(&guest_image_dir(), None, kernel) {
         Ok(image) => {
             let mut l1 = L1::new(image);
             // Two such tests may share the 2 cores (nextest runs two at a time): the
@@ -97,7 +103,7 @@ pub fn hardware_kvm(test: &str) -> Place {
             );
             return Place::Done;
         }
-        Err(e) => panic!("{test}: cannot build the L1 image: {e}"),
+        Err(e) => panic!("{test}: cannot build the L1 image: {}", crate::chain(&e)),
     };
     let exe = std::env::current_exe().expect("the test binary's path");
     let cwd = std::env::current_dir().expect("the test's directory");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cocoon_nested::{L1Image, L1};
+use cocoon_nested::{L1Image, L1Kernel, L1};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,10 @@ enum Cmd {
         /// Seconds before L1 is killed.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// L1's kernel: `image` (the guest image's Debian kernel package, else Debian
+        /// 12's cloud kernel, 6.1) or `6.12` (Debian's 6.12 cloud kernel).
+        #[arg(long, default_value = "image", value_parser = ["image", "6.12"])]
+        l1_kernel: String,
         /// Variables to pass into L1 (NAME or NAME=VALUE).
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
@@ -52,10 +56,15 @@ fn main() -> anyhow::Result<()> {
         accel,
         mem_mib,
         timeout,
+        l1_kernel,
         env,
         cmd,
     } = Cli::parse().command;
-    let image = L1Image::build(&image_dir, None).context("L1 image")?;
+    let kernel = match l1_kernel.as_str() {
+        "6.12" => L1Kernel::Linux612,
+        _ => L1Kernel::Image,
+    };
+    let image = L1Image::build_with(&image_dir, None, kernel).context("L1 image")?;
     let l1 = L1 {
         cpus,
         accel,
