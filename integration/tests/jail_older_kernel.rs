@@ -1,8 +1,9 @@
-//! The virtiofsd jail's rootfs (an overlay of idmapped layers, `shimv2/overlay.rs`) on a
-//! kernel older than 6.15, which takes no detached mount as an overlay layer. L1 runs
-//! Debian's 6.1, so the test reruns there, its layers on an ext4 loop device (6.1
-//! idmaps ext4, not tmpfs). On a host with hardware KVM it runs where it is, and checks
-//! whichever method that kernel takes.
+//! The virtiofsd jail's rootfs (an overlay of idmapped layers, `shimv2/overlay.rs`) on
+//! kernels older than 6.15, which take no detached mount as an overlay layer: Debian's
+//! 6.1 (L1's usual kernel), its layers on an ext4 loop device (6.1 idmaps ext4, not
+//! tmpfs), and Debian's 6.12 (an L1 of its own), on tmpfs, as a node's /run is. On a
+//! host with hardware KVM the tests run where they are, and check whichever method that
+//! kernel takes.
 
 use std::os::unix::fs::MetadataExt;
 
@@ -10,8 +11,11 @@ mod ctr_common;
 
 use ctr_common::*;
 
-use cocoon_integration::loopdev::Ext4;
-use cocoon_nested::testing::{hardware_kvm, Place, NOTE_PREFIX};
+use std::path::Path;
+
+use cocoon_integration::loopdev::{Ext4, Tmpfs};
+use cocoon_nested::testing::{hardware_kvm, hardware_kvm_in, Place, IN_L1_ENV, NOTE_PREFIX};
+use cocoon_nested::L1Kernel;
 use cocoon_shim::hypervisor::userns::{PodUserns, IDS_PER_POD};
 use cocoon_shim::shimv2::overlay::{self, Method};
 
@@ -26,12 +30,43 @@ fn kernel_version() -> (u32, u32) {
     }
 }
 
+/// Inside L1, that it runs the kernel asked for (a harness that booted another would
+/// make the test prove nothing).
+fn assert_l1_runs(major_minor: (u32, u32)) {
+    if std::env::var_os(IN_L1_ENV).is_some() {
+        assert_eq!(kernel_version(), major_minor, "L1's kernel");
+    }
+}
+
 #[test]
 fn an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1() {
     let test = "an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1";
     if hardware_kvm(test) == Place::Done {
         return;
     }
+    assert_l1_runs((6, 1));
+    let fs = Ext4::new(16 << 20).unwrap();
+    overlay_of_idmapped_layers_on(&fs.mnt);
+}
+
+/// The same on 6.12, whose tmpfs can be idmapped but which still refuses a layer by
+/// descriptor: `FSCONFIG_SET_FD` takes no O_PATH descriptor there (EBADF, where 6.1
+/// says EOPNOTSUPP). Found by this test: the shim fell back only on EINVAL and
+/// EOPNOTSUPP, so every jailed pod failed on 6.12.
+#[test]
+fn an_overlay_of_idmapped_layers_on_tmpfs_on_linux_6_12_in_l1() {
+    let test = "an_overlay_of_idmapped_layers_on_tmpfs_on_linux_6_12_in_l1";
+    if hardware_kvm_in(test, L1Kernel::Linux612) == Place::Done {
+        return;
+    }
+    assert_l1_runs((6, 12));
+    let fs = Tmpfs::new(16 << 20).unwrap();
+    overlay_of_idmapped_layers_on(&fs.mnt);
+}
+
+/// Makes an overlay of idmapped layers in `dir` as the shim makes a pod's rootfs, by the
+/// method this kernel takes, and checks its owners and writes.
+fn overlay_of_idmapped_layers_on(dir: &Path) {
     let version = kernel_version();
     let expected = if version >= (6, 15) {
         Method::Descriptors
@@ -43,8 +78,7 @@ fn an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1() {
         version.0, version.1
     );
 
-    let fs = Ext4::new(16 << 20).unwrap();
-    let p = |s: &str| fs.mnt.join(s);
+    let p = |s: &str| dir.join(s);
     for d in ["lower", "snap/fs", "snap/work", "target"] {
         std::fs::create_dir_all(p(d)).unwrap();
     }
@@ -124,10 +158,31 @@ fn cocoon_vmm_jails_virtiofsd_on_an_older_kernel() {
     if hardware_kvm(test) == Place::Done {
         return;
     }
+    assert_l1_runs((6, 1));
     let fs = Ext4::new(512 << 20).unwrap();
+    jailed_pod_with_its_files_on(&fs.mnt);
+    drop(fs);
+}
+
+/// The same on 6.12, everything on tmpfs.
+#[test]
+fn cocoon_vmm_jails_virtiofsd_on_tmpfs_on_linux_6_12() {
+    let test = "cocoon_vmm_jails_virtiofsd_on_tmpfs_on_linux_6_12";
+    if hardware_kvm_in(test, L1Kernel::Linux612) == Place::Done {
+        return;
+    }
+    assert_l1_runs((6, 12));
+    let fs = Tmpfs::new(1 << 30).unwrap();
+    jailed_pod_with_its_files_on(&fs.mnt);
+    drop(fs);
+}
+
+/// A jailed-virtiofsd pod on cocoon-vmm whose containerd, run directory and volumes are
+/// in `dir` (the temporary directory for this process).
+fn jailed_pod_with_its_files_on(dir: &Path) {
     // SAFETY: set before any thread of this test starts; the test runs alone in its
     // process (libtest's --exact inside L1, or nextest's process per test).
-    unsafe { std::env::set_var("TMPDIR", &fs.mnt) };
+    unsafe { std::env::set_var("TMPDIR", dir) };
     // `cocoon check` probes there (its scratch directory is the temporary one).
     let line = cocoon_shim::check::virtiofsd_jail();
     let older = kernel_version() < (6, 15);
@@ -141,5 +196,4 @@ fn cocoon_vmm_jails_virtiofsd_on_an_older_kernel() {
     virtiofsd_is_jailed(&env);
     assert_clean(&env);
     drop(env);
-    drop(fs);
 }

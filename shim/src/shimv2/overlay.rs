@@ -9,7 +9,9 @@
 //! the owners the layers show, and writes it makes (as the shim's root, through the
 //! idmapped upper layer) land on disk with the ids the guest gave.
 //!
-//! An older kernel (idmapped layers: ≥ 5.19) refuses a detached layer with `EINVAL`.
+//! An older kernel (idmapped layers: ≥ 5.19) refuses a layer by descriptor (6.1:
+//! `EOPNOTSUPP`; 6.12: `EBADF`, for an O_PATH descriptor) or a detached one (6.13-6.14:
+//! `EINVAL`).
 //! There the same clones are attached in a throwaway mount namespace of their own
 //! (`podns::in_scratch_ns`, on a tmpfs only that namespace has), the overlay is mounted
 //! from their paths, and only a detached clone of it leaves; the namespace, with the
@@ -152,7 +154,21 @@ fn fsconfig(
     let vp = value_c.as_ref().map_or(std::ptr::null(), |v| v.as_ptr());
     // SAFETY: C strings (or null) that outlive the call, and a descriptor we hold.
     let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, kp, vp, aux) };
-    check(r, &format!("overlay option {}", key.unwrap_or("create"))).map(drop)
+    let what = format!("overlay option {}", key.unwrap_or("create"));
+    if r < 0 && cmd == libc::FSCONFIG_SET_FD {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBADF) {
+            // Before 6.13 `FSCONFIG_SET_FD` takes no O_PATH descriptor, which is what a
+            // layer's clone is (seen on 6.12): the kernel's refusal of layers by
+            // descriptor, like the EINVAL of 6.13-6.14, not a descriptor we lost.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("{what}: {e} (this kernel takes no layer by descriptor)"),
+            ));
+        }
+        return Err(e.with(what));
+    }
+    check(r, &what).map(drop)
 }
 
 /// Makes the overlay `o` with every layer idmapped through `ns`, detached; the caller
@@ -273,8 +289,9 @@ fn make(
                 Ok(m)
             }
             // Linux < 6.13 knows no layer by descriptor (before 6.5 overlayfs took no
-            // descriptor at all: EOPNOTSUPP), < 6.15 no detached one (EINVAL). Any
-            // other cause of these comes back from the second try, named.
+            // descriptor at all: EOPNOTSUPP; 6.12 takes no O_PATH one: EBADF, made
+            // Unsupported by `fsconfig`), < 6.15 no detached one (EINVAL). Any other
+            // cause of these comes back from the second try, named.
             Err(e)
                 if matches!(
                     e.kind(),
