@@ -72,7 +72,20 @@ pub fn guest_image_dir() -> std::path::PathBuf {
 /// one test passed.
 #[track_caller]
 pub fn hardware_kvm(test: &str) -> Place {
-    hardware_kvm_in(test, L1Kernel::Image)
+    hardware_kvm_in(test, default_l1_kernel())
+}
+
+/// The variable that picks L1's kernel for the tests that do not name one: `image` (the
+/// default) or `6.12`.
+pub const L1_KERNEL_ENV: &str = "COCOON_L1_KERNEL";
+
+#[track_caller]
+fn default_l1_kernel() -> L1Kernel {
+    match std::env::var(L1_KERNEL_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("image") => L1Kernel::Image,
+        Ok("6.12") => L1Kernel::Linux612,
+        Ok(other) => panic!("{L1_KERNEL_ENV}={other}: use `image` or `6.12`"),
+    }
 }
 
 /// `hardware_kvm`, with L1 (where one is needed) running `kernel`.
