@@ -25,3 +25,19 @@ pub mod ready;
 pub mod shimv2;
 pub mod telemetry;
 pub mod vsock;
+
+/// `e` with its sources, outermost first: what failed and why, down to the errno.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // thiserror's transparent variants repeat their inner error.
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        next = cause.source();
+    }
+    s
+}

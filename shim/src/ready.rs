@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::chain;
 use crate::check::{HostReport, KvmKind};
 use crate::config::{Accel, Config, HugePages, HypervisorKind};
 use crate::hypervisor::{self, find_binary, VmSpec};
@@ -143,18 +144,6 @@ pub fn pods<E: std::error::Error>(
         backend: Some(backend),
         problems,
     }
-}
-
-/// An error with its causes, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
 }
 
 impl std::fmt::Display for PodsReady {

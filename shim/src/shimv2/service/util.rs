@@ -9,21 +9,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use super::{Container, Process};
 use crate::agent_client::AgentError;
 
-/// `e` with its sources, outermost first: what failed and why, down to the errno.
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        // thiserror's transparent variants repeat their inner error.
-        if !s.ends_with(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        next = cause.source();
-    }
-    s
-}
+pub(super) use crate::chain;
 
 pub(super) fn err(code: ttrpc::Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
