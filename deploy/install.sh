@@ -271,14 +271,15 @@ check_node() {
     elif [[ -n ${COCOON_CHECK:-} ]]; then
         read -ra cmd <<<"$COCOON_CHECK"
     elif [[ -z ${HOST_ROOT%/} ]]; then
-        cmd=(env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
+        cmd=(timeout 120 env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
     else
         if ! command -v nsenter >/dev/null; then
             log "error: nsenter is not installed here, so \`cocoon check\` cannot run on the node" >&2
             return 1
         fi
+        # timeout: a tool's `--version` that hangs must not hold the install.
         cmd=(nsenter --target 1 --mount --uts --ipc --net --pid --
-            env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
+            timeout 120 env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
     fi
     out=$("${cmd[@]}" 2>&1) || rc=$?
     case $rc in
