@@ -282,6 +282,11 @@ check_node() {
             timeout 120 env -i PATH="$NODE_PATH" "$BIN_DIR/cocoon" check)
     fi
     out=$("${cmd[@]}" 2>&1) || rc=$?
+    # Exit status 1 is the verdict only with the verdict's line (nsenter, or a cocoon that
+    # failed otherwise, exit 1 too).
+    if [[ $rc == 1 ]] && ! grep -q '^pods:' <<<"$out"; then
+        rc=failed
+    fi
     case $rc in
         0)
             log "cocoon check on the node: $(grep -m1 '^pods:' <<<"$out" | sed 's/^pods: *//')"
@@ -293,7 +298,7 @@ check_node() {
             sed -n '/^pods:/,$p' <<<"$out" | sed 's/^/    /' >&2
             ;;
         *)
-            log "error: \`${cmd[*]}\` failed on the node (exit status $rc):" >&2
+            log "error: \`${cmd[*]}\` failed on the node (exit status ${rc/failed/1}):" >&2
             tail -n 20 <<<"$out" | sed 's/^/    /' >&2
             ;;
     esac

@@ -1,7 +1,9 @@
 //! The Kubernetes deployment (deploy/): the manifests, the containerd snippet and the
 //! shim agree on names, and install.sh installs into a node root, stays idempotent,
 //! refuses a containerd config it cannot edit, and uninstalls without a trace. Needs
-//! only bash and coreutils: nothing here is skipped.
+//! bash and coreutils; the two tests of the node check run the real `cocoon check`, so
+//! they need the build (`target/debug/cocoon`), the guest image and root (its jail
+//! checks). Nothing here is skipped.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -375,8 +377,7 @@ echo
             .env("COCOON_PAYLOAD", self.payload())
             .env("COCOON_NO_RESTART", "1")
             .env_remove("CONTAINERD_CONFIG")
-            .env_remove("NODE_NAME")
-            .envs(env.iter().copied());
+            .env_remove("NODE_NAME");
         if let Some(name) = node_name {
             let path = std::env::var("PATH").unwrap_or_default();
             cmd.env("NODE_NAME", name).env(
@@ -384,6 +385,8 @@ echo
                 format!("{}:{path}", self.dir.path().join("tools").display()),
             );
         }
+        // Last: a caller's PATH wins.
+        cmd.envs(env.iter().copied());
         cmd.output().expect("run bash")
     }
 
@@ -813,5 +816,41 @@ fn a_node_that_can_run_pods_is_labelled_after_cocoon_check() {
     assert_eq!(
         labels,
         format!("label node node-1 {NODE_LABEL}=true --overwrite\n")
+    );
+}
+
+/// A check that could not run (nsenter refused, a binary the node cannot execute) is
+/// not a verdict: its own words are shown, and the node is not labelled ready.
+#[test]
+fn a_check_that_fails_to_run_is_named_and_the_node_is_unready() {
+    let node = Node::new(Some(CONTAINERD_CONFIG));
+    let broken = node.dir.path().join("tools/broken-check");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'nsenter: reassociate to namespace failed' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let missing = node.dir.path().join("tools/no-such-cocoon");
+    for (check, words) in [
+        (&broken, "nsenter: reassociate to namespace failed"),
+        (&missing, "No such file or directory"),
+    ] {
+        let out = node.run_env(
+            &[],
+            Some("node-1"),
+            &[("COCOON_CHECK", &check.display().to_string())],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("failed on the node") && stderr.contains(words),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("pods cannot start there"), "{stderr}");
+    }
+    assert_eq!(
+        node.kubectl_log(),
+        format!("label node node-1 {NODE_LABEL}=unready --overwrite\n").repeat(2)
     );
 }

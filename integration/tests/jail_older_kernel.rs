@@ -14,7 +14,7 @@ use ctr_common::*;
 use std::path::Path;
 
 use cocoon_integration::loopdev::{Ext4, Tmpfs};
-use cocoon_nested::testing::{hardware_kvm, hardware_kvm_in, Place, IN_L1_ENV, NOTE_PREFIX};
+use cocoon_nested::testing::{hardware_kvm_in, Place, IN_L1_ENV, NOTE_PREFIX};
 use cocoon_nested::L1Kernel;
 use cocoon_shim::hypervisor::userns::{PodUserns, IDS_PER_POD};
 use cocoon_shim::shimv2::overlay::{self, Method};
@@ -38,13 +38,25 @@ fn assert_l1_runs(major_minor: (u32, u32)) {
     }
 }
 
+/// Inside L1, that it runs a kernel before 6.15: Debian's cloud kernel of this host's
+/// release (6.1 on Debian 12), whatever `COCOON_L1_KERNEL` says for other tests.
+fn assert_l1_is_older() {
+    if std::env::var_os(IN_L1_ENV).is_some() {
+        assert!(
+            kernel_version() < (6, 15),
+            "L1's kernel: {:?}",
+            kernel_version()
+        );
+    }
+}
+
 #[test]
 fn an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1() {
     let test = "an_overlay_of_idmapped_layers_on_an_older_kernel_in_l1";
-    if hardware_kvm(test) == Place::Done {
+    if hardware_kvm_in(test, L1Kernel::Image) == Place::Done {
         return;
     }
-    assert_l1_runs((6, 1));
+    assert_l1_is_older();
     let fs = Ext4::new(16 << 20).unwrap();
     overlay_of_idmapped_layers_on(&fs.mnt);
 }
@@ -155,10 +167,10 @@ fn overlay_of_idmapped_layers_on(dir: &Path) {
 #[test]
 fn cocoon_vmm_jails_virtiofsd_on_an_older_kernel() {
     let test = "cocoon_vmm_jails_virtiofsd_on_an_older_kernel";
-    if hardware_kvm(test) == Place::Done {
+    if hardware_kvm_in(test, L1Kernel::Image) == Place::Done {
         return;
     }
-    assert_l1_runs((6, 1));
+    assert_l1_is_older();
     let fs = Ext4::new(512 << 20).unwrap();
     jailed_pod_with_its_files_on(&fs.mnt);
     drop(fs);

@@ -89,8 +89,9 @@ pub fn pods<E: std::error::Error>(
     }
     if let Err(e) = find_binary("virtiofsd", &config.paths.virtiofsd) {
         problems.push(format!(
-            "{}: pods share container filesystems with virtiofsd (apt-get install \
-             virtiofsd, or set paths.virtiofsd)",
+            "{}: pods share container filesystems with virtiofsd: put it beside the shim \
+             or on containerd's PATH, or set paths.virtiofsd (Debian's and Ubuntu's \
+             package installs /usr/libexec/virtiofsd, which is on neither)",
             chain(&e)
         ));
     }
