@@ -94,6 +94,12 @@ pub struct HostReport {
     pub pods: Option<crate::ready::PodsReady>,
 }
 
+/// Whether a jailed QEMU, which opens `/dev/kvm` through its group, can: a group other
+/// than root's with read-write access.
+pub fn kvm_group_may_open(mode: u32, gid: u32) -> bool {
+    mode & 0o060 == 0o060 && gid != 0
+}
+
 /// What of the per-pod confinement this host allows (pure, for tests): whether we run
 /// as root (namespaces, a uid per pod), whether the kernel has seccomp, and who may open
 /// `/dev/kvm` (`(mode, gid)`), which a jailed QEMU under KVM needs through a group.
@@ -115,7 +121,7 @@ pub fn confinement(root: bool, seccomp: bool, dev_kvm: Option<(u32, u32)>) -> Ve
         "seccomp: no: this kernel has no seccomp filter mode; confined pods will not start".into()
     });
     match dev_kvm {
-        Some((mode, gid)) if mode & 0o060 == 0o060 && gid != 0 => v.push(format!(
+        Some((mode, gid)) if kvm_group_may_open(mode, gid) => v.push(format!(
             "/dev/kvm: group {gid} may open it: a jailed QEMU under KVM gets that group"
         )),
         Some((mode, gid)) => v.push(format!(

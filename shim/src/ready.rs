@@ -111,7 +111,7 @@ pub fn pods<E: std::error::Error>(
             );
         }
         if let (Some(Accel::Kvm), Some((mode, gid))) = (accel, host.dev_kvm) {
-            if mode & 0o060 != 0o060 || gid == 0 {
+            if !crate::check::kvm_group_may_open(mode, gid) {
                 problems.push(format!(
                     "a jailed QEMU opens /dev/kvm through its group, but /dev/kvm has mode \
                      {:o} and group {gid}: give it a kvm group with read-write access, or \
