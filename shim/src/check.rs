@@ -210,16 +210,10 @@ pub fn virtiofsd_jail_line(dir: Option<&Path>, tried: &Result<(), String>) -> St
     }
 }
 
-/// Next to the running executable first (an install prefix), then `$PATH`.
+/// Where the shim would find `name` when nothing configures it
+/// ([`crate::hypervisor::find_binary`]).
 fn which(name: &str) -> Option<std::path::PathBuf> {
-    let sibling = std::env::current_exe().ok().map(|e| e.with_file_name(name));
-    if let Some(p) = sibling.filter(|p| p.is_file()) {
-        return Some(p);
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    crate::hypervisor::find_binary(name, Path::new("")).ok()
 }
 
 fn tool(name: &str, version_arg: &str) -> Tool {

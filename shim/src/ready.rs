@@ -89,9 +89,9 @@ pub fn pods<E: std::error::Error>(
     }
     if let Err(e) = find_binary("virtiofsd", &config.paths.virtiofsd) {
         problems.push(format!(
-            "{}: pods share container filesystems with virtiofsd: put it beside the shim \
-             or on containerd's PATH, or set paths.virtiofsd (Debian's and Ubuntu's \
-             package installs /usr/libexec/virtiofsd, which is on neither)",
+            "{}: pods share container filesystems with virtiofsd: install it (Debian 13's \
+             and Ubuntu's package puts it in /usr/libexec), put it beside the shim or on \
+             containerd's PATH, or set paths.virtiofsd",
             chain(&e)
         ));
     }

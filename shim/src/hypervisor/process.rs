@@ -73,9 +73,36 @@ pub(crate) fn drop_capabilities(cmd: &mut Command) {
     }
 }
 
-/// Finds an executable: `configured` if set, else next to the current
-/// executable, else on `$PATH`.
+/// Where distributions install helper programs that are not meant to be on `$PATH`:
+/// Debian 13's and Ubuntu's `virtiofsd` packages, and Fedora's, install
+/// `/usr/libexec/virtiofsd`. Searched after `$PATH`, so an install prefix or a
+/// `$PATH` entry still wins, and only for a bare name.
+const HELPER_DIRS: &[&str] = &["/usr/libexec"];
+
+/// Finds an executable: `configured` if set, else next to the current executable, else
+/// on `$PATH`, else in the distributions' helper directory (`/usr/libexec`).
 pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorError> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let helper_dirs: Vec<&Path> = HELPER_DIRS.iter().map(Path::new).collect();
+    find_in(
+        name,
+        configured,
+        exe_dir.as_deref(),
+        std::env::var_os("PATH").as_deref(),
+        &helper_dirs,
+    )
+}
+
+/// `find_binary`, with where it looks given.
+fn find_in(
+    name: &str,
+    configured: &Path,
+    exe_dir: Option<&Path>,
+    path: Option<&std::ffi::OsStr>,
+    helper_dirs: &[&Path],
+) -> Result<PathBuf, HypervisorError> {
     if !configured.as_os_str().is_empty() {
         if configured.is_file() {
             return Ok(configured.to_path_buf());
@@ -86,12 +113,9 @@ pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorE
         });
     }
     let mut looked = Vec::new();
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = exe_dir {
         // Test binaries live in target/<profile>/deps; the tools one level up.
-        for d in [dir.clone(), dir.join("..")] {
+        for d in [dir.to_path_buf(), dir.join("..")] {
             let p = d.join(name);
             if p.is_file() {
                 return Ok(p);
@@ -99,14 +123,24 @@ pub fn find_binary(name: &str, configured: &Path) -> Result<PathBuf, HypervisorE
             looked.push(p.display().to_string());
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
+    if let Some(path) = path {
+        for d in std::env::split_paths(path) {
             let p = d.join(name);
             if p.is_file() {
                 return Ok(p);
             }
         }
         looked.push("$PATH".into());
+    }
+    // A path (`/opt/qemu/bin/qemu-system-x86_64`, `bin/x`) is not looked up further.
+    if !name.contains('/') {
+        for d in helper_dirs {
+            let p = d.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+            looked.push(p.display().to_string());
+        }
     }
     Err(HypervisorError::MissingBinary {
         name: name.into(),
@@ -346,6 +380,68 @@ async fn reap(child: &mut tokio::process::Child, what: &str) -> Option<ExitStatu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn executable(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        p
+    }
+
+    /// Debian 13's and Ubuntu's virtiofsd is in /usr/libexec, on no `$PATH`: found
+    /// there, but only after the install prefix and `$PATH`, which stay in charge.
+    #[test]
+    fn a_helper_is_found_in_libexec_after_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (exe, bin, libexec) = (
+            dir.path().join("exe/deps"),
+            dir.path().join("bin"),
+            dir.path().join("libexec"),
+        );
+        for d in [&exe, &bin, &libexec] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let path = std::env::join_paths([&bin]).unwrap();
+        let find = || {
+            find_in(
+                "virtiofsd",
+                Path::new(""),
+                Some(&exe),
+                Some(&path),
+                &[libexec.as_path()],
+            )
+        };
+
+        let err = find().unwrap_err().to_string();
+        assert!(err.contains("virtiofsd"), "{err}");
+        assert!(
+            err.contains(&libexec.join("virtiofsd").display().to_string()),
+            "{err}"
+        );
+
+        let in_libexec = executable(&libexec, "virtiofsd");
+        assert_eq!(find().unwrap(), in_libexec);
+        let on_path = executable(&bin, "virtiofsd");
+        assert_eq!(find().unwrap(), on_path);
+        let beside = executable(&exe, "virtiofsd");
+        assert_eq!(find().unwrap(), beside);
+
+        // A configured path is the only one tried.
+        let missing = dir.path().join("nowhere/virtiofsd");
+        let err = find_in("virtiofsd", &missing, Some(&exe), Some(&path), &[&libexec])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
+
+    /// A name with a directory in it is not looked for in the helper directory.
+    #[test]
+    fn a_path_is_not_looked_up_in_libexec() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+        executable(&dir.path().join("sub"), "tool");
+        let found = find_in("sub/tool", Path::new(""), None, None, &[dir.path()]);
+        assert!(found.is_err(), "{found:?}");
+    }
 
     /// A child that, sent SIGTERM, leaves `marker` behind and exits 0, as a VMM's own
     /// shutdown would. (Short sleeps: a killed shell's last one outlives it briefly.)
