@@ -25,8 +25,9 @@ nested_report "$out" "
     COCOON_HYPERVISOR=cocoon-vmm COCOON_BIN_DIR=$bins bash -c '
         source $root/scripts/lib-containerd.sh
         echo \"binaries: \$(readlink -f \$(command -v containerd-shim-cocoon-v2))\"
-        # L1 runs Debian 6.1, whose tmpfs has no idmapped mounts: the jailed
-        # virtiofsd cannot run there, so its pods run it as root (as the tests do).
+        # Where L1 runs Debian 6.1 (--l1-kernel 6.1), its tmpfs has no idmapped mounts:
+        # the jailed virtiofsd cannot run there, so its pods run it as root (as the
+        # tests do).
         if cocoon check 2>&1 | grep -q \"^virtiofsd jail: no\"; then
             printf \"[jail]\\nvirtiofsd = false\\n\" >> \"\$COCOON_CONFIG\"
             echo \"virtiofsd: unjailed (cocoon check: no virtiofsd jail in L1)\"

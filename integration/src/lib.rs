@@ -38,7 +38,8 @@ pub fn image_dir() -> PathBuf {
 /// The `[jail]` table a test's shim config needs on this kernel, unless `tables` has one
 /// already: nothing where a pod's virtiofsd can run in a user namespace of its own (the
 /// default), `virtiofsd = false` where `cocoon check`'s probe says this kernel cannot
-/// (the nested harness's L1 runs Debian's 6.1, whose tmpfs cannot be idmapped), and
+/// (Debian's 6.1, which the nested harness's L1 runs with `COCOON_L1_KERNEL=6.1`: its
+/// tmpfs cannot be idmapped), and
 /// then said on stderr. The test that checks the namespace asks for it outright.
 pub fn jail_table_for_this_kernel(tables: &str) -> String {
     if tables.contains("[jail]") {

@@ -91,10 +91,10 @@ fn cocoon_vmm_pod_from_a_template_with_its_own_user_namespace() {
     );
 }
 
-/// Runs the case on cocoon-vmm, in L1 where this host has no hardware KVM. L1 runs
-/// Debian's 6.1, whose tmpfs cannot be idmapped: the node's containerd, the shim's run
-/// directory and the volume live on ext4 there (on a loop device, `TMPDIR`), as they
-/// would on a node's disk.
+/// Runs the case on cocoon-vmm, in L1 where this host has no hardware KVM. The node's
+/// containerd, the shim's run directory and the volume live on ext4 there (on a loop
+/// device, `TMPDIR`), as they would on a node's disk, and as Debian's 6.1 needs
+/// (`COCOON_L1_KERNEL=6.1`), whose tmpfs cannot be idmapped.
 fn on_cocoon_vmm(test: &str, net: u8, templates: bool) {
     if hardware_kvm(test) == Place::Done {
         return;

@@ -48,12 +48,14 @@ const INITRD_FILE: &str = "l1.cpio";
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum L1Kernel {
     /// The guest image's own Debian kernel package where it was built from one, else
-    /// Debian 12's cloud kernel (6.1): the older LTS kernels nodes still run.
-    #[default]
+    /// Debian 12's cloud kernel (6.1): the older LTS kernels nodes still run. Its tmpfs
+    /// has no idmapped mounts, so pods in such an L1 run virtiofsd unjailed.
     Image,
     /// Debian's 6.12 cloud kernel, of the same source version as the `linux-source-6.12`
     /// Cocoon's own kernel is built from: what Debian 13 and RHEL 10 nodes run, between
-    /// 6.1 and the host's kernel here.
+    /// 6.1 and the host's kernel here. The default, so that pods in L1 run with the
+    /// default confinement (the virtiofsd jail needs idmapped tmpfs, from 6.3).
+    #[default]
     Linux612,
 }
 
@@ -65,11 +67,10 @@ pub struct L1Image {
 }
 
 impl L1Image {
-    /// Finds or builds the L1 image for the kernel package that the guest image in
-    /// `guest_image_dir` (its `manifest.json`) was built from, so that both levels run the
-    /// same, already downloaded kernel.
+    /// Finds or builds the L1 image with the default kernel ([`L1Kernel`]) for the guest
+    /// image in `guest_image_dir` (its `manifest.json`).
     pub fn build(guest_image_dir: &Path, cache_dir: Option<&Path>) -> Result<L1Image, NestedError> {
-        Self::build_with(guest_image_dir, cache_dir, L1Kernel::Image)
+        Self::build_with(guest_image_dir, cache_dir, L1Kernel::default())
     }
 
     /// `build`, with L1 running `kernel`.

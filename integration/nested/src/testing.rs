@@ -75,16 +75,18 @@ pub fn hardware_kvm(test: &str) -> Place {
     hardware_kvm_in(test, default_l1_kernel())
 }
 
-/// The variable that picks L1's kernel for the tests that do not name one: `image` (the
-/// default) or `6.12`.
+/// The variable that picks L1's kernel for the tests that do not name one: `6.12` (the
+/// default) or `image` (also spelt `6.1`: the guest image's kernel package, else Debian
+/// 12's cloud kernel).
 pub const L1_KERNEL_ENV: &str = "COCOON_L1_KERNEL";
 
 #[track_caller]
 fn default_l1_kernel() -> L1Kernel {
     match std::env::var(L1_KERNEL_ENV).as_deref() {
-        Err(_) | Ok("") | Ok("image") => L1Kernel::Image,
+        Err(_) | Ok("") => L1Kernel::default(),
         Ok("6.12") => L1Kernel::Linux612,
-        Ok(other) => panic!("{L1_KERNEL_ENV}={other}: use `image` or `6.12`"),
+        Ok("image") | Ok("6.1") => L1Kernel::Image,
+        Ok(other) => panic!("{L1_KERNEL_ENV}={other}: use `6.12`, `image` or `6.1`"),
     }
 }
 

@@ -37,9 +37,9 @@ enum Cmd {
         /// Seconds before L1 is killed.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
-        /// L1's kernel: `image` (the guest image's Debian kernel package, else Debian
-        /// 12's cloud kernel, 6.1) or `6.12` (Debian's 6.12 cloud kernel).
-        #[arg(long, default_value = "image", value_parser = ["image", "6.12"])]
+        /// L1's kernel: `6.12` (Debian's 6.12 cloud kernel) or `image` (also `6.1`: the
+        /// guest image's Debian kernel package, else Debian 12's cloud kernel, 6.1).
+        #[arg(long, default_value = "6.12", value_parser = ["6.12", "image", "6.1"])]
         l1_kernel: String,
         /// Variables to pass into L1 (NAME or NAME=VALUE).
         #[arg(long = "env", short = 'e')]
@@ -61,8 +61,8 @@ fn main() -> anyhow::Result<()> {
         cmd,
     } = Cli::parse().command;
     let kernel = match l1_kernel.as_str() {
-        "6.12" => L1Kernel::Linux612,
-        _ => L1Kernel::Image,
+        "image" | "6.1" => L1Kernel::Image,
+        _ => L1Kernel::Linux612,
     };
     let image = L1Image::build_with(&image_dir, None, kernel).context("L1 image")?;
     let l1 = L1 {
