@@ -87,13 +87,29 @@ pub fn pods<E: std::error::Error>(
     if let Err(e) = VmSpec::from_config(config, "cocoon-check").validate() {
         problems.push(chain(&e));
     }
-    if let Err(e) = find_binary("virtiofsd", &config.paths.virtiofsd) {
-        problems.push(format!(
+    let virtiofsd = find_binary("virtiofsd", &config.paths.virtiofsd);
+    match &virtiofsd {
+        Ok(found) => match hypervisor::virtiofsd_lacks(found) {
+            Ok(lacks) if lacks.is_empty() => {}
+            Ok(lacks) => problems.push(format!(
+                "{}: its --help lists none of {}, which pods pass it, so each pod would \
+                 fail at its start: install the Rust virtiofsd (Cocoon is tested with \
+                 1.14; QEMU's old C virtiofsd takes other options), or set \
+                 paths.virtiofsd to one",
+                found.display(),
+                lacks.join(", ")
+            )),
+            Err(e) => problems.push(format!(
+                "{}: cannot run it to ask its options: {e}",
+                found.display()
+            )),
+        },
+        Err(e) => problems.push(format!(
             "{}: pods share container filesystems with virtiofsd: install it (Debian 13's \
              and Ubuntu's package puts it in /usr/libexec), put it beside the shim or on \
              containerd's PATH, or set paths.virtiofsd",
             chain(&e)
-        ));
+        )),
     }
     if config.jail.enabled {
         if !host.root {

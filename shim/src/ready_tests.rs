@@ -26,17 +26,28 @@ fn host(kvm: KvmKind, root: bool, jail: Result<(), String>) -> HostReport {
     }
 }
 
-/// A config from `extra` whose image, backends and virtiofsd exist (as files: nothing
-/// runs them) where `extra` does not name them.
+/// A stand-in virtiofsd in `dir` whose `--help` prints `help`.
+fn fake_virtiofsd(dir: &Path, help: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("virtiofsd");
+    std::fs::write(&p, format!("#!/bin/sh\ncat <<'EOF'\n{help}\nEOF\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// A config from `extra` whose image, backends and virtiofsd exist (files that are not
+/// run, but for a virtiofsd that lists every option pods pass) where `extra` does not
+/// name them.
 fn config(image: &Path, extra: &str) -> Result<Config, crate::config::ConfigError> {
     std::fs::write(image.join("vmlinuz"), "kernel").unwrap();
     std::fs::write(image.join("initramfs.cpio"), "initrd").unwrap();
     let mut c = Config::parse(extra)?;
     c.paths.image_dir = image.to_owned();
-    for p in [&mut c.paths.vmm_binary, &mut c.paths.virtiofsd] {
-        if p.as_os_str().is_empty() {
-            *p = "/bin/true".into();
-        }
+    if c.paths.virtiofsd.as_os_str().is_empty() {
+        c.paths.virtiofsd = fake_virtiofsd(image, &hypervisor::VIRTIOFSD_OPTIONS.join("\n"));
+    }
+    if c.paths.vmm_binary.as_os_str().is_empty() {
+        c.paths.vmm_binary = "/bin/true".into();
     }
     if c.qemu.binary.is_relative() {
         c.qemu.binary = "/bin/true".into();
@@ -196,4 +207,47 @@ fn qemu_with_kvm_on_pvm_or_a_kvm_device_a_jail_cannot_open_is_a_reason() {
         shown.contains("NOT READY") && shown.contains("\n  - "),
         "{shown}"
     );
+}
+
+/// A virtiofsd without the options pods pass (QEMU's old C one, which older
+/// distributions install as /usr/libexec/virtiofsd) would fail every pod: it is named,
+/// with what it lacks. The virtiofsd this host has lacks none of them.
+#[test]
+fn a_virtiofsd_without_the_options_pods_pass_is_a_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let c_help = "Usage: virtiofsd [options]\n    --socket-path=PATH\n    --fd=FDNUM\n    \
+                  -o source=PATH\n    --rlimit-nofile=<num>\n    --print-capabilities";
+    let old = fake_virtiofsd(d.path(), c_help);
+    let toml = format!("[paths]\nvirtiofsd = \"{}\"", old.display());
+    let v = verdict(d.path(), &toml, &host(here(), true, Ok(())));
+    let named = v
+        .problems
+        .iter()
+        .find(|p| p.contains(&old.display().to_string()))
+        .unwrap_or_else(|| panic!("the old virtiofsd is not named: {v}"));
+    let lacks = hypervisor::virtiofsd_lacks(&old).unwrap();
+    assert_eq!(
+        lacks,
+        [
+            "--shared-dir",
+            "--sandbox",
+            "--announce-submounts",
+            "--cache",
+            "--log-level",
+            "--inode-file-handles"
+        ]
+    );
+    assert!(named.contains(&lacks.join(", ")), "{named}");
+
+    let real = find_binary("virtiofsd", Path::new(""));
+    match real {
+        Ok(real) => assert_eq!(
+            hypervisor::virtiofsd_lacks(&real).unwrap(),
+            Vec::<&str>::new(),
+            "{}",
+            real.display()
+        ),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("no virtiofsd on this host: {e}"),
+        Err(e) => eprintln!("not checked against a real virtiofsd: {e}"),
+    }
 }

@@ -18,6 +18,42 @@ use super::{tail_lines, HypervisorError, LaunchTimes, SharedDir, Vm, VmSpec};
 /// both its tries there with "no socket", and passes alone in 14 s.
 pub const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Every option the shim passes a virtiofsd, here and in `template.rs`. A virtiofsd
+/// without one of them fails every pod at its start: QEMU's old C virtiofsd (which
+/// older distributions installed as `/usr/libexec/virtiofsd`, where the shim now looks)
+/// takes `-o` options instead, and older Rust ones lack the newer options.
+pub const VIRTIOFSD_OPTIONS: &[&str] = &[
+    "--fd",
+    "--socket-path",
+    "--shared-dir",
+    "--sandbox",
+    "--announce-submounts",
+    "--cache",
+    "--log-level",
+    "--rlimit-nofile",
+    "--inode-file-handles",
+];
+
+/// The options of [`VIRTIOFSD_OPTIONS`] that `binary --help` does not list, for
+/// `cocoon check`'s verdict: asking the binary itself needs no version table.
+pub fn virtiofsd_lacks(binary: &Path) -> std::io::Result<Vec<&'static str>> {
+    let out = std::process::Command::new(binary)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let help = [out.stdout, out.stderr].concat();
+    let help = String::from_utf8_lossy(&help);
+    // `--cache <CACHE>`, `--inode-file-handles=<...>`, `--posix-acl[=<...>]`.
+    let words: std::collections::HashSet<&str> = help
+        .split(|c: char| c.is_whitespace() || matches!(c, '=' | '[' | ','))
+        .collect();
+    Ok(VIRTIOFSD_OPTIONS
+        .iter()
+        .copied()
+        .filter(|o| !words.contains(o))
+        .collect())
+}
+
 /// Creates `<run_root>/<id>` (0700); an existing one is an error, never reused.
 pub fn create_run_dir(spec: &VmSpec) -> Result<PathBuf, HypervisorError> {
     let run_dir = spec.run_dir();

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 pub use host_sysctls::{host_sysctl, HOST_SYSCTLS};
+pub use launch::{virtiofsd_lacks, VIRTIOFSD_OPTIONS};
 pub use process::{find_binary, VmProcesses};
 
 use crate::check::{self, KvmKind};
