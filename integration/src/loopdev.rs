@@ -1,5 +1,5 @@
 //! Loop devices over files of a test's, for raw block device tests, and who holds them;
-//! an ext4 filesystem on one, for kernels whose tmpfs cannot be idmapped (L1's 6.1), and
+//! an ext4 filesystem on one, for kernels whose tmpfs cannot be idmapped (6.1), and
 //! a tmpfs of a test's own, for those whose tmpfs can (6.3 on).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -1,6 +1,6 @@
 //! The virtiofsd jail's rootfs (an overlay of idmapped layers, `shimv2/overlay.rs`) on
 //! kernels older than 6.15, which take no detached mount as an overlay layer: Debian's
-//! 6.1 (L1's usual kernel), its layers on an ext4 loop device (6.1 idmaps ext4, not
+//! 6.1 (an L1 of its own), its layers on an ext4 loop device (6.1 idmaps ext4, not
 //! tmpfs), and Debian's 6.12 (an L1 of its own), on tmpfs, as a node's /run is. On a
 //! host with hardware KVM the tests run where they are, and check whichever method that
 //! kernel takes.

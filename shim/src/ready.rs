@@ -100,7 +100,7 @@ pub fn pods<E: std::error::Error>(
                 lacks.join(", ")
             )),
             Err(e) => problems.push(format!(
-                "{}: cannot run it to ask its options: {e}",
+                "{}: asked for the options pods pass it: {e}",
                 found.display()
             )),
         },

@@ -34,23 +34,65 @@ pub const VIRTIOFSD_OPTIONS: &[&str] = &[
     "--inode-file-handles",
 ];
 
+/// How long `virtiofsd --help` may take: one that does not answer (a wrapper that
+/// serves instead) must not hold `cocoon check`, nor the node installer behind it.
+const VIRTIOFSD_HELP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The options of [`VIRTIOFSD_OPTIONS`] that `binary --help` does not list, for
-/// `cocoon check`'s verdict: asking the binary itself needs no version table.
-pub fn virtiofsd_lacks(binary: &Path) -> std::io::Result<Vec<&'static str>> {
-    let out = std::process::Command::new(binary)
+/// `cocoon check`'s verdict: asking the binary itself needs no version table. A binary
+/// that cannot run (a missing library), fails or does not answer in time is an error
+/// saying so, not a list of everything it lacks.
+pub fn virtiofsd_lacks(binary: &Path) -> Result<Vec<&'static str>, String> {
+    virtiofsd_lacks_within(binary, VIRTIOFSD_HELP_TIMEOUT)
+}
+
+/// `virtiofsd_lacks`, with its deadline given.
+pub(crate) fn virtiofsd_lacks_within(
+    binary: &Path,
+    timeout: Duration,
+) -> Result<Vec<&'static str>, String> {
+    let child = std::process::Command::new(binary)
         .arg("--help")
         .stdin(std::process::Stdio::null())
-        .output()?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.map_err(|e| format!("cannot run it: {e}"))?,
+        Err(_) => {
+            // Still our unreaped child, so the pid is its; the thread reaps it.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(format!("`--help` gave no answer in {:?}", timeout));
+        }
+    };
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        let last: Vec<&str> = said.lines().rev().take(3).collect();
+        let last: Vec<&str> = last.into_iter().rev().collect();
+        return Err(format!(
+            "`--help` failed ({}): {}",
+            out.status,
+            last.join(" / ")
+        ));
+    }
     let help = [out.stdout, out.stderr].concat();
     let help = String::from_utf8_lossy(&help);
-    // `--cache <CACHE>`, `--inode-file-handles=<...>`, `--posix-acl[=<...>]`.
-    let words: std::collections::HashSet<&str> = help
-        .split(|c: char| c.is_whitespace() || matches!(c, '=' | '[' | ','))
+    // Each option as its line of the help starts it: `--cache <CACHE>`,
+    // `--inode-file-handles=<...>`, `--posix-acl[=<...>]`, the C one's `-o opt`.
+    let listed: std::collections::HashSet<&str> = help
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .flat_map(|l| l.split(|c: char| c.is_whitespace() || matches!(c, '=' | '[' | ',')))
         .collect();
     Ok(VIRTIOFSD_OPTIONS
         .iter()
         .copied()
-        .filter(|o| !words.contains(o))
+        .filter(|o| !listed.contains(o))
         .collect())
 }
 

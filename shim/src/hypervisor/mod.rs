@@ -30,6 +30,8 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 pub use host_sysctls::{host_sysctl, HOST_SYSCTLS};
+#[cfg(test)]
+pub(crate) use launch::virtiofsd_lacks_within;
 pub use launch::{virtiofsd_lacks, VIRTIOFSD_OPTIONS};
 pub use process::{find_binary, VmProcesses};
 

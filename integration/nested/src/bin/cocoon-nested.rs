@@ -39,8 +39,9 @@ enum Cmd {
         timeout: u64,
         /// L1's kernel: `6.12` (Debian's 6.12 cloud kernel) or `image` (also `6.1`: the
         /// guest image's Debian kernel package, else Debian 12's cloud kernel, 6.1).
-        #[arg(long, default_value = "6.12", value_parser = ["6.12", "image", "6.1"])]
-        l1_kernel: String,
+        /// Default: `COCOON_L1_KERNEL`'s, as for the tests, else `6.12`.
+        #[arg(long, value_parser = ["6.12", "image", "6.1"])]
+        l1_kernel: Option<String>,
         /// Variables to pass into L1 (NAME or NAME=VALUE).
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
@@ -60,9 +61,16 @@ fn main() -> anyhow::Result<()> {
         env,
         cmd,
     } = Cli::parse().command;
+    let l1_kernel = l1_kernel
+        .or_else(|| std::env::var(cocoon_nested::testing::L1_KERNEL_ENV).ok())
+        .unwrap_or_default();
     let kernel = match l1_kernel.as_str() {
+        "" | "6.12" => L1Kernel::Linux612,
         "image" | "6.1" => L1Kernel::Image,
-        _ => L1Kernel::Linux612,
+        other => anyhow::bail!(
+            "{}={other}: use `6.12`, `image` or `6.1`",
+            cocoon_nested::testing::L1_KERNEL_ENV
+        ),
     };
     let image = L1Image::build_with(&image_dir, None, kernel).context("L1 image")?;
     let l1 = L1 {
