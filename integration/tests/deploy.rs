@@ -757,8 +757,9 @@ fn install_checked_by_cocoon(config: &str) -> (Output, String) {
     (out, node.kubectl_log())
 }
 
-/// A node whose pods could not start (here: no guest kernel where its config says) is
-/// labelled so that the RuntimeClass does not pick it, and the installer says why.
+/// A node whose pods could not start (here: no guest kernel where its config says; then
+/// a virtiofsd without the options pods pass) is labelled so that the RuntimeClass does
+/// not pick it, and the installer says why.
 #[test]
 fn a_node_that_cannot_run_pods_is_labelled_unready_with_the_reasons() {
     let nowhere = tempfile::tempdir().unwrap();
@@ -780,6 +781,33 @@ fn a_node_that_cannot_run_pods_is_labelled_unready_with_the_reasons() {
             image_dir.join("vmlinuz").display()
         )),
         "the missing kernel is not named:\n{stderr}"
+    );
+    assert_eq!(
+        labels,
+        format!("label node node-1 {NODE_LABEL}=unready --overwrite\n")
+    );
+
+    // The built image, but a virtiofsd that takes other options (QEMU's old C one, as
+    // older distributions install it in /usr/libexec, where the shim looks).
+    let old = nowhere.path().join("virtiofsd");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\necho '  --socket-path=PATH'\necho '  -o source=PATH'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (out, labels) = install_checked_by_cocoon(&format!(
+        "[paths]\nimage_dir = \"{}\"\nvirtiofsd = \"{}\"\n{}",
+        cocoon_integration::image_dir().display(),
+        old.display(),
+        cocoon_integration::jail_table_for_this_kernel("")
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: its --help lists none of", old.display()))
+            && stderr.contains("--sandbox"),
+        "the unfit virtiofsd is not named:\n{stderr}"
     );
     assert_eq!(
         labels,
