@@ -288,6 +288,15 @@ pub fn tail_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Writes `body` as the executable file `path` (a stand-in tool for a test: a script
+/// with its `#!` line).
+pub fn write_executable(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
 /// Builds the C program `source` as the static executable `dir/name` (test images have no
 /// C library), or says why it cannot.
 pub fn build_static_c(dir: &Path, name: &str, source: &str) -> Result<PathBuf, String> {

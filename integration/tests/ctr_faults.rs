@@ -111,12 +111,10 @@ fn a_virtiofsd_that_fails_at_start_is_named_with_its_last_words() {
     )
     .unwrap();
     let fake = bin.path().join("virtiofsd");
-    std::fs::write(
+    cocoon_integration::write_executable(
         &fake,
         "#!/bin/sh\necho 'cannot serve the share: simulated' >&2\nexit 3\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     // The shim config's last table is [paths]: this key lands there.
     let env = env_with(
         "",

@@ -790,12 +790,10 @@ fn a_node_that_cannot_run_pods_is_labelled_unready_with_the_reasons() {
     // The built image, but a virtiofsd that takes other options (QEMU's old C one, as
     // older distributions install it in /usr/libexec, where the shim looks).
     let old = nowhere.path().join("virtiofsd");
-    std::fs::write(
+    cocoon_integration::write_executable(
         &old,
         "#!/bin/sh\necho '  --socket-path=PATH'\necho '  -o source=PATH'\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let (out, labels) = install_checked_by_cocoon(&format!(
         "[paths]\nimage_dir = \"{}\"\nvirtiofsd = \"{}\"\n{}",
         cocoon_integration::image_dir().display(),

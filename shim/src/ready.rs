@@ -87,30 +87,7 @@ pub fn pods<E: std::error::Error>(
     if let Err(e) = VmSpec::from_config(config, "cocoon-check").validate() {
         problems.push(chain(&e));
     }
-    let virtiofsd = find_binary("virtiofsd", &config.paths.virtiofsd);
-    match &virtiofsd {
-        Ok(found) => match hypervisor::virtiofsd_lacks(found) {
-            Ok(lacks) if lacks.is_empty() => {}
-            Ok(lacks) => problems.push(format!(
-                "{}: its --help lists none of {}, which pods pass it, so each pod would \
-                 fail at its start: install the Rust virtiofsd (Cocoon is tested with \
-                 1.14; QEMU's old C virtiofsd takes other options), or set \
-                 paths.virtiofsd to one",
-                found.display(),
-                lacks.join(", ")
-            )),
-            Err(e) => problems.push(format!(
-                "{}: asked for the options pods pass it: {e}",
-                found.display()
-            )),
-        },
-        Err(e) => problems.push(format!(
-            "{}: pods share container filesystems with virtiofsd: install it (Debian 13's \
-             and Ubuntu's package puts it in /usr/libexec), put it beside the shim or on \
-             containerd's PATH, or set paths.virtiofsd",
-            chain(&e)
-        )),
-    }
+    problems.extend(virtiofsd_problem(config));
     if config.jail.enabled {
         if !host.root {
             problems.push(
@@ -160,6 +137,36 @@ pub fn pods<E: std::error::Error>(
         config: path,
         backend: Some(backend),
         problems,
+    }
+}
+
+/// Why pods could not run the virtiofsd `config` gives them: none found, or one whose
+/// `--help` lacks an option pods pass it (or that cannot say).
+fn virtiofsd_problem(config: &Config) -> Option<String> {
+    let found = match find_binary("virtiofsd", &config.paths.virtiofsd) {
+        Ok(found) => found,
+        Err(e) => {
+            return Some(format!(
+                "{}: pods share container filesystems with virtiofsd: install it (Debian \
+                 13's and Ubuntu's package puts it in /usr/libexec), put it beside the \
+                 shim or on containerd's PATH, or set paths.virtiofsd",
+                chain(&e)
+            ))
+        }
+    };
+    match hypervisor::virtiofsd_lacks(&found) {
+        Ok(lacks) if lacks.is_empty() => None,
+        Ok(lacks) => Some(format!(
+            "{}: its --help lists none of {}, which pods pass it, so each pod would fail \
+             at its start: install the Rust virtiofsd (Cocoon is tested with 1.14; QEMU's \
+             old C virtiofsd takes other options), or set paths.virtiofsd to one",
+            found.display(),
+            lacks.join(", ")
+        )),
+        Err(e) => Some(format!(
+            "{}: asked for the options pods pass it: {e}",
+            found.display()
+        )),
     }
 }
 

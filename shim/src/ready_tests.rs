@@ -26,13 +26,18 @@ fn host(kvm: KvmKind, root: bool, jail: Result<(), String>) -> HostReport {
     }
 }
 
-/// A stand-in virtiofsd in `dir` whose `--help` prints `help`.
-fn fake_virtiofsd(dir: &Path, help: &str) -> std::path::PathBuf {
+/// The shell script `body` as the executable `dir/name`.
+fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let p = dir.join("virtiofsd");
-    std::fs::write(&p, format!("#!/bin/sh\ncat <<'EOF'\n{help}\nEOF\n")).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
+}
+
+/// A stand-in virtiofsd in `dir` whose `--help` prints `help`.
+fn fake_virtiofsd(dir: &Path, help: &str) -> std::path::PathBuf {
+    script(dir, "virtiofsd", &format!("cat <<'EOF'\n{help}\nEOF"))
 }
 
 /// A config from `extra` whose image, backends and virtiofsd exist (files that are not
@@ -259,15 +264,9 @@ fn a_virtiofsd_without_the_options_pods_pass_is_a_reason() {
 /// does not wait on it past its deadline.
 #[test]
 fn a_virtiofsd_that_fails_or_hangs_is_named_for_that() {
-    use std::os::unix::fs::PermissionsExt;
     let d = tempfile::tempdir().unwrap();
-    let script = |name: &str, body: &str| {
-        let p = d.path().join(name);
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    };
     let broken = script(
+        d.path(),
         "broken",
         "echo 'error while loading shared libraries: libseccomp.so.2' >&2; exit 127",
     );
@@ -278,7 +277,7 @@ fn a_virtiofsd_that_fails_or_hangs_is_named_for_that() {
     );
     assert!(!err.contains("--sandbox"), "{err}");
 
-    let hangs = script("hangs", "exec sleep 600");
+    let hangs = script(d.path(), "hangs", "exec sleep 600");
     let started = std::time::Instant::now();
     let err = hypervisor::virtiofsd_lacks_within(&hangs, std::time::Duration::from_millis(300))
         .unwrap_err();

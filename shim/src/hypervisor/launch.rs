@@ -71,8 +71,8 @@ pub(crate) fn virtiofsd_lacks_within(
     };
     if !out.status.success() {
         let said = String::from_utf8_lossy(&out.stderr);
-        let last: Vec<&str> = said.lines().rev().take(3).collect();
-        let last: Vec<&str> = last.into_iter().rev().collect();
+        let lines: Vec<&str> = said.lines().collect();
+        let last = &lines[lines.len().saturating_sub(3)..];
         return Err(format!(
             "`--help` failed ({}): {}",
             out.status,
