@@ -436,7 +436,7 @@ impl std::fmt::Display for HostReport {
         match (&self.huge_tmpfs, self.shmem_thp.as_deref()) {
             (Ok(()), Some(m)) if m != "deny" => writeln!(
                 f,
-                "guest RAM:      2 MiB pages (cocoon-vmm: a huge=always tmpfs of its own, \
+                "guest RAM:      2 MiB pages (both VMMs: a huge=always tmpfs of its own, \
                  which shmem THP {m} does not restrict)"
             )?,
             (Err(e), _) => writeln!(f, "guest RAM:      no huge-page tmpfs of its own: {e}")?,
@@ -449,10 +449,10 @@ impl std::fmt::Display for HostReport {
             )?,
             Some(m) => writeln!(
                 f,
-                "shmem THP:      {m}: a memfd (QEMU's guest RAM, or cocoon-vmm's with \
-                 vm.huge_pages = off) stays in 4 KiB pages, which slows boots (1.9x under \
-                 nesting); /sys/kernel/mm/transparent_hugepage/shmem_enabled = advise \
-                 allows them"
+                "shmem THP:      {m}: a memfd (guest RAM with vm.huge_pages = off, or \
+                 where no huge-page tmpfs can be made) stays in 4 KiB pages, which slows \
+                 boots (1.9x under nesting); /sys/kernel/mm/transparent_hugepage/shmem_enabled \
+                 = advise allows them"
             )?,
             None => writeln!(f, "shmem THP:      not available")?,
         }

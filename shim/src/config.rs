@@ -168,9 +168,9 @@ pub struct VmConfig {
     pub boot_timeout_ms: u64,
     /// Deadline for one agent call.
     pub call_timeout_ms: u64,
-    /// cocoon-vmm: guest RAM on a huge-page tmpfs of its own, so the guest gets 2 MiB
+    /// Guest RAM on a huge-page tmpfs of its own (both VMMs), so the guest gets 2 MiB
     /// pages whatever the node's shmem THP policy (`auto`: where it can be made, logged;
-    /// `on`: required; `off`). QEMU keeps its memfd.
+    /// `on`: required; `off`: a memfd).
     pub huge_pages: HugePages,
     /// A virtio balloon taking free page reports (both VMMs): guest RAM the guest frees
     /// goes back to the host instead of staying touched for the pod's life. The guest

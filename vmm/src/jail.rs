@@ -64,6 +64,8 @@ pub enum JailError {
     Unsafe(PathBuf, &'static str),
     #[error("Failed to create {0} in the jail")]
     Mkdir(PathBuf, #[source] std::io::Error),
+    #[error("The guest-RAM tmpfs at {0} would overlap {1}, which the jail keeps")]
+    Overlap(PathBuf, PathBuf),
 }
 
 impl JailError {
@@ -71,7 +73,11 @@ impl JailError {
     pub fn nothing_changed(&self) -> bool {
         matches!(
             self,
-            Self::Unshare(_) | Self::Threads(_) | Self::Resolve(..) | Self::Unsafe(..)
+            Self::Unshare(_)
+                | Self::Threads(_)
+                | Self::Resolve(..)
+                | Self::Unsafe(..)
+                | Self::Overlap(..)
         )
     }
 }
@@ -276,7 +282,7 @@ fn kept_flags(path: &Path) -> MsFlags {
 /// Enters the jail, keeping `keep` at their own paths, and drops every capability. Must
 /// run while the calling thread is the process's only thread.
 pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
-    enter_root(keep, &[], CloneFlags::empty())?;
+    enter_root(keep, &[], None, CloneFlags::empty())?;
     drop_capabilities()?;
     let kept: Vec<_> = keep.iter().map(|d| d.path.display().to_string()).collect();
     log::info!(
@@ -287,15 +293,54 @@ pub fn enter(keep: &[KeptDir]) -> Result<(), JailError> {
     Ok(())
 }
 
+/// A tmpfs of the jail's own for guest RAM (`jail-exec --huge-tmpfs`), mounted
+/// `huge=always` with room for `size` bytes ([`crate::vstate::ram_file::huge_tmpfs_options`])
+/// and owned by the program's `uid`/`gid`: a program that needs a path to make its RAM
+/// file in (QEMU's `memory-backend-file`) gets 2 MiB pages whatever the host's shmem THP
+/// policy. It lives in the jail's mount namespace only, so nothing is left on the host
+/// when the jail's last process ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamTmpfs {
+    pub path: PathBuf,
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RamTmpfs {
+    /// The mount's data string.
+    pub fn data(&self) -> String {
+        let mut o: Vec<String> = crate::vstate::ram_file::huge_tmpfs_options(self.size)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        o.push(format!("uid={}", self.uid));
+        o.push(format!("gid={}", self.gid));
+        o.join(",")
+    }
+}
+
 /// The namespaces and the root of [`enter`], without touching capabilities: `keep` bound
 /// at their own paths, each `links` entry (`link`, `target`) a symbolic link in the new
-/// root; `extra` namespaces unshared too (`CLONE_NEWPID`: for the children to come).
-/// Must run while the calling thread is the process's only thread.
+/// root, `ram` a tmpfs of its own; `extra` namespaces unshared too (`CLONE_NEWPID`: for
+/// the children to come). Must run while the calling thread is the process's only thread.
 pub fn enter_root(
     keep: &[KeptDir],
     links: &[(PathBuf, PathBuf)],
+    ram: Option<&RamTmpfs>,
     extra: CloneFlags,
 ) -> Result<(), JailError> {
+    if let Some(ram) = ram {
+        let kept = keep
+            .iter()
+            .map(|k| &k.path)
+            .chain(links.iter().map(|l| &l.0));
+        for k in kept {
+            if k.starts_with(&ram.path) || ram.path.starts_with(k) {
+                return Err(JailError::Overlap(ram.path.clone(), k.clone()));
+            }
+        }
+    }
     let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
     if threads != 1 {
         return Err(JailError::Threads(threads));
@@ -395,6 +440,23 @@ pub fn enter_root(
             none,
         )
         .map_err(step(format!("harden {} in the jail", dir.path.display())))?;
+    }
+    if let Some(ram) = ram {
+        let rel = ram.path.strip_prefix("/").unwrap_or(&ram.path);
+        let dst = Path::new("/newroot").join(rel);
+        std::fs::create_dir_all(&dst).map_err(|e| JailError::Mkdir(ram.path.clone(), e))?;
+        mount(
+            Some("tmpfs"),
+            &dst,
+            Some("tmpfs"),
+            hardening,
+            Some(ram.data().as_str()),
+        )
+        .map_err(step(format!(
+            "mount a huge-page tmpfs for guest RAM at {} ({})",
+            ram.path.display(),
+            ram.data()
+        )))?;
     }
     for (link, target) in links {
         let rel = link.strip_prefix("/").unwrap_or(link);

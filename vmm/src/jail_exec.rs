@@ -42,6 +42,9 @@ pub struct ExecJail {
     /// The program runs as PID 1 of a PID namespace of its own, this process staying
     /// behind as its waiter ([`crate::pid_ns`]).
     pub pid_ns: bool,
+    /// A huge-page tmpfs for guest RAM at this path in the jail, with room for this
+    /// many bytes, owned by `uid` and `gid`.
+    pub huge_tmpfs: Option<(PathBuf, u64)>,
 }
 
 fn step(what: &str) -> impl FnOnce(nix::Error) -> JailError + '_ {
@@ -73,7 +76,16 @@ fn confine(j: &ExecJail) -> Result<(), JailError> {
     } else {
         nix::sched::CloneFlags::empty()
     };
-    crate::jail::enter_root(&j.keep, &j.links, extra)?;
+    let ram = j
+        .huge_tmpfs
+        .as_ref()
+        .map(|(path, size)| crate::jail::RamTmpfs {
+            path: path.clone(),
+            size: *size,
+            uid: j.uid,
+            gid: j.gid,
+        });
+    crate::jail::enter_root(&j.keep, &j.links, ram.as_ref(), extra)?;
     caps::clear(None, caps::CapSet::Bounding).map_err(|e| JailError::Step {
         step: format!("empty the capability bounding set ({e})"),
         source: nix::Error::EPERM,
@@ -141,6 +153,29 @@ pub fn parse_limit(s: &str) -> Result<(Resource, u64), String> {
     Ok((resource, value))
 }
 
+/// Parses `PATH=BYTES` (`--huge-tmpfs`): an absolute path other than the root, and a
+/// size of at least one byte.
+pub fn parse_huge_tmpfs(s: &str) -> Result<(PathBuf, u64), String> {
+    let (path, size) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PATH=BYTES"))?;
+    use std::path::Component;
+    let plain = std::path::Path::new(path)
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !path.starts_with('/') || path.trim_end_matches('/').is_empty() || !plain {
+        return Err(format!(
+            "the tmpfs path {path:?} is not a plain absolute path below the root"
+        ));
+    }
+    match size.parse::<u64>() {
+        Ok(n) if n > 0 => Ok((path.into(), n)),
+        _ => Err(format!(
+            "{size:?} (size of the tmpfs at {path}) is not a positive number of bytes"
+        )),
+    }
+}
+
 /// Parses `LINK=TARGET`.
 pub fn parse_link(s: &str) -> Result<(PathBuf, PathBuf), String> {
     let (link, target) = s
@@ -166,6 +201,26 @@ mod tests {
         assert!(parse_limit("stack=1").unwrap_err().contains("stack"));
         assert!(parse_limit("nproc=many").unwrap_err().contains("many"));
         assert!(parse_limit("nproc").unwrap_err().contains("NAME=VALUE"));
+    }
+
+    #[test]
+    fn huge_tmpfs_takes_an_absolute_path_and_a_size() {
+        assert_eq!(
+            parse_huge_tmpfs("/guest-ram=268435456"),
+            Ok(("/guest-ram".into(), 256 << 20))
+        );
+        assert!(parse_huge_tmpfs("guest-ram=1")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse_huge_tmpfs("/=1")
+            .unwrap_err()
+            .contains("below the root"));
+        assert!(parse_huge_tmpfs("/a/../usr=1")
+            .unwrap_err()
+            .contains("below the root"));
+        assert!(parse_huge_tmpfs("/ram=0").unwrap_err().contains("positive"));
+        assert!(parse_huge_tmpfs("/ram=2M").unwrap_err().contains("2M"));
+        assert!(parse_huge_tmpfs("/ram").unwrap_err().contains("PATH=BYTES"));
     }
 
     #[test]

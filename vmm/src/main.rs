@@ -105,6 +105,10 @@ struct JailExecArgs {
     /// its waiter (forwards signals, ends as it ends).
     #[arg(long)]
     pid_ns: bool,
+    /// PATH=BYTES: a tmpfs of the jail's own at PATH for guest RAM, mounted huge=always
+    /// with room for BYTES (whole 2 MiB pages), owned by --uid and --gid.
+    #[arg(long, value_parser = cocoon_vmm::jail_exec::parse_huge_tmpfs)]
+    huge_tmpfs: Option<(PathBuf, u64)>,
     /// The program and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<std::ffi::OsString>,
@@ -138,6 +142,7 @@ fn jail_exec(a: JailExecArgs) -> anyhow::Result<u8> {
         program,
         args: command.collect(),
         pid_ns: a.pid_ns,
+        huge_tmpfs: a.huge_tmpfs,
     });
     let cause = std::error::Error::source(&err)
         .map(|c| format!(": {c}"))

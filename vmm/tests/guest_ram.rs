@@ -84,3 +84,57 @@ fn off_is_a_memfd_without_huge_pages_asked() {
         link.display()
     );
 }
+
+/// `jail-exec --huge-tmpfs` (a jailed QEMU's guest RAM): a tmpfs of the jail's own that
+/// the jailed uid writes its one file in, in 2 MiB pages, never past its size, with room
+/// for no second file, and nowhere in the host's mount table.
+#[test]
+fn jail_exec_mounts_a_bounded_huge_tmpfs_for_the_program() {
+    if !guest::is_root("jail_exec_mounts_a_bounded_huge_tmpfs_for_the_program") {
+        return;
+    }
+    let host_mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let before = host_mounts();
+    // 4 MiB of room: a 4 MiB file fits (two huge pages), one byte more does not; the
+    // file's pages are counted while the program still runs.
+    let script = "cd /guest-ram && echo uid=$(id -u) && \
+        head -c 4194304 /dev/zero > ram && echo wrote=$(wc -c < ram) && \
+        (head -c 1 /dev/zero >> ram 2>/dev/null && echo grew || echo full) && \
+        (true > second 2>/dev/null && echo second || echo no-second) && \
+        (echo x > /usr/x 2>/dev/null && echo root-writable || echo root-ro)";
+    let out = guest::jailed_with(
+        &[
+            "--keep-dev",
+            "/dev/zero",
+            "--keep-dev",
+            "/dev/null",
+            "--huge-tmpfs",
+            "/guest-ram=4194304",
+        ],
+        &["/bin/sh", "-c", script],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout,
+        format!(
+            "uid={}\nwrote=4194304\nfull\nno-second\nroot-ro\n",
+            guest::JAIL_UID
+        ),
+        "{out:?}"
+    );
+    assert_eq!(host_mounts(), before, "the jail's tmpfs showed on the host");
+
+    // A tmpfs over a kept path would hide it (or, writable, be made on the host): refused
+    // before anything is set up.
+    let out = guest::jailed_with(&["--huge-tmpfs", "/usr/lib=4194304"], &["/bin/true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("/usr/lib") && stderr.contains("overlap"),
+        "{out:?}"
+    );
+}

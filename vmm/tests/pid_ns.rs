@@ -1,34 +1,12 @@
 //! `cocoon-vmm jail-exec --pid-ns`: the program runs as PID 1 of a PID namespace of its
 //! own, under a confined waiter that ends as it ends (`cocoon_vmm::pid_ns`).
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod guest;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cocoon-vmm");
-const UID: &str = "2000000123";
-
-/// jail-exec with a PID namespace, a pod-like uid and only /usr (plus the merged-/usr
-/// links) in its root.
-fn jailed(program: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(["jail-exec", "--pid-ns", "--uid", UID, "--gid", UID])
-        .args(["--keep-exec", "/usr"]);
-    for d in ["/bin", "/lib", "/lib64", "/sbin"] {
-        match std::fs::read_link(d) {
-            Ok(t) => {
-                c.arg("--link").arg(format!("{d}={}", t.display()));
-            }
-            Err(_) if std::path::Path::new(d).is_dir() => {
-                c.args(["--keep-exec", d]);
-            }
-            Err(_) => {}
-        }
-    }
-    c.arg("--").args(program);
-    c
-}
+use guest::jailed;
 
 fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -114,7 +92,10 @@ fn the_waiter_is_confined_and_sigterm_ends_both() {
     let w = waiter.id();
     // The waiter: the pod's uid, no capabilities, its own filter, and a command line
     // that is not the program's.
-    assert_eq!(status_field(w, "Uid").split_whitespace().next(), Some(UID));
+    assert_eq!(
+        status_field(w, "Uid").split_whitespace().next(),
+        Some(guest::JAIL_UID)
+    );
     assert_eq!(status_field(w, "CapEff"), "0000000000000000");
     assert_eq!(status_field(w, "Seccomp"), "2");
     assert_eq!(status_field(w, "NoNewPrivs"), "1");

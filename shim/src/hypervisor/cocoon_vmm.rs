@@ -12,7 +12,6 @@ use tokio::process::Command;
 use super::process::{configure, find_binary};
 use super::{identity, launch, pod_jail, HypervisorError, Vm, VmSpec};
 use crate::config::{Config, HugePages};
-use cocoon_vmm::vstate::ram_file::huge_tmpfs_file;
 
 /// The VMM's stderr, in the VM's run dir.
 const VMM_LOG: &str = "vmm.log";
@@ -204,21 +203,7 @@ impl CocoonVmm {
     /// For a jailed VMM (which cannot mount): guest RAM on a huge-page tmpfs of its own,
     /// as `vm.huge_pages` asks. `None`: the VMM makes a memfd itself.
     fn guest_ram(&self, spec: &VmSpec) -> Result<Option<std::fs::File>, HypervisorError> {
-        if self.huge_pages == HugePages::Off {
-            return Ok(None);
-        }
-        match huge_tmpfs_file(u64::from(spec.memory_mib) << 20) {
-            Ok(file) => Ok(Some(file)),
-            Err(e) => {
-                let why = format!("{e}: {}", e.source);
-                if self.huge_pages == HugePages::On {
-                    return Err(HypervisorError::HugePages(why));
-                }
-                tracing::warn!(id = %spec.id, "guest RAM: a memfd, huge pages only as the \
-                    host's shmem THP allows ({why})");
-                Ok(None)
-            }
-        }
+        super::guest_ram::huge_file(self.huge_pages, u64::from(spec.memory_mib) << 20, &spec.id)
     }
 }
 
@@ -288,6 +273,7 @@ impl super::Hypervisor for CocoonVmm {
                     writable: vec![],
                     identity,
                     kvm: false,
+                    huge_tmpfs: None,
                 };
                 let kvm = std::fs::OpenOptions::new()
                     .read(true)

@@ -8,6 +8,7 @@ pub mod confidential;
 pub mod console;
 pub mod disk_slots;
 pub mod disks;
+pub mod guest_ram;
 mod host_sysctls;
 pub mod identity;
 mod launch;

@@ -39,6 +39,9 @@ pub struct PodJail<'a> {
     pub writable: Vec<&'a Path>,
     pub identity: &'a PodIdentity,
     pub kvm: bool,
+    /// A huge-page tmpfs of the jail's own at this path, with room for this many bytes
+    /// of guest RAM (QEMU's `memory-backend-file` makes its file there).
+    pub huge_tmpfs: Option<(&'a Path, u64)>,
 }
 
 /// Canonical form of a file QEMU is given by path: the jail binds the file itself, so
@@ -173,6 +176,10 @@ impl PodJail<'_> {
         for l in LIMITS {
             a.extend(["--limit".into(), (*l).into()]);
         }
+        if let Some((path, size)) = self.huge_tmpfs {
+            a.push("--huge-tmpfs".into());
+            a.push(format!("{}={size}", path.display()).into());
+        }
         // PID 1 of a PID namespace of its own: no host process to signal or look at.
         a.push("--pid-ns".into());
         a.push("--".into());
@@ -199,6 +206,7 @@ mod tests {
             writable: vec![d.path()],
             identity: &identity,
             kvm: false,
+            huge_tmpfs: Some((Path::new("/guest-ram"), 256 << 20)),
         };
         let a: Vec<String> = j
             .command_prefix()
@@ -227,6 +235,7 @@ mod tests {
         );
 
         assert_eq!(after("--keep-rw"), [d.path().to_str().unwrap()]);
+        assert_eq!(after("--huge-tmpfs"), ["/guest-ram=268435456"]);
 
         // A kernel only root can read is a clear error, before anything starts.
         readable_by_others("kernel", &kernel, identity.uid).unwrap();

@@ -10,6 +10,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tokio::process::Command;
 
+use super::guest_ram::QemuRam;
 use super::process::{configure, find_binary};
 use super::{identity, launch, pod_jail};
 use super::{HypervisorError, Vm, VmSpec};
@@ -26,12 +27,11 @@ pub struct Qemu {
     extra_args: Vec<String>,
     confine: bool,
     free_page_reporting: bool,
+    huge_pages: crate::config::HugePages,
     /// `Some`: QEMU runs jailed, as a uid of its own from this range.
     jail: Option<crate::config::JailConfig>,
 }
 
-/// QEMU's own seccomp filter with every group of syscalls it can deny: obsolete ones,
-/// privilege changes, fork/exec, and scheduling/resource controls.
 /// Kernel parameters for every TCG guest. `noreplace-smp`: a kernel that finds one CPU
 /// rewrites each of its thousands of LOCK prefixes into the uniprocessor form, one code
 /// patch at a time, and under TCG each patch throws away translated code: 70-130 ms of
@@ -43,6 +43,8 @@ pub struct Qemu {
 /// KVM the TSC-deadline timer needs no calibration; another kernel ignores the word.)
 pub const TCG_KERNEL_PARAMS: &[&str] = &["noreplace-smp", "lapic_timer_hz=1000000000"];
 
+/// QEMU's own seccomp filter with every group of syscalls it can deny: obsolete ones,
+/// privilege changes, fork/exec, and scheduling/resource controls.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Why a microvm cannot grow its memory.
@@ -95,6 +97,7 @@ impl Qemu {
             extra_args: config.qemu.extra_args.clone(),
             confine: config.qemu.confine,
             free_page_reporting: config.vm.free_page_reporting,
+            huge_pages: config.vm.huge_pages,
             jail: config.jail.enabled.then(|| config.jail.clone()),
         })
     }
@@ -143,6 +146,7 @@ impl Qemu {
         &self,
         spec: &VmSpec,
         paths: &RunPaths,
+        ram: &QemuRam,
         memctl_fd: Option<i32>,
         slots: &[std::os::fd::OwnedFd],
     ) -> Vec<String> {
@@ -159,11 +163,9 @@ impl Qemu {
             "-display",
             "none",
         ]);
-        // Guest RAM is a shared memfd so vhost-user backends can map it.
-        push(&[
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-        ]);
+        // Guest RAM is shared so vhost-user backends can map it; on a huge-page tmpfs
+        // where it can be (`guest_ram`).
+        push(&["-object", &ram.backend(&mem)]);
         match self.machine {
             Machine::Microvm => push(&["-machine", "microvm,rtc=on,memory-backend=mem"]),
             Machine::Pc => {
@@ -317,6 +319,7 @@ impl Qemu {
                 writable: vec![],
                 identity,
                 kvm: false,
+                huge_tmpfs: None,
             };
             // Ends with the program: its arguments follow.
             backend.args(jail.command_prefix()?);
@@ -396,7 +399,10 @@ impl super::Hypervisor for Qemu {
                 source,
             }
         })?;
-        let args = self.args(spec, &paths, memctl_fd, &placeholders);
+        let ram_bytes = u64::from(spec.memory_mib) << 20;
+        let ram = QemuRam::choose(self.huge_pages, ram_bytes, vm.identity.is_some(), &spec.id)?;
+        tracing::debug!(id = %spec.id, "guest RAM: {}", ram.describe());
+        let args = self.args(spec, &paths, &ram, memctl_fd, &placeholders);
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
         let mut qemu = match &vm.identity {
             Some(identity) => {
@@ -411,6 +417,7 @@ impl super::Hypervisor for Qemu {
                     writable: vec![],
                     identity,
                     kvm: self.accel == Accel::Kvm,
+                    huge_tmpfs: ram.jail_tmpfs(ram_bytes),
                 };
                 let mut c = Command::new(&self.vmm_binary);
                 c.args(jail.command_prefix()?);
@@ -429,6 +436,9 @@ impl super::Hypervisor for Qemu {
             net.inherit(&mut qemu);
         }
         if let Some(fd) = memctl_fd {
+            super::inherit_fd(&mut qemu, fd);
+        }
+        if let Some(fd) = ram.inherited_fd() {
             super::inherit_fd(&mut qemu, fd);
         }
         for p in &placeholders {
@@ -491,6 +501,7 @@ mod tests {
             extra_args: vec![],
             confine: true,
             free_page_reporting: true,
+            huge_pages: crate::config::HugePages::Auto,
             jail: None,
         }
     }
@@ -535,7 +546,13 @@ mod tests {
             tap_fd: 9,
             mac: "c2:11:22:33:44:55".into(),
         });
-        let a = q.args(&s, &RunPaths::new(Path::new("/run/cocoon/t1")), None, &[]);
+        let a = q.args(
+            &s,
+            &RunPaths::new(Path::new("/run/cocoon/t1")),
+            &QemuRam::Memfd,
+            None,
+            &[],
+        );
         assert_eq!(value_after(&a, "-netdev"), ["tap,id=net0,fd=9,vhost=off"]);
         assert!(value_after(&a, "-device")
             .contains(&"virtio-net-device,netdev=net0,mac=c2:11:22:33:44:55"));
@@ -545,7 +562,7 @@ mod tests {
     fn microvm_tcg_command_line() {
         let q = qemu(Machine::Microvm, Accel::Tcg);
         let paths = RunPaths::new(Path::new("/run/cocoon/t1"));
-        let a = q.args(&spec(), &paths, None, &[]);
+        let a = q.args(&spec(), &paths, &QemuRam::Memfd, None, &[]);
         assert!(a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-reboot".to_string()));
         assert_eq!(
             value_after(&a, "-machine"),
@@ -597,12 +614,20 @@ mod tests {
             let a = qemu(Machine::Pc, Accel::Tcg).args(
                 &s,
                 &RunPaths::new(Path::new("/r")),
+                &QemuRam::JailTmpfs,
                 Some(11),
                 &[],
             );
             assert_eq!(value_after(&a, "-m"), ["300M,maxmem=1324M"]);
-            assert!(value_after(&a, "-object")
-                .contains(&"memory-backend-memfd,id=hotmem,size=1024M,share=on,reserve=off"));
+            // Guest RAM on the jail's huge-page tmpfs; the region it grows into stays
+            // an unreserved memfd, touched only as it is plugged.
+            assert_eq!(
+                value_after(&a, "-object"),
+                [
+                    "memory-backend-file,id=mem,size=300M,share=on,mem-path=/guest-ram,align=2M",
+                    "memory-backend-memfd,id=hotmem,size=1024M,share=on,reserve=off"
+                ]
+            );
             assert!(value_after(&a, "-device").contains(
                 &"virtio-mem-pci,id=hotmem0,memdev=hotmem,block-size=2M,requested-size=0"
             ));
@@ -616,8 +641,13 @@ mod tests {
             assert!(threads_max(cmdline) >= 10592, "{cmdline}");
         }
         // Without room, none of it.
-        let a =
-            qemu(Machine::Pc, Accel::Tcg).args(&spec(), &RunPaths::new(Path::new("/r")), None, &[]);
+        let a = qemu(Machine::Pc, Accel::Tcg).args(
+            &spec(),
+            &RunPaths::new(Path::new("/r")),
+            &QemuRam::Memfd,
+            None,
+            &[],
+        );
         assert!(
             !a.iter()
                 .any(|x| x.contains("hotmem") || x.contains("maxmem")),
@@ -634,7 +664,13 @@ mod tests {
     #[test]
     fn pc_kvm_command_line() {
         let q = qemu(Machine::Pc, Accel::Kvm);
-        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None, &[]);
+        let a = q.args(
+            &spec(),
+            &RunPaths::new(Path::new("/r")),
+            &QemuRam::Memfd,
+            None,
+            &[],
+        );
         assert_eq!(value_after(&a, "-machine"), ["pc"]);
         assert_eq!(value_after(&a, "-accel"), ["kvm"]);
         assert_eq!(value_after(&a, "-numa"), ["node,memdev=mem"]);
@@ -650,7 +686,13 @@ mod tests {
         assert!(!value_after(&a, "-append")[0].contains("noreplace-smp"));
         let mut q = q;
         q.free_page_reporting = false;
-        let a = q.args(&spec(), &RunPaths::new(Path::new("/r")), None, &[]);
+        let a = q.args(
+            &spec(),
+            &RunPaths::new(Path::new("/r")),
+            &QemuRam::Memfd,
+            None,
+            &[],
+        );
         assert!(!a.iter().any(|x| x.contains("balloon")), "{a:?}");
     }
 }

@@ -52,6 +52,20 @@ fn owned(ret: libc::c_long, step: &'static str) -> Result<OwnedFd, HugeTmpfsErro
     Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
 }
 
+/// The options of a guest-RAM tmpfs for `size` bytes of RAM, as `(key, value)`: huge
+/// pages always, room for whole huge pages only (a 2 MiB folio is only allocated if all
+/// of it fits the limit), the root and one file, the root's mode 0700. Used for the
+/// detached mount of [`huge_tmpfs_file`] and for the one `jail-exec --huge-tmpfs` mounts
+/// in a jailed QEMU's root.
+pub fn huge_tmpfs_options(size: u64) -> [(&'static str, String); 4] {
+    [
+        ("huge", "always".into()),
+        ("size", size.next_multiple_of(HUGE_PAGE).to_string()),
+        ("nr_inodes", "2".into()),
+        ("mode", "0700".into()),
+    ]
+}
+
 /// An unlinked, `size`-byte file on a detached tmpfs of its own mounted `huge=always`
 /// (see the module docs). Needs CAP_SYS_ADMIN.
 pub fn huge_tmpfs_file(size: u64) -> Result<File, HugeTmpfsError> {
@@ -61,16 +75,16 @@ pub fn huge_tmpfs_file(size: u64) -> Result<File, HugeTmpfsError> {
         unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) },
         "fsopen(tmpfs)",
     )?;
-    // Whole huge pages: a 2 MiB folio is only allocated if all of it fits the limit.
-    let limit = size.next_multiple_of(HUGE_PAGE).to_string();
-    let limit = std::ffi::CString::new(limit).expect("digits have no NUL");
-    for (key, value, step) in [
-        (c"huge", c"always", "set huge=always"),
-        (c"size", limit.as_c_str(), "set its size"),
-        // The root and the one file.
-        (c"nr_inodes", c"2", "set nr_inodes"),
-        (c"mode", c"0700", "set its mode"),
-    ] {
+    for (key, value) in huge_tmpfs_options(size) {
+        let step = match key {
+            "huge" => "set huge=always",
+            "size" => "set its size",
+            "nr_inodes" => "set nr_inodes",
+            "mode" => "set its mode",
+            _ => "set a mount option",
+        };
+        let key = std::ffi::CString::new(key).expect("a constant without NUL");
+        let value = std::ffi::CString::new(value).expect("digits and words have no NUL");
         // SAFETY: fsconfig on our fs context with NUL-terminated key and value.
         let r = unsafe {
             libc::syscall(

@@ -353,3 +353,39 @@ pub fn ns(pid: &str, kind: &str) -> String {
         .display()
         .to_string()
 }
+
+/// A pod-like uid for `jail-exec` tests.
+pub const JAIL_UID: &str = "2000000123";
+
+/// `jail-exec` with a PID namespace, a pod-like uid and only /usr (plus the merged-/usr
+/// links) in its root; `extra` jail-exec options go before the program.
+pub fn jailed_with(extra: &[&str], program: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args([
+        "jail-exec",
+        "--pid-ns",
+        "--uid",
+        JAIL_UID,
+        "--gid",
+        JAIL_UID,
+    ])
+    .args(["--keep-exec", "/usr"]);
+    for d in ["/bin", "/lib", "/lib64", "/sbin"] {
+        match std::fs::read_link(d) {
+            Ok(t) => {
+                c.arg("--link").arg(format!("{d}={}", t.display()));
+            }
+            Err(_) if Path::new(d).is_dir() => {
+                c.args(["--keep-exec", d]);
+            }
+            Err(_) => {}
+        }
+    }
+    c.args(extra).arg("--").args(program);
+    c
+}
+
+/// [`jailed_with`] and nothing more.
+pub fn jailed(program: &[&str]) -> Command {
+    jailed_with(&[], program)
+}
