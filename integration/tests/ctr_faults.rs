@@ -186,6 +186,21 @@ fn host_process_killed_then_delete_force_cleans_up(pattern: &str, named: &str) {
     assert_clean(&env);
 }
 
+/// Whether a `/proc/<pid>/maps` holds guest RAM: a shared mapping of 64 MiB or more
+/// (a memfd or the huge-page tmpfs file, whatever its name shows as).
+fn maps_guest_ram(maps: &str) -> bool {
+    maps.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            return false;
+        };
+        let size = range.split_once('-').and_then(|(a, b)| {
+            Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+        });
+        perms.ends_with('s') && size.is_some_and(|n| n >= 64 << 20)
+    })
+}
+
 /// Found by the soak: the vsock backend killed while the guest booted left the start
 /// waiting out the whole boot timeout (90 s here, 300 s in the soak), since only the
 /// VMM's exit was watched before the agent answered. Now any dead host process of the
@@ -206,7 +221,7 @@ fn a_backend_killed_during_boot_fails_the_start_at_once() {
         let found = procs.iter().find(|(pid, c)| {
             c.contains("cocoon-vmm vhost-user-vsock")
                 && std::fs::read_to_string(format!("/proc/{pid}/maps"))
-                    .is_ok_and(|m| m.contains("memfd:"))
+                    .is_ok_and(|m| maps_guest_ram(&m))
         });
         if let Some((pid, _)) = found {
             break *pid;

@@ -12,7 +12,7 @@ use cocoon_nested::testing::{hardware_kvm, Place, NOTE_PREFIX};
 use ctr_common::*;
 
 /// The part of a process's proportional set size that is shared memory, in KiB: for
-/// QEMU, the guest RAM the guest has touched (its memfd).
+/// QEMU, the guest RAM the guest has touched (a file on a huge-page tmpfs, or a memfd).
 fn pss_shmem_kib(pid: u32) -> u64 {
     cocoon_shim::telemetry::Rollup::of(pid).map_or(0, |r| r.pss_shmem)
 }

@@ -125,7 +125,7 @@ pub fn pods<E: std::error::Error>(
             }
         }
     }
-    if kind == HypervisorKind::CocoonVmm && config.vm.huge_pages == HugePages::On {
+    if config.vm.huge_pages == HugePages::On {
         if let Err(e) = &host.huge_tmpfs {
             problems.push(format!(
                 "vm.huge_pages = \"on\", but guest RAM's huge-page tmpfs cannot be made \

@@ -379,6 +379,10 @@ impl super::Hypervisor for Qemu {
                 .map_err(|e| HypervisorError::RunDir(paths.socket_dir.clone(), e))?;
         }
         let spec = &spec;
+        // Before anything starts: `huge_pages = "on"` without a huge-page tmpfs fails here.
+        let ram_bytes = u64::from(spec.memory_mib) << 20;
+        let ram = QemuRam::choose(self.huge_pages, ram_bytes, vm.identity.is_some(), &spec.id)?;
+        tracing::debug!(id = %spec.id, "guest RAM: {}", ram.describe());
 
         self.spawn_backend(&mut vm, &paths)?;
         launch::wait_for_socket(&mut vm.procs, &paths.vhost_socket, &paths.backend_log).await?;
@@ -399,9 +403,6 @@ impl super::Hypervisor for Qemu {
                 source,
             }
         })?;
-        let ram_bytes = u64::from(spec.memory_mib) << 20;
-        let ram = QemuRam::choose(self.huge_pages, ram_bytes, vm.identity.is_some(), &spec.id)?;
-        tracing::debug!(id = %spec.id, "guest RAM: {}", ram.describe());
         let args = self.args(spec, &paths, &ram, memctl_fd, &placeholders);
         tracing::debug!(binary = %self.binary.display(), ?args, jail = self.jail.is_some(), "starting QEMU");
         let mut qemu = match &vm.identity {
