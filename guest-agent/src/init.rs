@@ -163,6 +163,7 @@ pub fn early_init() -> Result<EarlyInit, InitError> {
 
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
     let cmdline = cmdline.trim().to_string();
+    free_the_rtc_irq(Path::new("/sys"));
     let (critical, rest): (Vec<_>, Vec<_>) = if Path::new(MODULES_LIST).exists() {
         let list = modules::read_list(Path::new(MODULES_LIST))?;
         // The bus is looked at only when it decides something: Cocoon's kernel has
@@ -183,6 +184,26 @@ pub fn early_init() -> Result<EarlyInit, InitError> {
         deferred,
         on_demand,
     })
+}
+
+/// The RTC driver's platform device, and how to let it go.
+const RTC_CMOS: &str = "bus/platform/drivers/rtc_cmos";
+
+/// A QEMU microvm without ACPI (how Cocoon runs it) wires its virtio-mmio transports to
+/// the legacy IRQs 5-12, the fifth on IRQ 8, the RTC's. A kernel with an RTC driver
+/// (Debian's) holds IRQ 8 for it, exclusively, and that device's driver would then fail
+/// to start. The RTC has done its one job by now (the boot's wall clock; the host's is
+/// stepped in with CreateSandbox), so it is let go before the virtio transport loads.
+/// Cocoon's kernel has no RTC driver, and where there is ACPI the transports have IRQs
+/// of their own: nothing to do. Under `sys` (sysfs).
+pub fn free_the_rtc_irq(sys: &Path) {
+    let driver = sys.join(RTC_CMOS);
+    if sys.join("firmware/acpi").exists() || !driver.join("rtc_cmos").exists() {
+        return;
+    }
+    if let Err(e) = fs::write(driver.join("unbind"), "rtc_cmos") {
+        eprintln!("cocoon-agent: cannot unbind the RTC driver from IRQ 8: {e}");
+    }
 }
 
 /// Makes sure fds 0-2 are the console: the kernel only opens it for init when
@@ -285,4 +306,37 @@ pub fn leave_initramfs() -> Result<(), SwitchRootError> {
     chroot(".").map_err(err("chroot into the new root"))?;
     chdir("/").map_err(err("enter the new root"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sysfs with the RTC driver bound, and ACPI or not.
+    fn sysfs(acpi: bool, rtc: bool) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        if acpi {
+            fs::create_dir_all(d.path().join("firmware/acpi")).unwrap();
+        }
+        let driver = d.path().join(RTC_CMOS);
+        fs::create_dir_all(&driver).unwrap();
+        if rtc {
+            fs::create_dir(driver.join("rtc_cmos")).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn the_rtc_lets_go_of_irq_8_only_without_acpi() {
+        let unbound =
+            |d: &tempfile::TempDir| fs::read_to_string(d.path().join(RTC_CMOS).join("unbind")).ok();
+        let d = sysfs(false, true);
+        free_the_rtc_irq(d.path());
+        assert_eq!(unbound(&d).as_deref(), Some("rtc_cmos"));
+        for (acpi, rtc) in [(true, true), (false, false)] {
+            let d = sysfs(acpi, rtc);
+            free_the_rtc_irq(d.path());
+            assert_eq!(unbound(&d), None, "acpi {acpi}, rtc {rtc}");
+        }
+    }
 }

@@ -73,6 +73,20 @@ pub struct PreparedKernel {
     pub vmlinux: Option<PathBuf>,
     pub modules_dir: PathBuf,
     pub package: KernelPackage,
+    /// The kernel's build configuration (`.config`), where the package ships it.
+    pub config: PathBuf,
+}
+
+impl PreparedKernel {
+    /// Whether the kernel takes virtio-mmio devices from its command line
+    /// (`virtio_mmio.device=`, `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), so that a VMM
+    /// needs no ACPI tables to describe them. Unknown (no configuration) is no.
+    pub fn virtio_mmio_cmdline(&self) -> bool {
+        fs::read_to_string(&self.config).is_ok_and(|c| {
+            c.lines()
+                .any(|l| l == "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y")
+        })
+    }
 }
 
 /// Fetches (if needed) and unpacks the kernel into a temporary directory under `scratch`.
@@ -118,12 +132,14 @@ pub fn prepare(
     if !modules_dir.is_dir() {
         return Err(KernelError::NoModules { deb, release });
     }
+    let config = tree.path().join("boot").join(format!("config-{release}"));
     Ok(PreparedKernel {
         _tree: tree,
         release,
         vmlinuz,
         vmlinux: None,
         modules_dir,
+        config,
         package: KernelPackage {
             package: name,
             version,
@@ -169,6 +185,7 @@ fn prepare_built(downloads: &Path, scratch: &Path) -> Result<PreparedKernel, Ker
     Ok(PreparedKernel {
         _tree: tree,
         release: k.release,
+        config: k.vmlinuz.with_file_name("config"),
         vmlinuz: k.vmlinuz,
         vmlinux: Some(k.vmlinux),
         modules_dir,

@@ -153,6 +153,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, RootfsError> {
             package: kernel.package.clone(),
             pvh_file: pvh_bytes.as_ref().map(|_| PVH_KERNEL_FILE.to_owned()),
             pvh_sha256: pvh_bytes.as_deref().map(hash::sha256_hex),
+            virtio_mmio_cmdline: kernel.virtio_mmio_cmdline(),
         },
         initramfs: manifest::InitramfsManifest {
             file: initrd_name.to_owned(),

@@ -31,6 +31,11 @@ pub struct KernelManifest {
     pub pvh_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvh_sha256: Option<String>,
+    /// The kernel takes virtio-mmio devices from its command line
+    /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`; Cocoon's own kernel does, Debian's does
+    /// not): QEMU's microvm can then boot it without ACPI, which is faster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub virtio_mmio_cmdline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
