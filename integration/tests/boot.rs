@@ -160,6 +160,14 @@ fn boot_roundtrip_health_version_details() {
             assert!(d.loaded_modules.is_empty(), "{:?}", d.loaded_modules);
         }
         assert_eq!(d.cgroup_version, "v2");
+        // A kernel that takes its virtio-mmio devices on the command line (Cocoon's,
+        // its manifest says) boots QEMU's microvm without ACPI; any other keeps it.
+        assert_eq!(
+            d.kernel_cmdline.split_whitespace().any(|w| w == "acpi=off"),
+            manifest.kernel.virtio_mmio_cmdline,
+            "{}",
+            d.kernel_cmdline
+        );
         // The rest of the image's modules load after the agent is up, but for the
         // block driver: it waits for a container that names a block device
         // (`cri_block.rs`), so a VM's empty disk slots are not probed at boot.

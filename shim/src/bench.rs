@@ -196,11 +196,12 @@ pub fn pss_beyond_ram_kib(pid: u32) -> u64 {
     crate::telemetry::Rollup::of(pid).map_or(0, |r| r.pss_beyond_shmem())
 }
 
-/// A one-file initramfs whose /init (busybox sh) powers the VM off at once.
+/// A one-file initramfs whose /init (busybox sh) resets the VM at once (which ends it:
+/// `-no-reboot`).
 pub fn baseline_initrd(busybox: &Path, out: &Path) -> Result<(), BenchError> {
     let bb = std::fs::read(busybox).map_err(|e| BenchError::Busybox(busybox.into(), e))?;
     let mut a = cocoon_rootfs::cpio::Archive::new();
-    let script = b"#!/bin/busybox sh\nexec /bin/busybox poweroff -f\n".to_vec();
+    let script = b"#!/bin/busybox sh\nexec /bin/busybox reboot -f\n".to_vec();
     let add = |a: &mut cocoon_rootfs::cpio::Archive| -> Result<(), cocoon_rootfs::cpio::CpioError> {
         a.add_dir("bin", 0o755)?;
         a.add_file("bin/busybox", 0o755, bb)?;
@@ -237,17 +238,26 @@ async fn baseline_once(
             cmdline.push_str(p);
         }
     }
+    let machine = match config.qemu.machine {
+        crate::config::Machine::Microvm => {
+            use crate::hypervisor::qemu::{microvm_kernel_params, microvm_machine};
+            let acpi = !config.kernel_takes_virtio_mmio_cmdline();
+            for p in microvm_kernel_params(acpi) {
+                cmdline.push(' ');
+                cmdline.push_str(p);
+            }
+            format!("{},accel={accel}", microvm_machine(acpi))
+        }
+        crate::config::Machine::Pc => format!("pc,accel={accel}"),
+    };
     let initrd = match init {
         BaselineInit::Tiny(p) => p,
         BaselineInit::Image(p) => {
-            // Everything after `--` is the init's argv.
-            cmdline.push_str(" rdinit=/bin/busybox -- poweroff -f");
+            // Everything after `--` is the init's argv. A reset ends the VM on every
+            // machine (`-no-reboot`); a microvm has no ACPI to power off with.
+            cmdline.push_str(" rdinit=/bin/busybox -- reboot -f");
             p
         }
-    };
-    let machine = match config.qemu.machine {
-        crate::config::Machine::Microvm => format!("microvm,accel={accel},rtc=on"),
-        crate::config::Machine::Pc => format!("pc,accel={accel}"),
     };
     let mem = format!("{}M", config.vm.memory_mib);
     let start = Instant::now();

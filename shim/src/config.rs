@@ -505,13 +505,32 @@ impl Config {
             return self.vm.kernel.clone();
         }
         let dir = &self.paths.image_dir;
-        let pvh = std::fs::read(dir.join(cocoon_rootfs::MANIFEST_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<cocoon_rootfs::Manifest>(&b).ok())
+        let pvh = self
+            .image_manifest()
             .and_then(|m| m.kernel.pvh_file)
             // A plain name in the image directory, nothing else.
             .filter(|f| !f.is_empty() && !f.contains('/') && f != "..");
         dir.join(pvh.as_deref().unwrap_or(cocoon_rootfs::KERNEL_FILE))
+    }
+
+    /// The image's manifest, where `paths.image_dir` has one that parses.
+    fn image_manifest(&self) -> Option<cocoon_rootfs::Manifest> {
+        let bytes = std::fs::read(self.paths.image_dir.join(cocoon_rootfs::MANIFEST_FILE));
+        serde_json::from_slice(&bytes.ok()?).ok()
+    }
+
+    /// Whether the kernel pods boot takes virtio-mmio devices from its command line, so
+    /// that QEMU's microvm can leave ACPI out: the image's own kernel (either form),
+    /// where its manifest says so (Cocoon's kernel; not Debian's). Any other kernel is
+    /// not assumed to.
+    pub fn kernel_takes_virtio_mmio_cmdline(&self) -> bool {
+        let Some(m) = self.image_manifest() else {
+            return false;
+        };
+        let (dir, kernel) = (&self.paths.image_dir, self.kernel_path());
+        m.kernel.virtio_mmio_cmdline
+            && (kernel == dir.join(&m.kernel.file)
+                || m.kernel.pvh_file.is_some_and(|f| kernel == dir.join(f)))
     }
 
     pub fn initrd_path(&self) -> PathBuf {
@@ -556,6 +575,43 @@ mod tests {
         assert_eq!(c.kernel_path(), d.path().join("vmlinuz"));
         c.vm.kernel = "/k".into();
         assert_eq!(c.kernel_path(), std::path::PathBuf::from("/k"));
+    }
+
+    /// A microvm leaves ACPI out only for the image's own kernel, either form, and only
+    /// where the manifest says it takes virtio-mmio devices on its command line.
+    #[test]
+    fn only_the_images_kernel_is_known_to_take_virtio_mmio_devices_by_cmdline() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.paths.image_dir = d.path().to_owned();
+        assert!(!c.kernel_takes_virtio_mmio_cmdline(), "no manifest");
+        let manifest = |cmdline: Option<bool>| {
+            let mut kernel = serde_json::json!({"file": "vmlinuz", "sha256": "",
+                "release": "6.12", "pvh_file": "vmlinux", "pvh_sha256": "",
+                "package": {"package": "p", "version": "1", "deb_file": "", "deb_sha256": ""}});
+            if let Some(b) = cmdline {
+                kernel["virtio_mmio_cmdline"] = b.into();
+            }
+            serde_json::json!({"format": 1, "id": "x", "kernel": kernel,
+                "initramfs": {"file": "initramfs.cpio", "sha256": "", "compression": "none",
+                    "agent_sha256": "", "modules": [], "builtin_modules": []}})
+            .to_string()
+        };
+        let path = d.path().join("manifest.json");
+        std::fs::write(&path, manifest(Some(true))).unwrap();
+        assert!(c.kernel_takes_virtio_mmio_cmdline());
+        for k in ["vmlinuz", "vmlinux"] {
+            c.vm.kernel = d.path().join(k);
+            assert!(c.kernel_takes_virtio_mmio_cmdline(), "{k}");
+        }
+        c.vm.kernel = "/boot/vmlinuz".into();
+        assert!(!c.kernel_takes_virtio_mmio_cmdline(), "a kernel of its own");
+        c.vm.kernel = Default::default();
+        // Debian's kernel, or a manifest from before the field.
+        for cmdline in [Some(false), None] {
+            std::fs::write(&path, manifest(cmdline)).unwrap();
+            assert!(!c.kernel_takes_virtio_mmio_cmdline(), "{cmdline:?}");
+        }
     }
 
     #[test]
