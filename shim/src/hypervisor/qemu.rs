@@ -574,6 +574,17 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// `q`'s arguments for the test spec, a memfd for RAM, no QMP and no slots.
+    fn plain_args(q: &Qemu) -> Vec<String> {
+        q.args(
+            &spec(),
+            &RunPaths::new(Path::new("/r")),
+            &QemuRam::Memfd,
+            None,
+            &[],
+        )
+    }
+
     fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2)
             .filter(|w| w[0] == flag)
@@ -605,13 +616,7 @@ mod tests {
     fn a_microvm_keeps_acpi_for_a_kernel_that_needs_it() {
         let mut q = qemu(Machine::Microvm, Accel::Tcg);
         q.microvm_acpi = true;
-        let a = q.args(
-            &spec(),
-            &RunPaths::new(Path::new("/r")),
-            &QemuRam::Memfd,
-            None,
-            &[],
-        );
+        let a = plain_args(&q);
         assert_eq!(
             value_after(&a, "-machine"),
             ["microvm,rtc=on,memory-backend=mem"]
@@ -729,13 +734,7 @@ mod tests {
     #[test]
     fn pc_kvm_command_line() {
         let q = qemu(Machine::Pc, Accel::Kvm);
-        let a = q.args(
-            &spec(),
-            &RunPaths::new(Path::new("/r")),
-            &QemuRam::Memfd,
-            None,
-            &[],
-        );
+        let a = plain_args(&q);
         assert_eq!(value_after(&a, "-machine"), ["pc"]);
         assert_eq!(value_after(&a, "-accel"), ["kvm"]);
         assert_eq!(value_after(&a, "-numa"), ["node,memdev=mem"]);
@@ -751,13 +750,7 @@ mod tests {
         assert!(!value_after(&a, "-append")[0].contains("noreplace-smp"));
         let mut q = q;
         q.free_page_reporting = false;
-        let a = q.args(
-            &spec(),
-            &RunPaths::new(Path::new("/r")),
-            &QemuRam::Memfd,
-            None,
-            &[],
-        );
+        let a = plain_args(&q);
         assert!(!a.iter().any(|x| x.contains("balloon")), "{a:?}");
     }
 }
