@@ -509,14 +509,20 @@ fn installed_layout_needs_no_config() {
     for f in ["vmlinuz", "initramfs.cpio"] {
         std::fs::copy(image.join(f), share.join(f)).unwrap();
     }
-    // Only the prefix, the system, and wherever virtiofsd was installed.
+    // Only the prefix, the system, and wherever virtiofsd was installed (a
+    // distribution's package puts it in /usr/libexec, which the shim looks in itself).
     let virtiofsd = cocoon_integration::containerd::tool_path()
         .split(':')
         .find(|d| std::path::Path::new(d).join("virtiofsd").is_file())
-        .expect("virtiofsd installed (scripts/setup-host.sh)")
-        .to_string();
+        .map(|d| format!("{d}:"))
+        .or_else(|| {
+            std::path::Path::new("/usr/libexec/virtiofsd")
+                .is_file()
+                .then(String::new)
+        })
+        .expect("virtiofsd installed (scripts/setup-host.sh)");
     let path = format!(
-        "{}:{virtiofsd}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "{}:{virtiofsd}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         bin.display()
     );
     let containerd = Containerd::start_with(&dir.path().join("containerd"), None, path);

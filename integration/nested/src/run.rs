@@ -367,9 +367,12 @@ pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// `name` on PATH, or else in `/usr/libexec`, where distributions' virtiofsd packages put
+/// it (as the shim's own lookup does).
 fn which(name: &str, hint: &'static str) -> Result<PathBuf, NestedError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/libexec")])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or(NestedError::Missing {
