@@ -122,11 +122,39 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
+/// The pid of the process named `comm` (its `/proc/<pid>/comm`) among `pids`.
+pub fn pid_named(pids: &[u32], comm: &str) -> u32 {
+    pids.iter()
+        .copied()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .unwrap_or_else(|| panic!("no {comm} among {pids:?}"))
+}
+
 /// Entries left in a run root (each VM gets a subdirectory).
 pub fn leftover_entries(run_root: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(run_root)
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
+}
+
+/// Asserts that nothing of a test's VMs is left: the processes `pids`, anything still
+/// mentioning `run_root`, and entries of its own in the run directory.
+pub fn assert_vms_gone(run_root: &Path, pids: &[u32]) {
+    let survivors = wait_gone(pids, Duration::from_secs(5));
+    assert!(survivors.is_empty(), "processes still alive: {survivors:?}");
+    let procs = processes_mentioning(&run_root.to_string_lossy());
+    assert!(
+        procs.is_empty(),
+        "processes still using {}: {procs:?}",
+        run_root.display()
+    );
+    let left: Vec<_> = leftover_entries(run_root)
+        .into_iter()
+        .filter(|p| !is_node_wide(p))
+        .collect();
+    assert!(left.is_empty(), "left in the run dir: {left:?}");
 }
 
 /// What of a pod is left in a shim's run dir once every pod is gone: its entries but

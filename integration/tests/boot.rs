@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use cocoon_integration::{alive, leftover_entries, processes_mentioning, test_config, wait_gone};
+use cocoon_integration::{
+    alive, leftover_entries, pid_named as named, processes_mentioning, test_config, wait_gone,
+};
 use cocoon_nested::testing::{hardware_kvm, Place};
 use cocoon_shim::agent_client::{AgentClient, AgentError};
 use cocoon_shim::hypervisor::{self, VmSpec};
@@ -23,19 +25,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// Asserts that nothing of the test's VMs is left: processes, sockets, dirs.
 fn assert_clean(run_root: &std::path::Path, pids: &[u32]) {
-    let survivors = wait_gone(pids, Duration::from_secs(5));
-    assert!(survivors.is_empty(), "processes still alive: {survivors:?}");
-    let procs = processes_mentioning(&run_root.to_string_lossy());
-    assert!(
-        procs.is_empty(),
-        "processes still using {}: {procs:?}",
-        run_root.display()
-    );
-    let left: Vec<_> = leftover_entries(run_root)
-        .into_iter()
-        .filter(|p| !cocoon_integration::is_node_wide(p))
-        .collect();
-    assert!(left.is_empty(), "left in the run dir: {left:?}");
+    cocoon_integration::assert_vms_gone(run_root, pids);
 }
 
 /// Launches VM `id` of `config` and waits for its agent.
@@ -337,96 +327,6 @@ fn four_vms_concurrently() {
     });
 }
 
-/// One line of `/proc/<pid>/smaps_rollup` in KiB.
-fn rollup_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in the smaps of {pid}"))
-}
-
-/// QEMU's guest RAM is in 2 MiB pages whatever the node's shmem THP policy (this host's
-/// is `never`): jailed, on the tmpfs `jail-exec` mounts in its jail; unjailed, on the
-/// shim's file. `vm.huge_pages = "off"` keeps the memfd. No mount is left on the host.
-#[test]
-fn qemu_guest_ram_is_in_huge_pages_jailed_or_not() {
-    let run = tempfile::tempdir().unwrap();
-    let config = test_config(run.path(), Duration::from_secs(120));
-    let host_mounts = || {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("huge=") || l.contains("guest-ram"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
-    let before = host_mounts();
-    let shmem_thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-        .unwrap_or_default();
-    rt().block_on(async {
-        let mut tasks = Vec::new();
-        for (name, jail, huge) in [
-            ("jailed", true, cocoon_shim::config::HugePages::Auto),
-            ("unjailed", false, cocoon_shim::config::HugePages::On),
-            ("off", true, cocoon_shim::config::HugePages::Off),
-        ] {
-            let mut config = config.clone();
-            config.jail.enabled = jail;
-            config.vm.huge_pages = huge;
-            tasks.push(tokio::spawn(async move {
-                let hv = hypervisor::from_config(&config).unwrap();
-                let mut vm = hv
-                    .launch(&VmSpec::from_config(&config, name))
-                    .await
-                    .unwrap();
-                let agent = AgentClient::wait_ready(&mut vm, Duration::from_secs(120), BOOT).await;
-                let agent = agent.unwrap_or_else(|e| panic!("{name}: {e}"));
-                // QEMU itself (jailed: the child of its PID namespace's waiter).
-                let pids = vm.pids();
-                let qemu = named(&pids, "qemu-system-x86");
-                let cmdline = std::fs::read_to_string(format!("/proc/{qemu}/cmdline")).unwrap();
-                let backend = cmdline
-                    .split('\0')
-                    .find(|a| a.contains("id=mem,"))
-                    .unwrap_or_else(|| panic!("{name}: no guest RAM in {cmdline:?}"))
-                    .to_string();
-                let pmd = rollup_kib(qemu, "ShmemPmdMapped");
-                agent.shutdown().await.unwrap();
-                let exited = vm.wait_exit(Duration::from_secs(30)).await;
-                vm.stop(Duration::ZERO).await;
-                assert!(exited.is_some(), "{name} did not power off");
-                (name, backend, pmd, pids)
-            }));
-        }
-        let mut all_pids = Vec::new();
-        for t in tasks {
-            let (name, backend, pmd, pids) = t.await.unwrap();
-            all_pids.extend(pids);
-            match name {
-                "jailed" => assert!(
-                    backend.contains("mem-path=/guest-ram,align=2M") && pmd > 0,
-                    "{name}: {backend}, ShmemPmdMapped {pmd} kB"
-                ),
-                "unjailed" => assert!(
-                    backend.contains("mem-path=/proc/self/fd/") && pmd > 0,
-                    "{name}: {backend}, ShmemPmdMapped {pmd} kB"
-                ),
-                _ => {
-                    assert!(backend.starts_with("memory-backend-memfd,"), "{backend}");
-                    // A memfd follows the host's policy: none where it allows none.
-                    if shmem_thp.contains("[never]") || shmem_thp.contains("[deny]") {
-                        assert_eq!(pmd, 0, "{name}: {backend} under {shmem_thp}");
-                    }
-                }
-            }
-        }
-        assert_clean(run.path(), &all_pids);
-    });
-    assert_eq!(host_mounts(), before, "a guest-RAM tmpfs left on the host");
-}
-
 /// A pod's stop: the guest syncs and says so, and the host ends the VM with no grace.
 /// When the stop returns, nothing of the VM is left, not even a jailed program still
 /// dying of its waiter's end (which a SIGKILL of the waiters would leave).
@@ -488,16 +388,6 @@ async fn kill_during_long_poll(agent: &AgentClient, victim: u32) -> AgentError {
         .expect("the pending call must fail within 10 s of the kill")
         .unwrap()
         .unwrap_err()
-}
-
-/// The one of `pids` whose command name is `comm`.
-fn named(pids: &[u32], comm: &str) -> u32 {
-    pids.iter()
-        .copied()
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .unwrap_or_else(|| panic!("no {comm} among {pids:?}"))
 }
 
 #[test]

@@ -240,8 +240,16 @@ async fn baseline_once(
     }
     let machine = match config.qemu.machine {
         crate::config::Machine::Microvm => {
-            use crate::hypervisor::qemu::{microvm_kernel_params, microvm_machine};
-            let acpi = !config.kernel_takes_virtio_mmio_cmdline();
+            use crate::hypervisor::qemu::{self, microvm_kernel_params, microvm_machine};
+            // The machine the bench's pod VMs boot (`Qemu::microvm_acpi`).
+            let spec = VmSpec::from_config(config, "baseline");
+            let devices = qemu::virtio_mmio_devices(
+                &spec,
+                config.vm.free_page_reporting,
+                &config.qemu.extra_args,
+            );
+            let acpi = !config.kernel_takes_virtio_mmio_cmdline()
+                || devices > qemu::MICROVM_LEGACY_TRANSPORTS;
             for p in microvm_kernel_params(acpi) {
                 cmdline.push(' ');
                 cmdline.push_str(p);

@@ -170,7 +170,8 @@ pub struct VmConfig {
     pub call_timeout_ms: u64,
     /// Guest RAM on a huge-page tmpfs of its own (both VMMs), so the guest gets 2 MiB
     /// pages whatever the node's shmem THP policy (`auto`: where it can be made, logged;
-    /// `on`: required; `off`: a memfd).
+    /// `on`: required; `off`: a memfd). The boot RAM: memory a `pc` VM grows into stays
+    /// an unreserved memfd on QEMU.
     pub huge_pages: HugePages,
     /// A virtio balloon taking free page reports (both VMMs): guest RAM the guest frees
     /// goes back to the host instead of staying touched for the pod's life. The guest

@@ -214,9 +214,6 @@ fn qemu_with_kvm_on_pvm_or_a_kvm_device_a_jail_cannot_open_is_a_reason() {
     );
 }
 
-/// A virtiofsd without the options pods pass (QEMU's old C one, which older
-/// distributions install as /usr/libexec/virtiofsd) would fail every pod: it is named,
-/// with what it lacks. The virtiofsd this host has lacks none of them.
 /// Both VMMs put guest RAM on a huge-page tmpfs of their own: `on` where none can be
 /// made is a reason whichever runs the pods; `auto` falls back to a memfd.
 #[test]
@@ -224,7 +221,7 @@ fn huge_pages_on_without_a_huge_page_tmpfs_is_a_reason() {
     let d = tempfile::tempdir().unwrap();
     let v = verdict(
         d.path(),
-        "[vm]\nhuge_pages = \"on\"",
+        "hypervisor = \"qemu\"\n[qemu]\naccel = \"tcg\"\n[vm]\nhuge_pages = \"on\"",
         &host(here(), true, Ok(())),
     );
     assert!(!v.ready(), "{v}");
@@ -238,6 +235,9 @@ fn huge_pages_on_without_a_huge_page_tmpfs_is_a_reason() {
     assert!(v.ready(), "{v}");
 }
 
+/// A virtiofsd without the options pods pass (QEMU's old C one, which older
+/// distributions install as /usr/libexec/virtiofsd) would fail every pod: it is named,
+/// with what it lacks. The virtiofsd this host has lacks none of them.
 #[test]
 fn a_virtiofsd_without_the_options_pods_pass_is_a_reason() {
     let d = tempfile::tempdir().unwrap();

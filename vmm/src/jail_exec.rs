@@ -153,8 +153,12 @@ pub fn parse_limit(s: &str) -> Result<(Resource, u64), String> {
     Ok((resource, value))
 }
 
+/// The largest `--huge-tmpfs`: 1 TiB, far above any guest's RAM, and far from where
+/// rounding up to whole huge pages could wrap to 0 (which tmpfs reads as no limit).
+pub const MAX_HUGE_TMPFS: u64 = 1 << 40;
+
 /// Parses `PATH=BYTES` (`--huge-tmpfs`): an absolute path other than the root, and a
-/// size of at least one byte.
+/// size from one byte to [`MAX_HUGE_TMPFS`].
 pub fn parse_huge_tmpfs(s: &str) -> Result<(PathBuf, u64), String> {
     let (path, size) = s
         .split_once('=')
@@ -169,9 +173,10 @@ pub fn parse_huge_tmpfs(s: &str) -> Result<(PathBuf, u64), String> {
         ));
     }
     match size.parse::<u64>() {
-        Ok(n) if n > 0 => Ok((path.into(), n)),
+        Ok(n) if n > 0 && n <= MAX_HUGE_TMPFS => Ok((path.into(), n)),
         _ => Err(format!(
-            "{size:?} (size of the tmpfs at {path}) is not a positive number of bytes"
+            "{size:?} (size of the tmpfs at {path}) is not a number of bytes from 1 to \
+             {MAX_HUGE_TMPFS}"
         )),
     }
 }
@@ -218,7 +223,9 @@ mod tests {
         assert!(parse_huge_tmpfs("/a/../usr=1")
             .unwrap_err()
             .contains("below the root"));
-        assert!(parse_huge_tmpfs("/ram=0").unwrap_err().contains("positive"));
+        assert!(parse_huge_tmpfs("/ram=0").unwrap_err().contains("from 1"));
+        let huge = format!("/ram={}", u64::MAX);
+        assert!(parse_huge_tmpfs(&huge).unwrap_err().contains("from 1"));
         assert!(parse_huge_tmpfs("/ram=2M").unwrap_err().contains("2M"));
         assert!(parse_huge_tmpfs("/ram").unwrap_err().contains("PATH=BYTES"));
     }

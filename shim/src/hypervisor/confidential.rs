@@ -71,7 +71,7 @@ fn fitted_base64(bytes: &[u8], n: usize) -> String {
 
 /// The QEMU arguments of the confidential part: the machine (instead of the plain
 /// one), its guest-support object, the vCPU model and the firmware. Guest RAM stays the
-/// `mem` memfd backend (QEMU adds guest_memfd for the private part).
+/// `mem` backend of the plain command line (QEMU adds guest_memfd for the private part).
 pub fn qemu_args(vm: &ConfidentialVm) -> Vec<String> {
     let (machine, object) = match vm.tee {
         Tee::SevSnp => {

@@ -13,6 +13,7 @@ mod host_sysctls;
 pub mod identity;
 mod launch;
 pub mod memctl;
+mod microvm;
 mod pod_jail;
 pub(crate) mod process;
 pub mod qemu;

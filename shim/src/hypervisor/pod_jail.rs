@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 use super::identity::PodIdentity;
 use super::HypervisorError;
 
-/// Per-pod limits QEMU runs under. No `fsize`: guest RAM is a memfd QEMU sizes with
-/// `ftruncate`, which that limit counts (SIGXFSZ at boot). QEMU writes no file; its
-/// console and its messages are pipes the shim copies, bounded.
+/// Per-pod limits QEMU runs under. No `fsize`: guest RAM is a file QEMU sizes with
+/// `ftruncate` (a memfd, or one in the jail's `/guest-ram` tmpfs), which that limit
+/// counts (SIGXFSZ at boot). That tmpfs bounds it instead: the guest's RAM and two
+/// inodes. QEMU writes no other file; its console and its messages are pipes the shim
+/// copies, bounded.
 pub const LIMITS: &[&str] = &["nofile=4096", "nproc=512", "core=0"];
 
 /// Directories a merged-/usr host has as links into `/usr`, or as directories otherwise.

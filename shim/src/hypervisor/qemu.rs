@@ -11,6 +11,9 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::guest_ram::QemuRam;
+pub use super::microvm::{
+    microvm_kernel_params, microvm_machine, virtio_mmio_devices, MICROVM_LEGACY_TRANSPORTS,
+};
 use super::process::{configure, find_binary};
 use super::{identity, launch, pod_jail};
 use super::{HypervisorError, Vm, VmSpec};
@@ -28,8 +31,9 @@ pub struct Qemu {
     confine: bool,
     free_page_reporting: bool,
     huge_pages: crate::config::HugePages,
-    /// A microvm keeps ACPI (the kernel cannot take its devices otherwise).
-    microvm_acpi: bool,
+    /// The kernel takes virtio-mmio devices on its command line, so a microvm may leave
+    /// ACPI out (`microvm_acpi`).
+    kernel_mmio_cmdline: bool,
     /// `Some`: QEMU runs jailed, as a uid of its own from this range.
     jail: Option<crate::config::JailConfig>,
 }
@@ -44,41 +48,6 @@ pub struct Qemu {
 /// APIC timer counts at 1 GHz; told so, the kernel skips 100 ms of calibrating it. (Under
 /// KVM the TSC-deadline timer needs no calibration; another kernel ignores the word.)
 pub const TCG_KERNEL_PARAMS: &[&str] = &["noreplace-smp", "lapic_timer_hz=1000000000"];
-
-/// QEMU's microvm as Cocoon runs it (and `cocoon bench boot`'s baseline, which must boot
-/// the same machine). Without ACPI where the kernel takes its virtio-mmio devices from
-/// the command line (`virtio_mmio.device=`, which QEMU writes when ACPI is off; Cocoon's
-/// kernel does, Debian's does not: `Config::kernel_takes_virtio_mmio_cmdline`). A
-/// microvm has nothing to hotplug through ACPI (disk slots are filled over QMP, memory
-/// grows on `pc`), and without ACPI tables the kernel skips its AML interpreter,
-/// namespace and PnP scan: a raw TCG boot of Cocoon's kernel reached `reboot` in 390
-/// against 420 ms (medians of 12 alternating). The agent ends such a VM with a reset,
-/// which `-no-reboot` makes QEMU's exit (`guest-agent/src/power.rs`).
-///
-/// The RTC stays: without it the kernel waits a second for a clock that never ticks.
-/// Without ACPI there is no second IOAPIC, so the virtio-mmio transports take the legacy
-/// IRQs 5-12, and the fifth device (a pod's first disk slot) shares IRQ 8 with the RTC.
-/// The RTC drives that line only if the guest enables its interrupts or reads its
-/// status register C, which Cocoon's kernel (no RTC driver) never does; a privileged
-/// container poking its ports could only upset its own pod's disk. (A kernel with an RTC
-/// driver holds IRQ 8; the agent lets it go: `free_the_rtc_irq`.)
-pub fn microvm_machine(acpi: bool) -> &'static str {
-    if acpi {
-        "microvm,rtc=on"
-    } else {
-        "microvm,rtc=on,acpi=off"
-    }
-}
-
-/// Kernel parameters for a microvm guest: no PCI bus, and without ACPI no search for
-/// the tables there are none of (the search's error would be a console line per boot).
-pub fn microvm_kernel_params(acpi: bool) -> &'static [&'static str] {
-    if acpi {
-        &["pci=off"]
-    } else {
-        &["pci=off", "acpi=off"]
-    }
-}
 
 /// QEMU's own seccomp filter with every group of syscalls it can deny: obsolete ones,
 /// privilege changes, fork/exec, and scheduling/resource controls.
@@ -135,9 +104,17 @@ impl Qemu {
             confine: config.qemu.confine,
             free_page_reporting: config.vm.free_page_reporting,
             huge_pages: config.vm.huge_pages,
-            microvm_acpi: !config.kernel_takes_virtio_mmio_cmdline(),
+            kernel_mmio_cmdline: config.kernel_takes_virtio_mmio_cmdline(),
             jail: config.jail.enabled.then(|| config.jail.clone()),
         })
+    }
+
+    /// Whether this VM's microvm keeps ACPI: for a kernel that needs it to find its
+    /// devices, or for more virtio-mmio devices than a microvm without ACPI has
+    /// transports for.
+    fn microvm_acpi(&self, spec: &VmSpec) -> bool {
+        let devices = virtio_mmio_devices(spec, self.free_page_reporting, &self.extra_args);
+        !self.kernel_mmio_cmdline || devices > MICROVM_LEGACY_TRANSPORTS
     }
 
     fn accel_name(&self) -> &'static str {
@@ -163,7 +140,7 @@ impl Qemu {
             p.extend(TCG_KERNEL_PARAMS);
         }
         if self.machine == Machine::Microvm {
-            p.extend(microvm_kernel_params(self.microvm_acpi));
+            p.extend(microvm_kernel_params(self.microvm_acpi(spec)));
         }
         let growth = spec.growth_kernel_params();
         p.extend(growth.iter().map(String::as_str));
@@ -207,7 +184,10 @@ impl Qemu {
         match self.machine {
             Machine::Microvm => push(&[
                 "-machine",
-                &format!("{},memory-backend=mem", microvm_machine(self.microvm_acpi)),
+                &format!(
+                    "{},memory-backend=mem",
+                    microvm_machine(self.microvm_acpi(spec))
+                ),
             ]),
             Machine::Pc => {
                 push(&["-machine", "pc"]);
@@ -309,7 +289,7 @@ impl Qemu {
             push(&["-device", &format!("{dev},netdev=net0,mac={}", net.mac)]);
         }
         if self.free_page_reporting {
-            // Freed guest pages go back to the host (punched out of the memfd) instead
+            // Freed guest pages go back to the host (punched out of guest RAM's file) instead
             // of staying touched for the pod's life.
             let dev = match self.machine {
                 Machine::Microvm => "virtio-balloon-device",
@@ -544,7 +524,7 @@ mod tests {
             confine: true,
             free_page_reporting: true,
             huge_pages: crate::config::HugePages::Auto,
-            microvm_acpi: false,
+            kernel_mmio_cmdline: true,
             jail: None,
         }
     }
@@ -615,7 +595,7 @@ mod tests {
     #[test]
     fn a_microvm_keeps_acpi_for_a_kernel_that_needs_it() {
         let mut q = qemu(Machine::Microvm, Accel::Tcg);
-        q.microvm_acpi = true;
+        q.kernel_mmio_cmdline = false;
         let a = plain_args(&q);
         assert_eq!(
             value_after(&a, "-machine"),
@@ -626,6 +606,43 @@ mod tests {
             cmdline.contains(" pci=off") && !cmdline.contains("acpi=off"),
             "{cmdline}"
         );
+        // A kernel that could do without, but more devices than a microvm without
+        // ACPI has transports for: vsock, the balloon and eight disk slots.
+        q.kernel_mmio_cmdline = true;
+        let mut many = spec();
+        many.block_slots = 8;
+        assert!(virtio_mmio_devices(&many, true, &[]) > MICROVM_LEGACY_TRANSPORTS);
+        let a = q.args(
+            &many,
+            &RunPaths::new(Path::new("/r")),
+            &QemuRam::Memfd,
+            None,
+            &[],
+        );
+        assert_eq!(
+            value_after(&a, "-machine"),
+            ["microvm,rtc=on,memory-backend=mem"]
+        );
+        assert!(!q.kernel_cmdline(&many).contains("acpi=off"));
+        // Four slots fit: vsock, a share, a network, the balloon and the slots are 8.
+        let mut pod = spec();
+        pod.block_slots = 4;
+        pod.shared_dir = Some(crate::hypervisor::SharedDir {
+            path: "/s".into(),
+            tag: "rootfs".into(),
+            virtiofsd: "/usr/bin/virtiofsd".into(),
+            userns: None,
+            mount_ns: None,
+        });
+        pod.net = Some(crate::hypervisor::NetAttach {
+            tap_fd: 9,
+            mac: "c2:11:22:33:44:55".into(),
+        });
+        assert_eq!(virtio_mmio_devices(&pod, true, &[]), 8);
+        assert!(q.kernel_cmdline(&pod).contains(" acpi=off"));
+        // A device of the operator's own is counted as one more.
+        let extra = ["-device".to_string(), "virtio-rng-device".to_string()];
+        assert_eq!(virtio_mmio_devices(&pod, true, &extra), 9);
     }
 
     #[test]

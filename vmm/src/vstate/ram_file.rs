@@ -60,7 +60,12 @@ fn owned(ret: libc::c_long, step: &'static str) -> Result<OwnedFd, HugeTmpfsErro
 pub fn huge_tmpfs_options(size: u64) -> [(&'static str, String); 4] {
     [
         ("huge", "always".into()),
-        ("size", size.next_multiple_of(HUGE_PAGE).to_string()),
+        // Whole huge pages, saturating: a size that would wrap stays the last whole
+        // page, never 0 (tmpfs's "no limit").
+        (
+            "size",
+            (size.div_ceil(HUGE_PAGE).min(u64::MAX / HUGE_PAGE) * HUGE_PAGE).to_string(),
+        ),
         ("nr_inodes", "2".into()),
         ("mode", "0700".into()),
     ]

@@ -1,0 +1,103 @@
+//! QEMU's guest RAM in 2 MiB pages (`hypervisor/guest_ram.rs`): jailed, on the tmpfs
+//! `jail-exec --huge-tmpfs` mounts in its jail; unjailed, on the shim's file; a memfd
+//! with `vm.huge_pages = "off"`.
+
+use std::time::Duration;
+
+use cocoon_integration::{assert_vms_gone, pid_named as named, test_config};
+use cocoon_nested::testing::shmem_huge_kb;
+use cocoon_shim::agent_client::AgentClient;
+use cocoon_shim::hypervisor::{self, VmSpec};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// QEMU's guest RAM is in 2 MiB pages whatever the node's shmem THP policy (this host's
+/// is `never`): jailed, on the tmpfs `jail-exec` mounts in its jail; unjailed, on the
+/// shim's file. `vm.huge_pages = "off"` keeps the memfd. No mount is left on the host.
+#[test]
+fn qemu_guest_ram_is_in_huge_pages_jailed_or_not() {
+    let run = tempfile::tempdir().unwrap();
+    let config = test_config(run.path(), Duration::from_secs(120));
+    let host_mounts = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("huge=") || l.contains("guest-ram"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = host_mounts();
+    let shmem_thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for (name, jail, huge) in [
+            ("jailed", true, cocoon_shim::config::HugePages::Auto),
+            ("unjailed", false, cocoon_shim::config::HugePages::On),
+            ("off", true, cocoon_shim::config::HugePages::Off),
+        ] {
+            let mut config = config.clone();
+            config.jail.enabled = jail;
+            config.vm.huge_pages = huge;
+            tasks.push(tokio::spawn(async move {
+                let hv = hypervisor::from_config(&config).unwrap();
+                let mut vm = hv
+                    .launch(&VmSpec::from_config(&config, name))
+                    .await
+                    .unwrap();
+                let agent = AgentClient::wait_ready(
+                    &mut vm,
+                    Duration::from_secs(120),
+                    Duration::from_secs(60),
+                )
+                .await;
+                let agent = agent.unwrap_or_else(|e| panic!("{name}: {e}"));
+                // QEMU itself (jailed: the child of its PID namespace's waiter).
+                let pids = vm.pids();
+                let qemu = named(&pids, "qemu-system-x86");
+                let cmdline = std::fs::read_to_string(format!("/proc/{qemu}/cmdline")).unwrap();
+                let backend = cmdline
+                    .split('\0')
+                    .find(|a| a.contains("id=mem,"))
+                    .unwrap_or_else(|| panic!("{name}: no guest RAM in {cmdline:?}"))
+                    .to_string();
+                let pmd = shmem_huge_kb(qemu);
+                agent.shutdown().await.unwrap();
+                let exited = vm.wait_exit(Duration::from_secs(30)).await;
+                vm.stop(Duration::ZERO).await;
+                assert!(exited.is_some(), "{name} did not power off");
+                (name, backend, pmd, pids)
+            }));
+        }
+        let mut all_pids = Vec::new();
+        for t in tasks {
+            let (name, backend, pmd, pids) = t.await.unwrap();
+            all_pids.extend(pids);
+            match name {
+                "jailed" => assert!(
+                    backend.contains("mem-path=/guest-ram,align=2M") && pmd > 0,
+                    "{name}: {backend}, ShmemPmdMapped {pmd} kB"
+                ),
+                "unjailed" => assert!(
+                    backend.contains("mem-path=/proc/self/fd/") && pmd > 0,
+                    "{name}: {backend}, ShmemPmdMapped {pmd} kB"
+                ),
+                _ => {
+                    assert!(backend.starts_with("memory-backend-memfd,"), "{backend}");
+                    // A memfd follows the host's policy: none where it allows none.
+                    if shmem_thp.contains("[never]") || shmem_thp.contains("[deny]") {
+                        assert_eq!(pmd, 0, "{name}: {backend} under {shmem_thp}");
+                    }
+                }
+            }
+        }
+        assert_vms_gone(run.path(), &all_pids);
+    });
+    assert_eq!(host_mounts(), before, "a guest-RAM tmpfs left on the host");
+}
