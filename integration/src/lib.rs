@@ -122,6 +122,15 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     out
 }
 
+/// A two-worker tokio runtime for tests that drive the shim's async VM API.
+pub fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 /// The pid of the process named `comm` (its `/proc/<pid>/comm`) among `pids`.
 pub fn pid_named(pids: &[u32], comm: &str) -> u32 {
     pids.iter()

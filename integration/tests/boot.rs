@@ -15,14 +15,6 @@ use nix::unistd::Pid;
 
 const BOOT: Duration = Duration::from_secs(60);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Asserts that nothing of the test's VMs is left: processes, sockets, dirs.
 fn assert_clean(run_root: &std::path::Path, pids: &[u32]) {
     cocoon_integration::assert_vms_gone(run_root, pids);
@@ -48,7 +40,7 @@ fn boot_roundtrip_health_version_details() {
     // A word the kernel does not know is passed to init as an argument: the agent
     // ignores it (it used to exit with its usage, and the kernel panicked).
     config.vm.kernel_params = "cocoon.log=debug cocoon-unknown-word".into();
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let (mut vm, agent) = boot(&config, "rt").await;
         // QEMU and the vsock backend, each PID 1 of its own PID namespace under the
         // waiter the shim started (`jail-exec --pid-ns`).
@@ -239,7 +231,7 @@ fn boot_roundtrip_health_version_details() {
 fn the_boot_bench_measures_cocoon_and_both_baselines() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let busybox = std::path::Path::new("/bin/busybox");
         let r = cocoon_shim::bench::boot_bench(&config, 1, busybox, None)
             .await
@@ -278,7 +270,7 @@ fn four_vms_concurrently() {
     let run = tempfile::tempdir().unwrap();
     // Four TCG guests share two cores here: allow for the slowdown.
     let config = test_config(run.path(), Duration::from_secs(120));
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let hv: std::sync::Arc<dyn hypervisor::Hypervisor> =
             hypervisor::from_config(&config).unwrap().into();
         let mut tasks = Vec::new();
@@ -334,7 +326,7 @@ fn four_vms_concurrently() {
 fn a_stopped_vm_is_gone_when_the_stop_returns() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let (vm, agent) = boot(&config, "nograce").await;
         let pids = vm.pids();
         assert_eq!(pids.len(), 4, "two waiters and their programs: {pids:?}");
@@ -355,7 +347,7 @@ fn a_stopped_vm_is_gone_when_the_stop_returns() {
 fn a_guest_left_running_after_its_sync_powers_off_by_itself() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let (mut vm, agent) = boot(&config, "backstop").await;
         let pids = vm.pids();
         assert!(agent.sync_for_stop().await.unwrap(), "the guest synced");
@@ -394,7 +386,7 @@ async fn kill_during_long_poll(agent: &AgentClient, victim: u32) -> AgentError {
 fn vm_killed_mid_call_fails_fast() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let (vm, agent) = boot(&config, "killed").await;
         let pids = vm.pids();
         let killed_at = Instant::now();
@@ -425,7 +417,7 @@ fn vm_killed_mid_call_fails_fast() {
 fn vsock_backend_killed_mid_call_fails_fast() {
     let run = tempfile::tempdir().unwrap();
     let config = test_config(run.path(), BOOT);
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let (vm, agent) = boot(&config, "backend").await;
         let pids = vm.pids();
         let backend = named(&pids, "cocoon-vmm");
@@ -443,7 +435,7 @@ fn guest_that_never_answers_times_out_and_leaves_nothing() {
     // No init at all, and panic=0: the kernel panics and then sits there
     // forever, the VM running but silent.
     config.vm.kernel_params = "rdinit=/nonexistent panic=0".into();
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let hv = hypervisor::from_config(&config).unwrap();
         let mut vm = hv
             .launch(&VmSpec::from_config(&config, "silent"))
@@ -488,7 +480,7 @@ fn guest_that_dies_is_reported_at_once() {
         c.vm.kernel_params = "rdinit=/nonexistent".into();
         c
     };
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let hv = hypervisor::from_config(&config).unwrap();
         let mut vm = hv
             .launch(&VmSpec::from_config(&config, "dies"))
@@ -512,7 +504,7 @@ fn missing_kernel_is_a_clear_error_and_creates_nothing() {
     let run = tempfile::tempdir().unwrap();
     let mut config = test_config(run.path(), BOOT);
     config.vm.kernel = "/nonexistent/vmlinuz".into();
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let hv = hypervisor::from_config(&config).unwrap();
         let err = hv
             .launch(&VmSpec::from_config(&config, "nokernel"))
@@ -558,7 +550,7 @@ fn cocoon_vmm_backend_boots_or_says_why() {
     if hardware_kvm("cocoon_vmm_backend_boots_or_says_why") == Place::Done {
         return;
     }
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let hv = hypervisor::from_config(&config).unwrap();
         let mut vm = hv
             .launch(&VmSpec::from_config(&config, "own-vmm"))
@@ -686,7 +678,7 @@ fn jailed_qemu_boots_under_hardware_kvm() {
     config.hypervisor = HypervisorKind::Qemu;
     config.qemu.accel = Accel::Kvm;
     assert!(config.jail.enabled, "the jail is on by default");
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let hv = hypervisor::from_config(&config).unwrap();
         let mut vm = hv
             .launch(&VmSpec::from_config(&config, "kvm-qemu"))

@@ -9,14 +9,6 @@ use cocoon_nested::testing::shmem_huge_kb;
 use cocoon_shim::agent_client::AgentClient;
 use cocoon_shim::hypervisor::{self, VmSpec};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// QEMU's guest RAM is in 2 MiB pages whatever the node's shmem THP policy (this host's
 /// is `never`): jailed, on the tmpfs `jail-exec` mounts in its jail; unjailed, on the
 /// shim's file. `vm.huge_pages = "off"` keeps the memfd. No mount is left on the host.
@@ -35,7 +27,7 @@ fn qemu_guest_ram_is_in_huge_pages_jailed_or_not() {
     let before = host_mounts();
     let shmem_thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
         .unwrap_or_default();
-    rt().block_on(async {
+    cocoon_integration::test_runtime().block_on(async {
         let mut tasks = Vec::new();
         for (name, jail, huge) in [
             ("jailed", true, cocoon_shim::config::HugePages::Auto),
