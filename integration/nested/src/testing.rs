@@ -127,26 +127,7 @@ pub fn hardware_kvm_in(test: &str, kernel: L1Kernel) -> Place {
         crate::run::quote(&exe.to_string_lossy()),
         crate::run::quote(test)
     );
-    let started = std::time::Instant::now();
-    let mut run = l1.run(&script, &cwd, &forwarded_env());
-    let broken = match &run {
-        Err(NestedError::L1Panic { panic, .. }) => Some(format!("L1's kernel panicked ({panic})")),
-        Err(NestedError::L1Stall { stall, .. }) => Some(format!("L1's kernel stalled ({stall})")),
-        Err(NestedError::L1Silent { seconds, after, .. }) => Some(format!(
-            "L1 froze (silent for {seconds} s, {after} s after start)"
-        )),
-        _ => None,
-    };
-    if let Some(why) = broken {
-        // L1's own kernel died, locked up or froze under TCG's SVM emulation (seen in
-        // CI: a stack-guard hit in KVM's vCPU thread; a CPU stuck in KVM running an L2
-        // guest for minutes; an L1 silent from 10 s into its boot). That says nothing
-        // about the test, so it gets one more L1, within what is left of nextest's
-        // limit; a second failure fails it with its reason.
-        say(&format!("{test}: {why}; rerunning once in a fresh L1"));
-        l1.timeout = L1_TIMEOUT.saturating_sub(started.elapsed());
-        run = l1.run(&script, &cwd, &forwarded_env());
-    }
+    let run = run_in_a_sound_l1(&mut l1, test, &script, &cwd, &forwarded_env());
     let out = match run {
         Ok(out) => out,
         Err(e) if e.is_unavailable() => {
@@ -178,6 +159,57 @@ pub fn hardware_kvm_in(test: &str, kernel: L1Kernel) -> Place {
         out.wall.as_secs_f64()
     ));
     Place::Done
+}
+
+/// What broke L1 itself, when `err` says its own kernel died, locked up or froze (rather
+/// than anything the command did).
+pub fn l1_broke(err: &NestedError) -> Option<String> {
+    match err {
+        NestedError::L1Panic { panic, .. } => Some(format!("L1's kernel panicked ({panic})")),
+        NestedError::L1Stall { stall, .. } => Some(format!("L1's kernel stalled ({stall})")),
+        NestedError::L1Silent { seconds, after, .. } => Some(format!(
+            "L1 froze (silent for {seconds} s, {after} s after start)"
+        )),
+        _ => None,
+    }
+}
+
+/// `l1.run`, given one fresh L1 when the first one broke under it (`l1_broke`): see
+/// `once_more_if_l1_broke`.
+pub fn run_in_a_sound_l1(
+    l1: &mut L1,
+    test: &str,
+    script: &str,
+    cwd: &Path,
+    env: &[(String, String)],
+) -> Result<crate::L1Output, NestedError> {
+    once_more_if_l1_broke(l1, test, |l1| l1.run(script, cwd, env))
+}
+
+/// Runs `run` on `l1`, and once more (a fresh L1, within what is left of `l1.timeout`)
+/// when L1 itself broke under the first (`l1_broke`); a second break is returned as it is.
+///
+/// L1's own kernel dies, locks up or freezes under TCG now and then, and that says nothing
+/// about the command. Seen in CI: a stack-guard hit in KVM's vCPU thread; a CPU stuck in
+/// KVM running an L2 guest for minutes; an L1 silent from 10 s into its boot; an `int3`
+/// oops in an idle L1 kernel during its boot (TCG racing the kernel's live patching of
+/// its own code across vCPUs) before the command had started.
+pub fn once_more_if_l1_broke<T>(
+    l1: &mut L1,
+    test: &str,
+    mut run: impl FnMut(&L1) -> Result<T, NestedError>,
+) -> Result<T, NestedError> {
+    let started = std::time::Instant::now();
+    let timeout = l1.timeout;
+    let first = run(l1);
+    let Some(why) = first.as_ref().err().and_then(l1_broke) else {
+        return first;
+    };
+    say(&format!("{test}: {why}; rerunning once in a fresh L1"));
+    l1.timeout = timeout.saturating_sub(started.elapsed());
+    let again = run(l1);
+    l1.timeout = timeout;
+    again
 }
 
 /// Lines a test run inside L1 prints with this prefix are repeated on the host's
