@@ -210,6 +210,23 @@ fn resource_limits_are_inherited_like_runc() {
     assert!(text.contains("(-u)") && text.contains("(-i)"), "{text}");
 }
 
+/// A process's nice value, real-time priority and scheduling policy (`/proc/<pid>/stat`
+/// fields 19, 40 and 41), its own and an exec'd child's, are runc's: the agent's runtime
+/// zygote starts as `SCHED_IDLE` (out of the agent's way while it boots) and must be back
+/// to `SCHED_OTHER` before it forks any container's helper.
+#[test]
+fn scheduling_as_under_runc() {
+    let out = same(
+        "sched",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cut -d' ' -f19,40,41 /proc/$$/stat /proc/self/stat",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0 0\n0 0 0\n");
+}
 /// An open-file limit above the guest kernel's default `fs.nr_open` (a node whose
 /// containerd runs with `LimitNOFILE=infinity` passes on the host's, often 2^30): the
 /// agent raises `fs.nr_open` to it, as the host's must be, and the container gets it.

@@ -73,8 +73,10 @@ pub fn start() -> io::Result<()> {
     // SAFETY: the process has one thread (checked above), so the child may run any code.
     match unsafe { fork() }.map_err(io::Error::from)? {
         ForkResult::Child => {
+            // Out of the agent's way until the guest's CPU is idle: see `set_policy`.
+            let yielded = set_policy(libc::SCHED_IDLE);
             drop(ours);
-            serve(theirs)
+            serve(theirs, yielded)
         }
         ForkResult::Parent { child } => {
             drop(theirs);
@@ -144,7 +146,24 @@ fn request(sock: &UnixStream, fds: [&OwnedFd; FDS]) -> io::Result<i32> {
 }
 
 /// The zygote's loop: one fork per request, until the agent's end closes.
-fn serve(sock: UnixStream) -> ! {
+/// Sets this process's scheduling policy (`SCHED_IDLE` or `SCHED_OTHER`, priority 0);
+/// whether it took.
+///
+/// The zygote's set-up (its name, signals, OOM score, closing descriptors) is the first
+/// run of that code, which costs time under TCG, and nobody needs the zygote before the
+/// agent's first container. At the agent's priority the kernel may give it the guest's
+/// only vCPU in the middle of the agent's start, delaying the ready line; as `SCHED_IDLE`
+/// it runs while the agent waits for the host instead. It goes back to `SCHED_OTHER`
+/// before it waits for its first request, so neither it nor a helper it forks (which
+/// inherits the policy, and so every container process) is ever starved by busy
+/// containers: `ctr.rs::scheduling_as_under_runc` checks a container's policy.
+fn set_policy(policy: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; pid 0 is this process.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
+fn serve(sock: UnixStream, yielded: bool) -> ! {
     // The agent's hook powers the VM off on a panic; nothing here may do that.
     let _ = std::panic::take_hook();
     // SAFETY: PR_SET_NAME and PR_SET_PDEATHSIG only set attributes of this process.
@@ -158,6 +177,12 @@ fn serve(sock: UnixStream) -> ! {
     // zygote either; each helper goes back to the agent's 0 (`fork_helper`).
     let _ = std::fs::write("/proc/self/oom_score_adj", OOM_PROTECTED);
     close_all_but(sock.as_raw_fd());
+    if yielded && !set_policy(libc::SCHED_OTHER) {
+        // Root in the guest can always go back. If it could not, a helper would inherit
+        // the idle class: no helper at all is better (the agent execs one instead).
+        let _ = std::io::stderr().write_all(b"cocoon-zygote: cannot leave SCHED_IDLE\n");
+        std::process::exit(1);
+    }
     loop {
         let fds = match receive(&sock) {
             Ok(Some(fds)) => fds,
