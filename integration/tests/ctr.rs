@@ -199,34 +199,6 @@ fn capabilities_and_no_new_privs() {
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("1\n"));
 }
 
-/// Limits the spec leaves out are inherited as under runc (runc's from the shim,
-/// Cocoon's named by the shim), not taken from the guest's PID 1: the guest kernel
-/// sizes `ulimit -u` and `-i` by the VM's RAM (850 in a 256 MiB pod, against the
-/// host's 96 369 here).
-#[test]
-fn resource_limits_are_inherited_like_runc() {
-    let out = same("ulimit", &[], &["sh", "-c", "ulimit -a"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("(-u)") && text.contains("(-i)"), "{text}");
-}
-
-/// A process's nice value, real-time priority and scheduling policy (`/proc/<pid>/stat`
-/// fields 19, 40 and 41), its own and an exec'd child's, are runc's: the agent's runtime
-/// zygote starts as `SCHED_IDLE` (out of the agent's way while it boots) and must be back
-/// to `SCHED_OTHER` before it forks any container's helper.
-#[test]
-fn scheduling_as_under_runc() {
-    let out = same(
-        "sched",
-        &[],
-        &[
-            "sh",
-            "-c",
-            "cut -d' ' -f19,40,41 /proc/$$/stat /proc/self/stat",
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0 0\n0 0 0\n");
-}
 /// An open-file limit above the guest kernel's default `fs.nr_open` (a node whose
 /// containerd runs with `LimitNOFILE=infinity` passes on the host's, often 2^30): the
 /// agent raises `fs.nr_open` to it, as the host's must be, and the container gets it.

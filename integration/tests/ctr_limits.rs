@@ -1,13 +1,44 @@
-//! Kernel settings the guest kernel would size by its own small RAM (open files in all,
-//! inotify and epoll watches, threads, namespaces of each kind, conntrack entries, TCP
-//! buffers and queues) read as the host's, as under runc, whose containers read the
-//! host's (`hypervisor::HOST_SYSCTLS`). A 256 MiB guest allowed 8 192 inotify watches
-//! and 2 048 tracked connections where this host allows 192 546 and 262 144.
+//! What a container inherits rather than asks for, as under runc: resource limits and
+//! scheduling, and the kernel settings the guest kernel would size by its own small RAM
+//! (open files in all, inotify and epoll watches, threads, namespaces of each kind,
+//! conntrack entries, TCP buffers and queues), which read as the host's, as under runc,
+//! whose containers read the host's (`hypervisor::HOST_SYSCTLS`). A 256 MiB guest allowed
+//! 8 192 inotify watches and 2 048 tracked connections where this host allows 192 546
+//! and 262 144.
 
 mod ctr_common;
 
 use cocoon_shim::hypervisor::{host_sysctl, HOST_SYSCTLS};
 use ctr_common::*;
+
+/// Limits the spec leaves out are inherited as under runc (runc's from the shim,
+/// Cocoon's named by the shim), not taken from the guest's PID 1: the guest kernel
+/// sizes `ulimit -u` and `-i` by the VM's RAM (850 in a 256 MiB pod, against the
+/// host's 96 369 here).
+#[test]
+fn resource_limits_are_inherited_like_runc() {
+    let out = same("ulimit", &[], &["sh", "-c", "ulimit -a"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(-u)") && text.contains("(-i)"), "{text}");
+}
+
+/// A process's nice value, real-time priority and scheduling policy (`/proc/<pid>/stat`
+/// fields 19, 40 and 41), its own and an exec'd child's, are runc's: the agent's runtime
+/// zygote starts as `SCHED_IDLE` (out of the agent's way while it boots) and must be back
+/// to `SCHED_OTHER` before it forks any container's helper.
+#[test]
+fn scheduling_as_under_runc() {
+    let out = same(
+        "sched",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cut -d' ' -f19,40,41 /proc/$$/stat /proc/self/stat",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 0 0\n0 0 0\n");
+}
 
 /// A container in a network namespace of its own (ctr's default) reads each setting as
 /// a container on runc does. `kernel.pid_max` is only held to at least the host's:

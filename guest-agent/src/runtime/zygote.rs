@@ -156,7 +156,7 @@ fn request(sock: &UnixStream, fds: [&OwnedFd; FDS]) -> io::Result<i32> {
 /// it runs while the agent waits for the host instead. It goes back to `SCHED_OTHER`
 /// before it waits for its first request, so neither it nor a helper it forks (which
 /// inherits the policy, and so every container process) is ever starved by busy
-/// containers: `ctr.rs::scheduling_as_under_runc` checks a container's policy.
+/// containers: `ctr_limits.rs::scheduling_as_under_runc` checks a container's policy.
 fn set_policy(policy: libc::c_int) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param; pid 0 is this process.
