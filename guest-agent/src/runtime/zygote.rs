@@ -147,7 +147,6 @@ fn request(sock: &UnixStream, fds: [&OwnedFd; FDS]) -> io::Result<i32> {
     }
 }
 
-/// The zygote's loop: one fork per request, until the agent's end closes.
 /// Sets this process's scheduling policy (`SCHED_IDLE` or `SCHED_OTHER`, priority 0);
 /// whether it took.
 ///
@@ -165,6 +164,8 @@ fn set_policy(policy: libc::c_int) -> bool {
     unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
 }
 
+/// The zygote's loop: one fork per request, until the agent's end closes. `yielded`: it
+/// runs as `SCHED_IDLE` until its set-up is done.
 fn serve(sock: UnixStream, yielded: bool) -> ! {
     // The agent's hook powers the VM off on a panic; nothing here may do that.
     let _ = std::panic::take_hook();
