@@ -108,7 +108,13 @@ fn an_exec_whose_output_nobody_reads_fails_without_stalling_the_pod() {
         let err = started
             .expect("a Start whose stdout nobody reads never returned")
             .expect_err("started without a reader");
-        assert!(format!("{err:?}").contains("nobody opened it"), "{err:?}");
+        // The error says what became of the fifo: here, nobody ever opened it.
+        let err = format!("{err:?}");
+        assert!(err.contains("nobody opened it"), "{err}");
+        assert!(
+            err.contains("the fifo is there and no process holds it"),
+            "{err}"
+        );
         assert_eq!(shim.pids("busy").await.len(), 1, "the exec still runs");
         shim.finish(&env, "busy").await;
     });

@@ -9,6 +9,7 @@
 //! answer `start` with a plain address, which every containerd accepts.
 
 mod delete;
+mod fifo_holders;
 pub mod guest_events;
 pub mod hooks;
 pub mod idmaps;

@@ -212,7 +212,10 @@ async fn open_fifo(
                     if tokio::time::Instant::now() >= deadline {
                         return Err(err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
-                            format!("nobody opened it for reading within {FIFO_DEADLINE:?}"),
+                            format!(
+                                "nobody opened it for reading within {FIFO_DEADLINE:?} ({})",
+                                super::fifo_holders::describe(&p)
+                            ),
                         )));
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
