@@ -131,6 +131,49 @@ pub fn test_runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
+/// Launches the VM `name` of `config` and waits for its agent (`boot` for the boot,
+/// `call` for each call); a failure panics naming the VM.
+pub async fn ready_vm(
+    config: &Config,
+    name: &str,
+    boot: Duration,
+    call: Duration,
+) -> (
+    cocoon_shim::hypervisor::Vm,
+    cocoon_shim::agent_client::AgentClient,
+) {
+    use cocoon_shim::hypervisor::{self, VmSpec};
+    let hv = hypervisor::from_config(config).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut vm = hv
+        .launch(&VmSpec::from_config(config, name))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: launch: {e}"));
+    let agent = cocoon_shim::agent_client::AgentClient::wait_ready(&mut vm, boot, call)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (vm, agent)
+}
+
+/// Asks the guest to power off and asserts that its VMM exits within `within`; the
+/// VM's processes are reaped either way.
+pub async fn power_off(
+    mut vm: cocoon_shim::hypervisor::Vm,
+    agent: &cocoon_shim::agent_client::AgentClient,
+    name: &str,
+    within: Duration,
+) {
+    agent
+        .shutdown()
+        .await
+        .unwrap_or_else(|e| panic!("{name}: Shutdown: {e}"));
+    let exited = vm.wait_exit(within).await;
+    vm.stop(Duration::ZERO).await;
+    assert!(
+        exited.is_some(),
+        "{name} did not power off within {within:?}"
+    );
+}
+
 /// The pid of the process named `comm` (its `/proc/<pid>/comm`) among `pids`.
 pub fn pid_named(pids: &[u32], comm: &str) -> u32 {
     pids.iter()

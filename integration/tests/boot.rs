@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use cocoon_integration::{
-    alive, leftover_entries, pid_named as named, processes_mentioning, test_config, wait_gone,
+    alive, leftover_entries, pid_named as named, power_off, processes_mentioning, ready_vm,
+    test_config, wait_gone,
 };
 use cocoon_nested::testing::{hardware_kvm, Place};
 use cocoon_shim::agent_client::{AgentClient, AgentError};
@@ -25,12 +26,7 @@ async fn boot(
     config: &cocoon_shim::config::Config,
     id: &str,
 ) -> (cocoon_shim::hypervisor::Vm, AgentClient) {
-    let hv = hypervisor::from_config(config).unwrap();
-    let mut vm = hv.launch(&VmSpec::from_config(config, id)).await.unwrap();
-    let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-        .await
-        .unwrap();
-    (vm, agent)
+    ready_vm(config, id, BOOT, Duration::from_secs(10)).await
 }
 
 #[test]
@@ -271,11 +267,8 @@ fn four_vms_concurrently() {
     // Four TCG guests share two cores here: allow for the slowdown.
     let config = test_config(run.path(), Duration::from_secs(120));
     cocoon_integration::test_runtime().block_on(async {
-        let hv: std::sync::Arc<dyn hypervisor::Hypervisor> =
-            hypervisor::from_config(&config).unwrap().into();
         let mut tasks = Vec::new();
         for i in 0..4 {
-            let hv = hv.clone();
             let mut config = config.clone();
             // Two of them from the bzImage, whatever the image's default (its PVH ELF
             // for Cocoon's own kernel): both ways to boot stay tested.
@@ -283,24 +276,18 @@ fn four_vms_concurrently() {
                 config.vm.kernel = config.paths.image_dir.join("vmlinuz");
             }
             tasks.push(tokio::spawn(async move {
-                let mut vm = hv
-                    .launch(&VmSpec::from_config(&config, &format!("vm{i}")))
-                    .await
-                    .unwrap();
-                let agent = AgentClient::wait_ready(
-                    &mut vm,
+                let name = format!("vm{i}");
+                let (vm, agent) = ready_vm(
+                    &config,
+                    &name,
                     Duration::from_secs(120),
                     Duration::from_secs(10),
                 )
-                .await
-                .unwrap_or_else(|e| panic!("vm{i}: {e}"));
+                .await;
                 // Once it answers: each jailed program has been forked by its waiter.
                 let pids = vm.pids();
                 let d = agent.guest_details().await.unwrap();
-                agent.shutdown().await.unwrap();
-                let exited = vm.wait_exit(Duration::from_secs(30)).await;
-                vm.stop(Duration::ZERO).await;
-                assert!(exited.is_some(), "vm{i} did not power off");
+                power_off(vm, &agent, &name, Duration::from_secs(30)).await;
                 (pids, d.boottime_ns)
             }));
         }
@@ -551,14 +538,7 @@ fn cocoon_vmm_backend_boots_or_says_why() {
         return;
     }
     cocoon_integration::test_runtime().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "own-vmm"))
-            .await
-            .unwrap();
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let (vm, agent) = boot(&config, "own-vmm").await;
         let pids = vm.pids();
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
@@ -572,19 +552,15 @@ fn cocoon_vmm_backend_boots_or_says_why() {
             .map(cocoon_nested::testing::shmem_huge_kb)
             .sum();
         assert!(huge >= 2048, "guest RAM has {huge} kB in huge pages");
-        agent.shutdown().await.unwrap();
         // ACPI S5 through the FADT's sleep control port ends the VMM.
-        assert!(
-            vm.wait_exit(Duration::from_secs(20)).await.is_some(),
-            "VM did not power off"
-        );
-        vm.stop(Duration::ZERO).await;
+        power_off(vm, &agent, "own-vmm", Duration::from_secs(20)).await;
         assert_clean(run.path(), &pids);
 
         // A VMM that exits before the agent answers: the error shows the end of
         // the VMM's own log (why it exited), not only an empty guest console.
         let mut bad = config.clone();
         bad.vm.kernel = bad.vm.initrd.clone();
+        let hv = hypervisor::from_config(&bad).unwrap();
         let mut vm = hv
             .launch(&VmSpec::from_config(&bad, "bad-kernel"))
             .await
@@ -679,15 +655,8 @@ fn jailed_qemu_boots_under_hardware_kvm() {
     config.qemu.accel = Accel::Kvm;
     assert!(config.jail.enabled, "the jail is on by default");
     cocoon_integration::test_runtime().block_on(async {
-        let hv = hypervisor::from_config(&config).unwrap();
-        let mut vm = hv
-            .launch(&VmSpec::from_config(&config, "kvm-qemu"))
-            .await
-            .unwrap();
+        let (vm, agent) = boot(&config, "kvm-qemu").await;
         assert_eq!(vm.accel, "kvm");
-        let agent = AgentClient::wait_ready(&mut vm, BOOT, Duration::from_secs(10))
-            .await
-            .unwrap();
         let pids = vm.pids();
         let qemu = pids
             .iter()
@@ -717,12 +686,7 @@ fn jailed_qemu_boots_under_hardware_kvm() {
         );
         let d = agent.guest_details().await.unwrap();
         assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
-        agent.shutdown().await.unwrap();
-        assert!(
-            vm.wait_exit(Duration::from_secs(30)).await.is_some(),
-            "VM did not power off"
-        );
-        vm.stop(Duration::ZERO).await;
+        power_off(vm, &agent, "kvm-qemu", Duration::from_secs(30)).await;
         assert_clean(run.path(), &pids);
     });
 }

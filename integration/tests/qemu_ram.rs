@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use cocoon_integration::{assert_vms_gone, pid_named as named, test_config};
+use cocoon_integration::{assert_vms_gone, pid_named as named, power_off, ready_vm, test_config};
 use cocoon_nested::testing::shmem_huge_kb;
-use cocoon_shim::agent_client::AgentClient;
-use cocoon_shim::hypervisor::{self, VmSpec};
 
 /// QEMU's guest RAM is in 2 MiB pages whatever the node's shmem THP policy (this host's
 /// is `never`): jailed, on the tmpfs `jail-exec` mounts in its jail; unjailed, on the
@@ -38,18 +36,13 @@ fn qemu_guest_ram_is_in_huge_pages_jailed_or_not() {
             config.jail.enabled = jail;
             config.vm.huge_pages = huge;
             tasks.push(tokio::spawn(async move {
-                let hv = hypervisor::from_config(&config).unwrap();
-                let mut vm = hv
-                    .launch(&VmSpec::from_config(&config, name))
-                    .await
-                    .unwrap();
-                let agent = AgentClient::wait_ready(
-                    &mut vm,
+                let (vm, agent) = ready_vm(
+                    &config,
+                    name,
                     Duration::from_secs(120),
                     Duration::from_secs(60),
                 )
                 .await;
-                let agent = agent.unwrap_or_else(|e| panic!("{name}: {e}"));
                 // QEMU itself (jailed: the child of its PID namespace's waiter).
                 let pids = vm.pids();
                 let qemu = named(&pids, "qemu-system-x86");
@@ -60,10 +53,7 @@ fn qemu_guest_ram_is_in_huge_pages_jailed_or_not() {
                     .unwrap_or_else(|| panic!("{name}: no guest RAM in {cmdline:?}"))
                     .to_string();
                 let pmd = shmem_huge_kb(qemu);
-                agent.shutdown().await.unwrap();
-                let exited = vm.wait_exit(Duration::from_secs(30)).await;
-                vm.stop(Duration::ZERO).await;
-                assert!(exited.is_some(), "{name} did not power off");
+                power_off(vm, &agent, name, Duration::from_secs(30)).await;
                 (name, backend, pmd, pids)
             }));
         }
