@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cocoon_nested::testing::{guest_image_dir, missing, once_more_if_l1_broke, run_in_a_sound_l1};
+use cocoon_nested::testing::{
+    guest_image_dir, l1_broke, missing, once_more_if, once_more_if_l1_broke, run_in_a_sound_l1,
+};
 use cocoon_nested::{L1Image, NestedError, L1};
 
 fn l1(test: &str) -> Option<L1> {
@@ -93,20 +95,22 @@ fn a_panicked_l1_gets_one_fresh_l1_then_is_named() {
 /// long before the timeout.
 #[test]
 fn a_quiet_command_lives_and_a_silent_l1_is_ended_early() {
-    let Some(mut l1) = l1("a_quiet_command_lives_and_a_silent_l1_is_ended_early") else {
+    const TEST_SILENT: &str = "a_quiet_command_lives_and_a_silent_l1_is_ended_early";
+    let Some(mut l1) = l1(TEST_SILENT) else {
         return;
     };
     l1.silence = Duration::from_secs(20);
     let script = "sleep 45; kill \"$(cat /run/cocoon-l1/heartbeat.pid)\" && sleep 170";
     let mut started = Instant::now();
-    let mut err = l1.run(script, Path::new("/"), &[]).unwrap_err();
     // The silence is what this test makes, so only a panicked L1 kernel gets a fresh
     // L1 (as `run_in_a_sound_l1` would give any test).
-    if let NestedError::L1Panic { panic, .. } = &err {
-        eprintln!("L1's kernel panicked ({panic}); rerunning once in a fresh L1");
+    let panicked =
+        |e: &NestedError| l1_broke(e).filter(|_| matches!(e, NestedError::L1Panic { .. }));
+    let err = once_more_if(&mut l1, TEST_SILENT, panicked, |l1| {
         started = Instant::now();
-        err = l1.run(script, Path::new("/"), &[]).unwrap_err();
-    }
+        l1.run(script, Path::new("/"), &[])
+    })
+    .unwrap_err();
     let took = started.elapsed();
     let NestedError::L1Silent { seconds, after, .. } = &err else {
         panic!("expected L1Silent, got: {err}");
