@@ -183,6 +183,12 @@ fn host_process_killed_then_delete_force_cleans_up(pattern: &str, named: &str) {
         .expect("ctr");
     assert!(deleted.status.success(), "delete: {}", show(&deleted));
     ctr_ok(&env, &["container", "delete", "fsvictim"]);
+    // A failed VM's console stays for `cocoon logs`, and for `same_in`'s messages.
+    let kept = kept_console(&env, "fsvictim");
+    assert!(
+        kept.starts_with("console kept in ") && kept.lines().count() > 2,
+        "{kept}"
+    );
     assert_clean(&env);
 }
 

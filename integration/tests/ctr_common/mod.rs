@@ -146,11 +146,27 @@ pub fn same_in(env: &Env, name: &str, flags: &[&str], cmd: &[&str]) -> Output {
     }
     let runc: Vec<String> = runs.iter().map(show).collect();
     panic!(
-        "\nrunc (3 runs):\n{}\ncocoon: {}\ncontainerd log:\n{}",
+        "\nrunc (3 runs):\n{}\ncocoon: {}\n{}\ncontainerd log:\n{}",
         runc.join("\n"),
         show(&c),
+        kept_console(env, &format!("{name}-cocoon")),
         env.containerd.log_tail()
     );
+}
+
+/// The end of the console the shim kept for container `id`'s pod if its VM failed (a
+/// lost agent: whether the guest panicked or its VMM died is there), for a message.
+pub fn kept_console(env: &Env, id: &str) -> String {
+    let Some(path) = cocoon_shim::consolelog::find(&env.run_dir, id, &["default"]) else {
+        return format!("no console kept for {id}");
+    };
+    let text = std::fs::read(&path).unwrap_or_default();
+    let tail = &text[text.len().saturating_sub(4000)..];
+    format!(
+        "console kept in {} (its end):\n{}",
+        path.display(),
+        String::from_utf8_lossy(tail)
+    )
 }
 
 /// Nothing of ours is left once the tasks are gone.
