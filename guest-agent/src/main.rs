@@ -35,6 +35,15 @@ enum Listen {
 struct Stages {
     start: Instant,
     marks: Vec<(&'static str, Duration)>,
+    /// Minor page faults taken before `main` (the exec and libc's and Rust's start).
+    faults_at_main: u64,
+}
+
+/// This process's minor page faults so far: each is a trip through the guest kernel,
+/// dear under TCG (the exec of the agent maps it page by page).
+fn minor_faults() -> u64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map_or(0, |u| u.minor_page_faults() as u64)
 }
 
 impl Stages {
@@ -42,7 +51,8 @@ impl Stages {
         self.marks.push((stage, self.start.elapsed()));
     }
 
-    /// Each stage's own time, in order: `leave-initramfs=3.1ms early-init=13.2ms ...`.
+    /// Each stage's own time, in order: `leave-initramfs=3.1ms early-init=13.2ms ...`,
+    /// then the minor faults before `main` and since.
     fn describe(&self) -> String {
         let mut before = Duration::ZERO;
         let mut out = Vec::with_capacity(self.marks.len());
@@ -53,6 +63,11 @@ impl Stages {
             ));
             before = *at;
         }
+        out.push(format!(
+            "minor-faults=before-main:{},start:{}",
+            self.faults_at_main,
+            minor_faults().saturating_sub(self.faults_at_main)
+        ));
         out.join(" ")
     }
 }
@@ -113,6 +128,7 @@ fn main() {
     let mut stages = Stages {
         start: started,
         marks: Vec::with_capacity(12),
+        faults_at_main: minor_faults(),
     };
     let is_init = std::process::id() == 1;
     let start_boottime_ns = details::boottime_ns();
