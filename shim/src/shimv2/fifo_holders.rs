@@ -4,8 +4,11 @@
 //! the fifo through `/proc/self/fd` on a goroutine of its own), or had let it go.
 //!
 //! Only the error path calls this, so a walk over every process's descriptors is
-//! affordable; it reads `/proc` and never opens the fifo itself (an open would make
-//! this process the reader it is looking for).
+//! affordable. It reads only procfs: never the fifo (an open would make this process
+//! the reader it is looking for), and never a stat through a descriptor's link, which
+//! would ask that file's filesystem (a hung NFS or FUSE mount held by any process on
+//! the node would hang the call). A descriptor is the fifo's when its link reads as
+//! the fifo's path and its fdinfo names the fifo's inode.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -16,11 +19,11 @@ const O_PATH: u32 = 0o10_000_000;
 /// One line naming the fifo's state and every descriptor on it: `comm[pid] fd N
 /// (mode)`, mode being `O_PATH`, `read`, `write` or `read-write`.
 pub fn describe(path: &Path) -> String {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
+    let ino = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.ino(),
         Err(e) => return format!("the fifo is not there ({e})"),
     };
-    let (dev, ino) = (meta.dev(), meta.ino());
+    let names = [Some(path.to_path_buf()), std::fs::canonicalize(path).ok()];
     let mut held = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return "/proc cannot be read".into();
@@ -37,18 +40,22 @@ pub fn describe(path: &Path) -> String {
             continue;
         };
         for fd in fds.flatten() {
-            // A stat through the magic link reaches the file without opening it.
-            let Ok(m) = std::fs::metadata(fd.path()) else {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
                 continue;
             };
-            if (m.dev(), m.ino()) != (dev, ino) {
+            if !names.iter().flatten().any(|n| *n == link) {
                 continue;
             }
             let fd = fd.file_name().to_string_lossy().into_owned();
+            let Ok(info) = std::fs::read_to_string(p.path().join("fdinfo").join(&fd)) else {
+                continue;
+            };
+            // Kernels before 5.14 write no `ino:`: the link's path alone decides there.
+            if fdinfo_field(&info, "ino:").is_some_and(|v| v.parse::<u64>().ok() != Some(ino)) {
+                continue;
+            }
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            let flags = std::fs::read_to_string(p.path().join("fdinfo").join(&fd))
-                .ok()
-                .and_then(|info| fdinfo_flags(&info));
+            let flags = fdinfo_field(&info, "flags:").and_then(|v| u32::from_str_radix(v, 8).ok());
             held.push(format!(
                 "{}[{pid}] fd {fd} ({})",
                 comm.trim(),
@@ -63,11 +70,11 @@ pub fn describe(path: &Path) -> String {
     }
 }
 
-/// The `flags:` field of an fdinfo file (octal).
-fn fdinfo_flags(info: &str) -> Option<u32> {
+/// A field of an fdinfo file (`flags:` is octal, `ino:` decimal), trimmed.
+fn fdinfo_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
-        .find_map(|l| l.strip_prefix("flags:"))
-        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .find_map(|l| l.strip_prefix(field))
+        .map(str::trim)
 }
 
 fn mode(flags: u32) -> &'static str {
@@ -122,13 +129,14 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_octal_flags_of_fdinfo() {
+    fn reads_the_fields_of_fdinfo() {
         let info = "pos:\t0\nflags:\t012100000\nmnt_id:\t30\nino:\t7\n";
-        assert_eq!(fdinfo_flags(info), Some(0o12100000));
+        assert_eq!(fdinfo_field(info, "flags:"), Some("012100000"));
+        assert_eq!(fdinfo_field(info, "ino:"), Some("7"));
         assert_eq!(mode(0o12100000), "O_PATH");
         assert_eq!(mode(0o2000001), "write");
         assert_eq!(mode(0o100000), "read");
         assert_eq!(mode(0o100002), "read-write");
-        assert_eq!(fdinfo_flags("pos:\t0\n"), None);
+        assert_eq!(fdinfo_field("pos:\t0\n", "flags:"), None);
     }
 }
