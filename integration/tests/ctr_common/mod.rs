@@ -161,11 +161,10 @@ pub fn kept_console(env: &Env, id: &str) -> String {
         return format!("no console kept for {id}");
     };
     let text = std::fs::read(&path).unwrap_or_default();
-    let tail = &text[text.len().saturating_sub(4000)..];
     format!(
         "console kept in {} (its end):\n{}",
         path.display(),
-        String::from_utf8_lossy(tail)
+        cocoon_integration::tail_lines(&String::from_utf8_lossy(&text), 50)
     )
 }
 
