@@ -52,12 +52,17 @@ lint: setup
 
 # All tests: unit tests, then end-to-end tests that boot real guests, then a short
 # coverage-guided run of every fuzz target (a fixed seed and count, so it is the same
-# run each time for the same code).
+# run each time for the same code). After the tests, the slowest of them and every retry
+# (scripts/test-times.sh), pass or fail.
 test: lint image
+	@date -u +'== %T UTC: built; the tests'
 	bash scripts/leftovers.sh before
-	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) nextest run --workspace --no-fail-fast; status=$$?; \
+		bash scripts/test-times.sh || true; exit $$status
 	bash scripts/leftovers.sh after
+	@date -u +'== %T UTC: the tests passed; the fuzz run'
 	FUZZ_SEED=1 bash scripts/fuzz-guided.sh $(FUZZ_CI_RUNS) $(CURDIR)/target/fuzz-guided-ci.json
+	@date -u +'== %T UTC: done'
 FUZZ_CI_RUNS ?= 100000
 
 # Only the tests that need hardware KVM: where the host lacks it (PVM here)
