@@ -40,6 +40,20 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# The crates.io tools, at the versions the project was last tested with: a fresh machine
+# gets what CI ran, not whatever was released that morning. Where a pinned version
+# cannot be installed (yanked, say), the newest is, and the log says so.
+VIRTIOFSD_VERSION=1.14.0
+NEXTEST_VERSION=0.9.143
+CARGO_FUZZ_VERSION=0.13.2
+tool_install() {
+    local name=$1 version=$2
+    shift 2
+    cargo install --locked --version "$version" "$@" "$name" && return
+    echo "setup-host: WARNING: $name $version would not install; installing the newest" >&2
+    cargo install --locked "$@" "$name"
+}
+
 # virtiofsd (crates.io; Debian 12 has no package): one per pod VM, it shares
 # container filesystems into the guest. Installed where containerd's shims
 # find it ($PATH).
@@ -48,20 +62,20 @@ if ! command -v virtiofsd >/dev/null 2>&1; then
         install -m 0755 "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" /usr/local/bin/virtiofsd
     else
         echo "setup-host: installing virtiofsd (cargo install, a few minutes)"
-        cargo install --locked --root /usr/local virtiofsd
+        tool_install virtiofsd "$VIRTIOFSD_VERSION" --root /usr/local
     fi
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup-host: installing cargo-nextest"
-    cargo install --locked cargo-nextest
+    tool_install cargo-nextest "$NEXTEST_VERSION"
 fi
 
 # cargo-fuzz (crates.io) builds the coverage-guided fuzz targets with libFuzzer, on
 # stable (`--sanitizer none`): `make fuzz-guided`, and a short run in `make test`.
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "setup-host: installing cargo-fuzz"
-    cargo install --locked cargo-fuzz
+    tool_install cargo-fuzz "$CARGO_FUZZ_VERSION"
 fi
 
 # sev-snp-measure (PyPI), the reference tool relying parties use for SEV-SNP launch
