@@ -103,3 +103,20 @@ fn the_node_removes_a_mount_point_inside_a_running_containers_volume() {
     }
     assert_clean(&env);
 }
+
+/// The read-only paths of a container's `/proc` (`/proc/sys`, `/proc/bus`, ...) and a
+/// read-only root keep the other flags of their mount, as under runc: a read-only
+/// remount once dropped the proc mount's `nosuid,nodev,noexec` from them.
+#[test]
+fn read_only_paths_keep_their_mount_flags_as_under_runc() {
+    // Mount point and per-mount options of each.
+    let script = "grep -E ' /proc/(sys|bus|fs|irq) | / ' /proc/self/mountinfo | cut -d' ' -f5,6";
+    let out = same("ro-flags", &["--read-only"], &["sh", "-c", script]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("/proc/sys ro,nosuid,nodev,noexec,relatime\n"),
+        "{}",
+        show(&out)
+    );
+    assert!(text.starts_with("/ ro,"), "{}", show(&out));
+}

@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::statvfs::{statvfs, FsFlags};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
 
 use super::mount_attrs::RecursiveAttrs;
@@ -536,13 +537,7 @@ pub fn finalize_rootfs(spec: &Spec) -> Result<(), RuntimeError> {
             continue;
         }
         do_mount(Some(p), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
-        do_mount(
-            None,
-            p,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-            None,
-        )?;
+        remount_readonly(p)?;
     }
     for p in linux.masked_paths().iter().flatten() {
         let p = Path::new(p);
@@ -570,15 +565,39 @@ pub fn finalize_rootfs(spec: &Spec) -> Result<(), RuntimeError> {
         .and_then(|r| r.readonly())
         .unwrap_or(false)
     {
-        do_mount(
-            None,
-            Path::new("/"),
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None,
-        )?;
+        remount_readonly(Path::new("/"))?;
     }
     Ok(())
+}
+
+/// Remounts the mount at `p` read-only and keeps its other flags, as runc does.
+///
+/// A bind remount sets the mount's flags to exactly those it is given: without the old
+/// ones, `/proc/sys` and the other read-only paths of a container's `/proc` lost the
+/// `nosuid,nodev,noexec` of the proc mount they are part of (seen against runc in
+/// mountinfo). And where a more privileged namespace set them, a user namespace may not
+/// drop them: such a remount fails.
+fn remount_readonly(p: &Path) -> Result<(), RuntimeError> {
+    let kept = statvfs(p)
+        .ctx(|| format!("cannot read the mount flags of {p:?}"))?
+        .flags();
+    let flags = mount_flags_of(kept) | MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    do_mount(None, p, None, flags, None)
+}
+
+/// The per-mount flags of a `statvfs` as `mount(2)` flags.
+fn mount_flags_of(st: FsFlags) -> MsFlags {
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st_flag, _)| st.contains(*st_flag))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
 }
 
 #[cfg(test)]
@@ -587,6 +606,25 @@ mod tests {
 
     fn opts(o: &[&str]) -> MountOptions {
         parse_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_remount_keeps_the_per_mount_flags_statvfs_reports() {
+        let proc_like = FsFlags::ST_RDONLY
+            | FsFlags::ST_NOSUID
+            | FsFlags::ST_NODEV
+            | FsFlags::ST_NOEXEC
+            | FsFlags::ST_RELATIME;
+        // Read-only is the remount's own to add; the rest is kept.
+        assert_eq!(
+            mount_flags_of(proc_like),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RELATIME
+        );
+        assert_eq!(
+            mount_flags_of(FsFlags::ST_NOATIME | FsFlags::ST_NODIRATIME),
+            MsFlags::MS_NOATIME | MsFlags::MS_NODIRATIME
+        );
+        assert_eq!(mount_flags_of(FsFlags::empty()), MsFlags::empty());
     }
 
     #[test]
