@@ -59,6 +59,7 @@ fn strings(y: &Yaml) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// The handler snippet install.sh appends to a config of `version`, parsed.
 fn snippet(version: i64) -> toml::Value {
     let file = if version == 3 {
         "containerd2-cocoon.toml"

@@ -39,8 +39,6 @@ pub fn runtimes(config: &toml::Value, version: i64) -> &toml::value::Table {
         .unwrap_or_else(|| panic!("a [plugins.\"{plugin}\".containerd.runtimes.*] table"))
 }
 
-/// The handler snippet install.sh appends to a config of `version`, parsed.
-
 /// The label install.sh puts on its node.
 pub const NODE_LABEL: &str = "cocoon.io/runtime";
 
