@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pins each cargo-fuzz workspace (guest-agent/fuzz, shim/fuzz, vmm/fuzz, confidential/fuzz)
+# Pins each cargo-fuzz workspace (<crate>/fuzz: the agent's, the shim's, cocoon-vmm's, ...)
 # to the versions of the main workspace's Cargo.lock: each starts from a copy of it and
 # cargo drops what that workspace does not use and adds what it alone needs (libfuzzer-sys).
 #
@@ -9,8 +9,10 @@
 # has drifted from the main one (after a `cargo update`, say); run this, then commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for crate in guest-agent shim vmm confidential; do
-    cp Cargo.lock "$crate/fuzz/Cargo.lock"
-    (cd "$crate/fuzz" && cargo metadata --format-version 1 >/dev/null)
-    echo "fuzz-locks: $crate/fuzz/Cargo.lock follows Cargo.lock"
+# Every crate's fuzz workspace, found as fuzz_locks.rs finds them.
+for manifest in */fuzz/Cargo.toml; do
+    fuzz=$(dirname "$manifest")
+    cp Cargo.lock "$fuzz/Cargo.lock"
+    (cd "$fuzz" && cargo metadata --format-version 1 >/dev/null)
+    echo "fuzz-locks: $fuzz/Cargo.lock follows Cargo.lock"
 done
